@@ -1,0 +1,250 @@
+//! Writing checkpoints while the store runs.
+//!
+//! payload write -> (wait until every batch before the position is durable)
+//! -> flush -> header write -> flush -> the slot is current, and the reuse
+//! floor (the older slot's log position) may free dead segments.
+
+use super::{token, LogHead, Store, KIND_CHECKPOINT};
+use crate::buf::IoBuf;
+use crate::checkpoint::{
+    encode_payload, payload_len, CheckpointHeader, LogPosition, CHECKPOINT_HEADER_BYTES,
+};
+use crate::codec::align_up;
+use crate::error::IoFault;
+use crate::geometry::{BLOCK_BYTES, BLOCK_SIZE_BYTES};
+use crate::io::{BlockIo, IoOp, IoRequest};
+
+const STEP_PAYLOAD: u64 = 1;
+const STEP_PAYLOAD_FLUSH: u64 = 2;
+const STEP_HEADER: u64 = 3;
+const STEP_HEADER_FLUSH: u64 = 4;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    Idle,
+    Payload {
+        written: bool,
+        required_sequence: u64,
+    },
+    PayloadFlush,
+    Header,
+    HeaderFlush,
+}
+
+/// Checkpoint progress and the two slots' current headers.
+pub(super) struct CheckpointState {
+    pub(super) requested: bool,
+    /// Log blocks sealed since the last checkpoint started.
+    pub(super) blocks_since: u64,
+    phase: Phase,
+    slot: usize,
+    header: Option<CheckpointHeader>,
+    slots: [Option<CheckpointHeader>; 2],
+}
+
+impl CheckpointState {
+    pub(super) fn new(slots: [Option<CheckpointHeader>; 2]) -> Self {
+        Self {
+            requested: false,
+            blocks_since: 0,
+            phase: Phase::Idle,
+            slot: 0,
+            header: None,
+            slots,
+        }
+    }
+
+    pub(super) fn is_idle(&self) -> bool {
+        self.phase == Phase::Idle
+    }
+
+    fn next_sequence(&self) -> u64 {
+        self.slots
+            .iter()
+            .flatten()
+            .map(|h| h.checkpoint_sequence)
+            .max()
+            .unwrap_or(0)
+            + 1
+    }
+
+    /// The slot to overwrite: empty, or holding the older checkpoint.
+    fn target_slot(&self) -> usize {
+        match (&self.slots[0], &self.slots[1]) {
+            (None, _) => 0,
+            (_, None) => 1,
+            (Some(a), Some(b)) => usize::from(a.checkpoint_sequence > b.checkpoint_sequence),
+        }
+    }
+
+    /// Replay may start at either slot, so segments are reusable only behind both.
+    fn reuse_floor(&self) -> Option<u64> {
+        match (&self.slots[0], &self.slots[1]) {
+            (Some(a), Some(b)) => Some(a.log.sequence.min(b.log.sequence)),
+            _ => None,
+        }
+    }
+}
+
+fn position_of(log: &LogHead) -> LogPosition {
+    LogPosition {
+        sequence: log.sequence,
+        previous_crc: log.previous_crc,
+        segment_index: log.segment,
+        offset_blocks: log.offset_blocks,
+        next_segment_index: log.next_segment,
+    }
+}
+
+impl Store {
+    /// The slot holding the newest complete checkpoint.
+    #[must_use]
+    pub fn newest_checkpoint_slot(&self) -> usize {
+        match (&self.checkpoint.slots[0], &self.checkpoint.slots[1]) {
+            (Some(a), Some(b)) => usize::from(b.checkpoint_sequence > a.checkpoint_sequence),
+            (None, Some(_)) => 1,
+            _ => 0,
+        }
+    }
+
+    pub(super) fn maybe_checkpoint(&mut self, io: &mut impl BlockIo) {
+        if !self.checkpoint.is_idle() || self.failed.is_some() {
+            return;
+        }
+        let space_pressure = self.segments.dead_pending_count() > 0
+            && self.segments.free_count() < self.clean_watermark();
+        let due = self.checkpoint.blocks_since >= self.config.checkpoint_interval_blocks;
+        if !(self.checkpoint.requested || due || space_pressure) {
+            return;
+        }
+        self.seal_open();
+        let position = position_of(&self.log);
+        let segment_count = self.geometry.segment_count;
+        let len = payload_len(&self.index, segment_count);
+        let padded = usize::try_from(align_up(len as u64, BLOCK_SIZE_BYTES)).expect("fits");
+        assert!(
+            (CHECKPOINT_HEADER_BYTES + padded) as u64 <= self.geometry.checkpoint_slot_bytes,
+            "checkpoint of {len} bytes exceeds its slot"
+        );
+        let mut buf = IoBuf::new(padded);
+        let (written, payload_crc, volume_count) = encode_payload(
+            &self.index,
+            &self.segments.last_sequences(),
+            buf.as_mut_slice(),
+        );
+        debug_assert_eq!(written, len);
+        let slot = self.checkpoint.target_slot();
+        let header = CheckpointHeader {
+            checkpoint_sequence: self.checkpoint.next_sequence(),
+            log: position,
+            payload_bytes: len as u64,
+            payload_crc,
+            segment_count,
+            volume_count,
+        };
+        self.checkpoint.slot = slot;
+        self.checkpoint.header = Some(header);
+        self.checkpoint.requested = false;
+        self.checkpoint.blocks_since = 0;
+        self.checkpoint.phase = Phase::Payload {
+            written: false,
+            required_sequence: position.sequence - 1,
+        };
+        self.stats.checkpoint_blocks_written += (padded / BLOCK_BYTES) as u64 + 1;
+        let offset_bytes =
+            self.geometry.checkpoint_slot_offset_bytes(slot) + CHECKPOINT_HEADER_BYTES as u64;
+        io.submit(IoRequest {
+            token: token(KIND_CHECKPOINT, STEP_PAYLOAD),
+            op: IoOp::Write { offset_bytes, buf },
+        });
+    }
+
+    /// Moves the checkpoint on once its payload is written and the log up to
+    /// its position is durable.
+    pub(super) fn checkpoint_progress(&mut self, io: &mut impl BlockIo) {
+        if let Phase::Payload {
+            written: true,
+            required_sequence,
+        } = self.checkpoint.phase
+        {
+            if self.durable_sequence >= required_sequence {
+                self.checkpoint.phase = Phase::PayloadFlush;
+                io.submit(IoRequest {
+                    token: token(KIND_CHECKPOINT, STEP_PAYLOAD_FLUSH),
+                    op: IoOp::Flush,
+                });
+            }
+        }
+    }
+
+    pub(super) fn on_checkpoint_io(
+        &mut self,
+        io: &mut impl BlockIo,
+        step: u64,
+        result: Result<(), IoFault>,
+    ) {
+        if let Err(fault) = result {
+            let offset = self
+                .geometry
+                .checkpoint_slot_offset_bytes(self.checkpoint.slot);
+            let error = self.error_io(offset, fault);
+            self.checkpoint.phase = Phase::Idle;
+            self.fail(format!("checkpoint failed: {error}"));
+            return;
+        }
+        match (step, self.checkpoint.phase) {
+            (
+                STEP_PAYLOAD,
+                Phase::Payload {
+                    required_sequence, ..
+                },
+            ) => {
+                self.checkpoint.phase = Phase::Payload {
+                    written: true,
+                    required_sequence,
+                };
+                self.checkpoint_progress(io);
+            }
+            (STEP_PAYLOAD_FLUSH, Phase::PayloadFlush) => {
+                let header = self
+                    .checkpoint
+                    .header
+                    .expect("header of the running checkpoint");
+                let mut buf = IoBuf::new(CHECKPOINT_HEADER_BYTES);
+                buf.as_mut_slice().copy_from_slice(&header.encode());
+                self.checkpoint.phase = Phase::Header;
+                io.submit(IoRequest {
+                    token: token(KIND_CHECKPOINT, STEP_HEADER),
+                    op: IoOp::Write {
+                        offset_bytes: self
+                            .geometry
+                            .checkpoint_slot_offset_bytes(self.checkpoint.slot),
+                        buf,
+                    },
+                });
+            }
+            (STEP_HEADER, Phase::Header) => {
+                self.checkpoint.phase = Phase::HeaderFlush;
+                io.submit(IoRequest {
+                    token: token(KIND_CHECKPOINT, STEP_HEADER_FLUSH),
+                    op: IoOp::Flush,
+                });
+            }
+            (STEP_HEADER_FLUSH, Phase::HeaderFlush) => {
+                let header = self
+                    .checkpoint
+                    .header
+                    .take()
+                    .expect("header of the running checkpoint");
+                self.checkpoint.slots[self.checkpoint.slot] = Some(header);
+                self.checkpoint.phase = Phase::Idle;
+                self.stats.checkpoints += 1;
+                if let Some(floor) = self.checkpoint.reuse_floor() {
+                    self.segments
+                        .advance_floor(floor.max(self.segments.reuse_floor_sequence()));
+                }
+            }
+            (step, phase) => panic!("checkpoint step {step} completed in phase {phase:?}"),
+        }
+    }
+}

@@ -1,0 +1,296 @@
+//! The read path: look up each block, read contiguous runs, verify every
+//! block against the crc kept in the index before returning it.
+
+use super::{token, Done, Reply, Store, KIND_READ};
+use crate::buf::IoBuf;
+use crate::error::{IoFault, StoreError};
+use crate::geometry::{Geometry, BLOCK_BYTES};
+use crate::index::{Entry, ADDRESS_BAD};
+use crate::io::{BlockIo, IoOp, IoRequest};
+use crate::record::block_crc;
+
+const BLOCK: usize = BLOCK_BYTES;
+const RUN_BITS: u32 = 9;
+const RUN_MASK: u64 = (1 << RUN_BITS) - 1;
+/// A read whose data moved while it was in flight is retried this often.
+const READ_RETRIES_MAX: u32 = 4;
+
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    first: usize,
+    count: usize,
+    address: u32,
+}
+
+/// One read request in flight.
+pub(super) struct ReadOp {
+    pub(super) tag: u64,
+    volume_id: u64,
+    lba: u64,
+    block_count: usize,
+    entries: Vec<Entry>,
+    runs: Vec<Run>,
+    reply: Option<IoBuf>,
+    direct: bool,
+    pending: usize,
+    error: Option<StoreError>,
+    restart: bool,
+    retries: u32,
+}
+
+impl Store {
+    /// Reads `block_count` blocks (at most 256) from volume block `lba`.
+    /// Done with `Reply::Read(buf)`; never-written blocks read as zeroes.
+    pub fn read(
+        &mut self,
+        io: &mut impl BlockIo,
+        tag: u64,
+        volume_id: u64,
+        lba: u64,
+        block_count: u64,
+    ) {
+        self.stats.read_requests += 1;
+        if let Err(error) = self.check_request(lba, block_count, Self::blocks_per_request_max()) {
+            self.done.push(Done {
+                tag,
+                result: Err(error),
+            });
+            return;
+        }
+        let op = ReadOp {
+            tag,
+            volume_id,
+            lba,
+            block_count: usize::try_from(block_count).expect("bounded"),
+            entries: Vec::new(),
+            runs: Vec::new(),
+            reply: None,
+            direct: false,
+            pending: 0,
+            error: None,
+            restart: false,
+            retries: 0,
+        };
+        self.start_read(io, op);
+    }
+
+    fn start_read(&mut self, io: &mut impl BlockIo, mut op: ReadOp) {
+        op.entries = (0..op.block_count as u64)
+            .map(|offset| self.index.get(op.volume_id, op.lba + offset))
+            .collect();
+        if let Some(bad) = op
+            .entries
+            .iter()
+            .position(|entry| entry.address == ADDRESS_BAD)
+        {
+            let error = StoreError::Checksum {
+                disk: self.config.disk_name.clone(),
+                volume_id: op.volume_id,
+                lba: op.lba + bad as u64,
+                address: ADDRESS_BAD,
+            };
+            self.done.push(Done {
+                tag: op.tag,
+                result: Err(error),
+            });
+            return;
+        }
+        if self.touches_unwritten(&op.entries) {
+            self.deferred_reads.push(op);
+            return;
+        }
+        op.runs = runs_of(&op.entries);
+        let mut reply = IoBuf::new(op.block_count * BLOCK);
+        if op.runs.is_empty() {
+            self.done.push(Done {
+                tag: op.tag,
+                result: Ok(Reply::Read(reply)),
+            });
+            return;
+        }
+        let read_id = self.next_read_id;
+        self.next_read_id = (self.next_read_id + 1) & (super::ID_MASK >> RUN_BITS);
+        op.direct = op.runs.len() == 1 && op.runs[0].count == op.block_count;
+        op.pending = op.runs.len();
+        op.error = None;
+        op.restart = false;
+        for (run_index, run) in op.runs.iter().enumerate() {
+            let buf = if op.direct {
+                std::mem::replace(&mut reply, IoBuf::new(0))
+            } else {
+                IoBuf::new(run.count * BLOCK)
+            };
+            io.submit(IoRequest {
+                token: token(KIND_READ, (read_id << RUN_BITS) | run_index as u64),
+                op: IoOp::Read {
+                    offset_bytes: Geometry::address_bytes(run.address),
+                    buf,
+                },
+            });
+        }
+        if !op.direct {
+            op.reply = Some(reply);
+        }
+        let previous = self.reads.insert(read_id, op);
+        assert!(
+            previous.is_none(),
+            "read id {read_id} reused while in flight"
+        );
+    }
+
+    /// True if any block's data is in a batch not yet on the device; seals
+    /// the open batch if it holds some, so the wait is short.
+    fn touches_unwritten(&mut self, entries: &[Entry]) -> bool {
+        let geometry = self.geometry;
+        let mut ranges: Vec<(u32, u32)> = self
+            .sealed
+            .iter()
+            .chain(self.inflight.values().filter(|batch| !batch.written))
+            .map(|batch| (batch.first_address, batch.first_address + batch.blocks))
+            .collect();
+        let open_range = self
+            .open
+            .as_ref()
+            .filter(|open| !open.records.is_empty())
+            .map(|open| open.address_range(&geometry));
+        ranges.extend(open_range);
+        let hit = |address: u32| {
+            ranges
+                .iter()
+                .any(|(start, end)| (*start..*end).contains(&address))
+        };
+        let touches = entries
+            .iter()
+            .any(|entry| entry.is_data() && hit(entry.address));
+        if touches
+            && open_range.is_some_and(|(start, end)| {
+                entries.iter().any(|e| (start..end).contains(&e.address))
+            })
+        {
+            self.seal_open();
+        }
+        touches
+    }
+
+    pub(super) fn retry_deferred_reads(&mut self, io: &mut impl BlockIo) {
+        for op in std::mem::take(&mut self.deferred_reads) {
+            self.start_read(io, op);
+        }
+    }
+
+    pub(super) fn on_read_done(
+        &mut self,
+        io: &mut impl BlockIo,
+        id: u64,
+        result: Result<(), IoFault>,
+        buf: Option<IoBuf>,
+    ) {
+        let read_id = id >> RUN_BITS;
+        let run_index = usize::try_from(id & RUN_MASK).expect("9 bits");
+        let disk = self.config.disk_name.clone();
+        let Some(op) = self.reads.get_mut(&read_id) else {
+            panic!("read completion for unknown read {read_id}");
+        };
+        let run = op.runs[run_index];
+        let buf = buf.expect("reads return their buffer");
+        match result {
+            Err(fault) => {
+                op.error.get_or_insert(StoreError::Io {
+                    disk,
+                    offset_bytes: Geometry::address_bytes(run.address),
+                    fault,
+                });
+            }
+            Ok(()) => {
+                for (offset, block) in buf.as_slice().chunks_exact(BLOCK).enumerate() {
+                    let position = run.first + offset;
+                    if block_crc(block) == op.entries[position].crc {
+                        continue;
+                    }
+                    let lba = op.lba + position as u64;
+                    if self.index.get(op.volume_id, lba) != op.entries[position] {
+                        op.restart = true; // moved or overwritten while in flight
+                    } else {
+                        self.stats.checksum_errors += 1;
+                        tracing::error!(disk = %disk, volume = op.volume_id, lba, address = op.entries[position].address, "checksum mismatch on read");
+                        op.error.get_or_insert(StoreError::Checksum {
+                            disk: disk.clone(),
+                            volume_id: op.volume_id,
+                            lba,
+                            address: op.entries[position].address,
+                        });
+                    }
+                }
+            }
+        }
+        if op.direct {
+            op.reply = Some(buf);
+        } else if let Some(reply) = op.reply.as_mut() {
+            let at = run.first * BLOCK;
+            reply.as_mut_slice()[at..at + buf.len()].copy_from_slice(buf.as_slice());
+        }
+        op.pending -= 1;
+        if op.pending > 0 {
+            return;
+        }
+        let mut op = self.reads.remove(&read_id).expect("present");
+        if op.restart && op.error.is_none() && op.retries < READ_RETRIES_MAX {
+            op.retries += 1;
+            op.reply = None;
+            self.start_read(io, op);
+            return;
+        }
+        let result = match (op.error, op.restart) {
+            (Some(error), _) => Err(error),
+            (None, true) => Err(StoreError::InvalidRequest {
+                reason: format!(
+                    "read of volume {} block {} kept moving; retry",
+                    op.volume_id, op.lba
+                ),
+            }),
+            (None, false) => Ok(Reply::Read(op.reply.expect("assembled"))),
+        };
+        self.done.push(Done {
+            tag: op.tag,
+            result,
+        });
+    }
+}
+
+/// Contiguous runs of data blocks (consecutive LBAs at consecutive addresses).
+fn runs_of(entries: &[Entry]) -> Vec<Run> {
+    let mut runs: Vec<Run> = Vec::new();
+    for (position, entry) in entries.iter().enumerate() {
+        if !entry.is_data() {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(run)
+                if run.first + run.count == position
+                    && u64::from(run.address) + run.count as u64 == u64::from(entry.address) =>
+            {
+                run.count += 1;
+            }
+            _ => runs.push(Run {
+                first: position,
+                count: 1,
+                address: entry.address,
+            }),
+        }
+    }
+    runs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_merge_only_contiguous_addresses() {
+        let e = |address| Entry { address, crc: 0 };
+        let entries = [e(10), e(11), Entry::UNMAPPED, e(12), e(20), e(21)];
+        let runs = runs_of(&entries);
+        let shape: Vec<_> = runs.iter().map(|r| (r.first, r.count, r.address)).collect();
+        assert_eq!(shape, vec![(0, 2, 10), (3, 1, 12), (4, 2, 20)]);
+    }
+}

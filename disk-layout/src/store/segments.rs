@@ -1,0 +1,306 @@
+//! Segment states and space accounting.
+//!
+//! ```text
+//! Free -> Reserved -> Open -> Used -> DeadPending -> Free
+//!                       \________________^  (nothing live when switched away)
+//! ```
+//! A segment is `Reserved` as the successor of the open one before the open
+//! one's first batch is written, so every batch header can name where the
+//! log continues. A segment whose data is all dead becomes reusable only
+//! once both checkpoint slots start replay after its last batch (the reuse
+//! floor): until then a crash could need to replay through it.
+
+/// Lifecycle state of one segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentState {
+    Free,
+    Reserved,
+    Open,
+    Used,
+    DeadPending,
+    /// The cleaner could not account for all its live blocks (corrupt headers).
+    Stuck,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Segment {
+    state: SegmentState,
+    live_blocks: u32,
+    last_sequence: u64,
+}
+
+/// Per-segment state, live counts and the free list of one disk.
+pub struct SegmentTable {
+    segments: Vec<Segment>,
+    free: Vec<u32>,
+    dead_pending: Vec<u32>,
+    live_blocks_total: u64,
+    reuse_floor_sequence: u64,
+}
+
+impl SegmentTable {
+    /// Builds the table after replay. `live` holds each segment's live blocks.
+    pub fn new(
+        last_sequence: Vec<u64>,
+        live: Vec<u32>,
+        open: u32,
+        reserved: u32,
+        reuse_floor_sequence: u64,
+    ) -> Self {
+        assert_eq!(last_sequence.len(), live.len());
+        assert_ne!(open, reserved);
+        let mut table = Self {
+            segments: Vec::with_capacity(live.len()),
+            free: Vec::new(),
+            dead_pending: Vec::new(),
+            live_blocks_total: live.iter().map(|&l| u64::from(l)).sum(),
+            reuse_floor_sequence,
+        };
+        for (index, (&last_sequence, &live_blocks)) in last_sequence.iter().zip(&live).enumerate() {
+            let number = u32::try_from(index).expect("segment count is u32");
+            let state = if number == open {
+                SegmentState::Open
+            } else if number == reserved {
+                SegmentState::Reserved
+            } else if live_blocks > 0 {
+                SegmentState::Used
+            } else if last_sequence == 0 || last_sequence < reuse_floor_sequence {
+                SegmentState::Free
+            } else {
+                SegmentState::DeadPending
+            };
+            match state {
+                SegmentState::Free => table.free.push(number),
+                SegmentState::DeadPending => table.dead_pending.push(number),
+                _ => {}
+            }
+            table.segments.push(Segment {
+                state,
+                live_blocks,
+                last_sequence,
+            });
+        }
+        // Hand out low-numbered segments first (pop takes from the end).
+        table.free.reverse();
+        table
+    }
+
+    #[must_use]
+    pub fn state(&self, segment: u32) -> SegmentState {
+        self.segments[segment as usize].state
+    }
+
+    #[must_use]
+    pub fn live_blocks(&self, segment: u32) -> u32 {
+        self.segments[segment as usize].live_blocks
+    }
+
+    #[must_use]
+    pub fn last_sequence(&self, segment: u32) -> u64 {
+        self.segments[segment as usize].last_sequence
+    }
+
+    /// Every segment's last written batch sequence (for checkpoints).
+    #[must_use]
+    pub fn last_sequences(&self) -> Vec<u64> {
+        self.segments.iter().map(|s| s.last_sequence).collect()
+    }
+
+    #[must_use]
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    #[must_use]
+    pub fn dead_pending_count(&self) -> usize {
+        self.dead_pending.len()
+    }
+
+    #[must_use]
+    pub fn live_blocks_total(&self) -> u64 {
+        self.live_blocks_total
+    }
+
+    #[must_use]
+    pub fn reuse_floor_sequence(&self) -> u64 {
+        self.reuse_floor_sequence
+    }
+
+    /// Records that a batch with `sequence` was placed in `segment`.
+    pub fn note_batch(&mut self, segment: u32, sequence: u64) {
+        let entry = &mut self.segments[segment as usize];
+        assert_eq!(
+            entry.state,
+            SegmentState::Open,
+            "batch placed in segment {segment} that is not open"
+        );
+        assert!(sequence > entry.last_sequence);
+        entry.last_sequence = sequence;
+    }
+
+    /// One more live block in `segment`.
+    pub fn add_live(&mut self, segment: u32) {
+        let entry = &mut self.segments[segment as usize];
+        assert_eq!(
+            entry.state,
+            SegmentState::Open,
+            "new data in segment {segment} that is not open"
+        );
+        entry.live_blocks += 1;
+        self.live_blocks_total += 1;
+    }
+
+    /// One live block of `segment` died (overwritten, zeroed, deleted, moved).
+    pub fn remove_live(&mut self, segment: u32) {
+        let entry = &mut self.segments[segment as usize];
+        assert!(
+            entry.live_blocks > 0,
+            "segment {segment} live count underflow"
+        );
+        entry.live_blocks -= 1;
+        self.live_blocks_total -= 1;
+        if entry.live_blocks == 0 && matches!(entry.state, SegmentState::Used | SegmentState::Stuck)
+        {
+            entry.state = SegmentState::DeadPending;
+            self.dead_pending.push(segment);
+        }
+    }
+
+    /// Takes a free segment and marks it reserved.
+    pub fn reserve(&mut self) -> Option<u32> {
+        let segment = self.free.pop()?;
+        let entry = &mut self.segments[segment as usize];
+        assert_eq!(entry.state, SegmentState::Free);
+        assert_eq!(entry.live_blocks, 0);
+        entry.state = SegmentState::Reserved;
+        Some(segment)
+    }
+
+    /// The open segment is full: `reserved` becomes open, `old` is closed.
+    pub fn switch(&mut self, old: u32, reserved: u32) {
+        assert_eq!(
+            self.segments[reserved as usize].state,
+            SegmentState::Reserved
+        );
+        assert_eq!(self.segments[old as usize].state, SegmentState::Open);
+        self.segments[reserved as usize].state = SegmentState::Open;
+        let old_entry = &mut self.segments[old as usize];
+        if old_entry.live_blocks == 0 {
+            old_entry.state = SegmentState::DeadPending;
+            self.dead_pending.push(old);
+        } else {
+            old_entry.state = SegmentState::Used;
+        }
+    }
+
+    /// A checkpoint moved the reuse floor: dead segments behind it are free.
+    pub fn advance_floor(&mut self, reuse_floor_sequence: u64) {
+        assert!(reuse_floor_sequence >= self.reuse_floor_sequence);
+        self.reuse_floor_sequence = reuse_floor_sequence;
+        let segments = &mut self.segments;
+        let free = &mut self.free;
+        self.dead_pending.retain(|&segment| {
+            let entry = &mut segments[segment as usize];
+            debug_assert_eq!(entry.state, SegmentState::DeadPending);
+            if entry.last_sequence < reuse_floor_sequence {
+                entry.state = SegmentState::Free;
+                free.push(segment);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    /// Marks a segment the cleaner could not empty.
+    pub fn mark_stuck(&mut self, segment: u32) {
+        let entry = &mut self.segments[segment as usize];
+        if entry.state == SegmentState::Used {
+            entry.state = SegmentState::Stuck;
+        }
+    }
+
+    /// The best segment to clean by cost-benefit, `(1-u) * age / (1+u)`:
+    /// empty-ish and old segments first. Only segments whose batches are all
+    /// durable (`last_sequence <= durable_sequence`) qualify.
+    #[must_use]
+    pub fn pick_victim(
+        &self,
+        segment_blocks: u32,
+        now_sequence: u64,
+        durable_sequence: u64,
+    ) -> Option<u32> {
+        let mut best: Option<(f64, u32)> = None;
+        for (index, segment) in self.segments.iter().enumerate() {
+            if segment.state != SegmentState::Used
+                || segment.live_blocks >= segment_blocks
+                || segment.last_sequence > durable_sequence
+            {
+                continue;
+            }
+            let utilization = f64::from(segment.live_blocks) / f64::from(segment_blocks);
+            let age = (now_sequence.saturating_sub(segment.last_sequence) + 1) as f64;
+            let score = (1.0 - utilization) * age / (1.0 + utilization);
+            if best.is_none_or(|(best_score, _)| score > best_score) {
+                best = Some((score, u32::try_from(index).expect("u32")));
+            }
+        }
+        best.map(|(_, segment)| segment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn states_are_derived_from_live_counts_and_the_floor() {
+        let table = SegmentTable::new(vec![0, 5, 9, 3, 12], vec![0, 0, 0, 4, 0], 4, 0, 8);
+        assert_eq!(table.state(0), SegmentState::Reserved);
+        assert_eq!(
+            table.state(1),
+            SegmentState::Free,
+            "dead and behind the floor"
+        );
+        assert_eq!(
+            table.state(2),
+            SegmentState::DeadPending,
+            "dead but replay may need it"
+        );
+        assert_eq!(table.state(3), SegmentState::Used);
+        assert_eq!(table.state(4), SegmentState::Open);
+        assert_eq!(table.live_blocks_total(), 4);
+    }
+
+    #[test]
+    fn a_dead_segment_is_reused_only_after_the_floor_passes_it() {
+        let mut table = SegmentTable::new(vec![0, 0, 0, 0], vec![0, 0, 0, 0], 0, 1, 1);
+        table.note_batch(0, 1);
+        table.add_live(0);
+        let next = table.reserve().unwrap();
+        table.switch(0, 1);
+        assert_eq!(table.state(0), SegmentState::Used);
+        table.remove_live(0);
+        assert_eq!(table.state(0), SegmentState::DeadPending);
+        table.advance_floor(1);
+        assert_eq!(
+            table.state(0),
+            SegmentState::DeadPending,
+            "floor 1 does not pass sequence 1"
+        );
+        table.advance_floor(2);
+        assert_eq!(table.state(0), SegmentState::Free);
+        assert_ne!(next, 0);
+    }
+
+    #[test]
+    fn the_victim_is_the_emptiest_old_segment() {
+        let table = SegmentTable::new(vec![1, 2, 3, 4, 5], vec![100, 10, 200, 0, 0], 4, 3, 0);
+        assert_eq!(table.pick_victim(256, 10, 10), Some(1));
+        assert_eq!(
+            table.pick_victim(256, 10, 1),
+            Some(0),
+            "segments with undurable batches are skipped"
+        );
+    }
+}

@@ -1,0 +1,873 @@
+//! The write path: records are placed in the open batch (updating the
+//! index at once), batches are sealed and submitted while the pipeline has
+//! room (group commit: whatever arrived while the device was busy goes out
+//! as one write), and a single flush in flight makes the longest written
+//! prefix of batches durable, which is when their requests are acknowledged.
+
+use super::{
+    token, Done, Reply, Store, KIND_BATCH, KIND_FLUSH, REQUEST_BLOCKS_MAX, USER_RESERVE_SEGMENTS,
+};
+use crate::buf::IoBuf;
+use crate::error::{IoFault, StoreError};
+use crate::geometry::{Geometry, BLOCK_BYTES};
+use crate::index::{Entry, Index};
+use crate::io::{BlockIo, IoOp, IoRequest};
+use crate::record::{
+    block_crc, data_crc_of_block_crcs, BatchHeader, Record, RecordKind, BATCH_DATA_BLOCKS_MAX,
+    BATCH_HEADER_BYTES, RECORDS_PER_BATCH_MAX,
+};
+use crate::store::segments::SegmentTable;
+
+const BLOCK: usize = BLOCK_BYTES;
+/// Bytes of one batch buffer: header plus the most data a batch holds.
+pub(super) const BATCH_BUFFER_BYTES: usize =
+    BATCH_HEADER_BYTES + BATCH_DATA_BLOCKS_MAX as usize * BLOCK;
+
+/// What a finished record answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ReplyKind {
+    Written,
+    Zeroed,
+    Deleted,
+}
+
+impl ReplyKind {
+    fn reply(self) -> Reply {
+        match self {
+            Self::Written => Reply::Written,
+            Self::Zeroed => Reply::Zeroed,
+            Self::Deleted => Reply::Deleted,
+        }
+    }
+}
+
+/// The batch being filled.
+pub(super) struct OpenBatch {
+    segment: u32,
+    offset_blocks: u32,
+    data_capacity_blocks: u32,
+    pub(super) records: Vec<Record>,
+    data_blocks: u32,
+    buf: IoBuf,
+    waiters: Vec<(u64, ReplyKind)>,
+}
+
+impl OpenBatch {
+    pub(super) fn waiters(self) -> impl Iterator<Item = u64> {
+        self.waiters.into_iter().map(|(tag, _)| tag)
+    }
+
+    /// Absolute block range the batch will occupy if sealed now.
+    pub(super) fn address_range(&self, geometry: &Geometry) -> (u32, u32) {
+        let first = geometry.block_address(self.segment, self.offset_blocks);
+        (first, first + 1 + self.data_blocks)
+    }
+}
+
+/// A sealed batch, from sealing until it is durable.
+pub(super) struct InflightBatch {
+    pub(super) sequence: u64,
+    pub(super) first_address: u32,
+    pub(super) blocks: u32,
+    pub(super) written: bool,
+    pub(super) submitted: bool,
+    pub(super) waiters: Vec<u64>,
+    kinds: Vec<ReplyKind>,
+    buf: Option<IoBuf>,
+}
+
+/// A record waiting for a batch buffer or a free segment.
+pub(super) struct PendingWrite {
+    pub(super) tag: Option<u64>,
+    pub(super) volume_id: u64,
+    pub(super) lba: u64,
+    pub(super) block_count: u64,
+    pub(super) kind: RecordKind,
+    pub(super) epoch: u64,
+    pub(super) volume_sequence: u64,
+    pub(super) data: Vec<u8>,
+    /// Relocations only: where each block must still be for the move to apply.
+    pub(super) source: Vec<Entry>,
+}
+
+impl PendingWrite {
+    /// Drops the first `blocks` blocks (already placed) from a data request.
+    fn advance(&mut self, blocks: u64) {
+        if blocks == 0 {
+            return;
+        }
+        debug_assert!(self.kind.has_data() && blocks < self.block_count);
+        self.lba += blocks;
+        self.block_count -= blocks;
+        let skip = usize::try_from(blocks).expect("bounded");
+        if !self.source.is_empty() {
+            self.source.drain(..skip);
+        }
+    }
+}
+
+/// Why a record could not be placed now.
+pub(super) enum PlaceError {
+    /// Every batch buffer is in flight; retry after a completion.
+    NeedBuffer,
+    /// No free segment to continue the log in; the cleaner must run.
+    NeedSegment,
+    /// Out of space for good, or the request is invalid.
+    Refused(StoreError),
+}
+
+impl Store {
+    /// Writes `data` (a multiple of 4096 bytes, at most 1 MiB) at volume
+    /// block `lba`. Done (`Reply::Written`) once durable.
+    pub fn write(
+        &mut self,
+        tag: u64,
+        volume_id: u64,
+        lba: u64,
+        data: &[u8],
+        epoch: u64,
+        volume_sequence: u64,
+    ) {
+        self.stats.write_requests += 1;
+        let block_count = (data.len() / BLOCK) as u64;
+        let checked = if !data.len().is_multiple_of(BLOCK) {
+            Err(StoreError::InvalidRequest {
+                reason: format!("write of {} bytes is not a multiple of 4096", data.len()),
+            })
+        } else {
+            self.check_request(lba, block_count, Self::blocks_per_request_max())
+        };
+        let pending = PendingWrite {
+            tag: Some(tag),
+            volume_id,
+            lba,
+            block_count,
+            kind: RecordKind::Write,
+            epoch,
+            volume_sequence,
+            data: Vec::new(),
+            source: Vec::new(),
+        };
+        match checked {
+            Err(error) => self.done.push(Done {
+                tag,
+                result: Err(error),
+            }),
+            Ok(()) => self.submit_or_queue(pending, data),
+        }
+    }
+
+    /// Makes `block_count` blocks from `lba` read as zeroes and frees their
+    /// space (TRIM, WRITE_ZEROES). Done (`Reply::Zeroed`) once durable.
+    pub fn zero(
+        &mut self,
+        tag: u64,
+        volume_id: u64,
+        lba: u64,
+        block_count: u64,
+        epoch: u64,
+        volume_sequence: u64,
+    ) {
+        let pending = PendingWrite {
+            tag: Some(tag),
+            volume_id,
+            lba,
+            block_count,
+            kind: RecordKind::Zero,
+            epoch,
+            volume_sequence,
+            data: Vec::new(),
+            source: Vec::new(),
+        };
+        match self.check_request(lba, block_count, u64::from(u32::MAX)) {
+            Err(error) => self.done.push(Done {
+                tag,
+                result: Err(error),
+            }),
+            Ok(()) => self.submit_or_queue(pending, &[]),
+        }
+    }
+
+    /// Releases every block of a volume. Done (`Reply::Deleted`) once durable.
+    pub fn delete_volume(&mut self, tag: u64, volume_id: u64) {
+        let pending = PendingWrite {
+            tag: Some(tag),
+            volume_id,
+            lba: 0,
+            block_count: 0,
+            kind: RecordKind::DeleteVolume,
+            epoch: 0,
+            volume_sequence: 0,
+            data: Vec::new(),
+            source: Vec::new(),
+        };
+        match self.check_request(0, 1, 1) {
+            Err(error) => self.done.push(Done {
+                tag,
+                result: Err(error),
+            }),
+            Ok(()) => self.submit_or_queue(pending, &[]),
+        }
+    }
+
+    /// Done (`Reply::Flushed`) once every request accepted before it is durable.
+    pub fn flush(&mut self, tag: u64) {
+        if self.failed.is_some() {
+            let error = self.error_failed();
+            self.done.push(Done {
+                tag,
+                result: Err(error),
+            });
+            return;
+        }
+        // Every acknowledged write is already durable, so a flush only has
+        // to wait for what has been placed in batches so far.
+        self.seal_open();
+        let target = self.log.sequence - 1;
+        if target <= self.durable_sequence {
+            self.done.push(Done {
+                tag,
+                result: Ok(Reply::Flushed),
+            });
+        } else {
+            self.flush_waiters.push((target, tag));
+        }
+    }
+
+    fn submit_or_queue(&mut self, mut pending: PendingWrite, data: &[u8]) {
+        let mut placed = 0;
+        if self.user_backlog.is_empty() {
+            match self.place(&pending, data) {
+                Ok(()) => return,
+                Err((PlaceError::Refused(error), _)) => {
+                    let tag = pending.tag.expect("user request");
+                    self.done.push(Done {
+                        tag,
+                        result: Err(error),
+                    });
+                    return;
+                }
+                Err((PlaceError::NeedBuffer | PlaceError::NeedSegment, placed_blocks)) => {
+                    placed = placed_blocks
+                }
+            }
+        }
+        pending.advance(placed);
+        pending.data = data[usize::try_from(placed).expect("bounded") * BLOCK..].to_vec();
+        self.user_backlog.push_back(pending);
+    }
+
+    /// Places a request in the open batch (or several, if it does not fit
+    /// in one) and applies it to the index. The caller's tag rides on the
+    /// last part: batches become durable in order, so the request is
+    /// durable when that part is. On error, `placed_blocks` tells how much
+    /// was placed already; the caller queues the rest.
+    pub(super) fn place(
+        &mut self,
+        pending: &PendingWrite,
+        data: &[u8],
+    ) -> Result<(), (PlaceError, u64)> {
+        let for_cleaner = matches!(pending.kind, RecordKind::Relocate | RecordKind::Bad);
+        let total = if pending.kind.has_data() {
+            pending.block_count
+        } else {
+            0
+        };
+        debug_assert_eq!(data.len() as u64, total * BLOCK as u64);
+        if pending.kind == RecordKind::Write {
+            self.check_space(pending).map_err(|e| (e, 0))?;
+        }
+        if pending.kind == RecordKind::DeleteVolume
+            || self.index.volume(pending.volume_id).is_none()
+        {
+            self.check_volume_limit(pending).map_err(|e| (e, 0))?;
+        }
+        let mut placed = 0u64;
+        loop {
+            let want = u32::try_from(total - placed).expect("bounded by REQUEST_BLOCKS_MAX");
+            let batch_max = self.batch_data_blocks_max();
+            let fits = self.open.as_ref().is_some_and(|open| {
+                open.records.len() < RECORDS_PER_BATCH_MAX
+                    && (want == 0 || open.data_blocks < open.data_capacity_blocks)
+                    && open.data_blocks + want.min(batch_max) <= open.data_capacity_blocks
+            });
+            if !fits {
+                self.seal_open();
+                self.start_open(want.min(batch_max), for_cleaner)
+                    .map_err(|e| (e, placed))?;
+            }
+            let open = self.open.as_ref().expect("just ensured");
+            let take = want.min(open.data_capacity_blocks - open.data_blocks);
+            let last = placed + u64::from(take) == total;
+            let from = usize::try_from(placed).expect("bounded") * BLOCK;
+            let part_data = &data[from..from + take as usize * BLOCK];
+            let source = if for_cleaner && !pending.source.is_empty() {
+                &pending.source[usize::try_from(placed).expect("bounded")..]
+            } else {
+                &[][..]
+            };
+            let lba = pending.lba + placed;
+            let block_count = if pending.kind.has_data() {
+                u64::from(take)
+            } else {
+                pending.block_count
+            };
+            self.place_part(pending, lba, block_count, part_data, source, last);
+            placed += u64::from(take);
+            if last {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Most data blocks one batch can hold on this disk.
+    fn batch_data_blocks_max(&self) -> u32 {
+        BATCH_DATA_BLOCKS_MAX.min(self.geometry.segment_blocks() - 1)
+    }
+
+    /// Places one record that fits the open batch.
+    fn place_part(
+        &mut self,
+        pending: &PendingWrite,
+        lba: u64,
+        block_count: u64,
+        data: &[u8],
+        source: &[Entry],
+        last: bool,
+    ) {
+        let for_cleaner = matches!(pending.kind, RecordKind::Relocate | RecordKind::Bad);
+        let geometry = self.geometry;
+        let open = self.open.as_mut().expect("placed into the open batch");
+        let data_blocks = u32::try_from(data.len() / BLOCK).expect("bounded");
+        assert!(open.data_blocks + data_blocks <= open.data_capacity_blocks);
+        assert!(open.records.len() < RECORDS_PER_BATCH_MAX);
+        let first_data_offset = open.offset_blocks + 1 + open.data_blocks;
+        let mut crcs = Vec::with_capacity(data_blocks as usize);
+        let start = BLOCK * (1 + open.data_blocks as usize);
+        for (index, block) in data.chunks_exact(BLOCK).enumerate() {
+            let at = start + index * BLOCK;
+            open.buf.as_mut_slice()[at..at + BLOCK].copy_from_slice(block);
+            crcs.push(if for_cleaner {
+                source[index].crc
+            } else {
+                block_crc(block)
+            });
+        }
+        let record = Record {
+            volume_id: pending.volume_id,
+            lba,
+            block_count: u32::try_from(block_count).expect("checked at request"),
+            kind: pending.kind,
+            epoch: pending.epoch,
+            volume_sequence: pending.volume_sequence,
+            data_crc: data_crc_of_block_crcs(crcs.iter().copied()),
+        };
+        open.records.push(record);
+        open.data_blocks += data_blocks;
+        if let (Some(tag), true) = (pending.tag, last) {
+            let kind = match pending.kind {
+                RecordKind::Zero => ReplyKind::Zeroed,
+                RecordKind::DeleteVolume => ReplyKind::Deleted,
+                _ => ReplyKind::Written,
+            };
+            open.waiters.push((tag, kind));
+        }
+        let first_address = if data_blocks > 0 {
+            geometry.block_address(open.segment, first_data_offset)
+        } else {
+            0
+        };
+        apply_record(
+            &mut self.index,
+            &mut self.segments,
+            &geometry,
+            &record,
+            first_address,
+            &crcs,
+        );
+        match pending.kind {
+            RecordKind::Write => self.stats.user_blocks_written += u64::from(data_blocks),
+            RecordKind::Relocate => self.stats.relocated_blocks_written += u64::from(data_blocks),
+            _ => {}
+        }
+    }
+
+    fn check_space(&self, pending: &PendingWrite) -> Result<(), PlaceError> {
+        let newly_live = (pending.lba..pending.lba + pending.block_count)
+            .filter(|&lba| !self.index.get(pending.volume_id, lba).is_data())
+            .count() as u64;
+        let used = self.segments.live_blocks_total();
+        if used + newly_live > self.capacity_blocks() {
+            return Err(PlaceError::Refused(StoreError::NoSpace {
+                disk: self.config.disk_name.clone(),
+                used_blocks: used,
+                capacity_blocks: self.capacity_blocks(),
+            }));
+        }
+        Ok(())
+    }
+
+    fn check_volume_limit(&self, pending: &PendingWrite) -> Result<(), PlaceError> {
+        let count = self.index.volume_count() as u64;
+        if pending.kind != RecordKind::DeleteVolume
+            && count >= crate::geometry::VOLUMES_PER_DISK_MAX
+        {
+            return Err(PlaceError::Refused(StoreError::TooManyVolumes {
+                disk: self.config.disk_name.clone(),
+                count,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Opens a new batch at the log head, moving to the reserved segment if
+    /// the current one cannot hold `data_blocks` more.
+    fn start_open(&mut self, data_blocks: u32, for_cleaner: bool) -> Result<(), PlaceError> {
+        debug_assert!(self.open.is_none());
+        let Some(mut buf) = self.free_buffers.pop() else {
+            return Err(PlaceError::NeedBuffer);
+        };
+        let segment_blocks = self.geometry.segment_blocks();
+        if segment_blocks - self.log.offset_blocks < 1 + data_blocks.max(1) {
+            let reserve = if for_cleaner {
+                0
+            } else {
+                USER_RESERVE_SEGMENTS
+            };
+            if self.segments.free_count() < 1 + reserve {
+                self.free_buffers.push(buf);
+                return Err(PlaceError::NeedSegment);
+            }
+            let next = self.segments.reserve().expect("free count checked");
+            self.segments
+                .switch(self.log.segment, self.log.next_segment);
+            self.log.segment = self.log.next_segment;
+            self.log.offset_blocks = 0;
+            self.log.next_segment = next;
+        }
+        buf.set_len(BATCH_BUFFER_BYTES);
+        let room = segment_blocks - self.log.offset_blocks - 1;
+        self.open = Some(OpenBatch {
+            segment: self.log.segment,
+            offset_blocks: self.log.offset_blocks,
+            data_capacity_blocks: room.min(BATCH_DATA_BLOCKS_MAX),
+            records: Vec::with_capacity(RECORDS_PER_BATCH_MAX),
+            data_blocks: 0,
+            buf,
+            waiters: Vec::new(),
+        });
+        Ok(())
+    }
+
+    /// Seals the open batch: gives it its sequence and chain checksum and
+    /// queues it for submission.
+    pub(super) fn seal_open(&mut self) {
+        let Some(mut open) = self.open.take() else {
+            return;
+        };
+        if open.records.is_empty() {
+            self.free_buffers.push(open.buf);
+            return;
+        }
+        assert_eq!(open.segment, self.log.segment);
+        assert_eq!(open.offset_blocks, self.log.offset_blocks);
+        let sequence = self.log.sequence;
+        let header = BatchHeader {
+            sequence,
+            previous_header_crc: self.log.previous_crc,
+            segment_index: open.segment,
+            next_segment_index: self.log.next_segment,
+            open_nonce: self.config.open_nonce,
+            records: std::mem::take(&mut open.records),
+        };
+        let crc = header.encode_into(&mut open.buf.as_mut_slice()[..BATCH_HEADER_BYTES]);
+        let blocks = 1 + open.data_blocks;
+        open.buf.set_len(blocks as usize * BLOCK);
+        self.log.sequence += 1;
+        self.log.previous_crc = crc;
+        self.log.offset_blocks += blocks;
+        self.segments.note_batch(open.segment, sequence);
+        self.stats.header_blocks_written += 1;
+        self.stats.batches_written += 1;
+        self.checkpoint.blocks_since += u64::from(blocks);
+        let (kinds, waiters): (Vec<_>, Vec<_>) =
+            open.waiters.iter().map(|(tag, kind)| (*kind, *tag)).unzip();
+        let first_address = self
+            .geometry
+            .block_address(open.segment, open.offset_blocks);
+        self.sealed.push_back(InflightBatch {
+            sequence,
+            first_address,
+            blocks,
+            written: false,
+            submitted: false,
+            waiters,
+            kinds,
+            buf: Some(open.buf),
+        });
+    }
+
+    fn unwritten_submitted(&self) -> usize {
+        self.inflight
+            .values()
+            .filter(|batch| !batch.written)
+            .count()
+    }
+
+    /// Submits sealed batches while the pipeline has room, seals the open
+    /// batch when the device is free, places backlogged records, flushes.
+    pub(super) fn pump(&mut self, io: &mut impl BlockIo) {
+        if self.failed.is_some() {
+            return;
+        }
+        for _ in 0..RECORDS_PER_BATCH_MAX * 4 {
+            self.submit_sealed(io);
+            let device_has_room =
+                self.sealed.is_empty() && self.unwritten_submitted() < self.config.pipeline_depth;
+            if device_has_room
+                && self
+                    .open
+                    .as_ref()
+                    .is_some_and(|open| !open.records.is_empty())
+            {
+                self.seal_open();
+                self.submit_sealed(io);
+            }
+            if !self.drain_backlog() {
+                break;
+            }
+        }
+        self.maybe_flush(io);
+        self.resolve_flush_waiters();
+    }
+
+    fn submit_sealed(&mut self, io: &mut impl BlockIo) {
+        while self.unwritten_submitted() < self.config.pipeline_depth {
+            let Some(mut batch) = self.sealed.pop_front() else {
+                break;
+            };
+            let buf = batch.buf.take().expect("sealed batch owns its buffer");
+            let offset_bytes = Geometry::address_bytes(batch.first_address);
+            batch.submitted = true;
+            io.submit(IoRequest {
+                token: token(KIND_BATCH, batch.sequence),
+                op: IoOp::Write { offset_bytes, buf },
+            });
+            self.inflight.insert(batch.sequence, batch);
+        }
+    }
+
+    /// Places backlogged records; true if any was placed.
+    fn drain_backlog(&mut self) -> bool {
+        let mut placed_any = false;
+        while let Some(pending) = self.relocation_backlog.pop_front() {
+            if !self.place_relocation(pending) {
+                return placed_any;
+            }
+            placed_any = true;
+        }
+        while let Some(mut pending) = self.user_backlog.pop_front() {
+            let data = std::mem::take(&mut pending.data);
+            match self.place(&pending, &data) {
+                Ok(()) => placed_any = true,
+                Err((PlaceError::Refused(error), _)) => {
+                    let tag = pending.tag.expect("user request");
+                    self.done.push(Done {
+                        tag,
+                        result: Err(error),
+                    });
+                    placed_any = true;
+                }
+                Err((PlaceError::NeedBuffer | PlaceError::NeedSegment, placed)) => {
+                    placed_any |= placed > 0;
+                    pending.advance(placed);
+                    pending.data =
+                        data[usize::try_from(placed).expect("bounded") * BLOCK..].to_vec();
+                    self.user_backlog.push_front(pending);
+                    break;
+                }
+            }
+        }
+        placed_any
+    }
+
+    /// Places the still-live parts of a relocation (or a `Bad` marking);
+    /// false if it had to wait.
+    pub(super) fn place_relocation(&mut self, pending: PendingWrite) -> bool {
+        let count = usize::try_from(pending.block_count).expect("bounded");
+        let has_data = pending.kind.has_data();
+        let mut start = 0;
+        while start < count {
+            let live = |index: usize| {
+                self.index
+                    .get(pending.volume_id, pending.lba + index as u64)
+                    == pending.source[index]
+            };
+            if !live(start) {
+                start += 1;
+                continue;
+            }
+            let mut end = start + 1;
+            while end < count && live(end) {
+                end += 1;
+            }
+            let part = PendingWrite {
+                tag: None,
+                volume_id: pending.volume_id,
+                lba: pending.lba + start as u64,
+                block_count: (end - start) as u64,
+                kind: pending.kind,
+                epoch: pending.epoch,
+                volume_sequence: pending.volume_sequence,
+                data: Vec::new(),
+                source: pending.source[start..end].to_vec(),
+            };
+            let data = if has_data {
+                &pending.data[start * BLOCK..end * BLOCK]
+            } else {
+                &[][..]
+            };
+            match self.place(&part, data) {
+                Ok(()) => start = end,
+                Err((PlaceError::Refused(_), _)) => unreachable!("relocations never grow usage"),
+                Err((PlaceError::NeedBuffer | PlaceError::NeedSegment, placed)) => {
+                    start += usize::try_from(placed).expect("bounded");
+                    let rest = PendingWrite {
+                        tag: None,
+                        volume_id: pending.volume_id,
+                        lba: pending.lba + start as u64,
+                        block_count: (count - start) as u64,
+                        kind: pending.kind,
+                        epoch: pending.epoch,
+                        volume_sequence: pending.volume_sequence,
+                        data: if has_data {
+                            pending.data[start * BLOCK..].to_vec()
+                        } else {
+                            Vec::new()
+                        },
+                        source: pending.source[start..].to_vec(),
+                    };
+                    self.relocation_backlog.push_front(rest);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    pub(super) fn on_batch_written(
+        &mut self,
+        io: &mut impl BlockIo,
+        sequence: u64,
+        result: Result<(), IoFault>,
+        buf: Option<IoBuf>,
+    ) {
+        let first_address = self
+            .inflight
+            .get(&sequence)
+            .map(|batch| batch.first_address);
+        if let Err(fault) = result {
+            let offset = Geometry::address_bytes(first_address.unwrap_or(0));
+            let error = self.error_io(offset, fault);
+            self.fail(format!("batch {sequence} write failed: {error}"));
+            return;
+        }
+        if let Some(batch) = self.inflight.get_mut(&sequence) {
+            batch.written = true;
+        }
+        if let Some(mut buf) = buf {
+            buf.set_len(BATCH_BUFFER_BYTES);
+            self.free_buffers.push(buf);
+        }
+        self.retry_deferred_reads(io);
+        self.maybe_flush(io);
+    }
+
+    /// Starts a flush covering the longest prefix of written batches.
+    pub(super) fn maybe_flush(&mut self, io: &mut impl BlockIo) {
+        if self.flush_in_flight.is_some() || self.failed.is_some() {
+            return;
+        }
+        let mut covers = self.durable_sequence;
+        for (sequence, batch) in &self.inflight {
+            if *sequence != covers + 1 || !batch.written {
+                break;
+            }
+            covers = *sequence;
+        }
+        if covers > self.durable_sequence {
+            self.flush_count += 1;
+            self.flush_in_flight = Some(covers);
+            io.submit(IoRequest {
+                token: token(KIND_FLUSH, self.flush_count),
+                op: IoOp::Flush,
+            });
+        }
+    }
+
+    pub(super) fn on_flush_done(&mut self, io: &mut impl BlockIo, result: Result<(), IoFault>) {
+        let covers = self
+            .flush_in_flight
+            .take()
+            .expect("flush completion without a flush");
+        if let Err(fault) = result {
+            let error = self.error_io(0, fault);
+            self.fail(format!("flush failed: {error}"));
+            return;
+        }
+        self.stats.flushes += 1;
+        self.durable_sequence = covers;
+        while let Some(entry) = self.inflight.first_entry() {
+            if *entry.key() > covers {
+                break;
+            }
+            let batch = entry.remove();
+            for (tag, kind) in batch.waiters.into_iter().zip(batch.kinds) {
+                self.done.push(Done {
+                    tag,
+                    result: Ok(kind.reply()),
+                });
+            }
+        }
+        self.resolve_flush_waiters();
+        self.checkpoint_progress(io);
+        self.maybe_flush(io);
+    }
+
+    fn resolve_flush_waiters(&mut self) {
+        let durable = self.durable_sequence;
+        let mut index = 0;
+        while index < self.flush_waiters.len() {
+            if self.flush_waiters[index].0 <= durable {
+                let (_, tag) = self.flush_waiters.swap_remove(index);
+                self.done.push(Done {
+                    tag,
+                    result: Ok(Reply::Flushed),
+                });
+            } else {
+                index += 1;
+            }
+        }
+    }
+
+    /// Fails user writes in the backlog when no space can ever be found.
+    pub(super) fn fail_hopeless_backlog(&mut self) {
+        if self.user_backlog.is_empty()
+            || self.segments.free_count() > USER_RESERVE_SEGMENTS
+            || self.cleaner.is_busy()
+            || !self.checkpoint.is_idle()
+            || self.segments.dead_pending_count() > 0
+            || !self.relocation_backlog.is_empty()
+            || self
+                .segments
+                .pick_victim(
+                    self.geometry.segment_blocks(),
+                    self.log.sequence,
+                    self.durable_sequence,
+                )
+                .is_some()
+            || !self.inflight.is_empty()
+        {
+            return;
+        }
+        let error = StoreError::NoSpace {
+            disk: self.config.disk_name.clone(),
+            used_blocks: self.segments.live_blocks_total(),
+            capacity_blocks: self.capacity_blocks(),
+        };
+        for pending in self.user_backlog.drain(..) {
+            if let Some(tag) = pending.tag {
+                self.done.push(Done {
+                    tag,
+                    result: Err(error.clone()),
+                });
+            }
+        }
+    }
+}
+
+/// Applies one record to the index and the live counts. Shared by the live
+/// path (with `segments`) and replay.
+pub(super) fn apply_record(
+    index: &mut Index,
+    segments: &mut SegmentTable,
+    geometry: &Geometry,
+    record: &Record,
+    first_address: u32,
+    crcs: &[u32],
+) {
+    apply_to_index(index, geometry, record, first_address, crcs, |old, new| {
+        if old.is_data() {
+            segments.remove_live(
+                geometry
+                    .segment_of(old.address)
+                    .expect("data address in a segment"),
+            );
+        }
+        if new.is_data() {
+            segments.add_live(
+                geometry
+                    .segment_of(new.address)
+                    .expect("data address in a segment"),
+            );
+        }
+    });
+}
+
+/// Applies one record to the index, reporting each (old, new) entry change.
+pub(super) fn apply_to_index(
+    index: &mut Index,
+    geometry: &Geometry,
+    record: &Record,
+    first_address: u32,
+    crcs: &[u32],
+    mut changed: impl FnMut(Entry, Entry),
+) {
+    let _ = geometry;
+    match record.kind {
+        RecordKind::Write | RecordKind::Relocate => {
+            assert_eq!(crcs.len(), record.block_count as usize);
+            let volume = index.volume_mut(record.volume_id);
+            for (offset, crc) in crcs.iter().enumerate() {
+                let new = Entry {
+                    address: first_address + u32::try_from(offset).expect("bounded by 256"),
+                    crc: *crc,
+                };
+                let old = volume.set(record.lba + offset as u64, new);
+                changed(old, new);
+            }
+        }
+        RecordKind::Zero | RecordKind::Bad => {
+            let new = if record.kind == RecordKind::Bad {
+                Entry::BAD
+            } else {
+                Entry::UNMAPPED
+            };
+            let volume = index.volume_mut(record.volume_id);
+            let end = record.lba.saturating_add(u64::from(record.block_count));
+            let targets: Vec<u64> = if record.kind == RecordKind::Bad {
+                (record.lba..end).collect()
+            } else {
+                volume.range(record.lba, end).map(|(lba, _)| lba).collect()
+            };
+            for lba in targets {
+                let old = volume.set(lba, new);
+                changed(old, new);
+            }
+        }
+        RecordKind::DeleteVolume => {
+            if let Some(volume) = index.remove_volume(record.volume_id) {
+                for (_, old) in volume.iter() {
+                    changed(old, Entry::UNMAPPED);
+                }
+            }
+            return;
+        }
+    }
+    let volume = index.volume_mut(record.volume_id);
+    volume.epoch_max = volume.epoch_max.max(record.epoch);
+    volume.volume_sequence_max = volume.volume_sequence_max.max(record.volume_sequence);
+    index.prune(record.volume_id);
+}
+
+const _: () = assert!(REQUEST_BLOCKS_MAX <= BATCH_DATA_BLOCKS_MAX);

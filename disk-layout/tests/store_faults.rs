@@ -1,0 +1,302 @@
+//! The store under injected faults: device errors, bit rot, full disks,
+//! foreign disks. Each test names the behaviour it guards.
+
+// Tests run on 64-bit hosts only; offsets here are small.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use common::{format_params, test_config, Harness};
+use disk_layout::sim_disk::SimDisk;
+use disk_layout::{FormatError, Reply, Store, StoreConfig, StoreError};
+
+fn no_periodic_checkpoints(config: &mut StoreConfig) {
+    config.checkpoint_interval_blocks = u64::MAX;
+}
+
+#[test]
+fn segments_are_not_reused_while_either_checkpoint_slot_may_replay_through_them() {
+    // Each round overwrites the whole range, killing the previous round's
+    // segments. Reusing one that the older checkpoint slot would replay
+    // through breaks that slot's chain: with the newest slot corrupt, the
+    // crash then loses acknowledged writes.
+    let mut h = Harness::with_config(11, 24 << 20, 1 << 20, 256, vec![1], no_periodic_checkpoints);
+    for round in 0..40u64 {
+        for lba in (0..256).step_by(16) {
+            h.write(1, lba, 16);
+        }
+        h.settle();
+        if round % 7 == 6 {
+            h.store.request_checkpoint();
+        }
+    }
+    assert!(h.errors.is_empty(), "{:?}", h.errors);
+    let geometry = h.store.superblock().geometry;
+    let newest = h.store.newest_checkpoint_slot();
+    h.disk.flip_bit(
+        geometry.checkpoint_slot_offset_bytes(newest) as usize + 4096 + 9,
+        2,
+    );
+    h.crash_and_verify();
+    h.add_stats();
+    assert!(
+        h.total.checkpoints >= 2,
+        "space pressure must force checkpoints: {:?}",
+        h.total
+    );
+}
+
+#[test]
+fn a_failed_batch_write_fails_its_requests_and_loses_nothing_acknowledged() {
+    for seed in 0..20 {
+        let mut h = Harness::new(seed, 24 << 20, 1 << 20, 128, vec![1, 2]);
+        for i in 0..50 {
+            h.write(1 + i % 2, (i * 7) % 120, 1 + i % 8);
+            h.step();
+        }
+        h.settle();
+        let acked_before = h.acked_writes;
+        h.disk.faults.fail_writes_from = Some(0);
+        for i in 0..30 {
+            h.write(1 + i % 2, (i * 5) % 120, 1 + i % 4);
+            h.step();
+        }
+        h.settle();
+        assert!(
+            h.store.is_failed(),
+            "seed={seed}: store kept going after a write error"
+        );
+        assert!(
+            !h.errors.is_empty(),
+            "seed={seed}: no request saw the error"
+        );
+        assert_eq!(
+            h.pending_count(),
+            0,
+            "seed={seed}: requests left without an answer"
+        );
+        assert_eq!(
+            h.acked_writes, acked_before,
+            "seed={seed}: a write was acknowledged after the error"
+        );
+        // New requests are refused with a clear error.
+        h.write(1, 0, 1);
+        assert!(matches!(h.errors.last(), Some(StoreError::Failed { .. })));
+        h.disk.faults.fail_writes_from = None;
+        h.crash_and_verify();
+    }
+}
+
+#[test]
+fn a_failed_flush_acknowledges_nothing_and_reopen_recovers() {
+    let mut h = Harness::new(3, 24 << 20, 1 << 20, 64, vec![1]);
+    h.write(1, 0, 4);
+    h.settle();
+    assert_eq!(h.acked_writes, 1);
+    h.disk.faults.fail_flushes = true;
+    h.write(1, 4, 4);
+    h.settle();
+    assert_eq!(
+        h.acked_writes, 1,
+        "write acknowledged although its flush failed"
+    );
+    assert!(h.store.is_failed());
+    h.disk.faults.fail_flushes = false;
+    h.crash_and_verify();
+}
+
+#[test]
+fn a_read_error_fails_that_read_only() {
+    let mut h = Harness::new(4, 24 << 20, 1 << 20, 64, vec![1]);
+    h.write(1, 0, 8);
+    h.settle();
+    let geometry = h.store.superblock().geometry;
+    let first_data_block = geometry.segments_offset_bytes / 4096 + 1;
+    h.disk.faults.eio_read_blocks.insert(first_data_block);
+    h.read(1, 0, 8);
+    h.settle();
+    assert!(
+        matches!(h.errors.last(), Some(StoreError::Io { .. })),
+        "{:?}",
+        h.errors
+    );
+    assert!(!h.store.is_failed(), "a read error must not stop the store");
+    h.disk.faults.eio_read_blocks.clear();
+    h.read(1, 0, 8);
+    h.settle();
+    assert_eq!(h.errors.len(), 1);
+}
+
+#[test]
+fn bit_rot_in_data_is_reported_not_returned() {
+    let mut h = Harness::new(5, 24 << 20, 1 << 20, 64, vec![1]);
+    h.write(1, 0, 4);
+    h.settle();
+    let geometry = h.store.superblock().geometry;
+    // Second data block of the first batch: volume block 1.
+    let offset = geometry.segments_offset_bytes as usize + 2 * 4096 + 100;
+    h.disk.flip_bit(offset, 3);
+    h.read(1, 0, 4);
+    h.settle();
+    match h.errors.last() {
+        Some(StoreError::Checksum { lba, volume_id, .. }) => {
+            assert_eq!((*lba, *volume_id), (1, 1));
+        }
+        other => panic!("expected a checksum error, got {other:?}"),
+    }
+    assert_eq!(h.store.stats().checksum_errors, 1);
+    // Other blocks still read fine.
+    h.read(1, 2, 2);
+    h.settle();
+    assert_eq!(h.errors.len(), 1);
+}
+
+#[test]
+fn a_corrupt_newest_checkpoint_falls_back_to_the_older_slot() {
+    let mut h = Harness::new(6, 24 << 20, 1 << 20, 64, vec![1]);
+    for round in 0..3 {
+        h.write(1, round * 8, 8);
+        h.settle();
+        h.store.request_checkpoint();
+        h.settle();
+    }
+    h.write(1, 40, 8);
+    h.settle();
+    // Corrupt the payload of the newest checkpoint slot.
+    let geometry = h.store.superblock().geometry;
+    let newest_slot = h.store.newest_checkpoint_slot();
+    let payload = geometry.checkpoint_slot_offset_bytes(newest_slot) as usize + 4096 + 3;
+    h.disk.flip_bit(payload, 0);
+    h.crash_and_verify();
+}
+
+#[test]
+fn writes_beyond_capacity_get_no_space_and_the_store_keeps_serving() {
+    let mut h = Harness::new(7, 24 << 20, 1 << 20, 5000, vec![1, 2]);
+    let capacity = h.store.space().capacity_blocks;
+    let mut lba = 0;
+    while lba + 256 <= 5000 && h.errors.is_empty() {
+        h.write(1, lba, 256);
+        h.settle();
+        lba += 256;
+    }
+    let mut lba2 = 0;
+    while h.errors.is_empty() && lba2 + 256 <= 5000 {
+        h.write(2, lba2, 256);
+        h.settle();
+        lba2 += 256;
+    }
+    assert!(
+        matches!(h.errors.last(), Some(StoreError::NoSpace { .. })),
+        "{:?} capacity {capacity}",
+        h.errors
+    );
+    assert!(h.store.space().used_blocks <= capacity);
+    // Overwrites of existing data still work, and deleting frees space.
+    let before = h.errors.len();
+    h.write(1, 0, 16);
+    h.settle();
+    assert_eq!(h.errors.len(), before, "overwrite refused: {:?}", h.errors);
+    h.delete(1);
+    h.settle();
+    h.write(2, lba2, 64);
+    h.settle();
+    assert_eq!(
+        h.errors.len(),
+        before,
+        "space was not reclaimed: {:?}",
+        h.errors
+    );
+    h.crash_and_verify();
+}
+
+#[test]
+fn a_disk_of_another_node_is_refused() {
+    let mut disk = SimDisk::new(24 << 20, 1);
+    Store::format(&mut disk, &format_params(24 << 20, 1 << 20), "sim").unwrap();
+    let config = StoreConfig::new("sim", Some([9; 16]), 1);
+    assert!(matches!(
+        Store::open(&mut disk, config),
+        Err(StoreError::WrongNode { .. })
+    ));
+}
+
+#[test]
+fn an_unformatted_disk_is_refused_with_a_format_error() {
+    let mut disk = SimDisk::new(24 << 20, 1);
+    match Store::open(&mut disk, test_config("sim", 1)) {
+        Err(StoreError::Format {
+            source: FormatError::BadMagic,
+            ..
+        }) => {}
+        other => panic!("expected BadMagic, got {:?}", other.err()),
+    }
+}
+
+#[test]
+fn a_destroyed_superblock_copy_is_survived() {
+    let mut h = Harness::new(8, 24 << 20, 1 << 20, 64, vec![1]);
+    h.write(1, 0, 8);
+    h.settle();
+    h.disk.flip_bit(20, 1); // superblock copy A
+    h.crash_and_verify();
+}
+
+#[test]
+fn reads_of_unwritten_blocks_return_zeroes_and_block_status_reports_holes() {
+    let mut h = Harness::new(9, 24 << 20, 1 << 20, 4096, vec![1]);
+    h.write(1, 10, 2);
+    h.settle();
+    let runs = h.store.block_status(1, 0, 100);
+    assert_eq!(runs, vec![(0, 10, false), (10, 2, true), (12, 88, false)]);
+    let tag = 999_999;
+    h.store.read(&mut h.disk, tag, 1, 3000, 16);
+    let mut done = Vec::new();
+    h.store.drain_done(&mut done);
+    match &done[..] {
+        [d] if d.tag == tag => match &d.result {
+            Ok(Reply::Read(buf)) => assert!(buf.as_slice().iter().all(|&b| b == 0)),
+            other => panic!("{other:?}"),
+        },
+        other => panic!("unwritten read must finish at once: {other:?}"),
+    }
+}
+
+#[test]
+fn thin_provisioning_counts_only_written_blocks_and_zeroing_frees_them() {
+    let mut h = Harness::new(10, 24 << 20, 1 << 20, 4096, vec![1]);
+    h.write(1, 100, 8);
+    h.write(1, 2000, 8);
+    h.settle();
+    assert_eq!(h.store.volume_used_blocks(1), 16);
+    assert_eq!(h.store.space().used_blocks, 16);
+    h.zero(1, 100, 8);
+    h.settle();
+    assert_eq!(h.store.volume_used_blocks(1), 8);
+    assert_eq!(h.store.space().used_blocks, 8);
+    h.crash_and_verify();
+    assert_eq!(
+        h.store.volume_used_blocks(1),
+        8,
+        "space accounting survives reopen"
+    );
+}
+
+#[test]
+fn invalid_requests_are_refused_with_a_reason() {
+    let mut h = Harness::new(12, 24 << 20, 1 << 20, 64, vec![1]);
+    h.store.write(1, 1, 0, &[0u8; 100], 0, 0);
+    h.store.write(2, 1, 0, &vec![0u8; 4096 * 257], 0, 0);
+    h.store.write(3, 1, u64::MAX - 1, &[0u8; 4096], 0, 0);
+    h.store.read(&mut h.disk, 4, 1, 0, 0);
+    let mut done = Vec::new();
+    h.store.drain_done(&mut done);
+    assert_eq!(done.len(), 4);
+    for d in done {
+        assert!(
+            matches!(d.result, Err(StoreError::InvalidRequest { .. })),
+            "{:?}",
+            d.result
+        );
+    }
+}

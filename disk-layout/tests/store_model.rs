@@ -1,0 +1,112 @@
+//! Model-based tests of the store over a simulated disk: random operations,
+//! random completion order, crashes at random points (with torn writes), and
+//! a model that knows which contents each block may hold.
+
+// Tests run on 64-bit hosts only; offsets here are small.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use common::Harness;
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Write { volume: u64, lba: u64, count: u64 },
+    Zero { volume: u64, lba: u64, count: u64 },
+    Delete { volume: u64 },
+    Read { volume: u64, lba: u64, count: u64 },
+    Flush,
+    Step,
+    Settle,
+    Checkpoint,
+    Crash,
+}
+
+const LBA_RANGE: u64 = 192;
+const VOLUMES: [u64; 3] = [1, 2, 7];
+
+fn arb_op() -> impl Strategy<Value = Op> {
+    let volume = prop::sample::select(VOLUMES.to_vec());
+    let range = (0..LBA_RANGE).prop_flat_map(|lba| (Just(lba), 1..=(LBA_RANGE - lba).min(16)));
+    prop_oneof![
+        30 => (volume.clone(), range.clone()).prop_map(|(volume, (lba, count))| Op::Write { volume, lba, count }),
+        4 => (volume.clone(), range.clone()).prop_map(|(volume, (lba, count))| Op::Zero { volume, lba, count }),
+        1 => volume.clone().prop_map(|volume| Op::Delete { volume }),
+        8 => (volume, range).prop_map(|(volume, (lba, count))| Op::Read { volume, lba, count }),
+        3 => Just(Op::Flush),
+        20 => Just(Op::Step),
+        3 => Just(Op::Settle),
+        2 => Just(Op::Checkpoint),
+        2 => Just(Op::Crash),
+    ]
+}
+
+fn run(seed: u64, ops: &[Op]) -> Harness {
+    // 24 MiB disk, 1 MiB segments: small enough that the cleaner runs.
+    let mut h = Harness::new(seed, 24 << 20, 1 << 20, LBA_RANGE, VOLUMES.to_vec());
+    for op in ops {
+        match *op {
+            Op::Write { volume, lba, count } => h.write(volume, lba, count),
+            Op::Zero { volume, lba, count } => h.zero(volume, lba, count),
+            Op::Delete { volume } => h.delete(volume),
+            Op::Read { volume, lba, count } => h.read(volume, lba, count),
+            Op::Flush => h.flush(),
+            Op::Step => h.step(),
+            Op::Settle => h.settle(),
+            Op::Checkpoint => h.store.request_checkpoint(),
+            Op::Crash => h.crash_and_verify(),
+        }
+    }
+    h.crash_and_verify();
+    h
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn acknowledged_writes_survive_any_crash_point(seed in any::<u64>(), ops in proptest::collection::vec(arb_op(), 1..400)) {
+        let h = run(seed, &ops);
+        prop_assert!(h.errors.is_empty(), "seed={seed}: unexpected errors {:?}", h.errors);
+    }
+}
+
+#[test]
+fn a_long_random_workload_with_cleaning_and_crashes_loses_nothing() {
+    for seed in 0..6u64 {
+        let mut h = Harness::new(seed, 24 << 20, 1 << 20, LBA_RANGE * 4, VOLUMES.to_vec());
+        let mut rng = disk_layout::sim_disk::SimRng::new(seed);
+        for step in 0..6000u64 {
+            let volume = VOLUMES[rng.index(VOLUMES.len())];
+            let lba = rng.below(LBA_RANGE * 4 - 8);
+            match rng.below(100) {
+                0..=59 => h.write(volume, lba, 1 + rng.below(8)),
+                60..=64 => h.zero(volume, lba, 1 + rng.below(8)),
+                65..=74 => h.read(volume, lba, 1 + rng.below(8)),
+                75..=97 => h.step(),
+                _ => h.settle(),
+            }
+            if step % 1500 == 1499 {
+                h.crash_and_verify();
+            }
+        }
+        h.settle();
+        h.add_stats();
+        let stats = h.total;
+        assert!(
+            stats.segments_cleaned > 0,
+            "seed={seed}: the cleaner never ran: {stats:?}"
+        );
+        assert!(
+            stats.checkpoints > 0,
+            "seed={seed}: no checkpoint was written: {stats:?}"
+        );
+        assert!(
+            h.errors.is_empty(),
+            "seed={seed}: unexpected errors {:?}",
+            h.errors
+        );
+        h.crash_and_verify();
+    }
+}
