@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs everything the build and the test suite need on a fresh
+# Debian/Ubuntu machine (CI runs as root). Safe to run repeatedly.
+set -euo pipefail
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+PACKAGES=(
+  build-essential musl-tools pkg-config file
+  fio qemu-utils nbdkit libnbd-bin nbdfuse fuse3
+  e2fsprogs xfsprogs util-linux iproute2 iptables procps psmisc kmod
+)
+missing=()
+for package in "${PACKAGES[@]}"; do
+  dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "ci/install-deps: installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq || true
+  $SUDO apt-get install -y -qq "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "ci/install-deps: installing rustup"
+  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+# rust-toolchain.toml pins the version; this installs it with its components and the musl target.
+(cd "$(dirname "$0")/.." && rustup show active-toolchain >/dev/null && rustup target add x86_64-unknown-linux-musl >/dev/null)
+echo "ci/install-deps: done"

@@ -1,0 +1,284 @@
+//! The io_uring engine: one ring per reactor thread, files registered once,
+//! buffers held in a fixed-capacity slab while the kernel owns them, an
+//! eventfd read kept armed so other threads can wake a waiting reactor.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use io_uring::{opcode, types, IoUring};
+
+use crate::engine::{Completion, IoEngine, IoKind, Submission, Waker, ENGINE_REQUESTS_MAX};
+
+/// Submission queue entries; the completion queue is twice this, and the
+/// slab never holds more requests than the completion queue can report.
+const RING_ENTRIES: u32 = 512;
+const WAKE_USER_DATA: u64 = u64::MAX;
+const _: () = assert!(ENGINE_REQUESTS_MAX <= 2 * RING_ENTRIES as usize);
+
+struct Slot<B> {
+    user_data: u64,
+    buf: Option<B>,
+}
+
+/// Wakes the ring by writing its eventfd.
+struct EventFdWaker {
+    fd: OwnedFd,
+}
+
+impl Waker for EventFdWaker {
+    fn wake(&self) {
+        let one = 1u64.to_ne_bytes();
+        // A failed wake (EAGAIN: counter saturated) still leaves it readable.
+        let _ = nix::unistd::write(&self.fd, &one);
+    }
+}
+
+/// An io_uring instance with registered files.
+pub struct UringEngine<B> {
+    ring: IoUring,
+    /// Fixed capacity, never reallocated: a buffer's address is stable while
+    /// the kernel holds it.
+    slab: Vec<Option<Slot<B>>>,
+    free_slots: Vec<usize>,
+    ready: Vec<Completion<B>>,
+    waker: Arc<EventFdWaker>,
+    /// The eventfd read's target; boxed so its address is stable.
+    wake_buf: Box<[u8; 8]>,
+    wake_armed: bool,
+    _files: Vec<File>,
+}
+
+impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
+    /// Creates a ring over `files`. On failure the files are handed back so
+    /// the caller can fall back to another engine.
+    pub fn new(fds: Vec<RawFd>, files: Vec<File>) -> Result<Self, (std::io::Error, Vec<File>)> {
+        let ring = match IoUring::builder()
+            .setup_cqsize(2 * RING_ENTRIES)
+            .build(RING_ENTRIES)
+        {
+            Ok(ring) => ring,
+            Err(error) => return Err((error, files)),
+        };
+        if !fds.is_empty() {
+            if let Err(error) = ring.submitter().register_files(&fds) {
+                return Err((error, files));
+            }
+        }
+        let event = match nix::sys::eventfd::EventFd::from_value_and_flags(
+            0,
+            nix::sys::eventfd::EfdFlags::EFD_CLOEXEC | nix::sys::eventfd::EfdFlags::EFD_NONBLOCK,
+        ) {
+            Ok(event) => event,
+            Err(errno) => return Err((errno.into(), files)),
+        };
+        let fd = OwnedFd::from(event);
+        let mut slab = Vec::with_capacity(ENGINE_REQUESTS_MAX);
+        slab.resize_with(ENGINE_REQUESTS_MAX, || None);
+        Ok(Self {
+            ring,
+            slab,
+            free_slots: (0..ENGINE_REQUESTS_MAX).rev().collect(),
+            ready: Vec::new(),
+            waker: Arc::new(EventFdWaker { fd }),
+            wake_buf: Box::new([0u8; 8]),
+            wake_armed: false,
+            _files: files,
+        })
+    }
+
+    fn push_entry(&mut self, entry: io_uring::squeue::Entry) {
+        loop {
+            // SAFETY: every entry pushed points either at a slab buffer (kept
+            // alive and unmoved until its completion is reaped) or at
+            // `wake_buf` (boxed, alive as long as the ring, which waits for
+            // all in-flight requests on drop).
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            if pushed.is_ok() {
+                return;
+            }
+            // Submission queue full: hand what is queued to the kernel.
+            if let Err(error) = self.ring.submit() {
+                tracing::error!(%error, "io_uring submit failed while the queue was full");
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        if self.wake_armed {
+            return;
+        }
+        let entry = opcode::Read::new(
+            types::Fd(self.waker.fd.as_raw_fd()),
+            self.wake_buf.as_mut_ptr(),
+            8,
+        )
+        .build()
+        .user_data(WAKE_USER_DATA);
+        self.push_entry(entry);
+        self.wake_armed = true;
+    }
+
+    /// Moves kernel completions into `ready`, returning slab slots.
+    fn reap(&mut self) {
+        let mut reaped = Vec::new();
+        for cqe in self.ring.completion() {
+            reaped.push((cqe.user_data(), cqe.result()));
+        }
+        for (slot_index, result) in reaped {
+            if slot_index == WAKE_USER_DATA {
+                self.wake_armed = false;
+                continue;
+            }
+            let index = usize::try_from(slot_index).expect("slot index fits usize");
+            let slot = self.slab[index]
+                .take()
+                .expect("completion for an empty slot");
+            self.free_slots.push(index);
+            self.ready.push(Completion {
+                user_data: slot.user_data,
+                result,
+                buf: slot.buf,
+            });
+        }
+    }
+
+    fn wait_for_free_slot(&mut self) {
+        while self.free_slots.is_empty() {
+            if let Err(error) = self.ring.submit_and_wait(1) {
+                if error.raw_os_error() != Some(libc::EINTR) {
+                    tracing::error!(%error, "io_uring wait failed");
+                }
+            }
+            self.reap();
+        }
+    }
+}
+
+impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
+    fn push(&mut self, submission: Submission<B>) {
+        self.wait_for_free_slot();
+        let index = self.free_slots.pop().expect("waited for a free slot");
+        let Submission {
+            file,
+            user_data,
+            kind,
+        } = submission;
+        let (buf, op) = match kind {
+            IoKind::Read { offset_bytes, buf } => (Some(buf), Some((offset_bytes, false))),
+            IoKind::Write { offset_bytes, buf } => (Some(buf), Some((offset_bytes, true))),
+            IoKind::Fsync => (None, None),
+        };
+        self.slab[index] = Some(Slot { user_data, buf });
+        let slot = self.slab[index].as_mut().expect("just filled");
+        let fixed = types::Fixed(file);
+        let entry = match (op, slot.buf.as_mut()) {
+            (Some((offset, is_write)), Some(buf)) => {
+                let bytes = buf.as_mut();
+                let len = u32::try_from(bytes.len()).expect("I/O requests are far below 4 GiB");
+                if is_write {
+                    opcode::Write::new(fixed, bytes.as_ptr(), len)
+                        .offset(offset)
+                        .build()
+                } else {
+                    opcode::Read::new(fixed, bytes.as_mut_ptr(), len)
+                        .offset(offset)
+                        .build()
+                }
+            }
+            _ => opcode::Fsync::new(fixed)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+        };
+        self.push_entry(
+            entry
+                .flags(io_uring::squeue::Flags::empty())
+                .user_data(index as u64),
+        );
+    }
+
+    fn submit_and_wait(
+        &mut self,
+        min_complete: usize,
+        timeout: Option<Duration>,
+    ) -> std::io::Result<()> {
+        self.arm_wake();
+        self.reap();
+        let want = if self.ready.len() >= min_complete {
+            0
+        } else {
+            1
+        };
+        let result = match timeout {
+            None => self.ring.submit_and_wait(want),
+            Some(duration) => {
+                let timespec = types::Timespec::from(duration);
+                let args = types::SubmitArgs::new().timespec(&timespec);
+                self.ring.submitter().submit_with_args(want, &args)
+            }
+        };
+        match result {
+            Ok(_) => {}
+            Err(error)
+                if matches!(
+                    error.raw_os_error(),
+                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
+                ) => {}
+            Err(error) => return Err(error),
+        }
+        self.reap();
+        Ok(())
+    }
+
+    fn drain(&mut self, out: &mut Vec<Completion<B>>) {
+        self.reap();
+        out.append(&mut self.ready);
+    }
+
+    fn in_flight(&self) -> usize {
+        ENGINE_REQUESTS_MAX - self.free_slots.len() + self.ready.len()
+    }
+
+    fn waker(&self) -> Arc<dyn Waker> {
+        self.waker.clone()
+    }
+
+    fn kind(&self) -> &'static str {
+        "io_uring"
+    }
+}
+
+impl<B> Drop for UringEngine<B> {
+    fn drop(&mut self) {
+        // The kernel may still write into slab buffers or `wake_buf`: wait
+        // for every request before they are freed. The armed eventfd read is
+        // completed by waking it.
+        let _ = nix::unistd::write(&self.waker.fd, &1u64.to_ne_bytes());
+        for _ in 0..10_000 {
+            let busy = self.slab.iter().any(Option::is_some) || self.wake_armed;
+            if !busy {
+                // Release the files now: ring teardown after close is
+                // asynchronous and would keep an O_EXCL device busy briefly.
+                let _ = self.ring.submitter().unregister_files();
+                return;
+            }
+            let _ = self.ring.submit_and_wait(1);
+            let mut reaped = Vec::new();
+            for cqe in self.ring.completion() {
+                reaped.push(cqe.user_data());
+            }
+            for user_data in reaped {
+                if user_data == WAKE_USER_DATA {
+                    self.wake_armed = false;
+                } else if let Ok(index) = usize::try_from(user_data) {
+                    self.slab[index] = None;
+                }
+            }
+        }
+        // Still busy after 10 000 waits: leaking beats a use-after-free.
+        std::mem::forget(std::mem::take(&mut self.slab));
+        std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0u8; 8])));
+        tracing::error!("io_uring dropped with requests in flight; leaking their buffers");
+    }
+}

@@ -1,0 +1,70 @@
+//! Command-line interface. Each command prints one clear line on error,
+//! with a hint where one helps, and exits non-zero.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// ballast: replicated block volumes on the raw disks of ordinary servers.
+#[derive(Parser, Debug)]
+#[command(name = "ballast", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Log verbosity (error, warn, info, debug, trace); RUST_LOG overrides.
+    #[arg(long, global = true, default_value = "info", env = "BALLAST_LOG")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Find, enroll and inspect the disks ballast stores data on.
+    #[command(subcommand)]
+    Disk(crate::cli::disk::DiskCommand),
+    /// Self-test tools: drive the storage engine directly (used by the test suite).
+    #[command(subcommand, hide = true)]
+    Debug(crate::cli::debug::DebugCommand),
+}
+
+pub mod debug;
+pub mod disk;
+
+/// Runs the CLI.
+#[must_use]
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
+    let result = match cli.command {
+        Command::Disk(command) => disk::run(command),
+        Command::Debug(command) => debug::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.with_target(false).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

@@ -1,0 +1,225 @@
+//! One reactor thread: pinned to a core, owns an I/O engine (io_uring) and
+//! the stores of its disks, takes requests from a channel and answers them
+//! through callbacks. No locks on the data path: the stores are only ever
+//! touched by this thread.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, TryRecvError};
+use disk_layout::{Done, IoBuf, Store};
+use kernel_iface::IoEngine;
+
+use super::disk_io::{file_of, to_store_completion, DiskIo};
+use super::{Command, Control};
+
+/// Requests taken from the channel per loop turn (bounds latency of acks).
+const REQUESTS_PER_TURN_MAX: usize = 1024;
+/// Housekeeping (cleaner, checkpoints) runs at least this often when idle.
+const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// A clean shutdown waits at most this long for the final checkpoint.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(super) struct Reactor {
+    pub(super) engine: Box<dyn IoEngine<IoBuf>>,
+    pub(super) stores: Vec<Store>,
+    pub(super) receiver: Receiver<Control>,
+    pub(super) sleeping: Arc<AtomicBool>,
+    replies: HashMap<u64, super::ReplyFn>,
+    next_tag: u64,
+    done: Vec<Done>,
+    completions: Vec<kernel_iface::Completion<IoBuf>>,
+}
+
+impl Reactor {
+    pub(super) fn new(
+        engine: Box<dyn IoEngine<IoBuf>>,
+        stores: Vec<Store>,
+        receiver: Receiver<Control>,
+        sleeping: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            engine,
+            stores,
+            receiver,
+            sleeping,
+            replies: HashMap::new(),
+            next_tag: 0,
+            done: Vec::new(),
+            completions: Vec::new(),
+        }
+    }
+
+    /// Serves until told to shut down (or every sender is gone).
+    pub(super) fn run(mut self) {
+        let mut last_tick = Instant::now();
+        loop {
+            let (shutdown, took_any) = self.take_requests();
+            if shutdown {
+                self.shut_down();
+                return;
+            }
+            self.tick_all();
+            let idle = !took_any && self.engine.in_flight() == 0;
+            let timeout = if idle {
+                TICK_INTERVAL
+            } else {
+                Duration::from_millis(10)
+            };
+            self.wait(timeout);
+            self.complete();
+            if last_tick.elapsed() >= TICK_INTERVAL {
+                self.tick_all();
+                last_tick = Instant::now();
+            }
+        }
+    }
+
+    fn wait(&mut self, timeout: Duration) {
+        // Announce sleep, then re-check the channel, so a sender that saw
+        // us awake has its request seen here, and one that saw us asleep wakes us.
+        self.sleeping.store(true, Ordering::SeqCst);
+        if self.receiver.is_empty() {
+            if let Err(error) = self.engine.submit_and_wait(1, Some(timeout)) {
+                tracing::error!(%error, "I/O engine wait failed");
+            }
+        }
+        self.sleeping.store(false, Ordering::SeqCst);
+    }
+
+    /// Takes queued requests; returns (shutdown requested, took any).
+    fn take_requests(&mut self) -> (bool, bool) {
+        let mut took = false;
+        for _ in 0..REQUESTS_PER_TURN_MAX {
+            match self.receiver.try_recv() {
+                Ok(Control::Request {
+                    disk,
+                    command,
+                    reply,
+                }) => {
+                    took = true;
+                    self.dispatch(disk, command, reply);
+                }
+                Ok(Control::Query { disk, run }) => run(&self.stores[disk]),
+                Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return (true, took),
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        (false, took)
+    }
+
+    fn dispatch(&mut self, disk: usize, command: Command, reply: super::ReplyFn) {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        self.replies.insert(tag, reply);
+        let file = u32::try_from(disk).expect("few disks per reactor");
+        let store = &mut self.stores[disk];
+        match command {
+            Command::Write {
+                volume_id,
+                lba,
+                data,
+                epoch,
+                volume_sequence,
+            } => {
+                store.write(tag, volume_id, lba, &data, epoch, volume_sequence);
+            }
+            Command::Read {
+                volume_id,
+                lba,
+                block_count,
+            } => {
+                let mut io = DiskIo {
+                    engine: self.engine.as_mut(),
+                    file,
+                };
+                store.read(&mut io, tag, volume_id, lba, block_count);
+            }
+            Command::Zero {
+                volume_id,
+                lba,
+                block_count,
+                epoch,
+                volume_sequence,
+            } => {
+                store.zero(tag, volume_id, lba, block_count, epoch, volume_sequence);
+            }
+            Command::Flush => store.flush(tag),
+            Command::DeleteVolume { volume_id } => store.delete_volume(tag, volume_id),
+            Command::Checkpoint => {
+                store.request_checkpoint();
+                store.flush(tag);
+            }
+        }
+    }
+
+    fn tick_all(&mut self) {
+        for (disk, store) in self.stores.iter_mut().enumerate() {
+            let file = u32::try_from(disk).expect("few disks per reactor");
+            let mut io = DiskIo {
+                engine: self.engine.as_mut(),
+                file,
+            };
+            store.tick(&mut io);
+            store.drain_done(&mut self.done);
+        }
+        self.answer();
+    }
+
+    fn complete(&mut self) {
+        self.engine.drain(&mut self.completions);
+        for completion in std::mem::take(&mut self.completions) {
+            let file = file_of(completion.user_data);
+            let disk = file as usize;
+            let mut io = DiskIo {
+                engine: self.engine.as_mut(),
+                file,
+            };
+            self.stores[disk].on_completion(&mut io, to_store_completion(completion));
+            self.stores[disk].drain_done(&mut self.done);
+        }
+        self.answer();
+    }
+
+    fn answer(&mut self) {
+        for Done { tag, result } in self.done.drain(..) {
+            match self.replies.remove(&tag) {
+                Some(reply) => reply(result),
+                None => tracing::error!(tag, "store answered a request nobody waits for"),
+            }
+        }
+    }
+
+    /// Final checkpoint of every store, bounded in time.
+    fn shut_down(&mut self) {
+        for store in &mut self.stores {
+            store.request_checkpoint();
+        }
+        let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+        let target: Vec<u64> = self
+            .stores
+            .iter()
+            .map(|s| s.checkpoints_done() + 1)
+            .collect();
+        loop {
+            self.tick_all();
+            let finished = self.stores.iter().zip(&target).all(|(store, want)| {
+                store.is_failed() || (store.checkpoints_done() >= *want && store.is_quiescent())
+            });
+            if finished && self.engine.in_flight() == 0 {
+                tracing::info!("reactor stopped cleanly");
+                return;
+            }
+            if Instant::now() > deadline {
+                tracing::warn!(
+                    "reactor stopped before its final checkpoint finished; replay will cover it"
+                );
+                return;
+            }
+            self.wait(Duration::from_millis(10));
+            self.complete();
+        }
+    }
+}

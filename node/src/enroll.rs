@@ -1,0 +1,244 @@
+//! Enrolling a disk: check what is on it, refuse what would destroy data
+//! (unless forced), wipe old signatures, format, verify, record.
+
+use std::path::{Path, PathBuf};
+
+use disk_layout::geometry::Geometry;
+use disk_layout::store::{FormatParams, StoreConfig};
+use disk_layout::{IoBuf, Store};
+use kernel_iface::device::{self, PathReport};
+use kernel_iface::{EngineChoice, IoEngine};
+use thiserror::Error;
+
+use crate::datadir::{now_unix_seconds, DataDir, DataDirError, DiskRecord};
+use crate::engine::disk_io::DiskIo;
+use crate::size::format_size;
+
+/// Bytes zeroed at the start and end of a disk before formatting, so old
+/// partition tables and RAID/LVM labels (some live at the end) are gone.
+const WIPE_BYTES: u64 = 1 << 20;
+
+/// Why a disk was not enrolled.
+#[derive(Debug, Error)]
+pub enum EnrollError {
+    /// the device is in use and can never be enrolled while it is
+    #[error("refusing {path}: {reasons}; {hint}")]
+    InUse {
+        path: PathBuf,
+        reasons: String,
+        hint: &'static str,
+    },
+    /// the device holds data; --force would destroy it
+    #[error("refusing {path}: {reasons}; rerun with --force to destroy it")]
+    HoldsData { path: PathBuf, reasons: String },
+    /// the path is missing
+    #[error(
+        "{path} does not exist; to use a regular file as a disk, give --size (e.g. --size 10GiB)"
+    )]
+    Missing { path: PathBuf },
+    /// describing or opening the device failed
+    #[error(transparent)]
+    Device(#[from] device::DeviceError),
+    /// formatting failed
+    #[error("formatting {path} failed: {reason}")]
+    Format { path: PathBuf, reason: String },
+    /// the data directory could not be updated
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    /// creating the backing file failed
+    #[error("cannot create {path}: {source}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// How to enroll.
+#[derive(Clone, Debug)]
+pub struct EnrollOptions {
+    pub force: bool,
+    /// Create a regular file of this size when the path does not exist.
+    pub create_size_bytes: Option<u64>,
+    pub segment_size_bytes: u64,
+}
+
+/// What was found on a device and what enrolling it does.
+#[derive(Clone, Debug)]
+pub struct Findings {
+    pub summary: String,
+    /// Reasons that forbid enrollment even with --force (mounted, held).
+    pub in_use: Vec<String>,
+    /// Data that --force would destroy (signatures, partitions).
+    pub would_destroy: Vec<String>,
+    pub size_bytes: u64,
+}
+
+/// Inspects `path` without changing it.
+pub fn inspect(path: &Path) -> Result<Findings, EnrollError> {
+    let report = device::describe_path(path)?;
+    Ok(findings_of(&report))
+}
+
+fn findings_of(report: &PathReport) -> Findings {
+    let eligibility = report.eligibility();
+    let mut in_use = Vec::new();
+    let mut would_destroy = Vec::new();
+    for reason in eligibility.reasons {
+        let lower = reason.to_ascii_lowercase();
+        if lower.contains("mount")
+            || lower.contains("holder")
+            || lower.contains("swap")
+            || lower.contains("read-only")
+            || lower.contains("too small")
+            || lower.contains("probe")
+        {
+            in_use.push(reason);
+        } else {
+            would_destroy.push(reason);
+        }
+    }
+    Findings {
+        summary: report.summary(),
+        in_use,
+        would_destroy,
+        size_bytes: report.size_bytes(),
+    }
+}
+
+/// Enrolls one device into `data`: checks, wipes, formats, verifies, records.
+pub fn enroll(
+    data: &DataDir,
+    path: &Path,
+    options: &EnrollOptions,
+) -> Result<DiskRecord, EnrollError> {
+    if !path.exists() {
+        let Some(size) = options.create_size_bytes else {
+            return Err(EnrollError::Missing {
+                path: path.to_owned(),
+            });
+        };
+        create_file(path, size)?;
+        println!("created {} ({})", path.display(), format_size(size));
+    }
+    let findings = inspect(path)?;
+    println!("found {}: {}", path.display(), findings.summary);
+    if !findings.in_use.is_empty() {
+        return Err(EnrollError::InUse {
+            path: path.to_owned(),
+            reasons: findings.in_use.join("; "),
+            hint: "unmount it or stop what uses it, then retry",
+        });
+    }
+    if !findings.would_destroy.is_empty() {
+        if !options.force {
+            return Err(EnrollError::HoldsData {
+                path: path.to_owned(),
+                reasons: findings.would_destroy.join("; "),
+            });
+        }
+        println!(
+            "destroying on {}: {}",
+            path.display(),
+            findings.would_destroy.join("; ")
+        );
+    }
+    let geometry =
+        Geometry::compute(findings.size_bytes, options.segment_size_bytes).map_err(|error| {
+            EnrollError::Format {
+                path: path.to_owned(),
+                reason: error.to_string(),
+            }
+        })?;
+    let disk_uuid = uuid::Uuid::new_v4();
+    format_device(
+        path,
+        data,
+        disk_uuid,
+        findings.size_bytes,
+        options.segment_size_bytes,
+    )?;
+    let record = DiskRecord {
+        path: path.to_owned(),
+        disk_uuid,
+        size_bytes: findings.size_bytes,
+        segment_size_bytes: options.segment_size_bytes,
+        enrolled_unix_seconds: now_unix_seconds(),
+    };
+    data.add_disk(record.clone())?;
+    let capacity = geometry.data_blocks() * disk_layout::geometry::BLOCK_SIZE_BYTES * 9 / 10;
+    println!(
+        "enrolled {} as disk {disk_uuid}: {}, {} segments of {}, about {} for data",
+        path.display(),
+        format_size(findings.size_bytes),
+        geometry.segment_count,
+        format_size(options.segment_size_bytes),
+        format_size(capacity)
+    );
+    Ok(record)
+}
+
+fn create_file(path: &Path, size_bytes: u64) -> Result<(), EnrollError> {
+    let create = |source| EnrollError::Create {
+        path: path.to_owned(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(create)?;
+    file.set_len(size_bytes).map_err(create)?;
+    file.sync_all().map_err(create)
+}
+
+fn format_device(
+    path: &Path,
+    data: &DataDir,
+    disk_uuid: uuid::Uuid,
+    size_bytes: u64,
+    segment_size_bytes: u64,
+) -> Result<(), EnrollError> {
+    let format_error = |reason: String| EnrollError::Format {
+        path: path.to_owned(),
+        reason,
+    };
+    let opened = device::open_exclusive(path, true)?;
+    let mut engine: Box<dyn IoEngine<IoBuf>> =
+        kernel_iface::open_engine(vec![opened.file], EngineChoice::Auto)
+            .map_err(|e| format_error(e.to_string()))?;
+    let mut io = DiskIo {
+        engine: engine.as_mut(),
+        file: 0,
+    };
+    wipe(&mut io, size_bytes).map_err(|e| format_error(e.to_string()))?;
+    let params = FormatParams {
+        disk_size_bytes: size_bytes,
+        segment_size_bytes,
+        cluster_uuid: data
+            .node
+            .cluster_uuid
+            .map_or([0; 16], |uuid| *uuid.as_bytes()),
+        node_uuid: *data.node.node_uuid.as_bytes(),
+        disk_uuid: *disk_uuid.as_bytes(),
+        created_unix_seconds: now_unix_seconds(),
+    };
+    let name = path.display().to_string();
+    Store::format(&mut io, &params, &name).map_err(|e| format_error(e.to_string()))?;
+    // Prove the disk opens before recording it.
+    let config = StoreConfig::new(name, Some(params.node_uuid), 1);
+    Store::open(&mut io, config)
+        .map_err(|e| format_error(format!("does not open after format: {e}")))?;
+    Ok(())
+}
+
+/// Zeroes the first and last `WIPE_BYTES` of the device.
+fn wipe(io: &mut DiskIo<'_>, size_bytes: u64) -> Result<(), disk_layout::IoFault> {
+    use disk_layout::io::{run_one, IoOp};
+    let len = WIPE_BYTES.min(size_bytes / 2) / 4096 * 4096;
+    let tail = (size_bytes - len) / 4096 * 4096;
+    for offset_bytes in [0, tail] {
+        let buf = IoBuf::new(usize::try_from(len).expect("1 MiB"));
+        run_one(io, 1, IoOp::Write { offset_bytes, buf }).result?;
+    }
+    run_one(io, 1, IoOp::Flush).result
+}
