@@ -155,11 +155,7 @@ fn mapped_count(volume: &VolumeIndex) -> usize {
 
 /// Encodes the payload into `out` (at least `payload_len` bytes) and returns
 /// (bytes written, crc, volume count).
-pub fn encode_payload(
-    index: &Index,
-    segment_last_sequence: &[u64],
-    out: &mut [u8],
-) -> (usize, u32, u64) {
+pub fn encode_payload(index: &Index, segment_last_sequence: &[u64], out: &mut [u8]) -> (usize, u32, u64) {
     let mut at = 0;
     for sequence in segment_last_sequence {
         put_u64(out, at, *sequence);
@@ -197,18 +193,15 @@ pub fn decode_payload(
     address_ok: impl Fn(u32) -> bool,
 ) -> Result<DecodedPayload, FormatError> {
     let bad = |what: &'static str, value: u64| FormatError::BadField { what, value };
-    let len = usize::try_from(header.payload_bytes)
-        .map_err(|_| bad("checkpoint payload_bytes", header.payload_bytes))?;
+    let len =
+        usize::try_from(header.payload_bytes).map_err(|_| bad("checkpoint payload_bytes", header.payload_bytes))?;
     if payload.len() < len {
         return Err(bad("checkpoint payload_bytes", header.payload_bytes));
     }
     let payload = &payload[..len];
     let segments = header.segment_count as usize;
     if segments * 8 > payload.len() {
-        return Err(bad(
-            "checkpoint segment_count",
-            u64::from(header.segment_count),
-        ));
+        return Err(bad("checkpoint segment_count", u64::from(header.segment_count)));
     }
     let segment_last_sequence = (0..segments).map(|i| get_u64(payload, i * 8)).collect();
     let mut at = segments * 8;
@@ -228,8 +221,7 @@ pub fn decode_payload(
         volume.epoch_max = get_u64(payload, at + 16);
         volume.volume_sequence_max = get_u64(payload, at + 24);
         at += VOLUME_HEADER_BYTES;
-        let count_usize =
-            usize::try_from(count).map_err(|_| bad("checkpoint mapping_count", count))?;
+        let count_usize = usize::try_from(count).map_err(|_| bad("checkpoint mapping_count", count))?;
         if count_usize > (payload.len() - at) / MAPPING_BYTES {
             return Err(bad("checkpoint mapping_count", count));
         }
@@ -245,18 +237,14 @@ pub fn decode_payload(
                 return Err(bad("checkpoint mapping order", lba));
             }
             previous_lba = Some(lba);
-            if entry.address == ADDRESS_UNMAPPED || (entry.is_data() && !address_ok(entry.address))
-            {
+            if entry.address == ADDRESS_UNMAPPED || (entry.is_data() && !address_ok(entry.address)) {
                 return Err(bad("checkpoint mapping address", u64::from(entry.address)));
             }
             volume.set(lba, entry);
         }
     }
     if at != payload.len() {
-        return Err(bad(
-            "checkpoint payload trailing bytes",
-            (payload.len() - at) as u64,
-        ));
+        return Err(bad("checkpoint payload trailing bytes", (payload.len() - at) as u64));
     }
     Ok(DecodedPayload {
         index,
@@ -269,12 +257,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn header(
-        payload: &[u8],
-        payload_crc: u32,
-        volume_count: u64,
-        segment_count: u32,
-    ) -> CheckpointHeader {
+    fn header(payload: &[u8], payload_crc: u32, volume_count: u64, segment_count: u32) -> CheckpointHeader {
         CheckpointHeader {
             checkpoint_sequence: 3,
             log: LogPosition {

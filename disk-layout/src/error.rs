@@ -6,9 +6,7 @@ use thiserror::Error;
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum FormatError {
     /// segment size {segment_size_bytes} bytes is not a power of two between 1 MiB and 1 GiB
-    #[error(
-        "segment size {segment_size_bytes} bytes is not a power of two between 1 MiB and 1 GiB"
-    )]
+    #[error("segment size {segment_size_bytes} bytes is not a power of two between 1 MiB and 1 GiB")]
     BadSegmentSize { segment_size_bytes: u64 },
     /// the disk is too small for the minimum number of segments
     #[error(
@@ -19,9 +17,7 @@ pub enum FormatError {
         segment_size_bytes: u64,
     },
     /// the disk is larger than format version 1 can address
-    #[error(
-        "disk of {disk_size_bytes} bytes is larger than the 16 TiB format version 1 can address"
-    )]
+    #[error("disk of {disk_size_bytes} bytes is larger than the 16 TiB format version 1 can address")]
     DiskTooLarge { disk_size_bytes: u64 },
     /// no ballast superblock (wrong magic)
     #[error("no ballast superblock (magic does not match)")]

@@ -73,8 +73,7 @@ impl Geometry {
         let usable_bytes = disk_size_bytes.saturating_sub(SUPERBLOCK_AREA_BYTES);
         // Each segment costs its own bytes plus its share of both checkpoint slots.
         let per_segment = segment_size_bytes
-            + 2 * (CHECKPOINT_BYTES_PER_SEGMENT
-                + segment_size_bytes / BLOCK_SIZE_BYTES * CHECKPOINT_BYTES_PER_MAPPING);
+            + 2 * (CHECKPOINT_BYTES_PER_SEGMENT + segment_size_bytes / BLOCK_SIZE_BYTES * CHECKPOINT_BYTES_PER_MAPPING);
         let fixed = 2 * (Self::slot_fixed_bytes() + AREA_ALIGN_BYTES) + AREA_ALIGN_BYTES;
         let mut segment_count = usable_bytes.saturating_sub(fixed) / per_segment;
         loop {
@@ -84,8 +83,7 @@ impl Geometry {
                     segment_size_bytes,
                 });
             }
-            let geometry =
-                Self::with_segment_count(disk_size_bytes, segment_size_bytes, segment_count);
+            let geometry = Self::with_segment_count(disk_size_bytes, segment_size_bytes, segment_count);
             if geometry.end_bytes() <= disk_size_bytes {
                 return Ok(geometry);
             }
@@ -97,11 +95,7 @@ impl Geometry {
         BLOCK_SIZE_BYTES + VOLUMES_PER_DISK_MAX * CHECKPOINT_BYTES_PER_VOLUME
     }
 
-    fn with_segment_count(
-        disk_size_bytes: u64,
-        segment_size_bytes: u64,
-        segment_count: u64,
-    ) -> Self {
+    fn with_segment_count(disk_size_bytes: u64, segment_size_bytes: u64, segment_count: u64) -> Self {
         let segment_blocks = segment_size_bytes / BLOCK_SIZE_BYTES;
         let payload = segment_count * CHECKPOINT_BYTES_PER_SEGMENT
             + segment_count * segment_blocks * CHECKPOINT_BYTES_PER_MAPPING;
@@ -111,8 +105,7 @@ impl Geometry {
         Self {
             disk_size_bytes,
             segment_size_bytes,
-            segment_count: u32::try_from(segment_count)
-                .expect("segment count bounded by DISK_BLOCKS_MAX"),
+            segment_count: u32::try_from(segment_count).expect("segment count bounded by DISK_BLOCKS_MAX"),
             checkpoint_offset_bytes,
             checkpoint_slot_bytes,
             segments_offset_bytes,

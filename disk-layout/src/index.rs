@@ -227,28 +227,10 @@ mod tests {
     #[test]
     fn a_clone_is_a_frozen_snapshot() {
         let mut volume = VolumeIndex::default();
-        volume.set(
-            1,
-            Entry {
-                address: 10,
-                crc: 1,
-            },
-        );
+        volume.set(1, Entry { address: 10, crc: 1 });
         let frozen = volume.clone();
-        volume.set(
-            1,
-            Entry {
-                address: 11,
-                crc: 2,
-            },
-        );
-        volume.set(
-            2000,
-            Entry {
-                address: 12,
-                crc: 3,
-            },
-        );
+        volume.set(1, Entry { address: 11, crc: 2 });
+        volume.set(2000, Entry { address: 12, crc: 3 });
         assert_eq!(frozen.get(1).address, 10);
         assert_eq!(frozen.get(2000), Entry::UNMAPPED);
         assert_eq!(volume.get(1).address, 11);

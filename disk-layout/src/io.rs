@@ -21,6 +21,9 @@ pub enum IoOp {
     Read { offset_bytes: u64, buf: IoBuf },
     /// Write `buf` at `offset_bytes`.
     Write { offset_bytes: u64, buf: IoBuf },
+    /// Write `buf` at `offset_bytes` and make it durable before completing
+    /// (FUA / RWF_DSYNC). Says nothing of other writes.
+    WriteDurable { offset_bytes: u64, buf: IoBuf },
     /// Make completed writes durable (fdatasync / FLUSH CACHE).
     Flush,
 }

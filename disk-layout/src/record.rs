@@ -285,9 +285,9 @@ pub fn block_crc(block: &[u8]) -> u32 {
 /// A record's `data_crc` from the checksums of its blocks, in order.
 #[must_use]
 pub fn data_crc_of_block_crcs(block_crcs: impl IntoIterator<Item = u32>) -> u32 {
-    block_crcs.into_iter().fold(0, |crc, block| {
-        crc32c::crc32c_append(crc, &block.to_le_bytes())
-    })
+    block_crcs
+        .into_iter()
+        .fold(0, |crc, block| crc32c::crc32c_append(crc, &block.to_le_bytes()))
 }
 
 #[cfg(test)]
@@ -338,22 +338,13 @@ mod tests {
             proptest::collection::vec(arb_record(), 0..=RECORDS_PER_BATCH_MAX),
         )
             .prop_map(
-                |(
+                |(sequence, previous_header_crc, segment_index, next_segment_index, open_nonce, records)| BatchHeader {
                     sequence,
                     previous_header_crc,
                     segment_index,
                     next_segment_index,
                     open_nonce,
                     records,
-                )| {
-                    BatchHeader {
-                        sequence,
-                        previous_header_crc,
-                        segment_index,
-                        next_segment_index,
-                        open_nonce,
-                        records,
-                    }
                 },
             )
     }

@@ -69,6 +69,9 @@ pub struct SimFaults {
     pub fail_flushes: bool,
     /// Reads touching these 4 KiB blocks fail with EIO.
     pub eio_read_blocks: BTreeSet<u64>,
+    /// Once this many flushes have completed, further flushes stay queued
+    /// (a slow device cache flush) until the field is cleared.
+    pub hold_flushes_after: Option<u64>,
 }
 
 /// Counters of what the device did.
@@ -130,10 +133,23 @@ impl SimDisk {
         self.queue.len()
     }
 
-    /// Executes every queued request (in random order) and returns all completions.
+    /// Requests that can run now (held flushes excluded).
+    #[must_use]
+    pub fn runnable(&self) -> usize {
+        if self.flushes_held() {
+            self.queue
+                .iter()
+                .filter(|q| !matches!(q.request.op, IoOp::Flush))
+                .count()
+        } else {
+            self.queue.len()
+        }
+    }
+
+    /// Executes every queued request (in random order) and returns all
+    /// completions (held flushes stay queued).
     pub fn run_all(&mut self) -> Vec<IoCompletion> {
-        while !self.queue.is_empty() {
-            let pick = self.rng.index(self.queue.len());
+        while let Some(pick) = self.pick_runnable() {
             self.execute(pick);
         }
         std::mem::take(&mut self.ready)
@@ -141,14 +157,34 @@ impl SimDisk {
 
     /// Executes a random non-empty subset of the queued requests.
     pub fn run_some(&mut self) -> Vec<IoCompletion> {
-        if !self.queue.is_empty() {
-            let count = 1 + self.rng.index(self.queue.len());
-            for _ in 0..count {
-                let pick = self.rng.index(self.queue.len());
-                self.execute(pick);
+        let count = 1 + self.rng.index(self.queue.len().max(1));
+        for _ in 0..count {
+            match self.pick_runnable() {
+                Some(pick) => self.execute(pick),
+                None => break,
             }
         }
         std::mem::take(&mut self.ready)
+    }
+
+    fn flushes_held(&self) -> bool {
+        self.faults
+            .hold_flushes_after
+            .is_some_and(|after| self.stats.flushes >= after)
+    }
+
+    /// A random queued request that may run now.
+    fn pick_runnable(&mut self) -> Option<usize> {
+        if self.queue.is_empty() {
+            return None;
+        }
+        if !self.flushes_held() {
+            return Some(self.rng.index(self.queue.len()));
+        }
+        let runnable: Vec<usize> = (0..self.queue.len())
+            .filter(|&i| !matches!(self.queue[i].request.op, IoOp::Flush))
+            .collect();
+        (!runnable.is_empty()).then(|| runnable[self.rng.index(runnable.len())])
     }
 
     fn execute(&mut self, position: usize) {
@@ -157,11 +193,9 @@ impl SimDisk {
             writes_completed_at_submit,
         } = self.queue.swap_remove(position);
         let (result, buf) = match request.op {
-            IoOp::Read {
-                offset_bytes,
-                mut buf,
-            } => (self.do_read(offset_bytes, &mut buf), Some(buf)),
-            IoOp::Write { offset_bytes, buf } => (self.do_write(offset_bytes, &buf), Some(buf)),
+            IoOp::Read { offset_bytes, mut buf } => (self.do_read(offset_bytes, &mut buf), Some(buf)),
+            IoOp::Write { offset_bytes, buf } => (self.do_write(offset_bytes, &buf, false), Some(buf)),
+            IoOp::WriteDurable { offset_bytes, buf } => (self.do_write(offset_bytes, &buf, true), Some(buf)),
             IoOp::Flush => (self.do_flush(writes_completed_at_submit), None),
         };
         self.ready.push(IoCompletion {
@@ -173,9 +207,7 @@ impl SimDisk {
 
     fn range(&self, offset_bytes: u64, len: usize) -> Result<std::ops::Range<usize>, IoFault> {
         let start = usize::try_from(offset_bytes).map_err(|_| IoFault::Errno { errno: EIO })?;
-        let end = start
-            .checked_add(len)
-            .ok_or(IoFault::Errno { errno: EIO })?;
+        let end = start.checked_add(len).ok_or(IoFault::Errno { errno: EIO })?;
         if end > self.written.len() {
             return Err(IoFault::Errno { errno: EIO });
         }
@@ -201,25 +233,25 @@ impl SimDisk {
         Ok(())
     }
 
-    fn do_write(&mut self, offset_bytes: u64, buf: &IoBuf) -> Result<(), IoFault> {
+    fn do_write(&mut self, offset_bytes: u64, buf: &IoBuf, durable: bool) -> Result<(), IoFault> {
         let attempt = self.write_attempts;
         self.write_attempts += 1;
         let range = self.range(offset_bytes, buf.len())?;
-        if self
-            .faults
-            .fail_writes_from
-            .is_some_and(|from| attempt >= from)
-        {
+        if self.faults.fail_writes_from.is_some_and(|from| attempt >= from) {
             return Err(IoFault::Errno { errno: EIO });
         }
         self.stats.writes += 1;
         self.stats.write_bytes += buf.len() as u64;
         self.written[range.clone()].copy_from_slice(buf.as_slice());
-        self.unflushed.push(UnflushedWrite {
-            completion_number: self.writes_completed,
-            offset: range.start,
-            data: buf.as_slice().to_vec(),
-        });
+        if durable {
+            self.durable[range].copy_from_slice(buf.as_slice());
+        } else {
+            self.unflushed.push(UnflushedWrite {
+                completion_number: self.writes_completed,
+                offset: range.start,
+                data: buf.as_slice().to_vec(),
+            });
+        }
         self.writes_completed += 1;
         Ok(())
     }
@@ -233,8 +265,7 @@ impl SimDisk {
             .into_iter()
             .partition(|write| write.completion_number < writes_completed_at_submit);
         for write in now_durable {
-            self.durable[write.offset..write.offset + write.data.len()]
-                .copy_from_slice(&write.data);
+            self.durable[write.offset..write.offset + write.data.len()].copy_from_slice(&write.data);
         }
         self.unflushed = still;
         Ok(())
@@ -247,19 +278,15 @@ impl SimDisk {
     pub fn crash(&mut self, seed: u64) -> SimDisk {
         let mut rng = SimRng::new(seed);
         let mut image = self.durable.clone();
-        let in_flight = self
-            .queue
-            .iter()
-            .filter_map(|queued| match &queued.request.op {
-                IoOp::Write { offset_bytes, buf } => usize::try_from(*offset_bytes)
+        let in_flight = self.queue.iter().filter_map(|queued| match &queued.request.op {
+            IoOp::Write { offset_bytes, buf } | IoOp::WriteDurable { offset_bytes, buf } => {
+                usize::try_from(*offset_bytes)
                     .ok()
-                    .map(|offset| (offset, buf.as_slice())),
-                _ => None,
-            });
-        let unflushed = self
-            .unflushed
-            .iter()
-            .map(|write| (write.offset, write.data.as_slice()));
+                    .map(|offset| (offset, buf.as_slice()))
+            }
+            _ => None,
+        });
+        let unflushed = self.unflushed.iter().map(|write| (write.offset, write.data.as_slice()));
         for (offset, data) in unflushed.chain(in_flight) {
             if offset + data.len() > image.len() {
                 continue;
@@ -347,10 +374,7 @@ mod tests {
             write(&mut disk, 3, 4096, 0xBB);
             disk.run_all();
             let crashed = disk.crash(seed);
-            assert!(
-                crashed.peek(0, 4096).iter().all(|&b| b == 0xAA),
-                "flushed write lost"
-            );
+            assert!(crashed.peek(0, 4096).iter().all(|&b| b == 0xAA), "flushed write lost");
             lost_seen |= crashed.peek(4096, 4096).iter().all(|&b| b == 0);
         }
         assert!(lost_seen, "no seed lost the unflushed write");

@@ -75,29 +75,13 @@ impl Superblock {
         block[CLUSTER_UUID..CLUSTER_UUID + 16].copy_from_slice(&self.cluster_uuid);
         block[NODE_UUID..NODE_UUID + 16].copy_from_slice(&self.node_uuid);
         block[DISK_UUID..DISK_UUID + 16].copy_from_slice(&self.disk_uuid);
-        put_u32(
-            &mut block,
-            BLOCK_SIZE,
-            u32::try_from(BLOCK_SIZE_BYTES).expect("4096"),
-        );
+        put_u32(&mut block, BLOCK_SIZE, u32::try_from(BLOCK_SIZE_BYTES).expect("4096"));
         put_u32(&mut block, SEGMENT_COUNT, self.geometry.segment_count);
         put_u64(&mut block, SEGMENT_SIZE, self.geometry.segment_size_bytes);
         put_u64(&mut block, DISK_SIZE, self.geometry.disk_size_bytes);
-        put_u64(
-            &mut block,
-            CHECKPOINT_OFFSET,
-            self.geometry.checkpoint_offset_bytes,
-        );
-        put_u64(
-            &mut block,
-            CHECKPOINT_SLOT,
-            self.geometry.checkpoint_slot_bytes,
-        );
-        put_u64(
-            &mut block,
-            SEGMENTS_OFFSET,
-            self.geometry.segments_offset_bytes,
-        );
+        put_u64(&mut block, CHECKPOINT_OFFSET, self.geometry.checkpoint_offset_bytes);
+        put_u64(&mut block, CHECKPOINT_SLOT, self.geometry.checkpoint_slot_bytes);
+        put_u64(&mut block, SEGMENTS_OFFSET, self.geometry.segments_offset_bytes);
         put_u64(&mut block, CREATED, self.created_unix_seconds);
         let crc = crc32c_with_hole(&block, CRC);
         put_u32(&mut block, CRC, crc);
@@ -154,10 +138,7 @@ impl Superblock {
     }
 
     /// Picks the copy to trust from the two decoded copies.
-    pub fn choose(
-        a: Result<Self, FormatError>,
-        b: Result<Self, FormatError>,
-    ) -> Result<Self, FormatError> {
+    pub fn choose(a: Result<Self, FormatError>, b: Result<Self, FormatError>) -> Result<Self, FormatError> {
         match (a, b) {
             (Ok(a), Ok(b)) => Ok(if b.generation > a.generation { b } else { a }),
             (Ok(a), Err(_)) => Ok(a),
@@ -197,10 +178,7 @@ mod tests {
         put_u32(&mut block, CRC, crc);
         assert_eq!(
             Superblock::decode(&block),
-            Err(FormatError::UnsupportedVersion {
-                found: 2,
-                supported: 1
-            })
+            Err(FormatError::UnsupportedVersion { found: 2, supported: 1 })
         );
     }
 
@@ -220,9 +198,7 @@ mod tests {
                 .generation,
             1
         );
-        assert!(
-            Superblock::choose(Err(FormatError::BadMagic), Err(FormatError::BadMagic)).is_err()
-        );
+        assert!(Superblock::choose(Err(FormatError::BadMagic), Err(FormatError::BadMagic)).is_err());
     }
 
     proptest! {

@@ -15,10 +15,7 @@ pub enum AffinityError {
     BadList { input: String, reason: String },
     /// the kernel refused
     #[error("cannot pin thread to core {core}: {errno}")]
-    Pin {
-        core: usize,
-        errno: nix::errno::Errno,
-    },
+    Pin { core: usize, errno: nix::errno::Errno },
 }
 
 /// Parses "0-3,5,7-8" into sorted, distinct core numbers.
@@ -72,8 +69,7 @@ pub fn available_cores() -> Vec<usize> {
 /// Pins the calling thread to `core`.
 pub fn pin_current_thread(core: usize) -> Result<(), AffinityError> {
     let mut set = CpuSet::new();
-    set.set(core)
-        .map_err(|errno| AffinityError::Pin { core, errno })?;
+    set.set(core).map_err(|errno| AffinityError::Pin { core, errno })?;
     sched_setaffinity(Pid::from_raw(0), &set).map_err(|errno| AffinityError::Pin { core, errno })
 }
 

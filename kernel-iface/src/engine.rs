@@ -22,6 +22,12 @@ pub enum IoKind<B> {
         offset_bytes: u64,
         buf: B,
     },
+    /// A write that is durable when it completes (RWF_DSYNC: FUA on devices
+    /// with a volatile cache, write + flush where FUA is missing).
+    WriteDurable {
+        offset_bytes: u64,
+        buf: B,
+    },
     /// fdatasync: makes completed writes durable (also flushes the device cache).
     Fsync,
 }
@@ -68,11 +74,7 @@ pub trait IoEngine<B>: Send {
 
     /// Submits queued requests and waits until at least `min_complete`
     /// completions are ready, a waker fires, or `timeout` passes.
-    fn submit_and_wait(
-        &mut self,
-        min_complete: usize,
-        timeout: Option<Duration>,
-    ) -> std::io::Result<()>;
+    fn submit_and_wait(&mut self, min_complete: usize, timeout: Option<Duration>) -> std::io::Result<()>;
 
     /// Moves ready completions into `out`.
     fn drain(&mut self, out: &mut Vec<Completion<B>>);
@@ -114,10 +116,7 @@ pub fn open_engine<B: AsMut<[u8]> + Send + 'static>(
     choice: EngineChoice,
 ) -> Result<Box<dyn IoEngine<B>>, EngineError> {
     if choice == EngineChoice::Auto {
-        match crate::uring::UringEngine::new(
-            files.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
-            files,
-        ) {
+        match crate::uring::UringEngine::new(files.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(), files) {
             Ok(engine) => return Ok(Box::new(engine)),
             Err((error, returned)) => {
                 warn_once(&error);

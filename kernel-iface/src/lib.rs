@@ -9,6 +9,7 @@ pub mod affinity;
 pub mod device;
 pub mod engine;
 pub mod lockfile;
+pub mod loopdev;
 pub mod pool;
 pub mod uring;
 

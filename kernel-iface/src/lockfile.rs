@@ -17,10 +17,7 @@ pub enum LockError {
     Held { path: PathBuf, holder: String },
     /// the lock file could not be opened
     #[error("cannot open lock file {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Open { path: PathBuf, source: std::io::Error },
 }
 
 /// A held lock; released on drop (and by the kernel if the process dies).

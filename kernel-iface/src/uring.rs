@@ -54,10 +54,7 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
     /// Creates a ring over `files`. On failure the files are handed back so
     /// the caller can fall back to another engine.
     pub fn new(fds: Vec<RawFd>, files: Vec<File>) -> Result<Self, (std::io::Error, Vec<File>)> {
-        let ring = match IoUring::builder()
-            .setup_cqsize(2 * RING_ENTRIES)
-            .build(RING_ENTRIES)
-        {
+        let ring = match IoUring::builder().setup_cqsize(2 * RING_ENTRIES).build(RING_ENTRIES) {
             Ok(ring) => ring,
             Err(error) => return Err((error, files)),
         };
@@ -109,13 +106,9 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
         if self.wake_armed {
             return;
         }
-        let entry = opcode::Read::new(
-            types::Fd(self.waker.fd.as_raw_fd()),
-            self.wake_buf.as_mut_ptr(),
-            8,
-        )
-        .build()
-        .user_data(WAKE_USER_DATA);
+        let entry = opcode::Read::new(types::Fd(self.waker.fd.as_raw_fd()), self.wake_buf.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_USER_DATA);
         self.push_entry(entry);
         self.wake_armed = true;
     }
@@ -132,9 +125,7 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
                 continue;
             }
             let index = usize::try_from(slot_index).expect("slot index fits usize");
-            let slot = self.slab[index]
-                .take()
-                .expect("completion for an empty slot");
+            let slot = self.slab[index].take().expect("completion for an empty slot");
             self.free_slots.push(index);
             self.ready.push(Completion {
                 user_data: slot.user_data,
@@ -160,56 +151,39 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
     fn push(&mut self, submission: Submission<B>) {
         self.wait_for_free_slot();
         let index = self.free_slots.pop().expect("waited for a free slot");
-        let Submission {
-            file,
-            user_data,
-            kind,
-        } = submission;
+        let Submission { file, user_data, kind } = submission;
         let (buf, op) = match kind {
-            IoKind::Read { offset_bytes, buf } => (Some(buf), Some((offset_bytes, false))),
-            IoKind::Write { offset_bytes, buf } => (Some(buf), Some((offset_bytes, true))),
+            IoKind::Read { offset_bytes, buf } => (Some(buf), Some((offset_bytes, false, false))),
+            IoKind::Write { offset_bytes, buf } => (Some(buf), Some((offset_bytes, true, false))),
+            IoKind::WriteDurable { offset_bytes, buf } => (Some(buf), Some((offset_bytes, true, true))),
             IoKind::Fsync => (None, None),
         };
         self.slab[index] = Some(Slot { user_data, buf });
         let slot = self.slab[index].as_mut().expect("just filled");
         let fixed = types::Fixed(file);
         let entry = match (op, slot.buf.as_mut()) {
-            (Some((offset, is_write)), Some(buf)) => {
+            (Some((offset, is_write, durable)), Some(buf)) => {
                 let bytes = buf.as_mut();
                 let len = u32::try_from(bytes.len()).expect("I/O requests are far below 4 GiB");
                 if is_write {
+                    let flags = if durable { libc::RWF_DSYNC } else { 0 };
                     opcode::Write::new(fixed, bytes.as_ptr(), len)
                         .offset(offset)
+                        .rw_flags(flags)
                         .build()
                 } else {
-                    opcode::Read::new(fixed, bytes.as_mut_ptr(), len)
-                        .offset(offset)
-                        .build()
+                    opcode::Read::new(fixed, bytes.as_mut_ptr(), len).offset(offset).build()
                 }
             }
-            _ => opcode::Fsync::new(fixed)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            _ => opcode::Fsync::new(fixed).flags(types::FsyncFlags::DATASYNC).build(),
         };
-        self.push_entry(
-            entry
-                .flags(io_uring::squeue::Flags::empty())
-                .user_data(index as u64),
-        );
+        self.push_entry(entry.flags(io_uring::squeue::Flags::empty()).user_data(index as u64));
     }
 
-    fn submit_and_wait(
-        &mut self,
-        min_complete: usize,
-        timeout: Option<Duration>,
-    ) -> std::io::Result<()> {
+    fn submit_and_wait(&mut self, min_complete: usize, timeout: Option<Duration>) -> std::io::Result<()> {
         self.arm_wake();
         self.reap();
-        let want = if self.ready.len() >= min_complete {
-            0
-        } else {
-            1
-        };
+        let want = if self.ready.len() >= min_complete { 0 } else { 1 };
         let result = match timeout {
             None => self.ring.submit_and_wait(want),
             Some(duration) => {
@@ -220,11 +194,7 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
         };
         match result {
             Ok(_) => {}
-            Err(error)
-                if matches!(
-                    error.raw_os_error(),
-                    Some(libc::ETIME | libc::EINTR | libc::EBUSY)
-                ) => {}
+            Err(error) if matches!(error.raw_os_error(), Some(libc::ETIME | libc::EINTR | libc::EBUSY)) => {}
             Err(error) => return Err(error),
         }
         self.reap();

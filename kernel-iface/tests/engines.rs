@@ -20,11 +20,7 @@ impl Aligned {
     fn new(len: usize, fill: u8) -> Self {
         let mut storage = vec![fill; len + 4096];
         let start = storage.as_mut_ptr().align_offset(4096);
-        Self {
-            storage,
-            start,
-            len,
-        }
+        Self { storage, start, len }
     }
 }
 
@@ -55,9 +51,7 @@ fn wait_all(engine: &mut dyn IoEngine<Aligned>, count: usize) -> Vec<Completion<
     let mut out = Vec::new();
     while out.len() < count {
         assert!(Instant::now() < deadline, "completions did not arrive");
-        engine
-            .submit_and_wait(1, Some(Duration::from_millis(100)))
-            .unwrap();
+        engine.submit_and_wait(1, Some(Duration::from_millis(100))).unwrap();
         engine.drain(&mut out);
     }
     out
@@ -147,11 +141,7 @@ fn errors_are_errno(choice: EngineChoice) {
     done.sort_by_key(|c| c.user_data);
     assert_eq!(done[0].status(4096), Err(libc::EINVAL));
     assert!(done[1].status(0).is_err(), "bad file index must fail");
-    assert_eq!(
-        done[2].status(4096),
-        Err(libc::EIO),
-        "short read must be an error"
-    );
+    assert_eq!(done[2].status(4096), Err(libc::EIO), "short read must be an error");
 }
 
 #[test]
@@ -173,9 +163,7 @@ fn waker_interrupts_wait(choice: EngineChoice) {
         waker.wake();
     });
     // Without the wake this would wait the full 20 s.
-    engine
-        .submit_and_wait(1, Some(Duration::from_secs(20)))
-        .unwrap();
+    engine.submit_and_wait(1, Some(Duration::from_secs(20))).unwrap();
     thread.join().unwrap();
     assert!(
         started.elapsed() < Duration::from_secs(15),
@@ -225,9 +213,7 @@ fn thread_pool_accepts_more_requests_than_it_holds_at_once() {
 fn auto_choice_uses_io_uring_on_this_kernel() {
     let (_dir, engine) = engine(EngineChoice::Auto, 1 << 20);
     if engine.kind() != "io_uring" {
-        println!(
-            "SKIP: io_uring unavailable here; the fallback is covered by the thread_pool tests"
-        );
+        println!("SKIP: io_uring unavailable here; the fallback is covered by the thread_pool tests");
         return;
     }
     assert_eq!(engine.kind(), "io_uring");

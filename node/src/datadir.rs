@@ -25,10 +25,7 @@ const LOCK_FILE: &str = ".lock";
 pub enum DataDirError {
     /// I/O on a file of the directory failed
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     /// a file does not parse
     #[error("{path} is not valid: {reason}")]
     Parse { path: PathBuf, reason: String },
@@ -82,13 +79,10 @@ impl DataDir {
         };
         if !path.join(NODE_FILE).exists() {
             if !create {
-                return Err(DataDirError::Missing {
-                    path: path.to_owned(),
-                });
+                return Err(DataDirError::Missing { path: path.to_owned() });
             }
             fs::create_dir_all(path).map_err(io)?;
-            fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                .map_err(io)?;
+            fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o700)).map_err(io)?;
         }
         let lock = LockFile::acquire(&path.join(LOCK_FILE))?;
         let node_path = path.join(NODE_FILE);
@@ -128,9 +122,7 @@ impl DataDir {
     /// Records a newly enrolled disk (replacing a record of the same path).
     pub fn add_disk(&self, record: DiskRecord) -> Result<(), DataDirError> {
         let path = self.path.join(DISKS_FILE);
-        let mut file = DisksFile {
-            disks: self.disks()?,
-        };
+        let mut file = DisksFile { disks: self.disks()? };
         file.disks
             .retain(|disk| disk.path != record.path && disk.disk_uuid != record.disk_uuid);
         file.disks.push(record);
@@ -174,9 +166,7 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<(), DataDirError> {
     file.sync_all().map_err(io)?;
     fs::rename(&temporary, path).map_err(io)?;
     if let Some(parent) = path.parent() {
-        File::open(parent)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io)?;
+        File::open(parent).and_then(|dir| dir.sync_all()).map_err(io)?;
     }
     Ok(())
 }
@@ -205,9 +195,7 @@ mod tests {
     #[test]
     fn opening_a_missing_directory_without_create_says_how_to_make_one() {
         let dir = tempfile::tempdir().unwrap();
-        let error = DataDir::open(&dir.path().join("nope"), false)
-            .err()
-            .unwrap();
+        let error = DataDir::open(&dir.path().join("nope"), false).err().unwrap();
         assert!(error.to_string().contains("ballast disk enroll"), "{error}");
     }
 
@@ -215,10 +203,7 @@ mod tests {
     fn two_processes_cannot_use_one_directory() {
         let dir = tempfile::tempdir().unwrap();
         let _held = DataDir::open(dir.path(), true).unwrap();
-        assert!(matches!(
-            DataDir::open(dir.path(), true),
-            Err(DataDirError::Locked(_))
-        ));
+        assert!(matches!(DataDir::open(dir.path(), true), Err(DataDirError::Locked(_))));
     }
 
     #[test]

@@ -32,9 +32,7 @@ pub enum EnrollError {
     #[error("refusing {path}: {reasons}; rerun with --force to destroy it")]
     HoldsData { path: PathBuf, reasons: String },
     /// the path is missing
-    #[error(
-        "{path} does not exist; to use a regular file as a disk, give --size (e.g. --size 10GiB)"
-    )]
+    #[error("{path} does not exist; to use a regular file as a disk, give --size (e.g. --size 10GiB)")]
     Missing { path: PathBuf },
     /// describing or opening the device failed
     #[error(transparent)]
@@ -47,10 +45,7 @@ pub enum EnrollError {
     DataDir(#[from] DataDirError),
     /// creating the backing file failed
     #[error("cannot create {path}: {source}")]
-    Create {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Create { path: PathBuf, source: std::io::Error },
 }
 
 /// How to enroll.
@@ -106,16 +101,10 @@ fn findings_of(report: &PathReport) -> Findings {
 }
 
 /// Enrolls one device into `data`: checks, wipes, formats, verifies, records.
-pub fn enroll(
-    data: &DataDir,
-    path: &Path,
-    options: &EnrollOptions,
-) -> Result<DiskRecord, EnrollError> {
+pub fn enroll(data: &DataDir, path: &Path, options: &EnrollOptions) -> Result<DiskRecord, EnrollError> {
     if !path.exists() {
         let Some(size) = options.create_size_bytes else {
-            return Err(EnrollError::Missing {
-                path: path.to_owned(),
-            });
+            return Err(EnrollError::Missing { path: path.to_owned() });
         };
         create_file(path, size)?;
         println!("created {} ({})", path.display(), format_size(size));
@@ -143,20 +132,12 @@ pub fn enroll(
         );
     }
     let geometry =
-        Geometry::compute(findings.size_bytes, options.segment_size_bytes).map_err(|error| {
-            EnrollError::Format {
-                path: path.to_owned(),
-                reason: error.to_string(),
-            }
+        Geometry::compute(findings.size_bytes, options.segment_size_bytes).map_err(|error| EnrollError::Format {
+            path: path.to_owned(),
+            reason: error.to_string(),
         })?;
     let disk_uuid = uuid::Uuid::new_v4();
-    format_device(
-        path,
-        data,
-        disk_uuid,
-        findings.size_bytes,
-        options.segment_size_bytes,
-    )?;
+    format_device(path, data, disk_uuid, findings.size_bytes, options.segment_size_bytes)?;
     let record = DiskRecord {
         path: path.to_owned(),
         disk_uuid,
@@ -204,8 +185,7 @@ fn format_device(
     };
     let opened = device::open_exclusive(path, true)?;
     let mut engine: Box<dyn IoEngine<IoBuf>> =
-        kernel_iface::open_engine(vec![opened.file], EngineChoice::Auto)
-            .map_err(|e| format_error(e.to_string()))?;
+        kernel_iface::open_engine(vec![opened.file], EngineChoice::Auto).map_err(|e| format_error(e.to_string()))?;
     let mut io = DiskIo {
         engine: engine.as_mut(),
         file: 0,
@@ -214,10 +194,7 @@ fn format_device(
     let params = FormatParams {
         disk_size_bytes: size_bytes,
         segment_size_bytes,
-        cluster_uuid: data
-            .node
-            .cluster_uuid
-            .map_or([0; 16], |uuid| *uuid.as_bytes()),
+        cluster_uuid: data.node.cluster_uuid.map_or([0; 16], |uuid| *uuid.as_bytes()),
         node_uuid: *data.node.node_uuid.as_bytes(),
         disk_uuid: *disk_uuid.as_bytes(),
         created_unix_seconds: now_unix_seconds(),
@@ -226,8 +203,7 @@ fn format_device(
     Store::format(&mut io, &params, &name).map_err(|e| format_error(e.to_string()))?;
     // Prove the disk opens before recording it.
     let config = StoreConfig::new(name, Some(params.node_uuid), 1);
-    Store::open(&mut io, config)
-        .map_err(|e| format_error(format!("does not open after format: {e}")))?;
+    Store::open(&mut io, config).map_err(|e| format_error(format!("does not open after format: {e}")))?;
     Ok(())
 }
 

@@ -41,11 +41,7 @@ pub fn decode(block: &[u8], volume: u64, lba: u64) -> Decoded {
         return Decoded::Zero;
     }
     let field = |at: usize| u64::from_le_bytes(block[at..at + 8].try_into().expect("8 bytes"));
-    if block.len() != PATTERN_BLOCK_BYTES
-        || field(0) != MAGIC
-        || field(8) != volume
-        || field(16) != lba
-    {
+    if block.len() != PATTERN_BLOCK_BYTES || field(0) != MAGIC || field(8) != volume || field(16) != lba {
         return Decoded::Garbage;
     }
     let generation = field(24);
@@ -66,19 +62,9 @@ mod tests {
     fn a_filled_block_decodes_to_its_generation() {
         let mut block = vec![0u8; PATTERN_BLOCK_BYTES];
         fill(&mut block, 3, 99, 12345);
-        assert_eq!(
-            decode(&block, 3, 99),
-            Decoded::Written { generation: 12345 }
-        );
-        assert_eq!(
-            decode(&block, 3, 98),
-            Decoded::Garbage,
-            "block of another LBA"
-        );
-        assert_eq!(
-            decode(&vec![0u8; PATTERN_BLOCK_BYTES], 3, 99),
-            Decoded::Zero
-        );
+        assert_eq!(decode(&block, 3, 99), Decoded::Written { generation: 12345 });
+        assert_eq!(decode(&block, 3, 98), Decoded::Garbage, "block of another LBA");
+        assert_eq!(decode(&vec![0u8; PATTERN_BLOCK_BYTES], 3, 99), Decoded::Zero);
     }
 
     #[test]

@@ -7,7 +7,9 @@ use thiserror::Error;
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum SizeError {
     /// empty or malformed
-    #[error("invalid size {input:?}: expected a number with an optional unit (K, M, G, T, KiB, MiB, GiB, TiB), e.g. 10GiB")]
+    #[error(
+        "invalid size {input:?}: expected a number with an optional unit (K, M, G, T, KiB, MiB, GiB, TiB), e.g. 10GiB"
+    )]
     Malformed { input: String },
     /// too large
     #[error("size {input:?} is too large")]
@@ -43,10 +45,7 @@ pub fn parse_size(input: &str) -> Result<u64, SizeError> {
     let bytes: u128 = match number.split_once('.') {
         None => number.parse::<u128>().map_err(|_| malformed())? * multiplier,
         Some((whole, fraction)) => {
-            if fraction.is_empty()
-                || fraction.len() > 9
-                || !fraction.bytes().all(|b| b.is_ascii_digit())
-            {
+            if fraction.is_empty() || fraction.len() > 9 || !fraction.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(malformed());
             }
             let whole: u128 = if whole.is_empty() {
@@ -103,10 +102,7 @@ mod tests {
             let error = parse_size(bad).unwrap_err();
             assert!(error.to_string().contains("10GiB"), "{bad}: {error}");
         }
-        assert!(matches!(
-            parse_size("99999999999T"),
-            Err(SizeError::TooLarge { .. })
-        ));
+        assert!(matches!(parse_size("99999999999T"), Err(SizeError::TooLarge { .. })));
     }
 
     #[test]

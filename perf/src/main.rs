@@ -1,1 +1,244 @@
-fn main() {}
+//! `ballast-perf`: benchmarks that report ratios against baselines measured
+//! in the same run, on the same device (A/B alternation, median of repeats).
+
+#![forbid(unsafe_code)]
+
+mod engine_bench;
+mod fio;
+mod stats;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use kernel_iface::loopdev::LoopDevice;
+use node::datadir::DataDir;
+use node::engine::{DiskSpec, Engine, EngineConfig};
+use node::enroll::{enroll, EnrollOptions};
+use serde::Serialize;
+
+use engine_bench::Pattern;
+use fio::FioJob;
+use stats::{compact, Samples};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ballast-perf",
+    about = "ballast benchmarks: ratios against baselines measured in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// The storage engine without network: 4k random writes/reads at QD32 vs raw fio on the same loop device, and write amplification at 50 % and 80 % full.
+    Engine {
+        /// Size of the loop-device backing file.
+        #[arg(long, default_value = "4GiB")]
+        size: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Alternating repetitions (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// One short repetition on a small device (about a minute).
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Bench::Engine {
+            size,
+            seconds,
+            repeats,
+            quick,
+            out,
+        } => {
+            let (size, seconds, repeats) = if quick {
+                ("1GiB".to_owned(), 3, 1)
+            } else {
+                (size, seconds, repeats)
+            };
+            engine(&size, seconds, repeats, &out)
+        }
+    }
+}
+
+/// A scratch directory with a fully written backing file on a loop device.
+/// Fully written: a sparse file would charge the first write of every block
+/// with filesystem metadata work, which a real disk does not have.
+struct Target {
+    dir: tempfile::TempDir,
+    device: LoopDevice,
+    size_bytes: u64,
+}
+
+fn target(size_bytes: u64) -> Result<Target> {
+    if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
+        anyhow::bail!("cannot benchmark: {why}");
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").context("scratch directory")?;
+    let path = dir.path().join("disk.img");
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(&path)?;
+    let chunk = disk_layout::IoBuf::new(8 << 20);
+    let mut written = 0;
+    while written < size_bytes {
+        file.write_all(chunk.as_slice())?;
+        written += chunk.len() as u64;
+    }
+    file.sync_all()?;
+    let device = LoopDevice::attach(&path, true)?;
+    Ok(Target {
+        dir,
+        device,
+        size_bytes,
+    })
+}
+
+fn start_ballast(target: &Target, run: usize) -> Result<(DataDir, Engine)> {
+    let data_path = target.dir.path().join(format!("data-{run}"));
+    let data = DataDir::open(&data_path, true)?;
+    let options = EnrollOptions {
+        force: true,
+        create_size_bytes: None,
+        segment_size_bytes: 8 << 20,
+    };
+    enroll(&data, target.device.path(), &options)?;
+    let disks = vec![DiskSpec {
+        path: target.device.path().to_owned(),
+    }];
+    let engine = Engine::start(&disks, &EngineConfig::new(*data.node.node_uuid.as_bytes()))?;
+    Ok((data, engine))
+}
+
+#[derive(Default, Serialize)]
+struct EngineReport {
+    raw_randwrite_iops: Samples,
+    ballast_randwrite_iops: Samples,
+    raw_randread_iops: Samples,
+    ballast_randread_iops: Samples,
+    ballast_randwrite_p99_us: Samples,
+    raw_randwrite_p99_us: Samples,
+    write_amplification_50_percent: f64,
+    write_amplification_80_percent: f64,
+    device_bytes: u64,
+    seconds: u64,
+    repeats: usize,
+}
+
+fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
+    let size_bytes = node::size::parse_size(size)?;
+    let target = target(size_bytes)?;
+    let mut report = EngineReport {
+        device_bytes: size_bytes,
+        seconds,
+        repeats,
+        ..EngineReport::default()
+    };
+    let fio_span = size_bytes / 2;
+    for run in 0..repeats {
+        eprintln!("repetition {}/{repeats}", run + 1);
+        let raw_write = fio::run_on_device(
+            &FioJob::new("raw-randwrite", "randwrite", "4k", 32, seconds, fio_span),
+            target.device.path(),
+        )?;
+        report.raw_randwrite_iops.push(raw_write.iops);
+        report.raw_randwrite_p99_us.push(raw_write.latency_p99_us);
+        let (_data, engine) = start_ballast(&target, run)?;
+        let blocks = engine_bench::capacity_blocks(&engine, 0)? / 2;
+        engine_bench::fill(&engine, 0, 1, blocks)?;
+        let write = engine_bench::run(&engine, 0, 1, blocks, 32, seconds as f64, Pattern::RandomWrite)?;
+        report.ballast_randwrite_iops.push(write.iops);
+        report.ballast_randwrite_p99_us.push(write.latency_p99_us);
+        let read = engine_bench::run(&engine, 0, 1, blocks, 32, seconds as f64, Pattern::RandomRead)?;
+        report.ballast_randread_iops.push(read.iops);
+        engine.shutdown();
+        let raw_read = fio::run_on_device(
+            &FioJob::new("raw-randread", "randread", "4k", 32, seconds, fio_span),
+            target.device.path(),
+        )?;
+        report.raw_randread_iops.push(raw_read.iops);
+    }
+    for (percent, slot) in [(50u64, 0usize), (80, 1)] {
+        let (_data, engine) = start_ballast(&target, 100 + slot)?;
+        let blocks = engine_bench::capacity_blocks(&engine, 0)? * percent / 100;
+        engine_bench::fill(&engine, 0, 1, blocks)?;
+        let before = engine_bench::stats(&engine, 0)?;
+        // Overwrite twice the volume at random: long enough to reach steady-state cleaning.
+        let target_writes = blocks * 2;
+        let mut written = 0;
+        while written < target_writes {
+            let result = engine_bench::run(&engine, 0, 1, blocks, 32, 2.0, Pattern::RandomWrite)?;
+            written += (result.iops * 2.0) as u64;
+        }
+        let after = engine_bench::stats(&engine, 0)?;
+        let amplification = engine_bench::write_amplification(&before, &after);
+        eprintln!("write amplification at {percent} % full: {amplification:.2} ({after:?})");
+        if slot == 0 {
+            report.write_amplification_50_percent = amplification;
+        } else {
+            report.write_amplification_80_percent = amplification;
+        }
+        engine.shutdown();
+    }
+    print_engine_report(&report);
+    std::fs::create_dir_all(out)?;
+    let file = out.join("engine.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    println!("\nJSON: {}", file.display());
+    Ok(())
+}
+
+fn print_engine_report(report: &EngineReport) {
+    let ratio = |a: &Samples, b: &Samples| a.median() / b.median();
+    println!(
+        "\n## Engine-direct, 4 KiB, QD32, loop device ({} of backing file, {} s x {})",
+        node::size::format_size(report.device_bytes),
+        report.seconds,
+        report.repeats
+    );
+    println!("| measurement | ballast | raw device (fio io_uring) | ratio | spread ballast / raw |");
+    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| random write IOPS (ballast acks only durable writes) | {} | {} | {:.2}x | {:.0}% / {:.0}% |",
+        compact(report.ballast_randwrite_iops.median()),
+        compact(report.raw_randwrite_iops.median()),
+        ratio(&report.ballast_randwrite_iops, &report.raw_randwrite_iops),
+        report.ballast_randwrite_iops.spread_percent(),
+        report.raw_randwrite_iops.spread_percent()
+    );
+    println!(
+        "| random read IOPS | {} | {} | {:.2}x | {:.0}% / {:.0}% |",
+        compact(report.ballast_randread_iops.median()),
+        compact(report.raw_randread_iops.median()),
+        ratio(&report.ballast_randread_iops, &report.raw_randread_iops),
+        report.ballast_randread_iops.spread_percent(),
+        report.raw_randread_iops.spread_percent()
+    );
+    println!(
+        "| random write p99 latency (us) | {:.0} | {:.0} | {:.2}x | |",
+        report.ballast_randwrite_p99_us.median(),
+        report.raw_randwrite_p99_us.median(),
+        ratio(&report.ballast_randwrite_p99_us, &report.raw_randwrite_p99_us)
+    );
+    println!(
+        "\nwrite amplification under random overwrite: {:.2} at 50 % full, {:.2} at 80 % full (target <= 2.0)",
+        report.write_amplification_50_percent, report.write_amplification_80_percent
+    );
+}

@@ -6,9 +6,7 @@
 
 use super::{token, LogHead, Store, KIND_CHECKPOINT};
 use crate::buf::IoBuf;
-use crate::checkpoint::{
-    encode_payload, payload_len, CheckpointHeader, LogPosition, CHECKPOINT_HEADER_BYTES,
-};
+use crate::checkpoint::{encode_payload, payload_len, CheckpointHeader, LogPosition, CHECKPOINT_HEADER_BYTES};
 use crate::codec::align_up;
 use crate::error::IoFault;
 use crate::geometry::{BLOCK_BYTES, BLOCK_SIZE_BYTES};
@@ -22,10 +20,7 @@ const STEP_HEADER_FLUSH: u64 = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Idle,
-    Payload {
-        written: bool,
-        required_sequence: u64,
-    },
+    Payload { written: bool, required_sequence: u64 },
     PayloadFlush,
     Header,
     HeaderFlush,
@@ -111,8 +106,8 @@ impl Store {
         if !self.checkpoint.is_idle() || self.failed.is_some() {
             return;
         }
-        let space_pressure = self.segments.dead_pending_count() > 0
-            && self.segments.free_count() < self.clean_watermark();
+        let space_pressure =
+            self.segments.dead_behind_checkpoint_count() > 0 && self.segments.free_count() < self.clean_watermark();
         let due = self.checkpoint.blocks_since >= self.config.checkpoint_interval_blocks;
         if !(self.checkpoint.requested || due || space_pressure) {
             return;
@@ -127,11 +122,8 @@ impl Store {
             "checkpoint of {len} bytes exceeds its slot"
         );
         let mut buf = IoBuf::new(padded);
-        let (written, payload_crc, volume_count) = encode_payload(
-            &self.index,
-            &self.segments.last_sequences(),
-            buf.as_mut_slice(),
-        );
+        let (written, payload_crc, volume_count) =
+            encode_payload(&self.index, &self.segments.last_sequences(), buf.as_mut_slice());
         debug_assert_eq!(written, len);
         let slot = self.checkpoint.target_slot();
         let header = CheckpointHeader {
@@ -151,8 +143,7 @@ impl Store {
             required_sequence: position.sequence - 1,
         };
         self.stats.checkpoint_blocks_written += (padded / BLOCK_BYTES) as u64 + 1;
-        let offset_bytes =
-            self.geometry.checkpoint_slot_offset_bytes(slot) + CHECKPOINT_HEADER_BYTES as u64;
+        let offset_bytes = self.geometry.checkpoint_slot_offset_bytes(slot) + CHECKPOINT_HEADER_BYTES as u64;
         io.submit(IoRequest {
             token: token(KIND_CHECKPOINT, STEP_PAYLOAD),
             op: IoOp::Write { offset_bytes, buf },
@@ -177,28 +168,16 @@ impl Store {
         }
     }
 
-    pub(super) fn on_checkpoint_io(
-        &mut self,
-        io: &mut impl BlockIo,
-        step: u64,
-        result: Result<(), IoFault>,
-    ) {
+    pub(super) fn on_checkpoint_io(&mut self, io: &mut impl BlockIo, step: u64, result: Result<(), IoFault>) {
         if let Err(fault) = result {
-            let offset = self
-                .geometry
-                .checkpoint_slot_offset_bytes(self.checkpoint.slot);
+            let offset = self.geometry.checkpoint_slot_offset_bytes(self.checkpoint.slot);
             let error = self.error_io(offset, fault);
             self.checkpoint.phase = Phase::Idle;
             self.fail(format!("checkpoint failed: {error}"));
             return;
         }
         match (step, self.checkpoint.phase) {
-            (
-                STEP_PAYLOAD,
-                Phase::Payload {
-                    required_sequence, ..
-                },
-            ) => {
+            (STEP_PAYLOAD, Phase::Payload { required_sequence, .. }) => {
                 self.checkpoint.phase = Phase::Payload {
                     written: true,
                     required_sequence,
@@ -206,19 +185,14 @@ impl Store {
                 self.checkpoint_progress(io);
             }
             (STEP_PAYLOAD_FLUSH, Phase::PayloadFlush) => {
-                let header = self
-                    .checkpoint
-                    .header
-                    .expect("header of the running checkpoint");
+                let header = self.checkpoint.header.expect("header of the running checkpoint");
                 let mut buf = IoBuf::new(CHECKPOINT_HEADER_BYTES);
                 buf.as_mut_slice().copy_from_slice(&header.encode());
                 self.checkpoint.phase = Phase::Header;
                 io.submit(IoRequest {
                     token: token(KIND_CHECKPOINT, STEP_HEADER),
                     op: IoOp::Write {
-                        offset_bytes: self
-                            .geometry
-                            .checkpoint_slot_offset_bytes(self.checkpoint.slot),
+                        offset_bytes: self.geometry.checkpoint_slot_offset_bytes(self.checkpoint.slot),
                         buf,
                     },
                 });
@@ -231,17 +205,13 @@ impl Store {
                 });
             }
             (STEP_HEADER_FLUSH, Phase::HeaderFlush) => {
-                let header = self
-                    .checkpoint
-                    .header
-                    .take()
-                    .expect("header of the running checkpoint");
+                let header = self.checkpoint.header.take().expect("header of the running checkpoint");
                 self.checkpoint.slots[self.checkpoint.slot] = Some(header);
                 self.checkpoint.phase = Phase::Idle;
                 self.stats.checkpoints += 1;
                 if let Some(floor) = self.checkpoint.reuse_floor() {
-                    self.segments
-                        .advance_floor(floor.max(self.segments.reuse_floor_sequence()));
+                    let floor = floor.max(self.segments.reuse_floor_sequence());
+                    self.segments.advance_floor(floor, self.durable_sequence);
                 }
             }
             (step, phase) => panic!("checkpoint step {step} completed in phase {phase:?}"),

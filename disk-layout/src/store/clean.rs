@@ -34,8 +34,7 @@ impl Cleaner {
 impl Store {
     /// Free segments below which cleaning (or a checkpoint) starts.
     pub(super) fn clean_watermark(&self) -> usize {
-        (self.geometry.segment_count as usize / 32)
-            .clamp(USER_RESERVE_SEGMENTS + 2, CLEAN_WATERMARK_SEGMENTS_MAX)
+        (self.geometry.segment_count as usize / 32).clamp(USER_RESERVE_SEGMENTS + 2, CLEAN_WATERMARK_SEGMENTS_MAX)
     }
 
     pub(super) fn maybe_clean(&mut self, io: &mut impl BlockIo) {
@@ -49,20 +48,14 @@ impl Store {
         if available >= self.clean_watermark() {
             return;
         }
-        let Some(victim) = self.segments.pick_victim(
-            self.geometry.segment_blocks(),
-            self.log.sequence,
-            self.durable_sequence,
-        ) else {
+        let Some(victim) =
+            self.segments
+                .pick_victim(self.geometry.segment_blocks(), self.log.sequence, self.durable_sequence)
+        else {
             return;
         };
-        let segment_bytes =
-            usize::try_from(self.geometry.segment_size_bytes).expect("at most 1 GiB");
-        let mut buf = self
-            .cleaner
-            .buf
-            .take()
-            .unwrap_or_else(|| IoBuf::new(segment_bytes));
+        let segment_bytes = usize::try_from(self.geometry.segment_size_bytes).expect("at most 1 GiB");
+        let mut buf = self.cleaner.buf.take().unwrap_or_else(|| IoBuf::new(segment_bytes));
         buf.set_len(segment_bytes);
         let offset_bytes = Geometry::address_bytes(self.geometry.block_address(victim, 0));
         self.cleaner.victim = Some(victim);
@@ -88,12 +81,7 @@ impl Store {
         }
     }
 
-    pub(super) fn on_clean_read(
-        &mut self,
-        io: &mut impl BlockIo,
-        result: Result<(), IoFault>,
-        buf: Option<IoBuf>,
-    ) {
+    pub(super) fn on_clean_read(&mut self, io: &mut impl BlockIo, result: Result<(), IoFault>, buf: Option<IoBuf>) {
         let victim = self.cleaner.victim.expect("clean read without a victim");
         self.cleaner.reading = false;
         let buf = buf.expect("reads return their buffer");
@@ -131,15 +119,9 @@ impl Store {
             let Ok((header, _)) = BatchHeader::decode(&segment[at..at + BLOCK]) else {
                 break;
             };
-            let continues =
-                previous_sequence.is_none_or(|previous| header.sequence == previous + 1);
-            let fits = u64::from(offset) + 1 + u64::from(header.data_block_count())
-                <= u64::from(segment_blocks);
-            if header.segment_index != victim
-                || !continues
-                || header.sequence > last_sequence
-                || !fits
-            {
+            let continues = previous_sequence.is_none_or(|previous| header.sequence == previous + 1);
+            let fits = u64::from(offset) + 1 + u64::from(header.data_block_count()) <= u64::from(segment_blocks);
+            if header.segment_index != victim || !continues || header.sequence > last_sequence || !fits {
                 break;
             }
             previous_sequence = Some(header.sequence);
@@ -177,11 +159,7 @@ impl Store {
                 self.stats.checksum_errors += 1;
                 tracing::error!(disk = %self.config.disk_name, volume = record.volume_id, lba, address, "checksum mismatch while cleaning; marking block bad");
             }
-            let kind = if intact {
-                RecordKind::Relocate
-            } else {
-                RecordKind::Bad
-            };
+            let kind = if intact { RecordKind::Relocate } else { RecordKind::Bad };
             let extends = current
                 .as_ref()
                 .is_some_and(|run| run.kind == kind && run.lba + run.block_count == lba);

@@ -82,14 +82,17 @@ pub struct StoreStats {
 }
 
 impl StoreStats {
-    /// Blocks written to the device per block of user data (log only).
+    /// Blocks written to the device per block of user data: log headers,
+    /// relocations by the cleaner and checkpoints all count.
     #[must_use]
     pub fn write_amplification(&self) -> f64 {
         if self.user_blocks_written == 0 {
             return 1.0;
         }
-        let total =
-            self.user_blocks_written + self.relocated_blocks_written + self.header_blocks_written;
+        let total = self.user_blocks_written
+            + self.relocated_blocks_written
+            + self.header_blocks_written
+            + self.checkpoint_blocks_written;
         total as f64 / self.user_blocks_written as f64
     }
 }
@@ -211,12 +214,7 @@ impl Store {
 
     /// Allocation map of a range: `(lba, block_count, allocated)` runs.
     #[must_use]
-    pub fn block_status(
-        &self,
-        volume_id: u64,
-        lba: u64,
-        block_count: u64,
-    ) -> Vec<(u64, u64, bool)> {
+    pub fn block_status(&self, volume_id: u64, lba: u64, block_count: u64) -> Vec<(u64, u64, bool)> {
         let mut runs: Vec<(u64, u64, bool)> = Vec::new();
         let mut push = |start: u64, count: u64, allocated: bool| {
             if count == 0 {
@@ -302,10 +300,7 @@ impl Store {
                 reason: format!("block count {block_count} not in 1..={max}"),
             });
         }
-        if lba
-            .checked_add(block_count)
-            .is_none_or(|end| end > crate::LBA_LIMIT)
-        {
+        if lba.checked_add(block_count).is_none_or(|end| end > crate::LBA_LIMIT) {
             return Err(StoreError::InvalidRequest {
                 reason: format!("blocks {lba}+{block_count} beyond the largest volume"),
             });

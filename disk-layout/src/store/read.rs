@@ -41,14 +41,7 @@ pub(super) struct ReadOp {
 impl Store {
     /// Reads `block_count` blocks (at most 256) from volume block `lba`.
     /// Done with `Reply::Read(buf)`; never-written blocks read as zeroes.
-    pub fn read(
-        &mut self,
-        io: &mut impl BlockIo,
-        tag: u64,
-        volume_id: u64,
-        lba: u64,
-        block_count: u64,
-    ) {
+    pub fn read(&mut self, io: &mut impl BlockIo, tag: u64, volume_id: u64, lba: u64, block_count: u64) {
         self.stats.read_requests += 1;
         if let Err(error) = self.check_request(lba, block_count, Self::blocks_per_request_max()) {
             self.done.push(Done {
@@ -78,11 +71,7 @@ impl Store {
         op.entries = (0..op.block_count as u64)
             .map(|offset| self.index.get(op.volume_id, op.lba + offset))
             .collect();
-        if let Some(bad) = op
-            .entries
-            .iter()
-            .position(|entry| entry.address == ADDRESS_BAD)
-        {
+        if let Some(bad) = op.entries.iter().position(|entry| entry.address == ADDRESS_BAD) {
             let error = StoreError::Checksum {
                 disk: self.config.disk_name.clone(),
                 volume_id: op.volume_id,
@@ -132,10 +121,7 @@ impl Store {
             op.reply = Some(reply);
         }
         let previous = self.reads.insert(read_id, op);
-        assert!(
-            previous.is_none(),
-            "read id {read_id} reused while in flight"
-        );
+        assert!(previous.is_none(), "read id {read_id} reused while in flight");
     }
 
     /// True if any block's data is in a batch not yet on the device; seals
@@ -154,19 +140,9 @@ impl Store {
             .filter(|open| !open.records.is_empty())
             .map(|open| open.address_range(&geometry));
         ranges.extend(open_range);
-        let hit = |address: u32| {
-            ranges
-                .iter()
-                .any(|(start, end)| (*start..*end).contains(&address))
-        };
-        let touches = entries
-            .iter()
-            .any(|entry| entry.is_data() && hit(entry.address));
-        if touches
-            && open_range.is_some_and(|(start, end)| {
-                entries.iter().any(|e| (start..end).contains(&e.address))
-            })
-        {
+        let hit = |address: u32| ranges.iter().any(|(start, end)| (*start..*end).contains(&address));
+        let touches = entries.iter().any(|entry| entry.is_data() && hit(entry.address));
+        if touches && open_range.is_some_and(|(start, end)| entries.iter().any(|e| (start..end).contains(&e.address))) {
             self.seal_open();
         }
         touches
@@ -243,17 +219,11 @@ impl Store {
         let result = match (op.error, op.restart) {
             (Some(error), _) => Err(error),
             (None, true) => Err(StoreError::InvalidRequest {
-                reason: format!(
-                    "read of volume {} block {} kept moving; retry",
-                    op.volume_id, op.lba
-                ),
+                reason: format!("read of volume {} block {} kept moving; retry", op.volume_id, op.lba),
             }),
             (None, false) => Ok(Reply::Read(op.reply.expect("assembled"))),
         };
-        self.done.push(Done {
-            tag: op.tag,
-            result,
-        });
+        self.done.push(Done { tag: op.tag, result });
     }
 }
 

@@ -10,6 +10,10 @@
 //! once both checkpoint slots start replay after its last batch (the reuse
 //! floor): until then a crash could need to replay through it.
 
+/// Exponent of age in the victim score. 1.0 is LFS cost-benefit (good for
+/// hot/cold skew); 0.0 is greedy (best for uniform random overwrites).
+pub const AGE_WEIGHT: f64 = 0.0;
+
 /// Lifecycle state of one segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SegmentState {
@@ -27,6 +31,8 @@ struct Segment {
     state: SegmentState,
     live_blocks: u32,
     last_sequence: u64,
+    /// Sequence of the batch whose record made the segment dead.
+    died_at_sequence: u64,
 }
 
 /// Per-segment state, live counts and the free list of one disk.
@@ -40,13 +46,7 @@ pub struct SegmentTable {
 
 impl SegmentTable {
     /// Builds the table after replay. `live` holds each segment's live blocks.
-    pub fn new(
-        last_sequence: Vec<u64>,
-        live: Vec<u32>,
-        open: u32,
-        reserved: u32,
-        reuse_floor_sequence: u64,
-    ) -> Self {
+    pub fn new(last_sequence: Vec<u64>, live: Vec<u32>, open: u32, reserved: u32, reuse_floor_sequence: u64) -> Self {
         assert_eq!(last_sequence.len(), live.len());
         assert_ne!(open, reserved);
         let mut table = Self {
@@ -78,6 +78,7 @@ impl SegmentTable {
                 state,
                 live_blocks,
                 last_sequence,
+                died_at_sequence: 0,
             });
         }
         // Hand out low-numbered segments first (pop takes from the end).
@@ -116,6 +117,16 @@ impl SegmentTable {
         self.dead_pending.len()
     }
 
+    /// Dead segments that only a checkpoint (moving the floor) can free.
+    #[must_use]
+    pub fn dead_behind_checkpoint_count(&self) -> usize {
+        let floor = self.reuse_floor_sequence;
+        self.dead_pending
+            .iter()
+            .filter(|&&segment| self.segments[segment as usize].last_sequence >= floor)
+            .count()
+    }
+
     #[must_use]
     pub fn live_blocks_total(&self) -> u64 {
         self.live_blocks_total
@@ -150,18 +161,16 @@ impl SegmentTable {
         self.live_blocks_total += 1;
     }
 
-    /// One live block of `segment` died (overwritten, zeroed, deleted, moved).
-    pub fn remove_live(&mut self, segment: u32) {
+    /// One live block of `segment` died (overwritten, zeroed, deleted,
+    /// moved) by a record of the batch with `sequence`.
+    pub fn remove_live(&mut self, segment: u32, sequence: u64) {
         let entry = &mut self.segments[segment as usize];
-        assert!(
-            entry.live_blocks > 0,
-            "segment {segment} live count underflow"
-        );
+        assert!(entry.live_blocks > 0, "segment {segment} live count underflow");
         entry.live_blocks -= 1;
         self.live_blocks_total -= 1;
-        if entry.live_blocks == 0 && matches!(entry.state, SegmentState::Used | SegmentState::Stuck)
-        {
+        if entry.live_blocks == 0 && matches!(entry.state, SegmentState::Used | SegmentState::Stuck) {
             entry.state = SegmentState::DeadPending;
+            entry.died_at_sequence = sequence;
             self.dead_pending.push(segment);
         }
     }
@@ -177,32 +186,38 @@ impl SegmentTable {
     }
 
     /// The open segment is full: `reserved` becomes open, `old` is closed.
-    pub fn switch(&mut self, old: u32, reserved: u32) {
-        assert_eq!(
-            self.segments[reserved as usize].state,
-            SegmentState::Reserved
-        );
+    /// `sequence` is the next batch's (if `old` is already dead, what killed
+    /// it is in batches before that).
+    pub fn switch(&mut self, old: u32, reserved: u32, sequence: u64) {
+        assert_eq!(self.segments[reserved as usize].state, SegmentState::Reserved);
         assert_eq!(self.segments[old as usize].state, SegmentState::Open);
         self.segments[reserved as usize].state = SegmentState::Open;
         let old_entry = &mut self.segments[old as usize];
         if old_entry.live_blocks == 0 {
             old_entry.state = SegmentState::DeadPending;
+            old_entry.died_at_sequence = sequence;
             self.dead_pending.push(old);
         } else {
             old_entry.state = SegmentState::Used;
         }
     }
 
-    /// A checkpoint moved the reuse floor: dead segments behind it are free.
-    pub fn advance_floor(&mut self, reuse_floor_sequence: u64) {
+    /// A checkpoint moved the reuse floor.
+    pub fn advance_floor(&mut self, reuse_floor_sequence: u64, durable_sequence: u64) {
         assert!(reuse_floor_sequence >= self.reuse_floor_sequence);
         self.reuse_floor_sequence = reuse_floor_sequence;
+        self.release(durable_sequence);
+    }
+
+    /// Frees dead segments behind the floor whose killing batch is durable.
+    pub fn release(&mut self, durable_sequence: u64) {
+        let floor = self.reuse_floor_sequence;
         let segments = &mut self.segments;
         let free = &mut self.free;
         self.dead_pending.retain(|&segment| {
             let entry = &mut segments[segment as usize];
             debug_assert_eq!(entry.state, SegmentState::DeadPending);
-            if entry.last_sequence < reuse_floor_sequence {
+            if entry.last_sequence < floor && entry.died_at_sequence <= durable_sequence {
                 entry.state = SegmentState::Free;
                 free.push(segment);
                 false
@@ -224,12 +239,7 @@ impl SegmentTable {
     /// empty-ish and old segments first. Only segments whose batches are all
     /// durable (`last_sequence <= durable_sequence`) qualify.
     #[must_use]
-    pub fn pick_victim(
-        &self,
-        segment_blocks: u32,
-        now_sequence: u64,
-        durable_sequence: u64,
-    ) -> Option<u32> {
+    pub fn pick_victim(&self, segment_blocks: u32, now_sequence: u64, durable_sequence: u64) -> Option<u32> {
         let mut best: Option<(f64, u32)> = None;
         for (index, segment) in self.segments.iter().enumerate() {
             if segment.state != SegmentState::Used
@@ -240,7 +250,7 @@ impl SegmentTable {
             }
             let utilization = f64::from(segment.live_blocks) / f64::from(segment_blocks);
             let age = (now_sequence.saturating_sub(segment.last_sequence) + 1) as f64;
-            let score = (1.0 - utilization) * age / (1.0 + utilization);
+            let score = (1.0 - utilization) * age.powf(AGE_WEIGHT) / (1.0 + utilization);
             if best.is_none_or(|(best_score, _)| score > best_score) {
                 best = Some((score, u32::try_from(index).expect("u32")));
             }
@@ -257,38 +267,36 @@ mod tests {
     fn states_are_derived_from_live_counts_and_the_floor() {
         let table = SegmentTable::new(vec![0, 5, 9, 3, 12], vec![0, 0, 0, 4, 0], 4, 0, 8);
         assert_eq!(table.state(0), SegmentState::Reserved);
-        assert_eq!(
-            table.state(1),
-            SegmentState::Free,
-            "dead and behind the floor"
-        );
-        assert_eq!(
-            table.state(2),
-            SegmentState::DeadPending,
-            "dead but replay may need it"
-        );
+        assert_eq!(table.state(1), SegmentState::Free, "dead and behind the floor");
+        assert_eq!(table.state(2), SegmentState::DeadPending, "dead but replay may need it");
         assert_eq!(table.state(3), SegmentState::Used);
         assert_eq!(table.state(4), SegmentState::Open);
         assert_eq!(table.live_blocks_total(), 4);
     }
 
     #[test]
-    fn a_dead_segment_is_reused_only_after_the_floor_passes_it() {
+    fn a_dead_segment_is_reused_only_behind_the_floor_and_once_its_killer_is_durable() {
         let mut table = SegmentTable::new(vec![0, 0, 0, 0], vec![0, 0, 0, 0], 0, 1, 1);
         table.note_batch(0, 1);
         table.add_live(0);
         let next = table.reserve().unwrap();
-        table.switch(0, 1);
+        table.switch(0, 1, 2);
         assert_eq!(table.state(0), SegmentState::Used);
-        table.remove_live(0);
+        table.remove_live(0, 5);
         assert_eq!(table.state(0), SegmentState::DeadPending);
-        table.advance_floor(1);
+        table.advance_floor(1, 10);
         assert_eq!(
             table.state(0),
             SegmentState::DeadPending,
             "floor 1 does not pass sequence 1"
         );
-        table.advance_floor(2);
+        table.advance_floor(2, 4);
+        assert_eq!(
+            table.state(0),
+            SegmentState::DeadPending,
+            "the killing batch 5 is not durable"
+        );
+        table.release(5);
         assert_eq!(table.state(0), SegmentState::Free);
         assert_ne!(next, 0);
     }

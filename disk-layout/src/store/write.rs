@@ -4,24 +4,21 @@
 //! as one write), and a single flush in flight makes the longest written
 //! prefix of batches durable, which is when their requests are acknowledged.
 
-use super::{
-    token, Done, Reply, Store, KIND_BATCH, KIND_FLUSH, REQUEST_BLOCKS_MAX, USER_RESERVE_SEGMENTS,
-};
+use super::{token, Done, Reply, Store, KIND_BATCH, KIND_FLUSH, REQUEST_BLOCKS_MAX, USER_RESERVE_SEGMENTS};
 use crate::buf::IoBuf;
 use crate::error::{IoFault, StoreError};
 use crate::geometry::{Geometry, BLOCK_BYTES};
 use crate::index::{Entry, Index};
 use crate::io::{BlockIo, IoOp, IoRequest};
 use crate::record::{
-    block_crc, data_crc_of_block_crcs, BatchHeader, Record, RecordKind, BATCH_DATA_BLOCKS_MAX,
-    BATCH_HEADER_BYTES, RECORDS_PER_BATCH_MAX,
+    block_crc, data_crc_of_block_crcs, BatchHeader, Record, RecordKind, BATCH_DATA_BLOCKS_MAX, BATCH_HEADER_BYTES,
+    RECORDS_PER_BATCH_MAX,
 };
 use crate::store::segments::SegmentTable;
 
 const BLOCK: usize = BLOCK_BYTES;
 /// Bytes of one batch buffer: header plus the most data a batch holds.
-pub(super) const BATCH_BUFFER_BYTES: usize =
-    BATCH_HEADER_BYTES + BATCH_DATA_BLOCKS_MAX as usize * BLOCK;
+pub(super) const BATCH_BUFFER_BYTES: usize = BATCH_HEADER_BYTES + BATCH_DATA_BLOCKS_MAX as usize * BLOCK;
 
 /// What a finished record answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,15 +116,7 @@ pub(super) enum PlaceError {
 impl Store {
     /// Writes `data` (a multiple of 4096 bytes, at most 1 MiB) at volume
     /// block `lba`. Done (`Reply::Written`) once durable.
-    pub fn write(
-        &mut self,
-        tag: u64,
-        volume_id: u64,
-        lba: u64,
-        data: &[u8],
-        epoch: u64,
-        volume_sequence: u64,
-    ) {
+    pub fn write(&mut self, tag: u64, volume_id: u64, lba: u64, data: &[u8], epoch: u64, volume_sequence: u64) {
         self.stats.write_requests += 1;
         let block_count = (data.len() / BLOCK) as u64;
         let checked = if !data.len().is_multiple_of(BLOCK) {
@@ -159,15 +148,7 @@ impl Store {
 
     /// Makes `block_count` blocks from `lba` read as zeroes and frees their
     /// space (TRIM, WRITE_ZEROES). Done (`Reply::Zeroed`) once durable.
-    pub fn zero(
-        &mut self,
-        tag: u64,
-        volume_id: u64,
-        lba: u64,
-        block_count: u64,
-        epoch: u64,
-        volume_sequence: u64,
-    ) {
+    pub fn zero(&mut self, tag: u64, volume_id: u64, lba: u64, block_count: u64, epoch: u64, volume_sequence: u64) {
         let pending = PendingWrite {
             tag: Some(tag),
             volume_id,
@@ -247,9 +228,7 @@ impl Store {
                     });
                     return;
                 }
-                Err((PlaceError::NeedBuffer | PlaceError::NeedSegment, placed_blocks)) => {
-                    placed = placed_blocks
-                }
+                Err((PlaceError::NeedBuffer | PlaceError::NeedSegment, placed_blocks)) => placed = placed_blocks,
             }
         }
         pending.advance(placed);
@@ -262,11 +241,7 @@ impl Store {
     /// last part: batches become durable in order, so the request is
     /// durable when that part is. On error, `placed_blocks` tells how much
     /// was placed already; the caller queues the rest.
-    pub(super) fn place(
-        &mut self,
-        pending: &PendingWrite,
-        data: &[u8],
-    ) -> Result<(), (PlaceError, u64)> {
+    pub(super) fn place(&mut self, pending: &PendingWrite, data: &[u8]) -> Result<(), (PlaceError, u64)> {
         let for_cleaner = matches!(pending.kind, RecordKind::Relocate | RecordKind::Bad);
         let total = if pending.kind.has_data() {
             pending.block_count
@@ -277,9 +252,7 @@ impl Store {
         if pending.kind == RecordKind::Write {
             self.check_space(pending).map_err(|e| (e, 0))?;
         }
-        if pending.kind == RecordKind::DeleteVolume
-            || self.index.volume(pending.volume_id).is_none()
-        {
+        if pending.kind == RecordKind::DeleteVolume || self.index.volume(pending.volume_id).is_none() {
             self.check_volume_limit(pending).map_err(|e| (e, 0))?;
         }
         let mut placed = 0u64;
@@ -377,6 +350,7 @@ impl Store {
         } else {
             0
         };
+        let sequence = self.log.sequence;
         apply_record(
             &mut self.index,
             &mut self.segments,
@@ -384,6 +358,7 @@ impl Store {
             &record,
             first_address,
             &crcs,
+            sequence,
         );
         match pending.kind {
             RecordKind::Write => self.stats.user_blocks_written += u64::from(data_blocks),
@@ -409,9 +384,7 @@ impl Store {
 
     fn check_volume_limit(&self, pending: &PendingWrite) -> Result<(), PlaceError> {
         let count = self.index.volume_count() as u64;
-        if pending.kind != RecordKind::DeleteVolume
-            && count >= crate::geometry::VOLUMES_PER_DISK_MAX
-        {
+        if pending.kind != RecordKind::DeleteVolume && count >= crate::geometry::VOLUMES_PER_DISK_MAX {
             return Err(PlaceError::Refused(StoreError::TooManyVolumes {
                 disk: self.config.disk_name.clone(),
                 count,
@@ -429,18 +402,14 @@ impl Store {
         };
         let segment_blocks = self.geometry.segment_blocks();
         if segment_blocks - self.log.offset_blocks < 1 + data_blocks.max(1) {
-            let reserve = if for_cleaner {
-                0
-            } else {
-                USER_RESERVE_SEGMENTS
-            };
+            let reserve = if for_cleaner { 0 } else { USER_RESERVE_SEGMENTS };
             if self.segments.free_count() < 1 + reserve {
                 self.free_buffers.push(buf);
                 return Err(PlaceError::NeedSegment);
             }
             let next = self.segments.reserve().expect("free count checked");
             self.segments
-                .switch(self.log.segment, self.log.next_segment);
+                .switch(self.log.segment, self.log.next_segment, self.log.sequence);
             self.log.segment = self.log.next_segment;
             self.log.offset_blocks = 0;
             self.log.next_segment = next;
@@ -490,11 +459,8 @@ impl Store {
         self.stats.header_blocks_written += 1;
         self.stats.batches_written += 1;
         self.checkpoint.blocks_since += u64::from(blocks);
-        let (kinds, waiters): (Vec<_>, Vec<_>) =
-            open.waiters.iter().map(|(tag, kind)| (*kind, *tag)).unzip();
-        let first_address = self
-            .geometry
-            .block_address(open.segment, open.offset_blocks);
+        let (kinds, waiters): (Vec<_>, Vec<_>) = open.waiters.iter().map(|(tag, kind)| (*kind, *tag)).unzip();
+        let first_address = self.geometry.block_address(open.segment, open.offset_blocks);
         self.sealed.push_back(InflightBatch {
             sequence,
             first_address,
@@ -508,10 +474,7 @@ impl Store {
     }
 
     fn unwritten_submitted(&self) -> usize {
-        self.inflight
-            .values()
-            .filter(|batch| !batch.written)
-            .count()
+        self.inflight.values().filter(|batch| !batch.written).count()
     }
 
     /// Submits sealed batches while the pipeline has room, seals the open
@@ -522,14 +485,8 @@ impl Store {
         }
         for _ in 0..RECORDS_PER_BATCH_MAX * 4 {
             self.submit_sealed(io);
-            let device_has_room =
-                self.sealed.is_empty() && self.unwritten_submitted() < self.config.pipeline_depth;
-            if device_has_room
-                && self
-                    .open
-                    .as_ref()
-                    .is_some_and(|open| !open.records.is_empty())
-            {
+            let device_has_room = self.sealed.is_empty() && self.unwritten_submitted() < self.config.pipeline_depth;
+            if device_has_room && self.open.as_ref().is_some_and(|open| !open.records.is_empty()) {
                 self.seal_open();
                 self.submit_sealed(io);
             }
@@ -551,7 +508,11 @@ impl Store {
             batch.submitted = true;
             io.submit(IoRequest {
                 token: token(KIND_BATCH, batch.sequence),
-                op: IoOp::Write { offset_bytes, buf },
+                op: if self.config.durable_writes {
+                    IoOp::WriteDurable { offset_bytes, buf }
+                } else {
+                    IoOp::Write { offset_bytes, buf }
+                },
             });
             self.inflight.insert(batch.sequence, batch);
         }
@@ -581,8 +542,7 @@ impl Store {
                 Err((PlaceError::NeedBuffer | PlaceError::NeedSegment, placed)) => {
                     placed_any |= placed > 0;
                     pending.advance(placed);
-                    pending.data =
-                        data[usize::try_from(placed).expect("bounded") * BLOCK..].to_vec();
+                    pending.data = data[usize::try_from(placed).expect("bounded") * BLOCK..].to_vec();
                     self.user_backlog.push_front(pending);
                     break;
                 }
@@ -598,11 +558,8 @@ impl Store {
         let has_data = pending.kind.has_data();
         let mut start = 0;
         while start < count {
-            let live = |index: usize| {
-                self.index
-                    .get(pending.volume_id, pending.lba + index as u64)
-                    == pending.source[index]
-            };
+            let live =
+                |index: usize| self.index.get(pending.volume_id, pending.lba + index as u64) == pending.source[index];
             if !live(start) {
                 start += 1;
                 continue;
@@ -662,10 +619,7 @@ impl Store {
         result: Result<(), IoFault>,
         buf: Option<IoBuf>,
     ) {
-        let first_address = self
-            .inflight
-            .get(&sequence)
-            .map(|batch| batch.first_address);
+        let first_address = self.inflight.get(&sequence).map(|batch| batch.first_address);
         if let Err(fault) = result {
             let offset = Geometry::address_bytes(first_address.unwrap_or(0));
             let error = self.error_io(offset, fault);
@@ -680,14 +634,19 @@ impl Store {
             self.free_buffers.push(buf);
         }
         self.retry_deferred_reads(io);
-        self.maybe_flush(io);
+        if self.config.durable_writes {
+            // Each batch was durable when it completed: the written prefix is durable.
+            let covers = self.written_prefix();
+            if covers > self.durable_sequence {
+                self.make_durable(io, covers);
+            }
+        } else {
+            self.maybe_flush(io);
+        }
     }
 
-    /// Starts a flush covering the longest prefix of written batches.
-    pub(super) fn maybe_flush(&mut self, io: &mut impl BlockIo) {
-        if self.flush_in_flight.is_some() || self.failed.is_some() {
-            return;
-        }
+    /// Highest sequence such that it and every earlier batch are written.
+    fn written_prefix(&self) -> u64 {
         let mut covers = self.durable_sequence;
         for (sequence, batch) in &self.inflight {
             if *sequence != covers + 1 || !batch.written {
@@ -695,6 +654,15 @@ impl Store {
             }
             covers = *sequence;
         }
+        covers
+    }
+
+    /// Starts a flush covering the longest prefix of written batches.
+    pub(super) fn maybe_flush(&mut self, io: &mut impl BlockIo) {
+        if self.flush_in_flight.is_some() || self.failed.is_some() {
+            return;
+        }
+        let covers = self.written_prefix();
         if covers > self.durable_sequence {
             self.flush_count += 1;
             self.flush_in_flight = Some(covers);
@@ -706,22 +674,28 @@ impl Store {
     }
 
     pub(super) fn on_flush_done(&mut self, io: &mut impl BlockIo, result: Result<(), IoFault>) {
-        let covers = self
-            .flush_in_flight
-            .take()
-            .expect("flush completion without a flush");
+        let covers = self.flush_in_flight.take().expect("flush completion without a flush");
         if let Err(fault) = result {
             let error = self.error_io(0, fault);
             self.fail(format!("flush failed: {error}"));
             return;
         }
         self.stats.flushes += 1;
+        self.make_durable(io, covers);
+        self.maybe_flush(io);
+    }
+
+    /// Batches up to `covers` are durable: acknowledge their requests.
+    fn make_durable(&mut self, io: &mut impl BlockIo, covers: u64) {
+        debug_assert!(covers > self.durable_sequence);
         self.durable_sequence = covers;
+        self.segments.release(covers);
         while let Some(entry) = self.inflight.first_entry() {
             if *entry.key() > covers {
                 break;
             }
             let batch = entry.remove();
+            debug_assert!(batch.written);
             for (tag, kind) in batch.waiters.into_iter().zip(batch.kinds) {
                 self.done.push(Done {
                     tag,
@@ -731,7 +705,6 @@ impl Store {
         }
         self.resolve_flush_waiters();
         self.checkpoint_progress(io);
-        self.maybe_flush(io);
     }
 
     fn resolve_flush_waiters(&mut self) {
@@ -760,11 +733,7 @@ impl Store {
             || !self.relocation_backlog.is_empty()
             || self
                 .segments
-                .pick_victim(
-                    self.geometry.segment_blocks(),
-                    self.log.sequence,
-                    self.durable_sequence,
-                )
+                .pick_victim(self.geometry.segment_blocks(), self.log.sequence, self.durable_sequence)
                 .is_some()
             || !self.inflight.is_empty()
         {
@@ -786,8 +755,8 @@ impl Store {
     }
 }
 
-/// Applies one record to the index and the live counts. Shared by the live
-/// path (with `segments`) and replay.
+/// Applies one record, to be part of the batch with `sequence`, to the
+/// index and the live counts.
 pub(super) fn apply_record(
     index: &mut Index,
     segments: &mut SegmentTable,
@@ -795,21 +764,17 @@ pub(super) fn apply_record(
     record: &Record,
     first_address: u32,
     crcs: &[u32],
+    sequence: u64,
 ) {
     apply_to_index(index, geometry, record, first_address, crcs, |old, new| {
         if old.is_data() {
             segments.remove_live(
-                geometry
-                    .segment_of(old.address)
-                    .expect("data address in a segment"),
+                geometry.segment_of(old.address).expect("data address in a segment"),
+                sequence,
             );
         }
         if new.is_data() {
-            segments.add_live(
-                geometry
-                    .segment_of(new.address)
-                    .expect("data address in a segment"),
-            );
+            segments.add_live(geometry.segment_of(new.address).expect("data address in a segment"));
         }
     });
 }

@@ -96,9 +96,12 @@ pub struct Harness {
     pub total: disk_layout::StoreStats,
 }
 
-pub fn test_config(name: &str, nonce: u64) -> StoreConfig {
-    let mut config = StoreConfig::new(name, Some([2; 16]), nonce);
+/// Test configuration. Even seeds write batches with FUA, odd seeds with
+/// write + flush, so both durability paths run under every test.
+pub fn test_config(name: &str, seed: u64) -> StoreConfig {
+    let mut config = StoreConfig::new(name, Some([2; 16]), seed);
     config.checkpoint_interval_blocks = 2048;
+    config.durable_writes = seed.is_multiple_of(2);
     config
 }
 
@@ -114,13 +117,7 @@ pub fn format_params(size_bytes: u64, segment_bytes: u64) -> FormatParams {
 }
 
 impl Harness {
-    pub fn new(
-        seed: u64,
-        size_bytes: usize,
-        segment_bytes: u64,
-        lba_range: u64,
-        volumes: Vec<u64>,
-    ) -> Self {
+    pub fn new(seed: u64, size_bytes: usize, segment_bytes: u64, lba_range: u64, volumes: Vec<u64>) -> Self {
         Self::with_config(seed, size_bytes, segment_bytes, lba_range, volumes, |_| {})
     }
 
@@ -133,12 +130,7 @@ impl Harness {
         tune: fn(&mut StoreConfig),
     ) -> Self {
         let mut disk = SimDisk::new(size_bytes, seed);
-        Store::format(
-            &mut disk,
-            &format_params(size_bytes as u64, segment_bytes),
-            "sim",
-        )
-        .expect("format");
+        Store::format(&mut disk, &format_params(size_bytes as u64, segment_bytes), "sim").expect("format");
         let mut config = test_config("sim", seed);
         tune(&mut config);
         let store = Store::open(&mut disk, config).expect("open");
@@ -195,14 +187,7 @@ impl Harness {
             model.history.push(content);
             positions.push(model.history.len() - 1);
         }
-        self.pending.insert(
-            tag,
-            Pending::Write {
-                volume,
-                lba,
-                positions,
-            },
-        );
+        self.pending.insert(tag, Pending::Write { volume, lba, positions });
         self.store.write(tag, volume, lba, &data, 1, tag);
         self.after_request();
     }
@@ -215,14 +200,7 @@ impl Harness {
             model.history.push(0);
             positions.push(model.history.len() - 1);
         }
-        self.pending.insert(
-            tag,
-            Pending::Zero {
-                volume,
-                lba,
-                positions,
-            },
-        );
+        self.pending.insert(tag, Pending::Zero { volume, lba, positions });
         self.store.zero(tag, volume, lba, count, 1, tag);
         self.after_request();
     }
@@ -235,17 +213,14 @@ impl Harness {
             model.history.push(0);
             positions.push((lba, model.history.len() - 1));
         }
-        self.pending
-            .insert(tag, Pending::Delete { volume, positions });
+        self.pending.insert(tag, Pending::Delete { volume, positions });
         self.store.delete_volume(tag, volume);
         self.after_request();
     }
 
     pub fn read(&mut self, volume: u64, lba: u64, count: u64) {
         let tag = self.tag();
-        let acked_at_submit = (lba..lba + count)
-            .map(|l| self.blocks[&(volume, l)].acked)
-            .collect();
+        let acked_at_submit = (lba..lba + count).map(|l| self.blocks[&(volume, l)].acked).collect();
         self.pending.insert(
             tag,
             Pending::Read {
@@ -286,9 +261,7 @@ impl Harness {
             self.store.tick(&mut self.disk);
             if self.disk.in_flight() == 0 {
                 self.collect();
-                if self.disk.in_flight() == 0
-                    && (self.store.is_quiescent() || self.store.is_failed())
-                {
+                if self.disk.in_flight() == 0 && (self.store.is_quiescent() || self.store.is_failed()) {
                     return;
                 }
             }
@@ -309,27 +282,13 @@ impl Harness {
                 .remove(&tag)
                 .unwrap_or_else(|| panic!("seed={}: unknown tag {tag}", self.seed));
             match (pending, result) {
-                (
-                    Pending::Write {
-                        volume,
-                        lba,
-                        positions,
-                    },
-                    Ok(Reply::Written),
-                ) => {
+                (Pending::Write { volume, lba, positions }, Ok(Reply::Written)) => {
                     self.acked_writes += 1;
                     for (offset, position) in positions.into_iter().enumerate() {
                         self.ack(volume, lba + offset as u64, position);
                     }
                 }
-                (
-                    Pending::Zero {
-                        volume,
-                        lba,
-                        positions,
-                    },
-                    Ok(Reply::Zeroed),
-                ) => {
+                (Pending::Zero { volume, lba, positions }, Ok(Reply::Zeroed)) => {
                     for (offset, position) in positions.into_iter().enumerate() {
                         self.ack(volume, lba + offset as u64, position);
                     }
@@ -398,10 +357,11 @@ impl Harness {
         self.add_stats();
         let crash_seed = self.seed.wrapping_mul(31).wrapping_add(self.reopen);
         let mut crashed = self.disk.crash(crash_seed);
-        let mut config = test_config("sim", crash_seed);
+        let mut config = test_config("sim", self.seed);
+        config.open_nonce = crash_seed;
         (self.tune)(&mut config);
-        let store = Store::open(&mut crashed, config)
-            .unwrap_or_else(|e| panic!("seed={}: reopen failed: {e}", self.seed));
+        let store =
+            Store::open(&mut crashed, config).unwrap_or_else(|e| panic!("seed={}: reopen failed: {e}", self.seed));
         self.disk = crashed;
         self.store = store;
         self.pending.clear();
@@ -449,11 +409,7 @@ impl Harness {
             let mut done = Vec::new();
             self.store.drain_done(&mut done);
             if let Some(d) = done.pop() {
-                assert!(
-                    done.is_empty(),
-                    "seed={}: unexpected completions",
-                    self.seed
-                );
+                assert!(done.is_empty(), "seed={}: unexpected completions", self.seed);
                 assert_eq!(d.tag, tag, "seed={}: unexpected completion", self.seed);
                 match d.result {
                     Ok(Reply::Read(buf)) => return buf.as_slice().to_vec(),

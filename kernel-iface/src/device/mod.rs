@@ -31,19 +31,14 @@ pub enum DeviceError {
     #[error("{path} is busy: is it mounted or used by another process? see `ballast disk list`")]
     Busy { path: PathBuf },
     /// the filesystem holding a file-backed disk refuses O_DIRECT
-    #[error(
-        "{path}: its filesystem does not support O_DIRECT (tmpfs?); put the file on ext4 or xfs"
-    )]
+    #[error("{path}: its filesystem does not support O_DIRECT (tmpfs?); put the file on ext4 or xfs")]
     DirectIoUnsupported { path: PathBuf },
     /// not a block device or regular file
     #[error("{path} is neither a block device nor a regular file")]
     NotADisk { path: PathBuf },
     /// any other I/O failure
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
 }
 
 /// One whole disk (or, from `describe_path`, a partition) of the host.
@@ -100,10 +95,7 @@ pub fn eligibility(device: &BlockDevice) -> Eligibility {
         reasons.push("read-only".into());
     }
     if device.size_bytes < DEVICE_BYTES_MIN {
-        reasons.push(format!(
-            "too small ({} bytes; at least 64 MiB)",
-            device.size_bytes
-        ));
+        reasons.push(format!("too small ({} bytes; at least 64 MiB)", device.size_bytes));
     }
     Eligibility {
         eligible: reasons.is_empty(),
@@ -143,11 +135,7 @@ fn describe_sysfs(
     is_partition: bool,
 ) -> BlockDevice {
     let queue = |attribute: &str| sysfs::number(&dir.join("queue").join(attribute));
-    let whole = if is_partition {
-        dir.parent().unwrap_or(dir)
-    } else {
-        dir
-    };
+    let whole = if is_partition { dir.parent().unwrap_or(dir) } else { dir };
     let partitions = if is_partition {
         Vec::new()
     } else {
@@ -161,11 +149,7 @@ fn describe_sysfs(
         let partition_dir = dir.join(partition);
         holders.extend(sysfs::holders(&partition_dir));
         if let Some(points) = sysfs::dev_number(&partition_dir).and_then(|n| mounts.get(&n)) {
-            mountpoints.extend(
-                points
-                    .iter()
-                    .map(|point| format!("{point} (via {partition})")),
-            );
+            mountpoints.extend(points.iter().map(|point| format!("{point} (via {partition})")));
         }
     }
     let size_bytes = sysfs::number(&dir.join("size")).unwrap_or(0) * 512;
@@ -182,17 +166,14 @@ fn describe_sysfs(
         name: name.to_owned(),
         path,
         size_bytes,
-        logical_block_bytes: u32::try_from(queue("logical_block_size").unwrap_or(512))
-            .unwrap_or(512),
-        physical_block_bytes: u32::try_from(queue("physical_block_size").unwrap_or(512))
-            .unwrap_or(512),
+        logical_block_bytes: u32::try_from(queue("logical_block_size").unwrap_or(512)).unwrap_or(512),
+        physical_block_bytes: u32::try_from(queue("physical_block_size").unwrap_or(512)).unwrap_or(512),
         rotational: whole.join("queue/rotational").exists()
             && sysfs::number(&whole.join("queue/rotational")) == Some(1),
         removable: sysfs::number(&whole.join("removable")) == Some(1),
         read_only: sysfs::number(&dir.join("ro")) == Some(1),
         model: sysfs::attribute(&whole.join("device/model")),
-        serial: sysfs::attribute(&whole.join("device/serial"))
-            .or_else(|| sysfs::attribute(&whole.join("serial"))),
+        serial: sysfs::attribute(&whole.join("device/serial")).or_else(|| sysfs::attribute(&whole.join("serial"))),
         partitions,
         holders,
         mountpoints,
@@ -287,14 +268,8 @@ impl PathReport {
                 contents(&device.signature),
             ),
             Self::File {
-                size_bytes,
-                signature,
-                ..
-            } => format!(
-                "regular file, {}, {}",
-                gib(*size_bytes),
-                contents(signature)
-            ),
+                size_bytes, signature, ..
+            } => format!("regular file, {}, {}", gib(*size_bytes), contents(signature)),
         }
     }
 }
@@ -304,9 +279,7 @@ impl PathReport {
 pub fn describe_path(path: &Path) -> Result<PathReport, DeviceError> {
     use std::os::unix::fs::FileTypeExt;
     let metadata = std::fs::metadata(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => DeviceError::NotFound {
-            path: path.to_owned(),
-        },
+        std::io::ErrorKind::NotFound => DeviceError::NotFound { path: path.to_owned() },
         _ => DeviceError::Io {
             path: path.to_owned(),
             source,
@@ -333,16 +306,10 @@ pub fn describe_path(path: &Path) -> Result<PathReport, DeviceError> {
         });
     }
     if !metadata.file_type().is_block_device() {
-        return Err(DeviceError::NotADisk {
-            path: path.to_owned(),
-        });
+        return Err(DeviceError::NotADisk { path: path.to_owned() });
     }
-    let number = sysfs::block_number_of(path).ok_or_else(|| DeviceError::NotADisk {
-        path: path.to_owned(),
-    })?;
-    let dir = sysfs::sysfs_dir_of(number).ok_or_else(|| DeviceError::NotFound {
-        path: path.to_owned(),
-    })?;
+    let number = sysfs::block_number_of(path).ok_or_else(|| DeviceError::NotADisk { path: path.to_owned() })?;
+    let dir = sysfs::sysfs_dir_of(number).ok_or_else(|| DeviceError::NotFound { path: path.to_owned() })?;
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -43,15 +43,9 @@ pub fn open_exclusive(path: &Path, direct: bool) -> Result<OpenedDevice, DeviceE
 
 fn open_exclusive_once(path: &Path, direct: bool) -> Result<OpenedDevice, DeviceError> {
     let io = |source: std::io::Error| match source.raw_os_error() {
-        Some(libc::EBUSY) | Some(libc::EWOULDBLOCK) => DeviceError::Busy {
-            path: path.to_owned(),
-        },
-        Some(libc::ENOENT) => DeviceError::NotFound {
-            path: path.to_owned(),
-        },
-        Some(libc::EINVAL) if direct => DeviceError::DirectIoUnsupported {
-            path: path.to_owned(),
-        },
+        Some(libc::EBUSY) | Some(libc::EWOULDBLOCK) => DeviceError::Busy { path: path.to_owned() },
+        Some(libc::ENOENT) => DeviceError::NotFound { path: path.to_owned() },
+        Some(libc::EINVAL) if direct => DeviceError::DirectIoUnsupported { path: path.to_owned() },
         _ => DeviceError::Io {
             path: path.to_owned(),
             source,
@@ -69,13 +63,11 @@ fn open_exclusive_once(path: &Path, direct: bool) -> Result<OpenedDevice, Device
         let mut size_bytes: u64 = 0;
         // SAFETY: BLKGETSIZE64 writes one u64 through the pointer, which
         // points at a live local; the fd is open for the whole call.
-        unsafe { block_size_64(file.as_raw_fd(), &mut size_bytes) }
-            .map_err(|errno| io(errno.into()))?;
+        unsafe { block_size_64(file.as_raw_fd(), &mut size_bytes) }.map_err(|errno| io(errno.into()))?;
         let mut logical: libc::c_int = 0;
         // SAFETY: BLKSSZGET writes one int through the pointer, which
         // points at a live local; the fd is open for the whole call.
-        unsafe { block_logical_size(file.as_raw_fd(), &mut logical) }
-            .map_err(|errno| io(errno.into()))?;
+        unsafe { block_logical_size(file.as_raw_fd(), &mut logical) }.map_err(|errno| io(errno.into()))?;
         return Ok(OpenedDevice {
             file,
             path: path.to_owned(),
@@ -85,9 +77,7 @@ fn open_exclusive_once(path: &Path, direct: bool) -> Result<OpenedDevice, Device
         });
     }
     if !metadata.file_type().is_file() {
-        return Err(DeviceError::NotADisk {
-            path: path.to_owned(),
-        });
+        return Err(DeviceError::NotADisk { path: path.to_owned() });
     }
     let file = OpenOptions::new()
         .read(true)
@@ -121,10 +111,7 @@ mod tests {
         std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
         let first = open_exclusive(&path, true).unwrap();
         assert_eq!(first.size_bytes, 1 << 20);
-        assert!(matches!(
-            open_exclusive(&path, true),
-            Err(DeviceError::Busy { .. })
-        ));
+        assert!(matches!(open_exclusive(&path, true), Err(DeviceError::Busy { .. })));
         drop(first);
         open_exclusive(&path, true).expect("free again once closed");
     }

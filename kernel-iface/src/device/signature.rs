@@ -85,9 +85,7 @@ pub fn probe_signature_bytes(head: &[u8], tail: &[u8], size_bytes: u64) -> Optio
             return Some(*signature);
         }
     }
-    if (0..4).any(|sector| {
-        at(head, sector * 512, b"LABELONE") && at(head, sector * 512 + 24, b"LVM2 001")
-    }) {
+    if (0..4).any(|sector| at(head, sector * 512, b"LABELONE") && at(head, sector * 512 + 24, b"LVM2 001")) {
         return Some(Signature::LvmPhysicalVolume);
     }
     let boot_signature = at(head, 510, &[0x55, 0xAA]);
@@ -117,9 +115,7 @@ fn md_at_end(tail: &[u8], size_bytes: u64) -> bool {
         (size_bytes.saturating_sub(8192)) & !0xFFF,
     ];
     offsets.iter().any(|&offset| {
-        offset >= tail_start
-            && usize::try_from(offset - tail_start)
-                .is_ok_and(|relative| at(tail, relative, &MD_MAGIC))
+        offset >= tail_start && usize::try_from(offset - tail_start).is_ok_and(|relative| at(tail, relative, &MD_MAGIC))
     })
 }
 

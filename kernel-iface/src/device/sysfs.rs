@@ -71,10 +71,7 @@ pub fn mounts_by_device() -> HashMap<(u32, u32), Vec<String>> {
             };
             if let Some((major, minor)) = dev.split_once(':') {
                 if let (Ok(major), Ok(minor)) = (major.parse(), minor.parse()) {
-                    mounts
-                        .entry((major, minor))
-                        .or_default()
-                        .push(unescape(point));
+                    mounts.entry((major, minor)).or_default().push(unescape(point));
                 }
             }
         }
@@ -141,9 +138,6 @@ mod tests {
     #[test]
     fn the_root_filesystem_is_among_the_mounts() {
         let mounts = mounts_by_device();
-        assert!(
-            mounts.values().flatten().any(|point| point == "/"),
-            "{mounts:?}"
-        );
+        assert!(mounts.values().flatten().any(|point| point == "/"), "{mounts:?}");
     }
 }

@@ -76,18 +76,9 @@ fn start_engine(args: &LoadArgs) -> Result<(DataDir, Engine)> {
         );
     }
     if args.disk >= disks.len() {
-        bail!(
-            "disk index {} out of range: {} disks enrolled",
-            args.disk,
-            disks.len()
-        );
+        bail!("disk index {} out of range: {} disks enrolled", args.disk, disks.len());
     }
-    let specs: Vec<DiskSpec> = disks
-        .iter()
-        .map(|d| DiskSpec {
-            path: d.path.clone(),
-        })
-        .collect();
+    let specs: Vec<DiskSpec> = disks.iter().map(|d| DiskSpec { path: d.path.clone() }).collect();
     let mut config = EngineConfig::new(*data.node.node_uuid.as_bytes());
     if args.thread_pool {
         config.choice = kernel_iface::EngineChoice::ThreadPool;
@@ -113,10 +104,7 @@ fn write_load(args: &LoadArgs) -> Result<ExitCode> {
     let mut acked = 0u64;
     let started = Instant::now();
     let deadline = started + Duration::from_secs(args.seconds);
-    println!(
-        "write-load: started (engine {})",
-        engine.disks()[args.disk].engine_kind
-    );
+    println!("write-load: started (engine {})", engine.disks()[args.disk].engine_kind);
     while Instant::now() < deadline || !in_flight.is_empty() {
         while Instant::now() < deadline && in_flight.len() < args.queue_depth {
             let lba = rng.below(args.blocks);
@@ -160,8 +148,7 @@ fn write_load(args: &LoadArgs) -> Result<ExitCode> {
         }
         // Logged only after the acknowledgement; a kill loses at most
         // records, never adds one.
-        log.write_all(&records)
-            .context("cannot append to the ack log")?;
+        log.write_all(&records).context("cannot append to the ack log")?;
     }
     let seconds = started.elapsed().as_secs_f64();
     println!(

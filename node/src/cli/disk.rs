@@ -179,10 +179,7 @@ fn enroll_all(args: &EnrollArgs) -> Result<ExitCode> {
         }
     }
     if failures > 0 {
-        bail!(
-            "{failures} of {} devices were not enrolled",
-            args.devices.len()
-        );
+        bail!("{failures} of {} devices were not enrolled", args.devices.len());
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -210,17 +207,11 @@ fn status(data_dir: &std::path::Path, json: bool) -> Result<ExitCode> {
             data_dir.display()
         );
     }
-    let specs: Vec<DiskSpec> = records
-        .iter()
-        .map(|r| DiskSpec {
-            path: r.path.clone(),
-        })
-        .collect();
+    let specs: Vec<DiskSpec> = records.iter().map(|r| DiskSpec { path: r.path.clone() }).collect();
     let engine = Engine::start(&specs, &EngineConfig::new(*data.node.node_uuid.as_bytes()))?;
     let mut rows = Vec::new();
     for (index, record) in records.iter().enumerate() {
-        let (space, volumes) =
-            engine.query(index, |store| (store.space(), store.volume_ids().len()))?;
+        let (space, volumes) = engine.query(index, |store| (store.space(), store.volume_ids().len()))?;
         rows.push(DiskStatus {
             path: record.path.display().to_string(),
             disk_uuid: record.disk_uuid.to_string(),

@@ -46,6 +46,7 @@ impl BlockIo for DiskIo<'_> {
         let kind = match request.op {
             IoOp::Read { offset_bytes, buf } => IoKind::Read { offset_bytes, buf },
             IoOp::Write { offset_bytes, buf } => IoKind::Write { offset_bytes, buf },
+            IoOp::WriteDurable { offset_bytes, buf } => IoKind::WriteDurable { offset_bytes, buf },
             IoOp::Flush => IoKind::Fsync,
         };
         self.engine.push(Submission {

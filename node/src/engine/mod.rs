@@ -124,9 +124,7 @@ struct ReactorHandle {
 
 impl ReactorHandle {
     fn send(&self, control: Control) -> Result<(), EngineError> {
-        self.sender
-            .send(control)
-            .map_err(|_| EngineError::Stopped)?;
+        self.sender.send(control).map_err(|_| EngineError::Stopped)?;
         if self.sleeping.load(Ordering::SeqCst) {
             self.waker.wake();
         }
@@ -319,9 +317,7 @@ fn start_reactor(
         }
         Err(_) => {
             let _ = thread.join();
-            Err(EngineError::Thread(
-                "reactor thread died while opening disks".into(),
-            ))
+            Err(EngineError::Thread("reactor thread died while opening disks".into()))
         }
     }
 }
@@ -332,25 +328,19 @@ type OpenedGroup = (
     Vec<(usize, OpenedDisk)>,
 );
 
-fn open_group(
-    group: &[(usize, DiskSpec)],
-    config: &EngineConfig,
-) -> Result<OpenedGroup, EngineError> {
+fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<OpenedGroup, EngineError> {
     let mut files = Vec::with_capacity(group.len());
     for (_, disk) in group {
-        let opened = kernel_iface::device::open_exclusive(&disk.path, true).map_err(|error| {
-            EngineError::Open {
-                path: disk.path.display().to_string(),
-                reason: error.to_string(),
-            }
+        let opened = kernel_iface::device::open_exclusive(&disk.path, true).map_err(|error| EngineError::Open {
+            path: disk.path.display().to_string(),
+            reason: error.to_string(),
         })?;
         files.push(opened.file);
     }
-    let mut engine =
-        kernel_iface::open_engine(files, config.choice).map_err(|error| EngineError::Open {
-            path: "(engine)".into(),
-            reason: error.to_string(),
-        })?;
+    let mut engine = kernel_iface::open_engine(files, config.choice).map_err(|error| EngineError::Open {
+        path: "(engine)".into(),
+        reason: error.to_string(),
+    })?;
     let mut stores = Vec::with_capacity(group.len());
     let mut opened = Vec::with_capacity(group.len());
     for (file, (index, disk)) in group.iter().enumerate() {

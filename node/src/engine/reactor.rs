@@ -63,11 +63,7 @@ impl Reactor {
             }
             self.tick_all();
             let idle = !took_any && self.engine.in_flight() == 0;
-            let timeout = if idle {
-                TICK_INTERVAL
-            } else {
-                Duration::from_millis(10)
-            };
+            let timeout = if idle { TICK_INTERVAL } else { Duration::from_millis(10) };
             self.wait(timeout);
             self.complete();
             if last_tick.elapsed() >= TICK_INTERVAL {
@@ -94,11 +90,7 @@ impl Reactor {
         let mut took = false;
         for _ in 0..REQUESTS_PER_TURN_MAX {
             match self.receiver.try_recv() {
-                Ok(Control::Request {
-                    disk,
-                    command,
-                    reply,
-                }) => {
+                Ok(Control::Request { disk, command, reply }) => {
                     took = true;
                     self.dispatch(disk, command, reply);
                 }
@@ -198,24 +190,19 @@ impl Reactor {
             store.request_checkpoint();
         }
         let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
-        let target: Vec<u64> = self
-            .stores
-            .iter()
-            .map(|s| s.checkpoints_done() + 1)
-            .collect();
+        let target: Vec<u64> = self.stores.iter().map(|s| s.checkpoints_done() + 1).collect();
         loop {
             self.tick_all();
-            let finished = self.stores.iter().zip(&target).all(|(store, want)| {
-                store.is_failed() || (store.checkpoints_done() >= *want && store.is_quiescent())
-            });
+            let finished =
+                self.stores.iter().zip(&target).all(|(store, want)| {
+                    store.is_failed() || (store.checkpoints_done() >= *want && store.is_quiescent())
+                });
             if finished && self.engine.in_flight() == 0 {
                 tracing::info!("reactor stopped cleanly");
                 return;
             }
             if Instant::now() > deadline {
-                tracing::warn!(
-                    "reactor stopped before its final checkpoint finished; replay will cover it"
-                );
+                tracing::warn!("reactor stopped before its final checkpoint finished; replay will cover it");
                 return;
             }
             self.wait(Duration::from_millis(10));

@@ -1,0 +1,80 @@
+//! Loop devices: a regular file as a block device (`losetup`). Used by the
+//! test suite and the demo to stand in for NVMe disks, and later by host
+//! attach (FUSE + loop). Detached on drop, by the exact device attached.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// An attached loop device; detached when dropped.
+#[derive(Debug)]
+pub struct LoopDevice {
+    path: PathBuf,
+}
+
+impl LoopDevice {
+    /// Attaches `backing` (with direct I/O when `direct_io`).
+    pub fn attach(backing: &Path, direct_io: bool) -> std::io::Result<Self> {
+        let mut command = Command::new("losetup");
+        command.arg("--find").arg("--show");
+        if direct_io {
+            command.arg("--direct-io=on");
+        }
+        let output = command.arg(backing).output()?;
+        if !output.status.success() {
+            return Err(std::io::Error::other(format!(
+                "losetup {} failed: {}",
+                backing.display(),
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+        let path = PathBuf::from(String::from_utf8_lossy(&output.stdout).trim());
+        Ok(Self { path })
+    }
+
+    /// The device node, e.g. /dev/loop3.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        // The device may be briefly busy after its last user exited.
+        for _ in 0..50 {
+            match Command::new("losetup").arg("-d").arg(&self.path).output() {
+                Ok(output) if output.status.success() => return,
+                _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+            }
+        }
+        eprintln!("warning: could not detach {}", self.path.display());
+    }
+}
+
+/// Why loop devices cannot be used here, if they cannot.
+#[must_use]
+pub fn unavailable_reason() -> Option<String> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Some("needs root for loop devices".into());
+    }
+    if !Path::new("/dev/loop-control").exists() {
+        return Some("no /dev/loop-control (loop module missing)".into());
+    }
+    if Command::new("losetup").arg("--version").output().is_err() {
+        return Some("losetup is not installed".into());
+    }
+    None
+}
+
+/// Reports a skipped test: prints `SKIP: test: why` and appends it to the
+/// file named by `BALLAST_SKIP_LOG`, which `scripts/test.sh` counts.
+pub fn record_skip(test: &str, why: &str) {
+    let line = format!("SKIP: {test}: {why}");
+    println!("{line}");
+    if let Some(path) = std::env::var_os("BALLAST_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut file) = std::fs::OpenOptions::new().append(true).create(true).open(path) {
+            let _ = writeln!(file, "{line}");
+        }
+    }
+}

@@ -1,0 +1,64 @@
+//! Shared helpers for tests that run the real `ballast` binary on loop devices.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub use kernel_iface::loopdev::{record_skip, unavailable_reason, LoopDevice};
+
+/// The binary under test.
+pub fn ballast() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ballast"));
+    command.env("BALLAST_LOG", "warn");
+    command
+}
+
+/// Runs `ballast ARGS` and returns its output.
+pub fn run(args: &[&str]) -> Output {
+    ballast().args(args).output().expect("run ballast")
+}
+
+/// stdout + stderr of an output, for messages.
+pub fn text(output: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    )
+}
+
+/// A temporary directory on a real filesystem (O_DIRECT works there, not on tmpfs).
+pub fn scratch() -> tempfile::TempDir {
+    tempfile::tempdir_in("/var/tmp").expect("scratch directory")
+}
+
+/// A loop device over a new backing file of `size_bytes` in `dir`, or None
+/// (with the skip recorded) when loop devices are unavailable.
+pub fn loop_device(test: &str, dir: &Path, size_bytes: u64) -> Option<LoopDevice> {
+    if let Some(why) = unavailable_reason() {
+        record_skip(test, &why);
+        return None;
+    }
+    let backing = dir.join(format!("disk-{}.img", std::process::id()));
+    std::fs::File::create(&backing).unwrap().set_len(size_bytes).unwrap();
+    Some(LoopDevice::attach(&backing, true).expect("losetup"))
+}
+
+/// Unmounts a path on drop.
+pub struct Mount(pub PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// Seconds-bounded count of loop iterations: fewer with BALLAST_TEST_QUICK=1.
+pub fn iterations(full: usize, quick: usize) -> usize {
+    if std::env::var("BALLAST_TEST_QUICK").as_deref() == Ok("1") {
+        quick
+    } else {
+        full
+    }
+}

@@ -1,0 +1,174 @@
+//! `ballast disk enroll` and `disk list` on real loop devices: what is
+//! refused, what --force does, and what the user is told.
+
+mod common;
+
+use std::process::Command;
+
+use common::{loop_device, run, scratch, text, Mount};
+
+#[test]
+fn a_device_with_a_filesystem_is_refused_unless_forced() {
+    let dir = scratch();
+    let Some(device) = loop_device(
+        "a_device_with_a_filesystem_is_refused_unless_forced",
+        dir.path(),
+        256 << 20,
+    ) else {
+        return;
+    };
+    let dev = device.path().to_str().unwrap();
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F", dev])
+        .status()
+        .unwrap()
+        .success());
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let refused = run(&["disk", "enroll", "--data-dir", data, dev]);
+    assert!(!refused.status.success());
+    let message = text(&refused);
+    assert!(
+        message.contains("ext2/3/4 filesystem") && message.contains("--force"),
+        "{message}"
+    );
+    let forced = run(&["disk", "enroll", "--data-dir", data, "--force", dev]);
+    let message = text(&forced);
+    assert!(forced.status.success(), "{message}");
+    assert!(
+        message.contains("destroying") && message.contains("enrolled"),
+        "{message}"
+    );
+    // The filesystem signature is gone; the disk now reads as ballast's.
+    let listed = text(&run(&["disk", "list"]));
+    let line = listed
+        .lines()
+        .find(|l| l.starts_with(device.path().file_name().unwrap().to_str().unwrap()))
+        .unwrap();
+    assert!(line.contains("already enrolled"), "{line}");
+}
+
+#[test]
+fn a_mounted_device_is_refused_even_when_forced() {
+    let dir = scratch();
+    let Some(device) = loop_device("a_mounted_device_is_refused_even_when_forced", dir.path(), 256 << 20) else {
+        return;
+    };
+    let dev = device.path().to_str().unwrap();
+    assert!(Command::new("mkfs.ext4")
+        .args(["-q", "-F", dev])
+        .status()
+        .unwrap()
+        .success());
+    let point = dir.path().join("mnt");
+    std::fs::create_dir(&point).unwrap();
+    assert!(Command::new("mount").arg(dev).arg(&point).status().unwrap().success());
+    let _mount = Mount(point.clone());
+    let data = dir.path().join("data");
+    let refused = run(&["disk", "enroll", "--data-dir", data.to_str().unwrap(), "--force", dev]);
+    assert!(!refused.status.success());
+    let message = text(&refused);
+    assert!(
+        message.contains("mounted at") && message.contains("unmount"),
+        "{message}"
+    );
+    // Nothing was written: the filesystem still mounts fine (it is mounted).
+    assert!(point.join("lost+found").exists());
+}
+
+#[test]
+fn a_missing_file_needs_a_size_and_then_becomes_a_disk() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let file = dir.path().join("file-disk.img");
+    let (data, file) = (data.to_str().unwrap(), file.to_str().unwrap());
+    let refused = run(&["disk", "enroll", "--data-dir", data, file]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("--size"), "{}", text(&refused));
+    let created = run(&[
+        "disk",
+        "enroll",
+        "--data-dir",
+        data,
+        "--size",
+        "128MiB",
+        "--segment-size",
+        "1MiB",
+        file,
+    ]);
+    assert!(created.status.success(), "{}", text(&created));
+    assert_eq!(std::fs::metadata(file).unwrap().len(), 128 << 20);
+    let status = run(&["disk", "status", "--data-dir", data, "--json"]);
+    assert!(status.status.success(), "{}", text(&status));
+    let rows: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(rows[0]["size_bytes"], 128 << 20);
+    assert_eq!(rows[0]["used_bytes"], 0);
+    // Enrolling it again is refused: it is already a ballast disk.
+    let again = run(&["disk", "enroll", "--data-dir", data, file]);
+    assert!(!again.status.success());
+    assert!(text(&again).contains("already enrolled"), "{}", text(&again));
+}
+
+#[test]
+fn a_disk_of_another_node_is_refused_at_start() {
+    let dir = scratch();
+    let file = dir.path().join("shared.img");
+    let (a, b) = (dir.path().join("node-a"), dir.path().join("node-b"));
+    let enrolled = run(&[
+        "disk",
+        "enroll",
+        "--data-dir",
+        a.to_str().unwrap(),
+        "--size",
+        "128MiB",
+        "--segment-size",
+        "1MiB",
+        file.to_str().unwrap(),
+    ]);
+    assert!(enrolled.status.success(), "{}", text(&enrolled));
+    // Node B's directory claims the same disk (as a careless copy would).
+    assert!(run(&[
+        "disk",
+        "enroll",
+        "--data-dir",
+        b.to_str().unwrap(),
+        "--size",
+        "128MiB",
+        dir.path().join("b.img").to_str().unwrap()
+    ])
+    .status
+    .success());
+    std::fs::copy(a.join("disks.toml"), b.join("disks.toml")).unwrap();
+    let status = run(&["disk", "status", "--data-dir", b.to_str().unwrap()]);
+    assert!(!status.status.success());
+    assert!(text(&status).contains("belongs to node"), "{}", text(&status));
+}
+
+#[test]
+fn bad_sizes_get_a_clear_error() {
+    let dir = scratch();
+    let out = run(&[
+        "disk",
+        "enroll",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--size",
+        "ten",
+        "x.img",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("invalid size \"ten\""), "{}", text(&out));
+    let out = run(&[
+        "disk",
+        "enroll",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+        "--size",
+        "64MiB",
+        "--segment-size",
+        "3MiB",
+        dir.path().join("y.img").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).contains("power of two"), "{}", text(&out));
+}

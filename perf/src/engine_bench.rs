@@ -1,0 +1,158 @@
+//! Engine-direct load: a closed loop of requests at a fixed queue depth
+//! straight into the node's storage engine (no network), timed with an
+//! HDR histogram.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use crossbeam_channel::unbounded;
+use disk_layout::{Reply, StoreStats};
+use hdrhistogram::Histogram;
+use node::engine::{Command, Engine};
+use serde::Serialize;
+
+/// What one engine run measured.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+pub struct EngineResult {
+    pub iops: f64,
+    pub latency_p50_us: f64,
+    pub latency_p99_us: f64,
+}
+
+/// The kind of request a run issues.
+#[derive(Clone, Copy, Debug)]
+pub enum Pattern {
+    RandomWrite,
+    RandomRead,
+}
+
+/// Runs `pattern` over blocks `0..blocks` of `volume` for `seconds` with
+/// `queue_depth` requests in flight.
+pub fn run(
+    engine: &Engine,
+    disk: usize,
+    volume: u64,
+    blocks: u64,
+    queue_depth: usize,
+    seconds: f64,
+    pattern: Pattern,
+) -> Result<EngineResult> {
+    let (sender, receiver) = unbounded::<(usize, Result<Reply, disk_layout::StoreError>)>();
+    let mut started_at = vec![Instant::now(); queue_depth];
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut rng = disk_layout::sim_disk::SimRng::new(0x5EED ^ blocks);
+    let template = vec![0xA5u8; 4096];
+    let issue = |slot: usize, rng: &mut disk_layout::sim_disk::SimRng, started_at: &mut [Instant]| {
+        let lba = rng.below(blocks);
+        let command = match pattern {
+            Pattern::RandomWrite => Command::Write {
+                volume_id: volume,
+                lba,
+                data: template.clone(),
+                epoch: 1,
+                volume_sequence: 0,
+            },
+            Pattern::RandomRead => Command::Read {
+                volume_id: volume,
+                lba,
+                block_count: 1,
+            },
+        };
+        started_at[slot] = Instant::now();
+        let sender = sender.clone();
+        engine.submit(
+            disk,
+            command,
+            Box::new(move |result| {
+                let _ = sender.send((slot, result));
+            }),
+        );
+    };
+    for slot in 0..queue_depth {
+        issue(slot, &mut rng, &mut started_at);
+    }
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(seconds);
+    let mut done = 0u64;
+    let mut outstanding = queue_depth;
+    while outstanding > 0 {
+        let (slot, result) = receiver.recv_timeout(Duration::from_secs(30))?;
+        outstanding -= 1;
+        match result {
+            Ok(Reply::Written | Reply::Read(_)) => {}
+            other => bail!("engine request failed: {other:?}"),
+        }
+        let micros = u64::try_from(started_at[slot].elapsed().as_micros()).unwrap_or(u64::MAX);
+        histogram.record(micros.max(1))?;
+        done += 1;
+        if Instant::now() < deadline {
+            issue(slot, &mut rng, &mut started_at);
+            outstanding += 1;
+        }
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(EngineResult {
+        iops: done as f64 / elapsed,
+        latency_p50_us: histogram.value_at_quantile(0.5) as f64,
+        latency_p99_us: histogram.value_at_quantile(0.99) as f64,
+    })
+}
+
+/// Writes blocks `0..blocks` once, sequentially in 1 MiB requests, 8 in flight.
+pub fn fill(engine: &Engine, disk: usize, volume: u64, blocks: u64) -> Result<()> {
+    let (sender, receiver) = unbounded();
+    let chunk = 256u64;
+    let mut next = 0u64;
+    let mut outstanding = 0;
+    let data = vec![0x5Au8; 4096 * 256];
+    while next < blocks || outstanding > 0 {
+        while next < blocks && outstanding < 8 {
+            let count = chunk.min(blocks - next);
+            let sender = sender.clone();
+            let bytes = usize::try_from(count * 4096).expect("1 MiB");
+            engine.submit(
+                disk,
+                Command::Write {
+                    volume_id: volume,
+                    lba: next,
+                    data: data[..bytes].to_vec(),
+                    epoch: 1,
+                    volume_sequence: 0,
+                },
+                Box::new(move |result| {
+                    let _ = sender.send(result);
+                }),
+            );
+            next += count;
+            outstanding += 1;
+        }
+        match receiver.recv_timeout(Duration::from_secs(60))? {
+            Ok(Reply::Written) => outstanding -= 1,
+            other => bail!("fill write failed: {other:?}"),
+        }
+    }
+    Ok(())
+}
+
+/// The store's counters.
+pub fn stats(engine: &Engine, disk: usize) -> Result<StoreStats> {
+    Ok(engine.query(disk, |store| store.stats())?)
+}
+
+/// User capacity of the disk in blocks.
+pub fn capacity_blocks(engine: &Engine, disk: usize) -> Result<u64> {
+    Ok(engine.query(disk, |store| store.space().capacity_blocks)?)
+}
+
+/// Write amplification between two snapshots of the counters.
+#[must_use]
+pub fn write_amplification(before: &StoreStats, after: &StoreStats) -> f64 {
+    let user = after.user_blocks_written - before.user_blocks_written;
+    let total = user
+        + (after.relocated_blocks_written - before.relocated_blocks_written)
+        + (after.header_blocks_written - before.header_blocks_written);
+    if user == 0 {
+        return 1.0;
+    }
+    total as f64 / user as f64
+}
