@@ -81,7 +81,6 @@ fn main() -> Result<()> {
 struct Target {
     dir: tempfile::TempDir,
     device: LoopDevice,
-    size_bytes: u64,
 }
 
 fn target(size_bytes: u64) -> Result<Target> {
@@ -104,11 +103,7 @@ fn target(size_bytes: u64) -> Result<Target> {
     }
     file.sync_all()?;
     let device = LoopDevice::attach(&path, true)?;
-    Ok(Target {
-        dir,
-        device,
-        size_bytes,
-    })
+    Ok(Target { dir, device })
 }
 
 fn start_ballast(target: &Target, run: usize) -> Result<(DataDir, Engine)> {
@@ -181,11 +176,9 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
         engine_bench::fill(&engine, 0, 1, blocks)?;
         let before = engine_bench::stats(&engine, 0)?;
         // Overwrite twice the volume at random: long enough to reach steady-state cleaning.
-        let target_writes = blocks * 2;
-        let mut written = 0;
-        while written < target_writes {
-            let result = engine_bench::run(&engine, 0, 1, blocks, 32, 2.0, Pattern::RandomWrite)?;
-            written += (result.iops * 2.0) as u64;
+        let target_writes = before.user_blocks_written + blocks * 2;
+        while engine_bench::stats(&engine, 0)?.user_blocks_written < target_writes {
+            engine_bench::run(&engine, 0, 1, blocks, 32, 2.0, Pattern::RandomWrite)?;
         }
         let after = engine_bench::stats(&engine, 0)?;
         let amplification = engine_bench::write_amplification(&before, &after);
