@@ -1,7 +1,12 @@
 //! The segment cleaner: when free segments run low, read the best victim
-//! (cost-benefit), move its live blocks to the log head and let the
-//! checkpoint machinery free it. One victim at a time bounds the work and
-//! the memory (one segment-sized buffer).
+//! (greedy: fewest live blocks), queue its live blocks to be moved to the
+//! log head (paced between user writes by `drain_backlog`), and the segment
+//! is free once those moves are durable. One victim at a time bounds the
+//! work and the memory (one segment-sized copy).
+//!
+//! The victim is read in `CLEAN_READ_BYTES` pieces, one at a time: one
+//! large read holds up concurrent FUA writes on many devices for its whole
+//! duration (measured: 8 MiB reads raise write p99 from 1 ms to 7 ms).
 
 use super::{token, Store, KIND_CLEAN, USER_RESERVE_SEGMENTS};
 use crate::buf::IoBuf;
@@ -16,12 +21,21 @@ use crate::store::write::PendingWrite;
 const BLOCK: usize = BLOCK_BYTES;
 /// Most segments the cleaner keeps free ahead of demand.
 const CLEAN_WATERMARK_SEGMENTS_MAX: usize = 64;
+/// Fewest segments of lead the cleaner keeps over the user reserve.
+const CLEAN_LEAD_SEGMENTS_MIN: usize = 4;
+/// Size of each read of a victim.
+const CLEAN_READ_BYTES: usize = 512 * 1024;
 
 /// State of the cleaner.
 #[derive(Default)]
 pub(super) struct Cleaner {
     victim: Option<u32>,
     reading: bool,
+    /// Next byte of the victim to read.
+    read_offset_bytes: usize,
+    /// The victim's bytes, assembled from the pieces.
+    segment: Vec<u8>,
+    /// The buffer each piece is read into.
     buf: Option<IoBuf>,
 }
 
@@ -32,9 +46,25 @@ impl Cleaner {
 }
 
 impl Store {
-    /// Free segments below which cleaning (or a checkpoint) starts.
+    /// Free segments below which cleaning (or a checkpoint) starts: far
+    /// enough above the user reserve that user writes rarely wait for the
+    /// cleaner, small enough that victims have had time to die.
     pub(super) fn clean_watermark(&self) -> usize {
-        (self.geometry.segment_count as usize / 32).clamp(USER_RESERVE_SEGMENTS + 2, CLEAN_WATERMARK_SEGMENTS_MAX)
+        let scaled =
+            (self.geometry.segment_count as usize / 32).clamp(CLEAN_LEAD_SEGMENTS_MIN, CLEAN_WATERMARK_SEGMENTS_MAX);
+        USER_RESERVE_SEGMENTS + 1 + scaled
+    }
+
+    /// Ahead of need, only segments at most 90 % live are worth moving;
+    /// when user writes are blocked on space, any segment with a dead block
+    /// is (the capacity limit guarantees the emptiest has plenty).
+    fn victim_live_blocks_max(&self) -> u32 {
+        let segment_blocks = self.geometry.segment_blocks();
+        if self.segments.free_count() <= USER_RESERVE_SEGMENTS {
+            segment_blocks - 1
+        } else {
+            segment_blocks * 9 / 10
+        }
     }
 
     pub(super) fn maybe_clean(&mut self, io: &mut impl BlockIo) {
@@ -48,18 +78,28 @@ impl Store {
         if available >= self.clean_watermark() {
             return;
         }
-        let Some(victim) =
-            self.segments
-                .pick_victim(self.geometry.segment_blocks(), self.log.sequence, self.durable_sequence)
-        else {
+        let Some(victim) = self.segments.pick_victim(
+            self.geometry.segment_blocks(),
+            self.victim_live_blocks_max(),
+            self.log.sequence,
+            self.durable_sequence,
+        ) else {
             return;
         };
         let segment_bytes = usize::try_from(self.geometry.segment_size_bytes).expect("at most 1 GiB");
-        let mut buf = self.cleaner.buf.take().unwrap_or_else(|| IoBuf::new(segment_bytes));
-        buf.set_len(segment_bytes);
-        let offset_bytes = Geometry::address_bytes(self.geometry.block_address(victim, 0));
+        self.cleaner.segment.resize(segment_bytes, 0);
         self.cleaner.victim = Some(victim);
         self.cleaner.reading = true;
+        self.cleaner.read_offset_bytes = 0;
+        self.read_next_piece(io, victim);
+    }
+
+    fn read_next_piece(&mut self, io: &mut impl BlockIo, victim: u32) {
+        let piece = CLEAN_READ_BYTES.min(self.cleaner.segment.len() - self.cleaner.read_offset_bytes);
+        let mut buf = self.cleaner.buf.take().unwrap_or_else(|| IoBuf::new(CLEAN_READ_BYTES));
+        buf.set_len(piece);
+        let offset_bytes =
+            Geometry::address_bytes(self.geometry.block_address(victim, 0)) + self.cleaner.read_offset_bytes as u64;
         io.submit(IoRequest {
             token: token(KIND_CLEAN, u64::from(victim)),
             op: IoOp::Read { offset_bytes, buf },
@@ -83,25 +123,31 @@ impl Store {
 
     pub(super) fn on_clean_read(&mut self, io: &mut impl BlockIo, result: Result<(), IoFault>, buf: Option<IoBuf>) {
         let victim = self.cleaner.victim.expect("clean read without a victim");
-        self.cleaner.reading = false;
-        let buf = buf.expect("reads return their buffer");
+        let mut buf = buf.expect("reads return their buffer");
         if let Err(fault) = result {
             tracing::error!(disk = %self.config.disk_name, segment = victim, %fault, "cleaner could not read segment");
             self.segments.mark_stuck(victim);
             self.cleaner.victim = None;
+            self.cleaner.reading = false;
+            buf.set_len(CLEAN_READ_BYTES);
             self.cleaner.buf = Some(buf);
             return;
         }
-        let moves = self.live_runs(victim, buf.as_slice());
-        for pending in moves {
-            // Once one move had to wait, the rest queue behind it in order.
-            if self.relocation_backlog.is_empty() {
-                self.place_relocation(pending);
-            } else {
-                self.relocation_backlog.push_back(pending);
-            }
-        }
+        let at = self.cleaner.read_offset_bytes;
+        self.cleaner.segment[at..at + buf.len()].copy_from_slice(buf.as_slice());
+        self.cleaner.read_offset_bytes += buf.len();
+        buf.set_len(CLEAN_READ_BYTES);
         self.cleaner.buf = Some(buf);
+        if self.cleaner.read_offset_bytes < self.cleaner.segment.len() {
+            self.read_next_piece(io, victim);
+            return;
+        }
+        self.cleaner.reading = false;
+        // Queued, not placed: `drain_backlog` paces them between user writes.
+        let segment = std::mem::take(&mut self.cleaner.segment);
+        let moves = self.live_runs(victim, &segment);
+        self.cleaner.segment = segment;
+        self.relocation_backlog.extend(moves);
         self.pump(io);
         self.maybe_clean(io);
     }

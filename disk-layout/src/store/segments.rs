@@ -239,11 +239,19 @@ impl SegmentTable {
     /// empty-ish and old segments first. Only segments whose batches are all
     /// durable (`last_sequence <= durable_sequence`) qualify.
     #[must_use]
-    pub fn pick_victim(&self, segment_blocks: u32, now_sequence: u64, durable_sequence: u64) -> Option<u32> {
+    /// Segments with more than `live_blocks_max` live blocks are not worth it.
+    pub fn pick_victim(
+        &self,
+        segment_blocks: u32,
+        live_blocks_max: u32,
+        now_sequence: u64,
+        durable_sequence: u64,
+    ) -> Option<u32> {
         let mut best: Option<(f64, u32)> = None;
         for (index, segment) in self.segments.iter().enumerate() {
             if segment.state != SegmentState::Used
                 || segment.live_blocks >= segment_blocks
+                || segment.live_blocks > live_blocks_max
                 || segment.last_sequence > durable_sequence
             {
                 continue;
@@ -304,9 +312,9 @@ mod tests {
     #[test]
     fn the_victim_is_the_emptiest_old_segment() {
         let table = SegmentTable::new(vec![1, 2, 3, 4, 5], vec![100, 10, 200, 0, 0], 4, 3, 0);
-        assert_eq!(table.pick_victim(256, 10, 10), Some(1));
+        assert_eq!(table.pick_victim(256, 255, 10, 10), Some(1));
         assert_eq!(
-            table.pick_victim(256, 10, 1),
+            table.pick_victim(256, 255, 10, 1),
             Some(0),
             "segments with undurable batches are skipped"
         );

@@ -45,6 +45,8 @@ pub(super) struct OpenBatch {
     data_capacity_blocks: u32,
     pub(super) records: Vec<Record>,
     data_blocks: u32,
+    /// Data blocks placed by the cleaner (paced: see `relocation_has_room`).
+    relocated_blocks: u32,
     buf: IoBuf,
     waiters: Vec<(u64, ReplyKind)>,
 }
@@ -337,6 +339,9 @@ impl Store {
         };
         open.records.push(record);
         open.data_blocks += data_blocks;
+        if pending.kind == RecordKind::Relocate {
+            open.relocated_blocks += data_blocks;
+        }
         if let (Some(tag), true) = (pending.tag, last) {
             let kind = match pending.kind {
                 RecordKind::Zero => ReplyKind::Zeroed,
@@ -422,6 +427,7 @@ impl Store {
             data_capacity_blocks: room.min(BATCH_DATA_BLOCKS_MAX),
             records: Vec::with_capacity(RECORDS_PER_BATCH_MAX),
             data_blocks: 0,
+            relocated_blocks: 0,
             buf,
             waiters: Vec::new(),
         });
@@ -521,12 +527,6 @@ impl Store {
     /// Places backlogged records; true if any was placed.
     fn drain_backlog(&mut self) -> bool {
         let mut placed_any = false;
-        while let Some(pending) = self.relocation_backlog.pop_front() {
-            if !self.place_relocation(pending) {
-                return placed_any;
-            }
-            placed_any = true;
-        }
         while let Some(mut pending) = self.user_backlog.pop_front() {
             let data = std::mem::take(&mut pending.data);
             match self.place(&pending, &data) {
@@ -548,7 +548,28 @@ impl Store {
                 }
             }
         }
+        while self.relocation_has_room() {
+            let Some(pending) = self.relocation_backlog.pop_front() else {
+                break;
+            };
+            if !self.place_relocation(pending) {
+                break;
+            }
+            placed_any = true;
+        }
         placed_any
+    }
+
+    /// Relocations take at most half of a batch, so user writes never wait
+    /// behind a whole segment of moved data; when free segments are nearly
+    /// gone the cleaner goes first (user writes are waiting for it anyway).
+    fn relocation_has_room(&self) -> bool {
+        if self.segments.free_count() <= USER_RESERVE_SEGMENTS + 1 {
+            return true;
+        }
+        self.open
+            .as_ref()
+            .is_none_or(|open| open.relocated_blocks < open.data_capacity_blocks / 2)
     }
 
     /// Places the still-live parts of a relocation (or a `Bad` marking);
@@ -733,7 +754,12 @@ impl Store {
             || !self.relocation_backlog.is_empty()
             || self
                 .segments
-                .pick_victim(self.geometry.segment_blocks(), self.log.sequence, self.durable_sequence)
+                .pick_victim(
+                    self.geometry.segment_blocks(),
+                    self.geometry.segment_blocks(),
+                    self.log.sequence,
+                    self.durable_sequence,
+                )
                 .is_some()
             || !self.inflight.is_empty()
         {
