@@ -26,6 +26,7 @@ pub enum Pattern {
     RandomRead,
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Runs `pattern` over blocks `0..blocks` of `volume` for `seconds` with
 /// `queue_depth` requests in flight.
 pub fn run(
@@ -36,11 +37,13 @@ pub fn run(
     queue_depth: usize,
     seconds: f64,
     pattern: Pattern,
+    seed: u64,
 ) -> Result<EngineResult> {
     let (sender, receiver) = unbounded::<(usize, Result<Reply, disk_layout::StoreError>)>();
     let mut started_at = vec![Instant::now(); queue_depth];
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    let mut rng = disk_layout::sim_disk::SimRng::new(0x5EED ^ blocks);
+    // A new seed per call: repeated calls with one seed rewrite the same blocks.
+    let mut rng = disk_layout::sim_disk::SimRng::new(seed);
     let template = vec![0xA5u8; 4096];
     let issue = |slot: usize, rng: &mut disk_layout::sim_disk::SimRng, started_at: &mut [Instant]| {
         let lba = rng.below(blocks);

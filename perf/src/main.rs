@@ -158,10 +158,28 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
         let (_data, engine) = start_ballast(&target, run)?;
         let blocks = engine_bench::capacity_blocks(&engine, 0)? / 2;
         engine_bench::fill(&engine, 0, 1, blocks)?;
-        let write = engine_bench::run(&engine, 0, 1, blocks, 32, seconds as f64, Pattern::RandomWrite)?;
+        let write = engine_bench::run(
+            &engine,
+            0,
+            1,
+            blocks,
+            32,
+            seconds as f64,
+            Pattern::RandomWrite,
+            run as u64,
+        )?;
         report.ballast_randwrite_iops.push(write.iops);
         report.ballast_randwrite_p99_us.push(write.latency_p99_us);
-        let read = engine_bench::run(&engine, 0, 1, blocks, 32, seconds as f64, Pattern::RandomRead)?;
+        let read = engine_bench::run(
+            &engine,
+            0,
+            1,
+            blocks,
+            32,
+            seconds as f64,
+            Pattern::RandomRead,
+            run as u64 + 1000,
+        )?;
         report.ballast_randread_iops.push(read.iops);
         engine.shutdown();
         let raw_read = fio::run_on_device(
@@ -177,8 +195,10 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
         let before = engine_bench::stats(&engine, 0)?;
         // Overwrite twice the volume at random: long enough to reach steady-state cleaning.
         let target_writes = before.user_blocks_written + blocks * 2;
+        let mut seed = 0;
         while engine_bench::stats(&engine, 0)?.user_blocks_written < target_writes {
-            engine_bench::run(&engine, 0, 1, blocks, 32, 2.0, Pattern::RandomWrite)?;
+            seed += 1;
+            engine_bench::run(&engine, 0, 1, blocks, 32, 2.0, Pattern::RandomWrite, seed)?;
         }
         let after = engine_bench::stats(&engine, 0)?;
         let amplification = engine_bench::write_amplification(&before, &after);

@@ -4,7 +4,7 @@
 //! -> flush -> header write -> flush -> the slot is current, and the reuse
 //! floor (the older slot's log position) may free dead segments.
 
-use super::{token, LogHead, Store, KIND_CHECKPOINT};
+use super::{token, LogHead, Store, KIND_CHECKPOINT, USER_RESERVE_SEGMENTS};
 use crate::buf::IoBuf;
 use crate::checkpoint::{encode_payload, payload_len, CheckpointHeader, LogPosition, CHECKPOINT_HEADER_BYTES};
 use crate::codec::align_up;
@@ -91,7 +91,18 @@ fn position_of(log: &LogHead) -> LogPosition {
     }
 }
 
+/// Fewest log blocks between periodic checkpoints (16 MiB).
+const CHECKPOINT_INTERVAL_BLOCKS_MIN: u64 = 4096;
+
 impl Store {
+    /// Log blocks between periodic checkpoints: the configured value, but at
+    /// most an eighth of the disk, so the segments the two slots protect
+    /// from reuse (up to two intervals of log) stay a small share of it.
+    fn checkpoint_interval_blocks(&self) -> u64 {
+        let by_disk = (self.geometry.data_blocks() / 8).max(CHECKPOINT_INTERVAL_BLOCKS_MIN);
+        self.config.checkpoint_interval_blocks.min(by_disk)
+    }
+
     /// The slot holding the newest complete checkpoint.
     #[must_use]
     pub fn newest_checkpoint_slot(&self) -> usize {
@@ -106,9 +117,14 @@ impl Store {
         if !self.checkpoint.is_idle() || self.failed.is_some() {
             return;
         }
-        let space_pressure =
-            self.segments.dead_behind_checkpoint_count() > 0 && self.segments.free_count() < self.clean_watermark();
-        let due = self.checkpoint.blocks_since >= self.config.checkpoint_interval_blocks;
+        // A checkpoint writes the whole index, so under space pressure it is
+        // taken only when it frees several segments, or when space is critical.
+        let waiting = self.segments.dead_behind_checkpoint_count();
+        let free = self.segments.free_count();
+        let space_pressure = waiting > 0
+            && free < self.clean_watermark()
+            && (waiting >= self.clean_watermark() / 2 || free <= USER_RESERVE_SEGMENTS + 1);
+        let due = self.checkpoint.blocks_since >= self.checkpoint_interval_blocks();
         if !(self.checkpoint.requested || due || space_pressure) {
             return;
         }

@@ -5,46 +5,95 @@
 //! `eligibility` says whether ballast may take it and why not;
 //! `describe_path` does the same for one path (block device, partition or
 //! regular file); `open_exclusive` opens a device so nothing else can.
+//!
+//! Files: `sysfs` reads /sys, `mounts` parses /proc mount and swap tables,
+//! `signature` (with `zfs_label`) recognises contents from raw bytes,
+//! `report` describes a single path, `open` does the exclusive open.
 
+mod mounts;
 mod open;
+mod report;
 pub mod signature;
 mod sysfs;
+mod zfs_label;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
 pub use open::{open_exclusive, OpenedDevice};
+pub use report::{describe_path, PathReport};
 pub use signature::Signature;
 
 /// Smallest device ballast will enroll.
 pub const DEVICE_BYTES_MIN: u64 = 64 << 20;
 
-/// Errors describing or opening devices.
+/// Most whole disks `list_block_devices` reports; beyond this the rest are
+/// logged and left out (a bound on the walk, far above any real server).
+pub const DEVICES_MAX: usize = 4096;
+
+/// Errors describing or opening devices. Each names the path and says why.
 #[derive(Debug, Error)]
 pub enum DeviceError {
     /// the path does not exist
-    #[error("{path} does not exist")]
+    #[error("{path} does not exist (see `ballast disk list` for the disks of this host)")]
     NotFound { path: PathBuf },
-    /// another user holds the device
+    /// another user holds the device: mounted, part of LVM/MD/dm, or opened
+    /// exclusively (or flock'ed, for a file) by another process
     #[error("{path} is busy: is it mounted or used by another process? see `ballast disk list`")]
     Busy { path: PathBuf },
     /// the filesystem holding a file-backed disk refuses O_DIRECT
     #[error("{path}: its filesystem does not support O_DIRECT (tmpfs?); put the file on ext4 or xfs")]
     DirectIoUnsupported { path: PathBuf },
     /// not a block device or regular file
-    #[error("{path} is neither a block device nor a regular file")]
+    #[error(
+        "{path} is neither a block device nor a regular file; give a disk such as /dev/nvme0n1, a partition, or a file"
+    )]
     NotADisk { path: PathBuf },
+    /// the device or its filesystem is read-only
+    #[error("{path} is read-only; ballast needs to write to it")]
+    ReadOnly { path: PathBuf },
+    /// opening needs privileges this process lacks
+    #[error("permission denied opening {path}; run as root (or a member of the disk group)")]
+    PermissionDenied { path: PathBuf },
+    /// a block device node with no matching sysfs entry
+    #[error("{path} is block device {major}:{minor}, which has no entry under /sys/dev/block; is sysfs mounted?")]
+    NotInSysfs { path: PathBuf, major: u32, minor: u32 },
     /// any other I/O failure
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
 }
 
+impl DeviceError {
+    /// True when something else is using the device (retrying later, after
+    /// unmounting or stopping the user, may succeed).
+    #[must_use]
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Busy { .. })
+    }
+
+    /// The path the error is about.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        match self {
+            Self::NotFound { path }
+            | Self::Busy { path }
+            | Self::DirectIoUnsupported { path }
+            | Self::NotADisk { path }
+            | Self::ReadOnly { path }
+            | Self::PermissionDenied { path }
+            | Self::NotInSysfs { path, .. }
+            | Self::Io { path, .. } => path,
+        }
+    }
+}
+
 /// One whole disk (or, from `describe_path`, a partition) of the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BlockDevice {
+    /// Kernel name ("nvme0n1", "loop3", "sda1").
     pub name: String,
+    /// Device node ("/dev/nvme0n1").
     pub path: PathBuf,
     pub size_bytes: u64,
     pub logical_block_bytes: u32,
@@ -54,11 +103,18 @@ pub struct BlockDevice {
     pub read_only: bool,
     pub model: Option<String>,
     pub serial: Option<String>,
+    /// Partition names of a whole disk (empty for a partition).
     pub partitions: Vec<String>,
+    /// Users stacked on the device or its partitions (dm-N, mdN, bcacheN),
+    /// a partition's marked "(via sda1)".
     pub holders: Vec<String>,
+    /// Where it or its partitions are mounted; "[SWAP]" for active swap.
     pub mountpoints: Vec<String>,
+    /// What its first and last bytes hold; `None` if nothing known, or if
+    /// the probe failed (then `probe_error` says why).
     pub signature: Option<Signature>,
     pub probe_error: Option<String>,
+    /// For a loop device, the file behind it.
     pub backing_file: Option<String>,
     pub is_partition: bool,
 }
@@ -70,7 +126,9 @@ pub struct Eligibility {
     pub reasons: Vec<String>,
 }
 
-/// Decides eligibility. Each reason is one human-readable phrase.
+/// Decides eligibility. Each reason is one human-readable phrase; callers
+/// (enroll) sort them into "in use" and "holds data" by their words
+/// ("mounted", "holders", "probed", "read-only", "too small").
 #[must_use]
 pub fn eligibility(device: &BlockDevice) -> Eligibility {
     let mut reasons = Vec::new();
@@ -85,249 +143,69 @@ pub fn eligibility(device: &BlockDevice) -> Eligibility {
     }
     match device.signature {
         Some(Signature::Ballast) => reasons.push("already enrolled (ballast disk)".into()),
-        Some(signature) => reasons.push(format!("holds a {}", signature.describe())),
+        Some(signature) => reasons.push(format!("holds an existing {}", signature.describe())),
         None => {}
     }
     if let Some(error) = &device.probe_error {
-        reasons.push(format!("cannot be read to check its contents ({error})"));
+        // Unknown contents are treated as data: never enroll what we could not read.
+        reasons.push(format!("contents could not be probed ({error})"));
     }
     if device.read_only {
         reasons.push("read-only".into());
     }
     if device.size_bytes < DEVICE_BYTES_MIN {
-        reasons.push(format!("too small ({} bytes; at least 64 MiB)", device.size_bytes));
+        reasons.push(format!(
+            "too small ({} bytes; at least {} MiB)",
+            device.size_bytes,
+            DEVICE_BYTES_MIN >> 20
+        ));
     }
+    debug_assert!(device.probe_error.is_none() || device.signature.is_none());
     Eligibility {
         eligible: reasons.is_empty(),
         reasons,
     }
 }
 
-/// Every whole disk of the host, sorted by name. RAM disks and detached
-/// loop devices are left out.
+/// Every whole disk of the host, sorted by name. RAM disks, detached loop
+/// devices and hidden multipath path devices are left out. Each listed
+/// device is read (its first and last 128 KiB) to see what it holds.
 pub fn list_block_devices() -> Result<Vec<BlockDevice>, DeviceError> {
     let root = Path::new(sysfs::SYS_BLOCK);
     let entries = std::fs::read_dir(root).map_err(|source| DeviceError::Io {
         path: root.to_owned(),
         source,
     })?;
-    let mounts = sysfs::mounts_by_device();
+    let mounts = mounts::current();
     let mut devices = Vec::new();
-    for entry in entries.flatten() {
+    for entry in entries {
+        let entry = entry.map_err(|source| DeviceError::Io {
+            path: root.to_owned(),
+            source,
+        })?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("ram") || name.starts_with("zram") {
-            continue;
-        }
         let dir = entry.path();
-        if name.starts_with("loop") && !dir.join("loop/backing_file").exists() {
+        if !sysfs::is_listed_disk(&name, &dir) {
             continue;
         }
-        devices.push(describe_sysfs(&name, &dir, &mounts, false));
+        if devices.len() == DEVICES_MAX {
+            tracing::warn!(
+                devices_max = DEVICES_MAX,
+                "more block devices than ballast lists; the rest are left out"
+            );
+            break;
+        }
+        devices.push(sysfs::describe(&name, &dir, &mounts, false));
     }
     devices.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(devices)
-}
-
-fn describe_sysfs(
-    name: &str,
-    dir: &Path,
-    mounts: &std::collections::HashMap<(u32, u32), Vec<String>>,
-    is_partition: bool,
-) -> BlockDevice {
-    let queue = |attribute: &str| sysfs::number(&dir.join("queue").join(attribute));
-    let whole = if is_partition { dir.parent().unwrap_or(dir) } else { dir };
-    let partitions = if is_partition {
-        Vec::new()
-    } else {
-        sysfs::partitions(dir)
-    };
-    let mut holders = sysfs::holders(dir);
-    let mut mountpoints = sysfs::dev_number(dir)
-        .and_then(|n| mounts.get(&n).cloned())
-        .unwrap_or_default();
-    for partition in &partitions {
-        let partition_dir = dir.join(partition);
-        holders.extend(sysfs::holders(&partition_dir));
-        if let Some(points) = sysfs::dev_number(&partition_dir).and_then(|n| mounts.get(&n)) {
-            mountpoints.extend(points.iter().map(|point| format!("{point} (via {partition})")));
-        }
-    }
-    let size_bytes = sysfs::number(&dir.join("size")).unwrap_or(0) * 512;
-    let path = PathBuf::from("/dev").join(name);
-    let (signature, probe_error) = match File::open(&path) {
-        Ok(file) if size_bytes > 0 => match signature::probe_signature(&file, size_bytes) {
-            Ok(signature) => (signature, None),
-            Err(error) => (None, Some(error.to_string())),
-        },
-        Ok(_) => (None, None),
-        Err(error) => (None, Some(error.to_string())),
-    };
-    BlockDevice {
-        name: name.to_owned(),
-        path,
-        size_bytes,
-        logical_block_bytes: u32::try_from(queue("logical_block_size").unwrap_or(512)).unwrap_or(512),
-        physical_block_bytes: u32::try_from(queue("physical_block_size").unwrap_or(512)).unwrap_or(512),
-        rotational: whole.join("queue/rotational").exists()
-            && sysfs::number(&whole.join("queue/rotational")) == Some(1),
-        removable: sysfs::number(&whole.join("removable")) == Some(1),
-        read_only: sysfs::number(&dir.join("ro")) == Some(1),
-        model: sysfs::attribute(&whole.join("device/model")),
-        serial: sysfs::attribute(&whole.join("device/serial")).or_else(|| sysfs::attribute(&whole.join("serial"))),
-        partitions,
-        holders,
-        mountpoints,
-        signature,
-        probe_error,
-        backing_file: sysfs::attribute(&dir.join("loop/backing_file")),
-        is_partition,
-    }
-}
-
-/// What `describe_path` found.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PathReport {
-    /// A block device (whole disk or partition).
-    Block(Box<BlockDevice>),
-    /// A regular file used as a disk.
-    File {
-        path: PathBuf,
-        size_bytes: u64,
-        signature: Option<Signature>,
-    },
-}
-
-impl PathReport {
-    /// Size in bytes.
-    #[must_use]
-    pub fn size_bytes(&self) -> u64 {
-        match self {
-            Self::Block(device) => device.size_bytes,
-            Self::File { size_bytes, .. } => *size_bytes,
-        }
-    }
-
-    /// Eligibility, as for a listed device.
-    #[must_use]
-    pub fn eligibility(&self) -> Eligibility {
-        match self {
-            Self::Block(device) => eligibility(device),
-            Self::File {
-                path,
-                size_bytes,
-                signature,
-            } => eligibility(&BlockDevice {
-                name: path.display().to_string(),
-                path: path.clone(),
-                size_bytes: *size_bytes,
-                logical_block_bytes: 512,
-                physical_block_bytes: 4096,
-                rotational: false,
-                removable: false,
-                read_only: false,
-                model: None,
-                serial: None,
-                partitions: Vec::new(),
-                holders: Vec::new(),
-                mountpoints: Vec::new(),
-                signature: *signature,
-                probe_error: None,
-                backing_file: None,
-                is_partition: false,
-            }),
-        }
-    }
-
-    /// One line saying what the path is.
-    #[must_use]
-    pub fn summary(&self) -> String {
-        let gib = |bytes: u64| format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30));
-        let contents = |signature: &Option<Signature>| {
-            signature.map_or("no known signature".to_owned(), |s| s.describe().to_owned())
-        };
-        match self {
-            Self::Block(device) => format!(
-                "{} {}, {}{}{}, {}",
-                if device.is_partition {
-                    "partition"
-                } else {
-                    "block device"
-                },
-                device.name,
-                gib(device.size_bytes),
-                device
-                    .model
-                    .as_ref()
-                    .map(|m| format!(", model {m}"))
-                    .unwrap_or_default(),
-                device
-                    .backing_file
-                    .as_ref()
-                    .map(|b| format!(", backed by {b}"))
-                    .unwrap_or_default(),
-                contents(&device.signature),
-            ),
-            Self::File {
-                size_bytes, signature, ..
-            } => format!("regular file, {}, {}", gib(*size_bytes), contents(signature)),
-        }
-    }
-}
-
-/// Describes one path: a block device (found in sysfs by its device
-/// number, so /dev/disk/by-id links work), a partition, or a regular file.
-pub fn describe_path(path: &Path) -> Result<PathReport, DeviceError> {
-    use std::os::unix::fs::FileTypeExt;
-    let metadata = std::fs::metadata(path).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => DeviceError::NotFound { path: path.to_owned() },
-        _ => DeviceError::Io {
-            path: path.to_owned(),
-            source,
-        },
-    })?;
-    if metadata.file_type().is_file() {
-        let size_bytes = metadata.len();
-        let file = File::open(path).map_err(|source| DeviceError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-        let signature = if size_bytes == 0 {
-            None
-        } else {
-            signature::probe_signature(&file, size_bytes).map_err(|source| DeviceError::Io {
-                path: path.to_owned(),
-                source,
-            })?
-        };
-        return Ok(PathReport::File {
-            path: path.to_owned(),
-            size_bytes,
-            signature,
-        });
-    }
-    if !metadata.file_type().is_block_device() {
-        return Err(DeviceError::NotADisk { path: path.to_owned() });
-    }
-    let number = sysfs::block_number_of(path).ok_or_else(|| DeviceError::NotADisk { path: path.to_owned() })?;
-    let dir = sysfs::sysfs_dir_of(number).ok_or_else(|| DeviceError::NotFound { path: path.to_owned() })?;
-    let name = dir
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let is_partition = dir.join("partition").exists();
-    Ok(PathReport::Block(Box::new(describe_sysfs(
-        &name,
-        &dir,
-        &sysfs::mounts_by_device(),
-        is_partition,
-    ))))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn healthy() -> BlockDevice {
+    pub(super) fn healthy() -> BlockDevice {
         BlockDevice {
             name: "loop0".into(),
             path: "/dev/loop0".into(),
@@ -363,7 +241,7 @@ mod tests {
     #[test]
     fn every_problem_is_named() {
         let mut device = healthy();
-        device.mountpoints = vec!["/data".into()];
+        device.mountpoints = vec!["/data".into(), "[SWAP]".into()];
         device.holders = vec!["dm-0".into()];
         device.partitions = vec!["loop0p1".into()];
         device.signature = Some(Signature::Ext);
@@ -371,17 +249,51 @@ mod tests {
         device.size_bytes = 1 << 20;
         let verdict = eligibility(&device);
         assert!(!verdict.eligible);
+        assert_eq!(verdict.reasons.len(), 6, "{:?}", verdict.reasons);
         let text = verdict.reasons.join("; ");
         for needle in [
-            "mounted at /data",
-            "dm-0",
-            "loop0p1",
-            "ext2/3/4",
+            "mounted at /data, [SWAP]",
+            "holders dm-0",
+            "partitions loop0p1",
+            "holds an existing ext2/3/4 filesystem",
             "read-only",
-            "too small",
+            "too small (1048576 bytes; at least 64 MiB)",
         ] {
             assert!(text.contains(needle), "{needle} missing from {text}");
         }
+    }
+
+    #[test]
+    fn each_problem_alone_makes_a_disk_ineligible() {
+        let problems: [fn(&mut BlockDevice); 7] = [
+            |d| d.mountpoints = vec!["/x".into()],
+            |d| d.holders = vec!["md0".into()],
+            |d| d.partitions = vec!["loop0p1".into()],
+            |d| d.signature = Some(Signature::Swap),
+            |d| d.probe_error = Some("EIO".into()),
+            |d| d.read_only = true,
+            |d| d.size_bytes = DEVICE_BYTES_MIN - 1,
+        ];
+        for (index, problem) in problems.iter().enumerate() {
+            let mut device = healthy();
+            problem(&mut device);
+            let verdict = eligibility(&device);
+            assert!(!verdict.eligible, "problem {index}");
+            assert_eq!(verdict.reasons.len(), 1, "problem {index}: {:?}", verdict.reasons);
+        }
+        let mut exact = healthy();
+        exact.size_bytes = DEVICE_BYTES_MIN;
+        assert!(eligibility(&exact).eligible, "64 MiB exactly is enough");
+    }
+
+    #[test]
+    fn a_failed_probe_is_a_reason_that_names_the_error() {
+        let mut device = healthy();
+        device.probe_error = Some("/dev/loop0: Input/output error".into());
+        assert_eq!(
+            eligibility(&device).reasons,
+            vec!["contents could not be probed (/dev/loop0: Input/output error)".to_owned()]
+        );
     }
 
     #[test]
@@ -395,18 +307,44 @@ mod tests {
     }
 
     #[test]
-    fn listing_devices_works_on_this_host() {
+    fn listing_leaves_out_ram_disks_and_detached_loops() {
         let devices = list_block_devices().unwrap();
         assert!(devices
             .iter()
             .all(|d| !d.name.starts_with("ram") && !d.name.starts_with("zram")));
+        assert!(devices
+            .iter()
+            .filter(|d| d.name.starts_with("loop"))
+            .all(|d| d.backing_file.is_some()));
+        assert!(devices.windows(2).all(|pair| pair[0].name < pair[1].name), "sorted");
     }
 
     #[test]
-    fn describing_a_missing_path_says_not_found() {
-        assert!(matches!(
-            describe_path(Path::new("/nonexistent/disk")),
-            Err(DeviceError::NotFound { .. })
-        ));
+    fn every_error_names_its_path() {
+        let path = PathBuf::from("/dev/sdz");
+        let errors = [
+            DeviceError::NotFound { path: path.clone() },
+            DeviceError::Busy { path: path.clone() },
+            DeviceError::DirectIoUnsupported { path: path.clone() },
+            DeviceError::NotADisk { path: path.clone() },
+            DeviceError::ReadOnly { path: path.clone() },
+            DeviceError::PermissionDenied { path: path.clone() },
+            DeviceError::NotInSysfs {
+                path: path.clone(),
+                major: 8,
+                minor: 240,
+            },
+            DeviceError::Io {
+                path: path.clone(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            },
+        ];
+        for error in &errors {
+            assert!(error.to_string().contains("/dev/sdz"), "{error}");
+            assert_eq!(error.path(), path);
+        }
+        assert!(errors[1].is_busy());
+        assert!(errors[1].to_string().contains("ballast disk list"));
+        assert!(!errors[0].is_busy());
     }
 }

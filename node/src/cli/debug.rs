@@ -56,6 +56,9 @@ pub struct LoadArgs {
     /// Use the pread/pwrite thread pool instead of io_uring.
     #[arg(long)]
     pub thread_pool: bool,
+    /// Cores to pin reactor threads to, e.g. 0-3,6 (default: one unpinned reactor).
+    #[arg(long)]
+    pub cores: Option<String>,
 }
 
 /// Runs a debug command.
@@ -82,6 +85,9 @@ fn start_engine(args: &LoadArgs) -> Result<(DataDir, Engine)> {
     let mut config = EngineConfig::new(*data.node.node_uuid.as_bytes());
     if args.thread_pool {
         config.choice = kernel_iface::EngineChoice::ThreadPool;
+    }
+    if let Some(cores) = &args.cores {
+        config.cores = kernel_iface::affinity::parse_core_list(cores)?;
     }
     let engine = Engine::start(&specs, &config)?;
     Ok((data, engine))

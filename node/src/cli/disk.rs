@@ -20,6 +20,9 @@ pub enum DiskCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Print only the paths of eligible devices, one per line (for scripts).
+        #[arg(long, conflicts_with = "json")]
+        eligible: bool,
     },
     /// Format devices for ballast and add them to a node's data directory.
     ///
@@ -62,7 +65,7 @@ pub struct EnrollArgs {
 /// Runs a disk command.
 pub fn run(command: DiskCommand) -> Result<ExitCode> {
     match command {
-        DiskCommand::List { json } => list(json),
+        DiskCommand::List { json, eligible } => list(json, eligible),
         DiskCommand::Enroll(args) => enroll_all(&args),
         DiskCommand::Status { data_dir, json } => status(&data_dir, json),
     }
@@ -108,9 +111,15 @@ fn listed(device: &BlockDevice) -> ListedDevice<'_> {
     }
 }
 
-fn list(json: bool) -> Result<ExitCode> {
+fn list(json: bool, eligible_only: bool) -> Result<ExitCode> {
     let devices = device::list_block_devices()?;
     let rows: Vec<ListedDevice<'_>> = devices.iter().map(listed).collect();
+    if eligible_only {
+        for row in rows.iter().filter(|row| row.eligible) {
+            println!("{}", row.path);
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
