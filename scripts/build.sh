@@ -23,7 +23,7 @@ cargo build --locked --profile "$PROFILE" --target "$TARGET" -p node --bin balla
 OUT_DIR=release; [ "$PROFILE" = dev ] && OUT_DIR=debug
 mkdir -p dist
 cp "target/$TARGET/$OUT_DIR/ballast" dist/ballast
-if ! file dist/ballast | grep -q "statically linked\|static-pie linked"; then
+if ! file dist/ballast | grep -q "statically linked"; then
   echo "build: dist/ballast is not statically linked:" >&2
   file dist/ballast >&2
   exit 1

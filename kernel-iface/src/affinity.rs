@@ -1,4 +1,5 @@
-//! CPU pinning for reactor threads, and the `--cores` list syntax.
+//! CPU pinning for reactor threads, and the `--cores` list syntax
+//! ("0-3,5,7-8", as in `taskset -c` and /sys/devices/system/cpu/online).
 
 use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
@@ -13,8 +14,11 @@ pub enum AffinityError {
     /// the list does not parse
     #[error("invalid core list {input:?}: {reason} (expected e.g. 0-3,5)")]
     BadList { input: String, reason: String },
-    /// the kernel refused
-    #[error("cannot pin thread to core {core}: {errno}")]
+    /// the kernel refused (the core is offline, beyond the kernel's CPU
+    /// set, or outside this process's cgroup/affinity mask)
+    #[error(
+        "cannot pin thread to core {core}: {errno} (is it online and allowed for this process? see `taskset -cp $$`)"
+    )]
     Pin { core: usize, errno: nix::errno::Errno },
 }
 
@@ -55,7 +59,9 @@ pub fn parse_core_list(input: &str) -> Result<Vec<usize>, AffinityError> {
     Ok(cores)
 }
 
-/// Cores this process may run on.
+/// Cores this process may run on (its affinity mask, which cgroups and
+/// `taskset` narrow), sorted. If the mask cannot be read, all
+/// `available_parallelism` cores from 0 are assumed.
 #[must_use]
 pub fn available_cores() -> Vec<usize> {
     match sched_getaffinity(Pid::from_raw(0)) {
@@ -86,6 +92,14 @@ mod tests {
     }
 
     #[test]
+    fn the_core_limit_is_4096_cores() {
+        assert_eq!(parse_core_list("4095"), Ok(vec![4095]));
+        assert_eq!(parse_core_list("0-4095").map(|cores| cores.len()), Ok(CORES_MAX));
+        assert!(parse_core_list("4096").is_err());
+        assert!(parse_core_list("0-4096").is_err());
+    }
+
+    #[test]
     fn bad_lists_are_refused_with_the_reason() {
         for (input, needle) in [
             ("", "empty"),
@@ -93,6 +107,10 @@ mod tests {
             ("a", "not a core"),
             ("1,,2", "not a core"),
             ("5000", "beyond"),
+            ("1-2-3", "not a core"),
+            ("-1", "not a core"),
+            ("1,", "not a core"),
+            ("0x3", "not a core"),
         ] {
             let error = parse_core_list(input).unwrap_err();
             assert!(error.to_string().contains(needle), "{input}: {error}");
@@ -114,7 +132,58 @@ mod tests {
         assert_eq!(pinned, vec![core]);
     }
 
+    #[test]
+    fn pinning_to_a_core_the_kernel_cannot_use_is_an_error_naming_the_core() {
+        let error = std::thread::spawn(|| pin_current_thread(CORES_MAX - 1))
+            .join()
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(error, AffinityError::Pin { core, .. } if core == CORES_MAX - 1));
+        assert!(error.to_string().contains("core 4095"), "{error}");
+    }
+
+    #[test]
+    fn available_cores_are_sorted_distinct_and_not_empty() {
+        let cores = available_cores();
+        assert!(!cores.is_empty());
+        assert!(cores.windows(2).all(|pair| pair[0] < pair[1]), "{cores:?}");
+    }
+
+    /// Formats sorted cores the way `taskset -c` prints them ("0-3,5").
+    fn as_ranges(cores: &[usize]) -> String {
+        let mut parts: Vec<String> = Vec::new();
+        let mut index = 0;
+        while index < cores.len() {
+            let start = cores[index];
+            while index + 1 < cores.len() && cores[index + 1] == cores[index] + 1 {
+                index += 1;
+            }
+            let end = cores[index];
+            parts.push(if start == end {
+                start.to_string()
+            } else {
+                format!("{start}-{end}")
+            });
+            index += 1;
+        }
+        parts.join(",")
+    }
+
     proptest! {
+        #[test]
+        fn ranges_parse_back_to_the_same_cores(cores in proptest::collection::btree_set(0usize..CORES_MAX, 1..64)) {
+            let cores: Vec<usize> = cores.into_iter().collect();
+            prop_assert_eq!(parse_core_list(&as_ranges(&cores)).unwrap(), cores);
+        }
+
+        #[test]
+        fn a_reversed_range_is_always_refused(first in 0usize..CORES_MAX, gap in 1usize..100) {
+            let last = first.saturating_sub(gap);
+            prop_assume!(last < first);
+            let error = parse_core_list(&format!("{first}-{last}")).unwrap_err();
+            prop_assert!(error.to_string().contains("backwards"));
+        }
+
         #[test]
         fn formatted_sets_parse_back(cores in proptest::collection::btree_set(0usize..256, 1..20)) {
             let text: Vec<String> = cores.iter().map(ToString::to_string).collect();

@@ -76,26 +76,10 @@ pub fn inspect(path: &Path) -> Result<Findings, EnrollError> {
 
 fn findings_of(report: &PathReport) -> Findings {
     let eligibility = report.eligibility();
-    let mut in_use = Vec::new();
-    let mut would_destroy = Vec::new();
-    for reason in eligibility.reasons {
-        let lower = reason.to_ascii_lowercase();
-        if lower.contains("mount")
-            || lower.contains("holder")
-            || lower.contains("swap")
-            || lower.contains("read-only")
-            || lower.contains("too small")
-            || lower.contains("probe")
-        {
-            in_use.push(reason);
-        } else {
-            would_destroy.push(reason);
-        }
-    }
     Findings {
         summary: report.summary(),
-        in_use,
-        would_destroy,
+        in_use: eligibility.in_use,
+        would_destroy: eligibility.would_destroy,
         size_bytes: report.size_bytes(),
     }
 }

@@ -123,47 +123,55 @@ pub struct BlockDevice {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Eligibility {
     pub eligible: bool,
+    /// Every reason, for display.
     pub reasons: Vec<String>,
+    /// Reasons `--force` must never override: the device is in use or unusable.
+    pub in_use: Vec<String>,
+    /// Reasons `--force` overrides by destroying what is there.
+    pub would_destroy: Vec<String>,
 }
 
-/// Decides eligibility. Each reason is one human-readable phrase; callers
-/// (enroll) sort them into "in use" and "holds data" by their words
-/// ("mounted", "holders", "probed", "read-only", "too small").
+/// Decides eligibility. Each reason is one human-readable phrase, filed as
+/// `in_use` (never overridden) or `would_destroy` (overridden by --force).
 #[must_use]
 pub fn eligibility(device: &BlockDevice) -> Eligibility {
-    let mut reasons = Vec::new();
+    let mut in_use = Vec::new();
+    let mut would_destroy = Vec::new();
     if !device.mountpoints.is_empty() {
-        reasons.push(format!("mounted at {}", device.mountpoints.join(", ")));
+        in_use.push(format!("mounted at {}", device.mountpoints.join(", ")));
     }
     if !device.holders.is_empty() {
-        reasons.push(format!("in use by holders {}", device.holders.join(", ")));
+        in_use.push(format!("in use by holders {}", device.holders.join(", ")));
     }
     if !device.partitions.is_empty() {
-        reasons.push(format!("has partitions {}", device.partitions.join(", ")));
+        would_destroy.push(format!("has partitions {}", device.partitions.join(", ")));
     }
     match device.signature {
-        Some(Signature::Ballast) => reasons.push("already enrolled (ballast disk)".into()),
-        Some(signature) => reasons.push(format!("holds an existing {}", signature.describe())),
+        Some(Signature::Ballast) => would_destroy.push("already enrolled (ballast disk)".into()),
+        Some(signature) => would_destroy.push(format!("holds an existing {}", signature.describe())),
         None => {}
     }
     if let Some(error) = &device.probe_error {
-        // Unknown contents are treated as data: never enroll what we could not read.
-        reasons.push(format!("contents could not be probed ({error})"));
+        // Unknown contents: never enroll what could not be read, even forced.
+        in_use.push(format!("contents could not be probed ({error})"));
     }
     if device.read_only {
-        reasons.push("read-only".into());
+        in_use.push("read-only".into());
     }
     if device.size_bytes < DEVICE_BYTES_MIN {
-        reasons.push(format!(
+        in_use.push(format!(
             "too small ({} bytes; at least {} MiB)",
             device.size_bytes,
             DEVICE_BYTES_MIN >> 20
         ));
     }
     debug_assert!(device.probe_error.is_none() || device.signature.is_none());
+    let reasons: Vec<String> = in_use.iter().chain(&would_destroy).cloned().collect();
     Eligibility {
         eligible: reasons.is_empty(),
         reasons,
+        in_use,
+        would_destroy,
     }
 }
 
@@ -233,7 +241,9 @@ mod tests {
             eligibility(&healthy()),
             Eligibility {
                 eligible: true,
-                reasons: vec![]
+                reasons: vec![],
+                in_use: vec![],
+                would_destroy: vec![],
             }
         );
     }
@@ -346,5 +356,49 @@ mod tests {
         assert!(errors[1].is_busy());
         assert!(errors[1].to_string().contains("ballast disk list"));
         assert!(!errors[0].is_busy());
+    }
+}
+
+#[cfg(test)]
+mod force_tests {
+    use super::*;
+
+    fn device() -> BlockDevice {
+        BlockDevice {
+            name: "loop9".into(),
+            path: "/dev/loop9".into(),
+            size_bytes: 1 << 30,
+            logical_block_bytes: 512,
+            physical_block_bytes: 4096,
+            rotational: false,
+            removable: false,
+            read_only: false,
+            model: None,
+            serial: None,
+            partitions: Vec::new(),
+            holders: Vec::new(),
+            mountpoints: Vec::new(),
+            signature: None,
+            probe_error: None,
+            backing_file: None,
+            is_partition: false,
+        }
+    }
+
+    #[test]
+    fn data_on_a_disk_is_forceable_but_use_of_it_is_not() {
+        let mut stale_swap = device();
+        stale_swap.signature = Some(Signature::Swap);
+        stale_swap.partitions = vec!["loop9p1".into()];
+        let verdict = eligibility(&stale_swap);
+        assert!(verdict.in_use.is_empty(), "{:?}", verdict.in_use);
+        assert_eq!(verdict.would_destroy.len(), 2);
+        let mut busy = device();
+        busy.mountpoints = vec!["[SWAP]".into()];
+        busy.probe_error = Some("EIO".into());
+        busy.read_only = true;
+        let verdict = eligibility(&busy);
+        assert_eq!(verdict.in_use.len(), 3, "{:?}", verdict.in_use);
+        assert!(verdict.would_destroy.is_empty());
     }
 }
