@@ -121,7 +121,7 @@ pub fn enroll(data: &DataDir, path: &Path, options: &EnrollOptions) -> Result<Di
             reason: error.to_string(),
         })?;
     let disk_uuid = uuid::Uuid::new_v4();
-    format_device(path, data, disk_uuid, findings.size_bytes, options.segment_size_bytes)?;
+    let capacity_blocks = format_device(path, data, disk_uuid, findings.size_bytes, options.segment_size_bytes)?;
     let record = DiskRecord {
         path: path.to_owned(),
         disk_uuid,
@@ -130,7 +130,7 @@ pub fn enroll(data: &DataDir, path: &Path, options: &EnrollOptions) -> Result<Di
         enrolled_unix_seconds: now_unix_seconds(),
     };
     data.add_disk(record.clone())?;
-    let capacity = geometry.data_blocks() * disk_layout::geometry::BLOCK_SIZE_BYTES * 9 / 10;
+    let capacity = capacity_blocks * disk_layout::geometry::BLOCK_SIZE_BYTES;
     println!(
         "enrolled {} as disk {disk_uuid}: {}, {} segments of {}, about {} for data",
         path.display(),
@@ -162,7 +162,7 @@ fn format_device(
     disk_uuid: uuid::Uuid,
     size_bytes: u64,
     segment_size_bytes: u64,
-) -> Result<(), EnrollError> {
+) -> Result<u64, EnrollError> {
     let format_error = |reason: String| EnrollError::Format {
         path: path.to_owned(),
         reason,
@@ -187,8 +187,8 @@ fn format_device(
     Store::format(&mut io, &params, &name).map_err(|e| format_error(e.to_string()))?;
     // Prove the disk opens before recording it.
     let config = StoreConfig::new(name, Some(params.node_uuid), 1);
-    Store::open(&mut io, config).map_err(|e| format_error(format!("does not open after format: {e}")))?;
-    Ok(())
+    let store = Store::open(&mut io, config).map_err(|e| format_error(format!("does not open after format: {e}")))?;
+    Ok(store.space().capacity_blocks)
 }
 
 /// Zeroes the first and last `WIPE_BYTES` of the device.

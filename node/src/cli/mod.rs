@@ -10,8 +10,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "ballast", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// Log verbosity (error, warn, info, debug, trace); RUST_LOG overrides.
-    #[arg(long, global = true, default_value = "info", env = "BALLAST_LOG")]
-    pub log_level: String,
+    /// Default: info for the daemon, warn for one-shot commands.
+    #[arg(long, global = true, env = "BALLAST_LOG")]
+    pub log_level: Option<String>,
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
@@ -35,6 +36,16 @@ pub enum Command {
     Debug(crate::cli::debug::DebugCommand),
 }
 
+impl Command {
+    /// Long-running commands log their progress; one-shot commands only problems.
+    fn default_log_level(&self) -> &'static str {
+        match self {
+            Self::Debug(_) => "info",
+            Self::Disk(_) => "warn",
+        }
+    }
+}
+
 pub mod debug;
 pub mod disk;
 
@@ -42,7 +53,11 @@ pub mod disk;
 #[must_use]
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level, cli.log_format);
+    let level = cli
+        .log_level
+        .clone()
+        .unwrap_or_else(|| cli.command.default_log_level().to_owned());
+    init_logging(&level, cli.log_format);
     let result = match cli.command {
         Command::Disk(command) => disk::run(command),
         Command::Debug(command) => debug::run(command),
