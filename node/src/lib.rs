@@ -2,9 +2,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cli;
+pub mod daemon;
 pub mod datadir;
 pub mod engine;
 pub mod enroll;
+pub mod nbd;
 pub mod pattern;
 pub mod size;
+pub mod volume;

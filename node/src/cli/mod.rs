@@ -31,6 +31,11 @@ pub enum Command {
     /// Find, enroll and inspect the disks ballast stores data on.
     #[command(subcommand)]
     Disk(crate::cli::disk::DiskCommand),
+    /// Run a node (the daemon) or ask a running one how it is.
+    #[command(subcommand)]
+    Node(crate::cli::node::NodeCommand),
+    /// Create, list, inspect, resize and delete volumes (through the node's API).
+    Volume(crate::cli::volume::VolumeArgs),
     /// Self-test tools: drive the storage engine directly (used by the test suite).
     #[command(subcommand, hide = true)]
     Debug(crate::cli::debug::DebugCommand),
@@ -40,14 +45,16 @@ impl Command {
     /// Long-running commands log their progress; one-shot commands only problems.
     fn default_log_level(&self) -> &'static str {
         match self {
-            Self::Debug(_) => "info",
-            Self::Disk(_) => "warn",
+            Self::Debug(_) | Self::Node(crate::cli::node::NodeCommand::Run(_)) => "info",
+            Self::Disk(_) | Self::Node(_) | Self::Volume(_) => "warn",
         }
     }
 }
 
 pub mod debug;
 pub mod disk;
+pub mod node;
+pub mod volume;
 
 /// Runs the CLI.
 #[must_use]
@@ -61,6 +68,8 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Disk(command) => disk::run(command),
         Command::Debug(command) => debug::run(command),
+        Command::Node(command) => node::run(command),
+        Command::Volume(args) => volume::run(args),
     };
     match result {
         Ok(code) => code,
@@ -79,7 +88,10 @@ fn init_logging(level: &str, format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     match format {
-        LogFormat::Human => builder.with_target(false).init(),
+        LogFormat::Human => builder
+            .with_target(false)
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
         LogFormat::Json => builder.json().init(),
     }
 }

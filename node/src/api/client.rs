@@ -1,0 +1,100 @@
+//! A small blocking client of the node API, for the CLI.
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use thiserror::Error;
+
+use super::ErrorBody;
+
+/// Default API address of the local node.
+pub const DEFAULT_API_URL: &str = "http://127.0.0.1:9410";
+/// Time limit of one API call.
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Why a call failed.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// the node answered with an error
+    #[error("{message}")]
+    Refused { status: u16, message: String },
+    /// the node could not be reached
+    #[error("cannot reach the ballast node at {url}: {reason}\nhint: start it with `ballast node run --data-dir DIR`, or point --api / BALLAST_API at a running node")]
+    Unreachable { url: String, reason: String },
+    /// the answer was not what the API promises
+    #[error("unexpected answer from {url}: {reason}")]
+    BadAnswer { url: String, reason: String },
+}
+
+/// The API of one node.
+pub struct ApiClient {
+    base: String,
+    agent: ureq::Agent,
+}
+
+impl ApiClient {
+    #[must_use]
+    pub fn new(base: &str) -> Self {
+        Self {
+            base: base.trim_end_matches('/').to_owned(),
+            agent: ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build(),
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    fn finish<T: DeserializeOwned>(
+        &self,
+        url: &str,
+        result: Result<ureq::Response, ureq::Error>,
+    ) -> Result<T, ClientError> {
+        match result {
+            Ok(response) => {
+                let text = response.into_string().map_err(|error| ClientError::BadAnswer {
+                    url: url.to_owned(),
+                    reason: error.to_string(),
+                })?;
+                let text = if text.is_empty() { "null" } else { text.as_str() };
+                serde_json::from_str(text).map_err(|error| ClientError::BadAnswer {
+                    url: url.to_owned(),
+                    reason: error.to_string(),
+                })
+            }
+            Err(ureq::Error::Status(status, response)) => {
+                let text = response.into_string().unwrap_or_default();
+                let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |body| body.error);
+                Err(ClientError::Refused { status, message })
+            }
+            Err(ureq::Error::Transport(transport)) => Err(ClientError::Unreachable {
+                url: url.to_owned(),
+                reason: transport.to_string(),
+            }),
+        }
+    }
+
+    /// GET `path`.
+    pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.finish(&url, self.agent.get(&url).call())
+    }
+
+    /// POST `body` to `path`.
+    pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.finish(&url, self.agent.post(&url).send_json(body))
+    }
+
+    /// PATCH `path` with `body`.
+    pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.finish(&url, self.agent.request("PATCH", &url).send_json(body))
+    }
+
+    /// DELETE `path`.
+    pub fn delete(&self, path: &str) -> Result<(), ClientError> {
+        let url = self.url(path);
+        self.finish::<serde_json::Value>(&url, self.agent.delete(&url).call())
+            .map(|_| ())
+    }
+}

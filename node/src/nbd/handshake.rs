@@ -1,0 +1,267 @@
+//! The fixed-newstyle handshake: greeting, client flags, then options until
+//! the client picks an export (NBD_OPT_GO / NBD_OPT_EXPORT_NAME) or leaves.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use super::proto::{self, *};
+use super::NbdError;
+use crate::volume::{Volume, Volumes};
+
+/// Most options one handshake may send.
+pub const OPTIONS_MAX: usize = 256;
+/// Largest option body read; larger ones are discarded and refused.
+pub const OPTION_DATA_BYTES_MAX: u32 = 64 * 1024;
+/// Largest option body discarded before the connection is dropped instead.
+pub const OPTION_DISCARD_BYTES_MAX: u32 = 1 << 20;
+/// Largest request advertised (NBD_INFO_BLOCK_SIZE maximum).
+pub const REQUEST_BYTES_MAX: u32 = 32 << 20;
+/// Preferred request alignment advertised.
+pub const PREFERRED_BLOCK_BYTES: u32 = 4096;
+
+/// Transmission flags of every export.
+pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
+    | TFLAG_SEND_FLUSH
+    | TFLAG_SEND_FUA
+    | TFLAG_SEND_TRIM
+    | TFLAG_SEND_WRITE_ZEROES
+    | TFLAG_SEND_DF
+    | TFLAG_CAN_MULTI_CONN
+    | TFLAG_SEND_CACHE
+    | TFLAG_SEND_FAST_ZERO;
+
+/// What the handshake agreed on.
+pub struct Session {
+    pub volume: Arc<Volume>,
+    pub structured_replies: bool,
+    pub base_allocation: bool,
+}
+
+#[derive(Default)]
+struct Negotiated {
+    structured_replies: bool,
+    /// The export the meta context was set for (the context holds for it only).
+    base_allocation_for: Option<String>,
+}
+
+/// Runs the handshake; `None` when the client aborted or left politely.
+pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    volumes: &Volumes,
+) -> Result<Option<Session>, NbdError> {
+    stream.write_all(&proto::server_greeting()).await?;
+    let client_flags = stream.read_u32().await?;
+    if client_flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
+        return Err(NbdError::Protocol(format!("unknown client flags {client_flags:#x}")));
+    }
+    if client_flags & CLIENT_FLAG_FIXED_NEWSTYLE == 0 {
+        return Err(NbdError::Protocol("client does not speak fixed newstyle".into()));
+    }
+    let no_zeroes = client_flags & CLIENT_FLAG_NO_ZEROES != 0;
+    let mut state = Negotiated::default();
+    for _ in 0..OPTIONS_MAX {
+        let mut header = [0u8; 16];
+        stream.read_exact(&mut header).await?;
+        let header = proto::parse_option_header(&header).map_err(|e| NbdError::Protocol(e.to_string()))?;
+        if header.data_len > OPTION_DATA_BYTES_MAX {
+            if header.option == OPT_EXPORT_NAME || header.data_len > OPTION_DISCARD_BYTES_MAX {
+                return Err(NbdError::Protocol(format!(
+                    "option {} with {} bytes of data",
+                    header.option, header.data_len
+                )));
+            }
+            discard(stream, header.data_len).await?;
+            reply_error(stream, header.option, REP_ERR_TOO_BIG, "option data too large").await?;
+            continue;
+        }
+        let mut data = vec![0u8; header.data_len as usize];
+        stream.read_exact(&mut data).await?;
+        if let Some(outcome) = handle_option(stream, volumes, &mut state, header.option, &data, no_zeroes).await? {
+            return Ok(outcome);
+        }
+    }
+    Err(NbdError::Protocol(format!("more than {OPTIONS_MAX} options")))
+}
+
+async fn discard<S: AsyncRead + Unpin>(stream: &mut S, len: u32) -> Result<(), NbdError> {
+    let copied = tokio::io::copy(&mut stream.take(u64::from(len)), &mut tokio::io::sink()).await?;
+    if copied < u64::from(len) {
+        return Err(NbdError::Protocol("connection closed inside an option".into()));
+    }
+    Ok(())
+}
+
+async fn reply<S: AsyncWrite + Unpin>(stream: &mut S, option: u32, kind: u32, data: &[u8]) -> Result<(), NbdError> {
+    stream.write_all(&proto::option_reply(option, kind, data)).await?;
+    Ok(())
+}
+
+async fn reply_error<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    option: u32,
+    kind: u32,
+    message: &str,
+) -> Result<(), NbdError> {
+    reply(stream, option, kind, message.as_bytes()).await
+}
+
+/// `Some(outcome)` ends the handshake.
+async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    volumes: &Volumes,
+    state: &mut Negotiated,
+    option: u32,
+    data: &[u8],
+    no_zeroes: bool,
+) -> Result<Option<Option<Session>>, NbdError> {
+    match option {
+        OPT_EXPORT_NAME => {
+            let name = proto::parse_export_name(data).map_err(|e| NbdError::Protocol(e.to_string()))?;
+            // The protocol has no error reply here: an unknown export closes the connection.
+            let volume = volumes
+                .get(&name)
+                .ok_or_else(|| NbdError::Protocol(format!("client asked for unknown export {name:?}")))?;
+            let flags = TRANSMISSION_FLAGS;
+            stream
+                .write_all(&proto::export_name_reply(volume.size_bytes(), flags, no_zeroes))
+                .await?;
+            Ok(Some(Some(session(volume, state, &name))))
+        }
+        OPT_ABORT => {
+            // The client may already be gone; the reply is a courtesy.
+            let _ = reply(stream, option, REP_ACK, &[]).await;
+            Ok(Some(None))
+        }
+        OPT_LIST => {
+            if !data.is_empty() {
+                reply_error(stream, option, REP_ERR_INVALID, "NBD_OPT_LIST takes no data").await?;
+                return Ok(None);
+            }
+            for (name, _) in volumes.names() {
+                reply(stream, option, REP_SERVER, &proto::list_entry(&name, "")).await?;
+            }
+            reply(stream, option, REP_ACK, &[]).await?;
+            Ok(None)
+        }
+        OPT_INFO | OPT_GO => info_or_go(stream, volumes, state, option, data).await,
+        OPT_STRUCTURED_REPLY => {
+            if !data.is_empty() {
+                reply_error(
+                    stream,
+                    option,
+                    REP_ERR_INVALID,
+                    "NBD_OPT_STRUCTURED_REPLY takes no data",
+                )
+                .await?;
+            } else {
+                state.structured_replies = true;
+                reply(stream, option, REP_ACK, &[]).await?;
+            }
+            Ok(None)
+        }
+        OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+            meta_context(stream, volumes, state, option, data).await?;
+            Ok(None)
+        }
+        OPT_STARTTLS => {
+            reply_error(stream, option, REP_ERR_UNSUP, "TLS is not offered on this listener").await?;
+            Ok(None)
+        }
+        _ => {
+            reply_error(stream, option, REP_ERR_UNSUP, "option not supported").await?;
+            Ok(None)
+        }
+    }
+}
+
+fn session(volume: Arc<Volume>, state: &Negotiated, name: &str) -> Session {
+    Session {
+        volume,
+        structured_replies: state.structured_replies,
+        base_allocation: state.structured_replies && state.base_allocation_for.as_deref() == Some(name),
+    }
+}
+
+async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    volumes: &Volumes,
+    state: &Negotiated,
+    option: u32,
+    data: &[u8],
+) -> Result<Option<Option<Session>>, NbdError> {
+    let request = match proto::parse_info_request(data) {
+        Ok(request) => request,
+        Err(error) => {
+            reply_error(stream, option, REP_ERR_INVALID, &error.to_string()).await?;
+            return Ok(None);
+        }
+    };
+    let Some(volume) = volumes.get(&request.export_name) else {
+        let message = format!("no volume named {:?}", request.export_name);
+        reply_error(stream, option, REP_ERR_UNKNOWN, &message).await?;
+        return Ok(None);
+    };
+    reply(
+        stream,
+        option,
+        REP_INFO,
+        &proto::info_export(volume.size_bytes(), TRANSMISSION_FLAGS),
+    )
+    .await?;
+    for info in &request.requests {
+        match *info {
+            INFO_NAME => reply(stream, option, REP_INFO, &proto::info_text(INFO_NAME, &volume.name)).await?,
+            INFO_BLOCK_SIZE => {
+                let body = proto::info_block_size(volume.block_size_bytes, PREFERRED_BLOCK_BYTES, REQUEST_BYTES_MAX);
+                reply(stream, option, REP_INFO, &body).await?;
+            }
+            _ => {}
+        }
+    }
+    reply(stream, option, REP_ACK, &[]).await?;
+    if option == OPT_GO {
+        let name = request.export_name.clone();
+        return Ok(Some(Some(session(volume, state, &name))));
+    }
+    Ok(None)
+}
+
+async fn meta_context<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    volumes: &Volumes,
+    state: &mut Negotiated,
+    option: u32,
+    data: &[u8],
+) -> Result<(), NbdError> {
+    let request = match proto::parse_meta_context_request(data) {
+        Ok(request) => request,
+        Err(error) => return reply_error(stream, option, REP_ERR_INVALID, &error.to_string()).await,
+    };
+    if option == OPT_SET_META_CONTEXT && !state.structured_replies {
+        return reply_error(
+            stream,
+            option,
+            REP_ERR_INVALID,
+            "negotiate structured replies before setting a meta context",
+        )
+        .await;
+    }
+    if volumes.get(&request.export_name).is_none() {
+        let message = format!("no volume named {:?}", request.export_name);
+        return reply_error(stream, option, REP_ERR_UNKNOWN, &message).await;
+    }
+    let selected = if option == OPT_LIST_META_CONTEXT && request.queries.is_empty() {
+        true
+    } else {
+        request.queries.iter().any(|q| proto::query_matches_base_allocation(q))
+    };
+    if option == OPT_SET_META_CONTEXT {
+        state.base_allocation_for = selected.then(|| request.export_name.clone());
+    }
+    if selected {
+        let body = proto::meta_context_reply(META_BASE_ALLOCATION_ID, META_BASE_ALLOCATION);
+        reply(stream, option, REP_META_CONTEXT, &body).await?;
+    }
+    reply(stream, option, REP_ACK, &[]).await
+}

@@ -1,0 +1,357 @@
+//! The data path of one volume: byte-addressed reads, writes, zeroing and
+//! flushes turned into 4 KiB-block requests to the volume's disk store.
+//!
+//! Requests larger than one store request are split (at most
+//! `STORE_REQUEST_BYTES_MAX` each) and submitted together. Writes that do not
+//! cover whole 4 KiB blocks are read-modify-write under the volume's
+//! exclusive lock: aligned writes hold the shared side until they complete,
+//! so a read-modify-write never reverts bytes another write set.
+//!
+//! Durability: the store answers a write only once it is durable, so every
+//! acknowledged write is durable (FUA is implicit) and a flush only has to
+//! wait for writes still in flight.
+
+use std::sync::atomic::Ordering;
+
+use disk_layout::{IoBuf, Reply, StoreError};
+
+use super::{Volume, VolumeIoError};
+use crate::engine::Command;
+
+/// The store's block size.
+pub const BLOCK_BYTES: u64 = 4096;
+/// Largest request sent to the store in one piece.
+pub const STORE_REQUEST_BYTES_MAX: usize = 1 << 20;
+
+/// Data read from a volume: whole blocks, of which `skip_bytes` at the
+/// front and whatever lies past `len_bytes` are not part of the answer.
+#[derive(Debug)]
+pub struct ReadData {
+    pub bufs: Vec<IoBuf>,
+    pub skip_bytes: usize,
+    pub len_bytes: usize,
+}
+
+impl ReadData {
+    /// The answer's bytes, in order, as slices of the block buffers.
+    pub fn slices(&self) -> impl Iterator<Item = &[u8]> {
+        let mut skip = self.skip_bytes;
+        let mut left = self.len_bytes;
+        self.bufs.iter().filter_map(move |buf| {
+            let bytes = buf.as_slice();
+            if skip >= bytes.len() {
+                skip -= bytes.len();
+                return None;
+            }
+            let take = (bytes.len() - skip).min(left);
+            let slice = &bytes[skip..skip + take];
+            skip = 0;
+            left -= take;
+            (take > 0).then_some(slice)
+        })
+    }
+
+    /// Copies the answer into one vector (tests, read-modify-write).
+    #[must_use]
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.len_bytes);
+        for slice in self.slices() {
+            out.extend_from_slice(slice);
+        }
+        out
+    }
+}
+
+fn usize_of(value: u64) -> usize {
+    usize::try_from(value).expect("request sizes fit in memory")
+}
+
+impl Volume {
+    async fn call(&self, command: Command) -> Result<Reply, VolumeIoError> {
+        let (sender, receiver) = tokio::sync::oneshot::channel();
+        self.engine.submit(
+            self.disk,
+            command,
+            Box::new(move |result| {
+                let _ = sender.send(result);
+            }),
+        );
+        match receiver.await {
+            Ok(result) => result.map_err(|source| VolumeIoError::Store {
+                volume: self.name.clone(),
+                source,
+            }),
+            Err(_) => Err(VolumeIoError::Stopped),
+        }
+    }
+
+    fn next_sequence(&self) -> u64 {
+        self.sequence.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn check_range(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeIoError> {
+        let size_bytes = self.size_bytes();
+        if offset_bytes.checked_add(len_bytes).is_none_or(|end| end > size_bytes) {
+            return Err(VolumeIoError::OutOfRange {
+                volume: self.name.clone(),
+                offset_bytes,
+                len_bytes,
+                size_bytes,
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads `len_bytes` at `offset_bytes` (any alignment).
+    pub async fn read(&self, offset_bytes: u64, len_bytes: u64) -> Result<ReadData, VolumeIoError> {
+        self.check_range(offset_bytes, len_bytes)?;
+        let first_block = offset_bytes / BLOCK_BYTES;
+        let end_block = (offset_bytes + len_bytes).div_ceil(BLOCK_BYTES);
+        let per_request = STORE_REQUEST_BYTES_MAX as u64 / BLOCK_BYTES;
+        let mut pending = Vec::new();
+        let mut lba = first_block;
+        while lba < end_block {
+            let block_count = per_request.min(end_block - lba);
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            self.engine.submit(
+                self.disk,
+                Command::Read {
+                    volume_id: self.id,
+                    lba,
+                    block_count,
+                },
+                Box::new(move |result| {
+                    let _ = sender.send(result);
+                }),
+            );
+            pending.push(receiver);
+            lba += block_count;
+        }
+        let mut bufs = Vec::with_capacity(pending.len());
+        for receiver in pending {
+            match receiver.await {
+                Ok(Ok(Reply::Read(buf))) => bufs.push(buf),
+                Ok(Ok(other)) => unreachable!("read answered with {other:?}"),
+                Ok(Err(source)) => {
+                    return Err(VolumeIoError::Store {
+                        volume: self.name.clone(),
+                        source,
+                    })
+                }
+                Err(_) => return Err(VolumeIoError::Stopped),
+            }
+        }
+        Ok(ReadData {
+            bufs,
+            skip_bytes: usize_of(offset_bytes % BLOCK_BYTES),
+            len_bytes: usize_of(len_bytes),
+        })
+    }
+
+    /// Writes `data` at `offset_bytes` (any alignment); answers once durable.
+    pub async fn write(&self, offset_bytes: u64, data: Vec<u8>) -> Result<(), VolumeIoError> {
+        let len_bytes = data.len() as u64;
+        self.check_range(offset_bytes, len_bytes)?;
+        if len_bytes == 0 {
+            return Ok(());
+        }
+        if offset_bytes.is_multiple_of(BLOCK_BYTES) && len_bytes.is_multiple_of(BLOCK_BYTES) {
+            let _shared = self.rmw.read().await;
+            return self.write_aligned(offset_bytes / BLOCK_BYTES, data).await;
+        }
+        let _exclusive = self.rmw.write().await;
+        let (lba, block_data) = self.merge_partial_blocks(offset_bytes, &data).await?;
+        self.write_aligned(lba, block_data).await
+    }
+
+    /// Builds whole blocks covering `offset_bytes..+data.len()`: the
+    /// partial first and last blocks are read and patched.
+    async fn merge_partial_blocks(&self, offset_bytes: u64, data: &[u8]) -> Result<(u64, Vec<u8>), VolumeIoError> {
+        let first_block = offset_bytes / BLOCK_BYTES;
+        let end_bytes = offset_bytes + data.len() as u64;
+        let end_block = end_bytes.div_ceil(BLOCK_BYTES);
+        let mut blocks = vec![0u8; usize_of((end_block - first_block) * BLOCK_BYTES)];
+        if !offset_bytes.is_multiple_of(BLOCK_BYTES) {
+            let head = self.read(first_block * BLOCK_BYTES, BLOCK_BYTES).await?.to_vec();
+            blocks[..head.len()].copy_from_slice(&head);
+        }
+        if !end_bytes.is_multiple_of(BLOCK_BYTES)
+            && (end_block - 1 > first_block || offset_bytes.is_multiple_of(BLOCK_BYTES))
+        {
+            let tail = self.read((end_block - 1) * BLOCK_BYTES, BLOCK_BYTES).await?.to_vec();
+            let at = blocks.len() - tail.len();
+            blocks[at..].copy_from_slice(&tail);
+        }
+        let start = usize_of(offset_bytes % BLOCK_BYTES);
+        blocks[start..start + data.len()].copy_from_slice(data);
+        Ok((first_block, blocks))
+    }
+
+    async fn write_aligned(&self, lba: u64, data: Vec<u8>) -> Result<(), VolumeIoError> {
+        debug_assert!((data.len() as u64).is_multiple_of(BLOCK_BYTES));
+        if data.len() <= STORE_REQUEST_BYTES_MAX {
+            return self
+                .call(Command::Write {
+                    volume_id: self.id,
+                    lba,
+                    data,
+                    epoch: self.epoch,
+                    volume_sequence: self.next_sequence(),
+                })
+                .await
+                .map(|_| ());
+        }
+        let mut pending = Vec::new();
+        for (index, chunk) in data.chunks(STORE_REQUEST_BYTES_MAX).enumerate() {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            let chunk_lba = lba + (index * STORE_REQUEST_BYTES_MAX) as u64 / BLOCK_BYTES;
+            self.engine.submit(
+                self.disk,
+                Command::Write {
+                    volume_id: self.id,
+                    lba: chunk_lba,
+                    data: chunk.to_vec(),
+                    epoch: self.epoch,
+                    volume_sequence: self.next_sequence(),
+                },
+                Box::new(move |result| {
+                    let _ = sender.send(result);
+                }),
+            );
+            pending.push(receiver);
+        }
+        self.await_all(pending).await
+    }
+
+    async fn await_all(
+        &self,
+        pending: Vec<tokio::sync::oneshot::Receiver<Result<Reply, StoreError>>>,
+    ) -> Result<(), VolumeIoError> {
+        let mut first_error = None;
+        for receiver in pending {
+            let outcome = match receiver.await {
+                Ok(Ok(_)) => continue,
+                Ok(Err(source)) => VolumeIoError::Store {
+                    volume: self.name.clone(),
+                    source,
+                },
+                Err(_) => VolumeIoError::Stopped,
+            };
+            first_error.get_or_insert(outcome);
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    /// Makes the range read as zeroes. Without `allocate` the blocks are
+    /// released (thin); with it they are written with zeroes (NO_HOLE).
+    pub async fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64, allocate: bool) -> Result<(), VolumeIoError> {
+        self.check_range(offset_bytes, len_bytes)?;
+        let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
+        let end_full = (offset_bytes + len_bytes) / BLOCK_BYTES;
+        let aligned = offset_bytes.is_multiple_of(BLOCK_BYTES) && len_bytes.is_multiple_of(BLOCK_BYTES);
+        if aligned {
+            let _shared = self.rmw.read().await;
+            return self.zero_blocks(first_full, end_full - first_full, allocate).await;
+        }
+        let _exclusive = self.rmw.write().await;
+        if first_full < end_full {
+            self.zero_blocks(first_full, end_full - first_full, allocate).await?;
+        }
+        // The partial blocks at either edge (or the one block holding the whole range).
+        let head_end = (first_full * BLOCK_BYTES).min(offset_bytes + len_bytes);
+        let tail_start = (end_full * BLOCK_BYTES).max(offset_bytes);
+        let mut edges = vec![(offset_bytes, head_end)];
+        if tail_start > head_end {
+            edges.push((tail_start, offset_bytes + len_bytes));
+        }
+        for (start, end) in edges {
+            if end > start {
+                let zeroes = vec![0u8; usize_of(end - start)];
+                let (lba, blocks) = self.merge_partial_blocks(start, &zeroes).await?;
+                self.write_aligned(lba, blocks).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn zero_blocks(&self, lba: u64, block_count: u64, allocate: bool) -> Result<(), VolumeIoError> {
+        if block_count == 0 {
+            return Ok(());
+        }
+        if !allocate {
+            return self
+                .call(Command::Zero {
+                    volume_id: self.id,
+                    lba,
+                    block_count,
+                    epoch: self.epoch,
+                    volume_sequence: self.next_sequence(),
+                })
+                .await
+                .map(|_| ());
+        }
+        let per_request = STORE_REQUEST_BYTES_MAX as u64 / BLOCK_BYTES;
+        let mut done = 0;
+        while done < block_count {
+            let count = per_request.min(block_count - done);
+            self.write_aligned(lba + done, vec![0u8; usize_of(count * BLOCK_BYTES)])
+                .await?;
+            done += count;
+        }
+        Ok(())
+    }
+
+    /// Releases whole blocks inside the range (partial blocks are left:
+    /// a trim is advisory).
+    pub async fn trim(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeIoError> {
+        self.check_range(offset_bytes, len_bytes)?;
+        let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
+        let end_full = (offset_bytes + len_bytes) / BLOCK_BYTES;
+        if first_full >= end_full {
+            return Ok(());
+        }
+        let _shared = self.rmw.read().await;
+        self.zero_blocks(first_full, end_full - first_full, false).await
+    }
+
+    /// Answers once every write answered before it is durable.
+    pub async fn flush(&self) -> Result<(), VolumeIoError> {
+        self.call(Command::Flush).await.map(|_| ())
+    }
+
+    /// Allocation of the range as `(length_bytes, allocated)` runs covering
+    /// it exactly, at most `runs_max` of them (the last may end early).
+    pub async fn allocation(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        runs_max: usize,
+    ) -> Result<Vec<(u64, bool)>, VolumeIoError> {
+        self.check_range(offset_bytes, len_bytes)?;
+        let first_block = offset_bytes / BLOCK_BYTES;
+        let end_block = (offset_bytes + len_bytes).div_ceil(BLOCK_BYTES);
+        let engine = std::sync::Arc::clone(&self.engine);
+        let (disk, id) = (self.disk, self.id);
+        let runs = tokio::task::spawn_blocking(move || {
+            engine.query(disk, move |store| {
+                store.block_status(id, first_block, end_block - first_block)
+            })
+        })
+        .await
+        .map_err(|_| VolumeIoError::Stopped)?
+        .map_err(|_| VolumeIoError::Stopped)?;
+        let end_bytes = offset_bytes + len_bytes;
+        let mut out = Vec::new();
+        for (lba, count, allocated) in runs {
+            let start = (lba * BLOCK_BYTES).max(offset_bytes);
+            let end = ((lba + count) * BLOCK_BYTES).min(end_bytes);
+            if end > start {
+                out.push((end - start, allocated));
+            }
+            if out.len() == runs_max {
+                break;
+            }
+        }
+        Ok(out)
+    }
+}

@@ -1,0 +1,509 @@
+//! Volumes of this node: their durable metadata (`meta`), placement on the
+//! enrolled disks, and the live handles the NBD server does I/O through
+//! (`io`).
+//!
+//! Admin operations (create, delete, resize) are serialized and block on
+//! fsyncs; callers on an async runtime run them on a blocking thread.
+//! Consistency with the data: a volume's metadata is committed before any
+//! of its data is written; a delete is first recorded as `deleting`, then
+//! its data is released, then its record removed, and start-up finishes any
+//! delete a crash interrupted and releases data no record owns.
+
+pub mod io;
+pub mod meta;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use disk_layout::StoreError;
+use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::engine::{Command, Engine};
+use meta::{MetaError, MetaStore, VolumeRecord, VolumeState};
+
+/// Largest volume: the store's LBA range.
+pub const VOLUME_SIZE_BYTES_MAX: u64 = disk_layout::LBA_LIMIT * io::BLOCK_BYTES;
+/// Block sizes a volume may advertise to its clients.
+pub const BLOCK_SIZES_BYTES: [u32; 2] = [512, 4096];
+/// Most volumes per node.
+pub const VOLUMES_MAX: usize = 4096;
+
+/// Errors of volume administration.
+#[derive(Debug, Error)]
+pub enum VolumeError {
+    /// the name breaks the naming rule
+    #[error("invalid volume name {name:?}: names are 1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit")]
+    InvalidName { name: String },
+    /// the size is not usable
+    #[error("invalid size {size_bytes} bytes: {reason}")]
+    InvalidSize { size_bytes: u64, reason: String },
+    /// an option is not usable
+    #[error("{0}")]
+    InvalidOption(String),
+    /// a volume of that name exists
+    #[error("volume {name} already exists")]
+    Exists { name: String },
+    /// no volume of that name
+    #[error("volume {name} does not exist")]
+    Missing { name: String },
+    /// NBD clients are connected
+    #[error("volume {name} is in use by {connections} NBD connection(s); disconnect them first")]
+    InUse { name: String, connections: usize },
+    /// nowhere to put data
+    #[error("this node has no enrolled disk; run `ballast disk enroll` first")]
+    NoDisks,
+    /// the volume's disk is not enrolled or did not open
+    #[error("volume {name} is on disk {disk_uuid}, which is not open on this node")]
+    DiskMissing { name: String, disk_uuid: uuid::Uuid },
+    /// too many volumes
+    #[error("this node already has {VOLUMES_MAX} volumes")]
+    TooMany,
+    /// the metadata database failed
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    /// the store failed releasing data
+    #[error("volume {name}: {source}")]
+    Store {
+        name: String,
+        #[source]
+        source: StoreError,
+    },
+}
+
+impl VolumeError {
+    /// Whether the error is the caller's (bad input), as opposed to the node's.
+    #[must_use]
+    pub fn is_client_error(&self) -> bool {
+        !matches!(self, Self::Meta(_) | Self::Store { .. } | Self::DiskMissing { .. })
+    }
+}
+
+/// Errors of volume I/O.
+#[derive(Debug, Error)]
+pub enum VolumeIoError {
+    /// the request reaches past the end of the volume
+    #[error("volume {volume}: {len_bytes} bytes at {offset_bytes} reach past its end ({size_bytes} bytes)")]
+    OutOfRange {
+        volume: String,
+        offset_bytes: u64,
+        len_bytes: u64,
+        size_bytes: u64,
+    },
+    /// the store refused or failed the request
+    #[error("volume {volume}: {source}")]
+    Store {
+        volume: String,
+        #[source]
+        source: StoreError,
+    },
+    /// the storage engine stopped (shutdown)
+    #[error("the storage engine has stopped")]
+    Stopped,
+}
+
+/// Checks the naming rule `[a-z0-9][a-z0-9_.-]{0,62}`.
+pub fn validate_name(name: &str) -> Result<(), VolumeError> {
+    let bytes = name.as_bytes();
+    let first_ok = bytes
+        .first()
+        .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let rest_ok = bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-'));
+    if first_ok && rest_ok && bytes.len() <= 63 {
+        Ok(())
+    } else {
+        Err(VolumeError::InvalidName { name: name.to_owned() })
+    }
+}
+
+fn validate_size(size_bytes: u64) -> Result<(), VolumeError> {
+    let reason = if size_bytes == 0 {
+        "a volume needs at least one 4 KiB block".to_owned()
+    } else if !size_bytes.is_multiple_of(io::BLOCK_BYTES) {
+        "the size must be a multiple of 4 KiB".to_owned()
+    } else if size_bytes > VOLUME_SIZE_BYTES_MAX {
+        format!(
+            "the largest volume is {}",
+            crate::size::format_size(VOLUME_SIZE_BYTES_MAX)
+        )
+    } else {
+        return Ok(());
+    };
+    Err(VolumeError::InvalidSize { size_bytes, reason })
+}
+
+/// A live volume: what I/O needs, shared by every connection to it.
+pub struct Volume {
+    pub name: String,
+    pub id: u64,
+    pub block_size_bytes: u32,
+    epoch: u64,
+    disk: usize,
+    size_bytes: AtomicU64,
+    sequence: AtomicU64,
+    engine: Arc<Engine>,
+    /// Shared by aligned writes, exclusive for read-modify-write.
+    rmw: tokio::sync::RwLock<()>,
+    connections: AtomicUsize,
+    deleted: AtomicBool,
+}
+
+impl Volume {
+    /// Current size (grows with resize).
+    #[must_use]
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes.load(Ordering::Acquire)
+    }
+
+    /// True once the volume was deleted (connections still holding it stop).
+    #[must_use]
+    pub fn is_deleted(&self) -> bool {
+        self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Counts an NBD connection for as long as the guard lives.
+    #[must_use]
+    pub fn connect(self: &Arc<Self>) -> ConnectionGuard {
+        self.connections.fetch_add(1, Ordering::AcqRel);
+        ConnectionGuard(Arc::clone(self))
+    }
+}
+
+/// Keeps a volume's connection count up while alive.
+pub struct ConnectionGuard(Arc<Volume>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What `volume inspect` and `volume list` show.
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct VolumeInfo {
+    pub name: String,
+    pub id: u64,
+    pub size_bytes: u64,
+    pub used_bytes: u64,
+    pub block_size_bytes: u32,
+    pub replicas: u32,
+    pub disk_uuid: uuid::Uuid,
+    pub disk_path: String,
+    pub connections: usize,
+    pub created_unix_seconds: u64,
+    pub state: String,
+}
+
+/// An opened disk as placement sees it.
+#[derive(Clone, Debug)]
+struct PlacedDisk {
+    uuid: uuid::Uuid,
+    path: String,
+}
+
+/// The node's volumes.
+pub struct Volumes {
+    engine: Arc<Engine>,
+    meta: Mutex<MetaStore>,
+    disks: Vec<PlacedDisk>,
+    live: RwLock<BTreeMap<String, (VolumeRecord, Arc<Volume>)>>,
+}
+
+/// A request to create a volume.
+#[derive(Clone, Debug)]
+pub struct CreateRequest {
+    pub name: String,
+    pub size_bytes: u64,
+    pub block_size_bytes: u32,
+    pub replicas: u32,
+}
+
+impl Volumes {
+    /// Loads the metadata, finishes interrupted deletes, releases orphaned
+    /// data, and makes every volume ready for I/O.
+    pub fn open(engine: Arc<Engine>, meta: MetaStore) -> Result<Self, VolumeError> {
+        let disks: Vec<PlacedDisk> = engine
+            .disks()
+            .iter()
+            .map(|disk| PlacedDisk {
+                uuid: uuid::Uuid::from_bytes(disk.disk_uuid),
+                path: disk.path.display().to_string(),
+            })
+            .collect();
+        let volumes = Self {
+            engine,
+            meta: Mutex::new(meta),
+            disks,
+            live: RwLock::new(BTreeMap::new()),
+        };
+        volumes.recover()?;
+        Ok(volumes)
+    }
+
+    fn disk_index(&self, uuid: uuid::Uuid) -> Option<usize> {
+        self.disks.iter().position(|disk| disk.uuid == uuid)
+    }
+
+    fn release(&self, disk: usize, name: &str, volume_id: u64) -> Result<(), VolumeError> {
+        self.engine
+            .call(disk, Command::DeleteVolume { volume_id })
+            .map(|_| ())
+            .map_err(|source| VolumeError::Store {
+                name: name.to_owned(),
+                source,
+            })
+    }
+
+    fn recover(&self) -> Result<(), VolumeError> {
+        let records = self.meta.lock().volumes()?;
+        let mut owned = std::collections::HashSet::new();
+        for record in records {
+            let Some(disk) = self.disk_index(record.disk_uuid) else {
+                tracing::error!(volume = %record.name, disk = %record.disk_uuid, "volume's disk is not open; it will not serve");
+                continue;
+            };
+            if record.state == VolumeState::Deleting {
+                tracing::info!(volume = %record.name, "finishing an interrupted delete");
+                self.release(disk, &record.name, record.id)?;
+                self.meta.lock().remove(&record.name)?;
+                continue;
+            }
+            owned.insert((disk, record.id));
+            let (_, sequence_max) = self
+                .engine
+                .query(disk, move |store| store.volume_epoch(record.id))
+                .map_err(|_| VolumeError::DiskMissing {
+                    name: record.name.clone(),
+                    disk_uuid: record.disk_uuid,
+                })?;
+            let volume = self.handle(&record, disk, sequence_max + 1);
+            self.live.write().insert(record.name.clone(), (record, volume));
+        }
+        for disk in 0..self.disks.len() {
+            let ids = self.engine.query(disk, |store| store.volume_ids()).unwrap_or_default();
+            for id in ids {
+                if !owned.contains(&(disk, id)) {
+                    tracing::warn!(volume_id = id, disk = %self.disks[disk].path, "releasing data of a volume with no metadata (a create or delete interrupted by a crash)");
+                    self.release(disk, &format!("#{id}"), id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn handle(&self, record: &VolumeRecord, disk: usize, next_sequence: u64) -> Arc<Volume> {
+        Arc::new(Volume {
+            name: record.name.clone(),
+            id: record.id,
+            block_size_bytes: record.block_size_bytes,
+            epoch: record.epoch,
+            disk,
+            size_bytes: AtomicU64::new(record.size_bytes),
+            sequence: AtomicU64::new(next_sequence),
+            engine: Arc::clone(&self.engine),
+            rmw: tokio::sync::RwLock::new(()),
+            connections: AtomicUsize::new(0),
+            deleted: AtomicBool::new(false),
+        })
+    }
+
+    /// The live volume called `name`, for I/O.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<Arc<Volume>> {
+        self.live.read().get(name).map(|(_, volume)| Arc::clone(volume))
+    }
+
+    /// Names and sizes of every volume (NBD_OPT_LIST).
+    #[must_use]
+    pub fn names(&self) -> Vec<(String, u64)> {
+        self.live
+            .read()
+            .values()
+            .map(|(record, volume)| (record.name.clone(), volume.size_bytes()))
+            .collect()
+    }
+
+    /// Creates a volume, placed on the disk with the most free space.
+    pub fn create(&self, request: &CreateRequest) -> Result<VolumeInfo, VolumeError> {
+        validate_name(&request.name)?;
+        validate_size(request.size_bytes)?;
+        if !BLOCK_SIZES_BYTES.contains(&request.block_size_bytes) {
+            return Err(VolumeError::InvalidOption(format!(
+                "block size {} is not supported; use 512 or 4096",
+                request.block_size_bytes
+            )));
+        }
+        if request.replicas != 1 {
+            return Err(VolumeError::InvalidOption(format!(
+                "--repl {} needs {} nodes, and this node is not in a cluster (replication arrives with `ballast cluster`)",
+                request.replicas, request.replicas
+            )));
+        }
+        let meta = self.meta.lock();
+        if self.live.read().contains_key(&request.name) {
+            return Err(VolumeError::Exists {
+                name: request.name.clone(),
+            });
+        }
+        if self.live.read().len() >= VOLUMES_MAX {
+            return Err(VolumeError::TooMany);
+        }
+        let disk = self.pick_disk()?;
+        let id_floor = (0..self.disks.len())
+            .filter_map(|d| self.engine.query(d, |store| store.volume_ids()).ok())
+            .flatten()
+            .max()
+            .map_or(1, |max| max + 1);
+        let record = VolumeRecord {
+            name: request.name.clone(),
+            id: 0,
+            size_bytes: request.size_bytes,
+            block_size_bytes: request.block_size_bytes,
+            replicas: request.replicas,
+            disk_uuid: self.disks[disk].uuid,
+            epoch: 1,
+            created_unix_seconds: crate::datadir::now_unix_seconds(),
+            state: VolumeState::Ready,
+        };
+        let record = meta.create(record, id_floor).map_err(|error| match error {
+            MetaError::Exists { name } => VolumeError::Exists { name },
+            other => VolumeError::Meta(other),
+        })?;
+        drop(meta);
+        tracing::info!(volume = %record.name, id = record.id, size_bytes = record.size_bytes, disk = %self.disks[disk].path, "volume created");
+        let volume = self.handle(&record, disk, 1);
+        self.live.write().insert(record.name.clone(), (record, volume));
+        self.inspect(&request.name)
+    }
+
+    fn pick_disk(&self) -> Result<usize, VolumeError> {
+        let mut best: Option<(u64, usize)> = None;
+        for disk in 0..self.disks.len() {
+            let Ok(space) = self.engine.query(disk, |store| store.space()) else {
+                continue;
+            };
+            let free = space.capacity_blocks.saturating_sub(space.used_blocks);
+            if best.is_none_or(|(best_free, _)| free > best_free) {
+                best = Some((free, disk));
+            }
+        }
+        best.map(|(_, disk)| disk).ok_or(VolumeError::NoDisks)
+    }
+
+    /// Deletes a volume and releases its data. Refused while NBD clients are
+    /// connected to it.
+    pub fn delete(&self, name: &str) -> Result<(), VolumeError> {
+        let meta = self.meta.lock();
+        let (mut record, volume) = self
+            .live
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VolumeError::Missing { name: name.to_owned() })?;
+        let connections = volume.connections.load(Ordering::Acquire);
+        if connections > 0 {
+            return Err(VolumeError::InUse {
+                name: name.to_owned(),
+                connections,
+            });
+        }
+        record.state = VolumeState::Deleting;
+        meta.update(&record)?;
+        volume.deleted.store(true, Ordering::Release);
+        self.live.write().remove(name);
+        self.release(volume.disk, name, volume.id)?;
+        meta.remove(name)?;
+        tracing::info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+
+    /// Grows a volume (shrinking would cut off data clients wrote).
+    pub fn resize(&self, name: &str, size_bytes: u64) -> Result<VolumeInfo, VolumeError> {
+        validate_size(size_bytes)?;
+        let meta = self.meta.lock();
+        let (mut record, volume) = self
+            .live
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VolumeError::Missing { name: name.to_owned() })?;
+        if size_bytes < record.size_bytes {
+            return Err(VolumeError::InvalidSize {
+                size_bytes,
+                reason: format!(
+                    "volume {name} is {} bytes; shrinking is not supported",
+                    record.size_bytes
+                ),
+            });
+        }
+        record.size_bytes = size_bytes;
+        meta.update(&record)?;
+        volume.size_bytes.store(size_bytes, Ordering::Release);
+        if let Some(entry) = self.live.write().get_mut(name) {
+            entry.0.size_bytes = size_bytes;
+        }
+        drop(meta);
+        self.inspect(name)
+    }
+
+    /// Everything known about one volume.
+    pub fn inspect(&self, name: &str) -> Result<VolumeInfo, VolumeError> {
+        let (record, volume) = self
+            .live
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VolumeError::Missing { name: name.to_owned() })?;
+        let id = record.id;
+        let used_blocks = self
+            .engine
+            .query(volume.disk, move |store| store.volume_used_blocks(id))
+            .unwrap_or(0);
+        Ok(VolumeInfo {
+            name: record.name.clone(),
+            id,
+            size_bytes: record.size_bytes,
+            used_bytes: used_blocks * io::BLOCK_BYTES,
+            block_size_bytes: record.block_size_bytes,
+            replicas: record.replicas,
+            disk_uuid: record.disk_uuid,
+            disk_path: self.disks[volume.disk].path.clone(),
+            connections: volume.connections.load(Ordering::Acquire),
+            created_unix_seconds: record.created_unix_seconds,
+            state: "ready".into(),
+        })
+    }
+
+    /// Every volume, by name.
+    pub fn list(&self) -> Vec<VolumeInfo> {
+        let names: Vec<String> = self.live.read().keys().cloned().collect();
+        names.iter().filter_map(|name| self.inspect(name).ok()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for good in ["a", "0", "pg-data_1.x", &"a".repeat(63)] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "_a", ".a", "A", "a b", "a/b", &"a".repeat(64), "é"] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn sizes_must_be_whole_blocks_within_the_limit() {
+        assert!(validate_size(4096).is_ok());
+        assert!(validate_size(0).is_err());
+        assert!(validate_size(4097).is_err());
+        assert!(validate_size(VOLUME_SIZE_BYTES_MAX + 4096).is_err());
+    }
+}
