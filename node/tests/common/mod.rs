@@ -62,3 +62,18 @@ pub fn iterations(full: usize, quick: usize) -> usize {
         full
     }
 }
+
+pub mod node;
+
+/// True when `tool` is on PATH; otherwise records a skip for `test`.
+pub fn have_tool(test: &str, tool: &str) -> bool {
+    let found =
+        std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(tool).is_file()));
+    if !found {
+        record_skip(
+            test,
+            &format!("{tool} is not installed (ci/install-deps.sh installs it)"),
+        );
+    }
+    found
+}

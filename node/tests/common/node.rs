@@ -1,0 +1,216 @@
+//! A real `ballast node run` process for tests: its own data directory and
+//! disk, free ports on 127.0.0.1, stopped (by pid) on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{ballast, record_skip, scratch, text, LoopDevice};
+
+/// Longest a node may take to become ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a clean stop may take.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A running (or stopped) node.
+pub struct TestNode {
+    pub dir: tempfile::TempDir,
+    pub data_dir: PathBuf,
+    pub api_port: u16,
+    pub nbd_port: u16,
+    child: Option<Child>,
+    _device: Option<LoopDevice>,
+    log: PathBuf,
+}
+
+impl TestNode {
+    /// Enrolls a disk of `disk_bytes` (a loop device when available, else a
+    /// file) and starts a node on it.
+    pub fn start(test: &str, disk_bytes: u64) -> Self {
+        let dir = scratch();
+        let data_dir = dir.path().join("data");
+        let backing = dir.path().join("disk.img");
+        std::fs::File::create(&backing).unwrap().set_len(disk_bytes).unwrap();
+        let device = match super::unavailable_reason() {
+            None => Some(LoopDevice::attach(&backing, true).expect("losetup")),
+            Some(why) => {
+                record_skip(
+                    &format!("{test} (loop device part)"),
+                    &format!("{why}; using a plain file"),
+                );
+                None
+            }
+        };
+        let disk = device.as_ref().map_or(backing.clone(), |d| d.path().to_owned());
+        let enrolled = ballast()
+            .args(["disk", "enroll", "--data-dir"])
+            .arg(&data_dir)
+            .arg(&disk)
+            .output()
+            .unwrap();
+        assert!(enrolled.status.success(), "enroll: {}", text(&enrolled));
+        let mut node = Self {
+            log: dir.path().join("node.log"),
+            dir,
+            data_dir,
+            api_port: free_port(),
+            nbd_port: free_port(),
+            child: None,
+            _device: device,
+        };
+        node.restart();
+        node
+    }
+
+    /// Starts the node process (again) and waits until its API answers.
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "node already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = ballast()
+            .env("BALLAST_LOG", "info")
+            .args(["node", "run", "--data-dir"])
+            .arg(&self.data_dir)
+            .args(["--listen-api", &format!("127.0.0.1:{}", self.api_port)])
+            .args(["--listen-nbd", &format!("127.0.0.1:{}", self.nbd_port)])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            let health = self.cli(&["node", "status", "--json"]);
+            if health.status.success() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("node exited during start ({status}):\n{}", self.log_text());
+            }
+            assert!(
+                started.elapsed() < READY_TIMEOUT,
+                "node not ready:\n{}",
+                self.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The node's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// `ballast ARGS` against this node's API.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        ballast()
+            .env("BALLAST_API", self.api_url())
+            .args(args)
+            .output()
+            .unwrap()
+    }
+
+    /// `ballast ARGS`, asserting success; stdout.
+    pub fn cli_ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(output.status.success(), "ballast {args:?}: {}", text(&output));
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Creates a volume of `size` (e.g. "1GiB").
+    pub fn create_volume(&self, name: &str, size: &str) {
+        self.cli_ok(&["volume", "create", name, "--size", size]);
+    }
+
+    pub fn api_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.api_port)
+    }
+
+    /// nbd:// URI of a volume.
+    pub fn uri(&self, volume: &str) -> String {
+        format!("nbd://127.0.0.1:{}/{volume}", self.nbd_port)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let pid = i32::try_from(child.id()).unwrap();
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        let started = Instant::now();
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > STOP_TIMEOUT {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("node did not stop within {STOP_TIMEOUT:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The data directory's path.
+    pub fn data(&self) -> &Path {
+        &self.data_dir
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs a command with a time limit; returns its output (panics on time-out).
+pub fn run_with_timeout(command: &mut Command, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let drain = |mut pipe: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut bytes = Vec::new();
+            let _ = pipe.read_to_end(&mut bytes);
+            bytes
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&stderr.join().unwrap()).into_owned();
+            panic!("{command:?} did not finish within {limit:?}: {err}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::process::Output {
+        status,
+        stdout: stdout.join().unwrap(),
+        stderr: stderr.join().unwrap(),
+    }
+}
