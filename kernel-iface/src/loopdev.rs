@@ -14,10 +14,23 @@ pub struct LoopDevice {
 impl LoopDevice {
     /// Attaches `backing` (with direct I/O when `direct_io`).
     pub fn attach(backing: &Path, direct_io: bool) -> std::io::Result<Self> {
+        Self::attach_with_sector_size(backing, direct_io, None)
+    }
+
+    /// Attaches `backing` with a logical sector size (e.g. 4096 for a
+    /// backing file that only takes 4 KiB-aligned I/O).
+    pub fn attach_with_sector_size(
+        backing: &Path,
+        direct_io: bool,
+        sector_bytes: Option<u32>,
+    ) -> std::io::Result<Self> {
         let mut command = Command::new("losetup");
         command.arg("--find").arg("--show");
         if direct_io {
             command.arg("--direct-io=on");
+        }
+        if let Some(bytes) = sector_bytes {
+            command.arg("--sector-size").arg(bytes.to_string());
         }
         let output = command.arg(backing).output()?;
         if !output.status.success() {
