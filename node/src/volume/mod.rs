@@ -380,15 +380,21 @@ impl Volumes {
         self.inspect(&request.name)
     }
 
+    /// The disk with the most free space per volume placed on it (so empty
+    /// disks fill evenly, and a fuller disk gets fewer new volumes).
     fn pick_disk(&self) -> Result<usize, VolumeError> {
+        let mut placed = vec![0u64; self.disks.len()];
+        for (_, volume) in self.live.read().values() {
+            placed[volume.disk] += 1;
+        }
         let mut best: Option<(u64, usize)> = None;
         for disk in 0..self.disks.len() {
             let Ok(space) = self.engine.query(disk, |store| store.space()) else {
                 continue;
             };
-            let free = space.capacity_blocks.saturating_sub(space.used_blocks);
-            if best.is_none_or(|(best_free, _)| free > best_free) {
-                best = Some((free, disk));
+            let score = space.capacity_blocks.saturating_sub(space.used_blocks) / (placed[disk] + 1);
+            if best.is_none_or(|(best_score, _)| score > best_score) {
+                best = Some((score, disk));
             }
         }
         best.map(|(_, disk)| disk).ok_or(VolumeError::NoDisks)
