@@ -388,11 +388,11 @@ impl Volumes {
             placed[volume.disk] += 1;
         }
         let mut best: Option<(u64, usize)> = None;
-        for disk in 0..self.disks.len() {
+        for (disk, placed_count) in placed.iter().enumerate() {
             let Ok(space) = self.engine.query(disk, |store| store.space()) else {
                 continue;
             };
-            let score = space.capacity_blocks.saturating_sub(space.used_blocks) / (placed[disk] + 1);
+            let score = space.capacity_blocks.saturating_sub(space.used_blocks) / (placed_count + 1);
             if best.is_none_or(|(best_score, _)| score > best_score) {
                 best = Some((score, disk));
             }
