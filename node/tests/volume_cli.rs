@@ -270,3 +270,19 @@ fn resize_grows_a_volume_and_new_connections_see_the_new_size() {
     node.restart();
     assert_eq!(size(&node), 1 << 30);
 }
+
+#[test]
+fn volumes_are_spread_over_the_enrolled_disks() {
+    let node = TestNode::start_with_disks("volumes_spread_over_disks", &[256 << 20, 256 << 20]);
+    for name in ["p", "q", "r", "s"] {
+        node.create_volume(name, "64MiB");
+    }
+    let list: serde_json::Value = serde_json::from_str(&node.cli_ok(&["volume", "list", "--json"])).unwrap();
+    let mut per_disk = std::collections::BTreeMap::new();
+    for volume in list.as_array().unwrap() {
+        *per_disk
+            .entry(volume["disk_uuid"].as_str().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(per_disk.values().copied().collect::<Vec<i32>>(), vec![2, 2], "{list}");
+}

@@ -24,7 +24,7 @@ pub struct TestNode {
     pub api_port: u16,
     pub nbd_port: u16,
     child: Option<Child>,
-    _device: Option<LoopDevice>,
+    _devices: Vec<LoopDevice>,
     log: PathBuf,
 }
 
@@ -32,25 +32,37 @@ impl TestNode {
     /// Enrolls a disk of `disk_bytes` (a loop device when available, else a
     /// file) and starts a node on it.
     pub fn start(test: &str, disk_bytes: u64) -> Self {
+        Self::start_with_disks(test, &[disk_bytes])
+    }
+
+    /// Like `start`, with one enrolled disk per size given.
+    pub fn start_with_disks(test: &str, disks_bytes: &[u64]) -> Self {
         let dir = scratch();
         let data_dir = dir.path().join("data");
-        let backing = dir.path().join("disk.img");
-        std::fs::File::create(&backing).unwrap().set_len(disk_bytes).unwrap();
-        let device = match super::unavailable_reason() {
-            None => Some(LoopDevice::attach(&backing, true).expect("losetup")),
-            Some(why) => {
-                record_skip(
-                    &format!("{test} (loop device part)"),
-                    &format!("{why}; using a plain file"),
-                );
-                None
+        let mut devices = Vec::new();
+        let mut paths = Vec::new();
+        for (index, bytes) in disks_bytes.iter().enumerate() {
+            let backing = dir.path().join(format!("disk{index}.img"));
+            std::fs::File::create(&backing).unwrap().set_len(*bytes).unwrap();
+            match super::unavailable_reason() {
+                None => {
+                    let device = LoopDevice::attach(&backing, true).expect("losetup");
+                    paths.push(device.path().to_owned());
+                    devices.push(device);
+                }
+                Some(why) => {
+                    record_skip(
+                        &format!("{test} (loop device part)"),
+                        &format!("{why}; using a plain file"),
+                    );
+                    paths.push(backing);
+                }
             }
-        };
-        let disk = device.as_ref().map_or(backing.clone(), |d| d.path().to_owned());
+        }
         let enrolled = ballast()
             .args(["disk", "enroll", "--data-dir"])
             .arg(&data_dir)
-            .arg(&disk)
+            .args(&paths)
             .output()
             .unwrap();
         assert!(enrolled.status.success(), "enroll: {}", text(&enrolled));
@@ -61,7 +73,7 @@ impl TestNode {
             api_port: free_port(),
             nbd_port: free_port(),
             child: None,
-            _device: device,
+            _devices: devices,
         };
         node.restart();
         node
