@@ -140,6 +140,9 @@ async fn read_requests<R: AsyncRead + Unpin>(
 
 /// Checks a request against the export; `Err` is the answer to send.
 fn validate(volume: &Volume, request: &Request, structured: bool, base_allocation: bool) -> Result<(), Outcome> {
+    if volume.is_deleted() {
+        return Err(error(ESHUTDOWN, format!("volume {} was deleted", volume.name)));
+    }
     let allowed_flags = match request.command {
         CMD_READ => CMD_FLAG_DF,
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,
