@@ -16,6 +16,7 @@ BALLAST=$PWD/dist/ballast
 RUN_SECONDS=${DEMO_SECONDS:-10}
 API=127.0.0.1:${DEMO_API_PORT:-9410}
 NBD=127.0.0.1:${DEMO_NBD_PORT:-10809}
+PEER=127.0.0.1:${DEMO_PEER_PORT:-9411}
 export BALLAST_API=http://$API
 
 WORK=$(mktemp -d /var/tmp/ballast-demo.XXXXXX)
@@ -31,7 +32,7 @@ cleanup() {
 trap cleanup EXIT
 
 start_node() {
-  "$BALLAST" node run --data-dir "$WORK/data" --listen-api "$API" --listen-nbd "$NBD" 2>>"$WORK/node.log" &
+  "$BALLAST" node run --data-dir "$WORK/data" --listen-api "$API" --listen-nbd "$NBD" --listen-peer "$PEER" 2>>"$WORK/node.log" &
   NODE=$!
   for _ in $(seq 1 300); do
     "$BALLAST" node status >/dev/null 2>&1 && return 0
@@ -74,6 +75,7 @@ echo
 echo "== enroll them, start a node"
 "$BALLAST" disk enroll --data-dir "$WORK/data" "${LOOPS[@]}"
 start_node
+"$BALLAST" cluster init
 "$BALLAST" node status
 
 echo

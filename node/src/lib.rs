@@ -4,11 +4,13 @@
 
 pub mod api;
 pub mod cli;
+pub mod cluster;
 pub mod daemon;
 pub mod datadir;
 pub mod engine;
 pub mod enroll;
 pub mod nbd;
 pub mod pattern;
+pub mod peer;
 pub mod size;
 pub mod volume;

@@ -190,7 +190,12 @@ fn fio_nbd(uri: &str, extra: &[&str]) -> std::process::Output {
         "--output-format=json".to_owned(),
     ];
     args.extend(extra.iter().map(|a| (*a).to_owned()));
-    run_with_timeout(Command::new("fio").args(&args), TOOL_TIMEOUT)
+    // fio leaves verify-state files in its working directory.
+    let scratch = tempfile::tempdir().unwrap();
+    run_with_timeout(
+        Command::new("fio").args(&args).current_dir(scratch.path()),
+        TOOL_TIMEOUT,
+    )
 }
 
 fn fio_errors(output: &std::process::Output) -> Vec<i64> {

@@ -91,6 +91,13 @@ impl ApiClient {
         self.finish(&url, self.agent.request("PATCH", &url).send_json(body))
     }
 
+    /// PUT `body` to `path` (no answer body expected).
+    pub fn put<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
+        let url = self.url(path);
+        self.finish::<serde_json::Value>(&url, self.agent.put(&url).send_json(body))
+            .map(|_| ())
+    }
+
     /// DELETE `path`.
     pub fn delete(&self, path: &str) -> Result<(), ClientError> {
         let url = self.url(path);

@@ -10,6 +10,14 @@
 //! | GET | /v1/volumes/{name} | | `VolumeInfo` |
 //! | PATCH | /v1/volumes/{name} | `{"size_bytes":N}` | `VolumeInfo` (grow only) |
 //! | DELETE | /v1/volumes/{name} | | 204 |
+//! | GET | /v1/cluster | | `ClusterStatus` |
+//! | POST | /v1/cluster/init | | `ClusterStatus` |
+//! | POST | /v1/cluster/tokens | `{"ttl_seconds":N}` | `NewToken` |
+//! | POST | /v1/cluster/join | `{"address":"HOST:PORT","token":"..."}` | `ClusterStatus` |
+//! | PUT | /v1/cluster/nodes/{id}/maintenance | `{"on":true}` | 204 |
+//!
+//! Volume operations need the node to be in a cluster (503 otherwise);
+//! they go through Raft and may be forwarded to the volume's coordinator.
 //!
 //! Errors are `{"error": "one line"}` with 400 (bad input), 404 (no such
 //! volume), 409 (exists, in use), 500/503 (the node's fault).
@@ -22,11 +30,14 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
-use crate::volume::{CreateRequest, VolumeError, Volumes};
+use crate::cluster::state::{Command, NodeAdmin};
+use crate::cluster::volumes::{CreateVolume, VolumeOpError};
+use crate::cluster::{Cluster, ClusterError};
+use crate::volume::Volumes;
 
 /// Largest request body accepted.
 pub const BODY_BYTES_MAX: usize = 64 * 1024;
@@ -57,6 +68,34 @@ pub struct ResizeBody {
     pub size_bytes: u64,
 }
 
+/// Body of POST /v1/cluster/tokens.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBody {
+    #[serde(default = "default_token_ttl")]
+    pub ttl_seconds: u64,
+}
+
+fn default_token_ttl() -> u64 {
+    crate::cluster::join::TOKEN_TTL_SECONDS_DEFAULT
+}
+
+/// Body of POST /v1/cluster/join.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinBody {
+    /// Peer address (HOST:PORT) of any member.
+    pub address: String,
+    pub token: String,
+}
+
+/// Body of PUT /v1/cluster/nodes/{id}/maintenance.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MaintenanceBody {
+    pub on: bool,
+}
+
 /// One disk in GET /v1/node.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct DiskStatus {
@@ -71,6 +110,11 @@ pub struct DiskStatus {
 #[derive(Debug, Serialize, Deserialize)]
 pub struct NodeStatus {
     pub node_uuid: uuid::Uuid,
+    /// The node's id in the cluster.
+    #[serde(default)]
+    pub node_id: u64,
+    #[serde(default)]
+    pub cluster_id: Option<uuid::Uuid>,
     pub version: String,
     pub disks: Vec<DiskStatus>,
     pub volume_count: usize,
@@ -85,6 +129,7 @@ pub struct ErrorBody {
 /// What handlers share.
 pub struct ApiState {
     pub volumes: Arc<Volumes>,
+    pub cluster: Arc<Cluster>,
     pub node: Box<dyn Fn() -> NodeStatus + Send + Sync>,
 }
 
@@ -96,33 +141,24 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<VolumeError> for ApiError {
-    fn from(error: VolumeError) -> Self {
-        let status = match &error {
-            VolumeError::Missing { .. } => StatusCode::NOT_FOUND,
-            VolumeError::Exists { .. } | VolumeError::InUse { .. } => StatusCode::CONFLICT,
-            VolumeError::NoDisks | VolumeError::DiskMissing { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            _ if error.is_client_error() => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
+impl From<VolumeOpError> for ApiError {
+    fn from(error: VolumeOpError) -> Self {
+        let status = StatusCode::from_u16(error.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         if status.is_server_error() {
-            tracing::error!(%error, "volume operation failed");
+            tracing::warn!(error = %error.message, "volume operation failed");
         }
-        Self(status, error.to_string())
+        Self(status, error.message)
+    }
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(error: ClusterError) -> Self {
+        VolumeOpError::from(error).into()
     }
 }
 
 fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
     serde_json::from_slice(body).map_err(|error| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {error}")))
-}
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, VolumeError> + Send + 'static,
-) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {error}")))?
-        .map_err(ApiError::from)
 }
 
 /// The API's routes.
@@ -138,6 +174,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/volumes/{name}",
             get(inspect_volume).patch(resize_volume).delete(delete_volume),
         )
+        .route("/v1/cluster", get(cluster_status))
+        .route("/v1/cluster/init", post(cluster_init))
+        .route("/v1/cluster/tokens", post(cluster_token))
+        .route("/v1/cluster/join", post(cluster_join))
+        .route("/v1/cluster/nodes/{id}/maintenance", put(node_maintenance))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API path; see /v1/volumes".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
@@ -152,27 +193,24 @@ async fn node_status(State(state): State<Arc<ApiState>>) -> Result<Json<NodeStat
 }
 
 async fn list_volumes(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    let volumes = Arc::clone(&state.volumes);
-    let list = blocking(move || Ok(volumes.list())).await?;
+    let list = state.cluster.list_volumes(&state.volumes)?;
     Ok(Json(list).into_response())
 }
 
 async fn create_volume(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
     let body: CreateBody = parse_body(&body)?;
-    let request = CreateRequest {
+    let request = CreateVolume {
         name: body.name,
         size_bytes: body.size_bytes,
         block_size_bytes: body.block_size_bytes,
         replicas: body.replicas,
     };
-    let volumes = Arc::clone(&state.volumes);
-    let info = blocking(move || volumes.create(&request)).await?;
+    let info = state.cluster.create_volume(&state.volumes, request).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
 async fn inspect_volume(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let volumes = Arc::clone(&state.volumes);
-    let info = blocking(move || volumes.inspect(&name)).await?;
+    let info = state.cluster.inspect_volume(&state.volumes, &name).await?;
     Ok(Json(info).into_response())
 }
 
@@ -182,13 +220,65 @@ async fn resize_volume(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body: ResizeBody = parse_body(&body)?;
-    let volumes = Arc::clone(&state.volumes);
-    let info = blocking(move || volumes.resize(&name, body.size_bytes)).await?;
+    let info = state
+        .cluster
+        .resize_volume(&state.volumes, &name, body.size_bytes)
+        .await?;
     Ok(Json(info).into_response())
 }
 
 async fn delete_volume(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let volumes = Arc::clone(&state.volumes);
-    blocking(move || volumes.delete(&name)).await?;
+    state.cluster.delete_volume(&state.volumes, &name).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn cluster_status(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    Ok(Json(state.cluster.status().await).into_response())
+}
+
+async fn cluster_init(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    if state.volumes.count() > 0 {
+        return Err(ClusterError::Invalid(
+            "this node has volumes of its own; only an empty node can start a cluster".into(),
+        )
+        .into());
+    }
+    state.cluster.init().await?;
+    Ok(Json(state.cluster.status().await).into_response())
+}
+
+async fn cluster_token(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: TokenBody = if body.is_empty() {
+        TokenBody {
+            ttl_seconds: default_token_ttl(),
+        }
+    } else {
+        parse_body(&body)?
+    };
+    let token = state.cluster.create_token(body.ttl_seconds).await?;
+    Ok((StatusCode::CREATED, Json(token)).into_response())
+}
+
+async fn cluster_join(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: JoinBody = parse_body(&body)?;
+    state
+        .cluster
+        .join(&body.address, &body.token, state.volumes.count() > 0)
+        .await?;
+    Ok(Json(state.cluster.status().await).into_response())
+}
+
+async fn node_maintenance(
+    State(state): State<Arc<ApiState>>,
+    Path(id): Path<u64>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: MaintenanceBody = parse_body(&body)?;
+    let admin = if body.on {
+        NodeAdmin::Maintenance
+    } else {
+        NodeAdmin::Active
+    };
+    state.cluster.change(Command::SetNodeAdmin { id, admin }).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

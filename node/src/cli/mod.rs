@@ -36,6 +36,17 @@ pub enum Command {
     Node(crate::cli::node::NodeCommand),
     /// Create, list, inspect, resize and delete volumes (through the node's API).
     Volume(crate::cli::volume::VolumeArgs),
+    /// Form and inspect the cluster: init, join tokens, join, status.
+    Cluster(crate::cli::cluster::ClusterArgs),
+    /// The whole fleet at a glance (same as `ballast cluster status`).
+    Status {
+        /// The node API to ask.
+        #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
+        api: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Self-test tools: drive the storage engine directly (used by the test suite).
     #[command(subcommand, hide = true)]
     Debug(crate::cli::debug::DebugCommand),
@@ -46,11 +57,12 @@ impl Command {
     fn default_log_level(&self) -> &'static str {
         match self {
             Self::Debug(_) | Self::Node(crate::cli::node::NodeCommand::Run(_)) => "info",
-            Self::Disk(_) | Self::Node(_) | Self::Volume(_) => "warn",
+            Self::Disk(_) | Self::Node(_) | Self::Volume(_) | Self::Cluster(_) | Self::Status { .. } => "warn",
         }
     }
 }
 
+pub mod cluster;
 pub mod debug;
 pub mod disk;
 pub mod node;
@@ -70,6 +82,8 @@ pub fn main() -> ExitCode {
         Command::Debug(command) => debug::run(command),
         Command::Node(command) => node::run(command),
         Command::Volume(args) => volume::run(args),
+        Command::Cluster(args) => cluster::run(args),
+        Command::Status { api, json } => cluster::status(&api, json),
     };
     match result {
         Ok(code) => code,
@@ -81,8 +95,14 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
+    // openraft narrates every election and membership step at info.
+    let level = if level.contains("openraft") {
+        level.to_owned()
+    } else {
+        format!("{level},openraft=warn")
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -19,7 +19,18 @@ pub enum NodeCommand {
     /// checkpoint). After kill -9 nothing acknowledged is lost: the next
     /// start replays the log.
     Run(RunArgs),
-    /// Show a running node: disks, space, volume count.
+    /// Put a node into maintenance (it keeps its replicas, gets no new ones) or take it out.
+    Maintenance {
+        /// on or off
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+        /// The node's id (see `ballast cluster status`).
+        id: u64,
+        /// The node API to talk to.
+        #[arg(long, env = "BALLAST_API", default_value = DEFAULT_API_URL)]
+        api: String,
+    },
+    /// Show a running node: id, cluster, disks, space, replica count.
     Status {
         /// The node API to ask.
         #[arg(long, env = "BALLAST_API", default_value = DEFAULT_API_URL)]
@@ -32,7 +43,7 @@ pub enum NodeCommand {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// TOML config file (keys: data_dir, listen_api, listen_nbd, listen_peer, cores, thread_pool); flags override it.
+    /// TOML config file (keys: data_dir, listen_api, listen_nbd, listen_peer, cores, thread_pool, name, labels); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The node's data directory (made by `ballast disk enroll`).
@@ -44,9 +55,15 @@ pub struct RunArgs {
     /// NBD address [default: 127.0.0.1:10809].
     #[arg(long)]
     pub listen_nbd: Option<String>,
-    /// Address for peer nodes (used once the node joins a cluster).
+    /// Address other nodes reach this one at (Raft, replication) [default: 127.0.0.1:9411].
     #[arg(long)]
     pub listen_peer: Option<String>,
+    /// Name shown in `ballast cluster status` [default: the host name].
+    #[arg(long)]
+    pub name: Option<String>,
+    /// A label KEY=VALUE (repeatable); `zone` spreads replicas over distinct zones.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
     /// Cores for the reactor threads, e.g. 0-3,6 [default: every allowed core].
     #[arg(long)]
     pub cores: Option<String>,
@@ -70,9 +87,22 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 listen_peer: args.listen_peer,
                 cores: args.cores,
                 thread_pool: args.thread_pool.then_some(true),
+                name: args.name,
+                labels: if args.labels.is_empty() {
+                    None
+                } else {
+                    Some(crate::daemon::config::parse_labels(&args.labels)?)
+                },
             };
             let config = NodeConfig::resolve(file, flags)?;
             crate::daemon::run(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        NodeCommand::Maintenance { state, id, api } => {
+            let on = state == "on";
+            let body = crate::api::MaintenanceBody { on };
+            ApiClient::new(&api).put(&format!("/v1/cluster/nodes/{id}/maintenance"), &body)?;
+            println!("node {id}: maintenance {state}");
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Status { api, json } => {
@@ -82,6 +112,11 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 return Ok(ExitCode::SUCCESS);
             }
             println!("node {} (ballast {})", status.node_uuid, status.version);
+            println!("node id: {}", status.node_id);
+            match status.cluster_id {
+                Some(cluster) => println!("cluster: {cluster}"),
+                None => println!("cluster: none (run `ballast cluster init` or `ballast cluster join`)"),
+            }
             println!("volumes: {}", status.volume_count);
             for disk in &status.disks {
                 println!(

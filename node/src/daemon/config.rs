@@ -4,11 +4,14 @@
 //! data_dir = "/var/lib/ballast"
 //! listen_api = "127.0.0.1:9410"
 //! listen_nbd = "127.0.0.1:10809"
-//! listen_peer = "127.0.0.1:9411"
+//! listen_peer = "127.0.0.1:9411"   # other nodes reach this one here (Raft, replication)
+//! name = "host-a"        # shown in `ballast cluster status` (default: the host name)
+//! labels = { zone = "a", rack = "r12" }   # placement spreads replicas over distinct zones
 //! cores = "0-3"          # reactor cores (default: every core the process may use)
 //! thread_pool = false    # force the pread/pwrite engine instead of io_uring
 //! ```
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +20,7 @@ use thiserror::Error;
 
 pub const DEFAULT_LISTEN_API: &str = "127.0.0.1:9410";
 pub const DEFAULT_LISTEN_NBD: &str = "127.0.0.1:10809";
+pub const DEFAULT_LISTEN_PEER: &str = "127.0.0.1:9411";
 
 /// Errors reading the configuration.
 #[derive(Debug, Error)]
@@ -37,6 +41,9 @@ pub enum ConfigError {
     /// an address does not parse
     #[error("{setting}: {value:?} is not an address like 127.0.0.1:9410")]
     Address { setting: &'static str, value: String },
+    /// a label is not KEY=VALUE
+    #[error("label {0:?} is not KEY=VALUE (letters, digits, '-', '_', '.')")]
+    Label(String),
 }
 
 /// The file's settings (all optional).
@@ -49,6 +56,8 @@ pub struct ConfigFile {
     pub listen_peer: Option<String>,
     pub cores: Option<String>,
     pub thread_pool: Option<bool>,
+    pub name: Option<String>,
+    pub labels: Option<BTreeMap<String, String>>,
 }
 
 impl ConfigFile {
@@ -71,9 +80,49 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub listen_api: SocketAddr,
     pub listen_nbd: SocketAddr,
-    pub listen_peer: Option<SocketAddr>,
+    pub listen_peer: SocketAddr,
     pub cores: Option<String>,
     pub thread_pool: bool,
+    /// The node's name in the cluster.
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Parses `KEY=VALUE` labels (flags), checking their characters.
+pub fn parse_labels(pairs: &[String]) -> Result<BTreeMap<String, String>, ConfigError> {
+    let mut labels = BTreeMap::new();
+    for pair in pairs {
+        let (key, value) = pair.split_once('=').ok_or_else(|| ConfigError::Label(pair.clone()))?;
+        labels.insert(key.to_owned(), value.to_owned());
+    }
+    check_labels(&labels)?;
+    Ok(labels)
+}
+
+fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    let ok = |text: &str| {
+        !text.is_empty()
+            && text.len() <= 63
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    };
+    for (key, value) in labels {
+        if !ok(key) || !ok(value) {
+            return Err(ConfigError::Label(format!("{key}={value}")));
+        }
+    }
+    Ok(())
+}
+
+/// This host's name (for the node's default name).
+#[must_use]
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "ballast".into())
 }
 
 fn address(setting: &'static str, value: &str) -> Result<SocketAddr, ConfigError> {
@@ -97,14 +146,21 @@ impl NodeConfig {
             .listen_nbd
             .or(file.listen_nbd)
             .unwrap_or_else(|| DEFAULT_LISTEN_NBD.into());
-        let listen_peer = overrides.listen_peer.or(file.listen_peer);
+        let listen_peer = overrides
+            .listen_peer
+            .or(file.listen_peer)
+            .unwrap_or_else(|| DEFAULT_LISTEN_PEER.into());
+        let labels = overrides.labels.or(file.labels).unwrap_or_default();
+        check_labels(&labels)?;
         Ok(Self {
             data_dir,
             listen_api: address("listen_api", &listen_api)?,
             listen_nbd: address("listen_nbd", &listen_nbd)?,
-            listen_peer: listen_peer.map(|peer| address("listen_peer", &peer)).transpose()?,
+            listen_peer: address("listen_peer", &listen_peer)?,
             cores: overrides.cores.or(file.cores),
             thread_pool: overrides.thread_pool.or(file.thread_pool).unwrap_or(false),
+            name: overrides.name.or(file.name).unwrap_or_else(host_name),
+            labels,
         })
     }
 }

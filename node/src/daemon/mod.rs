@@ -14,6 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{ApiState, DiskStatus, NodeStatus};
+use crate::cluster::health::NodeReport;
+use crate::cluster::{Cluster, LocalNode};
 use crate::datadir::DataDir;
 use crate::engine::{DiskSpec, Engine, EngineConfig};
 use crate::volume::meta::MetaStore;
@@ -53,13 +55,31 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let node_uuid = data.node.node_uuid;
+    let local = LocalNode {
+        id: crate::cluster::node_id_of(node_uuid),
+        name: config.name.clone(),
+        peer_address: config.listen_peer.to_string(),
+        api_address: config.listen_api.to_string(),
+        nbd_address: config.listen_nbd.to_string(),
+        labels: config.labels.clone(),
+    };
+    let report_engine = Arc::clone(&engine);
+    let report_volumes = Arc::clone(&volumes);
+    let report = Box::new(move || node_report(&report_engine, &report_volumes));
+    let cluster = runtime.block_on(Cluster::open(&config.data_dir, local, report))?;
     let status_engine = Arc::clone(&engine);
     let status_volumes = Arc::clone(&volumes);
+    let status_cluster = Arc::clone(&cluster);
     let state = Arc::new(ApiState {
         volumes: Arc::clone(&volumes),
-        node: Box::new(move || node_status(node_uuid, &status_engine, &status_volumes)),
+        cluster: Arc::clone(&cluster),
+        node: Box::new(move || node_status(node_uuid, &status_cluster, &status_engine, &status_volumes)),
     });
-    let served = runtime.block_on(serve(config, state, Arc::clone(&volumes)));
+    let served = runtime.block_on(serve(config, state, Arc::clone(&volumes), Arc::clone(&cluster)));
+    if let Err(error) = runtime.block_on(cluster.raft.shutdown()) {
+        tracing::warn!(%error, "raft did not stop cleanly");
+    }
+    drop(cluster);
     runtime.shutdown_timeout(DRAIN_TIMEOUT);
     drop(volumes);
     tracing::info!("stopping the storage engine (final checkpoint)");
@@ -76,7 +96,24 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     Ok(())
 }
 
-fn node_status(node_uuid: uuid::Uuid, engine: &Engine, volumes: &Volumes) -> NodeStatus {
+/// What this node tells its peers about itself (in pongs).
+fn node_report(engine: &Engine, volumes: &Volumes) -> NodeReport {
+    let mut report = NodeReport {
+        disks: u32::try_from(engine.disks().len()).unwrap_or(u32::MAX),
+        replicas: u32::try_from(volumes.count()).unwrap_or(u32::MAX),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        ..NodeReport::default()
+    };
+    for index in 0..engine.disks().len() {
+        if let Ok(space) = engine.query(index, |store| store.space()) {
+            report.capacity_bytes += space.capacity_blocks * 4096;
+            report.used_bytes += space.used_blocks * 4096;
+        }
+    }
+    report
+}
+
+fn node_status(node_uuid: uuid::Uuid, cluster: &Cluster, engine: &Engine, volumes: &Volumes) -> NodeStatus {
     let disks = engine
         .disks()
         .iter()
@@ -94,9 +131,11 @@ fn node_status(node_uuid: uuid::Uuid, engine: &Engine, volumes: &Volumes) -> Nod
         .collect();
     NodeStatus {
         node_uuid,
+        node_id: cluster.local.id,
+        cluster_id: cluster.cluster_id(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
         disks,
-        volume_count: volumes.names().len(),
+        volume_count: volumes.count(),
     }
 }
 
@@ -113,13 +152,22 @@ async fn bind(what: &str, address: std::net::SocketAddr) -> Result<TcpListener> 
     }
 }
 
-async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>) -> Result<()> {
+async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>, cluster: Arc<Cluster>) -> Result<()> {
     let api_listener = bind("API", config.listen_api).await?;
     let nbd_listener = bind("NBD", config.listen_nbd).await?;
-    if let Some(peer) = config.listen_peer {
-        tracing::info!(%peer, "peer address noted; the peer protocol starts with cluster membership");
-    }
+    let peer_listener = bind("Peer", config.listen_peer).await?;
     let (stop_sender, stop) = watch::channel(false);
+    let peer = tokio::spawn(crate::peer::server::serve(
+        peer_listener,
+        Arc::clone(&cluster),
+        stop.clone(),
+    ));
+    cluster.spawn_background(stop.clone());
+    let reconcile = tokio::spawn(crate::cluster::reconcile::reconcile_loop(
+        Arc::clone(&cluster),
+        Arc::clone(&volumes),
+        stop.clone(),
+    ));
     let nbd = tokio::spawn(crate::nbd::serve(nbd_listener, volumes, stop.clone()));
     let mut api_stop = stop.clone();
     let api = tokio::spawn(async move {
@@ -133,6 +181,9 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>)
     tracing::info!(
         api = %format!("http://{}", config.listen_api),
         nbd = %format!("nbd://{}", config.listen_nbd),
+        peer = %config.listen_peer,
+        node_id = cluster.local.id,
+        cluster = %cluster.cluster_id().map_or_else(|| "none (run `ballast cluster init` or `ballast cluster join`)".to_owned(), |id| id.to_string()),
         "ballast node ready"
     );
     wait_for_stop_signal().await?;
@@ -141,6 +192,8 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>)
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let _ = nbd.await;
         let _ = api.await;
+        let _ = peer.await;
+        let _ = reconcile.await;
     })
     .await;
     if drained.is_err() {

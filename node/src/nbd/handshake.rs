@@ -197,8 +197,11 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(None);
         }
     };
-    let Some(volume) = volumes.get(&request.export_name) else {
-        let message = format!("no volume named {:?}", request.export_name);
+    let Some(volume) = volumes.get_served(&request.export_name) else {
+        let message = format!(
+            "no volume named {:?} is served by this node (`ballast volume inspect` shows which node serves it)",
+            request.export_name
+        );
         reply_error(stream, option, REP_ERR_UNKNOWN, &message).await?;
         return Ok(None);
     };
@@ -247,8 +250,11 @@ async fn meta_context<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
-    if volumes.get(&request.export_name).is_none() {
-        let message = format!("no volume named {:?}", request.export_name);
+    if volumes.get_served(&request.export_name).is_none() {
+        let message = format!(
+            "no volume named {:?} is served by this node (`ballast volume inspect` shows which node serves it)",
+            request.export_name
+        );
         return reply_error(stream, option, REP_ERR_UNKNOWN, &message).await;
     }
     let selected = if option == OPT_LIST_META_CONTEXT && request.queries.is_empty() {

@@ -157,6 +157,35 @@ impl MetaStore {
         })
     }
 
+    /// Adds a volume whose id was handed out elsewhere (the cluster); the
+    /// local counter moves past it so local and cluster ids never collide.
+    pub fn insert(&self, record: &VolumeRecord) -> Result<(), MetaError> {
+        assert!(record.id > 0, "volume ids start at 1");
+        self.write(|tables| {
+            if tables
+                .volumes
+                .get(record.name.as_str())
+                .map_err(|e| tables.error(e))?
+                .is_some()
+            {
+                return Err(MetaError::Exists {
+                    name: record.name.clone(),
+                });
+            }
+            let next = tables
+                .counters
+                .get(NEXT_VOLUME_ID)
+                .map_err(|e| tables.error(e))?
+                .map_or(1, |value| value.value());
+            let path = tables.path;
+            tables
+                .counters
+                .insert(NEXT_VOLUME_ID, next.max(record.id + 1))
+                .map_err(|e| db_error(path, e))?;
+            tables.put(record)
+        })
+    }
+
     /// Replaces the record of an existing volume.
     pub fn update(&self, record: &VolumeRecord) -> Result<(), MetaError> {
         self.write(|tables| {

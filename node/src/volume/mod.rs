@@ -120,7 +120,8 @@ pub fn validate_name(name: &str) -> Result<(), VolumeError> {
     }
 }
 
-fn validate_size(size_bytes: u64) -> Result<(), VolumeError> {
+/// Checks a volume size: whole 4 KiB blocks, within the store's range.
+pub fn validate_size(size_bytes: u64) -> Result<(), VolumeError> {
     let reason = if size_bytes == 0 {
         "a volume needs at least one 4 KiB block".to_owned()
     } else if !size_bytes.is_multiple_of(io::BLOCK_BYTES) {
@@ -150,6 +151,9 @@ pub struct Volume {
     rmw: tokio::sync::RwLock<()>,
     connections: AtomicUsize,
     deleted: AtomicBool,
+    /// Whether this node serves the volume to clients (it is the cluster's
+    /// coordinator for it); other replicas refuse NBD.
+    served: AtomicBool,
 }
 
 impl Volume {
@@ -163,6 +167,18 @@ impl Volume {
     #[must_use]
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
+    }
+
+    /// Whether this node serves the volume (is its coordinator).
+    #[must_use]
+    pub fn is_served(&self) -> bool {
+        self.served.load(Ordering::Acquire)
+    }
+
+    /// NBD connections open now.
+    #[must_use]
+    pub fn connection_count(&self) -> usize {
+        self.connections.load(Ordering::Acquire)
     }
 
     /// Counts an NBD connection for as long as the guard lives.
@@ -196,6 +212,18 @@ pub struct VolumeInfo {
     pub connections: usize,
     pub created_unix_seconds: u64,
     pub state: String,
+    /// The node serving the volume (0: not known here).
+    #[serde(default)]
+    pub coordinator: u64,
+    /// Its NBD address.
+    #[serde(default)]
+    pub coordinator_nbd: String,
+    /// Nodes holding a replica.
+    #[serde(default)]
+    pub replica_nodes: Vec<u64>,
+    /// Fencing epoch.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// An opened disk as placement sees it.
@@ -211,15 +239,6 @@ pub struct Volumes {
     meta: Mutex<MetaStore>,
     disks: Vec<PlacedDisk>,
     live: RwLock<BTreeMap<String, (VolumeRecord, Arc<Volume>)>>,
-}
-
-/// A request to create a volume.
-#[derive(Clone, Debug)]
-pub struct CreateRequest {
-    pub name: String,
-    pub size_bytes: u64,
-    pub block_size_bytes: u32,
-    pub replicas: u32,
 }
 
 impl Volumes {
@@ -308,6 +327,7 @@ impl Volumes {
             rmw: tokio::sync::RwLock::new(()),
             connections: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
+            served: AtomicBool::new(false),
         })
     }
 
@@ -317,67 +337,88 @@ impl Volumes {
         self.live.read().get(name).map(|(_, volume)| Arc::clone(volume))
     }
 
-    /// Names and sizes of every volume (NBD_OPT_LIST).
+    /// The live volume called `name` if this node serves it to clients.
+    #[must_use]
+    pub fn get_served(&self, name: &str) -> Option<Arc<Volume>> {
+        self.get(name).filter(|volume| volume.is_served())
+    }
+
+    /// Marks whether this node serves `name` (the reconciler decides).
+    pub fn set_served(&self, name: &str, served: bool) {
+        if let Some(volume) = self.get(name) {
+            if volume.served.swap(served, Ordering::AcqRel) != served {
+                tracing::info!(volume = %name, served, "volume serving changed");
+            }
+        }
+    }
+
+    /// Names and sizes of every volume this node serves (NBD_OPT_LIST).
     #[must_use]
     pub fn names(&self) -> Vec<(String, u64)> {
         self.live
             .read()
             .values()
+            .filter(|(_, volume)| volume.is_served())
             .map(|(record, volume)| (record.name.clone(), volume.size_bytes()))
             .collect()
     }
 
-    /// Creates a volume, placed on the disk with the most free space.
-    pub fn create(&self, request: &CreateRequest) -> Result<VolumeInfo, VolumeError> {
-        validate_name(&request.name)?;
-        validate_size(request.size_bytes)?;
-        if !BLOCK_SIZES_BYTES.contains(&request.block_size_bytes) {
-            return Err(VolumeError::InvalidOption(format!(
-                "block size {} is not supported; use 512 or 4096",
-                request.block_size_bytes
-            )));
-        }
-        if request.replicas != 1 {
-            return Err(VolumeError::InvalidOption(format!(
-                "--repl {} needs {} nodes, and this node is not in a cluster (replication arrives with `ballast cluster`)",
-                request.replicas, request.replicas
-            )));
-        }
+    /// The metadata records of every local replica.
+    #[must_use]
+    pub fn records(&self) -> Vec<VolumeRecord> {
+        self.live.read().values().map(|(record, _)| record.clone()).collect()
+    }
+
+    /// Number of local replicas.
+    #[must_use]
+    pub fn count(&self) -> usize {
+        self.live.read().len()
+    }
+
+    /// Creates the local replica of a cluster volume (id from the cluster),
+    /// on the disk with the most free space per volume.
+    pub fn create_replica(&self, wanted: &crate::cluster::state::ClusterVolume) -> Result<(), VolumeError> {
+        validate_name(&wanted.name)?;
+        validate_size(wanted.size_bytes)?;
         let meta = self.meta.lock();
-        if self.live.read().contains_key(&request.name) {
+        if self.live.read().contains_key(&wanted.name) {
             return Err(VolumeError::Exists {
-                name: request.name.clone(),
+                name: wanted.name.clone(),
             });
         }
         if self.live.read().len() >= VOLUMES_MAX {
             return Err(VolumeError::TooMany);
         }
         let disk = self.pick_disk()?;
-        let id_floor = (0..self.disks.len())
-            .filter_map(|d| self.engine.query(d, |store| store.volume_ids()).ok())
-            .flatten()
-            .max()
-            .map_or(1, |max| max + 1);
+        // Data a crash left behind under this id (never reused) goes first.
+        let stale = self
+            .engine
+            .query(disk, |store| store.volume_ids())
+            .unwrap_or_default()
+            .contains(&wanted.id);
+        if stale {
+            self.release(disk, &wanted.name, wanted.id)?;
+        }
         let record = VolumeRecord {
-            name: request.name.clone(),
-            id: 0,
-            size_bytes: request.size_bytes,
-            block_size_bytes: request.block_size_bytes,
-            replicas: request.replicas,
+            name: wanted.name.clone(),
+            id: wanted.id,
+            size_bytes: wanted.size_bytes,
+            block_size_bytes: wanted.block_size_bytes,
+            replicas: wanted.replicas,
             disk_uuid: self.disks[disk].uuid,
-            epoch: 1,
-            created_unix_seconds: crate::datadir::now_unix_seconds(),
+            epoch: wanted.epoch,
+            created_unix_seconds: wanted.created_unix_seconds,
             state: VolumeState::Ready,
         };
-        let record = meta.create(record, id_floor).map_err(|error| match error {
+        meta.insert(&record).map_err(|error| match error {
             MetaError::Exists { name } => VolumeError::Exists { name },
             other => VolumeError::Meta(other),
         })?;
         drop(meta);
-        tracing::info!(volume = %record.name, id = record.id, size_bytes = record.size_bytes, disk = %self.disks[disk].path, "volume created");
+        tracing::info!(volume = %record.name, id = record.id, size_bytes = record.size_bytes, disk = %self.disks[disk].path, "local replica created");
         let volume = self.handle(&record, disk, 1);
         self.live.write().insert(record.name.clone(), (record, volume));
-        self.inspect(&request.name)
+        Ok(())
     }
 
     /// The disk with the most free space per volume placed on it (so empty
@@ -481,6 +522,10 @@ impl Volumes {
             connections: volume.connections.load(Ordering::Acquire),
             created_unix_seconds: record.created_unix_seconds,
             state: "ready".into(),
+            coordinator: 0,
+            coordinator_nbd: String::new(),
+            replica_nodes: Vec::new(),
+            epoch: record.epoch,
         })
     }
 

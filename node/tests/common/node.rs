@@ -13,16 +13,25 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Longest a clean stop may take.
 pub const STOP_TIMEOUT: Duration = Duration::from_secs(40);
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+fn free_port(host: &str) -> u16 {
+    TcpListener::bind(format!("{host}:0"))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// A running (or stopped) node.
 pub struct TestNode {
     pub dir: tempfile::TempDir,
     pub data_dir: PathBuf,
+    /// Loopback address the node listens on (127.0.0.1 unless a test spreads nodes).
+    pub host: String,
     pub api_port: u16,
     pub nbd_port: u16,
+    pub peer_port: u16,
+    /// Extra `node run` arguments (labels, name).
+    pub extra_args: Vec<String>,
     child: Option<Child>,
     _devices: Vec<LoopDevice>,
     log: PathBuf,
@@ -35,8 +44,16 @@ impl TestNode {
         Self::start_with_disks(test, &[disk_bytes])
     }
 
-    /// Like `start`, with one enrolled disk per size given.
+    /// Like `start`, with one enrolled disk per size given; the node
+    /// starts a single-node cluster of its own.
     pub fn start_with_disks(test: &str, disks_bytes: &[u64]) -> Self {
+        let node = Self::start_unclustered(test, "127.0.0.1", disks_bytes, &[]);
+        node.cli_ok(&["cluster", "init"]);
+        node
+    }
+
+    /// A node on `host` (a 127.0.0.0/8 address) that is in no cluster yet.
+    pub fn start_unclustered(test: &str, host: &str, disks_bytes: &[u64], extra_args: &[&str]) -> Self {
         let dir = scratch();
         let data_dir = dir.path().join("data");
         let mut devices = Vec::new();
@@ -70,8 +87,11 @@ impl TestNode {
             log: dir.path().join("node.log"),
             dir,
             data_dir,
-            api_port: free_port(),
-            nbd_port: free_port(),
+            host: host.to_owned(),
+            api_port: free_port(host),
+            nbd_port: free_port(host),
+            peer_port: free_port(host),
+            extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
             child: None,
             _devices: devices,
         };
@@ -91,8 +111,10 @@ impl TestNode {
             .env("BALLAST_LOG", "info")
             .args(["node", "run", "--data-dir"])
             .arg(&self.data_dir)
-            .args(["--listen-api", &format!("127.0.0.1:{}", self.api_port)])
-            .args(["--listen-nbd", &format!("127.0.0.1:{}", self.nbd_port)])
+            .args(["--listen-api", &format!("{}:{}", self.host, self.api_port)])
+            .args(["--listen-nbd", &format!("{}:{}", self.host, self.nbd_port)])
+            .args(["--listen-peer", &self.peer_address()])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -143,12 +165,17 @@ impl TestNode {
     }
 
     pub fn api_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.api_port)
+        format!("http://{}:{}", self.host, self.api_port)
+    }
+
+    /// HOST:PORT of the peer protocol.
+    pub fn peer_address(&self) -> String {
+        format!("{}:{}", self.host, self.peer_port)
     }
 
     /// nbd:// URI of a volume.
     pub fn uri(&self, volume: &str) -> String {
-        format!("nbd://127.0.0.1:{}/{volume}", self.nbd_port)
+        format!("nbd://{}:{}/{volume}", self.host, self.nbd_port)
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,320 @@
+//! Cluster membership and metadata: an embedded Raft group (openraft over
+//! the peer protocol, redb-backed: `store`, `network`) whose state machine
+//! (`state`) holds the nodes, volumes, replica sets, epochs and join
+//! tokens. Every change goes through `Cluster::propose`; a follower hands
+//! its proposal to the leader over the peer protocol.
+//!
+//! Around it: `join` (init, tokens, join), `health` (every node pings the
+//! others and learns their free space), `placement`, and `reconcile`
+//! (makes this node's local replicas match the cluster's volumes).
+
+pub mod health;
+pub mod join;
+pub mod network;
+pub mod placement;
+pub mod reconcile;
+pub mod state;
+pub mod status;
+pub mod store;
+pub mod volumes;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, Raft, ServerState};
+use parking_lot::RwLock;
+use std::io::Cursor;
+use thiserror::Error;
+
+use crate::peer::client::PeerClient;
+use crate::peer::frame::FrameKind;
+use crate::peer::server::PeerHandler;
+use health::{Health, NodeReport};
+use state::{ClusterState, Command, NodeRecord, Outcome, Rejection};
+use store::{ClusterDb, LogStore, StateMachine};
+
+openraft::declare_raft_types!(
+    /// ballast's Raft: commands in, outcomes out, u64 node ids, peer addresses as nodes.
+    pub TypeConfig: D = Command, R = Outcome, SnapshotData = Cursor<Vec<u8>>,
+);
+
+/// Longest a proposal waits for a leader and a commit.
+pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Raft heartbeat; elections start after 4-8 missed ones.
+pub const HEARTBEAT_INTERVAL_MS: u64 = 250;
+const ELECTION_TIMEOUT_MIN_MS: u64 = 1000;
+const ELECTION_TIMEOUT_MAX_MS: u64 = 2000;
+/// A forwarded request to a peer waits at most this long per try.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Errors of cluster operations.
+#[derive(Debug, Error)]
+pub enum ClusterError {
+    /// this node has not been initialized or joined
+    #[error("this node is not in a cluster yet: run `ballast cluster init` on the first node, `ballast cluster join` on the others")]
+    NotInCluster,
+    /// init or join on a node that is a member already
+    #[error("this node is already a member of cluster {0}")]
+    AlreadyMember(uuid::Uuid),
+    /// no leader could commit in time (quorum lost?)
+    #[error("no Raft leader committed the change within {0:?}: is a majority of the voting nodes up and reachable? (`ballast cluster status`)")]
+    NoQuorum(Duration),
+    /// the state machine refused the change
+    #[error("{0}")]
+    Rejected(Rejection),
+    /// a bad request
+    #[error("{0}")]
+    Invalid(String),
+    /// a join failed
+    #[error("join refused: {0}")]
+    JoinRefused(String),
+    /// Raft stopped (fatal storage error) or another internal failure
+    #[error("cluster: {0}")]
+    Internal(String),
+}
+
+/// How this node describes itself to the cluster.
+#[derive(Clone, Debug)]
+pub struct LocalNode {
+    pub id: u64,
+    pub name: String,
+    pub peer_address: String,
+    pub api_address: String,
+    pub nbd_address: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+impl LocalNode {
+    fn record(&self, admin: state::NodeAdmin) -> NodeRecord {
+        NodeRecord {
+            id: self.id,
+            name: self.name.clone(),
+            peer_address: self.peer_address.clone(),
+            api_address: self.api_address.clone(),
+            nbd_address: self.nbd_address.clone(),
+            labels: self.labels.clone(),
+            admin,
+            joined_unix_seconds: crate::datadir::now_unix_seconds(),
+        }
+    }
+}
+
+/// This node's view of and handle on the cluster.
+pub struct Cluster {
+    pub local: LocalNode,
+    pub raft: Raft<TypeConfig>,
+    db: Arc<ClusterDb>,
+    /// Shared with the peer client, whose hellos carry it.
+    cluster_id: Arc<RwLock<Option<uuid::Uuid>>>,
+    state: Arc<RwLock<ClusterState>>,
+    applied: Arc<tokio::sync::watch::Sender<u64>>,
+    pub client: Arc<PeerClient>,
+    pub health: Health,
+}
+
+/// A node id from the node's uuid: stable for the data directory's life.
+#[must_use]
+pub fn node_id_of(node_uuid: uuid::Uuid) -> u64 {
+    let bytes = node_uuid.as_bytes();
+    let id = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) & (u64::MAX >> 1);
+    id.max(1)
+}
+
+impl Cluster {
+    /// Opens the cluster metadata of `data_dir` and starts Raft (idle until
+    /// the node is initialized or joined).
+    pub async fn open(
+        data_dir: &std::path::Path,
+        local: LocalNode,
+        report: Box<dyn Fn() -> NodeReport + Send + Sync>,
+    ) -> anyhow::Result<Arc<Self>> {
+        let db = ClusterDb::open(data_dir)?;
+        let cluster_id = db.cluster_id()?;
+        let machine = StateMachine::open(Arc::clone(&db))?;
+        let (state, applied) = (Arc::clone(&machine.state), Arc::clone(&machine.applied));
+        let config = openraft::Config {
+            cluster_name: "ballast".into(),
+            heartbeat_interval: HEARTBEAT_INTERVAL_MS,
+            election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
+            election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+            max_in_snapshot_log_to_keep: 100,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|error| anyhow::anyhow!("raft config: {error}"))?;
+        let identity_cell = Arc::new(RwLock::new(cluster_id));
+        let identity = {
+            let cell = Arc::clone(&identity_cell);
+            let id = local.id;
+            Arc::new(move || (*cell.read(), id)) as Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>
+        };
+        let client = Arc::new(PeerClient::new(identity));
+        let network = network::PeerNetworkFactory {
+            client: Arc::clone(&client),
+        };
+        let raft = Raft::new(
+            local.id,
+            Arc::new(config),
+            network,
+            LogStore::new(Arc::clone(&db)),
+            machine,
+        )
+        .await
+        .map_err(|error| anyhow::anyhow!("cannot start raft: {error}"))?;
+        let cluster = Arc::new(Self {
+            health: Health::new(local.id, report),
+            local,
+            raft,
+            db,
+            cluster_id: identity_cell,
+            state,
+            applied,
+            client,
+        });
+        Ok(cluster)
+    }
+
+    /// The cluster this node belongs to, if any.
+    pub fn cluster_id(&self) -> Option<uuid::Uuid> {
+        *self.cluster_id.read()
+    }
+
+    fn set_cluster_id(&self, cluster_id: Option<uuid::Uuid>) -> Result<(), ClusterError> {
+        self.db
+            .set_cluster_id(cluster_id)
+            .map_err(|error| ClusterError::Internal(error.to_string()))?;
+        *self.cluster_id.write() = cluster_id;
+        Ok(())
+    }
+
+    /// The applied metadata (may trail the leader by a heartbeat).
+    pub fn state(&self) -> ClusterState {
+        self.state.read().clone()
+    }
+
+    /// Reads the applied metadata without copying it.
+    pub fn with_state<T>(&self, f: impl FnOnce(&ClusterState) -> T) -> T {
+        f(&self.state.read())
+    }
+
+    /// Waits for the next applied change (or `limit`).
+    pub fn applied_watch(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
+    }
+
+    /// Fails unless this node is in a cluster.
+    pub fn require_member(&self) -> Result<uuid::Uuid, ClusterError> {
+        self.cluster_id().ok_or(ClusterError::NotInCluster)
+    }
+
+    /// Commits `command` through Raft (via the leader) and returns its outcome.
+    pub async fn propose(&self, command: Command) -> Result<Outcome, ClusterError> {
+        self.require_member()?;
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(50);
+        while started.elapsed() < PROPOSE_TIMEOUT {
+            match self.raft.client_write(command.clone()).await {
+                Ok(response) => return Ok(response.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                    if let Some(leader) = forward.leader_node {
+                        match self.forward_proposal(&leader, &command).await {
+                            Ok(outcome) => return Ok(outcome),
+                            Err(error) => {
+                                tracing::debug!(%error, leader = %leader.addr, "proposal forward failed; retrying")
+                            }
+                        }
+                    }
+                }
+                Err(RaftError::APIError(error)) => return Err(ClusterError::Internal(error.to_string())),
+                Err(RaftError::Fatal(error)) => return Err(ClusterError::Internal(format!("raft stopped: {error}"))),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(500));
+        }
+        Err(ClusterError::NoQuorum(PROPOSE_TIMEOUT))
+    }
+
+    async fn forward_proposal(&self, leader: &BasicNode, command: &Command) -> Result<Outcome, String> {
+        let payload = serde_json::to_vec(command).map_err(|e| e.to_string())?;
+        let (kind, reply) = self
+            .client
+            .call(&leader.addr, FrameKind::Propose, &payload, FORWARD_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        if kind != FrameKind::ProposeReply {
+            return Err(format!("unexpected reply {kind:?}"));
+        }
+        let result: Result<Outcome, String> = serde_json::from_slice(&reply).map_err(|e| e.to_string())?;
+        result
+    }
+
+    /// Proposes and turns a rejection into an error.
+    pub async fn change(&self, command: Command) -> Result<Outcome, ClusterError> {
+        match self.propose(command).await? {
+            Outcome::Rejected(rejection) => Err(ClusterError::Rejected(rejection)),
+            outcome => Ok(outcome),
+        }
+    }
+
+    /// The peer address of the current leader, if known.
+    pub fn leader(&self) -> Option<u64> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    /// Starts the background work: health pings and metadata refresh.
+    pub fn spawn_background(self: &Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
+        tokio::spawn(health::ping_loop(Arc::clone(self), stop.clone()));
+        tokio::spawn(join::refresh_own_record(Arc::clone(self), stop));
+    }
+
+    /// Who is a voter, who a learner (from the applied membership).
+    pub fn roles(&self) -> (Vec<u64>, Vec<u64>) {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let learners: Vec<u64> = membership.learner_ids().collect();
+        (voters, learners)
+    }
+
+    /// Whether this node currently leads.
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+}
+
+impl PeerHandler for Cluster {
+    fn identity(&self) -> (Option<uuid::Uuid>, u64) {
+        (self.cluster_id(), self.local.id)
+    }
+
+    async fn handle(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(FrameKind, Vec<u8>), String> {
+        match kind {
+            FrameKind::RaftAppend | FrameKind::RaftVote | FrameKind::RaftSnapshot => {
+                network::dispatch(&self.raft, kind, &payload)
+                    .await
+                    .map(|reply| (FrameKind::RaftReply, reply))
+            }
+            FrameKind::Propose => {
+                let command: Command =
+                    serde_json::from_slice(&payload).map_err(|error| format!("unreadable proposal: {error}"))?;
+                let result = match self.raft.client_write(command).await {
+                    Ok(response) => Ok(response.data),
+                    Err(error) => Err(format!("not committed here: {error}")),
+                };
+                let reply = serde_json::to_vec(&result).map_err(|e| e.to_string())?;
+                Ok((FrameKind::ProposeReply, reply))
+            }
+            FrameKind::Ping => {
+                let report = self.health.local_report().await;
+                Ok((FrameKind::Pong, serde_json::to_vec(&report).map_err(|e| e.to_string())?))
+            }
+            FrameKind::Join => join::handle_join(self, &payload)
+                .await
+                .map(|reply| (FrameKind::JoinReply, reply)),
+            other => Err(format!("{other:?} is not a request")),
+        }
+    }
+}

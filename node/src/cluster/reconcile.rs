@@ -1,0 +1,83 @@
+//! Makes this node's local replicas match the cluster's metadata: creates
+//! the replicas placed here, grows resized ones, deletes the ones the
+//! cluster no longer places here, and marks which volumes this node serves
+//! (it is their coordinator). Runs after every applied change and on a
+//! timer, so a node that was down catches up when it returns.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::state::{ClusterState, ClusterVolume};
+use super::Cluster;
+use crate::volume::Volumes;
+
+/// Reconciliation also runs this often without a change.
+pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// One pass; returns the problems met (each also logged).
+pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) -> Vec<String> {
+    let desired: BTreeMap<&str, &ClusterVolume> = state
+        .volumes
+        .values()
+        .filter(|volume| volume.replica_nodes.contains(&local_id))
+        .map(|volume| (volume.name.as_str(), volume))
+        .collect();
+    let mut problems = Vec::new();
+    let mut note = |what: String| {
+        tracing::warn!("{what}");
+        problems.push(what);
+    };
+    for record in volumes.records() {
+        match desired.get(record.name.as_str()) {
+            Some(wanted) if wanted.id == record.id => {
+                if wanted.size_bytes > record.size_bytes {
+                    if let Err(error) = volumes.resize(&record.name, wanted.size_bytes) {
+                        note(format!("cannot grow local replica of {}: {error}", record.name));
+                    }
+                }
+            }
+            _ => {
+                tracing::info!(volume = %record.name, id = record.id, "removing a local replica the cluster no longer places here");
+                if let Err(error) = volumes.delete(&record.name) {
+                    note(format!("cannot remove local replica of {}: {error}", record.name));
+                }
+            }
+        }
+    }
+    for (name, wanted) in &desired {
+        if volumes.get(name).is_none() {
+            tracing::info!(volume = %name, id = wanted.id, "creating a local replica");
+            if let Err(error) = volumes.create_replica(wanted) {
+                note(format!("cannot create local replica of {name}: {error}"));
+                continue;
+            }
+        }
+        volumes.set_served(name, wanted.coordinator == local_id);
+    }
+    problems
+}
+
+/// Reconciles after every applied change and every `RECONCILE_INTERVAL`.
+pub async fn reconcile_loop(
+    cluster: Arc<Cluster>,
+    volumes: Arc<Volumes>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut applied = cluster.applied_watch();
+    loop {
+        if cluster.cluster_id().is_some() {
+            let state = cluster.state();
+            let (local_id, volumes) = (cluster.local.id, Arc::clone(&volumes));
+            let pass = tokio::task::spawn_blocking(move || reconcile_once(local_id, &state, &volumes));
+            if let Err(error) = pass.await {
+                tracing::error!(%error, "reconciliation task failed");
+            }
+        }
+        tokio::select! {
+            _ = applied.changed() => {}
+            _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

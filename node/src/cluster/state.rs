@@ -1,0 +1,402 @@
+//! The cluster's replicated metadata and the commands that change it: a
+//! pure, deterministic state machine (every node applies the same commands
+//! in the same order and ends in the same state). Raft (`store`) feeds it.
+//!
+//! Decisions that need the wall clock or a node's local view (placement,
+//! token expiry, liveness) are made by the proposer and carried in the
+//! command; `apply` only validates what must hold for every node alike.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// Most voting members; further nodes are learners.
+pub const VOTERS_MAX: usize = 5;
+/// Most nodes in one cluster.
+pub const NODES_MAX: usize = 256;
+/// Most join tokens alive at once (expired ones are dropped as new ones come).
+pub const TOKENS_MAX: usize = 64;
+
+/// Administrative state of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NodeAdmin {
+    /// takes new replicas
+    Active,
+    /// keeps its replicas, takes no new ones (planned work on the host)
+    Maintenance,
+}
+
+/// A member of the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub id: u64,
+    /// Host name, for people.
+    pub name: String,
+    pub peer_address: String,
+    pub api_address: String,
+    pub nbd_address: String,
+    /// e.g. zone=a, rack=r12: placement spreads replicas over distinct zones.
+    pub labels: BTreeMap<String, String>,
+    pub admin: NodeAdmin,
+    pub joined_unix_seconds: u64,
+}
+
+impl NodeRecord {
+    /// The failure domain placement spreads over (its `zone` label, if any).
+    #[must_use]
+    pub fn zone(&self) -> Option<&str> {
+        self.labels.get("zone").map(String::as_str)
+    }
+}
+
+/// A volume as the cluster knows it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterVolume {
+    pub name: String,
+    /// Cluster-wide id of the volume's data (never reused).
+    pub id: u64,
+    pub size_bytes: u64,
+    pub block_size_bytes: u32,
+    /// Copies wanted.
+    pub replicas: u32,
+    /// Nodes holding a replica; distinct.
+    pub replica_nodes: Vec<u64>,
+    /// The node serving the volume (NBD, attach); one of `replica_nodes`.
+    pub coordinator: u64,
+    /// Fencing epoch: bumps whenever the coordinator or replica set changes.
+    pub epoch: u64,
+    pub created_unix_seconds: u64,
+}
+
+/// A join token's record: only its hash is kept.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRecord {
+    pub expires_unix_seconds: u64,
+}
+
+/// Everything the cluster agrees on.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterState {
+    pub cluster_id: Option<uuid::Uuid>,
+    pub nodes: BTreeMap<u64, NodeRecord>,
+    pub volumes: BTreeMap<String, ClusterVolume>,
+    /// Next volume id handed out; ids are never reused.
+    pub next_volume_id: u64,
+    /// Join tokens by the hex SHA-256 of their secret.
+    pub tokens: BTreeMap<String, TokenRecord>,
+}
+
+/// A change to the cluster's metadata (the Raft log's payload).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// First entry of a new cluster.
+    Init {
+        cluster_id: uuid::Uuid,
+        node: NodeRecord,
+    },
+    /// A node joined (or rejoined with new addresses).
+    AddNode {
+        node: NodeRecord,
+    },
+    /// A join token.
+    CreateToken {
+        hash: String,
+        record: TokenRecord,
+        now_unix_seconds: u64,
+    },
+    CreateVolume {
+        name: String,
+        size_bytes: u64,
+        block_size_bytes: u32,
+        replica_nodes: Vec<u64>,
+        created_unix_seconds: u64,
+    },
+    ResizeVolume {
+        name: String,
+        size_bytes: u64,
+    },
+    DeleteVolume {
+        name: String,
+    },
+    SetNodeAdmin {
+        id: u64,
+        admin: NodeAdmin,
+    },
+}
+
+/// Why a command was not applied (the same on every node).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Rejection {
+    Exists(String),
+    Missing(String),
+    Invalid(String),
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Exists(message) | Self::Missing(message) | Self::Invalid(message) => f.write_str(message),
+        }
+    }
+}
+
+/// What applying a command answered.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    #[default]
+    Done,
+    Volume(ClusterVolume),
+    Rejected(Rejection),
+}
+
+impl ClusterState {
+    /// Applies one command; the outcome goes back to the proposer.
+    pub fn apply(&mut self, command: Command) -> Outcome {
+        match command {
+            Command::Init { cluster_id, node } => {
+                if self.cluster_id.is_some() {
+                    return Outcome::Rejected(Rejection::Exists("the cluster is already initialized".into()));
+                }
+                self.cluster_id = Some(cluster_id);
+                self.next_volume_id = 1;
+                self.nodes.insert(node.id, node);
+                Outcome::Done
+            }
+            Command::AddNode { node } => {
+                if !self.nodes.contains_key(&node.id) && self.nodes.len() >= NODES_MAX {
+                    return Outcome::Rejected(Rejection::Invalid(format!("the cluster already has {NODES_MAX} nodes")));
+                }
+                self.nodes.insert(node.id, node);
+                Outcome::Done
+            }
+            Command::CreateToken {
+                hash,
+                record,
+                now_unix_seconds,
+            } => {
+                self.tokens
+                    .retain(|_, token| token.expires_unix_seconds > now_unix_seconds);
+                if self.tokens.len() >= TOKENS_MAX {
+                    return Outcome::Rejected(Rejection::Invalid(format!(
+                        "{TOKENS_MAX} join tokens are already alive; wait for some to expire"
+                    )));
+                }
+                self.tokens.insert(hash, record);
+                Outcome::Done
+            }
+            Command::CreateVolume {
+                name,
+                size_bytes,
+                block_size_bytes,
+                replica_nodes,
+                created_unix_seconds,
+            } => self.create_volume(name, size_bytes, block_size_bytes, replica_nodes, created_unix_seconds),
+            Command::ResizeVolume { name, size_bytes } => {
+                let Some(volume) = self.volumes.get_mut(&name) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+                };
+                if size_bytes < volume.size_bytes {
+                    return Outcome::Rejected(Rejection::Invalid(format!(
+                        "volume {name} is {} bytes; shrinking is not supported",
+                        volume.size_bytes
+                    )));
+                }
+                volume.size_bytes = size_bytes;
+                Outcome::Volume(volume.clone())
+            }
+            Command::DeleteVolume { name } => match self.volumes.remove(&name) {
+                Some(volume) => Outcome::Volume(volume),
+                None => Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist"))),
+            },
+            Command::SetNodeAdmin { id, admin } => match self.nodes.get_mut(&id) {
+                Some(node) => {
+                    node.admin = admin;
+                    Outcome::Done
+                }
+                None => Outcome::Rejected(Rejection::Missing(format!("node {id} is not a member"))),
+            },
+        }
+    }
+
+    fn create_volume(
+        &mut self,
+        name: String,
+        size_bytes: u64,
+        block_size_bytes: u32,
+        replica_nodes: Vec<u64>,
+        created_unix_seconds: u64,
+    ) -> Outcome {
+        if self.volumes.contains_key(&name) {
+            return Outcome::Rejected(Rejection::Exists(format!("volume {name} already exists")));
+        }
+        if let Err(reason) = self.check_replica_set(&replica_nodes) {
+            return Outcome::Rejected(Rejection::Invalid(reason));
+        }
+        let id = self.next_volume_id.max(1);
+        self.next_volume_id = id + 1;
+        let volume = ClusterVolume {
+            name: name.clone(),
+            id,
+            size_bytes,
+            block_size_bytes,
+            replicas: u32::try_from(replica_nodes.len()).expect("replica sets are small"),
+            coordinator: replica_nodes[0],
+            replica_nodes,
+            epoch: 1,
+            created_unix_seconds,
+        };
+        self.volumes.insert(name, volume.clone());
+        Outcome::Volume(volume)
+    }
+
+    /// A replica set must name distinct, known nodes.
+    fn check_replica_set(&self, replica_nodes: &[u64]) -> Result<(), String> {
+        if replica_nodes.is_empty() {
+            return Err("a volume needs at least one replica".into());
+        }
+        for (index, id) in replica_nodes.iter().enumerate() {
+            if !self.nodes.contains_key(id) {
+                return Err(format!("node {id} is not a member of the cluster"));
+            }
+            if replica_nodes[..index].contains(id) {
+                return Err(format!("node {id} would hold two replicas of one volume"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of replicas each node holds.
+    #[must_use]
+    pub fn replicas_per_node(&self) -> BTreeMap<u64, usize> {
+        let mut count: BTreeMap<u64, usize> = self.nodes.keys().map(|id| (*id, 0)).collect();
+        for volume in self.volumes.values() {
+            for node in &volume.replica_nodes {
+                *count.entry(*node).or_default() += 1;
+            }
+        }
+        count
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn node(id: u64, zone: Option<&str>) -> NodeRecord {
+        NodeRecord {
+            id,
+            name: format!("n{id}"),
+            peer_address: format!("127.0.0.{id}:9411"),
+            api_address: format!("127.0.0.{id}:9410"),
+            nbd_address: format!("127.0.0.{id}:10809"),
+            labels: zone
+                .map(|z| [("zone".to_owned(), z.to_owned())].into())
+                .unwrap_or_default(),
+            admin: NodeAdmin::Active,
+            joined_unix_seconds: 0,
+        }
+    }
+
+    fn cluster(nodes: u64) -> ClusterState {
+        let mut state = ClusterState::default();
+        assert_eq!(
+            state.apply(Command::Init {
+                cluster_id: uuid::Uuid::from_u128(7),
+                node: node(1, None),
+            }),
+            Outcome::Done
+        );
+        for id in 2..=nodes {
+            assert_eq!(state.apply(Command::AddNode { node: node(id, None) }), Outcome::Done);
+        }
+        state
+    }
+
+    fn create(name: &str, replica_nodes: Vec<u64>) -> Command {
+        Command::CreateVolume {
+            name: name.into(),
+            size_bytes: 1 << 30,
+            block_size_bytes: 4096,
+            replica_nodes,
+            created_unix_seconds: 5,
+        }
+    }
+
+    #[test]
+    fn volume_ids_are_never_reused_and_names_are_unique() {
+        let mut state = cluster(3);
+        let Outcome::Volume(first) = state.apply(create("a", vec![1, 2])) else {
+            panic!()
+        };
+        assert!(matches!(
+            state.apply(create("a", vec![3])),
+            Outcome::Rejected(Rejection::Exists(_))
+        ));
+        assert!(matches!(
+            state.apply(Command::DeleteVolume { name: "a".into() }),
+            Outcome::Volume(_)
+        ));
+        let Outcome::Volume(second) = state.apply(create("a", vec![3])) else {
+            panic!()
+        };
+        assert!(second.id > first.id);
+        assert_eq!(first.coordinator, 1);
+        assert_eq!(first.epoch, 1);
+    }
+
+    #[test]
+    fn replica_sets_of_unknown_or_repeated_nodes_are_rejected() {
+        let mut state = cluster(2);
+        assert!(matches!(
+            state.apply(create("a", vec![1, 1])),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
+        assert!(matches!(
+            state.apply(create("a", vec![1, 9])),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
+        assert!(matches!(
+            state.apply(create("a", vec![])),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
+        assert!(state.volumes.is_empty());
+    }
+
+    #[test]
+    fn resize_grows_only_and_init_happens_once() {
+        let mut state = cluster(1);
+        state.apply(create("a", vec![1]));
+        let grow = Command::ResizeVolume {
+            name: "a".into(),
+            size_bytes: 2 << 30,
+        };
+        assert!(matches!(state.apply(grow), Outcome::Volume(v) if v.size_bytes == 2 << 30));
+        let shrink = Command::ResizeVolume {
+            name: "a".into(),
+            size_bytes: 1 << 20,
+        };
+        assert!(matches!(state.apply(shrink), Outcome::Rejected(Rejection::Invalid(_))));
+        let again = Command::Init {
+            cluster_id: uuid::Uuid::from_u128(8),
+            node: node(2, None),
+        };
+        assert!(matches!(state.apply(again), Outcome::Rejected(_)));
+        assert_eq!(state.cluster_id, Some(uuid::Uuid::from_u128(7)));
+    }
+
+    #[test]
+    fn expired_tokens_are_dropped_when_new_ones_arrive() {
+        let mut state = cluster(1);
+        let token = |hash: &str, expires| Command::CreateToken {
+            hash: hash.into(),
+            record: TokenRecord {
+                expires_unix_seconds: expires,
+            },
+            now_unix_seconds: 100,
+        };
+        state.apply(token("old", 50));
+        state.apply(token("new", 500));
+        assert_eq!(state.tokens.keys().collect::<Vec<_>>(), vec!["new"]);
+    }
+}

@@ -1,0 +1,285 @@
+//! Volume administration in a cluster: the API's create, resize, delete,
+//! list and inspect. Metadata changes go through Raft; the local replica
+//! is made by the reconciler, which `create` and `resize` wait for when
+//! this node holds a replica. Operations that need the volume's
+//! coordinator (delete checks its NBD connections; inspect shows its
+//! replica's usage) are forwarded to the coordinator's API.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::placement::place;
+use super::state::{ClusterVolume, Command, Outcome, Rejection};
+use super::{Cluster, ClusterError};
+use crate::api::client::{ApiClient, ClientError};
+use crate::volume::{validate_name, validate_size, VolumeInfo, Volumes, BLOCK_SIZES_BYTES};
+
+/// Most replicas of one volume.
+pub const REPLICAS_MAX: u32 = 5;
+/// Longest `create`/`resize` wait for the local replica to follow the metadata.
+const LOCAL_REPLICA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What `volume create` asks for.
+#[derive(Clone, Debug)]
+pub struct CreateVolume {
+    pub name: String,
+    pub size_bytes: u64,
+    pub block_size_bytes: u32,
+    pub replicas: u32,
+}
+
+/// A failure of a volume operation, with the HTTP status the API answers.
+#[derive(Debug)]
+pub struct VolumeOpError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl From<ClusterError> for VolumeOpError {
+    fn from(error: ClusterError) -> Self {
+        let status = match &error {
+            ClusterError::Rejected(Rejection::Exists(_)) | ClusterError::AlreadyMember(_) => 409,
+            ClusterError::Rejected(Rejection::Missing(_)) => 404,
+            ClusterError::Rejected(Rejection::Invalid(_)) | ClusterError::Invalid(_) => 400,
+            ClusterError::JoinRefused(_) => 403,
+            ClusterError::NotInCluster | ClusterError::NoQuorum(_) => 503,
+            ClusterError::Internal(_) => 500,
+        };
+        Self {
+            status,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<crate::volume::VolumeError> for VolumeOpError {
+    fn from(error: crate::volume::VolumeError) -> Self {
+        use crate::volume::VolumeError as E;
+        let status = match &error {
+            E::Missing { .. } => 404,
+            E::Exists { .. } | E::InUse { .. } => 409,
+            E::NoDisks | E::DiskMissing { .. } => 503,
+            _ if error.is_client_error() => 400,
+            _ => 500,
+        };
+        Self {
+            status,
+            message: error.to_string(),
+        }
+    }
+}
+
+impl From<ClientError> for VolumeOpError {
+    fn from(error: ClientError) -> Self {
+        match error {
+            ClientError::Refused { status, message } => Self { status, message },
+            other => Self {
+                status: 502,
+                message: other.to_string(),
+            },
+        }
+    }
+}
+
+fn invalid(message: String) -> VolumeOpError {
+    VolumeOpError { status: 400, message }
+}
+
+impl Cluster {
+    /// Creates a volume: validates, places replicas, commits, and waits for
+    /// the local replica when this node holds one.
+    pub async fn create_volume(
+        &self,
+        volumes: &Arc<Volumes>,
+        request: CreateVolume,
+    ) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        validate_name(&request.name)?;
+        validate_size(request.size_bytes)?;
+        if !BLOCK_SIZES_BYTES.contains(&request.block_size_bytes) {
+            return Err(invalid(format!(
+                "block size {} is not supported; use 512 or 4096",
+                request.block_size_bytes
+            )));
+        }
+        if request.replicas == 0 || request.replicas > REPLICAS_MAX {
+            return Err(invalid(format!("--repl must be 1 to {REPLICAS_MAX}")));
+        }
+        if self.with_state(|state| state.volumes.contains_key(&request.name)) {
+            return Err(
+                ClusterError::Rejected(Rejection::Exists(format!("volume {} already exists", request.name))).into(),
+            );
+        }
+        let members: Vec<u64> = self.with_state(|state| state.nodes.keys().copied().collect());
+        let views = self.health.views(&members).await;
+        let replica_nodes = self
+            .with_state(|state| place(state, &views, request.replicas as usize, self.local.id))
+            .map_err(invalid)?;
+        let outcome = self
+            .change(Command::CreateVolume {
+                name: request.name.clone(),
+                size_bytes: request.size_bytes,
+                block_size_bytes: request.block_size_bytes,
+                replica_nodes,
+                created_unix_seconds: crate::datadir::now_unix_seconds(),
+            })
+            .await?;
+        let Outcome::Volume(volume) = outcome else {
+            return Err(VolumeOpError {
+                status: 500,
+                message: format!("unexpected outcome {outcome:?}"),
+            });
+        };
+        tracing::info!(volume = %volume.name, id = volume.id, replicas = ?volume.replica_nodes, "volume created");
+        self.wait_local(volumes, &volume).await;
+        Ok(self.describe(volumes, &volume))
+    }
+
+    /// Grows a volume.
+    pub async fn resize_volume(
+        &self,
+        volumes: &Arc<Volumes>,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        validate_size(size_bytes)?;
+        let outcome = self
+            .change(Command::ResizeVolume {
+                name: name.to_owned(),
+                size_bytes,
+            })
+            .await?;
+        let Outcome::Volume(volume) = outcome else {
+            return Err(VolumeOpError {
+                status: 500,
+                message: format!("unexpected outcome {outcome:?}"),
+            });
+        };
+        self.wait_local(volumes, &volume).await;
+        Ok(self.describe(volumes, &volume))
+    }
+
+    /// Deletes a volume; the coordinator refuses while clients are connected.
+    pub async fn delete_volume(&self, volumes: &Arc<Volumes>, name: &str) -> Result<(), VolumeOpError> {
+        self.require_member()?;
+        let volume = self.volume(name)?;
+        if volume.coordinator != self.local.id {
+            if let Some(api) = self.api_of(volume.coordinator) {
+                if self.health.liveness(volume.coordinator).up {
+                    let path = format!("/v1/volumes/{name}");
+                    return forward(move |client| client.delete(&path), api).await;
+                }
+            }
+            tracing::warn!(volume = %name, coordinator = volume.coordinator, "coordinator unreachable; deleting without its connection check");
+        } else if let Some(local) = volumes.get(name) {
+            let connections = local.connection_count();
+            if connections > 0 {
+                return Err(crate::volume::VolumeError::InUse {
+                    name: name.to_owned(),
+                    connections,
+                }
+                .into());
+            }
+        }
+        self.change(Command::DeleteVolume { name: name.to_owned() }).await?;
+        tracing::info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+
+    /// One volume, with its coordinator's replica details.
+    pub async fn inspect_volume(&self, volumes: &Arc<Volumes>, name: &str) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        let volume = self.volume(name)?;
+        if volume.coordinator != self.local.id
+            && volumes.get(name).is_none()
+            && self.health.liveness(volume.coordinator).up
+        {
+            if let Some(api) = self.api_of(volume.coordinator) {
+                let path = format!("/v1/volumes/{name}");
+                if let Ok(info) = forward(move |client| client.get::<VolumeInfo>(&path), api).await {
+                    return Ok(info);
+                }
+            }
+        }
+        Ok(self.describe(volumes, &volume))
+    }
+
+    /// Every volume of the cluster.
+    pub fn list_volumes(&self, volumes: &Volumes) -> Result<Vec<VolumeInfo>, VolumeOpError> {
+        self.require_member()?;
+        let all: Vec<ClusterVolume> = self.with_state(|state| state.volumes.values().cloned().collect());
+        Ok(all.iter().map(|volume| self.describe(volumes, volume)).collect())
+    }
+
+    fn volume(&self, name: &str) -> Result<ClusterVolume, VolumeOpError> {
+        self.with_state(|state| state.volumes.get(name).cloned())
+            .ok_or_else(|| ClusterError::Rejected(Rejection::Missing(format!("volume {name} does not exist"))).into())
+    }
+
+    fn api_of(&self, node: u64) -> Option<String> {
+        self.with_state(|state| state.nodes.get(&node).map(|n| format!("http://{}", n.api_address)))
+    }
+
+    /// Cluster facts, plus the local replica's when this node holds one.
+    fn describe(&self, volumes: &Volumes, volume: &ClusterVolume) -> VolumeInfo {
+        let mut info = volumes.inspect(&volume.name).unwrap_or_else(|_| VolumeInfo {
+            name: volume.name.clone(),
+            id: volume.id,
+            size_bytes: volume.size_bytes,
+            used_bytes: 0,
+            block_size_bytes: volume.block_size_bytes,
+            replicas: volume.replicas,
+            disk_uuid: uuid::Uuid::nil(),
+            disk_path: String::new(),
+            connections: 0,
+            created_unix_seconds: volume.created_unix_seconds,
+            state: "ready".into(),
+            coordinator: 0,
+            coordinator_nbd: String::new(),
+            replica_nodes: Vec::new(),
+            epoch: 0,
+        });
+        info.size_bytes = volume.size_bytes;
+        info.replicas = volume.replicas;
+        info.coordinator = volume.coordinator;
+        info.coordinator_nbd = self
+            .with_state(|state| state.nodes.get(&volume.coordinator).map(|n| n.nbd_address.clone()))
+            .unwrap_or_default();
+        info.replica_nodes.clone_from(&volume.replica_nodes);
+        info.epoch = volume.epoch;
+        info
+    }
+
+    /// Waits (bounded) until the local replica matches `volume`, when this node holds one.
+    async fn wait_local(&self, volumes: &Volumes, volume: &ClusterVolume) {
+        if !volume.replica_nodes.contains(&self.local.id) {
+            return;
+        }
+        let started = Instant::now();
+        while started.elapsed() < LOCAL_REPLICA_TIMEOUT {
+            let ready = volumes
+                .get(&volume.name)
+                .is_some_and(|local| local.id == volume.id && local.size_bytes() >= volume.size_bytes);
+            if ready {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!(volume = %volume.name, "local replica not ready within {LOCAL_REPLICA_TIMEOUT:?}");
+    }
+}
+
+/// Runs a blocking API call against another node.
+async fn forward<T: Send + 'static>(
+    call: impl FnOnce(&ApiClient) -> Result<T, ClientError> + Send + 'static,
+    api: String,
+) -> Result<T, VolumeOpError> {
+    tokio::task::spawn_blocking(move || call(&ApiClient::new(&api)))
+        .await
+        .map_err(|error| VolumeOpError {
+            status: 500,
+            message: error.to_string(),
+        })?
+        .map_err(VolumeOpError::from)
+}

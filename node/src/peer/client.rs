@@ -1,0 +1,141 @@
+//! Dialing peers: a small pool of handshaken connections per address, one
+//! request in flight per connection, every call bounded by a time-out.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::TcpStream;
+
+use super::frame::FrameKind;
+use super::handshake::{Hello, Welcome};
+use super::{read_frame, write_frame, PeerError, CONNECT_TIMEOUT, PROTOCOL_VERSION};
+
+/// Idle connections kept per peer address.
+pub const IDLE_CONNECTIONS_MAX: usize = 4;
+
+struct Connection {
+    stream: TcpStream,
+}
+
+/// Dials peers on behalf of this node.
+pub struct PeerClient {
+    /// This node's cluster (None: not in one yet) and id, sent in every hello.
+    identity: Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>,
+    idle: Mutex<HashMap<String, Vec<Connection>>>,
+    next_request_id: AtomicU64,
+}
+
+impl PeerClient {
+    /// A client whose hellos carry what `identity` says at dial time.
+    pub fn new(identity: Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>) -> Self {
+        Self {
+            identity,
+            idle: Mutex::new(HashMap::new()),
+            next_request_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Sends one request to `address` and waits (at most `timeout`) for its reply.
+    /// A `Refused` reply becomes `PeerError::Refused`.
+    pub async fn call(
+        &self,
+        address: &str,
+        kind: FrameKind,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<(FrameKind, Vec<u8>), PeerError> {
+        let attempt = async {
+            let mut connection = match self.take_idle(address) {
+                Some(connection) => connection,
+                None => self.dial(address).await?,
+            };
+            let request_id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+            write_frame(&mut connection.stream, address, kind, request_id, payload).await?;
+            let reply = read_frame(&mut connection.stream, address).await?;
+            if reply.request_id != request_id {
+                return Err(PeerError::Protocol {
+                    address: address.to_owned(),
+                    reason: format!("reply to request {} arrived for request {request_id}", reply.request_id),
+                });
+            }
+            self.put_idle(address, connection);
+            if reply.kind == FrameKind::Refused {
+                return Err(PeerError::Refused {
+                    address: address.to_owned(),
+                    reason: String::from_utf8_lossy(&reply.payload).into_owned(),
+                });
+            }
+            Ok((reply.kind, reply.payload))
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| PeerError::Timeout {
+                address: address.to_owned(),
+                timeout,
+            })?
+    }
+
+    /// Forgets pooled connections to `address` (after the peer restarted).
+    pub fn forget(&self, address: &str) {
+        self.idle.lock().remove(address);
+    }
+
+    fn take_idle(&self, address: &str) -> Option<Connection> {
+        self.idle.lock().get_mut(address).and_then(Vec::pop)
+    }
+
+    fn put_idle(&self, address: &str, connection: Connection) {
+        let mut idle = self.idle.lock();
+        let list = idle.entry(address.to_owned()).or_default();
+        if list.len() < IDLE_CONNECTIONS_MAX {
+            list.push(connection);
+        }
+    }
+
+    async fn dial(&self, address: &str) -> Result<Connection, PeerError> {
+        let handshake = async {
+            let mut stream = TcpStream::connect(address).await.map_err(|source| PeerError::Io {
+                address: address.to_owned(),
+                source,
+            })?;
+            let _ = stream.set_nodelay(true);
+            let (cluster_id, node_id) = (self.identity)();
+            let hello = Hello {
+                protocol_version: PROTOCOL_VERSION,
+                cluster_id,
+                node_id,
+            };
+            let payload = serde_json::to_vec(&hello).expect("hello serializes");
+            write_frame(&mut stream, address, FrameKind::Hello, 0, &payload).await?;
+            let reply = read_frame(&mut stream, address).await?;
+            match reply.kind {
+                FrameKind::Welcome => {
+                    let welcome: Welcome =
+                        serde_json::from_slice(&reply.payload).map_err(|error| PeerError::Protocol {
+                            address: address.to_owned(),
+                            reason: format!("unreadable welcome: {error}"),
+                        })?;
+                    tracing::debug!(%address, peer_node = welcome.node_id, "peer connection open");
+                    Ok(Connection { stream })
+                }
+                FrameKind::Refused => Err(PeerError::Refused {
+                    address: address.to_owned(),
+                    reason: String::from_utf8_lossy(&reply.payload).into_owned(),
+                }),
+                other => Err(PeerError::Protocol {
+                    address: address.to_owned(),
+                    reason: format!("expected welcome, got {other:?}"),
+                }),
+            }
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, handshake)
+            .await
+            .map_err(|_| PeerError::Timeout {
+                address: address.to_owned(),
+                timeout: CONNECT_TIMEOUT,
+            })?
+    }
+}
