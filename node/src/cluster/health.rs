@@ -147,38 +147,33 @@ pub async fn ping_loop(cluster: Arc<Cluster>, mut stop: tokio::sync::watch::Rece
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
         }
-        if cluster.cluster_id().is_none() {
-            continue;
+        if cluster.cluster_id().is_some() {
+            cluster.ping_all().await;
         }
-        let peers: Vec<(u64, String)> = cluster.with_state(|state| {
-            state
-                .nodes
-                .values()
-                .filter(|node| node.id != cluster.local.id)
-                .map(|node| (node.id, node.peer_address.clone()))
-                .collect()
-        });
-        let pings = peers.into_iter().map(|(id, address)| {
-            let cluster = Arc::clone(&cluster);
-            async move {
-                let answer = match cluster.client.call(&address, FrameKind::Ping, b"", PING_TIMEOUT).await {
-                    Ok((FrameKind::Pong, payload)) => serde_json::from_slice::<NodeReport>(&payload)
-                        .map_err(|error| format!("unreadable pong: {error}")),
-                    Ok((kind, _)) => Err(format!("answered a ping with {kind:?}")),
-                    Err(error) => Err(error.to_string()),
-                };
-                cluster.health.record(id, answer);
-            }
-        });
-        futures_join_all(pings).await;
     }
 }
 
-/// Runs futures concurrently and waits for all (bounded by the member count).
-async fn futures_join_all<F: std::future::Future<Output = ()> + Send + 'static>(futures: impl Iterator<Item = F>) {
-    let mut set = tokio::task::JoinSet::new();
-    for future in futures {
-        set.spawn(future);
+impl Cluster {
+    /// Pings every other member at once and records the answers.
+    pub async fn ping_all(&self) {
+        let peers: Vec<(u64, String)> = self.with_state(|state| {
+            state
+                .nodes
+                .values()
+                .filter(|node| node.id != self.local.id)
+                .map(|node| (node.id, node.peer_address.clone()))
+                .collect()
+        });
+        let pings = peers.into_iter().map(|(id, address)| async move {
+            let answer = match self.client.call(&address, FrameKind::Ping, b"", PING_TIMEOUT).await {
+                Ok((FrameKind::Pong, payload)) => {
+                    serde_json::from_slice::<NodeReport>(&payload).map_err(|error| format!("unreadable pong: {error}"))
+                }
+                Ok((kind, _)) => Err(format!("answered a ping with {kind:?}")),
+                Err(error) => Err(error.to_string()),
+            };
+            self.health.record(id, answer);
+        });
+        futures::future::join_all(pings).await;
     }
-    while set.join_next().await.is_some() {}
 }

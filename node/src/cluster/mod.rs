@@ -151,7 +151,8 @@ impl Cluster {
             let id = local.id;
             Arc::new(move || (*cell.read(), id)) as Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>
         };
-        let client = Arc::new(PeerClient::new(identity));
+        let bind_ip = local.peer_address.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        let client = Arc::new(PeerClient::new(identity, bind_ip));
         let network = network::PeerNetworkFactory {
             client: Arc::clone(&client),
         };

@@ -112,9 +112,14 @@ impl Cluster {
         }
         let members: Vec<u64> = self.with_state(|state| state.nodes.keys().copied().collect());
         let views = self.health.views(&members).await;
-        let replica_nodes = self
-            .with_state(|state| place(state, &views, request.replicas as usize, self.local.id))
-            .map_err(invalid)?;
+        let mut placed = self.with_state(|state| place(state, &views, request.replicas as usize, self.local.id));
+        if placed.is_err() {
+            // This node's view may be a ping old (a node just joined or returned): look again.
+            self.ping_all().await;
+            let views = self.health.views(&members).await;
+            placed = self.with_state(|state| place(state, &views, request.replicas as usize, self.local.id));
+        }
+        let replica_nodes = placed.map_err(invalid)?;
         let outcome = self
             .change(Command::CreateVolume {
                 name: request.name.clone(),

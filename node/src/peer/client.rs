@@ -22,6 +22,9 @@ struct Connection {
 
 /// Dials peers on behalf of this node.
 pub struct PeerClient {
+    /// Source address of outgoing connections: the node's advertised peer
+    /// IP, so peers (and firewalls) see connections come from it.
+    bind_ip: Option<std::net::IpAddr>,
     /// This node's cluster (None: not in one yet) and id, sent in every hello.
     identity: Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>,
     idle: Mutex<HashMap<String, Vec<Connection>>>,
@@ -30,8 +33,12 @@ pub struct PeerClient {
 
 impl PeerClient {
     /// A client whose hellos carry what `identity` says at dial time.
-    pub fn new(identity: Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>) -> Self {
+    pub fn new(
+        identity: Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>,
+        bind_ip: Option<std::net::IpAddr>,
+    ) -> Self {
         Self {
+            bind_ip: bind_ip.filter(|ip| !ip.is_unspecified()),
             identity,
             idle: Mutex::new(HashMap::new()),
             next_request_id: AtomicU64::new(1),
@@ -97,10 +104,28 @@ impl PeerClient {
 
     async fn dial(&self, address: &str) -> Result<Connection, PeerError> {
         let handshake = async {
-            let mut stream = TcpStream::connect(address).await.map_err(|source| PeerError::Io {
+            let io = |source| PeerError::Io {
                 address: address.to_owned(),
                 source,
-            })?;
+            };
+            let mut stream = match self.bind_ip {
+                None => TcpStream::connect(address).await.map_err(io)?,
+                Some(ip) => {
+                    let target = tokio::net::lookup_host(address)
+                        .await
+                        .map_err(io)?
+                        .find(|target| target.is_ipv4() == ip.is_ipv4())
+                        .ok_or_else(|| io(std::io::Error::other("no address of the same family")))?;
+                    let socket = if ip.is_ipv4() {
+                        tokio::net::TcpSocket::new_v4()
+                    } else {
+                        tokio::net::TcpSocket::new_v6()
+                    }
+                    .map_err(io)?;
+                    socket.bind(std::net::SocketAddr::new(ip, 0)).map_err(io)?;
+                    socket.connect(target).await.map_err(io)?
+                }
+            };
             let _ = stream.set_nodelay(true);
             let (cluster_id, node_id) = (self.identity)();
             let hello = Hello {

@@ -32,6 +32,8 @@ pub struct TestNode {
     pub peer_port: u16,
     /// Extra `node run` arguments (labels, name).
     pub extra_args: Vec<String>,
+    /// The node's cluster id (known once it started).
+    id: u64,
     child: Option<Child>,
     _devices: Vec<LoopDevice>,
     log: PathBuf,
@@ -92,6 +94,7 @@ impl TestNode {
             nbd_port: free_port(host),
             peer_port: free_port(host),
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            id: 0,
             child: None,
             _devices: devices,
         };
@@ -124,6 +127,8 @@ impl TestNode {
         loop {
             let health = self.cli(&["node", "status", "--json"]);
             if health.status.success() {
+                let status: serde_json::Value = serde_json::from_slice(&health.stdout).unwrap();
+                self.id = status["node_id"].as_u64().unwrap();
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
@@ -136,6 +141,17 @@ impl TestNode {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The node's id in the cluster.
+    pub fn node_id(&self) -> u64 {
+        assert_ne!(self.id, 0, "node never started");
+        self.id
+    }
+
+    /// Whether the process is running.
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// The node's log so far.

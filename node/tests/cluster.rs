@@ -1,0 +1,299 @@
+//! Real multi-node clusters on this host (node i on 127.0.0.(i+1)): forming
+//! a cluster with tokens, placement of replicas, leader loss, a minority
+//! partition cut with iptables, and refused joins.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cluster::{TestCluster, CONVERGE_TIMEOUT};
+use common::node::TestNode;
+use common::{record_skip, text};
+
+fn replica_nodes(node: &TestNode, volume: &str) -> Vec<u64> {
+    let info: serde_json::Value = serde_json::from_str(&node.cli_ok(&["volume", "inspect", volume, "--json"])).unwrap();
+    info["replica_nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap())
+        .collect()
+}
+
+fn local_replicas(node: &TestNode) -> u64 {
+    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
+    status["volume_count"].as_u64().unwrap()
+}
+
+/// Runs `ballast ARGS` on `node` until it succeeds (bounded); its stdout.
+fn cli_eventually(node: &TestNode, args: &[&str]) -> String {
+    let started = Instant::now();
+    loop {
+        let output = node.cli(args);
+        if output.status.success() {
+            return String::from_utf8(output.stdout).unwrap();
+        }
+        assert!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "ballast {args:?} kept failing: {}",
+            text(&output)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "{what}: not within {CONVERGE_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn three_nodes_form_a_cluster_and_a_repl3_volume_has_a_replica_on_each() {
+    let cluster = TestCluster::start("three_nodes_form_a_cluster", 3, &[]);
+    let status = cluster.status(1).unwrap();
+    let roles: Vec<&str> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|node| node["role"].as_str().unwrap())
+        .collect();
+    assert_eq!(roles.iter().filter(|role| **role == "leader").count(), 1, "{status:#}");
+    assert_eq!(roles.iter().filter(|role| **role == "voter").count(), 2, "{status:#}");
+
+    // Created through a follower; every node gets a local replica; the creating node serves it.
+    cluster.nodes[1].cli_ok(&["volume", "create", "db", "--size", "64MiB", "--repl", "3"]);
+    let mut replicas = replica_nodes(&cluster.nodes[2], "db");
+    replicas.sort_unstable();
+    let mut ids: Vec<u64> = cluster.nodes.iter().map(TestNode::node_id).collect();
+    ids.sort_unstable();
+    assert_eq!(replicas, ids);
+    for node in &cluster.nodes {
+        wait_until("local replica on every node", || local_replicas(node) == 1);
+    }
+    let info: serde_json::Value =
+        serde_json::from_str(&cluster.nodes[0].cli_ok(&["volume", "inspect", "db", "--json"])).unwrap();
+    assert_eq!(info["coordinator"].as_u64().unwrap(), cluster.nodes[1].node_id());
+    // Only the coordinator exports it over NBD.
+    if common::have_tool("three_nodes_form_a_cluster", "nbdinfo") {
+        let served = Command::new("nbdinfo")
+            .arg(cluster.nodes[1].uri("db"))
+            .output()
+            .unwrap();
+        assert!(served.status.success(), "{}", text(&served));
+        let elsewhere = Command::new("nbdinfo")
+            .arg(cluster.nodes[0].uri("db"))
+            .output()
+            .unwrap();
+        assert!(!elsewhere.status.success(), "a non-coordinator replica served NBD");
+    }
+    // Too many replicas for the cluster: refused with the reason.
+    let output = cluster.nodes[0].cli(&["volume", "create", "big", "--size", "1GiB", "--repl", "4"]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("--repl 4 needs 4"), "{}", text(&output));
+    // Delete removes every replica.
+    cluster.nodes[2].cli_ok(&["volume", "delete", "db"]);
+    for node in &cluster.nodes {
+        wait_until("replicas removed", || local_replicas(node) == 0);
+    }
+}
+
+#[test]
+fn replicas_go_to_distinct_zones_when_nodes_are_labelled() {
+    let labels: [&[&str]; 3] = [&["--label", "zone=a"], &["--label", "zone=a"], &["--label", "zone=b"]];
+    let cluster = TestCluster::start("replicas_go_to_distinct_zones", 3, &labels);
+    cluster.nodes[0].cli_ok(&["volume", "create", "z", "--size", "64MiB", "--repl", "2"]);
+    let replicas = replica_nodes(&cluster.nodes[0], "z");
+    assert_eq!(replicas.len(), 2);
+    assert!(
+        replicas.contains(&cluster.nodes[2].node_id()),
+        "zone b must hold one: {replicas:?}"
+    );
+    let output = cluster.nodes[0].cli(&["volume", "create", "zz", "--size", "64MiB", "--repl", "3"]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("distinct zones"), "{}", text(&output));
+}
+
+#[test]
+fn killing_the_leader_elects_another_and_the_killed_node_catches_up_on_return() {
+    let mut cluster = TestCluster::start("killing_the_leader", 3, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "before", "--size", "64MiB", "--repl", "3"]);
+    let status = cluster.status(0).unwrap();
+    let old_leader = cluster.leader_index(&status);
+    let old_id = cluster.nodes[old_leader].node_id();
+    cluster.nodes[old_leader].kill9();
+    let survivors: Vec<usize> = (0..3).filter(|index| *index != old_leader).collect();
+    let status = cluster.wait_for_on(&survivors, "a new leader", |status| {
+        status["leader"].as_u64().is_some_and(|leader| leader != old_id)
+    });
+    let new_leader = cluster.leader_index(&status);
+    assert_ne!(new_leader, old_leader);
+    // Metadata writes continue with one node down (repl 2 fits the two survivors).
+    let survivor = &cluster.nodes[survivors[0]];
+    cli_eventually(
+        survivor,
+        &["volume", "create", "during", "--size", "64MiB", "--repl", "2"],
+    );
+    let listed = survivor.cli_ok(&["volume", "list", "--json"]);
+    assert!(
+        listed.contains("\"during\"") && listed.contains("\"before\""),
+        "{listed}"
+    );
+    // The old leader returns as a follower and learns what it missed.
+    cluster.nodes[old_leader].restart();
+    let returned = &cluster.nodes[old_leader];
+    wait_until("the returned node sees the new volume", || {
+        returned.cli_ok(&["volume", "list", "--json"]).contains("\"during\"")
+    });
+    let status = cluster.wait_for("all three up again", |status| {
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|node| node["up"] == true)
+    });
+    assert!(status["leader"].as_u64().is_some());
+}
+
+/// An iptables chain of the test's own, removed on drop.
+struct Firewall {
+    chain: String,
+}
+
+impl Firewall {
+    fn new() -> Option<Self> {
+        let chain = format!("BALLAST-T{}", std::process::id());
+        let ok = |args: &[&str]| {
+            Command::new("iptables")
+                .args(args)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        };
+        if !ok(&["-N", &chain]) {
+            return None;
+        }
+        let firewall = Self { chain };
+        if !ok(&["-I", "INPUT", "-j", &firewall.chain]) {
+            return None;
+        }
+        Some(firewall)
+    }
+
+    fn drop_tcp(&self, source: Option<&str>, destination: &str, port: u16) {
+        let port = port.to_string();
+        let mut args = vec!["-A", &self.chain, "-p", "tcp", "-d", destination, "--dport", &port];
+        if let Some(source) = source {
+            args.extend(["-s", source]);
+        }
+        args.extend(["-j", "DROP"]);
+        let output = Command::new("iptables").args(&args).output().unwrap();
+        assert!(output.status.success(), "iptables {args:?}: {}", text(&output));
+    }
+
+    fn heal(&self) {
+        let _ = Command::new("iptables").args(["-F", &self.chain]).output();
+    }
+}
+
+impl Drop for Firewall {
+    fn drop(&mut self) {
+        self.heal();
+        let _ = Command::new("iptables")
+            .args(["-D", "INPUT", "-j", &self.chain])
+            .output();
+        let _ = Command::new("iptables").args(["-X", &self.chain]).output();
+    }
+}
+
+#[test]
+fn a_partitioned_minority_cannot_change_metadata_and_healing_converges() {
+    let test = "a_partitioned_minority";
+    let Some(firewall) = Firewall::new() else {
+        record_skip(
+            test,
+            "iptables is not usable here (needs root and the iptables package)",
+        );
+        return;
+    };
+    let cluster = TestCluster::start(test, 3, &[]);
+    // Cut node 2 off: nothing reaches its peer port, nothing it sends reaches the others'.
+    let isolated = &cluster.nodes[2];
+    firewall.drop_tcp(None, &isolated.host, isolated.peer_port);
+    for other in &cluster.nodes[..2] {
+        firewall.drop_tcp(Some(&isolated.host), &other.host, other.peer_port);
+    }
+    // The minority cannot commit (its proposal times out with a clear error).
+    let output = isolated.cli(&["volume", "create", "minority", "--size", "64MiB"]);
+    assert!(!output.status.success(), "the minority committed a change");
+    assert!(
+        text(&output).contains("majority") || text(&output).contains("leader"),
+        "{}",
+        text(&output)
+    );
+    // The majority can.
+    cli_eventually(
+        &cluster.nodes[0],
+        &["volume", "create", "majority", "--size", "64MiB", "--repl", "2"],
+    );
+    firewall.heal();
+    // After healing every node agrees: the majority's change is there, the minority's is not.
+    for node in &cluster.nodes {
+        wait_until("converged after healing", || {
+            let list = node.cli_ok(&["volume", "list", "--json"]);
+            list.contains("\"majority\"")
+        });
+        let list = node.cli_ok(&["volume", "list", "--json"]);
+        assert!(!list.contains("\"minority\""), "{list}");
+    }
+}
+
+#[test]
+fn joins_with_a_bad_or_expired_token_or_from_another_cluster_are_refused() {
+    let test = "joins_with_a_bad_token";
+    let cluster = TestCluster::start(test, 1, &[]);
+    let seed = cluster.nodes[0].peer_address();
+    let newcomer = TestNode::start_unclustered(test, "127.0.0.2", &[256 << 20], &[]);
+
+    let token = cluster.token(0, "10m");
+    let forged = format!("{}{}", &token[..token.len() - 4], "0000");
+    let output = newcomer.cli(&["cluster", "join", &seed, "--token", &forged]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("unknown join token"), "{}", text(&output));
+
+    let short = cluster.token(0, "1s");
+    std::thread::sleep(Duration::from_millis(2100));
+    let output = newcomer.cli(&["cluster", "join", &seed, "--token", &short]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("expired"), "{}", text(&output));
+
+    let output = newcomer.cli(&["cluster", "join", &seed, "--token", "not-a-token"]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("malformed join token"), "{}", text(&output));
+
+    // A node of another cluster: its peers refuse it at the handshake, and it cannot join.
+    let other = TestNode::start_unclustered(test, "127.0.0.3", &[256 << 20], &[]);
+    other.cli_ok(&["cluster", "init"]);
+    let output = other.cli(&["cluster", "join", &seed, "--token", &token]);
+    assert!(!output.status.success());
+    assert!(text(&output).contains("already a member"), "{}", text(&output));
+    let foreign_token = other.cli_ok(&["cluster", "token", "create"]).trim().to_owned();
+    let output = newcomer.cli(&["cluster", "join", &seed, "--token", &foreign_token]);
+    assert!(!output.status.success());
+    assert!(
+        text(&output).contains("belongs to cluster") || text(&output).contains("is for cluster"),
+        "{}",
+        text(&output)
+    );
+
+    // The refusals left the newcomer free to join properly.
+    newcomer.cli_ok(&["cluster", "join", &seed, "--token", &token]);
+    let status = newcomer.cli_ok(&["cluster", "status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status:#}");
+}
