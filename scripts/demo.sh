@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# ballast end to end on this machine: builds the static binary, makes two
-# loop-device "disks", enrolls them, starts a node, creates volumes, runs
-# fio through NBD (random writes with checksums, then reads), kills the node
-# with SIGKILL, restarts it, and proves fio's data is intact. Cleans up
-# everything it made. Needs root.
+# ballast end to end on this machine: builds the static binary, starts a
+# 3-node cluster on loop-device disks (scripts/cluster-up.sh), creates a
+# repl=3 volume, runs fio through NBD (random writes with checksums), kills
+# the serving node with SIGKILL mid-write, restarts it and proves fio's data
+# is intact; then kills another node and shows the cluster still creating
+# and inspecting volumes. Cleans up everything it made. Needs root.
 #
 #   scripts/demo.sh          (about a minute; DEMO_SECONDS sets each fio run's length)
+#
+# Data replication between the replicas is the next step (issue 6): today
+# every replica is placed and created, and the coordinator holds the data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,32 +18,28 @@ ci/install-deps.sh >/dev/null
 scripts/build.sh
 BALLAST=$PWD/dist/ballast
 RUN_SECONDS=${DEMO_SECONDS:-10}
-API=127.0.0.1:${DEMO_API_PORT:-9410}
-NBD=127.0.0.1:${DEMO_NBD_PORT:-10809}
-PEER=127.0.0.1:${DEMO_PEER_PORT:-9411}
-export BALLAST_API=http://$API
-
 WORK=$(mktemp -d /var/tmp/ballast-demo.XXXXXX)
-LOOPS=()
-NODE=""
+CLUSTER=$WORK/cluster
+NBD=127.0.0.1:10809
+export BALLAST_API=http://127.0.0.1:9410
 cleanup() {
-  if [ -n "$NODE" ]; then kill -TERM "$NODE" 2>/dev/null || true; wait "$NODE" 2>/dev/null || true; fi
-  for loop in "${LOOPS[@]}"; do
-    for _ in 1 2 3 4 5 6 7 8 9 10; do losetup -d "$loop" 2>/dev/null && break; sleep 0.2; done
-  done
+  scripts/cluster-down.sh --dir "$CLUSTER" >/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT
 
-start_node() {
-  "$BALLAST" node run --data-dir "$WORK/data" --listen-api "$API" --listen-nbd "$NBD" --listen-peer "$PEER" 2>>"$WORK/node.log" &
-  NODE=$!
+node_pid() { awk -v n="$1" '$1 == "pid" {i++; if (i == n) print $2}' "$CLUSTER/state"; }
+restart_node() { # index: start node i again with the arguments cluster-up.sh used
+  local i=$1 host="127.0.0.$1"
+  "$BALLAST" node run --data-dir "$CLUSTER/node$i/data" --name "node$i" \
+    --listen-api "$host:9410" --listen-nbd "$host:10809" --listen-peer "$host:9411" \
+    </dev/null >>"$CLUSTER/node$i/node.log" 2>&1 &
+  echo "pid $!" >>"$CLUSTER/state"
   for _ in $(seq 1 300); do
-    "$BALLAST" node status >/dev/null 2>&1 && return 0
-    kill -0 "$NODE" 2>/dev/null || { cat "$WORK/node.log"; echo "demo: node failed to start"; exit 1; }
+    "$BALLAST" node status --api "http://$host:9410" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
-  echo "demo: node not ready after 30 s"; exit 1
+  echo "demo: node$i not ready after 30 s"; exit 1
 }
 
 fio_job() { # label, then fio options; the job name is fixed so saved verify state matches
@@ -64,25 +64,14 @@ PY
 }
 
 echo
-echo "== two 1 GiB disks (loop devices with direct I/O over fully written files)"
-for n in 0 1; do
-  dd if=/dev/zero of="$WORK/disk$n.img" bs=8M count=128 oflag=direct status=none
-  LOOPS+=("$(losetup --find --show --direct-io=on "$WORK/disk$n.img")")
-done
-"$BALLAST" disk list | grep -E "DEVICE|$(basename "${LOOPS[0]}")|$(basename "${LOOPS[1]}")"
+echo "== a 3-node cluster on this host (each node: its own loop-device disk and 127.0.0.x address)"
+scripts/cluster-up.sh 3 --dir "$CLUSTER" --ballast "$BALLAST" | sed -n '1,4p'
+"$BALLAST" status
 
 echo
-echo "== enroll them, start a node"
-"$BALLAST" disk enroll --data-dir "$WORK/data" "${LOOPS[@]}"
-start_node
-"$BALLAST" cluster init
-"$BALLAST" node status
-
-echo
-echo "== create volumes (thin: they use only what is written; spread over the disks)"
-"$BALLAST" volume create pg-data --size 2GiB >/dev/null
-"$BALLAST" volume create logs --size 8GiB >/dev/null
-"$BALLAST" volume list
+echo "== a repl=3 volume (thin: it uses only what is written; a replica on each node)"
+"$BALLAST" volume create pg-data --size 2GiB --repl 3
+NODE=$(node_pid 1)
 
 echo
 echo "== fio through NBD: 4 KiB random writes at queue depth 32 for ${RUN_SECONDS}s, every block checksummed"
@@ -90,16 +79,21 @@ fio_job write --rw=randwrite --time_based --runtime="$RUN_SECONDS" --do_verify=0
   --trigger-file="$WORK/kill-now" --trigger="kill -9 $NODE" &
 FIO=$!
 sleep "$(awk "BEGIN {print $RUN_SECONDS / 2}")"
-echo "  ... SIGKILL to the node half-way (fio saves what it had acknowledged)"
+echo "  ... SIGKILL to node1, which serves the volume, half-way (fio saves what it had acknowledged)"
 touch "$WORK/kill-now"
 wait "$FIO" 2>/dev/null || true
-wait "$NODE" 2>/dev/null || true
-NODE=""
+for _ in $(seq 1 100); do kill -0 "$NODE" 2>/dev/null || break; sleep 0.1; done
 ls "$WORK"/*verify.state >/dev/null 2>&1 || { echo "demo: fio saved no verify state"; exit 1; }
 
 echo
-echo "== restart the node (replays its logs) and verify every write fio saw acknowledged"
-start_node
+echo "== with node1 down, the other two still change metadata (Raft majority)"
+sleep 5  # status calls a node down after 5 s of silence
+BALLAST_API=http://127.0.0.2:9410 "$BALLAST" volume create scratch --size 1GiB --repl 2 >/dev/null
+BALLAST_API=http://127.0.0.2:9410 "$BALLAST" status | sed -n '1,6p'
+
+echo
+echo "== restart node1 (replays its log, catches up with the cluster) and verify every write fio saw acknowledged"
+restart_node 1
 fio_job verify --rw=randwrite --verify_only --verify_state_load=1 --verify_fatal=1
 
 echo
@@ -107,8 +101,12 @@ echo "== 4 KiB random reads at queue depth 32 for ${RUN_SECONDS}s"
 fio_job read --rw=randread --time_based --runtime="$RUN_SECONDS" --verify=0
 
 echo
-"$BALLAST" volume list
-kill -TERM "$NODE"; wait "$NODE" || { echo "demo: node did not stop cleanly"; exit 1; }
-NODE=""
+echo "== kill -9 node3 too: volumes can still be created and inspected"
+kill -9 "$(node_pid 3)"
+sleep 3  # placement only uses nodes that answered in the last 2.5 s
+"$BALLAST" volume create after-loss --size 1GiB --repl 2 >/dev/null
+"$BALLAST" volume inspect after-loss | sed -n '1,2p;5,6p'
+sleep 3  # status calls a node down after 5 s of silence
+"$BALLAST" status
 echo
-echo "demo: ok (node stopped cleanly; cleaning up $WORK and ${LOOPS[*]})"
+echo "demo: ok (cleaning up the cluster, its loop devices and $WORK)"

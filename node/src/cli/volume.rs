@@ -29,7 +29,7 @@ pub enum VolumeCommand {
         /// Size, e.g. 10GiB, 512M (KiB/MiB/GiB/TiB or K/M/G/T; multiple of 4 KiB).
         #[arg(long)]
         size: String,
-        /// Copies of the data (1 until the node joins a cluster).
+        /// Copies of the data, each on a different node (and zone, when nodes are labelled).
         #[arg(long, default_value_t = 1)]
         repl: u32,
         /// Block size advertised to clients (512 or 4096).
@@ -145,10 +145,14 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
     );
     println!("used:        {}", format_size(info.used_bytes));
     println!("block size:  {}", info.block_size_bytes);
-    println!("replicas:    {}", info.replicas);
-    println!("disk:        {} ({})", info.disk_path, info.disk_uuid);
+    let nodes: Vec<String> = info.replica_nodes.iter().map(u64::to_string).collect();
+    println!("replicas:    {} on nodes {}", info.replicas, nodes.join(", "));
+    println!("coordinator: node {} (epoch {})", info.coordinator, info.epoch);
+    if !info.disk_path.is_empty() {
+        println!("disk:        {} ({})", info.disk_path, info.disk_uuid);
+    }
     println!("connections: {}", info.connections);
-    println!("export:      nbd://<node>:10809/{}", info.name);
+    println!("export:      nbd://{}/{}", info.coordinator_nbd, info.name);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -158,7 +162,7 @@ fn print_table(list: &[VolumeInfo]) {
         return;
     }
     println!(
-        "{:<24} {:>10} {:>10} {:>6} {:>5} {:>5}  DISK",
+        "{:<24} {:>10} {:>10} {:>6} {:>5} {:>5}  EXPORT",
         "NAME", "SIZE", "USED", "BLOCK", "REPL", "CONNS"
     );
     for info in list {
@@ -170,7 +174,7 @@ fn print_table(list: &[VolumeInfo]) {
             info.block_size_bytes,
             info.replicas,
             info.connections,
-            info.disk_path
+            format!("nbd://{}/{}", info.coordinator_nbd, info.name)
         );
     }
 }

@@ -20,6 +20,9 @@ pub const PING_INTERVAL: Duration = Duration::from_millis(1000);
 pub const PING_TIMEOUT: Duration = Duration::from_millis(1000);
 /// A node unanswered this long counts as down.
 pub const NODE_DOWN_AFTER: Duration = Duration::from_secs(5);
+/// Placement only picks nodes that answered this recently (stricter than
+/// `NODE_DOWN_AFTER`: a replica placed on a node that just died is wasted).
+pub const PLACEMENT_FRESH: Duration = Duration::from_millis(2500);
 
 /// What a node says about itself in a pong.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,8 +113,9 @@ impl Health {
                     }
                 } else {
                     let liveness = self.liveness(id);
+                    let fresh_ms = u64::try_from(PLACEMENT_FRESH.as_millis()).unwrap_or(u64::MAX);
                     NodeView {
-                        up: liveness.up,
+                        up: liveness.last_answer_ms.is_some_and(|ms| ms < fresh_ms),
                         free_bytes: liveness.report.map_or(0, |r| r.free_bytes()),
                     }
                 };

@@ -228,6 +228,14 @@ async fn admit(cluster: &Cluster, request: JoinRequest) -> Result<JoinReply, Str
         Some(_) => {}
     }
     let id = request.node.id;
+    if let Some(existing) = cluster.with_state(|state| state.nodes.get(&id).cloned()) {
+        if existing.uuid != request.node.uuid {
+            return Err(format!(
+                "node id {id} is already taken by node {} ({}); re-create this node's data directory to get another id",
+                existing.name, existing.peer_address
+            ));
+        }
+    }
     tracing::info!(node = id, name = %request.node.name, peer = %request.node.peer_address, "admitting a node");
     cluster
         .change(Command::AddNode {

@@ -44,8 +44,13 @@ openraft::declare_raft_types!(
 pub const PROPOSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Raft heartbeat; elections start after 4-8 missed ones.
 pub const HEARTBEAT_INTERVAL_MS: u64 = 250;
-const ELECTION_TIMEOUT_MIN_MS: u64 = 1000;
-const ELECTION_TIMEOUT_MAX_MS: u64 = 2000;
+/// Each Raft instance draws its election timeout once, uniformly from [min, max).
+pub const ELECTION_TIMEOUT_MIN_MS: u64 = 1000;
+pub const ELECTION_TIMEOUT_MAX_MS: u64 = 2000;
+/// A snapshot is built after this many applied entries since the last one.
+pub const SNAPSHOT_LOGS_SINCE_LAST: u64 = 1000;
+/// Entries a snapshot leaves in the log (for slightly lagging followers).
+pub const SNAPSHOT_LOGS_KEPT: u64 = 100;
 /// A forwarded request to a peer waits at most this long per try.
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -79,6 +84,7 @@ pub enum ClusterError {
 #[derive(Clone, Debug)]
 pub struct LocalNode {
     pub id: u64,
+    pub uuid: uuid::Uuid,
     pub name: String,
     pub peer_address: String,
     pub api_address: String,
@@ -90,6 +96,7 @@ impl LocalNode {
     fn record(&self, admin: state::NodeAdmin) -> NodeRecord {
         NodeRecord {
             id: self.id,
+            uuid: self.uuid,
             name: self.name.clone(),
             peer_address: self.peer_address.clone(),
             api_address: self.api_address.clone(),
@@ -114,12 +121,13 @@ pub struct Cluster {
     pub health: Health,
 }
 
-/// A node id from the node's uuid: stable for the data directory's life.
+/// A node id from the node's uuid: stable for the data directory's life,
+/// short enough for people to type (32 bits; a join that would collide with
+/// another node's id is refused, see `join::admit`).
 #[must_use]
 pub fn node_id_of(node_uuid: uuid::Uuid) -> u64 {
     let bytes = node_uuid.as_bytes();
-    let id = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) & (u64::MAX >> 1);
-    id.max(1)
+    u64::from(u32::from_le_bytes(bytes[..4].try_into().expect("4 bytes"))).max(1)
 }
 
 impl Cluster {
@@ -139,8 +147,8 @@ impl Cluster {
             heartbeat_interval: HEARTBEAT_INTERVAL_MS,
             election_timeout_min: ELECTION_TIMEOUT_MIN_MS,
             election_timeout_max: ELECTION_TIMEOUT_MAX_MS,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
-            max_in_snapshot_log_to_keep: 100,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(SNAPSHOT_LOGS_SINCE_LAST),
+            max_in_snapshot_log_to_keep: SNAPSHOT_LOGS_KEPT,
             ..Default::default()
         }
         .validate()

@@ -72,6 +72,7 @@ mod tests {
     fn node(id: u64, zone: Option<&str>) -> NodeRecord {
         NodeRecord {
             id,
+            uuid: uuid::Uuid::nil(),
             name: format!("n{id}"),
             peer_address: String::new(),
             api_address: String::new(),

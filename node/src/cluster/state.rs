@@ -31,6 +31,9 @@ pub enum NodeAdmin {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub id: u64,
+    /// The node's data-directory uuid (tells apart two nodes whose ids collide).
+    #[serde(default)]
+    pub uuid: uuid::Uuid,
     /// Host name, for people.
     pub name: String,
     pub peer_address: String,
@@ -286,6 +289,7 @@ mod tests {
     pub(crate) fn node(id: u64, zone: Option<&str>) -> NodeRecord {
         NodeRecord {
             id,
+            uuid: uuid::Uuid::from_u128(u128::from(id)),
             name: format!("n{id}"),
             peer_address: format!("127.0.0.{id}:9411"),
             api_address: format!("127.0.0.{id}:9410"),

@@ -453,7 +453,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 }
 
 /// Runs redb work (fsyncs) off the async workers.
+///
+/// On a current-thread runtime the work runs inline instead. The daemon
+/// never uses one (it runs a multi-thread runtime); the deterministic
+/// simulation (`tests/cluster_sim.rs`) does, and there a blocking-pool
+/// thread would let the order of the other tasks depend on how long an
+/// fsync takes in real time, which would make a seed not reproduce.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, SError> + Send + 'static) -> Result<T, SError> {
+    if tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread {
+        return f();
+    }
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|error| io_error(StorageIOError::write_logs, format!("storage task failed: {error}")))?

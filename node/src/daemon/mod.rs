@@ -57,6 +57,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let node_uuid = data.node.node_uuid;
     let local = LocalNode {
         id: crate::cluster::node_id_of(node_uuid),
+        uuid: node_uuid,
         name: config.name.clone(),
         peer_address: config.listen_peer.to_string(),
         api_address: config.listen_api.to_string(),
