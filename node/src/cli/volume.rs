@@ -167,14 +167,15 @@ fn print_table(list: &[VolumeInfo]) {
     );
     for info in list {
         println!(
-            "{:<24} {:>10} {:>10} {:>6} {:>5} {:>5}  {}",
+            "{:<24} {:>10} {:>10} {:>6} {:>5} {:>5}  nbd://{}/{}",
             info.name,
             format_size(info.size_bytes),
             format_size(info.used_bytes),
             info.block_size_bytes,
             info.replicas,
             info.connections,
-            format!("nbd://{}/{}", info.coordinator_nbd, info.name)
+            info.coordinator_nbd,
+            info.name
         );
     }
 }
