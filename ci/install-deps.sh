@@ -35,4 +35,10 @@ if ! command -v cargo >/dev/null 2>&1; then
 fi
 # rust-toolchain.toml pins the version; this installs it with its components and the musl target.
 (cd "$(dirname "$0")/.." && rustup show active-toolchain >/dev/null && rustup target add x86_64-unknown-linux-musl >/dev/null)
+# cargo-fuzz runs the fuzz step of the test suite (scripts/tests/fuzz.sh) on the
+# pinned stable toolchain, so no nightly is needed. Pinned like the toolchain.
+if ! (cd "$(dirname "$0")/.." && cargo fuzz --version >/dev/null 2>&1); then
+  echo "ci/install-deps: installing cargo-fuzz"
+  (cd "$(dirname "$0")/.." && cargo install cargo-fuzz --version 0.13.2 --locked)
+fi
 echo "ci/install-deps: done"
