@@ -12,5 +12,6 @@ pub mod enroll;
 pub mod nbd;
 pub mod pattern;
 pub mod peer;
+pub mod replication;
 pub mod size;
 pub mod volume;

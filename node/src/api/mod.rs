@@ -10,6 +10,7 @@
 //! | GET | /v1/volumes/{name} | | `VolumeInfo` |
 //! | PATCH | /v1/volumes/{name} | `{"size_bytes":N}` | `VolumeInfo` (grow only) |
 //! | DELETE | /v1/volumes/{name} | | 204 |
+//! | POST | /v1/volumes/{name}/attach | `{"force":false}` | `VolumeInfo` (this node serves it now) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
 //! | POST | /v1/cluster/init | | `ClusterStatus` |
 //! | POST | /v1/cluster/tokens | `{"ttl_seconds":N}` | `NewToken` |
@@ -174,6 +175,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/volumes/{name}",
             get(inspect_volume).patch(resize_volume).delete(delete_volume),
         )
+        .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/init", post(cluster_init))
         .route("/v1/cluster/tokens", post(cluster_token))
@@ -230,6 +232,28 @@ async fn resize_volume(
 async fn delete_volume(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
     state.cluster.delete_volume(&state.volumes, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Body of POST /v1/volumes/{name}/attach.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachBody {
+    #[serde(default)]
+    pub force: bool,
+}
+
+async fn attach_volume(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: AttachBody = if body.is_empty() {
+        AttachBody::default()
+    } else {
+        parse_body(&body)?
+    };
+    let info = state.cluster.attach_volume(&state.volumes, &name, body.force).await?;
+    Ok(Json(info).into_response())
 }
 
 async fn cluster_status(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {

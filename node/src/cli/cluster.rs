@@ -190,7 +190,17 @@ fn print_status(status: &ClusterStatus, json: bool) -> Result<()> {
         "VOLUME", "SIZE", "EPOCH", "HEALTH", "COORDINATOR"
     );
     for volume in &status.volumes {
-        let replicas: Vec<String> = volume.replica_nodes.iter().map(u64::to_string).collect();
+        let replicas: Vec<String> = volume
+            .replica_nodes
+            .iter()
+            .map(|id| {
+                if volume.in_sync.contains(id) {
+                    id.to_string()
+                } else {
+                    format!("{id}(stale)")
+                }
+            })
+            .collect();
         println!(
             "{:<24} {:>10} {:>5} {:<12} {:<20} {} ({}/{} up)",
             volume.name,

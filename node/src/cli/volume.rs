@@ -52,6 +52,19 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Serve the volume from this node (the one --api points at): failover when its node is down.
+    ///
+    /// The node must hold an in-sync replica. The epoch goes up, so the old
+    /// coordinator's writes are refused by the replicas from then on.
+    Attach {
+        name: String,
+        /// Take over even though the current coordinator is up (its clients get errors).
+        #[arg(long)]
+        force: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Delete a volume and release its space (refused while clients are connected).
     Delete { name: String },
     /// Grow a volume (clients see the new size when they reconnect).
@@ -100,6 +113,13 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             let info: VolumeInfo = client.get(&format!("/v1/volumes/{}", path_segment(&name)))?;
             print_one(&info, json, "")
         }
+        VolumeCommand::Attach { name, force, json } => {
+            let info: VolumeInfo = client.post(
+                &format!("/v1/volumes/{}/attach", path_segment(&name)),
+                &crate::api::AttachBody { force },
+            )?;
+            print_one(&info, json, "attached")
+        }
         VolumeCommand::Delete { name } => {
             client.delete(&format!("/v1/volumes/{}", path_segment(&name)))?;
             println!("deleted volume {name}");
@@ -147,6 +167,8 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
     println!("block size:  {}", info.block_size_bytes);
     let nodes: Vec<String> = info.replica_nodes.iter().map(u64::to_string).collect();
     println!("replicas:    {} on nodes {}", info.replicas, nodes.join(", "));
+    let in_sync: Vec<String> = info.in_sync.iter().map(u64::to_string).collect();
+    println!("in sync:     {}", in_sync.join(", "));
     println!("coordinator: node {} (epoch {})", info.coordinator, info.epoch);
     if !info.disk_path.is_empty() {
         println!("disk:        {} ({})", info.disk_path, info.disk_uuid);

@@ -119,6 +119,10 @@ pub struct Cluster {
     applied: Arc<tokio::sync::watch::Sender<u64>>,
     pub client: Arc<PeerClient>,
     pub health: Health,
+    /// This node's local replicas (set once at start-up).
+    volumes: std::sync::OnceLock<Arc<crate::volume::Volumes>>,
+    /// Multiplexed data-path connections, by peer address.
+    links: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::peer::mux::MuxLink>>>,
 }
 
 /// A node id from the node's uuid: stable for the data directory's life,
@@ -182,8 +186,26 @@ impl Cluster {
             state,
             applied,
             client,
+            volumes: std::sync::OnceLock::new(),
+            links: parking_lot::Mutex::new(std::collections::HashMap::new()),
         });
         Ok(cluster)
+    }
+
+    /// Hands the cluster this node's local replicas (once, at start-up).
+    pub fn attach_volumes(&self, volumes: Arc<crate::volume::Volumes>) {
+        let _ = self.volumes.set(volumes);
+    }
+
+    /// The data-path link to the peer at `address` (made on first use).
+    pub fn link(&self, address: &str) -> Arc<crate::peer::mux::MuxLink> {
+        let mut links = self.links.lock();
+        Arc::clone(links.entry(address.to_owned()).or_insert_with(|| {
+            Arc::new(crate::peer::mux::MuxLink::new(
+                Arc::clone(&self.client),
+                address.to_owned(),
+            ))
+        }))
     }
 
     /// The cluster this node belongs to, if any.
@@ -323,6 +345,12 @@ impl PeerHandler for Cluster {
             FrameKind::Join => join::handle_join(self, &payload)
                 .await
                 .map(|reply| (FrameKind::JoinReply, reply)),
+            FrameKind::ReplicaWrite => {
+                let volumes = self.volumes.get().ok_or("this node is starting")?;
+                crate::replication::apply(volumes, &payload)
+                    .await
+                    .map(|()| (FrameKind::ReplicaAck, Vec::new()))
+            }
             other => Err(format!("{other:?} is not a request")),
         }
     }

@@ -1,7 +1,8 @@
 //! Makes this node's local replicas match the cluster's metadata: creates
 //! the replicas placed here, grows resized ones, deletes the ones the
-//! cluster no longer places here, and marks which volumes this node serves
-//! (it is their coordinator). Runs after every applied change and on a
+//! cluster no longer places here; then follows each replica's epoch and,
+//! where this node is the coordinator, sets where mutations are copied
+//! before it starts serving the volume. Runs after every applied change and on a
 //! timer, so a node that was down catches up when it returns.
 
 use std::collections::BTreeMap;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use super::state::{ClusterState, ClusterVolume};
 use super::Cluster;
+use crate::replication::VolumeReplication;
 use crate::volume::Volumes;
 
 /// Reconciliation also runs this often without a change.
@@ -50,12 +52,43 @@ pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) ->
             tracing::info!(volume = %name, id = wanted.id, "creating a local replica");
             if let Err(error) = volumes.create_replica(wanted) {
                 note(format!("cannot create local replica of {name}: {error}"));
-                continue;
             }
         }
-        volumes.set_served(name, wanted.coordinator == local_id);
     }
     problems
+}
+
+/// Epochs, replication targets and serving, from the applied state.
+/// Replication is set before serving starts, so no write escapes it.
+pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volumes) {
+    let local_id = cluster.local.id;
+    for volume in state.volumes.values().filter(|v| v.replica_nodes.contains(&local_id)) {
+        let Some(local) = volumes.get(&volume.name) else {
+            continue;
+        };
+        volumes.set_epoch(&volume.name, volume.epoch);
+        if volume.coordinator != local_id {
+            volumes.set_served(&volume.name, false);
+            volumes.set_replication(&volume.name, None);
+            continue;
+        }
+        let mut targets: Vec<u64> = volume.in_sync.iter().copied().filter(|id| *id != local_id).collect();
+        targets.sort_unstable();
+        let mut current = local.replicator().map(|r| r.targets()).unwrap_or_default();
+        current.sort_unstable();
+        if targets.is_empty() {
+            volumes.set_replication(&volume.name, None);
+        } else if current != targets {
+            let links = targets
+                .iter()
+                .filter_map(|id| state.nodes.get(id).map(|node| (*id, cluster.link(&node.peer_address))))
+                .collect();
+            tracing::info!(volume = %volume.name, replicas = ?targets, epoch = volume.epoch, "replicating to");
+            let replication = VolumeReplication::new(Arc::downgrade(cluster), volume.name.clone(), links);
+            volumes.set_replication(&volume.name, Some(Arc::new(replication)));
+        }
+        volumes.set_served(&volume.name, true);
+    }
 }
 
 /// Reconciles after every applied change and every `RECONCILE_INTERVAL`.
@@ -69,9 +102,14 @@ pub async fn reconcile_loop(
         if cluster.cluster_id().is_some() {
             let state = cluster.state();
             let (local_id, volumes) = (cluster.local.id, Arc::clone(&volumes));
-            let pass = tokio::task::spawn_blocking(move || reconcile_once(local_id, &state, &volumes));
-            if let Err(error) = pass.await {
-                tracing::error!(%error, "reconciliation task failed");
+            let pass_volumes = Arc::clone(&volumes);
+            let pass = tokio::task::spawn_blocking(move || {
+                reconcile_once(local_id, &state, &pass_volumes);
+                state
+            });
+            match pass.await {
+                Ok(state) => wire_serving(&cluster, &state, &volumes),
+                Err(error) => tracing::error!(%error, "reconciliation task failed"),
             }
         }
         tokio::select! {

@@ -65,7 +65,11 @@ pub struct ClusterVolume {
     pub replicas: u32,
     /// Nodes holding a replica; distinct.
     pub replica_nodes: Vec<u64>,
-    /// The node serving the volume (NBD, attach); one of `replica_nodes`.
+    /// Replicas that hold every acknowledged write: the coordinator copies
+    /// each mutation to them and acknowledges only once all have it.
+    #[serde(default)]
+    pub in_sync: Vec<u64>,
+    /// The node serving the volume (NBD, attach); one of `in_sync`.
     pub coordinator: u64,
     /// Fencing epoch: bumps whenever the coordinator or replica set changes.
     pub epoch: u64,
@@ -125,6 +129,19 @@ pub enum Command {
     SetNodeAdmin {
         id: u64,
         admin: NodeAdmin,
+    },
+    /// The coordinator `by` drops `node` from the in-sync set (it stopped
+    /// answering); bumps the epoch.
+    ReplicaOut {
+        name: String,
+        node: u64,
+        by: u64,
+    },
+    /// `node` (an in-sync replica) becomes the coordinator; bumps the epoch,
+    /// fencing the old coordinator's writes.
+    SetCoordinator {
+        name: String,
+        node: u64,
     },
 }
 
@@ -212,6 +229,8 @@ impl ClusterState {
                 Some(volume) => Outcome::Volume(volume),
                 None => Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist"))),
             },
+            Command::ReplicaOut { name, node, by } => self.replica_out(&name, node, by),
+            Command::SetCoordinator { name, node } => self.set_coordinator(&name, node),
             Command::SetNodeAdmin { id, admin } => match self.nodes.get_mut(&id) {
                 Some(node) => {
                     node.admin = admin;
@@ -245,12 +264,52 @@ impl ClusterState {
             block_size_bytes,
             replicas: u32::try_from(replica_nodes.len()).expect("replica sets are small"),
             coordinator: replica_nodes[0],
+            in_sync: replica_nodes.clone(),
             replica_nodes,
             epoch: 1,
             created_unix_seconds,
         };
         self.volumes.insert(name, volume.clone());
         Outcome::Volume(volume)
+    }
+
+    fn replica_out(&mut self, name: &str, node: u64, by: u64) -> Outcome {
+        let Some(volume) = self.volumes.get_mut(name) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        };
+        if volume.coordinator != by {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "node {by} is not the coordinator of volume {name} (node {} is, epoch {})",
+                volume.coordinator, volume.epoch
+            )));
+        }
+        if node == volume.coordinator {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "the coordinator of {name} cannot drop itself"
+            )));
+        }
+        if volume.in_sync.contains(&node) {
+            volume.in_sync.retain(|id| *id != node);
+            volume.epoch += 1;
+        }
+        Outcome::Volume(volume.clone())
+    }
+
+    fn set_coordinator(&mut self, name: &str, node: u64) -> Outcome {
+        let Some(volume) = self.volumes.get_mut(name) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        };
+        if !volume.in_sync.contains(&node) {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "node {node} holds no in-sync replica of volume {name} (in sync: {:?})",
+                volume.in_sync
+            )));
+        }
+        if volume.coordinator != node {
+            volume.coordinator = node;
+            volume.epoch += 1;
+        }
+        Outcome::Volume(volume.clone())
     }
 
     /// A replica set must name distinct, known nodes.
@@ -387,6 +446,40 @@ mod tests {
         };
         assert!(matches!(state.apply(again), Outcome::Rejected(_)));
         assert_eq!(state.cluster_id, Some(uuid::Uuid::from_u128(7)));
+    }
+
+    #[test]
+    fn only_the_coordinator_drops_replicas_and_each_change_bumps_the_epoch() {
+        let mut state = cluster(3);
+        state.apply(create("a", vec![1, 2, 3]));
+        let out = |node, by| Command::ReplicaOut {
+            name: "a".into(),
+            node,
+            by,
+        };
+        assert!(matches!(
+            state.apply(out(3, 2)),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
+        assert!(matches!(
+            state.apply(out(1, 1)),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
+        let Outcome::Volume(volume) = state.apply(out(3, 1)) else {
+            panic!()
+        };
+        assert_eq!((volume.in_sync.clone(), volume.epoch), (vec![1, 2], 2));
+        // Failing over to an out-of-sync replica is refused; to an in-sync one fences the old coordinator.
+        let to = |node| Command::SetCoordinator { name: "a".into(), node };
+        assert!(matches!(state.apply(to(3)), Outcome::Rejected(Rejection::Invalid(_))));
+        let Outcome::Volume(volume) = state.apply(to(2)) else {
+            panic!()
+        };
+        assert_eq!((volume.coordinator, volume.epoch), (2, 3));
+        assert!(matches!(
+            state.apply(out(2, 1)),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
     }
 
     #[test]

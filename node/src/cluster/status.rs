@@ -36,10 +36,12 @@ pub struct VolumeView {
     pub replicas: u32,
     pub coordinator: u64,
     pub replica_nodes: Vec<u64>,
+    /// Replicas holding every acknowledged write.
+    pub in_sync: Vec<u64>,
     /// Replica nodes that answer.
     pub replicas_up: usize,
     pub epoch: u64,
-    /// healthy (every replica node up), degraded (some), unavailable (coordinator down)
+    /// healthy (every replica in sync and up), degraded (not), unavailable (coordinator down)
     pub health: String,
 }
 
@@ -110,7 +112,8 @@ impl Cluster {
                 let replicas_up = volume.replica_nodes.iter().filter(|id| up(**id)).count();
                 let health = if !up(volume.coordinator) {
                     "unavailable"
-                } else if replicas_up < volume.replica_nodes.len() {
+                } else if replicas_up < volume.replica_nodes.len() || volume.in_sync.len() < volume.replica_nodes.len()
+                {
                     "degraded"
                 } else {
                     "healthy"
@@ -121,6 +124,7 @@ impl Cluster {
                     replicas: volume.replicas,
                     coordinator: volume.coordinator,
                     replica_nodes: volume.replica_nodes.clone(),
+                    in_sync: volume.in_sync.clone(),
                     replicas_up,
                     epoch: volume.epoch,
                     health: health.into(),

@@ -165,6 +165,48 @@ impl Cluster {
         Ok(self.describe(volumes, &volume))
     }
 
+    /// Makes this node the volume's coordinator (failover, or moving where
+    /// it is served). Refused unless this node holds an in-sync replica;
+    /// refused while the current coordinator is up, unless `force`.
+    pub async fn attach_volume(
+        &self,
+        volumes: &Arc<Volumes>,
+        name: &str,
+        force: bool,
+    ) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        let volume = self.volume(name)?;
+        if volume.coordinator != self.local.id && !force && self.health.liveness(volume.coordinator).up {
+            return Err(VolumeOpError {
+                status: 409,
+                message: format!(
+                    "volume {name} is served by node {}, which is up; stop its clients first, or pass --force to take it over (its clients get errors)",
+                    volume.coordinator
+                ),
+            });
+        }
+        let outcome = self
+            .change(Command::SetCoordinator {
+                name: name.to_owned(),
+                node: self.local.id,
+            })
+            .await?;
+        let Outcome::Volume(volume) = outcome else {
+            return Err(VolumeOpError {
+                status: 500,
+                message: format!("unexpected outcome {outcome:?}"),
+            });
+        };
+        tracing::info!(volume = %name, epoch = volume.epoch, "this node now serves the volume");
+        let started = Instant::now();
+        while started.elapsed() < LOCAL_REPLICA_TIMEOUT
+            && volumes.get_served(name).is_none_or(|v| v.epoch() < volume.epoch)
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(self.describe(volumes, &volume))
+    }
+
     /// Deletes a volume; the coordinator refuses while clients are connected.
     pub async fn delete_volume(&self, volumes: &Arc<Volumes>, name: &str) -> Result<(), VolumeOpError> {
         self.require_member()?;
@@ -243,6 +285,7 @@ impl Cluster {
             coordinator: 0,
             coordinator_nbd: String::new(),
             replica_nodes: Vec::new(),
+            in_sync: Vec::new(),
             epoch: 0,
         });
         info.size_bytes = volume.size_bytes;
@@ -252,6 +295,7 @@ impl Cluster {
             .with_state(|state| state.nodes.get(&volume.coordinator).map(|n| n.nbd_address.clone()))
             .unwrap_or_default();
         info.replica_nodes.clone_from(&volume.replica_nodes);
+        info.in_sync.clone_from(&volume.in_sync);
         info.epoch = volume.epoch;
         info
     }

@@ -254,6 +254,7 @@ fn io_error(error: VolumeIoError) -> Outcome {
     let errno = match &error {
         VolumeIoError::OutOfRange { .. } => EINVAL,
         VolumeIoError::Stopped => ESHUTDOWN,
+        VolumeIoError::Replication { .. } => EIO,
         VolumeIoError::Store { source, .. } => match source {
             StoreError::NoSpace { .. } => ENOSPC,
             StoreError::InvalidRequest { .. } => EINVAL,

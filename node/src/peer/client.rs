@@ -103,6 +103,11 @@ impl PeerClient {
     }
 
     async fn dial(&self, address: &str) -> Result<Connection, PeerError> {
+        self.dial_stream(address).await.map(|stream| Connection { stream })
+    }
+
+    /// Opens a handshaken connection to `address` (for callers that keep it).
+    pub async fn dial_stream(&self, address: &str) -> Result<TcpStream, PeerError> {
         let handshake = async {
             let io = |source| PeerError::Io {
                 address: address.to_owned(),
@@ -144,7 +149,7 @@ impl PeerClient {
                             reason: format!("unreadable welcome: {error}"),
                         })?;
                     tracing::debug!(%address, peer_node = welcome.node_id, "peer connection open");
-                    Ok(Connection { stream })
+                    Ok(stream)
                 }
                 FrameKind::Refused => Err(PeerError::Refused {
                     address: address.to_owned(),

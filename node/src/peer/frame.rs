@@ -50,6 +50,10 @@ pub enum FrameKind {
     /// a node asks to join the cluster with a token
     Join = 40,
     JoinReply = 41,
+    /// a coordinator's mutation of a volume for a replica (see `replication::wire`)
+    ReplicaWrite = 50,
+    /// the mutation is durable on the replica
+    ReplicaAck = 51,
 }
 
 impl FrameKind {
@@ -68,6 +72,8 @@ impl FrameKind {
             31 => Self::ProposeReply,
             40 => Self::Join,
             41 => Self::JoinReply,
+            50 => Self::ReplicaWrite,
+            51 => Self::ReplicaAck,
             _ => return None,
         })
     }

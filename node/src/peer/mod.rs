@@ -8,6 +8,7 @@
 pub mod client;
 pub mod frame;
 pub mod handshake;
+pub mod mux;
 pub mod server;
 
 use std::time::Duration;

@@ -14,6 +14,8 @@ use super::{read_frame, write_frame, PeerError, PROTOCOL_VERSION};
 
 /// Most peer connections served at once.
 pub const CONNECTIONS_MAX: usize = 256;
+/// Requests answered at once on one connection.
+pub const REQUESTS_IN_FLIGHT_MAX: usize = 128;
 /// A connection idle this long is closed (dialers redial).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -66,7 +68,7 @@ async fn connection<H: PeerHandler>(
     mut stream: TcpStream,
     address: &str,
     handler: Arc<H>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), PeerError> {
     let first = tokio::time::timeout(super::CONNECT_TIMEOUT, read_frame(&mut stream, address))
         .await
@@ -102,31 +104,57 @@ async fn connection<H: PeerHandler>(
     };
     let payload = serde_json::to_vec(&welcome).expect("welcome serializes");
     write_frame(&mut stream, address, FrameKind::Welcome, first.request_id, &payload).await?;
-    loop {
-        let request = tokio::select! {
-            request = tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut stream, address)) => match request {
-                Ok(request) => request?,
-                Err(_) => return Ok(()),
-            },
-            _ = stop.changed() => return Ok(()),
-        };
-        let outcome = if admitted == Admitted::JoinOnly && request.kind != FrameKind::Join {
-            Err("this connection is not from a cluster member; only join requests are accepted".to_owned())
-        } else {
-            handler.handle(request.kind, request.payload).await
-        };
-        match outcome {
-            Ok((kind, payload)) => write_frame(&mut stream, address, kind, request.request_id, &payload).await?,
-            Err(reason) => {
-                write_frame(
-                    &mut stream,
-                    address,
-                    FrameKind::Refused,
-                    request.request_id,
-                    reason.as_bytes(),
-                )
-                .await?;
-            }
+    serve_requests(stream, address, handler, admitted, stop).await
+}
+
+/// Reads requests and answers each from its own task, so a slow request
+/// (a replicated write waiting for its disk) does not hold up the others;
+/// replies leave in completion order, matched by request id.
+async fn serve_requests<H: PeerHandler>(
+    stream: TcpStream,
+    address: &str,
+    handler: Arc<H>,
+    admitted: Admitted,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), PeerError> {
+    let (mut reader, mut writer) = stream.into_split();
+    let (replies, mut outbox) = tokio::sync::mpsc::channel::<(FrameKind, u64, Vec<u8>)>(REQUESTS_IN_FLIGHT_MAX);
+    let writer_address = address.to_owned();
+    let writer_task = tokio::spawn(async move {
+        while let Some((kind, request_id, payload)) = outbox.recv().await {
+            write_frame(&mut writer, &writer_address, kind, request_id, &payload).await?;
         }
-    }
+        Ok::<(), PeerError>(())
+    });
+    let slots = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
+    let result = loop {
+        let request = tokio::select! {
+            request = tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut reader, address)) => match request {
+                Ok(Ok(request)) => request,
+                Ok(Err(error)) => break Err(error),
+                Err(_) => break Ok(()),
+            },
+            _ = stop.changed() => break Ok(()),
+        };
+        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
+            break Ok(());
+        };
+        let (handler, replies) = (Arc::clone(&handler), replies.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let outcome = if admitted == Admitted::JoinOnly && request.kind != FrameKind::Join {
+                Err("this connection is not from a cluster member; only join requests are accepted".to_owned())
+            } else {
+                handler.handle(request.kind, request.payload).await
+            };
+            let reply = match outcome {
+                Ok((kind, payload)) => (kind, request.request_id, payload),
+                Err(reason) => (FrameKind::Refused, request.request_id, reason.into_bytes()),
+            };
+            let _ = replies.send(reply).await;
+        });
+    };
+    drop(replies);
+    writer_task.abort();
+    result
 }

@@ -17,6 +17,7 @@ use disk_layout::{IoBuf, Reply, StoreError};
 
 use super::{Volume, VolumeIoError};
 use crate::engine::Command;
+use crate::replication::wire::{OpKind, ReplicaOp};
 
 /// The store's block size.
 pub const BLOCK_BYTES: u64 = 4096;
@@ -189,13 +190,22 @@ impl Volume {
 
     async fn write_aligned(&self, lba: u64, data: Vec<u8>) -> Result<(), VolumeIoError> {
         debug_assert!((data.len() as u64).is_multiple_of(BLOCK_BYTES));
+        if self.replicator().is_some() {
+            // Replicated: each piece is ordered and copied on its own.
+            for (index, chunk) in data.chunks(STORE_REQUEST_BYTES_MAX).enumerate() {
+                let chunk_lba = lba + (index * STORE_REQUEST_BYTES_MAX) as u64 / BLOCK_BYTES;
+                self.mutate(chunk_lba, chunk.len() as u64 / BLOCK_BYTES, Some(chunk.to_vec()))
+                    .await?;
+            }
+            return Ok(());
+        }
         if data.len() <= STORE_REQUEST_BYTES_MAX {
             return self
                 .call(Command::Write {
                     volume_id: self.id,
                     lba,
                     data,
-                    epoch: self.epoch,
+                    epoch: self.epoch(),
                     volume_sequence: self.next_sequence(),
                 })
                 .await
@@ -211,7 +221,7 @@ impl Volume {
                     volume_id: self.id,
                     lba: chunk_lba,
                     data: chunk.to_vec(),
-                    epoch: self.epoch,
+                    epoch: self.epoch(),
                     volume_sequence: self.next_sequence(),
                 },
                 Box::new(move |result| {
@@ -221,6 +231,76 @@ impl Volume {
             pending.push(receiver);
         }
         self.await_all(pending).await
+    }
+
+    /// One mutation (a write of `data`, or a zeroing when None) applied
+    /// locally and on every in-sync replica at once, ordered against
+    /// overlapping mutations; Ok only when all have it durable.
+    async fn mutate(&self, lba: u64, block_count: u64, data: Option<Vec<u8>>) -> Result<(), VolumeIoError> {
+        let _range = self.ranges.lock(lba, block_count).await;
+        let (epoch, volume_sequence) = (self.epoch(), self.next_sequence());
+        let (command, kind) = match data {
+            Some(data) => (
+                Command::Write {
+                    volume_id: self.id,
+                    lba,
+                    data: data.clone(),
+                    epoch,
+                    volume_sequence,
+                },
+                OpKind::Write(data),
+            ),
+            None => (
+                Command::Zero {
+                    volume_id: self.id,
+                    lba,
+                    block_count,
+                    epoch,
+                    volume_sequence,
+                },
+                OpKind::Zero,
+            ),
+        };
+        let op = ReplicaOp {
+            volume_id: self.id,
+            epoch,
+            lba,
+            block_count,
+            volume_sequence,
+            kind,
+        };
+        let Some(replicator) = self.replicator() else {
+            return self.call(command).await.map(|_| ());
+        };
+        let (local, remote) = tokio::join!(self.call(command), replicator.replicate(op));
+        local?;
+        remote.map_err(|reason| VolumeIoError::Replication {
+            volume: self.name.clone(),
+            reason,
+        })
+    }
+
+    /// Applies a mutation the coordinator sent (this node is a replica).
+    pub async fn apply_replica_op(&self, op: ReplicaOp) -> Result<(), VolumeIoError> {
+        self.check_range(op.lba * BLOCK_BYTES, op.block_count * BLOCK_BYTES)?;
+        let command = match op.kind {
+            OpKind::Write(data) => Command::Write {
+                volume_id: self.id,
+                lba: op.lba,
+                data,
+                epoch: op.epoch,
+                volume_sequence: op.volume_sequence,
+            },
+            OpKind::Zero => Command::Zero {
+                volume_id: self.id,
+                lba: op.lba,
+                block_count: op.block_count,
+                epoch: op.epoch,
+                volume_sequence: op.volume_sequence,
+            },
+        };
+        self.sequence.fetch_max(op.volume_sequence + 1, Ordering::AcqRel);
+        self.call(command).await.map(|_| ())
     }
 
     async fn await_all(
@@ -279,12 +359,15 @@ impl Volume {
             return Ok(());
         }
         if !allocate {
+            if self.replicator().is_some() {
+                return self.mutate(lba, block_count, None).await;
+            }
             return self
                 .call(Command::Zero {
                     volume_id: self.id,
                     lba,
                     block_count,
-                    epoch: self.epoch,
+                    epoch: self.epoch(),
                     volume_sequence: self.next_sequence(),
                 })
                 .await

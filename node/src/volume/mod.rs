@@ -11,6 +11,7 @@
 
 pub mod io;
 pub mod meta;
+pub mod range_lock;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -102,6 +103,9 @@ pub enum VolumeIoError {
     /// the storage engine stopped (shutdown)
     #[error("the storage engine has stopped")]
     Stopped,
+    /// a replica could not take the mutation and could not be fenced out
+    #[error("volume {volume}: replication failed: {reason}")]
+    Replication { volume: String, reason: String },
 }
 
 /// Checks the naming rule `[a-z0-9][a-z0-9_.-]{0,62}`.
@@ -142,7 +146,8 @@ pub struct Volume {
     pub name: String,
     pub id: u64,
     pub block_size_bytes: u32,
-    epoch: u64,
+    /// Fencing epoch written into every record (the cluster's, kept current by the reconciler).
+    epoch: AtomicU64,
     disk: usize,
     size_bytes: AtomicU64,
     sequence: AtomicU64,
@@ -154,6 +159,24 @@ pub struct Volume {
     /// Whether this node serves the volume to clients (it is the cluster's
     /// coordinator for it); other replicas refuse NBD.
     served: AtomicBool,
+    /// Where the coordinator copies each mutation (None: no other in-sync replica).
+    replication: RwLock<Option<Arc<dyn Replicator>>>,
+    /// Orders overlapping mutations while replicating.
+    ranges: range_lock::RangeLock,
+}
+
+/// Copies a coordinator's mutations to the volume's other in-sync replicas.
+pub trait Replicator: Send + Sync {
+    /// Applies `op` on every in-sync replica; Ok once each has it durable
+    /// (or was removed from the in-sync set through Raft). An error means
+    /// the mutation must not be acknowledged.
+    fn replicate(
+        &self,
+        op: crate::replication::wire::ReplicaOp,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+
+    /// Nodes the mutations go to (for comparison by the reconciler).
+    fn targets(&self) -> Vec<u64>;
 }
 
 impl Volume {
@@ -167,6 +190,18 @@ impl Volume {
     #[must_use]
     pub fn is_deleted(&self) -> bool {
         self.deleted.load(Ordering::Acquire)
+    }
+
+    /// The fencing epoch records are written with.
+    #[must_use]
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The replicator in use, if any.
+    #[must_use]
+    pub fn replicator(&self) -> Option<Arc<dyn Replicator>> {
+        self.replication.read().clone()
     }
 
     /// Whether this node serves the volume (is its coordinator).
@@ -221,6 +256,9 @@ pub struct VolumeInfo {
     /// Nodes holding a replica.
     #[serde(default)]
     pub replica_nodes: Vec<u64>,
+    /// Replicas holding every acknowledged write.
+    #[serde(default)]
+    pub in_sync: Vec<u64>,
     /// Fencing epoch.
     #[serde(default)]
     pub epoch: u64,
@@ -319,7 +357,7 @@ impl Volumes {
             name: record.name.clone(),
             id: record.id,
             block_size_bytes: record.block_size_bytes,
-            epoch: record.epoch,
+            epoch: AtomicU64::new(record.epoch),
             disk,
             size_bytes: AtomicU64::new(record.size_bytes),
             sequence: AtomicU64::new(next_sequence),
@@ -328,6 +366,8 @@ impl Volumes {
             connections: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
             served: AtomicBool::new(false),
+            replication: RwLock::new(None),
+            ranges: range_lock::RangeLock::default(),
         })
     }
 
@@ -361,6 +401,30 @@ impl Volumes {
             .filter(|(_, volume)| volume.is_served())
             .map(|(record, volume)| (record.name.clone(), volume.size_bytes()))
             .collect()
+    }
+
+    /// The live volume with data id `id`.
+    #[must_use]
+    pub fn get_by_id(&self, id: u64) -> Option<Arc<Volume>> {
+        self.live
+            .read()
+            .values()
+            .find(|(record, _)| record.id == id)
+            .map(|(_, volume)| Arc::clone(volume))
+    }
+
+    /// Follows the cluster's epoch for `name` (only ever upwards).
+    pub fn set_epoch(&self, name: &str, epoch: u64) {
+        if let Some(volume) = self.get(name) {
+            volume.epoch.fetch_max(epoch, Ordering::AcqRel);
+        }
+    }
+
+    /// Sets (or clears) where `name`'s mutations are copied.
+    pub fn set_replication(&self, name: &str, replicator: Option<Arc<dyn Replicator>>) {
+        if let Some(volume) = self.get(name) {
+            *volume.replication.write() = replicator;
+        }
     }
 
     /// The metadata records of every local replica.
@@ -525,6 +589,7 @@ impl Volumes {
             coordinator: 0,
             coordinator_nbd: String::new(),
             replica_nodes: Vec::new(),
+            in_sync: Vec::new(),
             epoch: record.epoch,
         })
     }

@@ -1,0 +1,141 @@
+//! A multiplexed peer connection for the data path: many requests in
+//! flight on one connection, replies matched by request id in whatever
+//! order the peer finishes them. Redials after the connection breaks.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::oneshot;
+
+use super::client::PeerClient;
+use super::frame::FrameKind;
+use super::{read_frame, write_frame, Frame, PeerError};
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
+
+struct Connection {
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    pending: Pending,
+    dead: Arc<AtomicBool>,
+    next_request_id: AtomicU64,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+/// One peer, many requests in flight.
+pub struct MuxLink {
+    client: Arc<PeerClient>,
+    address: String,
+    connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+}
+
+/// Removes a request's reply slot if its caller gives up (time-out).
+struct Slot<'a> {
+    pending: &'a Pending,
+    request_id: u64,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        self.pending.lock().remove(&self.request_id);
+    }
+}
+
+impl MuxLink {
+    #[must_use]
+    pub fn new(client: Arc<PeerClient>, address: String) -> Self {
+        Self {
+            client,
+            address,
+            connection: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// The peer's address.
+    #[must_use]
+    pub fn address(&self) -> &str {
+        &self.address
+    }
+
+    async fn connection(&self) -> Result<Arc<Connection>, PeerError> {
+        let mut slot = self.connection.lock().await;
+        if let Some(connection) = slot.as_ref() {
+            if !connection.dead.load(Ordering::Acquire) {
+                return Ok(Arc::clone(connection));
+            }
+        }
+        let stream = self.client.dial_stream(&self.address).await?;
+        let (mut reader, writer) = stream.into_split();
+        let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
+        let dead = Arc::new(AtomicBool::new(false));
+        let reader_task = {
+            let (pending, dead, address) = (Arc::clone(&pending), Arc::clone(&dead), self.address.clone());
+            tokio::spawn(async move {
+                while let Ok(frame) = read_frame(&mut reader, &address).await {
+                    if let Some(sender) = pending.lock().remove(&frame.request_id) {
+                        let _ = sender.send(frame);
+                    }
+                }
+                dead.store(true, Ordering::Release);
+                // Dropping the senders fails every caller still waiting.
+                pending.lock().clear();
+            })
+        };
+        let connection = Arc::new(Connection {
+            writer: tokio::sync::Mutex::new(writer),
+            pending,
+            dead,
+            next_request_id: AtomicU64::new(1),
+            reader: reader_task,
+        });
+        *slot = Some(Arc::clone(&connection));
+        Ok(connection)
+    }
+
+    /// Sends one request and waits (at most `timeout`, dial included) for its reply.
+    pub async fn call(&self, kind: FrameKind, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, PeerError> {
+        let attempt = async {
+            let connection = self.connection().await?;
+            let request_id = connection.next_request_id.fetch_add(1, Ordering::Relaxed);
+            let (sender, receiver) = oneshot::channel();
+            connection.pending.lock().insert(request_id, sender);
+            let _slot = Slot {
+                pending: &connection.pending,
+                request_id,
+            };
+            {
+                let mut writer = connection.writer.lock().await;
+                if let Err(error) = write_frame(&mut *writer, &self.address, kind, request_id, payload).await {
+                    connection.dead.store(true, Ordering::Release);
+                    return Err(error);
+                }
+            }
+            let reply = receiver.await.map_err(|_| PeerError::Io {
+                address: self.address.clone(),
+                source: std::io::Error::new(std::io::ErrorKind::ConnectionReset, "peer connection closed"),
+            })?;
+            if reply.kind == FrameKind::Refused {
+                return Err(PeerError::Refused {
+                    address: self.address.clone(),
+                    reason: String::from_utf8_lossy(&reply.payload).into_owned(),
+                });
+            }
+            Ok(reply.payload)
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| PeerError::Timeout {
+                address: self.address.clone(),
+                timeout,
+            })?
+    }
+}

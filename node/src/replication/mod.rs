@@ -1,0 +1,139 @@
+//! Synchronous replication (like DRBD protocol C): the coordinator of a
+//! volume applies each mutation locally and on every other in-sync
+//! replica at once, over a multiplexed peer connection, and acknowledges
+//! it only when all have it durable. A replica that fails or does not
+//! answer within `REPLICA_TIMEOUT` is first removed from the in-sync set
+//! through Raft (an epoch bump) and only then is the write acknowledged
+//! without it; if Raft cannot commit that, the write fails.
+//!
+//! Replicas refuse mutations carrying an epoch older than the one they
+//! know, and mutations for a volume they coordinate themselves: an old
+//! coordinator (partitioned, paused) cannot get writes accepted once Raft
+//! named a new one and the replicas applied it.
+
+pub mod wire;
+
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+
+use crate::cluster::state::Command;
+use crate::cluster::Cluster;
+use crate::peer::frame::FrameKind;
+use crate::peer::mux::MuxLink;
+use crate::volume::{Replicator, Volumes};
+use wire::ReplicaOp;
+
+/// A replica that has not made a mutation durable within this long is dropped from the in-sync set.
+pub const REPLICA_TIMEOUT: Duration = Duration::from_millis(5000);
+
+/// How often (50 ms apart) a replica looks again for a volume it does not have yet.
+const REPLICA_WAIT_TRIES: usize = 40;
+
+/// The coordinator's copy of one volume's mutations to its in-sync replicas.
+pub struct VolumeReplication {
+    cluster: Weak<Cluster>,
+    name: String,
+    targets: RwLock<Vec<(u64, Arc<MuxLink>)>>,
+    /// One removal through Raft at a time.
+    fencing: tokio::sync::Mutex<()>,
+}
+
+impl VolumeReplication {
+    #[must_use]
+    pub fn new(cluster: Weak<Cluster>, name: String, targets: Vec<(u64, Arc<MuxLink>)>) -> Self {
+        Self {
+            cluster,
+            name,
+            targets: RwLock::new(targets),
+            fencing: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// Drops `node` from the in-sync set through Raft; Ok once committed (or already out).
+    async fn fence_out(&self, node: u64, reason: &str) -> Result<(), String> {
+        let _one_at_a_time = self.fencing.lock().await;
+        if !self.targets.read().iter().any(|(id, _)| *id == node) {
+            return Ok(());
+        }
+        let cluster = self.cluster.upgrade().ok_or("the node is shutting down")?;
+        tracing::warn!(volume = %self.name, replica = node, %reason, "replica failed; removing it from the in-sync set");
+        let command = Command::ReplicaOut {
+            name: self.name.clone(),
+            node,
+            by: cluster.local.id,
+        };
+        match cluster.change(command).await {
+            Ok(_) => {
+                self.targets.write().retain(|(id, _)| *id != node);
+                tracing::warn!(volume = %self.name, replica = node, "replica out of sync; writes continue without it");
+                Ok(())
+            }
+            Err(error) => Err(format!(
+                "replica {node} failed ({reason}) and could not be removed from the in-sync set: {error}"
+            )),
+        }
+    }
+}
+
+impl Replicator for VolumeReplication {
+    fn replicate(
+        &self,
+        op: ReplicaOp,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        Box::pin(async move {
+            let payload = wire::encode(&op);
+            let targets = self.targets.read().clone();
+            let sends = targets.iter().map(|(node, link)| {
+                let payload = &payload;
+                async move {
+                    let result = match link.call(FrameKind::ReplicaWrite, payload, REPLICA_TIMEOUT).await {
+                        Ok(_) => Ok(()),
+                        Err(error) => Err(error.to_string()),
+                    };
+                    (*node, result)
+                }
+            });
+            for (node, result) in futures::future::join_all(sends).await {
+                if let Err(reason) = result {
+                    self.fence_out(node, &reason).await?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn targets(&self) -> Vec<u64> {
+        self.targets.read().iter().map(|(id, _)| *id).collect()
+    }
+}
+
+/// Applies a mutation sent by a coordinator to this node's replica.
+pub async fn apply(volumes: &Volumes, payload: &[u8]) -> Result<(), String> {
+    let op = wire::decode(payload).map_err(|error| error.to_string())?;
+    // A new volume's first write may beat this node's reconciler by a moment.
+    let mut volume = volumes.get_by_id(op.volume_id);
+    for _ in 0..REPLICA_WAIT_TRIES {
+        if volume.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        volume = volumes.get_by_id(op.volume_id);
+    }
+    let volume = volume.ok_or_else(|| format!("this node holds no replica of volume id {}", op.volume_id))?;
+    if volume.is_served() {
+        return Err(format!(
+            "this node coordinates volume {}; it takes no replica writes (the sender was fenced)",
+            volume.name
+        ));
+    }
+    let known = volume.epoch();
+    if op.epoch < known {
+        return Err(format!(
+            "stale epoch {} for volume {} (this replica knows epoch {known}); the sender is no longer its coordinator",
+            op.epoch, volume.name
+        ));
+    }
+    volume.apply_replica_op(op).await.map_err(|error| error.to_string())
+}
