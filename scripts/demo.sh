@@ -1,15 +1,14 @@
 #!/usr/bin/env bash
 # ballast end to end on this machine: builds the static binary, starts a
 # 3-node cluster on loop-device disks (scripts/cluster-up.sh), creates a
-# repl=3 volume, runs fio through NBD (random writes with checksums), kills
-# the serving node with SIGKILL mid-write, restarts it and proves fio's data
-# is intact; then kills another node and shows the cluster still creating
-# and inspecting volumes. Cleans up everything it made. Needs root.
+# repl=3 volume, runs fio through NBD (random writes with checksums, each
+# copied synchronously to all three nodes), kills the serving node with
+# SIGKILL mid-write, fails the volume over to another node and proves every
+# write fio saw acknowledged is there; then shows the cluster still
+# creating and inspecting volumes with a node down. Cleans up everything it
+# made. Needs root.
 #
 #   scripts/demo.sh          (about a minute; DEMO_SECONDS sets each fio run's length)
-#
-# Data replication between the replicas is the next step (issue 6): today
-# every replica is placed and created, and the coordinator holds the data.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,7 +43,7 @@ restart_node() { # index: start node i again with the arguments cluster-up.sh us
 
 fio_job() { # label, then fio options; the job name is fixed so saved verify state matches
   local name=$1; shift
-  (cd "$WORK" && fio --name=demo --ioengine=nbd --uri="nbd://$NBD/pg-data" --bs=4k --iodepth=32 --size=512M \
+  (cd "$WORK" && fio --name=demo --ioengine=nbd --uri="nbd://${NBD:?}/pg-data" --bs=4k --iodepth=32 --size=512M \
     --verify=crc32c --randrepeat=1 --directory="$WORK" "$@" --output-format=json >"$WORK/$name.json" 2>"$WORK/$name.err") || {
       [ "$name" = write ] || { cat "$WORK/$name.err"; echo "demo: fio $name failed"; exit 1; }; }
   python3 - "$WORK/$name.json" <<'PY'
@@ -86,25 +85,33 @@ for _ in $(seq 1 100); do kill -0 "$NODE" 2>/dev/null || break; sleep 0.1; done
 ls "$WORK"/*verify.state >/dev/null 2>&1 || { echo "demo: fio saved no verify state"; exit 1; }
 
 echo
+echo "== node1 is gone: node2 takes the volume over (an in-sync replica; the epoch goes up, fencing node1)"
+BALLAST_API=http://127.0.0.2:9410 "$BALLAST" volume attach pg-data --force | sed -n '1p;6,8p;11p'
+NBD=127.0.0.2:10809
+
+echo
+echo "== verify on node2 every write fio saw acknowledged by node1"
+fio_job verify --rw=randwrite --verify_only --verify_state_load=1 --verify_fatal=1
+
+echo
 echo "== with node1 down, the other two still change metadata (Raft majority)"
-sleep 5  # status calls a node down after 5 s of silence
+sleep 3  # status calls a node down after 5 s of silence
 BALLAST_API=http://127.0.0.2:9410 "$BALLAST" volume create scratch --size 1GiB --repl 2 >/dev/null
 BALLAST_API=http://127.0.0.2:9410 "$BALLAST" status | sed -n '1,6p'
 
 echo
-echo "== restart node1 (replays its log, catches up with the cluster) and verify every write fio saw acknowledged"
+echo "== node1 returns (replays its log, catches up with the cluster; its replica of pg-data is stale until resync)"
 restart_node 1
-fio_job verify --rw=randwrite --verify_only --verify_state_load=1 --verify_fatal=1
 
 echo
 echo "== 4 KiB random reads at queue depth 32 for ${RUN_SECONDS}s"
 fio_job read --rw=randread --time_based --runtime="$RUN_SECONDS" --verify=0
 
 echo
-echo "== kill -9 node3 too: volumes can still be created and inspected"
+echo "== kill -9 node3: volumes can still be created and inspected"
 kill -9 "$(node_pid 3)"
 sleep 3  # placement only uses nodes that answered in the last 2.5 s
-"$BALLAST" volume create after-loss --size 1GiB --repl 2 >/dev/null
+BALLAST_API=http://127.0.0.2:9410 "$BALLAST" volume create after-loss --size 1GiB --repl 2 >/dev/null
 "$BALLAST" volume inspect after-loss | sed -n '1,2p;5,6p'
 sleep 3  # status calls a node down after 5 s of silence
 "$BALLAST" status

@@ -138,7 +138,8 @@ pub enum Command {
         by: u64,
     },
     /// `node` (an in-sync replica) becomes the coordinator; bumps the epoch,
-    /// fencing the old coordinator's writes.
+    /// fencing the old coordinator's writes, and drops the old coordinator
+    /// from the in-sync set.
     SetCoordinator {
         name: String,
         node: u64,
@@ -306,6 +307,10 @@ impl ClusterState {
             )));
         }
         if volume.coordinator != node {
+            // The old coordinator may hold writes it never acknowledged and
+            // the others lack: it is out of sync until it is resynced.
+            let old = volume.coordinator;
+            volume.in_sync.retain(|id| *id != old);
             volume.coordinator = node;
             volume.epoch += 1;
         }
