@@ -13,6 +13,8 @@ pub struct FioResult {
     pub bandwidth_bytes_per_second: f64,
     pub latency_p50_us: f64,
     pub latency_p99_us: f64,
+    /// Requests completed (reads and writes).
+    pub io_count: u64,
 }
 
 /// One fio job description.
@@ -67,6 +69,26 @@ pub fn run_on_device(job: &FioJob, target: &Path) -> Result<FioResult> {
     run(command)
 }
 
+/// Runs `job` with fio's NBD engine (libnbd, one connection) against `uri`.
+pub fn run_on_nbd(job: &FioJob, uri: &str) -> Result<FioResult> {
+    let mut command = Command::new("fio");
+    command
+        .arg(format!("--name={}", job.name))
+        .arg("--ioengine=nbd")
+        .arg(format!("--uri={uri}"))
+        .args(["--output-format=json", "--group_reporting"])
+        .arg(format!("--rw={}", job.rw))
+        .arg(format!("--bs={}", job.block_size))
+        .arg(format!("--iodepth={}", job.iodepth))
+        .arg(format!("--size={}", job.size_bytes))
+        .args(&job.extra);
+    // Zero seconds: run once over `size_bytes` (a fill), not for a fixed time.
+    if job.seconds > 0 {
+        command.arg("--time_based").arg(format!("--runtime={}", job.seconds));
+    }
+    run(command)
+}
+
 /// Runs a prepared fio command and parses its JSON.
 pub fn run(mut command: Command) -> Result<FioResult> {
     let output = command
@@ -84,6 +106,9 @@ pub fn parse(text: &str) -> Result<FioResult> {
     let start = text.find('{').context("fio printed no JSON")?;
     let json: Value = serde_json::from_str(&text[start..]).context("fio JSON does not parse")?;
     let job = &json["jobs"][0];
+    if let Some(code) = job["error"].as_i64().filter(|code| *code != 0) {
+        bail!("fio job {} ended with error {code}", job["jobname"]);
+    }
     let mut result = FioResult::default();
     let mut weights = 0.0;
     for direction in ["read", "write"] {
@@ -93,6 +118,7 @@ pub fn parse(text: &str) -> Result<FioResult> {
             continue;
         }
         result.iops += iops;
+        result.io_count += part["total_ios"].as_u64().unwrap_or(0);
         result.bandwidth_bytes_per_second += part["bw_bytes"].as_f64().unwrap_or(0.0);
         let percentile = |key: &str| part["clat_ns"]["percentile"][key].as_f64().unwrap_or(0.0) / 1000.0;
         result.latency_p50_us += percentile("50.000000") * iops;
@@ -114,9 +140,10 @@ mod tests {
     fn parses_fio_json_and_skips_leading_warnings() {
         let text = r#"note: both iodepth >= 1 and synchronous I/O engine are selected
 {"jobs":[{"read":{"iops":0.0},"write":{"iops":1000.5,"bw_bytes":4098048,
-"clat_ns":{"percentile":{"50.000000":20000,"99.000000":90000}}}}]}"#;
+"clat_ns":{"percentile":{"50.000000":20000,"99.000000":90000}},"total_ios":3002}}]}"#;
         let result = parse(text).unwrap();
         assert!((result.iops - 1000.5).abs() < 1e-9);
+        assert_eq!(result.io_count, 3002);
         assert!((result.latency_p99_us - 90.0).abs() < 1e-9);
         assert!(parse("no json here").is_err());
     }

@@ -5,6 +5,8 @@
 
 mod engine_bench;
 mod fio;
+mod nbd_bench;
+mod servers;
 mod stats;
 
 use std::fs::OpenOptions;
@@ -54,6 +56,39 @@ enum Bench {
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
+    /// NBD through fio: ballast vs qemu-nbd and nbdkit serving the same loop device (4k random QD32, 1M sequential QD8), alternated, median; writes nbd.json.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`.
+    Nbd {
+        /// Size of the loop-device backing file (fio touches half of it).
+        #[arg(long, default_value = "4GiB")]
+        size: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Alternating repetitions (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// One short repetition of 3 s per measure on a 1 GiB device (about a minute).
+        #[arg(long)]
+        quick: bool,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
+        /// KEY=VALUE added to the ballast node's environment (repeatable), for experiment builds.
+        #[arg(long = "ballast-env", value_parser = parse_env_pair)]
+        ballast_env: Vec<(String, String)>,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
+}
+
+fn parse_env_pair(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 fn main() -> Result<()> {
@@ -71,6 +106,34 @@ fn main() -> Result<()> {
                 (size, seconds, repeats)
             };
             engine(&size, seconds, repeats, &out)
+        }
+        Bench::Nbd {
+            size,
+            seconds,
+            repeats,
+            quick,
+            ballast,
+            ballast_env,
+            out,
+        } => {
+            let (size, seconds, repeats) = if quick {
+                ("1GiB".to_owned(), 3, 1)
+            } else {
+                (size, seconds, repeats)
+            };
+            if seconds == 0 || repeats == 0 {
+                anyhow::bail!("--seconds and --repeats must be at least 1");
+            }
+            nbd_bench::run(&nbd_bench::NbdOptions {
+                device_bytes: node::size::parse_size(&size)?,
+                seconds,
+                repeats,
+                out,
+                ballast: servers::BallastBinary {
+                    path: ballast,
+                    env: ballast_env,
+                },
+            })
         }
     }
 }
@@ -254,4 +317,17 @@ fn print_engine_report(report: &EngineReport) {
         "\nwrite amplification under random overwrite: {:.2} at 50 % full, {:.2} at 80 % full (target <= 2.0)",
         report.write_amplification_50_percent, report.write_amplification_80_percent
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environment_pairs() {
+        assert_eq!(parse_env_pair("A=1=2").unwrap(), ("A".to_owned(), "1=2".to_owned()));
+        assert_eq!(parse_env_pair("A=").unwrap(), ("A".to_owned(), String::new()));
+        assert!(parse_env_pair("=1").is_err());
+        assert!(parse_env_pair("A").is_err());
+    }
 }

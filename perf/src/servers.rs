@@ -1,0 +1,264 @@
+//! NBD servers under test, each a child process on 127.0.0.1 and a free
+//! port, stopped by its pid (SIGTERM, then SIGKILL) when dropped, so an
+//! error or panic in the benchmark leaves no server behind.
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// Longest a server may take to accept connections (ballast replays its log).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a server may take to exit after SIGTERM before it gets SIGKILL.
+pub const STOP_TIMEOUT: Duration = Duration::from_secs(40);
+/// A server that dies this soon after start is taken to have refused its flags.
+const EARLY_EXIT_WINDOW: Duration = Duration::from_millis(1500);
+
+/// Clock ticks per second in /proc/PID/stat (fixed at 100 in the Linux ABI).
+const USER_HZ: f64 = 100.0;
+
+/// The export every server offers (qemu-nbd and ballast by name; nbdkit's
+/// file plugin serves its one file under any name).
+pub const EXPORT_NAME: &str = "bench";
+
+/// A free TCP port on 127.0.0.1 (free when asked; the server binds it next).
+pub fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("no free port on 127.0.0.1")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A running server process.
+pub struct Server {
+    /// What it is, for messages (`ballast`, `qemu-nbd (aio=io_uring)`).
+    pub label: String,
+    pub nbd_port: u16,
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Server {
+    /// Starts `command` with stdout and stderr appended to `log`.
+    fn spawn(label: &str, mut command: Command, nbd_port: u16, log: &Path) -> Result<Self> {
+        let out = File::options().create(true).append(true).open(log)?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out.try_clone()?)
+            .stderr(out)
+            .spawn()
+            .with_context(|| format!("cannot start {label} ({command:?}); ci/install-deps.sh installs it"))?;
+        Ok(Self {
+            label: label.to_owned(),
+            nbd_port,
+            child: Some(child),
+            log: log.to_owned(),
+        })
+    }
+
+    /// `nbd://127.0.0.1:PORT/bench`.
+    pub fn uri(&self) -> String {
+        format!("nbd://127.0.0.1:{}/{EXPORT_NAME}", self.nbd_port)
+    }
+
+    /// The server's log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// CPU seconds (user + system, all threads, io_uring workers included)
+    /// the server has used so far.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let child = self.child.as_ref().context("server stopped")?;
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
+        // Fields after the command name (which may hold spaces) start at field 3 (state);
+        // utime and stime are fields 14 and 15, in clock ticks of 1/100 s (USER_HZ on Linux).
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .context("malformed stat")?
+            .1
+            .split_whitespace()
+            .collect();
+        let ticks = |index: usize| -> Result<f64> {
+            let text = fields.get(index).context("short stat")?;
+            Ok(text.parse::<u64>()? as f64)
+        };
+        Ok((ticks(11)? + ticks(12)?) / USER_HZ)
+    }
+
+    /// Exit status if the process has ended.
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// Waits until the NBD port accepts TCP connections.
+    fn wait_listening(&mut self) -> Result<()> {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.exited() {
+                bail!("{} exited during start ({status}):\n{}", self.label, self.log_text());
+            }
+            if TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok() {
+                return Ok(());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                bail!(
+                    "{} not listening after {READY_TIMEOUT:?}:\n{}",
+                    self.label,
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGTERM by pid, then SIGKILL after `STOP_TIMEOUT`; reaps the child.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return;
+        }
+        // kill(1) by pid: perf has no unsafe code for kill(2), and never kills by name.
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .stderr(Stdio::null())
+            .status();
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        while Instant::now() < deadline {
+            if matches!(child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!("{} did not stop after SIGTERM; killing pid {}", self.label, child.id());
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The ballast binary to run and the environment to give it.
+#[derive(Clone, Debug)]
+pub struct BallastBinary {
+    pub path: PathBuf,
+    /// `KEY=VALUE` pairs (experiment knobs of a scratch build).
+    pub env: Vec<(String, String)>,
+}
+
+impl BallastBinary {
+    fn command(&self) -> Command {
+        let mut command = Command::new(&self.path);
+        command.env("BALLAST_LOG", "warn");
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        command
+    }
+
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let output = self
+            .command()
+            .args(args)
+            .output()
+            .with_context(|| format!("cannot run {}", self.path.display()))?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if !output.status.success() {
+            bail!("ballast {} failed: {}", args.join(" "), text.trim());
+        }
+        Ok(text)
+    }
+}
+
+/// Enrolls `device` into a fresh data directory under `scratch`, starts a
+/// node on free ports and creates the export as a volume of `volume_bytes`.
+pub fn start_ballast(
+    binary: &BallastBinary,
+    scratch: &Path,
+    run: usize,
+    device: &Path,
+    volume_bytes: u64,
+) -> Result<Server> {
+    let data_dir = scratch.join(format!("ballast-data-{run}"));
+    let data = data_dir.to_str().context("scratch path is not UTF-8")?;
+    let device_text = device.to_str().context("device path is not UTF-8")?;
+    // --force: the previous server left its own data (or ballast's old store) on the device.
+    binary.run(&["disk", "enroll", "--force", "--data-dir", data, device_text])?;
+    let api_port = free_port()?;
+    let nbd_port = free_port()?;
+    let api = format!("http://127.0.0.1:{api_port}");
+    let mut command = binary.command();
+    command.args(["node", "run", "--data-dir", data]);
+    command.args(["--listen-api", &format!("127.0.0.1:{api_port}")]);
+    command.args(["--listen-nbd", &format!("127.0.0.1:{nbd_port}")]);
+    let log = scratch.join(format!("ballast-{run}.log"));
+    let mut server = Server::spawn("ballast", command, nbd_port, &log)?;
+    server.wait_listening()?;
+    binary.run(&[
+        "volume",
+        "create",
+        EXPORT_NAME,
+        "--size",
+        &volume_bytes.to_string(),
+        "--api",
+        &api,
+    ])?;
+    Ok(server)
+}
+
+/// `qemu-nbd` with O_DIRECT (`--cache=none`) and the given AIO mode.
+fn spawn_qemu_nbd(device: &Path, aio: &str, log: &Path) -> Result<Server> {
+    let port = free_port()?;
+    let mut command = Command::new("qemu-nbd");
+    command
+        .args(["--cache=none", &format!("--aio={aio}"), "--format=raw", "--persistent"])
+        .args(["--shared=8", "--bind=127.0.0.1", &format!("--port={port}")])
+        .args(["--export-name", EXPORT_NAME])
+        .arg(device);
+    Server::spawn(&format!("qemu-nbd (aio={aio})"), command, port, log)
+}
+
+/// Starts qemu-nbd with `--aio=io_uring`, or `--aio=native` when io_uring is
+/// refused (the label says which ran).
+pub fn start_qemu_nbd(scratch: &Path, run: usize, device: &Path) -> Result<Server> {
+    let log = scratch.join(format!("qemu-nbd-{run}.log"));
+    let mut server = spawn_qemu_nbd(device, "io_uring", &log)?;
+    let started = Instant::now();
+    while started.elapsed() < EARLY_EXIT_WINDOW && server.exited().is_none() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(status) = server.exited() {
+        eprintln!(
+            "qemu-nbd refused --aio=io_uring ({status}: {}); falling back to --aio=native",
+            server.log_text().trim()
+        );
+        server = spawn_qemu_nbd(device, "native", &log)?;
+    }
+    server.wait_listening()?;
+    Ok(server)
+}
+
+/// nbdkit's file plugin. Its `cache=none` evicts pages after each request
+/// (fadvise); nbdkit 1.32 has no O_DIRECT option, so this is as close as it gets.
+pub fn start_nbdkit(scratch: &Path, run: usize, device: &Path) -> Result<Server> {
+    let port = free_port()?;
+    let log = scratch.join(format!("nbdkit-{run}.log"));
+    let mut command = Command::new("nbdkit");
+    command
+        .args(["--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "file"])
+        .arg(format!("file={}", device.display()))
+        .arg("cache=none");
+    let mut server = Server::spawn("nbdkit (file, cache=none)", command, port, &log)?;
+    server.wait_listening()?;
+    Ok(server)
+}
