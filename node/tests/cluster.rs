@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::{TestCluster, CONVERGE_TIMEOUT};
+use common::firewall::Firewall;
 use common::node::TestNode;
 use common::{record_skip, text};
 
@@ -159,56 +160,6 @@ fn killing_the_leader_elects_another_and_the_killed_node_catches_up_on_return() 
             .all(|node| node["up"] == true)
     });
     assert!(status["leader"].as_u64().is_some());
-}
-
-/// An iptables chain of the test's own, removed on drop.
-struct Firewall {
-    chain: String,
-}
-
-impl Firewall {
-    fn new() -> Option<Self> {
-        let chain = format!("BALLAST-T{}", std::process::id());
-        let ok = |args: &[&str]| {
-            Command::new("iptables")
-                .args(args)
-                .output()
-                .is_ok_and(|o| o.status.success())
-        };
-        if !ok(&["-N", &chain]) {
-            return None;
-        }
-        let firewall = Self { chain };
-        if !ok(&["-I", "INPUT", "-j", &firewall.chain]) {
-            return None;
-        }
-        Some(firewall)
-    }
-
-    fn drop_tcp(&self, source: Option<&str>, destination: &str, port: u16) {
-        let port = port.to_string();
-        let mut args = vec!["-A", &self.chain, "-p", "tcp", "-d", destination, "--dport", &port];
-        if let Some(source) = source {
-            args.extend(["-s", source]);
-        }
-        args.extend(["-j", "DROP"]);
-        let output = Command::new("iptables").args(&args).output().unwrap();
-        assert!(output.status.success(), "iptables {args:?}: {}", text(&output));
-    }
-
-    fn heal(&self) {
-        let _ = Command::new("iptables").args(["-F", &self.chain]).output();
-    }
-}
-
-impl Drop for Firewall {
-    fn drop(&mut self) {
-        self.heal();
-        let _ = Command::new("iptables")
-            .args(["-D", "INPUT", "-j", &self.chain])
-            .output();
-        let _ = Command::new("iptables").args(["-X", &self.chain]).output();
-    }
 }
 
 #[test]

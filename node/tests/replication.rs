@@ -11,8 +11,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::cluster::{TestCluster, CONVERGE_TIMEOUT};
+use common::firewall::Firewall;
 use common::node::{run_with_timeout, TestNode};
-use common::{have_tool, text};
+use common::{have_tool, record_skip, text};
 
 const FIO_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -238,5 +239,81 @@ fn a_replica_refuses_writes_with_a_stale_epoch() {
             "{}",
             text(&output)
         );
+    }
+}
+
+/// Runs a size-based fio write job to completion; asserts it saw no error.
+fn fio_write_ok(uri: &str, dir: &std::path::Path, offset: &str) {
+    let output = run_with_timeout(
+        &mut fio(uri, dir, &["--do_verify=0", &format!("--offset={offset}"), "--size=8M"]),
+        FIO_TIMEOUT,
+    );
+    assert!(output.status.success(), "fio write failed: {}", text(&output));
+    assert_eq!(fio_error(&output), 0, "{}", text(&output));
+}
+
+#[test]
+fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
+    let test = "a_paused_replica_and_a_partitioned_replica_are_dropped";
+    if !have_tool(test, "fio") {
+        return;
+    }
+    let Some(firewall) = Firewall::new() else {
+        record_skip(
+            test,
+            "iptables is not usable here (needs root and the iptables package)",
+        );
+        return;
+    };
+    let cluster = TestCluster::start(test, 3, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "p", "--size", "64MiB", "--repl", "3"]);
+    let uri = cluster.nodes[0].uri("p");
+    let scratch = tempfile::tempdir().unwrap();
+    let signal = |signal: &str, node: &TestNode| {
+        let status = Command::new("kill")
+            .args([signal, &node.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    // SIGSTOP node 2 for longer than the replica time-out: the writes stall, then go on without it.
+    signal("-STOP", &cluster.nodes[2]);
+    fio_write_ok(&uri, scratch.path(), "0");
+    signal("-CONT", &cluster.nodes[2]);
+    let in_sync = ids(&inspect(&cluster.nodes[0], "p")["in_sync"]);
+    let mut expected = vec![cluster.nodes[0].node_id(), cluster.nodes[1].node_id()];
+    expected.sort_unstable();
+    assert_eq!(in_sync, expected);
+
+    // Cut node 1's peer port off: dropped too; the coordinator alone holds the writes.
+    let cut = &cluster.nodes[1];
+    firewall.drop_tcp(None, &cut.host, cut.peer_port);
+    fio_write_ok(&uri, scratch.path(), "16M");
+    firewall.heal();
+    assert_eq!(
+        ids(&inspect(&cluster.nodes[0], "p")["in_sync"]),
+        vec![cluster.nodes[0].node_id()]
+    );
+    let status: serde_json::Value = serde_json::from_str(&cluster.nodes[0].cli_ok(&["status", "--json"])).unwrap();
+    assert_eq!(status["volumes"][0]["health"], "degraded", "{status:#}");
+
+    // Every acknowledged write reads back from the coordinator.
+    for offset in ["0", "16M"] {
+        let verify = run_with_timeout(
+            &mut fio(
+                &uri,
+                scratch.path(),
+                &[
+                    "--verify_only",
+                    "--verify_fatal=1",
+                    &format!("--offset={offset}"),
+                    "--size=8M",
+                ],
+            ),
+            FIO_TIMEOUT,
+        );
+        assert!(verify.status.success(), "{}", text(&verify));
+        assert_eq!(fio_error(&verify), 0);
     }
 }

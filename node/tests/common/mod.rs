@@ -64,6 +64,7 @@ pub fn iterations(full: usize, quick: usize) -> usize {
 }
 
 pub mod cluster;
+pub mod firewall;
 pub mod node;
 
 /// True when `tool` is on PATH; otherwise records a skip for `test`.
