@@ -7,7 +7,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{TestCluster, CONVERGE_TIMEOUT};
+use common::cluster::{wait_until, TestCluster, CONVERGE_TIMEOUT};
 use common::firewall::Firewall;
 use common::node::TestNode;
 use common::{record_skip, text};
@@ -41,17 +41,6 @@ fn cli_eventually(node: &TestNode, args: &[&str]) -> String {
             text(&output)
         );
         std::thread::sleep(Duration::from_millis(250));
-    }
-}
-
-fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(
-            started.elapsed() < CONVERGE_TIMEOUT,
-            "{what}: not within {CONVERGE_TIMEOUT:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

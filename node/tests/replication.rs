@@ -2,7 +2,8 @@
 //! a repl=3 volume, a replica is killed mid-write (dropped from the in-sync
 //! set, writes go on; it returns out of sync), then the coordinator is
 //! killed and the other in-sync replica takes over (`volume attach`):
-//! fio's verify passes there. A stale
+//! fio's verify passes there. Returning replicas are resynced under live
+//! writes and rejoin the in-sync set. A stale
 //! coordinator's writes are refused by the replicas (epoch fencing).
 
 mod common;
@@ -10,7 +11,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{TestCluster, CONVERGE_TIMEOUT};
+use common::cluster::{wait_until, TestCluster, CONVERGE_TIMEOUT};
 use common::firewall::Firewall;
 use common::node::{run_with_timeout, TestNode};
 use common::{have_tool, record_skip, text};
@@ -112,11 +113,8 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
     assert_eq!(ids(&info["in_sync"]), survivors, "{info:#}");
     assert!(info["epoch"].as_u64().unwrap() >= 2, "{info:#}");
 
-    // Node 2 returns (it votes in Raft again) but stays out of sync: it may not take over.
+    // Node 2 returns (it votes in Raft again; the coordinator starts resyncing it).
     cluster.nodes[2].restart();
-    let refused = cluster.nodes[2].cli(&["volume", "attach", "db", "--force"]);
-    assert!(!refused.status.success());
-    assert!(text(&refused).contains("no in-sync replica"), "{}", text(&refused));
 
     // The coordinator dies; node 1 (in sync) takes over with a higher epoch.
     let old_epoch = info["epoch"].as_u64().unwrap();
@@ -137,7 +135,11 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
     assert_eq!(attached["coordinator"].as_u64().unwrap(), cluster.nodes[1].node_id());
     assert!(attached["epoch"].as_u64().unwrap() > old_epoch);
     // The old coordinator may hold writes it never acknowledged: it is out of sync now.
-    assert_eq!(ids(&attached["in_sync"]), vec![cluster.nodes[1].node_id()]);
+    let in_sync = ids(&attached["in_sync"]);
+    assert!(
+        in_sync.contains(&cluster.nodes[1].node_id()) && !in_sync.contains(&cluster.nodes[0].node_id()),
+        "{in_sync:?}"
+    );
 
     // Every write fio saw acknowledged on node 0 reads back from node 1.
     let verify = run_with_timeout(
@@ -157,11 +159,9 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
 
     // The old coordinator comes back: it no longer serves the volume.
     cluster.nodes[0].restart();
-    let started = Instant::now();
-    while inspect(&cluster.nodes[0], "db")["coordinator"].as_u64().unwrap() != cluster.nodes[1].node_id() {
-        assert!(started.elapsed() < CONVERGE_TIMEOUT);
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("the old coordinator learns of the failover", || {
+        inspect(&cluster.nodes[0], "db")["coordinator"].as_u64().unwrap() == cluster.nodes[1].node_id()
+    });
     if have_tool(test, "nbdinfo") {
         let started = Instant::now();
         loop {
@@ -195,14 +195,9 @@ fn a_replica_refuses_writes_with_a_stale_epoch() {
     cluster.nodes[1].cli_ok(&["volume", "attach", "f", "--force"]);
     let epoch = inspect(&cluster.nodes[1], "f")["epoch"].as_u64().unwrap();
     assert!(epoch >= 2);
-    let started = Instant::now();
-    while inspect(&cluster.nodes[0], "f")["epoch"].as_u64().unwrap() < epoch {
-        assert!(
-            started.elapsed() < CONVERGE_TIMEOUT,
-            "node 0 never learned epoch {epoch}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until("node 0 learns the new epoch", || {
+        inspect(&cluster.nodes[0], "f")["epoch"].as_u64().unwrap() >= epoch
+    });
     let op = node::replication::wire::ReplicaOp {
         volume_id,
         epoch: 1,
@@ -280,23 +275,30 @@ fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
     // SIGSTOP node 2 for longer than the replica time-out: the writes stall, then go on without it.
     signal("-STOP", &cluster.nodes[2]);
     fio_write_ok(&uri, scratch.path(), "0");
-    signal("-CONT", &cluster.nodes[2]);
     let in_sync = ids(&inspect(&cluster.nodes[0], "p")["in_sync"]);
+    signal("-CONT", &cluster.nodes[2]);
     let mut expected = vec![cluster.nodes[0].node_id(), cluster.nodes[1].node_id()];
     expected.sort_unstable();
     assert_eq!(in_sync, expected);
 
-    // Cut node 1's peer port off: dropped too; the coordinator alone holds the writes.
+    // Cut node 1's peer port off: dropped too (node 2 may be back by now, resynced).
     let cut = &cluster.nodes[1];
     firewall.drop_tcp(None, &cut.host, cut.peer_port);
     fio_write_ok(&uri, scratch.path(), "16M");
-    firewall.heal();
-    assert_eq!(
-        ids(&inspect(&cluster.nodes[0], "p")["in_sync"]),
-        vec![cluster.nodes[0].node_id()]
+    let in_sync = ids(&inspect(&cluster.nodes[0], "p")["in_sync"]);
+    assert!(
+        !in_sync.contains(&cut.node_id()) && in_sync.contains(&cluster.nodes[0].node_id()),
+        "{in_sync:?}"
     );
     let status: serde_json::Value = serde_json::from_str(&cluster.nodes[0].cli_ok(&["status", "--json"])).unwrap();
     assert_eq!(status["volumes"][0]["health"], "degraded", "{status:#}");
+    firewall.heal();
+    // Healed, both come back through resync.
+    let mut all: Vec<u64> = cluster.nodes.iter().map(TestNode::node_id).collect();
+    all.sort_unstable();
+    wait_until("both replicas back in sync", || {
+        ids(&inspect(&cluster.nodes[0], "p")["in_sync"]) == all
+    });
 
     // Every acknowledged write reads back from the coordinator.
     for offset in ["0", "16M"] {
@@ -314,6 +316,61 @@ fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
             FIO_TIMEOUT,
         );
         assert!(verify.status.success(), "{}", text(&verify));
+        assert_eq!(fio_error(&verify), 0);
+    }
+}
+
+#[test]
+fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
+    let test = "a_returning_replica_is_resynced_under_writes";
+    if !have_tool(test, "fio") {
+        return;
+    }
+    let mut cluster = TestCluster::start(test, 3, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "r", "--size", "64MiB", "--repl", "3"]);
+    let uri = cluster.nodes[0].uri("r");
+    let scratch = tempfile::tempdir().unwrap();
+    let all: Vec<u64> = {
+        let mut all: Vec<u64> = cluster.nodes.iter().map(TestNode::node_id).collect();
+        all.sort_unstable();
+        all
+    };
+
+    fio_write_ok(&uri, scratch.path(), "0");
+    // Node 2 misses a write phase: it drops out of sync.
+    cluster.nodes[2].kill9();
+    fio_write_ok(&uri, scratch.path(), "16M");
+    assert_eq!(ids(&inspect(&cluster.nodes[0], "r")["in_sync"]).len(), 2);
+    // It returns: the coordinator resyncs it while fio keeps writing, and it rejoins.
+    cluster.nodes[2].restart();
+    fio_write_ok(&uri, scratch.path(), "32M");
+    wait_until("the returned replica is back in sync", || {
+        ids(&inspect(&cluster.nodes[0], "r")["in_sync"]) == all
+    });
+    fio_write_ok(&uri, scratch.path(), "48M");
+
+    // Proof: node 2 takes the volume over and every acknowledged write reads back there.
+    cluster.nodes[2].cli_ok(&["volume", "attach", "r", "--force"]);
+    let uri = cluster.nodes[2].uri("r");
+    for offset in ["0", "16M", "32M", "48M"] {
+        let verify = run_with_timeout(
+            &mut fio(
+                &uri,
+                scratch.path(),
+                &[
+                    "--verify_only",
+                    "--verify_fatal=1",
+                    &format!("--offset={offset}"),
+                    "--size=8M",
+                ],
+            ),
+            FIO_TIMEOUT,
+        );
+        assert!(
+            verify.status.success(),
+            "verify at {offset} on the resynced replica: {}",
+            text(&verify)
+        );
         assert_eq!(fio_error(&verify), 0);
     }
 }

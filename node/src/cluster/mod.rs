@@ -123,6 +123,10 @@ pub struct Cluster {
     volumes: std::sync::OnceLock<Arc<crate::volume::Volumes>>,
     /// Multiplexed data-path connections, by peer address.
     links: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::peer::mux::MuxLink>>>,
+    /// Replication of the volumes this node coordinates, by name.
+    replications: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::replication::VolumeReplication>>>,
+    /// Resyncs running: (volume, replica node).
+    resyncing: parking_lot::Mutex<std::collections::HashSet<(String, u64)>>,
 }
 
 /// A node id from the node's uuid: stable for the data directory's life,
@@ -188,6 +192,8 @@ impl Cluster {
             client,
             volumes: std::sync::OnceLock::new(),
             links: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            replications: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
         });
         Ok(cluster)
     }
@@ -206,6 +212,38 @@ impl Cluster {
                 address.to_owned(),
             ))
         }))
+    }
+
+    /// The replication of a volume this node coordinates.
+    pub fn replication(&self, name: &str) -> Option<Arc<crate::replication::VolumeReplication>> {
+        self.replications.lock().get(name).cloned()
+    }
+
+    /// The replication of `name`, made on first use.
+    pub fn replication_or_new(self: &Arc<Self>, name: &str) -> Arc<crate::replication::VolumeReplication> {
+        let mut replications = self.replications.lock();
+        Arc::clone(replications.entry(name.to_owned()).or_insert_with(|| {
+            Arc::new(crate::replication::VolumeReplication::new(
+                Arc::downgrade(self),
+                name.to_owned(),
+                Vec::new(),
+            ))
+        }))
+    }
+
+    /// Forgets the replication of a volume this node no longer coordinates.
+    pub fn drop_replication(&self, name: &str) {
+        self.replications.lock().remove(name);
+    }
+
+    /// Marks a resync as running; false if it already was.
+    pub fn begin_resync(&self, name: &str, node: u64) -> bool {
+        self.resyncing.lock().insert((name.to_owned(), node))
+    }
+
+    /// Marks a resync as over.
+    pub fn end_resync(&self, name: &str, node: u64) {
+        self.resyncing.lock().remove(&(name.to_owned(), node));
     }
 
     /// The cluster this node belongs to, if any.

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use super::state::{ClusterState, ClusterVolume};
 use super::Cluster;
-use crate::replication::VolumeReplication;
 use crate::volume::Volumes;
 
 /// Reconciliation also runs this often without a change.
@@ -63,29 +62,33 @@ pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) ->
 pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volumes) {
     let local_id = cluster.local.id;
     for volume in state.volumes.values().filter(|v| v.replica_nodes.contains(&local_id)) {
-        let Some(local) = volumes.get(&volume.name) else {
+        if volumes.get(&volume.name).is_none() {
             continue;
-        };
+        }
         volumes.set_epoch(&volume.name, volume.epoch);
         if volume.coordinator != local_id {
             volumes.set_served(&volume.name, false);
             volumes.set_replication(&volume.name, None);
+            cluster.drop_replication(&volume.name);
             continue;
         }
-        let mut targets: Vec<u64> = volume.in_sync.iter().copied().filter(|id| *id != local_id).collect();
-        targets.sort_unstable();
-        let mut current = local.replicator().map(|r| r.targets()).unwrap_or_default();
-        current.sort_unstable();
-        if targets.is_empty() {
+        if volume.replica_nodes.len() > 1 {
+            let replication = cluster.replication_or_new(&volume.name);
+            let mut targets: Vec<u64> = volume.in_sync.iter().copied().filter(|id| *id != local_id).collect();
+            targets.sort_unstable();
+            let mut current = crate::volume::Replicator::targets(&*replication);
+            current.sort_unstable();
+            if current != targets {
+                tracing::info!(volume = %volume.name, replicas = ?targets, epoch = volume.epoch, "replicating to");
+                let links = targets
+                    .iter()
+                    .filter_map(|id| state.nodes.get(id).map(|node| (*id, cluster.link(&node.peer_address))))
+                    .collect();
+                replication.set_targets(links);
+            }
+            volumes.set_replication(&volume.name, Some(replication as Arc<dyn crate::volume::Replicator>));
+        } else {
             volumes.set_replication(&volume.name, None);
-        } else if current != targets {
-            let links = targets
-                .iter()
-                .filter_map(|id| state.nodes.get(id).map(|node| (*id, cluster.link(&node.peer_address))))
-                .collect();
-            tracing::info!(volume = %volume.name, replicas = ?targets, epoch = volume.epoch, "replicating to");
-            let replication = VolumeReplication::new(Arc::downgrade(cluster), volume.name.clone(), links);
-            volumes.set_replication(&volume.name, Some(Arc::new(replication)));
         }
         volumes.set_served(&volume.name, true);
     }
@@ -108,7 +111,10 @@ pub async fn reconcile_loop(
                 state
             });
             match pass.await {
-                Ok(state) => wire_serving(&cluster, &state, &volumes),
+                Ok(state) => {
+                    wire_serving(&cluster, &state, &volumes);
+                    crate::replication::resync::start_needed(&cluster, &state, &volumes);
+                }
                 Err(error) => tracing::error!(%error, "reconciliation task failed"),
             }
         }

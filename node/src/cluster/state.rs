@@ -137,6 +137,13 @@ pub enum Command {
         node: u64,
         by: u64,
     },
+    /// The coordinator `by` brought `node`'s replica up to date (resync);
+    /// it rejoins the in-sync set; bumps the epoch.
+    ReplicaIn {
+        name: String,
+        node: u64,
+        by: u64,
+    },
     /// `node` (an in-sync replica) becomes the coordinator; bumps the epoch,
     /// fencing the old coordinator's writes, and drops the old coordinator
     /// from the in-sync set.
@@ -232,6 +239,7 @@ impl ClusterState {
             },
             Command::ReplicaOut { name, node, by } => self.replica_out(&name, node, by),
             Command::SetCoordinator { name, node } => self.set_coordinator(&name, node),
+            Command::ReplicaIn { name, node, by } => self.replica_in(&name, node, by),
             Command::SetNodeAdmin { id, admin } => match self.nodes.get_mut(&id) {
                 Some(node) => {
                     node.admin = admin;
@@ -291,6 +299,28 @@ impl ClusterState {
         }
         if volume.in_sync.contains(&node) {
             volume.in_sync.retain(|id| *id != node);
+            volume.epoch += 1;
+        }
+        Outcome::Volume(volume.clone())
+    }
+
+    fn replica_in(&mut self, name: &str, node: u64, by: u64) -> Outcome {
+        let Some(volume) = self.volumes.get_mut(name) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        };
+        if volume.coordinator != by {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "node {by} is not the coordinator of volume {name} (node {} is, epoch {})",
+                volume.coordinator, volume.epoch
+            )));
+        }
+        if !volume.replica_nodes.contains(&node) {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "node {node} holds no replica of volume {name}"
+            )));
+        }
+        if !volume.in_sync.contains(&node) {
+            volume.in_sync.push(node);
             volume.epoch += 1;
         }
         Outcome::Volume(volume.clone())

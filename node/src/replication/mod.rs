@@ -11,6 +11,7 @@
 //! coordinator (partitioned, paused) cannot get writes accepted once Raft
 //! named a new one and the replicas applied it.
 
+pub mod resync;
 pub mod wire;
 
 use std::sync::{Arc, Weak};
@@ -36,6 +37,9 @@ pub struct VolumeReplication {
     cluster: Weak<Cluster>,
     name: String,
     targets: RwLock<Vec<(u64, Arc<MuxLink>)>>,
+    /// Replicas being resynced: they get every mutation too, but a failure
+    /// there only ends their resync (they are not in sync yet).
+    catching_up: RwLock<Vec<(u64, Arc<MuxLink>)>>,
     /// One removal through Raft at a time.
     fencing: tokio::sync::Mutex<()>,
 }
@@ -47,8 +51,36 @@ impl VolumeReplication {
             cluster,
             name,
             targets: RwLock::new(targets),
+            catching_up: RwLock::new(Vec::new()),
             fencing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Replaces the in-sync targets (the reconciler, after Raft changed the
+    /// in-sync set); a node that joined them stops catching up.
+    pub fn set_targets(&self, targets: Vec<(u64, Arc<MuxLink>)>) {
+        let mut catching_up = self.catching_up.write();
+        catching_up.retain(|(id, _)| !targets.iter().any(|(target, _)| target == id));
+        *self.targets.write() = targets;
+    }
+
+    /// Starts copying every mutation to `node` as well (resync begins).
+    pub fn start_catching_up(&self, node: u64, link: Arc<MuxLink>) {
+        let mut catching_up = self.catching_up.write();
+        if !catching_up.iter().any(|(id, _)| *id == node) {
+            catching_up.push((node, link));
+        }
+    }
+
+    /// Whether `node` still gets every mutation (no failure since it started).
+    #[must_use]
+    pub fn is_catching_up(&self, node: u64) -> bool {
+        self.catching_up.read().iter().any(|(id, _)| *id == node)
+    }
+
+    /// Stops copying mutations to `node` (resync failed or gave up).
+    pub fn stop_catching_up(&self, node: u64) {
+        self.catching_up.write().retain(|(id, _)| *id != node);
     }
 
     /// Drops `node` from the in-sync set through Raft; Ok once committed (or already out).
@@ -85,6 +117,16 @@ impl Replicator for VolumeReplication {
         Box::pin(async move {
             let payload = wire::encode(&op);
             let targets = self.targets.read().clone();
+            let catching_up = self.catching_up.read().clone();
+            let catch_up_sends = catching_up.iter().map(|(node, link)| {
+                let payload = &payload;
+                async move {
+                    (
+                        *node,
+                        link.call(FrameKind::ReplicaWrite, payload, REPLICA_TIMEOUT).await,
+                    )
+                }
+            });
             let sends = targets.iter().map(|(node, link)| {
                 let payload = &payload;
                 async move {
@@ -95,7 +137,18 @@ impl Replicator for VolumeReplication {
                     (*node, result)
                 }
             });
-            for (node, result) in futures::future::join_all(sends).await {
+            let (results, catch_up_results) = futures::future::join(
+                futures::future::join_all(sends),
+                futures::future::join_all(catch_up_sends),
+            )
+            .await;
+            for (node, result) in catch_up_results {
+                if let Err(error) = result {
+                    tracing::warn!(volume = %self.name, replica = node, %error, "replica failed during resync; resync stops");
+                    self.stop_catching_up(node);
+                }
+            }
+            for (node, result) in results {
                 if let Err(reason) = result {
                     self.fence_out(node, &reason).await?;
                 }

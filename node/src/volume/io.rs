@@ -86,7 +86,13 @@ impl Volume {
         }
     }
 
-    fn next_sequence(&self) -> u64 {
+    /// Holds `[lba, lba + block_count)` against overlapping mutations (resync copies under it).
+    pub async fn lock_range(&self, lba: u64, block_count: u64) -> super::range_lock::RangeGuard<'_> {
+        self.ranges.lock(lba, block_count).await
+    }
+
+    /// The next number in the volume's order of mutations.
+    pub fn next_sequence(&self) -> u64 {
         self.sequence.fetch_add(1, Ordering::Relaxed)
     }
 

@@ -2,9 +2,10 @@
 //! (`volumes.redb`). Every change is one transaction committed with an
 //! fsync before the caller is answered, so metadata survives kill -9.
 //!
-//! Volume ids are never reused: a counter in the same database hands them
-//! out, so data of a deleted volume that a crash left on disk can never
-//! appear in a new volume (start-up deletes such orphans).
+//! Volume ids come from the cluster, which never reuses one, so data of a
+//! deleted volume that a crash left on disk can never appear in a new
+//! volume (start-up deletes such orphans; a replica created under an id
+//! whose stale data is still on disk releases it first).
 
 use std::path::{Path, PathBuf};
 
@@ -13,8 +14,6 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 const VOLUMES: TableDefinition<&str, &str> = TableDefinition::new("volumes");
-const COUNTERS: TableDefinition<&str, u64> = TableDefinition::new("counters");
-const NEXT_VOLUME_ID: &str = "next_volume_id";
 
 /// File name inside the data directory.
 pub const META_FILE: &str = "volumes.redb";
@@ -94,10 +93,8 @@ impl MetaStore {
         let txn = self.db.begin_write().map_err(|e| self.error(e))?;
         let result = {
             let volumes = txn.open_table(VOLUMES).map_err(|e| self.error(e))?;
-            let counters = txn.open_table(COUNTERS).map_err(|e| self.error(e))?;
             let mut tables = Tables {
                 volumes,
-                counters,
                 path: &self.path,
             };
             f(&mut tables)
@@ -126,39 +123,8 @@ impl MetaStore {
         Ok(out)
     }
 
-    /// Adds a volume, giving it the next id (at least `id_floor`).
-    pub fn create(&self, mut record: VolumeRecord, id_floor: u64) -> Result<VolumeRecord, MetaError> {
-        self.write(|tables| {
-            if tables
-                .volumes
-                .get(record.name.as_str())
-                .map_err(|e| tables.error(e))?
-                .is_some()
-            {
-                return Err(MetaError::Exists {
-                    name: record.name.clone(),
-                });
-            }
-            let next = tables
-                .counters
-                .get(NEXT_VOLUME_ID)
-                .map_err(|e| tables.error(e))?
-                .map_or(1, |value| value.value())
-                .max(id_floor)
-                .max(1);
-            record.id = next;
-            let path = tables.path;
-            tables
-                .counters
-                .insert(NEXT_VOLUME_ID, next + 1)
-                .map_err(|e| db_error(path, e))?;
-            tables.put(&record)?;
-            Ok(record)
-        })
-    }
-
-    /// Adds a volume whose id was handed out elsewhere (the cluster); the
-    /// local counter moves past it so local and cluster ids never collide.
+    /// Adds the record of a volume (its id comes from the cluster, which
+    /// never reuses one).
     pub fn insert(&self, record: &VolumeRecord) -> Result<(), MetaError> {
         assert!(record.id > 0, "volume ids start at 1");
         self.write(|tables| {
@@ -172,16 +138,6 @@ impl MetaStore {
                     name: record.name.clone(),
                 });
             }
-            let next = tables
-                .counters
-                .get(NEXT_VOLUME_ID)
-                .map_err(|e| tables.error(e))?
-                .map_or(1, |value| value.value());
-            let path = tables.path;
-            tables
-                .counters
-                .insert(NEXT_VOLUME_ID, next.max(record.id + 1))
-                .map_err(|e| db_error(path, e))?;
             tables.put(record)
         })
     }
@@ -219,7 +175,6 @@ impl MetaStore {
 
 struct Tables<'txn> {
     volumes: redb::Table<'txn, &'static str, &'static str>,
-    counters: redb::Table<'txn, &'static str, u64>,
     path: &'txn Path,
 }
 
@@ -256,10 +211,10 @@ fn decode(path: &Path, json: &str) -> Result<VolumeRecord, MetaError> {
 mod tests {
     use super::*;
 
-    fn record(name: &str) -> VolumeRecord {
+    fn record(name: &str, id: u64) -> VolumeRecord {
         VolumeRecord {
             name: name.into(),
-            id: 0,
+            id,
             size_bytes: 1 << 30,
             block_size_bytes: 4096,
             replicas: 1,
@@ -271,35 +226,25 @@ mod tests {
     }
 
     #[test]
-    fn ids_are_never_reused_after_delete_and_reopen() {
+    fn records_survive_reopening_and_removal_is_durable() {
         let dir = tempfile::tempdir().unwrap();
-        let first = {
+        {
             let meta = MetaStore::open(dir.path()).unwrap();
-            let first = meta.create(record("a"), 0).unwrap();
-            meta.remove("a").unwrap();
-            first
-        };
+            meta.insert(&record("a", 7)).unwrap();
+            meta.insert(&record("b", 9)).unwrap();
+            meta.remove("b").unwrap();
+        }
         let meta = MetaStore::open(dir.path()).unwrap();
-        let second = meta.create(record("a"), 0).unwrap();
-        assert!(second.id > first.id);
-        assert_eq!(meta.volumes().unwrap(), vec![second]);
-    }
-
-    #[test]
-    fn id_floor_skips_ids_found_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let meta = MetaStore::open(dir.path()).unwrap();
-        assert_eq!(meta.create(record("a"), 50).unwrap().id, 50);
-        assert_eq!(meta.create(record("b"), 0).unwrap().id, 51);
+        assert_eq!(meta.volumes().unwrap(), vec![record("a", 7)]);
     }
 
     #[test]
     fn duplicate_names_and_missing_volumes_are_errors() {
         let dir = tempfile::tempdir().unwrap();
         let meta = MetaStore::open(dir.path()).unwrap();
-        meta.create(record("a"), 0).unwrap();
-        assert!(matches!(meta.create(record("a"), 0), Err(MetaError::Exists { .. })));
+        meta.insert(&record("a", 1)).unwrap();
+        assert!(matches!(meta.insert(&record("a", 2)), Err(MetaError::Exists { .. })));
         assert!(matches!(meta.remove("b"), Err(MetaError::Missing { .. })));
-        assert!(matches!(meta.update(&record("b")), Err(MetaError::Missing { .. })));
+        assert!(matches!(meta.update(&record("b", 3)), Err(MetaError::Missing { .. })));
     }
 }

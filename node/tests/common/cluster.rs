@@ -100,3 +100,15 @@ impl TestCluster {
             .unwrap_or_else(|| panic!("no node has id {id}"))
     }
 }
+
+/// Polls `check` until it holds (bounded by `CONVERGE_TIMEOUT`).
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(
+            started.elapsed() < CONVERGE_TIMEOUT,
+            "{what}: not within {CONVERGE_TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
