@@ -347,6 +347,20 @@ fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
     wait_until("the returned replica is back in sync", || {
         ids(&inspect(&cluster.nodes[0], "r")["in_sync"]) == all
     });
+    // Only what changed while it was out was copied (8 MiB written then, 8 MiB during the resync).
+    let resync = inspect(&cluster.nodes[0], "r")["resyncs"][0].clone();
+    assert_eq!(resync["state"], "done", "{resync:#}");
+    assert_eq!(resync["mode"], "incremental", "{resync:#}");
+    let dirty = resync["dirty_bytes"].as_u64().unwrap();
+    let moved = resync["copied_bytes"].as_u64().unwrap();
+    assert!(
+        dirty <= 16 << 20,
+        "dirty regions cover more than was written: {resync:#}"
+    );
+    assert!(
+        moved * 10 <= dirty * 11,
+        "resync moved more than 1.1x the dirty bytes: {resync:#}"
+    );
     fio_write_ok(&uri, scratch.path(), "48M");
 
     // Proof: node 2 takes the volume over and every acknowledged write reads back there.

@@ -127,6 +127,8 @@ pub struct Cluster {
     replications: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::replication::VolumeReplication>>>,
     /// Resyncs running: (volume, replica node).
     resyncing: parking_lot::Mutex<std::collections::HashSet<(String, u64)>>,
+    /// The last resync of each (volume, replica), for `volume inspect`.
+    resyncs: parking_lot::Mutex<std::collections::BTreeMap<(String, u64), crate::replication::resync::ResyncStatus>>,
 }
 
 /// A node id from the node's uuid: stable for the data directory's life,
@@ -194,6 +196,7 @@ impl Cluster {
             links: parking_lot::Mutex::new(std::collections::HashMap::new()),
             replications: parking_lot::Mutex::new(std::collections::HashMap::new()),
             resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            resyncs: parking_lot::Mutex::new(BTreeMap::new()),
         });
         Ok(cluster)
     }
@@ -239,6 +242,21 @@ impl Cluster {
     /// Marks a resync as running; false if it already was.
     pub fn begin_resync(&self, name: &str, node: u64) -> bool {
         self.resyncing.lock().insert((name.to_owned(), node))
+    }
+
+    /// Records how a resync stands.
+    pub fn note_resync(&self, name: &str, status: crate::replication::resync::ResyncStatus) {
+        self.resyncs.lock().insert((name.to_owned(), status.node), status);
+    }
+
+    /// The resyncs of `name` this node ran or runs.
+    pub fn resyncs_of(&self, name: &str) -> Vec<crate::replication::resync::ResyncStatus> {
+        self.resyncs
+            .lock()
+            .iter()
+            .filter(|((volume, _), _)| volume == name)
+            .map(|(_, status)| status.clone())
+            .collect()
     }
 
     /// Marks a resync as over.

@@ -286,6 +286,7 @@ impl Cluster {
             coordinator_nbd: String::new(),
             replica_nodes: Vec::new(),
             in_sync: Vec::new(),
+            resyncs: Vec::new(),
             epoch: 0,
         });
         info.size_bytes = volume.size_bytes;
@@ -296,6 +297,7 @@ impl Cluster {
             .unwrap_or_default();
         info.replica_nodes.clone_from(&volume.replica_nodes);
         info.in_sync.clone_from(&volume.in_sync);
+        info.resyncs = self.resyncs_of(&volume.name);
         info.epoch = volume.epoch;
         info
     }

@@ -14,6 +14,7 @@
 pub mod resync;
 pub mod wire;
 
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -40,9 +41,16 @@ pub struct VolumeReplication {
     /// Replicas being resynced: they get every mutation too, but a failure
     /// there only ends their resync (they are not in sync yet).
     catching_up: RwLock<Vec<(u64, Arc<MuxLink>)>>,
+    /// Per replica that fell out of sync under this coordinator: the
+    /// regions (`DIRTY_REGION_BLOCKS` each) mutated since, so its resync
+    /// copies only those. Lost on restart (the resync is then a full copy).
+    dirty: parking_lot::Mutex<HashMap<u64, BTreeSet<u64>>>,
     /// One removal through Raft at a time.
     fencing: tokio::sync::Mutex<()>,
 }
+
+/// Blocks per dirty-tracking region (64 KiB).
+pub const DIRTY_REGION_BLOCKS: u64 = 16;
 
 impl VolumeReplication {
     #[must_use]
@@ -52,8 +60,37 @@ impl VolumeReplication {
             name,
             targets: RwLock::new(targets),
             catching_up: RwLock::new(Vec::new()),
+            dirty: parking_lot::Mutex::new(HashMap::new()),
             fencing: tokio::sync::Mutex::new(()),
         }
+    }
+
+    /// Marks `[lba, lba + count)` dirty for every tracked replica not in sync.
+    fn mark_dirty(&self, lba: u64, count: u64, also: Option<u64>) {
+        let mut dirty = self.dirty.lock();
+        if let Some(node) = also {
+            dirty.entry(node).or_default();
+        }
+        if dirty.is_empty() {
+            return;
+        }
+        let targets = self.targets.read();
+        let first = lba / DIRTY_REGION_BLOCKS;
+        let end = (lba + count).div_ceil(DIRTY_REGION_BLOCKS);
+        for (node, regions) in dirty.iter_mut() {
+            if Some(*node) == also || !targets.iter().any(|(id, _)| id == node) {
+                regions.extend(first..end);
+            }
+        }
+    }
+
+    /// The regions mutated since `node` fell out of sync, if tracked.
+    #[must_use]
+    pub fn dirty_regions(&self, node: u64) -> Option<Vec<u64>> {
+        self.dirty
+            .lock()
+            .get(&node)
+            .map(|regions| regions.iter().copied().collect())
     }
 
     /// Replaces the in-sync targets (the reconciler, after Raft changed the
@@ -61,6 +98,9 @@ impl VolumeReplication {
     pub fn set_targets(&self, targets: Vec<(u64, Arc<MuxLink>)>) {
         let mut catching_up = self.catching_up.write();
         catching_up.retain(|(id, _)| !targets.iter().any(|(target, _)| target == id));
+        self.dirty
+            .lock()
+            .retain(|id, _| !targets.iter().any(|(target, _)| target == id));
         *self.targets.write() = targets;
     }
 
@@ -115,6 +155,9 @@ impl Replicator for VolumeReplication {
         op: ReplicaOp,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
+            // Marked before the catching-up list is read: a resync that starts
+            // catching up and then reads the dirty regions misses no write.
+            self.mark_dirty(op.lba, op.block_count, None);
             let payload = wire::encode(&op);
             let targets = self.targets.read().clone();
             let catching_up = self.catching_up.read().clone();
@@ -150,6 +193,8 @@ impl Replicator for VolumeReplication {
             }
             for (node, result) in results {
                 if let Err(reason) = result {
+                    // Tracking starts with the write it missed.
+                    self.mark_dirty(op.lba, op.block_count, Some(node));
                     self.fence_out(node, &reason).await?;
                 }
             }

@@ -5,14 +5,15 @@
 //! as writes and holes as zeroings; when the walk ends with the replica
 //! still caught up, Raft takes it back into the in-sync set (epoch +1).
 //!
-//! This is a full copy of the allocated data (thin volumes copy what was
-//! written); tracking the regions dirtied while a replica was out, so only
-//! those are copied, is the next step.
+//! Incremental when it can be: a coordinator that dropped the replica
+//! itself tracked the 64 KiB regions mutated since (`VolumeReplication`),
+//! and copies only those. Otherwise (the coordinator restarted, or took
+//! over from another) it copies all allocated data of the volume.
 
 use std::sync::Arc;
 
 use super::wire::{self, OpKind, ReplicaOp};
-use super::{VolumeReplication, REPLICA_TIMEOUT};
+use super::{VolumeReplication, DIRTY_REGION_BLOCKS, REPLICA_TIMEOUT};
 use crate::cluster::state::{ClusterState, Command};
 use crate::cluster::Cluster;
 use crate::peer::frame::FrameKind;
@@ -23,11 +24,21 @@ use crate::volume::{Volume, Volumes};
 const CHUNK_BLOCKS: u64 = 256;
 const BLOCK_BYTES: u64 = 4096;
 
-/// What a finished resync moved.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct ResyncReport {
+/// A resync as `volume inspect` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ResyncStatus {
+    pub node: u64,
+    /// running, done or failed
+    pub state: String,
+    /// incremental (dirty regions only) or full
+    pub mode: String,
+    /// Bytes of the regions dirtied while the replica was out (full: the volume's size).
+    pub dirty_bytes: u64,
+    /// Allocated data sent.
     pub copied_bytes: u64,
+    /// Holes sent as zeroings.
     pub zeroed_bytes: u64,
+    pub error: Option<String>,
 }
 
 /// Starts a resync for every replica of a volume this node coordinates
@@ -57,19 +68,33 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
             );
             tokio::spawn(async move {
                 tracing::info!(volume = %name, replica = node, "resync starts");
-                match resync(&cluster, &local, &replication, node, link).await {
-                    Ok(report) => tracing::info!(
-                        volume = %name,
-                        replica = node,
-                        copied_bytes = report.copied_bytes,
-                        zeroed_bytes = report.zeroed_bytes,
-                        "resync done; the replica is in sync again"
-                    ),
+                let mut status = ResyncStatus {
+                    node,
+                    state: "running".into(),
+                    ..ResyncStatus::default()
+                };
+                cluster.note_resync(&name, status.clone());
+                match resync(&cluster, &local, &replication, node, link, &mut status).await {
+                    Ok(()) => {
+                        status.state = "done".into();
+                        tracing::info!(
+                            volume = %name,
+                            replica = node,
+                            mode = %status.mode,
+                            dirty_bytes = status.dirty_bytes,
+                            copied_bytes = status.copied_bytes,
+                            zeroed_bytes = status.zeroed_bytes,
+                            "resync done; the replica is in sync again"
+                        );
+                    }
                     Err(error) => {
                         replication.stop_catching_up(node);
                         tracing::warn!(volume = %name, replica = node, %error, "resync failed; it is retried while the replica is up");
+                        status.state = "failed".into();
+                        status.error = Some(error);
                     }
                 }
+                cluster.note_resync(&name, status);
                 cluster.end_resync(&name, node);
             });
         }
@@ -82,49 +107,36 @@ async fn resync(
     replication: &VolumeReplication,
     node: u64,
     link: Arc<MuxLink>,
-) -> Result<ResyncReport, String> {
+    status: &mut ResyncStatus,
+) -> Result<(), String> {
     replication.start_catching_up(node, Arc::clone(&link));
-    let mut report = ResyncReport::default();
+    // Read after catching up started: every mutation is either in these
+    // regions or reaches the replica live.
     let size_blocks = volume.size_bytes() / BLOCK_BYTES;
-    let mut lba = 0;
-    while lba < size_blocks {
+    let spans: Vec<(u64, u64)> = match replication.dirty_regions(node) {
+        Some(regions) => {
+            status.mode = "incremental".into();
+            status.dirty_bytes = regions.len() as u64 * DIRTY_REGION_BLOCKS * BLOCK_BYTES;
+            merge_regions(&regions, size_blocks)
+        }
+        None => {
+            status.mode = "full".into();
+            status.dirty_bytes = size_blocks * BLOCK_BYTES;
+            (0..size_blocks.div_ceil(CHUNK_BLOCKS))
+                .map(|chunk| {
+                    (
+                        chunk * CHUNK_BLOCKS,
+                        CHUNK_BLOCKS.min(size_blocks - chunk * CHUNK_BLOCKS),
+                    )
+                })
+                .collect()
+        }
+    };
+    for (lba, count) in spans {
         if !replication.is_catching_up(node) {
             return Err("the replica failed a live write during the resync".into());
         }
-        let count = CHUNK_BLOCKS.min(size_blocks - lba);
-        let _held = volume.lock_range(lba, count).await;
-        let runs = volume
-            .allocation(lba * BLOCK_BYTES, count * BLOCK_BYTES, usize::MAX)
-            .await
-            .map_err(|error| error.to_string())?;
-        let mut at = lba;
-        for (len_bytes, allocated) in runs {
-            let blocks = len_bytes / BLOCK_BYTES;
-            let kind = if allocated {
-                let data = volume
-                    .read(at * BLOCK_BYTES, len_bytes)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                report.copied_bytes += len_bytes;
-                OpKind::Write(data.to_vec())
-            } else {
-                report.zeroed_bytes += len_bytes;
-                OpKind::Zero
-            };
-            let op = ReplicaOp {
-                volume_id: volume.id,
-                epoch: volume.epoch(),
-                lba: at,
-                block_count: blocks,
-                volume_sequence: volume.next_sequence(),
-                kind,
-            };
-            link.call(FrameKind::ReplicaWrite, &wire::encode(&op), REPLICA_TIMEOUT)
-                .await
-                .map_err(|error| error.to_string())?;
-            at += blocks;
-        }
-        lba += count;
+        copy_span(volume, &link, lba, count, status).await?;
     }
     if !replication.is_catching_up(node) {
         return Err("the replica failed a live write during the resync".into());
@@ -137,5 +149,78 @@ async fn resync(
         })
         .await
         .map_err(|error| error.to_string())?;
-    Ok(report)
+    Ok(())
+}
+
+/// Dirty regions as spans of at most `CHUNK_BLOCKS`, clipped to the volume.
+fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
+    let mut spans: Vec<(u64, u64)> = Vec::new();
+    for &region in regions {
+        let lba = region * DIRTY_REGION_BLOCKS;
+        if lba >= size_blocks {
+            continue;
+        }
+        let count = DIRTY_REGION_BLOCKS.min(size_blocks - lba);
+        match spans.last_mut() {
+            Some((start, len)) if *start + *len == lba && *len + count <= CHUNK_BLOCKS => *len += count,
+            _ => spans.push((lba, count)),
+        }
+    }
+    spans
+}
+
+/// Copies one span to the replica under the volume's range lock.
+async fn copy_span(
+    volume: &Volume,
+    link: &MuxLink,
+    lba: u64,
+    count: u64,
+    status: &mut ResyncStatus,
+) -> Result<(), String> {
+    let _held = volume.lock_range(lba, count).await;
+    let runs = volume
+        .allocation(lba * BLOCK_BYTES, count * BLOCK_BYTES, usize::MAX)
+        .await
+        .map_err(|error| error.to_string())?;
+    let mut at = lba;
+    for (len_bytes, allocated) in runs {
+        let blocks = len_bytes / BLOCK_BYTES;
+        let kind = if allocated {
+            let data = volume
+                .read(at * BLOCK_BYTES, len_bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            status.copied_bytes += len_bytes;
+            OpKind::Write(data.to_vec())
+        } else {
+            status.zeroed_bytes += len_bytes;
+            OpKind::Zero
+        };
+        let op = ReplicaOp {
+            volume_id: volume.id,
+            epoch: volume.epoch(),
+            lba: at,
+            block_count: blocks,
+            volume_sequence: volume.next_sequence(),
+            kind,
+        };
+        link.call(FrameKind::ReplicaWrite, &wire::encode(&op), REPLICA_TIMEOUT)
+            .await
+            .map_err(|error| error.to_string())?;
+        at += blocks;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_regions_merge_into_bounded_spans_inside_the_volume() {
+        let regions: Vec<u64> = (0..20).chain([40, 41, 1000]).collect();
+        let spans = merge_regions(&regions, 700);
+        assert_eq!(spans, vec![(0, 256), (256, 64), (640, 32)]);
+        assert!(spans.iter().all(|(_, count)| *count <= CHUNK_BLOCKS));
+    }
 }

@@ -259,6 +259,9 @@ pub struct VolumeInfo {
     /// Replicas holding every acknowledged write.
     #[serde(default)]
     pub in_sync: Vec<u64>,
+    /// Resyncs the coordinator ran or runs (latest per replica).
+    #[serde(default)]
+    pub resyncs: Vec<crate::replication::resync::ResyncStatus>,
     /// Fencing epoch.
     #[serde(default)]
     pub epoch: u64,
@@ -590,6 +593,7 @@ impl Volumes {
             coordinator_nbd: String::new(),
             replica_nodes: Vec::new(),
             in_sync: Vec::new(),
+            resyncs: Vec::new(),
             epoch: record.epoch,
         })
     }
