@@ -388,3 +388,76 @@ fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
         assert_eq!(fio_error(&verify), 0);
     }
 }
+
+fn local_replicas(node: &TestNode) -> u64 {
+    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
+    status["volume_count"].as_u64().unwrap()
+}
+
+#[test]
+fn the_replica_count_is_raised_and_lowered_online_and_new_replicas_hold_the_data() {
+    let test = "the_replica_count_is_raised_and_lowered_online";
+    if !have_tool(test, "fio") {
+        return;
+    }
+    let mut cluster = TestCluster::start(test, 3, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "u", "--size", "64MiB", "--repl", "1"]);
+    let uri = cluster.nodes[0].uri("u");
+    let scratch = tempfile::tempdir().unwrap();
+    fio_write_ok(&uri, scratch.path(), "0");
+
+    // Up to 3: two new replicas are filled from the coordinator and join.
+    let updated: serde_json::Value =
+        serde_json::from_str(&cluster.nodes[1].cli_ok(&["volume", "update", "u", "--repl", "3", "--json"])).unwrap();
+    assert_eq!(updated["replicas"], 3, "{updated:#}");
+    let mut all: Vec<u64> = cluster.nodes.iter().map(TestNode::node_id).collect();
+    all.sort_unstable();
+    wait_until("the new replicas are in sync", || {
+        ids(&inspect(&cluster.nodes[0], "u")["in_sync"]) == all
+    });
+    let resync = inspect(&cluster.nodes[0], "u")["resyncs"][0].clone();
+    assert_eq!(resync["mode"], "full", "{resync:#}");
+    assert!(resync["copied_bytes"].as_u64().unwrap() >= 8 << 20, "{resync:#}");
+
+    // Down to 2: one replica goes, and its node drops the data.
+    cluster.nodes[0].cli_ok(&["volume", "update", "u", "--repl", "2"]);
+    let info = inspect(&cluster.nodes[0], "u");
+    let replicas = ids(&info["replica_nodes"]);
+    assert_eq!(replicas.len(), 2);
+    assert!(
+        replicas.contains(&cluster.nodes[0].node_id()),
+        "the coordinator keeps its replica"
+    );
+    let gone = cluster
+        .nodes
+        .iter()
+        .find(|node| !replicas.contains(&node.node_id()))
+        .unwrap();
+    wait_until("the removed replica's data is released", || local_replicas(gone) == 0);
+    let refused = cluster.nodes[0].cli(&["volume", "update", "u", "--repl", "9"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("--repl must be 1 to 5"),
+        "{}",
+        text(&refused)
+    );
+
+    // The coordinator dies: the remaining, added replica takes over and holds every write.
+    let heir = replicas
+        .iter()
+        .copied()
+        .find(|id| *id != cluster.nodes[0].node_id())
+        .unwrap();
+    let heir = cluster.index_of(heir);
+    cluster.nodes[0].kill9();
+    cluster.nodes[heir].cli_ok(&["volume", "attach", "u", "--force"]);
+    let verify = run_with_timeout(
+        &mut fio(
+            &cluster.nodes[heir].uri("u"),
+            scratch.path(),
+            &["--verify_only", "--verify_fatal=1", "--offset=0", "--size=8M"],
+        ),
+        FIO_TIMEOUT,
+    );
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert_eq!(fio_error(&verify), 0);
+}

@@ -91,6 +91,12 @@ impl ApiClient {
         self.finish(&url, self.agent.request("PATCH", &url).send_json(body))
     }
 
+    /// PUT `body` to `path`, reading the answer.
+    pub fn put_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.finish(&url, self.agent.put(&url).send_json(body))
+    }
+
     /// PUT `body` to `path` (no answer body expected).
     pub fn put<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
         let url = self.url(path);

@@ -10,6 +10,7 @@
 //! | GET | /v1/volumes/{name} | | `VolumeInfo` |
 //! | PATCH | /v1/volumes/{name} | `{"size_bytes":N}` | `VolumeInfo` (grow only) |
 //! | DELETE | /v1/volumes/{name} | | 204 |
+//! | PUT | /v1/volumes/{name}/replicas | `{"replicas":N}` | `VolumeInfo` |
 //! | POST | /v1/volumes/{name}/attach | `{"force":false}` | `VolumeInfo` (this node serves it now) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
 //! | POST | /v1/cluster/init | | `ClusterStatus` |
@@ -176,6 +177,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(inspect_volume).patch(resize_volume).delete(delete_volume),
         )
         .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/replicas", put(update_replicas))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/cluster/init", post(cluster_init))
         .route("/v1/cluster/tokens", post(cluster_token))
@@ -232,6 +234,26 @@ async fn resize_volume(
 async fn delete_volume(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
     state.cluster.delete_volume(&state.volumes, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Body of PUT /v1/volumes/{name}/replicas.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicasBody {
+    pub replicas: u32,
+}
+
+async fn update_replicas(
+    State(state): State<Arc<ApiState>>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: ReplicasBody = parse_body(&body)?;
+    let info = state
+        .cluster
+        .update_replicas(&state.volumes, &name, body.replicas)
+        .await?;
+    Ok(Json(info).into_response())
 }
 
 /// Body of POST /v1/volumes/{name}/attach.

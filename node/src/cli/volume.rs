@@ -52,6 +52,20 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Change a volume's settings online: the number of replicas.
+    ///
+    /// New replicas are placed like at create, start empty and join the
+    /// in-sync set once the coordinator has copied the data to them (see
+    /// `volume inspect`); lowering removes out-of-sync replicas first.
+    Update {
+        name: String,
+        /// Copies of the data wanted (1 to 5).
+        #[arg(long)]
+        repl: u32,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Serve the volume from this node (the one --api points at): failover when its node is down.
     ///
     /// The node must hold an in-sync replica. The epoch goes up, so the old
@@ -112,6 +126,13 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
         VolumeCommand::Inspect { name, json } => {
             let info: VolumeInfo = client.get(&format!("/v1/volumes/{}", path_segment(&name)))?;
             print_one(&info, json, "")
+        }
+        VolumeCommand::Update { name, repl, json } => {
+            let info: VolumeInfo = client.put_json(
+                &format!("/v1/volumes/{}/replicas", path_segment(&name)),
+                &crate::api::ReplicasBody { replicas: repl },
+            )?;
+            print_one(&info, json, "updated")
         }
         VolumeCommand::Attach { name, force, json } => {
             let info: VolumeInfo = client.post(

@@ -137,6 +137,17 @@ pub enum Command {
         node: u64,
         by: u64,
     },
+    /// A new, empty replica on `node` (`volume update --repl` up); it joins
+    /// the in-sync set once resynced.
+    AddReplica {
+        name: String,
+        node: u64,
+    },
+    /// `node` no longer holds a replica (`volume update --repl` down); never the coordinator.
+    RemoveReplica {
+        name: String,
+        node: u64,
+    },
     /// The coordinator `by` brought `node`'s replica up to date (resync);
     /// it rejoins the in-sync set; bumps the epoch.
     ReplicaIn {
@@ -240,6 +251,8 @@ impl ClusterState {
             Command::ReplicaOut { name, node, by } => self.replica_out(&name, node, by),
             Command::SetCoordinator { name, node } => self.set_coordinator(&name, node),
             Command::ReplicaIn { name, node, by } => self.replica_in(&name, node, by),
+            Command::AddReplica { name, node } => self.add_replica(&name, node),
+            Command::RemoveReplica { name, node } => self.remove_replica(&name, node),
             Command::SetNodeAdmin { id, admin } => match self.nodes.get_mut(&id) {
                 Some(node) => {
                     node.admin = admin;
@@ -297,6 +310,46 @@ impl ClusterState {
                 "the coordinator of {name} cannot drop itself"
             )));
         }
+        if volume.in_sync.contains(&node) {
+            volume.in_sync.retain(|id| *id != node);
+            volume.epoch += 1;
+        }
+        Outcome::Volume(volume.clone())
+    }
+
+    fn add_replica(&mut self, name: &str, node: u64) -> Outcome {
+        if !self.nodes.contains_key(&node) {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "node {node} is not a member of the cluster"
+            )));
+        }
+        let Some(volume) = self.volumes.get_mut(name) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        };
+        if volume.replica_nodes.contains(&node) {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "node {node} already holds a replica of {name}"
+            )));
+        }
+        volume.replica_nodes.push(node);
+        volume.replicas = u32::try_from(volume.replica_nodes.len()).expect("replica sets are small");
+        Outcome::Volume(volume.clone())
+    }
+
+    fn remove_replica(&mut self, name: &str, node: u64) -> Outcome {
+        let Some(volume) = self.volumes.get_mut(name) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        };
+        if volume.coordinator == node {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "node {node} coordinates {name}; attach the volume elsewhere first"
+            )));
+        }
+        if !volume.replica_nodes.contains(&node) {
+            return Outcome::Rejected(Rejection::Invalid(format!("node {node} holds no replica of {name}")));
+        }
+        volume.replica_nodes.retain(|id| *id != node);
+        volume.replicas = u32::try_from(volume.replica_nodes.len()).expect("replica sets are small");
         if volume.in_sync.contains(&node) {
             volume.in_sync.retain(|id| *id != node);
             volume.epoch += 1;
@@ -515,6 +568,28 @@ mod tests {
             state.apply(out(2, 1)),
             Outcome::Rejected(Rejection::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn replicas_are_added_out_of_sync_and_removed_but_never_the_coordinator() {
+        let mut state = cluster(3);
+        state.apply(create("a", vec![1]));
+        let add = |node| Command::AddReplica { name: "a".into(), node };
+        let Outcome::Volume(volume) = state.apply(add(2)) else {
+            panic!()
+        };
+        assert_eq!(
+            (volume.replica_nodes.clone(), volume.in_sync.clone(), volume.replicas),
+            (vec![1, 2], vec![1], 2)
+        );
+        assert!(matches!(state.apply(add(2)), Outcome::Rejected(_)));
+        assert!(matches!(state.apply(add(9)), Outcome::Rejected(_)));
+        let remove = |node| Command::RemoveReplica { name: "a".into(), node };
+        assert!(matches!(state.apply(remove(1)), Outcome::Rejected(_)));
+        let Outcome::Volume(volume) = state.apply(remove(2)) else {
+            panic!()
+        };
+        assert_eq!((volume.replica_nodes, volume.replicas), (vec![1], 1));
     }
 
     #[test]

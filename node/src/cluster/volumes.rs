@@ -165,6 +165,81 @@ impl Cluster {
         Ok(self.describe(volumes, &volume))
     }
 
+    /// Changes the number of replicas online: new ones are placed like at
+    /// create, start empty and join the in-sync set once the coordinator
+    /// resynced them; removal takes out-of-sync replicas first, never the
+    /// coordinator.
+    pub async fn update_replicas(
+        &self,
+        volumes: &Arc<Volumes>,
+        name: &str,
+        replicas: u32,
+    ) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        if replicas == 0 || replicas > REPLICAS_MAX {
+            return Err(invalid(format!("--repl must be 1 to {REPLICAS_MAX}")));
+        }
+        let mut volume = self.volume(name)?;
+        let wanted = replicas as usize;
+        if wanted > volume.replica_nodes.len() {
+            let members: Vec<u64> = self.with_state(|state| state.nodes.keys().copied().collect());
+            self.ping_all().await;
+            let mut views = self.health.views(&members).await;
+            for id in &volume.replica_nodes {
+                if let Some(view) = views.get_mut(id) {
+                    view.up = false;
+                }
+            }
+            let more = wanted - volume.replica_nodes.len();
+            let added = self
+                .with_state(|state| place(state, &views, more, self.local.id))
+                .map_err(|error| invalid(format!("cannot add {more} replica(s): {error}")))?;
+            for node in added {
+                volume = self
+                    .expect_volume(Command::AddReplica {
+                        name: name.to_owned(),
+                        node,
+                    })
+                    .await?;
+            }
+        }
+        while volume.replica_nodes.len() > wanted {
+            let victim = volume
+                .replica_nodes
+                .iter()
+                .rev()
+                .copied()
+                .find(|id| !volume.in_sync.contains(id))
+                .or_else(|| {
+                    volume
+                        .replica_nodes
+                        .iter()
+                        .rev()
+                        .copied()
+                        .find(|id| *id != volume.coordinator)
+                })
+                .expect("a volume with several replicas has one besides its coordinator");
+            volume = self
+                .expect_volume(Command::RemoveReplica {
+                    name: name.to_owned(),
+                    node: victim,
+                })
+                .await?;
+        }
+        tracing::info!(volume = %name, replicas = ?volume.replica_nodes, "replica count changed");
+        Ok(self.describe(volumes, &volume))
+    }
+
+    async fn expect_volume(&self, command: Command) -> Result<ClusterVolume, VolumeOpError> {
+        match self.change(command).await? {
+            Outcome::Volume(volume) => Ok(volume),
+            outcome => Err(VolumeOpError {
+                status: 500,
+                message: format!("unexpected outcome {outcome:?}"),
+            }),
+        }
+    }
+
     /// Makes this node the volume's coordinator (failover, or moving where
     /// it is served). Refused unless this node holds an in-sync replica;
     /// refused while the current coordinator is up, unless `force`.
