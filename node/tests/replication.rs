@@ -461,3 +461,52 @@ fn the_replica_count_is_raised_and_lowered_online_and_new_replicas_hold_the_data
     assert!(verify.status.success(), "{}", text(&verify));
     assert_eq!(fio_error(&verify), 0);
 }
+
+#[test]
+fn decommissioning_the_serving_node_moves_its_replicas_and_it_leaves_the_cluster() {
+    let test = "decommissioning_the_serving_node";
+    if !have_tool(test, "fio") {
+        return;
+    }
+    let cluster = TestCluster::start(test, 4, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "d", "--size", "64MiB", "--repl", "3"]);
+    let scratch = tempfile::tempdir().unwrap();
+    fio_write_ok(&cluster.nodes[0].uri("d"), scratch.path(), "0");
+    let leaving = cluster.nodes[0].node_id();
+
+    // Asked through another node; the leader runs it.
+    cluster.nodes[1].cli_ok(&["node", "decommission", &leaving.to_string()]);
+    let info = inspect(&cluster.nodes[1], "d");
+    let replicas = ids(&info["replica_nodes"]);
+    assert_eq!(replicas.len(), 3, "{info:#}");
+    assert!(!replicas.contains(&leaving), "{info:#}");
+    assert_eq!(ids(&info["in_sync"]), replicas, "{info:#}");
+    let status: serde_json::Value =
+        serde_json::from_str(&cluster.nodes[1].cli_ok(&["cluster", "status", "--json"])).unwrap();
+    let members: Vec<u64> = status["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(members.len(), 3, "{status:#}");
+    assert!(!members.contains(&leaving));
+    wait_until("the leaving node released its replica", || {
+        local_replicas(&cluster.nodes[0]) == 0
+    });
+
+    // The volume is served by its new coordinator, with every write.
+    let coordinator = cluster.index_of(info["coordinator"].as_u64().unwrap());
+    let verify = run_with_timeout(
+        &mut fio(
+            &cluster.nodes[coordinator].uri("d"),
+            scratch.path(),
+            &["--verify_only", "--verify_fatal=1", "--offset=0", "--size=8M"],
+        ),
+        FIO_TIMEOUT,
+    );
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert_eq!(fio_error(&verify), 0);
+    // The cluster still changes metadata without it.
+    cluster.nodes[coordinator].cli_ok(&["volume", "create", "after", "--size", "16MiB", "--repl", "3"]);
+}

@@ -34,9 +34,15 @@ pub struct ApiClient {
 impl ApiClient {
     #[must_use]
     pub fn new(base: &str) -> Self {
+        Self::with_timeout(base, CALL_TIMEOUT)
+    }
+
+    /// A client whose calls may take up to `timeout` (long operations).
+    #[must_use]
+    pub fn with_timeout(base: &str, timeout: std::time::Duration) -> Self {
         Self {
             base: base.trim_end_matches('/').to_owned(),
-            agent: ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build(),
+            agent: ureq::AgentBuilder::new().timeout(timeout).build(),
         }
     }
 

@@ -17,6 +17,7 @@
 //! | POST | /v1/cluster/tokens | `{"ttl_seconds":N}` | `NewToken` |
 //! | POST | /v1/cluster/join | `{"address":"HOST:PORT","token":"..."}` | `ClusterStatus` |
 //! | PUT | /v1/cluster/nodes/{id}/maintenance | `{"on":true}` | 204 |
+//! | POST | /v1/cluster/nodes/{id}/decommission | | 204 once the node left (may take long) |
 //!
 //! Volume operations need the node to be in a cluster (503 otherwise);
 //! they go through Raft and may be forwarded to the volume's coordinator.
@@ -183,6 +184,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/cluster/tokens", post(cluster_token))
         .route("/v1/cluster/join", post(cluster_join))
         .route("/v1/cluster/nodes/{id}/maintenance", put(node_maintenance))
+        .route("/v1/cluster/nodes/{id}/decommission", post(node_decommission))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API path; see /v1/volumes".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
@@ -313,6 +315,41 @@ async fn cluster_join(State(state): State<Arc<ApiState>>, body: Bytes) -> Result
         .await?;
     Ok(Json(state.cluster.status().await).into_response())
 }
+
+async fn node_decommission(State(state): State<Arc<ApiState>>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+    let cluster = Arc::clone(&state.cluster);
+    if !cluster.is_leader() {
+        // The leader runs it; this node passes the request on.
+        let leader = cluster
+            .leader()
+            .and_then(|leader| {
+                cluster.with_state(|s| s.nodes.get(&leader).map(|n| format!("http://{}", n.api_address)))
+            })
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the cluster has no leader right now; retry shortly".into(),
+                )
+            })?;
+        let path = format!("/v1/cluster/nodes/{id}/decommission");
+        let forwarded = tokio::task::spawn_blocking(move || {
+            client::ApiClient::with_timeout(&leader, DECOMMISSION_TIMEOUT)
+                .post::<_, serde_json::Value>(&path, &serde_json::json!({}))
+        })
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+        forwarded.map_err(VolumeOpError::from)?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    // A task of its own: a client that hangs up does not stop it half-way.
+    let task = tokio::spawn(async move { cluster.decommission(id).await });
+    task.await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))??;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Longest a decommission request waits.
+pub const DECOMMISSION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
 async fn node_maintenance(
     State(state): State<Arc<ApiState>>,

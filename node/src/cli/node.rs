@@ -19,6 +19,19 @@ pub enum NodeCommand {
     /// checkpoint). After kill -9 nothing acknowledged is lost: the next
     /// start replays the log.
     Run(RunArgs),
+    /// Move every replica off a node, then take it out of the cluster.
+    ///
+    /// Each of its replicas is first copied to another node (which must
+    /// exist and have room); volumes it served move to their new replica
+    /// (NBD clients reconnect there). Safe to run again if it stopped
+    /// half-way. Waits until done (up to an hour).
+    Decommission {
+        /// The node's id (see `ballast cluster status`).
+        id: u64,
+        /// The node API to talk to.
+        #[arg(long, env = "BALLAST_API", default_value = DEFAULT_API_URL)]
+        api: String,
+    },
     /// Put a node into maintenance (it keeps its replicas, gets no new ones) or take it out.
     Maintenance {
         /// on or off
@@ -96,6 +109,15 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             };
             let config = NodeConfig::resolve(file, flags)?;
             crate::daemon::run(&config)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        NodeCommand::Decommission { id, api } => {
+            eprintln!("decommissioning node {id}: moving its replicas away (this waits until done)...");
+            ApiClient::with_timeout(&api, crate::api::DECOMMISSION_TIMEOUT).post::<_, serde_json::Value>(
+                &format!("/v1/cluster/nodes/{id}/decommission"),
+                &serde_json::json!({}),
+            )?;
+            println!("node {id} holds no replica any more and left the cluster");
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Maintenance { state, id, api } => {

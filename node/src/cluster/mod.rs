@@ -8,6 +8,7 @@
 //! others and learns their free space), `placement`, and `reconcile`
 //! (makes this node's local replicas match the cluster's volumes).
 
+pub mod decommission;
 pub mod health;
 pub mod join;
 pub mod network;

@@ -25,6 +25,8 @@ pub enum NodeAdmin {
     Active,
     /// keeps its replicas, takes no new ones (planned work on the host)
     Maintenance,
+    /// its replicas are moving away; then it leaves the cluster
+    Decommissioning,
 }
 
 /// A member of the cluster.
@@ -148,6 +150,10 @@ pub enum Command {
         name: String,
         node: u64,
     },
+    /// A decommissioned node (holding no replica) leaves the node table.
+    RemoveNode {
+        id: u64,
+    },
     /// The coordinator `by` brought `node`'s replica up to date (resync);
     /// it rejoins the in-sync set; bumps the epoch.
     ReplicaIn {
@@ -252,6 +258,18 @@ impl ClusterState {
             Command::SetCoordinator { name, node } => self.set_coordinator(&name, node),
             Command::ReplicaIn { name, node, by } => self.replica_in(&name, node, by),
             Command::AddReplica { name, node } => self.add_replica(&name, node),
+            Command::RemoveNode { id } => {
+                if let Some(volume) = self.volumes.values().find(|v| v.replica_nodes.contains(&id)) {
+                    return Outcome::Rejected(Rejection::Invalid(format!(
+                        "node {id} still holds a replica of volume {}",
+                        volume.name
+                    )));
+                }
+                match self.nodes.remove(&id) {
+                    Some(_) => Outcome::Done,
+                    None => Outcome::Rejected(Rejection::Missing(format!("node {id} is not a member"))),
+                }
+            }
             Command::RemoveReplica { name, node } => self.remove_replica(&name, node),
             Command::SetNodeAdmin { id, admin } => match self.nodes.get_mut(&id) {
                 Some(node) => {
