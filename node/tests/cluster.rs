@@ -237,3 +237,31 @@ fn joins_with_a_bad_or_expired_token_or_from_another_cluster_are_refused() {
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status:#}");
 }
+
+#[test]
+fn a_sixth_node_joins_as_a_learner_and_is_promoted_when_a_voter_is_decommissioned() {
+    let cluster = TestCluster::start("a_sixth_node_joins_as_a_learner", 6, &[]);
+    let roles = |status: &serde_json::Value| -> Vec<(u64, String)> {
+        status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|node| (node["id"].as_u64().unwrap(), node["role"].as_str().unwrap().to_owned()))
+            .collect()
+    };
+    let status = cluster.status(0).unwrap();
+    let learners: Vec<u64> = roles(&status)
+        .into_iter()
+        .filter(|(_, role)| role == "learner")
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(learners, vec![cluster.nodes[5].node_id()], "{status:#}");
+    // A voter leaves: the learner takes its vote.
+    let leaving = cluster.nodes[4].node_id();
+    cluster.nodes[0].cli_ok(&["node", "decommission", &leaving.to_string()]);
+    let status = cluster.wait_for_on(&[0], "the learner promoted", |status| {
+        let roles = roles(status);
+        roles.len() == 5 && roles.iter().all(|(_, role)| role != "learner")
+    });
+    assert!(roles(&status).iter().all(|(id, _)| *id != leaving), "{status:#}");
+}
