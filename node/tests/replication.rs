@@ -510,3 +510,53 @@ fn decommissioning_the_serving_node_moves_its_replicas_and_it_leaves_the_cluster
     // The cluster still changes metadata without it.
     cluster.nodes[coordinator].cli_ok(&["volume", "create", "after", "--size", "16MiB", "--repl", "3"]);
 }
+
+#[test]
+fn the_leader_rebuilds_a_silent_nodes_replica_and_fails_over_a_silent_coordinator() {
+    let test = "the_leader_rebuilds_and_fails_over";
+    if !have_tool(test, "fio") {
+        return;
+    }
+    let quick: &[&str] = &["--failover-after-s", "2", "--rebuild-after-s", "2"];
+    let mut cluster = TestCluster::start(test, 3, &[quick, quick, quick]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "a", "--size", "64MiB", "--repl", "2"]);
+    let scratch = tempfile::tempdir().unwrap();
+    fio_write_ok(&cluster.nodes[0].uri("a"), scratch.path(), "0");
+    let info = inspect(&cluster.nodes[0], "a");
+    let first = ids(&info["replica_nodes"]);
+    let coordinator = cluster.nodes[0].node_id();
+    let other = cluster.index_of(first.iter().copied().find(|id| *id != coordinator).unwrap());
+    let spare = (0..3).find(|index| *index != 0 && *index != other).unwrap();
+
+    // The other replica's node dies: the spare gets a copy, the dead one is dropped.
+    cluster.nodes[other].kill9();
+    let mut expected = vec![coordinator, cluster.nodes[spare].node_id()];
+    expected.sort_unstable();
+    wait_until("the replica rebuilt on the spare node", || {
+        let info = inspect(&cluster.nodes[0], "a");
+        ids(&info["replica_nodes"]) == expected && ids(&info["in_sync"]) == expected
+    });
+    assert_eq!(inspect(&cluster.nodes[0], "a")["replicas"], 2);
+    cluster.nodes[other].restart();
+
+    // The coordinator dies: the leader serves the volume from the rebuilt replica.
+    cluster.nodes[0].kill9();
+    let heir = cluster.nodes[spare].node_id();
+    wait_until("automatic failover", || {
+        inspect(&cluster.nodes[spare], "a")["coordinator"].as_u64() == Some(heir)
+            && Command::new("nbdinfo")
+                .arg(cluster.nodes[spare].uri("a"))
+                .output()
+                .is_ok_and(|o| o.status.success())
+    });
+    let verify = run_with_timeout(
+        &mut fio(
+            &cluster.nodes[spare].uri("a"),
+            scratch.path(),
+            &["--verify_only", "--verify_fatal=1", "--offset=0", "--size=8M"],
+        ),
+        FIO_TIMEOUT,
+    );
+    assert!(verify.status.success(), "{}", text(&verify));
+    assert_eq!(fio_error(&verify), 0);
+}

@@ -74,6 +74,12 @@ pub struct RunArgs {
     /// Name shown in `ballast cluster status` [default: the host name].
     #[arg(long)]
     pub name: Option<String>,
+    /// As Raft leader, serve a volume from another in-sync replica when its node is silent this long (0: only by `volume attach`) [default: 30].
+    #[arg(long)]
+    pub failover_after_s: Option<u64>,
+    /// As Raft leader, rebuild elsewhere the replicas of a node silent this long (0: never) [default: 600].
+    #[arg(long)]
+    pub rebuild_after_s: Option<u64>,
     /// A label KEY=VALUE (repeatable); `zone` spreads replicas over distinct zones.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -101,6 +107,8 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 cores: args.cores,
                 thread_pool: args.thread_pool.then_some(true),
                 name: args.name,
+                failover_after_s: args.failover_after_s,
+                rebuild_after_s: args.rebuild_after_s,
                 labels: if args.labels.is_empty() {
                     None
                 } else {

@@ -81,6 +81,7 @@ impl Cluster {
                 self.change(Command::AddReplica {
                     name: name.to_owned(),
                     node: chosen[0],
+                    grow: false,
                 })
                 .await?;
                 chosen[0]
@@ -105,6 +106,7 @@ impl Cluster {
         self.change(Command::RemoveReplica {
             name: name.to_owned(),
             node: id,
+            shrink: false,
         })
         .await?;
         Ok(())

@@ -43,6 +43,8 @@ impl NodeReport {
 
 #[derive(Clone, Debug)]
 struct Seen {
+    /// When this node first tried to reach it.
+    first_try: Instant,
     last_answer: Option<Instant>,
     report: Option<NodeReport>,
     last_error: Option<String>,
@@ -100,6 +102,24 @@ impl Health {
         }
     }
 
+    /// How long `id` has not answered (zero while it answers; this node never).
+    pub fn down_for(&self, id: u64) -> Duration {
+        if id == self.local_id {
+            return Duration::ZERO;
+        }
+        match self.seen.lock().get(&id) {
+            Some(seen) => {
+                let silent = seen.last_answer.unwrap_or(seen.first_try).elapsed();
+                if silent < NODE_DOWN_AFTER {
+                    Duration::ZERO
+                } else {
+                    silent
+                }
+            }
+            None => Duration::ZERO,
+        }
+    }
+
     /// What placement needs of every node, this node included.
     pub async fn views(&self, members: &[u64]) -> BTreeMap<u64, NodeView> {
         let local = self.local_report().await;
@@ -127,6 +147,7 @@ impl Health {
     fn record(&self, id: u64, answer: Result<NodeReport, String>) {
         let mut seen = self.seen.lock();
         let entry = seen.entry(id).or_insert(Seen {
+            first_try: Instant::now(),
             last_answer: None,
             report: None,
             last_error: None,

@@ -8,6 +8,7 @@
 //! others and learns their free space), `placement`, and `reconcile`
 //! (makes this node's local replicas match the cluster's volumes).
 
+pub mod automation;
 pub mod decommission;
 pub mod health;
 pub mod join;
@@ -128,6 +129,8 @@ pub struct Cluster {
     replications: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::replication::VolumeReplication>>>,
     /// Resyncs running: (volume, replica node).
     resyncing: parking_lot::Mutex<std::collections::HashSet<(String, u64)>>,
+    /// When the leader fails over and rebuilds by itself.
+    automation: RwLock<automation::Automation>,
     /// The last resync of each (volume, replica), for `volume inspect`.
     resyncs: parking_lot::Mutex<std::collections::BTreeMap<(String, u64), crate::replication::resync::ResyncStatus>>,
 }
@@ -198,8 +201,19 @@ impl Cluster {
             replications: parking_lot::Mutex::new(std::collections::HashMap::new()),
             resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
             resyncs: parking_lot::Mutex::new(BTreeMap::new()),
+            automation: RwLock::new(automation::Automation::default()),
         });
         Ok(cluster)
+    }
+
+    /// Sets when this node, as leader, fails over and rebuilds by itself.
+    pub fn set_automation(&self, automation: automation::Automation) {
+        *self.automation.write() = automation;
+    }
+
+    /// When this node, as leader, fails over and rebuilds by itself.
+    pub fn automation(&self) -> automation::Automation {
+        *self.automation.read()
     }
 
     /// Hands the cluster this node's local replicas (once, at start-up).
@@ -355,7 +369,8 @@ impl Cluster {
     /// Starts the background work: health pings and metadata refresh.
     pub fn spawn_background(self: &Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         tokio::spawn(health::ping_loop(Arc::clone(self), stop.clone()));
-        tokio::spawn(join::refresh_own_record(Arc::clone(self), stop));
+        tokio::spawn(join::refresh_own_record(Arc::clone(self), stop.clone()));
+        tokio::spawn(automation::automation_loop(Arc::clone(self), stop));
     }
 
     /// Who is a voter, who a learner (from the applied membership).

@@ -63,7 +63,8 @@ pub struct ClusterVolume {
     pub id: u64,
     pub size_bytes: u64,
     pub block_size_bytes: u32,
-    /// Copies wanted.
+    /// Copies wanted (`replica_nodes` holds one more while a replica is
+    /// being replaced).
     pub replicas: u32,
     /// Nodes holding a replica; distinct.
     pub replica_nodes: Vec<u64>,
@@ -139,16 +140,21 @@ pub enum Command {
         node: u64,
         by: u64,
     },
-    /// A new, empty replica on `node` (`volume update --repl` up); it joins
-    /// the in-sync set once resynced.
+    /// A new, empty replica on `node`; it joins the in-sync set once
+    /// resynced. `grow`: the wanted replica count goes up with it (`volume
+    /// update --repl`); otherwise it replaces one that is leaving (rebuild,
+    /// decommission).
     AddReplica {
         name: String,
         node: u64,
+        grow: bool,
     },
-    /// `node` no longer holds a replica (`volume update --repl` down); never the coordinator.
+    /// `node` no longer holds a replica; never the coordinator. `shrink`:
+    /// the wanted replica count goes down with it.
     RemoveReplica {
         name: String,
         node: u64,
+        shrink: bool,
     },
     /// A decommissioned node (holding no replica) leaves the node table.
     RemoveNode {
@@ -257,7 +263,7 @@ impl ClusterState {
             Command::ReplicaOut { name, node, by } => self.replica_out(&name, node, by),
             Command::SetCoordinator { name, node } => self.set_coordinator(&name, node),
             Command::ReplicaIn { name, node, by } => self.replica_in(&name, node, by),
-            Command::AddReplica { name, node } => self.add_replica(&name, node),
+            Command::AddReplica { name, node, grow } => self.add_replica(&name, node, grow),
             Command::RemoveNode { id } => {
                 if let Some(volume) = self.volumes.values().find(|v| v.replica_nodes.contains(&id)) {
                     return Outcome::Rejected(Rejection::Invalid(format!(
@@ -270,7 +276,7 @@ impl ClusterState {
                     None => Outcome::Rejected(Rejection::Missing(format!("node {id} is not a member"))),
                 }
             }
-            Command::RemoveReplica { name, node } => self.remove_replica(&name, node),
+            Command::RemoveReplica { name, node, shrink } => self.remove_replica(&name, node, shrink),
             Command::SetNodeAdmin { id, admin } => match self.nodes.get_mut(&id) {
                 Some(node) => {
                     node.admin = admin;
@@ -335,7 +341,7 @@ impl ClusterState {
         Outcome::Volume(volume.clone())
     }
 
-    fn add_replica(&mut self, name: &str, node: u64) -> Outcome {
+    fn add_replica(&mut self, name: &str, node: u64, grow: bool) -> Outcome {
         if !self.nodes.contains_key(&node) {
             return Outcome::Rejected(Rejection::Invalid(format!(
                 "node {node} is not a member of the cluster"
@@ -350,11 +356,13 @@ impl ClusterState {
             )));
         }
         volume.replica_nodes.push(node);
-        volume.replicas = u32::try_from(volume.replica_nodes.len()).expect("replica sets are small");
+        if grow {
+            volume.replicas += 1;
+        }
         Outcome::Volume(volume.clone())
     }
 
-    fn remove_replica(&mut self, name: &str, node: u64) -> Outcome {
+    fn remove_replica(&mut self, name: &str, node: u64, shrink: bool) -> Outcome {
         let Some(volume) = self.volumes.get_mut(name) else {
             return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
         };
@@ -367,7 +375,9 @@ impl ClusterState {
             return Outcome::Rejected(Rejection::Invalid(format!("node {node} holds no replica of {name}")));
         }
         volume.replica_nodes.retain(|id| *id != node);
-        volume.replicas = u32::try_from(volume.replica_nodes.len()).expect("replica sets are small");
+        if shrink {
+            volume.replicas = volume.replicas.saturating_sub(1).max(1);
+        }
         if volume.in_sync.contains(&node) {
             volume.in_sync.retain(|id| *id != node);
             volume.epoch += 1;
@@ -592,7 +602,11 @@ mod tests {
     fn replicas_are_added_out_of_sync_and_removed_but_never_the_coordinator() {
         let mut state = cluster(3);
         state.apply(create("a", vec![1]));
-        let add = |node| Command::AddReplica { name: "a".into(), node };
+        let add = |node| Command::AddReplica {
+            name: "a".into(),
+            node,
+            grow: true,
+        };
         let Outcome::Volume(volume) = state.apply(add(2)) else {
             panic!()
         };
@@ -602,7 +616,11 @@ mod tests {
         );
         assert!(matches!(state.apply(add(2)), Outcome::Rejected(_)));
         assert!(matches!(state.apply(add(9)), Outcome::Rejected(_)));
-        let remove = |node| Command::RemoveReplica { name: "a".into(), node };
+        let remove = |node| Command::RemoveReplica {
+            name: "a".into(),
+            node,
+            shrink: true,
+        };
         assert!(matches!(state.apply(remove(1)), Outcome::Rejected(_)));
         let Outcome::Volume(volume) = state.apply(remove(2)) else {
             panic!()

@@ -199,6 +199,7 @@ impl Cluster {
                     .expect_volume(Command::AddReplica {
                         name: name.to_owned(),
                         node,
+                        grow: true,
                     })
                     .await?;
             }
@@ -223,6 +224,7 @@ impl Cluster {
                 .expect_volume(Command::RemoveReplica {
                     name: name.to_owned(),
                     node: victim,
+                    shrink: true,
                 })
                 .await?;
         }

@@ -7,6 +7,8 @@
 //! listen_peer = "127.0.0.1:9411"   # other nodes reach this one here (Raft, replication)
 //! name = "host-a"        # shown in `ballast cluster status` (default: the host name)
 //! labels = { zone = "a", rack = "r12" }   # placement spreads replicas over distinct zones
+//! failover_after_s = 30  # as Raft leader: serve a volume elsewhere when its node is silent this long (0: never)
+//! rebuild_after_s = 600  # as Raft leader: rebuild replicas of a node silent this long elsewhere (0: never)
 //! cores = "0-3"          # reactor cores (default: every core the process may use)
 //! thread_pool = false    # force the pread/pwrite engine instead of io_uring
 //! ```
@@ -58,6 +60,8 @@ pub struct ConfigFile {
     pub thread_pool: Option<bool>,
     pub name: Option<String>,
     pub labels: Option<BTreeMap<String, String>>,
+    pub failover_after_s: Option<u64>,
+    pub rebuild_after_s: Option<u64>,
 }
 
 impl ConfigFile {
@@ -86,6 +90,7 @@ pub struct NodeConfig {
     /// The node's name in the cluster.
     pub name: String,
     pub labels: BTreeMap<String, String>,
+    pub automation: crate::cluster::automation::Automation,
 }
 
 /// Parses `KEY=VALUE` labels (flags), checking their characters.
@@ -113,6 +118,19 @@ fn check_labels(labels: &BTreeMap<String, String>) -> Result<(), ConfigError> {
         }
     }
     Ok(())
+}
+
+fn automation(failover_after_s: Option<u64>, rebuild_after_s: Option<u64>) -> crate::cluster::automation::Automation {
+    let defaults = crate::cluster::automation::Automation::default();
+    let seconds = |value: Option<u64>, default: Option<std::time::Duration>| match value {
+        None => default,
+        Some(0) => None,
+        Some(seconds) => Some(std::time::Duration::from_secs(seconds)),
+    };
+    crate::cluster::automation::Automation {
+        failover_after: seconds(failover_after_s, defaults.failover_after),
+        rebuild_after: seconds(rebuild_after_s, defaults.rebuild_after),
+    }
 }
 
 /// This host's name (for the node's default name).
@@ -161,6 +179,10 @@ impl NodeConfig {
             thread_pool: overrides.thread_pool.or(file.thread_pool).unwrap_or(false),
             name: overrides.name.or(file.name).unwrap_or_else(host_name),
             labels,
+            automation: automation(
+                overrides.failover_after_s.or(file.failover_after_s),
+                overrides.rebuild_after_s.or(file.rebuild_after_s),
+            ),
         })
     }
 }

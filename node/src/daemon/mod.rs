@@ -69,6 +69,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let report = Box::new(move || node_report(&report_engine, &report_volumes));
     let cluster = runtime.block_on(Cluster::open(&config.data_dir, local, report))?;
     cluster.attach_volumes(Arc::clone(&volumes));
+    cluster.set_automation(config.automation);
     let status_engine = Arc::clone(&engine);
     let status_volumes = Arc::clone(&volumes);
     let status_cluster = Arc::clone(&cluster);

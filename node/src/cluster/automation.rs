@@ -1,0 +1,139 @@
+//! What the Raft leader does without being asked, once per second:
+//! - failover: a volume whose coordinator has been silent for
+//!   `failover_after` gets an in-sync replica that answers as its new
+//!   coordinator (epoch up: the old one is fenced). Its NBD clients
+//!   reconnect to the new node's export.
+//! - rebuild: a replica on a node silent for `rebuild_after` is replaced:
+//!   a new replica is placed (the wanted count stays), filled by the
+//!   coordinator's resync, and once every other replica is in sync the
+//!   silent node's replica is removed.
+//!
+//! One step per volume per pass; every step is a Raft change, so a new
+//! leader picks up where the old one stopped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::placement::place;
+use super::state::{ClusterVolume, Command};
+use super::Cluster;
+
+/// Defaults (the `failover_after_s` and `rebuild_after_s` settings).
+pub const FAILOVER_AFTER_DEFAULT: Duration = Duration::from_secs(30);
+pub const REBUILD_AFTER_DEFAULT: Duration = Duration::from_secs(600);
+const PASS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// When the leader acts on silent nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Automation {
+    /// None: failover only by `volume attach`.
+    pub failover_after: Option<Duration>,
+    /// None: no automatic rebuild.
+    pub rebuild_after: Option<Duration>,
+}
+
+impl Default for Automation {
+    fn default() -> Self {
+        Self {
+            failover_after: Some(FAILOVER_AFTER_DEFAULT),
+            rebuild_after: Some(REBUILD_AFTER_DEFAULT),
+        }
+    }
+}
+
+/// Runs the leader's passes until `stop`.
+pub async fn automation_loop(cluster: Arc<Cluster>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut ticker = tokio::time::interval(PASS_INTERVAL);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if cluster.cluster_id().is_none() || !cluster.is_leader() {
+            continue;
+        }
+        let volumes: Vec<ClusterVolume> = cluster.with_state(|state| state.volumes.values().cloned().collect());
+        for volume in volumes {
+            if let Err(error) = step(&cluster, &volume).await {
+                tracing::warn!(volume = %volume.name, %error, "automatic failover/rebuild step failed; retrying");
+            }
+        }
+    }
+}
+
+async fn step(cluster: &Cluster, volume: &ClusterVolume) -> Result<(), String> {
+    let automation = cluster.automation();
+    let health = &cluster.health;
+    if let Some(after) = automation.failover_after {
+        if health.down_for(volume.coordinator) > after {
+            let heir = volume
+                .in_sync
+                .iter()
+                .copied()
+                .find(|id| *id != volume.coordinator && health.liveness(*id).up);
+            if let Some(heir) = heir {
+                tracing::warn!(volume = %volume.name, from = volume.coordinator, to = heir, "coordinator silent; failing over");
+                cluster
+                    .change(Command::SetCoordinator {
+                        name: volume.name.clone(),
+                        node: heir,
+                    })
+                    .await
+                    .map_err(|e| e.to_string())?;
+            }
+            return Ok(());
+        }
+    }
+    let Some(after) = automation.rebuild_after else {
+        return Ok(());
+    };
+    let Some(silent) = volume
+        .replica_nodes
+        .iter()
+        .copied()
+        .find(|id| *id != volume.coordinator && health.down_for(*id) > after)
+    else {
+        return Ok(());
+    };
+    let others: Vec<u64> = volume
+        .replica_nodes
+        .iter()
+        .copied()
+        .filter(|id| *id != silent)
+        .collect();
+    let resyncing = others
+        .iter()
+        .any(|id| !volume.in_sync.contains(id) && health.liveness(*id).up);
+    if resyncing {
+        return Ok(());
+    }
+    let wanted = volume.replicas as usize;
+    let command = if others.len() < wanted {
+        let members: Vec<u64> = cluster.with_state(|state| state.nodes.keys().copied().collect());
+        let mut views = health.views(&members).await;
+        for holder in &volume.replica_nodes {
+            if let Some(view) = views.get_mut(holder) {
+                view.up = false;
+            }
+        }
+        let chosen = cluster
+            .with_state(|state| place(state, &views, 1, volume.coordinator))
+            .map_err(|error| format!("no node can take a rebuilt replica: {error}"))?;
+        tracing::warn!(volume = %volume.name, silent, to = chosen[0], "rebuilding a replica of a silent node elsewhere");
+        Command::AddReplica {
+            name: volume.name.clone(),
+            node: chosen[0],
+            grow: false,
+        }
+    } else {
+        tracing::warn!(volume = %volume.name, silent, "rebuilt; removing the silent node's replica");
+        Command::RemoveReplica {
+            name: volume.name.clone(),
+            node: silent,
+            shrink: false,
+        }
+    };
+    cluster.change(command).await.map_err(|e| e.to_string())?;
+    Ok(())
+}
