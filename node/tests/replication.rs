@@ -560,3 +560,63 @@ fn the_leader_rebuilds_a_silent_nodes_replica_and_fails_over_a_silent_coordinato
     assert!(verify.status.success(), "{}", text(&verify));
     assert_eq!(fio_error(&verify), 0);
 }
+
+/// Overwrites the first byte of the first 4 KiB block of `path` that is all `fill`; true if found.
+fn corrupt_block_filled_with(path: &std::path::Path, fill: u8) -> bool {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut block = vec![0u8; 4096];
+    let mut offset = 0u64;
+    while file.read_exact(&mut block).is_ok() {
+        if block.iter().all(|byte| *byte == fill) {
+            file.seek(SeekFrom::Start(offset)).unwrap();
+            file.write_all(&[!fill]).unwrap();
+            file.sync_all().unwrap();
+            return true;
+        }
+        offset += 4096;
+    }
+    false
+}
+
+#[test]
+fn a_block_that_fails_its_checksum_is_served_from_a_replica_and_repaired() {
+    let test = "a_block_that_fails_its_checksum_is_served_from_a_replica";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let cluster = TestCluster::start(test, 2, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "c", "--size", "16MiB", "--repl", "2"]);
+    let uri = cluster.nodes[0].uri("c");
+    let qemu_io = |command: &str| {
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", command, &uri])
+            .output()
+            .unwrap()
+    };
+    let written = qemu_io("write -P 0x5a 65536 4096");
+    assert!(written.status.success(), "{}", text(&written));
+    // Flip a byte of that block on the coordinator's disk, behind the store's back.
+    let backing = cluster.nodes[0].dir.path().join("disk0.img");
+    assert!(
+        corrupt_block_filled_with(&backing, 0x5a),
+        "the written block was not found on disk"
+    );
+
+    // The read still returns the written bytes, taken from node 1, and the local copy is rewritten.
+    for _ in 0..2 {
+        let read = qemu_io("read -P 0x5a 65536 4096");
+        assert!(
+            read.status.success() && !text(&read).contains("failed"),
+            "{}",
+            text(&read)
+        );
+    }
+    let log = cluster.nodes[0].log_text();
+    assert!(log.contains("repaired from a replica"), "{log}");
+    assert_eq!(
+        log.matches("local read failed").count(),
+        1,
+        "the second read must hit the repaired copy: {log}"
+    );
+}

@@ -423,6 +423,12 @@ impl PeerHandler for Cluster {
                     .await
                     .map(|()| (FrameKind::ReplicaAck, Vec::new()))
             }
+            FrameKind::ReplicaRead => {
+                let volumes = self.volumes.get().ok_or("this node is starting")?;
+                crate::replication::read(volumes, &payload)
+                    .await
+                    .map(|data| (FrameKind::ReplicaData, data))
+            }
             other => Err(format!("{other:?} is not a request")),
         }
     }

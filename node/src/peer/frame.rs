@@ -54,6 +54,10 @@ pub enum FrameKind {
     ReplicaWrite = 50,
     /// the mutation is durable on the replica
     ReplicaAck = 51,
+    /// a coordinator repairing its copy asks a replica for blocks
+    ReplicaRead = 52,
+    /// the blocks
+    ReplicaData = 53,
 }
 
 impl FrameKind {
@@ -74,6 +78,8 @@ impl FrameKind {
             41 => Self::JoinReply,
             50 => Self::ReplicaWrite,
             51 => Self::ReplicaAck,
+            52 => Self::ReplicaRead,
+            53 => Self::ReplicaData,
             _ => return None,
         })
     }

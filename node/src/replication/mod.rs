@@ -205,6 +205,38 @@ impl Replicator for VolumeReplication {
     fn targets(&self) -> Vec<u64> {
         self.targets.read().iter().map(|(id, _)| *id).collect()
     }
+
+    fn fetch(
+        &self,
+        volume_id: u64,
+        lba: u64,
+        block_count: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send + '_>> {
+        Box::pin(async move {
+            let request = wire::encode_read(volume_id, lba, block_count);
+            let targets = self.targets.read().clone();
+            let mut last_error = "no in-sync replica to read from".to_owned();
+            for (node, link) in targets {
+                match link.call(FrameKind::ReplicaRead, &request, REPLICA_TIMEOUT).await {
+                    Ok(data) => return Ok(data),
+                    Err(error) => last_error = format!("replica {node}: {error}"),
+                }
+            }
+            Err(last_error)
+        })
+    }
+}
+
+/// Serves blocks of this node's replica to a coordinator repairing its copy.
+pub async fn read(volumes: &Volumes, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let (volume_id, lba, block_count) = wire::decode_read(payload).map_err(|error| error.to_string())?;
+    let volume = volumes
+        .get_by_id(volume_id)
+        .ok_or_else(|| format!("this node holds no replica of volume id {volume_id}"))?;
+    volume
+        .read_for_repair(lba, block_count)
+        .await
+        .map_err(|error| error.to_string())
 }
 
 /// Applies a mutation sent by a coordinator to this node's replica.

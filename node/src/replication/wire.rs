@@ -119,6 +119,35 @@ pub fn decode(bytes: &[u8]) -> Result<ReplicaOp, WireError> {
     })
 }
 
+/// Bytes of a read request (`ReplicaRead`): volume id, first block, block count.
+pub const READ_REQUEST_BYTES: usize = 24;
+
+/// Encodes a read request.
+#[must_use]
+pub fn encode_read(volume_id: u64, lba: u64, block_count: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(READ_REQUEST_BYTES);
+    for field in [volume_id, lba, block_count] {
+        out.extend_from_slice(&field.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a read request, bounded like a write.
+pub fn decode_read(bytes: &[u8]) -> Result<(u64, u64, u64), WireError> {
+    if bytes.len() != READ_REQUEST_BYTES {
+        return Err(WireError::Short(bytes.len()));
+    }
+    let field = |index: usize| u64::from_le_bytes(bytes[index * 8..index * 8 + 8].try_into().expect("8 bytes"));
+    let (volume_id, lba, block_count) = (field(0), field(1), field(2));
+    if block_count == 0 || block_count.saturating_mul(BLOCK_BYTES as u64) > DATA_BYTES_MAX as u64 {
+        return Err(WireError::Length {
+            data_bytes: 0,
+            block_count,
+        });
+    }
+    Ok((volume_id, lba, block_count))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,6 +165,14 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn read_requests_round_trip_and_are_bounded() {
+        assert_eq!(decode_read(&encode_read(3, 9, 256)).unwrap(), (3, 9, 256));
+        assert!(decode_read(&encode_read(3, 9, 0)).is_err());
+        assert!(decode_read(&encode_read(3, 9, 257)).is_err());
+        assert!(decode_read(&[0; 23]).is_err());
     }
 
     #[test]

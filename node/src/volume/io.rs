@@ -135,24 +135,71 @@ impl Volume {
             lba += block_count;
         }
         let mut bufs = Vec::with_capacity(pending.len());
+        let mut lba = first_block;
         for receiver in pending {
+            let block_count = per_request.min(end_block - lba);
             match receiver.await {
                 Ok(Ok(Reply::Read(buf))) => bufs.push(buf),
                 Ok(Ok(other)) => unreachable!("read answered with {other:?}"),
-                Ok(Err(source)) => {
-                    return Err(VolumeIoError::Store {
-                        volume: self.name.clone(),
-                        source,
-                    })
-                }
+                Ok(Err(source)) => bufs.push(self.repair(lba, block_count, source).await?),
                 Err(_) => return Err(VolumeIoError::Stopped),
             }
+            lba += block_count;
         }
         Ok(ReadData {
             bufs,
             skip_bytes: usize_of(offset_bytes % BLOCK_BYTES),
             len_bytes: usize_of(len_bytes),
         })
+    }
+
+    /// A local read failed (bad checksum, I/O error): fetches the blocks
+    /// from an in-sync replica, rewrites them locally (a new record; the
+    /// bad one becomes garbage) and answers with them. Without a replica,
+    /// or if none has them, the read fails with the local error.
+    async fn repair(&self, lba: u64, block_count: u64, local: StoreError) -> Result<IoBuf, VolumeIoError> {
+        let failed = |source| VolumeIoError::Store {
+            volume: self.name.clone(),
+            source,
+        };
+        let Some(replicator) = self.replicator() else {
+            return Err(failed(local));
+        };
+        tracing::warn!(volume = %self.name, lba, block_count, error = %local, "local read failed; reading from a replica and repairing");
+        // Held so no write lands between the fetch and the rewrite.
+        let _range = self.ranges.lock(lba, block_count).await;
+        let data = match replicator.fetch(self.id, lba, block_count).await {
+            Ok(data) if data.len() as u64 == block_count * BLOCK_BYTES => data,
+            Ok(data) => {
+                tracing::error!(volume = %self.name, lba, bytes = data.len(), "a replica answered a read with the wrong length");
+                return Err(failed(local));
+            }
+            Err(reason) => {
+                tracing::error!(volume = %self.name, lba, %reason, "no replica could serve the read");
+                return Err(failed(local));
+            }
+        };
+        let mut buf = IoBuf::new(data.len());
+        buf.as_mut_slice().copy_from_slice(&data);
+        let rewrite = Command::Write {
+            volume_id: self.id,
+            lba,
+            data,
+            epoch: self.epoch(),
+            volume_sequence: self.next_sequence(),
+        };
+        match self.call(rewrite).await {
+            Ok(_) => tracing::warn!(volume = %self.name, lba, block_count, "repaired from a replica"),
+            Err(error) => {
+                tracing::error!(volume = %self.name, lba, %error, "served from a replica but the local rewrite failed")
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Reads blocks for a coordinator repairing its copy (this node is a replica).
+    pub async fn read_for_repair(&self, lba: u64, block_count: u64) -> Result<Vec<u8>, VolumeIoError> {
+        Ok(self.read(lba * BLOCK_BYTES, block_count * BLOCK_BYTES).await?.to_vec())
     }
 
     /// Writes `data` at `offset_bytes` (any alignment); answers once durable.

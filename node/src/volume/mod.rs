@@ -177,6 +177,14 @@ pub trait Replicator: Send + Sync {
 
     /// Nodes the mutations go to (for comparison by the reconciler).
     fn targets(&self) -> Vec<u64>;
+
+    /// Reads blocks from an in-sync replica (the local copy failed its checksum).
+    fn fetch(
+        &self,
+        volume_id: u64,
+        lba: u64,
+        block_count: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Vec<u8>, String>> + Send + '_>>;
 }
 
 impl Volume {
