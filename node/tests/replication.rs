@@ -620,3 +620,53 @@ fn a_block_that_fails_its_checksum_is_served_from_a_replica_and_repaired() {
         "the second read must hit the repaired copy: {log}"
     );
 }
+
+#[test]
+fn a_paused_coordinator_that_resumes_after_a_failover_gets_no_write_accepted() {
+    let test = "a_paused_coordinator_that_resumes_after_a_failover";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let cluster = TestCluster::start(test, 3, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "s", "--size", "16MiB", "--repl", "3"]);
+    let qemu_io = |node: &TestNode, command: &str| {
+        Command::new("qemu-io")
+            .args(["-f", "raw", "-c", command, &node.uri("s")])
+            .output()
+            .unwrap()
+    };
+    let written = qemu_io(&cluster.nodes[0], "write -P 0x11 0 4096");
+    assert!(written.status.success(), "{}", text(&written));
+    // Connected while the coordinator runs, so the late write rides an open session.
+    let old = &cluster.nodes[0];
+    let stop = |signal: &str| {
+        let status = Command::new("kill")
+            .args([signal, &old.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    stop("-STOP");
+    let late = Command::new("qemu-io")
+        .args(["-f", "raw", "-c", "write -P 0x22 0 4096", &old.uri("s")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cluster.nodes[1].cli_ok(&["volume", "attach", "s", "--force"]);
+    stop("-CONT");
+    let late = late.wait_with_output().unwrap();
+    // Whatever the old coordinator answered, the new one never shows its write.
+    let read = qemu_io(&cluster.nodes[1], "read -P 0x11 0 4096");
+    assert!(
+        read.status.success() && !text(&read).contains("failed"),
+        "the fenced coordinator's write became visible (late write: {}): {}",
+        text(&late),
+        text(&read)
+    );
+    let info = inspect(&cluster.nodes[1], "s");
+    assert!(!ids(&info["in_sync"]).contains(&old.node_id()), "{info:#}");
+    wait_until("the old coordinator stops serving", || {
+        !qemu_io(old, "read 0 4096").status.success()
+    });
+}

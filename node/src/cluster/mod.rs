@@ -423,6 +423,12 @@ impl PeerHandler for Cluster {
                     .await
                     .map(|()| (FrameKind::ReplicaAck, Vec::new()))
             }
+            FrameKind::ReplicaFence => {
+                let volumes = self.volumes.get().ok_or("this node is starting")?;
+                crate::replication::raise_epoch(volumes, &payload)
+                    .await
+                    .map(|()| (FrameKind::ReplicaAck, Vec::new()))
+            }
             FrameKind::ReplicaRead => {
                 let volumes = self.volumes.get().ok_or("this node is starting")?;
                 crate::replication::read(volumes, &payload)

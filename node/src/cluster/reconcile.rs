@@ -58,8 +58,11 @@ pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) ->
 }
 
 /// Epochs, replication targets and serving, from the applied state.
-/// Replication is set before serving starts, so no write escapes it.
-pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volumes) {
+/// Replication is set before serving starts, so no write escapes it; a
+/// volume this node newly coordinates is returned instead of served: its
+/// replicas must be fenced first (`fence_and_serve`).
+pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volumes) -> Vec<(String, u64)> {
+    let mut to_fence = Vec::new();
     let local_id = cluster.local.id;
     for volume in state.volumes.values().filter(|v| v.replica_nodes.contains(&local_id)) {
         if volumes.get(&volume.name).is_none() {
@@ -90,7 +93,28 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
         } else {
             volumes.set_replication(&volume.name, None);
         }
-        volumes.set_served(&volume.name, true);
+        let served = volumes.get(&volume.name).is_some_and(|local| local.is_served());
+        // Epoch 1: a new volume never had another coordinator to fence off.
+        if served || volume.replica_nodes.len() == 1 || volume.epoch <= 1 {
+            volumes.set_served(&volume.name, true);
+        } else {
+            to_fence.push((volume.name.clone(), volume.epoch));
+        }
+    }
+    to_fence
+}
+
+/// Raises the in-sync replicas' epoch, then serves the volume.
+pub async fn fence_and_serve(cluster: &Arc<Cluster>, volumes: &Volumes, name: &str, epoch: u64) {
+    let (Some(replication), Some(local)) = (cluster.replication(name), volumes.get(name)) else {
+        return;
+    };
+    match replication.fence(local.id, epoch).await {
+        Ok(()) => {
+            tracing::info!(volume = %name, epoch, "replicas fenced at the new epoch; serving");
+            volumes.set_served(name, true);
+        }
+        Err(error) => tracing::error!(volume = %name, %error, "cannot fence the replicas; not serving (retried)"),
     }
 }
 
@@ -112,7 +136,9 @@ pub async fn reconcile_loop(
             });
             match pass.await {
                 Ok(state) => {
-                    wire_serving(&cluster, &state, &volumes);
+                    for (name, epoch) in wire_serving(&cluster, &state, &volumes) {
+                        fence_and_serve(&cluster, &volumes, &name, epoch).await;
+                    }
                     crate::replication::resync::start_needed(&cluster, &state, &volumes);
                 }
                 Err(error) => tracing::error!(%error, "reconciliation task failed"),

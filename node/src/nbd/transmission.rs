@@ -143,6 +143,15 @@ fn validate(volume: &Volume, request: &Request, structured: bool, base_allocatio
     if volume.is_deleted() {
         return Err(error(ESHUTDOWN, format!("volume {} was deleted", volume.name)));
     }
+    if !volume.is_served() {
+        return Err(error(
+            ESHUTDOWN,
+            format!(
+                "volume {} is now served by another node (`ballast volume inspect` shows which)",
+                volume.name
+            ),
+        ));
+    }
     let allowed_flags = match request.command {
         CMD_READ => CMD_FLAG_DF,
         CMD_WRITE | CMD_TRIM => CMD_FLAG_FUA,

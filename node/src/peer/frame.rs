@@ -58,6 +58,8 @@ pub enum FrameKind {
     ReplicaRead = 52,
     /// the blocks
     ReplicaData = 53,
+    /// a new coordinator raises a replica's epoch before it serves
+    ReplicaFence = 54,
 }
 
 impl FrameKind {
@@ -80,6 +82,7 @@ impl FrameKind {
             51 => Self::ReplicaAck,
             52 => Self::ReplicaRead,
             53 => Self::ReplicaData,
+            54 => Self::ReplicaFence,
             _ => return None,
         })
     }

@@ -227,6 +227,49 @@ impl Replicator for VolumeReplication {
     }
 }
 
+impl VolumeReplication {
+    /// Raises every in-sync replica's epoch to `epoch` before this node
+    /// serves the volume: from then on they refuse the old coordinator's
+    /// writes even if Raft has not told them yet. A replica that does not
+    /// confirm is dropped from the in-sync set; Err if that fails too.
+    pub async fn fence(&self, volume_id: u64, epoch: u64) -> Result<(), String> {
+        let request = wire::encode_read(volume_id, epoch, 1);
+        let targets = self.targets.read().clone();
+        let fences = targets.iter().map(|(node, link)| {
+            let request = &request;
+            async move {
+                (
+                    *node,
+                    link.call(FrameKind::ReplicaFence, request, REPLICA_TIMEOUT).await,
+                )
+            }
+        });
+        for (node, result) in futures::future::join_all(fences).await {
+            if let Err(error) = result {
+                self.fence_out(node, &format!("did not confirm the new epoch: {error}"))
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Raises this node's replica to a new coordinator's epoch.
+pub async fn raise_epoch(volumes: &Volumes, payload: &[u8]) -> Result<(), String> {
+    // Same layout as a read request: volume id, epoch, 1.
+    let (volume_id, epoch, _) = wire::decode_read(payload).map_err(|error| error.to_string())?;
+    let volume = replica_of(volumes, volume_id).await?;
+    if volume.is_served() && volume.epoch() >= epoch {
+        return Err(format!(
+            "this node coordinates volume {} at epoch {}",
+            volume.name,
+            volume.epoch()
+        ));
+    }
+    volumes.set_epoch(&volume.name, epoch);
+    Ok(())
+}
+
 /// Serves blocks of this node's replica to a coordinator repairing its copy.
 pub async fn read(volumes: &Volumes, payload: &[u8]) -> Result<Vec<u8>, String> {
     let (volume_id, lba, block_count) = wire::decode_read(payload).map_err(|error| error.to_string())?;
@@ -239,19 +282,24 @@ pub async fn read(volumes: &Volumes, payload: &[u8]) -> Result<Vec<u8>, String> 
         .map_err(|error| error.to_string())
 }
 
+/// This node's replica of `volume_id`, waiting a moment for the reconciler
+/// when it is new (a new volume's first write may beat it).
+async fn replica_of(volumes: &Volumes, volume_id: u64) -> Result<Arc<crate::volume::Volume>, String> {
+    for _ in 0..REPLICA_WAIT_TRIES {
+        if let Some(volume) = volumes.get_by_id(volume_id) {
+            return Ok(volume);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    volumes
+        .get_by_id(volume_id)
+        .ok_or_else(|| format!("this node holds no replica of volume id {volume_id}"))
+}
+
 /// Applies a mutation sent by a coordinator to this node's replica.
 pub async fn apply(volumes: &Volumes, payload: &[u8]) -> Result<(), String> {
     let op = wire::decode(payload).map_err(|error| error.to_string())?;
-    // A new volume's first write may beat this node's reconciler by a moment.
-    let mut volume = volumes.get_by_id(op.volume_id);
-    for _ in 0..REPLICA_WAIT_TRIES {
-        if volume.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        volume = volumes.get_by_id(op.volume_id);
-    }
-    let volume = volume.ok_or_else(|| format!("this node holds no replica of volume id {}", op.volume_id))?;
+    let volume = replica_of(volumes, op.volume_id).await?;
     if volume.is_served() {
         return Err(format!(
             "this node coordinates volume {}; it takes no replica writes (the sender was fenced)",
