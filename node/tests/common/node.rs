@@ -132,6 +132,16 @@ impl TestNode {
                 return;
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                // A port picked as free was taken meanwhile (tests run side by side):
+                // on a first start, pick new ones and try again.
+                let collisions = self.log_text().matches("is in use").count();
+                if self.id == 0 && (1..=3).contains(&collisions) {
+                    self.child = None;
+                    self.api_port = free_port(&self.host);
+                    self.nbd_port = free_port(&self.host);
+                    self.peer_port = free_port(&self.host);
+                    return self.restart();
+                }
                 panic!("node exited during start ({status}):\n{}", self.log_text());
             }
             assert!(
