@@ -260,7 +260,9 @@ fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
         );
         return;
     };
-    let cluster = TestCluster::start(test, 3, &[]);
+    // A short replica_timeout_ms: the pause below outlasts it quickly.
+    let quick: &[&str] = &["--replica-timeout-ms", "1500"];
+    let cluster = TestCluster::start(test, 3, &[quick, quick, quick]);
     cluster.nodes[0].cli_ok(&["volume", "create", "p", "--size", "64MiB", "--repl", "3"]);
     let uri = cluster.nodes[0].uri("p");
     let scratch = tempfile::tempdir().unwrap();

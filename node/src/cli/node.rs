@@ -80,6 +80,9 @@ pub struct RunArgs {
     /// As Raft leader, rebuild elsewhere the replicas of a node silent this long (0: never) [default: 600].
     #[arg(long)]
     pub rebuild_after_s: Option<u64>,
+    /// As coordinator, drop a replica from the in-sync set when it has not answered a write for this long [default: 5000].
+    #[arg(long)]
+    pub replica_timeout_ms: Option<u64>,
     /// A label KEY=VALUE (repeatable); `zone` spreads replicas over distinct zones.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -109,6 +112,7 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 name: args.name,
                 failover_after_s: args.failover_after_s,
                 rebuild_after_s: args.rebuild_after_s,
+                replica_timeout_ms: args.replica_timeout_ms,
                 labels: if args.labels.is_empty() {
                     None
                 } else {

@@ -131,6 +131,7 @@ pub struct Cluster {
     resyncing: parking_lot::Mutex<std::collections::HashSet<(String, u64)>>,
     /// When the leader fails over and rebuilds by itself.
     automation: RwLock<automation::Automation>,
+    replica_timeout: RwLock<Duration>,
     /// The last resync of each (volume, replica), for `volume inspect`.
     resyncs: parking_lot::Mutex<std::collections::BTreeMap<(String, u64), crate::replication::resync::ResyncStatus>>,
 }
@@ -202,6 +203,7 @@ impl Cluster {
             resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
             resyncs: parking_lot::Mutex::new(BTreeMap::new()),
             automation: RwLock::new(automation::Automation::default()),
+            replica_timeout: RwLock::new(crate::replication::REPLICA_TIMEOUT_DEFAULT),
         });
         Ok(cluster)
     }
@@ -214,6 +216,17 @@ impl Cluster {
     /// When this node, as leader, fails over and rebuilds by itself.
     pub fn automation(&self) -> automation::Automation {
         *self.automation.read()
+    }
+
+    /// How long a replica may take to make a mutation durable before the
+    /// coordinator drops it from the in-sync set.
+    pub fn replica_timeout(&self) -> Duration {
+        *self.replica_timeout.read()
+    }
+
+    /// Sets `replica_timeout_ms` (applies to volumes coordinated from now on).
+    pub fn set_replica_timeout(&self, timeout: Duration) {
+        *self.replica_timeout.write() = timeout;
     }
 
     /// Hands the cluster this node's local replicas (once, at start-up).
@@ -245,6 +258,7 @@ impl Cluster {
                 Arc::downgrade(self),
                 name.to_owned(),
                 Vec::new(),
+                self.replica_timeout(),
             ))
         }))
     }

@@ -9,6 +9,7 @@
 //! labels = { zone = "a", rack = "r12" }   # placement spreads replicas over distinct zones
 //! failover_after_s = 30  # as Raft leader: serve a volume elsewhere when its node is silent this long (0: never)
 //! rebuild_after_s = 600  # as Raft leader: rebuild replicas of a node silent this long elsewhere (0: never)
+//! replica_timeout_ms = 5000  # as coordinator: drop a replica from the in-sync set after this long without an answer
 //! cores = "0-3"          # reactor cores (default: every core the process may use)
 //! thread_pool = false    # force the pread/pwrite engine instead of io_uring
 //! ```
@@ -62,6 +63,7 @@ pub struct ConfigFile {
     pub labels: Option<BTreeMap<String, String>>,
     pub failover_after_s: Option<u64>,
     pub rebuild_after_s: Option<u64>,
+    pub replica_timeout_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -91,6 +93,7 @@ pub struct NodeConfig {
     pub name: String,
     pub labels: BTreeMap<String, String>,
     pub automation: crate::cluster::automation::Automation,
+    pub replica_timeout: std::time::Duration,
 }
 
 /// Parses `KEY=VALUE` labels (flags), checking their characters.
@@ -183,6 +186,15 @@ impl NodeConfig {
                 overrides.failover_after_s.or(file.failover_after_s),
                 overrides.rebuild_after_s.or(file.rebuild_after_s),
             ),
+            replica_timeout: match overrides.replica_timeout_ms.or(file.replica_timeout_ms) {
+                None => crate::replication::REPLICA_TIMEOUT_DEFAULT,
+                Some(ms) if (100..=600_000).contains(&ms) => std::time::Duration::from_millis(ms),
+                Some(ms) => {
+                    return Err(ConfigError::Missing(format!(
+                        "replica_timeout_ms {ms} is out of range: use 100 to 600000"
+                    )))
+                }
+            },
         })
     }
 }
@@ -204,6 +216,18 @@ mod tests {
         assert_eq!(config.listen_nbd.port(), 2);
         assert_eq!(config.listen_api.port(), 9410);
         assert_eq!(config.cores.as_deref(), Some("0"));
+    }
+
+    #[test]
+    fn automation_and_replica_timeout_take_zero_as_off_and_bound_the_timeout() {
+        let file: ConfigFile =
+            toml::from_str("data_dir = \"/a\"\nfailover_after_s = 0\nreplica_timeout_ms = 1500").unwrap();
+        let config = NodeConfig::resolve(file, ConfigFile::default()).unwrap();
+        assert_eq!(config.automation.failover_after, None);
+        assert!(config.automation.rebuild_after.is_some());
+        assert_eq!(config.replica_timeout, std::time::Duration::from_millis(1500));
+        let file: ConfigFile = toml::from_str("data_dir = \"/a\"\nreplica_timeout_ms = 5").unwrap();
+        assert!(NodeConfig::resolve(file, ConfigFile::default()).is_err());
     }
 
     #[test]

@@ -70,6 +70,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let cluster = runtime.block_on(Cluster::open(&config.data_dir, local, report))?;
     cluster.attach_volumes(Arc::clone(&volumes));
     cluster.set_automation(config.automation);
+    cluster.set_replica_timeout(config.replica_timeout);
     let status_engine = Arc::clone(&engine);
     let status_volumes = Arc::clone(&volumes);
     let status_cluster = Arc::clone(&cluster);

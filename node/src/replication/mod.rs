@@ -2,7 +2,7 @@
 //! volume applies each mutation locally and on every other in-sync
 //! replica at once, over a multiplexed peer connection, and acknowledges
 //! it only when all have it durable. A replica that fails or does not
-//! answer within `REPLICA_TIMEOUT` is first removed from the in-sync set
+//! answer within `replica_timeout_ms` is first removed from the in-sync set
 //! through Raft (an epoch bump) and only then is the write acknowledged
 //! without it; if Raft cannot commit that, the write fails.
 //!
@@ -27,8 +27,9 @@ use crate::peer::mux::MuxLink;
 use crate::volume::{Replicator, Volumes};
 use wire::ReplicaOp;
 
-/// A replica that has not made a mutation durable within this long is dropped from the in-sync set.
-pub const REPLICA_TIMEOUT: Duration = Duration::from_millis(5000);
+/// Default of `replica_timeout_ms`: a replica that has not made a mutation
+/// durable within this long is dropped from the in-sync set.
+pub const REPLICA_TIMEOUT_DEFAULT: Duration = Duration::from_millis(5000);
 
 /// How often (50 ms apart) a replica looks again for a volume it does not have yet.
 const REPLICA_WAIT_TRIES: usize = 40;
@@ -37,6 +38,8 @@ const REPLICA_WAIT_TRIES: usize = 40;
 pub struct VolumeReplication {
     cluster: Weak<Cluster>,
     name: String,
+    /// How long a replica may take to answer (`replica_timeout_ms`).
+    pub timeout: Duration,
     targets: RwLock<Vec<(u64, Arc<MuxLink>)>>,
     /// Replicas being resynced: they get every mutation too, but a failure
     /// there only ends their resync (they are not in sync yet).
@@ -54,10 +57,11 @@ pub const DIRTY_REGION_BLOCKS: u64 = 16;
 
 impl VolumeReplication {
     #[must_use]
-    pub fn new(cluster: Weak<Cluster>, name: String, targets: Vec<(u64, Arc<MuxLink>)>) -> Self {
+    pub fn new(cluster: Weak<Cluster>, name: String, targets: Vec<(u64, Arc<MuxLink>)>, timeout: Duration) -> Self {
         Self {
             cluster,
             name,
+            timeout,
             targets: RwLock::new(targets),
             catching_up: RwLock::new(Vec::new()),
             dirty: parking_lot::Mutex::new(HashMap::new()),
@@ -163,17 +167,12 @@ impl Replicator for VolumeReplication {
             let catching_up = self.catching_up.read().clone();
             let catch_up_sends = catching_up.iter().map(|(node, link)| {
                 let payload = &payload;
-                async move {
-                    (
-                        *node,
-                        link.call(FrameKind::ReplicaWrite, payload, REPLICA_TIMEOUT).await,
-                    )
-                }
+                async move { (*node, link.call(FrameKind::ReplicaWrite, payload, self.timeout).await) }
             });
             let sends = targets.iter().map(|(node, link)| {
                 let payload = &payload;
                 async move {
-                    let result = match link.call(FrameKind::ReplicaWrite, payload, REPLICA_TIMEOUT).await {
+                    let result = match link.call(FrameKind::ReplicaWrite, payload, self.timeout).await {
                         Ok(_) => Ok(()),
                         Err(error) => Err(error.to_string()),
                     };
@@ -217,7 +216,7 @@ impl Replicator for VolumeReplication {
             let targets = self.targets.read().clone();
             let mut last_error = "no in-sync replica to read from".to_owned();
             for (node, link) in targets {
-                match link.call(FrameKind::ReplicaRead, &request, REPLICA_TIMEOUT).await {
+                match link.call(FrameKind::ReplicaRead, &request, self.timeout).await {
                     Ok(data) => return Ok(data),
                     Err(error) => last_error = format!("replica {node}: {error}"),
                 }
@@ -237,12 +236,7 @@ impl VolumeReplication {
         let targets = self.targets.read().clone();
         let fences = targets.iter().map(|(node, link)| {
             let request = &request;
-            async move {
-                (
-                    *node,
-                    link.call(FrameKind::ReplicaFence, request, REPLICA_TIMEOUT).await,
-                )
-            }
+            async move { (*node, link.call(FrameKind::ReplicaFence, request, self.timeout).await) }
         });
         for (node, result) in futures::future::join_all(fences).await {
             if let Err(error) = result {

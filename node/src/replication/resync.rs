@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use super::wire::{self, OpKind, ReplicaOp};
-use super::{VolumeReplication, DIRTY_REGION_BLOCKS, REPLICA_TIMEOUT};
+use super::{VolumeReplication, DIRTY_REGION_BLOCKS};
 use crate::cluster::state::{ClusterState, Command};
 use crate::cluster::Cluster;
 use crate::peer::frame::FrameKind;
@@ -136,7 +136,7 @@ async fn resync(
         if !replication.is_catching_up(node) {
             return Err("the replica failed a live write during the resync".into());
         }
-        copy_span(volume, &link, lba, count, status).await?;
+        copy_span(volume, &link, lba, count, replication.timeout, status).await?;
     }
     if !replication.is_catching_up(node) {
         return Err("the replica failed a live write during the resync".into());
@@ -175,6 +175,7 @@ async fn copy_span(
     link: &MuxLink,
     lba: u64,
     count: u64,
+    timeout: std::time::Duration,
     status: &mut ResyncStatus,
 ) -> Result<(), String> {
     let _held = volume.lock_range(lba, count).await;
@@ -204,7 +205,7 @@ async fn copy_span(
             volume_sequence: volume.next_sequence(),
             kind,
         };
-        link.call(FrameKind::ReplicaWrite, &wire::encode(&op), REPLICA_TIMEOUT)
+        link.call(FrameKind::ReplicaWrite, &wire::encode(&op), timeout)
             .await
             .map_err(|error| error.to_string())?;
         at += blocks;
