@@ -329,6 +329,14 @@ impl Cluster {
     /// Commits `command` through Raft (via the leader) and returns its outcome.
     pub async fn propose(&self, command: Command) -> Result<Outcome, ClusterError> {
         self.require_member()?;
+        // One id for every try: a retry after a lost answer is not applied twice.
+        let command = match command {
+            once @ Command::Once { .. } => once,
+            command => Command::Once {
+                id: uuid::Uuid::new_v4(),
+                command: Box::new(command),
+            },
+        };
         let started = Instant::now();
         let mut delay = Duration::from_millis(50);
         while started.elapsed() < PROPOSE_TIMEOUT {

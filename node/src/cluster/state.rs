@@ -95,11 +95,21 @@ pub struct ClusterState {
     pub next_volume_id: u64,
     /// Join tokens by the hex SHA-256 of their secret.
     pub tokens: BTreeMap<String, TokenRecord>,
+    /// Outcomes of the last `PROPOSALS_REMEMBERED` proposals by id, oldest
+    /// first: a proposal retried after a lost answer gets its first outcome
+    /// instead of being applied twice.
+    #[serde(default)]
+    pub recent_proposals: std::collections::VecDeque<(uuid::Uuid, Outcome)>,
 }
+
+/// Proposals whose outcome is kept for retries.
+pub const PROPOSALS_REMEMBERED: usize = 1024;
 
 /// A change to the cluster's metadata (the Raft log's payload).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
+    /// `command`, applied at most once however often it is proposed under `id`.
+    Once { id: uuid::Uuid, command: Box<Command> },
     /// First entry of a new cluster.
     Init {
         cluster_id: uuid::Uuid,
@@ -205,6 +215,17 @@ impl ClusterState {
     /// Applies one command; the outcome goes back to the proposer.
     pub fn apply(&mut self, command: Command) -> Outcome {
         match command {
+            Command::Once { id, command } => {
+                if let Some((_, outcome)) = self.recent_proposals.iter().find(|(seen, _)| *seen == id) {
+                    return outcome.clone();
+                }
+                let outcome = self.apply(*command);
+                if self.recent_proposals.len() >= PROPOSALS_REMEMBERED {
+                    self.recent_proposals.pop_front();
+                }
+                self.recent_proposals.push_back((id, outcome.clone()));
+                outcome
+            }
             Command::Init { cluster_id, node } => {
                 if self.cluster_id.is_some() {
                     return Outcome::Rejected(Rejection::Exists("the cluster is already initialized".into()));
@@ -626,6 +647,26 @@ mod tests {
             panic!()
         };
         assert_eq!((volume.replica_nodes, volume.replicas), (vec![1], 1));
+    }
+
+    #[test]
+    fn a_proposal_retried_under_its_id_is_applied_once_and_answered_alike() {
+        let mut state = cluster(2);
+        let once = Command::Once {
+            id: uuid::Uuid::from_u128(42),
+            command: Box::new(create("a", vec![1, 2])),
+        };
+        let first = state.apply(once.clone());
+        assert!(matches!(first, Outcome::Volume(_)));
+        assert_eq!(state.apply(once), first, "a retry must get the first outcome, not 'exists'");
+        assert_eq!(state.volumes.len(), 1);
+        for n in 0..PROPOSALS_REMEMBERED + 5 {
+            state.apply(Command::Once {
+                id: uuid::Uuid::from_u128(1000 + n as u128),
+                command: Box::new(Command::DeleteVolume { name: "none".into() }),
+            });
+        }
+        assert_eq!(state.recent_proposals.len(), PROPOSALS_REMEMBERED);
     }
 
     #[test]
