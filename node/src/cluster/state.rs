@@ -109,7 +109,10 @@ pub const PROPOSALS_REMEMBERED: usize = 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// `command`, applied at most once however often it is proposed under `id`.
-    Once { id: uuid::Uuid, command: Box<Command> },
+    Once {
+        id: uuid::Uuid,
+        command: Box<Command>,
+    },
     /// First entry of a new cluster.
     Init {
         cluster_id: uuid::Uuid,
@@ -658,7 +661,11 @@ mod tests {
         };
         let first = state.apply(once.clone());
         assert!(matches!(first, Outcome::Volume(_)));
-        assert_eq!(state.apply(once), first, "a retry must get the first outcome, not 'exists'");
+        assert_eq!(
+            state.apply(once),
+            first,
+            "a retry must get the first outcome, not 'exists'"
+        );
         assert_eq!(state.volumes.len(), 1);
         for n in 0..PROPOSALS_REMEMBERED + 5 {
             state.apply(Command::Once {
