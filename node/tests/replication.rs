@@ -666,8 +666,7 @@ fn a_paused_coordinator_that_resumes_after_a_failover_gets_no_write_accepted() {
         text(&late),
         text(&read)
     );
-    let info = inspect(&cluster.nodes[1], "s");
-    assert!(!ids(&info["in_sync"]).contains(&old.node_id()), "{info:#}");
+    // (The old coordinator may already be resynced from the new one and back in sync.)
     wait_until("the old coordinator stops serving", || {
         !qemu_io(old, "read 0 4096").status.success()
     });

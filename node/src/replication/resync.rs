@@ -21,7 +21,12 @@ use crate::peer::mux::MuxLink;
 use crate::volume::{Volume, Volumes};
 
 /// Blocks copied under one hold of the range lock.
+/// Blocks copied under one hold of the range lock (dirty spans are merged
+/// up to this; a full copy walks windows of `WINDOW_BLOCKS`).
 const CHUNK_BLOCKS: u64 = 256;
+/// A full copy looks at 64 MiB at a time: holes go as one zeroing each,
+/// data in writes of at most `CHUNK_BLOCKS` (thin volumes are mostly holes).
+const WINDOW_BLOCKS: u64 = 16384;
 const BLOCK_BYTES: u64 = 4096;
 
 /// A resync as `volume inspect` shows it.
@@ -122,11 +127,11 @@ async fn resync(
         None => {
             status.mode = "full".into();
             status.dirty_bytes = size_blocks * BLOCK_BYTES;
-            (0..size_blocks.div_ceil(CHUNK_BLOCKS))
+            (0..size_blocks.div_ceil(WINDOW_BLOCKS))
                 .map(|chunk| {
                     (
-                        chunk * CHUNK_BLOCKS,
-                        CHUNK_BLOCKS.min(size_blocks - chunk * CHUNK_BLOCKS),
+                        chunk * WINDOW_BLOCKS,
+                        WINDOW_BLOCKS.min(size_blocks - chunk * WINDOW_BLOCKS),
                     )
                 })
                 .collect()
@@ -185,32 +190,48 @@ async fn copy_span(
         .map_err(|error| error.to_string())?;
     let mut at = lba;
     for (len_bytes, allocated) in runs {
-        let blocks = len_bytes / BLOCK_BYTES;
-        let kind = if allocated {
+        let run_end = at + len_bytes / BLOCK_BYTES;
+        if !allocated {
+            status.zeroed_bytes += len_bytes;
+            let op = ReplicaOp {
+                volume_id: volume.id,
+                epoch: volume.epoch(),
+                lba: at,
+                block_count: run_end - at,
+                volume_sequence: volume.next_sequence(),
+                kind: OpKind::Zero,
+            };
+            send(link, &op, timeout).await?;
+            at = run_end;
+            continue;
+        }
+        while at < run_end {
+            let blocks = CHUNK_BLOCKS.min(run_end - at);
             let data = volume
-                .read(at * BLOCK_BYTES, len_bytes)
+                .read(at * BLOCK_BYTES, blocks * BLOCK_BYTES)
                 .await
                 .map_err(|e| e.to_string())?;
-            status.copied_bytes += len_bytes;
-            OpKind::Write(data.to_vec())
-        } else {
-            status.zeroed_bytes += len_bytes;
-            OpKind::Zero
-        };
-        let op = ReplicaOp {
-            volume_id: volume.id,
-            epoch: volume.epoch(),
-            lba: at,
-            block_count: blocks,
-            volume_sequence: volume.next_sequence(),
-            kind,
-        };
-        link.call(FrameKind::ReplicaWrite, &wire::encode(&op), timeout)
-            .await
-            .map_err(|error| error.to_string())?;
-        at += blocks;
+            status.copied_bytes += blocks * BLOCK_BYTES;
+            let op = ReplicaOp {
+                volume_id: volume.id,
+                epoch: volume.epoch(),
+                lba: at,
+                block_count: blocks,
+                volume_sequence: volume.next_sequence(),
+                kind: OpKind::Write(data.to_vec()),
+            };
+            send(link, &op, timeout).await?;
+            at += blocks;
+        }
     }
     Ok(())
+}
+
+async fn send(link: &MuxLink, op: &ReplicaOp, timeout: std::time::Duration) -> Result<(), String> {
+    link.call(FrameKind::ReplicaWrite, &wire::encode(op), timeout)
+        .await
+        .map(|_| ())
+        .map_err(|error| error.to_string())
 }
 
 #[cfg(test)]
