@@ -13,8 +13,14 @@ pub struct FioResult {
     pub bandwidth_bytes_per_second: f64,
     pub latency_p50_us: f64,
     pub latency_p99_us: f64,
+    pub latency_p999_us: f64,
     /// Requests completed (reads and writes).
     pub io_count: u64,
+    /// Flushes completed (`--fsync=N`; the NBD engine sends NBD_CMD_FLUSH) and their latency.
+    pub flush_count: u64,
+    pub flush_latency_p50_us: f64,
+    pub flush_latency_p99_us: f64,
+    pub flush_latency_p999_us: f64,
 }
 
 /// One fio job description.
@@ -123,12 +129,21 @@ pub fn parse(text: &str) -> Result<FioResult> {
         let percentile = |key: &str| part["clat_ns"]["percentile"][key].as_f64().unwrap_or(0.0) / 1000.0;
         result.latency_p50_us += percentile("50.000000") * iops;
         result.latency_p99_us += percentile("99.000000") * iops;
+        result.latency_p999_us += percentile("99.900000") * iops;
         weights += iops;
     }
     if weights > 0.0 {
         result.latency_p50_us /= weights;
         result.latency_p99_us /= weights;
+        result.latency_p999_us /= weights;
     }
+    // fio reports syncs apart from writes: total latency only (a sync has no submission phase).
+    let sync = &job["sync"];
+    result.flush_count = sync["total_ios"].as_u64().unwrap_or(0);
+    let flush_percentile = |key: &str| sync["lat_ns"]["percentile"][key].as_f64().unwrap_or(0.0) / 1000.0;
+    result.flush_latency_p50_us = flush_percentile("50.000000");
+    result.flush_latency_p99_us = flush_percentile("99.000000");
+    result.flush_latency_p999_us = flush_percentile("99.900000");
     Ok(result)
 }
 
@@ -145,6 +160,20 @@ mod tests {
         assert!((result.iops - 1000.5).abs() < 1e-9);
         assert_eq!(result.io_count, 3002);
         assert!((result.latency_p99_us - 90.0).abs() < 1e-9);
+        assert_eq!(result.flush_count, 0);
         assert!(parse("no json here").is_err());
+    }
+
+    #[test]
+    fn parses_flush_latency_and_the_999th_percentile() {
+        let text = r#"{"jobs":[{"write":{"iops":500.0,"total_ios":1000,
+"clat_ns":{"percentile":{"50.000000":100000,"99.000000":400000,"99.900000":900000}}},
+"sync":{"total_ios":1000,"lat_ns":{"percentile":{"50.000000":20000,"99.000000":60000,"99.900000":250000}}}}]}"#;
+        let result = parse(text).unwrap();
+        assert!((result.latency_p999_us - 900.0).abs() < 1e-9);
+        assert_eq!(result.flush_count, 1000);
+        assert!((result.flush_latency_p50_us - 20.0).abs() < 1e-9);
+        assert!((result.flush_latency_p99_us - 60.0).abs() < 1e-9);
+        assert!((result.flush_latency_p999_us - 250.0).abs() < 1e-9);
     }
 }

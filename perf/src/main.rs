@@ -5,7 +5,10 @@
 
 mod engine_bench;
 mod fio;
+mod local_cluster;
+mod machine;
 mod nbd_bench;
+mod repl_bench;
 mod servers;
 mod stats;
 
@@ -82,6 +85,32 @@ enum Bench {
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
+    /// Replication cost on a local 3-node cluster: 4k random writes at QD32 and write+FLUSH latency at QD1 on repl=1, 2 and 3 volumes coordinated by node 1, alternated, median, ratios against repl=1; writes repl.json.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`.
+    Repl {
+        /// Size of each node's loop device (each volume is 1/8 of it).
+        #[arg(long, default_value = "2GiB")]
+        size: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Alternating repetitions (median reported).
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// Two repetitions of 4 s per measure on 1 GiB devices (about a minute).
+        #[arg(long)]
+        quick: bool,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
+        /// KEY=VALUE added to every node's environment (repeatable), for experiment builds.
+        #[arg(long = "ballast-env", value_parser = parse_env_pair)]
+        ballast_env: Vec<(String, String)>,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
 }
 
 fn parse_env_pair(text: &str) -> Result<(String, String), String> {
@@ -135,6 +164,35 @@ fn main() -> Result<()> {
                 },
             })
         }
+        Bench::Repl {
+            size,
+            seconds,
+            repeats,
+            quick,
+            ballast,
+            ballast_env,
+            out,
+        } => {
+            // Two repetitions even when quick: the second starts with another replica count.
+            let (size, seconds, repeats) = if quick {
+                ("1GiB".to_owned(), 4, 2)
+            } else {
+                (size, seconds, repeats)
+            };
+            if seconds == 0 || repeats == 0 {
+                anyhow::bail!("--seconds and --repeats must be at least 1");
+            }
+            repl_bench::run(&repl_bench::ReplOptions {
+                node_disk_bytes: node::size::parse_size(&size)?,
+                seconds,
+                repeats,
+                out,
+                ballast: servers::BallastBinary {
+                    path: ballast,
+                    env: ballast_env,
+                },
+            })
+        }
     }
 }
 
@@ -152,12 +210,21 @@ fn target(size_bytes: u64) -> Result<Target> {
     }
     let dir = tempfile::tempdir_in("/var/tmp").context("scratch directory")?;
     let path = dir.path().join("disk.img");
+    write_backing_file(&path, size_bytes)?;
+    let device = LoopDevice::attach(&path, true)?;
+    Ok(Target { dir, device })
+}
+
+/// Creates `path` with `size_bytes` (rounded up to 8 MiB) of zeroes, written
+/// and synced: no holes (see `Target`).
+fn write_backing_file(path: &Path, size_bytes: u64) -> Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .custom_flags(libc::O_DIRECT)
-        .open(&path)?;
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     let chunk = disk_layout::IoBuf::new(8 << 20);
     let mut written = 0;
     while written < size_bytes {
@@ -165,8 +232,7 @@ fn target(size_bytes: u64) -> Result<Target> {
         written += chunk.len() as u64;
     }
     file.sync_all()?;
-    let device = LoopDevice::attach(&path, true)?;
-    Ok(Target { dir, device })
+    Ok(())
 }
 
 fn start_ballast(target: &Target, run: usize) -> Result<(DataDir, Engine)> {

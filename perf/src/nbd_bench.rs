@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::fio::{self, FioJob, FioResult};
+use crate::machine::{command_line, load_average, machine, Machine};
 use crate::servers::{self, BallastBinary, Server};
 use crate::stats::{compact, Samples};
 
@@ -147,17 +148,6 @@ struct MeasureReport {
     ratio_ballast_over_nbdkit: f64,
     target_ratio_over_qemu_nbd: Option<f64>,
     meets_target: Option<bool>,
-}
-
-#[derive(Debug, Serialize)]
-struct Machine {
-    cores: usize,
-    cpu: String,
-    kernel: String,
-    /// /proc/loadavg before the first server started and after the last
-    /// stopped: other work on the machine makes every number noisier.
-    load_average_before: String,
-    load_average_after: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -386,43 +376,6 @@ fn print_report(report: &NbdReport) {
         "\nballast acknowledges a write only once it is durable (flushed); qemu-nbd and nbdkit acknowledge when the \
          device accepted it (no flush is sent by these jobs)."
     );
-}
-
-/// The trimmed stdout of a command, or "unknown".
-fn command_line(program: &str, args: &[&str]) -> String {
-    Command::new(program)
-        .args(args)
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map_or_else(
-            || "unknown".to_owned(),
-            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
-        )
-}
-
-fn machine() -> Machine {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let cpu = cpuinfo
-        .lines()
-        .find_map(|line| line.strip_prefix("model name"))
-        .and_then(|rest| rest.split_once(':'))
-        .map_or_else(|| "unknown".to_owned(), |(_, name)| name.trim().to_owned());
-    Machine {
-        cores: std::thread::available_parallelism().map_or(0, std::num::NonZero::get),
-        cpu,
-        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
-            .map_or_else(|_| "unknown".to_owned(), |k| k.trim().to_owned()),
-        load_average_before: String::new(),
-        load_average_after: String::new(),
-    }
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|text| text.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

@@ -34,14 +34,22 @@ pub fn free_port() -> Result<u16> {
 pub struct Server {
     /// What it is, for messages (`ballast`, `qemu-nbd (aio=io_uring)`).
     pub label: String,
+    /// The loopback address it listens on (127.0.0.1 unless a cluster spreads nodes).
+    pub host: String,
     pub nbd_port: u16,
     child: Option<Child>,
     log: PathBuf,
 }
 
 impl Server {
-    /// Starts `command` with stdout and stderr appended to `log`.
-    fn spawn(label: &str, mut command: Command, nbd_port: u16, log: &Path) -> Result<Self> {
+    /// Starts `command` (listening on 127.0.0.1) with stdout and stderr appended to `log`.
+    fn spawn(label: &str, command: Command, nbd_port: u16, log: &Path) -> Result<Self> {
+        Self::spawn_on(label, command, "127.0.0.1", nbd_port, log)
+    }
+
+    /// Starts `command`, which will listen for NBD on `host:nbd_port`, with
+    /// stdout and stderr appended to `log`.
+    pub fn spawn_on(label: &str, mut command: Command, host: &str, nbd_port: u16, log: &Path) -> Result<Self> {
         let out = File::options().create(true).append(true).open(log)?;
         let child = command
             .stdin(Stdio::null())
@@ -51,15 +59,22 @@ impl Server {
             .with_context(|| format!("cannot start {label} ({command:?}); ci/install-deps.sh installs it"))?;
         Ok(Self {
             label: label.to_owned(),
+            host: host.to_owned(),
             nbd_port,
             child: Some(child),
             log: log.to_owned(),
         })
     }
 
-    /// `nbd://127.0.0.1:PORT/bench`.
+    /// `nbd://HOST:PORT/bench`.
     pub fn uri(&self) -> String {
-        format!("nbd://127.0.0.1:{}/{EXPORT_NAME}", self.nbd_port)
+        format!("nbd://{}:{}/{EXPORT_NAME}", self.host, self.nbd_port)
+    }
+
+    /// The process id while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The server's log so far.
@@ -93,13 +108,13 @@ impl Server {
     }
 
     /// Waits until the NBD port accepts TCP connections.
-    fn wait_listening(&mut self) -> Result<()> {
+    pub fn wait_listening(&mut self) -> Result<()> {
         let started = Instant::now();
         loop {
             if let Some(status) = self.exited() {
                 bail!("{} exited during start ({status}):\n{}", self.label, self.log_text());
             }
-            if TcpStream::connect(("127.0.0.1", self.nbd_port)).is_ok() {
+            if TcpStream::connect((self.host.as_str(), self.nbd_port)).is_ok() {
                 return Ok(());
             }
             if started.elapsed() > READY_TIMEOUT {
@@ -154,28 +169,37 @@ pub struct BallastBinary {
 }
 
 impl BallastBinary {
-    fn command(&self) -> Command {
+    /// A command running the binary with its environment (log level warn).
+    pub fn command(&self) -> Command {
         let mut command = Command::new(&self.path);
         command.env("BALLAST_LOG", "warn");
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }
 
-    fn run(&self, args: &[&str]) -> Result<String> {
+    /// Runs the binary to completion; its output (stdout and stderr), or an error quoting it.
+    pub fn run(&self, args: &[&str]) -> Result<String> {
+        let (stdout, stderr) = self.run_split(args)?;
+        Ok(format!("{stdout}{stderr}"))
+    }
+
+    /// Runs the binary to completion; its stdout alone (a token, JSON), or an error quoting its output.
+    pub fn run_stdout(&self, args: &[&str]) -> Result<String> {
+        Ok(self.run_split(args)?.0)
+    }
+
+    fn run_split(&self, args: &[&str]) -> Result<(String, String)> {
         let output = self
             .command()
             .args(args)
             .output()
             .with_context(|| format!("cannot run {}", self.path.display()))?;
-        let text = format!(
-            "{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
         if !output.status.success() {
-            bail!("ballast {} failed: {}", args.join(" "), text.trim());
+            bail!("ballast {} failed: {}{}", args.join(" "), stdout, stderr.trim());
         }
-        Ok(text)
+        Ok((stdout, stderr))
     }
 }
 

@@ -1,0 +1,519 @@
+//! `ballast-perf repl`: what synchronous replication costs, measured in one
+//! run on one local 3-node cluster. Three volumes, all coordinated by node 1,
+//! keep 1, 2 and 3 copies; fio drives each through node 1's NBD export
+//! (libnbd, one connection) in turn, rotating which goes first in each
+//! repetition; medians are reported as ratios against repl=1.
+//!
+//! Each volume is written once end to end (1 MiB sequential) before any
+//! measure, so the random writes are overwrites, as on a database's volume,
+//! with the same store state under every replica count; on a fresh thin
+//! volume the first pass over each block would differ from later ones.
+//!
+//! The three nodes share this machine's cores and its one disk (each loop
+//! device is a file on the same filesystem): a replica here costs CPU and
+//! disk the coordinator needs too, where on separate hosts it would cost a
+//! network round trip and another host's disk.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::fio::{self, FioJob, FioResult};
+use crate::local_cluster::LocalCluster;
+use crate::machine::{command_line, load_average, machine, Machine};
+use crate::servers::BallastBinary;
+use crate::stats::{compact, Samples};
+
+/// How to run the benchmark.
+#[derive(Clone, Debug)]
+pub struct ReplOptions {
+    /// Each node's loop-device disk.
+    pub node_disk_bytes: u64,
+    pub seconds: u64,
+    pub repeats: usize,
+    pub out: PathBuf,
+    pub ballast: BallastBinary,
+}
+
+/// Nodes in the cluster; the volumes have 1 ..= this many copies.
+const NODE_COUNT: usize = 3;
+const REPLICA_COUNTS: [usize; NODE_COUNT] = [1, 2, 3];
+/// Each volume's size (and fio's span) is this fraction of a node's disk:
+/// node 1 holds all three, 3/8 of its disk, under half of the usable 85 %.
+const SPAN_DISK_FRACTION: u64 = 8;
+/// Smallest volume the jobs may work on.
+const SPAN_BYTES_MIN: u64 = 64 << 20;
+
+/// One fio job run against every volume.
+struct Measure {
+    key: &'static str,
+    rw: &'static str,
+    iodepth: u32,
+    /// fio options beyond the common ones.
+    extra: &'static [&'static str],
+}
+
+/// In the order they run in each repetition.
+const MEASURES: [Measure; 2] = [
+    Measure {
+        key: "rand_write_4k_qd32",
+        rw: "randwrite",
+        iodepth: 32,
+        extra: &[],
+    },
+    // --fsync=1: a FLUSH after every write (fio's NBD engine sends
+    // NBD_CMD_FLUSH for fsync; it refuses fdatasync).
+    Measure {
+        key: "write_flush_4k_qd1",
+        rw: "randwrite",
+        iodepth: 1,
+        extra: &["--fsync=1"],
+    },
+];
+const QD32: usize = 0;
+const QD1: usize = 1;
+
+/// One volume's results for one measure, one value per repetition.
+#[derive(Clone, Debug, Default, Serialize)]
+struct VolumeSamples {
+    /// Writes per second (at QD1 also write+FLUSH pairs per second).
+    iops: Samples,
+    write_latency_p50_us: Samples,
+    write_latency_p99_us: Samples,
+    write_latency_p999_us: Samples,
+    /// Empty without --fsync.
+    flush_latency_p50_us: Samples,
+    flush_latency_p99_us: Samples,
+    flush_latency_p999_us: Samples,
+    /// CPU time of all three nodes (user + system, all threads) per write.
+    cluster_cpu_us_per_write: Samples,
+}
+
+impl VolumeSamples {
+    fn push(&mut self, result: &FioResult, cluster_cpu_seconds: f64) {
+        self.iops.push(result.iops);
+        self.write_latency_p50_us.push(result.latency_p50_us);
+        self.write_latency_p99_us.push(result.latency_p99_us);
+        self.write_latency_p999_us.push(result.latency_p999_us);
+        if result.flush_count > 0 {
+            self.flush_latency_p50_us.push(result.flush_latency_p50_us);
+            self.flush_latency_p99_us.push(result.flush_latency_p99_us);
+            self.flush_latency_p999_us.push(result.flush_latency_p999_us);
+        }
+        self.cluster_cpu_us_per_write
+            .push(cluster_cpu_seconds * 1e6 / result.io_count.max(1) as f64);
+    }
+}
+
+/// A ratio the issue asks for (reported, not asserted).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Target {
+    /// repl=N / repl=1 at least this (throughput).
+    AtLeast(f64),
+    /// repl=N / repl=1 at most this (latency).
+    AtMost(f64),
+}
+
+impl Target {
+    fn met(self, ratio: f64) -> bool {
+        match self {
+            Self::AtLeast(bound) => ratio >= bound,
+            Self::AtMost(bound) => ratio <= bound,
+        }
+    }
+}
+
+/// One line of the table.
+#[derive(Debug, Serialize)]
+struct Row {
+    description: &'static str,
+    /// Medians for repl=1, 2, 3.
+    medians: [f64; NODE_COUNT],
+    /// Ratios of the medians.
+    ratio_2_over_1: f64,
+    ratio_3_over_1: f64,
+    /// Ratios within each repetition (the volumes ran back to back), to show the noise.
+    ratios_2_over_1_per_repetition: Vec<f64>,
+    ratios_3_over_1_per_repetition: Vec<f64>,
+    target: Option<Target>,
+    /// Both ratios meet the target.
+    meets_target: Option<bool>,
+}
+
+fn row(description: &'static str, samples: [&Samples; NODE_COUNT], target: Option<Target>) -> Row {
+    let medians = samples.map(Samples::median);
+    let ratio = |n: usize| medians[n] / medians[0];
+    let per_repetition = |n: usize| {
+        samples[n]
+            .values
+            .iter()
+            .zip(&samples[0].values)
+            .map(|(value, base)| value / base)
+            .collect()
+    };
+    let (ratio_2_over_1, ratio_3_over_1) = (ratio(1), ratio(2));
+    Row {
+        description,
+        medians,
+        ratio_2_over_1,
+        ratio_3_over_1,
+        ratios_2_over_1_per_repetition: per_repetition(1),
+        ratios_3_over_1_per_repetition: per_repetition(2),
+        target,
+        meets_target: target.map(|t| t.met(ratio_2_over_1) && t.met(ratio_3_over_1)),
+    }
+}
+
+/// The table: `samples[measure][replica count - 1]`.
+fn rows(samples: &[[VolumeSamples; NODE_COUNT]]) -> Vec<Row> {
+    let pick = |measure: usize, field: fn(&VolumeSamples) -> &Samples| {
+        let volumes = &samples[measure];
+        [field(&volumes[0]), field(&volumes[1]), field(&volumes[2])]
+    };
+    vec![
+        row(
+            "4 KiB random write IOPS, QD32",
+            pick(QD32, |s| &s.iops),
+            Some(Target::AtLeast(0.6)),
+        ),
+        row(
+            "QD32 write p99 latency (µs)",
+            pick(QD32, |s| &s.write_latency_p99_us),
+            None,
+        ),
+        row(
+            "QD32 CPU per write, 3 nodes (µs)",
+            pick(QD32, |s| &s.cluster_cpu_us_per_write),
+            None,
+        ),
+        row("QD1 write+FLUSH pairs/s", pick(QD1, |s| &s.iops), None),
+        row("QD1 write p50 (µs)", pick(QD1, |s| &s.write_latency_p50_us), None),
+        row(
+            "QD1 write p99 (µs)",
+            pick(QD1, |s| &s.write_latency_p99_us),
+            Some(Target::AtMost(2.0)),
+        ),
+        row("QD1 write p99.9 (µs)", pick(QD1, |s| &s.write_latency_p999_us), None),
+        row("QD1 FLUSH p50 (µs)", pick(QD1, |s| &s.flush_latency_p50_us), None),
+        row(
+            "QD1 FLUSH p99 (µs)",
+            pick(QD1, |s| &s.flush_latency_p99_us),
+            Some(Target::AtMost(2.0)),
+        ),
+        row("QD1 FLUSH p99.9 (µs)", pick(QD1, |s| &s.flush_latency_p999_us), None),
+    ]
+}
+
+#[derive(Debug, Serialize)]
+struct ReplReport {
+    date_utc: String,
+    machine: Machine,
+    ballast_binary: String,
+    ballast_version: String,
+    nodes: usize,
+    node_disk: &'static str,
+    node_disk_bytes: u64,
+    /// Each volume's size; fio works over all of it.
+    volume_bytes: u64,
+    preparation: &'static str,
+    seconds: u64,
+    repeats: usize,
+    /// `samples[measure][replica count - 1]`, measures as in `measure_keys`.
+    measure_keys: Vec<&'static str>,
+    samples: Vec<[VolumeSamples; NODE_COUNT]>,
+    table: Vec<Row>,
+}
+
+/// Runs the benchmark, prints the table and writes `repl.json` under `out`.
+pub fn run(options: &ReplOptions) -> Result<()> {
+    assert!(options.seconds > 0, "a measurement needs a runtime");
+    assert!(options.repeats > 0, "at least one repetition");
+    let volume_bytes = (options.node_disk_bytes / SPAN_DISK_FRACTION) & !((1 << 20) - 1);
+    if volume_bytes < SPAN_BYTES_MIN {
+        bail!(
+            "--size must be at least {} MiB",
+            (SPAN_DISK_FRACTION * SPAN_BYTES_MIN) >> 20
+        );
+    }
+    preflight(&options.ballast)?;
+    let load_average_before = load_average();
+    eprintln!(
+        "starting {NODE_COUNT} nodes, {} loop device each",
+        node::size::format_size(options.node_disk_bytes)
+    );
+    let cluster = LocalCluster::start(&options.ballast, NODE_COUNT, options.node_disk_bytes)?;
+    let uris = create_and_fill(&cluster, volume_bytes)?;
+    let samples = measure_all(&cluster, &uris, options, volume_bytes)?;
+    drop(cluster);
+    let report = ReplReport {
+        date_utc: command_line("date", &["-u", "+%Y-%m-%d %H:%M"]),
+        machine: Machine {
+            load_average_before,
+            load_average_after: load_average(),
+            ..machine()
+        },
+        ballast_binary: options.ballast.path.display().to_string(),
+        ballast_version: command_line(&options.ballast.path.display().to_string(), &["--version"]),
+        nodes: NODE_COUNT,
+        node_disk: "loop device (direct I/O) over a fully written file in /var/tmp, all on one filesystem",
+        node_disk_bytes: options.node_disk_bytes,
+        volume_bytes,
+        preparation: "each volume written once end to end (fio 1 MiB sequential, QD8) before the measures",
+        seconds: options.seconds,
+        repeats: options.repeats,
+        measure_keys: MEASURES.iter().map(|m| m.key).collect(),
+        table: rows(&samples),
+        samples,
+    };
+    print_report(&report);
+    std::fs::create_dir_all(&options.out)?;
+    let file = options.out.join("repl.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    println!("\nJSON: {}", file.display());
+    Ok(())
+}
+
+/// Creates the repl=1, 2, 3 volumes through node 1 and writes each once end to end; their NBD URIs.
+fn create_and_fill(cluster: &LocalCluster, volume_bytes: u64) -> Result<Vec<String>> {
+    let mut uris = Vec::with_capacity(NODE_COUNT);
+    for replicas in REPLICA_COUNTS {
+        let name = format!("repl{replicas}");
+        let uri = cluster.create_volume(&name, volume_bytes, replicas)?;
+        eprintln!("filling {uri} ({replicas} copies)");
+        let fill = FioJob::new("fill", "write", "1M", 8, 0, volume_bytes);
+        fio::run_on_nbd(&fill, &uri).with_context(|| format!("filling {name}:\n{}", cluster.log_tails()))?;
+        uris.push(uri);
+    }
+    Ok(uris)
+}
+
+/// Every measure on every volume, repetition after repetition: `[measure][replica count - 1]`.
+fn measure_all(
+    cluster: &LocalCluster,
+    uris: &[String],
+    options: &ReplOptions,
+    volume_bytes: u64,
+) -> Result<Vec<[VolumeSamples; NODE_COUNT]>> {
+    assert_eq!(uris.len(), NODE_COUNT);
+    let mut samples: Vec<[VolumeSamples; NODE_COUNT]> = MEASURES.iter().map(|_| Default::default()).collect();
+    for run in 0..options.repeats {
+        for (index, measure) in MEASURES.iter().enumerate() {
+            for turn in 0..NODE_COUNT {
+                // Rotated each repetition, so no replica count always runs first (or last).
+                let slot = (turn + run) % NODE_COUNT;
+                let (result, cpu_seconds) = run_measure(cluster, measure, &uris[slot], options, volume_bytes)?;
+                samples[index][slot].push(&result, cpu_seconds);
+                let flush = if result.flush_count > 0 {
+                    format!(", FLUSH p99 {:.0} us", result.flush_latency_p99_us)
+                } else {
+                    String::new()
+                };
+                eprintln!(
+                    "repetition {}/{}: {} repl={}: {} IOPS, write p99 {:.0} us{flush}",
+                    run + 1,
+                    options.repeats,
+                    measure.key,
+                    REPLICA_COUNTS[slot],
+                    compact(result.iops),
+                    result.latency_p99_us,
+                );
+            }
+        }
+    }
+    Ok(samples)
+}
+
+/// Runs one fio job on one volume: fio's result and the CPU seconds all nodes used meanwhile.
+fn run_measure(
+    cluster: &LocalCluster,
+    measure: &Measure,
+    uri: &str,
+    options: &ReplOptions,
+    volume_bytes: u64,
+) -> Result<(FioResult, f64)> {
+    let mut job = FioJob::new(
+        measure.key,
+        measure.rw,
+        "4k",
+        measure.iodepth,
+        options.seconds,
+        volume_bytes,
+    );
+    job.extra = measure.extra.iter().map(|&option| option.to_owned()).collect();
+    let cpu_before = cluster.cpu_seconds()?;
+    let result =
+        fio::run_on_nbd(&job, uri).with_context(|| format!("{} on {uri}:\n{}", measure.key, cluster.log_tails()))?;
+    let cpu_seconds = cluster.cpu_seconds()? - cpu_before;
+    if !measure.extra.is_empty() && result.flush_count == 0 {
+        bail!("fio sent no FLUSH on {uri} with {:?}", measure.extra);
+    }
+    Ok((result, cpu_seconds))
+}
+
+/// Fails early, with a hint, when fio, root or a recent ballast binary is missing.
+fn preflight(ballast: &BallastBinary) -> Result<()> {
+    let path: &Path = &ballast.path;
+    if !path.is_file() {
+        bail!(
+            "no ballast binary at {}: build it with `cargo build --release -p node --bin ballast` (or pass --ballast PATH)",
+            path.display()
+        );
+    }
+    if ballast.run(&["cluster", "status", "--help"]).is_err() {
+        bail!(
+            "{} has no `cluster` command (built before clustering?): rebuild it with `cargo build --release -p node --bin ballast`",
+            path.display()
+        );
+    }
+    if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
+        bail!("cannot benchmark: {why}");
+    }
+    let fio = Command::new("fio").arg("--version").output();
+    if !fio.is_ok_and(|o| o.status.success()) {
+        bail!("fio is not installed (ci/install-deps.sh installs it)");
+    }
+    Ok(())
+}
+
+fn format_value(value: f64) -> String {
+    if value >= 1e4 {
+        compact(value)
+    } else {
+        format!("{value:.0}")
+    }
+}
+
+fn print_report(report: &ReplReport) {
+    println!(
+        "\n## Replication cost: {} nodes on one machine, volumes coordinated by node 1, fio through NBD (libnbd, 1 connection), {} x {} s per measure, median",
+        report.nodes, report.repeats, report.seconds
+    );
+    println!(
+        "{} UTC; {} ({} cores, kernel {}); load average before {}, after {}",
+        report.date_utc,
+        report.machine.cpu,
+        report.machine.cores,
+        report.machine.kernel,
+        report.machine.load_average_before,
+        report.machine.load_average_after
+    );
+    println!(
+        "binary {} ({}); each node a {} loop device, each volume {} (written once end to end first)",
+        report.ballast_binary,
+        report.ballast_version,
+        node::size::format_size(report.node_disk_bytes),
+        node::size::format_size(report.volume_bytes)
+    );
+    println!("\n| measure | repl=1 | repl=2 | repl=3 | ratio 2/1 | ratio 3/1 | target |");
+    println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
+    for row in &report.table {
+        let target = match (row.target, row.meets_target) {
+            (Some(Target::AtLeast(bound)), Some(met)) => format!(">= {bound}x: {}", met_text(met)),
+            (Some(Target::AtMost(bound)), Some(met)) => format!("<= {bound}x: {}", met_text(met)),
+            _ => "-".to_owned(),
+        };
+        println!(
+            "| {} | {} | {} | {} | {:.2}x | {:.2}x | {target} |",
+            row.description,
+            format_value(row.medians[0]),
+            format_value(row.medians[1]),
+            format_value(row.medians[2]),
+            row.ratio_2_over_1,
+            row.ratio_3_over_1,
+        );
+    }
+    if report.repeats > 1 {
+        println!("\nratios within each repetition (min - max):");
+        for row in report.table.iter().filter(|row| row.target.is_some()) {
+            println!(
+                "  {}: 2/1 {}, 3/1 {}",
+                row.description,
+                range(&row.ratios_2_over_1_per_repetition),
+                range(&row.ratios_3_over_1_per_repetition)
+            );
+        }
+    }
+    println!(
+        "\nThe nodes share the machine's cores and one disk: a replica here costs the coordinator's own CPU and disk, \
+         not another host's. fio reports a write and its FLUSH separately (no latency of the pair)."
+    );
+}
+
+fn met_text(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "not met"
+    }
+}
+
+fn range(values: &[f64]) -> String {
+    let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let max = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{min:.2}-{max:.2}x")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn samples(values: &[f64]) -> Samples {
+        Samples {
+            values: values.to_vec(),
+        }
+    }
+
+    #[test]
+    fn ratios_use_medians_and_both_must_meet_the_target() {
+        let (one, two, three) = (
+            samples(&[100.0, 90.0, 110.0]),
+            samples(&[70.0, 60.0, 80.0]),
+            samples(&[50.0, 40.0, 60.0]),
+        );
+        let throughput = row("iops", [&one, &two, &three], Some(Target::AtLeast(0.6)));
+        assert!((throughput.ratio_2_over_1 - 0.7).abs() < 1e-12);
+        assert!((throughput.ratio_3_over_1 - 0.5).abs() < 1e-12);
+        assert_eq!(throughput.meets_target, Some(false));
+        assert_eq!(throughput.ratios_2_over_1_per_repetition.len(), 3);
+        assert!((throughput.ratios_3_over_1_per_repetition[1] - 40.0 / 90.0).abs() < 1e-12);
+        let latency = row("p99", [&one, &two, &three], Some(Target::AtMost(2.0)));
+        assert_eq!(latency.meets_target, Some(true));
+        assert_eq!(row("cpu", [&one, &two, &three], None).meets_target, None);
+    }
+
+    #[test]
+    fn the_table_covers_every_measure_and_flushes_only_at_qd1() {
+        let mut all: Vec<[VolumeSamples; NODE_COUNT]> = MEASURES.iter().map(|_| Default::default()).collect();
+        let write_only = FioResult {
+            iops: 1000.0,
+            io_count: 1000,
+            latency_p50_us: 100.0,
+            latency_p99_us: 400.0,
+            latency_p999_us: 900.0,
+            ..FioResult::default()
+        };
+        let with_flush = FioResult {
+            flush_count: 1000,
+            flush_latency_p50_us: 20.0,
+            flush_latency_p99_us: 50.0,
+            flush_latency_p999_us: 80.0,
+            ..write_only
+        };
+        for volume in &mut all[QD32] {
+            volume.push(&write_only, 0.01);
+        }
+        for volume in &mut all[QD1] {
+            volume.push(&with_flush, 0.01);
+        }
+        assert!(all[QD32][0].flush_latency_p99_us.values.is_empty());
+        assert!((all[QD1][2].cluster_cpu_us_per_write.median() - 10.0).abs() < 1e-9);
+        let table = rows(&all);
+        assert_eq!(table.iter().filter(|row| row.target.is_some()).count(), 3);
+        assert!(table.iter().all(|row| (row.ratio_3_over_1 - 1.0).abs() < 1e-12));
+        assert!(MEASURES[QD1].extra.contains(&"--fsync=1"));
+        assert_eq!(MEASURES[QD32].iodepth, 32);
+    }
+}
