@@ -343,16 +343,26 @@ impl ClusterState {
         Outcome::Volume(volume)
     }
 
-    fn replica_out(&mut self, name: &str, node: u64, by: u64) -> Outcome {
-        let Some(volume) = self.volumes.get_mut(name) else {
-            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-        };
+    /// The volume `name`, if node `by` is its coordinator.
+    fn coordinated_by(&mut self, name: &str, by: u64) -> Result<&mut ClusterVolume, Rejection> {
+        let volume = self
+            .volumes
+            .get_mut(name)
+            .ok_or_else(|| Rejection::Missing(format!("volume {name} does not exist")))?;
         if volume.coordinator != by {
-            return Outcome::Rejected(Rejection::Invalid(format!(
+            return Err(Rejection::Invalid(format!(
                 "node {by} is not the coordinator of volume {name} (node {} is, epoch {})",
                 volume.coordinator, volume.epoch
             )));
         }
+        Ok(volume)
+    }
+
+    fn replica_out(&mut self, name: &str, node: u64, by: u64) -> Outcome {
+        let volume = match self.coordinated_by(name, by) {
+            Ok(volume) => volume,
+            Err(rejection) => return Outcome::Rejected(rejection),
+        };
         if node == volume.coordinator {
             return Outcome::Rejected(Rejection::Invalid(format!(
                 "the coordinator of {name} cannot drop itself"
@@ -410,15 +420,10 @@ impl ClusterState {
     }
 
     fn replica_in(&mut self, name: &str, node: u64, by: u64) -> Outcome {
-        let Some(volume) = self.volumes.get_mut(name) else {
-            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        let volume = match self.coordinated_by(name, by) {
+            Ok(volume) => volume,
+            Err(rejection) => return Outcome::Rejected(rejection),
         };
-        if volume.coordinator != by {
-            return Outcome::Rejected(Rejection::Invalid(format!(
-                "node {by} is not the coordinator of volume {name} (node {} is, epoch {})",
-                volume.coordinator, volume.epoch
-            )));
-        }
         if !volume.replica_nodes.contains(&node) {
             return Outcome::Rejected(Rejection::Invalid(format!(
                 "node {node} holds no replica of volume {name}"

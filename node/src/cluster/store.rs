@@ -323,6 +323,24 @@ impl StateMachine {
         .await
     }
 
+    /// Keeps the latest snapshot (what `get_current_snapshot` hands out).
+    async fn store_snapshot(&self, meta: &SnapshotMeta<NodeId, Node>, data: Vec<u8>) -> Result<(), SError> {
+        let stored = serde_json::to_vec(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .map_err(write_machine)?;
+        let db = Arc::clone(&self.db);
+        blocking(move || {
+            db.write(|_, table| {
+                table.insert(SNAPSHOT, stored.as_slice()).map_err(|e| e.to_string())?;
+                Ok(())
+            })
+            .map_err(write_machine)
+        })
+        .await
+    }
+
     fn publish(&self) {
         let persisted = self.persisted.read();
         *self.state.write() = persisted.state.clone();
@@ -348,20 +366,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             };
             (data, meta)
         };
-        let stored = serde_json::to_vec(&StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })
-        .map_err(write_machine)?;
-        let db = Arc::clone(&self.db);
-        blocking(move || {
-            db.write(|_, table| {
-                table.insert(SNAPSHOT, stored.as_slice()).map_err(|e| e.to_string())?;
-                Ok(())
-            })
-            .map_err(write_machine)
-        })
-        .await?;
+        self.store_snapshot(&meta, data.clone()).await?;
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -424,20 +429,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             state: installed.state,
         };
         self.save().await?;
-        let stored = serde_json::to_vec(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        })
-        .map_err(write_machine)?;
-        let db = Arc::clone(&self.db);
-        blocking(move || {
-            db.write(|_, table| {
-                table.insert(SNAPSHOT, stored.as_slice()).map_err(|e| e.to_string())?;
-                Ok(())
-            })
-            .map_err(write_machine)
-        })
-        .await?;
+        self.store_snapshot(meta, data).await?;
         self.publish();
         Ok(())
     }
