@@ -247,6 +247,29 @@ fn fio_write_ok(uri: &str, dir: &std::path::Path, offset: &str) {
     assert_eq!(fio_error(&output), 0, "{}", text(&output));
 }
 
+/// Verifies the 8 MiB a `fio_write_ok` at `offset` wrote; asserts fio saw no error.
+fn fio_verify_ok(uri: &str, dir: &std::path::Path, offset: &str) {
+    let verify = run_with_timeout(
+        &mut fio(
+            uri,
+            dir,
+            &[
+                "--verify_only",
+                "--verify_fatal=1",
+                &format!("--offset={offset}"),
+                "--size=8M",
+            ],
+        ),
+        FIO_TIMEOUT,
+    );
+    assert!(
+        verify.status.success(),
+        "verify at {offset} on {uri}: {}",
+        text(&verify)
+    );
+    assert_eq!(fio_error(&verify), 0);
+}
+
 #[test]
 fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
     let test = "a_paused_replica_and_a_partitioned_replica_are_dropped";
@@ -304,21 +327,7 @@ fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
 
     // Every acknowledged write reads back from the coordinator.
     for offset in ["0", "16M"] {
-        let verify = run_with_timeout(
-            &mut fio(
-                &uri,
-                scratch.path(),
-                &[
-                    "--verify_only",
-                    "--verify_fatal=1",
-                    &format!("--offset={offset}"),
-                    "--size=8M",
-                ],
-            ),
-            FIO_TIMEOUT,
-        );
-        assert!(verify.status.success(), "{}", text(&verify));
-        assert_eq!(fio_error(&verify), 0);
+        fio_verify_ok(&uri, scratch.path(), offset);
     }
 }
 
@@ -369,25 +378,7 @@ fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
     cluster.nodes[2].cli_ok(&["volume", "attach", "r", "--force"]);
     let uri = cluster.nodes[2].uri("r");
     for offset in ["0", "16M", "32M", "48M"] {
-        let verify = run_with_timeout(
-            &mut fio(
-                &uri,
-                scratch.path(),
-                &[
-                    "--verify_only",
-                    "--verify_fatal=1",
-                    &format!("--offset={offset}"),
-                    "--size=8M",
-                ],
-            ),
-            FIO_TIMEOUT,
-        );
-        assert!(
-            verify.status.success(),
-            "verify at {offset} on the resynced replica: {}",
-            text(&verify)
-        );
-        assert_eq!(fio_error(&verify), 0);
+        fio_verify_ok(&uri, scratch.path(), offset);
     }
 }
 
@@ -452,16 +443,7 @@ fn the_replica_count_is_raised_and_lowered_online_and_new_replicas_hold_the_data
     let heir = cluster.index_of(heir);
     cluster.nodes[0].kill9();
     cluster.nodes[heir].cli_ok(&["volume", "attach", "u", "--force"]);
-    let verify = run_with_timeout(
-        &mut fio(
-            &cluster.nodes[heir].uri("u"),
-            scratch.path(),
-            &["--verify_only", "--verify_fatal=1", "--offset=0", "--size=8M"],
-        ),
-        FIO_TIMEOUT,
-    );
-    assert!(verify.status.success(), "{}", text(&verify));
-    assert_eq!(fio_error(&verify), 0);
+    fio_verify_ok(&cluster.nodes[heir].uri("u"), scratch.path(), "0");
 }
 
 #[test]
@@ -499,16 +481,7 @@ fn decommissioning_the_serving_node_moves_its_replicas_and_it_leaves_the_cluster
 
     // The volume is served by its new coordinator, with every write.
     let coordinator = cluster.index_of(info["coordinator"].as_u64().unwrap());
-    let verify = run_with_timeout(
-        &mut fio(
-            &cluster.nodes[coordinator].uri("d"),
-            scratch.path(),
-            &["--verify_only", "--verify_fatal=1", "--offset=0", "--size=8M"],
-        ),
-        FIO_TIMEOUT,
-    );
-    assert!(verify.status.success(), "{}", text(&verify));
-    assert_eq!(fio_error(&verify), 0);
+    fio_verify_ok(&cluster.nodes[coordinator].uri("d"), scratch.path(), "0");
     // The cluster still changes metadata without it.
     cluster.nodes[coordinator].cli_ok(&["volume", "create", "after", "--size", "16MiB", "--repl", "3"]);
 }
@@ -551,16 +524,7 @@ fn the_leader_rebuilds_a_silent_nodes_replica_and_fails_over_a_silent_coordinato
                 .output()
                 .is_ok_and(|o| o.status.success())
     });
-    let verify = run_with_timeout(
-        &mut fio(
-            &cluster.nodes[spare].uri("a"),
-            scratch.path(),
-            &["--verify_only", "--verify_fatal=1", "--offset=0", "--size=8M"],
-        ),
-        FIO_TIMEOUT,
-    );
-    assert!(verify.status.success(), "{}", text(&verify));
-    assert_eq!(fio_error(&verify), 0);
+    fio_verify_ok(&cluster.nodes[spare].uri("a"), scratch.path(), "0");
 }
 
 /// Overwrites the first byte of the first 4 KiB block of `path` that is all `fill`; true if found.

@@ -120,8 +120,8 @@ impl Cluster {
             placed = self.with_state(|state| place(state, &views, request.replicas as usize, self.local.id));
         }
         let replica_nodes = placed.map_err(invalid)?;
-        let outcome = self
-            .change(Command::CreateVolume {
+        let volume = self
+            .expect_volume(Command::CreateVolume {
                 name: request.name.clone(),
                 size_bytes: request.size_bytes,
                 block_size_bytes: request.block_size_bytes,
@@ -129,12 +129,6 @@ impl Cluster {
                 created_unix_seconds: crate::datadir::now_unix_seconds(),
             })
             .await?;
-        let Outcome::Volume(volume) = outcome else {
-            return Err(VolumeOpError {
-                status: 500,
-                message: format!("unexpected outcome {outcome:?}"),
-            });
-        };
         tracing::info!(volume = %volume.name, id = volume.id, replicas = ?volume.replica_nodes, "volume created");
         self.wait_local(volumes, &volume).await;
         Ok(self.describe(volumes, &volume))
@@ -149,18 +143,12 @@ impl Cluster {
     ) -> Result<VolumeInfo, VolumeOpError> {
         self.require_member()?;
         validate_size(size_bytes)?;
-        let outcome = self
-            .change(Command::ResizeVolume {
+        let volume = self
+            .expect_volume(Command::ResizeVolume {
                 name: name.to_owned(),
                 size_bytes,
             })
             .await?;
-        let Outcome::Volume(volume) = outcome else {
-            return Err(VolumeOpError {
-                status: 500,
-                message: format!("unexpected outcome {outcome:?}"),
-            });
-        };
         self.wait_local(volumes, &volume).await;
         Ok(self.describe(volumes, &volume))
     }
@@ -262,18 +250,12 @@ impl Cluster {
                 ),
             });
         }
-        let outcome = self
-            .change(Command::SetCoordinator {
+        let volume = self
+            .expect_volume(Command::SetCoordinator {
                 name: name.to_owned(),
                 node: self.local.id,
             })
             .await?;
-        let Outcome::Volume(volume) = outcome else {
-            return Err(VolumeOpError {
-                status: 500,
-                message: format!("unexpected outcome {outcome:?}"),
-            });
-        };
         tracing::info!(volume = %name, epoch = volume.epoch, "this node now serves the volume");
         let started = Instant::now();
         while started.elapsed() < LOCAL_REPLICA_TIMEOUT

@@ -605,12 +605,6 @@ impl Volumes {
             epoch: record.epoch,
         })
     }
-
-    /// Every volume, by name.
-    pub fn list(&self) -> Vec<VolumeInfo> {
-        let names: Vec<String> = self.live.read().keys().cloned().collect();
-        names.iter().filter_map(|name| self.inspect(name).ok()).collect()
-    }
 }
 
 #[cfg(test)]
