@@ -111,6 +111,8 @@ pub async fn fence_and_serve(cluster: &Arc<Cluster>, volumes: &Volumes, name: &s
     };
     match replication.fence(local.id, epoch).await {
         Ok(()) => {
+            // Replica writes the old coordinator got admitted here land first.
+            let _drained = local.epoch_gate.write().await;
             tracing::info!(volume = %name, epoch, "replicas fenced at the new epoch; serving");
             volumes.set_served(name, true);
         }

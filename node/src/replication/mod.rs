@@ -248,17 +248,64 @@ impl VolumeReplication {
     }
 }
 
-/// Raises this node's replica to a new coordinator's epoch.
+/// Why a replica refuses a coordinator's request (the fencing rule).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// This node coordinates the volume itself: the sender was fenced.
+    Coordinating { epoch: u64 },
+    /// The request carries an epoch older than this replica knows.
+    StaleEpoch { sent: u64, known: u64 },
+}
+
+impl Refusal {
+    #[must_use]
+    pub fn describe(&self, volume: &str) -> String {
+        match *self {
+            Self::Coordinating { epoch } => format!(
+                "this node coordinates volume {volume} at epoch {epoch}; it takes no replica writes (the sender was fenced)"
+            ),
+            Self::StaleEpoch { sent, known } => format!(
+                "stale epoch {sent} for volume {volume} (this replica knows epoch {known}); the sender is no longer its coordinator"
+            ),
+        }
+    }
+}
+
+/// Whether a replica that knows `known` (and coordinates the volume
+/// itself when `coordinating`) applies a mutation sent at `sent`.
+pub fn admit_mutation(sent: u64, known: u64, coordinating: bool) -> Result<(), Refusal> {
+    if coordinating {
+        return Err(Refusal::Coordinating { epoch: known });
+    }
+    if sent < known {
+        return Err(Refusal::StaleEpoch { sent, known });
+    }
+    Ok(())
+}
+
+/// Whether a replica raises its epoch to `new` for a new coordinator: a
+/// node refuses while it coordinates the volume at that epoch or later (a
+/// coordinator at an older epoch stops serving and takes the new one).
+pub fn admit_fence(new: u64, known: u64, coordinating: bool) -> Result<(), Refusal> {
+    if coordinating && known >= new {
+        return Err(Refusal::Coordinating { epoch: known });
+    }
+    Ok(())
+}
+
+/// Raises this node's replica to a new coordinator's epoch. Waits for
+/// mutations already admitted at the old epoch to finish first, so none
+/// lands after the new coordinator has been told the replica is fenced.
 pub async fn raise_epoch(volumes: &Volumes, payload: &[u8]) -> Result<(), String> {
     // Same layout as a read request: volume id, epoch, 1.
     let (volume_id, epoch, _) = wire::decode_read(payload).map_err(|error| error.to_string())?;
     let volume = replica_of(volumes, volume_id).await?;
-    if volume.is_served() && volume.epoch() >= epoch {
-        return Err(format!(
-            "this node coordinates volume {} at epoch {}",
-            volume.name,
-            volume.epoch()
-        ));
+    let _no_mutation_in_flight = volume.epoch_gate.write().await;
+    admit_fence(epoch, volume.epoch(), volume.is_served()).map_err(|refusal| refusal.describe(&volume.name))?;
+    if volume.is_served() {
+        // A newer coordinator exists and this node has not heard from Raft yet.
+        tracing::warn!(volume = %volume.name, epoch, "fenced by a newer coordinator; no longer serving");
+        volumes.set_served(&volume.name, false);
     }
     volumes.set_epoch(&volume.name, epoch);
     Ok(())
@@ -290,22 +337,37 @@ async fn replica_of(volumes: &Volumes, volume_id: u64) -> Result<Arc<crate::volu
         .ok_or_else(|| format!("this node holds no replica of volume id {volume_id}"))
 }
 
-/// Applies a mutation sent by a coordinator to this node's replica.
+/// Applies a mutation sent by a coordinator to this node's replica. The
+/// epoch check and the write hold the volume's epoch gate (shared), so a
+/// fence or a switch to serving waits for admitted mutations to land.
 pub async fn apply(volumes: &Volumes, payload: &[u8]) -> Result<(), String> {
     let op = wire::decode(payload).map_err(|error| error.to_string())?;
     let volume = replica_of(volumes, op.volume_id).await?;
-    if volume.is_served() {
-        return Err(format!(
-            "this node coordinates volume {}; it takes no replica writes (the sender was fenced)",
-            volume.name
-        ));
-    }
-    let known = volume.epoch();
-    if op.epoch < known {
-        return Err(format!(
-            "stale epoch {} for volume {} (this replica knows epoch {known}); the sender is no longer its coordinator",
-            op.epoch, volume.name
-        ));
-    }
+    let _admitted = volume.epoch_gate.read().await;
+    admit_mutation(op.epoch, volume.epoch(), volume.is_served()).map_err(|refusal| refusal.describe(&volume.name))?;
     volume.apply_replica_op(op).await.map_err(|error| error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_refuses_mutations_from_an_older_epoch_or_while_it_coordinates() {
+        assert_eq!(admit_mutation(5, 5, false), Ok(()));
+        assert_eq!(admit_mutation(6, 5, false), Ok(()));
+        assert_eq!(
+            admit_mutation(4, 5, false),
+            Err(Refusal::StaleEpoch { sent: 4, known: 5 })
+        );
+        assert_eq!(admit_mutation(9, 5, true), Err(Refusal::Coordinating { epoch: 5 }));
+    }
+
+    #[test]
+    fn a_coordinator_refuses_a_fence_at_or_below_its_own_epoch() {
+        assert_eq!(admit_fence(6, 5, false), Ok(()));
+        assert_eq!(admit_fence(3, 5, false), Ok(()));
+        assert_eq!(admit_fence(5, 5, true), Err(Refusal::Coordinating { epoch: 5 }));
+        assert_eq!(admit_fence(6, 5, true), Ok(()));
+    }
 }

@@ -163,6 +163,10 @@ pub struct Volume {
     replication: RwLock<Option<Arc<dyn Replicator>>>,
     /// Orders overlapping mutations while replicating.
     ranges: range_lock::RangeLock,
+    /// Held shared by each replica mutation from its epoch check until it
+    /// is durable; exclusively to raise the epoch for a fence or to start
+    /// serving, so no mutation admitted at an old epoch lands after that.
+    pub epoch_gate: tokio::sync::RwLock<()>,
 }
 
 /// Copies a coordinator's mutations to the volume's other in-sync replicas.
@@ -379,6 +383,7 @@ impl Volumes {
             served: AtomicBool::new(false),
             replication: RwLock::new(None),
             ranges: range_lock::RangeLock::default(),
+            epoch_gate: tokio::sync::RwLock::new(()),
         })
     }
 
