@@ -1,0 +1,312 @@
+//! Deterministic simulation of the replication protocol, with a checker
+//! over acknowledged writes.
+//!
+//! Real (the production code, called as is):
+//! - each node's disk: `disk_layout::Store` over a fault-injecting
+//!   `SimDisk`; a write counts as durable only when the Store acknowledges
+//!   it; a crash keeps the device's durable image (unflushed writes lost or
+//!   torn) and the restart reopens the Store, replaying its log; disk EIO
+//!   is the device's injected write failure;
+//! - the wire codec: every mutation travels as `replication::wire::encode`d
+//!   bytes and replicas `decode` them; fences as `encode_read`/`decode_read`;
+//! - the fencing rules `replication::admit_mutation` and `admit_fence`;
+//! - the metadata: `cluster::state::ClusterState::apply` (CreateVolume,
+//!   ReplicaOut, ReplicaIn, SetCoordinator, with its refusals).
+//!
+//! Modeled (mirroring the real control flow step by step, see
+//! `repl_sim/node.rs`): `Volume::mutate` (range lock, local write and
+//! replication joined), `VolumeReplication::replicate` / `fence_out` /
+//! `fence` / `mark_dirty`, the replica's `apply` / `raise_epoch` under the
+//! epoch gate, the reconciler's `wire_serving` / `fence_and_serve`, and
+//! `resync` (catch up, copy dirty regions or everything under the range
+//! lock, `ReplicaIn`). Raft is one linearizable store a node reaches or not
+//! (a cut-off proposer times out; one cut off while committing hears a
+//! failure although the change applied). The peer network delivers
+//! requests on a link in order (one TCP connection) with delay, loss,
+//! duplication and cuts; `reorder` makes it datagram-like. The dirty-region
+//! map survives a coordinator restart (as the persisted map will) and is
+//! absent on a node that newly coordinates (full copy). A restarted
+//! replica starts at its metadata record's epoch (1) until its reconciler
+//! runs, as `Volumes::open` does.
+//!
+//! Not simulated: Raft itself (see `cluster_sim`), the NBD protocol,
+//! unaligned writes (read-modify-write), reads repaired from a replica
+//! (bit rot), rebuilding a replica on another node, the engine's threads,
+//! clocks and leases; clients always follow the coordinator Raft names.
+//!
+//! Checked (see `repl_sim/check.rs`): every read returns per block the
+//! newest write acknowledged before it started or a later one, never
+//! foreign or torn bytes; at every acknowledgement every in-sync replica
+//! confirmed the write; no replica lets a mutation land at an epoch below
+//! one it confirmed to a fencing coordinator; after healing all replicas
+//! are in sync and hold the same bytes, which pass the read rule.
+//! Monotonic reads are counted (a failure with `BALLAST_REPL_SIM_STRICT=1`).
+//!
+//! Reproduce: `BALLAST_REPL_SIM_SEED=N cargo test -p node --test repl_sim
+//! -- --nocapture` prints seed N's trace; `BALLAST_REPL_SIM_SEEDS=K` runs K
+//! seeds (from `BALLAST_REPL_SIM_SEED_BASE`, default 0).
+
+// Small simulated sizes only.
+#![allow(clippy::cast_possible_truncation)]
+
+#[path = "repl_sim/mod.rs"]
+mod sim;
+
+use std::time::Duration;
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use sim::world::{self, Fault, Plan, Target};
+use sim::{simulate, Config, Counters, Outcome};
+
+/// Seeds a plain `cargo test` runs.
+const SEEDS_DEFAULT: u64 = 500;
+
+fn env_u64(name: &str) -> Option<u64> {
+    let value = std::env::var(name).ok()?;
+    Some(
+        value
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={value}: expected a number")),
+    )
+}
+
+fn strict() -> bool {
+    std::env::var_os("BALLAST_REPL_SIM_STRICT").is_some()
+}
+
+fn run_seeds(label: &str, adjust: fn(&mut Config)) {
+    let single = env_u64("BALLAST_REPL_SIM_SEED");
+    let seeds: Vec<u64> = match single {
+        Some(seed) => vec![seed],
+        None => {
+            let base = env_u64("BALLAST_REPL_SIM_SEED_BASE").unwrap_or(0);
+            (base..base + env_u64("BALLAST_REPL_SIM_SEEDS").unwrap_or(SEEDS_DEFAULT)).collect()
+        }
+    };
+    let started = std::time::Instant::now();
+    let mut total = Counters::default();
+    let mut failed = Vec::new();
+    for &seed in &seeds {
+        let outcome = simulate(
+            seed,
+            world::run_seed(seed, |config| {
+                config.verbose = single.is_some();
+                config.strict_monotonic = strict();
+                adjust(config);
+            }),
+        );
+        total.add(&outcome.counters);
+        if !outcome.failures.is_empty() {
+            eprintln!("{label}: seed={seed} failed:\n  {}", outcome.failures.join("\n  "));
+            failed.push(seed);
+        }
+    }
+    println!("{} ({label}) in {:?}", total.line(seeds.len()), started.elapsed());
+    assert!(
+        failed.is_empty(),
+        "{label}: failed seeds {failed:?}; rerun one with BALLAST_REPL_SIM_SEED=N (first: seed={})",
+        failed[0]
+    );
+}
+
+#[test]
+fn simulated_replication_loses_no_acknowledged_write() {
+    run_seeds("repl_sim", |_| {});
+}
+
+#[test]
+fn a_seed_replays_the_same_run() {
+    let seed = env_u64("BALLAST_REPL_SIM_SEED").unwrap_or(7);
+    let first = simulate(seed, world::run_seed(seed, |_| {}));
+    let second = simulate(seed, world::run_seed(seed, |_| {}));
+    if let Some(index) = first.trace.iter().zip(&second.trace).position(|(a, b)| a != b) {
+        panic!(
+            "seed={seed} did not replay: event {index} was\n  {}\nthen\n  {}",
+            first.trace[index], second.trace[index]
+        );
+    }
+    assert_eq!(first.trace.len(), second.trace.len(), "seed={seed}");
+    assert_eq!(first.counters, second.counters, "seed={seed}");
+}
+
+/// A fixed scenario: no random faults, `faults` at the given times.
+fn scripted(seed: u64, replicas: u64, faults: Vec<(u64, Fault)>) -> Outcome {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut config = Config::random(seed, &mut rng);
+    config.replicas = replicas;
+    config.volume_blocks = 128;
+    config.replica_timeout = Duration::from_millis(200);
+    config.raft_timeout = Duration::from_millis(300);
+    config.safety_phase = Duration::from_millis(2500);
+    config.client_depth = 3;
+    config.loss_percent = 0;
+    config.duplicate_percent = 0;
+    config.verbose = std::env::var_os("BALLAST_REPL_SIM_TRACE").is_some();
+    let plan = Plan {
+        faults: faults
+            .into_iter()
+            .map(|(at_ms, fault)| (Duration::from_millis(at_ms), fault))
+            .collect(),
+    };
+    simulate(seed, world::run(config, plan, rng))
+}
+
+fn assert_passed(outcome: &Outcome) {
+    assert!(
+        outcome.failures.is_empty(),
+        "failures: {:#?}\ntrace:\n{}",
+        outcome.failures,
+        outcome.trace.join("\n")
+    );
+}
+
+fn traced(outcome: &Outcome, needle: &str) -> bool {
+    outcome.trace.iter().any(|line| line.contains(needle))
+}
+
+#[test]
+fn an_old_coordinator_paused_across_a_failover_gets_no_write_accepted() {
+    let outcome = scripted(
+        11,
+        3,
+        vec![
+            (
+                400,
+                Fault::Pause {
+                    target: Target::Node(1),
+                    length: Duration::from_millis(1200),
+                },
+            ),
+            (450, Fault::Failover { to: Target::Node(2) }),
+        ],
+    );
+    assert_passed(&outcome);
+    assert_eq!(outcome.counters.failovers, 1);
+    assert!(
+        outcome.counters.refused_stale > 0 || traced(&outcome, "coordinates volume"),
+        "the old coordinator's writes were refused:\n{}",
+        outcome.trace.join("\n")
+    );
+    assert_eq!(outcome.counters.fencing_violations, 0);
+    assert!(outcome.counters.writes_acked > 50);
+}
+
+#[test]
+fn a_replica_that_misses_a_write_is_dropped_before_the_write_is_acknowledged() {
+    let outcome = scripted(
+        12,
+        3,
+        vec![(
+            300,
+            Fault::Partition {
+                a: Target::Node(1),
+                b: Target::Node(3),
+                length: Duration::from_millis(700),
+            },
+        )],
+    );
+    assert_passed(&outcome);
+    assert!(outcome.counters.replica_outs >= 1);
+    assert_eq!(outcome.counters.unconfirmed_acks, 0);
+    assert!(traced(&outcome, "ReplicaOut { name: \"v\", node: 3, by: 1 }"));
+}
+
+#[test]
+fn a_coordinator_cut_off_from_raft_fails_writes_instead_of_acknowledging_them_without_a_replica() {
+    let outcome = scripted(
+        13,
+        3,
+        vec![
+            (
+                300,
+                Fault::CutFromRaft {
+                    target: Target::Node(1),
+                    length: Duration::from_millis(800),
+                },
+            ),
+            (
+                310,
+                Fault::Partition {
+                    a: Target::Node(1),
+                    b: Target::Node(2),
+                    length: Duration::from_millis(600),
+                },
+            ),
+        ],
+    );
+    assert_passed(&outcome);
+    assert!(outcome.counters.writes_failed > 0);
+    assert_eq!(outcome.counters.unconfirmed_acks, 0);
+}
+
+#[test]
+fn resync_after_a_short_outage_copies_only_dirty_regions() {
+    let outcome = scripted(
+        14,
+        3,
+        vec![(
+            300,
+            Fault::Partition {
+                a: Target::Node(1),
+                b: Target::Node(2),
+                length: Duration::from_millis(400),
+            },
+        )],
+    );
+    assert_passed(&outcome);
+    assert!(outcome.counters.resyncs_incremental >= 1, "{:?}", outcome.counters);
+}
+
+#[test]
+fn a_new_coordinator_resyncs_a_returning_replica_with_a_full_copy() {
+    let outcome = scripted(
+        15,
+        3,
+        vec![
+            (
+                300,
+                Fault::Crash {
+                    target: Target::Node(3),
+                    down: Duration::from_millis(600),
+                },
+            ),
+            (400, Fault::Failover { to: Target::Node(2) }),
+        ],
+    );
+    assert_passed(&outcome);
+    assert!(outcome.counters.resyncs_full >= 1, "{:?}", outcome.counters);
+}
+
+#[test]
+fn a_replica_whose_disk_fails_is_dropped_and_rejoins_after_replacement() {
+    let outcome = scripted(
+        16,
+        2,
+        vec![(
+            300,
+            Fault::DiskEio {
+                target: Target::Node(2),
+                length: Duration::from_millis(500),
+            },
+        )],
+    );
+    assert_passed(&outcome);
+    assert!(outcome.counters.replica_outs >= 1);
+}
+
+/// Requests may overtake each other and duplicates arrive late: a datagram
+/// network. The replica applies mutations in arrival order and does not
+/// look at `volume_sequence`, so this needs an ordered transport; kept
+/// apart to show what breaks without one.
+#[test]
+#[ignore = "the protocol needs in-order links; run to see what reordering does"]
+fn with_reordering_links_replicas_may_apply_stale_writes() {
+    run_seeds("repl_sim reorder", |config| {
+        config.loss_percent = config.loss_percent.max(2);
+        config.duplicate_percent = config.duplicate_percent.max(5);
+        config.reorder = true;
+    });
+}

@@ -1,0 +1,74 @@
+//! The metadata service: Raft modeled as one linearizable store holding the
+//! real `ClusterState` and applying commands with its real `apply`. A node
+//! reaches it or not ("cut off from the Raft majority"): a proposal from a
+//! node cut off fails after `raft_timeout`; one whose proposer is cut off
+//! while it commits is applied, but the proposer hears a failure (an
+//! ambiguous outcome, as with a lost reply). A node learns the state only
+//! while it reaches the service.
+
+use std::collections::BTreeSet;
+use std::rc::Rc;
+
+use ::node::cluster::state::{ClusterState, Command, Outcome};
+
+use super::Sim;
+
+#[derive(Default)]
+pub struct Raft {
+    pub state: ClusterState,
+    /// Nodes cut off from the Raft majority.
+    pub cut: BTreeSet<u64>,
+    pub commits: u64,
+}
+
+impl Raft {
+    pub fn reaches(&self, node: u64) -> bool {
+        !self.cut.contains(&node)
+    }
+}
+
+/// Proposes `command` from `from` (0: an operator, always reaching Raft).
+/// Err for a rejection or a time-out (like `Cluster::change`).
+pub async fn change(sim: &Rc<Sim>, from: u64, command: Command) -> Result<Outcome, String> {
+    let started = tokio::time::Instant::now();
+    if from != 0 {
+        super::node::wait_unpaused(sim, from).await;
+    }
+    let reaches = from == 0 || sim.raft.borrow().reaches(from);
+    if !reaches {
+        tokio::time::sleep_until(started + sim.config.raft_timeout).await;
+        sim.log(format!("raft: {command:?} from node {from} timed out (cut off)"));
+        return Err("raft proposal timed out".into());
+    }
+    tokio::time::sleep(sim.range_ms(1, 6)).await;
+    let outcome = {
+        let mut raft = sim.raft.borrow_mut();
+        raft.commits += 1;
+        raft.state.apply(command.clone())
+    };
+    sim.log(format!("raft: {command:?} from node {from} -> {}", describe(&outcome)));
+    for id in sim.node_ids() {
+        let wake = std::rc::Rc::clone(&sim.node(id).reconcile_wake);
+        wake.notify_one();
+    }
+    let still_reaches = from == 0 || sim.raft.borrow().reaches(from);
+    if !still_reaches {
+        tokio::time::sleep_until(started + sim.config.raft_timeout).await;
+        return Err("raft proposal outcome unknown (cut off while committing)".into());
+    }
+    match outcome {
+        Outcome::Rejected(rejection) => Err(rejection.to_string()),
+        outcome => Ok(outcome),
+    }
+}
+
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Volume(volume) => format!(
+            "epoch {} coordinator {} in sync {:?}",
+            volume.epoch, volume.coordinator, volume.in_sync
+        ),
+        Outcome::Rejected(rejection) => format!("rejected: {rejection}"),
+        Outcome::Done => "done".into(),
+    }
+}
