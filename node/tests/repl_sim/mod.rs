@@ -97,6 +97,21 @@ pub struct Config {
     /// Message loss / duplication in percent (while enabled).
     pub loss_percent: u32,
     pub duplicate_percent: u32,
+    /// Model a proposed fix instead of the current code: a replica whose
+    /// `ReplicaIn` is proposed counts as in sync for failures (see
+    /// `node::Repl::joining`). Without it the current code acknowledges
+    /// writes an in-sync replica never got (the race in the report).
+    pub fix_join_race: bool,
+    /// Model a proposed fix instead of the current code: `mutate` on a
+    /// replicated volume whose replication was just dropped (the node was
+    /// deposed after the request passed the serving check) fails instead
+    /// of writing locally only and acknowledging.
+    pub fix_deposed_local_ack: bool,
+    /// Model a proposed fix instead of the current code: a resync waits
+    /// for the mutations in flight when it starts catching up before it
+    /// reads the dirty regions (the current code can miss a region a
+    /// racing write marks after the read).
+    pub fix_resync_drain: bool,
     /// Requests may overtake each other on a link (see `net`).
     pub reorder: bool,
     /// The Store writes with FUA (else write + flush).
@@ -126,6 +141,9 @@ impl Config {
             client_depth: rng.gen_range(1..5),
             loss_percent: rng.gen_range(0..6),
             duplicate_percent: rng.gen_range(0..6),
+            fix_join_race: true,
+            fix_deposed_local_ack: true,
+            fix_resync_drain: true,
             reorder: false,
             durable_writes: seed.is_multiple_of(2),
             strict_monotonic: false,

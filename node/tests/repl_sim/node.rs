@@ -76,6 +76,10 @@ impl RangeLock {
 pub struct Repl {
     pub targets: RefCell<Vec<u64>>,
     pub catching_up: RefCell<Vec<u64>>,
+    /// Proposed fix only (`Config::fix_join_race`): catching-up replicas
+    /// whose `ReplicaIn` may have committed; a failure there drops them
+    /// through Raft before the write is acknowledged.
+    pub joining: RefCell<BTreeSet<u64>>,
     fencing: tokio::sync::Mutex<()>,
 }
 
@@ -214,6 +218,10 @@ async fn apply(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), String> {
     if op.epoch < confirmed {
         fencing_violation(sim, id, &header, confirmed, "admitted");
     }
+    let content = match &op.kind {
+        OpKind::Write(data) => format!("w{}", u64::from_le_bytes(data[16..24].try_into().expect("8 bytes"))),
+        OpKind::Zero => "zero".into(),
+    };
     let request = match op.kind {
         OpKind::Write(data) => Request::Write {
             lba: op.lba,
@@ -233,6 +241,12 @@ async fn apply(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), String> {
         node.sequence = node.sequence.max(op.volume_sequence + 1);
     }
     let result = disk::call(sim, id, request).await.map(|_| ());
+    if sim.config.verbose {
+        sim.log(format!(
+            "node {id}: replica op blocks {}+{} epoch {} sequence {} ({}): {result:?}",
+            header.lba, header.block_count, header.epoch, header.volume_sequence, content
+        ));
+    }
     let confirmed = sim.node(id).fence_confirmed;
     if result.is_ok() && header.epoch < confirmed {
         fencing_violation(sim, id, &header, confirmed, "landed");
@@ -326,6 +340,13 @@ async fn replicate(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, op: &ReplicaOp) -> R
                 "node {id}: replica {node} failed during resync ({error}); resync stops"
             ));
             repl.stop_catching_up(node);
+            // (Fix only: it may be in sync by now: its ReplicaIn committed,
+            // or the reconciler already made it a target.)
+            let joined = repl.joining.borrow().contains(&node) || repl.targets.borrow().contains(&node);
+            if joined && sim.config.fix_join_race {
+                mark_dirty(sim, id, repl, op.lba, op.block_count, Some(node));
+                fence_out(sim, id, repl, node, &error).await?;
+            }
         }
     }
     for (node, result) in results {
@@ -345,7 +366,7 @@ async fn replicate(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, op: &ReplicaOp) -> R
 /// `VolumeReplication::fence_out`: drops `node` from the in-sync set through Raft.
 async fn fence_out(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, reason: &str) -> Result<(), String> {
     let _one_at_a_time = repl.fencing.lock().await;
-    if !repl.targets.borrow().contains(&node) {
+    if !repl.targets.borrow().contains(&node) && !repl.joining.borrow().contains(&node) {
         return Ok(());
     }
     sim.log(format!("node {id}: replica {node} failed ({reason}); ReplicaOut"));
@@ -357,6 +378,7 @@ async fn fence_out(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, reason: &
     match raft::change(sim, id, command).await {
         Ok(_) => {
             repl.targets.borrow_mut().retain(|target| *target != node);
+            repl.joining.borrow_mut().remove(&node);
             sim.counters.borrow_mut().replica_outs += 1;
             Ok(())
         }
@@ -423,6 +445,18 @@ async fn mutate(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, data: Option<Vec<u
         kind,
     };
     let Some(repl) = repl else {
+        let replicated = sim.config.replicas > 1;
+        if replicated && sim.config.fix_deposed_local_ack {
+            // (Fix only: a replicated volume without replication here means
+            // this node stopped coordinating after the request passed the
+            // serving check; the current code writes locally and acks.)
+            return Err(format!("node {id} no longer coordinates the volume"));
+        }
+        if replicated {
+            sim.log(format!(
+                "node {id}: write of blocks {lba}+{count} is local only (no replication any more)"
+            ));
+        }
         return disk::call(sim, id, request).await.map(|_| BTreeSet::new());
     };
     let (local, remote) = futures::future::join(disk::call(sim, id, request), replicate(sim, id, &repl, &op)).await;
@@ -531,8 +565,22 @@ fn wire_serving(sim: &Rc<Sim>, id: u64) -> Option<u64> {
         if current != targets {
             // `set_targets`: a node that joined stops catching up; its dirty map goes.
             repl.catching_up.borrow_mut().retain(|other| !targets.contains(other));
+            repl.joining.borrow_mut().retain(|other| !targets.contains(other));
             node.dirty.retain(|other, _| !targets.contains(other));
             *repl.targets.borrow_mut() = targets;
+        }
+        // A join that ended without the replica in sync is over.
+        let resyncing = node.resyncing.clone();
+        let over: Vec<u64> = repl
+            .joining
+            .borrow()
+            .iter()
+            .copied()
+            .filter(|other| !resyncing.contains(other) && !volume.in_sync.contains(other))
+            .collect();
+        for other in over {
+            repl.joining.borrow_mut().remove(&other);
+            repl.stop_catching_up(other);
         }
     } else {
         node.repl = None;
@@ -609,7 +657,11 @@ fn start_needed(sim: &Rc<Sim>, id: u64) {
                     sim.log(format!("node {id}: resync of replica {replica} done ({mode})"));
                 }
                 Err(error) => {
-                    repl.stop_catching_up(replica);
+                    // (Fix: a ReplicaIn that may have committed keeps it
+                    // caught up until the reconciler knows.)
+                    if !repl.joining.borrow().contains(&replica) {
+                        repl.stop_catching_up(replica);
+                    }
                     sim.counters.borrow_mut().resyncs_failed += 1;
                     sim.log(format!("node {id}: resync of replica {replica} failed: {error}"));
                 }
@@ -629,6 +681,13 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64) -> Result
         }
     }
     let size_blocks = sim.config.volume_blocks;
+    if sim.config.fix_resync_drain {
+        // (Fix only: mutations in flight since before catching up began
+        // mark their regions dirty only when their send fails; wait for
+        // them (each holds its range) before reading the dirty regions.)
+        let ranges = Rc::clone(&sim.node(id).ranges);
+        drop(ranges.lock(0, size_blocks).await);
+    }
     let dirty = sim.node(id).dirty.get(&replica).cloned();
     let incremental = dirty.is_some();
     let spans: Vec<(u64, u64)> = match dirty {
@@ -651,6 +710,9 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64) -> Result
     }
     if !repl.is_catching_up(replica) {
         return Err("the replica failed a live write during the resync".into());
+    }
+    if sim.config.fix_join_race {
+        repl.joining.borrow_mut().insert(replica);
     }
     let command = Command::ReplicaIn {
         name: VOLUME.into(),
