@@ -382,6 +382,43 @@ fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
     }
 }
 
+#[test]
+fn a_coordinator_that_crashes_while_a_replica_is_out_still_resyncs_it_incrementally() {
+    let test = "a_coordinator_that_crashes_while_a_replica_is_out";
+    if !have_tool(test, "fio") {
+        return;
+    }
+    let mut cluster = TestCluster::start(test, 3, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "d", "--size", "64MiB", "--repl", "3"]);
+    let uri = cluster.nodes[0].uri("d");
+    let scratch = tempfile::tempdir().unwrap();
+    fio_write_ok(&uri, scratch.path(), "0");
+    cluster.nodes[2].kill9();
+    fio_write_ok(&uri, scratch.path(), "16M");
+    assert_eq!(ids(&inspect(&cluster.nodes[0], "d")["in_sync"]).len(), 2);
+    // The coordinator crashes and comes back: what it tracked is on disk.
+    cluster.nodes[0].kill9();
+    cluster.nodes[0].restart();
+    cluster.nodes[2].restart();
+    wait_until("the returned replica is back in sync", || {
+        ids(&inspect(&cluster.nodes[0], "d")["in_sync"]).len() == 3
+    });
+    let resync = inspect(&cluster.nodes[0], "d")["resyncs"][0].clone();
+    assert_eq!(resync["state"], "done", "{resync:#}");
+    assert_eq!(resync["mode"], "incremental", "{resync:#}");
+    let (dirty, moved) = (
+        resync["dirty_bytes"].as_u64().unwrap(),
+        resync["copied_bytes"].as_u64().unwrap(),
+    );
+    assert!(dirty <= 8 << 20 && moved <= dirty, "{resync:#}");
+    // Node 2 takes over and holds both phases.
+    cluster.nodes[2].cli_ok(&["volume", "attach", "d", "--force"]);
+    let uri = cluster.nodes[2].uri("d");
+    for offset in ["0", "16M"] {
+        fio_verify_ok(&uri, scratch.path(), offset);
+    }
+}
+
 fn local_replicas(node: &TestNode) -> u64 {
     let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
     status["volume_count"].as_u64().unwrap()

@@ -132,6 +132,8 @@ pub struct Cluster {
     /// When the leader fails over and rebuilds by itself.
     automation: RwLock<automation::Automation>,
     replica_timeout: RwLock<Duration>,
+    /// The durable dirty-region map of the volumes this node coordinates.
+    dirty: Arc<crate::replication::dirty::DirtyLog>,
     /// The last resync of each (volume, replica), for `volume inspect`.
     resyncs: parking_lot::Mutex<std::collections::BTreeMap<(String, u64), crate::replication::resync::ResyncStatus>>,
 }
@@ -154,6 +156,7 @@ impl Cluster {
         report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     ) -> anyhow::Result<Arc<Self>> {
         let db = ClusterDb::open(data_dir)?;
+        let dirty = crate::replication::dirty::DirtyLog::open(data_dir)?;
         let cluster_id = db.cluster_id()?;
         let machine = StateMachine::open(Arc::clone(&db))?;
         let (state, applied) = (Arc::clone(&machine.state), Arc::clone(&machine.applied));
@@ -198,6 +201,7 @@ impl Cluster {
             applied,
             client,
             volumes: std::sync::OnceLock::new(),
+            dirty,
             links: parking_lot::Mutex::new(std::collections::HashMap::new()),
             replications: parking_lot::Mutex::new(std::collections::HashMap::new()),
             resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
@@ -251,21 +255,30 @@ impl Cluster {
     }
 
     /// The replication of `name`, made on first use.
-    pub fn replication_or_new(self: &Arc<Self>, name: &str) -> Arc<crate::replication::VolumeReplication> {
+    pub fn replication_or_new(
+        self: &Arc<Self>,
+        name: &str,
+        volume_id: u64,
+    ) -> Arc<crate::replication::VolumeReplication> {
         let mut replications = self.replications.lock();
         Arc::clone(replications.entry(name.to_owned()).or_insert_with(|| {
             Arc::new(crate::replication::VolumeReplication::new(
                 Arc::downgrade(self),
                 name.to_owned(),
-                Vec::new(),
+                volume_id,
                 self.replica_timeout(),
+                Arc::clone(&self.dirty),
             ))
         }))
     }
 
-    /// Forgets the replication of a volume this node no longer coordinates.
-    pub fn drop_replication(&self, name: &str) {
-        self.replications.lock().remove(name);
+    /// Forgets the replication of a volume this node no longer coordinates
+    /// (and the dirty regions it tracked: another coordinator took over).
+    pub fn drop_replication(&self, name: &str, volume_id: u64) {
+        match self.replications.lock().remove(name) {
+            Some(replication) => replication.forget_all(),
+            None => self.dirty.forget(volume_id, None),
+        }
     }
 
     /// Marks a resync as running; false if it already was.
@@ -441,7 +454,8 @@ impl PeerHandler for Cluster {
                 .map(|reply| (FrameKind::JoinReply, reply)),
             FrameKind::ReplicaWrite => {
                 let volumes = self.volumes.get().ok_or("this node is starting")?;
-                crate::replication::apply(volumes, &payload)
+                let tenure = |name: &str| self.state.read().volumes.get(name).map_or(0, |v| v.coordinator_since);
+                crate::replication::apply(volumes, &payload, tenure)
                     .await
                     .map(|()| (FrameKind::ReplicaAck, Vec::new()))
             }

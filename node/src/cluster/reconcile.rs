@@ -69,14 +69,15 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
             continue;
         }
         volumes.set_epoch(&volume.name, volume.epoch);
+        volumes.follow_tenure(&volume.name, volume.coordinator_since);
         if volume.coordinator != local_id {
             volumes.set_served(&volume.name, false);
             volumes.set_replication(&volume.name, None);
-            cluster.drop_replication(&volume.name);
+            cluster.drop_replication(&volume.name, volume.id);
             continue;
         }
         if volume.replica_nodes.len() > 1 {
-            let replication = cluster.replication_or_new(&volume.name);
+            let replication = cluster.replication_or_new(&volume.name, volume.id);
             let mut targets: Vec<u64> = volume.in_sync.iter().copied().filter(|id| *id != local_id).collect();
             targets.sort_unstable();
             let mut current = crate::volume::Replicator::targets(&*replication);

@@ -76,6 +76,15 @@ pub struct ClusterVolume {
     pub coordinator: u64,
     /// Fencing epoch: bumps whenever the coordinator or replica set changes.
     pub epoch: u64,
+    /// The epoch the current coordinator took over at: replicas refuse
+    /// mutations sent at an older epoch (a former coordinator's). Later
+    /// bumps within one coordinator's tenure fence nobody.
+    #[serde(default)]
+    pub coordinator_since: u64,
+    /// The epoch each replica was created at (`AddReplica`; 1 for the first
+    /// set): tells a replica apart from an earlier one on the same node.
+    #[serde(default)]
+    pub replica_added: BTreeMap<u64, u64>,
     pub created_unix_seconds: u64,
 }
 
@@ -335,8 +344,10 @@ impl ClusterState {
             replicas: u32::try_from(replica_nodes.len()).expect("replica sets are small"),
             coordinator: replica_nodes[0],
             in_sync: replica_nodes.clone(),
+            replica_added: replica_nodes.iter().map(|node| (*node, 1)).collect(),
             replica_nodes,
             epoch: 1,
+            coordinator_since: 1,
             created_unix_seconds,
         };
         self.volumes.insert(name, volume.clone());
@@ -390,6 +401,10 @@ impl ClusterState {
             )));
         }
         volume.replica_nodes.push(node);
+        // A new incarnation: whatever was known of an earlier replica on
+        // this node (dirty regions) does not describe this one.
+        volume.epoch += 1;
+        volume.replica_added.insert(node, volume.epoch);
         if grow {
             volume.replicas += 1;
         }
@@ -409,6 +424,7 @@ impl ClusterState {
             return Outcome::Rejected(Rejection::Invalid(format!("node {node} holds no replica of {name}")));
         }
         volume.replica_nodes.retain(|id| *id != node);
+        volume.replica_added.remove(&node);
         if shrink {
             volume.replicas = volume.replicas.saturating_sub(1).max(1);
         }
@@ -453,6 +469,7 @@ impl ClusterState {
             volume.in_sync.retain(|id| *id != old);
             volume.coordinator = node;
             volume.epoch += 1;
+            volume.coordinator_since = volume.epoch;
         }
         Outcome::Volume(volume.clone())
     }
@@ -620,7 +637,7 @@ mod tests {
         let Outcome::Volume(volume) = state.apply(to(2)) else {
             panic!()
         };
-        assert_eq!((volume.coordinator, volume.epoch), (2, 3));
+        assert_eq!((volume.coordinator, volume.epoch, volume.coordinator_since), (2, 3, 3));
         assert!(matches!(
             state.apply(out(2, 1)),
             Outcome::Rejected(Rejection::Invalid(_))
@@ -643,6 +660,7 @@ mod tests {
             (volume.replica_nodes.clone(), volume.in_sync.clone(), volume.replicas),
             (vec![1, 2], vec![1], 2)
         );
+        assert_eq!(volume.replica_added, BTreeMap::from([(1, 1), (2, 2)]));
         assert!(matches!(state.apply(add(2)), Outcome::Rejected(_)));
         assert!(matches!(state.apply(add(9)), Outcome::Rejected(_)));
         let remove = |node| Command::RemoveReplica {
@@ -655,6 +673,12 @@ mod tests {
             panic!()
         };
         assert_eq!((volume.replica_nodes, volume.replicas), (vec![1], 1));
+        assert_eq!(volume.replica_added, BTreeMap::from([(1, 1)]));
+        // Added again, it is a new incarnation.
+        let Outcome::Volume(volume) = state.apply(add(2)) else {
+            panic!()
+        };
+        assert_eq!(volume.replica_added, BTreeMap::from([(1, 1), (2, 3)]));
     }
 
     #[test]

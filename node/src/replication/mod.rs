@@ -11,10 +11,11 @@
 //! coordinator (partitioned, paused) cannot get writes accepted once Raft
 //! named a new one and the replicas applied it.
 
+pub mod dirty;
 pub mod resync;
 pub mod wire;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -25,6 +26,7 @@ use crate::cluster::Cluster;
 use crate::peer::frame::FrameKind;
 use crate::peer::mux::MuxLink;
 use crate::volume::{Replicator, Volumes};
+use dirty::{DirtyLog, Identity};
 use wire::ReplicaOp;
 
 /// Default of `replica_timeout_ms`: a replica that has not made a mutation
@@ -38,6 +40,7 @@ const REPLICA_WAIT_TRIES: usize = 40;
 pub struct VolumeReplication {
     cluster: Weak<Cluster>,
     name: String,
+    volume_id: u64,
     /// How long a replica may take to answer (`replica_timeout_ms`).
     pub timeout: Duration,
     targets: RwLock<Vec<(u64, Arc<MuxLink>)>>,
@@ -46,55 +49,149 @@ pub struct VolumeReplication {
     catching_up: RwLock<Vec<(u64, Arc<MuxLink>)>>,
     /// Per replica that fell out of sync under this coordinator: the
     /// regions (`DIRTY_REGION_BLOCKS` each) mutated since, so its resync
-    /// copies only those. Lost on restart (the resync is then a full copy).
-    dirty: parking_lot::Mutex<HashMap<u64, BTreeSet<u64>>>,
+    /// copies only those. Durable in `log` (see `dirty`).
+    dirty: parking_lot::Mutex<HashMap<u64, Tracking>>,
+    log: Arc<DirtyLog>,
     /// One removal through Raft at a time.
     fencing: tokio::sync::Mutex<()>,
+}
+
+/// The dirty regions of one out-of-sync replica.
+struct Tracking {
+    /// Which coordinator tenure and which replica incarnation it describes.
+    identity: Identity,
+    /// Region → the dirty log generation it is durable at.
+    regions: BTreeMap<u64, u64>,
 }
 
 /// Blocks per dirty-tracking region (64 KiB).
 pub const DIRTY_REGION_BLOCKS: u64 = 16;
 
 impl VolumeReplication {
+    /// The replication of volume `volume_id`, with the dirty regions this
+    /// node's earlier run left in `log`.
     #[must_use]
-    pub fn new(cluster: Weak<Cluster>, name: String, targets: Vec<(u64, Arc<MuxLink>)>, timeout: Duration) -> Self {
+    pub fn new(cluster: Weak<Cluster>, name: String, volume_id: u64, timeout: Duration, log: Arc<DirtyLog>) -> Self {
+        let dirty = match log.load(volume_id) {
+            Ok(rows) => rows
+                .into_iter()
+                .map(|(node, identity, regions)| {
+                    let regions = regions.into_iter().map(|region| (region, 0)).collect();
+                    (node, Tracking { identity, regions })
+                })
+                .collect(),
+            Err(error) => {
+                tracing::warn!(volume = %name, %error, "cannot read the dirty-region map; resyncs will be full copies");
+                HashMap::new()
+            }
+        };
         Self {
             cluster,
             name,
+            volume_id,
             timeout,
-            targets: RwLock::new(targets),
+            targets: RwLock::new(Vec::new()),
             catching_up: RwLock::new(Vec::new()),
-            dirty: parking_lot::Mutex::new(HashMap::new()),
+            dirty: parking_lot::Mutex::new(dirty),
+            log,
             fencing: tokio::sync::Mutex::new(()),
         }
     }
 
-    /// Marks `[lba, lba + count)` dirty for every tracked replica not in sync.
-    fn mark_dirty(&self, lba: u64, count: u64, also: Option<u64>) {
+    /// Which tenure and incarnation tracking of `node` starts in now.
+    fn identity_now(&self, node: u64) -> Identity {
+        let Some(cluster) = self.cluster.upgrade() else {
+            return Identity::default();
+        };
+        let state = cluster.state();
+        state
+            .volumes
+            .get(&self.name)
+            .map_or_else(Identity::default, |volume| Identity {
+                coordinator_since: volume.coordinator_since,
+                replica_added: volume.replica_added.get(&node).copied().unwrap_or(0),
+            })
+    }
+
+    /// Marks `[lba, lba + count)` dirty for every tracked replica not in
+    /// sync (and for `also`, starting to track it); returns the dirty log
+    /// generation to wait for before the mutation may be acknowledged
+    /// (0: nothing new).
+    fn mark_dirty(&self, lba: u64, count: u64, also: Option<u64>) -> u64 {
         let mut dirty = self.dirty.lock();
+        let mut fresh_tracking = None;
         if let Some(node) = also {
-            dirty.entry(node).or_default();
+            if let std::collections::hash_map::Entry::Vacant(entry) = dirty.entry(node) {
+                entry.insert(Tracking {
+                    identity: self.identity_now(node),
+                    regions: BTreeMap::new(),
+                });
+                fresh_tracking = Some(node);
+            }
         }
         if dirty.is_empty() {
-            return;
+            return 0;
         }
         let targets = self.targets.read();
         let first = lba / DIRTY_REGION_BLOCKS;
         let end = (lba + count).div_ceil(DIRTY_REGION_BLOCKS);
-        for (node, regions) in dirty.iter_mut() {
-            if Some(*node) == also || !targets.iter().any(|(id, _)| id == node) {
-                regions.extend(first..end);
+        let mut wait = 0;
+        for (node, tracking) in dirty.iter_mut() {
+            if Some(*node) != also && targets.iter().any(|(id, _)| id == node) {
+                continue;
             }
+            let fresh: Vec<u64> = (first..end)
+                .filter(|region| match tracking.regions.get(region) {
+                    Some(generation) => {
+                        wait = wait.max(*generation);
+                        false
+                    }
+                    None => true,
+                })
+                .collect();
+            let generation = if fresh_tracking == Some(*node) {
+                self.log.track(self.volume_id, *node, tracking.identity, fresh.clone())
+            } else if fresh.is_empty() {
+                continue;
+            } else {
+                self.log.add(self.volume_id, *node, fresh.clone())
+            };
+            tracking
+                .regions
+                .extend(fresh.into_iter().map(|region| (region, generation)));
+            wait = wait.max(generation);
+        }
+        wait
+    }
+
+    /// Marks a mutation's regions dirty and waits until that is durable.
+    async fn mark_dirty_durably(&self, lba: u64, count: u64, also: Option<u64>) -> Result<(), String> {
+        match self.mark_dirty(lba, count, also) {
+            0 => Ok(()),
+            generation => self.log.durable(generation).await,
         }
     }
 
-    /// The regions mutated since `node` fell out of sync, if tracked.
+    /// The regions mutated since `node` fell out of sync, if tracked in
+    /// this coordinator tenure for this incarnation of the replica (else a
+    /// resync must copy everything; stale tracking is dropped).
     #[must_use]
-    pub fn dirty_regions(&self, node: u64) -> Option<Vec<u64>> {
-        self.dirty
-            .lock()
-            .get(&node)
-            .map(|regions| regions.iter().copied().collect())
+    pub fn dirty_regions(&self, node: u64, identity: Identity) -> Option<Vec<u64>> {
+        let mut dirty = self.dirty.lock();
+        let tracking = dirty.get(&node)?;
+        if tracking.identity != identity {
+            tracing::info!(volume = %self.name, replica = node, "dirty regions were tracked for another coordinator tenure or replica; resync copies everything");
+            dirty.remove(&node);
+            self.log.forget(self.volume_id, Some(node));
+            return None;
+        }
+        Some(tracking.regions.keys().copied().collect())
+    }
+
+    /// Forgets all tracking: this node no longer coordinates the volume.
+    pub fn forget_all(&self) {
+        self.dirty.lock().clear();
+        self.log.forget(self.volume_id, None);
     }
 
     /// Replaces the in-sync targets (the reconciler, after Raft changed the
@@ -102,9 +199,13 @@ impl VolumeReplication {
     pub fn set_targets(&self, targets: Vec<(u64, Arc<MuxLink>)>) {
         let mut catching_up = self.catching_up.write();
         catching_up.retain(|(id, _)| !targets.iter().any(|(target, _)| target == id));
-        self.dirty
-            .lock()
-            .retain(|id, _| !targets.iter().any(|(target, _)| target == id));
+        self.dirty.lock().retain(|id, _| {
+            let in_sync = targets.iter().any(|(target, _)| target == id);
+            if in_sync {
+                self.log.forget(self.volume_id, Some(*id));
+            }
+            !in_sync
+        });
         *self.targets.write() = targets;
     }
 
@@ -154,14 +255,22 @@ impl VolumeReplication {
 }
 
 impl Replicator for VolumeReplication {
+    fn prepare(
+        &self,
+        lba: u64,
+        block_count: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
+        // Before the mutation goes anywhere (and before `replicate` reads the
+        // catching-up list: a resync that starts catching up and then reads
+        // the dirty regions misses no write).
+        Box::pin(self.mark_dirty_durably(lba, block_count, None))
+    }
+
     fn replicate(
         &self,
         op: ReplicaOp,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
-            // Marked before the catching-up list is read: a resync that starts
-            // catching up and then reads the dirty regions misses no write.
-            self.mark_dirty(op.lba, op.block_count, None);
             let payload = wire::encode(&op);
             let targets = self.targets.read().clone();
             let catching_up = self.catching_up.read().clone();
@@ -192,8 +301,8 @@ impl Replicator for VolumeReplication {
             }
             for (node, result) in results {
                 if let Err(reason) = result {
-                    // Tracking starts with the write it missed.
-                    self.mark_dirty(op.lba, op.block_count, Some(node));
+                    // Tracking starts with the write it missed, durably before Raft hears of it.
+                    self.mark_dirty_durably(op.lba, op.block_count, Some(node)).await?;
                     self.fence_out(node, &reason).await?;
                 }
             }
@@ -271,21 +380,24 @@ impl Refusal {
     }
 }
 
-/// Whether a replica that knows `known` (and coordinates the volume
-/// itself when `coordinating`) applies a mutation sent at `sent`.
-pub fn admit_mutation(sent: u64, known: u64, coordinating: bool) -> Result<(), Refusal> {
+/// Whether a replica whose fence floor is `floor` (and that coordinates
+/// the volume itself when `coordinating`) applies a mutation sent at
+/// epoch `sent`. The floor is the epoch the current coordinator took over
+/// at (or a newer coordinator's fence): epoch bumps within one tenure
+/// (replicas dropped or taken back) fence nobody.
+pub fn admit_mutation(sent: u64, floor: u64, coordinating: bool) -> Result<(), Refusal> {
     if coordinating {
-        return Err(Refusal::Coordinating { epoch: known });
+        return Err(Refusal::Coordinating { epoch: floor });
     }
-    if sent < known {
-        return Err(Refusal::StaleEpoch { sent, known });
+    if sent < floor {
+        return Err(Refusal::StaleEpoch { sent, known: floor });
     }
     Ok(())
 }
 
-/// Whether a replica raises its epoch to `new` for a new coordinator: a
-/// node refuses while it coordinates the volume at that epoch or later (a
-/// coordinator at an older epoch stops serving and takes the new one).
+/// Whether a replica whose epoch is `known` takes a new coordinator's
+/// fence at `new`: a node refuses while it coordinates the volume at that
+/// epoch or later (a coordinator at an older epoch stops serving).
 pub fn admit_fence(new: u64, known: u64, coordinating: bool) -> Result<(), Refusal> {
     if coordinating && known >= new {
         return Err(Refusal::Coordinating { epoch: known });
@@ -293,9 +405,9 @@ pub fn admit_fence(new: u64, known: u64, coordinating: bool) -> Result<(), Refus
     Ok(())
 }
 
-/// Raises this node's replica to a new coordinator's epoch. Waits for
-/// mutations already admitted at the old epoch to finish first, so none
-/// lands after the new coordinator has been told the replica is fenced.
+/// Raises this node's replica to a new coordinator's epoch, durably. Waits
+/// for mutations already admitted at the old epoch to finish first, so
+/// none lands after the new coordinator has been told the replica is fenced.
 pub async fn raise_epoch(volumes: &Volumes, payload: &[u8]) -> Result<(), String> {
     // Same layout as a read request: volume id, epoch, 1.
     let (volume_id, epoch, _) = wire::decode_read(payload).map_err(|error| error.to_string())?;
@@ -307,8 +419,7 @@ pub async fn raise_epoch(volumes: &Volumes, payload: &[u8]) -> Result<(), String
         tracing::warn!(volume = %volume.name, epoch, "fenced by a newer coordinator; no longer serving");
         volumes.set_served(&volume.name, false);
     }
-    volumes.set_epoch(&volume.name, epoch);
-    Ok(())
+    volumes.fence(&volume.name, epoch).map_err(|error| error.to_string())
 }
 
 /// Serves blocks of this node's replica to a coordinator repairing its copy.
@@ -340,11 +451,14 @@ async fn replica_of(volumes: &Volumes, volume_id: u64) -> Result<Arc<crate::volu
 /// Applies a mutation sent by a coordinator to this node's replica. The
 /// epoch check and the write hold the volume's epoch gate (shared), so a
 /// fence or a switch to serving waits for admitted mutations to land.
-pub async fn apply(volumes: &Volumes, payload: &[u8]) -> Result<(), String> {
+/// `tenure` gives the cluster's `coordinator_since` of a volume by name, in
+/// case the reconciler has not passed it on yet.
+pub async fn apply(volumes: &Volumes, payload: &[u8], tenure: impl Fn(&str) -> u64) -> Result<(), String> {
     let op = wire::decode(payload).map_err(|error| error.to_string())?;
     let volume = replica_of(volumes, op.volume_id).await?;
     let _admitted = volume.epoch_gate.read().await;
-    admit_mutation(op.epoch, volume.epoch(), volume.is_served()).map_err(|refusal| refusal.describe(&volume.name))?;
+    let floor = volume.fence_floor().max(tenure(&volume.name));
+    admit_mutation(op.epoch, floor, volume.is_served()).map_err(|refusal| refusal.describe(&volume.name))?;
     volume.apply_replica_op(op).await.map_err(|error| error.to_string())
 }
 

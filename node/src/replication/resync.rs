@@ -6,9 +6,10 @@
 //! still caught up, Raft takes it back into the in-sync set (epoch +1).
 //!
 //! Incremental when it can be: a coordinator that dropped the replica
-//! itself tracked the 64 KiB regions mutated since (`VolumeReplication`),
-//! and copies only those. Otherwise (the coordinator restarted, or took
-//! over from another) it copies all allocated data of the volume.
+//! itself tracked the 64 KiB regions mutated since (`VolumeReplication`,
+//! durably in `dirty`, so also across its restarts), and copies only
+//! those. Otherwise (it took over from another coordinator, or the replica
+//! is a new one) it copies all allocated data of the volume.
 
 use std::sync::Arc;
 
@@ -65,6 +66,10 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
                 continue;
             }
             let link = cluster.link(&peer.peer_address);
+            let identity = super::dirty::Identity {
+                coordinator_since: volume.coordinator_since,
+                replica_added: volume.replica_added.get(&node).copied().unwrap_or(0),
+            };
             let (cluster, replication, local, name) = (
                 Arc::clone(cluster),
                 Arc::clone(&replication),
@@ -79,7 +84,7 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
                     ..ResyncStatus::default()
                 };
                 cluster.note_resync(&name, status.clone());
-                match resync(&cluster, &local, &replication, node, link, &mut status).await {
+                match resync(&cluster, &local, &replication, node, identity, link, &mut status).await {
                     Ok(()) => {
                         status.state = "done".into();
                         tracing::info!(
@@ -111,6 +116,7 @@ async fn resync(
     volume: &Volume,
     replication: &VolumeReplication,
     node: u64,
+    identity: super::dirty::Identity,
     link: Arc<MuxLink>,
     status: &mut ResyncStatus,
 ) -> Result<(), String> {
@@ -118,7 +124,7 @@ async fn resync(
     // Read after catching up started: every mutation is either in these
     // regions or reaches the replica live.
     let size_blocks = volume.size_bytes() / BLOCK_BYTES;
-    let spans: Vec<(u64, u64)> = match replication.dirty_regions(node) {
+    let spans: Vec<(u64, u64)> = match replication.dirty_regions(node, identity) {
         Some(regions) => {
             status.mode = "incremental".into();
             status.dirty_bytes = regions.len() as u64 * DIRTY_REGION_BLOCKS * BLOCK_BYTES;

@@ -325,6 +325,13 @@ impl Volume {
         let Some(replicator) = self.replicator() else {
             return self.call(command).await.map(|_| ());
         };
+        replicator
+            .prepare(lba, block_count)
+            .await
+            .map_err(|reason| VolumeIoError::Replication {
+                volume: self.name.clone(),
+                reason,
+            })?;
         let (local, remote) = tokio::join!(self.call(command), replicator.replicate(op));
         local?;
         remote.map_err(|reason| VolumeIoError::Replication {

@@ -41,6 +41,10 @@ pub struct VolumeRecord {
     pub disk_uuid: uuid::Uuid,
     /// Fencing epoch carried in every record written for the volume.
     pub epoch: u64,
+    /// Mutations sent at an older epoch are refused: raised by a new
+    /// coordinator's fence (kept here so a restart does not forget it).
+    #[serde(default)]
+    pub fence_floor: u64,
     pub created_unix_seconds: u64,
     pub state: VolumeState,
 }
@@ -220,6 +224,7 @@ mod tests {
             replicas: 1,
             disk_uuid: uuid::Uuid::nil(),
             epoch: 1,
+            fence_floor: 0,
             created_unix_seconds: 0,
             state: VolumeState::Ready,
         }

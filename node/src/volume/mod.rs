@@ -148,6 +148,9 @@ pub struct Volume {
     pub block_size_bytes: u32,
     /// Fencing epoch written into every record (the cluster's, kept current by the reconciler).
     epoch: AtomicU64,
+    /// Replica mutations sent at an older epoch are refused (raised by a
+    /// new coordinator's fence, and to the current coordinator's tenure).
+    fence_floor: AtomicU64,
     disk: usize,
     size_bytes: AtomicU64,
     sequence: AtomicU64,
@@ -171,6 +174,15 @@ pub struct Volume {
 
 /// Copies a coordinator's mutations to the volume's other in-sync replicas.
 pub trait Replicator: Send + Sync {
+    /// Runs before a mutation of `[lba, lba + block_count)` is applied
+    /// anywhere (records it dirty for out-of-sync replicas, durably). An
+    /// error means the mutation must not be made.
+    fn prepare(
+        &self,
+        lba: u64,
+        block_count: u64,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>>;
+
     /// Applies `op` on every in-sync replica; Ok once each has it durable
     /// (or was removed from the in-sync set through Raft). An error means
     /// the mutation must not be acknowledged.
@@ -208,6 +220,12 @@ impl Volume {
     #[must_use]
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Replica mutations sent at an older epoch than this are refused.
+    #[must_use]
+    pub fn fence_floor(&self) -> u64 {
+        self.fence_floor.load(Ordering::Acquire)
     }
 
     /// The replicator in use, if any.
@@ -373,6 +391,7 @@ impl Volumes {
             id: record.id,
             block_size_bytes: record.block_size_bytes,
             epoch: AtomicU64::new(record.epoch),
+            fence_floor: AtomicU64::new(record.fence_floor),
             disk,
             size_bytes: AtomicU64::new(record.size_bytes),
             sequence: AtomicU64::new(next_sequence),
@@ -397,6 +416,35 @@ impl Volumes {
     #[must_use]
     pub fn get_served(&self, name: &str) -> Option<Arc<Volume>> {
         self.get(name).filter(|volume| volume.is_served())
+    }
+
+    /// Raises `name`'s fence floor to `epoch` (the cluster's tenure start; in memory).
+    pub fn follow_tenure(&self, name: &str, epoch: u64) {
+        if let Some(volume) = self.get(name) {
+            volume.fence_floor.fetch_max(epoch, Ordering::AcqRel);
+        }
+    }
+
+    /// Raises `name`'s fence floor and epoch to a new coordinator's `epoch`,
+    /// durably (a restart keeps refusing the old coordinator).
+    pub fn fence(&self, name: &str, epoch: u64) -> Result<(), VolumeError> {
+        let meta = self.meta.lock();
+        let (mut record, volume) = self
+            .live
+            .read()
+            .get(name)
+            .cloned()
+            .ok_or_else(|| VolumeError::Missing { name: name.to_owned() })?;
+        if record.fence_floor < epoch {
+            record.fence_floor = epoch;
+            meta.update(&record)?;
+            if let Some(entry) = self.live.write().get_mut(name) {
+                entry.0.fence_floor = epoch;
+            }
+        }
+        volume.fence_floor.fetch_max(epoch, Ordering::AcqRel);
+        volume.epoch.fetch_max(epoch, Ordering::AcqRel);
+        Ok(())
     }
 
     /// Marks whether this node serves `name` (the reconciler decides).
@@ -487,6 +535,7 @@ impl Volumes {
             replicas: wanted.replicas,
             disk_uuid: self.disks[disk].uuid,
             epoch: wanted.epoch,
+            fence_floor: wanted.coordinator_since,
             created_unix_seconds: wanted.created_unix_seconds,
             state: VolumeState::Ready,
         };
