@@ -370,9 +370,10 @@ async fn converge(sim: &Rc<Sim>) {
         sim.net.borrow_mut().heal_all();
         let volume = sim.raft.borrow().state.volumes[VOLUME].clone();
         let all_in = volume.replica_nodes.iter().all(|id| volume.in_sync.contains(id));
-        let coordinator = sim.node(volume.coordinator);
-        let serving = coordinator.served && coordinator.resyncing.is_empty();
-        drop(coordinator);
+        let serving = {
+            let coordinator = sim.node(volume.coordinator);
+            coordinator.served && coordinator.resyncing.is_empty()
+        };
         if all_in && serving {
             sim.log(format!("converged at epoch {}", volume.epoch));
             return;
