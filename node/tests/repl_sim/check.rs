@@ -59,7 +59,7 @@ pub enum Violation {
 pub struct History {
     clock: u64,
     blocks: Vec<Vec<WriteRecord>>,
-    /// Per block: index of the newest write any read returned.
+    /// Per block: index of the newest write a read surely returned.
     observed: Vec<usize>,
     /// Blocks with a client mutation in flight.
     pub busy: Vec<bool>,
@@ -174,7 +174,6 @@ impl History {
         if newest < self.observed[at] {
             let seen = &history[self.observed[at]];
             let got = &history[newest];
-            self.observed[at] = self.observed[at].max(newest);
             return Err(Violation::Monotonic(format!(
                 "block {lba} went back in time: returned write {} after an earlier read returned the newer write {} (acked: {})",
                 got.write_id,
@@ -182,7 +181,12 @@ impl History {
                 seen.acked_at.is_some()
             )));
         }
-        self.observed[at] = newest;
+        // Zeroes match every zeroing: note the oldest match, compare the newest.
+        let oldest = history[floor..]
+            .iter()
+            .position(|record| record.content == content)
+            .map_or(newest, |offset| floor + offset);
+        self.observed[at] = self.observed[at].max(oldest);
         Ok(())
     }
 
