@@ -10,6 +10,7 @@ PACKAGES=(
   build-essential musl-tools pkg-config file
   fio qemu-utils nbdkit libnbd-bin fuse3
   e2fsprogs xfsprogs util-linux iproute2 iptables procps psmisc kmod
+  prometheus
 )
 missing=()
 for package in "${PACKAGES[@]}"; do

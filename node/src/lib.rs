@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod datadir;
 pub mod engine;
 pub mod enroll;
+pub mod metrics;
 pub mod nbd;
 pub mod pattern;
 pub mod peer;

@@ -3,7 +3,9 @@
 //!
 //! | method | path | body | answer |
 //! | --- | --- | --- | --- |
-//! | GET | /v1/health | | `{"status":"ok"}` |
+//! | GET | /v1/health, /healthz | | `{"status":"ok"}` (the process answers) |
+//! | GET | /readyz | | 200 `{"status":"ready"}` when every disk is open and the node is in a cluster with a known leader; else 503 with the reasons |
+//! | GET | /metrics | | Prometheus metrics (OpenMetrics text, `metrics`) |
 //! | GET | /v1/node | | node id, disks, space |
 //! | GET | /v1/volumes | | `[VolumeInfo]` |
 //! | POST | /v1/volumes | `CreateBody` | 201 `VolumeInfo` |
@@ -133,6 +135,7 @@ pub struct ErrorBody {
 pub struct ApiState {
     pub volumes: Arc<Volumes>,
     pub cluster: Arc<Cluster>,
+    pub engine: Arc<crate::engine::Engine>,
     pub node: Box<dyn Fn() -> NodeStatus + Send + Sync>,
 }
 
@@ -171,6 +174,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
             "/v1/health",
             get(|| async { Json(serde_json::json!({"status": "ok"})) }),
         )
+        .route("/healthz", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route("/readyz", get(readiness))
+        .route("/metrics", get(metrics))
         .route("/v1/node", get(node_status))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(
@@ -188,6 +194,53 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API path; see /v1/volumes".into()) })
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
+}
+
+async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let status = state.cluster.status().await;
+    let metrics = crate::metrics::NodeMetrics {
+        volumes: Arc::clone(&state.volumes),
+        cluster: Arc::clone(&state.cluster),
+        engine: Arc::clone(&state.engine),
+        status,
+    };
+    let text = tokio::task::spawn_blocking(move || crate::metrics::render(metrics))
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(|_| ApiError(StatusCode::INTERNAL_SERVER_ERROR, "cannot encode the metrics".into()))?;
+    Ok(([(axum::http::header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response())
+}
+
+async fn readiness(State(state): State<Arc<ApiState>>) -> Response {
+    let engine = Arc::clone(&state.engine);
+    let mut problems: Vec<String> = tokio::task::spawn_blocking(move || {
+        engine
+            .disks()
+            .iter()
+            .enumerate()
+            .filter_map(|(index, disk)| match engine.query(index, |store| store.is_failed()) {
+                Ok(false) => None,
+                Ok(true) => Some(format!("disk {} failed", disk.path.display())),
+                Err(error) => Some(format!("disk {}: {error}", disk.path.display())),
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_else(|error| vec![error.to_string()]);
+    if state.cluster.cluster_id().is_none() {
+        problems.push("not in a cluster (run `ballast cluster init` or `ballast cluster join`)".into());
+    } else if state.cluster.raft.metrics().borrow().current_leader.is_none() {
+        problems.push("no Raft leader known".into());
+    }
+    if problems.is_empty() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "problems": problems})),
+        )
+            .into_response()
+    }
 }
 
 async fn node_status(State(state): State<Arc<ApiState>>) -> Result<Json<NodeStatus>, ApiError> {

@@ -77,6 +77,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let state = Arc::new(ApiState {
         volumes: Arc::clone(&volumes),
         cluster: Arc::clone(&cluster),
+        engine: Arc::clone(&engine),
         node: Box::new(move || node_status(node_uuid, &status_cluster, &status_engine, &status_volumes)),
     });
     let served = runtime.block_on(serve(config, state, Arc::clone(&volumes), Arc::clone(&cluster)));

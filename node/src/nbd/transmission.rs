@@ -14,6 +14,7 @@ use tokio::sync::{mpsc, Semaphore};
 use super::handshake::{Session, REQUEST_BYTES_MAX};
 use super::proto::{self, *};
 use super::NbdError;
+use crate::metrics::Op;
 use crate::volume::io::ReadData;
 use crate::volume::{Volume, VolumeIoError};
 
@@ -126,7 +127,25 @@ async fn read_requests<R: AsyncRead + Unpin>(
         let structured = session.structured_replies;
         let base_allocation = session.base_allocation;
         tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let in_flight = volume.stats.begin();
             let outcome = execute(&volume, &request, payload, structured, base_allocation).await;
+            drop(in_flight);
+            let op = match request.command {
+                CMD_READ => Op::Read,
+                CMD_WRITE => Op::Write,
+                CMD_FLUSH => Op::Flush,
+                CMD_TRIM => Op::Trim,
+                CMD_WRITE_ZEROES => Op::WriteZeroes,
+                _ => Op::Other,
+            };
+            let bytes = if matches!(op, Op::Flush | Op::Other) {
+                0
+            } else {
+                u64::from(request.length_bytes)
+            };
+            let ok = !matches!(outcome, Outcome::Error { .. });
+            volume.stats.op(op).record(bytes, started.elapsed(), ok);
             let _ = answers.send(Answer {
                 cookie: request.cookie,
                 offset_bytes: request.offset_bytes,

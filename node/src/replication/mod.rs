@@ -54,6 +54,8 @@ pub struct VolumeReplication {
     log: Arc<DirtyLog>,
     /// One removal through Raft at a time.
     fencing: tokio::sync::Mutex<()>,
+    /// Time for mutations to be durable on every in-sync replica.
+    round_trips: crate::metrics::OpStats,
 }
 
 /// The dirty regions of one out-of-sync replica.
@@ -95,6 +97,7 @@ impl VolumeReplication {
             dirty: parking_lot::Mutex::new(dirty),
             log,
             fencing: tokio::sync::Mutex::new(()),
+            round_trips: crate::metrics::OpStats::default(),
         }
     }
 
@@ -186,6 +189,12 @@ impl VolumeReplication {
             return None;
         }
         Some(tracking.regions.keys().copied().collect())
+    }
+
+    /// How long mutations took to be durable on the in-sync replicas.
+    #[must_use]
+    pub fn round_trips(&self) -> &crate::metrics::OpStats {
+        &self.round_trips
     }
 
     /// Forgets all tracking: this node no longer coordinates the volume.
@@ -288,11 +297,14 @@ impl Replicator for VolumeReplication {
                     (*node, result)
                 }
             });
+            let started = std::time::Instant::now();
             let (results, catch_up_results) = futures::future::join(
                 futures::future::join_all(sends),
                 futures::future::join_all(catch_up_sends),
             )
             .await;
+            let ok = results.iter().all(|(_, result)| result.is_ok());
+            self.round_trips.record(op.block_count * 4096, started.elapsed(), ok);
             for (node, result) in catch_up_results {
                 if let Err(error) = result {
                     tracing::warn!(volume = %self.name, replica = node, %error, "replica failed during resync; resync stops");

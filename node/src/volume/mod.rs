@@ -170,6 +170,8 @@ pub struct Volume {
     /// is durable; exclusively to raise the epoch for a fence or to start
     /// serving, so no mutation admitted at an old epoch lands after that.
     pub epoch_gate: tokio::sync::RwLock<()>,
+    /// What clients asked of the volume on this node (`/metrics`).
+    pub stats: crate::metrics::IoStats,
 }
 
 /// Copies a coordinator's mutations to the volume's other in-sync replicas.
@@ -403,6 +405,7 @@ impl Volumes {
             replication: RwLock::new(None),
             ranges: range_lock::RangeLock::default(),
             epoch_gate: tokio::sync::RwLock::new(()),
+            stats: crate::metrics::IoStats::default(),
         })
     }
 
@@ -624,6 +627,26 @@ impl Volumes {
         }
         drop(meta);
         self.inspect(name)
+    }
+
+    /// Every live local replica, by name.
+    #[must_use]
+    pub fn live_volumes(&self) -> Vec<Arc<Volume>> {
+        self.live
+            .read()
+            .values()
+            .map(|(_, volume)| Arc::clone(volume))
+            .collect()
+    }
+
+    /// Bytes of `volume`'s local replica that hold data.
+    #[must_use]
+    pub fn used_bytes(&self, volume: &Volume) -> u64 {
+        let id = volume.id;
+        self.engine
+            .query(volume.disk, move |store| store.volume_used_blocks(id))
+            .unwrap_or(0)
+            * io::BLOCK_BYTES
     }
 
     /// Everything known about one volume.

@@ -1,0 +1,239 @@
+//! Situational awareness on real processes: `/metrics` (checked by
+//! Prometheus's own parser, `promtool check metrics`), counters that move
+//! when a client writes, health endpoints, and the Grafana dashboard and
+//! alert rules in `deploy/` referring only to metrics a live cluster serves.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::cluster::{wait_until, TestCluster};
+use common::node::TestNode;
+use common::{have_tool, text};
+
+fn get(node: &TestNode, path: &str) -> (u16, String) {
+    let url = format!("{}{path}", node.api_url());
+    match ureq::get(&url).call() {
+        Ok(response) => (response.status(), response.into_string().unwrap()),
+        Err(ureq::Error::Status(code, response)) => (code, response.into_string().unwrap_or_default()),
+        Err(error) => panic!("GET {url}: {error}"),
+    }
+}
+
+fn scrape(node: &TestNode) -> String {
+    let (status, body) = get(node, "/metrics");
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// Samples of a scrape: "name{labels}" → value.
+fn samples(text: &str) -> BTreeMap<String, f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#') && !line.is_empty())
+        .map(|line| {
+            let (key, value) = line.rsplit_once(' ').expect("name value");
+            (key.to_owned(), value.parse().expect("a number"))
+        })
+        .collect()
+}
+
+/// Metric names (sample names without labels) of a scrape.
+fn names(text: &str) -> BTreeSet<String> {
+    samples(text)
+        .keys()
+        .map(|key| key.split('{').next().unwrap().to_owned())
+        .collect()
+}
+
+fn value(samples: &BTreeMap<String, f64>, key: &str) -> f64 {
+    samples.get(key).copied().unwrap_or(0.0)
+}
+
+/// Every `ballast_*` / `process_*` name a PromQL text mentions.
+fn metric_names_in(query: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    let bytes = query.as_bytes();
+    let mut at = 0;
+    while at < bytes.len() {
+        let rest = &query[at..];
+        let starts = (rest.starts_with("ballast_") || rest.starts_with("process_"))
+            && (at == 0 || !(bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_'));
+        if starts {
+            let len = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .unwrap_or(rest.len());
+            found.insert(rest[..len].to_owned());
+            at += len;
+        } else {
+            at += 1;
+        }
+    }
+    found
+}
+
+fn promtool_accepts(test: &str, scraped: &str) {
+    if !have_tool(test, "promtool") {
+        return;
+    }
+    let mut child = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(scraped.as_bytes()).unwrap();
+    let output = child.wait_with_output().unwrap();
+    // A parse error fails. Lint findings are advice; the only one allowed is
+    // that a counter's `_total` samples carry no HELP of their own (the
+    // OpenMetrics format puts HELP on the family name, the classic parser
+    // promtool uses looks for it under the sample name).
+    let report = text(&output);
+    assert!(
+        !report.contains("error while") && !report.contains("parsing error"),
+        "promtool check metrics: {report}\n{scraped}"
+    );
+    for finding in report.lines().filter(|line| !line.trim().is_empty()) {
+        let counter_without_help = finding.ends_with("_total no help text");
+        assert!(counter_without_help, "promtool check metrics: {finding}\n{report}");
+    }
+}
+
+/// A real Prometheus scrapes the node until it holds `query`'s series.
+fn prometheus_scrapes(test: &str, node: &TestNode, query: &str) {
+    if !have_tool(test, "prometheus") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let target = node.api_url().trim_start_matches("http://").to_owned();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ballast\n    static_configs:\n      - targets: ['{target}']\n"
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web = listener.local_addr().unwrap().to_string();
+    drop(listener);
+    let log = std::fs::File::create(dir.path().join("prometheus.log")).unwrap();
+    let mut prometheus = Command::new("prometheus")
+        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address={web}"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let url = format!("http://{web}/api/v1/query");
+    let mut answer = String::new();
+    let started = std::time::Instant::now();
+    let found = loop {
+        if let Ok(response) = ureq::get(&url).query("query", query).call() {
+            answer = response.into_string().unwrap_or_default();
+            let parsed: serde_json::Value = serde_json::from_str(&answer).unwrap_or_default();
+            if parsed["data"]["result"].as_array().is_some_and(|r| !r.is_empty()) {
+                break true;
+            }
+        }
+        if started.elapsed() > std::time::Duration::from_secs(60) {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    };
+    let _ = prometheus.kill();
+    let _ = prometheus.wait();
+    let log = std::fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default();
+    assert!(found, "prometheus never held {query}: {answer}\n{log}");
+}
+
+#[test]
+fn metrics_parse_move_with_client_io_and_cover_the_dashboard_and_alert_rules() {
+    let test = "metrics_parse_move_with_client_io";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let cluster = TestCluster::start(test, 3, &[]);
+    for node in &cluster.nodes {
+        assert_eq!(get(node, "/healthz").0, 200);
+        wait_until("the node is ready", || get(node, "/readyz").0 == 200);
+    }
+    cluster.nodes[0].cli_ok(&["volume", "create", "m", "--size", "16MiB", "--repl", "3"]);
+    let before = samples(&scrape(&cluster.nodes[0]));
+    let output = Command::new("qemu-io")
+        .args([
+            "-f",
+            "raw",
+            "-c",
+            "write -P 7 0 1M",
+            "-c",
+            "flush",
+            "-c",
+            "read -P 7 0 1M",
+            &cluster.nodes[0].uri("m"),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success() && !text(&output).contains("failed"),
+        "{}",
+        text(&output)
+    );
+    let scraped = scrape(&cluster.nodes[0]);
+    promtool_accepts(test, &scraped);
+    let after = samples(&scraped);
+    let moved = |key: &str| value(&after, key) - value(&before, key);
+    assert!(
+        moved(r#"ballast_volume_requests_total{volume="m",op="write"}"#) >= 1.0,
+        "{scraped}"
+    );
+    assert!(
+        moved(r#"ballast_volume_io_bytes_total{volume="m",op="write"}"#) >= 1048576.0,
+        "{scraped}"
+    );
+    assert!(
+        moved(r#"ballast_volume_io_bytes_total{volume="m",op="read"}"#) >= 1048576.0,
+        "{scraped}"
+    );
+    assert!(
+        moved(r#"ballast_volume_requests_total{volume="m",op="flush"}"#) >= 1.0,
+        "{scraped}"
+    );
+    assert!(moved(r#"ballast_volume_request_duration_seconds_count{volume="m",op="write"}"#) >= 1.0);
+    assert!(moved(r#"ballast_volume_replication_duration_seconds_count{volume="m"}"#) >= 1.0);
+    assert_eq!(value(&after, r#"ballast_volume_replicas_in_sync{volume="m"}"#), 3.0);
+    assert_eq!(
+        value(&after, r#"ballast_volume_errors_total{volume="m",op="write"}"#),
+        0.0
+    );
+    assert!(value(&after, "process_resident_memory_bytes") > 0.0);
+    prometheus_scrapes(
+        test,
+        &cluster.nodes[0],
+        r#"ballast_volume_requests_total{volume="m",op="write"} >= 1"#,
+    );
+
+    // Every metric the dashboard and the alert rules query is served by some node.
+    let mut served = BTreeSet::new();
+    for node in &cluster.nodes {
+        served.extend(names(&scrape(node)));
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("deploy/grafana/ballast.json")).unwrap()).unwrap();
+    let mut queried = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            queried.extend(metric_names_in(target["expr"].as_str().unwrap()));
+        }
+    }
+    let rules = std::fs::read_to_string(root.join("deploy/prometheus/alerts.yml")).unwrap();
+    for line in rules.lines().filter(|line| line.trim_start().starts_with("expr:")) {
+        queried.extend(metric_names_in(line));
+    }
+    assert!(queried.len() >= 15, "{queried:?}");
+    let missing: Vec<&String> = queried.difference(&served).collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not served: {missing:?}\nserved: {served:?}"
+    );
+}
