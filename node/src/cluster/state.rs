@@ -183,11 +183,15 @@ pub enum Command {
         id: u64,
     },
     /// The coordinator `by` brought `node`'s replica up to date (resync);
-    /// it rejoins the in-sync set; bumps the epoch.
+    /// it rejoins the in-sync set; bumps the epoch. Refused unless the
+    /// epoch is still `expect_epoch` (when given): a `ReplicaOut` of the
+    /// node that Raft ordered first (it failed meanwhile) wins.
     ReplicaIn {
         name: String,
         node: u64,
         by: u64,
+        #[serde(default)]
+        expect_epoch: Option<u64>,
     },
     /// `node` (an in-sync replica) becomes the coordinator; bumps the epoch,
     /// fencing the old coordinator's writes, and drops the old coordinator
@@ -295,7 +299,12 @@ impl ClusterState {
             },
             Command::ReplicaOut { name, node, by } => self.replica_out(&name, node, by),
             Command::SetCoordinator { name, node } => self.set_coordinator(&name, node),
-            Command::ReplicaIn { name, node, by } => self.replica_in(&name, node, by),
+            Command::ReplicaIn {
+                name,
+                node,
+                by,
+                expect_epoch,
+            } => self.replica_in(&name, node, by, expect_epoch),
             Command::AddReplica { name, node, grow } => self.add_replica(&name, node, grow),
             Command::RemoveNode { id } => {
                 if let Some(volume) = self.volumes.values().find(|v| v.replica_nodes.contains(&id)) {
@@ -379,10 +388,10 @@ impl ClusterState {
                 "the coordinator of {name} cannot drop itself"
             )));
         }
-        if volume.in_sync.contains(&node) {
-            volume.in_sync.retain(|id| *id != node);
-            volume.epoch += 1;
-        }
+        // The epoch moves even if the node was out already: a ReplicaIn of it
+        // proposed before (its expect_epoch now stale) cannot apply after this.
+        volume.in_sync.retain(|id| *id != node);
+        volume.epoch += 1;
         Outcome::Volume(volume.clone())
     }
 
@@ -435,11 +444,18 @@ impl ClusterState {
         Outcome::Volume(volume.clone())
     }
 
-    fn replica_in(&mut self, name: &str, node: u64, by: u64) -> Outcome {
+    fn replica_in(&mut self, name: &str, node: u64, by: u64, expect_epoch: Option<u64>) -> Outcome {
         let volume = match self.coordinated_by(name, by) {
             Ok(volume) => volume,
             Err(rejection) => return Outcome::Rejected(rejection),
         };
+        if expect_epoch.is_some_and(|epoch| epoch != volume.epoch) {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "volume {name} changed (epoch {}, expected {}) while node {node} was resynced; resync again",
+                volume.epoch,
+                expect_epoch.unwrap_or(0)
+            )));
+        }
         if !volume.replica_nodes.contains(&node) {
             return Outcome::Rejected(Rejection::Invalid(format!(
                 "node {node} holds no replica of volume {name}"

@@ -45,8 +45,16 @@ pub struct VolumeReplication {
     pub timeout: Duration,
     targets: RwLock<Vec<(u64, Arc<MuxLink>)>>,
     /// Replicas being resynced: they get every mutation too, but a failure
-    /// there only ends their resync (they are not in sync yet).
+    /// there only ends their resync (they are not in sync yet)...
     catching_up: RwLock<Vec<(u64, Arc<MuxLink>)>>,
+    /// ...unless the resync has proposed taking them back (`ReplicaIn`):
+    /// from then on Raft may list them in sync, so a failure there drops
+    /// them through Raft (`ReplicaOut`) before the mutation is acknowledged.
+    joining: parking_lot::Mutex<std::collections::HashSet<u64>>,
+    /// Held shared by every `replicate` call; a resync takes it exclusively
+    /// once (after it starts catching up, before it reads the dirty
+    /// regions) so no mutation sent earlier can mark a region after that.
+    in_flight: tokio::sync::RwLock<()>,
     /// Per replica that fell out of sync under this coordinator: the
     /// regions (`DIRTY_REGION_BLOCKS` each) mutated since, so its resync
     /// copies only those. Durable in `log` (see `dirty`).
@@ -94,6 +102,8 @@ impl VolumeReplication {
             timeout,
             targets: RwLock::new(Vec::new()),
             catching_up: RwLock::new(Vec::new()),
+            joining: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            in_flight: tokio::sync::RwLock::new(()),
             dirty: parking_lot::Mutex::new(dirty),
             log,
             fencing: tokio::sync::Mutex::new(()),
@@ -208,6 +218,9 @@ impl VolumeReplication {
     pub fn set_targets(&self, targets: Vec<(u64, Arc<MuxLink>)>) {
         let mut catching_up = self.catching_up.write();
         catching_up.retain(|(id, _)| !targets.iter().any(|(target, _)| target == id));
+        self.joining
+            .lock()
+            .retain(|id| !targets.iter().any(|(target, _)| target == id));
         self.dirty.lock().retain(|id, _| {
             let in_sync = targets.iter().any(|(target, _)| target == id);
             if in_sync {
@@ -232,15 +245,57 @@ impl VolumeReplication {
         self.catching_up.read().iter().any(|(id, _)| *id == node)
     }
 
-    /// Stops copying mutations to `node` (resync failed or gave up).
-    pub fn stop_catching_up(&self, node: u64) {
+    /// Stops copying mutations to `node` (resync failed or gave up). A
+    /// joining node is not let go this way: Raft may list it in sync, so it
+    /// is dropped through Raft first (Err if that fails; it keeps getting
+    /// every mutation then).
+    pub async fn stop_catching_up(&self, node: u64, reason: &str) -> Result<(), String> {
+        if self.is_joining(node) {
+            self.fence_out(node, reason).await?;
+        }
         self.catching_up.write().retain(|(id, _)| *id != node);
+        Ok(())
     }
 
-    /// Drops `node` from the in-sync set through Raft; Ok once committed (or already out).
+    /// Waits until every `replicate` call already running has finished.
+    pub async fn drain(&self) {
+        drop(self.in_flight.write().await);
+    }
+
+    /// Marks `node` as proposed for the in-sync set (see `joining`).
+    pub fn set_joining(&self, node: u64) {
+        self.joining.lock().insert(node);
+    }
+
+    #[must_use]
+    pub fn is_joining(&self, node: u64) -> bool {
+        self.joining.lock().contains(&node)
+    }
+
+    /// Raft took `node` back: it is a target from now on (the reconciler
+    /// would do the same once it sees the change).
+    pub fn promote(&self, node: u64) {
+        let mut catching_up = self.catching_up.write();
+        let Some(index) = catching_up.iter().position(|(id, _)| *id == node) else {
+            return;
+        };
+        let entry = catching_up.remove(index);
+        self.joining.lock().remove(&node);
+        if self.dirty.lock().remove(&node).is_some() {
+            self.log.forget(self.volume_id, Some(node));
+        }
+        let mut targets = self.targets.write();
+        if !targets.iter().any(|(id, _)| *id == node) {
+            targets.push(entry);
+        }
+    }
+
+    /// Drops `node` from the in-sync set through Raft; Ok once committed (or
+    /// it is neither a target nor joining, so not in sync as far as this
+    /// coordinator let Raft know).
     async fn fence_out(&self, node: u64, reason: &str) -> Result<(), String> {
         let _one_at_a_time = self.fencing.lock().await;
-        if !self.targets.read().iter().any(|(id, _)| *id == node) {
+        if !self.targets.read().iter().any(|(id, _)| *id == node) && !self.is_joining(node) {
             return Ok(());
         }
         let cluster = self.cluster.upgrade().ok_or("the node is shutting down")?;
@@ -253,6 +308,8 @@ impl VolumeReplication {
         match cluster.change(command).await {
             Ok(_) => {
                 self.targets.write().retain(|(id, _)| *id != node);
+                self.catching_up.write().retain(|(id, _)| *id != node);
+                self.joining.lock().remove(&node);
                 tracing::warn!(volume = %self.name, replica = node, "replica out of sync; writes continue without it");
                 Ok(())
             }
@@ -280,6 +337,7 @@ impl Replicator for VolumeReplication {
         op: ReplicaOp,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
+            let _in_flight = self.in_flight.read().await;
             let payload = wire::encode(&op);
             let targets = self.targets.read().clone();
             let catching_up = self.catching_up.read().clone();
@@ -307,8 +365,14 @@ impl Replicator for VolumeReplication {
             self.round_trips.record(op.block_count * 4096, started.elapsed(), ok);
             for (node, result) in catch_up_results {
                 if let Err(error) = result {
-                    tracing::warn!(volume = %self.name, replica = node, %error, "replica failed during resync; resync stops");
-                    self.stop_catching_up(node);
+                    if self.is_joining(node) {
+                        // Raft may already list it in sync: out through Raft before the ack.
+                        self.mark_dirty_durably(op.lba, op.block_count, Some(node)).await?;
+                        self.fence_out(node, &error.to_string()).await?;
+                    } else {
+                        tracing::warn!(volume = %self.name, replica = node, %error, "replica failed during resync; resync stops");
+                        self.catching_up.write().retain(|(id, _)| *id != node);
+                    }
                 }
             }
             for (node, result) in results {

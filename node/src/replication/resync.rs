@@ -98,7 +98,9 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
                         );
                     }
                     Err(error) => {
-                        replication.stop_catching_up(node);
+                        if let Err(stuck) = replication.stop_catching_up(node, &error).await {
+                            tracing::error!(volume = %name, replica = node, error = %stuck, "the replica may be in sync and cannot be dropped; it keeps getting every write");
+                        }
                         tracing::warn!(volume = %name, replica = node, %error, "resync failed; it is retried while the replica is up");
                         status.state = "failed".into();
                         status.error = Some(error);
@@ -121,8 +123,10 @@ async fn resync(
     status: &mut ResyncStatus,
 ) -> Result<(), String> {
     replication.start_catching_up(node, Arc::clone(&link));
-    // Read after catching up started: every mutation is either in these
-    // regions or reaches the replica live.
+    // Mutations sent before catching up started finish (and mark what they
+    // dirtied) first; every later one reaches the replica live. So every
+    // mutation is either in the regions read next or reaches the replica.
+    replication.drain().await;
     let size_blocks = volume.size_bytes() / BLOCK_BYTES;
     let spans: Vec<(u64, u64)> = match replication.dirty_regions(node, identity) {
         Some(regions) => {
@@ -149,17 +153,22 @@ async fn resync(
         }
         copy_span(volume, &link, lba, count, replication.timeout, status).await?;
     }
+    // From here on a failure of the replica drops it through Raft (it may be in sync).
+    replication.set_joining(node);
     if !replication.is_catching_up(node) {
         return Err("the replica failed a live write during the resync".into());
     }
+    let expect_epoch = cluster.state().volumes.get(&volume.name).map(|v| v.epoch);
     cluster
         .change(Command::ReplicaIn {
             name: volume.name.clone(),
             node,
             by: cluster.local.id,
+            expect_epoch,
         })
         .await
         .map_err(|error| error.to_string())?;
+    replication.promote(node);
     Ok(())
 }
 

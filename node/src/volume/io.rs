@@ -323,6 +323,15 @@ impl Volume {
             kind,
         };
         let Some(replicator) = self.replicator() else {
+            // No replication: a single-replica volume, or this node stopped
+            // coordinating (the reconciler stops serving before it drops the
+            // replicator), and then the write must not be made here alone.
+            if !self.is_served() {
+                return Err(VolumeIoError::Replication {
+                    volume: self.name.clone(),
+                    reason: "this node no longer coordinates the volume".into(),
+                });
+            }
             return self.call(command).await.map(|_| ());
         };
         replicator

@@ -715,6 +715,7 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64) -> Result
         repl.joining.borrow_mut().insert(replica);
     }
     let command = Command::ReplicaIn {
+        expect_epoch: None,
         name: VOLUME.into(),
         node: replica,
         by: id,
