@@ -237,3 +237,141 @@ fn metrics_parse_move_with_client_io_and_cover_the_dashboard_and_alert_rules() {
         "queried but not served: {missing:?}\nserved: {served:?}"
     );
 }
+
+/// A one-endpoint HTTP server on 127.0.0.1 that keeps every POSTed body.
+struct Webhook {
+    address: String,
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Webhook {
+    fn start() -> Self {
+        use std::io::{BufRead, BufReader, Read};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap().to_string();
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = std::sync::Arc::clone(&bodies);
+        // Ends with the test process; accepts are bounded by what the nodes send.
+        std::thread::spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let _ = stream.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+                let mut reader = BufReader::new(stream);
+                let mut length = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':') {
+                        if name.eq_ignore_ascii_case("content-length") {
+                            length = value.trim().parse().unwrap_or(0);
+                        }
+                    }
+                }
+                let mut body = vec![0u8; length.min(1 << 20)];
+                if reader.read_exact(&mut body).is_ok() {
+                    if let Ok(value) = serde_json::from_slice(&body) {
+                        kept.lock().unwrap().push(value);
+                    }
+                }
+                let _ = reader
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+            }
+        });
+        Self { address, bodies }
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}/hook", self.address)
+    }
+
+    /// Whether some POST listed `key` under `field` (raised: objects with a key; cleared: keys).
+    fn saw(&self, field: &str, key: &str) -> bool {
+        self.bodies.lock().unwrap().iter().any(|body| {
+            body[field].as_array().is_some_and(|items| {
+                items.iter().any(|item| {
+                    item.as_str() == Some(key) || item["key"].as_str() == Some(key) || {
+                        let kind = item["kind"].as_str().unwrap_or_default();
+                        let subject = item["subject"].as_str().unwrap_or_default();
+                        format!("{kind}:{subject}") == key
+                    }
+                })
+            })
+        })
+    }
+}
+
+fn json_of(node: &TestNode, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&node.cli_ok(args)).unwrap()
+}
+
+fn active_alert_keys(node: &TestNode) -> Vec<String> {
+    json_of(node, &["alerts", "--json"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|alert| alert["key"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn a_killed_node_shows_down_with_its_volume_degraded_and_alerts_raised_then_cleared_on_return() {
+    let test = "a_killed_node_raises_alerts";
+    let webhook = Webhook::start();
+    let url = webhook.url();
+    let extra: &[&str] = &["--alert-webhook", &url, "--log-format", "json", "--log-level", "debug"];
+    let mut cluster = TestCluster::start(test, 3, &[extra, extra, extra]);
+    let token = cluster.token(0, "10m");
+    cluster.nodes[0].cli_ok(&["volume", "create", "a", "--size", "16MiB", "--repl", "3"]);
+    let initial = active_alert_keys(&cluster.nodes[0]);
+    assert!(initial.is_empty(), "{initial:?}");
+    let down = cluster.nodes[2].node_id();
+
+    cluster.nodes[2].kill9();
+    let node_down = format!("node_down:{down}");
+    wait_until("the node shows down, its volume degraded, alerts raised", || {
+        let status = json_of(&cluster.nodes[0], &["status", "--json"]);
+        let node_is_down = status["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|node| node["id"].as_u64() == Some(down) && node["up"] == false);
+        let degraded = status["volumes"][0]["health"] == "degraded";
+        let keys = active_alert_keys(&cluster.nodes[0]);
+        node_is_down && degraded && keys.contains(&node_down) && keys.contains(&"volume_degraded:a".to_owned())
+    });
+    let screen = cluster.nodes[0].cli_ok(&["status"]);
+    assert!(screen.contains("ACTIVE") && screen.contains(&node_down), "{screen}");
+    wait_until("the webhook heard of it", || webhook.saw("raised", &node_down));
+
+    cluster.nodes[2].restart();
+    wait_until("the alerts clear and the volume is healthy again", || {
+        let status = json_of(&cluster.nodes[0], &["status", "--json"]);
+        status["volumes"][0]["health"] == "healthy" && active_alert_keys(&cluster.nodes[0]).is_empty()
+    });
+    let all = json_of(&cluster.nodes[1], &["alerts", "--all", "--json"]);
+    let recorded = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|alert| alert["key"] == node_down.as_str())
+        .expect("the cleared alert is kept");
+    assert!(recorded["cleared_unix"].as_u64().unwrap() >= recorded["first_seen_unix"].as_u64().unwrap());
+    wait_until("the webhook heard it clear", || webhook.saw("cleared", &node_down));
+
+    // Every log line is JSON, and no secret is in any log.
+    let secret = token.rsplit('.').next().unwrap().to_owned();
+    assert!(secret.len() >= 16, "{token}");
+    for node in &cluster.nodes {
+        let log = node.log_text();
+        assert!(log.lines().count() > 10, "{log}");
+        for line in log.lines().filter(|line| !line.trim().is_empty()) {
+            assert!(
+                serde_json::from_str::<serde_json::Value>(line).is_ok(),
+                "not a JSON log line: {line}"
+            );
+        }
+        assert!(!log.contains(&secret), "a join token's secret is in a log");
+    }
+}

@@ -15,6 +15,7 @@
 //! | PUT | /v1/volumes/{name}/replicas | `{"replicas":N}` | `VolumeInfo` |
 //! | POST | /v1/volumes/{name}/attach | `{"force":false}` | `VolumeInfo` (this node serves it now) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
+//! | GET | /v1/alerts | | `[Alert]`, active first (`?all=false`: active only) |
 //! | POST | /v1/cluster/init | | `ClusterStatus` |
 //! | POST | /v1/cluster/tokens | `{"ttl_seconds":N}` | `NewToken` |
 //! | POST | /v1/cluster/join | `{"address":"HOST:PORT","token":"..."}` | `ClusterStatus` |
@@ -186,6 +187,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/replicas", put(update_replicas))
         .route("/v1/cluster", get(cluster_status))
+        .route("/v1/alerts", get(list_alerts))
         .route("/v1/cluster/init", post(cluster_init))
         .route("/v1/cluster/tokens", post(cluster_token))
         .route("/v1/cluster/join", post(cluster_join))
@@ -331,6 +333,30 @@ async fn attach_volume(
     };
     let info = state.cluster.attach_volume(&state.volumes, &name, body.force).await?;
     Ok(Json(info).into_response())
+}
+
+/// Query of GET /v1/alerts.
+#[derive(Debug, Deserialize)]
+struct AlertsQuery {
+    #[serde(default = "default_all")]
+    all: bool,
+}
+
+fn default_all() -> bool {
+    true
+}
+
+async fn list_alerts(
+    State(state): State<Arc<ApiState>>,
+    axum::extract::Query(query): axum::extract::Query<AlertsQuery>,
+) -> Response {
+    let alerts: Vec<crate::cluster::alerts::Alert> = state
+        .cluster
+        .with_state(|cluster| crate::cluster::alerts::sorted(&cluster.alerts))
+        .into_iter()
+        .filter(|alert| query.all || alert.is_active())
+        .collect();
+    Json(alerts).into_response()
 }
 
 async fn cluster_status(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {

@@ -213,7 +213,63 @@ fn print_status(status: &ClusterStatus, json: bool) -> Result<()> {
             volume.replica_nodes.len()
         );
     }
+    println!();
+    print_alerts(&status.alerts, false);
     Ok(())
+}
+
+/// `ballast alerts`: what needs attention, and what did.
+pub fn alerts(api: &str, all: bool, json: bool) -> Result<ExitCode> {
+    let path = if all {
+        "/v1/alerts?all=true"
+    } else {
+        "/v1/alerts?all=false"
+    };
+    let alerts: Vec<crate::cluster::alerts::Alert> = ApiClient::new(api).get(path)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&alerts)?);
+    } else {
+        print_alerts(&alerts, all);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_alerts(alerts: &[crate::cluster::alerts::Alert], all: bool) {
+    if alerts.is_empty() {
+        println!("{}", if all { "no alerts recorded" } else { "no active alerts" });
+        return;
+    }
+    let now = crate::datadir::now_unix_seconds();
+    let ago = |unix: u64| format_age(now.saturating_sub(unix));
+    println!(
+        "{:<9} {:<8} {:<28} {:>9} {:>9}  MESSAGE",
+        "STATE", "SEVERITY", "ALERT", "SINCE", "LAST"
+    );
+    for alert in alerts {
+        let state = match alert.cleared_unix {
+            None => "ACTIVE".to_owned(),
+            Some(at) => format!("cleared {}", ago(at)),
+        };
+        println!(
+            "{:<9} {:<8} {:<28} {:>9} {:>9}  {}",
+            state,
+            format!("{:?}", alert.severity).to_lowercase(),
+            alert.key,
+            ago(alert.first_seen_unix),
+            ago(alert.last_seen_unix),
+            alert.message
+        );
+    }
+}
+
+/// "42s ago", "5m ago", "3h ago", "2d ago".
+fn format_age(seconds: u64) -> String {
+    match seconds {
+        0..=119 => format!("{seconds}s ago"),
+        120..=7199 => format!("{}m ago", seconds / 60),
+        7200..=172_799 => format!("{}h ago", seconds / 3600),
+        _ => format!("{}d ago", seconds / 86_400),
+    }
 }
 
 #[cfg(test)]

@@ -47,6 +47,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// What needs attention: active alerts (node down, volume degraded,
+    /// disk full or failing, clock skew), and with --all the cleared ones.
+    Alerts {
+        /// The node API to ask.
+        #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
+        api: String,
+        /// Include cleared alerts (the cluster keeps the last 256).
+        #[arg(long)]
+        all: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Self-test tools: drive the storage engine directly (used by the test suite).
     #[command(subcommand, hide = true)]
     Debug(crate::cli::debug::DebugCommand),
@@ -57,7 +70,12 @@ impl Command {
     fn default_log_level(&self) -> &'static str {
         match self {
             Self::Debug(_) | Self::Node(crate::cli::node::NodeCommand::Run(_)) => "info",
-            Self::Disk(_) | Self::Node(_) | Self::Volume(_) | Self::Cluster(_) | Self::Status { .. } => "warn",
+            Self::Disk(_)
+            | Self::Node(_)
+            | Self::Volume(_)
+            | Self::Cluster(_)
+            | Self::Status { .. }
+            | Self::Alerts { .. } => "warn",
         }
     }
 }
@@ -84,6 +102,7 @@ pub fn main() -> ExitCode {
         Command::Volume(args) => volume::run(args),
         Command::Cluster(args) => cluster::run(args),
         Command::Status { api, json } => cluster::status(&api, json),
+        Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
     };
     match result {
         Ok(code) => code,

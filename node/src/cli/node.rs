@@ -18,7 +18,7 @@ pub enum NodeCommand {
     /// SIGTERM or SIGINT stops it cleanly (connections closed, final
     /// checkpoint). After kill -9 nothing acknowledged is lost: the next
     /// start replays the log.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Move every replica off a node, then take it out of the cluster.
     ///
     /// Each of its replicas is first copied to another node (which must
@@ -83,6 +83,9 @@ pub struct RunArgs {
     /// As coordinator, drop a replica from the in-sync set when it has not answered a write for this long [default: 5000].
     #[arg(long)]
     pub replica_timeout_ms: Option<u64>,
+    /// As Raft leader, POST every alert that starts or clears to this URL as JSON.
+    #[arg(long, value_name = "URL")]
+    pub alert_webhook: Option<String>,
     /// A label KEY=VALUE (repeatable); `zone` spreads replicas over distinct zones.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -113,6 +116,7 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 failover_after_s: args.failover_after_s,
                 rebuild_after_s: args.rebuild_after_s,
                 replica_timeout_ms: args.replica_timeout_ms,
+                alert_webhook: args.alert_webhook,
                 labels: if args.labels.is_empty() {
                     None
                 } else {

@@ -59,6 +59,83 @@ pub async fn automation_loop(cluster: Arc<Cluster>, mut stop: tokio::sync::watch
                 tracing::warn!(volume = %volume.name, %error, "automatic failover/rebuild step failed; retrying");
             }
         }
+        alerts_pass(&cluster).await;
+    }
+}
+
+/// Evaluates the alert conditions and proposes what changed (leader only).
+async fn alerts_pass(cluster: &Arc<Cluster>) {
+    use super::alerts::{diff, evaluate, NodeSeen};
+    let local_report = cluster.health.local_report().await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let (now_ms, now_unix) = (u64::try_from(now.as_millis()).unwrap_or(0), now.as_secs());
+    let ids: Vec<u64> = cluster.with_state(|state| state.nodes.keys().copied().collect());
+    let seen = ids
+        .into_iter()
+        .map(|id| {
+            if id == cluster.local.id {
+                let seen = NodeSeen {
+                    up: true,
+                    last_error: None,
+                    report: Some((local_report.clone(), 0)),
+                };
+                return (id, seen);
+            }
+            let liveness = cluster.health.liveness(id);
+            let age = liveness.last_answer_ms.unwrap_or(0);
+            // Down for alerts only once silent past the threshold (a node just
+            // joined, or a leader just elected, has not been asked yet).
+            let seen = NodeSeen {
+                up: cluster.health.down_for(id).is_zero(),
+                last_error: liveness.last_error,
+                report: liveness.report.map(|report| (report, age)),
+            };
+            (id, seen)
+        })
+        .collect();
+    let Some((raise, clear)) = cluster.with_state(|state| diff(state, &evaluate(state, &seen, now_ms), now_unix))
+    else {
+        return;
+    };
+    let started: Vec<super::alerts::Raised> = cluster.with_state(|state| {
+        raise
+            .iter()
+            .filter(|c| !state.alerts.get(&c.key()).is_some_and(super::alerts::Alert::is_active))
+            .cloned()
+            .collect()
+    });
+    let command = Command::Alerts {
+        raise,
+        clear: clear.clone(),
+        now_unix,
+    };
+    if let Err(error) = cluster.change(command).await {
+        tracing::warn!(%error, "cannot record alerts; retrying");
+        return;
+    }
+    for alert in &started {
+        tracing::warn!(alert = %alert.key(), severity = ?alert.severity, message = %alert.message, "alert raised");
+    }
+    for key in &clear {
+        tracing::info!(alert = %key, "alert cleared");
+    }
+    if let Some(url) = cluster.alert_webhook() {
+        if !started.is_empty() || !clear.is_empty() {
+            let body = serde_json::json!({
+                "cluster_id": cluster.cluster_id(),
+                "raised": started,
+                "cleared": clear,
+                "at_unix": now_unix,
+            });
+            tokio::task::spawn_blocking(move || {
+                let sent = ureq::post(&url).timeout(Duration::from_secs(5)).send_json(body);
+                if let Err(error) = sent {
+                    tracing::warn!(%url, %error, "alert webhook failed");
+                }
+            });
+        }
     }
 }
 

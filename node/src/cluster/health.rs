@@ -32,6 +32,15 @@ pub struct NodeReport {
     pub disks: u32,
     pub replicas: u32,
     pub version: String,
+    /// Disks whose store stopped after an I/O error.
+    #[serde(default)]
+    pub failed_disks: u32,
+    /// Blocks read back with a bad checksum since the node started.
+    #[serde(default)]
+    pub checksum_errors: u64,
+    /// The node's clock when it made the report (clock-skew alerts).
+    #[serde(default)]
+    pub unix_millis: u64,
 }
 
 impl NodeReport {

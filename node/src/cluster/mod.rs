@@ -8,6 +8,7 @@
 //! others and learns their free space), `placement`, and `reconcile`
 //! (makes this node's local replicas match the cluster's volumes).
 
+pub mod alerts;
 pub mod automation;
 pub mod decommission;
 pub mod health;
@@ -132,6 +133,8 @@ pub struct Cluster {
     /// When the leader fails over and rebuilds by itself.
     automation: RwLock<automation::Automation>,
     replica_timeout: RwLock<Duration>,
+    /// Where the leader POSTs alert changes.
+    alert_webhook: RwLock<Option<String>>,
     /// The durable dirty-region map of the volumes this node coordinates.
     dirty: Arc<crate::replication::dirty::DirtyLog>,
     /// The last resync of each (volume, replica), for `volume inspect`.
@@ -208,6 +211,7 @@ impl Cluster {
             resyncs: parking_lot::Mutex::new(BTreeMap::new()),
             automation: RwLock::new(automation::Automation::default()),
             replica_timeout: RwLock::new(crate::replication::REPLICA_TIMEOUT_DEFAULT),
+            alert_webhook: RwLock::new(None),
         });
         Ok(cluster)
     }
@@ -226,6 +230,16 @@ impl Cluster {
     /// coordinator drops it from the in-sync set.
     pub fn replica_timeout(&self) -> Duration {
         *self.replica_timeout.read()
+    }
+
+    /// Sets where the leader POSTs alert changes.
+    pub fn set_alert_webhook(&self, url: Option<String>) {
+        *self.alert_webhook.write() = url;
+    }
+
+    #[must_use]
+    pub fn alert_webhook(&self) -> Option<String> {
+        self.alert_webhook.read().clone()
     }
 
     /// Sets `replica_timeout_ms` (applies to volumes coordinated from now on).

@@ -109,6 +109,9 @@ pub struct ClusterState {
     /// instead of being applied twice.
     #[serde(default)]
     pub recent_proposals: std::collections::VecDeque<(uuid::Uuid, Outcome)>,
+    /// Alerts by key, active and recently cleared (bounded, `alerts`).
+    #[serde(default)]
+    pub alerts: BTreeMap<String, super::alerts::Alert>,
 }
 
 /// Proposals whose outcome is kept for retries.
@@ -177,6 +180,13 @@ pub enum Command {
         name: String,
         node: u64,
         shrink: bool,
+    },
+    /// The leader's view of what needs attention changed: `raise` started
+    /// (or is still true, refreshing last-seen), `clear` ended.
+    Alerts {
+        raise: Vec<super::alerts::Raised>,
+        clear: Vec<String>,
+        now_unix: u64,
     },
     /// A decommissioned node (holding no replica) leaves the node table.
     RemoveNode {
@@ -319,6 +329,10 @@ impl ClusterState {
                 }
             }
             Command::RemoveReplica { name, node, shrink } => self.remove_replica(&name, node, shrink),
+            Command::Alerts { raise, clear, now_unix } => {
+                super::alerts::apply(&mut self.alerts, raise, &clear, now_unix);
+                Outcome::Done
+            }
             Command::SetNodeAdmin { id, admin } => match self.nodes.get_mut(&id) {
                 Some(node) => {
                     node.admin = admin;
@@ -520,7 +534,7 @@ impl ClusterState {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn node(id: u64, zone: Option<&str>) -> NodeRecord {

@@ -55,6 +55,9 @@ pub struct ClusterStatus {
     pub last_applied_index: u64,
     pub nodes: Vec<NodeView>,
     pub volumes: Vec<VolumeView>,
+    /// Active alerts, most severe first.
+    #[serde(default)]
+    pub alerts: Vec<super::alerts::Alert>,
 }
 
 impl Cluster {
@@ -139,6 +142,10 @@ impl Cluster {
             last_applied_index: metrics.last_applied.map_or(0, |id| id.index),
             nodes,
             volumes,
+            alerts: super::alerts::sorted(&state.alerts)
+                .into_iter()
+                .filter(super::alerts::Alert::is_active)
+                .collect(),
         }
     }
 }

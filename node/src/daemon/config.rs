@@ -10,6 +10,7 @@
 //! failover_after_s = 30  # as Raft leader: serve a volume elsewhere when its node is silent this long (0: never)
 //! rebuild_after_s = 600  # as Raft leader: rebuild replicas of a node silent this long elsewhere (0: never)
 //! replica_timeout_ms = 5000  # as coordinator: drop a replica from the in-sync set after this long without an answer
+//! alert_webhook = "http://alerts.example:8080/ballast"  # as Raft leader: POST each alert change here as JSON
 //! cores = "0-3"          # reactor cores (default: every core the process may use)
 //! thread_pool = false    # force the pread/pwrite engine instead of io_uring
 //! ```
@@ -64,6 +65,7 @@ pub struct ConfigFile {
     pub failover_after_s: Option<u64>,
     pub rebuild_after_s: Option<u64>,
     pub replica_timeout_ms: Option<u64>,
+    pub alert_webhook: Option<String>,
 }
 
 impl ConfigFile {
@@ -94,6 +96,8 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     pub automation: crate::cluster::automation::Automation,
     pub replica_timeout: std::time::Duration,
+    /// Where the leader POSTs alert changes (http:// URL).
+    pub alert_webhook: Option<String>,
 }
 
 /// Parses `KEY=VALUE` labels (flags), checking their characters.
@@ -194,6 +198,14 @@ impl NodeConfig {
                         "replica_timeout_ms {ms} is out of range: use 100 to 600000"
                     )))
                 }
+            },
+            alert_webhook: match overrides.alert_webhook.or(file.alert_webhook) {
+                Some(url) if !url.starts_with("http://") && !url.starts_with("https://") => {
+                    return Err(ConfigError::Missing(format!(
+                        "alert_webhook {url:?} is not an http:// or https:// URL"
+                    )))
+                }
+                other => other,
             },
         })
     }

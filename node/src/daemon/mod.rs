@@ -71,6 +71,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     cluster.attach_volumes(Arc::clone(&volumes));
     cluster.set_automation(config.automation);
     cluster.set_replica_timeout(config.replica_timeout);
+    cluster.set_alert_webhook(config.alert_webhook.clone());
     let status_engine = Arc::clone(&engine);
     let status_volumes = Arc::clone(&volumes);
     let status_cluster = Arc::clone(&cluster);
@@ -110,11 +111,19 @@ fn node_report(engine: &Engine, volumes: &Volumes) -> NodeReport {
         ..NodeReport::default()
     };
     for index in 0..engine.disks().len() {
-        if let Ok(space) = engine.query(index, |store| store.space()) {
-            report.capacity_bytes += space.capacity_blocks * 4096;
-            report.used_bytes += space.used_blocks * 4096;
+        match engine.query(index, |store| (store.space(), store.stats(), store.is_failed())) {
+            Ok((space, stats, failed)) => {
+                report.capacity_bytes += space.capacity_blocks * 4096;
+                report.used_bytes += space.used_blocks * 4096;
+                report.checksum_errors += stats.checksum_errors;
+                report.failed_disks += u32::from(failed);
+            }
+            Err(_) => report.failed_disks += 1,
         }
     }
+    report.unix_millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));
     report
 }
 
