@@ -212,6 +212,31 @@ fn metrics_parse_move_with_client_io_and_cover_the_dashboard_and_alert_rules() {
         r#"ballast_volume_requests_total{volume="m",op="write"} >= 1"#,
     );
 
+    // Status has the depth an operator needs.
+    let status = json_of(&cluster.nodes[1], &["status", "--json"]);
+    let volume = &status["volumes"][0];
+    assert!(volume["used_bytes"].as_u64().unwrap() >= 1 << 20, "{volume:#}");
+    let nbd = volume["nbd_address"].as_str().unwrap();
+    assert!(!nbd.is_empty() && cluster.nodes[0].uri("m").contains(nbd), "{volume:#}");
+    for node in status["nodes"].as_array().unwrap() {
+        assert!(!node["version"].as_str().unwrap().is_empty(), "{node:#}");
+        assert!(node["cores"].as_u64().unwrap() >= 1, "{node:#}");
+        assert_eq!(node["disks"].as_array().unwrap().len(), 1, "{node:#}");
+    }
+    let screen = cluster.nodes[1].cli_ok(&["status"]);
+    assert!(
+        screen.contains("HEALTHY") && screen.contains("no active alerts"),
+        "{screen}"
+    );
+    let id = cluster.nodes[0].node_id().to_string();
+    let inspected = json_of(&cluster.nodes[2], &["node", "inspect", &id, "--json"]);
+    assert_eq!(
+        inspected["replicas"][0],
+        serde_json::json!(["m", "coordinator"]),
+        "{inspected:#}"
+    );
+    assert!(!cluster.nodes[2].cli(&["node", "inspect", "12345"]).status.success());
+
     // Every metric the dashboard and the alert rules query is served by some node.
     let mut served = BTreeSet::new();
     for node in &cluster.nodes {

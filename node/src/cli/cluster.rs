@@ -127,20 +127,83 @@ pub fn run(args: ClusterArgs) -> Result<ExitCode> {
         }
         ClusterCommand::Status { json } => {
             let status: ClusterStatus = client.get("/v1/cluster")?;
-            print_status(&status, json)?;
+            print_status(&status, json, Style::for_stdout())?;
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
 /// `ballast status`.
-pub fn status(api: &str, json: bool) -> Result<ExitCode> {
-    let status: ClusterStatus = ApiClient::new(api).get("/v1/cluster")?;
-    print_status(&status, json)?;
-    Ok(ExitCode::SUCCESS)
+pub fn status(api: &str, json: bool, watch: Option<u64>) -> Result<ExitCode> {
+    let client = ApiClient::new(api);
+    let Some(every) = watch else {
+        let status: ClusterStatus = client.get("/v1/cluster")?;
+        print_status(&status, json, Style::for_stdout())?;
+        return Ok(ExitCode::SUCCESS);
+    };
+    let every = std::time::Duration::from_secs(every.max(1));
+    loop {
+        let shown = client.get::<ClusterStatus>("/v1/cluster");
+        // Clear the screen and home the cursor, then draw.
+        print!("\x1b[2J\x1b[H");
+        match shown {
+            Ok(status) => print_status(&status, json, Style::for_stdout())?,
+            Err(error) => println!("error: {error} (retrying every {}s)", every.as_secs()),
+        }
+        println!("\n(refreshing every {}s; Ctrl-C to stop)", every.as_secs());
+        std::thread::sleep(every);
+    }
 }
 
-fn print_status(status: &ClusterStatus, json: bool) -> Result<()> {
+/// Colour on a terminal, plain text otherwise (or with NO_COLOR set).
+#[derive(Clone, Copy)]
+struct Style {
+    colour: bool,
+}
+
+impl Style {
+    fn for_stdout() -> Self {
+        Self {
+            colour: std::io::IsTerminal::is_terminal(&std::io::stdout()) && std::env::var_os("NO_COLOR").is_none(),
+        }
+    }
+
+    fn paint(self, text: &str, code: &str) -> String {
+        if self.colour {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    /// Pads first (so columns line up), then colours.
+    fn cell(self, text: &str, width: usize, code: &str) -> String {
+        self.paint(&format!("{text:<width$}"), code)
+    }
+}
+
+const GREEN: &str = "32";
+const YELLOW: &str = "33";
+const RED: &str = "31;1";
+const PLAIN: &str = "0";
+
+fn health_colour(health: &str) -> &'static str {
+    match health {
+        "healthy" | "up" => GREEN,
+        "degraded" => YELLOW,
+        _ => RED,
+    }
+}
+
+fn format_seconds(seconds: u64) -> String {
+    match seconds {
+        0..=99 => format!("{seconds}s"),
+        100..=5999 => format!("{}m{:02}s", seconds / 60, seconds % 60),
+        _ => format!("{}h{:02}m", seconds / 3600, (seconds % 3600) / 60),
+    }
+}
+
+fn print_status(status: &ClusterStatus, json: bool, style: Style) -> Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(status)?);
         return Ok(());
@@ -154,67 +217,119 @@ fn print_status(status: &ClusterStatus, json: bool) -> Result<()> {
     };
     let leader = status
         .leader
-        .map_or_else(|| "none (no quorum?)".to_owned(), |id| id.to_string());
+        .map_or_else(|| style.paint("none (no quorum?)", RED), |id| id.to_string());
+    let down = status.nodes.iter().filter(|node| !node.up).count();
+    let unhealthy = status.volumes.iter().filter(|v| v.health != "healthy").count();
+    let verdict = if status.leader.is_none() || status.volumes.iter().any(|v| v.health == "unavailable") {
+        style.paint("DATA AT RISK OR UNREACHABLE", RED)
+    } else if down > 0 || unhealthy > 0 {
+        style.paint("DEGRADED (data safe on the in-sync replicas)", YELLOW)
+    } else {
+        style.paint("HEALTHY", GREEN)
+    };
+    println!("cluster {cluster_id}  {verdict}");
     println!(
-        "cluster {cluster_id}  leader {leader}  term {}  (as seen by node {})",
-        status.term, status.this_node
+        "leader {leader}  term {}  applied {}  (as seen by node {})",
+        status.term, status.last_applied_index, status.this_node
     );
     println!();
     println!(
-        "{:<20} {:<16} {:<8} {:<6} {:<12} {:>10} {:>10} {:>5}  LABELS",
-        "NODE", "NAME", "ROLE", "STATE", "ADMIN", "USED", "CAPACITY", "REPL"
+        "{:<12} {:<14} {:<8} {:<6} {:<12} {:>9} {:>9} {:>5} {:>5} {:<8} {:>6}  LABELS",
+        "NODE", "NAME", "ROLE", "STATE", "ADMIN", "USED", "CAPACITY", "DISKS", "REPL", "VERSION", "CORES"
     );
     for node in &status.nodes {
         let mark = if node.id == status.this_node { "*" } else { "" };
         let labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let state = if node.up { "up" } else { "DOWN" };
+        let failed = node.disks.iter().filter(|d| d.failed).count();
+        let disks = if failed > 0 {
+            style.paint(&format!("{}!{failed}", node.disks.len()), RED)
+        } else {
+            node.disks.len().to_string()
+        };
         println!(
-            "{:<20} {:<16} {:<8} {:<6} {:<12} {:>10} {:>10} {:>5}  {}",
+            "{:<12} {:<14} {:<8} {} {:<12} {:>9} {:>9} {:>5} {:>5} {:<8} {:>6}  {}",
             format!("{}{mark}", node.id),
             node.name,
             node.role,
-            if node.up { "up" } else { "DOWN" },
+            style.cell(state, 6, health_colour(state)),
             format!("{:?}", node.admin).to_lowercase(),
             format_size(node.used_bytes),
             format_size(node.capacity_bytes),
+            disks,
             node.replicas,
+            node.version,
+            node.cores,
             labels.join(",")
         );
+        if !node.up {
+            let seen = node.last_answer_ms.map_or_else(
+                || "never answered".to_owned(),
+                |ms| format!("last answered {} ago", format_seconds(ms / 1000)),
+            );
+            let why = node.last_error.as_deref().unwrap_or("no answer");
+            println!("{:<12} {}", "", style.paint(&format!("{seen}: {why}"), RED));
+        }
     }
     println!();
     if status.volumes.is_empty() {
         println!("no volumes");
-        return Ok(());
-    }
-    println!(
-        "{:<24} {:>10} {:>5} {:<12} {:<20} REPLICAS",
-        "VOLUME", "SIZE", "EPOCH", "HEALTH", "COORDINATOR"
-    );
-    for volume in &status.volumes {
-        let replicas: Vec<String> = volume
-            .replica_nodes
-            .iter()
-            .map(|id| {
-                if volume.in_sync.contains(id) {
-                    id.to_string()
-                } else {
-                    format!("{id}(stale)")
-                }
-            })
-            .collect();
+    } else {
         println!(
-            "{:<24} {:>10} {:>5} {:<12} {:<20} {} ({}/{} up)",
-            volume.name,
-            format_size(volume.size_bytes),
-            volume.epoch,
-            volume.health,
-            volume.coordinator,
-            replicas.join(","),
-            volume.replicas_up,
-            volume.replica_nodes.len()
+            "{:<20} {:>9} {:>9} {:<11} {:>5} {:<22} {:<24} RESYNC",
+            "VOLUME", "SIZE", "USED", "HEALTH", "REPL", "ATTACHED (NBD)", "REPLICAS"
         );
+        for volume in &status.volumes {
+            let replicas: Vec<String> = volume
+                .replica_nodes
+                .iter()
+                .map(|id| {
+                    if volume.in_sync.contains(id) {
+                        id.to_string()
+                    } else {
+                        format!("{id}(stale)")
+                    }
+                })
+                .collect();
+            let attached = format!(
+                "{}@{} x{}",
+                volume.coordinator,
+                volume.nbd_address.rsplit(':').next().unwrap_or_default(),
+                volume.connections
+            );
+            let resync: Vec<String> = volume
+                .resyncs
+                .iter()
+                .filter(|r| r.state == "running")
+                .map(|r| {
+                    let percent = ((r.copied_bytes + r.zeroed_bytes) * 100)
+                        .checked_div(r.dirty_bytes)
+                        .unwrap_or(100);
+                    let eta = r
+                        .eta_seconds()
+                        .map_or_else(|| "ETA ?".to_owned(), |s| format!("ETA {}", format_seconds(s)));
+                    format!("->{} {} {percent}% {eta}", r.node, r.mode)
+                })
+                .collect();
+            println!(
+                "{:<20} {:>9} {:>9} {} {:>5} {:<22} {:<24} {}",
+                volume.name,
+                format_size(volume.size_bytes),
+                format_size(volume.used_bytes),
+                style.cell(&volume.health, 11, health_colour(&volume.health)),
+                format!("{}/{}", volume.in_sync.len(), volume.replicas),
+                attached,
+                replicas.join(","),
+                if resync.is_empty() {
+                    "-".to_owned()
+                } else {
+                    resync.join(" ")
+                }
+            );
+        }
     }
     println!();
-    print_alerts(&status.alerts, false);
+    print_alerts(&status.alerts, false, style);
     Ok(())
 }
 
@@ -229,12 +344,12 @@ pub fn alerts(api: &str, all: bool, json: bool) -> Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(&alerts)?);
     } else {
-        print_alerts(&alerts, all);
+        print_alerts(&alerts, all, Style::for_stdout());
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_alerts(alerts: &[crate::cluster::alerts::Alert], all: bool) {
+fn print_alerts(alerts: &[crate::cluster::alerts::Alert], all: bool, style: Style) {
     if alerts.is_empty() {
         println!("{}", if all { "no alerts recorded" } else { "no active alerts" });
         return;
@@ -247,11 +362,17 @@ fn print_alerts(alerts: &[crate::cluster::alerts::Alert], all: bool) {
     );
     for alert in alerts {
         let state = match alert.cleared_unix {
-            None => "ACTIVE".to_owned(),
-            Some(at) => format!("cleared {}", ago(at)),
+            None => {
+                let code = match alert.severity {
+                    crate::cluster::alerts::Severity::Critical => RED,
+                    crate::cluster::alerts::Severity::Warning => YELLOW,
+                };
+                style.cell("ACTIVE", 9, code)
+            }
+            Some(at) => style.cell(&format!("cleared {}", ago(at)), 9, PLAIN),
         };
         println!(
-            "{:<9} {:<8} {:<28} {:>9} {:>9}  {}",
+            "{} {:<8} {:<28} {:>9} {:>9}  {}",
             state,
             format!("{:?}", alert.severity).to_lowercase(),
             alert.key,

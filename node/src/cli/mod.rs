@@ -38,7 +38,10 @@ pub enum Command {
     Volume(crate::cli::volume::VolumeArgs),
     /// Form and inspect the cluster: init, join tokens, join, status.
     Cluster(crate::cli::cluster::ClusterArgs),
-    /// The whole fleet at a glance (same as `ballast cluster status`).
+    /// The whole fleet at a glance: is my data safe right now, and if not,
+    /// why and since when. Nodes (state, version, cores, disks, space),
+    /// volumes (health, replicas in sync, where attached, resync progress
+    /// with ETA) and active alerts; the same as `ballast cluster status`.
     Status {
         /// The node API to ask.
         #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
@@ -46,6 +49,9 @@ pub enum Command {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Redraw every SECONDS until interrupted.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
+        watch: Option<u64>,
     },
     /// What needs attention: active alerts (node down, volume degraded,
     /// disk full or failing, clock skew), and with --all the cleared ones.
@@ -101,7 +107,7 @@ pub fn main() -> ExitCode {
         Command::Node(command) => node::run(command),
         Command::Volume(args) => volume::run(args),
         Command::Cluster(args) => cluster::run(args),
-        Command::Status { api, json } => cluster::status(&api, json),
+        Command::Status { api, json, watch } => cluster::status(&api, json, watch),
         Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
     };
     match result {

@@ -43,6 +43,18 @@ pub enum NodeCommand {
         #[arg(long, env = "BALLAST_API", default_value = DEFAULT_API_URL)]
         api: String,
     },
+    /// One cluster member in depth: state, addresses, version, disks with
+    /// health, the replicas it holds (and their role) and its alerts.
+    Inspect {
+        /// The node's id (see `ballast status`).
+        id: u64,
+        /// The node API to ask (any member).
+        #[arg(long, env = "BALLAST_API", default_value = DEFAULT_API_URL)]
+        api: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show a running node: id, cluster, disks, space, replica count.
     Status {
         /// The node API to ask.
@@ -143,6 +155,7 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             println!("node {id}: maintenance {state}");
             Ok(ExitCode::SUCCESS)
         }
+        NodeCommand::Inspect { id, api, json } => inspect(&api, id, json),
         NodeCommand::Status { api, json } => {
             let status: NodeStatus = ApiClient::new(&api).get("/v1/node")?;
             if json {
@@ -169,4 +182,98 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// What `node inspect` shows of one member.
+#[derive(serde::Serialize)]
+struct NodeInspection<'a> {
+    node: &'a crate::cluster::status::NodeView,
+    /// (volume, role: coordinator, in-sync or stale)
+    replicas: Vec<(String, &'static str)>,
+    alerts: Vec<&'a crate::cluster::alerts::Alert>,
+}
+
+fn inspect(api: &str, id: u64, json: bool) -> Result<ExitCode> {
+    let status: crate::cluster::status::ClusterStatus = ApiClient::new(api).get("/v1/cluster")?;
+    let Some(node) = status.nodes.iter().find(|node| node.id == id) else {
+        let ids: Vec<String> = status.nodes.iter().map(|n| n.id.to_string()).collect();
+        anyhow::bail!("no node {id} in the cluster (members: {})", ids.join(", "));
+    };
+    let replicas: Vec<(String, &'static str)> = status
+        .volumes
+        .iter()
+        .filter(|v| v.replica_nodes.contains(&id))
+        .map(|v| {
+            let role = if v.coordinator == id {
+                "coordinator"
+            } else if v.in_sync.contains(&id) {
+                "in-sync"
+            } else {
+                "stale"
+            };
+            (v.name.clone(), role)
+        })
+        .collect();
+    let subject = id.to_string();
+    let alerts: Vec<&crate::cluster::alerts::Alert> =
+        status.alerts.iter().filter(|alert| alert.subject == subject).collect();
+    let inspection = NodeInspection { node, replicas, alerts };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&inspection)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("node {} ({})", node.id, node.name);
+    println!("  role:     {}", node.role);
+    println!(
+        "  state:    {}{}",
+        if node.up { "up" } else { "DOWN" },
+        node.last_error
+            .as_deref()
+            .map_or_else(String::new, |error| format!(" ({error})"))
+    );
+    println!("  admin:    {}", format!("{:?}", node.admin).to_lowercase());
+    println!("  version:  {}   cores: {}", node.version, node.cores);
+    println!(
+        "  api {}   nbd {}   peer {}",
+        node.api_address, node.nbd_address, node.peer_address
+    );
+    let labels: Vec<String> = node.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!(
+        "  labels:   {}",
+        if labels.is_empty() {
+            "-".to_owned()
+        } else {
+            labels.join(",")
+        }
+    );
+    println!(
+        "  space:    {} of {} used",
+        format_size(node.used_bytes),
+        format_size(node.capacity_bytes)
+    );
+    for disk in &node.disks {
+        println!(
+            "  disk {}: {} of {} used, {}{}",
+            disk.path,
+            format_size(disk.used_bytes),
+            format_size(disk.capacity_bytes),
+            if disk.failed { "FAILED" } else { "ok" },
+            if disk.checksum_errors > 0 {
+                format!(", {} checksum errors", disk.checksum_errors)
+            } else {
+                String::new()
+            }
+        );
+    }
+    println!("  replicas: {}", inspection.replicas.len());
+    for (volume, role) in &inspection.replicas {
+        println!("    {volume}: {role}");
+    }
+    if inspection.alerts.is_empty() {
+        println!("  alerts:   none");
+    }
+    for alert in &inspection.alerts {
+        println!("  ALERT {}: {}", alert.key, alert.message);
+    }
+    Ok(ExitCode::SUCCESS)
 }

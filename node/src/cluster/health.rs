@@ -41,6 +41,38 @@ pub struct NodeReport {
     /// The node's clock when it made the report (clock-skew alerts).
     #[serde(default)]
     pub unix_millis: u64,
+    /// CPU cores the node may use.
+    #[serde(default)]
+    pub cores: u32,
+    /// Each enrolled disk.
+    #[serde(default)]
+    pub disk_list: Vec<DiskReport>,
+    /// Volumes this node serves (coordinates).
+    #[serde(default)]
+    pub served: Vec<ServedReport>,
+    /// Resyncs this node runs or ran as coordinator: (volume, status).
+    #[serde(default)]
+    pub resyncs: Vec<(String, crate::replication::resync::ResyncStatus)>,
+}
+
+/// One disk in a node's report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskReport {
+    pub path: String,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub failed: bool,
+    pub checksum_errors: u64,
+}
+
+/// A volume a node serves, in its report.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServedReport {
+    pub name: String,
+    /// Bytes of the coordinator's replica that hold data.
+    pub used_bytes: u64,
+    /// NBD connections open to it.
+    pub connections: u64,
 }
 
 impl NodeReport {
@@ -86,6 +118,7 @@ impl Health {
     }
 
     /// This node's own report (queries the storage engine off the async workers).
+    /// This node's report (without resyncs; `Cluster::report` adds them).
     pub async fn local_report(&self) -> NodeReport {
         let report = Arc::clone(&self.report);
         tokio::task::spawn_blocking(move || report()).await.unwrap_or_default()

@@ -306,6 +306,18 @@ impl Cluster {
     }
 
     /// The resyncs of `name` this node ran or runs.
+    /// This node's report, with the resyncs it runs as coordinator.
+    pub async fn report(&self) -> health::NodeReport {
+        let mut report = self.health.local_report().await;
+        report.resyncs = self
+            .resyncs
+            .lock()
+            .iter()
+            .map(|((volume, _), status)| (volume.clone(), status.clone()))
+            .collect();
+        report
+    }
+
     pub fn resyncs_of(&self, name: &str) -> Vec<crate::replication::resync::ResyncStatus> {
         self.resyncs
             .lock()
@@ -460,7 +472,7 @@ impl PeerHandler for Cluster {
                 Ok((FrameKind::ProposeReply, reply))
             }
             FrameKind::Ping => {
-                let report = self.health.local_report().await;
+                let report = self.report().await;
                 Ok((FrameKind::Pong, serde_json::to_vec(&report).map_err(|e| e.to_string())?))
             }
             FrameKind::Join => join::handle_join(self, &payload)

@@ -26,6 +26,13 @@ pub struct NodeView {
     pub api_address: String,
     pub nbd_address: String,
     pub labels: BTreeMap<String, String>,
+    /// From the node's last report (empty/0 when it never answered).
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub cores: u32,
+    #[serde(default)]
+    pub disks: Vec<super::health::DiskReport>,
 }
 
 /// One volume in `cluster status`.
@@ -43,6 +50,17 @@ pub struct VolumeView {
     pub epoch: u64,
     /// healthy (every replica in sync and up), degraded (not), unavailable (coordinator down)
     pub health: String,
+    /// Data held by the coordinator's replica (from its report).
+    #[serde(default)]
+    pub used_bytes: u64,
+    /// Where clients attach: the coordinator's NBD address, and how many are connected.
+    #[serde(default)]
+    pub nbd_address: String,
+    #[serde(default)]
+    pub connections: u64,
+    /// Resyncs the coordinator runs or last ran, per replica.
+    #[serde(default)]
+    pub resyncs: Vec<crate::replication::resync::ResyncStatus>,
 }
 
 /// GET /v1/cluster.
@@ -69,7 +87,7 @@ impl Cluster {
         let learners: Vec<u64> = membership.learner_ids().collect();
         let state = self.state();
         let held = state.replicas_per_node();
-        let local_report = self.health.local_report().await;
+        let local_report = self.report().await;
         let nodes: Vec<NodeView> = state
             .nodes
             .values()
@@ -104,9 +122,19 @@ impl Cluster {
                     api_address: node.api_address.clone(),
                     nbd_address: node.nbd_address.clone(),
                     labels: node.labels.clone(),
+                    version: report.as_ref().map(|r| r.version.clone()).unwrap_or_default(),
+                    cores: report.as_ref().map_or(0, |r| r.cores),
+                    disks: report.as_ref().map(|r| r.disk_list.clone()).unwrap_or_default(),
                 }
             })
             .collect();
+        let report_of = |id: u64| {
+            if id == self.local.id {
+                Some(local_report.clone())
+            } else {
+                self.health.liveness(id).report
+            }
+        };
         let up = |id: u64| nodes.iter().any(|node| node.id == id && node.up);
         let volumes = state
             .volumes
@@ -121,7 +149,29 @@ impl Cluster {
                 } else {
                     "healthy"
                 };
+                let coordinator_report = report_of(volume.coordinator);
+                let served = coordinator_report
+                    .as_ref()
+                    .and_then(|r| r.served.iter().find(|s| s.name == volume.name).cloned())
+                    .unwrap_or_default();
+                let resyncs = coordinator_report
+                    .map(|r| {
+                        r.resyncs
+                            .into_iter()
+                            .filter(|(name, _)| *name == volume.name)
+                            .map(|(_, status)| status)
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 VolumeView {
+                    used_bytes: served.used_bytes,
+                    connections: served.connections,
+                    nbd_address: state
+                        .nodes
+                        .get(&volume.coordinator)
+                        .map(|n| n.nbd_address.clone())
+                        .unwrap_or_default(),
+                    resyncs,
                     name: volume.name.clone(),
                     size_bytes: volume.size_bytes,
                     replicas: volume.replicas,

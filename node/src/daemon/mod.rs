@@ -110,17 +110,37 @@ fn node_report(engine: &Engine, volumes: &Volumes) -> NodeReport {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         ..NodeReport::default()
     };
-    for index in 0..engine.disks().len() {
+    for (index, disk) in engine.disks().iter().enumerate() {
+        let mut entry = crate::cluster::health::DiskReport {
+            path: disk.path.display().to_string(),
+            ..Default::default()
+        };
         match engine.query(index, |store| (store.space(), store.stats(), store.is_failed())) {
             Ok((space, stats, failed)) => {
-                report.capacity_bytes += space.capacity_blocks * 4096;
-                report.used_bytes += space.used_blocks * 4096;
-                report.checksum_errors += stats.checksum_errors;
-                report.failed_disks += u32::from(failed);
+                entry.capacity_bytes = space.capacity_blocks * 4096;
+                entry.used_bytes = space.used_blocks * 4096;
+                entry.checksum_errors = stats.checksum_errors;
+                entry.failed = failed;
             }
-            Err(_) => report.failed_disks += 1,
+            Err(_) => entry.failed = true,
         }
+        report.capacity_bytes += entry.capacity_bytes;
+        report.used_bytes += entry.used_bytes;
+        report.checksum_errors += entry.checksum_errors;
+        report.failed_disks += u32::from(entry.failed);
+        report.disk_list.push(entry);
     }
+    report.cores = std::thread::available_parallelism().map_or(0, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
+    report.served = volumes
+        .live_volumes()
+        .into_iter()
+        .filter(|volume| volume.is_served())
+        .map(|volume| crate::cluster::health::ServedReport {
+            name: volume.name.clone(),
+            used_bytes: volumes.used_bytes(&volume),
+            connections: volume.connection_count() as u64,
+        })
+        .collect();
     report.unix_millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0));

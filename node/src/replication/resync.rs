@@ -45,6 +45,40 @@ pub struct ResyncStatus {
     /// Holes sent as zeroings.
     pub zeroed_bytes: u64,
     pub error: Option<String>,
+    /// When it started and last moved (Unix ms; the ETA comes from these).
+    #[serde(default)]
+    pub started_unix_ms: u64,
+    #[serde(default)]
+    pub updated_unix_ms: u64,
+}
+
+impl ResyncStatus {
+    /// Bytes still to look at while running (0 otherwise).
+    #[must_use]
+    pub fn remaining_bytes(&self) -> u64 {
+        if self.state == "running" {
+            self.dirty_bytes.saturating_sub(self.copied_bytes + self.zeroed_bytes)
+        } else {
+            0
+        }
+    }
+
+    /// Seconds left at the pace so far (None before any progress or when not running).
+    #[must_use]
+    pub fn eta_seconds(&self) -> Option<u64> {
+        let moved = self.copied_bytes + self.zeroed_bytes;
+        let elapsed_ms = self.updated_unix_ms.saturating_sub(self.started_unix_ms);
+        if self.state != "running" || moved == 0 || elapsed_ms == 0 {
+            return None;
+        }
+        Some(self.remaining_bytes().saturating_mul(elapsed_ms) / moved / 1000)
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
 }
 
 /// Starts a resync for every replica of a volume this node coordinates
@@ -81,6 +115,8 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
                 let mut status = ResyncStatus {
                     node,
                     state: "running".into(),
+                    started_unix_ms: unix_ms(),
+                    updated_unix_ms: unix_ms(),
                     ..ResyncStatus::default()
                 };
                 cluster.note_resync(&name, status.clone());
@@ -106,6 +142,7 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
                         status.error = Some(error);
                     }
                 }
+                status.updated_unix_ms = unix_ms();
                 cluster.note_resync(&name, status);
                 cluster.end_resync(&name, node);
             });
@@ -152,6 +189,8 @@ async fn resync(
             return Err("the replica failed a live write during the resync".into());
         }
         copy_span(volume, &link, lba, count, replication.timeout, status).await?;
+        status.updated_unix_ms = unix_ms();
+        cluster.note_resync(&volume.name, status.clone());
     }
     // From here on a failure of the replica drops it through Raft (it may be in sync).
     replication.set_joining(node);
@@ -252,6 +291,23 @@ async fn send(link: &MuxLink, op: &ReplicaOp, timeout: std::time::Duration) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_eta_follows_the_pace_so_far_and_only_while_running() {
+        let mut status = ResyncStatus {
+            state: "running".into(),
+            dirty_bytes: 1000,
+            copied_bytes: 200,
+            zeroed_bytes: 50,
+            started_unix_ms: 10_000,
+            updated_unix_ms: 15_000,
+            ..ResyncStatus::default()
+        };
+        // 250 bytes in 5 s: 750 left take 15 s.
+        assert_eq!((status.remaining_bytes(), status.eta_seconds()), (750, Some(15)));
+        status.state = "done".into();
+        assert_eq!((status.remaining_bytes(), status.eta_seconds()), (0, None));
+    }
 
     #[test]
     fn dirty_regions_merge_into_bounded_spans_inside_the_volume() {
