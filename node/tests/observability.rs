@@ -368,6 +368,12 @@ fn a_killed_node_shows_down_with_its_volume_degraded_and_alerts_raised_then_clea
     });
     let screen = cluster.nodes[0].cli_ok(&["status"]);
     assert!(screen.contains("ACTIVE") && screen.contains(&node_down), "{screen}");
+    let inspected = json_of(&cluster.nodes[0], &["volume", "inspect", "a", "--json"]);
+    assert_eq!(inspected["health"], "degraded", "{inspected:#}");
+    assert_eq!(inspected["replicas_down"], serde_json::json!([down]), "{inspected:#}");
+    assert_eq!(inspected["alerts"][0]["key"], "volume_degraded:a", "{inspected:#}");
+    let node_view = json_of(&cluster.nodes[0], &["node", "inspect", &down.to_string(), "--json"]);
+    assert_eq!(node_view["alerts"][0]["key"], node_down.as_str(), "{node_view:#}");
     wait_until("the webhook heard of it", || webhook.saw("raised", &node_down));
 
     cluster.nodes[2].restart();

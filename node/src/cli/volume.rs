@@ -196,6 +196,40 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
     }
     println!("connections: {}", info.connections);
     println!("export:      nbd://{}/{}", info.coordinator_nbd, info.name);
+    if !info.health.is_empty() {
+        let down: Vec<String> = info.replicas_down.iter().map(u64::to_string).collect();
+        println!(
+            "health:      {}{}",
+            info.health,
+            if down.is_empty() {
+                String::new()
+            } else {
+                format!(" (down: {})", down.join(", "))
+            }
+        );
+    }
+    for resync in &info.resyncs {
+        let moved = resync.copied_bytes + resync.zeroed_bytes;
+        let eta = resync
+            .eta_seconds()
+            .map_or_else(String::new, |seconds| format!(", about {seconds}s left"));
+        println!(
+            "resync:      to node {}: {} ({}), {} of {} looked at, {} copied{eta}{}",
+            resync.node,
+            resync.state,
+            resync.mode,
+            format_size(moved),
+            format_size(resync.dirty_bytes),
+            format_size(resync.copied_bytes),
+            resync
+                .error
+                .as_deref()
+                .map_or_else(String::new, |error| format!("; {error}"))
+        );
+    }
+    for alert in &info.alerts {
+        println!("ALERT:       {} {}", alert.key, alert.message);
+    }
     Ok(ExitCode::SUCCESS)
 }
 

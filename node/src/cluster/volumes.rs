@@ -347,6 +347,9 @@ impl Cluster {
             in_sync: Vec::new(),
             resyncs: Vec::new(),
             epoch: 0,
+            health: String::new(),
+            replicas_down: Vec::new(),
+            alerts: Vec::new(),
         });
         info.size_bytes = volume.size_bytes;
         info.replicas = volume.replicas;
@@ -358,6 +361,22 @@ impl Cluster {
         info.in_sync.clone_from(&volume.in_sync);
         info.resyncs = self.resyncs_of(&volume.name);
         info.epoch = volume.epoch;
+        let up = |id: u64| self.health.liveness(id).up;
+        info.replicas_down = volume.replica_nodes.iter().copied().filter(|id| !up(*id)).collect();
+        info.health = if !up(volume.coordinator) {
+            "unavailable"
+        } else if !info.replicas_down.is_empty() || volume.in_sync.len() < volume.replica_nodes.len() {
+            "degraded"
+        } else {
+            "healthy"
+        }
+        .into();
+        info.alerts = self.with_state(|state| {
+            super::alerts::sorted(&state.alerts)
+                .into_iter()
+                .filter(|alert| alert.is_active() && alert.subject == volume.name && alert.kind.starts_with("volume_"))
+                .collect()
+        });
         info
     }
 

@@ -297,6 +297,15 @@ pub struct VolumeInfo {
     /// Fencing epoch.
     #[serde(default)]
     pub epoch: u64,
+    /// healthy, degraded or unavailable (as `ballast status` says it).
+    #[serde(default)]
+    pub health: String,
+    /// Replica nodes that do not answer.
+    #[serde(default)]
+    pub replicas_down: Vec<u64>,
+    /// Active alerts about this volume.
+    #[serde(default)]
+    pub alerts: Vec<crate::cluster::alerts::Alert>,
 }
 
 /// An opened disk as placement sees it.
@@ -679,6 +688,9 @@ impl Volumes {
             replica_nodes: Vec::new(),
             in_sync: Vec::new(),
             resyncs: Vec::new(),
+            health: String::new(),
+            replicas_down: Vec::new(),
+            alerts: Vec::new(),
             epoch: record.epoch,
         })
     }
