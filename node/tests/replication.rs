@@ -436,15 +436,17 @@ fn the_replica_count_is_raised_and_lowered_online_and_new_replicas_hold_the_data
     let scratch = tempfile::tempdir().unwrap();
     fio_write_ok(&uri, scratch.path(), "0");
 
-    // Up to 3: two new replicas are filled from the coordinator and join.
+    // Up to 3: two new replicas are filled from the coordinator and join;
+    // `--wait` returns once they have.
     let updated: serde_json::Value =
-        serde_json::from_str(&cluster.nodes[1].cli_ok(&["volume", "update", "u", "--repl", "3", "--json"])).unwrap();
+        serde_json::from_str(&cluster.nodes[1].cli_ok(&["volume", "update", "u", "--repl", "3", "--wait", "--json"]))
+            .unwrap();
     assert_eq!(updated["replicas"], 3, "{updated:#}");
     let mut all: Vec<u64> = cluster.nodes.iter().map(TestNode::node_id).collect();
     all.sort_unstable();
-    wait_until("the new replicas are in sync", || {
-        ids(&inspect(&cluster.nodes[0], "u")["in_sync"]) == all
-    });
+    let mut in_sync = ids(&updated["in_sync"]);
+    in_sync.sort_unstable();
+    assert_eq!(in_sync, all, "{updated:#}");
     let resync = inspect(&cluster.nodes[0], "u")["resyncs"][0].clone();
     assert_eq!(resync["mode"], "full", "{resync:#}");
     assert!(resync["copied_bytes"].as_u64().unwrap() >= 8 << 20, "{resync:#}");

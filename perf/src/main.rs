@@ -276,8 +276,10 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
         ..EngineReport::default()
     };
     let fio_span = size_bytes / 2;
+    let bar = node::cli::progress::items(repeats as u64, "engine repetitions");
     for run in 0..repeats {
-        eprintln!("repetition {}/{repeats}", run + 1);
+        node::cli::progress::note(&bar, &format!("repetition {}/{repeats}", run + 1));
+        bar.inc(1);
         let raw_write = fio::run_on_device(
             &FioJob::new("raw-randwrite", "randwrite", "4k", 32, seconds, fio_span),
             target.device.path(),

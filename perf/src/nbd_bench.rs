@@ -182,10 +182,15 @@ pub fn run(options: &NbdOptions) -> Result<()> {
     let mut samples: Vec<[ServerSamples; 3]> = MEASURES.iter().map(|_| Default::default()).collect();
     let mut qemu_label = String::new();
     let mut nbdkit_label = String::new();
+    let bar = node::cli::progress::items((options.repeats * SERVERS.len()) as u64, "servers measured");
     for run in 0..options.repeats {
         for (slot, kind) in SERVERS.iter().enumerate() {
             let server = start(*kind, options, &target, run, span_bytes)?;
-            eprintln!("repetition {}/{}: {}", run + 1, options.repeats, server.label);
+            node::cli::progress::note(
+                &bar,
+                &format!("repetition {}/{}: {}", run + 1, options.repeats, server.label),
+            );
+            bar.inc(1);
             match kind {
                 ServerKind::Ballast => {}
                 ServerKind::QemuNbd => qemu_label.clone_from(&server.label),

@@ -299,6 +299,8 @@ fn measure_all(
 ) -> Result<Vec<[VolumeSamples; NODE_COUNT]>> {
     assert_eq!(uris.len(), NODE_COUNT);
     let mut samples: Vec<[VolumeSamples; NODE_COUNT]> = MEASURES.iter().map(|_| Default::default()).collect();
+    let steps = (options.repeats * MEASURES.len() * NODE_COUNT) as u64;
+    let bar = node::cli::progress::items(steps, "repl measures");
     for run in 0..options.repeats {
         for (index, measure) in MEASURES.iter().enumerate() {
             for turn in 0..NODE_COUNT {
@@ -311,18 +313,23 @@ fn measure_all(
                 } else {
                     String::new()
                 };
-                eprintln!(
-                    "repetition {}/{}: {} repl={}: {} IOPS, write p99 {:.0} us{flush}",
-                    run + 1,
-                    options.repeats,
-                    measure.key,
-                    REPLICA_COUNTS[slot],
-                    compact(result.iops),
-                    result.latency_p99_us,
+                node::cli::progress::note(
+                    &bar,
+                    &format!(
+                        "repetition {}/{}: {} repl={}: {} IOPS, write p99 {:.0} us{flush}",
+                        run + 1,
+                        options.repeats,
+                        measure.key,
+                        REPLICA_COUNTS[slot],
+                        compact(result.iops),
+                        result.latency_p99_us,
+                    ),
                 );
+                bar.inc(1);
             }
         }
     }
+    bar.finish_and_clear();
     Ok(samples)
 }
 

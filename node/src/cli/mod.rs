@@ -90,6 +90,7 @@ pub mod cluster;
 pub mod debug;
 pub mod disk;
 pub mod node;
+pub mod progress;
 pub mod volume;
 
 /// Runs the CLI.

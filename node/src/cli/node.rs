@@ -141,10 +141,16 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
         }
         NodeCommand::Decommission { id, api } => {
             eprintln!("decommissioning node {id}: moving its replicas away (this waits until done)...");
-            ApiClient::with_timeout(&api, crate::api::DECOMMISSION_TIMEOUT).post::<_, serde_json::Value>(
-                &format!("/v1/cluster/nodes/{id}/decommission"),
-                &serde_json::json!({}),
-            )?;
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let watcher = {
+                let (api, done) = (api.clone(), std::sync::Arc::clone(&done));
+                std::thread::spawn(move || follow_decommission(&api, id, &done))
+            };
+            let result = ApiClient::with_timeout(&api, crate::api::DECOMMISSION_TIMEOUT)
+                .post::<_, serde_json::Value>(&format!("/v1/cluster/nodes/{id}/decommission"), &serde_json::json!({}));
+            done.store(true, std::sync::atomic::Ordering::Release);
+            let _ = watcher.join();
+            result?;
             println!("node {id} holds no replica any more and left the cluster");
             Ok(ExitCode::SUCCESS)
         }
@@ -276,4 +282,23 @@ fn inspect(api: &str, id: u64, json: bool) -> Result<ExitCode> {
         println!("  ALERT {}: {}", alert.key, alert.message);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Shows, on a terminal, how many of the node's replicas have moved while
+/// a decommission runs.
+fn follow_decommission(api: &str, id: u64, done: &std::sync::atomic::AtomicBool) {
+    let client = ApiClient::new(api);
+    let held = |client: &ApiClient| -> Option<u64> {
+        let status: crate::cluster::status::ClusterStatus = client.get("/v1/cluster").ok()?;
+        Some(status.volumes.iter().filter(|v| v.replica_nodes.contains(&id)).count() as u64)
+    };
+    let total = held(&client).unwrap_or(0);
+    let bar = crate::cli::progress::items(total, &format!("node {id}: replicas moved"));
+    while !done.load(std::sync::atomic::Ordering::Acquire) {
+        if let Some(left) = held(&client) {
+            bar.set_position(total.saturating_sub(left));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    bar.finish_and_clear();
 }

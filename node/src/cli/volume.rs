@@ -65,6 +65,9 @@ pub enum VolumeCommand {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
+        /// Wait until every wanted replica is in sync (a progress bar on a terminal).
+        #[arg(long)]
+        wait: bool,
     },
     /// Serve the volume from this node (the one --api points at): failover when its node is down.
     ///
@@ -127,11 +130,15 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             let info: VolumeInfo = client.get(&format!("/v1/volumes/{}", path_segment(&name)))?;
             print_one(&info, json, "")
         }
-        VolumeCommand::Update { name, repl, json } => {
+        VolumeCommand::Update { name, repl, json, wait } => {
             let info: VolumeInfo = client.put_json(
                 &format!("/v1/volumes/{}/replicas", path_segment(&name)),
                 &crate::api::ReplicasBody { replicas: repl },
             )?;
+            if !wait {
+                return print_one(&info, json, "updated");
+            }
+            let info = wait_in_sync(&client, &name)?;
             print_one(&info, json, "updated")
         }
         VolumeCommand::Attach { name, force, json } => {
@@ -168,6 +175,41 @@ fn path_segment(name: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Longest `volume update --wait` waits.
+const IN_SYNC_WAIT: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Polls the volume until it has its wanted replicas, all in sync; a bar
+/// follows the resync bytes meanwhile.
+fn wait_in_sync(client: &ApiClient, name: &str) -> Result<VolumeInfo> {
+    let path = format!("/v1/volumes/{}", path_segment(name));
+    let started = std::time::Instant::now();
+    let bar = crate::cli::progress::bytes(0, &format!("{name}: resync"));
+    loop {
+        let info: VolumeInfo = client.get(&path)?;
+        let wanted = info.replicas as usize;
+        if info.replica_nodes.len() == wanted && info.in_sync.len() == wanted {
+            bar.finish_and_clear();
+            return Ok(info);
+        }
+        let running: Vec<_> = info.resyncs.iter().filter(|r| r.state == "running").collect();
+        let total: u64 = running.iter().map(|r| r.dirty_bytes).sum();
+        let moved: u64 = running.iter().map(|r| r.copied_bytes + r.zeroed_bytes).sum();
+        bar.set_length(total.max(1));
+        bar.set_position(moved.min(total));
+        bar.set_message(format!(
+            "{name}: {}/{wanted} replicas in sync, resync",
+            info.in_sync.len()
+        ));
+        if started.elapsed() > IN_SYNC_WAIT {
+            bar.abandon();
+            anyhow::bail!(
+                "volume {name} is still not fully in sync after {IN_SYNC_WAIT:?}; see `ballast volume inspect {name}`"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
 }
 
 fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
