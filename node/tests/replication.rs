@@ -210,7 +210,11 @@ fn a_replica_refuses_writes_with_a_stale_epoch() {
     let address = cluster.nodes[0].peer_address();
     let identity: std::sync::Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync> =
         std::sync::Arc::new(move || (Some(cluster_id), 7));
-    let client = node::peer::client::PeerClient::new(identity, None);
+    // A member's certificate (node 1's): the epoch, not TLS, must refuse it.
+    let tls = std::sync::Arc::new(node::peer::tls::PeerTls::default());
+    tls.install(&node::peer::tls::read_bundle(cluster.nodes[1].data()).unwrap().unwrap())
+        .unwrap();
+    let client = node::peer::client::PeerClient::new(identity, None, tls);
     let reply = runtime.block_on(client.call(
         &address,
         node::peer::frame::FrameKind::ReplicaWrite,

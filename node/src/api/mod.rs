@@ -18,6 +18,7 @@
 //! | GET | /v1/alerts | | `[Alert]`, active first (`?all=false`: active only) |
 //! | POST | /v1/cluster/init | | `ClusterStatus` |
 //! | POST | /v1/cluster/tokens | `{"ttl_seconds":N}` | `NewToken` |
+//! | POST | /v1/cluster/rotate-certs | | `{"node":ID,"ca_fingerprint":"..."}` (this node's peer certificate renewed) |
 //! | POST | /v1/cluster/join | `{"address":"HOST:PORT","token":"..."}` | `ClusterStatus` |
 //! | PUT | /v1/cluster/nodes/{id}/maintenance | `{"on":true}` | 204 |
 //! | POST | /v1/cluster/nodes/{id}/decommission | | 204 once the node left (may take long) |
@@ -191,6 +192,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/cluster/init", post(cluster_init))
         .route("/v1/cluster/tokens", post(cluster_token))
         .route("/v1/cluster/join", post(cluster_join))
+        .route("/v1/cluster/rotate-certs", post(rotate_certs))
         .route("/v1/cluster/nodes/{id}/maintenance", put(node_maintenance))
         .route("/v1/cluster/nodes/{id}/decommission", post(node_decommission))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API path; see /v1/volumes".into()) })
@@ -384,6 +386,19 @@ async fn cluster_token(State(state): State<Arc<ApiState>>, body: Bytes) -> Resul
     };
     let token = state.cluster.create_token(body.ttl_seconds).await?;
     Ok((StatusCode::CREATED, Json(token)).into_response())
+}
+
+async fn rotate_certs(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    let cluster = Arc::clone(&state.cluster);
+    tokio::task::spawn_blocking(move || cluster.renew_certificate())
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))??;
+    tracing::info!("node certificate renewed");
+    Ok(Json(serde_json::json!({
+        "node": state.cluster.local.id,
+        "ca_fingerprint": state.cluster.tls.ca_fingerprint(),
+    }))
+    .into_response())
 }
 
 async fn cluster_join(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {

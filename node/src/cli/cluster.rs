@@ -42,6 +42,13 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Renew node certificates (peer mutual TLS) from the cluster CA, without
+    /// downtime: new peer connections use the new certificate at once.
+    RotateCerts {
+        /// Every member (through each one's API), not only the --api node.
+        #[arg(long)]
+        all: bool,
+    },
     /// Nodes (role, health, space) and volumes (replicas, health).
     Status {
         /// Machine-readable output.
@@ -123,6 +130,37 @@ pub fn run(args: ClusterArgs) -> Result<ExitCode> {
             } else {
                 let id = status.cluster_id.map(|id| id.to_string()).unwrap_or_default();
                 println!("node {} joined cluster {id}", status.this_node);
+            }
+        }
+        ClusterCommand::RotateCerts { all } => {
+            let targets: Vec<(String, String)> = if all {
+                let status: ClusterStatus = client.get("/v1/cluster")?;
+                status
+                    .nodes
+                    .iter()
+                    .map(|node| (node.id.to_string(), format!("http://{}", node.api_address)))
+                    .collect()
+            } else {
+                vec![("this node".to_owned(), args.api.clone())]
+            };
+            let mut failures = 0;
+            for (who, api) in targets {
+                match ApiClient::new(&api)
+                    .post::<_, serde_json::Value>("/v1/cluster/rotate-certs", &serde_json::json!({}))
+                {
+                    Ok(answer) => println!(
+                        "node {}: new certificate (cluster CA {})",
+                        answer["node"],
+                        answer["ca_fingerprint"].as_str().unwrap_or_default()
+                    ),
+                    Err(error) => {
+                        eprintln!("node {who}: {error}");
+                        failures += 1;
+                    }
+                }
+            }
+            if failures > 0 {
+                bail!("{failures} node(s) kept their old certificate");
             }
         }
         ClusterCommand::Status { json } => {

@@ -3,8 +3,11 @@
 //! the token, records the node, adds it as a learner and, while there are
 //! fewer than `VOTERS_MAX` voters, promotes it).
 //!
-//! A token is `BLT1.<cluster id>.<secret>`; only the SHA-256 of the secret
-//! is replicated, and it expires.
+//! A token is `BLT2.<cluster id>.<CA fingerprint>.<secret>`; only the
+//! SHA-256 of the secret is replicated, and it expires. Joining takes two
+//! requests over TLS: the first, with no client certificate and the
+//! member's CA checked against the token's fingerprint, gets the new node
+//! its certificate; the second, over mutual TLS, joins (`peer::tls`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -25,13 +28,16 @@ pub const JOIN_TIMEOUT: Duration = Duration::from_secs(30);
 pub const TOKEN_TTL_SECONDS_DEFAULT: u64 = 3600;
 /// Longest life of a join token.
 pub const TOKEN_TTL_SECONDS_MAX: u64 = 7 * 24 * 3600;
-const TOKEN_PREFIX: &str = "BLT1";
+const TOKEN_PREFIX: &str = "BLT2";
 
 /// A join request (peer payload).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JoinRequest {
     pub token: String,
     pub node: NodeRecord,
+    /// Only issue the node's certificate (the first step of a join).
+    #[serde(default)]
+    pub certificate_only: bool,
 }
 
 /// The answer to a join.
@@ -40,6 +46,9 @@ pub struct JoinReply {
     pub cluster_id: uuid::Uuid,
     pub leader: u64,
     pub voter: bool,
+    /// The new node's certificate (first step).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundle: Option<crate::peer::tls::Bundle>,
 }
 
 /// A fresh token and when it expires.
@@ -54,24 +63,42 @@ fn hash_secret(secret: &str) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Splits a token into its cluster id and secret.
-pub fn parse_token(token: &str) -> Result<(uuid::Uuid, String), ClusterError> {
+/// What a join token says.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedToken {
+    pub cluster_id: uuid::Uuid,
+    /// Of the cluster CA's certificate (`peer::tls::fingerprint`).
+    pub ca_fingerprint: String,
+    pub secret: String,
+}
+
+/// Splits a token into its cluster id, CA fingerprint and secret.
+pub fn parse_token(token: &str) -> Result<ParsedToken, ClusterError> {
     let bad = || {
         ClusterError::Invalid(
-            "malformed join token: expected BLT1.<cluster id>.<secret> as printed by `ballast cluster token create`"
+            "malformed join token: expected BLT2.<cluster id>.<CA fingerprint>.<secret> as printed by `ballast cluster token create`"
                 .into(),
         )
     };
-    let mut parts = token.trim().split('.');
-    let (Some(prefix), Some(cluster), Some(secret), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
+    let hex = |text: &str| text.bytes().all(|b| b.is_ascii_hexdigit());
+    let parts: Vec<&str> = token.trim().split('.').collect();
+    let [prefix, cluster, fingerprint, secret] = parts[..] else {
         return Err(bad());
     };
-    if prefix != TOKEN_PREFIX || secret.len() < 32 || !secret.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if prefix != TOKEN_PREFIX
+        || secret.len() < 32
+        || !hex(secret)
+        || fingerprint.len() != crate::peer::tls::FINGERPRINT_HEX
+        || !hex(fingerprint)
+    {
         return Err(bad());
     }
     let cluster_id = uuid::Uuid::parse_str(cluster).map_err(|_| bad())?;
-    Ok((cluster_id, secret.to_owned()))
+    Ok(ParsedToken {
+        cluster_id,
+        ca_fingerprint: fingerprint.to_ascii_lowercase(),
+        secret: secret.to_owned(),
+    })
 }
 
 impl Cluster {
@@ -92,7 +119,10 @@ impl Cluster {
             node: self.local.record(NodeAdmin::Active),
         })
         .await?;
-        tracing::info!(%cluster_id, node = self.local.id, "cluster initialized");
+        let ca = crate::peer::tls::new_ca(cluster_id).map_err(ClusterError::Internal)?;
+        self.change(Command::SetCa { ca }).await?;
+        self.renew_certificate()?;
+        tracing::info!(%cluster_id, node = self.local.id, "cluster initialized (cluster CA made; peers use mutual TLS)");
         Ok(cluster_id)
     }
 
@@ -104,6 +134,9 @@ impl Cluster {
                 "token lifetime must be 1 s to {TOKEN_TTL_SECONDS_MAX} s (7 days)"
             )));
         }
+        let fingerprint = self.tls.ca_fingerprint().ok_or_else(|| {
+            ClusterError::Internal("this node has no cluster certificate; run `ballast cluster rotate-certs`".into())
+        })?;
         let secret = format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple());
         let now = now_unix_seconds();
         let expires_unix_seconds = now + ttl_seconds;
@@ -114,7 +147,7 @@ impl Cluster {
         })
         .await?;
         Ok(NewToken {
-            token: format!("{TOKEN_PREFIX}.{}.{secret}", cluster_id.simple()),
+            token: format!("{TOKEN_PREFIX}.{}.{fingerprint}.{secret}", cluster_id.simple()),
             expires_unix_seconds,
         })
     }
@@ -129,21 +162,42 @@ impl Cluster {
                 "this node has volumes of its own; only an empty node can join a cluster".into(),
             ));
         }
-        let (cluster_id, _) = parse_token(token)?;
+        let parsed = parse_token(token)?;
+        let cluster_id = parsed.cluster_id;
         // Raft traffic from the leader is admitted only once we know our cluster.
         self.set_cluster_id(Some(cluster_id))?;
-        let request = JoinRequest {
+        let mut request = JoinRequest {
             token: token.trim().to_owned(),
             node: self.local.record(NodeAdmin::Active),
+            certificate_only: true,
         };
-        let payload = serde_json::to_vec(&request).map_err(|e| ClusterError::Internal(e.to_string()))?;
-        let reply = self.client.call(seed, FrameKind::Join, &payload, JOIN_TIMEOUT).await;
-        let reply = match reply {
+        let decode = |reply: Result<(FrameKind, Vec<u8>), crate::peer::PeerError>| match reply {
             Ok((FrameKind::JoinReply, bytes)) => serde_json::from_slice::<Result<JoinReply, String>>(&bytes)
                 .map_err(|error| format!("unreadable join reply: {error}"))
                 .and_then(|result| result),
             Ok((kind, _)) => Err(format!("unexpected answer {kind:?}")),
             Err(error) => Err(error.to_string()),
+        };
+        // First the certificate (the member proves it holds the token's CA)...
+        let payload = serde_json::to_vec(&request).map_err(|e| ClusterError::Internal(e.to_string()))?;
+        let first = decode(
+            self.client
+                .call_join(seed, &payload, &parsed.ca_fingerprint, JOIN_TIMEOUT)
+                .await,
+        );
+        let reply = match first
+            .and_then(|reply| reply.bundle.ok_or_else(|| "the member sent no certificate".to_owned()))
+        {
+            Ok(bundle) => match self.install_certificate(&bundle) {
+                // ...then the join itself, over mutual TLS.
+                Ok(()) => {
+                    request.certificate_only = false;
+                    let payload = serde_json::to_vec(&request).map_err(|e| ClusterError::Internal(e.to_string()))?;
+                    decode(self.client.call(seed, FrameKind::Join, &payload, JOIN_TIMEOUT).await)
+                }
+                Err(error) => Err(error.to_string()),
+            },
+            Err(reason) => Err(reason),
         };
         match reply {
             Ok(reply) => {
@@ -209,7 +263,8 @@ async fn forward_join(cluster: &Cluster, payload: &[u8]) -> Result<JoinReply, St
 
 async fn admit(cluster: &Cluster, request: JoinRequest) -> Result<JoinReply, String> {
     let cluster_id = cluster.cluster_id().ok_or("this node is not in a cluster")?;
-    let (token_cluster, secret) = parse_token(&request.token).map_err(|e| e.to_string())?;
+    let parsed = parse_token(&request.token).map_err(|e| e.to_string())?;
+    let (token_cluster, secret) = (parsed.cluster_id, parsed.secret);
     if token_cluster != cluster_id {
         return Err(format!(
             "the token is for cluster {token_cluster}, this is cluster {cluster_id}"
@@ -235,6 +290,19 @@ async fn admit(cluster: &Cluster, request: JoinRequest) -> Result<JoinReply, Str
                 existing.name, existing.peer_address
             ));
         }
+    }
+    if request.certificate_only {
+        let ca = cluster
+            .with_state(|state| state.ca.clone())
+            .ok_or("the cluster has no CA")?;
+        let bundle = crate::peer::tls::issue(&ca, cluster_id, id)?;
+        tracing::info!(node = id, name = %request.node.name, "issued a node certificate for a join");
+        return Ok(JoinReply {
+            cluster_id,
+            leader: cluster.local.id,
+            voter: false,
+            bundle: Some(bundle),
+        });
     }
     tracing::info!(node = id, name = %request.node.name, peer = %request.node.peer_address, "admitting a node");
     cluster
@@ -264,6 +332,7 @@ async fn admit(cluster: &Cluster, request: JoinRequest) -> Result<JoinReply, Str
         cluster_id,
         leader: cluster.local.id,
         voter,
+        bundle: None,
     })
 }
 
@@ -298,14 +367,24 @@ mod tests {
     fn tokens_parse_and_garbage_is_refused() {
         let cluster = uuid::Uuid::new_v4();
         let secret = "ab".repeat(32);
-        let token = format!("BLT1.{}.{secret}", cluster.simple());
-        assert_eq!(parse_token(&token).unwrap(), (cluster, secret));
+        let fingerprint = "0f".repeat(16);
+        let token = format!("BLT2.{}.{fingerprint}.{secret}", cluster.simple());
+        assert_eq!(
+            parse_token(&token).unwrap(),
+            ParsedToken {
+                cluster_id: cluster,
+                ca_fingerprint: fingerprint.clone(),
+                secret: secret.clone(),
+            }
+        );
         for bad in [
             "",
-            "BLT1",
-            "BLT1.x.y",
-            &format!("BLT2.{}.{}", cluster.simple(), "ab".repeat(32)),
-            &format!("BLT1.{}.short", cluster.simple()),
+            "BLT2",
+            "BLT2.x.y.z",
+            &format!("BLT1.{}.{secret}", cluster.simple()),
+            &format!("BLT2.{}.{secret}", cluster.simple()),
+            &format!("BLT2.{}.{fingerprint}.short", cluster.simple()),
+            &format!("BLT2.{}.abc.{secret}", cluster.simple()),
         ] {
             assert!(parse_token(bad).is_err(), "{bad}");
         }

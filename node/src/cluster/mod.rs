@@ -135,6 +135,9 @@ pub struct Cluster {
     replica_timeout: RwLock<Duration>,
     /// Where the leader POSTs alert changes.
     alert_webhook: RwLock<Option<String>>,
+    /// This node's certificate for the peer port (mutual TLS).
+    pub tls: Arc<crate::peer::tls::PeerTls>,
+    data_dir: std::path::PathBuf,
     /// The durable dirty-region map of the volumes this node coordinates.
     dirty: Arc<crate::replication::dirty::DirtyLog>,
     /// The last resync of each (volume, replica), for `volume inspect`.
@@ -159,6 +162,16 @@ impl Cluster {
         report: Box<dyn Fn() -> NodeReport + Send + Sync>,
     ) -> anyhow::Result<Arc<Self>> {
         let db = ClusterDb::open(data_dir)?;
+        // It holds the cluster CA's key (`peer::tls`): owner only.
+        std::fs::set_permissions(
+            data_dir.join(store::CLUSTER_FILE),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )?;
+        let tls = Arc::new(crate::peer::tls::PeerTls::default());
+        if let Some(bundle) = crate::peer::tls::read_bundle(data_dir)? {
+            tls.install(&bundle)
+                .map_err(|error| anyhow::anyhow!("the node certificate in {}: {error}", data_dir.display()))?;
+        }
         let dirty = crate::replication::dirty::DirtyLog::open(data_dir)?;
         let cluster_id = db.cluster_id()?;
         let machine = StateMachine::open(Arc::clone(&db))?;
@@ -181,7 +194,7 @@ impl Cluster {
             Arc::new(move || (*cell.read(), id)) as Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>
         };
         let bind_ip = local.peer_address.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
-        let client = Arc::new(PeerClient::new(identity, bind_ip));
+        let client = Arc::new(PeerClient::new(identity, bind_ip, Arc::clone(&tls)));
         let network = network::PeerNetworkFactory {
             client: Arc::clone(&client),
         };
@@ -205,6 +218,8 @@ impl Cluster {
             client,
             volumes: std::sync::OnceLock::new(),
             dirty,
+            tls,
+            data_dir: data_dir.to_owned(),
             links: parking_lot::Mutex::new(std::collections::HashMap::new()),
             replications: parking_lot::Mutex::new(std::collections::HashMap::new()),
             resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
@@ -230,6 +245,26 @@ impl Cluster {
     /// coordinator drops it from the in-sync set.
     pub fn replica_timeout(&self) -> Duration {
         *self.replica_timeout.read()
+    }
+
+    /// Issues this node a certificate from the cluster CA, stores it in the
+    /// data directory and uses it for new peer connections (open ones keep
+    /// theirs): renewal without downtime.
+    pub fn renew_certificate(&self) -> Result<crate::peer::tls::Bundle, ClusterError> {
+        let cluster_id = self.require_member()?;
+        let ca = self
+            .with_state(|state| state.ca.clone())
+            .ok_or_else(|| ClusterError::Internal("the cluster has no CA yet".into()))?;
+        let bundle = crate::peer::tls::issue(&ca, cluster_id, self.local.id).map_err(ClusterError::Internal)?;
+        self.install_certificate(&bundle)?;
+        Ok(bundle)
+    }
+
+    /// Stores `bundle` in the data directory and uses it from now on.
+    pub fn install_certificate(&self, bundle: &crate::peer::tls::Bundle) -> Result<(), ClusterError> {
+        crate::peer::tls::write_bundle(&self.data_dir, bundle)
+            .map_err(|error| ClusterError::Internal(format!("cannot store the node certificate: {error}")))?;
+        self.tls.install(bundle).map_err(ClusterError::Internal)
     }
 
     /// Sets where the leader POSTs alert changes.

@@ -109,6 +109,9 @@ pub struct ClusterState {
     /// instead of being applied twice.
     #[serde(default)]
     pub recent_proposals: std::collections::VecDeque<(uuid::Uuid, Outcome)>,
+    /// The cluster CA (its key signs node certificates; `peer::tls`).
+    #[serde(default)]
+    pub ca: Option<crate::peer::tls::ClusterCa>,
     /// Alerts by key, active and recently cleared (bounded, `alerts`).
     #[serde(default)]
     pub alerts: BTreeMap<String, super::alerts::Alert>,
@@ -180,6 +183,10 @@ pub enum Command {
         name: String,
         node: u64,
         shrink: bool,
+    },
+    /// The cluster's CA, made at init (set once).
+    SetCa {
+        ca: crate::peer::tls::ClusterCa,
     },
     /// The leader's view of what needs attention changed: `raise` started
     /// (or is still true, refreshing last-seen), `clear` ended.
@@ -329,6 +336,13 @@ impl ClusterState {
                 }
             }
             Command::RemoveReplica { name, node, shrink } => self.remove_replica(&name, node, shrink),
+            Command::SetCa { ca } => {
+                if self.ca.is_some() {
+                    return Outcome::Rejected(Rejection::Exists("the cluster already has a CA".into()));
+                }
+                self.ca = Some(ca);
+                Outcome::Done
+            }
             Command::Alerts { raise, clear, now_unix } => {
                 super::alerts::apply(&mut self.alerts, raise, &clear, now_unix);
                 Outcome::Done

@@ -194,6 +194,7 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>,
     let peer = tokio::spawn(crate::peer::server::serve(
         peer_listener,
         Arc::clone(&cluster),
+        Arc::clone(&cluster.tls),
         stop.clone(),
     ));
     cluster.spawn_background(stop.clone());

@@ -11,13 +11,14 @@ use tokio::net::TcpStream;
 
 use super::frame::FrameKind;
 use super::handshake::{Hello, Welcome};
-use super::{read_frame, write_frame, PeerError, CONNECT_TIMEOUT, PROTOCOL_VERSION};
+use super::tls::PeerTls;
+use super::{read_frame, write_frame, PeerError, PeerStream, CONNECT_TIMEOUT, PROTOCOL_VERSION};
 
 /// Idle connections kept per peer address.
 pub const IDLE_CONNECTIONS_MAX: usize = 4;
 
 struct Connection {
-    stream: TcpStream,
+    stream: PeerStream,
 }
 
 /// Dials peers on behalf of this node.
@@ -27,6 +28,8 @@ pub struct PeerClient {
     bind_ip: Option<std::net::IpAddr>,
     /// This node's cluster (None: not in one yet) and id, sent in every hello.
     identity: Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>,
+    /// This node's certificate (connections are mutual TLS).
+    tls: Arc<PeerTls>,
     idle: Mutex<HashMap<String, Vec<Connection>>>,
     next_request_id: AtomicU64,
 }
@@ -36,10 +39,12 @@ impl PeerClient {
     pub fn new(
         identity: Arc<dyn Fn() -> (Option<uuid::Uuid>, u64) + Send + Sync>,
         bind_ip: Option<std::net::IpAddr>,
+        tls: Arc<PeerTls>,
     ) -> Self {
         Self {
             bind_ip: bind_ip.filter(|ip| !ip.is_unspecified()),
             identity,
+            tls,
             idle: Mutex::new(HashMap::new()),
             next_request_id: AtomicU64::new(1),
         }
@@ -85,6 +90,40 @@ impl PeerClient {
             })?
     }
 
+    /// Sends a join request to the member at `address`, whose certificate
+    /// must chain to the CA of fingerprint `ca_fingerprint` (from the
+    /// token); this node presents no certificate (it has none yet).
+    pub async fn call_join(
+        &self,
+        address: &str,
+        payload: &[u8],
+        ca_fingerprint: &str,
+        timeout: Duration,
+    ) -> Result<(FrameKind, Vec<u8>), PeerError> {
+        let config = super::tls::join_client(ca_fingerprint).map_err(|reason| PeerError::Protocol {
+            address: address.to_owned(),
+            reason,
+        })?;
+        let attempt = async {
+            let mut stream = self.dial_with(address, config).await?;
+            write_frame(&mut stream, address, FrameKind::Join, 1, payload).await?;
+            let reply = read_frame(&mut stream, address).await?;
+            if reply.kind == FrameKind::Refused {
+                return Err(PeerError::Refused {
+                    address: address.to_owned(),
+                    reason: String::from_utf8_lossy(&reply.payload).into_owned(),
+                });
+            }
+            Ok((reply.kind, reply.payload))
+        };
+        tokio::time::timeout(timeout, attempt)
+            .await
+            .map_err(|_| PeerError::Timeout {
+                address: address.to_owned(),
+                timeout,
+            })?
+    }
+
     /// Forgets pooled connections to `address` (after the peer restarted).
     pub fn forget(&self, address: &str) {
         self.idle.lock().remove(address);
@@ -107,13 +146,21 @@ impl PeerClient {
     }
 
     /// Opens a handshaken connection to `address` (for callers that keep it).
-    pub async fn dial_stream(&self, address: &str) -> Result<TcpStream, PeerError> {
+    pub async fn dial_stream(&self, address: &str) -> Result<PeerStream, PeerError> {
+        let config = self.tls.client().ok_or_else(|| PeerError::Refused {
+            address: address.to_owned(),
+            reason: "this node has no cluster certificate yet (it is not in a cluster)".into(),
+        })?;
+        self.dial_with(address, config).await
+    }
+
+    async fn dial_with(&self, address: &str, config: Arc<rustls::ClientConfig>) -> Result<PeerStream, PeerError> {
         let handshake = async {
             let io = |source| PeerError::Io {
                 address: address.to_owned(),
                 source,
             };
-            let mut stream = match self.bind_ip {
+            let tcp = match self.bind_ip {
                 None => TcpStream::connect(address).await.map_err(io)?,
                 Some(ip) => {
                     let target = tokio::net::lookup_host(address)
@@ -131,7 +178,15 @@ impl PeerClient {
                     socket.connect(target).await.map_err(io)?
                 }
             };
-            let _ = stream.set_nodelay(true);
+            let _ = tcp.set_nodelay(true);
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(super::tls::server_name(), tcp)
+                .await
+                .map_err(|source| PeerError::Io {
+                    address: address.to_owned(),
+                    source: std::io::Error::other(format!("TLS: {source}")),
+                })?;
+            let mut stream: PeerStream = Box::new(tls);
             let (cluster_id, node_id) = (self.identity)();
             let hello = Hello {
                 protocol_version: PROTOCOL_VERSION,

@@ -2,14 +2,15 @@
 //! checksummed frames (`frame`), a handshake that checks the protocol
 //! version and the cluster id (`handshake`), a listener that hands each
 //! request to a `PeerHandler` (`server`), and a pooled client (`client`).
-//! Raft and (later) replication ride on it; TLS wraps the same stream when
-//! the security work lands.
+//! Raft and replication ride on it, inside mutual TLS (`tls`): only
+//! holders of a certificate from the cluster's CA are members.
 
 pub mod client;
 pub mod frame;
 pub mod handshake;
 pub mod mux;
 pub mod server;
+pub mod tls;
 
 use std::time::Duration;
 
@@ -17,6 +18,11 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use frame::{FrameError, FrameKind, Header, HEADER_BYTES};
+
+/// A peer connection's byte stream (TLS over TCP).
+pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> PeerIo for T {}
+pub type PeerStream = Box<dyn PeerIo>;
 
 /// Version of the peer protocol this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;

@@ -8,17 +8,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::WriteHalf;
 use tokio::sync::oneshot;
 
 use super::client::PeerClient;
 use super::frame::FrameKind;
-use super::{read_frame, write_frame, Frame, PeerError};
+use super::{read_frame, write_frame, Frame, PeerError, PeerStream};
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
 
 struct Connection {
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: tokio::sync::Mutex<WriteHalf<PeerStream>>,
     pending: Pending,
     dead: Arc<AtomicBool>,
     next_request_id: AtomicU64,
@@ -74,7 +74,7 @@ impl MuxLink {
             }
         }
         let stream = self.client.dial_stream(&self.address).await?;
-        let (mut reader, writer) = stream.into_split();
+        let (mut reader, writer) = tokio::io::split(stream);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
         let reader_task = {

@@ -5,12 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::frame::FrameKind;
 use super::handshake::{admit, Admitted, Hello, Welcome};
-use super::{read_frame, write_frame, PeerError, PROTOCOL_VERSION};
+use super::tls::PeerTls;
+use super::{read_frame, write_frame, PeerError, PeerStream, PROTOCOL_VERSION};
 
 /// Most peer connections served at once.
 pub const CONNECTIONS_MAX: usize = 256;
@@ -32,8 +33,16 @@ pub trait PeerHandler: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(FrameKind, Vec<u8>), String>> + Send;
 }
 
-/// Serves peers until `stop` turns true.
-pub async fn serve<H: PeerHandler>(listener: TcpListener, handler: Arc<H>, mut stop: watch::Receiver<bool>) {
+/// Serves peers until `stop` turns true. Every connection is TLS with this
+/// node's certificate (none yet: connections are closed at once); a client
+/// with a certificate of the cluster's CA is a member, one without may only
+/// join, any other is refused by the TLS handshake.
+pub async fn serve<H: PeerHandler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    tls: Arc<PeerTls>,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
     loop {
         let accepted = tokio::select! {
@@ -54,10 +63,36 @@ pub async fn serve<H: PeerHandler>(listener: TcpListener, handler: Arc<H>, mut s
         };
         let handler = Arc::clone(&handler);
         let stop = stop.clone();
+        let Some(config) = tls.server() else {
+            tracing::debug!(%remote, "peer connection closed: this node has no cluster certificate yet");
+            continue;
+        };
         tokio::spawn(async move {
             let _slot = slot;
             let _ = stream.set_nodelay(true);
-            if let Err(error) = connection(stream, &remote.to_string(), handler, stop).await {
+            let accepted = tokio::time::timeout(
+                super::CONNECT_TIMEOUT,
+                tokio_rustls::TlsAcceptor::from(config).accept(stream),
+            )
+            .await;
+            let stream = match accepted {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::warn!(%remote, %error, "peer refused: TLS handshake failed (no certificate of this cluster?)");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(%remote, "peer refused: no TLS handshake in time");
+                    return;
+                }
+            };
+            let member = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .is_some_and(|certs| !certs.is_empty());
+            let stream: PeerStream = Box::new(stream);
+            if let Err(error) = connection(stream, &remote.to_string(), handler, member, stop).await {
                 tracing::debug!(%remote, %error, "peer connection ended");
             }
         });
@@ -65,9 +100,10 @@ pub async fn serve<H: PeerHandler>(listener: TcpListener, handler: Arc<H>, mut s
 }
 
 async fn connection<H: PeerHandler>(
-    mut stream: TcpStream,
+    mut stream: PeerStream,
     address: &str,
     handler: Arc<H>,
+    member: bool,
     stop: watch::Receiver<bool>,
 ) -> Result<(), PeerError> {
     let first = tokio::time::timeout(super::CONNECT_TIMEOUT, read_frame(&mut stream, address))
@@ -82,7 +118,12 @@ async fn connection<H: PeerHandler>(
     } else {
         Err(format!("expected a hello frame, got {:?}", first.kind))
     };
-    let admitted = match hello.and_then(|hello| admit(&hello, cluster_id)) {
+    // Without a member's certificate, whatever the hello claims: join only.
+    let admitted =
+        hello
+            .and_then(|hello| admit(&hello, cluster_id))
+            .map(|admitted| if member { admitted } else { Admitted::JoinOnly });
+    let admitted = match admitted {
         Ok(admitted) => admitted,
         Err(reason) => {
             tracing::warn!(remote = %address, %reason, "peer refused at handshake");
@@ -111,13 +152,13 @@ async fn connection<H: PeerHandler>(
 /// (a replicated write waiting for its disk) does not hold up the others;
 /// replies leave in completion order, matched by request id.
 async fn serve_requests<H: PeerHandler>(
-    stream: TcpStream,
+    stream: PeerStream,
     address: &str,
     handler: Arc<H>,
     admitted: Admitted,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PeerError> {
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let (replies, mut outbox) = tokio::sync::mpsc::channel::<(FrameKind, u64, Vec<u8>)>(REQUESTS_IN_FLIGHT_MAX);
     let writer_address = address.to_owned();
     let writer_task = tokio::spawn(async move {
