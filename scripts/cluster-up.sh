@@ -87,22 +87,24 @@ for i in $(seq 1 "$N"); do
 done
 
 api() { echo "http://$(host_of "$1"):9410"; }
+# Each node's CLI calls use that node's admin API token (written at start).
+as_admin() { local i=$1; shift; BALLAST_TOKEN_FILE="$DIR/node$i/data/admin.token" in_ns "$i" "$@"; }
 for i in $(seq 1 "$N"); do
   for _ in $(seq 1 300); do
-    in_ns "$i" "$BALLAST" node status --api "$(api "$i")" >/dev/null 2>&1 && break
+    as_admin "$i" "$BALLAST" node status --api "$(api "$i")" >/dev/null 2>&1 && break
     sleep 0.1
   done
-  in_ns "$i" "$BALLAST" node status --api "$(api "$i")" >/dev/null || { cat "$DIR/node$i/node.log" >&2; false; }
+  as_admin "$i" "$BALLAST" node status --api "$(api "$i")" >/dev/null || { cat "$DIR/node$i/node.log" >&2; false; }
 done
 
-in_ns 1 "$BALLAST" cluster init --api "$(api 1)" >/dev/null
+as_admin 1 "$BALLAST" cluster init --api "$(api 1)" >/dev/null
 for i in $(seq 2 "$N"); do
-  token=$(in_ns 1 "$BALLAST" cluster token create --ttl 10m --api "$(api 1)")
-  in_ns "$i" "$BALLAST" cluster join "$(host_of 1):9411" --token "$token" --api "$(api "$i")" >/dev/null
+  token=$(as_admin 1 "$BALLAST" cluster token create --ttl 10m --api "$(api 1)")
+  as_admin "$i" "$BALLAST" cluster join "$(host_of 1):9411" --token "$token" --api "$(api "$i")" >/dev/null
 done
 # Wait until every node sees every other one up.
 for _ in $(seq 1 100); do
-  down=$(in_ns 1 "$BALLAST" cluster status --json --api "$(api 1)" | grep -c '"up": false' || true)
+  down=$(as_admin 1 "$BALLAST" cluster status --json --api "$(api 1)" | grep -c '"up": false' || true)
   [ "$down" = 0 ] && break
   sleep 0.2
 done
@@ -118,6 +120,6 @@ for i in $(seq 1 "$N"); do
 done
 echo
 echo "try:"
-echo "  ${first_prefix}env BALLAST_API=$(api 1) $BALLAST status"
-echo "  ${first_prefix}env BALLAST_API=$(api 1) $BALLAST volume create data --size 1GiB --repl $(( N < 3 ? N : 3 ))"
+echo "  ${first_prefix}env BALLAST_API=$(api 1) BALLAST_TOKEN_FILE=$DIR/node1/data/admin.token $BALLAST status"
+echo "  ${first_prefix}env BALLAST_API=$(api 1) BALLAST_TOKEN_FILE=$DIR/node1/data/admin.token $BALLAST volume create data --size 1GiB --repl $(( N < 3 ? N : 3 ))"
 echo "  scripts/cluster-down.sh --dir $DIR"

@@ -21,6 +21,9 @@ WORK=$(mktemp -d /var/tmp/ballast-demo.XXXXXX)
 CLUSTER=$WORK/cluster
 NBD=127.0.0.1:10809
 export BALLAST_API=http://127.0.0.1:9410
+# Once the cluster is formed every node's admin token is cluster-signed:
+# node 1's works against any node (node 2's would too).
+export BALLAST_TOKEN_FILE=$CLUSTER/node1/data/admin.token
 cleanup() {
   scripts/cluster-down.sh --dir "$CLUSTER" >/dev/null || true
   rm -rf "$WORK"
@@ -35,7 +38,7 @@ restart_node() { # index: start node i again with the arguments cluster-up.sh us
     </dev/null >>"$CLUSTER/node$i/node.log" 2>&1 &
   echo "pid $!" >>"$CLUSTER/state"
   for _ in $(seq 1 300); do
-    "$BALLAST" node status --api "http://$host:9410" >/dev/null 2>&1 && return 0
+    BALLAST_TOKEN_FILE="$CLUSTER/node$i/data/admin.token" "$BALLAST" node status --api "http://$host:9410" >/dev/null 2>&1 && return 0
     sleep 0.1
   done
   echo "demo: node$i not ready after 30 s"; exit 1

@@ -15,7 +15,10 @@ use common::{have_tool, text};
 
 fn get(node: &TestNode, path: &str) -> (u16, String) {
     let url = format!("{}{path}", node.api_url());
-    match ureq::get(&url).call() {
+    match ureq::get(&url)
+        .set("authorization", &format!("Bearer {}", node.token()))
+        .call()
+    {
         Ok(response) => (response.status(), response.into_string().unwrap()),
         Err(ureq::Error::Status(code, response)) => (code, response.into_string().unwrap_or_default()),
         Err(error) => panic!("GET {url}: {error}"),
@@ -109,7 +112,8 @@ fn prometheus_scrapes(test: &str, node: &TestNode, query: &str) {
     let dir = tempfile::tempdir().unwrap();
     let target = node.api_url().trim_start_matches("http://").to_owned();
     let config = format!(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ballast\n    static_configs:\n      - targets: ['{target}']\n"
+        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: ballast\n    authorization:\n      credentials_file: {}\n    static_configs:\n      - targets: ['{target}']\n",
+        node.token_file().display()
     );
     std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

@@ -84,3 +84,132 @@ fn the_peer_port_refuses_strangers_and_keeps_serving_and_certificates_rotate_wit
     let renewed = tls::read_bundle(cluster.nodes[1].data()).unwrap().unwrap();
     ping(&client_with(&renewed, cluster_id)).expect("the renewed certificate is accepted");
 }
+
+/// An API call with `token` (None: no Authorization header); status and body.
+fn call(method: &str, url: &str, token: Option<&str>, body: Option<&str>) -> (u16, String) {
+    let mut request = ureq::request(method, url);
+    if let Some(token) = token {
+        request = request.set("authorization", &format!("Bearer {token}"));
+    }
+    let result = match body {
+        Some(body) => request.set("content-type", "application/json").send_string(body),
+        None => request.call(),
+    };
+    match result {
+        Ok(response) => (response.status(), response.into_string().unwrap_or_default()),
+        Err(ureq::Error::Status(code, response)) => (code, response.into_string().unwrap_or_default()),
+        Err(error) => panic!("{method} {url}: {error}"),
+    }
+}
+
+#[test]
+fn the_api_needs_a_valid_token_and_users_touch_only_their_own_volumes() {
+    let test = "the_api_needs_a_valid_token";
+    let cluster = TestCluster::start(test, 2, &[]);
+    let (node, other) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let api = node.api_url();
+    let admin = node.token();
+    // The admin token file is root-only.
+    let mode = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(node.token_file()).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+
+    // No token, a forged one, one of another issuer, an expired one: 401.
+    assert_eq!(call("GET", &format!("{api}/v1/volumes"), None, None).0, 401);
+    let forged = node::api::auth::mint(
+        b"not the secret",
+        "ballast:cluster:x",
+        "mallory",
+        node::api::auth::Role::Admin,
+        600,
+    )
+    .unwrap();
+    assert_eq!(call("GET", &format!("{api}/v1/volumes"), Some(&forged), None).0, 401);
+    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["cluster", "status", "--json"])).unwrap();
+    let cluster_id = status["cluster_id"].as_str().unwrap();
+    let wrong_issuer = node::api::auth::mint(
+        b"x",
+        &format!("ballast:cluster:{cluster_id}"),
+        "mallory",
+        node::api::auth::Role::Admin,
+        600,
+    )
+    .unwrap();
+    assert_eq!(
+        call("GET", &format!("{api}/v1/volumes"), Some(&wrong_issuer), None).0,
+        401
+    );
+    // Expired: signed right (the node's own secret and issuer), but an hour ago.
+    let node_status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
+    let issuer = format!("ballast:node:{}", node_status["node_uuid"].as_str().unwrap());
+    let secret = std::fs::read_to_string(node.data().join("api.secret")).unwrap();
+    let stale = node::api::auth::Claims {
+        sub: "root".into(),
+        role: node::api::auth::Role::Admin,
+        iss: issuer.clone(),
+        iat: 0,
+        exp: node::datadir::now_unix_seconds() - 3600,
+    };
+    let expired = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &stale,
+        &jsonwebtoken::EncodingKey::from_secret(secret.trim().as_bytes()),
+    )
+    .unwrap();
+    let (code, body) = call("GET", &format!("{api}/v1/volumes"), Some(&expired), None);
+    assert_eq!(code, 401, "{body}");
+    assert!(body.contains("xpired"), "{body}");
+    let fresh = node::api::auth::mint(
+        secret.trim().as_bytes(),
+        &issuer,
+        "root",
+        node::api::auth::Role::Admin,
+        600,
+    )
+    .unwrap();
+    assert_eq!(
+        call("GET", &format!("{api}/v1/volumes"), Some(&fresh), None).0,
+        200,
+        "the control"
+    );
+    // The health probes need none.
+    assert_eq!(call("GET", &format!("{api}/healthz"), None, None).0, 200);
+
+    // Alice and bob are users; a token made on one node works on the other.
+    let alice = node.cli_ok(&["auth", "token", "create", "--subject", "alice", "--role", "user"]);
+    let bob = other.cli_ok(&["auth", "token", "create", "--subject", "bob", "--role", "user"]);
+    let (alice, bob) = (alice.trim(), bob.trim());
+    let create = r#"{"name":"alices","size_bytes":16777216,"replicas":2}"#;
+    let (code, body) = call("POST", &format!("{api}/v1/volumes"), Some(alice), Some(create));
+    assert_eq!(code, 201, "{body}");
+    assert!(body.contains(r#""owner":"alice""#), "{body}");
+    let volume = format!("{api}/v1/volumes/alices");
+    assert_eq!(call("GET", &volume, Some(alice), None).0, 200);
+    assert_eq!(
+        call(
+            "GET",
+            &format!("{}/v1/volumes/alices", other.api_url()),
+            Some(alice),
+            None
+        )
+        .0,
+        200
+    );
+    // Bob may not see, grow, attach or delete it; nor do cluster work.
+    assert_eq!(call("GET", &volume, Some(bob), None).0, 403);
+    assert_eq!(
+        call("PATCH", &volume, Some(bob), Some(r#"{"size_bytes":33554432}"#)).0,
+        403
+    );
+    assert_eq!(call("POST", &format!("{volume}/attach"), Some(bob), Some("{}")).0, 403);
+    assert_eq!(call("DELETE", &volume, Some(bob), None).0, 403);
+    let (code, list) = call("GET", &format!("{api}/v1/volumes"), Some(bob), None);
+    assert_eq!((code, list.as_str()), (200, "[]"));
+    assert_eq!(
+        call("POST", &format!("{api}/v1/cluster/tokens"), Some(bob), Some("{}")).0,
+        403
+    );
+    assert_eq!(call("GET", &format!("{api}/metrics"), Some(bob), None).0, 403);
+    // The admin can; alice can delete her own.
+    assert_eq!(call("GET", &volume, Some(&admin), None).0, 200);
+    assert_eq!(call("DELETE", &volume, Some(alice), None).0, 204);
+}

@@ -85,6 +85,7 @@ fn bad_names_sizes_options_duplicates_and_missing_volumes_get_one_line_errors() 
 fn the_api_answers_bad_json_and_unknown_paths_with_json_errors() {
     let node = TestNode::start("api_bad_json", DISK_BYTES);
     let agent = ureq::agent();
+    let bearer = format!("Bearer {}", node.token());
     for (body, expected) in [
         ("{not json", "bad JSON body"),
         (r#"{"name":"x"}"#, "missing field `size_bytes`"),
@@ -97,6 +98,7 @@ fn the_api_answers_bad_json_and_unknown_paths_with_json_errors() {
         match agent
             .post(&format!("{}/v1/volumes", node.api_url()))
             .set("content-type", "application/json")
+            .set("authorization", &bearer)
             .send_string(body)
         {
             Err(ureq::Error::Status(400, response)) => {
@@ -107,7 +109,11 @@ fn the_api_answers_bad_json_and_unknown_paths_with_json_errors() {
             other => panic!("{body}: expected 400, got {other:?}"),
         }
     }
-    match agent.get(&format!("{}/v1/nothing", node.api_url())).call() {
+    match agent
+        .get(&format!("{}/v1/nothing", node.api_url()))
+        .set("authorization", &bearer)
+        .call()
+    {
         Err(ureq::Error::Status(404, response)) => {
             let json: serde_json::Value = response.into_json().unwrap();
             assert!(json["error"].as_str().is_some());

@@ -71,6 +71,8 @@ pub struct ClusterNode {
     pub api_port: u16,
     pub nbd_port: u16,
     pub peer_port: u16,
+    /// The node's data directory (its admin token is there).
+    pub data_dir: std::path::PathBuf,
     /// Declared before the device: the node stops before its disk goes.
     server: Server,
     _device: LoopDevice,
@@ -182,11 +184,13 @@ impl LocalCluster {
             nbd_port,
             peer_port,
             server,
+            data_dir: data_dir.clone(),
             _device: device,
         };
         let api = node.api();
+        let binary = self.binary.as_admin_of(&node.data_dir);
         wait_until(&format!("node{index}'s API answers"), || {
-            Ok(self.binary.run(&["node", "status", "--api", &api]).is_ok())
+            Ok(binary.run(&["node", "status", "--api", &api]).is_ok())
         })
         .with_context(|| node.server.log_text())?;
         Ok(node)
@@ -195,9 +199,10 @@ impl LocalCluster {
     /// Node 1 starts the cluster; each other node joins through it with a token of its own.
     fn form(&self) -> Result<()> {
         let first = &self.nodes[0];
-        self.binary.run(&["cluster", "init", "--api", &first.api()])?;
+        let admin = self.binary.as_admin_of(&first.data_dir);
+        admin.run(&["cluster", "init", "--api", &first.api()])?;
         for node in &self.nodes[1..] {
-            let token = self.binary.run_stdout(&[
+            let token = admin.run_stdout(&[
                 "cluster",
                 "token",
                 "create",
@@ -206,7 +211,7 @@ impl LocalCluster {
                 "--api",
                 &first.api(),
             ])?;
-            self.binary.run(&[
+            self.binary.as_admin_of(&node.data_dir).run(&[
                 "cluster",
                 "join",
                 &first.peer_address(),
@@ -228,7 +233,8 @@ impl LocalCluster {
 
     /// Runs a ballast command printing JSON and parses it.
     fn json(&self, args: &[&str]) -> Result<Value> {
-        let text = self.binary.run_stdout(args)?;
+        // After init/join every admin token is cluster-signed: node 1's serves all.
+        let text = self.binary.as_admin_of(&self.nodes[0].data_dir).run_stdout(args)?;
         serde_json::from_str(&text).with_context(|| format!("ballast {} printed no JSON: {text}", args.join(" ")))
     }
 
@@ -236,7 +242,7 @@ impl LocalCluster {
     /// until all are in sync, checks that node 1 coordinates it and returns its NBD URI.
     pub fn create_volume(&self, name: &str, size_bytes: u64, replicas: usize) -> Result<String> {
         let first = &self.nodes[0];
-        self.binary.run(&[
+        self.binary.as_admin_of(&first.data_dir).run(&[
             "volume",
             "create",
             name,

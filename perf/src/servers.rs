@@ -169,6 +169,18 @@ pub struct BallastBinary {
 }
 
 impl BallastBinary {
+    /// The same binary, its CLI calls authenticated with the admin token
+    /// of the node whose data directory is `data_dir`.
+    #[must_use]
+    pub fn as_admin_of(&self, data_dir: &Path) -> Self {
+        let mut binary = self.clone();
+        let token_file = data_dir.join("admin.token");
+        binary
+            .env
+            .push(("BALLAST_TOKEN_FILE".into(), token_file.display().to_string()));
+        binary
+    }
+
     /// A command running the binary with its environment (log level warn).
     pub fn command(&self) -> Command {
         let mut command = Command::new(&self.path);
@@ -227,6 +239,7 @@ pub fn start_ballast(
     let log = scratch.join(format!("ballast-{run}.log"));
     let mut server = Server::spawn("ballast", command, nbd_port, &log)?;
     server.wait_listening()?;
+    let binary = binary.as_admin_of(&data_dir);
     binary.run(&[
         "volume",
         "create",

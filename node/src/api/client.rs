@@ -29,6 +29,8 @@ pub enum ClientError {
 pub struct ApiClient {
     base: String,
     agent: ureq::Agent,
+    /// Sent as `Authorization: Bearer` (`auth::cli_token` by default).
+    token: Option<String>,
 }
 
 impl ApiClient {
@@ -43,6 +45,22 @@ impl ApiClient {
         Self {
             base: base.trim_end_matches('/').to_owned(),
             agent: ureq::AgentBuilder::new().timeout(timeout).build(),
+            token: super::auth::cli_token(),
+        }
+    }
+
+    /// Uses `token` instead of the CLI's.
+    #[must_use]
+    pub fn with_token(mut self, token: Option<String>) -> Self {
+        self.token = token;
+        self
+    }
+
+    fn request(&self, method: &str, url: &str) -> ureq::Request {
+        let request = self.agent.request(method, url);
+        match &self.token {
+            Some(token) => request.set("Authorization", &format!("Bearer {token}")),
+            None => request,
         }
     }
 
@@ -82,38 +100,38 @@ impl ApiClient {
     /// GET `path`.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         let url = self.url(path);
-        self.finish(&url, self.agent.get(&url).call())
+        self.finish(&url, self.request("GET", &url).call())
     }
 
     /// POST `body` to `path`.
     pub fn post<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         let url = self.url(path);
-        self.finish(&url, self.agent.post(&url).send_json(body))
+        self.finish(&url, self.request("POST", &url).send_json(body))
     }
 
     /// PATCH `path` with `body`.
     pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         let url = self.url(path);
-        self.finish(&url, self.agent.request("PATCH", &url).send_json(body))
+        self.finish(&url, self.request("PATCH", &url).send_json(body))
     }
 
     /// PUT `body` to `path`, reading the answer.
     pub fn put_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         let url = self.url(path);
-        self.finish(&url, self.agent.put(&url).send_json(body))
+        self.finish(&url, self.request("PUT", &url).send_json(body))
     }
 
     /// PUT `body` to `path` (no answer body expected).
     pub fn put<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
         let url = self.url(path);
-        self.finish::<serde_json::Value>(&url, self.agent.put(&url).send_json(body))
+        self.finish::<serde_json::Value>(&url, self.request("PUT", &url).send_json(body))
             .map(|_| ())
     }
 
     /// DELETE `path`.
     pub fn delete(&self, path: &str) -> Result<(), ClientError> {
         let url = self.url(path);
-        self.finish::<serde_json::Value>(&url, self.agent.delete(&url).call())
+        self.finish::<serde_json::Value>(&url, self.request("DELETE", &url).call())
             .map(|_| ())
     }
 }

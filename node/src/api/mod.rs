@@ -23,18 +23,26 @@
 //! | PUT | /v1/cluster/nodes/{id}/maintenance | `{"on":true}` | 204 |
 //! | POST | /v1/cluster/nodes/{id}/decommission | | 204 once the node left (may take long) |
 //!
+//! | POST | /v1/auth/tokens | `{"subject":"NAME","role":"user","ttl_seconds":N}` | 201 `{"token":"..."}` (admin) |
+//!
+//! Every request but `/healthz`, `/readyz` and `/v1/health` needs
+//! `Authorization: Bearer <token>` (`auth`): 401 without a valid one.
+//! Volume routes are open to users for the volumes they own (403 for
+//! others'); every other route needs the admin role (403).
+//!
 //! Volume operations need the node to be in a cluster (503 otherwise);
 //! they go through Raft and may be forwarded to the volume's coordinator.
 //!
 //! Errors are `{"error": "one line"}` with 400 (bad input), 404 (no such
 //! volume), 409 (exists, in use), 500/503 (the node's fault).
 
+pub mod auth;
 pub mod client;
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::{Extension, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -137,6 +145,7 @@ pub struct ErrorBody {
 pub struct ApiState {
     pub volumes: Arc<Volumes>,
     pub cluster: Arc<Cluster>,
+    pub auth: Arc<auth::Authenticator>,
     pub engine: Arc<crate::engine::Engine>,
     pub node: Box<dyn Fn() -> NodeStatus + Send + Sync>,
 }
@@ -195,9 +204,107 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/cluster/rotate-certs", post(rotate_certs))
         .route("/v1/cluster/nodes/{id}/maintenance", put(node_maintenance))
         .route("/v1/cluster/nodes/{id}/decommission", post(node_decommission))
+        .route("/v1/auth/tokens", post(create_api_token))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API path; see /v1/volumes".into()) })
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
         .with_state(state)
+}
+
+/// Checks the bearer token of every request but the health probes, and
+/// that non-volume routes come from an admin; the caller is then known to
+/// the handler (`Extension<Caller>`) and to forwarding (`auth::CALLER`).
+async fn authenticate(
+    State(state): State<Arc<ApiState>>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path().to_owned();
+    if matches!(path.as_str(), "/healthz" | "/readyz" | "/v1/health") {
+        return next.run(request).await;
+    }
+    let token = request
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(|token| token.trim().to_owned());
+    let Some(token) = token else {
+        return ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing API token: send `Authorization: Bearer TOKEN` (the CLI on a node's host reads DATA_DIR/admin.token: set BALLAST_TOKEN_FILE, or BALLAST_TOKEN)".into(),
+        )
+        .into_response();
+    };
+    let caller = match state.auth.check(&token) {
+        Ok(caller) => caller,
+        Err(reason) => {
+            tracing::warn!(%path, %reason, "API request refused");
+            return ApiError(StatusCode::UNAUTHORIZED, reason).into_response();
+        }
+    };
+    if !caller.is_admin() && !path.starts_with("/v1/volumes") {
+        return ApiError(
+            StatusCode::FORBIDDEN,
+            format!("{path} needs the admin role ({} is a user)", caller.subject),
+        )
+        .into_response();
+    }
+    request.extensions_mut().insert(caller.clone());
+    auth::CALLER.scope(caller, next.run(request)).await
+}
+
+/// 403 unless `caller` may use volume `name` (404 comes from the operation).
+fn owned(state: &ApiState, caller: &auth::Caller, name: &str) -> Result<(), ApiError> {
+    let owner = state.cluster.with_state(|cluster| {
+        cluster
+            .volumes
+            .contains_key(name)
+            .then(|| cluster.owners.get(name).cloned().unwrap_or_default())
+    });
+    match owner {
+        Some(owner) => caller
+            .may_use(name, &owner)
+            .map_err(|reason| ApiError(StatusCode::FORBIDDEN, reason)),
+        None => Ok(()),
+    }
+}
+
+/// Body of POST /v1/auth/tokens.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTokenBody {
+    pub subject: String,
+    pub role: auth::Role,
+    pub ttl_seconds: u64,
+}
+
+async fn create_api_token(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: ApiTokenBody = parse_body(&body)?;
+    let subject_ok = !body.subject.is_empty()
+        && body.subject.len() <= 64
+        && body
+            .subject
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
+    if !subject_ok {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "subject must be 1-64 characters of letters, digits, - _ . @".into(),
+        ));
+    }
+    if body.ttl_seconds == 0 || body.ttl_seconds > auth::TOKEN_SECONDS_MAX {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("ttl_seconds must be 1 to {}", auth::TOKEN_SECONDS_MAX),
+        ));
+    }
+    let token = state
+        .auth
+        .mint_cluster(&body.subject, body.role, body.ttl_seconds)
+        .map_err(|reason| ApiError(StatusCode::SERVICE_UNAVAILABLE, reason))?;
+    tracing::info!(subject = %body.subject, role = ?body.role, ttl_seconds = body.ttl_seconds, "API token issued");
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "token": token }))).into_response())
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
@@ -255,33 +362,49 @@ async fn node_status(State(state): State<Arc<ApiState>>) -> Result<Json<NodeStat
     Ok(Json(status))
 }
 
-async fn list_volumes(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
-    let list = state.cluster.list_volumes(&state.volumes)?;
+async fn list_volumes(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+) -> Result<Response, ApiError> {
+    let mut list = state.cluster.list_volumes(&state.volumes)?;
+    list.retain(|info| caller.may_use(&info.name, &info.owner).is_ok());
     Ok(Json(list).into_response())
 }
 
-async fn create_volume(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+async fn create_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
     let body: CreateBody = parse_body(&body)?;
     let request = CreateVolume {
         name: body.name,
         size_bytes: body.size_bytes,
         block_size_bytes: body.block_size_bytes,
         replicas: body.replicas,
+        owner: caller.subject,
     };
     let info = state.cluster.create_volume(&state.volumes, request).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
 }
 
-async fn inspect_volume(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn inspect_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
     let info = state.cluster.inspect_volume(&state.volumes, &name).await?;
     Ok(Json(info).into_response())
 }
 
 async fn resize_volume(
     State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
     let body: ResizeBody = parse_body(&body)?;
     let info = state
         .cluster
@@ -290,7 +413,12 @@ async fn resize_volume(
     Ok(Json(info).into_response())
 }
 
-async fn delete_volume(State(state): State<Arc<ApiState>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+async fn delete_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
     state.cluster.delete_volume(&state.volumes, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
@@ -304,9 +432,11 @@ pub struct ReplicasBody {
 
 async fn update_replicas(
     State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
     let body: ReplicasBody = parse_body(&body)?;
     let info = state
         .cluster
@@ -325,9 +455,11 @@ pub struct AttachBody {
 
 async fn attach_volume(
     State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
     Path(name): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
     let body: AttachBody = if body.is_empty() {
         AttachBody::default()
     } else {
@@ -373,6 +505,7 @@ async fn cluster_init(State(state): State<Arc<ApiState>>) -> Result<Response, Ap
         .into());
     }
     state.cluster.init().await?;
+    write_admin_token(&state);
     Ok(Json(state.cluster.status().await).into_response())
 }
 
@@ -386,6 +519,13 @@ async fn cluster_token(State(state): State<Arc<ApiState>>, body: Bytes) -> Resul
     };
     let token = state.cluster.create_token(body.ttl_seconds).await?;
     Ok((StatusCode::CREATED, Json(token)).into_response())
+}
+
+/// The node's admin token becomes cluster-signed (valid on every node).
+fn write_admin_token(state: &ApiState) {
+    if let Err(error) = state.auth.write_admin_token() {
+        tracing::error!(%error, "cannot rewrite the admin token");
+    }
 }
 
 async fn rotate_certs(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
@@ -407,6 +547,7 @@ async fn cluster_join(State(state): State<Arc<ApiState>>, body: Bytes) -> Result
         .cluster
         .join(&body.address, &body.token, state.volumes.count() > 0)
         .await?;
+    write_admin_token(&state);
     Ok(Json(state.cluster.status().await).into_response())
 }
 
@@ -426,8 +567,10 @@ async fn node_decommission(State(state): State<Arc<ApiState>>, Path(id): Path<u6
                 )
             })?;
         let path = format!("/v1/cluster/nodes/{id}/decommission");
+        let token = auth::forwarding_token(&cluster);
         let forwarded = tokio::task::spawn_blocking(move || {
             client::ApiClient::with_timeout(&leader, DECOMMISSION_TIMEOUT)
+                .with_token(token)
                 .post::<_, serde_json::Value>(&path, &serde_json::json!({}))
         })
         .await

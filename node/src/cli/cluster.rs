@@ -371,6 +371,23 @@ fn print_status(status: &ClusterStatus, json: bool, style: Style) -> Result<()> 
     Ok(())
 }
 
+/// `ballast auth token create`.
+pub fn create_api_token(api: &str, subject: &str, role: &str, ttl: &str) -> Result<ExitCode> {
+    let role = if role == "admin" {
+        crate::api::auth::Role::Admin
+    } else {
+        crate::api::auth::Role::User
+    };
+    let body = crate::api::ApiTokenBody {
+        subject: subject.to_owned(),
+        role,
+        ttl_seconds: parse_ttl(ttl)?,
+    };
+    let answer: serde_json::Value = ApiClient::new(api).post("/v1/auth/tokens", &body)?;
+    println!("{}", answer["token"].as_str().unwrap_or_default());
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ballast alerts`: what needs attention, and what did.
 pub fn alerts(api: &str, all: bool, json: bool) -> Result<ExitCode> {
     let path = if all {

@@ -53,6 +53,19 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
     },
+    /// API tokens: `ballast auth token create --subject NAME --role user --ttl 24h`.
+    ///
+    /// Every API request needs a token; on a node's host the CLI uses the
+    /// node's admin token (DATA_DIR/admin.token, root only) through
+    /// BALLAST_TOKEN_FILE (default /var/lib/ballast/admin.token), or
+    /// BALLAST_TOKEN. Users see and use only the volumes they created.
+    Auth {
+        /// The node API to ask.
+        #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
+        api: String,
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
     /// What needs attention: active alerts (node down, volume degraded,
     /// disk full or failing, clock skew), and with --all the cleared ones.
     Alerts {
@@ -71,6 +84,29 @@ pub enum Command {
     Debug(crate::cli::debug::DebugCommand),
 }
 
+#[derive(Subcommand, Debug)]
+pub enum AuthCommand {
+    /// Token commands.
+    #[command(subcommand)]
+    Token(AuthTokenCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthTokenCommand {
+    /// Print a new API token signed by the cluster (valid on every node).
+    Create {
+        /// Who it is for (becomes the owner of the volumes it creates).
+        #[arg(long)]
+        subject: String,
+        /// admin (everything) or user (own volumes only).
+        #[arg(long, default_value = "user", value_parser = ["user", "admin"])]
+        role: String,
+        /// Lifetime: seconds, or with s, m, h, d (at most 366d).
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+    },
+}
+
 impl Command {
     /// Long-running commands log their progress; one-shot commands only problems.
     fn default_log_level(&self) -> &'static str {
@@ -81,7 +117,8 @@ impl Command {
             | Self::Volume(_)
             | Self::Cluster(_)
             | Self::Status { .. }
-            | Self::Alerts { .. } => "warn",
+            | Self::Alerts { .. }
+            | Self::Auth { .. } => "warn",
         }
     }
 }
@@ -110,6 +147,10 @@ pub fn main() -> ExitCode {
         Command::Cluster(args) => cluster::run(args),
         Command::Status { api, json, watch } => cluster::status(&api, json, watch),
         Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
+        Command::Auth {
+            api,
+            command: AuthCommand::Token(AuthTokenCommand::Create { subject, role, ttl }),
+        } => cluster::create_api_token(&api, &subject, &role, &ttl),
     };
     match result {
         Ok(code) => code,

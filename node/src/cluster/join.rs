@@ -121,6 +121,10 @@ impl Cluster {
         .await?;
         let ca = crate::peer::tls::new_ca(cluster_id).map_err(ClusterError::Internal)?;
         self.change(Command::SetCa { ca }).await?;
+        self.change(Command::SetApiSecret {
+            secret: super::state::ApiSecret(crate::api::auth::new_secret()),
+        })
+        .await?;
         self.renew_certificate()?;
         tracing::info!(%cluster_id, node = self.local.id, "cluster initialized (cluster CA made; peers use mutual TLS)");
         Ok(cluster_id)

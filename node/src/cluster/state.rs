@@ -88,6 +88,16 @@ pub struct ClusterVolume {
     pub created_unix_seconds: u64,
 }
 
+/// A secret that never shows in logs or debug output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiSecret(pub String);
+
+impl std::fmt::Debug for ApiSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiSecret(..)")
+    }
+}
+
 /// A join token's record: only its hash is kept.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TokenRecord {
@@ -112,6 +122,12 @@ pub struct ClusterState {
     /// The cluster CA (its key signs node certificates; `peer::tls`).
     #[serde(default)]
     pub ca: Option<crate::peer::tls::ClusterCa>,
+    /// The secret cluster API tokens are signed with (`api::auth`).
+    #[serde(default)]
+    pub api_secret: Option<ApiSecret>,
+    /// Volume owners (token subjects) by volume name; none: the admins'.
+    #[serde(default)]
+    pub owners: BTreeMap<String, String>,
     /// Alerts by key, active and recently cleared (bounded, `alerts`).
     #[serde(default)]
     pub alerts: BTreeMap<String, super::alerts::Alert>,
@@ -187,6 +203,16 @@ pub enum Command {
     /// The cluster's CA, made at init (set once).
     SetCa {
         ca: crate::peer::tls::ClusterCa,
+    },
+    /// The cluster's API token secret, made at init (set once).
+    SetApiSecret {
+        secret: ApiSecret,
+    },
+    /// `command` (a CreateVolume) applied, and `owner` (a token subject)
+    /// recorded as the new volume's owner, atomically.
+    Owned {
+        owner: String,
+        command: Box<Command>,
     },
     /// The leader's view of what needs attention changed: `raise` started
     /// (or is still true, refreshing last-seen), `clear` ended.
@@ -310,7 +336,9 @@ impl ClusterState {
                 volume.size_bytes = size_bytes;
                 Outcome::Volume(volume.clone())
             }
-            Command::DeleteVolume { name } => match self.volumes.remove(&name) {
+            Command::DeleteVolume { name } => match self.volumes.remove(&name).inspect(|_| {
+                self.owners.remove(&name);
+            }) {
                 Some(volume) => Outcome::Volume(volume),
                 None => Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist"))),
             },
@@ -336,6 +364,20 @@ impl ClusterState {
                 }
             }
             Command::RemoveReplica { name, node, shrink } => self.remove_replica(&name, node, shrink),
+            Command::SetApiSecret { secret } => {
+                if self.api_secret.is_some() {
+                    return Outcome::Rejected(Rejection::Exists("the cluster already has an API secret".into()));
+                }
+                self.api_secret = Some(secret);
+                Outcome::Done
+            }
+            Command::Owned { owner, command } => {
+                let outcome = self.apply(*command);
+                if let Outcome::Volume(volume) = &outcome {
+                    self.owners.insert(volume.name.clone(), owner);
+                }
+                outcome
+            }
             Command::SetCa { ca } => {
                 if self.ca.is_some() {
                     return Outcome::Rejected(Rejection::Exists("the cluster already has a CA".into()));

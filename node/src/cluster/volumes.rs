@@ -26,6 +26,8 @@ pub struct CreateVolume {
     pub size_bytes: u64,
     pub block_size_bytes: u32,
     pub replicas: u32,
+    /// The API token subject creating it (recorded with the volume).
+    pub owner: String,
 }
 
 /// A failure of a volume operation, with the HTTP status the API answers.
@@ -120,13 +122,18 @@ impl Cluster {
             placed = self.with_state(|state| place(state, &views, request.replicas as usize, self.local.id));
         }
         let replica_nodes = placed.map_err(invalid)?;
+        let create = Command::CreateVolume {
+            name: request.name.clone(),
+            size_bytes: request.size_bytes,
+            block_size_bytes: request.block_size_bytes,
+            replica_nodes,
+            created_unix_seconds: crate::datadir::now_unix_seconds(),
+        };
+        // The owner is recorded in the same entry: no node sees the volume without it.
         let volume = self
-            .expect_volume(Command::CreateVolume {
-                name: request.name.clone(),
-                size_bytes: request.size_bytes,
-                block_size_bytes: request.block_size_bytes,
-                replica_nodes,
-                created_unix_seconds: crate::datadir::now_unix_seconds(),
+            .expect_volume(Command::Owned {
+                owner: request.owner.clone(),
+                command: Box::new(create),
             })
             .await?;
         tracing::info!(volume = %volume.name, id = volume.id, replicas = ?volume.replica_nodes, "volume created");
@@ -274,7 +281,12 @@ impl Cluster {
             if let Some(api) = self.api_of(volume.coordinator) {
                 if self.health.liveness(volume.coordinator).up {
                     let path = format!("/v1/volumes/{name}");
-                    return forward(move |client| client.delete(&path), api).await;
+                    return forward(
+                        crate::api::auth::forwarding_token(self),
+                        move |client| client.delete(&path),
+                        api,
+                    )
+                    .await;
                 }
             }
             tracing::warn!(volume = %name, coordinator = volume.coordinator, "coordinator unreachable; deleting without its connection check");
@@ -303,7 +315,8 @@ impl Cluster {
         {
             if let Some(api) = self.api_of(volume.coordinator) {
                 let path = format!("/v1/volumes/{name}");
-                if let Ok(info) = forward(move |client| client.get::<VolumeInfo>(&path), api).await {
+                let token = crate::api::auth::forwarding_token(self);
+                if let Ok(info) = forward(token, move |client| client.get::<VolumeInfo>(&path), api).await {
                     return Ok(info);
                 }
             }
@@ -350,6 +363,7 @@ impl Cluster {
             health: String::new(),
             replicas_down: Vec::new(),
             alerts: Vec::new(),
+            owner: String::new(),
         });
         info.size_bytes = volume.size_bytes;
         info.replicas = volume.replicas;
@@ -371,6 +385,7 @@ impl Cluster {
             "healthy"
         }
         .into();
+        info.owner = self.with_state(|state| state.owners.get(&volume.name).cloned().unwrap_or_default());
         info.alerts = self.with_state(|state| {
             super::alerts::sorted(&state.alerts)
                 .into_iter()
@@ -401,10 +416,11 @@ impl Cluster {
 
 /// Runs a blocking API call against another node.
 async fn forward<T: Send + 'static>(
+    token: Option<String>,
     call: impl FnOnce(&ApiClient) -> Result<T, ClientError> + Send + 'static,
     api: String,
 ) -> Result<T, VolumeOpError> {
-    tokio::task::spawn_blocking(move || call(&ApiClient::new(&api)))
+    tokio::task::spawn_blocking(move || call(&ApiClient::new(&api).with_token(token)))
         .await
         .map_err(|error| VolumeOpError {
             status: 500,

@@ -75,9 +75,16 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let status_engine = Arc::clone(&engine);
     let status_volumes = Arc::clone(&volumes);
     let status_cluster = Arc::clone(&cluster);
+    let auth = Arc::new(crate::api::auth::Authenticator::open(
+        &config.data_dir,
+        node_uuid,
+        Arc::clone(&cluster),
+    )?);
+    auth.write_admin_token().map_err(|error| anyhow::anyhow!(error))?;
     let state = Arc::new(ApiState {
         volumes: Arc::clone(&volumes),
         cluster: Arc::clone(&cluster),
+        auth,
         engine: Arc::clone(&engine),
         node: Box::new(move || node_status(node_uuid, &status_cluster, &status_engine, &status_volumes)),
     });

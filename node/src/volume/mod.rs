@@ -306,6 +306,9 @@ pub struct VolumeInfo {
     /// Active alerts about this volume.
     #[serde(default)]
     pub alerts: Vec<crate::cluster::alerts::Alert>,
+    /// The token subject that owns it ("": the admins').
+    #[serde(default)]
+    pub owner: String,
 }
 
 /// An opened disk as placement sees it.
@@ -691,6 +694,7 @@ impl Volumes {
             health: String::new(),
             replicas_down: Vec::new(),
             alerts: Vec::new(),
+            owner: String::new(),
             epoch: record.epoch,
         })
     }

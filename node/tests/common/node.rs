@@ -173,6 +173,7 @@ impl TestNode {
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         ballast()
             .env("BALLAST_API", self.api_url())
+            .env("BALLAST_TOKEN_FILE", self.token_file())
             .args(args)
             .output()
             .unwrap()
@@ -253,6 +254,19 @@ impl TestNode {
     }
 
     /// The data directory's path.
+    /// The node's admin API token file (written at every start).
+    pub fn token_file(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+
+    /// The node's admin API token.
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.token_file())
+            .expect("the node wrote its admin token")
+            .trim()
+            .to_owned()
+    }
+
     pub fn data(&self) -> &Path {
         &self.data_dir
     }

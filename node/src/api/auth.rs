@@ -1,0 +1,293 @@
+//! API authentication: every request but the health probes carries
+//! `Authorization: Bearer <JWT>` (HS256). Two issuers are trusted:
+//! - the cluster (`ballast:cluster:<id>`), whose secret is made at
+//!   `cluster init` and kept in the replicated state: its tokens work on
+//!   every node (`ballast auth token create`);
+//! - this node (`ballast:node:<uuid>`), with a secret in the data
+//!   directory: it signs the node's own admin token before the node is in a
+//!   cluster.
+//!
+//! `DATA_DIR/admin.token` (0600, so root only) holds an admin token for the
+//! CLI on the node's host: cluster-signed once the node is in a cluster.
+//! Roles: `admin` (everything) and `user` (only volumes it owns).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::cluster::Cluster;
+
+/// The node's own token secret (hex of 32 random bytes).
+pub const NODE_SECRET_FILE: &str = "api.secret";
+/// The admin token the CLI on this host uses.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// Life of the node's admin token (it is rewritten at every start).
+pub const ADMIN_TOKEN_SECONDS: u64 = 10 * 365 * 86_400;
+/// Longest life of a minted token.
+pub const TOKEN_SECONDS_MAX: u64 = 366 * 86_400;
+/// Life of the token a node uses to forward a request for its caller.
+pub const FORWARD_TOKEN_SECONDS: u64 = 300;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    User,
+}
+
+/// What a token says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub role: Role,
+    pub iss: String,
+    pub iat: u64,
+    pub exp: u64,
+}
+
+/// Who is asking (from a verified token).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Caller {
+    pub subject: String,
+    pub role: Role,
+}
+
+impl Caller {
+    #[must_use]
+    pub fn is_admin(&self) -> bool {
+        self.role == Role::Admin
+    }
+
+    /// Ok if the caller may act on a volume owned by `owner` ("" = admin's).
+    pub fn may_use(&self, volume: &str, owner: &str) -> Result<(), String> {
+        if self.is_admin() || (!owner.is_empty() && owner == self.subject) {
+            return Ok(());
+        }
+        Err(format!("volume {volume} belongs to another user"))
+    }
+}
+
+tokio::task_local! {
+    /// The caller of the API request being served (for forwarding).
+    pub static CALLER: Caller;
+}
+
+/// The signing secrets this node trusts.
+pub struct Authenticator {
+    node_secret: Vec<u8>,
+    node_issuer: String,
+    cluster: Arc<Cluster>,
+    data_dir: PathBuf,
+}
+
+fn now() -> u64 {
+    crate::datadir::now_unix_seconds()
+}
+
+/// 32 random bytes, as hex (from the OS; uuid v4 uses getrandom).
+#[must_use]
+pub fn new_secret() -> String {
+    format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple())
+}
+
+/// Signs a token.
+pub fn mint(secret: &[u8], issuer: &str, subject: &str, role: Role, seconds: u64) -> Result<String, String> {
+    let iat = now();
+    let claims = Claims {
+        sub: subject.to_owned(),
+        role,
+        iss: issuer.to_owned(),
+        iat,
+        exp: iat + seconds,
+    };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret),
+    )
+    .map_err(|e| format!("cannot sign a token: {e}"))
+}
+
+fn verify(token: &str, secret: &[u8], issuer: &str) -> Result<Claims, jsonwebtoken::errors::Error> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.set_issuer(&[issuer]);
+    validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+    validation.leeway = 30;
+    jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret), &validation).map(|data| data.claims)
+}
+
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let temporary = path.with_extension("new");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&temporary)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    std::fs::rename(&temporary, path)
+}
+
+impl Authenticator {
+    /// Loads (or makes) the node secret in `data_dir`.
+    pub fn open(data_dir: &Path, node_uuid: uuid::Uuid, cluster: Arc<Cluster>) -> anyhow::Result<Self> {
+        let path = data_dir.join(NODE_SECRET_FILE);
+        let secret = match std::fs::read_to_string(&path) {
+            Ok(text) => text.trim().to_owned(),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let secret = new_secret();
+                write_private(&path, &secret)?;
+                secret
+            }
+            Err(error) => return Err(error.into()),
+        };
+        Ok(Self {
+            node_secret: secret.into_bytes(),
+            node_issuer: format!("ballast:node:{node_uuid}"),
+            cluster,
+            data_dir: data_dir.to_owned(),
+        })
+    }
+
+    /// The cluster's issuer and secret, once the node is in a cluster.
+    fn cluster_key(&self) -> Option<(String, Vec<u8>)> {
+        let id = self.cluster.cluster_id()?;
+        let secret = self.cluster.with_state(|state| state.api_secret.clone())?;
+        Some((format!("ballast:cluster:{id}"), secret.0.into_bytes()))
+    }
+
+    /// Checks a bearer token.
+    pub fn check(&self, token: &str) -> Result<Caller, String> {
+        let mut errors = Vec::new();
+        if let Some((issuer, secret)) = self.cluster_key() {
+            match verify(token, &secret, &issuer) {
+                Ok(claims) => return Ok(caller(claims)),
+                Err(error) => errors.push(error.to_string()),
+            }
+        }
+        match verify(token, &self.node_secret, &self.node_issuer) {
+            Ok(claims) => Ok(caller(claims)),
+            Err(error) => {
+                errors.push(error.to_string());
+                Err(format!("invalid token ({})", errors.join("; ")))
+            }
+        }
+    }
+
+    /// A cluster-signed token (needs the node to be in a cluster).
+    pub fn mint_cluster(&self, subject: &str, role: Role, seconds: u64) -> Result<String, String> {
+        let (issuer, secret) = self
+            .cluster_key()
+            .ok_or("this node is not in a cluster (tokens are signed with the cluster's secret)")?;
+        mint(&secret, &issuer, subject, role, seconds)
+    }
+
+    /// Writes `DATA_DIR/admin.token`: cluster-signed when in a cluster.
+    pub fn write_admin_token(&self) -> Result<(), String> {
+        let subject = format!("admin@{}", self.cluster.local.name);
+        let token = match self.mint_cluster(&subject, Role::Admin, ADMIN_TOKEN_SECONDS) {
+            Ok(token) => token,
+            Err(_) => mint(
+                &self.node_secret,
+                &self.node_issuer,
+                &subject,
+                Role::Admin,
+                ADMIN_TOKEN_SECONDS,
+            )?,
+        };
+        write_private(&self.data_dir.join(ADMIN_TOKEN_FILE), &format!("{token}\n"))
+            .map_err(|e| format!("cannot write the admin token: {e}"))
+    }
+
+    /// A short-lived cluster token for `caller`, to forward its request to
+    /// another node (None: not in a cluster).
+    #[must_use]
+    pub fn forwarding_token(&self, caller: &Caller) -> Option<String> {
+        self.mint_cluster(&caller.subject, caller.role, FORWARD_TOKEN_SECONDS)
+            .ok()
+    }
+}
+
+/// A short-lived cluster token for the caller of the request being served,
+/// to forward it to another node (None outside a request or a cluster).
+#[must_use]
+pub fn forwarding_token(cluster: &Cluster) -> Option<String> {
+    let caller = CALLER.try_with(Caller::clone).ok()?;
+    let id = cluster.cluster_id()?;
+    let secret = cluster.with_state(|state| state.api_secret.clone())?;
+    mint(
+        secret.0.as_bytes(),
+        &format!("ballast:cluster:{id}"),
+        &caller.subject,
+        caller.role,
+        FORWARD_TOKEN_SECONDS,
+    )
+    .ok()
+}
+
+fn caller(claims: Claims) -> Caller {
+    Caller {
+        subject: claims.sub,
+        role: claims.role,
+    }
+}
+
+/// The token the CLI sends: `BALLAST_TOKEN`, else the file named by
+/// `BALLAST_TOKEN_FILE`, else `/var/lib/ballast/admin.token` if readable.
+#[must_use]
+pub fn cli_token() -> Option<String> {
+    if let Ok(token) = std::env::var("BALLAST_TOKEN") {
+        if !token.trim().is_empty() {
+            return Some(token.trim().to_owned());
+        }
+    }
+    let path = std::env::var_os("BALLAST_TOKEN_FILE").map_or_else(
+        || PathBuf::from("/var/lib/ballast").join(ADMIN_TOKEN_FILE),
+        PathBuf::from,
+    );
+    std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_only_with_their_secret_issuer_and_lifetime() {
+        let token = mint(b"secret", "ballast:cluster:x", "alice", Role::User, 60).unwrap();
+        let claims = verify(&token, b"secret", "ballast:cluster:x").unwrap();
+        assert_eq!((claims.sub.as_str(), claims.role), ("alice", Role::User));
+        assert!(verify(&token, b"other", "ballast:cluster:x").is_err(), "forged");
+        assert!(verify(&token, b"secret", "ballast:cluster:y").is_err(), "wrong issuer");
+        let mut claims = claims;
+        claims.exp = now() - 3600;
+        let expired = jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(b"secret"),
+        )
+        .unwrap();
+        assert!(verify(&expired, b"secret", "ballast:cluster:x").is_err(), "expired");
+    }
+
+    #[test]
+    fn users_use_only_their_own_volumes_and_admins_all() {
+        let alice = Caller {
+            subject: "alice".into(),
+            role: Role::User,
+        };
+        assert!(alice.may_use("v", "alice").is_ok());
+        assert!(alice.may_use("v", "bob").is_err());
+        assert!(alice.may_use("v", "").is_err());
+        let root = Caller {
+            subject: "root".into(),
+            role: Role::Admin,
+        };
+        assert!(root.may_use("v", "bob").is_ok());
+    }
+}
