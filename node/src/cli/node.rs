@@ -239,6 +239,13 @@ fn inspect(api: &str, id: u64, json: bool) -> Result<ExitCode> {
     );
     println!("  admin:    {}", format!("{:?}", node.admin).to_lowercase());
     println!("  version:  {}   cores: {}", node.version, node.cores);
+    if node.cert_expires_unix > 0 {
+        let days = node
+            .cert_expires_unix
+            .saturating_sub(crate::datadir::now_unix_seconds())
+            / 86_400;
+        println!("  peer TLS: certificate expires in {days} days (`ballast cluster rotate-certs` renews)");
+    }
     println!(
         "  api {}   nbd {}   peer {}",
         node.api_address, node.nbd_address, node.peer_address

@@ -21,6 +21,8 @@ pub const ALERTS_KEPT: usize = 256;
 pub const LAST_SEEN_EVERY_SECONDS: u64 = 60;
 /// Disk use above which an alert is raised.
 pub const DISK_FULL_RATIO: f64 = 0.85;
+/// A node certificate this close to expiry raises an alert.
+pub const CERT_EXPIRY_WARNING_SECONDS: u64 = 30 * 86_400;
 /// Clock difference to the leader above which an alert is raised.
 pub const CLOCK_SKEW_MS_MAX: i64 = 3000;
 
@@ -132,6 +134,33 @@ pub fn evaluate(state: &ClusterState, seen: &BTreeMap<u64, NodeSeen>, now_unix_m
                     node.id, report.failed_disks, report.checksum_errors
                 ),
             });
+        }
+        if report.cert_expires_unix > 0 {
+            let now_unix = now_unix_ms / 1000;
+            let left = report.cert_expires_unix.saturating_sub(now_unix);
+            if left < CERT_EXPIRY_WARNING_SECONDS {
+                raised.push(Raised {
+                    kind: "cert_expiry".into(),
+                    severity: if left == 0 {
+                        Severity::Critical
+                    } else {
+                        Severity::Warning
+                    },
+                    subject: subject.clone(),
+                    message: if left == 0 {
+                        format!(
+                            "node {}'s peer certificate has expired; run `ballast cluster rotate-certs`",
+                            node.id
+                        )
+                    } else {
+                        format!(
+                            "node {}'s peer certificate expires in {} days; run `ballast cluster rotate-certs`",
+                            node.id,
+                            left / 86_400
+                        )
+                    },
+                });
+            }
         }
         if report.unix_millis > 0 {
             let sent_at = i64::try_from(now_unix_ms.saturating_sub(*age_ms)).unwrap_or(i64::MAX);
@@ -392,9 +421,13 @@ mod tests {
         }
         if let Some((report, _)) = &mut seen.get_mut(&3).unwrap().report {
             report.unix_millis = 1_000_000 + 10_000;
+            report.cert_expires_unix = 1000 + 86_400;
         }
         let now = evaluate(&state, &seen, 1_000_000);
-        assert_eq!(kinds(&now), vec!["disk_full:2", "disk_errors:2", "clock_skew:3"]);
+        assert_eq!(
+            kinds(&now),
+            vec!["disk_full:2", "disk_errors:2", "cert_expiry:3", "clock_skew:3"]
+        );
     }
 
     #[test]

@@ -50,6 +50,9 @@ pub struct NodeReport {
     /// Volumes this node serves (coordinates).
     #[serde(default)]
     pub served: Vec<ServedReport>,
+    /// When this node's peer certificate expires (Unix seconds; 0: unknown).
+    #[serde(default)]
+    pub cert_expires_unix: u64,
     /// Resyncs this node runs or ran as coordinator: (volume, status).
     #[serde(default)]
     pub resyncs: Vec<(String, crate::replication::resync::ResyncStatus)>,

@@ -344,6 +344,7 @@ impl Cluster {
     /// This node's report, with the resyncs it runs as coordinator.
     pub async fn report(&self) -> health::NodeReport {
         let mut report = self.health.local_report().await;
+        report.cert_expires_unix = self.tls.expires_unix();
         report.resyncs = self
             .resyncs
             .lock()

@@ -33,6 +33,9 @@ pub struct NodeView {
     pub cores: u32,
     #[serde(default)]
     pub disks: Vec<super::health::DiskReport>,
+    /// When the node's peer certificate expires (Unix seconds; 0: unknown).
+    #[serde(default)]
+    pub cert_expires_unix: u64,
 }
 
 /// One volume in `cluster status`.
@@ -125,6 +128,7 @@ impl Cluster {
                     version: report.as_ref().map(|r| r.version.clone()).unwrap_or_default(),
                     cores: report.as_ref().map_or(0, |r| r.cores),
                     disks: report.as_ref().map(|r| r.disk_list.clone()).unwrap_or_default(),
+                    cert_expires_unix: report.as_ref().map_or(0, |r| r.cert_expires_unix),
                 }
             })
             .collect();

@@ -55,6 +55,9 @@ pub struct Bundle {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// When the node certificate expires (Unix seconds; 0: unknown).
+    #[serde(default)]
+    pub expires_unix: u64,
 }
 
 impl std::fmt::Debug for Bundle {
@@ -117,6 +120,8 @@ pub fn issue(ca: &ClusterCa, cluster_id: uuid::Uuid, node_id: u64) -> Result<Bun
         ca_pem: ca.cert_pem.clone(),
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
+        // The certificate's last day starts at this midnight.
+        expires_unix: (now + NODE_CERT_DAYS * 86_400) / 86_400 * 86_400,
     })
 }
 
@@ -169,12 +174,13 @@ pub fn fingerprint(pem: &str) -> Result<String, String> {
     Ok(fingerprint_der(first))
 }
 
-fn files(data_dir: &Path) -> [(PathBuf, &'static str); 3] {
+fn files(data_dir: &Path) -> [(PathBuf, &'static str); 4] {
     let dir = data_dir.join(TLS_DIR);
     [
         (dir.join("ca.crt"), "ca"),
         (dir.join("node.crt"), "cert"),
         (dir.join("node.key"), "key"),
+        (dir.join("node.expires"), "expires"),
     ]
 }
 
@@ -183,10 +189,12 @@ pub fn write_bundle(data_dir: &Path, bundle: &Bundle) -> std::io::Result<()> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let dir = data_dir.join(TLS_DIR);
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+    let expires = bundle.expires_unix.to_string();
     for (path, which) in files(data_dir) {
         let text = match which {
             "ca" => &bundle.ca_pem,
             "cert" => &bundle.cert_pem,
+            "expires" => &expires,
             _ => &bundle.key_pem,
         };
         let temporary = path.with_extension("new");
@@ -205,7 +213,7 @@ pub fn write_bundle(data_dir: &Path, bundle: &Bundle) -> std::io::Result<()> {
 
 /// The bundle in `DATA_DIR/tls/`, if the node has one.
 pub fn read_bundle(data_dir: &Path) -> std::io::Result<Option<Bundle>> {
-    let [ca, cert, key] = files(data_dir);
+    let [ca, cert, key, expires] = files(data_dir);
     if !cert.0.exists() {
         return Ok(None);
     }
@@ -213,6 +221,10 @@ pub fn read_bundle(data_dir: &Path) -> std::io::Result<Option<Bundle>> {
         ca_pem: std::fs::read_to_string(&ca.0)?,
         cert_pem: std::fs::read_to_string(&cert.0)?,
         key_pem: std::fs::read_to_string(&key.0)?,
+        expires_unix: std::fs::read_to_string(&expires.0)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0),
     }))
 }
 
@@ -222,6 +234,7 @@ pub struct PeerTls {
     server: RwLock<Option<Arc<ServerConfig>>>,
     client: RwLock<Option<Arc<ClientConfig>>>,
     ca_fingerprint: RwLock<Option<String>>,
+    expires_unix: std::sync::atomic::AtomicU64,
 }
 
 impl PeerTls {
@@ -259,7 +272,15 @@ impl PeerTls {
         *self.server.write() = Some(Arc::new(server));
         *self.client.write() = Some(Arc::new(client));
         *self.ca_fingerprint.write() = Some(fingerprint(&bundle.ca_pem)?);
+        self.expires_unix
+            .store(bundle.expires_unix, std::sync::atomic::Ordering::Release);
         Ok(())
+    }
+
+    /// When this node's certificate expires (Unix seconds; 0: none or unknown).
+    #[must_use]
+    pub fn expires_unix(&self) -> u64 {
+        self.expires_unix.load(std::sync::atomic::Ordering::Acquire)
     }
 
     #[must_use]
