@@ -232,8 +232,10 @@ fn joins_with_a_bad_or_expired_token_or_from_another_cluster_are_refused() {
         text(&output)
     );
 
-    // The refusals left the newcomer free to join properly.
-    newcomer.cli_ok(&["cluster", "join", &seed, "--token", &token]);
+    // The refusals left the newcomer free to join properly (token from a file).
+    let token_file = newcomer.data().join("join.token");
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    newcomer.cli_ok(&["cluster", "join", &seed, "--token-file", token_file.to_str().unwrap()]);
     let status = newcomer.cli_ok(&["cluster", "status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status:#}");

@@ -35,9 +35,13 @@ pub enum ClusterCommand {
     /// Join the cluster of TOKEN through ADDRESS, the peer address (HOST:PORT, default port 9411) of any member.
     Join {
         address: String,
-        /// A token from `ballast cluster token create` on a member.
-        #[arg(long, env = "BALLAST_JOIN_TOKEN")]
-        token: String,
+        /// A token from `ballast cluster token create` on a member (visible
+        /// in the process list: prefer --token-file or BALLAST_JOIN_TOKEN).
+        #[arg(long, env = "BALLAST_JOIN_TOKEN", required_unless_present = "token_file")]
+        token: Option<String>,
+        /// A file holding the join token.
+        #[arg(long, value_name = "PATH", conflicts_with = "token")]
+        token_file: Option<std::path::PathBuf>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -118,7 +122,20 @@ pub fn run(args: ClusterArgs) -> Result<ExitCode> {
                 println!("{}", token.token);
             }
         }
-        ClusterCommand::Join { address, token, json } => {
+        ClusterCommand::Join {
+            address,
+            token,
+            token_file,
+            json,
+        } => {
+            let token = match (token, token_file) {
+                (Some(token), _) => token,
+                (None, Some(path)) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the join token from {}", path.display()))?
+                    .trim()
+                    .to_owned(),
+                (None, None) => bail!("give the join token with --token-file PATH or BALLAST_JOIN_TOKEN"),
+            };
             let address = if address.contains(':') {
                 address
             } else {
