@@ -3,6 +3,7 @@
 //! seed runner puts it on a current-thread tokio runtime with paused time.
 
 pub mod check;
+pub mod dirty;
 pub mod disk;
 pub mod net;
 pub mod node;
@@ -97,21 +98,33 @@ pub struct Config {
     /// Message loss / duplication in percent (while enabled).
     pub loss_percent: u32,
     pub duplicate_percent: u32,
-    /// Model a proposed fix instead of the current code: a replica whose
-    /// `ReplicaIn` is proposed counts as in sync for failures (see
-    /// `node::Repl::joining`). Without it the current code acknowledges
-    /// writes an in-sync replica never got (the race in the report).
-    pub fix_join_race: bool,
-    /// Model a proposed fix instead of the current code: `mutate` on a
-    /// replicated volume whose replication was just dropped (the node was
-    /// deposed after the request passed the serving check) fails instead
-    /// of writing locally only and acknowledging.
-    pub fix_deposed_local_ack: bool,
-    /// Model a proposed fix instead of the current code: a resync waits
-    /// for the mutations in flight when it starts catching up before it
-    /// reads the dirty regions (the current code can miss a region a
-    /// racing write marks after the read).
-    pub fix_resync_drain: bool,
+    /// Proposed fix, not in the code yet: a catch-up write that fails after
+    /// its replica was promoted (`ReplicaIn` committed, `promote` or the
+    /// reconciler made it a target, `joining` cleared) drops it through
+    /// Raft before the ack, like a joining one. The code only looks at
+    /// `is_joining` and acknowledges without the now in-sync replica.
+    pub fix_promoted_catch_up_failure: bool,
+    /// Proposed fix, not in the code yet: `prepare` takes the in-flight
+    /// guard, marks the dirty regions and snapshots the targets at one
+    /// instant, and `replicate` sends to that snapshot. The code marks in
+    /// `prepare` (a target is skipped) and snapshots later in `replicate`
+    /// (after waiting for the guard or the dirty log): a target dropped in
+    /// between gets neither the write nor a dirty mark.
+    pub fix_prepare_snapshot: bool,
+    /// Proposed fix, not in the code yet: a resync stamps its copies with
+    /// the epoch it started at. The code stamps each with `volume.epoch()`,
+    /// which the reconciler raises to the cluster's epoch also on a node
+    /// that was deposed meanwhile; its copy then passes the new tenure's
+    /// floor and overwrites acknowledged writes on the replica.
+    pub fix_resync_epoch: bool,
+    /// Proposed fix, not in the code yet: the replication remembers the
+    /// epoch of the `ReplicaIn`/`ReplicaOut` that last moved its targets,
+    /// and the reconciler leaves the targets alone when its state is
+    /// older. The code lets a reconciler pass over a state from before the
+    /// `ReplicaIn` (the node's applied state lags the commit, or the pass
+    /// took its snapshot before) demote the replica `promote` just made a
+    /// target: writes are acknowledged without a replica Raft lists in sync.
+    pub fix_stale_demotion: bool,
     /// Requests may overtake each other on a link (see `net`).
     pub reorder: bool,
     /// The Store writes with FUA (else write + flush).
@@ -141,9 +154,10 @@ impl Config {
             client_depth: rng.gen_range(1..5),
             loss_percent: rng.gen_range(0..6),
             duplicate_percent: rng.gen_range(0..6),
-            fix_join_race: true,
-            fix_deposed_local_ack: true,
-            fix_resync_drain: true,
+            fix_promoted_catch_up_failure: true,
+            fix_prepare_snapshot: true,
+            fix_resync_epoch: true,
+            fix_stale_demotion: true,
             reorder: false,
             durable_writes: seed.is_multiple_of(2),
             strict_monotonic: false,
@@ -165,6 +179,7 @@ pub struct Counters {
     pub resyncs_full: u64,
     pub resyncs_failed: u64,
     pub replica_outs: u64,
+    pub replica_ins_refused: u64,
     pub refused_stale: u64,
     pub lost: u64,
     pub corrupt: u64,
@@ -185,6 +200,7 @@ impl Counters {
         self.resyncs_full += other.resyncs_full;
         self.resyncs_failed += other.resyncs_failed;
         self.replica_outs += other.replica_outs;
+        self.replica_ins_refused += other.replica_ins_refused;
         self.refused_stale += other.refused_stale;
         self.lost += other.lost;
         self.corrupt += other.corrupt;
@@ -196,7 +212,7 @@ impl Counters {
 
     pub fn line(&self, seeds: usize) -> String {
         format!(
-            "repl_sim: seeds {seeds}, writes acked {}, reads checked {}, crashes {}, failovers {}, resyncs {} (incremental {}, full {}; failed {}), replica outs {}, stale refused {}, lost {}, corrupt {}, fencing violations {}, monotonic violations {}, diverged blocks {}",
+            "repl_sim: seeds {seeds}, writes acked {}, reads checked {}, crashes {}, failovers {}, resyncs {} (incremental {}, full {}; failed {}), replica outs {}, replica-ins refused (epoch moved) {}, stale refused {}, lost {}, corrupt {}, fencing violations {}, monotonic violations {}, diverged blocks {}",
             self.writes_acked,
             self.reads_checked,
             self.crashes,
@@ -206,6 +222,7 @@ impl Counters {
             self.resyncs_full,
             self.resyncs_failed,
             self.replica_outs,
+            self.replica_ins_refused,
             self.refused_stale,
             self.lost,
             self.corrupt,

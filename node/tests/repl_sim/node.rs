@@ -1,24 +1,29 @@
 //! One simulated node: its disk (real Store), its replica of the volume
-//! (epoch, serving flag, epoch gate, range lock, sequence), and, while it
-//! coordinates, the replication state. The control flow mirrors the real
-//! code step by step: `apply`/`raise_epoch` (replica side, with the real
-//! `admit_mutation`/`admit_fence`), `VolumeReplication::replicate`,
-//! `fence_out`, `fence`, `mark_dirty`, `Volume::mutate`, the reconciler's
-//! `wire_serving`/`fence_and_serve`, and `resync` (catch up, copy under the
-//! range lock, `ReplicaIn`).
+//! (epoch, fence floor, serving flag, epoch gate, range lock, sequence),
+//! its dirty log and, while it coordinates, the replication state. The
+//! control flow mirrors the real code step by step: `apply`/`raise_epoch`
+//! (replica side, with the real `admit_mutation`/`admit_fence`),
+//! `Volume::mutate` (with `prepare`), `VolumeReplication::replicate`,
+//! `mark_dirty`, `fence_out`, `fence`, `set_targets`, `promote`, `drain`,
+//! `stop_catching_up`, the reconciler's `wire_serving`/`fence_and_serve`,
+//! and `resync` (catch up, drain, copy under the range lock, `ReplicaIn`
+//! at the epoch seen, promote).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
-use ::node::cluster::state::{ClusterState, Command};
+use ::node::cluster::state::{ClusterState, Command, Outcome};
+use ::node::replication::dirty::Identity;
+use ::node::replication::resync::{pause_after, RESYNC_BYTES_PER_S_MAX};
 use ::node::replication::wire::{self, OpKind, ReplicaOp};
 use ::node::replication::{admit_fence, admit_mutation, Refusal, DIRTY_REGION_BLOCKS};
 use tokio::sync::{Notify, RwLock};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use super::dirty::DirtyLog;
 use super::disk::{self, Disk, Request, VOLUME_ID};
 use super::net::{self, Kind};
 use super::{raft, spawn_on, Sim};
@@ -71,24 +76,123 @@ impl RangeLock {
     }
 }
 
-/// `VolumeReplication` (in memory, lost on restart).
-#[derive(Default)]
+/// The dirty regions of one out-of-sync replica (`replication::Tracking`).
+struct Tracking {
+    identity: Identity,
+    /// Region -> the dirty log generation it is durable at.
+    regions: BTreeMap<u64, u64>,
+}
+
+/// `VolumeReplication` (in memory, lost on restart; its dirty map is
+/// loaded from the node's `DirtyLog` when it is made).
 pub struct Repl {
     pub targets: RefCell<Vec<u64>>,
     pub catching_up: RefCell<Vec<u64>>,
-    /// Proposed fix only (`Config::fix_join_race`): catching-up replicas
-    /// whose `ReplicaIn` may have committed; a failure there drops them
-    /// through Raft before the write is acknowledged.
+    /// Catching-up replicas whose `ReplicaIn` is proposed: a failure there
+    /// drops them through Raft before the mutation is acknowledged.
     pub joining: RefCell<BTreeSet<u64>>,
+    /// Held shared by every `replicate`; a resync takes it exclusively once.
+    in_flight: RwLock<()>,
+    dirty: RefCell<BTreeMap<u64, Tracking>>,
+    log: Rc<DirtyLog>,
     fencing: tokio::sync::Mutex<()>,
+    /// (Proposed fix only: the epoch of the Raft change that last moved
+    /// the targets here, `ReplicaIn` or `ReplicaOut`; the reconciler does
+    /// not apply targets from an older state.)
+    targets_epoch: Cell<u64>,
 }
 
 impl Repl {
+    /// `VolumeReplication::new`: the tracking this node's log holds.
+    fn new(log: Rc<DirtyLog>) -> Self {
+        let dirty = log
+            .load()
+            .into_iter()
+            .map(|(node, identity, regions)| {
+                let regions = regions.into_iter().map(|region| (region, 0)).collect();
+                (node, Tracking { identity, regions })
+            })
+            .collect();
+        Self {
+            targets: RefCell::new(Vec::new()),
+            catching_up: RefCell::new(Vec::new()),
+            joining: RefCell::new(BTreeSet::new()),
+            in_flight: RwLock::new(()),
+            dirty: RefCell::new(dirty),
+            log,
+            fencing: tokio::sync::Mutex::new(()),
+            targets_epoch: Cell::new(0),
+        }
+    }
+
     pub fn is_catching_up(&self, node: u64) -> bool {
         self.catching_up.borrow().contains(&node)
     }
-    fn stop_catching_up(&self, node: u64) {
-        self.catching_up.borrow_mut().retain(|id| *id != node);
+
+    fn is_joining(&self, node: u64) -> bool {
+        self.joining.borrow().contains(&node)
+    }
+
+    /// `forget_all`: this node no longer coordinates the volume.
+    fn forget_all(&self) {
+        self.dirty.borrow_mut().clear();
+        self.log.forget(None);
+    }
+
+    /// `set_targets`: a node that joined them stops catching up; its tracking goes.
+    fn set_targets(&self, targets: Vec<u64>) {
+        self.catching_up.borrow_mut().retain(|id| !targets.contains(id));
+        self.joining.borrow_mut().retain(|id| !targets.contains(id));
+        self.dirty.borrow_mut().retain(|id, _| {
+            let in_sync = targets.contains(id);
+            if in_sync {
+                self.log.forget(Some(*id));
+            }
+            !in_sync
+        });
+        *self.targets.borrow_mut() = targets;
+    }
+
+    fn start_catching_up(&self, node: u64) {
+        let mut catching_up = self.catching_up.borrow_mut();
+        if !catching_up.contains(&node) {
+            catching_up.push(node);
+        }
+    }
+
+    /// `drain`: waits for every `replicate` already running.
+    async fn drain(&self) {
+        drop(self.in_flight.write().await);
+    }
+
+    /// `promote`: Raft took `node` back; it is a target at once.
+    fn promote(&self, node: u64) {
+        let mut catching_up = self.catching_up.borrow_mut();
+        let Some(index) = catching_up.iter().position(|id| *id == node) else {
+            return;
+        };
+        catching_up.remove(index);
+        self.joining.borrow_mut().remove(&node);
+        if self.dirty.borrow_mut().remove(&node).is_some() {
+            self.log.forget(Some(node));
+        }
+        let mut targets = self.targets.borrow_mut();
+        if !targets.contains(&node) {
+            targets.push(node);
+        }
+    }
+
+    /// `dirty_regions`: the tracked regions of `node` if tracked for this
+    /// identity; stale tracking is dropped (a full copy follows).
+    fn dirty_regions(&self, node: u64, identity: Identity) -> Option<Vec<u64>> {
+        let mut dirty = self.dirty.borrow_mut();
+        let tracking = dirty.get(&node)?;
+        if tracking.identity != identity {
+            dirty.remove(&node);
+            self.log.forget(Some(node));
+            return None;
+        }
+        Some(tracking.regions.keys().copied().collect())
     }
 }
 
@@ -99,6 +203,8 @@ pub struct Node {
     pub disk: Disk,
     // The local replica (memory: lost on a crash).
     pub epoch: u64,
+    /// `Volume::fence_floor` in memory (raised by fences and `follow_tenure`).
+    pub fence_floor: u64,
     pub served: bool,
     pub sequence: u64,
     pub gate: Rc<RwLock<()>>,
@@ -106,10 +212,13 @@ pub struct Node {
     pub repl: Option<Rc<Repl>>,
     pub resyncing: BTreeSet<u64>,
     pub reconcile_wake: Rc<Notify>,
-    // Survives a crash: the Raft state this node last applied, and the
-    // coordinator's persisted dirty-region map.
+    /// Client requests in flight (`IoStats::in_flight`; per incarnation).
+    pub client_in_flight: Rc<Cell<u64>>,
+    // Survives a crash: the metadata record's fence floor, the Raft state
+    // this node last applied, and the durable dirty log.
+    pub fence_floor_durable: u64,
     pub known: ClusterState,
-    pub dirty: BTreeMap<u64, BTreeSet<u64>>,
+    pub dirty_log: Rc<DirtyLog>,
     // Checker bookkeeping: the highest epoch this replica confirmed to a
     // fencing coordinator; no write at a lower epoch may land afterwards.
     pub fence_confirmed: u64,
@@ -124,7 +233,10 @@ impl Node {
             paused_until: None,
             tasks: Vec::new(),
             disk,
+            // The metadata record `create_replica` wrote: the creation's
+            // epoch, and its coordinator_since as the fence floor.
             epoch: 1,
+            fence_floor: 1,
             served: false,
             sequence: 1,
             gate: Rc::new(RwLock::new(())),
@@ -132,8 +244,10 @@ impl Node {
             repl: None,
             resyncing: BTreeSet::new(),
             reconcile_wake: Rc::new(Notify::new()),
+            client_in_flight: Rc::new(Cell::new(0)),
+            fence_floor_durable: 1,
             known: ClusterState::default(),
-            dirty: BTreeMap::new(),
+            dirty_log: Rc::new(DirtyLog::default()),
             fence_confirmed: 0,
             crashes: 0,
         }
@@ -164,8 +278,11 @@ pub fn crash(sim: &Rc<Sim>, id: u64) {
         .crash_and_reopen(sim.config.seed, id, sim.config.durable_writes, crash_number);
     node.up = false;
     node.paused_until = None;
-    // A restarted volume starts at its metadata record's epoch (creation's).
+    // A restarted volume starts at its metadata record's epoch (creation's)
+    // and fence floor (the highest fence it took).
     node.epoch = 1;
+    node.fence_floor = node.fence_floor_durable;
+    node.dirty_log.crash();
     node.served = false;
     node.sequence = node.disk.store.volume_epoch(VOLUME_ID).1 + 1;
     node.gate = Rc::new(RwLock::new(()));
@@ -173,6 +290,7 @@ pub fn crash(sim: &Rc<Sim>, id: u64) {
     node.repl = None;
     node.resyncing.clear();
     node.reconcile_wake = Rc::new(Notify::new());
+    node.client_in_flight = Rc::new(Cell::new(0));
     sim.counters.borrow_mut().crashes += 1;
 }
 
@@ -180,6 +298,7 @@ pub fn crash(sim: &Rc<Sim>, id: u64) {
 pub fn start(sim: &Rc<Sim>, id: u64) {
     sim.node(id).up = true;
     spawn_on(sim, id, disk::driver(Rc::clone(sim), id));
+    spawn_on(sim, id, super::dirty::writer(Rc::clone(sim), id));
     spawn_on(sim, id, reconcile_loop(Rc::clone(sim), id));
 }
 
@@ -196,11 +315,13 @@ async fn apply(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), String> {
     let op = wire::decode(payload).map_err(|error| error.to_string())?;
     let gate = Rc::clone(&sim.node(id).gate);
     let _admitted = gate.read().await;
-    let (known, served, confirmed) = {
+    let (floor, served, confirmed) = {
         let node = sim.node(id);
-        (node.epoch, node.served, node.fence_confirmed)
+        // `tenure`: the coordinator_since of the Raft state this node applied.
+        let tenure = node.known.volumes.get(VOLUME).map_or(0, |v| v.coordinator_since);
+        (node.fence_floor.max(tenure), node.served, node.fence_confirmed)
     };
-    if let Err(refusal) = admit_mutation(op.epoch, known, served) {
+    if let Err(refusal) = admit_mutation(op.epoch, floor, served) {
         if matches!(refusal, Refusal::StaleEpoch { .. }) {
             sim.counters.borrow_mut().refused_stale += 1;
         }
@@ -286,36 +407,104 @@ async fn raise_epoch(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), Strin
         node = sim.node(id);
         node.served = false;
     }
+    // `Volumes::fence`: the floor durably (metadata record), then in memory.
+    node.fence_floor_durable = node.fence_floor_durable.max(epoch);
+    node.fence_floor = node.fence_floor.max(epoch);
     node.epoch = node.epoch.max(epoch);
     node.fence_confirmed = node.fence_confirmed.max(epoch);
     Ok(())
 }
 
-/// `VolumeReplication::mark_dirty` over the node's persisted map.
-fn mark_dirty(sim: &Rc<Sim>, id: u64, repl: &Repl, lba: u64, count: u64, also: Option<u64>) {
-    let mut node = sim.node(id);
-    if let Some(replica) = also {
-        node.dirty.entry(replica).or_default();
+/// `VolumeReplication::identity_now`: from the Raft state this node applied.
+fn identity_now(sim: &Rc<Sim>, id: u64, replica: u64) -> Identity {
+    let node = sim.node(id);
+    node.known
+        .volumes
+        .get(VOLUME)
+        .map_or_else(Identity::default, |volume| Identity {
+            coordinator_since: volume.coordinator_since,
+            replica_added: volume.replica_added.get(&replica).copied().unwrap_or(0),
+        })
+}
+
+/// `VolumeReplication::mark_dirty`: marks the regions for every tracked
+/// replica that is not a target (and for `also`, tracking it from now);
+/// returns the dirty log generation to wait for (0: nothing).
+fn mark_dirty(sim: &Rc<Sim>, id: u64, repl: &Repl, lba: u64, count: u64, also: Option<u64>) -> u64 {
+    let identity = also.map(|replica| identity_now(sim, id, replica));
+    let mut dirty = repl.dirty.borrow_mut();
+    let mut fresh_tracking = None;
+    if let (Some(replica), Some(identity)) = (also, identity) {
+        if let std::collections::btree_map::Entry::Vacant(entry) = dirty.entry(replica) {
+            entry.insert(Tracking {
+                identity,
+                regions: BTreeMap::new(),
+            });
+            fresh_tracking = Some(replica);
+        }
     }
-    if node.dirty.is_empty() {
-        return;
+    if dirty.is_empty() {
+        return 0;
     }
     let targets = repl.targets.borrow();
     let (first, end) = (lba / DIRTY_REGION_BLOCKS, (lba + count).div_ceil(DIRTY_REGION_BLOCKS));
-    for (replica, regions) in &mut node.dirty {
-        if Some(*replica) == also || !targets.contains(replica) {
-            regions.extend(first..end);
+    let mut wait = 0;
+    for (replica, tracking) in dirty.iter_mut() {
+        if Some(*replica) != also && targets.contains(replica) {
+            continue;
         }
+        let fresh: Vec<u64> = (first..end)
+            .filter(|region| match tracking.regions.get(region) {
+                Some(generation) => {
+                    wait = wait.max(*generation);
+                    false
+                }
+                None => true,
+            })
+            .collect();
+        let generation = if fresh_tracking == Some(*replica) {
+            repl.log.track(*replica, tracking.identity, fresh.clone())
+        } else if fresh.is_empty() {
+            continue;
+        } else {
+            repl.log.add(*replica, fresh.clone())
+        };
+        tracking
+            .regions
+            .extend(fresh.into_iter().map(|region| (region, generation)));
+        wait = wait.max(generation);
+    }
+    wait
+}
+
+/// `VolumeReplication::mark_dirty_durably`.
+async fn mark_dirty_durably(sim: &Rc<Sim>, id: u64, repl: &Repl, lba: u64, count: u64, also: Option<u64>) {
+    match mark_dirty(sim, id, repl, lba, count, also) {
+        0 => {}
+        generation => repl.log.durable(generation).await,
     }
 }
 
 /// `VolumeReplication::replicate`.
 /// Ok with the replicas that confirmed the mutation (in sync or catching up).
 async fn replicate(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, op: &ReplicaOp) -> Result<BTreeSet<u64>, String> {
-    mark_dirty(sim, id, repl, op.lba, op.block_count, None);
-    let payload = wire::encode(op);
+    let _in_flight = repl.in_flight.read().await;
     let targets = repl.targets.borrow().clone();
     let catching_up = repl.catching_up.borrow().clone();
+    send_and_settle(sim, id, repl, op, &targets, &catching_up).await
+}
+
+/// The body of `replicate` after its snapshot of the targets and the
+/// catching-up replicas: send to all, then settle the failures.
+async fn send_and_settle(
+    sim: &Rc<Sim>,
+    id: u64,
+    repl: &Rc<Repl>,
+    op: &ReplicaOp,
+    targets: &[u64],
+    catching_up: &[u64],
+) -> Result<BTreeSet<u64>, String> {
+    let payload = wire::encode(op);
     let timeout = sim.config.replica_timeout;
     let sends = targets.iter().map(|&node| {
         let payload = payload.clone();
@@ -332,20 +521,26 @@ async fn replicate(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, op: &ReplicaOp) -> R
     .await;
     let mut confirmed = BTreeSet::new();
     for (node, result) in catch_up_results {
-        if result.is_ok() {
-            confirmed.insert(node);
-        }
-        if let Err(error) = result {
-            sim.log(format!(
-                "node {id}: replica {node} failed during resync ({error}); resync stops"
-            ));
-            repl.stop_catching_up(node);
-            // (Fix only: it may be in sync by now: its ReplicaIn committed,
-            // or the reconciler already made it a target.)
-            let joined = repl.joining.borrow().contains(&node) || repl.targets.borrow().contains(&node);
-            if joined && sim.config.fix_join_race {
-                mark_dirty(sim, id, repl, op.lba, op.block_count, Some(node));
+        match result {
+            Ok(_) => {
+                confirmed.insert(node);
+            }
+            // (Proposed fix: a replica promoted meanwhile counts too.)
+            Err(error)
+                if repl.is_joining(node)
+                    || (sim.config.fix_promoted_catch_up_failure && repl.targets.borrow().contains(&node)) =>
+            {
+                sim.log(format!(
+                    "node {id}: joining replica {node} failed ({error}); out through Raft before the ack"
+                ));
+                mark_dirty_durably(sim, id, repl, op.lba, op.block_count, Some(node)).await;
                 fence_out(sim, id, repl, node, &error).await?;
+            }
+            Err(error) => {
+                sim.log(format!(
+                    "node {id}: replica {node} failed during resync ({error}); resync stops"
+                ));
+                repl.catching_up.borrow_mut().retain(|other| *other != node);
             }
         }
     }
@@ -355,7 +550,7 @@ async fn replicate(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, op: &ReplicaOp) -> R
                 confirmed.insert(node);
             }
             Err(reason) => {
-                mark_dirty(sim, id, repl, op.lba, op.block_count, Some(node));
+                mark_dirty_durably(sim, id, repl, op.lba, op.block_count, Some(node)).await;
                 fence_out(sim, id, repl, node, &reason).await?;
             }
         }
@@ -366,7 +561,7 @@ async fn replicate(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, op: &ReplicaOp) -> R
 /// `VolumeReplication::fence_out`: drops `node` from the in-sync set through Raft.
 async fn fence_out(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, reason: &str) -> Result<(), String> {
     let _one_at_a_time = repl.fencing.lock().await;
-    if !repl.targets.borrow().contains(&node) && !repl.joining.borrow().contains(&node) {
+    if !repl.targets.borrow().contains(&node) && !repl.is_joining(node) {
         return Ok(());
     }
     sim.log(format!("node {id}: replica {node} failed ({reason}); ReplicaOut"));
@@ -376,8 +571,11 @@ async fn fence_out(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, reason: &
         by: id,
     };
     match raft::change(sim, id, command).await {
-        Ok(_) => {
+        Ok(outcome) => {
+            repl.targets_epoch
+                .set(repl.targets_epoch.get().max(outcome_epoch(&outcome)));
             repl.targets.borrow_mut().retain(|target| *target != node);
+            repl.catching_up.borrow_mut().retain(|other| *other != node);
             repl.joining.borrow_mut().remove(&node);
             sim.counters.borrow_mut().replica_outs += 1;
             Ok(())
@@ -386,6 +584,22 @@ async fn fence_out(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, reason: &
             "replica {node} failed ({reason}) and could not be removed from the in-sync set: {error}"
         )),
     }
+}
+
+fn outcome_epoch(outcome: &Outcome) -> u64 {
+    match outcome {
+        Outcome::Volume(volume) => volume.epoch,
+        _ => 0,
+    }
+}
+
+/// `VolumeReplication::stop_catching_up`: a joining node goes out through Raft first.
+async fn stop_catching_up(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, reason: &str) -> Result<(), String> {
+    if repl.is_joining(node) {
+        fence_out(sim, id, repl, node, reason).await?;
+    }
+    repl.catching_up.borrow_mut().retain(|other| *other != node);
+    Ok(())
 }
 
 /// `VolumeReplication::fence`: raises every in-sync replica's epoch.
@@ -445,21 +659,33 @@ async fn mutate(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, data: Option<Vec<u
         kind,
     };
     let Some(repl) = repl else {
-        let replicated = sim.config.replicas > 1;
-        if replicated && sim.config.fix_deposed_local_ack {
-            // (Fix only: a replicated volume without replication here means
-            // this node stopped coordinating after the request passed the
-            // serving check; the current code writes locally and acks.)
+        // No replication: this node stopped coordinating (the reconciler
+        // stops serving before it drops the replicator).
+        if !sim.node(id).served {
             return Err(format!("node {id} no longer coordinates the volume"));
-        }
-        if replicated {
-            sim.log(format!(
-                "node {id}: write of blocks {lba}+{count} is local only (no replication any more)"
-            ));
         }
         return disk::call(sim, id, request).await.map(|_| BTreeSet::new());
     };
-    let (local, remote) = futures::future::join(disk::call(sim, id, request), replicate(sim, id, &repl, &op)).await;
+    let (local, remote) = if sim.config.fix_prepare_snapshot {
+        // (Proposed fix: `prepare` holds the in-flight guard, marks and
+        // takes the snapshot `replicate` sends to at one instant.)
+        let _in_flight = repl.in_flight.read().await;
+        let generation = mark_dirty(sim, id, &repl, lba, count, None);
+        let targets = repl.targets.borrow().clone();
+        let catching_up = repl.catching_up.borrow().clone();
+        if generation > 0 {
+            repl.log.durable(generation).await;
+        }
+        futures::future::join(
+            disk::call(sim, id, request),
+            send_and_settle(sim, id, &repl, &op, &targets, &catching_up),
+        )
+        .await
+    } else {
+        // `Replicator::prepare`: new dirty regions durable before the mutation goes anywhere.
+        mark_dirty_durably(sim, id, &repl, lba, count, None).await;
+        futures::future::join(disk::call(sim, id, request), replicate(sim, id, &repl, &op)).await
+    };
     local?;
     let confirmed = remote?;
     check_acknowledgement(sim, id, lba, count, &confirmed);
@@ -508,6 +734,7 @@ pub async fn serve(sim: &Rc<Sim>, id: u64, op: ClientOp) -> Result<Vec<u8>, Stri
     if !sim.node(id).served {
         return Err(format!("node {id} does not serve the volume"));
     }
+    let _counted = InFlight::new(&sim.node(id).client_in_flight);
     match op {
         ClientOp::Write { lba, data } => {
             let count = data.len() as u64 / disk::BLOCK_BYTES as u64;
@@ -518,6 +745,22 @@ pub async fn serve(sim: &Rc<Sim>, id: u64, op: ClientOp) -> Result<Vec<u8>, Stri
             .await
             .map(|reply| disk::reply_bytes(&reply)),
         ClientOp::Flush => disk::call(sim, id, Request::Flush).await.map(|_| Vec::new()),
+    }
+}
+
+/// Counts a client request for as long as it lives.
+struct InFlight(Rc<Cell<u64>>);
+
+impl InFlight {
+    fn new(count: &Rc<Cell<u64>>) -> Self {
+        count.set(count.get() + 1);
+        Self(Rc::clone(count))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
     }
 }
 
@@ -550,37 +793,27 @@ fn wire_serving(sim: &Rc<Sim>, id: u64) -> Option<u64> {
         return None;
     }
     node.epoch = node.epoch.max(volume.epoch);
+    // `follow_tenure` (in memory).
+    node.fence_floor = node.fence_floor.max(volume.coordinator_since);
     if volume.coordinator != id {
         node.served = false;
-        node.repl = None;
-        node.dirty.clear();
+        // `drop_replication`: its tracking goes (another coordinator took over).
+        match node.repl.take() {
+            Some(repl) => repl.forget_all(),
+            None => node.dirty_log.forget(None),
+        }
         return None;
     }
     if volume.replica_nodes.len() > 1 {
-        let repl = Rc::clone(node.repl.get_or_insert_with(|| Rc::new(Repl::default())));
+        let log = Rc::clone(&node.dirty_log);
+        let repl = Rc::clone(node.repl.get_or_insert_with(|| Rc::new(Repl::new(log))));
         let mut targets: Vec<u64> = volume.in_sync.iter().copied().filter(|other| *other != id).collect();
         targets.sort_unstable();
         let mut current = repl.targets.borrow().clone();
         current.sort_unstable();
-        if current != targets {
-            // `set_targets`: a node that joined stops catching up; its dirty map goes.
-            repl.catching_up.borrow_mut().retain(|other| !targets.contains(other));
-            repl.joining.borrow_mut().retain(|other| !targets.contains(other));
-            node.dirty.retain(|other, _| !targets.contains(other));
-            *repl.targets.borrow_mut() = targets;
-        }
-        // A join that ended without the replica in sync is over.
-        let resyncing = node.resyncing.clone();
-        let over: Vec<u64> = repl
-            .joining
-            .borrow()
-            .iter()
-            .copied()
-            .filter(|other| !resyncing.contains(other) && !volume.in_sync.contains(other))
-            .collect();
-        for other in over {
-            repl.joining.borrow_mut().remove(&other);
-            repl.stop_catching_up(other);
+        let stale = sim.config.fix_stale_demotion && volume.epoch < repl.targets_epoch.get();
+        if current != targets && !stale {
+            repl.set_targets(targets);
         }
     } else {
         node.repl = None;
@@ -640,11 +873,15 @@ fn start_needed(sim: &Rc<Sim>, id: u64) {
         if !liveness(sim, id, replica) || !sim.node(id).resyncing.insert(replica) {
             continue;
         }
+        let identity = Identity {
+            coordinator_since: volume.coordinator_since,
+            replica_added: volume.replica_added.get(&replica).copied().unwrap_or(0),
+        };
         let (task_sim, repl) = (Rc::clone(sim), Rc::clone(&repl));
         spawn_on(sim, id, async move {
             let sim = task_sim;
             sim.log(format!("node {id}: resync of replica {replica} starts"));
-            match resync(&sim, id, &repl, replica).await {
+            match resync(&sim, id, &repl, replica, identity).await {
                 Ok(incremental) => {
                     let mut counters = sim.counters.borrow_mut();
                     if incremental {
@@ -657,10 +894,10 @@ fn start_needed(sim: &Rc<Sim>, id: u64) {
                     sim.log(format!("node {id}: resync of replica {replica} done ({mode})"));
                 }
                 Err(error) => {
-                    // (Fix: a ReplicaIn that may have committed keeps it
-                    // caught up until the reconciler knows.)
-                    if !repl.joining.borrow().contains(&replica) {
-                        repl.stop_catching_up(replica);
+                    if let Err(stuck) = stop_catching_up(&sim, id, &repl, replica, &error).await {
+                        sim.log(format!(
+                            "node {id}: replica {replica} may be in sync and cannot be dropped ({stuck}); it keeps getting every write"
+                        ));
                     }
                     sim.counters.borrow_mut().resyncs_failed += 1;
                     sim.log(format!("node {id}: resync of replica {replica} failed: {error}"));
@@ -671,27 +908,19 @@ fn start_needed(sim: &Rc<Sim>, id: u64) {
     }
 }
 
-/// `resync::resync`: catch up, copy (dirty regions or all), then `ReplicaIn`.
-/// Ok(true) when it was incremental.
-async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64) -> Result<bool, String> {
-    {
-        let mut catching_up = repl.catching_up.borrow_mut();
-        if !catching_up.contains(&replica) {
-            catching_up.push(replica);
-        }
-    }
+/// `resync::resync`: catch up, drain, copy (dirty regions or all), then
+/// `ReplicaIn` at the epoch seen. Ok(true) when it was incremental.
+async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64, identity: Identity) -> Result<bool, String> {
+    // (Proposed fix: copies carry the epoch this resync started in, so a
+    // coordinator deposed meanwhile cannot stamp them with a newer one.)
+    let started_epoch = sim.config.fix_resync_epoch.then(|| sim.node(id).epoch);
+    repl.start_catching_up(replica);
+    repl.drain().await;
     let size_blocks = sim.config.volume_blocks;
-    if sim.config.fix_resync_drain {
-        // (Fix only: mutations in flight since before catching up began
-        // mark their regions dirty only when their send fails; wait for
-        // them (each holds its range) before reading the dirty regions.)
-        let ranges = Rc::clone(&sim.node(id).ranges);
-        drop(ranges.lock(0, size_blocks).await);
-    }
-    let dirty = sim.node(id).dirty.get(&replica).cloned();
+    let dirty = repl.dirty_regions(replica, identity);
     let incremental = dirty.is_some();
     let spans: Vec<(u64, u64)> = match dirty {
-        Some(regions) => merge_regions(&regions.into_iter().collect::<Vec<_>>(), size_blocks),
+        Some(regions) => merge_regions(&regions, size_blocks),
         None => (0..size_blocks.div_ceil(WINDOW_BLOCKS))
             .map(|chunk| {
                 (
@@ -702,25 +931,42 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64) -> Result
             .collect(),
     };
     sim.log(format!("node {id}: resync of {replica}: spans {spans:?}"));
+    let (started, mut copied_bytes) = (Instant::now(), 0);
     for (lba, count) in spans {
         if !repl.is_catching_up(replica) {
             return Err("the replica failed a live write during the resync".into());
         }
-        copy_span(sim, id, replica, lba, count).await?;
+        copied_bytes += copy_span(sim, id, replica, lba, count, started_epoch).await?;
+        // Paced like the real resync (its rate, and yielding to busy clients).
+        let busy = sim.node(id).client_in_flight.get() > 0;
+        let pause = pause_after(copied_bytes, started.elapsed(), RESYNC_BYTES_PER_S_MAX, busy);
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
     }
+    repl.joining.borrow_mut().insert(replica);
     if !repl.is_catching_up(replica) {
         return Err("the replica failed a live write during the resync".into());
     }
-    if sim.config.fix_join_race {
-        repl.joining.borrow_mut().insert(replica);
-    }
+    let expect_epoch = sim.node(id).known.volumes.get(VOLUME).map(|v| v.epoch);
     let command = Command::ReplicaIn {
-        expect_epoch: None,
         name: VOLUME.into(),
         node: replica,
         by: id,
+        expect_epoch,
     };
-    raft::change(sim, id, command).await?;
+    let outcome = match raft::change(sim, id, command).await {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            if error.contains("while node") {
+                sim.counters.borrow_mut().replica_ins_refused += 1;
+            }
+            return Err(error);
+        }
+    };
+    repl.targets_epoch
+        .set(repl.targets_epoch.get().max(outcome_epoch(&outcome)));
+    repl.promote(replica);
     Ok(incremental)
 }
 
@@ -742,7 +988,17 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
 }
 
 /// `resync::copy_span`: allocated data as writes, holes as zeroings.
-async fn copy_span(sim: &Rc<Sim>, id: u64, replica: u64, lba: u64, count: u64) -> Result<(), String> {
+/// Ok with the bytes of data sent (`copied_bytes`). Each op carries
+/// `volume.epoch()` now (or `epoch` when given).
+async fn copy_span(
+    sim: &Rc<Sim>,
+    id: u64,
+    replica: u64,
+    lba: u64,
+    count: u64,
+    epoch: Option<u64>,
+) -> Result<u64, String> {
+    let mut copied_bytes = 0;
     let ranges = Rc::clone(&sim.node(id).ranges);
     let _held = ranges.lock(lba, count).await;
     let runs = sim.node(id).disk.store.block_status(VOLUME_ID, lba, count);
@@ -756,6 +1012,7 @@ async fn copy_span(sim: &Rc<Sim>, id: u64, replica: u64, lba: u64, count: u64) -
                 run_end - at
             };
             let kind = if allocated {
+                copied_bytes += blocks * disk::BLOCK_BYTES as u64;
                 let reply = disk::call(sim, id, Request::Read { lba: at, count: blocks }).await?;
                 OpKind::Write(disk::reply_bytes(&reply))
             } else {
@@ -764,7 +1021,7 @@ async fn copy_span(sim: &Rc<Sim>, id: u64, replica: u64, lba: u64, count: u64) -
             let (epoch, sequence) = {
                 let mut node = sim.node(id);
                 node.sequence += 1;
-                (node.epoch, node.sequence - 1)
+                (epoch.unwrap_or(node.epoch), node.sequence - 1)
             };
             let op = ReplicaOp {
                 volume_id: VOLUME_ID,
@@ -786,5 +1043,5 @@ async fn copy_span(sim: &Rc<Sim>, id: u64, replica: u64, lba: u64, count: u64) -
             at += blocks;
         }
     }
-    Ok(())
+    Ok(copied_bytes)
 }

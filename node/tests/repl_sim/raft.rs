@@ -4,7 +4,8 @@
 //! node cut off fails after `raft_timeout`; one whose proposer is cut off
 //! while it commits is applied, but the proposer hears a failure (an
 //! ambiguous outcome, as with a lost reply). A node learns the state only
-//! while it reaches the service.
+//! while it reaches the service: a moment after each commit (if it runs
+//! then) and at each reconciler pass.
 
 use std::collections::BTreeSet;
 use std::rc::Rc;
@@ -48,8 +49,9 @@ pub async fn change(sim: &Rc<Sim>, from: u64, command: Command) -> Result<Outcom
     };
     sim.log(format!("raft: {command:?} from node {from} -> {}", describe(&outcome)));
     for id in sim.node_ids() {
-        let wake = std::rc::Rc::clone(&sim.node(id).reconcile_wake);
-        wake.notify_one();
+        if sim.node(id).up {
+            super::spawn_on(sim, id, learn(Rc::clone(sim), id));
+        }
     }
     let still_reaches = from == 0 || sim.raft.borrow().reaches(from);
     if !still_reaches {
@@ -60,6 +62,23 @@ pub async fn change(sim: &Rc<Sim>, from: u64, command: Command) -> Result<Outcom
         Outcome::Rejected(rejection) => Err(rejection.to_string()),
         outcome => Ok(outcome),
     }
+}
+
+/// Node `id` applies the committed state (a moment later, while it runs
+/// and reaches the majority), then its reconciler runs.
+async fn learn(sim: Rc<Sim>, id: u64) {
+    tokio::time::sleep(sim.range_ms(0, 2)).await;
+    super::node::wait_unpaused(&sim, id).await;
+    if !sim.raft.borrow().reaches(id) {
+        return;
+    }
+    let state = sim.raft.borrow().state.clone();
+    let wake = {
+        let mut node = sim.node(id);
+        node.known = state;
+        Rc::clone(&node.reconcile_wake)
+    };
+    wake.notify_one();
 }
 
 fn describe(outcome: &Outcome) -> String {
