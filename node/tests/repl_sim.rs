@@ -66,11 +66,13 @@
 //! only in unacknowledged writes are counted (failures with
 //! `BALLAST_REPL_SIM_STRICT=1`).
 //!
-//! Four races in the current code lose acknowledged writes here; the
-//! default run models a proposed fix for each
+//! Four races this simulator found lost acknowledged writes; the code now
+//! has the fix for each, and the default run models it
 //! (`Config::fix_promoted_catch_up_failure`, `fix_prepare_snapshot`,
-//! `fix_resync_epoch`, `fix_stale_demotion`) and the ignored tests `current_code_*` run the code
-//! as it is and fail.
+//! `fix_resync_epoch`, `fix_stale_demotion`: the real code as it is). The
+//! ignored tests `current_code_*` run the code as it was before those
+//! fixes and fail, showing the simulator still catches each race. (The
+//! names are historical; the flags can go once nobody needs that proof.)
 //! Known gaps, ignored tests: a coordinator restarted mid-write leaves
 //! in-sync replicas different on unacknowledged writes; links that reorder.
 //!
@@ -392,7 +394,7 @@ fn a_replica_whose_disk_fails_is_dropped_and_rejoins_after_replacement() {
 /// (`is_joining` is false by then) and acknowledged without that in-sync
 /// replica (13 of the first 500 seeds, the first 19).
 #[test]
-#[ignore = "known bug in replicate: a promoted replica's failed catch-up write is acknowledged without it"]
+#[ignore = "fixed in replicate (kept to show the race is caught): a promoted replica's failed catch-up write is acknowledged without it"]
 fn current_code_acknowledges_a_write_a_just_promoted_replica_missed() {
     run_seeds("repl_sim current code (promoted catch-up failure)", |config| {
         config.fix_promoted_catch_up_failure = false;
@@ -406,7 +408,7 @@ fn current_code_acknowledges_a_write_a_just_promoted_replica_missed() {
 /// misses it and R rejoins without an acknowledged write (seeds 61, 109,
 /// 247, 287 and 365 of the first 500).
 #[test]
-#[ignore = "known bug in prepare/replicate: a target dropped between them gets neither the write nor a dirty mark"]
+#[ignore = "fixed in prepare/replicate (kept to show the race is caught): a target dropped between them gets neither the write nor a dirty mark"]
 fn current_code_resync_misses_a_write_prepared_before_its_replica_was_dropped() {
     run_seeds("repl_sim current code (prepare snapshot)", |config| {
         config.fix_prepare_snapshot = false;
@@ -419,7 +421,7 @@ fn current_code_resync_misses_a_write_prepared_before_its_replica_was_dropped() 
 /// new coordinator (floor: its tenure), takes the stale copy over writes
 /// the new coordinator acknowledged (seed 132 of the first 500).
 #[test]
-#[ignore = "known bug in resync: copies carry the current epoch, also after the coordinator was deposed"]
+#[ignore = "fixed in resync (kept to show the race is caught): copies carried the current epoch, also after the coordinator was deposed"]
 fn current_code_lets_a_deposed_coordinators_resync_overwrite_acknowledged_writes() {
     run_seeds("repl_sim current code (resync epoch)", |config| {
         config.fix_resync_epoch = false;
@@ -432,7 +434,7 @@ fn current_code_lets_a_deposed_coordinators_resync_overwrite_acknowledged_writes
 /// state demotes the replica (`set_targets`), and writes are acknowledged
 /// without it while Raft lists it in sync (seed 976 of the first 3000).
 #[test]
-#[ignore = "known bug in wire_serving: a stale state demotes a replica promote() just made a target"]
+#[ignore = "fixed in wire_serving (kept to show the race is caught): a stale state demoted a replica promote() just made a target"]
 fn current_code_lets_a_stale_reconciler_pass_demote_a_promoted_replica() {
     run_seeds("repl_sim current code (stale demotion)", |config| {
         config.fix_stale_demotion = false;

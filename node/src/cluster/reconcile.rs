@@ -88,7 +88,7 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
                     .iter()
                     .filter_map(|id| state.nodes.get(id).map(|node| (*id, cluster.link(&node.peer_address))))
                     .collect();
-                replication.set_targets(links);
+                replication.set_targets_at(links, volume.epoch);
             }
             volumes.set_replication(&volume.name, Some(replication as Arc<dyn crate::volume::Replicator>));
         } else {

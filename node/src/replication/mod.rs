@@ -62,6 +62,10 @@ pub struct VolumeReplication {
     log: Arc<DirtyLog>,
     /// One removal through Raft at a time.
     fencing: tokio::sync::Mutex<()>,
+    /// The epoch of the last in-sync change this node made itself (ReplicaIn
+    /// or ReplicaOut committed): a reconciler pass over an older state must
+    /// not undo it.
+    changed_at: std::sync::atomic::AtomicU64,
     /// Time for mutations to be durable on every in-sync replica.
     round_trips: crate::metrics::OpStats,
 }
@@ -107,6 +111,7 @@ impl VolumeReplication {
             dirty: parking_lot::Mutex::new(dirty),
             log,
             fencing: tokio::sync::Mutex::new(()),
+            changed_at: std::sync::atomic::AtomicU64::new(0),
             round_trips: crate::metrics::OpStats::default(),
         }
     }
@@ -131,6 +136,12 @@ impl VolumeReplication {
     /// generation to wait for before the mutation may be acknowledged
     /// (0: nothing new).
     fn mark_dirty(&self, lba: u64, count: u64, also: Option<u64>) -> u64 {
+        let targets: Vec<u64> = self.targets.read().iter().map(|(id, _)| *id).collect();
+        self.mark_dirty_against(lba, count, also, &targets)
+    }
+
+    /// `mark_dirty` for a mutation that goes to `targets` (a snapshot).
+    fn mark_dirty_against(&self, lba: u64, count: u64, also: Option<u64>, targets: &[u64]) -> u64 {
         let mut dirty = self.dirty.lock();
         let mut fresh_tracking = None;
         if let Some(node) = also {
@@ -145,12 +156,11 @@ impl VolumeReplication {
         if dirty.is_empty() {
             return 0;
         }
-        let targets = self.targets.read();
         let first = lba / DIRTY_REGION_BLOCKS;
         let end = (lba + count).div_ceil(DIRTY_REGION_BLOCKS);
         let mut wait = 0;
         for (node, tracking) in dirty.iter_mut() {
-            if Some(*node) != also && targets.iter().any(|(id, _)| id == node) {
+            if Some(*node) != also && targets.contains(node) {
                 continue;
             }
             let fresh: Vec<u64> = (first..end)
@@ -211,6 +221,21 @@ impl VolumeReplication {
     pub fn forget_all(&self) {
         self.dirty.lock().clear();
         self.log.forget(self.volume_id, None);
+    }
+
+    /// Replaces the in-sync targets from a state at `epoch` (the
+    /// reconciler); ignored when this node itself changed the set at a
+    /// later epoch than that state shows (the pass is stale).
+    pub fn set_targets_at(&self, targets: Vec<(u64, Arc<MuxLink>)>, epoch: u64) {
+        if epoch < self.changed_at.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        self.set_targets(targets);
+    }
+
+    /// Notes an in-sync change this node committed at `epoch`.
+    pub fn note_change(&self, epoch: u64) {
+        self.changed_at.fetch_max(epoch, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Replaces the in-sync targets (the reconciler, after Raft changed the
@@ -306,7 +331,10 @@ impl VolumeReplication {
             by: cluster.local.id,
         };
         match cluster.change(command).await {
-            Ok(_) => {
+            Ok(outcome) => {
+                if let crate::cluster::state::Outcome::Volume(volume) = &outcome {
+                    self.note_change(volume.epoch);
+                }
                 self.targets.write().retain(|(id, _)| *id != node);
                 self.catching_up.write().retain(|(id, _)| *id != node);
                 self.joining.lock().remove(&node);
@@ -341,6 +369,14 @@ impl Replicator for VolumeReplication {
             let payload = wire::encode(&op);
             let targets = self.targets.read().clone();
             let catching_up = self.catching_up.read().clone();
+            // A replica that left the targets since `prepare` (and is tracked)
+            // gets this mutation's regions now, durably, before it is sent:
+            // it is in neither the targets nor the dirty regions otherwise.
+            let snapshot: Vec<u64> = targets.iter().map(|(id, _)| *id).collect();
+            match self.mark_dirty_against(op.lba, op.block_count, None, &snapshot) {
+                0 => {}
+                generation => self.log.durable(generation).await?,
+            }
             let catch_up_sends = catching_up.iter().map(|(node, link)| {
                 let payload = &payload;
                 async move { (*node, link.call(FrameKind::ReplicaWrite, payload, self.timeout).await) }
@@ -365,7 +401,9 @@ impl Replicator for VolumeReplication {
             self.round_trips.record(op.block_count * 4096, started.elapsed(), ok);
             for (node, result) in catch_up_results {
                 if let Err(error) = result {
-                    if self.is_joining(node) {
+                    // Joining, or promoted since the send: Raft may list it in sync.
+                    let maybe_in_sync = self.is_joining(node) || self.targets.read().iter().any(|(id, _)| *id == node);
+                    if maybe_in_sync {
                         // Raft may already list it in sync: out through Raft before the ack.
                         self.mark_dirty_durably(op.lba, op.block_count, Some(node)).await?;
                         self.fence_out(node, &error.to_string()).await?;

@@ -209,12 +209,18 @@ async fn resync(
                 .collect()
         }
     };
+    // Copies carry the epoch this node serves at: if it is deposed while
+    // copying, the replicas (fenced by the new coordinator) refuse them.
+    let epoch = volume.serving_epoch();
+    if epoch == 0 {
+        return Err("this node does not serve the volume".into());
+    }
     let started = std::time::Instant::now();
     for (lba, count) in spans {
         if !replication.is_catching_up(node) {
             return Err("the replica failed a live write during the resync".into());
         }
-        copy_span(volume, &link, lba, count, replication.timeout, status).await?;
+        copy_span(volume, &link, lba, count, epoch, replication.timeout, status).await?;
         status.updated_unix_ms = unix_ms();
         cluster.note_resync(&volume.name, status.clone());
         let busy = volume.stats.in_flight() > 0;
@@ -229,7 +235,7 @@ async fn resync(
         return Err("the replica failed a live write during the resync".into());
     }
     let expect_epoch = cluster.state().volumes.get(&volume.name).map(|v| v.epoch);
-    cluster
+    let outcome = cluster
         .change(Command::ReplicaIn {
             name: volume.name.clone(),
             node,
@@ -238,6 +244,9 @@ async fn resync(
         })
         .await
         .map_err(|error| error.to_string())?;
+    if let crate::cluster::state::Outcome::Volume(changed) = &outcome {
+        replication.note_change(changed.epoch);
+    }
     replication.promote(node);
     Ok(())
 }
@@ -265,6 +274,7 @@ async fn copy_span(
     link: &MuxLink,
     lba: u64,
     count: u64,
+    epoch: u64,
     timeout: std::time::Duration,
     status: &mut ResyncStatus,
 ) -> Result<(), String> {
@@ -280,7 +290,7 @@ async fn copy_span(
             status.zeroed_bytes += len_bytes;
             let op = ReplicaOp {
                 volume_id: volume.id,
-                epoch: volume.epoch(),
+                epoch,
                 lba: at,
                 block_count: run_end - at,
                 volume_sequence: volume.next_sequence(),
@@ -299,7 +309,7 @@ async fn copy_span(
             status.copied_bytes += blocks * BLOCK_BYTES;
             let op = ReplicaOp {
                 volume_id: volume.id,
-                epoch: volume.epoch(),
+                epoch,
                 lba: at,
                 block_count: blocks,
                 volume_sequence: volume.next_sequence(),

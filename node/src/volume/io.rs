@@ -291,7 +291,9 @@ impl Volume {
     /// overlapping mutations; Ok only when all have it durable.
     async fn mutate(&self, lba: u64, block_count: u64, data: Option<Vec<u8>>) -> Result<(), VolumeIoError> {
         let _range = self.ranges.lock(lba, block_count).await;
-        let (epoch, volume_sequence) = (self.epoch(), self.next_sequence());
+        // The serving tenure's epoch: if a newer coordinator fenced this node
+        // meanwhile, the replicas refuse it.
+        let (epoch, volume_sequence) = (self.serving_epoch().max(1), self.next_sequence());
         let (command, kind) = match data {
             Some(data) => (
                 Command::Write {

@@ -151,6 +151,10 @@ pub struct Volume {
     /// Replica mutations sent at an older epoch are refused (raised by a
     /// new coordinator's fence, and to the current coordinator's tenure).
     fence_floor: AtomicU64,
+    /// The epoch this node started serving at: its replicated mutations
+    /// carry it (not the live epoch, which a newer coordinator's fence may
+    /// raise while a request is under way).
+    serving_epoch: AtomicU64,
     disk: usize,
     size_bytes: AtomicU64,
     sequence: AtomicU64,
@@ -222,6 +226,12 @@ impl Volume {
     #[must_use]
     pub fn epoch(&self) -> u64 {
         self.epoch.load(Ordering::Acquire)
+    }
+
+    /// The epoch this node started serving the volume at (0: never).
+    #[must_use]
+    pub fn serving_epoch(&self) -> u64 {
+        self.serving_epoch.load(Ordering::Acquire)
     }
 
     /// Replica mutations sent at an older epoch than this are refused.
@@ -406,6 +416,7 @@ impl Volumes {
             block_size_bytes: record.block_size_bytes,
             epoch: AtomicU64::new(record.epoch),
             fence_floor: AtomicU64::new(record.fence_floor),
+            serving_epoch: AtomicU64::new(0),
             disk,
             size_bytes: AtomicU64::new(record.size_bytes),
             sequence: AtomicU64::new(next_sequence),
@@ -465,8 +476,11 @@ impl Volumes {
     /// Marks whether this node serves `name` (the reconciler decides).
     pub fn set_served(&self, name: &str, served: bool) {
         if let Some(volume) = self.get(name) {
+            if served && !volume.is_served() {
+                volume.serving_epoch.store(volume.epoch(), Ordering::Release);
+            }
             if volume.served.swap(served, Ordering::AcqRel) != served {
-                tracing::info!(volume = %name, served, "volume serving changed");
+                tracing::info!(volume = %name, served, epoch = volume.serving_epoch(), "volume serving changed");
             }
         }
     }
