@@ -368,13 +368,7 @@ impl NodeMetrics {
             for node in volume.replica_nodes.iter().filter(|node| **node != local) {
                 let replica = vec![("volume", volume.name.clone()), ("replica", node.to_string())];
                 let (left, moved) = resyncs.iter().find(|r| r.node == *node).map_or((0, 0), |resync| {
-                    let moved = resync.copied_bytes + resync.zeroed_bytes;
-                    let left = if resync.state == "running" {
-                        resync.dirty_bytes.saturating_sub(moved)
-                    } else {
-                        0
-                    };
-                    (left, moved)
+                    (resync.remaining_bytes(), resync.copied_bytes + resync.zeroed_bytes)
                 });
                 remaining.push((replica.clone(), i64_of(left)));
                 resynced.push((replica, moved));

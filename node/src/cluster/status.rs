@@ -81,6 +81,19 @@ pub struct ClusterStatus {
     pub alerts: Vec<super::alerts::Alert>,
 }
 
+/// healthy (every replica in sync and up), degraded (not), or unavailable
+/// (its coordinator does not answer), given which nodes answer.
+#[must_use]
+pub fn volume_health(volume: &super::state::ClusterVolume, up: impl Fn(u64) -> bool) -> &'static str {
+    if !up(volume.coordinator) {
+        "unavailable"
+    } else if volume.replica_nodes.iter().any(|id| !up(*id)) || volume.in_sync.len() < volume.replica_nodes.len() {
+        "degraded"
+    } else {
+        "healthy"
+    }
+}
+
 impl Cluster {
     /// What this node knows of the cluster now.
     pub async fn status(&self) -> ClusterStatus {
@@ -91,16 +104,19 @@ impl Cluster {
         let state = self.state();
         let held = state.replicas_per_node();
         let local_report = self.report().await;
+        let report_of = |id: u64| {
+            if id == self.local.id {
+                Some(local_report.clone())
+            } else {
+                self.health.liveness(id).report
+            }
+        };
         let nodes: Vec<NodeView> = state
             .nodes
             .values()
             .map(|node| {
                 let liveness = self.health.liveness(node.id);
-                let report = if node.id == self.local.id {
-                    Some(local_report.clone())
-                } else {
-                    liveness.report.clone()
-                };
+                let report = report_of(node.id);
                 let role = if metrics.current_leader == Some(node.id) {
                     "leader"
                 } else if voters.contains(&node.id) {
@@ -132,27 +148,14 @@ impl Cluster {
                 }
             })
             .collect();
-        let report_of = |id: u64| {
-            if id == self.local.id {
-                Some(local_report.clone())
-            } else {
-                self.health.liveness(id).report
-            }
-        };
+
         let up = |id: u64| nodes.iter().any(|node| node.id == id && node.up);
         let volumes = state
             .volumes
             .values()
             .map(|volume| {
                 let replicas_up = volume.replica_nodes.iter().filter(|id| up(**id)).count();
-                let health = if !up(volume.coordinator) {
-                    "unavailable"
-                } else if replicas_up < volume.replica_nodes.len() || volume.in_sync.len() < volume.replica_nodes.len()
-                {
-                    "degraded"
-                } else {
-                    "healthy"
-                };
+                let health = volume_health(volume, up);
                 let coordinator_report = report_of(volume.coordinator);
                 let served = coordinator_report
                     .as_ref()

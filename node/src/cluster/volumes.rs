@@ -377,14 +377,7 @@ impl Cluster {
         info.epoch = volume.epoch;
         let up = |id: u64| self.health.liveness(id).up;
         info.replicas_down = volume.replica_nodes.iter().copied().filter(|id| !up(*id)).collect();
-        info.health = if !up(volume.coordinator) {
-            "unavailable"
-        } else if !info.replicas_down.is_empty() || volume.in_sync.len() < volume.replica_nodes.len() {
-            "degraded"
-        } else {
-            "healthy"
-        }
-        .into();
+        info.health = super::status::volume_health(volume, up).into();
         info.owner = self.with_state(|state| state.owners.get(&volume.name).cloned().unwrap_or_default());
         info.alerts = self.with_state(|state| {
             super::alerts::sorted(&state.alerts)

@@ -21,6 +21,31 @@ struct Connection {
     stream: PeerStream,
 }
 
+/// A reply as the caller gets it: a `Refused` frame becomes `PeerError::Refused`.
+fn answer(address: &str, reply: super::Frame) -> Result<(FrameKind, Vec<u8>), PeerError> {
+    if reply.kind == FrameKind::Refused {
+        return Err(PeerError::Refused {
+            address: address.to_owned(),
+            reason: String::from_utf8_lossy(&reply.payload).into_owned(),
+        });
+    }
+    Ok((reply.kind, reply.payload))
+}
+
+/// `attempt`, failing with `PeerError::Timeout` after `timeout`.
+async fn bounded<T>(
+    address: &str,
+    timeout: Duration,
+    attempt: impl std::future::Future<Output = Result<T, PeerError>>,
+) -> Result<T, PeerError> {
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .map_err(|_| PeerError::Timeout {
+            address: address.to_owned(),
+            timeout,
+        })?
+}
+
 /// Dials peers on behalf of this node.
 pub struct PeerClient {
     /// Source address of outgoing connections: the node's advertised peer
@@ -74,20 +99,9 @@ impl PeerClient {
                 });
             }
             self.put_idle(address, connection);
-            if reply.kind == FrameKind::Refused {
-                return Err(PeerError::Refused {
-                    address: address.to_owned(),
-                    reason: String::from_utf8_lossy(&reply.payload).into_owned(),
-                });
-            }
-            Ok((reply.kind, reply.payload))
+            answer(address, reply)
         };
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| PeerError::Timeout {
-                address: address.to_owned(),
-                timeout,
-            })?
+        bounded(address, timeout, attempt).await
     }
 
     /// Sends a join request to the member at `address`, whose certificate
@@ -107,21 +121,9 @@ impl PeerClient {
         let attempt = async {
             let mut stream = self.dial_with(address, config).await?;
             write_frame(&mut stream, address, FrameKind::Join, 1, payload).await?;
-            let reply = read_frame(&mut stream, address).await?;
-            if reply.kind == FrameKind::Refused {
-                return Err(PeerError::Refused {
-                    address: address.to_owned(),
-                    reason: String::from_utf8_lossy(&reply.payload).into_owned(),
-                });
-            }
-            Ok((reply.kind, reply.payload))
+            answer(address, read_frame(&mut stream, address).await?)
         };
-        tokio::time::timeout(timeout, attempt)
-            .await
-            .map_err(|_| PeerError::Timeout {
-                address: address.to_owned(),
-                timeout,
-            })?
+        bounded(address, timeout, attempt).await
     }
 
     /// Forgets pooled connections to `address` (after the peer restarted).

@@ -136,12 +136,18 @@ impl VolumeReplication {
     /// generation to wait for before the mutation may be acknowledged
     /// (0: nothing new).
     fn mark_dirty(&self, lba: u64, count: u64, also: Option<u64>) -> u64 {
-        let targets: Vec<u64> = self.targets.read().iter().map(|(id, _)| *id).collect();
-        self.mark_dirty_against(lba, count, also, &targets)
+        self.mark_dirty_against(lba, count, also, None)
     }
 
-    /// `mark_dirty` for a mutation that goes to `targets` (a snapshot).
-    fn mark_dirty_against(&self, lba: u64, count: u64, also: Option<u64>, targets: &[u64]) -> u64 {
+    /// `mark_dirty` for a mutation that goes to `snapshot` (None: the
+    /// current targets, read under the dirty map's lock).
+    fn mark_dirty_against(
+        &self,
+        lba: u64,
+        count: u64,
+        also: Option<u64>,
+        snapshot: Option<&[(u64, Arc<MuxLink>)]>,
+    ) -> u64 {
         let mut dirty = self.dirty.lock();
         let mut fresh_tracking = None;
         if let Some(node) = also {
@@ -156,11 +162,19 @@ impl VolumeReplication {
         if dirty.is_empty() {
             return 0;
         }
+        let current;
+        let targets = match snapshot {
+            Some(targets) => targets,
+            None => {
+                current = self.targets.read();
+                current.as_slice()
+            }
+        };
         let first = lba / DIRTY_REGION_BLOCKS;
         let end = (lba + count).div_ceil(DIRTY_REGION_BLOCKS);
         let mut wait = 0;
         for (node, tracking) in dirty.iter_mut() {
-            if Some(*node) != also && targets.contains(node) {
+            if Some(*node) != also && targets.iter().any(|(id, _)| id == node) {
                 continue;
             }
             let fresh: Vec<u64> = (first..end)
@@ -372,8 +386,7 @@ impl Replicator for VolumeReplication {
             // A replica that left the targets since `prepare` (and is tracked)
             // gets this mutation's regions now, durably, before it is sent:
             // it is in neither the targets nor the dirty regions otherwise.
-            let snapshot: Vec<u64> = targets.iter().map(|(id, _)| *id).collect();
-            match self.mark_dirty_against(op.lba, op.block_count, None, &snapshot) {
+            match self.mark_dirty_against(op.lba, op.block_count, None, Some(&targets)) {
                 0 => {}
                 generation => self.log.durable(generation).await?,
             }
