@@ -9,6 +9,7 @@
 //! its data is released, then its record removed, and start-up finishes any
 //! delete a crash interrupted and releases data no record owns.
 
+pub mod crypt;
 pub mod io;
 pub mod meta;
 pub mod range_lock;
