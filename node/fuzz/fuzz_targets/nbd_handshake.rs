@@ -88,7 +88,12 @@ fuzz_target!(|input: &[u8]| {
             let (client, mut server) = tokio::io::duplex(PIPE_BYTES);
             let (mut from_server, mut to_server) = tokio::io::split(client);
             let serve = async move {
-                let outcome = handshake::negotiate(&mut server, &fixture.volumes).await;
+                let security = node::nbd::tls::NbdSecurity::plaintext();
+                let access = handshake::Access {
+                    security: &security,
+                    caller: None,
+                };
+                let outcome = handshake::negotiate(&mut server, &fixture.volumes, &access).await;
                 drop(server); // end of stream for the client
                 outcome
             };
@@ -143,8 +148,9 @@ fuzz_target!(|input: &[u8]| {
         }
     }
     match outcome {
-        Ok(Some(_)) => panic!("agreed on an export of a node with no volumes"),
-        Ok(None) => assert_eq!(
+        Ok(handshake::Negotiation::Session(_)) => panic!("agreed on an export of a node with no volumes"),
+        Ok(handshake::Negotiation::StartTls { .. }) => panic!("started TLS on a listener that offers none"),
+        Ok(handshake::Negotiation::Left) => assert_eq!(
             replies.last(),
             Some(&(OPT_ABORT, REP_ACK)),
             "the handshake ended politely without an acknowledged ABORT"

@@ -205,6 +205,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/cluster/nodes/{id}/maintenance", put(node_maintenance))
         .route("/v1/cluster/nodes/{id}/decommission", post(node_decommission))
         .route("/v1/auth/tokens", post(create_api_token))
+        .route("/v1/auth/certs", post(create_client_cert))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API path; see /v1/volumes".into()) })
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -243,7 +244,8 @@ async fn authenticate(
             return ApiError(StatusCode::UNAUTHORIZED, reason).into_response();
         }
     };
-    if !caller.is_admin() && !path.starts_with("/v1/volumes") {
+    // Users may use their volumes, and get a client certificate for themselves.
+    if !caller.is_admin() && !path.starts_with("/v1/volumes") && path != "/v1/auth/certs" {
         return ApiError(
             StatusCode::FORBIDDEN,
             format!("{path} needs the admin role ({} is a user)", caller.subject),
@@ -281,18 +283,7 @@ pub struct ApiTokenBody {
 
 async fn create_api_token(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
     let body: ApiTokenBody = parse_body(&body)?;
-    let subject_ok = !body.subject.is_empty()
-        && body.subject.len() <= 64
-        && body
-            .subject
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
-    if !subject_ok {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            "subject must be 1-64 characters of letters, digits, - _ . @".into(),
-        ));
-    }
+    check_subject(&body.subject)?;
     if body.ttl_seconds == 0 || body.ttl_seconds > auth::TOKEN_SECONDS_MAX {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
@@ -305,6 +296,80 @@ async fn create_api_token(State(state): State<Arc<ApiState>>, body: Bytes) -> Re
         .map_err(|reason| ApiError(StatusCode::SERVICE_UNAVAILABLE, reason))?;
     tracing::info!(subject = %body.subject, role = ?body.role, ttl_seconds = body.ttl_seconds, "API token issued");
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "token": token }))).into_response())
+}
+
+fn check_subject(subject: &str) -> Result<(), ApiError> {
+    let subject_ok = !subject.is_empty()
+        && subject.len() <= 64
+        && subject
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'));
+    if subject_ok {
+        Ok(())
+    } else {
+        Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "subject must be 1-64 characters of letters, digits, - _ . @".into(),
+        ))
+    }
+}
+
+/// Body of POST /v1/auth/certs (same fields as a token).
+pub type ClientCertBody = ApiTokenBody;
+
+/// Answer of POST /v1/auth/certs: a client certificate for NBD over TLS.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ClientCert {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub expires_unix: u64,
+}
+
+/// Issues a client certificate (admins for anyone; a user for itself only).
+async fn create_client_cert(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: ClientCertBody = parse_body(&body)?;
+    check_subject(&body.subject)?;
+    if !caller.is_admin() && (body.subject != caller.subject || body.role != auth::Role::User) {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!("a user may only get a user certificate for itself ({})", caller.subject),
+        ));
+    }
+    if body.ttl_seconds < 86_400 || body.ttl_seconds > auth::TOKEN_SECONDS_MAX {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "a certificate lives whole days: ttl_seconds must be 86400 to {}",
+                auth::TOKEN_SECONDS_MAX
+            ),
+        ));
+    }
+    let issued = state
+        .cluster
+        .cluster_id()
+        .zip(state.cluster.with_state(|s| s.ca.clone()));
+    let Some((cluster_id, ca)) = issued else {
+        return Err(ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node is not in a cluster (certificates are signed by the cluster CA)".into(),
+        ));
+    };
+    let days = body.ttl_seconds / 86_400;
+    let bundle = crate::peer::tls::issue_client(&ca, cluster_id, &body.subject, body.role, days)
+        .map_err(|reason| ApiError(StatusCode::INTERNAL_SERVER_ERROR, reason))?;
+    tracing::info!(subject = %body.subject, role = ?body.role, days, by = %caller.subject, "NBD client certificate issued");
+    let answer = ClientCert {
+        ca_pem: bundle.ca_pem,
+        cert_pem: bundle.cert_pem,
+        key_pem: bundle.key_pem,
+        expires_unix: bundle.expires_unix,
+    };
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 async fn metrics(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {

@@ -405,6 +405,52 @@ pub fn create_api_token(api: &str, subject: &str, role: &str, ttl: &str) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ballast auth cert create`: a client certificate for NBD over TLS, in the
+/// files libnbd's `tls-certificates=DIR` reads.
+pub fn create_client_cert(api: &str, subject: &str, role: &str, ttl: &str, out: &std::path::Path) -> Result<ExitCode> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let role = if role == "admin" {
+        crate::api::auth::Role::Admin
+    } else {
+        crate::api::auth::Role::User
+    };
+    let body = crate::api::ClientCertBody {
+        subject: subject.to_owned(),
+        role,
+        ttl_seconds: parse_ttl(ttl)?,
+    };
+    let cert: crate::api::ClientCert = ApiClient::new(api).post("/v1/auth/certs", &body)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(out)
+        .with_context(|| format!("cannot make {}", out.display()))?;
+    for (name, text) in [
+        ("ca-cert.pem", &cert.ca_pem),
+        ("client-cert.pem", &cert.cert_pem),
+        ("client-key.pem", &cert.key_pem),
+    ] {
+        let path = out.join(name);
+        let _ = std::fs::remove_file(&path);
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        file.write_all(text.as_bytes())?;
+        file.sync_all()?;
+    }
+    println!(
+        "client certificate for {subject} in {} (valid {} more days); use it with nbds://HOST:PORT/VOLUME?tls-certificates={}",
+        out.display(),
+        cert.expires_unix.saturating_sub(crate::datadir::now_unix_seconds()) / 86_400,
+        out.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `ballast alerts`: what needs attention, and what did.
 pub fn alerts(api: &str, all: bool, json: bool) -> Result<ExitCode> {
     let path = if all {

@@ -53,7 +53,9 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
     },
-    /// API tokens: `ballast auth token create --subject NAME --role user --ttl 24h`.
+    /// API tokens and NBD client certificates: `ballast auth token create
+    /// --subject NAME --role user --ttl 24h`, `ballast auth cert create
+    /// --subject NAME --out DIR`.
     ///
     /// Every API request needs a token; on a node's host the CLI uses the
     /// node's admin token (DATA_DIR/admin.token, root only) through
@@ -89,6 +91,33 @@ pub enum AuthCommand {
     /// Token commands.
     #[command(subcommand)]
     Token(AuthTokenCommand),
+    /// Client certificates for NBD over TLS (nbds://).
+    #[command(subcommand)]
+    Cert(AuthCertCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuthCertCommand {
+    /// Write a client certificate signed by the cluster CA into DIR as
+    /// ca-cert.pem, client-cert.pem and client-key.pem (0600): the layout
+    /// libnbd and qemu read, e.g.
+    /// `nbdinfo 'nbds://HOST/VOLUME?tls-certificates=DIR'`.
+    /// Over TLS the certificate's subject owns what a token of that subject
+    /// owns; a user may get one only for itself.
+    Create {
+        /// Who it is for.
+        #[arg(long)]
+        subject: String,
+        /// admin (every volume) or user (own volumes only).
+        #[arg(long, default_value = "user", value_parser = ["user", "admin"])]
+        role: String,
+        /// Lifetime in whole days: with d (or s, m, h, rounded down to days; 1d to 366d).
+        #[arg(long, default_value = "365d")]
+        ttl: String,
+        /// Directory to write the files into (made 0700 if missing; existing files are replaced).
+        #[arg(long, value_name = "DIR")]
+        out: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -151,6 +180,16 @@ pub fn main() -> ExitCode {
             api,
             command: AuthCommand::Token(AuthTokenCommand::Create { subject, role, ttl }),
         } => cluster::create_api_token(&api, &subject, &role, &ttl),
+        Command::Auth {
+            api,
+            command:
+                AuthCommand::Cert(AuthCertCommand::Create {
+                    subject,
+                    role,
+                    ttl,
+                    out,
+                }),
+        } => cluster::create_client_cert(&api, &subject, &role, &ttl, &out),
     };
     match result {
         Ok(code) => code,

@@ -68,7 +68,7 @@ pub enum NodeCommand {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// TOML config file (keys: data_dir, listen_api, listen_nbd, listen_peer, cores, thread_pool, name, labels); flags override it.
+    /// TOML config file (keys: data_dir, listen_api, listen_nbd, listen_peer, nbd_tls, nbd_tls_names, cores, thread_pool, name, labels, ...); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The node's data directory (made by `ballast disk enroll`).
@@ -77,9 +77,15 @@ pub struct RunArgs {
     /// HTTP API address [default: 127.0.0.1:9410].
     #[arg(long)]
     pub listen_api: Option<String>,
-    /// NBD address [default: 127.0.0.1:10809].
+    /// NBD address [default: 127.0.0.1:10809]. A listener that is not loopback-only requires TLS (nbds://).
     #[arg(long)]
     pub listen_nbd: Option<String>,
+    /// NBD TLS: `auto` (required unless the NBD listener is loopback) or `required` [default: auto].
+    #[arg(long, value_name = "auto|required")]
+    pub nbd_tls: Option<crate::nbd::tls::TlsMode>,
+    /// Another name (DNS or IP) NBD clients dial this node by; its TLS certificate names it (repeatable).
+    #[arg(long = "nbd-tls-name", value_name = "NAME")]
+    pub nbd_tls_names: Vec<String>,
     /// Address other nodes reach this one at (Raft, replication) [default: 127.0.0.1:9411].
     #[arg(long)]
     pub listen_peer: Option<String>,
@@ -121,6 +127,8 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 data_dir: args.data_dir,
                 listen_api: args.listen_api,
                 listen_nbd: args.listen_nbd,
+                nbd_tls: args.nbd_tls,
+                nbd_tls_names: (!args.nbd_tls_names.is_empty()).then_some(args.nbd_tls_names),
                 listen_peer: args.listen_peer,
                 cores: args.cores,
                 thread_pool: args.thread_pool.then_some(true),

@@ -3,7 +3,9 @@
 //! ```toml
 //! data_dir = "/var/lib/ballast"
 //! listen_api = "127.0.0.1:9410"
-//! listen_nbd = "127.0.0.1:10809"
+//! listen_nbd = "127.0.0.1:10809"  # not loopback-only: NBD clients must use TLS (nbds://)
+//! nbd_tls = "auto"       # or "required": TLS on the NBD listener even on loopback
+//! nbd_tls_names = ["storage-a.example", "10.0.0.5"]  # more names the NBD certificate carries
 //! listen_peer = "127.0.0.1:9411"   # other nodes reach this one here (Raft, replication)
 //! name = "host-a"        # shown in `ballast cluster status` (default: the host name)
 //! labels = { zone = "a", rack = "r12" }   # placement spreads replicas over distinct zones
@@ -57,6 +59,8 @@ pub struct ConfigFile {
     pub data_dir: Option<PathBuf>,
     pub listen_api: Option<String>,
     pub listen_nbd: Option<String>,
+    pub nbd_tls: Option<crate::nbd::tls::TlsMode>,
+    pub nbd_tls_names: Option<Vec<String>>,
     pub listen_peer: Option<String>,
     pub cores: Option<String>,
     pub thread_pool: Option<bool>,
@@ -88,6 +92,9 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     pub listen_api: SocketAddr,
     pub listen_nbd: SocketAddr,
+    pub nbd_tls: crate::nbd::tls::TlsMode,
+    /// More names the NBD certificate carries.
+    pub nbd_tls_names: Vec<String>,
     pub listen_peer: SocketAddr,
     pub cores: Option<String>,
     pub thread_pool: bool,
@@ -181,6 +188,8 @@ impl NodeConfig {
             data_dir,
             listen_api: address("listen_api", &listen_api)?,
             listen_nbd: address("listen_nbd", &listen_nbd)?,
+            nbd_tls: overrides.nbd_tls.or(file.nbd_tls).unwrap_or_default(),
+            nbd_tls_names: overrides.nbd_tls_names.or(file.nbd_tls_names).unwrap_or_default(),
             listen_peer: address("listen_peer", &listen_peer)?,
             cores: overrides.cores.or(file.cores),
             thread_pool: overrides.thread_pool.or(file.thread_pool).unwrap_or(false),

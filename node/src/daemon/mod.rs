@@ -210,7 +210,14 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>,
         Arc::clone(&volumes),
         stop.clone(),
     ));
-    let nbd = tokio::spawn(crate::nbd::serve(nbd_listener, volumes, stop.clone()));
+    let nbd_security = Arc::new(crate::nbd::tls::NbdSecurity::new(
+        Arc::clone(&cluster),
+        config.listen_nbd,
+        config.nbd_tls,
+        &config.nbd_tls_names,
+    ));
+    let nbd_scheme = if nbd_security.required { "nbds" } else { "nbd" };
+    let nbd = tokio::spawn(crate::nbd::serve(nbd_listener, volumes, nbd_security, stop.clone()));
     let mut api_stop = stop.clone();
     let api = tokio::spawn(async move {
         let shutdown = async move {
@@ -222,7 +229,7 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>,
     });
     tracing::info!(
         api = %format!("http://{}", config.listen_api),
-        nbd = %format!("nbd://{}", config.listen_nbd),
+        nbd = %format!("{nbd_scheme}://{}", config.listen_nbd),
         peer = %config.listen_peer,
         node_id = cluster.local.id,
         cluster = %cluster.cluster_id().map_or_else(|| "none (run `ballast cluster init` or `ballast cluster join`)".to_owned(), |id| id.to_string()),

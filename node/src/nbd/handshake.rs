@@ -1,12 +1,17 @@
 //! The fixed-newstyle handshake: greeting, client flags, then options until
-//! the client picks an export (NBD_OPT_GO / NBD_OPT_EXPORT_NAME) or leaves.
+//! the client picks an export (NBD_OPT_GO / NBD_OPT_EXPORT_NAME), leaves, or
+//! asks for TLS (NBD_OPT_STARTTLS: the caller wraps the stream and runs
+//! `options` again over TLS). `Access` says whether TLS must come first
+//! and which exports the client may see.
 
 use std::sync::Arc;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::proto::{self, *};
+use super::tls::NbdSecurity;
 use super::NbdError;
+use crate::api::auth::Caller;
 use crate::volume::{Volume, Volumes};
 
 /// Most options one handshake may send.
@@ -45,11 +50,51 @@ struct Negotiated {
     base_allocation_for: Option<String>,
 }
 
-/// Runs the handshake; `None` when the client aborted or left politely.
+/// How a handshake (or one phase of it) ended.
+pub enum Negotiation {
+    /// The client picked an export.
+    Session(Session),
+    /// The client aborted or left politely.
+    Left,
+    /// The client asked for TLS and was told yes: the caller runs the TLS
+    /// handshake on the stream, then `options` again over it.
+    StartTls { no_zeroes: bool },
+}
+
+/// What the client may do: TLS first or not, and which exports.
+pub struct Access<'a> {
+    pub security: &'a NbdSecurity,
+    /// Over TLS: who the client certificate names. None: plaintext.
+    pub caller: Option<Caller>,
+}
+
+impl Access<'_> {
+    fn tls_active(&self) -> bool {
+        self.caller.is_some()
+    }
+
+    fn must_start_tls(&self) -> bool {
+        self.security.required && !self.tls_active()
+    }
+
+    /// Ok if the client may see and open export `name`. Plaintext reaches
+    /// here only on a loopback listener, whose host is trusted.
+    fn may_open(&self, name: &str) -> Result<(), String> {
+        match &self.caller {
+            None => Ok(()),
+            Some(caller) => caller
+                .may_use(name, &self.security.owner_of(name))
+                .map_err(|reason| format!("{reason} (the client certificate names {})", caller.subject)),
+        }
+    }
+}
+
+/// Runs the handshake from the greeting on.
 pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     volumes: &Volumes,
-) -> Result<Option<Session>, NbdError> {
+    access: &Access<'_>,
+) -> Result<Negotiation, NbdError> {
     stream.write_all(&proto::server_greeting()).await?;
     let client_flags = stream.read_u32().await?;
     if client_flags & !(CLIENT_FLAG_FIXED_NEWSTYLE | CLIENT_FLAG_NO_ZEROES) != 0 {
@@ -59,6 +104,16 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         return Err(NbdError::Protocol("client does not speak fixed newstyle".into()));
     }
     let no_zeroes = client_flags & CLIENT_FLAG_NO_ZEROES != 0;
+    options(stream, volumes, access, no_zeroes).await
+}
+
+/// The option phase (again after STARTTLS, with a fresh state).
+pub async fn options<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    volumes: &Volumes,
+    access: &Access<'_>,
+    no_zeroes: bool,
+) -> Result<Negotiation, NbdError> {
     let mut state = Negotiated::default();
     for _ in 0..OPTIONS_MAX {
         let mut header = [0u8; 16];
@@ -77,7 +132,12 @@ pub async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
         }
         let mut data = vec![0u8; header.data_len as usize];
         stream.read_exact(&mut data).await?;
-        if let Some(outcome) = handle_option(stream, volumes, &mut state, header.option, &data, no_zeroes).await? {
+        let context = Context {
+            volumes,
+            access,
+            no_zeroes,
+        };
+        if let Some(outcome) = handle_option(stream, &context, &mut state, header.option, &data).await? {
             return Ok(outcome);
         }
     }
@@ -106,15 +166,41 @@ async fn reply_error<S: AsyncWrite + Unpin>(
     reply(stream, option, kind, message.as_bytes()).await
 }
 
-/// `Some(outcome)` ends the handshake.
+struct Context<'a> {
+    volumes: &'a Volumes,
+    access: &'a Access<'a>,
+    no_zeroes: bool,
+}
+
+/// The message of a refused export.
+fn not_served(name: &str) -> String {
+    format!("no volume named {name:?} is served by this node (`ballast volume inspect` shows which node serves it)")
+}
+
+/// `Some(outcome)` ends this phase of the handshake.
 async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    volumes: &Volumes,
+    context: &Context<'_>,
     state: &mut Negotiated,
     option: u32,
     data: &[u8],
-    no_zeroes: bool,
-) -> Result<Option<Option<Session>>, NbdError> {
+) -> Result<Option<Negotiation>, NbdError> {
+    let Context {
+        volumes,
+        access,
+        no_zeroes,
+    } = *context;
+    if access.must_start_tls() && option != OPT_STARTTLS && option != OPT_ABORT {
+        const TLS_FIRST: &str = "this listener requires TLS: connect with nbds:// and a client certificate of the cluster (`ballast auth cert create`)";
+        if option == OPT_EXPORT_NAME {
+            // No error reply exists for it: the connection closes.
+            return Err(NbdError::Protocol(format!(
+                "NBD_OPT_EXPORT_NAME before TLS; {TLS_FIRST}"
+            )));
+        }
+        reply_error(stream, option, REP_ERR_TLS_REQD, TLS_FIRST).await?;
+        return Ok(None);
+    }
     match option {
         OPT_EXPORT_NAME => {
             let name = proto::parse_export_name(data).map_err(|e| NbdError::Protocol(e.to_string()))?;
@@ -122,16 +208,17 @@ async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
             let volume = volumes
                 .get(&name)
                 .ok_or_else(|| NbdError::Protocol(format!("client asked for unknown export {name:?}")))?;
+            access.may_open(&name).map_err(NbdError::Protocol)?;
             let flags = TRANSMISSION_FLAGS;
             stream
                 .write_all(&proto::export_name_reply(volume.size_bytes(), flags, no_zeroes))
                 .await?;
-            Ok(Some(Some(session(volume, state, &name))))
+            Ok(Some(Negotiation::Session(session(volume, state, &name))))
         }
         OPT_ABORT => {
             // The client may already be gone; the reply is a courtesy.
             let _ = reply(stream, option, REP_ACK, &[]).await;
-            Ok(Some(None))
+            Ok(Some(Negotiation::Left))
         }
         OPT_LIST => {
             if !data.is_empty() {
@@ -139,12 +226,14 @@ async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(None);
             }
             for (name, _) in volumes.names() {
-                reply(stream, option, REP_SERVER, &proto::list_entry(&name, "")).await?;
+                if access.may_open(&name).is_ok() {
+                    reply(stream, option, REP_SERVER, &proto::list_entry(&name, "")).await?;
+                }
             }
             reply(stream, option, REP_ACK, &[]).await?;
             Ok(None)
         }
-        OPT_INFO | OPT_GO => info_or_go(stream, volumes, state, option, data).await,
+        OPT_INFO | OPT_GO => info_or_go(stream, context, state, option, data).await,
         OPT_STRUCTURED_REPLY => {
             if !data.is_empty() {
                 reply_error(
@@ -161,12 +250,34 @@ async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
             Ok(None)
         }
         OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
-            meta_context(stream, volumes, state, option, data).await?;
+            meta_context(stream, context, state, option, data).await?;
             Ok(None)
         }
         OPT_STARTTLS => {
-            reply_error(stream, option, REP_ERR_UNSUP, "TLS is not offered on this listener").await?;
-            Ok(None)
+            if !data.is_empty() {
+                reply_error(stream, option, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data").await?;
+                return Ok(None);
+            }
+            if access.tls_active() {
+                reply_error(stream, option, REP_ERR_INVALID, "TLS is already on").await?;
+                return Ok(None);
+            }
+            match access.security.server_config() {
+                Ok(_) => {
+                    reply(stream, option, REP_ACK, &[]).await?;
+                    Ok(Some(Negotiation::StartTls { no_zeroes }))
+                }
+                Err(reason) => {
+                    reply_error(
+                        stream,
+                        option,
+                        REP_ERR_UNSUP,
+                        &format!("TLS is not available: {reason}"),
+                    )
+                    .await?;
+                    Ok(None)
+                }
+            }
         }
         _ => {
             reply_error(stream, option, REP_ERR_UNSUP, "option not supported").await?;
@@ -185,11 +296,11 @@ fn session(volume: Arc<Volume>, state: &Negotiated, name: &str) -> Session {
 
 async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    volumes: &Volumes,
+    context: &Context<'_>,
     state: &Negotiated,
     option: u32,
     data: &[u8],
-) -> Result<Option<Option<Session>>, NbdError> {
+) -> Result<Option<Negotiation>, NbdError> {
     let request = match proto::parse_info_request(data) {
         Ok(request) => request,
         Err(error) => {
@@ -197,14 +308,15 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
             return Ok(None);
         }
     };
-    let Some(volume) = volumes.get_served(&request.export_name) else {
-        let message = format!(
-            "no volume named {:?} is served by this node (`ballast volume inspect` shows which node serves it)",
-            request.export_name
-        );
-        reply_error(stream, option, REP_ERR_UNKNOWN, &message).await?;
+    let Some(volume) = context.volumes.get_served(&request.export_name) else {
+        reply_error(stream, option, REP_ERR_UNKNOWN, &not_served(&request.export_name)).await?;
         return Ok(None);
     };
+    if let Err(reason) = context.access.may_open(&request.export_name) {
+        tracing::warn!(volume = %request.export_name, %reason, "NBD export refused");
+        reply_error(stream, option, REP_ERR_POLICY, &reason).await?;
+        return Ok(None);
+    }
     reply(
         stream,
         option,
@@ -225,14 +337,14 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
     reply(stream, option, REP_ACK, &[]).await?;
     if option == OPT_GO {
         let name = request.export_name.clone();
-        return Ok(Some(Some(session(volume, state, &name))));
+        return Ok(Some(Negotiation::Session(session(volume, state, &name))));
     }
     Ok(None)
 }
 
 async fn meta_context<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
-    volumes: &Volumes,
+    context: &Context<'_>,
     state: &mut Negotiated,
     option: u32,
     data: &[u8],
@@ -250,12 +362,11 @@ async fn meta_context<S: AsyncRead + AsyncWrite + Unpin>(
         )
         .await;
     }
-    if volumes.get_served(&request.export_name).is_none() {
-        let message = format!(
-            "no volume named {:?} is served by this node (`ballast volume inspect` shows which node serves it)",
-            request.export_name
-        );
-        return reply_error(stream, option, REP_ERR_UNKNOWN, &message).await;
+    if context.volumes.get_served(&request.export_name).is_none() {
+        return reply_error(stream, option, REP_ERR_UNKNOWN, &not_served(&request.export_name)).await;
+    }
+    if let Err(reason) = context.access.may_open(&request.export_name) {
+        return reply_error(stream, option, REP_ERR_POLICY, &reason).await;
     }
     let selected = if option == OPT_LIST_META_CONTEXT && request.queries.is_empty() {
         true

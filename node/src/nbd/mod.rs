@@ -7,6 +7,7 @@
 
 pub mod handshake;
 pub mod proto;
+pub mod tls;
 pub mod transmission;
 
 use std::sync::Arc;
@@ -16,6 +17,8 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 
+use self::handshake::{Access, Negotiation};
+use self::tls::NbdSecurity;
 use crate::volume::Volumes;
 
 /// Connections served at once; more wait in the listen backlog.
@@ -35,7 +38,12 @@ pub enum NbdError {
 }
 
 /// Accepts connections until `stop` turns true, serving each on its own task.
-pub async fn serve(listener: TcpListener, volumes: Arc<Volumes>, mut stop: watch::Receiver<bool>) {
+pub async fn serve(
+    listener: TcpListener,
+    volumes: Arc<Volumes>,
+    security: Arc<NbdSecurity>,
+    mut stop: watch::Receiver<bool>,
+) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
     let mut connections = tokio::task::JoinSet::new();
     loop {
@@ -56,12 +64,13 @@ pub async fn serve(listener: TcpListener, volumes: Arc<Volumes>, mut stop: watch
             }
         };
         let volumes = Arc::clone(&volumes);
+        let security = Arc::clone(&security);
         let stop = stop.clone();
         connections.spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
             let peer = peer.to_string();
-            if let Err(error) = connection(stream, &volumes, &peer, stop).await {
+            if let Err(error) = connection(stream, &volumes, &security, &peer, stop).await {
                 tracing::info!(peer, %error, "NBD connection closed");
             }
         });
@@ -73,18 +82,74 @@ pub async fn serve(listener: TcpListener, volumes: Arc<Volumes>, mut stop: watch
 async fn connection(
     mut stream: tokio::net::TcpStream,
     volumes: &Volumes,
+    security: &NbdSecurity,
     peer: &str,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), NbdError> {
-    let negotiated = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake::negotiate(&mut stream, volumes))
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+    let timed_out = |_| NbdError::Protocol("handshake timed out".into());
+    let plaintext = Access { security, caller: None };
+    let negotiated = tokio::time::timeout_at(deadline, handshake::negotiate(&mut stream, volumes, &plaintext))
         .await
-        .map_err(|_| NbdError::Protocol("handshake timed out".into()))??;
-    let Some(session) = negotiated else {
-        return Ok(());
+        .map_err(timed_out)??;
+    let no_zeroes = match negotiated {
+        Negotiation::Left => return Ok(()),
+        Negotiation::Session(session) => {
+            let (reader, writer) = stream.into_split();
+            return transmit(reader, writer, session, peer, "plaintext", stop).await;
+        }
+        Negotiation::StartTls { no_zeroes } => no_zeroes,
     };
+    let config = security.server_config().map_err(NbdError::Protocol)?;
+    let accepted = tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(config).accept(stream))
+        .await
+        .map_err(timed_out)?;
+    let mut stream = match accepted {
+        Ok(stream) => stream,
+        Err(error) => {
+            tracing::warn!(peer, %error, "NBD TLS handshake refused");
+            return Err(error.into());
+        }
+    };
+    let caller = match security.identity(stream.get_ref().1) {
+        Ok(caller) => caller,
+        Err(reason) => {
+            tracing::warn!(peer, %reason, "NBD client certificate refused");
+            return Err(NbdError::Protocol(reason));
+        }
+    };
+    let subject = caller.subject.clone();
+    let secured = Access {
+        security,
+        caller: Some(caller),
+    };
+    let negotiated = tokio::time::timeout_at(deadline, handshake::options(&mut stream, volumes, &secured, no_zeroes))
+        .await
+        .map_err(timed_out)??;
+    match negotiated {
+        Negotiation::Session(session) => {
+            let (reader, writer) = tokio::io::split(stream);
+            transmit(reader, writer, session, peer, &format!("TLS as {subject}"), stop).await
+        }
+        Negotiation::Left => Ok(()),
+        Negotiation::StartTls { .. } => Err(NbdError::Protocol("STARTTLS twice".into())),
+    }
+}
+
+async fn transmit<R, W>(
+    reader: R,
+    writer: W,
+    session: handshake::Session,
+    peer: &str,
+    security: &str,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NbdError>
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let _guard = session.volume.connect();
-    tracing::info!(peer, volume = %session.volume.name, structured = session.structured_replies, "NBD client connected");
-    let (reader, writer) = stream.into_split();
+    tracing::info!(peer, volume = %session.volume.name, structured = session.structured_replies, security, "NBD client connected");
     tokio::select! {
         result = transmission::serve(reader, writer, session, peer) => result,
         _ = stop.changed() => Ok(()),

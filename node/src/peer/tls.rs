@@ -94,26 +94,47 @@ pub fn new_ca(cluster_id: uuid::Uuid) -> Result<ClusterCa, String> {
     })
 }
 
-/// A certificate for node `node_id`, signed by the cluster CA.
-pub fn issue(ca: &ClusterCa, cluster_id: uuid::Uuid, node_id: u64) -> Result<Bundle, String> {
+/// What a leaf certificate says (see `sign`).
+struct Leaf {
+    common_name: String,
+    dns_names: Vec<String>,
+    ip_addresses: Vec<std::net::IpAddr>,
+    uri: String,
+    server: bool,
+    client: bool,
+    days: u64,
+}
+
+/// Signs a new key's certificate with the cluster CA.
+fn sign(ca: &ClusterCa, cluster_id: uuid::Uuid, leaf: Leaf) -> Result<Bundle, String> {
     let ca_key = rcgen::KeyPair::from_pem(&ca.key_pem).map_err(|e| format!("the cluster CA key: {e}"))?;
     // The same subject and key as the stored CA certificate: an issuer for signing.
     let issuer = ca_params(cluster_id)?.self_signed(&ca_key).map_err(|e| e.to_string())?;
-    let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_owned()]).map_err(|e| e.to_string())?;
+    let mut params = rcgen::CertificateParams::new(leaf.dns_names).map_err(|e| e.to_string())?;
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, format!("ballast node {node_id}"));
-    let uri = format!("urn:ballast:{cluster_id}:node:{node_id}");
+        .push(rcgen::DnType::CommonName, leaf.common_name);
+    for ip in leaf.ip_addresses {
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
+    }
     params.subject_alt_names.push(rcgen::SanType::URI(
-        rcgen::Ia5String::try_from(uri).map_err(|e| e.to_string())?,
+        rcgen::Ia5String::try_from(leaf.uri).map_err(|e| e.to_string())?,
     ));
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages = Vec::new();
+    if leaf.server {
+        params
+            .extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    if leaf.client {
+        params
+            .extended_key_usages
+            .push(rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    }
+    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
     let now = crate::datadir::now_unix_seconds();
     params.not_before = date_of(now.saturating_sub(86_400));
-    params.not_after = date_of(now + NODE_CERT_DAYS * 86_400);
+    params.not_after = date_of(now + leaf.days * 86_400);
     let key = rcgen::KeyPair::generate().map_err(|e| e.to_string())?;
     let cert = params.signed_by(&key, &issuer, &ca_key).map_err(|e| e.to_string())?;
     Ok(Bundle {
@@ -121,8 +142,136 @@ pub fn issue(ca: &ClusterCa, cluster_id: uuid::Uuid, node_id: u64) -> Result<Bun
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
         // The certificate's last day starts at this midnight.
-        expires_unix: (now + NODE_CERT_DAYS * 86_400) / 86_400 * 86_400,
+        expires_unix: (now + leaf.days * 86_400) / 86_400 * 86_400,
     })
+}
+
+/// A certificate for node `node_id`, signed by the cluster CA.
+pub fn issue(ca: &ClusterCa, cluster_id: uuid::Uuid, node_id: u64) -> Result<Bundle, String> {
+    sign(
+        ca,
+        cluster_id,
+        Leaf {
+            common_name: format!("ballast node {node_id}"),
+            dns_names: vec![SERVER_NAME.to_owned()],
+            ip_addresses: Vec::new(),
+            uri: format!("urn:ballast:{cluster_id}:node:{node_id}"),
+            server: true,
+            client: true,
+            days: NODE_CERT_DAYS,
+        },
+    )
+}
+
+/// The certificate a node's NBD listener presents: NBD clients (GnuTLS in
+/// libnbd, qemu) check the host name or address they dialled against it,
+/// so it names them all (`names`: DNS names or IP addresses).
+pub fn issue_nbd_server(
+    ca: &ClusterCa,
+    cluster_id: uuid::Uuid,
+    node_id: u64,
+    names: &[String],
+) -> Result<Bundle, String> {
+    let mut dns_names = vec![SERVER_NAME.to_owned()];
+    let mut ip_addresses = Vec::new();
+    for name in names {
+        match name.parse::<std::net::IpAddr>() {
+            Ok(ip) => ip_addresses.push(ip),
+            Err(_) => dns_names.push(name.clone()),
+        }
+    }
+    sign(
+        ca,
+        cluster_id,
+        Leaf {
+            common_name: format!("ballast node {node_id} NBD"),
+            dns_names,
+            ip_addresses,
+            uri: format!("urn:ballast:{cluster_id}:nbd:{node_id}"),
+            server: true,
+            client: false,
+            days: NODE_CERT_DAYS,
+        },
+    )
+}
+
+/// The URI a client certificate carries: who it is, in which cluster.
+fn client_uri(cluster_id: uuid::Uuid, role: crate::api::auth::Role, subject: &str) -> String {
+    let role = match role {
+        crate::api::auth::Role::Admin => "admin",
+        crate::api::auth::Role::User => "user",
+    };
+    format!("urn:ballast:{cluster_id}:client:{role}:{subject}")
+}
+
+/// A client certificate for `subject` (NBD over TLS): the NBD listener
+/// gives it the same rights as an API token of that subject and role.
+pub fn issue_client(
+    ca: &ClusterCa,
+    cluster_id: uuid::Uuid,
+    subject: &str,
+    role: crate::api::auth::Role,
+    days: u64,
+) -> Result<Bundle, String> {
+    sign(
+        ca,
+        cluster_id,
+        Leaf {
+            common_name: subject.to_owned(),
+            dns_names: Vec::new(),
+            ip_addresses: Vec::new(),
+            uri: client_uri(cluster_id, role, subject),
+            server: false,
+            client: true,
+            days,
+        },
+    )
+}
+
+/// Who a verified certificate of cluster `cluster_id` names: a client
+/// certificate its subject and role, a node certificate an admin.
+pub fn identity_of(cert_der: &[u8], cluster_id: uuid::Uuid) -> Result<crate::api::auth::Caller, String> {
+    use crate::api::auth::{Caller, Role};
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(cert_der).map_err(|e| format!("unreadable certificate: {e}"))?;
+    let names = cert
+        .subject_alternative_name()
+        .map_err(|e| format!("bad subject alternative names: {e}"))?
+        .ok_or("the certificate names nobody (no subject alternative name)")?;
+    let prefix = format!("urn:ballast:{cluster_id}:");
+    for name in &names.value.general_names {
+        let x509_parser::extensions::GeneralName::URI(uri) = name else {
+            continue;
+        };
+        let Some(rest) = uri.strip_prefix(&prefix) else {
+            continue;
+        };
+        if let Some(node) = rest.strip_prefix("node:") {
+            return Ok(Caller {
+                subject: format!("node {node}"),
+                role: Role::Admin,
+            });
+        }
+        let Some(client) = rest.strip_prefix("client:") else {
+            continue;
+        };
+        let (role, subject) = client.split_once(':').ok_or("a malformed client name")?;
+        let role = match role {
+            "admin" => Role::Admin,
+            "user" => Role::User,
+            other => return Err(format!("unknown role {other:?} in the certificate")),
+        };
+        if subject.is_empty() {
+            return Err("the certificate has an empty subject".into());
+        }
+        return Ok(Caller {
+            subject: subject.to_owned(),
+            role,
+        });
+    }
+    Err(format!(
+        "the certificate is not a client certificate of cluster {cluster_id}"
+    ))
 }
 
 /// The calendar day of a Unix time (certificate validity is by day).
