@@ -148,6 +148,7 @@ fn create(index: u64) -> Command {
         block_size_bytes: 4096,
         replica_nodes: vec![1],
         created_unix_seconds: index,
+        encryption: None,
     }
 }
 

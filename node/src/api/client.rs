@@ -109,6 +109,13 @@ impl ApiClient {
         self.finish(&url, self.request("POST", &url).send_json(body))
     }
 
+    /// POST `body` to `path` (no answer body expected).
+    pub fn post_no_content<B: Serialize>(&self, path: &str, body: &B) -> Result<(), ClientError> {
+        let url = self.url(path);
+        self.finish::<serde_json::Value>(&url, self.request("POST", &url).send_json(body))
+            .map(|_| ())
+    }
+
     /// PATCH `path` with `body`.
     pub fn patch<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, ClientError> {
         let url = self.url(path);

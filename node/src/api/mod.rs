@@ -14,6 +14,7 @@
 //! | DELETE | /v1/volumes/{name} | | 204 |
 //! | PUT | /v1/volumes/{name}/replicas | `{"replicas":N}` | `VolumeInfo` |
 //! | POST | /v1/volumes/{name}/attach | `{"force":false}` | `VolumeInfo` (this node serves it now) |
+//! | POST | /v1/volumes/{name}/unlock | `{"passphrase":"..."}` | 204 (a passphrase-encrypted volume, on the node serving it) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
 //! | GET | /v1/alerts | | `[Alert]`, active first (`?all=false`: active only) |
 //! | POST | /v1/cluster/init | | `ClusterStatus` |
@@ -24,6 +25,7 @@
 //! | POST | /v1/cluster/nodes/{id}/decommission | | 204 once the node left (may take long) |
 //!
 //! | POST | /v1/auth/tokens | `{"subject":"NAME","role":"user","ttl_seconds":N}` | 201 `{"token":"..."}` (admin) |
+//! | POST | /v1/auth/certs | same as tokens | 201 `ClientCert` (NBD TLS client certificate; a user for itself only) |
 //!
 //! Every request but `/healthz`, `/readyz` and `/v1/health` needs
 //! `Authorization: Bearer <token>` (`auth`): 401 without a valid one.
@@ -50,7 +52,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::cluster::state::{Command, NodeAdmin};
-use crate::cluster::volumes::{CreateVolume, VolumeOpError};
+use crate::cluster::volumes::{CreateVolume, Encryption, VolumeOpError};
 use crate::cluster::{Cluster, ClusterError};
 use crate::volume::Volumes;
 
@@ -67,6 +69,30 @@ pub struct CreateBody {
     pub block_size_bytes: u32,
     #[serde(default = "default_replicas")]
     pub replicas: u32,
+    /// Encrypt the data at rest (AES-XTS-256), key wrapped by the cluster key.
+    #[serde(default)]
+    pub encrypted: bool,
+    /// Wrap the key with this passphrase instead (implies `encrypted`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passphrase: Option<Passphrase>,
+}
+
+/// A passphrase: zeroized when dropped, never shown by Debug.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Passphrase(pub zeroize::Zeroizing<String>);
+
+impl std::fmt::Debug for Passphrase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Passphrase(..)")
+    }
+}
+
+/// Body of POST /v1/volumes/{name}/unlock.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UnlockBody {
+    pub passphrase: Passphrase,
 }
 
 fn default_block_size() -> u32 {
@@ -195,6 +221,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(inspect_volume).patch(resize_volume).delete(delete_volume),
         )
         .route("/v1/volumes/{name}/attach", post(attach_volume))
+        .route("/v1/volumes/{name}/unlock", post(unlock_volume))
         .route("/v1/volumes/{name}/replicas", put(update_replicas))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/alerts", get(list_alerts))
@@ -442,12 +469,18 @@ async fn create_volume(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let body: CreateBody = parse_body(&body)?;
+    let encryption = match body.passphrase {
+        Some(passphrase) => Encryption::Passphrase(passphrase.0),
+        None if body.encrypted => Encryption::ClusterKey,
+        None => Encryption::None,
+    };
     let request = CreateVolume {
         name: body.name,
         size_bytes: body.size_bytes,
         block_size_bytes: body.block_size_bytes,
         replicas: body.replicas,
         owner: caller.subject,
+        encryption,
     };
     let info = state.cluster.create_volume(&state.volumes, request).await?;
     Ok((StatusCode::CREATED, Json(info)).into_response())
@@ -532,6 +565,21 @@ async fn attach_volume(
     };
     let info = state.cluster.attach_volume(&state.volumes, &name, body.force).await?;
     Ok(Json(info).into_response())
+}
+
+async fn unlock_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: UnlockBody = parse_body(&body)?;
+    state
+        .cluster
+        .unlock_volume(&state.volumes, &name, body.passphrase.0)
+        .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Query of GET /v1/alerts.

@@ -334,6 +334,7 @@ mod tests {
             block_size_bytes: 4096,
             replica_nodes: vec![1, 2, 3],
             created_unix_seconds: 0,
+            encryption: None,
         });
         assert!(matches!(created, Outcome::Volume(_)));
         state

@@ -74,8 +74,13 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
             volumes.set_served(&volume.name, false);
             volumes.set_replication(&volume.name, None);
             cluster.drop_replication(&volume.name, volume.id);
+            // Only the coordinator holds an encrypted volume's key.
+            if let Some(local) = volumes.get(&volume.name) {
+                local.set_cipher(None);
+            }
             continue;
         }
+        unlock_with_cluster_key(state, volume, volumes);
         if volume.replica_nodes.len() > 1 {
             let replication = cluster.replication_or_new(&volume.name, volume.id);
             let mut targets: Vec<u64> = volume.in_sync.iter().copied().filter(|id| *id != local_id).collect();
@@ -103,6 +108,28 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
         }
     }
     to_fence
+}
+
+/// Gives a volume this node coordinates its data key, when the cluster key
+/// wraps it (a passphrase-wrapped key waits for `volume unlock`).
+fn unlock_with_cluster_key(state: &ClusterState, volume: &ClusterVolume, volumes: &Volumes) {
+    let (Some(wrapped), Some(local)) = (&volume.encryption, volumes.get(&volume.name)) else {
+        return;
+    };
+    if local.is_unlocked() || wrapped.needs_passphrase() {
+        return;
+    }
+    let Some(cluster_key) = &state.cluster_key else {
+        tracing::error!(volume = %volume.name, "encrypted with the cluster key, but the cluster has none");
+        return;
+    };
+    match wrapped.unwrap_cluster(cluster_key, &crate::cluster::volumes::key_context(&volume.name)) {
+        Ok(key) => {
+            local.set_cipher(Some(Arc::new(crate::volume::crypt::VolumeCipher::new(&key))));
+            tracing::info!(volume = %volume.name, "data key unlocked with the cluster key");
+        }
+        Err(error) => tracing::error!(volume = %volume.name, %error, "cannot unlock the data key"),
+    }
 }
 
 /// Raises the in-sync replicas' epoch, then serves the volume.

@@ -86,6 +86,10 @@ pub struct ClusterVolume {
     #[serde(default)]
     pub replica_added: BTreeMap<u64, u64>,
     pub created_unix_seconds: u64,
+    /// The data key of an encrypted volume, wrapped (by the cluster key or
+    /// a passphrase); None: not encrypted.
+    #[serde(default)]
+    pub encryption: Option<Box<crate::volume::crypt::WrappedKey>>,
 }
 
 /// A secret that never shows in logs or debug output.
@@ -125,6 +129,9 @@ pub struct ClusterState {
     /// The secret cluster API tokens are signed with (`api::auth`).
     #[serde(default)]
     pub api_secret: Option<ApiSecret>,
+    /// Wraps the data keys of volumes encrypted without a passphrase.
+    #[serde(default)]
+    pub cluster_key: Option<crate::volume::crypt::ClusterKey>,
     /// Volume owners (token subjects) by volume name; none: the admins'.
     #[serde(default)]
     pub owners: BTreeMap<String, String>,
@@ -165,6 +172,9 @@ pub enum Command {
         block_size_bytes: u32,
         replica_nodes: Vec<u64>,
         created_unix_seconds: u64,
+        /// The wrapped data key of an encrypted volume.
+        #[serde(default)]
+        encryption: Option<crate::volume::crypt::WrappedKey>,
     },
     ResizeVolume {
         name: String,
@@ -207,6 +217,11 @@ pub enum Command {
     /// The cluster's API token secret, made at init (set once).
     SetApiSecret {
         secret: ApiSecret,
+    },
+    /// The key that wraps encrypted volumes' keys (set once, made with the
+    /// first encrypted volume).
+    SetClusterKey {
+        key: crate::volume::crypt::ClusterKey,
     },
     /// `command` (a CreateVolume) applied, and `owner` (a token subject)
     /// recorded as the new volume's owner, atomically.
@@ -322,7 +337,21 @@ impl ClusterState {
                 block_size_bytes,
                 replica_nodes,
                 created_unix_seconds,
-            } => self.create_volume(name, size_bytes, block_size_bytes, replica_nodes, created_unix_seconds),
+                encryption,
+            } => {
+                let created =
+                    self.create_volume(name, size_bytes, block_size_bytes, replica_nodes, created_unix_seconds);
+                match created {
+                    Outcome::Volume(mut volume) => {
+                        volume.encryption = encryption.map(Box::new);
+                        if let Some(stored) = self.volumes.get_mut(&volume.name) {
+                            stored.encryption.clone_from(&volume.encryption);
+                        }
+                        Outcome::Volume(volume)
+                    }
+                    other => other,
+                }
+            }
             Command::ResizeVolume { name, size_bytes } => {
                 let Some(volume) = self.volumes.get_mut(&name) else {
                     return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
@@ -378,6 +407,13 @@ impl ClusterState {
                 }
                 outcome
             }
+            Command::SetClusterKey { key } => {
+                if self.cluster_key.is_some() {
+                    return Outcome::Rejected(Rejection::Exists("the cluster already has a key".into()));
+                }
+                self.cluster_key = Some(key);
+                Outcome::Done
+            }
             Command::SetCa { ca } => {
                 if self.ca.is_some() {
                     return Outcome::Rejected(Rejection::Exists("the cluster already has a CA".into()));
@@ -428,6 +464,7 @@ impl ClusterState {
             epoch: 1,
             coordinator_since: 1,
             created_unix_seconds,
+            encryption: None,
         };
         self.volumes.insert(name, volume.clone());
         Outcome::Volume(volume)
@@ -631,6 +668,7 @@ pub(crate) mod tests {
             block_size_bytes: 4096,
             replica_nodes,
             created_unix_seconds: 5,
+            encryption: None,
         }
     }
 

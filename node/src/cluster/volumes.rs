@@ -12,6 +12,7 @@ use super::placement::place;
 use super::state::{ClusterVolume, Command, Outcome, Rejection};
 use super::{Cluster, ClusterError};
 use crate::api::client::{ApiClient, ClientError};
+use crate::volume::crypt::{ClusterKey, VolumeCipher, VolumeKey, WrappedKey};
 use crate::volume::{validate_name, validate_size, VolumeInfo, Volumes, BLOCK_SIZES_BYTES};
 
 /// Most replicas of one volume.
@@ -20,7 +21,7 @@ pub const REPLICAS_MAX: u32 = 5;
 const LOCAL_REPLICA_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What `volume create` asks for.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct CreateVolume {
     pub name: String,
     pub size_bytes: u64,
@@ -28,6 +29,25 @@ pub struct CreateVolume {
     pub replicas: u32,
     /// The API token subject creating it (recorded with the volume).
     pub owner: String,
+    pub encryption: Encryption,
+}
+
+/// Whether and how a new volume is encrypted.
+#[derive(Debug, Default)]
+pub enum Encryption {
+    #[default]
+    None,
+    /// Its key wrapped by the cluster key: unlocked wherever it is served.
+    ClusterKey,
+    /// Its key wrapped by this passphrase (Argon2id): unlocked by
+    /// `volume unlock` on the node serving it.
+    Passphrase(zeroize::Zeroizing<String>),
+}
+
+/// The associated data a volume's wrapped key is bound to.
+#[must_use]
+pub fn key_context(name: &str) -> Vec<u8> {
+    format!("ballast volume {name}").into_bytes()
 }
 
 /// A failure of a volume operation, with the HTTP status the API answers.
@@ -122,12 +142,14 @@ impl Cluster {
             placed = self.with_state(|state| place(state, &views, request.replicas as usize, self.local.id));
         }
         let replica_nodes = placed.map_err(invalid)?;
+        let encryption = self.wrap_new_key(&request.name, request.encryption).await?;
         let create = Command::CreateVolume {
             name: request.name.clone(),
             size_bytes: request.size_bytes,
             block_size_bytes: request.block_size_bytes,
             replica_nodes,
             created_unix_seconds: crate::datadir::now_unix_seconds(),
+            encryption,
         };
         // The owner is recorded in the same entry: no node sees the volume without it.
         let volume = self
@@ -139,6 +161,110 @@ impl Cluster {
         tracing::info!(volume = %volume.name, id = volume.id, replicas = ?volume.replica_nodes, "volume created");
         self.wait_local(volumes, &volume).await;
         Ok(self.describe(volumes, &volume))
+    }
+
+    /// A new data key for volume `name`, wrapped as asked (None: plain).
+    async fn wrap_new_key(&self, name: &str, encryption: Encryption) -> Result<Option<WrappedKey>, VolumeOpError> {
+        let context = key_context(name);
+        let key = VolumeKey::generate();
+        let wrapped = match encryption {
+            Encryption::None => return Ok(None),
+            Encryption::ClusterKey => {
+                let cluster_key = self.cluster_key().await?;
+                WrappedKey::with_cluster_key(&key, &cluster_key, &context)
+            }
+            Encryption::Passphrase(passphrase) => {
+                // Argon2id takes a while and 64 MiB: off the async threads.
+                tokio::task::spawn_blocking(move || WrappedKey::with_passphrase(&key, passphrase.as_bytes(), &context))
+                    .await
+                    .map_err(|error| VolumeOpError {
+                        status: 500,
+                        message: error.to_string(),
+                    })?
+            }
+        };
+        wrapped.map(Some).map_err(|error| VolumeOpError {
+            status: 400,
+            message: error.to_string(),
+        })
+    }
+
+    /// The cluster key, made on first use.
+    async fn cluster_key(&self) -> Result<ClusterKey, VolumeOpError> {
+        if let Some(key) = self.with_state(|state| state.cluster_key.clone()) {
+            return Ok(key);
+        }
+        match self
+            .change(Command::SetClusterKey {
+                key: ClusterKey::generate(),
+            })
+            .await
+        {
+            Ok(_) | Err(ClusterError::Rejected(Rejection::Exists(_))) => {}
+            Err(error) => return Err(error.into()),
+        }
+        self.with_state(|state| state.cluster_key.clone())
+            .ok_or_else(|| VolumeOpError {
+                status: 503,
+                message: "the cluster key is not applied on this node yet; retry".into(),
+            })
+    }
+
+    /// Unlocks a passphrase-encrypted volume on this node, which must serve it.
+    pub async fn unlock_volume(
+        &self,
+        volumes: &Arc<Volumes>,
+        name: &str,
+        passphrase: zeroize::Zeroizing<String>,
+    ) -> Result<(), VolumeOpError> {
+        self.require_member()?;
+        let volume = self
+            .with_state(|state| state.volumes.get(name).cloned())
+            .ok_or_else(|| VolumeOpError {
+                status: 404,
+                message: format!("volume {name} does not exist"),
+            })?;
+        let Some(wrapped) = volume.encryption.clone() else {
+            return Err(invalid(format!("volume {name} is not encrypted")));
+        };
+        if !wrapped.needs_passphrase() {
+            return Err(invalid(format!(
+                "volume {name} is encrypted with the cluster key: it unlocks by itself"
+            )));
+        }
+        if volume.coordinator != self.local.id {
+            let api = self
+                .with_state(|state| state.nodes.get(&volume.coordinator).map(|n| n.api_address.clone()))
+                .unwrap_or_default();
+            return Err(VolumeOpError {
+                status: 409,
+                message: format!(
+                    "volume {name} is served by node {} (API {api}): unlock it there (--api http://{api})",
+                    volume.coordinator
+                ),
+            });
+        }
+        let local = volumes.get(name).ok_or_else(|| VolumeOpError {
+            status: 503,
+            message: format!("volume {name} has no local replica here yet; retry"),
+        })?;
+        let context = key_context(name);
+        let key = tokio::task::spawn_blocking(move || wrapped.unwrap_passphrase(passphrase.as_bytes(), &context))
+            .await
+            .map_err(|error| VolumeOpError {
+                status: 500,
+                message: error.to_string(),
+            })?;
+        let key = key.map_err(|error| {
+            tracing::warn!(volume = %name, %error, "volume unlock refused");
+            VolumeOpError {
+                status: 403,
+                message: error.to_string(),
+            }
+        })?;
+        local.set_cipher(Some(Arc::new(VolumeCipher::new(&key))));
+        tracing::info!(volume = %name, "volume unlocked");
+        Ok(())
     }
 
     /// Grows a volume.
@@ -364,7 +490,13 @@ impl Cluster {
             replicas_down: Vec::new(),
             alerts: Vec::new(),
             owner: String::new(),
+            encryption: String::new(),
         });
+        info.encryption = match &volume.encryption {
+            None => String::new(),
+            Some(wrapped) if wrapped.needs_passphrase() => "passphrase".into(),
+            Some(_) => "cluster-key".into(),
+        };
         info.size_bytes = volume.size_bytes;
         info.replicas = volume.replicas;
         info.coordinator = volume.coordinator;

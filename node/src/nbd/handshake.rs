@@ -209,6 +209,11 @@ async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
                 .get(&name)
                 .ok_or_else(|| NbdError::Protocol(format!("client asked for unknown export {name:?}")))?;
             access.may_open(&name).map_err(NbdError::Protocol)?;
+            if !volume.is_unlocked() {
+                return Err(NbdError::Protocol(
+                    crate::volume::VolumeIoError::Locked { volume: name }.to_string(),
+                ));
+            }
             let flags = TRANSMISSION_FLAGS;
             stream
                 .write_all(&proto::export_name_reply(volume.size_bytes(), flags, no_zeroes))
@@ -314,6 +319,15 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
     };
     if let Err(reason) = context.access.may_open(&request.export_name) {
         tracing::warn!(volume = %request.export_name, %reason, "NBD export refused");
+        reply_error(stream, option, REP_ERR_POLICY, &reason).await?;
+        return Ok(None);
+    }
+    if !volume.is_unlocked() {
+        let reason = crate::volume::VolumeIoError::Locked {
+            volume: volume.name.clone(),
+        }
+        .to_string();
+        tracing::warn!(volume = %volume.name, %reason, "NBD export refused");
         reply_error(stream, option, REP_ERR_POLICY, &reason).await?;
         return Ok(None);
     }

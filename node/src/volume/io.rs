@@ -109,8 +109,24 @@ impl Volume {
         Ok(())
     }
 
-    /// Reads `len_bytes` at `offset_bytes` (any alignment).
+    /// Reads `len_bytes` at `offset_bytes` (any alignment), decrypted.
     pub async fn read(&self, offset_bytes: u64, len_bytes: u64) -> Result<ReadData, VolumeIoError> {
+        let cipher = self.cipher()?;
+        let mut data = self.read_stored(offset_bytes, len_bytes).await?;
+        if let Some(cipher) = cipher {
+            let mut lba = offset_bytes / BLOCK_BYTES;
+            for buf in &mut data.bufs {
+                let bytes = buf.as_mut_slice();
+                cipher.decrypt_blocks(lba, bytes);
+                lba += bytes.len() as u64 / BLOCK_BYTES;
+            }
+        }
+        Ok(data)
+    }
+
+    /// Reads what the disk holds (ciphertext of an encrypted volume): for
+    /// copies to replicas, which never see the key.
+    pub async fn read_stored(&self, offset_bytes: u64, len_bytes: u64) -> Result<ReadData, VolumeIoError> {
         self.check_range(offset_bytes, len_bytes)?;
         let first_block = offset_bytes / BLOCK_BYTES;
         let end_block = (offset_bytes + len_bytes).div_ceil(BLOCK_BYTES);
@@ -199,7 +215,10 @@ impl Volume {
 
     /// Reads blocks for a coordinator repairing its copy (this node is a replica).
     pub async fn read_for_repair(&self, lba: u64, block_count: u64) -> Result<Vec<u8>, VolumeIoError> {
-        Ok(self.read(lba * BLOCK_BYTES, block_count * BLOCK_BYTES).await?.to_vec())
+        Ok(self
+            .read_stored(lba * BLOCK_BYTES, block_count * BLOCK_BYTES)
+            .await?
+            .to_vec())
     }
 
     /// Writes `data` at `offset_bytes` (any alignment); answers once durable.
@@ -241,8 +260,12 @@ impl Volume {
         Ok((first_block, blocks))
     }
 
-    async fn write_aligned(&self, lba: u64, data: Vec<u8>) -> Result<(), VolumeIoError> {
+    /// Writes whole blocks: encrypted first if the volume is.
+    async fn write_aligned(&self, lba: u64, mut data: Vec<u8>) -> Result<(), VolumeIoError> {
         debug_assert!((data.len() as u64).is_multiple_of(BLOCK_BYTES));
+        if let Some(cipher) = self.cipher()? {
+            cipher.encrypt_blocks(lba, &mut data);
+        }
         if self.replicator().is_some() {
             // Replicated: each piece is ordered and copied on its own.
             for (index, chunk) in data.chunks(STORE_REQUEST_BYTES_MAX).enumerate() {

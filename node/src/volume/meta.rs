@@ -47,6 +47,10 @@ pub struct VolumeRecord {
     pub fence_floor: u64,
     pub created_unix_seconds: u64,
     pub state: VolumeState,
+    /// Data is encrypted (AES-XTS, `crypt`): I/O needs the key, which is
+    /// never kept here.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// Errors of the metadata database.
@@ -227,6 +231,7 @@ mod tests {
             fence_floor: 0,
             created_unix_seconds: 0,
             state: VolumeState::Ready,
+            encrypted: false,
         }
     }
 

@@ -107,6 +107,9 @@ pub enum VolumeIoError {
     /// a replica could not take the mutation and could not be fenced out
     #[error("volume {volume}: replication failed: {reason}")]
     Replication { volume: String, reason: String },
+    /// the volume is encrypted and its key is not unlocked on this node
+    #[error("volume {volume} is encrypted and locked on this node: run `ballast volume unlock {volume} --passphrase-file FILE` against the node serving it")]
+    Locked { volume: String },
 }
 
 /// Checks the naming rule `[a-z0-9][a-z0-9_.-]{0,62}`.
@@ -177,6 +180,11 @@ pub struct Volume {
     pub epoch_gate: tokio::sync::RwLock<()>,
     /// What clients asked of the volume on this node (`/metrics`).
     pub stats: crate::metrics::IoStats,
+    /// Data is encrypted: client I/O needs `cipher` (replica and resync
+    /// traffic moves ciphertext and needs none).
+    pub encrypted: bool,
+    /// The data key's cipher, once unlocked on this node.
+    cipher: RwLock<Option<Arc<crypt::VolumeCipher>>>,
 }
 
 /// Copies a coordinator's mutations to the volume's other in-sync replicas.
@@ -253,6 +261,32 @@ impl Volume {
         self.served.load(Ordering::Acquire)
     }
 
+    /// Whether client I/O can run: unencrypted, or the key is here.
+    #[must_use]
+    pub fn is_unlocked(&self) -> bool {
+        !self.encrypted || self.cipher.read().is_some()
+    }
+
+    /// Installs (or with None, forgets) the data key's cipher.
+    pub fn set_cipher(&self, cipher: Option<Arc<crypt::VolumeCipher>>) {
+        *self.cipher.write() = cipher;
+    }
+
+    /// The cipher client I/O uses: None for an unencrypted volume; an
+    /// error for an encrypted one whose key is not unlocked here.
+    pub(crate) fn cipher(&self) -> Result<Option<Arc<crypt::VolumeCipher>>, VolumeIoError> {
+        if !self.encrypted {
+            return Ok(None);
+        }
+        self.cipher
+            .read()
+            .clone()
+            .map(Some)
+            .ok_or_else(|| VolumeIoError::Locked {
+                volume: self.name.clone(),
+            })
+    }
+
     /// NBD connections open now.
     #[must_use]
     pub fn connection_count(&self) -> usize {
@@ -320,6 +354,9 @@ pub struct VolumeInfo {
     /// The token subject that owns it ("": the admins').
     #[serde(default)]
     pub owner: String,
+    /// How its data key is kept: "" (not encrypted), "cluster-key" or "passphrase".
+    #[serde(default)]
+    pub encryption: String,
 }
 
 /// An opened disk as placement sees it.
@@ -430,6 +467,8 @@ impl Volumes {
             ranges: range_lock::RangeLock::default(),
             epoch_gate: tokio::sync::RwLock::new(()),
             stats: crate::metrics::IoStats::default(),
+            encrypted: record.encrypted,
+            cipher: RwLock::new(None),
         })
     }
 
@@ -568,6 +607,7 @@ impl Volumes {
             fence_floor: wanted.coordinator_since,
             created_unix_seconds: wanted.created_unix_seconds,
             state: VolumeState::Ready,
+            encrypted: wanted.encryption.is_some(),
         };
         meta.insert(&record).map_err(|error| match error {
             MetaError::Exists { name } => VolumeError::Exists { name },
@@ -710,6 +750,7 @@ impl Volumes {
             replicas_down: Vec::new(),
             alerts: Vec::new(),
             owner: String::new(),
+            encryption: String::new(),
             epoch: record.epoch,
         })
     }

@@ -122,6 +122,7 @@ fn initial_state(config: &Config) -> ClusterState {
         block_size_bytes: 4096,
         replica_nodes: (1..=config.replicas).collect(),
         created_unix_seconds: 1,
+        encryption: None,
     });
     state
 }

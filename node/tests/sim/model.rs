@@ -306,6 +306,7 @@ impl Model {
                 block_size_bytes: BLOCK_SIZE_BYTES,
                 replica_nodes: replica_nodes.clone(),
                 created_unix_seconds: self.sequence,
+                encryption: None,
             },
             VolumeOp::Resize { size_bytes } => Command::ResizeVolume {
                 name: name.clone(),
