@@ -163,6 +163,24 @@ fn nbd_over_tls_admits_only_the_owners_certificate_and_refuses_plaintext_and_str
         "{}",
         text(&fio)
     );
+    // qemu (GnuTLS through its own NBD client) with the same files.
+    if have_tool(test, "qemu-img") {
+        let qemu = run_with_timeout(
+            Command::new("qemu-img").args([
+                "info",
+                "--object",
+                &format!("tls-creds-x509,id=t0,dir={},endpoint=client", alice_dir.display()),
+                "--image-opts",
+                &format!(
+                    "driver=nbd,host=127.0.0.1,port={},export=alices,tls-creds=t0",
+                    node.nbd_port
+                ),
+            ]),
+            TOOL_TIMEOUT,
+        );
+        assert!(qemu.status.success(), "{}", text(&qemu));
+        assert!(text(&qemu).contains("128 MiB"), "{}", text(&qemu));
+    }
     // An admin certificate opens every volume.
     let info = nbdinfo(&tls_uri(&node, "alices", &admin_dir));
     assert!(info.status.success(), "{}", text(&info));

@@ -131,7 +131,11 @@ fn sign(ca: &ClusterCa, cluster_id: uuid::Uuid, leaf: Leaf) -> Result<Bundle, St
             .extended_key_usages
             .push(rcgen::ExtendedKeyUsagePurpose::ClientAuth);
     }
-    params.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+    // qemu's certificate checks want key encipherment too (as with RSA keys).
+    params.key_usages = vec![
+        rcgen::KeyUsagePurpose::DigitalSignature,
+        rcgen::KeyUsagePurpose::KeyEncipherment,
+    ];
     let now = crate::datadir::now_unix_seconds();
     params.not_before = date_of(now.saturating_sub(86_400));
     params.not_after = date_of(now + leaf.days * 86_400);
