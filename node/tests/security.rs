@@ -213,3 +213,122 @@ fn the_api_needs_a_valid_token_and_users_touch_only_their_own_volumes() {
     assert_eq!(call("GET", &volume, Some(&admin), None).0, 200);
     assert_eq!(call("DELETE", &volume, Some(alice), None).0, 204);
 }
+
+/// A JWT signed ES256 by `key` (PKCS#8 PEM), with these claims.
+fn es256_token(key_pem: &str, kid: Option<&str>, claims: &serde_json::Value) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_ec_pem(key_pem.as_bytes()).unwrap(),
+    )
+    .unwrap()
+}
+
+/// A JWKS document holding `key`'s public half (EC P-256) under `kid`.
+fn jwks_of(key: &rcgen::KeyPair, kid: &str) -> String {
+    use base64::Engine;
+    let raw = key.public_key_raw(); // 0x04 || X || Y
+    let encode = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+    serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256", "use": "sig",
+        "x": encode(&raw[1..33]), "y": encode(&raw[33..65]),
+    }]})
+    .to_string()
+}
+
+#[test]
+fn the_api_accepts_tokens_of_a_configured_identity_provider_by_public_key_and_jwks() {
+    let test = "the_api_accepts_tokens_of_a_configured_identity_provider";
+    let scratch = common::scratch();
+    let pem_key = rcgen::KeyPair::generate().unwrap();
+    let jwks_key = rcgen::KeyPair::generate().unwrap();
+    let stranger = rcgen::KeyPair::generate().unwrap();
+    let public_pem = scratch.path().join("idp.pem");
+    let jwks = scratch.path().join("jwks.json");
+    std::fs::write(&public_pem, pem_key.public_key_pem()).unwrap();
+    std::fs::write(&jwks, jwks_of(&jwks_key, "k2")).unwrap();
+    let node = common::node::TestNode::start_unclustered(
+        test,
+        "127.0.0.1",
+        &[256 << 20],
+        &[
+            "--jwt-issuer",
+            "https://idp.example",
+            "--jwt-public-key-file",
+            public_pem.to_str().unwrap(),
+            "--jwt-jwks-file",
+            jwks.to_str().unwrap(),
+        ],
+    );
+    node.cli_ok(&["cluster", "init"]);
+    let api = node.api_url();
+    let now = node::datadir::now_unix_seconds();
+    let claims = |sub: &str, role: Option<&str>, iss: &str, exp: u64| {
+        let mut claims = serde_json::json!({"sub": sub, "iss": iss, "iat": now, "exp": exp});
+        if let Some(role) = role {
+            claims["role"] = role.into();
+        }
+        claims
+    };
+    let idp = "https://idp.example";
+    let admin = es256_token(
+        &pem_key.serialize_pem(),
+        None,
+        &claims("ops", Some("admin"), idp, now + 600),
+    );
+    let carol = es256_token(
+        &jwks_key.serialize_pem(),
+        Some("k2"),
+        &claims("carol", None, idp, now + 600),
+    );
+    // The key in the PEM file signs an admin; the JWKS key a user (no role claim: user).
+    assert_eq!(call("GET", &format!("{api}/v1/cluster"), Some(&admin), None).0, 200);
+    let (code, body) = call(
+        "POST",
+        &format!("{api}/v1/volumes"),
+        Some(&carol),
+        Some(r#"{"name":"carols","size_bytes":16777216}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    assert!(body.contains(r#""owner":"carol""#), "{body}");
+    assert_eq!(call("GET", &format!("{api}/v1/cluster"), Some(&carol), None).0, 403);
+    // Refused: another key, another issuer, expired, a JWKS kid that is not there.
+    let forged = es256_token(
+        &stranger.serialize_pem(),
+        None,
+        &claims("ops", Some("admin"), idp, now + 600),
+    );
+    let (code, body) = call("GET", &format!("{api}/v1/volumes"), Some(&forged), None);
+    assert_eq!(code, 401, "{body}");
+    let other_issuer = es256_token(
+        &pem_key.serialize_pem(),
+        None,
+        &claims("ops", Some("admin"), "https://evil.example", now + 600),
+    );
+    assert_eq!(
+        call("GET", &format!("{api}/v1/volumes"), Some(&other_issuer), None).0,
+        401
+    );
+    let expired = es256_token(
+        &pem_key.serialize_pem(),
+        None,
+        &claims("ops", Some("admin"), idp, now - 3600),
+    );
+    assert_eq!(call("GET", &format!("{api}/v1/volumes"), Some(&expired), None).0, 401);
+    let unknown_kid = es256_token(
+        &stranger.serialize_pem(),
+        Some("k9"),
+        &claims("carol", None, idp, now + 600),
+    );
+    assert_eq!(
+        call("GET", &format!("{api}/v1/volumes"), Some(&unknown_kid), None).0,
+        401
+    );
+    // The cluster's own tokens still work beside it.
+    assert_eq!(
+        call("GET", &format!("{api}/v1/volumes"), Some(&node.token()), None).0,
+        200
+    );
+}

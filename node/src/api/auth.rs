@@ -7,6 +7,11 @@
 //!   directory: it signs the node's own admin token before the node is in a
 //!   cluster.
 //!
+//! - optionally an identity provider (`jwt_issuer` with
+//!   `jwt_public_key_file` or `jwt_jwks_file`): its tokens (RS256, ES256 or
+//!   EdDSA) carry `sub`, `iss`, `exp` and a `role` claim (`admin`; `user`
+//!   when missing).
+//!
 //! `DATA_DIR/admin.token` (0600, so root only) holds an admin token for the
 //! CLI on the node's host: cluster-signed once the node is in a cluster.
 //! Roles: `admin` (everything) and `user` (only volumes it owns).
@@ -80,6 +85,128 @@ pub struct Authenticator {
     node_issuer: String,
     cluster: Arc<Cluster>,
     data_dir: PathBuf,
+    external: Option<ExternalIssuer>,
+}
+
+/// What an identity provider's token must say (`role` may be left out).
+#[derive(Debug, Deserialize)]
+struct ExternalClaims {
+    sub: String,
+    #[serde(default = "user_role")]
+    role: Role,
+}
+
+fn user_role() -> Role {
+    Role::User
+}
+
+/// An identity provider whose tokens the API accepts, by its public keys.
+pub struct ExternalIssuer {
+    issuer: String,
+    keys: Vec<ExternalKey>,
+}
+
+struct ExternalKey {
+    /// The JWKS key id, if any (a token naming another is not tried on it).
+    id: Option<String>,
+    key: DecodingKey,
+    algorithm: Algorithm,
+}
+
+impl ExternalIssuer {
+    /// Tokens of `issuer`, checked with the PEM public key in
+    /// `public_key_file` (RSA, EC P-256 or Ed25519) and/or the keys of the
+    /// JWKS document in `jwks_file`.
+    pub fn load(issuer: &str, public_key_file: Option<&Path>, jwks_file: Option<&Path>) -> Result<Self, String> {
+        if issuer.trim().is_empty() {
+            return Err("jwt_issuer is empty".into());
+        }
+        let mut keys = Vec::new();
+        if let Some(path) = public_key_file {
+            let pem =
+                std::fs::read(path).map_err(|e| format!("cannot read jwt_public_key_file {}: {e}", path.display()))?;
+            let key = DecodingKey::from_ec_pem(&pem)
+                .map(|key| (key, Algorithm::ES256))
+                .or_else(|_| DecodingKey::from_rsa_pem(&pem).map(|key| (key, Algorithm::RS256)))
+                .or_else(|_| DecodingKey::from_ed_pem(&pem).map(|key| (key, Algorithm::EdDSA)))
+                .map_err(|_| {
+                    format!(
+                        "jwt_public_key_file {} holds no RSA, EC P-256 or Ed25519 public key in PEM",
+                        path.display()
+                    )
+                })?;
+            keys.push(ExternalKey {
+                id: None,
+                key: key.0,
+                algorithm: key.1,
+            });
+        }
+        if let Some(path) = jwks_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read jwt_jwks_file {}: {e}", path.display()))?;
+            let set: jsonwebtoken::jwk::JwkSet = serde_json::from_str(&text)
+                .map_err(|e| format!("jwt_jwks_file {} is not a JWKS: {e}", path.display()))?;
+            for jwk in &set.keys {
+                use jsonwebtoken::jwk::AlgorithmParameters as Params;
+                let algorithm = match (&jwk.common.key_algorithm, &jwk.algorithm) {
+                    (Some(named), _) => named
+                        .to_string()
+                        .parse::<Algorithm>()
+                        .map_err(|e| format!("jwt_jwks_file {}: {e}", path.display()))?,
+                    (None, Params::EllipticCurve(_)) => Algorithm::ES256,
+                    (None, Params::RSA(_)) => Algorithm::RS256,
+                    (None, Params::OctetKeyPair(_)) => Algorithm::EdDSA,
+                    (None, Params::OctetKey(_)) => {
+                        return Err(format!(
+                            "jwt_jwks_file {}: shared-secret keys are not accepted",
+                            path.display()
+                        ))
+                    }
+                };
+                let key = DecodingKey::from_jwk(jwk).map_err(|e| format!("jwt_jwks_file {}: {e}", path.display()))?;
+                keys.push(ExternalKey {
+                    id: jwk.common.key_id.clone(),
+                    key,
+                    algorithm,
+                });
+            }
+        }
+        if keys.is_empty() {
+            return Err("jwt_issuer needs jwt_public_key_file or jwt_jwks_file (with at least one key)".into());
+        }
+        Ok(Self {
+            issuer: issuer.to_owned(),
+            keys,
+        })
+    }
+
+    fn verify(&self, token: &str) -> Result<Caller, String> {
+        let header = jsonwebtoken::decode_header(token).map_err(|e| e.to_string())?;
+        let mut errors = Vec::new();
+        for key in &self.keys {
+            if key.algorithm != header.alg || (header.kid.is_some() && key.id.is_some() && header.kid != key.id) {
+                continue;
+            }
+            let mut validation = Validation::new(key.algorithm);
+            validation.set_issuer(&[&self.issuer]);
+            validation.set_required_spec_claims(&["exp", "iss", "sub"]);
+            validation.validate_aud = false;
+            validation.leeway = 30;
+            match jsonwebtoken::decode::<ExternalClaims>(token, &key.key, &validation) {
+                Ok(data) => {
+                    return Ok(Caller {
+                        subject: data.claims.sub,
+                        role: data.claims.role,
+                    })
+                }
+                Err(error) => errors.push(error.to_string()),
+            }
+        }
+        if errors.is_empty() {
+            errors.push(format!("no key of {} for a {:?} token", self.issuer, header.alg));
+        }
+        Err(errors.join("; "))
+    }
 }
 
 fn now() -> u64 {
@@ -134,8 +261,14 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 impl Authenticator {
-    /// Loads (or makes) the node secret in `data_dir`.
-    pub fn open(data_dir: &Path, node_uuid: uuid::Uuid, cluster: Arc<Cluster>) -> anyhow::Result<Self> {
+    /// Loads (or makes) the node secret in `data_dir`; `external`: an
+    /// identity provider to trust as well.
+    pub fn open(
+        data_dir: &Path,
+        node_uuid: uuid::Uuid,
+        cluster: Arc<Cluster>,
+        external: Option<ExternalIssuer>,
+    ) -> anyhow::Result<Self> {
         let path = data_dir.join(NODE_SECRET_FILE);
         let secret = match std::fs::read_to_string(&path) {
             Ok(text) => text.trim().to_owned(),
@@ -151,6 +284,7 @@ impl Authenticator {
             node_issuer: format!("ballast:node:{node_uuid}"),
             cluster,
             data_dir: data_dir.to_owned(),
+            external,
         })
     }
 
@@ -164,6 +298,12 @@ impl Authenticator {
     /// Checks a bearer token.
     pub fn check(&self, token: &str) -> Result<Caller, String> {
         let mut errors = Vec::new();
+        let signed_with_key = jsonwebtoken::decode_header(token).is_ok_and(|header| header.alg != Algorithm::HS256);
+        if let Some(external) = self.external.as_ref().filter(|_| signed_with_key) {
+            return external
+                .verify(token)
+                .map_err(|error| format!("invalid token ({error})"));
+        }
         if let Some((issuer, secret)) = self.cluster_key() {
             match verify(token, &secret, &issuer) {
                 Ok(claims) => return Ok(caller(claims)),

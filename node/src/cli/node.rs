@@ -104,6 +104,15 @@ pub struct RunArgs {
     /// As Raft leader, POST every alert that starts or clears to this URL as JSON.
     #[arg(long, value_name = "URL")]
     pub alert_webhook: Option<String>,
+    /// Also accept API tokens issued by this identity provider (their `iss`); needs --jwt-public-key-file or --jwt-jwks-file.
+    #[arg(long, value_name = "ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The identity provider's public key (PEM: RSA, EC P-256 or Ed25519).
+    #[arg(long, value_name = "FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// The identity provider's keys as a JWKS document.
+    #[arg(long, value_name = "FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
     /// A label KEY=VALUE (repeatable); `zone` spreads replicas over distinct zones.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
@@ -137,6 +146,9 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 rebuild_after_s: args.rebuild_after_s,
                 replica_timeout_ms: args.replica_timeout_ms,
                 alert_webhook: args.alert_webhook,
+                jwt_issuer: args.jwt_issuer,
+                jwt_public_key_file: args.jwt_public_key_file,
+                jwt_jwks_file: args.jwt_jwks_file,
                 labels: if args.labels.is_empty() {
                     None
                 } else {

@@ -13,6 +13,9 @@
 //! rebuild_after_s = 600  # as Raft leader: rebuild replicas of a node silent this long elsewhere (0: never)
 //! replica_timeout_ms = 5000  # as coordinator: drop a replica from the in-sync set after this long without an answer
 //! alert_webhook = "http://alerts.example:8080/ballast"  # as Raft leader: POST each alert change here as JSON
+//! jwt_issuer = "https://idp.example"     # also accept API tokens of this identity provider ...
+//! jwt_public_key_file = "/etc/ballast/idp.pem"  # ... signed with this key (RSA, EC P-256, Ed25519)
+//! jwt_jwks_file = "/etc/ballast/idp-jwks.json"  # ... or one of these
 //! cores = "0-3"          # reactor cores (default: every core the process may use)
 //! thread_pool = false    # force the pread/pwrite engine instead of io_uring
 //! ```
@@ -70,6 +73,9 @@ pub struct ConfigFile {
     pub rebuild_after_s: Option<u64>,
     pub replica_timeout_ms: Option<u64>,
     pub alert_webhook: Option<String>,
+    pub jwt_issuer: Option<String>,
+    pub jwt_public_key_file: Option<PathBuf>,
+    pub jwt_jwks_file: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -105,6 +111,8 @@ pub struct NodeConfig {
     pub replica_timeout: std::time::Duration,
     /// Where the leader POSTs alert changes (http:// URL).
     pub alert_webhook: Option<String>,
+    /// An identity provider whose API tokens are accepted: (issuer, public key file, JWKS file).
+    pub jwt: Option<(String, Option<PathBuf>, Option<PathBuf>)>,
 }
 
 /// Parses `KEY=VALUE` labels (flags), checking their characters.
@@ -215,6 +223,20 @@ impl NodeConfig {
                     )))
                 }
                 other => other,
+            },
+            jwt: {
+                let issuer = overrides.jwt_issuer.or(file.jwt_issuer);
+                let key = overrides.jwt_public_key_file.or(file.jwt_public_key_file);
+                let jwks = overrides.jwt_jwks_file.or(file.jwt_jwks_file);
+                match issuer {
+                    Some(issuer) => Some((issuer, key, jwks)),
+                    None if key.is_some() || jwks.is_some() => {
+                        return Err(ConfigError::Missing(
+                            "jwt_public_key_file and jwt_jwks_file need jwt_issuer (the iss their tokens carry)".into(),
+                        ))
+                    }
+                    None => None,
+                }
             },
         })
     }

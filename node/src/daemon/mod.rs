@@ -75,10 +75,18 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let status_engine = Arc::clone(&engine);
     let status_volumes = Arc::clone(&volumes);
     let status_cluster = Arc::clone(&cluster);
+    let external = match &config.jwt {
+        Some((issuer, key, jwks)) => Some(
+            crate::api::auth::ExternalIssuer::load(issuer, key.as_deref(), jwks.as_deref())
+                .map_err(|error| anyhow::anyhow!(error))?,
+        ),
+        None => None,
+    };
     let auth = Arc::new(crate::api::auth::Authenticator::open(
         &config.data_dir,
         node_uuid,
         Arc::clone(&cluster),
+        external,
     )?);
     auth.write_admin_token().map_err(|error| anyhow::anyhow!(error))?;
     let state = Arc::new(ApiState {
