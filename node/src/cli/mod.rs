@@ -111,6 +111,9 @@ pub enum AuthCertCommand {
         /// admin (every volume) or user (own volumes only).
         #[arg(long, default_value = "user", value_parser = ["user", "admin"])]
         role: String,
+        /// A group the subject is in (repeatable), as in `auth token create`.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
         /// Lifetime in whole days: with d (or s, m, h, rounded down to days; 1d to 366d).
         #[arg(long, default_value = "365d")]
         ttl: String,
@@ -130,6 +133,9 @@ pub enum AuthTokenCommand {
         /// admin (everything) or user (own volumes only).
         #[arg(long, default_value = "user", value_parser = ["user", "admin"])]
         role: String,
+        /// A group the subject is in (repeatable): it may use volumes created with `--group` of it.
+        #[arg(long = "group", value_name = "GROUP")]
+        groups: Vec<String>,
         /// Lifetime: seconds, or with s, m, h, d (at most 366d).
         #[arg(long, default_value = "24h")]
         ttl: String,
@@ -178,18 +184,25 @@ pub fn main() -> ExitCode {
         Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
         Command::Auth {
             api,
-            command: AuthCommand::Token(AuthTokenCommand::Create { subject, role, ttl }),
-        } => cluster::create_api_token(&api, &subject, &role, &ttl),
+            command:
+                AuthCommand::Token(AuthTokenCommand::Create {
+                    subject,
+                    role,
+                    groups,
+                    ttl,
+                }),
+        } => cluster::create_api_token(&api, &subject, &role, &groups, &ttl),
         Command::Auth {
             api,
             command:
                 AuthCommand::Cert(AuthCertCommand::Create {
                     subject,
                     role,
+                    groups,
                     ttl,
                     out,
                 }),
-        } => cluster::create_client_cert(&api, &subject, &role, &ttl, &out),
+        } => cluster::create_client_cert(&api, &subject, &role, &groups, &ttl, &out),
     };
     match result {
         Ok(code) => code,
@@ -201,12 +214,16 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging(level: &str, format: LogFormat) {
-    // openraft narrates every election and membership step at info.
-    let level = if level.contains("openraft") {
-        level.to_owned()
-    } else {
-        format!("{level},openraft=warn")
-    };
+    // openraft narrates every election and membership step at info;
+    // rustls warns of every client that sends an IP address as SNI (GnuTLS
+    // does, so libnbd and qemu), which is harmless.
+    let mut level = level.to_owned();
+    if !level.contains("openraft") {
+        level.push_str(",openraft=warn");
+    }
+    if !level.contains("rustls") {
+        level.push_str(",rustls=error");
+    }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .or_else(|_| tracing_subscriber::EnvFilter::try_new(&level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -19,7 +19,7 @@
 
 use std::fmt;
 
-use aes::cipher::KeyInit;
+use aes::cipher::{BlockDecrypt, BlockEncrypt, KeyInit};
 use aes::Aes256;
 use aes_gcm::aead::rand_core::RngCore;
 use aes_gcm::aead::{AeadInPlace, OsRng};
@@ -27,7 +27,6 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use argon2::{Algorithm, Argon2, Params, Version};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use thiserror::Error;
-use xts_mode::Xts128;
 use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// One encryption data unit: a volume block.
@@ -324,18 +323,21 @@ fn derive_kek(
 
 /// Encrypts and decrypts whole volume blocks in place.
 pub struct VolumeCipher {
-    xts: Xts128<Aes256>,
+    data: Aes256,
+    tweak: Aes256,
 }
+
+/// AES blocks (16 bytes) in one data unit.
+const AES_BLOCKS: usize = BLOCK_BYTES / 16;
 
 impl VolumeCipher {
     pub fn new(key: &VolumeKey) -> Self {
         let (data_key, tweak_key) = key.0.split_at(VOLUME_KEY_BYTES / 2);
         // IEEE 1619 requires distinct halves; random keys never collide.
         assert!(data_key != tweak_key, "XTS key halves are equal");
-        let data = Aes256::new_from_slice(data_key).expect("32-byte AES-256 key");
-        let tweak = Aes256::new_from_slice(tweak_key).expect("32-byte AES-256 key");
         VolumeCipher {
-            xts: Xts128::new(data, tweak),
+            data: Aes256::new_from_slice(data_key).expect("32-byte AES-256 key"),
+            tweak: Aes256::new_from_slice(tweak_key).expect("32-byte AES-256 key"),
         }
     }
 
@@ -343,7 +345,7 @@ impl VolumeCipher {
     /// volume block `first_lba + i`.
     pub fn encrypt_blocks(&self, first_lba: u64, data: &mut [u8]) {
         for (lba, block) in blocks(first_lba, data) {
-            self.xts.encrypt_sector(block, tweak(lba));
+            self.xts(lba, block, true);
             debug_assert!(!is_zero(block), "ciphertext collides with the unwritten marker");
         }
     }
@@ -354,9 +356,39 @@ impl VolumeCipher {
     pub fn decrypt_blocks(&self, first_lba: u64, data: &mut [u8]) {
         for (lba, block) in blocks(first_lba, data) {
             if !is_zero(block) {
-                self.xts.decrypt_sector(block, tweak(lba));
+                self.xts(lba, block, false);
             }
         }
+    }
+
+    /// XTS-AES (IEEE 1619) of one data unit: every 16-byte block is
+    /// XORed with its tweak, run through AES, XORed again. The 256 blocks
+    /// go through AES in one call, so AES-NI pipelines them (8 at a time);
+    /// a block at a time runs several times slower.
+    fn xts(&self, lba: u64, unit: &mut [u8], encrypt: bool) {
+        let mut first = aes::Block::from(u128::from(lba).to_le_bytes());
+        self.tweak.encrypt_block(&mut first);
+        let mut tweak = u128::from_le_bytes(first.into());
+        let mut tweaks = [0u128; AES_BLOCKS];
+        let mut blocks = [aes::Block::default(); AES_BLOCKS];
+        for ((slot, block), bytes) in tweaks.iter_mut().zip(&mut blocks).zip(unit.chunks_exact(16)) {
+            *slot = tweak;
+            let word = u128::from_le_bytes(bytes.try_into().expect("16 bytes")) ^ tweak;
+            *block = aes::Block::from(word.to_le_bytes());
+            // The next tweak: times x in GF(2^128), little-endian (IEEE 1619 5.2).
+            tweak = (tweak << 1) ^ ((tweak >> 127) * 0x87);
+        }
+        if encrypt {
+            self.data.encrypt_blocks(&mut blocks);
+        } else {
+            self.data.decrypt_blocks(&mut blocks);
+        }
+        for ((slot, block), bytes) in tweaks.iter().zip(&blocks).zip(unit.chunks_exact_mut(16)) {
+            let word = u128::from_le_bytes((*block).into()) ^ slot;
+            bytes.copy_from_slice(&word.to_le_bytes());
+        }
+        // The tweaks are AES of the LBA under the tweak key: not left on the stack.
+        tweaks.zeroize();
     }
 }
 
@@ -373,10 +405,6 @@ fn blocks(first_lba: u64, data: &mut [u8]) -> impl Iterator<Item = (u64, &mut [u
     let block_count = (data.len() / BLOCK_BYTES) as u64;
     assert!(first_lba.checked_add(block_count).is_some(), "LBA overflow");
     (first_lba..).zip(data.chunks_exact_mut(BLOCK_BYTES))
-}
-
-fn tweak(lba: u64) -> [u8; 16] {
-    u128::from(lba).to_le_bytes()
 }
 
 fn is_zero(block: &[u8]) -> bool {
@@ -550,6 +578,28 @@ mod tests {
         assert_eq!(&data[..512], expected.as_slice());
         cipher.decrypt_blocks(0xff, &mut data);
         assert_eq!(data, plain);
+    }
+
+    proptest::proptest! {
+        /// The same bytes as the xts-mode crate's XTS over whole 4 KiB sectors.
+        #[test]
+        fn matches_the_xts_mode_crate(lba in proptest::prelude::any::<u64>(), seed in proptest::prelude::any::<u64>()) {
+            use rand::{RngCore, SeedableRng};
+            let key = VolumeKey::generate();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let mut ours = vec![0u8; BLOCK_BYTES];
+            rng.fill_bytes(&mut ours);
+            let mut theirs = ours.clone();
+            let (data_key, tweak_key) = key.0.split_at(VOLUME_KEY_BYTES / 2);
+            let reference = xts_mode::Xts128::new(
+                Aes256::new_from_slice(data_key).unwrap(),
+                Aes256::new_from_slice(tweak_key).unwrap(),
+            );
+            let lba = lba % (u64::MAX / 2);
+            VolumeCipher::new(&key).encrypt_blocks(lba, &mut ours);
+            reference.encrypt_sector(&mut theirs, u128::from(lba).to_le_bytes());
+            proptest::prop_assert_eq!(ours, theirs);
+        }
     }
 
     #[test]
