@@ -40,7 +40,7 @@ fn call(method: &str, url: &str, token: &str, body: &str) -> (u16, String) {
 fn stranger_certificates(dir: &Path) {
     let cluster = uuid::Uuid::new_v4();
     let ca = node::peer::tls::new_ca(cluster).unwrap();
-    let bundle = node::peer::tls::issue_client(&ca, cluster, "alice", node::api::auth::Role::Admin, 30).unwrap();
+    let bundle = node::peer::tls::issue_client(&ca, cluster, "alice", node::api::auth::Role::Admin, &[], 30).unwrap();
     std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("ca-cert.pem"), &bundle.ca_pem).unwrap();
     std::fs::write(dir.join("client-cert.pem"), &bundle.cert_pem).unwrap();

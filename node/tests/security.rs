@@ -148,6 +148,7 @@ fn the_api_needs_a_valid_token_and_users_touch_only_their_own_volumes() {
         iss: issuer.clone(),
         iat: 0,
         exp: node::datadir::now_unix_seconds() - 3600,
+        groups: Vec::new(),
     };
     let expired = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
@@ -331,4 +332,53 @@ fn the_api_accepts_tokens_of_a_configured_identity_provider_by_public_key_and_jw
         call("GET", &format!("{api}/v1/volumes"), Some(&node.token()), None).0,
         200
     );
+}
+
+#[test]
+fn a_volumes_group_acl_lets_members_in_and_keeps_others_out() {
+    let test = "a_volumes_group_acl_lets_members_in";
+    let node = common::node::TestNode::start(test, 256 << 20);
+    let api = node.api_url();
+    let token = |subject: &str, groups: &[&str]| {
+        let mut args = vec!["auth", "token", "create", "--subject", subject];
+        for group in groups {
+            args.extend(["--group", group]);
+        }
+        node.cli_ok(&args).trim().to_owned()
+    };
+    let (alice, carol, bob) = (token("alice", &[]), token("carol", &["dba"]), token("bob", &["ops"]));
+    let (code, body) = call(
+        "POST",
+        &format!("{api}/v1/volumes"),
+        Some(&alice),
+        Some(r#"{"name":"shared","size_bytes":16777216,"group":"dba"}"#),
+    );
+    assert_eq!(code, 201, "{body}");
+    assert!(body.contains(r#""group":"dba""#), "{body}");
+    let volume = format!("{api}/v1/volumes/shared");
+    // Carol is in dba: she sees and uses it; bob (ops) does not.
+    assert_eq!(call("GET", &volume, Some(&carol), None).0, 200);
+    let (code, list) = call("GET", &format!("{api}/v1/volumes"), Some(&carol), None);
+    assert!(code == 200 && list.contains("shared"), "{list}");
+    assert_eq!(call("GET", &volume, Some(&bob), None).0, 403);
+    let (code, list) = call("GET", &format!("{api}/v1/volumes"), Some(&bob), None);
+    assert_eq!((code, list.as_str()), (200, "[]"));
+    assert_eq!(call("POST", &format!("{volume}/attach"), Some(&bob), Some("{}")).0, 403);
+    // A user's client certificate may carry only groups the user is in.
+    let cert = |token: &str, groups: &str| {
+        call(
+            "POST",
+            &format!("{api}/v1/auth/certs"),
+            Some(token),
+            Some(&format!(
+                r#"{{"subject":"carol","role":"user","ttl_seconds":86400,"groups":{groups}}}"#
+            )),
+        )
+        .0
+    };
+    assert_eq!(cert(&carol, r#"["dba"]"#), 201);
+    assert_eq!(cert(&carol, r#"["ops"]"#), 403);
+    // Members have the owner's rights, delete included.
+    assert_eq!(call("DELETE", &volume, Some(&bob), None).0, 403);
+    assert_eq!(call("DELETE", &volume, Some(&carol), None).0, 204);
 }

@@ -50,6 +50,9 @@ pub struct Claims {
     pub iss: String,
     pub iat: u64,
     pub exp: u64,
+    /// Groups the subject belongs to (volume group ACLs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 /// Who is asking (from a verified token).
@@ -57,6 +60,8 @@ pub struct Claims {
 pub struct Caller {
     pub subject: String,
     pub role: Role,
+    /// Its groups: it may use volumes whose group ACL names one.
+    pub groups: Vec<String>,
 }
 
 impl Caller {
@@ -65,9 +70,12 @@ impl Caller {
         self.role == Role::Admin
     }
 
-    /// Ok if the caller may act on a volume owned by `owner` ("" = admin's).
-    pub fn may_use(&self, volume: &str, owner: &str) -> Result<(), String> {
-        if self.is_admin() || (!owner.is_empty() && owner == self.subject) {
+    /// Ok if the caller may act on a volume owned by `owner` ("" = admin's)
+    /// whose group ACL is `group` ("" = none).
+    pub fn may_use(&self, volume: &str, owner: &str, group: &str) -> Result<(), String> {
+        let owns = !owner.is_empty() && owner == self.subject;
+        let member = !group.is_empty() && self.groups.iter().any(|g| g == group);
+        if self.is_admin() || owns || member {
             return Ok(());
         }
         Err(format!("volume {volume} belongs to another user"))
@@ -94,6 +102,8 @@ struct ExternalClaims {
     sub: String,
     #[serde(default = "user_role")]
     role: Role,
+    #[serde(default)]
+    groups: Vec<String>,
 }
 
 fn user_role() -> Role {
@@ -197,6 +207,7 @@ impl ExternalIssuer {
                     return Ok(Caller {
                         subject: data.claims.sub,
                         role: data.claims.role,
+                        groups: data.claims.groups,
                     })
                 }
                 Err(error) => errors.push(error.to_string()),
@@ -221,13 +232,28 @@ pub fn new_secret() -> String {
 
 /// Signs a token.
 pub fn mint(secret: &[u8], issuer: &str, subject: &str, role: Role, seconds: u64) -> Result<String, String> {
+    mint_for(
+        secret,
+        issuer,
+        &Caller {
+            subject: subject.to_owned(),
+            role,
+            groups: Vec::new(),
+        },
+        seconds,
+    )
+}
+
+/// Signs a token for `caller` (its subject, role and groups).
+pub fn mint_for(secret: &[u8], issuer: &str, caller: &Caller, seconds: u64) -> Result<String, String> {
     let iat = now();
     let claims = Claims {
-        sub: subject.to_owned(),
-        role,
+        sub: caller.subject.clone(),
+        role: caller.role,
         iss: issuer.to_owned(),
         iat,
         exp: iat + seconds,
+        groups: caller.groups.clone(),
     };
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
@@ -319,18 +345,23 @@ impl Authenticator {
         }
     }
 
-    /// A cluster-signed token (needs the node to be in a cluster).
-    pub fn mint_cluster(&self, subject: &str, role: Role, seconds: u64) -> Result<String, String> {
+    /// A cluster-signed token for `caller` (needs the node to be in a cluster).
+    pub fn mint_cluster(&self, caller: &Caller, seconds: u64) -> Result<String, String> {
         let (issuer, secret) = self
             .cluster_key()
             .ok_or("this node is not in a cluster (tokens are signed with the cluster's secret)")?;
-        mint(&secret, &issuer, subject, role, seconds)
+        mint_for(&secret, &issuer, caller, seconds)
     }
 
     /// Writes `DATA_DIR/admin.token`: cluster-signed when in a cluster.
     pub fn write_admin_token(&self) -> Result<(), String> {
         let subject = format!("admin@{}", self.cluster.local.name);
-        let token = match self.mint_cluster(&subject, Role::Admin, ADMIN_TOKEN_SECONDS) {
+        let admin = Caller {
+            subject: subject.clone(),
+            role: Role::Admin,
+            groups: Vec::new(),
+        };
+        let token = match self.mint_cluster(&admin, ADMIN_TOKEN_SECONDS) {
             Ok(token) => token,
             Err(_) => mint(
                 &self.node_secret,
@@ -348,8 +379,7 @@ impl Authenticator {
     /// another node (None: not in a cluster).
     #[must_use]
     pub fn forwarding_token(&self, caller: &Caller) -> Option<String> {
-        self.mint_cluster(&caller.subject, caller.role, FORWARD_TOKEN_SECONDS)
-            .ok()
+        self.mint_cluster(caller, FORWARD_TOKEN_SECONDS).ok()
     }
 }
 
@@ -360,11 +390,10 @@ pub fn forwarding_token(cluster: &Cluster) -> Option<String> {
     let caller = CALLER.try_with(Caller::clone).ok()?;
     let id = cluster.cluster_id()?;
     let secret = cluster.with_state(|state| state.api_secret.clone())?;
-    mint(
+    mint_for(
         secret.0.as_bytes(),
         &format!("ballast:cluster:{id}"),
-        &caller.subject,
-        caller.role,
+        &caller,
         FORWARD_TOKEN_SECONDS,
     )
     .ok()
@@ -374,6 +403,7 @@ fn caller(claims: Claims) -> Caller {
     Caller {
         subject: claims.sub,
         role: claims.role,
+        groups: claims.groups,
     }
 }
 
@@ -420,14 +450,21 @@ mod tests {
         let alice = Caller {
             subject: "alice".into(),
             role: Role::User,
+            groups: vec!["dba".into()],
         };
-        assert!(alice.may_use("v", "alice").is_ok());
-        assert!(alice.may_use("v", "bob").is_err());
-        assert!(alice.may_use("v", "").is_err());
+        assert!(alice.may_use("v", "alice", "").is_ok());
+        assert!(alice.may_use("v", "bob", "").is_err());
+        assert!(alice.may_use("v", "", "").is_err());
+        assert!(
+            alice.may_use("v", "bob", "dba").is_ok(),
+            "a member of the volume's group"
+        );
+        assert!(alice.may_use("v", "bob", "ops").is_err());
         let root = Caller {
             subject: "root".into(),
             role: Role::Admin,
+            groups: Vec::new(),
         };
-        assert!(root.may_use("v", "bob").is_ok());
+        assert!(root.may_use("v", "bob", "").is_ok());
     }
 }

@@ -75,6 +75,9 @@ pub struct CreateBody {
     /// Wrap the key with this passphrase instead (implies `encrypted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub passphrase: Option<Passphrase>,
+    /// Members of this group (a token's `groups`) may use the volume too.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub group: String,
 }
 
 /// A passphrase: zeroized when dropped, never shown by Debug.
@@ -286,14 +289,16 @@ async fn authenticate(
 /// 403 unless `caller` may use volume `name` (404 comes from the operation).
 fn owned(state: &ApiState, caller: &auth::Caller, name: &str) -> Result<(), ApiError> {
     let owner = state.cluster.with_state(|cluster| {
-        cluster
-            .volumes
-            .contains_key(name)
-            .then(|| cluster.owners.get(name).cloned().unwrap_or_default())
+        cluster.volumes.contains_key(name).then(|| {
+            (
+                cluster.owners.get(name).cloned().unwrap_or_default(),
+                cluster.groups.get(name).cloned().unwrap_or_default(),
+            )
+        })
     });
     match owner {
-        Some(owner) => caller
-            .may_use(name, &owner)
+        Some((owner, group)) => caller
+            .may_use(name, &owner, &group)
             .map_err(|reason| ApiError(StatusCode::FORBIDDEN, reason)),
         None => Ok(()),
     }
@@ -306,23 +311,41 @@ pub struct ApiTokenBody {
     pub subject: String,
     pub role: auth::Role,
     pub ttl_seconds: u64,
+    /// Groups the subject belongs to (volume group ACLs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
 }
 
 async fn create_api_token(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
     let body: ApiTokenBody = parse_body(&body)?;
     check_subject(&body.subject)?;
+    for group in &body.groups {
+        check_subject(group).map_err(|_| bad_group(group))?;
+    }
     if body.ttl_seconds == 0 || body.ttl_seconds > auth::TOKEN_SECONDS_MAX {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!("ttl_seconds must be 1 to {}", auth::TOKEN_SECONDS_MAX),
         ));
     }
+    let caller = auth::Caller {
+        subject: body.subject.clone(),
+        role: body.role,
+        groups: body.groups.clone(),
+    };
     let token = state
         .auth
-        .mint_cluster(&body.subject, body.role, body.ttl_seconds)
+        .mint_cluster(&caller, body.ttl_seconds)
         .map_err(|reason| ApiError(StatusCode::SERVICE_UNAVAILABLE, reason))?;
     tracing::info!(subject = %body.subject, role = ?body.role, ttl_seconds = body.ttl_seconds, "API token issued");
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "token": token }))).into_response())
+}
+
+fn bad_group(group: &str) -> ApiError {
+    ApiError(
+        StatusCode::BAD_REQUEST,
+        format!("group {group:?} must be 1-64 characters of letters, digits, - _ . @"),
+    )
 }
 
 fn check_subject(subject: &str) -> Result<(), ApiError> {
@@ -361,10 +384,17 @@ async fn create_client_cert(
 ) -> Result<Response, ApiError> {
     let body: ClientCertBody = parse_body(&body)?;
     check_subject(&body.subject)?;
-    if !caller.is_admin() && (body.subject != caller.subject || body.role != auth::Role::User) {
+    for group in &body.groups {
+        check_subject(group).map_err(|_| bad_group(group))?;
+    }
+    let own_groups = body.groups.iter().all(|group| caller.groups.contains(group));
+    if !caller.is_admin() && (body.subject != caller.subject || body.role != auth::Role::User || !own_groups) {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
-            format!("a user may only get a user certificate for itself ({})", caller.subject),
+            format!(
+                "a user may only get a user certificate for itself ({}), with groups it is in",
+                caller.subject
+            ),
         ));
     }
     if body.ttl_seconds < 86_400 || body.ttl_seconds > auth::TOKEN_SECONDS_MAX {
@@ -387,7 +417,7 @@ async fn create_client_cert(
         ));
     };
     let days = body.ttl_seconds / 86_400;
-    let bundle = crate::peer::tls::issue_client(&ca, cluster_id, &body.subject, body.role, days)
+    let bundle = crate::peer::tls::issue_client(&ca, cluster_id, &body.subject, body.role, &body.groups, days)
         .map_err(|reason| ApiError(StatusCode::INTERNAL_SERVER_ERROR, reason))?;
     tracing::info!(subject = %body.subject, role = ?body.role, days, by = %caller.subject, "NBD client certificate issued");
     let answer = ClientCert {
@@ -459,7 +489,7 @@ async fn list_volumes(
     Extension(caller): Extension<auth::Caller>,
 ) -> Result<Response, ApiError> {
     let mut list = state.cluster.list_volumes(&state.volumes)?;
-    list.retain(|info| caller.may_use(&info.name, &info.owner).is_ok());
+    list.retain(|info| caller.may_use(&info.name, &info.owner, &info.group).is_ok());
     Ok(Json(list).into_response())
 }
 
@@ -480,6 +510,7 @@ async fn create_volume(
         block_size_bytes: body.block_size_bytes,
         replicas: body.replicas,
         owner: caller.subject,
+        group: body.group,
         encryption,
     };
     let info = state.cluster.create_volume(&state.volumes, request).await?;

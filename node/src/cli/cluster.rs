@@ -389,7 +389,7 @@ fn print_status(status: &ClusterStatus, json: bool, style: Style) -> Result<()> 
 }
 
 /// `ballast auth token create`.
-pub fn create_api_token(api: &str, subject: &str, role: &str, ttl: &str) -> Result<ExitCode> {
+pub fn create_api_token(api: &str, subject: &str, role: &str, groups: &[String], ttl: &str) -> Result<ExitCode> {
     let role = if role == "admin" {
         crate::api::auth::Role::Admin
     } else {
@@ -399,6 +399,7 @@ pub fn create_api_token(api: &str, subject: &str, role: &str, ttl: &str) -> Resu
         subject: subject.to_owned(),
         role,
         ttl_seconds: parse_ttl(ttl)?,
+        groups: groups.to_vec(),
     };
     let answer: serde_json::Value = ApiClient::new(api).post("/v1/auth/tokens", &body)?;
     println!("{}", answer["token"].as_str().unwrap_or_default());
@@ -407,7 +408,14 @@ pub fn create_api_token(api: &str, subject: &str, role: &str, ttl: &str) -> Resu
 
 /// `ballast auth cert create`: a client certificate for NBD over TLS, in the
 /// files libnbd's `tls-certificates=DIR` reads.
-pub fn create_client_cert(api: &str, subject: &str, role: &str, ttl: &str, out: &std::path::Path) -> Result<ExitCode> {
+pub fn create_client_cert(
+    api: &str,
+    subject: &str,
+    role: &str,
+    groups: &[String],
+    ttl: &str,
+    out: &std::path::Path,
+) -> Result<ExitCode> {
     use std::io::Write;
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
     let role = if role == "admin" {
@@ -419,6 +427,7 @@ pub fn create_client_cert(api: &str, subject: &str, role: &str, ttl: &str, out: 
         subject: subject.to_owned(),
         role,
         ttl_seconds: parse_ttl(ttl)?,
+        groups: groups.to_vec(),
     };
     let cert: crate::api::ClientCert = ApiClient::new(api).post("/v1/auth/certs", &body)?;
     std::fs::DirBuilder::new()

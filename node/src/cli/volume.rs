@@ -45,6 +45,9 @@ pub enum VolumeCommand {
         /// unlock` on the node serving it, after every restart or failover.
         #[arg(long, value_name = "FILE")]
         passphrase_file: Option<std::path::PathBuf>,
+        /// Members of GROUP (tokens made with `auth token create --group GROUP`) may use the volume as its owner does.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -124,6 +127,7 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             block_size,
             encrypted,
             passphrase_file,
+            group,
             json,
         } => {
             let size_bytes = parse_size(&size).with_context(|| format!("bad --size {size:?}"))?;
@@ -135,6 +139,7 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
                 replicas: repl,
                 encrypted: encrypted || passphrase.is_some(),
                 passphrase,
+                group: group.unwrap_or_default(),
             };
             let info: VolumeInfo = client.post("/v1/volumes", &body)?;
             print_one(&info, json, "created")
@@ -280,6 +285,22 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
     }
     println!("connections: {}", info.connections);
     println!("export:      nbd://{}/{}", info.coordinator_nbd, info.name);
+    let owner = if info.owner.is_empty() {
+        "the admins"
+    } else {
+        &info.owner
+    };
+    if info.group.is_empty() {
+        println!("owner:       {owner}");
+    } else {
+        println!("owner:       {owner} (and group {})", info.group);
+    }
+    if !info.encryption.is_empty() {
+        println!(
+            "encryption:  AES-XTS-256, key wrapped by the {}",
+            info.encryption.replace('-', " ")
+        );
+    }
     if !info.health.is_empty() {
         let down: Vec<String> = info.replicas_down.iter().map(u64::to_string).collect();
         println!(

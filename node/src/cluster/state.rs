@@ -135,6 +135,9 @@ pub struct ClusterState {
     /// Volume owners (token subjects) by volume name; none: the admins'.
     #[serde(default)]
     pub owners: BTreeMap<String, String>,
+    /// Volume group ACLs by volume name: members of the group may use it.
+    #[serde(default)]
+    pub groups: BTreeMap<String, String>,
     /// Alerts by key, active and recently cleared (bounded, `alerts`).
     #[serde(default)]
     pub alerts: BTreeMap<String, super::alerts::Alert>,
@@ -227,6 +230,9 @@ pub enum Command {
     /// recorded as the new volume's owner, atomically.
     Owned {
         owner: String,
+        /// A group whose members may use the volume too ("" = none).
+        #[serde(default)]
+        group: String,
         command: Box<Command>,
     },
     /// The leader's view of what needs attention changed: `raise` started
@@ -367,6 +373,7 @@ impl ClusterState {
             }
             Command::DeleteVolume { name } => match self.volumes.remove(&name).inspect(|_| {
                 self.owners.remove(&name);
+                self.groups.remove(&name);
             }) {
                 Some(volume) => Outcome::Volume(volume),
                 None => Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist"))),
@@ -400,10 +407,13 @@ impl ClusterState {
                 self.api_secret = Some(secret);
                 Outcome::Done
             }
-            Command::Owned { owner, command } => {
+            Command::Owned { owner, group, command } => {
                 let outcome = self.apply(*command);
                 if let Outcome::Volume(volume) = &outcome {
                     self.owners.insert(volume.name.clone(), owner);
+                    if !group.is_empty() {
+                        self.groups.insert(volume.name.clone(), group);
+                    }
                 }
                 outcome
             }

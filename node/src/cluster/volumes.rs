@@ -29,6 +29,8 @@ pub struct CreateVolume {
     pub replicas: u32,
     /// The API token subject creating it (recorded with the volume).
     pub owner: String,
+    /// A group whose members may use it too ("" = none).
+    pub group: String,
     pub encryption: Encryption,
 }
 
@@ -155,6 +157,7 @@ impl Cluster {
         let volume = self
             .expect_volume(Command::Owned {
                 owner: request.owner.clone(),
+                group: request.group.clone(),
                 command: Box::new(create),
             })
             .await?;
@@ -490,6 +493,7 @@ impl Cluster {
             replicas_down: Vec::new(),
             alerts: Vec::new(),
             owner: String::new(),
+            group: String::new(),
             encryption: String::new(),
         });
         info.encryption = match &volume.encryption {
@@ -511,6 +515,7 @@ impl Cluster {
         info.replicas_down = volume.replica_nodes.iter().copied().filter(|id| !up(*id)).collect();
         info.health = super::status::volume_health(volume, up).into();
         info.owner = self.with_state(|state| state.owners.get(&volume.name).cloned().unwrap_or_default());
+        info.group = self.with_state(|state| state.groups.get(&volume.name).cloned().unwrap_or_default());
         info.alerts = self.with_state(|state| {
             super::alerts::sorted(&state.alerts)
                 .into_iter()

@@ -82,9 +82,12 @@ impl Access<'_> {
     fn may_open(&self, name: &str) -> Result<(), String> {
         match &self.caller {
             None => Ok(()),
-            Some(caller) => caller
-                .may_use(name, &self.security.owner_of(name))
-                .map_err(|reason| format!("{reason} (the client certificate names {})", caller.subject)),
+            Some(caller) => {
+                let (owner, group) = self.security.owner_of(name);
+                caller
+                    .may_use(name, &owner, &group)
+                    .map_err(|reason| format!("{reason} (the client certificate names {})", caller.subject))
+            }
         }
     }
 }

@@ -131,11 +131,16 @@ impl NbdSecurity {
         crate::peer::tls::identity_of(cert, cluster_id)
     }
 
-    /// Who owns volume `name` ("" = the admins).
+    /// Who owns volume `name` ("" = the admins) and its group ACL ("" = none).
     #[must_use]
-    pub fn owner_of(&self, name: &str) -> String {
-        self.cluster.as_ref().map_or_else(String::new, |cluster| {
-            cluster.with_state(|state| state.owners.get(name).cloned().unwrap_or_default())
+    pub fn owner_of(&self, name: &str) -> (String, String) {
+        self.cluster.as_ref().map_or_else(Default::default, |cluster| {
+            cluster.with_state(|state| {
+                (
+                    state.owners.get(name).cloned().unwrap_or_default(),
+                    state.groups.get(name).cloned().unwrap_or_default(),
+                )
+            })
         })
     }
 }
@@ -196,10 +201,11 @@ mod tests {
                 .unwrap()
                 .unwrap()
         };
-        let alice = crate::peer::tls::issue_client(&ca, cluster, "alice", Role::User, 30).unwrap();
+        let alice = crate::peer::tls::issue_client(&ca, cluster, "alice", Role::User, &["dba".into()], 30).unwrap();
         let caller = crate::peer::tls::identity_of(&der(&alice), cluster).unwrap();
         assert_eq!((caller.subject.as_str(), caller.role), ("alice", Role::User));
-        let admin = crate::peer::tls::issue_client(&ca, cluster, "ops", Role::Admin, 30).unwrap();
+        assert_eq!(caller.groups, vec!["dba".to_owned()]);
+        let admin = crate::peer::tls::issue_client(&ca, cluster, "ops", Role::Admin, &[], 30).unwrap();
         assert!(crate::peer::tls::identity_of(&der(&admin), cluster).unwrap().is_admin());
         let node = crate::peer::tls::issue(&ca, cluster, 3).unwrap();
         assert!(crate::peer::tls::identity_of(&der(&node), cluster).unwrap().is_admin());

@@ -99,7 +99,7 @@ struct Leaf {
     common_name: String,
     dns_names: Vec<String>,
     ip_addresses: Vec<std::net::IpAddr>,
-    uri: String,
+    uris: Vec<String>,
     server: bool,
     client: bool,
     days: u64,
@@ -117,9 +117,11 @@ fn sign(ca: &ClusterCa, cluster_id: uuid::Uuid, leaf: Leaf) -> Result<Bundle, St
     for ip in leaf.ip_addresses {
         params.subject_alt_names.push(rcgen::SanType::IpAddress(ip));
     }
-    params.subject_alt_names.push(rcgen::SanType::URI(
-        rcgen::Ia5String::try_from(leaf.uri).map_err(|e| e.to_string())?,
-    ));
+    for uri in leaf.uris {
+        params.subject_alt_names.push(rcgen::SanType::URI(
+            rcgen::Ia5String::try_from(uri).map_err(|e| e.to_string())?,
+        ));
+    }
     params.extended_key_usages = Vec::new();
     if leaf.server {
         params
@@ -159,7 +161,7 @@ pub fn issue(ca: &ClusterCa, cluster_id: uuid::Uuid, node_id: u64) -> Result<Bun
             common_name: format!("ballast node {node_id}"),
             dns_names: vec![SERVER_NAME.to_owned()],
             ip_addresses: Vec::new(),
-            uri: format!("urn:ballast:{cluster_id}:node:{node_id}"),
+            uris: vec![format!("urn:ballast:{cluster_id}:node:{node_id}")],
             server: true,
             client: true,
             days: NODE_CERT_DAYS,
@@ -191,7 +193,7 @@ pub fn issue_nbd_server(
             common_name: format!("ballast node {node_id} NBD"),
             dns_names,
             ip_addresses,
-            uri: format!("urn:ballast:{cluster_id}:nbd:{node_id}"),
+            uris: vec![format!("urn:ballast:{cluster_id}:nbd:{node_id}")],
             server: true,
             client: false,
             days: NODE_CERT_DAYS,
@@ -215,6 +217,7 @@ pub fn issue_client(
     cluster_id: uuid::Uuid,
     subject: &str,
     role: crate::api::auth::Role,
+    groups: &[String],
     days: u64,
 ) -> Result<Bundle, String> {
     sign(
@@ -224,7 +227,13 @@ pub fn issue_client(
             common_name: subject.to_owned(),
             dns_names: Vec::new(),
             ip_addresses: Vec::new(),
-            uri: client_uri(cluster_id, role, subject),
+            uris: std::iter::once(client_uri(cluster_id, role, subject))
+                .chain(
+                    groups
+                        .iter()
+                        .map(|group| format!("urn:ballast:{cluster_id}:group:{group}")),
+                )
+                .collect(),
             server: false,
             client: true,
             days,
@@ -243,6 +252,8 @@ pub fn identity_of(cert_der: &[u8], cluster_id: uuid::Uuid) -> Result<crate::api
         .map_err(|e| format!("bad subject alternative names: {e}"))?
         .ok_or("the certificate names nobody (no subject alternative name)")?;
     let prefix = format!("urn:ballast:{cluster_id}:");
+    let mut found: Option<Caller> = None;
+    let mut groups = Vec::new();
     for name in &names.value.general_names {
         let x509_parser::extensions::GeneralName::URI(uri) = name else {
             continue;
@@ -250,32 +261,35 @@ pub fn identity_of(cert_der: &[u8], cluster_id: uuid::Uuid) -> Result<crate::api
         let Some(rest) = uri.strip_prefix(&prefix) else {
             continue;
         };
-        if let Some(node) = rest.strip_prefix("node:") {
-            return Ok(Caller {
+        if let Some(group) = rest.strip_prefix("group:") {
+            groups.push(group.to_owned());
+        } else if let Some(node) = rest.strip_prefix("node:") {
+            found = Some(Caller {
                 subject: format!("node {node}"),
                 role: Role::Admin,
+                groups: Vec::new(),
+            });
+        } else if let Some(client) = rest.strip_prefix("client:") {
+            let (role, subject) = client.split_once(':').ok_or("a malformed client name")?;
+            let role = match role {
+                "admin" => Role::Admin,
+                "user" => Role::User,
+                other => return Err(format!("unknown role {other:?} in the certificate")),
+            };
+            if subject.is_empty() {
+                return Err("the certificate has an empty subject".into());
+            }
+            found = Some(Caller {
+                subject: subject.to_owned(),
+                role,
+                groups: Vec::new(),
             });
         }
-        let Some(client) = rest.strip_prefix("client:") else {
-            continue;
-        };
-        let (role, subject) = client.split_once(':').ok_or("a malformed client name")?;
-        let role = match role {
-            "admin" => Role::Admin,
-            "user" => Role::User,
-            other => return Err(format!("unknown role {other:?} in the certificate")),
-        };
-        if subject.is_empty() {
-            return Err("the certificate has an empty subject".into());
-        }
-        return Ok(Caller {
-            subject: subject.to_owned(),
-            role,
-        });
     }
-    Err(format!(
-        "the certificate is not a client certificate of cluster {cluster_id}"
-    ))
+    let mut caller =
+        found.ok_or_else(|| format!("the certificate is not a client certificate of cluster {cluster_id}"))?;
+    caller.groups = groups;
+    Ok(caller)
 }
 
 /// The calendar day of a Unix time (certificate validity is by day).

@@ -354,6 +354,9 @@ pub struct VolumeInfo {
     /// The token subject that owns it ("": the admins').
     #[serde(default)]
     pub owner: String,
+    /// Its group ACL: members of this group may use it too ("": none).
+    #[serde(default)]
+    pub group: String,
     /// How its data key is kept: "" (not encrypted), "cluster-key" or "passphrase".
     #[serde(default)]
     pub encryption: String,
@@ -750,6 +753,7 @@ impl Volumes {
             replicas_down: Vec::new(),
             alerts: Vec::new(),
             owner: String::new(),
+            group: String::new(),
             encryption: String::new(),
             epoch: record.epoch,
         })
