@@ -8,6 +8,8 @@
 #   scripts/cluster-up.sh [N]                 N nodes (default 3) on 127.0.0.1 .. 127.0.0.N
 #   scripts/cluster-up.sh 3 --netns           each node in its own network namespace, joined by veth
 #                                             to a bridge (addresses 10.213.0.1 .. N, inside the namespaces)
+# NBD: nodes accept plaintext nbd:// on loopback (--nbd-tls plaintext-on-loopback);
+# with --netns their NBD listeners are not loopback, so clients need nbds://.
 # Options:
 #   --dir DIR          where the cluster lives (default /var/tmp/ballast-cluster)
 #   --disk-size SIZE   size of each node's disk (default 2GiB)
@@ -79,7 +81,7 @@ for i in $(seq 1 "$N"); do
   prefix=()
   [ "$NETNS" = 1 ] && prefix=(ip netns exec "blst-$TAG-n$i")
   # Started directly (ip netns exec execs), so $! is the node's own pid.
-  "${prefix[@]}" "$BALLAST" node run --data-dir "$node_dir/data" --name "node$i" "${labels[@]}" \
+  "${prefix[@]}" "$BALLAST" node run --data-dir "$node_dir/data" --name "node$i" "${labels[@]}" --nbd-tls plaintext-on-loopback \
     --listen-api "$host:9410" --listen-nbd "$host:10809" --listen-peer "$host:9411" \
     </dev/null >"$node_dir/node.log" 2>&1 &
   echo "pid $!" >>"$STATE"

@@ -33,7 +33,7 @@ trap cleanup EXIT
 node_pid() { awk -v n="$1" '$1 == "pid" {i++; if (i == n) print $2}' "$CLUSTER/state"; }
 restart_node() { # index: start node i again with the arguments cluster-up.sh used
   local i=$1 host="127.0.0.$1"
-  "$BALLAST" node run --data-dir "$CLUSTER/node$i/data" --name "node$i" \
+  "$BALLAST" node run --data-dir "$CLUSTER/node$i/data" --name "node$i" --nbd-tls plaintext-on-loopback \
     --listen-api "$host:9410" --listen-nbd "$host:10809" --listen-peer "$host:9411" \
     </dev/null >>"$CLUSTER/node$i/node.log" 2>&1 &
   echo "pid $!" >>"$CLUSTER/state"

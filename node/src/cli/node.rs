@@ -77,11 +77,11 @@ pub struct RunArgs {
     /// HTTP API address [default: 127.0.0.1:9410].
     #[arg(long)]
     pub listen_api: Option<String>,
-    /// NBD address [default: 127.0.0.1:10809]. A listener that is not loopback-only requires TLS (nbds://).
+    /// NBD address [default: 127.0.0.1:10809]. Clients need TLS (nbds:// and a client certificate: `ballast auth cert create`).
     #[arg(long)]
     pub listen_nbd: Option<String>,
-    /// NBD TLS: `auto` (required unless the NBD listener is loopback) or `required` [default: auto].
-    #[arg(long, value_name = "auto|required")]
+    /// NBD TLS: `required`, or `plaintext-on-loopback` to also accept plaintext (nbd://) when the NBD listener is loopback-only [default: required].
+    #[arg(long, value_name = "MODE")]
     pub nbd_tls: Option<crate::nbd::tls::TlsMode>,
     /// Another name (DNS or IP) NBD clients dial this node by; its TLS certificate names it (repeatable).
     #[arg(long = "nbd-tls-name", value_name = "NAME")]

@@ -3,8 +3,8 @@
 //! ```toml
 //! data_dir = "/var/lib/ballast"
 //! listen_api = "127.0.0.1:9410"
-//! listen_nbd = "127.0.0.1:10809"  # not loopback-only: NBD clients must use TLS (nbds://)
-//! nbd_tls = "auto"       # or "required": TLS on the NBD listener even on loopback
+//! listen_nbd = "127.0.0.1:10809"
+//! nbd_tls = "required"   # or "plaintext-on-loopback": nbd:// too, when listen_nbd is loopback
 //! nbd_tls_names = ["storage-a.example", "10.0.0.5"]  # more names the NBD certificate carries
 //! listen_peer = "127.0.0.1:9411"   # other nodes reach this one here (Raft, replication)
 //! name = "host-a"        # shown in `ballast cluster status` (default: the host name)

@@ -6,11 +6,11 @@
 //! `ballast auth cert create` issues one for a subject and role. Over TLS
 //! a user sees and opens only the volumes it owns; an admin all.
 //!
-//! Plaintext is allowed only on a loopback listener (the host is trusted,
-//! as with the admin token in the data directory) and only in `auto`
-//! mode; any other listener requires TLS before any other option
-//! (NBD_REP_ERR_TLS_REQD). TLS-PSK is not offered: rustls, our one TLS
-//! stack, has no external pre-shared keys.
+//! TLS is required before any other option (NBD_REP_ERR_TLS_REQD) unless
+//! the listener is loopback-only *and* `nbd_tls = "plaintext-on-loopback"`
+//! is configured (the host is then trusted, as with the admin token in the
+//! data directory). TLS-PSK is not offered: rustls, our one TLS stack, has
+//! no external pre-shared keys.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,22 +24,25 @@ use crate::cluster::Cluster;
 
 /// When TLS is required on the NBD listener (`nbd_tls` in the config).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum TlsMode {
-    /// Required unless the listener is loopback-only (then offered).
-    #[default]
-    Auto,
     /// Required on every listener.
+    #[default]
     Required,
+    /// Plaintext accepted (TLS offered) when the listener is loopback-only;
+    /// required on any other.
+    PlaintextOnLoopback,
 }
 
 impl std::str::FromStr for TlsMode {
     type Err = String;
     fn from_str(text: &str) -> Result<Self, String> {
         match text {
-            "auto" => Ok(Self::Auto),
             "required" => Ok(Self::Required),
-            other => Err(format!("nbd_tls must be auto or required, not {other:?}")),
+            "plaintext-on-loopback" => Ok(Self::PlaintextOnLoopback),
+            other => Err(format!(
+                "nbd_tls must be required or plaintext-on-loopback, not {other:?}"
+            )),
         }
     }
 }
@@ -179,14 +182,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tls_is_required_on_every_listener_but_loopback_in_auto_mode() {
+    fn tls_is_required_unless_plaintext_on_loopback_is_configured_for_a_loopback_listener() {
         let at = |text: &str| text.parse::<SocketAddr>().unwrap();
-        assert!(!required_for(at("127.0.0.1:10809"), TlsMode::Auto));
-        assert!(!required_for(at("[::1]:10809"), TlsMode::Auto));
-        assert!(required_for(at("0.0.0.0:10809"), TlsMode::Auto));
-        assert!(required_for(at("10.1.2.3:10809"), TlsMode::Auto));
-        assert!(required_for(at("127.0.0.1:10809"), TlsMode::Required));
+        let plaintext = TlsMode::PlaintextOnLoopback;
+        assert!(!required_for(at("127.0.0.1:10809"), plaintext));
+        assert!(!required_for(at("[::1]:10809"), plaintext));
+        assert!(required_for(at("0.0.0.0:10809"), plaintext));
+        assert!(required_for(at("10.1.2.3:10809"), plaintext));
+        assert!(required_for(at("127.0.0.1:10809"), TlsMode::default()));
         assert_eq!("required".parse::<TlsMode>(), Ok(TlsMode::Required));
+        assert_eq!("plaintext-on-loopback".parse::<TlsMode>(), Ok(plaintext));
         assert!("off".parse::<TlsMode>().is_err());
     }
 

@@ -117,6 +117,12 @@ impl TestNode {
             .args(["--listen-api", &format!("{}:{}", self.host, self.api_port)])
             .args(["--listen-nbd", &format!("{}:{}", self.host, self.nbd_port)])
             .args(["--listen-peer", &self.peer_address()])
+            .args(if self.extra_args.iter().any(|arg| arg == "--nbd-tls") {
+                &[][..]
+            } else {
+                // Tests dial nbd:// on loopback (tests/nbd_tls.rs covers TLS).
+                &["--nbd-tls", "plaintext-on-loopback"][..]
+            })
             .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(log)
