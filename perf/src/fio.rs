@@ -77,7 +77,12 @@ pub fn run_on_device(job: &FioJob, target: &Path) -> Result<FioResult> {
 
 /// Runs `job` with fio's NBD engine (libnbd, one connection) against `uri`.
 pub fn run_on_nbd(job: &FioJob, uri: &str) -> Result<FioResult> {
-    let mut command = Command::new("fio");
+    run(nbd_command(Command::new("fio"), job, uri))
+}
+
+/// `fio` (the program `command` runs, maybe through a wrapper) with the
+/// NBD engine's arguments for `job` on `uri`.
+pub fn nbd_command(mut command: Command, job: &FioJob, uri: &str) -> Command {
     command
         .arg(format!("--name={}", job.name))
         .arg("--ioengine=nbd")
@@ -92,7 +97,7 @@ pub fn run_on_nbd(job: &FioJob, uri: &str) -> Result<FioResult> {
     if job.seconds > 0 {
         command.arg("--time_based").arg(format!("--runtime={}", job.seconds));
     }
-    run(command)
+    command
 }
 
 /// Runs a prepared fio command and parses its JSON.

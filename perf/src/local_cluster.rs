@@ -168,6 +168,8 @@ impl LocalCluster {
         let mut command = self.binary.command();
         command
             .args(["node", "run", "--data-dir", data, "--name", &format!("node{index}")])
+            // fio dials nbd:// on loopback; the security benchmark nbds:// too.
+            .args(["--nbd-tls", "plaintext-on-loopback"])
             .args(["--listen-api", &format!("{host}:{api_port}")])
             .args(["--listen-nbd", &format!("{host}:{nbd_port}")])
             .args(["--listen-peer", &format!("{host}:{peer_port}")]);
@@ -241,18 +243,26 @@ impl LocalCluster {
     /// Creates volume `name` through node 1 with `replicas` copies, waits
     /// until all are in sync, checks that node 1 coordinates it and returns its NBD URI.
     pub fn create_volume(&self, name: &str, size_bytes: u64, replicas: usize) -> Result<String> {
+        self.create_volume_with(name, size_bytes, replicas, &[])
+    }
+
+    /// `create_volume` with more `volume create` options (`--encrypted`).
+    pub fn create_volume_with(&self, name: &str, size_bytes: u64, replicas: usize, options: &[&str]) -> Result<String> {
         let first = &self.nodes[0];
-        self.binary.as_admin_of(&first.data_dir).run(&[
+        let (size, replica_count, api) = (size_bytes.to_string(), replicas.to_string(), first.api());
+        let mut args = vec![
             "volume",
             "create",
             name,
             "--size",
-            &size_bytes.to_string(),
+            &size,
             "--repl",
-            &replicas.to_string(),
+            &replica_count,
             "--api",
-            &first.api(),
-        ])?;
+            &api,
+        ];
+        args.extend_from_slice(options);
+        self.binary.as_admin_of(&first.data_dir).run(&args)?;
         let mut inspect = Value::Null;
         wait_until(&format!("volume {name} with {replicas} replicas in sync"), || {
             inspect = self.json(&["volume", "inspect", name, "--json", "--api", &first.api()])?;

@@ -9,6 +9,7 @@ mod local_cluster;
 mod machine;
 mod nbd_bench;
 mod repl_bench;
+mod security_bench;
 mod servers;
 mod stats;
 
@@ -111,6 +112,29 @@ enum Bench {
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
+    /// Cost of NBD over TLS and of encryption at rest on one node: 4k random write/read at QD32 and 1M sequential write on a plain and an encrypted volume, each over plaintext and TLS NBD, alternated, median, ratios against plain + plaintext; writes security.json.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`.
+    Security {
+        /// Size of the node's loop device (each volume is 1/8 of it).
+        #[arg(long, default_value = "4GiB")]
+        size: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Alternating repetitions (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// One repetition of 3 s per measure on a 1 GiB device (about a minute).
+        #[arg(long)]
+        quick: bool,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
 }
 
 fn parse_env_pair(text: &str) -> Result<(String, String), String> {
@@ -190,6 +214,33 @@ fn main() -> Result<()> {
                 ballast: servers::BallastBinary {
                     path: ballast,
                     env: ballast_env,
+                },
+            })
+        }
+        Bench::Security {
+            size,
+            seconds,
+            repeats,
+            quick,
+            ballast,
+            out,
+        } => {
+            let (size, seconds, repeats) = if quick {
+                ("1GiB".to_owned(), 3, 1)
+            } else {
+                (size, seconds, repeats)
+            };
+            if seconds == 0 || repeats == 0 {
+                anyhow::bail!("--seconds and --repeats must be at least 1");
+            }
+            security_bench::run(&security_bench::SecurityOptions {
+                disk_bytes: node::size::parse_size(&size)?,
+                seconds,
+                repeats,
+                out,
+                ballast: servers::BallastBinary {
+                    path: ballast,
+                    env: Vec::new(),
                 },
             })
         }

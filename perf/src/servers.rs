@@ -233,7 +233,7 @@ pub fn start_ballast(
     let nbd_port = free_port()?;
     let api = format!("http://127.0.0.1:{api_port}");
     let mut command = binary.command();
-    command.args(["node", "run", "--data-dir", data]);
+    command.args(["node", "run", "--data-dir", data, "--nbd-tls", "plaintext-on-loopback"]);
     command.args(["--listen-api", &format!("127.0.0.1:{api_port}")]);
     command.args(["--listen-nbd", &format!("127.0.0.1:{nbd_port}")]);
     let log = scratch.join(format!("ballast-{run}.log"));
