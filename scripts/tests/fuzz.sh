@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# A short fuzz run of the NBD wire parsers and option negotiation
+# A short fuzz run of every decoder of outside input: NBD requests, options and
+# negotiation, peer frames and replication payloads, on-disk blocks, API JSON
+# bodies and the TOML config
 # (node/fuzz): builds the cargo-fuzz targets on the pinned stable toolchain
 # (RUSTC_BOOTSTRAP=1 stands in for nightly) and runs them side by side for
 # FUZZ_SECONDS each. Fails if a target panics, hangs or runs out of memory;
@@ -22,7 +24,7 @@ if ! command -v c++ >/dev/null 2>&1; then
 fi
 
 seconds=${FUZZ_SECONDS:-30}
-read -r -a targets <<< "${FUZZ_TARGETS:-nbd_request nbd_option nbd_handshake}"
+read -r -a targets <<< "${FUZZ_TARGETS:-nbd_request nbd_option nbd_handshake peer_frame disk_records api_input}"
 # Unoptimized and without AddressSanitizer: the code under test is
 # `#![forbid(unsafe_code)]`, so ASan finds little there, and an optimized,
 # instrumented build of the node's dependencies would take most of the

@@ -1,0 +1,34 @@
+//! The peer protocol's decoders on arbitrary bytes (what another host may
+//! send to the peer port once TLS is up): a frame header, its checksum
+//! check, and the replication payloads. Nothing panics; whatever decodes
+//! re-encodes to the same meaning.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use node::peer::frame::{decode_header, encode, verify, HEADER_BYTES, PAYLOAD_BYTES_MAX};
+use node::replication::wire;
+
+fuzz_target!(|data: &[u8]| {
+    if let Some(header_bytes) = data.first_chunk::<HEADER_BYTES>() {
+        if let Ok(header) = decode_header(header_bytes) {
+            assert!(header.payload_bytes <= PAYLOAD_BYTES_MAX, "a header past the payload limit");
+            let rest = &data[HEADER_BYTES..];
+            if let Some(payload) = rest.get(..header.payload_bytes) {
+                if verify(header_bytes, &header, payload).is_ok() {
+                    let again = encode(header.kind, header.request_id, payload).expect("within the limit");
+                    assert_eq!(&again[..HEADER_BYTES], header_bytes, "a valid header re-encodes differently");
+                }
+            }
+        }
+    }
+    // A replication request payload: a mutation, or a read of blocks.
+    if let Ok(op) = wire::decode(data) {
+        let again = wire::encode(&op);
+        assert_eq!(wire::decode(&again).as_ref(), Ok(&op), "decode(encode(op)) differs");
+    }
+    if let Ok((volume_id, lba, block_count)) = wire::decode_read(data) {
+        let again = wire::encode_read(volume_id, lba, block_count);
+        assert_eq!(wire::decode_read(&again), Ok((volume_id, lba, block_count)));
+    }
+});
