@@ -2,7 +2,9 @@
 //! (greedy: fewest live blocks), queue its live blocks to be moved to the
 //! log head (paced between user writes by `drain_backlog`), and the segment
 //! is free once those moves are durable. One victim at a time bounds the
-//! work and the memory (one segment-sized copy).
+//! work and the memory (one segment-sized copy). User records leave the last
+//! `USER_RESERVE_SEGMENTS` free segments to the cleaner (see `place`), so a
+//! victim once started can always be moved completely.
 //!
 //! The victim is read in `CLEAN_READ_BYTES` pieces, one at a time: one
 //! large read holds up concurrent FUA writes on many devices for its whole

@@ -41,7 +41,9 @@ use write::{InflightBatch, OpenBatch, PendingWrite};
 
 /// Largest single read or write, in blocks (1 MiB).
 pub const REQUEST_BLOCKS_MAX: u32 = BATCH_DATA_BLOCKS_MAX;
-/// Segments kept free for the cleaner: user writes stop short of them.
+/// Segments kept free for the cleaner: user records are placed only while
+/// this many are free, so a victim the cleaner has started can always be
+/// moved completely (two whole segments; a victim holds less than one).
 pub const USER_RESERVE_SEGMENTS: usize = 2;
 /// Whole segments of dead space kept beyond the reserve (open segment, its
 /// successor, and room for the emptiest segment to be worth cleaning).

@@ -257,6 +257,14 @@ impl Store {
         if pending.kind == RecordKind::DeleteVolume || self.index.volume(pending.volume_id).is_none() {
             self.check_volume_limit(pending).map_err(|e| (e, 0))?;
         }
+        // Invariant: user records are placed only while USER_RESERVE_SEGMENTS
+        // segments are free (their own switches keep that many). Checking at
+        // switches alone let them fill a segment the cleaner had opened from
+        // the reserve, leaving its victim half moved with no free segment and
+        // nothing dead to free: every write then waited forever.
+        if !for_cleaner && self.segments.free_count() < USER_RESERVE_SEGMENTS {
+            return Err((PlaceError::NeedSegment, 0));
+        }
         let mut placed = 0u64;
         loop {
             let want = u32::try_from(total - placed).expect("bounded by REQUEST_BLOCKS_MAX");
