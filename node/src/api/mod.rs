@@ -40,6 +40,7 @@
 
 pub mod auth;
 pub mod client;
+pub mod serve;
 
 use std::sync::Arc;
 

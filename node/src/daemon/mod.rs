@@ -29,6 +29,7 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the node until a stop signal.
 pub fn run(config: &NodeConfig) -> Result<()> {
+    raise_open_file_limit();
     let data = DataDir::open(&config.data_dir, false)
         .with_context(|| format!("cannot open data directory {}", config.data_dir.display()))?;
     let disks = data.disks()?;
@@ -188,6 +189,21 @@ fn node_status(node_uuid: uuid::Uuid, cluster: &Cluster, engine: &Engine, volume
     }
 }
 
+/// Raises the soft limit on open files to the hard one: NBD, API and peer
+/// connections, disks and the databases all need descriptors, and the
+/// usual soft limit (1024) is below what the listeners admit together.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => tracing::debug!(from = soft, to = hard, "raised the open-file limit"),
+            Err(error) => tracing::warn!(%error, soft, hard, "cannot raise the open-file limit"),
+        },
+        Ok(_) => {}
+        Err(error) => tracing::warn!(%error, "cannot read the open-file limit"),
+    }
+}
+
 async fn bind(what: &str, address: std::net::SocketAddr) -> Result<TcpListener> {
     match TcpListener::bind(address).await {
         Ok(listener) => Ok(listener),
@@ -226,15 +242,11 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>,
     ));
     let nbd_scheme = if nbd_security.required { "nbds" } else { "nbd" };
     let nbd = tokio::spawn(crate::nbd::serve(nbd_listener, volumes, nbd_security, stop.clone()));
-    let mut api_stop = stop.clone();
-    let api = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = api_stop.changed().await;
-        };
-        axum::serve(api_listener, crate::api::router(state))
-            .with_graceful_shutdown(shutdown)
-            .await
-    });
+    let api = tokio::spawn(crate::api::serve::serve(
+        api_listener,
+        crate::api::router(state),
+        stop.clone(),
+    ));
     tracing::info!(
         api = %format!("http://{}", config.listen_api),
         nbd = %format!("{nbd_scheme}://{}", config.listen_nbd),
