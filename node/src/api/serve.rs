@@ -2,9 +2,8 @@
 //! at most `CONNECTIONS_MAX` connections (more are closed at once, so a
 //! flood of idle sockets cannot use up the process's file descriptors,
 //! which NBD and the peer port share), and a client must send each
-//! request's headers within `HEADER_TIMEOUT`, counted from when the
-//! connection waits for them (so a silent or slowloris connection, and an
-//! idle keep-alive one, is closed after it).
+//! request's headers within `HEADER_TIMEOUT` (so a silent or slowloris
+//! connection is closed after it; tests/bad_input.rs).
 
 use std::sync::Arc;
 use std::time::Duration;
