@@ -101,7 +101,7 @@ fn check(h: &Harness, result: Result<(), String>) {
     }
     assert!(h.errors.is_empty(), "seed={}: unexpected errors {:?}", h.seed, h.errors);
     // The simulated disk corrupts nothing here: a checksum error is the
-    // store's own doing.
+    // store's own doing (the cleaner once marked good blocks bad).
     assert_eq!(
         h.store.stats().checksum_errors,
         0,
@@ -118,7 +118,9 @@ fn sequential_overwrites_after_random_overwrites_never_hang() {
     // about 1.2 times per round) and reads; then 1 MiB sequential overwrites
     // with 8 in flight. Before the fix user writes filled the segments the
     // cleaner took from its reserve, and the store stopped with no free
-    // segment and a half-moved victim.
+    // segment and a half-moved victim. Seed 2 also caught the cleaner walking
+    // a victim that had died and been reused while it was read (it marked a
+    // good block bad).
     const VOLUME_BLOCKS: u64 = 16_384;
     const ROUNDS: u64 = 4;
     const RANDOM_WRITES_PER_VOLUME: u64 = 20_000;
@@ -207,6 +209,41 @@ fn a_deep_queue_of_overwrites_leaves_the_cleaner_its_reserve() {
             h.write(2, (i % chunks) * MIB_BLOCKS, MIB_BLOCKS);
         });
         check(&h, result);
+        h.crash_and_verify();
+    }
+}
+
+#[test]
+fn requests_of_half_a_segment_never_leave_the_cleaner_spinning() {
+    // Small segments with requests of half their size: a request that did
+    // not fit in what was left of a segment moved the log to the next one,
+    // so every segment held one request and an empty half. With less than
+    // half of the segment space live, every segment was in use; the cleaner
+    // then moved each victim's live half into the first half of a new
+    // segment, freeing nothing, forever, while writes waited.
+    for (seed, disk_bytes, segment_bytes, request_blocks, volume_blocks) in [
+        (1u64, 72usize << 20, 1u64 << 20, 128u64, 8192u64),
+        (2, 135 << 20, 2 << 20, MIB_BLOCKS, 16_384),
+    ] {
+        let mut h = Harness::with_config(
+            seed,
+            disk_bytes,
+            segment_bytes,
+            volume_blocks,
+            vec![1],
+            as_the_node_runs_it,
+        );
+        let space = h.store.space();
+        assert_eq!(space.segment_count, 63);
+        let live_percent = volume_blocks * 100 / space.capacity_blocks;
+        assert!((55..=62).contains(&live_percent), "{live_percent} % of capacity");
+        let requests = volume_blocks / request_blocks;
+        for phase in ["fill", "overwrite"] {
+            let result = run_phase(&mut h, phase, 8, requests, |h, i| {
+                h.write(1, i * request_blocks, request_blocks);
+            });
+            check(&h, result);
+        }
         h.crash_and_verify();
     }
 }

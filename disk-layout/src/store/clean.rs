@@ -4,7 +4,8 @@
 //! is free once those moves are durable. One victim at a time bounds the
 //! work and the memory (one segment-sized copy). User records leave the last
 //! `USER_RESERVE_SEGMENTS` free segments to the cleaner (see `place`), so a
-//! victim once started can always be moved completely.
+//! victim once started can always be moved completely, and a victim that
+//! died while it was read is dropped unparsed (it may already be reused).
 //!
 //! The victim is read in `CLEAN_READ_BYTES` pieces, one at a time: one
 //! large read holds up concurrent FUA writes on many devices for its whole
@@ -32,6 +33,9 @@ const CLEAN_READ_BYTES: usize = 512 * 1024;
 #[derive(Default)]
 pub(super) struct Cleaner {
     victim: Option<u32>,
+    /// The victim's last batch when it was picked: a different one means the
+    /// segment was emptied, freed and reused while it was being read.
+    victim_last_sequence: u64,
     reading: bool,
     /// Next byte of the victim to read.
     read_offset_bytes: usize,
@@ -91,6 +95,7 @@ impl Store {
         let segment_bytes = usize::try_from(self.geometry.segment_size_bytes).expect("at most 1 GiB");
         self.cleaner.segment.resize(segment_bytes, 0);
         self.cleaner.victim = Some(victim);
+        self.cleaner.victim_last_sequence = self.segments.last_sequence(victim);
         self.cleaner.reading = true;
         self.cleaner.read_offset_bytes = 0;
         self.read_next_piece(io, victim);
@@ -108,11 +113,18 @@ impl Store {
         });
     }
 
+    /// False once the victim died and its segment was reused (or may be):
+    /// then nothing in it is the cleaner's to move.
+    fn victim_in_same_life(&self, victim: u32) -> bool {
+        self.segments.state(victim) == SegmentState::Used
+            && self.segments.last_sequence(victim) == self.cleaner.victim_last_sequence
+    }
+
     fn finish_victim(&mut self, victim: u32) {
         self.cleaner.victim = None;
         if self.segments.live_blocks(victim) == 0 {
             self.stats.segments_cleaned += 1;
-        } else if self.segments.state(victim) == SegmentState::Used {
+        } else if self.victim_in_same_life(victim) {
             tracing::error!(
                 disk = %self.config.disk_name,
                 segment = victim,
@@ -145,6 +157,16 @@ impl Store {
             return;
         }
         self.cleaner.reading = false;
+        // User writes may kill every block of the victim while it is read;
+        // the segment is then freed and may be reused, and its bytes mix two
+        // lives. Walking them could take a stale record for one whose block
+        // the index now maps to new data there, and mark that block bad.
+        // Nothing of the victim is live any more: drop it.
+        if !self.victim_in_same_life(victim) {
+            self.cleaner.victim = None;
+            self.maybe_clean(io);
+            return;
+        }
         // Queued, not placed: `drain_backlog` paces them between user writes.
         let segment = std::mem::take(&mut self.cleaner.segment);
         let moves = self.live_runs(victim, &segment);

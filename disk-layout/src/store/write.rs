@@ -276,8 +276,7 @@ impl Store {
             });
             if !fits {
                 self.seal_open();
-                self.start_open(want.min(batch_max), for_cleaner)
-                    .map_err(|e| (e, placed))?;
+                self.start_open(for_cleaner).map_err(|e| (e, placed))?;
             }
             let open = self.open.as_ref().expect("just ensured");
             let take = want.min(open.data_capacity_blocks - open.data_blocks);
@@ -407,14 +406,21 @@ impl Store {
     }
 
     /// Opens a new batch at the log head, moving to the reserved segment if
-    /// the current one cannot hold `data_blocks` more.
-    fn start_open(&mut self, data_blocks: u32, for_cleaner: bool) -> Result<(), PlaceError> {
+    /// the current one cannot hold a header and one data block.
+    ///
+    /// A record longer than the rest of the segment is split (`place` puts
+    /// the rest in the next segment), so no segment tail is left empty.
+    /// Moving to the next segment whenever a whole record did not fit wasted
+    /// up to a request per segment (half of a 2 MiB segment with 1 MiB
+    /// writes): the cleaner then rewrote each victim's live blocks into as
+    /// much space as the victim freed and spun forever while writes waited.
+    fn start_open(&mut self, for_cleaner: bool) -> Result<(), PlaceError> {
         debug_assert!(self.open.is_none());
         let Some(mut buf) = self.free_buffers.pop() else {
             return Err(PlaceError::NeedBuffer);
         };
         let segment_blocks = self.geometry.segment_blocks();
-        if segment_blocks - self.log.offset_blocks < 1 + data_blocks.max(1) {
+        if segment_blocks - self.log.offset_blocks < 2 {
             let reserve = if for_cleaner { 0 } else { USER_RESERVE_SEGMENTS };
             if self.segments.free_count() < 1 + reserve {
                 self.free_buffers.push(buf);
