@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod attach;
 pub mod cli;
 pub mod cluster;
 pub mod daemon;

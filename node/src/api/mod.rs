@@ -14,6 +14,8 @@
 //! | DELETE | /v1/volumes/{name} | | 204 |
 //! | PUT | /v1/volumes/{name}/replicas | `{"replicas":N}` | `VolumeInfo` |
 //! | POST | /v1/volumes/{name}/attach | `{"force":false}` | `VolumeInfo` (this node serves it now) |
+//! | POST | /v1/volumes/{name}/device | | `Device` (a block device of this host; this node must serve the volume) |
+//! | DELETE | /v1/volumes/{name}/device | | 204 (the block device removed) |
 //! | POST | /v1/volumes/{name}/unlock | `{"passphrase":"..."}` | 204 (a passphrase-encrypted volume, on the node serving it) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
 //! | GET | /v1/alerts | | `[Alert]`, active first (`?all=false`: active only) |
@@ -178,6 +180,8 @@ pub struct ApiState {
     pub auth: Arc<auth::Authenticator>,
     pub engine: Arc<crate::engine::Engine>,
     pub node: Box<dyn Fn() -> NodeStatus + Send + Sync>,
+    /// Volumes attached to this host as block devices.
+    pub attach: Arc<crate::attach::HostAttach>,
 }
 
 struct ApiError(StatusCode, String);
@@ -226,6 +230,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/unlock", post(unlock_volume))
+        .route("/v1/volumes/{name}/device", post(attach_device).delete(detach_device))
         .route("/v1/volumes/{name}/replicas", put(update_replicas))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/alerts", get(list_alerts))
@@ -611,6 +616,52 @@ async fn unlock_volume(
         .cluster
         .unlock_volume(&state.volumes, &name, body.passphrase.0)
         .await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn attach_device(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let Some(volume) = state.volumes.get_served(&name) else {
+        let coordinator = state
+            .cluster
+            .with_state(|cluster| cluster.volumes.get(&name).map(|v| v.coordinator));
+        return Err(match coordinator {
+            None => ApiError(StatusCode::NOT_FOUND, format!("volume {name} does not exist")),
+            Some(node) => ApiError(
+                StatusCode::CONFLICT,
+                format!("volume {name} is served by node {node}, not this one: `ballast volume attach {name} --device` takes it over first"),
+            ),
+        });
+    };
+    if !volume.is_unlocked() {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            crate::volume::VolumeIoError::Locked { volume: name }.to_string(),
+        ));
+    }
+    let attach = Arc::clone(&state.attach);
+    let device = tokio::task::spawn_blocking(move || attach.attach(&volume))
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(|reason| ApiError(StatusCode::INTERNAL_SERVER_ERROR, reason))?;
+    Ok(Json(device).into_response())
+}
+
+async fn detach_device(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let attach = Arc::clone(&state.attach);
+    tokio::task::spawn_blocking(move || attach.detach(&name))
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(|reason| ApiError(StatusCode::NOT_FOUND, reason))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -98,10 +98,15 @@ pub enum VolumeCommand {
         /// Take over even though the current coordinator is up (its clients get errors).
         #[arg(long)]
         force: bool,
+        /// Also make the volume a block device of this host (FUSE file + loop device) and print its path.
+        #[arg(long)]
+        device: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
     },
+    /// Remove the block device `volume attach --device` made on this host (unmount it first).
+    Detach { name: String },
     /// Delete a volume and release its space (refused while clients are connected).
     Delete { name: String },
     /// Grow a volume (clients see the new size when they reconnect).
@@ -168,12 +173,32 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             let info = wait_in_sync(&client, &name)?;
             print_one(&info, json, "updated")
         }
-        VolumeCommand::Attach { name, force, json } => {
+        VolumeCommand::Attach {
+            name,
+            force,
+            device,
+            json,
+        } => {
             let info: VolumeInfo = client.post(
                 &format!("/v1/volumes/{}/attach", path_segment(&name)),
                 &crate::api::AttachBody { force },
             )?;
+            if device {
+                let device: crate::attach::Device =
+                    client.post(&format!("/v1/volumes/{}/device", path_segment(&name)), &())?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&device)?);
+                } else {
+                    println!("{}", device.device.display());
+                }
+                return Ok(ExitCode::SUCCESS);
+            }
             print_one(&info, json, "attached")
+        }
+        VolumeCommand::Detach { name } => {
+            client.delete(&format!("/v1/volumes/{}/device", path_segment(&name)))?;
+            println!("detached volume {name} from this host");
+            Ok(ExitCode::SUCCESS)
         }
         VolumeCommand::Unlock { name, passphrase_file } => {
             let body = crate::api::UnlockBody {

@@ -90,14 +90,21 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         external,
     )?);
     auth.write_admin_token().map_err(|error| anyhow::anyhow!(error))?;
+    let attach = Arc::new(crate::attach::HostAttach::new(
+        &config.data_dir,
+        runtime.handle().clone(),
+    ));
     let state = Arc::new(ApiState {
         volumes: Arc::clone(&volumes),
         cluster: Arc::clone(&cluster),
         auth,
         engine: Arc::clone(&engine),
         node: Box::new(move || node_status(node_uuid, &status_cluster, &status_engine, &status_volumes)),
+        attach: Arc::clone(&attach),
     });
     let served = runtime.block_on(serve(config, state, Arc::clone(&volumes), Arc::clone(&cluster)));
+    // Loop devices and the FUSE mount go while the runtime still answers their I/O.
+    attach.shutdown();
     if let Err(error) = runtime.block_on(cluster.raft.shutdown()) {
         tracing::warn!(%error, "raft did not stop cleanly");
     }
