@@ -115,3 +115,50 @@ fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_rea
     leftovers.device = None;
     assert!(node.log_text().contains("host attach filesystem mounted"));
 }
+
+#[test]
+fn volume_mount_formats_on_first_use_and_volume_unmount_detaches() {
+    let test = "volume_mount_formats_on_first_use";
+    if let Some(why) = unavailable_reason() {
+        record_skip(test, &why);
+        return;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        record_skip(test, "no /dev/fuse (FUSE is not available on this host)");
+        return;
+    }
+    if !have_tool(test, "fusermount3") || !have_tool(test, "mkfs.ext4") || !have_tool(test, "blkid") {
+        return;
+    }
+    let node = TestNode::start(test, 1 << 30);
+    node.create_volume("data", "128MiB");
+    let mountpoint = node.dir.path().join("mnt");
+    let _leftovers = Leftovers {
+        mountpoint: mountpoint.clone(),
+        fuse_dir: node.data_dir.join("attach"),
+        device: None,
+    };
+    let mounted = node.cli_ok(&["volume", "mount", "data", mountpoint.to_str().unwrap()]);
+    assert!(mounted.contains("mounted volume data"), "{mounted}");
+    let fs_type = run_ok("findmnt", &["-n", "-o", "FSTYPE", mountpoint.to_str().unwrap()]);
+    assert_eq!(fs_type.trim(), "ext4");
+    std::fs::write(mountpoint.join("kept.txt"), "kept\n").unwrap();
+    let unmounted = node.cli_ok(&["volume", "unmount", "data"]);
+    assert!(unmounted.contains("unmounted"), "{unmounted}");
+    assert!(
+        !std::fs::read_to_string("/proc/self/mounts")
+            .unwrap()
+            .contains(mountpoint.to_str().unwrap()),
+        "still mounted"
+    );
+    // The second mount finds the filesystem and does not format it again.
+    let again = node.cli(&["volume", "mount", "data", mountpoint.to_str().unwrap()]);
+    assert!(again.status.success(), "{}", text(&again));
+    assert!(!text(&again).contains("making a"), "{}", text(&again));
+    assert_eq!(std::fs::read_to_string(mountpoint.join("kept.txt")).unwrap(), "kept\n");
+    node.cli_ok(&["volume", "unmount", "data"]);
+    // Against another host's API, mount refuses (the device would be there).
+    let remote = node.cli(&["volume", "--api", "http://10.9.9.9:9410", "mount", "data", "/tmp/x"]);
+    assert!(!remote.status.success());
+    assert!(text(&remote).contains("this host's node"), "{}", text(&remote));
+}

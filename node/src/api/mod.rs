@@ -15,6 +15,7 @@
 //! | PUT | /v1/volumes/{name}/replicas | `{"replicas":N}` | `VolumeInfo` |
 //! | POST | /v1/volumes/{name}/attach | `{"force":false}` | `VolumeInfo` (this node serves it now) |
 //! | POST | /v1/volumes/{name}/device | | `Device` (a block device of this host; this node must serve the volume) |
+//! | GET | /v1/volumes/{name}/device | | `Device` if attached to this host, else 404 |
 //! | DELETE | /v1/volumes/{name}/device | | 204 (the block device removed) |
 //! | POST | /v1/volumes/{name}/unlock | `{"passphrase":"..."}` | 204 (a passphrase-encrypted volume, on the node serving it) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
@@ -230,7 +231,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/unlock", post(unlock_volume))
-        .route("/v1/volumes/{name}/device", post(attach_device).delete(detach_device))
+        .route(
+            "/v1/volumes/{name}/device",
+            get(device_of).post(attach_device).delete(detach_device),
+        )
         .route("/v1/volumes/{name}/replicas", put(update_replicas))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/alerts", get(list_alerts))
@@ -649,6 +653,25 @@ async fn attach_device(
         .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
         .map_err(|reason| ApiError(StatusCode::INTERNAL_SERVER_ERROR, reason))?;
     Ok(Json(device).into_response())
+}
+
+async fn device_of(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    match state.attach.device_of(&name) {
+        Some(device) => Ok(Json(crate::attach::Device {
+            device,
+            backend: "fuse".into(),
+        })
+        .into_response()),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("volume {name} is not attached to this host"),
+        )),
+    }
 }
 
 async fn detach_device(

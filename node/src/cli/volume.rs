@@ -107,6 +107,20 @@ pub enum VolumeCommand {
     },
     /// Remove the block device `volume attach --device` made on this host (unmount it first).
     Detach { name: String },
+    /// Attach the volume to this host, make a filesystem on first use, and mount it at PATH.
+    ///
+    /// Runs against this host's node (--api on loopback): the device is a
+    /// loop device of this host. An existing filesystem is never
+    /// reformatted, whatever --fs says.
+    Mount {
+        name: String,
+        path: std::path::PathBuf,
+        /// Filesystem made on first use.
+        #[arg(long, default_value = "ext4", value_parser = ["ext4", "xfs"])]
+        fs: String,
+    },
+    /// Unmount the volume's filesystem(s) on this host and detach its block device.
+    Unmount { name: String },
     /// Delete a volume and release its space (refused while clients are connected).
     Delete { name: String },
     /// Grow a volume (clients see the new size when they reconnect).
@@ -195,6 +209,8 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             }
             print_one(&info, json, "attached")
         }
+        VolumeCommand::Mount { name, path, fs } => mount(&client, &args.api, &name, &path, &fs),
+        VolumeCommand::Unmount { name } => unmount(&client, &name),
         VolumeCommand::Detach { name } => {
             client.delete(&format!("/v1/volumes/{}/device", path_segment(&name)))?;
             println!("detached volume {name} from this host");
@@ -222,6 +238,110 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             print_one(&info, json, "resized")
         }
     }
+}
+
+fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> Result<std::process::Output> {
+    std::process::Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program} (is it installed?)"))
+}
+
+/// Whether an API URL names this host (a loopback address).
+fn is_local_api(api: &str) -> bool {
+    let host = api.split("://").nth(1).unwrap_or(api);
+    let host = host.split('/').next().unwrap_or(host);
+    let host = match host.rsplit_once(':') {
+        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
+        _ => host,
+    };
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `volume mount`: attach here, mkfs on first use, mount.
+fn mount(client: &ApiClient, api: &str, name: &str, path: &std::path::Path, fs: &str) -> Result<ExitCode> {
+    use std::ffi::OsStr;
+    if !is_local_api(api) {
+        anyhow::bail!("volume mount uses this host's node: point --api at it (a loopback address), not {api}");
+    }
+    let _: VolumeInfo = client.post(
+        &format!("/v1/volumes/{}/attach", path_segment(name)),
+        &crate::api::AttachBody { force: false },
+    )?;
+    let device: crate::attach::Device = client.post(&format!("/v1/volumes/{}/device", path_segment(name)), &())?;
+    let dev = device.device.as_os_str();
+    let probe = run_tool(
+        "blkid",
+        &[
+            OsStr::new("-p"),
+            OsStr::new("-o"),
+            OsStr::new("value"),
+            OsStr::new("-s"),
+            OsStr::new("TYPE"),
+            dev,
+        ],
+    )?;
+    let existing = String::from_utf8_lossy(&probe.stdout).trim().to_owned();
+    if existing.is_empty() {
+        eprintln!("making a {fs} filesystem on {} (first use)", device.device.display());
+        let made = run_tool(&format!("mkfs.{fs}"), &[OsStr::new("-q"), dev])?;
+        if !made.status.success() {
+            anyhow::bail!(
+                "mkfs.{fs} {} failed: {}",
+                device.device.display(),
+                String::from_utf8_lossy(&made.stderr).trim()
+            );
+        }
+    } else if existing != fs {
+        eprintln!(
+            "{} already holds {existing}; mounting it as it is",
+            device.device.display()
+        );
+    }
+    std::fs::create_dir_all(path).with_context(|| format!("cannot make {}", path.display()))?;
+    let mounted = run_tool("mount", &[dev, path.as_os_str()])?;
+    if !mounted.status.success() {
+        anyhow::bail!(
+            "mount {} {} failed: {}",
+            device.device.display(),
+            path.display(),
+            String::from_utf8_lossy(&mounted.stderr).trim()
+        );
+    }
+    println!(
+        "mounted volume {name} ({}) at {}",
+        device.device.display(),
+        path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `volume unmount`: unmount every mount of the volume's device here, then detach it.
+fn unmount(client: &ApiClient, name: &str) -> Result<ExitCode> {
+    let device: crate::attach::Device = client.get(&format!("/v1/volumes/{}/device", path_segment(name)))?;
+    let mounts = std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
+    let device_text = device.device.to_string_lossy().into_owned();
+    for line in mounts.lines() {
+        let mut fields = line.split_whitespace();
+        if fields.next() != Some(device_text.as_str()) {
+            continue;
+        }
+        let Some(target) = fields.next() else { continue };
+        // /proc/self/mounts escapes spaces as \040.
+        let target = target.replace("\\040", " ");
+        let done = run_tool("umount", &[std::ffi::OsStr::new(&target)])?;
+        if !done.status.success() {
+            anyhow::bail!(
+                "umount {target} failed (in use?): {}",
+                String::from_utf8_lossy(&done.stderr).trim()
+            );
+        }
+        println!("unmounted {target}");
+    }
+    client.delete(&format!("/v1/volumes/{}/device", path_segment(name)))?;
+    println!("detached volume {name} from this host");
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The passphrase in `path`: its first line, without the line end.
