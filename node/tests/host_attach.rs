@@ -162,3 +162,86 @@ fn volume_mount_formats_on_first_use_and_volume_unmount_detaches() {
     assert!(!remote.status.success());
     assert!(text(&remote).contains("this host's node"), "{}", text(&remote));
 }
+
+#[test]
+fn only_one_host_has_a_volume_attached_until_a_forced_failover_which_fences_the_old_one() {
+    let test = "only_one_host_has_a_volume_attached";
+    if let Some(why) = unavailable_reason() {
+        record_skip(test, &why);
+        return;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        record_skip(test, "no /dev/fuse (FUSE is not available on this host)");
+        return;
+    }
+    if !have_tool(test, "fusermount3") {
+        return;
+    }
+    let cluster = common::cluster::TestCluster::start(test, 2, &[]);
+    let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
+    first.cli_ok(&["volume", "create", "data", "--size", "64MiB", "--repl", "2"]);
+    common::cluster::wait_until("both replicas in sync", || {
+        let info: serde_json::Value =
+            serde_json::from_str(&first.cli_ok(&["volume", "inspect", "data", "--json"])).unwrap();
+        info["in_sync"].as_array().is_some_and(|nodes| nodes.len() == 2)
+    });
+    let mut first_leftovers = Leftovers {
+        mountpoint: first.dir.path().join("mnt"),
+        fuse_dir: first.data_dir.join("attach"),
+        device: None,
+    };
+    let mut second_leftovers = Leftovers {
+        mountpoint: second.dir.path().join("mnt"),
+        fuse_dir: second.data_dir.join("attach"),
+        device: None,
+    };
+    let first_device = attach(first, &mut first_leftovers);
+    let info: serde_json::Value =
+        serde_json::from_str(&second.cli_ok(&["volume", "inspect", "data", "--json"])).unwrap();
+    assert_eq!(info["attached_to"].as_u64(), Some(first.node_id()));
+
+    // The second node may take over serving, but not the device while the
+    // first host has it attached...
+    let api = |node: &TestNode, method: &str, path: &str, body: &str| {
+        let request = ureq::request(method, &format!("{}{path}", node.api_url()))
+            .set("Authorization", &format!("Bearer {}", node.token()));
+        match request.send_string(body) {
+            Ok(response) => (response.status(), response.into_string().unwrap_or_default()),
+            Err(ureq::Error::Status(code, response)) => (code, response.into_string().unwrap_or_default()),
+            Err(error) => panic!("{method} {path}: {error}"),
+        }
+    };
+    let (code, body) = api(second, "POST", "/v1/volumes/data/attach", r#"{"force":true}"#);
+    assert_eq!(code, 200, "{body}");
+    let (code, body) = api(second, "POST", "/v1/volumes/data/device", "{}");
+    assert_eq!(code, 409, "{body}");
+    assert!(
+        body.contains("attached to node") && body.contains("--force-failover"),
+        "{body}"
+    );
+    // ...and takes it with --force-failover (the first host is deemed lost).
+    let taken = second.cli(&["volume", "attach", "data", "--device", "--force-failover"]);
+    assert!(taken.status.success(), "{}", text(&taken));
+    second_leftovers.device = Some(PathBuf::from(String::from_utf8_lossy(&taken.stdout).trim()));
+    let info: serde_json::Value =
+        serde_json::from_str(&first.cli_ok(&["volume", "inspect", "data", "--json"])).unwrap();
+    assert_eq!(info["attached_to"].as_u64(), Some(second.node_id()));
+    // The old host's device now fails instead of serving stale data.
+    common::cluster::wait_until("the first host's device refuses I/O", || {
+        !run_with_timeout(
+            Command::new("dd").arg(format!("if={}", first_device.display())).args([
+                "of=/dev/null",
+                "bs=4096",
+                "count=1",
+                "iflag=direct",
+            ]),
+            TOOL_TIMEOUT,
+        )
+        .status
+        .success()
+    });
+    first.cli_ok(&["volume", "detach", "data"]);
+    first_leftovers.device = None;
+    second.cli_ok(&["volume", "detach", "data"]);
+    second_leftovers.device = None;
+}

@@ -627,8 +627,14 @@ async fn attach_device(
     State(state): State<Arc<ApiState>>,
     Extension(caller): Extension<auth::Caller>,
     Path(name): Path<String>,
+    body: Bytes,
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
+    let body: AttachBody = if body.is_empty() || body.as_ref() == b"null" {
+        AttachBody::default()
+    } else {
+        parse_body(&body)?
+    };
     let Some(volume) = state.volumes.get_served(&name) else {
         let coordinator = state
             .cluster
@@ -647,6 +653,23 @@ async fn attach_device(
             crate::volume::VolumeIoError::Locked { volume: name }.to_string(),
         ));
     }
+    // One host at a time: recorded in Raft before the device exists.
+    state
+        .cluster
+        .change(crate::cluster::state::Command::Attach {
+            name: name.clone(),
+            node: state.cluster.local.id,
+            force: body.force,
+            now_unix: crate::datadir::now_unix_seconds(),
+        })
+        .await
+        .map_err(|error| {
+            let error = crate::cluster::volumes::VolumeOpError::from(error);
+            ApiError(
+                StatusCode::from_u16(error.status).unwrap_or(StatusCode::CONFLICT),
+                error.message,
+            )
+        })?;
     let attach = Arc::clone(&state.attach);
     let device = tokio::task::spawn_blocking(move || attach.attach(&volume))
         .await
@@ -681,10 +704,21 @@ async fn detach_device(
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
     let attach = Arc::clone(&state.attach);
-    tokio::task::spawn_blocking(move || attach.detach(&name))
+    let detached_name = name.clone();
+    tokio::task::spawn_blocking(move || attach.detach(&detached_name))
         .await
         .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
         .map_err(|reason| ApiError(StatusCode::NOT_FOUND, reason))?;
+    let cleared = state
+        .cluster
+        .change(crate::cluster::state::Command::Detach {
+            name: name.clone(),
+            node: state.cluster.local.id,
+        })
+        .await;
+    if let Err(error) = cleared {
+        tracing::warn!(volume = %name, %error, "device removed, but the attach record stays until the cluster takes the change");
+    }
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 

@@ -44,6 +44,18 @@ impl Files {
         self.by_inode.read().get(&inode).cloned()
     }
 
+    /// The volume of `inode` for I/O: only while this node serves it (after
+    /// a forced failover elsewhere, its old host gets errors, not stale data).
+    fn serving(&self, inode: u64) -> Result<Arc<Volume>, i32> {
+        let volume = self.get(inode).ok_or(libc::ENOENT)?;
+        if volume.is_served() {
+            Ok(volume)
+        } else {
+            tracing::warn!(volume = %volume.name, "I/O on an attached device of a volume this node no longer serves: refused");
+            Err(libc::EIO)
+        }
+    }
+
     fn by_name(&self, name: &OsStr) -> Option<Arc<Volume>> {
         self.by_inode
             .read()
@@ -127,8 +139,9 @@ impl Filesystem for AttachFs {
         _lock_owner: Option<u64>,
         reply: ReplyData,
     ) {
-        let Some(volume) = self.files.get(inode) else {
-            return reply.error(libc::ENOENT);
+        let volume = match self.files.serving(inode) {
+            Ok(volume) => volume,
+            Err(errno) => return reply.error(errno),
         };
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(libc::EINVAL);
@@ -159,8 +172,9 @@ impl Filesystem for AttachFs {
         _lock_owner: Option<u64>,
         reply: ReplyWrite,
     ) {
-        let Some(volume) = self.files.get(inode) else {
-            return reply.error(libc::ENOENT);
+        let volume = match self.files.serving(inode) {
+            Ok(volume) => volume,
+            Err(errno) => return reply.error(errno),
         };
         let Ok(offset) = u64::try_from(offset) else {
             return reply.error(libc::EINVAL);

@@ -95,10 +95,12 @@ pub enum VolumeCommand {
     /// coordinator's writes are refused by the replicas from then on.
     Attach {
         name: String,
-        /// Take over even though the current coordinator is up (its clients get errors).
-        #[arg(long)]
+        /// Take over even though the current coordinator is up (its clients get errors), and
+        /// with --device even though another host has it attached (that host is lost).
+        #[arg(long, alias = "force-failover")]
         force: bool,
-        /// Also make the volume a block device of this host (FUSE file + loop device) and print its path.
+        /// Also make the volume a block device of this host (FUSE file + loop device) and print its
+        /// path. One host at a time: refused while another host has it attached.
         #[arg(long)]
         device: bool,
         /// Machine-readable output.
@@ -198,8 +200,10 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
                 &crate::api::AttachBody { force },
             )?;
             if device {
-                let device: crate::attach::Device =
-                    client.post(&format!("/v1/volumes/{}/device", path_segment(&name)), &())?;
+                let device: crate::attach::Device = client.post(
+                    &format!("/v1/volumes/{}/device", path_segment(&name)),
+                    &crate::api::AttachBody { force },
+                )?;
                 if json {
                     println!("{}", serde_json::to_string_pretty(&device)?);
                 } else {
@@ -439,6 +443,9 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
         println!("owner:       {owner}");
     } else {
         println!("owner:       {owner} (and group {})", info.group);
+    }
+    if info.attached_to != 0 {
+        println!("attached:    to node {}'s host (block device)", info.attached_to);
     }
     if !info.encryption.is_empty() {
         println!(

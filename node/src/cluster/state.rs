@@ -92,6 +92,15 @@ pub struct ClusterVolume {
     pub encryption: Option<Box<crate::volume::crypt::WrappedKey>>,
 }
 
+/// Which host has a volume attached read-write.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub node: u64,
+    /// The volume's epoch when it was attached.
+    pub epoch: u64,
+    pub since_unix: u64,
+}
+
 /// A secret that never shows in logs or debug output.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApiSecret(pub String);
@@ -141,6 +150,10 @@ pub struct ClusterState {
     /// Alerts by key, active and recently cleared (bounded, `alerts`).
     #[serde(default)]
     pub alerts: BTreeMap<String, super::alerts::Alert>,
+    /// Volumes attached to a host as a block device (read-write), by name:
+    /// one host at a time.
+    #[serde(default)]
+    pub attachments: BTreeMap<String, Attachment>,
 }
 
 /// Proposals whose outcome is kept for retries.
@@ -264,6 +277,19 @@ pub enum Command {
         name: String,
         node: u64,
     },
+    /// Volume `name` is attached read-write to `node`'s host. Refused while
+    /// another node holds it, unless `force` (that host is lost).
+    Attach {
+        name: String,
+        node: u64,
+        force: bool,
+        now_unix: u64,
+    },
+    /// `node` no longer has `name` attached (no-op if another node has).
+    Detach {
+        name: String,
+        node: u64,
+    },
 }
 
 /// Why a command was not applied (the same on every node).
@@ -374,12 +400,45 @@ impl ClusterState {
             Command::DeleteVolume { name } => match self.volumes.remove(&name).inspect(|_| {
                 self.owners.remove(&name);
                 self.groups.remove(&name);
+                self.attachments.remove(&name);
             }) {
                 Some(volume) => Outcome::Volume(volume),
                 None => Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist"))),
             },
             Command::ReplicaOut { name, node, by } => self.replica_out(&name, node, by),
             Command::SetCoordinator { name, node } => self.set_coordinator(&name, node),
+            Command::Attach {
+                name,
+                node,
+                force,
+                now_unix,
+            } => {
+                let Some(volume) = self.volumes.get(&name) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+                };
+                match self.attachments.get(&name) {
+                    // A conflict (409), like an existing name.
+                    Some(held) if held.node != node && !force => Outcome::Rejected(Rejection::Exists(format!(
+                        "volume {name} is attached to node {}'s host (since epoch {}); detach it there, or pass --force-failover if that host is lost",
+                        held.node, held.epoch
+                    ))),
+                    _ => {
+                        let attachment = Attachment {
+                            node,
+                            epoch: volume.epoch,
+                            since_unix: now_unix,
+                        };
+                        self.attachments.insert(name, attachment);
+                        Outcome::Done
+                    }
+                }
+            }
+            Command::Detach { name, node } => {
+                if self.attachments.get(&name).is_some_and(|held| held.node == node) {
+                    self.attachments.remove(&name);
+                }
+                Outcome::Done
+            }
             Command::ReplicaIn {
                 name,
                 node,
@@ -680,6 +739,43 @@ pub(crate) mod tests {
             created_unix_seconds: 5,
             encryption: None,
         }
+    }
+
+    #[test]
+    fn a_volume_is_attached_to_one_host_at_a_time_unless_forced() {
+        let mut state = cluster(2);
+        assert!(matches!(state.apply(create("v", vec![1, 2])), Outcome::Volume(_)));
+        let attach = |node, force| Command::Attach {
+            name: "v".into(),
+            node,
+            force,
+            now_unix: 9,
+        };
+        assert_eq!(state.apply(attach(1, false)), Outcome::Done);
+        assert_eq!(state.apply(attach(1, false)), Outcome::Done, "again on the same host");
+        let Outcome::Rejected(Rejection::Exists(reason)) = state.apply(attach(2, false)) else {
+            panic!("a second host attached");
+        };
+        assert!(
+            reason.contains("node 1") && reason.contains("--force-failover"),
+            "{reason}"
+        );
+        // A detach by another node changes nothing; by the holder frees it.
+        state.apply(Command::Detach {
+            name: "v".into(),
+            node: 2,
+        });
+        assert_eq!(state.attachments["v"].node, 1);
+        assert_eq!(state.apply(attach(2, true)), Outcome::Done, "forced failover");
+        assert_eq!(state.attachments["v"].node, 2);
+        state.apply(Command::Detach {
+            name: "v".into(),
+            node: 2,
+        });
+        assert!(state.attachments.is_empty());
+        assert_eq!(state.apply(attach(1, false)), Outcome::Done);
+        state.apply(Command::DeleteVolume { name: "v".into() });
+        assert!(state.attachments.is_empty(), "a deleted volume is attached nowhere");
     }
 
     #[test]

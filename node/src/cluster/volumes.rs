@@ -495,6 +495,7 @@ impl Cluster {
             owner: String::new(),
             group: String::new(),
             encryption: String::new(),
+            attached_to: 0,
         });
         info.encryption = match &volume.encryption {
             None => String::new(),
@@ -516,6 +517,7 @@ impl Cluster {
         info.health = super::status::volume_health(volume, up).into();
         info.owner = self.with_state(|state| state.owners.get(&volume.name).cloned().unwrap_or_default());
         info.group = self.with_state(|state| state.groups.get(&volume.name).cloned().unwrap_or_default());
+        info.attached_to = self.with_state(|state| state.attachments.get(&volume.name).map_or(0, |a| a.node));
         info.alerts = self.with_state(|state| {
             super::alerts::sorted(&state.alerts)
                 .into_iter()

@@ -360,6 +360,9 @@ pub struct VolumeInfo {
     /// How its data key is kept: "" (not encrypted), "cluster-key" or "passphrase".
     #[serde(default)]
     pub encryption: String,
+    /// The node whose host has it attached as a block device (0: none).
+    #[serde(default)]
+    pub attached_to: u64,
 }
 
 /// An opened disk as placement sees it.
@@ -755,6 +758,7 @@ impl Volumes {
             owner: String::new(),
             group: String::new(),
             encryption: String::new(),
+            attached_to: 0,
             epoch: record.epoch,
         })
     }
