@@ -11,6 +11,7 @@ pub mod engine;
 pub mod lockfile;
 pub mod loopdev;
 pub mod pool;
+pub mod process;
 pub mod uring;
 
 pub use engine::{open_engine, Completion, EngineChoice, IoEngine, IoKind, Submission, Waker};

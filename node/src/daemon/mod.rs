@@ -30,6 +30,10 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs the node until a stop signal.
 pub fn run(config: &NodeConfig) -> Result<()> {
     raise_open_file_limit();
+    // Before any thread starts, so all inherit it (host attach: see kernel_iface::process).
+    if let Err(error) = kernel_iface::process::set_io_flusher() {
+        tracing::warn!(%error, "cannot mark the node as an I/O flusher (PR_SET_IO_FLUSHER); a volume attached to this host could deadlock under memory pressure");
+    }
     let data = DataDir::open(&config.data_dir, false)
         .with_context(|| format!("cannot open data directory {}", config.data_dir.display()))?;
     let disks = data.disks()?;
