@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod nbd;
 pub mod pattern;
 pub mod peer;
+pub mod plugin;
 pub mod replication;
 pub mod size;
 pub mod volume;

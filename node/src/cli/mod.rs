@@ -81,9 +81,30 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The Docker volume plugin: `ballast plugin serve` next to this host's node.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
     /// Self-test tools: drive the storage engine directly (used by the test suite).
     #[command(subcommand, hide = true)]
     Debug(crate::cli::debug::DebugCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Serve the Docker volume plugin (protocol v1) on a unix socket until SIGTERM:
+    /// `docker volume create -d ballast --opt size=10GiB --opt repl=3 NAME`, then
+    /// `docker run -v NAME:/data ...` attaches, formats on first use and mounts it here.
+    Serve {
+        /// The node API of this host (the plugin attaches and mounts here).
+        #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
+        api: String,
+        /// The socket dockerd finds plugins by.
+        #[arg(long, default_value = crate::plugin::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Where volumes are mounted for containers (the plugin's state file is kept there too).
+        #[arg(long, default_value = crate::plugin::DEFAULT_MOUNTS)]
+        mounts: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -154,6 +175,7 @@ impl Command {
             | Self::Status { .. }
             | Self::Alerts { .. }
             | Self::Auth { .. } => "warn",
+            Self::Plugin(_) => "info",
         }
     }
 }
@@ -181,6 +203,9 @@ pub fn main() -> ExitCode {
         Command::Volume(args) => volume::run(args),
         Command::Cluster(args) => cluster::run(args),
         Command::Status { api, json, watch } => cluster::status(&api, json, watch),
+        Command::Plugin(PluginCommand::Serve { api, socket, mounts }) => {
+            crate::plugin::serve(crate::plugin::PluginOptions { socket, api, mounts }).map(|()| ExitCode::SUCCESS)
+        }
         Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
         Command::Auth {
             api,

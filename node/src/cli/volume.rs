@@ -252,7 +252,7 @@ fn run_tool(program: &str, args: &[&std::ffi::OsStr]) -> Result<std::process::Ou
 }
 
 /// Whether an API URL names this host (a loopback address).
-fn is_local_api(api: &str) -> bool {
+pub(crate) fn is_local_api(api: &str) -> bool {
     let host = api.split("://").nth(1).unwrap_or(api);
     let host = host.split('/').next().unwrap_or(host);
     let host = match host.rsplit_once(':') {
@@ -265,6 +265,20 @@ fn is_local_api(api: &str) -> bool {
 
 /// `volume mount`: attach here, mkfs on first use, mount.
 fn mount(client: &ApiClient, api: &str, name: &str, path: &std::path::Path, fs: &str) -> Result<ExitCode> {
+    let device = mount_volume(client, api, name, path, fs)?;
+    println!("mounted volume {name} ({}) at {}", device.display(), path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Attaches `name` to this host, makes a `fs` filesystem on first use and
+/// mounts it at `path`; the block device.
+pub(crate) fn mount_volume(
+    client: &ApiClient,
+    api: &str,
+    name: &str,
+    path: &std::path::Path,
+    fs: &str,
+) -> Result<std::path::PathBuf> {
     use std::ffi::OsStr;
     if !is_local_api(api) {
         anyhow::bail!("volume mount uses this host's node: point --api at it (a loopback address), not {api}");
@@ -313,16 +327,22 @@ fn mount(client: &ApiClient, api: &str, name: &str, path: &std::path::Path, fs: 
             String::from_utf8_lossy(&mounted.stderr).trim()
         );
     }
-    println!(
-        "mounted volume {name} ({}) at {}",
-        device.device.display(),
-        path.display()
-    );
-    Ok(ExitCode::SUCCESS)
+    Ok(device.device)
 }
 
 /// `volume unmount`: unmount every mount of the volume's device here, then detach it.
 fn unmount(client: &ApiClient, name: &str) -> Result<ExitCode> {
+    for target in unmount_volume(client, name)? {
+        println!("unmounted {target}");
+    }
+    println!("detached volume {name} from this host");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Unmounts every mount of `name`'s device on this host and detaches it;
+/// the mountpoints it unmounted.
+pub(crate) fn unmount_volume(client: &ApiClient, name: &str) -> Result<Vec<String>> {
+    let mut unmounted = Vec::new();
     let device: crate::attach::Device = client.get(&format!("/v1/volumes/{}/device", path_segment(name)))?;
     let mounts = std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
     let device_text = device.device.to_string_lossy().into_owned();
@@ -341,11 +361,10 @@ fn unmount(client: &ApiClient, name: &str) -> Result<ExitCode> {
                 String::from_utf8_lossy(&done.stderr).trim()
             );
         }
-        println!("unmounted {target}");
+        unmounted.push(target);
     }
     client.delete(&format!("/v1/volumes/{}/device", path_segment(name)))?;
-    println!("detached volume {name} from this host");
-    Ok(ExitCode::SUCCESS)
+    Ok(unmounted)
 }
 
 /// The passphrase in `path`: its first line, without the line end.
@@ -361,7 +380,7 @@ fn read_passphrase(path: &std::path::Path) -> Result<crate::api::Passphrase> {
 }
 
 /// Keeps a user's name from changing the URL path (the node rejects bad names).
-fn path_segment(name: &str) -> String {
+pub(crate) fn path_segment(name: &str) -> String {
     name.bytes()
         .map(|b| {
             if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-') {

@@ -1,0 +1,313 @@
+//! The Docker volume plugin (plugin protocol v1, `VolumeDriver`), served on
+//! a unix socket (default /run/docker/plugins/ballast.sock, where dockerd
+//! finds it) by `ballast plugin serve` next to the host's node.
+//!
+//! Create makes a volume through the node's API (options: size, repl,
+//! fs, encrypted, group); Mount attaches it to this host and mounts it
+//! under the mounts directory (`volume mount`), counting the containers
+//! (mount ids) that use it; Unmount unmounts and detaches when the last
+//! one leaves. The counts are kept in `MOUNTS_DIR/plugin-state.json`, so a
+//! restarted plugin still knows which containers hold which volume.
+//! Docker sends no Content-Type and reads errors from the `Err` field.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::api::client::ApiClient;
+
+/// Where dockerd looks for plugin sockets.
+pub const DEFAULT_SOCKET: &str = "/run/docker/plugins/ballast.sock";
+/// Where volumes are mounted for containers.
+pub const DEFAULT_MOUNTS: &str = "/var/lib/ballast/mounts";
+/// The reference counts, in the mounts directory.
+pub const STATE_FILE: &str = "plugin-state.json";
+/// Content type of every answer.
+const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1.2+json";
+
+/// How the plugin runs.
+#[derive(Clone, Debug)]
+pub struct PluginOptions {
+    pub socket: PathBuf,
+    pub api: String,
+    pub mounts: PathBuf,
+}
+
+struct Plugin {
+    options: PluginOptions,
+    /// Volume name → the mount ids (containers) using it on this host.
+    refs: Mutex<BTreeMap<String, BTreeSet<String>>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct Request {
+    #[serde(default)]
+    name: String,
+    #[serde(default, rename = "ID")]
+    id: String,
+    #[serde(default)]
+    opts: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Saved {
+    refs: BTreeMap<String, BTreeSet<String>>,
+}
+
+impl Plugin {
+    fn client(&self) -> ApiClient {
+        ApiClient::new(&self.options.api)
+    }
+
+    fn mountpoint(&self, name: &str) -> PathBuf {
+        self.options.mounts.join(name)
+    }
+
+    fn save(&self, refs: &BTreeMap<String, BTreeSet<String>>) -> Result<()> {
+        let text = serde_json::to_string_pretty(&Saved { refs: refs.clone() })?;
+        let path = self.options.mounts.join(STATE_FILE);
+        let temporary = path.with_extension("new");
+        std::fs::write(&temporary, text)?;
+        std::fs::rename(&temporary, &path)?;
+        Ok(())
+    }
+
+    fn create(&self, request: &Request) -> Result<Value> {
+        let opts = request.opts.clone().unwrap_or_default();
+        for key in opts.keys() {
+            if !["size", "repl", "fs", "encrypted", "group"].contains(&key.as_str()) {
+                anyhow::bail!("unknown option {key:?}: ballast takes size, repl, fs, encrypted, group");
+            }
+        }
+        let size = opts.get("size").map_or("1GiB", String::as_str);
+        let body = crate::api::CreateBody {
+            name: request.name.clone(),
+            size_bytes: crate::size::parse_size(size).with_context(|| format!("bad size {size:?}"))?,
+            block_size_bytes: 4096,
+            replicas: opts
+                .get("repl")
+                .map(|text| text.parse::<u32>())
+                .transpose()
+                .context("repl must be a number (1 to 5)")?
+                .unwrap_or(1),
+            encrypted: opts.get("encrypted").is_some_and(|v| v == "true" || v == "1"),
+            passphrase: None,
+            group: opts.get("group").cloned().unwrap_or_default(),
+        };
+        if let Some(fs) = opts.get("fs") {
+            if fs != "ext4" && fs != "xfs" {
+                anyhow::bail!("fs must be ext4 or xfs");
+            }
+        }
+        let _: crate::volume::VolumeInfo = self.client().post("/v1/volumes", &body)?;
+        Ok(json!({ "Err": "" }))
+    }
+
+    fn remove(&self, request: &Request) -> Result<Value> {
+        if self.refs.lock().get(&request.name).is_some_and(|ids| !ids.is_empty()) {
+            anyhow::bail!("volume {} is mounted by a container on this host", request.name);
+        }
+        self.client().delete(&format!(
+            "/v1/volumes/{}",
+            crate::cli::volume::path_segment(&request.name)
+        ))?;
+        Ok(json!({ "Err": "" }))
+    }
+
+    fn mount(&self, request: &Request) -> Result<Value> {
+        let mountpoint = self.mountpoint(&request.name);
+        let mut refs = self.refs.lock();
+        let first = refs.get(&request.name).is_none_or(BTreeSet::is_empty);
+        if first {
+            crate::cli::volume::mount_volume(&self.client(), &self.options.api, &request.name, &mountpoint, "ext4")?;
+        }
+        refs.entry(request.name.clone()).or_default().insert(request.id.clone());
+        self.save(&refs)?;
+        tracing::info!(volume = %request.name, id = %request.id, users = refs[&request.name].len(), "plugin mount");
+        Ok(json!({ "Mountpoint": mountpoint, "Err": "" }))
+    }
+
+    fn unmount(&self, request: &Request) -> Result<Value> {
+        let mut refs = self.refs.lock();
+        let Some(ids) = refs.get_mut(&request.name) else {
+            anyhow::bail!("volume {} is not mounted on this host", request.name);
+        };
+        ids.remove(&request.id);
+        if ids.is_empty() {
+            refs.remove(&request.name);
+            crate::cli::volume::unmount_volume(&self.client(), &request.name)?;
+        }
+        self.save(&refs)?;
+        tracing::info!(volume = %request.name, id = %request.id, "plugin unmount");
+        Ok(json!({ "Err": "" }))
+    }
+
+    fn path(&self, request: &Request) -> Value {
+        let mounted = self.refs.lock().get(&request.name).is_some_and(|ids| !ids.is_empty());
+        let mountpoint = if mounted {
+            self.mountpoint(&request.name).display().to_string()
+        } else {
+            String::new()
+        };
+        json!({ "Mountpoint": mountpoint, "Err": "" })
+    }
+
+    fn get(&self, request: &Request) -> Result<Value> {
+        let info: crate::volume::VolumeInfo = self.client().get(&format!(
+            "/v1/volumes/{}",
+            crate::cli::volume::path_segment(&request.name)
+        ))?;
+        let Value::Object(mut answer) = self.path(request) else {
+            unreachable!("path answers an object")
+        };
+        let volume = json!({
+            "Name": info.name,
+            "Mountpoint": answer.remove("Mountpoint").unwrap_or_default(),
+            "Status": { "size_bytes": info.size_bytes, "replicas": info.replicas, "health": info.health, "coordinator": info.coordinator },
+        });
+        Ok(json!({ "Volume": volume, "Err": "" }))
+    }
+
+    fn list(&self) -> Result<Value> {
+        let list: Vec<crate::volume::VolumeInfo> = self.client().get("/v1/volumes")?;
+        let refs = self.refs.lock();
+        let volumes: Vec<Value> = list
+            .iter()
+            .map(|info| {
+                let mounted = refs.get(&info.name).is_some_and(|ids| !ids.is_empty());
+                let mountpoint = if mounted {
+                    self.mountpoint(&info.name).display().to_string()
+                } else {
+                    String::new()
+                };
+                json!({ "Name": info.name, "Mountpoint": mountpoint })
+            })
+            .collect();
+        Ok(json!({ "Volumes": volumes, "Err": "" }))
+    }
+}
+
+fn answer(value: Value) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, CONTENT_TYPE)], value.to_string()).into_response()
+}
+
+/// Runs one plugin call off the async threads; errors go into `Err`.
+async fn call(plugin: Arc<Plugin>, body: Bytes, what: fn(&Plugin, &Request) -> Result<Value>) -> Response {
+    let request: Request = if body.is_empty() {
+        Request::default()
+    } else {
+        match serde_json::from_slice(&body) {
+            Ok(request) => request,
+            Err(error) => return answer(json!({ "Err": format!("bad request body: {error}") })),
+        }
+    };
+    let done = tokio::task::spawn_blocking(move || what(&plugin, &request)).await;
+    match done {
+        Ok(Ok(value)) => answer(value),
+        Ok(Err(error)) => {
+            tracing::warn!(error = %format!("{error:#}"), "plugin call failed");
+            answer(json!({ "Err": format!("{error:#}") }))
+        }
+        Err(error) => answer(json!({ "Err": error.to_string() })),
+    }
+}
+
+fn router(plugin: Arc<Plugin>) -> Router {
+    Router::new()
+        .route(
+            "/Plugin.Activate",
+            post(|| async { answer(json!({ "Implements": ["VolumeDriver"] })) }),
+        )
+        .route(
+            "/VolumeDriver.Capabilities",
+            post(|| async { answer(json!({ "Capabilities": { "Scope": "global" } })) }),
+        )
+        .route(
+            "/VolumeDriver.Create",
+            post(|State(p): State<Arc<Plugin>>, b: Bytes| call(p, b, Plugin::create)),
+        )
+        .route(
+            "/VolumeDriver.Remove",
+            post(|State(p): State<Arc<Plugin>>, b: Bytes| call(p, b, Plugin::remove)),
+        )
+        .route(
+            "/VolumeDriver.Mount",
+            post(|State(p): State<Arc<Plugin>>, b: Bytes| call(p, b, Plugin::mount)),
+        )
+        .route(
+            "/VolumeDriver.Unmount",
+            post(|State(p): State<Arc<Plugin>>, b: Bytes| call(p, b, Plugin::unmount)),
+        )
+        .route(
+            "/VolumeDriver.Path",
+            post(|State(p): State<Arc<Plugin>>, b: Bytes| call(p, b, |p, r| Ok(p.path(r)))),
+        )
+        .route(
+            "/VolumeDriver.Get",
+            post(|State(p): State<Arc<Plugin>>, b: Bytes| call(p, b, Plugin::get)),
+        )
+        .route(
+            "/VolumeDriver.List",
+            post(|State(p): State<Arc<Plugin>>, b: Bytes| call(p, b, |p, _| p.list())),
+        )
+        .with_state(plugin)
+}
+
+/// Serves the plugin until SIGTERM or SIGINT.
+pub fn serve(options: PluginOptions) -> Result<()> {
+    if !crate::cli::volume::is_local_api(&options.api) {
+        anyhow::bail!(
+            "the plugin mounts on this host: point --api at this host's node, not {}",
+            options.api
+        );
+    }
+    std::fs::create_dir_all(&options.mounts).with_context(|| format!("cannot make {}", options.mounts.display()))?;
+    let refs = match std::fs::read_to_string(options.mounts.join(STATE_FILE)) {
+        Ok(text) => {
+            serde_json::from_str::<Saved>(&text)
+                .with_context(|| format!("{} is not plugin state", options.mounts.join(STATE_FILE).display()))?
+                .refs
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+        Err(error) => return Err(error.into()),
+    };
+    if let Some(parent) = options.socket.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot make {}", parent.display()))?;
+    }
+    let _ = std::fs::remove_file(&options.socket);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::UnixListener::bind(&options.socket)
+            .with_context(|| format!("cannot listen on {}", options.socket.display()))?;
+        tracing::info!(socket = %options.socket.display(), mounts = %options.mounts.display(), recovered = refs.len(), "docker volume plugin ready");
+        let socket = options.socket.clone();
+        let plugin = Arc::new(Plugin {
+            options,
+            refs: Mutex::new(refs),
+        });
+        let stop = async {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { if let Some(term) = term.as_mut() { term.recv().await; } else { std::future::pending::<()>().await } } => {}
+            }
+        };
+        axum::serve(listener, router(plugin)).with_graceful_shutdown(stop).await?;
+        let _ = std::fs::remove_file(&socket);
+        Ok::<(), anyhow::Error>(())
+    })
+}
