@@ -14,7 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::node::TestNode;
-use common::{ballast, have_tool, record_skip, unavailable_reason};
+use common::{ballast, host_attach_available};
 
 struct PluginProcess {
     child: Child,
@@ -117,15 +117,7 @@ fn mounted(path: &Path) -> bool {
 #[test]
 fn the_docker_plugin_creates_mounts_counts_containers_survives_a_restart_and_removes() {
     let test = "the_docker_plugin_creates_mounts_counts_containers";
-    if let Some(why) = unavailable_reason() {
-        record_skip(test, &why);
-        return;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        record_skip(test, "no /dev/fuse (FUSE is not available on this host)");
-        return;
-    }
-    if !have_tool(test, "fusermount3") || !have_tool(test, "mkfs.ext4") || !have_tool(test, "blkid") {
+    if !host_attach_available(test, &["fusermount3", "mkfs.ext4", "blkid"]) {
         return;
     }
     let node = TestNode::start(test, 1 << 30);

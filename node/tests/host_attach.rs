@@ -5,12 +5,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
 use common::node::{run_with_timeout, TestNode};
-use common::{have_tool, record_skip, text, unavailable_reason, Mount};
+use common::{host_attach_available, text, Mount};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -56,15 +56,7 @@ fn loop_devices() -> String {
 #[test]
 fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_reattach() {
     let test = "a_volume_attached_through_fuse_holds_an_ext4_filesystem";
-    if let Some(why) = unavailable_reason() {
-        record_skip(test, &why);
-        return;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        record_skip(test, "no /dev/fuse (FUSE is not available on this host)");
-        return;
-    }
-    if !have_tool(test, "fusermount3") || !have_tool(test, "mkfs.ext4") {
+    if !host_attach_available(test, &["fusermount3", "mkfs.ext4"]) {
         return;
     }
     let node = TestNode::start(test, 1 << 30);
@@ -119,15 +111,7 @@ fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_rea
 #[test]
 fn volume_mount_formats_on_first_use_and_volume_unmount_detaches() {
     let test = "volume_mount_formats_on_first_use";
-    if let Some(why) = unavailable_reason() {
-        record_skip(test, &why);
-        return;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        record_skip(test, "no /dev/fuse (FUSE is not available on this host)");
-        return;
-    }
-    if !have_tool(test, "fusermount3") || !have_tool(test, "mkfs.ext4") || !have_tool(test, "blkid") {
+    if !host_attach_available(test, &["fusermount3", "mkfs.ext4", "blkid"]) {
         return;
     }
     let node = TestNode::start(test, 1 << 30);
@@ -166,15 +150,7 @@ fn volume_mount_formats_on_first_use_and_volume_unmount_detaches() {
 #[test]
 fn only_one_host_has_a_volume_attached_until_a_forced_failover_which_fences_the_old_one() {
     let test = "only_one_host_has_a_volume_attached";
-    if let Some(why) = unavailable_reason() {
-        record_skip(test, &why);
-        return;
-    }
-    if !Path::new("/dev/fuse").exists() {
-        record_skip(test, "no /dev/fuse (FUSE is not available on this host)");
-        return;
-    }
-    if !have_tool(test, "fusermount3") {
+    if !host_attach_available(test, &["fusermount3"]) {
         return;
     }
     let cluster = common::cluster::TestCluster::start(test, 2, &[]);

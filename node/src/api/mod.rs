@@ -213,6 +213,15 @@ fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError>
     serde_json::from_slice(body).map_err(|error| ApiError(StatusCode::BAD_REQUEST, format!("bad JSON body: {error}")))
 }
 
+/// An optional body: none at all means the defaults.
+fn parse_body_or_default<T: for<'de> Deserialize<'de> + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.is_empty() {
+        Ok(T::default())
+    } else {
+        parse_body(body)
+    }
+}
+
 /// The API's routes.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
@@ -599,11 +608,7 @@ async fn attach_volume(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
-    let body: AttachBody = if body.is_empty() {
-        AttachBody::default()
-    } else {
-        parse_body(&body)?
-    };
+    let body: AttachBody = parse_body_or_default(&body)?;
     let info = state.cluster.attach_volume(&state.volumes, &name, body.force).await?;
     Ok(Json(info).into_response())
 }
@@ -630,11 +635,7 @@ async fn attach_device(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
-    let body: AttachBody = if body.is_empty() || body.as_ref() == b"null" {
-        AttachBody::default()
-    } else {
-        parse_body(&body)?
-    };
+    let body: AttachBody = parse_body_or_default(&body)?;
     let Some(volume) = state.volumes.get_served(&name) else {
         let coordinator = state
             .cluster
@@ -662,14 +663,7 @@ async fn attach_device(
             force: body.force,
             now_unix: crate::datadir::now_unix_seconds(),
         })
-        .await
-        .map_err(|error| {
-            let error = crate::cluster::volumes::VolumeOpError::from(error);
-            ApiError(
-                StatusCode::from_u16(error.status).unwrap_or(StatusCode::CONFLICT),
-                error.message,
-            )
-        })?;
+        .await?;
     let attach = Arc::clone(&state.attach);
     let device = tokio::task::spawn_blocking(move || attach.attach(&volume))
         .await

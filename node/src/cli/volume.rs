@@ -287,7 +287,10 @@ pub(crate) fn mount_volume(
         &format!("/v1/volumes/{}/attach", path_segment(name)),
         &crate::api::AttachBody { force: false },
     )?;
-    let device: crate::attach::Device = client.post(&format!("/v1/volumes/{}/device", path_segment(name)), &())?;
+    let device: crate::attach::Device = client.post(
+        &format!("/v1/volumes/{}/device", path_segment(name)),
+        &crate::api::AttachBody { force: false },
+    )?;
     let dev = device.device.as_os_str();
     let probe = run_tool(
         "blkid",

@@ -515,9 +515,13 @@ impl Cluster {
         let up = |id: u64| self.health.liveness(id).up;
         info.replicas_down = volume.replica_nodes.iter().copied().filter(|id| !up(*id)).collect();
         info.health = super::status::volume_health(volume, up).into();
-        info.owner = self.with_state(|state| state.owners.get(&volume.name).cloned().unwrap_or_default());
-        info.group = self.with_state(|state| state.groups.get(&volume.name).cloned().unwrap_or_default());
-        info.attached_to = self.with_state(|state| state.attachments.get(&volume.name).map_or(0, |a| a.node));
+        (info.owner, info.group, info.attached_to) = self.with_state(|state| {
+            (
+                state.owners.get(&volume.name).cloned().unwrap_or_default(),
+                state.groups.get(&volume.name).cloned().unwrap_or_default(),
+                state.attachments.get(&volume.name).map_or(0, |a| a.node),
+            )
+        });
         info.alerts = self.with_state(|state| {
             super::alerts::sorted(&state.alerts)
                 .into_iter()

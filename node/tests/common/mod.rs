@@ -67,6 +67,21 @@ pub mod cluster;
 pub mod firewall;
 pub mod node;
 
+/// True when this host can attach volumes through FUSE + loop (loop
+/// devices, /dev/fuse, and every one of `tools` on PATH); otherwise records
+/// why `test` skips.
+pub fn host_attach_available(test: &str, tools: &[&str]) -> bool {
+    if let Some(why) = unavailable_reason() {
+        record_skip(test, &why);
+        return false;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        record_skip(test, "no /dev/fuse (FUSE is not available on this host)");
+        return false;
+    }
+    tools.iter().all(|tool| have_tool(test, tool))
+}
+
 /// True when `tool` is on PATH; otherwise records a skip for `test`.
 pub fn have_tool(test: &str, tool: &str) -> bool {
     let found =
