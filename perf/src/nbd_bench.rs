@@ -8,7 +8,6 @@
 //! raw device, which the backing file already holds fully written.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -246,22 +245,9 @@ pub fn run(options: &NbdOptions) -> Result<()> {
 
 /// Fails early, with a hint, when a tool or the ballast binary is missing.
 fn preflight(ballast: &Path) -> Result<()> {
-    if !ballast.is_file() {
-        bail!(
-            "no ballast binary at {}: build it with `cargo build --release -p node --bin ballast` (or pass --ballast PATH)",
-            ballast.display()
-        );
-    }
-    for tool in ["fio", "qemu-nbd", "nbdkit"] {
-        let found = Command::new(tool)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success());
-        if !found {
-            bail!("{tool} is not installed (ci/install-deps.sh installs it)");
-        }
-    }
-    Ok(())
+    crate::servers::require_binary(ballast)?;
+    let hint = "ci/install-deps.sh installs it";
+    crate::servers::require_tools(&[("fio", hint), ("qemu-nbd", hint), ("nbdkit", hint)])
 }
 
 /// Starts one server on the target's loop device; ballast's volume is then

@@ -15,7 +15,6 @@
 //! network round trip and another host's disk.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
@@ -363,12 +362,7 @@ fn run_measure(
 /// Fails early, with a hint, when fio, root or a recent ballast binary is missing.
 fn preflight(ballast: &BallastBinary) -> Result<()> {
     let path: &Path = &ballast.path;
-    if !path.is_file() {
-        bail!(
-            "no ballast binary at {}: build it with `cargo build --release -p node --bin ballast` (or pass --ballast PATH)",
-            path.display()
-        );
-    }
+    crate::servers::require_binary(path)?;
     if ballast.run(&["cluster", "status", "--help"]).is_err() {
         bail!(
             "{} has no `cluster` command (built before clustering?): rebuild it with `cargo build --release -p node --bin ballast`",
@@ -378,11 +372,7 @@ fn preflight(ballast: &BallastBinary) -> Result<()> {
     if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
         bail!("cannot benchmark: {why}");
     }
-    let fio = Command::new("fio").arg("--version").output();
-    if !fio.is_ok_and(|o| o.status.success()) {
-        bail!("fio is not installed (ci/install-deps.sh installs it)");
-    }
-    Ok(())
+    crate::servers::require_tools(&[("fio", "ci/install-deps.sh installs it")])
 }
 
 fn format_value(value: f64) -> String {

@@ -303,12 +303,7 @@ fn row(measure: &Measure, samples: &[Samples; 4]) -> Row {
 }
 
 fn preflight(ballast: &BallastBinary) -> Result<()> {
-    if !ballast.path.is_file() {
-        bail!(
-            "no ballast binary at {}: build it with `cargo build --release -p node --bin ballast` (or pass --ballast PATH)",
-            ballast.path.display()
-        );
-    }
+    crate::servers::require_binary(&ballast.path)?;
     if ballast.run(&["auth", "cert", "create", "--help"]).is_err() {
         bail!(
             "{} has no `auth cert` command (built before NBD TLS?): rebuild it",
@@ -318,16 +313,10 @@ fn preflight(ballast: &BallastBinary) -> Result<()> {
     if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
         bail!("cannot benchmark: {why}");
     }
-    for (tool, hint) in [
+    crate::servers::require_tools(&[
         ("fio", "apt-get install fio"),
         ("setpriv", "apt-get install util-linux"),
-    ] {
-        let found = Command::new(tool).arg("--version").output();
-        if !found.is_ok_and(|o| o.status.success()) {
-            bail!("{tool} is not installed ({hint})");
-        }
-    }
-    Ok(())
+    ])
 }
 
 fn print_report(report: &SecurityReport) {

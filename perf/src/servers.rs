@@ -160,6 +160,32 @@ impl Drop for Server {
     }
 }
 
+/// Fails with how to build it when there is no ballast binary at `path`.
+pub fn require_binary(path: &Path) -> Result<()> {
+    if !path.is_file() {
+        bail!(
+            "no ballast binary at {}: build it with `cargo build --release -p node --bin ballast` (or pass --ballast PATH)",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Fails naming the first of `tools` that does not run (`--version`) and
+/// how to get it.
+pub fn require_tools(tools: &[(&str, &str)]) -> Result<()> {
+    for (tool, hint) in tools {
+        let found = Command::new(tool)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !found {
+            bail!("{tool} is not installed ({hint})");
+        }
+    }
+    Ok(())
+}
+
 /// The ballast binary to run and the environment to give it.
 #[derive(Clone, Debug)]
 pub struct BallastBinary {
