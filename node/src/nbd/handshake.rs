@@ -58,7 +58,11 @@ pub enum Negotiation {
     Left,
     /// The client asked for TLS and was told yes: the caller runs the TLS
     /// handshake on the stream, then `options` again over it.
-    StartTls { no_zeroes: bool },
+    StartTls {
+        no_zeroes: bool,
+        /// The TLS configuration the ACK was given for.
+        config: std::sync::Arc<rustls::ServerConfig>,
+    },
 }
 
 /// What the client may do: TLS first or not, and which exports.
@@ -271,9 +275,9 @@ async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
                 return Ok(None);
             }
             match access.security.server_config() {
-                Ok(_) => {
+                Ok(config) => {
                     reply(stream, option, REP_ACK, &[]).await?;
-                    Ok(Some(Negotiation::StartTls { no_zeroes }))
+                    Ok(Some(Negotiation::StartTls { no_zeroes, config }))
                 }
                 Err(reason) => {
                     reply_error(

@@ -92,15 +92,14 @@ async fn connection(
     let negotiated = tokio::time::timeout_at(deadline, handshake::negotiate(&mut stream, volumes, &plaintext))
         .await
         .map_err(timed_out)??;
-    let no_zeroes = match negotiated {
+    let (no_zeroes, config) = match negotiated {
         Negotiation::Left => return Ok(()),
         Negotiation::Session(session) => {
             let (reader, writer) = stream.into_split();
             return transmit(reader, writer, session, peer, "plaintext", stop).await;
         }
-        Negotiation::StartTls { no_zeroes } => no_zeroes,
+        Negotiation::StartTls { no_zeroes, config } => (no_zeroes, config),
     };
-    let config = security.server_config().map_err(NbdError::Protocol)?;
     let accepted = tokio::time::timeout_at(deadline, tokio_rustls::TlsAcceptor::from(config).accept(stream))
         .await
         .map_err(timed_out)?;
