@@ -11,6 +11,7 @@ PACKAGES=(
   fio qemu-utils nbdkit libnbd-bin fuse3
   e2fsprogs xfsprogs util-linux iproute2 iptables procps psmisc kmod
   prometheus
+  docker.io busybox-static postgresql
 )
 missing=()
 for package in "${PACKAGES[@]}"; do

@@ -9,6 +9,11 @@
 //! one leaves. The counts are kept in `MOUNTS_DIR/plugin-state.json`, so a
 //! restarted plugin still knows which containers hold which volume.
 //! Docker sends no Content-Type and reads errors from the `Err` field.
+//!
+//! `--api` may list several nodes of this host (comma-separated): each
+//! call goes to the first that answers, so when the plugin's node dies
+//! (kill -9, crash) the next one serves the plugin, and a volume whose
+//! host attachment died with it is attached again through that node.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -39,14 +44,22 @@ const CONTENT_TYPE: &str = "application/vnd.docker.plugins.v1.2+json";
 #[derive(Clone, Debug)]
 pub struct PluginOptions {
     pub socket: PathBuf,
-    pub api: String,
+    /// The node APIs of this host, in order of preference.
+    pub apis: Vec<String>,
     pub mounts: PathBuf,
 }
+
+/// How long a node may take to answer the plugin's "are you there".
+const PROBE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 struct Plugin {
     options: PluginOptions,
     /// Volume name → the mount ids (containers) using it on this host.
     refs: Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// Volume name → the block device it was mounted from.
+    devices: Mutex<BTreeMap<String, PathBuf>>,
+    /// Index in `options.apis` of the node last used.
+    current: Mutex<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -60,14 +73,39 @@ struct Request {
     opts: Option<BTreeMap<String, String>>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 struct Saved {
     refs: BTreeMap<String, BTreeSet<String>>,
+    #[serde(default)]
+    devices: BTreeMap<String, PathBuf>,
 }
 
 impl Plugin {
-    fn client(&self) -> ApiClient {
-        ApiClient::new(&self.options.api)
+    /// The first node of this host that answers, starting from the one
+    /// used last; an error naming every node tried if none does.
+    fn node(&self) -> Result<(ApiClient, String)> {
+        let apis = &self.options.apis;
+        let mut current = self.current.lock();
+        let mut failures = Vec::new();
+        for step in 0..apis.len() {
+            let index = (*current + step) % apis.len();
+            let api = &apis[index];
+            match ApiClient::with_timeout(api, PROBE_TIMEOUT).get::<Value>("/healthz") {
+                Ok(_) => {
+                    if index != *current {
+                        tracing::warn!(from = %apis[*current], to = %api, "the plugin's node does not answer; using the next node of this host");
+                        *current = index;
+                    }
+                    return Ok((ApiClient::new(api), api.clone()));
+                }
+                Err(error) => failures.push(format!("{api}: {error}")),
+            }
+        }
+        anyhow::bail!("no ballast node of this host answers: {}", failures.join("; "))
+    }
+
+    fn client(&self) -> Result<ApiClient> {
+        Ok(self.node()?.0)
     }
 
     fn mountpoint(&self, name: &str) -> PathBuf {
@@ -75,7 +113,10 @@ impl Plugin {
     }
 
     fn save(&self, refs: &BTreeMap<String, BTreeSet<String>>) -> Result<()> {
-        let text = serde_json::to_string_pretty(&Saved { refs: refs.clone() })?;
+        let text = serde_json::to_string_pretty(&Saved {
+            refs: refs.clone(),
+            devices: self.devices.lock().clone(),
+        })?;
         let path = self.options.mounts.join(STATE_FILE);
         let temporary = path.with_extension("new");
         std::fs::write(&temporary, text)?;
@@ -110,7 +151,7 @@ impl Plugin {
                 anyhow::bail!("fs must be ext4 or xfs");
             }
         }
-        let _: crate::volume::VolumeInfo = self.client().post("/v1/volumes", &body)?;
+        let _: crate::volume::VolumeInfo = self.client()?.post("/v1/volumes", &body)?;
         Ok(json!({ "Err": "" }))
     }
 
@@ -118,7 +159,7 @@ impl Plugin {
         if self.refs.lock().get(&request.name).is_some_and(|ids| !ids.is_empty()) {
             anyhow::bail!("volume {} is mounted by a container on this host", request.name);
         }
-        self.client().delete(&format!(
+        self.client()?.delete(&format!(
             "/v1/volumes/{}",
             crate::cli::volume::path_segment(&request.name)
         ))?;
@@ -130,7 +171,9 @@ impl Plugin {
         let mut refs = self.refs.lock();
         let first = refs.get(&request.name).is_none_or(BTreeSet::is_empty);
         if first {
-            crate::cli::volume::mount_volume(&self.client(), &self.options.api, &request.name, &mountpoint, "ext4")?;
+            let (client, api) = self.node()?;
+            let device = crate::cli::volume::mount_volume(&client, &api, &request.name, &mountpoint, "ext4")?;
+            self.devices.lock().insert(request.name.clone(), device);
         }
         refs.entry(request.name.clone()).or_default().insert(request.id.clone());
         self.save(&refs)?;
@@ -145,12 +188,51 @@ impl Plugin {
         };
         ids.remove(&request.id);
         if ids.is_empty() {
+            self.release(&request.name)?;
             refs.remove(&request.name);
-            crate::cli::volume::unmount_volume(&self.client(), &request.name)?;
         }
         self.save(&refs)?;
         tracing::info!(volume = %request.name, id = %request.id, "plugin unmount");
         Ok(json!({ "Err": "" }))
+    }
+
+    /// Unmounts `name` and detaches it from this host. If the node that
+    /// attached it is gone (its device fails every I/O), the filesystem is
+    /// unmounted lazily and the loop device released here, so the volume
+    /// can be attached again through another node.
+    fn release(&self, name: &str) -> Result<()> {
+        let recorded = self.devices.lock().get(name).cloned();
+        let detached = self
+            .client()
+            .and_then(|client| crate::cli::volume::unmount_volume(&client, name));
+        match detached {
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(volume = %name, error = %format!("{error:#}"), "no node of this host holds the volume's device any more; releasing it here");
+                let mountpoint = self.mountpoint(name);
+                if crate::attach::is_mounted(&mountpoint) {
+                    let plain = std::process::Command::new("umount").arg(&mountpoint).output();
+                    if !plain.is_ok_and(|output| output.status.success()) {
+                        let lazy = std::process::Command::new("umount")
+                            .arg("-l")
+                            .arg(&mountpoint)
+                            .output()?;
+                        if !lazy.status.success() {
+                            anyhow::bail!(
+                                "umount {} failed: {}",
+                                mountpoint.display(),
+                                String::from_utf8_lossy(&lazy.stderr).trim()
+                            );
+                        }
+                    }
+                }
+                if let Some(device) = recorded {
+                    crate::attach::release_stale_loop(&device, name);
+                }
+            }
+        }
+        self.devices.lock().remove(name);
+        Ok(())
     }
 
     fn path(&self, request: &Request) -> Value {
@@ -164,7 +246,7 @@ impl Plugin {
     }
 
     fn get(&self, request: &Request) -> Result<Value> {
-        let info: crate::volume::VolumeInfo = self.client().get(&format!(
+        let info: crate::volume::VolumeInfo = self.client()?.get(&format!(
             "/v1/volumes/{}",
             crate::cli::volume::path_segment(&request.name)
         ))?;
@@ -180,7 +262,7 @@ impl Plugin {
     }
 
     fn list(&self) -> Result<Value> {
-        let list: Vec<crate::volume::VolumeInfo> = self.client().get("/v1/volumes")?;
+        let list: Vec<crate::volume::VolumeInfo> = self.client()?.get("/v1/volumes")?;
         let refs = self.refs.lock();
         let volumes: Vec<Value> = list
             .iter()
@@ -266,20 +348,17 @@ fn router(plugin: Arc<Plugin>) -> Router {
 
 /// Serves the plugin until SIGTERM or SIGINT.
 pub fn serve(options: PluginOptions) -> Result<()> {
-    if !crate::cli::volume::is_local_api(&options.api) {
-        anyhow::bail!(
-            "the plugin mounts on this host: point --api at this host's node, not {}",
-            options.api
-        );
+    if options.apis.is_empty() {
+        anyhow::bail!("--api names no node");
+    }
+    if let Some(remote) = options.apis.iter().find(|api| !crate::cli::volume::is_local_api(api)) {
+        anyhow::bail!("the plugin mounts on this host: point --api at this host's nodes, not {remote}");
     }
     std::fs::create_dir_all(&options.mounts).with_context(|| format!("cannot make {}", options.mounts.display()))?;
-    let refs = match std::fs::read_to_string(options.mounts.join(STATE_FILE)) {
-        Ok(text) => {
-            serde_json::from_str::<Saved>(&text)
-                .with_context(|| format!("{} is not plugin state", options.mounts.join(STATE_FILE).display()))?
-                .refs
-        }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+    let saved = match std::fs::read_to_string(options.mounts.join(STATE_FILE)) {
+        Ok(text) => serde_json::from_str::<Saved>(&text)
+            .with_context(|| format!("{} is not plugin state", options.mounts.join(STATE_FILE).display()))?,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Saved::default(),
         Err(error) => return Err(error.into()),
     };
     if let Some(parent) = options.socket.parent() {
@@ -293,11 +372,13 @@ pub fn serve(options: PluginOptions) -> Result<()> {
     runtime.block_on(async move {
         let listener = tokio::net::UnixListener::bind(&options.socket)
             .with_context(|| format!("cannot listen on {}", options.socket.display()))?;
-        tracing::info!(socket = %options.socket.display(), mounts = %options.mounts.display(), recovered = refs.len(), "docker volume plugin ready");
+        tracing::info!(socket = %options.socket.display(), mounts = %options.mounts.display(), nodes = ?options.apis, recovered = saved.refs.len(), "docker volume plugin ready");
         let socket = options.socket.clone();
         let plugin = Arc::new(Plugin {
             options,
-            refs: Mutex::new(refs),
+            refs: Mutex::new(saved.refs),
+            devices: Mutex::new(saved.devices),
+            current: Mutex::new(0),
         });
         let stop = async {
             let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();

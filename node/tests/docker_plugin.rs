@@ -3,92 +3,18 @@
 //! Content-Type) to a real `ballast plugin serve` next to a real node:
 //! create, two containers mounting one volume, a plugin restart that keeps
 //! the mount counts, the last unmount detaching, remove, and errors in
-//! `Err`. (The run with a real Docker engine is still to come: issue 8.)
+//! `Err`. (`docker_engine.rs` runs the plugin under a real Docker engine.)
 
 mod common;
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::Duration;
 
+use common::host_attach_available;
 use common::node::TestNode;
-use common::{ballast, host_attach_available};
-
-struct PluginProcess {
-    child: Child,
-}
-
-impl PluginProcess {
-    fn start(node: &TestNode, socket: &Path, mounts: &Path) -> Self {
-        let _ = std::fs::remove_file(socket);
-        let child = ballast()
-            .env("BALLAST_API", node.api_url())
-            .env("BALLAST_TOKEN_FILE", node.token_file())
-            .args(["plugin", "serve", "--socket"])
-            .arg(socket)
-            .arg("--mounts")
-            .arg(mounts)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let started = Instant::now();
-        while UnixStream::connect(socket).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "plugin socket never appeared"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Self { child }
-    }
-
-    /// SIGTERM by pid, then reap.
-    fn stop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).unwrap());
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let started = Instant::now();
-        while self.child.try_wait().unwrap().is_none() {
-            if started.elapsed() > Duration::from_secs(20) {
-                let _ = self.child.kill();
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for PluginProcess {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            self.stop();
-        }
-    }
-}
-
-/// Unmounts, detaches and unmounts FUSE on any exit.
-struct Leftovers {
-    mountpoint: PathBuf,
-    fuse_dir: PathBuf,
-}
-
-impl Drop for Leftovers {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mountpoint).output();
-        if let Ok(output) = Command::new("losetup").arg("-a").output() {
-            let fuse_dir = self.fuse_dir.display().to_string();
-            for line in String::from_utf8_lossy(&output.stdout).lines() {
-                if line.contains(&fuse_dir) {
-                    if let Some(device) = line.split(':').next() {
-                        let _ = Command::new("losetup").arg("-d").arg(device).output();
-                    }
-                }
-            }
-        }
-        let _ = Command::new("fusermount3").arg("-u").arg(&self.fuse_dir).output();
-    }
-}
+use common::plugin::{mounted, AttachLeftovers, PluginProcess};
 
 /// One plugin call, the way dockerd makes it.
 fn call(socket: &Path, endpoint: &str, body: &str) -> serde_json::Value {
@@ -107,13 +33,6 @@ fn call(socket: &Path, endpoint: &str, body: &str) -> serde_json::Value {
     serde_json::from_str(json).unwrap_or_else(|_| panic!("{endpoint}: not JSON: {json}"))
 }
 
-fn mounted(path: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mounts")
-        .unwrap()
-        .lines()
-        .any(|line| line.split_whitespace().nth(1) == Some(path.to_str().unwrap()))
-}
-
 #[test]
 fn the_docker_plugin_creates_mounts_counts_containers_survives_a_restart_and_removes() {
     let test = "the_docker_plugin_creates_mounts_counts_containers";
@@ -124,11 +43,12 @@ fn the_docker_plugin_creates_mounts_counts_containers_survives_a_restart_and_rem
     let socket = node.dir.path().join("ballast.sock");
     let mounts = node.dir.path().join("mounts");
     let mountpoint = mounts.join("v1");
-    let _leftovers = Leftovers {
-        mountpoint: mountpoint.clone(),
-        fuse_dir: node.data_dir.join("attach"),
+    let _leftovers = AttachLeftovers {
+        mountpoints: vec![mountpoint.clone()],
+        fuse_dirs: vec![node.data_dir.join("attach")],
     };
-    let mut plugin = PluginProcess::start(&node, &socket, &mounts);
+    let apis = [node.api_url()];
+    let mut plugin = PluginProcess::start(&apis, &node.token_file(), &socket, &mounts);
 
     assert_eq!(call(&socket, "Plugin.Activate", "")["Implements"][0], "VolumeDriver");
     assert_eq!(
@@ -168,7 +88,7 @@ fn the_docker_plugin_creates_mounts_counts_containers_survives_a_restart_and_rem
 
     // A restarted plugin still knows container b holds it.
     plugin.stop();
-    let _plugin = PluginProcess::start(&node, &socket, &mounts);
+    let _plugin = PluginProcess::start(&apis, &node.token_file(), &socket, &mounts);
     let path = call(&socket, "VolumeDriver.Path", r#"{"Name":"v1"}"#);
     assert_eq!(path["Mountpoint"], mountpoint.to_str().unwrap(), "{path}");
     let removing = call(&socket, "VolumeDriver.Remove", r#"{"Name":"v1"}"#);

@@ -654,13 +654,24 @@ async fn attach_device(
             crate::volume::VolumeIoError::Locked { volume: name }.to_string(),
         ));
     }
-    // One host at a time: recorded in Raft before the device exists.
+    // One host at a time: recorded in Raft before the device exists. A
+    // holder that is down has lost its host's device with it (and its
+    // writes are fenced by the epoch this node took over at): no force
+    // is needed to attach here.
+    let holder = state
+        .cluster
+        .with_state(|cluster| cluster.attachments.get(&name).map(|held| held.node));
+    let holder_down =
+        holder.is_some_and(|node| node != state.cluster.local.id && !state.cluster.health.liveness(node).up);
+    if holder_down && !body.force {
+        tracing::warn!(volume = %name, holder = ?holder, "the node the volume is attached to is down; attaching here");
+    }
     state
         .cluster
         .change(crate::cluster::state::Command::Attach {
             name: name.clone(),
             node: state.cluster.local.id,
-            force: body.force,
+            force: body.force || holder_down,
             now_unix: crate::datadir::now_unix_seconds(),
         })
         .await?;

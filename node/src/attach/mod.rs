@@ -41,6 +41,57 @@ pub fn faster_backends_present() -> Vec<&'static str> {
     present
 }
 
+/// Whether a filesystem is mounted at `path` (per /proc/self/mounts).
+#[must_use]
+pub fn is_mounted(path: &Path) -> bool {
+    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
+        return false;
+    };
+    let wanted = path.to_string_lossy();
+    mounts.lines().any(|line| {
+        // /proc/self/mounts escapes spaces as \040.
+        line.split_whitespace()
+            .nth(1)
+            .is_some_and(|target| target.replace("\\040", " ") == wanted)
+    })
+}
+
+/// Loop devices (e.g. /dev/loop3) and the files backing them.
+fn loop_backings() -> Vec<(PathBuf, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(entry.path().join("loop/backing_file")).ok()?;
+            Some((PathBuf::from("/dev").join(name), backing.trim().to_owned()))
+        })
+        .collect()
+}
+
+fn detach_loop(device: &Path) -> bool {
+    std::process::Command::new("losetup")
+        .arg("-d")
+        .arg(device)
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// Releases `device` if it is still the loop device of volume `name`'s
+/// attach file (left by a node that died): the kernel frees it when its
+/// last user closes it.
+pub fn release_stale_loop(device: &Path, name: &str) {
+    let suffix = format!("/{MOUNT_DIR}/{name}");
+    let ours = loop_backings()
+        .into_iter()
+        .any(|(path, backing)| path == device && backing.trim_end_matches(" (deleted)").ends_with(&suffix));
+    if ours && detach_loop(device) {
+        tracing::info!(volume = %name, device = %device.display(), "released the loop device of a dead attachment");
+    }
+}
+
 /// This node's attached volumes.
 pub struct HostAttach {
     mountpoint: PathBuf,
@@ -74,7 +125,13 @@ impl HostAttach {
             .mode(0o700)
             .create(&self.mountpoint)
             .map_err(|e| format!("cannot make {}: {e}", self.mountpoint.display()))?;
-        // A mount left by a killed node would make this one fail.
+        // Loop devices and a mount left by a killed node would make this one fail.
+        let prefix = format!("{}/", self.mountpoint.display());
+        for (device, backing) in loop_backings() {
+            if backing.starts_with(&prefix) && detach_loop(&device) {
+                tracing::info!(device = %device.display(), backing = %backing, "released a loop device left by this node's previous run");
+            }
+        }
         let _ = std::process::Command::new("fusermount3")
             .arg("-u")
             .arg("-q")

@@ -95,9 +95,11 @@ pub enum PluginCommand {
     /// `docker volume create -d ballast --opt size=10GiB --opt repl=3 NAME`, then
     /// `docker run -v NAME:/data ...` attaches, formats on first use and mounts it here.
     Serve {
-        /// The node API of this host (the plugin attaches and mounts here).
-        #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
-        api: String,
+        /// The node API of this host (the plugin attaches and mounts here); several
+        /// nodes of this host, comma-separated, are tried in order, so the plugin
+        /// goes on through the next one when its node dies.
+        #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL, value_delimiter = ',')]
+        api: Vec<String>,
         /// The socket dockerd finds plugins by.
         #[arg(long, default_value = crate::plugin::DEFAULT_SOCKET)]
         socket: std::path::PathBuf,
@@ -204,7 +206,12 @@ pub fn main() -> ExitCode {
         Command::Cluster(args) => cluster::run(args),
         Command::Status { api, json, watch } => cluster::status(&api, json, watch),
         Command::Plugin(PluginCommand::Serve { api, socket, mounts }) => {
-            crate::plugin::serve(crate::plugin::PluginOptions { socket, api, mounts }).map(|()| ExitCode::SUCCESS)
+            crate::plugin::serve(crate::plugin::PluginOptions {
+                socket,
+                apis: api,
+                mounts,
+            })
+            .map(|()| ExitCode::SUCCESS)
         }
         Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
         Command::Auth {

@@ -66,6 +66,7 @@ pub fn iterations(full: usize, quick: usize) -> usize {
 pub mod cluster;
 pub mod firewall;
 pub mod node;
+pub mod plugin;
 
 /// True when this host can attach volumes through FUSE + loop (loop
 /// devices, /dev/fuse, and every one of `tools` on PATH); otherwise records
