@@ -10,6 +10,7 @@ pub mod device;
 pub mod engine;
 pub mod lockfile;
 pub mod loopdev;
+pub mod nbd;
 pub mod pool;
 pub mod process;
 pub mod uring;

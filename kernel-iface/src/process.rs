@@ -21,17 +21,53 @@ pub fn set_io_flusher() -> std::io::Result<()> {
     }
 }
 
+/// CAP_IPC_LOCK's bit in the capability sets.
+const CAP_IPC_LOCK: u32 = 14;
+
+/// Whether this process holds capability number `bit` (its effective set).
+#[must_use]
+pub fn has_capability(bit: u32) -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))
+                .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        })
+        .is_some_and(|effective| effective & (1 << bit) != 0)
+}
+
+/// Locks this process's memory in RAM, every page now mapped and every
+/// page it touches from now on (`mlockall(MCL_CURRENT | MCL_FUTURE |
+/// MCL_ONFAULT)`: pages are locked as they are first used, so reserved but
+/// untouched address space costs nothing). A server of this host's own
+/// block devices must never wait on reclaim that writes back through
+/// itself: its code, stacks and buffers stay resident.
+///
+/// Refused without CAP_IPC_LOCK (an `Err`, nothing locked): past
+/// RLIMIT_MEMLOCK, MCL_FUTURE would make the process's own allocations fail.
+pub fn lock_memory() -> std::io::Result<()> {
+    if !has_capability(CAP_IPC_LOCK) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "no CAP_IPC_LOCK: memory not locked",
+        ));
+    }
+    // SAFETY: mlockall takes flags only and changes no memory contents.
+    let result = unsafe { libc::mlockall(libc::MCL_CURRENT | libc::MCL_FUTURE | libc::MCL_ONFAULT) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of CapEff).
     fn has_cap_sys_resource() -> bool {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let effective = status
-            .lines()
-            .find_map(|line| line.strip_prefix("CapEff:"))
-            .map(|hex| u64::from_str_radix(hex.trim(), 16).unwrap())
-            .unwrap();
-        effective & (1 << 24) != 0
+        super::has_capability(24)
     }
 
     #[test]

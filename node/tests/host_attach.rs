@@ -103,9 +103,52 @@ fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_rea
             "written through FUSE + loop\n"
         );
     }
+    // The node serving the host's device keeps its memory resident.
+    let status = std::fs::read_to_string(format!("/proc/{}/status", node.pid())).unwrap();
+    let locked_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmLck:"))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap();
+    if kernel_iface::process::has_capability(14) {
+        assert!(locked_kib > 0, "no memory locked by the serving node:\n{status}");
+    }
     node.cli_ok(&["volume", "detach", "data"]);
     leftovers.device = None;
-    assert!(node.log_text().contains("host attach filesystem mounted"));
+    let log = node.log_text();
+    assert!(log.contains("host attach FUSE filesystem mounted"), "{log}");
+    assert!(log.contains("host attach backend"), "{log}");
+}
+
+#[test]
+fn a_forced_attach_backend_the_host_lacks_fails_the_attach_clearly_and_the_node_keeps_serving() {
+    let test = "a_forced_attach_backend_the_host_lacks_fails_the_attach_clearly";
+    if std::path::Path::new("/sys/module/nbd").exists() {
+        common::record_skip(test, "this host has the kernel NBD client: the nbd backend would work");
+        return;
+    }
+    let node = TestNode::start_unclustered(test, "127.0.0.1", &[1 << 30], &["--attach-backend", "nbd"]);
+    node.cli_ok(&["cluster", "init"]);
+    node.create_volume("data", "64MiB");
+    let refused = node.cli(&["volume", "attach", "data", "--device"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("modprobe nbd"), "{}", text(&refused));
+    // Nothing was recorded: the volume is not attached anywhere.
+    let info: serde_json::Value = serde_json::from_str(&node.cli_ok(&["volume", "inspect", "data", "--json"])).unwrap();
+    assert_eq!(info["attached_to"], 0, "{info:#}");
+    node.cli_ok(&["volume", "list"]);
+    // A bad backend name is refused at start, with the choices.
+    let bad = common::run(&[
+        "node",
+        "run",
+        "--attach-backend",
+        "floppy",
+        "--data-dir",
+        "/nonexistent",
+    ]);
+    assert!(!bad.status.success());
+    assert!(text(&bad).contains("auto, nbd or fuse"), "{}", text(&bad));
 }
 
 #[test]

@@ -676,11 +676,26 @@ async fn attach_device(
         })
         .await?;
     let attach = Arc::clone(&state.attach);
-    let device = tokio::task::spawn_blocking(move || attach.attach(&volume))
+    let made = tokio::task::spawn_blocking(move || attach.attach(&volume))
         .await
-        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
-        .map_err(|reason| ApiError(StatusCode::INTERNAL_SERVER_ERROR, reason))?;
-    Ok(Json(device).into_response())
+        .unwrap_or_else(|error| Err(error.to_string()));
+    match made {
+        Ok(device) => Ok(Json(device).into_response()),
+        Err(reason) => {
+            // No device: the attachment record goes too (if this node still holds it).
+            let undo = state
+                .cluster
+                .change(crate::cluster::state::Command::Detach {
+                    name: name.clone(),
+                    node: state.cluster.local.id,
+                })
+                .await;
+            if let Err(error) = undo {
+                tracing::warn!(volume = %name, %error, "could not drop the attachment record of a failed attach");
+            }
+            Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, reason))
+        }
+    }
 }
 
 async fn device_of(

@@ -1,11 +1,14 @@
 //! Host attach: a volume this node serves, as a block device of this host.
 //!
-//! Backends, best first: ublk (ublk_drv), the kernel NBD client (nbd
-//! module), FUSE + loop. Only FUSE + loop is built so far (`fuse`): it
-//! works wherever FUSE does; on a host with ublk or the nbd module the
-//! choice is logged and FUSE + loop is still used.
+//! Backends, best first: the kernel NBD client (`kernel_nbd`, nbd
+//! module: /dev/nbdN over a socket pair to this process), FUSE + loop
+//! (`fuse`: works wherever FUSE does). `attach_backend` (node flag or
+//! config) forces one; `auto` takes the best the host has, and logs the
+//! choice. At the first attach the node locks its memory (mlockall,
+//! on fault), so serving this host's own writeback never waits on reclaim.
 
 pub mod fuse;
+pub mod kernel_nbd;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,26 +22,81 @@ use crate::volume::Volume;
 /// Where the attach filesystem is mounted, under the data directory.
 pub const MOUNT_DIR: &str = "attach";
 
+/// Which backend makes the block devices (`attach_backend`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Backend {
+    /// The best this host has: nbd, else fuse.
+    #[default]
+    Auto,
+    /// The kernel NBD client (/dev/nbdN).
+    Nbd,
+    /// A FUSE file and a loop device (/dev/loopN).
+    Fuse,
+}
+
+impl std::str::FromStr for Backend {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(Self::Auto),
+            "nbd" => Ok(Self::Nbd),
+            "fuse" => Ok(Self::Fuse),
+            other => Err(format!("unknown attach backend {other:?}: use auto, nbd or fuse")),
+        }
+    }
+}
+
+impl Backend {
+    /// The backend `self` stands for on this host (`auto` resolved).
+    #[must_use]
+    pub fn resolve(self) -> Self {
+        match self {
+            Self::Auto if kernel_nbd::available() => Self::Nbd,
+            Self::Auto => Self::Fuse,
+            chosen => chosen,
+        }
+    }
+
+    #[must_use]
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Nbd => "nbd",
+            Self::Fuse => "fuse",
+        }
+    }
+}
+
+/// One attached volume's device, by backend.
+enum Attached {
+    Fuse(LoopDevice),
+    Nbd(kernel_nbd::NbdDevice),
+}
+
+impl Attached {
+    fn path(&self) -> &Path {
+        match self {
+            Self::Fuse(device) => device.path(),
+            Self::Nbd(device) => device.path(),
+        }
+    }
+
+    fn backend(&self) -> &'static str {
+        match self {
+            Self::Fuse(_) => "fuse",
+            Self::Nbd(_) => "nbd",
+        }
+    }
+}
+
 /// What a host attach gave.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Device {
     /// The block device, e.g. /dev/loop3.
     pub device: PathBuf,
-    /// "fuse" (FUSE file + loop device).
+    /// "nbd" (kernel NBD client) or "fuse" (FUSE file + loop device).
     pub backend: String,
-}
-
-/// The kernel pieces the faster backends need, if present.
-#[must_use]
-pub fn faster_backends_present() -> Vec<&'static str> {
-    let mut present = Vec::new();
-    if Path::new("/dev/ublk-control").exists() {
-        present.push("ublk");
-    }
-    if Path::new("/sys/module/nbd").exists() {
-        present.push("nbd");
-    }
-    present
 }
 
 /// Whether a filesystem is mounted at `path` (per /proc/self/mounts).
@@ -97,21 +155,40 @@ pub struct HostAttach {
     mountpoint: PathBuf,
     files: Arc<fuse::Files>,
     runtime: tokio::runtime::Handle,
+    backend: Backend,
     /// Declared before `session`: loop devices go before the unmount.
-    devices: Mutex<BTreeMap<String, LoopDevice>>,
+    devices: Mutex<BTreeMap<String, Attached>>,
     session: Mutex<Option<fuser::BackgroundSession>>,
+    memory_locked: std::sync::Once,
 }
 
 impl HostAttach {
     #[must_use]
-    pub fn new(data_dir: &Path, runtime: tokio::runtime::Handle) -> Self {
+    pub fn new(data_dir: &Path, runtime: tokio::runtime::Handle, backend: Backend) -> Self {
+        let resolved = backend.resolve();
+        tracing::info!(
+            configured = backend.name(),
+            chosen = resolved.name(),
+            kernel_nbd = kernel_nbd::available(),
+            "host attach backend"
+        );
         Self {
             mountpoint: data_dir.join(MOUNT_DIR),
             files: Arc::new(fuse::Files::default()),
             runtime,
+            backend: resolved,
             devices: Mutex::new(BTreeMap::new()),
             session: Mutex::new(None),
+            memory_locked: std::sync::Once::new(),
         }
+    }
+
+    /// Locks the node's memory once, before its first device exists.
+    fn lock_memory(&self) {
+        self.memory_locked.call_once(|| match kernel_iface::process::lock_memory() {
+            Ok(()) => tracing::info!("memory locked (mlockall, on fault): serving this host's devices never waits on reclaim"),
+            Err(error) => tracing::warn!(%error, "cannot lock memory: under memory pressure, writeback through this host's attached devices could stall"),
+        });
     }
 
     fn ensure_mounted(&self) -> Result<(), String> {
@@ -151,8 +228,7 @@ impl HostAttach {
                 self.mountpoint.display()
             )
         })?;
-        let faster = faster_backends_present();
-        tracing::info!(mountpoint = %self.mountpoint.display(), backend = "fuse", faster_available_not_built = ?faster, "host attach filesystem mounted");
+        tracing::info!(mountpoint = %self.mountpoint.display(), "host attach FUSE filesystem mounted");
         *session = Some(mounted);
         Ok(())
     }
@@ -162,25 +238,33 @@ impl HostAttach {
         if let Some(device) = self.devices.lock().get(&volume.name) {
             return Ok(Device {
                 device: device.path().to_owned(),
-                backend: "fuse".into(),
+                backend: device.backend().into(),
             });
         }
+        self.lock_memory();
+        let attached = match self.backend {
+            Backend::Nbd => Attached::Nbd(kernel_nbd::NbdDevice::start(Arc::clone(volume), &self.runtime)?),
+            Backend::Fuse | Backend::Auto => Attached::Fuse(self.attach_fuse(volume)?),
+        };
+        let device = Device {
+            device: attached.path().to_owned(),
+            backend: attached.backend().into(),
+        };
+        tracing::info!(volume = %volume.name, device = %device.device.display(), backend = %device.backend, "volume attached to this host");
+        self.devices.lock().insert(volume.name.clone(), attached);
+        Ok(device)
+    }
+
+    fn attach_fuse(&self, volume: &Arc<Volume>) -> Result<LoopDevice, String> {
         self.ensure_mounted()?;
         self.files.insert(Arc::clone(volume));
         let file = self.mountpoint.join(&volume.name);
-        let loop_device = LoopDevice::attach_with_sector_size(&file, true, Some(volume.block_size_bytes))
+        LoopDevice::attach_with_sector_size(&file, true, Some(volume.block_size_bytes))
             .or_else(|_| LoopDevice::attach_with_sector_size(&file, false, Some(volume.block_size_bytes)))
             .map_err(|e| {
                 self.files.remove(&volume.name);
                 format!("cannot make a loop device over {}: {e}", file.display())
-            })?;
-        let device = Device {
-            device: loop_device.path().to_owned(),
-            backend: "fuse".into(),
-        };
-        tracing::info!(volume = %volume.name, device = %device.device.display(), backend = "fuse", "volume attached to this host");
-        self.devices.lock().insert(volume.name.clone(), loop_device);
-        Ok(device)
+            })
     }
 
     /// Removes `name`'s block device (unmount any filesystem on it first).

@@ -68,7 +68,7 @@ pub enum NodeCommand {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// TOML config file (keys: data_dir, listen_api, listen_nbd, listen_peer, nbd_tls, nbd_tls_names, cores, thread_pool, name, labels, ...); flags override it.
+    /// TOML config file (keys: data_dir, listen_api, listen_nbd, listen_peer, nbd_tls, nbd_tls_names, attach_backend, cores, thread_pool, name, labels, ...); flags override it.
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// The node's data directory (made by `ballast disk enroll`).
@@ -122,6 +122,9 @@ pub struct RunArgs {
     /// Use the pread/pwrite thread pool instead of io_uring.
     #[arg(long)]
     pub thread_pool: bool,
+    /// How `volume attach --device` makes block devices: auto (the kernel NBD client when the nbd module is loaded, else FUSE + loop), nbd, or fuse [default: auto].
+    #[arg(long, value_name = "BACKEND")]
+    pub attach_backend: Option<crate::attach::Backend>,
 }
 
 /// Runs a node command.
@@ -138,6 +141,7 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 listen_nbd: args.listen_nbd,
                 nbd_tls: args.nbd_tls,
                 nbd_tls_names: (!args.nbd_tls_names.is_empty()).then_some(args.nbd_tls_names),
+                attach_backend: args.attach_backend,
                 listen_peer: args.listen_peer,
                 cores: args.cores,
                 thread_pool: args.thread_pool.then_some(true),

@@ -18,6 +18,7 @@
 //! jwt_jwks_file = "/etc/ballast/idp-jwks.json"  # ... or one of these
 //! cores = "0-3"          # reactor cores (default: every core the process may use)
 //! thread_pool = false    # force the pread/pwrite engine instead of io_uring
+//! attach_backend = "auto"  # host attach devices: auto (nbd when the module is loaded, else fuse), nbd, fuse
 //! ```
 
 use std::collections::BTreeMap;
@@ -76,6 +77,7 @@ pub struct ConfigFile {
     pub jwt_issuer: Option<String>,
     pub jwt_public_key_file: Option<PathBuf>,
     pub jwt_jwks_file: Option<PathBuf>,
+    pub attach_backend: Option<crate::attach::Backend>,
 }
 
 impl ConfigFile {
@@ -101,6 +103,8 @@ pub struct NodeConfig {
     pub nbd_tls: crate::nbd::tls::TlsMode,
     /// More names the NBD certificate carries.
     pub nbd_tls_names: Vec<String>,
+    /// How host attach makes block devices.
+    pub attach_backend: crate::attach::Backend,
     pub listen_peer: SocketAddr,
     pub cores: Option<String>,
     pub thread_pool: bool,
@@ -198,6 +202,7 @@ impl NodeConfig {
             listen_nbd: address("listen_nbd", &listen_nbd)?,
             nbd_tls: overrides.nbd_tls.or(file.nbd_tls).unwrap_or_default(),
             nbd_tls_names: overrides.nbd_tls_names.or(file.nbd_tls_names).unwrap_or_default(),
+            attach_backend: overrides.attach_backend.or(file.attach_backend).unwrap_or_default(),
             listen_peer: address("listen_peer", &listen_peer)?,
             cores: overrides.cores.or(file.cores),
             thread_pool: overrides.thread_pool.or(file.thread_pool).unwrap_or(false),

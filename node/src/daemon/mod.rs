@@ -97,6 +97,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let attach = Arc::new(crate::attach::HostAttach::new(
         &config.data_dir,
         runtime.handle().clone(),
+        config.attach_backend,
     ));
     let state = Arc::new(ApiState {
         volumes: Arc::clone(&volumes),
