@@ -58,6 +58,8 @@ struct Plugin {
     refs: Mutex<BTreeMap<String, BTreeSet<String>>>,
     /// Volume name → the block device it was mounted from.
     devices: Mutex<BTreeMap<String, PathBuf>>,
+    /// Volume name → the filesystem Create asked for (made at first mount).
+    filesystems: Mutex<BTreeMap<String, String>>,
     /// Index in `options.apis` of the node last used.
     current: Mutex<usize>,
 }
@@ -78,6 +80,8 @@ struct Saved {
     refs: BTreeMap<String, BTreeSet<String>>,
     #[serde(default)]
     devices: BTreeMap<String, PathBuf>,
+    #[serde(default)]
+    filesystems: BTreeMap<String, String>,
 }
 
 impl Plugin {
@@ -116,6 +120,7 @@ impl Plugin {
         let text = serde_json::to_string_pretty(&Saved {
             refs: refs.clone(),
             devices: self.devices.lock().clone(),
+            filesystems: self.filesystems.lock().clone(),
         })?;
         let path = self.options.mounts.join(STATE_FILE);
         let temporary = path.with_extension("new");
@@ -146,12 +151,13 @@ impl Plugin {
             passphrase: None,
             group: opts.get("group").cloned().unwrap_or_default(),
         };
-        if let Some(fs) = opts.get("fs") {
-            if fs != "ext4" && fs != "xfs" {
-                anyhow::bail!("fs must be ext4 or xfs");
-            }
+        let fs = opts.get("fs").map_or("ext4", String::as_str);
+        if fs != "ext4" && fs != "xfs" {
+            anyhow::bail!("fs must be ext4 or xfs");
         }
         let _: crate::volume::VolumeInfo = self.client()?.post("/v1/volumes", &body)?;
+        self.filesystems.lock().insert(request.name.clone(), fs.to_owned());
+        self.save(&self.refs.lock())?;
         Ok(json!({ "Err": "" }))
     }
 
@@ -163,6 +169,8 @@ impl Plugin {
             "/v1/volumes/{}",
             crate::cli::volume::path_segment(&request.name)
         ))?;
+        self.filesystems.lock().remove(&request.name);
+        self.save(&self.refs.lock())?;
         Ok(json!({ "Err": "" }))
     }
 
@@ -172,7 +180,13 @@ impl Plugin {
         let first = refs.get(&request.name).is_none_or(BTreeSet::is_empty);
         if first {
             let (client, api) = self.node()?;
-            let device = crate::cli::volume::mount_volume(&client, &api, &request.name, &mountpoint, "ext4")?;
+            let fs = self
+                .filesystems
+                .lock()
+                .get(&request.name)
+                .cloned()
+                .unwrap_or_else(|| "ext4".to_owned());
+            let device = crate::cli::volume::mount_volume(&client, &api, &request.name, &mountpoint, &fs)?;
             self.devices.lock().insert(request.name.clone(), device);
         }
         refs.entry(request.name.clone()).or_default().insert(request.id.clone());
@@ -378,6 +392,7 @@ pub fn serve(options: PluginOptions) -> Result<()> {
             options,
             refs: Mutex::new(saved.refs),
             devices: Mutex::new(saved.devices),
+            filesystems: Mutex::new(saved.filesystems),
             current: Mutex::new(0),
         });
         let stop = async {

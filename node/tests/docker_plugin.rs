@@ -36,7 +36,7 @@ fn call(socket: &Path, endpoint: &str, body: &str) -> serde_json::Value {
 #[test]
 fn the_docker_plugin_creates_mounts_counts_containers_survives_a_restart_and_removes() {
     let test = "the_docker_plugin_creates_mounts_counts_containers";
-    if !host_attach_available(test, &["fusermount3", "mkfs.ext4", "blkid"]) {
+    if !host_attach_available(test, &["fusermount3", "mkfs.ext4", "mkfs.xfs", "blkid"]) {
         return;
     }
     let node = TestNode::start(test, 1 << 30);
@@ -121,4 +121,32 @@ fn the_docker_plugin_creates_mounts_counts_containers_survives_a_restart_and_rem
         "{garbage}"
     );
     assert_eq!(call(&socket, "Plugin.Activate", "")["Implements"][0], "VolumeDriver");
+
+    // fs=xfs at Create is the filesystem made at the first Mount.
+    let created = call(
+        &socket,
+        "VolumeDriver.Create",
+        r#"{"Name":"x1","Opts":{"size":"512MiB","fs":"xfs"}}"#,
+    );
+    assert_eq!(created["Err"], "", "{created}");
+    let xfs_mountpoint = mounts.join("x1");
+    let _xfs_leftovers = AttachLeftovers {
+        mountpoints: vec![xfs_mountpoint.clone()],
+        fuse_dirs: Vec::new(),
+    };
+    let mounted = call(&socket, "VolumeDriver.Mount", r#"{"Name":"x1","ID":"container-x"}"#);
+    assert_eq!(mounted["Err"], "", "{mounted}");
+    let mounts_table = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts_table
+        .lines()
+        .find(|line| line.split_whitespace().nth(1) == xfs_mountpoint.to_str())
+        .unwrap_or_else(|| panic!("x1 not mounted: {mounts_table}"));
+    assert_eq!(line.split_whitespace().nth(2), Some("xfs"), "{line}");
+    assert_eq!(
+        call(&socket, "VolumeDriver.Unmount", r#"{"Name":"x1","ID":"container-x"}"#)["Err"],
+        ""
+    );
+    assert_eq!(call(&socket, "VolumeDriver.Remove", r#"{"Name":"x1"}"#)["Err"], "");
+    let bad_fs = call(&socket, "VolumeDriver.Create", r#"{"Name":"x2","Opts":{"fs":"ntfs"}}"#);
+    assert!(bad_fs["Err"].as_str().unwrap().contains("ext4 or xfs"), "{bad_fs}");
 }
