@@ -13,7 +13,7 @@ use common::node::TestNode;
 use common::{record_skip, text};
 
 fn replica_nodes(node: &TestNode, volume: &str) -> Vec<u64> {
-    let info: serde_json::Value = serde_json::from_str(&node.cli_ok(&["volume", "inspect", volume, "--json"])).unwrap();
+    let info: serde_json::Value = node.inspect(volume);
     info["replica_nodes"]
         .as_array()
         .unwrap()
@@ -67,8 +67,7 @@ fn three_nodes_form_a_cluster_and_a_repl3_volume_has_a_replica_on_each() {
     for node in &cluster.nodes {
         wait_until("local replica on every node", || local_replicas(node) == 1);
     }
-    let info: serde_json::Value =
-        serde_json::from_str(&cluster.nodes[0].cli_ok(&["volume", "inspect", "db", "--json"])).unwrap();
+    let info: serde_json::Value = cluster.nodes[0].inspect("db");
     assert_eq!(info["coordinator"].as_u64().unwrap(), cluster.nodes[1].node_id());
     // Only the coordinator exports it over NBD.
     if common::have_tool("three_nodes_form_a_cluster", "nbdinfo") {

@@ -224,8 +224,7 @@ fn a_docker_volume_keeps_its_synced_files_when_the_node_serving_the_plugin_is_ki
     let before = sums(&logs);
     assert_eq!(before.len(), 16, "{logs}");
     let holder = cluster.nodes[0].node_id();
-    let inspect: serde_json::Value =
-        serde_json::from_str(&cluster.nodes[0].cli_ok(&["volume", "inspect", "v1", "--json"])).unwrap();
+    let inspect: serde_json::Value = cluster.nodes[0].inspect("v1");
     assert_eq!(inspect["attached_to"], holder, "{inspect:#}");
 
     // The node the plugin attached through dies under the running container.
@@ -256,8 +255,7 @@ fn a_docker_volume_keeps_its_synced_files_when_the_node_serving_the_plugin_is_ki
         before,
         "files after the failover differ from those synced before it"
     );
-    let inspect: serde_json::Value =
-        serde_json::from_str(&cluster.nodes[1].cli_ok(&["volume", "inspect", "v1", "--json"])).unwrap();
+    let inspect: serde_json::Value = cluster.nodes[1].inspect("v1");
     // The reader left: the volume was detached again from node 1's host.
     assert_eq!(inspect["attached_to"], 0, "{inspect:#}");
     assert_eq!(inspect["coordinator"], cluster.nodes[1].node_id(), "{inspect:#}");

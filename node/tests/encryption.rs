@@ -86,8 +86,7 @@ fn an_encrypted_volume_leaves_no_plaintext_on_any_replica_and_survives_a_restart
         "--encrypted",
     ]);
     node.cli_ok(&["volume", "create", "plain", "--size", "16MiB", "--repl", "2"]);
-    let inspect: serde_json::Value =
-        serde_json::from_str(&node.cli_ok(&["volume", "inspect", "secret", "--json"])).unwrap();
+    let inspect: serde_json::Value = node.inspect("secret");
     assert_eq!(inspect["encryption"], "cluster-key");
     let scratch = tempfile::tempdir().unwrap();
     let marker = marker_file(scratch.path(), MARKER);
@@ -138,8 +137,7 @@ fn a_passphrase_volume_serves_only_once_unlocked_and_refuses_a_wrong_passphrase(
         "--passphrase-file",
         right.to_str().unwrap(),
     ]);
-    let inspect: serde_json::Value =
-        serde_json::from_str(&node.cli_ok(&["volume", "inspect", "vault", "--json"])).unwrap();
+    let inspect: serde_json::Value = node.inspect("vault");
     assert_eq!(inspect["encryption"], "passphrase");
     assert!(!nbd_ok(&node.uri("vault")), "a locked volume was served");
     assert!(node.log_text().contains("vault is encrypted and locked"));

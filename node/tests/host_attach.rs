@@ -135,7 +135,7 @@ fn a_forced_attach_backend_the_host_lacks_fails_the_attach_clearly_and_the_node_
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(text(&refused).contains("modprobe nbd"), "{}", text(&refused));
     // Nothing was recorded: the volume is not attached anywhere.
-    let info: serde_json::Value = serde_json::from_str(&node.cli_ok(&["volume", "inspect", "data", "--json"])).unwrap();
+    let info: serde_json::Value = node.inspect("data");
     assert_eq!(info["attached_to"], 0, "{info:#}");
     node.cli_ok(&["volume", "list"]);
     // A bad backend name is refused at start, with the choices.
@@ -200,8 +200,7 @@ fn only_one_host_has_a_volume_attached_until_a_forced_failover_which_fences_the_
     let (first, second) = (&cluster.nodes[0], &cluster.nodes[1]);
     first.cli_ok(&["volume", "create", "data", "--size", "64MiB", "--repl", "2"]);
     common::cluster::wait_until("both replicas in sync", || {
-        let info: serde_json::Value =
-            serde_json::from_str(&first.cli_ok(&["volume", "inspect", "data", "--json"])).unwrap();
+        let info: serde_json::Value = first.inspect("data");
         info["in_sync"].as_array().is_some_and(|nodes| nodes.len() == 2)
     });
     let mut first_leftovers = Leftovers {
@@ -215,8 +214,7 @@ fn only_one_host_has_a_volume_attached_until_a_forced_failover_which_fences_the_
         device: None,
     };
     let first_device = attach(first, &mut first_leftovers);
-    let info: serde_json::Value =
-        serde_json::from_str(&second.cli_ok(&["volume", "inspect", "data", "--json"])).unwrap();
+    let info: serde_json::Value = second.inspect("data");
     assert_eq!(info["attached_to"].as_u64(), Some(first.node_id()));
 
     // The second node may take over serving, but not the device while the
@@ -242,8 +240,7 @@ fn only_one_host_has_a_volume_attached_until_a_forced_failover_which_fences_the_
     let taken = second.cli(&["volume", "attach", "data", "--device", "--force-failover"]);
     assert!(taken.status.success(), "{}", text(&taken));
     second_leftovers.device = Some(PathBuf::from(String::from_utf8_lossy(&taken.stdout).trim()));
-    let info: serde_json::Value =
-        serde_json::from_str(&first.cli_ok(&["volume", "inspect", "data", "--json"])).unwrap();
+    let info: serde_json::Value = first.inspect("data");
     assert_eq!(info["attached_to"].as_u64(), Some(second.node_id()));
     // The old host's device now fails instead of serving stale data.
     common::cluster::wait_until("the first host's device refuses I/O", || {

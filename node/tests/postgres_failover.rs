@@ -253,8 +253,7 @@ fn postgresql_on_a_volume_keeps_every_committed_transaction_when_its_node_is_kil
             && !status["leader"].is_null()
     });
     cluster.nodes[1].cli_ok(&["volume", "mount", "pg", second_mount.to_str().unwrap()]);
-    let inspect: serde_json::Value =
-        serde_json::from_str(&cluster.nodes[1].cli_ok(&["volume", "inspect", "pg", "--json"])).unwrap();
+    let inspect: serde_json::Value = cluster.nodes[1].inspect("pg");
     assert_eq!(inspect["attached_to"], cluster.nodes[1].node_id(), "{inspect:#}");
     let data = second_mount.join("data");
     let postmaster = Postmaster::start(&bin, &data, &socket_dir, port, &socket_dir.join("pg-2.log"));

@@ -18,10 +18,6 @@ use common::{have_tool, record_skip, text};
 
 const FIO_TIMEOUT: Duration = Duration::from_secs(300);
 
-fn inspect(node: &TestNode, volume: &str) -> serde_json::Value {
-    serde_json::from_str(&node.cli_ok(&["volume", "inspect", volume, "--json"])).unwrap()
-}
-
 fn ids(value: &serde_json::Value) -> Vec<u64> {
     let mut ids: Vec<u64> = value
         .as_array()
@@ -77,7 +73,7 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
         all.sort_unstable();
         all
     };
-    assert_eq!(ids(&inspect(&cluster.nodes[1], "db")["in_sync"]), all);
+    assert_eq!(ids(&cluster.nodes[1].inspect("db")["in_sync"]), all);
     let scratch = tempfile::tempdir().unwrap();
 
     // Writes while node 2 (a replica) dies: fio sees no error.
@@ -88,7 +84,7 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
         .spawn()
         .unwrap();
     let started = Instant::now();
-    while inspect(&cluster.nodes[0], "db")["used_bytes"].as_u64().unwrap() < 8 << 20 {
+    while cluster.nodes[0].inspect("db")["used_bytes"].as_u64().unwrap() < 8 << 20 {
         assert!(started.elapsed() < FIO_TIMEOUT, "fio wrote too little");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -104,7 +100,7 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
     let output = writer.wait_with_output().unwrap();
     assert!(status.success(), "fio failed after a replica died: {}", text(&output));
     assert_eq!(fio_error(&output), 0);
-    let info = inspect(&cluster.nodes[0], "db");
+    let info = cluster.nodes[0].inspect("db");
     let survivors: Vec<u64> = {
         let mut ids = vec![cluster.nodes[0].node_id(), cluster.nodes[1].node_id()];
         ids.sort_unstable();
@@ -160,7 +156,7 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
     // The old coordinator comes back: it no longer serves the volume.
     cluster.nodes[0].restart();
     wait_until("the old coordinator learns of the failover", || {
-        inspect(&cluster.nodes[0], "db")["coordinator"].as_u64().unwrap() == cluster.nodes[1].node_id()
+        cluster.nodes[0].inspect("db")["coordinator"].as_u64().unwrap() == cluster.nodes[1].node_id()
     });
     if have_tool(test, "nbdinfo") {
         let started = Instant::now();
@@ -186,17 +182,17 @@ fn a_replica_refuses_writes_with_a_stale_epoch() {
     let test = "a_replica_refuses_writes_with_a_stale_epoch";
     let cluster = TestCluster::start(test, 2, &[]);
     cluster.nodes[0].cli_ok(&["volume", "create", "f", "--size", "16MiB", "--repl", "2"]);
-    let info = inspect(&cluster.nodes[0], "f");
+    let info = cluster.nodes[0].inspect("f");
     let volume_id = info["id"].as_u64().unwrap();
     let status: serde_json::Value =
         serde_json::from_str(&cluster.nodes[0].cli_ok(&["cluster", "status", "--json"])).unwrap();
     let cluster_id: uuid::Uuid = status["cluster_id"].as_str().unwrap().parse().unwrap();
     // Fail the volume over to node 1 (epoch 2); node 0, the old coordinator, then acts on epoch 1.
     cluster.nodes[1].cli_ok(&["volume", "attach", "f", "--force"]);
-    let epoch = inspect(&cluster.nodes[1], "f")["epoch"].as_u64().unwrap();
+    let epoch = cluster.nodes[1].inspect("f")["epoch"].as_u64().unwrap();
     assert!(epoch >= 2);
     wait_until("node 0 learns the new epoch", || {
-        inspect(&cluster.nodes[0], "f")["epoch"].as_u64().unwrap() >= epoch
+        cluster.nodes[0].inspect("f")["epoch"].as_u64().unwrap() >= epoch
     });
     let op = node::replication::wire::ReplicaOp {
         volume_id,
@@ -304,7 +300,7 @@ fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
     // SIGSTOP node 2 for longer than the replica time-out: the writes stall, then go on without it.
     signal("-STOP", &cluster.nodes[2]);
     fio_write_ok(&uri, scratch.path(), "0");
-    let in_sync = ids(&inspect(&cluster.nodes[0], "p")["in_sync"]);
+    let in_sync = ids(&cluster.nodes[0].inspect("p")["in_sync"]);
     signal("-CONT", &cluster.nodes[2]);
     let mut expected = vec![cluster.nodes[0].node_id(), cluster.nodes[1].node_id()];
     expected.sort_unstable();
@@ -314,7 +310,7 @@ fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
     let cut = &cluster.nodes[1];
     firewall.drop_tcp(None, &cut.host, cut.peer_port);
     fio_write_ok(&uri, scratch.path(), "16M");
-    let in_sync = ids(&inspect(&cluster.nodes[0], "p")["in_sync"]);
+    let in_sync = ids(&cluster.nodes[0].inspect("p")["in_sync"]);
     assert!(
         !in_sync.contains(&cut.node_id()) && in_sync.contains(&cluster.nodes[0].node_id()),
         "{in_sync:?}"
@@ -326,7 +322,7 @@ fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
     let mut all: Vec<u64> = cluster.nodes.iter().map(TestNode::node_id).collect();
     all.sort_unstable();
     wait_until("both replicas back in sync", || {
-        ids(&inspect(&cluster.nodes[0], "p")["in_sync"]) == all
+        ids(&cluster.nodes[0].inspect("p")["in_sync"]) == all
     });
 
     // Every acknowledged write reads back from the coordinator.
@@ -355,15 +351,15 @@ fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
     // Node 2 misses a write phase: it drops out of sync.
     cluster.nodes[2].kill9();
     fio_write_ok(&uri, scratch.path(), "16M");
-    assert_eq!(ids(&inspect(&cluster.nodes[0], "r")["in_sync"]).len(), 2);
+    assert_eq!(ids(&cluster.nodes[0].inspect("r")["in_sync"]).len(), 2);
     // It returns: the coordinator resyncs it while fio keeps writing, and it rejoins.
     cluster.nodes[2].restart();
     fio_write_ok(&uri, scratch.path(), "32M");
     wait_until("the returned replica is back in sync", || {
-        ids(&inspect(&cluster.nodes[0], "r")["in_sync"]) == all
+        ids(&cluster.nodes[0].inspect("r")["in_sync"]) == all
     });
     // Only what changed while it was out was copied (8 MiB written then, 8 MiB during the resync).
-    let resync = inspect(&cluster.nodes[0], "r")["resyncs"][0].clone();
+    let resync = cluster.nodes[0].inspect("r")["resyncs"][0].clone();
     assert_eq!(resync["state"], "done", "{resync:#}");
     assert_eq!(resync["mode"], "incremental", "{resync:#}");
     let dirty = resync["dirty_bytes"].as_u64().unwrap();
@@ -399,15 +395,15 @@ fn a_coordinator_that_crashes_while_a_replica_is_out_still_resyncs_it_incrementa
     fio_write_ok(&uri, scratch.path(), "0");
     cluster.nodes[2].kill9();
     fio_write_ok(&uri, scratch.path(), "16M");
-    assert_eq!(ids(&inspect(&cluster.nodes[0], "d")["in_sync"]).len(), 2);
+    assert_eq!(ids(&cluster.nodes[0].inspect("d")["in_sync"]).len(), 2);
     // The coordinator crashes and comes back: what it tracked is on disk.
     cluster.nodes[0].kill9();
     cluster.nodes[0].restart();
     cluster.nodes[2].restart();
     wait_until("the returned replica is back in sync", || {
-        ids(&inspect(&cluster.nodes[0], "d")["in_sync"]).len() == 3
+        ids(&cluster.nodes[0].inspect("d")["in_sync"]).len() == 3
     });
-    let resync = inspect(&cluster.nodes[0], "d")["resyncs"][0].clone();
+    let resync = cluster.nodes[0].inspect("d")["resyncs"][0].clone();
     assert_eq!(resync["state"], "done", "{resync:#}");
     assert_eq!(resync["mode"], "incremental", "{resync:#}");
     let (dirty, moved) = (
@@ -451,13 +447,13 @@ fn the_replica_count_is_raised_and_lowered_online_and_new_replicas_hold_the_data
     let mut in_sync = ids(&updated["in_sync"]);
     in_sync.sort_unstable();
     assert_eq!(in_sync, all, "{updated:#}");
-    let resync = inspect(&cluster.nodes[0], "u")["resyncs"][0].clone();
+    let resync = cluster.nodes[0].inspect("u")["resyncs"][0].clone();
     assert_eq!(resync["mode"], "full", "{resync:#}");
     assert!(resync["copied_bytes"].as_u64().unwrap() >= 8 << 20, "{resync:#}");
 
     // Down to 2: one replica goes, and its node drops the data.
     cluster.nodes[0].cli_ok(&["volume", "update", "u", "--repl", "2"]);
-    let info = inspect(&cluster.nodes[0], "u");
+    let info = cluster.nodes[0].inspect("u");
     let replicas = ids(&info["replica_nodes"]);
     assert_eq!(replicas.len(), 2);
     assert!(
@@ -503,7 +499,7 @@ fn decommissioning_the_serving_node_moves_its_replicas_and_it_leaves_the_cluster
 
     // Asked through another node; the leader runs it.
     cluster.nodes[1].cli_ok(&["node", "decommission", &leaving.to_string()]);
-    let info = inspect(&cluster.nodes[1], "d");
+    let info = cluster.nodes[1].inspect("d");
     let replicas = ids(&info["replica_nodes"]);
     assert_eq!(replicas.len(), 3, "{info:#}");
     assert!(!replicas.contains(&leaving), "{info:#}");
@@ -540,7 +536,7 @@ fn the_leader_rebuilds_a_silent_nodes_replica_and_fails_over_a_silent_coordinato
     cluster.nodes[0].cli_ok(&["volume", "create", "a", "--size", "64MiB", "--repl", "2"]);
     let scratch = tempfile::tempdir().unwrap();
     fio_write_ok(&cluster.nodes[0].uri("a"), scratch.path(), "0");
-    let info = inspect(&cluster.nodes[0], "a");
+    let info = cluster.nodes[0].inspect("a");
     let first = ids(&info["replica_nodes"]);
     let coordinator = cluster.nodes[0].node_id();
     let other = cluster.index_of(first.iter().copied().find(|id| *id != coordinator).unwrap());
@@ -551,17 +547,17 @@ fn the_leader_rebuilds_a_silent_nodes_replica_and_fails_over_a_silent_coordinato
     let mut expected = vec![coordinator, cluster.nodes[spare].node_id()];
     expected.sort_unstable();
     wait_until("the replica rebuilt on the spare node", || {
-        let info = inspect(&cluster.nodes[0], "a");
+        let info = cluster.nodes[0].inspect("a");
         ids(&info["replica_nodes"]) == expected && ids(&info["in_sync"]) == expected
     });
-    assert_eq!(inspect(&cluster.nodes[0], "a")["replicas"], 2);
+    assert_eq!(cluster.nodes[0].inspect("a")["replicas"], 2);
     cluster.nodes[other].restart();
 
     // The coordinator dies: the leader serves the volume from the rebuilt replica.
     cluster.nodes[0].kill9();
     let heir = cluster.nodes[spare].node_id();
     wait_until("automatic failover", || {
-        inspect(&cluster.nodes[spare], "a")["coordinator"].as_u64() == Some(heir)
+        cluster.nodes[spare].inspect("a")["coordinator"].as_u64() == Some(heir)
             && Command::new("nbdinfo")
                 .arg(cluster.nodes[spare].uri("a"))
                 .output()

@@ -193,6 +193,12 @@ impl TestNode {
     }
 
     /// Creates a volume of `size` (e.g. "1GiB").
+    /// `volume inspect NAME --json` through this node.
+    pub fn inspect(&self, volume: &str) -> serde_json::Value {
+        let text = self.cli_ok(&["volume", "inspect", volume, "--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|error| panic!("volume inspect {volume}: {error}: {text}"))
+    }
+
     pub fn create_volume(&self, name: &str, size: &str) {
         self.cli_ok(&["volume", "create", name, "--size", size]);
     }
