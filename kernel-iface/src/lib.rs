@@ -13,6 +13,7 @@ pub mod loopdev;
 pub mod nbd;
 pub mod pool;
 pub mod process;
+pub mod ublk;
 pub mod uring;
 
 pub use engine::{open_engine, Completion, EngineChoice, IoEngine, IoKind, Submission, Waker};

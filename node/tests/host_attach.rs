@@ -124,20 +124,28 @@ fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_rea
 #[test]
 fn a_forced_attach_backend_the_host_lacks_fails_the_attach_clearly_and_the_node_keeps_serving() {
     let test = "a_forced_attach_backend_the_host_lacks_fails_the_attach_clearly";
-    if std::path::Path::new("/sys/module/nbd").exists() {
-        common::record_skip(test, "this host has the kernel NBD client: the nbd backend would work");
-        return;
+    for (backend, present, hint) in [
+        ("nbd", "/sys/module/nbd", "modprobe nbd"),
+        ("ublk", "/dev/ublk-control", "modprobe ublk_drv"),
+    ] {
+        if std::path::Path::new(present).exists() {
+            common::record_skip(
+                test,
+                &format!("this host has {present}: the {backend} backend would work"),
+            );
+            continue;
+        }
+        let node = TestNode::start_unclustered(test, "127.0.0.1", &[1 << 30], &["--attach-backend", backend]);
+        node.cli_ok(&["cluster", "init"]);
+        node.create_volume("data", "64MiB");
+        let refused = node.cli(&["volume", "attach", "data", "--device"]);
+        assert!(!refused.status.success(), "{backend}: {}", text(&refused));
+        assert!(text(&refused).contains(hint), "{backend}: {}", text(&refused));
+        // Nothing was recorded: the volume is not attached anywhere.
+        let info = node.inspect("data");
+        assert_eq!(info["attached_to"], 0, "{backend}: {info:#}");
+        node.cli_ok(&["volume", "list"]);
     }
-    let node = TestNode::start_unclustered(test, "127.0.0.1", &[1 << 30], &["--attach-backend", "nbd"]);
-    node.cli_ok(&["cluster", "init"]);
-    node.create_volume("data", "64MiB");
-    let refused = node.cli(&["volume", "attach", "data", "--device"]);
-    assert!(!refused.status.success(), "{}", text(&refused));
-    assert!(text(&refused).contains("modprobe nbd"), "{}", text(&refused));
-    // Nothing was recorded: the volume is not attached anywhere.
-    let info: serde_json::Value = node.inspect("data");
-    assert_eq!(info["attached_to"], 0, "{info:#}");
-    node.cli_ok(&["volume", "list"]);
     // A bad backend name is refused at start, with the choices.
     let bad = common::run(&[
         "node",
@@ -148,7 +156,7 @@ fn a_forced_attach_backend_the_host_lacks_fails_the_attach_clearly_and_the_node_
         "/nonexistent",
     ]);
     assert!(!bad.status.success());
-    assert!(text(&bad).contains("auto, nbd or fuse"), "{}", text(&bad));
+    assert!(text(&bad).contains("auto, ublk, nbd or fuse"), "{}", text(&bad));
 }
 
 #[test]

@@ -95,7 +95,8 @@ fn attr(inode: u64, size: u64, directory: bool) -> FileAttr {
     }
 }
 
-fn errno(error: &crate::volume::VolumeIoError) -> i32 {
+/// The errno a failed volume request answers (every backend).
+pub(crate) fn errno(error: &crate::volume::VolumeIoError) -> i32 {
     match error {
         crate::volume::VolumeIoError::OutOfRange { .. } => libc::EINVAL,
         crate::volume::VolumeIoError::Locked { .. } => libc::EACCES,

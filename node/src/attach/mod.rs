@@ -1,14 +1,16 @@
 //! Host attach: a volume this node serves, as a block device of this host.
 //!
-//! Backends, best first: the kernel NBD client (`kernel_nbd`, nbd
-//! module: /dev/nbdN over a socket pair to this process), FUSE + loop
-//! (`fuse`: works wherever FUSE does). `attach_backend` (node flag or
+//! Backends, best first: ublk (`ublk`, ublk_drv: /dev/ublkbN, requests
+//! through io_uring commands, no socket), the kernel NBD client
+//! (`kernel_nbd`, nbd module: /dev/nbdN over a socket pair to this
+//! process), FUSE + loop (`fuse`: works wherever FUSE does). `attach_backend` (node flag or
 //! config) forces one; `auto` takes the best the host has, and logs the
 //! choice. At the first attach the node locks its memory (mlockall,
 //! on fault), so serving this host's own writeback never waits on reclaim.
 
 pub mod fuse;
 pub mod kernel_nbd;
+pub mod ublk;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,9 +28,11 @@ pub const MOUNT_DIR: &str = "attach";
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Backend {
-    /// The best this host has: nbd, else fuse.
+    /// The best this host has: ublk, else nbd, else fuse.
     #[default]
     Auto,
+    /// ublk_drv (/dev/ublkbN).
+    Ublk,
     /// The kernel NBD client (/dev/nbdN).
     Nbd,
     /// A FUSE file and a loop device (/dev/loopN).
@@ -40,9 +44,10 @@ impl std::str::FromStr for Backend {
     fn from_str(text: &str) -> Result<Self, String> {
         match text {
             "auto" => Ok(Self::Auto),
+            "ublk" => Ok(Self::Ublk),
             "nbd" => Ok(Self::Nbd),
             "fuse" => Ok(Self::Fuse),
-            other => Err(format!("unknown attach backend {other:?}: use auto, nbd or fuse")),
+            other => Err(format!("unknown attach backend {other:?}: use auto, ublk, nbd or fuse")),
         }
     }
 }
@@ -52,6 +57,7 @@ impl Backend {
     #[must_use]
     pub fn resolve(self) -> Self {
         match self {
+            Self::Auto if ublk::available() => Self::Ublk,
             Self::Auto if kernel_nbd::available() => Self::Nbd,
             Self::Auto => Self::Fuse,
             chosen => chosen,
@@ -62,6 +68,7 @@ impl Backend {
     pub fn name(self) -> &'static str {
         match self {
             Self::Auto => "auto",
+            Self::Ublk => "ublk",
             Self::Nbd => "nbd",
             Self::Fuse => "fuse",
         }
@@ -72,6 +79,7 @@ impl Backend {
 enum Attached {
     Fuse(LoopDevice),
     Nbd(kernel_nbd::NbdDevice),
+    Ublk(ublk::UblkDevice),
 }
 
 impl Attached {
@@ -79,6 +87,7 @@ impl Attached {
         match self {
             Self::Fuse(device) => device.path(),
             Self::Nbd(device) => device.path(),
+            Self::Ublk(device) => device.path(),
         }
     }
 
@@ -86,6 +95,7 @@ impl Attached {
         match self {
             Self::Fuse(_) => "fuse",
             Self::Nbd(_) => "nbd",
+            Self::Ublk(_) => "ublk",
         }
     }
 }
@@ -95,7 +105,7 @@ impl Attached {
 pub struct Device {
     /// The block device, e.g. /dev/loop3.
     pub device: PathBuf,
-    /// "nbd" (kernel NBD client) or "fuse" (FUSE file + loop device).
+    /// "ublk", "nbd" (kernel NBD client) or "fuse" (FUSE file + loop device).
     pub backend: String,
 }
 
@@ -169,6 +179,7 @@ impl HostAttach {
         tracing::info!(
             configured = backend.name(),
             chosen = resolved.name(),
+            ublk = ublk::available(),
             kernel_nbd = kernel_nbd::available(),
             "host attach backend"
         );
@@ -243,6 +254,7 @@ impl HostAttach {
         }
         self.lock_memory();
         let attached = match self.backend {
+            Backend::Ublk => Attached::Ublk(ublk::UblkDevice::start(Arc::clone(volume), self.runtime.clone())?),
             Backend::Nbd => Attached::Nbd(kernel_nbd::NbdDevice::start(Arc::clone(volume), &self.runtime)?),
             Backend::Fuse | Backend::Auto => Attached::Fuse(self.attach_fuse(volume)?),
         };

@@ -122,7 +122,7 @@ pub struct RunArgs {
     /// Use the pread/pwrite thread pool instead of io_uring.
     #[arg(long)]
     pub thread_pool: bool,
-    /// How `volume attach --device` makes block devices: auto (the kernel NBD client when the nbd module is loaded, else FUSE + loop), nbd, or fuse [default: auto].
+    /// How `volume attach --device` makes block devices: auto (ublk when ublk_drv is loaded, else the kernel NBD client when the nbd module is, else FUSE + loop), ublk, nbd, or fuse [default: auto].
     #[arg(long, value_name = "BACKEND")]
     pub attach_backend: Option<crate::attach::Backend>,
 }
