@@ -211,9 +211,11 @@ async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
     match option {
         OPT_EXPORT_NAME => {
             let name = proto::parse_export_name(data).map_err(|e| NbdError::Protocol(e.to_string()))?;
-            // The protocol has no error reply here: an unknown export closes the connection.
+            // The protocol has no error reply here: an unknown export, or one
+            // this node does not serve (another node coordinates it), closes
+            // the connection, as NBD_OPT_GO refuses it.
             let volume = volumes
-                .get(&name)
+                .get_served(&name)
                 .ok_or_else(|| NbdError::Protocol(format!("client asked for unknown export {name:?}")))?;
             access.may_open(&name).map_err(NbdError::Protocol)?;
             if !volume.is_unlocked() {
