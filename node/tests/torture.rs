@@ -1,0 +1,572 @@
+//! Torture trials with a checker (`scripts/torture.sh --trials N --seed S`
+//! runs more of them): a local 3-node cluster; per trial a repl=3 volume,
+//! a writer that records every write it sends and every one acknowledged
+//! (block, version), and one or two faults at seeded random times: kill -9
+//! of the coordinator or of a replica (restarted after a while, sometimes
+//! killed again during its resync), SIGSTOP/SIGCONT of a node for longer
+//! or shorter than the replica time-out, a network partition of a node
+//! (iptables), a forced failover to another node under the writes. After
+//! the faults heal and every replica is back in sync, the checker reads
+//! every written block from the coordinator: it must hold the last
+//! acknowledged version of the block, or a newer one that was sent (its
+//! acknowledgement lost with the fault), never an older one (lost), nor
+//! bytes that are no version at all (torn, foreign). Then the volume is
+//! served from another replica, and every block must read back the same:
+//! the replicas converged. Prints
+//! `trials: N, faults: F, acked writes checked: W, lost: 0, corrupt: 0`.
+//!
+//! Known defect it shows: a write in flight when its coordinator is killed
+//! may reach some replicas and not others; nothing then reconciles them
+//! (no acknowledged write is at stake). Such blocks are listed as diverged,
+//! not failed, until replicas compare region digests after a coordinator
+//! change (issue 11's scrub; issue 12).
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use common::cluster::{wait_until, TestCluster, CONVERGE_TIMEOUT};
+use common::firewall::Firewall;
+use common::record_skip;
+use node::nbd::proto::{self, Request};
+
+const BLOCK: u64 = 4096;
+/// The same, as a length.
+const BLOCK_LEN: usize = 4096;
+/// The same, as an NBD request length.
+const BLOCK_U32: u32 = 4096;
+/// Blocks the writer picks from (4 MiB): every block is written many times.
+const BLOCKS: u64 = 1024;
+const MAGIC: &[u8; 8] = b"BTORTURE";
+/// How long the writer runs around the faults of one trial.
+const TRIAL_WRITES: Duration = Duration::from_secs(6);
+/// NBD socket time-out: a stopped coordinator must not hang the writer forever.
+const IO_TIMEOUT: Duration = Duration::from_secs(15);
+/// The replica time-out the nodes run with (pauses shorter and longer than it are tried).
+const REPLICA_TIMEOUT_MS: u64 = 1500;
+
+/// The content of version `version` of block `lba` in trial `trial`:
+/// a header naming them, then bytes derived from them.
+fn content(trial: u64, lba: u64, version: u64) -> Vec<u8> {
+    let mut block = Vec::with_capacity(BLOCK_LEN);
+    block.extend_from_slice(MAGIC);
+    block.extend_from_slice(&trial.to_le_bytes());
+    block.extend_from_slice(&lba.to_le_bytes());
+    block.extend_from_slice(&version.to_le_bytes());
+    let mut state = trial.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ lba.rotate_left(17) ^ version.rotate_left(41) | 1;
+    while block.len() < BLOCK_LEN {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        block.extend_from_slice(&state.to_le_bytes());
+    }
+    block.truncate(BLOCK_LEN);
+    block
+}
+
+/// What a block read back holds.
+#[derive(Debug, PartialEq, Eq)]
+enum Found {
+    Zeroes,
+    Version(u64),
+    /// Neither zeroes nor any version of this block: torn or foreign.
+    Garbage,
+}
+
+fn identify(trial: u64, lba: u64, data: &[u8]) -> Found {
+    if data.iter().all(|&byte| byte == 0) {
+        return Found::Zeroes;
+    }
+    if &data[..8] != MAGIC {
+        return Found::Garbage;
+    }
+    let version = u64::from_le_bytes(data[24..32].try_into().unwrap());
+    if data == content(trial, lba, version).as_slice() {
+        Found::Version(version)
+    } else {
+        Found::Garbage
+    }
+}
+
+/// A raw NBD client that reports failures instead of panicking.
+struct Nbd {
+    stream: TcpStream,
+    cookie: u64,
+}
+
+impl Nbd {
+    fn connect(host: &str, port: u16, volume: &str) -> std::io::Result<Self> {
+        let mut stream = TcpStream::connect_timeout(&format!("{host}:{port}").parse().unwrap(), IO_TIMEOUT)?;
+        stream.set_read_timeout(Some(IO_TIMEOUT))?;
+        stream.set_write_timeout(Some(IO_TIMEOUT))?;
+        let mut greeting = [0u8; 18];
+        stream.read_exact(&mut greeting)?;
+        let flags = proto::CLIENT_FLAG_FIXED_NEWSTYLE | proto::CLIENT_FLAG_NO_ZEROES;
+        stream.write_all(&flags.to_be_bytes())?;
+        let mut option = Vec::new();
+        option.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
+        option.extend_from_slice(&proto::OPT_EXPORT_NAME.to_be_bytes());
+        option.extend_from_slice(&u32::try_from(volume.len()).unwrap().to_be_bytes());
+        option.extend_from_slice(volume.as_bytes());
+        stream.write_all(&option)?;
+        // A node that does not serve the export closes the connection here.
+        let mut reply = [0u8; 10];
+        stream.read_exact(&mut reply)?;
+        Ok(Self { stream, cookie: 0 })
+    }
+
+    /// One request; its NBD error code and, for a successful read, the data.
+    fn request(
+        &mut self,
+        command: u16,
+        offset_bytes: u64,
+        payload: &[u8],
+        read_bytes: u32,
+    ) -> std::io::Result<(u32, Vec<u8>)> {
+        self.cookie += 1;
+        let length_bytes = if command == proto::CMD_READ {
+            read_bytes
+        } else {
+            u32::try_from(payload.len()).unwrap()
+        };
+        let header = proto::encode_request(&Request {
+            flags: 0,
+            command,
+            cookie: self.cookie,
+            offset_bytes,
+            length_bytes,
+        });
+        let mut message = header.to_vec();
+        message.extend_from_slice(payload);
+        self.stream.write_all(&message)?;
+        let mut reply = [0u8; proto::SIMPLE_REPLY_BYTES];
+        self.stream.read_exact(&mut reply)?;
+        if reply[..4] != proto::SIMPLE_REPLY_MAGIC.to_be_bytes()
+            || u64::from_be_bytes(reply[8..16].try_into().unwrap()) != self.cookie
+        {
+            return Err(std::io::Error::other(format!("bad reply {reply:?}")));
+        }
+        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
+        let mut data = Vec::new();
+        if command == proto::CMD_READ && error == 0 {
+            data = vec![0u8; read_bytes as usize];
+            self.stream.read_exact(&mut data)?;
+        }
+        Ok((error, data))
+    }
+}
+
+/// Where each node's NBD listener is.
+#[derive(Clone)]
+struct Endpoints(Vec<(String, u16)>);
+
+impl Endpoints {
+    /// A connection to whichever node serves `volume` now (others refuse
+    /// the export), trying for at most `CONVERGE_TIMEOUT`.
+    fn connect(&self, volume: &str) -> Nbd {
+        let started = Instant::now();
+        loop {
+            for (host, port) in &self.0 {
+                if let Ok(client) = Nbd::connect(host, *port, volume) {
+                    return client;
+                }
+            }
+            assert!(
+                started.elapsed() < CONVERGE_TIMEOUT,
+                "no node served volume {volume} for {CONVERGE_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Per block: the newest version acknowledged, the newest sent, and how
+/// many writes were acknowledged (each is checked: the block must hold the
+/// newest acknowledged version or a newer one sent).
+#[derive(Default, Clone, Copy, Debug)]
+struct History {
+    acked: u64,
+    sent: u64,
+    acks: u64,
+}
+
+/// Writes random blocks until `stop`, recording each; reconnects after failures.
+fn writer(
+    trial: u64,
+    seed: u64,
+    volume: String,
+    endpoints: Endpoints,
+    stop: Arc<AtomicBool>,
+    book: Arc<Mutex<BTreeMap<u64, History>>>,
+) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut client = endpoints.connect(&volume);
+    while !stop.load(Ordering::Acquire) {
+        let lba = rng.gen_range(0..BLOCKS);
+        let version = {
+            let mut book = book.lock();
+            let history = book.entry(lba).or_default();
+            history.sent += 1;
+            history.sent
+        };
+        match client.request(proto::CMD_WRITE, lba * BLOCK, &content(trial, lba, version), 0) {
+            Ok((0, _)) => {
+                let mut book = book.lock();
+                let history = book.get_mut(&lba).unwrap();
+                history.acked = history.acked.max(version);
+                history.acks += 1;
+            }
+            // Refused or cut off: this version may or may not be there.
+            Ok(_) | Err(_) => {
+                std::thread::sleep(Duration::from_millis(50));
+                client = endpoints.connect(&volume);
+            }
+        }
+    }
+}
+
+/// A reader of `volume` that follows it to whichever node serves it: a
+/// node that stopped serving answers errors (ESHUTDOWN), and then the
+/// read is retried on a new connection (bounded).
+struct Reader {
+    endpoints: Endpoints,
+    volume: String,
+    client: Nbd,
+}
+
+impl Reader {
+    fn new(endpoints: &Endpoints, volume: &str) -> Self {
+        Self {
+            client: endpoints.connect(volume),
+            endpoints: endpoints.clone(),
+            volume: volume.to_owned(),
+        }
+    }
+
+    fn block(&mut self, lba: u64) -> Vec<u8> {
+        let started = Instant::now();
+        loop {
+            match self.client.request(proto::CMD_READ, lba * BLOCK, &[], BLOCK_U32) {
+                Ok((0, data)) => return data,
+                outcome => assert!(
+                    started.elapsed() < CONVERGE_TIMEOUT,
+                    "{}: block {lba} unreadable for {CONVERGE_TIMEOUT:?}: {outcome:?}",
+                    self.volume
+                ),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            self.client = self.endpoints.connect(&self.volume);
+        }
+    }
+}
+
+/// Tallies of the whole run.
+#[derive(Default)]
+struct Tally {
+    faults: usize,
+    checked: u64,
+    lost: Vec<String>,
+    corrupt: Vec<String>,
+    /// Blocks whose replicas hold different unacknowledged versions.
+    diverged: Vec<String>,
+}
+
+/// Reads every written block through `reader`; checks it against `book`; the blocks read.
+fn check(trial: u64, reader: &mut Reader, book: &BTreeMap<u64, History>, tally: &mut Tally) -> BTreeMap<u64, Vec<u8>> {
+    let mut seen = BTreeMap::new();
+    for (&lba, history) in book {
+        let data = reader.block(lba);
+        match identify(trial, lba, &data) {
+            Found::Version(version) if version >= history.acked && version <= history.sent => {}
+            Found::Version(version) if version < history.acked => {
+                tally.lost.push(format!(
+                    "trial {trial} block {lba}: version {version}, acknowledged {}",
+                    history.acked
+                ));
+            }
+            Found::Zeroes if history.acked == 0 => {}
+            Found::Zeroes => tally.lost.push(format!(
+                "trial {trial} block {lba}: zeroes, acknowledged {}",
+                history.acked
+            )),
+            found => tally.corrupt.push(format!(
+                "trial {trial} block {lba}: {found:?} (sent up to {})",
+                history.sent
+            )),
+        }
+        tally.checked += history.acks;
+        seen.insert(lba, data);
+    }
+    seen
+}
+
+fn signal(node: &common::node::TestNode, signal: nix::sys::signal::Signal) {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(node.pid()).unwrap());
+    nix::sys::signal::kill(pid, signal).unwrap();
+}
+
+/// The faults a trial may inject.
+#[derive(Clone, Copy, Debug)]
+enum Fault {
+    KillCoordinator,
+    KillReplica,
+    /// Kill a replica, restart it, kill it again while it resyncs.
+    KillReplicaDuringResync,
+    Pause,
+    Partition,
+    ForcedFailover,
+}
+
+const FAULTS: [Fault; 6] = [
+    Fault::KillCoordinator,
+    Fault::KillReplica,
+    Fault::KillReplicaDuringResync,
+    Fault::Pause,
+    Fault::Partition,
+    Fault::ForcedFailover,
+];
+
+fn coordinator_index(cluster: &TestCluster, volume: &str) -> usize {
+    let started = Instant::now();
+    loop {
+        for node in cluster.nodes.iter().filter(|node| node.is_running()) {
+            let output = node.cli(&["volume", "inspect", volume, "--json"]);
+            if let Ok(info) = serde_json::from_slice::<serde_json::Value>(&output.stdout) {
+                if let Some(id) = info["coordinator"].as_u64() {
+                    return cluster.index_of(id);
+                }
+            }
+        }
+        assert!(started.elapsed() < CONVERGE_TIMEOUT, "no node answers for {volume}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Injects `fault` and heals it (every node running and reachable again).
+fn inject(
+    fault: Fault,
+    cluster: &mut TestCluster,
+    firewall: Option<&Firewall>,
+    volume: &str,
+    rng: &mut StdRng,
+) -> Fault {
+    let coordinator = coordinator_index(cluster, volume);
+    let replica = (coordinator + rng.gen_range(1..cluster.nodes.len())) % cluster.nodes.len();
+    let pause = Duration::from_millis(rng.gen_range(300..(REPLICA_TIMEOUT_MS * 3)));
+    match fault {
+        Fault::KillCoordinator | Fault::KillReplica => {
+            let index = if matches!(fault, Fault::KillCoordinator) {
+                coordinator
+            } else {
+                replica
+            };
+            cluster.nodes[index].kill9();
+            std::thread::sleep(pause);
+            cluster.nodes[index].restart();
+        }
+        Fault::KillReplicaDuringResync => {
+            cluster.nodes[replica].kill9();
+            std::thread::sleep(pause);
+            cluster.nodes[replica].restart();
+            std::thread::sleep(Duration::from_millis(rng.gen_range(50..800)));
+            cluster.nodes[replica].kill9();
+            std::thread::sleep(pause);
+            cluster.nodes[replica].restart();
+        }
+        Fault::Pause => {
+            let index = if rng.gen_bool(0.5) { coordinator } else { replica };
+            signal(&cluster.nodes[index], nix::sys::signal::Signal::SIGSTOP);
+            std::thread::sleep(pause);
+            signal(&cluster.nodes[index], nix::sys::signal::Signal::SIGCONT);
+        }
+        Fault::Partition => {
+            let Some(firewall) = firewall else {
+                return inject(Fault::Pause, cluster, None, volume, rng);
+            };
+            let index = if rng.gen_bool(0.5) { coordinator } else { replica };
+            let cut = &cluster.nodes[index];
+            firewall.drop_tcp(None, &cut.host, cut.peer_port);
+            for (other_index, other) in cluster.nodes.iter().enumerate() {
+                if other_index != index {
+                    firewall.drop_tcp(Some(&cut.host), &other.host, other.peer_port);
+                }
+            }
+            std::thread::sleep(pause);
+            firewall.heal();
+        }
+        Fault::ForcedFailover => {
+            // The writer's connection to the old coordinator is cut by the takeover.
+            let taken = cluster.nodes[replica].cli(&["volume", "attach", volume, "--force"]);
+            assert!(taken.status.success(), "forced failover: {}", common::text(&taken));
+        }
+    }
+    fault
+}
+
+/// Waits until all three replicas of `volume` are in sync (every node up).
+fn wait_converged(cluster: &TestCluster, volume: &str) {
+    let coordinator = coordinator_index(cluster, volume);
+    let node = &cluster.nodes[coordinator];
+    wait_until(&format!("{volume}: every replica back in sync"), || {
+        let output = node.cli(&["volume", "inspect", volume, "--json"]);
+        serde_json::from_slice::<serde_json::Value>(&output.stdout).is_ok_and(|info| {
+            info["in_sync"].as_array().is_some_and(|nodes| nodes.len() == 3)
+                && info["replicas_down"].as_array().is_none_or(Vec::is_empty)
+        })
+    });
+}
+
+fn setting(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(default)
+}
+
+#[test]
+fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
+    let test = "torture_trials_lose_and_corrupt_no_acknowledged_write";
+    if let Some(why) = common::unavailable_reason() {
+        record_skip(test, &why);
+        return;
+    }
+    let trials = setting("BALLAST_TORTURE_TRIALS", 20);
+    let seed = setting(
+        "BALLAST_TORTURE_SEED",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs(),
+    );
+    println!("torture: {trials} trials, seed {seed} (BALLAST_TORTURE_SEED={seed} repeats the fault schedule)");
+    let firewall = Firewall::new();
+    if firewall.is_none() {
+        record_skip(
+            &format!("{test} (partitions)"),
+            "iptables is not usable here; pauses stand in for partitions",
+        );
+    }
+    let timeout = REPLICA_TIMEOUT_MS.to_string();
+    let flags: &[&str] = &["--replica-timeout-ms", &timeout, "--failover-after-s", "3"];
+    let mut cluster = TestCluster::start(test, 3, &[flags, flags, flags]);
+    let endpoints = Endpoints(
+        cluster
+            .nodes
+            .iter()
+            .map(|node| (node.host.clone(), node.nbd_port))
+            .collect(),
+    );
+    let mut tally = Tally::default();
+    let mut rng = StdRng::seed_from_u64(seed);
+    for trial in 0..trials {
+        let volume = format!("t{trial}");
+        let creator = coordinator_free_node(&cluster);
+        cluster.nodes[creator].cli_ok(&["volume", "create", &volume, "--size", "8MiB", "--repl", "3"]);
+        let book = Arc::new(Mutex::new(BTreeMap::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writing = {
+            let (volume, endpoints, stop, book) =
+                (volume.clone(), endpoints.clone(), Arc::clone(&stop), Arc::clone(&book));
+            let writer_seed = rng.gen();
+            std::thread::spawn(move || writer(trial, writer_seed, volume, endpoints, stop, book))
+        };
+        let started = Instant::now();
+        let mut injected = Vec::new();
+        for _ in 0..rng.gen_range(1..=2) {
+            std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
+            let fault = FAULTS[rng.gen_range(0..FAULTS.len())];
+            injected.push(inject(fault, &mut cluster, firewall.as_ref(), &volume, &mut rng));
+        }
+        if let Some(rest) = TRIAL_WRITES.checked_sub(started.elapsed()) {
+            std::thread::sleep(rest);
+        }
+        stop.store(true, Ordering::Release);
+        writing.join().expect("the writer panicked");
+        tally.faults += injected.len();
+        wait_converged(&cluster, &volume);
+        let book = book.lock().clone();
+        let mut reader = Reader::new(&endpoints, &volume);
+        let served = check(trial, &mut reader, &book, &mut tally);
+        drop(reader);
+        // Serve the volume from another replica: it must hold the same bytes.
+        let coordinator = coordinator_index(&cluster, &volume);
+        let other = (coordinator + rng.gen_range(1..cluster.nodes.len())) % cluster.nodes.len();
+        cluster.nodes[other].cli_ok(&["volume", "attach", &volume, "--force"]);
+        let mut reader = Reader::new(&endpoints, &volume);
+        for (lba, data) in &served {
+            let again = reader.block(*lba);
+            let history = book[lba];
+            let valid = |found: Found| match found {
+                Found::Version(version) => version >= history.acked && version <= history.sent,
+                Found::Zeroes => history.acked == 0,
+                Found::Garbage => false,
+            };
+            if &again != data && valid(identify(trial, *lba, &again)) {
+                // Both copies hold writes the client sent; the newer one was
+                // never acknowledged (in flight when the fault hit) and reached
+                // only some replicas. No acknowledged data is at stake, but the
+                // replicas disagree: counted, shown, not failed (see issue 12).
+                tally.diverged.push(format!(
+                    "trial {trial} block {lba}: node {other} serves {:?}, node {coordinator} served {:?} (acknowledged {}, sent {})",
+                    identify(trial, *lba, &again),
+                    identify(trial, *lba, data),
+                    history.acked,
+                    history.sent
+                ));
+            } else if &again != data {
+                tally.corrupt.push(format!(
+                    "trial {trial} block {lba}: node {other} serves {:?}, node {coordinator} served {:?}",
+                    identify(trial, *lba, &again),
+                    identify(trial, *lba, data)
+                ));
+            }
+        }
+        drop(reader);
+        let acked = book.values().filter(|history| history.acked > 0).count();
+        println!(
+            "trial {trial}: faults {injected:?}, {acked} blocks acknowledged, {} writes sent",
+            book.values().map(|h| h.sent).sum::<u64>()
+        );
+        cluster.nodes[other].cli_ok(&["volume", "delete", &volume]);
+    }
+    println!(
+        "trials: {trials}, faults: {}, acked writes checked: {}, lost: {}, corrupt: {}",
+        tally.faults,
+        tally.checked,
+        tally.lost.len(),
+        tally.corrupt.len()
+    );
+    println!(
+        "replicas diverged on unacknowledged writes: {} block(s){}",
+        tally.diverged.len(),
+        if tally.diverged.is_empty() {
+            String::new()
+        } else {
+            format!(":\n  {}", tally.diverged.join("\n  "))
+        }
+    );
+    assert!(
+        tally.lost.is_empty() && tally.corrupt.is_empty(),
+        "seed {seed}: lost {:#?}\ncorrupt {:#?}",
+        tally.lost,
+        tally.corrupt
+    );
+}
+
+/// A node to create volumes through (any running one).
+fn coordinator_free_node(cluster: &TestCluster) -> usize {
+    cluster
+        .nodes
+        .iter()
+        .position(common::node::TestNode::is_running)
+        .expect("a running node")
+}
