@@ -404,8 +404,22 @@ fn inject(
             firewall.heal();
         }
         Fault::ForcedFailover => {
-            // The writer's connection to the old coordinator is cut by the takeover.
-            let taken = cluster.nodes[replica].cli(&["volume", "attach", volume, "--force"]);
+            // To an in-sync replica (another is refused: it lacks writes);
+            // the writer's connection to the old coordinator is cut by the takeover.
+            let info = cluster.nodes[coordinator].inspect(volume);
+            let in_sync: Vec<usize> = info["in_sync"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(serde_json::Value::as_u64)
+                .map(|id| cluster.index_of(id))
+                .filter(|&index| index != coordinator)
+                .collect();
+            if in_sync.is_empty() {
+                return inject(Fault::Pause, cluster, firewall, volume, rng);
+            }
+            let target = in_sync[rng.gen_range(0..in_sync.len())];
+            let taken = cluster.nodes[target].cli(&["volume", "attach", volume, "--force"]);
             assert!(taken.status.success(), "forced failover: {}", common::text(&taken));
         }
     }
