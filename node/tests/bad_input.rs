@@ -158,3 +158,79 @@ fn random_bytes_and_hundreds_of_silent_connections_leave_the_node_serving() {
     let status = node.cli(&["volume", "inspect", "vol"]);
     assert!(status.status.success(), "{}", text(&status));
 }
+
+/// Open file descriptors of process `pid`.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+}
+
+#[test]
+fn ten_thousand_silent_nbd_connections_do_not_lock_real_clients_out() {
+    const FLOOD: usize = 10_000;
+    let test = "ten_thousand_silent_nbd_connections";
+    if !have_tool(test, "nbdinfo") {
+        return;
+    }
+    // The test holds every connection open: it needs that many descriptors.
+    let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
+    let wanted = (FLOOD as u64 + 1024).min(hard);
+    if soft < wanted {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, wanted, hard).unwrap();
+    }
+    let flood = usize::try_from(wanted).unwrap().saturating_sub(1024).min(FLOOD);
+    if flood < FLOOD {
+        common::record_skip(
+            &format!("{test} (full flood)"),
+            &format!("RLIMIT_NOFILE hard limit {hard}: flooding with {flood} connections"),
+        );
+    }
+    let node = TestNode::start(test, 256 << 20);
+    node.create_volume("vol", "16MiB");
+    assert!(nbd_ok(&node), "the control");
+    let rss_before = resident_kib(node.pid());
+    let fds_before = open_fds(node.pid());
+    let address = format!("127.0.0.1:{}", node.nbd_port);
+    let socket_address: std::net::SocketAddr = address.parse().unwrap();
+    let mut silent = Vec::with_capacity(flood);
+    let started = Instant::now();
+    for _ in 0..flood {
+        if started.elapsed() > Duration::from_secs(180) {
+            break;
+        }
+        if let Ok(stream) = TcpStream::connect_timeout(&socket_address, Duration::from_secs(5)) {
+            silent.push(stream);
+        }
+    }
+    assert!(
+        silent.len() >= flood * 9 / 10,
+        "only {} of {flood} connections opened",
+        silent.len()
+    );
+    // Every slot is taken by silent connections, yet a real client gets in
+    // (it evicts the oldest silent one) and is served.
+    assert!(
+        nbd_ok(&node),
+        "NBD with {} silent connections: {}",
+        silent.len(),
+        node.log_text()
+    );
+    assert!(healthz(&node), "API during the flood");
+    let rss_during = resident_kib(node.pid());
+    assert!(
+        rss_during < rss_before + 256 * 1024,
+        "resident memory grew from {rss_before} KiB to {rss_during} KiB with {} connections",
+        silent.len()
+    );
+    let fds_during = open_fds(node.pid());
+    assert!(
+        fds_during <= fds_before + 1100,
+        "the node holds {fds_during} descriptors (had {fds_before}): more than its connection limit"
+    );
+    assert!(node.log_text().contains("closed the oldest one still in its handshake"));
+    drop(silent);
+    // The flood's connections go (closed by the clients, evicted or timed out).
+    common::cluster::wait_until("the node lets go of the flood's connections", || {
+        open_fds(node.pid()) <= fds_before + 16
+    });
+    assert!(nbd_ok(&node), "NBD after the flood");
+}

@@ -21,7 +21,10 @@ use self::handshake::{Access, Negotiation};
 use self::tls::NbdSecurity;
 use crate::volume::Volumes;
 
-/// Connections served at once; more wait in the listen backlog.
+/// Connections served at once. When all are taken, a new connection
+/// evicts the oldest one still in its handshake (a client that connected
+/// and says nothing: slowloris, a flood); with every slot in a session,
+/// it is closed at once.
 pub const CONNECTIONS_MAX: usize = 1024;
 /// A client must finish the handshake within this time.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,6 +40,52 @@ pub enum NbdError {
     Protocol(String),
 }
 
+/// Connections still in their handshake, by age (ids only grow): the
+/// ones a new connection evicts when every slot is taken.
+#[derive(Default)]
+struct Handshaking {
+    next_id: std::sync::atomic::AtomicU64,
+    tasks: parking_lot::Mutex<std::collections::BTreeMap<u64, tokio::task::AbortHandle>>,
+    evicted: std::sync::atomic::AtomicU64,
+}
+
+/// A connection's place among the handshaking; it leaves when the
+/// handshake ends (or the connection does).
+struct Ticket {
+    id: u64,
+    registry: Arc<Handshaking>,
+}
+
+impl Ticket {
+    fn handshake_done(&self) {
+        self.registry.tasks.lock().remove(&self.id);
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.handshake_done();
+    }
+}
+
+impl Handshaking {
+    /// Aborts the oldest connection still in its handshake; false if none is.
+    fn evict_oldest(&self) -> bool {
+        let Some((_, task)) = self.tasks.lock().pop_first() else {
+            return false;
+        };
+        task.abort();
+        let evicted = self.evicted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+        if evicted.is_power_of_two() || evicted.is_multiple_of(1000) {
+            tracing::warn!(
+                evicted,
+                "NBD connections full: closed the oldest one still in its handshake to make room"
+            );
+        }
+        true
+    }
+}
+
 /// Accepts connections until `stop` turns true, serving each on its own task.
 pub async fn serve(
     listener: TcpListener,
@@ -45,12 +94,9 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let handshaking = Arc::new(Handshaking::default());
     let mut connections = tokio::task::JoinSet::new();
     loop {
-        let permit = tokio::select! {
-            permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
-            _ = stop.changed() => break,
-        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             _ = stop.changed() => break,
@@ -63,18 +109,41 @@ pub async fn serve(
                 continue;
             }
         };
+        while connections.try_join_next().is_some() {}
+        let permit = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) if handshaking.evict_oldest() => {
+                // The evicted task gives its slot back as it is dropped.
+                match tokio::time::timeout(Duration::from_secs(1), Arc::clone(&slots).acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    _ => continue,
+                }
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "NBD connection refused: {CONNECTIONS_MAX} clients are connected");
+                continue;
+            }
+        };
         let volumes = Arc::clone(&volumes);
         let security = Arc::clone(&security);
         let stop = stop.clone();
-        connections.spawn(async move {
+        let id = handshaking.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let ticket = Ticket {
+            id,
+            registry: Arc::clone(&handshaking),
+        };
+        // Registered under the lock the task's ticket takes to leave, so it
+        // cannot leave before it is in.
+        let mut tasks = handshaking.tasks.lock();
+        let task = connections.spawn(async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
             let peer = peer.to_string();
-            if let Err(error) = connection(stream, &volumes, &security, &peer, stop).await {
+            if let Err(error) = connection(stream, &volumes, &security, &peer, stop, &ticket).await {
                 tracing::info!(peer, %error, "NBD connection closed");
             }
         });
-        while connections.try_join_next().is_some() {}
+        tasks.insert(id, task);
     }
     connections.shutdown().await;
 }
@@ -85,6 +154,7 @@ async fn connection(
     security: &NbdSecurity,
     peer: &str,
     stop: watch::Receiver<bool>,
+    ticket: &Ticket,
 ) -> Result<(), NbdError> {
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let timed_out = |_| NbdError::Protocol("handshake timed out".into());
@@ -95,6 +165,7 @@ async fn connection(
     let (no_zeroes, config) = match negotiated {
         Negotiation::Left => return Ok(()),
         Negotiation::Session(session) => {
+            ticket.handshake_done();
             let (reader, writer) = stream.into_split();
             return transmit(reader, writer, session, peer, "plaintext", stop).await;
         }
@@ -127,6 +198,7 @@ async fn connection(
         .map_err(timed_out)??;
     match negotiated {
         Negotiation::Session(session) => {
+            ticket.handshake_done();
             let (reader, writer) = tokio::io::split(stream);
             transmit(reader, writer, session, peer, &format!("TLS as {subject}"), stop).await
         }
