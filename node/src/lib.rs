@@ -2,6 +2,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod attach;
 pub mod cli;

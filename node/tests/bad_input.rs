@@ -165,19 +165,24 @@ fn open_fds(pid: u32) -> usize {
 }
 
 #[test]
-fn ten_thousand_silent_nbd_connections_do_not_lock_real_clients_out() {
+fn ten_thousand_silent_connections_do_not_lock_real_clients_out() {
     const FLOOD: usize = 10_000;
-    let test = "ten_thousand_silent_nbd_connections";
+    /// Silent connections to the API port (its slots: 256).
+    const API_FLOOD: usize = 2_000;
+    let test = "ten_thousand_silent_connections";
     if !have_tool(test, "nbdinfo") {
         return;
     }
     // The test holds every connection open: it needs that many descriptors.
     let (soft, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE).unwrap();
-    let wanted = (FLOOD as u64 + 1024).min(hard);
+    let wanted = ((FLOOD + API_FLOOD) as u64 + 1024).min(hard);
     if soft < wanted {
         nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, wanted, hard).unwrap();
     }
-    let flood = usize::try_from(wanted).unwrap().saturating_sub(1024).min(FLOOD);
+    let flood = usize::try_from(wanted)
+        .unwrap()
+        .saturating_sub(1024 + API_FLOOD)
+        .min(FLOOD);
     if flood < FLOOD {
         common::record_skip(
             &format!("{test} (full flood)"),
@@ -227,6 +232,25 @@ fn ten_thousand_silent_nbd_connections_do_not_lock_real_clients_out() {
         "the node holds {fds_during} descriptors (had {fds_before}): more than its connection limit"
     );
     assert!(node.log_text().contains("closed the oldest one still in its handshake"));
+    // The same on the API port: silent sockets past its slots, and a real request still answered.
+    let api_address: std::net::SocketAddr = node.api_url().trim_start_matches("http://").parse().unwrap();
+    let mut api_silent = Vec::with_capacity(API_FLOOD);
+    for _ in 0..API_FLOOD {
+        if started.elapsed() > Duration::from_secs(240) {
+            break;
+        }
+        if let Ok(stream) = TcpStream::connect_timeout(&api_address, Duration::from_secs(5)) {
+            api_silent.push(stream);
+        }
+    }
+    assert!(
+        api_silent.len() >= API_FLOOD * 9 / 10,
+        "only {} API connections opened",
+        api_silent.len()
+    );
+    assert!(healthz(&node), "API with {} silent API connections", api_silent.len());
+    assert!(nbd_ok(&node), "NBD with both floods");
+    drop(api_silent);
     drop(silent);
     // The flood's connections go (closed by the clients, evicted or timed out).
     common::cluster::wait_until("the node lets go of the flood's connections", || {

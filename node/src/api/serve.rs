@@ -1,16 +1,17 @@
 //! Serves the API router over HTTP/1 with limits a public port needs:
-//! at most `CONNECTIONS_MAX` connections (more are closed at once, so a
-//! flood of idle sockets cannot use up the process's file descriptors,
-//! which NBD and the peer port share), and a client must send each
-//! request's headers within `HEADER_TIMEOUT` (so a silent or slowloris
+//! at most `CONNECTIONS_MAX` connections (so a flood of idle sockets cannot
+//! use up the process's file descriptors, which NBD and the peer port
+//! share); when all are taken, a new one evicts the oldest connection that
+//! has not sent a request yet (`crate::admission`), and a client must send
+//! each request's headers within `HEADER_TIMEOUT` (so a silent or slowloris
 //! connection is closed after it; tests/bad_input.rs).
 
-use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::service::Service as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 /// API connections served at once.
 pub const CONNECTIONS_MAX: usize = 256;
@@ -21,7 +22,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Accepts connections until `stop` turns true.
 pub async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
+    let admission = crate::admission::Admission::new("api", CONNECTIONS_MAX);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -36,14 +37,20 @@ pub async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch:
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(%remote, "too many API connections; closing one");
+        while connections.try_join_next().is_some() {}
+        let Some(slot) = admission.admit(&remote).await else {
             continue;
         };
-        let service = hyper_util::service::TowerToHyperService::new(router.clone());
+        let router = router.clone();
         let mut stop = stop.clone();
-        connections.spawn(async move {
+        admission.spawn(&mut connections, move |ticket| async move {
             let _slot = slot;
+            // The first request ends the connection's handshake: it is in use.
+            let inner = hyper_util::service::TowerToHyperService::new(router);
+            let service = hyper::service::service_fn(move |request| {
+                ticket.handshake_done();
+                inner.call(request)
+            });
             let io = TokioIo::new(stream);
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(HEADER_TIMEOUT);
@@ -61,7 +68,6 @@ pub async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch:
                 }
             }
         });
-        while connections.try_join_next().is_some() {}
     }
     let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
         while connections.join_next().await.is_some() {}

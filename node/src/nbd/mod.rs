@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 
 use self::handshake::{Access, Negotiation};
 use self::tls::NbdSecurity;
@@ -40,52 +40,6 @@ pub enum NbdError {
     Protocol(String),
 }
 
-/// Connections still in their handshake, by age (ids only grow): the
-/// ones a new connection evicts when every slot is taken.
-#[derive(Default)]
-struct Handshaking {
-    next_id: std::sync::atomic::AtomicU64,
-    tasks: parking_lot::Mutex<std::collections::BTreeMap<u64, tokio::task::AbortHandle>>,
-    evicted: std::sync::atomic::AtomicU64,
-}
-
-/// A connection's place among the handshaking; it leaves when the
-/// handshake ends (or the connection does).
-struct Ticket {
-    id: u64,
-    registry: Arc<Handshaking>,
-}
-
-impl Ticket {
-    fn handshake_done(&self) {
-        self.registry.tasks.lock().remove(&self.id);
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.handshake_done();
-    }
-}
-
-impl Handshaking {
-    /// Aborts the oldest connection still in its handshake; false if none is.
-    fn evict_oldest(&self) -> bool {
-        let Some((_, task)) = self.tasks.lock().pop_first() else {
-            return false;
-        };
-        task.abort();
-        let evicted = self.evicted.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
-        if evicted.is_power_of_two() || evicted.is_multiple_of(1000) {
-            tracing::warn!(
-                evicted,
-                "NBD connections full: closed the oldest one still in its handshake to make room"
-            );
-        }
-        true
-    }
-}
-
 /// Accepts connections until `stop` turns true, serving each on its own task.
 pub async fn serve(
     listener: TcpListener,
@@ -93,8 +47,7 @@ pub async fn serve(
     security: Arc<NbdSecurity>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(Semaphore::new(CONNECTIONS_MAX));
-    let handshaking = Arc::new(Handshaking::default());
+    let admission = crate::admission::Admission::new("nbd", CONNECTIONS_MAX);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -110,32 +63,13 @@ pub async fn serve(
             }
         };
         while connections.try_join_next().is_some() {}
-        let permit = match Arc::clone(&slots).try_acquire_owned() {
-            Ok(permit) => permit,
-            Err(_) if handshaking.evict_oldest() => {
-                // The evicted task gives its slot back as it is dropped.
-                match tokio::time::timeout(Duration::from_secs(1), Arc::clone(&slots).acquire_owned()).await {
-                    Ok(Ok(permit)) => permit,
-                    _ => continue,
-                }
-            }
-            Err(_) => {
-                tracing::warn!(%peer, "NBD connection refused: {CONNECTIONS_MAX} clients are connected");
-                continue;
-            }
+        let Some(permit) = admission.admit(&peer).await else {
+            continue;
         };
         let volumes = Arc::clone(&volumes);
         let security = Arc::clone(&security);
         let stop = stop.clone();
-        let id = handshaking.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ticket = Ticket {
-            id,
-            registry: Arc::clone(&handshaking),
-        };
-        // Registered under the lock the task's ticket takes to leave, so it
-        // cannot leave before it is in.
-        let mut tasks = handshaking.tasks.lock();
-        let task = connections.spawn(async move {
+        admission.spawn(&mut connections, move |ticket| async move {
             let _permit = permit;
             let _ = stream.set_nodelay(true);
             let peer = peer.to_string();
@@ -143,7 +77,6 @@ pub async fn serve(
                 tracing::info!(peer, %error, "NBD connection closed");
             }
         });
-        tasks.insert(id, task);
     }
     connections.shutdown().await;
 }
@@ -154,7 +87,7 @@ async fn connection(
     security: &NbdSecurity,
     peer: &str,
     stop: watch::Receiver<bool>,
-    ticket: &Ticket,
+    ticket: &crate::admission::Ticket,
 ) -> Result<(), NbdError> {
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let timed_out = |_| NbdError::Protocol("handshake timed out".into());
