@@ -64,9 +64,10 @@ struct Plugin {
     current: Mutex<usize>,
 }
 
+/// One plugin call's body, as dockerd sends it.
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "PascalCase")]
-struct Request {
+pub struct Request {
     #[serde(default)]
     name: String,
     #[serde(default, rename = "ID")]
@@ -75,13 +76,58 @@ struct Request {
     opts: Option<BTreeMap<String, String>>,
 }
 
+/// The plugin's state file.
 #[derive(Debug, Default, Serialize, Deserialize)]
-struct Saved {
+pub struct Saved {
     refs: BTreeMap<String, BTreeSet<String>>,
     #[serde(default)]
     devices: BTreeMap<String, PathBuf>,
     #[serde(default)]
     filesystems: BTreeMap<String, String>,
+}
+
+/// A call's body: JSON, or nothing (dockerd sends none to some calls).
+pub fn decode_request(body: &[u8]) -> serde_json::Result<Request> {
+    if body.is_empty() {
+        Ok(Request::default())
+    } else {
+        serde_json::from_slice(body)
+    }
+}
+
+/// The volume a Create asks for, and the filesystem to make at its first mount.
+pub fn create_body(request: &Request) -> Result<(crate::api::CreateBody, String)> {
+    let opts = request.opts.clone().unwrap_or_default();
+    for key in opts.keys() {
+        if !["size", "repl", "fs", "encrypted", "group"].contains(&key.as_str()) {
+            anyhow::bail!("unknown option {key:?}: ballast takes size, repl, fs, encrypted, group");
+        }
+    }
+    let size = opts.get("size").map_or("1GiB", String::as_str);
+    let body = crate::api::CreateBody {
+        name: request.name.clone(),
+        size_bytes: crate::size::parse_size(size).with_context(|| format!("bad size {size:?}"))?,
+        block_size_bytes: 4096,
+        replicas: opts
+            .get("repl")
+            .map(|text| text.parse::<u32>())
+            .transpose()
+            .context("repl must be a number (1 to 5)")?
+            .unwrap_or(1),
+        encrypted: opts.get("encrypted").is_some_and(|v| v == "true" || v == "1"),
+        passphrase: None,
+        group: opts.get("group").cloned().unwrap_or_default(),
+    };
+    let fs = opts.get("fs").map_or("ext4", String::as_str);
+    if fs != "ext4" && fs != "xfs" {
+        anyhow::bail!("fs must be ext4 or xfs");
+    }
+    Ok((body, fs.to_owned()))
+}
+
+/// The plugin's state file's text.
+pub fn decode_state(text: &str) -> serde_json::Result<Saved> {
+    serde_json::from_str(text)
 }
 
 impl Plugin {
@@ -130,33 +176,9 @@ impl Plugin {
     }
 
     fn create(&self, request: &Request) -> Result<Value> {
-        let opts = request.opts.clone().unwrap_or_default();
-        for key in opts.keys() {
-            if !["size", "repl", "fs", "encrypted", "group"].contains(&key.as_str()) {
-                anyhow::bail!("unknown option {key:?}: ballast takes size, repl, fs, encrypted, group");
-            }
-        }
-        let size = opts.get("size").map_or("1GiB", String::as_str);
-        let body = crate::api::CreateBody {
-            name: request.name.clone(),
-            size_bytes: crate::size::parse_size(size).with_context(|| format!("bad size {size:?}"))?,
-            block_size_bytes: 4096,
-            replicas: opts
-                .get("repl")
-                .map(|text| text.parse::<u32>())
-                .transpose()
-                .context("repl must be a number (1 to 5)")?
-                .unwrap_or(1),
-            encrypted: opts.get("encrypted").is_some_and(|v| v == "true" || v == "1"),
-            passphrase: None,
-            group: opts.get("group").cloned().unwrap_or_default(),
-        };
-        let fs = opts.get("fs").map_or("ext4", String::as_str);
-        if fs != "ext4" && fs != "xfs" {
-            anyhow::bail!("fs must be ext4 or xfs");
-        }
+        let (body, fs) = create_body(request)?;
         let _: crate::volume::VolumeInfo = self.client()?.post("/v1/volumes", &body)?;
-        self.filesystems.lock().insert(request.name.clone(), fs.to_owned());
+        self.filesystems.lock().insert(request.name.clone(), fs);
         self.save(&self.refs.lock())?;
         Ok(json!({ "Err": "" }))
     }
@@ -300,13 +322,9 @@ fn answer(value: Value) -> Response {
 
 /// Runs one plugin call off the async threads; errors go into `Err`.
 async fn call(plugin: Arc<Plugin>, body: Bytes, what: fn(&Plugin, &Request) -> Result<Value>) -> Response {
-    let request: Request = if body.is_empty() {
-        Request::default()
-    } else {
-        match serde_json::from_slice(&body) {
-            Ok(request) => request,
-            Err(error) => return answer(json!({ "Err": format!("bad request body: {error}") })),
-        }
+    let request = match decode_request(&body) {
+        Ok(request) => request,
+        Err(error) => return answer(json!({ "Err": format!("bad request body: {error}") })),
     };
     let done = tokio::task::spawn_blocking(move || what(&plugin, &request)).await;
     match done {
@@ -370,7 +388,7 @@ pub fn serve(options: PluginOptions) -> Result<()> {
     }
     std::fs::create_dir_all(&options.mounts).with_context(|| format!("cannot make {}", options.mounts.display()))?;
     let saved = match std::fs::read_to_string(options.mounts.join(STATE_FILE)) {
-        Ok(text) => serde_json::from_str::<Saved>(&text)
+        Ok(text) => decode_state(&text)
             .with_context(|| format!("{} is not plugin state", options.mounts.join(STATE_FILE).display()))?,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => Saved::default(),
         Err(error) => return Err(error.into()),
@@ -406,4 +424,43 @@ pub fn serve(options: PluginOptions) -> Result<()> {
         let _ = std::fs::remove_file(&socket);
         Ok::<(), anyhow::Error>(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(body: &str) -> Request {
+        decode_request(body.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn create_options_become_a_volume_or_a_clear_refusal() {
+        let (body, fs) = create_body(&request(r#"{"Name":"v"}"#)).unwrap();
+        assert_eq!((body.size_bytes, body.replicas, fs.as_str()), (1 << 30, 1, "ext4"));
+        let (body, fs) = create_body(&request(
+            r#"{"Name":"v","Opts":{"size":"10GiB","repl":"3","fs":"xfs","encrypted":"true","group":"db"}}"#,
+        ))
+        .unwrap();
+        assert_eq!((body.size_bytes, body.replicas, fs.as_str()), (10 << 30, 3, "xfs"));
+        assert!(body.encrypted && body.group == "db");
+        for (opts, refusal) in [
+            (r#"{"sise":"1GiB"}"#, "unknown option"),
+            (r#"{"size":"lots"}"#, "bad size"),
+            (r#"{"repl":"three"}"#, "repl must be a number"),
+            (r#"{"fs":"ntfs"}"#, "ext4 or xfs"),
+        ] {
+            let error = create_body(&request(&format!(r#"{{"Name":"v","Opts":{opts}}}"#))).unwrap_err();
+            assert!(format!("{error:#}").contains(refusal), "{opts}: {error:#}");
+        }
+    }
+
+    #[test]
+    fn an_empty_body_is_an_empty_request_and_bad_json_an_error() {
+        assert!(decode_request(b"").unwrap().name.is_empty());
+        assert!(decode_request(b"{not json").is_err());
+        assert!(decode_state("[]").is_err());
+        let state = decode_state(r#"{"refs":{"v1":["a"]}}"#).unwrap();
+        assert!(state.devices.is_empty() && state.refs["v1"].contains("a"));
+    }
 }

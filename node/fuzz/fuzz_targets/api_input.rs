@@ -1,6 +1,7 @@
-//! What users hand the node as text: API request bodies (JSON) and the
-//! config file (TOML). Parsing arbitrary bytes never panics; a body that
-//! parses survives a round trip through its JSON form.
+//! What users hand the node as text: API request bodies (JSON), the
+//! Docker plugin's call bodies and state file (JSON), and the config file
+//! (TOML). Parsing arbitrary bytes never panics; a body that parses
+//! survives a round trip through its JSON form.
 
 #![no_main]
 
@@ -24,7 +25,12 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<JoinBody>(data);
     round_trip::<ApiTokenBody>(data);
     round_trip::<UnlockBody>(data);
+    if let Ok(request) = node::plugin::decode_request(data) {
+        // Create's options: checked and turned into a volume, or refused; never a panic.
+        let _ = node::plugin::create_body(&request);
+    }
     if let Ok(text) = std::str::from_utf8(data) {
+        let _ = node::plugin::decode_state(text);
         if let Ok(file) = toml::from_str::<ConfigFile>(text) {
             // Resolving checks addresses and labels: errors, never panics.
             let _ = node::daemon::config::NodeConfig::resolve(file, ConfigFile::default());
