@@ -517,6 +517,9 @@ fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
             .map(|step| (coordinator + step) % cluster.nodes.len())
             .collect();
         for &other in &others {
+            // A takeover drops the old coordinator from the in-sync set until
+            // it is resynced: the next takeover waits for that.
+            wait_converged(&cluster, &volume);
             cluster.nodes[other].cli_ok(&["volume", "attach", &volume, "--force"]);
             let mut reader = Reader::new(&endpoints, &volume);
             for (lba, data) in &served {
