@@ -705,11 +705,7 @@ async fn device_of(
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
     match state.attach.device_of(&name) {
-        Some(device) => Ok(Json(crate::attach::Device {
-            device,
-            backend: "fuse".into(),
-        })
-        .into_response()),
+        Some(device) => Ok(Json(device).into_response()),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,
             format!("volume {name} is not attached to this host"),

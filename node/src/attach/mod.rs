@@ -98,6 +98,13 @@ impl Attached {
             Self::Ublk(_) => "ublk",
         }
     }
+
+    fn device(&self) -> Device {
+        Device {
+            device: self.path().to_owned(),
+            backend: self.backend().into(),
+        }
+    }
 }
 
 /// What a host attach gave.
@@ -246,11 +253,8 @@ impl HostAttach {
 
     /// Attaches `volume` (which this node serves) as a block device.
     pub fn attach(&self, volume: &Arc<Volume>) -> Result<Device, String> {
-        if let Some(device) = self.devices.lock().get(&volume.name) {
-            return Ok(Device {
-                device: device.path().to_owned(),
-                backend: device.backend().into(),
-            });
+        if let Some(attached) = self.devices.lock().get(&volume.name) {
+            return Ok(attached.device());
         }
         self.lock_memory();
         let attached = match self.backend {
@@ -258,10 +262,7 @@ impl HostAttach {
             Backend::Nbd => Attached::Nbd(kernel_nbd::NbdDevice::start(Arc::clone(volume), &self.runtime)?),
             Backend::Fuse | Backend::Auto => Attached::Fuse(self.attach_fuse(volume)?),
         };
-        let device = Device {
-            device: attached.path().to_owned(),
-            backend: attached.backend().into(),
-        };
+        let device = attached.device();
         tracing::info!(volume = %volume.name, device = %device.device.display(), backend = %device.backend, "volume attached to this host");
         self.devices.lock().insert(volume.name.clone(), attached);
         Ok(device)
@@ -293,8 +294,8 @@ impl HostAttach {
 
     /// The block device of `name`, if attached here.
     #[must_use]
-    pub fn device_of(&self, name: &str) -> Option<PathBuf> {
-        self.devices.lock().get(name).map(|device| device.path().to_owned())
+    pub fn device_of(&self, name: &str) -> Option<Device> {
+        self.devices.lock().get(name).map(Attached::device)
     }
 
     /// Detaches everything and unmounts (node shutdown).
