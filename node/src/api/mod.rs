@@ -682,17 +682,8 @@ async fn attach_device(
     match made {
         Ok(device) => Ok(Json(device).into_response()),
         Err(reason) => {
-            // No device: the attachment record goes too (if this node still holds it).
-            let undo = state
-                .cluster
-                .change(crate::cluster::state::Command::Detach {
-                    name: name.clone(),
-                    node: state.cluster.local.id,
-                })
-                .await;
-            if let Err(error) = undo {
-                tracing::warn!(volume = %name, %error, "could not drop the attachment record of a failed attach");
-            }
+            // No device: the attachment record goes too.
+            drop_attachment(&state, &name, "could not drop the attachment record of a failed attach").await;
             Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, reason))
         }
     }
@@ -725,17 +716,28 @@ async fn detach_device(
         .await
         .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
         .map_err(|reason| ApiError(StatusCode::NOT_FOUND, reason))?;
-    let cleared = state
+    drop_attachment(
+        &state,
+        &name,
+        "device removed, but the attach record stays until the cluster takes the change",
+    )
+    .await;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Drops this node's attachment record of `name` (a no-op if another node
+/// holds it); `failure` is logged if the cluster does not take the change.
+async fn drop_attachment(state: &ApiState, name: &str, failure: &str) {
+    let dropped = state
         .cluster
         .change(crate::cluster::state::Command::Detach {
-            name: name.clone(),
+            name: name.to_owned(),
             node: state.cluster.local.id,
         })
         .await;
-    if let Err(error) = cleared {
-        tracing::warn!(volume = %name, %error, "device removed, but the attach record stays until the cluster takes the change");
+    if let Err(error) = dropped {
+        tracing::warn!(volume = %name, %error, "{failure}");
     }
-    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 /// Query of GET /v1/alerts.
