@@ -116,19 +116,25 @@ pub struct Device {
     pub backend: String,
 }
 
-/// Whether a filesystem is mounted at `path` (per /proc/self/mounts).
+/// This process's mounts (/proc/self/mounts): source and target of each.
+pub fn mounts() -> std::io::Result<Vec<(String, PathBuf)>> {
+    let table = std::fs::read_to_string("/proc/self/mounts")?;
+    Ok(table
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let source = fields.next()?;
+            // /proc/self/mounts escapes spaces as \040.
+            let target = fields.next()?.replace("\\040", " ");
+            Some((source.to_owned(), PathBuf::from(target)))
+        })
+        .collect())
+}
+
+/// Whether a filesystem is mounted at `path`.
 #[must_use]
 pub fn is_mounted(path: &Path) -> bool {
-    let Ok(mounts) = std::fs::read_to_string("/proc/self/mounts") else {
-        return false;
-    };
-    let wanted = path.to_string_lossy();
-    mounts.lines().any(|line| {
-        // /proc/self/mounts escapes spaces as \040.
-        line.split_whitespace()
-            .nth(1)
-            .is_some_and(|target| target.replace("\\040", " ") == wanted)
-    })
+    mounts().is_ok_and(|mounts| mounts.iter().any(|(_, target)| target == path))
 }
 
 /// Loop devices (e.g. /dev/loop3) and the files backing them.

@@ -347,24 +347,18 @@ fn unmount(client: &ApiClient, name: &str) -> Result<ExitCode> {
 pub(crate) fn unmount_volume(client: &ApiClient, name: &str) -> Result<Vec<String>> {
     let mut unmounted = Vec::new();
     let device: crate::attach::Device = client.get(&format!("/v1/volumes/{}/device", path_segment(name)))?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").context("cannot read /proc/self/mounts")?;
+    let mounts = crate::attach::mounts().context("cannot read /proc/self/mounts")?;
     let device_text = device.device.to_string_lossy().into_owned();
-    for line in mounts.lines() {
-        let mut fields = line.split_whitespace();
-        if fields.next() != Some(device_text.as_str()) {
-            continue;
-        }
-        let Some(target) = fields.next() else { continue };
-        // /proc/self/mounts escapes spaces as \040.
-        let target = target.replace("\\040", " ");
-        let done = run_tool("umount", &[std::ffi::OsStr::new(&target)])?;
+    for (_, target) in mounts.into_iter().filter(|(source, _)| *source == device_text) {
+        let done = run_tool("umount", &[target.as_os_str()])?;
         if !done.status.success() {
             anyhow::bail!(
-                "umount {target} failed (in use?): {}",
+                "umount {} failed (in use?): {}",
+                target.display(),
                 String::from_utf8_lossy(&done.stderr).trim()
             );
         }
-        unmounted.push(target);
+        unmounted.push(target.display().to_string());
     }
     client.delete(&format!("/v1/volumes/{}/device", path_segment(name)))?;
     Ok(unmounted)

@@ -100,8 +100,5 @@ impl Drop for AttachLeftovers {
 
 /// Whether a filesystem is mounted at `path`.
 pub fn mounted(path: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/mounts")
-        .unwrap()
-        .lines()
-        .any(|line| line.split_whitespace().nth(1) == Some(path.to_str().unwrap()))
+    node::attach::is_mounted(path)
 }
