@@ -5,62 +5,26 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
+use common::nbd::NbdClient;
 use common::node::TestNode;
-use node::nbd::proto::{self, Request};
+use node::nbd::proto;
 
-struct Client {
-    stream: TcpStream,
-    cookie: u64,
-}
+/// A raw connection; every request must get an answer.
+struct Client(NbdClient);
 
 impl Client {
     fn connect(node: &TestNode, volume: &str) -> Self {
-        let mut stream = TcpStream::connect(("127.0.0.1", node.nbd_port)).unwrap();
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut greeting = [0u8; 18];
-        stream.read_exact(&mut greeting).unwrap();
-        let flags = proto::CLIENT_FLAG_FIXED_NEWSTYLE | proto::CLIENT_FLAG_NO_ZEROES;
-        stream.write_all(&flags.to_be_bytes()).unwrap();
-        let mut option = Vec::new();
-        option.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-        option.extend_from_slice(&proto::OPT_EXPORT_NAME.to_be_bytes());
-        option.extend_from_slice(&u32::try_from(volume.len()).unwrap().to_be_bytes());
-        option.extend_from_slice(volume.as_bytes());
-        stream.write_all(&option).unwrap();
-        let mut reply = [0u8; 10];
-        stream.read_exact(&mut reply).unwrap();
-        let transmission_flags = u16::from_be_bytes([reply[8], reply[9]]);
-        assert_ne!(transmission_flags & proto::TFLAG_CAN_MULTI_CONN, 0);
-        Self { stream, cookie: 0 }
+        let client =
+            NbdClient::connect(&format!("127.0.0.1:{}", node.nbd_port), volume, Duration::from_secs(10)).unwrap();
+        assert_ne!(client.flags & proto::TFLAG_CAN_MULTI_CONN, 0);
+        Self(client)
     }
 
     /// Sends one request and returns (error, data) of its simple reply.
     fn request(&mut self, command: u16, offset_bytes: u64, length_bytes: u32, payload: &[u8]) -> (u32, Vec<u8>) {
-        self.cookie += 1;
-        let header = proto::encode_request(&Request {
-            flags: 0,
-            command,
-            cookie: self.cookie,
-            offset_bytes,
-            length_bytes,
-        });
-        self.stream.write_all(&header).unwrap();
-        self.stream.write_all(payload).unwrap();
-        let mut reply = [0u8; proto::SIMPLE_REPLY_BYTES];
-        self.stream.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[..4], &proto::SIMPLE_REPLY_MAGIC.to_be_bytes());
-        assert_eq!(u64::from_be_bytes(reply[8..16].try_into().unwrap()), self.cookie);
-        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
-        let mut data = Vec::new();
-        if command == proto::CMD_READ && error == 0 {
-            data = vec![0u8; length_bytes as usize];
-            self.stream.read_exact(&mut data).unwrap();
-        }
-        (error, data)
+        self.0.request(command, offset_bytes, length_bytes, payload).unwrap()
     }
 
     fn write(&mut self, offset_bytes: u64, data: &[u8]) {

@@ -24,8 +24,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +34,9 @@ use rand::{Rng, SeedableRng};
 
 use common::cluster::{wait_until, TestCluster, CONVERGE_TIMEOUT};
 use common::firewall::Firewall;
+use common::nbd::NbdClient;
 use common::record_skip;
-use node::nbd::proto::{self, Request};
+use node::nbd::proto;
 
 const BLOCK: u64 = 4096;
 /// The same, as a length.
@@ -97,74 +96,6 @@ fn identify(trial: u64, lba: u64, data: &[u8]) -> Found {
     }
 }
 
-/// A raw NBD client that reports failures instead of panicking.
-struct Nbd {
-    stream: TcpStream,
-    cookie: u64,
-}
-
-impl Nbd {
-    fn connect(host: &str, port: u16, volume: &str) -> std::io::Result<Self> {
-        let mut stream = TcpStream::connect_timeout(&format!("{host}:{port}").parse().unwrap(), IO_TIMEOUT)?;
-        stream.set_read_timeout(Some(IO_TIMEOUT))?;
-        stream.set_write_timeout(Some(IO_TIMEOUT))?;
-        let mut greeting = [0u8; 18];
-        stream.read_exact(&mut greeting)?;
-        let flags = proto::CLIENT_FLAG_FIXED_NEWSTYLE | proto::CLIENT_FLAG_NO_ZEROES;
-        stream.write_all(&flags.to_be_bytes())?;
-        let mut option = Vec::new();
-        option.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
-        option.extend_from_slice(&proto::OPT_EXPORT_NAME.to_be_bytes());
-        option.extend_from_slice(&u32::try_from(volume.len()).unwrap().to_be_bytes());
-        option.extend_from_slice(volume.as_bytes());
-        stream.write_all(&option)?;
-        // A node that does not serve the export closes the connection here.
-        let mut reply = [0u8; 10];
-        stream.read_exact(&mut reply)?;
-        Ok(Self { stream, cookie: 0 })
-    }
-
-    /// One request; its NBD error code and, for a successful read, the data.
-    fn request(
-        &mut self,
-        command: u16,
-        offset_bytes: u64,
-        payload: &[u8],
-        read_bytes: u32,
-    ) -> std::io::Result<(u32, Vec<u8>)> {
-        self.cookie += 1;
-        let length_bytes = if command == proto::CMD_READ {
-            read_bytes
-        } else {
-            u32::try_from(payload.len()).unwrap()
-        };
-        let header = proto::encode_request(&Request {
-            flags: 0,
-            command,
-            cookie: self.cookie,
-            offset_bytes,
-            length_bytes,
-        });
-        let mut message = header.to_vec();
-        message.extend_from_slice(payload);
-        self.stream.write_all(&message)?;
-        let mut reply = [0u8; proto::SIMPLE_REPLY_BYTES];
-        self.stream.read_exact(&mut reply)?;
-        if reply[..4] != proto::SIMPLE_REPLY_MAGIC.to_be_bytes()
-            || u64::from_be_bytes(reply[8..16].try_into().unwrap()) != self.cookie
-        {
-            return Err(std::io::Error::other(format!("bad reply {reply:?}")));
-        }
-        let error = u32::from_be_bytes(reply[4..8].try_into().unwrap());
-        let mut data = Vec::new();
-        if command == proto::CMD_READ && error == 0 {
-            data = vec![0u8; read_bytes as usize];
-            self.stream.read_exact(&mut data)?;
-        }
-        Ok((error, data))
-    }
-}
-
 /// Where each node's NBD listener is.
 #[derive(Clone)]
 struct Endpoints(Vec<(String, u16)>);
@@ -172,11 +103,11 @@ struct Endpoints(Vec<(String, u16)>);
 impl Endpoints {
     /// A connection to whichever node serves `volume` now (others refuse
     /// the export), trying for at most `CONVERGE_TIMEOUT`.
-    fn connect(&self, volume: &str) -> Nbd {
+    fn connect(&self, volume: &str) -> NbdClient {
         let started = Instant::now();
         loop {
             for (host, port) in &self.0 {
-                if let Ok(client) = Nbd::connect(host, *port, volume) {
+                if let Ok(client) = NbdClient::connect(&format!("{host}:{port}"), volume, IO_TIMEOUT) {
                     return client;
                 }
             }
@@ -218,7 +149,7 @@ fn writer(
             history.sent += 1;
             history.sent
         };
-        match client.request(proto::CMD_WRITE, lba * BLOCK, &content(trial, lba, version), 0) {
+        match client.request(proto::CMD_WRITE, lba * BLOCK, BLOCK_U32, &content(trial, lba, version)) {
             Ok((0, _)) => {
                 let mut book = book.lock();
                 let history = book.get_mut(&lba).unwrap();
@@ -240,7 +171,7 @@ fn writer(
 struct Reader {
     endpoints: Endpoints,
     volume: String,
-    client: Nbd,
+    client: NbdClient,
 }
 
 impl Reader {
@@ -255,7 +186,7 @@ impl Reader {
     fn block(&mut self, lba: u64) -> Vec<u8> {
         let started = Instant::now();
         loop {
-            match self.client.request(proto::CMD_READ, lba * BLOCK, &[], BLOCK_U32) {
+            match self.client.request(proto::CMD_READ, lba * BLOCK, BLOCK_U32, &[]) {
                 Ok((0, data)) => return data,
                 outcome => assert!(
                     started.elapsed() < CONVERGE_TIMEOUT,

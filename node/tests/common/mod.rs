@@ -65,6 +65,7 @@ pub fn iterations(full: usize, quick: usize) -> usize {
 
 pub mod cluster;
 pub mod firewall;
+pub mod nbd;
 pub mod node;
 pub mod plugin;
 
