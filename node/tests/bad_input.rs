@@ -159,6 +159,19 @@ fn random_bytes_and_hundreds_of_silent_connections_leave_the_node_serving() {
     assert!(status.status.success(), "{}", text(&status));
 }
 
+/// Up to `count` connections to `address` that send nothing, opened
+/// until `deadline` (each connect waits at most 5 s).
+fn open_silent(address: &str, count: usize, deadline: Instant) -> Vec<TcpStream> {
+    let address: std::net::SocketAddr = address.parse().unwrap();
+    let mut silent = Vec::with_capacity(count);
+    while silent.len() < count && Instant::now() < deadline {
+        if let Ok(stream) = TcpStream::connect_timeout(&address, Duration::from_secs(5)) {
+            silent.push(stream);
+        }
+    }
+    silent
+}
+
 /// Open file descriptors of process `pid`.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
@@ -194,18 +207,12 @@ fn ten_thousand_silent_connections_do_not_lock_real_clients_out() {
     assert!(nbd_ok(&node), "the control");
     let rss_before = resident_kib(node.pid());
     let fds_before = open_fds(node.pid());
-    let address = format!("127.0.0.1:{}", node.nbd_port);
-    let socket_address: std::net::SocketAddr = address.parse().unwrap();
-    let mut silent = Vec::with_capacity(flood);
     let started = Instant::now();
-    for _ in 0..flood {
-        if started.elapsed() > Duration::from_secs(180) {
-            break;
-        }
-        if let Ok(stream) = TcpStream::connect_timeout(&socket_address, Duration::from_secs(5)) {
-            silent.push(stream);
-        }
-    }
+    let silent = open_silent(
+        &format!("127.0.0.1:{}", node.nbd_port),
+        flood,
+        started + Duration::from_secs(180),
+    );
     assert!(
         silent.len() >= flood * 9 / 10,
         "only {} of {flood} connections opened",
@@ -233,16 +240,11 @@ fn ten_thousand_silent_connections_do_not_lock_real_clients_out() {
     );
     assert!(node.log_text().contains("closed the oldest one still in its handshake"));
     // The same on the API port: silent sockets past its slots, and a real request still answered.
-    let api_address: std::net::SocketAddr = node.api_url().trim_start_matches("http://").parse().unwrap();
-    let mut api_silent = Vec::with_capacity(API_FLOOD);
-    for _ in 0..API_FLOOD {
-        if started.elapsed() > Duration::from_secs(240) {
-            break;
-        }
-        if let Ok(stream) = TcpStream::connect_timeout(&api_address, Duration::from_secs(5)) {
-            api_silent.push(stream);
-        }
-    }
+    let api_silent = open_silent(
+        node.api_url().trim_start_matches("http://"),
+        API_FLOOD,
+        started + Duration::from_secs(240),
+    );
     assert!(
         api_silent.len() >= API_FLOOD * 9 / 10,
         "only {} API connections opened",

@@ -229,12 +229,7 @@ fn a_docker_volume_keeps_its_synced_files_when_the_node_serving_the_plugin_is_ki
 
     // The node the plugin attached through dies under the running container.
     cluster.nodes[0].kill9();
-    cluster.wait_for_on(&[1], "node 0 seen down", |status| {
-        status["nodes"]
-            .as_array()
-            .is_some_and(|nodes| nodes.iter().any(|node| node["id"] == holder && node["up"] == false))
-            && !status["leader"].is_null()
-    });
+    cluster.wait_seen_down(1, holder);
     // Removing the container makes dockerd unmount; the plugin releases the dead device.
     dockerd.docker(&["rm", "-f", "writer"]);
 

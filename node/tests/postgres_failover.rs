@@ -246,12 +246,7 @@ fn postgresql_on_a_volume_keeps_every_committed_transaction_when_its_node_is_kil
     let lazy = Command::new("umount").arg("-l").arg(&first_mount).output().unwrap();
     assert!(lazy.status.success(), "umount -l: {}", text(&lazy));
 
-    cluster.wait_for_on(&[1], "node 0 seen down", |status| {
-        status["nodes"]
-            .as_array()
-            .is_some_and(|nodes| nodes.iter().any(|node| node["id"] == holder && node["up"] == false))
-            && !status["leader"].is_null()
-    });
+    cluster.wait_seen_down(1, holder);
     cluster.nodes[1].cli_ok(&["volume", "mount", "pg", second_mount.to_str().unwrap()]);
     let inspect: serde_json::Value = cluster.nodes[1].inspect("pg");
     assert_eq!(inspect["attached_to"], cluster.nodes[1].node_id(), "{inspect:#}");

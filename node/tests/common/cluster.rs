@@ -86,6 +86,17 @@ impl TestCluster {
         panic!("cluster did not reach '{what}' within {CONVERGE_TIMEOUT:?}; last status: {last:#}");
     }
 
+    /// Waits until node `observer` sees the node with id `down` as down,
+    /// with a leader elected among the rest.
+    pub fn wait_seen_down(&self, observer: usize, down: u64) {
+        self.wait_for_on(&[observer], &format!("node {down} seen down"), |status| {
+            status["nodes"]
+                .as_array()
+                .is_some_and(|nodes| nodes.iter().any(|node| node["id"] == down && node["up"] == false))
+                && !status["leader"].is_null()
+        });
+    }
+
     /// Index of the node that leads, per node `asked`'s status.
     pub fn leader_index(&self, status: &serde_json::Value) -> usize {
         let leader = status["leader"].as_u64().expect("a leader");
