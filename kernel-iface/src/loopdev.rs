@@ -55,13 +55,40 @@ impl Drop for LoopDevice {
     fn drop(&mut self) {
         // The device may be briefly busy after its last user exited.
         for _ in 0..50 {
-            match Command::new("losetup").arg("-d").arg(&self.path).output() {
-                Ok(output) if output.status.success() => return,
-                _ => std::thread::sleep(std::time::Duration::from_millis(100)),
+            if detach(&self.path) {
+                return;
             }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         eprintln!("warning: could not detach {}", self.path.display());
     }
+}
+
+/// `losetup -d DEVICE`: detaches it now, or (busy) when its last user
+/// closes it; whether losetup succeeded.
+pub fn detach(device: &Path) -> bool {
+    Command::new("losetup")
+        .arg("-d")
+        .arg(device)
+        .output()
+        .is_ok_and(|output| output.status.success())
+}
+
+/// The loop devices in use (e.g. /dev/loop3) and the files backing them
+/// (as /sys/block/loopN/loop/backing_file names them).
+#[must_use]
+pub fn backings() -> Vec<(PathBuf, String)> {
+    let Ok(entries) = std::fs::read_dir("/sys/block") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let backing = std::fs::read_to_string(entry.path().join("loop/backing_file")).ok()?;
+            Some((PathBuf::from("/dev").join(name), backing.trim().to_owned()))
+        })
+        .collect()
 }
 
 /// Why loop devices cannot be used here, if they cannot.

@@ -137,38 +137,15 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts().is_ok_and(|mounts| mounts.iter().any(|(_, target)| target == path))
 }
 
-/// Loop devices (e.g. /dev/loop3) and the files backing them.
-fn loop_backings() -> Vec<(PathBuf, String)> {
-    let Ok(entries) = std::fs::read_dir("/sys/block") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|entry| {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let backing = std::fs::read_to_string(entry.path().join("loop/backing_file")).ok()?;
-            Some((PathBuf::from("/dev").join(name), backing.trim().to_owned()))
-        })
-        .collect()
-}
-
-fn detach_loop(device: &Path) -> bool {
-    std::process::Command::new("losetup")
-        .arg("-d")
-        .arg(device)
-        .output()
-        .is_ok_and(|output| output.status.success())
-}
-
 /// Releases `device` if it is still the loop device of volume `name`'s
 /// attach file (left by a node that died): the kernel frees it when its
 /// last user closes it.
 pub fn release_stale_loop(device: &Path, name: &str) {
     let suffix = format!("/{MOUNT_DIR}/{name}");
-    let ours = loop_backings()
+    let ours = kernel_iface::loopdev::backings()
         .into_iter()
         .any(|(path, backing)| path == device && backing.trim_end_matches(" (deleted)").ends_with(&suffix));
-    if ours && detach_loop(device) {
+    if ours && kernel_iface::loopdev::detach(device) {
         tracing::info!(volume = %name, device = %device.display(), "released the loop device of a dead attachment");
     }
 }
@@ -228,8 +205,8 @@ impl HostAttach {
             .map_err(|e| format!("cannot make {}: {e}", self.mountpoint.display()))?;
         // Loop devices and a mount left by a killed node would make this one fail.
         let prefix = format!("{}/", self.mountpoint.display());
-        for (device, backing) in loop_backings() {
-            if backing.starts_with(&prefix) && detach_loop(&device) {
+        for (device, backing) in kernel_iface::loopdev::backings() {
+            if backing.starts_with(&prefix) && kernel_iface::loopdev::detach(&device) {
                 tracing::info!(device = %device.display(), backing = %backing, "released a loop device left by this node's previous run");
             }
         }

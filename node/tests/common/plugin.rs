@@ -79,17 +79,9 @@ impl Drop for AttachLeftovers {
                 }
             }
         }
-        if let Ok(output) = Command::new("losetup").arg("-a").output() {
-            for line in String::from_utf8_lossy(&output.stdout).lines() {
-                if self
-                    .fuse_dirs
-                    .iter()
-                    .any(|dir| line.contains(&dir.display().to_string()))
-                {
-                    if let Some(device) = line.split(':').next() {
-                        let _ = Command::new("losetup").arg("-d").arg(device).output();
-                    }
-                }
+        for (device, backing) in kernel_iface::loopdev::backings() {
+            if self.fuse_dirs.iter().any(|dir| Path::new(&backing).starts_with(dir)) {
+                kernel_iface::loopdev::detach(&device);
             }
         }
         for dir in &self.fuse_dirs {
