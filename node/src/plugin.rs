@@ -246,22 +246,7 @@ impl Plugin {
             Err(error) => {
                 tracing::warn!(volume = %name, error = %format!("{error:#}"), "no node of this host holds the volume's device any more; releasing it here");
                 let mountpoint = self.mountpoint(name);
-                if crate::attach::is_mounted(&mountpoint) {
-                    let plain = std::process::Command::new("umount").arg(&mountpoint).output();
-                    if !plain.is_ok_and(|output| output.status.success()) {
-                        let lazy = std::process::Command::new("umount")
-                            .arg("-l")
-                            .arg(&mountpoint)
-                            .output()?;
-                        if !lazy.status.success() {
-                            anyhow::bail!(
-                                "umount {} failed: {}",
-                                mountpoint.display(),
-                                String::from_utf8_lossy(&lazy.stderr).trim()
-                            );
-                        }
-                    }
-                }
+                crate::attach::unmount_even_if_dead(&mountpoint).map_err(anyhow::Error::msg)?;
                 if let Some(device) = recorded {
                     crate::attach::release_stale_loop(&device, name);
                 }

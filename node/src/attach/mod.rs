@@ -137,6 +137,33 @@ pub fn is_mounted(path: &Path) -> bool {
     mounts().is_ok_and(|mounts| mounts.iter().any(|(_, target)| target == path))
 }
 
+/// Unmounts the filesystem at `path` if one is mounted there; lazily
+/// (`umount -l`) when a plain unmount fails, as it may over a device whose
+/// node died.
+pub fn unmount_even_if_dead(path: &Path) -> Result<(), String> {
+    if !is_mounted(path) {
+        return Ok(());
+    }
+    let plain = std::process::Command::new("umount").arg(path).output();
+    if plain.is_ok_and(|output| output.status.success()) {
+        return Ok(());
+    }
+    let lazy = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(path)
+        .output()
+        .map_err(|error| format!("umount -l {}: {error}", path.display()))?;
+    if lazy.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "umount {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&lazy.stderr).trim()
+        ))
+    }
+}
+
 /// Releases `device` if it is still the loop device of volume `name`'s
 /// attach file (left by a node that died): the kernel frees it when its
 /// last user closes it.

@@ -72,12 +72,7 @@ pub struct AttachLeftovers {
 impl Drop for AttachLeftovers {
     fn drop(&mut self) {
         for mountpoint in &self.mountpoints {
-            if mounted(mountpoint) {
-                let plain = Command::new("umount").arg(mountpoint).output();
-                if !plain.is_ok_and(|output| output.status.success()) {
-                    let _ = Command::new("umount").arg("-l").arg(mountpoint).output();
-                }
-            }
+            let _ = node::attach::unmount_even_if_dead(mountpoint);
         }
         for (device, backing) in kernel_iface::loopdev::backings() {
             if self.fuse_dirs.iter().any(|dir| Path::new(&backing).starts_with(dir)) {
