@@ -108,6 +108,14 @@ impl StoreError {
         matches!(self, Self::NoSpace { .. })
     }
 
+    /// True when the data of the blocks read is bad (checksum mismatch or a
+    /// read error) but the store itself still serves: a copy from a replica
+    /// repairs it.
+    #[must_use]
+    pub fn is_data_error(&self) -> bool {
+        matches!(self, Self::Checksum { .. } | Self::Io { .. })
+    }
+
     /// The errno an NBD or block client should see.
     #[must_use]
     pub fn errno(&self) -> i32 {

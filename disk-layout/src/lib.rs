@@ -22,7 +22,7 @@ pub mod superblock;
 pub use buf::IoBuf;
 pub use error::{FormatError, IoFault, StoreError};
 pub use io::{BlockIo, IoCompletion, IoOp, IoRequest};
-pub use store::{Done, FormatParams, Reply, SpaceReport, Store, StoreConfig, StoreStats};
+pub use store::{BlockState, Done, FormatParams, Reply, SpaceReport, Store, StoreConfig, StoreStats};
 
 /// Largest volume, in 4 KiB blocks (4 PiB); bounds every LBA the store accepts.
 pub const LBA_LIMIT: u64 = 1 << 40;

@@ -321,3 +321,27 @@ fn a_cleaned_segment_is_not_reused_before_the_relocation_that_emptied_it_is_dura
         "the cleaner ran in only {relocations_seen} seeds"
     );
 }
+
+#[test]
+fn block_states_show_data_crcs_and_count_zeroed_or_zero_filled_blocks_as_holes() {
+    use disk_layout::BlockState;
+    let mut h = Harness::new(6, 24 << 20, 1 << 20, 64, vec![1]);
+    h.write(1, 0, 3);
+    h.zero(1, 1, 1);
+    h.settle();
+    // The index takes a write when it is placed (no need to wait for it).
+    h.store.write(9_999, 1, 5, &[0u8; 4096], 1, 9_999);
+    let states = h.store.block_states(1, 0, 7);
+    assert_eq!(states.len(), 7);
+    assert!(matches!(states[0], BlockState::Data { .. }), "{states:?}");
+    assert_eq!(states[1], BlockState::Hole, "zeroed");
+    assert!(matches!(states[2], BlockState::Data { .. }), "{states:?}");
+    assert_ne!(states[0], states[2], "different contents, different crcs");
+    assert_eq!(states[5], BlockState::Hole, "written with zeroes");
+    assert_eq!(&states[3..5], &[BlockState::Hole, BlockState::Hole], "never written");
+    assert_eq!(
+        h.store.block_states(2, 0, 3),
+        vec![BlockState::Hole; 3],
+        "another volume"
+    );
+}

@@ -386,6 +386,43 @@ impl NodeMetrics {
             "Bytes the last resync of the replica copied or zeroed.",
             &resynced,
         )?;
+        let totals = &self.cluster.scrubs.totals;
+        let load = |counter: &std::sync::atomic::AtomicU64| counter.load(std::sync::atomic::Ordering::Relaxed);
+        for (name, help, value) in [
+            (
+                "ballast_scrub_passes",
+                "Scrub passes this node started as coordinator (verify and compare).",
+                load(&totals.passes),
+            ),
+            (
+                "ballast_scrub_verified_bytes",
+                "Data a verifying scrub read and checked on this node's copies.",
+                load(&totals.verified_bytes),
+            ),
+            (
+                "ballast_scrub_checksum_errors",
+                "Blocks a scrub found failing their checksum or unreadable, on any copy.",
+                load(&totals.checksum_errors),
+            ),
+            (
+                "ballast_scrub_divergent_blocks",
+                "Blocks a scrub found a replica holding differently from the coordinator.",
+                load(&totals.divergent_blocks),
+            ),
+            (
+                "ballast_scrub_repaired_blocks",
+                "Blocks a scrub rewrote from a good copy.",
+                load(&totals.repaired_blocks),
+            ),
+            (
+                "ballast_scrub_unrepairable_blocks",
+                "Bad blocks no copy could repair (reads of them fail until rewritten).",
+                load(&totals.unrepairable_blocks),
+            ),
+        ] {
+            let metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(value).encode(metric)?;
+        }
         let round_trips: Vec<(Labels, Arc<crate::replication::VolumeReplication>)> = coordinated
             .iter()
             .filter_map(|v| self.cluster.replication(&v.name).map(|r| (labels(&v.name), r)))

@@ -566,24 +566,6 @@ fn the_leader_rebuilds_a_silent_nodes_replica_and_fails_over_a_silent_coordinato
     fio_verify_ok(&cluster.nodes[spare].uri("a"), scratch.path(), "0");
 }
 
-/// Overwrites the first byte of the first 4 KiB block of `path` that is all `fill`; true if found.
-fn corrupt_block_filled_with(path: &std::path::Path, fill: u8) -> bool {
-    use std::io::{Read, Seek, SeekFrom, Write};
-    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
-    let mut block = vec![0u8; 4096];
-    let mut offset = 0u64;
-    while file.read_exact(&mut block).is_ok() {
-        if block.iter().all(|byte| *byte == fill) {
-            file.seek(SeekFrom::Start(offset)).unwrap();
-            file.write_all(&[!fill]).unwrap();
-            file.sync_all().unwrap();
-            return true;
-        }
-        offset += 4096;
-    }
-    false
-}
-
 #[test]
 fn a_block_that_fails_its_checksum_is_served_from_a_replica_and_repaired() {
     let test = "a_block_that_fails_its_checksum_is_served_from_a_replica";
@@ -604,7 +586,7 @@ fn a_block_that_fails_its_checksum_is_served_from_a_replica_and_repaired() {
     // Flip a byte of that block on the coordinator's disk, behind the store's back.
     let backing = cluster.nodes[0].dir.path().join("disk0.img");
     assert!(
-        corrupt_block_filled_with(&backing, 0x5a),
+        common::corrupt_block_filled_with(&backing, 0x5a),
         "the written block was not found on disk"
     );
 

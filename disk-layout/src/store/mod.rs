@@ -99,6 +99,18 @@ impl StoreStats {
     }
 }
 
+/// A volume block as the index holds it: what scrub compares between
+/// replicas without reading data.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockState {
+    /// Never written, zeroed, or written with zeroes (all read as zeroes).
+    Hole,
+    /// Data whose 4 KiB have this crc32c.
+    Data { crc: u32 },
+    /// Found corrupt; reads fail until it is rewritten.
+    Bad,
+}
+
 /// Space of one disk, in 4 KiB blocks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SpaceReport {
@@ -238,6 +250,27 @@ impl Store {
         }
         push(cursor, end - cursor, false);
         runs
+    }
+
+    /// The state of each block of `lba..lba + block_count` (at most
+    /// `LBA_LIMIT`; memory only, no I/O). A block written with zeroes is a
+    /// hole: it reads the same as one never written.
+    #[must_use]
+    pub fn block_states(&self, volume_id: u64, lba: u64, block_count: u64) -> Vec<BlockState> {
+        let zero_crc = crate::record::block_crc(&[0u8; crate::geometry::BLOCK_BYTES]);
+        let end = lba.saturating_add(block_count).min(crate::LBA_LIMIT);
+        let mut states = vec![BlockState::Hole; usize::try_from(end.saturating_sub(lba)).expect("fits")];
+        if let Some(volume) = self.index.volume(volume_id) {
+            for (block, entry) in volume.range(lba, end) {
+                let at = usize::try_from(block - lba).expect("fits");
+                states[at] = match entry.address {
+                    crate::index::ADDRESS_BAD => BlockState::Bad,
+                    _ if entry.crc == zero_crc => BlockState::Hole,
+                    _ => BlockState::Data { crc: entry.crc },
+                };
+            }
+        }
+        states
     }
 
     /// True once an I/O error stopped the store.

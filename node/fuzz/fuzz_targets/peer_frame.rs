@@ -31,4 +31,15 @@ fuzz_target!(|data: &[u8]| {
         let again = wire::encode_read(volume_id, lba, block_count);
         assert_eq!(wire::decode_read(&again), Ok((volume_id, lba, block_count)));
     }
+    // A scrub request, and a replica's answer to one (of 1..=8 blocks).
+    if let Ok(request) = wire::decode_scrub(data) {
+        assert_eq!(wire::decode_scrub(&wire::encode_scrub(&request)), Ok(request));
+    }
+    if let Some((&blocks, answer)) = data.split_first() {
+        let block_count = u64::from(blocks % 8) + 1;
+        if let Ok(states) = wire::decode_scrub_reply(answer, block_count) {
+            let again = wire::encode_scrub_reply(states.as_deref());
+            assert_eq!(wire::decode_scrub_reply(&again, block_count), Ok(states));
+        }
+    }
 });

@@ -17,6 +17,7 @@
 //! | POST | /v1/volumes/{name}/device | | `Device` (a block device of this host; this node must serve the volume) |
 //! | GET | /v1/volumes/{name}/device | | `Device` if attached to this host, else 404 |
 //! | DELETE | /v1/volumes/{name}/device | | 204 (the block device removed) |
+//! | POST | /v1/volumes/{name}/scrub | | 202 `ScrubStarted` (the coordinator verifies every copy and repairs; follow it in GET /v1/cluster) |
 //! | POST | /v1/volumes/{name}/unlock | `{"passphrase":"..."}` | 204 (a passphrase-encrypted volume, on the node serving it) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
 //! | GET | /v1/alerts | | `[Alert]`, active first (`?all=false`: active only) |
@@ -240,6 +241,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/unlock", post(unlock_volume))
+        .route("/v1/volumes/{name}/scrub", post(scrub_volume))
         .route(
             "/v1/volumes/{name}/device",
             get(device_of).post(attach_device).delete(detach_device),
@@ -569,6 +571,30 @@ async fn delete_volume(
     owned(&state, &caller, &name)?;
     state.cluster.delete_volume(&state.volumes, &name).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Answer of POST /v1/volumes/{name}/scrub: the scrub asked for is done
+/// when the volume's `scrub_done` reaches `generation`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ScrubStarted {
+    pub volume: String,
+    pub generation: u64,
+    pub coordinator: u64,
+}
+
+async fn scrub_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let volume = state.cluster.request_scrub(&name).await?;
+    let started = ScrubStarted {
+        volume: volume.name,
+        generation: volume.scrub_requested,
+        coordinator: volume.coordinator,
+    };
+    Ok((StatusCode::ACCEPTED, Json(started)).into_response())
 }
 
 /// Body of PUT /v1/volumes/{name}/replicas.

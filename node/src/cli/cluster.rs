@@ -511,7 +511,7 @@ fn print_alerts(alerts: &[crate::cluster::alerts::Alert], all: bool, style: Styl
 }
 
 /// "42s ago", "5m ago", "3h ago", "2d ago".
-fn format_age(seconds: u64) -> String {
+pub(crate) fn format_age(seconds: u64) -> String {
     match seconds {
         0..=119 => format!("{seconds}s ago"),
         120..=7199 => format!("{}m ago", seconds / 60),

@@ -53,6 +53,10 @@ pub enum Command {
         #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "2")]
         watch: Option<u64>,
     },
+    /// Check every copy of volumes for bit rot and disagreeing replicas,
+    /// and repair them: `ballast scrub start [VOLUME...] [--wait]`,
+    /// `ballast scrub status`.
+    Scrub(crate::cli::scrub::ScrubArgs),
     /// API tokens and NBD client certificates: `ballast auth token create
     /// --subject NAME --role user --ttl 24h`, `ballast auth cert create
     /// --subject NAME --out DIR`.
@@ -175,6 +179,7 @@ impl Command {
             | Self::Volume(_)
             | Self::Cluster(_)
             | Self::Status { .. }
+            | Self::Scrub(_)
             | Self::Alerts { .. }
             | Self::Auth { .. } => "warn",
             Self::Plugin(_) => "info",
@@ -187,6 +192,7 @@ pub mod debug;
 pub mod disk;
 pub mod node;
 pub mod progress;
+pub mod scrub;
 pub mod volume;
 
 /// Runs the CLI.
@@ -204,6 +210,7 @@ pub fn main() -> ExitCode {
         Command::Node(command) => node::run(command),
         Command::Volume(args) => volume::run(args),
         Command::Cluster(args) => cluster::run(args),
+        Command::Scrub(args) => scrub::run(args),
         Command::Status { api, json, watch } => cluster::status(&api, json, watch),
         Command::Plugin(PluginCommand::Serve { api, socket, mounts }) => {
             crate::plugin::serve(crate::plugin::PluginOptions {

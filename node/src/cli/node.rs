@@ -101,6 +101,12 @@ pub struct RunArgs {
     /// As coordinator, drop a replica from the in-sync set when it has not answered a write for this long [default: 5000].
     #[arg(long)]
     pub replica_timeout_ms: Option<u64>,
+    /// As coordinator, verify every copy of each volume this often, in hours (0: only `ballast scrub start`) [default: 168].
+    #[arg(long)]
+    pub scrub_interval_hours: Option<u64>,
+    /// As coordinator, the most data a verifying scrub reads per second, in MiB [default: 64].
+    #[arg(long)]
+    pub scrub_mib_per_s: Option<u64>,
     /// As Raft leader, POST every alert that starts or clears to this URL as JSON.
     #[arg(long, value_name = "URL")]
     pub alert_webhook: Option<String>,
@@ -149,6 +155,8 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 failover_after_s: args.failover_after_s,
                 rebuild_after_s: args.rebuild_after_s,
                 replica_timeout_ms: args.replica_timeout_ms,
+                scrub_interval_hours: args.scrub_interval_hours,
+                scrub_mib_per_s: args.scrub_mib_per_s,
                 alert_webhook: args.alert_webhook,
                 jwt_issuer: args.jwt_issuer,
                 jwt_public_key_file: args.jwt_public_key_file,

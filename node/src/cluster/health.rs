@@ -56,6 +56,9 @@ pub struct NodeReport {
     /// Resyncs this node runs or ran as coordinator: (volume, status).
     #[serde(default)]
     pub resyncs: Vec<(String, crate::replication::resync::ResyncStatus)>,
+    /// The last scrub of each volume this node coordinates.
+    #[serde(default)]
+    pub scrubs: Vec<(String, crate::replication::scrub::ScrubStatus)>,
 }
 
 /// One disk in a node's report.

@@ -142,6 +142,8 @@ pub struct Cluster {
     dirty: Arc<crate::replication::dirty::DirtyLog>,
     /// The last resync of each (volume, replica), for `volume inspect`.
     resyncs: parking_lot::Mutex<std::collections::BTreeMap<(String, u64), crate::replication::resync::ResyncStatus>>,
+    /// The scrubs of the volumes this node coordinates.
+    pub scrubs: crate::replication::scrub::Scrubs,
 }
 
 /// A node id from the node's uuid: stable for the data directory's life,
@@ -224,6 +226,7 @@ impl Cluster {
             replications: parking_lot::Mutex::new(std::collections::HashMap::new()),
             resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
             resyncs: parking_lot::Mutex::new(BTreeMap::new()),
+            scrubs: crate::replication::scrub::Scrubs::new(),
             automation: RwLock::new(automation::Automation::default()),
             replica_timeout: RwLock::new(crate::replication::REPLICA_TIMEOUT_DEFAULT),
             alert_webhook: RwLock::new(None),
@@ -351,6 +354,7 @@ impl Cluster {
             .iter()
             .map(|((volume, _), status)| (volume.clone(), status.clone()))
             .collect();
+        report.scrubs = self.scrubs.all();
         report
     }
 
@@ -532,6 +536,12 @@ impl PeerHandler for Cluster {
                 crate::replication::read(volumes, &payload)
                     .await
                     .map(|data| (FrameKind::ReplicaData, data))
+            }
+            FrameKind::ReplicaScrub => {
+                let volumes = self.volumes.get().ok_or("this node is starting")?;
+                crate::replication::scrub::answer(volumes, &payload)
+                    .await
+                    .map(|answer| (FrameKind::ReplicaScrubbed, answer))
             }
             other => Err(format!("{other:?} is not a request")),
         }

@@ -170,6 +170,7 @@ pub async fn reconcile_loop(
                         fence_and_serve(&cluster, &volumes, &name, epoch).await;
                     }
                     crate::replication::resync::start_needed(&cluster, &state, &volumes);
+                    crate::replication::scrub::start_needed(&cluster, &state, &volumes);
                 }
                 Err(error) => tracing::error!(%error, "reconciliation task failed"),
             }

@@ -90,6 +90,15 @@ pub struct ClusterVolume {
     /// a passphrase); None: not encrypted.
     #[serde(default)]
     pub encryption: Option<Box<crate::volume::crypt::WrappedKey>>,
+    /// Verifying scrubs asked for (`ScrubVolume` +1) and the last one done
+    /// (`ScrubDone`): the coordinator runs one while requested > done.
+    #[serde(default)]
+    pub scrub_requested: u64,
+    #[serde(default)]
+    pub scrub_done: u64,
+    /// When the last verifying scrub finished (Unix seconds; 0: never).
+    #[serde(default)]
+    pub scrub_done_unix: u64,
 }
 
 /// Which host has a volume attached read-write.
@@ -198,6 +207,17 @@ pub enum Command {
     },
     DeleteVolume {
         name: String,
+    },
+    /// Asks the volume's coordinator for a verifying scrub.
+    ScrubVolume {
+        name: String,
+    },
+    /// The coordinator finished a verifying scrub that started when
+    /// `scrub_requested` was `generation`.
+    ScrubDone {
+        name: String,
+        generation: u64,
+        at_unix: u64,
     },
     SetNodeAdmin {
         id: u64,
@@ -397,6 +417,25 @@ impl ClusterState {
                 volume.size_bytes = size_bytes;
                 Outcome::Volume(volume.clone())
             }
+            Command::ScrubVolume { name } => {
+                let Some(volume) = self.volumes.get_mut(&name) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+                };
+                volume.scrub_requested += 1;
+                Outcome::Volume(volume.clone())
+            }
+            Command::ScrubDone {
+                name,
+                generation,
+                at_unix,
+            } => {
+                let Some(volume) = self.volumes.get_mut(&name) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+                };
+                volume.scrub_done = volume.scrub_done.max(generation.min(volume.scrub_requested));
+                volume.scrub_done_unix = volume.scrub_done_unix.max(at_unix);
+                Outcome::Volume(volume.clone())
+            }
             Command::DeleteVolume { name } => match self.volumes.remove(&name).inspect(|_| {
                 self.owners.remove(&name);
                 self.groups.remove(&name);
@@ -534,6 +573,9 @@ impl ClusterState {
             coordinator_since: 1,
             created_unix_seconds,
             encryption: None,
+            scrub_requested: 0,
+            scrub_done: 0,
+            scrub_done_unix: 0,
         };
         self.volumes.insert(name, volume.clone());
         Outcome::Volume(volume)

@@ -64,6 +64,16 @@ pub struct VolumeView {
     /// Resyncs the coordinator runs or last ran, per replica.
     #[serde(default)]
     pub resyncs: Vec<crate::replication::resync::ResyncStatus>,
+    /// The coordinator's last (or running) scrub pass.
+    #[serde(default)]
+    pub scrub: Option<crate::replication::scrub::ScrubStatus>,
+    /// Verifying scrubs asked for and done (`scrub start --wait` follows these).
+    #[serde(default)]
+    pub scrub_requested: u64,
+    #[serde(default)]
+    pub scrub_done: u64,
+    #[serde(default)]
+    pub scrub_done_unix: u64,
 }
 
 /// GET /v1/cluster.
@@ -161,6 +171,12 @@ impl Cluster {
                     .as_ref()
                     .and_then(|r| r.served.iter().find(|s| s.name == volume.name).cloned())
                     .unwrap_or_default();
+                let scrub = coordinator_report.as_ref().and_then(|r| {
+                    r.scrubs
+                        .iter()
+                        .find(|(name, _)| *name == volume.name)
+                        .map(|(_, status)| status.clone())
+                });
                 let resyncs = coordinator_report
                     .map(|r| {
                         r.resyncs
@@ -179,6 +195,10 @@ impl Cluster {
                         .map(|n| n.nbd_address.clone())
                         .unwrap_or_default(),
                     resyncs,
+                    scrub,
+                    scrub_requested: volume.scrub_requested,
+                    scrub_done: volume.scrub_done,
+                    scrub_done_unix: volume.scrub_done_unix,
                     name: volume.name.clone(),
                     size_bytes: volume.size_bytes,
                     replicas: volume.replicas,

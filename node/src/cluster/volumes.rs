@@ -270,6 +270,13 @@ impl Cluster {
         Ok(())
     }
 
+    /// Asks the volume's coordinator for a verifying scrub (through Raft,
+    /// so it runs even if the coordinator changes before it starts).
+    pub async fn request_scrub(&self, name: &str) -> Result<ClusterVolume, VolumeOpError> {
+        self.require_member()?;
+        self.expect_volume(Command::ScrubVolume { name: name.to_owned() }).await
+    }
+
     /// Grows a volume.
     pub async fn resize_volume(
         &self,
@@ -488,6 +495,7 @@ impl Cluster {
             replica_nodes: Vec::new(),
             in_sync: Vec::new(),
             resyncs: Vec::new(),
+            scrub: None,
             epoch: 0,
             health: String::new(),
             replicas_down: Vec::new(),
@@ -511,6 +519,7 @@ impl Cluster {
         info.replica_nodes.clone_from(&volume.replica_nodes);
         info.in_sync.clone_from(&volume.in_sync);
         info.resyncs = self.resyncs_of(&volume.name);
+        info.scrub = self.scrubs.of(&volume.name);
         info.epoch = volume.epoch;
         let up = |id: u64| self.health.liveness(id).up;
         info.replicas_down = volume.replica_nodes.iter().copied().filter(|id| !up(*id)).collect();

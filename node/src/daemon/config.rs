@@ -12,6 +12,8 @@
 //! failover_after_s = 30  # as Raft leader: serve a volume elsewhere when its node is silent this long (0: never)
 //! rebuild_after_s = 600  # as Raft leader: rebuild replicas of a node silent this long elsewhere (0: never)
 //! replica_timeout_ms = 5000  # as coordinator: drop a replica from the in-sync set after this long without an answer
+//! scrub_interval_hours = 168  # as coordinator: verify every copy of each volume this often (0: only `ballast scrub start`)
+//! scrub_mib_per_s = 64   # as coordinator: the most data a verifying scrub reads per second (1 to 10000)
 //! alert_webhook = "http://alerts.example:8080/ballast"  # as Raft leader: POST each alert change here as JSON
 //! jwt_issuer = "https://idp.example"     # also accept API tokens of this identity provider ...
 //! jwt_public_key_file = "/etc/ballast/idp.pem"  # ... signed with this key (RSA, EC P-256, Ed25519)
@@ -73,6 +75,8 @@ pub struct ConfigFile {
     pub failover_after_s: Option<u64>,
     pub rebuild_after_s: Option<u64>,
     pub replica_timeout_ms: Option<u64>,
+    pub scrub_interval_hours: Option<u64>,
+    pub scrub_mib_per_s: Option<u64>,
     pub alert_webhook: Option<String>,
     pub jwt_issuer: Option<String>,
     pub jwt_public_key_file: Option<PathBuf>,
@@ -113,6 +117,10 @@ pub struct NodeConfig {
     pub labels: BTreeMap<String, String>,
     pub automation: crate::cluster::automation::Automation,
     pub replica_timeout: std::time::Duration,
+    /// How often each volume is verified (None: only on request).
+    pub scrub_interval: Option<std::time::Duration>,
+    /// The most a verifying scrub reads per second, in bytes.
+    pub scrub_bytes_per_s: u64,
     /// Where the leader POSTs alert changes (http:// URL).
     pub alert_webhook: Option<String>,
     /// An identity provider whose API tokens are accepted: (issuer, public key file, JWKS file).
@@ -218,6 +226,25 @@ impl NodeConfig {
                 Some(ms) => {
                     return Err(ConfigError::Missing(format!(
                         "replica_timeout_ms {ms} is out of range: use 100 to 600000"
+                    )))
+                }
+            },
+            scrub_interval: match overrides.scrub_interval_hours.or(file.scrub_interval_hours) {
+                None => Some(crate::replication::scrub::SCRUB_INTERVAL_DEFAULT),
+                Some(0) => None,
+                Some(hours) if hours <= 24 * 366 => Some(std::time::Duration::from_secs(hours * 3600)),
+                Some(hours) => {
+                    return Err(ConfigError::Missing(format!(
+                        "scrub_interval_hours {hours} is out of range: use 0 (off) to 8784"
+                    )))
+                }
+            },
+            scrub_bytes_per_s: match overrides.scrub_mib_per_s.or(file.scrub_mib_per_s) {
+                None => crate::replication::scrub::SCRUB_BYTES_PER_S_DEFAULT,
+                Some(mib) if (1..=10_000).contains(&mib) => mib << 20,
+                Some(mib) => {
+                    return Err(ConfigError::Missing(format!(
+                        "scrub_mib_per_s {mib} is out of range: use 1 to 10000"
                     )))
                 }
             },

@@ -76,6 +76,9 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     cluster.attach_volumes(Arc::clone(&volumes));
     cluster.set_automation(config.automation);
     cluster.set_replica_timeout(config.replica_timeout);
+    cluster
+        .scrubs
+        .configure(config.scrub_bytes_per_s, config.scrub_interval);
     cluster.set_alert_webhook(config.alert_webhook.clone());
     let status_engine = Arc::clone(&engine);
     let status_volumes = Arc::clone(&volumes);

@@ -60,6 +60,10 @@ pub enum FrameKind {
     ReplicaData = 53,
     /// a new coordinator raises a replica's epoch before it serves
     ReplicaFence = 54,
+    /// a coordinator's scrub asks how a replica's copy of a region stands
+    ReplicaScrub = 55,
+    /// the answer (see `replication::wire::ScrubRequest`)
+    ReplicaScrubbed = 56,
 }
 
 impl FrameKind {
@@ -83,6 +87,8 @@ impl FrameKind {
             52 => Self::ReplicaRead,
             53 => Self::ReplicaData,
             54 => Self::ReplicaFence,
+            55 => Self::ReplicaScrub,
+            56 => Self::ReplicaScrubbed,
             _ => return None,
         })
     }

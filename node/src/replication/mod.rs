@@ -13,6 +13,7 @@
 
 pub mod dirty;
 pub mod resync;
+pub mod scrub;
 pub mod wire;
 
 use std::collections::{BTreeMap, HashMap};

@@ -148,6 +148,156 @@ pub fn decode_read(bytes: &[u8]) -> Result<(u64, u64, u64), WireError> {
     Ok((volume_id, lba, block_count))
 }
 
+/// Most blocks one scrub request covers (64 MiB).
+pub const SCRUB_BLOCKS_MAX: u64 = 16384;
+/// Bytes of a scrub request (`ReplicaScrub`).
+pub const SCRUB_REQUEST_BYTES: usize = 40;
+const SCRUB_FLAG_VERIFY: u64 = 1;
+const SCRUB_SAME: u8 = 0;
+const SCRUB_STATES: u8 = 1;
+const STATE_HOLE: u8 = 0;
+const STATE_DATA: u8 = 1;
+const STATE_BAD: u8 = 2;
+
+/// A coordinator asks a replica how its copy of a region stands
+/// (`ReplicaScrub`, answered by `ReplicaScrubbed`).
+///
+/// ```text
+/// offset  size  field
+/// 0       8     volume id
+/// 8       8     first block (4 KiB)
+/// 16      8     block count, 1..=16384
+/// 24      8     flags: bit 0 verify (read the data and check it against its crcs); others zero
+/// 32      8     the coordinator's digest of the region (`digest`)
+/// ```
+///
+/// The answer is one byte 0 when the replica's digest is the same, else
+/// byte 1 and per block 5 bytes: state (0 hole, 1 data, 2 bad) and the
+/// data's crc32c (little-endian; zero unless data).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ScrubRequest {
+    pub volume_id: u64,
+    pub lba: u64,
+    pub block_count: u64,
+    pub verify: bool,
+    pub digest: u64,
+}
+
+/// Encodes a scrub request.
+#[must_use]
+pub fn encode_scrub(request: &ScrubRequest) -> Vec<u8> {
+    let flags = if request.verify { SCRUB_FLAG_VERIFY } else { 0 };
+    let mut out = Vec::with_capacity(SCRUB_REQUEST_BYTES);
+    for field in [
+        request.volume_id,
+        request.lba,
+        request.block_count,
+        flags,
+        request.digest,
+    ] {
+        out.extend_from_slice(&field.to_le_bytes());
+    }
+    out
+}
+
+/// Decodes a scrub request, bounded in size and range.
+pub fn decode_scrub(bytes: &[u8]) -> Result<ScrubRequest, WireError> {
+    if bytes.len() != SCRUB_REQUEST_BYTES {
+        return Err(WireError::Short(bytes.len()));
+    }
+    let field = |index: usize| u64::from_le_bytes(bytes[index * 8..index * 8 + 8].try_into().expect("8 bytes"));
+    let (volume_id, lba, block_count, flags, digest) = (field(0), field(1), field(2), field(3), field(4));
+    if block_count == 0
+        || block_count > SCRUB_BLOCKS_MAX
+        || lba
+            .checked_add(block_count)
+            .is_none_or(|end| end > disk_layout::LBA_LIMIT)
+    {
+        return Err(WireError::Length {
+            data_bytes: 0,
+            block_count,
+        });
+    }
+    if flags & !SCRUB_FLAG_VERIFY != 0 {
+        return Err(WireError::Reserved);
+    }
+    Ok(ScrubRequest {
+        volume_id,
+        lba,
+        block_count,
+        verify: flags & SCRUB_FLAG_VERIFY != 0,
+        digest,
+    })
+}
+
+/// A 64-bit digest of a region's block states (two crc32c with different seeds).
+#[must_use]
+pub fn digest(states: &[disk_layout::BlockState]) -> u64 {
+    let bytes = encode_states(states);
+    let low = crc32c::crc32c(&bytes);
+    let high = crc32c::crc32c_append(0x5C5C_5C5C, &bytes);
+    (u64::from(high) << 32) | u64::from(low)
+}
+
+fn encode_states(states: &[disk_layout::BlockState]) -> Vec<u8> {
+    use disk_layout::BlockState;
+    let mut out = Vec::with_capacity(states.len() * 5);
+    for state in states {
+        let (tag, crc) = match *state {
+            BlockState::Hole => (STATE_HOLE, 0),
+            BlockState::Data { crc } => (STATE_DATA, crc),
+            BlockState::Bad => (STATE_BAD, 0),
+        };
+        out.push(tag);
+        out.extend_from_slice(&crc.to_le_bytes());
+    }
+    out
+}
+
+/// A replica's answer: None when its region has the digest it was sent.
+#[must_use]
+pub fn encode_scrub_reply(states: Option<&[disk_layout::BlockState]>) -> Vec<u8> {
+    match states {
+        None => vec![SCRUB_SAME],
+        Some(states) => {
+            let mut out = vec![SCRUB_STATES];
+            out.extend(encode_states(states));
+            out
+        }
+    }
+}
+
+/// Decodes a replica's answer to a request for `block_count` blocks.
+pub fn decode_scrub_reply(bytes: &[u8], block_count: u64) -> Result<Option<Vec<disk_layout::BlockState>>, WireError> {
+    use disk_layout::BlockState;
+    match bytes.split_first() {
+        Some((&SCRUB_SAME, [])) => Ok(None),
+        Some((&SCRUB_STATES, rest)) => {
+            if block_count.checked_mul(5) != Some(rest.len() as u64) {
+                return Err(WireError::Length {
+                    data_bytes: rest.len(),
+                    block_count,
+                });
+            }
+            rest.chunks_exact(5)
+                .map(|entry| {
+                    let crc = u32::from_le_bytes(entry[1..5].try_into().expect("4 bytes"));
+                    match (entry[0], crc) {
+                        (STATE_HOLE, 0) => Ok(BlockState::Hole),
+                        (STATE_DATA, crc) => Ok(BlockState::Data { crc }),
+                        (STATE_BAD, 0) => Ok(BlockState::Bad),
+                        (STATE_HOLE | STATE_BAD, _) => Err(WireError::Reserved),
+                        (other, _) => Err(WireError::Kind(other)),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+        }
+        Some((&other, _)) => Err(WireError::Kind(other)),
+        None => Err(WireError::Short(0)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,6 +315,52 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn scrub_requests_and_answers_round_trip_and_are_bounded() {
+        use disk_layout::BlockState;
+        let request = ScrubRequest {
+            volume_id: 7,
+            lba: 1024,
+            block_count: SCRUB_BLOCKS_MAX,
+            verify: true,
+            digest: 0xDEAD_BEEF_0000_0001,
+        };
+        assert_eq!(decode_scrub(&encode_scrub(&request)), Ok(request));
+        for bad in [
+            ScrubRequest {
+                block_count: 0,
+                ..request
+            },
+            ScrubRequest {
+                block_count: SCRUB_BLOCKS_MAX + 1,
+                ..request
+            },
+            ScrubRequest {
+                lba: u64::MAX - 1,
+                ..request
+            },
+        ] {
+            assert!(decode_scrub(&encode_scrub(&bad)).is_err(), "{bad:?}");
+        }
+        let mut flagged = encode_scrub(&request);
+        flagged[24] = 3;
+        assert_eq!(decode_scrub(&flagged), Err(WireError::Reserved));
+        let states = vec![BlockState::Hole, BlockState::Data { crc: 9 }, BlockState::Bad];
+        assert_eq!(
+            decode_scrub_reply(&encode_scrub_reply(Some(&states)), 3),
+            Ok(Some(states.clone()))
+        );
+        assert_eq!(decode_scrub_reply(&encode_scrub_reply(None), 3), Ok(None));
+        assert!(decode_scrub_reply(&encode_scrub_reply(Some(&states)), 4).is_err());
+        assert!(decode_scrub_reply(&[], 1).is_err());
+        assert!(decode_scrub_reply(&[1, 7, 0, 0, 0, 0], 1).is_err());
+        assert_ne!(digest(&states), digest(&states[..2]));
+        assert_ne!(
+            digest(&[BlockState::Data { crc: 1 }]),
+            digest(&[BlockState::Data { crc: 2 }])
+        );
     }
 
     #[test]

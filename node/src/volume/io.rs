@@ -68,7 +68,7 @@ fn usize_of(value: u64) -> usize {
 }
 
 impl Volume {
-    async fn call(&self, command: Command) -> Result<Reply, VolumeIoError> {
+    pub(super) async fn call(&self, command: Command) -> Result<Reply, VolumeIoError> {
         let (sender, receiver) = tokio::sync::oneshot::channel();
         self.engine.submit(
             self.disk,

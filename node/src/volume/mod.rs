@@ -13,6 +13,7 @@ pub mod crypt;
 pub mod io;
 pub mod meta;
 pub mod range_lock;
+pub mod scrub;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -339,6 +340,9 @@ pub struct VolumeInfo {
     /// Resyncs the coordinator ran or runs (latest per replica).
     #[serde(default)]
     pub resyncs: Vec<crate::replication::resync::ResyncStatus>,
+    /// The last (or running) scrub pass, when this node coordinates the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scrub: Option<crate::replication::scrub::ScrubStatus>,
     /// Fencing epoch.
     #[serde(default)]
     pub epoch: u64,
@@ -752,6 +756,7 @@ impl Volumes {
             replica_nodes: Vec::new(),
             in_sync: Vec::new(),
             resyncs: Vec::new(),
+            scrub: None,
             health: String::new(),
             replicas_down: Vec::new(),
             alerts: Vec::new(),

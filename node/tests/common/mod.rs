@@ -96,3 +96,21 @@ pub fn have_tool(test: &str, tool: &str) -> bool {
     }
     found
 }
+
+/// Overwrites the first byte of the first 4 KiB block of `path` that is all `fill`; true if found.
+pub fn corrupt_block_filled_with(path: &std::path::Path, fill: u8) -> bool {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut block = vec![0u8; 4096];
+    let mut offset = 0u64;
+    while file.read_exact(&mut block).is_ok() {
+        if block.iter().all(|byte| *byte == fill) {
+            file.seek(SeekFrom::Start(offset)).unwrap();
+            file.write_all(&[!fill]).unwrap();
+            file.sync_all().unwrap();
+            return true;
+        }
+        offset += 4096;
+    }
+    false
+}
