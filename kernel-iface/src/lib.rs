@@ -8,6 +8,7 @@
 pub mod affinity;
 pub mod device;
 pub mod engine;
+pub mod faults;
 pub mod lockfile;
 pub mod loopdev;
 pub mod nbd;

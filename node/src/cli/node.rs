@@ -131,6 +131,9 @@ pub struct RunArgs {
     /// How `volume attach --device` makes block devices: auto (ublk when ublk_drv is loaded, else the kernel NBD client when the nbd module is, else FUSE + loop), ublk, nbd, or fuse [default: auto].
     #[arg(long, value_name = "BACKEND")]
     pub attach_backend: Option<crate::attach::Backend>,
+    /// Tests only: fail disk I/O as the rules in FILE say (`kernel_iface::faults`).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub inject_faults: Option<std::path::PathBuf>,
 }
 
 /// Runs a node command.
@@ -167,7 +170,8 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                     Some(crate::daemon::config::parse_labels(&args.labels)?)
                 },
             };
-            let config = NodeConfig::resolve(file, flags)?;
+            let mut config = NodeConfig::resolve(file, flags)?;
+            config.inject_faults = args.inject_faults;
             crate::daemon::run(&config)?;
             Ok(ExitCode::SUCCESS)
         }

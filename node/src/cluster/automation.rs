@@ -1,8 +1,8 @@
 //! What the Raft leader does without being asked, once per second:
 //! - failover: a volume whose coordinator has been silent for
-//!   `failover_after` gets an in-sync replica that answers as its new
-//!   coordinator (epoch up: the old one is fenced). Its NBD clients
-//!   reconnect to the new node's export.
+//!   `failover_after`, or reports the disk holding the volume failed, gets
+//!   an in-sync replica that answers as its new coordinator (epoch up: the
+//!   old one is fenced). Its NBD clients reconnect to the new node's export.
 //! - rebuild: a replica on a node silent for `rebuild_after` is replaced:
 //!   a new replica is placed (the wanted count stays), filled by the
 //!   coordinator's resync, and once every other replica is in sync the
@@ -143,14 +143,25 @@ async fn step(cluster: &Cluster, volume: &ClusterVolume) -> Result<(), String> {
     let automation = cluster.automation();
     let health = &cluster.health;
     if let Some(after) = automation.failover_after {
-        if health.down_for(volume.coordinator) > after {
+        let report = if volume.coordinator == cluster.local.id {
+            Some(health.local_report().await)
+        } else {
+            health.liveness(volume.coordinator).report
+        };
+        let disk_failed = report.is_some_and(|report| report.failed_volumes.contains(&volume.name));
+        if disk_failed || health.down_for(volume.coordinator) > after {
             let heir = volume
                 .in_sync
                 .iter()
                 .copied()
                 .find(|id| *id != volume.coordinator && health.liveness(*id).up);
             if let Some(heir) = heir {
-                tracing::warn!(volume = %volume.name, from = volume.coordinator, to = heir, "coordinator silent; failing over");
+                let why = if disk_failed {
+                    "the coordinator's disk failed"
+                } else {
+                    "coordinator silent"
+                };
+                tracing::warn!(volume = %volume.name, from = volume.coordinator, to = heir, "{why}; failing over");
                 cluster
                     .change(Command::SetCoordinator {
                         name: volume.name.clone(),

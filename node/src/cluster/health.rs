@@ -35,6 +35,9 @@ pub struct NodeReport {
     /// Disks whose store stopped after an I/O error.
     #[serde(default)]
     pub failed_disks: u32,
+    /// Volumes whose copy here is on a failed disk.
+    #[serde(default)]
+    pub failed_volumes: Vec<String>,
     /// Blocks read back with a bad checksum since the node started.
     #[serde(default)]
     pub checksum_errors: u64,

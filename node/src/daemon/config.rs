@@ -125,6 +125,8 @@ pub struct NodeConfig {
     pub alert_webhook: Option<String>,
     /// An identity provider whose API tokens are accepted: (issuer, public key file, JWKS file).
     pub jwt: Option<(String, Option<PathBuf>, Option<PathBuf>)>,
+    /// Tests only (a hidden flag): a fault plan for the disks' I/O.
+    pub inject_faults: Option<PathBuf>,
 }
 
 /// Parses `KEY=VALUE` labels (flags), checking their characters.
@@ -205,6 +207,7 @@ impl NodeConfig {
         let labels = overrides.labels.or(file.labels).unwrap_or_default();
         check_labels(&labels)?;
         Ok(Self {
+            inject_faults: None,
             data_dir,
             listen_api: address("listen_api", &listen_api)?,
             listen_nbd: address("listen_nbd", &listen_nbd)?,

@@ -48,6 +48,10 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     if config.thread_pool {
         engine_config.choice = kernel_iface::EngineChoice::ThreadPool;
     }
+    if let Some(path) = &config.inject_faults {
+        tracing::warn!(plan = %path.display(), "FAULT INJECTION ENABLED (a test flag): disk I/O fails as this file says");
+        engine_config.faults = Some(kernel_iface::faults::FaultSource::watch(path));
+    }
     let specs: Vec<DiskSpec> = disks.iter().map(|d| DiskSpec { path: d.path.clone() }).collect();
     tracing::info!(disks = specs.len(), "opening disks (replaying logs)");
     let engine = Arc::new(Engine::start(&specs, &engine_config)?);
@@ -161,6 +165,15 @@ fn node_report(engine: &Engine, volumes: &Volumes) -> NodeReport {
         report.failed_disks += u32::from(entry.failed);
         report.disk_list.push(entry);
     }
+    let failed: Vec<usize> = (0..report.disk_list.len())
+        .filter(|index| report.disk_list[*index].failed)
+        .collect();
+    report.failed_volumes = volumes
+        .live_volumes()
+        .into_iter()
+        .filter(|volume| failed.contains(&volume.disk_index()))
+        .map(|volume| volume.name.clone())
+        .collect();
     report.cores = std::thread::available_parallelism().map_or(0, |n| u32::try_from(n.get()).unwrap_or(u32::MAX));
     report.served = volumes
         .live_volumes()

@@ -85,6 +85,8 @@ pub struct EngineConfig {
     pub node_uuid: [u8; 16],
     pub pipeline_depth: usize,
     pub checkpoint_interval_blocks: u64,
+    /// Tests only: fail the I/O a plan file names (`kernel_iface::faults`).
+    pub faults: Option<kernel_iface::faults::FaultSource>,
 }
 
 impl EngineConfig {
@@ -97,6 +99,7 @@ impl EngineConfig {
             node_uuid,
             pipeline_depth: defaults.pipeline_depth,
             checkpoint_interval_blocks: defaults.checkpoint_interval_blocks,
+            faults: None,
         }
     }
 }
@@ -341,6 +344,10 @@ fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<Open
         path: "(engine)".into(),
         reason: error.to_string(),
     })?;
+    if let Some(source) = &config.faults {
+        let disks = group.iter().map(|(index, _)| *index).collect();
+        engine = Box::new(kernel_iface::faults::FaultyEngine::new(engine, source.clone(), disks));
+    }
     let mut stores = Vec::with_capacity(group.len());
     let mut opened = Vec::with_capacity(group.len());
     for (file, (index, disk)) in group.iter().enumerate() {

@@ -76,6 +76,9 @@ pub struct ScrubStatus {
     pub mode: String,
     /// Why it ran: requested, periodic, epoch N (coordinator or in-sync set changed)
     pub reason: String,
+    /// The volume's epoch when it started (the in-sync set it compared).
+    #[serde(default)]
+    pub epoch: u64,
     pub size_bytes: u64,
     /// How far the walk got.
     pub scanned_bytes: u64,
@@ -211,11 +214,19 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
             continue;
         }
         scrubs.compared_epoch.lock().insert(volume.name.clone(), volume.epoch);
-        let generation = volume.scrub_requested;
+        let (generation, epoch) = (volume.scrub_requested, volume.epoch);
         let (cluster, name) = (Arc::clone(cluster), volume.name.clone());
         let replication = cluster.replication(&name);
         tokio::spawn(async move {
-            run(&cluster, &local, replication.as_deref(), mode, reason, generation).await;
+            run(
+                &cluster,
+                &local,
+                replication.as_deref(),
+                mode,
+                reason,
+                (generation, epoch),
+            )
+            .await;
             cluster.scrubs.end(&name);
         });
     }
@@ -227,13 +238,14 @@ async fn run(
     replication: Option<&VolumeReplication>,
     mode: Mode,
     reason: String,
-    generation: u64,
+    (generation, epoch): (u64, u64),
 ) {
     let name = volume.name.clone();
     let mut status = ScrubStatus {
         state: "running".into(),
         mode: mode.name().into(),
         reason,
+        epoch,
         size_bytes: volume.size_bytes(),
         replicas: replication
             .map(|r| r.targets.read().iter().map(|(id, _)| *id).collect())
@@ -272,6 +284,8 @@ async fn run(
             tracing::warn!(volume = %name, %error, "scrub stopped");
             status.state = "failed".into();
             status.error = Some(error);
+            // Compared again at the next pass of the reconciler.
+            cluster.scrubs.compared_epoch.lock().remove(&name);
         }
     }
     cluster.scrubs.note(&name, &status);

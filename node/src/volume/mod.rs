@@ -226,6 +226,12 @@ impl Volume {
         self.size_bytes.load(Ordering::Acquire)
     }
 
+    /// Index of the engine disk holding this node's copy.
+    #[must_use]
+    pub fn disk_index(&self) -> usize {
+        self.disk
+    }
+
     /// True once the volume was deleted (connections still holding it stop).
     #[must_use]
     pub fn is_deleted(&self) -> bool {

@@ -1,0 +1,283 @@
+//! A fault-injecting layer over an I/O engine, for tests only (the node
+//! enables it with the hidden `node run --inject-faults FILE` flag and
+//! warns loudly when it does): requests that match a rule of the plan
+//! complete with EIO without reaching the disk, so the store above sees a
+//! failing disk exactly as it would see a real one.
+//!
+//! The plan is a text file the test rewrites while the node runs (read
+//! again every `RELOAD_INTERVAL`; a missing or empty file injects nothing).
+//! One rule per line, `#` starts a comment:
+//!
+//! ```text
+//! read  DISK [START END]    reads of disk DISK (the node's disk index) fail
+//! write DISK [START END]    writes and flushes fail (a flush only for a whole-disk rule)
+//! any   DISK [START END]    both
+//! ```
+//!
+//! START and END are byte offsets (END exclusive); without them the rule
+//! covers the whole disk. A request fails when it overlaps the range.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::engine::{Completion, IoEngine, IoKind, Submission, Waker};
+
+/// How often the plan file is read again.
+pub const RELOAD_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Which requests a rule fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOp {
+    Read,
+    Write,
+    Any,
+}
+
+/// One rule of a plan.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FaultRule {
+    pub op: FaultOp,
+    pub disk: usize,
+    /// Byte range; None: the whole disk (and its flushes, for writes).
+    pub range: Option<(u64, u64)>,
+}
+
+/// The rules in force.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FaultPlan {
+    pub rules: Vec<FaultRule>,
+}
+
+impl FaultPlan {
+    /// Parses a plan; the error names the line that is wrong.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut rules = Vec::new();
+        for (number, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = |why: &str| format!("fault plan line {}: {why}: {line:?}", number + 1);
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let op = match words[0] {
+                "read" => FaultOp::Read,
+                "write" => FaultOp::Write,
+                "any" => FaultOp::Any,
+                _ => return Err(bad("the first word is read, write or any")),
+            };
+            let number_at = |at: usize| words.get(at).map(|word| word.parse::<u64>());
+            let disk = match number_at(1) {
+                Some(Ok(disk)) => usize::try_from(disk).map_err(|_| bad("disk index too large"))?,
+                _ => return Err(bad("the second word is a disk index")),
+            };
+            let range = match (number_at(2), number_at(3), words.len()) {
+                (None, None, 2) => None,
+                (Some(Ok(start)), Some(Ok(end)), 4) if start < end => Some((start, end)),
+                _ => return Err(bad("a range is START END in bytes, START < END")),
+            };
+            rules.push(FaultRule { op, disk, range });
+        }
+        Ok(Self { rules })
+    }
+
+    /// Whether a request of disk `disk` fails.
+    #[must_use]
+    pub fn fails<B>(&self, disk: usize, kind: &IoKind<B>, len_bytes: u64) -> bool {
+        let (is_read, span) = match kind {
+            IoKind::Read { offset_bytes, .. } => (true, Some((*offset_bytes, *offset_bytes + len_bytes))),
+            IoKind::Write { offset_bytes, .. } | IoKind::WriteDurable { offset_bytes, .. } => {
+                (false, Some((*offset_bytes, *offset_bytes + len_bytes)))
+            }
+            IoKind::Fsync => (false, None),
+        };
+        self.rules.iter().any(|rule| {
+            let op_matches = match rule.op {
+                FaultOp::Read => is_read,
+                FaultOp::Write => !is_read,
+                FaultOp::Any => true,
+            };
+            let range_matches = match (rule.range, span) {
+                (None, _) => true,
+                (Some(_), None) => false,
+                (Some((start, end)), Some((first, last))) => first < end && start < last,
+            };
+            rule.disk == disk && op_matches && range_matches
+        })
+    }
+}
+
+/// The plan of a file, kept current by a thread that reads it again every
+/// `RELOAD_INTERVAL` (a plan that does not parse is logged and ignored).
+#[derive(Clone, Debug)]
+pub struct FaultSource {
+    plan: Arc<RwLock<FaultPlan>>,
+}
+
+impl FaultSource {
+    /// Starts watching `path`.
+    #[must_use]
+    pub fn watch(path: &Path) -> Self {
+        let plan = Arc::new(RwLock::new(FaultPlan::default()));
+        let (shared, path): (_, PathBuf) = (Arc::downgrade(&plan), path.to_owned());
+        let _ = std::thread::Builder::new()
+            .name("fault-plan".into())
+            .spawn(move || {
+                let mut last_text = String::new();
+                while let Some(plan) = shared.upgrade() {
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    if text != last_text {
+                        match FaultPlan::parse(&text) {
+                            Ok(parsed) => {
+                                tracing::warn!(path = %path.display(), rules = parsed.rules.len(), "fault injection: new plan");
+                                *plan.write().unwrap_or_else(std::sync::PoisonError::into_inner) = parsed;
+                            }
+                            Err(error) => tracing::error!(%error, "fault injection: plan ignored"),
+                        }
+                        last_text = text;
+                    }
+                    drop(plan);
+                    std::thread::sleep(RELOAD_INTERVAL);
+                }
+            });
+        Self { plan }
+    }
+
+    /// A source with a fixed plan (unit tests).
+    #[must_use]
+    pub fn fixed(plan: FaultPlan) -> Self {
+        Self {
+            plan: Arc::new(RwLock::new(plan)),
+        }
+    }
+
+    fn fails<B>(&self, disk: usize, kind: &IoKind<B>, len_bytes: u64) -> bool {
+        self.plan
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fails(disk, kind, len_bytes)
+    }
+}
+
+/// An engine whose requests fail as the plan says.
+pub struct FaultyEngine<B> {
+    inner: Box<dyn IoEngine<B>>,
+    source: FaultSource,
+    /// The node's disk index of each file number.
+    disks: Vec<usize>,
+    failed: Vec<Completion<B>>,
+}
+
+impl<B: AsMut<[u8]> + Send> FaultyEngine<B> {
+    /// Wraps `inner`; `disks[file]` is the node's index of file `file`.
+    #[must_use]
+    pub fn new(inner: Box<dyn IoEngine<B>>, source: FaultSource, disks: Vec<usize>) -> Self {
+        Self {
+            inner,
+            source,
+            disks,
+            failed: Vec::new(),
+        }
+    }
+}
+
+impl<B: AsMut<[u8]> + Send> IoEngine<B> for FaultyEngine<B> {
+    fn push(&mut self, mut submission: Submission<B>) {
+        let disk = self.disks.get(submission.file as usize).copied().unwrap_or(usize::MAX);
+        let len_bytes = match &mut submission.kind {
+            IoKind::Read { buf, .. } | IoKind::Write { buf, .. } | IoKind::WriteDurable { buf, .. } => {
+                buf.as_mut().len() as u64
+            }
+            IoKind::Fsync => 0,
+        };
+        if !self.source.fails(disk, &submission.kind, len_bytes) {
+            self.inner.push(submission);
+            return;
+        }
+        let buf = match submission.kind {
+            IoKind::Read { buf, .. } | IoKind::Write { buf, .. } | IoKind::WriteDurable { buf, .. } => Some(buf),
+            IoKind::Fsync => None,
+        };
+        self.failed.push(Completion {
+            user_data: submission.user_data,
+            result: -libc::EIO,
+            buf,
+        });
+    }
+
+    fn submit_and_wait(&mut self, min_complete: usize, timeout: Option<Duration>) -> std::io::Result<()> {
+        if self.failed.len() >= min_complete {
+            return self.inner.submit_and_wait(0, Some(Duration::ZERO));
+        }
+        self.inner.submit_and_wait(min_complete - self.failed.len(), timeout)
+    }
+
+    fn drain(&mut self, out: &mut Vec<Completion<B>>) {
+        self.inner.drain(out);
+        out.append(&mut self.failed);
+    }
+
+    fn in_flight(&self) -> usize {
+        self.inner.in_flight() + self.failed.len()
+    }
+
+    fn waker(&self) -> Arc<dyn Waker> {
+        self.inner.waker()
+    }
+
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_parse_rules_and_name_the_bad_line() {
+        let plan = FaultPlan::parse("# comment\nread 0 4096 8192\nwrite 1\n\nany 2 0 1 # trailing\n").unwrap();
+        assert_eq!(
+            plan.rules,
+            vec![
+                FaultRule {
+                    op: FaultOp::Read,
+                    disk: 0,
+                    range: Some((4096, 8192))
+                },
+                FaultRule {
+                    op: FaultOp::Write,
+                    disk: 1,
+                    range: None
+                },
+                FaultRule {
+                    op: FaultOp::Any,
+                    disk: 2,
+                    range: Some((0, 1))
+                },
+            ]
+        );
+        for bad in ["erase 0", "read", "read x", "read 0 10", "read 0 10 5", "read 0 1 2 3"] {
+            let error = FaultPlan::parse(&format!("write 0\n{bad}\n")).unwrap_err();
+            assert!(error.contains("line 2"), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn a_rule_fails_overlapping_requests_of_its_disk_and_kind_only() {
+        let plan = FaultPlan::parse("read 0 8192 12288\nwrite 1\n").unwrap();
+        let read = |offset_bytes| IoKind::Read { offset_bytes, buf: () };
+        let write = |offset_bytes| IoKind::Write { offset_bytes, buf: () };
+        assert!(plan.fails(0, &read(8192), 4096));
+        assert!(plan.fails(0, &read(4096), 8192), "overlaps the start");
+        assert!(!plan.fails(0, &read(12288), 4096), "END is exclusive");
+        assert!(!plan.fails(0, &write(8192), 4096), "reads only");
+        assert!(!plan.fails(2, &read(8192), 4096), "another disk");
+        assert!(plan.fails(1, &write(0), 4096));
+        assert!(
+            plan.fails::<()>(1, &IoKind::Fsync, 0),
+            "a whole-disk write rule fails flushes"
+        );
+        assert!(!plan.fails::<()>(0, &IoKind::Fsync, 0));
+    }
+}
