@@ -9,7 +9,9 @@
 //!      0    8 magic "BLSTBTCH"
 //!      8    4 crc32c of the 4096-byte block with this field zeroed
 //!     12    2 record_count (0..=84)
-//!     14    2 flags (zero)
+//!     14    2 durable_window: W > 0 promises that no batch with sequence >=
+//!               this one's + W was submitted before this one was durable
+//!               (written with FUA); 0 promises nothing
 //!     16    8 sequence: batch number on this disk, +1 per batch, never reused
 //!     24    4 previous_header_crc: crc of the batch before this one (chain)
 //!     28    4 segment_index this batch is written in
@@ -34,9 +36,12 @@
 //!     44    4 zero
 //! ```
 //!
-//! A batch is valid only if its header checksum matches, its sequence and
-//! previous_header_crc continue the chain, and every record's data matches
-//! its data_crc; replay stops at the first batch that is not.
+//! A batch continues the log only if its header checksum matches and its
+//! sequence and previous_header_crc continue the chain. If a record's data
+//! does not match its data_crc, the batch was torn (never acknowledged:
+//! replay stops there), unless the chain goes on through the batch
+//! durable_window ahead of it: then it was durable and its data rotted
+//! since, and replay marks that record's blocks bad and goes on.
 
 use crate::codec::{crc32c_with_hole, get_u16, get_u32, get_u64, put_u16, put_u32, put_u64};
 use crate::error::FormatError;
@@ -47,8 +52,8 @@ pub const BATCH_MAGIC: [u8; 8] = *b"BLSTBTCH";
 const MAGIC: usize = 0;
 const CRC: usize = MAGIC + 8;
 const RECORD_COUNT: usize = CRC + 4;
-const FLAGS: usize = RECORD_COUNT + 2;
-const SEQUENCE: usize = FLAGS + 2;
+const WINDOW: usize = RECORD_COUNT + 2;
+const SEQUENCE: usize = WINDOW + 2;
 const PREVIOUS_CRC: usize = SEQUENCE + 8;
 const SEGMENT: usize = PREVIOUS_CRC + 4;
 const NEXT_SEGMENT: usize = SEGMENT + 4;
@@ -185,6 +190,8 @@ impl Record {
 /// The header of one batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BatchHeader {
+    /// See `durable_window` in the layout above.
+    pub durable_window: u16,
     pub sequence: u64,
     pub previous_header_crc: u32,
     pub segment_index: u32,
@@ -212,6 +219,7 @@ impl BatchHeader {
             RECORD_COUNT,
             u16::try_from(self.records.len()).expect("bounded by 84"),
         );
+        put_u16(out, WINDOW, self.durable_window);
         put_u64(out, SEQUENCE, self.sequence);
         put_u32(out, PREVIOUS_CRC, self.previous_header_crc);
         put_u32(out, SEGMENT, self.segment_index);
@@ -257,6 +265,7 @@ impl BatchHeader {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let header = Self {
+            durable_window: get_u16(block, WINDOW),
             sequence: get_u64(block, SEQUENCE),
             previous_header_crc: get_u32(block, PREVIOUS_CRC),
             segment_index: get_u32(block, SEGMENT),
@@ -336,9 +345,19 @@ mod tests {
             any::<u32>(),
             any::<u64>(),
             proptest::collection::vec(arb_record(), 0..=RECORDS_PER_BATCH_MAX),
+            any::<u16>(),
         )
             .prop_map(
-                |(sequence, previous_header_crc, segment_index, next_segment_index, open_nonce, records)| BatchHeader {
+                |(
+                    sequence,
+                    previous_header_crc,
+                    segment_index,
+                    next_segment_index,
+                    open_nonce,
+                    records,
+                    durable_window,
+                )| BatchHeader {
+                    durable_window,
                     sequence,
                     previous_header_crc,
                     segment_index,
@@ -385,6 +404,7 @@ mod tests {
     #[test]
     fn a_data_record_without_blocks_is_refused() {
         let header = BatchHeader {
+            durable_window: 0,
             sequence: 1,
             previous_header_crc: 0,
             segment_index: 0,

@@ -345,3 +345,62 @@ fn block_states_show_data_crcs_and_count_zeroed_or_zero_filled_blocks_as_holes()
         "another volume"
     );
 }
+
+/// Byte offset of the first data block holding content for (`volume`, `lba`).
+fn data_block_of(h: &Harness, volume: u64, lba: u64) -> usize {
+    let geometry = h.store.superblock().geometry;
+    let start = geometry.segments_offset_bytes as usize;
+    let size = h.disk.size_bytes() as usize;
+    (start..size)
+        .step_by(4096)
+        .find(|offset| {
+            let block = h.disk.peek(*offset, 16);
+            block[..8] == volume.to_le_bytes() && block[8..16] == lba.to_le_bytes()
+        })
+        .expect("the block is on the disk")
+}
+
+#[test]
+fn a_rotten_batch_inside_the_log_costs_only_its_own_blocks_at_replay() {
+    use disk_layout::BlockState;
+    let mut h = Harness::new(8, 24 << 20, 1 << 20, 64, vec![1]);
+    for round in 0..7 {
+        h.write(1, round * 4, 4);
+        h.settle();
+    }
+    // Rot in the data of the second batch; five durable batches follow it.
+    let offset = data_block_of(&h, 1, 5) + 100;
+    h.disk.flip_bit(offset, 3);
+    let mut disk = h.disk.crash(81);
+    let store = Store::open(&mut disk, common::test_config("sim", 8)).unwrap();
+    assert_eq!(store.stats().checksum_errors, 4, "the rotten record's blocks");
+    assert_eq!(store.block_states(1, 4, 4), vec![BlockState::Bad; 4]);
+    for lba in (0..4).chain(8..28) {
+        assert!(
+            matches!(store.block_states(1, lba, 1)[0], BlockState::Data { .. }),
+            "block {lba} written before or after the rotten batch is kept"
+        );
+    }
+}
+
+#[test]
+fn a_damaged_batch_at_the_end_of_the_log_is_torn_and_replay_stops_there() {
+    use disk_layout::BlockState;
+    let mut h = Harness::new(9, 24 << 20, 1 << 20, 64, vec![1]);
+    for round in 0..7 {
+        h.write(1, round * 4, 4);
+        h.settle();
+    }
+    // The second-to-last batch: fewer batches follow it than its durable window.
+    let offset = data_block_of(&h, 1, 21) + 100;
+    h.disk.flip_bit(offset, 3);
+    let mut disk = h.disk.crash(91);
+    let store = Store::open(&mut disk, common::test_config("sim", 9)).unwrap();
+    assert_eq!(store.stats().checksum_errors, 0);
+    assert!(matches!(store.block_states(1, 19, 1)[0], BlockState::Data { .. }));
+    assert_eq!(
+        store.block_states(1, 20, 8),
+        vec![BlockState::Hole; 8],
+        "within its durable window a damaged batch cannot be told from a torn one: replay ends before it"
+    );
+}

@@ -182,6 +182,8 @@ struct ReplayedBatch {
     header: BatchHeader,
     crc: u32,
     block_crcs: Vec<Vec<u32>>,
+    /// Per record: its data does not match its data_crc (torn or rotten).
+    damaged: Vec<bool>,
 }
 
 /// Reads the log in windows during replay.
@@ -249,6 +251,7 @@ impl LogReader {
         }
         let data = self.blocks(opener, geometry, segment, offset + 1, data_blocks.max(1))?;
         let mut block_crcs = Vec::with_capacity(header.records.len());
+        let mut damaged = Vec::with_capacity(header.records.len());
         let mut at = 0usize;
         for record in &header.records {
             let blocks = record.data_blocks() as usize;
@@ -256,9 +259,7 @@ impl LogReader {
                 .chunks_exact(BLOCK)
                 .map(block_crc)
                 .collect();
-            if record.kind.has_data() && data_crc_of_block_crcs(crcs.iter().copied()) != record.data_crc {
-                return Ok(None); // torn: this batch was never acknowledged
-            }
+            damaged.push(record.kind.has_data() && data_crc_of_block_crcs(crcs.iter().copied()) != record.data_crc);
             at += blocks;
             block_crcs.push(crcs);
         }
@@ -266,7 +267,54 @@ impl LogReader {
             header,
             crc,
             block_crcs,
+            damaged,
         }))
+    }
+
+    /// The batch that continues the log after `head`: at the head's
+    /// position, or at block 0 of its next segment.
+    fn next<B: BlockIo>(
+        &mut self,
+        opener: &mut Opener<'_, B>,
+        geometry: &Geometry,
+        head: &LogHead,
+    ) -> Result<Option<(u32, u32, ReplayedBatch)>, StoreError> {
+        if let Some(batch) = self.batch(opener, geometry, head, head.segment, head.offset_blocks)? {
+            return Ok(Some((head.segment, head.offset_blocks, batch)));
+        }
+        Ok(self
+            .batch(opener, geometry, head, head.next_segment, 0)?
+            .map(|batch| (head.next_segment, 0, batch)))
+    }
+
+    /// Whether the log goes on validly for `count` batches after `head`
+    /// (their data is not checked: it may have rotted too).
+    fn continues_for<B: BlockIo>(
+        &mut self,
+        opener: &mut Opener<'_, B>,
+        geometry: &Geometry,
+        head: &LogHead,
+        count: u16,
+    ) -> Result<bool, StoreError> {
+        let mut head = *head;
+        for _ in 0..count {
+            match self.next(opener, geometry, &head)? {
+                Some((segment, offset, batch)) => head = head_after(&head, segment, offset, &batch),
+                None => return Ok(false),
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// The log head after `batch`, found at (`segment`, `offset`).
+fn head_after(head: &LogHead, segment: u32, offset: u32, batch: &ReplayedBatch) -> LogHead {
+    LogHead {
+        segment,
+        offset_blocks: offset + 1 + batch.header.data_block_count(),
+        next_segment: batch.header.next_segment_index,
+        sequence: head.sequence + 1,
+        previous_crc: batch.crc,
     }
 }
 
@@ -369,7 +417,7 @@ impl Store {
         let (header, decoded) = if chosen == 0 { result0 } else { result1 }.expect("chosen slot is valid");
         let mut index = decoded.index;
         let mut last_sequences = decoded.segment_last_sequence;
-        let head = replay(&mut opener, &geometry, header.log, &mut index, &mut last_sequences)?;
+        let (head, rotten_blocks) = replay(&mut opener, &geometry, header.log, &mut index, &mut last_sequences)?;
         if head.segment >= geometry.segment_count
             || head.next_segment >= geometry.segment_count
             || head.segment == head.next_segment
@@ -424,21 +472,32 @@ impl Store {
             deferred_reads: Vec::new(),
             cleaner: Cleaner::default(),
             failed: None,
-            stats: StoreStats::default(),
+            stats: StoreStats {
+                checksum_errors: rotten_blocks,
+                ..StoreStats::default()
+            },
             done: Vec::new(),
             config,
         })
     }
 }
 
-/// Replays the log from `start`; returns the head after the last valid batch.
+/// Replays the log from `start`; returns the head after the last valid
+/// batch, and how many blocks replay found rotten (now bad in the index).
+///
+/// A batch whose data fails its checksum was torn by a crash (never
+/// acknowledged: replay ends there), or was durable and rotted since: the
+/// log then goes on through the batch `durable_window` ahead of it, which
+/// was not written before it was durable. Its damaged records' blocks
+/// become bad (reads fail until a replica repairs them) and replay goes on,
+/// so one rotten block does not cost every write after it.
 fn replay<B: BlockIo>(
     opener: &mut Opener<'_, B>,
     geometry: &Geometry,
     start: LogPosition,
     index: &mut Index,
     last_sequences: &mut [u64],
-) -> Result<LogHead, StoreError> {
+) -> Result<(LogHead, u64), StoreError> {
     let mut head = LogHead {
         segment: start.segment_index,
         offset_blocks: start.offset_blocks,
@@ -447,35 +506,47 @@ fn replay<B: BlockIo>(
         previous_crc: start.previous_crc,
     };
     let mut reader = LogReader { window: None };
-    loop {
-        let here = reader.batch(opener, geometry, &head, head.segment, head.offset_blocks)?;
-        let (segment, offset, batch) = match here {
-            Some(batch) => (head.segment, head.offset_blocks, batch),
-            None => match reader.batch(opener, geometry, &head, head.next_segment, 0)? {
-                Some(batch) => (head.next_segment, 0, batch),
-                None => break,
-            },
-        };
+    let mut rotten_blocks = 0u64;
+    while let Some((segment, offset, batch)) = reader.next(opener, geometry, &head)? {
+        let after = head_after(&head, segment, offset, &batch);
+        if batch.damaged.iter().any(|damaged| *damaged) {
+            let window = batch.header.durable_window;
+            if window == 0 || !reader.continues_for(opener, geometry, &after, window)? {
+                break; // torn: this batch was never acknowledged
+            }
+            let blocks: u64 = batch
+                .header
+                .records
+                .iter()
+                .zip(&batch.damaged)
+                .filter(|(_, damaged)| **damaged)
+                .map(|(record, _)| u64::from(record.block_count))
+                .sum();
+            tracing::error!(disk = %opener.name, sequence = batch.header.sequence, blocks, "replay: data of a durable batch fails its checksum (rot); its blocks are marked bad and replay goes on");
+            rotten_blocks += blocks;
+        }
         let mut data_offset = offset + 1;
-        for (record, crcs) in batch.header.records.iter().zip(&batch.block_crcs) {
-            let first_address = if record.kind.has_data() {
-                geometry.block_address(segment, data_offset)
+        for ((record, crcs), damaged) in batch.header.records.iter().zip(&batch.block_crcs).zip(&batch.damaged) {
+            if *damaged {
+                let bad = crate::record::Record {
+                    kind: crate::record::RecordKind::Bad,
+                    ..*record
+                };
+                apply_to_index(index, geometry, &bad, 0, &[], |_, _| {});
             } else {
-                0
-            };
-            apply_to_index(index, geometry, record, first_address, crcs, |_, _| {});
+                let first_address = if record.kind.has_data() {
+                    geometry.block_address(segment, data_offset)
+                } else {
+                    0
+                };
+                apply_to_index(index, geometry, record, first_address, crcs, |_, _| {});
+            }
             data_offset += record.data_blocks();
         }
         last_sequences[segment as usize] = batch.header.sequence;
-        head = LogHead {
-            segment,
-            offset_blocks: data_offset,
-            next_segment: batch.header.next_segment_index,
-            sequence: head.sequence + 1,
-            previous_crc: batch.crc,
-        };
+        head = after;
     }
-    Ok(head)
+    Ok((head, rotten_blocks))
 }
 
 fn hex(bytes: &[u8; 16]) -> String {

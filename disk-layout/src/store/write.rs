@@ -461,7 +461,13 @@ impl Store {
         assert_eq!(open.segment, self.log.segment);
         assert_eq!(open.offset_blocks, self.log.offset_blocks);
         let sequence = self.log.sequence;
+        let durable_window = if self.config.durable_writes {
+            u16::try_from(self.config.pipeline_depth).expect("a small pipeline")
+        } else {
+            0
+        };
         let header = BatchHeader {
+            durable_window,
             sequence,
             previous_header_crc: self.log.previous_crc,
             segment_index: open.segment,
@@ -520,6 +526,15 @@ impl Store {
 
     fn submit_sealed(&mut self, io: &mut impl BlockIo) {
         while self.unwritten_submitted() < self.config.pipeline_depth {
+            // The header's durable_window: nothing `pipeline_depth` or more
+            // ahead of a batch not yet written goes to the disk.
+            let oldest_unwritten = self.inflight.values().find(|batch| !batch.written).map(|b| b.sequence);
+            let Some(next) = self.sealed.front().map(|batch| batch.sequence) else {
+                break;
+            };
+            if oldest_unwritten.is_some_and(|oldest| next >= oldest + self.config.pipeline_depth as u64) {
+                break;
+            }
             let Some(mut batch) = self.sealed.pop_front() else {
                 break;
             };
