@@ -3,7 +3,8 @@
 # cluster, a repl=3 volume per trial, a writer through NBD recording every
 # acknowledged write, one or two seeded faults per trial (kill -9 of the
 # coordinator or a replica, a kill during resync, SIGSTOP/SIGCONT, an
-# iptables partition, a forced failover); then every written block is
+# iptables partition, a forced failover, a disk failing with EIO, bit rot
+# in a disk file); then every written block is
 # checked on the coordinator and again on another replica. Ends with
 #   trials: N, faults: F, acked writes checked: W, lost: 0, corrupt: 0
 # The same seed repeats the same fault schedule. Needs root.
@@ -17,7 +18,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --trials) trials=${2:?--trials needs a number}; shift 2 ;;
     --seed) seed=${2:?--seed needs a number}; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "torture: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
 done

@@ -374,6 +374,7 @@ fn a_rotten_batch_inside_the_log_costs_only_its_own_blocks_at_replay() {
     let mut disk = h.disk.crash(81);
     let store = Store::open(&mut disk, common::test_config("sim", 8)).unwrap();
     assert_eq!(store.stats().checksum_errors, 4, "the rotten record's blocks");
+    assert!(!store.replay_ended_at_damage());
     assert_eq!(store.block_states(1, 4, 4), vec![BlockState::Bad; 4]);
     for lba in (0..4).chain(8..28) {
         assert!(
@@ -397,6 +398,7 @@ fn a_damaged_batch_at_the_end_of_the_log_is_torn_and_replay_stops_there() {
     let mut disk = h.disk.crash(91);
     let store = Store::open(&mut disk, common::test_config("sim", 9)).unwrap();
     assert_eq!(store.stats().checksum_errors, 0);
+    assert!(store.replay_ended_at_damage(), "this copy may lack acknowledged writes");
     assert!(matches!(store.block_states(1, 19, 1)[0], BlockState::Data { .. }));
     assert_eq!(
         store.block_states(1, 20, 8),

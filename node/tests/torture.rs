@@ -5,7 +5,10 @@
 //! of the coordinator or of a replica (restarted after a while, sometimes
 //! killed again during its resync), SIGSTOP/SIGCONT of a node for longer
 //! or shorter than the replica time-out, a network partition of a node
-//! (iptables), a forced failover to another node under the writes. After
+//! (iptables), a forced failover to another node under the writes, a disk
+//! that fails every I/O with EIO for a while (the fault layer of
+//! kernel-iface, `--inject-faults`; the node is restarted after), bit rot
+//! (bytes flipped in data blocks of a node's disk file). After
 //! the faults heal and every replica is back in sync, the checker reads
 //! every written block from the coordinator: it must hold the last
 //! acknowledged version of the block, or a newer one that was sent (its
@@ -255,16 +258,57 @@ enum Fault {
     Pause,
     Partition,
     ForcedFailover,
+    /// The disk of the coordinator or a replica fails every I/O with EIO
+    /// for a while (its store stops); then the node is restarted.
+    DiskFailure,
+    /// Bytes of this trial's data blocks flipped in a node's disk file.
+    BitRot,
 }
 
-const FAULTS: [Fault; 6] = [
+const FAULTS: [Fault; 8] = [
     Fault::KillCoordinator,
     Fault::KillReplica,
     Fault::KillReplicaDuringResync,
     Fault::Pause,
     Fault::Partition,
     Fault::ForcedFailover,
+    Fault::DiskFailure,
+    Fault::BitRot,
 ];
+
+/// What faults are injected with.
+struct Faults<'a> {
+    firewall: Option<&'a Firewall>,
+    /// Each node's fault plan file.
+    plans: &'a [std::path::PathBuf],
+    trial: u64,
+}
+
+/// Flips a byte in up to `count` random blocks of `path` that hold data of `trial`; returns how many.
+fn rot(path: &std::path::Path, trial: u64, count: usize, rng: &mut StdRng) -> usize {
+    use std::io::{Read, Seek, SeekFrom, Write};
+    let mut file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut block = vec![0u8; BLOCK_LEN];
+    let (mut offset, mut found) = (0u64, Vec::new());
+    while file.read_exact(&mut block).is_ok() {
+        if &block[..8] == MAGIC && block[8..16] == trial.to_le_bytes() {
+            found.push(offset);
+        }
+        offset += BLOCK;
+    }
+    let mut flipped = 0;
+    for _ in 0..count.min(found.len()) {
+        let at = found.swap_remove(rng.gen_range(0..found.len())) + 2048;
+        file.seek(SeekFrom::Start(at)).unwrap();
+        let mut byte = [0u8];
+        file.read_exact(&mut byte).unwrap();
+        file.seek(SeekFrom::Start(at)).unwrap();
+        file.write_all(&[!byte[0]]).unwrap();
+        flipped += 1;
+    }
+    file.sync_all().unwrap();
+    flipped
+}
 
 fn coordinator_index(cluster: &TestCluster, volume: &str) -> usize {
     let started = Instant::now();
@@ -283,13 +327,8 @@ fn coordinator_index(cluster: &TestCluster, volume: &str) -> usize {
 }
 
 /// Injects `fault` and heals it (every node running and reachable again).
-fn inject(
-    fault: Fault,
-    cluster: &mut TestCluster,
-    firewall: Option<&Firewall>,
-    volume: &str,
-    rng: &mut StdRng,
-) -> Fault {
+fn inject(fault: Fault, cluster: &mut TestCluster, faults: &Faults, volume: &str, rng: &mut StdRng) -> Fault {
+    let firewall = faults.firewall;
     let coordinator = coordinator_index(cluster, volume);
     let replica = (coordinator + rng.gen_range(1..cluster.nodes.len())) % cluster.nodes.len();
     let pause = Duration::from_millis(rng.gen_range(300..(REPLICA_TIMEOUT_MS * 3)));
@@ -321,7 +360,7 @@ fn inject(
         }
         Fault::Partition => {
             let Some(firewall) = firewall else {
-                return inject(Fault::Pause, cluster, None, volume, rng);
+                return inject(Fault::Pause, cluster, faults, volume, rng);
             };
             let index = if rng.gen_bool(0.5) { coordinator } else { replica };
             let cut = &cluster.nodes[index];
@@ -347,11 +386,28 @@ fn inject(
                 .filter(|&index| index != coordinator)
                 .collect();
             if in_sync.is_empty() {
-                return inject(Fault::Pause, cluster, firewall, volume, rng);
+                return inject(Fault::Pause, cluster, faults, volume, rng);
             }
             let target = in_sync[rng.gen_range(0..in_sync.len())];
             let taken = cluster.nodes[target].cli(&["volume", "attach", volume, "--force"]);
             assert!(taken.status.success(), "forced failover: {}", common::text(&taken));
+        }
+        Fault::DiskFailure => {
+            let index = if rng.gen_bool(0.5) { coordinator } else { replica };
+            std::fs::write(&faults.plans[index], "any 0\n").unwrap();
+            // The node reads its plan every 100 ms.
+            std::thread::sleep(pause + Duration::from_millis(300));
+            std::fs::write(&faults.plans[index], "").unwrap();
+            // A failed store stays stopped until its disk is opened again:
+            // the operator replaces the disk or restarts the node.
+            std::thread::sleep(Duration::from_millis(300));
+            cluster.nodes[index].kill9();
+            cluster.nodes[index].restart();
+        }
+        Fault::BitRot => {
+            let index = rng.gen_range(0..cluster.nodes.len());
+            let disk = cluster.nodes[index].dir.path().join("disk0.img");
+            rot(&disk, faults.trial, 16, rng);
         }
     }
     fault
@@ -406,8 +462,26 @@ fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
         );
     }
     let timeout = REPLICA_TIMEOUT_MS.to_string();
-    let flags: &[&str] = &["--replica-timeout-ms", &timeout, "--failover-after-s", "3"];
-    let mut cluster = TestCluster::start(test, 3, &[flags, flags, flags]);
+    // Each node's fault plan for its disk (`kernel_iface::faults`), empty until a DiskFailure.
+    let plans_dir = common::scratch();
+    let plans: Vec<std::path::PathBuf> = (0..3)
+        .map(|index| plans_dir.path().join(format!("faults-{index}")))
+        .collect();
+    let flags: Vec<Vec<&str>> = plans
+        .iter()
+        .map(|plan| {
+            vec![
+                "--replica-timeout-ms",
+                timeout.as_str(),
+                "--failover-after-s",
+                "3",
+                "--inject-faults",
+                plan.to_str().unwrap(),
+            ]
+        })
+        .collect();
+    let flags: Vec<&[&str]> = flags.iter().map(Vec::as_slice).collect();
+    let mut cluster = TestCluster::start(test, 3, &flags);
     let endpoints = Endpoints(
         cluster
             .nodes
@@ -434,7 +508,12 @@ fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
         for _ in 0..rng.gen_range(1..=2) {
             std::thread::sleep(Duration::from_millis(rng.gen_range(200..1500)));
             let fault = FAULTS[rng.gen_range(0..FAULTS.len())];
-            injected.push(inject(fault, &mut cluster, firewall.as_ref(), &volume, &mut rng));
+            let faults = Faults {
+                firewall: firewall.as_ref(),
+                plans: &plans,
+                trial,
+            };
+            injected.push(inject(fault, &mut cluster, &faults, &volume, &mut rng));
         }
         if let Some(rest) = TRIAL_WRITES.checked_sub(started.elapsed()) {
             std::thread::sleep(rest);

@@ -172,6 +172,9 @@ pub struct Store {
     cleaner: Cleaner,
     checkpoint: CheckpointState,
     failed: Option<String>,
+    /// Replay ended at a batch whose header continued the log but whose
+    /// data was damaged.
+    damaged_tail: bool,
     stats: StoreStats,
     done: Vec<Done>,
 }
@@ -271,6 +274,16 @@ impl Store {
             }
         }
         states
+    }
+
+    /// True when the last open's replay ended at a batch whose header
+    /// continued the log but whose data was damaged: torn by a crash (then
+    /// it was never acknowledged), or rotted within its durable window of
+    /// the end (then it was, and this copy lacks it). This copy should be
+    /// compared with a replica's before it is trusted over one.
+    #[must_use]
+    pub fn replay_ended_at_damage(&self) -> bool {
+        self.damaged_tail
     }
 
     /// True once an I/O error stopped the store.

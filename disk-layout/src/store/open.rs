@@ -417,7 +417,8 @@ impl Store {
         let (header, decoded) = if chosen == 0 { result0 } else { result1 }.expect("chosen slot is valid");
         let mut index = decoded.index;
         let mut last_sequences = decoded.segment_last_sequence;
-        let (head, rotten_blocks) = replay(&mut opener, &geometry, header.log, &mut index, &mut last_sequences)?;
+        let (head, rotten_blocks, damaged_tail) =
+            replay(&mut opener, &geometry, header.log, &mut index, &mut last_sequences)?;
         if head.segment >= geometry.segment_count
             || head.next_segment >= geometry.segment_count
             || head.segment == head.next_segment
@@ -472,6 +473,7 @@ impl Store {
             deferred_reads: Vec::new(),
             cleaner: Cleaner::default(),
             failed: None,
+            damaged_tail,
             stats: StoreStats {
                 checksum_errors: rotten_blocks,
                 ..StoreStats::default()
@@ -483,7 +485,8 @@ impl Store {
 }
 
 /// Replays the log from `start`; returns the head after the last valid
-/// batch, and how many blocks replay found rotten (now bad in the index).
+/// batch, how many blocks replay found rotten (now bad in the index), and
+/// whether it ended at a damaged batch.
 ///
 /// A batch whose data fails its checksum was torn by a crash (never
 /// acknowledged: replay ends there), or was durable and rotted since: the
@@ -497,7 +500,7 @@ fn replay<B: BlockIo>(
     start: LogPosition,
     index: &mut Index,
     last_sequences: &mut [u64],
-) -> Result<(LogHead, u64), StoreError> {
+) -> Result<(LogHead, u64, bool), StoreError> {
     let mut head = LogHead {
         segment: start.segment_index,
         offset_blocks: start.offset_blocks,
@@ -507,12 +510,16 @@ fn replay<B: BlockIo>(
     };
     let mut reader = LogReader { window: None };
     let mut rotten_blocks = 0u64;
+    let mut damaged_tail = false;
     while let Some((segment, offset, batch)) = reader.next(opener, geometry, &head)? {
         let after = head_after(&head, segment, offset, &batch);
         if batch.damaged.iter().any(|damaged| *damaged) {
             let window = batch.header.durable_window;
             if window == 0 || !reader.continues_for(opener, geometry, &after, window)? {
-                break; // torn: this batch was never acknowledged
+                // Torn by a crash (never acknowledged), or rot too close to
+                // the end to tell (`Store::replay_ended_at_damage`).
+                damaged_tail = true;
+                break;
             }
             let blocks: u64 = batch
                 .header
@@ -546,7 +553,7 @@ fn replay<B: BlockIo>(
         last_sequences[segment as usize] = batch.header.sequence;
         head = after;
     }
-    Ok((head, rotten_blocks))
+    Ok((head, rotten_blocks, damaged_tail))
 }
 
 fn hex(bytes: &[u8; 16]) -> String {

@@ -144,6 +144,10 @@ pub struct Cluster {
     resyncs: parking_lot::Mutex<std::collections::BTreeMap<(String, u64), crate::replication::resync::ResyncStatus>>,
     /// The scrubs of the volumes this node coordinates.
     pub scrubs: crate::replication::scrub::Scrubs,
+    /// Volumes whose copy here may lack acknowledged writes (the log of
+    /// their disk ended at a damaged batch), with when that was found:
+    /// not served from here until another copy was compared with it.
+    pub suspects: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 /// A node id from the node's uuid: stable for the data directory's life,
@@ -227,6 +231,7 @@ impl Cluster {
             resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
             resyncs: parking_lot::Mutex::new(BTreeMap::new()),
             scrubs: crate::replication::scrub::Scrubs::new(),
+            suspects: parking_lot::Mutex::new(std::collections::HashMap::new()),
             automation: RwLock::new(automation::Automation::default()),
             replica_timeout: RwLock::new(crate::replication::REPLICA_TIMEOUT_DEFAULT),
             alert_webhook: RwLock::new(None),

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::state::{ClusterState, ClusterVolume};
+use super::state::{ClusterState, ClusterVolume, Command};
 use super::Cluster;
 use crate::volume::Volumes;
 
@@ -99,6 +99,9 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
         } else {
             volumes.set_replication(&volume.name, None);
         }
+        if cluster.suspects.lock().contains_key(&volume.name) {
+            continue; // handed to another replica first (`settle_suspects`)
+        }
         let served = volumes.get(&volume.name).is_some_and(|local| local.is_served());
         // Epoch 1: a new volume never had another coordinator to fence off.
         if served || volume.replica_nodes.len() == 1 || volume.epoch <= 1 {
@@ -148,6 +151,67 @@ pub async fn fence_and_serve(cluster: &Arc<Cluster>, volumes: &Volumes, name: &s
     }
 }
 
+/// How long a suspect copy waits for another in-sync replica to answer
+/// before this node serves its volume anyway (nothing better is up).
+const SUSPECT_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Copies here that may lack acknowledged writes (`Cluster::suspects`):
+/// a volume this node coordinates moves to another in-sync replica that
+/// answers, whose compare then repairs this copy; as a replica, the epoch
+/// moves so the coordinator compares. Settled ones are forgotten.
+async fn settle_suspects(cluster: &Arc<Cluster>, state: &ClusterState) {
+    let names: Vec<(String, std::time::Instant)> = cluster
+        .suspects
+        .lock()
+        .iter()
+        .map(|(name, since)| (name.clone(), *since))
+        .collect();
+    for (name, since) in names {
+        let local_id = cluster.local.id;
+        let Some(volume) = state.volumes.get(&name).filter(|v| v.replica_nodes.contains(&local_id)) else {
+            cluster.suspects.lock().remove(&name);
+            continue;
+        };
+        if volume.replica_nodes.len() == 1 {
+            cluster.suspects.lock().remove(&name);
+            continue;
+        }
+        let command = if volume.coordinator == local_id {
+            let heir = volume
+                .in_sync
+                .iter()
+                .copied()
+                .find(|id| *id != local_id && cluster.health.liveness(*id).up);
+            match heir {
+                Some(heir) => Command::SetCoordinator {
+                    name: name.clone(),
+                    node: heir,
+                },
+                None if since.elapsed() < SUSPECT_WAIT => continue,
+                None => {
+                    tracing::warn!(volume = %name, "no other in-sync replica answers; serving this node's copy, which may lack the last writes before its crash");
+                    cluster.suspects.lock().remove(&name);
+                    continue;
+                }
+            }
+        } else {
+            Command::ReplicaSuspect {
+                name: name.clone(),
+                node: local_id,
+            }
+        };
+        match cluster.change(command).await {
+            Ok(_) => {
+                tracing::warn!(volume = %name, "this copy is compared with the coordinator's (its log ended at a damaged batch)");
+                cluster.suspects.lock().remove(&name);
+            }
+            Err(error) => {
+                tracing::warn!(volume = %name, %error, "cannot hand this copy over for a compare yet; retrying")
+            }
+        }
+    }
+}
+
 /// Reconciles after every applied change and every `RECONCILE_INTERVAL`.
 pub async fn reconcile_loop(
     cluster: Arc<Cluster>,
@@ -166,6 +230,7 @@ pub async fn reconcile_loop(
             });
             match pass.await {
                 Ok(state) => {
+                    settle_suspects(&cluster, &state).await;
                     for (name, epoch) in wire_serving(&cluster, &state, &volumes) {
                         fence_and_serve(&cluster, &volumes, &name, epoch).await;
                     }

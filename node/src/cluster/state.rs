@@ -208,6 +208,13 @@ pub enum Command {
     DeleteVolume {
         name: String,
     },
+    /// `node`'s copy may lack acknowledged writes (its log ended at a
+    /// damaged batch after a crash): the epoch moves, so the coordinator
+    /// compares the copies and rewrites what differs.
+    ReplicaSuspect {
+        name: String,
+        node: u64,
+    },
     /// Asks the volume's coordinator for a verifying scrub.
     ScrubVolume {
         name: String,
@@ -415,6 +422,16 @@ impl ClusterState {
                     )));
                 }
                 volume.size_bytes = size_bytes;
+                Outcome::Volume(volume.clone())
+            }
+            Command::ReplicaSuspect { name, node } => {
+                let Some(volume) = self.volumes.get_mut(&name) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+                };
+                if !volume.replica_nodes.contains(&node) {
+                    return Outcome::Rejected(Rejection::Invalid(format!("node {node} holds no replica of {name}")));
+                }
+                volume.epoch += 1;
                 Outcome::Volume(volume.clone())
             }
             Command::ScrubVolume { name } => {

@@ -78,6 +78,18 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     let report = Box::new(move || node_report(&report_engine, &report_volumes));
     let cluster = runtime.block_on(Cluster::open(&config.data_dir, local, report))?;
     cluster.attach_volumes(Arc::clone(&volumes));
+    let damaged: Vec<usize> = (0..engine.disks().len())
+        .filter(|index| engine.disks()[*index].damaged_tail)
+        .collect();
+    for volume in volumes.live_volumes() {
+        if damaged.contains(&volume.disk_index()) {
+            tracing::warn!(volume = %volume.name, "the disk's log ended at a damaged batch (a crash mid-write, or rot): this copy is compared with another before it is served");
+            cluster
+                .suspects
+                .lock()
+                .insert(volume.name.clone(), std::time::Instant::now());
+        }
+    }
     cluster.set_automation(config.automation);
     cluster.set_replica_timeout(config.replica_timeout);
     cluster

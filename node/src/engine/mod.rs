@@ -141,6 +141,8 @@ pub struct OpenedDisk {
     pub path: PathBuf,
     pub disk_uuid: [u8; 16],
     pub engine_kind: &'static str,
+    /// Replay ended at a damaged batch (`Store::replay_ended_at_damage`).
+    pub damaged_tail: bool,
 }
 
 /// Handle to the running engine.
@@ -369,6 +371,7 @@ fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<Open
                 path: disk.path.clone(),
                 disk_uuid: store.superblock().disk_uuid,
                 engine_kind: engine.kind(),
+                damaged_tail: store.replay_ended_at_damage(),
             },
         ));
         stores.push(store);
