@@ -1,0 +1,136 @@
+//! A failing disk under a live volume, on real processes: each node runs
+//! with the test-only fault layer (`--inject-faults PLAN`, kernel-iface
+//! `faults`). The coordinator's disk starts failing every I/O with EIO:
+//! the leader moves the volume to an in-sync replica at once, clients go
+//! on there, and nothing acknowledged is lost. A replica's disk failing is
+//! dropped from the in-sync set while writes go on. A failed node
+//! restarted with a working disk is resynced and serves the same bytes.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::cluster::{wait_until, TestCluster};
+use common::{have_tool, text};
+
+fn qemu_io(uri: &str, command: &str) -> std::process::Output {
+    Command::new("qemu-io")
+        .args(["-f", "raw", "-c", command, uri])
+        .output()
+        .unwrap()
+}
+
+fn ok(output: &std::process::Output) -> bool {
+    output.status.success() && !text(output).contains("failed")
+}
+
+/// A 3-node cluster whose nodes read their fault plans from the returned files.
+fn cluster_with_plans(test: &str) -> (TestCluster, Vec<PathBuf>, tempfile::TempDir) {
+    let dir = common::scratch();
+    let plans: Vec<PathBuf> = (0..3).map(|index| dir.path().join(format!("plan-{index}"))).collect();
+    let flags: Vec<Vec<&str>> = plans
+        .iter()
+        .map(|plan| vec!["--inject-faults", plan.to_str().unwrap()])
+        .collect();
+    let flags: Vec<&[&str]> = flags.iter().map(Vec::as_slice).collect();
+    (TestCluster::start(test, 3, &flags), plans, dir)
+}
+
+fn coordinator(cluster: &TestCluster, observer: usize, volume: &str) -> u64 {
+    cluster.nodes[observer].inspect(volume)["coordinator"].as_u64().unwrap()
+}
+
+#[test]
+fn a_coordinator_whose_disk_fails_hands_the_volume_to_a_replica_and_loses_nothing() {
+    let test = "a_coordinator_whose_disk_fails";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let (mut cluster, plans, _dir) = cluster_with_plans(test);
+    cluster.nodes[0].cli_ok(&["volume", "create", "d", "--size", "16MiB", "--repl", "3"]);
+    assert_eq!(coordinator(&cluster, 0, "d"), cluster.nodes[0].node_id());
+    let written = qemu_io(&cluster.nodes[0].uri("d"), "write -P 0x21 0 1M");
+    assert!(ok(&written), "{}", text(&written));
+
+    std::fs::write(&plans[0], "any 0\n").unwrap();
+    // The next write fails on the coordinator's disk (not acknowledged) and stops its store.
+    wait_until("the coordinator's store fails", || {
+        !ok(&qemu_io(&cluster.nodes[0].uri("d"), "write -P 0x22 1M 64k"))
+    });
+    let old = cluster.nodes[0].node_id();
+    wait_until("the volume served by another node", || {
+        let now = coordinator(&cluster, 1, "d");
+        now != old && now != 0
+    });
+    let heir = cluster.index_of(coordinator(&cluster, 1, "d"));
+    assert!(
+        cluster
+            .nodes
+            .iter()
+            .any(|node| node.log_text().contains("the coordinator's disk failed; failing over")),
+        "the leader says why it failed over"
+    );
+    let uri = cluster.nodes[heir].uri("d");
+    let written = qemu_io(&uri, "write -P 0x23 2M 1M");
+    assert!(ok(&written), "{}", text(&written));
+    for (fill, offset) in [(0x21, 0), (0x23, 2 << 20)] {
+        let read = qemu_io(&uri, &format!("read -P {fill:#x} {offset} 1M"));
+        assert!(ok(&read), "{}", text(&read));
+    }
+
+    // The disk works again after a restart (a replaced disk): resynced, it serves the same bytes.
+    std::fs::write(&plans[0], "").unwrap();
+    cluster.nodes[0].kill9();
+    cluster.nodes[0].restart();
+    cluster.wait_for("node 0 back in sync", |status| {
+        status["volumes"][0]["in_sync"]
+            .as_array()
+            .is_some_and(|ids| ids.len() == 3)
+    });
+    cluster.nodes[0].cli_ok(&["volume", "attach", "d", "--force"]);
+    let uri = cluster.nodes[0].uri("d");
+    for (fill, offset) in [(0x21, 0), (0x23, 2 << 20)] {
+        let read = qemu_io(&uri, &format!("read -P {fill:#x} {offset} 1M"));
+        assert!(ok(&read), "{}", text(&read));
+    }
+}
+
+#[test]
+fn a_replica_whose_disk_fails_leaves_the_in_sync_set_and_writes_go_on() {
+    let test = "a_replica_whose_disk_fails";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let (cluster, plans, _dir) = cluster_with_plans(test);
+    cluster.nodes[0].cli_ok(&["volume", "create", "r", "--size", "16MiB", "--repl", "3"]);
+    let uri = cluster.nodes[0].uri("r");
+    std::fs::write(&plans[2], "write 0\n").unwrap();
+    let failing = cluster.nodes[2].node_id();
+    // Writes are acknowledged all along: the failing replica is dropped, not waited for.
+    for round in 0..8u64 {
+        let written = qemu_io(&uri, &format!("write -P {:#x} {} 64k", 0x40 + round, round << 16));
+        assert!(ok(&written), "round {round}: {}", text(&written));
+    }
+    let info = cluster.nodes[0].inspect("r");
+    let in_sync: Vec<u64> = info["in_sync"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_u64())
+        .collect();
+    assert!(!in_sync.contains(&failing), "{info}");
+    assert_eq!(in_sync.len(), 2, "{info}");
+    for round in 0..8u64 {
+        let read = qemu_io(&uri, &format!("read -P {:#x} {} 64k", 0x40 + round, round << 16));
+        assert!(ok(&read), "{}", text(&read));
+    }
+    cluster.wait_for("cluster status shows the failed disk", |status| {
+        status["nodes"].as_array().unwrap().iter().any(|node| {
+            node["id"] == failing
+                && node["disks"]
+                    .as_array()
+                    .is_some_and(|disks| disks.iter().any(|d| d["failed"] == true))
+        })
+    });
+}
