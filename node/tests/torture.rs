@@ -331,6 +331,10 @@ fn inject(fault: Fault, cluster: &mut TestCluster, faults: &Faults, volume: &str
     let firewall = faults.firewall;
     let coordinator = coordinator_index(cluster, volume);
     let replica = (coordinator + rng.gen_range(1..cluster.nodes.len())) % cluster.nodes.len();
+    println!(
+        "trial {}: {fault:?} (coordinator node {}, replica node {})",
+        faults.trial, cluster.nodes[coordinator].host, cluster.nodes[replica].host
+    );
     let pause = Duration::from_millis(rng.gen_range(300..(REPLICA_TIMEOUT_MS * 3)));
     match fault {
         Fault::KillCoordinator | Fault::KillReplica => {

@@ -287,6 +287,14 @@ impl TestNode {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill9();
+        // A failing test's node logs survive it when BALLAST_TEST_LOGS names a directory.
+        if std::thread::panicking() {
+            if let Some(dir) = std::env::var_os("BALLAST_TEST_LOGS") {
+                let _ = std::fs::create_dir_all(&dir);
+                let name = format!("{}-{}.log", self.host, self.api_port);
+                let _ = std::fs::copy(&self.log, std::path::Path::new(&dir).join(name));
+            }
+        }
     }
 }
 
