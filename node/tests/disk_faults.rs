@@ -83,7 +83,8 @@ fn a_coordinator_whose_disk_fails_hands_the_volume_to_a_replica_and_loses_nothin
     std::fs::write(&plans[0], "").unwrap();
     cluster.nodes[0].kill9();
     cluster.nodes[0].restart();
-    cluster.wait_for("node 0 back in sync", |status| {
+    // Seen from the new coordinator: node 0's own view may be the one from before it failed.
+    cluster.wait_for_on(&[heir], "node 0 back in sync", |status| {
         status["volumes"][0]["in_sync"]
             .as_array()
             .is_some_and(|ids| ids.len() == 3)

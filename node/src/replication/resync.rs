@@ -303,7 +303,7 @@ async fn copy_span(
         while at < run_end {
             let blocks = CHUNK_BLOCKS.min(run_end - at);
             let data = volume
-                .read_stored(at * BLOCK_BYTES, blocks * BLOCK_BYTES)
+                .read_stored_locked(at * BLOCK_BYTES, blocks * BLOCK_BYTES)
                 .await
                 .map_err(|e| e.to_string())?;
             status.copied_bytes += blocks * BLOCK_BYTES;

@@ -127,6 +127,21 @@ impl Volume {
     /// Reads what the disk holds (ciphertext of an encrypted volume): for
     /// copies to replicas, which never see the key.
     pub async fn read_stored(&self, offset_bytes: u64, len_bytes: u64) -> Result<ReadData, VolumeIoError> {
+        self.read_stored_inner(offset_bytes, len_bytes, false).await
+    }
+
+    /// `read_stored` for a caller that holds the volume's range lock over
+    /// the range (resync): a repair then must not take it again.
+    pub async fn read_stored_locked(&self, offset_bytes: u64, len_bytes: u64) -> Result<ReadData, VolumeIoError> {
+        self.read_stored_inner(offset_bytes, len_bytes, true).await
+    }
+
+    async fn read_stored_inner(
+        &self,
+        offset_bytes: u64,
+        len_bytes: u64,
+        locked: bool,
+    ) -> Result<ReadData, VolumeIoError> {
         self.check_range(offset_bytes, len_bytes)?;
         let first_block = offset_bytes / BLOCK_BYTES;
         let end_block = (offset_bytes + len_bytes).div_ceil(BLOCK_BYTES);
@@ -157,7 +172,7 @@ impl Volume {
             match receiver.await {
                 Ok(Ok(Reply::Read(buf))) => bufs.push(buf),
                 Ok(Ok(other)) => unreachable!("read answered with {other:?}"),
-                Ok(Err(source)) => bufs.push(self.repair(lba, block_count, source).await?),
+                Ok(Err(source)) => bufs.push(self.repair(lba, block_count, source, locked).await?),
                 Err(_) => return Err(VolumeIoError::Stopped),
             }
             lba += block_count;
@@ -171,9 +186,16 @@ impl Volume {
 
     /// A local read failed (bad checksum, I/O error): fetches the blocks
     /// from an in-sync replica, rewrites them locally (a new record; the
-    /// bad one becomes garbage) and answers with them. Without a replica,
+    /// bad one becomes garbage) and answers with them. `locked`: the caller
+    /// holds the range lock over the blocks. Without a replica,
     /// or if none has them, the read fails with the local error.
-    async fn repair(&self, lba: u64, block_count: u64, local: StoreError) -> Result<IoBuf, VolumeIoError> {
+    async fn repair(
+        &self,
+        lba: u64,
+        block_count: u64,
+        local: StoreError,
+        locked: bool,
+    ) -> Result<IoBuf, VolumeIoError> {
         let failed = |source| VolumeIoError::Store {
             volume: self.name.clone(),
             source,
@@ -182,8 +204,13 @@ impl Volume {
             return Err(failed(local));
         };
         tracing::warn!(volume = %self.name, lba, block_count, error = %local, "local read failed; reading from a replica and repairing");
-        // Held so no write lands between the fetch and the rewrite.
-        let _range = self.ranges.lock(lba, block_count).await;
+        // Held so no write lands between the fetch and the rewrite (unless
+        // the caller holds it already: taking it again would wait forever).
+        let _range = if locked {
+            None
+        } else {
+            Some(self.ranges.lock(lba, block_count).await)
+        };
         let data = match replicator.fetch(self.id, lba, block_count).await {
             Ok(data) if data.len() as u64 == block_count * BLOCK_BYTES => data,
             Ok(data) => {
