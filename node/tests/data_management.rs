@@ -82,3 +82,69 @@ fn a_volume_uses_space_only_for_written_data_and_a_trim_gives_it_back() {
     }
     assert_eq!(node.inspect("thin")["used_bytes"], 16u64 << 20);
 }
+
+#[test]
+fn a_volume_exports_to_raw_and_qcow2_and_imports_back_byte_for_byte() {
+    let test = "a_volume_exports_to_raw_and_qcow2";
+    if !have_tool(test, "qemu-io") || !have_tool(test, "qemu-img") {
+        return;
+    }
+    let node = TestNode::start(test, 512 << 20);
+    node.create_volume("src", "64MiB");
+    let uri = node.uri("src");
+    for (fill, offset) in [(0x11, "0"), (0x22, "10M"), (0x33, "63M")] {
+        let written = qemu_io(&uri, &format!("write -P {fill:#x} {offset} 1M"));
+        assert!(written.status.success(), "{}", text(&written));
+    }
+    let dir = common::scratch();
+    let raw = dir.path().join("src.raw");
+    let qcow2 = dir.path().join("src.qcow2");
+    node.cli_ok(&["volume", "export", "src", raw.to_str().unwrap()]);
+    node.cli_ok(&["volume", "export", "src", qcow2.to_str().unwrap(), "--format", "qcow2"]);
+    assert_eq!(std::fs::metadata(&raw).unwrap().len(), 64 << 20);
+    let refused = node.cli(&["volume", "export", "src", raw.to_str().unwrap()]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("exists"),
+        "{}",
+        text(&refused)
+    );
+    let same = Command::new("qemu-img")
+        .args(["compare", "-f", "raw", "-F", "qcow2"])
+        .args([&raw, &qcow2])
+        .output()
+        .unwrap();
+    assert!(same.status.success(), "{}", text(&same));
+    let qcow2_bytes = std::fs::metadata(&qcow2).unwrap().len();
+    assert!(
+        qcow2_bytes < 8 << 20,
+        "qcow2 holds only the written data: {qcow2_bytes}"
+    );
+
+    // Back in as a new volume (made to the image's size, holes left unallocated).
+    node.cli_ok(&["volume", "import", qcow2.to_str().unwrap(), "copy"]);
+    let info = node.inspect("copy");
+    assert_eq!(info["size_bytes"], 64u64 << 20);
+    assert_eq!(info["used_bytes"], 3u64 << 20, "thin: only the written megabytes");
+    for (fill, offset) in [(0x11, "0"), (0x22, "10M"), (0x33, "63M")] {
+        let read = qemu_io(&node.uri("copy"), &format!("read -P {fill:#x} {offset} 1M"));
+        assert!(
+            read.status.success() && !text(&read).contains("failed"),
+            "{}",
+            text(&read)
+        );
+    }
+    let zero = qemu_io(&node.uri("copy"), "read -P 0 20M 1M");
+    assert!(
+        zero.status.success() && !text(&zero).contains("failed"),
+        "{}",
+        text(&zero)
+    );
+    // Into an existing volume too small for the image: refused, saying so.
+    node.create_volume("small", "16MiB");
+    let refused = node.cli(&["volume", "import", raw.to_str().unwrap(), "small"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("smaller than the image"),
+        "{}",
+        text(&refused)
+    );
+}

@@ -56,7 +56,7 @@ pub struct Claims {
 }
 
 /// Who is asking (from a verified token).
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Caller {
     pub subject: String,
     pub role: Role,

@@ -29,6 +29,7 @@
 //! | POST | /v1/cluster/nodes/{id}/decommission | | 204 once the node left (may take long) |
 //!
 //! | POST | /v1/auth/tokens | `{"subject":"NAME","role":"user","ttl_seconds":N}` | 201 `{"token":"..."}` (admin) |
+//! | GET | /v1/auth/whoami | | `{"subject":"...","role":"user","groups":[]}`: the caller, as its token says (any role) |
 //! | POST | /v1/auth/certs | same as tokens | 201 `ClientCert` (NBD TLS client certificate; a user for itself only) |
 //!
 //! Every request but `/healthz`, `/readyz` and `/v1/health` needs
@@ -257,6 +258,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/cluster/nodes/{id}/decommission", post(node_decommission))
         .route("/v1/auth/tokens", post(create_api_token))
         .route("/v1/auth/certs", post(create_client_cert))
+        .route("/v1/auth/whoami", get(whoami))
         .fallback(|| async { ApiError(StatusCode::NOT_FOUND, "no such API path; see /v1/volumes".into()) })
         .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), authenticate))
         .layer(axum::extract::DefaultBodyLimit::max(BODY_BYTES_MAX))
@@ -296,7 +298,7 @@ async fn authenticate(
         }
     };
     // Users may use their volumes, and get a client certificate for themselves.
-    if !caller.is_admin() && !path.starts_with("/v1/volumes") && path != "/v1/auth/certs" {
+    if !caller.is_admin() && !path.starts_with("/v1/volumes") && path != "/v1/auth/certs" && path != "/v1/auth/whoami" {
         return ApiError(
             StatusCode::FORBIDDEN,
             format!("{path} needs the admin role ({} is a user)", caller.subject),
@@ -305,6 +307,10 @@ async fn authenticate(
     }
     request.extensions_mut().insert(caller.clone());
     auth::CALLER.scope(caller, next.run(request)).await
+}
+
+async fn whoami(Extension(caller): Extension<auth::Caller>) -> Response {
+    Json(caller).into_response()
 }
 
 /// 403 unless `caller` may use volume `name` (404 comes from the operation).

@@ -190,6 +190,7 @@ impl Command {
 pub mod cluster;
 pub mod debug;
 pub mod disk;
+pub mod export;
 pub mod node;
 pub mod progress;
 pub mod scrub;

@@ -135,6 +135,32 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copy a volume into an image file (a backup off the cluster), with
+    /// qemu-img over NBD with TLS from the node serving it. The volume is
+    /// read as it is during the copy: stop its writers first (or export a
+    /// quiet filesystem) for a consistent image.
+    Export {
+        name: String,
+        /// The image file to write (must not exist).
+        file: std::path::PathBuf,
+        /// Image format: raw, or qcow2 (only the written data takes space), or any qemu-img writes.
+        #[arg(long, default_value = "raw")]
+        format: String,
+    },
+    /// Copy an image file (raw, qcow2, vmdk, ... whatever qemu-img reads)
+    /// into a volume; the volume is created to the image's size when it
+    /// does not exist (holes stay unallocated).
+    Import {
+        /// The image file to read.
+        file: std::path::PathBuf,
+        name: String,
+        /// Copies of a volume the import creates.
+        #[arg(long, default_value_t = 1)]
+        repl: u32,
+        /// The image's format (default: what qemu-img detects).
+        #[arg(long)]
+        format: Option<String>,
+    },
 }
 
 /// Runs a volume command.
@@ -241,6 +267,13 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             )?;
             print_one(&info, json, "resized")
         }
+        VolumeCommand::Export { name, file, format } => crate::cli::export::export(&client, &name, &file, &format),
+        VolumeCommand::Import {
+            file,
+            name,
+            repl,
+            format,
+        } => crate::cli::export::import(&client, &file, &name, repl, format.as_deref()),
     }
 }
 
