@@ -148,3 +148,76 @@ fn a_volume_exports_to_raw_and_qcow2_and_imports_back_byte_for_byte() {
         text(&refused)
     );
 }
+
+#[test]
+fn a_disk_enrolled_into_a_running_node_takes_new_volumes_at_once_and_stays_after_a_restart() {
+    let test = "a_disk_enrolled_into_a_running_node";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let mut node = TestNode::start(test, 128 << 20);
+    let dir = common::scratch();
+    let Some(extra) = common::loop_device(test, dir.path(), 512 << 20) else {
+        return;
+    };
+    node.create_volume("a", "96MiB");
+    let written = qemu_io(&node.uri("a"), "write -P 0x51 0 48M");
+    assert!(written.status.success(), "{}", text(&written));
+    let capacity = |node: &TestNode| -> (usize, u64) {
+        let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
+        let disks = status["disks"].as_array().unwrap();
+        (
+            disks.len(),
+            disks.iter().map(|d| d["capacity_bytes"].as_u64().unwrap()).sum(),
+        )
+    };
+    let (count, before) = capacity(&node);
+    assert_eq!(count, 1);
+
+    // The node runs: `disk enroll` asks it to enroll the device itself.
+    let enrolled = node.cli_ok(&[
+        "disk",
+        "enroll",
+        "--data-dir",
+        node.data_dir.to_str().unwrap(),
+        "--api",
+        &node.api_url(),
+        extra.path().to_str().unwrap(),
+    ]);
+    assert!(enrolled.contains("into the running node"), "{enrolled}");
+    let (count, after) = capacity(&node);
+    assert_eq!(count, 2);
+    assert!(after > before + (300 << 20), "{before} -> {after}");
+    let again = node.cli(&[
+        "disk",
+        "enroll",
+        "--data-dir",
+        node.data_dir.to_str().unwrap(),
+        "--api",
+        &node.api_url(),
+        extra.path().to_str().unwrap(),
+    ]);
+    assert!(
+        !again.status.success(),
+        "a disk already enrolled is refused: {}",
+        text(&again)
+    );
+
+    // A new volume goes to the new disk: more than the first disk could hold.
+    node.create_volume("b", "256MiB");
+    assert_eq!(node.inspect("b")["disk_path"], extra.path().to_str().unwrap());
+    let written = qemu_io(&node.uri("b"), "write -P 0x52 0 200M");
+    assert!(written.status.success(), "{}", text(&written));
+
+    node.stop();
+    node.restart();
+    assert_eq!(capacity(&node).0, 2, "the enrolled disk is in the data directory");
+    for (volume, fill, len) in [("a", 0x51, "48M"), ("b", 0x52, "200M")] {
+        let read = qemu_io(&node.uri(volume), &format!("read -P {fill:#x} 0 {len}"));
+        assert!(
+            read.status.success() && !text(&read).contains("failed"),
+            "{}",
+            text(&read)
+        );
+    }
+}

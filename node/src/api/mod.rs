@@ -7,6 +7,7 @@
 //! | GET | /readyz | | 200 `{"status":"ready"}` when every disk is open and the node is in a cluster with a known leader; else 503 with the reasons |
 //! | GET | /metrics | | Prometheus metrics (OpenMetrics text, `metrics`) |
 //! | GET | /v1/node | | node id, disks, space |
+//! | POST | /v1/node/disks | `EnrollBody` | 201 `DiskRecord`: the disk formatted, recorded and opened, new volumes may go there (pool expansion) |
 //! | GET | /v1/volumes | | `[VolumeInfo]` |
 //! | POST | /v1/volumes | `CreateBody` | 201 `VolumeInfo` |
 //! | GET | /v1/volumes/{name} | | `VolumeInfo` |
@@ -97,6 +98,59 @@ impl std::fmt::Debug for Passphrase {
     }
 }
 
+/// Body of POST /v1/node/disks.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollBody {
+    pub path: std::path::PathBuf,
+    /// Destroy partitions and signatures found on it.
+    #[serde(default)]
+    pub force: bool,
+    /// Make a missing path a regular file of this size (development).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub create_size_bytes: Option<u64>,
+    #[serde(default = "default_segment_size")]
+    pub segment_size_bytes: u64,
+}
+
+fn default_segment_size() -> u64 {
+    8 << 20
+}
+
+/// Formats a disk, records it in the data directory and opens it: the
+/// node's capacity grows without a restart.
+async fn enroll_disk(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: EnrollBody = parse_body(&body)?;
+    let worker = Arc::clone(&state);
+    let outcome = tokio::task::spawn_blocking(move || {
+        let data = worker.data.lock();
+        let options = crate::enroll::EnrollOptions {
+            force: body.force,
+            create_size_bytes: body.create_size_bytes,
+            segment_size_bytes: body.segment_size_bytes,
+        };
+        let record = crate::enroll::enroll(&data, &body.path, &options)
+            .map_err(|error| ApiError(StatusCode::CONFLICT, error.to_string()))?;
+        let index = worker
+            .engine
+            .add_disk(crate::engine::DiskSpec {
+                path: record.path.clone(),
+            })
+            .map_err(|error| {
+                ApiError(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("enrolled but not opened: {error}; restart the node to use it"),
+                )
+            })?;
+        worker.volumes.add_disk(index);
+        tracing::info!(path = %record.path.display(), disk = index, "disk enrolled into the running node");
+        Ok::<_, ApiError>(record)
+    })
+    .await
+    .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))??;
+    Ok((StatusCode::CREATED, Json(outcome)).into_response())
+}
+
 /// Body of POST /v1/volumes/{name}/unlock.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,6 +239,8 @@ pub struct ApiState {
     pub node: Box<dyn Fn() -> NodeStatus + Send + Sync>,
     /// Volumes attached to this host as block devices.
     pub attach: Arc<crate::attach::HostAttach>,
+    /// The node's data directory (disks are enrolled into it online).
+    pub data: Arc<parking_lot::Mutex<crate::datadir::DataDir>>,
 }
 
 struct ApiError(StatusCode, String);
@@ -235,6 +291,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/readyz", get(readiness))
         .route("/metrics", get(metrics))
         .route("/v1/node", get(node_status))
+        .route("/v1/node/disks", post(enroll_disk))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(
             "/v1/volumes/{name}",

@@ -60,6 +60,10 @@ pub struct EnrollArgs {
     /// Devices (or files) to enroll.
     #[arg(required = true)]
     pub devices: Vec<PathBuf>,
+    /// When the node of --data-dir is running, it enrolls the devices
+    /// itself through this API (and uses them at once).
+    #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
+    pub api: String,
 }
 
 /// Runs a disk command.
@@ -174,7 +178,10 @@ fn enroll_all(args: &EnrollArgs) -> Result<ExitCode> {
         create_size_bytes: args.size.as_deref().map(parse_size).transpose()?,
         segment_size_bytes: parse_size(&args.segment_size)?,
     };
-    let data = DataDir::open(&args.data_dir, true)?;
+    let data = match DataDir::open(&args.data_dir, true) {
+        Err(crate::datadir::DataDirError::Locked(_)) => return enroll_online(args, &options),
+        other => other?,
+    };
     println!(
         "node {} (data directory {})",
         data.node.node_uuid,
@@ -185,6 +192,51 @@ fn enroll_all(args: &EnrollArgs) -> Result<ExitCode> {
         if let Err(error) = enroll::enroll(&data, path, &options) {
             eprintln!("error: {error}");
             failures += 1;
+        }
+    }
+    if failures > 0 {
+        bail!("{failures} of {} devices were not enrolled", args.devices.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The node of the data directory is running: it enrolls each device and
+/// opens it at once (pool expansion without a restart).
+fn enroll_online(args: &EnrollArgs, options: &EnrollOptions) -> Result<ExitCode> {
+    let token = std::fs::read_to_string(args.data_dir.join(crate::api::auth::ADMIN_TOKEN_FILE))
+        .ok()
+        .map(|text| text.trim().to_owned())
+        .or_else(crate::api::auth::cli_token);
+    let client = crate::api::client::ApiClient::new(&args.api).with_token(token);
+    println!(
+        "the node of {} is running: enrolling through its API ({})",
+        args.data_dir.display(),
+        args.api
+    );
+    let mut failures = 0;
+    for path in &args.devices {
+        let path = if path.is_relative() {
+            std::env::current_dir()?.join(path)
+        } else {
+            path.clone()
+        };
+        let body = crate::api::EnrollBody {
+            path: path.clone(),
+            force: options.force,
+            create_size_bytes: options.create_size_bytes,
+            segment_size_bytes: options.segment_size_bytes,
+        };
+        match client.post::<_, crate::datadir::DiskRecord>("/v1/node/disks", &body) {
+            Ok(record) => println!(
+                "enrolled {} ({}, disk {}) into the running node: new volumes may use it now",
+                record.path.display(),
+                format_size(record.size_bytes),
+                record.disk_uuid
+            ),
+            Err(error) => {
+                eprintln!("error: {}: {error}", path.display());
+                failures += 1;
+            }
         }
     }
     if failures > 0 {

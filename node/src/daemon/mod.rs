@@ -36,11 +36,14 @@ pub fn run(config: &NodeConfig) -> Result<()> {
     }
     let data = DataDir::open(&config.data_dir, false)
         .with_context(|| format!("cannot open data directory {}", config.data_dir.display()))?;
-    let disks = data.disks()?;
+    // Shared with the API, which enrolls disks into the running node.
+    let data = Arc::new(parking_lot::Mutex::new(data));
+    let data_guard = data.lock();
+    let disks = data_guard.disks()?;
     if disks.is_empty() {
         tracing::warn!(data_dir = %config.data_dir.display(), "no enrolled disks: volumes cannot be created until `ballast disk enroll` adds one");
     }
-    let mut engine_config = EngineConfig::new(*data.node.node_uuid.as_bytes());
+    let mut engine_config = EngineConfig::new(*data_guard.node.node_uuid.as_bytes());
     engine_config.cores = match &config.cores {
         Some(list) => kernel_iface::affinity::parse_core_list(list)?,
         None => kernel_iface::affinity::available_cores(),
@@ -63,7 +66,8 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let node_uuid = data.node.node_uuid;
+    let node_uuid = data_guard.node.node_uuid;
+    drop(data_guard);
     let local = LocalNode {
         id: crate::cluster::node_id_of(node_uuid),
         uuid: node_uuid,
@@ -125,6 +129,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         engine: Arc::clone(&engine),
         node: Box::new(move || node_status(node_uuid, &status_cluster, &status_engine, &status_volumes)),
         attach: Arc::clone(&attach),
+        data: Arc::clone(&data),
     });
     let served = runtime.block_on(serve(config, state, Arc::clone(&volumes), Arc::clone(&cluster)));
     // Loop devices and the FUSE mount go while the runtime still answers their I/O.

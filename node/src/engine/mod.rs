@@ -147,6 +147,13 @@ pub struct OpenedDisk {
 
 /// Handle to the running engine.
 pub struct Engine {
+    routes: parking_lot::RwLock<Routes>,
+    /// How it was started (disks added later open the same way).
+    config: EngineConfig,
+}
+
+/// Where each disk's requests go; grows when a disk is added.
+struct Routes {
     reactors: Vec<ReactorHandle>,
     /// Disk index -> (reactor, index within the reactor).
     placement: Vec<(usize, usize)>,
@@ -187,9 +194,12 @@ impl Engine {
             }
         }
         let engine = Self {
-            reactors,
-            placement,
-            disks: opened.into_iter().flatten().collect(),
+            routes: parking_lot::RwLock::new(Routes {
+                reactors,
+                placement,
+                disks: opened.into_iter().flatten().collect(),
+            }),
+            config: config.clone(),
         };
         if let Some(error) = failure {
             engine.shutdown();
@@ -200,19 +210,41 @@ impl Engine {
 
     /// The opened disks, by index.
     #[must_use]
-    pub fn disks(&self) -> &[OpenedDisk] {
-        &self.disks
+    pub fn disks(&self) -> Vec<OpenedDisk> {
+        self.routes.read().disks.clone()
+    }
+
+    /// Opens one more disk (pool expansion on a running node) on a reactor
+    /// of its own; returns its index.
+    pub fn add_disk(&self, spec: DiskSpec) -> Result<usize, EngineError> {
+        let mut routes = self.routes.write();
+        if routes.disks.iter().any(|disk| disk.path == spec.path) {
+            return Err(EngineError::Open {
+                path: spec.path.display().to_string(),
+                reason: "it is already open".into(),
+            });
+        }
+        let index = routes.disks.len();
+        let number = routes.reactors.len();
+        let core = (!self.config.cores.is_empty()).then(|| self.config.cores[number % self.config.cores.len()]);
+        let (handle, mut opened) = start_reactor(number, core, vec![(index, spec)], &self.config)?;
+        let (_, disk) = opened.pop().expect("one disk opened");
+        routes.reactors.push(handle);
+        routes.placement.push((number, 0));
+        routes.disks.push(disk);
+        Ok(index)
     }
 
     /// Sends a request; `reply` runs on the reactor thread when it is done.
     pub fn submit(&self, disk: usize, command: Command, reply: ReplyFn) {
-        let (reactor, local) = self.placement[disk];
+        let routes = self.routes.read();
+        let (reactor, local) = routes.placement[disk];
         let control = Control::Request {
             disk: local,
             command,
             reply,
         };
-        if let Err(error) = self.reactors[reactor].send(control) {
+        if let Err(error) = routes.reactors[reactor].send(control) {
             tracing::error!(%error, disk, "request to a stopped engine");
         }
     }
@@ -223,12 +255,15 @@ impl Engine {
         disk: usize,
         f: impl FnOnce(&Store) -> T + Send + 'static,
     ) -> Result<T, EngineError> {
-        let (reactor, local) = self.placement[disk];
         let (sender, receiver) = bounded(1);
         let run = Box::new(move |store: &Store| {
             let _ = sender.send(f(store));
         });
-        self.reactors[reactor].send(Control::Query { disk: local, run })?;
+        {
+            let routes = self.routes.read();
+            let (reactor, local) = routes.placement[disk];
+            routes.reactors[reactor].send(Control::Query { disk: local, run })?;
+        }
         receiver.recv().map_err(|_| EngineError::Stopped)
     }
 
@@ -257,10 +292,11 @@ impl Engine {
     }
 
     fn stop(&mut self) {
-        for reactor in &self.reactors {
+        let routes = self.routes.get_mut();
+        for reactor in &routes.reactors {
             let _ = reactor.send(Control::Shutdown);
         }
-        for reactor in &mut self.reactors {
+        for reactor in &mut routes.reactors {
             if let Some(thread) = reactor.thread.take() {
                 let _ = thread.join();
             }

@@ -386,7 +386,8 @@ struct PlacedDisk {
 pub struct Volumes {
     engine: Arc<Engine>,
     meta: Mutex<MetaStore>,
-    disks: Vec<PlacedDisk>,
+    /// The engine's disks, by index (grows when a disk is added online).
+    disks: RwLock<Vec<PlacedDisk>>,
     live: RwLock<BTreeMap<String, (VolumeRecord, Arc<Volume>)>>,
 }
 
@@ -405,7 +406,7 @@ impl Volumes {
         let volumes = Self {
             engine,
             meta: Mutex::new(meta),
-            disks,
+            disks: RwLock::new(disks),
             live: RwLock::new(BTreeMap::new()),
         };
         volumes.recover()?;
@@ -413,7 +414,25 @@ impl Volumes {
     }
 
     fn disk_index(&self, uuid: uuid::Uuid) -> Option<usize> {
-        self.disks.iter().position(|disk| disk.uuid == uuid)
+        self.disks.read().iter().position(|disk| disk.uuid == uuid)
+    }
+
+    /// Takes disk `index` of the engine (just added to it) for new volumes.
+    pub fn add_disk(&self, index: usize) {
+        let Some(disk) = self.engine.disks().get(index).cloned() else {
+            return;
+        };
+        let mut disks = self.disks.write();
+        if disks.len() == index {
+            disks.push(PlacedDisk {
+                uuid: uuid::Uuid::from_bytes(disk.disk_uuid),
+                path: disk.path.display().to_string(),
+            });
+        }
+    }
+
+    fn disk_path(&self, disk: usize) -> String {
+        self.disks.read().get(disk).map(|d| d.path.clone()).unwrap_or_default()
     }
 
     fn release(&self, disk: usize, name: &str, volume_id: u64) -> Result<(), VolumeError> {
@@ -451,11 +470,11 @@ impl Volumes {
             let volume = self.handle(&record, disk, sequence_max + 1);
             self.live.write().insert(record.name.clone(), (record, volume));
         }
-        for disk in 0..self.disks.len() {
+        for disk in 0..self.disks.read().len() {
             let ids = self.engine.query(disk, |store| store.volume_ids()).unwrap_or_default();
             for id in ids {
                 if !owned.contains(&(disk, id)) {
-                    tracing::warn!(volume_id = id, disk = %self.disks[disk].path, "releasing data of a volume with no metadata (a create or delete interrupted by a crash)");
+                    tracing::warn!(volume_id = id, disk = %self.disk_path(disk), "releasing data of a volume with no metadata (a create or delete interrupted by a crash)");
                     self.release(disk, &format!("#{id}"), id)?;
                 }
             }
@@ -618,7 +637,7 @@ impl Volumes {
             size_bytes: wanted.size_bytes,
             block_size_bytes: wanted.block_size_bytes,
             replicas: wanted.replicas,
-            disk_uuid: self.disks[disk].uuid,
+            disk_uuid: self.disks.read()[disk].uuid,
             epoch: wanted.epoch,
             fence_floor: wanted.coordinator_since,
             created_unix_seconds: wanted.created_unix_seconds,
@@ -630,7 +649,7 @@ impl Volumes {
             other => VolumeError::Meta(other),
         })?;
         drop(meta);
-        tracing::info!(volume = %record.name, id = record.id, size_bytes = record.size_bytes, disk = %self.disks[disk].path, "local replica created");
+        tracing::info!(volume = %record.name, id = record.id, size_bytes = record.size_bytes, disk = %self.disk_path(disk), "local replica created");
         let volume = self.handle(&record, disk, 1);
         self.live.write().insert(record.name.clone(), (record, volume));
         Ok(())
@@ -639,7 +658,7 @@ impl Volumes {
     /// The disk with the most free space per volume placed on it (so empty
     /// disks fill evenly, and a fuller disk gets fewer new volumes).
     fn pick_disk(&self) -> Result<usize, VolumeError> {
-        let mut placed = vec![0u64; self.disks.len()];
+        let mut placed = vec![0u64; self.disks.read().len()];
         for (_, volume) in self.live.read().values() {
             placed[volume.disk] += 1;
         }
@@ -753,7 +772,7 @@ impl Volumes {
             block_size_bytes: record.block_size_bytes,
             replicas: record.replicas,
             disk_uuid: record.disk_uuid,
-            disk_path: self.disks[volume.disk].path.clone(),
+            disk_path: self.disk_path(volume.disk),
             connections: volume.connections.load(Ordering::Acquire),
             created_unix_seconds: record.created_unix_seconds,
             state: "ready".into(),
