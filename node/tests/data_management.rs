@@ -7,6 +7,7 @@ mod common;
 
 use std::process::Command;
 
+use common::cluster::{wait_until, TestCluster};
 use common::node::TestNode;
 use common::{have_tool, text};
 
@@ -218,6 +219,65 @@ fn a_disk_enrolled_into_a_running_node_takes_new_volumes_at_once_and_stays_after
             read.status.success() && !text(&read).contains("failed"),
             "{}",
             text(&read)
+        );
+    }
+}
+
+#[test]
+fn a_volume_shrinks_only_when_allowed_and_the_discarded_tail_reads_zeroes_on_every_replica_after_a_grow() {
+    let test = "a_volume_shrinks_only_when_allowed";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let cluster = TestCluster::start(test, 2, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "s", "--size", "32MiB", "--repl", "2"]);
+    let uri = cluster.nodes[0].uri("s");
+    for (fill, offset) in [(0x71, "0"), (0x72, "24M")] {
+        let written = qemu_io(&uri, &format!("write -P {fill:#x} {offset} 8M"));
+        assert!(written.status.success(), "{}", text(&written));
+    }
+    let refused = cluster.nodes[1].cli(&["volume", "resize", "s", "--size", "16MiB"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("--allow-shrink"),
+        "{}",
+        text(&refused)
+    );
+    // Asked through the replica: the coordinator decides (forwarded).
+    cluster.nodes[1].cli_ok(&["volume", "resize", "s", "--size", "16MiB", "--allow-shrink"]);
+    for node in &cluster.nodes {
+        wait_until("both copies shrunk", || {
+            node.inspect("s")["size_bytes"] == 16u64 << 20 && node.inspect("s")["used_bytes"] == 8u64 << 20
+        });
+    }
+    let past_end = qemu_io(&uri, "read 20M 4k");
+    assert!(
+        !past_end.status.success() || text(&past_end).contains("failed"),
+        "{}",
+        text(&past_end)
+    );
+    cluster.nodes[0].cli_ok(&["volume", "resize", "s", "--size", "32MiB"]);
+    wait_until("grown on both", || {
+        cluster
+            .nodes
+            .iter()
+            .all(|node| node.inspect("s")["size_bytes"] == 32u64 << 20)
+    });
+    for index in [0, 1] {
+        if index == 1 {
+            cluster.nodes[1].cli_ok(&["volume", "attach", "s", "--force"]);
+        }
+        let uri = cluster.nodes[index].uri("s");
+        let kept = qemu_io(&uri, "read -P 0x71 0 8M");
+        assert!(
+            kept.status.success() && !text(&kept).contains("failed"),
+            "node {index}: {}",
+            text(&kept)
+        );
+        let gone = qemu_io(&uri, "read -P 0 24M 8M");
+        assert!(
+            gone.status.success() && !text(&gone).contains("failed"),
+            "node {index}: {}",
+            text(&gone)
         );
     }
 }

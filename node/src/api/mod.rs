@@ -11,7 +11,7 @@
 //! | GET | /v1/volumes | | `[VolumeInfo]` |
 //! | POST | /v1/volumes | `CreateBody` | 201 `VolumeInfo` |
 //! | GET | /v1/volumes/{name} | | `VolumeInfo` |
-//! | PATCH | /v1/volumes/{name} | `{"size_bytes":N}` | `VolumeInfo` (grow only) |
+//! | PATCH | /v1/volumes/{name} | `{"size_bytes":N}` | `VolumeInfo` (grow; shrink with `"allow_shrink":true`, refused while clients are connected or it is attached) |
 //! | DELETE | /v1/volumes/{name} | | 204 |
 //! | PUT | /v1/volumes/{name}/replicas | `{"replicas":N}` | `VolumeInfo` |
 //! | POST | /v1/volumes/{name}/attach | `{"force":false}` | `VolumeInfo` (this node serves it now) |
@@ -170,6 +170,9 @@ fn default_replicas() -> u32 {
 #[serde(deny_unknown_fields)]
 pub struct ResizeBody {
     pub size_bytes: u64,
+    /// A smaller size discards the data past the new end (refused otherwise).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_shrink: bool,
 }
 
 /// Body of POST /v1/cluster/tokens.
@@ -621,7 +624,7 @@ async fn resize_volume(
     let body: ResizeBody = parse_body(&body)?;
     let info = state
         .cluster
-        .resize_volume(&state.volumes, &name, body.size_bytes)
+        .resize_volume(&state.volumes, &name, body.size_bytes, body.allow_shrink)
         .await?;
     Ok(Json(info).into_response())
 }

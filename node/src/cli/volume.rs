@@ -128,9 +128,15 @@ pub enum VolumeCommand {
     /// Grow a volume (clients see the new size when they reconnect).
     Resize {
         name: String,
-        /// New size, larger than the current one.
+        /// New size. Growing is online (clients see it when they reconnect;
+        /// grow the filesystem then, e.g. resize2fs).
         #[arg(long)]
         size: String,
+        /// Allow a smaller size: the data past the new end is discarded on
+        /// every replica (refused while clients are connected or the volume
+        /// is attached; shrink the filesystem first).
+        #[arg(long)]
+        allow_shrink: bool,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -259,11 +265,19 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             println!("deleted volume {name}");
             Ok(ExitCode::SUCCESS)
         }
-        VolumeCommand::Resize { name, size, json } => {
+        VolumeCommand::Resize {
+            name,
+            size,
+            allow_shrink,
+            json,
+        } => {
             let size_bytes = parse_size(&size).with_context(|| format!("bad --size {size:?}"))?;
             let info: VolumeInfo = client.patch(
                 &format!("/v1/volumes/{}", path_segment(&name)),
-                &ResizeBody { size_bytes },
+                &ResizeBody {
+                    size_bytes,
+                    allow_shrink,
+                },
             )?;
             print_one(&info, json, "resized")
         }

@@ -32,9 +32,9 @@ pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) ->
     for record in volumes.records() {
         match desired.get(record.name.as_str()) {
             Some(wanted) if wanted.id == record.id => {
-                if wanted.size_bytes > record.size_bytes {
+                if wanted.size_bytes != record.size_bytes {
                     if let Err(error) = volumes.resize(&record.name, wanted.size_bytes) {
-                        note(format!("cannot grow local replica of {}: {error}", record.name));
+                        note(format!("cannot resize local replica of {}: {error}", record.name));
                     }
                 }
             }

@@ -204,6 +204,10 @@ pub enum Command {
     ResizeVolume {
         name: String,
         size_bytes: u64,
+        /// A smaller size is refused unless this says the data past the new
+        /// end may be discarded.
+        #[serde(default)]
+        allow_shrink: bool,
     },
     DeleteVolume {
         name: String,
@@ -411,13 +415,17 @@ impl ClusterState {
                     other => other,
                 }
             }
-            Command::ResizeVolume { name, size_bytes } => {
+            Command::ResizeVolume {
+                name,
+                size_bytes,
+                allow_shrink,
+            } => {
                 let Some(volume) = self.volumes.get_mut(&name) else {
                     return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
                 };
-                if size_bytes < volume.size_bytes {
+                if size_bytes < volume.size_bytes && !allow_shrink {
                     return Outcome::Rejected(Rejection::Invalid(format!(
-                        "volume {name} is {} bytes; shrinking is not supported",
+                        "volume {name} is {} bytes; shrinking discards the data past the new end: pass --allow-shrink to do it",
                         volume.size_bytes
                     )));
                 }
@@ -878,19 +886,30 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn resize_grows_only_and_init_happens_once() {
+    fn resize_shrinks_only_when_allowed_and_init_happens_once() {
         let mut state = cluster(1);
         state.apply(create("a", vec![1]));
         let grow = Command::ResizeVolume {
             name: "a".into(),
             size_bytes: 2 << 30,
+            allow_shrink: false,
         };
         assert!(matches!(state.apply(grow), Outcome::Volume(v) if v.size_bytes == 2 << 30));
         let shrink = Command::ResizeVolume {
             name: "a".into(),
             size_bytes: 1 << 20,
+            allow_shrink: false,
         };
-        assert!(matches!(state.apply(shrink), Outcome::Rejected(Rejection::Invalid(_))));
+        assert!(matches!(
+            state.apply(shrink.clone()),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
+        let allowed = Command::ResizeVolume {
+            name: "a".into(),
+            size_bytes: 1 << 20,
+            allow_shrink: true,
+        };
+        assert!(matches!(state.apply(allowed), Outcome::Volume(v) if v.size_bytes == 1 << 20));
         let again = Command::Init {
             cluster_id: uuid::Uuid::from_u128(8),
             node: node(2, None),

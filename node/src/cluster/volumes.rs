@@ -277,19 +277,67 @@ impl Cluster {
         self.expect_volume(Command::ScrubVolume { name: name.to_owned() }).await
     }
 
-    /// Grows a volume.
+    /// Grows a volume, or shrinks it when `allow_shrink` (the data past the
+    /// new end is discarded on every replica). A shrink is decided by the
+    /// coordinator (forwarded there), refused while NBD clients are
+    /// connected or the volume is attached to a host.
     pub async fn resize_volume(
         &self,
         volumes: &Arc<Volumes>,
         name: &str,
         size_bytes: u64,
+        allow_shrink: bool,
     ) -> Result<VolumeInfo, VolumeOpError> {
         self.require_member()?;
         validate_size(size_bytes)?;
+        let current = self.volume(name)?;
+        if size_bytes < current.size_bytes {
+            if !allow_shrink {
+                return Err(VolumeOpError {
+                    status: 400,
+                    message: format!(
+                        "volume {name} is {} bytes; shrinking discards the data past the new end: pass --allow-shrink to do it",
+                        current.size_bytes
+                    ),
+                });
+            }
+            if current.coordinator != self.local.id {
+                let api = self.api_of(current.coordinator).ok_or_else(|| VolumeOpError {
+                    status: 503,
+                    message: format!("the coordinator of {name} is not known; cannot check its clients"),
+                })?;
+                let path = format!("/v1/volumes/{name}");
+                let body = crate::api::ResizeBody {
+                    size_bytes,
+                    allow_shrink,
+                };
+                return forward(
+                    crate::api::auth::forwarding_token(self),
+                    move |client| client.patch(&path, &body),
+                    api,
+                )
+                .await;
+            }
+            let connections = volumes.get(name).map_or(0, |local| local.connection_count());
+            if connections > 0 {
+                return Err(crate::volume::VolumeError::InUse {
+                    name: name.to_owned(),
+                    connections,
+                }
+                .into());
+            }
+            if let Some(attached) = self.with_state(|state| state.attachments.get(name).map(|a| a.node)) {
+                return Err(VolumeOpError {
+                    status: 409,
+                    message: format!("volume {name} is attached to node {attached}; detach it before shrinking"),
+                });
+            }
+        }
         let volume = self
             .expect_volume(Command::ResizeVolume {
                 name: name.to_owned(),
                 size_bytes,
+                allow_shrink,
             })
             .await?;
         self.wait_local(volumes, &volume).await;

@@ -712,14 +712,15 @@ impl Volumes {
             .get(name)
             .cloned()
             .ok_or_else(|| VolumeError::Missing { name: name.to_owned() })?;
-        if size_bytes < record.size_bytes {
-            return Err(VolumeError::InvalidSize {
-                size_bytes,
-                reason: format!(
-                    "volume {name} is {} bytes; shrinking is not supported",
-                    record.size_bytes
-                ),
-            });
+        let old_size = record.size_bytes;
+        if size_bytes < old_size {
+            // Shrinking (the cluster allowed it): no I/O past the new end
+            // from now on, and what lay there is discarded on this copy, so a
+            // later grow reads zeroes there. The local record keeps the old
+            // size until the zeroing is durable: after a crash in between,
+            // the reconciler shrinks (and zeroes) again.
+            volume.size_bytes.store(size_bytes, Ordering::Release);
+            self.discard_tail(&volume, size_bytes, old_size)?;
         }
         record.size_bytes = size_bytes;
         meta.update(&record)?;
@@ -729,6 +730,30 @@ impl Volumes {
         }
         drop(meta);
         self.inspect(name)
+    }
+
+    /// Makes blocks `[from, to)` (bytes) of this node's copy read as zeroes.
+    fn discard_tail(&self, volume: &Volume, from_bytes: u64, to_bytes: u64) -> Result<(), VolumeError> {
+        let (first, end) = (from_bytes / io::BLOCK_BYTES, to_bytes.div_ceil(io::BLOCK_BYTES));
+        if first >= end {
+            return Ok(());
+        }
+        let command = Command::Zero {
+            volume_id: volume.id,
+            lba: first,
+            block_count: end - first,
+            epoch: volume.epoch(),
+            volume_sequence: volume.next_sequence(),
+        };
+        self.engine
+            .call(volume.disk, command)
+            .map(|_| ())
+            .map_err(|source| VolumeError::Store {
+                name: volume.name.clone(),
+                source,
+            })?;
+        tracing::warn!(volume = %volume.name, from_bytes, to_bytes, "volume shrunk: data past its new end discarded on this copy");
+        Ok(())
     }
 
     /// Every live local replica, by name.

@@ -311,6 +311,7 @@ impl Model {
             VolumeOp::Resize { size_bytes } => Command::ResizeVolume {
                 name: name.clone(),
                 size_bytes: *size_bytes,
+                allow_shrink: false,
             },
             VolumeOp::Delete => Command::DeleteVolume { name: name.clone() },
         };
