@@ -269,3 +269,67 @@ fn only_one_host_has_a_volume_attached_until_a_forced_failover_which_fences_the_
     second.cli_ok(&["volume", "detach", "data"]);
     second_leftovers.device = None;
 }
+
+#[test]
+fn an_attached_volume_grows_online_and_its_mounted_ext4_grows_with_it() {
+    let test = "an_attached_volume_grows_online";
+    if !host_attach_available(test, &["fusermount3", "mkfs.ext4", "resize2fs"]) {
+        return;
+    }
+    let node = TestNode::start(test, 1 << 30);
+    node.create_volume("data", "128MiB");
+    let mountpoint = node.dir.path().join("mnt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mut leftovers = Leftovers {
+        mountpoint: mountpoint.clone(),
+        fuse_dir: node.data_dir.join("attach"),
+        device: None,
+    };
+    let device = attach(&node, &mut leftovers);
+    let device_bytes = || {
+        run_ok("blockdev", &["--getsize64", device.to_str().unwrap()])
+            .trim()
+            .parse::<u64>()
+            .unwrap()
+    };
+    assert_eq!(device_bytes(), 128 << 20);
+    run_ok("mkfs.ext4", &["-q", "-F", device.to_str().unwrap()]);
+    run_ok("mount", &[device.to_str().unwrap(), mountpoint.to_str().unwrap()]);
+    let mut mounted = Some(Mount(mountpoint.clone()));
+    std::fs::write(mountpoint.join("before.txt"), "written at 128 MiB\n").unwrap();
+    let filesystem_bytes = || {
+        let out = run_ok("df", &["-B1", "--output=size", mountpoint.to_str().unwrap()]);
+        out.lines().nth(1).unwrap().trim().parse::<u64>().unwrap()
+    };
+    let small = filesystem_bytes();
+
+    node.cli_ok(&["volume", "resize", "data", "--size", "384MiB"]);
+    common::cluster::wait_until("the attached device follows the volume's size", || {
+        device_bytes() == 384 << 20
+    });
+    // ext4 grows mounted (EXT4_IOC_RESIZE_FS) only with CAP_SYS_RESOURCE;
+    // without it (some containers) it is grown unmounted, still attached.
+    if kernel_iface::process::has_capability(24) {
+        run_ok("resize2fs", &[device.to_str().unwrap()]);
+    } else {
+        println!("{test}: no CAP_SYS_RESOURCE here, so ext4 is grown unmounted (the device stays attached)");
+        run_ok("sync", &[]);
+        drop(mounted.take());
+        run_ok("e2fsck", &["-f", "-p", device.to_str().unwrap()]);
+        run_ok("resize2fs", &[device.to_str().unwrap()]);
+        run_ok("mount", &[device.to_str().unwrap(), mountpoint.to_str().unwrap()]);
+        mounted = Some(Mount(mountpoint.clone()));
+    }
+    let large = filesystem_bytes();
+    assert!(
+        large > small + (200 << 20),
+        "the mounted filesystem grew online: {small} -> {large}"
+    );
+    std::fs::write(mountpoint.join("after.txt"), vec![7u8; 200 << 20]).unwrap();
+    run_ok("sync", &[]);
+    assert_eq!(
+        std::fs::read_to_string(mountpoint.join("before.txt")).unwrap(),
+        "written at 128 MiB\n"
+    );
+    drop(mounted);
+}

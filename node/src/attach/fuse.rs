@@ -40,6 +40,15 @@ impl Files {
         self.by_inode.write().retain(|_, volume| volume.name != name);
     }
 
+    /// The volume attached under `name`, if any.
+    pub fn named(&self, name: &str) -> Option<Arc<Volume>> {
+        self.by_inode
+            .read()
+            .values()
+            .find(|volume| volume.name == name)
+            .cloned()
+    }
+
     fn get(&self, inode: u64) -> Option<Arc<Volume>> {
         self.by_inode.read().get(&inode).cloned()
     }

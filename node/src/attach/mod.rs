@@ -116,6 +116,13 @@ pub struct Device {
     pub backend: String,
 }
 
+/// A block device's size from sysfs (None if it is not there).
+fn device_size_bytes(device: &Path) -> Option<u64> {
+    let name = device.file_name()?.to_str()?;
+    let sectors = std::fs::read_to_string(format!("/sys/block/{name}/size")).ok()?;
+    sectors.trim().parse::<u64>().ok().map(|sectors| sectors * 512)
+}
+
 /// This process's mounts (/proc/self/mounts): source and target of each.
 pub fn mounts() -> std::io::Result<Vec<(String, PathBuf)>> {
     let table = std::fs::read_to_string("/proc/self/mounts")?;
@@ -300,6 +307,41 @@ impl HostAttach {
         self.files.remove(name);
         tracing::info!(volume = %name, device = %path.display(), "volume detached from this host");
         Ok(())
+    }
+
+    /// Makes the FUSE + loop devices follow their volumes' sizes after a
+    /// grow (or shrink): the file's attributes are read again, then the
+    /// loop device takes the new capacity (`losetup -c`), so a filesystem
+    /// on it can be grown online. Kernel NBD and ublk devices keep their
+    /// size until attached again.
+    pub fn follow_sizes(&self) {
+        let devices: Vec<(String, PathBuf)> = self
+            .devices
+            .lock()
+            .iter()
+            .filter(|(_, attached)| matches!(attached, Attached::Fuse(_)))
+            .map(|(name, attached)| (name.clone(), attached.path().to_owned()))
+            .collect();
+        for (name, device) in devices {
+            let Some(volume) = self.files.named(&name) else {
+                continue;
+            };
+            let wanted = volume.size_bytes();
+            if device_size_bytes(&device).is_none_or(|current| current == wanted) {
+                continue;
+            }
+            // The loop device reads the size of its backing file's inode: let
+            // the kernel ask the FUSE filesystem for it again (TTL 1 s).
+            let _ = std::fs::metadata(self.mountpoint.join(&name));
+            let refreshed = std::process::Command::new("losetup")
+                .arg("-c")
+                .arg(&device)
+                .status()
+                .is_ok_and(|status| status.success());
+            if refreshed && device_size_bytes(&device) == Some(wanted) {
+                tracing::info!(volume = %name, device = %device.display(), size_bytes = wanted, "attached device resized; grow the filesystem on it now (resize2fs, xfs_growfs)");
+            }
+        }
     }
 
     /// The block device of `name`, if attached here.

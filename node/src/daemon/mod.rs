@@ -122,6 +122,20 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         runtime.handle().clone(),
         config.attach_backend,
     ));
+    {
+        // Attached devices follow their volumes' sizes (online grow).
+        let attach = Arc::downgrade(&attach);
+        runtime.spawn(async move {
+            let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+            loop {
+                ticker.tick().await;
+                let Some(attach) = attach.upgrade() else {
+                    return;
+                };
+                let _ = tokio::task::spawn_blocking(move || attach.follow_sizes()).await;
+            }
+        });
+    }
     let state = Arc::new(ApiState {
         volumes: Arc::clone(&volumes),
         cluster: Arc::clone(&cluster),
