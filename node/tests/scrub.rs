@@ -85,6 +85,12 @@ fn scrub_finds_bit_rot_on_a_replica_and_the_coordinator_and_rewrites_both_from_a
     );
     assert_eq!(diverged, 0, "bad blocks are not divergence");
     assert_eq!(repaired, 2);
+    // `ballast status` on any node shows what the coordinator's last pass found (from its report).
+    common::cluster::wait_until("status shows the scrub's findings", || {
+        cluster.nodes[2]
+            .cli_ok(&["status"])
+            .contains("scrub: 2 bad, 0 diverged, 2 repaired, 0 unrepairable")
+    });
     assert_eq!(scrub(&cluster, "rot"), (0, 0, 0, 0), "both copies were rewritten");
     assert_eq!(metric(&cluster, 0, "ballast_scrub_checksum_errors_total"), 2);
     assert_eq!(metric(&cluster, 0, "ballast_scrub_repaired_blocks_total"), 2);

@@ -331,7 +331,7 @@ fn print_status(status: &ClusterStatus, json: bool, style: Style) -> Result<()> 
         println!("no volumes");
     } else {
         println!(
-            "{:<20} {:>9} {:>9} {:<11} {:>5} {:<22} {:<24} RESYNC",
+            "{:<20} {:>9} {:>9} {:<11} {:>5} {:<22} {:<24} RESYNC / SCRUB",
             "VOLUME", "SIZE", "USED", "HEALTH", "REPL", "ATTACHED (NBD)", "REPLICAS"
         );
         for volume in &status.volumes {
@@ -366,6 +366,19 @@ fn print_status(status: &ClusterStatus, json: bool, style: Style) -> Result<()> 
                     format!("->{} {} {percent}% {eta}", r.node, r.mode)
                 })
                 .collect();
+            let mut resync = resync;
+            if let Some(scrub) = &volume.scrub {
+                let found = scrub.checksum_errors + scrub.divergent_blocks + scrub.unrepairable_blocks;
+                if scrub.state == "running" && scrub.mode == "verify" {
+                    let percent = (scrub.scanned_bytes * 100).checked_div(scrub.size_bytes).unwrap_or(100);
+                    resync.push(format!("scrub {percent}%"));
+                } else if found > 0 {
+                    resync.push(format!(
+                        "scrub: {} bad, {} diverged, {} repaired, {} unrepairable",
+                        scrub.checksum_errors, scrub.divergent_blocks, scrub.repaired_blocks, scrub.unrepairable_blocks
+                    ));
+                }
+            }
             println!(
                 "{:<20} {:>9} {:>9} {} {:>5} {:<22} {:<24} {}",
                 volume.name,
