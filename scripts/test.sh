@@ -25,7 +25,8 @@ step() {
 step fmt cargo fmt --all -- --check
 step clippy cargo clippy --locked --workspace --all-targets -- -D warnings
 # One test thread per core keeps the loop-device and process tests from starving each other.
-step tests cargo test --locked --workspace -- --test-threads=2
+# --no-fail-fast: one failing test binary does not hide the results of the others.
+step tests cargo test --locked --workspace --no-fail-fast -- --test-threads=2
 for script in scripts/tests/*.sh; do
   [ -e "$script" ] || continue
   step "$(basename "$script" .sh)" "$script"
