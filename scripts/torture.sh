@@ -4,7 +4,7 @@
 # acknowledged write, one or two seeded faults per trial (kill -9 of the
 # coordinator or a replica, a kill during resync, SIGSTOP/SIGCONT, an
 # iptables partition, a forced failover, a disk failing with EIO, bit rot
-# in a disk file); then every written block is
+# in a disk file, full disks); then every written block is
 # checked on the coordinator and again on another replica. Ends with
 #   trials: N, faults: F, acked writes checked: W, lost: 0, corrupt: 0
 # The same seed repeats the same fault schedule. Needs root.

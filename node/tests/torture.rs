@@ -8,7 +8,8 @@
 //! (iptables), a forced failover to another node under the writes, a disk
 //! that fails every I/O with EIO for a while (the fault layer of
 //! kernel-iface, `--inject-faults`; the node is restarted after), bit rot
-//! (bytes flipped in data blocks of a node's disk file). After
+//! (bytes flipped in data blocks of a node's disk file), full disks (a
+//! repl=3 filler volume written until ENOSPC, then deleted). After
 //! the faults heal and every replica is back in sync, the checker reads
 //! every written block from the coordinator: it must hold the last
 //! acknowledged version of the block, or a newer one that was sent (its
@@ -263,9 +264,12 @@ enum Fault {
     DiskFailure,
     /// Bytes of this trial's data blocks flipped in a node's disk file.
     BitRot,
+    /// Every disk fills up (a repl=3 volume written until ENOSPC), then
+    /// the space comes back (the filler is deleted).
+    DiskFull,
 }
 
-const FAULTS: [Fault; 8] = [
+const FAULTS: [Fault; 9] = [
     Fault::KillCoordinator,
     Fault::KillReplica,
     Fault::KillReplicaDuringResync,
@@ -274,11 +278,13 @@ const FAULTS: [Fault; 8] = [
     Fault::ForcedFailover,
     Fault::DiskFailure,
     Fault::BitRot,
+    Fault::DiskFull,
 ];
 
 /// What faults are injected with.
 struct Faults<'a> {
     firewall: Option<&'a Firewall>,
+    endpoints: &'a Endpoints,
     /// Each node's fault plan file.
     plans: &'a [std::path::PathBuf],
     trial: u64,
@@ -413,6 +419,33 @@ fn inject(fault: Fault, cluster: &mut TestCluster, faults: &Faults, volume: &str
             let disk = cluster.nodes[index].dir.path().join("disk0.img");
             rot(&disk, faults.trial, 16, rng);
         }
+        Fault::DiskFull => {
+            let filler = format!("fill{}", faults.trial);
+            cluster.nodes[coordinator].cli_ok(&["volume", "create", &filler, "--size", "400MiB", "--repl", "3"]);
+            let mut client = faults.endpoints.connect(&filler);
+            let chunk = vec![0x5Au8; 1 << 20];
+            let mut full = false;
+            for mib in 0..400u64 {
+                match client.request(proto::CMD_WRITE, mib << 20, 1 << 20, &chunk) {
+                    Ok((0, _)) => {}
+                    Ok((errno, _)) => {
+                        assert_eq!(errno, 28, "a full disk answers ENOSPC, not errno {errno}");
+                        full = true;
+                        break;
+                    }
+                    Err(error) => panic!("the filler's connection failed: {error}"),
+                }
+            }
+            assert!(full, "400 MiB fitted on 256 MiB disks");
+            std::thread::sleep(pause);
+            drop(client);
+            wait_until(&format!("{filler} deleted"), || {
+                cluster.nodes[coordinator]
+                    .cli(&["volume", "delete", &filler])
+                    .status
+                    .success()
+            });
+        }
     }
     fault
 }
@@ -514,6 +547,7 @@ fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
             let fault = FAULTS[rng.gen_range(0..FAULTS.len())];
             let faults = Faults {
                 firewall: firewall.as_ref(),
+                endpoints: &endpoints,
                 plans: &plans,
                 trial,
             };
