@@ -9,14 +9,7 @@ use std::process::Command;
 
 use common::cluster::{wait_until, TestCluster};
 use common::node::TestNode;
-use common::{have_tool, text};
-
-fn qemu_io(uri: &str, command: &str) -> std::process::Output {
-    Command::new("qemu-io")
-        .args(["-f", "raw", "-c", command, uri])
-        .output()
-        .unwrap()
-}
+use common::{have_tool, qemu_io, qemu_io_ok, text};
 
 fn disk_used_bytes(node: &TestNode) -> u64 {
     let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
@@ -62,17 +55,9 @@ fn a_volume_uses_space_only_for_written_data_and_a_trim_gives_it_back() {
     );
     // The trimmed range reads as zeroes, the rest as written.
     let zeroes = qemu_io(&uri, "read -P 0 64M 80M");
-    assert!(
-        zeroes.status.success() && !text(&zeroes).contains("failed"),
-        "{}",
-        text(&zeroes)
-    );
+    assert!(qemu_io_ok(&zeroes), "{}", text(&zeroes));
     let kept = qemu_io(&uri, "read -P 0x61 144M 16M");
-    assert!(
-        kept.status.success() && !text(&kept).contains("failed"),
-        "{}",
-        text(&kept)
-    );
+    assert!(qemu_io_ok(&kept), "{}", text(&kept));
 
     // The space is reusable: more than the disk holds goes through once trimmed space is cleaned.
     for round in 0..4u64 {
@@ -128,18 +113,10 @@ fn a_volume_exports_to_raw_and_qcow2_and_imports_back_byte_for_byte() {
     assert_eq!(info["used_bytes"], 3u64 << 20, "thin: only the written megabytes");
     for (fill, offset) in [(0x11, "0"), (0x22, "10M"), (0x33, "63M")] {
         let read = qemu_io(&node.uri("copy"), &format!("read -P {fill:#x} {offset} 1M"));
-        assert!(
-            read.status.success() && !text(&read).contains("failed"),
-            "{}",
-            text(&read)
-        );
+        assert!(qemu_io_ok(&read), "{}", text(&read));
     }
     let zero = qemu_io(&node.uri("copy"), "read -P 0 20M 1M");
-    assert!(
-        zero.status.success() && !text(&zero).contains("failed"),
-        "{}",
-        text(&zero)
-    );
+    assert!(qemu_io_ok(&zero), "{}", text(&zero));
     // Into an existing volume too small for the image: refused, saying so.
     node.create_volume("small", "16MiB");
     let refused = node.cli(&["volume", "import", raw.to_str().unwrap(), "small"]);
@@ -215,11 +192,7 @@ fn a_disk_enrolled_into_a_running_node_takes_new_volumes_at_once_and_stays_after
     assert_eq!(capacity(&node).0, 2, "the enrolled disk is in the data directory");
     for (volume, fill, len) in [("a", 0x51, "48M"), ("b", 0x52, "200M")] {
         let read = qemu_io(&node.uri(volume), &format!("read -P {fill:#x} 0 {len}"));
-        assert!(
-            read.status.success() && !text(&read).contains("failed"),
-            "{}",
-            text(&read)
-        );
+        assert!(qemu_io_ok(&read), "{}", text(&read));
     }
 }
 
@@ -268,16 +241,8 @@ fn a_volume_shrinks_only_when_allowed_and_the_discarded_tail_reads_zeroes_on_eve
         }
         let uri = cluster.nodes[index].uri("s");
         let kept = qemu_io(&uri, "read -P 0x71 0 8M");
-        assert!(
-            kept.status.success() && !text(&kept).contains("failed"),
-            "node {index}: {}",
-            text(&kept)
-        );
+        assert!(qemu_io_ok(&kept), "node {index}: {}", text(&kept));
         let gone = qemu_io(&uri, "read -P 0 24M 8M");
-        assert!(
-            gone.status.success() && !text(&gone).contains("failed"),
-            "node {index}: {}",
-            text(&gone)
-        );
+        assert!(qemu_io_ok(&gone), "node {index}: {}", text(&gone));
     }
 }

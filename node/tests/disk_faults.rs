@@ -9,21 +9,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::cluster::{wait_until, TestCluster};
-use common::{have_tool, text};
-
-fn qemu_io(uri: &str, command: &str) -> std::process::Output {
-    Command::new("qemu-io")
-        .args(["-f", "raw", "-c", command, uri])
-        .output()
-        .unwrap()
-}
-
-fn ok(output: &std::process::Output) -> bool {
-    output.status.success() && !text(output).contains("failed")
-}
+use common::{have_tool, qemu_io, qemu_io_ok, text};
 
 /// A 3-node cluster whose nodes read their fault plans from the returned files.
 fn cluster_with_plans(test: &str) -> (TestCluster, Vec<PathBuf>, tempfile::TempDir) {
@@ -51,12 +39,12 @@ fn a_coordinator_whose_disk_fails_hands_the_volume_to_a_replica_and_loses_nothin
     cluster.nodes[0].cli_ok(&["volume", "create", "d", "--size", "16MiB", "--repl", "3"]);
     assert_eq!(coordinator(&cluster, 0, "d"), cluster.nodes[0].node_id());
     let written = qemu_io(&cluster.nodes[0].uri("d"), "write -P 0x21 0 1M");
-    assert!(ok(&written), "{}", text(&written));
+    assert!(qemu_io_ok(&written), "{}", text(&written));
 
     std::fs::write(&plans[0], "any 0\n").unwrap();
     // The next write fails on the coordinator's disk (not acknowledged) and stops its store.
     wait_until("the coordinator's store fails", || {
-        !ok(&qemu_io(&cluster.nodes[0].uri("d"), "write -P 0x22 1M 64k"))
+        !qemu_io_ok(&qemu_io(&cluster.nodes[0].uri("d"), "write -P 0x22 1M 64k"))
     });
     let old = cluster.nodes[0].node_id();
     wait_until("the volume served by another node", || {
@@ -73,10 +61,10 @@ fn a_coordinator_whose_disk_fails_hands_the_volume_to_a_replica_and_loses_nothin
     );
     let uri = cluster.nodes[heir].uri("d");
     let written = qemu_io(&uri, "write -P 0x23 2M 1M");
-    assert!(ok(&written), "{}", text(&written));
+    assert!(qemu_io_ok(&written), "{}", text(&written));
     for (fill, offset) in [(0x21, 0), (0x23, 2 << 20)] {
         let read = qemu_io(&uri, &format!("read -P {fill:#x} {offset} 1M"));
-        assert!(ok(&read), "{}", text(&read));
+        assert!(qemu_io_ok(&read), "{}", text(&read));
     }
 
     // The disk works again after a restart (a replaced disk): resynced, it serves the same bytes.
@@ -93,7 +81,7 @@ fn a_coordinator_whose_disk_fails_hands_the_volume_to_a_replica_and_loses_nothin
     let uri = cluster.nodes[0].uri("d");
     for (fill, offset) in [(0x21, 0), (0x23, 2 << 20)] {
         let read = qemu_io(&uri, &format!("read -P {fill:#x} {offset} 1M"));
-        assert!(ok(&read), "{}", text(&read));
+        assert!(qemu_io_ok(&read), "{}", text(&read));
     }
 }
 
@@ -111,7 +99,7 @@ fn a_replica_whose_disk_fails_leaves_the_in_sync_set_and_writes_go_on() {
     // Writes are acknowledged all along: the failing replica is dropped, not waited for.
     for round in 0..8u64 {
         let written = qemu_io(&uri, &format!("write -P {:#x} {} 64k", 0x40 + round, round << 16));
-        assert!(ok(&written), "round {round}: {}", text(&written));
+        assert!(qemu_io_ok(&written), "round {round}: {}", text(&written));
     }
     let info = cluster.nodes[0].inspect("r");
     let in_sync: Vec<u64> = info["in_sync"]
@@ -124,7 +112,7 @@ fn a_replica_whose_disk_fails_leaves_the_in_sync_set_and_writes_go_on() {
     assert_eq!(in_sync.len(), 2, "{info}");
     for round in 0..8u64 {
         let read = qemu_io(&uri, &format!("read -P {:#x} {} 64k", 0x40 + round, round << 16));
-        assert!(ok(&read), "{}", text(&read));
+        assert!(qemu_io_ok(&read), "{}", text(&read));
     }
     cluster.wait_for("cluster status shows the failed disk", |status| {
         status["nodes"].as_array().unwrap().iter().any(|node| {

@@ -7,17 +7,8 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::cluster::TestCluster;
-use common::{have_tool, text};
-
-fn qemu_io(uri: &str, command: &str) -> std::process::Output {
-    Command::new("qemu-io")
-        .args(["-f", "raw", "-c", command, uri])
-        .output()
-        .unwrap()
-}
+use common::{have_tool, qemu_io, qemu_io_ok, text};
 
 /// `scrub start VOLUME --wait` on node 0; its table row for the volume as
 /// (checksum errors, diverged, repaired, unrepairable).
@@ -99,11 +90,7 @@ fn scrub_finds_bit_rot_on_a_replica_and_the_coordinator_and_rewrites_both_from_a
     // What clients read is what they wrote, through every node's copy.
     for (fill, offset) in [(0x5a, 65536), (0x6b, 131072), (0x7c, 1 << 20)] {
         let read = qemu_io(&uri, &format!("read -P {fill:#x} {offset} 4096"));
-        assert!(
-            read.status.success() && !text(&read).contains("failed"),
-            "{}",
-            text(&read)
-        );
+        assert!(qemu_io_ok(&read), "{}", text(&read));
     }
     assert!(
         !cluster.nodes[0].log_text().contains("local read failed"),
@@ -112,11 +99,7 @@ fn scrub_finds_bit_rot_on_a_replica_and_the_coordinator_and_rewrites_both_from_a
     cluster.nodes[1].cli_ok(&["volume", "attach", "rot", "--force"]);
     let uri = cluster.nodes[1].uri("rot");
     let read = qemu_io(&uri, "read -P 0x5a 65536 4096");
-    assert!(
-        read.status.success() && !text(&read).contains("failed"),
-        "{}",
-        text(&read)
-    );
+    assert!(qemu_io_ok(&read), "{}", text(&read));
     assert!(!cluster.nodes[1].log_text().contains("local read failed"));
 }
 
@@ -180,11 +163,7 @@ fn scrub_makes_a_replica_that_took_a_stray_write_agree_with_the_coordinator() {
     // Served from node 2's copy, the volume holds what the client wrote.
     cluster.nodes[2].cli_ok(&["volume", "attach", "div", "--force"]);
     let read = qemu_io(&cluster.nodes[2].uri("div"), "read -P 0x11 0 256k");
-    assert!(
-        read.status.success() && !text(&read).contains("failed"),
-        "{}",
-        text(&read)
-    );
+    assert!(qemu_io_ok(&read), "{}", text(&read));
 }
 
 #[test]
@@ -222,9 +201,5 @@ fn a_resync_that_meets_a_rotten_block_repairs_it_from_another_replica_and_finish
     assert_eq!(scrub(&cluster, "rs"), (0, 0, 0, 0), "every copy holds the data");
     cluster.nodes[2].cli_ok(&["volume", "attach", "rs", "--force"]);
     let read = qemu_io(&cluster.nodes[2].uri("rs"), "read -P 0x3c 0 1M");
-    assert!(
-        read.status.success() && !text(&read).contains("failed"),
-        "{}",
-        text(&read)
-    );
+    assert!(qemu_io_ok(&read), "{}", text(&read));
 }

@@ -114,3 +114,17 @@ pub fn corrupt_block_filled_with(path: &std::path::Path, fill: u8) -> bool {
     }
     false
 }
+
+/// `qemu-io -f raw -c COMMAND URI` (one command against an NBD export).
+pub fn qemu_io(uri: &str, command: &str) -> Output {
+    Command::new("qemu-io")
+        .args(["-f", "raw", "-c", command, uri])
+        .output()
+        .expect("run qemu-io")
+}
+
+/// Whether a qemu-io run succeeded: exit status 0 and no failed command
+/// (qemu-io exits 0 after a failed read or write).
+pub fn qemu_io_ok(output: &Output) -> bool {
+    output.status.success() && !text(output).contains("failed")
+}
