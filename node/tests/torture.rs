@@ -10,7 +10,8 @@
 //! kernel-iface, `--inject-faults`; the node is restarted after), bit rot
 //! (bytes flipped in data blocks of a node's disk file), full disks (a
 //! repl=3 filler volume written until ENOSPC, then deleted). After
-//! the faults heal and every replica is back in sync, the checker reads
+//! the faults heal, every replica is back in sync and every node reports the
+//! same metadata for the volume, the checker reads
 //! every written block from the coordinator: it must hold the last
 //! acknowledged version of the block, or a newer one that was sent (its
 //! acknowledgement lost with the fault), never an older one (lost), nor
@@ -468,6 +469,30 @@ fn wait_converged(cluster: &TestCluster, volume: &str) {
     });
 }
 
+/// Waits until every node reports the same metadata for `volume` (epoch,
+/// coordinator, replicas, in-sync set, size): Raft converged.
+fn metadata_agrees(cluster: &TestCluster, volume: &str) {
+    wait_until(&format!("{volume}: every node's metadata agrees"), || {
+        let views: Vec<Option<Vec<serde_json::Value>>> = (0..cluster.nodes.len())
+            .map(|index| {
+                let status = cluster.status(index)?;
+                let record = status["volumes"]
+                    .as_array()?
+                    .iter()
+                    .find(|v| v["name"] == volume)?
+                    .clone();
+                Some(
+                    ["epoch", "coordinator", "replica_nodes", "in_sync", "size_bytes"]
+                        .iter()
+                        .map(|field| record[*field].clone())
+                        .collect(),
+                )
+            })
+            .collect();
+        views.iter().all(|view| view.is_some() && *view == views[0])
+    });
+}
+
 fn setting(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
@@ -560,6 +585,7 @@ fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
         writing.join().expect("the writer panicked");
         tally.faults += injected.len();
         wait_converged(&cluster, &volume);
+        metadata_agrees(&cluster, &volume);
         let book = book.lock().clone();
         let mut reader = Reader::new(&endpoints, &volume);
         let served = check(trial, &mut reader, &book, &mut tally);
