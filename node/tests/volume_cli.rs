@@ -63,7 +63,7 @@ fn bad_names_sizes_options_duplicates_and_missing_volumes_get_one_line_errors() 
     fails_with(
         &node,
         &["volume", "resize", "a", "--size", "8MiB"],
-        "shrinking is not supported",
+        "pass --allow-shrink",
     );
     // No node at that address: the error says how to start one.
     let output = common::ballast()
