@@ -110,6 +110,25 @@ pub struct ScrubTotals {
     pub unrepairable_blocks: AtomicU64,
 }
 
+impl ScrubTotals {
+    /// Adds what a pass found and did between `before` and `after`.
+    fn add_progress(&self, before: &ScrubStatus, after: &ScrubStatus) {
+        for (counter, then, now) in [
+            (&self.checksum_errors, before.checksum_errors, after.checksum_errors),
+            (&self.divergent_blocks, before.divergent_blocks, after.divergent_blocks),
+            (&self.repaired_blocks, before.repaired_blocks, after.repaired_blocks),
+            (
+                &self.unrepairable_blocks,
+                before.unrepairable_blocks,
+                after.unrepairable_blocks,
+            ),
+            (&self.verified_bytes, before.verified_bytes, after.verified_bytes),
+        ] {
+            counter.fetch_add(now - then, Ordering::Relaxed);
+        }
+    }
+}
+
 /// This node's scrubs: running, last results, and what is due.
 #[derive(Default)]
 pub struct Scrubs {
@@ -312,30 +331,9 @@ async fn scrub_volume(
         }
         let count = region_blocks.min(volume.size_bytes() / BLOCK_BYTES - lba);
         let targets = replication.map(|r| r.targets.read().clone()).unwrap_or_default();
-        let before = (
-            status.checksum_errors,
-            status.divergent_blocks,
-            status.repaired_blocks,
-            status.unrepairable_blocks,
-            status.verified_bytes,
-        );
+        let before = status.clone();
         scrub_region(volume, &targets, lba, count, mode == Mode::Verify, timeout, status).await?;
-        let totals = &cluster.scrubs.totals;
-        totals
-            .checksum_errors
-            .fetch_add(status.checksum_errors - before.0, Ordering::Relaxed);
-        totals
-            .divergent_blocks
-            .fetch_add(status.divergent_blocks - before.1, Ordering::Relaxed);
-        totals
-            .repaired_blocks
-            .fetch_add(status.repaired_blocks - before.2, Ordering::Relaxed);
-        totals
-            .unrepairable_blocks
-            .fetch_add(status.unrepairable_blocks - before.3, Ordering::Relaxed);
-        totals
-            .verified_bytes
-            .fetch_add(status.verified_bytes - before.4, Ordering::Relaxed);
+        cluster.scrubs.totals.add_progress(&before, status);
         lba += count;
         status.scanned_bytes = lba * BLOCK_BYTES;
         status.updated_unix_ms = unix_ms();
