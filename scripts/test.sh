@@ -15,6 +15,11 @@ LOG=$(mktemp /tmp/ballast-test.XXXXXX)
 export BALLAST_SKIP_LOG=$(mktemp /tmp/ballast-skips.XXXXXX)
 trap 'rm -f "$LOG" "$BALLAST_SKIP_LOG"' EXIT
 failed=()
+# A fresh build of every test binary and the fuzz targets takes several GB;
+# say how much room there is, so a "No space left on device" is no mystery.
+df -h . /var/tmp | sed 's/^/disk: /'
+# Incremental caches only help repeated builds; CI builds once.
+[ -n "${CI:-}" ] && export CARGO_INCREMENTAL=0
 
 step() {
   local name=$1; shift
