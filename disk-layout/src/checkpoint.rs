@@ -31,7 +31,9 @@
 //! ```text
 //! segment_count x u64   last batch sequence written in each segment (0 = never)
 //! volume_count x {
-//!     u64 volume_id, u64 mapping_count, u64 epoch_max, u64 volume_sequence_max
+//!     u64 volume_id, u64 mapping_count | SHARED, u64 epoch_max, u64 volume_sequence_max
+//!         (SHARED = bit 63: the volume was cloned or is a clone, and may map
+//!         disk blocks that other shared volumes map too)
 //!     mapping_count x { u64 lba, u32 address, u32 crc }   (lba ascending)
 //! }
 //! ```
@@ -62,6 +64,8 @@ const _: () = assert!(END == 72);
 pub const CHECKPOINT_HEADER_BYTES: usize = BLOCK_BYTES;
 const VOLUME_HEADER_BYTES: usize = 32;
 const MAPPING_BYTES: usize = 16;
+/// Flag in a volume's mapping_count: the volume is shared (see `Index`).
+const SHARED_FLAG: u64 = 1 << 63;
 
 /// Where replay starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -165,7 +169,8 @@ pub fn encode_payload(index: &Index, segment_last_sequence: &[u64], out: &mut [u
     for id in &ids {
         let volume = index.volume(*id).expect("listed");
         put_u64(out, at, *id);
-        put_u64(out, at + 8, volume.used_blocks());
+        let shared = if volume.is_shared() { SHARED_FLAG } else { 0 };
+        put_u64(out, at + 8, volume.used_blocks() | shared);
         put_u64(out, at + 16, volume.epoch_max);
         put_u64(out, at + 24, volume.volume_sequence_max);
         at += VOLUME_HEADER_BYTES;
@@ -216,7 +221,11 @@ pub fn decode_payload(
             return Err(bad("checkpoint volume order", id));
         }
         previous_id = Some(id);
-        let count = get_u64(payload, at + 8);
+        let count_and_flags = get_u64(payload, at + 8);
+        let count = count_and_flags & !SHARED_FLAG;
+        if count_and_flags & SHARED_FLAG != 0 {
+            index.mark_shared(id);
+        }
         let volume = index.volume_mut(id);
         volume.epoch_max = get_u64(payload, at + 16);
         volume.volume_sequence_max = get_u64(payload, at + 24);

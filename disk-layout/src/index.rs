@@ -9,7 +9,7 @@
 //! Keeping each block's crc here lets every read be verified without reading
 //! record headers: 8 bytes of memory per 4 KiB block written (0.2 %).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 /// Volume blocks per index chunk.
@@ -61,6 +61,9 @@ pub struct VolumeIndex {
     /// Highest epoch and volume sequence of any record applied to the volume.
     pub epoch_max: u64,
     pub volume_sequence_max: u64,
+    /// The volume was the source or the target of a clone, so other shared
+    /// volumes may map the same disk blocks (at the same LBAs).
+    shared: bool,
 }
 
 impl VolumeIndex {
@@ -105,6 +108,21 @@ impl VolumeIndex {
         old
     }
 
+    /// Unmaps every block and returns what was mapped (epochs are kept).
+    pub fn clear(&mut self) -> Vec<(u64, Entry)> {
+        let entries = self.iter().collect();
+        self.chunks.clear();
+        self.used_blocks = 0;
+        entries
+    }
+
+    /// True when other volumes may map this volume's disk blocks (it was
+    /// the source or the target of a clone).
+    #[must_use]
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+
     /// Blocks that are not unmapped (data or bad).
     #[must_use]
     pub fn used_blocks(&self) -> u64 {
@@ -146,9 +164,17 @@ fn offset_in_chunk(lba: u64) -> usize {
 }
 
 /// The index of every volume on one disk.
+///
+/// Clones share disk blocks: after `clone_volume` the source and the target
+/// map the same addresses at the same LBAs until one of them is written.
+/// Such volumes are *shared*; a disk block is referenced by every shared
+/// volume that maps it, and is free only when none does (`shared_maps`,
+/// `referrer`). Volumes never cloned skip every such check.
 #[derive(Clone, Default)]
 pub struct Index {
     volumes: HashMap<u64, VolumeIndex>,
+    /// Ids of the shared volumes.
+    shared: BTreeSet<u64>,
 }
 
 impl Index {
@@ -171,8 +197,10 @@ impl Index {
         self.volumes.entry(volume_id).or_default()
     }
 
-    /// Removes a volume and returns its map.
+    /// Removes a volume and returns its map. Its blocks stay referenced by
+    /// the shared volumes that map them too.
     pub fn remove_volume(&mut self, volume_id: u64) -> Option<VolumeIndex> {
+        self.shared.remove(&volume_id);
         self.volumes.remove(&volume_id)
     }
 
@@ -183,8 +211,73 @@ impl Index {
             .get(&volume_id)
             .is_some_and(|volume| volume.used_blocks() == 0 && volume.epoch_max == 0)
         {
-            self.volumes.remove(&volume_id);
+            self.remove_volume(volume_id);
         }
+    }
+
+    /// Marks a volume shared (see the type's documentation); creates an
+    /// empty map when missing.
+    pub fn mark_shared(&mut self, volume_id: u64) {
+        self.volume_mut(volume_id).shared = true;
+        self.shared.insert(volume_id);
+    }
+
+    /// True when any volume on the disk is shared.
+    #[must_use]
+    pub fn has_shared(&self) -> bool {
+        !self.shared.is_empty()
+    }
+
+    /// True when a shared volume other than `except` maps `lba` to the
+    /// data block of `entry` (false for an entry without data).
+    #[must_use]
+    pub fn shared_maps(&self, except: u64, lba: u64, entry: Entry) -> bool {
+        entry.is_data()
+            && self
+                .shared
+                .iter()
+                .filter(|&&other| other != except)
+                .any(|other| self.get(*other, lba).address == entry.address)
+    }
+
+    /// A volume that maps `lba` to the data block at `address`: `hint` if
+    /// it does, else any shared volume that does.
+    #[must_use]
+    pub fn referrer(&self, hint: u64, lba: u64, address: u32) -> Option<(u64, Entry)> {
+        let entry = self.get(hint, lba);
+        if entry.address == address {
+            return Some((hint, entry));
+        }
+        self.shared.iter().find_map(|&other| {
+            let entry = self.get(other, lba);
+            (entry.address == address).then_some((other, entry))
+        })
+    }
+
+    /// Volumes that may map `lba` to a block `volume_id`'s record placed:
+    /// `volume_id` and every shared volume, each once.
+    #[must_use]
+    pub fn referrer_candidates(&self, volume_id: u64) -> Vec<u64> {
+        let mut ids = vec![volume_id];
+        ids.extend(self.shared.iter().copied().filter(|&id| id != volume_id));
+        ids
+    }
+
+    /// Makes `target`'s map a copy of `source`'s (sharing its chunks, so
+    /// this costs a pointer per 4 MiB) and marks both shared. `target`'s
+    /// previous entries must have been cleared by the caller (so that their
+    /// blocks could be released); its epoch and sequence are kept.
+    pub fn clone_volume(&mut self, source: u64, target: u64) {
+        assert_ne!(source, target, "a volume is not cloned onto itself");
+        self.mark_shared(source);
+        let source_index = self.volumes.get(&source).expect("marked above");
+        let chunks = source_index.chunks.clone();
+        let used_blocks = source_index.used_blocks;
+        let target_index = self.volume_mut(target);
+        assert_eq!(target_index.used_blocks, 0, "clone target cleared first");
+        target_index.chunks = chunks;
+        target_index.used_blocks = used_blocks;
+        self.mark_shared(target);
     }
 
     /// Volumes with a map, sorted by id.

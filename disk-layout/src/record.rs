@@ -27,13 +27,19 @@
 //!      0    8 volume_id
 //!      8    8 lba: first volume block (4 KiB units)
 //!     16    4 block_count
-//!     20    1 kind (1 write, 2 zero, 3 delete volume, 4 relocate, 5 bad)
+//!     20    1 kind (1 write, 2 zero, 3 delete volume, 4 relocate, 5 bad,
+//!               6 clone: volume_id's map becomes a copy of volume lba's,
+//!               sharing its blocks; block_count 0)
 //!     21    1 flags (zero)
 //!     22    2 zero
 //!     24    8 epoch of the writer (replication fencing)
 //!     32    8 volume_sequence assigned by the volume's coordinator
 //!     40    4 data_crc: crc32c over the little-endian crc32c of each data block
-//!     44    4 zero
+//!     44    4 relocated_from: relocate and bad records of the cleaner: the
+//!               disk address the first block moved from (the others follow
+//!               it); every volume that maps lba+i there is re-pointed.
+//!               0 (older records, and all other kinds): only volume_id's
+//!               entries change
 //! ```
 //!
 //! A batch continues the log only if its header checksum matches and its
@@ -70,9 +76,10 @@ const R_FLAGS: usize = R_KIND + 1;
 const R_EPOCH: usize = R_FLAGS + 3;
 const R_VOLUME_SEQUENCE: usize = R_EPOCH + 8;
 const R_DATA_CRC: usize = R_VOLUME_SEQUENCE + 8;
+const R_RELOCATED_FROM: usize = R_DATA_CRC + 4;
 /// Encoded size of one record entry.
 pub const RECORD_BYTES: usize = 48;
-const _: () = assert!(R_DATA_CRC + 8 == RECORD_BYTES);
+const _: () = assert!(R_RELOCATED_FROM + 4 == RECORD_BYTES);
 
 /// Size of a batch header.
 pub const BATCH_HEADER_BYTES: usize = BLOCK_BYTES;
@@ -95,6 +102,9 @@ pub enum RecordKind {
     Relocate,
     /// The blocks' data was found corrupt; reads fail until rewritten.
     Bad,
+    /// The volume's map becomes a copy of another volume's (`lba` holds the
+    /// source volume id), sharing its disk blocks: snapshots and clones.
+    Clone,
 }
 
 impl RecordKind {
@@ -105,6 +115,7 @@ impl RecordKind {
             Self::DeleteVolume => 3,
             Self::Relocate => 4,
             Self::Bad => 5,
+            Self::Clone => 6,
         }
     }
 
@@ -115,6 +126,7 @@ impl RecordKind {
             3 => Self::DeleteVolume,
             4 => Self::Relocate,
             5 => Self::Bad,
+            6 => Self::Clone,
             other => {
                 return Err(FormatError::BadField {
                     what: "record kind",
@@ -141,6 +153,8 @@ pub struct Record {
     pub epoch: u64,
     pub volume_sequence: u64,
     pub data_crc: u32,
+    /// See `relocated_from` in the layout above (0: not given).
+    pub relocated_from: u32,
 }
 
 impl Record {
@@ -164,7 +178,7 @@ impl Record {
         put_u64(out, R_EPOCH, self.epoch);
         put_u64(out, R_VOLUME_SEQUENCE, self.volume_sequence);
         put_u32(out, R_DATA_CRC, self.data_crc);
-        put_u32(out, R_DATA_CRC + 4, 0);
+        put_u32(out, R_RELOCATED_FROM, self.relocated_from);
     }
 
     fn decode_from(bytes: &[u8]) -> Result<Self, FormatError> {
@@ -176,7 +190,14 @@ impl Record {
             epoch: get_u64(bytes, R_EPOCH),
             volume_sequence: get_u64(bytes, R_VOLUME_SEQUENCE),
             data_crc: get_u32(bytes, R_DATA_CRC),
+            relocated_from: get_u32(bytes, R_RELOCATED_FROM),
         };
+        if record.kind == RecordKind::Clone && (record.block_count != 0 || record.lba == record.volume_id) {
+            return Err(FormatError::BadField {
+                what: "clone record",
+                value: record.lba,
+            });
+        }
         if record.kind.has_data() && record.block_count == 0 {
             return Err(FormatError::BadField {
                 what: "record block_count",
@@ -323,9 +344,10 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             any::<u32>(),
+            any::<u32>(),
         )
             .prop_map(
-                |(volume_id, lba, block_count, kind, epoch, volume_sequence, data_crc)| Record {
+                |(volume_id, lba, block_count, kind, epoch, volume_sequence, data_crc, relocated_from)| Record {
                     volume_id,
                     lba,
                     block_count,
@@ -333,6 +355,7 @@ mod tests {
                     epoch,
                     volume_sequence,
                     data_crc,
+                    relocated_from,
                 },
             )
     }
@@ -418,6 +441,7 @@ mod tests {
                 epoch: 0,
                 volume_sequence: 0,
                 data_crc: 0,
+                relocated_from: 0,
             }],
         };
         let mut block = vec![0u8; BATCH_HEADER_BYTES];
@@ -426,6 +450,44 @@ mod tests {
         block[RECORDS + R_KIND] = 1;
         let crc = crc32c_with_hole(&block, CRC);
         put_u32(&mut block, CRC, crc);
+        assert!(BatchHeader::decode(&block).is_err());
+    }
+
+    fn clone_header(source: u64, target: u64) -> BatchHeader {
+        BatchHeader {
+            durable_window: 0,
+            sequence: 1,
+            previous_header_crc: 0,
+            segment_index: 0,
+            next_segment_index: 1,
+            open_nonce: 9,
+            records: vec![Record {
+                volume_id: target,
+                lba: source,
+                block_count: 0,
+                kind: RecordKind::Clone,
+                epoch: 3,
+                volume_sequence: 4,
+                data_crc: 0,
+                relocated_from: 0,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_clone_record_round_trips_and_names_its_source_in_lba() {
+        let header = clone_header(7, 8);
+        let mut block = vec![0u8; BATCH_HEADER_BYTES];
+        header.encode_into(&mut block);
+        let (decoded, _) = BatchHeader::decode(&block).expect("valid");
+        assert_eq!(decoded, header);
+        assert_eq!(decoded.records[0].data_blocks(), 0);
+    }
+
+    #[test]
+    fn a_clone_record_onto_its_own_source_is_refused() {
+        let mut block = vec![0u8; BATCH_HEADER_BYTES];
+        clone_header(7, 7).encode_into(&mut block);
         assert!(BatchHeader::decode(&block).is_err());
     }
 }

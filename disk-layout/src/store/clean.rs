@@ -220,19 +220,22 @@ impl Store {
         for block in 0..record.block_count {
             let lba = record.lba + u64::from(block);
             let address = base + data_offset + block;
-            let entry = self.index.get(record.volume_id, lba);
-            let live = entry.address == address;
+            // The record names the volume that wrote the block; clones of it
+            // (snapshots) may map it too, and keep it live after it is overwritten.
+            let referrer = self.index.referrer(record.volume_id, lba, address);
+            let live = referrer.is_some();
+            let (volume_id, entry) = referrer.unwrap_or((record.volume_id, Entry::UNMAPPED));
             let at = (data_offset + block) as usize * BLOCK;
             let data = &segment[at..at + BLOCK];
             let intact = live && block_crc(data) == entry.crc;
             if live && !intact {
                 self.stats.checksum_errors += 1;
-                tracing::error!(disk = %self.config.disk_name, volume = record.volume_id, lba, address, "checksum mismatch while cleaning; marking block bad");
+                tracing::error!(disk = %self.config.disk_name, volume = volume_id, lba, address, "checksum mismatch while cleaning; marking block bad");
             }
             let kind = if intact { RecordKind::Relocate } else { RecordKind::Bad };
             let extends = current
                 .as_ref()
-                .is_some_and(|run| run.kind == kind && run.lba + run.block_count == lba);
+                .is_some_and(|run| run.kind == kind && run.volume_id == volume_id && run.lba + run.block_count == lba);
             if !live || !extends {
                 runs.extend(current.take());
             }
@@ -241,7 +244,7 @@ impl Store {
             }
             let run = current.get_or_insert_with(|| PendingWrite {
                 tag: None,
-                volume_id: record.volume_id,
+                volume_id,
                 lba,
                 block_count: 0,
                 kind,

@@ -55,6 +55,8 @@ pub enum Reply {
     Written,
     Zeroed,
     Deleted,
+    /// A `clone_volume` is durable.
+    Cloned,
     Flushed,
     /// The data read, `block_count * 4096` bytes.
     Read(IoBuf),
@@ -284,6 +286,25 @@ impl Store {
     #[must_use]
     pub fn replay_ended_at_damage(&self) -> bool {
         self.damaged_tail
+    }
+
+    /// Checks the segments' live counts against a recount from the index
+    /// (every mapped block once, however many clones share it): for tests
+    /// and debugging; costs a walk of the whole index.
+    ///
+    /// # Errors
+    /// The first segment whose count differs.
+    pub fn verify_live_counts(&self) -> Result<(), String> {
+        let recount = open::count_live_blocks(&self.index, &self.geometry);
+        for (segment, &expected) in recount.iter().enumerate() {
+            let counted = self.segments.live_blocks(u32::try_from(segment).expect("u32"));
+            if counted != expected {
+                return Err(format!(
+                    "segment {segment}: {counted} live blocks counted, {expected} mapped"
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// True once an I/O error stopped the store.

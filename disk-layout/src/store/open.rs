@@ -428,14 +428,7 @@ impl Store {
                 value: u64::from(head.segment),
             }));
         }
-        let mut live = vec![0u32; geometry.segment_count as usize];
-        for id in index.volume_ids() {
-            for (_, entry) in index.volume(id).expect("listed").iter() {
-                if entry.is_data() {
-                    live[geometry.segment_of(entry.address).expect("validated") as usize] += 1;
-                }
-            }
-        }
+        let live = count_live_blocks(&index, &geometry);
         let floor = match slots {
             [Some(a), Some(b)] => a.log.sequence.min(b.log.sequence),
             _ => 0,
@@ -539,14 +532,14 @@ fn replay<B: BlockIo>(
                     kind: crate::record::RecordKind::Bad,
                     ..*record
                 };
-                apply_to_index(index, geometry, &bad, 0, &[], |_, _| {});
+                apply_to_index(index, &bad, 0, &[], |_, _| {});
             } else {
                 let first_address = if record.kind.has_data() {
                     geometry.block_address(segment, data_offset)
                 } else {
                     0
                 };
-                apply_to_index(index, geometry, record, first_address, crcs, |_, _| {});
+                apply_to_index(index, record, first_address, crcs, |_, _| {});
             }
             data_offset += record.data_blocks();
         }
@@ -554,6 +547,29 @@ fn replay<B: BlockIo>(
         head = after;
     }
     Ok((head, rotten_blocks, damaged_tail))
+}
+
+/// Live blocks of each segment: every data block some volume maps, a
+/// block shared by clones once (counted for the shared volume of lowest id).
+pub(super) fn count_live_blocks(index: &Index, geometry: &Geometry) -> Vec<u32> {
+    let mut live = vec![0u32; geometry.segment_count as usize];
+    let mut shared_before: Vec<u64> = Vec::new();
+    for id in index.volume_ids() {
+        let volume = index.volume(id).expect("listed");
+        for (lba, entry) in volume.iter() {
+            let counted = volume.is_shared()
+                && shared_before
+                    .iter()
+                    .any(|&other| index.get(other, lba).address == entry.address);
+            if entry.is_data() && !counted {
+                live[geometry.segment_of(entry.address).expect("validated") as usize] += 1;
+            }
+        }
+        if volume.is_shared() {
+            shared_before.push(id);
+        }
+    }
+    live
 }
 
 fn hex(bytes: &[u8; 16]) -> String {

@@ -8,7 +8,7 @@ use super::{token, Done, Reply, Store, KIND_BATCH, KIND_FLUSH, REQUEST_BLOCKS_MA
 use crate::buf::IoBuf;
 use crate::error::{IoFault, StoreError};
 use crate::geometry::{Geometry, BLOCK_BYTES};
-use crate::index::{Entry, Index};
+use crate::index::{Entry, Index, VolumeIndex};
 use crate::io::{BlockIo, IoOp, IoRequest};
 use crate::record::{
     block_crc, data_crc_of_block_crcs, BatchHeader, Record, RecordKind, BATCH_DATA_BLOCKS_MAX, BATCH_HEADER_BYTES,
@@ -26,6 +26,7 @@ pub(super) enum ReplyKind {
     Written,
     Zeroed,
     Deleted,
+    Cloned,
 }
 
 impl ReplyKind {
@@ -34,6 +35,7 @@ impl ReplyKind {
             Self::Written => Reply::Written,
             Self::Zeroed => Reply::Zeroed,
             Self::Deleted => Reply::Deleted,
+            Self::Cloned => Reply::Cloned,
         }
     }
 }
@@ -193,6 +195,39 @@ impl Store {
         }
     }
 
+    /// Makes `target`'s contents a copy of `source`'s as of now, sharing
+    /// every block (no data is copied or written: a snapshot, a clone, or a
+    /// volume restored from its snapshot). Later writes to either volume
+    /// leave the other as it was. `target`'s previous blocks are released.
+    /// Done (`Reply::Cloned`) once durable.
+    pub fn clone_volume(&mut self, tag: u64, source: u64, target: u64, epoch: u64, volume_sequence: u64) {
+        let pending = PendingWrite {
+            tag: Some(tag),
+            volume_id: target,
+            lba: source,
+            block_count: 0,
+            kind: RecordKind::Clone,
+            epoch,
+            volume_sequence,
+            data: Vec::new(),
+            source: Vec::new(),
+        };
+        let checked = if source == target {
+            Err(StoreError::InvalidRequest {
+                reason: format!("volume {source} cannot be cloned onto itself"),
+            })
+        } else {
+            self.check_request(0, 1, 1)
+        };
+        match checked {
+            Err(error) => self.done.push(Done {
+                tag,
+                result: Err(error),
+            }),
+            Ok(()) => self.submit_or_queue(pending, &[]),
+        }
+    }
+
     /// Done (`Reply::Flushed`) once every request accepted before it is durable.
     pub fn flush(&mut self, tag: u64) {
         if self.failed.is_some() {
@@ -343,6 +378,11 @@ impl Store {
             epoch: pending.epoch,
             volume_sequence: pending.volume_sequence,
             data_crc: data_crc_of_block_crcs(crcs.iter().copied()),
+            relocated_from: if for_cleaner {
+                source.first().map_or(0, |entry| entry.address)
+            } else {
+                0
+            },
         };
         open.records.push(record);
         open.data_blocks += data_blocks;
@@ -353,6 +393,7 @@ impl Store {
             let kind = match pending.kind {
                 RecordKind::Zero => ReplyKind::Zeroed,
                 RecordKind::DeleteVolume => ReplyKind::Deleted,
+                RecordKind::Clone => ReplyKind::Cloned,
                 _ => ReplyKind::Written,
             };
             open.waiters.push((tag, kind));
@@ -380,8 +421,12 @@ impl Store {
     }
 
     fn check_space(&self, pending: &PendingWrite) -> Result<(), PlaceError> {
+        // A block another clone still maps stays: overwriting it takes a new one.
         let newly_live = (pending.lba..pending.lba + pending.block_count)
-            .filter(|&lba| !self.index.get(pending.volume_id, lba).is_data())
+            .filter(|&lba| {
+                let entry = self.index.get(pending.volume_id, lba);
+                !entry.is_data() || self.index.shared_maps(pending.volume_id, lba, entry)
+            })
             .count() as u64;
         let used = self.segments.live_blocks_total();
         if used + newly_live > self.capacity_blocks() {
@@ -608,8 +653,12 @@ impl Store {
         let has_data = pending.kind.has_data();
         let mut start = 0;
         while start < count {
-            let live =
-                |index: usize| self.index.get(pending.volume_id, pending.lba + index as u64) == pending.source[index];
+            let live = |index: usize| {
+                let lba = pending.lba + index as u64;
+                self.index
+                    .referrer(pending.volume_id, lba, pending.source[index].address)
+                    .is_some()
+            };
             if !live(start) {
                 start += 1;
                 continue;
@@ -810,8 +859,7 @@ impl Store {
     }
 }
 
-/// Applies one record, to be part of the batch with `sequence`, to the
-/// index and the live counts.
+/// Applies one record to the index and the segments' live counts.
 pub(super) fn apply_record(
     index: &mut Index,
     segments: &mut SegmentTable,
@@ -821,7 +869,7 @@ pub(super) fn apply_record(
     crcs: &[u32],
     sequence: u64,
 ) {
-    apply_to_index(index, geometry, record, first_address, crcs, |old, new| {
+    apply_to_index(index, record, first_address, crcs, |old, new| {
         if old.is_data() {
             segments.remove_live(
                 geometry.segment_of(old.address).expect("data address in a segment"),
@@ -834,54 +882,102 @@ pub(super) fn apply_record(
     });
 }
 
-/// Applies one record to the index, reporting each (old, new) entry change.
+/// Applies one record to the index. `changed(old, new)` reports each change
+/// of a disk block's references: `old` (if data) lost its last referrer,
+/// `new` (if data) got its first. A block shared by clones is reported once,
+/// when the first volume takes it or the last one lets go.
 pub(super) fn apply_to_index(
     index: &mut Index,
-    geometry: &Geometry,
     record: &Record,
     first_address: u32,
     crcs: &[u32],
     mut changed: impl FnMut(Entry, Entry),
 ) {
-    let _ = geometry;
+    let shared = index.volume(record.volume_id).is_some_and(VolumeIndex::is_shared);
     match record.kind {
-        RecordKind::Write | RecordKind::Relocate => {
+        RecordKind::Write | RecordKind::Relocate if record.relocated_from == 0 => {
             assert_eq!(crcs.len(), record.block_count as usize);
-            let volume = index.volume_mut(record.volume_id);
             for (offset, crc) in crcs.iter().enumerate() {
                 let new = Entry {
                     address: first_address + u32::try_from(offset).expect("bounded by 256"),
                     crc: *crc,
                 };
-                let old = volume.set(record.lba + offset as u64, new);
-                changed(old, new);
+                let lba = record.lba + offset as u64;
+                let old = index.volume_mut(record.volume_id).set(lba, new);
+                let old_kept = shared && index.shared_maps(record.volume_id, lba, old);
+                changed(if old_kept { Entry::UNMAPPED } else { old }, new);
             }
         }
+        RecordKind::Relocate | RecordKind::Bad if record.relocated_from != 0 => {
+            // The cleaner moved (or found rotten) blocks that any number of
+            // volumes may map: re-point every one that still does.
+            let candidates = index.referrer_candidates(record.volume_id);
+            for offset in 0..record.block_count {
+                let lba = record.lba + u64::from(offset);
+                let from = record.relocated_from + offset;
+                let new = if record.kind == RecordKind::Bad {
+                    Entry::BAD
+                } else {
+                    Entry {
+                        address: first_address + offset,
+                        crc: crcs[offset as usize],
+                    }
+                };
+                let mut old = None;
+                for &volume_id in &candidates {
+                    if index.get(volume_id, lba).address == from {
+                        old = Some(index.volume_mut(volume_id).set(lba, new));
+                    }
+                }
+                if let Some(old) = old {
+                    changed(old, new);
+                }
+            }
+        }
+        RecordKind::Write | RecordKind::Relocate => unreachable!("guards above cover both"),
         RecordKind::Zero | RecordKind::Bad => {
             let new = if record.kind == RecordKind::Bad {
                 Entry::BAD
             } else {
                 Entry::UNMAPPED
             };
-            let volume = index.volume_mut(record.volume_id);
             let end = record.lba.saturating_add(u64::from(record.block_count));
             let targets: Vec<u64> = if record.kind == RecordKind::Bad {
                 (record.lba..end).collect()
             } else {
-                volume.range(record.lba, end).map(|(lba, _)| lba).collect()
+                index
+                    .volume(record.volume_id)
+                    .map(|volume| volume.range(record.lba, end).map(|(lba, _)| lba).collect())
+                    .unwrap_or_default()
             };
             for lba in targets {
-                let old = volume.set(lba, new);
-                changed(old, new);
+                let old = index.volume_mut(record.volume_id).set(lba, new);
+                let old_kept = shared && index.shared_maps(record.volume_id, lba, old);
+                changed(if old_kept { Entry::UNMAPPED } else { old }, new);
             }
         }
         RecordKind::DeleteVolume => {
             if let Some(volume) = index.remove_volume(record.volume_id) {
-                for (_, old) in volume.iter() {
-                    changed(old, Entry::UNMAPPED);
+                for (lba, old) in volume.iter() {
+                    if !(shared && index.shared_maps(record.volume_id, lba, old)) {
+                        changed(old, Entry::UNMAPPED);
+                    }
                 }
             }
             return;
+        }
+        RecordKind::Clone => {
+            let source = record.lba;
+            index.mark_shared(source);
+            let released = index.volume_mut(record.volume_id).clear();
+            for (lba, old) in released {
+                if !index.shared_maps(record.volume_id, lba, old) {
+                    changed(old, Entry::UNMAPPED);
+                }
+            }
+            // The source's blocks are referenced already: no new ones.
+            index.clone_volume(source, record.volume_id);
+            index.prune(source);
         }
     }
     let volume = index.volume_mut(record.volume_id);

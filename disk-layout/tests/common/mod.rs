@@ -32,14 +32,17 @@ pub fn block_content(volume: u64, lba: u64, content: u64) -> Vec<u8> {
 }
 
 /// Which content a block holds, or panics if it is none we ever wrote.
+/// Contents are unique across volumes; a clone's block carries the volume
+/// that wrote it.
 pub fn decode_content(volume: u64, lba: u64, block: &[u8]) -> u64 {
     if block.iter().all(|&b| b == 0) {
         return 0;
     }
+    let writer = u64::from_le_bytes(block[0..8].try_into().unwrap());
     let content = u64::from_le_bytes(block[16..24].try_into().unwrap());
     assert_eq!(
         block,
-        &block_content(volume, lba, content)[..],
+        &block_content(writer, lba, content)[..],
         "volume {volume} block {lba}: bytes that were never written there"
     );
     content
@@ -67,6 +70,10 @@ enum Pending {
     },
     Delete {
         volume: u64,
+        positions: Vec<(u64, usize)>,
+    },
+    Clone {
+        target: u64,
         positions: Vec<(u64, usize)>,
     },
     Read {
@@ -218,6 +225,21 @@ impl Harness {
         self.after_request();
     }
 
+    /// `target` becomes a copy of `source` as submitted so far.
+    pub fn clone_volume(&mut self, source: u64, target: u64) {
+        let tag = self.tag();
+        let mut positions = Vec::new();
+        for lba in 0..self.lba_range {
+            let content = *self.blocks[&(source, lba)].history.last().unwrap();
+            let model = self.blocks.get_mut(&(target, lba)).unwrap();
+            model.history.push(content);
+            positions.push((lba, model.history.len() - 1));
+        }
+        self.pending.insert(tag, Pending::Clone { target, positions });
+        self.store.clone_volume(tag, source, target, 1, tag);
+        self.after_request();
+    }
+
     pub fn read(&mut self, volume: u64, lba: u64, count: u64) {
         let tag = self.tag();
         let acked_at_submit = (lba..lba + count).map(|l| self.blocks[&(volume, l)].acked).collect();
@@ -255,13 +277,17 @@ impl Harness {
         self.collect();
     }
 
-    /// Runs until nothing is in flight (bounded).
+    /// Runs until nothing is in flight (bounded); then the live counts
+    /// must match the index.
     pub fn settle(&mut self) {
         for _ in 0..100_000 {
             self.store.tick(&mut self.disk);
             if self.disk.in_flight() == 0 {
                 self.collect();
                 if self.disk.in_flight() == 0 && (self.store.is_quiescent() || self.store.is_failed()) {
+                    if let Err(problem) = self.store.verify_live_counts() {
+                        panic!("seed={}: after settling: {problem}", self.seed);
+                    }
                     return;
                 }
             }
@@ -296,6 +322,11 @@ impl Harness {
                 (Pending::Delete { volume, positions }, Ok(Reply::Deleted)) => {
                     for (lba, position) in positions {
                         self.ack(volume, lba, position);
+                    }
+                }
+                (Pending::Clone { target, positions }, Ok(Reply::Cloned)) => {
+                    for (lba, position) in positions {
+                        self.ack(target, lba, position);
                     }
                 }
                 (
@@ -365,6 +396,9 @@ impl Harness {
         self.disk = crashed;
         self.store = store;
         self.pending.clear();
+        if let Err(problem) = self.store.verify_live_counts() {
+            panic!("seed={}: after reopen: {problem}", self.seed);
+        }
         self.verify_all_blocks();
     }
 
