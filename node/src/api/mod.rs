@@ -20,6 +20,12 @@
 //! | DELETE | /v1/volumes/{name}/device | | 204 (the block device removed) |
 //! | POST | /v1/volumes/{name}/scrub | | 202 `ScrubStarted` (the coordinator verifies every copy and repairs; follow it in GET /v1/cluster) |
 //! | POST | /v1/volumes/{name}/unlock | `{"passphrase":"..."}` | 204 (a passphrase-encrypted volume, on the node serving it) |
+//! | GET | /v1/volumes/{name}/snapshots | | `[SnapshotInfo]`, oldest first |
+//! | POST | /v1/volumes/{name}/snapshots | `{"name":"SNAP"}` | 201 `SnapshotInfo` (crash-consistent, on every in-sync replica; exported read-only over NBD as `NAME@SNAP`) |
+//! | DELETE | /v1/volumes/{name}/snapshots/{snapshot} | | 204 |
+//! | POST | /v1/volumes/{name}/snapshots/{snapshot}/clone | `{"name":"NEW","group":""}` | 201 `VolumeInfo` (a writable volume sharing the snapshot's data) |
+//! | POST | /v1/volumes/{name}/restore | `{"snapshot":"SNAP"}` | `VolumeInfo` (the volume's data is the snapshot's again; refused while clients are connected or it is attached) |
+//! | PUT | /v1/volumes/{name}/snapshot-schedule | `{"every_seconds":N,"keep":K}` | `VolumeInfo` (scheduled snapshots `auto-YYYYMMDD-HHMMSS`, the newest K kept; N 0 stops) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
 //! | GET | /v1/alerts | | `[Alert]`, active first (`?all=false`: active only) |
 //! | POST | /v1/cluster/init | | `ClusterStatus` |
@@ -58,6 +64,7 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::snapshots::{RestoreBody, ScheduleBody, SnapshotBody};
 use crate::cluster::state::{Command, NodeAdmin};
 use crate::cluster::volumes::{CreateVolume, Encryption, VolumeOpError};
 use crate::cluster::{Cluster, ClusterError};
@@ -303,6 +310,17 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/unlock", post(unlock_volume))
         .route("/v1/volumes/{name}/scrub", post(scrub_volume))
+        .route(
+            "/v1/volumes/{name}/snapshots",
+            get(list_snapshots).post(create_snapshot),
+        )
+        .route(
+            "/v1/volumes/{name}/snapshots/{snapshot}",
+            axum::routing::delete(delete_snapshot),
+        )
+        .route("/v1/volumes/{name}/snapshots/{snapshot}/clone", post(clone_snapshot))
+        .route("/v1/volumes/{name}/restore", post(restore_snapshot))
+        .route("/v1/volumes/{name}/snapshot-schedule", put(snapshot_schedule))
         .route(
             "/v1/volumes/{name}/device",
             get(device_of).post(attach_device).delete(detach_device),
@@ -661,6 +679,93 @@ async fn scrub_volume(
         coordinator: volume.coordinator,
     };
     Ok((StatusCode::ACCEPTED, Json(started)).into_response())
+}
+
+async fn list_snapshots(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    Ok(Json(state.cluster.list_snapshots(&name)?).into_response())
+}
+
+async fn create_snapshot(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: SnapshotBody = parse_body(&body)?;
+    let info = state.cluster.create_snapshot(&state.volumes, &name, &body.name).await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn delete_snapshot(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path((name, snapshot)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    state.cluster.delete_snapshot(&name, &snapshot).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Body of POST /v1/volumes/{name}/snapshots/{snapshot}/clone.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneBody {
+    /// The new volume.
+    pub name: String,
+    /// A group whose members may use the new volume too.
+    #[serde(default)]
+    pub group: String,
+}
+
+async fn clone_snapshot(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path((name, snapshot)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: CloneBody = parse_body(&body)?;
+    let info = state
+        .cluster
+        .clone_snapshot(&state.volumes, &name, &snapshot, &body.name, caller.subject, body.group)
+        .await?;
+    Ok((StatusCode::CREATED, Json(info)).into_response())
+}
+
+async fn restore_snapshot(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: RestoreBody = parse_body(&body)?;
+    let info = state
+        .cluster
+        .restore_snapshot(&state.volumes, &name, &body.snapshot)
+        .await?;
+    Ok(Json(info).into_response())
+}
+
+async fn snapshot_schedule(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: ScheduleBody = parse_body(&body)?;
+    let info = state
+        .cluster
+        .set_snapshot_schedule(&state.volumes, &name, &body)
+        .await?;
+    Ok(Json(info).into_response())
 }
 
 /// Body of PUT /v1/volumes/{name}/replicas.

@@ -16,6 +16,7 @@ pub mod join;
 pub mod network;
 pub mod placement;
 pub mod reconcile;
+pub mod snapshots;
 pub mod state;
 pub mod status;
 pub mod store;

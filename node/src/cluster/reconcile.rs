@@ -46,6 +46,24 @@ pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) ->
             }
         }
     }
+    // A snapshot's copy stays while the cluster has the snapshot and lists
+    // this node as a holder, or is still taking it (the copy may be here
+    // before the snapshot is ready).
+    for record in volumes.snapshot_records() {
+        let kept = crate::volume::snapshot::split_name(&record.name).is_some_and(|(volume, snapshot)| {
+            state
+                .volumes
+                .get(volume)
+                .and_then(|v| v.snapshots.get(snapshot))
+                .is_some_and(|taken| taken.id == record.id && (!taken.ready || taken.holders.contains(&local_id)))
+        });
+        if !kept {
+            tracing::info!(snapshot = %record.name, id = record.id, "removing a snapshot copy the cluster no longer keeps here");
+            if let Err(error) = volumes.delete_snapshot(&record.name) {
+                note(format!("cannot remove snapshot copy {}: {error}", record.name));
+            }
+        }
+    }
     for (name, wanted) in &desired {
         if volumes.get(name).is_none() {
             tracing::info!(volume = %name, id = wanted.id, "creating a local replica");

@@ -99,6 +99,34 @@ pub struct ClusterVolume {
     /// When the last verifying scrub finished (Unix seconds; 0: never).
     #[serde(default)]
     pub scrub_done_unix: u64,
+    /// Snapshots by name.
+    #[serde(default)]
+    pub snapshots: BTreeMap<String, ClusterSnapshot>,
+    /// The snapshot (data id) this volume was cloned from: each replica's
+    /// data starts as a clone of its node's copy of it.
+    #[serde(default)]
+    pub clone_of: Option<u64>,
+    /// Scheduled snapshots: one every this many seconds (0: none), named
+    /// `auto-YYYYMMDD-HHMMSS`; only the newest `snapshot_keep` are kept.
+    #[serde(default)]
+    pub snapshot_every_seconds: u64,
+    #[serde(default)]
+    pub snapshot_keep: u32,
+}
+
+/// A read-only point-in-time copy of a volume, sharing its blocks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterSnapshot {
+    /// Data id of the snapshot's copies (from the volume id sequence).
+    pub id: u64,
+    pub created_unix_seconds: u64,
+    /// The volume's size when it was taken.
+    pub size_bytes: u64,
+    /// Nodes holding a copy: the replicas that took it. Empty until ready.
+    pub holders: Vec<u64>,
+    /// False while the coordinator is taking it (copies may exist on some
+    /// nodes already; they are kept until it is ready or deleted).
+    pub ready: bool,
 }
 
 /// Which host has a volume attached read-write.
@@ -164,6 +192,9 @@ pub struct ClusterState {
     #[serde(default)]
     pub attachments: BTreeMap<String, Attachment>,
 }
+
+/// Most snapshots of one volume.
+pub const SNAPSHOTS_PER_VOLUME_MAX: usize = 256;
 
 /// Proposals whose outcome is kept for retries.
 pub const PROPOSALS_REMEMBERED: usize = 1024;
@@ -320,6 +351,36 @@ pub enum Command {
     Detach {
         name: String,
         node: u64,
+    },
+    /// Snapshot `snapshot` of volume `name` is being taken: gets its id.
+    AddSnapshot {
+        name: String,
+        snapshot: String,
+        created_unix_seconds: u64,
+    },
+    /// The coordinator took the snapshot on `holders`.
+    SnapshotReady {
+        name: String,
+        snapshot: String,
+        holders: Vec<u64>,
+    },
+    DeleteSnapshot {
+        name: String,
+        snapshot: String,
+    },
+    /// A new volume `name` whose data is a clone of snapshot `snapshot` of
+    /// volume `source`: its replicas are the snapshot's holders.
+    CloneVolume {
+        name: String,
+        source: String,
+        snapshot: String,
+        created_unix_seconds: u64,
+    },
+    /// Scheduled snapshots of `name` (every 0: none).
+    SetSnapshotSchedule {
+        name: String,
+        every_seconds: u64,
+        keep: u32,
     },
 }
 
@@ -523,6 +584,53 @@ impl ClusterState {
                 }
             }
             Command::RemoveReplica { name, node, shrink } => self.remove_replica(&name, node, shrink),
+            Command::AddSnapshot {
+                name,
+                snapshot,
+                created_unix_seconds,
+            } => self.add_snapshot(&name, snapshot, created_unix_seconds),
+            Command::SnapshotReady {
+                name,
+                snapshot,
+                holders,
+            } => {
+                let Some(volume) = self.volumes.get_mut(&name) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+                };
+                let Some(taken) = volume.snapshots.get_mut(&snapshot) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("snapshot {name}@{snapshot} does not exist")));
+                };
+                taken.ready = true;
+                taken.holders = holders;
+                Outcome::Volume(volume.clone())
+            }
+            Command::DeleteSnapshot { name, snapshot } => {
+                let Some(volume) = self.volumes.get_mut(&name) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+                };
+                if volume.snapshots.remove(&snapshot).is_none() {
+                    return Outcome::Rejected(Rejection::Missing(format!("snapshot {name}@{snapshot} does not exist")));
+                }
+                Outcome::Volume(volume.clone())
+            }
+            Command::CloneVolume {
+                name,
+                source,
+                snapshot,
+                created_unix_seconds,
+            } => self.clone_volume(name, &source, &snapshot, created_unix_seconds),
+            Command::SetSnapshotSchedule {
+                name,
+                every_seconds,
+                keep,
+            } => {
+                let Some(volume) = self.volumes.get_mut(&name) else {
+                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+                };
+                volume.snapshot_every_seconds = every_seconds;
+                volume.snapshot_keep = keep;
+                Outcome::Volume(volume.clone())
+            }
             Command::SetApiSecret { secret } => {
                 if self.api_secret.is_some() {
                     return Outcome::Rejected(Rejection::Exists("the cluster already has an API secret".into()));
@@ -601,9 +709,78 @@ impl ClusterState {
             scrub_requested: 0,
             scrub_done: 0,
             scrub_done_unix: 0,
+            snapshots: BTreeMap::new(),
+            clone_of: None,
+            snapshot_every_seconds: 0,
+            snapshot_keep: 0,
         };
         self.volumes.insert(name, volume.clone());
         Outcome::Volume(volume)
+    }
+
+    fn add_snapshot(&mut self, name: &str, snapshot: String, created_unix_seconds: u64) -> Outcome {
+        let id = self.next_volume_id.max(1);
+        let Some(volume) = self.volumes.get_mut(name) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        };
+        if volume.snapshots.contains_key(&snapshot) {
+            return Outcome::Rejected(Rejection::Exists(format!("snapshot {name}@{snapshot} already exists")));
+        }
+        if volume.snapshots.len() >= SNAPSHOTS_PER_VOLUME_MAX {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "volume {name} already has {SNAPSHOTS_PER_VOLUME_MAX} snapshots; delete some first"
+            )));
+        }
+        let size_bytes = volume.size_bytes;
+        volume.snapshots.insert(
+            snapshot,
+            ClusterSnapshot {
+                id,
+                created_unix_seconds,
+                size_bytes,
+                holders: Vec::new(),
+                ready: false,
+            },
+        );
+        self.next_volume_id = id + 1;
+        Outcome::Volume(volume.clone())
+    }
+
+    fn clone_volume(&mut self, name: String, source: &str, snapshot: &str, created_unix_seconds: u64) -> Outcome {
+        let Some(origin) = self.volumes.get(source) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {source} does not exist")));
+        };
+        let Some(taken) = origin.snapshots.get(snapshot).filter(|taken| taken.ready) else {
+            return Outcome::Rejected(Rejection::Missing(format!(
+                "snapshot {source}@{snapshot} does not exist (or is still being taken)"
+            )));
+        };
+        let mut holders: Vec<u64> = taken
+            .holders
+            .iter()
+            .copied()
+            .filter(|id| self.nodes.contains_key(id))
+            .collect();
+        if holders.is_empty() {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "no node holds a copy of snapshot {source}@{snapshot} any more"
+            )));
+        }
+        // The source's coordinator first (it serves the clone), if it holds a copy.
+        if let Some(at) = holders.iter().position(|id| *id == origin.coordinator) {
+            holders.swap(0, at);
+        }
+        let (size_bytes, block_size_bytes, clone_of) = (taken.size_bytes, origin.block_size_bytes, taken.id);
+        match self.create_volume(name, size_bytes, block_size_bytes, holders, created_unix_seconds) {
+            Outcome::Volume(mut volume) => {
+                volume.clone_of = Some(clone_of);
+                if let Some(stored) = self.volumes.get_mut(&volume.name) {
+                    stored.clone_of = Some(clone_of);
+                }
+                Outcome::Volume(volume)
+            }
+            other => other,
+        }
     }
 
     /// The volume `name`, if node `by` is its coordinator.
@@ -677,6 +854,10 @@ impl ClusterState {
         }
         volume.replica_nodes.retain(|id| *id != node);
         volume.replica_added.remove(&node);
+        // Its copies of the volume's snapshots go with it.
+        for taken in volume.snapshots.values_mut() {
+            taken.holders.retain(|id| *id != node);
+        }
         if shrink {
             volume.replicas = volume.replicas.saturating_sub(1).max(1);
         }

@@ -105,7 +105,7 @@ impl From<ClientError> for VolumeOpError {
     }
 }
 
-fn invalid(message: String) -> VolumeOpError {
+pub(super) fn invalid(message: String) -> VolumeOpError {
     VolumeOpError { status: 400, message }
 }
 
@@ -411,7 +411,7 @@ impl Cluster {
         Ok(self.describe(volumes, &volume))
     }
 
-    async fn expect_volume(&self, command: Command) -> Result<ClusterVolume, VolumeOpError> {
+    pub(super) async fn expect_volume(&self, command: Command) -> Result<ClusterVolume, VolumeOpError> {
         match self.change(command).await? {
             Outcome::Volume(volume) => Ok(volume),
             outcome => Err(VolumeOpError {
@@ -515,17 +515,17 @@ impl Cluster {
         Ok(all.iter().map(|volume| self.describe(volumes, volume)).collect())
     }
 
-    fn volume(&self, name: &str) -> Result<ClusterVolume, VolumeOpError> {
+    pub(super) fn volume(&self, name: &str) -> Result<ClusterVolume, VolumeOpError> {
         self.with_state(|state| state.volumes.get(name).cloned())
             .ok_or_else(|| ClusterError::Rejected(Rejection::Missing(format!("volume {name} does not exist"))).into())
     }
 
-    fn api_of(&self, node: u64) -> Option<String> {
+    pub(super) fn api_of(&self, node: u64) -> Option<String> {
         self.with_state(|state| state.nodes.get(&node).map(|n| format!("http://{}", n.api_address)))
     }
 
     /// Cluster facts, plus the local replica's when this node holds one.
-    fn describe(&self, volumes: &Volumes, volume: &ClusterVolume) -> VolumeInfo {
+    pub(super) fn describe(&self, volumes: &Volumes, volume: &ClusterVolume) -> VolumeInfo {
         let mut info = volumes.inspect(&volume.name).unwrap_or_else(|_| VolumeInfo {
             name: volume.name.clone(),
             id: volume.id,
@@ -589,7 +589,7 @@ impl Cluster {
     }
 
     /// Waits (bounded) until the local replica matches `volume`, when this node holds one.
-    async fn wait_local(&self, volumes: &Volumes, volume: &ClusterVolume) {
+    pub(super) async fn wait_local(&self, volumes: &Volumes, volume: &ClusterVolume) {
         if !volume.replica_nodes.contains(&self.local.id) {
             return;
         }
@@ -608,7 +608,7 @@ impl Cluster {
 }
 
 /// Runs a blocking API call against another node.
-async fn forward<T: Send + 'static>(
+pub(super) async fn forward<T: Send + 'static>(
     token: Option<String>,
     call: impl FnOnce(&ApiClient) -> Result<T, ClientError> + Send + 'static,
     api: String,

@@ -52,6 +52,14 @@ pub enum Command {
     DeleteVolume {
         volume_id: u64,
     },
+    /// `target`'s data becomes a copy of `source`'s, sharing every block
+    /// (snapshot, clone, restore; `Store::clone_volume`).
+    Clone {
+        source: u64,
+        target: u64,
+        epoch: u64,
+        volume_sequence: u64,
+    },
     /// Write a checkpoint now (answered like a flush).
     Checkpoint,
 }

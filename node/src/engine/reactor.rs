@@ -140,6 +140,12 @@ impl Reactor {
             }
             Command::Flush => store.flush(tag),
             Command::DeleteVolume { volume_id } => store.delete_volume(tag, volume_id),
+            Command::Clone {
+                source,
+                target,
+                epoch,
+                volume_sequence,
+            } => store.clone_volume(tag, source, target, epoch, volume_sequence),
             Command::Checkpoint => {
                 store.request_checkpoint();
                 store.flush(tag);

@@ -36,6 +36,15 @@ pub const TRANSMISSION_FLAGS: u16 = TFLAG_HAS_FLAGS
     | TFLAG_SEND_CACHE
     | TFLAG_SEND_FAST_ZERO;
 
+/// The flags of one export: a snapshot's copy is read-only (writes get EPERM).
+fn transmission_flags(volume: &crate::volume::Volume) -> u16 {
+    if volume.read_only {
+        TRANSMISSION_FLAGS | proto::TFLAG_READ_ONLY
+    } else {
+        TRANSMISSION_FLAGS
+    }
+}
+
 /// What the handshake agreed on.
 pub struct Session {
     pub volume: Arc<Volume>,
@@ -223,7 +232,7 @@ async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
                     crate::volume::VolumeIoError::Locked { volume: name }.to_string(),
                 ));
             }
-            let flags = TRANSMISSION_FLAGS;
+            let flags = transmission_flags(&volume);
             stream
                 .write_all(&proto::export_name_reply(volume.size_bytes(), flags, no_zeroes))
                 .await?;
@@ -344,7 +353,7 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
         stream,
         option,
         REP_INFO,
-        &proto::info_export(volume.size_bytes(), TRANSMISSION_FLAGS),
+        &proto::info_export(volume.size_bytes(), transmission_flags(&volume)),
     )
     .await?;
     for info in &request.requests {

@@ -137,6 +137,8 @@ impl NbdSecurity {
     /// Who owns volume `name` ("" = the admins) and its group ACL ("" = none).
     #[must_use]
     pub fn owner_of(&self, name: &str) -> (String, String) {
+        // A snapshot `VOLUME@SNAPSHOT` belongs to its volume's owner.
+        let name = crate::volume::snapshot::split_name(name).map_or(name, |(volume, _)| volume);
         self.cluster.as_ref().map_or_else(Default::default, |cluster| {
             cluster.with_state(|state| {
                 (

@@ -283,7 +283,7 @@ fn io_error(error: VolumeIoError) -> Outcome {
         VolumeIoError::OutOfRange { .. } => EINVAL,
         VolumeIoError::Stopped => ESHUTDOWN,
         VolumeIoError::Replication { .. } => EIO,
-        VolumeIoError::Locked { .. } => EPERM,
+        VolumeIoError::Locked { .. } | VolumeIoError::ReadOnly { .. } => EPERM,
         VolumeIoError::Store { source, .. } => match source {
             StoreError::NoSpace { .. } => ENOSPC,
             StoreError::InvalidRequest { .. } => EINVAL,

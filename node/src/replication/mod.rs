@@ -587,7 +587,17 @@ pub async fn apply(volumes: &Volumes, payload: &[u8], tenure: impl Fn(&str) -> u
     let _admitted = volume.epoch_gate.read().await;
     let floor = volume.fence_floor().max(tenure(&volume.name));
     admit_mutation(op.epoch, floor, volume.is_served()).map_err(|refusal| refusal.describe(&volume.name))?;
-    volume.apply_replica_op(op).await.map_err(|error| error.to_string())
+    match op.kind {
+        wire::OpKind::Snapshot { id, ref name } => volumes
+            .take_snapshot(&volume, name, id, op.epoch, op.volume_sequence)
+            .await
+            .map_err(|error| error.to_string()),
+        wire::OpKind::Restore { id } => volumes
+            .restore_snapshot(&volume, id, op.epoch, op.volume_sequence)
+            .await
+            .map_err(|error| error.to_string()),
+        _ => volume.apply_replica_op(op).await.map_err(|error| error.to_string()),
+    }
 }
 
 #[cfg(test)]

@@ -9,10 +9,17 @@
 //! 16      8     first block (4 KiB)
 //! 24      8     block count
 //! 32      8     volume sequence (the coordinator's order of mutations)
-//! 40      1     kind: 1 write (data follows), 2 zero (no data)
+//! 40      1     kind: 1 write (data follows), 2 zero (no data),
+//!               3 snapshot, 4 restore (block count 0; see below)
 //! 41      7     reserved, zero
-//! 48      ...   data: block count x 4096 bytes for a write
+//! 48      ...   data: block count x 4096 bytes for a write;
+//!               snapshot: u64 snapshot id, then its name (UTF-8, 1-64 bytes);
+//!               restore: u64 id of the snapshot the volume goes back to
 //! ```
+//!
+//! A snapshot or restore is ordered with the volume's writes like any
+//! mutation: the coordinator sends it while it holds the whole volume's
+//! range lock, so every copy takes it at the same point.
 
 use thiserror::Error;
 
@@ -23,12 +30,26 @@ pub const DATA_BYTES_MAX: usize = crate::volume::io::STORE_REQUEST_BYTES_MAX;
 const BLOCK_BYTES: usize = 4096;
 const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
+const KIND_SNAPSHOT: u8 = 3;
+const KIND_RESTORE: u8 = 4;
+/// Longest snapshot name.
+pub const SNAPSHOT_NAME_BYTES_MAX: usize = 64;
 
 /// What a replica must apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpKind {
     Write(Vec<u8>),
     Zero,
+    /// The volume's data, as of this point, is cloned to a new read-only
+    /// volume `id`, snapshot `name` of it.
+    Snapshot {
+        id: u64,
+        name: String,
+    },
+    /// The volume's data becomes that of its snapshot `id`.
+    Restore {
+        id: u64,
+    },
 }
 
 /// One mutation of one volume.
@@ -53,16 +74,27 @@ pub enum WireError {
     Reserved,
     #[error("replica op carries {data_bytes} bytes for {block_count} blocks")]
     Length { data_bytes: usize, block_count: u64 },
+    #[error("replica op names a snapshot that is not 1-64 bytes of UTF-8")]
+    SnapshotName,
 }
 
 /// Encodes an op.
 #[must_use]
 pub fn encode(op: &ReplicaOp) -> Vec<u8> {
+    let payload;
     let data: &[u8] = match &op.kind {
         OpKind::Write(data) => data,
         OpKind::Zero => &[],
+        OpKind::Snapshot { id, name } => {
+            payload = [&id.to_le_bytes()[..], name.as_bytes()].concat();
+            &payload
+        }
+        OpKind::Restore { id } => {
+            payload = id.to_le_bytes().to_vec();
+            &payload
+        }
     };
-    debug_assert!(matches!(op.kind, OpKind::Zero) || data.len() as u64 == op.block_count * BLOCK_BYTES as u64);
+    debug_assert!(!matches!(op.kind, OpKind::Write(_)) || data.len() as u64 == op.block_count * BLOCK_BYTES as u64);
     let mut out = Vec::with_capacity(HEADER_BYTES + data.len());
     for field in [op.volume_id, op.epoch, op.lba, op.block_count, op.volume_sequence] {
         out.extend_from_slice(&field.to_le_bytes());
@@ -70,6 +102,8 @@ pub fn encode(op: &ReplicaOp) -> Vec<u8> {
     out.push(match op.kind {
         OpKind::Write(_) => KIND_WRITE,
         OpKind::Zero => KIND_ZERO,
+        OpKind::Snapshot { .. } => KIND_SNAPSHOT,
+        OpKind::Restore { .. } => KIND_RESTORE,
     });
     out.extend_from_slice(&[0u8; 7]);
     out.extend_from_slice(data);
@@ -106,6 +140,34 @@ pub fn decode(bytes: &[u8]) -> Result<ReplicaOp, WireError> {
                 });
             }
             OpKind::Zero
+        }
+        KIND_SNAPSHOT | KIND_RESTORE => {
+            let snapshot = bytes[40] == KIND_SNAPSHOT;
+            let name_bytes = data.len().saturating_sub(8);
+            let fits = if snapshot {
+                (1..=SNAPSHOT_NAME_BYTES_MAX).contains(&name_bytes)
+            } else {
+                data.len() == 8
+            };
+            if block_count != 0 || data.len() < 8 || (!snapshot && !fits) {
+                return Err(WireError::Length {
+                    data_bytes: data.len(),
+                    block_count,
+                });
+            }
+            let id = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+            if snapshot {
+                let name = std::str::from_utf8(&data[8..]).map_err(|_| WireError::SnapshotName)?;
+                if !fits {
+                    return Err(WireError::SnapshotName);
+                }
+                OpKind::Snapshot {
+                    id,
+                    name: name.to_owned(),
+                }
+            } else {
+                OpKind::Restore { id }
+            }
         }
         other => return Err(WireError::Kind(other)),
     };
@@ -312,9 +374,48 @@ mod tests {
         }
 
         #[test]
+        fn snapshot_and_restore_ops_round_trip(volume_id: u64, epoch: u64, sequence: u64, id: u64, name in "[a-z0-9][a-z0-9_.-]{0,63}", restore: bool) {
+            let kind = if restore { OpKind::Restore { id } } else { OpKind::Snapshot { id, name } };
+            let op = ReplicaOp { volume_id, epoch, lba: 0, block_count: 0, volume_sequence: sequence, kind };
+            prop_assert_eq!(decode(&encode(&op)).unwrap(), op);
+        }
+
+        #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn snapshot_ops_with_blocks_or_bad_names_are_refused() {
+        let op = |kind| ReplicaOp {
+            volume_id: 1,
+            epoch: 1,
+            lba: 0,
+            block_count: 0,
+            volume_sequence: 1,
+            kind,
+        };
+        let mut with_blocks = encode(&op(OpKind::Restore { id: 5 }));
+        with_blocks[24] = 1;
+        assert!(matches!(decode(&with_blocks), Err(WireError::Length { .. })));
+        let long = encode(&op(OpKind::Snapshot {
+            id: 5,
+            name: "x".repeat(SNAPSHOT_NAME_BYTES_MAX + 1),
+        }));
+        assert_eq!(decode(&long), Err(WireError::SnapshotName));
+        let mut nameless = encode(&op(OpKind::Snapshot {
+            id: 5,
+            name: "a".into(),
+        }));
+        nameless.pop();
+        assert!(decode(&nameless).is_err());
+        let mut not_utf8 = encode(&op(OpKind::Snapshot {
+            id: 5,
+            name: "a".into(),
+        }));
+        *not_utf8.last_mut().unwrap() = 0xFF;
+        assert_eq!(decode(&not_utf8), Err(WireError::SnapshotName));
     }
 
     #[test]

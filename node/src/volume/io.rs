@@ -96,6 +96,16 @@ impl Volume {
         self.sequence.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// Refuses changes to a snapshot's copy.
+    fn check_writable(&self) -> Result<(), VolumeIoError> {
+        if self.read_only {
+            return Err(VolumeIoError::ReadOnly {
+                volume: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+
     fn check_range(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeIoError> {
         let size_bytes = self.size_bytes();
         if offset_bytes.checked_add(len_bytes).is_none_or(|end| end > size_bytes) {
@@ -250,6 +260,7 @@ impl Volume {
 
     /// Writes `data` at `offset_bytes` (any alignment); answers once durable.
     pub async fn write(&self, offset_bytes: u64, data: Vec<u8>) -> Result<(), VolumeIoError> {
+        self.check_writable()?;
         let len_bytes = data.len() as u64;
         self.check_range(offset_bytes, len_bytes)?;
         if len_bytes == 0 {
@@ -419,6 +430,12 @@ impl Volume {
                 epoch: op.epoch,
                 volume_sequence: op.volume_sequence,
             },
+            OpKind::Snapshot { .. } | OpKind::Restore { .. } => {
+                return Err(VolumeIoError::Replication {
+                    volume: self.name.clone(),
+                    reason: "snapshot operations are applied through the node's volumes".into(),
+                })
+            }
         };
         self.sequence.fetch_max(op.volume_sequence + 1, Ordering::AcqRel);
         self.call(command).await.map(|_| ())
@@ -446,6 +463,7 @@ impl Volume {
     /// Makes the range read as zeroes. Without `allocate` the blocks are
     /// released (thin); with it they are written with zeroes (NO_HOLE).
     pub async fn write_zeroes(&self, offset_bytes: u64, len_bytes: u64, allocate: bool) -> Result<(), VolumeIoError> {
+        self.check_writable()?;
         self.check_range(offset_bytes, len_bytes)?;
         let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
         let end_full = (offset_bytes + len_bytes) / BLOCK_BYTES;
@@ -508,6 +526,7 @@ impl Volume {
     /// Releases whole blocks inside the range (partial blocks are left:
     /// a trim is advisory).
     pub async fn trim(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeIoError> {
+        self.check_writable()?;
         self.check_range(offset_bytes, len_bytes)?;
         let first_full = offset_bytes.div_ceil(BLOCK_BYTES);
         let end_full = (offset_bytes + len_bytes) / BLOCK_BYTES;

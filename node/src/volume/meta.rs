@@ -51,6 +51,10 @@ pub struct VolumeRecord {
     /// never kept here.
     #[serde(default)]
     pub encrypted: bool,
+    /// A snapshot's copy (read-only), named `VOLUME@SNAPSHOT`: the data id
+    /// of the volume it was taken of.
+    #[serde(default)]
+    pub snapshot_of: Option<u64>,
 }
 
 /// Errors of the metadata database.

@@ -14,6 +14,7 @@ pub mod io;
 pub mod meta;
 pub mod range_lock;
 pub mod scrub;
+pub mod snapshot;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -74,13 +75,19 @@ pub enum VolumeError {
         #[source]
         source: StoreError,
     },
+    /// I/O on the volume failed
+    #[error(transparent)]
+    Io(#[from] VolumeIoError),
 }
 
 impl VolumeError {
     /// Whether the error is the caller's (bad input), as opposed to the node's.
     #[must_use]
     pub fn is_client_error(&self) -> bool {
-        !matches!(self, Self::Meta(_) | Self::Store { .. } | Self::DiskMissing { .. })
+        !matches!(
+            self,
+            Self::Meta(_) | Self::Store { .. } | Self::DiskMissing { .. } | Self::Io(_)
+        )
     }
 }
 
@@ -111,6 +118,11 @@ pub enum VolumeIoError {
     /// the volume is encrypted and its key is not unlocked on this node
     #[error("volume {volume} is encrypted and locked on this node: run `ballast volume unlock {volume} --passphrase-file FILE` against the node serving it")]
     Locked { volume: String },
+    /// the export is a snapshot: it cannot be written
+    #[error(
+        "{volume} is a snapshot and read-only; clone it (`ballast volume clone {volume} NEW`) for a writable copy"
+    )]
+    ReadOnly { volume: String },
 }
 
 /// Checks the naming rule `[a-z0-9][a-z0-9_.-]{0,62}`.
@@ -186,6 +198,8 @@ pub struct Volume {
     pub encrypted: bool,
     /// The data key's cipher, once unlocked on this node.
     cipher: RwLock<Option<Arc<crypt::VolumeCipher>>>,
+    /// A snapshot's copy: reads only.
+    pub read_only: bool,
 }
 
 /// Copies a coordinator's mutations to the volume's other in-sync replicas.
@@ -389,6 +403,8 @@ pub struct Volumes {
     /// The engine's disks, by index (grows when a disk is added online).
     disks: RwLock<Vec<PlacedDisk>>,
     live: RwLock<BTreeMap<String, (VolumeRecord, Arc<Volume>)>>,
+    /// Local copies of snapshots, by `VOLUME@SNAPSHOT` (`snapshot`).
+    snapshots: RwLock<BTreeMap<String, (VolumeRecord, Arc<Volume>)>>,
 }
 
 impl Volumes {
@@ -408,6 +424,7 @@ impl Volumes {
             meta: Mutex::new(meta),
             disks: RwLock::new(disks),
             live: RwLock::new(BTreeMap::new()),
+            snapshots: RwLock::new(BTreeMap::new()),
         };
         volumes.recover()?;
         Ok(volumes)
@@ -468,7 +485,11 @@ impl Volumes {
                     disk_uuid: record.disk_uuid,
                 })?;
             let volume = self.handle(&record, disk, sequence_max + 1);
-            self.live.write().insert(record.name.clone(), (record, volume));
+            if record.snapshot_of.is_some() {
+                self.snapshots.write().insert(record.name.clone(), (record, volume));
+            } else {
+                self.live.write().insert(record.name.clone(), (record, volume));
+            }
         }
         for disk in 0..self.disks.read().len() {
             let ids = self.engine.query(disk, |store| store.volume_ids()).unwrap_or_default();
@@ -497,13 +518,15 @@ impl Volumes {
             rmw: tokio::sync::RwLock::new(()),
             connections: AtomicUsize::new(0),
             deleted: AtomicBool::new(false),
-            served: AtomicBool::new(false),
+            // A snapshot's copy is served wherever it is (it never changes).
+            served: AtomicBool::new(record.snapshot_of.is_some()),
             replication: RwLock::new(None),
             ranges: range_lock::RangeLock::default(),
             epoch_gate: tokio::sync::RwLock::new(()),
             stats: crate::metrics::IoStats::default(),
             encrypted: record.encrypted,
             cipher: RwLock::new(None),
+            read_only: record.snapshot_of.is_some(),
         })
     }
 
@@ -513,9 +536,13 @@ impl Volumes {
         self.live.read().get(name).map(|(_, volume)| Arc::clone(volume))
     }
 
-    /// The live volume called `name` if this node serves it to clients.
+    /// The live volume called `name` if this node serves it to clients, or
+    /// this node's copy of snapshot `VOLUME@SNAPSHOT` (read-only).
     #[must_use]
     pub fn get_served(&self, name: &str) -> Option<Arc<Volume>> {
+        if name.contains('@') {
+            return self.snapshot(name);
+        }
         self.get(name).filter(|volume| volume.is_served())
     }
 
@@ -621,7 +648,21 @@ impl Volumes {
         if self.live.read().len() >= VOLUMES_MAX {
             return Err(VolumeError::TooMany);
         }
-        let disk = self.pick_disk()?;
+        // A clone's data starts as a clone of this node's copy of the
+        // snapshot, which must be on the same disk.
+        let base = match wanted.clone_of {
+            Some(snapshot_id) => Some(self.snapshot_by_id(snapshot_id).ok_or_else(|| VolumeError::Missing {
+                name: format!(
+                    "snapshot with data id {snapshot_id} (the source of clone {})",
+                    wanted.name
+                ),
+            })?),
+            None => None,
+        };
+        let disk = match &base {
+            Some(snapshot) => snapshot.disk,
+            None => self.pick_disk()?,
+        };
         // Data a crash left behind under this id (never reused) goes first.
         let stale = self
             .engine
@@ -643,14 +684,33 @@ impl Volumes {
             created_unix_seconds: wanted.created_unix_seconds,
             state: VolumeState::Ready,
             encrypted: wanted.encryption.is_some(),
+            snapshot_of: None,
         };
+        if let Some(snapshot) = &base {
+            // Data first: a crash before the record leaves an orphan that
+            // start-up releases, never a record without its data.
+            self.engine
+                .call(
+                    disk,
+                    Command::Clone {
+                        source: snapshot.id,
+                        target: wanted.id,
+                        epoch: wanted.epoch,
+                        volume_sequence: 1,
+                    },
+                )
+                .map_err(|source| VolumeError::Store {
+                    name: wanted.name.clone(),
+                    source,
+                })?;
+        }
         meta.insert(&record).map_err(|error| match error {
             MetaError::Exists { name } => VolumeError::Exists { name },
             other => VolumeError::Meta(other),
         })?;
         drop(meta);
-        tracing::info!(volume = %record.name, id = record.id, size_bytes = record.size_bytes, disk = %self.disk_path(disk), "local replica created");
-        let volume = self.handle(&record, disk, 1);
+        tracing::info!(volume = %record.name, id = record.id, size_bytes = record.size_bytes, disk = %self.disk_path(disk), clone_of = ?wanted.clone_of, "local replica created");
+        let volume = self.handle(&record, disk, 2);
         self.live.write().insert(record.name.clone(), (record, volume));
         Ok(())
     }
