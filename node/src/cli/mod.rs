@@ -57,6 +57,13 @@ pub enum Command {
     /// and repair them: `ballast scrub start [VOLUME...] [--wait]`,
     /// `ballast scrub status`.
     Scrub(crate::cli::scrub::ScrubArgs),
+    /// Point-in-time copies of volumes: `ballast snapshot create VOLUME
+    /// NAME`, `list VOLUME`, `delete VOLUME NAME`, `restore VOLUME NAME`.
+    /// Instant and thin (they share data with the volume); read them over
+    /// NBD as `VOLUME@NAME`, make a writable copy with `ballast volume clone
+    /// VOLUME@NAME NEW`, schedule them with `ballast volume update VOLUME
+    /// --snapshot-every 1h --keep 24`.
+    Snapshot(crate::cli::snapshot::SnapshotArgs),
     /// API tokens and NBD client certificates: `ballast auth token create
     /// --subject NAME --role user --ttl 24h`, `ballast auth cert create
     /// --subject NAME --out DIR`.
@@ -180,6 +187,7 @@ impl Command {
             | Self::Cluster(_)
             | Self::Status { .. }
             | Self::Scrub(_)
+            | Self::Snapshot(_)
             | Self::Alerts { .. }
             | Self::Auth { .. } => "warn",
             Self::Plugin(_) => "info",
@@ -194,6 +202,7 @@ pub mod export;
 pub mod node;
 pub mod progress;
 pub mod scrub;
+pub mod snapshot;
 pub mod volume;
 
 /// Runs the CLI.
@@ -212,6 +221,7 @@ pub fn main() -> ExitCode {
         Command::Volume(args) => volume::run(args),
         Command::Cluster(args) => cluster::run(args),
         Command::Scrub(args) => scrub::run(args),
+        Command::Snapshot(args) => snapshot::run(args),
         Command::Status { api, json, watch } => cluster::status(&api, json, watch),
         Command::Plugin(PluginCommand::Serve { api, socket, mounts }) => {
             crate::plugin::serve(crate::plugin::PluginOptions {

@@ -1,4 +1,4 @@
-//! `ballast volume create | list | inspect | delete | resize`: clients of the
+//! `ballast volume create | list | inspect | delete | resize | clone | ...`: clients of the
 //! local node's HTTP API (`--api` or BALLAST_API for another node).
 
 use std::process::ExitCode;
@@ -72,16 +72,40 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Change a volume's settings online: the number of replicas.
+    /// Create a writable volume from a snapshot, instantly: it shares the
+    /// snapshot's data (no copy) until either is written. Its replicas are
+    /// on the nodes holding the snapshot.
+    Clone {
+        /// The snapshot, as VOLUME@SNAPSHOT.
+        snapshot: String,
+        /// Name of the new volume.
+        name: String,
+        /// Members of GROUP may use the new volume as its owner does.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a volume's settings online: the number of replicas, scheduled snapshots.
     ///
     /// New replicas are placed like at create, start empty and join the
     /// in-sync set once the coordinator has copied the data to them (see
     /// `volume inspect`); lowering removes out-of-sync replicas first.
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["repl", "snapshot_every"])))]
     Update {
         name: String,
         /// Copies of the data wanted (1 to 5).
         #[arg(long)]
-        repl: u32,
+        repl: Option<u32>,
+        /// Take a snapshot named auto-YYYYMMDD-HHMMSS (UTC) this often, e.g. 1h, 30m, 1d
+        /// (at least 10s); 0 stops. Needs --keep.
+        #[arg(long, value_name = "INTERVAL", requires = "keep")]
+        snapshot_every: Option<String>,
+        /// Scheduled snapshots to keep: the oldest beyond are deleted (snapshots you
+        /// name yourself are never deleted by the schedule).
+        #[arg(long, value_name = "N", requires = "snapshot_every")]
+        keep: Option<u32>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -210,11 +234,58 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             let info: VolumeInfo = client.get(&format!("/v1/volumes/{}", path_segment(&name)))?;
             print_one(&info, json, "")
         }
-        VolumeCommand::Update { name, repl, json, wait } => {
-            let info: VolumeInfo = client.put_json(
-                &format!("/v1/volumes/{}/replicas", path_segment(&name)),
-                &crate::api::ReplicasBody { replicas: repl },
+        VolumeCommand::Clone {
+            snapshot,
+            name,
+            group,
+            json,
+        } => {
+            let Some((volume, snap)) = crate::volume::snapshot::split_name(&snapshot) else {
+                anyhow::bail!(
+                    "name the snapshot as VOLUME@SNAPSHOT (got {snapshot:?}); see `ballast snapshot list VOLUME`"
+                );
+            };
+            let info: VolumeInfo = client.post(
+                &format!(
+                    "/v1/volumes/{}/snapshots/{}/clone",
+                    path_segment(volume),
+                    path_segment(snap)
+                ),
+                &crate::api::CloneBody {
+                    name,
+                    group: group.unwrap_or_default(),
+                },
             )?;
+            print_one(&info, json, "cloned")
+        }
+        VolumeCommand::Update {
+            name,
+            repl,
+            snapshot_every,
+            keep,
+            json,
+            wait,
+        } => {
+            let mut info = None;
+            if let Some(every) = snapshot_every {
+                let every_seconds = crate::cli::cluster::parse_ttl(&every)
+                    .with_context(|| format!("bad --snapshot-every {every:?}"))?;
+                let body = crate::cluster::snapshots::ScheduleBody {
+                    every_seconds,
+                    keep: keep.unwrap_or(0),
+                };
+                info = Some(client.put_json::<_, VolumeInfo>(
+                    &format!("/v1/volumes/{}/snapshot-schedule", path_segment(&name)),
+                    &body,
+                )?);
+            }
+            if let Some(replicas) = repl {
+                info = Some(client.put_json(
+                    &format!("/v1/volumes/{}/replicas", path_segment(&name)),
+                    &crate::api::ReplicasBody { replicas },
+                )?);
+            }
+            let info = info.expect("clap requires --repl or --snapshot-every");
             if !wait {
                 return print_one(&info, json, "updated");
             }
@@ -509,6 +580,23 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
     }
     if info.attached_to != 0 {
         println!("attached:    to node {}'s host (block device)", info.attached_to);
+    }
+    if info.snapshots > 0 || info.snapshot_every_seconds > 0 {
+        let schedule = if info.snapshot_every_seconds > 0 {
+            format!(
+                "; one every {} s, the newest {} kept",
+                info.snapshot_every_seconds, info.snapshot_keep
+            )
+        } else {
+            String::new()
+        };
+        println!(
+            "snapshots:   {}{schedule} (`ballast snapshot list {}`)",
+            info.snapshots, info.name
+        );
+    }
+    if !info.cloned_from.is_empty() {
+        println!("cloned from: {}", info.cloned_from);
     }
     if !info.encryption.is_empty() {
         println!(

@@ -145,6 +145,8 @@ pub struct Cluster {
     resyncs: parking_lot::Mutex<std::collections::BTreeMap<(String, u64), crate::replication::resync::ResyncStatus>>,
     /// The scrubs of the volumes this node coordinates.
     pub scrubs: crate::replication::scrub::Scrubs,
+    /// Volumes whose scheduled snapshot (or its expiry) is under way here.
+    pub(crate) scheduled_snapshots: parking_lot::Mutex<std::collections::BTreeSet<String>>,
     /// Volumes whose copy here may lack acknowledged writes (the log of
     /// their disk ended at a damaged batch), with when that was found:
     /// not served from here until another copy was compared with it.
@@ -232,6 +234,7 @@ impl Cluster {
             resyncing: parking_lot::Mutex::new(std::collections::HashSet::new()),
             resyncs: parking_lot::Mutex::new(BTreeMap::new()),
             scrubs: crate::replication::scrub::Scrubs::new(),
+            scheduled_snapshots: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             suspects: parking_lot::Mutex::new(std::collections::HashMap::new()),
             automation: RwLock::new(automation::Automation::default()),
             replica_timeout: RwLock::new(crate::replication::REPLICA_TIMEOUT_DEFAULT),

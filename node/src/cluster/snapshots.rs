@@ -77,7 +77,7 @@ pub struct ScheduleBody {
 }
 
 /// Shortest time between scheduled snapshots.
-pub const SCHEDULE_SECONDS_MIN: u64 = 60;
+pub const SCHEDULE_SECONDS_MIN: u64 = 10;
 
 fn check_name(snapshot: &str) -> Result<(), VolumeOpError> {
     validate_name(snapshot).map_err(|_| {
@@ -97,7 +97,7 @@ impl Cluster {
             .iter()
             .map(|(snapshot, taken)| SnapshotInfo::of(name, snapshot, taken))
             .collect();
-        all.sort_by(|a, b| (a.created_unix_seconds, a.id).cmp(&(b.created_unix_seconds, b.id)));
+        all.sort_by_key(|info| (info.created_unix_seconds, info.id));
         Ok(all)
     }
 
@@ -414,6 +414,51 @@ impl Cluster {
             status: 503,
             message: format!("the coordinator of {} is not known; retry", volume.name),
         })
+    }
+}
+
+/// Takes the scheduled snapshots due, and deletes expired ones, of the
+/// volumes this node coordinates and serves (one job per volume at a time).
+pub fn start_scheduled(cluster: &Arc<Cluster>, state: &super::state::ClusterState, volumes: &Arc<Volumes>) {
+    let now_unix = crate::datadir::now_unix_seconds();
+    for volume in state.volumes.values() {
+        if volume.coordinator != cluster.local.id || volume.snapshot_every_seconds == 0 {
+            continue;
+        }
+        if volumes
+            .get_served(&volume.name)
+            .is_none_or(|local| local.serving_epoch() == 0)
+        {
+            continue;
+        }
+        let due = scheduled_due(volume, now_unix);
+        let expired = scheduled_expired(volume);
+        if due.is_none() && expired.is_empty() {
+            continue;
+        }
+        if !cluster.scheduled_snapshots.lock().insert(volume.name.clone()) {
+            continue;
+        }
+        let (cluster, volumes, name) = (Arc::clone(cluster), Arc::clone(volumes), volume.name.clone());
+        tokio::spawn(async move {
+            if let Some(snapshot) = due {
+                match cluster.create_snapshot(&volumes, &name, &snapshot).await {
+                    Ok(_) => tracing::info!(volume = %name, snapshot, "scheduled snapshot taken"),
+                    Err(error) => {
+                        tracing::warn!(volume = %name, snapshot, error = %error.message, "scheduled snapshot failed; retrying at the next pass")
+                    }
+                }
+            }
+            for snapshot in expired {
+                match cluster.delete_snapshot(&name, &snapshot).await {
+                    Ok(()) => tracing::info!(volume = %name, snapshot, "scheduled snapshot expired"),
+                    Err(error) => {
+                        tracing::warn!(volume = %name, snapshot, error = %error.message, "cannot delete an expired scheduled snapshot")
+                    }
+                }
+            }
+            cluster.scheduled_snapshots.lock().remove(&name);
+        });
     }
 }
 

@@ -552,7 +552,28 @@ impl Cluster {
             group: String::new(),
             encryption: String::new(),
             attached_to: 0,
+            snapshots: 0,
+            snapshot_every_seconds: 0,
+            snapshot_keep: 0,
+            cloned_from: String::new(),
         });
+        info.snapshots = volume.snapshots.len();
+        info.snapshot_every_seconds = volume.snapshot_every_seconds;
+        info.snapshot_keep = volume.snapshot_keep;
+        info.cloned_from = volume
+            .clone_of
+            .and_then(|id| {
+                self.with_state(|state| {
+                    state.volumes.values().find_map(|source| {
+                        source
+                            .snapshots
+                            .iter()
+                            .find(|(_, taken)| taken.id == id)
+                            .map(|(name, _)| crate::volume::snapshot::full_name(&source.name, name))
+                    })
+                })
+            })
+            .unwrap_or_default();
         info.encryption = match &volume.encryption {
             None => String::new(),
             Some(wrapped) if wrapped.needs_passphrase() => "passphrase".into(),

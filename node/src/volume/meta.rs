@@ -236,6 +236,7 @@ mod tests {
             created_unix_seconds: 0,
             state: VolumeState::Ready,
             encrypted: false,
+            snapshot_of: None,
         }
     }
 

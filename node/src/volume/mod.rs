@@ -387,6 +387,17 @@ pub struct VolumeInfo {
     /// The node whose host has it attached as a block device (0: none).
     #[serde(default)]
     pub attached_to: u64,
+    /// Snapshots taken of it (`snapshot list`).
+    #[serde(default)]
+    pub snapshots: usize,
+    /// Scheduled snapshots: every this many seconds (0: none), keeping the newest `snapshot_keep`.
+    #[serde(default)]
+    pub snapshot_every_seconds: u64,
+    #[serde(default)]
+    pub snapshot_keep: u32,
+    /// `VOLUME@SNAPSHOT` it was cloned from ("" if none, or if that is gone).
+    #[serde(default)]
+    pub cloned_from: String,
 }
 
 /// An opened disk as placement sees it.
@@ -875,6 +886,10 @@ impl Volumes {
             encryption: String::new(),
             attached_to: 0,
             epoch: record.epoch,
+            snapshots: 0,
+            snapshot_every_seconds: 0,
+            snapshot_keep: 0,
+            cloned_from: String::new(),
         })
     }
 }

@@ -342,6 +342,8 @@ async fn apply(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), String> {
     let content = match &op.kind {
         OpKind::Write(data) => format!("w{}", u64::from_le_bytes(data[16..24].try_into().expect("8 bytes"))),
         OpKind::Zero => "zero".into(),
+        // The simulated coordinator never takes snapshots.
+        OpKind::Snapshot { .. } | OpKind::Restore { .. } => return Err("snapshots are not simulated".into()),
     };
     let request = match op.kind {
         OpKind::Write(data) => Request::Write {
@@ -356,6 +358,7 @@ async fn apply(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), String> {
             epoch: op.epoch,
             sequence: op.volume_sequence,
         },
+        OpKind::Snapshot { .. } | OpKind::Restore { .. } => unreachable!("refused above"),
     };
     {
         let mut node = sim.node(id);

@@ -25,6 +25,7 @@ const PATIENCE: Duration = node::cluster::PROPOSE_TIMEOUT;
 
 /// What a client learned about its proposal.
 #[derive(Clone, Debug)]
+#[allow(clippy::large_enum_variant)] // one per simulated proposal
 pub enum Reply {
     Committed {
         log_id: LogId<NodeId>,

@@ -1,0 +1,365 @@
+//! Snapshots, clones and restores on real nodes (issue 11): a snapshot is
+//! the volume at one point, read-only over NBD, taking no space until the
+//! volume is overwritten; a clone shares the snapshot's data and diverges
+//! from it; a restore brings the volume back; on a replicated volume the
+//! snapshot is taken at one point on every replica, even under writes.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::cluster::{wait_until, TestCluster};
+use common::nbd::NbdClient;
+use common::node::TestNode;
+use common::{have_tool, qemu_io, qemu_io_ok, text};
+use node::nbd::proto;
+
+fn disk_used_bytes(node: &TestNode) -> u64 {
+    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
+    status["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["used_bytes"].as_u64().unwrap())
+        .sum()
+}
+
+fn snapshots(node: &TestNode, volume: &str) -> Vec<serde_json::Value> {
+    let listed = node.cli_ok(&["snapshot", "list", volume, "--json"]);
+    serde_json::from_str::<serde_json::Value>(&listed)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn nbd_address(node: &TestNode) -> String {
+    node.uri("x")
+        .trim_start_matches("nbd://")
+        .trim_end_matches("/x")
+        .to_owned()
+}
+
+/// Runs a qemu-io command that must succeed; a snapshot (`VOL@SNAP`) is
+/// opened read-only, as its export is.
+fn expect_pattern(uri: &str, command: &str) {
+    let output = if uri.contains('@') {
+        std::process::Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", command, uri])
+            .output()
+            .expect("run qemu-io")
+    } else {
+        qemu_io(uri, command)
+    };
+    assert!(qemu_io_ok(&output), "{uri}: {command}: {}", text(&output));
+}
+
+#[test]
+fn a_snapshot_stays_as_taken_is_read_only_over_nbd_and_deleting_it_frees_what_only_it_held() {
+    let test = "a_snapshot_stays_as_taken";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let node = TestNode::start(test, 512 << 20);
+    node.create_volume("db", "64MiB");
+    let uri = node.uri("db");
+    expect_pattern(&uri, "write -P 0x61 0 32M");
+    let used_before = disk_used_bytes(&node);
+
+    let created = node.cli_ok(&["snapshot", "create", "db", "s1"]);
+    assert!(created.contains("db@s1"), "{created}");
+    assert_eq!(disk_used_bytes(&node), used_before, "a snapshot copies no data");
+    let listed = snapshots(&node, "db");
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["name"], "s1");
+    assert_eq!(listed[0]["state"], "ready");
+    assert_eq!(listed[0]["size_bytes"], 64u64 << 20);
+    let again = node.cli(&["snapshot", "create", "db", "s1"]);
+    assert!(
+        !again.status.success() && text(&again).contains("already exists"),
+        "{}",
+        text(&again)
+    );
+
+    // Overwrite half: the volume changes, the snapshot does not.
+    expect_pattern(&uri, "write -P 0x62 0 16M");
+    let snapshot_uri = node.uri("db@s1");
+    expect_pattern(&snapshot_uri, "read -P 0x61 0 32M");
+    expect_pattern(&snapshot_uri, "read -P 0 32M 32M");
+    expect_pattern(&uri, "read -P 0x62 0 16M");
+    expect_pattern(&uri, "read -P 0x61 16M 16M");
+    assert_eq!(
+        disk_used_bytes(&node),
+        used_before + (16 << 20),
+        "the overwritten half is held twice: the snapshot keeps the old data"
+    );
+
+    // Read-only: the export says so, and a write is refused with EPERM.
+    let mut client = NbdClient::connect(&nbd_address(&node), "db@s1", Duration::from_secs(10)).unwrap();
+    assert_ne!(client.flags & proto::TFLAG_READ_ONLY, 0, "flags {:#x}", client.flags);
+    let (error, _) = client.request(proto::CMD_WRITE, 0, 4096, &[0x63; 4096]).unwrap();
+    assert_eq!(error, proto::EPERM);
+    let (error, data) = client.request(proto::CMD_READ, 0, 4096, &[]).unwrap();
+    assert_eq!((error, data), (0, vec![0x61; 4096]));
+    drop(client);
+
+    node.cli_ok(&["snapshot", "delete", "db", "s1"]);
+    assert!(snapshots(&node, "db").is_empty());
+    wait_until("the snapshot's own data freed", || {
+        disk_used_bytes(&node) == used_before
+    });
+    let gone = qemu_io(&snapshot_uri, "read 0 4096");
+    assert!(!gone.status.success() || !qemu_io_ok(&gone), "{}", text(&gone));
+    expect_pattern(&uri, "read -P 0x62 0 16M");
+    expect_pattern(&uri, "read -P 0x61 16M 16M");
+    let missing = node.cli(&["snapshot", "delete", "db", "s1"]);
+    assert!(
+        !missing.status.success() && text(&missing).contains("does not exist"),
+        "{}",
+        text(&missing)
+    );
+}
+
+#[test]
+fn a_clone_shares_its_snapshots_data_diverges_from_it_and_outlives_its_source_through_a_restart() {
+    let test = "a_clone_shares_its_snapshots_data";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let mut node = TestNode::start(test, 512 << 20);
+    node.create_volume("src", "64MiB");
+    expect_pattern(&node.uri("src"), "write -P 0x41 0 32M");
+    node.cli_ok(&["snapshot", "create", "src", "gold"]);
+    let used_before = disk_used_bytes(&node);
+
+    let cloned = node.cli_ok(&["volume", "clone", "src@gold", "copy"]);
+    assert!(cloned.contains("cloned volume copy"), "{cloned}");
+    assert!(cloned.contains("cloned from: src@gold"), "{cloned}");
+    assert_eq!(disk_used_bytes(&node), used_before, "a fresh clone takes no space");
+    assert_eq!(node.inspect("copy")["used_bytes"], 32u64 << 20, "it maps all the data");
+
+    let copy = node.uri("copy");
+    expect_pattern(&copy, "write -P 0x43 0 8M");
+    expect_pattern(&copy, "read -P 0x43 0 8M");
+    expect_pattern(&copy, "read -P 0x41 8M 24M");
+    expect_pattern(&node.uri("src@gold"), "read -P 0x41 0 32M");
+    expect_pattern(&node.uri("src"), "read -P 0x41 0 32M");
+    assert_eq!(disk_used_bytes(&node), used_before + (8 << 20));
+
+    // Shared blocks survive a crash (the clone records are replayed) ...
+    node.kill9();
+    node.restart();
+    expect_pattern(&copy, "read -P 0x43 0 8M");
+    expect_pattern(&copy, "read -P 0x41 8M 24M");
+    expect_pattern(&node.uri("src@gold"), "read -P 0x41 0 32M");
+    assert_eq!(disk_used_bytes(&node), used_before + (8 << 20));
+    // ... and the source's deletion (its snapshots go with it).
+    node.cli_ok(&["volume", "delete", "src"]);
+    wait_until("the source's snapshot copy released", || {
+        !qemu_io(&node.uri("src@gold"), "read 0 4096").status.success()
+    });
+    expect_pattern(&copy, "read -P 0x41 8M 24M");
+    assert_eq!(
+        disk_used_bytes(&node),
+        32 << 20,
+        "only the clone's blocks remain: 24 MiB shared before, 8 MiB its own"
+    );
+    let clone_of_gone = node.cli(&["volume", "clone", "src@gold", "copy2"]);
+    assert!(!clone_of_gone.status.success(), "{}", text(&clone_of_gone));
+}
+
+#[test]
+fn restoring_a_snapshot_brings_the_volume_back_and_is_refused_while_a_client_is_connected() {
+    let test = "restoring_a_snapshot_brings_the_volume_back";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let node = TestNode::start(test, 512 << 20);
+    node.create_volume("r", "64MiB");
+    let uri = node.uri("r");
+    expect_pattern(&uri, "write -P 0x51 0 16M");
+    node.cli_ok(&["snapshot", "create", "r", "before"]);
+    expect_pattern(&uri, "write -P 0x52 0 16M");
+    expect_pattern(&uri, "write -P 0x53 16M 16M");
+
+    let client = NbdClient::connect(&nbd_address(&node), "r", Duration::from_secs(10)).unwrap();
+    let refused = node.cli(&["snapshot", "restore", "r", "before"]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(text(&refused).contains("in use"), "{}", text(&refused));
+    drop(client);
+    wait_until("the client's connection closed", || {
+        node.inspect("r")["connections"] == 0
+    });
+
+    let restored = node.cli_ok(&["snapshot", "restore", "r", "before"]);
+    assert!(restored.contains("restored volume r"), "{restored}");
+    expect_pattern(&uri, "read -P 0x51 0 16M");
+    expect_pattern(&uri, "read -P 0 16M 16M");
+    // The snapshot is still there and the volume writable.
+    expect_pattern(&node.uri("r@before"), "read -P 0x51 0 16M");
+    expect_pattern(&uri, "write -P 0x54 0 4M");
+    expect_pattern(&node.uri("r@before"), "read -P 0x51 0 4M");
+    let unknown = node.cli(&["snapshot", "restore", "r", "nope"]);
+    assert!(
+        !unknown.status.success() && text(&unknown).contains("does not exist"),
+        "{}",
+        text(&unknown)
+    );
+}
+
+#[test]
+fn scheduled_snapshots_are_taken_and_only_the_newest_are_kept() {
+    let test = "scheduled_snapshots_are_taken";
+    let node = TestNode::start(test, 256 << 20);
+    node.create_volume("s", "16MiB");
+    node.cli_ok(&["snapshot", "create", "s", "mine"]);
+    let bad = node.cli(&["volume", "update", "s", "--snapshot-every", "1s", "--keep", "2"]);
+    assert!(
+        !bad.status.success() && text(&bad).contains("at least"),
+        "{}",
+        text(&bad)
+    );
+    let updated = node.cli_ok(&["volume", "update", "s", "--snapshot-every", "10s", "--keep", "2"]);
+    assert!(updated.contains("one every 10 s, the newest 2 kept"), "{updated}");
+    let auto = |list: &[serde_json::Value]| -> Vec<u64> {
+        list.iter()
+            .filter(|s| s["name"].as_str().unwrap().starts_with("auto-"))
+            .map(|s| s["id"].as_u64().unwrap())
+            .collect()
+    };
+    let mut first_seen = None;
+    wait_until_long("three scheduled snapshots taken, the first of them expired", || {
+        let list = snapshots(&node, "s");
+        let ids = auto(&list);
+        if first_seen.is_none() {
+            first_seen = ids.first().copied();
+        }
+        assert!(ids.len() <= 3, "never more than keep (+1 being taken): {list:?}");
+        assert!(
+            list.iter().any(|s| s["name"] == "mine"),
+            "a named snapshot never expires: {list:?}"
+        );
+        ids.len() == 2 && first_seen.is_some_and(|first| !ids.contains(&first))
+    });
+    node.cli_ok(&["volume", "update", "s", "--snapshot-every", "0", "--keep", "1"]);
+}
+
+/// Like `wait_until`, for waits of up to two minutes.
+fn wait_until_long(what: &str, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(120) {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    panic!("timed out waiting for: {what}");
+}
+
+/// Block `block` of write round `round`: the round and block in the first
+/// 16 bytes, a byte derived from both after.
+fn block_of(round: u64, block: u64) -> Vec<u8> {
+    let mut data = vec![u8::try_from((round * 31 + block) % 251).unwrap(); 4096];
+    data[..8].copy_from_slice(&round.to_le_bytes());
+    data[8..16].copy_from_slice(&block.to_le_bytes());
+    data
+}
+
+/// The round a block holds (0: never written), checking its bytes.
+fn round_of(block: u64, data: &[u8]) -> u64 {
+    if data.iter().all(|b| *b == 0) {
+        return 0;
+    }
+    let round = u64::from_le_bytes(data[..8].try_into().unwrap());
+    assert_eq!(data, &block_of(round, block)[..], "block {block}: torn or foreign data");
+    round
+}
+
+const BLOCKS: u64 = 256;
+
+#[test]
+fn a_snapshot_under_writes_holds_one_point_between_the_acknowledged_writes_on_every_replica() {
+    let test = "a_snapshot_under_writes_holds_one_point";
+    let cluster = TestCluster::start(test, 3, &[]);
+    let admin = &cluster.nodes[0];
+    admin.cli_ok(&["volume", "create", "v", "--size", "16MiB", "--repl", "3"]);
+    wait_until("v in sync on three replicas", || {
+        admin.inspect("v")["in_sync"].as_array().is_some_and(|s| s.len() == 3)
+    });
+    let coordinator = admin.inspect("v")["coordinator_nbd"].as_str().unwrap().to_owned();
+
+    // One writer, each write acknowledged before the next: round-robin over
+    // BLOCKS blocks, round by round. `acked` counts acknowledged writes.
+    let acked = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, stop, coordinator) = (Arc::clone(&acked), Arc::clone(&stop), coordinator.clone());
+        std::thread::spawn(move || {
+            let mut client = NbdClient::connect(&coordinator, "v", Duration::from_secs(20)).unwrap();
+            let started = Instant::now();
+            let mut sequence = 0u64;
+            while !stop.load(Ordering::Acquire) && started.elapsed() < Duration::from_secs(90) {
+                let (round, block) = (sequence / BLOCKS + 1, sequence % BLOCKS);
+                let (error, _) = client
+                    .request(proto::CMD_WRITE, block * 4096, 4096, &block_of(round, block))
+                    .unwrap();
+                assert_eq!(error, 0, "write {sequence}");
+                sequence += 1;
+                acked.store(sequence, Ordering::Release);
+            }
+        })
+    };
+    wait_until("two rounds written", || acked.load(Ordering::Acquire) > 2 * BLOCKS);
+    let before = acked.load(Ordering::Acquire);
+    admin.cli_ok(&["snapshot", "create", "v", "mid"]);
+    let after = acked.load(Ordering::Acquire);
+    wait_until("a round more written after it", || {
+        acked.load(Ordering::Acquire) > after + BLOCKS
+    });
+    stop.store(true, Ordering::Release);
+    writer.join().unwrap();
+
+    let listed = snapshots(admin, "v");
+    let holders = listed[0]["holders"].as_array().unwrap().clone();
+    assert_eq!(holders.len(), 3, "every in-sync replica took it: {listed:?}");
+    // Read the snapshot from every node (each serves its own copy).
+    let mut copies = Vec::new();
+    for node in &cluster.nodes {
+        let mut client = NbdClient::connect(&nbd_address(node), "v@mid", Duration::from_secs(20)).unwrap();
+        let mut rounds = Vec::new();
+        for block in 0..BLOCKS {
+            let (error, data) = client.request(proto::CMD_READ, block * 4096, 4096, &[]).unwrap();
+            assert_eq!(error, 0);
+            rounds.push(round_of(block, &data));
+        }
+        copies.push(rounds);
+    }
+    assert!(copies.iter().all(|c| *c == copies[0]), "the copies differ: {copies:?}");
+    // The state after exactly `point` writes: block b holds the round of the
+    // last write to it among the first `point`.
+    let point = (0..BLOCKS)
+        .map(|block| match copies[0][usize::try_from(block).unwrap()] {
+            0 => 0,
+            round => (round - 1) * BLOCKS + block + 1,
+        })
+        .max()
+        .unwrap();
+    for block in 0..BLOCKS {
+        let expected = if point > block {
+            (point - block - 1) / BLOCKS + 1
+        } else {
+            0
+        };
+        assert_eq!(
+            copies[0][usize::try_from(block).unwrap()],
+            expected,
+            "block {block}: the snapshot is not the volume after {point} writes"
+        );
+    }
+    assert!(
+        (before..=after).contains(&point),
+        "the snapshot holds {point} writes; {before} were acknowledged before it was asked for, {after} when it answered"
+    );
+}
