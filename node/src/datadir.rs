@@ -128,6 +128,20 @@ impl DataDir {
         file.disks.push(record);
         write_atomic(&path, &to_toml(&path, &file)?)
     }
+
+    /// Forgets an enrolled disk (drained by `disk remove`): the node no
+    /// longer opens it. True if it was recorded.
+    pub fn remove_disk(&self, disk_uuid: uuid::Uuid) -> Result<bool, DataDirError> {
+        let path = self.path.join(DISKS_FILE);
+        let mut file = DisksFile { disks: self.disks()? };
+        let before = file.disks.len();
+        file.disks.retain(|disk| disk.disk_uuid != disk_uuid);
+        if file.disks.len() == before {
+            return Ok(false);
+        }
+        write_atomic(&path, &to_toml(&path, &file)?)?;
+        Ok(true)
+    }
 }
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, DataDirError> {

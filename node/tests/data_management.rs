@@ -246,3 +246,107 @@ fn a_volume_shrinks_only_when_allowed_and_the_discarded_tail_reads_zeroes_on_eve
         assert!(qemu_io_ok(&gone), "node {index}: {}", text(&gone));
     }
 }
+
+fn disks_of(node: &TestNode) -> Vec<serde_json::Value> {
+    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
+    status["disks"].as_array().unwrap().clone()
+}
+
+#[test]
+fn disk_remove_moves_volumes_and_snapshots_off_a_disk_while_a_client_writes() {
+    let test = "disk_remove_moves_volumes_and_snapshots";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let mut node = TestNode::start_with_disks(test, &[512 << 20, 512 << 20]);
+    node.create_volume("a", "64MiB");
+    let uri = node.uri("a");
+    let written = qemu_io(&uri, "write -P 0x5a 0 24M");
+    assert!(written.status.success(), "{}", text(&written));
+    node.cli_ok(&["snapshot", "create", "a", "s"]);
+    let overwritten = qemu_io(&uri, "write -P 0x5b 0 4M");
+    assert!(overwritten.status.success(), "{}", text(&overwritten));
+    let source = node.inspect("a")["disk_uuid"].as_str().unwrap().to_owned();
+    let source_path = disks_of(&node)
+        .iter()
+        .find(|d| d["disk_uuid"] == source.as_str())
+        .unwrap()["path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // A client keeps writing 4 KiB blocks, each acknowledged before the
+    // next, while the drain runs; every one must read back after it.
+    let address = uri.trim_start_matches("nbd://").trim_end_matches("/a").to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut client =
+                common::nbd::NbdClient::connect(&address, "a", std::time::Duration::from_secs(20)).unwrap();
+            let started = std::time::Instant::now();
+            let mut acked = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire)
+                && started.elapsed() < std::time::Duration::from_secs(60)
+            {
+                let block = 8192 + acked % 2048; // 32 MiB..40 MiB
+                let fill = u8::try_from(acked % 200 + 1).unwrap();
+                let (error, _) = client
+                    .request(node::nbd::proto::CMD_WRITE, block * 4096, 4096, &[fill; 4096])
+                    .unwrap();
+                assert_eq!(error, 0);
+                acked += 1;
+            }
+            acked
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let removed = node.cli_ok(&["disk", "remove", &source_path]);
+    assert!(removed.contains(&format!("disk {source_path} removed")), "{removed}");
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let acked = writer.join().unwrap();
+    assert!(acked > 0);
+
+    let target = node.inspect("a")["disk_uuid"].as_str().unwrap().to_owned();
+    assert_ne!(target, source, "the volume moved");
+    let disks = disks_of(&node);
+    let drained = disks.iter().find(|d| d["disk_uuid"] == source.as_str()).unwrap();
+    assert_eq!(drained["state"], "removed", "{disks:?}");
+    assert_eq!(drained["used_bytes"], 0, "{disks:?}");
+    let check = |node: &TestNode| {
+        for (command, what) in [
+            ("read -P 0x5b 0 4M", "the overwritten start"),
+            ("read -P 0x5a 4M 20M", "the rest of the first write"),
+            ("read -P 0 24M 8M", "a hole"),
+        ] {
+            let read = qemu_io(&node.uri("a"), command);
+            assert!(qemu_io_ok(&read), "{what}: {}", text(&read));
+        }
+        // The last write to each block of the writer's range holds.
+        let blocks = acked.min(2048);
+        for index in 0..blocks {
+            let last = acked - 1 - (acked - 1 - index) % 2048;
+            let block = 8192 + last % 2048;
+            let fill = last % 200 + 1;
+            let read = qemu_io(&node.uri("a"), &format!("read -P {fill} {} 4096", block * 4096));
+            assert!(qemu_io_ok(&read), "block {block}: {}", text(&read));
+        }
+        let snapshot = Command::new("qemu-io")
+            .args(["-r", "-f", "raw", "-c", "read -P 0x5a 0 24M", &node.uri("a@s")])
+            .output()
+            .unwrap();
+        assert!(qemu_io_ok(&snapshot), "the snapshot moved too: {}", text(&snapshot));
+    };
+    check(&node);
+    // A restart opens only the remaining disk, and everything is there.
+    node.stop();
+    node.restart();
+    assert_eq!(disks_of(&node).len(), 1, "the removed disk is not opened again");
+    check(&node);
+    let only = node.cli(&["disk", "remove", &target]);
+    assert!(
+        !only.status.success() && text(&only).contains("only disk"),
+        "{}",
+        text(&only)
+    );
+}

@@ -363,3 +363,72 @@ fn a_snapshot_under_writes_holds_one_point_between_the_acknowledged_writes_on_ev
         "the snapshot holds {point} writes; {before} were acknowledged before it was asked for, {after} when it answered"
     );
 }
+
+/// Reads `[offset, offset + len)` of export `name` on `node` (read-only)
+/// and checks every byte is `fill`.
+fn expect_fill(node: &TestNode, name: &str, offset: u64, len: u64, fill: u8) {
+    let mut client = NbdClient::connect(&nbd_address(node), name, Duration::from_secs(20))
+        .unwrap_or_else(|error| panic!("{name} on node {}: {error}", node.node_id()));
+    let mut at = offset;
+    while at < offset + len {
+        let piece = (offset + len - at).min(1 << 20);
+        let (error, data) = client
+            .request(proto::CMD_READ, at, u32::try_from(piece).unwrap(), &[])
+            .unwrap();
+        assert_eq!(error, 0, "{name} on node {}", node.node_id());
+        let wrong = data.iter().position(|b| *b != fill);
+        assert!(
+            wrong.is_none(),
+            "{name} on node {}: byte {} is {:#x}, not {fill:#x}",
+            node.node_id(),
+            at + wrong.unwrap_or(0) as u64,
+            data[wrong.unwrap_or(0)]
+        );
+        at += piece;
+    }
+}
+
+#[test]
+fn restore_and_clone_reach_every_replica_of_a_replicated_volume() {
+    let test = "restore_and_clone_reach_every_replica";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let cluster = TestCluster::start(test, 3, &[]);
+    let admin = &cluster.nodes[0];
+    admin.cli_ok(&["volume", "create", "v", "--size", "16MiB", "--repl", "3"]);
+    let coordinator = admin.inspect("v")["coordinator"].as_u64().unwrap();
+    let serving = &cluster.nodes[cluster.index_of(coordinator)];
+    let uri = serving.uri("v");
+    expect_pattern(&uri, "write -P 0x71 0 8M");
+    admin.cli_ok(&["snapshot", "create", "v", "s"]);
+    expect_pattern(&uri, "write -P 0x72 0 8M");
+    expect_pattern(&uri, "write -P 0x74 8M 4M");
+    admin.cli_ok(&["snapshot", "restore", "v", "s"]);
+    expect_pattern(&uri, "read -P 0x71 0 8M");
+    expect_pattern(&uri, "read -P 0 8M 8M");
+
+    // What each replica holds now: a snapshot's copy on each node is a
+    // clone of that node's replica.
+    admin.cli_ok(&["snapshot", "create", "v", "check"]);
+    for node in &cluster.nodes {
+        expect_fill(node, "v@check", 0, 8 << 20, 0x71);
+        expect_fill(node, "v@check", 8 << 20, 8 << 20, 0);
+    }
+
+    // A clone of a snapshot held by three nodes has three in-sync replicas,
+    // and writes to it reach them all.
+    admin.cli_ok(&["volume", "clone", "v@s", "c"]);
+    let info = admin.inspect("c");
+    assert_eq!(info["in_sync"].as_array().unwrap().len(), 3, "{info:#}");
+    let clone_coordinator = info["coordinator"].as_u64().unwrap();
+    let clone_uri = cluster.nodes[cluster.index_of(clone_coordinator)].uri("c");
+    expect_pattern(&clone_uri, "write -P 0x73 0 1M");
+    expect_pattern(&clone_uri, "read -P 0x71 1M 7M");
+    admin.cli_ok(&["snapshot", "create", "c", "cc"]);
+    for node in &cluster.nodes {
+        expect_fill(node, "c@cc", 0, 1 << 20, 0x73);
+        expect_fill(node, "c@cc", 1 << 20, 7 << 20, 0x71);
+        expect_fill(node, "v@s", 0, 8 << 20, 0x71);
+    }
+}

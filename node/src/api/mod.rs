@@ -8,6 +8,7 @@
 //! | GET | /metrics | | Prometheus metrics (OpenMetrics text, `metrics`) |
 //! | GET | /v1/node | | node id, disks, space |
 //! | POST | /v1/node/disks | `EnrollBody` | 201 `DiskRecord`: the disk formatted, recorded and opened, new volumes may go there (pool expansion) |
+//! | POST | /v1/node/disks/{uuid}/remove | | 202 `DrainStatus`: the disk's data moves to the node's other disks while in use, then the disk is forgotten; follow it in GET /v1/node `drains` |
 //! | GET | /v1/volumes | | `[VolumeInfo]` |
 //! | POST | /v1/volumes | `CreateBody` | 201 `VolumeInfo` |
 //! | GET | /v1/volumes/{name} | | `VolumeInfo` |
@@ -158,6 +159,24 @@ async fn enroll_disk(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<
     Ok((StatusCode::CREATED, Json(outcome)).into_response())
 }
 
+async fn remove_disk(State(state): State<Arc<ApiState>>, Path(uuid): Path<String>) -> Result<Response, ApiError> {
+    let disk_uuid = uuid::Uuid::parse_str(&uuid)
+        .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("{uuid:?} is not a disk uuid")))?;
+    let data = Arc::clone(&state);
+    let forget = Box::new(move || {
+        data.data
+            .lock()
+            .remove_disk(disk_uuid)
+            .map(|_| ())
+            .map_err(|error| format!("drained, but its enrollment record stays: {error}"))
+    });
+    let status = state
+        .volumes
+        .start_drain(disk_uuid, forget)
+        .map_err(|error| ApiError(StatusCode::CONFLICT, error.to_string()))?;
+    Ok((StatusCode::ACCEPTED, Json(status)).into_response())
+}
+
 /// Body of POST /v1/volumes/{name}/unlock.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,6 +237,10 @@ pub struct DiskStatus {
     pub engine: String,
     pub capacity_bytes: u64,
     pub used_bytes: u64,
+    /// "in use", "draining", "removed" (drained and forgotten: not opened
+    /// after the node restarts, then safe to detach) or "drain failed".
+    #[serde(default)]
+    pub state: String,
 }
 
 /// GET /v1/node.
@@ -232,6 +255,9 @@ pub struct NodeStatus {
     pub version: String,
     pub disks: Vec<DiskStatus>,
     pub volume_count: usize,
+    /// Drains (`disk remove`) since the node started, with their progress.
+    #[serde(default)]
+    pub drains: Vec<crate::volume::drain::DrainStatus>,
 }
 
 /// The error body.
@@ -302,6 +328,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/node", get(node_status))
         .route("/v1/node/disks", post(enroll_disk))
+        .route("/v1/node/disks/{uuid}/remove", post(remove_disk))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(
             "/v1/volumes/{name}",

@@ -1,4 +1,4 @@
-//! `ballast disk list | enroll | status`.
+//! `ballast disk list | enroll | status | remove`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -32,6 +32,22 @@ pub enum DiskCommand {
     /// destroys them). A path that does not exist becomes a regular file of
     /// --size bytes (for development and tests).
     Enroll(EnrollArgs),
+    /// Empty a disk of a running node and stop using it: its volume and
+    /// snapshot copies move to the node's other disks while clients keep
+    /// using them (snapshots and clones that shared blocks there are copied
+    /// in full), then the disk is forgotten. Prints progress until done; the
+    /// node closes the disk at its next restart, after which it can be
+    /// detached.
+    Remove {
+        /// The disk: its path or uuid (see `ballast node status`).
+        disk: String,
+        /// The running node's API.
+        #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
+        api: String,
+        /// Start the drain and return at once (follow it in `ballast node status`).
+        #[arg(long)]
+        no_wait: bool,
+    },
     /// Show the enrolled disks of a (stopped) node: space used, segments, write amplification.
     Status {
         /// The node's data directory.
@@ -72,6 +88,71 @@ pub fn run(command: DiskCommand) -> Result<ExitCode> {
         DiskCommand::List { json, eligible } => list(json, eligible),
         DiskCommand::Enroll(args) => enroll_all(&args),
         DiskCommand::Status { data_dir, json } => status(&data_dir, json),
+        DiskCommand::Remove { disk, api, no_wait } => remove(&disk, &api, no_wait),
+    }
+}
+
+fn remove(disk: &str, api: &str, no_wait: bool) -> Result<ExitCode> {
+    use crate::api::NodeStatus;
+    use crate::volume::drain::DrainStatus;
+    let client = crate::api::client::ApiClient::new(api);
+    let node: NodeStatus = client.get("/v1/node")?;
+    let Some(found) = node
+        .disks
+        .iter()
+        .find(|d| d.path == disk || d.disk_uuid.to_string() == disk)
+    else {
+        let known: Vec<String> = node
+            .disks
+            .iter()
+            .map(|d| format!("{} ({})", d.path, d.disk_uuid))
+            .collect();
+        bail!(
+            "the node at {api} has no disk {disk:?}; its disks: {}",
+            known.join(", ")
+        );
+    };
+    let uuid = found.disk_uuid;
+    let started: DrainStatus = client.post(&format!("/v1/node/disks/{uuid}/remove"), &serde_json::json!({}))?;
+    println!(
+        "draining disk {} ({uuid}): {} volume/snapshot copies to move",
+        started.path, started.copies_total
+    );
+    if no_wait {
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut last = String::new();
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let node: NodeStatus = client.get("/v1/node")?;
+        let Some(drain) = node.drains.iter().find(|d| d.disk_uuid == uuid) else {
+            bail!("the node no longer reports the drain (restarted?); see `ballast node status`");
+        };
+        let line = format!(
+            "{} of {} copies moved, {} copied",
+            drain.copies_moved,
+            drain.copies_total,
+            format_size(drain.bytes_copied)
+        );
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        match drain.state.as_str() {
+            "removed" => {
+                println!(
+                    "disk {} removed: it holds no data and the node will not open it again; detach it after the node's next restart",
+                    drain.path
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            "failed" => {
+                eprintln!("error: drain of {} failed: {}", drain.path, drain.error);
+                eprintln!("the disk is in use again; fix the cause and run `ballast disk remove` again");
+                return Ok(ExitCode::FAILURE);
+            }
+            _ => {}
+        }
     }
 }
 

@@ -212,13 +212,27 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             }
             println!("volumes: {}", status.volume_count);
             for disk in &status.disks {
+                let state = if disk.state.is_empty() || disk.state == "in use" {
+                    String::new()
+                } else {
+                    format!(", {}", disk.state)
+                };
                 println!(
-                    "disk {} {}: {} of {} used ({})",
+                    "disk {} {}: {} of {} used ({}{state})",
                     disk.path,
                     disk.disk_uuid,
                     format_size(disk.used_bytes),
                     format_size(disk.capacity_bytes),
                     disk.engine
+                );
+            }
+            for drain in status.drains.iter().filter(|drain| drain.state == "draining") {
+                println!(
+                    "draining {}: {} of {} copies moved, {} copied",
+                    drain.path,
+                    drain.copies_moved,
+                    drain.copies_total,
+                    format_size(drain.bytes_copied)
                 );
             }
             Ok(ExitCode::SUCCESS)

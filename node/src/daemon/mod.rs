@@ -235,6 +235,15 @@ fn node_status(node_uuid: uuid::Uuid, cluster: &Cluster, engine: &Engine, volume
                 engine: disk.engine_kind.to_owned(),
                 capacity_bytes: space.map_or(0, |s| s.capacity_blocks * 4096),
                 used_bytes: space.map_or(0, |s| s.used_blocks * 4096),
+                state: volumes
+                    .drains()
+                    .iter()
+                    .find(|drain| drain.disk_uuid.as_bytes() == &disk.disk_uuid)
+                    .map_or("in use", |drain| match drain.state.as_str() {
+                        "failed" => "drain failed",
+                        other => other,
+                    })
+                    .to_owned(),
             }
         })
         .collect();
@@ -245,6 +254,7 @@ fn node_status(node_uuid: uuid::Uuid, cluster: &Cluster, engine: &Engine, volume
         version: env!("CARGO_PKG_VERSION").to_owned(),
         disks,
         volume_count: volumes.count(),
+        drains: volumes.drains(),
     }
 }
 

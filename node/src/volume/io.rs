@@ -69,20 +69,51 @@ fn usize_of(value: u64) -> usize {
 
 impl Volume {
     pub(super) async fn call(&self, command: Command) -> Result<Reply, VolumeIoError> {
+        // A drain switches disks only when no request is under way.
+        let _gate = self.move_gate.read().await;
+        let changed = self.changed_by(&command);
         let (sender, receiver) = tokio::sync::oneshot::channel();
         self.engine.submit(
-            self.disk,
+            self.disk_index(),
             command,
             Box::new(move |result| {
                 let _ = sender.send(result);
             }),
         );
-        match receiver.await {
+        let reply = match receiver.await {
             Ok(result) => result.map_err(|source| VolumeIoError::Store {
                 volume: self.name.clone(),
                 source,
             }),
             Err(_) => Err(VolumeIoError::Stopped),
+        };
+        if let (Ok(_), Some((lba, block_count))) = (&reply, changed) {
+            self.note_changed(lba, block_count);
+        }
+        reply
+    }
+
+    /// The blocks a request changes in this volume, if any.
+    fn changed_by(&self, command: &Command) -> Option<(u64, u64)> {
+        match command {
+            Command::Write { lba, data, .. } => Some((*lba, data.len() as u64 / BLOCK_BYTES)),
+            Command::Zero { lba, block_count, .. } => Some((*lba, *block_count)),
+            Command::Clone { target, .. } if *target == self.id => {
+                Some((0, self.size_bytes().div_ceil(BLOCK_BYTES).max(1)))
+            }
+            _ => None,
+        }
+    }
+
+    /// Records changed blocks for a drain that is moving the volume (after
+    /// they are durable, so its next copy of the region sees them).
+    pub(super) fn note_changed(&self, lba: u64, block_count: u64) {
+        if block_count == 0 {
+            return;
+        }
+        if let Some(regions) = self.moving.lock().as_mut() {
+            let region_blocks = super::drain::REGION_BLOCKS;
+            regions.extend(lba / region_blocks..=(lba + block_count - 1) / region_blocks);
         }
     }
 
@@ -156,30 +187,38 @@ impl Volume {
         let first_block = offset_bytes / BLOCK_BYTES;
         let end_block = (offset_bytes + len_bytes).div_ceil(BLOCK_BYTES);
         let per_request = STORE_REQUEST_BYTES_MAX as u64 / BLOCK_BYTES;
-        let mut pending = Vec::new();
-        let mut lba = first_block;
-        while lba < end_block {
-            let block_count = per_request.min(end_block - lba);
-            let (sender, receiver) = tokio::sync::oneshot::channel();
-            self.engine.submit(
-                self.disk,
-                Command::Read {
-                    volume_id: self.id,
-                    lba,
-                    block_count,
-                },
-                Box::new(move |result| {
-                    let _ = sender.send(result);
-                }),
-            );
-            pending.push(receiver);
-            lba += block_count;
+        let mut results = Vec::new();
+        {
+            let _gate = self.move_gate.read().await;
+            let mut pending = Vec::new();
+            let mut lba = first_block;
+            while lba < end_block {
+                let block_count = per_request.min(end_block - lba);
+                let (sender, receiver) = tokio::sync::oneshot::channel();
+                self.engine.submit(
+                    self.disk_index(),
+                    Command::Read {
+                        volume_id: self.id,
+                        lba,
+                        block_count,
+                    },
+                    Box::new(move |result| {
+                        let _ = sender.send(result);
+                    }),
+                );
+                pending.push(receiver);
+                lba += block_count;
+            }
+            for receiver in pending {
+                results.push(receiver.await);
+            }
         }
-        let mut bufs = Vec::with_capacity(pending.len());
+        // Repairs write (taking the gate again): outside the gate.
+        let mut bufs = Vec::with_capacity(results.len());
         let mut lba = first_block;
-        for receiver in pending {
+        for result in results {
             let block_count = per_request.min(end_block - lba);
-            match receiver.await {
+            match result {
                 Ok(Ok(Reply::Read(buf))) => bufs.push(buf),
                 Ok(Ok(other)) => unreachable!("read answered with {other:?}"),
                 Ok(Err(source)) => bufs.push(self.repair(lba, block_count, source, locked).await?),
@@ -325,12 +364,14 @@ impl Volume {
                 .await
                 .map(|_| ());
         }
+        let _gate = self.move_gate.read().await;
         let mut pending = Vec::new();
+        let block_count = data.len() as u64 / BLOCK_BYTES;
         for (index, chunk) in data.chunks(STORE_REQUEST_BYTES_MAX).enumerate() {
             let (sender, receiver) = tokio::sync::oneshot::channel();
             let chunk_lba = lba + (index * STORE_REQUEST_BYTES_MAX) as u64 / BLOCK_BYTES;
             self.engine.submit(
-                self.disk,
+                self.disk_index(),
                 Command::Write {
                     volume_id: self.id,
                     lba: chunk_lba,
@@ -344,7 +385,10 @@ impl Volume {
             );
             pending.push(receiver);
         }
-        self.await_all(pending).await
+        let result = self.await_all(pending).await;
+        // Parts may have landed even if one failed: count them all changed.
+        self.note_changed(lba, block_count);
+        result
     }
 
     /// One mutation (a write of `data`, or a zeroing when None) applied
@@ -554,7 +598,8 @@ impl Volume {
         let first_block = offset_bytes / BLOCK_BYTES;
         let end_block = (offset_bytes + len_bytes).div_ceil(BLOCK_BYTES);
         let engine = std::sync::Arc::clone(&self.engine);
-        let (disk, id) = (self.disk, self.id);
+        let _gate = self.move_gate.read().await;
+        let (disk, id) = (self.disk_index(), self.id);
         let runs = tokio::task::spawn_blocking(move || {
             engine.query(disk, move |store| {
                 store.block_status(id, first_block, end_block - first_block)

@@ -10,6 +10,7 @@
 //! delete a crash interrupted and releases data no record owns.
 
 pub mod crypt;
+pub mod drain;
 pub mod io;
 pub mod meta;
 pub mod range_lock;
@@ -172,7 +173,15 @@ pub struct Volume {
     /// carry it (not the live epoch, which a newer coordinator's fence may
     /// raise while a request is under way).
     serving_epoch: AtomicU64,
-    disk: usize,
+    /// Engine disk holding this node's copy (changes once when a drain
+    /// moves it: `drain`).
+    disk: AtomicUsize,
+    /// Held shared by every store request of the volume; exclusively by a
+    /// drain for the last copy and the switch to the new disk.
+    move_gate: tokio::sync::RwLock<()>,
+    /// While a drain moves the volume: the 4 MiB regions changed since it
+    /// last copied them.
+    moving: Mutex<Option<std::collections::BTreeSet<u64>>>,
     size_bytes: AtomicU64,
     sequence: AtomicU64,
     engine: Arc<Engine>,
@@ -243,7 +252,7 @@ impl Volume {
     /// Index of the engine disk holding this node's copy.
     #[must_use]
     pub fn disk_index(&self) -> usize {
-        self.disk
+        self.disk.load(Ordering::Acquire)
     }
 
     /// True once the volume was deleted (connections still holding it stop).
@@ -416,6 +425,8 @@ pub struct Volumes {
     live: RwLock<BTreeMap<String, (VolumeRecord, Arc<Volume>)>>,
     /// Local copies of snapshots, by `VOLUME@SNAPSHOT` (`snapshot`).
     snapshots: RwLock<BTreeMap<String, (VolumeRecord, Arc<Volume>)>>,
+    /// Drains by engine disk index (`drain`).
+    drains: Mutex<BTreeMap<usize, drain::DrainStatus>>,
 }
 
 impl Volumes {
@@ -436,6 +447,7 @@ impl Volumes {
             disks: RwLock::new(disks),
             live: RwLock::new(BTreeMap::new()),
             snapshots: RwLock::new(BTreeMap::new()),
+            drains: Mutex::new(BTreeMap::new()),
         };
         volumes.recover()?;
         Ok(volumes)
@@ -522,7 +534,9 @@ impl Volumes {
             epoch: AtomicU64::new(record.epoch),
             fence_floor: AtomicU64::new(record.fence_floor),
             serving_epoch: AtomicU64::new(0),
-            disk,
+            disk: AtomicUsize::new(disk),
+            move_gate: tokio::sync::RwLock::new(()),
+            moving: Mutex::new(None),
             size_bytes: AtomicU64::new(record.size_bytes),
             sequence: AtomicU64::new(next_sequence),
             engine: Arc::clone(&self.engine),
@@ -671,7 +685,7 @@ impl Volumes {
             None => None,
         };
         let disk = match &base {
-            Some(snapshot) => snapshot.disk,
+            Some(snapshot) => snapshot.disk_index(),
             None => self.pick_disk()?,
         };
         // Data a crash left behind under this id (never reused) goes first.
@@ -731,10 +745,13 @@ impl Volumes {
     fn pick_disk(&self) -> Result<usize, VolumeError> {
         let mut placed = vec![0u64; self.disks.read().len()];
         for (_, volume) in self.live.read().values() {
-            placed[volume.disk] += 1;
+            placed[volume.disk_index()] += 1;
         }
         let mut best: Option<(u64, usize)> = None;
         for (disk, placed_count) in placed.iter().enumerate() {
+            if self.is_retired(disk) {
+                continue;
+            }
             let Ok(space) = self.engine.query(disk, |store| store.space()) else {
                 continue;
             };
@@ -767,7 +784,7 @@ impl Volumes {
         meta.update(&record)?;
         volume.deleted.store(true, Ordering::Release);
         self.live.write().remove(name);
-        self.release(volume.disk, name, volume.id)?;
+        self.release(volume.disk_index(), name, volume.id)?;
         meta.remove(name)?;
         tracing::info!(volume = %name, "volume deleted");
         Ok(())
@@ -816,13 +833,18 @@ impl Volumes {
             epoch: volume.epoch(),
             volume_sequence: volume.next_sequence(),
         };
-        self.engine
-            .call(volume.disk, command)
-            .map(|_| ())
-            .map_err(|source| VolumeError::Store {
-                name: volume.name.clone(),
-                source,
-            })?;
+        {
+            // Called on a blocking thread; a drain must not switch disks under it.
+            let _gate = volume.move_gate.blocking_read();
+            self.engine
+                .call(volume.disk_index(), command)
+                .map(|_| ())
+                .map_err(|source| VolumeError::Store {
+                    name: volume.name.clone(),
+                    source,
+                })?;
+            volume.note_changed(first, end - first);
+        }
         tracing::warn!(volume = %volume.name, from_bytes, to_bytes, "volume shrunk: data past its new end discarded on this copy");
         Ok(())
     }
@@ -842,7 +864,7 @@ impl Volumes {
     pub fn used_bytes(&self, volume: &Volume) -> u64 {
         let id = volume.id;
         self.engine
-            .query(volume.disk, move |store| store.volume_used_blocks(id))
+            .query(volume.disk_index(), move |store| store.volume_used_blocks(id))
             .unwrap_or(0)
             * io::BLOCK_BYTES
     }
@@ -858,7 +880,7 @@ impl Volumes {
         let id = record.id;
         let used_blocks = self
             .engine
-            .query(volume.disk, move |store| store.volume_used_blocks(id))
+            .query(volume.disk_index(), move |store| store.volume_used_blocks(id))
             .unwrap_or(0);
         Ok(VolumeInfo {
             name: record.name.clone(),
@@ -868,7 +890,7 @@ impl Volumes {
             block_size_bytes: record.block_size_bytes,
             replicas: record.replicas,
             disk_uuid: record.disk_uuid,
-            disk_path: self.disk_path(volume.disk),
+            disk_path: self.disk_path(volume.disk_index()),
             connections: volume.connections.load(Ordering::Acquire),
             created_unix_seconds: record.created_unix_seconds,
             state: "ready".into(),

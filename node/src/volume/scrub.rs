@@ -32,13 +32,15 @@ impl Volume {
     /// past the volume's end are holes.
     pub async fn check_region(&self, lba: u64, block_count: u64, verify: bool) -> Result<RegionCheck, VolumeIoError> {
         let engine = std::sync::Arc::clone(&self.engine);
-        let (disk, id) = (self.disk, self.id);
+        let gate = self.move_gate.read().await;
+        let (disk, id) = (self.disk_index(), self.id);
         let mut states = tokio::task::spawn_blocking(move || {
             engine.query(disk, move |store| store.block_states(id, lba, block_count))
         })
         .await
         .map_err(|_| VolumeIoError::Stopped)?
         .map_err(|_| VolumeIoError::Stopped)?;
+        drop(gate);
         let size_blocks = self.size_bytes() / BLOCK_BYTES;
         for (at, state) in states.iter_mut().enumerate() {
             if lba + at as u64 >= size_blocks {

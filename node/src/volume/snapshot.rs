@@ -65,6 +65,12 @@ impl Volumes {
         volume_sequence: u64,
     ) -> Result<(), VolumeError> {
         let full = full_name(&volume.name, name);
+        if volume.moving.lock().is_some() {
+            return Err(VolumeError::InvalidOption(format!(
+                "volume {} is moving to another disk of node (disk remove); take the snapshot when it is done",
+                volume.name
+            )));
+        }
         if let Some((record, _)) = self.snapshots.read().get(&full) {
             if record.id == id {
                 return Ok(()); // a retried op: it is there already
@@ -99,7 +105,7 @@ impl Volumes {
             MetaError::Exists { name } => VolumeError::Exists { name },
             other => VolumeError::Meta(other),
         })?;
-        let handle = self.handle(&record, volume.disk, 1);
+        let handle = self.handle(&record, volume.disk_index(), 1);
         self.snapshots.write().insert(full.clone(), (record, handle));
         drop(meta);
         tracing::info!(snapshot = %full, id, "snapshot taken");
@@ -119,6 +125,15 @@ impl Volumes {
         let snapshot = self.snapshot_by_id(snapshot_id).ok_or_else(|| VolumeError::Missing {
             name: format!("snapshot with data id {snapshot_id} of {}", volume.name),
         })?;
+        if volume.moving.lock().is_some()
+            || snapshot.moving.lock().is_some()
+            || snapshot.disk_index() != volume.disk_index()
+        {
+            return Err(VolumeError::InvalidOption(format!(
+                "{} and its snapshot are not on the same disk of this node (disk remove under way); retry when it is done",
+                volume.name
+            )));
+        }
         volume
             .call(Command::Clone {
                 source: snapshot_id,
@@ -168,7 +183,7 @@ impl Volumes {
         meta.update(&record)?;
         snapshot.deleted.store(true, Ordering::Release);
         self.snapshots.write().remove(full);
-        self.release(snapshot.disk, full, snapshot.id)?;
+        self.release(snapshot.disk_index(), full, snapshot.id)?;
         meta.remove(full)?;
         tracing::info!(snapshot = %full, "snapshot copy deleted");
         Ok(())
