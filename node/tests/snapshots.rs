@@ -432,3 +432,90 @@ fn restore_and_clone_reach_every_replica_of_a_replicated_volume() {
         expect_fill(node, "v@s", 0, 8 << 20, 0x71);
     }
 }
+
+/// crc32c of every 1 MiB of export `name` on `node`.
+fn digest(node: &TestNode, name: &str, size_bytes: u64) -> Vec<u32> {
+    let mut client = NbdClient::connect(&nbd_address(node), name, Duration::from_secs(20)).unwrap();
+    (0..size_bytes / (1 << 20))
+        .map(|mib| {
+            let (error, data) = client.request(proto::CMD_READ, mib << 20, 1 << 20, &[]).unwrap();
+            assert_eq!(error, 0, "{name} on node {}", node.node_id());
+            crc32c::crc32c(&data)
+        })
+        .collect()
+}
+
+#[test]
+fn snapshots_taken_under_fio_at_queue_depth_32_agree_on_every_replica_and_fio_verifies() {
+    let test = "snapshots_taken_under_fio";
+    if !have_tool(test, "fio") {
+        return;
+    }
+    let cluster = TestCluster::start(test, 3, &[]);
+    let admin = &cluster.nodes[0];
+    admin.cli_ok(&["volume", "create", "f", "--size", "32MiB", "--repl", "3"]);
+    let info = admin.inspect("f");
+    let serving = &cluster.nodes[cluster.index_of(info["coordinator"].as_u64().unwrap())];
+    let scratch = tempfile::tempdir().unwrap();
+    let mut fio = std::process::Command::new("fio")
+        .args([
+            "--name=snap",
+            "--ioengine=nbd",
+            &format!("--uri={}", serving.uri("f")),
+            "--rw=randwrite",
+            "--bs=4k",
+            "--iodepth=32",
+            "--size=32M",
+            "--io_size=256M",
+            "--verify=crc32c",
+            "--randrepeat=1",
+            "--output-format=json",
+        ])
+        .current_dir(scratch.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run fio");
+    let mut taken = Vec::new();
+    for index in 0..3 {
+        std::thread::sleep(Duration::from_millis(400));
+        let name = format!("q{index}");
+        admin.cli_ok(&["snapshot", "create", "f", &name]);
+        taken.push(name);
+    }
+    assert!(
+        fio.try_wait().unwrap().is_none(),
+        "fio finished before the last snapshot: nothing was taken under load"
+    );
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = fio.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(300), "fio did not finish");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let output = fio.wait_with_output().unwrap();
+    assert!(status.success(), "fio: {}", text(&output));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let json_start = stdout
+        .find('{')
+        .unwrap_or_else(|| panic!("no fio JSON: {}", text(&output)));
+    let report: serde_json::Value = serde_json::from_str(&stdout[json_start..]).unwrap();
+    assert_eq!(report["jobs"][0]["error"], 0, "fio verify: {report:#}");
+    for name in &taken {
+        let export = format!("f@{name}");
+        let copies: Vec<Vec<u32>> = cluster
+            .nodes
+            .iter()
+            .map(|node| digest(node, &export, 32 << 20))
+            .collect();
+        assert!(
+            copies.iter().all(|copy| *copy == copies[0]),
+            "{export} differs between replicas"
+        );
+    }
+    let first = digest(serving, "f@q0", 32 << 20);
+    let volume = digest(serving, "f", 32 << 20);
+    assert_ne!(first, volume, "writes after the first snapshot did not leak into it");
+}
