@@ -6,7 +6,10 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use node::api::{ApiTokenBody, AttachBody, CreateBody, JoinBody, ReplicasBody, ResizeBody, TokenBody, UnlockBody};
+use node::api::{
+    ApiTokenBody, AttachBody, CloneBody, CreateBody, JoinBody, ReplicasBody, ResizeBody, TokenBody, UnlockBody,
+};
+use node::cluster::snapshots::{RestoreBody, ScheduleBody, SnapshotBody};
 use node::daemon::config::ConfigFile;
 
 fn round_trip<T: serde::Serialize + serde::de::DeserializeOwned>(data: &[u8]) {
@@ -25,6 +28,10 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<JoinBody>(data);
     round_trip::<ApiTokenBody>(data);
     round_trip::<UnlockBody>(data);
+    round_trip::<SnapshotBody>(data);
+    round_trip::<RestoreBody>(data);
+    round_trip::<ScheduleBody>(data);
+    round_trip::<CloneBody>(data);
     if let Ok(request) = node::plugin::decode_request(data) {
         // Create's options: checked and turned into a volume, or refused; never a panic.
         let _ = node::plugin::create_body(&request);

@@ -67,7 +67,10 @@ pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) ->
     for (name, wanted) in &desired {
         if volumes.get(name).is_none() {
             tracing::info!(volume = %name, id = wanted.id, "creating a local replica");
-            if let Err(error) = volumes.create_replica(wanted) {
+            // A clone's first replicas start from their copy of its snapshot;
+            // one added later (rebuild, --repl up) starts empty and is filled by resync.
+            let from_snapshot = wanted.replica_added.get(&local_id).is_none_or(|added| *added <= 1);
+            if let Err(error) = volumes.create_replica(wanted, from_snapshot) {
                 note(format!("cannot create local replica of {name}: {error}"));
             }
         }

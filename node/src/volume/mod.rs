@@ -660,8 +660,14 @@ impl Volumes {
     }
 
     /// Creates the local replica of a cluster volume (id from the cluster),
-    /// on the disk with the most free space per volume.
-    pub fn create_replica(&self, wanted: &crate::cluster::state::ClusterVolume) -> Result<(), VolumeError> {
+    /// on the disk with the most free space per volume. A clone's replica
+    /// starts as a clone of this node's copy of its snapshot when
+    /// `from_snapshot` (then that copy must be here), else empty.
+    pub fn create_replica(
+        &self,
+        wanted: &crate::cluster::state::ClusterVolume,
+        from_snapshot: bool,
+    ) -> Result<(), VolumeError> {
         validate_name(&wanted.name)?;
         validate_size(wanted.size_bytes)?;
         let meta = self.meta.lock();
@@ -675,7 +681,7 @@ impl Volumes {
         }
         // A clone's data starts as a clone of this node's copy of the
         // snapshot, which must be on the same disk.
-        let base = match wanted.clone_of {
+        let base = match wanted.clone_of.filter(|_| from_snapshot) {
             Some(snapshot_id) => Some(self.snapshot_by_id(snapshot_id).ok_or_else(|| VolumeError::Missing {
                 name: format!(
                     "snapshot with data id {snapshot_id} (the source of clone {})",
