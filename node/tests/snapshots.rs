@@ -519,3 +519,42 @@ fn snapshots_taken_under_fio_at_queue_depth_32_agree_on_every_replica_and_fio_ve
     let volume = digest(serving, "f", 32 << 20);
     assert_ne!(first, volume, "writes after the first snapshot did not leak into it");
 }
+
+#[test]
+fn an_encrypted_volumes_snapshot_and_clone_read_decrypted_where_the_volume_is_unlocked() {
+    let test = "an_encrypted_volumes_snapshot_and_clone";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let node = TestNode::start(test, 512 << 20);
+    node.cli_ok(&["volume", "create", "vault", "--size", "32MiB", "--encrypted"]);
+    let uri = node.uri("vault");
+    expect_pattern(&uri, "write -P 0x3c 0 8M");
+    node.cli_ok(&["snapshot", "create", "vault", "day1"]);
+    expect_pattern(&uri, "write -P 0x3d 0 4M");
+    expect_pattern(&node.uri("vault@day1"), "read -P 0x3c 0 8M");
+
+    let cloned = node.cli_ok(&["volume", "clone", "vault@day1", "vault-copy"]);
+    assert!(
+        cloned.contains("encryption:  AES-XTS-256"),
+        "the clone is encrypted too: {cloned}"
+    );
+    let copy = node.uri("vault-copy");
+    expect_pattern(&copy, "read -P 0x3c 0 8M");
+    expect_pattern(&copy, "write -P 0x3e 0 1M");
+    expect_pattern(&copy, "read -P 0x3e 0 1M");
+    expect_pattern(&copy, "read -P 0x3c 1M 7M");
+    expect_pattern(&uri, "read -P 0x3d 0 4M");
+
+    node.cli_ok(&["snapshot", "restore", "vault", "day1"]);
+    expect_pattern(&uri, "read -P 0x3c 0 8M");
+    // What reached the disk is ciphertext: no block of the patterns is in its file.
+    let disk = node.data().parent().unwrap().join("disk0.img");
+    let bytes = std::fs::read(&disk).unwrap();
+    for fill in [0x3c, 0x3d, 0x3e] {
+        assert!(
+            !bytes.chunks(4096).any(|block| block.iter().all(|b| *b == fill)),
+            "plaintext {fill:#x} on disk"
+        );
+    }
+}

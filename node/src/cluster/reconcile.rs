@@ -95,10 +95,12 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
             volumes.set_served(&volume.name, false);
             volumes.set_replication(&volume.name, None);
             cluster.drop_replication(&volume.name, volume.id);
-            // Only the coordinator holds an encrypted volume's key.
+            // Only the coordinator holds an encrypted volume's key (and so
+            // serves its snapshots decrypted).
             if let Some(local) = volumes.get(&volume.name) {
                 local.set_cipher(None);
             }
+            volumes.lock_snapshots_of(&volume.name);
             continue;
         }
         unlock_with_cluster_key(state, volume, volumes);
@@ -147,7 +149,10 @@ fn unlock_with_cluster_key(state: &ClusterState, volume: &ClusterVolume, volumes
         tracing::error!(volume = %volume.name, "encrypted with the cluster key, but the cluster has none");
         return;
     };
-    match wrapped.unwrap_cluster(cluster_key, &crate::cluster::volumes::key_context(&volume.name)) {
+    match wrapped.unwrap_cluster(
+        cluster_key,
+        &crate::cluster::volumes::key_context(volume.key_context_name()),
+    ) {
         Ok(key) => {
             local.set_cipher(Some(Arc::new(crate::volume::crypt::VolumeCipher::new(&key))));
             tracing::info!(volume = %volume.name, "data key unlocked with the cluster key");

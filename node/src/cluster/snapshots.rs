@@ -111,11 +111,6 @@ impl Cluster {
         self.require_member()?;
         check_name(snapshot)?;
         let volume = self.volume(name)?;
-        if volume.encryption.is_some() {
-            return Err(invalid(format!(
-                "volume {name} is encrypted; snapshots of encrypted volumes are not supported yet"
-            )));
-        }
         if volume.snapshots.contains_key(snapshot) {
             return Err(VolumeOpError {
                 status: 409,
@@ -355,12 +350,7 @@ impl Cluster {
     ) -> Result<VolumeInfo, VolumeOpError> {
         self.require_member()?;
         validate_name(new_name)?;
-        let origin = self.volume(source)?;
-        if origin.encryption.is_some() {
-            return Err(invalid(format!(
-                "volume {source} is encrypted; clones of encrypted volumes are not supported yet"
-            )));
-        }
+        self.volume(source)?;
         let clone = Command::CloneVolume {
             name: new_name.to_owned(),
             source: source.to_owned(),
@@ -465,7 +455,7 @@ pub fn start_scheduled(cluster: &Arc<Cluster>, state: &super::state::ClusterStat
 /// The scheduled snapshot due for `volume` at `now` (its name), if any.
 #[must_use]
 pub fn scheduled_due(volume: &ClusterVolume, now_unix: u64) -> Option<String> {
-    if volume.snapshot_every_seconds == 0 || volume.encryption.is_some() {
+    if volume.snapshot_every_seconds == 0 {
         return None;
     }
     let last = volume

@@ -112,6 +112,22 @@ pub struct ClusterVolume {
     pub snapshot_every_seconds: u64,
     #[serde(default)]
     pub snapshot_keep: u32,
+    /// The volume name its wrapped data key is bound to (`key_context`): a
+    /// clone of an encrypted volume shares its source's key. Empty: its own.
+    #[serde(default)]
+    pub key_name: String,
+}
+
+impl ClusterVolume {
+    /// The name the volume's data key is bound to.
+    #[must_use]
+    pub fn key_context_name(&self) -> &str {
+        if self.key_name.is_empty() {
+            &self.name
+        } else {
+            &self.key_name
+        }
+    }
 }
 
 /// A read-only point-in-time copy of a volume, sharing its blocks.
@@ -715,6 +731,7 @@ impl ClusterState {
             clone_of: None,
             snapshot_every_seconds: 0,
             snapshot_keep: 0,
+            key_name: String::new(),
         };
         self.volumes.insert(name, volume.clone());
         Outcome::Volume(volume)
@@ -773,11 +790,17 @@ impl ClusterState {
             holders.swap(0, at);
         }
         let (size_bytes, block_size_bytes, clone_of) = (taken.size_bytes, origin.block_size_bytes, taken.id);
+        // An encrypted source's data is ciphertext under its key: the clone shares the key.
+        let (encryption, key_name) = (origin.encryption.clone(), origin.key_context_name().to_owned());
         match self.create_volume(name, size_bytes, block_size_bytes, holders, created_unix_seconds) {
             Outcome::Volume(mut volume) => {
                 volume.clone_of = Some(clone_of);
+                if encryption.is_some() {
+                    volume.encryption = encryption;
+                    volume.key_name = key_name;
+                }
                 if let Some(stored) = self.volumes.get_mut(&volume.name) {
-                    stored.clone_of = Some(clone_of);
+                    stored.clone_from(&volume);
                 }
                 Outcome::Volume(volume)
             }

@@ -251,7 +251,7 @@ impl Cluster {
             status: 503,
             message: format!("volume {name} has no local replica here yet; retry"),
         })?;
-        let context = key_context(name);
+        let context = key_context(volume.key_context_name());
         let key = tokio::task::spawn_blocking(move || wrapped.unwrap_passphrase(passphrase.as_bytes(), &context))
             .await
             .map_err(|error| VolumeOpError {

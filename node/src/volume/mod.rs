@@ -565,8 +565,14 @@ impl Volumes {
     /// this node's copy of snapshot `VOLUME@SNAPSHOT` (read-only).
     #[must_use]
     pub fn get_served(&self, name: &str) -> Option<Arc<Volume>> {
-        if name.contains('@') {
-            return self.snapshot(name);
+        if let Some((volume, _)) = snapshot::split_name(name) {
+            let copy = self.snapshot(name)?;
+            if copy.encrypted {
+                // Decrypted only where the volume itself is unlocked (its coordinator).
+                let cipher = self.get(volume).and_then(|parent| parent.cipher().ok().flatten());
+                copy.set_cipher(cipher);
+            }
+            return Some(copy);
         }
         self.get(name).filter(|volume| volume.is_served())
     }

@@ -32,6 +32,17 @@ impl Volumes {
         self.snapshots.read().get(full).map(|(_, volume)| Arc::clone(volume))
     }
 
+    /// Drops the data key from `volume`'s snapshot copies (this node no
+    /// longer coordinates the volume).
+    pub fn lock_snapshots_of(&self, volume: &str) {
+        let prefix = format!("{volume}@");
+        for (name, (_, copy)) in self.snapshots.read().iter() {
+            if name.starts_with(&prefix) && copy.encrypted {
+                copy.set_cipher(None);
+            }
+        }
+    }
+
     /// This node's copy of the snapshot with data id `id`.
     #[must_use]
     pub fn snapshot_by_id(&self, id: u64) -> Option<Arc<Volume>> {
