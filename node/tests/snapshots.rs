@@ -76,6 +76,17 @@ fn a_snapshot_stays_as_taken_is_read_only_over_nbd_and_deleting_it_frees_what_on
     assert_eq!(listed[0]["name"], "s1");
     assert_eq!(listed[0]["state"], "ready");
     assert_eq!(listed[0]["size_bytes"], 64u64 << 20);
+    if have_tool(test, "nbdinfo") {
+        let listed = std::process::Command::new("nbdinfo")
+            .args(["--list", &format!("nbd://{}", nbd_address(&node))])
+            .output()
+            .unwrap();
+        assert!(
+            text(&listed).contains("db@s1"),
+            "NBD_OPT_LIST names the snapshot: {}",
+            text(&listed)
+        );
+    }
     let again = node.cli(&["snapshot", "create", "db", "s1"]);
     assert!(
         !again.status.success() && text(&again).contains("already exists"),

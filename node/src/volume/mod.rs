@@ -618,15 +618,24 @@ impl Volumes {
         }
     }
 
-    /// Names and sizes of every volume this node serves (NBD_OPT_LIST).
+    /// Names and sizes of every volume this node serves, and of its
+    /// snapshot copies (NBD_OPT_LIST).
     #[must_use]
     pub fn names(&self) -> Vec<(String, u64)> {
-        self.live
+        let mut names: Vec<(String, u64)> = self
+            .live
             .read()
             .values()
             .filter(|(_, volume)| volume.is_served())
             .map(|(record, volume)| (record.name.clone(), volume.size_bytes()))
-            .collect()
+            .collect();
+        names.extend(
+            self.snapshots
+                .read()
+                .values()
+                .map(|(record, copy)| (record.name.clone(), copy.size_bytes())),
+        );
+        names
     }
 
     /// The live volume with data id `id`.
