@@ -4,7 +4,7 @@
 # repl=3 volume, runs fio through NBD (random writes with checksums, each
 # copied synchronously to all three nodes), kills the serving node with
 # SIGKILL mid-write, fails the volume over to another node and proves every
-# write fio saw acknowledged is there; then shows the cluster still
+# write fio saw acknowledged is there (and in a snapshot's clone); then shows the cluster still
 # creating and inspecting volumes with a node down. Cleans up everything it
 # made. Needs root.
 #
@@ -46,7 +46,7 @@ restart_node() { # index: start node i again with the arguments cluster-up.sh us
 
 fio_job() { # label, then fio options; the job name is fixed so saved verify state matches
   local name=$1; shift
-  (cd "$WORK" && fio --name=demo --ioengine=nbd --uri="nbd://${NBD:?}/pg-data" --bs=4k --iodepth=32 --size=512M \
+  (cd "$WORK" && fio --name=demo --ioengine=nbd --uri="nbd://${NBD:?}/${VOLUME:-pg-data}" --bs=4k --iodepth=32 --size=512M \
     --verify=crc32c --randrepeat=1 --directory="$WORK" "$@" --output-format=json >"$WORK/$name.json" 2>"$WORK/$name.err") || {
       [ "$name" = write ] || { cat "$WORK/$name.err"; echo "demo: fio $name failed"; exit 1; }; }
   python3 - "$WORK/$name.json" <<'PY'
@@ -94,7 +94,14 @@ NBD=127.0.0.2:10809
 
 echo
 echo "== verify on node2 every write fio saw acknowledged by node1"
-fio_job verify --rw=randwrite --verify_only --verify_state_load=1 --verify_fatal=1
+fio_job verify --rw=randwrite --verify_only --verify_state_load=1 --verify_state_save=0 --verify_fatal=1
+
+echo
+echo "== a snapshot (instant: no data copied; on every in-sync replica) and a writable clone of it"
+BALLAST_API=http://127.0.0.2:9410 "$BALLAST" snapshot create pg-data after-failover
+BALLAST_API=http://127.0.0.2:9410 "$BALLAST" volume clone pg-data@after-failover pg-test | grep -E '^(cloned|cloned from|replicas|export)'
+echo "  ... fio verifies that the clone holds every acknowledged write too"
+VOLUME=pg-test fio_job verify-clone --rw=randwrite --verify_only --verify_state_load=1 --verify_state_save=0 --verify_fatal=1
 
 echo
 echo "== with node1 down, the other two still change metadata (Raft majority)"
