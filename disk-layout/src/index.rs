@@ -46,7 +46,7 @@ impl Entry {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, PartialEq, Eq)]
 struct Chunk {
     entries: [Entry; CHUNK_LEN],
     /// Entries that are not `UNMAPPED` (data or bad).
@@ -263,6 +263,36 @@ impl Index {
         ids
     }
 
+    /// Makes shared volumes' identical chunks one in memory again (after a
+    /// restart each volume's map is decoded on its own, so a volume and its
+    /// snapshots would otherwise hold a copy of every chunk each). Returns
+    /// how many chunks were folded.
+    pub fn share_identical_chunks(&mut self) -> usize {
+        let mut seen: BTreeMap<u64, Vec<Arc<Chunk>>> = BTreeMap::new();
+        let mut folded = 0;
+        for id in self.shared.clone() {
+            let Some(volume) = self.volumes.get_mut(&id) else {
+                continue;
+            };
+            for (key, chunk) in &mut volume.chunks {
+                let versions = seen.entry(*key).or_default();
+                match versions
+                    .iter()
+                    .find(|known| Arc::ptr_eq(known, chunk) || **known == *chunk)
+                {
+                    Some(known) => {
+                        if !Arc::ptr_eq(known, chunk) {
+                            *chunk = Arc::clone(known);
+                            folded += 1;
+                        }
+                    }
+                    None => versions.push(Arc::clone(chunk)),
+                }
+            }
+        }
+        folded
+    }
+
     /// Makes `target`'s map a copy of `source`'s (sharing its chunks, so
     /// this costs a pointer per 4 MiB) and marks both shared. `target`'s
     /// previous entries must have been cleared by the caller (so that their
@@ -327,6 +357,33 @@ mod tests {
         assert_eq!(frozen.get(1).address, 10);
         assert_eq!(frozen.get(2000), Entry::UNMAPPED);
         assert_eq!(volume.get(1).address, 11);
+    }
+
+    #[test]
+    fn identical_chunks_of_shared_volumes_are_folded_into_one() {
+        let mut index = Index::default();
+        index.volume_mut(1).set(3, Entry { address: 10, crc: 1 });
+        index.volume_mut(1).set(5000, Entry { address: 11, crc: 2 });
+        index.clone_volume(1, 2);
+        // As after a restart: volume 2 decoded on its own, chunks not shared.
+        let decoded = index.volumes[&2].clone();
+        let mut separate = VolumeIndex::default();
+        for (lba, entry) in decoded.iter() {
+            separate.set(lba, entry);
+        }
+        separate.shared = true;
+        index.volumes.insert(2, separate);
+        index.volume_mut(2).set(5000, Entry { address: 12, crc: 3 });
+        assert_eq!(
+            index.share_identical_chunks(),
+            1,
+            "the chunk of lba 3 is the same, that of 5000 differs"
+        );
+        let (one, two) = (&index.volumes[&1], &index.volumes[&2]);
+        assert!(Arc::ptr_eq(&one.chunks[&0], &two.chunks[&0]));
+        assert!(!Arc::ptr_eq(&one.chunks[&4], &two.chunks[&4]));
+        assert_eq!(index.get(2, 5000).address, 12);
+        assert_eq!(index.share_identical_chunks(), 0, "nothing left to fold");
     }
 
     proptest! {

@@ -428,6 +428,10 @@ impl Store {
                 value: u64::from(head.segment),
             }));
         }
+        let folded = index.share_identical_chunks();
+        if folded > 0 {
+            tracing::info!(disk = %config.disk_name, chunks = folded, "index chunks shared again between clones");
+        }
         let live = count_live_blocks(&index, &geometry);
         let floor = match slots {
             [Some(a), Some(b)] => a.log.sequence.min(b.log.sequence),
