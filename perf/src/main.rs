@@ -392,25 +392,36 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
         }
         engine.shutdown();
     }
-    print_engine_report(&report);
+    let table = engine_table(&report);
+    print!("{table}");
     std::fs::create_dir_all(out)?;
     let file = out.join("engine.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
-    println!("\nJSON: {}", file.display());
+    let markdown = out.join("engine.md");
+    std::fs::write(&markdown, &table)?;
+    println!("\nJSON: {}, table: {}", file.display(), markdown.display());
     Ok(())
 }
 
-fn print_engine_report(report: &EngineReport) {
+/// The report as a markdown table of ratios (printed, and saved as engine.md).
+fn engine_table(report: &EngineReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    macro_rules! line {
+        ($($arg:tt)*) => {
+            writeln!(out, $($arg)*).expect("writing to a String")
+        };
+    }
     let ratio = |a: &Samples, b: &Samples| a.median() / b.median();
-    println!(
+    line!(
         "\n## Engine-direct, 4 KiB, QD32, loop device ({} of backing file, {} s x {})",
         node::size::format_size(report.device_bytes),
         report.seconds,
         report.repeats
     );
-    println!("| measurement | ballast | raw device (fio io_uring) | ratio | spread ballast / raw |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
-    println!(
+    line!("| measurement | ballast | raw device (fio io_uring) | ratio | spread ballast / raw |");
+    line!("| --- | ---: | ---: | ---: | ---: |");
+    line!(
         "| random write IOPS (ballast acks only durable writes) | {} | {} | {:.2}x | {:.0}% / {:.0}% |",
         compact(report.ballast_randwrite_iops.median()),
         compact(report.raw_randwrite_iops.median()),
@@ -418,7 +429,7 @@ fn print_engine_report(report: &EngineReport) {
         report.ballast_randwrite_iops.spread_percent(),
         report.raw_randwrite_iops.spread_percent()
     );
-    println!(
+    line!(
         "| random read IOPS | {} | {} | {:.2}x | {:.0}% / {:.0}% |",
         compact(report.ballast_randread_iops.median()),
         compact(report.raw_randread_iops.median()),
@@ -426,16 +437,18 @@ fn print_engine_report(report: &EngineReport) {
         report.ballast_randread_iops.spread_percent(),
         report.raw_randread_iops.spread_percent()
     );
-    println!(
+    line!(
         "| random write p99 latency (us) | {:.0} | {:.0} | {:.2}x | |",
         report.ballast_randwrite_p99_us.median(),
         report.raw_randwrite_p99_us.median(),
         ratio(&report.ballast_randwrite_p99_us, &report.raw_randwrite_p99_us)
     );
-    println!(
+    line!(
         "\nwrite amplification under random overwrite: {:.2} at 50 % full, {:.2} at 80 % full (target <= 2.0)",
-        report.write_amplification_50_percent, report.write_amplification_80_percent
+        report.write_amplification_50_percent,
+        report.write_amplification_80_percent
     );
+    out
 }
 
 #[cfg(test)]
