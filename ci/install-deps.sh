@@ -12,6 +12,7 @@ PACKAGES=(
   e2fsprogs xfsprogs util-linux iproute2 iptables procps psmisc kmod
   prometheus
   docker.io busybox-static postgresql
+  fonts-dejavu-core
 )
 missing=()
 for package in "${PACKAGES[@]}"; do

@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod chart;
 mod engine_bench;
 mod fio;
 mod local_cluster;
@@ -399,8 +400,41 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
     let markdown = out.join("engine.md");
     std::fs::write(&markdown, &table)?;
-    println!("\nJSON: {}, table: {}", file.display(), markdown.display());
+    let png = out.join("engine.png");
+    chart::ratio_chart(
+        &png,
+        "ballast engine-direct vs raw device (4 KiB, QD32)",
+        &engine_bars(&report),
+    )?;
+    println!(
+        "\nJSON: {}, table: {}, chart: {}",
+        file.display(),
+        markdown.display(),
+        png.display()
+    );
     Ok(())
+}
+
+/// The chart's bars: ballast / raw device, with the targets.
+fn engine_bars(report: &EngineReport) -> Vec<chart::Bar> {
+    let ratio = |a: &Samples, b: &Samples| a.median() / b.median();
+    vec![
+        chart::Bar {
+            label: "random write IOPS / raw".into(),
+            ratio: ratio(&report.ballast_randwrite_iops, &report.raw_randwrite_iops),
+            target: Some(1.0),
+        },
+        chart::Bar {
+            label: "random read IOPS / raw".into(),
+            ratio: ratio(&report.ballast_randread_iops, &report.raw_randread_iops),
+            target: None,
+        },
+        chart::Bar {
+            label: "random write p99 latency / raw (lower is better)".into(),
+            ratio: ratio(&report.ballast_randwrite_p99_us, &report.raw_randwrite_p99_us),
+            target: None,
+        },
+    ]
 }
 
 /// The report as a markdown table of ratios (printed, and saved as engine.md).

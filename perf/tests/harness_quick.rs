@@ -1,6 +1,6 @@
 //! The benchmark harness itself (issue 10): `ballast-perf engine --quick`
 //! runs end to end on a real loop device against fio on the same device,
-//! and writes its JSON and markdown table of ratios. No timing is asserted:
+//! and writes its JSON, markdown table of ratios and PNG chart. No timing is asserted:
 //! only that every measure was taken and reported.
 
 use std::process::Command;
@@ -18,7 +18,7 @@ fn skip(why: &str) {
 }
 
 #[test]
-fn the_engine_benchmark_runs_quick_and_writes_its_json_and_ratio_table() {
+fn the_engine_benchmark_runs_quick_and_writes_its_json_ratio_table_and_chart() {
     if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
         return skip(&why.to_string());
     }
@@ -75,4 +75,7 @@ fn the_engine_benchmark_runs_quick_and_writes_its_json_and_ratio_table() {
     assert!(table.contains("| random write IOPS"), "{table}");
     assert!(table.contains("x |"), "ratios in the table: {table}");
     assert!(stdout.contains(&table), "the table printed is the one saved");
+    let png = std::fs::read(out.path().join("engine.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "engine.png is a PNG");
+    assert!(png.len() > 2000, "and has something drawn in it ({} bytes)", png.len());
 }
