@@ -108,3 +108,29 @@ pub fn ratio_chart(path: &Path, title: &str, bars: &[Bar]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_chart_of_many_bars_with_and_without_targets_is_a_png() {
+        if std::env::var_os("BALLAST_PERF_FONT").is_none() && !Path::new(DEFAULT_FONT).exists() {
+            println!("SKIP: chart: {DEFAULT_FONT} missing (ci/install-deps.sh installs fonts-dejavu-core)");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.png");
+        let bars: Vec<Bar> = (0..12)
+            .map(|i| Bar {
+                label: format!("measure {i}"),
+                ratio: f64::from(i) * 0.3,
+                target: (i % 3 == 0).then_some(1.0),
+            })
+            .collect();
+        ratio_chart(&path, "test", &bars).unwrap();
+        let png = std::fs::read(&path).unwrap();
+        assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"));
+        ratio_chart(&dir.path().join("empty.png"), "no bars", &[]).unwrap();
+    }
+}

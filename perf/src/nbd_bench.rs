@@ -239,7 +239,18 @@ pub fn run(options: &NbdOptions) -> Result<()> {
     std::fs::create_dir_all(&options.out)?;
     let file = options.out.join("nbd.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
-    println!("\nJSON: {}", file.display());
+    let png = options.out.join("nbd.png");
+    let bars: Vec<crate::chart::Bar> = report
+        .measures
+        .iter()
+        .map(|measure| crate::chart::Bar {
+            label: format!("{} / qemu-nbd", measure.description),
+            ratio: measure.ratio_ballast_over_qemu_nbd,
+            target: measure.target_ratio_over_qemu_nbd,
+        })
+        .collect();
+    crate::chart::ratio_chart(&png, "ballast vs qemu-nbd over NBD (fio, same loop device)", &bars)?;
+    println!("\nJSON: {}, chart: {}", file.display(), png.display());
     Ok(())
 }
 

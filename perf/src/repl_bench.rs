@@ -271,8 +271,34 @@ pub fn run(options: &ReplOptions) -> Result<()> {
     std::fs::create_dir_all(&options.out)?;
     let file = options.out.join("repl.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
-    println!("\nJSON: {}", file.display());
+    let png = options.out.join("repl.png");
+    crate::chart::ratio_chart(
+        &png,
+        "replication cost: repl=2 and repl=3 over repl=1",
+        &chart_bars(&report.table),
+    )?;
+    println!("\nJSON: {}, chart: {}", file.display(), png.display());
     Ok(())
+}
+
+/// Two bars per row (2/1, 3/1); an at-most target (latency) goes into the label.
+fn chart_bars(table: &[Row]) -> Vec<crate::chart::Bar> {
+    let mut bars = Vec::new();
+    for row in table {
+        let (target, note) = match row.target {
+            Some(Target::AtLeast(bound)) => (Some(bound), String::new()),
+            Some(Target::AtMost(bound)) => (None, format!(" (target at most {bound:.1}x)")),
+            None => (None, String::new()),
+        };
+        for (replicas, ratio) in [(2, row.ratio_2_over_1), (3, row.ratio_3_over_1)] {
+            bars.push(crate::chart::Bar {
+                label: format!("{}, repl={replicas}/1{note}", row.description),
+                ratio,
+                target,
+            });
+        }
+    }
+    bars
 }
 
 /// Creates the repl=1, 2, 3 volumes through node 1 and writes each once end to end; their NBD URIs.

@@ -182,7 +182,26 @@ pub fn run(options: &SecurityOptions) -> Result<()> {
     std::fs::create_dir_all(&options.out)?;
     let file = options.out.join("security.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
-    println!("\nJSON: {}", file.display());
+    let png = options.out.join("security.png");
+    let bars: Vec<crate::chart::Bar> = report
+        .table
+        .iter()
+        .flat_map(|row| {
+            // Configuration 0 is the baseline (plain volume, plaintext NBD).
+            report
+                .configurations
+                .iter()
+                .zip(row.ratios)
+                .skip(1)
+                .map(|(configuration, ratio)| crate::chart::Bar {
+                    label: format!("{}: {configuration}", row.measure),
+                    ratio,
+                    target: row.target,
+                })
+        })
+        .collect();
+    crate::chart::ratio_chart(&png, "what TLS and encryption at rest cost (over plain)", &bars)?;
+    println!("\nJSON: {}, chart: {}", file.display(), png.display());
     Ok(())
 }
 
