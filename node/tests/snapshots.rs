@@ -254,7 +254,14 @@ fn scheduled_snapshots_are_taken_and_only_the_newest_are_kept() {
         );
         ids.len() == 2 && first_seen.is_some_and(|first| !ids.contains(&first))
     });
-    node.cli_ok(&["volume", "update", "s", "--snapshot-every", "0", "--keep", "1"]);
+    let missing_keep = node.cli(&["volume", "update", "s", "--snapshot-every", "1h"]);
+    assert!(
+        !missing_keep.status.success() && text(&missing_keep).contains("--keep"),
+        "{}",
+        text(&missing_keep)
+    );
+    let stopped = node.cli_ok(&["volume", "update", "s", "--snapshot-every", "0"]);
+    assert!(!stopped.contains("one every"), "{stopped}");
 }
 
 /// Like `wait_until`, for waits of up to two minutes.

@@ -99,8 +99,8 @@ pub enum VolumeCommand {
         #[arg(long)]
         repl: Option<u32>,
         /// Take a snapshot named auto-YYYYMMDD-HHMMSS (UTC) this often, e.g. 1h, 30m, 1d
-        /// (at least 10s); 0 stops. Needs --keep.
-        #[arg(long, value_name = "INTERVAL", requires = "keep")]
+        /// (at least 10s); 0 stops them. Needs --keep (except 0).
+        #[arg(long, value_name = "INTERVAL")]
         snapshot_every: Option<String>,
         /// Scheduled snapshots to keep: the oldest beyond are deleted (snapshots you
         /// name yourself are never deleted by the schedule).
