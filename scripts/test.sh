@@ -13,6 +13,9 @@ LOG=$(mktemp /tmp/ballast-test.XXXXXX)
 # Tests that cannot run append "SKIP: <test>: <why>" here (captured test
 # output would hide a printed line).
 export BALLAST_SKIP_LOG=$(mktemp /tmp/ballast-skips.XXXXXX)
+# Node logs of failing tests are kept here (the tests delete them otherwise).
+export BALLAST_TEST_LOGS=${BALLAST_TEST_LOGS:-/var/tmp/ballast-test-logs}
+mkdir -p "$BALLAST_TEST_LOGS"
 trap 'rm -f "$LOG" "$BALLAST_SKIP_LOG"' EXIT
 failed=()
 # A fresh build of every test binary and the fuzz targets takes several GB;
@@ -42,6 +45,9 @@ failed_tests=$(grep -Eo '[0-9]+ failed;' "$LOG" | awk '{s+=$1} END {print s+0}')
 grep -h '^SKIP:' "$LOG" >> "$BALLAST_SKIP_LOG" || true
 skips=$(wc -l < "$BALLAST_SKIP_LOG")
 echo
+if [ "$failed_tests" -gt 0 ]; then
+  echo "node logs of the failing tests: $BALLAST_TEST_LOGS"
+fi
 echo "summary: rust tests passed: $passed, failed: $failed_tests, skipped: $skips"
 sort "$BALLAST_SKIP_LOG" | uniq -c | sed 's/^/  /' || true
 if [ "${#failed[@]}" -gt 0 ]; then

@@ -456,9 +456,11 @@ fn inject(fault: Fault, cluster: &mut TestCluster, faults: &Faults, volume: &str
 /// compare of the copies at that epoch is done (it makes replicas that
 /// took a write the others missed agree with the coordinator).
 fn wait_converged(cluster: &TestCluster, volume: &str) {
-    let coordinator = coordinator_index(cluster, volume);
-    let node = &cluster.nodes[coordinator];
     wait_until(&format!("{volume}: every replica back in sync and compared"), || {
+        // Asked anew each time: a failover may still move the volume (a
+        // coordinator killed just before the writer stopped), and only the
+        // coordinator reports the compare of the current epoch.
+        let node = &cluster.nodes[coordinator_index(cluster, volume)];
         let output = node.cli(&["volume", "inspect", volume, "--json"]);
         serde_json::from_slice::<serde_json::Value>(&output.stdout).is_ok_and(|info| {
             info["in_sync"].as_array().is_some_and(|nodes| nodes.len() == 3)
