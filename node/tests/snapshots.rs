@@ -576,3 +576,64 @@ fn an_encrypted_volumes_snapshot_and_clone_read_decrypted_where_the_volume_is_un
         );
     }
 }
+
+fn in_sync_count(node: &TestNode, volume: &str) -> usize {
+    node.inspect(volume)["in_sync"].as_array().map_or(0, Vec::len)
+}
+
+#[test]
+fn a_replica_without_the_snapshot_copies_the_whole_restored_volume_when_it_returns() {
+    let test = "a_replica_without_the_snapshot_copies";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let mut cluster = TestCluster::start(test, 3, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "r3", "--size", "16MiB", "--repl", "3"]);
+    let coordinator = cluster.index_of(cluster.nodes[0].inspect("r3")["coordinator"].as_u64().unwrap());
+    let uri = cluster.nodes[coordinator].uri("r3");
+    expect_pattern(&uri, "write -P 0x21 0 8M");
+    // One replica is down while the snapshot is taken: it holds no copy.
+    let absent = (coordinator + 1) % 3;
+    cluster.nodes[absent].kill9();
+    expect_pattern(&uri, "write -P 0x22 8M 1M");
+    let admin = &cluster.nodes[coordinator];
+    wait_until("the dead replica dropped from the in-sync set", || {
+        in_sync_count(admin, "r3") == 2
+    });
+    let taken = admin.cli_ok(&["snapshot", "create", "r3", "s", "--json"]);
+    let holders = serde_json::from_str::<serde_json::Value>(&taken).unwrap()["holders"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(holders, 2, "{taken}");
+    expect_pattern(&uri, "write -P 0x23 0 4M");
+    cluster.nodes[absent].restart();
+    let admin = &cluster.nodes[coordinator];
+    wait_until("the replica resynced", || in_sync_count(admin, "r3") == 3);
+
+    // The returned replica refuses the restore (no copy): it must then copy
+    // the whole restored volume, not only what changed while it was away.
+    admin.cli_ok(&["snapshot", "restore", "r3", "s"]);
+    wait_until("every replica in sync after the restore", || {
+        in_sync_count(admin, "r3") == 3
+    });
+    let absent_id = cluster.nodes[absent].node_id();
+    let info = admin.inspect("r3");
+    let resync = info["resyncs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|resync| resync["node"] == absent_id)
+        .unwrap_or_else(|| panic!("no resync of node {absent_id}: {info:#}"))
+        .clone();
+    assert!(
+        resync["dirty_bytes"].as_u64().unwrap() >= 16 << 20,
+        "the refused restore marked the whole volume for it: {resync:#}"
+    );
+    admin.cli_ok(&["snapshot", "create", "r3", "after"]);
+    for node in &cluster.nodes {
+        expect_fill(node, "r3@after", 0, 8 << 20, 0x21);
+        expect_fill(node, "r3@after", 8 << 20, 1 << 20, 0x22);
+        expect_fill(node, "r3@after", 9 << 20, 7 << 20, 0);
+    }
+}

@@ -309,11 +309,13 @@ impl Cluster {
                     message: format!("cannot restore {name}: {reason}"),
                 })?;
             }
+            // The whole volume as its range: a replica that fails it is
+            // marked dirty over all of it, and copies all of it on return.
             let op = ReplicaOp {
                 volume_id: local.id,
                 epoch,
                 lba: 0,
-                block_count: 0,
+                block_count: blocks,
                 volume_sequence,
                 kind: OpKind::Restore { id: taken.id },
             };

@@ -10,7 +10,9 @@
 //! 24      8     block count
 //! 32      8     volume sequence (the coordinator's order of mutations)
 //! 40      1     kind: 1 write (data follows), 2 zero (no data),
-//!               3 snapshot, 4 restore (block count 0; see below)
+//!               3 snapshot (block count 0), 4 restore (first block 0,
+//!               block count: the volume's; a replica that misses it is
+//!               marked dirty over all of it)
 //! 41      7     reserved, zero
 //! 48      ...   data: block count x 4096 bytes for a write;
 //!               snapshot: u64 snapshot id, then its name (UTF-8, 1-64 bytes);
@@ -149,7 +151,9 @@ pub fn decode(bytes: &[u8]) -> Result<ReplicaOp, WireError> {
             } else {
                 data.len() == 8
             };
-            if block_count != 0 || data.len() < 8 || (!snapshot && !fits) {
+            // A restore names the whole volume in its range (a replica that
+            // misses it must copy all of it); a snapshot changes no block.
+            if (snapshot && block_count != 0) || data.len() < 8 || (!snapshot && !fits) {
                 return Err(WireError::Length {
                     data_bytes: data.len(),
                     block_count,
@@ -396,9 +400,17 @@ mod tests {
             volume_sequence: 1,
             kind,
         };
-        let mut with_blocks = encode(&op(OpKind::Restore { id: 5 }));
+        let mut with_blocks = encode(&op(OpKind::Snapshot {
+            id: 5,
+            name: "a".into(),
+        }));
         with_blocks[24] = 1;
         assert!(matches!(decode(&with_blocks), Err(WireError::Length { .. })));
+        let whole_volume = ReplicaOp {
+            block_count: 4096,
+            ..op(OpKind::Restore { id: 5 })
+        };
+        assert_eq!(decode(&encode(&whole_volume)), Ok(whole_volume));
         let long = encode(&op(OpKind::Snapshot {
             id: 5,
             name: "x".repeat(SNAPSHOT_NAME_BYTES_MAX + 1),
