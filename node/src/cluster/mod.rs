@@ -530,7 +530,16 @@ impl PeerHandler for Cluster {
             FrameKind::ReplicaWrite => {
                 let volumes = self.volumes.get().ok_or("this node is starting")?;
                 let tenure = |name: &str| self.state.read().volumes.get(name).map_or(0, |v| v.coordinator_since);
-                crate::replication::apply(volumes, &payload, tenure)
+                let local = self.local.id;
+                let holds = |name: &str, id: u64| {
+                    self.state.read().volumes.get(name).is_some_and(|volume| {
+                        volume
+                            .snapshots
+                            .values()
+                            .any(|taken| taken.id == id && taken.ready && taken.holders.contains(&local))
+                    })
+                };
+                crate::replication::apply(volumes, &payload, tenure, holds)
                     .await
                     .map(|()| (FrameKind::ReplicaAck, Vec::new()))
             }

@@ -581,7 +581,17 @@ async fn replica_of(volumes: &Volumes, volume_id: u64) -> Result<Arc<crate::volu
 /// fence or a switch to serving waits for admitted mutations to land.
 /// `tenure` gives the cluster's `coordinator_since` of a volume by name, in
 /// case the reconciler has not passed it on yet.
-pub async fn apply(volumes: &Volumes, payload: &[u8], tenure: impl Fn(&str) -> u64) -> Result<(), String> {
+///
+/// `holds(volume, snapshot_id)` tells whether the cluster lists this node as
+/// a holder of that snapshot: a restore is refused otherwise (a copy taken
+/// while this replica was still being resynced is not one to restore from;
+/// the refusal makes the coordinator mark the whole volume for it).
+pub async fn apply(
+    volumes: &Volumes,
+    payload: &[u8],
+    tenure: impl Fn(&str) -> u64,
+    holds: impl Fn(&str, u64) -> bool,
+) -> Result<(), String> {
     let op = wire::decode(payload).map_err(|error| error.to_string())?;
     let volume = replica_of(volumes, op.volume_id).await?;
     let _admitted = volume.epoch_gate.read().await;
@@ -592,10 +602,18 @@ pub async fn apply(volumes: &Volumes, payload: &[u8], tenure: impl Fn(&str) -> u
             .take_snapshot(&volume, name, id, op.epoch, op.volume_sequence)
             .await
             .map_err(|error| error.to_string()),
-        wire::OpKind::Restore { id } => volumes
-            .restore_snapshot(&volume, id, op.epoch, op.volume_sequence)
-            .await
-            .map_err(|error| error.to_string()),
+        wire::OpKind::Restore { id } => {
+            if !holds(&volume.name, id) {
+                return Err(format!(
+                    "this node is not a holder of snapshot data id {id} of {}: it copies the restored volume instead",
+                    volume.name
+                ));
+            }
+            volumes
+                .restore_snapshot(&volume, id, op.epoch, op.volume_sequence)
+                .await
+                .map_err(|error| error.to_string())
+        }
         _ => volume.apply_replica_op(op).await.map_err(|error| error.to_string()),
     }
 }
