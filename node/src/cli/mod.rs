@@ -214,6 +214,7 @@ pub fn main() -> ExitCode {
         .clone()
         .unwrap_or_else(|| cli.command.default_log_level().to_owned());
     init_logging(&level, cli.log_format);
+    let log_format = cli.log_format;
     let result = match cli.command {
         Command::Disk(command) => disk::run(command),
         Command::Debug(command) => debug::run(command),
@@ -257,7 +258,13 @@ pub fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            if log_format == LogFormat::Json {
+                // With --log-format json every line on stderr is JSON, the last error too.
+                let line = serde_json::json!({"level": "ERROR", "fields": {"message": format!("{error:#}")}});
+                eprintln!("{line}");
+            } else {
+                eprintln!("error: {error:#}");
+            }
             ExitCode::FAILURE
         }
     }
