@@ -406,3 +406,54 @@ fn a_damaged_batch_at_the_end_of_the_log_is_torn_and_replay_stops_there() {
         "within its durable window a damaged batch cannot be told from a torn one: replay ends before it"
     );
 }
+
+/// Byte offset of the batch header whose records include a `kind` record.
+fn batch_header_with(h: &Harness, kind: disk_layout::record::RecordKind) -> usize {
+    let geometry = h.store.superblock().geometry;
+    let start = geometry.segments_offset_bytes as usize;
+    (start..h.disk.size_bytes() as usize)
+        .step_by(4096)
+        .find(|&offset| {
+            disk_layout::record::BatchHeader::decode(h.disk.peek(offset, 4096))
+                .is_ok_and(|(header, _)| header.records.iter().any(|r| r.kind == kind))
+        })
+        .expect("the batch is on the disk")
+}
+
+#[test]
+fn a_batch_torn_by_a_crash_is_never_completed_by_the_next_lifes_writes() {
+    // A crash tore the header of the last batch (a delete): one sector holds
+    // older bytes, so replay ends before it and the volume is served as it
+    // was. The next life must not write where the torn batch lies: a torn
+    // write of its own there could complete the old header (sectors past the
+    // records are zero in both) and replay the delete nobody acknowledged,
+    // after the volume's data was served.
+    use disk_layout::record::RecordKind;
+    use disk_layout::BlockState;
+    for seed in [3u64, 4] {
+        let mut h = Harness::new(seed, 24 << 20, 1 << 20, 8, vec![1, 2]);
+        h.write(1, 0, 1);
+        h.settle();
+        h.delete(1);
+        h.settle();
+        let header = batch_header_with(&h, RecordKind::DeleteVolume);
+        h.disk.flip_bit(header + 3 * 512 + 7, 1);
+        let mut disk = h.disk.crash(seed);
+        let mut store = Store::open(&mut disk, test_config("sim", seed)).unwrap();
+        assert!(
+            matches!(store.block_states(1, 0, 1)[0], BlockState::Data { .. }),
+            "seed={seed}: the torn delete is not replayed"
+        );
+        // The next life writes elsewhere; crash with that write in flight.
+        store.write(1, 2, 0, &vec![7u8; 4096], 1, 1);
+        store.tick(&mut disk);
+        for crash_seed in 0..128 {
+            let mut crashed = disk.crash(crash_seed);
+            let store = Store::open(&mut crashed, test_config("sim", seed)).unwrap();
+            assert!(
+                matches!(store.block_states(1, 0, 1)[0], BlockState::Data { .. }),
+                "seed={seed} crash_seed={crash_seed}: a delete that replay had dropped came back"
+            );
+        }
+    }
+}

@@ -144,6 +144,29 @@ impl<B: BlockIo> Opener<'_, B> {
         self.flush()
     }
 
+    /// Durably zeroes the two blocks where a batch continuing the log after
+    /// `head` would start: the head's position and block 0 of its next
+    /// segment. Replay ended because neither holds a batch that chains, but
+    /// one may hold a batch the crash tore (a sector of older bytes, or data
+    /// that fails its crc). This life writes its first batch there with the
+    /// same sequence and chain checksum; if a crash tore that write too, its
+    /// sectors could complete the old header (sectors past the records are
+    /// zero in both, and data may repeat) and replay would apply records
+    /// nobody acknowledged, after this life served data without them. Once
+    /// both blocks are durably zero, no mix of old and new sectors is the
+    /// old header. A crash during this erase loses nothing: nothing was
+    /// served yet.
+    fn erase_unchained_headers(&mut self, geometry: &Geometry, head: &LogHead) -> Result<(), StoreError> {
+        let zero = [0u8; BLOCK];
+        if head.offset_blocks < geometry.segment_blocks() {
+            let at = geometry.block_address(head.segment, head.offset_blocks);
+            self.write(Geometry::address_bytes(at), &zero)?;
+        }
+        let at = geometry.block_address(head.next_segment, 0);
+        self.write(Geometry::address_bytes(at), &zero)?;
+        self.flush()
+    }
+
     /// Reads and validates one slot: header and payload.
     fn checkpoint(
         &mut self,
@@ -428,6 +451,7 @@ impl Store {
                 value: u64::from(head.segment),
             }));
         }
+        opener.erase_unchained_headers(&geometry, &head)?;
         let folded = index.share_identical_chunks();
         if folded > 0 {
             tracing::info!(disk = %config.disk_name, chunks = folded, "index chunks shared again between clones");
