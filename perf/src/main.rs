@@ -43,6 +43,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Bench {
+    /// Every benchmark below in one run (engine, nbd, repl, security), then one summary of every ratio against its baseline and target: perf/results/summary.md and summary.png beside each benchmark's own files.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. A full run takes about an hour; --quick about eight minutes.
+    All {
+        /// Each benchmark's --quick.
+        #[arg(long)]
+        quick: bool,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
+        /// Where to write the results.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
     /// The storage engine without network: 4k random writes/reads at QD32 vs raw fio on the same loop device, and write amplification at 50 % and 80 % full.
     Engine {
         /// Size of the loop-device backing file.
@@ -61,7 +75,7 @@ enum Bench {
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
-    /// NBD through fio: ballast vs qemu-nbd and nbdkit serving the same loop device (4k random QD32, 1M sequential QD8), alternated, median; writes nbd.json.
+    /// The fio matrix: ballast, qemu-nbd and nbdkit through NBD and fio on the raw device, all on the same loop device (4k random read/write QD1 and QD32, 64k random 70/30, 1M sequential read/write, database-like 8k 70/30 with fsync), alternated, median, ratios against qemu-nbd and the raw device, requests per CPU-second of each server; writes nbd.json, nbd.md and nbd.png.
     ///
     /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`.
     Nbd {
@@ -74,7 +88,7 @@ enum Bench {
         /// Alternating repetitions (median reported).
         #[arg(long, default_value_t = 3)]
         repeats: usize,
-        /// One short repetition of 3 s per measure on a 1 GiB device (about a minute).
+        /// One short repetition of 3 s per measure on a 1 GiB device (about three minutes).
         #[arg(long)]
         quick: bool,
         /// The ballast binary to benchmark.
@@ -147,6 +161,92 @@ fn parse_env_pair(text: &str) -> Result<(String, String), String> {
 
 fn main() -> Result<()> {
     match Cli::parse().command {
+        Bench::All { quick, ballast, out } => all(quick, &ballast, &out),
+        bench => run_bench(bench).map(drop),
+    }
+}
+
+/// Runs every benchmark with its defaults (or --quick), then writes the
+/// summary of all their ratios: `summary.md` and `summary.png`.
+fn all(quick: bool, ballast: &Path, out: &Path) -> Result<()> {
+    let ballast = ballast.to_str().context("--ballast is not UTF-8")?;
+    let out_text = out.to_str().context("--out is not UTF-8")?;
+    let started = std::time::Instant::now();
+    let mut sections = Vec::new();
+    for name in ["engine", "nbd", "repl", "security"] {
+        // Through clap, so each benchmark's defaults are the ones its own subcommand has.
+        let mut args = vec!["ballast-perf", name, "--out", out_text];
+        if quick {
+            args.push("--quick");
+        }
+        if name != "engine" {
+            args.extend(["--ballast", ballast]);
+        }
+        let Cli { command } = Cli::try_parse_from(&args)?;
+        println!("\n# ballast-perf {}", args[1..].join(" "));
+        let bars = run_bench(command).with_context(|| format!("benchmark {name}"))?;
+        sections.push((name, bars));
+    }
+    let table = summary_table(&sections, quick, started.elapsed());
+    println!("\n{table}");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("summary.md"), &table)?;
+    let bars: Vec<chart::Bar> = sections
+        .into_iter()
+        .flat_map(|(name, bars)| {
+            bars.into_iter().map(move |bar| chart::Bar {
+                label: format!("{name}: {}", bar.label),
+                ..bar
+            })
+        })
+        .collect();
+    let png = out.join("summary.png");
+    chart::ratio_chart(&png, "ballast: every ratio against its baseline, one run", &bars)?;
+    println!(
+        "summary: {}, chart: {}",
+        out.join("summary.md").display(),
+        png.display()
+    );
+    Ok(())
+}
+
+/// Every benchmark's ratios in one markdown table, with the targets met.
+fn summary_table(sections: &[(&str, Vec<chart::Bar>)], quick: bool, took: std::time::Duration) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let machine = machine::machine();
+    let _ = writeln!(
+        out,
+        "## ballast-perf all{}: {}, {} ({} cores), {} min\n",
+        if quick { " --quick" } else { "" },
+        machine::command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        machine.cpu,
+        machine.cores,
+        took.as_secs() / 60,
+    );
+    let _ = writeln!(out, "| benchmark | ratio (ballast / baseline) | value | target |");
+    let _ = writeln!(out, "| --- | --- | ---: | --- |");
+    for (name, bars) in sections {
+        for bar in bars {
+            let target = match bar.target {
+                Some(target) if bar.ratio >= target => format!(">= {target}x: met"),
+                Some(target) => format!(">= {target}x: **not met**"),
+                None => "-".to_owned(),
+            };
+            let _ = writeln!(out, "| {name} | {} | {:.2}x | {target} |", bar.label, bar.ratio);
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nEach benchmark's own table (medians, spread, latency, CPU) is in its .md or printed output and its .json."
+    );
+    out
+}
+
+/// Runs one benchmark; returns the bars of its chart.
+fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
+    match bench {
+        Bench::All { .. } => anyhow::bail!("`all` runs the other benchmarks; it is not one of them"),
         Bench::Engine {
             size,
             seconds,
@@ -318,7 +418,7 @@ struct EngineReport {
     repeats: usize,
 }
 
-fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
+fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<Vec<chart::Bar>> {
     let size_bytes = node::size::parse_size(size)?;
     let target = target(size_bytes)?;
     let mut report = EngineReport {
@@ -401,18 +501,15 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<()> {
     let markdown = out.join("engine.md");
     std::fs::write(&markdown, &table)?;
     let png = out.join("engine.png");
-    chart::ratio_chart(
-        &png,
-        "ballast engine-direct vs raw device (4 KiB, QD32)",
-        &engine_bars(&report),
-    )?;
+    let bars = engine_bars(&report);
+    chart::ratio_chart(&png, "ballast engine-direct vs raw device (4 KiB, QD32)", &bars)?;
     println!(
         "\nJSON: {}, table: {}, chart: {}",
         file.display(),
         markdown.display(),
         png.display()
     );
-    Ok(())
+    Ok(bars)
 }
 
 /// The chart's bars: ballast / raw device, with the targets.
@@ -495,5 +592,55 @@ mod tests {
         assert_eq!(parse_env_pair("A=").unwrap(), ("A".to_owned(), String::new()));
         assert!(parse_env_pair("=1").is_err());
         assert!(parse_env_pair("A").is_err());
+    }
+
+    #[test]
+    fn the_summary_lists_every_ratio_with_its_target_verdict() {
+        let bar = |label: &str, ratio: f64, target: Option<f64>| chart::Bar {
+            label: label.to_owned(),
+            ratio,
+            target,
+        };
+        let sections = vec![
+            ("engine", vec![bar("random write / raw", 1.15, Some(1.0))]),
+            (
+                "nbd",
+                vec![
+                    bar("4 KiB random write, QD32 / qemu-nbd", 1.25, Some(2.0)),
+                    bar("QD1", 0.9, None),
+                ],
+            ),
+        ];
+        let table = summary_table(&sections, true, std::time::Duration::from_secs(480));
+        assert!(table.starts_with("## ballast-perf all --quick:"), "{table}");
+        assert!(
+            table.contains("| engine | random write / raw | 1.15x | >= 1x: met |"),
+            "{table}"
+        );
+        assert!(
+            table.contains("| nbd | 4 KiB random write, QD32 / qemu-nbd | 1.25x | >= 2x: **not met** |"),
+            "{table}"
+        );
+        assert!(table.contains("| nbd | QD1 | 0.90x | - |"), "{table}");
+        assert!(table.contains(", 8 min"), "{table}");
+    }
+
+    #[test]
+    fn all_runs_each_benchmark_with_its_own_defaults() {
+        let Cli { command } = Cli::try_parse_from(["ballast-perf", "repl", "--out", "x", "--quick"]).unwrap();
+        assert!(matches!(
+            command,
+            Bench::Repl {
+                quick: true,
+                repeats: 5,
+                ..
+            }
+        ));
+        assert!(run_bench(Bench::All {
+            quick: true,
+            ballast: PathBuf::from("b"),
+            out: PathBuf::from("o"),
+        })
+        .is_err());
     }
 }

@@ -1,6 +1,10 @@
-//! `ballast-perf nbd`: fio through NBD against ballast, qemu-nbd and nbdkit,
-//! all serving the same loop device, one server at a time, alternated
-//! (ballast, qemu-nbd, nbdkit, ballast, ...), median of the repetitions.
+//! `ballast-perf nbd`: a matrix of fio jobs (the issue's profiles: 4 KiB
+//! random QD1 and QD32, 64 KiB mixed 70/30, 1 MiB sequential, a database-like
+//! 8 KiB 70/30 with an fsync after every write) against ballast, qemu-nbd and
+//! nbdkit through NBD, and fio straight on the raw device (io_uring,
+//! O_DIRECT: the physical limit), all on the same loop device, one target at
+//! a time, alternated (ballast, qemu-nbd, nbdkit, raw, ballast, ...), median
+//! of the repetitions.
 //!
 //! Each server gets a fresh start per repetition. ballast is enrolled anew
 //! and its volume written once end to end first, so reads hit the disk (a
@@ -30,15 +34,22 @@ pub struct NbdOptions {
 /// Smallest region the fio jobs may work on.
 const SPAN_BYTES_MIN: u64 = 64 << 20;
 
-/// The servers, in the order they take turns.
+/// The targets, in the order they take turns.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ServerKind {
     Ballast,
     QemuNbd,
     Nbdkit,
+    /// fio on the loop device itself: no server.
+    Raw,
 }
 
-const SERVERS: [ServerKind; 3] = [ServerKind::Ballast, ServerKind::QemuNbd, ServerKind::Nbdkit];
+const SERVERS: [ServerKind; 4] = [
+    ServerKind::Ballast,
+    ServerKind::QemuNbd,
+    ServerKind::Nbdkit,
+    ServerKind::Raw,
+];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -55,13 +66,17 @@ struct Measure {
     block_size: &'static str,
     iodepth: u32,
     unit: Unit,
+    /// More fio arguments (mix, fsync).
+    extra: &'static [&'static str],
     /// The issue's target for ballast / qemu-nbd (reported, not asserted).
     target_ratio: Option<f64>,
+    /// The issue's target for ballast / raw device.
+    target_ratio_raw: Option<f64>,
 }
 
-/// In the order they run on each server: the sequential read follows the
+/// In the order they run on each target: the sequential read follows the
 /// sequential write (its layout), the last row reads after random overwrites.
-const MEASURES: [Measure; 5] = [
+const MEASURES: [Measure; 9] = [
     Measure {
         key: "seq_write_1m_qd8",
         label: "1 MiB sequential write, QD8",
@@ -69,7 +84,9 @@ const MEASURES: [Measure; 5] = [
         block_size: "1M",
         iodepth: 8,
         unit: Unit::BytesPerSecond,
+        extra: &[],
         target_ratio: Some(1.2),
+        target_ratio_raw: Some(0.8),
     },
     Measure {
         key: "seq_read_1m_qd8",
@@ -78,7 +95,9 @@ const MEASURES: [Measure; 5] = [
         block_size: "1M",
         iodepth: 8,
         unit: Unit::BytesPerSecond,
+        extra: &[],
         target_ratio: Some(1.2),
+        target_ratio_raw: None,
     },
     Measure {
         key: "rand_write_4k_qd32",
@@ -87,7 +106,9 @@ const MEASURES: [Measure; 5] = [
         block_size: "4k",
         iodepth: 32,
         unit: Unit::Iops,
+        extra: &[],
         target_ratio: Some(2.0),
+        target_ratio_raw: Some(0.6),
     },
     Measure {
         key: "rand_read_4k_qd32",
@@ -96,7 +117,53 @@ const MEASURES: [Measure; 5] = [
         block_size: "4k",
         iodepth: 32,
         unit: Unit::Iops,
+        extra: &[],
         target_ratio: Some(2.0),
+        target_ratio_raw: Some(0.6),
+    },
+    Measure {
+        key: "rand_write_4k_qd1",
+        label: "4 KiB random write, QD1",
+        rw: "randwrite",
+        block_size: "4k",
+        iodepth: 1,
+        unit: Unit::Iops,
+        extra: &[],
+        target_ratio: None,
+        target_ratio_raw: None,
+    },
+    Measure {
+        key: "rand_read_4k_qd1",
+        label: "4 KiB random read, QD1",
+        rw: "randread",
+        block_size: "4k",
+        iodepth: 1,
+        unit: Unit::Iops,
+        extra: &[],
+        target_ratio: None,
+        target_ratio_raw: None,
+    },
+    Measure {
+        key: "mixed_64k_70_30_qd16",
+        label: "64 KiB random 70 % read / 30 % write, QD16",
+        rw: "randrw",
+        block_size: "64k",
+        iodepth: 16,
+        unit: Unit::BytesPerSecond,
+        extra: &["--rwmixread=70"],
+        target_ratio: None,
+        target_ratio_raw: None,
+    },
+    Measure {
+        key: "database_8k_70_30_fsync_qd1",
+        label: "database-like: 8 KiB random 70/30, fsync after each write, QD1",
+        rw: "randrw",
+        block_size: "8k",
+        iodepth: 1,
+        unit: Unit::Iops,
+        extra: &["--rwmixread=70", "--fsync=1"],
+        target_ratio: None,
+        target_ratio_raw: None,
     },
     Measure {
         key: "seq_read_1m_qd8_after_random_writes",
@@ -105,7 +172,9 @@ const MEASURES: [Measure; 5] = [
         block_size: "1M",
         iodepth: 8,
         unit: Unit::BytesPerSecond,
+        extra: &[],
         target_ratio: None,
+        target_ratio_raw: None,
     },
 ];
 
@@ -117,20 +186,27 @@ struct ServerSamples {
     latency_p50_us: Samples,
     latency_p99_us: Samples,
     /// Server CPU time (user + system, all its threads) per request: less
-    /// sensitive than throughput to other work on the machine.
+    /// sensitive than throughput to other work on the machine (none for
+    /// the raw device: no server).
     server_cpu_us_per_request: Samples,
+    /// Requests served per second of server CPU: what a host that shares
+    /// its cores with databases gets for each core-second it gives.
+    requests_per_cpu_second: Samples,
 }
 
 impl ServerSamples {
-    fn push(&mut self, unit: Unit, result: &FioResult, server_cpu_seconds: f64) {
+    fn push(&mut self, unit: Unit, result: &FioResult, server_cpu_seconds: Option<f64>) {
         self.value.push(match unit {
             Unit::Iops => result.iops,
             Unit::BytesPerSecond => result.bandwidth_bytes_per_second,
         });
         self.latency_p50_us.push(result.latency_p50_us);
         self.latency_p99_us.push(result.latency_p99_us);
-        self.server_cpu_us_per_request
-            .push(server_cpu_seconds * 1e6 / result.io_count.max(1) as f64);
+        if let Some(cpu) = server_cpu_seconds {
+            let requests = result.io_count.max(1) as f64;
+            self.server_cpu_us_per_request.push(cpu * 1e6 / requests);
+            self.requests_per_cpu_second.push(requests / cpu.max(1e-6));
+        }
     }
 }
 
@@ -139,14 +215,19 @@ struct MeasureReport {
     name: &'static str,
     description: &'static str,
     unit: Unit,
+    fio_arguments: String,
     ballast: ServerSamples,
     qemu_nbd: ServerSamples,
     nbdkit: ServerSamples,
+    raw_device: ServerSamples,
     /// Medians: ballast / qemu-nbd.
     ratio_ballast_over_qemu_nbd: f64,
     ratio_ballast_over_nbdkit: f64,
+    ratio_ballast_over_raw_device: f64,
     target_ratio_over_qemu_nbd: Option<f64>,
     meets_target: Option<bool>,
+    target_ratio_over_raw_device: Option<f64>,
+    meets_target_over_raw_device: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -166,8 +247,9 @@ struct NbdReport {
     measures: Vec<MeasureReport>,
 }
 
-/// Runs the benchmark, prints the table and writes `nbd.json` under `out`.
-pub fn run(options: &NbdOptions) -> Result<()> {
+/// Runs the benchmark, prints the table, writes `nbd.json`, `nbd.md` and
+/// `nbd.png` under `out`; returns the chart's bars.
+pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
     assert!(options.seconds > 0, "a measurement needs a runtime");
     assert!(options.repeats > 0, "at least one repetition");
     // Half the device: ballast's log needs room beyond the live data (85 % usable, cleaning).
@@ -178,36 +260,38 @@ pub fn run(options: &NbdOptions) -> Result<()> {
     preflight(&options.ballast.path)?;
     let load_average_before = load_average();
     let target = crate::target(options.device_bytes)?;
-    let mut samples: Vec<[ServerSamples; 3]> = MEASURES.iter().map(|_| Default::default()).collect();
+    let mut samples: Vec<[ServerSamples; 4]> = MEASURES.iter().map(|_| Default::default()).collect();
     let mut qemu_label = String::new();
     let mut nbdkit_label = String::new();
-    let bar = node::cli::progress::items((options.repeats * SERVERS.len()) as u64, "servers measured");
+    let bar = node::cli::progress::items((options.repeats * SERVERS.len()) as u64, "targets measured");
     for run in 0..options.repeats {
         for (slot, kind) in SERVERS.iter().enumerate() {
             let server = start(*kind, options, &target, run, span_bytes)?;
-            node::cli::progress::note(
-                &bar,
-                &format!("repetition {}/{}: {}", run + 1, options.repeats, server.label),
-            );
+            let label = server
+                .as_ref()
+                .map_or("raw device (fio io_uring, O_DIRECT)", |s| &s.label);
+            node::cli::progress::note(&bar, &format!("repetition {}/{}: {label}", run + 1, options.repeats));
             bar.inc(1);
             match kind {
-                ServerKind::Ballast => {}
-                ServerKind::QemuNbd => qemu_label.clone_from(&server.label),
-                ServerKind::Nbdkit => nbdkit_label.clone_from(&server.label),
+                ServerKind::QemuNbd => qemu_label = label.to_owned(),
+                ServerKind::Nbdkit => nbdkit_label = label.to_owned(),
+                ServerKind::Ballast | ServerKind::Raw => {}
             }
             for (index, measure) in MEASURES.iter().enumerate() {
-                let job = FioJob::new(
-                    measure.key,
-                    measure.rw,
-                    measure.block_size,
-                    measure.iodepth,
-                    options.seconds,
-                    span_bytes,
-                );
-                let cpu_before = server.cpu_seconds()?;
-                let result = fio::run_on_nbd(&job, &server.uri())
-                    .with_context(|| format!("{} on {}:\n{}", measure.key, server.label, server.log_text()))?;
-                let cpu_seconds = server.cpu_seconds()? - cpu_before;
+                let job = fio_job(measure, options.seconds, span_bytes);
+                let (result, cpu_seconds) = match &server {
+                    Some(server) => {
+                        let cpu_before = server.cpu_seconds()?;
+                        let result = fio::run_on_nbd(&job, &server.uri())
+                            .with_context(|| format!("{} on {}:\n{}", measure.key, server.label, server.log_text()))?;
+                        (result, Some(server.cpu_seconds()? - cpu_before))
+                    }
+                    None => (
+                        fio::run_on_device(&job, target.device.path())
+                            .with_context(|| format!("{} on the raw device", measure.key))?,
+                        None,
+                    ),
+                };
                 samples[index][slot].push(measure.unit, &result, cpu_seconds);
             }
             drop(server);
@@ -235,23 +319,60 @@ pub fn run(options: &NbdOptions) -> Result<()> {
             .map(|(m, s)| measure_report(m, s))
             .collect(),
     };
-    print_report(&report);
+    let table = markdown(&report);
+    println!("\n{table}");
     std::fs::create_dir_all(&options.out)?;
     let file = options.out.join("nbd.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(options.out.join("nbd.md"), &table)?;
     let png = options.out.join("nbd.png");
-    let bars: Vec<crate::chart::Bar> = report
-        .measures
-        .iter()
-        .map(|measure| crate::chart::Bar {
+    let mut bars: Vec<crate::chart::Bar> = Vec::new();
+    for measure in &report.measures {
+        bars.push(crate::chart::Bar {
             label: format!("{} / qemu-nbd", measure.description),
             ratio: measure.ratio_ballast_over_qemu_nbd,
             target: measure.target_ratio_over_qemu_nbd,
-        })
-        .collect();
-    crate::chart::ratio_chart(&png, "ballast vs qemu-nbd over NBD (fio, same loop device)", &bars)?;
-    println!("\nJSON: {}, chart: {}", file.display(), png.display());
-    Ok(())
+        });
+        bars.push(crate::chart::Bar {
+            label: format!("{} / raw", measure.description),
+            ratio: measure.ratio_ballast_over_raw_device,
+            target: measure.target_ratio_over_raw_device,
+        });
+    }
+    crate::chart::ratio_chart(
+        &png,
+        "ballast vs qemu-nbd and the raw device (fio, same loop device)",
+        &bars,
+    )?;
+    println!("\nJSON: {}, table: nbd.md, chart: {}", file.display(), png.display());
+    Ok(bars)
+}
+
+/// The fio job of `measure` over the first `span_bytes` of the target.
+fn fio_job(measure: &Measure, seconds: u64, span_bytes: u64) -> FioJob {
+    let mut job = FioJob::new(
+        measure.key,
+        measure.rw,
+        measure.block_size,
+        measure.iodepth,
+        seconds,
+        span_bytes,
+    );
+    job.extra = measure.extra.iter().map(|&arg| arg.to_owned()).collect();
+    job
+}
+
+/// The fio arguments that define `measure` (for the report).
+fn fio_arguments(measure: &Measure) -> String {
+    let mut text = format!(
+        "--rw={} --bs={} --iodepth={}",
+        measure.rw, measure.block_size, measure.iodepth
+    );
+    for arg in measure.extra {
+        text.push(' ');
+        text.push_str(arg);
+    }
+    text
 }
 
 /// Fails early, with a hint, when a tool or the ballast binary is missing.
@@ -261,9 +382,15 @@ fn preflight(ballast: &Path) -> Result<()> {
     crate::servers::require_tools(&[("fio", hint), ("qemu-nbd", hint), ("nbdkit", hint)])
 }
 
-/// Starts one server on the target's loop device; ballast's volume is then
-/// written once over the span.
-fn start(kind: ServerKind, options: &NbdOptions, target: &crate::Target, run: usize, span: u64) -> Result<Server> {
+/// Starts one server on the target's loop device (none for the raw
+/// device); ballast's volume is then written once over the span.
+fn start(
+    kind: ServerKind,
+    options: &NbdOptions,
+    target: &crate::Target,
+    run: usize,
+    span: u64,
+) -> Result<Option<Server>> {
     let scratch = target.dir.path();
     let device = target.device.path();
     match kind {
@@ -272,29 +399,36 @@ fn start(kind: ServerKind, options: &NbdOptions, target: &crate::Target, run: us
             let fill = FioJob::new("fill", "write", "1M", 8, 0, span);
             fio::run_on_nbd(&fill, &server.uri())
                 .with_context(|| format!("filling the ballast volume:\n{}", server.log_text()))?;
-            Ok(server)
+            Ok(Some(server))
         }
-        ServerKind::QemuNbd => servers::start_qemu_nbd(scratch, run, device),
-        ServerKind::Nbdkit => servers::start_nbdkit(scratch, run, device),
+        ServerKind::QemuNbd => servers::start_qemu_nbd(scratch, run, device).map(Some),
+        ServerKind::Nbdkit => servers::start_nbdkit(scratch, run, device).map(Some),
+        ServerKind::Raw => Ok(None),
     }
 }
 
-fn measure_report(measure: &Measure, samples: [ServerSamples; 3]) -> MeasureReport {
-    let [ballast, qemu_nbd, nbdkit] = samples;
+fn measure_report(measure: &Measure, samples: [ServerSamples; 4]) -> MeasureReport {
+    let [ballast, qemu_nbd, nbdkit, raw_device] = samples;
     let ratio = |other: &ServerSamples| ballast.value.median() / other.value.median();
     let ratio_ballast_over_qemu_nbd = ratio(&qemu_nbd);
     let ratio_ballast_over_nbdkit = ratio(&nbdkit);
+    let ratio_ballast_over_raw_device = ratio(&raw_device);
     MeasureReport {
         name: measure.key,
         description: measure.label,
         unit: measure.unit,
+        fio_arguments: fio_arguments(measure),
         ratio_ballast_over_qemu_nbd,
         ratio_ballast_over_nbdkit,
+        ratio_ballast_over_raw_device,
         target_ratio_over_qemu_nbd: measure.target_ratio,
         meets_target: measure.target_ratio.map(|t| ratio_ballast_over_qemu_nbd >= t),
+        target_ratio_over_raw_device: measure.target_ratio_raw,
+        meets_target_over_raw_device: measure.target_ratio_raw.map(|t| ratio_ballast_over_raw_device >= t),
         ballast,
         qemu_nbd,
         nbdkit,
+        raw_device,
     }
 }
 
@@ -305,9 +439,13 @@ fn format_value(unit: Unit, value: f64) -> String {
     }
 }
 
-fn print_report(report: &NbdReport) {
-    println!(
-        "\n## NBD through fio (libnbd, 1 connection), {} x {} s per measure, median; {}, {} cores, {} loop device, fio over {}",
+/// The report as markdown: what ran, the ratio table, latency, CPU cost.
+fn markdown(report: &NbdReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "## NBD through fio (libnbd, 1 connection) and the raw device, {} x {} s per measure, median; {}, {} cores, {} loop device, fio over {}\n",
         report.repeats,
         report.seconds,
         report.date_utc,
@@ -315,11 +453,13 @@ fn print_report(report: &NbdReport) {
         node::size::format_size(report.device_bytes),
         node::size::format_size(report.span_bytes),
     );
-    println!(
-        "servers: ballast ({}), {}, {}",
+    let _ = writeln!(
+        out,
+        "targets: ballast ({}), {}, {}, raw device (fio io_uring, O_DIRECT)  ",
         report.ballast_binary, report.qemu_nbd, report.nbdkit
     );
-    println!(
+    let _ = writeln!(
+        out,
         "machine: {} ({} cores, kernel {}); load average before {}, after {}",
         report.machine.cpu,
         report.machine.cores,
@@ -328,56 +468,112 @@ fn print_report(report: &NbdReport) {
         report.machine.load_average_after
     );
     if !report.ballast_env.is_empty() {
-        println!("ballast environment: {}", report.ballast_env.join(" "));
+        let _ = writeln!(out, "ballast environment: {}", report.ballast_env.join(" "));
     }
-    println!("\n| measure | ballast | qemu-nbd | nbdkit | ratio ballast/qemu-nbd | target | spread b / q / n |");
-    println!("| --- | ---: | ---: | ---: | ---: | --- | ---: |");
+    let _ = writeln!(
+        out,
+        "\n| measure | ballast | qemu-nbd | nbdkit | raw device | ballast / qemu-nbd | ballast / raw | targets | spread b / q / n / r |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
     for measure in &report.measures {
-        let target = match (measure.target_ratio_over_qemu_nbd, measure.meets_target) {
-            (Some(t), Some(true)) => format!(">= {t}x: met"),
-            (Some(t), _) => format!(">= {t}x: not met"),
-            (None, _) => "-".to_owned(),
-        };
-        println!(
-            "| {} | {} | {} | {} | {:.2}x | {target} | {:.0}% / {:.0}% / {:.0}% |",
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {} | {:.0}% / {:.0}% / {:.0}% / {:.0}% |",
             measure.description,
             format_value(measure.unit, measure.ballast.value.median()),
             format_value(measure.unit, measure.qemu_nbd.value.median()),
             format_value(measure.unit, measure.nbdkit.value.median()),
+            format_value(measure.unit, measure.raw_device.value.median()),
             measure.ratio_ballast_over_qemu_nbd,
+            measure.ratio_ballast_over_raw_device,
+            targets(measure),
             measure.ballast.value.spread_percent(),
             measure.qemu_nbd.value.spread_percent(),
             measure.nbdkit.value.spread_percent(),
+            measure.raw_device.value.spread_percent(),
         );
     }
-    for measure in report.measures.iter().filter(|m| m.unit == Unit::Iops) {
-        println!(
-            "| {} p99 latency (us) | {:.0} | {:.0} | {:.0} | {:.2}x | | |",
+    let _ = writeln!(out, "\np50 / p99 completion latency (us, fio clat, median):\n");
+    let _ = writeln!(
+        out,
+        "| measure | ballast | qemu-nbd | nbdkit | raw device | p99 ballast / qemu-nbd |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    for measure in &report.measures {
+        let latency = |samples: &ServerSamples| {
+            format!(
+                "{:.0} / {:.0}",
+                samples.latency_p50_us.median(),
+                samples.latency_p99_us.median()
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {:.2}x |",
             measure.description,
-            measure.ballast.latency_p99_us.median(),
-            measure.qemu_nbd.latency_p99_us.median(),
-            measure.nbdkit.latency_p99_us.median(),
+            latency(&measure.ballast),
+            latency(&measure.qemu_nbd),
+            latency(&measure.nbdkit),
+            latency(&measure.raw_device),
             measure.ballast.latency_p99_us.median() / measure.qemu_nbd.latency_p99_us.median(),
         );
     }
-    println!("\nserver CPU per request (us, user + system over all its threads; median):\n");
-    println!("| measure | ballast | qemu-nbd | nbdkit | ratio ballast/qemu-nbd |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        out,
+        "\nserver CPU (user + system over all its threads; median): requests per CPU-second, and CPU per request (us):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| measure | ballast | qemu-nbd | nbdkit | ballast / qemu-nbd (requests per CPU-second) |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
     for measure in &report.measures {
-        let cpu = |samples: &ServerSamples| samples.server_cpu_us_per_request.median();
-        println!(
-            "| {} | {:.1} | {:.1} | {:.1} | {:.2}x |",
+        let cpu = |samples: &ServerSamples| {
+            format!(
+                "{} ({:.1} us)",
+                compact(samples.requests_per_cpu_second.median()),
+                samples.server_cpu_us_per_request.median()
+            )
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.2}x |",
             measure.description,
             cpu(&measure.ballast),
             cpu(&measure.qemu_nbd),
             cpu(&measure.nbdkit),
-            cpu(&measure.ballast) / cpu(&measure.qemu_nbd),
+            measure.ballast.requests_per_cpu_second.median() / measure.qemu_nbd.requests_per_cpu_second.median(),
         );
     }
-    println!(
+    let _ = writeln!(
+        out,
         "\nballast acknowledges a write only once it is durable (flushed); qemu-nbd and nbdkit acknowledge when the \
-         device accepted it (no flush is sent by these jobs)."
+         device accepted it (no flush is sent by these jobs, except the database-like one's fsyncs). The raw device \
+         row is fio on the loop device itself: the physical limit."
     );
+    out
+}
+
+/// The targets of a measure and whether they were met.
+fn targets(measure: &MeasureReport) -> String {
+    let mut parts = Vec::new();
+    let mut add = |target: Option<f64>, met: Option<bool>, against: &str| {
+        if let Some(target) = target {
+            let verdict = if met == Some(true) { "met" } else { "not met" };
+            parts.push(format!(">= {target}x {against}: {verdict}"));
+        }
+    };
+    add(measure.target_ratio_over_qemu_nbd, measure.meets_target, "qemu-nbd");
+    add(
+        measure.target_ratio_over_raw_device,
+        measure.meets_target_over_raw_device,
+        "raw",
+    );
+    if parts.is_empty() {
+        "-".to_owned()
+    } else {
+        parts.join("; ")
+    }
 }
 
 #[cfg(test)]
@@ -403,13 +599,57 @@ mod tests {
                 samples(&[30.0, 10.0, 20.0]),
                 samples(&[10.0, 10.0, 100.0]),
                 samples(&[40.0]),
+                samples(&[50.0]),
             ],
         );
         assert!((report.ratio_ballast_over_qemu_nbd - 2.0).abs() < 1e-12);
         assert!((report.ratio_ballast_over_nbdkit - 0.5).abs() < 1e-12);
+        assert!((report.ratio_ballast_over_raw_device - 0.4).abs() < 1e-12);
         assert_eq!(report.meets_target, Some(true));
-        let after_random = measure_report(&MEASURES[4], [samples(&[1.0]), samples(&[2.0]), samples(&[2.0])]);
+        assert_eq!(report.meets_target_over_raw_device, Some(false), "0.4x < 0.6x");
+        assert_eq!(targets(&report), ">= 2x qemu-nbd: met; >= 0.6x raw: not met");
+        let after_random = measure_report(
+            MEASURES.last().unwrap(),
+            [samples(&[1.0]), samples(&[2.0]), samples(&[2.0]), samples(&[4.0])],
+        );
         assert_eq!(after_random.meets_target, None);
+        assert_eq!(targets(&after_random), "-");
+    }
+
+    #[test]
+    fn every_profile_of_the_issue_is_in_the_matrix() {
+        let arguments: Vec<String> = MEASURES.iter().map(fio_arguments).collect();
+        for profile in [
+            "--rw=randwrite --bs=4k --iodepth=1",
+            "--rw=randread --bs=4k --iodepth=1",
+            "--rw=randwrite --bs=4k --iodepth=32",
+            "--rw=randread --bs=4k --iodepth=32",
+            "--rw=randrw --bs=64k --iodepth=16 --rwmixread=70",
+            "--rw=write --bs=1M --iodepth=8",
+            "--rw=read --bs=1M --iodepth=8",
+            "--rw=randrw --bs=8k --iodepth=1 --rwmixread=70 --fsync=1",
+        ] {
+            assert!(
+                arguments.iter().any(|a| a == profile),
+                "{profile} missing from {arguments:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn cpu_per_request_and_requests_per_cpu_second_come_from_the_same_sample() {
+        let result = FioResult {
+            iops: 1000.0,
+            io_count: 20_000,
+            ..FioResult::default()
+        };
+        let mut ballast = ServerSamples::default();
+        ballast.push(Unit::Iops, &result, Some(0.5));
+        assert!((ballast.server_cpu_us_per_request.median() - 25.0).abs() < 1e-9);
+        assert!((ballast.requests_per_cpu_second.median() - 40_000.0).abs() < 1e-6);
+        let mut raw = ServerSamples::default();
+        raw.push(Unit::Iops, &result, None);
+        assert!(raw.requests_per_cpu_second.values.is_empty(), "no server, no CPU");
     }
 
     #[test]

@@ -227,7 +227,7 @@ struct ReplReport {
 }
 
 /// Runs the benchmark, prints the table and writes `repl.json` under `out`.
-pub fn run(options: &ReplOptions) -> Result<()> {
+pub fn run(options: &ReplOptions) -> Result<Vec<crate::chart::Bar>> {
     assert!(options.seconds > 0, "a measurement needs a runtime");
     assert!(options.repeats > 0, "at least one repetition");
     let volume_bytes = (options.node_disk_bytes / SPAN_DISK_FRACTION) & !((1 << 20) - 1);
@@ -272,13 +272,10 @@ pub fn run(options: &ReplOptions) -> Result<()> {
     let file = options.out.join("repl.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
     let png = options.out.join("repl.png");
-    crate::chart::ratio_chart(
-        &png,
-        "replication cost: repl=2 and repl=3 over repl=1",
-        &chart_bars(&report.table),
-    )?;
+    let bars = chart_bars(&report.table);
+    crate::chart::ratio_chart(&png, "replication cost: repl=2 and repl=3 over repl=1", &bars)?;
     println!("\nJSON: {}, chart: {}", file.display(), png.display());
-    Ok(())
+    Ok(bars)
 }
 
 /// Two bars per row (2/1, 3/1); an at-most target (latency) goes into the label.

@@ -120,7 +120,7 @@ struct SecurityReport {
 }
 
 /// Runs the benchmark, prints the table and writes `security.json` under `out`.
-pub fn run(options: &SecurityOptions) -> Result<()> {
+pub fn run(options: &SecurityOptions) -> Result<Vec<crate::chart::Bar>> {
     assert!(options.seconds > 0 && options.repeats > 0);
     let volume_bytes = (options.disk_bytes / SPAN_DISK_FRACTION) & !((1 << 20) - 1);
     if volume_bytes < 64 << 20 {
@@ -202,7 +202,7 @@ pub fn run(options: &SecurityOptions) -> Result<()> {
         .collect();
     crate::chart::ratio_chart(&png, "what TLS and encryption at rest cost (over plain)", &bars)?;
     println!("\nJSON: {}, chart: {}", file.display(), png.display());
-    Ok(())
+    Ok(bars)
 }
 
 /// An admin client certificate in `home/.pki/libnbd`, all of `home` owned by fio's user.

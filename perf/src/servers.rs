@@ -242,7 +242,8 @@ impl BallastBinary {
 }
 
 /// Enrolls `device` into a fresh data directory under `scratch`, starts a
-/// node on free ports and creates the export as a volume of `volume_bytes`.
+/// node on free ports, makes it a one-node cluster and creates the export
+/// as a volume of `volume_bytes`.
 pub fn start_ballast(
     binary: &BallastBinary,
     scratch: &Path,
@@ -257,15 +258,20 @@ pub fn start_ballast(
     binary.run(&["disk", "enroll", "--force", "--data-dir", data, device_text])?;
     let api_port = free_port()?;
     let nbd_port = free_port()?;
+    let peer_port = free_port()?;
     let api = format!("http://127.0.0.1:{api_port}");
     let mut command = binary.command();
     command.args(["node", "run", "--data-dir", data, "--nbd-tls", "plaintext-on-loopback"]);
     command.args(["--listen-api", &format!("127.0.0.1:{api_port}")]);
     command.args(["--listen-nbd", &format!("127.0.0.1:{nbd_port}")]);
+    command.args(["--listen-peer", &format!("127.0.0.1:{peer_port}")]);
     let log = scratch.join(format!("ballast-{run}.log"));
     let mut server = Server::spawn("ballast", command, nbd_port, &log)?;
     server.wait_listening()?;
     let binary = binary.as_admin_of(&data_dir);
+    binary
+        .run(&["cluster", "init", "--api", &api])
+        .with_context(|| server.log_text())?;
     binary.run(&[
         "volume",
         "create",

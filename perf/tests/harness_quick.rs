@@ -1,8 +1,11 @@
 //! The benchmark harness itself (issue 10): `ballast-perf engine --quick`
 //! runs end to end on a real loop device against fio on the same device,
-//! and writes its JSON, markdown table of ratios and PNG chart. No timing is asserted:
+//! and `ballast-perf nbd` runs its whole fio matrix (one short repetition)
+//! against ballast, qemu-nbd, nbdkit and the raw device; each writes its
+//! JSON, markdown table of ratios and PNG chart. No timing is asserted:
 //! only that every measure was taken and reported.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,34 +25,11 @@ fn the_engine_benchmark_runs_quick_and_writes_its_json_ratio_table_and_chart() {
     if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
         return skip(&why.to_string());
     }
-    let fio = std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join("fio").is_file()));
-    if !fio {
+    if !installed("fio") {
         return skip("fio is not installed (ci/install-deps.sh installs it)");
     }
     let out = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ballast-perf"))
-        .args(["engine", "--quick", "--out"])
-        .arg(out.path())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let started = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if started.elapsed() > Duration::from_secs(900) {
-            let _ = child.kill();
-            panic!("ballast-perf engine --quick ran over 15 minutes");
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let output = child.wait_with_output().unwrap();
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = run_perf(&["engine", "--quick"], out.path());
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("engine.json")).unwrap()).unwrap();
     for measure in [
@@ -78,4 +58,111 @@ fn the_engine_benchmark_runs_quick_and_writes_its_json_ratio_table_and_chart() {
     let png = std::fs::read(out.path().join("engine.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "engine.png is a PNG");
     assert!(png.len() > 2000, "and has something drawn in it ({} bytes)", png.len());
+}
+
+/// Whether `program` is on the PATH.
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+}
+
+/// The ballast binary this workspace's test build made (`target/debug/ballast`
+/// beside this test's `deps` directory).
+fn ballast_binary() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let path = exe.parent()?.parent()?.join("ballast");
+    path.is_file().then_some(path)
+}
+
+/// Runs `ballast-perf` with `args`, at most 15 minutes; returns its stdout.
+fn run_perf(args: &[&str], out: &Path) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ballast-perf"))
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > Duration::from_secs(900) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("ballast-perf {args:?} ran over 15 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+#[test]
+fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_and_chart() {
+    if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
+        return skip(&why.to_string());
+    }
+    for tool in ["fio", "qemu-nbd", "nbdkit"] {
+        if !installed(tool) {
+            return skip(&format!("{tool} is not installed (ci/install-deps.sh installs it)"));
+        }
+    }
+    let Some(ballast) = ballast_binary() else {
+        return skip("target/debug/ballast is not built (cargo test --workspace builds it)");
+    };
+    let out = tempfile::tempdir().unwrap();
+    // The debug build: the numbers mean nothing, the harness is what is tested.
+    let ballast = ballast.to_str().unwrap();
+    let args = [
+        "nbd",
+        "--seconds",
+        "1",
+        "--repeats",
+        "1",
+        "--size",
+        "512MiB",
+        "--ballast",
+        ballast,
+    ];
+    let stdout = run_perf(&args, out.path());
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("nbd.json")).unwrap()).unwrap();
+    let measures = report["measures"].as_array().expect("measures");
+    assert_eq!(measures.len(), 9, "the issue's profiles: {report:#}");
+    for measure in measures {
+        let name = measure["name"].as_str().unwrap();
+        for target in ["ballast", "qemu_nbd", "nbdkit", "raw_device"] {
+            let values = measure[target]["value"]["values"].as_array().unwrap();
+            assert_eq!(values.len(), 1, "{name} on {target}: one repetition");
+            assert!(values[0].as_f64().unwrap() > 0.0, "{name} on {target}: {measure:#}");
+        }
+        for server in ["ballast", "qemu_nbd", "nbdkit"] {
+            let per_cpu = &measure[server]["requests_per_cpu_second"]["values"];
+            assert!(
+                per_cpu[0].as_f64().unwrap() > 0.0,
+                "{name}: {server}'s CPU cost: {measure:#}"
+            );
+        }
+        assert!(
+            measure["ratio_ballast_over_raw_device"].as_f64().unwrap() > 0.0,
+            "{measure:#}"
+        );
+    }
+    let table = std::fs::read_to_string(out.path().join("nbd.md")).unwrap();
+    for row in [
+        "| 4 KiB random write, QD32 |",
+        "| database-like:",
+        "| 64 KiB random 70 % read",
+    ] {
+        assert!(table.contains(row), "{row} in {table}");
+    }
+    assert!(table.contains("ballast / raw"), "{table}");
+    assert!(stdout.contains(&table), "the table printed is the one saved");
+    let png = std::fs::read(out.path().join("nbd.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "nbd.png is a PNG");
 }
