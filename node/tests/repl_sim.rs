@@ -419,7 +419,9 @@ fn current_code_resync_misses_a_write_prepared_before_its_replica_was_dropped() 
 /// R runs learns the new epoch (the reconciler's `set_epoch`) and its
 /// `copy_span` stamps the remaining copies with it; R, in sync under the
 /// new coordinator (floor: its tenure), takes the stale copy over writes
-/// the new coordinator acknowledged (seed 132 of the first 500).
+/// the new coordinator acknowledged (seed 132 of the first 500; since the
+/// store zeroes the log's next blocks at open, which shifts every run's
+/// timing, seeds 588 and 1284 of the first 4000: `BALLAST_REPL_SIM_SEEDS=4000`).
 #[test]
 #[ignore = "fixed in resync (kept to show the race is caught): copies carried the current epoch, also after the coordinator was deposed"]
 fn current_code_lets_a_deposed_coordinators_resync_overwrite_acknowledged_writes() {
@@ -432,7 +434,9 @@ fn current_code_lets_a_deposed_coordinators_resync_overwrite_acknowledged_writes
 /// the replica, but its applied state still predates the commit (cut off
 /// from the majority right after it, here); a reconciler pass over that
 /// state demotes the replica (`set_targets`), and writes are acknowledged
-/// without it while Raft lists it in sync (seed 976 of the first 3000).
+/// without it while Raft lists it in sync (seed 976 of the first 3000
+/// until the store began zeroing the log's next blocks at open; that shifted
+/// every run's timing, and no seed of the first 4000 meets the race now).
 #[test]
 #[ignore = "fixed in wire_serving (kept to show the race is caught): a stale state demoted a replica promote() just made a target"]
 fn current_code_lets_a_stale_reconciler_pass_demote_a_promoted_replica() {

@@ -691,17 +691,26 @@ async fn mutate(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, data: Option<Vec<u
     };
     local?;
     let confirmed = remote?;
-    check_acknowledgement(sim, id, lba, count, &confirmed);
+    check_acknowledgement(sim, id, epoch, lba, count, &confirmed);
     Ok(confirmed)
 }
 
 /// At the moment a write is acknowledged, the replicas that matter must
 /// have it: all in sync (per Raft) when this node still coordinates, else
-/// at least the new coordinator.
-fn check_acknowledgement(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, confirmed: &BTreeSet<u64>) {
+/// the new coordinator, or every replica in sync when the write's epoch
+/// ended (a coordinator paused after its replicas confirmed a write
+/// acknowledges it late, after failovers: every later in-sync copy
+/// descends from those replicas).
+fn check_acknowledgement(sim: &Rc<Sim>, id: u64, epoch: u64, lba: u64, count: u64, confirmed: &BTreeSet<u64>) {
     let Some(volume) = sim.raft.borrow().state.volumes.get(VOLUME).cloned() else {
         return;
     };
+    let carried = sim
+        .raft
+        .borrow()
+        .in_sync_at_end_of_epoch
+        .get(&epoch)
+        .is_some_and(|in_sync| in_sync.iter().all(|node| *node == id || confirmed.contains(node)));
     let missing: Vec<u64> = if volume.coordinator == id {
         volume
             .in_sync
@@ -709,7 +718,7 @@ fn check_acknowledgement(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, confirmed
             .copied()
             .filter(|other| *other != id && !confirmed.contains(other))
             .collect()
-    } else if confirmed.contains(&volume.coordinator) {
+    } else if confirmed.contains(&volume.coordinator) || (volume.epoch > epoch && carried) {
         Vec::new()
     } else {
         vec![volume.coordinator]

@@ -7,7 +7,7 @@
 //! while it reaches the service: a moment after each commit (if it runs
 //! then) and at each reconciler pass.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
 use ::node::cluster::state::{ClusterState, Command, Outcome};
@@ -20,6 +20,9 @@ pub struct Raft {
     /// Nodes cut off from the Raft majority.
     pub cut: BTreeSet<u64>,
     pub commits: u64,
+    /// The volume's in-sync set as each epoch left it (for the checker: a
+    /// write every one of them confirmed is carried into later epochs).
+    pub in_sync_at_end_of_epoch: BTreeMap<u64, BTreeSet<u64>>,
 }
 
 impl Raft {
@@ -45,7 +48,12 @@ pub async fn change(sim: &Rc<Sim>, from: u64, command: Command) -> Result<Outcom
     let outcome = {
         let mut raft = sim.raft.borrow_mut();
         raft.commits += 1;
-        raft.state.apply(command.clone())
+        let outcome = raft.state.apply(command.clone());
+        if let Some(volume) = raft.state.volumes.get(super::node::VOLUME).cloned() {
+            raft.in_sync_at_end_of_epoch
+                .insert(volume.epoch, volume.in_sync.iter().copied().collect());
+        }
+        outcome
     };
     sim.log(format!("raft: {command:?} from node {from} -> {}", describe(&outcome)));
     for id in sim.node_ids() {
