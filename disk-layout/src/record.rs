@@ -424,36 +424,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_data_record_without_blocks_is_refused() {
-        let header = BatchHeader {
-            durable_window: 0,
-            sequence: 1,
-            previous_header_crc: 0,
-            segment_index: 0,
-            next_segment_index: 1,
-            open_nonce: 9,
-            records: vec![Record {
-                volume_id: 1,
-                lba: 0,
-                block_count: 0,
-                kind: RecordKind::Zero,
-                epoch: 0,
-                volume_sequence: 0,
-                data_crc: 0,
-                relocated_from: 0,
-            }],
-        };
-        let mut block = vec![0u8; BATCH_HEADER_BYTES];
-        header.encode_into(&mut block);
-        // Turn the zero record into a write without blocks and fix the crc.
-        block[RECORDS + R_KIND] = 1;
-        let crc = crc32c_with_hole(&block, CRC);
-        put_u32(&mut block, CRC, crc);
-        assert!(BatchHeader::decode(&block).is_err());
-    }
-
-    fn clone_header(source: u64, target: u64) -> BatchHeader {
+    /// A batch header holding one record with no data blocks.
+    fn header_of(record: Record) -> BatchHeader {
         BatchHeader {
             durable_window: 0,
             sequence: 1,
@@ -461,17 +433,38 @@ mod tests {
             segment_index: 0,
             next_segment_index: 1,
             open_nonce: 9,
-            records: vec![Record {
-                volume_id: target,
-                lba: source,
-                block_count: 0,
-                kind: RecordKind::Clone,
-                epoch: 3,
-                volume_sequence: 4,
-                data_crc: 0,
-                relocated_from: 0,
-            }],
+            records: vec![record],
         }
+    }
+
+    fn clone_header(source: u64, target: u64) -> BatchHeader {
+        header_of(Record {
+            volume_id: target,
+            lba: source,
+            block_count: 0,
+            kind: RecordKind::Clone,
+            epoch: 3,
+            volume_sequence: 4,
+            data_crc: 0,
+            relocated_from: 0,
+        })
+    }
+
+    #[test]
+    fn a_data_record_without_blocks_is_refused() {
+        let header = header_of(Record {
+            kind: RecordKind::Zero,
+            epoch: 0,
+            volume_sequence: 0,
+            ..clone_header(0, 1).records[0]
+        });
+        let mut block = vec![0u8; BATCH_HEADER_BYTES];
+        header.encode_into(&mut block);
+        // Turn the zero record into a write without blocks and fix the crc.
+        block[RECORDS + R_KIND] = 1;
+        let crc = crc32c_with_hole(&block, CRC);
+        put_u32(&mut block, CRC, crc);
+        assert!(BatchHeader::decode(&block).is_err());
     }
 
     #[test]

@@ -22,11 +22,6 @@ fn replica_nodes(node: &TestNode, volume: &str) -> Vec<u64> {
         .collect()
 }
 
-fn local_replicas(node: &TestNode) -> u64 {
-    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
-    status["volume_count"].as_u64().unwrap()
-}
-
 /// Runs `ballast ARGS` on `node` until it succeeds (bounded); its stdout.
 fn cli_eventually(node: &TestNode, args: &[&str]) -> String {
     let started = Instant::now();
@@ -65,7 +60,7 @@ fn three_nodes_form_a_cluster_and_a_repl3_volume_has_a_replica_on_each() {
     ids.sort_unstable();
     assert_eq!(replicas, ids);
     for node in &cluster.nodes {
-        wait_until("local replica on every node", || local_replicas(node) == 1);
+        wait_until("local replica on every node", || node.local_replicas() == 1);
     }
     let info: serde_json::Value = cluster.nodes[0].inspect("db");
     assert_eq!(info["coordinator"].as_u64().unwrap(), cluster.nodes[1].node_id());
@@ -89,7 +84,7 @@ fn three_nodes_form_a_cluster_and_a_repl3_volume_has_a_replica_on_each() {
     // Delete removes every replica.
     cluster.nodes[2].cli_ok(&["volume", "delete", "db"]);
     for node in &cluster.nodes {
-        wait_until("replicas removed", || local_replicas(node) == 0);
+        wait_until("replicas removed", || node.local_replicas() == 0);
     }
 }
 

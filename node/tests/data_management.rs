@@ -9,17 +9,7 @@ use std::process::Command;
 
 use common::cluster::{wait_until, TestCluster};
 use common::node::TestNode;
-use common::{have_tool, qemu_io, qemu_io_ok, text};
-
-fn disk_used_bytes(node: &TestNode) -> u64 {
-    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
-    status["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["used_bytes"].as_u64().unwrap())
-        .sum()
-}
+use common::{have_tool, qemu_io, qemu_io_ok, qemu_io_read_only, text};
 
 #[test]
 fn a_volume_uses_space_only_for_written_data_and_a_trim_gives_it_back() {
@@ -36,7 +26,7 @@ fn a_volume_uses_space_only_for_written_data_and_a_trim_gives_it_back() {
     let info = node.inspect("thin");
     assert_eq!(info["size_bytes"], 1u64 << 30);
     assert_eq!(info["used_bytes"], 96u64 << 20, "allocated: what was written");
-    let before = disk_used_bytes(&node);
+    let before = node.disk_used_bytes();
     assert!(before >= 96 << 20, "{before}");
     let inspect = node.cli_ok(&["volume", "inspect", "thin"]);
     assert!(inspect.contains("used:"), "{inspect}");
@@ -48,7 +38,7 @@ fn a_volume_uses_space_only_for_written_data_and_a_trim_gives_it_back() {
         16u64 << 20,
         "allocation drops with the trim"
     );
-    let after = disk_used_bytes(&node);
+    let after = node.disk_used_bytes();
     assert!(
         before - after >= 80 << 20,
         "the disk's live data drops too: {before} -> {after}"
@@ -142,8 +132,7 @@ fn a_disk_enrolled_into_a_running_node_takes_new_volumes_at_once_and_stays_after
     let written = qemu_io(&node.uri("a"), "write -P 0x51 0 48M");
     assert!(written.status.success(), "{}", text(&written));
     let capacity = |node: &TestNode| -> (usize, u64) {
-        let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
-        let disks = status["disks"].as_array().unwrap();
+        let disks = node.disks();
         (
             disks.len(),
             disks.iter().map(|d| d["capacity_bytes"].as_u64().unwrap()).sum(),
@@ -247,11 +236,6 @@ fn a_volume_shrinks_only_when_allowed_and_the_discarded_tail_reads_zeroes_on_eve
     }
 }
 
-fn disks_of(node: &TestNode) -> Vec<serde_json::Value> {
-    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
-    status["disks"].as_array().unwrap().clone()
-}
-
 #[test]
 fn disk_remove_moves_volumes_and_snapshots_off_a_disk_while_a_client_writes() {
     let test = "disk_remove_moves_volumes_and_snapshots";
@@ -267,10 +251,7 @@ fn disk_remove_moves_volumes_and_snapshots_off_a_disk_while_a_client_writes() {
     let overwritten = qemu_io(&uri, "write -P 0x5b 0 4M");
     assert!(overwritten.status.success(), "{}", text(&overwritten));
     let source = node.inspect("a")["disk_uuid"].as_str().unwrap().to_owned();
-    let source_path = disks_of(&node)
-        .iter()
-        .find(|d| d["disk_uuid"] == source.as_str())
-        .unwrap()["path"]
+    let source_path = node.disks().iter().find(|d| d["disk_uuid"] == source.as_str()).unwrap()["path"]
         .as_str()
         .unwrap()
         .to_owned();
@@ -309,7 +290,7 @@ fn disk_remove_moves_volumes_and_snapshots_off_a_disk_while_a_client_writes() {
 
     let target = node.inspect("a")["disk_uuid"].as_str().unwrap().to_owned();
     assert_ne!(target, source, "the volume moved");
-    let disks = disks_of(&node);
+    let disks = node.disks();
     let drained = disks.iter().find(|d| d["disk_uuid"] == source.as_str()).unwrap();
     assert_eq!(drained["state"], "removed", "{disks:?}");
     assert_eq!(drained["used_bytes"], 0, "{disks:?}");
@@ -331,17 +312,14 @@ fn disk_remove_moves_volumes_and_snapshots_off_a_disk_while_a_client_writes() {
             let read = qemu_io(&node.uri("a"), &format!("read -P {fill} {} 4096", block * 4096));
             assert!(qemu_io_ok(&read), "block {block}: {}", text(&read));
         }
-        let snapshot = Command::new("qemu-io")
-            .args(["-r", "-f", "raw", "-c", "read -P 0x5a 0 24M", &node.uri("a@s")])
-            .output()
-            .unwrap();
+        let snapshot = qemu_io_read_only(&node.uri("a@s"), "read -P 0x5a 0 24M");
         assert!(qemu_io_ok(&snapshot), "the snapshot moved too: {}", text(&snapshot));
     };
     check(&node);
     // A restart opens only the remaining disk, and everything is there.
     node.stop();
     node.restart();
-    assert_eq!(disks_of(&node).len(), 1, "the removed disk is not opened again");
+    assert_eq!(node.disks().len(), 1, "the removed disk is not opened again");
     check(&node);
     let only = node.cli(&["disk", "remove", &target]);
     assert!(

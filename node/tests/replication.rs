@@ -419,11 +419,6 @@ fn a_coordinator_that_crashes_while_a_replica_is_out_still_resyncs_it_incrementa
     }
 }
 
-fn local_replicas(node: &TestNode) -> u64 {
-    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
-    status["volume_count"].as_u64().unwrap()
-}
-
 #[test]
 fn the_replica_count_is_raised_and_lowered_online_and_new_replicas_hold_the_data() {
     let test = "the_replica_count_is_raised_and_lowered_online";
@@ -465,7 +460,7 @@ fn the_replica_count_is_raised_and_lowered_online_and_new_replicas_hold_the_data
         .iter()
         .find(|node| !replicas.contains(&node.node_id()))
         .unwrap();
-    wait_until("the removed replica's data is released", || local_replicas(gone) == 0);
+    wait_until("the removed replica's data is released", || gone.local_replicas() == 0);
     let refused = cluster.nodes[0].cli(&["volume", "update", "u", "--repl", "9"]);
     assert!(
         !refused.status.success() && text(&refused).contains("--repl must be 1 to 5"),
@@ -515,7 +510,7 @@ fn decommissioning_the_serving_node_moves_its_replicas_and_it_leaves_the_cluster
     assert_eq!(members.len(), 3, "{status:#}");
     assert!(!members.contains(&leaving));
     wait_until("the leaving node released its replica", || {
-        local_replicas(&cluster.nodes[0]) == 0
+        cluster.nodes[0].local_replicas() == 0
     });
 
     // The volume is served by its new coordinator, with every write.

@@ -139,7 +139,7 @@ fn the_api_needs_a_valid_token_and_users_touch_only_their_own_volumes() {
         401
     );
     // Expired: signed right (the node's own secret and issuer), but an hour ago.
-    let node_status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
+    let node_status = node.status();
     let issuer = format!("ballast:node:{}", node_status["node_uuid"].as_str().unwrap());
     let secret = std::fs::read_to_string(node.data().join("api.secret")).unwrap();
     let stale = node::api::auth::Claims {

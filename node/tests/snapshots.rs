@@ -13,18 +13,8 @@ use std::time::{Duration, Instant};
 use common::cluster::{wait_until, TestCluster};
 use common::nbd::NbdClient;
 use common::node::TestNode;
-use common::{have_tool, qemu_io, qemu_io_ok, text};
+use common::{have_tool, qemu_io, qemu_io_ok, qemu_io_read_only, text};
 use node::nbd::proto;
-
-fn disk_used_bytes(node: &TestNode) -> u64 {
-    let status: serde_json::Value = serde_json::from_str(&node.cli_ok(&["node", "status", "--json"])).unwrap();
-    status["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["used_bytes"].as_u64().unwrap())
-        .sum()
-}
 
 fn snapshots(node: &TestNode, volume: &str) -> Vec<serde_json::Value> {
     let listed = node.cli_ok(&["snapshot", "list", volume, "--json"]);
@@ -46,10 +36,7 @@ fn nbd_address(node: &TestNode) -> String {
 /// opened read-only, as its export is.
 fn expect_pattern(uri: &str, command: &str) {
     let output = if uri.contains('@') {
-        std::process::Command::new("qemu-io")
-            .args(["-r", "-f", "raw", "-c", command, uri])
-            .output()
-            .expect("run qemu-io")
+        qemu_io_read_only(uri, command)
     } else {
         qemu_io(uri, command)
     };
@@ -66,11 +53,11 @@ fn a_snapshot_stays_as_taken_is_read_only_over_nbd_and_deleting_it_frees_what_on
     node.create_volume("db", "64MiB");
     let uri = node.uri("db");
     expect_pattern(&uri, "write -P 0x61 0 32M");
-    let used_before = disk_used_bytes(&node);
+    let used_before = node.disk_used_bytes();
 
     let created = node.cli_ok(&["snapshot", "create", "db", "s1"]);
     assert!(created.contains("db@s1"), "{created}");
-    assert_eq!(disk_used_bytes(&node), used_before, "a snapshot copies no data");
+    assert_eq!(node.disk_used_bytes(), used_before, "a snapshot copies no data");
     let listed = snapshots(&node, "db");
     assert_eq!(listed.len(), 1, "{listed:?}");
     assert_eq!(listed[0]["name"], "s1");
@@ -102,7 +89,7 @@ fn a_snapshot_stays_as_taken_is_read_only_over_nbd_and_deleting_it_frees_what_on
     expect_pattern(&uri, "read -P 0x62 0 16M");
     expect_pattern(&uri, "read -P 0x61 16M 16M");
     assert_eq!(
-        disk_used_bytes(&node),
+        node.disk_used_bytes(),
         used_before + (16 << 20),
         "the overwritten half is held twice: the snapshot keeps the old data"
     );
@@ -119,7 +106,7 @@ fn a_snapshot_stays_as_taken_is_read_only_over_nbd_and_deleting_it_frees_what_on
     node.cli_ok(&["snapshot", "delete", "db", "s1"]);
     assert!(snapshots(&node, "db").is_empty());
     wait_until("the snapshot's own data freed", || {
-        disk_used_bytes(&node) == used_before
+        node.disk_used_bytes() == used_before
     });
     let gone = qemu_io(&snapshot_uri, "read 0 4096");
     assert!(!gone.status.success() || !qemu_io_ok(&gone), "{}", text(&gone));
@@ -143,12 +130,12 @@ fn a_clone_shares_its_snapshots_data_diverges_from_it_and_outlives_its_source_th
     node.create_volume("src", "64MiB");
     expect_pattern(&node.uri("src"), "write -P 0x41 0 32M");
     node.cli_ok(&["snapshot", "create", "src", "gold"]);
-    let used_before = disk_used_bytes(&node);
+    let used_before = node.disk_used_bytes();
 
     let cloned = node.cli_ok(&["volume", "clone", "src@gold", "copy"]);
     assert!(cloned.contains("cloned volume copy"), "{cloned}");
     assert!(cloned.contains("cloned from: src@gold"), "{cloned}");
-    assert_eq!(disk_used_bytes(&node), used_before, "a fresh clone takes no space");
+    assert_eq!(node.disk_used_bytes(), used_before, "a fresh clone takes no space");
     assert_eq!(node.inspect("copy")["used_bytes"], 32u64 << 20, "it maps all the data");
 
     let copy = node.uri("copy");
@@ -157,7 +144,7 @@ fn a_clone_shares_its_snapshots_data_diverges_from_it_and_outlives_its_source_th
     expect_pattern(&copy, "read -P 0x41 8M 24M");
     expect_pattern(&node.uri("src@gold"), "read -P 0x41 0 32M");
     expect_pattern(&node.uri("src"), "read -P 0x41 0 32M");
-    assert_eq!(disk_used_bytes(&node), used_before + (8 << 20));
+    assert_eq!(node.disk_used_bytes(), used_before + (8 << 20));
 
     // Shared blocks survive a crash (the clone records are replayed) ...
     node.kill9();
@@ -165,7 +152,7 @@ fn a_clone_shares_its_snapshots_data_diverges_from_it_and_outlives_its_source_th
     expect_pattern(&copy, "read -P 0x43 0 8M");
     expect_pattern(&copy, "read -P 0x41 8M 24M");
     expect_pattern(&node.uri("src@gold"), "read -P 0x41 0 32M");
-    assert_eq!(disk_used_bytes(&node), used_before + (8 << 20));
+    assert_eq!(node.disk_used_bytes(), used_before + (8 << 20));
     // ... and the source's deletion (its snapshots go with it).
     node.cli_ok(&["volume", "delete", "src"]);
     wait_until("the source's snapshot copy released", || {
@@ -175,7 +162,7 @@ fn a_clone_shares_its_snapshots_data_diverges_from_it_and_outlives_its_source_th
     // The copies are released after they stop being served: wait for the space.
     wait_until(
         "only the clone's blocks remain: 24 MiB shared before, 8 MiB its own",
-        || disk_used_bytes(&node) == 32 << 20,
+        || node.disk_used_bytes() == 32 << 20,
     );
     let clone_of_gone = node.cli(&["volume", "clone", "src@gold", "copy2"]);
     assert!(!clone_of_gone.status.success(), "{}", text(&clone_of_gone));

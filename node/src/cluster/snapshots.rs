@@ -283,20 +283,7 @@ impl Cluster {
             status: 503,
             message: format!("volume {name} is not served on this node yet; retry"),
         })?;
-        let connections = local.connection_count();
-        if connections > 0 {
-            return Err(crate::volume::VolumeError::InUse {
-                name: name.to_owned(),
-                connections,
-            }
-            .into());
-        }
-        if let Some(attached) = self.with_state(|state| state.attachments.get(name).map(|a| a.node)) {
-            return Err(VolumeOpError {
-                status: 409,
-                message: format!("volume {name} is attached to node {attached}; detach it before restoring"),
-            });
-        }
+        self.require_unused(name, local.connection_count(), "restoring")?;
         let blocks = local.size_bytes().div_ceil(BLOCK_BYTES).max(1);
         {
             let _whole = local.lock_range(0, blocks).await;

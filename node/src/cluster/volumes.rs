@@ -277,6 +277,27 @@ impl Cluster {
         self.expect_volume(Command::ScrubVolume { name: name.to_owned() }).await
     }
 
+    /// Refuses an operation that rewrites `name` under its users (`doing`,
+    /// e.g. "shrinking") while NBD clients are connected to it here
+    /// (`connections`) or it is attached to a host: their caches would not
+    /// match the data.
+    pub(crate) fn require_unused(&self, name: &str, connections: usize, doing: &str) -> Result<(), VolumeOpError> {
+        if connections > 0 {
+            return Err(crate::volume::VolumeError::InUse {
+                name: name.to_owned(),
+                connections,
+            }
+            .into());
+        }
+        if let Some(attached) = self.with_state(|state| state.attachments.get(name).map(|a| a.node)) {
+            return Err(VolumeOpError {
+                status: 409,
+                message: format!("volume {name} is attached to node {attached}; detach it before {doing}"),
+            });
+        }
+        Ok(())
+    }
+
     /// Grows a volume, or shrinks it when `allow_shrink` (the data past the
     /// new end is discarded on every replica). A shrink is decided by the
     /// coordinator (forwarded there), refused while NBD clients are
@@ -319,19 +340,7 @@ impl Cluster {
                 .await;
             }
             let connections = volumes.get(name).map_or(0, |local| local.connection_count());
-            if connections > 0 {
-                return Err(crate::volume::VolumeError::InUse {
-                    name: name.to_owned(),
-                    connections,
-                }
-                .into());
-            }
-            if let Some(attached) = self.with_state(|state| state.attachments.get(name).map(|a| a.node)) {
-                return Err(VolumeOpError {
-                    status: 409,
-                    message: format!("volume {name} is attached to node {attached}; detach it before shrinking"),
-                });
-            }
+            self.require_unused(name, connections, "shrinking")?;
         }
         let volume = self
             .expect_volume(Command::ResizeVolume {

@@ -787,14 +787,26 @@ impl Volumes {
     /// Deletes a volume and releases its data. Refused while NBD clients are
     /// connected to it.
     pub fn delete(&self, name: &str) -> Result<(), VolumeError> {
+        self.delete_from(&self.live, name)?;
+        tracing::info!(volume = %name, "volume deleted");
+        Ok(())
+    }
+
+    /// Deletes the volume (or snapshot copy) `name` of `map`: marks its
+    /// record deleting, stops serving it, releases its data, removes the
+    /// record. Refused while NBD clients are connected to it.
+    fn delete_from(
+        &self,
+        map: &RwLock<BTreeMap<String, (VolumeRecord, Arc<Volume>)>>,
+        name: &str,
+    ) -> Result<(), VolumeError> {
         let meta = self.meta.lock();
-        let (mut record, volume) = self
-            .live
+        let (mut record, volume) = map
             .read()
             .get(name)
             .cloned()
             .ok_or_else(|| VolumeError::Missing { name: name.to_owned() })?;
-        let connections = volume.connections.load(Ordering::Acquire);
+        let connections = volume.connection_count();
         if connections > 0 {
             return Err(VolumeError::InUse {
                 name: name.to_owned(),
@@ -804,10 +816,9 @@ impl Volumes {
         record.state = VolumeState::Deleting;
         meta.update(&record)?;
         volume.deleted.store(true, Ordering::Release);
-        self.live.write().remove(name);
+        map.write().remove(name);
         self.release(volume.disk_index(), name, volume.id)?;
         meta.remove(name)?;
-        tracing::info!(volume = %name, "volume deleted");
         Ok(())
     }
 

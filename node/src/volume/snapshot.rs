@@ -176,26 +176,7 @@ impl Volumes {
     /// Deletes this node's copy of a snapshot; refused while NBD clients
     /// read it.
     pub fn delete_snapshot(&self, full: &str) -> Result<(), VolumeError> {
-        let meta = self.meta.lock();
-        let (mut record, snapshot) = self
-            .snapshots
-            .read()
-            .get(full)
-            .cloned()
-            .ok_or_else(|| VolumeError::Missing { name: full.to_owned() })?;
-        let connections = snapshot.connection_count();
-        if connections > 0 {
-            return Err(VolumeError::InUse {
-                name: full.to_owned(),
-                connections,
-            });
-        }
-        record.state = VolumeState::Deleting;
-        meta.update(&record)?;
-        snapshot.deleted.store(true, Ordering::Release);
-        self.snapshots.write().remove(full);
-        self.release(snapshot.disk_index(), full, snapshot.id)?;
-        meta.remove(full)?;
+        self.delete_from(&self.snapshots, full)?;
         tracing::info!(snapshot = %full, "snapshot copy deleted");
         Ok(())
     }

@@ -123,6 +123,15 @@ pub fn qemu_io(uri: &str, command: &str) -> Output {
         .expect("run qemu-io")
 }
 
+/// Runs one qemu-io command on `uri` opened read-only (a snapshot's export
+/// refuses read-write opens).
+pub fn qemu_io_read_only(uri: &str, command: &str) -> Output {
+    Command::new("qemu-io")
+        .args(["-r", "-f", "raw", "-c", command, uri])
+        .output()
+        .expect("run qemu-io")
+}
+
 /// Whether a qemu-io run succeeded: exit status 0 and no failed command
 /// (qemu-io exits 0 after a failed read or write).
 pub fn qemu_io_ok(output: &Output) -> bool {

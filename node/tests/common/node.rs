@@ -192,13 +192,34 @@ impl TestNode {
         String::from_utf8(output.stdout).unwrap()
     }
 
-    /// Creates a volume of `size` (e.g. "1GiB").
     /// `volume inspect NAME --json` through this node.
     pub fn inspect(&self, volume: &str) -> serde_json::Value {
         let text = self.cli_ok(&["volume", "inspect", volume, "--json"]);
         serde_json::from_str(&text).unwrap_or_else(|error| panic!("volume inspect {volume}: {error}: {text}"))
     }
 
+    /// `node status --json` of this node.
+    pub fn status(&self) -> serde_json::Value {
+        let text = self.cli_ok(&["node", "status", "--json"]);
+        serde_json::from_str(&text).unwrap_or_else(|error| panic!("node status: {error}: {text}"))
+    }
+
+    /// The node's disks as `node status` lists them.
+    pub fn disks(&self) -> Vec<serde_json::Value> {
+        self.status()["disks"].as_array().expect("disks in node status").clone()
+    }
+
+    /// Volume replicas this node holds (`volume_count` of `node status`).
+    pub fn local_replicas(&self) -> u64 {
+        self.status()["volume_count"].as_u64().unwrap()
+    }
+
+    /// Bytes in use on all of the node's disks.
+    pub fn disk_used_bytes(&self) -> u64 {
+        self.disks().iter().map(|d| d["used_bytes"].as_u64().unwrap()).sum()
+    }
+
+    /// Creates a volume of `size` (e.g. "1GiB").
     pub fn create_volume(&self, name: &str, size: &str) {
         self.cli_ok(&["volume", "create", name, "--size", size]);
     }
