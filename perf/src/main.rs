@@ -45,7 +45,7 @@ struct Cli {
 enum Bench {
     /// Every benchmark below in one run (engine, nbd, repl, security), then one summary of every ratio against its baseline and target: perf/results/summary.md and summary.png beside each benchmark's own files.
     ///
-    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. A full run takes about an hour; --quick about eight minutes.
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. A full run takes about an hour; --quick about five minutes.
     All {
         /// Each benchmark's --quick.
         #[arg(long)]
