@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::{mpsc, Semaphore};
 
 use super::handshake::{Session, REQUEST_BYTES_MAX};
@@ -28,6 +28,8 @@ pub const DISCARD_BYTES_MAX: u32 = 64 << 20;
 /// Most extents one BLOCK_STATUS answer carries.
 pub const BLOCK_STATUS_EXTENTS_MAX: usize = 16 * 1024;
 const PERMIT_BYTES: u32 = 4096;
+/// Receive buffer of a connection (a payload at least this big bypasses it).
+const READ_BUFFER_BYTES: usize = 128 * 1024;
 
 /// How a request ended.
 enum Outcome {
@@ -51,11 +53,14 @@ fn error(errno: u32, message: impl Into<String>) -> Outcome {
 }
 
 /// Serves requests until the client disconnects or breaks the protocol.
-pub async fn serve<R, W>(mut reader: R, writer: W, session: Session, peer: &str) -> Result<(), NbdError>
+pub async fn serve<R, W>(reader: R, writer: W, session: Session, peer: &str) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
+    // One receive takes every request the client has queued (headers and
+    // small payloads), not two or three per request.
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let (answers, answer_queue) = mpsc::unbounded_channel::<Answer>();
     let structured = session.structured_replies;
     let writer_task = tokio::spawn(write_answers(writer, answer_queue, structured));
@@ -113,12 +118,10 @@ async fn read_requests<R: AsyncRead + Unpin>(
                     return Ok(());
                 }
             } else {
-                payload = vec![0u8; request.length_bytes as usize];
-                match reader.read_exact(&mut payload).await {
-                    Ok(_) => {}
+                match read_payload(reader, request.length_bytes as usize).await? {
+                    Some(data) => payload = data,
                     // The client left mid-request: nothing was acknowledged.
-                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                    Err(e) => return Err(e.into()),
+                    None => return Ok(()),
                 }
             }
         }
@@ -155,6 +158,19 @@ async fn read_requests<R: AsyncRead + Unpin>(
             drop(request_permit);
         });
     }
+}
+
+/// Reads a write's `len` payload bytes (straight into the vector: no
+/// zeroing first); `None` if the client left before sending them all.
+async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut payload = Vec::with_capacity(len);
+    while payload.len() < len {
+        let missing = (len - payload.len()) as u64;
+        if (&mut *reader).take(missing).read_buf(&mut payload).await? == 0 {
+            return Ok(None);
+        }
+    }
+    Ok(Some(payload))
 }
 
 /// Checks a request against the export; `Err` is the answer to send.
