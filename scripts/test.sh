@@ -35,6 +35,8 @@ step clippy cargo clippy --locked --workspace --all-targets -- -D warnings
 # One test thread per core keeps the loop-device and process tests from starving each other.
 # --no-fail-fast: one failing test binary does not hide the results of the others.
 step tests cargo test --locked --workspace --no-fail-fast -- --test-threads=2
+# The criterion micro-benchmarks, each run once (no timing): they keep building and working.
+step benches cargo test --locked -p disk-layout -p node --bench hot_paths --bench request_codecs
 for script in scripts/tests/*.sh; do
   [ -e "$script" ] || continue
   step "$(basename "$script" .sh)" "$script"
