@@ -24,6 +24,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
+use serde::{Deserialize, Serialize};
 
 use crate::cluster::status::ClusterStatus;
 use crate::cluster::Cluster;
@@ -76,6 +77,65 @@ pub struct OpStats {
     nanos: AtomicU64,
     /// One per bound of `LATENCY_BUCKETS_SECONDS`, then +Inf (not cumulative).
     buckets: [AtomicU64; LATENCY_BUCKETS_SECONDS.len() + 1],
+    /// Fine-grained latencies for percentiles (`GET /v1/volumes/{name}/latency`).
+    latency: LatencyHistogram,
+}
+
+/// Longest latency the percentiles tell apart (longer ones count as this).
+pub const LATENCY_MICROS_MAX: u64 = 60_000_000;
+
+/// An hdrhistogram of request latencies in microseconds, 2 significant
+/// digits (1 % resolution, about 20 KB, allocated at the first request):
+/// the server-side view to set beside a client's (fio's clat). Cumulative
+/// until reset.
+#[derive(Default)]
+pub struct LatencyHistogram(parking_lot::Mutex<Option<hdrhistogram::Histogram<u64>>>);
+
+/// Percentiles of one kind of request, in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct LatencyPercentiles {
+    pub op: String,
+    pub count: u64,
+    pub mean_us: f64,
+    pub p50_us: u64,
+    pub p90_us: u64,
+    pub p99_us: u64,
+    pub p99_9_us: u64,
+    pub max_us: u64,
+}
+
+impl LatencyHistogram {
+    fn record(&self, elapsed: Duration) {
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX).max(1);
+        let mut histogram = self.0.lock();
+        histogram
+            .get_or_insert_with(|| {
+                hdrhistogram::Histogram::new_with_bounds(1, LATENCY_MICROS_MAX, 2).expect("valid bounds")
+            })
+            .saturating_record(micros);
+    }
+
+    /// Percentiles so far (`None` before the first request).
+    fn percentiles(&self, op: Op) -> Option<LatencyPercentiles> {
+        let histogram = self.0.lock();
+        let histogram = histogram.as_ref().filter(|h| !h.is_empty())?;
+        Some(LatencyPercentiles {
+            op: op.label().to_owned(),
+            count: histogram.len(),
+            mean_us: histogram.mean(),
+            p50_us: histogram.value_at_quantile(0.5),
+            p90_us: histogram.value_at_quantile(0.9),
+            p99_us: histogram.value_at_quantile(0.99),
+            p99_9_us: histogram.value_at_quantile(0.999),
+            max_us: histogram.max(),
+        })
+    }
+
+    fn reset(&self) {
+        if let Some(histogram) = self.0.lock().as_mut() {
+            histogram.reset();
+        }
+    }
 }
 
 impl OpStats {
@@ -94,6 +154,7 @@ impl OpStats {
             .position(|bound| seconds <= *bound)
             .unwrap_or(LATENCY_BUCKETS_SECONDS.len());
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency.record(elapsed);
     }
 
     #[must_use]
@@ -147,6 +208,24 @@ impl IoStats {
     #[must_use]
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Latency percentiles of every kind of request served since the last
+    /// reset (kinds never served are left out).
+    #[must_use]
+    pub fn latency(&self) -> Vec<LatencyPercentiles> {
+        Op::ALL
+            .iter()
+            .filter_map(|op| self.op(*op).latency.percentiles(*op))
+            .collect()
+    }
+
+    /// Starts the latency percentiles afresh (counters and the Prometheus
+    /// histogram are cumulative and stay).
+    pub fn reset_latency(&self) {
+        for op in Op::ALL {
+            self.op(op).latency.reset();
+        }
     }
 }
 
@@ -736,6 +815,40 @@ mod tests {
         assert_eq!(stats.in_flight(), 1);
         drop(second);
         assert_eq!(stats.in_flight(), 0);
+    }
+
+    #[test]
+    fn latency_percentiles_come_from_every_request_since_the_reset() {
+        let stats = IoStats::default();
+        assert!(stats.latency().is_empty(), "no request, no percentiles");
+        for micros in 1..=1000 {
+            stats.op(Op::Write).record(4096, Duration::from_micros(micros), true);
+        }
+        stats.op(Op::Read).record(4096, Duration::from_secs(600), true);
+        let latency = stats.latency();
+        assert_eq!(latency.len(), 2, "{latency:?}");
+        let write = latency.iter().find(|p| p.op == "write").expect("writes");
+        assert_eq!(write.count, 1000);
+        // 2 significant digits: within 1 % of the exact quantile.
+        for (value, exact) in [
+            (write.p50_us, 500),
+            (write.p90_us, 900),
+            (write.p99_us, 990),
+            (write.max_us, 1000),
+        ] {
+            assert!(value.abs_diff(exact) * 100 <= exact, "{value} vs {exact}: {write:?}");
+        }
+        assert!((write.mean_us - 500.5).abs() < 5.0, "{write:?}");
+        let read = latency.iter().find(|p| p.op == "read").expect("reads");
+        assert!(
+            read.max_us >= LATENCY_MICROS_MAX * 99 / 100,
+            "too long counts as the maximum: {read:?}"
+        );
+        stats.reset_latency();
+        assert!(stats.latency().is_empty(), "reset starts afresh");
+        stats.op(Op::Write).record(4096, Duration::from_micros(70), true);
+        assert_eq!(stats.latency()[0].count, 1);
+        assert_eq!(stats.op(Op::Write).count(), 1001, "the counters are not reset");
     }
 
     #[test]

@@ -410,3 +410,64 @@ fn a_killed_node_shows_down_with_its_volume_degraded_and_alerts_raised_then_clea
         assert!(!log.contains(&secret), "a join token's secret is in a log");
     }
 }
+
+#[test]
+fn volume_latency_gives_server_side_percentiles_of_the_requests_served_and_resets_them() {
+    let test = "volume_latency";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let cluster = TestCluster::start(test, 2, &[]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "lat", "--size", "16MiB", "--repl", "2"]);
+    let coordinator = cluster.nodes[0].inspect("lat")["coordinator"].as_u64().unwrap();
+    let (serving, other): (Vec<&TestNode>, Vec<&TestNode>) =
+        cluster.nodes.iter().partition(|node| node.node_id() == coordinator);
+    let (serving, other) = (serving[0], other[0]);
+    let empty = json_of(serving, &["volume", "latency", "lat", "--json"]);
+    assert_eq!(empty["ops"].as_array().unwrap().len(), 0, "{empty}");
+    let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+    for block in 0..16 {
+        args.extend(["-c".into(), format!("write -P 7 {} 4k", block * 4096)]);
+    }
+    args.extend(["-c".into(), "flush".into(), "-c".into(), "read -P 7 0 64k".into()]);
+    args.push(serving.uri("lat"));
+    let output = Command::new("qemu-io").args(&args).output().unwrap();
+    assert!(
+        output.status.success() && !text(&output).contains("failed"),
+        "{}",
+        text(&output)
+    );
+    let latency = json_of(serving, &["volume", "latency", "lat", "--json"]);
+    assert_eq!(latency["node_id"].as_u64(), Some(coordinator));
+    let op = |name: &str| {
+        latency["ops"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|op| op["op"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {latency}"))
+            .clone()
+    };
+    let write = op("write");
+    assert_eq!(write["count"].as_u64(), Some(16), "{latency}");
+    let micros = |key: &str| write[key].as_u64().unwrap();
+    assert!(micros("p50_us") >= 1, "{write}");
+    assert!(micros("p50_us") <= micros("p90_us") && micros("p90_us") <= micros("p99_us"));
+    assert!(micros("p99_us") <= micros("p99_9_us") && micros("p99_9_us") <= micros("max_us"));
+    assert!(op("flush")["count"].as_u64().unwrap() >= 1, "{latency}");
+    assert!(op("read")["count"].as_u64().unwrap() >= 1, "{latency}");
+    // The table, then a fresh start.
+    let table = serving.cli_ok(&["volume", "latency", "lat", "--reset"]);
+    assert!(
+        table.contains("p99.9") && table.lines().any(|l| l.starts_with("write") && l.contains(" 16 ")),
+        "{table}"
+    );
+    let after_reset = json_of(serving, &["volume", "latency", "lat", "--json"]);
+    assert_eq!(after_reset["ops"].as_array().unwrap().len(), 0, "{after_reset}");
+    // A node holding only a replica serves no requests, and says where to ask.
+    let refused = other.cli(&["volume", "latency", "lat"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("not served on this node"), "{}", text(&refused));
+    let unknown = serving.cli(&["volume", "latency", "nope"]);
+    assert!(!unknown.status.success(), "{}", text(&unknown));
+}

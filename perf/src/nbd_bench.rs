@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use crate::fio::{self, FioJob, FioResult};
 use crate::machine::{command_line, load_average, machine, Machine};
-use crate::servers::{self, BallastBinary, Server};
+use crate::servers::{self, BallastBinary, Server, ServerLatency};
 use crate::stats::{compact, Samples};
 
 /// How to run the benchmark.
@@ -178,6 +178,13 @@ const MEASURES: [Measure; 9] = [
     },
 ];
 
+/// What the harness measured of a server during one fio job.
+#[derive(Clone, Copy, Debug)]
+struct ServerMeasure {
+    cpu_seconds: f64,
+    latency: Option<ServerLatency>,
+}
+
 /// One server's results for one measure.
 #[derive(Clone, Debug, Default, Serialize)]
 struct ServerSamples {
@@ -185,6 +192,11 @@ struct ServerSamples {
     value: Samples,
     latency_p50_us: Samples,
     latency_p99_us: Samples,
+    /// The server's own view of the same requests (ballast's hdrhistogram,
+    /// `volume latency`): from request read to reply queued. Empty for the
+    /// others.
+    server_latency_p50_us: Samples,
+    server_latency_p99_us: Samples,
     /// Server CPU time (user + system, all its threads) per request: less
     /// sensitive than throughput to other work on the machine (none for
     /// the raw device: no server).
@@ -195,18 +207,24 @@ struct ServerSamples {
 }
 
 impl ServerSamples {
-    fn push(&mut self, unit: Unit, result: &FioResult, server_cpu_seconds: Option<f64>) {
+    fn push(&mut self, unit: Unit, result: &FioResult, server: Option<ServerMeasure>) {
         self.value.push(match unit {
             Unit::Iops => result.iops,
             Unit::BytesPerSecond => result.bandwidth_bytes_per_second,
         });
         self.latency_p50_us.push(result.latency_p50_us);
         self.latency_p99_us.push(result.latency_p99_us);
-        if let Some(cpu) = server_cpu_seconds {
-            let requests = result.io_count.max(1) as f64;
-            self.server_cpu_us_per_request.push(cpu * 1e6 / requests);
-            self.requests_per_cpu_second.push(requests / cpu.max(1e-6));
+        let Some(server) = server else {
+            return;
+        };
+        if let Some(latency) = server.latency {
+            self.server_latency_p50_us.push(latency.p50_us);
+            self.server_latency_p99_us.push(latency.p99_us);
         }
+        let requests = result.io_count.max(1) as f64;
+        self.server_cpu_us_per_request.push(server.cpu_seconds * 1e6 / requests);
+        self.requests_per_cpu_second
+            .push(requests / server.cpu_seconds.max(1e-6));
     }
 }
 
@@ -279,12 +297,15 @@ pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
             }
             for (index, measure) in MEASURES.iter().enumerate() {
                 let job = fio_job(measure, options.seconds, span_bytes);
-                let (result, cpu_seconds) = match &server {
+                let (result, server_measure) = match &server {
                     Some(server) => {
+                        server.reset_latency()?;
                         let cpu_before = server.cpu_seconds()?;
                         let result = fio::run_on_nbd(&job, &server.uri())
                             .with_context(|| format!("{} on {}:\n{}", measure.key, server.label, server.log_text()))?;
-                        (result, Some(server.cpu_seconds()? - cpu_before))
+                        let cpu_seconds = server.cpu_seconds()? - cpu_before;
+                        let latency = server.take_latency()?;
+                        (result, Some(ServerMeasure { cpu_seconds, latency }))
                     }
                     None => (
                         fio::run_on_device(&job, target.device.path())
@@ -292,7 +313,7 @@ pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
                         None,
                     ),
                 };
-                samples[index][slot].push(measure.unit, &result, cpu_seconds);
+                samples[index][slot].push(measure.unit, &result, server_measure);
             }
             drop(server);
         }
@@ -493,12 +514,16 @@ fn markdown(report: &NbdReport) -> String {
             measure.raw_device.value.spread_percent(),
         );
     }
-    let _ = writeln!(out, "\np50 / p99 completion latency (us, fio clat, median):\n");
     let _ = writeln!(
         out,
-        "| measure | ballast | qemu-nbd | nbdkit | raw device | p99 ballast / qemu-nbd |"
+        "\np50 / p99 completion latency (us, median): fio's clat, and ballast's own (hdrhistogram, `volume latency`: \
+         request read to reply queued; the rest of fio's figure is the client, TCP and waiting in queues):\n"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(
+        out,
+        "| measure | ballast | ballast, server side | qemu-nbd | nbdkit | raw device | p99 ballast / qemu-nbd |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for measure in &report.measures {
         let latency = |samples: &ServerSamples| {
             format!(
@@ -507,11 +532,17 @@ fn markdown(report: &NbdReport) -> String {
                 samples.latency_p99_us.median()
             )
         };
+        let server_side = format!(
+            "{:.0} / {:.0}",
+            measure.ballast.server_latency_p50_us.median(),
+            measure.ballast.server_latency_p99_us.median()
+        );
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {:.2}x |",
+            "| {} | {} | {} | {} | {} | {} | {:.2}x |",
             measure.description,
             latency(&measure.ballast),
+            server_side,
             latency(&measure.qemu_nbd),
             latency(&measure.nbdkit),
             latency(&measure.raw_device),
@@ -644,9 +675,28 @@ mod tests {
             ..FioResult::default()
         };
         let mut ballast = ServerSamples::default();
-        ballast.push(Unit::Iops, &result, Some(0.5));
+        let latency = ServerLatency {
+            p50_us: 80.0,
+            p99_us: 300.0,
+        };
+        let measured = ServerMeasure {
+            cpu_seconds: 0.5,
+            latency: Some(latency),
+        };
+        ballast.push(Unit::Iops, &result, Some(measured));
         assert!((ballast.server_cpu_us_per_request.median() - 25.0).abs() < 1e-9);
         assert!((ballast.requests_per_cpu_second.median() - 40_000.0).abs() < 1e-6);
+        assert_eq!(ballast.server_latency_p99_us.values, vec![300.0]);
+        let mut peer = ServerSamples::default();
+        let measured = ServerMeasure {
+            cpu_seconds: 0.5,
+            latency: None,
+        };
+        peer.push(Unit::Iops, &result, Some(measured));
+        assert!(
+            peer.server_latency_p50_us.values.is_empty(),
+            "qemu-nbd keeps no percentiles"
+        );
         let mut raw = ServerSamples::default();
         raw.push(Unit::Iops, &result, None);
         assert!(raw.requests_per_cpu_second.values.is_empty(), "no server, no CPU");

@@ -39,6 +39,17 @@ pub struct Server {
     pub nbd_port: u16,
     child: Option<Child>,
     log: PathBuf,
+    /// ballast only: its CLI as the admin, and the API URL.
+    admin: Option<(BallastBinary, String)>,
+}
+
+/// Server-side latency of one fio job's requests (ballast's own
+/// hdrhistogram), weighted over reads and writes by count as fio weighs its
+/// clat percentiles.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ServerLatency {
+    pub p50_us: f64,
+    pub p99_us: f64,
 }
 
 impl Server {
@@ -63,7 +74,27 @@ impl Server {
             nbd_port,
             child: Some(child),
             log: log.to_owned(),
+            admin: None,
         })
+    }
+
+    /// Starts the server's own latency percentiles afresh (ballast; others have none).
+    pub fn reset_latency(&self) -> Result<()> {
+        if let Some((binary, api)) = &self.admin {
+            binary.run(&["volume", "latency", EXPORT_NAME, "--reset", "--api", api])?;
+        }
+        Ok(())
+    }
+
+    /// The server's own latency of reads and writes since the reset, and a
+    /// fresh start (ballast; `None` for servers that keep none).
+    pub fn take_latency(&self) -> Result<Option<ServerLatency>> {
+        let Some((binary, api)) = &self.admin else {
+            return Ok(None);
+        };
+        let text = binary.run_stdout(&["volume", "latency", EXPORT_NAME, "--reset", "--json", "--api", api])?;
+        let report: serde_json::Value = serde_json::from_str(&text).context("volume latency --json")?;
+        Ok(Some(weighted_latency(&report)))
     }
 
     /// `nbd://HOST:PORT/bench`.
@@ -272,6 +303,7 @@ pub fn start_ballast(
     binary
         .run(&["cluster", "init", "--api", &api])
         .with_context(|| server.log_text())?;
+    server.admin = Some((binary.clone(), api.clone()));
     binary.run(&[
         "volume",
         "create",
@@ -282,6 +314,24 @@ pub fn start_ballast(
         &api,
     ])?;
     Ok(server)
+}
+
+/// p50 and p99 of `volume latency --json`'s reads and writes, weighted by count.
+fn weighted_latency(report: &serde_json::Value) -> ServerLatency {
+    let mut latency = ServerLatency::default();
+    let mut weights = 0.0;
+    let ops = report["ops"].as_array().map(Vec::as_slice).unwrap_or_default();
+    for op in ops.iter().filter(|op| op["op"] == "read" || op["op"] == "write") {
+        let count = op["count"].as_f64().unwrap_or(0.0);
+        latency.p50_us += op["p50_us"].as_f64().unwrap_or(0.0) * count;
+        latency.p99_us += op["p99_us"].as_f64().unwrap_or(0.0) * count;
+        weights += count;
+    }
+    if weights > 0.0 {
+        latency.p50_us /= weights;
+        latency.p99_us /= weights;
+    }
+    latency
 }
 
 /// `qemu-nbd` with O_DIRECT (`--cache=none`) and the given AIO mode.
@@ -330,4 +380,29 @@ pub fn start_nbdkit(scratch: &Path, run: usize, device: &Path) -> Result<Server>
     let mut server = Server::spawn("nbdkit (file, cache=none)", command, port, &log)?;
     server.wait_listening()?;
     Ok(server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_latency_weighs_reads_and_writes_by_count_and_leaves_flushes_out() {
+        let report = serde_json::json!({
+            "volume": "bench",
+            "node_id": 1,
+            "ops": [
+                {"op": "read", "count": 700, "p50_us": 100, "p99_us": 1000},
+                {"op": "write", "count": 300, "p50_us": 200, "p99_us": 2000},
+                {"op": "flush", "count": 300, "p50_us": 9000, "p99_us": 90000},
+            ],
+        });
+        let latency = weighted_latency(&report);
+        assert!((latency.p50_us - 130.0).abs() < 1e-9, "{latency:?}");
+        assert!((latency.p99_us - 1300.0).abs() < 1e-9, "{latency:?}");
+        assert_eq!(
+            weighted_latency(&serde_json::json!({"ops": []})),
+            ServerLatency::default()
+        );
+    }
 }

@@ -152,8 +152,24 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
             measure["ratio_ballast_over_raw_device"].as_f64().unwrap() > 0.0,
             "{measure:#}"
         );
+        // ballast's own percentiles of the same requests: inside what the client saw.
+        let server_p99 = measure["ballast"]["server_latency_p99_us"]["values"][0]
+            .as_f64()
+            .unwrap();
+        let server_p50 = measure["ballast"]["server_latency_p50_us"]["values"][0]
+            .as_f64()
+            .unwrap();
+        assert!(server_p50 >= 1.0 && server_p50 <= server_p99, "{name}: {measure:#}");
+        assert!(
+            measure["qemu_nbd"]["server_latency_p99_us"]["values"]
+                .as_array()
+                .unwrap()
+                .is_empty(),
+            "{name}: qemu-nbd keeps no percentiles"
+        );
     }
     let table = std::fs::read_to_string(out.path().join("nbd.md")).unwrap();
+    assert!(table.contains("ballast, server side"), "{table}");
     for row in [
         "| 4 KiB random write, QD32 |",
         "| database-like:",

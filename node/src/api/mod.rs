@@ -20,6 +20,8 @@
 //! | GET | /v1/volumes/{name}/device | | `Device` if attached to this host, else 404 |
 //! | DELETE | /v1/volumes/{name}/device | | 204 (the block device removed) |
 //! | POST | /v1/volumes/{name}/scrub | | 202 `ScrubStarted` (the coordinator verifies every copy and repairs; follow it in GET /v1/cluster) |
+//! | GET | /v1/volumes/{name}/latency | | `VolumeLatency`: percentiles of the NBD requests this node served since the reset (hdrhistogram, 1 % resolution); 404 where the volume is not served |
+//! | DELETE | /v1/volumes/{name}/latency | | 204 (the percentiles start afresh; counters and `/metrics` stay) |
 //! | POST | /v1/volumes/{name}/unlock | `{"passphrase":"..."}` | 204 (a passphrase-encrypted volume, on the node serving it) |
 //! | GET | /v1/volumes/{name}/snapshots | | `[SnapshotInfo]`, oldest first |
 //! | POST | /v1/volumes/{name}/snapshots | `{"name":"SNAP"}` | 201 `SnapshotInfo` (crash-consistent, on every in-sync replica; exported read-only over NBD as `NAME@SNAP`) |
@@ -337,6 +339,10 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/unlock", post(unlock_volume))
         .route("/v1/volumes/{name}/scrub", post(scrub_volume))
+        .route(
+            "/v1/volumes/{name}/latency",
+            get(volume_latency).delete(reset_volume_latency),
+        )
         .route(
             "/v1/volumes/{name}/snapshots",
             get(list_snapshots).post(create_snapshot),
@@ -706,6 +712,53 @@ async fn scrub_volume(
         coordinator: volume.coordinator,
     };
     Ok((StatusCode::ACCEPTED, Json(started)).into_response())
+}
+
+/// Latency percentiles of one volume's requests on one node.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct VolumeLatency {
+    pub volume: String,
+    pub node_id: u64,
+    /// One entry per kind of request served since the reset.
+    pub ops: Vec<crate::metrics::LatencyPercentiles>,
+}
+
+/// The volume as opened on this node for I/O, or 404 saying where to ask.
+fn served_here(state: &ApiState, name: &str) -> Result<Arc<crate::volume::Volume>, ApiError> {
+    state.volumes.get(name).filter(|v| v.is_served()).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "volume {name} is not served on this node: ask the API of the node serving it \
+                 (`ballast volume inspect {name}` names its coordinator)"
+            ),
+        )
+    })
+}
+
+async fn volume_latency(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let volume = served_here(&state, &name)?;
+    let latency = VolumeLatency {
+        volume: name,
+        node_id: state.cluster.local.id,
+        ops: volume.stats.latency(),
+    };
+    Ok(Json(latency).into_response())
+}
+
+async fn reset_volume_latency(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    served_here(&state, &name)?.stats.reset_latency();
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn list_snapshots(

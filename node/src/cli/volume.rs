@@ -149,6 +149,19 @@ pub enum VolumeCommand {
     Unmount { name: String },
     /// Delete a volume and release its space (refused while clients are connected).
     Delete { name: String },
+    /// Latency percentiles of the NBD requests the node at --api served for
+    /// the volume since the last reset, measured server side (from a request
+    /// read to its reply queued): set them beside what the client sees (fio's
+    /// clat) to tell the network and the client from ballast.
+    Latency {
+        name: String,
+        /// After printing, start the percentiles afresh (take one interval per run).
+        #[arg(long)]
+        reset: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Grow a volume (clients see the new size when they reconnect).
     Resize {
         name: String,
@@ -329,6 +342,19 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             };
             client.post_no_content(&format!("/v1/volumes/{}/unlock", path_segment(&name)), &body)?;
             println!("unlocked volume {name}");
+            Ok(ExitCode::SUCCESS)
+        }
+        VolumeCommand::Latency { name, reset, json } => {
+            let path = format!("/v1/volumes/{}/latency", path_segment(&name));
+            let latency: crate::api::VolumeLatency = client.get(&path)?;
+            if reset {
+                client.delete(&path)?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&latency)?);
+            } else {
+                print!("{}", latency_table(&latency));
+            }
             Ok(ExitCode::SUCCESS)
         }
         VolumeCommand::Delete { name } => {
@@ -663,4 +689,27 @@ fn print_table(list: &[VolumeInfo]) {
             info.name
         );
     }
+}
+
+/// The percentiles as a table, in microseconds.
+fn latency_table(latency: &crate::api::VolumeLatency) -> String {
+    let mut out = format!(
+        "volume {} on node {}: NBD requests since the last reset, server side (microseconds)\n",
+        latency.volume, latency.node_id
+    );
+    if latency.ops.is_empty() {
+        out.push_str("no request served since the last reset\n");
+        return out;
+    }
+    out.push_str(&format!(
+        "{:<13} {:>10} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+        "op", "count", "mean", "p50", "p90", "p99", "p99.9", "max"
+    ));
+    for op in &latency.ops {
+        out.push_str(&format!(
+            "{:<13} {:>10} {:>9.1} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+            op.op, op.count, op.mean_us, op.p50_us, op.p90_us, op.p99_us, op.p99_9_us, op.max_us
+        ));
+    }
+    out
 }
