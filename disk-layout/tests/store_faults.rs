@@ -363,12 +363,15 @@ fn data_block_of(h: &Harness, volume: u64, lba: u64) -> usize {
 #[test]
 fn a_rotten_batch_inside_the_log_costs_only_its_own_blocks_at_replay() {
     use disk_layout::BlockState;
-    let mut h = Harness::new(8, 24 << 20, 1 << 20, 64, vec![1]);
-    for round in 0..7 {
+    // Rot in the data of the second batch; more durable batches than its
+    // durable window (the pipeline depth) follow it.
+    let window = common::test_config("sim", 8).pipeline_depth as u64;
+    let rounds = window + 4;
+    let mut h = Harness::new(8, 24 << 20, 1 << 20, 4 * rounds, vec![1]);
+    for round in 0..rounds {
         h.write(1, round * 4, 4);
         h.settle();
     }
-    // Rot in the data of the second batch; five durable batches follow it.
     let offset = data_block_of(&h, 1, 5) + 100;
     h.disk.flip_bit(offset, 3);
     let mut disk = h.disk.crash(81);
@@ -376,7 +379,7 @@ fn a_rotten_batch_inside_the_log_costs_only_its_own_blocks_at_replay() {
     assert_eq!(store.stats().checksum_errors, 4, "the rotten record's blocks");
     assert!(!store.replay_ended_at_damage());
     assert_eq!(store.block_states(1, 4, 4), vec![BlockState::Bad; 4]);
-    for lba in (0..4).chain(8..28) {
+    for lba in (0..4).chain(8..4 * rounds) {
         assert!(
             matches!(store.block_states(1, lba, 1)[0], BlockState::Data { .. }),
             "block {lba} written before or after the rotten batch is kept"

@@ -58,7 +58,9 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
-    /// Defaults: pipeline of 2 batches written with FUA, checkpoint every
+    /// Defaults: pipeline of 8 batches written with FUA (a QD8 stream of
+    /// 1 MiB writes keeps the device busy: with 2, sequential writes ran at
+    /// 0.67x the raw device, with 8 at about 0.9x), checkpoint every
     /// 1 GiB of log, user data up to 85 % of segment space.
     #[must_use]
     pub fn new(disk_name: impl Into<String>, node_uuid: Option<[u8; 16]>, open_nonce: u64) -> Self {
@@ -66,7 +68,7 @@ impl StoreConfig {
             disk_name: disk_name.into(),
             node_uuid,
             open_nonce,
-            pipeline_depth: 2,
+            pipeline_depth: 8,
             checkpoint_interval_blocks: (1 << 30) / BLOCK_SIZE_BYTES,
             fill_limit_percent: 85,
             durable_writes: true,
