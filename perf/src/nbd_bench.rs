@@ -2,14 +2,18 @@
 //! random QD1 and QD32, 64 KiB mixed 70/30, 1 MiB sequential, a database-like
 //! 8 KiB 70/30 with an fsync after every write) against ballast, qemu-nbd and
 //! nbdkit through NBD, and fio straight on the raw device (io_uring,
-//! O_DIRECT: the physical limit), all on the same loop device, one target at
-//! a time, alternated (ballast, qemu-nbd, nbdkit, raw, ballast, ...), median
-//! of the repetitions.
+//! O_DIRECT: the physical limit), all on the same loop device, plus ballast
+//! volumes with 2 and 3 replicas on a local 3-node cluster (its own loop
+//! devices, same filesystem); one target at a time, alternated (ballast,
+//! repl=2, repl=3, qemu-nbd, nbdkit, raw, ballast, ...), median of the
+//! repetitions.
 //!
 //! Each server gets a fresh start per repetition. ballast is enrolled anew
 //! and its volume written once end to end first, so reads hit the disk (a
-//! thin volume answers unwritten blocks from memory); the peers serve the
-//! raw device, which the backing file already holds fully written.
+//! thin volume answers unwritten blocks from memory); the cluster is
+//! started once, and each repetition creates, fills and deletes a volume;
+//! the peers serve the raw device, which the backing file already holds
+//! fully written.
 
 use std::path::{Path, PathBuf};
 
@@ -17,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::fio::{self, FioJob, FioResult};
+use crate::local_cluster::LocalCluster;
 use crate::machine::{command_line, load_average, machine, Machine};
 use crate::servers::{self, BallastBinary, Server, ServerLatency};
 use crate::stats::{compact, Samples};
@@ -38,18 +43,118 @@ const SPAN_BYTES_MIN: u64 = 64 << 20;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ServerKind {
     Ballast,
+    /// A volume with this many replicas on the local 3-node cluster.
+    BallastReplicated(usize),
     QemuNbd,
     Nbdkit,
     /// fio on the loop device itself: no server.
     Raw,
 }
 
-const SERVERS: [ServerKind; 4] = [
+const SERVERS: [ServerKind; 6] = [
     ServerKind::Ballast,
+    ServerKind::BallastReplicated(2),
+    ServerKind::BallastReplicated(3),
     ServerKind::QemuNbd,
     ServerKind::Nbdkit,
     ServerKind::Raw,
 ];
+
+/// Nodes of the local cluster the replicated volumes live on.
+const CLUSTER_NODES: usize = 3;
+/// A benchmark volume's deletion is tried this often, 200 ms apart.
+const DELETE_ATTEMPTS: usize = 25;
+
+/// One target while it is measured.
+enum Running<'a> {
+    Server(Server),
+    /// A volume of the local cluster, coordinated by node 1; deleted on drop.
+    ClusterVolume {
+        cluster: &'a LocalCluster,
+        name: String,
+        uri: String,
+        label: String,
+    },
+    Raw,
+}
+
+impl Running<'_> {
+    fn label(&self) -> &str {
+        match self {
+            Running::Server(server) => &server.label,
+            Running::ClusterVolume { label, .. } => label,
+            Running::Raw => "raw device (fio io_uring, O_DIRECT)",
+        }
+    }
+
+    fn uri(&self) -> Option<String> {
+        match self {
+            Running::Server(server) => Some(server.uri()),
+            Running::ClusterVolume { uri, .. } => Some(uri.clone()),
+            Running::Raw => None,
+        }
+    }
+
+    /// CPU of the server (every node, for a cluster volume) so far.
+    fn cpu_seconds(&self) -> Result<f64> {
+        match self {
+            Running::Server(server) => server.cpu_seconds(),
+            Running::ClusterVolume { cluster, .. } => cluster.cpu_seconds(),
+            Running::Raw => Ok(0.0),
+        }
+    }
+
+    fn reset_latency(&self) -> Result<()> {
+        match self {
+            Running::Server(server) => server.reset_latency(),
+            Running::ClusterVolume { cluster, name, .. } => {
+                let first = &cluster.nodes[0];
+                servers::reset_latency(&cluster.binary.as_admin_of(&first.data_dir), &first.api(), name)
+            }
+            Running::Raw => Ok(()),
+        }
+    }
+
+    fn take_latency(&self) -> Result<Option<ServerLatency>> {
+        match self {
+            Running::Server(server) => server.take_latency(),
+            Running::ClusterVolume { cluster, name, .. } => {
+                let first = &cluster.nodes[0];
+                servers::take_latency(&cluster.binary.as_admin_of(&first.data_dir), &first.api(), name).map(Some)
+            }
+            Running::Raw => Ok(None),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        match self {
+            Running::Server(server) => server.log_text(),
+            Running::ClusterVolume { cluster, .. } => cluster.log_tails(),
+            Running::Raw => String::new(),
+        }
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if let Running::ClusterVolume { cluster, name, .. } = self {
+            let first = &cluster.nodes[0];
+            let admin = cluster.binary.as_admin_of(&first.data_dir);
+            // The node may not have seen fio's connection close yet: it refuses then.
+            let mut deleted = Ok(String::new());
+            for _ in 0..DELETE_ATTEMPTS {
+                deleted = admin.run(&["volume", "delete", name.as_str(), "--api", &first.api()]);
+                if deleted.is_ok() {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            if let Err(error) = deleted {
+                eprintln!("could not delete benchmark volume {name}: {error:#}");
+            }
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -72,6 +177,8 @@ struct Measure {
     target_ratio: Option<f64>,
     /// The issue's target for ballast / raw device.
     target_ratio_raw: Option<f64>,
+    /// The issue's target for repl=3 / repl=1.
+    target_ratio_repl3: Option<f64>,
 }
 
 /// In the order they run on each target: the sequential read follows the
@@ -87,6 +194,7 @@ const MEASURES: [Measure; 9] = [
         extra: &[],
         target_ratio: Some(1.2),
         target_ratio_raw: Some(0.8),
+        target_ratio_repl3: None,
     },
     Measure {
         key: "seq_read_1m_qd8",
@@ -98,6 +206,7 @@ const MEASURES: [Measure; 9] = [
         extra: &[],
         target_ratio: Some(1.2),
         target_ratio_raw: None,
+        target_ratio_repl3: None,
     },
     Measure {
         key: "rand_write_4k_qd32",
@@ -109,6 +218,7 @@ const MEASURES: [Measure; 9] = [
         extra: &[],
         target_ratio: Some(2.0),
         target_ratio_raw: Some(0.6),
+        target_ratio_repl3: Some(0.6),
     },
     Measure {
         key: "rand_read_4k_qd32",
@@ -120,6 +230,7 @@ const MEASURES: [Measure; 9] = [
         extra: &[],
         target_ratio: Some(2.0),
         target_ratio_raw: Some(0.6),
+        target_ratio_repl3: None,
     },
     Measure {
         key: "rand_write_4k_qd1",
@@ -131,6 +242,7 @@ const MEASURES: [Measure; 9] = [
         extra: &[],
         target_ratio: None,
         target_ratio_raw: None,
+        target_ratio_repl3: None,
     },
     Measure {
         key: "rand_read_4k_qd1",
@@ -142,6 +254,7 @@ const MEASURES: [Measure; 9] = [
         extra: &[],
         target_ratio: None,
         target_ratio_raw: None,
+        target_ratio_repl3: None,
     },
     Measure {
         key: "mixed_64k_70_30_qd16",
@@ -153,6 +266,7 @@ const MEASURES: [Measure; 9] = [
         extra: &["--rwmixread=70"],
         target_ratio: None,
         target_ratio_raw: None,
+        target_ratio_repl3: None,
     },
     Measure {
         key: "database_8k_70_30_fsync_qd1",
@@ -164,6 +278,7 @@ const MEASURES: [Measure; 9] = [
         extra: &["--rwmixread=70", "--fsync=1"],
         target_ratio: None,
         target_ratio_raw: None,
+        target_ratio_repl3: None,
     },
     Measure {
         key: "seq_read_1m_qd8_after_random_writes",
@@ -175,6 +290,7 @@ const MEASURES: [Measure; 9] = [
         extra: &[],
         target_ratio: None,
         target_ratio_raw: None,
+        target_ratio_repl3: None,
     },
 ];
 
@@ -235,9 +351,16 @@ struct MeasureReport {
     unit: Unit,
     fio_arguments: String,
     ballast: ServerSamples,
+    /// Volumes with 2 and 3 replicas on the local cluster (CPU: every node).
+    ballast_repl2: ServerSamples,
+    ballast_repl3: ServerSamples,
     qemu_nbd: ServerSamples,
     nbdkit: ServerSamples,
     raw_device: ServerSamples,
+    ratio_repl2_over_repl1: f64,
+    ratio_repl3_over_repl1: f64,
+    target_ratio_repl3_over_repl1: Option<f64>,
+    meets_target_repl3: Option<bool>,
     /// Medians: ballast / qemu-nbd.
     ratio_ballast_over_qemu_nbd: f64,
     ratio_ballast_over_nbdkit: f64,
@@ -278,33 +401,33 @@ pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
     preflight(&options.ballast.path)?;
     let load_average_before = load_average();
     let target = crate::target(options.device_bytes)?;
-    let mut samples: Vec<[ServerSamples; 4]> = MEASURES.iter().map(|_| Default::default()).collect();
+    let cluster = LocalCluster::start(&options.ballast, CLUSTER_NODES, options.device_bytes)
+        .context("starting the local cluster for the replicated volumes")?;
+    let mut samples: Vec<[ServerSamples; 6]> = MEASURES.iter().map(|_| Default::default()).collect();
     let mut qemu_label = String::new();
     let mut nbdkit_label = String::new();
     let bar = node::cli::progress::items((options.repeats * SERVERS.len()) as u64, "targets measured");
     for run in 0..options.repeats {
         for (slot, kind) in SERVERS.iter().enumerate() {
-            let server = start(*kind, options, &target, run, span_bytes)?;
-            let label = server
-                .as_ref()
-                .map_or("raw device (fio io_uring, O_DIRECT)", |s| &s.label);
+            let running = start(*kind, options, &target, &cluster, run, span_bytes)?;
+            let label = running.label().to_owned();
             node::cli::progress::note(&bar, &format!("repetition {}/{}: {label}", run + 1, options.repeats));
             bar.inc(1);
             match kind {
-                ServerKind::QemuNbd => qemu_label = label.to_owned(),
-                ServerKind::Nbdkit => nbdkit_label = label.to_owned(),
-                ServerKind::Ballast | ServerKind::Raw => {}
+                ServerKind::QemuNbd => qemu_label = label.clone(),
+                ServerKind::Nbdkit => nbdkit_label = label.clone(),
+                ServerKind::Ballast | ServerKind::BallastReplicated(_) | ServerKind::Raw => {}
             }
             for (index, measure) in MEASURES.iter().enumerate() {
                 let job = fio_job(measure, options.seconds, span_bytes);
-                let (result, server_measure) = match &server {
-                    Some(server) => {
-                        server.reset_latency()?;
-                        let cpu_before = server.cpu_seconds()?;
-                        let result = fio::run_on_nbd(&job, &server.uri())
-                            .with_context(|| format!("{} on {}:\n{}", measure.key, server.label, server.log_text()))?;
-                        let cpu_seconds = server.cpu_seconds()? - cpu_before;
-                        let latency = server.take_latency()?;
+                let (result, server_measure) = match running.uri() {
+                    Some(uri) => {
+                        running.reset_latency()?;
+                        let cpu_before = running.cpu_seconds()?;
+                        let result = fio::run_on_nbd(&job, &uri)
+                            .with_context(|| format!("{} on {label}:\n{}", measure.key, running.log_text()))?;
+                        let cpu_seconds = running.cpu_seconds()? - cpu_before;
+                        let latency = running.take_latency()?;
                         (result, Some(ServerMeasure { cpu_seconds, latency }))
                     }
                     None => (
@@ -315,7 +438,7 @@ pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
                 };
                 samples[index][slot].push(measure.unit, &result, server_measure);
             }
-            drop(server);
+            drop(running);
         }
     }
     let report = NbdReport {
@@ -358,6 +481,11 @@ pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
             label: format!("{} / raw", measure.description),
             ratio: measure.ratio_ballast_over_raw_device,
             target: measure.target_ratio_over_raw_device,
+        });
+        bars.push(crate::chart::Bar {
+            label: format!("{} repl=3 / repl=1", measure.description),
+            ratio: measure.ratio_repl3_over_repl1,
+            target: measure.target_ratio_repl3_over_repl1,
         });
     }
     crate::chart::ratio_chart(
@@ -403,38 +531,57 @@ fn preflight(ballast: &Path) -> Result<()> {
     crate::servers::require_tools(&[("fio", hint), ("qemu-nbd", hint), ("nbdkit", hint)])
 }
 
-/// Starts one server on the target's loop device (none for the raw
-/// device); ballast's volume is then written once over the span.
-fn start(
+/// Starts one target: a server on the target's loop device, a volume of
+/// the cluster, or nothing (the raw device). A ballast volume is then
+/// written once over the span.
+fn start<'a>(
     kind: ServerKind,
     options: &NbdOptions,
     target: &crate::Target,
+    cluster: &'a LocalCluster,
     run: usize,
     span: u64,
-) -> Result<Option<Server>> {
+) -> Result<Running<'a>> {
     let scratch = target.dir.path();
     let device = target.device.path();
-    match kind {
-        ServerKind::Ballast => {
-            let server = servers::start_ballast(&options.ballast, scratch, run, device, span)?;
-            let fill = FioJob::new("fill", "write", "1M", 8, 0, span);
-            fio::run_on_nbd(&fill, &server.uri())
-                .with_context(|| format!("filling the ballast volume:\n{}", server.log_text()))?;
-            Ok(Some(server))
+    let running = match kind {
+        ServerKind::Ballast => Running::Server(servers::start_ballast(&options.ballast, scratch, run, device, span)?),
+        ServerKind::BallastReplicated(replicas) => {
+            let name = format!("bench-r{replicas}-{run}");
+            let uri = cluster.create_volume(&name, span, replicas)?;
+            Running::ClusterVolume {
+                cluster,
+                name,
+                uri,
+                label: format!("ballast repl={replicas} ({CLUSTER_NODES}-node local cluster)"),
+            }
         }
-        ServerKind::QemuNbd => servers::start_qemu_nbd(scratch, run, device).map(Some),
-        ServerKind::Nbdkit => servers::start_nbdkit(scratch, run, device).map(Some),
-        ServerKind::Raw => Ok(None),
+        ServerKind::QemuNbd => Running::Server(servers::start_qemu_nbd(scratch, run, device)?),
+        ServerKind::Nbdkit => Running::Server(servers::start_nbdkit(scratch, run, device)?),
+        ServerKind::Raw => Running::Raw,
+    };
+    if matches!(kind, ServerKind::Ballast | ServerKind::BallastReplicated(_)) {
+        let fill = FioJob::new("fill", "write", "1M", 8, 0, span);
+        let uri = running.uri().expect("a ballast target has an export");
+        fio::run_on_nbd(&fill, &uri).with_context(|| format!("filling the ballast volume:\n{}", running.log_text()))?;
     }
+    Ok(running)
 }
 
-fn measure_report(measure: &Measure, samples: [ServerSamples; 4]) -> MeasureReport {
-    let [ballast, qemu_nbd, nbdkit, raw_device] = samples;
+fn measure_report(measure: &Measure, samples: [ServerSamples; 6]) -> MeasureReport {
+    let [ballast, ballast_repl2, ballast_repl3, qemu_nbd, nbdkit, raw_device] = samples;
     let ratio = |other: &ServerSamples| ballast.value.median() / other.value.median();
     let ratio_ballast_over_qemu_nbd = ratio(&qemu_nbd);
     let ratio_ballast_over_nbdkit = ratio(&nbdkit);
     let ratio_ballast_over_raw_device = ratio(&raw_device);
+    let ratio_repl3_over_repl1 = ballast_repl3.value.median() / ballast.value.median();
     MeasureReport {
+        ratio_repl2_over_repl1: ballast_repl2.value.median() / ballast.value.median(),
+        ratio_repl3_over_repl1,
+        target_ratio_repl3_over_repl1: measure.target_ratio_repl3,
+        meets_target_repl3: measure.target_ratio_repl3.map(|t| ratio_repl3_over_repl1 >= t),
+        ballast_repl2,
+        ballast_repl3,
         name: measure.key,
         description: measure.label,
         unit: measure.unit,
@@ -493,20 +640,26 @@ fn markdown(report: &NbdReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\n| measure | ballast | qemu-nbd | nbdkit | raw device | ballast / qemu-nbd | ballast / raw | targets | spread b / q / n / r |"
+        "\n| measure | ballast | repl=2 | repl=3 | qemu-nbd | nbdkit | raw device | ballast / qemu-nbd | ballast / raw | repl=3 / repl=1 | targets | spread b / q / n / r |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |");
+    let _ = writeln!(
+        out,
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+    );
     for measure in &report.measures {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {} | {:.0}% / {:.0}% / {:.0}% / {:.0}% |",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {} | {:.0}% / {:.0}% / {:.0}% / {:.0}% |",
             measure.description,
             format_value(measure.unit, measure.ballast.value.median()),
+            format_value(measure.unit, measure.ballast_repl2.value.median()),
+            format_value(measure.unit, measure.ballast_repl3.value.median()),
             format_value(measure.unit, measure.qemu_nbd.value.median()),
             format_value(measure.unit, measure.nbdkit.value.median()),
             format_value(measure.unit, measure.raw_device.value.median()),
             measure.ratio_ballast_over_qemu_nbd,
             measure.ratio_ballast_over_raw_device,
+            measure.ratio_repl3_over_repl1,
             targets(measure),
             measure.ballast.value.spread_percent(),
             measure.qemu_nbd.value.spread_percent(),
@@ -521,9 +674,9 @@ fn markdown(report: &NbdReport) -> String {
     );
     let _ = writeln!(
         out,
-        "| measure | ballast | ballast, server side | qemu-nbd | nbdkit | raw device | p99 ballast / qemu-nbd |"
+        "| measure | ballast | ballast, server side | repl=3 | repl=3, server side | qemu-nbd | nbdkit | raw device | p99 ballast / qemu-nbd |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
     for measure in &report.measures {
         let latency = |samples: &ServerSamples| {
             format!(
@@ -532,17 +685,21 @@ fn markdown(report: &NbdReport) -> String {
                 samples.latency_p99_us.median()
             )
         };
-        let server_side = format!(
-            "{:.0} / {:.0}",
-            measure.ballast.server_latency_p50_us.median(),
-            measure.ballast.server_latency_p99_us.median()
-        );
+        let server_side = |samples: &ServerSamples| {
+            format!(
+                "{:.0} / {:.0}",
+                samples.server_latency_p50_us.median(),
+                samples.server_latency_p99_us.median()
+            )
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {:.2}x |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2}x |",
             measure.description,
             latency(&measure.ballast),
-            server_side,
+            server_side(&measure.ballast),
+            latency(&measure.ballast_repl3),
+            server_side(&measure.ballast_repl3),
             latency(&measure.qemu_nbd),
             latency(&measure.nbdkit),
             latency(&measure.raw_device),
@@ -551,13 +708,13 @@ fn markdown(report: &NbdReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\nserver CPU (user + system over all its threads; median): requests per CPU-second, and CPU per request (us):\n"
+        "\nserver CPU (user + system over all its threads, every node for repl=2 and 3; median): requests per CPU-second, and CPU per request (us):\n"
     );
     let _ = writeln!(
         out,
-        "| measure | ballast | qemu-nbd | nbdkit | ballast / qemu-nbd (requests per CPU-second) |"
+        "| measure | ballast | repl=2 | repl=3 | qemu-nbd | nbdkit | ballast / qemu-nbd (requests per CPU-second) |"
     );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | ---: | ---: |");
     for measure in &report.measures {
         let cpu = |samples: &ServerSamples| {
             format!(
@@ -568,9 +725,11 @@ fn markdown(report: &NbdReport) -> String {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.2}x |",
+            "| {} | {} | {} | {} | {} | {} | {:.2}x |",
             measure.description,
             cpu(&measure.ballast),
+            cpu(&measure.ballast_repl2),
+            cpu(&measure.ballast_repl3),
             cpu(&measure.qemu_nbd),
             cpu(&measure.nbdkit),
             measure.ballast.requests_per_cpu_second.median() / measure.qemu_nbd.requests_per_cpu_second.median(),
@@ -580,7 +739,8 @@ fn markdown(report: &NbdReport) -> String {
         out,
         "\nballast acknowledges a write only once it is durable (flushed); qemu-nbd and nbdkit acknowledge when the \
          device accepted it (no flush is sent by these jobs, except the database-like one's fsyncs). The raw device \
-         row is fio on the loop device itself: the physical limit."
+         row is fio on the loop device itself: the physical limit. repl=2 and repl=3 are volumes of a {CLUSTER_NODES}-node \
+         cluster on this one machine: every replica's store, loop device and TCP hop share its cores."
     );
     out
 }
@@ -599,6 +759,11 @@ fn targets(measure: &MeasureReport) -> String {
         measure.target_ratio_over_raw_device,
         measure.meets_target_over_raw_device,
         "raw",
+    );
+    add(
+        measure.target_ratio_repl3_over_repl1,
+        measure.meets_target_repl3,
+        "repl=1 at repl=3",
     );
     if parts.is_empty() {
         "-".to_owned()
@@ -628,20 +793,35 @@ mod tests {
             write,
             [
                 samples(&[30.0, 10.0, 20.0]),
+                samples(&[12.0]),
+                samples(&[8.0]),
                 samples(&[10.0, 10.0, 100.0]),
                 samples(&[40.0]),
                 samples(&[50.0]),
             ],
         );
+        assert!((report.ratio_repl2_over_repl1 - 0.6).abs() < 1e-12);
+        assert!((report.ratio_repl3_over_repl1 - 0.4).abs() < 1e-12);
+        assert_eq!(report.meets_target_repl3, Some(false), "0.4x < 0.6x");
         assert!((report.ratio_ballast_over_qemu_nbd - 2.0).abs() < 1e-12);
         assert!((report.ratio_ballast_over_nbdkit - 0.5).abs() < 1e-12);
         assert!((report.ratio_ballast_over_raw_device - 0.4).abs() < 1e-12);
         assert_eq!(report.meets_target, Some(true));
         assert_eq!(report.meets_target_over_raw_device, Some(false), "0.4x < 0.6x");
-        assert_eq!(targets(&report), ">= 2x qemu-nbd: met; >= 0.6x raw: not met");
+        assert_eq!(
+            targets(&report),
+            ">= 2x qemu-nbd: met; >= 0.6x raw: not met; >= 0.6x repl=1 at repl=3: not met"
+        );
         let after_random = measure_report(
             MEASURES.last().unwrap(),
-            [samples(&[1.0]), samples(&[2.0]), samples(&[2.0]), samples(&[4.0])],
+            [
+                samples(&[1.0]),
+                samples(&[1.0]),
+                samples(&[1.0]),
+                samples(&[2.0]),
+                samples(&[2.0]),
+                samples(&[4.0]),
+            ],
         );
         assert_eq!(after_random.meets_target, None);
         assert_eq!(targets(&after_random), "-");

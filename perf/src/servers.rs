@@ -81,7 +81,7 @@ impl Server {
     /// Starts the server's own latency percentiles afresh (ballast; others have none).
     pub fn reset_latency(&self) -> Result<()> {
         if let Some((binary, api)) = &self.admin {
-            binary.run(&["volume", "latency", EXPORT_NAME, "--reset", "--api", api])?;
+            reset_latency(binary, api, EXPORT_NAME)?;
         }
         Ok(())
     }
@@ -89,12 +89,10 @@ impl Server {
     /// The server's own latency of reads and writes since the reset, and a
     /// fresh start (ballast; `None` for servers that keep none).
     pub fn take_latency(&self) -> Result<Option<ServerLatency>> {
-        let Some((binary, api)) = &self.admin else {
-            return Ok(None);
-        };
-        let text = binary.run_stdout(&["volume", "latency", EXPORT_NAME, "--reset", "--json", "--api", api])?;
-        let report: serde_json::Value = serde_json::from_str(&text).context("volume latency --json")?;
-        Ok(Some(weighted_latency(&report)))
+        self.admin
+            .as_ref()
+            .map(|(binary, api)| take_latency(binary, api, EXPORT_NAME))
+            .transpose()
     }
 
     /// `nbd://HOST:PORT/bench`.
@@ -314,6 +312,20 @@ pub fn start_ballast(
         &api,
     ])?;
     Ok(server)
+}
+
+/// Starts `volume`'s latency percentiles afresh on the node at `api`.
+pub fn reset_latency(admin: &BallastBinary, api: &str, volume: &str) -> Result<()> {
+    admin.run(&["volume", "latency", volume, "--reset", "--api", api])?;
+    Ok(())
+}
+
+/// `volume`'s latency of reads and writes on the node at `api` since the
+/// reset, and a fresh start.
+pub fn take_latency(admin: &BallastBinary, api: &str, volume: &str) -> Result<ServerLatency> {
+    let text = admin.run_stdout(&["volume", "latency", volume, "--reset", "--json", "--api", api])?;
+    let report: serde_json::Value = serde_json::from_str(&text).context("volume latency --json")?;
+    Ok(weighted_latency(&report))
 }
 
 /// p50 and p99 of `volume latency --json`'s reads and writes, weighted by count.

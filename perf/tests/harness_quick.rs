@@ -136,12 +136,19 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
     assert_eq!(measures.len(), 9, "the issue's profiles: {report:#}");
     for measure in measures {
         let name = measure["name"].as_str().unwrap();
-        for target in ["ballast", "qemu_nbd", "nbdkit", "raw_device"] {
+        for target in [
+            "ballast",
+            "ballast_repl2",
+            "ballast_repl3",
+            "qemu_nbd",
+            "nbdkit",
+            "raw_device",
+        ] {
             let values = measure[target]["value"]["values"].as_array().unwrap();
             assert_eq!(values.len(), 1, "{name} on {target}: one repetition");
             assert!(values[0].as_f64().unwrap() > 0.0, "{name} on {target}: {measure:#}");
         }
-        for server in ["ballast", "qemu_nbd", "nbdkit"] {
+        for server in ["ballast", "ballast_repl2", "ballast_repl3", "qemu_nbd", "nbdkit"] {
             let per_cpu = &measure[server]["requests_per_cpu_second"]["values"];
             assert!(
                 per_cpu[0].as_f64().unwrap() > 0.0,
@@ -153,13 +160,15 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
             "{measure:#}"
         );
         // ballast's own percentiles of the same requests: inside what the client saw.
-        let server_p99 = measure["ballast"]["server_latency_p99_us"]["values"][0]
-            .as_f64()
-            .unwrap();
-        let server_p50 = measure["ballast"]["server_latency_p50_us"]["values"][0]
-            .as_f64()
-            .unwrap();
-        assert!(server_p50 >= 1.0 && server_p50 <= server_p99, "{name}: {measure:#}");
+        for ballast in ["ballast", "ballast_repl3"] {
+            let server_p99 = measure[ballast]["server_latency_p99_us"]["values"][0].as_f64().unwrap();
+            let server_p50 = measure[ballast]["server_latency_p50_us"]["values"][0].as_f64().unwrap();
+            assert!(
+                server_p50 >= 1.0 && server_p50 <= server_p99,
+                "{name} on {ballast}: {measure:#}"
+            );
+        }
+        assert!(measure["ratio_repl3_over_repl1"].as_f64().unwrap() > 0.0, "{measure:#}");
         assert!(
             measure["qemu_nbd"]["server_latency_p99_us"]["values"]
                 .as_array()
@@ -170,6 +179,7 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
     }
     let table = std::fs::read_to_string(out.path().join("nbd.md")).unwrap();
     assert!(table.contains("ballast, server side"), "{table}");
+    assert!(table.contains("repl=3 / repl=1"), "{table}");
     for row in [
         "| 4 KiB random write, QD32 |",
         "| database-like:",
