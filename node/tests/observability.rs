@@ -420,9 +420,8 @@ fn volume_latency_gives_server_side_percentiles_of_the_requests_served_and_reset
     let cluster = TestCluster::start(test, 2, &[]);
     cluster.nodes[0].cli_ok(&["volume", "create", "lat", "--size", "16MiB", "--repl", "2"]);
     let coordinator = cluster.nodes[0].inspect("lat")["coordinator"].as_u64().unwrap();
-    let (serving, other): (Vec<&TestNode>, Vec<&TestNode>) =
-        cluster.nodes.iter().partition(|node| node.node_id() == coordinator);
-    let (serving, other) = (serving[0], other[0]);
+    let serving_index = cluster.index_of(coordinator);
+    let (serving, other) = (&cluster.nodes[serving_index], &cluster.nodes[1 - serving_index]);
     let empty = json_of(serving, &["volume", "latency", "lat", "--json"]);
     assert_eq!(empty["ops"].as_array().unwrap().len(), 0, "{empty}");
     let mut args: Vec<String> = vec!["-f".into(), "raw".into()];

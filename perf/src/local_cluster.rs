@@ -201,7 +201,7 @@ impl LocalCluster {
     /// Node 1 starts the cluster; each other node joins through it with a token of its own.
     fn form(&self) -> Result<()> {
         let first = &self.nodes[0];
-        let admin = self.binary.as_admin_of(&first.data_dir);
+        let admin = self.admin();
         admin.run(&["cluster", "init", "--api", &first.api()])?;
         for node in &self.nodes[1..] {
             let token = admin.run_stdout(&[
@@ -233,10 +233,15 @@ impl LocalCluster {
         })
     }
 
+    /// The CLI as node 1's admin (after init/join every admin token is
+    /// cluster-signed: node 1's serves every node).
+    pub fn admin(&self) -> BallastBinary {
+        self.binary.as_admin_of(&self.nodes[0].data_dir)
+    }
+
     /// Runs a ballast command printing JSON and parses it.
     fn json(&self, args: &[&str]) -> Result<Value> {
-        // After init/join every admin token is cluster-signed: node 1's serves all.
-        let text = self.binary.as_admin_of(&self.nodes[0].data_dir).run_stdout(args)?;
+        let text = self.admin().run_stdout(args)?;
         serde_json::from_str(&text).with_context(|| format!("ballast {} printed no JSON: {text}", args.join(" ")))
     }
 
@@ -262,7 +267,7 @@ impl LocalCluster {
             &api,
         ];
         args.extend_from_slice(options);
-        self.binary.as_admin_of(&first.data_dir).run(&args)?;
+        self.admin().run(&args)?;
         let mut inspect = Value::Null;
         wait_until(&format!("volume {name} with {replicas} replicas in sync"), || {
             inspect = self.json(&["volume", "inspect", name, "--json", "--api", &first.api()])?;

@@ -108,8 +108,7 @@ impl Running<'_> {
         match self {
             Running::Server(server) => server.reset_latency(),
             Running::ClusterVolume { cluster, name, .. } => {
-                let first = &cluster.nodes[0];
-                servers::reset_latency(&cluster.binary.as_admin_of(&first.data_dir), &first.api(), name)
+                servers::reset_latency(&cluster.admin(), &cluster.nodes[0].api(), name)
             }
             Running::Raw => Ok(()),
         }
@@ -119,8 +118,7 @@ impl Running<'_> {
         match self {
             Running::Server(server) => server.take_latency(),
             Running::ClusterVolume { cluster, name, .. } => {
-                let first = &cluster.nodes[0];
-                servers::take_latency(&cluster.binary.as_admin_of(&first.data_dir), &first.api(), name).map(Some)
+                servers::take_latency(&cluster.admin(), &cluster.nodes[0].api(), name).map(Some)
             }
             Running::Raw => Ok(None),
         }
@@ -138,12 +136,11 @@ impl Running<'_> {
 impl Drop for Running<'_> {
     fn drop(&mut self) {
         if let Running::ClusterVolume { cluster, name, .. } = self {
-            let first = &cluster.nodes[0];
-            let admin = cluster.binary.as_admin_of(&first.data_dir);
+            let (admin, api) = (cluster.admin(), cluster.nodes[0].api());
             // The node may not have seen fio's connection close yet: it refuses then.
             let mut deleted = Ok(String::new());
             for _ in 0..DELETE_ATTEMPTS {
-                deleted = admin.run(&["volume", "delete", name.as_str(), "--api", &first.api()]);
+                deleted = admin.run(&["volume", "delete", name.as_str(), "--api", &api]);
                 if deleted.is_ok() {
                     return;
                 }
