@@ -372,8 +372,19 @@ fn a_snapshot_under_writes_holds_one_point_between_the_acknowledged_writes_on_ev
 /// Reads `[offset, offset + len)` of export `name` on `node` (read-only)
 /// and checks every byte is `fill`.
 fn expect_fill(node: &TestNode, name: &str, offset: u64, len: u64, fill: u8) {
-    let mut client = NbdClient::connect(&nbd_address(node), name, Duration::from_secs(20))
-        .unwrap_or_else(|error| panic!("{name} on node {}: {error}", node.node_id()));
+    // A snapshot reaches each node through the cluster's metadata log: until
+    // this node has applied it, the export is unknown there and the
+    // connection is closed in the handshake. Retried, within a bound.
+    let started = Instant::now();
+    let mut client = loop {
+        match NbdClient::connect(&nbd_address(node), name, Duration::from_secs(20)) {
+            Ok(client) => break client,
+            Err(error) if started.elapsed() > Duration::from_secs(20) => {
+                panic!("{name} on node {}: {error}", node.node_id())
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    };
     let mut at = offset;
     while at < offset + len {
         let piece = (offset + len - at).min(1 << 20);

@@ -1,15 +1,26 @@
-//! The transmission phase of one connection: a reader that parses requests
-//! and starts each as its own task, and a writer that sends the answers in
-//! the order they finish (replies are matched to requests by cookie).
+//! The transmission phase of one connection, served by one task: it reads
+//! requests, runs them concurrently (each a future in the task's own set, so
+//! a request costs no task spawn and no thread hop of its own), and writes
+//! the answers in the order they finish (replies are matched to requests by
+//! cookie), all without blocking one on the other: a client that is sending
+//! a long write while its replies wait is still read from, and one that
+//! stops reading its replies stops being read once the budget below is used.
 //!
 //! Limits: at most `IN_FLIGHT_REQUESTS_MAX` requests and
-//! `IN_FLIGHT_BYTES_MAX` bytes of payload per connection; the reader stops
-//! reading until earlier requests finish.
+//! `IN_FLIGHT_BYTES_MAX` bytes of payload (writes in memory, reads being
+//! gathered or waiting to be sent) per connection, plus the one request
+//! being received; the connection stops reading until earlier requests
+//! finish. Large requests (`SPAWN_BYTES_MIN` and up) run as tasks of their
+//! own, so their copying and encryption can use another core.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
+use futures::stream::{FuturesUnordered, StreamExt};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::handshake::{Session, REQUEST_BYTES_MAX};
 use super::proto::{self, *};
@@ -27,9 +38,15 @@ pub const IN_FLIGHT_BYTES_MAX: u32 = 96 << 20;
 pub const DISCARD_BYTES_MAX: u32 = 64 << 20;
 /// Most extents one BLOCK_STATUS answer carries.
 pub const BLOCK_STATUS_EXTENTS_MAX: usize = 16 * 1024;
-const PERMIT_BYTES: u32 = 4096;
 /// Receive buffer of a connection (a payload at least this big bypasses it).
 const READ_BUFFER_BYTES: usize = 128 * 1024;
+/// Requests of at least this many bytes run as tasks of their own.
+const SPAWN_BYTES_MIN: u32 = 64 * 1024;
+/// Read data up to this size is copied into the send buffer; larger is
+/// sent from the block buffers it was read into.
+const COPY_READ_BYTES_MAX: usize = 16 * 1024;
+/// Slices handed to one vectored send.
+const SEND_SLICES_MAX: usize = 256;
 
 /// How a request ended.
 enum Outcome {
@@ -43,6 +60,8 @@ struct Answer {
     cookie: u64,
     offset_bytes: u64,
     outcome: Outcome,
+    /// What the request counted against the connection's byte budget.
+    cost_bytes: u64,
 }
 
 fn error(errno: u32, message: impl Into<String>) -> Outcome {
@@ -52,8 +71,227 @@ fn error(errno: u32, message: impl Into<String>) -> Outcome {
     }
 }
 
+type RequestFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
+
+/// The requests a connection is running. Dropped with some still running
+/// (the connection was stopped or broke), they are finished on a task of
+/// their own: a write half done must not be abandoned mid-way.
+///
+/// The set also holds one future that never finishes and is never woken:
+/// `FuturesUnordered` wakes its task again whenever one call has polled
+/// every future it holds (to let other tasks run), which with few requests
+/// in flight was nearly every call, and cost a wake-up of another runtime
+/// thread per request (a third more CPU per request at queue depth 1).
+struct InFlight {
+    futures: FuturesUnordered<RequestFuture>,
+}
+
+impl InFlight {
+    fn new() -> Self {
+        let futures: FuturesUnordered<RequestFuture> = FuturesUnordered::new();
+        futures.push(Box::pin(std::future::pending()));
+        Self { futures }
+    }
+
+    /// Requests running.
+    fn len(&self) -> usize {
+        self.futures.len() - 1
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn push(&mut self, request: RequestFuture) {
+        self.futures.push(request);
+    }
+
+    /// The next request to finish (pending forever when none runs).
+    async fn next(&mut self) -> Answer {
+        self.futures.next().await.expect("the set is never empty")
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let running = self.len();
+        if running == 0 {
+            return;
+        }
+        let mut rest = std::mem::take(&mut self.futures);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    for _ in 0..running {
+                        rest.next().await;
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(requests = running, "NBD requests dropped with their runtime"),
+        }
+    }
+}
+
+/// Where the request being received stands.
+enum Inbound {
+    /// `have` bytes of the next header are in `bytes`.
+    Header {
+        bytes: [u8; REQUEST_HEADER_BYTES],
+        have: usize,
+    },
+    /// A write whose payload is arriving.
+    Payload { request: Request, payload: Vec<u8> },
+    /// A write over the maximum whose payload is read and dropped.
+    Discard { request: Request, left: u64 },
+}
+
+impl Inbound {
+    fn header() -> Self {
+        Inbound::Header {
+            bytes: [0; REQUEST_HEADER_BYTES],
+            have: 0,
+        }
+    }
+}
+
+/// Answers encoded and waiting to be sent.
+#[derive(Default)]
+struct Outbox {
+    segments: VecDeque<Segment>,
+    /// Bytes of the front segment already sent.
+    sent: usize,
+    bytes: usize,
+    /// Sent since the last flush (TLS keeps records until flushed).
+    unflushed: bool,
+}
+
+enum Segment {
+    Bytes(Vec<u8>),
+    Data(ReadData),
+}
+
+impl Segment {
+    fn len(&self) -> usize {
+        match self {
+            Segment::Bytes(bytes) => bytes.len(),
+            Segment::Data(data) => data.len_bytes,
+        }
+    }
+}
+
+impl Outbox {
+    fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Copies `bytes` to the end of the last segment (or a new one).
+    fn put(&mut self, bytes: &[u8]) {
+        self.bytes += bytes.len();
+        if let Some(Segment::Bytes(last)) = self.segments.back_mut() {
+            last.extend_from_slice(bytes);
+            return;
+        }
+        let mut segment = Vec::with_capacity(bytes.len().max(4096));
+        segment.extend_from_slice(bytes);
+        self.segments.push_back(Segment::Bytes(segment));
+    }
+
+    fn put_data(&mut self, data: ReadData) {
+        if data.len_bytes <= COPY_READ_BYTES_MAX {
+            for slice in data.slices() {
+                self.put(slice);
+            }
+        } else if data.len_bytes > 0 {
+            self.bytes += data.len_bytes;
+            self.segments.push_back(Segment::Data(data));
+        }
+    }
+
+    /// The next bytes to send, at most `SEND_SLICES_MAX` slices.
+    fn slices(&self) -> Vec<IoSlice<'_>> {
+        /// Adds what of `slice` is not sent yet; false when `out` is full.
+        fn add<'a>(out: &mut Vec<IoSlice<'a>>, skip: &mut usize, slice: &'a [u8]) -> bool {
+            if *skip >= slice.len() {
+                *skip -= slice.len();
+                return true;
+            }
+            out.push(IoSlice::new(&slice[*skip..]));
+            *skip = 0;
+            out.len() < SEND_SLICES_MAX
+        }
+        let mut out = Vec::new();
+        let mut skip = self.sent;
+        for segment in &self.segments {
+            let more = match segment {
+                Segment::Bytes(bytes) => add(&mut out, &mut skip, bytes),
+                Segment::Data(data) => data.slices().all(|slice| add(&mut out, &mut skip, slice)),
+            };
+            if !more {
+                break;
+            }
+        }
+        out
+    }
+
+    /// `n` more bytes were sent.
+    fn advance(&mut self, mut n: usize) {
+        self.bytes -= n;
+        self.unflushed = true;
+        while n > 0 {
+            let front = self.segments.front().expect("sent bytes were queued").len() - self.sent;
+            if n < front {
+                self.sent += n;
+                return;
+            }
+            n -= front;
+            self.sent = 0;
+            self.segments.pop_front();
+        }
+    }
+
+    fn push(&mut self, answer: Answer, structured: bool) {
+        let cookie = answer.cookie;
+        match (answer.outcome, structured) {
+            (Outcome::Done, false) => self.put(&proto::simple_reply(cookie, 0)),
+            (Outcome::Done, true) => self.put(&proto::structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0)),
+            (Outcome::Error { errno, .. }, false) => self.put(&proto::simple_reply(cookie, errno)),
+            (Outcome::Error { errno, message }, true) => self.put(&proto::structured_error(cookie, errno, &message)),
+            (Outcome::Read(data), false) => {
+                self.put(&proto::simple_reply(cookie, 0));
+                self.put_data(data);
+            }
+            (Outcome::Read(data), true) => {
+                let payload_len = u32::try_from(8 + data.len_bytes).expect("request maximum fits in u32");
+                self.put(&proto::structured_header(
+                    cookie,
+                    REPLY_FLAG_DONE,
+                    REPLY_TYPE_OFFSET_DATA,
+                    payload_len,
+                ));
+                self.put(&answer.offset_bytes.to_be_bytes());
+                self.put_data(data);
+            }
+            (Outcome::Extents(extents), _) => {
+                self.put(&proto::block_status_reply(cookie, META_BASE_ALLOCATION_ID, &extents));
+            }
+        }
+    }
+}
+
+/// One connection's state.
+struct Connection {
+    session: Session,
+    inbound: Inbound,
+    in_flight: InFlight,
+    /// Payload bytes of the requests in flight.
+    in_flight_bytes: u64,
+    outbox: Outbox,
+    /// The client sent DISC, left, or broke the protocol: nothing more is read.
+    ended: Option<Result<(), NbdError>>,
+}
+
 /// Serves requests until the client disconnects or breaks the protocol.
-pub async fn serve<R, W>(reader: R, writer: W, session: Session, peer: &str) -> Result<(), NbdError>
+pub async fn serve<R, W>(reader: R, mut writer: W, session: Session, peer: &str) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -61,116 +299,244 @@ where
     // One receive takes every request the client has queued (headers and
     // small payloads), not two or three per request.
     let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
-    let (answers, answer_queue) = mpsc::unbounded_channel::<Answer>();
-    let structured = session.structured_replies;
-    let writer_task = tokio::spawn(write_answers(writer, answer_queue, structured));
-    let requests = Arc::new(Semaphore::new(IN_FLIGHT_REQUESTS_MAX as usize));
-    let bytes = Arc::new(Semaphore::new((IN_FLIGHT_BYTES_MAX / PERMIT_BYTES) as usize));
-    let result = read_requests(&mut reader, &session, &answers, &requests, &bytes).await;
-    drop(answers);
-    // Requests already started still answer (the writer ends when they have).
-    let written = writer_task.await.unwrap_or(Ok(()));
-    if let Err(error) = &result {
-        tracing::debug!(peer, %error, "NBD connection ended");
-    }
-    result.and(written.map_err(NbdError::from))
-}
-
-async fn read_requests<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    session: &Session,
-    answers: &mpsc::UnboundedSender<Answer>,
-    requests: &Arc<Semaphore>,
-    bytes: &Arc<Semaphore>,
-) -> Result<(), NbdError> {
+    let mut connection = Connection {
+        session,
+        inbound: Inbound::header(),
+        in_flight: InFlight::new(),
+        in_flight_bytes: 0,
+        outbox: Outbox::default(),
+        ended: None,
+    };
     loop {
-        let mut header = [0u8; REQUEST_HEADER_BYTES];
-        match reader.read_exact(&mut header).await {
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
+        let reading = connection.ended.is_none() && connection.has_room();
+        if connection.ended.is_some()
+            && connection.in_flight.is_empty()
+            && connection.outbox.is_empty()
+            && !connection.outbox.unflushed
+        {
+            break;
         }
-        let request = proto::parse_request(&header).map_err(|e| NbdError::Protocol(e.to_string()))?;
-        if request.command == CMD_DISC {
-            return Ok(());
-        }
-        let request_permit = Arc::clone(requests).acquire_owned().await.expect("never closed");
-        let cost = request
-            .length_bytes
-            .div_ceil(PERMIT_BYTES)
-            .clamp(1, IN_FLIGHT_BYTES_MAX / PERMIT_BYTES);
-        let byte_permit = Arc::clone(bytes).acquire_many_owned(cost).await.expect("never closed");
-        let mut payload = Vec::new();
-        if request.command == CMD_WRITE {
-            if request.length_bytes > REQUEST_BYTES_MAX {
-                if request.length_bytes > DISCARD_BYTES_MAX {
-                    return Err(NbdError::Protocol(format!(
-                        "write of {} bytes is over the advertised maximum",
-                        request.length_bytes
-                    )));
+        let Connection {
+            inbound,
+            in_flight,
+            outbox,
+            ..
+        } = &mut connection;
+        let slices = outbox.slices();
+        let flush = outbox.is_empty() && outbox.unflushed;
+        tokio::select! {
+            biased;
+            answer = in_flight.next(), if !in_flight.is_empty() => {
+                // Biased: every answer already there is taken before the next send.
+                connection.answered(answer);
+            }
+            sent = send(&mut writer, &slices), if !slices.is_empty() || flush => {
+                match sent? {
+                    None => connection.outbox.unflushed = false,
+                    Some(0) => return Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()),
+                    Some(n) => connection.outbox.advance(n),
                 }
-                let copied = tokio::io::copy(
-                    &mut (&mut *reader).take(u64::from(request.length_bytes)),
-                    &mut tokio::io::sink(),
-                )
-                .await?;
-                if copied < u64::from(request.length_bytes) {
-                    return Ok(());
-                }
-            } else {
-                match read_payload(reader, request.length_bytes as usize).await? {
-                    Some(data) => payload = data,
-                    // The client left mid-request: nothing was acknowledged.
-                    None => return Ok(()),
+            }
+            received = receive(&mut reader, inbound), if reading => {
+                match received {
+                    Ok(0) => connection.ended = Some(Ok(())),
+                    Ok(_) => connection.take_requests(&mut reader),
+                    Err(e) => connection.ended = Some(Err(e.into())),
                 }
             }
         }
-        let volume = Arc::clone(&session.volume);
-        let answers = answers.clone();
-        let structured = session.structured_replies;
-        let base_allocation = session.base_allocation;
-        tokio::spawn(async move {
-            let started = std::time::Instant::now();
-            let in_flight = volume.stats.begin();
-            let outcome = execute(&volume, &request, payload, structured, base_allocation).await;
-            drop(in_flight);
-            let op = match request.command {
-                CMD_READ => Op::Read,
-                CMD_WRITE => Op::Write,
-                CMD_FLUSH => Op::Flush,
-                CMD_TRIM => Op::Trim,
-                CMD_WRITE_ZEROES => Op::WriteZeroes,
-                _ => Op::Other,
-            };
-            let bytes = if matches!(op, Op::Flush | Op::Other) {
-                0
-            } else {
-                u64::from(request.length_bytes)
-            };
-            let ok = !matches!(outcome, Outcome::Error { .. });
-            volume.stats.op(op).record(bytes, started.elapsed(), ok);
-            let _ = answers.send(Answer {
-                cookie: request.cookie,
-                offset_bytes: request.offset_bytes,
-                outcome,
-            });
-            drop(byte_permit);
-            drop(request_permit);
-        });
+    }
+    let _ = writer.shutdown().await;
+    let result = connection.ended.take().unwrap_or(Ok(()));
+    if let Err(error) = &result {
+        tracing::debug!(peer, %error, "NBD connection ended");
+    }
+    result
+}
+
+/// Sends what `slices` hold (`Some(bytes sent)`), or flushes when they are
+/// empty (`None`). Cancel-safe.
+async fn send<W: AsyncWrite + Unpin>(writer: &mut W, slices: &[IoSlice<'_>]) -> std::io::Result<Option<usize>> {
+    if slices.is_empty() {
+        writer.flush().await?;
+        return Ok(None);
+    }
+    writer.write_vectored(slices).await.map(Some)
+}
+
+/// Reads more of the request being received: into the write's payload, or
+/// into the buffer. Cancel-safe: dropped before it finishes, nothing was read.
+async fn receive<R: AsyncRead + Unpin>(reader: &mut BufReader<R>, inbound: &mut Inbound) -> std::io::Result<usize> {
+    match inbound {
+        Inbound::Payload { request, payload } => {
+            let missing = request.length_bytes as usize - payload.len();
+            // Straight into the payload (no zeroing first); a big one bypasses the buffer.
+            (&mut *reader).take(missing as u64).read_buf(payload).await
+        }
+        Inbound::Header { .. } | Inbound::Discard { .. } => Ok(reader.fill_buf().await?.len()),
     }
 }
 
-/// Reads a write's `len` payload bytes (straight into the vector: no
-/// zeroing first); `None` if the client left before sending them all.
-async fn read_payload<R: AsyncRead + Unpin>(reader: &mut R, len: usize) -> std::io::Result<Option<Vec<u8>>> {
-    let mut payload = Vec::with_capacity(len);
-    while payload.len() < len {
-        let missing = (len - payload.len()) as u64;
-        if (&mut *reader).take(missing).read_buf(&mut payload).await? == 0 {
-            return Ok(None);
+impl Connection {
+    /// Whether another request may be taken.
+    fn has_room(&self) -> bool {
+        (self.in_flight.len() as u64) < u64::from(IN_FLIGHT_REQUESTS_MAX)
+            && self.in_flight_bytes + self.outbox.bytes as u64 <= u64::from(IN_FLIGHT_BYTES_MAX)
+    }
+
+    fn answered(&mut self, answer: Answer) {
+        self.in_flight_bytes -= answer.cost_bytes;
+        self.outbox.push(answer, self.session.structured_replies);
+    }
+
+    /// Takes every request (and payload byte) the buffer holds, as long as
+    /// the budget allows; the buffer is left empty or the budget full.
+    fn take_requests<R: AsyncRead + Unpin>(&mut self, reader: &mut BufReader<R>) {
+        while self.ended.is_none() {
+            let room = self.has_room();
+            let buffer = reader.buffer();
+            match &mut self.inbound {
+                Inbound::Header { bytes, have } => {
+                    if buffer.is_empty() || !room {
+                        return;
+                    }
+                    let take = buffer.len().min(REQUEST_HEADER_BYTES - *have);
+                    bytes[*have..*have + take].copy_from_slice(&buffer[..take]);
+                    *have += take;
+                    reader.consume(take);
+                    if *have == REQUEST_HEADER_BYTES {
+                        let header = *bytes;
+                        self.inbound = Inbound::header();
+                        self.header(&header);
+                    }
+                }
+                Inbound::Payload { request, payload } => {
+                    let missing = request.length_bytes as usize - payload.len();
+                    let take = buffer.len().min(missing);
+                    payload.extend_from_slice(&buffer[..take]);
+                    reader.consume(take);
+                    if take < missing {
+                        return;
+                    }
+                    if let Inbound::Payload { request, payload } =
+                        std::mem::replace(&mut self.inbound, Inbound::header())
+                    {
+                        self.start(request, payload);
+                    }
+                }
+                Inbound::Discard { request, left } => {
+                    let take = buffer.len().min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= take as u64;
+                    reader.consume(take);
+                    if *left > 0 {
+                        return;
+                    }
+                    let request = *request;
+                    self.inbound = Inbound::header();
+                    // Answered with an error: the request is over the maximum.
+                    self.start(request, Vec::new());
+                }
+            }
         }
     }
-    Ok(Some(payload))
+
+    /// A complete request header.
+    fn header(&mut self, header: &[u8; REQUEST_HEADER_BYTES]) {
+        let request = match proto::parse_request(header) {
+            Ok(request) => request,
+            Err(e) => {
+                self.ended = Some(Err(NbdError::Protocol(e.to_string())));
+                return;
+            }
+        };
+        if request.command == CMD_DISC {
+            self.ended = Some(Ok(()));
+            return;
+        }
+        if request.command != CMD_WRITE {
+            self.start(request, Vec::new());
+        } else if request.length_bytes > DISCARD_BYTES_MAX {
+            self.ended = Some(Err(NbdError::Protocol(format!(
+                "write of {} bytes is over the advertised maximum",
+                request.length_bytes
+            ))));
+        } else if request.length_bytes > REQUEST_BYTES_MAX {
+            self.inbound = Inbound::Discard {
+                request,
+                left: u64::from(request.length_bytes),
+            };
+        } else if request.length_bytes == 0 {
+            self.start(request, Vec::new());
+        } else {
+            self.inbound = Inbound::Payload {
+                request,
+                payload: Vec::with_capacity(request.length_bytes as usize),
+            };
+        }
+    }
+
+    /// Starts a request (its payload, if any, complete).
+    fn start(&mut self, request: Request, payload: Vec<u8>) {
+        let cost_bytes = if matches!(request.command, CMD_READ | CMD_WRITE) {
+            u64::from(request.length_bytes.min(REQUEST_BYTES_MAX))
+        } else {
+            0
+        };
+        self.in_flight_bytes += cost_bytes;
+        let volume = Arc::clone(&self.session.volume);
+        let structured = self.session.structured_replies;
+        let base_allocation = self.session.base_allocation;
+        let run = run_request(volume, request, payload, structured, base_allocation, cost_bytes);
+        if request.length_bytes >= SPAWN_BYTES_MIN && matches!(request.command, CMD_READ | CMD_WRITE) {
+            let task = tokio::spawn(run);
+            self.in_flight.push(Box::pin(async move {
+                task.await.unwrap_or_else(|e| Answer {
+                    cookie: request.cookie,
+                    offset_bytes: request.offset_bytes,
+                    outcome: error(EIO, format!("request failed: {e}")),
+                    cost_bytes,
+                })
+            }));
+        } else {
+            self.in_flight.push(Box::pin(run));
+        }
+    }
+}
+
+/// Runs one request and records it in the volume's statistics.
+async fn run_request(
+    volume: Arc<Volume>,
+    request: Request,
+    payload: Vec<u8>,
+    structured: bool,
+    base_allocation: bool,
+    cost_bytes: u64,
+) -> Answer {
+    let started = std::time::Instant::now();
+    let in_flight = volume.stats.begin();
+    let outcome = execute(&volume, &request, payload, structured, base_allocation).await;
+    drop(in_flight);
+    let op = match request.command {
+        CMD_READ => Op::Read,
+        CMD_WRITE => Op::Write,
+        CMD_FLUSH => Op::Flush,
+        CMD_TRIM => Op::Trim,
+        CMD_WRITE_ZEROES => Op::WriteZeroes,
+        _ => Op::Other,
+    };
+    let bytes = if matches!(op, Op::Flush | Op::Other) {
+        0
+    } else {
+        u64::from(request.length_bytes)
+    };
+    let ok = !matches!(outcome, Outcome::Error { .. });
+    volume.stats.op(op).record(bytes, started.elapsed(), ok);
+    Answer {
+        cookie: request.cookie,
+        offset_bytes: request.offset_bytes,
+        outcome,
+        cost_bytes,
+    }
 }
 
 /// Checks a request against the export; `Err` is the answer to send.
@@ -314,63 +680,5 @@ fn error_outcome(errno: u32, error: &VolumeIoError) -> Outcome {
     Outcome::Error {
         errno,
         message: error.to_string(),
-    }
-}
-
-async fn write_answers<W: AsyncWrite + Unpin>(
-    writer: W,
-    mut queue: mpsc::UnboundedReceiver<Answer>,
-    structured: bool,
-) -> std::io::Result<()> {
-    let mut out = BufWriter::with_capacity(256 * 1024, writer);
-    while let Some(answer) = queue.recv().await {
-        write_answer(&mut out, answer, structured).await?;
-        // Batch the replies that are already waiting into one send.
-        while let Ok(answer) = queue.try_recv() {
-            write_answer(&mut out, answer, structured).await?;
-        }
-        out.flush().await?;
-    }
-    out.shutdown().await.or(Ok(()))
-}
-
-async fn write_answer<W: AsyncWrite + Unpin>(out: &mut W, answer: Answer, structured: bool) -> std::io::Result<()> {
-    let cookie = answer.cookie;
-    match (answer.outcome, structured) {
-        (Outcome::Done, false) => out.write_all(&proto::simple_reply(cookie, 0)).await,
-        (Outcome::Done, true) => {
-            out.write_all(&proto::structured_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0))
-                .await
-        }
-        (Outcome::Error { errno, .. }, false) => out.write_all(&proto::simple_reply(cookie, errno)).await,
-        (Outcome::Error { errno, message }, true) => {
-            out.write_all(&proto::structured_error(cookie, errno, &message)).await
-        }
-        (Outcome::Read(data), false) => {
-            out.write_all(&proto::simple_reply(cookie, 0)).await?;
-            for slice in data.slices() {
-                out.write_all(slice).await?;
-            }
-            Ok(())
-        }
-        (Outcome::Read(data), true) => {
-            let payload_len = u32::try_from(8 + data.len_bytes).expect("request maximum fits in u32");
-            out.write_all(&proto::structured_header(
-                cookie,
-                REPLY_FLAG_DONE,
-                REPLY_TYPE_OFFSET_DATA,
-                payload_len,
-            ))
-            .await?;
-            out.write_all(&answer.offset_bytes.to_be_bytes()).await?;
-            for slice in data.slices() {
-                out.write_all(slice).await?;
-            }
-            Ok(())
-        }
-        (Outcome::Extents(extents), _) => {
-            out.write_all(&proto::block_status_reply(cookie, META_BASE_ALLOCATION_ID, &extents))
-                .await
-        }
     }
 }

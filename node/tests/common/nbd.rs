@@ -82,3 +82,10 @@ impl NbdClient {
         Ok((error, data))
     }
 }
+
+impl NbdClient {
+    /// The connection itself, for tests that send and read raw bytes.
+    pub fn stream(&mut self) -> &mut TcpStream {
+        &mut self.stream
+    }
+}
