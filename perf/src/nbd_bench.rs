@@ -4,9 +4,10 @@
 //! nbdkit through NBD, and fio straight on the raw device (io_uring,
 //! O_DIRECT: the physical limit), all on the same loop device, plus ballast
 //! volumes with 2 and 3 replicas on a local 3-node cluster (its own loop
-//! devices, same filesystem); one target at a time, alternated (ballast,
-//! repl=2, repl=3, qemu-nbd, nbdkit, raw, ballast, ...), median of the
-//! repetitions.
+//! devices, same filesystem), and nbdkit's null plugin (no I/O: the most
+//! fio's NBD client reaches from any server here); one target at a time,
+//! alternated (ballast, repl=2, repl=3, qemu-nbd, nbdkit, raw, ceiling,
+//! ballast, ...), median of the repetitions.
 //!
 //! Each server gets a fresh start per repetition. ballast is enrolled anew
 //! and its volume written once end to end first, so reads hit the disk (a
@@ -49,15 +50,18 @@ enum ServerKind {
     Nbdkit,
     /// fio on the loop device itself: no server.
     Raw,
+    /// nbdkit's null plugin: no I/O at all, what fio's NBD client reaches.
+    NbdCeiling,
 }
 
-const SERVERS: [ServerKind; 6] = [
+const SERVERS: [ServerKind; 7] = [
     ServerKind::Ballast,
     ServerKind::BallastReplicated(2),
     ServerKind::BallastReplicated(3),
     ServerKind::QemuNbd,
     ServerKind::Nbdkit,
     ServerKind::Raw,
+    ServerKind::NbdCeiling,
 ];
 
 /// Nodes of the local cluster the replicated volumes live on.
@@ -354,6 +358,12 @@ struct MeasureReport {
     qemu_nbd: ServerSamples,
     nbdkit: ServerSamples,
     raw_device: ServerSamples,
+    /// nbdkit's null plugin (no I/O): the most fio's NBD client gets from
+    /// any server on this machine.
+    nbd_ceiling: ServerSamples,
+    ratio_ballast_over_nbd_ceiling: f64,
+    /// The highest ballast / qemu-nbd any server could reach here.
+    ratio_nbd_ceiling_over_qemu_nbd: f64,
     ratio_repl2_over_repl1: f64,
     ratio_repl3_over_repl1: f64,
     target_ratio_repl3_over_repl1: Option<f64>,
@@ -400,7 +410,7 @@ pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
     let target = crate::target(options.device_bytes)?;
     let cluster = LocalCluster::start(&options.ballast, CLUSTER_NODES, options.device_bytes)
         .context("starting the local cluster for the replicated volumes")?;
-    let mut samples: Vec<[ServerSamples; 6]> = MEASURES.iter().map(|_| Default::default()).collect();
+    let mut samples: Vec<[ServerSamples; 7]> = MEASURES.iter().map(|_| Default::default()).collect();
     let mut qemu_label = String::new();
     let mut nbdkit_label = String::new();
     let bar = node::cli::progress::items((options.repeats * SERVERS.len()) as u64, "targets measured");
@@ -413,7 +423,7 @@ pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
             match kind {
                 ServerKind::QemuNbd => qemu_label = label.clone(),
                 ServerKind::Nbdkit => nbdkit_label = label.clone(),
-                ServerKind::Ballast | ServerKind::BallastReplicated(_) | ServerKind::Raw => {}
+                ServerKind::Ballast | ServerKind::BallastReplicated(_) | ServerKind::Raw | ServerKind::NbdCeiling => {}
             }
             for (index, measure) in MEASURES.iter().enumerate() {
                 let job = fio_job(measure, options.seconds, span_bytes);
@@ -556,6 +566,7 @@ fn start<'a>(
         ServerKind::QemuNbd => Running::Server(servers::start_qemu_nbd(scratch, run, device)?),
         ServerKind::Nbdkit => Running::Server(servers::start_nbdkit(scratch, run, device)?),
         ServerKind::Raw => Running::Raw,
+        ServerKind::NbdCeiling => Running::Server(servers::start_nbdkit_null(scratch, run, span)?),
     };
     if matches!(kind, ServerKind::Ballast | ServerKind::BallastReplicated(_)) {
         let fill = FioJob::new("fill", "write", "1M", 8, 0, span);
@@ -565,14 +576,17 @@ fn start<'a>(
     Ok(running)
 }
 
-fn measure_report(measure: &Measure, samples: [ServerSamples; 6]) -> MeasureReport {
-    let [ballast, ballast_repl2, ballast_repl3, qemu_nbd, nbdkit, raw_device] = samples;
+fn measure_report(measure: &Measure, samples: [ServerSamples; 7]) -> MeasureReport {
+    let [ballast, ballast_repl2, ballast_repl3, qemu_nbd, nbdkit, raw_device, nbd_ceiling] = samples;
     let ratio = |other: &ServerSamples| ballast.value.median() / other.value.median();
     let ratio_ballast_over_qemu_nbd = ratio(&qemu_nbd);
     let ratio_ballast_over_nbdkit = ratio(&nbdkit);
     let ratio_ballast_over_raw_device = ratio(&raw_device);
     let ratio_repl3_over_repl1 = ballast_repl3.value.median() / ballast.value.median();
     MeasureReport {
+        ratio_ballast_over_nbd_ceiling: ratio(&nbd_ceiling),
+        ratio_nbd_ceiling_over_qemu_nbd: nbd_ceiling.value.median() / qemu_nbd.value.median(),
+        nbd_ceiling,
         ratio_repl2_over_repl1: ballast_repl2.value.median() / ballast.value.median(),
         ratio_repl3_over_repl1,
         target_ratio_repl3_over_repl1: measure.target_ratio_repl3,
@@ -637,16 +651,16 @@ fn markdown(report: &NbdReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\n| measure | ballast | repl=2 | repl=3 | qemu-nbd | nbdkit | raw device | ballast / qemu-nbd | ballast / raw | repl=3 / repl=1 | targets | spread b / q / n / r |"
+        "\n| measure | ballast | repl=2 | repl=3 | qemu-nbd | nbdkit | raw device | NBD ceiling | ballast / qemu-nbd | ballast / raw | repl=3 / repl=1 | ballast / ceiling | ceiling / qemu-nbd | targets | spread b / q / n / r |"
     );
     let _ = writeln!(
         out,
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"
     );
     for measure in &report.measures {
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {} | {:.0}% / {:.0}% / {:.0}% / {:.0}% |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {:.2}x | {} | {:.0}% / {:.0}% / {:.0}% / {:.0}% |",
             measure.description,
             format_value(measure.unit, measure.ballast.value.median()),
             format_value(measure.unit, measure.ballast_repl2.value.median()),
@@ -654,9 +668,12 @@ fn markdown(report: &NbdReport) -> String {
             format_value(measure.unit, measure.qemu_nbd.value.median()),
             format_value(measure.unit, measure.nbdkit.value.median()),
             format_value(measure.unit, measure.raw_device.value.median()),
+            format_value(measure.unit, measure.nbd_ceiling.value.median()),
             measure.ratio_ballast_over_qemu_nbd,
             measure.ratio_ballast_over_raw_device,
             measure.ratio_repl3_over_repl1,
+            measure.ratio_ballast_over_nbd_ceiling,
+            measure.ratio_nbd_ceiling_over_qemu_nbd,
             targets(measure),
             measure.ballast.value.spread_percent(),
             measure.qemu_nbd.value.spread_percent(),
@@ -736,7 +753,9 @@ fn markdown(report: &NbdReport) -> String {
         out,
         "\nballast acknowledges a write only once it is durable (flushed); qemu-nbd and nbdkit acknowledge when the \
          device accepted it (no flush is sent by these jobs, except the database-like one's fsyncs). The raw device \
-         row is fio on the loop device itself: the physical limit. repl=2 and repl=3 are volumes of a {CLUSTER_NODES}-node \
+         row is fio on the loop device itself: the physical limit. The NBD ceiling is fio through NBD against nbdkit's \
+         null plugin (writes dropped, reads zeros, no device): what fio's NBD client, TCP and the cheapest server \
+         reach on these cores, so ceiling / qemu-nbd is the most any server's ratio over qemu-nbd can be here. repl=2 and repl=3 are volumes of a {CLUSTER_NODES}-node \
          cluster on this one machine: every replica's store, loop device and TCP hop share its cores."
     );
     out
@@ -795,8 +814,11 @@ mod tests {
                 samples(&[10.0, 10.0, 100.0]),
                 samples(&[40.0]),
                 samples(&[50.0]),
+                samples(&[80.0]),
             ],
         );
+        assert!((report.ratio_ballast_over_nbd_ceiling - 0.25).abs() < 1e-12);
+        assert!((report.ratio_nbd_ceiling_over_qemu_nbd - 8.0).abs() < 1e-12);
         assert!((report.ratio_repl2_over_repl1 - 0.6).abs() < 1e-12);
         assert!((report.ratio_repl3_over_repl1 - 0.4).abs() < 1e-12);
         assert_eq!(report.meets_target_repl3, Some(false), "0.4x < 0.6x");
@@ -818,6 +840,7 @@ mod tests {
                 samples(&[2.0]),
                 samples(&[2.0]),
                 samples(&[4.0]),
+                samples(&[8.0]),
             ],
         );
         assert_eq!(after_random.meets_target, None);

@@ -394,6 +394,23 @@ pub fn start_nbdkit(scratch: &Path, run: usize, device: &Path) -> Result<Server>
     Ok(server)
 }
 
+/// nbdkit's null plugin: writes are dropped, reads are zeros, nothing
+/// touches a device. fio through it measures what fio's NBD client, TCP and
+/// the cheapest possible server reach on this machine: the ceiling of any
+/// NBD server's throughput here.
+pub fn start_nbdkit_null(scratch: &Path, run: usize, size_bytes: u64) -> Result<Server> {
+    let port = free_port()?;
+    let log = scratch.join(format!("nbdkit-null-{run}.log"));
+    let mut command = Command::new("nbdkit");
+    command
+        .args(["--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1"])
+        .args(["--port", &port.to_string(), "null"])
+        .arg(format!("size={size_bytes}"));
+    let mut server = Server::spawn("nbdkit (null: no I/O, the NBD ceiling)", command, port, &log)?;
+    server.wait_listening()?;
+    Ok(server)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

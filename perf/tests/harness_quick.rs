@@ -1,7 +1,8 @@
 //! The benchmark harness itself (issue 10): `ballast-perf engine --quick`
 //! runs end to end on a real loop device against fio on the same device,
-//! and `ballast-perf nbd` runs its whole fio matrix (one short repetition)
-//! against ballast, qemu-nbd, nbdkit and the raw device; each writes its
+//! and `ballast-perf nbd --quick` runs its whole fio matrix (one repetition of 1 s)
+//! against ballast (repl=1, 2, 3), qemu-nbd, nbdkit, the raw device and the
+//! NBD ceiling (nbdkit null); each writes its
 //! JSON, markdown table of ratios and PNG chart. No timing is asserted:
 //! only that every measure was taken and reported.
 
@@ -118,17 +119,7 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
     let out = tempfile::tempdir().unwrap();
     // The debug build: the numbers mean nothing, the harness is what is tested.
     let ballast = ballast.to_str().unwrap();
-    let args = [
-        "nbd",
-        "--seconds",
-        "1",
-        "--repeats",
-        "1",
-        "--size",
-        "512MiB",
-        "--ballast",
-        ballast,
-    ];
+    let args = ["nbd", "--quick", "--ballast", ballast];
     let stdout = run_perf(&args, out.path());
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("nbd.json")).unwrap()).unwrap();
@@ -143,12 +134,20 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
             "qemu_nbd",
             "nbdkit",
             "raw_device",
+            "nbd_ceiling",
         ] {
             let values = measure[target]["value"]["values"].as_array().unwrap();
             assert_eq!(values.len(), 1, "{name} on {target}: one repetition");
             assert!(values[0].as_f64().unwrap() > 0.0, "{name} on {target}: {measure:#}");
         }
-        for server in ["ballast", "ballast_repl2", "ballast_repl3", "qemu_nbd", "nbdkit"] {
+        for server in [
+            "ballast",
+            "ballast_repl2",
+            "ballast_repl3",
+            "qemu_nbd",
+            "nbdkit",
+            "nbd_ceiling",
+        ] {
             let per_cpu = &measure[server]["requests_per_cpu_second"]["values"];
             assert!(
                 per_cpu[0].as_f64().unwrap() > 0.0,
@@ -170,6 +169,10 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
         }
         assert!(measure["ratio_repl3_over_repl1"].as_f64().unwrap() > 0.0, "{measure:#}");
         assert!(
+            measure["ratio_nbd_ceiling_over_qemu_nbd"].as_f64().unwrap() > 0.0,
+            "{measure:#}"
+        );
+        assert!(
             measure["qemu_nbd"]["server_latency_p99_us"]["values"]
                 .as_array()
                 .unwrap()
@@ -188,6 +191,7 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
         assert!(table.contains(row), "{row} in {table}");
     }
     assert!(table.contains("ballast / raw"), "{table}");
+    assert!(table.contains("ceiling / qemu-nbd"), "{table}");
     assert!(stdout.contains(&table), "the table printed is the one saved");
     let png = std::fs::read(out.path().join("nbd.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "nbd.png is a PNG");
