@@ -11,6 +11,7 @@ pub mod daemon;
 pub mod datadir;
 pub mod engine;
 pub mod enroll;
+pub mod in_flight;
 pub mod metrics;
 pub mod nbd;
 pub mod pattern;

@@ -14,17 +14,15 @@
 //! own, so their copying and encryption can use another core.
 
 use std::collections::VecDeque;
-use std::future::Future;
 use std::io::IoSlice;
-use std::pin::Pin;
 use std::sync::Arc;
 
-use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 
 use super::handshake::{Session, REQUEST_BYTES_MAX};
 use super::proto::{self, *};
 use super::NbdError;
+use crate::in_flight::InFlight;
 use crate::metrics::Op;
 use crate::volume::io::ReadData;
 use crate::volume::{Volume, VolumeIoError};
@@ -68,67 +66,6 @@ fn error(errno: u32, message: impl Into<String>) -> Outcome {
     Outcome::Error {
         errno,
         message: message.into(),
-    }
-}
-
-type RequestFuture = Pin<Box<dyn Future<Output = Answer> + Send>>;
-
-/// The requests a connection is running. Dropped with some still running
-/// (the connection was stopped or broke), they are finished on a task of
-/// their own: a write half done must not be abandoned mid-way.
-///
-/// The set also holds one future that never finishes and is never woken:
-/// `FuturesUnordered` wakes its task again whenever one call has polled
-/// every future it holds (to let other tasks run), which with few requests
-/// in flight was nearly every call, and cost a wake-up of another runtime
-/// thread per request (a third more CPU per request at queue depth 1).
-struct InFlight {
-    futures: FuturesUnordered<RequestFuture>,
-}
-
-impl InFlight {
-    fn new() -> Self {
-        let futures: FuturesUnordered<RequestFuture> = FuturesUnordered::new();
-        futures.push(Box::pin(std::future::pending()));
-        Self { futures }
-    }
-
-    /// Requests running.
-    fn len(&self) -> usize {
-        self.futures.len() - 1
-    }
-
-    fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn push(&mut self, request: RequestFuture) {
-        self.futures.push(request);
-    }
-
-    /// The next request to finish (pending forever when none runs).
-    async fn next(&mut self) -> Answer {
-        self.futures.next().await.expect("the set is never empty")
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        let running = self.len();
-        if running == 0 {
-            return;
-        }
-        let mut rest = std::mem::take(&mut self.futures);
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => {
-                runtime.spawn(async move {
-                    for _ in 0..running {
-                        rest.next().await;
-                    }
-                });
-            }
-            Err(_) => tracing::warn!(requests = running, "NBD requests dropped with their runtime"),
-        }
     }
 }
 
@@ -282,7 +219,7 @@ impl Outbox {
 struct Connection {
     session: Session,
     inbound: Inbound,
-    in_flight: InFlight,
+    in_flight: InFlight<Answer>,
     /// Payload bytes of the requests in flight.
     in_flight_bytes: u64,
     outbox: Outbox,

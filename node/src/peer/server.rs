@@ -8,15 +8,20 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::frame::FrameKind;
+use tokio::io::AsyncWriteExt;
+
+use super::frame::{self, FrameKind};
 use super::handshake::{admit, Admitted, Hello, Welcome};
 use super::tls::PeerTls;
-use super::{read_frame, write_frame, PeerError, PeerStream, PROTOCOL_VERSION};
+use super::{read_frame, write_frame, Frame, PeerError, PeerStream, PROTOCOL_VERSION};
+use crate::in_flight::InFlight;
 
 /// Most peer connections served at once.
 pub const CONNECTIONS_MAX: usize = 256;
 /// Requests answered at once on one connection.
 pub const REQUESTS_IN_FLIGHT_MAX: usize = 128;
+/// Receive buffer of a connection (a payload at least this big bypasses it).
+const READ_BUFFER_BYTES: usize = 64 * 1024;
 /// A connection idle this long is closed (dialers redial).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -148,9 +153,11 @@ async fn connection<H: PeerHandler>(
     serve_requests(stream, address, handler, admitted, stop).await
 }
 
-/// Reads requests and answers each from its own task, so a slow request
-/// (a replicated write waiting for its disk) does not hold up the others;
-/// replies leave in completion order, matched by request id.
+/// Reads requests and runs them concurrently as futures of this
+/// connection's task (a slow request, a replicated write waiting for its
+/// disk, does not hold up the others; no task spawn or thread hop per
+/// request); replies leave in completion order, matched by request id, the
+/// ones ready together in one send.
 async fn serve_requests<H: PeerHandler>(
     stream: PeerStream,
     address: &str,
@@ -158,44 +165,82 @@ async fn serve_requests<H: PeerHandler>(
     admitted: Admitted,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PeerError> {
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let (replies, mut outbox) = tokio::sync::mpsc::channel::<(FrameKind, u64, Vec<u8>)>(REQUESTS_IN_FLIGHT_MAX);
-    let writer_address = address.to_owned();
-    let writer_task = tokio::spawn(async move {
-        while let Some((kind, request_id, payload)) = outbox.recv().await {
-            write_frame(&mut writer, &writer_address, kind, request_id, &payload).await?;
-        }
-        Ok::<(), PeerError>(())
-    });
-    let slots = Arc::new(tokio::sync::Semaphore::new(REQUESTS_IN_FLIGHT_MAX));
-    let result = loop {
-        let request = tokio::select! {
-            request = tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut reader, address)) => match request {
-                Ok(Ok(request)) => request,
-                Ok(Err(error)) => break Err(error),
-                Err(_) => break Ok(()),
-            },
-            _ = stop.changed() => break Ok(()),
-        };
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-            break Ok(());
-        };
-        let (handler, replies) = (Arc::clone(&handler), replies.clone());
-        tokio::spawn(async move {
-            let _slot = slot;
-            let outcome = if admitted == Admitted::JoinOnly && request.kind != FrameKind::Join {
-                Err("this connection is not from a cluster member; only join requests are accepted".to_owned())
-            } else {
-                handler.handle(request.kind, request.payload).await
-            };
-            let reply = match outcome {
-                Ok((kind, payload)) => (kind, request.request_id, payload),
-                Err(reason) => (FrameKind::Refused, request.request_id, reason.into_bytes()),
-            };
-            let _ = replies.send(reply).await;
-        });
+    let (reader, mut writer) = tokio::io::split(stream);
+    let reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    let io_error = |source| PeerError::Io {
+        address: address.to_owned(),
+        source,
     };
-    drop(replies);
-    writer_task.abort();
-    result
+    let mut in_flight: InFlight<(FrameKind, u64, Vec<u8>)> = InFlight::new();
+    // Reading a frame is never cancelled midway: the one future lives
+    // across loop turns until it has a whole frame.
+    let mut reading = Box::pin(next_request(reader, address.to_owned()));
+    let mut out: Vec<u8> = Vec::new();
+    loop {
+        let room = in_flight.len() < REQUESTS_IN_FLIGHT_MAX;
+        tokio::select! {
+            biased;
+            (kind, request_id, payload) = in_flight.next(), if !in_flight.is_empty() => {
+                match frame::encode(kind, request_id, &payload) {
+                    Ok(bytes) => out.extend_from_slice(&bytes),
+                    Err(source) => tracing::error!(address, %source, "peer reply not sent"),
+                }
+            }
+            // Biased: reached only when no other reply is ready; all go in one send.
+            () = std::future::ready(()), if !out.is_empty() => {
+                writer.write_all(&out).await.map_err(io_error)?;
+                writer.flush().await.map_err(io_error)?;
+                out.clear();
+            }
+            (reader, request) = &mut reading, if room => {
+                let request = match request {
+                    Ok(Some(request)) => request,
+                    Ok(None) => return Ok(()),
+                    Err(error) => return Err(error),
+                };
+                reading = Box::pin(next_request(reader, address.to_owned()));
+                let handler = Arc::clone(&handler);
+                let (kind, request_id) = (request.kind, request.request_id);
+                let run = async move {
+                    let outcome = if admitted == Admitted::JoinOnly && request.kind != FrameKind::Join {
+                        Err("this connection is not from a cluster member; only join requests are accepted".to_owned())
+                    } else {
+                        handler.handle(request.kind, request.payload).await
+                    };
+                    match outcome {
+                        Ok((kind, payload)) => (kind, request.request_id, payload),
+                        Err(reason) => (FrameKind::Refused, request.request_id, reason.into_bytes()),
+                    }
+                };
+                if matches!(kind, FrameKind::ReplicaWrite | FrameKind::ReplicaRead) {
+                    // The data path: run here, no hop.
+                    in_flight.push(Box::pin(run));
+                } else {
+                    // Everything else (Raft, scrub digests, joins) on a task of its own,
+                    // so its CPU does not hold up the data path on this connection.
+                    let task = tokio::spawn(run);
+                    in_flight.push(Box::pin(async move {
+                        task.await.unwrap_or_else(|error| {
+                            (FrameKind::Refused, request_id, format!("request failed: {error}").into_bytes())
+                        })
+                    }));
+                }
+            }
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Reads the next request frame; `None` when the connection was idle for
+/// `IDLE_TIMEOUT` (the dialer redials). Gives the reader back.
+async fn next_request<R: tokio::io::AsyncRead + Unpin>(
+    mut reader: R,
+    address: String,
+) -> (R, Result<Option<Frame>, PeerError>) {
+    let result = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut reader, &address)).await {
+        Ok(Ok(frame)) => Ok(Some(frame)),
+        Ok(Err(error)) => Err(error),
+        Err(_) => Ok(None),
+    };
+    (reader, result)
 }
