@@ -46,6 +46,19 @@ impl<T: Send + 'static> InFlight<T> {
         self.futures.push(request);
     }
 
+    /// Runs `request` on a task of its own (its CPU can then use another
+    /// core) and keeps its answer with the others; `failed` answers for a
+    /// task that did not finish (it panicked or was cancelled).
+    pub fn spawn(
+        &mut self,
+        request: impl Future<Output = T> + Send + 'static,
+        failed: impl FnOnce(tokio::task::JoinError) -> T + Send + 'static,
+    ) {
+        let task = tokio::spawn(request);
+        self.futures
+            .push(Box::pin(async move { task.await.unwrap_or_else(failed) }));
+    }
+
     /// The next request to finish (pending forever when none runs).
     /// Cancel-safe.
     pub async fn next(&mut self) -> T {
@@ -100,6 +113,17 @@ mod tests {
         assert!(set.is_empty());
         let idle = tokio::time::timeout(std::time::Duration::from_millis(20), set.next()).await;
         assert!(idle.is_err(), "an empty set never answers");
+    }
+
+    #[tokio::test]
+    async fn a_spawned_request_answers_with_the_others_and_a_failed_one_is_answered_for() {
+        let mut set: InFlight<String> = InFlight::new();
+        set.spawn(async { "done".to_owned() }, |_| "failed".to_owned());
+        assert_eq!(set.next().await, "done");
+        set.spawn(async { panic!("boom") }, |error| {
+            format!("failed: panic {}", error.is_panic())
+        });
+        assert_eq!(set.next().await, "failed: panic true");
     }
 
     #[tokio::test]

@@ -414,26 +414,25 @@ impl Connection {
 
     /// Starts a request (its payload, if any, complete).
     fn start(&mut self, request: Request, payload: Vec<u8>) {
+        // Data bytes the request moves (reads and writes): its budget cost.
         let cost_bytes = if matches!(request.command, CMD_READ | CMD_WRITE) {
-            u64::from(request.length_bytes.min(REQUEST_BYTES_MAX))
+            request.length_bytes.min(REQUEST_BYTES_MAX)
         } else {
             0
         };
-        self.in_flight_bytes += cost_bytes;
+        self.in_flight_bytes += u64::from(cost_bytes);
         let volume = Arc::clone(&self.session.volume);
         let structured = self.session.structured_replies;
         let base_allocation = self.session.base_allocation;
-        let run = run_request(volume, request, payload, structured, base_allocation, cost_bytes);
-        if request.length_bytes >= SPAWN_BYTES_MIN && matches!(request.command, CMD_READ | CMD_WRITE) {
-            let task = tokio::spawn(run);
-            self.in_flight.push(Box::pin(async move {
-                task.await.unwrap_or_else(|e| Answer {
-                    cookie: request.cookie,
-                    offset_bytes: request.offset_bytes,
-                    outcome: error(EIO, format!("request failed: {e}")),
-                    cost_bytes,
-                })
-            }));
+        let cost = u64::from(cost_bytes);
+        let run = run_request(volume, request, payload, structured, base_allocation, cost);
+        if cost_bytes >= SPAWN_BYTES_MIN {
+            self.in_flight.spawn(run, move |e| Answer {
+                cookie: request.cookie,
+                offset_bytes: request.offset_bytes,
+                outcome: error(EIO, format!("request failed: {e}")),
+                cost_bytes: cost,
+            });
         } else {
             self.in_flight.push(Box::pin(run));
         }

@@ -174,7 +174,7 @@ async fn serve_requests<H: PeerHandler>(
     let mut in_flight: InFlight<(FrameKind, u64, Vec<u8>)> = InFlight::new();
     // Reading a frame is never cancelled midway: the one future lives
     // across loop turns until it has a whole frame.
-    let mut reading = Box::pin(next_request(reader, address.to_owned()));
+    let mut reading = Box::pin(next_request(reader, address));
     let mut out: Vec<u8> = Vec::new();
     loop {
         let room = in_flight.len() < REQUESTS_IN_FLIGHT_MAX;
@@ -182,6 +182,8 @@ async fn serve_requests<H: PeerHandler>(
             biased;
             (kind, request_id, payload) = in_flight.next(), if !in_flight.is_empty() => {
                 match frame::encode(kind, request_id, &payload) {
+                    // The first reply is the buffer itself; later ones are appended.
+                    Ok(bytes) if out.is_empty() => out = bytes,
                     Ok(bytes) => out.extend_from_slice(&bytes),
                     Err(source) => tracing::error!(address, %source, "peer reply not sent"),
                 }
@@ -198,7 +200,7 @@ async fn serve_requests<H: PeerHandler>(
                     Ok(None) => return Ok(()),
                     Err(error) => return Err(error),
                 };
-                reading = Box::pin(next_request(reader, address.to_owned()));
+                reading = Box::pin(next_request(reader, address));
                 let handler = Arc::clone(&handler);
                 let (kind, request_id) = (request.kind, request.request_id);
                 let run = async move {
@@ -218,12 +220,9 @@ async fn serve_requests<H: PeerHandler>(
                 } else {
                     // Everything else (Raft, scrub digests, joins) on a task of its own,
                     // so its CPU does not hold up the data path on this connection.
-                    let task = tokio::spawn(run);
-                    in_flight.push(Box::pin(async move {
-                        task.await.unwrap_or_else(|error| {
-                            (FrameKind::Refused, request_id, format!("request failed: {error}").into_bytes())
-                        })
-                    }));
+                    in_flight.spawn(run, move |error| {
+                        (FrameKind::Refused, request_id, format!("request failed: {error}").into_bytes())
+                    });
                 }
             }
             _ = stop.changed() => return Ok(()),
@@ -235,9 +234,9 @@ async fn serve_requests<H: PeerHandler>(
 /// `IDLE_TIMEOUT` (the dialer redials). Gives the reader back.
 async fn next_request<R: tokio::io::AsyncRead + Unpin>(
     mut reader: R,
-    address: String,
+    address: &str,
 ) -> (R, Result<Option<Frame>, PeerError>) {
-    let result = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut reader, &address)).await {
+    let result = match tokio::time::timeout(IDLE_TIMEOUT, read_frame(&mut reader, address)).await {
         Ok(Ok(frame)) => Ok(Some(frame)),
         Ok(Err(error)) => Err(error),
         Err(_) => Ok(None),
