@@ -381,15 +381,28 @@ pub fn start_qemu_nbd(scratch: &Path, run: usize, device: &Path) -> Result<Serve
 /// nbdkit's file plugin. Its `cache=none` evicts pages after each request
 /// (fadvise); nbdkit 1.32 has no O_DIRECT option, so this is as close as it gets.
 pub fn start_nbdkit(scratch: &Path, run: usize, device: &Path) -> Result<Server> {
+    let plugin = [
+        "file".to_owned(),
+        format!("file={}", device.display()),
+        "cache=none".to_owned(),
+    ];
+    spawn_nbdkit(
+        "nbdkit (file, cache=none)",
+        &plugin,
+        &scratch.join(format!("nbdkit-{run}.log")),
+    )
+}
+
+/// nbdkit on a free loopback port with `plugin` (its name and arguments),
+/// once it listens.
+fn spawn_nbdkit(label: &str, plugin: &[String], log: &Path) -> Result<Server> {
     let port = free_port()?;
-    let log = scratch.join(format!("nbdkit-{run}.log"));
     let mut command = Command::new("nbdkit");
     command
         .args(["--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1"])
-        .args(["--port", &port.to_string(), "file"])
-        .arg(format!("file={}", device.display()))
-        .arg("cache=none");
-    let mut server = Server::spawn("nbdkit (file, cache=none)", command, port, &log)?;
+        .args(["--port", &port.to_string()])
+        .args(plugin);
+    let mut server = Server::spawn(label, command, port, log)?;
     server.wait_listening()?;
     Ok(server)
 }
@@ -399,16 +412,11 @@ pub fn start_nbdkit(scratch: &Path, run: usize, device: &Path) -> Result<Server>
 /// the cheapest possible server reach on this machine: the ceiling of any
 /// NBD server's throughput here.
 pub fn start_nbdkit_null(scratch: &Path, run: usize, size_bytes: u64) -> Result<Server> {
-    let port = free_port()?;
-    let log = scratch.join(format!("nbdkit-null-{run}.log"));
-    let mut command = Command::new("nbdkit");
-    command
-        .args(["--foreground", "--exit-with-parent", "--ipaddr", "127.0.0.1"])
-        .args(["--port", &port.to_string(), "null"])
-        .arg(format!("size={size_bytes}"));
-    let mut server = Server::spawn("nbdkit (null: no I/O, the NBD ceiling)", command, port, &log)?;
-    server.wait_listening()?;
-    Ok(server)
+    spawn_nbdkit(
+        "nbdkit (null: no I/O, the NBD ceiling)",
+        &["null".to_owned(), format!("size={size_bytes}")],
+        &scratch.join(format!("nbdkit-null-{run}.log")),
+    )
 }
 
 #[cfg(test)]
