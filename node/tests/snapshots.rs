@@ -332,7 +332,7 @@ fn a_snapshot_under_writes_holds_one_point_between_the_acknowledged_writes_on_ev
     // Read the snapshot from every node (each serves its own copy).
     let mut copies = Vec::new();
     for node in &cluster.nodes {
-        let mut client = NbdClient::connect(&nbd_address(node), "v@mid", Duration::from_secs(20)).unwrap();
+        let mut client = connect_snapshot(node, "v@mid");
         let mut rounds = Vec::new();
         for block in 0..BLOCKS {
             let (error, data) = client.request(proto::CMD_READ, block * 4096, 4096, &[]).unwrap();
@@ -369,22 +369,27 @@ fn a_snapshot_under_writes_holds_one_point_between_the_acknowledged_writes_on_ev
     );
 }
 
-/// Reads `[offset, offset + len)` of export `name` on `node` (read-only)
-/// and checks every byte is `fill`.
-fn expect_fill(node: &TestNode, name: &str, offset: u64, len: u64, fill: u8) {
-    // A snapshot reaches each node through the cluster's metadata log: until
-    // this node has applied it, the export is unknown there and the
-    // connection is closed in the handshake. Retried, within a bound.
+/// Connects to snapshot (or clone) export `name` on `node`. A snapshot
+/// reaches each node through the cluster's metadata log: until this node has
+/// applied it, the export is unknown there and the connection is closed in
+/// the handshake. Retried, within a bound.
+fn connect_snapshot(node: &TestNode, name: &str) -> NbdClient {
     let started = Instant::now();
-    let mut client = loop {
+    loop {
         match NbdClient::connect(&nbd_address(node), name, Duration::from_secs(20)) {
-            Ok(client) => break client,
+            Ok(client) => return client,
             Err(error) if started.elapsed() > Duration::from_secs(20) => {
                 panic!("{name} on node {}: {error}", node.node_id())
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
-    };
+    }
+}
+
+/// Reads `[offset, offset + len)` of export `name` on `node` (read-only)
+/// and checks every byte is `fill`.
+fn expect_fill(node: &TestNode, name: &str, offset: u64, len: u64, fill: u8) {
+    let mut client = connect_snapshot(node, name);
     let mut at = offset;
     while at < offset + len {
         let piece = (offset + len - at).min(1 << 20);
@@ -451,7 +456,7 @@ fn restore_and_clone_reach_every_replica_of_a_replicated_volume() {
 
 /// crc32c of every 1 MiB of export `name` on `node`.
 fn digest(node: &TestNode, name: &str, size_bytes: u64) -> Vec<u32> {
-    let mut client = NbdClient::connect(&nbd_address(node), name, Duration::from_secs(20)).unwrap();
+    let mut client = connect_snapshot(node, name);
     (0..size_bytes / (1 << 20))
         .map(|mib| {
             let (error, data) = client.request(proto::CMD_READ, mib << 20, 1 << 20, &[]).unwrap();
