@@ -8,6 +8,11 @@ cd "$(dirname "$0")/.."
 PROFILE=release
 if [ "${1:-}" = "--debug" ]; then PROFILE=dev; fi
 TARGET=x86_64-unknown-linux-musl
+# rustup installed by ci/install-deps.sh in this session is not on PATH yet.
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
 
 if ! rustup target list --installed | grep -qx "$TARGET"; then
   echo "build: adding Rust target $TARGET"

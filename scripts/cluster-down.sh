@@ -4,13 +4,16 @@
 # devices, deletes its network namespaces and its directory.
 #
 #   scripts/cluster-down.sh [--dir DIR]     (default /var/tmp/ballast-cluster)
+#   scripts/cluster-down.sh --keep-files    the same, but the directory (node logs,
+#                                           data directories, disk images) stays
 set -uo pipefail
 
-DIR=/var/tmp/ballast-cluster
+DIR=/var/tmp/ballast-cluster KEEP=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --dir) DIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --keep-files) KEEP=1; shift ;;
+    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "cluster-down: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -33,5 +36,10 @@ done
 for ns in $(awk '$1 == "netns" {print $2}' "$STATE" | sort -r); do
   ip netns del "$ns" 2>/dev/null
 done
+if [ "$KEEP" = 1 ]; then
+  mv "$STATE" "$DIR/state.down"
+  echo "cluster-down: stopped the cluster in $DIR; its files stay there"
+  exit 0
+fi
 rm -rf "$DIR"
 echo "cluster-down: removed the cluster in $DIR"

@@ -6,6 +6,11 @@
 #   scripts/test.sh --quick  skip the long crash loops
 set -uo pipefail
 cd "$(dirname "$0")/.."
+# rustup installed by ci/install-deps.sh in this session is not on PATH yet.
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
 
 export BALLAST_TEST_QUICK=0
 [ "${1:-}" = "--quick" ] && export BALLAST_TEST_QUICK=1

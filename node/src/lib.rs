@@ -12,6 +12,7 @@ pub mod datadir;
 pub mod engine;
 pub mod enroll;
 pub mod in_flight;
+pub mod load_check;
 pub mod metrics;
 pub mod nbd;
 pub mod pattern;

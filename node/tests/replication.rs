@@ -1,8 +1,10 @@
 //! Synchronous replication on real processes: fio writes with checksums to
 //! a repl=3 volume, a replica is killed mid-write (dropped from the in-sync
 //! set, writes go on; it returns out of sync), then the coordinator is
-//! killed and the other in-sync replica takes over (`volume attach`):
-//! fio's verify passes there. Returning replicas are resynced under live
+//! killed under 32 writes in flight on one connection (the checked load of
+//! `node::load_check`, which logs every acknowledgement) and the other
+//! in-sync replica takes over (`volume attach`): fio's verify and the
+//! checked load's both pass there. Returning replicas are resynced under live
 //! writes and rejoin the in-sync set. A stale
 //! coordinator's writes are refused by the replicas (epoch fencing).
 
@@ -13,8 +15,12 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{wait_until, TestCluster, CONVERGE_TIMEOUT};
 use common::firewall::Firewall;
+use common::nbd::NbdClient;
 use common::node::{run_with_timeout, TestNode};
 use common::{have_tool, record_skip, text};
+use node::load_check::{self, WriteLoad};
+use node::nbd::client::ExportUri;
+use node::nbd::proto;
 
 const FIO_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -78,7 +84,7 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
 
     // Writes while node 2 (a replica) dies: fio sees no error.
     let uri = cluster.nodes[0].uri("db");
-    let mut writer = fio(&uri, scratch.path(), &["--do_verify=0"])
+    let mut writer = fio(&uri, scratch.path(), &["--do_verify=0", "--offset=16M"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -112,9 +118,30 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
     // Node 2 returns (it votes in Raft again; the coordinator starts resyncing it).
     cluster.nodes[2].restart();
 
-    // The coordinator dies; node 1 (in sync) takes over with a higher epoch.
+    // The coordinator dies under 32 writes in flight on one connection
+    // (blocks 0..4096, below fio's); node 1 (in sync) takes over with a higher epoch.
     let old_epoch = info["epoch"].as_u64().unwrap();
+    let ack_log = scratch.path().join("ack.log");
+    let load = WriteLoad {
+        uri: ExportUri::parse(&uri).unwrap(),
+        ack_log: ack_log.clone(),
+        duration: Duration::from_secs(60),
+        queue_depth: 32,
+        blocks: Some(4096),
+        seed: 7,
+    };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let load_writer = runtime.spawn(async move { load_check::write_load(&load).await });
+    let used = cluster.nodes[0].inspect("db")["used_bytes"].as_u64().unwrap();
+    let started = Instant::now();
+    while cluster.nodes[0].inspect("db")["used_bytes"].as_u64().unwrap() < used + (4 << 20) {
+        assert!(started.elapsed() < FIO_TIMEOUT, "the checked load wrote too little");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     cluster.nodes[0].kill9();
+    let written = runtime.block_on(load_writer).unwrap().unwrap();
+    assert!(matches!(written.ended, load_check::Ended::Cut(_)), "{written}");
+    assert!(written.acknowledged > 0, "{written}");
     let started = Instant::now();
     let attached = loop {
         let output = cluster.nodes[1].cli(&["volume", "attach", "db", "--force", "--json"]);
@@ -142,7 +169,7 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
         &mut fio(
             &cluster.nodes[1].uri("db"),
             scratch.path(),
-            &["--verify_only", "--verify_fatal=1"],
+            &["--verify_only", "--verify_fatal=1", "--offset=16M"],
         ),
         FIO_TIMEOUT,
     );
@@ -152,6 +179,33 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
         text(&verify)
     );
     assert_eq!(fio_error(&verify), 0);
+    let new_uri = ExportUri::parse(&cluster.nodes[1].uri("db")).unwrap();
+    let checked = runtime
+        .block_on(load_check::verify_load(&new_uri, &ack_log, 32))
+        .unwrap();
+    assert!(checked.passed(), "{checked}");
+    assert_eq!(checked.acknowledgements, written.acknowledged, "{checked}");
+
+    // The checker is not blind: a block whose write was acknowledged, zeroed, is reported lost.
+    let book = node::load_check::book::decode(&std::fs::read(&ack_log).unwrap()).unwrap();
+    let (&zeroed, _) = book
+        .histories
+        .iter()
+        .find(|(_, history)| history.acknowledged > 0)
+        .unwrap();
+    let mut client = NbdClient::connect(&new_uri.address, "db", Duration::from_secs(10)).unwrap();
+    let (error, _) = client
+        .request(proto::CMD_WRITE_ZEROES, zeroed * 4096, 4096, &[])
+        .unwrap();
+    assert_eq!(error, 0);
+    let checked = runtime
+        .block_on(load_check::verify_load(&new_uri, &ack_log, 32))
+        .unwrap();
+    assert_eq!(checked.lost.len(), 1, "{checked}");
+    assert!(
+        checked.lost[0].starts_with(&format!("block {zeroed}: zeroes")),
+        "{checked}"
+    );
 
     // The old coordinator comes back: it no longer serves the volume.
     cluster.nodes[0].restart();

@@ -25,6 +25,13 @@ pub enum DebugCommand {
     WriteLoad(LoadArgs),
     /// Checks that every write in the ack log is readable with its content.
     VerifyLoad(LoadArgs),
+    /// Through NBD: random 4 KiB writes of self-describing blocks, many in
+    /// flight on one connection; logs every write sent and every
+    /// acknowledgement (stops on time, or when the connection is cut).
+    NbdWriteLoad(crate::cli::load::NbdWriteLoadArgs),
+    /// Through NBD: reads back every block an `nbd-write-load` wrote and
+    /// proves each holds its newest acknowledged write (or a newer one sent).
+    NbdVerifyLoad(crate::cli::load::NbdVerifyLoadArgs),
 }
 
 #[derive(Args, Debug)]
@@ -66,6 +73,8 @@ pub fn run(command: DebugCommand) -> Result<ExitCode> {
     match command {
         DebugCommand::WriteLoad(args) => write_load(&args),
         DebugCommand::VerifyLoad(args) => verify_load(&args),
+        DebugCommand::NbdWriteLoad(args) => crate::cli::load::write(&args),
+        DebugCommand::NbdVerifyLoad(args) => crate::cli::load::verify(&args),
     }
 }
 

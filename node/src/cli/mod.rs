@@ -199,6 +199,7 @@ pub mod cluster;
 pub mod debug;
 pub mod disk;
 pub mod export;
+pub mod load;
 pub mod node;
 pub mod progress;
 pub mod scrub;

@@ -5,6 +5,7 @@
 //! `proto` holds the pure wire codec, `handshake` the option phase,
 //! `transmission` the request phase of one connection.
 
+pub mod client;
 pub mod handshake;
 pub mod proto;
 pub mod tls;
