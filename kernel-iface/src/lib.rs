@@ -9,6 +9,7 @@ pub mod affinity;
 pub mod device;
 pub mod engine;
 pub mod faults;
+pub mod fuse;
 pub mod lockfile;
 pub mod loopdev;
 pub mod nbd;

@@ -133,7 +133,7 @@ impl Drop for Dockerd {
 
 /// Whether this host can run the test; records why not.
 fn available(test: &str) -> bool {
-    host_attach_available(test, &["fusermount3", "mkfs.ext4", "blkid"])
+    host_attach_available(test, &["mkfs.ext4", "blkid"])
         && have_tool(test, "dockerd")
         && have_tool(test, "docker")
         && have_tool(test, "busybox")

@@ -151,7 +151,7 @@ fn processed(report: &str) -> u64 {
 #[test]
 fn postgresql_on_a_volume_keeps_every_committed_transaction_when_its_node_is_killed() {
     let test = "postgresql_on_a_volume_keeps_every_committed_transaction_when_its_node_is_killed";
-    if !host_attach_available(test, &["fusermount3", "mkfs.ext4", "blkid", "runuser"]) {
+    if !host_attach_available(test, &["mkfs.ext4", "blkid", "runuser"]) {
         return;
     }
     let Some(bin) = postgres_bin() else {

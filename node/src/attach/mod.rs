@@ -192,7 +192,7 @@ pub struct HostAttach {
     backend: Backend,
     /// Declared before `session`: loop devices go before the unmount.
     devices: Mutex<BTreeMap<String, Attached>>,
-    session: Mutex<Option<fuser::BackgroundSession>>,
+    session: Mutex<Option<fuse::Session>>,
     memory_locked: std::sync::Once,
 }
 
@@ -231,12 +231,6 @@ impl HostAttach {
         if session.is_some() {
             return Ok(());
         }
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.mountpoint)
-            .map_err(|e| format!("cannot make {}: {e}", self.mountpoint.display()))?;
         // Loop devices and a mount left by a killed node would make this one fail.
         let prefix = format!("{}/", self.mountpoint.display());
         for (device, backing) in kernel_iface::loopdev::backings() {
@@ -244,26 +238,19 @@ impl HostAttach {
                 tracing::info!(device = %device.display(), backing = %backing, "released a loop device left by this node's previous run");
             }
         }
-        let _ = std::process::Command::new("fusermount3")
-            .arg("-u")
-            .arg("-q")
-            .arg(&self.mountpoint)
-            .status();
-        let filesystem = fuse::AttachFs {
-            files: Arc::clone(&self.files),
-            runtime: self.runtime.clone(),
-        };
-        let options = [
-            fuser::MountOption::FSName("ballast".into()),
-            fuser::MountOption::Subtype("ballast".into()),
-        ];
-        let mounted = fuser::spawn_mount2(filesystem, &self.mountpoint, &options).map_err(|e| {
-            format!(
-                "cannot mount the attach filesystem at {} (FUSE: /dev/fuse and fusermount3 are needed): {e}",
-                self.mountpoint.display()
-            )
-        })?;
-        tracing::info!(mountpoint = %self.mountpoint.display(), "host attach FUSE filesystem mounted");
+        // A killed node's mount is still there (its directory answers ENOTCONN).
+        if is_mounted(&self.mountpoint) {
+            let _ = kernel_iface::fuse::unmount(&self.mountpoint);
+        }
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.mountpoint)
+            .map_err(|e| format!("cannot make {}: {e}", self.mountpoint.display()))?;
+        let filesystem = Arc::new(fuse::AttachFs::new(Arc::clone(&self.files)));
+        let channels = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let mounted = fuse::Session::mount(&self.mountpoint, filesystem, &self.runtime, channels)?;
         *session = Some(mounted);
         Ok(())
     }

@@ -80,7 +80,7 @@ impl Drop for AttachLeftovers {
             }
         }
         for dir in &self.fuse_dirs {
-            let _ = Command::new("fusermount3").arg("-u").arg("-z").arg(dir).output();
+            let _ = Command::new("umount").arg("-l").arg(dir).output();
         }
     }
 }
