@@ -66,7 +66,9 @@ impl FuseChannel {
         // SAFETY: FUSE_DEV_IOC_CLONE reads one u32 (the session's
         // descriptor) through the pointer, which points at `session`, a live
         // local of that type; the kernel writes nothing back.
-        let done = unsafe { libc::ioctl(file.as_raw_fd(), FUSE_DEV_IOC_CLONE, &raw mut session) };
+        // The request's type is c_ulong on glibc and c_int on musl.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+        let done = unsafe { libc::ioctl(file.as_raw_fd(), FUSE_DEV_IOC_CLONE as _, &raw mut session) };
         if done < 0 {
             return Err(io::Error::last_os_error());
         }

@@ -49,6 +49,34 @@ impl LoopDevice {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// Queue settings for a device that is a fast SSD underneath: not
+    /// rotational (no seek-minded scheduling or readahead), no I/O
+    /// scheduler, the deepest queue the device takes. What a setting
+    /// refuses stays as the kernel made it; the settings in force are returned.
+    #[must_use]
+    pub fn tune_as_ssd(&self) -> Vec<(String, String)> {
+        let Some(name) = self.path.file_name().and_then(|name| name.to_str()) else {
+            return Vec::new();
+        };
+        let queue = PathBuf::from("/sys/block").join(name).join("queue");
+        for (setting, value) in [("rotational", "0"), ("scheduler", "none"), ("nr_requests", "256")] {
+            let _ = std::fs::write(queue.join(setting), value);
+        }
+        [
+            "rotational",
+            "scheduler",
+            "nr_requests",
+            "discard_max_bytes",
+            "logical_block_size",
+        ]
+        .iter()
+        .map(|setting| {
+            let value = std::fs::read_to_string(queue.join(setting)).unwrap_or_default();
+            ((*setting).to_owned(), value.trim().to_owned())
+        })
+        .collect()
+    }
 }
 
 impl Drop for LoopDevice {

@@ -276,12 +276,15 @@ impl HostAttach {
         self.ensure_mounted()?;
         self.files.insert(Arc::clone(volume));
         let file = self.mountpoint.join(&volume.name);
-        LoopDevice::attach_with_sector_size(&file, true, Some(volume.block_size_bytes))
+        let device = LoopDevice::attach_with_sector_size(&file, true, Some(volume.block_size_bytes))
             .or_else(|_| LoopDevice::attach_with_sector_size(&file, false, Some(volume.block_size_bytes)))
             .map_err(|e| {
                 self.files.remove(&volume.name);
                 format!("cannot make a loop device over {}: {e}", file.display())
-            })
+            })?;
+        let queue = device.tune_as_ssd();
+        tracing::info!(volume = %volume.name, device = %device.path().display(), ?queue, "loop device queue");
+        Ok(device)
     }
 
     /// Removes `name`'s block device (unmount any filesystem on it first).
