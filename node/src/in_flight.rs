@@ -4,6 +4,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Wake, Waker};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 
@@ -92,9 +94,77 @@ impl<T: Send + 'static> Drop for InFlight<T> {
     }
 }
 
+/// A future polled first by the thread that made it, then by the runtime.
+struct FirstPoll {
+    future: parking_lot::Mutex<Option<Pin<Box<dyn Future<Output = ()> + Send>>>>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl Wake for FirstPoll {
+    fn wake(self: Arc<Self>) {
+        // From now on a task of the runtime runs it; a later wake finds it gone.
+        let runtime = self.runtime.clone();
+        runtime.spawn(async move {
+            let future = self.future.lock().take();
+            if let Some(future) = future {
+                future.await;
+            }
+        });
+    }
+}
+
+/// Runs `future` on `runtime`, polling it once on this thread first: the
+/// work up to its first wait (checks, handing I/O to the reactor) costs no
+/// wake-up of a runtime thread, only its completion does. For threads
+/// that are not the runtime's (FUSE channels, ublk queues); they must be
+/// inside its context (`Handle::enter`).
+pub fn spawn_polled_here(runtime: &tokio::runtime::Handle, future: impl Future<Output = ()> + Send + 'static) {
+    let task = Arc::new(FirstPoll {
+        future: parking_lot::Mutex::new(Some(Box::pin(future))),
+        runtime: runtime.clone(),
+    });
+    let waker = Waker::from(Arc::clone(&task));
+    let mut context = Context::from_waker(&waker);
+    // Held through the poll: a wake meanwhile (from another thread) waits for it.
+    let mut slot = task.future.lock();
+    if let Some(mut future) = slot.take() {
+        if future.as_mut().poll(&mut context).is_pending() {
+            *slot = Some(future);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_future_polled_here_first_is_finished_by_the_runtime_when_it_waits() {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .unwrap();
+        let _context = runtime.enter();
+        let here = std::thread::current().id();
+        let (first_tx, first_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        spawn_polled_here(runtime.handle(), async move {
+            first_tx.send(std::thread::current().id()).unwrap();
+            let _ = release_rx.await;
+            done_tx.send(std::thread::current().id()).unwrap();
+        });
+        // The part before the wait ran here, synchronously.
+        assert_eq!(first_rx.try_recv().unwrap(), here);
+        assert!(done_rx.try_recv().is_err());
+        release_tx.send(()).unwrap();
+        let finisher = done_rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap();
+        assert_ne!(finisher, here, "the rest ran on the runtime");
+        // A future that never waits finishes here at once.
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        spawn_polled_here(runtime.handle(), async move { ready_tx.send(()).unwrap() });
+        assert!(ready_rx.try_recv().is_ok());
+    }
 
     #[tokio::test]
     async fn answers_come_in_completion_order_and_the_set_counts_only_requests() {

@@ -472,6 +472,8 @@ impl Drop for Session {
 
 /// Reads requests from one channel until the filesystem goes away.
 fn serve_channel(channel: &Arc<FuseChannel>, filesystem: &AttachFs, runtime: &tokio::runtime::Handle) {
+    // Requests are polled here first (`spawn_polled_here`), inside the runtime.
+    let _context = runtime.enter();
     let mut buffer = vec![0u8; REQUEST_BUFFER_BYTES];
     loop {
         let count = match channel.receive(&mut buffer) {
@@ -520,8 +522,9 @@ fn serve_channel(channel: &Arc<FuseChannel>, filesystem: &AttachFs, runtime: &to
         match filesystem.operate(&header, operation) {
             Answer::Now(reply) => send(channel, header.unique, &reply),
             Answer::Later(pending) => {
+                // Handed to the reactor from this thread; answered from wherever it completes.
                 let channel = Arc::clone(channel);
-                runtime.spawn(async move {
+                crate::in_flight::spawn_polled_here(runtime, async move {
                     let reply = pending.await;
                     send(&channel, header.unique, &reply);
                 });
