@@ -75,10 +75,9 @@ impl FuseChannel {
         Ok(Self { file })
     }
 
-    /// The descriptor, for io_uring commands that name the session.
-    #[must_use]
-    pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.file.as_raw_fd()
+    /// Another descriptor of this channel (dup), for io_uring commands that name the session.
+    pub fn duplicate(&self) -> io::Result<File> {
+        self.file.try_clone()
     }
 }
 

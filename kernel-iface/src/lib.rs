@@ -10,6 +10,7 @@ pub mod device;
 pub mod engine;
 pub mod faults;
 pub mod fuse;
+pub mod fuse_uring;
 pub mod lockfile;
 pub mod loopdev;
 pub mod nbd;

@@ -166,7 +166,11 @@ fn a_forced_attach_backend_the_host_lacks_fails_the_attach_clearly_and_the_node_
         "/nonexistent",
     ]);
     assert!(!bad.status.success());
-    assert!(text(&bad).contains("auto, ublk, nbd or fuse"), "{}", text(&bad));
+    assert!(
+        text(&bad).contains("auto, ublk, nbd, fuse-uring or fuse"),
+        "{}",
+        text(&bad)
+    );
 }
 
 #[test]
@@ -468,32 +472,20 @@ fn loops_over(file: &Path) -> Vec<String> {
         .collect()
 }
 
-#[test]
-fn killing_the_node_under_concurrent_direct_writes_loses_no_acknowledged_write_and_fsck_stays_clean() {
-    let test = "killing_the_node_under_concurrent_direct_writes";
-    if !host_attach_available(test, &["mkfs.ext4", "fsck.ext4"]) {
-        return;
-    }
-    let mut node = TestNode::start(test, 1 << 30);
-    node.create_volume("data", "256MiB");
-    let mountpoint = node.dir.path().join("mnt");
-    std::fs::create_dir_all(&mountpoint).unwrap();
-    let mut leftovers = Leftovers {
-        mountpoint: mountpoint.clone(),
-        fuse_dir: node.data_dir.join("attach"),
-        device: None,
-    };
+/// Kills `node` -9 under `DeviceLoad` writers `trials` times; after each
+/// restart every acknowledged write must read back. The acknowledged writes checked.
+fn crash_trials(node: &mut TestNode, leftovers: &mut Leftovers, trials: u64, backend: &str) -> u64 {
     let attach_file = node.data_dir.join("attach").join("data");
-    // BALLAST_ATTACH_CRASH_TRIALS runs many more outside CI.
-    let trials = std::env::var("BALLAST_ATTACH_CRASH_TRIALS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| common::iterations(6, 3));
     // One history across the trials: a block may hold an earlier trial's write.
     let mut book = Book::new(0xA77A_C400, LOAD_BLOCKS);
     let mut checked = 0;
-    for trial in 1..=trials as u64 {
-        let device = attach(&node, &mut leftovers);
+    for trial in 1..=trials {
+        let device = attach(node, leftovers);
+        let status = node.cli_ok(&["node", "status", "--json"]);
+        assert!(
+            status.contains(&format!("\"attach_backend\": \"{backend}\"")),
+            "{status}"
+        );
         let load = DeviceLoad::start(&device, book, trial);
         // Kill after a varying number of acknowledged writes.
         let wanted = 500 + (trial * 7919) % 3000;
@@ -519,7 +511,7 @@ fn killing_the_node_under_concurrent_direct_writes_loses_no_acknowledged_write_a
             "trial {trial}: a read on the dead node's device succeeded"
         );
         node.restart();
-        let device = attach(&node, &mut leftovers);
+        let device = attach(node, leftovers);
         assert_eq!(
             loops_over(&attach_file),
             vec![device.display().to_string()],
@@ -529,6 +521,31 @@ fn killing_the_node_under_concurrent_direct_writes_loses_no_acknowledged_write_a
         node.cli_ok(&["volume", "detach", "data"]);
         leftovers.device = None;
     }
+    checked
+}
+
+#[test]
+fn killing_the_node_under_concurrent_direct_writes_loses_no_acknowledged_write_and_fsck_stays_clean() {
+    let test = "killing_the_node_under_concurrent_direct_writes";
+    if !host_attach_available(test, &["mkfs.ext4", "fsck.ext4"]) {
+        return;
+    }
+    let mut node = TestNode::start_unclustered(test, "127.0.0.1", &[1 << 30], &["--attach-backend", "fuse"]);
+    node.cli_ok(&["cluster", "init"]);
+    node.create_volume("data", "256MiB");
+    let mountpoint = node.dir.path().join("mnt");
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mut leftovers = Leftovers {
+        mountpoint: mountpoint.clone(),
+        fuse_dir: node.data_dir.join("attach"),
+        device: None,
+    };
+    // BALLAST_ATTACH_CRASH_TRIALS runs many more outside CI.
+    let trials = std::env::var("BALLAST_ATTACH_CRASH_TRIALS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| common::iterations(6, 3) as u64);
+    let checked = crash_trials(&mut node, &mut leftovers, trials, "fuse");
     println!("{test}: {trials} trials, {checked} acknowledged writes checked, 0 lost");
 
     // A filesystem whose node is killed mid-write: fsck is clean after the next attach.
@@ -698,4 +715,115 @@ fn read_first_block(device: &Path) -> std::io::Result<()> {
         .custom_flags(libc::O_DIRECT)
         .open(device)?
         .read_exact_at(buffer.as_mut_slice(), 0)
+}
+
+/// Turns FUSE over io_uring on or off for a test, and back to what it was after.
+struct UringSwitch {
+    was: String,
+}
+
+impl UringSwitch {
+    fn new() -> Self {
+        Self {
+            was: std::fs::read_to_string(kernel_iface::fuse::URING_PARAMETER).unwrap(),
+        }
+    }
+
+    fn turn(&self, on: bool) {
+        std::fs::write(kernel_iface::fuse::URING_PARAMETER, if on { "1" } else { "0" }).unwrap();
+    }
+}
+
+impl Drop for UringSwitch {
+    fn drop(&mut self) {
+        let _ = std::fs::write(kernel_iface::fuse::URING_PARAMETER, self.was.trim());
+    }
+}
+
+#[test]
+fn fuse_over_io_uring_serves_attached_devices_loses_no_acknowledged_write_and_is_hinted_when_off() {
+    let test = "fuse_over_io_uring_serves_attached_devices";
+    if !host_attach_available(test, &["fio"]) {
+        return;
+    }
+    if kernel_iface::fuse::uring_enabled().is_none() {
+        common::record_skip(
+            test,
+            "this kernel has no FUSE over io_uring (Linux 6.14+, CONFIG_FUSE_IO_URING)",
+        );
+        return;
+    }
+    // Off: a node says what it would take, and a forced fuse-uring attach says why it cannot.
+    let switch = UringSwitch::new();
+    switch.turn(false);
+    let mut node = TestNode::start_unclustered(test, "127.0.0.1", &[1 << 30], &["--attach-backend", "fuse-uring"]);
+    node.cli_ok(&["cluster", "init"]);
+    node.create_volume("data", "256MiB");
+    let refused = node.cli(&["volume", "attach", "data", "--device"]);
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains("enable_uring"), "{}", text(&refused));
+    node.stop();
+    let mut classic = TestNode::start_unclustered(test, "127.0.0.1", &[256 << 20], &["--attach-backend", "fuse"]);
+    classic.cli_ok(&["cluster", "init"]);
+    let status = classic.cli_ok(&["node", "status"]);
+    assert!(
+        status.contains("host attach: fuse") && status.contains("enable_uring"),
+        "{status}"
+    );
+    classic.stop();
+
+    // On: requests come through the io_uring queues (the channel threads stay idle).
+    switch.turn(true);
+    node.restart();
+    let mut leftovers = Leftovers {
+        mountpoint: node.dir.path().join("mnt"),
+        fuse_dir: node.data_dir.join("attach"),
+        device: None,
+    };
+    let device = attach(&node, &mut leftovers);
+    let fio = run_with_timeout(
+        Command::new("fio")
+            .args([
+                "--name=uring",
+                "--ioengine=io_uring",
+                "--direct=1",
+                "--rw=randrw",
+                "--bs=4k,64k",
+            ])
+            // Above the blocks the crash trials write.
+            .args([
+                "--iodepth=32",
+                "--offset=128M",
+                "--size=64M",
+                "--verify=crc32c",
+                "--output=/dev/null",
+            ])
+            .arg(format!("--filename={}", device.display())),
+        TOOL_TIMEOUT,
+    );
+    assert!(
+        fio.status.success(),
+        "fio verify through FUSE over io_uring: {}",
+        text(&fio)
+    );
+    let cpu_of = |prefix: &str| -> u64 {
+        std::fs::read_dir(format!("/proc/{}/task", node.pid()))
+            .unwrap()
+            .flatten()
+            .filter(|task| std::fs::read_to_string(task.path().join("comm")).is_ok_and(|name| name.starts_with(prefix)))
+            .map(|task| {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap();
+                let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+                fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+            })
+            .sum()
+    };
+    assert!(
+        cpu_of("fuse-q") > cpu_of("fuse-") - cpu_of("fuse-q"),
+        "the queues, not the channels, served the requests"
+    );
+    node.cli_ok(&["volume", "detach", "data"]);
+    leftovers.device = None;
+    let checked = crash_trials(&mut node, &mut leftovers, common::iterations(3, 2) as u64, "fuse-uring");
+    println!("{test}: {checked} acknowledged writes checked through FUSE over io_uring, 0 lost");
 }

@@ -260,6 +260,13 @@ pub struct NodeStatus {
     /// Drains (`disk remove`) since the node started, with their progress.
     #[serde(default)]
     pub drains: Vec<crate::volume::drain::DrainStatus>,
+    /// How `volume attach --device` makes devices here (ublk, nbd, fuse-uring, fuse).
+    #[serde(default)]
+    pub attach_backend: String,
+    /// What would make host attach faster here, if anything (e.g. the
+    /// kernel could serve FUSE over io_uring but it is switched off).
+    #[serde(default)]
+    pub attach_note: Option<String>,
 }
 
 /// The error body.

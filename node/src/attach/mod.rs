@@ -3,7 +3,9 @@
 //! Backends, best first: ublk (`ublk`, ublk_drv: /dev/ublkbN, requests
 //! through io_uring commands, no socket), the kernel NBD client
 //! (`kernel_nbd`, nbd module: /dev/nbdN over a socket pair to this
-//! process), FUSE + loop (`fuse`: works wherever FUSE does). `attach_backend` (node flag or
+//! process), FUSE over io_uring + loop (`fuse::uring`: Linux 6.14+ with
+//! the fuse module's `enable_uring` on), FUSE + loop (`fuse`: works
+//! wherever FUSE does). `attach_backend` (node flag or
 //! config) forces one; `auto` takes the best the host has, and logs the
 //! choice. At the first attach the node locks its memory (mlockall,
 //! on fault), so serving this host's own writeback never waits on reclaim.
@@ -35,6 +37,8 @@ pub enum Backend {
     Ublk,
     /// The kernel NBD client (/dev/nbdN).
     Nbd,
+    /// A FUSE file served over io_uring queues, and a loop device (/dev/loopN).
+    FuseUring,
     /// A FUSE file and a loop device (/dev/loopN).
     Fuse,
 }
@@ -46,8 +50,11 @@ impl std::str::FromStr for Backend {
             "auto" => Ok(Self::Auto),
             "ublk" => Ok(Self::Ublk),
             "nbd" => Ok(Self::Nbd),
+            "fuse-uring" => Ok(Self::FuseUring),
             "fuse" => Ok(Self::Fuse),
-            other => Err(format!("unknown attach backend {other:?}: use auto, ublk, nbd or fuse")),
+            other => Err(format!(
+                "unknown attach backend {other:?}: use auto, ublk, nbd, fuse-uring or fuse"
+            )),
         }
     }
 }
@@ -59,6 +66,7 @@ impl Backend {
         match self {
             Self::Auto if ublk::available() => Self::Ublk,
             Self::Auto if kernel_nbd::available() => Self::Nbd,
+            Self::Auto if kernel_iface::fuse::uring_enabled() == Some(true) => Self::FuseUring,
             Self::Auto => Self::Fuse,
             chosen => chosen,
         }
@@ -70,14 +78,29 @@ impl Backend {
             Self::Auto => "auto",
             Self::Ublk => "ublk",
             Self::Nbd => "nbd",
+            Self::FuseUring => "fuse-uring",
             Self::Fuse => "fuse",
         }
     }
 }
 
+/// Why FUSE over io_uring cannot be used here, and what would make it so (None: it can).
+#[must_use]
+pub fn fuse_uring_unavailable() -> Option<String> {
+    match kernel_iface::fuse::uring_enabled() {
+        Some(true) => None,
+        Some(false) => Some(format!(
+            "this kernel can serve FUSE over io_uring but it is off: `echo 1 > {}` (as root) turns it on",
+            kernel_iface::fuse::URING_PARAMETER
+        )),
+        None => Some("this kernel has no FUSE over io_uring (Linux 6.14 or later, CONFIG_FUSE_IO_URING)".into()),
+    }
+}
+
 /// One attached volume's device, by backend.
 enum Attached {
-    Fuse(LoopDevice),
+    /// The loop device; whether the FUSE session runs over io_uring.
+    Fuse(LoopDevice, bool),
     Nbd(kernel_nbd::NbdDevice),
     Ublk(ublk::UblkDevice),
 }
@@ -85,7 +108,7 @@ enum Attached {
 impl Attached {
     fn path(&self) -> &Path {
         match self {
-            Self::Fuse(device) => device.path(),
+            Self::Fuse(device, _) => device.path(),
             Self::Nbd(device) => device.path(),
             Self::Ublk(device) => device.path(),
         }
@@ -93,7 +116,8 @@ impl Attached {
 
     fn backend(&self) -> &'static str {
         match self {
-            Self::Fuse(_) => "fuse",
+            Self::Fuse(_, true) => "fuse-uring",
+            Self::Fuse(_, false) => "fuse",
             Self::Nbd(_) => "nbd",
             Self::Ublk(_) => "ublk",
         }
@@ -112,7 +136,8 @@ impl Attached {
 pub struct Device {
     /// The block device, e.g. /dev/loop3.
     pub device: PathBuf,
-    /// "ublk", "nbd" (kernel NBD client) or "fuse" (FUSE file + loop device).
+    /// "ublk", "nbd" (kernel NBD client), "fuse-uring" (FUSE over io_uring
+    /// file + loop device) or "fuse" (FUSE file + loop device).
     pub backend: String,
 }
 
@@ -190,6 +215,8 @@ pub struct HostAttach {
     files: Arc<fuse::Files>,
     runtime: tokio::runtime::Handle,
     backend: Backend,
+    /// What was asked for (`auto` may fall back from fuse-uring to fuse).
+    configured: Backend,
     /// Declared before `session`: loop devices go before the unmount.
     devices: Mutex<BTreeMap<String, Attached>>,
     session: Mutex<Option<fuse::Session>>,
@@ -205,6 +232,7 @@ impl HostAttach {
             chosen = resolved.name(),
             ublk = ublk::available(),
             kernel_nbd = kernel_nbd::available(),
+            fuse_uring = fuse_uring_unavailable().as_deref().unwrap_or("available"),
             "host attach backend"
         );
         Self {
@@ -212,6 +240,7 @@ impl HostAttach {
             files: Arc::new(fuse::Files::default()),
             runtime,
             backend: resolved,
+            configured: backend,
             devices: Mutex::new(BTreeMap::new()),
             session: Mutex::new(None),
             memory_locked: std::sync::Once::new(),
@@ -226,10 +255,11 @@ impl HostAttach {
         });
     }
 
-    fn ensure_mounted(&self) -> Result<(), String> {
+    /// Mounts the attach filesystem if it is not; whether it runs over io_uring.
+    fn ensure_mounted(&self, uring: bool) -> Result<bool, String> {
         let mut session = self.session.lock();
-        if session.is_some() {
-            return Ok(());
+        if let Some(session) = session.as_ref() {
+            return Ok(session.over_uring());
         }
         // Loop devices and a mount left by a killed node would make this one fail.
         let prefix = format!("{}/", self.mountpoint.display());
@@ -250,9 +280,9 @@ impl HostAttach {
             .map_err(|e| format!("cannot make {}: {e}", self.mountpoint.display()))?;
         let filesystem = Arc::new(fuse::AttachFs::new(Arc::clone(&self.files)));
         let channels = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let mounted = fuse::Session::mount(&self.mountpoint, filesystem, &self.runtime, channels)?;
+        let mounted = fuse::Session::mount(&self.mountpoint, filesystem, &self.runtime, channels, uring)?;
         *session = Some(mounted);
-        Ok(())
+        Ok(uring)
     }
 
     /// Attaches `volume` (which this node serves) as a block device.
@@ -264,7 +294,10 @@ impl HostAttach {
         let attached = match self.backend {
             Backend::Ublk => Attached::Ublk(ublk::UblkDevice::start(Arc::clone(volume), self.runtime.clone())?),
             Backend::Nbd => Attached::Nbd(kernel_nbd::NbdDevice::start(Arc::clone(volume), &self.runtime)?),
-            Backend::Fuse | Backend::Auto => Attached::Fuse(self.attach_fuse(volume)?),
+            Backend::FuseUring | Backend::Fuse | Backend::Auto => {
+                let (device, uring) = self.attach_fuse(volume)?;
+                Attached::Fuse(device, uring)
+            }
         };
         let device = attached.device();
         tracing::info!(volume = %volume.name, device = %device.device.display(), backend = %device.backend, "volume attached to this host");
@@ -272,8 +305,17 @@ impl HostAttach {
         Ok(device)
     }
 
-    fn attach_fuse(&self, volume: &Arc<Volume>) -> Result<LoopDevice, String> {
-        self.ensure_mounted()?;
+    /// A loop device over the volume's FUSE file; whether the session runs over io_uring.
+    fn attach_fuse(&self, volume: &Arc<Volume>) -> Result<(LoopDevice, bool), String> {
+        let unavailable = fuse_uring_unavailable();
+        let uring = match (self.configured, unavailable) {
+            (Backend::FuseUring, Some(why)) => return Err(format!("attach backend fuse-uring: {why}")),
+            (Backend::FuseUring, None) => true,
+            // `auto` chose it at start; the kernel setting may have changed since.
+            (_, None) => self.backend == Backend::FuseUring,
+            (_, Some(_)) => false,
+        };
+        let uring = self.ensure_mounted(uring)?;
         self.files.insert(Arc::clone(volume));
         let file = self.mountpoint.join(&volume.name);
         let device = LoopDevice::attach_with_sector_size(&file, true, Some(volume.block_size_bytes))
@@ -284,7 +326,7 @@ impl HostAttach {
             })?;
         let queue = device.tune_as_ssd();
         tracing::info!(volume = %volume.name, device = %device.path().display(), ?queue, "loop device queue");
-        Ok(device)
+        Ok((device, uring))
     }
 
     /// Removes `name`'s block device (unmount any filesystem on it first).
@@ -309,7 +351,7 @@ impl HostAttach {
             .devices
             .lock()
             .iter()
-            .filter(|(_, attached)| matches!(attached, Attached::Fuse(_)))
+            .filter(|(_, attached)| matches!(attached, Attached::Fuse(..)))
             .map(|(name, attached)| (name.clone(), attached.path().to_owned()))
             .collect();
         for (name, device) in devices {
@@ -332,6 +374,18 @@ impl HostAttach {
                 tracing::info!(volume = %name, device = %device.display(), size_bytes = wanted, "attached device resized; grow the filesystem on it now (resize2fs, xfs_growfs)");
             }
         }
+    }
+
+    /// The backend in use, and what would make it faster here, if anything.
+    #[must_use]
+    pub fn describe(&self) -> (String, Option<String>) {
+        let note = match self.backend {
+            Backend::Fuse | Backend::Auto => fuse_uring_unavailable()
+                .filter(|why| why.contains("it is off"))
+                .map(|why| format!("FUSE + loop serves attached devices; {why}, and restart the node")),
+            _ => None,
+        };
+        (self.backend.name().to_owned(), note)
     }
 
     /// The block device of `name`, if attached here.

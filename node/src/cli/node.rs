@@ -128,7 +128,7 @@ pub struct RunArgs {
     /// Use the pread/pwrite thread pool instead of io_uring.
     #[arg(long)]
     pub thread_pool: bool,
-    /// How `volume attach --device` makes block devices: auto (ublk when ublk_drv is loaded, else the kernel NBD client when the nbd module is, else FUSE + loop), ublk, nbd, or fuse [default: auto].
+    /// How `volume attach --device` makes block devices: auto (ublk when ublk_drv is loaded, else the kernel NBD client when the nbd module is, else FUSE over io_uring + loop when the kernel has it switched on, else FUSE + loop), ublk, nbd, fuse-uring or fuse [default: auto].
     #[arg(long, value_name = "BACKEND")]
     pub attach_backend: Option<crate::attach::Backend>,
     /// Tests only: fail disk I/O as the rules in FILE say (`kernel_iface::faults`).
@@ -211,6 +211,12 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 None => println!("cluster: none (run `ballast cluster init` or `ballast cluster join`)"),
             }
             println!("volumes: {}", status.volume_count);
+            if !status.attach_backend.is_empty() {
+                println!("host attach: {}", status.attach_backend);
+            }
+            if let Some(note) = &status.attach_note {
+                println!("hint: {note}");
+            }
             for disk in &status.disks {
                 let state = if disk.state.is_empty() || disk.state == "in use" {
                     String::new()

@@ -20,7 +20,7 @@
 //! jwt_jwks_file = "/etc/ballast/idp-jwks.json"  # ... or one of these
 //! cores = "0-3"          # reactor cores (default: every core the process may use)
 //! thread_pool = false    # force the pread/pwrite engine instead of io_uring
-//! attach_backend = "auto"  # host attach devices: auto (ublk, else nbd, else fuse: the best module loaded), ublk, nbd, fuse
+//! attach_backend = "auto"  # host attach devices: auto (ublk, else nbd, else fuse-uring when switched on, else fuse), ublk, nbd, fuse-uring, fuse
 //! ```
 
 use std::collections::BTreeMap;

@@ -141,7 +141,14 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         cluster: Arc::clone(&cluster),
         auth,
         engine: Arc::clone(&engine),
-        node: Box::new(move || node_status(node_uuid, &status_cluster, &status_engine, &status_volumes)),
+        node: {
+            let attach = Arc::clone(&attach);
+            Box::new(move || {
+                let mut status = node_status(node_uuid, &status_cluster, &status_engine, &status_volumes);
+                (status.attach_backend, status.attach_note) = attach.describe();
+                status
+            })
+        },
         attach: Arc::clone(&attach),
         data: Arc::clone(&data),
     });
@@ -255,6 +262,8 @@ fn node_status(node_uuid: uuid::Uuid, cluster: &Cluster, engine: &Engine, volume
         disks,
         volume_count: volumes.count(),
         drains: volumes.drains(),
+        attach_backend: String::new(),
+        attach_note: None,
     }
 }
 

@@ -14,6 +14,7 @@
 //! asynchronous requests, and one synchronous request per blocked caller).
 
 pub mod proto;
+pub mod uring;
 
 use std::collections::BTreeMap;
 use std::io::IoSlice;
@@ -121,11 +122,11 @@ pub struct Reply {
 }
 
 impl Reply {
-    fn ok(body: Body) -> Self {
+    pub(crate) fn ok(body: Body) -> Self {
         Self { errno: 0, body }
     }
 
-    fn error(errno: i32) -> Self {
+    pub(crate) fn error(errno: i32) -> Self {
         Self {
             errno,
             body: Body::Empty,
@@ -137,7 +138,7 @@ impl Reply {
     }
 
     /// The answer's pieces after its header, and their length.
-    fn pieces(&self) -> (Vec<IoSlice<'_>>, usize) {
+    pub(crate) fn pieces(&self) -> (Vec<IoSlice<'_>>, usize) {
         if self.errno != 0 {
             return (Vec::new(), 0);
         }
@@ -149,7 +150,7 @@ impl Reply {
     }
 }
 
-type Pending = Pin<Box<dyn std::future::Future<Output = Reply> + Send>>;
+pub(crate) type Pending = Pin<Box<dyn std::future::Future<Output = Reply> + Send>>;
 
 /// What a request gets.
 pub enum Answer {
@@ -393,10 +394,21 @@ fn send(channel: &FuseChannel, unique: u64, reply: &Reply) {
     }
 }
 
-/// A mounted attach filesystem and the threads serving its channels.
+/// What the channel that gets INIT tells the io_uring queues.
+#[derive(Default)]
+pub struct Init {
+    /// Ask the kernel for FUSE over io_uring in the INIT answer.
+    pub want_uring: bool,
+    /// Set once the INIT answer is sent.
+    pub done: uring::InitDone,
+}
+
+/// A mounted attach filesystem and the threads serving its channels (and
+/// its io_uring queues, with FUSE over io_uring).
 pub struct Session {
     mountpoint: PathBuf,
     threads: Vec<std::thread::JoinHandle<()>>,
+    queues: Option<uring::Queues>,
 }
 
 impl Session {
@@ -407,6 +419,7 @@ impl Session {
         filesystem: Arc<AttachFs>,
         runtime: &tokio::runtime::Handle,
         channel_count: usize,
+        use_uring: bool,
     ) -> Result<Self, String> {
         let first = kernel_iface::fuse::mount(mountpoint, "ballast").map_err(|error| {
             format!(
@@ -425,13 +438,30 @@ impl Session {
                 }
             }
         }
+        let init = Arc::new(Init {
+            want_uring: use_uring,
+            done: uring::InitDone::default(),
+        });
+        let queues = if use_uring {
+            match uring::Queues::start(&first, &filesystem, runtime, &init) {
+                Ok(queues) => Some(queues),
+                Err(error) => {
+                    let _ = kernel_iface::fuse::abort(mountpoint);
+                    let _ = kernel_iface::fuse::unmount(mountpoint);
+                    return Err(format!("FUSE over io_uring: {error}"));
+                }
+            }
+        } else {
+            None
+        };
         let mut threads = Vec::new();
         for (index, channel) in channels.into_iter().enumerate() {
             let filesystem = Arc::clone(&filesystem);
             let runtime = runtime.clone();
+            let init = Arc::clone(&init);
             let spawned = std::thread::Builder::new()
                 .name(format!("fuse-{index}"))
-                .spawn(move || serve_channel(&channel, &filesystem, &runtime));
+                .spawn(move || serve_channel(&channel, &filesystem, &runtime, &init));
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(error) => tracing::warn!(%error, "cannot start a FUSE channel thread"),
@@ -441,11 +471,20 @@ impl Session {
             let _ = kernel_iface::fuse::unmount(mountpoint);
             return Err("no FUSE channel thread could start".into());
         }
-        tracing::info!(mountpoint = %mountpoint.display(), channels = threads.len(), "host attach FUSE filesystem mounted");
+        tracing::info!(mountpoint = %mountpoint.display(), channels = threads.len(), io_uring = use_uring, "host attach FUSE filesystem mounted");
         Ok(Self {
             mountpoint: mountpoint.to_owned(),
             threads,
+            queues,
         })
+    }
+}
+
+impl Session {
+    /// Whether requests come through io_uring queues.
+    #[must_use]
+    pub fn over_uring(&self) -> bool {
+        self.queues.is_some()
     }
 }
 
@@ -455,6 +494,9 @@ impl Drop for Session {
         let _ = kernel_iface::fuse::abort(&self.mountpoint);
         if let Err(error) = kernel_iface::fuse::unmount(&self.mountpoint) {
             tracing::warn!(%error, mountpoint = %self.mountpoint.display(), "cannot unmount the attach filesystem");
+        }
+        if let Some(queues) = self.queues.as_mut() {
+            queues.join(STOP_TIMEOUT);
         }
         let deadline = Instant::now() + STOP_TIMEOUT;
         for thread in self.threads.drain(..) {
@@ -471,7 +513,7 @@ impl Drop for Session {
 }
 
 /// Reads requests from one channel until the filesystem goes away.
-fn serve_channel(channel: &Arc<FuseChannel>, filesystem: &AttachFs, runtime: &tokio::runtime::Handle) {
+fn serve_channel(channel: &Arc<FuseChannel>, filesystem: &AttachFs, runtime: &tokio::runtime::Handle, init: &Init) {
     // Requests are polled here first (`spawn_polled_here`), inside the runtime.
     let _context = runtime.enter();
     let mut buffer = vec![0u8; REQUEST_BUFFER_BYTES];
@@ -502,14 +544,19 @@ fn serve_channel(channel: &Arc<FuseChannel>, filesystem: &AttachFs, runtime: &to
             flags,
         } = operation
         {
-            let reply = match negotiate(major, minor, max_readahead, flags, false) {
-                Ok(init) => {
+            let reply = match negotiate(major, minor, max_readahead, flags, init.want_uring) {
+                Ok(agreed) => {
+                    let uring = agreed.flags & proto::OVER_IO_URING != 0;
                     tracing::info!(
-                        minor = init.minor,
-                        flags = format!("{:#x}", init.flags),
+                        minor = agreed.minor,
+                        flags = format!("{:#x}", agreed.flags),
+                        io_uring = uring,
                         "FUSE session initialised"
                     );
-                    Reply::bytes(&proto::encode_init_out(&init))
+                    if init.want_uring && !uring {
+                        tracing::warn!("the kernel did not offer FUSE over io_uring; requests come through /dev/fuse");
+                    }
+                    Reply::bytes(&proto::encode_init_out(&agreed))
                 }
                 Err(reason) => {
                     tracing::error!(%reason, "FUSE INIT refused");
@@ -517,6 +564,7 @@ fn serve_channel(channel: &Arc<FuseChannel>, filesystem: &AttachFs, runtime: &to
                 }
             };
             send(channel, header.unique, &reply);
+            init.done.set();
             continue;
         }
         match filesystem.operate(&header, operation) {

@@ -22,7 +22,7 @@ pub const OUT_HEADER_BYTES: usize = 16;
 
 /// The protocol version spoken (7.x; x is the minor the kernel offers, at most this).
 pub const KERNEL_VERSION: u32 = 7;
-pub const KERNEL_MINOR_VERSION: u32 = 41;
+pub const KERNEL_MINOR_VERSION: u32 = 42;
 /// Oldest minor accepted: 7.28 brought max_pages.
 pub const KERNEL_MINOR_VERSION_MIN: u32 = 28;
 
@@ -501,7 +501,7 @@ mod tests {
         };
         assert_eq!((major, minor, flags), (7, 44, ASYNC_DIO | INIT_EXT | OVER_IO_URING));
         let out = encode_init_out(&InitOut {
-            minor: 41,
+            minor: 42,
             max_readahead: 0,
             flags: ASYNC_DIO | OVER_IO_URING,
             max_background: 256,

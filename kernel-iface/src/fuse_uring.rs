@@ -1,0 +1,236 @@
+//! FUSE over io_uring (Linux 6.14+, `/sys/module/fuse/parameters/enable_uring`):
+//! one queue per possible CPU, each an io_uring (128-byte SQEs) on which
+//! the server registers entries, each a header buffer and a payload buffer.
+//! A registered entry completes (a CQE) when the kernel put a request in
+//! it; the answer is written into the same buffers and sent back with
+//! COMMIT_AND_FETCH, which also arms the entry for the next request. The
+//! kernel sends a request to the queue of the CPU its caller runs on.
+//!
+//! ```text
+//! header buffer (fuse_uring_req_header, 288 bytes)
+//!     0  in_out[128]   fuse_in_header of the request / fuse_out_header of the answer
+//!   128  op_in[128]    the operation's fixed arguments (fuse_write_in, ...)
+//!   256  flags u64  264 commit_id u64 (the request's unique)  272 payload_sz u32  276 padding  280 reserved
+//! payload buffer: the rest of the request (write data, a name); the answer's
+//!     arguments and data, payload_sz bytes of them
+//! SQE command area (fuse_uring_cmd_req): flags u64, commit_id u64, qid u16, padding[6]
+//! ```
+//!
+//! This module owns the buffers and the ring; the protocol is the caller's.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+use memmap2::{MmapMut, MmapOptions};
+
+use crate::fuse::FuseChannel;
+
+/// `fuse_uring_req_header`.
+pub const HEADER_BYTES: usize = 288;
+pub const IN_OUT_AT: usize = 0;
+pub const OP_IN_AT: usize = 128;
+pub const OP_IN_BYTES: usize = 128;
+pub const COMMIT_ID_AT: usize = 264;
+pub const PAYLOAD_SIZE_AT: usize = 272;
+const CMD_REGISTER: u32 = 1;
+const CMD_COMMIT_AND_FETCH: u32 = 2;
+/// The user data of the wake-up read (entries use their index).
+pub const WAKE_TOKEN: u64 = u64::MAX;
+
+/// The possible CPUs (/sys/devices/system/cpu/possible): the kernel makes one queue for each.
+pub fn possible_cpus() -> io::Result<usize> {
+    let text = std::fs::read_to_string("/sys/devices/system/cpu/possible")?;
+    let mut count = 0;
+    for range in text.trim().split(',') {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        let parse = |value: &str| {
+            value
+                .trim()
+                .parse::<usize>()
+                .map_err(|_| io::Error::other(format!("cannot read the possible CPUs from {text:?}")))
+        };
+        count += parse(last)? - parse(first)? + 1;
+    }
+    Ok(count)
+}
+
+const _: () = assert!(std::mem::size_of::<squeue::Entry128>() == 128);
+const _: () = assert!(
+    std::mem::size_of::<libc::iovec>() == 16,
+    "iovecs are kept as (address, length) u64 pairs"
+);
+/// Where `len` sits in an SQE.
+const SQE_LEN_AT: usize = 24;
+
+/// Sets an SQE's `len` (REGISTER's iovec count), which `UringCmd80` has no setter for.
+fn with_len(entry: squeue::Entry128, len: u32) -> squeue::Entry128 {
+    // SAFETY: Entry128 is repr(C) and 128 bytes (asserted above): an
+    // io_uring_sqe of plain integers and unions of them, then 64 bytes of
+    // command; every bit pattern is a valid value, so bytes and back is sound.
+    let mut bytes: [u8; 128] = unsafe { std::mem::transmute(entry) };
+    bytes[SQE_LEN_AT..SQE_LEN_AT + 4].copy_from_slice(&len.to_ne_bytes());
+    // SAFETY: as above.
+    unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(bytes) }
+}
+
+/// One queue: its ring and its entries' buffers. Used by one thread.
+pub struct FuseUringQueue {
+    /// Declared first: dropped (its commands canceled) before the buffers
+    /// the kernel was given go away.
+    ring: IoUring<squeue::Entry128, cqueue::Entry>,
+    headers: MmapMut,
+    payloads: MmapMut,
+    /// Each entry's two iovecs (header, payload) as the kernel reads them at
+    /// registration: (address, length) pairs, the layout of `struct iovec`.
+    iovecs: Box<[[u64; 2]]>,
+    payload_bytes: usize,
+    entries: u16,
+    qid: u16,
+    /// A descriptor of the session; kept open while the ring uses it.
+    device: File,
+    wake_buffer: Box<[u8; 8]>,
+}
+
+impl FuseUringQueue {
+    /// A queue `qid` of `entries` entries with `payload_bytes` payload
+    /// buffers (at least the session's max_write), on `channel`'s session.
+    pub fn new(channel: &FuseChannel, qid: u16, entries: u16, payload_bytes: usize) -> io::Result<Self> {
+        assert!(entries > 0 && payload_bytes > 0, "an empty FUSE queue");
+        let device = channel.duplicate()?;
+        let headers = MmapOptions::new().len(usize::from(entries) * HEADER_BYTES).map_anon()?;
+        // Touched only as far as requests reach: a 4 KiB write uses one page of its megabyte.
+        let payloads = MmapOptions::new()
+            .len(usize::from(entries) * payload_bytes)
+            .map_anon()?;
+        let mut iovecs = Vec::with_capacity(usize::from(entries) * 2);
+        for entry in 0..usize::from(entries) {
+            iovecs.push([
+                headers.as_ptr() as u64 + (entry * HEADER_BYTES) as u64,
+                HEADER_BYTES as u64,
+            ]);
+            iovecs.push([
+                payloads.as_ptr() as u64 + (entry * payload_bytes) as u64,
+                payload_bytes as u64,
+            ]);
+        }
+        // Room for every entry's command and the wake-up read.
+        let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
+            .build((u32::from(entries) + 2).next_power_of_two())?;
+        Ok(Self {
+            ring,
+            headers,
+            payloads,
+            iovecs: iovecs.into_boxed_slice(),
+            payload_bytes,
+            entries,
+            qid,
+            device,
+            wake_buffer: Box::new([0u8; 8]),
+        })
+    }
+
+    fn command(&self, cmd_op: u32, entry: u16, commit_id: u64) -> squeue::Entry128 {
+        let mut area = [0u8; 80];
+        area[8..16].copy_from_slice(&commit_id.to_ne_bytes());
+        area[16..18].copy_from_slice(&self.qid.to_ne_bytes());
+        let mut command = opcode::UringCmd80::new(types::Fd(self.device.as_raw_fd()), cmd_op).cmd(area);
+        if cmd_op == CMD_REGISTER {
+            let iovecs = &self.iovecs[usize::from(entry) * 2..usize::from(entry) * 2 + 2];
+            command = command.addr(Some(iovecs.as_ptr() as u64));
+            return with_len(command.build(), 2).user_data(u64::from(entry));
+        }
+        command.build().user_data(u64::from(entry))
+    }
+
+    fn push(&mut self, entry: &squeue::Entry128) -> io::Result<()> {
+        // SAFETY: every command points only at memory `self` owns (the
+        // entry's iovecs and, through them, its buffers), which lives until
+        // the ring is dropped first (field order); the kernel writes an
+        // entry's buffers only between its command and its completion, and
+        // the accessors below hand them out only through `&mut self`.
+        unsafe { self.ring.submission().push(entry) }.map_err(|_| io::Error::other("FUSE queue ring full"))
+    }
+
+    /// Registers entry `entry`: it completes when a request is in it.
+    pub fn register(&mut self, entry: u16) -> io::Result<()> {
+        assert!(entry < self.entries, "entry {entry} of a queue of {}", self.entries);
+        let command = self.command(CMD_REGISTER, entry, 0);
+        self.push(&command)
+    }
+
+    /// Sends entry `entry`'s answer (written into its buffers) to request
+    /// `commit_id` and arms the entry again.
+    pub fn commit(&mut self, entry: u16, commit_id: u64) -> io::Result<()> {
+        assert!(entry < self.entries, "entry {entry} of a queue of {}", self.entries);
+        let command = self.command(CMD_COMMIT_AND_FETCH, entry, commit_id);
+        self.push(&command)
+    }
+
+    /// Arms a read of `eventfd`: it completes (`WAKE_TOKEN`) when another thread writes it.
+    pub fn arm_wake(&mut self, eventfd: RawFd) -> io::Result<()> {
+        let read = opcode::Read::new(types::Fd(eventfd), self.wake_buffer.as_mut_ptr(), 8)
+            .build()
+            .user_data(WAKE_TOKEN)
+            .into();
+        self.push(&read)
+    }
+
+    /// Submits what was queued, waits for `wait` completions, and appends
+    /// each as `(user data, result)`.
+    pub fn submit(&mut self, wait: usize, completions: &mut Vec<(u64, i32)>) -> io::Result<()> {
+        match self.ring.submit_and_wait(wait) {
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+        for entry in self.ring.completion() {
+            completions.push((entry.user_data(), entry.result()));
+        }
+        Ok(())
+    }
+
+    /// Entry `entry`'s header and payload buffers.
+    pub fn buffers(&mut self, entry: u16) -> (&mut [u8], &mut [u8]) {
+        assert!(entry < self.entries, "entry {entry} of a queue of {}", self.entries);
+        let header_at = usize::from(entry) * HEADER_BYTES;
+        let payload_at = usize::from(entry) * self.payload_bytes;
+        (
+            &mut self.headers[header_at..header_at + HEADER_BYTES],
+            &mut self.payloads[payload_at..payload_at + self.payload_bytes],
+        )
+    }
+
+    #[must_use]
+    pub fn entries(&self) -> u16 {
+        self.entries
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_register_command_carries_its_iovec_count_where_the_kernel_reads_len() {
+        let entry = opcode::UringCmd80::new(types::Fd(3), CMD_REGISTER)
+            .addr(Some(0x1000))
+            .build();
+        let entry = with_len(entry, 2).user_data(7);
+        // SAFETY: as in `with_len` (a repr(C) 128-byte SQE of plain integers).
+        let bytes: [u8; 128] = unsafe { std::mem::transmute(entry) };
+        assert_eq!(bytes[0], 46, "IORING_OP_URING_CMD");
+        assert_eq!(u32::from_ne_bytes(bytes[8..12].try_into().unwrap()), CMD_REGISTER);
+        assert_eq!(u64::from_ne_bytes(bytes[16..24].try_into().unwrap()), 0x1000);
+        assert_eq!(u32::from_ne_bytes(bytes[24..28].try_into().unwrap()), 2);
+        assert_eq!(u64::from_ne_bytes(bytes[32..40].try_into().unwrap()), 7);
+    }
+
+    #[test]
+    fn the_possible_cpus_are_counted_from_their_ranges() {
+        let count = possible_cpus().unwrap();
+        assert!(count >= 1);
+        assert!(count >= std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get));
+    }
+}
