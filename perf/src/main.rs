@@ -3,6 +3,7 @@
 
 #![forbid(unsafe_code)]
 
+mod attach_bench;
 mod chart;
 mod engine_bench;
 mod fio;
@@ -43,7 +44,7 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Bench {
-    /// Every benchmark below in one run (engine, nbd, repl, security), then one summary of every ratio against its baseline and target: perf/results/summary.md and summary.png beside each benchmark's own files.
+    /// Every benchmark below in one run (engine, nbd, attach, repl, security), then one summary of every ratio against its baseline and target: perf/results/summary.md and summary.png beside each benchmark's own files.
     ///
     /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. A full run takes about an hour; --quick about five minutes.
     All {
@@ -97,6 +98,38 @@ enum Bench {
         /// KEY=VALUE added to the ballast node's environment (repeatable), for experiment builds.
         #[arg(long = "ballast-env", value_parser = parse_env_pair)]
         ballast_env: Vec<(String, String)>,
+        /// Where to write the JSON result.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
+    /// Host attach, the path containers take: fio (io_uring, O_DIRECT) on a volume attached with `volume attach --device` (FUSE over io_uring and plain FUSE, each a repl=1 volume; a repl=3 volume of a local 3-node cluster) against the raw device, alternated, median, ratios; pgbench on PostgreSQL over ext4 on a `volume mount`ed volume against ext4 on the raw device; CPU per request of the nodes; writes attach.json, attach.md and attach.png.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs root, FUSE; PostgreSQL for pgbench (skipped, and said so, without it).
+    Attach {
+        /// Size of the loop-device backing file (fio touches half of it).
+        #[arg(long, default_value = "4GiB")]
+        size: String,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 8)]
+        seconds: u64,
+        /// Alternating repetitions (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// Backends to measure, comma-separated (default: fuse-uring when the kernel has it on, and fuse).
+        #[arg(long, value_delimiter = ',')]
+        backends: Vec<String>,
+        /// pgbench's run, seconds.
+        #[arg(long, default_value_t = 20)]
+        pgbench_seconds: u64,
+        /// pgbench's scale (-s).
+        #[arg(long, default_value_t = 10)]
+        pgbench_scale: u32,
+        /// One repetition of 1 s per measure on a 1 GiB device, pgbench 3 s at scale 1: checks that everything runs, the numbers are rough.
+        #[arg(long)]
+        quick: bool,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
         /// Where to write the JSON result.
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
@@ -173,7 +206,7 @@ fn all(quick: bool, ballast: &Path, out: &Path) -> Result<()> {
     let out_text = out.to_str().context("--out is not UTF-8")?;
     let started = std::time::Instant::now();
     let mut sections = Vec::new();
-    for name in ["engine", "nbd", "repl", "security"] {
+    for name in ["engine", "nbd", "attach", "repl", "security"] {
         // Through clap, so each benchmark's defaults are the ones its own subcommand has.
         let mut args = vec!["ballast-perf", name, "--out", out_text];
         if quick {
@@ -247,6 +280,43 @@ fn summary_table(sections: &[(&str, Vec<chart::Bar>)], quick: bool, took: std::t
 fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
     match bench {
         Bench::All { .. } => anyhow::bail!("`all` runs the other benchmarks; it is not one of them"),
+        Bench::Attach {
+            size,
+            seconds,
+            repeats,
+            backends,
+            pgbench_seconds,
+            pgbench_scale,
+            quick,
+            ballast,
+            out,
+        } => {
+            let (size, seconds, repeats, pgbench_seconds, pgbench_scale) = if quick {
+                ("1GiB".to_owned(), 1, 1, 3, 1)
+            } else {
+                (size, seconds, repeats, pgbench_seconds, pgbench_scale)
+            };
+            if seconds == 0 || repeats == 0 || pgbench_seconds == 0 {
+                anyhow::bail!("--seconds, --repeats and --pgbench-seconds must be at least 1");
+            }
+            attach_bench::run(&attach_bench::AttachOptions {
+                device_bytes: node::size::parse_size(&size)?,
+                seconds,
+                repeats,
+                out,
+                ballast: servers::BallastBinary {
+                    path: ballast,
+                    env: Vec::new(),
+                },
+                backends: if backends.is_empty() {
+                    attach_bench::available_backends()
+                } else {
+                    backends
+                },
+                pgbench_seconds,
+                pgbench_scale,
+            })
+        }
         Bench::Engine {
             size,
             seconds,

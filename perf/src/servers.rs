@@ -95,6 +95,12 @@ impl Server {
             .transpose()
     }
 
+    /// ballast only: its CLI as the admin, and the API URL.
+    #[must_use]
+    pub fn admin(&self) -> Option<(BallastBinary, String)> {
+        self.admin.clone()
+    }
+
     /// `nbd://HOST:PORT/bench`.
     pub fn uri(&self) -> String {
         format!("nbd://{}:{}/{EXPORT_NAME}", self.host, self.nbd_port)

@@ -3,7 +3,9 @@
 //! and `ballast-perf nbd --quick` runs its whole fio matrix (one repetition of 1 s)
 //! against ballast (repl=1, 2, 3), qemu-nbd, nbdkit, the raw device and the
 //! NBD ceiling (nbdkit null); each writes its
-//! JSON, markdown table of ratios and PNG chart. No timing is asserted:
+//! JSON, markdown table of ratios and PNG chart; `ballast-perf attach --quick`
+//! measures the attached device (every FUSE backend, repl=1 and 3) and pgbench
+//! against the raw device. No timing is asserted:
 //! only that every measure was taken and reported.
 
 use std::path::{Path, PathBuf};
@@ -195,4 +197,92 @@ fn the_nbd_matrix_measures_every_profile_on_every_target_and_writes_its_table_an
     assert!(stdout.contains(&table), "the table printed is the one saved");
     let png = std::fs::read(out.path().join("nbd.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "nbd.png is a PNG");
+}
+
+/// Turns FUSE over io_uring on for a test, and back to what it was after.
+struct UringSwitch(Option<String>);
+
+impl UringSwitch {
+    fn on() -> Self {
+        let was = std::fs::read_to_string(kernel_iface::fuse::URING_PARAMETER).ok();
+        if was.is_some() {
+            let _ = std::fs::write(kernel_iface::fuse::URING_PARAMETER, "1");
+        }
+        Self(was)
+    }
+}
+
+impl Drop for UringSwitch {
+    fn drop(&mut self) {
+        if let Some(was) = &self.0 {
+            let _ = std::fs::write(kernel_iface::fuse::URING_PARAMETER, was.trim());
+        }
+    }
+}
+
+#[test]
+fn the_attach_benchmark_measures_every_profile_on_every_backend_and_pgbench_and_writes_its_table_and_chart() {
+    if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
+        return skip(&why.to_string());
+    }
+    if !Path::new(kernel_iface::fuse::DEVICE_PATH).exists() {
+        return skip("no /dev/fuse (FUSE is not available on this host)");
+    }
+    if !installed("fio") {
+        return skip("fio is not installed (ci/install-deps.sh installs it)");
+    }
+    let Some(ballast) = ballast_binary() else {
+        return skip("target/debug/ballast is not built (cargo test --workspace builds it)");
+    };
+    let uring = UringSwitch::on();
+    let backends: Vec<&str> = if uring.0.is_some() {
+        vec!["fuse-uring", "fuse"]
+    } else {
+        vec!["fuse"]
+    };
+    let out = tempfile::tempdir().unwrap();
+    // The debug build: the numbers mean nothing, the harness is what is tested.
+    let args = ["attach", "--quick", "--ballast", ballast.to_str().unwrap()];
+    let stdout = run_perf(&args, out.path());
+    drop(uring);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("attach.json")).unwrap()).unwrap();
+    let measures = report["measures"].as_array().expect("measures");
+    assert_eq!(measures.len(), 7, "the issue's profiles: {report:#}");
+    let mut expected: Vec<String> = backends.iter().map(|backend| format!("{backend} repl=1")).collect();
+    expected.push(format!("{} repl=3", backends[0]));
+    for measure in measures {
+        assert!(measure["raw_median"].as_f64().unwrap() > 0.0, "{measure:#}");
+        let targets: Vec<&str> = measure["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["target"].as_str().unwrap())
+            .collect();
+        assert_eq!(targets, expected, "{measure:#}");
+        for target in measure["targets"].as_array().unwrap() {
+            assert!(target["ratio_over_raw"].as_f64().unwrap() > 0.0, "{measure:#}");
+            assert!(target["cpu_us_per_request"].as_f64().unwrap() > 0.0, "{measure:#}");
+        }
+    }
+    let table = std::fs::read_to_string(out.path().join("attach.md")).unwrap();
+    for row in [
+        "| 4 KiB random write, QD32 |",
+        "| database-like 8 KiB 70/30",
+        "| 1 MiB sequential read, QD8 |",
+    ] {
+        assert!(table.contains(row), "{row} in {table}");
+    }
+    if installed("runuser") && Path::new("/usr/lib/postgresql").is_dir() {
+        let pgbench = &report["pgbench"];
+        assert!(pgbench["raw_tps"].as_f64().unwrap() > 0.0, "{report:#}");
+        let targets = pgbench["targets"].as_array().unwrap();
+        assert_eq!(targets.len(), expected.len(), "{report:#}");
+        assert!(table.contains("pgbench"), "{table}");
+    } else {
+        skip("pgbench part: PostgreSQL is not installed (ci/install-deps.sh installs it)");
+    }
+    assert!(stdout.contains(&table), "the table printed is the one saved");
+    let png = std::fs::read(out.path().join("attach.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "attach.png is a PNG");
 }
