@@ -443,7 +443,7 @@ impl Session {
             done: uring::InitDone::default(),
         });
         let queues = if use_uring {
-            match uring::Queues::start(&first, &filesystem, runtime, &init) {
+            match uring::Queues::start(&first, mountpoint, &filesystem, runtime, &init) {
                 Ok(queues) => Some(queues),
                 Err(error) => {
                     let _ = kernel_iface::fuse::abort(mountpoint);

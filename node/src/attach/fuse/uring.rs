@@ -106,6 +106,7 @@ impl Queues {
     /// once `init` is set. Fails when the kernel has no FUSE over io_uring.
     pub fn start(
         channel: &FuseChannel,
+        mountpoint: &std::path::Path,
         filesystem: &Arc<AttachFs>,
         runtime: &tokio::runtime::Handle,
         init: &Arc<super::Init>,
@@ -130,11 +131,16 @@ impl Queues {
                 Arc::clone(init),
                 Arc::clone(&stop),
             );
+            let mountpoint = mountpoint.to_owned();
             let thread = std::thread::Builder::new()
                 .name(format!("fuse-q{qid}"))
                 .spawn(move || {
                     if let Err(error) = serve_queue(queue, qid, &filesystem, &runtime, &ready, &init, &stop) {
-                        tracing::warn!(qid, %error, "FUSE io_uring queue stopped");
+                        // Once INIT agreed on io_uring, the kernel holds every request until
+                        // each CPU's queue is registered: a queue that failed would hang every
+                        // caller. Aborting the connection makes their I/O fail instead.
+                        tracing::error!(qid, %error, "FUSE io_uring queue failed; aborting the attach filesystem so its devices fail instead of hanging");
+                        let _ = kernel_iface::fuse::abort(&mountpoint);
                     }
                 })
                 .map_err(|error| format!("cannot start a FUSE queue thread: {error}"))?;
