@@ -498,16 +498,22 @@ impl Drop for Session {
         if let Some(queues) = self.queues.as_mut() {
             queues.join(STOP_TIMEOUT);
         }
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        for thread in self.threads.drain(..) {
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            } else {
-                tracing::warn!("a FUSE channel thread did not stop in time; left behind");
-            }
+        join_bounded(std::mem::take(&mut self.threads), STOP_TIMEOUT, "channel");
+    }
+}
+
+/// Joins `threads` that are ending, waiting at most `timeout` for all of
+/// them; one still running then is left behind (and said so).
+pub(crate) fn join_bounded(threads: Vec<std::thread::JoinHandle<()>>, timeout: Duration, what: &str) {
+    let deadline = Instant::now() + timeout;
+    for thread in threads {
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            tracing::warn!("a FUSE {what} thread did not stop in time; left behind");
         }
     }
 }

@@ -152,17 +152,7 @@ impl Queues {
     /// Waits (bounded) for the queue threads, which end when the connection is aborted.
     pub fn join(&mut self, timeout: Duration) {
         self.stop.store(true, Ordering::Release);
-        let deadline = Instant::now() + timeout;
-        for thread in self.threads.drain(..) {
-            while !thread.is_finished() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            if thread.is_finished() {
-                let _ = thread.join();
-            } else {
-                tracing::warn!("a FUSE queue thread did not stop in time; left behind");
-            }
-        }
+        super::join_bounded(std::mem::take(&mut self.threads), timeout, "queue");
     }
 }
 
