@@ -158,6 +158,17 @@ fn spawn_replies(
     replies
 }
 
+/// A request for the one block `lba`.
+fn block_request(command: u16, cookie: u64, lba: u64) -> Request {
+    Request {
+        flags: 0,
+        command,
+        cookie,
+        offset_bytes: lba * PATTERN_BLOCK_BYTES as u64,
+        length_bytes: BLOCK_U32,
+    }
+}
+
 /// Blocks the load covers: `wanted`, at most the export's.
 fn blocks_of(size_bytes: u64, wanted: Option<u64>, queue_depth: usize) -> Result<u64> {
     let blocks = (size_bytes / PATTERN_BLOCK_BYTES as u64).min(wanted.unwrap_or(u64::MAX));
@@ -185,8 +196,8 @@ pub async fn write_load(load: &WriteLoad) -> Result<WriteSummary> {
     let mut sender = connection.sender;
     let mut replies = spawn_replies(connection.receiver, None);
     let mut latency = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 2).expect("valid bounds");
-    // cookie -> (lba, generation, sent at); a block has one write in flight at most.
-    let mut in_flight: HashMap<u64, (u64, u64, Instant)> = HashMap::new();
+    // cookie (the write's generation) -> (lba, sent at); a block has one write in flight at most.
+    let mut in_flight: HashMap<u64, (u64, Instant)> = HashMap::new();
     let mut busy: HashSet<u64> = HashSet::new();
     let (mut generation, mut ended) = (0u64, None);
     let started = Instant::now();
@@ -204,14 +215,8 @@ pub async fn write_load(load: &WriteLoad) -> Result<WriteSummary> {
             generation += 1;
             log.sent(lba, generation)?;
             pattern::fill(&mut data, stream, lba, generation);
-            let request = Request {
-                flags: 0,
-                command: proto::CMD_WRITE,
-                cookie: generation,
-                offset_bytes: lba * PATTERN_BLOCK_BYTES as u64,
-                length_bytes: BLOCK_U32,
-            };
-            in_flight.insert(generation, (lba, generation, Instant::now()));
+            let request = block_request(proto::CMD_WRITE, generation, lba);
+            in_flight.insert(generation, (lba, Instant::now()));
             match tokio::time::timeout(REPLY_TIMEOUT, sender.request(&request, &data)).await {
                 Ok(Ok(())) => {}
                 Ok(Err(error)) => ended = Some(Ended::Cut(error.to_string())),
@@ -236,7 +241,8 @@ pub async fn write_load(load: &WriteLoad) -> Result<WriteSummary> {
                 break;
             }
         };
-        let Some((lba, written, sent_at)) = in_flight.remove(&reply.cookie) else {
+        let written = reply.cookie;
+        let Some((lba, sent_at)) = in_flight.remove(&written) else {
             bail!(
                 "{}: a reply for cookie {} that is not in flight",
                 load.uri,
@@ -325,13 +331,7 @@ pub async fn verify_load(uri: &ExportUri, ack_log: &Path, queue_depth: usize) ->
     loop {
         while in_flight < queue_depth {
             let Some(lba) = pending.next() else { break };
-            let request = Request {
-                flags: 0,
-                command: proto::CMD_READ,
-                cookie: lba,
-                offset_bytes: lba * PATTERN_BLOCK_BYTES as u64,
-                length_bytes: BLOCK_U32,
-            };
+            let request = block_request(proto::CMD_READ, lba, lba);
             tokio::time::timeout(REPLY_TIMEOUT, sender.request(&request, &[]))
                 .await
                 .map_err(|_| {
