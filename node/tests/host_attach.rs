@@ -32,6 +32,17 @@ struct Leftovers {
     device: Option<PathBuf>,
 }
 
+impl Leftovers {
+    /// Nothing left over yet from `node`'s test: its `mnt` directory and its attach mount.
+    fn of(node: &TestNode) -> Self {
+        Self {
+            mountpoint: node.dir.path().join("mnt"),
+            fuse_dir: node.data_dir.join("attach"),
+            device: None,
+        }
+    }
+}
+
 impl Drop for Leftovers {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg(&self.mountpoint).output();
@@ -73,11 +84,7 @@ fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_rea
     node.create_volume("data", "256MiB");
     let mountpoint = node.dir.path().join("mnt");
     std::fs::create_dir_all(&mountpoint).unwrap();
-    let mut leftovers = Leftovers {
-        mountpoint: mountpoint.clone(),
-        fuse_dir: node.data_dir.join("attach"),
-        device: None,
-    };
+    let mut leftovers = Leftovers::of(&node);
 
     let device = attach(&node, &mut leftovers);
     // Attaching again gives the same device.
@@ -182,11 +189,7 @@ fn volume_mount_formats_on_first_use_and_volume_unmount_detaches() {
     let node = TestNode::start(test, 1 << 30);
     node.create_volume("data", "128MiB");
     let mountpoint = node.dir.path().join("mnt");
-    let _leftovers = Leftovers {
-        mountpoint: mountpoint.clone(),
-        fuse_dir: node.data_dir.join("attach"),
-        device: None,
-    };
+    let _leftovers = Leftovers::of(&node);
     let mounted = node.cli_ok(&["volume", "mount", "data", mountpoint.to_str().unwrap()]);
     assert!(mounted.contains("mounted volume data"), "{mounted}");
     let fs_type = run_ok("findmnt", &["-n", "-o", "FSTYPE", mountpoint.to_str().unwrap()]);
@@ -225,16 +228,8 @@ fn only_one_host_has_a_volume_attached_until_a_forced_failover_which_fences_the_
         let info: serde_json::Value = first.inspect("data");
         info["in_sync"].as_array().is_some_and(|nodes| nodes.len() == 2)
     });
-    let mut first_leftovers = Leftovers {
-        mountpoint: first.dir.path().join("mnt"),
-        fuse_dir: first.data_dir.join("attach"),
-        device: None,
-    };
-    let mut second_leftovers = Leftovers {
-        mountpoint: second.dir.path().join("mnt"),
-        fuse_dir: second.data_dir.join("attach"),
-        device: None,
-    };
+    let mut first_leftovers = Leftovers::of(first);
+    let mut second_leftovers = Leftovers::of(second);
     let first_device = attach(first, &mut first_leftovers);
     let info: serde_json::Value = second.inspect("data");
     assert_eq!(info["attached_to"].as_u64(), Some(first.node_id()));
@@ -294,11 +289,7 @@ fn an_attached_volume_grows_online_and_its_mounted_ext4_grows_with_it() {
     node.create_volume("data", "128MiB");
     let mountpoint = node.dir.path().join("mnt");
     std::fs::create_dir_all(&mountpoint).unwrap();
-    let mut leftovers = Leftovers {
-        mountpoint: mountpoint.clone(),
-        fuse_dir: node.data_dir.join("attach"),
-        device: None,
-    };
+    let mut leftovers = Leftovers::of(&node);
     let device = attach(&node, &mut leftovers);
     let device_bytes = || {
         run_ok("blockdev", &["--getsize64", device.to_str().unwrap()])
@@ -500,14 +491,8 @@ fn crash_trials(node: &mut TestNode, leftovers: &mut Leftovers, trials: u64, bac
         node.kill9();
         book = load.finish();
         // The dead node's device fails its I/O (not a hang, not stale data).
-        let mut buffer = disk_layout::IoBuf::new(4096);
-        let dead = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&device)
-            .and_then(|file| file.read_exact_at(buffer.as_mut_slice(), 0));
         assert!(
-            dead.is_err(),
+            read_first_block(&device).is_err(),
             "trial {trial}: a read on the dead node's device succeeded"
         );
         node.restart();
@@ -535,11 +520,7 @@ fn killing_the_node_under_concurrent_direct_writes_loses_no_acknowledged_write_a
     node.create_volume("data", "256MiB");
     let mountpoint = node.dir.path().join("mnt");
     std::fs::create_dir_all(&mountpoint).unwrap();
-    let mut leftovers = Leftovers {
-        mountpoint: mountpoint.clone(),
-        fuse_dir: node.data_dir.join("attach"),
-        device: None,
-    };
+    let mut leftovers = Leftovers::of(&node);
     // BALLAST_ATTACH_CRASH_TRIALS runs many more outside CI.
     let trials = std::env::var("BALLAST_ATTACH_CRASH_TRIALS")
         .ok()
@@ -591,11 +572,7 @@ fn discards_read_back_as_zeroes_and_give_space_back_and_bad_requests_get_errors(
     }
     let node = TestNode::start(test, 1 << 30);
     node.create_volume("data", "128MiB");
-    let mut leftovers = Leftovers {
-        mountpoint: node.dir.path().join("mnt"),
-        fuse_dir: node.data_dir.join("attach"),
-        device: None,
-    };
+    let mut leftovers = Leftovers::of(&node);
     let device = attach(&node, &mut leftovers);
     let device_name = device.to_str().unwrap();
     run_ok(
@@ -775,11 +752,7 @@ fn fuse_over_io_uring_serves_attached_devices_loses_no_acknowledged_write_and_is
     // On: requests come through the io_uring queues (the channel threads stay idle).
     switch.turn(true);
     node.restart();
-    let mut leftovers = Leftovers {
-        mountpoint: node.dir.path().join("mnt"),
-        fuse_dir: node.data_dir.join("attach"),
-        device: None,
-    };
+    let mut leftovers = Leftovers::of(&node);
     let device = attach(&node, &mut leftovers);
     let fio = run_with_timeout(
         Command::new("fio")
