@@ -380,9 +380,11 @@ impl HostAttach {
     #[must_use]
     pub fn describe(&self) -> (String, Option<String>) {
         let note = match self.backend {
-            Backend::Fuse | Backend::Auto => fuse_uring_unavailable()
-                .filter(|why| why.contains("it is off"))
-                .map(|why| format!("FUSE + loop serves attached devices; {why}, and restart the node")),
+            // Only when the kernel has it and it is switched off: a setting away.
+            Backend::Fuse | Backend::Auto if kernel_iface::fuse::uring_enabled() == Some(false) => {
+                fuse_uring_unavailable()
+                    .map(|why| format!("FUSE + loop serves attached devices; {why}, and restart the node"))
+            }
             _ => None,
         };
         (self.backend.name().to_owned(), note)
