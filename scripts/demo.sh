@@ -38,19 +38,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# shellcheck source=lib/cluster-node.sh
+. scripts/lib/cluster-node.sh
 node_pid() { awk -v n="$1" '$1 == "pid" {i++; if (i == n) print $2}' "$CLUSTER/state"; }
-restart_node() { # index: start node i again with the arguments cluster-up.sh used
-  local i=$1 host="127.0.0.$1"
-  "$BALLAST" node run --data-dir "$CLUSTER/node$i/data" --name "node$i" --nbd-tls plaintext-on-loopback \
-    --listen-api "$host:9410" --listen-nbd "$host:10809" --listen-peer "$host:9411" \
-    </dev/null >>"$CLUSTER/node$i/node.log" 2>&1 &
-  echo "pid $!" >>"$CLUSTER/state"
-  for _ in $(seq 1 300); do
-    BALLAST_TOKEN_FILE="$CLUSTER/node$i/data/admin.token" "$BALLAST" node status --api "http://$host:9410" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "demo: node$i not ready after 30 s"; exit 1
-}
 
 fio_job() { # label, then fio options
   local name=$1; shift
@@ -118,7 +108,7 @@ BALLAST_API=http://127.0.0.2:9410 "$BALLAST" status | sed -n '1,6p'
 
 echo
 echo "== node1 returns (replays its log, catches up with the cluster; its replica of pg-data is stale until resync)"
-restart_node 1
+restart_cluster_node "$BALLAST" "$CLUSTER" 1 >/dev/null || { echo "demo: node1 did not come back"; exit 1; }
 
 echo
 echo "== 4 KiB random reads at queue depth 32 for ${RUN_SECONDS}s"

@@ -56,20 +56,8 @@ PIDS=()
 i=0
 for pid in $(awk '$1 == "pid" {print $2}' "$CLUSTER/state"); do i=$((i + 1)); PIDS[$i]=$pid; done
 api() { echo "http://127.0.0.$1:9410"; }
-restart_node() { # i
-  local i=$1
-  # Started from a subshell, so it is no job of this shell (no "Killed" notice when a trial kills it).
-  ( "$BALLAST" node run --data-dir "$CLUSTER/node$i/data" --name "node$i" --nbd-tls plaintext-on-loopback \
-      --listen-api "127.0.0.$i:9410" --listen-nbd "127.0.0.$i:10809" --listen-peer "127.0.0.$i:9411" \
-      </dev/null >>"$CLUSTER/node$i/node.log" 2>&1 &
-    echo "pid $!" >>"$CLUSTER/state" )
-  PIDS[$i]=$(awk '$1 == "pid" {pid = $2} END {print pid}' "$CLUSTER/state")
-  for _ in $(seq 1 300); do
-    "$BALLAST" node status --api "$(api "$i")" >/dev/null 2>&1 && return 0
-    sleep 0.1
-  done
-  echo "failover-trials: node$i not ready after 30 s" >&2; FAILED=1; exit 1
-}
+# shellcheck source=lib/cluster-node.sh
+. scripts/lib/cluster-node.sh
 # Runs a CLI command against the first node that answers it.
 any_node() {
   local i
@@ -108,7 +96,7 @@ for trial in $(seq 1 "$TRIALS"); do
   unacked=$(grep -o '([0-9]* blocks hold a later write' "$work/verify.out" | tr -dc 0-9)
   acked_total=$((acked_total + acked)); unacked_total=$((unacked_total + unacked))
   echo "trial $trial: node$coordinator killed at ${kill_ms} ms, node$target took over; $(sed 's/^nbd-verify-load: nbd:[^ ]*: //' "$work/verify.out")"
-  restart_node "$coordinator"
+  PIDS[$coordinator]=$(restart_cluster_node "$BALLAST" "$CLUSTER" "$coordinator") || { FAILED=1; exit 1; }
   BALLAST_API=$(api "$target") "$BALLAST" volume delete "$volume" >/dev/null
   rm -rf "$work"
 done
