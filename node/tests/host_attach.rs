@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use node::load_check::book::{Book, Verdict};
 
-use common::node::{run_with_timeout, TestNode};
+use common::node::{run_with_timeout, wait_exit_within, TestNode};
 use common::{host_attach_available, text, Mount};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -70,6 +70,12 @@ fn attach(node: &TestNode, leftovers: &mut Leftovers) -> PathBuf {
     device
 }
 
+/// `volume detach data`: the device is gone, nothing left to clean up.
+fn detach(node: &TestNode, leftovers: &mut Leftovers) {
+    node.cli_ok(&["volume", "detach", "data"]);
+    leftovers.device = None;
+}
+
 fn loop_devices() -> String {
     run_ok("losetup", &["-a"])
 }
@@ -98,8 +104,7 @@ fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_rea
         std::fs::write(mountpoint.join("note.txt"), "written through FUSE + loop\n").unwrap();
         run_ok("sync", &[]);
     }
-    node.cli_ok(&["volume", "detach", "data"]);
-    leftovers.device = None;
+    detach(&node, &mut leftovers);
     assert!(
         !loop_devices().contains(&format!("{}:", device.display())),
         "the loop device is gone after detach: {}",
@@ -131,8 +136,7 @@ fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_rea
     if kernel_iface::process::has_capability(14) {
         assert!(locked_kib > 0, "no memory locked by the serving node:\n{status}");
     }
-    node.cli_ok(&["volume", "detach", "data"]);
-    leftovers.device = None;
+    detach(&node, &mut leftovers);
     let log = node.log_text();
     assert!(log.contains("host attach FUSE filesystem mounted"), "{log}");
     assert!(log.contains("host attach backend"), "{log}");
@@ -273,10 +277,8 @@ fn only_one_host_has_a_volume_attached_until_a_forced_failover_which_fences_the_
         .status
         .success()
     });
-    first.cli_ok(&["volume", "detach", "data"]);
-    first_leftovers.device = None;
-    second.cli_ok(&["volume", "detach", "data"]);
-    second_leftovers.device = None;
+    detach(first, &mut first_leftovers);
+    detach(second, &mut second_leftovers);
 }
 
 #[test]
@@ -503,8 +505,7 @@ fn crash_trials(node: &mut TestNode, leftovers: &mut Leftovers, trials: u64, bac
             "trial {trial}: the dead node's loop device was released"
         );
         checked = verify_device(&device, &book);
-        node.cli_ok(&["volume", "detach", "data"]);
-        leftovers.device = None;
+        detach(node, leftovers);
     }
     checked
 }
@@ -560,8 +561,7 @@ fn killing_the_node_under_concurrent_direct_writes_loses_no_acknowledged_write_a
     node.restart();
     let device = attach(&node, &mut leftovers);
     run_ok("fsck.ext4", &["-n", "-f", device.to_str().unwrap()]);
-    node.cli_ok(&["volume", "detach", "data"]);
-    leftovers.device = None;
+    detach(&node, &mut leftovers);
 }
 
 #[test]
@@ -665,24 +665,12 @@ fn discards_read_back_as_zeroes_and_give_space_back_and_bad_requests_get_errors(
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    node.cli_ok(&["volume", "detach", "data"]);
-    leftovers.device = None;
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = fio.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "fio hangs on a detached device"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    detach(&node, &mut leftovers);
+    let status = wait_exit_within(&mut fio, Duration::from_secs(60), "fio hangs on a detached device");
     assert!(!status.success(), "fio saw its device go away");
     let device = attach(&node, &mut leftovers);
     assert!(read_first_block(&device).is_ok(), "the node serves the volume again");
-    node.cli_ok(&["volume", "detach", "data"]);
-    leftovers.device = None;
+    detach(&node, &mut leftovers);
 }
 
 fn read_first_block(device: &Path) -> std::io::Result<()> {
@@ -795,8 +783,7 @@ fn fuse_over_io_uring_serves_attached_devices_loses_no_acknowledged_write_and_is
         cpu_of("fuse-q") > cpu_of("fuse-") - cpu_of("fuse-q"),
         "the queues, not the channels, served the requests"
     );
-    node.cli_ok(&["volume", "detach", "data"]);
-    leftovers.device = None;
+    detach(&node, &mut leftovers);
     let checked = crash_trials(&mut node, &mut leftovers, common::iterations(3, 2) as u64, "fuse-uring");
     println!("{test}: {checked} acknowledged writes checked through FUSE over io_uring, 0 lost");
 }

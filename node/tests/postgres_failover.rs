@@ -12,7 +12,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::cluster::{wait_until, TestCluster};
-use common::node::run_with_timeout;
+use common::node::{run_with_timeout, wait_exit_within};
 use common::plugin::{mounted, AttachLeftovers};
 use common::{have_tool, host_attach_available, text};
 
@@ -220,17 +220,11 @@ fn postgresql_on_a_volume_keeps_every_committed_transaction_when_its_node_is_kil
     });
     let holder = cluster.nodes[0].node_id();
     cluster.nodes[0].kill9();
-    let started = Instant::now();
-    let bench_status = loop {
-        if let Some(status) = pgbench.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(120),
-            "pgbench did not end after the node died"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let bench_status = wait_exit_within(
+        &mut pgbench,
+        Duration::from_secs(120),
+        "pgbench did not end after the node died",
+    );
     let mut bench_errors = String::new();
     std::io::Read::read_to_string(&mut pgbench.stderr.take().unwrap(), &mut bench_errors).unwrap();
     let report_text = std::fs::read_to_string(&report).unwrap();

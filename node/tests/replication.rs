@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use common::cluster::{wait_until, TestCluster, CONVERGE_TIMEOUT};
 use common::firewall::Firewall;
 use common::nbd::NbdClient;
-use common::node::{run_with_timeout, TestNode};
+use common::node::{run_with_timeout, wait_exit_within, TestNode};
 use common::{have_tool, record_skip, text};
 use node::load_check::{self, WriteLoad};
 use node::nbd::client::ExportUri;
@@ -95,14 +95,7 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
         std::thread::sleep(Duration::from_millis(50));
     }
     cluster.nodes[2].kill9();
-    let deadline = Instant::now() + FIO_TIMEOUT;
-    let status = loop {
-        if let Some(status) = writer.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "fio did not finish");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit_within(&mut writer, FIO_TIMEOUT, "fio did not finish");
     let output = writer.wait_with_output().unwrap();
     assert!(status.success(), "fio failed after a replica died: {}", text(&output));
     assert_eq!(fio_error(&output), 0);

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{wait_until, TestCluster};
 use common::nbd::NbdClient;
-use common::node::TestNode;
+use common::node::{wait_exit_within, TestNode};
 use common::{have_tool, qemu_io, qemu_io_ok, qemu_io_read_only, text};
 use node::nbd::proto;
 
@@ -508,14 +508,7 @@ fn snapshots_taken_under_fio_at_queue_depth_32_agree_on_every_replica_and_fio_ve
         fio.try_wait().unwrap().is_none(),
         "fio finished before the last snapshot: nothing was taken under load"
     );
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = fio.try_wait().unwrap() {
-            break status;
-        }
-        assert!(started.elapsed() < Duration::from_secs(300), "fio did not finish");
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let status = wait_exit_within(&mut fio, Duration::from_secs(300), "fio did not finish");
     let output = fio.wait_with_output().unwrap();
     assert!(status.success(), "fio: {}", text(&output));
     let stdout = String::from_utf8_lossy(&output.stdout);

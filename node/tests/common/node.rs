@@ -319,6 +319,23 @@ impl Drop for TestNode {
     }
 }
 
+/// Waits for a started `child` to exit, at most `limit`; on time-out kills
+/// it (by pid) and fails the test with `what`.
+pub fn wait_exit_within(child: &mut std::process::Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} (waited {limit:?})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Runs a command with a time limit; returns its output (panics on time-out).
 pub fn run_with_timeout(command: &mut Command, limit: Duration) -> std::process::Output {
     use std::io::Read;
