@@ -309,7 +309,7 @@ pub fn run(options: &AttachOptions) -> Result<Vec<crate::chart::Bar>> {
         .iter()
         .map(|_| kinds.iter().map(|_| TargetSamples::default()).collect())
         .collect();
-    let mut pgbench: Vec<(String, f64)> = Vec::new();
+    let mut pgbench: Vec<(Kind, f64)> = Vec::new();
     let pg = postgres_binaries();
     if pg.is_none() {
         skipped.push("pgbench: PostgreSQL is not installed (apt-get install postgresql)".into());
@@ -339,7 +339,7 @@ pub fn run(options: &AttachOptions) -> Result<Vec<crate::chart::Bar>> {
                             options,
                             pg.as_ref().expect("checked"),
                         )?;
-                        pgbench.push((kind.label(), tps));
+                        pgbench.push((kind.clone(), tps));
                     }
                 }
                 Kind::Ballast { backend, replicas } => {
@@ -396,7 +396,7 @@ pub fn run(options: &AttachOptions) -> Result<Vec<crate::chart::Bar>> {
                             options,
                             pg.as_ref().expect("checked"),
                         )?;
-                        pgbench.push((kind.label(), tps));
+                        pgbench.push((kind.clone(), tps));
                     }
                     drop(cluster_volume);
                     drop(server);
@@ -522,8 +522,8 @@ fn measure_report(measure: &Measure, kinds: &[Kind], samples: &[TargetSamples]) 
     }
 }
 
-fn pgbench_report(results: &[(String, f64)], options: &AttachOptions) -> Option<PgbenchReport> {
-    let raw_tps = results.iter().find(|(label, _)| label == "raw device")?.1;
+fn pgbench_report(results: &[(Kind, f64)], options: &AttachOptions) -> Option<PgbenchReport> {
+    let raw_tps = results.iter().find(|(kind, _)| *kind == Kind::Raw)?.1;
     Some(PgbenchReport {
         scale: options.pgbench_scale,
         clients: 4,
@@ -531,8 +531,8 @@ fn pgbench_report(results: &[(String, f64)], options: &AttachOptions) -> Option<
         raw_tps,
         targets: results
             .iter()
-            .filter(|(label, _)| label != "raw device")
-            .map(|(label, tps)| (label.clone(), *tps, if raw_tps > 0.0 { tps / raw_tps } else { 0.0 }))
+            .filter(|(kind, _)| *kind != Kind::Raw)
+            .map(|(kind, tps)| (kind.label(), *tps, if raw_tps > 0.0 { tps / raw_tps } else { 0.0 }))
             .collect(),
         target_ratio_repl1: PGBENCH_TARGET_RATIO,
     })
