@@ -85,6 +85,13 @@ pub trait IoEngine<B>: Send {
     /// A handle other threads use to interrupt `submit_and_wait`.
     fn waker(&self) -> std::sync::Arc<dyn Waker>;
 
+    /// An eventfd whose every write (by a thread or by the kernel, e.g. an
+    /// io_uring with it registered) interrupts `submit_and_wait`; None when
+    /// the engine waits otherwise (the thread pool). Valid while the engine lives.
+    fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
     /// "io_uring" or "thread-pool", for logs and status.
     fn kind(&self) -> &'static str;
 }

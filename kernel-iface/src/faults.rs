@@ -225,6 +225,10 @@ impl<B: AsMut<[u8]> + Send> IoEngine<B> for FaultyEngine<B> {
         self.inner.waker()
     }
 
+    fn notify_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.notify_fd()
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }

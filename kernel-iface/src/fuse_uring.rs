@@ -36,8 +36,6 @@ pub const COMMIT_ID_AT: usize = 264;
 pub const PAYLOAD_SIZE_AT: usize = 272;
 const CMD_REGISTER: u32 = 1;
 const CMD_COMMIT_AND_FETCH: u32 = 2;
-/// The user data of the wake-up read (entries use their index).
-pub const WAKE_TOKEN: u64 = u64::MAX;
 
 /// The possible CPUs (/sys/devices/system/cpu/possible): the kernel makes one queue for each.
 pub fn possible_cpus() -> io::Result<usize> {
@@ -90,7 +88,6 @@ pub struct FuseUringQueue {
     qid: u16,
     /// A descriptor of the session; kept open while the ring uses it.
     device: File,
-    wake_buffer: Box<[u8; 8]>,
 }
 
 impl FuseUringQueue {
@@ -115,7 +112,7 @@ impl FuseUringQueue {
                 payload_bytes as u64,
             ]);
         }
-        // Room for every entry's command and the wake-up read.
+        // Room for every entry's command.
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build((u32::from(entries) + 2).next_power_of_two())?;
         Ok(Self {
@@ -127,7 +124,6 @@ impl FuseUringQueue {
             entries,
             qid,
             device,
-            wake_buffer: Box::new([0u8; 8]),
         })
     }
 
@@ -168,27 +164,31 @@ impl FuseUringQueue {
         self.push(&command)
     }
 
-    /// Arms a read of `eventfd`: it completes (`WAKE_TOKEN`) when another thread writes it.
-    pub fn arm_wake(&mut self, eventfd: RawFd) -> io::Result<()> {
-        let read = opcode::Read::new(types::Fd(eventfd), self.wake_buffer.as_mut_ptr(), 8)
-            .build()
-            .user_data(WAKE_TOKEN)
-            .into();
-        self.push(&read)
+    /// Has the kernel write `eventfd` whenever a completion is posted (a
+    /// request arrived), so a thread waiting elsewhere (a reactor on its own
+    /// ring) learns of it.
+    pub fn notify(&self, eventfd: RawFd) -> io::Result<()> {
+        self.ring.submitter().register_eventfd(eventfd)
     }
 
-    /// Submits what was queued, waits for `wait` completions, and appends
-    /// each as `(user data, result)`.
-    pub fn submit(&mut self, wait: usize, completions: &mut Vec<(u64, i32)>) -> io::Result<()> {
-        match self.ring.submit_and_wait(wait) {
-            Ok(_) => {}
-            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
+    /// Hands queued commands to the kernel, without waiting (no system call
+    /// when none is queued).
+    pub fn submit_queued(&mut self) -> io::Result<()> {
+        if self.ring.submission().is_empty() {
+            return Ok(());
         }
+        match self.ring.submit() {
+            Ok(_) => Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
+    /// Appends each posted completion as `(user data, result)` (no system call).
+    pub fn completions(&mut self, completions: &mut Vec<(u64, i32)>) {
         for entry in self.ring.completion() {
             completions.push((entry.user_data(), entry.result()));
         }
-        Ok(())
     }
 
     /// Entry `entry`'s header and payload buffers.

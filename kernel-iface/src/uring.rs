@@ -47,6 +47,8 @@ pub struct UringEngine<B> {
     /// The eventfd read's target; boxed so its address is stable.
     wake_buf: Box<[u8; 8]>,
     wake_armed: bool,
+    /// A wake-up completed and no wait or drain has returned since.
+    woken: bool,
     _files: Vec<File>,
 }
 
@@ -81,6 +83,7 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
             waker: Arc::new(EventFdWaker { fd }),
             wake_buf: Box::new([0u8; 8]),
             wake_armed: false,
+            woken: false,
             _files: files,
         })
     }
@@ -113,7 +116,8 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
         self.wake_armed = true;
     }
 
-    /// Moves kernel completions into `ready`, returning slab slots.
+    /// Moves kernel completions into `ready`, returning slab slots; notes
+    /// a wake-up among them in `woken`.
     fn reap(&mut self) {
         let mut reaped = Vec::new();
         for cqe in self.ring.completion() {
@@ -122,6 +126,7 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
         for (slot_index, result) in reaped {
             if slot_index == WAKE_USER_DATA {
                 self.wake_armed = false;
+                self.woken = true;
                 continue;
             }
             let index = usize::try_from(slot_index).expect("slot index fits usize");
@@ -181,9 +186,18 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
     }
 
     fn submit_and_wait(&mut self, min_complete: usize, timeout: Option<Duration>) -> std::io::Result<()> {
-        self.arm_wake();
+        // A wake-up that completed since the last reap is for this wait: it
+        // must not sleep (its waker, a thread or a kernel eventfd signal,
+        // may have nothing else that would end the wait). Re-armed after
+        // the reap, so the next wake-up is caught too.
         self.reap();
-        let want = if self.ready.len() >= min_complete { 0 } else { 1 };
+        let woken = std::mem::take(&mut self.woken);
+        self.arm_wake();
+        let want = if woken || self.ready.len() >= min_complete {
+            0
+        } else {
+            1
+        };
         let result = match timeout {
             None => self.ring.submit_and_wait(want),
             Some(duration) => {
@@ -203,6 +217,8 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
 
     fn drain(&mut self, out: &mut Vec<Completion<B>>) {
         self.reap();
+        // The caller is awake and looks at everything after draining.
+        self.woken = false;
         out.append(&mut self.ready);
     }
 
@@ -212,6 +228,10 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
 
     fn waker(&self) -> Arc<dyn Waker> {
         self.waker.clone()
+    }
+
+    fn notify_fd(&self) -> Option<RawFd> {
+        Some(self.waker.fd.as_raw_fd())
     }
 
     fn kind(&self) -> &'static str {
@@ -250,5 +270,36 @@ impl<B> Drop for UringEngine<B> {
         std::mem::forget(std::mem::take(&mut self.slab));
         std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new([0u8; 8])));
         tracing::error!("io_uring dropped with requests in flight; leaking their buffers");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// How long a wait may last in these tests: far beyond what a wake-up takes.
+    const WAIT: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_wake_up_that_completed_before_the_wait_ends_the_wait_at_once() {
+        let mut engine = UringEngine::<Vec<u8>>::new(Vec::new(), Vec::new())
+            .map_err(|(error, _)| error)
+            .unwrap();
+        // Arms the eventfd read.
+        engine.submit_and_wait(1, Some(Duration::ZERO)).unwrap();
+        // Its completion is posted when this thread next leaves the kernel,
+        // before the wait below starts.
+        engine.waker().wake();
+        let started = std::time::Instant::now();
+        engine.submit_and_wait(1, Some(WAIT)).unwrap();
+        assert!(
+            started.elapsed() < WAIT,
+            "the wait slept through a wake-up that came before it"
+        );
+        // And the read is armed again: a later wake-up ends a later wait.
+        engine.waker().wake();
+        let started = std::time::Instant::now();
+        engine.submit_and_wait(1, Some(WAIT)).unwrap();
+        assert!(started.elapsed() < WAIT, "the wait slept through a wake-up");
     }
 }
