@@ -596,7 +596,14 @@ impl NodeMetrics {
             "ballast_disk_flushes",
             "Cache flushes sent to the disk.",
             &flushes,
-        )
+        )?;
+        let metric = encoder.encode_descriptor(
+            "ballast_reactor_handoffs",
+            "Requests served on one reactor (a FUSE io_uring queue) for a disk another reactor owns.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.engine.handoffs()).encode(metric)
     }
 
     fn encode_cluster(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {

@@ -256,7 +256,7 @@ impl HostAttach {
     }
 
     /// Mounts the attach filesystem if it is not; whether it runs over io_uring.
-    fn ensure_mounted(&self, uring: bool) -> Result<bool, String> {
+    fn ensure_mounted(&self, uring: bool, engine: &crate::engine::Engine) -> Result<bool, String> {
         let mut session = self.session.lock();
         if let Some(session) = session.as_ref() {
             return Ok(session.over_uring());
@@ -280,7 +280,7 @@ impl HostAttach {
             .map_err(|e| format!("cannot make {}: {e}", self.mountpoint.display()))?;
         let filesystem = Arc::new(fuse::AttachFs::new(Arc::clone(&self.files)));
         let channels = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-        let mounted = fuse::Session::mount(&self.mountpoint, filesystem, &self.runtime, channels, uring)?;
+        let mounted = fuse::Session::mount(&self.mountpoint, filesystem, &self.runtime, channels, uring, engine)?;
         *session = Some(mounted);
         Ok(uring)
     }
@@ -315,7 +315,7 @@ impl HostAttach {
             (_, None) => self.backend == Backend::FuseUring,
             (_, Some(_)) => false,
         };
-        let uring = self.ensure_mounted(uring)?;
+        let uring = self.ensure_mounted(uring, volume.engine())?;
         self.files.insert(Arc::clone(volume));
         let file = self.mountpoint.join(&volume.name);
         let device = LoopDevice::attach_with_sector_size(&file, true, Some(volume.block_size_bytes))

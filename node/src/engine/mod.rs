@@ -7,10 +7,11 @@
 //! must be quick: send on a channel, complete a oneshot).
 
 pub(crate) mod disk_io;
+pub mod guest;
 mod reactor;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{bounded, Sender};
@@ -18,6 +19,7 @@ use disk_layout::{IoBuf, Reply, Store, StoreConfig, StoreError};
 use kernel_iface::{EngineChoice, Waker};
 use thiserror::Error;
 
+pub use guest::{Guest, GuestState, Host, ReactorWaker};
 pub use reactor::SHUTDOWN_TIMEOUT;
 
 /// Requests queued per reactor before senders wait.
@@ -74,6 +76,8 @@ pub(crate) enum Control {
         disk: usize,
         run: Box<dyn FnOnce(&Store) + Send>,
     },
+    /// Serve this guest on the reactor's thread from now on.
+    Guest(Box<dyn Guest>),
     Shutdown,
 }
 
@@ -127,14 +131,27 @@ pub enum EngineError {
 }
 
 struct ReactorHandle {
+    /// Process-wide unique (`guest::next_reactor_id`).
+    id: u64,
+    core: Option<usize>,
     sender: Sender<Control>,
     waker: Arc<dyn Waker>,
+    notify_fd: Option<std::os::fd::RawFd>,
     sleeping: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ReactorHandle {
-    fn send(&self, control: Control) -> Result<(), EngineError> {
+    /// Sends `control` to the reactor: kept on this thread if it is the
+    /// reactor's own (no channel, no wake-up), counted in `handoffs` if it
+    /// comes from another reactor.
+    fn send(&self, control: Control, handoffs: &AtomicU64) -> Result<(), EngineError> {
+        let Err(control) = guest::send_local(self.id, control) else {
+            return Ok(());
+        };
+        if guest::on_a_reactor() {
+            handoffs.fetch_add(1, Ordering::Relaxed);
+        }
         self.sender.send(control).map_err(|_| EngineError::Stopped)?;
         if self.sleeping.load(Ordering::SeqCst) {
             self.waker.wake();
@@ -158,6 +175,8 @@ pub struct Engine {
     routes: parking_lot::RwLock<Routes>,
     /// How it was started (disks added later open the same way).
     config: EngineConfig,
+    /// Requests a reactor's guest sent to another reactor.
+    handoffs: AtomicU64,
 }
 
 /// Where each disk's requests go; grows when a disk is added.
@@ -208,6 +227,7 @@ impl Engine {
                 disks: opened.into_iter().flatten().collect(),
             }),
             config: config.clone(),
+            handoffs: AtomicU64::new(0),
         };
         if let Some(error) = failure {
             engine.shutdown();
@@ -252,7 +272,7 @@ impl Engine {
             command,
             reply,
         };
-        if let Err(error) = routes.reactors[reactor].send(control) {
+        if let Err(error) = routes.reactors[reactor].send(control, &self.handoffs) {
             tracing::error!(%error, disk, "request to a stopped engine");
         }
     }
@@ -270,9 +290,42 @@ impl Engine {
         {
             let routes = self.routes.read();
             let (reactor, local) = routes.placement[disk];
-            routes.reactors[reactor].send(Control::Query { disk: local, run })?;
+            routes.reactors[reactor].send(Control::Query { disk: local, run }, &self.handoffs)?;
         }
         receiver.recv().map_err(|_| EngineError::Stopped)
+    }
+
+    /// The reactors that can host guests (those on io_uring), in order.
+    #[must_use]
+    pub fn hosts(&self) -> Vec<Host> {
+        let routes = self.routes.read();
+        routes
+            .reactors
+            .iter()
+            .enumerate()
+            .filter_map(|(number, reactor)| {
+                Some(Host {
+                    reactor: number,
+                    core: reactor.core,
+                    notify_fd: reactor.notify_fd?,
+                    waker: ReactorWaker::new(reactor.id, Arc::clone(&reactor.waker)),
+                })
+            })
+            .collect()
+    }
+
+    /// Serves `guest` on reactor `reactor`'s thread until it finishes (or
+    /// the engine stops, which drops it).
+    pub fn host_guest(&self, reactor: usize, guest: Box<dyn Guest>) -> Result<(), EngineError> {
+        let routes = self.routes.read();
+        let handle = routes.reactors.get(reactor).ok_or(EngineError::Stopped)?;
+        handle.send(Control::Guest(guest), &self.handoffs)
+    }
+
+    /// Requests that a reactor's guest sent to another reactor's disk.
+    #[must_use]
+    pub fn handoffs(&self) -> u64 {
+        self.handoffs.load(Ordering::Relaxed)
     }
 
     /// Sends a request and waits for its answer (for tools and tests).
@@ -302,7 +355,7 @@ impl Engine {
     fn stop(&mut self) {
         let routes = self.routes.get_mut();
         for reactor in &routes.reactors {
-            let _ = reactor.send(Control::Shutdown);
+            let _ = reactor.send(Control::Shutdown, &self.handoffs);
         }
         for reactor in &mut routes.reactors {
             if let Some(thread) = reactor.thread.take() {
@@ -331,9 +384,11 @@ fn start_reactor(
     let sleeping = Arc::new(AtomicBool::new(false));
     let config = config.clone();
     let thread_sleeping = Arc::clone(&sleeping);
+    let id = guest::next_reactor_id();
     let thread = std::thread::Builder::new()
         .name(format!("ballast-reactor-{number}"))
         .spawn(move || {
+            guest::enter_reactor(id);
             if let Some(core) = core {
                 if let Err(error) = kernel_iface::affinity::pin_current_thread(core) {
                     tracing::warn!(core, %error, "could not pin reactor thread");
@@ -341,7 +396,7 @@ fn start_reactor(
             }
             match open_group(&group, &config) {
                 Ok((engine, stores, opened)) => {
-                    let _ = ready_sender.send(Ok((engine.waker(), opened)));
+                    let _ = ready_sender.send(Ok((engine.waker(), engine.notify_fd(), opened)));
                     reactor::Reactor::new(engine, stores, receiver, thread_sleeping).run();
                 }
                 Err(error) => {
@@ -351,10 +406,13 @@ fn start_reactor(
         })
         .map_err(|error| EngineError::Thread(error.to_string()))?;
     match ready_receiver.recv() {
-        Ok(Ok((waker, opened))) => Ok((
+        Ok(Ok((waker, notify_fd, opened))) => Ok((
             ReactorHandle {
+                id,
+                core,
                 sender,
                 waker,
+                notify_fd,
                 sleeping,
                 thread: Some(thread),
             },
@@ -427,4 +485,194 @@ fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<Open
 fn open_nonce() -> u64 {
     let bytes = uuid::Uuid::new_v4().into_bytes();
     u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::sync::Mutex;
+    use std::time::{Duration, Instant};
+
+    use disk_layout::{FormatParams, Store};
+
+    use super::*;
+
+    const NODE: [u8; 16] = [7; 16];
+    const WAIT_MAX: Duration = Duration::from_secs(10);
+
+    /// A formatted 64 MiB disk file, removed on drop.
+    struct DiskFile(PathBuf);
+
+    impl DiskFile {
+        fn new(name: &str) -> Self {
+            let path = std::env::temp_dir().join(format!("ballast-engine-{}-{name}", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let size_bytes = 64 << 20;
+            std::fs::File::create(&path).unwrap().set_len(size_bytes).unwrap();
+            let opened = kernel_iface::device::open_exclusive(&path, true).unwrap();
+            let mut engine: Box<dyn kernel_iface::IoEngine<IoBuf>> =
+                kernel_iface::open_engine(vec![opened.file], kernel_iface::EngineChoice::Auto).unwrap();
+            let mut io = disk_io::DiskIo {
+                engine: engine.as_mut(),
+                file: 0,
+            };
+            let params = FormatParams {
+                disk_size_bytes: size_bytes,
+                segment_size_bytes: 1 << 20,
+                cluster_uuid: [1; 16],
+                node_uuid: NODE,
+                disk_uuid: [2; 16],
+                created_unix_seconds: 1,
+            };
+            Store::format(&mut io, &params, name).unwrap();
+            Self(path)
+        }
+    }
+
+    impl Drop for DiskFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn start(disks: &[&DiskFile], cores: Vec<usize>) -> Arc<Engine> {
+        let specs: Vec<DiskSpec> = disks.iter().map(|disk| DiskSpec { path: disk.0.clone() }).collect();
+        let mut config = EngineConfig::new(NODE);
+        config.cores = cores;
+        Arc::new(Engine::start(&specs, &config).unwrap())
+    }
+
+    fn write(lba: u64, byte: u8) -> Command {
+        Command::Write {
+            volume_id: 1,
+            lba,
+            data: vec![byte; 4096],
+            epoch: 1,
+            volume_sequence: lba + 1,
+        }
+    }
+
+    /// Sends one write to `disk` on its first turn, finishes when answered;
+    /// records the thread each turn and the answer ran on.
+    struct OneWrite {
+        engine: Arc<Engine>,
+        disk: usize,
+        sent: bool,
+        answered: Arc<AtomicBool>,
+        threads: Arc<Mutex<Vec<std::thread::ThreadId>>>,
+        waker: ReactorWaker,
+        finished: Arc<AtomicUsize>,
+    }
+
+    impl Guest for OneWrite {
+        fn serve(&mut self) -> GuestState {
+            self.threads.lock().unwrap().push(std::thread::current().id());
+            if !self.sent {
+                self.sent = true;
+                let (answered, threads, waker) = (
+                    Arc::clone(&self.answered),
+                    Arc::clone(&self.threads),
+                    self.waker.clone(),
+                );
+                self.engine.submit(
+                    self.disk,
+                    write(3, 0xab),
+                    Box::new(move |result| {
+                        assert!(result.is_ok(), "{result:?}");
+                        threads.lock().unwrap().push(std::thread::current().id());
+                        answered.store(true, Ordering::SeqCst);
+                        waker.wake();
+                    }),
+                );
+            }
+            if self.answered.load(Ordering::SeqCst) {
+                return GuestState::Finished;
+            }
+            GuestState::Serving
+        }
+    }
+
+    impl Drop for OneWrite {
+        fn drop(&mut self) {
+            self.finished.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn wait_for(what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + WAIT_MAX;
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    fn one_write(
+        engine: &Arc<Engine>,
+        host: &Host,
+        disk: usize,
+    ) -> (Arc<Mutex<Vec<std::thread::ThreadId>>>, Arc<AtomicUsize>) {
+        let threads = Arc::new(Mutex::new(Vec::new()));
+        let finished = Arc::new(AtomicUsize::new(0));
+        let guest = OneWrite {
+            engine: Arc::clone(engine),
+            disk,
+            sent: false,
+            answered: Arc::new(AtomicBool::new(false)),
+            threads: Arc::clone(&threads),
+            waker: host.waker.clone(),
+            finished: Arc::clone(&finished),
+        };
+        engine.host_guest(host.reactor, Box::new(guest)).unwrap();
+        (threads, finished)
+    }
+
+    #[test]
+    fn a_guest_is_served_on_its_reactor_thread_and_its_own_disks_answers_come_back_there_without_a_handoff() {
+        let disk = DiskFile::new("own");
+        let engine = start(&[&disk], Vec::new());
+        let hosts = engine.hosts();
+        assert_eq!(hosts.len(), 1, "one reactor on io_uring hosts guests");
+        let (threads, finished) = one_write(&engine, &hosts[0], 0);
+        wait_for("the guest to finish", || finished.load(Ordering::SeqCst) == 1);
+        let threads = threads.lock().unwrap().clone();
+        assert!(threads.len() >= 3, "turns and the answer: {threads:?}");
+        assert!(
+            threads.iter().all(|thread| *thread == threads[0]),
+            "every turn and the answer ran on the reactor's thread: {threads:?}"
+        );
+        assert_ne!(threads[0], std::thread::current().id());
+        assert_eq!(
+            engine.handoffs(),
+            0,
+            "a request for the reactor's own disk is no hand-off"
+        );
+        let written = engine
+            .call(
+                0,
+                Command::Read {
+                    volume_id: 1,
+                    lba: 3,
+                    block_count: 1,
+                },
+            )
+            .unwrap();
+        let disk_layout::Reply::Read(buf) = written else {
+            panic!("a read answers with data")
+        };
+        assert!(
+            buf.as_slice().iter().all(|byte| *byte == 0xab),
+            "the guest's write landed"
+        );
+    }
+
+    #[test]
+    fn a_guest_request_for_another_reactors_disk_is_a_counted_handoff() {
+        let (first, second) = (DiskFile::new("first"), DiskFile::new("second"));
+        let engine = start(&[&first, &second], vec![0, 0]);
+        let hosts = engine.hosts();
+        assert_eq!(hosts.len(), 2, "a reactor per disk");
+        let (_, finished) = one_write(&engine, &hosts[0], 1);
+        wait_for("the guest to finish", || finished.load(Ordering::SeqCst) == 1);
+        assert_eq!(engine.handoffs(), 1);
+    }
 }

@@ -13,6 +13,7 @@ use disk_layout::{Done, IoBuf, Store};
 use kernel_iface::IoEngine;
 
 use super::disk_io::{file_of, to_store_completion, DiskIo};
+use super::guest::{self, Guest, GuestState};
 use super::{Command, Control};
 
 /// Requests taken from the channel per loop turn (bounds latency of acks).
@@ -31,6 +32,7 @@ pub(super) struct Reactor {
     next_tag: u64,
     done: Vec<Done>,
     completions: Vec<kernel_iface::Completion<IoBuf>>,
+    guests: Vec<Box<dyn Guest>>,
 }
 
 impl Reactor {
@@ -49,6 +51,7 @@ impl Reactor {
             next_tag: 0,
             done: Vec::new(),
             completions: Vec::new(),
+            guests: Vec::new(),
         }
     }
 
@@ -66,6 +69,7 @@ impl Reactor {
             let timeout = if idle { TICK_INTERVAL } else { Duration::from_millis(10) };
             self.wait(timeout);
             self.complete();
+            self.serve_guests();
             if last_tick.elapsed() >= TICK_INTERVAL {
                 self.tick_all();
                 last_tick = Instant::now();
@@ -77,7 +81,7 @@ impl Reactor {
         // Announce sleep, then re-check the channel, so a sender that saw
         // us awake has its request seen here, and one that saw us asleep wakes us.
         self.sleeping.store(true, Ordering::SeqCst);
-        if self.receiver.is_empty() {
+        if self.receiver.is_empty() && !guest::local_work() {
             if let Err(error) = self.engine.submit_and_wait(1, Some(timeout)) {
                 tracing::error!(%error, "I/O engine wait failed");
             }
@@ -85,21 +89,52 @@ impl Reactor {
         self.sleeping.store(false, Ordering::SeqCst);
     }
 
-    /// Takes queued requests; returns (shutdown requested, took any).
+    /// Takes queued requests (first those this thread sent itself);
+    /// returns (shutdown requested, took any).
     fn take_requests(&mut self) -> (bool, bool) {
         let mut took = false;
+        for control in guest::take_local() {
+            took = true;
+            if self.take(control) {
+                return (true, took);
+            }
+        }
         for _ in 0..REQUESTS_PER_TURN_MAX {
             match self.receiver.try_recv() {
-                Ok(Control::Request { disk, command, reply }) => {
+                Ok(control) => {
                     took = true;
-                    self.dispatch(disk, command, reply);
+                    if self.take(control) {
+                        return (true, took);
+                    }
                 }
-                Ok(Control::Query { disk, run }) => run(&self.stores[disk]),
-                Ok(Control::Shutdown) | Err(TryRecvError::Disconnected) => return (true, took),
+                Err(TryRecvError::Disconnected) => return (true, took),
                 Err(TryRecvError::Empty) => break,
             }
         }
         (false, took)
+    }
+
+    /// Acts on one control message; true when it asks to shut down.
+    fn take(&mut self, control: Control) -> bool {
+        match control {
+            Control::Request { disk, command, reply } => self.dispatch(disk, command, reply),
+            Control::Query { disk, run } => run(&self.stores[disk]),
+            Control::Guest(guest) => {
+                self.guests.push(guest);
+                guest::wake_here();
+            }
+            Control::Shutdown => return true,
+        }
+        false
+    }
+
+    /// Serves every guest once; drops those that finished.
+    fn serve_guests(&mut self) {
+        if self.guests.is_empty() {
+            return;
+        }
+        guest::take_guest_work();
+        self.guests.retain_mut(|guest| guest.serve() == GuestState::Serving);
     }
 
     fn dispatch(&mut self, disk: usize, command: Command, reply: super::ReplyFn) {

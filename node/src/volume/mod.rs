@@ -243,6 +243,12 @@ pub trait Replicator: Send + Sync {
 }
 
 impl Volume {
+    /// The node's storage engine (host attach serves its queues on its reactors).
+    #[must_use]
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// Current size (grows with resize).
     #[must_use]
     pub fn size_bytes(&self) -> u64 {

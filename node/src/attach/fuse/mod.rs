@@ -420,6 +420,7 @@ impl Session {
         runtime: &tokio::runtime::Handle,
         channel_count: usize,
         use_uring: bool,
+        engine: &crate::engine::Engine,
     ) -> Result<Self, String> {
         let first = kernel_iface::fuse::mount(mountpoint, "ballast").map_err(|error| {
             format!(
@@ -443,7 +444,7 @@ impl Session {
             done: uring::InitDone::default(),
         });
         let queues = if use_uring {
-            match uring::Queues::start(&first, mountpoint, &filesystem, runtime, &init) {
+            match uring::Queues::start(&first, mountpoint, &filesystem, runtime, &init, engine) {
                 Ok(queues) => Some(queues),
                 Err(error) => {
                     let _ = kernel_iface::fuse::abort(mountpoint);

@@ -1,69 +1,72 @@
-//! FUSE over io_uring: a queue per possible CPU (the kernel hands a
-//! request to the queue of the CPU its caller runs on), each served by a
-//! thread pinned to that CPU that is also the executor of its requests. A
-//! request arrives as the completion of one of the queue's entries; it is
-//! polled at once on this thread (handing its I/O to the reactor), and when
-//! the volume completes it, the reactor's wake-up lands here (an eventfd
-//! read on the same ring), the answer is written into the entry and sent
-//! with COMMIT_AND_FETCH, which arms the entry again. No runtime thread is
-//! woken on the way; requests the queue gets while others wait are served
-//! in the same turn of the ring.
+//! FUSE over io_uring, served on the reactors: a queue per possible CPU
+//! (the kernel hands a request to the queue of the CPU its caller runs
+//! on), each hosted by the reactor pinned to that CPU (or, on a CPU
+//! without one, by another) as a guest (`engine::guest`). A request
+//! arrives as the completion of one of the queue's entries, which the
+//! kernel signals on the reactor's eventfd; the reactor polls it at once
+//! on its own thread, so the store gets its I/O with no channel and no
+//! wake-up, and when the store answers (on the same thread), the answer
+//! is written into the entry and sent with COMMIT_AND_FETCH, which arms
+//! the entry again. For a volume on the reactor's own disk a request never
+//! leaves the core; one on another reactor's disk costs one hand-off.
 //!
 //! Requests reach the rings only once every queue has an entry
 //! registered; before that (and for interrupts and forgets, always) they
 //! come through /dev/fuse, which the session's channel threads keep serving.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
 use kernel_iface::fuse::FuseChannel;
-use kernel_iface::fuse_uring::{FuseUringQueue, COMMIT_ID_AT, OP_IN_AT, OP_IN_BYTES, PAYLOAD_SIZE_AT, WAKE_TOKEN};
-use nix::sys::eventfd::{EfdFlags, EventFd};
+use kernel_iface::fuse_uring::{FuseUringQueue, COMMIT_ID_AT, OP_IN_AT, OP_IN_BYTES, PAYLOAD_SIZE_AT};
 use parking_lot::Mutex;
 
 use super::proto::{self, IN_HEADER_BYTES, OUT_HEADER_BYTES};
 use super::{Answer, AttachFs, Pending, Reply, MAX_WRITE_BYTES};
+use crate::engine::{Engine, Guest, GuestState, ReactorWaker};
 
 /// Entries (requests in flight) per queue. Their payload buffers are
 /// `MAX_WRITE_BYTES` each, touched only as far as requests fill them.
 const QUEUE_ENTRIES: u16 = 64;
-/// How long a queue waits for the session's INIT before registering.
+/// How long a queue waits for the session's INIT before giving up.
 const INIT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Registration refused while INIT is being processed (EAGAIN) is retried this often.
+/// Registration refused while INIT is being processed (EAGAIN) is retried
+/// after this long, at most `REGISTER_ATTEMPTS_MAX` times.
 const REGISTER_RETRY: Duration = Duration::from_millis(10);
 const REGISTER_ATTEMPTS_MAX: u32 = 500;
 
-/// Set once the kernel has the INIT answer (queues may register then).
+/// Set once the kernel has the INIT answer (queues may register then);
+/// wakes the reactors of the queues waiting for it.
 #[derive(Default)]
 pub struct InitDone {
-    done: Mutex<bool>,
-    changed: parking_lot::Condvar,
+    done: AtomicBool,
+    waiting: Mutex<Vec<ReactorWaker>>,
 }
 
 impl InitDone {
     pub fn set(&self) {
-        *self.done.lock() = true;
-        self.changed.notify_all();
+        self.done.store(true, Ordering::Release);
+        for waker in self.waiting.lock().drain(..) {
+            waker.wake();
+        }
     }
 
-    fn wait(&self, timeout: Duration) -> bool {
-        let mut done = self.done.lock();
-        let deadline = Instant::now() + timeout;
-        while !*done {
-            if self.changed.wait_until(&mut done, deadline).timed_out() {
-                return *done;
-            }
-        }
-        true
+    fn is_set(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    fn wake_on_set(&self, waker: ReactorWaker) {
+        self.waiting.lock().push(waker);
     }
 }
 
-/// The entries whose request was woken, and the eventfd that wakes the ring.
+/// The entries whose request was woken, and the reactor that serves them.
 struct Ready {
     entries: Mutex<Vec<u16>>,
-    eventfd: EventFd,
+    reactor: ReactorWaker,
 }
 
 impl Ready {
@@ -73,8 +76,7 @@ impl Ready {
         entries.push(entry);
         drop(entries);
         if was_empty {
-            // EAGAIN (counter saturated) still leaves it readable.
-            let _ = self.eventfd.write(1);
+            self.reactor.wake();
         }
     }
 }
@@ -95,64 +97,98 @@ impl Wake for EntryWaker {
     }
 }
 
-/// The queue threads of a session.
+/// The queues of a session, hosted by the engine's reactors.
 pub struct Queues {
     stop: Arc<AtomicBool>,
-    threads: Vec<std::thread::JoinHandle<()>>,
+    /// Queues not finished yet.
+    live: Arc<AtomicUsize>,
+    reactors: Vec<ReactorWaker>,
 }
 
 impl Queues {
-    /// Starts a queue per possible CPU on `channel`'s session; they register
-    /// once `init` is set. Fails when the kernel has no FUSE over io_uring.
+    /// Starts a queue per possible CPU on `channel`'s session, each on a
+    /// reactor of `engine`; they register once `init` is set. Fails when
+    /// the kernel has no FUSE over io_uring or no reactor runs io_uring.
     pub fn start(
         channel: &FuseChannel,
         mountpoint: &std::path::Path,
         filesystem: &Arc<AttachFs>,
         runtime: &tokio::runtime::Handle,
         init: &Arc<super::Init>,
+        engine: &Engine,
     ) -> Result<Self, String> {
+        let hosts = engine.hosts();
+        if hosts.is_empty() {
+            return Err("no reactor runs io_uring to serve the queues (the node has no disk, or its I/O engine is the thread pool)".into());
+        }
         let cpus =
             kernel_iface::fuse_uring::possible_cpus().map_err(|error| format!("cannot count the CPUs: {error}"))?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let mut threads = Vec::new();
+        let mut queues = Self {
+            stop: Arc::new(AtomicBool::new(false)),
+            live: Arc::new(AtomicUsize::new(0)),
+            reactors: Vec::new(),
+        };
         for qid in 0..cpus {
-            let qid_u16 = u16::try_from(qid).map_err(|_| format!("{cpus} CPUs: too many FUSE queues"))?;
-            let queue = FuseUringQueue::new(channel, qid_u16, QUEUE_ENTRIES, MAX_WRITE_BYTES as usize)
-                .map_err(|error| format!("cannot make FUSE queue {qid}: {error}"))?;
-            let eventfd = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
-                .map_err(|error| format!("eventfd: {error}"))?;
-            let ready = Arc::new(Ready {
-                entries: Mutex::new(Vec::new()),
-                eventfd,
+            let host = hosts
+                .iter()
+                .find(|host| host.core == Some(qid))
+                .unwrap_or(&hosts[qid % hosts.len()]);
+            let started = QueueGuest::new(
+                channel,
+                qid,
+                host.waker.clone(),
+                mountpoint,
+                filesystem,
+                runtime,
+                init,
+                &queues,
+            )
+            .and_then(|guest| {
+                guest
+                    .queue
+                    .notify(host.notify_fd)
+                    .map_err(|error| format!("cannot have FUSE queue {qid} wake its reactor: {error}"))?;
+                queues.live.fetch_add(1, Ordering::AcqRel);
+                engine
+                    .host_guest(host.reactor, Box::new(guest))
+                    .map_err(|error| format!("cannot hand FUSE queue {qid} to a reactor: {error}"))
             });
-            let (filesystem, runtime, init, stop) = (
-                Arc::clone(filesystem),
-                runtime.clone(),
-                Arc::clone(init),
-                Arc::clone(&stop),
-            );
-            let mountpoint = mountpoint.to_owned();
-            let thread = std::thread::Builder::new()
-                .name(format!("fuse-q{qid}"))
-                .spawn(move || {
-                    if let Err(error) = serve_queue(queue, qid, &filesystem, &runtime, &ready, &init, &stop) {
-                        // Once INIT agreed on io_uring, the kernel holds every request until
-                        // each CPU's queue is registered: a queue that failed would hang every
-                        // caller. Aborting the connection makes their I/O fail instead.
-                        tracing::error!(qid, %error, "FUSE io_uring queue failed; aborting the attach filesystem so its devices fail instead of hanging");
-                        let _ = kernel_iface::fuse::abort(&mountpoint);
-                    }
-                })
-                .map_err(|error| format!("cannot start a FUSE queue thread: {error}"))?;
-            threads.push(thread);
+            if let Err(error) = started {
+                queues.signal_stop();
+                return Err(error);
+            }
+            init.done.wake_on_set(host.waker.clone());
+            queues.reactors.push(host.waker.clone());
         }
-        Ok(Self { stop, threads })
+        tracing::info!(
+            queues = cpus,
+            reactors = hosts.len(),
+            "FUSE io_uring queues handed to the reactors"
+        );
+        Ok(queues)
     }
 
-    /// Waits (bounded) for the queue threads, which end when the connection is aborted.
-    pub fn join(&mut self, timeout: Duration) {
+    fn signal_stop(&self) {
         self.stop.store(true, Ordering::Release);
-        super::join_bounded(std::mem::take(&mut self.threads), timeout, "queue");
+        for reactor in &self.reactors {
+            reactor.wake();
+        }
+    }
+
+    /// Waits (bounded) for the queues, which end when the connection is aborted.
+    pub fn join(&mut self, timeout: Duration) {
+        self.signal_stop();
+        let deadline = Instant::now() + timeout;
+        while self.live.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let left = self.live.load(Ordering::Acquire);
+        if left > 0 {
+            tracing::warn!(
+                queues = left,
+                "FUSE io_uring queues did not stop in time; their reactors drop them when the engine stops"
+            );
+        }
     }
 }
 
@@ -162,72 +198,123 @@ struct Task {
     pending: Pending,
 }
 
-#[allow(clippy::too_many_arguments)]
-fn serve_queue(
-    mut queue: FuseUringQueue,
+/// One queue, served on a reactor's thread.
+struct QueueGuest {
+    queue: FuseUringQueue,
     qid: usize,
-    filesystem: &AttachFs,
-    runtime: &tokio::runtime::Handle,
-    ready: &Arc<Ready>,
-    init: &super::Init,
-    stop: &AtomicBool,
-) -> Result<(), String> {
-    let _context = runtime.enter();
-    if let Err(error) = kernel_iface::affinity::pin_current_thread(qid) {
-        tracing::debug!(qid, %error, "FUSE queue thread not pinned");
-    }
-    if !init.done.wait(INIT_TIMEOUT) {
-        return Err("the session's INIT never came".into());
-    }
-    let entries = queue.entries();
-    for entry in 0..entries {
-        queue.register(entry).map_err(|error| error.to_string())?;
-    }
-    queue
-        .arm_wake(std::os::fd::AsRawFd::as_raw_fd(&ready.eventfd))
-        .map_err(|error| error.to_string())?;
-    let wakers: Vec<Waker> = (0..entries)
-        .map(|entry| {
-            Waker::from(Arc::new(EntryWaker {
-                entry,
-                ready: Arc::clone(ready),
-            }))
+    filesystem: Arc<AttachFs>,
+    runtime: tokio::runtime::Handle,
+    init: Arc<super::Init>,
+    stop: Arc<AtomicBool>,
+    live: Arc<AtomicUsize>,
+    mountpoint: PathBuf,
+    ready: Arc<Ready>,
+    wakers: Vec<Waker>,
+    tasks: Vec<Option<Task>>,
+    created: Instant,
+    registered: bool,
+    /// Entries whose registration the kernel refused for now, and when to retry.
+    retry: Vec<u16>,
+    retry_at: Option<Instant>,
+    register_attempts: u32,
+    completions: Vec<(u64, i32)>,
+    logged_serving: bool,
+}
+
+impl QueueGuest {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        channel: &FuseChannel,
+        qid: usize,
+        reactor: ReactorWaker,
+        mountpoint: &std::path::Path,
+        filesystem: &Arc<AttachFs>,
+        runtime: &tokio::runtime::Handle,
+        init: &Arc<super::Init>,
+        queues: &Queues,
+    ) -> Result<Self, String> {
+        let qid_u16 = u16::try_from(qid).map_err(|_| format!("CPU {qid}: too many FUSE queues"))?;
+        let queue = FuseUringQueue::new(channel, qid_u16, QUEUE_ENTRIES, MAX_WRITE_BYTES as usize)
+            .map_err(|error| format!("cannot make FUSE queue {qid}: {error}"))?;
+        let ready = Arc::new(Ready {
+            entries: Mutex::new(Vec::new()),
+            reactor,
+        });
+        let entries = queue.entries();
+        let wakers = (0..entries)
+            .map(|entry| {
+                Waker::from(Arc::new(EntryWaker {
+                    entry,
+                    ready: Arc::clone(&ready),
+                }))
+            })
+            .collect();
+        Ok(Self {
+            queue,
+            qid,
+            filesystem: Arc::clone(filesystem),
+            runtime: runtime.clone(),
+            init: Arc::clone(init),
+            stop: Arc::clone(&queues.stop),
+            live: Arc::clone(&queues.live),
+            mountpoint: mountpoint.to_owned(),
+            ready,
+            wakers,
+            tasks: (0..entries).map(|_| None).collect(),
+            created: Instant::now(),
+            registered: false,
+            retry: Vec::new(),
+            retry_at: None,
+            register_attempts: 0,
+            completions: Vec::new(),
+            logged_serving: false,
         })
-        .collect();
-    let mut tasks: Vec<Option<Task>> = (0..entries).map(|_| None).collect();
-    let mut register_attempts = 0u32;
-    let mut completions = Vec::new();
-    let mut registered_logged = false;
-    loop {
-        completions.clear();
-        queue
-            .submit(1, &mut completions)
-            .map_err(|error| format!("io_uring: {error}"))?;
-        for &(token, result) in &completions {
-            if token == WAKE_TOKEN {
-                let _ = ready.eventfd.read();
-                queue
-                    .arm_wake(std::os::fd::AsRawFd::as_raw_fd(&ready.eventfd))
-                    .map_err(|error| error.to_string())?;
-                continue;
+    }
+
+    /// One turn: register once INIT is done, take requests, answer those done.
+    fn turn(&mut self) -> Result<GuestState, String> {
+        if !self.registered {
+            if self.stop.load(Ordering::Acquire) {
+                return Ok(GuestState::Finished);
             }
+            if !self.init.done.is_set() {
+                if self.created.elapsed() > INIT_TIMEOUT {
+                    return Err("the session's INIT never came".into());
+                }
+                return Ok(GuestState::Serving);
+            }
+            for entry in 0..self.queue.entries() {
+                self.queue.register(entry).map_err(|error| error.to_string())?;
+            }
+            self.registered = true;
+        }
+        if self.retry_at.is_some_and(|at| Instant::now() >= at) {
+            self.retry_at = None;
+            for entry in std::mem::take(&mut self.retry) {
+                self.queue.register(entry).map_err(|error| error.to_string())?;
+            }
+        }
+        self.completions.clear();
+        self.queue.completions(&mut self.completions);
+        for index in 0..self.completions.len() {
+            let (token, result) = self.completions[index];
             let entry = u16::try_from(token).map_err(|_| format!("unknown completion {token}"))?;
             match result {
                 0.. => {
-                    if !registered_logged {
-                        registered_logged = true;
-                        tracing::debug!(qid, "FUSE io_uring queue serving");
+                    if !self.logged_serving {
+                        self.logged_serving = true;
+                        tracing::debug!(qid = self.qid, "FUSE io_uring queue serving");
                     }
-                    receive(&mut queue, entry, filesystem, &wakers, &mut tasks);
+                    receive(&mut self.queue, entry, &self.filesystem, &self.wakers, &mut self.tasks);
                 }
-                error if -error == libc::EAGAIN && register_attempts < REGISTER_ATTEMPTS_MAX => {
+                error if -error == libc::EAGAIN && self.register_attempts < REGISTER_ATTEMPTS_MAX => {
                     // The kernel is still taking the INIT answer: register again shortly.
-                    register_attempts += 1;
-                    std::thread::sleep(REGISTER_RETRY);
-                    queue.register(entry).map_err(|error| error.to_string())?;
+                    self.register_attempts += 1;
+                    self.retry.push(entry);
+                    self.retry_at = Some(Instant::now() + REGISTER_RETRY);
                 }
                 error if [libc::ENOTCONN, libc::ECANCELED, libc::ECONNABORTED, libc::ENODEV].contains(&-error) => {
-                    return Ok(()); // the connection ended
+                    return Ok(GuestState::Finished); // the connection ended
                 }
                 error => {
                     return Err(format!(
@@ -237,13 +324,51 @@ fn serve_queue(
                 }
             }
         }
-        let woken: Vec<u16> = std::mem::take(&mut *ready.entries.lock());
+        let woken: Vec<u16> = std::mem::take(&mut *self.ready.entries.lock());
         for entry in woken {
-            poll_task(&mut queue, entry, &wakers, &mut tasks);
+            poll_task(&mut self.queue, entry, &self.wakers, &mut self.tasks);
         }
-        if stop.load(Ordering::Acquire) && tasks.iter().all(Option::is_none) {
-            return Ok(());
+        self.queue
+            .submit_queued()
+            .map_err(|error| format!("io_uring: {error}"))?;
+        if self.stop.load(Ordering::Acquire) && self.tasks.iter().all(Option::is_none) {
+            return Ok(GuestState::Finished);
         }
+        if self.retry_at.is_some() {
+            // Not woken by anything else before the retry is due.
+            self.ready.reactor.wake();
+        }
+        Ok(GuestState::Serving)
+    }
+}
+
+impl Guest for QueueGuest {
+    fn serve(&mut self) -> GuestState {
+        let _context = self.runtime.enter();
+        match self.turn() {
+            Ok(state) => state,
+            Err(error) => {
+                // Once INIT agreed on io_uring, the kernel holds every request until
+                // each CPU's queue is registered: a queue that failed would hang every
+                // caller. Aborting the connection makes their I/O fail instead.
+                tracing::error!(qid = self.qid, %error, "FUSE io_uring queue failed; aborting the attach filesystem so its devices fail instead of hanging");
+                let _ = kernel_iface::fuse::abort(&self.mountpoint);
+                GuestState::Finished
+            }
+        }
+    }
+}
+
+impl Drop for QueueGuest {
+    fn drop(&mut self) {
+        // Requests still running (the connection ended under them) are
+        // finished by the runtime: a write half done is not abandoned.
+        for task in self.tasks.iter_mut().filter_map(Option::take) {
+            self.runtime.spawn(async move {
+                let _ = task.pending.await;
+            });
+        }
+        self.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
