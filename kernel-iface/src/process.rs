@@ -63,6 +63,19 @@ pub fn lock_memory() -> std::io::Result<()> {
     }
 }
 
+/// Restores the default action of SIGPIPE, which the Rust runtime sets to
+/// ignored: a one-shot command whose output goes into a pipe (`| head`)
+/// then ends quietly when the reader is gone, as other Unix tools do,
+/// instead of panicking on its next print. Not for servers (a write to a
+/// closed unix socket would end them); call it before starting threads.
+pub fn default_sigpipe() {
+    // SAFETY: signal(2) installing SIG_DFL runs no code of ours; nothing
+    // else of this process changes signal dispositions concurrently.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of CapEff).

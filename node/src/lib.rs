@@ -13,6 +13,7 @@ pub mod engine;
 pub mod enroll;
 pub mod in_flight;
 pub mod load_check;
+pub mod local_nodes;
 pub mod metrics;
 pub mod nbd;
 pub mod pattern;

@@ -292,3 +292,80 @@ fn volumes_are_spread_over_the_enrolled_disks() {
     }
     assert_eq!(per_disk.values().copied().collect::<Vec<i32>>(), vec![2, 2], "{list}");
 }
+
+/// The CLI as a new user on the node's host meets it: no token file set.
+fn bare_cli() -> Command {
+    let mut command = common::ballast();
+    command
+        .env_remove("BALLAST_TOKEN_FILE")
+        .env_remove("BALLAST_TOKEN")
+        .env_remove("BALLAST_API");
+    command
+}
+
+#[test]
+fn the_cli_finds_its_nodes_token_takes_api_before_the_command_and_status_fails_outside_a_cluster() {
+    let test = "the_cli_finds_its_nodes_token";
+    let node = TestNode::start_unclustered(test, "127.0.0.1", &[DISK_BYTES], &[]);
+    let url = node.api_url();
+    let with_token = |command: &mut Command| {
+        command.env("BALLAST_TOKEN_FILE", node.token_file());
+    };
+
+    // Outside a cluster `status` says what to do, and fails.
+    let mut status = bare_cli();
+    with_token(&mut status);
+    let outside = status.args(["--api", &url, "status"]).output().unwrap();
+    assert_eq!(outside.status.code(), Some(1), "{}", text(&outside));
+    assert!(text(&outside).contains("ballast cluster init"), "{}", text(&outside));
+    node.cli_ok(&["cluster", "init"]);
+    let inside = node.cli(&["status"]);
+    assert!(inside.status.success(), "{}", text(&inside));
+    let node_status = node.cli_ok(&["node", "status"]);
+    assert!(
+        node_status.starts_with(&format!("node {} (ballast", node.node_id())),
+        "node status leads with the id the other commands take: {node_status}"
+    );
+
+    // `--api` before the command counts; one after it wins.
+    let mut list = bare_cli();
+    with_token(&mut list);
+    let listed = list
+        .args(["--api", "http://127.0.0.1:1", "volume", "list", "--api", &url])
+        .output()
+        .unwrap();
+    assert!(listed.status.success(), "{}", text(&listed));
+
+    // On the node's host, as root, the token is found without being named.
+    if nix::unistd::geteuid().is_root() {
+        let found = bare_cli().args(["--api", &url, "volume", "list"]).output().unwrap();
+        assert!(found.status.success(), "{}", text(&found));
+    } else {
+        common::record_skip(test, "not root: the node cannot record itself under /run/ballast");
+    }
+
+    // Output into a pipe whose reader goes away ends the command quietly.
+    let mut watch = bare_cli();
+    with_token(&mut watch);
+    let mut child = watch
+        .args(["--api", &url, "status", "--watch", "1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+    let ended = common::node::wait_exit_within(
+        &mut child,
+        Duration::from_secs(30),
+        "status --watch after its reader left",
+    );
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&ended),
+        Some(libc::SIGPIPE),
+        "ended by the broken pipe: {ended:?} {stderr}"
+    );
+}

@@ -407,20 +407,24 @@ fn caller(claims: Claims) -> Caller {
     }
 }
 
-/// The token the CLI sends: `BALLAST_TOKEN`, else the file named by
-/// `BALLAST_TOKEN_FILE`, else `/var/lib/ballast/admin.token` if readable.
+/// The token the CLI sends to the node at `api_url`: `BALLAST_TOKEN`,
+/// else the file named by `BALLAST_TOKEN_FILE`, else the admin token of
+/// the node on this host that serves `api_url` (`local_nodes`), else
+/// `/var/lib/ballast/admin.token`, where readable.
 #[must_use]
-pub fn cli_token() -> Option<String> {
+pub fn cli_token(api_url: &str) -> Option<String> {
     if let Ok(token) = std::env::var("BALLAST_TOKEN") {
         if !token.trim().is_empty() {
             return Some(token.trim().to_owned());
         }
     }
-    let path = std::env::var_os("BALLAST_TOKEN_FILE").map_or_else(
-        || PathBuf::from("/var/lib/ballast").join(ADMIN_TOKEN_FILE),
-        PathBuf::from,
-    );
-    std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned())
+    let read = |path: PathBuf| std::fs::read_to_string(path).ok().map(|text| text.trim().to_owned());
+    if let Some(path) = std::env::var_os("BALLAST_TOKEN_FILE") {
+        return read(PathBuf::from(path));
+    }
+    crate::local_nodes::data_dir_of(api_url)
+        .and_then(|data_dir| read(data_dir.join(ADMIN_TOKEN_FILE)))
+        .or_else(|| read(PathBuf::from("/var/lib/ballast").join(ADMIN_TOKEN_FILE)))
 }
 
 #[cfg(test)]

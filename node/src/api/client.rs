@@ -45,7 +45,7 @@ impl ApiClient {
         Self {
             base: base.trim_end_matches('/').to_owned(),
             agent: ureq::AgentBuilder::new().timeout(timeout).build(),
-            token: super::auth::cli_token(),
+            token: super::auth::cli_token(base),
         }
     }
 

@@ -183,6 +183,7 @@ pub fn run(args: ClusterArgs) -> Result<ExitCode> {
         ClusterCommand::Status { json } => {
             let status: ClusterStatus = client.get("/v1/cluster")?;
             print_status(&status, json, Style::for_stdout())?;
+            return Ok(status_exit(&status));
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -194,7 +195,7 @@ pub fn status(api: &str, json: bool, watch: Option<u64>) -> Result<ExitCode> {
     let Some(every) = watch else {
         let status: ClusterStatus = client.get("/v1/cluster")?;
         print_status(&status, json, Style::for_stdout())?;
-        return Ok(ExitCode::SUCCESS);
+        return Ok(status_exit(&status));
     };
     let every = std::time::Duration::from_secs(every.max(1));
     loop {
@@ -207,6 +208,16 @@ pub fn status(api: &str, json: bool, watch: Option<u64>) -> Result<ExitCode> {
         }
         println!("\n(refreshing every {}s; Ctrl-C to stop)", every.as_secs());
         std::thread::sleep(every);
+    }
+}
+
+/// `status`'s exit code: 1 for a node outside any cluster (nothing it
+/// could hold is safe yet; scripts waiting for a cluster see it), else 0.
+fn status_exit(status: &ClusterStatus) -> ExitCode {
+    if status.cluster_id.is_none() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

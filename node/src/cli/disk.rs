@@ -287,7 +287,7 @@ fn enroll_online(args: &EnrollArgs, options: &EnrollOptions) -> Result<ExitCode>
     let token = std::fs::read_to_string(args.data_dir.join(crate::api::auth::ADMIN_TOKEN_FILE))
         .ok()
         .map(|text| text.trim().to_owned())
-        .or_else(crate::api::auth::cli_token);
+        .or_else(|| crate::api::auth::cli_token(&args.api));
     let client = crate::api::client::ApiClient::new(&args.api).with_token(token);
     println!(
         "the node of {} is running: enrolling through its API ({})",

@@ -16,8 +16,28 @@ pub struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
     pub log_format: LogFormat,
+    /// The node API every command calls (also accepted after the command,
+    /// as `--api`, or from BALLAST_API); default http://127.0.0.1:9410.
+    #[arg(long, value_name = "URL")]
+    pub api: Option<String>,
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// Parses the command line; `--api` before the command counts for the
+    /// command (as BALLAST_API does), an `--api` after it wins.
+    #[must_use]
+    pub fn parse_args() -> Self {
+        let cli = Self::parse();
+        let Some(api) = cli.api.clone() else {
+            return cli;
+        };
+        // Every command's `--api` reads BALLAST_API when not given: set it and parse again.
+        // Single-threaded here (nothing has started yet).
+        std::env::set_var("BALLAST_API", api);
+        Self::parse()
+    }
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
@@ -68,10 +88,11 @@ pub enum Command {
     /// --subject NAME --role user --ttl 24h`, `ballast auth cert create
     /// --subject NAME --out DIR`.
     ///
-    /// Every API request needs a token; on a node's host the CLI uses the
-    /// node's admin token (DATA_DIR/admin.token, root only) through
-    /// BALLAST_TOKEN_FILE (default /var/lib/ballast/admin.token), or
-    /// BALLAST_TOKEN. Users see and use only the volumes they created.
+    /// Every API request needs a token; on a node's host (as root) the CLI
+    /// finds the admin token of the node it calls by itself (the node
+    /// records its data directory under /run/ballast/api/ while it runs);
+    /// BALLAST_TOKEN, or a file named by BALLAST_TOKEN_FILE, overrides it.
+    /// Users see and use only the volumes they created.
     Auth {
         /// The node API to ask.
         #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
@@ -98,6 +119,18 @@ pub enum Command {
     /// Self-test tools: drive the storage engine directly (used by the test suite).
     #[command(subcommand, hide = true)]
     Debug(crate::cli::debug::DebugCommand),
+}
+
+impl Command {
+    /// A long-running server (the node, the plugin) or a self-test tool
+    /// that talks to servers which may go away under it: these keep
+    /// SIGPIPE ignored and handle a broken connection as an error.
+    fn serves(&self) -> bool {
+        matches!(
+            self,
+            Self::Node(crate::cli::node::NodeCommand::Run(_)) | Self::Plugin(_) | Self::Debug(_)
+        )
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -209,7 +242,11 @@ pub mod volume;
 /// Runs the CLI.
 #[must_use]
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
+    if !cli.command.serves() {
+        // `ballast status | head` ends quietly when head has read enough.
+        kernel_iface::process::default_sigpipe();
+    }
     let level = cli
         .log_level
         .clone()

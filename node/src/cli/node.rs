@@ -204,8 +204,9 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 println!("{}", serde_json::to_string_pretty(&status)?);
                 return Ok(ExitCode::SUCCESS);
             }
-            println!("node {} (ballast {})", status.node_uuid, status.version);
-            println!("node id: {}", status.node_id);
+            // The id every command takes; the UUID only names whose disks are whose.
+            println!("node {} (ballast {})", status.node_id, status.version);
+            println!("disks stamped with node UUID {}", status.node_uuid);
             match status.cluster_id {
                 Some(cluster) => println!("cluster: {cluster}"),
                 None => println!("cluster: none (run `ballast cluster init` or `ballast cluster join`)"),

@@ -297,6 +297,8 @@ async fn bind(what: &str, address: std::net::SocketAddr) -> Result<TcpListener> 
 
 async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>, cluster: Arc<Cluster>) -> Result<()> {
     let api_listener = bind("API", config.listen_api).await?;
+    // The CLI on this host finds the admin token through it (until the node stops).
+    let _local_record = crate::local_nodes::record(config.listen_api, &config.data_dir);
     let nbd_listener = bind("NBD", config.listen_nbd).await?;
     let peer_listener = bind("Peer", config.listen_peer).await?;
     let (stop_sender, stop) = watch::channel(false);
