@@ -38,6 +38,7 @@ pub fn record(listen: SocketAddr, data_dir: &Path) -> Option<Record> {
 
 fn record_in(records: &Path, listen: SocketAddr, data_dir: &Path) -> Option<Record> {
     use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    prune(records);
     let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
     let written = std::fs::DirBuilder::new()
         .recursive(true)
@@ -61,6 +62,22 @@ fn record_in(records: &Path, listen: SocketAddr, data_dir: &Path) -> Option<Reco
         Err(error) => {
             tracing::debug!(%error, dir = %records.display(), "cannot record this node for the local CLI");
             None
+        }
+    }
+}
+
+/// Removes the records of killed nodes whose data directory is gone.
+fn prune(records: &Path) {
+    let Ok(entries) = std::fs::read_dir(records) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let gone = std::fs::read(entry.path())
+            .ok()
+            .and_then(|text| String::from_utf8(text).ok())
+            .is_some_and(|dir| !Path::new(&dir).is_dir());
+        if gone {
+            let _ = std::fs::remove_file(entry.path());
         }
     }
 }
@@ -137,6 +154,9 @@ mod tests {
         let _record = record_in(&records, "127.0.0.1:7001".parse().unwrap(), &data).unwrap();
         std::fs::remove_dir(&data).unwrap();
         assert_eq!(data_dir_in(&records, "http://127.0.0.1:7001"), None);
+        // The next node to record itself clears it away.
+        let _other = record_in(&records, "127.0.0.1:7002".parse().unwrap(), dir.path()).unwrap();
+        assert!(!records.join("127.0.0.1:7001").exists(), "a killed node's record of a removed data directory");
         for bad in [
             "",
             "127.0.0.1:7001",

@@ -308,6 +308,9 @@ impl TestNode {
 impl Drop for TestNode {
     fn drop(&mut self) {
         self.kill9();
+        // What a clean stop would have removed (`node::local_nodes`).
+        let record = format!("{}:{}", self.host, self.api_port);
+        let _ = std::fs::remove_file(std::path::Path::new(node::local_nodes::RECORDS_DIR).join(record));
         // A failing test's node logs survive it when BALLAST_TEST_LOGS names a directory.
         if std::thread::panicking() {
             if let Some(dir) = std::env::var_os("BALLAST_TEST_LOGS") {
