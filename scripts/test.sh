@@ -2,18 +2,32 @@
 # Runs the whole test suite: format, lints, unit, property and integration
 # tests (real loop devices, io_uring, NBD clients where installed). Tests
 # that cannot run here print "SKIP: <why>"; they are counted in the summary.
-#   scripts/test.sh          everything
-#   scripts/test.sh --quick  skip the long crash loops
+#   scripts/test.sh               everything (installs what it misses first: ci/install-deps.sh)
+#   scripts/test.sh --quick       skip the long crash loops
+#   scripts/test.sh --no-install  run with what this machine has
 set -uo pipefail
 cd "$(dirname "$0")/.."
+QUICK=0
+INSTALL=1
+for arg in "$@"; do
+  case $arg in
+    --quick) QUICK=1 ;;
+    --no-install) INSTALL=0 ;;
+    *) echo "usage: scripts/test.sh [--quick] [--no-install]" >&2; exit 2 ;;
+  esac
+done
+# Safe to repeat: it installs only what is missing (apt packages, rustup, cargo-fuzz).
+if [ "$INSTALL" = 1 ] && ! ci/install-deps.sh; then
+  echo "test: installing the dependencies failed; scripts/test.sh --no-install runs with what is here" >&2
+  exit 1
+fi
 # rustup installed by ci/install-deps.sh in this session is not on PATH yet.
 if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
   # shellcheck disable=SC1091
   . "$HOME/.cargo/env"
 fi
 
-export BALLAST_TEST_QUICK=0
-[ "${1:-}" = "--quick" ] && export BALLAST_TEST_QUICK=1
+export BALLAST_TEST_QUICK=$QUICK
 LOG=$(mktemp /tmp/ballast-test.XXXXXX)
 # Tests that cannot run append "SKIP: <test>: <why>" here (captured test
 # output would hide a printed line).
