@@ -156,7 +156,10 @@ mod tests {
         assert_eq!(data_dir_in(&records, "http://127.0.0.1:7001"), None);
         // The next node to record itself clears it away.
         let _other = record_in(&records, "127.0.0.1:7002".parse().unwrap(), dir.path()).unwrap();
-        assert!(!records.join("127.0.0.1:7001").exists(), "a killed node's record of a removed data directory");
+        assert!(
+            !records.join("127.0.0.1:7001").exists(),
+            "a killed node's record of a removed data directory"
+        );
         for bad in [
             "",
             "127.0.0.1:7001",

@@ -122,3 +122,67 @@ pub(super) fn wake_here() {
 pub(super) fn take_guest_work() -> bool {
     GUEST_WORK.with(|work| work.replace(false))
 }
+
+/// A future run to completion on a reactor's thread (an NBD connection):
+/// polled when woken, with the runtime's context entered (its I/O and
+/// timers wake it from their own threads). A panic ends it, not the reactor.
+pub struct FutureGuest {
+    future: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    woken: Arc<FutureWake>,
+    runtime: tokio::runtime::Handle,
+}
+
+struct FutureWake {
+    flag: std::sync::atomic::AtomicBool,
+    reactor: ReactorWaker,
+}
+
+impl std::task::Wake for FutureWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if !self.flag.swap(true, Ordering::AcqRel) {
+            self.reactor.wake();
+        }
+    }
+}
+
+impl FutureGuest {
+    #[must_use]
+    pub fn new(
+        future: impl std::future::Future<Output = ()> + Send + 'static,
+        reactor: ReactorWaker,
+        runtime: tokio::runtime::Handle,
+    ) -> Self {
+        Self {
+            future: Box::pin(future),
+            woken: Arc::new(FutureWake {
+                flag: std::sync::atomic::AtomicBool::new(true),
+                reactor,
+            }),
+            runtime,
+        }
+    }
+}
+
+impl Guest for FutureGuest {
+    fn serve(&mut self) -> GuestState {
+        if !self.woken.flag.swap(false, Ordering::AcqRel) {
+            return GuestState::Serving;
+        }
+        let _context = self.runtime.enter();
+        let waker = std::task::Waker::from(Arc::clone(&self.woken));
+        let mut context = std::task::Context::from_waker(&waker);
+        let future = self.future.as_mut();
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.poll(&mut context))) {
+            Ok(std::task::Poll::Ready(())) => GuestState::Finished,
+            Ok(std::task::Poll::Pending) => GuestState::Serving,
+            Err(_) => {
+                tracing::error!("work hosted on a reactor panicked; it is dropped, the reactor goes on");
+                GuestState::Finished
+            }
+        }
+    }
+}

@@ -19,7 +19,7 @@ use disk_layout::{IoBuf, Reply, Store, StoreConfig, StoreError};
 use kernel_iface::{EngineChoice, Waker};
 use thiserror::Error;
 
-pub use guest::{Guest, GuestState, Host, ReactorWaker};
+pub use guest::{FutureGuest, Guest, GuestState, Host, ReactorWaker};
 pub use reactor::SHUTDOWN_TIMEOUT;
 
 /// Requests queued per reactor before senders wait.
@@ -303,15 +303,17 @@ impl Engine {
             .reactors
             .iter()
             .enumerate()
-            .filter_map(|(number, reactor)| {
-                Some(Host {
-                    reactor: number,
-                    core: reactor.core,
-                    notify_fd: reactor.notify_fd?,
-                    waker: ReactorWaker::new(reactor.id, Arc::clone(&reactor.waker)),
-                })
-            })
+            .filter_map(|(number, reactor)| host_of(number, reactor))
             .collect()
+    }
+
+    /// The reactor that owns disk `disk`, as a host of guests (None when it
+    /// does not run io_uring).
+    #[must_use]
+    pub fn host_of_disk(&self, disk: usize) -> Option<Host> {
+        let routes = self.routes.read();
+        let (number, _) = *routes.placement.get(disk)?;
+        host_of(number, &routes.reactors[number])
     }
 
     /// Serves `guest` on reactor `reactor`'s thread until it finishes (or
@@ -369,6 +371,16 @@ impl Drop for Engine {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Reactor `number` as a host of guests, if it runs io_uring.
+fn host_of(number: usize, reactor: &ReactorHandle) -> Option<Host> {
+    Some(Host {
+        reactor: number,
+        core: reactor.core,
+        notify_fd: reactor.notify_fd?,
+        waker: ReactorWaker::new(reactor.id, Arc::clone(&reactor.waker)),
+    })
 }
 
 type Started = (ReactorHandle, Vec<(usize, OpenedDisk)>);
@@ -674,5 +686,40 @@ mod tests {
         let (_, finished) = one_write(&engine, &hosts[0], 1);
         wait_for("the guest to finish", || finished.load(Ordering::SeqCst) == 1);
         assert_eq!(engine.handoffs(), 1);
+    }
+
+    #[test]
+    fn a_hosted_future_woken_by_the_runtime_finishes_and_one_that_panics_leaves_the_reactor_serving() {
+        let disk = DiskFile::new("future");
+        let engine = start(&[&disk], Vec::new());
+        let host = engine.hosts().remove(0);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap();
+        let (done_sender, done) = std::sync::mpsc::channel();
+        // Woken from the runtime's timer thread, not the reactor's.
+        let sleeper = FutureGuest::new(
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = done_sender.send(std::thread::current().id());
+            },
+            host.waker.clone(),
+            runtime.handle().clone(),
+        );
+        engine.host_guest(host.reactor, Box::new(sleeper)).unwrap();
+        let polled_on = done.recv_timeout(WAIT_MAX).expect("the woken future finished");
+        assert_ne!(polled_on, std::thread::current().id());
+        let panics = FutureGuest::new(
+            async { panic!("a bug in hosted work") },
+            host.waker.clone(),
+            runtime.handle().clone(),
+        );
+        engine.host_guest(host.reactor, Box::new(panics)).unwrap();
+        // The reactor still answers its disk and still hosts work.
+        let (threads, finished) = one_write(&engine, &host, 0);
+        wait_for("a guest after the panic", || finished.load(Ordering::SeqCst) == 1);
+        assert_eq!(threads.lock().unwrap()[0], polled_on, "the same reactor thread");
     }
 }

@@ -3,7 +3,10 @@
 //! base:allocation), because no crate serves it well.
 //!
 //! `proto` holds the pure wire codec, `handshake` the option phase,
-//! `transmission` the request phase of one connection.
+//! `transmission` the request phase of one connection. Connections are
+//! accepted and negotiated on the runtime; their request phase runs on the
+//! reactor that owns the volume's disk (`transmit`), so requests reach the
+//! store and come back without a thread hop.
 
 pub mod client;
 pub mod handshake;
@@ -150,13 +153,48 @@ async fn transmit<R, W>(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), NbdError>
 where
-    R: tokio::io::AsyncRead + Unpin,
+    R: tokio::io::AsyncRead + Unpin + Send + 'static,
     W: tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let _guard = session.volume.connect();
     tracing::info!(peer, volume = %session.volume.name, structured = session.structured_replies, security, "NBD client connected");
-    tokio::select! {
-        result = transmission::serve(reader, writer, session, peer) => result,
-        _ = stop.changed() => Ok(()),
+    let volume = Arc::clone(&session.volume);
+    let peer_name = peer.to_owned();
+    let served = async move {
+        tokio::select! {
+            result = transmission::serve(reader, writer, session, &peer_name) => result,
+            _ = stop.changed() => Ok(()),
+        }
+    };
+    // On the reactor of the volume's disk: its requests reach the store and
+    // their answers come back on that thread (no hop each way).
+    let host = volume.engine().host_of_disk(volume.disk_index());
+    match host.filter(|_| on_reactors()) {
+        Some(host) => {
+            let (sender, receiver) = tokio::sync::oneshot::channel();
+            let guest = crate::engine::FutureGuest::new(
+                async move {
+                    let _ = sender.send(served.await);
+                },
+                host.waker.clone(),
+                tokio::runtime::Handle::current(),
+            );
+            volume
+                .engine()
+                .host_guest(host.reactor, Box::new(guest))
+                .map_err(|error| NbdError::Protocol(format!("cannot serve the connection: {error}")))?;
+            receiver.await.unwrap_or_else(|_| {
+                Err(NbdError::Protocol(
+                    "the storage engine stopped under the connection".into(),
+                ))
+            })
+        }
+        None => served.await,
     }
+}
+
+/// Whether NBD connections are served on the reactors (`BALLAST_NBD_ON_REACTORS=0`: on the runtime).
+fn on_reactors() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("BALLAST_NBD_ON_REACTORS").map_or(true, |value| value != "0"))
 }

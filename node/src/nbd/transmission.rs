@@ -1,4 +1,5 @@
-//! The transmission phase of one connection, served by one task: it reads
+//! The transmission phase of one connection, served by one future (hosted
+//! by the reactor of the volume's disk, `nbd::transmit`, or a runtime task): it reads
 //! requests, runs them concurrently (each a future in the task's own set, so
 //! a request costs no task spawn and no thread hop of its own), and writes
 //! the answers in the order they finish (replies are matched to requests by
