@@ -168,7 +168,11 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<(), DataDirError> {
         path: path.to_owned(),
         source,
     };
-    let temporary = path.with_extension("tmp");
+    // Beside it, named after the whole file name (`a.b` -> `a.b.tmp`, so
+    // `10.0.0.1:1` and `10.0.0.2:1` do not share one).
+    let mut temporary_name = path.file_name().unwrap_or_default().to_os_string();
+    temporary_name.push(".tmp");
+    let temporary = path.with_file_name(temporary_name);
     let mut file = OpenOptions::new()
         .write(true)
         .create(true)

@@ -37,25 +37,19 @@ pub fn record(listen: SocketAddr, data_dir: &Path) -> Option<Record> {
 }
 
 fn record_in(records: &Path, listen: SocketAddr, data_dir: &Path) -> Option<Record> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     prune(records);
     let data_dir = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_owned());
+    let path = records.join(listen.to_string());
     let written = std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(records)
+        .map_err(|error| error.to_string())
         .and_then(|()| {
-            let path = records.join(listen.to_string());
-            let temporary = records.join(format!(".{listen}.{}", std::process::id()));
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&temporary)?;
-            std::io::Write::write_all(&mut file, data_dir.as_os_str().as_encoded_bytes())?;
-            std::fs::rename(&temporary, &path)?;
-            Ok(path)
+            let text = data_dir.to_str().ok_or("the data directory's path is not UTF-8")?;
+            crate::datadir::write_atomic(&path, text).map_err(|error| error.to_string())?;
+            Ok::<_, String>(path)
         });
     match written {
         Ok(path) => Some(Record { path }),
