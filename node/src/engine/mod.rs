@@ -722,4 +722,37 @@ mod tests {
         wait_for("a guest after the panic", || finished.load(Ordering::SeqCst) == 1);
         assert_eq!(threads.lock().unwrap()[0], polled_on, "the same reactor thread");
     }
+
+    #[test]
+    fn a_guest_that_keeps_its_reactor_awake_still_gets_its_disk_io_done() {
+        /// Wakes itself on every turn, so its reactor never sleeps.
+        struct Restless {
+            inner: OneWrite,
+        }
+        impl Guest for Restless {
+            fn serve(&mut self) -> GuestState {
+                self.inner.waker.wake();
+                self.inner.serve()
+            }
+        }
+        let disk = DiskFile::new("restless");
+        let engine = start(&[&disk], Vec::new());
+        let host = engine.hosts().remove(0);
+        let finished = Arc::new(AtomicUsize::new(0));
+        let guest = Restless {
+            inner: OneWrite {
+                engine: Arc::clone(&engine),
+                disk: 0,
+                sent: false,
+                answered: Arc::new(AtomicBool::new(false)),
+                threads: Arc::new(Mutex::new(Vec::new())),
+                waker: host.waker.clone(),
+                finished: Arc::clone(&finished),
+            },
+        };
+        engine.host_guest(host.reactor, Box::new(guest)).unwrap();
+        wait_for("the write of a guest that never lets its reactor sleep", || {
+            finished.load(Ordering::SeqCst) == 1
+        });
+    }
 }

@@ -81,10 +81,16 @@ impl Reactor {
         // Announce sleep, then re-check the channel, so a sender that saw
         // us awake has its request seen here, and one that saw us asleep wakes us.
         self.sleeping.store(true, Ordering::SeqCst);
-        if self.receiver.is_empty() && !guest::local_work() {
-            if let Err(error) = self.engine.submit_and_wait(1, Some(timeout)) {
-                tracing::error!(%error, "I/O engine wait failed");
-            }
+        // With work waiting on this thread (or in the channel) the turn
+        // must not sleep, but what the stores queued must still reach the
+        // device: submit without waiting.
+        let (min_complete, timeout) = if self.receiver.is_empty() && !guest::local_work() {
+            (1, timeout)
+        } else {
+            (0, Duration::ZERO)
+        };
+        if let Err(error) = self.engine.submit_and_wait(min_complete, Some(timeout)) {
+            tracing::error!(%error, "I/O engine wait failed");
         }
         self.sleeping.store(false, Ordering::SeqCst);
     }
@@ -225,8 +231,19 @@ impl Reactor {
         }
     }
 
-    /// Final checkpoint of every store, bounded in time.
+    /// Final checkpoint of every store, bounded in time. Guests are dropped
+    /// first (their connections end); requests they already sent this
+    /// reactor are still carried out.
     fn shut_down(&mut self) {
+        self.guests.clear();
+        guest::take_guest_work();
+        for control in guest::take_local() {
+            match control {
+                Control::Request { disk, command, reply } => self.dispatch(disk, command, reply),
+                Control::Query { disk, run } => run(&self.stores[disk]),
+                Control::Guest(_) | Control::Shutdown => {}
+            }
+        }
         for store in &mut self.stores {
             store.request_checkpoint();
         }
