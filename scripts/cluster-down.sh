@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Removes a local cluster made by scripts/cluster-up.sh: stops its nodes (by
-# the pids it recorded: SIGTERM, then SIGKILL after 30 s), detaches its loop
-# devices, deletes its network namespaces and its directory.
+# the pids it recorded: SIGTERM, then SIGKILL after 30 s), removes their
+# records under /run/ballast/api, detaches its loop devices, deletes its
+# network namespaces and its directory.
 #
 #   scripts/cluster-down.sh [--dir DIR]     (default /var/tmp/ballast-cluster)
 #   scripts/cluster-down.sh --keep-files    the same, but the directory (node logs,
@@ -13,7 +14,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dir) DIR=$2; shift 2 ;;
     --keep-files) KEEP=1; shift ;;
-    -h|--help) sed -n '2,8p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "cluster-down: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -28,6 +29,13 @@ for pid in $pids; do
     echo "cluster-down: pid $pid did not stop in 30 s; SIGKILL"
     kill -KILL "$pid" 2>/dev/null
   fi
+done
+# What a node killed with -9 could not remove: its record for the local CLI
+# (node::local_nodes), naming a data directory of this cluster.
+real_dir=$(realpath "$DIR" 2>/dev/null || echo "$DIR")
+for record in /run/ballast/api/*; do
+  [ -f "$record" ] || continue
+  case "$(cat "$record" 2>/dev/null)" in "$real_dir"/*) rm -f "$record" ;; esac
 done
 for loop in $(awk '$1 == "loop" {print $2}' "$STATE"); do
   for _ in $(seq 1 20); do losetup -d "$loop" 2>/dev/null && break; sleep 0.2; done
