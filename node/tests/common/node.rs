@@ -253,18 +253,7 @@ impl TestNode {
     /// Waits for the node to exit by itself (e.g. killed by another process).
     pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if started.elapsed() > limit {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("node did not exit within {limit:?}");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit_within(&mut child, limit, "node did not exit")
     }
 
     /// SIGTERM and wait for a clean exit; returns the exit status.
@@ -272,18 +261,9 @@ impl TestNode {
         let mut child = self.child.take().expect("running");
         let pid = i32::try_from(child.id()).unwrap();
         let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-        let started = Instant::now();
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                return status;
-            }
-            if started.elapsed() > STOP_TIMEOUT {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("node did not stop within {STOP_TIMEOUT:?}:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_exit_or_else(&mut child, STOP_TIMEOUT, || {
+            format!("node did not stop:\n{}", self.log_text())
+        })
     }
 
     /// The data directory's path.
@@ -325,6 +305,16 @@ impl Drop for TestNode {
 /// Waits for a started `child` to exit, at most `limit`; on time-out kills
 /// it (by pid) and fails the test with `what`.
 pub fn wait_exit_within(child: &mut std::process::Child, limit: Duration, what: &str) -> std::process::ExitStatus {
+    wait_exit_or_else(child, limit, || what.to_owned())
+}
+
+/// `wait_exit_within`, with the failure's words made only when it fails
+/// (a node's log as it is then).
+pub fn wait_exit_or_else(
+    child: &mut std::process::Child,
+    limit: Duration,
+    what: impl FnOnce() -> String,
+) -> std::process::ExitStatus {
     let started = Instant::now();
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -333,9 +323,9 @@ pub fn wait_exit_within(child: &mut std::process::Child, limit: Duration, what: 
         if started.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
-            panic!("{what} (waited {limit:?})");
+            panic!("{} (waited {limit:?})", what());
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
