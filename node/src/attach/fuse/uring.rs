@@ -99,10 +99,19 @@ impl Wake for EntryWaker {
 
 /// The queues of a session, hosted by the engine's reactors.
 pub struct Queues {
-    stop: Arc<AtomicBool>,
-    /// Queues not finished yet.
-    live: Arc<AtomicUsize>,
+    shared: Arc<Shared>,
     reactors: Vec<ReactorWaker>,
+}
+
+/// What every queue of a session uses.
+struct Shared {
+    filesystem: Arc<AttachFs>,
+    runtime: tokio::runtime::Handle,
+    init: Arc<super::Init>,
+    mountpoint: PathBuf,
+    stop: AtomicBool,
+    /// Queues made and not dropped yet.
+    live: AtomicUsize,
 }
 
 impl Queues {
@@ -124,8 +133,14 @@ impl Queues {
         let cpus =
             kernel_iface::fuse_uring::possible_cpus().map_err(|error| format!("cannot count the CPUs: {error}"))?;
         let mut queues = Self {
-            stop: Arc::new(AtomicBool::new(false)),
-            live: Arc::new(AtomicUsize::new(0)),
+            shared: Arc::new(Shared {
+                filesystem: Arc::clone(filesystem),
+                runtime: runtime.clone(),
+                init: Arc::clone(init),
+                mountpoint: mountpoint.to_owned(),
+                stop: AtomicBool::new(false),
+                live: AtomicUsize::new(0),
+            }),
             reactors: Vec::new(),
         };
         for qid in 0..cpus {
@@ -133,22 +148,11 @@ impl Queues {
                 .iter()
                 .find(|host| host.core == Some(qid))
                 .unwrap_or(&hosts[qid % hosts.len()]);
-            let started = QueueGuest::new(
-                channel,
-                qid,
-                host.waker.clone(),
-                mountpoint,
-                filesystem,
-                runtime,
-                init,
-                &queues,
-            )
-            .and_then(|guest| {
+            let started = QueueGuest::new(channel, qid, host.waker.clone(), &queues.shared).and_then(|guest| {
                 guest
                     .queue
                     .notify(host.notify_fd)
                     .map_err(|error| format!("cannot have FUSE queue {qid} wake its reactor: {error}"))?;
-                queues.live.fetch_add(1, Ordering::AcqRel);
                 engine
                     .host_guest(host.reactor, Box::new(guest))
                     .map_err(|error| format!("cannot hand FUSE queue {qid} to a reactor: {error}"))
@@ -169,7 +173,7 @@ impl Queues {
     }
 
     fn signal_stop(&self) {
-        self.stop.store(true, Ordering::Release);
+        self.shared.stop.store(true, Ordering::Release);
         for reactor in &self.reactors {
             reactor.wake();
         }
@@ -179,10 +183,10 @@ impl Queues {
     pub fn join(&mut self, timeout: Duration) {
         self.signal_stop();
         let deadline = Instant::now() + timeout;
-        while self.live.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+        while self.shared.live.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let left = self.live.load(Ordering::Acquire);
+        let left = self.shared.live.load(Ordering::Acquire);
         if left > 0 {
             tracing::warn!(
                 queues = left,
@@ -202,12 +206,7 @@ struct Task {
 struct QueueGuest {
     queue: FuseUringQueue,
     qid: usize,
-    filesystem: Arc<AttachFs>,
-    runtime: tokio::runtime::Handle,
-    init: Arc<super::Init>,
-    stop: Arc<AtomicBool>,
-    live: Arc<AtomicUsize>,
-    mountpoint: PathBuf,
+    shared: Arc<Shared>,
     ready: Arc<Ready>,
     wakers: Vec<Waker>,
     tasks: Vec<Option<Task>>,
@@ -222,17 +221,8 @@ struct QueueGuest {
 }
 
 impl QueueGuest {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
-        channel: &FuseChannel,
-        qid: usize,
-        reactor: ReactorWaker,
-        mountpoint: &std::path::Path,
-        filesystem: &Arc<AttachFs>,
-        runtime: &tokio::runtime::Handle,
-        init: &Arc<super::Init>,
-        queues: &Queues,
-    ) -> Result<Self, String> {
+    /// A queue of the session; counted live until dropped.
+    fn new(channel: &FuseChannel, qid: usize, reactor: ReactorWaker, shared: &Arc<Shared>) -> Result<Self, String> {
         let qid_u16 = u16::try_from(qid).map_err(|_| format!("CPU {qid}: too many FUSE queues"))?;
         let queue = FuseUringQueue::new(channel, qid_u16, QUEUE_ENTRIES, MAX_WRITE_BYTES as usize)
             .map_err(|error| format!("cannot make FUSE queue {qid}: {error}"))?;
@@ -249,15 +239,11 @@ impl QueueGuest {
                 }))
             })
             .collect();
+        shared.live.fetch_add(1, Ordering::AcqRel);
         Ok(Self {
             queue,
             qid,
-            filesystem: Arc::clone(filesystem),
-            runtime: runtime.clone(),
-            init: Arc::clone(init),
-            stop: Arc::clone(&queues.stop),
-            live: Arc::clone(&queues.live),
-            mountpoint: mountpoint.to_owned(),
+            shared: Arc::clone(shared),
             ready,
             wakers,
             tasks: (0..entries).map(|_| None).collect(),
@@ -274,10 +260,10 @@ impl QueueGuest {
     /// One turn: register once INIT is done, take requests, answer those done.
     fn turn(&mut self) -> Result<GuestState, String> {
         if !self.registered {
-            if self.stop.load(Ordering::Acquire) {
+            if self.shared.stop.load(Ordering::Acquire) {
                 return Ok(GuestState::Finished);
             }
-            if !self.init.done.is_set() {
+            if !self.shared.init.done.is_set() {
                 if self.created.elapsed() > INIT_TIMEOUT {
                     return Err("the session's INIT never came".into());
                 }
@@ -305,7 +291,13 @@ impl QueueGuest {
                         self.logged_serving = true;
                         tracing::debug!(qid = self.qid, "FUSE io_uring queue serving");
                     }
-                    receive(&mut self.queue, entry, &self.filesystem, &self.wakers, &mut self.tasks);
+                    receive(
+                        &mut self.queue,
+                        entry,
+                        &self.shared.filesystem,
+                        &self.wakers,
+                        &mut self.tasks,
+                    );
                 }
                 error if -error == libc::EAGAIN && self.register_attempts < REGISTER_ATTEMPTS_MAX => {
                     // The kernel is still taking the INIT answer: register again shortly.
@@ -331,7 +323,7 @@ impl QueueGuest {
         self.queue
             .submit_queued()
             .map_err(|error| format!("io_uring: {error}"))?;
-        if self.stop.load(Ordering::Acquire) && self.tasks.iter().all(Option::is_none) {
+        if self.shared.stop.load(Ordering::Acquire) && self.tasks.iter().all(Option::is_none) {
             return Ok(GuestState::Finished);
         }
         if self.retry_at.is_some() {
@@ -344,7 +336,7 @@ impl QueueGuest {
 
 impl Guest for QueueGuest {
     fn serve(&mut self) -> GuestState {
-        let _context = self.runtime.enter();
+        let _context = self.shared.runtime.enter();
         match self.turn() {
             Ok(state) => state,
             Err(error) => {
@@ -352,7 +344,7 @@ impl Guest for QueueGuest {
                 // each CPU's queue is registered: a queue that failed would hang every
                 // caller. Aborting the connection makes their I/O fail instead.
                 tracing::error!(qid = self.qid, %error, "FUSE io_uring queue failed; aborting the attach filesystem so its devices fail instead of hanging");
-                let _ = kernel_iface::fuse::abort(&self.mountpoint);
+                let _ = kernel_iface::fuse::abort(&self.shared.mountpoint);
                 GuestState::Finished
             }
         }
@@ -364,11 +356,11 @@ impl Drop for QueueGuest {
         // Requests still running (the connection ended under them) are
         // finished by the runtime: a write half done is not abandoned.
         for task in self.tasks.iter_mut().filter_map(Option::take) {
-            self.runtime.spawn(async move {
+            self.shared.runtime.spawn(async move {
                 let _ = task.pending.await;
             });
         }
-        self.live.fetch_sub(1, Ordering::AcqRel);
+        self.shared.live.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
