@@ -618,22 +618,28 @@ mod tests {
         }
     }
 
-    fn one_write(
-        engine: &Arc<Engine>,
-        host: &Host,
-        disk: usize,
-    ) -> (Arc<Mutex<Vec<std::thread::ThreadId>>>, Arc<AtomicUsize>) {
-        let threads = Arc::new(Mutex::new(Vec::new()));
-        let finished = Arc::new(AtomicUsize::new(0));
-        let guest = OneWrite {
-            engine: Arc::clone(engine),
-            disk,
-            sent: false,
-            answered: Arc::new(AtomicBool::new(false)),
-            threads: Arc::clone(&threads),
-            waker: host.waker.clone(),
-            finished: Arc::clone(&finished),
-        };
+    type Threads = Arc<Mutex<Vec<std::thread::ThreadId>>>;
+
+    impl OneWrite {
+        /// The guest, the threads it records and its drop count.
+        fn new(engine: &Arc<Engine>, host: &Host, disk: usize) -> (Self, Threads, Arc<AtomicUsize>) {
+            let threads = Arc::new(Mutex::new(Vec::new()));
+            let finished = Arc::new(AtomicUsize::new(0));
+            let guest = OneWrite {
+                engine: Arc::clone(engine),
+                disk,
+                sent: false,
+                answered: Arc::new(AtomicBool::new(false)),
+                threads: Arc::clone(&threads),
+                waker: host.waker.clone(),
+                finished: Arc::clone(&finished),
+            };
+            (guest, threads, finished)
+        }
+    }
+
+    fn one_write(engine: &Arc<Engine>, host: &Host, disk: usize) -> (Threads, Arc<AtomicUsize>) {
+        let (guest, threads, finished) = OneWrite::new(engine, host, disk);
         engine.host_guest(host.reactor, Box::new(guest)).unwrap();
         (threads, finished)
     }
@@ -738,19 +744,8 @@ mod tests {
         let disk = DiskFile::new("restless");
         let engine = start(&[&disk], Vec::new());
         let host = engine.hosts().remove(0);
-        let finished = Arc::new(AtomicUsize::new(0));
-        let guest = Restless {
-            inner: OneWrite {
-                engine: Arc::clone(&engine),
-                disk: 0,
-                sent: false,
-                answered: Arc::new(AtomicBool::new(false)),
-                threads: Arc::new(Mutex::new(Vec::new())),
-                waker: host.waker.clone(),
-                finished: Arc::clone(&finished),
-            },
-        };
-        engine.host_guest(host.reactor, Box::new(guest)).unwrap();
+        let (inner, _, finished) = OneWrite::new(&engine, &host, 0);
+        engine.host_guest(host.reactor, Box::new(Restless { inner })).unwrap();
         wait_for("the write of a guest that never lets its reactor sleep", || {
             finished.load(Ordering::SeqCst) == 1
         });
