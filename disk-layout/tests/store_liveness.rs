@@ -247,3 +247,58 @@ fn requests_of_half_a_segment_never_leave_the_cleaner_spinning() {
         h.crash_and_verify();
     }
 }
+
+/// The reactor places every write of a turn before its tick: a batch that
+/// large writes fill must go to the disk at once, so the device works while
+/// the rest of the turn is copied (1 MiB sequential writes were 15-40 %
+/// slower when every batch waited for the tick). Small writes that fill no
+/// batch still wait for the tick (group commit).
+#[test]
+fn a_batch_filled_by_large_writes_goes_to_the_disk_before_the_next_tick() {
+    let mut h = Harness::new(2, 64 << 20, 4 << 20, 1024, vec![1]);
+    h.settle();
+    let block = vec![0x33_u8; 4096];
+    h.store.write(1000, 1, 1000, &block, 1, 1000);
+    h.store.submit_full_batches(&mut h.disk);
+    assert_eq!(
+        h.disk.in_flight(),
+        0,
+        "a small write that filled no batch waits for the tick"
+    );
+
+    let half_batch = vec![0x5A_u8; (MIB_BLOCKS as usize / 2) * 4096];
+    let tags = [1001_u64, 1002, 1003];
+    for (number, tag) in tags.iter().enumerate() {
+        let lba = number as u64 * MIB_BLOCKS / 2;
+        h.store.write(*tag, 1, lba, &half_batch, 1, *tag);
+    }
+    assert_eq!(h.disk.in_flight(), 0, "placing writes submits nothing by itself");
+    h.store.submit_full_batches(&mut h.disk);
+    assert_eq!(
+        h.disk.in_flight(),
+        2,
+        "the batch the writes filled and the one behind it (the device had room) are on their way"
+    );
+
+    // Every write is still answered once the device has run.
+    let mut done = Vec::new();
+    for _ in 0..1_000 {
+        for completion in h.disk.run_all() {
+            h.store.on_completion(&mut h.disk, completion);
+        }
+        h.store.tick(&mut h.disk);
+        h.store.drain_done(&mut done);
+        if done.len() == tags.len() + 1 {
+            break;
+        }
+    }
+    let mut answered: Vec<u64> = done.iter().map(|d| d.tag).collect();
+    answered.sort_unstable();
+    assert_eq!(answered, [1000, 1001, 1002, 1003]);
+    for finished in &done {
+        assert!(
+            matches!(finished.result, Ok(disk_layout::Reply::Written)),
+            "{finished:?}"
+        );
+    }
+}

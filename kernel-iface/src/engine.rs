@@ -76,6 +76,11 @@ pub trait IoEngine<B>: Send {
     /// completions are ready, a waker fires, or `timeout` passes.
     fn submit_and_wait(&mut self, min_complete: usize, timeout: Option<Duration>) -> std::io::Result<()>;
 
+    /// Hands queued requests to the kernel without waiting or reaping
+    /// (a pending wake-up stays pending). Engines that start every request
+    /// at `push` do nothing.
+    fn submit(&mut self) {}
+
     /// Moves ready completions into `out`.
     fn drain(&mut self, out: &mut Vec<Completion<B>>);
 

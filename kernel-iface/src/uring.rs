@@ -215,6 +215,17 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
         Ok(())
     }
 
+    fn submit(&mut self) {
+        if self.ring.submission().is_empty() {
+            return;
+        }
+        if let Err(error) = self.ring.submit() {
+            if error.raw_os_error() != Some(libc::EBUSY) {
+                tracing::error!(%error, "io_uring submit failed");
+            }
+        }
+    }
+
     fn drain(&mut self, out: &mut Vec<Completion<B>>) {
         self.reap();
         // The caller is awake and looks at everything after draining.

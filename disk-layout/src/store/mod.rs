@@ -428,6 +428,17 @@ impl Store {
         self.pump(io);
     }
 
+    /// Once a write has filled a batch, sends it to the device now instead
+    /// of at the next `tick`, and with it the batch behind it when the device
+    /// has room: a caller placing many large writes in one turn lets the disk
+    /// start on the first while it copies the rest. Small writes that fill
+    /// no batch still wait for the tick, which commits them as a group.
+    pub fn submit_full_batches(&mut self, io: &mut impl BlockIo) {
+        if self.has_sealed_batches() {
+            self.pump(io);
+        }
+    }
+
     /// Periodic and after-request work: submit batches, run the cleaner and
     /// checkpoints, fail writes that can never find space.
     pub fn tick(&mut self, io: &mut impl BlockIo) {

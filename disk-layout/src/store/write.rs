@@ -544,6 +544,10 @@ impl Store {
         });
     }
 
+    pub(super) fn has_sealed_batches(&self) -> bool {
+        !self.sealed.is_empty()
+    }
+
     fn unwritten_submitted(&self) -> usize {
         self.inflight.values().filter(|batch| !batch.written).count()
     }

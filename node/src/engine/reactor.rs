@@ -158,6 +158,14 @@ impl Reactor {
                 volume_sequence,
             } => {
                 store.write(tag, volume_id, lba, &data, epoch, volume_sequence);
+                // A batch this write filled goes to the disk now, while
+                // the rest of the turn's requests are copied.
+                let mut io = DiskIo {
+                    engine: self.engine.as_mut(),
+                    file,
+                };
+                store.submit_full_batches(&mut io);
+                self.engine.submit();
             }
             Command::Read {
                 volume_id,
