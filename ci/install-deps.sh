@@ -15,7 +15,7 @@ PACKAGES=(
   fio qemu-utils nbdkit libnbd-bin fuse3
   e2fsprogs xfsprogs util-linux iproute2 iptables procps psmisc kmod
   prometheus
-  docker.io busybox-static postgresql
+  docker.io busybox-static postgresql systemd
   fonts-dejavu-core
 )
 [ "$DEMO" = 1 ] && PACKAGES=(build-essential musl-tools pkg-config file fio curl ca-certificates)

@@ -164,6 +164,13 @@ fn to_toml<T: Serialize>(path: &Path, value: &T) -> Result<String, DataDirError>
 
 /// Replaces `path` with `contents` so a crash leaves the old or the new file.
 pub fn write_atomic(path: &Path, contents: &str) -> Result<(), DataDirError> {
+    write_atomic_bytes(path, contents.as_bytes(), 0o600)
+}
+
+/// Replaces `path` with `bytes`, permissions `mode`, so a crash (or a
+/// reader, or a process running the old file) sees the old or the new
+/// file, never half of one.
+pub fn write_atomic_bytes(path: &Path, bytes: &[u8], mode: u32) -> Result<(), DataDirError> {
     let io = |source| DataDirError::Io {
         path: path.to_owned(),
         source,
@@ -173,16 +180,23 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<(), DataDirError> {
     let mut temporary_name = path.file_name().unwrap_or_default().to_os_string();
     temporary_name.push(".tmp");
     let temporary = path.with_file_name(temporary_name);
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)
-        .map_err(io)?;
-    file.write_all(contents.as_bytes()).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    fs::rename(&temporary, path).map_err(io)?;
+    let written = (|| {
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&temporary)?;
+        // An existing temporary file keeps its mode through open(2).
+        file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        fs::rename(&temporary, path)
+    })();
+    if let Err(source) = written {
+        let _ = fs::remove_file(&temporary);
+        return Err(io(source));
+    }
     if let Some(parent) = path.parent() {
         File::open(parent).and_then(|dir| dir.sync_all()).map_err(io)?;
     }

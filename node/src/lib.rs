@@ -12,6 +12,7 @@ pub mod datadir;
 pub mod engine;
 pub mod enroll;
 pub mod in_flight;
+pub mod install;
 pub mod load_check;
 pub mod local_nodes;
 pub mod metrics;

@@ -116,6 +116,33 @@ pub enum Command {
     /// The Docker volume plugin: `ballast plugin serve` next to this host's node.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// Installs this binary as a service: /usr/local/bin/ballast,
+    /// /etc/ballast/ballast.toml (documented defaults, written only when
+    /// missing), and the systemd units ballast-node.service and
+    /// ballast-plugin.service. Works offline; talks to neither systemd nor
+    /// the network. Then: `ballast disk enroll --data-dir /var/lib/ballast
+    /// /dev/DISK` and `systemctl enable --now ballast-node ballast-plugin`.
+    Install {
+        /// Install under this root instead of / (an image, a chroot).
+        #[arg(long, default_value = "/")]
+        root: std::path::PathBuf,
+        /// Print what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// The binary to install (default: this one).
+        #[arg(long, value_name = "PATH")]
+        binary: Option<std::path::PathBuf>,
+    },
+    /// Removes what `ballast install` put there: the binary, the units, and
+    /// the config file if it is unchanged. Never a data directory.
+    Uninstall {
+        /// Uninstall from this root instead of /.
+        #[arg(long, default_value = "/")]
+        root: std::path::PathBuf,
+        /// Print what would be done; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Self-test tools: drive the storage engine directly (used by the test suite).
     #[command(subcommand, hide = true)]
     Debug(crate::cli::debug::DebugCommand),
@@ -131,6 +158,36 @@ impl Command {
             Self::Node(crate::cli::node::NodeCommand::Run(_)) | Self::Plugin(_) | Self::Debug(_)
         )
     }
+}
+
+/// `ballast install` / `uninstall`: the steps, then what to do next.
+fn run_install(
+    root: std::path::PathBuf,
+    dry_run: bool,
+    binary: Option<std::path::PathBuf>,
+    installing: bool,
+) -> anyhow::Result<ExitCode> {
+    let options = crate::install::Options { root, dry_run, binary };
+    let steps = if installing {
+        crate::install::install(&options)?
+    } else {
+        crate::install::uninstall(&options)?
+    };
+    if dry_run {
+        println!("dry run: nothing was changed; this would be done:");
+    }
+    for step in &steps {
+        println!("{step}");
+    }
+    if installing && !dry_run {
+        println!(
+            "\nnext: enroll a disk (ballast disk enroll --data-dir /var/lib/ballast /dev/DISK),\n      \
+             then systemctl daemon-reload && systemctl enable --now ballast-node ballast-plugin"
+        );
+    } else if !installing && !dry_run {
+        println!("\nrun systemctl daemon-reload so systemd forgets the removed units");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Subcommand, Debug)]
@@ -222,7 +279,9 @@ impl Command {
             | Self::Scrub(_)
             | Self::Snapshot(_)
             | Self::Alerts { .. }
-            | Self::Auth { .. } => "warn",
+            | Self::Auth { .. }
+            | Self::Install { .. }
+            | Self::Uninstall { .. } => "warn",
             Self::Plugin(_) => "info",
         }
     }
@@ -271,6 +330,8 @@ pub fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
         }
         Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
+        Command::Install { root, dry_run, binary } => run_install(root, dry_run, binary, true),
+        Command::Uninstall { root, dry_run } => run_install(root, dry_run, None, false),
         Command::Auth {
             api,
             command:
