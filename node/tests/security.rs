@@ -213,6 +213,46 @@ fn the_api_needs_a_valid_token_and_users_touch_only_their_own_volumes() {
     // The admin can; alice can delete her own.
     assert_eq!(call("GET", &volume, Some(&admin), None).0, 200);
     assert_eq!(call("DELETE", &volume, Some(alice), None).0, 204);
+
+    // The audit trail of the node holds every change and every refusal
+    // above, with who and from where; no read that was allowed, no token.
+    let data = node.data().to_str().unwrap().to_owned();
+    let trail = common::run(&["audit", "--data-dir", &data, "--json"]);
+    assert!(trail.status.success(), "{}", common::text(&trail));
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&trail.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let has = |subject: &str, action: &str, target: &str, status: u64| {
+        entries.iter().any(|entry| {
+            entry["subject"] == subject
+                && entry["action"] == action
+                && entry["target"] == target
+                && entry["status"] == status
+                && entry["source"].as_str().unwrap().starts_with("127.")
+        })
+    };
+    assert!(has("alice", "POST", "/v1/volumes", 201), "create: {entries:#?}");
+    assert!(
+        has("alice", "DELETE", "/v1/volumes/alices", 204),
+        "delete: {entries:#?}"
+    );
+    assert!(has("bob", "DELETE", "/v1/volumes/alices", 403), "a 403: {entries:#?}");
+    assert!(has("bob", "GET", "/metrics", 403), "a refused read: {entries:#?}");
+    assert!(has("-", "GET", "/v1/volumes", 401), "a 401: {entries:#?}");
+    assert!(
+        !entries
+            .iter()
+            .any(|entry| entry["action"] == "GET" && entry["status"] == 200),
+        "allowed reads are not audited: {entries:#?}"
+    );
+    let stored = std::fs::read_to_string(node.data().join("audit.log")).unwrap();
+    for secret in [admin.as_str(), alice, bob, forged.as_str()] {
+        assert!(!stored.contains(secret), "a token in the audit log");
+    }
+    let recent = common::run(&["audit", "--data-dir", &data, "--since", "1h"]);
+    let recent = common::text(&recent);
+    assert!(recent.contains("alice") && recent.contains("403"), "{recent}");
 }
 
 /// A JWT signed ES256 by `key` (PKCS#8 PEM), with these claims.

@@ -286,6 +286,8 @@ pub struct ApiState {
     pub attach: Arc<crate::attach::HostAttach>,
     /// The node's data directory (disks are enrolled into it online).
     pub data: Arc<parking_lot::Mutex<crate::datadir::DataDir>>,
+    /// Every change and every refusal of the API (`crate::audit`).
+    pub audit: Arc<crate::audit::AuditLog>,
 }
 
 struct ApiError(StatusCode, String);
@@ -388,12 +390,48 @@ pub fn router(state: Arc<ApiState>) -> Router {
 /// the handler (`Extension<Caller>`) and to forwarding (`auth::CALLER`).
 async fn authenticate(
     State(state): State<Arc<ApiState>>,
-    mut request: axum::extract::Request,
+    request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
+    let method = request.method().clone();
+    let target = request.uri().path().to_owned();
+    let source = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "-".to_owned(), |info| info.0.to_string());
+    let (response, caller) = authenticate_and_run(&state, request, next).await;
+    let status = response.status();
+    let changes = method != axum::http::Method::GET && method != axum::http::Method::HEAD;
+    if changes || status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        let (subject, role) = caller.map_or_else(
+            || ("-".to_owned(), "-".to_owned()),
+            |caller| {
+                let role = if caller.is_admin() { "admin" } else { "user" };
+                (caller.subject, role.to_owned())
+            },
+        );
+        state.audit.record(&crate::audit::Entry {
+            time_unix_ms: crate::audit::now_unix_ms(),
+            subject,
+            role,
+            source,
+            action: method.to_string(),
+            target,
+            status: status.as_u16(),
+        });
+    }
+    response
+}
+
+/// The check itself; returns the response and the verified caller, if any.
+async fn authenticate_and_run(
+    state: &ApiState,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> (Response, Option<auth::Caller>) {
     let path = request.uri().path().to_owned();
     if matches!(path.as_str(), "/healthz" | "/readyz" | "/v1/health") {
-        return next.run(request).await;
+        return (next.run(request).await, None);
     }
     let token = request
         .headers()
@@ -402,29 +440,30 @@ async fn authenticate(
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(|token| token.trim().to_owned());
     let Some(token) = token else {
-        return ApiError(
+        let refusal = ApiError(
             StatusCode::UNAUTHORIZED,
             "missing API token: send `Authorization: Bearer TOKEN` (the CLI on a node's host reads DATA_DIR/admin.token: set BALLAST_TOKEN_FILE, or BALLAST_TOKEN)".into(),
-        )
-        .into_response();
+        );
+        return (refusal.into_response(), None);
     };
     let caller = match state.auth.check(&token) {
         Ok(caller) => caller,
         Err(reason) => {
             tracing::warn!(%path, %reason, "API request refused");
-            return ApiError(StatusCode::UNAUTHORIZED, reason).into_response();
+            return (ApiError(StatusCode::UNAUTHORIZED, reason).into_response(), None);
         }
     };
     // Users may use their volumes, and get a client certificate for themselves.
     if !caller.is_admin() && !path.starts_with("/v1/volumes") && path != "/v1/auth/certs" && path != "/v1/auth/whoami" {
-        return ApiError(
+        let refusal = ApiError(
             StatusCode::FORBIDDEN,
             format!("{path} needs the admin role ({} is a user)", caller.subject),
-        )
-        .into_response();
+        );
+        return (refusal.into_response(), Some(caller));
     }
     request.extensions_mut().insert(caller.clone());
-    auth::CALLER.scope(caller, next.run(request)).await
+    let response = auth::CALLER.scope(caller.clone(), next.run(request)).await;
+    (response, Some(caller))
 }
 
 async fn whoami(Extension(caller): Extension<auth::Caller>) -> Response {

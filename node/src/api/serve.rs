@@ -47,8 +47,10 @@ pub async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch:
             let _slot = slot;
             // The first request ends the connection's handshake: it is in use.
             let inner = hyper_util::service::TowerToHyperService::new(router);
-            let service = hyper::service::service_fn(move |request| {
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
                 ticket.handshake_done();
+                // The client's address, for the audit trail.
+                request.extensions_mut().insert(axum::extract::ConnectInfo(remote));
                 inner.call(request)
             });
             let io = TokioIo::new(stream);

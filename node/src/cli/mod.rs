@@ -116,6 +116,25 @@ pub enum Command {
     /// The Docker volume plugin: `ballast plugin serve` next to this host's node.
     #[command(subcommand)]
     Plugin(PluginCommand),
+    /// The audit trail of a node of this host (read from its data
+    /// directory): every API request that changed something and every one
+    /// refused for its token (401) or its rights (403): when, who, from
+    /// where, what, and the answer. Never a token or a request body.
+    Audit {
+        /// The node whose data directory holds the trail (found through
+        /// its record in /run/ballast/api).
+        #[arg(long, env = "BALLAST_API", default_value = crate::api::client::DEFAULT_API_URL)]
+        api: String,
+        /// Read this data directory instead.
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<std::path::PathBuf>,
+        /// Only entries of this last while: 90s, 30m, 1h, 2d.
+        #[arg(long, value_name = "AGE")]
+        since: Option<String>,
+        /// One JSON object per line, as stored.
+        #[arg(long)]
+        json: bool,
+    },
     /// Installs this binary as a service: /usr/local/bin/ballast,
     /// /etc/ballast/ballast.toml (documented defaults, written only when
     /// missing), and the systemd units ballast-node.service and
@@ -158,6 +177,55 @@ impl Command {
             Self::Node(crate::cli::node::NodeCommand::Run(_)) | Self::Plugin(_) | Self::Debug(_)
         )
     }
+}
+
+/// `ballast audit`: the trail of the node at `api` (or in `data_dir`).
+fn show_audit(
+    api: &str,
+    data_dir: Option<std::path::PathBuf>,
+    since: Option<&str>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let data_dir = data_dir
+        .or_else(|| crate::local_nodes::data_dir_of(api))
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/ballast"));
+    let since_unix_ms = match since {
+        Some(age) => crate::audit::now_unix_ms().saturating_sub(cluster::parse_ttl(age)?.saturating_mul(1000)),
+        None => 0,
+    };
+    if !data_dir.join(crate::audit::FILE).exists() {
+        anyhow::bail!(
+            "no audit trail in {} (nothing audited yet, or not a node's data directory: use --data-dir)",
+            data_dir.display()
+        );
+    }
+    let entries = crate::audit::read(&data_dir, since_unix_ms)?;
+    let mut out = std::io::stdout().lock();
+    for entry in &entries {
+        let line = if json {
+            serde_json::to_string(entry)?
+        } else {
+            let seconds = i64::try_from(entry.time_unix_ms / 1000).unwrap_or(i64::MAX);
+            let at = time::OffsetDateTime::from_unix_timestamp(seconds).unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z  {:<3}  {:<12} {:<5} {:<21} {:<6} {}",
+                at.year(),
+                u8::from(at.month()),
+                at.day(),
+                at.hour(),
+                at.minute(),
+                at.second(),
+                entry.status,
+                entry.subject,
+                entry.role,
+                entry.source,
+                entry.action,
+                entry.target
+            )
+        };
+        std::io::Write::write_all(&mut out, format!("{line}\n").as_bytes())?;
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `ballast install` / `uninstall`: the steps, then what to do next.
@@ -280,6 +348,7 @@ impl Command {
             | Self::Snapshot(_)
             | Self::Alerts { .. }
             | Self::Auth { .. }
+            | Self::Audit { .. }
             | Self::Install { .. }
             | Self::Uninstall { .. } => "warn",
             Self::Plugin(_) => "info",
@@ -330,6 +399,12 @@ pub fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
         }
         Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
+        Command::Audit {
+            api,
+            data_dir,
+            since,
+            json,
+        } => show_audit(&api, data_dir, since.as_deref(), json),
         Command::Install { root, dry_run, binary } => run_install(root, dry_run, binary, true),
         Command::Uninstall { root, dry_run } => run_install(root, dry_run, None, false),
         Command::Auth {

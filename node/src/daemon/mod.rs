@@ -151,6 +151,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         },
         attach: Arc::clone(&attach),
         data: Arc::clone(&data),
+        audit: Arc::new(crate::audit::AuditLog::in_dir(&config.data_dir)),
     });
     let served = runtime.block_on(serve(config, state, Arc::clone(&volumes), Arc::clone(&cluster)));
     // Loop devices and the FUSE mount go while the runtime still answers their I/O.
