@@ -1,6 +1,7 @@
 //! The audit trail: one JSON line for every API request that changes
 //! something (any method but GET and HEAD) and for every API request refused
-//! for its credentials (401) or its rights (403), in `DATA_DIR/audit.log`.
+//! for its credentials (401) or its rights (403), and for every NBD export
+//! opened (200) or refused by policy (403), in `DATA_DIR/audit.log`.
 //!
 //! The file is created 0600 and only ever appended to; past
 //! `ROTATE_BYTES` it becomes `audit.log.1` (the older ones shift up, the
@@ -34,9 +35,10 @@ pub struct Entry {
     pub role: String,
     /// The client's address.
     pub source: String,
-    /// The HTTP method: POST, PUT, PATCH, DELETE (or GET when refused).
+    /// The HTTP method: POST, PUT, PATCH, DELETE (or GET when refused);
+    /// "NBD open" for an NBD export.
     pub action: String,
-    /// The path acted on, e.g. /v1/volumes/db1/snapshots.
+    /// The path acted on, e.g. /v1/volumes/db1/snapshots; the volume for NBD.
     pub target: String,
     /// The answer's HTTP status (201, 401, 403, 409...).
     pub status: u16,

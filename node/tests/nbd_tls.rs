@@ -206,6 +206,24 @@ fn nbd_over_tls_admits_only_the_owners_certificate_and_refuses_plaintext_and_str
     let log = node.log_text();
     assert!(log.contains("NBD TLS handshake refused"), "refusals are logged");
     assert!(log.contains("volume alices belongs to another user (the client certificate names bob)"));
+    // The audit trail has the opens and the policy refusal, with who.
+    let trail = common::run(&["audit", "--data-dir", node.data().to_str().unwrap(), "--json"]);
+    assert!(trail.status.success(), "{}", text(&trail));
+    let entries: Vec<serde_json::Value> = String::from_utf8_lossy(&trail.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    let has = |subject: &str, status: u64| {
+        entries.iter().any(|entry| {
+            entry["action"] == "NBD open"
+                && entry["target"] == "alices"
+                && entry["subject"] == subject
+                && entry["status"] == status
+                && entry["source"].as_str().unwrap().starts_with("127.0.0.1:")
+        })
+    };
+    assert!(has("alice", 200), "alice's open: {entries:#?}");
+    assert!(has("bob", 403), "bob's refusal: {entries:#?}");
 
     // Still serving.
     let info = nbdinfo(&tls_uri(&node, "alices", &alice_dir));

@@ -92,6 +92,7 @@ fuzz_target!(|input: &[u8]| {
                 let access = handshake::Access {
                     security: &security,
                     caller: None,
+                    peer: "fuzz",
                 };
                 let outcome = handshake::negotiate(&mut server, &fixture.volumes, &access).await;
                 drop(server); // end of stream for the client

@@ -315,12 +315,14 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>,
         Arc::clone(&volumes),
         stop.clone(),
     ));
-    let nbd_security = Arc::new(crate::nbd::tls::NbdSecurity::new(
+    let mut nbd_security = crate::nbd::tls::NbdSecurity::new(
         Arc::clone(&cluster),
         config.listen_nbd,
         config.nbd_tls,
         &config.nbd_tls_names,
-    ));
+    );
+    nbd_security.audit = Some(Arc::clone(&state.audit));
+    let nbd_security = Arc::new(nbd_security);
     let nbd_scheme = if nbd_security.required { "nbds" } else { "nbd" };
     let nbd = tokio::spawn(crate::nbd::serve(nbd_listener, volumes, nbd_security, stop.clone()));
     let api = tokio::spawn(crate::api::serve::serve(

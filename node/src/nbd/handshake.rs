@@ -79,9 +79,35 @@ pub struct Access<'a> {
     pub security: &'a NbdSecurity,
     /// Over TLS: who the client certificate names. None: plaintext.
     pub caller: Option<Caller>,
+    /// The client's address.
+    pub peer: &'a str,
 }
 
 impl Access<'_> {
+    /// Records an export opened (`status` 200) or refused by policy (403)
+    /// in the audit trail, when the node keeps one.
+    pub fn audit(&self, volume: &str, status: u16) {
+        let Some(log) = &self.security.audit else {
+            return;
+        };
+        let (subject, role) = match &self.caller {
+            Some(caller) => (
+                caller.subject.clone(),
+                if caller.is_admin() { "admin" } else { "user" }.to_owned(),
+            ),
+            None => ("-".to_owned(), "-".to_owned()),
+        };
+        log.record(&crate::audit::Entry {
+            time_unix_ms: crate::audit::now_unix_ms(),
+            subject,
+            role,
+            source: self.peer.to_owned(),
+            action: "NBD open".to_owned(),
+            target: volume.to_owned(),
+            status,
+        });
+    }
+
     fn tls_active(&self) -> bool {
         self.caller.is_some()
     }
@@ -337,6 +363,7 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
     };
     if let Err(reason) = context.access.may_open(&request.export_name) {
         tracing::warn!(volume = %request.export_name, %reason, "NBD export refused");
+        context.access.audit(&request.export_name, 403);
         reply_error(stream, option, REP_ERR_POLICY, &reason).await?;
         return Ok(None);
     }
@@ -346,6 +373,7 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
         }
         .to_string();
         tracing::warn!(volume = %volume.name, %reason, "NBD export refused");
+        context.access.audit(&volume.name, 403);
         reply_error(stream, option, REP_ERR_POLICY, &reason).await?;
         return Ok(None);
     }
@@ -368,6 +396,7 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
     }
     reply(stream, option, REP_ACK, &[]).await?;
     if option == OPT_GO {
+        context.access.audit(&volume.name, 200);
         let name = request.export_name.clone();
         return Ok(Some(Negotiation::Session(session(volume, state, &name))));
     }

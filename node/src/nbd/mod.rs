@@ -95,7 +95,11 @@ async fn connection(
 ) -> Result<(), NbdError> {
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let timed_out = |_| NbdError::Protocol("handshake timed out".into());
-    let plaintext = Access { security, caller: None };
+    let plaintext = Access {
+        security,
+        caller: None,
+        peer,
+    };
     let negotiated = tokio::time::timeout_at(deadline, handshake::negotiate(&mut stream, volumes, &plaintext))
         .await
         .map_err(timed_out)??;
@@ -129,6 +133,7 @@ async fn connection(
     let secured = Access {
         security,
         caller: Some(caller),
+        peer,
     };
     let negotiated = tokio::time::timeout_at(deadline, handshake::options(&mut stream, volumes, &secured, no_zeroes))
         .await

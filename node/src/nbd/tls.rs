@@ -61,6 +61,8 @@ pub struct NbdSecurity {
     names: Vec<String>,
     /// The server configuration, for the CA (fingerprint) it was made with.
     server: Mutex<Option<(String, Arc<ServerConfig>)>>,
+    /// Where export opens and refusals are recorded.
+    pub audit: Option<Arc<crate::audit::AuditLog>>,
 }
 
 impl NbdSecurity {
@@ -85,6 +87,7 @@ impl NbdSecurity {
             cluster: Some(cluster),
             names,
             server: Mutex::new(None),
+            audit: None,
         }
     }
 
@@ -96,6 +99,7 @@ impl NbdSecurity {
             cluster: None,
             names: Vec::new(),
             server: Mutex::new(None),
+            audit: None,
         }
     }
 
