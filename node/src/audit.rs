@@ -44,6 +44,32 @@ pub struct Entry {
     pub status: u16,
 }
 
+impl Entry {
+    /// An entry of now for `caller` ("-" as subject and role without one).
+    #[must_use]
+    pub fn now(
+        caller: Option<&crate::api::auth::Caller>,
+        source: String,
+        action: String,
+        target: String,
+        status: u16,
+    ) -> Self {
+        let (subject, role) = caller.map_or_else(
+            || ("-".to_owned(), "-".to_owned()),
+            |caller| (caller.subject.clone(), caller.role.as_str().to_owned()),
+        );
+        Self {
+            time_unix_ms: now_unix_ms(),
+            subject,
+            role,
+            source,
+            action,
+            target,
+            status,
+        }
+    }
+}
+
 /// The append-only log of one node.
 pub struct AuditLog {
     path: PathBuf,

@@ -403,22 +403,13 @@ async fn authenticate(
     let status = response.status();
     let changes = method != axum::http::Method::GET && method != axum::http::Method::HEAD;
     if changes || status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        let (subject, role) = caller.map_or_else(
-            || ("-".to_owned(), "-".to_owned()),
-            |caller| {
-                let role = if caller.is_admin() { "admin" } else { "user" };
-                (caller.subject, role.to_owned())
-            },
-        );
-        state.audit.record(&crate::audit::Entry {
-            time_unix_ms: crate::audit::now_unix_ms(),
-            subject,
-            role,
+        state.audit.record(&crate::audit::Entry::now(
+            caller.as_ref(),
             source,
-            action: method.to_string(),
+            method.to_string(),
             target,
-            status: status.as_u16(),
-        });
+            status.as_u16(),
+        ));
     }
     response
 }

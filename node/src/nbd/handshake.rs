@@ -90,22 +90,13 @@ impl Access<'_> {
         let Some(log) = &self.security.audit else {
             return;
         };
-        let (subject, role) = match &self.caller {
-            Some(caller) => (
-                caller.subject.clone(),
-                if caller.is_admin() { "admin" } else { "user" }.to_owned(),
-            ),
-            None => ("-".to_owned(), "-".to_owned()),
-        };
-        log.record(&crate::audit::Entry {
-            time_unix_ms: crate::audit::now_unix_ms(),
-            subject,
-            role,
-            source: self.peer.to_owned(),
-            action: "NBD open".to_owned(),
-            target: volume.to_owned(),
+        log.record(&crate::audit::Entry::now(
+            self.caller.as_ref(),
+            self.peer.to_owned(),
+            "NBD open".to_owned(),
+            volume.to_owned(),
             status,
-        });
+        ));
     }
 
     fn tls_active(&self) -> bool {

@@ -203,11 +203,7 @@ pub fn issue_nbd_server(
 
 /// The URI a client certificate carries: who it is, in which cluster.
 fn client_uri(cluster_id: uuid::Uuid, role: crate::api::auth::Role, subject: &str) -> String {
-    let role = match role {
-        crate::api::auth::Role::Admin => "admin",
-        crate::api::auth::Role::User => "user",
-    };
-    format!("urn:ballast:{cluster_id}:client:{role}:{subject}")
+    format!("urn:ballast:{cluster_id}:client:{}:{subject}", role.as_str())
 }
 
 /// A client certificate for `subject` (NBD over TLS): the NBD listener
