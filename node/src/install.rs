@@ -153,13 +153,35 @@ pub struct Options {
     pub binary: Option<PathBuf>,
 }
 
-/// One step, as printed.
+/// One step, as printed; the plan a dry run prints is what is carried out.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Step {
-    /// "write", "keep", "remove", "skip"
+    /// "write", "keep" or "remove"
     pub action: &'static str,
     pub path: PathBuf,
     pub why: String,
+    /// For a write: the bytes and the file mode.
+    content: Option<(Vec<u8>, u32)>,
+}
+
+impl Step {
+    fn write(path: PathBuf, bytes: Vec<u8>, mode: u32, why: String) -> Self {
+        Self {
+            action: "write",
+            path,
+            why,
+            content: Some((bytes, mode)),
+        }
+    }
+
+    fn other(action: &'static str, path: PathBuf, why: &str) -> Self {
+        Self {
+            action,
+            path,
+            why: why.to_owned(),
+            content: None,
+        }
+    }
 }
 
 impl std::fmt::Display for Step {
@@ -181,90 +203,69 @@ pub fn install(options: &Options) -> Result<Vec<Step>> {
     }
     let target = options.root.join(BINARY);
     refuse_if_running(&target)?;
-    let mut steps = Vec::new();
-    let mut plan = |action, path: &Path, why: String| {
-        steps.push(Step {
-            action,
-            path: path.to_owned(),
-            why,
-        });
-    };
-    plan(
-        "write",
-        &target,
-        format!("{} bytes from {}", image.len(), binary.display()),
-    );
+    let why = format!("{} bytes from {}", image.len(), binary.display());
+    let mut steps = vec![Step::write(target, image, 0o755, why)];
     let config = options.root.join(CONFIG);
-    let config_exists = config.exists();
-    if config_exists {
-        plan("keep", &config, "exists; never overwritten".to_owned());
+    if config.exists() {
+        steps.push(Step::other("keep", config, "exists; never overwritten"));
     } else {
-        plan("write", &config, "documented defaults".to_owned());
+        let why = "documented defaults".to_owned();
+        steps.push(Step::write(config, DEFAULT_CONFIG.as_bytes().to_vec(), 0o640, why));
     }
-    let units = [
-        (options.root.join(NODE_UNIT), node_unit()),
-        (options.root.join(PLUGIN_UNIT), plugin_unit()),
-    ];
-    for (path, _) in &units {
-        plan("write", path, "systemd unit".to_owned());
+    for (unit, text) in [(NODE_UNIT, node_unit()), (PLUGIN_UNIT, plugin_unit())] {
+        let why = "systemd unit".to_owned();
+        steps.push(Step::write(options.root.join(unit), text.into_bytes(), 0o644, why));
     }
-    if options.dry_run {
-        return Ok(steps);
-    }
-    write_replacing(&target, &image, 0o755)?;
-    if !config_exists {
-        write_replacing(&config, DEFAULT_CONFIG.as_bytes(), 0o640)?;
-    }
-    for (path, text) in &units {
-        write_replacing(path, text.as_bytes(), 0o644)?;
-    }
+    carry_out(&steps, options.dry_run)?;
     Ok(steps)
 }
 
 /// Uninstalls what `install` put there; never the data directory, and
 /// never a config file that was changed since.
 pub fn uninstall(options: &Options) -> Result<Vec<Step>> {
-    let binary = options.root.join(BINARY);
-    refuse_if_running(&binary)?;
-    let mut steps = Vec::new();
-    for relative in [NODE_UNIT, PLUGIN_UNIT, BINARY] {
-        let path = options.root.join(relative);
-        if path.exists() {
-            steps.push(Step {
-                action: "remove",
-                path,
-                why: "installed by ballast install".to_owned(),
-            });
-        }
-    }
+    refuse_if_running(&options.root.join(BINARY))?;
+    let mut steps: Vec<Step> = [NODE_UNIT, PLUGIN_UNIT, BINARY]
+        .into_iter()
+        .map(|relative| options.root.join(relative))
+        .filter(|path| path.exists())
+        .map(|path| Step::other("remove", path, "installed by ballast install"))
+        .collect();
     let config = options.root.join(CONFIG);
     match std::fs::read(&config) {
-        Ok(text) if text == DEFAULT_CONFIG.as_bytes() => steps.push(Step {
-            action: "remove",
-            path: config,
-            why: "unchanged since install".to_owned(),
-        }),
-        Ok(_) => steps.push(Step {
-            action: "keep",
-            path: config,
-            why: "changed since install: yours now".to_owned(),
-        }),
+        Ok(text) if text == DEFAULT_CONFIG.as_bytes() => {
+            steps.push(Step::other("remove", config, "unchanged since install"));
+        }
+        Ok(_) => steps.push(Step::other("keep", config, "changed since install: yours now")),
         Err(_) => {}
     }
-    steps.push(Step {
-        action: "keep",
-        path: PathBuf::from("/var/lib/ballast"),
-        why: "data directories are never removed".to_owned(),
-    });
-    if options.dry_run {
-        return Ok(steps);
+    steps.push(Step::other(
+        "keep",
+        PathBuf::from("/var/lib/ballast"),
+        "data directories are never removed",
+    ));
+    carry_out(&steps, options.dry_run)?;
+    if !options.dry_run {
+        // The config directory goes too when nothing of the user's is left in it.
+        let _ = std::fs::remove_dir(options.root.join("etc/ballast"));
     }
-    for step in steps.iter().filter(|step| step.action == "remove") {
-        std::fs::remove_file(&step.path).with_context(|| format!("cannot remove {}", step.path.display()))?;
-    }
-    // The config directory goes too when nothing of the user's is left in it.
-    let _ = std::fs::remove_dir(options.root.join("etc/ballast"));
     Ok(steps)
+}
+
+/// Does the writes and removals of `steps` (nothing on a dry run).
+fn carry_out(steps: &[Step], dry_run: bool) -> Result<()> {
+    if dry_run {
+        return Ok(());
+    }
+    for step in steps {
+        match (&step.content, step.action) {
+            (Some((bytes, mode)), _) => write_replacing(&step.path, bytes, *mode)?,
+            (None, "remove") => {
+                std::fs::remove_file(&step.path).with_context(|| format!("cannot remove {}", step.path.display()))?;
+            }
+            (None, _) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Writes `bytes` beside `path`, then renames it over `path` (a running
