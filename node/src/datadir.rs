@@ -16,6 +16,9 @@ use kernel_iface::lockfile::{LockError, LockFile};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+/// The data directory of a node installed as a service (`ballast install`
+/// writes it into the config); the CLI looks there last.
+pub const DEFAULT_DIR: &str = "/var/lib/ballast";
 const NODE_FILE: &str = "node.toml";
 const DISKS_FILE: &str = "disks.toml";
 const LOCK_FILE: &str = ".lock";

@@ -240,7 +240,7 @@ pub fn uninstall(options: &Options) -> Result<Vec<Step>> {
     }
     steps.push(Step::other(
         "keep",
-        PathBuf::from("/var/lib/ballast"),
+        PathBuf::from(crate::datadir::DEFAULT_DIR),
         "data directories are never removed",
     ));
     carry_out(&steps, options.dry_run)?;
@@ -314,7 +314,7 @@ mod tests {
     fn the_installed_config_is_one_the_node_accepts() {
         let file: crate::daemon::config::ConfigFile =
             toml::from_str(DEFAULT_CONFIG).expect("the default config parses");
-        assert_eq!(file.data_dir.as_deref(), Some(Path::new("/var/lib/ballast")));
+        assert_eq!(file.data_dir.as_deref(), Some(Path::new(crate::datadir::DEFAULT_DIR)));
     }
 
     #[test]

@@ -435,7 +435,7 @@ pub fn cli_token(api_url: &str) -> Option<String> {
     }
     crate::local_nodes::data_dir_of(api_url)
         .and_then(|data_dir| read(data_dir.join(ADMIN_TOKEN_FILE)))
-        .or_else(|| read(PathBuf::from("/var/lib/ballast").join(ADMIN_TOKEN_FILE)))
+        .or_else(|| read(PathBuf::from(crate::datadir::DEFAULT_DIR).join(ADMIN_TOKEN_FILE)))
 }
 
 #[cfg(test)]

@@ -188,7 +188,7 @@ fn show_audit(
 ) -> anyhow::Result<ExitCode> {
     let data_dir = data_dir
         .or_else(|| crate::local_nodes::data_dir_of(api))
-        .unwrap_or_else(|| std::path::PathBuf::from("/var/lib/ballast"));
+        .unwrap_or_else(|| std::path::PathBuf::from(crate::datadir::DEFAULT_DIR));
     let since_unix_ms = match since {
         Some(age) => crate::audit::now_unix_ms().saturating_sub(cluster::parse_ttl(age)?.saturating_mul(1000)),
         None => 0,
