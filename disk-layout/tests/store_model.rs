@@ -115,6 +115,10 @@ fn a_long_random_workload_with_cleaning_and_crashes_loses_nothing() {
             stats.checkpoints > 0,
             "seed={seed}: no checkpoint was written: {stats:?}"
         );
+        assert!(
+            stats.resequenced_blocks_written > 0,
+            "seed={seed}: no read was re-sequenced: {stats:?}"
+        );
         assert!(h.errors.is_empty(), "seed={seed}: unexpected errors {:?}", h.errors);
         h.crash_and_verify();
     }

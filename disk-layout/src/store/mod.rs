@@ -74,6 +74,8 @@ pub struct Done {
 pub struct StoreStats {
     pub user_blocks_written: u64,
     pub relocated_blocks_written: u64,
+    /// Blocks a scattered read wrote back in order (`Store::resequence`).
+    pub resequenced_blocks_written: u64,
     pub header_blocks_written: u64,
     pub checkpoint_blocks_written: u64,
     pub batches_written: u64,
@@ -87,7 +89,7 @@ pub struct StoreStats {
 
 impl StoreStats {
     /// Blocks written to the device per block of user data: log headers,
-    /// relocations by the cleaner and checkpoints all count.
+    /// relocations by the cleaner, re-sequenced reads and checkpoints all count.
     #[must_use]
     pub fn write_amplification(&self) -> f64 {
         if self.user_blocks_written == 0 {
@@ -95,6 +97,7 @@ impl StoreStats {
         }
         let total = self.user_blocks_written
             + self.relocated_blocks_written
+            + self.resequenced_blocks_written
             + self.header_blocks_written
             + self.checkpoint_blocks_written;
         total as f64 / self.user_blocks_written as f64

@@ -55,13 +55,17 @@ pub struct StoreConfig {
     /// Write batches with FUA (RWF_DSYNC), durable on completion, instead
     /// of write + flush: one device round trip less per group commit.
     pub durable_writes: bool,
+    /// Reads of at least this many blocks whose data lies scattered are
+    /// written back in logical order (see `Store::resequence`); 0: never.
+    pub resequence_read_blocks_min: u64,
 }
 
 impl StoreConfig {
     /// Defaults: pipeline of 8 batches written with FUA (a QD8 stream of
     /// 1 MiB writes keeps the device busy: with 2, sequential writes ran at
     /// 0.67x the raw device, with 8 at about 0.9x), checkpoint every
-    /// 1 GiB of log, user data up to 85 % of segment space.
+    /// 1 GiB of log, user data up to 85 % of segment space, reads of
+    /// 64 KiB or more re-sequenced when scattered.
     #[must_use]
     pub fn new(disk_name: impl Into<String>, node_uuid: Option<[u8; 16]>, open_nonce: u64) -> Self {
         Self {
@@ -72,6 +76,7 @@ impl StoreConfig {
             checkpoint_interval_blocks: (1 << 30) / BLOCK_SIZE_BYTES,
             fill_limit_percent: 85,
             durable_writes: true,
+            resequence_read_blocks_min: 16,
         }
     }
 }

@@ -1,19 +1,24 @@
 //! The read path: look up each block, read contiguous runs, verify every
-//! block against the crc kept in the index before returning it.
+//! block against the crc kept in the index before returning it. A large
+//! read whose blocks lie scattered writes them back in order (`resequence`).
 
+use super::write::PendingWrite;
 use super::{token, Done, Reply, Store, KIND_READ};
 use crate::buf::IoBuf;
 use crate::error::{IoFault, StoreError};
 use crate::geometry::{Geometry, BLOCK_BYTES};
 use crate::index::{Entry, ADDRESS_BAD};
 use crate::io::{BlockIo, IoOp, IoRequest};
-use crate::record::block_crc;
+use crate::record::{block_crc, RecordKind};
 
 const BLOCK: usize = BLOCK_BYTES;
 const RUN_BITS: u32 = 9;
 const RUN_MASK: u64 = (1 << RUN_BITS) - 1;
 /// A read whose data moved while it was in flight is retried this often.
 const READ_RETRIES_MAX: u32 = 4;
+/// A read is scattered when its data blocks lie in runs shorter than this
+/// on average (32 KiB): one disk I/O per few blocks.
+const RESEQUENCE_RUN_BLOCKS: usize = 8;
 
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -216,14 +221,86 @@ impl Store {
             self.start_read(io, op);
             return;
         }
-        let result = match (op.error, op.restart) {
+        let result = match (op.error.take(), op.restart) {
             (Some(error), _) => Err(error),
             (None, true) => Err(StoreError::InvalidRequest {
                 reason: format!("read of volume {} block {} kept moving; retry", op.volume_id, op.lba),
             }),
-            (None, false) => Ok(Reply::Read(op.reply.expect("assembled"))),
+            (None, false) => {
+                let reply = op.reply.take().expect("assembled");
+                self.resequence(&op, reply.as_slice());
+                Ok(Reply::Read(reply))
+            }
         };
         self.done.push(Done { tag: op.tag, result });
+    }
+}
+
+impl Store {
+    /// Random writes scatter a range over the log; read in order later (a
+    /// table scan, a backup), it costs one disk I/O per run, i.e. per
+    /// block. A read of at least `resequence_read_blocks_min` blocks whose
+    /// runs average fewer than `RESEQUENCE_RUN_BLOCKS` blocks writes its
+    /// data, which it holds verified in memory, back to the log head in
+    /// logical order, so the next read of the range takes one I/O per batch.
+    ///
+    /// These are the cleaner's relocate records (one per run: a record's
+    /// source blocks are consecutive), so they apply, now and at replay, only
+    /// where the source block is still mapped: a write that raced the read
+    /// wins. Blocks the index no longer maps to what was read are skipped.
+    /// Best effort and bounded: only while the disk needs no cleaning and no
+    /// write waits, and only as much as the free batch buffers take.
+    /// Counted in `resequenced_blocks_written` and in write amplification.
+    fn resequence(&mut self, op: &ReadOp, data: &[u8]) {
+        let min = self.config.resequence_read_blocks_min;
+        let mapped: usize = op.runs.iter().map(|run| run.count).sum();
+        if min == 0
+            || (op.block_count as u64) < min
+            || op.runs.len() < 2
+            || mapped >= op.runs.len() * RESEQUENCE_RUN_BLOCKS
+            || self.failed.is_some()
+            || !self.user_backlog.is_empty()
+            || !self.relocation_backlog.is_empty()
+            || self.segments.free_count() <= self.clean_watermark()
+        {
+            return;
+        }
+        let relocated_before = self.stats.relocated_blocks_written;
+        'runs: for run in &op.runs {
+            let mut start = run.first;
+            let end = run.first + run.count;
+            while start < end {
+                let unchanged =
+                    |position: usize| self.index.get(op.volume_id, op.lba + position as u64) == op.entries[position];
+                if !unchanged(start) {
+                    start += 1;
+                    continue;
+                }
+                let mut stop = start + 1;
+                while stop < end && unchanged(stop) {
+                    stop += 1;
+                }
+                let part = PendingWrite {
+                    tag: None,
+                    volume_id: op.volume_id,
+                    lba: op.lba + start as u64,
+                    block_count: (stop - start) as u64,
+                    kind: RecordKind::Relocate,
+                    epoch: 0,
+                    volume_sequence: 0,
+                    data: Vec::new(),
+                    source: op.entries[start..stop].to_vec(),
+                };
+                if self.place(&part, &data[start * BLOCK..stop * BLOCK]).is_err() {
+                    break 'runs; // out of buffers or segments: the rest stays where it is
+                }
+                start = stop;
+            }
+        }
+        // `place` counted the moves as the cleaner's.
+        let moved = self.stats.relocated_blocks_written - relocated_before;
+        self.stats.relocated_blocks_written = relocated_before;
+        self.stats.resequenced_blocks_written += moved;
     }
 }
 

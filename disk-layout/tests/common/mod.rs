@@ -109,6 +109,8 @@ pub fn test_config(name: &str, seed: u64) -> StoreConfig {
     let mut config = StoreConfig::new(name, Some([2; 16]), seed);
     config.checkpoint_interval_blocks = 2048;
     config.durable_writes = seed.is_multiple_of(2);
+    // Small enough that the tests' reads re-sequence scattered data.
+    config.resequence_read_blocks_min = 4;
     config
 }
 
@@ -369,6 +371,7 @@ impl Harness {
         let t = &mut self.total;
         t.user_blocks_written += s.user_blocks_written;
         t.relocated_blocks_written += s.relocated_blocks_written;
+        t.resequenced_blocks_written += s.resequenced_blocks_written;
         t.header_blocks_written += s.header_blocks_written;
         t.checkpoints += s.checkpoints;
         t.segments_cleaned += s.segments_cleaned;

@@ -1,0 +1,119 @@
+//! A range written block by block in random order lies scattered over the
+//! log; the first large read of it writes it back in order (`resequence`),
+//! so later reads take one I/O where they took one per block.
+
+// Tests run on 64-bit hosts only; offsets here are small.
+#![allow(clippy::cast_possible_truncation)]
+
+mod common;
+
+use common::Harness;
+use disk_layout::sim_disk::SimRng;
+use disk_layout::StoreConfig;
+
+const VOLUME: u64 = 1;
+const BLOCKS: u64 = 64;
+
+fn as_the_node_runs_it(config: &mut StoreConfig) {
+    config.resequence_read_blocks_min = StoreConfig::new("x", None, 0).resequence_read_blocks_min;
+}
+
+/// Writes blocks `0..BLOCKS` one at a time in a random order, each durable
+/// before the next, so no two neighbours are adjacent on the disk.
+fn scattered(seed: u64) -> Harness {
+    let mut h = Harness::with_config(seed, 64 << 20, 1 << 20, BLOCKS, vec![VOLUME], as_the_node_runs_it);
+    write_in_random_order(&mut h);
+    h
+}
+
+fn write_in_random_order(h: &mut Harness) {
+    let seed = h.seed;
+    let mut order: Vec<u64> = (0..BLOCKS).collect();
+    let mut rng = SimRng::new(seed);
+    for i in (1..order.len()).rev() {
+        order.swap(i, rng.index(i + 1));
+    }
+    for lba in order {
+        h.write(VOLUME, lba, 1);
+        h.settle();
+    }
+}
+
+/// Disk reads one read of the whole range takes (its data is checked by the harness).
+fn reads_of_whole_range(h: &mut Harness) -> u64 {
+    let before = h.disk.stats.reads;
+    h.read(VOLUME, 0, BLOCKS);
+    h.settle();
+    h.disk.stats.reads - before
+}
+
+#[test]
+fn a_range_written_in_random_order_reads_in_one_io_once_it_was_read_in_order() {
+    for seed in 0..4 {
+        let mut h = scattered(seed);
+        let first = reads_of_whole_range(&mut h);
+        assert!(
+            first >= BLOCKS / 2,
+            "seed={seed}: the range was not scattered ({first} reads)"
+        );
+        assert_eq!(h.store.stats().resequenced_blocks_written, BLOCKS, "seed={seed}");
+        let second = reads_of_whole_range(&mut h);
+        assert_eq!(
+            second, 1,
+            "seed={seed}: the range is still scattered after one read in order"
+        );
+        // The moves are records of the log: replay puts the range where they did.
+        h.crash_and_verify();
+        let after_crash = reads_of_whole_range(&mut h);
+        assert_eq!(after_crash, 1, "seed={seed}: replay lost the order");
+        assert_eq!(
+            h.store.stats().resequenced_blocks_written,
+            0,
+            "seed={seed}: an ordered range was moved again"
+        );
+        assert!(h.errors.is_empty(), "seed={seed}: {:?}", h.errors);
+    }
+}
+
+#[test]
+fn a_write_that_races_a_resequencing_read_keeps_its_data() {
+    for seed in 0..8 {
+        let mut h = scattered(seed);
+        // The read is on the device when the writes land in the index: its
+        // data of those blocks is stale by the time it completes.
+        h.read(VOLUME, 0, BLOCKS);
+        h.write(VOLUME, 7, 1);
+        h.write(VOLUME, 30, 4);
+        h.settle();
+        assert!(
+            h.store.stats().resequenced_blocks_written >= BLOCKS - 5,
+            "seed={seed}: the read did not re-sequence: {:?}",
+            h.store.stats()
+        );
+        // Each read's data is checked against the newest acknowledged write.
+        h.read(VOLUME, 0, BLOCKS);
+        h.settle();
+        h.crash_and_verify();
+        h.verify_all_blocks();
+        assert!(h.errors.is_empty(), "seed={seed}: {:?}", h.errors);
+    }
+}
+
+#[test]
+fn a_disk_that_needs_cleaning_is_not_given_resequencing_work() {
+    // 24 MiB of 1 MiB segments (13 free), 8 of them filled by another
+    // volume: fewer free segments than the cleaner's watermark.
+    const FILLER: u64 = 2;
+    let mut h = Harness::with_config(1, 24 << 20, 1 << 20, 2048, vec![VOLUME, FILLER], as_the_node_runs_it);
+    for chunk in 0..8 {
+        h.write(FILLER, chunk * 256, 256);
+        h.settle();
+    }
+    assert!(h.store.space().free_segments <= 6, "{:?}", h.store.space());
+    write_in_random_order(&mut h);
+    let first = reads_of_whole_range(&mut h);
+    assert!(first >= BLOCKS / 2, "the range was not scattered ({first} reads)");
+    assert_eq!(h.store.stats().resequenced_blocks_written, 0);
+    assert_eq!(reads_of_whole_range(&mut h), first);
+    assert!(h.errors.is_empty(), "{:?}", h.errors);
+}
