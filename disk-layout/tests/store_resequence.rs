@@ -100,16 +100,18 @@ fn a_write_that_races_a_resequencing_read_keeps_its_data() {
 }
 
 #[test]
-fn a_disk_that_needs_cleaning_is_not_given_resequencing_work() {
-    // 24 MiB of 1 MiB segments (13 free), 8 of them filled by another
-    // volume: fewer free segments than the cleaner's watermark.
+fn a_disk_short_of_free_segments_is_not_given_resequencing_work() {
+    // 24 MiB of 1 MiB segments (13 free), 9 of them filled by another
+    // volume: no more free segments than the cleaner's reserve and two.
     const FILLER: u64 = 2;
     let mut h = Harness::with_config(1, 24 << 20, 1 << 20, 2048, vec![VOLUME, FILLER], as_the_node_runs_it);
     for chunk in 0..8 {
         h.write(FILLER, chunk * 256, 256);
         h.settle();
     }
-    assert!(h.store.space().free_segments <= 6, "{:?}", h.store.space());
+    h.write(FILLER, 2048 - 160, 160);
+    h.settle();
+    assert!(h.store.space().free_segments <= 4, "{:?}", h.store.space());
     write_in_random_order(&mut h);
     let first = reads_of_whole_range(&mut h);
     assert!(first >= BLOCKS / 2, "the range was not scattered ({first} reads)");

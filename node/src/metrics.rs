@@ -525,6 +525,7 @@ impl NodeMetrics {
         let mut amplification = Vec::new();
         let mut user = Vec::new();
         let mut relocated = Vec::new();
+        let mut resequenced = Vec::new();
         let mut cleaned = Vec::new();
         let mut checksum = Vec::new();
         let mut flushes = Vec::new();
@@ -539,6 +540,7 @@ impl NodeMetrics {
             amplification.push((labels.clone(), stats.write_amplification()));
             user.push((labels.clone(), stats.user_blocks_written * 4096));
             relocated.push((labels.clone(), stats.relocated_blocks_written * 4096));
+            resequenced.push((labels.clone(), stats.resequenced_blocks_written * 4096));
             cleaned.push((labels.clone(), stats.segments_cleaned));
             checksum.push((labels.clone(), stats.checksum_errors));
             flushes.push((labels, stats.flushes));
@@ -578,6 +580,12 @@ impl NodeMetrics {
             "ballast_disk_cleaner_relocated_bytes",
             "Live data the cleaner moved to free segments.",
             &relocated,
+        )?;
+        counters(
+            encoder,
+            "ballast_disk_resequenced_bytes",
+            "Data of large reads that lay scattered, written back in order so the next read of it is sequential.",
+            &resequenced,
         )?;
         counters(
             encoder,

@@ -24,7 +24,12 @@ pub struct EngineResult {
 pub enum Pattern {
     RandomWrite,
     RandomRead,
+    /// 1 MiB reads in order through the blocks, wrapping around.
+    SequentialRead,
 }
+
+/// Blocks of one `SequentialRead` request (1 MiB).
+const SEQUENTIAL_READ_BLOCKS: u64 = 256;
 
 #[allow(clippy::too_many_arguments)]
 /// Runs `pattern` over blocks `0..blocks` of `volume` for `seconds` with
@@ -45,9 +50,24 @@ pub fn run(
     // A new seed per call: repeated calls with one seed rewrite the same blocks.
     let mut rng = disk_layout::sim_disk::SimRng::new(seed);
     let template = vec![0xA5u8; 4096];
+    let cursor = std::cell::Cell::new(0u64);
     let issue = |slot: usize, rng: &mut disk_layout::sim_disk::SimRng, started_at: &mut [Instant]| {
         let lba = rng.below(blocks);
         let command = match pattern {
+            Pattern::SequentialRead => {
+                let lba = cursor.get();
+                let next = lba + SEQUENTIAL_READ_BLOCKS;
+                cursor.set(if next + SEQUENTIAL_READ_BLOCKS > blocks {
+                    0
+                } else {
+                    next
+                });
+                Command::Read {
+                    volume_id: volume,
+                    lba,
+                    block_count: SEQUENTIAL_READ_BLOCKS,
+                }
+            }
             Pattern::RandomWrite => Command::Write {
                 volume_id: volume,
                 lba,
@@ -153,6 +173,7 @@ pub fn write_amplification(before: &StoreStats, after: &StoreStats) -> f64 {
     let user = after.user_blocks_written - before.user_blocks_written;
     let total = user
         + (after.relocated_blocks_written - before.relocated_blocks_written)
+        + (after.resequenced_blocks_written - before.resequenced_blocks_written)
         + (after.header_blocks_written - before.header_blocks_written);
     if user == 0 {
         return 1.0;

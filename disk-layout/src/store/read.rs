@@ -3,7 +3,7 @@
 //! read whose blocks lie scattered writes them back in order (`resequence`).
 
 use super::write::PendingWrite;
-use super::{token, Done, Reply, Store, KIND_READ};
+use super::{token, Done, Reply, Store, KIND_READ, USER_RESERVE_SEGMENTS};
 use crate::buf::IoBuf;
 use crate::error::{IoFault, StoreError};
 use crate::geometry::{Geometry, BLOCK_BYTES};
@@ -19,6 +19,11 @@ const READ_RETRIES_MAX: u32 = 4;
 /// A read is scattered when its data blocks lie in runs shorter than this
 /// on average (32 KiB): one disk I/O per few blocks.
 const RESEQUENCE_RUN_BLOCKS: usize = 8;
+/// Free segments beyond the cleaner's reserve below which reads re-sequence
+/// nothing: the cleaner is short of space and user writes come first. Above
+/// it they do, also while the cleaner works (a disk overwritten once keeps
+/// its free segments near the cleaner's watermark for good).
+const RESEQUENCE_FREE_SEGMENTS_MIN: usize = 2;
 
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -248,8 +253,8 @@ impl Store {
     /// source blocks are consecutive), so they apply, now and at replay, only
     /// where the source block is still mapped: a write that raced the read
     /// wins. Blocks the index no longer maps to what was read are skipped.
-    /// Best effort and bounded: only while the disk needs no cleaning and no
-    /// write waits, and only as much as the free batch buffers take.
+    /// Best effort and bounded: only while the cleaner has free segments to
+    /// spare and no user write waits, and only as much as the free batch buffers take.
     /// Counted in `resequenced_blocks_written` and in write amplification.
     fn resequence(&mut self, op: &ReadOp, data: &[u8]) {
         let min = self.config.resequence_read_blocks_min;
@@ -260,8 +265,7 @@ impl Store {
             || mapped >= op.runs.len() * RESEQUENCE_RUN_BLOCKS
             || self.failed.is_some()
             || !self.user_backlog.is_empty()
-            || !self.relocation_backlog.is_empty()
-            || self.segments.free_count() <= self.clean_watermark()
+            || self.segments.free_count() <= USER_RESERVE_SEGMENTS + RESEQUENCE_FREE_SEGMENTS_MIN
         {
             return;
         }
