@@ -18,17 +18,17 @@ fn as_the_node_runs_it(config: &mut StoreConfig) {
     config.resequence_read_blocks_min = StoreConfig::new("x", None, 0).resequence_read_blocks_min;
 }
 
-/// Writes blocks `0..BLOCKS` one at a time in a random order, each durable
+/// Writes blocks `0..blocks` one at a time in a random order, each durable
 /// before the next, so no two neighbours are adjacent on the disk.
 fn scattered(seed: u64) -> Harness {
     let mut h = Harness::with_config(seed, 64 << 20, 1 << 20, BLOCKS, vec![VOLUME], as_the_node_runs_it);
-    write_in_random_order(&mut h);
+    write_in_random_order(&mut h, BLOCKS);
     h
 }
 
-fn write_in_random_order(h: &mut Harness) {
+fn write_in_random_order(h: &mut Harness, blocks: u64) {
     let seed = h.seed;
-    let mut order: Vec<u64> = (0..BLOCKS).collect();
+    let mut order: Vec<u64> = (0..blocks).collect();
     let mut rng = SimRng::new(seed);
     for i in (1..order.len()).rev() {
         order.swap(i, rng.index(i + 1));
@@ -40,9 +40,9 @@ fn write_in_random_order(h: &mut Harness) {
 }
 
 /// Disk reads one read of the whole range takes (its data is checked by the harness).
-fn reads_of_whole_range(h: &mut Harness) -> u64 {
+fn reads_of_range(h: &mut Harness, blocks: u64) -> u64 {
     let before = h.disk.stats.reads;
-    h.read(VOLUME, 0, BLOCKS);
+    h.read(VOLUME, 0, blocks);
     h.settle();
     h.disk.stats.reads - before
 }
@@ -51,20 +51,20 @@ fn reads_of_whole_range(h: &mut Harness) -> u64 {
 fn a_range_written_in_random_order_reads_in_one_io_once_it_was_read_in_order() {
     for seed in 0..4 {
         let mut h = scattered(seed);
-        let first = reads_of_whole_range(&mut h);
+        let first = reads_of_range(&mut h, BLOCKS);
         assert!(
             first >= BLOCKS / 2,
             "seed={seed}: the range was not scattered ({first} reads)"
         );
         assert_eq!(h.store.stats().resequenced_blocks_written, BLOCKS, "seed={seed}");
-        let second = reads_of_whole_range(&mut h);
+        let second = reads_of_range(&mut h, BLOCKS);
         assert_eq!(
             second, 1,
             "seed={seed}: the range is still scattered after one read in order"
         );
         // The moves are records of the log: replay puts the range where they did.
         h.crash_and_verify();
-        let after_crash = reads_of_whole_range(&mut h);
+        let after_crash = reads_of_range(&mut h, BLOCKS);
         assert_eq!(after_crash, 1, "seed={seed}: replay lost the order");
         assert_eq!(
             h.store.stats().resequenced_blocks_written,
@@ -115,9 +115,29 @@ fn a_disk_more_than_70_percent_full_is_not_given_resequencing_work() {
         lba += count;
     }
     assert!(h.store.space().free_segments > 8, "{:?}", h.store.space());
-    write_in_random_order(&mut h);
-    let first = reads_of_whole_range(&mut h);
+    write_in_random_order(&mut h, BLOCKS);
+    let first = reads_of_range(&mut h, BLOCKS);
     assert!(first >= BLOCKS / 2, "the range was not scattered ({first} reads)");
     assert_eq!(h.store.stats().resequenced_blocks_written, 0);
+    assert!(h.errors.is_empty(), "{:?}", h.errors);
+}
+
+#[test]
+fn a_scattered_read_that_needs_more_batches_than_there_are_buffers_is_resequenced_whole() {
+    // 1 MiB scattered over 256 places takes four batches (84 records
+    // each); a pipeline of one leaves three batch buffers.
+    fn one_batch_in_flight(config: &mut StoreConfig) {
+        as_the_node_runs_it(config);
+        config.pipeline_depth = 1;
+    }
+    const MIB: u64 = 256;
+    let mut h = Harness::with_config(3, 64 << 20, 1 << 20, MIB, vec![VOLUME], one_batch_in_flight);
+    write_in_random_order(&mut h, MIB);
+    let first = reads_of_range(&mut h, MIB);
+    assert!(first >= MIB / 2, "the range was not scattered ({first} reads)");
+    assert_eq!(h.store.stats().resequenced_blocks_written, MIB, "{:?}", h.store.stats());
+    let second = reads_of_range(&mut h, MIB);
+    assert!(second <= 4, "{second} reads: the range is still scattered");
+    h.crash_and_verify();
     assert!(h.errors.is_empty(), "{:?}", h.errors);
 }

@@ -171,6 +171,9 @@ pub struct Store {
     free_buffers: Vec<IoBuf>,
     user_backlog: VecDeque<PendingWrite>,
     relocation_backlog: VecDeque<PendingWrite>,
+    /// Re-sequencing moves that found no batch buffer or segment at once
+    /// (bounded: `read::RESEQUENCE_BACKLOG_BLOCKS_MAX`).
+    resequence_backlog: VecDeque<PendingWrite>,
     reads: HashMap<u64, ReadOp>,
     next_read_id: u64,
     deferred_reads: Vec<ReadOp>,
@@ -325,6 +328,7 @@ impl Store {
             && self.flush_in_flight.is_none()
             && self.user_backlog.is_empty()
             && self.relocation_backlog.is_empty()
+            && self.resequence_backlog.is_empty()
             && self.reads.is_empty()
             && self.deferred_reads.is_empty()
             && !self.cleaner.is_busy()
@@ -404,6 +408,7 @@ impl Store {
             tags.extend(pending.tag);
         }
         self.relocation_backlog.clear();
+        self.resequence_backlog.clear();
         tags.extend(self.flush_waiters.drain(..).map(|(_, tag)| tag));
         for op in self.deferred_reads.drain(..) {
             tags.push(op.tag);

@@ -496,6 +496,7 @@ impl Store {
             free_buffers: buffers,
             user_backlog: VecDeque::new(),
             relocation_backlog: VecDeque::new(),
+            resequence_backlog: VecDeque::new(),
             reads: HashMap::new(),
             next_read_id: 0,
             deferred_reads: Vec::new(),

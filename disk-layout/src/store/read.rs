@@ -2,7 +2,7 @@
 //! block against the crc kept in the index before returning it. A large
 //! read whose blocks lie scattered writes them back in order (`resequence`).
 
-use super::write::PendingWrite;
+use super::write::{Moved, PendingWrite};
 use super::{token, Done, Reply, Store, KIND_READ, USER_RESERVE_SEGMENTS};
 use crate::buf::IoBuf;
 use crate::error::{IoFault, StoreError};
@@ -30,6 +30,10 @@ const RESEQUENCE_FREE_SEGMENTS_MIN: usize = 2;
 /// 1 MiB sequential reads between random overwrites, write amplification
 /// was 3.70 with re-sequencing against 1.94 without (`ballast-perf engine`).
 const RESEQUENCE_FULL_PERCENT_MAX: u64 = 70;
+/// Blocks of re-sequencing moves that may wait for a batch buffer (8 MiB):
+/// a scattered 1 MiB read needs up to four batches (84 records each), and
+/// reads at QD8 complete faster than batches are written.
+const RESEQUENCE_BACKLOG_BLOCKS_MAX: u64 = 2048;
 
 #[derive(Clone, Copy, Debug)]
 struct Run {
@@ -260,7 +264,9 @@ impl Store {
     /// where the source block is still mapped: a write that raced the read
     /// wins. Blocks the index no longer maps to what was read are skipped.
     /// Best effort and bounded: only while the disk is at most 70 % full,
-    /// the cleaner has free segments to spare and no user write waits, and only as much as the free batch buffers take.
+    /// the cleaner has free segments to spare and no user write waits;
+    /// moves that find no batch buffer wait in a bounded backlog (and
+    /// apply only if the block is still exactly as read when placed).
     /// Counted in `resequenced_blocks_written` and in write amplification.
     fn resequence(&mut self, op: &ReadOp, data: &[u8]) {
         let min = self.config.resequence_read_blocks_min;
@@ -276,42 +282,53 @@ impl Store {
         {
             return;
         }
-        let relocated_before = self.stats.relocated_blocks_written;
-        'runs: for run in &op.runs {
-            let mut start = run.first;
-            let end = run.first + run.count;
-            while start < end {
-                let unchanged =
-                    |position: usize| self.index.get(op.volume_id, op.lba + position as u64) == op.entries[position];
-                if !unchanged(start) {
-                    start += 1;
-                    continue;
-                }
-                let mut stop = start + 1;
-                while stop < end && unchanged(stop) {
-                    stop += 1;
-                }
-                let part = PendingWrite {
-                    tag: None,
-                    volume_id: op.volume_id,
-                    lba: op.lba + start as u64,
-                    block_count: (stop - start) as u64,
-                    kind: RecordKind::Relocate,
-                    epoch: 0,
-                    volume_sequence: 0,
-                    data: Vec::new(),
-                    source: op.entries[start..stop].to_vec(),
-                };
-                if self.place(&part, &data[start * BLOCK..stop * BLOCK]).is_err() {
-                    break 'runs; // out of buffers or segments: the rest stays where it is
-                }
-                start = stop;
+        let queued: u64 = self.resequence_backlog.iter().map(|part| part.block_count).sum();
+        if queued + mapped as u64 > RESEQUENCE_BACKLOG_BLOCKS_MAX {
+            return;
+        }
+        for run in &op.runs {
+            let data = data[run.first * BLOCK..(run.first + run.count) * BLOCK].to_vec();
+            self.resequence_backlog.push_back(PendingWrite {
+                tag: None,
+                volume_id: op.volume_id,
+                lba: op.lba + run.first as u64,
+                block_count: run.count as u64,
+                kind: RecordKind::Relocate,
+                epoch: 0,
+                volume_sequence: 0,
+                data,
+                source: op.entries[run.first..run.first + run.count].to_vec(),
+            });
+        }
+        self.drain_resequence_backlog();
+    }
+
+    /// Places queued re-sequencing moves, in order, while buffers and
+    /// segments allow; drops them all once the disk is short of free
+    /// segments (the cleaner's work comes first). True if any was placed.
+    pub(super) fn drain_resequence_backlog(&mut self) -> bool {
+        if self.segments.free_count() <= USER_RESERVE_SEGMENTS + RESEQUENCE_FREE_SEGMENTS_MIN {
+            self.resequence_backlog.clear();
+            return false;
+        }
+        let mut placed_any = false;
+        while self.user_backlog.is_empty() {
+            let Some(part) = self.resequence_backlog.pop_front() else {
+                break;
+            };
+            let relocated_before = self.stats.relocated_blocks_written;
+            let rest = self.place_relocation(part, Moved::Unchanged);
+            // `place` counted the moves as the cleaner's.
+            let moved = self.stats.relocated_blocks_written - relocated_before;
+            self.stats.relocated_blocks_written = relocated_before;
+            self.stats.resequenced_blocks_written += moved;
+            placed_any |= moved > 0;
+            if let Some(rest) = rest {
+                self.resequence_backlog.push_front(rest);
+                break;
             }
         }
-        // `place` counted the moves as the cleaner's.
-        let moved = self.stats.relocated_blocks_written - relocated_before;
-        self.stats.relocated_blocks_written = relocated_before;
-        self.stats.resequenced_blocks_written += moved;
+        placed_any
     }
 }
 

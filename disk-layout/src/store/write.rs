@@ -107,6 +107,16 @@ impl PendingWrite {
     }
 }
 
+/// Which blocks of a move still apply when it is placed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Moved {
+    /// The cleaner's: every block some volume still maps at its old address.
+    StillReferred,
+    /// A re-sequencing's: every block the read's volume still maps exactly
+    /// as it was read (address and crc), so the data held is its data.
+    Unchanged,
+}
+
 /// Why a record could not be placed now.
 pub(super) enum PlaceError {
     /// Every batch buffer is in flight; retry after a completion.
@@ -630,11 +640,13 @@ impl Store {
             let Some(pending) = self.relocation_backlog.pop_front() else {
                 break;
             };
-            if !self.place_relocation(pending) {
+            if let Some(rest) = self.place_relocation(pending, Moved::StillReferred) {
+                self.relocation_backlog.push_front(rest);
                 break;
             }
             placed_any = true;
         }
+        placed_any |= self.drain_resequence_backlog();
         placed_any
     }
 
@@ -651,17 +663,19 @@ impl Store {
     }
 
     /// Places the still-live parts of a relocation (or a `Bad` marking);
-    /// false if it had to wait.
-    pub(super) fn place_relocation(&mut self, pending: PendingWrite) -> bool {
+    /// the part not placed yet if it had to wait.
+    pub(super) fn place_relocation(&mut self, pending: PendingWrite, moved: Moved) -> Option<PendingWrite> {
         let count = usize::try_from(pending.block_count).expect("bounded");
         let has_data = pending.kind.has_data();
         let mut start = 0;
         while start < count {
             let live = |index: usize| {
                 let lba = pending.lba + index as u64;
-                self.index
-                    .referrer(pending.volume_id, lba, pending.source[index].address)
-                    .is_some()
+                let source = pending.source[index];
+                match moved {
+                    Moved::StillReferred => self.index.referrer(pending.volume_id, lba, source.address).is_some(),
+                    Moved::Unchanged => self.index.get(pending.volume_id, lba) == source,
+                }
             };
             if !live(start) {
                 start += 1;
@@ -707,12 +721,11 @@ impl Store {
                         },
                         source: pending.source[start..].to_vec(),
                     };
-                    self.relocation_backlog.push_front(rest);
-                    return false;
+                    return Some(rest);
                 }
             }
         }
-        true
+        None
     }
 
     pub(super) fn on_batch_written(
