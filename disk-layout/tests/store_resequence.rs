@@ -141,3 +141,17 @@ fn a_scattered_read_that_needs_more_batches_than_there_are_buffers_is_resequence
     h.crash_and_verify();
     assert!(h.errors.is_empty(), "{:?}", h.errors);
 }
+
+#[test]
+fn a_scan_of_scattered_data_leaves_it_where_it_is() {
+    // Scrub and disk drains read everything once, in order: that says
+    // nothing of how clients read, and must not rewrite the volume.
+    let mut h = scattered(5);
+    let before = h.disk.stats.reads;
+    h.scan(VOLUME, 0, BLOCKS);
+    h.settle();
+    assert!(h.disk.stats.reads - before >= BLOCKS / 2, "the range was not scattered");
+    assert_eq!(h.store.stats().resequenced_blocks_written, 0);
+    assert!(reads_of_range(&mut h, BLOCKS) >= BLOCKS / 2, "the scan moved the range");
+    assert!(h.errors.is_empty(), "{:?}", h.errors);
+}

@@ -56,12 +56,26 @@ pub(super) struct ReadOp {
     error: Option<StoreError>,
     restart: bool,
     retries: u32,
+    /// A client's read, which may re-sequence (`Store::scan`'s may not).
+    resequence: bool,
 }
 
 impl Store {
     /// Reads `block_count` blocks (at most 256) from volume block `lba`.
     /// Done with `Reply::Read(buf)`; never-written blocks read as zeroes.
+    /// A large read of scattered data re-sequences it (`resequence`).
     pub fn read(&mut self, io: &mut impl BlockIo, tag: u64, volume_id: u64, lba: u64, block_count: u64) {
+        self.start(io, tag, volume_id, lba, block_count, true);
+    }
+
+    /// Reads like `read` but never re-sequences: for passes that read all
+    /// the data once (scrub, draining a disk, verification), whose order
+    /// says nothing of how clients will read it.
+    pub fn scan(&mut self, io: &mut impl BlockIo, tag: u64, volume_id: u64, lba: u64, block_count: u64) {
+        self.start(io, tag, volume_id, lba, block_count, false);
+    }
+
+    fn start(&mut self, io: &mut impl BlockIo, tag: u64, volume_id: u64, lba: u64, block_count: u64, resequence: bool) {
         self.stats.read_requests += 1;
         if let Err(error) = self.check_request(lba, block_count, Self::blocks_per_request_max()) {
             self.done.push(Done {
@@ -83,6 +97,7 @@ impl Store {
             error: None,
             restart: false,
             retries: 0,
+            resequence,
         };
         self.start_read(io, op);
     }
@@ -272,6 +287,7 @@ impl Store {
         let min = self.config.resequence_read_blocks_min;
         let mapped: usize = op.runs.iter().map(|run| run.count).sum();
         if min == 0
+            || !op.resequence
             || (op.block_count as u64) < min
             || op.runs.len() < 2
             || mapped >= op.runs.len() * RESEQUENCE_RUN_BLOCKS

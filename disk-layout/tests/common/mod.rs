@@ -243,6 +243,15 @@ impl Harness {
     }
 
     pub fn read(&mut self, volume: u64, lba: u64, count: u64) {
+        self.read_with(volume, lba, count, false);
+    }
+
+    /// As `read`, through `Store::scan` (a pass that never re-sequences).
+    pub fn scan(&mut self, volume: u64, lba: u64, count: u64) {
+        self.read_with(volume, lba, count, true);
+    }
+
+    fn read_with(&mut self, volume: u64, lba: u64, count: u64, scan: bool) {
         let tag = self.tag();
         let acked_at_submit = (lba..lba + count).map(|l| self.blocks[&(volume, l)].acked).collect();
         self.pending.insert(
@@ -254,7 +263,11 @@ impl Harness {
             },
         );
         let disk = &mut self.disk;
-        self.store.read(disk, tag, volume, lba, count);
+        if scan {
+            self.store.scan(disk, tag, volume, lba, count);
+        } else {
+            self.store.read(disk, tag, volume, lba, count);
+        }
         self.after_request();
     }
 

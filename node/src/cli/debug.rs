@@ -203,7 +203,7 @@ fn verify_load(args: &LoadArgs) -> Result<ExitCode> {
         let count = chunk.min(args.blocks - lba);
         let reply = engine.call(
             args.disk,
-            Command::Read {
+            Command::Scan {
                 volume_id: args.volume,
                 lba,
                 block_count: count,

@@ -43,6 +43,13 @@ pub enum Command {
         lba: u64,
         block_count: u64,
     },
+    /// A read by a pass over the data (scrub, drain, verify): as `Read`,
+    /// but it never re-sequences what it reads (`Store::scan`).
+    Scan {
+        volume_id: u64,
+        lba: u64,
+        block_count: u64,
+    },
     Zero {
         volume_id: u64,
         lba: u64,

@@ -178,6 +178,17 @@ impl Reactor {
                 };
                 store.read(&mut io, tag, volume_id, lba, block_count);
             }
+            Command::Scan {
+                volume_id,
+                lba,
+                block_count,
+            } => {
+                let mut io = DiskIo {
+                    engine: self.engine.as_mut(),
+                    file,
+                };
+                store.scan(&mut io, tag, volume_id, lba, block_count);
+            }
             Command::Zero {
                 volume_id,
                 lba,

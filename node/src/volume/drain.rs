@@ -283,7 +283,7 @@ impl Volumes {
                 {
                     end += 1;
                 }
-                let read = Command::Read {
+                let read = Command::Scan {
                     volume_id: id,
                     lba: lba + at,
                     block_count: end - at,

@@ -92,7 +92,7 @@ impl Volume {
 
     /// Reads blocks of this copy as stored, failing on a bad one (no repair).
     pub(crate) async fn read_local(&self, lba: u64, block_count: u64) -> Result<Vec<u8>, VolumeIoError> {
-        let command = Command::Read {
+        let command = Command::Scan {
             volume_id: self.id,
             lba,
             block_count,
@@ -129,7 +129,7 @@ impl Volume {
 
     /// Whether the blocks read back intact (false: a checksum or I/O error).
     async fn read_ok(&self, lba: u64, block_count: u64) -> Result<bool, VolumeIoError> {
-        let command = Command::Read {
+        let command = Command::Scan {
             volume_id: self.id,
             lba,
             block_count,
