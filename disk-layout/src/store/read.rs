@@ -275,13 +275,12 @@ impl Store {
     /// logical order, so the next read of the range takes one I/O per batch.
     ///
     /// These are the cleaner's relocate records (one per run: a record's
-    /// source blocks are consecutive), so they apply, now and at replay, only
-    /// where the source block is still mapped: a write that raced the read
-    /// wins. Blocks the index no longer maps to what was read are skipped.
-    /// Best effort and bounded: only while the disk is at most 70 % full,
-    /// the cleaner has free segments to spare and no user write waits;
-    /// moves that find no batch buffer wait in a bounded backlog (and
-    /// apply only if the block is still exactly as read when placed).
+    /// source blocks are consecutive). A move is placed only for blocks the
+    /// volume still maps exactly as read (address and crc), and applies at
+    /// replay only where its source is still mapped: a write that raced the
+    /// read wins. Best effort and bounded: only while the disk is at most
+    /// 70 % full, the cleaner has free segments to spare and no user write
+    /// waits; moves that find no batch buffer wait in a bounded backlog.
     /// Counted in `resequenced_blocks_written` and in write amplification.
     fn resequence(&mut self, op: &ReadOp, data: &[u8]) {
         let min = self.config.resequence_read_blocks_min;
