@@ -232,7 +232,8 @@ fn the_api_needs_a_valid_token_and_users_touch_only_their_own_volumes() {
                 && entry["source"].as_str().unwrap().starts_with("127.")
         })
     };
-    assert!(has("alice", "POST", "/v1/volumes", 201), "create: {entries:#?}");
+    // A create names its volume, which the path does not.
+    assert!(has("alice", "POST", "/v1/volumes/alices", 201), "create: {entries:#?}");
     assert!(
         has("alice", "DELETE", "/v1/volumes/alices", 204),
         "delete: {entries:#?}"

@@ -400,6 +400,10 @@ async fn authenticate(
         .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
         .map_or_else(|| "-".to_owned(), |info| info.0.to_string());
     let (response, caller) = authenticate_and_run(&state, request, next).await;
+    let target = response
+        .extensions()
+        .get::<AuditTarget>()
+        .map_or(target, |named| named.0.clone());
     let status = response.status();
     let changes = method != axum::http::Method::GET && method != axum::http::Method::HEAD;
     if changes || status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
@@ -413,6 +417,12 @@ async fn authenticate(
     }
     response
 }
+
+/// What a change acted on, when the path does not say it (a volume created
+/// by `POST /v1/volumes` is named in the body): the handler puts it in the
+/// response's extensions, and the audit trail records it for the path.
+#[derive(Clone, Debug)]
+struct AuditTarget(String);
 
 /// The check itself; returns the response and the verified caller, if any.
 async fn authenticate_and_run(
@@ -679,6 +689,7 @@ async fn create_volume(
         None if body.encrypted => Encryption::ClusterKey,
         None => Encryption::None,
     };
+    let target = AuditTarget(format!("/v1/volumes/{}", body.name));
     let request = CreateVolume {
         name: body.name,
         size_bytes: body.size_bytes,
@@ -688,8 +699,12 @@ async fn create_volume(
         group: body.group,
         encryption,
     };
-    let info = state.cluster.create_volume(&state.volumes, request).await?;
-    Ok((StatusCode::CREATED, Json(info)).into_response())
+    let mut response = match state.cluster.create_volume(&state.volumes, request).await {
+        Ok(info) => (StatusCode::CREATED, Json(info)).into_response(),
+        Err(error) => ApiError::from(error).into_response(),
+    };
+    response.extensions_mut().insert(target);
+    Ok(response)
 }
 
 async fn inspect_volume(
