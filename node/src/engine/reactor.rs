@@ -171,24 +171,12 @@ impl Reactor {
                 volume_id,
                 lba,
                 block_count,
-            } => {
-                let mut io = DiskIo {
-                    engine: self.engine.as_mut(),
-                    file,
-                };
-                store.read(&mut io, tag, volume_id, lba, block_count);
-            }
+            } => self.read(disk, tag, (volume_id, lba, block_count), true),
             Command::Scan {
                 volume_id,
                 lba,
                 block_count,
-            } => {
-                let mut io = DiskIo {
-                    engine: self.engine.as_mut(),
-                    file,
-                };
-                store.scan(&mut io, tag, volume_id, lba, block_count);
-            }
+            } => self.read(disk, tag, (volume_id, lba, block_count), false),
             Command::Zero {
                 volume_id,
                 lba,
@@ -210,6 +198,22 @@ impl Reactor {
                 store.request_checkpoint();
                 store.flush(tag);
             }
+        }
+    }
+
+    /// A client's read (`Store::read`) or a pass's (`Store::scan`) of
+    /// `(volume, lba, block_count)`.
+    fn read(&mut self, disk: usize, tag: u64, (volume_id, lba, block_count): (u64, u64, u64), client: bool) {
+        let file = u32::try_from(disk).expect("few disks per reactor");
+        let mut io = DiskIo {
+            engine: self.engine.as_mut(),
+            file,
+        };
+        let store = &mut self.stores[disk];
+        if client {
+            store.read(&mut io, tag, volume_id, lba, block_count);
+        } else {
+            store.scan(&mut io, tag, volume_id, lba, block_count);
         }
     }
 
