@@ -331,13 +331,9 @@ impl Store {
             let Some(part) = self.resequence_backlog.pop_front() else {
                 break;
             };
-            let relocated_before = self.stats.relocated_blocks_written;
+            let moved_before = self.stats.resequenced_blocks_written;
             let rest = self.place_relocation(part, Moved::Unchanged);
-            // `place` counted the moves as the cleaner's.
-            let moved = self.stats.relocated_blocks_written - relocated_before;
-            self.stats.relocated_blocks_written = relocated_before;
-            self.stats.resequenced_blocks_written += moved;
-            placed_any |= moved > 0;
+            placed_any |= self.stats.resequenced_blocks_written > moved_before;
             if let Some(rest) = rest {
                 self.resequence_backlog.push_front(rest);
                 break;

@@ -423,10 +423,9 @@ impl Store {
             &crcs,
             sequence,
         );
-        match pending.kind {
-            RecordKind::Write => self.stats.user_blocks_written += u64::from(data_blocks),
-            RecordKind::Relocate => self.stats.relocated_blocks_written += u64::from(data_blocks),
-            _ => {}
+        // Moves are counted by `place_relocation`, which knows whose they are.
+        if pending.kind == RecordKind::Write {
+            self.stats.user_blocks_written += u64::from(data_blocks);
         }
     }
 
@@ -663,11 +662,14 @@ impl Store {
     }
 
     /// Places the still-live parts of a relocation (or a `Bad` marking);
-    /// the part not placed yet if it had to wait.
+    /// the part not placed yet if it had to wait. Moved data blocks count
+    /// as the cleaner's or the re-sequencing's, as `moved` says.
     pub(super) fn place_relocation(&mut self, pending: PendingWrite, moved: Moved) -> Option<PendingWrite> {
         let count = usize::try_from(pending.block_count).expect("bounded");
         let has_data = pending.kind.has_data();
         let mut start = 0;
+        let mut placed_blocks = 0;
+        let mut rest = None;
         while start < count {
             let live = |index: usize| {
                 let lba = pending.lba + index as u64;
@@ -702,11 +704,16 @@ impl Store {
                 &[][..]
             };
             match self.place(&part, data) {
-                Ok(()) => start = end,
+                Ok(()) => {
+                    placed_blocks += end - start;
+                    start = end;
+                }
                 Err((PlaceError::Refused(_), _)) => unreachable!("relocations never grow usage"),
                 Err((PlaceError::NeedBuffer | PlaceError::NeedSegment, placed)) => {
-                    start += usize::try_from(placed).expect("bounded");
-                    let rest = PendingWrite {
+                    let placed = usize::try_from(placed).expect("bounded");
+                    placed_blocks += placed;
+                    start += placed;
+                    rest = Some(PendingWrite {
                         tag: None,
                         volume_id: pending.volume_id,
                         lba: pending.lba + start as u64,
@@ -720,12 +727,19 @@ impl Store {
                             Vec::new()
                         },
                         source: pending.source[start..].to_vec(),
-                    };
-                    return Some(rest);
+                    });
+                    break;
                 }
             }
         }
-        None
+        if pending.kind == RecordKind::Relocate {
+            let counter = match moved {
+                Moved::StillReferred => &mut self.stats.relocated_blocks_written,
+                Moved::Unchanged => &mut self.stats.resequenced_blocks_written,
+            };
+            *counter += placed_blocks as u64;
+        }
+        rest
     }
 
     pub(super) fn on_batch_written(
