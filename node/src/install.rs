@@ -55,7 +55,7 @@ data_dir = "/var/lib/ballast"
 #labels = { zone = "a", rack = "r12" }
 
 # Failure handling (as Raft leader / as a volume's coordinator).
-#failover_after_s = 30
+#failover_after_s = 4
 #rebuild_after_s = 600
 #replica_timeout_ms = 5000
 

@@ -182,6 +182,8 @@ impl OpStats {
 pub struct IoStats {
     ops: [OpStats; Op::ALL.len()],
     in_flight: AtomicI64,
+    /// Reads refused: the serving lease could not be confirmed in time.
+    pub lease_refusals: std::sync::atomic::AtomicU64,
 }
 
 /// A request counted in the queue depth until dropped.
@@ -372,6 +374,15 @@ impl NodeMetrics {
             &live
                 .iter()
                 .map(|volume| (labels(volume), volume.stats.in_flight()))
+                .collect::<Vec<_>>(),
+        )?;
+        counters(
+            encoder,
+            "ballast_volume_lease_refused_reads",
+            "Client reads of a replicated volume refused because this node could not confirm with the Raft leader, within the wait, that it still serves the volume.",
+            &live
+                .iter()
+                .map(|volume| (labels(volume), volume.stats.lease_refusals.load(Ordering::Relaxed)))
                 .collect::<Vec<_>>(),
         )?;
         gauges(

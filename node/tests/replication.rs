@@ -698,3 +698,79 @@ fn a_paused_coordinator_that_resumes_after_a_failover_gets_no_write_accepted() {
         !qemu_io(old, "read 0 4096").status.success()
     });
 }
+
+#[test]
+fn a_coordinator_paused_past_the_failover_timeout_is_replaced_and_never_answers_a_stale_read() {
+    let test = "a_coordinator_paused_past_the_failover_timeout";
+    if !have_tool(test, "qemu-io") {
+        return;
+    }
+    let quick: &[&str] = &["--failover-after-s", "2"];
+    let cluster = TestCluster::start(test, 3, &[quick, quick, quick]);
+    cluster.nodes[0].cli_ok(&["volume", "create", "l", "--size", "16MiB", "--repl", "3"]);
+    let old = &cluster.nodes[0];
+    assert_eq!(old.inspect("l")["coordinator"].as_u64(), Some(old.node_id()));
+    assert!(common::qemu_io_ok(&common::qemu_io(
+        &old.uri("l"),
+        "write -P 0x11 0 4096"
+    )));
+    let signal = |signal: &str| {
+        let status = Command::new("kill")
+            .args([signal, &old.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+
+    // A pause well below the failover timeout moves nothing: the node keeps
+    // renewing its lease once it runs again, and serves on.
+    let epoch = old.inspect("l")["epoch"].as_u64();
+    signal("-STOP");
+    std::thread::sleep(Duration::from_millis(700));
+    signal("-CONT");
+    wait_until("the briefly paused coordinator serves again", || {
+        common::qemu_io_ok(&common::qemu_io(&old.uri("l"), "read -P 0x11 0 4096"))
+    });
+    let info = cluster.nodes[1].inspect("l");
+    assert_eq!(
+        (info["coordinator"].as_u64(), info["epoch"].as_u64()),
+        (Some(old.node_id()), epoch),
+        "a pause shorter than the failover timeout caused a failover"
+    );
+
+    // Paused past it: the leader moves the volume by itself, and the new
+    // coordinator takes a write.
+    signal("-STOP");
+    let mut heir = None;
+    wait_until("automatic failover away from the paused coordinator", || {
+        heir = cluster.nodes[1].inspect("l")["coordinator"]
+            .as_u64()
+            .filter(|id| *id != old.node_id());
+        heir.is_some()
+    });
+    let new = &cluster.nodes[cluster.index_of(heir.unwrap())];
+    wait_until("the new coordinator takes a write", || {
+        common::qemu_io_ok(&common::qemu_io(&new.uri("l"), "write -P 0x22 0 4096"))
+    });
+    // A client of the old coordinator asks while it is still paused: the
+    // read is served only once the old node runs again, and it must not see
+    // the block as it was before the new coordinator's write.
+    let stale = Command::new("qemu-io")
+        .args(["-f", "raw", "-r", "-c", "read -P 0x11 0 4096", &old.uri("l")])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    signal("-CONT");
+    let stale = stale.wait_with_output().unwrap();
+    assert!(
+        !common::qemu_io_ok(&stale),
+        "the replaced coordinator answered a read with the data from before the new coordinator's write: {}",
+        text(&stale)
+    );
+    assert!(common::qemu_io_ok(&common::qemu_io(
+        &new.uri("l"),
+        "read -P 0x22 0 4096"
+    )));
+}

@@ -1,6 +1,7 @@
-//! What the Raft leader does without being asked, once per second:
-//! - failover: a volume whose coordinator has been silent for
-//!   `failover_after`, or reports the disk holding the volume failed, gets
+//! What the Raft leader does without being asked, four times a second:
+//! - failover: a volume whose coordinator has not renewed its lease for
+//!   `failover_after` (`lease`: a stopped, cut-off or dead process stops
+//!   renewing, a busy one does not), or reports the disk holding the volume failed, gets
 //!   an in-sync replica that answers as its new coordinator (epoch up: the
 //!   old one is fenced). Its NBD clients reconnect to the new node's export.
 //! - rebuild: a replica on a node silent for `rebuild_after` is replaced:
@@ -19,9 +20,11 @@ use super::state::{ClusterVolume, Command};
 use super::Cluster;
 
 /// Defaults (the `failover_after_s` and `rebuild_after_s` settings).
-pub const FAILOVER_AFTER_DEFAULT: Duration = Duration::from_secs(30);
+pub const FAILOVER_AFTER_DEFAULT: Duration = Duration::from_secs(4);
 pub const REBUILD_AFTER_DEFAULT: Duration = Duration::from_secs(600);
-const PASS_INTERVAL: Duration = Duration::from_secs(1);
+/// Failover and rebuild are checked this often; alerts every fourth pass.
+const PASS_INTERVAL: Duration = Duration::from_millis(250);
+const ALERT_PASSES: u64 = 4;
 
 /// When the leader acts on silent nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +48,9 @@ impl Default for Automation {
 pub async fn automation_loop(cluster: Arc<Cluster>, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(PASS_INTERVAL);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pass: u64 = 0;
     loop {
+        pass += 1;
         tokio::select! {
             _ = ticker.tick() => {}
             _ = stop.changed() => return,
@@ -59,7 +64,9 @@ pub async fn automation_loop(cluster: Arc<Cluster>, mut stop: tokio::sync::watch
                 tracing::warn!(volume = %volume.name, %error, "automatic failover/rebuild step failed; retrying");
             }
         }
-        alerts_pass(&cluster).await;
+        if pass.is_multiple_of(ALERT_PASSES) {
+            alerts_pass(&cluster).await;
+        }
     }
 }
 
@@ -149,7 +156,10 @@ async fn step(cluster: &Cluster, volume: &ClusterVolume) -> Result<(), String> {
             health.liveness(volume.coordinator).report
         };
         let disk_failed = report.is_some_and(|report| report.failed_volumes.contains(&volume.name));
-        if disk_failed || health.down_for(volume.coordinator) > after {
+        let silent = cluster
+            .lease_silence(volume.coordinator)
+            .is_some_and(|silence| silence > after);
+        if disk_failed || silent {
             let heir = volume
                 .in_sync
                 .iter()

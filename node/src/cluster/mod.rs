@@ -13,6 +13,7 @@ pub mod automation;
 pub mod decommission;
 pub mod health;
 pub mod join;
+pub mod lease;
 pub mod network;
 pub mod placement;
 pub mod reconcile;
@@ -151,6 +152,8 @@ pub struct Cluster {
     /// their disk ended at a damaged batch), with when that was found:
     /// not served from here until another copy was compared with it.
     pub suspects: parking_lot::Mutex<std::collections::HashMap<String, std::time::Instant>>,
+    /// Serving leases: this node's, and as leader, who renewed when.
+    pub leases: lease::Leases,
 }
 
 /// A node id from the node's uuid: stable for the data directory's life,
@@ -236,6 +239,7 @@ impl Cluster {
             scrubs: crate::replication::scrub::Scrubs::new(),
             scheduled_snapshots: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
             suspects: parking_lot::Mutex::new(std::collections::HashMap::new()),
+            leases: lease::Leases::default(),
             automation: RwLock::new(automation::Automation::default()),
             replica_timeout: RwLock::new(crate::replication::REPLICA_TIMEOUT_DEFAULT),
             alert_webhook: RwLock::new(None),
@@ -479,6 +483,7 @@ impl Cluster {
     /// Starts the background work: health pings and metadata refresh.
     pub fn spawn_background(self: &Arc<Self>, stop: tokio::sync::watch::Receiver<bool>) {
         tokio::spawn(health::ping_loop(Arc::clone(self), stop.clone()));
+        tokio::spawn(lease::lease_loop(Arc::clone(self), stop.clone()));
         tokio::spawn(join::refresh_own_record(Arc::clone(self), stop.clone()));
         tokio::spawn(automation::automation_loop(Arc::clone(self), stop));
     }
@@ -524,6 +529,10 @@ impl PeerHandler for Cluster {
                 let report = self.report().await;
                 Ok((FrameKind::Pong, serde_json::to_vec(&report).map_err(|e| e.to_string())?))
             }
+            FrameKind::LeaseRequest => self
+                .grant_lease(&payload)
+                .await
+                .map(|grant| (FrameKind::LeaseGrant, grant)),
             FrameKind::Join => join::handle_join(self, &payload)
                 .await
                 .map(|reply| (FrameKind::JoinReply, reply)),

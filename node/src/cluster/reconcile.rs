@@ -128,6 +128,9 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
         let served = volumes.get(&volume.name).is_some_and(|local| local.is_served());
         // Epoch 1: a new volume never had another coordinator to fence off.
         if served || volume.replica_nodes.len() == 1 || volume.epoch <= 1 {
+            if !served {
+                cluster.leases.kick.notify_one(); // its first reads wait for a lease
+            }
             volumes.set_served(&volume.name, true);
         } else {
             to_fence.push((volume.name.clone(), volume.epoch));
@@ -172,6 +175,7 @@ pub async fn fence_and_serve(cluster: &Arc<Cluster>, volumes: &Volumes, name: &s
             let _drained = local.epoch_gate.write().await;
             tracing::info!(volume = %name, epoch, "replicas fenced at the new epoch; serving");
             volumes.set_served(name, true);
+            cluster.leases.kick.notify_one();
         }
         Err(error) => tracing::error!(volume = %name, %error, "cannot fence the replicas; not serving (retried)"),
     }
@@ -238,7 +242,16 @@ async fn settle_suspects(cluster: &Arc<Cluster>, state: &ClusterState) {
     }
 }
 
-/// Reconciles after every applied change and every `RECONCILE_INTERVAL`.
+/// Sleeps until `at`, or forever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Reconciles after every applied change and every `RECONCILE_INTERVAL`,
+/// and when a volume this node takes over may be served.
 pub async fn reconcile_loop(
     cluster: Arc<Cluster>,
     volumes: Arc<Volumes>,
@@ -246,6 +259,8 @@ pub async fn reconcile_loop(
 ) {
     let mut applied = cluster.applied_watch();
     loop {
+        // The soonest a volume waiting to be taken over may be served.
+        let mut takeover_at: Option<tokio::time::Instant> = None;
         if cluster.cluster_id().is_some() {
             let state = cluster.state();
             let (local_id, volumes) = (cluster.local.id, Arc::clone(&volumes));
@@ -258,6 +273,11 @@ pub async fn reconcile_loop(
                 Ok(state) => {
                     settle_suspects(&cluster, &state).await;
                     for (name, epoch) in wire_serving(&cluster, &state, &volumes) {
+                        let ready_at = tokio::time::Instant::from_std(cluster.takeover_ready_at(&name, epoch));
+                        if ready_at > tokio::time::Instant::now() {
+                            takeover_at = Some(takeover_at.map_or(ready_at, |at| at.min(ready_at)));
+                            continue;
+                        }
                         fence_and_serve(&cluster, &volumes, &name, epoch).await;
                     }
                     crate::replication::resync::start_needed(&cluster, &state, &volumes);
@@ -270,6 +290,7 @@ pub async fn reconcile_loop(
         tokio::select! {
             _ = applied.changed() => {}
             _ = tokio::time::sleep(RECONCILE_INTERVAL) => {}
+            () = sleep_until_some(takeover_at) => {}
             _ = stop.changed() => return,
         }
     }

@@ -601,7 +601,7 @@ fn io_error(error: VolumeIoError) -> Outcome {
     let errno = match &error {
         VolumeIoError::OutOfRange { .. } => EINVAL,
         VolumeIoError::Stopped => ESHUTDOWN,
-        VolumeIoError::Replication { .. } => EIO,
+        VolumeIoError::Replication { .. } | VolumeIoError::NoLease { .. } => EIO,
         VolumeIoError::Locked { .. } | VolumeIoError::ReadOnly { .. } => EPERM,
         VolumeIoError::Store { source, .. } => match source {
             StoreError::NoSpace { .. } => ENOSPC,

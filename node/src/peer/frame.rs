@@ -39,6 +39,10 @@ pub enum FrameKind {
     /// liveness and capacity probe
     Ping = 10,
     Pong = 11,
+    /// a node asks the Raft leader to confirm its serving lease (`cluster::lease`)
+    LeaseRequest = 12,
+    /// the leader confirmed its leadership; payload: the index to have applied
+    LeaseGrant = 13,
     /// Raft RPCs (JSON payloads) and their replies
     RaftAppend = 20,
     RaftVote = 21,
@@ -74,6 +78,8 @@ impl FrameKind {
             3 => Self::Refused,
             10 => Self::Ping,
             11 => Self::Pong,
+            12 => Self::LeaseRequest,
+            13 => Self::LeaseGrant,
             20 => Self::RaftAppend,
             21 => Self::RaftVote,
             22 => Self::RaftSnapshot,

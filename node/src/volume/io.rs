@@ -23,6 +23,10 @@ use crate::replication::wire::{OpKind, ReplicaOp};
 pub const BLOCK_BYTES: u64 = 4096;
 /// Largest request sent to the store in one piece.
 pub const STORE_REQUEST_BYTES_MAX: usize = 1 << 20;
+/// How long a read waits for this node's serving lease to be renewed.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+/// Reads redone when the lease ran out while one was under way.
+const LEASE_READ_TRIES: usize = 3;
 
 /// Data read from a volume: whole blocks, of which `skip_bytes` at the
 /// front and whatever lies past `len_bytes` are not part of the answer.
@@ -153,7 +157,7 @@ impl Volume {
     /// Reads `len_bytes` at `offset_bytes` (any alignment), decrypted.
     pub async fn read(&self, offset_bytes: u64, len_bytes: u64) -> Result<ReadData, VolumeIoError> {
         let cipher = self.cipher()?;
-        let mut data = self.read_stored(offset_bytes, len_bytes).await?;
+        let mut data = self.read_leased(offset_bytes, len_bytes).await?;
         if let Some(cipher) = cipher {
             let mut lba = offset_bytes / BLOCK_BYTES;
             for buf in &mut data.bufs {
@@ -163,6 +167,27 @@ impl Volume {
             }
         }
         Ok(data)
+    }
+
+    /// A client's read: answered only if this node held its serving lease
+    /// when the read was done (checked after it, so a stall in between
+    /// cannot slip a stale read through); waits for a renewal otherwise.
+    async fn read_leased(&self, offset_bytes: u64, len_bytes: u64) -> Result<ReadData, VolumeIoError> {
+        for _ in 0..LEASE_READ_TRIES {
+            if !self.lease.holds() && !self.lease.wait(LEASE_WAIT).await {
+                break;
+            }
+            let data = self.read_stored(offset_bytes, len_bytes).await?;
+            if self.lease.holds() {
+                return Ok(data);
+            }
+        }
+        self.stats
+            .lease_refusals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Err(VolumeIoError::NoLease {
+            volume: self.name.clone(),
+        })
     }
 
     /// Reads what the disk holds (ciphertext of an encrypted volume): for

@@ -12,6 +12,7 @@
 pub mod crypt;
 pub mod drain;
 pub mod io;
+pub mod lease;
 pub mod meta;
 pub mod range_lock;
 pub mod scrub;
@@ -124,6 +125,9 @@ pub enum VolumeIoError {
         "{volume} is a snapshot and read-only; clone it (`ballast volume clone {volume} NEW`) for a writable copy"
     )]
     ReadOnly { volume: String },
+    /// a replicated volume's coordinator could not confirm it still serves it
+    #[error("volume {volume}: this node could not confirm with the cluster's Raft leader that it still serves the volume (reads wait for that, so none is ever stale); is the leader reachable? (`ballast cluster status`, `ballast volume inspect {volume}`)")]
+    NoLease { volume: String },
 }
 
 /// Checks the naming rule `[a-z0-9][a-z0-9_.-]{0,62}`.
@@ -209,6 +213,8 @@ pub struct Volume {
     cipher: RwLock<Option<Arc<crypt::VolumeCipher>>>,
     /// A snapshot's copy: reads only.
     pub read_only: bool,
+    /// Reads of a replicated volume need this node's lease (`lease`).
+    pub lease: lease::ServingLease,
 }
 
 /// Copies a coordinator's mutations to the volume's other in-sync replicas.
@@ -558,6 +564,7 @@ impl Volumes {
             encrypted: record.encrypted,
             cipher: RwLock::new(None),
             read_only: record.snapshot_of.is_some(),
+            lease: lease::ServingLease::default(),
         })
     }
 
@@ -664,6 +671,7 @@ impl Volumes {
     /// Sets (or clears) where `name`'s mutations are copied.
     pub fn set_replication(&self, name: &str, replicator: Option<Arc<dyn Replicator>>) {
         if let Some(volume) = self.get(name) {
+            volume.lease.set_required(replicator.is_some());
             *volume.replication.write() = replicator;
         }
     }
