@@ -14,6 +14,7 @@ pub mod engine;
 pub mod enroll;
 pub mod in_flight;
 pub mod install;
+pub mod linearizable;
 pub mod load_check;
 pub mod local_nodes;
 pub mod metrics;

@@ -60,8 +60,10 @@ fn a_coordinator_whose_disk_fails_hands_the_volume_to_a_replica_and_loses_nothin
         "the leader says why it failed over"
     );
     let uri = cluster.nodes[heir].uri("d");
-    let written = qemu_io(&uri, "write -P 0x23 2M 1M");
-    assert!(qemu_io_ok(&written), "{}", text(&written));
+    // The heir serves once its replicas are fenced and the old node said it serves no more.
+    wait_until("the heir serves the volume", || {
+        qemu_io_ok(&qemu_io(&uri, "write -P 0x23 2M 1M"))
+    });
     for (fill, offset) in [(0x21, 0), (0x23, 2 << 20)] {
         let read = qemu_io(&uri, &format!("read -P {fill:#x} {offset} 1M"));
         assert!(qemu_io_ok(&read), "{}", text(&read));

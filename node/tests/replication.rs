@@ -562,6 +562,9 @@ fn decommissioning_the_serving_node_moves_its_replicas_and_it_leaves_the_cluster
 
     // The volume is served by its new coordinator, with every write.
     let coordinator = cluster.index_of(info["coordinator"].as_u64().unwrap());
+    wait_until("the new coordinator serves the volume", || {
+        common::qemu_io_ok(&common::qemu_io(&cluster.nodes[coordinator].uri("d"), "read 0 4096"))
+    });
     fio_verify_ok(&cluster.nodes[coordinator].uri("d"), scratch.path(), "0");
     // The cluster still changes metadata without it.
     cluster.nodes[coordinator].cli_ok(&["volume", "create", "after", "--size", "16MiB", "--repl", "3"]);

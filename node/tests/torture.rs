@@ -25,6 +25,15 @@
 //! coordinator's automatic compare of the copies (`replication::scrub`,
 //! whenever the epoch moves) makes them agree. The checker waits for that
 //! compare, and replicas that still disagree fail the run ("diverged").
+//!
+//! Beside the writer, `READERS` readers on connections of their own (each
+//! following the volume to whichever node serves it) read random blocks of
+//! the same range throughout the faults. Every write and read is recorded
+//! with when it was sent and answered, and the whole history is checked for
+//! linearizability (`node::linearizable`: each block a register): a read
+//! that returns an older version after a newer one was acknowledged or seen
+//! (a stale read from a deposed coordinator, a dirty read of a write later
+//! lost) fails the run with the operations involved.
 
 mod common;
 
@@ -57,6 +66,49 @@ const TRIAL_WRITES: Duration = Duration::from_secs(6);
 const IO_TIMEOUT: Duration = Duration::from_secs(15);
 /// The replica time-out the nodes run with (pauses shorter and longer than it are tried).
 const REPLICA_TIMEOUT_MS: u64 = 1500;
+/// Readers beside the writer, each on its own connection.
+const READERS: u32 = 2;
+
+/// Every operation of a trial, for the linearizability check; times in
+/// microseconds since the trial started.
+#[derive(Clone)]
+struct Recorder {
+    started: Instant,
+    ops: Arc<Mutex<Vec<node::linearizable::Op>>>,
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            ops: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        // Never 0: time 0 is the blocks' state before any write.
+        u64::try_from(self.started.elapsed().as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1)
+    }
+
+    fn record(
+        &self,
+        client: u32,
+        block: u64,
+        kind: node::linearizable::Kind,
+        invoked_us: u64,
+        completed_us: Option<u64>,
+    ) {
+        self.ops.lock().push(node::linearizable::Op {
+            client,
+            block,
+            kind,
+            invoked_us,
+            completed_us,
+        });
+    }
+}
 
 /// The content of version `version` of block `lba` in trial `trial`:
 /// a header naming them, then bytes derived from them.
@@ -143,6 +195,7 @@ fn writer(
     endpoints: Endpoints,
     stop: Arc<AtomicBool>,
     book: Arc<Mutex<BTreeMap<u64, History>>>,
+    recorder: Recorder,
 ) {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut client = endpoints.connect(&volume);
@@ -154,8 +207,11 @@ fn writer(
             history.sent += 1;
             history.sent
         };
+        let kind = node::linearizable::Kind::Write { value: version };
+        let invoked = recorder.now_us();
         match client.request(proto::CMD_WRITE, lba * BLOCK, BLOCK_U32, &content(trial, lba, version)) {
             Ok((0, _)) => {
+                recorder.record(0, lba, kind, invoked, Some(recorder.now_us()));
                 let mut book = book.lock();
                 let history = book.get_mut(&lba).unwrap();
                 history.acked = history.acked.max(version);
@@ -163,11 +219,54 @@ fn writer(
             }
             // Refused or cut off: this version may or may not be there.
             Ok(_) | Err(_) => {
+                recorder.record(0, lba, kind, invoked, None);
                 std::thread::sleep(Duration::from_millis(50));
                 client = endpoints.connect(&volume);
             }
         }
     }
+}
+
+/// Reads random blocks until `stop`, recording each read and what it
+/// returned; reconnects after failures (a failed read returned nothing).
+fn concurrent_reader(
+    client_id: u32,
+    trial: u64,
+    seed: u64,
+    volume: String,
+    endpoints: Endpoints,
+    stop: Arc<AtomicBool>,
+    recorder: Recorder,
+) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut client = endpoints.connect(&volume);
+    let mut garbage = Vec::new();
+    while !stop.load(Ordering::Acquire) {
+        let lba = rng.gen_range(0..BLOCKS);
+        let invoked = recorder.now_us();
+        match client.request(proto::CMD_READ, lba * BLOCK, BLOCK_U32, &[]) {
+            Ok((0, data)) => {
+                let completed = recorder.now_us();
+                let value = match identify(trial, lba, &data) {
+                    Found::Zeroes => 0,
+                    Found::Version(version) => version,
+                    Found::Garbage => {
+                        garbage.push(format!(
+                            "trial {trial} block {lba}: reader {client_id} read bytes that are no version"
+                        ));
+                        continue;
+                    }
+                };
+                let kind = node::linearizable::Kind::Read { value };
+                recorder.record(client_id, lba, kind, invoked, Some(completed));
+            }
+            Ok(_) | Err(_) => {
+                std::thread::sleep(Duration::from_millis(50));
+                client = endpoints.connect(&volume);
+            }
+        }
+    }
+    garbage
 }
 
 /// A reader of `volume` that follows it to whichever node serves it: a
@@ -214,6 +313,9 @@ struct Tally {
     corrupt: Vec<String>,
     /// Blocks whose replicas hold different unacknowledged versions.
     diverged: Vec<String>,
+    /// Operations checked for linearizability, and the histories that were not.
+    linearizable_ops: usize,
+    not_linearizable: Vec<String>,
 }
 
 /// Reads every written block through `reader`; checks it against `book`; the blocks read.
@@ -561,12 +663,28 @@ fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
         cluster.nodes[creator].cli_ok(&["volume", "create", &volume, "--size", "8MiB", "--repl", "3"]);
         let book = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let recorder = Recorder::new();
         let writing = {
-            let (volume, endpoints, stop, book) =
-                (volume.clone(), endpoints.clone(), Arc::clone(&stop), Arc::clone(&book));
+            let (volume, endpoints, stop, book, recorder) = (
+                volume.clone(),
+                endpoints.clone(),
+                Arc::clone(&stop),
+                Arc::clone(&book),
+                recorder.clone(),
+            );
             let writer_seed = rng.gen();
-            std::thread::spawn(move || writer(trial, writer_seed, volume, endpoints, stop, book))
+            std::thread::spawn(move || writer(trial, writer_seed, volume, endpoints, stop, book, recorder))
         };
+        let reading: Vec<_> = (1..=READERS)
+            .map(|client_id| {
+                let (volume, endpoints, stop, recorder) =
+                    (volume.clone(), endpoints.clone(), Arc::clone(&stop), recorder.clone());
+                let reader_seed = rng.gen();
+                std::thread::spawn(move || {
+                    concurrent_reader(client_id, trial, reader_seed, volume, endpoints, stop, recorder)
+                })
+            })
+            .collect();
         let started = Instant::now();
         let mut injected = Vec::new();
         for _ in 0..rng.gen_range(1..=2) {
@@ -585,6 +703,16 @@ fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
         }
         stop.store(true, Ordering::Release);
         writing.join().expect("the writer panicked");
+        for reader in reading {
+            tally.corrupt.extend(reader.join().expect("a reader panicked"));
+        }
+        let history = recorder.ops.lock().clone();
+        match node::linearizable::check(&history) {
+            Ok(checked) => tally.linearizable_ops += checked.reads + checked.writes,
+            Err(violation) => tally
+                .not_linearizable
+                .push(format!("trial {trial} (faults {injected:?}): {violation}")),
+        }
         tally.faults += injected.len();
         wait_converged(&cluster, &volume);
         metadata_agrees(&cluster, &volume);
@@ -658,12 +786,26 @@ fn torture_trials_lose_and_corrupt_no_acknowledged_write() {
             format!(":\n  {}", tally.diverged.join("\n  "))
         }
     );
+    println!(
+        "linearizability: {} operations of one writer and {READERS} readers checked, {} violation(s){}",
+        tally.linearizable_ops,
+        tally.not_linearizable.len(),
+        if tally.not_linearizable.is_empty() {
+            String::new()
+        } else {
+            format!(":\n{}", tally.not_linearizable.join("\n"))
+        }
+    );
     assert!(
-        tally.lost.is_empty() && tally.corrupt.is_empty() && tally.diverged.is_empty(),
-        "seed {seed}: lost {:#?}\ncorrupt {:#?}\ndiverged {:#?}",
+        tally.lost.is_empty()
+            && tally.corrupt.is_empty()
+            && tally.diverged.is_empty()
+            && tally.not_linearizable.is_empty(),
+        "seed {seed}: lost {:#?}\ncorrupt {:#?}\ndiverged {:#?}\nnot linearizable {:#?}",
         tally.lost,
         tally.corrupt,
-        tally.diverged
+        tally.diverged,
+        tally.not_linearizable
     );
 }
 

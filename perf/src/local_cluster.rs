@@ -73,6 +73,9 @@ pub struct ClusterNode {
     pub peer_port: u16,
     /// The node's data directory (its admin token is there).
     pub data_dir: std::path::PathBuf,
+    /// `node run` and its arguments, to start it again (`restart_node`).
+    command: Vec<String>,
+    log: PathBuf,
     /// Declared before the device: the node stops before its disk goes.
     server: Server,
     _device: LoopDevice,
@@ -94,6 +97,29 @@ impl ClusterNode {
     fn peer_address(&self) -> String {
         format!("{}:{}", self.host, self.peer_port)
     }
+
+    /// Sends `signal` (`-STOP`, `-CONT`, ...) to the node, by pid.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        self.server.signal(signal)
+    }
+}
+
+/// How to lay the cluster out.
+#[derive(Clone, Debug)]
+pub struct ClusterLayout {
+    /// Node i listens on 127.0.0.(first_host + i - 1).
+    pub first_host: u8,
+    /// More `node run` arguments for every node.
+    pub node_args: Vec<String>,
+}
+
+impl Default for ClusterLayout {
+    fn default() -> Self {
+        Self {
+            first_host: 1,
+            node_args: Vec::new(),
+        }
+    }
 }
 
 /// The guardian process and the pipe whose closing wakes it.
@@ -113,9 +139,23 @@ pub struct LocalCluster {
 impl LocalCluster {
     /// Starts `node_count` nodes, each on a fully written `disk_bytes` loop device, and forms the cluster.
     pub fn start(binary: &BallastBinary, node_count: usize, disk_bytes: u64) -> Result<Self> {
+        Self::start_with(binary, node_count, disk_bytes, &ClusterLayout::default())
+    }
+
+    /// `start` with other addresses and node arguments.
+    pub fn start_with(
+        binary: &BallastBinary,
+        node_count: usize,
+        disk_bytes: u64,
+        layout: &ClusterLayout,
+    ) -> Result<Self> {
         assert!(
             (1..=NODE_COUNT_MAX).contains(&node_count),
             "1 to {NODE_COUNT_MAX} nodes"
+        );
+        assert!(
+            layout.first_host >= 1 && usize::from(layout.first_host) + node_count <= 255,
+            "node addresses stay inside 127.0.0.1-254"
         );
         let dir = tempfile::Builder::new()
             .prefix("ballast-perf-cluster-")
@@ -130,7 +170,7 @@ impl LocalCluster {
             guardian: Some(guardian),
         };
         for index in 1..=node_count {
-            let node = cluster.start_node(index, disk_bytes)?;
+            let node = cluster.start_node(index, disk_bytes, layout)?;
             cluster.nodes.push(node);
         }
         cluster.form()?;
@@ -152,8 +192,8 @@ impl LocalCluster {
         Ok(())
     }
 
-    fn start_node(&self, index: usize, disk_bytes: u64) -> Result<ClusterNode> {
-        let host = format!("127.0.0.{index}");
+    fn start_node(&self, index: usize, disk_bytes: u64, layout: &ClusterLayout) -> Result<ClusterNode> {
+        let host = format!("127.0.0.{}", usize::from(layout.first_host) + index - 1);
         let node_dir = self.dir().join(format!("node{index}"));
         std::fs::create_dir(&node_dir)?;
         let backing = node_dir.join("disk.img");
@@ -165,37 +205,72 @@ impl LocalCluster {
         self.binary
             .run(&["disk", "enroll", "--data-dir", data, utf8(device.path())?])?;
         let [api_port, nbd_port, peer_port] = free_ports(&host)?;
-        let mut command = self.binary.command();
-        command
-            .args(["node", "run", "--data-dir", data, "--name", &format!("node{index}")])
-            // fio dials nbd:// on loopback; the security benchmark nbds:// too.
-            .args(["--nbd-tls", "plaintext-on-loopback"])
-            .args(["--listen-api", &format!("{host}:{api_port}")])
-            .args(["--listen-nbd", &format!("{host}:{nbd_port}")])
-            .args(["--listen-peer", &format!("{host}:{peer_port}")]);
+        let mut command: Vec<String> = ["node", "run", "--data-dir", data, "--name", &format!("node{index}")]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        command.extend(
+            [
+                // fio dials nbd:// on loopback; the security benchmark nbds:// too.
+                "--nbd-tls",
+                "plaintext-on-loopback",
+                "--listen-api",
+                &format!("{host}:{api_port}"),
+                "--listen-nbd",
+                &format!("{host}:{nbd_port}"),
+                "--listen-peer",
+                &format!("{host}:{peer_port}"),
+            ]
+            .into_iter()
+            .map(str::to_owned),
+        );
+        command.extend(layout.node_args.iter().cloned());
         let log = node_dir.join("node.log");
-        let mut server = Server::spawn_on(&format!("node{index}"), command, &host, nbd_port, &log)?;
-        let exe = std::fs::canonicalize(&self.binary.path)?;
-        let pid = server.pid().context("node exited at once")?;
-        self.record(&format!("pid {pid} {}", exe.display()))?;
-        server.wait_listening()?;
+        let server = self.spawn_node(index, &command, &host, nbd_port, &log)?;
         let node = ClusterNode {
             index,
             host,
             api_port,
             nbd_port,
             peer_port,
+            command,
+            log,
             server,
             data_dir: data_dir.clone(),
             _device: device,
         };
+        self.wait_api(&node)?;
+        Ok(node)
+    }
+
+    /// Starts node `index`'s process and waits until it listens.
+    fn spawn_node(&self, index: usize, args: &[String], host: &str, nbd_port: u16, log: &Path) -> Result<Server> {
+        let mut command = self.binary.command();
+        command.args(args);
+        let mut server = Server::spawn_on(&format!("node{index}"), command, host, nbd_port, log)?;
+        let exe = std::fs::canonicalize(&self.binary.path)?;
+        let pid = server.pid().context("node exited at once")?;
+        self.record(&format!("pid {pid} {}", exe.display()))?;
+        server.wait_listening()?;
+        Ok(server)
+    }
+
+    fn wait_api(&self, node: &ClusterNode) -> Result<()> {
         let api = node.api();
         let binary = self.binary.as_admin_of(&node.data_dir);
-        wait_until(&format!("node{index}'s API answers"), || {
+        wait_until(&format!("node{}'s API answers", node.index), || {
             Ok(binary.run(&["node", "status", "--api", &api]).is_ok())
         })
-        .with_context(|| node.server.log_text())?;
-        Ok(node)
+        .with_context(|| node.server.log_text())
+    }
+
+    /// Kills node `position` (0-based) with SIGKILL if it runs, then starts it again on its disk.
+    pub fn restart_node(&mut self, position: usize) -> Result<()> {
+        self.nodes[position].server.kill9();
+        let node = &self.nodes[position];
+        let server = self.spawn_node(node.index, &node.command, &node.host, node.nbd_port, &node.log)?;
+        self.nodes[position].server = server;
+        self.wait_api(&self.nodes[position])
     }
 
     /// Node 1 starts the cluster; each other node joins through it with a token of its own.

@@ -6,6 +6,7 @@
 mod attach_bench;
 mod chart;
 mod engine_bench;
+mod failover_bench;
 mod fio;
 mod local_cluster;
 mod machine;
@@ -157,6 +158,26 @@ enum Bench {
         #[arg(long = "ballast-env", value_parser = parse_env_pair)]
         ballast_env: Vec<(String, String)>,
         /// Where to write the JSON result.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
+    /// Failover of a repl=3 volume on a local 3-node cluster (127.0.0.11-13) under a writer that never stops: per trial a kill -9, a SIGSTOP past the timeout and a partition (iptables) of the serving node, each timed from the fault to the first write acknowledged by another node (p50/p99/max); then SIGSTOPs of half the timeout, counting false failovers; writes failover.json and failover.md.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs root (loop devices, iptables). About 40 s per trial of each kind: the default 50 trials take about 35 minutes.
+    Failover {
+        /// Trials of each fault kind, and pauses.
+        #[arg(long, default_value_t = 50)]
+        trials: usize,
+        /// The nodes' failover timeout (default: the binary's own).
+        #[arg(long)]
+        failover_after_s: Option<u64>,
+        /// Two trials of each kind (about three minutes).
+        #[arg(long)]
+        quick: bool,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
+        /// Where to write the results.
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
@@ -385,6 +406,27 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
                 ballast: servers::BallastBinary {
                     path: ballast,
                     env: ballast_env,
+                },
+            })
+        }
+        Bench::Failover {
+            trials,
+            failover_after_s,
+            quick,
+            ballast,
+            out,
+        } => {
+            let trials = if quick { 2 } else { trials };
+            if trials == 0 || failover_after_s == Some(0) {
+                anyhow::bail!("--trials and --failover-after-s must be at least 1");
+            }
+            failover_bench::run(&failover_bench::FailoverOptions {
+                trials,
+                failover_after_s,
+                out,
+                ballast: servers::BallastBinary {
+                    path: ballast,
+                    env: Vec::new(),
                 },
             })
         }

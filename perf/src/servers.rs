@@ -163,6 +163,27 @@ impl Server {
         }
     }
 
+    /// Sends `signal` (as kill(1) spells it: `-STOP`) to the process, by pid.
+    pub fn signal(&self, signal: &str) -> Result<()> {
+        let pid = self.pid().with_context(|| format!("{} is not running", self.label))?;
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .context("kill(1)")?;
+        if !status.success() {
+            bail!("kill {signal} {pid} ({}) failed: {status}", self.label);
+        }
+        Ok(())
+    }
+
+    /// SIGKILL by pid (a stopped process too), and reaps it.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// SIGTERM by pid, then SIGKILL after `STOP_TIMEOUT`; reaps the child.
     pub fn stop(&mut self) {
         let Some(mut child) = self.child.take() else {

@@ -10,8 +10,10 @@
 //! that was moved away learns it from that same metadata and extends
 //! nothing, so its lease runs out at most `LEASE_DURATION` after the move
 //! was committed; the new coordinator waits that long after it learns of the
-//! move before it serves (`Cluster::takeover_ready_at`). No clock is compared
-//! between nodes, only durations on each node's monotonic clock.
+//! move before it serves (`Cluster::takeover_ready_at`), unless every other
+//! member answers that it does not serve the volume (`others_released`: a
+//! graceful move, or the old coordinator already caught up). No clock is
+//! compared between nodes, only durations on each node's monotonic clock.
 //!
 //! The leader counts how long each node has asked for nothing
 //! (`lease_silence`): that, not the slower health pings, is what automatic
@@ -44,6 +46,19 @@ struct LeaseGrant {
     /// The asker's metadata must have applied this Raft index.
     read_index: u64,
 }
+
+#[derive(Serialize, Deserialize)]
+struct ServingQuery {
+    volume: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ServingAnswer {
+    serving: bool,
+}
+
+/// How long a node taking a volume over waits for another's answer.
+const SERVING_QUERY_TIMEOUT: Duration = Duration::from_millis(300);
 
 /// The lease bookkeeping of one node.
 #[derive(Default)]
@@ -168,6 +183,55 @@ impl Cluster {
             }
         }
         Ok(())
+    }
+
+    /// Answers a `ServingQuery`: whether this node serves the volume now.
+    /// Once it answered no, it answers no read of it (`Volume::read`
+    /// checks after every read that it still serves the volume).
+    pub(super) fn answer_serving(&self, payload: &[u8]) -> Result<Vec<u8>, String> {
+        let query: ServingQuery =
+            serde_json::from_slice(payload).map_err(|error| format!("unreadable serving query: {error}"))?;
+        let serving = self
+            .volumes
+            .get()
+            .and_then(|volumes| volumes.get(&query.volume))
+            .is_some_and(|volume| volume.is_served());
+        serde_json::to_vec(&ServingAnswer { serving }).map_err(|error| error.to_string())
+    }
+
+    /// Whether every other member said it does not serve `name`: then a
+    /// new coordinator need not wait out a lease (a graceful move, the old
+    /// coordinator up). A member that does not answer may still hold one.
+    pub async fn others_released(&self, name: &str) -> bool {
+        let others: Vec<String> = self.with_state(|state| {
+            state
+                .nodes
+                .values()
+                .filter(|node| node.id != self.local.id)
+                .map(|node| node.peer_address.clone())
+                .collect()
+        });
+        let Ok(query) = serde_json::to_vec(&ServingQuery {
+            volume: name.to_owned(),
+        }) else {
+            return false;
+        };
+        let answers = others.iter().map(|address| async {
+            match self
+                .client
+                .call(address, FrameKind::ServingQuery, &query, SERVING_QUERY_TIMEOUT)
+                .await
+            {
+                Ok((FrameKind::ServingAnswer, payload)) => {
+                    serde_json::from_slice::<ServingAnswer>(&payload).is_ok_and(|answer| !answer.serving)
+                }
+                _ => false,
+            }
+        });
+        futures::future::join_all(answers)
+            .await
+            .into_iter()
+            .all(|released| released)
     }
 
     /// When this node, newly `name`'s coordinator at `epoch`, may serve it:

@@ -529,6 +529,9 @@ impl PeerHandler for Cluster {
                 let report = self.report().await;
                 Ok((FrameKind::Pong, serde_json::to_vec(&report).map_err(|e| e.to_string())?))
             }
+            FrameKind::ServingQuery => self
+                .answer_serving(&payload)
+                .map(|answer| (FrameKind::ServingAnswer, answer)),
             FrameKind::LeaseRequest => self
                 .grant_lease(&payload)
                 .await

@@ -13,6 +13,9 @@ use super::state::{ClusterState, ClusterVolume, Command};
 use super::Cluster;
 use crate::volume::Volumes;
 
+/// A node taking a volume over asks the others this often whether they
+/// still serve it (until its old coordinator's lease must have run out).
+const TAKEOVER_ASK_INTERVAL: Duration = Duration::from_millis(100);
 /// Reconciliation also runs this often without a change.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -89,6 +92,8 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
         if volumes.get(&volume.name).is_none() {
             continue;
         }
+        let sole_copy_here = volume.replica_nodes.len() == 1 && volume.coordinator == local_id;
+        volumes.set_lease_required(&volume.name, !sole_copy_here);
         volumes.set_epoch(&volume.name, volume.epoch);
         volumes.follow_tenure(&volume.name, volume.coordinator_since);
         if volume.coordinator != local_id {
@@ -274,8 +279,11 @@ pub async fn reconcile_loop(
                     settle_suspects(&cluster, &state).await;
                     for (name, epoch) in wire_serving(&cluster, &state, &volumes) {
                         let ready_at = tokio::time::Instant::from_std(cluster.takeover_ready_at(&name, epoch));
-                        if ready_at > tokio::time::Instant::now() {
-                            takeover_at = Some(takeover_at.map_or(ready_at, |at| at.min(ready_at)));
+                        let now = tokio::time::Instant::now();
+                        if ready_at > now && !cluster.others_released(&name).await {
+                            // Asked again soon; served at `ready_at` at the latest.
+                            let again = ready_at.min(now + TAKEOVER_ASK_INTERVAL);
+                            takeover_at = Some(takeover_at.map_or(again, |at| at.min(again)));
                             continue;
                         }
                         fence_and_serve(&cluster, &volumes, &name, epoch).await;

@@ -600,7 +600,7 @@ fn io_error(error: VolumeIoError) -> Outcome {
     use disk_layout::StoreError;
     let errno = match &error {
         VolumeIoError::OutOfRange { .. } => EINVAL,
-        VolumeIoError::Stopped => ESHUTDOWN,
+        VolumeIoError::Stopped | VolumeIoError::NotServed { .. } => ESHUTDOWN,
         VolumeIoError::Replication { .. } | VolumeIoError::NoLease { .. } => EIO,
         VolumeIoError::Locked { .. } | VolumeIoError::ReadOnly { .. } => EPERM,
         VolumeIoError::Store { source, .. } => match source {

@@ -43,6 +43,9 @@ pub enum FrameKind {
     LeaseRequest = 12,
     /// the leader confirmed its leadership; payload: the index to have applied
     LeaseGrant = 13,
+    /// a node taking a volume over asks another whether it still serves it
+    ServingQuery = 14,
+    ServingAnswer = 15,
     /// Raft RPCs (JSON payloads) and their replies
     RaftAppend = 20,
     RaftVote = 21,
@@ -80,6 +83,8 @@ impl FrameKind {
             11 => Self::Pong,
             12 => Self::LeaseRequest,
             13 => Self::LeaseGrant,
+            14 => Self::ServingQuery,
+            15 => Self::ServingAnswer,
             20 => Self::RaftAppend,
             21 => Self::RaftVote,
             22 => Self::RaftSnapshot,

@@ -173,11 +173,31 @@ impl Volume {
     /// when the read was done (checked after it, so a stall in between
     /// cannot slip a stale read through); waits for a renewal otherwise.
     async fn read_leased(&self, offset_bytes: u64, len_bytes: u64) -> Result<ReadData, VolumeIoError> {
+        let not_served = || VolumeIoError::NotServed {
+            volume: self.name.clone(),
+        };
         for _ in 0..LEASE_READ_TRIES {
-            if !self.lease.holds() && !self.lease.wait(LEASE_WAIT).await {
+            if !self.is_served() {
+                return Err(not_served());
+            }
+            if !self.lease.holds() && !self.lease.wait(LEASE_WAIT, || !self.is_served()).await {
                 break;
             }
-            let data = self.read_stored(offset_bytes, len_bytes).await?;
+            let data = if self.lease.is_required() {
+                // Replicated: no write that is not durable everywhere yet is seen.
+                let first_block = offset_bytes / BLOCK_BYTES;
+                let end_block = (offset_bytes + len_bytes).div_ceil(BLOCK_BYTES);
+                let _shared = self.ranges.share(first_block, end_block - first_block).await;
+                // Held shared: a repair of a bad block needs no more (no write lands meanwhile).
+                self.read_stored_locked(offset_bytes, len_bytes).await?
+            } else {
+                self.read_stored(offset_bytes, len_bytes).await?
+            };
+            // Both checked after the read: a node that answered "not serving"
+            // to a new coordinator (`cluster::lease`) answers no read after.
+            if !self.is_served() {
+                return Err(not_served());
+            }
             if self.lease.holds() {
                 return Ok(data);
             }

@@ -52,6 +52,11 @@ impl ServingLease {
         self.renewed.notify_waiters();
     }
 
+    /// Wakes the reads waiting for a renewal (the volume stopped being served here).
+    pub fn wake(&self) {
+        self.renewed.notify_waiters();
+    }
+
     /// Whether reads may be answered now (always, when no lease is required).
     #[must_use]
     pub fn holds(&self) -> bool {
@@ -65,8 +70,9 @@ impl ServingLease {
         Duration::from_nanos(self.until_nanos.load(Ordering::Acquire).saturating_sub(now))
     }
 
-    /// Waits up to `wait` for the lease to hold; whether it does.
-    pub async fn wait(&self, wait: Duration) -> bool {
+    /// Waits up to `wait` for the lease to hold, unless `give_up` (checked
+    /// at every wake-up) says to stop; whether it holds.
+    pub async fn wait(&self, wait: Duration, give_up: impl Fn() -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let renewed = self.renewed.notified();
@@ -74,6 +80,9 @@ impl ServingLease {
             renewed.as_mut().enable();
             if self.holds() {
                 return true;
+            }
+            if give_up() {
+                return false;
             }
             if tokio::time::timeout_at(deadline, renewed).await.is_err() {
                 return self.holds();
@@ -112,13 +121,34 @@ mod tests {
     async fn a_read_waiting_for_the_lease_wakes_when_it_is_renewed_and_gives_up_at_its_limit() {
         let lease = std::sync::Arc::new(ServingLease::default());
         lease.set_required(true);
-        assert!(!lease.wait(Duration::from_millis(20)).await, "no renewal: gives up");
+        assert!(
+            !lease.wait(Duration::from_millis(20), || false).await,
+            "no renewal: gives up"
+        );
         let renewer = std::sync::Arc::clone(&lease);
         let renewal = tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(20)).await;
             renewer.extend_from(Instant::now());
         });
-        assert!(lease.wait(Duration::from_secs(30)).await);
+        assert!(lease.wait(Duration::from_secs(30), || false).await);
         renewal.await.unwrap();
+        // Woken with a reason to stop waiting: it stops at once.
+        let lease = std::sync::Arc::new(ServingLease::default());
+        lease.set_required(true);
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (waker, stopper) = (std::sync::Arc::clone(&lease), std::sync::Arc::clone(&stop));
+        let wake = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            stopper.store(true, Ordering::Release);
+            waker.wake();
+        });
+        let started = Instant::now();
+        assert!(
+            !lease
+                .wait(Duration::from_secs(30), || stop.load(Ordering::Acquire))
+                .await
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+        wake.await.unwrap();
     }
 }

@@ -125,6 +125,9 @@ pub enum VolumeIoError {
         "{volume} is a snapshot and read-only; clone it (`ballast volume clone {volume} NEW`) for a writable copy"
     )]
     ReadOnly { volume: String },
+    /// the volume moved to another node while the request was under way
+    #[error("volume {volume} is now served by another node (`ballast volume inspect {volume}` shows which)")]
+    NotServed { volume: String },
     /// a replicated volume's coordinator could not confirm it still serves it
     #[error("volume {volume}: this node could not confirm with the cluster's Raft leader that it still serves the volume (reads wait for that, so none is ever stale); is the leader reachable? (`ballast cluster status`, `ballast volume inspect {volume}`)")]
     NoLease { volume: String },
@@ -628,6 +631,17 @@ impl Volumes {
             if volume.served.swap(served, Ordering::AcqRel) != served {
                 tracing::info!(volume = %name, served, epoch = volume.serving_epoch(), "volume serving changed");
             }
+            if !served {
+                volume.lease.wake(); // reads waiting for a lease end now
+            }
+        }
+    }
+
+    /// Whether reads of `name` need this node's serving lease: everywhere
+    /// but on the coordinator of a volume with no other replica.
+    pub fn set_lease_required(&self, name: &str, required: bool) {
+        if let Some(volume) = self.get(name) {
+            volume.lease.set_required(required);
         }
     }
 
@@ -671,7 +685,6 @@ impl Volumes {
     /// Sets (or clears) where `name`'s mutations are copied.
     pub fn set_replication(&self, name: &str, replicator: Option<Arc<dyn Replicator>>) {
         if let Some(volume) = self.get(name) {
-            volume.lease.set_required(replicator.is_some());
             *volume.replication.write() = replicator;
         }
     }

@@ -1,0 +1,595 @@
+//! `ballast-perf failover`: how long a replicated volume is out of service
+//! when the node serving it fails, and whether a node that is merely paused
+//! keeps it. One local 3-node cluster (nodes on 127.0.0.11-13, so a
+//! partition can cut one node off without touching this process's own
+//! traffic, which leaves from 127.0.0.1), one repl=3 volume, and a writer
+//! that never stops: 4 KiB FUA writes at random offsets, one at a time,
+//! through NBD to whichever node serves the volume (it tries each node the
+//! fault did not hit; only the coordinator opens the export).
+//!
+//! Each trial faults the node serving the volume at that moment:
+//! - `kill9`: SIGKILL; the node is started again after the trial;
+//! - `stop`: SIGSTOP past the failover timeout; SIGCONT after the trial;
+//! - `partition`: iptables drops every packet from and to the node's address;
+//!   healed after the trial;
+//!
+//! and measures the time from the fault to the first write acknowledged by
+//! another node. Between trials the cluster settles (all three copies in
+//! sync again), so each trial starts alike. Then `pause` trials stop the
+//! serving node for half the failover timeout: none may move the volume
+//! (a false failover), and the writer's longest stall is reported.
+
+use std::net::ToSocketAddrs;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::local_cluster::{ClusterLayout, LocalCluster};
+use crate::machine::{command_line, load_average, machine, Machine};
+use crate::servers::BallastBinary;
+
+/// How to run the benchmark.
+#[derive(Clone, Debug)]
+pub struct FailoverOptions {
+    /// Trials of each fault kind (kill9, stop, partition) and pauses.
+    pub trials: usize,
+    /// The nodes' `failover_after_s` (None: the binary's default).
+    pub failover_after_s: Option<u64>,
+    pub out: PathBuf,
+    pub ballast: BallastBinary,
+}
+
+const NODE_COUNT: usize = 3;
+/// The nodes' first address byte (127.0.0.11 ..).
+const FIRST_HOST: u8 = 11;
+const NODE_DISK_BYTES: u64 = 1 << 30;
+const VOLUME_BYTES: u64 = 256 << 20;
+const VOLUME: &str = "failover";
+const BLOCK_BYTES: u64 = 4096;
+const BLOCK_LEN: u32 = 4096;
+/// The failover timeout when the binary does not say (ballast's default).
+const FAILOVER_AFTER_DEFAULT_S: u64 = 4;
+/// A write, or an NBD handshake, that takes longer than this counts as failed.
+const WRITER_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest a trial may take to see a write on another node, or to settle.
+const TRIAL_TIMEOUT: Duration = Duration::from_secs(90);
+const POLL: Duration = Duration::from_millis(50);
+/// Targets of the issue: fault to first acknowledged write, p99.
+const TARGET_P99_S: f64 = 8.0;
+
+/// One fault kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Fault {
+    Kill9,
+    Stop,
+    Partition,
+}
+
+impl Fault {
+    const ALL: [Self; 3] = [Self::Kill9, Self::Stop, Self::Partition];
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Kill9 => "kill -9 of the serving node",
+            Self::Stop => "SIGSTOP of the serving node past the timeout",
+            Self::Partition => "the serving node cut off (iptables, both ways)",
+        }
+    }
+}
+
+/// Times of one fault kind, seconds.
+#[derive(Clone, Debug, Serialize)]
+struct FaultRow {
+    fault: Fault,
+    description: &'static str,
+    trials: usize,
+    p50_s: f64,
+    p99_s: f64,
+    max_s: f64,
+    /// Within the target (p99 <= 8 s), where the issue sets one.
+    target_met: bool,
+    samples_s: Vec<f64>,
+}
+
+/// Pauses shorter than the timeout.
+#[derive(Clone, Debug, Serialize)]
+struct PauseRow {
+    trials: usize,
+    pause_s: f64,
+    false_failovers: usize,
+    /// The writer's longest wait for an acknowledgement, per trial.
+    stall_p50_s: f64,
+    stall_max_s: f64,
+}
+
+#[derive(Serialize)]
+struct FailoverReport {
+    date_utc: String,
+    machine: Machine,
+    ballast_binary: String,
+    ballast_version: String,
+    nodes: usize,
+    failover_after_s: u64,
+    writer: &'static str,
+    faults: Vec<FaultRow>,
+    pauses: PauseRow,
+}
+
+/// Acknowledged writes: when, and which node (position) acknowledged.
+#[derive(Default)]
+struct Acks {
+    list: Mutex<Vec<(Instant, usize)>>,
+}
+
+impl Acks {
+    fn clear(&self) {
+        self.list.lock().expect("acks lock").clear();
+    }
+
+    /// The first acknowledgement at or after `since` by a node other than `not`.
+    fn first_elsewhere(&self, since: Instant, not: usize) -> Option<Instant> {
+        self.list
+            .lock()
+            .expect("acks lock")
+            .iter()
+            .find(|(at, node)| *at >= since && *node != not)
+            .map(|(at, _)| *at)
+    }
+
+    /// The first acknowledgement at or after `since` by `node`.
+    fn first_by(&self, since: Instant, node: usize) -> Option<Instant> {
+        self.list
+            .lock()
+            .expect("acks lock")
+            .iter()
+            .find(|(at, by)| *at >= since && *by == node)
+            .map(|(at, _)| *at)
+    }
+
+    /// The longest gap between acknowledgements (from `since`).
+    fn longest_gap(&self, since: Instant) -> Duration {
+        let list = self.list.lock().expect("acks lock");
+        let mut previous = since;
+        let mut longest = Duration::ZERO;
+        for (at, _) in list.iter().filter(|(at, _)| *at >= since) {
+            longest = longest.max(at.duration_since(previous));
+            previous = *at;
+        }
+        longest
+    }
+}
+
+/// The writer thread and what it shares.
+struct Writer {
+    stop: Arc<AtomicBool>,
+    /// A node (position) the writer leaves alone (usize::MAX: none).
+    avoid: Arc<AtomicUsize>,
+    acks: Arc<Acks>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Writer {
+    fn start(uris: Vec<String>) -> Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let avoid = Arc::new(AtomicUsize::new(usize::MAX));
+        let acks = Arc::new(Acks::default());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let (thread_stop, thread_avoid, thread_acks) = (Arc::clone(&stop), Arc::clone(&avoid), Arc::clone(&acks));
+        let thread = std::thread::Builder::new()
+            .name("failover-writer".into())
+            .spawn(move || runtime.block_on(write_forever(uris, &thread_stop, &thread_avoid, &thread_acks)))?;
+        Ok(Self {
+            stop,
+            avoid,
+            acks,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Writes until `stop`, to whichever node opens the export.
+async fn write_forever(uris: Vec<String>, stop: &AtomicBool, avoid: &AtomicUsize, acks: &Acks) {
+    use node::nbd::client::{connect, ExportUri};
+    let parsed: Vec<ExportUri> = uris
+        .iter()
+        .map(|uri| ExportUri::parse(uri).expect("the benchmark's own NBD URIs parse"))
+        .collect();
+    let data = vec![0x5a_u8; BLOCK_LEN as usize];
+    let blocks = VOLUME_BYTES / BLOCK_BYTES;
+    let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(1);
+    let mut cookie = 0_u64;
+    while !stop.load(Ordering::Acquire) {
+        for (position, uri) in parsed.iter().enumerate() {
+            if stop.load(Ordering::Acquire) || avoid.load(Ordering::Acquire) == position {
+                continue;
+            }
+            let Ok(mut connection) = connect(uri, WRITER_TIMEOUT).await else {
+                continue;
+            };
+            while !stop.load(Ordering::Acquire) && avoid.load(Ordering::Acquire) != position {
+                cookie += 1;
+                let request = node::nbd::proto::Request {
+                    flags: node::nbd::proto::CMD_FLAG_FUA,
+                    command: node::nbd::proto::CMD_WRITE,
+                    cookie,
+                    offset_bytes: rand::Rng::gen_range(&mut rng, 0..blocks) * BLOCK_BYTES,
+                    length_bytes: BLOCK_LEN,
+                };
+                let answered = tokio::time::timeout(WRITER_TIMEOUT, async {
+                    connection.sender.request(&request, &data).await?;
+                    connection.receiver.reply(|_| None).await
+                })
+                .await;
+                match answered {
+                    Ok(Ok(reply)) if reply.error == 0 && reply.cookie == cookie => {
+                        acks.list.lock().expect("acks lock").push((Instant::now(), position));
+                    }
+                    _ => break,
+                }
+            }
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// iptables rules of this run's own chain, removed on drop.
+struct Partition {
+    chain: String,
+}
+
+impl Partition {
+    fn new() -> Result<Self> {
+        let chain = format!("BALLAST-PERF-{}", std::process::id());
+        iptables(&["-N", &chain])?;
+        let partition = Self { chain };
+        iptables(&["-I", "INPUT", "-j", &partition.chain])?;
+        Ok(partition)
+    }
+
+    fn cut(&self, host: &str) -> Result<()> {
+        iptables(&["-A", &self.chain, "-s", host, "-j", "DROP"])?;
+        iptables(&["-A", &self.chain, "-d", host, "-j", "DROP"])
+    }
+
+    fn heal(&self) -> Result<()> {
+        iptables(&["-F", &self.chain])
+    }
+}
+
+impl Drop for Partition {
+    fn drop(&mut self) {
+        let _ = iptables(&["-F", &self.chain]);
+        let _ = iptables(&["-D", "INPUT", "-j", &self.chain]);
+        let _ = iptables(&["-X", &self.chain]);
+    }
+}
+
+fn iptables(args: &[&str]) -> Result<()> {
+    let output = Command::new("iptables")
+        .args(args)
+        .output()
+        .context("iptables (ci/install-deps.sh installs it)")?;
+    if !output.status.success() {
+        bail!(
+            "iptables {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The volume as a node that answers sees it.
+fn inspect(cluster: &LocalCluster, skip: Option<usize>) -> Result<serde_json::Value> {
+    let mut last_error = None;
+    for (position, node) in cluster.nodes.iter().enumerate() {
+        if Some(position) == skip {
+            continue;
+        }
+        match cluster
+            .admin()
+            .run_stdout(&["volume", "inspect", VOLUME, "--json", "--api", &node.api()])
+        {
+            Ok(text) => return serde_json::from_str(&text).context("volume inspect printed no JSON"),
+            Err(error) => last_error = Some(error),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no node to ask")))
+}
+
+/// The position of the node coordinating the volume, and the epoch.
+fn coordinator(cluster: &LocalCluster, skip: Option<usize>) -> Result<(usize, u64)> {
+    let info = inspect(cluster, skip)?;
+    let id = info["coordinator_nbd"].as_str().unwrap_or_default().to_owned();
+    let position = cluster
+        .nodes
+        .iter()
+        .position(|node| node.nbd_address() == id)
+        .with_context(|| format!("the volume is served at {id:?}, not by a node of this cluster"))?;
+    Ok((position, info["epoch"].as_u64().unwrap_or(0)))
+}
+
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let started = Instant::now();
+    let mut last_error = None;
+    while started.elapsed() < TRIAL_TIMEOUT {
+        match check() {
+            Ok(Some(value)) => return Ok(value),
+            Ok(None) => {}
+            Err(error) => last_error = Some(error),
+        }
+        std::thread::sleep(POLL);
+    }
+    match last_error {
+        Some(error) => Err(error.context(format!("{what}: not within {TRIAL_TIMEOUT:?}"))),
+        None => bail!("{what}: not within {TRIAL_TIMEOUT:?}"),
+    }
+}
+
+/// Waits until all three copies are in sync and the writer writes again.
+fn settle(cluster: &LocalCluster, writer: &Writer) -> Result<usize> {
+    wait_for("all three copies in sync", || {
+        let info = inspect(cluster, None)?;
+        Ok((info["in_sync"].as_array().map_or(0, Vec::len) == NODE_COUNT).then_some(()))
+    })?;
+    let (serving, _) = coordinator(cluster, None)?;
+    let since = Instant::now();
+    wait_for("the writer writes to the serving node", || {
+        Ok(writer.acks.first_by(since, serving))
+    })?;
+    Ok(serving)
+}
+
+/// One fault trial: seconds from the fault to the first write acknowledged elsewhere.
+fn fault_trial(cluster: &mut LocalCluster, writer: &Writer, partition: &Partition, fault: Fault) -> Result<f64> {
+    let serving = settle(cluster, writer)?;
+    writer.acks.clear();
+    let node = &cluster.nodes[serving];
+    let faulted = Instant::now();
+    match fault {
+        Fault::Kill9 => node.signal("-KILL")?,
+        Fault::Stop => node.signal("-STOP")?,
+        Fault::Partition => partition.cut(&node.host)?,
+    }
+    writer.avoid.store(serving, Ordering::Release);
+    let first = wait_for("a write acknowledged by another node", || {
+        Ok(writer.acks.first_elsewhere(faulted, serving))
+    });
+    let healed = match fault {
+        Fault::Kill9 => cluster.restart_node(serving),
+        Fault::Stop => cluster.nodes[serving].signal("-CONT"),
+        Fault::Partition => partition.heal(),
+    };
+    writer.avoid.store(usize::MAX, Ordering::Release);
+    let first = first.with_context(|| cluster.log_tails())?;
+    healed?;
+    Ok(first.duration_since(faulted).as_secs_f64())
+}
+
+/// One pause below the timeout: (whether the volume moved, the writer's longest stall).
+fn pause_trial(cluster: &LocalCluster, writer: &Writer, pause: Duration) -> Result<(bool, f64)> {
+    let serving = settle(cluster, writer)?;
+    let (_, epoch) = coordinator(cluster, None)?;
+    writer.acks.clear();
+    let paused = Instant::now();
+    cluster.nodes[serving].signal("-STOP")?;
+    std::thread::sleep(pause);
+    cluster.nodes[serving].signal("-CONT")?;
+    let resumed = Instant::now();
+    let again = wait_for("a write acknowledged again after the pause", || {
+        Ok(writer
+            .acks
+            .first_by(resumed, serving)
+            .or_else(|| writer.acks.first_elsewhere(resumed, serving)))
+    })?;
+    // A failover decided during the pause is committed by now.
+    std::thread::sleep(Duration::from_millis(500));
+    let (now_serving, now_epoch) = coordinator(cluster, None)?;
+    let moved = now_serving != serving || now_epoch != epoch;
+    let stall = writer.acks.longest_gap(paused).max(again.duration_since(paused));
+    Ok((moved, stall.as_secs_f64()))
+}
+
+fn percentile(sorted: &[f64], percent: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    // Nearest rank: p99 of fewer than 100 trials is the largest.
+    let rank = (1..=sorted.len())
+        .find(|rank| *rank as f64 >= percent / 100.0 * sorted.len() as f64)
+        .unwrap_or(sorted.len());
+    sorted[rank - 1]
+}
+
+fn fault_row(fault: Fault, samples: Vec<f64>) -> FaultRow {
+    let mut sorted = samples.clone();
+    sorted.sort_by(f64::total_cmp);
+    let p99 = percentile(&sorted, 99.0);
+    FaultRow {
+        fault,
+        description: fault.describe(),
+        trials: samples.len(),
+        p50_s: percentile(&sorted, 50.0),
+        p99_s: p99,
+        max_s: sorted.last().copied().unwrap_or(0.0),
+        target_met: p99 <= TARGET_P99_S,
+        samples_s: samples,
+    }
+}
+
+pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
+    assert!(options.trials > 0, "at least one trial");
+    crate::servers::require_binary(&options.ballast.path)?;
+    let failover_after_s = options.failover_after_s.unwrap_or(FAILOVER_AFTER_DEFAULT_S);
+    let load_average_before = load_average();
+    let partition = Partition::new().context("the partition trials need iptables and root")?;
+    let layout = ClusterLayout {
+        first_host: FIRST_HOST,
+        node_args: options
+            .failover_after_s
+            .map(|s| vec!["--failover-after-s".to_owned(), s.to_string()])
+            .unwrap_or_default(),
+    };
+    eprintln!("starting {NODE_COUNT} nodes on 127.0.0.{FIRST_HOST}-{}", FIRST_HOST + 2);
+    let mut cluster = LocalCluster::start_with(&options.ballast, NODE_COUNT, NODE_DISK_BYTES, &layout)?;
+    cluster.create_volume(VOLUME, VOLUME_BYTES, NODE_COUNT)?;
+    let uris: Vec<String> = cluster
+        .nodes
+        .iter()
+        .map(|node| format!("nbd://{}/{VOLUME}", node.nbd_address()))
+        .collect();
+    for uri in &uris {
+        let address = uri.trim_start_matches("nbd://").split('/').next().unwrap_or_default();
+        address
+            .to_socket_addrs()
+            .with_context(|| format!("bad node address {address}"))?;
+    }
+    let writer = Writer::start(uris)?;
+    let mut samples: Vec<(Fault, Vec<f64>)> = Fault::ALL.iter().map(|fault| (*fault, Vec::new())).collect();
+    for trial in 0..options.trials {
+        for (fault, times) in &mut samples {
+            let seconds = fault_trial(&mut cluster, &writer, &partition, *fault)
+                .with_context(|| format!("trial {} ({fault:?})", trial + 1))?;
+            eprintln!(
+                "trial {} {fault:?}: first write on the new coordinator after {seconds:.2} s",
+                trial + 1
+            );
+            times.push(seconds);
+        }
+    }
+    let pause = Duration::from_millis(failover_after_s * 1000 / 2);
+    let (mut false_failovers, mut stalls) = (0, Vec::new());
+    for trial in 0..options.trials {
+        let (moved, stall) =
+            pause_trial(&cluster, &writer, pause).with_context(|| format!("pause trial {}", trial + 1))?;
+        eprintln!(
+            "pause {}: {:.1} s stop, writer stalled {stall:.2} s{}",
+            trial + 1,
+            pause.as_secs_f64(),
+            if moved { ", FALSE FAILOVER" } else { "" }
+        );
+        false_failovers += usize::from(moved);
+        stalls.push(stall);
+    }
+    drop(writer);
+    drop(cluster);
+    drop(partition);
+    stalls.sort_by(f64::total_cmp);
+    let report = FailoverReport {
+        date_utc: command_line("date", &["-u", "+%Y-%m-%d %H:%M"]),
+        machine: Machine {
+            load_average_before,
+            load_average_after: load_average(),
+            ..machine()
+        },
+        ballast_binary: options.ballast.path.display().to_string(),
+        ballast_version: command_line(&options.ballast.path.display().to_string(), &["--version"]),
+        nodes: NODE_COUNT,
+        failover_after_s,
+        writer: "4 KiB FUA writes at random offsets, QD1, through NBD to whichever node opens the export; 1 s timeout per write",
+        faults: samples.into_iter().map(|(fault, times)| fault_row(fault, times)).collect(),
+        pauses: PauseRow {
+            trials: stalls.len(),
+            pause_s: pause.as_secs_f64(),
+            false_failovers,
+            stall_p50_s: percentile(&stalls, 50.0),
+            stall_max_s: stalls.last().copied().unwrap_or(0.0),
+        },
+    };
+    let table = markdown(&report);
+    println!("\n{table}");
+    std::fs::create_dir_all(&options.out)?;
+    let file = options.out.join("failover.json");
+    std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
+    std::fs::write(options.out.join("failover.md"), &table)?;
+    println!("JSON: {}", file.display());
+    // Bars for `all`'s summary: the target over the measured p99 (>= 1: met).
+    Ok(report
+        .faults
+        .iter()
+        .map(|row| crate::chart::Bar {
+            label: format!("failover {:?}: 8 s / p99", row.fault),
+            ratio: if row.p99_s > 0.0 { TARGET_P99_S / row.p99_s } else { 0.0 },
+            target: Some(1.0),
+        })
+        .collect())
+}
+
+fn markdown(report: &FailoverReport) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Failover of a repl=3 volume ({}, {} nodes on one host, failover_after_s = {}; writer: {})\n",
+        report.date_utc, report.nodes, report.failover_after_s, report.writer
+    );
+    let _ = writeln!(
+        out,
+        "| fault | trials | fault to first write on the new coordinator: p50 | p99 | max | target p99 <= {TARGET_P99_S} s |"
+    );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | --- |");
+    for row in &report.faults {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.2} s | {:.2} s | {:.2} s | {} |",
+            row.description,
+            row.trials,
+            row.p50_s,
+            row.p99_s,
+            row.max_s,
+            if row.target_met { "met" } else { "**not met**" }
+        );
+    }
+    let pauses = &report.pauses;
+    let _ = writeln!(
+        out,
+        "\nPauses below the timeout (SIGSTOP {:.1} s of the serving node, {} trials): {} false failovers (target 0); the writer's longest stall p50 {:.2} s, max {:.2} s.",
+        pauses.pause_s, pauses.trials, pauses.false_failovers, pauses.stall_p50_s, pauses.stall_max_s
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank_and_p99_of_few_trials_is_the_largest() {
+        let sorted: Vec<f64> = (1..=10).map(f64::from).collect();
+        assert_eq!(percentile(&sorted, 50.0), 5.0);
+        assert_eq!(percentile(&sorted, 99.0), 10.0);
+        assert_eq!(percentile(&[], 99.0), 0.0);
+        let row = fault_row(Fault::Kill9, vec![9.0, 5.0, 6.0]);
+        assert_eq!((row.p50_s, row.p99_s, row.max_s), (6.0, 9.0, 9.0));
+        assert!(!row.target_met, "a p99 of 9 s misses the 8 s target");
+    }
+
+    #[test]
+    fn the_writers_gaps_and_first_acknowledgements_are_found() {
+        let acks = Acks::default();
+        let start = Instant::now();
+        let at = |ms| start + Duration::from_millis(ms);
+        acks.list
+            .lock()
+            .unwrap()
+            .extend([(at(10), 0), (at(20), 0), (at(520), 1), (at(530), 0)]);
+        assert_eq!(acks.first_elsewhere(start, 0), Some(at(520)));
+        assert_eq!(acks.first_by(at(21), 0), Some(at(530)));
+        assert_eq!(acks.longest_gap(start), Duration::from_millis(500));
+    }
+}
