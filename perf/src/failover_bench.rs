@@ -294,9 +294,11 @@ fn iptables(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-/// The volume as a node that answers sees it.
+/// The volume as the nodes that answer see it: the newest view (highest
+/// epoch; a node just restarted may not have caught up yet).
 fn inspect(cluster: &LocalCluster, skip: Option<usize>) -> Result<serde_json::Value> {
     let mut last_error = None;
+    let mut newest: Option<serde_json::Value> = None;
     for (position, node) in cluster.nodes.iter().enumerate() {
         if Some(position) == skip {
             continue;
@@ -305,11 +307,17 @@ fn inspect(cluster: &LocalCluster, skip: Option<usize>) -> Result<serde_json::Va
             .admin()
             .run_stdout(&["volume", "inspect", VOLUME, "--json", "--api", &node.api()])
         {
-            Ok(text) => return serde_json::from_str(&text).context("volume inspect printed no JSON"),
+            Ok(text) => {
+                let view: serde_json::Value = serde_json::from_str(&text).context("volume inspect printed no JSON")?;
+                let epoch = |view: &serde_json::Value| view["epoch"].as_u64().unwrap_or(0);
+                if newest.as_ref().is_none_or(|seen| epoch(&view) > epoch(seen)) {
+                    newest = Some(view);
+                }
+            }
             Err(error) => last_error = Some(error),
         }
     }
-    Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no node to ask")))
+    newest.ok_or_else(|| last_error.unwrap_or_else(|| anyhow::anyhow!("no node to ask")))
 }
 
 /// The position of the node coordinating the volume, and the epoch.
@@ -343,14 +351,27 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Resu
 
 /// Waits until all three copies are in sync and the writer writes again.
 fn settle(cluster: &LocalCluster, writer: &Writer) -> Result<usize> {
+    let mut seen = serde_json::Value::Null;
     wait_for("all three copies in sync", || {
-        let info = inspect(cluster, None)?;
-        Ok((info["in_sync"].as_array().map_or(0, Vec::len) == NODE_COUNT).then_some(()))
-    })?;
+        seen = inspect(cluster, None)?;
+        Ok((seen["in_sync"].as_array().map_or(0, Vec::len) == NODE_COUNT).then_some(()))
+    })
+    .with_context(|| format!("the volume as last seen: {seen:#}\n{}", cluster.log_tails()))?;
     let (serving, _) = coordinator(cluster, None)?;
     let since = Instant::now();
     wait_for("the writer writes to the serving node", || {
         Ok(writer.acks.first_by(since, serving))
+    })
+    .with_context(|| {
+        let acks = writer.acks.list.lock().expect("acks lock");
+        let last = acks
+            .last()
+            .map(|(at, node)| format!("node{} {:?} ago", node + 1, at.elapsed()));
+        format!(
+            "node{} serves; the writer's last acknowledgement: {last:?}\n{}",
+            serving + 1,
+            cluster.log_tails()
+        )
     })?;
     Ok(serving)
 }
@@ -361,6 +382,7 @@ fn fault_trial(cluster: &mut LocalCluster, writer: &Writer, partition: &Partitio
     writer.acks.clear();
     let node = &cluster.nodes[serving];
     let faulted = Instant::now();
+    eprintln!("{}", command_line("date", &["-u", "+fault at %H:%M:%S.%N UTC"]));
     match fault {
         Fault::Kill9 => node.signal("-KILL")?,
         Fault::Stop => node.signal("-STOP")?,
@@ -446,6 +468,7 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
             .unwrap_or_default(),
     };
     eprintln!("starting {NODE_COUNT} nodes on 127.0.0.{FIRST_HOST}-{}", FIRST_HOST + 2);
+    eprintln!("{}", command_line("date", &["-u", "+started at %H:%M:%S.%N UTC"]));
     let mut cluster = LocalCluster::start_with(&options.ballast, NODE_COUNT, NODE_DISK_BYTES, &layout)?;
     cluster.create_volume(VOLUME, VOLUME_BYTES, NODE_COUNT)?;
     let uris: Vec<String> = cluster
@@ -469,6 +492,22 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
                 "trial {} {fault:?}: first write on the new coordinator after {seconds:.2} s",
                 trial + 1
             );
+            if seconds > TARGET_P99_S {
+                // What each node did about it, to see where the time went.
+                eprintln!(
+                    "  slower than the target; the nodes' log lines on it:\n{}",
+                    cluster.log_lines_with(&[
+                        "failing over",
+                        "fenced",
+                        "serving changed",
+                        "leader",
+                        "lease",
+                        "resync",
+                        "in-sync",
+                        "out of sync"
+                    ])
+                );
+            }
             times.push(seconds);
         }
     }

@@ -364,6 +364,20 @@ impl LocalCluster {
         self.nodes.iter().map(|node| node.server.cpu_seconds()).sum()
     }
 
+    /// Every node's log lines that contain one of `words`, prefixed with the node.
+    #[must_use]
+    pub fn log_lines_with(&self, words: &[&str]) -> String {
+        let mut out = String::new();
+        for node in &self.nodes {
+            for line in node.server.log_text().lines() {
+                if words.iter().any(|word| line.contains(word)) {
+                    out.push_str(&format!("node{}: {line}\n", node.index));
+                }
+            }
+        }
+        out
+    }
+
     /// The last lines of every node's log, for error messages.
     #[must_use]
     pub fn log_tails(&self) -> String {

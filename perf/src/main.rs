@@ -424,9 +424,10 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
                 trials,
                 failover_after_s,
                 out,
+                // Info: a slow trial prints what each node did about the fault.
                 ballast: servers::BallastBinary {
                     path: ballast,
-                    env: Vec::new(),
+                    env: vec![("BALLAST_LOG".into(), "info".into())],
                 },
             })
         }

@@ -153,6 +153,12 @@ impl Health {
         }
     }
 
+    /// When `id` last answered a ping (None: never, or this node).
+    #[must_use]
+    pub fn last_answer_at(&self, id: u64) -> Option<Instant> {
+        self.seen.lock().get(&id).and_then(|seen| seen.last_answer)
+    }
+
     /// How long `id` has not answered (zero while it answers; this node never).
     pub fn down_for(&self, id: u64) -> Duration {
         if id == self.local_id {

@@ -15,11 +15,14 @@
 //! graceful move, or the old coordinator already caught up). No clock is
 //! compared between nodes, only durations on each node's monotonic clock.
 //!
-//! The leader counts how long each node has asked for nothing
-//! (`lease_silence`): that, not the slower health pings, is what automatic
-//! failover waits on. A process that is stopped, cut off or dead stops
-//! asking; one that is merely busy (CPU, a stalled data disk) keeps asking,
-//! since the renewal touches neither its reactors nor its data disks.
+//! The leader counts how long each node has shown no sign of life: no
+//! lease request it confirmed and no answer to its health ping
+//! (`lease_silence`); that is what automatic failover waits on. A process
+//! that is stopped, cut off or dead does neither; one that is merely busy
+//! (CPU, a stalled data disk) does both, since neither touches its reactors
+//! or its data disks. A leader elected because the old one died still has
+//! its own pings' answers, so a coordinator that died with the old leader
+//! is failed over as soon as one that died alone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -95,9 +98,13 @@ impl Cluster {
         }
     }
 
-    /// As leader: how long `node` has gone without a confirmed lease request
-    /// (counted from this leadership's start at the earliest); None when
-    /// this node does not lead, and zero for itself.
+    /// As leader: how long `node` has shown no sign of life to this node:
+    /// neither a lease request it confirmed nor an answer to its ping (from
+    /// this leadership's start when it has seen neither); None when this
+    /// node does not lead, and zero for itself. A stopped process does
+    /// neither. This decides only when to fail over (a false failover costs
+    /// availability); that a moved-away coordinator answers no read after the
+    /// move rests on the leases alone.
     #[must_use]
     pub fn lease_silence(&self, node: u64) -> Option<Duration> {
         let since = self.leading_since()?;
@@ -105,7 +112,9 @@ impl Cluster {
             return Some(Duration::ZERO);
         }
         let granted = self.leases.granted.lock().get(&node).copied();
-        Some(granted.map_or(since, |at| at.max(since)).elapsed())
+        let pinged = self.health.last_answer_at(node);
+        let last = granted.into_iter().chain(pinged).max().unwrap_or(since);
+        Some(last.elapsed())
     }
 
     /// Answers a `LeaseRequest` (as leader).

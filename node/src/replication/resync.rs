@@ -121,7 +121,16 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
             let Some(peer) = state.nodes.get(&node) else {
                 continue;
             };
-            if !cluster.health.liveness(node).up || !cluster.begin_resync(&volume.name, node) {
+            // Only to a node that answered lately: client writes also go to a
+            // replica being resynced and wait for it (up to the replica
+            // time-out), so one that just went silent would stall them.
+            let fresh_ms = u64::try_from(crate::cluster::health::PLACEMENT_FRESH.as_millis()).unwrap_or(u64::MAX);
+            let fresh = cluster
+                .health
+                .liveness(node)
+                .last_answer_ms
+                .is_some_and(|ms| ms < fresh_ms);
+            if !fresh || !cluster.begin_resync(&volume.name, node) {
                 continue;
             }
             let link = cluster.link(&peer.peer_address);
