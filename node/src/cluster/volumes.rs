@@ -432,7 +432,10 @@ impl Cluster {
 
     /// Makes this node the volume's coordinator (failover, or moving where
     /// it is served). Refused unless this node holds an in-sync replica;
-    /// refused while the current coordinator is up, unless `force`.
+    /// refused while the current coordinator is up and may have clients of
+    /// it, unless `force`. A coordinator whose latest report shows no
+    /// connection to the volume (one that just took it over by failover)
+    /// hands it over: it stops serving first (`cluster::lease`).
     pub async fn attach_volume(
         &self,
         volumes: &Arc<Volumes>,
@@ -441,7 +444,7 @@ impl Cluster {
     ) -> Result<VolumeInfo, VolumeOpError> {
         self.require_member()?;
         let volume = self.volume(name)?;
-        if volume.coordinator != self.local.id && !force && self.health.liveness(volume.coordinator).up {
+        if volume.coordinator != self.local.id && !force && self.may_have_clients(volume.coordinator, name) {
             return Err(VolumeOpError {
                 status: 409,
                 message: format!(
@@ -464,6 +467,19 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         Ok(self.describe(volumes, &volume))
+    }
+
+    /// Whether node `id`, up, may have clients of volume `name`: its latest
+    /// report lists connections to it, or there is no report to say.
+    fn may_have_clients(&self, id: u64, name: &str) -> bool {
+        let liveness = self.health.liveness(id);
+        liveness.up
+            && liveness.report.is_none_or(|report| {
+                report
+                    .served
+                    .iter()
+                    .any(|served| served.name == name && served.connections > 0)
+            })
     }
 
     /// Deletes a volume; the coordinator refuses while clients are connected.
