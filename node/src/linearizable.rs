@@ -199,12 +199,11 @@ fn check_block(block: u64, ops: &[Op]) -> Result<(), Violation> {
     for pair in forward.windows(2) {
         let (first, second) = (pair[0], pair[1]);
         if second.zone().0 < first.zone().1 {
-            return Err(overlap(
-                block,
-                first,
-                second,
+            let why = format!(
                 "values {} and {} each had to be the block's only value over overlapping times",
-            ));
+                first.value, second.value
+            );
+            return Err(overlap(block, first, second, why));
         }
     }
     for backward in clusters.values().filter(|c| !c.forward()) {
@@ -213,30 +212,23 @@ fn check_block(block: u64, ops: &[Op]) -> Result<(), Violation> {
         let index = forward.partition_point(|c| c.zone().0 < low);
         if let Some(around) = index.checked_sub(1).map(|i| forward[i]) {
             if high < around.zone().1 {
-                return Err(overlap(
-                    block,
-                    around,
-                    backward,
+                let why = format!(
                     "value {} had to be the block's only value while value {} was written and read",
-                ));
+                    around.value, backward.value
+                );
+                return Err(overlap(block, around, backward, why));
             }
         }
     }
     Ok(())
 }
 
-fn overlap(block: u64, first: &Cluster, second: &Cluster, why: &str) -> Violation {
+fn overlap(block: u64, first: &Cluster, second: &Cluster, why: String) -> Violation {
     let mut ops = first.ops();
     ops.extend(second.ops());
     ops.retain(|op| op.client != u32::MAX);
     ops.sort_by_key(|op| op.invoked_us);
-    Violation {
-        block,
-        why: why
-            .replacen("{}", &first.value.to_string(), 1)
-            .replacen("{}", &second.value.to_string(), 1),
-        ops,
-    }
+    Violation { block, why, ops }
 }
 
 #[cfg(test)]

@@ -92,7 +92,7 @@ pub struct RunArgs {
     /// Name shown in `ballast cluster status` [default: the host name].
     #[arg(long)]
     pub name: Option<String>,
-    /// As Raft leader, serve a volume from another in-sync replica when its node has not renewed its serving lease (it asks 4 times a second) this long (0: only by `volume attach`) [default: 4].
+    /// As Raft leader, serve a volume from another in-sync replica when its node has shown the leader no sign of life (a lease renewal, 4 a second, or a ping answer) this long (0: only by `volume attach`) [default: 4].
     #[arg(long)]
     pub failover_after_s: Option<u64>,
     /// As Raft leader, rebuild elsewhere the replicas of a node silent this long (0: never) [default: 600].

@@ -1,7 +1,7 @@
 //! What the Raft leader does without being asked, four times a second:
-//! - failover: a volume whose coordinator has not renewed its lease for
-//!   `failover_after` (`lease`: a stopped, cut-off or dead process stops
-//!   renewing, a busy one does not), or reports the disk holding the volume failed, gets
+//! - failover: a volume whose coordinator has shown no sign of life for
+//!   `failover_after` (`lease::lease_silence`: no lease renewal, no ping
+//!   answer), or reports the disk holding the volume failed, gets
 //!   an in-sync replica that answers as its new coordinator (epoch up: the
 //!   old one is fenced). Its NBD clients reconnect to the new node's export.
 //! - rebuild: a replica on a node silent for `rebuild_after` is replaced:

@@ -9,7 +9,7 @@
 //! listen_peer = "127.0.0.1:9411"   # other nodes reach this one here (Raft, replication)
 //! name = "host-a"        # shown in `ballast cluster status` (default: the host name)
 //! labels = { zone = "a", rack = "r12" }   # placement spreads replicas over distinct zones
-//! failover_after_s = 4   # as Raft leader: serve a volume elsewhere when its node has not renewed its lease (4 times a second) this long (0: never)
+//! failover_after_s = 4   # as Raft leader: serve a volume elsewhere when its node has shown no sign of life (lease renewal or ping answer) this long (0: never)
 //! rebuild_after_s = 600  # as Raft leader: rebuild replicas of a node silent this long elsewhere (0: never)
 //! replica_timeout_ms = 5000  # as coordinator: drop a replica from the in-sync set after this long without an answer
 //! scrub_interval_hours = 168  # as coordinator: verify every copy of each volume this often (0: only `ballast scrub start`)
