@@ -21,6 +21,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::Arc;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 use memmap2::{MmapMut, MmapOptions};
@@ -73,13 +74,76 @@ fn with_len(entry: squeue::Entry128, len: u32) -> squeue::Entry128 {
     unsafe { std::mem::transmute::<[u8; 128], squeue::Entry128>(bytes) }
 }
 
+/// The entries' payload buffers: one mapping, addressed by raw pointer so
+/// leases of one entry and the queue's access to another can coexist.
+struct Payloads {
+    at: *mut u8,
+    len: usize,
+    _map: MmapMut,
+}
+
+// SAFETY: the pointer is into `_map`, owned here; the bytes are only read
+// through leases and written through `FuseUringQueue::buffers` (`&mut`), whose
+// callers write an entry only when no lease of it is alive.
+unsafe impl Send for Payloads {}
+// SAFETY: as above.
+unsafe impl Sync for Payloads {}
+
+/// Hands out leases of one entry's payload bytes (`FuseUringQueue::lessor`).
+pub struct PayloadLessor {
+    payloads: Arc<Payloads>,
+    marker: Arc<()>,
+    entry_at: usize,
+    entry_len: usize,
+}
+
+impl PayloadLessor {
+    /// A lease of `bytes`, which must lie in this entry's payload buffer
+    /// (a slice of it from `buffers`); None when they do not.
+    #[must_use]
+    pub fn lease(&self, bytes: &[u8]) -> Option<PayloadLease> {
+        // SAFETY: pointer arithmetic inside the mapping (checked by the caller's slice origin below).
+        let entry_start = unsafe { self.payloads.at.add(self.entry_at) } as usize;
+        let start = bytes.as_ptr() as usize;
+        let within = start >= entry_start && start + bytes.len() <= entry_start + self.entry_len;
+        within.then(|| PayloadLease {
+            payloads: Arc::clone(&self.payloads),
+            _marker: Arc::clone(&self.marker),
+            at: self.entry_at + (start - entry_start),
+            len: bytes.len(),
+        })
+    }
+}
+
+/// Bytes of a request's payload, read in place: the entry keeps them (it is
+/// not re-armed, see `FuseUringQueue::is_leased`) while this lives.
+pub struct PayloadLease {
+    payloads: Arc<Payloads>,
+    _marker: Arc<()>,
+    at: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for PayloadLease {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: `at..at + len` lies in the mapping (checked at `lease`),
+        // which `payloads` keeps alive; nothing writes it while the lease
+        // lives (the entry is not re-armed and the queue's owner does not
+        // write a leased entry).
+        unsafe { std::slice::from_raw_parts(self.payloads.at.add(self.at), self.len) }
+    }
+}
+
 /// One queue: its ring and its entries' buffers. Used by one thread.
 pub struct FuseUringQueue {
     /// Declared first: dropped (its commands canceled) before the buffers
     /// the kernel was given go away.
     ring: IoUring<squeue::Entry128, cqueue::Entry>,
     headers: MmapMut,
-    payloads: MmapMut,
+    /// Shared with the `PayloadLease`s of requests still being served.
+    payloads: Arc<Payloads>,
+    /// Per entry: one reference here, one more per live lease of its payload.
+    leases: Box<[Arc<()>]>,
     /// Each entry's two iovecs (header, payload) as the kernel reads them at
     /// registration: (address, length) pairs, the layout of `struct iovec`.
     iovecs: Box<[[u64; 2]]>,
@@ -115,10 +179,17 @@ impl FuseUringQueue {
         // Room for every entry's command.
         let ring = IoUring::<squeue::Entry128, cqueue::Entry>::builder()
             .build((u32::from(entries) + 2).next_power_of_two())?;
+        let mut payloads = payloads;
+        let payloads = Arc::new(Payloads {
+            at: payloads.as_mut_ptr(),
+            len: payloads.len(),
+            _map: payloads,
+        });
         Ok(Self {
             ring,
             headers,
             payloads,
+            leases: (0..entries).map(|_| Arc::new(())).collect(),
             iovecs: iovecs.into_boxed_slice(),
             payload_bytes,
             entries,
@@ -196,10 +267,35 @@ impl FuseUringQueue {
         assert!(entry < self.entries, "entry {entry} of a queue of {}", self.entries);
         let header_at = usize::from(entry) * HEADER_BYTES;
         let payload_at = usize::from(entry) * self.payload_bytes;
-        (
-            &mut self.headers[header_at..header_at + HEADER_BYTES],
-            &mut self.payloads[payload_at..payload_at + self.payload_bytes],
-        )
+        assert!(payload_at + self.payload_bytes <= self.payloads.len);
+        // SAFETY: the range lies in the mapping (asserted), which lives as
+        // long as `self.payloads`; `&mut self` makes this the only slice
+        // handed out through the queue, and callers take no lease of the
+        // entry while they hold it (leases are only read, and `is_leased`
+        // lets the caller check none is left before the entry is re-armed).
+        let payload = unsafe { std::slice::from_raw_parts_mut(self.payloads.at.add(payload_at), self.payload_bytes) };
+        (&mut self.headers[header_at..header_at + HEADER_BYTES], payload)
+    }
+
+    /// What `lease` needs to hand out entry `entry`'s payload bytes without
+    /// copying them: take it before `buffers`.
+    #[must_use]
+    pub fn lessor(&self, entry: u16) -> PayloadLessor {
+        assert!(entry < self.entries, "entry {entry} of a queue of {}", self.entries);
+        PayloadLessor {
+            payloads: Arc::clone(&self.payloads),
+            marker: Arc::clone(&self.leases[usize::from(entry)]),
+            entry_at: usize::from(entry) * self.payload_bytes,
+            entry_len: self.payload_bytes,
+        }
+    }
+
+    /// Whether a lease (or a lessor) of entry `entry`'s payload is still alive: its
+    /// bytes must stay as they are, so the entry must not take the next
+    /// request (which the kernel writes into the payload).
+    #[must_use]
+    pub fn is_leased(&self, entry: u16) -> bool {
+        Arc::strong_count(&self.leases[usize::from(entry)]) > 1
     }
 
     #[must_use]
@@ -225,6 +321,50 @@ mod tests {
         assert_eq!(u64::from_ne_bytes(bytes[16..24].try_into().unwrap()), 0x1000);
         assert_eq!(u32::from_ne_bytes(bytes[24..28].try_into().unwrap()), 2);
         assert_eq!(u64::from_ne_bytes(bytes[32..40].try_into().unwrap()), 7);
+    }
+
+    #[test]
+    fn a_lease_lends_only_its_entrys_payload_bytes_and_marks_the_entry_until_dropped() {
+        let entry_bytes = 8192;
+        let mut map = MmapOptions::new().len(2 * entry_bytes).map_anon().unwrap();
+        map[entry_bytes..entry_bytes + 4].copy_from_slice(b"data");
+        let payloads = Arc::new(Payloads {
+            at: map.as_mut_ptr(),
+            len: map.len(),
+            _map: map,
+        });
+        let marker = Arc::new(());
+        let lessor = PayloadLessor {
+            payloads: Arc::clone(&payloads),
+            marker: Arc::clone(&marker),
+            entry_at: entry_bytes,
+            entry_len: entry_bytes,
+        };
+        // SAFETY: in the test's own mapping, nothing else writes it.
+        let whole = unsafe { std::slice::from_raw_parts(payloads.at, payloads.len) };
+        assert!(lessor.lease(&whole[..16]).is_none(), "another entry's bytes");
+        assert!(
+            lessor.lease(&whole[entry_bytes - 1..entry_bytes + 1]).is_none(),
+            "straddling two entries"
+        );
+        assert!(lessor.lease(&[0u8; 4]).is_none(), "bytes from elsewhere");
+        let lease = lessor
+            .lease(&whole[entry_bytes..entry_bytes + 4])
+            .expect("the entry's own bytes");
+        assert_eq!(lease.as_ref(), b"data");
+        assert!(
+            Arc::strong_count(&marker) > 2,
+            "the lessor and the lease hold the entry"
+        );
+        drop(lessor);
+        drop(payloads);
+        assert_eq!(lease.as_ref(), b"data", "the lease keeps the mapping alive");
+        drop(lease);
+        assert_eq!(
+            Arc::strong_count(&marker),
+            1,
+            "no lease left: the entry may take the next request"
+        );
     }
 
     #[test]

@@ -71,7 +71,7 @@ pub fn run(
             Pattern::RandomWrite => Command::Write {
                 volume_id: volume,
                 lba,
-                data: template.clone(),
+                data: template.clone().into(),
                 epoch: 1,
                 volume_sequence: 0,
             },
@@ -138,7 +138,7 @@ pub fn fill(engine: &Engine, disk: usize, volume: u64, blocks: u64) -> Result<()
                 Command::Write {
                     volume_id: volume,
                     lba: next,
-                    data: data[..bytes].to_vec(),
+                    data: data[..bytes].to_vec().into(),
                     epoch: 1,
                     volume_sequence: 0,
                 },

@@ -137,7 +137,7 @@ fn write_load(args: &LoadArgs) -> Result<ExitCode> {
                 Command::Write {
                     volume_id: args.volume,
                     lba,
-                    data,
+                    data: data.into(),
                     epoch: 1,
                     volume_sequence: generation,
                 },

@@ -34,7 +34,9 @@ pub enum Command {
     Write {
         volume_id: u64,
         lba: u64,
-        data: Vec<u8>,
+        /// Shared, not copied, until the store copies it into its batch
+        /// (a FUSE-over-io_uring write lends it from the request's entry).
+        data: bytes::Bytes,
         epoch: u64,
         volume_sequence: u64,
     },
@@ -565,7 +567,7 @@ mod tests {
         Command::Write {
             volume_id: 1,
             lba,
-            data: vec![byte; 4096],
+            data: vec![byte; 4096].into(),
             epoch: 1,
             volume_sequence: lba + 1,
         }

@@ -296,7 +296,7 @@ impl Volumes {
                 let write = Command::Write {
                     volume_id: id,
                     lba: lba + at,
-                    data,
+                    data: data.into(),
                     epoch,
                     volume_sequence,
                 };

@@ -13,6 +13,7 @@
 
 use std::sync::atomic::Ordering;
 
+use bytes::Bytes;
 use disk_layout::{IoBuf, Reply, StoreError};
 
 use super::{Volume, VolumeIoError};
@@ -321,7 +322,7 @@ impl Volume {
         let rewrite = Command::Write {
             volume_id: self.id,
             lba,
-            data,
+            data: data.into(),
             epoch: self.epoch(),
             volume_sequence: self.next_sequence(),
         };
@@ -343,7 +344,8 @@ impl Volume {
     }
 
     /// Writes `data` at `offset_bytes` (any alignment); answers once durable.
-    pub async fn write(&self, offset_bytes: u64, data: Vec<u8>) -> Result<(), VolumeIoError> {
+    pub async fn write(&self, offset_bytes: u64, data: impl Into<Bytes>) -> Result<(), VolumeIoError> {
+        let data: Bytes = data.into();
         self.check_writable()?;
         let len_bytes = data.len() as u64;
         self.check_range(offset_bytes, len_bytes)?;
@@ -356,7 +358,7 @@ impl Volume {
         }
         let _exclusive = self.rmw.write().await;
         let (lba, block_data) = self.merge_partial_blocks(offset_bytes, &data).await?;
-        self.write_aligned(lba, block_data).await
+        self.write_aligned(lba, block_data.into()).await
     }
 
     /// Builds whole blocks covering `offset_bytes..+data.len()`: the
@@ -383,16 +385,20 @@ impl Volume {
     }
 
     /// Writes whole blocks: encrypted first if the volume is.
-    async fn write_aligned(&self, lba: u64, mut data: Vec<u8>) -> Result<(), VolumeIoError> {
+    async fn write_aligned(&self, lba: u64, mut data: Bytes) -> Result<(), VolumeIoError> {
         debug_assert!((data.len() as u64).is_multiple_of(BLOCK_BYTES));
         if let Some(cipher) = self.cipher()? {
-            cipher.encrypt_blocks(lba, &mut data);
+            // In place when `data` is the only owner of a buffer of its own.
+            let mut buffer = bytes::BytesMut::from(data);
+            cipher.encrypt_blocks(lba, &mut buffer);
+            data = buffer.freeze();
         }
         if self.replicator().is_some() {
-            // Replicated: each piece is ordered and copied on its own.
-            for (index, chunk) in data.chunks(STORE_REQUEST_BYTES_MAX).enumerate() {
+            // Replicated: each piece is ordered on its own.
+            for (index, at) in (0..data.len()).step_by(STORE_REQUEST_BYTES_MAX).enumerate() {
+                let chunk = data.slice(at..(at + STORE_REQUEST_BYTES_MAX).min(data.len()));
                 let chunk_lba = lba + (index * STORE_REQUEST_BYTES_MAX) as u64 / BLOCK_BYTES;
-                self.mutate(chunk_lba, chunk.len() as u64 / BLOCK_BYTES, Some(chunk.to_vec()))
+                self.mutate(chunk_lba, chunk.len() as u64 / BLOCK_BYTES, Some(chunk))
                     .await?;
             }
             return Ok(());
@@ -412,7 +418,7 @@ impl Volume {
         let _gate = self.move_gate.read().await;
         let mut pending = Vec::new();
         let block_count = data.len() as u64 / BLOCK_BYTES;
-        for (index, chunk) in data.chunks(STORE_REQUEST_BYTES_MAX).enumerate() {
+        for (index, at) in (0..data.len()).step_by(STORE_REQUEST_BYTES_MAX).enumerate() {
             let (sender, receiver) = tokio::sync::oneshot::channel();
             let chunk_lba = lba + (index * STORE_REQUEST_BYTES_MAX) as u64 / BLOCK_BYTES;
             self.engine.submit(
@@ -420,7 +426,7 @@ impl Volume {
                 Command::Write {
                     volume_id: self.id,
                     lba: chunk_lba,
-                    data: chunk.to_vec(),
+                    data: data.slice(at..(at + STORE_REQUEST_BYTES_MAX).min(data.len())),
                     epoch: self.epoch(),
                     volume_sequence: self.next_sequence(),
                 },
@@ -439,7 +445,7 @@ impl Volume {
     /// One mutation (a write of `data`, or a zeroing when None) applied
     /// locally and on every in-sync replica at once, ordered against
     /// overlapping mutations; Ok only when all have it durable.
-    async fn mutate(&self, lba: u64, block_count: u64, data: Option<Vec<u8>>) -> Result<(), VolumeIoError> {
+    async fn mutate(&self, lba: u64, block_count: u64, data: Option<Bytes>) -> Result<(), VolumeIoError> {
         let _range = self.ranges.lock(lba, block_count).await;
         // The serving tenure's epoch: if a newer coordinator fenced this node
         // meanwhile, the replicas refuse it.
@@ -453,7 +459,7 @@ impl Volume {
                     epoch,
                     volume_sequence,
                 },
-                OpKind::Write(data),
+                OpKind::Write(data.to_vec()),
             ),
             None => (
                 Command::Zero {
@@ -508,7 +514,7 @@ impl Volume {
             OpKind::Write(data) => Command::Write {
                 volume_id: self.id,
                 lba: op.lba,
-                data,
+                data: data.into(),
                 epoch: op.epoch,
                 volume_sequence: op.volume_sequence,
             },
@@ -576,7 +582,7 @@ impl Volume {
             if end > start {
                 let zeroes = vec![0u8; usize_of(end - start)];
                 let (lba, blocks) = self.merge_partial_blocks(start, &zeroes).await?;
-                self.write_aligned(lba, blocks).await?;
+                self.write_aligned(lba, blocks.into()).await?;
             }
         }
         Ok(())
@@ -605,7 +611,7 @@ impl Volume {
         let mut done = 0;
         while done < block_count {
             let count = per_request.min(block_count - done);
-            self.write_aligned(lba + done, vec![0u8; usize_of(count * BLOCK_BYTES)])
+            self.write_aligned(lba + done, vec![0u8; usize_of(count * BLOCK_BYTES)].into())
                 .await?;
             done += count;
         }

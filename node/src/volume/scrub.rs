@@ -108,7 +108,7 @@ impl Volume {
         let command = Command::Write {
             volume_id: self.id,
             lba,
-            data,
+            data: data.into(),
             epoch: self.serving_epoch().max(self.epoch()),
             volume_sequence: self.next_sequence(),
         };

@@ -189,6 +189,17 @@ impl AttachFs {
 
     /// Answers one request.
     pub fn operate(&self, header: &InHeader, operation: Operation<'_>) -> Answer {
+        self.operate_owning(header, operation, bytes::Bytes::copy_from_slice)
+    }
+
+    /// `operate`, with a write's data made owned by `own` (a copy, or a
+    /// lease of the buffer it arrived in).
+    pub fn operate_owning(
+        &self,
+        header: &InHeader,
+        operation: Operation<'_>,
+        own: impl FnOnce(&[u8]) -> bytes::Bytes,
+    ) -> Answer {
         let inode = header.nodeid;
         match operation {
             Operation::Init { .. } => Answer::Now(Reply::error(libc::EPROTO)), // answered by the session
@@ -221,7 +232,7 @@ impl AttachFs {
                 None => Reply::error(libc::ENOENT),
             }),
             Operation::Read { offset, size } => self.read(inode, offset, size),
-            Operation::Write { offset, data } => self.write(inode, offset, data),
+            Operation::Write { offset, data } => self.write(inode, offset, data.len(), || own(data)),
             Operation::Fsync => match self.files.get(inode) {
                 Some(volume) => Answer::Later(Box::pin(async move {
                     match volume.flush().await {
@@ -274,14 +285,14 @@ impl AttachFs {
         }))
     }
 
-    fn write(&self, inode: u64, offset: u64, data: &[u8]) -> Answer {
+    fn write(&self, inode: u64, offset: u64, len: usize, own: impl FnOnce() -> bytes::Bytes) -> Answer {
         let volume = match self.files.serving(inode) {
             Ok(volume) => volume,
             Err(errno) => return Answer::Now(Reply::error(errno)),
         };
-        let written = u32::try_from(data.len()).unwrap_or(u32::MAX);
-        // Copied out of the channel's buffer, which takes the next request.
-        let data = data.to_vec();
+        let written = u32::try_from(len).unwrap_or(u32::MAX);
+        // Out of the buffer it came in, which may take the next request.
+        let data = own();
         // Every acknowledged write is durable (and replicated): FUA is implicit.
         Answer::Later(Box::pin(async move {
             match volume.write(offset, data).await {

@@ -218,6 +218,8 @@ struct QueueGuest {
     register_attempts: u32,
     completions: Vec<(u64, i32)>,
     logged_serving: bool,
+    /// Answers held back while their entry's write data is still lent.
+    deferred: Vec<(u16, u64, Reply)>,
 }
 
 impl QueueGuest {
@@ -254,6 +256,7 @@ impl QueueGuest {
             register_attempts: 0,
             completions: Vec::new(),
             logged_serving: false,
+            deferred: Vec::new(),
         })
     }
 
@@ -291,13 +294,13 @@ impl QueueGuest {
                         self.logged_serving = true;
                         tracing::debug!(qid = self.qid, "FUSE io_uring queue serving");
                     }
-                    receive(
+                    self.deferred.extend(receive(
                         &mut self.queue,
                         entry,
                         &self.shared.filesystem,
                         &self.wakers,
                         &mut self.tasks,
-                    );
+                    ));
                 }
                 error if -error == libc::EAGAIN && self.register_attempts < REGISTER_ATTEMPTS_MAX => {
                     // The kernel is still taking the INIT answer: register again shortly.
@@ -318,15 +321,26 @@ impl QueueGuest {
         }
         let woken: Vec<u16> = std::mem::take(&mut *self.ready.entries.lock());
         for entry in woken {
-            poll_task(&mut self.queue, entry, &self.wakers, &mut self.tasks);
+            self.deferred
+                .extend(poll_task(&mut self.queue, entry, &self.wakers, &mut self.tasks));
+        }
+        for (entry, unique, reply) in std::mem::take(&mut self.deferred) {
+            if self.queue.is_leased(entry) {
+                self.deferred.push((entry, unique, reply));
+            } else {
+                answer(&mut self.queue, entry, unique, &reply);
+            }
         }
         self.queue
             .submit_queued()
             .map_err(|error| format!("io_uring: {error}"))?;
-        if self.shared.stop.load(Ordering::Acquire) && self.tasks.iter().all(Option::is_none) {
+        if self.shared.stop.load(Ordering::Acquire)
+            && self.tasks.iter().all(Option::is_none)
+            && self.deferred.is_empty()
+        {
             return Ok(GuestState::Finished);
         }
-        if self.retry_at.is_some() {
+        if self.retry_at.is_some() || !self.deferred.is_empty() {
             // Not woken by anything else before the retry is due.
             self.ready.reactor.wake();
         }
@@ -364,14 +378,17 @@ impl Drop for QueueGuest {
     }
 }
 
-/// Takes the request in `entry` and answers it, now or once the volume completes it.
+/// Takes the request in `entry` and answers it, now or once the volume
+/// completes it (or hands the answer back, as `poll_task` does).
+#[must_use]
 fn receive(
     queue: &mut FuseUringQueue,
     entry: u16,
     filesystem: &AttachFs,
     wakers: &[Waker],
     tasks: &mut [Option<Task>],
-) {
+) -> Option<(u16, u64, Reply)> {
+    let lessor = queue.lessor(entry);
     let (header, payload) = queue.buffers(entry);
     let payload_bytes = u32::from_le_bytes(
         header[PAYLOAD_SIZE_AT..PAYLOAD_SIZE_AT + 4]
@@ -388,34 +405,61 @@ fn receive(
         Ok(request) => request,
         Err(error) => {
             tracing::warn!(%error, "malformed FUSE request on io_uring: EIO");
-            return answer(queue, entry, commit_id, &Reply::error(libc::EIO));
+            answer(queue, entry, commit_id, &Reply::error(libc::EIO));
+            return None;
         }
     };
     let unique = in_header.unique;
     debug_assert_eq!(unique, commit_id);
-    match filesystem.operate(&in_header, operation) {
+    // A write's data is lent from the entry, not copied: the entry is not
+    // answered (nor re-armed) before the lease is dropped.
+    let own = |data: &[u8]| match lessor.lease(data) {
+        Some(lease) => bytes::Bytes::from_owner(lease),
+        None => bytes::Bytes::copy_from_slice(data),
+    };
+    let answered = filesystem.operate_owning(&in_header, operation, own);
+    drop(lessor); // it counts as a lease of the entry too
+    match answered {
         Answer::Now(reply) => answer(queue, entry, unique, &reply),
         // Nothing that needs no answer comes through a ring; answer anyway so the entry is armed again.
         Answer::Nothing => answer(queue, entry, unique, &Reply::ok(super::Body::Empty)),
         Answer::Later(pending) => {
             tasks[usize::from(entry)] = Some(Task { unique, pending });
-            poll_task(queue, entry, wakers, tasks);
+            return poll_task(queue, entry, wakers, tasks);
         }
     }
+    None
 }
 
-/// Polls `entry`'s request; answers it when done.
-fn poll_task(queue: &mut FuseUringQueue, entry: u16, wakers: &[Waker], tasks: &mut [Option<Task>]) {
+/// Polls `entry`'s request; answers it when done, or hands the answer
+/// back when the entry's payload is still lent (see `QueueGuest::deferred`).
+#[must_use]
+fn poll_task(
+    queue: &mut FuseUringQueue,
+    entry: u16,
+    wakers: &[Waker],
+    tasks: &mut [Option<Task>],
+) -> Option<(u16, u64, Reply)> {
     let slot = &mut tasks[usize::from(entry)];
     let Some(task) = slot.as_mut() else {
-        return; // a stale wake-up of a request already answered
+        return None; // a stale wake-up of a request already answered
     };
     let mut context = Context::from_waker(&wakers[usize::from(entry)]);
     if let Poll::Ready(reply) = task.pending.as_mut().poll(&mut context) {
         let unique = task.unique;
         *slot = None;
+        if queue.is_leased(entry) {
+            // Something kept the write's data past the request: answering
+            // would let the kernel write the next request over it.
+            tracing::warn!(
+                entry,
+                "FUSE write data still lent after its request finished; answer deferred"
+            );
+            return Some((entry, unique, reply));
+        }
         answer(queue, entry, unique, &reply);
     }
+    None
 }
 
 /// Writes `reply` into `entry` and commits it (which fetches the next request into it).
