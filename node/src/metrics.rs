@@ -622,7 +622,14 @@ impl NodeMetrics {
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(self.engine.handoffs()).encode(metric)
+        ConstCounter::new(self.engine.handoffs()).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "ballast_reactor_guests_hosted",
+            "Connections (NBD, peer) and FUSE io_uring queues handed to the reactors to serve.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(self.engine.guests_hosted()).encode(metric)
     }
 
     fn encode_cluster(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {

@@ -205,6 +205,15 @@ fn metrics_parse_move_with_client_io_and_cover_the_dashboard_and_alert_rules() {
     assert!(moved(r#"ballast_volume_request_duration_seconds_count{volume="m",op="write"}"#) >= 1.0);
     assert!(moved(r#"ballast_volume_replication_duration_seconds_count{volume="m"}"#) >= 1.0);
     assert_eq!(value(&after, r#"ballast_volume_replicas_in_sync{volume="m"}"#), 3.0);
+    // The replicas serve the coordinator's peer connection on their reactors
+    // (they have no client of their own to host).
+    for replica in &cluster.nodes[1..] {
+        let hosted = value(&samples(&scrape(replica)), "ballast_reactor_guests_hosted_total");
+        assert!(
+            hosted >= 1.0,
+            "peer connections served on a replica's reactor: {hosted}"
+        );
+    }
     assert_eq!(
         value(&after, r#"ballast_volume_errors_total{volume="m",op="write"}"#),
         0.0

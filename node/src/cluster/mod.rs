@@ -508,6 +508,31 @@ impl PeerHandler for Cluster {
         (self.cluster_id(), self.local.id)
     }
 
+    /// On a reactor (in turn), like NBD connections: a replica write read
+    /// off the connection reaches the store, and its acknowledgement the
+    /// socket, on that thread, with no hop through the runtime's threads
+    /// (`BALLAST_PEER_ON_REACTORS=0`: on the runtime).
+    fn host(&self, served: crate::peer::server::HostedConnection) -> Result<(), crate::peer::server::HostedConnection> {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let on = *ON.get_or_init(|| std::env::var("BALLAST_PEER_ON_REACTORS").map_or(true, |value| value != "0"));
+        let Some(volumes) = self.volumes.get().filter(|_| on) else {
+            return Err(served);
+        };
+        let engine = volumes.engine();
+        let hosts = engine.hosts();
+        if hosts.is_empty() {
+            return Err(served);
+        }
+        let host = &hosts[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % hosts.len()];
+        let guest = crate::engine::FutureGuest::new(served, host.waker.clone(), tokio::runtime::Handle::current());
+        if let Err(error) = engine.host_guest(host.reactor, Box::new(guest)) {
+            // The engine is stopping: the connection ends (the dropped guest drops it).
+            tracing::debug!(%error, "peer connection not hosted");
+        }
+        Ok(())
+    }
+
     async fn handle(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(FrameKind, Vec<u8>), String> {
         match kind {
             FrameKind::RaftAppend | FrameKind::RaftVote | FrameKind::RaftSnapshot => {

@@ -186,6 +186,8 @@ pub struct Engine {
     config: EngineConfig,
     /// Requests a reactor's guest sent to another reactor.
     handoffs: AtomicU64,
+    /// Guests handed to reactors (`host_guest`), ever.
+    hosted: AtomicU64,
 }
 
 /// Where each disk's requests go; grows when a disk is added.
@@ -237,6 +239,7 @@ impl Engine {
             }),
             config: config.clone(),
             handoffs: AtomicU64::new(0),
+            hosted: AtomicU64::new(0),
         };
         if let Some(error) = failure {
             engine.shutdown();
@@ -330,7 +333,16 @@ impl Engine {
     pub fn host_guest(&self, reactor: usize, guest: Box<dyn Guest>) -> Result<(), EngineError> {
         let routes = self.routes.read();
         let handle = routes.reactors.get(reactor).ok_or(EngineError::Stopped)?;
-        handle.send(Control::Guest(guest), &self.handoffs)
+        handle.send(Control::Guest(guest), &self.handoffs)?;
+        self.hosted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Guests (NBD and peer connections, FUSE io_uring queues) handed to
+    /// the reactors since the engine started.
+    #[must_use]
+    pub fn guests_hosted(&self) -> u64 {
+        self.hosted.load(Ordering::Relaxed)
     }
 
     /// Requests that a reactor's guest sent to another reactor's disk.

@@ -30,6 +30,14 @@ pub trait PeerHandler: Send + Sync + 'static {
     /// This node's cluster (None: not in one) and node id, for the handshake.
     fn identity(&self) -> (Option<uuid::Uuid>, u64);
 
+    /// Runs a member connection's request loop (`served`) where its requests
+    /// are cheapest to serve, e.g. on the reactor that owns the disk its
+    /// replica writes go to; hands it back to run on the caller's task when
+    /// there is no such place.
+    fn host(&self, served: HostedConnection) -> Result<(), HostedConnection> {
+        Err(served)
+    }
+
     /// Answers one request: the reply's kind and payload, or a refusal reason.
     fn handle(
         &self,
@@ -37,6 +45,9 @@ pub trait PeerHandler: Send + Sync + 'static {
         payload: Vec<u8>,
     ) -> impl std::future::Future<Output = Result<(FrameKind, Vec<u8>), String>> + Send;
 }
+
+/// A connection's request loop, to be run to completion (`PeerHandler::host`).
+pub type HostedConnection = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Serves peers until `stop` turns true. Every connection is TLS with this
 /// node's certificate (none yet: connections are closed at once); a client
@@ -150,7 +161,26 @@ async fn connection<H: PeerHandler>(
     };
     let payload = serde_json::to_vec(&welcome).expect("welcome serializes");
     write_frame(&mut stream, address, FrameKind::Welcome, first.request_id, &payload).await?;
-    serve_requests(stream, address, handler, admitted, stop).await
+    if admitted == Admitted::JoinOnly {
+        return serve_requests(stream, address.to_owned(), handler, admitted, stop).await;
+    }
+    let (sender, receiver) = tokio::sync::oneshot::channel();
+    let served = serve_requests(stream, address.to_owned(), Arc::clone(&handler), admitted, stop);
+    let served: HostedConnection = Box::pin(async move {
+        let _ = sender.send(served.await);
+    });
+    match handler.host(served) {
+        Ok(()) => receiver.await.unwrap_or_else(|_| {
+            Err(PeerError::Io {
+                address: address.to_owned(),
+                source: std::io::Error::other("the connection's host stopped"),
+            })
+        }),
+        Err(served) => {
+            served.await;
+            receiver.await.unwrap_or(Ok(()))
+        }
+    }
 }
 
 /// Reads requests and runs them concurrently as futures of this
@@ -160,11 +190,12 @@ async fn connection<H: PeerHandler>(
 /// ones ready together in one send.
 async fn serve_requests<H: PeerHandler>(
     stream: PeerStream,
-    address: &str,
+    address: String,
     handler: Arc<H>,
     admitted: Admitted,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), PeerError> {
+    let address = address.as_str();
     let (reader, mut writer) = tokio::io::split(stream);
     let reader = tokio::io::BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let io_error = |source| PeerError::Io {

@@ -445,6 +445,12 @@ pub struct Volumes {
 }
 
 impl Volumes {
+    /// The engine the volumes' disks run on.
+    #[must_use]
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
     /// Loads the metadata, finishes interrupted deletes, releases orphaned
     /// data, and makes every volume ready for I/O.
     pub fn open(engine: Arc<Engine>, meta: MetaStore) -> Result<Self, VolumeError> {
