@@ -13,12 +13,17 @@ use tokio::sync::oneshot;
 
 use super::client::PeerClient;
 use super::frame::FrameKind;
-use super::{read_frame, write_frame, Frame, PeerError, PeerStream};
+use super::{read_frame, Frame, PeerError, PeerStream};
+use tokio::io::AsyncWriteExt;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
 
 struct Connection {
     writer: tokio::sync::Mutex<WriteHalf<PeerStream>>,
+    /// Frames encoded and not yet sent: whoever takes the writer sends
+    /// all of them at once (one TLS record and one system call for the
+    /// frames of many concurrent requests).
+    outbox: Mutex<Vec<u8>>,
     pending: Pending,
     dead: Arc<AtomicBool>,
     next_request_id: AtomicU64,
@@ -92,6 +97,7 @@ impl MuxLink {
         };
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
+            outbox: Mutex::new(Vec::new()),
             pending,
             dead,
             next_request_id: AtomicU64::new(1),
@@ -99,6 +105,33 @@ impl MuxLink {
         });
         *slot = Some(Arc::clone(&connection));
         Ok(connection)
+    }
+
+    /// Sends what `connection`'s outbox holds, unless an earlier caller
+    /// already took it (then the frame this caller added went with theirs).
+    /// With other requests in flight, callers polled in one turn of the same
+    /// thread (a reactor serving many requests) let the others add theirs
+    /// first: the send waits one yield. The peer, serving the connection on
+    /// its reactor, then takes the frames of one send in one turn (one
+    /// group commit, one reply send).
+    async fn send_outbox(&self, connection: &Connection) -> Result<(), PeerError> {
+        // Alone (nothing else in flight here): no one to wait for.
+        if connection.pending.lock().len() > 1 {
+            tokio::task::yield_now().await;
+        }
+        let mut writer = connection.writer.lock().await;
+        let bytes = std::mem::take(&mut *connection.outbox.lock());
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        writer.write_all(&bytes).await.map_err(|source| PeerError::Io {
+            address: self.address.clone(),
+            source,
+        })?;
+        writer.flush().await.map_err(|source| PeerError::Io {
+            address: self.address.clone(),
+            source,
+        })
     }
 
     /// Sends one request and waits (at most `timeout`, dial included) for its reply.
@@ -112,12 +145,14 @@ impl MuxLink {
                 pending: &connection.pending,
                 request_id,
             };
-            {
-                let mut writer = connection.writer.lock().await;
-                if let Err(error) = write_frame(&mut *writer, &self.address, kind, request_id, payload).await {
-                    connection.dead.store(true, Ordering::Release);
-                    return Err(error);
-                }
+            let frame = super::frame::encode(kind, request_id, payload).map_err(|source| PeerError::Frame {
+                address: self.address.clone(),
+                source,
+            })?;
+            connection.outbox.lock().extend_from_slice(&frame);
+            if let Err(error) = self.send_outbox(&connection).await {
+                connection.dead.store(true, Ordering::Release);
+                return Err(error);
             }
             let reply = receiver.await.map_err(|_| PeerError::Io {
                 address: self.address.clone(),
