@@ -364,6 +364,11 @@ impl LocalCluster {
         self.nodes.iter().map(|node| node.server.cpu_seconds()).sum()
     }
 
+    /// Context switches of every node's threads so far, summed.
+    pub fn context_switches(&self) -> Result<u64> {
+        self.nodes.iter().map(|node| node.server.context_switches()).sum()
+    }
+
     /// Every node's log lines that contain one of `words`, prefixed with the node.
     #[must_use]
     pub fn log_lines_with(&self, words: &[&str]) -> String {

@@ -88,10 +88,12 @@ struct VolumeSamples {
     flush_latency_p999_us: Samples,
     /// CPU time of all three nodes (user + system, all threads) per write.
     cluster_cpu_us_per_write: Samples,
+    /// Context switches of all three nodes' threads per write.
+    cluster_context_switches_per_write: Samples,
 }
 
 impl VolumeSamples {
-    fn push(&mut self, result: &FioResult, cluster_cpu_seconds: f64) {
+    fn push(&mut self, result: &FioResult, cluster: Spent) {
         self.iops.push(result.iops);
         self.write_latency_p50_us.push(result.latency_p50_us);
         self.write_latency_p99_us.push(result.latency_p99_us);
@@ -101,9 +103,18 @@ impl VolumeSamples {
             self.flush_latency_p99_us.push(result.flush_latency_p99_us);
             self.flush_latency_p999_us.push(result.flush_latency_p999_us);
         }
-        self.cluster_cpu_us_per_write
-            .push(cluster_cpu_seconds * 1e6 / result.io_count.max(1) as f64);
+        let writes = result.io_count.max(1) as f64;
+        self.cluster_cpu_us_per_write.push(cluster.cpu_seconds * 1e6 / writes);
+        self.cluster_context_switches_per_write
+            .push(cluster.context_switches as f64 / writes);
     }
+}
+
+/// What the nodes spent during one measure.
+#[derive(Clone, Copy, Debug, Default)]
+struct Spent {
+    cpu_seconds: f64,
+    context_switches: u64,
 }
 
 /// A ratio the issue asks for (reported, not asserted).
@@ -186,6 +197,11 @@ fn rows(samples: &[[VolumeSamples; NODE_COUNT]]) -> Vec<Row> {
         row(
             "QD32 CPU per write, 3 nodes (µs)",
             pick(QD32, |s| &s.cluster_cpu_us_per_write),
+            None,
+        ),
+        row(
+            "QD32 context switches per write, 3 nodes",
+            pick(QD32, |s| &s.cluster_context_switches_per_write),
             None,
         ),
         row("QD1 write+FLUSH pairs/s", pick(QD1, |s| &s.iops), None),
@@ -328,8 +344,8 @@ fn measure_all(
             for turn in 0..NODE_COUNT {
                 // Rotated each repetition, so no replica count always runs first (or last).
                 let slot = (turn + run) % NODE_COUNT;
-                let (result, cpu_seconds) = run_measure(cluster, measure, &uris[slot], options, volume_bytes)?;
-                samples[index][slot].push(&result, cpu_seconds);
+                let (result, spent) = run_measure(cluster, measure, &uris[slot], options, volume_bytes)?;
+                samples[index][slot].push(&result, spent);
                 let flush = if result.flush_count > 0 {
                     format!(", FLUSH p99 {:.0} us", result.flush_latency_p99_us)
                 } else {
@@ -355,14 +371,14 @@ fn measure_all(
     Ok(samples)
 }
 
-/// Runs one fio job on one volume: fio's result and the CPU seconds all nodes used meanwhile.
+/// Runs one fio job on one volume: fio's result and what all nodes spent meanwhile.
 fn run_measure(
     cluster: &LocalCluster,
     measure: &Measure,
     uri: &str,
     options: &ReplOptions,
     volume_bytes: u64,
-) -> Result<(FioResult, f64)> {
+) -> Result<(FioResult, Spent)> {
     let mut job = FioJob::new(
         measure.key,
         measure.rw,
@@ -373,13 +389,17 @@ fn run_measure(
     );
     job.extra = measure.extra.iter().map(|&option| option.to_owned()).collect();
     let cpu_before = cluster.cpu_seconds()?;
+    let switches_before = cluster.context_switches()?;
     let result =
         fio::run_on_nbd(&job, uri).with_context(|| format!("{} on {uri}:\n{}", measure.key, cluster.log_tails()))?;
-    let cpu_seconds = cluster.cpu_seconds()? - cpu_before;
+    let spent = Spent {
+        cpu_seconds: cluster.cpu_seconds()? - cpu_before,
+        context_switches: cluster.context_switches()?.saturating_sub(switches_before),
+    };
     if !measure.extra.is_empty() && result.flush_count == 0 {
         bail!("fio sent no FLUSH on {uri} with {:?}", measure.extra);
     }
-    Ok((result, cpu_seconds))
+    Ok((result, spent))
 }
 
 /// Fails early, with a hint, when fio, root or a recent ballast binary is missing.
@@ -401,6 +421,9 @@ fn preflight(ballast: &BallastBinary) -> Result<()> {
 fn format_value(value: f64) -> String {
     if value >= 1e4 {
         compact(value)
+    } else if value < 10.0 {
+        // Small counts (context switches per write) keep a decimal.
+        format!("{value:.1}")
     } else {
         format!("{value:.0}")
     }
@@ -522,14 +545,19 @@ mod tests {
             flush_latency_p999_us: 80.0,
             ..write_only
         };
+        let spent = Spent {
+            cpu_seconds: 0.01,
+            context_switches: 2500,
+        };
         for volume in &mut all[QD32] {
-            volume.push(&write_only, 0.01);
+            volume.push(&write_only, spent);
         }
         for volume in &mut all[QD1] {
-            volume.push(&with_flush, 0.01);
+            volume.push(&with_flush, spent);
         }
         assert!(all[QD32][0].flush_latency_p99_us.values.is_empty());
         assert!((all[QD1][2].cluster_cpu_us_per_write.median() - 10.0).abs() < 1e-9);
+        assert!((all[QD32][1].cluster_context_switches_per_write.median() - 2.5).abs() < 1e-9);
         let table = rows(&all);
         assert_eq!(table.iter().filter(|row| row.target.is_some()).count(), 3);
         assert!(table.iter().all(|row| (row.ratio_3_over_1 - 1.0).abs() < 1e-12));

@@ -137,6 +137,21 @@ impl Server {
         Ok((ticks(11)? + ticks(12)?) / USER_HZ)
     }
 
+    /// Context switches (voluntary and not) of all the server's live
+    /// threads so far: a thread that ended meanwhile takes its count with it.
+    pub fn context_switches(&self) -> Result<u64> {
+        let child = self.child.as_ref().context("server stopped")?;
+        let mut total = 0;
+        for task in std::fs::read_dir(format!("/proc/{}/task", child.id()))? {
+            // A thread may end between the listing and the read.
+            let Ok(status) = std::fs::read_to_string(task?.path().join("status")) else {
+                continue;
+            };
+            total += context_switches_in(&status);
+        }
+        Ok(total)
+    }
+
     /// Exit status if the process has ended.
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
         self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
@@ -297,6 +312,19 @@ impl BallastBinary {
     }
 }
 
+/// The voluntary and involuntary context switches a /proc/PID/task/TID/status text counts.
+fn context_switches_in(status: &str) -> u64 {
+    status
+        .lines()
+        .filter_map(|line| {
+            let (key, value) = line.split_once(':')?;
+            matches!(key, "voluntary_ctxt_switches" | "nonvoluntary_ctxt_switches")
+                .then(|| value.trim().parse::<u64>().ok())
+                .flatten()
+        })
+        .sum()
+}
+
 /// Enrolls `device` into a fresh data directory under `scratch`, starts a
 /// node on free ports, makes it a one-node cluster and creates the export
 /// as a volume of `volume_bytes`.
@@ -449,6 +477,17 @@ pub fn start_nbdkit_null(scratch: &Path, run: usize, size_bytes: u64) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn context_switches_count_voluntary_and_involuntary_ones_of_a_thread() {
+        let status = "Name:\tballast-reactor\nState:\tS (sleeping)\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(context_switches_in(status), 127);
+        assert_eq!(context_switches_in("Name:\tx\n"), 0);
+        // A sleep gives up the CPU: at least one voluntary switch.
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let own = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        assert!(context_switches_in(&own) > 0, "this thread has run: {own}");
+    }
 
     #[test]
     fn server_latency_weighs_reads_and_writes_by_count_and_leaves_flushes_out() {
