@@ -525,8 +525,7 @@ impl PeerHandler for Cluster {
             return Err(served);
         }
         let host = &hosts[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % hosts.len()];
-        let guest = crate::engine::FutureGuest::new(served, host.waker.clone(), tokio::runtime::Handle::current());
-        if let Err(error) = engine.host_guest(host.reactor, Box::new(guest)) {
+        if let Err(error) = engine.host_future(host, served) {
             // The engine is stopping: the connection ends (the dropped guest drops it).
             tracing::debug!(%error, "peer connection not hosted");
         }

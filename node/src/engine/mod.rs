@@ -338,6 +338,17 @@ impl Engine {
         Ok(())
     }
 
+    /// Runs `future` to completion on `host`'s reactor (a `FutureGuest`),
+    /// in the current runtime's context (its I/O and timers wake it).
+    pub fn host_future(
+        &self,
+        host: &Host,
+        future: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), EngineError> {
+        let guest = FutureGuest::new(future, host.waker.clone(), tokio::runtime::Handle::current());
+        self.host_guest(host.reactor, Box::new(guest))
+    }
+
     /// Guests (NBD and peer connections, FUSE io_uring queues) handed to
     /// the reactors since the engine started.
     #[must_use]

@@ -177,16 +177,11 @@ where
     match host.filter(|_| on_reactors()) {
         Some(host) => {
             let (sender, receiver) = tokio::sync::oneshot::channel();
-            let guest = crate::engine::FutureGuest::new(
-                async move {
-                    let _ = sender.send(served.await);
-                },
-                host.waker.clone(),
-                tokio::runtime::Handle::current(),
-            );
             volume
                 .engine()
-                .host_guest(host.reactor, Box::new(guest))
+                .host_future(&host, async move {
+                    let _ = sender.send(served.await);
+                })
                 .map_err(|error| NbdError::Protocol(format!("cannot serve the connection: {error}")))?;
             receiver.await.unwrap_or_else(|_| {
                 Err(NbdError::Protocol(
