@@ -124,14 +124,12 @@ impl MuxLink {
         if bytes.is_empty() {
             return Ok(());
         }
-        writer.write_all(&bytes).await.map_err(|source| PeerError::Io {
+        let io_error = |source| PeerError::Io {
             address: self.address.clone(),
             source,
-        })?;
-        writer.flush().await.map_err(|source| PeerError::Io {
-            address: self.address.clone(),
-            source,
-        })
+        };
+        writer.write_all(&bytes).await.map_err(io_error)?;
+        writer.flush().await.map_err(io_error)
     }
 
     /// Sends one request and waits (at most `timeout`, dial included) for its reply.
@@ -149,7 +147,15 @@ impl MuxLink {
                 address: self.address.clone(),
                 source,
             })?;
-            connection.outbox.lock().extend_from_slice(&frame);
+            {
+                let mut outbox = connection.outbox.lock();
+                // The first frame is the buffer itself; later ones are appended.
+                if outbox.is_empty() {
+                    *outbox = frame;
+                } else {
+                    outbox.extend_from_slice(&frame);
+                }
+            }
             if let Err(error) = self.send_outbox(&connection).await {
                 connection.dead.store(true, Ordering::Release);
                 return Err(error);
