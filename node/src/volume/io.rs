@@ -68,6 +68,15 @@ impl ReadData {
     }
 }
 
+/// `data`, written at `lba`, cut into pieces the store takes in one
+/// request: (first block, bytes) each, sharing `data`'s buffer.
+fn store_requests(lba: u64, data: &Bytes) -> impl Iterator<Item = (u64, Bytes)> + '_ {
+    (0..data.len()).step_by(STORE_REQUEST_BYTES_MAX).map(move |at| {
+        let piece = data.slice(at..(at + STORE_REQUEST_BYTES_MAX).min(data.len()));
+        (lba + at as u64 / BLOCK_BYTES, piece)
+    })
+}
+
 fn usize_of(value: u64) -> usize {
     usize::try_from(value).expect("request sizes fit in memory")
 }
@@ -395,9 +404,7 @@ impl Volume {
         }
         if self.replicator().is_some() {
             // Replicated: each piece is ordered on its own.
-            for (index, at) in (0..data.len()).step_by(STORE_REQUEST_BYTES_MAX).enumerate() {
-                let chunk = data.slice(at..(at + STORE_REQUEST_BYTES_MAX).min(data.len()));
-                let chunk_lba = lba + (index * STORE_REQUEST_BYTES_MAX) as u64 / BLOCK_BYTES;
+            for (chunk_lba, chunk) in store_requests(lba, &data) {
                 self.mutate(chunk_lba, chunk.len() as u64 / BLOCK_BYTES, Some(chunk))
                     .await?;
             }
@@ -418,15 +425,14 @@ impl Volume {
         let _gate = self.move_gate.read().await;
         let mut pending = Vec::new();
         let block_count = data.len() as u64 / BLOCK_BYTES;
-        for (index, at) in (0..data.len()).step_by(STORE_REQUEST_BYTES_MAX).enumerate() {
+        for (chunk_lba, chunk) in store_requests(lba, &data) {
             let (sender, receiver) = tokio::sync::oneshot::channel();
-            let chunk_lba = lba + (index * STORE_REQUEST_BYTES_MAX) as u64 / BLOCK_BYTES;
             self.engine.submit(
                 self.disk_index(),
                 Command::Write {
                     volume_id: self.id,
                     lba: chunk_lba,
-                    data: data.slice(at..(at + STORE_REQUEST_BYTES_MAX).min(data.len())),
+                    data: chunk,
                     epoch: self.epoch(),
                     volume_sequence: self.next_sequence(),
                 },
