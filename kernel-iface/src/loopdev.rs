@@ -67,6 +67,7 @@ impl LoopDevice {
             "rotational",
             "scheduler",
             "nr_requests",
+            "write_cache",
             "discard_max_bytes",
             "logical_block_size",
         ]
@@ -76,6 +77,23 @@ impl LoopDevice {
             ((*setting).to_owned(), value.trim().to_owned())
         })
         .collect()
+    }
+}
+
+impl LoopDevice {
+    /// Tells the block layer the device has no volatile write cache
+    /// (`queue/write_cache` = "write through"), as an SSD with power-loss
+    /// protection says: flushes then complete at once without reaching the
+    /// device, and FUA is dropped from writes. Only true when every write
+    /// the backing file completes is already durable; whether the kernel
+    /// took the setting.
+    pub fn declare_write_through(&self) -> bool {
+        let Some(name) = self.path.file_name().and_then(|name| name.to_str()) else {
+            return false;
+        };
+        let setting = PathBuf::from("/sys/block").join(name).join("queue/write_cache");
+        std::fs::write(&setting, "write through").is_ok()
+            && std::fs::read_to_string(&setting).is_ok_and(|value| value.trim() == "write through")
     }
 }
 

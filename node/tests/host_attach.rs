@@ -620,6 +620,11 @@ fn discards_read_back_as_zeroes_and_give_space_back_and_bad_requests_get_errors(
             .to_owned()
     };
     assert_eq!(queue("rotational"), "0");
+    assert_eq!(
+        queue("write_cache"),
+        "write through",
+        "no volatile cache: an fsync on the device need not cross FUSE"
+    );
     assert_eq!(queue("logical_block_size"), "4096");
     assert_ne!(queue("discard_max_bytes"), "0");
 

@@ -2,7 +2,8 @@
 //! attached to this host as a block device (`volume attach --device`: FUSE
 //! over io_uring or plain FUSE, and a loop device) against the raw device,
 //! fio with io_uring and O_DIRECT on both, targets alternated per
-//! repetition, median: 4 KiB random read and write at QD1 and QD32, 1 MiB
+//! repetition, median: 4 KiB random read and write at QD1 and QD32, 4 KiB
+//! random write with an fsync after each at QD1, 1 MiB
 //! sequential read and write at QD8, the database-like 8 KiB 70/30 job with
 //! an fsync after each write; a repl=1 volume per backend this host has, and
 //! a repl=3 volume of a local 3-node cluster. And a real database: pgbench
@@ -52,7 +53,7 @@ struct Measure {
     target_ratio: Option<f64>,
 }
 
-const MEASURES: [Measure; 7] = [
+const MEASURES: [Measure; 8] = [
     Measure {
         key: "rand_write_4k_qd32",
         label: "4 KiB random write, QD32",
@@ -92,6 +93,16 @@ const MEASURES: [Measure; 7] = [
         extra: &[],
         bytes_per_second: false,
         target_ratio: None,
+    },
+    Measure {
+        key: "rand_write_fsync_4k_qd1",
+        label: "4 KiB random write + fsync, QD1",
+        rw: "randwrite",
+        block_size: "4k",
+        iodepth: 1,
+        extra: &["--fsync=1"],
+        bytes_per_second: false,
+        target_ratio: Some(0.8),
     },
     Measure {
         key: "database_8k_70_30_fsync_qd1",

@@ -324,6 +324,13 @@ impl HostAttach {
                 self.files.remove(&volume.name);
                 format!("cannot make a loop device over {}: {e}", file.display())
             })?;
+        // The FUSE file is opened for direct I/O and a write is answered
+        // only once durable on every in-sync replica: nothing the loop device
+        // completed sits in a volatile cache, so its flushes (a database's
+        // fsync after each commit) need not cross FUSE at all.
+        if !device.declare_write_through() {
+            tracing::warn!(volume = %volume.name, device = %device.path().display(), "the loop device keeps its write-back cache setting: each fsync costs a FUSE round trip");
+        }
         let queue = device.tune_as_ssd();
         tracing::info!(volume = %volume.name, device = %device.path().display(), ?queue, "loop device queue");
         Ok((device, uring))

@@ -221,8 +221,12 @@ pub const UBLK_U_IO_COMMIT_AND_FETCH_REQ: u32 = ioc(IOC_READ_WRITE, IO_COMMIT_AN
 const UBLK_F_URING_CMD_COMP_IN_TASK: u64 = 1 << 1;
 const UBLK_F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
 
+#[cfg(test)]
 const UBLK_ATTR_VOLATILE_CACHE: u32 = 1 << 2;
+#[cfg(test)]
 const UBLK_ATTR_FUA: u32 = 1 << 3;
+/// The device attributes: neither a volatile cache nor FUA (see `params_for`).
+const WRITE_THROUGH_ATTRS: u32 = 0;
 const UBLK_PARAM_TYPE_BASIC: u32 = 1 << 0;
 const UBLK_PARAM_TYPE_DISCARD: u32 = 1 << 1;
 
@@ -502,11 +506,11 @@ fn params_for(size_bytes: u64, block_size_bytes: u32, max_io_bytes: u32) -> Resu
         len: PARAMS_LEN_U32,
         types: UBLK_PARAM_TYPE_BASIC | UBLK_PARAM_TYPE_DISCARD,
         basic: ParamBasic {
-            // Every acknowledged write is durable (FUA is implicit); the
-            // volatile-cache attribute still makes the kernel send FLUSH,
-            // which waits for writes still in flight, and FUA spares
-            // FUA writes an emulating flush.
-            attrs: UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA,
+            // No volatile write cache: every acknowledged write is durable
+            // on every in-sync replica, so the kernel completes a flush
+            // at once (a flush covers completed writes only) and drops FUA,
+            // as for an SSD with power-loss protection.
+            attrs: WRITE_THROUGH_ATTRS,
             logical_bs_shift: shift(block_size_bytes),
             // Smaller writes are read-modify-write of a 4 KiB store block.
             physical_bs_shift: shift(STORE_BLOCK_BYTES),
@@ -1249,7 +1253,11 @@ mod tests {
         assert_eq!(params.basic.io_opt_shift, 19);
         assert_eq!(params.basic.max_sectors, 1024);
         assert_eq!(params.basic.dev_sectors, 10 << 21);
-        assert_ne!(params.basic.attrs & UBLK_ATTR_VOLATILE_CACHE, 0);
+        assert_eq!(
+            params.basic.attrs & (UBLK_ATTR_VOLATILE_CACHE | UBLK_ATTR_FUA),
+            0,
+            "write-through: the kernel sends no flushes"
+        );
         assert_eq!(params.discard.max_discard_segments, 1);
         assert_eq!(params.discard.discard_granularity, 4096);
         let bytes = params.to_bytes();
