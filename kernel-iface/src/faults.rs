@@ -2,7 +2,9 @@
 //! enables it with the hidden `node run --inject-faults FILE` flag and
 //! warns loudly when it does): requests that match a rule of the plan
 //! complete with EIO without reaching the disk, so the store above sees a
-//! failing disk exactly as it would see a real one.
+//! failing disk exactly as it would see a real one; or they wait, held
+//! back, while a `stall` rule is in force, as on a disk that hangs for a
+//! while and then recovers.
 //!
 //! The plan is a text file the test rewrites while the node runs (read
 //! again every `RELOAD_INTERVAL`; a missing or empty file injects nothing).
@@ -12,6 +14,8 @@
 //! read  DISK [START END]    reads of disk DISK (the node's disk index) fail
 //! write DISK [START END]    writes and flushes fail (a flush only for a whole-disk rule)
 //! any   DISK [START END]    both
+//! stall DISK [START END]    reads, writes (and flushes, for a whole-disk rule)
+//!                           wait until the rule is gone, then go to the disk
 //! ```
 //!
 //! START and END are byte offsets (END exclusive); without them the rule
@@ -32,6 +36,8 @@ pub enum FaultOp {
     Read,
     Write,
     Any,
+    /// Held back, not failed.
+    Stall,
 }
 
 /// One rule of a plan.
@@ -64,7 +70,8 @@ impl FaultPlan {
                 "read" => FaultOp::Read,
                 "write" => FaultOp::Write,
                 "any" => FaultOp::Any,
-                _ => return Err(bad("the first word is read, write or any")),
+                "stall" => FaultOp::Stall,
+                _ => return Err(bad("the first word is read, write, any or stall")),
             };
             let number_at = |at: usize| words.get(at).map(|word| word.parse::<u64>());
             let disk = match number_at(1) {
@@ -84,6 +91,16 @@ impl FaultPlan {
     /// Whether a request of disk `disk` fails.
     #[must_use]
     pub fn fails<B>(&self, disk: usize, kind: &IoKind<B>, len_bytes: u64) -> bool {
+        self.matches(disk, kind, len_bytes, false)
+    }
+
+    /// Whether a request of disk `disk` waits (a `stall` rule covers it).
+    #[must_use]
+    pub fn stalls<B>(&self, disk: usize, kind: &IoKind<B>, len_bytes: u64) -> bool {
+        self.matches(disk, kind, len_bytes, true)
+    }
+
+    fn matches<B>(&self, disk: usize, kind: &IoKind<B>, len_bytes: u64, stall: bool) -> bool {
         let (is_read, span) = match kind {
             IoKind::Read { offset_bytes, .. } => (true, Some((*offset_bytes, *offset_bytes + len_bytes))),
             IoKind::Write { offset_bytes, .. } | IoKind::WriteDurable { offset_bytes, .. } => {
@@ -93,9 +110,10 @@ impl FaultPlan {
         };
         self.rules.iter().any(|rule| {
             let op_matches = match rule.op {
-                FaultOp::Read => is_read,
-                FaultOp::Write => !is_read,
-                FaultOp::Any => true,
+                FaultOp::Read => !stall && is_read,
+                FaultOp::Write => !stall && !is_read,
+                FaultOp::Any => !stall,
+                FaultOp::Stall => stall,
             };
             let range_matches = match (rule.range, span) {
                 (None, _) => true,
@@ -143,7 +161,7 @@ impl FaultSource {
         Self { plan }
     }
 
-    /// A source with a fixed plan (unit tests).
+    /// A source with a fixed plan (unit tests; `replace` changes it).
     #[must_use]
     pub fn fixed(plan: FaultPlan) -> Self {
         Self {
@@ -151,13 +169,18 @@ impl FaultSource {
         }
     }
 
-    fn fails<B>(&self, disk: usize, kind: &IoKind<B>, len_bytes: u64) -> bool {
-        self.plan
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .fails(disk, kind, len_bytes)
+    /// Puts `plan` in force (what a rewrite of the watched file does).
+    pub fn replace(&self, plan: FaultPlan) {
+        *self.plan.write().unwrap_or_else(std::sync::PoisonError::into_inner) = plan;
+    }
+
+    fn plan(&self) -> std::sync::RwLockReadGuard<'_, FaultPlan> {
+        self.plan.read().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
+
+/// How often an engine holding stalled requests looks at the plan again.
+pub const STALL_POLL: Duration = Duration::from_millis(10);
 
 /// An engine whose requests fail as the plan says.
 pub struct FaultyEngine<B> {
@@ -166,6 +189,18 @@ pub struct FaultyEngine<B> {
     /// The node's disk index of each file number.
     disks: Vec<usize>,
     failed: Vec<Completion<B>>,
+    /// Requests a `stall` rule holds back, in the order they came.
+    held: Vec<Submission<B>>,
+}
+
+/// A request's byte length (0 for a flush).
+fn len_bytes<B: AsMut<[u8]>>(kind: &mut IoKind<B>) -> u64 {
+    match kind {
+        IoKind::Read { buf, .. } | IoKind::Write { buf, .. } | IoKind::WriteDurable { buf, .. } => {
+            buf.as_mut().len() as u64
+        }
+        IoKind::Fsync => 0,
+    }
 }
 
 impl<B: AsMut<[u8]> + Send> FaultyEngine<B> {
@@ -177,20 +212,50 @@ impl<B: AsMut<[u8]> + Send> FaultyEngine<B> {
             source,
             disks,
             failed: Vec::new(),
+            held: Vec::new(),
+        }
+    }
+
+    fn disk_of(&self, submission: &Submission<B>) -> usize {
+        self.disks.get(submission.file as usize).copied().unwrap_or(usize::MAX)
+    }
+
+    /// Sends on the held requests no rule stalls any more, in order.
+    fn release_held(&mut self) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut self.held);
+        for mut submission in held {
+            let disk = self.disk_of(&submission);
+            let len = len_bytes(&mut submission.kind);
+            // A disk's requests keep their order: one still held holds the rest of its disk.
+            let behind = self.held.iter().any(|waiting| self.disk_of(waiting) == disk);
+            if behind || self.source.plan().stalls(disk, &submission.kind, len) {
+                self.held.push(submission);
+            } else {
+                self.inner.push(submission);
+            }
         }
     }
 }
 
 impl<B: AsMut<[u8]> + Send> IoEngine<B> for FaultyEngine<B> {
     fn push(&mut self, mut submission: Submission<B>) {
-        let disk = self.disks.get(submission.file as usize).copied().unwrap_or(usize::MAX);
-        let len_bytes = match &mut submission.kind {
-            IoKind::Read { buf, .. } | IoKind::Write { buf, .. } | IoKind::WriteDurable { buf, .. } => {
-                buf.as_mut().len() as u64
-            }
-            IoKind::Fsync => 0,
+        let disk = self.disk_of(&submission);
+        let len_bytes = len_bytes(&mut submission.kind);
+        let (fails, stalls) = {
+            let plan = self.source.plan();
+            (
+                plan.fails(disk, &submission.kind, len_bytes),
+                plan.stalls(disk, &submission.kind, len_bytes),
+            )
         };
-        if !self.source.fails(disk, &submission.kind, len_bytes) {
+        if !fails && (stalls || self.held.iter().any(|waiting| self.disk_of(waiting) == disk)) {
+            self.held.push(submission);
+            return;
+        }
+        if !fails {
             self.inner.push(submission);
             return;
         }
@@ -206,9 +271,16 @@ impl<B: AsMut<[u8]> + Send> IoEngine<B> for FaultyEngine<B> {
     }
 
     fn submit_and_wait(&mut self, min_complete: usize, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.release_held();
         if self.failed.len() >= min_complete {
             return self.inner.submit_and_wait(0, Some(Duration::ZERO));
         }
+        // Held requests complete only after the stall: wake up to look again.
+        let timeout = if self.held.is_empty() {
+            timeout
+        } else {
+            Some(timeout.map_or(STALL_POLL, |timeout| timeout.min(STALL_POLL)))
+        };
         self.inner.submit_and_wait(min_complete - self.failed.len(), timeout)
     }
 
@@ -218,7 +290,7 @@ impl<B: AsMut<[u8]> + Send> IoEngine<B> for FaultyEngine<B> {
     }
 
     fn in_flight(&self) -> usize {
-        self.inner.in_flight() + self.failed.len()
+        self.inner.in_flight() + self.failed.len() + self.held.len()
     }
 
     fn waker(&self) -> Arc<dyn Waker> {
@@ -261,7 +333,15 @@ mod tests {
                 },
             ]
         );
-        for bad in ["erase 0", "read", "read x", "read 0 10", "read 0 10 5", "read 0 1 2 3"] {
+        for bad in [
+            "erase 0",
+            "read",
+            "read x",
+            "read 0 10",
+            "read 0 10 5",
+            "read 0 1 2 3",
+            "stall",
+        ] {
             let error = FaultPlan::parse(&format!("write 0\n{bad}\n")).unwrap_err();
             assert!(error.contains("line 2"), "{bad}: {error}");
         }
@@ -283,5 +363,77 @@ mod tests {
             "a whole-disk write rule fails flushes"
         );
         assert!(!plan.fails::<()>(0, &IoKind::Fsync, 0));
+    }
+
+    #[test]
+    fn a_stall_rule_holds_requests_of_its_disk_until_it_is_gone_and_fails_none() {
+        let plan = FaultPlan::parse("stall 1\n").unwrap();
+        let write = |offset_bytes| IoKind::Write { offset_bytes, buf: () };
+        assert!(plan.stalls(1, &write(0), 4096));
+        assert!(plan.stalls::<()>(1, &IoKind::Fsync, 0));
+        assert!(!plan.fails(1, &write(0), 4096), "stalled, not failed");
+        assert!(!plan.stalls(0, &write(0), 4096), "another disk");
+
+        let dir = tempfile::tempdir().unwrap();
+        let files = (0..2)
+            .map(|index| {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(dir.path().join(format!("disk{index}")))
+                    .unwrap();
+                file.set_len(1 << 20).unwrap();
+                file
+            })
+            .collect();
+        let inner: Box<dyn IoEngine<Vec<u8>>> = Box::new(crate::pool::PoolEngine::new(files).unwrap());
+        let source = FaultSource::fixed(plan);
+        let mut engine = FaultyEngine::new(inner, source.clone(), vec![0, 1]);
+        let submit = |engine: &mut FaultyEngine<Vec<u8>>, file: u32, user_data: u64, offset_bytes: u64| {
+            engine.push(Submission {
+                file,
+                user_data,
+                kind: IoKind::Write {
+                    offset_bytes,
+                    buf: vec![7; 4096],
+                },
+            });
+        };
+        submit(&mut engine, 1, 10, 0);
+        submit(&mut engine, 1, 11, 4096);
+        submit(&mut engine, 0, 20, 0);
+        let mut done = Vec::new();
+        // Bounded: the other disk's write completes, the stalled ones wait.
+        for _ in 0..100 {
+            engine.submit_and_wait(1, Some(Duration::from_millis(20))).unwrap();
+            engine.drain(&mut done);
+            if !done.is_empty() {
+                break;
+            }
+        }
+        let tokens: Vec<u64> = done.iter().map(|completion| completion.user_data).collect();
+        assert_eq!(tokens, vec![20], "only the disk without a stall answers");
+        engine.submit_and_wait(1, Some(Duration::from_millis(50))).unwrap();
+        engine.drain(&mut done);
+        assert_eq!(done.len(), 1, "the stalled writes still wait");
+        assert_eq!(engine.in_flight(), 2, "held requests count as in flight");
+
+        source.replace(FaultPlan::default());
+        for _ in 0..100 {
+            if done.len() == 3 {
+                break;
+            }
+            // No timeout: a wait must not sleep past the end of the stall.
+            engine.submit_and_wait(1, None).unwrap();
+            engine.drain(&mut done);
+        }
+        let mut tokens: Vec<(u64, i32)> = done
+            .iter()
+            .map(|completion| (completion.user_data, completion.result))
+            .collect();
+        tokens.sort_unstable();
+        assert_eq!(tokens, vec![(10, 4096), (11, 4096), (20, 4096)], "released, not failed");
     }
 }

@@ -1,6 +1,7 @@
 //! `ballast-perf failover`: how long a replicated volume is out of service
-//! when the node serving it fails, and whether a node that is merely paused
-//! keeps it. One local 3-node cluster (nodes on 127.0.0.11-13, so a
+//! when the node serving it fails, and whether a node that is merely slow
+//! (paused, its CPU saturated, its disk stalled) keeps it. One local 3-node
+//! cluster (nodes on 127.0.0.11-13, so a
 //! partition can cut one node off without touching this process's own
 //! traffic, which leaves from 127.0.0.1), one repl=3 volume, and a writer
 //! that never stops: 4 KiB FUA writes at random offsets, one at a time,
@@ -15,9 +16,13 @@
 //!
 //! and measures the time from the fault to the first write acknowledged by
 //! another node. Between trials the cluster settles (all three copies in
-//! sync again), so each trial starts alike. Then `pause` trials stop the
-//! serving node for half the failover timeout: none may move the volume
-//! (a false failover), and the writer's longest stall is reported.
+//! sync again), so each trial starts alike. Then trials of a node that is
+//! merely slow, none of which may move the volume (a false failover), each
+//! with the writer's longest stall:
+//! - `pause`: SIGSTOP of the serving node for half the failover timeout;
+//! - `cpu`: busy loops, two per core, for twice the failover timeout;
+//! - `disk stall`: the serving node's disk holds every request for 2 s (a
+//!   `stall` rule of the node's fault plan, `kernel_iface::faults`).
 
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
@@ -36,7 +41,7 @@ use crate::servers::BallastBinary;
 /// How to run the benchmark.
 #[derive(Clone, Debug)]
 pub struct FailoverOptions {
-    /// Trials of each fault kind (kill9, stop, partition) and pauses.
+    /// Trials of each fault kind (kill9, stop, partition) and of each slow node.
     pub trials: usize,
     /// The nodes' `failover_after_s` (None: the binary's default).
     pub failover_after_s: Option<u64>,
@@ -97,11 +102,35 @@ struct FaultRow {
     samples_s: Vec<f64>,
 }
 
-/// Pauses shorter than the timeout.
+/// How a node is made slow without failing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+enum Slow {
+    /// SIGSTOP for half the failover timeout.
+    Pause,
+    /// Busy loops on every core for twice the failover timeout.
+    CpuLoad,
+    /// The serving node's disk stalls.
+    DiskStall,
+}
+
+impl Slow {
+    const ALL: [Self; 3] = [Self::Pause, Self::CpuLoad, Self::DiskStall];
+}
+
+/// How long the disk stall trials hold the disk.
+const DISK_STALL: Duration = Duration::from_secs(2);
+/// Busy loops per core in the CPU trials.
+const BUSY_LOOPS_PER_CORE: usize = 2;
+
+/// A slow node's trials: none may move the volume.
 #[derive(Clone, Debug, Serialize)]
-struct PauseRow {
+struct SlowRow {
+    slow: Slow,
+    description: String,
     trials: usize,
-    pause_s: f64,
+    /// How long the node was slow, each trial.
+    slow_s: f64,
     false_failovers: usize,
     /// The writer's longest wait for an acknowledgement, per trial.
     stall_p50_s: f64,
@@ -118,7 +147,7 @@ struct FailoverReport {
     failover_after_s: u64,
     writer: &'static str,
     faults: Vec<FaultRow>,
-    pauses: PauseRow,
+    slow: Vec<SlowRow>,
 }
 
 /// Acknowledged writes: when, and which node (position) acknowledged.
@@ -403,23 +432,66 @@ fn fault_trial(cluster: &mut LocalCluster, writer: &Writer, partition: &Partitio
     Ok(first.duration_since(faulted).as_secs_f64())
 }
 
-/// One pause below the timeout: (whether the volume moved, the writer's longest stall).
-fn pause_trial(cluster: &LocalCluster, writer: &Writer, pause: Duration) -> Result<(bool, f64)> {
+/// Busy loops (child shells, stopped by pid when dropped).
+struct BusyLoops(Vec<std::process::Child>);
+
+impl BusyLoops {
+    fn start(count: usize) -> Result<Self> {
+        let mut loops = Self(Vec::new());
+        for _ in 0..count {
+            loops.0.push(
+                Command::new("sh")
+                    .args(["-c", "while :; do :; done"])
+                    .spawn()
+                    .context("starting a busy loop")?,
+            );
+        }
+        Ok(loops)
+    }
+}
+
+impl Drop for BusyLoops {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// One trial of a slow node: (whether the volume moved, the writer's longest stall).
+fn slow_trial(cluster: &LocalCluster, writer: &Writer, slow: Slow, slow_for: Duration) -> Result<(bool, f64)> {
     let serving = settle(cluster, writer)?;
     let (_, epoch) = coordinator(cluster, None)?;
     writer.acks.clear();
     let paused = Instant::now();
-    cluster.nodes[serving].signal("-STOP")?;
-    std::thread::sleep(pause);
-    cluster.nodes[serving].signal("-CONT")?;
+    let node = &cluster.nodes[serving];
+    match slow {
+        Slow::Pause => {
+            node.signal("-STOP")?;
+            std::thread::sleep(slow_for);
+            node.signal("-CONT")?;
+        }
+        Slow::CpuLoad => {
+            let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+            let busy = BusyLoops::start(BUSY_LOOPS_PER_CORE * cores)?;
+            std::thread::sleep(slow_for);
+            drop(busy);
+        }
+        Slow::DiskStall => {
+            node.set_faults("stall 0\n")?;
+            std::thread::sleep(slow_for);
+            node.set_faults("")?;
+        }
+    }
     let resumed = Instant::now();
-    let again = wait_for("a write acknowledged again after the pause", || {
+    let again = wait_for("a write acknowledged again after the slow spell", || {
         Ok(writer
             .acks
             .first_by(resumed, serving)
             .or_else(|| writer.acks.first_elsewhere(resumed, serving)))
     })?;
-    // A failover decided during the pause is committed by now.
+    // A failover decided during the slow spell is committed by now.
     std::thread::sleep(Duration::from_millis(500));
     let (now_serving, now_epoch) = coordinator(cluster, None)?;
     let moved = now_serving != serving || now_epoch != epoch;
@@ -462,6 +534,7 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
     let partition = Partition::new().context("the partition trials need iptables and root")?;
     let layout = ClusterLayout {
         first_host: FIRST_HOST,
+        fault_plans: true,
         node_args: options
             .failover_after_s
             .map(|s| vec!["--failover-after-s".to_owned(), s.to_string()])
@@ -511,24 +584,57 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
             times.push(seconds);
         }
     }
-    let pause = Duration::from_millis(failover_after_s * 1000 / 2);
-    let (mut false_failovers, mut stalls) = (0, Vec::new());
-    for trial in 0..options.trials {
-        let (moved, stall) =
-            pause_trial(&cluster, &writer, pause).with_context(|| format!("pause trial {}", trial + 1))?;
-        eprintln!(
-            "pause {}: {:.1} s stop, writer stalled {stall:.2} s{}",
-            trial + 1,
-            pause.as_secs_f64(),
-            if moved { ", FALSE FAILOVER" } else { "" }
-        );
-        false_failovers += usize::from(moved);
-        stalls.push(stall);
+    let mut slow_rows = Vec::new();
+    for slow in Slow::ALL {
+        let (slow_for, description) = match slow {
+            Slow::Pause => {
+                let pause = Duration::from_millis(failover_after_s * 1000 / 2);
+                (
+                    pause,
+                    format!("SIGSTOP of the serving node for {:.1} s", pause.as_secs_f64()),
+                )
+            }
+            Slow::CpuLoad => (
+                Duration::from_secs(failover_after_s * 2),
+                format!(
+                    "every core saturated ({BUSY_LOOPS_PER_CORE} busy loops per core) for {} s",
+                    failover_after_s * 2
+                ),
+            ),
+            Slow::DiskStall => (
+                DISK_STALL,
+                format!(
+                    "the serving node's disk holds every request for {} s",
+                    DISK_STALL.as_secs()
+                ),
+            ),
+        };
+        let (mut false_failovers, mut stalls) = (0, Vec::new());
+        for trial in 0..options.trials {
+            let (moved, stall) = slow_trial(&cluster, &writer, slow, slow_for)
+                .with_context(|| format!("{slow:?} trial {}", trial + 1))?;
+            eprintln!(
+                "{slow:?} {}: writer stalled {stall:.2} s{}",
+                trial + 1,
+                if moved { ", FALSE FAILOVER" } else { "" }
+            );
+            false_failovers += usize::from(moved);
+            stalls.push(stall);
+        }
+        stalls.sort_by(f64::total_cmp);
+        slow_rows.push(SlowRow {
+            slow,
+            description,
+            trials: stalls.len(),
+            slow_s: slow_for.as_secs_f64(),
+            false_failovers,
+            stall_p50_s: percentile(&stalls, 50.0),
+            stall_max_s: stalls.last().copied().unwrap_or(0.0),
+        });
     }
     drop(writer);
     drop(cluster);
     drop(partition);
-    stalls.sort_by(f64::total_cmp);
     let report = FailoverReport {
         date_utc: command_line("date", &["-u", "+%Y-%m-%d %H:%M"]),
         machine: Machine {
@@ -542,13 +648,7 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
         failover_after_s,
         writer: "4 KiB FUA writes at random offsets, QD1, through NBD to whichever node opens the export; 1 s timeout per write",
         faults: samples.into_iter().map(|(fault, times)| fault_row(fault, times)).collect(),
-        pauses: PauseRow {
-            trials: stalls.len(),
-            pause_s: pause.as_secs_f64(),
-            false_failovers,
-            stall_p50_s: percentile(&stalls, 50.0),
-            stall_max_s: stalls.last().copied().unwrap_or(0.0),
-        },
+        slow: slow_rows,
     };
     let table = markdown(&report);
     println!("\n{table}");
@@ -594,12 +694,18 @@ fn markdown(report: &FailoverReport) -> String {
             if row.target_met { "met" } else { "**not met**" }
         );
     }
-    let pauses = &report.pauses;
     let _ = writeln!(
         out,
-        "\nPauses below the timeout (SIGSTOP {:.1} s of the serving node, {} trials): {} false failovers (target 0); the writer's longest stall p50 {:.2} s, max {:.2} s.",
-        pauses.pause_s, pauses.trials, pauses.false_failovers, pauses.stall_p50_s, pauses.stall_max_s
+        "\n| a node merely slow | trials | false failovers (target 0) | the writer's longest stall: p50 | max |"
     );
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    for row in &report.slow {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {:.2} s | {:.2} s |",
+            row.description, row.trials, row.false_failovers, row.stall_p50_s, row.stall_max_s
+        );
+    }
     out
 }
 

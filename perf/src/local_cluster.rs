@@ -76,6 +76,8 @@ pub struct ClusterNode {
     /// `node run` and its arguments, to start it again (`restart_node`).
     command: Vec<String>,
     log: PathBuf,
+    /// The node's fault plan file (`ClusterLayout::fault_plans`).
+    fault_plan: Option<PathBuf>,
     /// Declared before the device: the node stops before its disk goes.
     server: Server,
     _device: LoopDevice,
@@ -92,6 +94,17 @@ impl ClusterNode {
     #[must_use]
     pub fn nbd_address(&self) -> String {
         format!("{}:{}", self.host, self.nbd_port)
+    }
+
+    /// Puts a fault plan in force on the node (its disk is index 0; the
+    /// node reads the file again within 100 ms): e.g. `stall 0` holds its
+    /// disk's requests until an empty plan follows.
+    pub fn set_faults(&self, plan: &str) -> Result<()> {
+        let path = self
+            .fault_plan
+            .as_ref()
+            .context("the cluster was started without fault plans")?;
+        std::fs::write(path, plan).with_context(|| format!("writing {}", path.display()))
     }
 
     fn peer_address(&self) -> String {
@@ -111,6 +124,8 @@ pub struct ClusterLayout {
     pub first_host: u8,
     /// More `node run` arguments for every node.
     pub node_args: Vec<String>,
+    /// Each node runs with a fault plan of its own (`ClusterNode::set_faults`).
+    pub fault_plans: bool,
 }
 
 impl Default for ClusterLayout {
@@ -118,6 +133,7 @@ impl Default for ClusterLayout {
         Self {
             first_host: 1,
             node_args: Vec::new(),
+            fault_plans: false,
         }
     }
 }
@@ -225,6 +241,11 @@ impl LocalCluster {
             .map(str::to_owned),
         );
         command.extend(layout.node_args.iter().cloned());
+        let fault_plan = layout.fault_plans.then(|| node_dir.join("faults.plan"));
+        if let Some(plan) = &fault_plan {
+            std::fs::write(plan, "")?;
+            command.extend(["--inject-faults".to_owned(), utf8(plan)?.to_owned()]);
+        }
         let log = node_dir.join("node.log");
         let server = self.spawn_node(index, &command, &host, nbd_port, &log)?;
         let node = ClusterNode {
@@ -235,6 +256,7 @@ impl LocalCluster {
             peer_port,
             command,
             log,
+            fault_plan,
             server,
             data_dir: data_dir.clone(),
             _device: device,
@@ -455,7 +477,7 @@ fn utf8(path: &Path) -> Result<&str> {
 }
 
 /// Polls `check` every `POLL_INTERVAL` until it holds, at most `CONVERGE_TIMEOUT`.
-fn wait_until(what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
+pub fn wait_until(what: &str, mut check: impl FnMut() -> Result<bool>) -> Result<()> {
     let started = Instant::now();
     let mut last_error = None;
     while started.elapsed() < CONVERGE_TIMEOUT {

@@ -161,7 +161,7 @@ enum Bench {
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
-    /// Failover of a repl=3 volume on a local 3-node cluster (127.0.0.11-13) under a writer that never stops: per trial a kill -9, a SIGSTOP past the timeout and a partition (iptables) of the serving node, each timed from the fault to the first write acknowledged by another node (p50/p99/max); then SIGSTOPs of half the timeout, counting false failovers; writes failover.json and failover.md.
+    /// Failover of a repl=3 volume on a local 3-node cluster (127.0.0.11-13) under a writer that never stops: per trial a kill -9, a SIGSTOP past the timeout and a partition (iptables) of the serving node, each timed from the fault to the first write acknowledged by another node (p50/p99/max); then trials of a serving node merely slow (SIGSTOP of half the timeout, every core saturated for twice the timeout, its disk stalled for 2 s), counting false failovers; writes failover.json and failover.md.
     ///
     /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs root (loop devices, iptables). About 40 s per trial of each kind: the default 50 trials take about 35 minutes.
     Failover {

@@ -131,7 +131,7 @@ pub struct RunArgs {
     /// How `volume attach --device` makes block devices: auto (ublk when ublk_drv is loaded, else the kernel NBD client when the nbd module is, else FUSE over io_uring + loop when the kernel has it switched on, else FUSE + loop), ublk, nbd, fuse-uring or fuse [default: auto].
     #[arg(long, value_name = "BACKEND", env = "BALLAST_ATTACH_BACKEND")]
     pub attach_backend: Option<crate::attach::Backend>,
-    /// Tests only: fail disk I/O as the rules in FILE say (`kernel_iface::faults`).
+    /// Tests only: fail or stall disk I/O as the rules in FILE say (`kernel_iface::faults`).
     #[arg(long, value_name = "FILE", hide = true)]
     pub inject_faults: Option<std::path::PathBuf>,
 }
