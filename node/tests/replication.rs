@@ -419,6 +419,13 @@ fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
         moved * 10 <= dirty * 11,
         "resync moved more than 1.1x the dirty bytes: {resync:#}"
     );
+    // It read from both healthy copies: node 1 sent part of it straight to node 2.
+    assert_eq!(resync["sources"], 2, "{resync:#}");
+    let from_replicas = resync["from_replicas_bytes"].as_u64().unwrap();
+    assert!(
+        from_replicas > 0 && from_replicas < moved,
+        "the coordinator and the other replica each sent a share: {resync:#}"
+    );
     fio_write_ok(&uri, scratch.path(), "48M");
 
     // Proof: node 2 takes the volume over and every acknowledged write reads back there.

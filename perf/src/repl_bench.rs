@@ -9,6 +9,12 @@
 //! with the same store state under every replica count; on a fresh thin
 //! volume the first pass over each block would differ from later ones.
 //!
+//! Then rebuilds, clients idle: the repl=1 volume is raised to 2 copies
+//! (the new replica copied from the coordinator alone) and then to 3 (the
+//! new one copied from both in-sync copies at once), and lowered to 1
+//! again, each repetition; the copy rate of each resync, as `volume
+//! inspect` reports it.
+//!
 //! The three nodes share this machine's cores and its one disk (each loop
 //! device is a file on the same filesystem): a replica here costs CPU and
 //! disk the coordinator needs too, where on separate hosts it would cost a
@@ -222,6 +228,24 @@ fn rows(samples: &[[VolumeSamples; NODE_COUNT]]) -> Vec<Row> {
     ]
 }
 
+/// Rebuild rates (data copied per second), one per repetition.
+#[derive(Debug, Default, Serialize)]
+struct Rebuilds {
+    /// repl=1 -> 2: the new replica copied from the coordinator alone.
+    one_source_mib_per_s: Samples,
+    /// repl=2 -> 3: from the coordinator and the other in-sync replica.
+    two_sources_mib_per_s: Samples,
+    /// Median two sources / median one source.
+    ratio: f64,
+    /// The issue's target for the ratio.
+    target_ratio: f64,
+}
+
+/// Target: two sources rebuild at least this much faster than one.
+const REBUILD_TARGET_RATIO: f64 = 1.6;
+/// The volume the rebuilds raise and lower (repl=1, written end to end).
+const REBUILD_VOLUME: &str = "repl1";
+
 #[derive(Debug, Serialize)]
 struct ReplReport {
     date_utc: String,
@@ -240,6 +264,7 @@ struct ReplReport {
     measure_keys: Vec<&'static str>,
     samples: Vec<[VolumeSamples; NODE_COUNT]>,
     table: Vec<Row>,
+    rebuilds: Rebuilds,
 }
 
 /// Runs the benchmark, prints the table and writes `repl.json` under `out`.
@@ -262,6 +287,7 @@ pub fn run(options: &ReplOptions) -> Result<Vec<crate::chart::Bar>> {
     let cluster = LocalCluster::start(&options.ballast, NODE_COUNT, options.node_disk_bytes)?;
     let uris = create_and_fill(&cluster, volume_bytes)?;
     let samples = measure_all(&cluster, &uris, options, volume_bytes)?;
+    let rebuilds = measure_rebuilds(&cluster, options.repeats)?;
     drop(cluster);
     let report = ReplReport {
         date_utc: command_line("date", &["-u", "+%Y-%m-%d %H:%M"]),
@@ -282,13 +308,19 @@ pub fn run(options: &ReplOptions) -> Result<Vec<crate::chart::Bar>> {
         measure_keys: MEASURES.iter().map(|m| m.key).collect(),
         table: rows(&samples),
         samples,
+        rebuilds,
     };
     print_report(&report);
     std::fs::create_dir_all(&options.out)?;
     let file = options.out.join("repl.json");
     std::fs::write(&file, serde_json::to_string_pretty(&report)?)?;
     let png = options.out.join("repl.png");
-    let bars = chart_bars(&report.table);
+    let mut bars = chart_bars(&report.table);
+    bars.push(crate::chart::Bar {
+        label: "rebuild from two in-sync copies / from the coordinator alone".into(),
+        ratio: report.rebuilds.ratio,
+        target: Some(REBUILD_TARGET_RATIO),
+    });
     crate::chart::ratio_chart(&png, "replication cost: repl=2 and repl=3 over repl=1", &bars)?;
     println!("\nJSON: {}, chart: {}", file.display(), png.display());
     Ok(bars)
@@ -402,6 +434,83 @@ fn run_measure(
     Ok((result, spent))
 }
 
+/// Raises the repl=1 volume to 2 and 3 copies and lowers it again, `repeats` times.
+fn measure_rebuilds(cluster: &LocalCluster, repeats: usize) -> Result<Rebuilds> {
+    let api = cluster.nodes[0].api();
+    let admin = cluster.admin();
+    let mut rebuilds = Rebuilds {
+        target_ratio: REBUILD_TARGET_RATIO,
+        ..Rebuilds::default()
+    };
+    for run in 0..repeats {
+        for (replicas, sources) in [(2_usize, 1_u64), (3, 2)] {
+            let rate = rebuild_rate(cluster, replicas, sources)?;
+            eprintln!(
+                "repetition {}/{repeats}: rebuild to repl={replicas} from {sources} cop{}: {rate:.0} MiB/s",
+                run + 1,
+                if sources == 1 { "y" } else { "ies" }
+            );
+            if sources == 1 {
+                rebuilds.one_source_mib_per_s.push(rate);
+            } else {
+                rebuilds.two_sources_mib_per_s.push(rate);
+            }
+        }
+        admin.run(&["volume", "update", REBUILD_VOLUME, "--repl", "1", "--api", &api])?;
+        crate::local_cluster::wait_until("the volume back to one copy", || {
+            let info: serde_json::Value = serde_json::from_str(&admin.run_stdout(&[
+                "volume",
+                "inspect",
+                REBUILD_VOLUME,
+                "--json",
+                "--api",
+                &api,
+            ])?)?;
+            Ok(info["replica_nodes"].as_array().map_or(0, Vec::len) == 1)
+        })?;
+    }
+    let one = rebuilds.one_source_mib_per_s.median();
+    rebuilds.ratio = if one > 0.0 {
+        rebuilds.two_sources_mib_per_s.median() / one
+    } else {
+        0.0
+    };
+    Ok(rebuilds)
+}
+
+/// Raises the rebuild volume to `replicas` copies, waits until the new one
+/// is in sync, and gives its resync's copy rate in MiB/s (it must have read
+/// from `sources` copies).
+fn rebuild_rate(cluster: &LocalCluster, replicas: usize, sources: u64) -> Result<f64> {
+    let api = cluster.nodes[0].api();
+    let admin = cluster.admin();
+    let count = replicas.to_string();
+    admin
+        .run(&[
+            "volume",
+            "update",
+            REBUILD_VOLUME,
+            "--repl",
+            &count,
+            "--wait",
+            "--api",
+            &api,
+        ])
+        .with_context(|| cluster.log_tails())?;
+    let info: serde_json::Value =
+        serde_json::from_str(&admin.run_stdout(&["volume", "inspect", REBUILD_VOLUME, "--json", "--api", &api])?)?;
+    let newest = info["resyncs"]
+        .as_array()
+        .and_then(|resyncs| resyncs.iter().max_by_key(|resync| resync["started_unix_ms"].as_u64()))
+        .with_context(|| format!("no resync listed: {info:#}"))?;
+    if newest["state"] != "done" || newest["sources"].as_u64() != Some(sources) {
+        bail!("the rebuild to repl={replicas} was not a finished copy from {sources} copies: {newest:#}");
+    }
+    let field = |name: &str| newest[name].as_u64().unwrap_or(0);
+    let elapsed_ms = field("updated_unix_ms").saturating_sub(field("started_unix_ms")).max(1);
+    Ok(field("copied_bytes") as f64 / f64::from(1 << 20) * 1000.0 / elapsed_ms as f64)
+}
+
 /// Fails early, with a hint, when fio, root or a recent ballast binary is missing.
 fn preflight(ballast: &BallastBinary) -> Result<()> {
     let path: &Path = &ballast.path;
@@ -479,10 +588,32 @@ fn print_report(report: &ReplReport) {
             );
         }
     }
+    let rebuilds = &report.rebuilds;
+    println!(
+        "\nRebuild of a {} replica, clients idle (copy rate of the resync, MiB/s, median of {}): from the coordinator alone {:.0} ({}), \
+         from two in-sync copies {:.0} ({}): {:.2}x, target >= {}x: {}",
+        node::size::format_size(report.volume_bytes),
+        rebuilds.one_source_mib_per_s.values.len(),
+        rebuilds.one_source_mib_per_s.median(),
+        compact_all(&rebuilds.one_source_mib_per_s.values),
+        rebuilds.two_sources_mib_per_s.median(),
+        compact_all(&rebuilds.two_sources_mib_per_s.values),
+        rebuilds.ratio,
+        rebuilds.target_ratio,
+        met_text(rebuilds.ratio >= rebuilds.target_ratio)
+    );
     println!(
         "\nThe nodes share the machine's cores and one disk: a replica here costs the coordinator's own CPU and disk, \
          not another host's. fio reports a write and its FLUSH separately (no latency of the pair)."
     );
+}
+
+fn compact_all(values: &[f64]) -> String {
+    values
+        .iter()
+        .map(|value| format!("{value:.0}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn met_text(met: bool) -> &'static str {

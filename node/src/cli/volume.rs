@@ -647,8 +647,18 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
         let eta = resync
             .eta_seconds()
             .map_or_else(String::new, |seconds| format!(", about {seconds}s left"));
+        let rate = resync
+            .copied_bytes_per_s()
+            .map_or_else(String::new, |bytes| format!(" at {}/s", format_size(bytes)));
+        let sources = match resync.sources {
+            0 | 1 => String::new(),
+            count => format!(
+                " from {count} copies ({} by replicas)",
+                format_size(resync.from_replicas_bytes)
+            ),
+        };
         println!(
-            "resync:      to node {}: {} ({}), {} of {} looked at, {} copied{eta}{}",
+            "resync:      to node {}: {} ({}), {} of {} looked at, {} copied{rate}{sources}{eta}{}",
             resync.node,
             resync.state,
             resync.mode,

@@ -271,6 +271,12 @@ impl VolumeReplication {
         *self.targets.write() = targets;
     }
 
+    /// The in-sync replicas and their links (the sources a resync may read from).
+    #[must_use]
+    pub fn in_sync_links(&self) -> Vec<(u64, Arc<MuxLink>)> {
+        self.targets.read().clone()
+    }
+
     /// Starts copying every mutation to `node` as well (resync begins).
     pub fn start_catching_up(&self, node: u64, link: Arc<MuxLink>) {
         let mut catching_up = self.catching_up.write();

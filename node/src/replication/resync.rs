@@ -10,10 +10,19 @@
 //! durably in `dirty`, so also across its restarts), and copies only
 //! those. Otherwise (it took over from another coordinator, or the replica
 //! is a new one) it copies all allocated data of the volume.
+//!
+//! From every healthy copy: the pieces are shared out between the
+//! coordinator and each other in-sync replica that is up, one piece at a
+//! time each. For a replica's piece the coordinator takes the range lock
+//! and asks that replica (`ReplicaCopy`) to send its own copy of the piece
+//! straight to the one being resynced; a replica that fails a piece hands
+//! it back to the coordinator, which copies it itself and goes on without
+//! that replica. `BALLAST_RESYNC_FROM=coordinator` copies from the
+//! coordinator alone (for A/B runs).
 
 use std::sync::Arc;
 
-use super::wire::{self, OpKind, ReplicaOp};
+use super::wire::{self, CopyRequest, OpKind, ReplicaOp};
 use super::{VolumeReplication, DIRTY_REGION_BLOCKS};
 use crate::cluster::state::{ClusterState, Command};
 use crate::cluster::Cluster;
@@ -69,6 +78,12 @@ pub struct ResyncStatus {
     pub copied_bytes: u64,
     /// Holes sent as zeroings.
     pub zeroed_bytes: u64,
+    /// Of `copied_bytes`, what other in-sync replicas sent (not the coordinator).
+    #[serde(default)]
+    pub from_replicas_bytes: u64,
+    /// Copies read from: the coordinator and the in-sync replicas that help.
+    #[serde(default)]
+    pub sources: u32,
     pub error: Option<String>,
     /// When it started and last moved (Unix ms; the ETA comes from these).
     #[serde(default)]
@@ -88,6 +103,13 @@ impl ResyncStatus {
         }
     }
 
+    /// Data copied per second so far (None before any progress).
+    #[must_use]
+    pub fn copied_bytes_per_s(&self) -> Option<u64> {
+        let elapsed_ms = self.updated_unix_ms.saturating_sub(self.started_unix_ms);
+        (elapsed_ms > 0 && self.copied_bytes > 0).then(|| self.copied_bytes.saturating_mul(1000) / elapsed_ms)
+    }
+
     /// Seconds left at the pace so far (None before any progress or when not running).
     #[must_use]
     pub fn eta_seconds(&self) -> Option<u64> {
@@ -98,6 +120,42 @@ impl ResyncStatus {
         }
         Some(self.remaining_bytes().saturating_mul(elapsed_ms) / moved / 1000)
     }
+}
+
+/// Bytes a copy of a span sent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub data_bytes: u64,
+    pub zeroed_bytes: u64,
+}
+
+/// Where a resync reads a span from.
+enum Source {
+    /// This node, the coordinator.
+    Local,
+    /// An in-sync replica, which sends its own copy to the target.
+    Replica(u64, Arc<MuxLink>),
+}
+
+/// Whether resyncs read from the coordinator alone (`BALLAST_RESYNC_FROM=coordinator`).
+fn coordinator_only() -> bool {
+    std::env::var("BALLAST_RESYNC_FROM").is_ok_and(|from| from == "coordinator")
+}
+
+/// The copies a resync of `node` reads from: this node, and each other
+/// in-sync replica that is up and serves copy requests.
+fn sources(cluster: &Cluster, replication: &VolumeReplication, node: u64) -> Vec<Source> {
+    let mut sources = vec![Source::Local];
+    if coordinator_only() {
+        return sources;
+    }
+    for (id, link) in replication.in_sync_links() {
+        let liveness = cluster.health.liveness(id);
+        if id != node && liveness.up && liveness.report.is_some_and(|report| report.copies_spans) {
+            sources.push(Source::Replica(id, link));
+        }
+    }
+    sources
 }
 
 fn unix_ms() -> u64 {
@@ -224,20 +282,66 @@ async fn resync(
     if epoch == 0 {
         return Err("this node does not serve the volume".into());
     }
-    let started = std::time::Instant::now();
-    for (lba, count) in spans {
-        if !replication.is_catching_up(node) {
-            return Err("the replica failed a live write during the resync".into());
-        }
-        copy_span(volume, &link, lba, count, epoch, replication.timeout, status).await?;
-        status.updated_unix_ms = unix_ms();
-        cluster.note_resync(&volume.name, status.clone());
-        let busy = volume.stats.in_flight() > 0;
-        let pause = pause_after(status.copied_bytes, started.elapsed(), RESYNC_BYTES_PER_S_MAX, busy);
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
+    let sources = sources(cluster, replication, node);
+    if sources.len() > 1 {
+        tracing::info!(volume = %volume.name, replica = node, sources = sources.len(), "resync reads from every in-sync copy");
     }
+    status.sources = u32::try_from(sources.len()).unwrap_or(u32::MAX);
+    let started = std::time::Instant::now();
+    let queue = parking_lot::Mutex::new(spans.into_iter());
+    let shared = parking_lot::Mutex::new(status.clone());
+    let workers = sources.iter().map(|source| async {
+        loop {
+            let Some((lba, count)) = queue.lock().next() else {
+                return Ok(());
+            };
+            if !replication.is_catching_up(node) {
+                return Err("the replica failed a live write during the resync".to_owned());
+            }
+            let held = volume.lock_range(lba, count).await;
+            let (sent, source_failed) = match source {
+                Source::Local => (
+                    send_span(volume, &link, lba, count, epoch, replication.timeout, true).await?,
+                    false,
+                ),
+                Source::Replica(id, source_link) => {
+                    match ask_copy(volume, source_link, node, lba, count, epoch, replication.timeout).await {
+                        Ok(sent) => (sent, false),
+                        Err(error) => {
+                            tracing::warn!(volume = %volume.name, replica = node, source = id, %error, "a copy from a replica failed; the coordinator copies that piece and goes on without it");
+                            (
+                                send_span(volume, &link, lba, count, epoch, replication.timeout, true).await?,
+                                true,
+                            )
+                        }
+                    }
+                }
+            };
+            drop(held);
+            let copied_bytes = {
+                let mut status = shared.lock();
+                status.copied_bytes += sent.data_bytes;
+                status.zeroed_bytes += sent.zeroed_bytes;
+                if matches!(source, Source::Replica(..)) && !source_failed {
+                    status.from_replicas_bytes += sent.data_bytes;
+                }
+                status.updated_unix_ms = unix_ms();
+                cluster.note_resync(&volume.name, status.clone());
+                status.copied_bytes
+            };
+            if source_failed {
+                return Ok(());
+            }
+            let busy = volume.stats.in_flight() > 0;
+            let pause = pause_after(copied_bytes, started.elapsed(), RESYNC_BYTES_PER_S_MAX, busy);
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
+        }
+    });
+    let copied = futures::future::try_join_all(workers).await;
+    *status = shared.into_inner();
+    copied?;
     // From here on a failure of the replica drops it through Raft (it may be in sync).
     replication.set_joining(node);
     if !replication.is_catching_up(node) {
@@ -277,17 +381,105 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
     spans
 }
 
-/// Copies one span to the replica under the volume's range lock.
-async fn copy_span(
+/// Asks an in-sync replica to send its copy of a span to `target` (the
+/// caller holds the span's range lock).
+async fn ask_copy(
+    volume: &Volume,
+    source: &MuxLink,
+    target: u64,
+    lba: u64,
+    count: u64,
+    epoch: u64,
+    timeout: std::time::Duration,
+) -> Result<Sent, String> {
+    let request = CopyRequest {
+        volume_id: volume.id,
+        epoch,
+        lba,
+        block_count: count,
+        volume_sequence: volume.next_sequence(),
+        target,
+    };
+    // The source sends the span in pieces, each within the replica time-out.
+    let pieces = u32::try_from(count.div_ceil(CHUNK_BLOCKS) + 1).unwrap_or(u32::MAX);
+    let answer = source
+        .call(FrameKind::ReplicaCopy, &wire::encode_copy(&request), timeout * pieces)
+        .await
+        .map_err(|error| error.to_string())?;
+    let (data_bytes, zeroed_bytes) = wire::decode_copied(&answer).map_err(|error| error.to_string())?;
+    Ok(Sent {
+        data_bytes,
+        zeroed_bytes,
+    })
+}
+
+/// Serves a `ReplicaCopy` on an in-sync replica: sends this node's copy of
+/// the span to the target, each mutation at the coordinator's epoch and
+/// sequence; answers with the bytes sent once the target has them durable.
+/// `tenure` gives the cluster's `coordinator_since` of a volume by name,
+/// `link_to` the link to a node by id (None: not a member).
+pub async fn serve_copy(
+    volumes: &Volumes,
+    payload: &[u8],
+    tenure: impl Fn(&str) -> u64,
+    link_to: impl Fn(u64) -> Option<Arc<MuxLink>>,
+    timeout: std::time::Duration,
+) -> Result<Vec<u8>, String> {
+    let request = wire::decode_copy(payload).map_err(|error| error.to_string())?;
+    let volume = volumes
+        .get_by_id(request.volume_id)
+        .ok_or_else(|| format!("this node holds no replica of volume id {}", request.volume_id))?;
+    // The same rule as a mutation: only the current coordinator may ask.
+    let _admitted = volume.epoch_gate.read().await;
+    let floor = volume.fence_floor().max(tenure(&volume.name));
+    super::admit_mutation(request.epoch, floor, volume.is_served())
+        .map_err(|refusal| refusal.describe(&volume.name))?;
+    let link = link_to(request.target).ok_or_else(|| format!("node {} is not a member", request.target))?;
+    let sequence = request.volume_sequence;
+    let sent = send_span_at(
+        &volume,
+        &link,
+        request.lba,
+        request.block_count,
+        request.epoch,
+        timeout,
+        false,
+        &|| sequence,
+    )
+    .await?;
+    Ok(wire::encode_copied(sent.data_bytes, sent.zeroed_bytes))
+}
+
+/// Sends this node's copy of a span to the replica: holes as zeroings,
+/// data in writes of at most `CHUNK_BLOCKS`. `locked`: the caller holds
+/// the volume's range lock over the span (the coordinator).
+async fn send_span(
     volume: &Volume,
     link: &MuxLink,
     lba: u64,
     count: u64,
     epoch: u64,
     timeout: std::time::Duration,
-    status: &mut ResyncStatus,
-) -> Result<(), String> {
-    let _held = volume.lock_range(lba, count).await;
+    locked: bool,
+) -> Result<Sent, String> {
+    send_span_at(volume, link, lba, count, epoch, timeout, locked, &|| {
+        volume.next_sequence()
+    })
+    .await
+}
+
+#[allow(clippy::too_many_arguments)] // one span, its epoch and its order: all needed
+async fn send_span_at(
+    volume: &Volume,
+    link: &MuxLink,
+    lba: u64,
+    count: u64,
+    epoch: u64,
+    timeout: std::time::Duration,
+    locked: bool,
+    sequence: &(dyn Fn() -> u64 + Sync),
+) -> Result<Sent, String> {
+    let mut sent = Sent::default();
     let runs = volume
         .allocation(lba * BLOCK_BYTES, count * BLOCK_BYTES, usize::MAX)
         .await
@@ -296,13 +488,13 @@ async fn copy_span(
     for (len_bytes, allocated) in runs {
         let run_end = at + len_bytes / BLOCK_BYTES;
         if !allocated {
-            status.zeroed_bytes += len_bytes;
+            sent.zeroed_bytes += len_bytes;
             let op = ReplicaOp {
                 volume_id: volume.id,
                 epoch,
                 lba: at,
                 block_count: run_end - at,
-                volume_sequence: volume.next_sequence(),
+                volume_sequence: sequence(),
                 kind: OpKind::Zero,
             };
             send(link, &op, timeout).await?;
@@ -311,24 +503,27 @@ async fn copy_span(
         }
         while at < run_end {
             let blocks = CHUNK_BLOCKS.min(run_end - at);
-            let data = volume
-                .read_stored_locked(at * BLOCK_BYTES, blocks * BLOCK_BYTES)
-                .await
-                .map_err(|e| e.to_string())?;
-            status.copied_bytes += blocks * BLOCK_BYTES;
+            let (offset_bytes, len_bytes) = (at * BLOCK_BYTES, blocks * BLOCK_BYTES);
+            let data = if locked {
+                volume.read_stored_locked(offset_bytes, len_bytes).await
+            } else {
+                volume.read_stored(offset_bytes, len_bytes).await
+            }
+            .map_err(|e| e.to_string())?;
+            sent.data_bytes += len_bytes;
             let op = ReplicaOp {
                 volume_id: volume.id,
                 epoch,
                 lba: at,
                 block_count: blocks,
-                volume_sequence: volume.next_sequence(),
+                volume_sequence: sequence(),
                 kind: OpKind::Write(data.to_vec()),
             };
             send(link, &op, timeout).await?;
             at += blocks;
         }
     }
-    Ok(())
+    Ok(sent)
 }
 
 async fn send(link: &MuxLink, op: &ReplicaOp, timeout: std::time::Duration) -> Result<(), String> {
@@ -374,6 +569,7 @@ mod tests {
         };
         // 250 bytes in 5 s: 750 left take 15 s.
         assert_eq!((status.remaining_bytes(), status.eta_seconds()), (750, Some(15)));
+        assert_eq!(status.copied_bytes_per_s(), Some(40), "200 bytes copied in 5 s");
         status.state = "done".into();
         assert_eq!((status.remaining_bytes(), status.eta_seconds()), (0, None));
     }
