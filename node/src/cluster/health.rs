@@ -32,10 +32,6 @@ pub struct NodeReport {
     pub disks: u32,
     pub replicas: u32,
     pub version: String,
-    /// The node answers `ReplicaCopy` (a resync may read from its copies;
-    /// absent in the reports of older versions).
-    #[serde(default)]
-    pub copies_spans: bool,
     /// Disks whose store stopped after an I/O error.
     #[serde(default)]
     pub failed_disks: u32,

@@ -591,17 +591,6 @@ impl PeerHandler for Cluster {
                     .await
                     .map(|data| (FrameKind::ReplicaData, data))
             }
-            FrameKind::ReplicaCopy => {
-                let volumes = self.volumes.get().ok_or("this node is starting")?;
-                let tenure = |name: &str| self.state.read().volumes.get(name).map_or(0, |v| v.coordinator_since);
-                let link_to = |node: u64| {
-                    let address = self.state.read().nodes.get(&node).map(|n| n.peer_address.clone())?;
-                    Some(self.link(&address))
-                };
-                crate::replication::resync::serve_copy(volumes, &payload, tenure, link_to, self.replica_timeout())
-                    .await
-                    .map(|answer| (FrameKind::ReplicaCopied, answer))
-            }
             FrameKind::ReplicaScrub => {
                 let volumes = self.volumes.get().ok_or("this node is starting")?;
                 crate::replication::scrub::answer(volumes, &payload)

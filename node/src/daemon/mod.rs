@@ -182,7 +182,6 @@ fn node_report(engine: &Engine, volumes: &Volumes) -> NodeReport {
         disks: u32::try_from(engine.disks().len()).unwrap_or(u32::MAX),
         replicas: u32::try_from(volumes.count()).unwrap_or(u32::MAX),
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        copies_spans: true,
         ..NodeReport::default()
     };
     for (index, disk) in engine.disks().iter().enumerate() {

@@ -71,10 +71,6 @@ pub enum FrameKind {
     ReplicaScrub = 55,
     /// the answer (see `replication::wire::ScrubRequest`)
     ReplicaScrubbed = 56,
-    /// a coordinator resyncing a replica asks an in-sync one to send it a span
-    ReplicaCopy = 57,
-    /// the span is durable on the target (see `replication::wire::CopyRequest`)
-    ReplicaCopied = 58,
 }
 
 impl FrameKind {
@@ -104,8 +100,6 @@ impl FrameKind {
             54 => Self::ReplicaFence,
             55 => Self::ReplicaScrub,
             56 => Self::ReplicaScrubbed,
-            57 => Self::ReplicaCopy,
-            58 => Self::ReplicaCopied,
             _ => return None,
         })
     }

@@ -13,16 +13,20 @@
 //!
 //! From every healthy copy: the pieces are shared out between the
 //! coordinator and each other in-sync replica that is up, one piece at a
-//! time each. For a replica's piece the coordinator takes the range lock
-//! and asks that replica (`ReplicaCopy`) to send its own copy of the piece
-//! straight to the one being resynced; a replica that fails a piece hands
-//! it back to the coordinator, which copies it itself and goes on without
-//! that replica. `BALLAST_RESYNC_FROM=coordinator` copies from the
-//! coordinator alone (for A/B runs).
+//! time each. For a replica's piece the coordinator takes the range lock,
+//! reads the piece's data from that replica (`ReplicaRead`) and sends it on
+//! to the one being resynced itself: the data still reaches it only over
+//! the coordinator's one ordered link, after every mutation sent to it
+//! before (a copy sent by another node could overtake an older mutation
+//! still on the way and be overwritten by it: `repl_sim` found that). A
+//! replica that fails a read hands its piece back to the coordinator, which
+//! reads it locally and goes on without that replica.
+//! `BALLAST_RESYNC_FROM=coordinator` reads from the coordinator alone (for
+//! A/B runs).
 
 use std::sync::Arc;
 
-use super::wire::{self, CopyRequest, OpKind, ReplicaOp};
+use super::wire::{self, OpKind, ReplicaOp};
 use super::{VolumeReplication, DIRTY_REGION_BLOCKS};
 use crate::cluster::state::{ClusterState, Command};
 use crate::cluster::Cluster;
@@ -39,8 +43,10 @@ const CHUNK_BLOCKS: u64 = 256;
 const WINDOW_BLOCKS: u64 = 16384;
 const BLOCK_BYTES: u64 = 4096;
 
-/// Fastest a resync copies data (per replica): it leaves the disks and
-/// the network room for clients.
+/// Fastest a resync reads data from each copy it reads from (the
+/// coordinator's, and each in-sync replica's that helps): it leaves each
+/// source's disk and network room for clients. A resync from two copies
+/// may so copy twice as fast into the replica it fills.
 pub const RESYNC_BYTES_PER_S_MAX: u64 = 256 << 20;
 /// Pause after each piece a resync copies while the volume's clients have
 /// requests in flight: foreground I/O first.
@@ -127,13 +133,15 @@ impl ResyncStatus {
 pub struct Sent {
     pub data_bytes: u64,
     pub zeroed_bytes: u64,
+    /// Of `data_bytes`, read from an in-sync replica.
+    pub from_replica_bytes: u64,
 }
 
-/// Where a resync reads a span from.
+/// Where a resync reads a span's data from.
 enum Source {
     /// This node, the coordinator.
     Local,
-    /// An in-sync replica, which sends its own copy to the target.
+    /// An in-sync replica (`ReplicaRead`).
     Replica(u64, Arc<MuxLink>),
 }
 
@@ -143,7 +151,7 @@ fn coordinator_only() -> bool {
 }
 
 /// The copies a resync of `node` reads from: this node, and each other
-/// in-sync replica that is up and serves copy requests.
+/// in-sync replica that is up.
 fn sources(cluster: &Cluster, replication: &VolumeReplication, node: u64) -> Vec<Source> {
     let mut sources = vec![Source::Local];
     if coordinator_only() {
@@ -151,7 +159,7 @@ fn sources(cluster: &Cluster, replication: &VolumeReplication, node: u64) -> Vec
     }
     for (id, link) in replication.in_sync_links() {
         let liveness = cluster.health.liveness(id);
-        if id != node && liveness.up && liveness.report.is_some_and(|report| report.copies_spans) {
+        if id != node && liveness.up {
             sources.push(Source::Replica(id, link));
         }
     }
@@ -287,6 +295,7 @@ async fn resync(
         tracing::info!(volume = %volume.name, replica = node, sources = sources.len(), "resync reads from every in-sync copy");
     }
     status.sources = u32::try_from(sources.len()).unwrap_or(u32::MAX);
+    let bytes_per_s = RESYNC_BYTES_PER_S_MAX * sources.len() as u64;
     let started = std::time::Instant::now();
     let queue = parking_lot::Mutex::new(spans.into_iter());
     let shared = parking_lot::Mutex::new(status.clone());
@@ -299,32 +308,18 @@ async fn resync(
                 return Err("the replica failed a live write during the resync".to_owned());
             }
             let held = volume.lock_range(lba, count).await;
-            let (sent, source_failed) = match source {
-                Source::Local => (
-                    send_span(volume, &link, lba, count, epoch, replication.timeout, true).await?,
-                    false,
-                ),
-                Source::Replica(id, source_link) => {
-                    match ask_copy(volume, source_link, node, lba, count, epoch, replication.timeout).await {
-                        Ok(sent) => (sent, false),
-                        Err(error) => {
-                            tracing::warn!(volume = %volume.name, replica = node, source = id, %error, "a copy from a replica failed; the coordinator copies that piece and goes on without it");
-                            (
-                                send_span(volume, &link, lba, count, epoch, replication.timeout, true).await?,
-                                true,
-                            )
-                        }
-                    }
-                }
+            let reader = match source {
+                Source::Local => None,
+                Source::Replica(id, source_link) => Some((*id, source_link.as_ref())),
             };
+            let (sent, source_failed) =
+                send_span(volume, &link, lba, count, epoch, replication.timeout, reader).await?;
             drop(held);
             let copied_bytes = {
                 let mut status = shared.lock();
                 status.copied_bytes += sent.data_bytes;
                 status.zeroed_bytes += sent.zeroed_bytes;
-                if matches!(source, Source::Replica(..)) && !source_failed {
-                    status.from_replicas_bytes += sent.data_bytes;
-                }
+                status.from_replicas_bytes += sent.from_replica_bytes;
                 status.updated_unix_ms = unix_ms();
                 cluster.note_resync(&volume.name, status.clone());
                 status.copied_bytes
@@ -333,7 +328,7 @@ async fn resync(
                 return Ok(());
             }
             let busy = volume.stats.in_flight() > 0;
-            let pause = pause_after(copied_bytes, started.elapsed(), RESYNC_BYTES_PER_S_MAX, busy);
+            let pause = pause_after(copied_bytes, started.elapsed(), bytes_per_s, busy);
             if !pause.is_zero() {
                 tokio::time::sleep(pause).await;
             }
@@ -381,78 +376,12 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
     spans
 }
 
-/// Asks an in-sync replica to send its copy of a span to `target` (the
-/// caller holds the span's range lock).
-async fn ask_copy(
-    volume: &Volume,
-    source: &MuxLink,
-    target: u64,
-    lba: u64,
-    count: u64,
-    epoch: u64,
-    timeout: std::time::Duration,
-) -> Result<Sent, String> {
-    let request = CopyRequest {
-        volume_id: volume.id,
-        epoch,
-        lba,
-        block_count: count,
-        volume_sequence: volume.next_sequence(),
-        target,
-    };
-    // The source sends the span in pieces, each within the replica time-out.
-    let pieces = u32::try_from(count.div_ceil(CHUNK_BLOCKS) + 1).unwrap_or(u32::MAX);
-    let answer = source
-        .call(FrameKind::ReplicaCopy, &wire::encode_copy(&request), timeout * pieces)
-        .await
-        .map_err(|error| error.to_string())?;
-    let (data_bytes, zeroed_bytes) = wire::decode_copied(&answer).map_err(|error| error.to_string())?;
-    Ok(Sent {
-        data_bytes,
-        zeroed_bytes,
-    })
-}
-
-/// Serves a `ReplicaCopy` on an in-sync replica: sends this node's copy of
-/// the span to the target, each mutation at the coordinator's epoch and
-/// sequence; answers with the bytes sent once the target has them durable.
-/// `tenure` gives the cluster's `coordinator_since` of a volume by name,
-/// `link_to` the link to a node by id (None: not a member).
-pub async fn serve_copy(
-    volumes: &Volumes,
-    payload: &[u8],
-    tenure: impl Fn(&str) -> u64,
-    link_to: impl Fn(u64) -> Option<Arc<MuxLink>>,
-    timeout: std::time::Duration,
-) -> Result<Vec<u8>, String> {
-    let request = wire::decode_copy(payload).map_err(|error| error.to_string())?;
-    let volume = volumes
-        .get_by_id(request.volume_id)
-        .ok_or_else(|| format!("this node holds no replica of volume id {}", request.volume_id))?;
-    // The same rule as a mutation: only the current coordinator may ask.
-    let _admitted = volume.epoch_gate.read().await;
-    let floor = volume.fence_floor().max(tenure(&volume.name));
-    super::admit_mutation(request.epoch, floor, volume.is_served())
-        .map_err(|refusal| refusal.describe(&volume.name))?;
-    let link = link_to(request.target).ok_or_else(|| format!("node {} is not a member", request.target))?;
-    let sequence = request.volume_sequence;
-    let sent = send_span_at(
-        &volume,
-        &link,
-        request.lba,
-        request.block_count,
-        request.epoch,
-        timeout,
-        false,
-        &|| sequence,
-    )
-    .await?;
-    Ok(wire::encode_copied(sent.data_bytes, sent.zeroed_bytes))
-}
-
-/// Sends this node's copy of a span to the replica: holes as zeroings,
-/// data in writes of at most `CHUNK_BLOCKS`. `locked`: the caller holds
-/// the volume's range lock over the span (the coordinator).
+/// Sends the span to the replica being resynced (the caller holds the
+/// volume's range lock over it): holes, as this node maps them, as
+/// zeroings; data in writes of at most `CHUNK_BLOCKS`, read here or, with
+/// `reader`, from that in-sync replica (`ReplicaRead`). A replica read that
+/// fails is made here instead; then the second value is true (the caller
+/// stops reading from that replica).
 async fn send_span(
     volume: &Volume,
     link: &MuxLink,
@@ -460,26 +389,10 @@ async fn send_span(
     count: u64,
     epoch: u64,
     timeout: std::time::Duration,
-    locked: bool,
-) -> Result<Sent, String> {
-    send_span_at(volume, link, lba, count, epoch, timeout, locked, &|| {
-        volume.next_sequence()
-    })
-    .await
-}
-
-#[allow(clippy::too_many_arguments)] // one span, its epoch and its order: all needed
-async fn send_span_at(
-    volume: &Volume,
-    link: &MuxLink,
-    lba: u64,
-    count: u64,
-    epoch: u64,
-    timeout: std::time::Duration,
-    locked: bool,
-    sequence: &(dyn Fn() -> u64 + Sync),
-) -> Result<Sent, String> {
+    mut reader: Option<(u64, &MuxLink)>,
+) -> Result<(Sent, bool), String> {
     let mut sent = Sent::default();
+    let mut reader_failed = false;
     let runs = volume
         .allocation(lba * BLOCK_BYTES, count * BLOCK_BYTES, usize::MAX)
         .await
@@ -494,7 +407,7 @@ async fn send_span_at(
                 epoch,
                 lba: at,
                 block_count: run_end - at,
-                volume_sequence: sequence(),
+                volume_sequence: volume.next_sequence(),
                 kind: OpKind::Zero,
             };
             send(link, &op, timeout).await?;
@@ -504,26 +417,47 @@ async fn send_span_at(
         while at < run_end {
             let blocks = CHUNK_BLOCKS.min(run_end - at);
             let (offset_bytes, len_bytes) = (at * BLOCK_BYTES, blocks * BLOCK_BYTES);
-            let data = if locked {
-                volume.read_stored_locked(offset_bytes, len_bytes).await
-            } else {
-                volume.read_stored(offset_bytes, len_bytes).await
+            let mut data = None;
+            if let Some((source, source_link)) = reader {
+                let request = wire::encode_read(volume.id, at, blocks);
+                match source_link.call(FrameKind::ReplicaRead, &request, timeout).await {
+                    Ok(bytes) if bytes.len() as u64 == len_bytes => {
+                        sent.from_replica_bytes += len_bytes;
+                        data = Some(bytes);
+                    }
+                    outcome => {
+                        let error = match outcome {
+                            Ok(bytes) => format!("answered {} bytes for {len_bytes}", bytes.len()),
+                            Err(error) => error.to_string(),
+                        };
+                        tracing::warn!(volume = %volume.name, source, %error, "a resync read from a replica failed; the coordinator reads that piece itself and goes on without it");
+                        reader = None;
+                        reader_failed = true;
+                    }
+                }
             }
-            .map_err(|e| e.to_string())?;
+            let data = match data {
+                Some(data) => data,
+                None => volume
+                    .read_stored_locked(offset_bytes, len_bytes)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_vec(),
+            };
             sent.data_bytes += len_bytes;
             let op = ReplicaOp {
                 volume_id: volume.id,
                 epoch,
                 lba: at,
                 block_count: blocks,
-                volume_sequence: sequence(),
-                kind: OpKind::Write(data.to_vec()),
+                volume_sequence: volume.next_sequence(),
+                kind: OpKind::Write(data),
             };
             send(link, &op, timeout).await?;
             at += blocks;
         }
     }
-    Ok(sent)
+    Ok((sent, reader_failed))
 }
 
 async fn send(link: &MuxLink, op: &ReplicaOp, timeout: std::time::Duration) -> Result<(), String> {

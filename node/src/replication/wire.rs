@@ -364,105 +364,6 @@ pub fn decode_scrub_reply(bytes: &[u8], block_count: u64) -> Result<Option<Vec<d
     }
 }
 
-/// Most blocks one copy request covers (64 MiB; holes cost no data).
-pub const COPY_BLOCKS_MAX: u64 = 16384;
-/// Bytes of a copy request (`ReplicaCopy`).
-pub const COPY_REQUEST_BYTES: usize = 48;
-/// Bytes of its answer (`ReplicaCopied`).
-pub const COPIED_BYTES: usize = 16;
-
-/// A coordinator resyncing a replica asks an in-sync replica to send its
-/// own copy of a span there (`ReplicaCopy`, answered by `ReplicaCopied`
-/// once the target has it durable), so a rebuild reads from every healthy
-/// copy, not from the coordinator alone. The coordinator holds the span's
-/// range lock meanwhile: no write of the span is in flight, and every
-/// write acknowledged before it is on every in-sync copy.
-///
-/// ```text
-/// offset  size  field
-/// 0       8     volume id
-/// 8       8     epoch (the coordinator's; source and target refuse an older one)
-/// 16      8     first block (4 KiB)
-/// 24      8     block count, 1..=16384
-/// 32      8     volume sequence (every mutation of the copy carries it)
-/// 40      8     node id of the replica to copy to
-/// ```
-///
-/// The answer: data bytes sent (u64), then hole bytes sent as zeroings (u64).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct CopyRequest {
-    pub volume_id: u64,
-    pub epoch: u64,
-    pub lba: u64,
-    pub block_count: u64,
-    pub volume_sequence: u64,
-    pub target: u64,
-}
-
-/// Encodes a copy request.
-#[must_use]
-pub fn encode_copy(request: &CopyRequest) -> Vec<u8> {
-    let mut out = Vec::with_capacity(COPY_REQUEST_BYTES);
-    for field in [
-        request.volume_id,
-        request.epoch,
-        request.lba,
-        request.block_count,
-        request.volume_sequence,
-        request.target,
-    ] {
-        out.extend_from_slice(&field.to_le_bytes());
-    }
-    out
-}
-
-/// Decodes a copy request, bounded like a scrub.
-pub fn decode_copy(bytes: &[u8]) -> Result<CopyRequest, WireError> {
-    if bytes.len() != COPY_REQUEST_BYTES {
-        return Err(WireError::Short(bytes.len()));
-    }
-    let field = |index: usize| u64::from_le_bytes(bytes[index * 8..index * 8 + 8].try_into().expect("8 bytes"));
-    let request = CopyRequest {
-        volume_id: field(0),
-        epoch: field(1),
-        lba: field(2),
-        block_count: field(3),
-        volume_sequence: field(4),
-        target: field(5),
-    };
-    if request.block_count == 0
-        || request.block_count > COPY_BLOCKS_MAX
-        || request
-            .lba
-            .checked_add(request.block_count)
-            .is_none_or(|end| end > disk_layout::LBA_LIMIT)
-    {
-        return Err(WireError::Length {
-            data_bytes: 0,
-            block_count: request.block_count,
-        });
-    }
-    Ok(request)
-}
-
-/// Encodes a copy's answer: data bytes and hole bytes sent.
-#[must_use]
-pub fn encode_copied(data_bytes: u64, zeroed_bytes: u64) -> Vec<u8> {
-    let mut out = Vec::with_capacity(COPIED_BYTES);
-    out.extend_from_slice(&data_bytes.to_le_bytes());
-    out.extend_from_slice(&zeroed_bytes.to_le_bytes());
-    out
-}
-
-/// Decodes a copy's answer.
-pub fn decode_copied(bytes: &[u8]) -> Result<(u64, u64), WireError> {
-    if bytes.len() != COPIED_BYTES {
-        return Err(WireError::Short(bytes.len()));
-    }
-    let field = |index: usize| u64::from_le_bytes(bytes[index * 8..index * 8 + 8].try_into().expect("8 bytes"));
-    Ok((field(0), field(1)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -486,42 +387,7 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
             let _ = decode(&bytes);
-            let _ = decode_copy(&bytes);
-            let _ = decode_copied(&bytes);
         }
-
-        #[test]
-        fn copy_requests_round_trip(volume_id: u64, epoch: u64, lba in 0u64..1 << 30, blocks in 1u64..=COPY_BLOCKS_MAX, sequence: u64, target: u64, data: u64, zeroed: u64) {
-            let request = CopyRequest { volume_id, epoch, lba, block_count: blocks, volume_sequence: sequence, target };
-            prop_assert_eq!(decode_copy(&encode_copy(&request)).unwrap(), request);
-            prop_assert_eq!(decode_copied(&encode_copied(data, zeroed)).unwrap(), (data, zeroed));
-        }
-    }
-
-    #[test]
-    fn copy_requests_of_no_blocks_or_too_many_are_refused() {
-        let request = |block_count| CopyRequest {
-            volume_id: 1,
-            epoch: 2,
-            lba: 0,
-            block_count,
-            volume_sequence: 3,
-            target: 4,
-        };
-        for bad in [0, COPY_BLOCKS_MAX + 1] {
-            assert!(matches!(
-                decode_copy(&encode_copy(&request(bad))),
-                Err(WireError::Length { .. })
-            ));
-        }
-        assert!(matches!(
-            decode_copy(&encode_copy(&CopyRequest {
-                lba: u64::MAX,
-                ..request(1)
-            })),
-            Err(WireError::Length { .. })
-        ));
-        assert_eq!(decode_copy(&[0; 40]), Err(WireError::Short(40)));
     }
 
     #[test]

@@ -455,7 +455,8 @@ impl Volume {
         let _range = self.ranges.lock(lba, block_count).await;
         // The serving tenure's epoch: if a newer coordinator fenced this node
         // meanwhile, the replicas refuse it.
-        let (epoch, volume_sequence) = (self.serving_epoch().max(1), self.next_sequence());
+        let tenure = self.serving_epoch();
+        let (epoch, volume_sequence) = (tenure.max(1), self.next_sequence());
         let (command, kind) = match data {
             Some(data) => (
                 Command::Write {
@@ -510,7 +511,23 @@ impl Volume {
         remote.map_err(|reason| VolumeIoError::Replication {
             volume: self.name.clone(),
             reason,
-        })
+        })?;
+        // Deposed and made coordinator again while this write was in flight
+        // (it waited on a replica, then on Raft): meanwhile the other
+        // coordinator's resync may have replaced this node's copy of the
+        // range with one that never had the write, and the write's late
+        // `ReplicaOut` then passes in the new tenure. It is not known to be
+        // anywhere: fail it (found by `repl_sim`, seed 588).
+        if self.serving_epoch() != tenure {
+            return Err(VolumeIoError::Replication {
+                volume: self.name.clone(),
+                reason: format!(
+                    "this node stopped serving the volume and serves it again (epoch {tenure} -> {}) while the write was in flight; it may not have reached any copy that counts",
+                    self.serving_epoch()
+                ),
+            });
+        }
+        Ok(())
     }
 
     /// Applies a mutation the coordinator sent (this node is a replica).

@@ -125,6 +125,17 @@ pub struct Config {
     /// took its snapshot before) demote the replica `promote` just made a
     /// target: writes are acknowledged without a replica Raft lists in sync.
     pub fix_stale_demotion: bool,
+    /// A resync shares its pieces out between the coordinator and the other
+    /// in-sync replicas, reading a replica's pieces from it (`ReplicaRead`)
+    /// and sending them on itself; as the code does unless
+    /// `BALLAST_RESYNC_FROM=coordinator`.
+    pub multi_source_resync: bool,
+    /// The fix in `Volume::mutate`: a write is acknowledged only if the
+    /// node still serves in the tenure it made the write in. Without it, a
+    /// write that waited (on a replica, then on Raft) while its node was
+    /// deposed, resynced from a copy without it, and made coordinator again
+    /// was acknowledged by its late `ReplicaOut` and lost (seed 588).
+    pub fix_tenure_ack: bool,
     /// Requests may overtake each other on a link (see `net`).
     pub reorder: bool,
     /// The Store writes with FUA (else write + flush).
@@ -158,6 +169,9 @@ impl Config {
             fix_prepare_snapshot: true,
             fix_resync_epoch: true,
             fix_stale_demotion: true,
+            fix_tenure_ack: true,
+            // Not drawn from `rng`: the seeds' other choices stay as they were.
+            multi_source_resync: !seed.is_multiple_of(3),
             reorder: false,
             durable_writes: seed.is_multiple_of(2),
             strict_monotonic: false,
@@ -178,6 +192,8 @@ pub struct Counters {
     pub resyncs_incremental: u64,
     pub resyncs_full: u64,
     pub resyncs_failed: u64,
+    /// Resync pieces an in-sync replica sent (not the coordinator).
+    pub pieces_from_replicas: u64,
     pub replica_outs: u64,
     pub replica_ins_refused: u64,
     pub refused_stale: u64,
@@ -199,6 +215,7 @@ impl Counters {
         self.resyncs_incremental += other.resyncs_incremental;
         self.resyncs_full += other.resyncs_full;
         self.resyncs_failed += other.resyncs_failed;
+        self.pieces_from_replicas += other.pieces_from_replicas;
         self.replica_outs += other.replica_outs;
         self.replica_ins_refused += other.replica_ins_refused;
         self.refused_stale += other.refused_stale;
@@ -212,7 +229,7 @@ impl Counters {
 
     pub fn line(&self, seeds: usize) -> String {
         format!(
-            "repl_sim: seeds {seeds}, writes acked {}, reads checked {}, crashes {}, failovers {}, resyncs {} (incremental {}, full {}; failed {}), replica outs {}, replica-ins refused (epoch moved) {}, stale refused {}, lost {}, corrupt {}, fencing violations {}, monotonic violations {}, diverged blocks {}",
+            "repl_sim: seeds {seeds}, writes acked {}, reads checked {}, crashes {}, failovers {}, resyncs {} (incremental {}, full {}; failed {}; pieces sent by replicas {}), replica outs {}, replica-ins refused (epoch moved) {}, stale refused {}, lost {}, corrupt {}, fencing violations {}, monotonic violations {}, diverged blocks {}",
             self.writes_acked,
             self.reads_checked,
             self.crashes,
@@ -221,6 +238,7 @@ impl Counters {
             self.resyncs_incremental,
             self.resyncs_full,
             self.resyncs_failed,
+            self.pieces_from_replicas,
             self.replica_outs,
             self.replica_ins_refused,
             self.refused_stale,

@@ -23,6 +23,8 @@ pub enum Kind {
     Write,
     /// `FrameKind::ReplicaFence`: `wire::encode_read(volume id, epoch, 1)`.
     Fence,
+    /// `FrameKind::ReplicaRead`: `wire::encode_read(volume id, lba, count)`.
+    Read,
 }
 
 #[derive(Default)]

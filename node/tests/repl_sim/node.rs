@@ -6,8 +6,9 @@
 //! `Volume::mutate` (with `prepare`), `VolumeReplication::replicate`,
 //! `mark_dirty`, `fence_out`, `fence`, `set_targets`, `promote`, `drain`,
 //! `stop_catching_up`, the reconciler's `wire_serving`/`fence_and_serve`,
-//! and `resync` (catch up, drain, copy under the range lock, `ReplicaIn`
-//! at the epoch seen, promote).
+//! and `resync` (catch up, drain, copy under the range lock, reading from
+//! the coordinator and, with `multi_source_resync`, the other in-sync
+//! replicas (`replication::read`), `ReplicaIn` at the epoch seen, promote).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
@@ -206,6 +207,8 @@ pub struct Node {
     /// `Volume::fence_floor` in memory (raised by fences and `follow_tenure`).
     pub fence_floor: u64,
     pub served: bool,
+    /// `Volume::serving_epoch`: the epoch at which it last started serving.
+    pub serving_epoch: u64,
     pub sequence: u64,
     pub gate: Rc<RwLock<()>>,
     pub ranges: Rc<RangeLock>,
@@ -238,6 +241,7 @@ impl Node {
             epoch: 1,
             fence_floor: 1,
             served: false,
+            serving_epoch: 0,
             sequence: 1,
             gate: Rc::new(RwLock::new(())),
             ranges: Rc::new(RangeLock::default()),
@@ -284,6 +288,7 @@ pub fn crash(sim: &Rc<Sim>, id: u64) {
     node.fence_floor = node.fence_floor_durable;
     node.dirty_log.crash();
     node.served = false;
+    node.serving_epoch = 0;
     node.sequence = node.disk.store.volume_epoch(VOLUME_ID).1 + 1;
     node.gate = Rc::new(RwLock::new(()));
     node.ranges = Rc::new(RangeLock::default());
@@ -307,7 +312,18 @@ pub async fn handle(sim: &Rc<Sim>, id: u64, kind: Kind, payload: &[u8]) -> Resul
     match kind {
         Kind::Write => apply(sim, id, payload).await.map(|()| Vec::new()),
         Kind::Fence => raise_epoch(sim, id, payload).await.map(|()| Vec::new()),
+        Kind::Read => read_for_repair(sim, id, payload).await,
     }
+}
+
+/// `replication::read`: this replica's stored blocks (no gate, like the code).
+async fn read_for_repair(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<Vec<u8>, String> {
+    let (_, lba, count) = wire::decode_read(payload).map_err(|error| error.to_string())?;
+    if lba + count > sim.config.volume_blocks {
+        return Err("out of range".into());
+    }
+    let reply = disk::call(sim, id, Request::Read { lba, count }).await?;
+    Ok(disk::reply_bytes(&reply))
 }
 
 /// `replication::apply`: epoch check and write under the shared epoch gate.
@@ -627,11 +643,11 @@ async fn fence(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, epoch: u64) -> Result<()
 async fn mutate(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, data: Option<Vec<u8>>) -> Result<BTreeSet<u64>, String> {
     let ranges = Rc::clone(&sim.node(id).ranges);
     let _range = ranges.lock(lba, count).await;
-    let (epoch, sequence, repl) = {
+    let (epoch, sequence, repl, tenure) = {
         let mut node = sim.node(id);
         let sequence = node.sequence;
         node.sequence += 1;
-        (node.epoch, sequence, node.repl.clone())
+        (node.epoch, sequence, node.repl.clone(), node.serving_epoch)
     };
     let (request, kind) = match data {
         Some(data) => (
@@ -691,6 +707,13 @@ async fn mutate(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, data: Option<Vec<u
     };
     local?;
     let confirmed = remote?;
+    // `Volume::mutate`: deposed and serving again since the write was made,
+    // its copy here may have been replaced meanwhile: not acknowledged.
+    if sim.config.fix_tenure_ack && sim.node(id).serving_epoch != tenure {
+        return Err(format!(
+            "node {id} served the volume anew while the write was in flight"
+        ));
+    }
     check_acknowledgement(sim, id, epoch, lba, count, &confirmed);
     Ok(confirmed)
 }
@@ -831,6 +854,9 @@ fn wire_serving(sim: &Rc<Sim>, id: u64) -> Option<u64> {
         node.repl = None;
     }
     if node.served || volume.replica_nodes.len() == 1 || volume.epoch <= 1 {
+        if !node.served {
+            node.serving_epoch = node.epoch;
+        }
         node.served = true;
         None
     } else {
@@ -848,7 +874,12 @@ async fn fence_and_serve(sim: &Rc<Sim>, id: u64, epoch: u64) {
             let gate = Rc::clone(&sim.node(id).gate);
             let _drained = gate.write().await;
             sim.log(format!("node {id}: replicas fenced at epoch {epoch}; serving"));
-            sim.node(id).served = true;
+            let mut node = sim.node(id);
+            if !node.served {
+                // `Volumes::set_served`.
+                node.serving_epoch = node.epoch;
+            }
+            node.served = true;
         }
         Err(error) => sim.log(format!(
             "node {id}: cannot fence at epoch {epoch}: {error}; not serving"
@@ -943,19 +974,49 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64, identity:
             .collect(),
     };
     sim.log(format!("node {id}: resync of {replica}: spans {spans:?}"));
-    let (started, mut copied_bytes) = (Instant::now(), 0);
-    for (lba, count) in spans {
-        if !repl.is_catching_up(replica) {
-            return Err("the replica failed a live write during the resync".into());
-        }
-        copied_bytes += copy_span(sim, id, replica, lba, count, started_epoch).await?;
-        // Paced like the real resync (its rate, and yielding to busy clients).
-        let busy = sim.node(id).client_in_flight.get() > 0;
-        let pause = pause_after(copied_bytes, started.elapsed(), RESYNC_BYTES_PER_S_MAX, busy);
-        if !pause.is_zero() {
-            tokio::time::sleep(pause).await;
-        }
+    // `resync::sources`: this node, then the other in-sync replicas.
+    let mut sources = vec![None];
+    if sim.config.multi_source_resync {
+        sources.extend(
+            repl.targets
+                .borrow()
+                .iter()
+                .filter(|node| **node != replica)
+                .map(|node| Some(*node)),
+        );
     }
+    let bytes_per_s = RESYNC_BYTES_PER_S_MAX * sources.len() as u64;
+    let started = Instant::now();
+    let queue = RefCell::new(spans.into_iter());
+    let copied_bytes = Cell::new(0);
+    let workers = sources.iter().map(|source| {
+        let (queue, copied_bytes) = (&queue, &copied_bytes);
+        async move {
+            loop {
+                let Some((lba, count)) = queue.borrow_mut().next() else {
+                    return Ok::<(), String>(());
+                };
+                if !repl.is_catching_up(replica) {
+                    return Err("the replica failed a live write during the resync".into());
+                }
+                let ranges = Rc::clone(&sim.node(id).ranges);
+                let held = ranges.lock(lba, count).await;
+                let (sent, source_failed) = send_span(sim, id, replica, lba, count, started_epoch, *source).await?;
+                drop(held);
+                copied_bytes.set(copied_bytes.get() + sent);
+                if source_failed {
+                    return Ok(());
+                }
+                // Paced like the real resync (its rate, and yielding to busy clients).
+                let busy = sim.node(id).client_in_flight.get() > 0;
+                let pause = pause_after(copied_bytes.get(), started.elapsed(), bytes_per_s, busy);
+                if !pause.is_zero() {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+        }
+    });
+    futures::future::try_join_all(workers).await?;
     repl.joining.borrow_mut().insert(replica);
     if !repl.is_catching_up(replica) {
         return Err("the replica failed a live write during the resync".into());
@@ -999,20 +1060,22 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
     spans
 }
 
-/// `resync::copy_span`: allocated data as writes, holes as zeroings.
-/// Ok with the bytes of data sent (`copied_bytes`). Each op carries
-/// `volume.epoch()` now (or `epoch` when given).
-async fn copy_span(
+/// `resync::send_span`: the span to `replica`, holes (as this node maps
+/// them) as zeroings, allocated data as writes, read here or from the
+/// in-sync replica `reader` (a failed read is made here, and the second
+/// value is true). Ok with the bytes of data sent (`copied_bytes`). Each op
+/// carries `volume.epoch()` now (or `epoch` when given).
+async fn send_span(
     sim: &Rc<Sim>,
     id: u64,
     replica: u64,
     lba: u64,
     count: u64,
     epoch: Option<u64>,
-) -> Result<u64, String> {
+    mut reader: Option<u64>,
+) -> Result<(u64, bool), String> {
+    let mut reader_failed = false;
     let mut copied_bytes = 0;
-    let ranges = Rc::clone(&sim.node(id).ranges);
-    let _held = ranges.lock(lba, count).await;
     let runs = sim.node(id).disk.store.block_status(VOLUME_ID, lba, count);
     for (start, run_count, allocated) in runs {
         let run_end = start + run_count;
@@ -1025,8 +1088,28 @@ async fn copy_span(
             };
             let kind = if allocated {
                 copied_bytes += blocks * disk::BLOCK_BYTES as u64;
-                let reply = disk::call(sim, id, Request::Read { lba: at, count: blocks }).await?;
-                OpKind::Write(disk::reply_bytes(&reply))
+                let mut data = None;
+                if let Some(source) = reader {
+                    let request = wire::encode_read(VOLUME_ID, at, blocks);
+                    match net::call(sim, id, source, Kind::Read, request, sim.config.replica_timeout).await {
+                        Ok(bytes) => {
+                            sim.counters.borrow_mut().pieces_from_replicas += 1;
+                            data = Some(bytes);
+                        }
+                        Err(error) => {
+                            sim.log(format!(
+                                "node {id}: resync read of {at}+{blocks} from replica {source} failed ({error}); reading here"
+                            ));
+                            reader = None;
+                            reader_failed = true;
+                        }
+                    }
+                }
+                let data = match data {
+                    Some(data) => data,
+                    None => disk::reply_bytes(&disk::call(sim, id, Request::Read { lba: at, count: blocks }).await?),
+                };
+                OpKind::Write(data)
             } else {
                 OpKind::Zero
             };
@@ -1055,5 +1138,5 @@ async fn copy_span(
             at += blocks;
         }
     }
-    Ok(copied_bytes)
+    Ok((copied_bytes, reader_failed))
 }
