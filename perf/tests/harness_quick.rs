@@ -248,7 +248,7 @@ fn the_attach_benchmark_measures_every_profile_on_every_backend_and_pgbench_and_
     let report: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.path().join("attach.json")).unwrap()).unwrap();
     let measures = report["measures"].as_array().expect("measures");
-    assert_eq!(measures.len(), 7, "the issue's profiles: {report:#}");
+    assert_eq!(measures.len(), 8, "the issue's profiles: {report:#}");
     let mut expected: Vec<String> = backends.iter().map(|backend| format!("{backend} repl=1")).collect();
     expected.push(format!("{} repl=3", backends[0]));
     for measure in measures {
@@ -268,6 +268,7 @@ fn the_attach_benchmark_measures_every_profile_on_every_backend_and_pgbench_and_
     let table = std::fs::read_to_string(out.path().join("attach.md")).unwrap();
     for row in [
         "| 4 KiB random write, QD32 |",
+        "| 4 KiB random write + fsync, QD1 |",
         "| database-like 8 KiB 70/30",
         "| 1 MiB sequential read, QD8 |",
     ] {
