@@ -1,7 +1,8 @@
 //! A failing disk under a live volume, on real processes: each node runs
 //! with the test-only fault layer (`--inject-faults PLAN`, kernel-iface
 //! `faults`). The coordinator's disk starts failing every I/O with EIO:
-//! the leader moves the volume to an in-sync replica at once, clients go
+//! a read it cannot rewrite from a replica fails (never shown from the
+//! replica alone), the leader moves the volume to an in-sync replica at once, clients go
 //! on there, and nothing acknowledged is lost. A replica's disk failing is
 //! dropped from the in-sync set while writes go on. A failed node
 //! restarted with a working disk is resynced and serves the same bytes.
@@ -42,6 +43,28 @@ fn a_coordinator_whose_disk_fails_hands_the_volume_to_a_replica_and_loses_nothin
     assert!(qemu_io_ok(&written), "{}", text(&written));
 
     std::fs::write(&plans[0], "any 0\n").unwrap();
+    // The first read that meets the failing disk finds the blocks on a
+    // replica, but the coordinator cannot rewrite its own copy: the read
+    // fails rather than show bytes the coordinator's copy may lack (a
+    // restart would take them back).
+    let mut reads = 0;
+    loop {
+        reads += 1;
+        assert!(reads <= 200, "no read met the failing disk in 200 tries");
+        let read = qemu_io(&cluster.nodes[0].uri("d"), "read -P 0x21 0 64k");
+        if cluster.nodes[0].log_text().contains("local read failed") {
+            assert!(
+                !qemu_io_ok(&read),
+                "a read the coordinator could not rewrite locally was answered from a replica: {}",
+                text(&read)
+            );
+            break;
+        }
+        assert!(qemu_io_ok(&read), "{}", text(&read));
+    }
+    assert!(cluster.nodes[0]
+        .log_text()
+        .contains("a replica has the blocks but the local rewrite failed; the read fails"));
     // The next write fails on the coordinator's disk (not acknowledged) and stops its store.
     wait_until("the coordinator's store fails", || {
         !qemu_io_ok(&qemu_io(&cluster.nodes[0].uri("d"), "write -P 0x22 1M 64k"))

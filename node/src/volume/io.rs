@@ -335,13 +335,22 @@ impl Volume {
             epoch: self.epoch(),
             volume_sequence: self.next_sequence(),
         };
+        // Answered only once this node's own copy holds the same data: a
+        // replica may hold a write whose local part failed (never
+        // acknowledged); shown to a reader while this copy lacks it, a
+        // restart of this node (its copy then wins the compare) would take
+        // back what the reader saw (torture's linearizability checker
+        // caught that under a failing disk).
         match self.call(rewrite).await {
-            Ok(_) => tracing::warn!(volume = %self.name, lba, block_count, "repaired from a replica"),
+            Ok(_) => {
+                tracing::warn!(volume = %self.name, lba, block_count, "repaired from a replica");
+                Ok(buf)
+            }
             Err(error) => {
-                tracing::error!(volume = %self.name, lba, %error, "served from a replica but the local rewrite failed")
+                tracing::error!(volume = %self.name, lba, %error, "a replica has the blocks but the local rewrite failed; the read fails");
+                Err(failed(local))
             }
         }
-        Ok(buf)
     }
 
     /// Reads blocks for a coordinator repairing its copy (this node is a replica).
