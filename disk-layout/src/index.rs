@@ -75,6 +75,30 @@ impl VolumeIndex {
             .map_or(Entry::UNMAPPED, |chunk| chunk.entries[offset_in_chunk(lba)])
     }
 
+    /// Entries of `count` blocks from `lba`, one chunk lookup per chunk.
+    #[must_use]
+    pub fn entries(&self, lba: u64, count: u64) -> Vec<Entry> {
+        let mut out = Vec::with_capacity(usize::try_from(count).expect("a request's blocks"));
+        let end = lba + count;
+        let mut at = lba;
+        while at < end {
+            let key = at / CHUNK_BLOCKS;
+            let stop = ((key + 1) * CHUNK_BLOCKS).min(end);
+            match self.chunks.get(&key) {
+                Some(chunk) => out.extend_from_slice(
+                    &chunk.entries[offset_in_chunk(at)
+                        ..offset_in_chunk(at) + usize::try_from(stop - at).expect("within a chunk")],
+                ),
+                None => out.extend(std::iter::repeat_n(
+                    Entry::UNMAPPED,
+                    usize::try_from(stop - at).expect("within a chunk"),
+                )),
+            }
+            at = stop;
+        }
+        out
+    }
+
     /// Sets `lba` to `entry` and returns the previous entry.
     pub fn set(&mut self, lba: u64, entry: Entry) -> Entry {
         let key = lba / CHUNK_BLOCKS;
@@ -184,6 +208,15 @@ impl Index {
         self.volumes
             .get(&volume_id)
             .map_or(Entry::UNMAPPED, |volume| volume.get(lba))
+    }
+
+    /// Entries of `count` blocks of a volume from `lba`.
+    #[must_use]
+    pub fn entries(&self, volume_id: u64, lba: u64, count: u64) -> Vec<Entry> {
+        match self.volumes.get(&volume_id) {
+            Some(volume) => volume.entries(lba, count),
+            None => vec![Entry::UNMAPPED; usize::try_from(count).expect("a request's blocks")],
+        }
     }
 
     /// The volume's map, if it has any data.
@@ -335,6 +368,19 @@ mod tests {
     fn unwritten_blocks_are_unmapped() {
         let index = Index::default();
         assert_eq!(index.get(1, 12345), Entry::UNMAPPED);
+    }
+
+    #[test]
+    fn entries_across_chunks_and_holes_match_block_by_block_lookups() {
+        let mut index = Index::default();
+        for (lba, address) in [(1020, 7), (1023, 8), (1024, 9), (3100, 10)] {
+            index.volume_mut(1).set(lba, Entry { address, crc: 1 });
+        }
+        for (lba, count) in [(1000, 100), (1023, 2), (2040, 1100), (0, 1)] {
+            let expected: Vec<Entry> = (lba..lba + count).map(|at| index.get(1, at)).collect();
+            assert_eq!(index.entries(1, lba, count), expected, "{lba}+{count}");
+        }
+        assert_eq!(index.entries(2, 5, 3), vec![Entry::UNMAPPED; 3]);
     }
 
     #[test]

@@ -119,6 +119,10 @@ fn a_long_random_workload_with_cleaning_and_crashes_loses_nothing() {
             stats.resequenced_blocks_written > 0,
             "seed={seed}: no read was re-sequenced: {stats:?}"
         );
+        assert!(
+            stats.background_resequence_reads > 0,
+            "seed={seed}: the idle store never re-sequenced in the background: {stats:?}"
+        );
         assert!(h.errors.is_empty(), "seed={seed}: unexpected errors {:?}", h.errors);
         h.crash_and_verify();
     }

@@ -155,3 +155,69 @@ fn a_scan_of_scattered_data_leaves_it_where_it_is() {
     assert!(reads_of_range(&mut h, BLOCKS) >= BLOCKS / 2, "the scan moved the range");
     assert!(h.errors.is_empty(), "{:?}", h.errors);
 }
+
+/// Disk reads a settle of the idle store makes.
+fn background_reads_while_idle(h: &mut Harness) -> u64 {
+    let before = h.disk.stats.reads;
+    h.settle();
+    h.disk.stats.reads - before
+}
+
+#[test]
+fn a_range_read_in_order_and_then_scattered_by_random_writes_is_put_back_in_order_while_the_store_is_idle() {
+    const MIB: u64 = 256;
+    for seed in 0..3 {
+        let mut h = Harness::with_config(seed, 64 << 20, 1 << 20, 2 * MIB, vec![VOLUME], as_the_node_runs_it);
+        // Written in order and read in large pieces: remembered as read in order.
+        for lba in (0..2 * MIB).step_by(64) {
+            h.write(VOLUME, lba, 64);
+        }
+        h.settle();
+        for lba in (0..2 * MIB).step_by(MIB as usize) {
+            h.read(VOLUME, lba, MIB);
+        }
+        h.settle();
+        // A day of random 4 KiB writes over the first MiB only, never read
+        // in between, and no idle moment (in the harness every tick without
+        // a request between it and the previous one is one).
+        let mut rng = SimRng::new(seed);
+        for _ in 0..MIB {
+            h.write(VOLUME, rng.below(MIB), 1);
+        }
+        let before = h.store.stats();
+        let moved_reads = background_reads_while_idle(&mut h);
+        let after = h.store.stats();
+        assert!(
+            after.background_resequence_reads > before.background_resequence_reads,
+            "seed={seed}: the idle store never looked at the scattered range: {after:?}"
+        );
+        assert!(moved_reads >= 1, "seed={seed}");
+        assert!(
+            after.resequenced_blocks_written > before.resequenced_blocks_written,
+            "seed={seed}: nothing was moved: {after:?}"
+        );
+        // The scan after it: a few batches' worth of I/Os, not one per block.
+        let scan = reads_of_range(&mut h, MIB);
+        assert!(scan <= 4, "seed={seed}: {scan} reads: the range is still scattered");
+        // The second MiB was never scattered: nothing of it was read again.
+        assert_eq!(
+            h.store.stats().background_resequence_reads,
+            after.background_resequence_reads,
+            "seed={seed}: a range in order was read by the background pass"
+        );
+        h.crash_and_verify();
+        h.verify_all_blocks();
+        assert!(h.errors.is_empty(), "seed={seed}: {:?}", h.errors);
+    }
+}
+
+#[test]
+fn a_range_never_read_in_large_pieces_is_left_where_random_writes_put_it() {
+    let mut h = scattered(9);
+    h.settle();
+    h.settle();
+    assert_eq!(h.store.stats().background_resequence_reads, 0);
+    assert_eq!(h.store.stats().resequenced_blocks_written, 0);
+    // Its first large read still pays one I/O per block (and moves it).
+    assert!(reads_of_range(&mut h, BLOCKS) >= BLOCKS / 2);
+}

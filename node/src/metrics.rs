@@ -537,6 +537,7 @@ impl NodeMetrics {
         let mut user = Vec::new();
         let mut relocated = Vec::new();
         let mut resequenced = Vec::new();
+        let mut background_reads = Vec::new();
         let mut cleaned = Vec::new();
         let mut checksum = Vec::new();
         let mut flushes = Vec::new();
@@ -552,6 +553,7 @@ impl NodeMetrics {
             user.push((labels.clone(), stats.user_blocks_written * 4096));
             relocated.push((labels.clone(), stats.relocated_blocks_written * 4096));
             resequenced.push((labels.clone(), stats.resequenced_blocks_written * 4096));
+            background_reads.push((labels.clone(), stats.background_resequence_reads));
             cleaned.push((labels.clone(), stats.segments_cleaned));
             checksum.push((labels.clone(), stats.checksum_errors));
             flushes.push((labels, stats.flushes));
@@ -597,6 +599,12 @@ impl NodeMetrics {
             "ballast_disk_resequenced_bytes",
             "Data of large reads that lay scattered, written back in order so the next read of it is sequential.",
             &resequenced,
+        )?;
+        counters(
+            encoder,
+            "ballast_disk_background_resequence_reads",
+            "Reads the idle disk made of scattered ranges that clients had read in large pieces, to write them back in order.",
+            &background_reads,
         )?;
         counters(
             encoder,

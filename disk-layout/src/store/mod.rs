@@ -13,6 +13,7 @@
 //! requests take effect in call order. A read of data whose batch is not yet
 //! on the disk waits for that batch's write to complete.
 
+mod background;
 mod checkpoint;
 mod clean;
 mod open;
@@ -33,6 +34,7 @@ use crate::superblock::Superblock;
 pub use open::{FormatParams, StoreConfig};
 pub use segments::SegmentState;
 
+use background::Background;
 use checkpoint::CheckpointState;
 use clean::Cleaner;
 use read::ReadOp;
@@ -85,6 +87,9 @@ pub struct StoreStats {
     pub checksum_errors: u64,
     pub read_requests: u64,
     pub write_requests: u64,
+    /// Reads the background pass made of scattered ranges clients had read
+    /// in large pieces (`background`), to re-sequence them.
+    pub background_resequence_reads: u64,
 }
 
 impl StoreStats {
@@ -178,6 +183,7 @@ pub struct Store {
     next_read_id: u64,
     deferred_reads: Vec<ReadOp>,
     cleaner: Cleaner,
+    background: Background,
     checkpoint: CheckpointState,
     failed: Option<String>,
     /// Replay ended at a batch whose header continued the log but whose
@@ -457,6 +463,8 @@ impl Store {
         self.maybe_checkpoint(io);
         self.maybe_clean(io);
         self.fail_hopeless_backlog();
+        self.background.on_tick();
+        self.resequence_in_background(io);
     }
 
     /// Asks for a checkpoint as soon as possible (clean shutdown).

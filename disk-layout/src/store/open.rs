@@ -501,6 +501,7 @@ impl Store {
             next_read_id: 0,
             deferred_reads: Vec::new(),
             cleaner: Cleaner::default(),
+            background: super::Background::default(),
             failed: None,
             damaged_tail,
             stats: StoreStats {

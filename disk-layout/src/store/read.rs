@@ -58,6 +58,8 @@ pub(super) struct ReadOp {
     retries: u32,
     /// A client's read, which may re-sequence (`Store::scan`'s may not).
     resequence: bool,
+    /// The background pass's (`background`): answered to nobody.
+    background: bool,
 }
 
 impl Store {
@@ -77,12 +79,17 @@ impl Store {
 
     fn start(&mut self, io: &mut impl BlockIo, tag: u64, volume_id: u64, lba: u64, block_count: u64, resequence: bool) {
         self.stats.read_requests += 1;
+        self.background.note_request();
         if let Err(error) = self.check_request(lba, block_count, Self::blocks_per_request_max()) {
             self.done.push(Done {
                 tag,
                 result: Err(error),
             });
             return;
+        }
+        let min = self.config.resequence_read_blocks_min;
+        if resequence && min > 0 && block_count >= min {
+            self.background.note_large_read(volume_id, lba, block_count);
         }
         let op = ReadOp {
             tag,
@@ -98,14 +105,62 @@ impl Store {
             restart: false,
             retries: 0,
             resequence,
+            background: false,
         };
         self.start_read(io, op);
     }
 
+    /// A read of the background pass (`background`): re-sequences what it
+    /// reads and answers nobody.
+    pub(super) fn start_background_read(&mut self, io: &mut impl BlockIo, volume_id: u64, lba: u64, block_count: u64) {
+        self.stats.background_resequence_reads += 1;
+        let op = ReadOp {
+            tag: 0,
+            volume_id,
+            lba,
+            block_count: usize::try_from(block_count).expect("bounded"),
+            entries: Vec::new(),
+            runs: Vec::new(),
+            reply: None,
+            direct: false,
+            pending: 0,
+            error: None,
+            restart: false,
+            retries: 0,
+            resequence: true,
+            background: true,
+        };
+        self.start_read(io, op);
+    }
+
+    /// The end of a read: answered to its client, or, for the background
+    /// pass's, counted (its failure is the next client read's to meet).
+    fn finish_read(&mut self, io: &mut impl BlockIo, op: &ReadOp, result: Result<Reply, StoreError>) {
+        if !op.background {
+            self.done.push(Done { tag: op.tag, result });
+            return;
+        }
+        self.background.reads_in_flight -= 1;
+        if let Err(error) = result {
+            tracing::debug!(disk = %self.config.disk_name, volume = op.volume_id, lba = op.lba, %error, "background re-sequencing read failed");
+        }
+        self.resequence_in_background(io);
+    }
+
+    /// True when `block_count` blocks from `lba` lie in runs too short to
+    /// read well (the rule of `resequence`), none of them bad.
+    pub(super) fn is_scattered(&self, volume_id: u64, lba: u64, block_count: u64) -> bool {
+        let entries = self.index.entries(volume_id, lba, block_count);
+        if entries.iter().any(|entry| entry.address == ADDRESS_BAD) {
+            return false;
+        }
+        let runs = runs_of(&entries);
+        let mapped: usize = runs.iter().map(|run| run.count).sum();
+        runs.len() >= 2 && mapped < runs.len() * RESEQUENCE_RUN_BLOCKS
+    }
+
     fn start_read(&mut self, io: &mut impl BlockIo, mut op: ReadOp) {
-        op.entries = (0..op.block_count as u64)
-            .map(|offset| self.index.get(op.volume_id, op.lba + offset))
-            .collect();
+        op.entries = self.index.entries(op.volume_id, op.lba, op.block_count as u64);
         if let Some(bad) = op.entries.iter().position(|entry| entry.address == ADDRESS_BAD) {
             let error = StoreError::Checksum {
                 disk: self.config.disk_name.clone(),
@@ -113,10 +168,7 @@ impl Store {
                 lba: op.lba + bad as u64,
                 address: ADDRESS_BAD,
             };
-            self.done.push(Done {
-                tag: op.tag,
-                result: Err(error),
-            });
+            self.finish_read(io, &op, Err(error));
             return;
         }
         if self.touches_unwritten(&op.entries) {
@@ -126,10 +178,7 @@ impl Store {
         op.runs = runs_of(&op.entries);
         let mut reply = IoBuf::new(op.block_count * BLOCK);
         if op.runs.is_empty() {
-            self.done.push(Done {
-                tag: op.tag,
-                result: Ok(Reply::Read(reply)),
-            });
+            self.finish_read(io, &op, Ok(Reply::Read(reply)));
             return;
         }
         let read_id = self.next_read_id;
@@ -262,7 +311,7 @@ impl Store {
                 Ok(Reply::Read(reply))
             }
         };
-        self.done.push(Done { tag: op.tag, result });
+        self.finish_read(io, &op, result);
     }
 }
 
@@ -285,15 +334,11 @@ impl Store {
     fn resequence(&mut self, op: &ReadOp, data: &[u8]) {
         let min = self.config.resequence_read_blocks_min;
         let mapped: usize = op.runs.iter().map(|run| run.count).sum();
-        if min == 0
-            || !op.resequence
+        if !op.resequence
             || (op.block_count as u64) < min
             || op.runs.len() < 2
             || mapped >= op.runs.len() * RESEQUENCE_RUN_BLOCKS
-            || self.failed.is_some()
-            || !self.user_backlog.is_empty()
-            || self.segments.free_count() <= USER_RESERVE_SEGMENTS + RESEQUENCE_FREE_SEGMENTS_MIN
-            || self.segments.live_blocks_total() * 100 > self.capacity_blocks() * RESEQUENCE_FULL_PERCENT_MAX
+            || !self.resequencing_allowed()
         {
             return;
         }
@@ -316,6 +361,16 @@ impl Store {
             });
         }
         self.drain_resequence_backlog();
+    }
+
+    /// The store may re-sequence now: enabled, working, no user write
+    /// waiting, free segments to spare and at most 70 % full.
+    pub(super) fn resequencing_allowed(&self) -> bool {
+        self.config.resequence_read_blocks_min > 0
+            && self.failed.is_none()
+            && self.user_backlog.is_empty()
+            && self.segments.free_count() > USER_RESERVE_SEGMENTS + RESEQUENCE_FREE_SEGMENTS_MIN
+            && self.segments.live_blocks_total() * 100 <= self.capacity_blocks() * RESEQUENCE_FULL_PERCENT_MAX
     }
 
     /// Places queued re-sequencing moves, in order, while buffers and

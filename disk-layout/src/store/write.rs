@@ -132,6 +132,7 @@ impl Store {
     /// block `lba`. Done (`Reply::Written`) once durable.
     pub fn write(&mut self, tag: u64, volume_id: u64, lba: u64, data: &[u8], epoch: u64, volume_sequence: u64) {
         self.stats.write_requests += 1;
+        self.background.note_write();
         let block_count = (data.len() / BLOCK) as u64;
         let checked = if !data.len().is_multiple_of(BLOCK) {
             Err(StoreError::InvalidRequest {
@@ -163,6 +164,7 @@ impl Store {
     /// Makes `block_count` blocks from `lba` read as zeroes and frees their
     /// space (TRIM, WRITE_ZEROES). Done (`Reply::Zeroed`) once durable.
     pub fn zero(&mut self, tag: u64, volume_id: u64, lba: u64, block_count: u64, epoch: u64, volume_sequence: u64) {
+        self.background.note_write();
         let pending = PendingWrite {
             tag: Some(tag),
             volume_id,
@@ -185,6 +187,8 @@ impl Store {
 
     /// Releases every block of a volume. Done (`Reply::Deleted`) once durable.
     pub fn delete_volume(&mut self, tag: u64, volume_id: u64) {
+        self.background.note_write();
+        self.background.forget_volume(volume_id);
         let pending = PendingWrite {
             tag: Some(tag),
             volume_id,
@@ -211,6 +215,7 @@ impl Store {
     /// leave the other as it was. `target`'s previous blocks are released.
     /// Done (`Reply::Cloned`) once durable.
     pub fn clone_volume(&mut self, tag: u64, source: u64, target: u64, epoch: u64, volume_sequence: u64) {
+        self.background.note_write();
         let pending = PendingWrite {
             tag: Some(tag),
             volume_id: target,
@@ -240,6 +245,7 @@ impl Store {
 
     /// Done (`Reply::Flushed`) once every request accepted before it is durable.
     pub fn flush(&mut self, tag: u64) {
+        self.background.note_request();
         if self.failed.is_some() {
             let error = self.error_failed();
             self.done.push(Done {

@@ -385,6 +385,7 @@ impl Harness {
         t.user_blocks_written += s.user_blocks_written;
         t.relocated_blocks_written += s.relocated_blocks_written;
         t.resequenced_blocks_written += s.resequenced_blocks_written;
+        t.background_resequence_reads += s.background_resequence_reads;
         t.header_blocks_written += s.header_blocks_written;
         t.checkpoints += s.checkpoints;
         t.segments_cleaned += s.segments_cleaned;
