@@ -31,6 +31,13 @@ pub enum Pattern {
 /// Blocks of one `SequentialRead` request (1 MiB).
 const SEQUENTIAL_READ_BLOCKS: u64 = 256;
 
+/// When a run ends.
+#[derive(Clone, Copy, Debug)]
+enum Limit {
+    Seconds(f64),
+    Requests(u64),
+}
+
 #[allow(clippy::too_many_arguments)]
 /// Runs `pattern` over blocks `0..blocks` of `volume` for `seconds` with
 /// `queue_depth` requests in flight.
@@ -44,6 +51,57 @@ pub fn run(
     pattern: Pattern,
     seed: u64,
 ) -> Result<EngineResult> {
+    run_with(
+        engine,
+        disk,
+        volume,
+        blocks,
+        queue_depth,
+        Limit::Seconds(seconds),
+        pattern,
+        seed,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+/// Runs `pattern` like `run`, for `requests` requests instead of a time.
+pub fn run_requests(
+    engine: &Engine,
+    disk: usize,
+    volume: u64,
+    blocks: u64,
+    queue_depth: usize,
+    requests: u64,
+    pattern: Pattern,
+    seed: u64,
+) -> Result<EngineResult> {
+    run_with(
+        engine,
+        disk,
+        volume,
+        blocks,
+        queue_depth,
+        Limit::Requests(requests),
+        pattern,
+        seed,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_with(
+    engine: &Engine,
+    disk: usize,
+    volume: u64,
+    blocks: u64,
+    queue_depth: usize,
+    limit: Limit,
+    pattern: Pattern,
+    seed: u64,
+) -> Result<EngineResult> {
+    let queue_depth = match limit {
+        Limit::Requests(requests) => queue_depth.min(usize::try_from(requests.max(1)).unwrap_or(usize::MAX)),
+        Limit::Seconds(_) => queue_depth,
+    };
     let (sender, receiver) = unbounded::<(usize, Result<Reply, disk_layout::StoreError>)>();
     let mut started_at = vec![Instant::now(); queue_depth];
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
@@ -95,7 +153,11 @@ pub fn run(
         issue(slot, &mut rng, &mut started_at);
     }
     let start = Instant::now();
-    let deadline = start + Duration::from_secs_f64(seconds);
+    let deadline = match limit {
+        Limit::Seconds(seconds) => Some(start + Duration::from_secs_f64(seconds)),
+        Limit::Requests(_) => None,
+    };
+    let mut issued = queue_depth as u64;
     let mut done = 0u64;
     let mut outstanding = queue_depth;
     while outstanding > 0 {
@@ -108,8 +170,14 @@ pub fn run(
         let micros = u64::try_from(started_at[slot].elapsed().as_micros()).unwrap_or(u64::MAX);
         histogram.record(micros.max(1))?;
         done += 1;
-        if Instant::now() < deadline {
+        let more = match (deadline, limit) {
+            (Some(deadline), _) => Instant::now() < deadline,
+            (None, Limit::Requests(requests)) => issued < requests,
+            (None, Limit::Seconds(_)) => unreachable!("a time limit has a deadline"),
+        };
+        if more {
             issue(slot, &mut rng, &mut started_at);
+            issued += 1;
             outstanding += 1;
         }
     }

@@ -59,7 +59,7 @@ enum Bench {
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
-    /// The storage engine without network: 4k random writes/reads at QD32 vs raw fio on the same loop device, and write amplification at 50 % and 80 % full.
+    /// The storage engine without network: 4k random writes/reads at QD32 vs raw fio on the same loop device, write amplification at 50 % and 80 % full, and a 1 MiB sequential scan after random writes (at once, and after the idle store re-sequenced it) vs the raw device.
     Engine {
         /// Size of the loop-device backing file.
         #[arg(long, default_value = "4GiB")]
@@ -529,6 +529,16 @@ struct EngineReport {
     /// At 80 % full with 1 MiB sequential reads between the overwrites:
     /// the reads re-sequence what the overwrites scattered.
     write_amplification_80_percent_with_sequential_reads: f64,
+    /// 1 MiB sequential reads (QD8) of a volume read in order once and then
+    /// overwritten at random: on the raw device, right after the writes
+    /// (first contact), and after the idle store's background re-sequencing.
+    raw_sequential_read_mib_s: Samples,
+    scan_first_contact_mib_s: Samples,
+    scan_after_idle_mib_s: Samples,
+    /// Seconds the idle store's background pass took (until it stopped).
+    background_pass_seconds: Samples,
+    /// Blocks it moved per block of the volume.
+    background_moved_per_volume_block: Samples,
     device_bytes: u64,
     seconds: u64,
     repeats: usize,
@@ -586,6 +596,7 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<Vec<ch
             target.device.path(),
         )?;
         report.raw_randread_iops.push(raw_read.iops);
+        measure_scans(&target, run, seconds, fio_span, &mut report)?;
     }
     for (percent, slot, reads) in [(50u64, 0usize, false), (80, 1, false), (80, 2, true)] {
         let (_data, engine) = start_ballast(&target, 100 + slot)?;
@@ -631,6 +642,74 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<Vec<ch
         png.display()
     );
     Ok(bars)
+}
+
+/// Longest the background re-sequencing may take before the scan after it.
+const BACKGROUND_PASS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
+/// A table scan after a day of random writes: a volume (half the disk)
+/// written and read in order once, then overwritten at random (every block
+/// once on average), read in 1 MiB pieces at QD8 at once (first contact:
+/// one disk read per block, and the reads re-sequence), overwritten again,
+/// and read after the idle store's background pass put it back in order.
+/// Beside it, fio's 1 MiB sequential reads on the raw device.
+fn measure_scans(target: &Target, run: usize, seconds: u64, fio_span: u64, report: &mut EngineReport) -> Result<()> {
+    let raw = fio::run_on_device(
+        &FioJob::new("raw-seqread", "read", "1m", 8, seconds, fio_span),
+        target.device.path(),
+    )?;
+    report
+        .raw_sequential_read_mib_s
+        .push(raw.bandwidth_bytes_per_second / f64::from(1 << 20));
+    let (_data, engine) = start_ballast(target, 200 + run)?;
+    let blocks = (engine_bench::capacity_blocks(&engine, 0)? / 2) & !255;
+    engine_bench::fill(&engine, 0, 1, blocks)?;
+    let whole_pass = blocks as f64 / 256.0;
+    engine_bench::run_requests(&engine, 0, 1, blocks, 8, whole_pass as u64, Pattern::SequentialRead, 0)?;
+    let mib_per_s = |result: engine_bench::EngineResult| result.iops; // 1 MiB per request
+    engine_bench::run_requests(&engine, 0, 1, blocks, 32, blocks, Pattern::RandomWrite, run as u64 + 1)?;
+    let first = engine_bench::run(&engine, 0, 1, blocks, 8, seconds as f64, Pattern::SequentialRead, 0)?;
+    report.scan_first_contact_mib_s.push(mib_per_s(first));
+    engine_bench::run_requests(
+        &engine,
+        0,
+        1,
+        blocks,
+        32,
+        blocks,
+        Pattern::RandomWrite,
+        run as u64 + 100,
+    )?;
+    let before = engine_bench::stats(&engine, 0)?;
+    let idle_started = std::time::Instant::now();
+    while engine.query(0, disk_layout::Store::background_work_pending)? {
+        if idle_started.elapsed() > BACKGROUND_PASS_TIMEOUT {
+            eprintln!(
+                "the background re-sequencing pass had not finished after {BACKGROUND_PASS_TIMEOUT:?}; scanning anyway"
+            );
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let after = engine_bench::stats(&engine, 0)?;
+    report
+        .background_pass_seconds
+        .push(idle_started.elapsed().as_secs_f64());
+    report
+        .background_moved_per_volume_block
+        .push((after.resequenced_blocks_written - before.resequenced_blocks_written) as f64 / blocks as f64);
+    let idle = engine_bench::run(&engine, 0, 1, blocks, 8, seconds as f64, Pattern::SequentialRead, 0)?;
+    report.scan_after_idle_mib_s.push(mib_per_s(idle));
+    engine.shutdown();
+    eprintln!(
+        "scan: raw {:.0} MiB/s, first contact {:.0}, after the idle pass {:.0} (pass {:.1} s, {:.2} blocks moved per volume block)",
+        raw.bandwidth_bytes_per_second / f64::from(1 << 20),
+        first.iops,
+        idle.iops,
+        report.background_pass_seconds.values.last().copied().unwrap_or(0.0),
+        report.background_moved_per_volume_block.values.last().copied().unwrap_or(0.0),
+    );
+    Ok(())
 }
 
 /// The chart's bars: ballast / raw device, with the targets.
@@ -700,6 +779,16 @@ fn engine_table(report: &EngineReport) -> String {
         report.write_amplification_50_percent,
         report.write_amplification_80_percent,
         report.write_amplification_80_percent_with_sequential_reads
+    );
+    line!(
+        "\n1 MiB sequential reads (QD8) of a volume read in order once, then overwritten at random: raw device {:.0} MiB/s; ballast at once (first contact) {:.0} MiB/s ({:.2}x raw); after the idle store's background re-sequencing {:.0} MiB/s ({:.2}x raw, target >= 0.8x); the pass took {:.1} s and moved {:.2} blocks per volume block",
+        report.raw_sequential_read_mib_s.median(),
+        report.scan_first_contact_mib_s.median(),
+        ratio(&report.scan_first_contact_mib_s, &report.raw_sequential_read_mib_s),
+        report.scan_after_idle_mib_s.median(),
+        ratio(&report.scan_after_idle_mib_s, &report.raw_sequential_read_mib_s),
+        report.background_pass_seconds.median(),
+        report.background_moved_per_volume_block.median()
     );
     out
 }

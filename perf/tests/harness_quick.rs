@@ -40,6 +40,11 @@ fn the_engine_benchmark_runs_quick_and_writes_its_json_ratio_table_and_chart() {
         "ballast_randwrite_iops",
         "raw_randread_iops",
         "ballast_randread_iops",
+        "raw_sequential_read_mib_s",
+        "scan_first_contact_mib_s",
+        "scan_after_idle_mib_s",
+        "background_pass_seconds",
+        "background_moved_per_volume_block",
     ] {
         let samples = report[measure]["values"]
             .as_array()
@@ -56,6 +61,10 @@ fn the_engine_benchmark_runs_quick_and_writes_its_json_ratio_table_and_chart() {
     }
     let table = std::fs::read_to_string(out.path().join("engine.md")).unwrap();
     assert!(table.contains("| random write IOPS"), "{table}");
+    assert!(
+        table.contains("after the idle store's background re-sequencing"),
+        "{table}"
+    );
     assert!(table.contains("x |"), "ratios in the table: {table}");
     assert!(stdout.contains(&table), "the table printed is the one saved");
     let png = std::fs::read(out.path().join("engine.png")).unwrap();

@@ -7,9 +7,9 @@
 //! sequential speed without having paid the scattered reads and the moves
 //! itself.
 //!
-//! Bounded: only ranges a large client read touched, only while no request
-//! has arrived since the previous tick (about 100 ms on the node) and none
-//! arrives (any request pauses it at once), under the same space limits as
+//! Bounded: only ranges a large client read touched, only once a whole
+//! interval (`Store::interval`, 100 ms on the node) passed without a request
+//! and until one arrives (it pauses the pass at once), under the same space limits as
 //! a client read's re-sequencing (at most 70 % full, free segments to spare,
 //! no user write waiting), at most `READS_IN_FLIGHT_MAX` reads of one range
 //! at a time and none while earlier moves wait for a batch. A walk over the
@@ -38,8 +38,8 @@ pub(super) struct Background {
     read_in_order: BTreeMap<(u64, u64), u64>,
     /// Requests of any kind accepted (reads, scans, writes, zeroes...).
     requests: u64,
-    /// `requests` at the previous tick: idle when unchanged.
-    requests_at_tick: u64,
+    /// `requests` at the previous interval: idle when unchanged.
+    requests_at_interval: u64,
     idle: bool,
     /// Writes accepted: ranges in order may be scattered after one.
     writes: u64,
@@ -49,6 +49,11 @@ pub(super) struct Background {
     walk_from_writes: Option<u64>,
     /// Next range the walk looks at: (volume, range).
     cursor: (u64, u64),
+    /// A range the walk read could not be moved then (space, a full
+    /// backlog): walk again if the walk moved anything at all.
+    pub(super) walk_again: bool,
+    /// The store's re-sequenced blocks when the walk began.
+    walk_moved_from: u64,
     pub(super) reads_in_flight: usize,
     /// Background reads started (for tests and stats).
     pub(super) reads_started: u64,
@@ -56,7 +61,7 @@ pub(super) struct Background {
 
 impl Background {
     /// A request arrived: the background pass stands back until the store
-    /// has been idle for a whole tick again.
+    /// has been idle for a whole interval again.
     pub(super) fn note_request(&mut self) {
         self.requests += 1;
         self.idle = false;
@@ -97,10 +102,23 @@ impl Background {
         }
     }
 
-    /// Called at each tick: idle when no request arrived since the last one.
-    pub(super) fn on_tick(&mut self) {
-        self.idle = self.requests == self.requests_at_tick;
-        self.requests_at_tick = self.requests;
+    /// Called at each interval: idle when no request arrived since the last one.
+    pub(super) fn on_interval(&mut self) {
+        self.idle = self.requests == self.requests_at_interval;
+        self.requests_at_interval = self.requests;
+    }
+
+    fn start_walk(&mut self, moved: u64) {
+        self.walk_from_writes = Some(self.writes);
+        self.walk_moved_from = moved;
+        self.walk_again = false;
+        self.cursor = (0, 0);
+    }
+
+    /// True while the pass has work it has not finished: a walk under
+    /// way, writes since the last walk, reads in flight.
+    pub(super) fn has_work(&self) -> bool {
+        self.walk_from_writes.is_some() || self.writes != self.in_order_at_writes || self.reads_in_flight > 0
     }
 
     /// The next remembered range at or after the cursor, advancing it.
@@ -130,27 +148,33 @@ impl Store {
         if !self.background.idle || !self.resequencing_allowed() || !self.resequence_backlog.is_empty() {
             return;
         }
+        let moved = self.stats.resequenced_blocks_written;
         let background = &mut self.background;
         if background.walk_from_writes.is_none() {
             if background.writes == background.in_order_at_writes {
                 return;
             }
-            background.walk_from_writes = Some(background.writes);
-            background.cursor = (0, 0);
+            background.start_walk(moved);
         }
         let mut looked_at = 0;
         while self.background.reads_in_flight < READS_IN_FLIGHT_MAX && looked_at < RANGES_LOOKED_AT_MAX {
             looked_at += 1;
             let Some((volume_id, range)) = self.background.next_range() else {
-                let background = &mut self.background;
-                let from = background.walk_from_writes.take().expect("a walk is under way");
-                if from == background.writes {
-                    background.in_order_at_writes = from;
+                if self.background.reads_in_flight > 0 {
+                    // Its last reads may yet find a range they cannot move.
                     return;
                 }
-                // Written to during the walk: walk again from the start.
-                background.walk_from_writes = Some(background.writes);
-                background.cursor = (0, 0);
+                let background = &mut self.background;
+                let from = background.walk_from_writes.take().expect("a walk is under way");
+                let progress = moved > background.walk_moved_from;
+                if from == background.writes && !(background.walk_again && progress) {
+                    background.in_order_at_writes = from;
+                    background.walk_again = false;
+                    return;
+                }
+                // Written to during the walk, or a range was left scattered
+                // while others moved: walk again from the start.
+                background.start_walk(moved);
                 continue;
             };
             let lba = range * RANGE_BLOCKS;
@@ -168,15 +192,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn idle_only_after_a_whole_tick_without_a_request() {
+    fn idle_only_after_a_whole_interval_without_a_request() {
         let mut background = Background::default();
-        background.on_tick();
+        background.on_interval();
         assert!(background.idle, "nothing ever arrived");
         background.note_request();
         assert!(!background.idle, "a request pauses the pass at once");
-        background.on_tick();
-        assert!(!background.idle, "the request arrived during this tick");
-        background.on_tick();
+        background.on_interval();
+        assert!(!background.idle, "the request arrived during this interval");
+        background.on_interval();
         assert!(background.idle);
         background.note_write();
         assert!(!background.idle);

@@ -341,6 +341,13 @@ impl Store {
             && self.checkpoint.is_idle()
     }
 
+    /// True while the background re-sequencing (`background`) has work
+    /// it has not finished; it goes on only while the store is idle.
+    #[must_use]
+    pub fn background_work_pending(&self) -> bool {
+        self.background.has_work() || !self.resequence_backlog.is_empty()
+    }
+
     /// Moves finished requests into `out`.
     pub fn drain_done(&mut self, out: &mut Vec<Done>) {
         out.append(&mut self.done);
@@ -463,7 +470,13 @@ impl Store {
         self.maybe_checkpoint(io);
         self.maybe_clean(io);
         self.fail_hopeless_backlog();
-        self.background.on_tick();
+    }
+
+    /// Called by the owner at a fixed interval (the node: every 100 ms),
+    /// not per turn: the background re-sequencing (`background`) runs once
+    /// a whole interval passed without a request, until the next arrives.
+    pub fn interval(&mut self, io: &mut impl BlockIo) {
+        self.background.on_interval();
         self.resequence_in_background(io);
     }
 

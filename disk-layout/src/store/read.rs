@@ -307,7 +307,10 @@ impl Store {
             }),
             (None, false) => {
                 let reply = op.reply.take().expect("assembled");
-                self.resequence(&op, reply.as_slice());
+                let queued = self.resequence(&op, reply.as_slice());
+                if op.background && !queued {
+                    self.background.walk_again = true;
+                }
                 Ok(Reply::Read(reply))
             }
         };
@@ -331,7 +334,8 @@ impl Store {
     /// 70 % full, the cleaner has free segments to spare and no user write
     /// waits; moves that find no batch buffer wait in a bounded backlog.
     /// Counted in `resequenced_blocks_written` and in write amplification.
-    fn resequence(&mut self, op: &ReadOp, data: &[u8]) {
+    /// True if it queued moves.
+    fn resequence(&mut self, op: &ReadOp, data: &[u8]) -> bool {
         let min = self.config.resequence_read_blocks_min;
         let mapped: usize = op.runs.iter().map(|run| run.count).sum();
         if !op.resequence
@@ -340,11 +344,11 @@ impl Store {
             || mapped >= op.runs.len() * RESEQUENCE_RUN_BLOCKS
             || !self.resequencing_allowed()
         {
-            return;
+            return false;
         }
         let queued: u64 = self.resequence_backlog.iter().map(|part| part.block_count).sum();
         if queued + mapped as u64 > RESEQUENCE_BACKLOG_BLOCKS_MAX {
-            return;
+            return false;
         }
         for run in &op.runs {
             let data = data[run.first * BLOCK..(run.first + run.count) * BLOCK].to_vec();
@@ -361,6 +365,7 @@ impl Store {
             });
         }
         self.drain_resequence_backlog();
+        true
     }
 
     /// The store may re-sequence now: enabled, working, no user write

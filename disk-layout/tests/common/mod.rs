@@ -289,6 +289,8 @@ impl Harness {
             self.store.on_completion(&mut self.disk, completion);
         }
         self.store.tick(&mut self.disk);
+        // Each step stands for an interval: two in a row without a request between are idle.
+        self.store.interval(&mut self.disk);
         self.collect();
     }
 
@@ -297,6 +299,7 @@ impl Harness {
     pub fn settle(&mut self) {
         for _ in 0..100_000 {
             self.store.tick(&mut self.disk);
+            self.store.interval(&mut self.disk);
             if self.disk.in_flight() == 0 {
                 self.collect();
                 if self.disk.in_flight() == 0 && (self.store.is_quiescent() || self.store.is_failed()) {

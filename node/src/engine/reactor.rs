@@ -72,6 +72,7 @@ impl Reactor {
             self.serve_guests();
             if last_tick.elapsed() >= TICK_INTERVAL {
                 self.tick_all();
+                self.interval_all();
                 last_tick = Instant::now();
             }
         }
@@ -228,6 +229,19 @@ impl Reactor {
             store.drain_done(&mut self.done);
         }
         self.answer();
+    }
+
+    /// Every `TICK_INTERVAL`: the stores' background work that runs only
+    /// after a whole interval without requests (`Store::interval`).
+    fn interval_all(&mut self) {
+        for (disk, store) in self.stores.iter_mut().enumerate() {
+            let file = u32::try_from(disk).expect("few disks per reactor");
+            let mut io = DiskIo {
+                engine: self.engine.as_mut(),
+                file,
+            };
+            store.interval(&mut io);
+        }
     }
 
     fn complete(&mut self) {
