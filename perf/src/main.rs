@@ -664,8 +664,8 @@ fn measure_scans(target: &Target, run: usize, seconds: u64, fio_span: u64, repor
     let (_data, engine) = start_ballast(target, 200 + run)?;
     let blocks = (engine_bench::capacity_blocks(&engine, 0)? / 2) & !255;
     engine_bench::fill(&engine, 0, 1, blocks)?;
-    let whole_pass = blocks as f64 / 256.0;
-    engine_bench::run_requests(&engine, 0, 1, blocks, 8, whole_pass as u64, Pattern::SequentialRead, 0)?;
+    // One pass in order over the volume, 1 MiB per request.
+    engine_bench::run_requests(&engine, 0, 1, blocks, 8, blocks / 256, Pattern::SequentialRead, 0)?;
     let mib_per_s = |result: engine_bench::EngineResult| result.iops; // 1 MiB per request
     engine_bench::run_requests(&engine, 0, 1, blocks, 32, blocks, Pattern::RandomWrite, run as u64 + 1)?;
     let first = engine_bench::run(&engine, 0, 1, blocks, 8, seconds as f64, Pattern::SequentialRead, 0)?;
