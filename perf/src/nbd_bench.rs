@@ -108,6 +108,15 @@ impl Running<'_> {
         }
     }
 
+    /// Context switches of the server's threads (every node's) so far.
+    fn context_switches(&self) -> Result<u64> {
+        match self {
+            Running::Server(server) => server.context_switches(),
+            Running::ClusterVolume { cluster, .. } => cluster.context_switches(),
+            Running::Raw => Ok(0),
+        }
+    }
+
     fn reset_latency(&self) -> Result<()> {
         match self {
             Running::Server(server) => server.reset_latency(),
@@ -299,6 +308,7 @@ const MEASURES: [Measure; 9] = [
 #[derive(Clone, Copy, Debug)]
 struct ServerMeasure {
     cpu_seconds: f64,
+    context_switches: u64,
     latency: Option<ServerLatency>,
 }
 
@@ -321,6 +331,9 @@ struct ServerSamples {
     /// Requests served per second of server CPU: what a host that shares
     /// its cores with databases gets for each core-second it gives.
     requests_per_cpu_second: Samples,
+    /// Context switches of the server's threads per request: each is a
+    /// thread that slept and was woken (a hand-off, a wait for the disk).
+    context_switches_per_request: Samples,
 }
 
 impl ServerSamples {
@@ -342,6 +355,8 @@ impl ServerSamples {
         self.server_cpu_us_per_request.push(server.cpu_seconds * 1e6 / requests);
         self.requests_per_cpu_second
             .push(requests / server.cpu_seconds.max(1e-6));
+        self.context_switches_per_request
+            .push(server.context_switches as f64 / requests);
     }
 }
 
@@ -431,11 +446,20 @@ pub fn run(options: &NbdOptions) -> Result<Vec<crate::chart::Bar>> {
                     Some(uri) => {
                         running.reset_latency()?;
                         let cpu_before = running.cpu_seconds()?;
+                        let switches_before = running.context_switches()?;
                         let result = fio::run_on_nbd(&job, &uri)
                             .with_context(|| format!("{} on {label}:\n{}", measure.key, running.log_text()))?;
                         let cpu_seconds = running.cpu_seconds()? - cpu_before;
+                        let context_switches = running.context_switches()?.saturating_sub(switches_before);
                         let latency = running.take_latency()?;
-                        (result, Some(ServerMeasure { cpu_seconds, latency }))
+                        (
+                            result,
+                            Some(ServerMeasure {
+                                cpu_seconds,
+                                context_switches,
+                                latency,
+                            }),
+                        )
                     }
                     None => (
                         fio::run_on_device(&job, target.device.path())
@@ -722,7 +746,7 @@ fn markdown(report: &NbdReport) -> String {
     }
     let _ = writeln!(
         out,
-        "\nserver CPU (user + system over all its threads, every node for repl=2 and 3; median): requests per CPU-second, and CPU per request (us):\n"
+        "\nserver CPU (user + system over all its threads, every node for repl=2 and 3; median): requests per CPU-second, CPU per request (us) and context switches per request (cs):\n"
     );
     let _ = writeln!(
         out,
@@ -732,9 +756,10 @@ fn markdown(report: &NbdReport) -> String {
     for measure in &report.measures {
         let cpu = |samples: &ServerSamples| {
             format!(
-                "{} ({:.1} us)",
+                "{} ({:.1} us, {:.2} cs)",
                 compact(samples.requests_per_cpu_second.median()),
-                samples.server_cpu_us_per_request.median()
+                samples.server_cpu_us_per_request.median(),
+                samples.context_switches_per_request.median()
             )
         };
         let _ = writeln!(
@@ -868,7 +893,7 @@ mod tests {
     }
 
     #[test]
-    fn cpu_per_request_and_requests_per_cpu_second_come_from_the_same_sample() {
+    fn cpu_and_context_switches_per_request_come_from_the_same_sample() {
         let result = FioResult {
             iops: 1000.0,
             io_count: 20_000,
@@ -881,15 +906,18 @@ mod tests {
         };
         let measured = ServerMeasure {
             cpu_seconds: 0.5,
+            context_switches: 30_000,
             latency: Some(latency),
         };
         ballast.push(Unit::Iops, &result, Some(measured));
         assert!((ballast.server_cpu_us_per_request.median() - 25.0).abs() < 1e-9);
+        assert!((ballast.context_switches_per_request.median() - 1.5).abs() < 1e-9);
         assert!((ballast.requests_per_cpu_second.median() - 40_000.0).abs() < 1e-6);
         assert_eq!(ballast.server_latency_p99_us.values, vec![300.0]);
         let mut peer = ServerSamples::default();
         let measured = ServerMeasure {
             cpu_seconds: 0.5,
+            context_switches: 0,
             latency: None,
         };
         peer.push(Unit::Iops, &result, Some(measured));
