@@ -62,6 +62,27 @@ pub(super) struct ReadOp {
     background: bool,
 }
 
+impl ReadOp {
+    fn new(tag: u64, volume_id: u64, lba: u64, block_count: u64, resequence: bool) -> Self {
+        Self {
+            tag,
+            volume_id,
+            lba,
+            block_count: usize::try_from(block_count).expect("bounded"),
+            entries: Vec::new(),
+            runs: Vec::new(),
+            reply: None,
+            direct: false,
+            pending: 0,
+            error: None,
+            restart: false,
+            retries: 0,
+            resequence,
+            background: false,
+        }
+    }
+}
+
 impl Store {
     /// Reads `block_count` blocks (at most 256) from volume block `lba`.
     /// Done with `Reply::Read(buf)`; never-written blocks read as zeroes.
@@ -91,22 +112,7 @@ impl Store {
         if resequence && min > 0 && block_count >= min {
             self.background.note_large_read(volume_id, lba, block_count);
         }
-        let op = ReadOp {
-            tag,
-            volume_id,
-            lba,
-            block_count: usize::try_from(block_count).expect("bounded"),
-            entries: Vec::new(),
-            runs: Vec::new(),
-            reply: None,
-            direct: false,
-            pending: 0,
-            error: None,
-            restart: false,
-            retries: 0,
-            resequence,
-            background: false,
-        };
+        let op = ReadOp::new(tag, volume_id, lba, block_count, resequence);
         self.start_read(io, op);
     }
 
@@ -115,20 +121,8 @@ impl Store {
     pub(super) fn start_background_read(&mut self, io: &mut impl BlockIo, volume_id: u64, lba: u64, block_count: u64) {
         self.stats.background_resequence_reads += 1;
         let op = ReadOp {
-            tag: 0,
-            volume_id,
-            lba,
-            block_count: usize::try_from(block_count).expect("bounded"),
-            entries: Vec::new(),
-            runs: Vec::new(),
-            reply: None,
-            direct: false,
-            pending: 0,
-            error: None,
-            restart: false,
-            retries: 0,
-            resequence: true,
             background: true,
+            ..ReadOp::new(0, volume_id, lba, block_count, true)
         };
         self.start_read(io, op);
     }
