@@ -695,6 +695,16 @@ fn a_paused_coordinator_that_resumes_after_a_failover_gets_no_write_accepted() {
     cluster.nodes[1].cli_ok(&["volume", "attach", "s", "--force"]);
     stop("-CONT");
     let late = late.wait_with_output().unwrap();
+    // Nor does the old one, even before it hears of the move: a write that
+    // reached its copy but no replica stops it serving before any reader
+    // can see it (torture caught a resumed coordinator showing one).
+    let stale = qemu_io(old, "read -P 0x22 0 4096");
+    assert!(
+        !(stale.status.success() && !text(&stale).contains("failed")),
+        "the deposed coordinator showed its unreplicated write (late write: {}): {}",
+        text(&late),
+        text(&stale)
+    );
     // Whatever the old coordinator answered, the new one never shows its write.
     let read = qemu_io(&cluster.nodes[1], "read -P 0x11 0 4096");
     assert!(

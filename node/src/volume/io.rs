@@ -516,6 +516,10 @@ impl Volume {
                 reason,
             })?;
         let (local, remote) = tokio::join!(self.call(command), replicator.replicate(op));
+        if let (Ok(_), Err(reason)) = (&local, &remote) {
+            // Before the range lock is let go: no reader may see it.
+            self.stop_serving_after_a_failed_write(reason);
+        }
         local?;
         remote.map_err(|reason| VolumeIoError::Replication {
             volume: self.name.clone(),

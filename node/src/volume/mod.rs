@@ -306,6 +306,21 @@ impl Volume {
         self.served.load(Ordering::Acquire)
     }
 
+    /// Stops serving at once, before the caller lets readers at the range
+    /// it wrote: a replicated write whose local part landed but which did
+    /// not reach every in-sync replica left this copy holding data no other
+    /// copy has (never acknowledged). Shown to a reader, a move of the volume
+    /// to a replica would take it back (torture caught a deposed coordinator,
+    /// resumed after a pause, answering a read with such a write). The
+    /// reconciler serves it again only if the cluster still names this node
+    /// the coordinator.
+    pub fn stop_serving_after_a_failed_write(&self, reason: &str) {
+        if self.served.swap(false, Ordering::AcqRel) {
+            tracing::warn!(volume = %self.name, epoch = self.serving_epoch(), %reason, "a write reached this copy but not every replica; not serving until the cluster confirms this node");
+            self.lease.wake();
+        }
+    }
+
     /// Whether client I/O can run: unencrypted, or the key is here.
     #[must_use]
     pub fn is_unlocked(&self) -> bool {
