@@ -64,15 +64,14 @@ impl Reactor {
                 self.shut_down();
                 return;
             }
-            self.tick_all();
+            self.tick_all(false);
             let idle = !took_any && self.engine.in_flight() == 0;
             let timeout = if idle { TICK_INTERVAL } else { Duration::from_millis(10) };
             self.wait(timeout);
             self.complete();
             self.serve_guests();
             if last_tick.elapsed() >= TICK_INTERVAL {
-                self.tick_all();
-                self.interval_all();
+                self.tick_all(true);
                 last_tick = Instant::now();
             }
         }
@@ -218,7 +217,10 @@ impl Reactor {
         }
     }
 
-    fn tick_all(&mut self) {
+    /// Every turn; with `interval` (every `TICK_INTERVAL`) also the
+    /// stores' background work that runs only after a whole interval
+    /// without requests (`Store::interval`).
+    fn tick_all(&mut self, interval: bool) {
         for (disk, store) in self.stores.iter_mut().enumerate() {
             let file = u32::try_from(disk).expect("few disks per reactor");
             let mut io = DiskIo {
@@ -226,22 +228,12 @@ impl Reactor {
                 file,
             };
             store.tick(&mut io);
+            if interval {
+                store.interval(&mut io);
+            }
             store.drain_done(&mut self.done);
         }
         self.answer();
-    }
-
-    /// Every `TICK_INTERVAL`: the stores' background work that runs only
-    /// after a whole interval without requests (`Store::interval`).
-    fn interval_all(&mut self) {
-        for (disk, store) in self.stores.iter_mut().enumerate() {
-            let file = u32::try_from(disk).expect("few disks per reactor");
-            let mut io = DiskIo {
-                engine: self.engine.as_mut(),
-                file,
-            };
-            store.interval(&mut io);
-        }
     }
 
     fn complete(&mut self) {
@@ -287,7 +279,7 @@ impl Reactor {
         let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
         let target: Vec<u64> = self.stores.iter().map(|s| s.checkpoints_done() + 1).collect();
         loop {
-            self.tick_all();
+            self.tick_all(false);
             let finished =
                 self.stores.iter().zip(&target).all(|(store, want)| {
                     store.is_failed() || (store.checkpoints_done() >= *want && store.is_quiescent())
