@@ -115,6 +115,7 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
             targets.sort_unstable();
             let mut current = crate::volume::Replicator::targets(&*replication);
             current.sort_unstable();
+            replication.note_missed_at_start(&targets);
             if current != targets {
                 tracing::info!(volume = %volume.name, replicas = ?targets, epoch = volume.epoch, "replicating to");
                 let links = targets
@@ -131,8 +132,12 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
             continue; // handed to another replica first (`settle_suspects`)
         }
         let served = volumes.get(&volume.name).is_some_and(|local| local.is_served());
+        // A replica that missed a write goes out through Raft first (`fence`).
+        let missed = cluster
+            .replication(&volume.name)
+            .is_some_and(|replication| replication.has_missed());
         // Epoch 1: a new volume never had another coordinator to fence off.
-        if served || volume.replica_nodes.len() == 1 || volume.epoch <= 1 {
+        if served || (!missed && (volume.replica_nodes.len() == 1 || volume.epoch <= 1)) {
             if !served {
                 cluster.leases.kick.notify_one(); // its first reads wait for a lease
             }

@@ -69,6 +69,13 @@ pub struct VolumeReplication {
     changed_at: std::sync::atomic::AtomicU64,
     /// Time for mutations to be durable on every in-sync replica.
     round_trips: crate::metrics::OpStats,
+    /// Targets that failed a mutation and are not out through Raft yet
+    /// (their removal could not commit): this copy may be ahead of
+    /// theirs, so the volume is served again only after `fence` dropped
+    /// them (their dirty tracking is kept for their resync).
+    missed: parking_lot::Mutex<std::collections::HashSet<u64>>,
+    /// Whether the reconciler installed targets here yet (see `note_missed_at_start`).
+    installed: std::sync::atomic::AtomicBool,
 }
 
 /// The dirty regions of one out-of-sync replica.
@@ -114,6 +121,39 @@ impl VolumeReplication {
             fencing: tokio::sync::Mutex::new(()),
             changed_at: std::sync::atomic::AtomicU64::new(0),
             round_trips: crate::metrics::OpStats::default(),
+            missed: parking_lot::Mutex::new(std::collections::HashSet::new()),
+            installed: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Whether a target missed a mutation and is not out through Raft yet:
+    /// the volume must not be served before `fence` dropped it.
+    #[must_use]
+    pub fn has_missed(&self) -> bool {
+        !self.missed.lock().is_empty()
+    }
+
+    /// On the reconciler's first pass over this replication (made anew,
+    /// as after a restart): a target the dirty log tracks for this very
+    /// coordinator tenure and replica incarnation missed a mutation whose
+    /// removal did not commit before this node stopped; it counts as
+    /// `missed`. Tracking from another tenure is stale and goes as before.
+    pub fn note_missed_at_start(&self, targets: &[u64]) {
+        if self.installed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let tracked: Vec<(u64, Identity)> = {
+            let dirty = self.dirty.lock();
+            targets
+                .iter()
+                .filter_map(|node| dirty.get(node).map(|tracking| (*node, tracking.identity)))
+                .collect()
+        };
+        for (node, identity) in tracked {
+            if identity == self.identity_now(node) {
+                tracing::warn!(volume = %self.name, replica = node, "this replica missed a write before the restart and is still listed in sync; it goes out of sync before the volume is served");
+                self.missed.lock().insert(node);
+            }
         }
     }
 
@@ -254,15 +294,17 @@ impl VolumeReplication {
     }
 
     /// Replaces the in-sync targets (the reconciler, after Raft changed the
-    /// in-sync set); a node that joined them stops catching up.
+    /// in-sync set); a node that joined them stops catching up and its
+    /// tracking goes (unless it missed a mutation since: `missed`).
     pub fn set_targets(&self, targets: Vec<(u64, Arc<MuxLink>)>) {
         let mut catching_up = self.catching_up.write();
         catching_up.retain(|(id, _)| !targets.iter().any(|(target, _)| target == id));
         self.joining
             .lock()
             .retain(|id| !targets.iter().any(|(target, _)| target == id));
+        let missed = self.missed.lock().clone();
         self.dirty.lock().retain(|id, _| {
-            let in_sync = targets.iter().any(|(target, _)| target == id);
+            let in_sync = targets.iter().any(|(target, _)| target == id) && !missed.contains(id);
             if in_sync {
                 self.log.forget(self.volume_id, Some(*id));
             }
@@ -342,6 +384,7 @@ impl VolumeReplication {
     async fn fence_out(&self, node: u64, reason: &str) -> Result<(), String> {
         let _one_at_a_time = self.fencing.lock().await;
         if !self.targets.read().iter().any(|(id, _)| *id == node) && !self.is_joining(node) {
+            self.missed.lock().remove(&node);
             return Ok(());
         }
         let cluster = self.cluster.upgrade().ok_or("the node is shutting down")?;
@@ -359,6 +402,7 @@ impl VolumeReplication {
                 self.targets.write().retain(|(id, _)| *id != node);
                 self.catching_up.write().retain(|(id, _)| *id != node);
                 self.joining.lock().remove(&node);
+                self.missed.lock().remove(&node);
                 tracing::warn!(volume = %self.name, replica = node, "replica out of sync; writes continue without it");
                 Ok(())
             }
@@ -425,6 +469,7 @@ impl Replicator for VolumeReplication {
                     let maybe_in_sync = self.is_joining(node) || self.targets.read().iter().any(|(id, _)| *id == node);
                     if maybe_in_sync {
                         // Raft may already list it in sync: out through Raft before the ack.
+                        self.missed.lock().insert(node);
                         self.mark_dirty_durably(op.lba, op.block_count, Some(node)).await?;
                         self.fence_out(node, &error.to_string()).await?;
                     } else {
@@ -436,6 +481,7 @@ impl Replicator for VolumeReplication {
             for (node, result) in results {
                 if let Err(reason) = result {
                     // Tracking starts with the write it missed, durably before Raft hears of it.
+                    self.missed.lock().insert(node);
                     self.mark_dirty_durably(op.lba, op.block_count, Some(node)).await?;
                     self.fence_out(node, &reason).await?;
                 }
@@ -474,7 +520,13 @@ impl VolumeReplication {
     /// serves the volume: from then on they refuse the old coordinator's
     /// writes even if Raft has not told them yet. A replica that does not
     /// confirm is dropped from the in-sync set; Err if that fails too.
+    /// Replicas that missed a mutation (`missed`) are dropped first.
     pub async fn fence(&self, volume_id: u64, epoch: u64) -> Result<(), String> {
+        let missed: Vec<u64> = self.missed.lock().iter().copied().collect();
+        for node in missed {
+            self.fence_out(node, "it missed a write while its removal could not commit")
+                .await?;
+        }
         let request = wire::encode_read(volume_id, epoch, 1);
         let targets = self.targets.read().clone();
         let fences = targets.iter().map(|(node, link)| {

@@ -136,6 +136,27 @@ pub struct Config {
     /// deposed, resynced from a copy without it, and made coordinator again
     /// was acknowledged by its late `ReplicaOut` and lost (seed 588).
     pub fix_tenure_ack: bool,
+    /// The fix in `Volume::mutate` for torture finding 7: a write that
+    /// landed here but not on every in-sync replica stops the serving at
+    /// once (`stop_serving_after_a_failed_write`), before its range lock
+    /// is let go; the reconciler serves again only where Raft still names
+    /// this node. Without it a read answers with the unacknowledged write
+    /// that a later coordinator's copy does not have.
+    pub fix_stop_serving: bool,
+    /// The fix for finding 7's open case: a target that failed a mutation
+    /// and whose removal through Raft did not commit (no Raft majority
+    /// reached) is remembered (`missed`), and so is a target the dirty
+    /// log still tracks when the replication is made (a restart); the
+    /// volume is served again only after each of them is dropped through
+    /// Raft (`fence`), and their tracking is kept for the resync. Without
+    /// it the reconciler serves again at the same epoch with the
+    /// coordinator's copy ahead of a replica Raft lists in sync.
+    pub fix_fence_out_missed: bool,
+    /// The scrub's compare (`replication::scrub`, `Mode::Compare`): the
+    /// serving coordinator compares its copy with every in-sync replica's
+    /// once per epoch (and again after a restart, or when a pass stopped)
+    /// and writes its version of each differing block to that replica.
+    pub compare_after_epoch_change: bool,
     /// Requests may overtake each other on a link (see `net`).
     pub reorder: bool,
     /// The Store writes with FUA (else write + flush).
@@ -170,6 +191,9 @@ impl Config {
             fix_resync_epoch: true,
             fix_stale_demotion: true,
             fix_tenure_ack: true,
+            fix_stop_serving: true,
+            fix_fence_out_missed: true,
+            compare_after_epoch_change: true,
             // Not drawn from `rng`: the seeds' other choices stay as they were.
             multi_source_resync: !seed.is_multiple_of(3),
             reorder: false,
@@ -201,6 +225,8 @@ pub struct Counters {
     pub corrupt: u64,
     pub monotonic_violations: u64,
     pub diverged_blocks: u64,
+    /// Blocks the compare after an epoch change rewrote on a replica.
+    pub compare_repaired: u64,
     pub fencing_violations: u64,
     pub unconfirmed_acks: u64,
 }
@@ -223,13 +249,14 @@ impl Counters {
         self.corrupt += other.corrupt;
         self.monotonic_violations += other.monotonic_violations;
         self.diverged_blocks += other.diverged_blocks;
+        self.compare_repaired += other.compare_repaired;
         self.fencing_violations += other.fencing_violations;
         self.unconfirmed_acks += other.unconfirmed_acks;
     }
 
     pub fn line(&self, seeds: usize) -> String {
         format!(
-            "repl_sim: seeds {seeds}, writes acked {}, reads checked {}, crashes {}, failovers {}, resyncs {} (incremental {}, full {}; failed {}; pieces sent by replicas {}), replica outs {}, replica-ins refused (epoch moved) {}, stale refused {}, lost {}, corrupt {}, fencing violations {}, monotonic violations {}, diverged blocks {}",
+            "repl_sim: seeds {seeds}, writes acked {}, reads checked {}, crashes {}, failovers {}, resyncs {} (incremental {}, full {}; failed {}; pieces sent by replicas {}), replica outs {}, replica-ins refused (epoch moved) {}, stale refused {}, lost {}, corrupt {}, fencing violations {}, monotonic violations {}, diverged blocks {}, blocks the compare repaired {}",
             self.writes_acked,
             self.reads_checked,
             self.crashes,
@@ -247,6 +274,7 @@ impl Counters {
             self.fencing_violations,
             self.monotonic_violations,
             self.diverged_blocks,
+            self.compare_repaired,
         )
     }
 }

@@ -101,6 +101,11 @@ pub struct Repl {
     /// the targets here, `ReplicaIn` or `ReplicaOut`; the reconciler does
     /// not apply targets from an older state.)
     targets_epoch: Cell<u64>,
+    /// (`fix_fence_out_missed`) Targets that failed a mutation and are
+    /// not out through Raft yet: `fence` drops them before serving.
+    missed: RefCell<BTreeSet<u64>>,
+    /// Whether the reconciler set targets on this replication yet.
+    installed: Cell<bool>,
 }
 
 impl Repl {
@@ -123,6 +128,31 @@ impl Repl {
             log,
             fencing: tokio::sync::Mutex::new(()),
             targets_epoch: Cell::new(0),
+            missed: RefCell::new(BTreeSet::new()),
+            installed: Cell::new(false),
+        }
+    }
+
+    /// Whether a target missed a mutation and is not out through Raft yet.
+    pub fn has_missed(&self) -> bool {
+        !self.missed.borrow().is_empty()
+    }
+
+    /// `note_missed_at_start` (`fix_fence_out_missed`): made anew (after a
+    /// restart), a target the log tracks in this very tenure and
+    /// incarnation missed a write whose removal did not commit.
+    fn note_missed_at_start(&self, targets: &[u64], identity_of: impl Fn(u64) -> Identity) {
+        if self.installed.replace(true) {
+            return;
+        }
+        let dirty = self.dirty.borrow();
+        for node in targets {
+            if dirty
+                .get(node)
+                .is_some_and(|tracking| tracking.identity == identity_of(*node))
+            {
+                self.missed.borrow_mut().insert(*node);
+            }
         }
     }
 
@@ -140,12 +170,14 @@ impl Repl {
         self.log.forget(None);
     }
 
-    /// `set_targets`: a node that joined them stops catching up; its tracking goes.
+    /// `set_targets`: a node that joined them stops catching up; its
+    /// tracking goes (unless it missed a write since: `missed`).
     fn set_targets(&self, targets: Vec<u64>) {
         self.catching_up.borrow_mut().retain(|id| !targets.contains(id));
         self.joining.borrow_mut().retain(|id| !targets.contains(id));
+        let missed = self.missed.borrow().clone();
         self.dirty.borrow_mut().retain(|id, _| {
-            let in_sync = targets.contains(id);
+            let in_sync = targets.contains(id) && !missed.contains(id);
             if in_sync {
                 self.log.forget(Some(*id));
             }
@@ -214,6 +246,10 @@ pub struct Node {
     pub ranges: Rc<RangeLock>,
     pub repl: Option<Rc<Repl>>,
     pub resyncing: BTreeSet<u64>,
+    /// `Scrubs::compared_epoch` (memory): the epoch the last compare started at.
+    pub compared_epoch: Option<u64>,
+    /// A compare runs (`Scrubs::begin`).
+    pub comparing: bool,
     pub reconcile_wake: Rc<Notify>,
     /// Client requests in flight (`IoStats::in_flight`; per incarnation).
     pub client_in_flight: Rc<Cell<u64>>,
@@ -247,6 +283,8 @@ impl Node {
             ranges: Rc::new(RangeLock::default()),
             repl: None,
             resyncing: BTreeSet::new(),
+            compared_epoch: None,
+            comparing: false,
             reconcile_wake: Rc::new(Notify::new()),
             client_in_flight: Rc::new(Cell::new(0)),
             fence_floor_durable: 1,
@@ -294,6 +332,8 @@ pub fn crash(sim: &Rc<Sim>, id: u64) {
     node.ranges = Rc::new(RangeLock::default());
     node.repl = None;
     node.resyncing.clear();
+    node.compared_epoch = None;
+    node.comparing = false;
     node.reconcile_wake = Rc::new(Notify::new());
     node.client_in_flight = Rc::new(Cell::new(0));
     sim.counters.borrow_mut().crashes += 1;
@@ -552,6 +592,7 @@ async fn send_and_settle(
                 sim.log(format!(
                     "node {id}: joining replica {node} failed ({error}); out through Raft before the ack"
                 ));
+                note_missed(sim, repl, node);
                 mark_dirty_durably(sim, id, repl, op.lba, op.block_count, Some(node)).await;
                 fence_out(sim, id, repl, node, &error).await?;
             }
@@ -569,6 +610,7 @@ async fn send_and_settle(
                 confirmed.insert(node);
             }
             Err(reason) => {
+                note_missed(sim, repl, node);
                 mark_dirty_durably(sim, id, repl, op.lba, op.block_count, Some(node)).await;
                 fence_out(sim, id, repl, node, &reason).await?;
             }
@@ -577,10 +619,19 @@ async fn send_and_settle(
     Ok(confirmed)
 }
 
+/// (`fix_fence_out_missed`) `node` failed a mutation: until its removal
+/// commits, the volume is not served again.
+fn note_missed(sim: &Rc<Sim>, repl: &Repl, node: u64) {
+    if sim.config.fix_fence_out_missed {
+        repl.missed.borrow_mut().insert(node);
+    }
+}
+
 /// `VolumeReplication::fence_out`: drops `node` from the in-sync set through Raft.
 async fn fence_out(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, reason: &str) -> Result<(), String> {
     let _one_at_a_time = repl.fencing.lock().await;
     if !repl.targets.borrow().contains(&node) && !repl.is_joining(node) {
+        repl.missed.borrow_mut().remove(&node);
         return Ok(());
     }
     sim.log(format!("node {id}: replica {node} failed ({reason}); ReplicaOut"));
@@ -596,6 +647,7 @@ async fn fence_out(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, reason: &
             repl.targets.borrow_mut().retain(|target| *target != node);
             repl.catching_up.borrow_mut().retain(|other| *other != node);
             repl.joining.borrow_mut().remove(&node);
+            repl.missed.borrow_mut().remove(&node);
             sim.counters.borrow_mut().replica_outs += 1;
             Ok(())
         }
@@ -623,6 +675,18 @@ async fn stop_catching_up(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, node: u64, re
 
 /// `VolumeReplication::fence`: raises every in-sync replica's epoch.
 async fn fence(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, epoch: u64) -> Result<(), String> {
+    // Replicas that missed a mutation go out through Raft first.
+    let missed: Vec<u64> = repl.missed.borrow().iter().copied().collect();
+    for node in missed {
+        fence_out(
+            sim,
+            id,
+            repl,
+            node,
+            "it missed a mutation while its removal could not commit",
+        )
+        .await?;
+    }
     let request = wire::encode_read(VOLUME_ID, epoch, 1);
     let targets = repl.targets.borrow().clone();
     let timeout = sim.config.replica_timeout;
@@ -705,6 +769,17 @@ async fn mutate(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, data: Option<Vec<u
         mark_dirty_durably(sim, id, &repl, lba, count, None).await;
         futures::future::join(disk::call(sim, id, request), replicate(sim, id, &repl, &op)).await
     };
+    if sim.config.fix_stop_serving && local.is_ok() && remote.is_err() {
+        // `stop_serving_after_a_failed_write`, before the range lock goes.
+        let mut node = sim.node(id);
+        if node.served {
+            node.served = false;
+            drop(node);
+            sim.log(format!(
+                "node {id}: a write reached this copy but not every replica; not serving"
+            ));
+        }
+    }
     local?;
     let confirmed = remote?;
     // `Volume::mutate`: deposed and serving again since the write was made,
@@ -811,6 +886,7 @@ async fn reconcile_loop(sim: Rc<Sim>, id: u64) {
             fence_and_serve(&sim, id, epoch).await;
         }
         start_needed(&sim, id);
+        start_compare_needed(&sim, id);
         let wake = Rc::clone(&sim.node(id).reconcile_wake);
         tokio::select! {
             biased;
@@ -847,15 +923,33 @@ fn wire_serving(sim: &Rc<Sim>, id: u64) -> Option<u64> {
         let mut current = repl.targets.borrow().clone();
         current.sort_unstable();
         let stale = sim.config.fix_stale_demotion && volume.epoch < repl.targets_epoch.get();
+        if sim.config.fix_fence_out_missed && !stale {
+            let known = node.known.clone();
+            repl.note_missed_at_start(&targets, |replica| {
+                known
+                    .volumes
+                    .get(VOLUME)
+                    .map_or_else(Identity::default, |volume| Identity {
+                        coordinator_since: volume.coordinator_since,
+                        replica_added: volume.replica_added.get(&replica).copied().unwrap_or(0),
+                    })
+            });
+        }
         if current != targets && !stale {
             repl.set_targets(targets);
         }
     } else {
         node.repl = None;
     }
-    if node.served || volume.replica_nodes.len() == 1 || volume.epoch <= 1 {
+    let missed = node.repl.as_ref().is_some_and(|repl| repl.has_missed());
+    if node.served || (!missed && (volume.replica_nodes.len() == 1 || volume.epoch <= 1)) {
         if !node.served {
             node.serving_epoch = node.epoch;
+            let epoch = node.epoch;
+            drop(node);
+            sim.log(format!("node {id}: serving at epoch {epoch} (nothing to fence)"));
+            sim.node(id).served = true;
+            return None;
         }
         node.served = true;
         None
@@ -1139,4 +1233,138 @@ async fn send_span(
         }
     }
     Ok((copied_bytes, reader_failed))
+}
+
+/// Blocks compared under one hold of the range lock (the real pass takes
+/// 64 MiB; the simulated volume is a few hundred blocks).
+const COMPARE_REGION_BLOCKS: u64 = 32;
+
+/// `scrub::start_needed` for the compare: once per epoch (again after a
+/// restart, or after a pass that stopped), while this node serves.
+fn start_compare_needed(sim: &Rc<Sim>, id: u64) {
+    if !sim.config.compare_after_epoch_change {
+        return;
+    }
+    let repl = {
+        let mut node = sim.node(id);
+        let Some(volume) = node.known.volumes.get(VOLUME).cloned() else {
+            return;
+        };
+        if volume.coordinator != id || !node.served || node.serving_epoch == 0 || node.comparing {
+            return;
+        }
+        if node.compared_epoch.is_some_and(|epoch| volume.epoch <= epoch) {
+            return;
+        }
+        let Some(repl) = node.repl.clone() else {
+            return;
+        };
+        node.compared_epoch = Some(volume.epoch);
+        node.comparing = true;
+        repl
+    };
+    let task_sim = Rc::clone(sim);
+    spawn_on(sim, id, async move {
+        let sim = task_sim;
+        match compare(&sim, id, &repl).await {
+            Ok(repaired) => sim.log(format!("node {id}: compare done, {repaired} blocks repaired")),
+            Err(error) => {
+                sim.log(format!("node {id}: compare stopped: {error}"));
+                sim.node(id).compared_epoch = None;
+            }
+        }
+        sim.node(id).comparing = false;
+    });
+}
+
+/// `scrub::scrub_volume` in `Mode::Compare`: region by region under the
+/// range lock, each in-sync replica's copy against this node's; every
+/// block a replica holds differently gets this node's version, in runs
+/// (`repair_replica`: zeroings for zeroes, writes for data, at the serving
+/// epoch). The real pass compares the index's block states (hole or the
+/// data's crc); the model compares the bytes. Ok with the blocks repaired.
+async fn compare(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>) -> Result<u64, String> {
+    let blocks = sim.config.volume_blocks;
+    let timeout = sim.config.replica_timeout;
+    let block_of = |image: &[u8], at: u64| {
+        let at = at as usize * disk::BLOCK_BYTES;
+        image[at..at + disk::BLOCK_BYTES].to_vec()
+    };
+    let mut repaired = 0;
+    let mut lba = 0;
+    while lba < blocks {
+        if !sim.node(id).served {
+            return Err("this node stopped serving the volume".into());
+        }
+        let count = COMPARE_REGION_BLOCKS.min(blocks - lba);
+        let ranges = Rc::clone(&sim.node(id).ranges);
+        let _held = ranges.lock(lba, count).await;
+        let mine = disk::reply_bytes(&disk::call(sim, id, Request::Read { lba, count }).await?);
+        let targets = repl.targets.borrow().clone();
+        let asks = targets.iter().map(|&node| async move {
+            let request = wire::encode_read(VOLUME_ID, lba, count);
+            (node, net::call(sim, id, node, Kind::Read, request, timeout).await)
+        });
+        for (node, answer) in futures::future::join_all(asks).await {
+            let theirs = match answer {
+                Ok(theirs) if theirs.len() == mine.len() => theirs,
+                Ok(_) => continue,
+                Err(error) => {
+                    sim.log(format!("node {id}: compare: replica {node} did not answer ({error})"));
+                    continue;
+                }
+            };
+            let differs = |at: u64| block_of(&mine, at) != block_of(&theirs, at);
+            let zero = |at: u64| block_of(&mine, at).iter().all(|byte| *byte == 0);
+            let mut at = 0;
+            while at < count {
+                if !differs(at) {
+                    at += 1;
+                    continue;
+                }
+                let mut end = at + 1;
+                while end < count && differs(end) && zero(end) == zero(at) {
+                    end += 1;
+                }
+                let kind = if zero(at) {
+                    OpKind::Zero
+                } else {
+                    let (from, to) = (at as usize * disk::BLOCK_BYTES, end as usize * disk::BLOCK_BYTES);
+                    OpKind::Write(mine[from..to].to_vec())
+                };
+                let (epoch, sequence) = {
+                    let mut local = sim.node(id);
+                    local.sequence += 1;
+                    (local.serving_epoch, local.sequence - 1)
+                };
+                let op = ReplicaOp {
+                    volume_id: VOLUME_ID,
+                    epoch,
+                    lba: lba + at,
+                    block_count: end - at,
+                    volume_sequence: sequence,
+                    kind,
+                };
+                match net::call(sim, id, node, Kind::Write, wire::encode(&op), timeout).await {
+                    Ok(_) => {
+                        repaired += end - at;
+                        sim.counters.borrow_mut().compare_repaired += end - at;
+                        sim.log(format!(
+                            "node {id}: compare: blocks {}+{} rewritten on replica {node}",
+                            lba + at,
+                            end - at
+                        ));
+                    }
+                    Err(error) => sim.log(format!(
+                        "node {id}: compare: could not rewrite blocks {}+{} on replica {node} ({error})",
+                        lba + at,
+                        end - at
+                    )),
+                }
+                at = end;
+            }
+        }
+        lba += count;
+    }
+    Ok(repaired)
 }
