@@ -499,7 +499,8 @@ fn slow_trial(cluster: &LocalCluster, writer: &Writer, slow: Slow, slow_for: Dur
     Ok((moved, stall.as_secs_f64()))
 }
 
-fn percentile(sorted: &[f64], percent: f64) -> f64 {
+/// Nearest-rank percentile of sorted samples (0 when there are none).
+pub(crate) fn percentile(sorted: &[f64], percent: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

@@ -115,6 +115,12 @@ impl ClusterNode {
     pub fn signal(&self, signal: &str) -> Result<()> {
         self.server.signal(signal)
     }
+
+    /// The node's process id, while it runs.
+    #[must_use]
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
 }
 
 /// How to lay the cluster out.

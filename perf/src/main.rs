@@ -8,6 +8,7 @@ mod chart;
 mod engine_bench;
 mod failover_bench;
 mod fio;
+mod fleet_bench;
 mod local_cluster;
 mod machine;
 mod nbd_bench;
@@ -172,6 +173,38 @@ enum Bench {
         #[arg(long)]
         failover_after_s: Option<u64>,
         /// Two trials of each kind (about three minutes).
+        #[arg(long)]
+        quick: bool,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
+        /// Where to write the results.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
+    /// Failover at fleet scale: a local cluster of --nodes nodes (127.0.0.21 ..) with --volumes thin volumes, --on-victim of them coordinated by node 1; times every `volume create`, `cluster status --json` of the whole fleet and each node's memory, then kills node 1 with SIGKILL and times, for each of its volumes, the first 4 KiB write acknowledged by the node serving it afterwards (p50/p99/max); writes fleet.json and fleet.md.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs root (loop devices). The default 2,000 volumes on 9 nodes take about 10 minutes, most of it creating them.
+    Fleet {
+        /// Nodes of the local cluster (at most 9).
+        #[arg(long, default_value_t = 9)]
+        nodes: usize,
+        /// Volumes in all.
+        #[arg(long, default_value_t = 2000)]
+        volumes: usize,
+        /// Of them, coordinated by node 1 (the one killed).
+        #[arg(long, default_value_t = 500)]
+        on_victim: usize,
+        /// Copies of each volume.
+        #[arg(long, default_value_t = 3)]
+        repl: usize,
+        /// Size of each (thin) volume.
+        #[arg(long, default_value = "64MiB")]
+        volume_size: String,
+        /// The nodes' failover timeout (default: the binary's own).
+        #[arg(long)]
+        failover_after_s: Option<u64>,
+        /// 3 nodes, 60 volumes, 20 on node 1 (about a minute).
         #[arg(long)]
         quick: bool,
         /// The ballast binary to benchmark.
@@ -425,6 +458,39 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
                 failover_after_s,
                 out,
                 // Info: a slow trial prints what each node did about the fault.
+                ballast: servers::BallastBinary {
+                    path: ballast,
+                    env: vec![("BALLAST_LOG".into(), "info".into())],
+                },
+            })
+        }
+        Bench::Fleet {
+            nodes,
+            volumes,
+            on_victim,
+            repl,
+            volume_size,
+            failover_after_s,
+            quick,
+            ballast,
+            out,
+        } => {
+            let (nodes, volumes, on_victim) = if quick {
+                (3, 60, 20)
+            } else {
+                (nodes, volumes, on_victim)
+            };
+            if failover_after_s == Some(0) {
+                anyhow::bail!("--failover-after-s must be at least 1");
+            }
+            fleet_bench::run(&fleet_bench::FleetOptions {
+                nodes,
+                volumes,
+                on_victim,
+                replicas: repl,
+                volume_bytes: node::size::parse_size(&volume_size)?,
+                failover_after_s,
+                out,
                 ballast: servers::BallastBinary {
                     path: ballast,
                     env: vec![("BALLAST_LOG".into(), "info".into())],

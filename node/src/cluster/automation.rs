@@ -10,7 +10,12 @@
 //!   silent node's replica is removed.
 //!
 //! One step per volume per pass; every step is a Raft change, so a new
-//! leader picks up where the old one stopped.
+//! leader picks up where the old one stopped. The failovers of a pass are
+//! proposed together (up to `FAILOVERS_IN_FLIGHT` at once: a node that
+//! coordinated hundreds of volumes hands them over in a few Raft rounds,
+//! not one round per volume), each to the in-sync replica that answers and
+//! coordinates the fewest volumes, counting the ones this pass gives it.
+//! Rebuilds stay one at a time (each placement sees the one before).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +30,8 @@ pub const REBUILD_AFTER_DEFAULT: Duration = Duration::from_secs(600);
 /// Failover and rebuild are checked this often; alerts every fourth pass.
 const PASS_INTERVAL: Duration = Duration::from_millis(250);
 const ALERT_PASSES: u64 = 4;
+/// Failovers of one pass proposed at once.
+const FAILOVERS_IN_FLIGHT: usize = 64;
 
 /// When the leader acts on silent nodes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,9 +66,21 @@ pub async fn automation_loop(cluster: Arc<Cluster>, mut stop: tokio::sync::watch
             continue;
         }
         let volumes: Vec<ClusterVolume> = cluster.with_state(|state| state.volumes.values().cloned().collect());
-        for volume in volumes {
-            if let Err(error) = step(&cluster, &volume).await {
-                tracing::warn!(volume = %volume.name, %error, "automatic failover/rebuild step failed; retrying");
+        let (failovers, rest) = failovers_due(&cluster, volumes).await;
+        use futures::StreamExt as _;
+        futures::stream::iter(failovers)
+            .for_each_concurrent(FAILOVERS_IN_FLIGHT, |failover| {
+                let cluster = &cluster;
+                async move {
+                    if let Err(error) = failover.propose(cluster).await {
+                        tracing::warn!(volume = %failover.name, %error, "automatic failover failed; retrying");
+                    }
+                }
+            })
+            .await;
+        for volume in rest {
+            if let Err(error) = rebuild_step(&cluster, &volume).await {
+                tracing::warn!(volume = %volume.name, %error, "automatic rebuild step failed; retrying");
             }
         }
         if pass.is_multiple_of(ALERT_PASSES) {
@@ -146,12 +165,50 @@ async fn alerts_pass(cluster: &Arc<Cluster>) {
     }
 }
 
-async fn step(cluster: &Cluster, volume: &ClusterVolume) -> Result<(), String> {
-    let automation = cluster.automation();
+/// One volume moving to a new coordinator.
+struct Failover {
+    name: String,
+    from: u64,
+    to: u64,
+    why: &'static str,
+}
+
+impl Failover {
+    async fn propose(&self, cluster: &Cluster) -> Result<(), String> {
+        tracing::warn!(volume = %self.name, from = self.from, to = self.to, "{}; failing over", self.why);
+        cluster
+            .change(Command::SetCoordinator {
+                name: self.name.clone(),
+                node: self.to,
+            })
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The failovers due in this pass, and the volumes left for a rebuild
+/// step (a volume whose coordinator is gone but has no heir that answers
+/// waits: neither).
+async fn failovers_due(cluster: &Cluster, volumes: Vec<ClusterVolume>) -> (Vec<Failover>, Vec<ClusterVolume>) {
+    let Some(after) = cluster.automation().failover_after else {
+        return (Vec::new(), volumes);
+    };
     let health = &cluster.health;
-    if let Some(after) = automation.failover_after {
+    let local_report = if volumes.iter().any(|volume| volume.coordinator == cluster.local.id) {
+        Some(health.local_report().await)
+    } else {
+        None
+    };
+    // Volumes each node coordinates, and those this pass hands it.
+    let mut coordinated: std::collections::HashMap<u64, usize> = std::collections::HashMap::new();
+    for volume in &volumes {
+        *coordinated.entry(volume.coordinator).or_default() += 1;
+    }
+    let (mut failovers, mut rest) = (Vec::new(), Vec::new());
+    for volume in volumes {
         let report = if volume.coordinator == cluster.local.id {
-            Some(health.local_report().await)
+            local_report.clone()
         } else {
             health.liveness(volume.coordinator).report
         };
@@ -159,30 +216,47 @@ async fn step(cluster: &Cluster, volume: &ClusterVolume) -> Result<(), String> {
         let silent = cluster
             .lease_silence(volume.coordinator)
             .is_some_and(|silence| silence > after);
-        if disk_failed || silent {
-            let heir = volume
-                .in_sync
-                .iter()
-                .copied()
-                .find(|id| *id != volume.coordinator && health.liveness(*id).up);
-            if let Some(heir) = heir {
-                let why = if disk_failed {
+        if !disk_failed && !silent {
+            rest.push(volume);
+            continue;
+        }
+        if let Some(heir) = choose_heir(&volume, |id| health.liveness(id).up, &mut coordinated) {
+            failovers.push(Failover {
+                name: volume.name.clone(),
+                from: volume.coordinator,
+                to: heir,
+                why: if disk_failed {
                     "the coordinator's disk failed"
                 } else {
                     "coordinator silent"
-                };
-                tracing::warn!(volume = %volume.name, from = volume.coordinator, to = heir, "{why}; failing over");
-                cluster
-                    .change(Command::SetCoordinator {
-                        name: volume.name.clone(),
-                        node: heir,
-                    })
-                    .await
-                    .map_err(|e| e.to_string())?;
-            }
-            return Ok(());
+                },
+            });
         }
     }
+    (failovers, rest)
+}
+
+/// The in-sync replica that answers and coordinates the fewest volumes
+/// (`coordinated`, which counts it one more), lowest id on a tie.
+fn choose_heir(
+    volume: &ClusterVolume,
+    up: impl Fn(u64) -> bool,
+    coordinated: &mut std::collections::HashMap<u64, usize>,
+) -> Option<u64> {
+    let heir = volume
+        .in_sync
+        .iter()
+        .copied()
+        .filter(|id| *id != volume.coordinator && up(*id))
+        .min_by_key(|id| (coordinated.get(id).copied().unwrap_or(0), *id))?;
+    *coordinated.entry(heir).or_default() += 1;
+    Some(heir)
+}
+
+/// Replaces a replica on a node silent for `rebuild_after`, one step.
+async fn rebuild_step(cluster: &Cluster, volume: &ClusterVolume) -> Result<(), String> {
+    let automation = cluster.automation();
+    let health = &cluster.health;
     let Some(after) = automation.rebuild_after else {
         return Ok(());
     };
@@ -234,4 +308,30 @@ async fn step(cluster: &Cluster, volume: &ClusterVolume) -> Result<(), String> {
     };
     cluster.change(command).await.map_err(|e| e.to_string())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn volume(coordinator: u64, in_sync: &[u64]) -> ClusterVolume {
+        serde_json::from_value(serde_json::json!({
+            "name": "v", "id": 1, "size_bytes": 4096, "block_size_bytes": 4096, "replicas": in_sync.len(),
+            "coordinator": coordinator, "replica_nodes": in_sync, "in_sync": in_sync, "epoch": 2,
+            "created_unix_seconds": 0
+        }))
+        .expect("a volume record")
+    }
+
+    #[test]
+    fn the_volumes_of_a_failed_node_are_spread_over_the_heirs_that_answer() {
+        let mut coordinated = std::collections::HashMap::from([(1, 4), (2, 1), (3, 0)]);
+        let up = |id: u64| id != 1 && id != 4;
+        let heirs: Vec<Option<u64>> = (0..4)
+            .map(|_| choose_heir(&volume(1, &[1, 2, 3, 4]), up, &mut coordinated))
+            .collect();
+        // Node 3 first (it coordinates none), then both in turn; node 4 does not answer.
+        assert_eq!(heirs, vec![Some(3), Some(2), Some(3), Some(2)]);
+        assert_eq!(choose_heir(&volume(1, &[1, 4]), up, &mut coordinated), None);
+    }
 }

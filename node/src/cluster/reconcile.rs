@@ -16,6 +16,8 @@ use crate::volume::Volumes;
 /// A node taking a volume over asks the others this often whether they
 /// still serve it (until its old coordinator's lease must have run out).
 const TAKEOVER_ASK_INTERVAL: Duration = Duration::from_millis(100);
+/// Volumes a node fences and starts serving at once after a takeover.
+const TAKEOVERS_IN_FLIGHT: usize = 64;
 /// Reconciliation also runs this often without a change.
 pub const RECONCILE_INTERVAL: Duration = Duration::from_secs(5);
 
@@ -282,17 +284,28 @@ pub async fn reconcile_loop(
             match pass.await {
                 Ok(state) => {
                     settle_suspects(&cluster, &state).await;
-                    for (name, epoch) in wire_serving(&cluster, &state, &volumes) {
-                        let ready_at = tokio::time::Instant::from_std(cluster.takeover_ready_at(&name, epoch));
-                        let now = tokio::time::Instant::now();
-                        if ready_at > now && !cluster.others_released(&name).await {
-                            // Asked again soon; served at `ready_at` at the latest.
-                            let again = ready_at.min(now + TAKEOVER_ASK_INTERVAL);
-                            takeover_at = Some(takeover_at.map_or(again, |at| at.min(again)));
-                            continue;
-                        }
-                        fence_and_serve(&cluster, &volumes, &name, epoch).await;
-                    }
+                    // Takeovers are independent: a node handed hundreds of
+                    // volumes at once fences and serves them side by side.
+                    use futures::StreamExt as _;
+                    let to_fence = wire_serving(&cluster, &state, &volumes);
+                    let waits: Vec<Option<tokio::time::Instant>> = futures::stream::iter(to_fence)
+                        .map(|(name, epoch)| {
+                            let (cluster, volumes) = (&cluster, &volumes);
+                            async move {
+                                let ready_at = tokio::time::Instant::from_std(cluster.takeover_ready_at(&name, epoch));
+                                let now = tokio::time::Instant::now();
+                                if ready_at > now && !cluster.others_released(&name).await {
+                                    // Asked again soon; served at `ready_at` at the latest.
+                                    return Some(ready_at.min(now + TAKEOVER_ASK_INTERVAL));
+                                }
+                                fence_and_serve(cluster, volumes, &name, epoch).await;
+                                None
+                            }
+                        })
+                        .buffer_unordered(TAKEOVERS_IN_FLIGHT)
+                        .collect()
+                        .await;
+                    takeover_at = waits.into_iter().flatten().min();
                     crate::replication::resync::start_needed(&cluster, &state, &volumes);
                     crate::replication::scrub::start_needed(&cluster, &state, &volumes);
                     super::snapshots::start_scheduled(&cluster, &state, &volumes);
