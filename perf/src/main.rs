@@ -184,7 +184,7 @@ enum Bench {
     },
     /// Failover at fleet scale: a local cluster of --nodes nodes (127.0.0.21 ..) with --volumes thin volumes, --on-victim of them coordinated by node 1; times every `volume create`, `cluster status --json` of the whole fleet and each node's memory, then kills node 1 with SIGKILL and times, for each of its volumes, the first 4 KiB write acknowledged by the node serving it afterwards (p50/p99/max); writes fleet.json and fleet.md.
     ///
-    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs root (loop devices). The default 2,000 volumes on 9 nodes take about 10 minutes, most of it creating them.
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs root (loop devices). The default 2,000 volumes on 9 nodes take about 3 minutes, most of it creating them.
     Fleet {
         /// Nodes of the local cluster (at most 9).
         #[arg(long, default_value_t = 9)]

@@ -5,7 +5,8 @@
 //! NBD ceiling (nbdkit null); each writes its
 //! JSON, markdown table of ratios and PNG chart; `ballast-perf attach --quick`
 //! measures the attached device (every FUSE backend, repl=1 and 3) and pgbench
-//! against the raw device. No timing is asserted:
+//! against the raw device; `ballast-perf fleet --quick` kills the node
+//! coordinating a third of 60 volumes and sees each served again. No timing is asserted:
 //! only that every measure was taken and reported.
 
 use std::path::{Path, PathBuf};
@@ -70,6 +71,39 @@ fn the_engine_benchmark_runs_quick_and_writes_its_json_ratio_table_and_chart() {
     let png = std::fs::read(out.path().join("engine.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "engine.png is a PNG");
     assert!(png.len() > 2000, "and has something drawn in it ({} bytes)", png.len());
+}
+
+#[test]
+fn the_fleet_benchmark_kills_the_node_coordinating_a_share_of_the_volumes_and_each_is_served_again() {
+    if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
+        return skip(&why.to_string());
+    }
+    let Some(ballast) = ballast_binary() else {
+        return skip("target/debug/ballast is not built (cargo test --workspace builds it)");
+    };
+    let out = tempfile::tempdir().unwrap();
+    let stdout = run_perf(
+        &["fleet", "--quick", "--ballast", ballast.to_str().unwrap()],
+        out.path(),
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("fleet.json")).unwrap()).unwrap();
+    assert_eq!(report["volumes"], 60, "{report:#}");
+    assert_eq!(report["on_victim"], 20, "node 1 coordinated its share: {report:#}");
+    assert_eq!(
+        report["moved"], 20,
+        "every one of node 1's volumes took a write elsewhere: {report:#}"
+    );
+    assert_eq!(report["not_moved"], 0, "{report:#}");
+    for measure in ["create_p50_ms", "status_median_s", "failover_p99_s"] {
+        assert!(report[measure].as_f64().unwrap() > 0.0, "{measure}: {report:#}");
+    }
+    let rss = report["rss_mib_per_node"].as_array().unwrap();
+    assert_eq!(rss.len(), 3, "{report:#}");
+    assert!(rss.iter().all(|mib| mib.as_f64().unwrap() > 1.0), "{report:#}");
+    let table = std::fs::read_to_string(out.path().join("fleet.md")).unwrap();
+    assert!(table.contains("served again elsewhere"), "{table}");
+    assert!(stdout.contains(&table), "the table printed is the one saved");
 }
 
 /// Whether `program` is on the PATH.
