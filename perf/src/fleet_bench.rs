@@ -88,6 +88,58 @@ struct FleetReport {
     failover_max_s: f64,
     /// When the first and the last moved volume took its first write.
     first_served_s: f64,
+    /// The nodes' log lines of each failover phase, timed from the kill.
+    phases: Vec<Phase>,
+}
+
+/// One phase of the failovers as the surviving nodes logged it.
+#[derive(Debug, Serialize)]
+struct Phase {
+    what: &'static str,
+    lines: usize,
+    first_s: f64,
+    last_s: f64,
+}
+
+/// What each phase's log line says (`cluster::automation`, `cluster::reconcile`).
+const PHASES: [(&str, &str); 2] = [
+    ("the leader proposes the failover", "failing over"),
+    (
+        "the new coordinator has fenced the replicas and serves",
+        "replicas fenced at the new epoch; serving",
+    ),
+];
+
+/// Seconds since midnight UTC of a log line's RFC 3339 timestamp
+/// (`2026-12-06T11:45:01.123456Z ...`), if it starts with one.
+fn line_seconds(line: &str) -> Option<f64> {
+    let time = line.get(11..)?.split('Z').next()?;
+    let mut parts = time.split(':');
+    let (hours, minutes, seconds) = (parts.next()?, parts.next()?, parts.next()?);
+    Some(hours.parse::<f64>().ok()? * 3600.0 + minutes.parse::<f64>().ok()? * 60.0 + seconds.parse::<f64>().ok()?)
+}
+
+/// Each phase's lines logged after `killed_day_s` (seconds since midnight UTC).
+fn phases(cluster: &LocalCluster, killed_day_s: f64) -> Vec<Phase> {
+    PHASES
+        .iter()
+        .map(|(what, needle)| {
+            let mut times: Vec<f64> = cluster
+                .log_lines_with(&[needle])
+                .lines()
+                .filter_map(|line| line.split_once(": ").and_then(|(_, rest)| line_seconds(rest)))
+                .map(|at| (at - killed_day_s).rem_euclid(86_400.0))
+                .filter(|after| *after < FAILOVER_DEADLINE.as_secs_f64())
+                .collect();
+            times.sort_by(f64::total_cmp);
+            Phase {
+                what,
+                lines: times.len(),
+                first_s: times.first().copied().unwrap_or(0.0),
+                last_s: times.last().copied().unwrap_or(0.0),
+            }
+        })
+        .collect()
 }
 
 fn volume_name(index: usize) -> String {
@@ -358,6 +410,10 @@ pub fn run(options: &FleetOptions) -> Result<Vec<crate::chart::Bar>> {
         command_line("date", &["-u", "+kill -9 of node 1 at %H:%M:%S.%N UTC"])
     );
     let killed_at = Instant::now();
+    let killed_day_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs_f64()
+        .rem_euclid(86_400.0);
     cluster.nodes[0].signal("-KILL")?;
     let moved = wait_moved(&cluster, killed_id, &victims, killed_at)?;
     let mut times: Vec<f64> = moved.iter().flatten().copied().collect();
@@ -377,6 +433,7 @@ pub fn run(options: &FleetOptions) -> Result<Vec<crate::chart::Bar>> {
             cluster.log_lines_with(&["failing over", "cannot fence", "not serving"])
         );
     }
+    let phases = phases(&cluster, killed_day_s);
     drop(cluster);
     let report = FleetReport {
         date_utc: command_line("date", &["-u", "+%Y-%m-%d %H:%M"]),
@@ -406,6 +463,7 @@ pub fn run(options: &FleetOptions) -> Result<Vec<crate::chart::Bar>> {
         failover_p99_s: percentile(&times, 99.0),
         failover_max_s: times.last().copied().unwrap_or(0.0),
         first_served_s: times.first().copied().unwrap_or(0.0),
+        phases,
     };
     let table = markdown(&report);
     println!("\n{table}");
@@ -479,6 +537,12 @@ fn markdown(report: &FleetReport) -> String {
         report.first_served_s,
         verdict(report.not_moved == 0 && report.failover_p99_s <= TARGET_FAILOVER_P99_S)
     ));
+    for phase in &report.phases {
+        out.push_str(&format!(
+            "| {} ({} log lines): first / last after the kill | {:.2} / {:.2} s | - |\n",
+            phase.what, phase.lines, phase.first_s, phase.last_s
+        ));
+    }
     out.push_str(&format!(
         "\nfailover_after_s: {}. Each probe asks a surviving node's `cluster status` (refreshed every {} ms) where a volume is served and writes 4 KiB with FUA there; {PROBES} probes at once.\n",
         report
@@ -492,6 +556,13 @@ fn markdown(report: &FleetReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_times_are_read_from_the_rfc3339_stamp() {
+        let at = line_seconds("2026-12-06T11:45:01.500000Z  WARN failing over").unwrap();
+        assert!((at - (11.0 * 3600.0 + 45.0 * 60.0 + 1.5)).abs() < 1e-6);
+        assert_eq!(line_seconds("no stamp here"), None);
+    }
 
     #[test]
     fn placements_read_each_volumes_coordinator_and_address() {

@@ -7,8 +7,9 @@
 //! Rule 1 (no acknowledged write lost): a read returns, per block, the
 //! newest write acknowledged before the read started, or a write issued
 //! after it; never older, never bytes no write put there (foreign, torn).
-//! Monotonic reads: no read returns a write older than one an earlier read
-//! returned (reported; a failure only with `strict_monotonic`).
+//! Monotonic reads: no read returns a write older than one a read that
+//! completed before it started returned (reads that overlap may be
+//! ordered either way); a failure with `strict_monotonic`.
 
 use super::disk::{BLOCK_BYTES, VOLUME_ID};
 
@@ -59,8 +60,9 @@ pub enum Violation {
 pub struct History {
     clock: u64,
     blocks: Vec<Vec<WriteRecord>>,
-    /// Per block: index of the newest write a read surely returned.
-    observed: Vec<usize>,
+    /// Per block: (logical time a read completed, the oldest history index
+    /// its bytes match), for the monotonic check.
+    observed: Vec<Vec<(u64, usize)>>,
     /// Blocks with a client mutation in flight.
     pub busy: Vec<bool>,
     next_write_id: u64,
@@ -80,7 +82,7 @@ impl History {
                     }]
                 })
                 .collect(),
-            observed: vec![0; count],
+            observed: vec![Vec::new(); count],
             busy: vec![false; count],
             next_write_id: 1,
         }
@@ -171,11 +173,17 @@ impl History {
         if !note {
             return Ok(());
         }
-        if newest < self.observed[at] {
-            let seen = &history[self.observed[at]];
+        let earlier = self.observed[at]
+            .iter()
+            .filter(|(completed, _)| *completed < started)
+            .map(|(_, index)| *index)
+            .max()
+            .unwrap_or(0);
+        if newest < earlier {
+            let seen = &history[earlier];
             let got = &history[newest];
             return Err(Violation::Monotonic(format!(
-                "block {lba} went back in time: returned write {} after an earlier read returned the newer write {} (acked: {})",
+                "block {lba} went back in time: returned write {} after a read that completed before this one started returned the newer write {} (acked: {})",
                 got.write_id,
                 seen.write_id,
                 seen.acked_at.is_some()
@@ -186,7 +194,9 @@ impl History {
             .iter()
             .position(|record| record.content == content)
             .map_or(newest, |offset| floor + offset);
-        self.observed[at] = self.observed[at].max(oldest);
+        self.clock += 1;
+        let completed = self.clock;
+        self.observed[at].push((completed, oldest));
         Ok(())
     }
 

@@ -851,9 +851,19 @@ pub async fn serve(sim: &Rc<Sim>, id: u64, op: ClientOp) -> Result<Vec<u8>, Stri
             mutate(sim, id, lba, count, Some(data)).await.map(|_| Vec::new())
         }
         ClientOp::Zero { lba, count } => mutate(sim, id, lba, count, None).await.map(|_| Vec::new()),
-        ClientOp::Read { lba, count } => disk::call(sim, id, Request::Read { lba, count })
-            .await
-            .map(|reply| disk::reply_bytes(&reply)),
+        ClientOp::Read { lba, count } => {
+            // `Volume::read_leased` on a replicated volume: under the range
+            // lock (shared there; exclusive here), so no write that is not
+            // durable everywhere yet is seen, and served only if still
+            // serving after the read.
+            let ranges = Rc::clone(&sim.node(id).ranges);
+            let _held = ranges.lock(lba, count).await;
+            let reply = disk::call(sim, id, Request::Read { lba, count }).await?;
+            if !sim.node(id).served {
+                return Err(format!("node {id} stopped serving the volume during the read"));
+            }
+            Ok(disk::reply_bytes(&reply))
+        }
         ClientOp::Flush => disk::call(sim, id, Request::Flush).await.map(|_| Vec::new()),
     }
 }
