@@ -68,6 +68,10 @@ const SERVING_QUERY_TIMEOUT: Duration = Duration::from_millis(300);
 pub struct Leases {
     /// As leader: when each node's last confirmed request arrived.
     granted: parking_lot::Mutex<HashMap<u64, Instant>>,
+    /// When a Raft leader's append (or heartbeat) last arrived here, by
+    /// leader: a sign of life of a node that led until it failed, for the
+    /// next leader's `lease_silence` (it may not have pinged it yet).
+    heard_from_leader: parking_lot::Mutex<HashMap<u64, Instant>>,
     /// The Raft term this node last saw itself lead, and since when.
     leading: parking_lot::Mutex<Option<(u64, Instant)>>,
     /// Volumes this node takes over: (epoch, when it learned of it).
@@ -113,8 +117,14 @@ impl Cluster {
         }
         let granted = self.leases.granted.lock().get(&node).copied();
         let pinged = self.health.last_answer_at(node);
-        let last = granted.into_iter().chain(pinged).max().unwrap_or(since);
+        let heard = self.leases.heard_from_leader.lock().get(&node).copied();
+        let last = granted.into_iter().chain(pinged).chain(heard).max().unwrap_or(since);
         Some(last.elapsed())
+    }
+
+    /// Notes that an append from leader `node` just arrived.
+    pub(super) fn heard_from_leader(&self, node: u64) {
+        self.leases.heard_from_leader.lock().insert(node, Instant::now());
     }
 
     /// Answers a `LeaseRequest` (as leader).

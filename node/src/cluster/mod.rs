@@ -535,7 +535,7 @@ impl PeerHandler for Cluster {
     async fn handle(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(FrameKind, Vec<u8>), String> {
         match kind {
             FrameKind::RaftAppend | FrameKind::RaftVote | FrameKind::RaftSnapshot => {
-                network::dispatch(&self.raft, kind, &payload)
+                network::dispatch(&self.raft, kind, &payload, |leader| self.heard_from_leader(leader))
                     .await
                     .map(|reply| (FrameKind::RaftReply, reply))
             }

@@ -102,12 +102,22 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
 }
 
 /// Answers a Raft frame with the local Raft's reply (serialized `Result`).
-pub async fn dispatch(raft: &openraft::Raft<TypeConfig>, kind: FrameKind, payload: &[u8]) -> Result<Vec<u8>, String> {
+/// `heard_from` is told the sender of an append (a leader, alive now).
+pub async fn dispatch(
+    raft: &openraft::Raft<TypeConfig>,
+    kind: FrameKind,
+    payload: &[u8],
+    heard_from: impl FnOnce(u64),
+) -> Result<Vec<u8>, String> {
     fn decode<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
         serde_json::from_slice(payload).map_err(|error| format!("unreadable raft request: {error}"))
     }
     let reply = match kind {
-        FrameKind::RaftAppend => serde_json::to_vec(&raft.append_entries(decode(payload)?).await),
+        FrameKind::RaftAppend => {
+            let request: AppendEntriesRequest<TypeConfig> = decode(payload)?;
+            heard_from(request.vote.leader_id().voted_for().unwrap_or_default());
+            serde_json::to_vec(&raft.append_entries(request).await)
+        }
         FrameKind::RaftVote => serde_json::to_vec(&raft.vote(decode(payload)?).await),
         FrameKind::RaftSnapshot => serde_json::to_vec(&raft.install_snapshot(decode(payload)?).await),
         other => return Err(format!("{other:?} is not a raft request")),
