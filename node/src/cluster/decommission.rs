@@ -7,6 +7,11 @@
 //! membership (a learner is promoted to keep voters) and the node table.
 //! Runs on the Raft leader; every step is idempotent, so a decommission
 //! that failed half-way (leader change, time-out) can simply be run again.
+//! A leader that decommissions itself steps down once it is out of the
+//! membership and hears nothing from the next leader: its membership calls
+//! are bounded in time (the new configuration is checked instead), and it
+//! sends the node table's removal to the remaining members in turn until
+//! the one that leads now commits it.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -14,8 +19,15 @@ use std::time::{Duration, Instant};
 use openraft::ChangeMembers;
 
 use super::placement::place;
-use super::state::{ClusterVolume, Command, NodeAdmin, VOTERS_MAX};
+use super::state::{ClusterVolume, Command, NodeAdmin, Outcome, VOTERS_MAX};
 use super::{Cluster, ClusterError};
+
+/// Longest a membership change may take to answer (a leader removing
+/// itself may never get the answer; the applied configuration says then).
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest a node that left the membership keeps asking the others to
+/// remove it from the node table (an election takes a few seconds).
+const REMOVE_SELF_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Longest one replica may take to be copied to its new node.
 pub const MOVE_TIMEOUT: Duration = Duration::from_secs(600);
@@ -48,7 +60,7 @@ impl Cluster {
             self.move_replica(&volume.name, id).await?;
         }
         self.leave_membership(id).await?;
-        self.change(Command::RemoveNode { id }).await?;
+        self.remove_node(id).await?;
         tracing::info!(node = id, "decommission: the node left the cluster");
         Ok(())
     }
@@ -120,28 +132,81 @@ impl Cluster {
     /// Takes `id` out of the Raft membership, promoting a learner to keep the voter count.
     async fn leave_membership(&self, id: u64) -> Result<(), ClusterError> {
         let (voters, learners) = self.roles();
-        let internal = |error: String| ClusterError::Internal(format!("membership change: {error}"));
         if voters.contains(&id) {
             if let Some(learner) = learners.iter().copied().find(|l| *l != id) {
                 if voters.len() <= VOTERS_MAX {
-                    self.raft
-                        .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([learner])), true)
-                        .await
-                        .map_err(|e| internal(e.to_string()))?;
+                    let promoted = |(voters, _): (Vec<u64>, Vec<u64>)| voters.contains(&learner);
+                    self.membership_change(ChangeMembers::AddVoterIds(BTreeSet::from([learner])), true, promoted)
+                        .await?;
                 }
             }
-            self.raft
-                .change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| internal(e.to_string()))?;
+            let out = |(voters, _): (Vec<u64>, Vec<u64>)| !voters.contains(&id);
+            self.membership_change(ChangeMembers::RemoveVoters(BTreeSet::from([id])), false, out)
+                .await?;
         }
         let (_, learners) = self.roles();
         if learners.contains(&id) {
-            self.raft
-                .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false)
-                .await
-                .map_err(|e| internal(e.to_string()))?;
+            let gone = |(voters, learners): (Vec<u64>, Vec<u64>)| !voters.contains(&id) && !learners.contains(&id);
+            self.membership_change(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false, gone)
+                .await?;
         }
         Ok(())
+    }
+
+    /// One membership change, at most `MEMBERSHIP_TIMEOUT`; when it does not
+    /// answer in time, `done` judges the configuration this node has now.
+    async fn membership_change(
+        &self,
+        change: ChangeMembers<u64, openraft::BasicNode>,
+        retain: bool,
+        done: impl Fn((Vec<u64>, Vec<u64>)) -> bool,
+    ) -> Result<(), ClusterError> {
+        let internal = |error: String| ClusterError::Internal(format!("membership change: {error}"));
+        match tokio::time::timeout(MEMBERSHIP_TIMEOUT, self.raft.change_membership(change, retain)).await {
+            Ok(answer) => answer.map(drop).map_err(|e| internal(e.to_string())),
+            Err(_) if done(self.roles()) => Ok(()),
+            Err(_) => Err(internal(format!(
+                "no answer within {MEMBERSHIP_TIMEOUT:?} and the configuration does not show it; run the decommission again"
+            ))),
+        }
+    }
+
+    /// Removes `id` from the node table. When `id` is this node (a leader
+    /// that decommissioned itself) it is out of the membership and does not
+    /// learn who leads now: the removal goes to each remaining member in
+    /// turn until the leader commits it (one proposal id: applied once).
+    async fn remove_node(&self, id: u64) -> Result<(), ClusterError> {
+        let command = Command::Once {
+            id: uuid::Uuid::new_v4(),
+            command: Box::new(Command::RemoveNode { id }),
+        };
+        if id != self.local.id {
+            return self.change(command).await.map(drop);
+        }
+        let others: Vec<openraft::BasicNode> = self.with_state(|state| {
+            state
+                .nodes
+                .values()
+                .filter(|node| node.id != id)
+                .map(|node| openraft::BasicNode {
+                    addr: node.peer_address.clone(),
+                })
+                .collect()
+        });
+        let started = Instant::now();
+        let mut last_error = "no other member".to_owned();
+        while started.elapsed() < REMOVE_SELF_TIMEOUT {
+            for node in &others {
+                match self.forward_proposal(node, &command).await {
+                    Ok(Outcome::Rejected(rejection)) => return Err(ClusterError::Rejected(rejection)),
+                    Ok(_) => return Ok(()),
+                    Err(error) => last_error = format!("{}: {error}", node.addr),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(ClusterError::Internal(format!(
+            "this node left the membership but no remaining member committed its removal within {REMOVE_SELF_TIMEOUT:?} (last: {last_error}); run the decommission again"
+        )))
     }
 }
