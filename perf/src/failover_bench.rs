@@ -252,28 +252,46 @@ async fn write_forever(uris: Vec<String>, stop: &AtomicBool, avoid: &AtomicUsize
             };
             while !stop.load(Ordering::Acquire) && avoid.load(Ordering::Acquire) != position {
                 cookie += 1;
-                let request = node::nbd::proto::Request {
-                    flags: node::nbd::proto::CMD_FLAG_FUA,
-                    command: node::nbd::proto::CMD_WRITE,
-                    cookie,
-                    offset_bytes: rand::Rng::gen_range(&mut rng, 0..blocks) * BLOCK_BYTES,
-                    length_bytes: BLOCK_LEN,
-                };
-                let answered = tokio::time::timeout(WRITER_TIMEOUT, async {
-                    connection.sender.request(&request, &data).await?;
-                    connection.receiver.reply(|_| None).await
-                })
-                .await;
-                match answered {
-                    Ok(Ok(reply)) if reply.error == 0 && reply.cookie == cookie => {
-                        acks.list.lock().expect("acks lock").push((Instant::now(), position));
-                    }
-                    _ => break,
+                let offset_bytes = rand::Rng::gen_range(&mut rng, 0..blocks) * BLOCK_BYTES;
+                if write_fua(&mut connection, cookie, offset_bytes, &data, WRITER_TIMEOUT)
+                    .await
+                    .is_err()
+                {
+                    break;
                 }
+                acks.list.lock().expect("acks lock").push((Instant::now(), position));
             }
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// One write of `data` at `offset_bytes` with FUA; Ok once its reply
+/// (matching `cookie`, no error) came within `timeout`.
+pub(crate) async fn write_fua(
+    connection: &mut node::nbd::client::Connection,
+    cookie: u64,
+    offset_bytes: u64,
+    data: &[u8],
+    timeout: Duration,
+) -> Result<()> {
+    let request = node::nbd::proto::Request {
+        flags: node::nbd::proto::CMD_FLAG_FUA,
+        command: node::nbd::proto::CMD_WRITE,
+        cookie,
+        offset_bytes,
+        length_bytes: u32::try_from(data.len()).context("a write of over 4 GiB")?,
+    };
+    let reply = tokio::time::timeout(timeout, async {
+        connection.sender.request(&request, data).await?;
+        connection.receiver.reply(|_| None).await
+    })
+    .await
+    .context("no answer in time")??;
+    if reply.error != 0 || reply.cookie != cookie {
+        bail!("NBD error {} (cookie {} for {cookie})", reply.error, reply.cookie);
+    }
+    Ok(())
 }
 
 /// iptables rules of this run's own chain, removed on drop.
@@ -536,10 +554,7 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
     let layout = ClusterLayout {
         first_host: FIRST_HOST,
         fault_plans: true,
-        node_args: options
-            .failover_after_s
-            .map(|s| vec!["--failover-after-s".to_owned(), s.to_string()])
-            .unwrap_or_default(),
+        node_args: crate::local_cluster::failover_after_args(options.failover_after_s),
     };
     eprintln!("starting {NODE_COUNT} nodes on 127.0.0.{FIRST_HOST}-{}", FIRST_HOST + 2);
     eprintln!("{}", command_line("date", &["-u", "+started at %H:%M:%S.%N UTC"]));

@@ -250,23 +250,7 @@ async fn probe_write(address: &str, name: &str) -> Result<()> {
     use node::nbd::client::{connect, ExportUri};
     let uri = ExportUri::parse(&format!("nbd://{address}/{name}")).map_err(|error| anyhow::anyhow!("{error}"))?;
     let mut connection = connect(&uri, PROBE_TIMEOUT).await?;
-    let request = node::nbd::proto::Request {
-        flags: node::nbd::proto::CMD_FLAG_FUA,
-        command: node::nbd::proto::CMD_WRITE,
-        cookie: 1,
-        offset_bytes: 0,
-        length_bytes: 4096,
-    };
-    let reply = tokio::time::timeout(PROBE_TIMEOUT, async {
-        connection.sender.request(&request, &[0x5a; 4096]).await?;
-        connection.receiver.reply(|_| None).await
-    })
-    .await
-    .context("no answer")??;
-    if reply.error != 0 {
-        bail!("NBD error {}", reply.error);
-    }
-    Ok(())
+    crate::failover_bench::write_fua(&mut connection, 1, 0, &[0x5a; 4096], PROBE_TIMEOUT).await
 }
 
 /// After the kill: the seconds until each of `names` took a write on another node (None: not within the deadline).
@@ -354,10 +338,7 @@ pub fn run(options: &FleetOptions) -> Result<Vec<crate::chart::Bar>> {
     let layout = ClusterLayout {
         first_host: FIRST_HOST,
         fault_plans: false,
-        node_args: options
-            .failover_after_s
-            .map(|s| vec!["--failover-after-s".to_owned(), s.to_string()])
-            .unwrap_or_default(),
+        node_args: crate::local_cluster::failover_after_args(options.failover_after_s),
     };
     eprintln!(
         "starting {} nodes on 127.0.0.{FIRST_HOST}-{}",

@@ -123,6 +123,14 @@ impl ClusterNode {
     }
 }
 
+/// `node run` arguments for a failover timeout (none: the binary's default).
+#[must_use]
+pub fn failover_after_args(failover_after_s: Option<u64>) -> Vec<String> {
+    failover_after_s
+        .map(|s| vec!["--failover-after-s".to_owned(), s.to_string()])
+        .unwrap_or_default()
+}
+
 /// How to lay the cluster out.
 #[derive(Clone, Debug)]
 pub struct ClusterLayout {

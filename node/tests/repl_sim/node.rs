@@ -476,8 +476,12 @@ async fn raise_epoch(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), Strin
 
 /// `VolumeReplication::identity_now`: from the Raft state this node applied.
 fn identity_now(sim: &Rc<Sim>, id: u64, replica: u64) -> Identity {
-    let node = sim.node(id);
-    node.known
+    identity_in(&sim.node(id).known, replica)
+}
+
+/// The identity tracking of `replica` starts in, as `known` says.
+fn identity_in(known: &ClusterState, replica: u64) -> Identity {
+    known
         .volumes
         .get(VOLUME)
         .map_or_else(Identity::default, |volume| Identity {
@@ -934,16 +938,7 @@ fn wire_serving(sim: &Rc<Sim>, id: u64) -> Option<u64> {
         current.sort_unstable();
         let stale = sim.config.fix_stale_demotion && volume.epoch < repl.targets_epoch.get();
         if sim.config.fix_fence_out_missed && !stale {
-            let known = node.known.clone();
-            repl.note_missed_at_start(&targets, |replica| {
-                known
-                    .volumes
-                    .get(VOLUME)
-                    .map_or_else(Identity::default, |volume| Identity {
-                        coordinator_since: volume.coordinator_since,
-                        replica_added: volume.replica_added.get(&replica).copied().unwrap_or(0),
-                    })
-            });
+            repl.note_missed_at_start(&targets, |replica| identity_in(&node.known, replica));
         }
         if current != targets && !stale {
             repl.set_targets(targets);
@@ -1296,10 +1291,10 @@ fn start_compare_needed(sim: &Rc<Sim>, id: u64) {
 async fn compare(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>) -> Result<u64, String> {
     let blocks = sim.config.volume_blocks;
     let timeout = sim.config.replica_timeout;
-    let block_of = |image: &[u8], at: u64| {
+    fn block_of(image: &[u8], at: u64) -> &[u8] {
         let at = at as usize * disk::BLOCK_BYTES;
-        image[at..at + disk::BLOCK_BYTES].to_vec()
-    };
+        &image[at..at + disk::BLOCK_BYTES]
+    }
     let mut repaired = 0;
     let mut lba = 0;
     while lba < blocks {
