@@ -171,7 +171,8 @@ async fn commit(net: &Arc<Net>, command: Command) -> (u64, Outcome) {
     }
 }
 
-/// The vote, last log id and applied state in the store at `dir`.
+/// The vote, last log id and applied state in the store at `dir` (the state
+/// rebuilt as a restart rebuilds it).
 async fn read_store(dir: &std::path::Path) -> (Option<openraft::Vote<u64>>, Option<u64>, ClusterState, u64) {
     let db = ClusterDb::open(dir).expect("the store reopens");
     let mut log = LogStore::new(Arc::clone(&db));
@@ -182,7 +183,12 @@ async fn read_store(dir: &std::path::Path) -> (Option<openraft::Vote<u64>>, Opti
         .expect("log state")
         .last_log_id
         .map(|id| id.index);
-    let machine = StateMachine::open(db).expect("state machine");
+    let mut machine = StateMachine::open(db).expect("state machine");
+    // As a restart does: the last snapshot, then the committed entries after it.
+    openraft::StorageHelper::new(&mut log, &mut machine)
+        .get_initial_state()
+        .await
+        .expect("initial state");
     let applied = *machine.applied.borrow();
     let state = machine.state.read().clone();
     (vote, last, state, applied)

@@ -130,8 +130,9 @@ impl SimNode {
         let db = ClusterDb::open(&self.dir).map_err(|error| format!("node {}: {error}", self.id))?;
         let machine = StateMachine::open(Arc::clone(&db)).map_err(|error| format!("node {}: {error}", self.id))?;
         let mut log = LogStore::new(Arc::clone(&db));
-        self.check_recovered(&machine, &mut log).await?;
+        self.check_recovered(&mut log).await?;
         let state = Arc::clone(&machine.state);
+        let applied = Arc::clone(&machine.applied);
         let factory = SimNetworkFactory {
             from: self.id,
             net: Arc::clone(net),
@@ -139,6 +140,16 @@ impl SimNode {
         let raft = Raft::new(self.id, config, factory, log, machine)
             .await
             .map_err(|error| format!("node {}: raft did not start: {error}", self.id))?;
+        // Raft::new re-applied the committed entries after the last snapshot.
+        let applied = *applied.borrow();
+        if let Some(before) = self.durable.last_applied_index {
+            if applied < before {
+                return Err(format!(
+                    "node {} restarted with applied index {applied}, had applied {before}",
+                    self.id
+                ));
+            }
+        }
         self.incarnation += 1;
         net.register(self.id, self.incarnation, raft.clone());
         self.running = Some(Running {
@@ -149,22 +160,16 @@ impl SimNode {
         Ok(())
     }
 
-    async fn check_recovered(&self, machine: &StateMachine, log: &mut LogStore) -> Result<(), String> {
+    /// The vote and the log (the applied state is checked once Raft has
+    /// re-applied the committed log, in `start`).
+    async fn check_recovered(&self, log: &mut LogStore) -> Result<(), String> {
         let id = self.id;
-        let applied = *machine.applied.borrow();
         let vote = log.read_vote().await.map_err(|error| format!("node {id}: {error}"))?;
         let log_state = log
             .get_log_state()
             .await
             .map_err(|error| format!("node {id}: {error}"))?;
         let durable = self.durable;
-        if let Some(before) = durable.last_applied_index {
-            if applied < before {
-                return Err(format!(
-                    "node {id} restarted with applied index {applied}, had applied {before}"
-                ));
-            }
-        }
         let vote_term = vote.map_or(0, |vote| vote.leader_id().term);
         if vote_term < durable.vote_term {
             return Err(format!(
