@@ -30,8 +30,15 @@ pub enum FormatError {
         computed: u32,
     },
     /// unknown format version
-    #[error("format version {found} is not supported by this ballast (supports {supported})")]
-    UnsupportedVersion { found: u32, supported: u32 },
+    #[error(
+        "format version {found} is not supported by ballast {ballast}, which reads format {supported}; \
+         nothing on the disk was changed: open it with the ballast that wrote it (or a newer one)"
+    )]
+    UnsupportedVersion {
+        found: u32,
+        supported: u32,
+        ballast: &'static str,
+    },
     /// superblock geometry is inconsistent
     #[error("superblock geometry is inconsistent")]
     BadGeometry,

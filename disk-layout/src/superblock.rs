@@ -109,6 +109,7 @@ impl Superblock {
             return Err(FormatError::UnsupportedVersion {
                 found: version,
                 supported: FORMAT_VERSION,
+                ballast: env!("CARGO_PKG_VERSION"),
             });
         }
         let block_size = get_u32(block, BLOCK_SIZE);
@@ -178,7 +179,11 @@ mod tests {
         put_u32(&mut block, CRC, crc);
         assert_eq!(
             Superblock::decode(&block),
-            Err(FormatError::UnsupportedVersion { found: 2, supported: 1 })
+            Err(FormatError::UnsupportedVersion {
+                found: 2,
+                supported: 1,
+                ballast: env!("CARGO_PKG_VERSION")
+            })
         );
     }
 

@@ -751,7 +751,10 @@ fn encode_process(encoder: &mut DescriptorEncoder) -> std::fmt::Result {
         encoder,
         "ballast_build_info",
         "The ballast version this node runs (always 1).",
-        &[(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1_i64)],
+        &[(
+            vec![("version", crate::peer::handshake::local().version.clone())],
+            1_i64,
+        )],
     )
 }
 

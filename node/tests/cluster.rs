@@ -1,6 +1,7 @@
 //! Real multi-node clusters on this host (node i on 127.0.0.(i+1)): forming
 //! a cluster with tokens, placement of replicas, leader loss, a minority
-//! partition cut with iptables, and refused joins.
+//! partition cut with iptables, refused joins, and nodes of two releases
+//! (a rolling upgrade's middle) working together.
 
 mod common;
 
@@ -104,13 +105,28 @@ fn replicas_go_to_distinct_zones_when_nodes_are_labelled() {
     assert!(text(&output).contains("distinct zones"), "{}", text(&output));
 }
 
+/// The next release, as a test stands it in: another advertised version,
+/// and a peer protocol range one version ahead that still speaks this one.
+const NEXT_RELEASE: [(&str, &str); 2] = [
+    ("BALLAST_ADVERTISED_VERSION", "0.2.0-next"),
+    ("BALLAST_PEER_PROTOCOL", "1-2"),
+];
+
+/// `cluster upgrade-status --json` on `node`.
+fn upgrade_status(node: &TestNode) -> serde_json::Value {
+    serde_json::from_str(&node.cli_ok(&["cluster", "upgrade-status", "--json"])).unwrap()
+}
+
 #[test]
-fn killing_the_leader_elects_another_and_the_killed_node_catches_up_on_return() {
+fn killing_the_leader_elects_another_and_it_returns_as_the_next_release_and_catches_up() {
     let mut cluster = TestCluster::start("killing_the_leader", 3, &[]);
     cluster.nodes[0].cli_ok(&["volume", "create", "before", "--size", "64MiB", "--repl", "3"]);
     let status = cluster.status(0).unwrap();
     let old_leader = cluster.leader_index(&status);
     let old_id = cluster.nodes[old_leader].node_id();
+    let view = upgrade_status(&cluster.nodes[0]);
+    assert_eq!(view["versions"].as_object().unwrap().len(), 1, "{view:#}");
+    assert_eq!(view["common_protocol"], 1, "{view:#}");
     cluster.nodes[old_leader].kill9();
     let survivors: Vec<usize> = (0..3).filter(|index| *index != old_leader).collect();
     let status = cluster.wait_for_on(&survivors, "a new leader", |status| {
@@ -129,9 +145,15 @@ fn killing_the_leader_elects_another_and_the_killed_node_catches_up_on_return() 
         listed.contains("\"during\"") && listed.contains("\"before\""),
         "{listed}"
     );
-    // The old leader returns as a follower and learns what it missed.
+    // The old leader returns as a follower, upgraded to the next release (a
+    // rolling upgrade's step), and learns what it missed.
+    cluster.nodes[old_leader].env = NEXT_RELEASE
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
     cluster.nodes[old_leader].restart();
     let returned = &cluster.nodes[old_leader];
+    let survivor = &cluster.nodes[survivors[0]];
     wait_until("the returned node sees the new volume", || {
         returned.cli_ok(&["volume", "list", "--json"]).contains("\"during\"")
     });
@@ -143,6 +165,33 @@ fn killing_the_leader_elects_another_and_the_killed_node_catches_up_on_return() 
             .all(|node| node["up"] == true)
     });
     assert!(status["leader"].as_u64().is_some());
+    // Replication works across the two releases: the returned node's copy of
+    // the repl=3 volume is resynced and back in sync.
+    wait_until("the returned node's replica back in sync", || {
+        let info = survivor.inspect("before");
+        info["in_sync"]
+            .as_array()
+            .is_some_and(|in_sync| in_sync.iter().any(|id| id.as_u64() == Some(old_id)))
+    });
+    // upgrade-status shows the upgrade under way, from either release (once
+    // a ping brought the returned node's new report: every second).
+    for node in [survivor, returned] {
+        let started = Instant::now();
+        let mut view = upgrade_status(node);
+        while view["newest"] != "0.2.0-next" || view["unknown"].as_array().is_some_and(|unknown| !unknown.is_empty()) {
+            assert!(started.elapsed() < CONVERGE_TIMEOUT, "{view:#}");
+            std::thread::sleep(Duration::from_millis(250));
+            view = upgrade_status(node);
+        }
+        assert_eq!(view["versions"]["0.2.0-next"], serde_json::json!([old_id]), "{view:#}");
+        assert_eq!(view["behind"].as_array().unwrap().len(), 2, "{view:#}");
+        assert_eq!(view["common_protocol"], 1, "{view:#}");
+    }
+    let shown = survivor.cli_ok(&["cluster", "upgrade-status"]);
+    assert!(
+        shown.contains("upgrade under way: 1 of 3 node(s) run ballast 0.2.0-next") && shown.contains("1-2"),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -225,6 +274,39 @@ fn joins_with_a_bad_or_expired_token_or_from_another_cluster_are_refused() {
         "{}",
         text(&output)
     );
+
+    // A node of a release with no peer protocol in common (two releases
+    // ahead): refused at the handshake, naming both releases.
+    let far = TestNode::start_unclustered_with_env(
+        test,
+        "127.0.0.4",
+        &[128 << 20],
+        &[],
+        &[
+            ("BALLAST_ADVERTISED_VERSION", "0.3.0-far"),
+            ("BALLAST_PEER_PROTOCOL", "2-3"),
+        ],
+    );
+    let output = far.cli(&["cluster", "join", &seed, "--token", &token]);
+    assert!(!output.status.success());
+    for part in [
+        "no peer protocol in common",
+        "ballast 0.3.0-far (peer protocol 2-3)",
+        &format!("ballast {} (peer protocol 1)", env!("CARGO_PKG_VERSION")),
+    ] {
+        assert!(text(&output).contains(part), "{part:?} missing: {}", text(&output));
+    }
+    drop(far);
+    // A malformed protocol hook: the node does not start.
+    let output = common::node::run_with_timeout(
+        common::ballast()
+            .env("BALLAST_PEER_PROTOCOL", "2-1")
+            .args(["node", "run", "--data-dir"])
+            .arg(newcomer.dir.path().join("unused")),
+        Duration::from_secs(60),
+    );
+    assert!(!output.status.success());
+    assert!(text(&output).contains("BALLAST_PEER_PROTOCOL"), "{}", text(&output));
 
     // The refusals left the newcomer free to join properly (token from a file).
     let token_file = newcomer.data().join("join.token");

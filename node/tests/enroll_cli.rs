@@ -172,3 +172,43 @@ fn bad_sizes_get_a_clear_error() {
     assert!(!out.status.success());
     assert!(text(&out).contains("power of two"), "{}", text(&out));
 }
+
+/// A rolling upgrade's guard on disks: a disk in a format this build does
+/// not read (written by a newer ballast) stops the node with an error that
+/// names both format versions and this ballast's, and not a byte changes.
+#[test]
+fn a_disk_in_a_newer_format_is_refused_naming_both_versions_and_left_unchanged() {
+    let dir = scratch();
+    let (data, file) = common::enroll_file_disk(dir.path(), "64MiB", &["--segment-size", "1MiB"]);
+    // Both superblock copies (bytes 0 and 4096) say format 2, checksums valid.
+    let mut image = std::fs::read(&file).unwrap();
+    for copy in [0_usize, 4096] {
+        let block = &mut image[copy..copy + 4096];
+        block[8..12].copy_from_slice(&2_u32.to_le_bytes());
+        let crc = disk_layout::codec::crc32c_with_hole(block, 12);
+        block[12..16].copy_from_slice(&crc.to_le_bytes());
+    }
+    std::fs::write(&file, &image).unwrap();
+    let expected = [
+        "format version 2 is not supported by ballast",
+        env!("CARGO_PKG_VERSION"),
+        "reads format 1",
+        "nothing on the disk was changed",
+    ];
+    let status = run(&["disk", "status", "--data-dir", data.to_str().unwrap()]);
+    assert!(!status.status.success());
+    let started = common::node::run_with_timeout(
+        common::ballast()
+            .args(["node", "run", "--data-dir", data.to_str().unwrap()])
+            .args(["--listen-api", "127.0.0.1:0", "--listen-nbd", "127.0.0.1:0"])
+            .args(["--listen-peer", "127.0.0.1:0"]),
+        std::time::Duration::from_secs(60),
+    );
+    assert!(!started.status.success(), "the node started on a disk it cannot read");
+    for output in [&status, &started] {
+        for part in expected {
+            assert!(text(output).contains(part), "{part:?} missing: {}", text(output));
+        }
+    }
+    assert!(std::fs::read(&file).unwrap() == image, "the disk was changed");
+}

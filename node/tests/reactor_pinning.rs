@@ -5,7 +5,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{ballast, run, scratch, text};
+use common::{ballast, scratch};
 
 fn reactor_cpus(pid: u32) -> Option<String> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()?.flatten() {
@@ -26,18 +26,7 @@ fn the_reactor_thread_runs_only_on_the_given_core() {
     let cores = kernel_iface::affinity::available_cores();
     let core = *cores.last().unwrap();
     let dir = scratch();
-    let data = dir.path().join("data");
-    let file = dir.path().join("disk.img");
-    let enrolled = run(&[
-        "disk",
-        "enroll",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--size",
-        "256MiB",
-        file.to_str().unwrap(),
-    ]);
-    assert!(enrolled.status.success(), "{}", text(&enrolled));
+    let (data, _) = common::enroll_file_disk(dir.path(), "256MiB", &[]);
     let mut child = ballast()
         .args([
             "debug",

@@ -1,5 +1,5 @@
-//! `ballast cluster init | token create | join | status` and `ballast
-//! status`: clients of the local node's API.
+//! `ballast cluster init | token create | join | status | upgrade-status`
+//! and `ballast status`: clients of the local node's API.
 
 use std::process::ExitCode;
 
@@ -55,6 +55,16 @@ pub enum ClusterCommand {
     },
     /// Nodes (role, health, space) and volumes (replicas, health).
     Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Where a rolling upgrade stands: each node's ballast version and peer
+    /// protocol versions, the nodes still to upgrade, and the protocol version
+    /// they all speak. Upgrade one node at a time, one release at a time
+    /// (nodes one release apart work together). Exits 1 when some nodes have
+    /// no peer protocol in common (they refuse each other).
+    UpgradeStatus {
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -184,6 +194,10 @@ pub fn run(args: ClusterArgs) -> Result<ExitCode> {
             let status: ClusterStatus = client.get("/v1/cluster")?;
             print_status(&status, json, Style::for_stdout())?;
             return Ok(status_exit(&status));
+        }
+        ClusterCommand::UpgradeStatus { json } => {
+            let status: ClusterStatus = client.get("/v1/cluster")?;
+            return super::upgrade::print(&status, json);
         }
     }
     Ok(ExitCode::SUCCESS)

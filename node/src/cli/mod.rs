@@ -365,6 +365,7 @@ pub mod node;
 pub mod progress;
 pub mod scrub;
 pub mod snapshot;
+pub mod upgrade;
 pub mod volume;
 
 /// Runs the CLI.

@@ -32,6 +32,12 @@ pub struct NodeReport {
     pub disks: u32,
     pub replicas: u32,
     pub version: String,
+    /// The peer protocol versions the node speaks (0: a build from before
+    /// this field, which spoke only version 1).
+    #[serde(default)]
+    pub protocol_min: u16,
+    #[serde(default)]
+    pub protocol_max: u16,
     /// Disks whose store stopped after an I/O error.
     #[serde(default)]
     pub failed_disks: u32,

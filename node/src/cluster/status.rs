@@ -29,6 +29,11 @@ pub struct NodeView {
     /// From the node's last report (empty/0 when it never answered).
     #[serde(default)]
     pub version: String,
+    /// The peer protocol versions it speaks (0: unknown, it never answered).
+    #[serde(default)]
+    pub protocol_min: u16,
+    #[serde(default)]
+    pub protocol_max: u16,
     #[serde(default)]
     pub cores: u32,
     #[serde(default)]
@@ -152,6 +157,10 @@ impl Cluster {
                     nbd_address: node.nbd_address.clone(),
                     labels: node.labels.clone(),
                     version: report.as_ref().map(|r| r.version.clone()).unwrap_or_default(),
+                    protocol_min: report
+                        .as_ref()
+                        .map_or(0, |r| if r.protocol_max == 0 { 1 } else { r.protocol_min }),
+                    protocol_max: report.as_ref().map_or(0, |r| r.protocol_max.max(1)),
                     cores: report.as_ref().map_or(0, |r| r.cores),
                     disks: report.as_ref().map(|r| r.disk_list.clone()).unwrap_or_default(),
                     cert_expires_unix: report.as_ref().map_or(0, |r| r.cert_expires_unix),

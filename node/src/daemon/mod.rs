@@ -29,6 +29,9 @@ pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Runs the node until a stop signal.
 pub fn run(config: &NodeConfig) -> Result<()> {
+    crate::peer::handshake::check_local().map_err(anyhow::Error::msg)?;
+    let speaks = crate::peer::handshake::local();
+    tracing::info!(version = %speaks.version, peer_protocol = %speaks.range(), "ballast node starting");
     raise_open_file_limit();
     // Before any thread starts, so all inherit it (host attach: see kernel_iface::process).
     if let Err(error) = kernel_iface::process::set_io_flusher() {
@@ -181,7 +184,9 @@ fn node_report(engine: &Engine, volumes: &Volumes) -> NodeReport {
     let mut report = NodeReport {
         disks: u32::try_from(engine.disks().len()).unwrap_or(u32::MAX),
         replicas: u32::try_from(volumes.count()).unwrap_or(u32::MAX),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version: crate::peer::handshake::local().version.clone(),
+        protocol_min: crate::peer::handshake::local().min,
+        protocol_max: crate::peer::handshake::local().max,
         ..NodeReport::default()
     };
     for (index, disk) in engine.disks().iter().enumerate() {
@@ -259,7 +264,7 @@ fn node_status(node_uuid: uuid::Uuid, cluster: &Cluster, engine: &Engine, volume
         node_uuid,
         node_id: cluster.local.id,
         cluster_id: cluster.cluster_id(),
-        version: env!("CARGO_PKG_VERSION").to_owned(),
+        version: crate::peer::handshake::local().version.clone(),
         disks,
         volume_count: volumes.count(),
         drains: volumes.drains(),

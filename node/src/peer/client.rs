@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use super::frame::FrameKind;
 use super::handshake::{Hello, Welcome};
 use super::tls::PeerTls;
-use super::{read_frame, write_frame, PeerError, PeerStream, CONNECT_TIMEOUT, PROTOCOL_VERSION};
+use super::{read_frame, write_frame, PeerError, PeerStream, CONNECT_TIMEOUT};
 
 /// Idle connections kept per peer address.
 pub const IDLE_CONNECTIONS_MAX: usize = 4;
@@ -190,8 +190,11 @@ impl PeerClient {
                 })?;
             let mut stream: PeerStream = Box::new(tls);
             let (cluster_id, node_id) = (self.identity)();
+            let ours = super::handshake::local();
             let hello = Hello {
-                protocol_version: PROTOCOL_VERSION,
+                protocol_version: ours.max,
+                min_protocol_version: Some(ours.min),
+                version: Some(ours.version.clone()),
                 cluster_id,
                 node_id,
             };
@@ -205,7 +208,19 @@ impl PeerClient {
                             address: address.to_owned(),
                             reason: format!("unreadable welcome: {error}"),
                         })?;
-                    tracing::debug!(%address, peer_node = welcome.node_id, "peer connection open");
+                    if !(ours.min..=ours.max).contains(&welcome.protocol_version) {
+                        return Err(PeerError::Protocol {
+                            address: address.to_owned(),
+                            reason: format!(
+                                "the peer (ballast {}) chose peer protocol {}, which this node (ballast {}) does not speak ({})",
+                                welcome.version.as_deref().unwrap_or("(before 0.1.0)"),
+                                welcome.protocol_version,
+                                ours.version,
+                                ours.range()
+                            ),
+                        });
+                    }
+                    tracing::debug!(%address, peer_node = welcome.node_id, protocol = welcome.protocol_version, "peer connection open");
                     Ok(stream)
                 }
                 FrameKind::Refused => Err(PeerError::Refused {

@@ -24,8 +24,11 @@ pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> PeerIo for T {}
 pub type PeerStream = Box<dyn PeerIo>;
 
-/// Version of the peer protocol this build speaks.
+/// The highest peer protocol version this build speaks.
 pub const PROTOCOL_VERSION: u16 = 1;
+/// The lowest it still speaks (the previous release's, once there is one):
+/// see `handshake` on rolling upgrades.
+pub const PROTOCOL_VERSION_MIN: u16 = 1;
 /// Longest a dial plus handshake may take.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 

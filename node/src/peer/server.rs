@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use super::frame::{self, FrameKind};
 use super::handshake::{admit, Admitted, Hello, Welcome};
 use super::tls::PeerTls;
-use super::{read_frame, write_frame, Frame, PeerError, PeerStream, PROTOCOL_VERSION};
+use super::{read_frame, write_frame, Frame, PeerError, PeerStream};
 use crate::in_flight::InFlight;
 
 /// Most peer connections served at once.
@@ -135,11 +135,11 @@ async fn connection<H: PeerHandler>(
         Err(format!("expected a hello frame, got {:?}", first.kind))
     };
     // Without a member's certificate, whatever the hello claims: join only.
-    let admitted =
-        hello
-            .and_then(|hello| admit(&hello, cluster_id))
-            .map(|admitted| if member { admitted } else { Admitted::JoinOnly });
-    let admitted = match admitted {
+    let ours = super::handshake::local();
+    let admitted = hello
+        .and_then(|hello| admit(&hello, cluster_id, ours))
+        .map(|(admitted, protocol)| (if member { admitted } else { Admitted::JoinOnly }, protocol));
+    let (admitted, protocol) = match admitted {
         Ok(admitted) => admitted,
         Err(reason) => {
             tracing::warn!(remote = %address, %reason, "peer refused at handshake");
@@ -155,7 +155,8 @@ async fn connection<H: PeerHandler>(
         }
     };
     let welcome = Welcome {
-        protocol_version: PROTOCOL_VERSION,
+        protocol_version: protocol,
+        version: Some(ours.version.clone()),
         cluster_id,
         node_id,
     };

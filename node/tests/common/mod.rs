@@ -19,6 +19,23 @@ pub fn run(args: &[&str]) -> Output {
     ballast().args(args).output().expect("run ballast")
 }
 
+/// Enrolls a new file disk `dir/disk.img` of `size` (e.g. "256MiB") into a new
+/// data directory `dir/data`, `extra` more `disk enroll` arguments; both paths.
+pub fn enroll_file_disk(dir: &Path, size: &str, extra: &[&str]) -> (std::path::PathBuf, std::path::PathBuf) {
+    let data = dir.join("data");
+    let file = dir.join("disk.img");
+    let enrolled = ballast()
+        .args(["disk", "enroll", "--data-dir"])
+        .arg(&data)
+        .args(["--size", size])
+        .args(extra)
+        .arg(&file)
+        .output()
+        .expect("run ballast");
+    assert!(enrolled.status.success(), "{}", text(&enrolled));
+    (data, file)
+}
+
 /// stdout + stderr of an output, for messages.
 pub fn text(output: &Output) -> String {
     format!(

@@ -32,6 +32,8 @@ pub struct TestNode {
     pub peer_port: u16,
     /// Extra `node run` arguments (labels, name).
     pub extra_args: Vec<String>,
+    /// Extra environment of `node run` (applies from the next (re)start).
+    pub env: Vec<(String, String)>,
     /// The node's cluster id (known once it started).
     id: u64,
     child: Option<Child>,
@@ -56,6 +58,17 @@ impl TestNode {
 
     /// A node on `host` (a 127.0.0.0/8 address) that is in no cluster yet.
     pub fn start_unclustered(test: &str, host: &str, disks_bytes: &[u64], extra_args: &[&str]) -> Self {
+        Self::start_unclustered_with_env(test, host, disks_bytes, extra_args, &[])
+    }
+
+    /// Like `start_unclustered`, with `env` set for `node run`.
+    pub fn start_unclustered_with_env(
+        test: &str,
+        host: &str,
+        disks_bytes: &[u64],
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         let dir = scratch();
         let data_dir = dir.path().join("data");
         let mut devices = Vec::new();
@@ -94,6 +107,10 @@ impl TestNode {
             nbd_port: free_port(host),
             peer_port: free_port(host),
             extra_args: extra_args.iter().map(|arg| (*arg).to_owned()).collect(),
+            env: env
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
             id: 0,
             child: None,
             _devices: devices,
@@ -112,6 +129,7 @@ impl TestNode {
             .unwrap();
         let child = ballast()
             .env("BALLAST_LOG", "info")
+            .envs(self.env.iter().map(|(name, value)| (name, value)))
             .args(["node", "run", "--data-dir"])
             .arg(&self.data_dir)
             .args(["--listen-api", &format!("{}:{}", self.host, self.api_port)])
