@@ -168,10 +168,9 @@ impl Plugin {
             devices: self.devices.lock().clone(),
             filesystems: self.filesystems.lock().clone(),
         })?;
-        let path = self.options.mounts.join(STATE_FILE);
-        let temporary = path.with_extension("new");
-        std::fs::write(&temporary, text)?;
-        std::fs::rename(&temporary, &path)?;
+        // Fsynced, then renamed, then the directory fsynced: a crash leaves
+        // the old counts or the new ones, never a torn file.
+        crate::datadir::write_atomic_bytes(&self.options.mounts.join(STATE_FILE), text.as_bytes(), 0o644)?;
         Ok(())
     }
 

@@ -282,19 +282,9 @@ fn verify(token: &str, secret: &[u8], issuer: &str) -> Result<Claims, jsonwebtok
     jsonwebtoken::decode::<Claims>(token, &DecodingKey::from_secret(secret), &validation).map(|data| data.claims)
 }
 
+/// A 0600 file replaced atomically (file and directory fsynced).
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let temporary = path.with_extension("new");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&temporary)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    std::fs::rename(&temporary, path)
+    crate::datadir::write_atomic(path, text).map_err(std::io::Error::other)
 }
 
 impl Authenticator {

@@ -10,7 +10,11 @@
 //! protocol raises the maximum and keeps the previous version for one
 //! release, so nodes one release apart work together while a cluster is
 //! upgraded node by node; `ballast cluster upgrade-status` shows where an
-//! upgrade stands.
+//! upgrade stands. The same rule binds Raft: a release that adds a
+//! `Command` (or a field an older build would refuse) must not propose it
+//! before every member speaks the protocol version that brought it (the
+//! common version `upgrade-status` shows), or an older follower could not
+//! read the log entry.
 
 use std::sync::OnceLock;
 

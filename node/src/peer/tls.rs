@@ -14,7 +14,6 @@
 //! admit and renew), which makes every member's `cluster.redb` (0600) as
 //! sensitive as the CA itself.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -349,7 +348,7 @@ fn files(data_dir: &Path) -> [(PathBuf, &'static str); 4] {
 
 /// Writes a bundle into `DATA_DIR/tls/` (0600 files, each replaced atomically).
 pub fn write_bundle(data_dir: &Path, bundle: &Bundle) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    use std::os::unix::fs::DirBuilderExt;
     let dir = data_dir.join(TLS_DIR);
     std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
     let expires = bundle.expires_unix.to_string();
@@ -360,18 +359,9 @@ pub fn write_bundle(data_dir: &Path, bundle: &Bundle) -> std::io::Result<()> {
             "expires" => &expires,
             _ => &bundle.key_pem,
         };
-        let temporary = path.with_extension("new");
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temporary)?;
-        file.write_all(text.as_bytes())?;
-        file.sync_all()?;
-        std::fs::rename(&temporary, &path)?;
+        crate::datadir::write_atomic(&path, text).map_err(std::io::Error::other)?;
     }
-    std::fs::File::open(&dir)?.sync_all()
+    Ok(())
 }
 
 /// The bundle in `DATA_DIR/tls/`, if the node has one.
