@@ -47,6 +47,12 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "purged";
 const CLUSTER_ID: &str = "cluster_id";
+const FORMAT: &str = "format_version";
+
+/// Version of what this file holds (tables, keys, JSON records: see
+/// `node/CLUSTER-FORMAT.md`). A data directory from before versioning has
+/// none and counts as 1.
+pub const CLUSTER_FORMAT_VERSION: u32 = 1;
 const MACHINE: &str = "state_machine";
 const SNAPSHOT: &str = "snapshot";
 
@@ -79,16 +85,51 @@ pub struct ClusterDb {
 }
 
 impl ClusterDb {
-    /// Opens (or creates) `DIR/cluster.redb`.
+    /// Opens (or creates) `DIR/cluster.redb`. A file in a newer format
+    /// than this build reads is refused before anything is written to it.
     pub fn open(dir: &Path) -> anyhow::Result<Arc<Self>> {
         let path = dir.join(CLUSTER_FILE);
         let db =
             Database::create(&path).map_err(|error| anyhow::anyhow!("cluster metadata {}: {error}", path.display()))?;
         let store = Self { db, path };
+        let found = store.format_version()?;
+        if found.is_some_and(|found| found > CLUSTER_FORMAT_VERSION) {
+            anyhow::bail!(
+                "cluster metadata {}: format version {} is not supported by ballast {}, which reads format {CLUSTER_FORMAT_VERSION}; \
+                 nothing in it was changed: run the ballast that wrote it (or a newer one)",
+                store.path.display(),
+                found.unwrap_or_default(),
+                env!("CARGO_PKG_VERSION"),
+            );
+        }
+        let version = serde_json::to_vec(&CLUSTER_FORMAT_VERSION)?;
         store
-            .write(|_, _| Ok(()))
+            .write(|_, meta| {
+                if found.is_none() {
+                    meta.insert(FORMAT, version.as_slice()).map_err(|e| e.to_string())?;
+                }
+                Ok(())
+            })
             .map_err(|error| anyhow::anyhow!("cluster metadata {}: {error}", store.path.display()))?;
         Ok(Arc::new(store))
+    }
+
+    /// The format version recorded in the file (None: a new file, or one
+    /// from before versioning); reads only (the table may not exist yet).
+    fn format_version(&self) -> anyhow::Result<Option<u32>> {
+        let failed = |error: String| anyhow::anyhow!("cluster metadata {}: {error}", self.path.display());
+        let txn = self.db.begin_read().map_err(|e| failed(e.to_string()))?;
+        let table = match txn.open_table(META) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(error) => return Err(failed(error.to_string())),
+        };
+        let Some(value) = table.get(FORMAT).map_err(|e| failed(e.to_string()))? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(value.value())
+            .map(Some)
+            .map_err(|error| failed(format!("unreadable {FORMAT}: {error}")))
     }
 
     /// Runs `f` in one write transaction (both tables open), committed durably.
@@ -659,6 +700,33 @@ mod tests {
             .unwrap();
         assert_eq!(*machine.state.read(), after);
         assert_eq!(*machine.applied.borrow(), 30);
+    }
+
+    #[test]
+    fn a_cluster_file_in_a_newer_format_is_refused_and_left_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = ClusterDb::open(dir.path()).unwrap();
+        assert_eq!(
+            db.format_version().unwrap(),
+            Some(CLUSTER_FORMAT_VERSION),
+            "recorded at creation"
+        );
+        db.put_meta(FORMAT, &(CLUSTER_FORMAT_VERSION + 1)).unwrap();
+        drop(db);
+        let path = dir.path().join(CLUSTER_FILE);
+        let before = std::fs::read(&path).unwrap();
+        let Err(error) = ClusterDb::open(dir.path()) else {
+            panic!("a newer format opened")
+        };
+        let error = error.to_string();
+        for part in [
+            &format!("format version {}", CLUSTER_FORMAT_VERSION + 1),
+            &format!("ballast {}", env!("CARGO_PKG_VERSION")),
+            &format!("reads format {CLUSTER_FORMAT_VERSION}"),
+        ] {
+            assert!(error.contains(part.as_str()), "{part:?} missing: {error}");
+        }
+        assert!(std::fs::read(&path).unwrap() == before, "the file was changed");
     }
 
     /// A data directory from before this version kept the whole state under
