@@ -308,14 +308,35 @@ fn joins_with_a_bad_or_expired_token_or_from_another_cluster_are_refused() {
     assert!(!output.status.success());
     assert!(text(&output).contains("BALLAST_PEER_PROTOCOL"), "{}", text(&output));
 
+    // Every slot of the seed's peer port taken by silent sockets (no TLS
+    // handshake): the join still gets in, evicting the oldest of them.
+    let flood: Vec<std::net::TcpStream> = (0..PEER_FLOOD)
+        .filter_map(|_| std::net::TcpStream::connect(&seed).ok())
+        .collect();
+    assert!(
+        flood.len() >= PEER_FLOOD * 9 / 10,
+        "only {} connections opened",
+        flood.len()
+    );
+
     // The refusals left the newcomer free to join properly (token from a file).
     let token_file = newcomer.data().join("join.token");
     std::fs::write(&token_file, format!("{token}\n")).unwrap();
     newcomer.cli_ok(&["cluster", "join", &seed, "--token-file", token_file.to_str().unwrap()]);
+    drop(flood);
+    assert!(
+        cluster.nodes[0]
+            .log_text()
+            .contains("closed the oldest one still in its handshake"),
+        "the join did not need to evict: the flood did not fill the peer port"
+    );
     let status = newcomer.cli_ok(&["cluster", "status", "--json"]);
     let status: serde_json::Value = serde_json::from_str(&status).unwrap();
     assert_eq!(status["nodes"].as_array().unwrap().len(), 2, "{status:#}");
 }
+
+/// Silent connections to a peer port in the join test: past its 256 slots.
+const PEER_FLOOD: usize = 400;
 
 #[test]
 fn a_sixth_node_joins_as_a_learner_and_is_promoted_when_a_voter_is_decommissioned() {

@@ -59,11 +59,15 @@ pub async fn serve<H: PeerHandler>(
     tls: Arc<PeerTls>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(CONNECTIONS_MAX));
+    // As on the API and NBD ports: when every slot is taken, a new
+    // connection evicts the oldest one still in its handshake, so a flood of
+    // silent sockets cannot lock a member out.
+    let admission = crate::admission::Admission::new("peer", CONNECTIONS_MAX);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
         };
         let (stream, remote) = match accepted {
             Ok(pair) => pair,
@@ -73,17 +77,17 @@ pub async fn serve<H: PeerHandler>(
                 continue;
             }
         };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            tracing::warn!(%remote, "too many peer connections; refusing one");
-            continue;
-        };
-        let handler = Arc::clone(&handler);
-        let stop = stop.clone();
+        while connections.try_join_next().is_some() {}
         let Some(config) = tls.server() else {
             tracing::debug!(%remote, "peer connection closed: this node has no cluster certificate yet");
             continue;
         };
-        tokio::spawn(async move {
+        let Some(slot) = admission.admit(&remote).await else {
+            continue;
+        };
+        let handler = Arc::clone(&handler);
+        let stop = stop.clone();
+        admission.spawn(&mut connections, move |ticket| async move {
             let _slot = slot;
             let _ = stream.set_nodelay(true);
             let accepted = tokio::time::timeout(
@@ -108,11 +112,13 @@ pub async fn serve<H: PeerHandler>(
                 .peer_certificates()
                 .is_some_and(|certs| !certs.is_empty());
             let stream: PeerStream = Box::new(stream);
-            if let Err(error) = connection(stream, &remote.to_string(), handler, member, stop).await {
+            if let Err(error) = connection(stream, &remote.to_string(), handler, member, stop, ticket).await {
                 tracing::debug!(%remote, %error, "peer connection ended");
             }
         });
     }
+    // Connections end on `stop` themselves (as before the listener stops).
+    connections.detach_all();
 }
 
 async fn connection<H: PeerHandler>(
@@ -121,6 +127,7 @@ async fn connection<H: PeerHandler>(
     handler: Arc<H>,
     member: bool,
     stop: watch::Receiver<bool>,
+    ticket: crate::admission::Ticket,
 ) -> Result<(), PeerError> {
     let first = tokio::time::timeout(super::CONNECT_TIMEOUT, read_frame(&mut stream, address))
         .await
@@ -162,6 +169,8 @@ async fn connection<H: PeerHandler>(
     };
     let payload = serde_json::to_vec(&welcome).expect("welcome serializes");
     write_frame(&mut stream, address, FrameKind::Welcome, first.request_id, &payload).await?;
+    // Admitted: in use now, no longer evicted by a newcomer.
+    ticket.handshake_done();
     if admitted == Admitted::JoinOnly {
         return serve_requests(stream, address.to_owned(), handler, admitted, stop).await;
     }
