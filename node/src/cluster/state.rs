@@ -427,52 +427,32 @@ pub enum Outcome {
     Rejected(Rejection),
 }
 
+/// Sets a value the cluster gets once (its CA, keys, secrets).
+fn set_once<T>(slot: &mut Option<T>, value: T, exists: &str) -> Outcome {
+    if slot.is_some() {
+        return Outcome::Rejected(Rejection::Exists(exists.into()));
+    }
+    *slot = Some(value);
+    Outcome::Done
+}
+
 impl ClusterState {
-    /// Applies one command; the outcome goes back to the proposer.
+    /// Applies one command; the outcome goes back to the proposer. Must be
+    /// deterministic (no clock, no randomness): a restart re-applies the
+    /// log after the last snapshot (`store.rs`).
     pub fn apply(&mut self, command: Command) -> Outcome {
         match command {
-            Command::Once { id, command } => {
-                if let Some((_, outcome)) = self.recent_proposals.iter().find(|(seen, _)| *seen == id) {
-                    return outcome.clone();
-                }
-                let outcome = self.apply(*command);
-                if self.recent_proposals.len() >= PROPOSALS_REMEMBERED {
-                    self.recent_proposals.pop_front();
-                }
-                self.recent_proposals.push_back((id, outcome.clone()));
-                outcome
-            }
-            Command::Init { cluster_id, node } => {
-                if self.cluster_id.is_some() {
-                    return Outcome::Rejected(Rejection::Exists("the cluster is already initialized".into()));
-                }
-                self.cluster_id = Some(cluster_id);
-                self.next_volume_id = 1;
-                self.nodes.insert(node.id, node);
-                Outcome::Done
-            }
-            Command::AddNode { node } => {
-                if !self.nodes.contains_key(&node.id) && self.nodes.len() >= NODES_MAX {
-                    return Outcome::Rejected(Rejection::Invalid(format!("the cluster already has {NODES_MAX} nodes")));
-                }
-                self.nodes.insert(node.id, node);
-                Outcome::Done
-            }
+            Command::Once { id, command } => self.apply_once(id, *command),
+            Command::Owned { owner, group, command } => self.apply_owned(owner, group, *command),
+            Command::Init { cluster_id, node } => self.init(cluster_id, node),
+            Command::AddNode { node } => self.add_node(node),
+            Command::RemoveNode { id } => self.remove_node(id),
+            Command::SetNodeAdmin { id, admin } => self.set_node_admin(id, admin),
             Command::CreateToken {
                 hash,
                 record,
                 now_unix_seconds,
-            } => {
-                self.tokens
-                    .retain(|_, token| token.expires_unix_seconds > now_unix_seconds);
-                if self.tokens.len() >= TOKENS_MAX {
-                    return Outcome::Rejected(Rejection::Invalid(format!(
-                        "{TOKENS_MAX} join tokens are already alive; wait for some to expire"
-                    )));
-                }
-                self.tokens.insert(hash, record);
-                Outcome::Done
-            }
+            } => self.create_token(hash, record, now_unix_seconds),
             Command::CreateVolume {
                 name,
                 size_bytes,
@@ -483,71 +463,28 @@ impl ClusterState {
             } => {
                 let created =
                     self.create_volume(name, size_bytes, block_size_bytes, replica_nodes, created_unix_seconds);
-                match created {
-                    Outcome::Volume(mut volume) => {
-                        volume.encryption = encryption.map(Box::new);
-                        if let Some(stored) = self.volumes.get_mut(&volume.name) {
-                            stored.encryption.clone_from(&volume.encryption);
-                        }
-                        Outcome::Volume(volume)
-                    }
-                    other => other,
-                }
+                self.with_encryption(created, encryption)
             }
             Command::ResizeVolume {
                 name,
                 size_bytes,
                 allow_shrink,
-            } => {
-                let Some(volume) = self.volumes.get_mut(&name) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-                };
-                if size_bytes < volume.size_bytes && !allow_shrink {
-                    return Outcome::Rejected(Rejection::Invalid(format!(
-                        "volume {name} is {} bytes; shrinking discards the data past the new end: pass --allow-shrink to do it",
-                        volume.size_bytes
-                    )));
-                }
-                volume.size_bytes = size_bytes;
-                Outcome::Volume(volume.clone())
-            }
-            Command::ReplicaSuspect { name, node } => {
-                let Some(volume) = self.volumes.get_mut(&name) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-                };
-                if !volume.replica_nodes.contains(&node) {
-                    return Outcome::Rejected(Rejection::Invalid(format!("node {node} holds no replica of {name}")));
-                }
-                volume.epoch += 1;
-                Outcome::Volume(volume.clone())
-            }
-            Command::ScrubVolume { name } => {
-                let Some(volume) = self.volumes.get_mut(&name) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-                };
+            } => self.resize_volume(&name, size_bytes, allow_shrink),
+            Command::ReplicaSuspect { name, node } => self.replica_suspect(&name, node),
+            Command::ScrubVolume { name } => self.update_volume(&name, |volume| {
                 volume.scrub_requested += 1;
-                Outcome::Volume(volume.clone())
-            }
+                Ok(())
+            }),
             Command::ScrubDone {
                 name,
                 generation,
                 at_unix,
-            } => {
-                let Some(volume) = self.volumes.get_mut(&name) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-                };
+            } => self.update_volume(&name, |volume| {
                 volume.scrub_done = volume.scrub_done.max(generation.min(volume.scrub_requested));
                 volume.scrub_done_unix = volume.scrub_done_unix.max(at_unix);
-                Outcome::Volume(volume.clone())
-            }
-            Command::DeleteVolume { name } => match self.volumes.remove(&name).inspect(|_| {
-                self.owners.remove(&name);
-                self.groups.remove(&name);
-                self.attachments.remove(&name);
-            }) {
-                Some(volume) => Outcome::Volume(volume),
-                None => Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist"))),
-            },
+                Ok(())
+            }),
+            Command::DeleteVolume { name } => self.delete_volume(&name),
             Command::ReplicaOut { name, node, by } => self.replica_out(&name, node, by),
             Command::SetCoordinator { name, node } => self.set_coordinator(&name, node),
             Command::Attach {
@@ -555,27 +492,7 @@ impl ClusterState {
                 node,
                 force,
                 now_unix,
-            } => {
-                let Some(volume) = self.volumes.get(&name) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-                };
-                match self.attachments.get(&name) {
-                    // A conflict (409), like an existing name.
-                    Some(held) if held.node != node && !force => Outcome::Rejected(Rejection::Exists(format!(
-                        "volume {name} is attached to node {}'s host (since epoch {}); detach it there, or pass --force-failover if that host is lost",
-                        held.node, held.epoch
-                    ))),
-                    _ => {
-                        let attachment = Attachment {
-                            node,
-                            epoch: volume.epoch,
-                            since_unix: now_unix,
-                        };
-                        self.attachments.insert(name, attachment);
-                        Outcome::Done
-                    }
-                }
-            }
+            } => self.attach(name, node, force, now_unix),
             Command::Detach { name, node } => {
                 if self.attachments.get(&name).is_some_and(|held| held.node == node) {
                     self.attachments.remove(&name);
@@ -589,18 +506,6 @@ impl ClusterState {
                 expect_epoch,
             } => self.replica_in(&name, node, by, expect_epoch),
             Command::AddReplica { name, node, grow } => self.add_replica(&name, node, grow),
-            Command::RemoveNode { id } => {
-                if let Some(volume) = self.volumes.values().find(|v| v.replica_nodes.contains(&id)) {
-                    return Outcome::Rejected(Rejection::Invalid(format!(
-                        "node {id} still holds a replica of volume {}",
-                        volume.name
-                    )));
-                }
-                match self.nodes.remove(&id) {
-                    Some(_) => Outcome::Done,
-                    None => Outcome::Rejected(Rejection::Missing(format!("node {id} is not a member"))),
-                }
-            }
             Command::RemoveReplica { name, node, shrink } => self.remove_replica(&name, node, shrink),
             Command::AddSnapshot {
                 name,
@@ -611,25 +516,20 @@ impl ClusterState {
                 name,
                 snapshot,
                 holders,
-            } => {
-                let Some(volume) = self.volumes.get_mut(&name) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-                };
-                let Some(taken) = volume.snapshots.get_mut(&snapshot) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("snapshot {name}@{snapshot} does not exist")));
-                };
+            } => self.update_volume(&name, |volume| {
+                let taken = volume
+                    .snapshots
+                    .get_mut(&snapshot)
+                    .ok_or_else(|| Rejection::Missing(format!("snapshot {name}@{snapshot} does not exist")))?;
                 taken.ready = true;
                 taken.holders = holders;
-                Outcome::Volume(volume.clone())
-            }
+                Ok(())
+            }),
             Command::DeleteSnapshot { name, snapshot } => {
-                let Some(volume) = self.volumes.get_mut(&name) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-                };
-                if volume.snapshots.remove(&snapshot).is_none() {
-                    return Outcome::Rejected(Rejection::Missing(format!("snapshot {name}@{snapshot} does not exist")));
-                }
-                Outcome::Volume(volume.clone())
+                self.update_volume(&name, |volume| match volume.snapshots.remove(&snapshot) {
+                    Some(_) => Ok(()),
+                    None => Err(Rejection::Missing(format!("snapshot {name}@{snapshot} does not exist"))),
+                })
             }
             Command::CloneVolume {
                 name,
@@ -641,56 +541,185 @@ impl ClusterState {
                 name,
                 every_seconds,
                 keep,
-            } => {
-                let Some(volume) = self.volumes.get_mut(&name) else {
-                    return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
-                };
+            } => self.update_volume(&name, |volume| {
                 volume.snapshot_every_seconds = every_seconds;
                 volume.snapshot_keep = keep;
-                Outcome::Volume(volume.clone())
-            }
+                Ok(())
+            }),
             Command::SetApiSecret { secret } => {
-                if self.api_secret.is_some() {
-                    return Outcome::Rejected(Rejection::Exists("the cluster already has an API secret".into()));
-                }
-                self.api_secret = Some(secret);
-                Outcome::Done
+                set_once(&mut self.api_secret, secret, "the cluster already has an API secret")
             }
-            Command::Owned { owner, group, command } => {
-                let outcome = self.apply(*command);
-                if let Outcome::Volume(volume) = &outcome {
-                    self.owners.insert(volume.name.clone(), owner);
-                    if !group.is_empty() {
-                        self.groups.insert(volume.name.clone(), group);
-                    }
-                }
-                outcome
-            }
-            Command::SetClusterKey { key } => {
-                if self.cluster_key.is_some() {
-                    return Outcome::Rejected(Rejection::Exists("the cluster already has a key".into()));
-                }
-                self.cluster_key = Some(key);
-                Outcome::Done
-            }
-            Command::SetCa { ca } => {
-                if self.ca.is_some() {
-                    return Outcome::Rejected(Rejection::Exists("the cluster already has a CA".into()));
-                }
-                self.ca = Some(ca);
-                Outcome::Done
-            }
+            Command::SetClusterKey { key } => set_once(&mut self.cluster_key, key, "the cluster already has a key"),
+            Command::SetCa { ca } => set_once(&mut self.ca, ca, "the cluster already has a CA"),
             Command::Alerts { raise, clear, now_unix } => {
                 super::alerts::apply(&mut self.alerts, raise, &clear, now_unix);
                 Outcome::Done
             }
-            Command::SetNodeAdmin { id, admin } => match self.nodes.get_mut(&id) {
-                Some(node) => {
-                    node.admin = admin;
-                    Outcome::Done
+        }
+    }
+
+    /// A proposal with an id: applied once; a retry gets the first outcome.
+    fn apply_once(&mut self, id: uuid::Uuid, command: Command) -> Outcome {
+        if let Some((_, outcome)) = self.recent_proposals.iter().find(|(seen, _)| *seen == id) {
+            return outcome.clone();
+        }
+        let outcome = self.apply(command);
+        if self.recent_proposals.len() >= PROPOSALS_REMEMBERED {
+            self.recent_proposals.pop_front();
+        }
+        self.recent_proposals.push_back((id, outcome.clone()));
+        outcome
+    }
+
+    /// A volume made by `command` belongs to `owner` (and `group`, if any).
+    fn apply_owned(&mut self, owner: String, group: String, command: Command) -> Outcome {
+        let outcome = self.apply(command);
+        if let Outcome::Volume(volume) = &outcome {
+            self.owners.insert(volume.name.clone(), owner);
+            if !group.is_empty() {
+                self.groups.insert(volume.name.clone(), group);
+            }
+        }
+        outcome
+    }
+
+    fn init(&mut self, cluster_id: uuid::Uuid, node: NodeRecord) -> Outcome {
+        if self.cluster_id.is_some() {
+            return Outcome::Rejected(Rejection::Exists("the cluster is already initialized".into()));
+        }
+        self.cluster_id = Some(cluster_id);
+        self.next_volume_id = 1;
+        self.nodes.insert(node.id, node);
+        Outcome::Done
+    }
+
+    fn add_node(&mut self, node: NodeRecord) -> Outcome {
+        if !self.nodes.contains_key(&node.id) && self.nodes.len() >= NODES_MAX {
+            return Outcome::Rejected(Rejection::Invalid(format!("the cluster already has {NODES_MAX} nodes")));
+        }
+        self.nodes.insert(node.id, node);
+        Outcome::Done
+    }
+
+    fn remove_node(&mut self, id: u64) -> Outcome {
+        if let Some(volume) = self.volumes.values().find(|v| v.replica_nodes.contains(&id)) {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "node {id} still holds a replica of volume {}",
+                volume.name
+            )));
+        }
+        match self.nodes.remove(&id) {
+            Some(_) => Outcome::Done,
+            None => Outcome::Rejected(Rejection::Missing(format!("node {id} is not a member"))),
+        }
+    }
+
+    fn set_node_admin(&mut self, id: u64, admin: NodeAdmin) -> Outcome {
+        match self.nodes.get_mut(&id) {
+            Some(node) => {
+                node.admin = admin;
+                Outcome::Done
+            }
+            None => Outcome::Rejected(Rejection::Missing(format!("node {id} is not a member"))),
+        }
+    }
+
+    fn create_token(&mut self, hash: String, record: TokenRecord, now_unix_seconds: u64) -> Outcome {
+        self.tokens
+            .retain(|_, token| token.expires_unix_seconds > now_unix_seconds);
+        if self.tokens.len() >= TOKENS_MAX {
+            return Outcome::Rejected(Rejection::Invalid(format!(
+                "{TOKENS_MAX} join tokens are already alive; wait for some to expire"
+            )));
+        }
+        self.tokens.insert(hash, record);
+        Outcome::Done
+    }
+
+    /// A created volume's encryption, in the outcome and in the state.
+    fn with_encryption(&mut self, created: Outcome, encryption: Option<crate::volume::crypt::WrappedKey>) -> Outcome {
+        match created {
+            Outcome::Volume(mut volume) => {
+                volume.encryption = encryption.map(Box::new);
+                if let Some(stored) = self.volumes.get_mut(&volume.name) {
+                    stored.encryption.clone_from(&volume.encryption);
                 }
-                None => Outcome::Rejected(Rejection::Missing(format!("node {id} is not a member"))),
-            },
+                Outcome::Volume(volume)
+            }
+            other => other,
+        }
+    }
+
+    /// Changes an existing volume with `change`; the volume after it, or
+    /// the rejection (a missing volume, or what `change` refused).
+    fn update_volume(
+        &mut self,
+        name: &str,
+        change: impl FnOnce(&mut ClusterVolume) -> Result<(), Rejection>,
+    ) -> Outcome {
+        let Some(volume) = self.volumes.get_mut(name) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        };
+        match change(volume) {
+            Ok(()) => Outcome::Volume(volume.clone()),
+            Err(rejection) => Outcome::Rejected(rejection),
+        }
+    }
+
+    fn resize_volume(&mut self, name: &str, size_bytes: u64, allow_shrink: bool) -> Outcome {
+        self.update_volume(name, |volume| {
+            if size_bytes < volume.size_bytes && !allow_shrink {
+                return Err(Rejection::Invalid(format!(
+                    "volume {name} is {} bytes; shrinking discards the data past the new end: pass --allow-shrink to do it",
+                    volume.size_bytes
+                )));
+            }
+            volume.size_bytes = size_bytes;
+            Ok(())
+        })
+    }
+
+    fn replica_suspect(&mut self, name: &str, node: u64) -> Outcome {
+        self.update_volume(name, |volume| {
+            if !volume.replica_nodes.contains(&node) {
+                return Err(Rejection::Invalid(format!("node {node} holds no replica of {name}")));
+            }
+            volume.epoch += 1;
+            Ok(())
+        })
+    }
+
+    fn delete_volume(&mut self, name: &str) -> Outcome {
+        match self.volumes.remove(name) {
+            Some(volume) => {
+                self.owners.remove(name);
+                self.groups.remove(name);
+                self.attachments.remove(name);
+                Outcome::Volume(volume)
+            }
+            None => Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist"))),
+        }
+    }
+
+    fn attach(&mut self, name: String, node: u64, force: bool, now_unix: u64) -> Outcome {
+        let Some(volume) = self.volumes.get(&name) else {
+            return Outcome::Rejected(Rejection::Missing(format!("volume {name} does not exist")));
+        };
+        match self.attachments.get(&name) {
+            // A conflict (409), like an existing name.
+            Some(held) if held.node != node && !force => Outcome::Rejected(Rejection::Exists(format!(
+                "volume {name} is attached to node {}'s host (since epoch {}); detach it there, or pass --force-failover if that host is lost",
+                held.node, held.epoch
+            ))),
+            _ => {
+                let attachment = Attachment {
+                    node,
+                    epoch: volume.epoch,
+                    since_unix: now_unix,
+                };
+                self.attachments.insert(name, attachment);
+                Outcome::Done
+            }
         }
     }
 
