@@ -372,14 +372,15 @@ fn a_snapshot_under_writes_holds_one_point_between_the_acknowledged_writes_on_ev
 /// Connects to snapshot (or clone) export `name` on `node`. A snapshot
 /// reaches each node through the cluster's metadata log: until this node has
 /// applied it, the export is unknown there and the connection is closed in
-/// the handshake. Retried, within a bound.
+/// the handshake. Retried, within a bound (each attempt bounded too, so one
+/// slow attempt under load does not use up the whole wait).
 fn connect_snapshot(node: &TestNode, name: &str) -> NbdClient {
     let started = Instant::now();
     loop {
-        match NbdClient::connect(&nbd_address(node), name, Duration::from_secs(20)) {
+        match NbdClient::connect(&nbd_address(node), name, Duration::from_secs(5)) {
             Ok(client) => return client,
-            Err(error) if started.elapsed() > Duration::from_secs(20) => {
-                panic!("{name} on node {}: {error}", node.node_id())
+            Err(error) if started.elapsed() > Duration::from_secs(60) => {
+                panic!("{name} on node {} (tried for 60 s): {error}", node.node_id())
             }
             Err(_) => std::thread::sleep(Duration::from_millis(100)),
         }
