@@ -9,7 +9,7 @@ use anyhow::Result;
 use serde::Serialize;
 
 use crate::cluster::status::ClusterStatus;
-use crate::peer::handshake::range_text;
+use crate::peer::handshake::{range_text, reported_range};
 
 /// One node as the upgrade sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -56,13 +56,19 @@ pub fn upgrade_status(status: &ClusterStatus) -> UpgradeStatus {
         .iter()
         .map(|node| {
             let known = node.up && !node.version.is_empty();
+            // A node whose API predates ranges reports none: read as such.
+            let (protocol_min, protocol_max) = if known {
+                reported_range(node.protocol_min, node.protocol_max)
+            } else {
+                (0, 0)
+            };
             NodeVersion {
                 id: node.id,
                 name: node.name.clone(),
                 up: node.up,
                 version: known.then(|| node.version.clone()),
-                protocol_min: if known { node.protocol_min.max(1) } else { 0 },
-                protocol_max: if known { node.protocol_max.max(1) } else { 0 },
+                protocol_min,
+                protocol_max,
             }
         })
         .collect();

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::state::NodeAdmin;
 use super::Cluster;
+use crate::peer::handshake::reported_range;
 
 /// One node in `cluster status`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -159,8 +160,10 @@ impl Cluster {
                     version: report.as_ref().map(|r| r.version.clone()).unwrap_or_default(),
                     protocol_min: report
                         .as_ref()
-                        .map_or(0, |r| if r.protocol_max == 0 { 1 } else { r.protocol_min }),
-                    protocol_max: report.as_ref().map_or(0, |r| r.protocol_max.max(1)),
+                        .map_or(0, |r| reported_range(r.protocol_min, r.protocol_max).0),
+                    protocol_max: report
+                        .as_ref()
+                        .map_or(0, |r| reported_range(r.protocol_min, r.protocol_max).1),
                     cores: report.as_ref().map_or(0, |r| r.cores),
                     disks: report.as_ref().map(|r| r.disk_list.clone()).unwrap_or_default(),
                     cert_expires_unix: report.as_ref().map_or(0, |r| r.cert_expires_unix),

@@ -92,13 +92,14 @@ impl ClusterDb {
         let db =
             Database::create(&path).map_err(|error| anyhow::anyhow!("cluster metadata {}: {error}", path.display()))?;
         let store = Self { db, path };
-        let found = store.format_version()?;
-        if found.is_some_and(|found| found > CLUSTER_FORMAT_VERSION) {
+        let found: Option<u32> = store
+            .get_meta(FORMAT)
+            .map_err(|error| anyhow::anyhow!("cluster metadata {}: {error}", store.path.display()))?;
+        if let Some(found) = found.filter(|found| *found > CLUSTER_FORMAT_VERSION) {
             anyhow::bail!(
-                "cluster metadata {}: format version {} is not supported by ballast {}, which reads format {CLUSTER_FORMAT_VERSION}; \
+                "cluster metadata {}: format version {found} is not supported by ballast {}, which reads format {CLUSTER_FORMAT_VERSION}; \
                  nothing in it was changed: run the ballast that wrote it (or a newer one)",
                 store.path.display(),
-                found.unwrap_or_default(),
                 env!("CARGO_PKG_VERSION"),
             );
         }
@@ -112,24 +113,6 @@ impl ClusterDb {
             })
             .map_err(|error| anyhow::anyhow!("cluster metadata {}: {error}", store.path.display()))?;
         Ok(Arc::new(store))
-    }
-
-    /// The format version recorded in the file (None: a new file, or one
-    /// from before versioning); reads only (the table may not exist yet).
-    fn format_version(&self) -> anyhow::Result<Option<u32>> {
-        let failed = |error: String| anyhow::anyhow!("cluster metadata {}: {error}", self.path.display());
-        let txn = self.db.begin_read().map_err(|e| failed(e.to_string()))?;
-        let table = match txn.open_table(META) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(error) => return Err(failed(error.to_string())),
-        };
-        let Some(value) = table.get(FORMAT).map_err(|e| failed(e.to_string()))? else {
-            return Ok(None);
-        };
-        serde_json::from_slice(value.value())
-            .map(Some)
-            .map_err(|error| failed(format!("unreadable {FORMAT}: {error}")))
     }
 
     /// Runs `f` in one write transaction (both tables open), committed durably.
@@ -147,9 +130,14 @@ impl ClusterDb {
         Ok(value)
     }
 
+    /// A `raft_meta` record; None when it (or, in a new file, the table) is absent.
     fn get_meta<T: for<'de> Deserialize<'de>>(&self, key: &str) -> Result<Option<T>, String> {
         let txn = self.db.begin_read().map_err(|e| e.to_string())?;
-        let table = txn.open_table(META).map_err(|e| e.to_string())?;
+        let table = match txn.open_table(META) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(error) => return Err(error.to_string()),
+        };
         let Some(value) = table.get(key).map_err(|e| e.to_string())? else {
             return Ok(None);
         };
@@ -439,10 +427,6 @@ impl StateMachine {
         })
         .await
     }
-
-    fn publish(&self, index: u64) {
-        self.applied.send_replace(index);
-    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
@@ -509,7 +493,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
             applied.last_applied.map_or(0, |id| id.index)
         };
-        self.publish(index);
+        self.applied.send_replace(index);
         Ok(outcomes)
     }
 
@@ -539,7 +523,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             };
             *state = installed.state;
         }
-        self.publish(meta.last_log_id.map_or(0, |id| id.index));
+        self.applied.send_replace(meta.last_log_id.map_or(0, |id| id.index));
         Ok(())
     }
 
@@ -585,10 +569,24 @@ mod tests {
     impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Builder {
         async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachine), SError> {
             let dir = tempfile::tempdir().map_err(write_logs)?;
-            let db = ClusterDb::open(dir.path()).map_err(write_logs)?;
-            let machine = StateMachine::open(Arc::clone(&db)).map_err(read_machine)?;
-            Ok((dir, LogStore::new(db), machine))
+            let (_, log, machine) = open(dir.path());
+            Ok((dir, log, machine))
         }
+    }
+
+    /// The store in `dir`, as a node opens it (before Raft re-applies the log).
+    fn open(dir: &Path) -> (Arc<ClusterDb>, LogStore, StateMachine) {
+        let db = ClusterDb::open(dir).expect("the store opens");
+        let machine = StateMachine::open(Arc::clone(&db)).expect("the state machine opens");
+        (Arc::clone(&db), LogStore::new(db), machine)
+    }
+
+    /// What Raft does when it starts: the committed entries after the snapshot re-applied.
+    async fn replay(log: &mut LogStore, machine: &mut StateMachine) {
+        StorageHelper::new(log, machine)
+            .get_initial_state()
+            .await
+            .expect("initial state");
     }
 
     /// openraft's own conformance suite for storage (log, vote, committed
@@ -649,9 +647,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn applied_entries_are_not_written_and_a_restart_rebuilds_them_from_the_log() {
         let dir = tempfile::tempdir().unwrap();
-        let db = ClusterDb::open(dir.path()).unwrap();
-        let mut log = LogStore::new(Arc::clone(&db));
-        let mut machine = StateMachine::open(Arc::clone(&db)).unwrap();
+        let (db, mut log, mut machine) = open(dir.path());
         append(&mut log, entries(0, 30)).await;
         log.save_committed(Some(log_id(20))).await.unwrap();
         machine.apply(entries(0, 20)).await.unwrap();
@@ -667,14 +663,9 @@ mod tests {
         );
         drop((log, machine, db));
 
-        let db = ClusterDb::open(dir.path()).unwrap();
-        let mut log = LogStore::new(Arc::clone(&db));
-        let mut machine = StateMachine::open(Arc::clone(&db)).unwrap();
+        let (db, mut log, mut machine) = open(dir.path());
         assert_eq!(*machine.applied.borrow(), 0, "nothing but the log was kept");
-        StorageHelper::new(&mut log, &mut machine)
-            .get_initial_state()
-            .await
-            .unwrap();
+        replay(&mut log, &mut machine).await;
         assert_eq!(
             machine.applied_state().await.unwrap().0,
             Some(log_id(20)),
@@ -690,14 +681,9 @@ mod tests {
         let after = machine.state.read().clone();
         assert_eq!(after.volumes.len(), 29);
         drop((log, machine, db));
-        let db = ClusterDb::open(dir.path()).unwrap();
-        let mut log = LogStore::new(Arc::clone(&db));
-        let mut machine = StateMachine::open(Arc::clone(&db)).unwrap();
+        let (_db, mut log, mut machine) = open(dir.path());
         assert_eq!(*machine.applied.borrow(), 20, "loaded from the snapshot");
-        StorageHelper::new(&mut log, &mut machine)
-            .get_initial_state()
-            .await
-            .unwrap();
+        replay(&mut log, &mut machine).await;
         assert_eq!(*machine.state.read(), after);
         assert_eq!(*machine.applied.borrow(), 30);
     }
@@ -707,7 +693,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let db = ClusterDb::open(dir.path()).unwrap();
         assert_eq!(
-            db.format_version().unwrap(),
+            db.get_meta::<u32>(FORMAT).unwrap(),
             Some(CLUSTER_FORMAT_VERSION),
             "recorded at creation"
         );

@@ -181,12 +181,13 @@ pub fn run(config: &NodeConfig) -> Result<()> {
 
 /// What this node tells its peers about itself (in pongs).
 fn node_report(engine: &Engine, volumes: &Volumes) -> NodeReport {
+    let speaks = crate::peer::handshake::local();
     let mut report = NodeReport {
         disks: u32::try_from(engine.disks().len()).unwrap_or(u32::MAX),
         replicas: u32::try_from(volumes.count()).unwrap_or(u32::MAX),
-        version: crate::peer::handshake::local().version.clone(),
-        protocol_min: crate::peer::handshake::local().min,
-        protocol_max: crate::peer::handshake::local().max,
+        version: speaks.version.clone(),
+        protocol_min: speaks.min,
+        protocol_max: speaks.max,
         ..NodeReport::default()
     };
     for (index, disk) in engine.disks().iter().enumerate() {

@@ -213,7 +213,7 @@ impl PeerClient {
                             address: address.to_owned(),
                             reason: format!(
                                 "the peer (ballast {}) chose peer protocol {}, which this node (ballast {}) does not speak ({})",
-                                welcome.version.as_deref().unwrap_or("(before 0.1.0)"),
+                                welcome.version.as_deref().unwrap_or(super::handshake::UNNAMED_VERSION),
                                 welcome.protocol_version,
                                 ours.version,
                                 ours.range()

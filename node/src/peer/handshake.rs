@@ -59,6 +59,21 @@ pub enum Admitted {
     JoinOnly,
 }
 
+/// How a build that sent no ballast version is named (builds before versions
+/// were exchanged).
+pub const UNNAMED_VERSION: &str = "(an older build)";
+
+/// The protocol range a node reported, read with the rule for builds from
+/// before ranges were reported (0-0: they spoke version 1 only).
+#[must_use]
+pub fn reported_range(min: u16, max: u16) -> (u16, u16) {
+    if max == 0 {
+        (1, 1)
+    } else {
+        (min.clamp(1, max), max)
+    }
+}
+
 /// Which ballast a node runs and which peer protocol versions it speaks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Speaks {
@@ -72,7 +87,7 @@ impl Speaks {
     #[must_use]
     pub fn peer(version: Option<&str>, min: Option<u16>, max: u16) -> Self {
         Self {
-            version: version.unwrap_or("(before 0.1.0)").to_owned(),
+            version: version.unwrap_or(UNNAMED_VERSION).to_owned(),
             min: min.unwrap_or(max).min(max),
             max,
         }
