@@ -97,6 +97,19 @@ pub trait IoEngine<B>: Send {
         None
     }
 
+    /// Asks for a completion once `fd` is ready for `events` (`POLLIN`,
+    /// `POLLOUT`: a one-shot poll), reported by `drain_polls` with `token`.
+    /// False when the engine cannot poll (the thread pool): the caller waits
+    /// for readiness some other way. The caller keeps `fd` open until the
+    /// poll completes; shutting the socket down completes it.
+    fn poll_fd(&mut self, _fd: std::os::fd::RawFd, _events: u32, _token: u64) -> bool {
+        false
+    }
+
+    /// Moves the tokens of polls that completed into `out`, with their
+    /// result (the ready events, or `-errno`).
+    fn drain_polls(&mut self, _out: &mut Vec<(u64, i32)>) {}
+
     /// "io_uring" or "thread-pool", for logs and status.
     fn kind(&self) -> &'static str;
 }

@@ -301,6 +301,14 @@ impl<B: AsMut<[u8]> + Send> IoEngine<B> for FaultyEngine<B> {
         self.inner.notify_fd()
     }
 
+    fn poll_fd(&mut self, fd: std::os::fd::RawFd, events: u32, token: u64) -> bool {
+        self.inner.poll_fd(fd, events, token)
+    }
+
+    fn drain_polls(&mut self, out: &mut Vec<(u64, i32)>) {
+        self.inner.drain_polls(out);
+    }
+
     fn kind(&self) -> &'static str {
         self.inner.kind()
     }

@@ -12,9 +12,13 @@ use io_uring::{opcode, types, IoUring};
 use crate::engine::{Completion, IoEngine, IoKind, Submission, Waker, ENGINE_REQUESTS_MAX};
 
 /// Submission queue entries; the completion queue is twice this, and the
-/// slab never holds more requests than the completion queue can report.
+/// slab never holds more requests than half the completion queue can
+/// report (the other half is room for socket polls; beyond it the kernel
+/// keeps completions on its overflow list, nothing is lost).
 const RING_ENTRIES: u32 = 512;
 const WAKE_USER_DATA: u64 = u64::MAX;
+/// Polls (`poll_fd`) carry this bit in their user data, their token in the rest.
+const POLL_TAG: u64 = 1 << 62;
 const _: () = assert!(ENGINE_REQUESTS_MAX <= 2 * RING_ENTRIES as usize);
 
 struct Slot<B> {
@@ -43,6 +47,8 @@ pub struct UringEngine<B> {
     slab: Vec<Option<Slot<B>>>,
     free_slots: Vec<usize>,
     ready: Vec<Completion<B>>,
+    /// Polls that completed: (token, result).
+    polls_ready: Vec<(u64, i32)>,
     waker: Arc<EventFdWaker>,
     /// The eventfd read's target; boxed so its address is stable.
     wake_buf: Box<[u8; 8]>,
@@ -56,7 +62,7 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
     /// Creates a ring over `files`. On failure the files are handed back so
     /// the caller can fall back to another engine.
     pub fn new(fds: Vec<RawFd>, files: Vec<File>) -> Result<Self, (std::io::Error, Vec<File>)> {
-        let ring = match IoUring::builder().setup_cqsize(2 * RING_ENTRIES).build(RING_ENTRIES) {
+        let ring = match IoUring::builder().setup_cqsize(4 * RING_ENTRIES).build(RING_ENTRIES) {
             Ok(ring) => ring,
             Err(error) => return Err((error, files)),
         };
@@ -80,6 +86,7 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
             slab,
             free_slots: (0..ENGINE_REQUESTS_MAX).rev().collect(),
             ready: Vec::new(),
+            polls_ready: Vec::new(),
             waker: Arc::new(EventFdWaker { fd }),
             wake_buf: Box::new([0u8; 8]),
             wake_armed: false,
@@ -127,6 +134,10 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
             if slot_index == WAKE_USER_DATA {
                 self.wake_armed = false;
                 self.woken = true;
+                continue;
+            }
+            if slot_index & POLL_TAG != 0 {
+                self.polls_ready.push((slot_index & !POLL_TAG, result));
                 continue;
             }
             let index = usize::try_from(slot_index).expect("slot index fits usize");
@@ -193,7 +204,7 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
         self.reap();
         let woken = std::mem::take(&mut self.woken);
         self.arm_wake();
-        let want = if woken || self.ready.len() >= min_complete {
+        let want = if woken || !self.polls_ready.is_empty() || self.ready.len() >= min_complete {
             0
         } else {
             1
@@ -245,6 +256,21 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
         Some(self.waker.fd.as_raw_fd())
     }
 
+    fn poll_fd(&mut self, fd: RawFd, events: u32, token: u64) -> bool {
+        debug_assert!(token < POLL_TAG, "poll tokens are below 2^62");
+        // No buffer: nothing of ours for the kernel to hold.
+        let entry = opcode::PollAdd::new(types::Fd(fd), events)
+            .build()
+            .user_data(token | POLL_TAG);
+        self.push_entry(entry);
+        true
+    }
+
+    fn drain_polls(&mut self, out: &mut Vec<(u64, i32)>) {
+        self.reap();
+        out.append(&mut self.polls_ready);
+    }
+
     fn kind(&self) -> &'static str {
         "io_uring"
     }
@@ -272,6 +298,8 @@ impl<B> Drop for UringEngine<B> {
             for user_data in reaped {
                 if user_data == WAKE_USER_DATA {
                     self.wake_armed = false;
+                } else if user_data & POLL_TAG != 0 {
+                    // A poll: no buffer of ours.
                 } else if let Ok(index) = usize::try_from(user_data) {
                     self.slab[index] = None;
                 }
@@ -290,6 +318,32 @@ mod tests {
 
     /// How long a wait may last in these tests: far beyond what a wake-up takes.
     const WAIT: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_poll_completes_when_its_socket_becomes_readable_with_its_token() {
+        use std::io::Write;
+        let mut engine = UringEngine::<Vec<u8>>::new(Vec::new(), Vec::new())
+            .map_err(|(error, _)| error)
+            .unwrap();
+        let (mut ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        assert!(engine.poll_fd(theirs.as_raw_fd(), libc::POLLIN as u32, 7));
+        let mut ready = Vec::new();
+        engine.submit_and_wait(0, Some(Duration::ZERO)).unwrap();
+        engine.drain_polls(&mut ready);
+        assert!(ready.is_empty(), "nothing was written yet: {ready:?}");
+        assert_eq!(engine.in_flight(), 0, "a poll is not a disk request");
+        ours.write_all(b"x").unwrap();
+        for _ in 0..100 {
+            engine.submit_and_wait(1, Some(WAIT)).unwrap();
+            engine.drain_polls(&mut ready);
+            if !ready.is_empty() {
+                break;
+            }
+        }
+        assert_eq!(ready.len(), 1, "{ready:?}");
+        assert_eq!(ready[0].0, 7);
+        assert!(ready[0].1 & i32::from(libc::POLLIN) != 0, "{ready:?}");
+    }
 
     #[test]
     fn a_wake_up_that_completed_before_the_wait_ends_the_wait_at_once() {

@@ -637,7 +637,21 @@ impl NodeMetrics {
             None,
             MetricType::Counter,
         )?;
-        ConstCounter::new(self.engine.guests_hosted()).encode(metric)
+        ConstCounter::new(self.engine.guests_hosted()).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "ballast_reactor_sockets_moved",
+            "Connections that left the runtime's epoll for the ring of the reactor serving them.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(crate::engine::socket::sockets_moved()).encode(metric)?;
+        let metric = encoder.encode_descriptor(
+            "ballast_reactor_socket_polls",
+            "Waits for a socket to be ready armed on a reactor's ring (each one without the runtime's I/O thread).",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(crate::engine::socket::polls_armed()).encode(metric)
     }
 
     fn encode_cluster(&self, encoder: &mut DescriptorEncoder) -> std::fmt::Result {

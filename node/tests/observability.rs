@@ -207,12 +207,29 @@ fn metrics_parse_move_with_client_io_and_cover_the_dashboard_and_alert_rules() {
     assert_eq!(value(&after, r#"ballast_volume_replicas_in_sync{volume="m"}"#), 3.0);
     // The replicas serve the coordinator's peer connection on their reactors
     // (they have no client of their own to host).
+    // and learn that those sockets are ready from the reactor's ring, as the
+    // coordinator does for its NBD client's.
     for replica in &cluster.nodes[1..] {
-        let hosted = value(&samples(&scrape(replica)), "ballast_reactor_guests_hosted_total");
+        let scraped = samples(&scrape(replica));
+        let hosted = value(&scraped, "ballast_reactor_guests_hosted_total");
         assert!(
             hosted >= 1.0,
             "peer connections served on a replica's reactor: {hosted}"
         );
+        for counter in [
+            "ballast_reactor_sockets_moved_total",
+            "ballast_reactor_socket_polls_total",
+        ] {
+            let counted = value(&scraped, counter);
+            assert!(counted >= 1.0, "{counter} on a replica: {counted}");
+        }
+    }
+    for counter in [
+        "ballast_reactor_sockets_moved_total",
+        "ballast_reactor_socket_polls_total",
+    ] {
+        let counted = value(&after, counter);
+        assert!(counted >= 1.0, "{counter} on the coordinator serving NBD: {counted}");
     }
     assert_eq!(
         value(&after, r#"ballast_volume_errors_total{volume="m",op="write"}"#),

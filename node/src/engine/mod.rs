@@ -9,6 +9,7 @@
 pub(crate) mod disk_io;
 pub mod guest;
 mod reactor;
+pub mod socket;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -440,6 +441,7 @@ fn start_reactor(
             }
             match open_group(&group, &config) {
                 Ok((engine, stores, opened)) => {
+                    socket::enter(id, engine.notify_fd().is_some());
                     let _ = ready_sender.send(Ok((engine.waker(), engine.notify_fd(), opened)));
                     reactor::Reactor::new(engine, stores, receiver, thread_sleeping).run();
                 }
@@ -759,6 +761,114 @@ mod tests {
         let (threads, finished) = one_write(&engine, &host, 0);
         wait_for("a guest after the panic", || finished.load(Ordering::SeqCst) == 1);
         assert_eq!(threads.lock().unwrap()[0], polled_on, "the same reactor thread");
+    }
+
+    /// A runtime with I/O, a reactor host, and a TCP connection accepted
+    /// on the runtime: (runtime, engine, host, accepted, the client's end).
+    fn hosted_connection(
+        name: &str,
+    ) -> (
+        tokio::runtime::Runtime,
+        Arc<Engine>,
+        DiskFile,
+        Host,
+        tokio::net::TcpStream,
+        std::net::TcpStream,
+    ) {
+        let disk = DiskFile::new(name);
+        let engine = start(&[&disk], Vec::new());
+        let host = engine.hosts().remove(0);
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let address = listener.local_addr().unwrap();
+        let client = std::net::TcpStream::connect(address).unwrap();
+        client.set_read_timeout(Some(WAIT_MAX)).unwrap();
+        let (accepted, _) = runtime.block_on(listener.accept()).unwrap();
+        (runtime, engine, disk, host, accepted, client)
+    }
+
+    #[test]
+    fn a_hosted_socket_moves_to_its_reactors_ring_and_carries_data_both_ways_when_it_is_not_ready() {
+        use std::io::{Read, Write};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (runtime, engine, _disk, host, accepted, client) = hosted_connection("echo");
+        let polls_before = socket::polls_armed();
+        let (done_sender, done) = std::sync::mpsc::channel();
+        // An echo: more than the socket buffers hold, so reads and writes
+        // both find the socket not ready and wait on the ring.
+        let _context = runtime.enter();
+        engine
+            .host_future(&host, {
+                async move {
+                    let mut socket = socket::HostableSocket::new(accepted);
+                    let mut buf = vec![0u8; 64 << 10];
+                    let mut echoed = 0usize;
+                    loop {
+                        let read = socket.read(&mut buf).await.unwrap();
+                        if read == 0 {
+                            break;
+                        }
+                        socket.write_all(&buf[..read]).await.unwrap();
+                        echoed += read;
+                    }
+                    socket.shutdown().await.unwrap();
+                    let _ = done_sender.send((echoed, socket.on_reactor(), std::thread::current().id()));
+                }
+            })
+            .unwrap();
+        let sent: Vec<u8> = (0..(16usize << 20))
+            .map(|i| u8::try_from((i * 7 + i / 4096) % 251).unwrap())
+            .collect();
+        let mut writer = client.try_clone().unwrap();
+        let writing = {
+            let sent = sent.clone();
+            std::thread::spawn(move || {
+                writer.write_all(&sent).unwrap();
+                writer.shutdown(std::net::Shutdown::Write).unwrap();
+            })
+        };
+        let mut received = Vec::new();
+        (&client).read_to_end(&mut received).unwrap();
+        writing.join().unwrap();
+        let (echoed, on_reactor, thread) = done.recv_timeout(WAIT_MAX).expect("the echo finished");
+        assert_eq!(echoed, sent.len());
+        assert!(
+            received == sent,
+            "the echo came back changed ({} bytes)",
+            received.len()
+        );
+        assert!(on_reactor, "the socket moved to the reactor's ring");
+        assert_ne!(thread, std::thread::current().id());
+        assert!(socket::polls_armed() > polls_before, "it waited on the ring");
+    }
+
+    #[test]
+    fn a_hosted_socket_dropped_while_it_waits_on_the_ring_closes_the_connection() {
+        use std::io::Read;
+        use tokio::io::AsyncReadExt;
+        let (runtime, engine, _disk, host, accepted, client) = hosted_connection("drop");
+        let (done_sender, done) = std::sync::mpsc::channel();
+        let _context = runtime.enter();
+        engine
+            .host_future(&host, {
+                async move {
+                    let mut socket = socket::HostableSocket::new(accepted);
+                    let mut buf = [0u8; 16];
+                    // Nothing comes: the read waits on the ring until the time-out drops it.
+                    let read = tokio::time::timeout(Duration::from_millis(50), socket.read(&mut buf)).await;
+                    let _ = done_sender.send((read.is_err(), socket.on_reactor()));
+                }
+            })
+            .unwrap();
+        assert_eq!(done.recv_timeout(WAIT_MAX).unwrap(), (true, true));
+        // The armed poll must not keep the socket open: the client sees the end.
+        let mut rest = Vec::new();
+        let read = (&client).read_to_end(&mut rest);
+        assert!(matches!(read, Ok(0)), "the client saw the connection closed: {read:?}");
     }
 
     #[test]

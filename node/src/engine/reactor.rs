@@ -32,6 +32,8 @@ pub(super) struct Reactor {
     next_tag: u64,
     done: Vec<Done>,
     completions: Vec<kernel_iface::Completion<IoBuf>>,
+    /// Socket polls that completed (`socket`).
+    polls: Vec<(u64, i32)>,
     guests: Vec<Box<dyn Guest>>,
 }
 
@@ -51,6 +53,7 @@ impl Reactor {
             next_tag: 0,
             done: Vec::new(),
             completions: Vec::new(),
+            polls: Vec::new(),
             guests: Vec::new(),
         }
     }
@@ -89,10 +92,13 @@ impl Reactor {
         } else {
             (0, Duration::ZERO)
         };
+        // Sockets the guests found not ready: their polls go with this submit.
+        super::socket::arm_asked(self.engine.as_mut());
         if let Err(error) = self.engine.submit_and_wait(min_complete, Some(timeout)) {
             tracing::error!(%error, "I/O engine wait failed");
         }
         self.sleeping.store(false, Ordering::SeqCst);
+        super::socket::wake_ready(self.engine.as_mut(), &mut self.polls);
     }
 
     /// Takes queued requests (first those this thread sent itself);

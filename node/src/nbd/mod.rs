@@ -86,13 +86,16 @@ pub async fn serve(
 }
 
 async fn connection(
-    mut stream: tokio::net::TcpStream,
+    stream: tokio::net::TcpStream,
     volumes: &Volumes,
     security: &NbdSecurity,
     peer: &str,
     stop: watch::Receiver<bool>,
     ticket: &crate::admission::Ticket,
 ) -> Result<(), NbdError> {
+    // Negotiated on the runtime; once its request phase runs on a reactor,
+    // that reactor's ring tells it when the socket is ready.
+    let mut stream = crate::engine::socket::HostableSocket::new(stream);
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let timed_out = |_| NbdError::Protocol("handshake timed out".into());
     let plaintext = Access {
@@ -107,7 +110,7 @@ async fn connection(
         Negotiation::Left => return Ok(()),
         Negotiation::Session(session) => {
             ticket.handshake_done();
-            let (reader, writer) = stream.into_split();
+            let (reader, writer) = tokio::io::split(stream);
             return transmit(reader, writer, session, peer, "plaintext", stop).await;
         }
         Negotiation::StartTls { no_zeroes, config } => (no_zeroes, config),

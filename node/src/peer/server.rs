@@ -90,6 +90,9 @@ pub async fn serve<H: PeerHandler>(
         admission.spawn(&mut connections, move |ticket| async move {
             let _slot = slot;
             let _ = stream.set_nodelay(true);
+            // A member's connection is served on a reactor (`PeerHandler::host`),
+            // whose ring then tells it when the socket is ready.
+            let stream = crate::engine::socket::HostableSocket::new(stream);
             let accepted = tokio::time::timeout(
                 super::CONNECT_TIMEOUT,
                 tokio_rustls::TlsAcceptor::from(config).accept(stream),

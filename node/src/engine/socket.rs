@@ -1,0 +1,311 @@
+//! Sockets whose readiness the reactor's own io_uring reports.
+//!
+//! A connection hosted by a reactor (NBD, a peer's replica traffic) would
+//! otherwise learn that its socket is readable from the runtime's I/O
+//! thread (epoll), which then wakes the reactor through its eventfd: two
+//! threads and a wake-up per event. A `HostableSocket` starts on the
+//! runtime (accept, handshake, TLS) and, the first time it is polled on a
+//! reactor's thread, leaves the runtime's epoll: from then on it reads and
+//! writes with plain non-blocking calls, and when the socket is not ready
+//! it arms a one-shot poll on that reactor's ring, whose completion wakes
+//! the connection on the same thread (no system call, no other thread).
+//!
+//! `BALLAST_SOCKETS_ON_RING=0` keeps hosted sockets on the runtime's epoll
+//! (for A/B runs).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use disk_layout::IoBuf;
+use kernel_iface::IoEngine;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// The polls of one reactor thread.
+#[derive(Default)]
+struct Polls {
+    /// This thread runs reactor `reactor`, whose engine polls sockets.
+    reactor: u64,
+    next_token: u64,
+    /// Wakers of the armed polls, by token.
+    waiting: HashMap<u64, std::task::Waker>,
+    /// Polls asked for since the reactor last armed them: (fd, events, token).
+    to_arm: Vec<(RawFd, u32, u64)>,
+}
+
+thread_local! {
+    static POLLS: RefCell<Polls> = RefCell::new(Polls::default());
+}
+
+/// Polls armed on reactors' rings since the process started.
+static POLLS_ARMED: AtomicU64 = AtomicU64::new(0);
+/// Sockets moved from the runtime's epoll to a reactor's ring.
+static SOCKETS_MOVED: AtomicU64 = AtomicU64::new(0);
+
+/// Polls armed on the reactors' rings since the process started (each one
+/// a wait for a socket that did not go through the runtime's I/O thread).
+#[must_use]
+pub fn polls_armed() -> u64 {
+    POLLS_ARMED.load(Ordering::Relaxed)
+}
+
+/// Sockets that moved from the runtime to a reactor since the process started.
+#[must_use]
+pub fn sockets_moved() -> u64 {
+    SOCKETS_MOVED.load(Ordering::Relaxed)
+}
+
+/// Marks this thread as reactor `reactor`'s, able to poll sockets when
+/// its engine can (`IoEngine::poll_fd`; the thread pool cannot).
+pub(super) fn enter(reactor: u64, engine_polls: bool) {
+    let enabled = engine_polls && std::env::var("BALLAST_SOCKETS_ON_RING").map_or(true, |value| value != "0");
+    POLLS.with(|polls| polls.borrow_mut().reactor = if enabled { reactor } else { 0 });
+}
+
+/// Hands the polls asked for on this thread to its engine.
+pub(super) fn arm_asked(engine: &mut dyn IoEngine<IoBuf>) {
+    let asked = POLLS.with(|polls| std::mem::take(&mut polls.borrow_mut().to_arm));
+    for (fd, events, token) in asked {
+        if engine.poll_fd(fd, events, token) {
+            POLLS_ARMED.fetch_add(1, Ordering::Relaxed);
+        } else {
+            // Cannot happen on a thread marked by `enter`; never leave a waiter asleep.
+            wake([token]);
+        }
+    }
+}
+
+/// Wakes the connections whose polls completed.
+pub(super) fn wake_ready(engine: &mut dyn IoEngine<IoBuf>, scratch: &mut Vec<(u64, i32)>) {
+    engine.drain_polls(scratch);
+    if scratch.is_empty() {
+        return;
+    }
+    wake(scratch.drain(..).map(|(token, _)| token));
+}
+
+fn wake(tokens: impl IntoIterator<Item = u64>) {
+    let wakers: Vec<std::task::Waker> = POLLS.with(|polls| {
+        let mut polls = polls.borrow_mut();
+        // A token nobody waits for is a socket already dropped.
+        tokens
+            .into_iter()
+            .filter_map(|token| polls.waiting.remove(&token))
+            .collect()
+    });
+    for waker in wakers {
+        waker.wake();
+    }
+}
+
+/// The reactor this thread runs, when it polls sockets (0: none).
+fn polling_reactor() -> u64 {
+    POLLS.with(|polls| polls.borrow().reactor)
+}
+
+/// A TCP connection that moves onto the reactor that first polls it.
+pub struct HostableSocket {
+    mode: Mode,
+}
+
+enum Mode {
+    Runtime(tokio::net::TcpStream),
+    Reactor(RingSocket),
+    /// Moving failed: every call fails.
+    Broken,
+}
+
+/// A socket served by a reactor's ring.
+struct RingSocket {
+    stream: std::net::TcpStream,
+    reactor: u64,
+    /// The armed poll for readability, if any.
+    readable: Option<u64>,
+    writable: Option<u64>,
+}
+
+impl HostableSocket {
+    #[must_use]
+    pub fn new(stream: tokio::net::TcpStream) -> Self {
+        Self {
+            mode: Mode::Runtime(stream),
+        }
+    }
+
+    /// Whether a reactor serves it now.
+    #[must_use]
+    pub fn on_reactor(&self) -> bool {
+        matches!(self.mode, Mode::Reactor(_))
+    }
+
+    /// Moves it to this thread's reactor if it runs one that polls sockets
+    /// (the first poll of a hosted connection).
+    fn settle(&mut self) -> std::io::Result<()> {
+        let reactor = polling_reactor();
+        match &self.mode {
+            Mode::Runtime(_) if reactor != 0 => {
+                let Mode::Runtime(stream) = std::mem::replace(&mut self.mode, Mode::Broken) else {
+                    unreachable!("matched above");
+                };
+                let stream = stream.into_std()?;
+                SOCKETS_MOVED.fetch_add(1, Ordering::Relaxed);
+                self.mode = Mode::Reactor(RingSocket {
+                    stream,
+                    reactor,
+                    readable: None,
+                    writable: None,
+                });
+                Ok(())
+            }
+            Mode::Reactor(ring) if ring.reactor != reactor => Err(std::io::Error::other(
+                "a socket served by a reactor was polled on another thread",
+            )),
+            Mode::Broken => Err(std::io::Error::other("the socket could not move to its reactor")),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Asks this thread's reactor to wake `waker` once `fd` is ready for
+/// `events`, unless a poll for it is still armed (then only the waker is kept).
+fn arm(fd: RawFd, events: u32, slot: &mut Option<u64>, waker: &std::task::Waker) {
+    POLLS.with(|polls| {
+        let mut polls = polls.borrow_mut();
+        if let Some(token) = *slot {
+            if let Some(armed) = polls.waiting.get_mut(&token) {
+                if !armed.will_wake(waker) {
+                    armed.clone_from(waker);
+                }
+                return;
+            }
+        }
+        polls.next_token += 1;
+        let token = polls.next_token;
+        polls.waiting.insert(token, waker.clone());
+        polls.to_arm.push((fd, events, token));
+        *slot = Some(token);
+    });
+}
+
+/// Runs `attempt` until it is not interrupted; a would-block arms a poll
+/// for `events` and returns pending.
+fn ready_or_arm<T>(
+    fd: RawFd,
+    events: i16,
+    slot: &mut Option<u64>,
+    cx: &Context<'_>,
+    mut attempt: impl FnMut() -> std::io::Result<T>,
+) -> Poll<std::io::Result<T>> {
+    loop {
+        match attempt() {
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                arm(fd, u32::from(events.cast_unsigned()), slot, cx.waker());
+                return Poll::Pending;
+            }
+            done => return Poll::Ready(done),
+        }
+    }
+}
+
+impl Drop for RingSocket {
+    fn drop(&mut self) {
+        // An armed poll holds the socket open in the kernel until it
+        // completes: a shutdown completes it (and closes the connection,
+        // as the close after it would).
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let tokens = [self.readable, self.writable];
+        POLLS.with(|polls| {
+            let mut polls = polls.borrow_mut();
+            for token in tokens.into_iter().flatten() {
+                polls.waiting.remove(&token);
+                polls.to_arm.retain(|(_, _, asked)| *asked != token);
+            }
+        });
+    }
+}
+
+impl AsyncRead for HostableSocket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        if let Err(error) = this.settle() {
+            return Poll::Ready(Err(error));
+        }
+        match &mut this.mode {
+            Mode::Runtime(stream) => Pin::new(stream).poll_read(cx, buf),
+            Mode::Reactor(ring) => {
+                let fd = ring.stream.as_raw_fd();
+                let stream = &ring.stream;
+                let read = ready_or_arm(fd, libc::POLLIN, &mut ring.readable, cx, || {
+                    (&*stream).read(buf.initialize_unfilled())
+                });
+                read.map_ok(|bytes| buf.advance(bytes))
+            }
+            Mode::Broken => Poll::Ready(Err(std::io::Error::other("the socket could not move to its reactor"))),
+        }
+    }
+}
+
+impl AsyncWrite for HostableSocket {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(error) = this.settle() {
+            return Poll::Ready(Err(error));
+        }
+        match &mut this.mode {
+            Mode::Runtime(stream) => Pin::new(stream).poll_write(cx, buf),
+            Mode::Reactor(ring) => {
+                let fd = ring.stream.as_raw_fd();
+                let stream = &ring.stream;
+                ready_or_arm(fd, libc::POLLOUT, &mut ring.writable, cx, || (&*stream).write(buf))
+            }
+            Mode::Broken => Poll::Ready(Err(std::io::Error::other("the socket could not move to its reactor"))),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        if let Err(error) = this.settle() {
+            return Poll::Ready(Err(error));
+        }
+        match &mut this.mode {
+            Mode::Runtime(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Mode::Reactor(ring) => {
+                let fd = ring.stream.as_raw_fd();
+                let stream = &ring.stream;
+                ready_or_arm(fd, libc::POLLOUT, &mut ring.writable, cx, || {
+                    (&*stream).write_vectored(bufs)
+                })
+            }
+            Mode::Broken => Poll::Ready(Err(std::io::Error::other("the socket could not move to its reactor"))),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().mode {
+            Mode::Runtime(stream) => Pin::new(stream).poll_flush(cx),
+            // Nothing is buffered here.
+            Mode::Reactor(_) | Mode::Broken => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.get_mut().mode {
+            Mode::Runtime(stream) => Pin::new(stream).poll_shutdown(cx),
+            Mode::Reactor(ring) => Poll::Ready(ring.stream.shutdown(std::net::Shutdown::Write)),
+            Mode::Broken => Poll::Ready(Ok(())),
+        }
+    }
+}
