@@ -125,7 +125,7 @@ pub struct Cluster {
     pub client: Arc<PeerClient>,
     pub health: Health,
     /// This node's local replicas (set once at start-up).
-    volumes: std::sync::OnceLock<Arc<crate::volume::Volumes>>,
+    volumes: Arc<std::sync::OnceLock<Arc<crate::volume::Volumes>>>,
     /// Multiplexed data-path connections, by peer address.
     links: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::peer::mux::MuxLink>>>,
     /// Replication of the volumes this node coordinates, by name.
@@ -228,7 +228,7 @@ impl Cluster {
             state,
             applied,
             client,
-            volumes: std::sync::OnceLock::new(),
+            volumes: Arc::new(std::sync::OnceLock::new()),
             dirty,
             tls,
             data_dir: data_dir.to_owned(),
@@ -307,9 +307,14 @@ impl Cluster {
     pub fn link(&self, address: &str) -> Arc<crate::peer::mux::MuxLink> {
         let mut links = self.links.lock();
         Arc::clone(links.entry(address.to_owned()).or_insert_with(|| {
+            // Replies are read on a reactor: the one of the caller that
+            // dials, if it is one (an NBD connection's), else in turn.
+            let volumes = Arc::clone(&self.volumes);
+            let reader_host: crate::peer::mux::ReaderHost = Arc::new(move |reading| host_on_reactor(&volumes, reading));
             Arc::new(crate::peer::mux::MuxLink::new(
                 Arc::clone(&self.client),
                 address.to_owned(),
+                Some(reader_host),
             ))
         }))
     }
@@ -503,6 +508,36 @@ impl Cluster {
     }
 }
 
+/// Runs a peer connection's work on a reactor: the caller's own if it runs
+/// on one, else each in turn (`BALLAST_PEER_ON_REACTORS=0`: on the runtime).
+/// Hands it back when there is no reactor to run it (no volumes yet, the
+/// thread pool).
+fn host_on_reactor(
+    volumes: &std::sync::OnceLock<Arc<crate::volume::Volumes>>,
+    served: crate::peer::server::HostedConnection,
+) -> Result<(), crate::peer::server::HostedConnection> {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let on = *ON.get_or_init(|| std::env::var("BALLAST_PEER_ON_REACTORS").map_or(true, |value| value != "0"));
+    let Some(volumes) = volumes.get().filter(|_| on) else {
+        return Err(served);
+    };
+    let engine = volumes.engine();
+    let hosts = engine.hosts();
+    if hosts.is_empty() {
+        return Err(served);
+    }
+    let host = hosts
+        .iter()
+        .find(|host| host.waker.is_current())
+        .unwrap_or_else(|| &hosts[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % hosts.len()]);
+    if let Err(error) = engine.host_future(host, served) {
+        // The engine is stopping: the connection ends (the dropped guest drops it).
+        tracing::debug!(%error, "peer connection not hosted");
+    }
+    Ok(())
+}
+
 impl PeerHandler for Cluster {
     fn identity(&self) -> (Option<uuid::Uuid>, u64) {
         (self.cluster_id(), self.local.id)
@@ -513,23 +548,7 @@ impl PeerHandler for Cluster {
     /// socket, on that thread, with no hop through the runtime's threads
     /// (`BALLAST_PEER_ON_REACTORS=0`: on the runtime).
     fn host(&self, served: crate::peer::server::HostedConnection) -> Result<(), crate::peer::server::HostedConnection> {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let on = *ON.get_or_init(|| std::env::var("BALLAST_PEER_ON_REACTORS").map_or(true, |value| value != "0"));
-        let Some(volumes) = self.volumes.get().filter(|_| on) else {
-            return Err(served);
-        };
-        let engine = volumes.engine();
-        let hosts = engine.hosts();
-        if hosts.is_empty() {
-            return Err(served);
-        }
-        let host = &hosts[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % hosts.len()];
-        if let Err(error) = engine.host_future(host, served) {
-            // The engine is stopping: the connection ends (the dropped guest drops it).
-            tracing::debug!(%error, "peer connection not hosted");
-        }
-        Ok(())
+        host_on_reactor(&self.volumes, served)
     }
 
     async fn handle(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(FrameKind, Vec<u8>), String> {

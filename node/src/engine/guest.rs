@@ -57,8 +57,14 @@ impl ReactorWaker {
         Self { id, waker }
     }
 
+    /// Whether this thread is the reactor it wakes.
+    #[must_use]
+    pub fn is_current(&self) -> bool {
+        CURRENT_REACTOR.with(Cell::get) == self.id
+    }
+
     pub fn wake(&self) {
-        if CURRENT_REACTOR.with(Cell::get) == self.id {
+        if self.is_current() {
             GUEST_WORK.with(|work| work.set(true));
         } else {
             self.waker.wake();

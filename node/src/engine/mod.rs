@@ -441,7 +441,7 @@ fn start_reactor(
             }
             match open_group(&group, &config) {
                 Ok((engine, stores, opened)) => {
-                    socket::enter(id, engine.notify_fd().is_some());
+                    socket::enter(ReactorWaker::new(id, engine.waker()), engine.notify_fd().is_some());
                     let _ = ready_sender.send(Ok((engine.waker(), engine.notify_fd(), opened)));
                     reactor::Reactor::new(engine, stores, receiver, thread_sleeping).run();
                 }
@@ -787,6 +787,7 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let client = std::net::TcpStream::connect(address).unwrap();
         client.set_read_timeout(Some(WAIT_MAX)).unwrap();
+        client.set_write_timeout(Some(WAIT_MAX)).unwrap();
         let (accepted, _) = runtime.block_on(listener.accept()).unwrap();
         (runtime, engine, disk, host, accepted, client)
     }
@@ -844,6 +845,50 @@ mod tests {
         assert!(on_reactor, "the socket moved to the reactor's ring");
         assert_ne!(thread, std::thread::current().id());
         assert!(socket::polls_armed() > polls_before, "it waited on the ring");
+    }
+
+    #[test]
+    fn a_socket_that_moves_to_a_reactor_while_a_runtime_task_waits_on_it_serves_that_task_from_the_ring() {
+        use std::io::{Read, Write};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (runtime, engine, _disk, host, accepted, mut client) = hosted_connection("moved");
+        let (reader, mut writer) = tokio::io::split(socket::HostableSocket::new(accepted));
+        let (started_sender, started) = std::sync::mpsc::channel();
+        let (read_sender, read) = std::sync::mpsc::channel();
+        let wanted = 4usize << 20;
+        // A runtime task whose read is pending on the runtime's epoll when
+        // the socket moves: it must be woken, and then served by the ring
+        // (it reads from a runtime thread, the socket's polls are the reactor's).
+        runtime.spawn(async move {
+            let mut reader = reader;
+            let mut received = vec![0u8; wanted];
+            let mut reading = std::pin::pin!(reader.read_exact(&mut received));
+            assert!(futures::poll!(&mut reading).is_pending(), "nothing was sent yet");
+            started_sender.send(()).unwrap();
+            let outcome = reading.await.map(|_| ());
+            let _ = read_sender.send(outcome.map(|()| received));
+        });
+        started.recv_timeout(WAIT_MAX).unwrap();
+        let _context = runtime.enter();
+        let (moved_sender, moved) = std::sync::mpsc::channel();
+        engine
+            .host_future(&host, async move {
+                // The first poll on the reactor moves the socket.
+                writer.write_all(b"m").await.unwrap();
+                let _ = moved_sender.send(());
+            })
+            .unwrap();
+        moved.recv_timeout(WAIT_MAX).unwrap();
+        let mut byte = [0u8; 1];
+        client.read_exact(&mut byte).unwrap();
+        assert_eq!(&byte, b"m");
+        let sent: Vec<u8> = (0..wanted).map(|i| u8::try_from(i % 253).unwrap()).collect();
+        client.write_all(&sent).unwrap();
+        let received = read
+            .recv_timeout(WAIT_MAX)
+            .expect("the task that waited before the move was woken and read everything")
+            .unwrap();
+        assert!(received == sent, "the bytes read after the move differ");
     }
 
     #[test]

@@ -19,17 +19,23 @@ use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use disk_layout::IoBuf;
 use kernel_iface::IoEngine;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// The polls of one reactor thread.
+/// The socket polls of one reactor: asked for by connections on any
+/// thread, armed and completed by the reactor.
+pub(super) struct SocketPolls {
+    /// Wakes the reactor when a poll is asked for from another thread.
+    waker: super::ReactorWaker,
+    inner: parking_lot::Mutex<Polls>,
+}
+
 #[derive(Default)]
 struct Polls {
-    /// This thread runs reactor `reactor`, whose engine polls sockets.
-    reactor: u64,
     next_token: u64,
     /// Wakers of the armed polls, by token.
     waiting: HashMap<u64, std::task::Waker>,
@@ -38,7 +44,8 @@ struct Polls {
 }
 
 thread_local! {
-    static POLLS: RefCell<Polls> = RefCell::new(Polls::default());
+    /// The polls of the reactor this thread runs, when its engine polls sockets.
+    static CURRENT: RefCell<Option<Arc<SocketPolls>>> = const { RefCell::new(None) };
 }
 
 /// Polls armed on reactors' rings since the process started.
@@ -59,57 +66,108 @@ pub fn sockets_moved() -> u64 {
     SOCKETS_MOVED.load(Ordering::Relaxed)
 }
 
-/// Marks this thread as reactor `reactor`'s, able to poll sockets when
-/// its engine can (`IoEngine::poll_fd`; the thread pool cannot).
-pub(super) fn enter(reactor: u64, engine_polls: bool) {
+/// Marks this thread as the reactor woken by `waker`, able to poll sockets
+/// when its engine can (`IoEngine::poll_fd`; the thread pool cannot).
+pub(super) fn enter(waker: super::ReactorWaker, engine_polls: bool) {
     let enabled = engine_polls && std::env::var("BALLAST_SOCKETS_ON_RING").map_or(true, |value| value != "0");
-    POLLS.with(|polls| polls.borrow_mut().reactor = if enabled { reactor } else { 0 });
+    let polls = enabled.then(|| {
+        Arc::new(SocketPolls {
+            waker,
+            inner: parking_lot::Mutex::new(Polls::default()),
+        })
+    });
+    CURRENT.with(|current| *current.borrow_mut() = polls);
 }
 
-/// Hands the polls asked for on this thread to its engine.
+fn current() -> Option<Arc<SocketPolls>> {
+    CURRENT.with(|current| current.borrow().clone())
+}
+
+/// Hands the polls asked for (on any thread) to this reactor's engine.
 pub(super) fn arm_asked(engine: &mut dyn IoEngine<IoBuf>) {
-    let asked = POLLS.with(|polls| std::mem::take(&mut polls.borrow_mut().to_arm));
+    let Some(polls) = current() else {
+        return;
+    };
+    let asked = std::mem::take(&mut polls.inner.lock().to_arm);
     for (fd, events, token) in asked {
         if engine.poll_fd(fd, events, token) {
             POLLS_ARMED.fetch_add(1, Ordering::Relaxed);
         } else {
             // Cannot happen on a thread marked by `enter`; never leave a waiter asleep.
-            wake([token]);
+            polls.wake([token]);
         }
     }
 }
 
-/// Wakes the connections whose polls completed.
+/// Wakes the connections whose polls on this reactor completed.
 pub(super) fn wake_ready(engine: &mut dyn IoEngine<IoBuf>, scratch: &mut Vec<(u64, i32)>) {
     engine.drain_polls(scratch);
     if scratch.is_empty() {
         return;
     }
-    wake(scratch.drain(..).map(|(token, _)| token));
+    if let Some(polls) = current() {
+        polls.wake(scratch.drain(..).map(|(token, _)| token));
+    }
+    scratch.clear();
 }
 
-fn wake(tokens: impl IntoIterator<Item = u64>) {
-    let wakers: Vec<std::task::Waker> = POLLS.with(|polls| {
-        let mut polls = polls.borrow_mut();
-        // A token nobody waits for is a socket already dropped.
-        tokens
-            .into_iter()
-            .filter_map(|token| polls.waiting.remove(&token))
-            .collect()
-    });
-    for waker in wakers {
-        waker.wake();
+impl SocketPolls {
+    fn wake(&self, tokens: impl IntoIterator<Item = u64>) {
+        let wakers: Vec<std::task::Waker> = {
+            let mut polls = self.inner.lock();
+            // A token nobody waits for is a socket already dropped.
+            tokens
+                .into_iter()
+                .filter_map(|token| polls.waiting.remove(&token))
+                .collect()
+        };
+        for waker in wakers {
+            waker.wake();
+        }
+    }
+
+    /// Asks the reactor to wake `waker` once `fd` is ready for `events`,
+    /// unless a poll for it is still armed (then only the waker is kept).
+    fn arm(&self, fd: RawFd, events: u32, slot: &mut Option<u64>, waker: &std::task::Waker) {
+        {
+            let mut polls = self.inner.lock();
+            if let Some(token) = *slot {
+                if let Some(armed) = polls.waiting.get_mut(&token) {
+                    if !armed.will_wake(waker) {
+                        armed.clone_from(waker);
+                    }
+                    return;
+                }
+            }
+            polls.next_token += 1;
+            let token = polls.next_token;
+            polls.waiting.insert(token, waker.clone());
+            polls.to_arm.push((fd, events, token));
+            *slot = Some(token);
+        }
+        // On its own thread the reactor arms it before it next sleeps.
+        if !self.waker.is_current() {
+            self.waker.wake();
+        }
+    }
+
+    /// Forgets a dropped socket's polls (asked for or armed).
+    fn forget(&self, tokens: [Option<u64>; 2]) {
+        let mut polls = self.inner.lock();
+        for token in tokens.into_iter().flatten() {
+            polls.waiting.remove(&token);
+            polls.to_arm.retain(|(_, _, asked)| *asked != token);
+        }
     }
 }
 
-/// The reactor this thread runs, when it polls sockets (0: none).
-fn polling_reactor() -> u64 {
-    POLLS.with(|polls| polls.borrow().reactor)
-}
-
-/// A TCP connection that moves onto the reactor that first polls it.
+/// A TCP connection that moves onto the reactor that first polls it; after
+/// that any thread may use it, and that reactor's ring says when it is ready.
 pub struct HostableSocket {
     mode: Mode,
+    /// Tasks that found it not ready while on the runtime: woken when it
+    /// moves (the runtime's epoll no longer wakes them then).
+    runtime_waiters: [Option<std::task::Waker>; 2],
 }
 
 enum Mode {
@@ -122,7 +180,7 @@ enum Mode {
 /// A socket served by a reactor's ring.
 struct RingSocket {
     stream: std::net::TcpStream,
-    reactor: u64,
+    polls: Arc<SocketPolls>,
     /// The armed poll for readability, if any.
     readable: Option<u64>,
     writable: Option<u64>,
@@ -133,6 +191,7 @@ impl HostableSocket {
     pub fn new(stream: tokio::net::TcpStream) -> Self {
         Self {
             mode: Mode::Runtime(stream),
+            runtime_waiters: [None, None],
         }
     }
 
@@ -145,9 +204,11 @@ impl HostableSocket {
     /// Moves it to this thread's reactor if it runs one that polls sockets
     /// (the first poll of a hosted connection).
     fn settle(&mut self) -> std::io::Result<()> {
-        let reactor = polling_reactor();
         match &self.mode {
-            Mode::Runtime(_) if reactor != 0 => {
+            Mode::Runtime(_) => {
+                let Some(polls) = current() else {
+                    return Ok(());
+                };
                 let Mode::Runtime(stream) = std::mem::replace(&mut self.mode, Mode::Broken) else {
                     unreachable!("matched above");
                 };
@@ -155,45 +216,33 @@ impl HostableSocket {
                 SOCKETS_MOVED.fetch_add(1, Ordering::Relaxed);
                 self.mode = Mode::Reactor(RingSocket {
                     stream,
-                    reactor,
+                    polls,
                     readable: None,
                     writable: None,
                 });
+                for waiter in self.runtime_waiters.iter_mut().filter_map(Option::take) {
+                    waiter.wake();
+                }
                 Ok(())
             }
-            Mode::Reactor(ring) if ring.reactor != reactor => Err(std::io::Error::other(
-                "a socket served by a reactor was polled on another thread",
-            )),
             Mode::Broken => Err(std::io::Error::other("the socket could not move to its reactor")),
-            _ => Ok(()),
+            Mode::Reactor(_) => Ok(()),
         }
     }
-}
 
-/// Asks this thread's reactor to wake `waker` once `fd` is ready for
-/// `events`, unless a poll for it is still armed (then only the waker is kept).
-fn arm(fd: RawFd, events: u32, slot: &mut Option<u64>, waker: &std::task::Waker) {
-    POLLS.with(|polls| {
-        let mut polls = polls.borrow_mut();
-        if let Some(token) = *slot {
-            if let Some(armed) = polls.waiting.get_mut(&token) {
-                if !armed.will_wake(waker) {
-                    armed.clone_from(waker);
-                }
-                return;
-            }
+    /// Remembers the task a runtime-side call left pending (`which`: 0 read, 1 write).
+    fn note_runtime_wait<T>(&mut self, which: usize, cx: &Context<'_>, outcome: Poll<T>) -> Poll<T> {
+        if outcome.is_pending() {
+            self.runtime_waiters[which] = Some(cx.waker().clone());
         }
-        polls.next_token += 1;
-        let token = polls.next_token;
-        polls.waiting.insert(token, waker.clone());
-        polls.to_arm.push((fd, events, token));
-        *slot = Some(token);
-    });
+        outcome
+    }
 }
 
 /// Runs `attempt` until it is not interrupted; a would-block arms a poll
 /// for `events` and returns pending.
 fn ready_or_arm<T>(
+    polls: &SocketPolls,
     fd: RawFd,
     events: i16,
     slot: &mut Option<u64>,
@@ -204,7 +253,7 @@ fn ready_or_arm<T>(
         match attempt() {
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
             Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                arm(fd, u32::from(events.cast_unsigned()), slot, cx.waker());
+                polls.arm(fd, u32::from(events.cast_unsigned()), slot, cx.waker());
                 return Poll::Pending;
             }
             done => return Poll::Ready(done),
@@ -218,14 +267,7 @@ impl Drop for RingSocket {
         // completes: a shutdown completes it (and closes the connection,
         // as the close after it would).
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        let tokens = [self.readable, self.writable];
-        POLLS.with(|polls| {
-            let mut polls = polls.borrow_mut();
-            for token in tokens.into_iter().flatten() {
-                polls.waiting.remove(&token);
-                polls.to_arm.retain(|(_, _, asked)| *asked != token);
-            }
-        });
+        self.polls.forget([self.readable, self.writable]);
     }
 }
 
@@ -236,11 +278,14 @@ impl AsyncRead for HostableSocket {
             return Poll::Ready(Err(error));
         }
         match &mut this.mode {
-            Mode::Runtime(stream) => Pin::new(stream).poll_read(cx, buf),
+            Mode::Runtime(stream) => {
+                let outcome = Pin::new(stream).poll_read(cx, buf);
+                this.note_runtime_wait(0, cx, outcome)
+            }
             Mode::Reactor(ring) => {
                 let fd = ring.stream.as_raw_fd();
                 let stream = &ring.stream;
-                let read = ready_or_arm(fd, libc::POLLIN, &mut ring.readable, cx, || {
+                let read = ready_or_arm(&ring.polls, fd, libc::POLLIN, &mut ring.readable, cx, || {
                     (&*stream).read(buf.initialize_unfilled())
                 });
                 read.map_ok(|bytes| buf.advance(bytes))
@@ -257,11 +302,16 @@ impl AsyncWrite for HostableSocket {
             return Poll::Ready(Err(error));
         }
         match &mut this.mode {
-            Mode::Runtime(stream) => Pin::new(stream).poll_write(cx, buf),
+            Mode::Runtime(stream) => {
+                let outcome = Pin::new(stream).poll_write(cx, buf);
+                this.note_runtime_wait(1, cx, outcome)
+            }
             Mode::Reactor(ring) => {
                 let fd = ring.stream.as_raw_fd();
                 let stream = &ring.stream;
-                ready_or_arm(fd, libc::POLLOUT, &mut ring.writable, cx, || (&*stream).write(buf))
+                ready_or_arm(&ring.polls, fd, libc::POLLOUT, &mut ring.writable, cx, || {
+                    (&*stream).write(buf)
+                })
             }
             Mode::Broken => Poll::Ready(Err(std::io::Error::other("the socket could not move to its reactor"))),
         }
@@ -277,11 +327,14 @@ impl AsyncWrite for HostableSocket {
             return Poll::Ready(Err(error));
         }
         match &mut this.mode {
-            Mode::Runtime(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Mode::Runtime(stream) => {
+                let outcome = Pin::new(stream).poll_write_vectored(cx, bufs);
+                this.note_runtime_wait(1, cx, outcome)
+            }
             Mode::Reactor(ring) => {
                 let fd = ring.stream.as_raw_fd();
                 let stream = &ring.stream;
-                ready_or_arm(fd, libc::POLLOUT, &mut ring.writable, cx, || {
+                ready_or_arm(&ring.polls, fd, libc::POLLOUT, &mut ring.writable, cx, || {
                     (&*stream).write_vectored(bufs)
                 })
             }

@@ -181,6 +181,8 @@ impl PeerClient {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // A connection whose reader a reactor hosts (`mux`) moves onto that reactor's ring.
+            let tcp = crate::engine::socket::HostableSocket::new(tcp);
             let tls = tokio_rustls::TlsConnector::from(config)
                 .connect(super::tls::server_name(), tcp)
                 .await

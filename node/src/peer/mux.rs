@@ -18,6 +18,27 @@ use tokio::io::AsyncWriteExt;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Frame>>>>;
 
+/// Runs a connection's reader where its replies are cheapest to take (on a
+/// reactor, whose ring then says when replies arrive, and whose callers it
+/// wakes without a system call); hands it back when there is no such place.
+pub type ReaderHost =
+    Arc<dyn Fn(super::server::HostedConnection) -> Result<(), super::server::HostedConnection> + Send + Sync>;
+
+/// Ends a connection when its reader ends (or is dropped with its reactor):
+/// marks it dead and fails every caller still waiting.
+struct Closed {
+    pending: Pending,
+    dead: Arc<AtomicBool>,
+}
+
+impl Drop for Closed {
+    fn drop(&mut self) {
+        self.dead.store(true, Ordering::Release);
+        // Dropping the senders fails every caller still waiting.
+        self.pending.lock().clear();
+    }
+}
+
 struct Connection {
     writer: tokio::sync::Mutex<WriteHalf<PeerStream>>,
     /// Frames encoded and not yet sent: whoever takes the writer sends
@@ -27,7 +48,7 @@ struct Connection {
     pending: Pending,
     dead: Arc<AtomicBool>,
     next_request_id: AtomicU64,
-    reader: tokio::task::JoinHandle<()>,
+    reader: futures::future::AbortHandle,
 }
 
 impl Drop for Connection {
@@ -41,6 +62,7 @@ pub struct MuxLink {
     client: Arc<PeerClient>,
     address: String,
     connection: tokio::sync::Mutex<Option<Arc<Connection>>>,
+    reader_host: Option<ReaderHost>,
 }
 
 /// Removes a request's reply slot if its caller gives up (time-out).
@@ -56,12 +78,15 @@ impl Drop for Slot<'_> {
 }
 
 impl MuxLink {
+    /// A link whose connections' readers run on the runtime, or where
+    /// `reader_host` puts them.
     #[must_use]
-    pub fn new(client: Arc<PeerClient>, address: String) -> Self {
+    pub fn new(client: Arc<PeerClient>, address: String, reader_host: Option<ReaderHost>) -> Self {
         Self {
             client,
             address,
             connection: tokio::sync::Mutex::new(None),
+            reader_host,
         }
     }
 
@@ -82,26 +107,38 @@ impl MuxLink {
         let (mut reader, writer) = tokio::io::split(stream);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
-        let reader_task = {
-            let (pending, dead, address) = (Arc::clone(&pending), Arc::clone(&dead), self.address.clone());
-            tokio::spawn(async move {
+        let (reading, reader) = {
+            let closed = Closed {
+                pending: Arc::clone(&pending),
+                dead: Arc::clone(&dead),
+            };
+            let address = self.address.clone();
+            futures::future::abortable(async move {
+                let closed = closed;
                 while let Ok(frame) = read_frame(&mut reader, &address).await {
-                    if let Some(sender) = pending.lock().remove(&frame.request_id) {
+                    if let Some(sender) = closed.pending.lock().remove(&frame.request_id) {
                         let _ = sender.send(frame);
                     }
                 }
-                dead.store(true, Ordering::Release);
-                // Dropping the senders fails every caller still waiting.
-                pending.lock().clear();
             })
         };
+        let reading: super::server::HostedConnection = Box::pin(async move {
+            let _ = reading.await;
+        });
+        let unhosted = match &self.reader_host {
+            Some(host) => host(reading).err(),
+            None => Some(reading),
+        };
+        if let Some(reading) = unhosted {
+            tokio::spawn(reading);
+        }
         let connection = Arc::new(Connection {
             writer: tokio::sync::Mutex::new(writer),
             outbox: Mutex::new(Vec::new()),
             pending,
             dead,
             next_request_id: AtomicU64::new(1),
-            reader: reader_task,
+            reader,
         });
         *slot = Some(Arc::clone(&connection));
         Ok(connection)
