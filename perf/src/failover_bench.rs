@@ -22,7 +22,13 @@
 //! - `pause`: SIGSTOP of the serving node for half the failover timeout;
 //! - `cpu`: busy loops, two per core, for twice the failover timeout;
 //! - `disk stall`: the serving node's disk holds every request for 2 s (a
-//!   `stall` rule of the node's fault plan, `kernel_iface::faults`).
+//!   `stall` rule of the node's fault plan, `kernel_iface::faults`);
+//! - `clock jump`: the machine's wall clock steps an hour forward, then two
+//!   hours back, then forward to the true time again (as an NTP step at boot
+//!   or a wrong RTC does), each step a third of twice the failover timeout
+//!   apart; restored from the monotonic clock when the trial ends, whatever
+//!   happens (`date -s`, needs CAP_SYS_TIME; the kind is left out where the
+//!   clock cannot be set, and says so).
 
 use std::net::ToSocketAddrs;
 use std::path::PathBuf;
@@ -47,6 +53,28 @@ pub struct FailoverOptions {
     pub failover_after_s: Option<u64>,
     pub out: PathBuf,
     pub ballast: BallastBinary,
+    /// Only these kinds (`kill9`, `stop`, `partition`, `pause`, `cpu_load`,
+    /// `disk_stall`, `clock_jump`); empty: all.
+    pub kinds: Vec<String>,
+}
+
+/// Names of the trial kinds (`--kinds`).
+pub const KINDS: [&str; 7] = [
+    "kill9",
+    "stop",
+    "partition",
+    "pause",
+    "cpu_load",
+    "disk_stall",
+    "clock_jump",
+];
+
+/// The `--kinds` name of a fault or slow kind (its JSON name).
+fn kind_name(kind: impl Serialize) -> String {
+    serde_json::to_value(kind)
+        .ok()
+        .and_then(|value| value.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 const NODE_COUNT: usize = 3;
@@ -112,10 +140,64 @@ enum Slow {
     CpuLoad,
     /// The serving node's disk stalls.
     DiskStall,
+    /// The machine's wall clock steps forward and back.
+    ClockJump,
 }
 
 impl Slow {
-    const ALL: [Self; 3] = [Self::Pause, Self::CpuLoad, Self::DiskStall];
+    const ALL: [Self; 4] = [Self::Pause, Self::CpuLoad, Self::DiskStall, Self::ClockJump];
+}
+
+/// How far the clock-jump trials step the wall clock.
+const CLOCK_STEP_S: i64 = 3600;
+
+/// The machine's wall clock, set off from the true time for a trial and
+/// put back (from the monotonic clock) when dropped.
+struct WallClock {
+    true_at: std::time::SystemTime,
+    since: Instant,
+}
+
+impl WallClock {
+    /// Notes the true time now; None (and why) when this process cannot set the clock.
+    fn take() -> Result<Self> {
+        let clock = Self {
+            true_at: std::time::SystemTime::now(),
+            since: Instant::now(),
+        };
+        // Setting it to the true time checks that it can be set, changing nothing.
+        clock.set_off(0)?;
+        Ok(clock)
+    }
+
+    /// Sets the wall clock `offset_s` seconds off the true time.
+    fn set_off(&self, offset_s: i64) -> Result<()> {
+        let true_now = self.true_at + self.since.elapsed();
+        let unix = true_now
+            .duration_since(std::time::UNIX_EPOCH)
+            .context("the clock is before 1970")?;
+        let seconds = i64::try_from(unix.as_secs()).context("time out of range")? + offset_s;
+        let to = format!("@{seconds}.{:09}", unix.subsec_nanos());
+        let output = Command::new("date")
+            .args(["-u", "-s", &to])
+            .output()
+            .context("running date -s")?;
+        if !output.status.success() {
+            bail!(
+                "date -s {to} failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for WallClock {
+    fn drop(&mut self) {
+        if let Err(error) = self.set_off(0) {
+            eprintln!("failover: could not put the wall clock back: {error:#}; set it by hand (e.g. from NTP)");
+        }
+    }
 }
 
 /// How long the disk stall trials hold the disk.
@@ -501,6 +583,15 @@ fn slow_trial(cluster: &LocalCluster, writer: &Writer, slow: Slow, slow_for: Dur
             std::thread::sleep(slow_for);
             node.set_faults("")?;
         }
+        Slow::ClockJump => {
+            let clock = WallClock::take()?;
+            clock.set_off(CLOCK_STEP_S)?;
+            std::thread::sleep(slow_for / 3);
+            clock.set_off(-CLOCK_STEP_S)?;
+            std::thread::sleep(slow_for / 3);
+            clock.set_off(0)?;
+            std::thread::sleep(slow_for / 3);
+        }
     }
     let resumed = Instant::now();
     let again = wait_for("a write acknowledged again after the slow spell", || {
@@ -513,7 +604,12 @@ fn slow_trial(cluster: &LocalCluster, writer: &Writer, slow: Slow, slow_for: Dur
     std::thread::sleep(Duration::from_millis(500));
     let (now_serving, now_epoch) = coordinator(cluster, None)?;
     let moved = now_serving != serving || now_epoch != epoch;
-    let stall = writer.acks.longest_gap(paused).max(again.duration_since(paused));
+    // The longest wait for an acknowledgement from the start of the spell
+    // (`again` is among them). Not `again - paused`: that is at least the
+    // spell's length even when the writer never stopped (a saturated CPU,
+    // a clock jump), which is how the CPU trials once reported 8 s stalls.
+    debug_assert!(again >= paused);
+    let stall = writer.acks.longest_gap(paused);
     Ok((moved, stall.as_secs_f64()))
 }
 
@@ -572,7 +668,12 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
             .with_context(|| format!("bad node address {address}"))?;
     }
     let writer = Writer::start(uris)?;
-    let mut samples: Vec<(Fault, Vec<f64>)> = Fault::ALL.iter().map(|fault| (*fault, Vec::new())).collect();
+    let chosen = |name: String| options.kinds.is_empty() || options.kinds.contains(&name);
+    let mut samples: Vec<(Fault, Vec<f64>)> = Fault::ALL
+        .iter()
+        .filter(|fault| chosen(kind_name(**fault)))
+        .map(|fault| (*fault, Vec::new()))
+        .collect();
     for trial in 0..options.trials {
         for (fault, times) in &mut samples {
             let seconds = fault_trial(&mut cluster, &writer, &partition, *fault)
@@ -601,7 +702,7 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
         }
     }
     let mut slow_rows = Vec::new();
-    for slow in Slow::ALL {
+    for slow in Slow::ALL.into_iter().filter(|slow| chosen(kind_name(*slow))) {
         let (slow_for, description) = match slow {
             Slow::Pause => {
                 let pause = Duration::from_millis(failover_after_s * 1000 / 2);
@@ -624,6 +725,25 @@ pub fn run(options: &FailoverOptions) -> Result<Vec<crate::chart::Bar>> {
                     DISK_STALL.as_secs()
                 ),
             ),
+            Slow::ClockJump => {
+                if let Err(error) = WallClock::take() {
+                    eprintln!(
+                        "failover: clock-jump trials left out: this process cannot set the wall clock ({error:#})"
+                    );
+                    continue;
+                }
+                let step = Duration::from_secs(failover_after_s * 2) / 3;
+                (
+                    step * 3,
+                    format!(
+                        "the wall clock steps {} h forward, {} h back, {} h forward, {:.1} s apart",
+                        CLOCK_STEP_S / 3600,
+                        2 * CLOCK_STEP_S / 3600,
+                        CLOCK_STEP_S / 3600,
+                        step.as_secs_f64()
+                    ),
+                )
+            }
         };
         let (mut false_failovers, mut stalls) = (0, Vec::new());
         for trial in 0..options.trials {
@@ -728,6 +848,16 @@ fn markdown(report: &FailoverReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_trial_kind_has_its_kinds_name_and_no_name_is_left_over() {
+        let names: Vec<String> = Fault::ALL
+            .iter()
+            .map(|fault| kind_name(*fault))
+            .chain(Slow::ALL.iter().map(|slow| kind_name(*slow)))
+            .collect();
+        assert_eq!(names, KINDS.map(str::to_owned).to_vec());
+    }
 
     #[test]
     fn percentiles_are_nearest_rank_and_p99_of_few_trials_is_the_largest() {

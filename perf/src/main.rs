@@ -172,6 +172,11 @@ enum Bench {
         /// The nodes' failover timeout (default: the binary's own).
         #[arg(long)]
         failover_after_s: Option<u64>,
+        /// Only these kinds, comma-separated: kill9, stop, partition (faults);
+        /// pause, cpu_load, disk_stall, clock_jump (a node merely slow; clock_jump
+        /// steps this machine's wall clock and puts it back). Default: all.
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
         /// Two trials of each kind (about three minutes).
         #[arg(long)]
         quick: bool,
@@ -445,6 +450,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
         Bench::Failover {
             trials,
             failover_after_s,
+            kinds,
             quick,
             ballast,
             out,
@@ -453,9 +459,19 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             if trials == 0 || failover_after_s == Some(0) {
                 anyhow::bail!("--trials and --failover-after-s must be at least 1");
             }
+            if let Some(unknown) = kinds
+                .iter()
+                .find(|kind| !failover_bench::KINDS.contains(&kind.as_str()))
+            {
+                anyhow::bail!(
+                    "--kinds: no trial kind {unknown:?}; the kinds are {}",
+                    failover_bench::KINDS.join(", ")
+                );
+            }
             failover_bench::run(&failover_bench::FailoverOptions {
                 trials,
                 failover_after_s,
+                kinds,
                 out,
                 // Info: a slow trial prints what each node did about the fault.
                 ballast: servers::BallastBinary {
