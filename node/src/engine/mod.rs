@@ -803,22 +803,20 @@ mod tests {
         // both find the socket not ready and wait on the ring.
         let _context = runtime.enter();
         engine
-            .host_future(&host, {
-                async move {
-                    let mut socket = socket::HostableSocket::new(accepted);
-                    let mut buf = vec![0u8; 64 << 10];
-                    let mut echoed = 0usize;
-                    loop {
-                        let read = socket.read(&mut buf).await.unwrap();
-                        if read == 0 {
-                            break;
-                        }
-                        socket.write_all(&buf[..read]).await.unwrap();
-                        echoed += read;
+            .host_future(&host, async move {
+                let mut socket = socket::HostableSocket::new(accepted);
+                let mut buf = vec![0u8; 64 << 10];
+                let mut echoed = 0usize;
+                loop {
+                    let read = socket.read(&mut buf).await.unwrap();
+                    if read == 0 {
+                        break;
                     }
-                    socket.shutdown().await.unwrap();
-                    let _ = done_sender.send((echoed, socket.on_reactor(), std::thread::current().id()));
+                    socket.write_all(&buf[..read]).await.unwrap();
+                    echoed += read;
                 }
+                socket.shutdown().await.unwrap();
+                let _ = done_sender.send((echoed, socket.on_reactor(), std::thread::current().id()));
             })
             .unwrap();
         let sent: Vec<u8> = (0..(16usize << 20))
@@ -899,14 +897,12 @@ mod tests {
         let (done_sender, done) = std::sync::mpsc::channel();
         let _context = runtime.enter();
         engine
-            .host_future(&host, {
-                async move {
-                    let mut socket = socket::HostableSocket::new(accepted);
-                    let mut buf = [0u8; 16];
-                    // Nothing comes: the read waits on the ring until the time-out drops it.
-                    let read = tokio::time::timeout(Duration::from_millis(50), socket.read(&mut buf)).await;
-                    let _ = done_sender.send((read.is_err(), socket.on_reactor()));
-                }
+            .host_future(&host, async move {
+                let mut socket = socket::HostableSocket::new(accepted);
+                let mut buf = [0u8; 16];
+                // Nothing comes: the read waits on the ring until the time-out drops it.
+                let read = tokio::time::timeout(Duration::from_millis(50), socket.read(&mut buf)).await;
+                let _ = done_sender.send((read.is_err(), socket.on_reactor()));
             })
             .unwrap();
         assert_eq!(done.recv_timeout(WAIT_MAX).unwrap(), (true, true));

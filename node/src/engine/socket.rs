@@ -271,50 +271,67 @@ impl Drop for RingSocket {
     }
 }
 
-impl AsyncRead for HostableSocket {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        if let Err(error) = this.settle() {
+impl HostableSocket {
+    /// One read or write (`events`: `POLLIN` or `POLLOUT`) with `arg`: on the
+    /// runtime through `runtime`, on a reactor through `ring` (armed for
+    /// `events` when not ready).
+    fn poll_io<A: ?Sized, T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        events: i16,
+        arg: &mut A,
+        runtime: impl FnOnce(Pin<&mut tokio::net::TcpStream>, &mut Context<'_>, &mut A) -> Poll<std::io::Result<T>>,
+        ring: impl FnMut(&std::net::TcpStream, &mut A) -> std::io::Result<T>,
+    ) -> Poll<std::io::Result<T>> {
+        if let Err(error) = self.settle() {
             return Poll::Ready(Err(error));
         }
-        match &mut this.mode {
+        match &mut self.mode {
             Mode::Runtime(stream) => {
-                let outcome = Pin::new(stream).poll_read(cx, buf);
-                this.note_runtime_wait(0, cx, outcome)
+                let outcome = runtime(Pin::new(stream), cx, arg);
+                self.note_runtime_wait(usize::from(events != libc::POLLIN), cx, outcome)
             }
-            Mode::Reactor(ring) => {
-                let fd = ring.stream.as_raw_fd();
-                let stream = &ring.stream;
-                let read = ready_or_arm(&ring.polls, fd, libc::POLLIN, &mut ring.readable, cx, || {
-                    (&*stream).read(buf.initialize_unfilled())
-                });
-                read.map_ok(|bytes| buf.advance(bytes))
+            Mode::Reactor(socket) => {
+                let slot = if events == libc::POLLIN {
+                    &mut socket.readable
+                } else {
+                    &mut socket.writable
+                };
+                let mut ring = ring;
+                ready_or_arm(&socket.polls, socket.stream.as_raw_fd(), events, slot, cx, || {
+                    ring(&socket.stream, arg)
+                })
             }
             Mode::Broken => Poll::Ready(Err(std::io::Error::other("the socket could not move to its reactor"))),
         }
     }
 }
 
+impl AsyncRead for HostableSocket {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        self.get_mut().poll_io(
+            cx,
+            libc::POLLIN,
+            buf,
+            |stream, cx, buf| stream.poll_read(cx, buf),
+            |mut stream, buf| {
+                let bytes = stream.read(buf.initialize_unfilled())?;
+                buf.advance(bytes);
+                Ok(())
+            },
+        )
+    }
+}
+
 impl AsyncWrite for HostableSocket {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if let Err(error) = this.settle() {
-            return Poll::Ready(Err(error));
-        }
-        match &mut this.mode {
-            Mode::Runtime(stream) => {
-                let outcome = Pin::new(stream).poll_write(cx, buf);
-                this.note_runtime_wait(1, cx, outcome)
-            }
-            Mode::Reactor(ring) => {
-                let fd = ring.stream.as_raw_fd();
-                let stream = &ring.stream;
-                ready_or_arm(&ring.polls, fd, libc::POLLOUT, &mut ring.writable, cx, || {
-                    (&*stream).write(buf)
-                })
-            }
-            Mode::Broken => Poll::Ready(Err(std::io::Error::other("the socket could not move to its reactor"))),
-        }
+        self.get_mut().poll_io(
+            cx,
+            libc::POLLOUT,
+            &mut (),
+            |stream, cx, ()| stream.poll_write(cx, buf),
+            |mut stream, ()| stream.write(buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -322,24 +339,13 @@ impl AsyncWrite for HostableSocket {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if let Err(error) = this.settle() {
-            return Poll::Ready(Err(error));
-        }
-        match &mut this.mode {
-            Mode::Runtime(stream) => {
-                let outcome = Pin::new(stream).poll_write_vectored(cx, bufs);
-                this.note_runtime_wait(1, cx, outcome)
-            }
-            Mode::Reactor(ring) => {
-                let fd = ring.stream.as_raw_fd();
-                let stream = &ring.stream;
-                ready_or_arm(&ring.polls, fd, libc::POLLOUT, &mut ring.writable, cx, || {
-                    (&*stream).write_vectored(bufs)
-                })
-            }
-            Mode::Broken => Poll::Ready(Err(std::io::Error::other("the socket could not move to its reactor"))),
-        }
+        self.get_mut().poll_io(
+            cx,
+            libc::POLLOUT,
+            &mut (),
+            |stream, cx, ()| stream.poll_write_vectored(cx, bufs),
+            |mut stream, ()| stream.write_vectored(bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
