@@ -31,6 +31,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub(super) struct SocketPolls {
     /// Wakes the reactor when a poll is asked for from another thread.
     waker: super::ReactorWaker,
+    /// Set (under the lock, after the push) when `Polls::to_arm` gained a
+    /// poll: the reactor's turn skips the lock while it is clear.
+    asked: std::sync::atomic::AtomicBool,
     inner: parking_lot::Mutex<Polls>,
 }
 
@@ -73,6 +76,7 @@ pub(super) fn enter(waker: super::ReactorWaker, engine_polls: bool) {
     let polls = enabled.then(|| {
         Arc::new(SocketPolls {
             waker,
+            asked: std::sync::atomic::AtomicBool::new(false),
             inner: parking_lot::Mutex::new(Polls::default()),
         })
     });
@@ -83,20 +87,34 @@ fn current() -> Option<Arc<SocketPolls>> {
     CURRENT.with(|current| current.borrow().clone())
 }
 
+/// Runs `work` with this thread's polls, without touching their count of
+/// owners (called every reactor turn).
+fn with_current(work: impl FnOnce(&SocketPolls)) {
+    CURRENT.with(|current| {
+        if let Some(polls) = current.borrow().as_deref() {
+            work(polls);
+        }
+    });
+}
+
 /// Hands the polls asked for (on any thread) to this reactor's engine.
 pub(super) fn arm_asked(engine: &mut dyn IoEngine<IoBuf>) {
-    let Some(polls) = current() else {
-        return;
-    };
-    let asked = std::mem::take(&mut polls.inner.lock().to_arm);
-    for (fd, events, token) in asked {
-        if engine.poll_fd(fd, events, token) {
-            POLLS_ARMED.fetch_add(1, Ordering::Relaxed);
-        } else {
-            // Cannot happen on a thread marked by `enter`; never leave a waiter asleep.
-            polls.wake([token]);
+    with_current(|polls| {
+        // Cleared before the list is taken: a poll pushed after this sets it
+        // again (and wakes the reactor when asked from another thread).
+        if !polls.asked.swap(false, Ordering::Acquire) {
+            return;
         }
-    }
+        let asked = std::mem::take(&mut polls.inner.lock().to_arm);
+        for (fd, events, token) in asked {
+            if engine.poll_fd(fd, events, token) {
+                POLLS_ARMED.fetch_add(1, Ordering::Relaxed);
+            } else {
+                // Cannot happen on a thread marked by `enter`; never leave a waiter asleep.
+                polls.wake([token]);
+            }
+        }
+    });
 }
 
 /// Wakes the connections whose polls on this reactor completed.
@@ -105,9 +123,7 @@ pub(super) fn wake_ready(engine: &mut dyn IoEngine<IoBuf>, scratch: &mut Vec<(u6
     if scratch.is_empty() {
         return;
     }
-    if let Some(polls) = current() {
-        polls.wake(scratch.drain(..).map(|(token, _)| token));
-    }
+    with_current(|polls| polls.wake(scratch.drain(..).map(|(token, _)| token)));
     scratch.clear();
 }
 
@@ -143,6 +159,7 @@ impl SocketPolls {
             let token = polls.next_token;
             polls.waiting.insert(token, waker.clone());
             polls.to_arm.push((fd, events, token));
+            self.asked.store(true, Ordering::Release);
             *slot = Some(token);
         }
         // On its own thread the reactor arms it before it next sleeps.
