@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ::node::cluster::state::{ClusterState, Command, Outcome};
 use ::node::replication::dirty::Identity;
-use ::node::replication::resync::{pause_after, RESYNC_BYTES_PER_S_MAX};
+use ::node::replication::resync::{pause_after, PIECES_IN_FLIGHT, RESYNC_BYTES_PER_S_MAX};
 use ::node::replication::wire::{self, OpKind, ReplicaOp};
 use ::node::replication::{admit_fence, admit_mutation, Refusal, DIRTY_REGION_BLOCKS};
 use tokio::sync::{Notify, RwLock};
@@ -1100,7 +1100,13 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64, identity:
                 }
                 let ranges = Rc::clone(&sim.node(id).ranges);
                 let held = ranges.lock(lba, count).await;
-                let (sent, source_failed) = send_span(sim, id, replica, lba, count, started_epoch, *source).await?;
+                let depth = if sim.node(id).client_in_flight.get() > 0 {
+                    1
+                } else {
+                    PIECES_IN_FLIGHT
+                };
+                let (sent, source_failed) =
+                    send_span(sim, id, replica, (lba, count), started_epoch, *source, depth).await?;
                 drop(held);
                 copied_bytes.set(copied_bytes.get() + sent);
                 if source_failed {
@@ -1162,21 +1168,21 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
 /// `resync::send_span`: the span to `replica`, holes (as this node maps
 /// them) as zeroings, allocated data as writes, read here or from the
 /// in-sync replica `reader` (a failed read is made here, and the second
-/// value is true). Ok with the bytes of data sent (`copied_bytes`). Each op
-/// carries `volume.epoch()` now (or `epoch` when given).
+/// value is true), `depth` pieces at once as there. Ok with the
+/// bytes of data sent (`copied_bytes`). Each op carries `volume.epoch()`
+/// now (or `epoch` when given).
 async fn send_span(
     sim: &Rc<Sim>,
     id: u64,
     replica: u64,
-    lba: u64,
-    count: u64,
+    (lba, count): (u64, u64),
     epoch: Option<u64>,
-    mut reader: Option<u64>,
+    reader: Option<u64>,
+    depth: usize,
 ) -> Result<(u64, bool), String> {
-    let mut reader_failed = false;
-    let mut copied_bytes = 0;
-    let runs = sim.node(id).disk.store.block_status(VOLUME_ID, lba, count);
-    for (start, run_count, allocated) in runs {
+    use futures::{StreamExt, TryStreamExt};
+    let mut pieces = Vec::new();
+    for (start, run_count, allocated) in sim.node(id).disk.store.block_status(VOLUME_ID, lba, count) {
         let run_end = start + run_count;
         let mut at = start;
         while at < run_end {
@@ -1185,10 +1191,19 @@ async fn send_span(
             } else {
                 run_end - at
             };
+            pieces.push((at, blocks, allocated));
+            at += blocks;
+        }
+    }
+    let reader_failed = Cell::new(false);
+    let reader_failed = &reader_failed;
+    let copied_bytes = futures::stream::iter(pieces)
+        .map(|(at, blocks, allocated)| async move {
+            let mut copied_bytes = 0;
             let kind = if allocated {
                 copied_bytes += blocks * disk::BLOCK_BYTES as u64;
                 let mut data = None;
-                if let Some(source) = reader {
+                if let Some(source) = reader.filter(|_| !reader_failed.get()) {
                     let request = wire::encode_read(VOLUME_ID, at, blocks);
                     match net::call(sim, id, source, Kind::Read, request, sim.config.replica_timeout).await {
                         Ok(bytes) => {
@@ -1199,8 +1214,7 @@ async fn send_span(
                             sim.log(format!(
                                 "node {id}: resync read of {at}+{blocks} from replica {source} failed ({error}); reading here"
                             ));
-                            reader = None;
-                            reader_failed = true;
+                            reader_failed.set(true);
                         }
                     }
                 }
@@ -1234,10 +1248,12 @@ async fn send_span(
                 sim.config.replica_timeout,
             )
             .await?;
-            at += blocks;
-        }
-    }
-    Ok((copied_bytes, reader_failed))
+            Ok::<u64, String>(copied_bytes)
+        })
+        .buffer_unordered(depth)
+        .try_fold(0, |total, copied| async move { Ok(total + copied) })
+        .await?;
+    Ok((copied_bytes, reader_failed.get()))
 }
 
 /// Blocks compared under one hold of the range lock (the real pass takes
