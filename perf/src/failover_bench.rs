@@ -813,11 +813,14 @@ fn markdown(report: &FailoverReport) -> String {
         "Failover of a repl=3 volume ({}, {} nodes on one host, failover_after_s = {}; writer: {})\n",
         report.date_utc, report.nodes, report.failover_after_s, report.writer
     );
-    let _ = writeln!(
-        out,
-        "| fault | trials | fault to first write on the new coordinator: p50 | p99 | max | target p99 <= {TARGET_P99_S} s |"
-    );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | --- |");
+    // A table only for the kinds that ran (`--kinds`).
+    if !report.faults.is_empty() {
+        let _ = writeln!(
+            out,
+            "| fault | trials | fault to first write on the new coordinator: p50 | p99 | max | target p99 <= {TARGET_P99_S} s |"
+        );
+        let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: | --- |");
+    }
     for row in &report.faults {
         let _ = writeln!(
             out,
@@ -830,11 +833,13 @@ fn markdown(report: &FailoverReport) -> String {
             if row.target_met { "met" } else { "**not met**" }
         );
     }
-    let _ = writeln!(
-        out,
-        "\n| a node merely slow | trials | false failovers (target 0) | the writer's longest stall: p50 | max |"
-    );
-    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    if !report.slow.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n| a node merely slow | trials | false failovers (target 0) | the writer's longest stall: p50 | max |"
+        );
+        let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    }
     for row in &report.slow {
         let _ = writeln!(
             out,
