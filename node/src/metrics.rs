@@ -689,6 +689,21 @@ impl NodeMetrics {
             "Index of the last Raft entry applied on this node.",
             &[(none.clone(), i64_of(status.last_applied_index))],
         )?;
+        let links: Samples = self
+            .cluster
+            .links()
+            .into_iter()
+            .map(|(peer, reactor)| {
+                let reactor = reactor.map_or_else(|| "none".to_owned(), |reactor| reactor.to_string());
+                (vec![("peer", peer), ("reactor", reactor)], 1)
+            })
+            .collect();
+        gauges(
+            encoder,
+            "ballast_peer_links",
+            "Data-path connections this node made to a peer, one per peer and reactor whose volumes replicate there (reactor \"none\": volumes no reactor runs).",
+            &links,
+        )?;
         // Cluster-wide counts come from the leader only (no double counting).
         let (nodes, volumes): (Samples, Samples) = if is_leader {
             let up = status.nodes.iter().filter(|node| node.up).count();

@@ -231,6 +231,20 @@ fn metrics_parse_move_with_client_io_and_cover_the_dashboard_and_alert_rules() {
         let counted = value(&after, counter);
         assert!(counted >= 1.0, "{counter} on the coordinator serving NBD: {counted}");
     }
+    // One link to each replica's node, made for the reactor that serves the
+    // volume (its disk's), not one shared by every core.
+    let links: Vec<(&String, &f64)> = after
+        .iter()
+        .filter(|(name, _)| name.starts_with("ballast_peer_links{"))
+        .collect();
+    assert_eq!(links.len(), 2, "a link to each of the two replicas: {links:?}");
+    for (name, count) in &links {
+        assert_eq!(**count, 1.0, "{name}");
+        assert!(
+            !name.contains(r#"reactor="none""#),
+            "a replicated volume's link belongs to its reactor: {name}"
+        );
+    }
     assert_eq!(
         value(&after, r#"ballast_volume_errors_total{volume="m",op="write"}"#),
         0.0

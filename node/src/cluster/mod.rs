@@ -126,8 +126,9 @@ pub struct Cluster {
     pub health: Health,
     /// This node's local replicas (set once at start-up).
     volumes: Arc<std::sync::OnceLock<Arc<crate::volume::Volumes>>>,
-    /// Multiplexed data-path connections, by peer address.
-    links: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::peer::mux::MuxLink>>>,
+    /// Multiplexed data-path connections, by peer address and the reactor
+    /// whose volumes use them (`link_for`).
+    links: parking_lot::Mutex<std::collections::HashMap<LinkKey, Arc<crate::peer::mux::MuxLink>>>,
     /// Replication of the volumes this node coordinates, by name.
     replications: parking_lot::Mutex<std::collections::HashMap<String, Arc<crate::replication::VolumeReplication>>>,
     /// Resyncs running: (volume, replica node).
@@ -303,14 +304,39 @@ impl Cluster {
         let _ = self.volumes.set(volumes);
     }
 
-    /// The data-path link to the peer at `address` (made on first use).
-    pub fn link(&self, address: &str) -> Arc<crate::peer::mux::MuxLink> {
+    /// The data-path link from `volume` to the peer at `address` (made on
+    /// first use): one connection per peer and reactor, so volumes on
+    /// different cores share no connection, send lock or reader, and the
+    /// replies of a volume's replicas are read on the reactor that serves
+    /// it (its disk's), which wakes its writers without a system call.
+    /// Every replica message of a volume goes through this one link (live
+    /// writes, catch-up and resync copies alike: their order matters).
+    /// (Without a local copy of the volume, the link of no reactor.)
+    pub fn link_for(&self, address: &str, volume: Option<&crate::volume::Volume>) -> Arc<crate::peer::mux::MuxLink> {
+        let reactor = volume.and_then(|volume| {
+            volume
+                .engine()
+                .host_of_disk(volume.disk_index())
+                .map(|host| host.reactor)
+        });
+        self.link_on(address, reactor)
+    }
+
+    /// The data-path links made so far: (peer address, reactor).
+    pub fn links(&self) -> Vec<(String, Option<usize>)> {
+        let mut links: Vec<_> = self.links.lock().keys().cloned().collect();
+        links.sort_unstable();
+        links
+    }
+
+    /// The data-path link to the peer at `address` for the volumes of
+    /// `reactor` (None: no reactor runs them, e.g. the thread pool).
+    fn link_on(&self, address: &str, reactor: Option<usize>) -> Arc<crate::peer::mux::MuxLink> {
         let mut links = self.links.lock();
-        Arc::clone(links.entry(address.to_owned()).or_insert_with(|| {
-            // Replies are read on a reactor: the one of the caller that
-            // dials, if it is one (an NBD connection's), else in turn.
+        Arc::clone(links.entry((address.to_owned(), reactor)).or_insert_with(|| {
             let volumes = Arc::clone(&self.volumes);
-            let reader_host: crate::peer::mux::ReaderHost = Arc::new(move |reading| host_on_reactor(&volumes, reading));
+            let reader_host: crate::peer::mux::ReaderHost =
+                Arc::new(move |reading| host_on_reactor(&volumes, reading, reactor));
             Arc::new(crate::peer::mux::MuxLink::new(
                 Arc::clone(&self.client),
                 address.to_owned(),
@@ -508,13 +534,17 @@ impl Cluster {
     }
 }
 
-/// Runs a peer connection's work on a reactor: the caller's own if it runs
-/// on one, else each in turn (`BALLAST_PEER_ON_REACTORS=0`: on the runtime).
-/// Hands it back when there is no reactor to run it (no volumes yet, the
-/// thread pool).
+/// A data-path link's peer address and the reactor whose volumes use it.
+type LinkKey = (String, Option<usize>);
+
+/// Runs a peer connection's work on a reactor: `reactor` if given, else the
+/// caller's own if it runs on one, else each in turn
+/// (`BALLAST_PEER_ON_REACTORS=0`: on the runtime). Hands it back when there
+/// is no reactor to run it (no volumes yet, the thread pool).
 fn host_on_reactor(
     volumes: &std::sync::OnceLock<Arc<crate::volume::Volumes>>,
     served: crate::peer::server::HostedConnection,
+    reactor: Option<usize>,
 ) -> Result<(), crate::peer::server::HostedConnection> {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -529,7 +559,8 @@ fn host_on_reactor(
     }
     let host = hosts
         .iter()
-        .find(|host| host.waker.is_current())
+        .find(|host| Some(host.reactor) == reactor)
+        .or_else(|| hosts.iter().find(|host| host.waker.is_current()))
         .unwrap_or_else(|| &hosts[NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % hosts.len()]);
     if let Err(error) = engine.host_future(host, served) {
         // The engine is stopping: the connection ends (the dropped guest drops it).
@@ -548,7 +579,7 @@ impl PeerHandler for Cluster {
     /// socket, on that thread, with no hop through the runtime's threads
     /// (`BALLAST_PEER_ON_REACTORS=0`: on the runtime).
     fn host(&self, served: crate::peer::server::HostedConnection) -> Result<(), crate::peer::server::HostedConnection> {
-        host_on_reactor(&self.volumes, served)
+        host_on_reactor(&self.volumes, served, None)
     }
 
     async fn handle(&self, kind: FrameKind, payload: Vec<u8>) -> Result<(FrameKind, Vec<u8>), String> {

@@ -120,9 +120,13 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
             replication.note_missed_at_start(&targets);
             if current != targets {
                 tracing::info!(volume = %volume.name, replicas = ?targets, epoch = volume.epoch, "replicating to");
+                let local = volumes.get(&volume.name);
                 let links = targets
                     .iter()
-                    .filter_map(|id| state.nodes.get(id).map(|node| (*id, cluster.link(&node.peer_address))))
+                    .filter_map(|id| {
+                        let node = state.nodes.get(id)?;
+                        Some((*id, cluster.link_for(&node.peer_address, local.as_deref())))
+                    })
                     .collect();
                 replication.set_targets_at(links, volume.epoch);
             }
