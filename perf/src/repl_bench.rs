@@ -154,8 +154,10 @@ struct Row {
     /// Ratios within each repetition (the volumes ran back to back), to show the noise.
     ratios_2_over_1_per_repetition: Vec<f64>,
     ratios_3_over_1_per_repetition: Vec<f64>,
+    /// The target, judged on repl=3 / repl=1, the hardest case (issue 24: QD32
+    /// IOPS >= 0.4x, QD1 write p99 <= 1.5x; FLUSH p99 <= 2x from before).
     target: Option<Target>,
-    /// Both ratios meet the target.
+    /// The repl=3 ratio meets the target.
     meets_target: Option<bool>,
 }
 
@@ -179,7 +181,7 @@ fn row(description: &'static str, samples: [&Samples; NODE_COUNT], target: Optio
         ratios_2_over_1_per_repetition: per_repetition(1),
         ratios_3_over_1_per_repetition: per_repetition(2),
         target,
-        meets_target: target.map(|t| t.met(ratio_2_over_1) && t.met(ratio_3_over_1)),
+        meets_target: target.map(|t| t.met(ratio_3_over_1)),
     }
 }
 
@@ -193,7 +195,7 @@ fn rows(samples: &[[VolumeSamples; NODE_COUNT]]) -> Vec<Row> {
         row(
             "4 KiB random write IOPS, QD32",
             pick(QD32, |s| &s.iops),
-            Some(Target::AtLeast(0.6)),
+            Some(Target::AtLeast(0.4)),
         ),
         row(
             "QD32 write p99 latency (µs)",
@@ -215,7 +217,7 @@ fn rows(samples: &[[VolumeSamples; NODE_COUNT]]) -> Vec<Row> {
         row(
             "QD1 write p99 (µs)",
             pick(QD1, |s| &s.write_latency_p99_us),
-            Some(Target::AtMost(2.0)),
+            Some(Target::AtMost(1.5)),
         ),
         row("QD1 write p99.9 (µs)", pick(QD1, |s| &s.write_latency_p999_us), None),
         row("QD1 FLUSH p50 (µs)", pick(QD1, |s| &s.flush_latency_p50_us), None),
@@ -559,7 +561,7 @@ fn print_report(report: &ReplReport) {
         node::size::format_size(report.node_disk_bytes),
         node::size::format_size(report.volume_bytes)
     );
-    println!("\n| measure | repl=1 | repl=2 | repl=3 | ratio 2/1 | ratio 3/1 | target |");
+    println!("\n| measure | repl=1 | repl=2 | repl=3 | ratio 2/1 | ratio 3/1 | target (ratio 3/1) |");
     println!("| --- | ---: | ---: | ---: | ---: | ---: | --- |");
     for row in &report.table {
         let target = match (row.target, row.meets_target) {
@@ -641,7 +643,7 @@ mod tests {
     }
 
     #[test]
-    fn ratios_use_medians_and_both_must_meet_the_target() {
+    fn ratios_use_medians_and_the_repl3_ratio_is_judged_against_the_target() {
         let (one, two, three) = (
             samples(&[100.0, 90.0, 110.0]),
             samples(&[70.0, 60.0, 80.0]),
@@ -650,7 +652,13 @@ mod tests {
         let throughput = row("iops", [&one, &two, &three], Some(Target::AtLeast(0.6)));
         assert!((throughput.ratio_2_over_1 - 0.7).abs() < 1e-12);
         assert!((throughput.ratio_3_over_1 - 0.5).abs() < 1e-12);
-        assert_eq!(throughput.meets_target, Some(false));
+        assert_eq!(
+            throughput.meets_target,
+            Some(false),
+            "repl=3 at 0.5x misses 0.6x although repl=2 meets it"
+        );
+        let throughput = row("iops", [&one, &two, &three], Some(Target::AtLeast(0.4)));
+        assert_eq!(throughput.meets_target, Some(true));
         assert_eq!(throughput.ratios_2_over_1_per_repetition.len(), 3);
         assert!((throughput.ratios_3_over_1_per_repetition[1] - 40.0 / 90.0).abs() < 1e-12);
         let latency = row("p99", [&one, &two, &three], Some(Target::AtMost(2.0)));
