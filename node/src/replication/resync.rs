@@ -25,6 +25,7 @@
 //! `BALLAST_RESYNC_FROM=coordinator` reads from the coordinator alone and
 //! `BALLAST_RESYNC_PIECES_IN_FLIGHT=N` sets the pieces in flight (for A/B runs).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::wire::{self, OpKind, ReplicaOp};
@@ -404,13 +405,6 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
 /// time.
 pub const PIECES_IN_FLIGHT: usize = 4;
 
-/// One piece of a span: holes go as one zeroing, data as writes of at most
-/// `CHUNK_BLOCKS`.
-enum Piece {
-    Zero { lba: u64, blocks: u64 },
-    Data { lba: u64, blocks: u64 },
-}
-
 /// Sends the span to the replica being resynced (the caller holds the
 /// volume's range lock over it): holes, as this node maps them, as
 /// zeroings; data in writes of at most `CHUNK_BLOCKS`, read here or, with
@@ -433,70 +427,46 @@ async fn send_span(
         .allocation(lba * BLOCK_BYTES, count * BLOCK_BYTES, usize::MAX)
         .await
         .map_err(|error| error.to_string())?;
+    // (first block, blocks, allocated): a hole as one zeroing, data in
+    // pieces of at most `CHUNK_BLOCKS`.
     let mut pieces = Vec::new();
     let mut at = lba;
     for (len_bytes, allocated) in runs {
         let run_end = at + len_bytes / BLOCK_BYTES;
-        if !allocated {
-            pieces.push(Piece::Zero {
-                lba: at,
-                blocks: run_end - at,
-            });
-            at = run_end;
-            continue;
-        }
         while at < run_end {
-            let blocks = CHUNK_BLOCKS.min(run_end - at);
-            pieces.push(Piece::Data { lba: at, blocks });
+            let blocks = if allocated {
+                CHUNK_BLOCKS.min(run_end - at)
+            } else {
+                run_end - at
+            };
+            pieces.push((at, blocks, allocated));
             at += blocks;
         }
     }
     // Set by the first failed replica read: later pieces are read here.
-    let reader_failed = std::sync::atomic::AtomicBool::new(false);
+    let reader_failed = AtomicBool::new(false);
     let reader_failed = &reader_failed;
     let sent = futures::stream::iter(pieces)
-        .map(|piece| async move {
+        .map(|(at, blocks, allocated)| async move {
             let mut sent = Sent::default();
-            let (at, blocks, kind) = match piece {
-                Piece::Zero { lba, blocks } => {
-                    sent.zeroed_bytes += blocks * BLOCK_BYTES;
-                    (lba, blocks, OpKind::Zero)
-                }
-                Piece::Data { lba, blocks } => {
-                    let (offset_bytes, len_bytes) = (lba * BLOCK_BYTES, blocks * BLOCK_BYTES);
-                    let from_replica = match reader {
-                        Some((source, source_link)) if !reader_failed.load(std::sync::atomic::Ordering::Relaxed) => {
-                            let request = wire::encode_read(volume.id, lba, blocks);
-                            match source_link.call(FrameKind::ReplicaRead, &request, timeout).await {
-                                Ok(bytes) if bytes.len() as u64 == len_bytes => Some(bytes),
-                                outcome => {
-                                    let error = match outcome {
-                                        Ok(bytes) => format!("answered {} bytes for {len_bytes}", bytes.len()),
-                                        Err(error) => error.to_string(),
-                                    };
-                                    if !reader_failed.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                                        tracing::warn!(volume = %volume.name, source, %error, "a resync read from a replica failed; the coordinator reads that piece itself and goes on without it");
-                                    }
-                                    None
-                                }
-                            }
-                        }
-                        _ => None,
-                    };
-                    let data = match from_replica {
-                        Some(data) => {
-                            sent.from_replica_bytes += len_bytes;
-                            data
-                        }
-                        None => volume
-                            .read_stored_locked(offset_bytes, len_bytes)
-                            .await
-                            .map_err(|e| e.to_string())?
-                            .to_vec(),
-                    };
-                    sent.data_bytes += len_bytes;
-                    (lba, blocks, OpKind::Write(data))
-                }
+            let kind = if allocated {
+                let replica = reader.filter(|_| !reader_failed.load(Ordering::Relaxed));
+                let data = match read_from_replica(volume, replica, at, blocks, timeout, reader_failed).await {
+                    Some(data) => {
+                        sent.from_replica_bytes += blocks * BLOCK_BYTES;
+                        data
+                    }
+                    None => volume
+                        .read_stored_locked(at * BLOCK_BYTES, blocks * BLOCK_BYTES)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .to_vec(),
+                };
+                sent.data_bytes += blocks * BLOCK_BYTES;
+                OpKind::Write(data)
+            } else {
+                sent.zeroed_bytes += blocks * BLOCK_BYTES;
+                OpKind::Zero
             };
             let op = ReplicaOp {
                 volume_id: volume.id,
@@ -517,7 +487,31 @@ async fn send_span(
             Ok(total)
         })
         .await?;
-    Ok((sent, reader_failed.load(std::sync::atomic::Ordering::Relaxed)))
+    Ok((sent, reader_failed.load(Ordering::Relaxed)))
+}
+
+/// A piece's data read from the in-sync replica `reader`, if it answers in
+/// full; else None, and `failed` is set (the first failure is logged).
+async fn read_from_replica(
+    volume: &Volume,
+    reader: Option<(u64, &MuxLink)>,
+    lba: u64,
+    blocks: u64,
+    timeout: std::time::Duration,
+    failed: &AtomicBool,
+) -> Option<Vec<u8>> {
+    let (source, source_link) = reader?;
+    let len_bytes = blocks * BLOCK_BYTES;
+    let request = wire::encode_read(volume.id, lba, blocks);
+    let error = match source_link.call(FrameKind::ReplicaRead, &request, timeout).await {
+        Ok(bytes) if bytes.len() as u64 == len_bytes => return Some(bytes),
+        Ok(bytes) => format!("answered {} bytes for {len_bytes}", bytes.len()),
+        Err(error) => error.to_string(),
+    };
+    if !failed.swap(true, Ordering::Relaxed) {
+        tracing::warn!(volume = %volume.name, source, %error, "a resync read from a replica failed; the coordinator reads that piece itself and goes on without it");
+    }
+    None
 }
 
 async fn send(link: &MuxLink, op: &ReplicaOp, timeout: std::time::Duration) -> Result<(), String> {
