@@ -182,6 +182,8 @@ impl OpStats {
 pub struct IoStats {
     ops: [OpStats; Op::ALL.len()],
     in_flight: AtomicI64,
+    /// Requests begun, ever (background work compares it over time).
+    begun: std::sync::atomic::AtomicU64,
     /// Reads refused: the serving lease could not be confirmed in time.
     pub lease_refusals: std::sync::atomic::AtomicU64,
 }
@@ -198,6 +200,7 @@ impl Drop for InFlight<'_> {
 impl IoStats {
     /// Counts a request as in flight until the guard drops.
     pub fn begin(&self) -> InFlight<'_> {
+        self.begun.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(&self.in_flight)
     }
@@ -210,6 +213,12 @@ impl IoStats {
     #[must_use]
     pub fn in_flight(&self) -> i64 {
         self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Requests begun since the volume was opened.
+    #[must_use]
+    pub fn begun(&self) -> u64 {
+        self.begun.load(Ordering::Relaxed)
     }
 
     /// Latency percentiles of every kind of request served since the last

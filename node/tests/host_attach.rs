@@ -104,6 +104,22 @@ fn a_volume_attached_through_fuse_holds_an_ext4_filesystem_across_detach_and_rea
         std::fs::write(mountpoint.join("note.txt"), "written through FUSE + loop\n").unwrap();
         run_ok("sync", &[]);
     }
+    // The attached device's requests count as the volume's client I/O (a
+    // resync or scrub yields to them; `volume latency` and /metrics show them).
+    let latency = node.cli(&["volume", "latency", "data", "--json"]);
+    assert!(latency.status.success(), "{}", text(&latency));
+    let latency: serde_json::Value = serde_json::from_slice(&latency.stdout).unwrap();
+    let count = |op: &str| {
+        latency["ops"]
+            .as_array()
+            .and_then(|ops| ops.iter().find(|entry| entry["op"] == op))
+            .and_then(|entry| entry["count"].as_u64())
+            .unwrap_or(0)
+    };
+    assert!(
+        count("write") > 0 && count("flush") > 0,
+        "attached-device requests not counted: {latency:#}"
+    );
     detach(&node, &mut leftovers);
     assert!(
         !loop_devices().contains(&format!("{}:", device.display())),

@@ -34,8 +34,10 @@
 //! restart starts from it; epoch back to the record's, 1) and
 //! `follow_tenure`; the reconciler's `wire_serving` / `fence_and_serve`
 //! (`drop_replication` forgets the tracking); `resync` (catch up, drain,
-//! copy dirty regions or everything under the range lock, paced by the
-//! real `resync::pause_after` (clients busy: requests in flight), `set_joining`,
+//! copy dirty regions or everything piece by piece, each piece under the
+//! range lock with its allocation looked at again under it, grouped by the
+//! real `resync::next_group` and paced by the real `resync::pause_after`
+//! and `busy_pause` (clients busy: requests in flight), `set_joining`,
 //! `ReplicaIn` at the epoch seen, `promote`; on failure `stop_catching_up`,
 //! which fences a joining replica out through Raft first). The dirty log
 //! (`dirty.redb`) is `repl_sim/dirty.rs`: batched commits by one writer,

@@ -247,7 +247,7 @@ fn a_replica_refuses_writes_with_a_stale_epoch() {
         lba: 0,
         block_count: 1,
         volume_sequence: 1,
-        kind: node::replication::wire::OpKind::Write(vec![0xAB; 4096]),
+        kind: node::replication::wire::OpKind::Write(vec![0xAB; 4096].into()),
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let address = cluster.nodes[0].peer_address();

@@ -15,6 +15,16 @@
 //! again, each repetition; the copy rate of each resync, as `volume
 //! inspect` reports it.
 //!
+//! Then a rebuild under client load, each repetition: a QD1 client (4 KiB
+//! random writes, each followed by a FLUSH) on the volume at 3 copies in
+//! sync, then the same client while the third copy is rebuilt from the two
+//! others (lowered to 2 copies, raised to 3 again). The resync's throttle
+//! promises that a client waits at most for one piece of the copy (while
+//! clients are busy: one piece of at most 256 KiB at a time, under the
+//! volume's range lock, paced to 32 MiB/s): the bound judged is the in-sync
+//! p99 plus one such piece's copy time at
+//! the idle one-source rate.
+//!
 //! The three nodes share this machine's cores and its one disk (each loop
 //! device is a file on the same filesystem): a replica here costs CPU and
 //! disk the coordinator needs too, where on separate hosts it would cost a
@@ -241,6 +251,20 @@ struct Rebuilds {
     ratio: f64,
     /// The issue's target for the ratio.
     target_ratio: f64,
+    /// The QD1 client: write p99 with 3 copies in sync (µs).
+    client_write_p99_in_sync_us: Samples,
+    /// The same client while the third copy is rebuilt from two (µs).
+    client_write_p99_during_rebuild_us: Samples,
+    /// Its FLUSH p99, in sync and during the rebuild (µs).
+    client_flush_p99_in_sync_us: Samples,
+    client_flush_p99_during_rebuild_us: Samples,
+    /// The rebuild's copy rate while the client wrote (MiB/s).
+    under_load_mib_per_s: Samples,
+    /// Client runs the rebuild did not outlast (their p99 mixes in time after it).
+    client_runs_past_rebuild: usize,
+    /// Median in-sync write p99 plus one piece's copy at the idle
+    /// one-source median rate (µs): the throttle's bound.
+    client_write_p99_bound_us: f64,
 }
 
 /// Target: two sources rebuild at least this much faster than one.
@@ -289,7 +313,7 @@ pub fn run(options: &ReplOptions) -> Result<Vec<crate::chart::Bar>> {
     let cluster = LocalCluster::start(&options.ballast, NODE_COUNT, options.node_disk_bytes)?;
     let uris = create_and_fill(&cluster, volume_bytes)?;
     let samples = measure_all(&cluster, &uris, options, volume_bytes)?;
-    let rebuilds = measure_rebuilds(&cluster, options.repeats)?;
+    let rebuilds = measure_rebuilds(&cluster, &uris[0], options, volume_bytes)?;
     drop(cluster);
     let report = ReplReport {
         date_utc: command_line("date", &["-u", "+%Y-%m-%d %H:%M"]),
@@ -436,17 +460,19 @@ fn run_measure(
     Ok((result, spent))
 }
 
-/// Raises the repl=1 volume to 2 and 3 copies and lowers it again, `repeats` times.
-fn measure_rebuilds(cluster: &LocalCluster, repeats: usize) -> Result<Rebuilds> {
-    let api = cluster.nodes[0].api();
-    let admin = cluster.admin();
+/// Raises the repl=1 volume to 2 and 3 copies, measures the client in
+/// sync and during a rebuild of the third copy, and lowers the volume to 1
+/// copy again, `repeats` times.
+fn measure_rebuilds(cluster: &LocalCluster, uri: &str, options: &ReplOptions, volume_bytes: u64) -> Result<Rebuilds> {
+    let repeats = options.repeats;
     let mut rebuilds = Rebuilds {
         target_ratio: REBUILD_TARGET_RATIO,
         ..Rebuilds::default()
     };
     for run in 0..repeats {
         for (replicas, sources) in [(2_usize, 1_u64), (3, 2)] {
-            let rate = rebuild_rate(cluster, replicas, sources)?;
+            set_copies(cluster, replicas, true)?;
+            let rate = resync_rate(&newest_resync(cluster)?, sources)?;
             eprintln!(
                 "repetition {}/{repeats}: rebuild to repl={replicas} from {sources} cop{}: {rate:.0} MiB/s",
                 run + 1,
@@ -458,18 +484,50 @@ fn measure_rebuilds(cluster: &LocalCluster, repeats: usize) -> Result<Rebuilds> 
                 rebuilds.two_sources_mib_per_s.push(rate);
             }
         }
-        admin.run(&["volume", "update", REBUILD_VOLUME, "--repl", "1", "--api", &api])?;
-        crate::local_cluster::wait_until("the volume back to one copy", || {
-            let info: serde_json::Value = serde_json::from_str(&admin.run_stdout(&[
-                "volume",
-                "inspect",
-                REBUILD_VOLUME,
-                "--json",
-                "--api",
-                &api,
-            ])?)?;
-            Ok(info["replica_nodes"].as_array().map_or(0, Vec::len) == 1)
+        let client = client_job(options.seconds, volume_bytes);
+        let in_sync = fio::run_on_nbd(&client, uri).with_context(|| cluster.log_tails())?;
+        set_copies(cluster, 2, false)?;
+        let started_ms = unix_ms();
+        set_copies(cluster, 3, false)?;
+        crate::local_cluster::wait_until("the rebuild of the third copy to start", || {
+            let resync = newest_resync(cluster)?;
+            if resync["started_unix_ms"].as_u64().unwrap_or(0) < started_ms {
+                return Ok(false);
+            }
+            if resync["state"] != "running" {
+                bail!("the rebuild ended before the client began (a larger --size gives a longer one): {resync:#}");
+            }
+            Ok(true)
         })?;
+        let before = newest_resync(cluster)?;
+        let client_started = std::time::Instant::now();
+        let during = fio::run_on_nbd(&client, uri).with_context(|| cluster.log_tails())?;
+        let client_seconds = client_started.elapsed().as_secs_f64();
+        let after = newest_resync(cluster)?;
+        if after["state"] != "running" {
+            rebuilds.client_runs_past_rebuild += 1;
+        }
+        // The copy rate while the client ran (not the whole resync's).
+        let copied = |resync: &serde_json::Value| resync["copied_bytes"].as_u64().unwrap_or(0);
+        let under_load = copied(&after).saturating_sub(copied(&before)) as f64 / f64::from(1 << 20) / client_seconds;
+        crate::local_cluster::wait_until("the rebuilt third copy in sync", || {
+            Ok(newest_resync(cluster)?["state"] != "running")
+        })?;
+        resync_rate(&newest_resync(cluster)?, 2)?;
+        eprintln!(
+            "repetition {}/{repeats}: QD1 client write p99 {:.0} us in sync, {:.0} us during a rebuild from 2 copies (copying {under_load:.0} MiB/s meanwhile)",
+            run + 1,
+            in_sync.latency_p99_us,
+            during.latency_p99_us
+        );
+        rebuilds.client_write_p99_in_sync_us.push(in_sync.latency_p99_us);
+        rebuilds.client_write_p99_during_rebuild_us.push(during.latency_p99_us);
+        rebuilds.client_flush_p99_in_sync_us.push(in_sync.flush_latency_p99_us);
+        rebuilds
+            .client_flush_p99_during_rebuild_us
+            .push(during.flush_latency_p99_us);
+        rebuilds.under_load_mib_per_s.push(under_load);
+        set_copies(cluster, 1, false)?;
     }
     let one = rebuilds.one_source_mib_per_s.median();
     rebuilds.ratio = if one > 0.0 {
@@ -477,38 +535,84 @@ fn measure_rebuilds(cluster: &LocalCluster, repeats: usize) -> Result<Rebuilds> 
     } else {
         0.0
     };
+    rebuilds.client_write_p99_bound_us = rebuilds.client_write_p99_in_sync_us.median() + piece_copy_us(one);
     Ok(rebuilds)
 }
 
-/// Raises the rebuild volume to `replicas` copies, waits until the new one
-/// is in sync, and gives its resync's copy rate in MiB/s (it must have read
-/// from `sources` copies).
-fn rebuild_rate(cluster: &LocalCluster, replicas: usize, sources: u64) -> Result<f64> {
+/// Microseconds to copy one resync piece of busy clients
+/// (`BUSY_CHUNK_BLOCKS`) at `mib_per_s`.
+fn piece_copy_us(mib_per_s: f64) -> f64 {
+    let piece_mib = (node::replication::resync::BUSY_CHUNK_BLOCKS * 4096) as f64 / f64::from(1 << 20);
+    if mib_per_s > 0.0 {
+        piece_mib * 1e6 / mib_per_s
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// The client of the rebuild-under-load measure: QD1 4 KiB random writes, a FLUSH after each.
+fn client_job(seconds: u64, volume_bytes: u64) -> FioJob {
+    let mut job = FioJob::new("client_during_rebuild", "randwrite", "4k", 1, seconds, volume_bytes);
+    job.extra = vec!["--fsync=1".to_owned()];
+    job
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Sets the rebuild volume's copy count; with `wait`, until the new copy is
+/// in sync, else until the count of replica nodes is `replicas` (a raise:
+/// the new copy is placed, its resync may still run).
+fn set_copies(cluster: &LocalCluster, replicas: usize, wait: bool) -> Result<()> {
     let api = cluster.nodes[0].api();
     let admin = cluster.admin();
     let count = replicas.to_string();
-    admin
-        .run(&[
+    let mut args = vec!["volume", "update", REBUILD_VOLUME, "--repl", &count];
+    if wait {
+        args.push("--wait");
+    }
+    args.extend(["--api", &api]);
+    admin.run(&args).with_context(|| cluster.log_tails())?;
+    crate::local_cluster::wait_until(&format!("the volume at {replicas} copies"), || {
+        let info: serde_json::Value = serde_json::from_str(&admin.run_stdout(&[
             "volume",
-            "update",
+            "inspect",
             REBUILD_VOLUME,
-            "--repl",
-            &count,
-            "--wait",
+            "--json",
             "--api",
             &api,
-        ])
-        .with_context(|| cluster.log_tails())?;
-    let info: serde_json::Value =
-        serde_json::from_str(&admin.run_stdout(&["volume", "inspect", REBUILD_VOLUME, "--json", "--api", &api])?)?;
-    let newest = info["resyncs"]
+        ])?)?;
+        Ok(info["replica_nodes"].as_array().map_or(0, Vec::len) == replicas)
+    })
+}
+
+/// The rebuild volume's most recently started resync, as `volume inspect --json` lists it.
+fn newest_resync(cluster: &LocalCluster) -> Result<serde_json::Value> {
+    let api = cluster.nodes[0].api();
+    let info: serde_json::Value = serde_json::from_str(&cluster.admin().run_stdout(&[
+        "volume",
+        "inspect",
+        REBUILD_VOLUME,
+        "--json",
+        "--api",
+        &api,
+    ])?)?;
+    info["resyncs"]
         .as_array()
         .and_then(|resyncs| resyncs.iter().max_by_key(|resync| resync["started_unix_ms"].as_u64()))
-        .with_context(|| format!("no resync listed: {info:#}"))?;
-    if newest["state"] != "done" || newest["sources"].as_u64() != Some(sources) {
-        bail!("the rebuild to repl={replicas} was not a finished copy from {sources} copies: {newest:#}");
+        .cloned()
+        .with_context(|| format!("no resync listed: {info:#}"))
+}
+
+/// A finished resync's copy rate in MiB/s (it must have read from `sources` copies).
+fn resync_rate(resync: &serde_json::Value, sources: u64) -> Result<f64> {
+    if resync["state"] != "done" || resync["sources"].as_u64() != Some(sources) {
+        bail!("the rebuild was not a finished copy from {sources} copies: {resync:#}");
     }
-    let field = |name: &str| newest[name].as_u64().unwrap_or(0);
+    let field = |name: &str| resync[name].as_u64().unwrap_or(0);
     let elapsed_ms = field("updated_unix_ms").saturating_sub(field("started_unix_ms")).max(1);
     Ok(field("copied_bytes") as f64 / f64::from(1 << 20) * 1000.0 / elapsed_ms as f64)
 }
@@ -603,6 +707,33 @@ fn print_report(report: &ReplReport) {
         rebuilds.ratio,
         rebuilds.target_ratio,
         met_text(rebuilds.ratio >= rebuilds.target_ratio)
+    );
+    let in_sync = rebuilds.client_write_p99_in_sync_us.median();
+    let during = rebuilds.client_write_p99_during_rebuild_us.median();
+    println!(
+        "\nRebuild under client load (QD1 4 KiB random write + FLUSH, median of {}): write p99 {:.0} µs with 3 copies in sync ({}), \
+         {:.0} µs while the third is rebuilt from two ({}): {:.2}x; FLUSH p99 {:.0} / {:.0} µs; \
+         the rebuild copied {:.0} MiB/s meanwhile ({}); bound (in-sync p99 + one 256 KiB piece at the idle one-source rate) {:.0} µs: {}{}",
+        rebuilds.client_write_p99_in_sync_us.values.len(),
+        in_sync,
+        compact_all(&rebuilds.client_write_p99_in_sync_us.values),
+        during,
+        compact_all(&rebuilds.client_write_p99_during_rebuild_us.values),
+        if in_sync > 0.0 { during / in_sync } else { 0.0 },
+        rebuilds.client_flush_p99_in_sync_us.median(),
+        rebuilds.client_flush_p99_during_rebuild_us.median(),
+        rebuilds.under_load_mib_per_s.median(),
+        compact_all(&rebuilds.under_load_mib_per_s.values),
+        rebuilds.client_write_p99_bound_us,
+        met_text(during <= rebuilds.client_write_p99_bound_us),
+        if rebuilds.client_runs_past_rebuild > 0 {
+            format!(
+                " ({} client run(s) outlasted their rebuild: a larger --size gives a longer one)",
+                rebuilds.client_runs_past_rebuild
+            )
+        } else {
+            String::new()
+        }
     );
     println!(
         "\nThe nodes share the machine's cores and one disk: a replica here costs the coordinator's own CPU and disk, \

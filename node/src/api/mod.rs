@@ -20,7 +20,7 @@
 //! | GET | /v1/volumes/{name}/device | | `Device` if attached to this host, else 404 |
 //! | DELETE | /v1/volumes/{name}/device | | 204 (the block device removed) |
 //! | POST | /v1/volumes/{name}/scrub | | 202 `ScrubStarted` (the coordinator verifies every copy and repairs; follow it in GET /v1/cluster) |
-//! | GET | /v1/volumes/{name}/latency | | `VolumeLatency`: percentiles of the NBD requests this node served since the reset (hdrhistogram, 1 % resolution); 404 where the volume is not served |
+//! | GET | /v1/volumes/{name}/latency | | `VolumeLatency`: percentiles of the client requests (NBD and host attach) this node served since the reset (hdrhistogram, 1 % resolution); 404 where the volume is not served |
 //! | DELETE | /v1/volumes/{name}/latency | | 204 (the percentiles start afresh; counters and `/metrics` stay) |
 //! | POST | /v1/volumes/{name}/unlock | `{"passphrase":"..."}` | 204 (a passphrase-encrypted volume, on the node serving it) |
 //! | GET | /v1/volumes/{name}/snapshots | | `[SnapshotInfo]`, oldest first |

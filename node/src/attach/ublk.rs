@@ -570,6 +570,8 @@ trait BlockTarget: Sync {
     async fn zero(&self, offset_bytes: u64, len_bytes: u64, allocate: bool) -> Result<(), VolumeIoError>;
 }
 
+use crate::metrics::Op;
+
 impl BlockTarget for Volume {
     fn target_name(&self) -> &str {
         &self.name
@@ -580,7 +582,9 @@ impl BlockTarget for Volume {
     }
 
     async fn read_into(&self, offset_bytes: u64, out: &mut [u8]) -> Result<(), VolumeIoError> {
-        let data = self.read(offset_bytes, out.len() as u64).await?;
+        let data = self
+            .counted(Op::Read, out.len() as u64, self.read(offset_bytes, out.len() as u64))
+            .await?;
         let mut filled = 0;
         for slice in data.slices() {
             out[filled..filled + slice.len()].copy_from_slice(slice);
@@ -591,19 +595,26 @@ impl BlockTarget for Volume {
     }
 
     async fn write_bytes(&self, offset_bytes: u64, data: Vec<u8>) -> Result<(), VolumeIoError> {
-        self.write(offset_bytes, data).await
+        let bytes = data.len() as u64;
+        self.counted(Op::Write, bytes, self.write(offset_bytes, data)).await
     }
 
     async fn flush_writes(&self) -> Result<(), VolumeIoError> {
-        self.flush().await
+        self.counted(Op::Flush, 0, self.flush()).await
     }
 
     async fn discard(&self, offset_bytes: u64, len_bytes: u64) -> Result<(), VolumeIoError> {
-        self.trim(offset_bytes, len_bytes).await
+        self.counted(Op::Trim, len_bytes, self.trim(offset_bytes, len_bytes))
+            .await
     }
 
     async fn zero(&self, offset_bytes: u64, len_bytes: u64, allocate: bool) -> Result<(), VolumeIoError> {
-        self.write_zeroes(offset_bytes, len_bytes, allocate).await
+        self.counted(
+            Op::WriteZeroes,
+            len_bytes,
+            self.write_zeroes(offset_bytes, len_bytes, allocate),
+        )
+        .await
     }
 }
 

@@ -149,7 +149,7 @@ pub enum VolumeCommand {
     Unmount { name: String },
     /// Delete a volume and release its space (refused while clients are connected).
     Delete { name: String },
-    /// Latency percentiles of the NBD requests the node at --api served for
+    /// Latency percentiles of the client requests (NBD, host attach) the node at --api served for
     /// the volume since the last reset, measured server side (from a request
     /// read to its reply queued): set them beside what the client sees (fio's
     /// clat) to tell the network and the client from ballast.
@@ -704,7 +704,7 @@ fn print_table(list: &[VolumeInfo]) {
 /// The percentiles as a table, in microseconds.
 fn latency_table(latency: &crate::api::VolumeLatency) -> String {
     let mut out = format!(
-        "volume {} on node {}: NBD requests since the last reset, server side (microseconds)\n",
+        "volume {} on node {}: client requests since the last reset, server side (microseconds)\n",
         latency.volume, latency.node_id
     );
     if latency.ops.is_empty() {

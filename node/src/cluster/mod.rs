@@ -625,7 +625,7 @@ impl PeerHandler for Cluster {
                             .any(|taken| taken.id == id && taken.ready && taken.holders.contains(&local))
                     })
                 };
-                crate::replication::apply(volumes, &payload, tenure, holds)
+                crate::replication::apply(volumes, payload, tenure, holds)
                     .await
                     .map(|()| (FrameKind::ReplicaAck, Vec::new()))
             }

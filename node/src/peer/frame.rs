@@ -136,21 +136,38 @@ pub enum FrameError {
 
 /// Encodes one frame (header and payload) into a new buffer.
 pub fn encode(kind: FrameKind, request_id: u64, payload: &[u8]) -> Result<Vec<u8>, FrameError> {
-    if payload.len() > PAYLOAD_BYTES_MAX {
-        return Err(FrameError::TooLarge(payload.len()));
-    }
     let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    encode_into(&mut out, kind, request_id, &[payload])?;
+    Ok(out)
+}
+
+/// Appends one frame to `out`, its payload the concatenation of `parts`
+/// (a replica write's op header and the client's data, each copied once,
+/// straight into the send buffer). On an error `out` is unchanged.
+pub fn encode_into(out: &mut Vec<u8>, kind: FrameKind, request_id: u64, parts: &[&[u8]]) -> Result<(), FrameError> {
+    let payload_bytes: usize = parts.iter().map(|part| part.len()).sum();
+    if payload_bytes > PAYLOAD_BYTES_MAX {
+        return Err(FrameError::TooLarge(payload_bytes));
+    }
+    let len = u32::try_from(payload_bytes).map_err(|_| FrameError::TooLarge(payload_bytes))?;
+    let start = out.len();
+    out.reserve(HEADER_BYTES + payload_bytes);
     out.extend_from_slice(&MAGIC);
     out.extend_from_slice(&(kind as u16).to_le_bytes());
     out.extend_from_slice(&0u16.to_le_bytes());
     out.extend_from_slice(&request_id.to_le_bytes());
-    let len = u32::try_from(payload.len()).map_err(|_| FrameError::TooLarge(payload.len()))?;
     out.extend_from_slice(&len.to_le_bytes());
-    let crc = crc32c::crc32c_append(crc32c::crc32c(&out[..CRC_OFFSET]), payload);
+    let crc = parts
+        .iter()
+        .fold(crc32c::crc32c(&out[start..start + CRC_OFFSET]), |crc, part| {
+            crc32c::crc32c_append(crc, part)
+        });
     out.extend_from_slice(&crc.to_le_bytes());
-    out.extend_from_slice(payload);
-    debug_assert_eq!(out.len(), HEADER_BYTES + payload.len());
-    Ok(out)
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+    debug_assert_eq!(out.len() - start, HEADER_BYTES + payload_bytes);
+    Ok(())
 }
 
 /// Decodes a header; the payload is checked with `verify` once read.
@@ -218,6 +235,19 @@ mod tests {
             prop_assert_eq!(header.request_id, request_id);
             prop_assert_eq!(header.payload_bytes, payload.len());
             prop_assert!(verify(&header_bytes, &header, body).is_ok());
+        }
+
+        #[test]
+        fn a_frame_from_parts_appended_to_others_equals_one_encoded_whole(
+            earlier in prop::collection::vec(any::<u8>(), 0..50),
+            payload in prop::collection::vec(any::<u8>(), 0..300),
+            cut in 0usize..300,
+        ) {
+            let cut = cut.min(payload.len());
+            let mut out = earlier.clone();
+            encode_into(&mut out, FrameKind::ReplicaWrite, 9, &[&payload[..cut], &payload[cut..]]).unwrap();
+            prop_assert_eq!(&out[..earlier.len()], &earlier[..]);
+            prop_assert_eq!(&out[earlier.len()..], &encode(FrameKind::ReplicaWrite, 9, &payload).unwrap()[..]);
         }
 
         #[test]

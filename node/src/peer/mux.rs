@@ -171,6 +171,12 @@ impl MuxLink {
 
     /// Sends one request and waits (at most `timeout`, dial included) for its reply.
     pub async fn call(&self, kind: FrameKind, payload: &[u8], timeout: Duration) -> Result<Vec<u8>, PeerError> {
+        self.call_parts(kind, &[payload], timeout).await
+    }
+
+    /// `call` with the payload in parts (a replica write's op header and
+    /// its data): they are copied once, into the connection's send buffer.
+    pub async fn call_parts(&self, kind: FrameKind, parts: &[&[u8]], timeout: Duration) -> Result<Vec<u8>, PeerError> {
         let attempt = async {
             let connection = self.connection().await?;
             let request_id = connection.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -180,19 +186,12 @@ impl MuxLink {
                 pending: &connection.pending,
                 request_id,
             };
-            let frame = super::frame::encode(kind, request_id, payload).map_err(|source| PeerError::Frame {
-                address: self.address.clone(),
-                source,
-            })?;
-            {
-                let mut outbox = connection.outbox.lock();
-                // The first frame is the buffer itself; later ones are appended.
-                if outbox.is_empty() {
-                    *outbox = frame;
-                } else {
-                    outbox.extend_from_slice(&frame);
+            super::frame::encode_into(&mut connection.outbox.lock(), kind, request_id, parts).map_err(|source| {
+                PeerError::Frame {
+                    address: self.address.clone(),
+                    source,
                 }
-            }
+            })?;
             if let Err(error) = self.send_outbox(&connection).await {
                 connection.dead.store(true, Ordering::Release);
                 return Err(error);

@@ -196,6 +196,9 @@ async fn connection<H: PeerHandler>(
     }
 }
 
+/// A connection's reply buffer is kept between sends up to this size.
+const SEND_BUFFER_KEEP_BYTES: usize = 2 << 20;
+
 /// Reads requests and runs them concurrently as futures of this
 /// connection's task (a slow request, a replicated write waiting for its
 /// disk, does not hold up the others; no task spawn or thread hop per
@@ -225,18 +228,21 @@ async fn serve_requests<H: PeerHandler>(
         tokio::select! {
             biased;
             (kind, request_id, payload) = in_flight.next(), if !in_flight.is_empty() => {
-                match frame::encode(kind, request_id, &payload) {
-                    // The first reply is the buffer itself; later ones are appended.
-                    Ok(bytes) if out.is_empty() => out = bytes,
-                    Ok(bytes) => out.extend_from_slice(&bytes),
-                    Err(source) => tracing::error!(address, %source, "peer reply not sent"),
+                // Encoded straight into the send buffer (a resync read's MiB copied once).
+                if let Err(source) = frame::encode_into(&mut out, kind, request_id, &[&payload]) {
+                    tracing::error!(address, %source, "peer reply not sent");
                 }
             }
             // Biased: reached only when no other reply is ready; all go in one send.
             () = std::future::ready(()), if !out.is_empty() => {
                 writer.write_all(&out).await.map_err(io_error)?;
                 writer.flush().await.map_err(io_error)?;
-                out.clear();
+                // Kept for the next replies, unless a large one grew it.
+                if out.capacity() > SEND_BUFFER_KEEP_BYTES {
+                    out = Vec::new();
+                } else {
+                    out.clear();
+                }
             }
             (reader, request) = &mut reading, if room => {
                 let request = match request {

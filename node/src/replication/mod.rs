@@ -431,7 +431,9 @@ impl Replicator for VolumeReplication {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + '_>> {
         Box::pin(async move {
             let _in_flight = self.in_flight.read().await;
-            let payload = wire::encode(&op);
+            // Header and data go straight into each link's send buffer.
+            let (header, data) = wire::encode_parts(&op);
+            let payload: [&[u8]; 2] = [&header, &data];
             let targets = self.targets.read().clone();
             let catching_up = self.catching_up.read().clone();
             // A replica that left the targets since `prepare` (and is tracked)
@@ -443,12 +445,17 @@ impl Replicator for VolumeReplication {
             }
             let catch_up_sends = catching_up.iter().map(|(node, link)| {
                 let payload = &payload;
-                async move { (*node, link.call(FrameKind::ReplicaWrite, payload, self.timeout).await) }
+                async move {
+                    (
+                        *node,
+                        link.call_parts(FrameKind::ReplicaWrite, payload, self.timeout).await,
+                    )
+                }
             });
             let sends = targets.iter().map(|(node, link)| {
                 let payload = &payload;
                 async move {
-                    let result = match link.call(FrameKind::ReplicaWrite, payload, self.timeout).await {
+                    let result = match link.call_parts(FrameKind::ReplicaWrite, payload, self.timeout).await {
                         Ok(_) => Ok(()),
                         Err(error) => Err(error.to_string()),
                     };
@@ -646,7 +653,7 @@ async fn replica_of(volumes: &Volumes, volume_id: u64) -> Result<Arc<crate::volu
 /// the refusal makes the coordinator mark the whole volume for it).
 pub async fn apply(
     volumes: &Volumes,
-    payload: &[u8],
+    payload: Vec<u8>,
     tenure: impl Fn(&str) -> u64,
     holds: impl Fn(&str, u64) -> bool,
 ) -> Result<(), String> {

@@ -518,7 +518,7 @@ async fn repair_replica(
             volume
                 .read_local(first, blocks)
                 .await
-                .map(OpKind::Write)
+                .map(|data| OpKind::Write(data.into()))
                 .map_err(|e| e.to_string())
         };
         let sent = match kind {
@@ -531,9 +531,10 @@ async fn repair_replica(
                     volume_sequence: volume.next_sequence(),
                     kind,
                 };
+                let (header, data) = wire::encode_parts(&op);
                 replica
                     .link
-                    .call(FrameKind::ReplicaWrite, &wire::encode(&op), timeout)
+                    .call_parts(FrameKind::ReplicaWrite, &[&header, &data], timeout)
                     .await
                     .map(|_| ())
                     .map_err(|error| error.to_string())

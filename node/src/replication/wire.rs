@@ -23,6 +23,9 @@
 //! mutation: the coordinator sends it while it holds the whole volume's
 //! range lock, so every copy takes it at the same point.
 
+use std::borrow::Cow;
+
+use bytes::Bytes;
 use thiserror::Error;
 
 /// Bytes before the data.
@@ -40,7 +43,9 @@ pub const SNAPSHOT_NAME_BYTES_MAX: usize = 64;
 /// What a replica must apply.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OpKind {
-    Write(Vec<u8>),
+    /// The data: shared with the coordinator's own write, or a slice of
+    /// the frame it arrived in (no copy between the wire and the store).
+    Write(Bytes),
     Zero,
     /// The volume's data, as of this point, is cloned to a new read-only
     /// volume `id`, snapshot `name` of it.
@@ -80,40 +85,45 @@ pub enum WireError {
     SnapshotName,
 }
 
-/// Encodes an op.
+/// Encodes an op into one buffer.
 #[must_use]
 pub fn encode(op: &ReplicaOp) -> Vec<u8> {
-    let payload;
-    let data: &[u8] = match &op.kind {
-        OpKind::Write(data) => data,
-        OpKind::Zero => &[],
-        OpKind::Snapshot { id, name } => {
-            payload = [&id.to_le_bytes()[..], name.as_bytes()].concat();
-            &payload
-        }
-        OpKind::Restore { id } => {
-            payload = id.to_le_bytes().to_vec();
-            &payload
-        }
+    let (header, data) = encode_parts(op);
+    [&header[..], &data].concat()
+}
+
+/// An op as its header and its data, to be sent as one payload
+/// (`MuxLink::call_parts`) without first joining them: a write's data is
+/// borrowed, not copied.
+#[must_use]
+pub fn encode_parts(op: &ReplicaOp) -> ([u8; HEADER_BYTES], Cow<'_, [u8]>) {
+    let data: Cow<'_, [u8]> = match &op.kind {
+        OpKind::Write(data) => Cow::Borrowed(data),
+        OpKind::Zero => Cow::Borrowed(&[]),
+        OpKind::Snapshot { id, name } => Cow::Owned([&id.to_le_bytes()[..], name.as_bytes()].concat()),
+        OpKind::Restore { id } => Cow::Owned(id.to_le_bytes().to_vec()),
     };
     debug_assert!(!matches!(op.kind, OpKind::Write(_)) || data.len() as u64 == op.block_count * BLOCK_BYTES as u64);
-    let mut out = Vec::with_capacity(HEADER_BYTES + data.len());
-    for field in [op.volume_id, op.epoch, op.lba, op.block_count, op.volume_sequence] {
-        out.extend_from_slice(&field.to_le_bytes());
+    let mut header = [0u8; HEADER_BYTES];
+    for (index, field) in [op.lba, op.block_count, op.volume_sequence].into_iter().enumerate() {
+        header[16 + index * 8..24 + index * 8].copy_from_slice(&field.to_le_bytes());
     }
-    out.push(match op.kind {
+    header[..8].copy_from_slice(&op.volume_id.to_le_bytes());
+    header[8..16].copy_from_slice(&op.epoch.to_le_bytes());
+    header[40] = match op.kind {
         OpKind::Write(_) => KIND_WRITE,
         OpKind::Zero => KIND_ZERO,
         OpKind::Snapshot { .. } => KIND_SNAPSHOT,
         OpKind::Restore { .. } => KIND_RESTORE,
-    });
-    out.extend_from_slice(&[0u8; 7]);
-    out.extend_from_slice(data);
-    out
+    };
+    (header, data)
 }
 
-/// Decodes an op, checking its lengths.
-pub fn decode(bytes: &[u8]) -> Result<ReplicaOp, WireError> {
+/// Decodes an op, checking its lengths; a write's data is a slice of
+/// `payload`, not a copy.
+pub fn decode(payload: impl Into<Bytes>) -> Result<ReplicaOp, WireError> {
+    let payload: Bytes = payload.into();
+    let bytes = &payload[..];
     if bytes.len() < HEADER_BYTES {
         return Err(WireError::Short(bytes.len()));
     }
@@ -132,7 +142,7 @@ pub fn decode(bytes: &[u8]) -> Result<ReplicaOp, WireError> {
                     block_count,
                 });
             }
-            OpKind::Write(data.to_vec())
+            OpKind::Write(payload.slice(HEADER_BYTES..))
         }
         KIND_ZERO => {
             if !data.is_empty() || block_count == 0 {
@@ -372,21 +382,21 @@ mod tests {
     proptest! {
         #[test]
         fn ops_round_trip(volume_id: u64, epoch: u64, lba: u64, sequence: u64, blocks in 1u64..4, zero: bool, fill: u8) {
-            let kind = if zero { OpKind::Zero } else { OpKind::Write(vec![fill; usize::try_from(blocks).unwrap() * 4096]) };
+            let kind = if zero { OpKind::Zero } else { OpKind::Write(vec![fill; usize::try_from(blocks).unwrap() * 4096].into()) };
             let op = ReplicaOp { volume_id, epoch, lba, block_count: blocks, volume_sequence: sequence, kind };
-            prop_assert_eq!(decode(&encode(&op)).unwrap(), op);
+            prop_assert_eq!(decode(encode(&op)).unwrap(), op);
         }
 
         #[test]
         fn snapshot_and_restore_ops_round_trip(volume_id: u64, epoch: u64, sequence: u64, id: u64, name in "[a-z0-9][a-z0-9_.-]{0,63}", restore: bool) {
             let kind = if restore { OpKind::Restore { id } } else { OpKind::Snapshot { id, name } };
             let op = ReplicaOp { volume_id, epoch, lba: 0, block_count: 0, volume_sequence: sequence, kind };
-            prop_assert_eq!(decode(&encode(&op)).unwrap(), op);
+            prop_assert_eq!(decode(encode(&op)).unwrap(), op);
         }
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200)) {
-            let _ = decode(&bytes);
+            let _ = decode(bytes);
         }
     }
 
@@ -405,29 +415,29 @@ mod tests {
             name: "a".into(),
         }));
         with_blocks[24] = 1;
-        assert!(matches!(decode(&with_blocks), Err(WireError::Length { .. })));
+        assert!(matches!(decode(with_blocks.clone()), Err(WireError::Length { .. })));
         let whole_volume = ReplicaOp {
             block_count: 4096,
             ..op(OpKind::Restore { id: 5 })
         };
-        assert_eq!(decode(&encode(&whole_volume)), Ok(whole_volume));
+        assert_eq!(decode(encode(&whole_volume)), Ok(whole_volume));
         let long = encode(&op(OpKind::Snapshot {
             id: 5,
             name: "x".repeat(SNAPSHOT_NAME_BYTES_MAX + 1),
         }));
-        assert_eq!(decode(&long), Err(WireError::SnapshotName));
+        assert_eq!(decode(long.clone()), Err(WireError::SnapshotName));
         let mut nameless = encode(&op(OpKind::Snapshot {
             id: 5,
             name: "a".into(),
         }));
         nameless.pop();
-        assert!(decode(&nameless).is_err());
+        assert!(decode(nameless.clone()).is_err());
         let mut not_utf8 = encode(&op(OpKind::Snapshot {
             id: 5,
             name: "a".into(),
         }));
         *not_utf8.last_mut().unwrap() = 0xFF;
-        assert_eq!(decode(&not_utf8), Err(WireError::SnapshotName));
+        assert_eq!(decode(not_utf8.clone()), Err(WireError::SnapshotName));
     }
 
     #[test]
@@ -485,6 +495,35 @@ mod tests {
     }
 
     #[test]
+    fn a_decoded_write_shares_the_frame_and_its_parts_join_to_the_whole() {
+        let op = ReplicaOp {
+            volume_id: 4,
+            epoch: 2,
+            lba: 8,
+            block_count: 2,
+            volume_sequence: 3,
+            kind: OpKind::Write(Bytes::from(vec![7u8; 8192])),
+        };
+        let (header, data) = encode_parts(&op);
+        assert!(
+            matches!(data, Cow::Borrowed(_)),
+            "a write's data is borrowed, not copied"
+        );
+        let payload = Bytes::from([&header[..], &data].concat());
+        assert_eq!(&payload[..], &encode(&op)[..]);
+        let decoded = decode(payload.clone()).unwrap();
+        let OpKind::Write(data) = &decoded.kind else {
+            panic!("not a write: {decoded:?}");
+        };
+        assert_eq!(
+            data.as_ptr(),
+            payload[HEADER_BYTES..].as_ptr(),
+            "the data is the frame's own bytes"
+        );
+        assert_eq!(decoded, op);
+    }
+
+    #[test]
     fn lengths_that_disagree_with_the_block_count_are_refused() {
         let op = ReplicaOp {
             volume_id: 1,
@@ -492,12 +531,12 @@ mod tests {
             lba: 0,
             block_count: 2,
             volume_sequence: 1,
-            kind: OpKind::Write(vec![0; 4096]),
+            kind: OpKind::Write(vec![0; 4096].into()),
         };
         let mut bytes = encode(&ReplicaOp { block_count: 1, ..op });
         bytes[24..32].copy_from_slice(&2u64.to_le_bytes());
-        assert!(matches!(decode(&bytes), Err(WireError::Length { .. })));
+        assert!(matches!(decode(bytes.clone()), Err(WireError::Length { .. })));
         bytes[40] = 9;
-        assert!(matches!(decode(&bytes), Err(WireError::Kind(9))));
+        assert!(matches!(decode(bytes), Err(WireError::Kind(9))));
     }
 }

@@ -82,6 +82,24 @@ fn usize_of(value: u64) -> usize {
 }
 
 impl Volume {
+    /// Runs a client's request (`op`, `bytes` long) counted in the volume's
+    /// statistics: in flight meanwhile (resync and scrub yield to it), then
+    /// its latency and outcome. NBD counts its requests itself; host attach
+    /// (FUSE, ublk) goes through here.
+    pub async fn counted<T>(
+        &self,
+        op: crate::metrics::Op,
+        bytes: u64,
+        request: impl std::future::Future<Output = Result<T, VolumeIoError>>,
+    ) -> Result<T, VolumeIoError> {
+        let started = std::time::Instant::now();
+        let in_flight = self.stats.begin();
+        let outcome = request.await;
+        drop(in_flight);
+        self.stats.op(op).record(bytes, started.elapsed(), outcome.is_ok());
+        outcome
+    }
+
     pub(super) async fn call(&self, command: Command) -> Result<Reply, VolumeIoError> {
         // A drain switches disks only when no request is under way.
         let _gate = self.move_gate.read().await;
@@ -471,11 +489,12 @@ impl Volume {
                 Command::Write {
                     volume_id: self.id,
                     lba,
+                    // Shared with the replica op, not copied.
                     data: data.clone(),
                     epoch,
                     volume_sequence,
                 },
-                OpKind::Write(data.to_vec()),
+                OpKind::Write(data),
             ),
             None => (
                 Command::Zero {
@@ -550,7 +569,7 @@ impl Volume {
             OpKind::Write(data) => Command::Write {
                 volume_id: self.id,
                 lba: op.lba,
-                data: data.into(),
+                data,
                 epoch: op.epoch,
                 volume_sequence: op.volume_sequence,
             },

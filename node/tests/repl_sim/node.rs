@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ::node::cluster::state::{ClusterState, Command, Outcome};
 use ::node::replication::dirty::Identity;
-use ::node::replication::resync::{pause_after, PIECES_IN_FLIGHT, RESYNC_BYTES_PER_S_MAX};
+use ::node::replication::resync::{busy_pause, next_group, pause_after, RESYNC_BYTES_PER_S_MAX};
 use ::node::replication::wire::{self, OpKind, ReplicaOp};
 use ::node::replication::{admit_fence, admit_mutation, Refusal, DIRTY_REGION_BLOCKS};
 use tokio::sync::{Notify, RwLock};
@@ -368,7 +368,7 @@ async fn read_for_repair(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<Vec<u
 
 /// `replication::apply`: epoch check and write under the shared epoch gate.
 async fn apply(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), String> {
-    let op = wire::decode(payload).map_err(|error| error.to_string())?;
+    let op = wire::decode(payload.to_vec()).map_err(|error| error.to_string())?;
     let gate = Rc::clone(&sim.node(id).gate);
     let _admitted = gate.read().await;
     let (floor, served, confirmed) = {
@@ -404,7 +404,7 @@ async fn apply(sim: &Rc<Sim>, id: u64, payload: &[u8]) -> Result<(), String> {
     let request = match op.kind {
         OpKind::Write(data) => Request::Write {
             lba: op.lba,
-            data,
+            data: data.to_vec(),
             epoch: op.epoch,
             sequence: op.volume_sequence,
         },
@@ -725,7 +725,7 @@ async fn mutate(sim: &Rc<Sim>, id: u64, lba: u64, count: u64, data: Option<Vec<u
                 epoch,
                 sequence,
             },
-            OpKind::Write(data),
+            OpKind::Write(data.into()),
         ),
         None => (
             Request::Zero {
@@ -1088,35 +1088,42 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64, identity:
     let started = Instant::now();
     let queue = RefCell::new(spans.into_iter());
     let copied_bytes = Cell::new(0);
+    let source_count = sources.len();
     let workers = sources.iter().map(|source| {
         let (queue, copied_bytes) = (&queue, &copied_bytes);
         async move {
+            let mut reader = *source;
+            let mut stop_after_span = false;
             loop {
                 let Some((lba, count)) = queue.borrow_mut().next() else {
                     return Ok::<(), String>(());
                 };
-                if !repl.is_catching_up(replica) {
-                    return Err("the replica failed a live write during the resync".into());
+                // `resync::plan_pieces`: planned without the lock, each piece locked on its own.
+                let mut planned: std::collections::VecDeque<_> = plan_pieces(sim, id, lba, count).into();
+                while !planned.is_empty() {
+                    if !repl.is_catching_up(replica) {
+                        return Err("the replica failed a live write during the resync".into());
+                    }
+                    let busy = sim.node(id).client_in_flight.get() > 0;
+                    let group = next_group(&mut planned, busy);
+                    let (sent, source_failed) = copy_pieces(sim, id, replica, &group, started_epoch, reader).await?;
+                    copied_bytes.set(copied_bytes.get() + sent);
+                    if source_failed {
+                        reader = None;
+                        stop_after_span = true;
+                    }
+                    // Paced like the real resync (its rate, and yielding to busy clients).
+                    let pause = if busy || sim.node(id).client_in_flight.get() > 0 {
+                        busy_pause(sent, source_count)
+                    } else {
+                        pause_after(copied_bytes.get(), started.elapsed(), bytes_per_s, false)
+                    };
+                    if !pause.is_zero() {
+                        tokio::time::sleep(pause).await;
+                    }
                 }
-                let ranges = Rc::clone(&sim.node(id).ranges);
-                let held = ranges.lock(lba, count).await;
-                let depth = if sim.node(id).client_in_flight.get() > 0 {
-                    1
-                } else {
-                    PIECES_IN_FLIGHT
-                };
-                let (sent, source_failed) =
-                    send_span(sim, id, replica, (lba, count), started_epoch, *source, depth).await?;
-                drop(held);
-                copied_bytes.set(copied_bytes.get() + sent);
-                if source_failed {
+                if stop_after_span {
                     return Ok(());
-                }
-                // Paced like the real resync (its rate, and yielding to busy clients).
-                let busy = sim.node(id).client_in_flight.get() > 0;
-                let pause = pause_after(copied_bytes.get(), started.elapsed(), bytes_per_s, busy);
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
                 }
             }
         }
@@ -1165,22 +1172,10 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
     spans
 }
 
-/// `resync::send_span`: the span to `replica`, holes (as this node maps
-/// them) as zeroings, allocated data as writes, read here or from the
-/// in-sync replica `reader` (a failed read is made here, and the second
-/// value is true), `depth` pieces at once as there. Ok with the
-/// bytes of data sent (`copied_bytes`). Each op carries `volume.epoch()`
-/// now (or `epoch` when given).
-async fn send_span(
-    sim: &Rc<Sim>,
-    id: u64,
-    replica: u64,
-    (lba, count): (u64, u64),
-    epoch: Option<u64>,
-    reader: Option<u64>,
-    depth: usize,
-) -> Result<(u64, bool), String> {
-    use futures::{StreamExt, TryStreamExt};
+/// `resync::cut_pieces` over this node's allocation of `count` blocks from
+/// `lba`: `(first block, blocks, allocated)`, data cut at `CHUNK_BLOCKS`,
+/// each hole whole.
+fn plan_pieces(sim: &Rc<Sim>, id: u64, lba: u64, count: u64) -> Vec<(u64, u64, bool)> {
     let mut pieces = Vec::new();
     for (start, run_count, allocated) in sim.node(id).disk.store.block_status(VOLUME_ID, lba, count) {
         let run_end = start + run_count;
@@ -1195,11 +1190,30 @@ async fn send_span(
             at += blocks;
         }
     }
+    pieces
+}
+
+/// `resync::copy_pieces`: the pieces to `replica` at once, each under its
+/// own range lock, its allocation looked at again under it; holes as
+/// zeroings, data as writes, read here or from the in-sync replica
+/// `reader` (a failed read is made here, and the second value is true).
+/// Ok with the bytes of data sent. Each op carries `volume.epoch()` now
+/// (or `epoch` when given).
+async fn copy_pieces(
+    sim: &Rc<Sim>,
+    id: u64,
+    replica: u64,
+    pieces: &[(u64, u64)],
+    epoch: Option<u64>,
+    reader: Option<u64>,
+) -> Result<(u64, bool), String> {
     let reader_failed = Cell::new(false);
     let reader_failed = &reader_failed;
-    let copied_bytes = futures::stream::iter(pieces)
-        .map(|(at, blocks, allocated)| async move {
-            let mut copied_bytes = 0;
+    let copies = pieces.iter().map(|&(lba, count)| async move {
+        let ranges = Rc::clone(&sim.node(id).ranges);
+        let _held = ranges.lock(lba, count).await;
+        let mut copied_bytes = 0;
+        for (at, blocks, allocated) in plan_pieces(sim, id, lba, count) {
             let kind = if allocated {
                 copied_bytes += blocks * disk::BLOCK_BYTES as u64;
                 let mut data = None;
@@ -1222,7 +1236,7 @@ async fn send_span(
                     Some(data) => data,
                     None => disk::reply_bytes(&disk::call(sim, id, Request::Read { lba: at, count: blocks }).await?),
                 };
-                OpKind::Write(data)
+                OpKind::Write(data.into())
             } else {
                 OpKind::Zero
             };
@@ -1248,11 +1262,10 @@ async fn send_span(
                 sim.config.replica_timeout,
             )
             .await?;
-            Ok::<u64, String>(copied_bytes)
-        })
-        .buffer_unordered(depth)
-        .try_fold(0, |total, copied| async move { Ok(total + copied) })
-        .await?;
+        }
+        Ok::<u64, String>(copied_bytes)
+    });
+    let copied_bytes = futures::future::try_join_all(copies).await?.into_iter().sum();
     Ok((copied_bytes, reader_failed.get()))
 }
 
@@ -1351,7 +1364,7 @@ async fn compare(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>) -> Result<u64, String>
                     OpKind::Zero
                 } else {
                     let (from, to) = (at as usize * disk::BLOCK_BYTES, end as usize * disk::BLOCK_BYTES);
-                    OpKind::Write(mine[from..to].to_vec())
+                    OpKind::Write(mine[from..to].to_vec().into())
                 };
                 let (epoch, sequence) = {
                     let mut local = sim.node(id);

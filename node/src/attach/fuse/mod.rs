@@ -27,6 +27,7 @@ use kernel_iface::fuse::{FuseChannel, Received};
 use parking_lot::RwLock;
 
 use self::proto::{Attr, InHeader, Operation};
+use crate::metrics::Op;
 use crate::volume::io::ReadData;
 use crate::volume::Volume;
 
@@ -235,7 +236,7 @@ impl AttachFs {
             Operation::Write { offset, data } => self.write(inode, offset, data.len(), || own(data)),
             Operation::Fsync => match self.files.get(inode) {
                 Some(volume) => Answer::Later(Box::pin(async move {
-                    match volume.flush().await {
+                    match volume.counted(Op::Flush, 0, volume.flush()).await {
                         Ok(()) => Reply::ok(Body::Empty),
                         Err(error) => Reply::error(errno(&error)),
                     }
@@ -275,7 +276,7 @@ impl AttachFs {
             return Answer::Now(Reply::ok(Body::Empty));
         }
         Answer::Later(Box::pin(async move {
-            match volume.read(offset, len).await {
+            match volume.counted(Op::Read, len, volume.read(offset, len)).await {
                 Ok(data) => Reply::ok(Body::Read(data)),
                 Err(error) => {
                     tracing::warn!(volume = %volume.name, %error, "attached device read failed");
@@ -295,7 +296,10 @@ impl AttachFs {
         let data = own();
         // Every acknowledged write is durable (and replicated): FUA is implicit.
         Answer::Later(Box::pin(async move {
-            match volume.write(offset, data).await {
+            match volume
+                .counted(Op::Write, u64::from(written), volume.write(offset, data))
+                .await
+            {
                 Ok(()) => Reply::bytes(&proto::encode_write_out(written)),
                 Err(error) => {
                     tracing::warn!(volume = %volume.name, %error, "attached device write failed");
@@ -327,7 +331,11 @@ impl AttachFs {
             return Answer::Now(Reply::ok(Body::Empty));
         }
         Answer::Later(Box::pin(async move {
-            match volume.write_zeroes(offset, end - offset, allocate).await {
+            let op = if allocate { Op::WriteZeroes } else { Op::Trim };
+            match volume
+                .counted(op, end - offset, volume.write_zeroes(offset, end - offset, allocate))
+                .await
+            {
                 Ok(()) => Reply::ok(Body::Empty),
                 Err(error) => {
                     tracing::warn!(volume = %volume.name, %error, "attached device discard / write-zeroes failed");
