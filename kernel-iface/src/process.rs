@@ -76,6 +76,17 @@ pub fn default_sigpipe() {
     }
 }
 
+/// Sends `signal` to process `pid` (a child the caller started).
+pub fn send_signal(pid: u32, signal: i32) -> std::io::Result<()> {
+    let pid = i32::try_from(pid).map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    if unsafe { libc::kill(pid, signal) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of CapEff).

@@ -17,6 +17,7 @@ pub mod install;
 pub mod linearizable;
 pub mod load_check;
 pub mod local_nodes;
+pub mod managed_plugin;
 pub mod metrics;
 pub mod nbd;
 pub mod pattern;

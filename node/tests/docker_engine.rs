@@ -4,6 +4,12 @@
 //! -d ballast`, a container writes files and syncs, the node serving the
 //! plugin is killed -9 while the container runs, and a new container
 //! mounting the volume through the next node sees every synced file.
+//!
+//! And ballast as a Docker managed plugin (`scripts/docker-plugin.sh`):
+//! created from a local directory, enabled with nothing else of ballast
+//! running on the host, serving volumes to containers, refusing to be
+//! disabled while a container uses one, and keeping them across a disable
+//! and enable.
 
 mod common;
 
@@ -266,4 +272,143 @@ fn a_docker_volume_keeps_its_synced_files_when_the_node_serving_the_plugin_is_ki
     dockerd.docker(&["volume", "rm", "v1"]);
     let listed = dockerd.docker(&["volume", "ls", "-q"]);
     assert!(!listed.contains("v1"), "{listed}");
+}
+
+/// Disables and removes a managed plugin (on drop, before its dockerd stops).
+struct ManagedPlugin<'a> {
+    dockerd: &'a Dockerd,
+    name: String,
+}
+
+impl Drop for ManagedPlugin<'_> {
+    fn drop(&mut self) {
+        let containers = self.dockerd.docker_quiet(&["ps", "-aq"]);
+        for id in String::from_utf8_lossy(&containers.stdout).split_whitespace() {
+            let _ = self.dockerd.docker_quiet(&["rm", "-f", id]);
+        }
+        let _ = self.dockerd.docker_quiet(&["plugin", "disable", "-f", &self.name]);
+        let _ = self.dockerd.docker_quiet(&["plugin", "rm", "-f", &self.name]);
+    }
+}
+
+#[test]
+fn the_managed_plugin_serves_volumes_alone_refuses_to_stop_while_used_and_keeps_them_across_a_restart() {
+    let test = "the_managed_plugin_serves_volumes_alone";
+    if !available(test) || !have_tool(test, "bash") {
+        return;
+    }
+    let dockerd = Dockerd::start();
+    dockerd.import_busybox();
+    let Some(disk) = common::loop_device(test, dockerd.dir.path(), 1 << 30) else {
+        return;
+    };
+    let data = dockerd.dir.path().join("ballast-data");
+    std::fs::create_dir_all(&data).unwrap();
+    let name = format!("ballast-managed-{}", std::process::id());
+    let created = Command::new("bash")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/docker-plugin.sh"))
+        .args(["--name", &name, "--binary", env!("CARGO_BIN_EXE_ballast")])
+        .arg("--dir")
+        .arg(dockerd.dir.path().join("plugin"))
+        .arg("--docker-host")
+        .arg(format!("unix://{}", dockerd.dir.path().join("docker.sock").display()))
+        .output()
+        .unwrap();
+    assert!(created.status.success(), "docker-plugin.sh: {}", text(&created));
+    let plugin = ManagedPlugin {
+        dockerd: &dockerd,
+        name: name.clone(),
+    };
+    // Ports of its own: the host network is shared with whatever else runs here.
+    let port = 20000 + (std::process::id() % 10000) as u16;
+    dockerd.docker(&[
+        "plugin",
+        "set",
+        &name,
+        &format!("data.source={}", data.display()),
+        &format!("DISKS={}", disk.path().display()),
+        &format!("LISTEN_API=127.0.0.1:{port}"),
+        &format!("LISTEN_NBD=127.0.0.1:{}", port + 1),
+        &format!("LISTEN_PEER=127.0.0.1:{}", port + 2),
+    ]);
+    let enabled = dockerd.docker_quiet(&["plugin", "enable", &name]);
+    assert!(
+        enabled.status.success(),
+        "enable: {}\n{}",
+        text(&enabled),
+        dockerd.log()
+    );
+    // No ballast process of this test's but the plugin's own.
+    dockerd.docker(&["volume", "create", "-d", &name, "--opt", "size=256MiB", "v1"]);
+    let run = |script: &str| {
+        dockerd.docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            "v1:/data",
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ])
+    };
+    run("echo kept > /data/note; dd if=/dev/urandom of=/data/blob bs=64k count=16 2>/dev/null; sync; sha256sum /data/blob > /data/blob.sum; sync");
+    let read = run("cat /data/note; sha256sum /data/blob; cat /data/blob.sum");
+    let lines: Vec<&str> = read.lines().collect();
+    assert_eq!(lines.len(), 3, "{read}");
+    assert_eq!(lines[0], "kept", "{read}");
+    assert_eq!(
+        lines[1], lines[2],
+        "the blob read back differs from what was written: {read}"
+    );
+    // The node keeps its data in the host directory the plugin was given.
+    assert!(data.join("disks.toml").exists(), "no data directory on the host side");
+
+    // A container holding the volume: the plugin may not be disabled (Docker
+    // refuses while any volume of the driver exists).
+    dockerd.docker(&[
+        "run",
+        "-d",
+        "--name",
+        "holder",
+        "--network",
+        "none",
+        "-v",
+        "v1:/data",
+        IMAGE,
+        "sleep",
+        "600",
+    ]);
+    let refused = dockerd.docker_quiet(&["plugin", "disable", &name]);
+    assert!(!refused.status.success(), "disabled while a container uses its volume");
+    assert!(text(&refused).contains("in use"), "{}", text(&refused));
+    dockerd.docker(&["rm", "-f", "holder"]);
+
+    // Disabled (the node stops with it; -f because Docker counts the
+    // volume itself as a use) and enabled again: the disk is not enrolled
+    // twice, the cluster not made again, the volume still there.
+    dockerd.docker(&["plugin", "disable", "-f", &name]);
+    let enabled = dockerd.docker_quiet(&["plugin", "enable", &name]);
+    assert!(
+        enabled.status.success(),
+        "enable again: {}\n{}",
+        text(&enabled),
+        dockerd.log()
+    );
+    let listed = dockerd.docker(&["volume", "ls", "--format", "{{.Driver}} {{.Name}}"]);
+    assert!(
+        listed.contains(&format!("{name}:latest v1")) || listed.contains(&format!("{name} v1")),
+        "{listed}"
+    );
+    let again = run("cat /data/note; sha256sum /data/blob; cat /data/blob.sum");
+    assert_eq!(again, read, "the volume changed across the plugin's restart");
+
+    dockerd.docker(&["volume", "rm", "v1"]);
+    dockerd.docker(&["plugin", "disable", &name]);
+    dockerd.docker(&["plugin", "rm", &name]);
+    drop(plugin);
+    let log = dockerd.log();
+    assert!(log.contains("docker volume plugin ready"), "{log}");
 }

@@ -215,3 +215,44 @@ fn install_refuses_a_missing_binary_a_non_executable_and_a_running_install_chang
     assert!(uninstall(&root).status.success(), "once stopped, it uninstalls");
     assert!(files(&root).is_empty());
 }
+
+#[test]
+fn the_managed_plugin_entrypoint_refuses_a_bad_init_no_disks_and_a_missing_disk_starting_nothing() {
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let data_arg = data.to_str().unwrap();
+    let bad_init = run(&["plugin", "managed", "--data-dir", data_arg, "--init", "cluster"]);
+    assert_eq!(bad_init.status.code(), Some(2), "{}", text(&bad_init));
+    assert!(text(&bad_init).contains("use single"), "{}", text(&bad_init));
+    let no_disks = run(&["plugin", "managed", "--data-dir", data_arg]);
+    assert!(!no_disks.status.success());
+    assert!(
+        text(&no_disks).contains("no disk to store volumes on"),
+        "{}",
+        text(&no_disks)
+    );
+    let missing = dir.path().join("no-such-disk");
+    let missing_disk = run(&[
+        "plugin",
+        "managed",
+        "--data-dir",
+        data_arg,
+        "--disks",
+        missing.to_str().unwrap(),
+    ]);
+    assert!(!missing_disk.status.success());
+    assert!(
+        text(&missing_disk).contains("enrolling") && text(&missing_disk).contains("does not exist"),
+        "{}",
+        text(&missing_disk)
+    );
+    // Nothing was started or enrolled: no token (the node never ran), no disk recorded.
+    assert!(!data.join("admin.token").exists());
+    assert!(
+        !data.join("disks.toml").exists()
+            || std::fs::read_to_string(data.join("disks.toml"))
+                .unwrap()
+                .trim()
+                .is_empty()
+    );
+}

@@ -276,6 +276,40 @@ pub enum PluginCommand {
         #[arg(long, default_value = crate::plugin::DEFAULT_MOUNTS)]
         mounts: std::path::PathBuf,
     },
+    /// The Docker managed plugin's entrypoint (scripts/docker-plugin.sh builds
+    /// the plugin): enrolls DISKS not yet enrolled, runs the node, makes it a
+    /// one-node cluster with INIT=single, and serves the volume plugin against
+    /// it until SIGTERM (`docker plugin disable`), then stops the node. Each
+    /// setting is the plugin's environment variable (`docker plugin set
+    /// ballast DISKS=/dev/nvme1n1`) or the flag.
+    Managed {
+        /// The node's data directory (in the plugin: a bind mount of the host's).
+        #[arg(long, env = "DATA_DIR", default_value = "/var/lib/ballast")]
+        data_dir: std::path::PathBuf,
+        /// Disks (or files) to enroll, comma-separated; enrolled ones are skipped.
+        #[arg(long, env = "DISKS", value_delimiter = ',')]
+        disks: Vec<std::path::PathBuf>,
+        /// `single`: make the node a one-node cluster if it is in none; empty:
+        /// leave it alone (join it to a cluster with `ballast cluster join`).
+        #[arg(long, env = "INIT", default_value = "")]
+        init: String,
+        /// The node's API address (the plugin talks to it; so does the CLI).
+        #[arg(long, env = "LISTEN_API", default_value = crate::daemon::config::DEFAULT_LISTEN_API)]
+        listen_api: String,
+        /// The node's NBD address.
+        #[arg(long, env = "LISTEN_NBD", default_value = crate::daemon::config::DEFAULT_LISTEN_NBD)]
+        listen_nbd: String,
+        /// The node's peer address (Raft, replication): one the other hosts
+        /// reach, for a node that joins a cluster.
+        #[arg(long, env = "LISTEN_PEER", default_value = crate::daemon::config::DEFAULT_LISTEN_PEER)]
+        listen_peer: String,
+        /// The socket dockerd gave the plugin.
+        #[arg(long, default_value = crate::plugin::DEFAULT_SOCKET)]
+        socket: std::path::PathBuf,
+        /// Where volumes are mounted: the plugin's propagated mount.
+        #[arg(long, env = "MOUNTS", default_value = crate::managed_plugin::DEFAULT_MOUNTS)]
+        mounts: std::path::PathBuf,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -395,6 +429,36 @@ pub fn main() -> ExitCode {
             crate::plugin::serve(crate::plugin::PluginOptions {
                 socket,
                 apis: api,
+                mounts,
+            })
+            .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Plugin(PluginCommand::Managed {
+            data_dir,
+            disks,
+            init,
+            listen_api,
+            listen_nbd,
+            listen_peer,
+            socket,
+            mounts,
+        }) => {
+            match init.as_str() {
+                "single" | "" => {}
+                other => {
+                    eprintln!("error: INIT={other:?}: use single (a one-node cluster) or leave it empty");
+                    return ExitCode::from(2);
+                }
+            }
+            let init_single = init == "single";
+            crate::managed_plugin::run(&crate::managed_plugin::ManagedOptions {
+                data_dir,
+                disks,
+                init_single,
+                listen_api,
+                listen_nbd,
+                listen_peer,
+                socket,
                 mounts,
             })
             .map(|()| ExitCode::SUCCESS)
