@@ -93,6 +93,22 @@ impl Dockerd {
         String::from_utf8_lossy(&output.stdout).into_owned()
     }
 
+    /// Runs `script` in a new container with volume v1 at /data; its stdout.
+    fn run_on_v1(&self, script: &str) -> String {
+        self.docker(&[
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "-v",
+            "v1:/data",
+            IMAGE,
+            "sh",
+            "-c",
+            script,
+        ])
+    }
+
     /// Imports a one-binary image: busybox and its applet links.
     fn import_busybox(&self) {
         let rootfs = self.dir.path().join("rootfs");
@@ -239,18 +255,7 @@ fn a_docker_volume_keeps_its_synced_files_when_the_node_serving_the_plugin_is_ki
     // Removing the container makes dockerd unmount; the plugin releases the dead device.
     dockerd.docker(&["rm", "-f", "writer"]);
 
-    let reader = dockerd.docker(&[
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        "-v",
-        "v1:/data",
-        IMAGE,
-        "sh",
-        "-c",
-        "sha256sum /data/f*",
-    ]);
+    let reader = dockerd.run_on_v1("sha256sum /data/f*");
     assert_eq!(
         sums(&reader),
         before,
@@ -340,20 +345,7 @@ fn the_managed_plugin_serves_volumes_alone_refuses_to_stop_while_used_and_keeps_
     );
     // No ballast process of this test's but the plugin's own.
     dockerd.docker(&["volume", "create", "-d", &name, "--opt", "size=256MiB", "v1"]);
-    let run = |script: &str| {
-        dockerd.docker(&[
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "-v",
-            "v1:/data",
-            IMAGE,
-            "sh",
-            "-c",
-            script,
-        ])
-    };
+    let run = |script: &str| dockerd.run_on_v1(script);
     run("echo kept > /data/note; dd if=/dev/urandom of=/data/blob bs=64k count=16 2>/dev/null; sync; sha256sum /data/blob > /data/blob.sum; sync");
     let read = run("cat /data/note; sha256sum /data/blob; cat /data/blob.sum");
     let lines: Vec<&str> = read.lines().collect();

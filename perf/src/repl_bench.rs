@@ -577,29 +577,29 @@ fn set_copies(cluster: &LocalCluster, replicas: usize, wait: bool) -> Result<()>
     args.extend(["--api", &api]);
     admin.run(&args).with_context(|| cluster.log_tails())?;
     crate::local_cluster::wait_until(&format!("the volume at {replicas} copies"), || {
-        let info: serde_json::Value = serde_json::from_str(&admin.run_stdout(&[
-            "volume",
-            "inspect",
-            REBUILD_VOLUME,
-            "--json",
-            "--api",
-            &api,
-        ])?)?;
-        Ok(info["replica_nodes"].as_array().map_or(0, Vec::len) == replicas)
+        Ok(inspect_rebuild_volume(cluster)?["replica_nodes"]
+            .as_array()
+            .map_or(0, Vec::len)
+            == replicas)
     })
 }
 
-/// The rebuild volume's most recently started resync, as `volume inspect --json` lists it.
-fn newest_resync(cluster: &LocalCluster) -> Result<serde_json::Value> {
+/// `volume inspect --json` of the rebuild volume, through node 1.
+fn inspect_rebuild_volume(cluster: &LocalCluster) -> Result<serde_json::Value> {
     let api = cluster.nodes[0].api();
-    let info: serde_json::Value = serde_json::from_str(&cluster.admin().run_stdout(&[
+    Ok(serde_json::from_str(&cluster.admin().run_stdout(&[
         "volume",
         "inspect",
         REBUILD_VOLUME,
         "--json",
         "--api",
         &api,
-    ])?)?;
+    ])?)?)
+}
+
+/// The rebuild volume's most recently started resync, as `volume inspect --json` lists it.
+fn newest_resync(cluster: &LocalCluster) -> Result<serde_json::Value> {
+    let info = inspect_rebuild_volume(cluster)?;
     info["resyncs"]
         .as_array()
         .and_then(|resyncs| resyncs.iter().max_by_key(|resync| resync["started_unix_ms"].as_u64()))

@@ -564,45 +564,35 @@ async fn copy_piece(
         .await
         .map_err(|error| error.to_string())?;
     let mut sent = Sent::default();
-    let mut at = lba;
-    for (len_bytes, allocated) in runs {
-        let run_end = at + len_bytes / BLOCK_BYTES;
-        while at < run_end {
-            let blocks = if allocated {
-                CHUNK_BLOCKS.min(run_end - at)
-            } else {
-                run_end - at
+    for (at, blocks, allocated) in cut_pieces(lba, &runs) {
+        let kind = if allocated {
+            let replica = reader.filter(|_| !reader_failed.load(Ordering::Relaxed));
+            let data = match read_from_replica(volume, replica, at, blocks, timeout, reader_failed).await {
+                Some(data) => {
+                    sent.from_replica_bytes += blocks * BLOCK_BYTES;
+                    data
+                }
+                None => volume
+                    .read_stored_locked(at * BLOCK_BYTES, blocks * BLOCK_BYTES)
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .to_vec(),
             };
-            let kind = if allocated {
-                let replica = reader.filter(|_| !reader_failed.load(Ordering::Relaxed));
-                let data = match read_from_replica(volume, replica, at, blocks, timeout, reader_failed).await {
-                    Some(data) => {
-                        sent.from_replica_bytes += blocks * BLOCK_BYTES;
-                        data
-                    }
-                    None => volume
-                        .read_stored_locked(at * BLOCK_BYTES, blocks * BLOCK_BYTES)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .to_vec(),
-                };
-                sent.data_bytes += blocks * BLOCK_BYTES;
-                OpKind::Write(data.into())
-            } else {
-                sent.zeroed_bytes += blocks * BLOCK_BYTES;
-                OpKind::Zero
-            };
-            let op = ReplicaOp {
-                volume_id: volume.id,
-                epoch,
-                lba: at,
-                block_count: blocks,
-                volume_sequence: volume.next_sequence(),
-                kind,
-            };
-            send(link, &op, timeout).await?;
-            at += blocks;
-        }
+            sent.data_bytes += blocks * BLOCK_BYTES;
+            OpKind::Write(data.into())
+        } else {
+            sent.zeroed_bytes += blocks * BLOCK_BYTES;
+            OpKind::Zero
+        };
+        let op = ReplicaOp {
+            volume_id: volume.id,
+            epoch,
+            lba: at,
+            block_count: blocks,
+            volume_sequence: volume.next_sequence(),
+            kind,
+        };
+        send(link, &op, timeout).await?;
     }
     Ok(sent)
 }
