@@ -497,7 +497,9 @@ fn current_code_acknowledges_a_write_a_just_promoted_replica_missed() {
 /// drain (or for the dirty log); meanwhile another write's failure drops
 /// R; the write then goes to the new targets only. R's incremental resync
 /// misses it and R rejoins without an acknowledged write (seeds 61, 109,
-/// 247, 287 and 365 of the first 500).
+/// 247, 287 and 365 of the first 500, until the resync took its range lock
+/// per piece and paced busy clients' copies (2026-12-07): that shifted every
+/// run's timing, and no seed of the first 2500 meets the race now).
 #[test]
 #[ignore = "fixed in prepare/replicate (kept to show the race is caught): a target dropped between them gets neither the write nor a dirty mark"]
 fn current_code_resync_misses_a_write_prepared_before_its_replica_was_dropped() {
