@@ -23,9 +23,12 @@ fuzz_target!(|data: &[u8]| {
         }
     }
     // A replication request payload: a mutation, or a read of blocks.
-    if let Ok(op) = wire::decode(data) {
+    if let Ok(op) = wire::decode(data.to_vec()) {
         let again = wire::encode(&op);
-        assert_eq!(wire::decode(&again).as_ref(), Ok(&op), "decode(encode(op)) differs");
+        // The two parts a link sends, joined, are the one buffer.
+        let (header, body) = wire::encode_parts(&op);
+        assert_eq!([&header[..], &body].concat(), again, "encode_parts differs from encode");
+        assert_eq!(wire::decode(again).as_ref(), Ok(&op), "decode(encode(op)) differs");
     }
     if let Ok((volume_id, lba, block_count)) = wire::decode_read(data) {
         let again = wire::encode_read(volume_id, lba, block_count);
