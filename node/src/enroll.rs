@@ -48,6 +48,10 @@ pub enum EnrollError {
     Create { path: PathBuf, source: std::io::Error },
 }
 
+/// Segment size of a disk enrolled without one given (`disk enroll`'s
+/// default, the API's, the managed plugin's).
+pub const DEFAULT_SEGMENT_BYTES: u64 = 8 << 20;
+
 /// How to enroll.
 #[derive(Clone, Debug)]
 pub struct EnrollOptions {

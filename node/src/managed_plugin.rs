@@ -116,7 +116,7 @@ fn enroll_new_disks(data_dir: &Path, disks: &[PathBuf]) -> Result<()> {
     let options = EnrollOptions {
         force: false,
         create_size_bytes: None,
-        segment_size_bytes: 8 << 20,
+        segment_size_bytes: enroll::DEFAULT_SEGMENT_BYTES,
     };
     for disk in disks.iter().filter(|disk| !enrolled.contains(disk)) {
         enroll::enroll(&data, disk, &options).with_context(|| format!("enrolling {}", disk.display()))?;

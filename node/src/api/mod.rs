@@ -124,7 +124,7 @@ pub struct EnrollBody {
 }
 
 fn default_segment_size() -> u64 {
-    8 << 20
+    crate::enroll::DEFAULT_SEGMENT_BYTES
 }
 
 /// Formats a disk, records it in the data directory and opens it: the

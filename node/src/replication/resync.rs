@@ -475,7 +475,7 @@ async fn plan_pieces(volume: &Volume, (lba, count): (u64, u64)) -> Result<Vec<(u
 
 /// Runs of `(bytes, allocated)` from `lba` on as `(first block, blocks,
 /// allocated)` pieces: data cut at `CHUNK_BLOCKS`, a hole whole.
-fn cut_pieces(lba: u64, runs: &[(u64, bool)]) -> Vec<(u64, u64, bool)> {
+pub fn cut_pieces(lba: u64, runs: &[(u64, bool)]) -> Vec<(u64, u64, bool)> {
     let mut pieces = Vec::new();
     let mut at = lba;
     for &(len_bytes, allocated) in runs {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ::node::cluster::state::{ClusterState, Command, Outcome};
 use ::node::replication::dirty::Identity;
-use ::node::replication::resync::{busy_pause, next_group, pause_after, RESYNC_BYTES_PER_S_MAX};
+use ::node::replication::resync::{busy_pause, cut_pieces, next_group, pause_after, RESYNC_BYTES_PER_S_MAX};
 use ::node::replication::wire::{self, OpKind, ReplicaOp};
 use ::node::replication::{admit_fence, admit_mutation, Refusal, DIRTY_REGION_BLOCKS};
 use tokio::sync::{Notify, RwLock};
@@ -1172,25 +1172,20 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
     spans
 }
 
-/// `resync::cut_pieces` over this node's allocation of `count` blocks from
+/// The real `resync::cut_pieces` over this node's allocation of `count` blocks from
 /// `lba`: `(first block, blocks, allocated)`, data cut at `CHUNK_BLOCKS`,
 /// each hole whole.
 fn plan_pieces(sim: &Rc<Sim>, id: u64, lba: u64, count: u64) -> Vec<(u64, u64, bool)> {
-    let mut pieces = Vec::new();
-    for (start, run_count, allocated) in sim.node(id).disk.store.block_status(VOLUME_ID, lba, count) {
-        let run_end = start + run_count;
-        let mut at = start;
-        while at < run_end {
-            let blocks = if allocated {
-                CHUNK_BLOCKS.min(run_end - at)
-            } else {
-                run_end - at
-            };
-            pieces.push((at, blocks, allocated));
-            at += blocks;
-        }
-    }
-    pieces
+    // The store's runs are contiguous from `lba`, as the volume's allocation map is.
+    let runs: Vec<(u64, bool)> = sim
+        .node(id)
+        .disk
+        .store
+        .block_status(VOLUME_ID, lba, count)
+        .into_iter()
+        .map(|(_, run_count, allocated)| (run_count * disk::BLOCK_BYTES as u64, allocated))
+        .collect();
+    cut_pieces(lba, &runs)
 }
 
 /// `resync::copy_pieces`: the pieces to `replica` at once, each under its
