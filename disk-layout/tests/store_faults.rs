@@ -240,6 +240,46 @@ fn reads_of_unwritten_blocks_return_zeroes_and_block_status_reports_holes() {
 }
 
 #[test]
+fn a_hole_between_written_blocks_reads_as_zeroes_after_buffers_of_earlier_reads_were_reused() {
+    let mut h = Harness::new(19, 24 << 20, 1 << 20, 4096, vec![1]);
+    h.write(1, 0, 1);
+    h.write(1, 2, 1);
+    h.write(1, 4, 3);
+    h.write(1, 8, 8);
+    h.settle();
+    let read = |h: &mut Harness, tag: u64, lba: u64, count: u64| -> Vec<u8> {
+        h.store.read(&mut h.disk, tag, 1, lba, count);
+        for _ in 0..1_000 {
+            let mut done = Vec::new();
+            h.store.drain_done(&mut done);
+            if let Some(d) = done.pop() {
+                match d.result {
+                    Ok(Reply::Read(buf)) => return buf.as_slice().to_vec(),
+                    other => panic!("{other:?}"),
+                }
+            }
+            // The device completes some requests (not `step`, which would
+            // take this untracked read's answer).
+            for completion in h.disk.run_some() {
+                h.store.on_completion(&mut h.disk, completion);
+            }
+        }
+        panic!("read {tag} never finished");
+    };
+    // Reads of written data whose buffers go back to this thread's pool,
+    // holding data, in the lengths the next reads take.
+    for (tag, lba, count) in [(1, 0, 1), (2, 2, 1), (3, 4, 1), (4, 5, 1), (5, 6, 1), (7, 8, 8)] {
+        let data = read(&mut h, tag, lba, count);
+        assert!(data.chunks(4096).all(|block| block.iter().any(|&b| b != 0)));
+    }
+    let all = read(&mut h, 6, 0, 8);
+    for (block, bytes) in all.chunks(4096).enumerate() {
+        let hole = matches!(block, 1 | 3 | 7);
+        assert_eq!(bytes.iter().all(|&b| b == 0), hole, "block {block}");
+    }
+}
+
+#[test]
 fn thin_provisioning_counts_only_written_blocks_and_zeroing_frees_them() {
     let mut h = Harness::new(10, 24 << 20, 1 << 20, 4096, vec![1]);
     h.write(1, 100, 8);

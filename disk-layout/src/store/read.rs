@@ -170,23 +170,24 @@ impl Store {
             return;
         }
         op.runs = runs_of(&op.entries);
-        let mut reply = IoBuf::new(op.block_count * BLOCK);
         if op.runs.is_empty() {
-            self.finish_read(io, &op, Ok(Reply::Read(reply)));
+            let zeroes = IoBuf::new(op.block_count * BLOCK);
+            self.finish_read(io, &op, Ok(Reply::Read(zeroes)));
             return;
         }
         let read_id = self.next_read_id;
         self.next_read_id = (self.next_read_id + 1) & (super::ID_MASK >> RUN_BITS);
+        // One run over the whole request: the disk reads straight into the
+        // answer. Otherwise each run into its own buffer, copied into an
+        // answer that starts zeroed (unmapped blocks read as zeroes).
         op.direct = op.runs.len() == 1 && op.runs[0].count == op.block_count;
         op.pending = op.runs.len();
         op.error = None;
         op.restart = false;
         for (run_index, run) in op.runs.iter().enumerate() {
-            let buf = if op.direct {
-                std::mem::replace(&mut reply, IoBuf::new(0))
-            } else {
-                IoBuf::new(run.count * BLOCK)
-            };
+            // Filled whole by the read, or the read failed (a short read is
+            // a fault) and the buffer is never answered with.
+            let buf = IoBuf::for_reading(run.count * BLOCK);
             io.submit(IoRequest {
                 token: token(KIND_READ, (read_id << RUN_BITS) | run_index as u64),
                 op: IoOp::Read {
@@ -196,7 +197,7 @@ impl Store {
             });
         }
         if !op.direct {
-            op.reply = Some(reply);
+            op.reply = Some(IoBuf::new(op.block_count * BLOCK));
         }
         let previous = self.reads.insert(read_id, op);
         assert!(previous.is_none(), "read id {read_id} reused while in flight");

@@ -44,6 +44,8 @@ const SPAWN_BYTES_MIN: u32 = 64 * 1024;
 /// Read data up to this size is copied into the send buffer; larger is
 /// sent from the block buffers it was read into.
 const COPY_READ_BYTES_MAX: usize = 16 * 1024;
+/// A sent segment's buffer up to this capacity is kept for the next.
+const SPARE_BYTES_MAX: usize = 1 << 20;
 /// Slices handed to one vectored send.
 const SEND_SLICES_MAX: usize = 256;
 
@@ -101,6 +103,9 @@ struct Outbox {
     bytes: usize,
     /// Sent since the last flush (TLS keeps records until flushed).
     unflushed: bool,
+    /// A sent segment's buffer, kept for the next (no allocation and no
+    /// growing copies per batch of small answers).
+    spare: Option<Vec<u8>>,
 }
 
 enum Segment {
@@ -129,7 +134,10 @@ impl Outbox {
             last.extend_from_slice(bytes);
             return;
         }
-        let mut segment = Vec::with_capacity(bytes.len().max(4096));
+        let mut segment = self
+            .spare
+            .take()
+            .unwrap_or_else(|| Vec::with_capacity(bytes.len().max(4096)));
         segment.extend_from_slice(bytes);
         self.segments.push_back(Segment::Bytes(segment));
     }
@@ -183,7 +191,12 @@ impl Outbox {
             }
             n -= front;
             self.sent = 0;
-            self.segments.pop_front();
+            if let Some(Segment::Bytes(mut sent)) = self.segments.pop_front() {
+                if sent.capacity() <= SPARE_BYTES_MAX {
+                    sent.clear();
+                    self.spare = Some(sent);
+                }
+            }
         }
     }
 
