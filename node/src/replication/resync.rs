@@ -337,57 +337,28 @@ async fn resync(
     let started = std::time::Instant::now();
     let queue = parking_lot::Mutex::new(spans.into_iter());
     let shared = parking_lot::Mutex::new(status.clone());
-    let workers = sources.iter().map(|source| async {
-        let mut reader = match source {
+    let workers = sources.iter().map(|source| {
+        let reader = match source {
             Source::Local => None,
             Source::Replica(id, source_link) => Some((*id, source_link.as_ref())),
         };
-        // Set once a read from this worker's replica failed.
-        let mut stop_after_span = false;
-        let mut clients = ClientActivity::new(volume);
-        loop {
-            let Some(span) = queue.lock().next() else {
-                return Ok(());
-            };
-            let mut planned: std::collections::VecDeque<(u64, u64, bool)> = plan_pieces(volume, span).await?.into();
-            while !planned.is_empty() {
-                if !replication.is_catching_up(node) {
-                    return Err("the replica failed a live write during the resync".to_owned());
-                }
-                // While clients have requests in flight: one small piece at
-                // a time, paced at `RESYNC_BUSY_BYTES_PER_S`.
-                let busy = clients.busy(volume);
-                let group = next_group(&mut planned, busy);
-                let (sent, source_failed) =
-                    copy_pieces(volume, &link, &group, epoch, replication.timeout, reader).await?;
-                let copied_bytes = {
-                    let mut status = shared.lock();
-                    status.copied_bytes += sent.data_bytes;
-                    status.zeroed_bytes += sent.zeroed_bytes;
-                    status.from_replicas_bytes += sent.from_replica_bytes;
-                    status.updated_unix_ms = unix_ms();
-                    cluster.note_resync(&volume.name, status.clone());
-                    status.copied_bytes
-                };
-                if source_failed {
-                    // The rest of this span is read here; then this worker
-                    // stops (the others take the remaining spans).
-                    reader = None;
-                    stop_after_span = true;
-                }
-                let pause = if clients.busy(volume) || busy {
-                    busy_pause(sent.data_bytes, sources.len())
-                } else {
-                    pause_after(copied_bytes, started.elapsed(), bytes_per_s, false)
-                };
-                if !pause.is_zero() {
-                    tokio::time::sleep(pause).await;
-                }
-            }
-            if stop_after_span {
-                return Ok(());
-            }
-        }
+        let worker = Worker {
+            cluster,
+            volume,
+            replication,
+            node,
+            link: &link,
+            epoch,
+            reader,
+            reader_failed: AtomicBool::new(false),
+            queue: &queue,
+            shared: &shared,
+            clients: parking_lot::Mutex::new(ClientActivity::new(volume)),
+            started,
+            bytes_per_s,
+            sources: sources.len(),
+        };
+        async move { run_worker(&worker, reader.is_some()).await }
     });
     let copied = futures::future::try_join_all(workers).await;
     *status = shared.into_inner();
@@ -493,18 +464,12 @@ pub fn cut_pieces(lba: u64, runs: &[(u64, bool)]) -> Vec<(u64, u64, bool)> {
     pieces
 }
 
-/// The pieces to copy next, taken from the front of `planned`: up to
-/// `PIECES_IN_FLIGHT` while clients are idle; while they are `busy`, one,
-/// of at most `BUSY_CHUNK_BLOCKS` of data (the rest of it stays planned).
-pub fn next_group(planned: &mut std::collections::VecDeque<(u64, u64, bool)>, busy: bool) -> Vec<(u64, u64)> {
-    if !busy {
-        let take = pieces_in_flight().min(planned.len());
-        return planned.drain(..take).map(|(at, blocks, _)| (at, blocks)).collect();
-    }
-    let Some((at, blocks, allocated)) = planned.pop_front() else {
-        return Vec::new();
-    };
-    let head = if allocated {
+/// The next piece to start, from the front of `planned`: whole while
+/// clients are idle; while they are `busy`, at most `BUSY_CHUNK_BLOCKS` of
+/// data (the rest of it stays planned).
+pub fn take_piece(planned: &mut std::collections::VecDeque<(u64, u64, bool)>, busy: bool) -> Option<(u64, u64)> {
+    let (at, blocks, allocated) = planned.pop_front()?;
+    let head = if busy && allocated {
         blocks.min(BUSY_CHUNK_BLOCKS)
     } else {
         blocks
@@ -512,34 +477,183 @@ pub fn next_group(planned: &mut std::collections::VecDeque<(u64, u64, bool)>, bu
     if head < blocks {
         planned.push_front((at + head, blocks - head, allocated));
     }
-    vec![(at, head)]
+    Some((at, head))
 }
 
-/// Copies `pieces` (disjoint) to the replica being resynced, all at once,
-/// each under its own range lock; with `reader`, data is read from that
-/// in-sync replica (`ReplicaRead`). A replica read that fails is made here
-/// instead; then the second value is true (the caller stops reading from
-/// that replica).
-async fn copy_pieces(
-    volume: &Volume,
-    link: &MuxLink,
-    pieces: &[(u64, u64)],
-    epoch: u64,
-    timeout: std::time::Duration,
-    reader: Option<(u64, &MuxLink)>,
-) -> Result<(Sent, bool), String> {
-    // Set by the first failed replica read: later pieces are read here.
-    let reader_failed = AtomicBool::new(false);
-    let copies = pieces
-        .iter()
-        .map(|&piece| copy_piece(volume, link, piece, epoch, timeout, reader, &reader_failed));
-    let mut total = Sent::default();
-    for sent in futures::future::try_join_all(copies).await? {
-        total.data_bytes += sent.data_bytes;
-        total.zeroed_bytes += sent.zeroed_bytes;
-        total.from_replica_bytes += sent.from_replica_bytes;
+/// Pieces a worker keeps in flight: `PIECES_IN_FLIGHT` while clients are
+/// idle, one while they are busy.
+#[must_use]
+pub fn in_flight_limit(busy: bool) -> usize {
+    if busy {
+        1
+    } else {
+        pieces_in_flight()
     }
-    Ok((total, reader_failed.load(Ordering::Relaxed)))
+}
+
+/// What one piece's copy did.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Copied {
+    pub sent: Sent,
+    /// This worker's replica failed a read (this piece or an earlier one).
+    pub reader_failed: bool,
+}
+
+/// The world of one resync worker, as `run_worker` drives it (the real
+/// resync's `Worker`, and repl_sim's): `&self` only, since the copies in
+/// flight hold it too.
+pub trait PieceCopier {
+    /// The next span nobody took yet.
+    fn next_span(&self) -> Option<(u64, u64)>;
+    /// A span's pieces `(first block, blocks, allocated)`, planned without the lock.
+    fn plan(&self, span: (u64, u64)) -> impl std::future::Future<Output = Result<Vec<(u64, u64, bool)>, String>>;
+    /// Copies one piece under its own range lock; `from_reader`: reads its
+    /// data from this worker's in-sync replica (the coordinator's own copy
+    /// otherwise, or when that read fails).
+    fn copy(&self, piece: (u64, u64), from_reader: bool) -> impl std::future::Future<Output = Result<Copied, String>>;
+    /// Whether the volume's clients are busy now (or were since the last look).
+    fn clients_busy(&self) -> bool;
+    /// An error once the replica is no longer being caught up.
+    fn check(&self) -> Result<(), String>;
+    /// Counts a copied piece; answers how long to wait before the next
+    /// piece starts.
+    fn copied(&self, copied: &Copied, busy: bool) -> std::time::Duration;
+}
+
+/// One resync worker: takes spans until none are left, plans each, and
+/// keeps up to `in_flight_limit` pieces in flight, starting the next as
+/// soon as one finishes (not a group at a time: the slowest piece of a
+/// group held the others' successors back), each start paced by
+/// `PieceCopier::copied`. While clients are busy: one small piece at a
+/// time. A worker whose replica failed a read copies the rest of its span
+/// from the coordinator and takes no more spans.
+pub async fn run_worker(copier: &impl PieceCopier, has_reader: bool) -> Result<(), String> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    use tokio::time::Instant;
+    let mut from_reader = has_reader;
+    let mut taking_spans = true;
+    let mut planned = std::collections::VecDeque::new();
+    let mut copies = FuturesUnordered::new();
+    let mut not_before = Instant::now();
+    loop {
+        copier.check()?;
+        let busy = copier.clients_busy();
+        let limit = in_flight_limit(busy);
+        while copies.len() < limit && Instant::now() >= not_before {
+            if let Some(piece) = take_piece(&mut planned, busy) {
+                copies.push(copier.copy(piece, from_reader));
+                continue;
+            }
+            let span = if taking_spans { copier.next_span() } else { None };
+            let Some(span) = span else {
+                taking_spans = false;
+                break;
+            };
+            planned = copier.plan(span).await?.into();
+        }
+        let more = !planned.is_empty() || taking_spans;
+        if copies.is_empty() {
+            if !more {
+                return Ok(());
+            }
+            tokio::time::sleep_until(not_before).await;
+            continue;
+        }
+        // Wait for a copy to finish, or for the pace to allow another start.
+        let copied = if more && copies.len() < limit && not_before > Instant::now() {
+            tokio::select! {
+                copied = copies.next() => copied,
+                () = tokio::time::sleep_until(not_before) => continue,
+            }
+        } else {
+            copies.next().await
+        };
+        let copied = copied.expect("a copy was in flight")?;
+        if copied.reader_failed && from_reader {
+            from_reader = false;
+            taking_spans = false;
+        }
+        let pause = copier.copied(&copied, busy || copier.clients_busy());
+        not_before = Instant::now() + pause;
+    }
+}
+
+/// The real resync's worker: one per source copy.
+struct Worker<'a> {
+    cluster: &'a Cluster,
+    volume: &'a Volume,
+    replication: &'a VolumeReplication,
+    /// The replica being resynced.
+    node: u64,
+    link: &'a MuxLink,
+    epoch: u64,
+    reader: Option<(u64, &'a MuxLink)>,
+    /// Set by the first failed read from `reader`.
+    reader_failed: AtomicBool,
+    queue: &'a parking_lot::Mutex<std::vec::IntoIter<(u64, u64)>>,
+    shared: &'a parking_lot::Mutex<ResyncStatus>,
+    clients: parking_lot::Mutex<ClientActivity>,
+    started: std::time::Instant,
+    bytes_per_s: u64,
+    sources: usize,
+}
+
+impl PieceCopier for Worker<'_> {
+    fn next_span(&self) -> Option<(u64, u64)> {
+        self.queue.lock().next()
+    }
+
+    async fn plan(&self, span: (u64, u64)) -> Result<Vec<(u64, u64, bool)>, String> {
+        plan_pieces(self.volume, span).await
+    }
+
+    async fn copy(&self, piece: (u64, u64), from_reader: bool) -> Result<Copied, String> {
+        let reader = self.reader.filter(|_| from_reader);
+        let timeout = self.replication.timeout;
+        let sent = copy_piece(
+            self.volume,
+            self.link,
+            piece,
+            self.epoch,
+            timeout,
+            reader,
+            &self.reader_failed,
+        )
+        .await?;
+        Ok(Copied {
+            sent,
+            reader_failed: self.reader_failed.load(Ordering::Relaxed),
+        })
+    }
+
+    fn clients_busy(&self) -> bool {
+        self.clients.lock().busy(self.volume)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.replication.is_catching_up(self.node) {
+            Ok(())
+        } else {
+            Err("the replica failed a live write during the resync".to_owned())
+        }
+    }
+
+    fn copied(&self, copied: &Copied, busy: bool) -> std::time::Duration {
+        let copied_bytes = {
+            let mut status = self.shared.lock();
+            status.copied_bytes += copied.sent.data_bytes;
+            status.zeroed_bytes += copied.sent.zeroed_bytes;
+            status.from_replicas_bytes += copied.sent.from_replica_bytes;
+            status.updated_unix_ms = unix_ms();
+            self.cluster.note_resync(&self.volume.name, status.clone());
+            status.copied_bytes
+        };
+        if busy {
+            busy_pause(copied.sent.data_bytes, self.sources)
+        } else {
+            pause_after(copied_bytes, self.started.elapsed(), self.bytes_per_s, false)
+        }
+    }
 }
 
 /// Copies one piece under the volume's range lock: its allocation is read
@@ -708,18 +822,167 @@ mod tests {
         let mut planned: std::collections::VecDeque<_> =
             cut_pieces(0, &[(600 * BLOCK_BYTES, true), (100 * BLOCK_BYTES, false)]).into();
         // Busy: a 256 KiB head of the first piece; its rest stays first in line.
-        assert_eq!(next_group(&mut planned, true), vec![(0, 64)]);
+        assert_eq!(in_flight_limit(true), 1);
+        assert_eq!(take_piece(&mut planned, true), Some((0, 64)));
         assert_eq!(planned.front(), Some(&(64, 192, true)));
-        // Idle: up to PIECES_IN_FLIGHT whole pieces.
-        let idle = next_group(&mut planned, false);
+        // Idle: whole pieces, PIECES_IN_FLIGHT of them at once.
+        assert_eq!(in_flight_limit(false), PIECES_IN_FLIGHT);
+        let idle: Vec<_> = std::iter::from_fn(|| take_piece(&mut planned, false)).collect();
         assert_eq!(idle, vec![(64, 192), (256, 256), (512, 88), (600, 100)]);
         assert!(planned.is_empty());
         // A hole is not cut while busy (zeroing it reads and writes no data).
         let mut hole: std::collections::VecDeque<_> = vec![(0, 16_000, false)].into();
-        assert_eq!(next_group(&mut hole, true), vec![(0, 16_000)]);
+        assert_eq!(take_piece(&mut hole, true), Some((0, 16_000)));
         // 256 KiB by one of two sources at 32 MiB/s together: 15.6 ms; a zeroing at least the busy pause.
         let pause = busy_pause(BUSY_CHUNK_BLOCKS * BLOCK_BYTES, 2);
         assert!((15..=16).contains(&pause.as_millis()), "{pause:?}");
         assert_eq!(busy_pause(0, 2), RESYNC_BUSY_PAUSE);
+    }
+
+    /// A `PieceCopier` over spans of one-block pieces: piece `lba` takes
+    /// `lba == slow` ? 100 ms : 10 ms; records starts and finishes.
+    struct FakeCopier {
+        spans: std::cell::RefCell<std::vec::IntoIter<(u64, u64)>>,
+        slow: u64,
+        busy: std::cell::Cell<bool>,
+        /// The reader fails on this piece.
+        reader_fails_at: Option<u64>,
+        events: std::cell::RefCell<Vec<(u64, &'static str, bool)>>,
+        in_flight: std::cell::Cell<usize>,
+        most_in_flight: std::cell::Cell<usize>,
+    }
+
+    impl FakeCopier {
+        fn new(spans: Vec<(u64, u64)>, slow: u64) -> Self {
+            Self {
+                spans: std::cell::RefCell::new(spans.into_iter()),
+                slow,
+                busy: std::cell::Cell::new(false),
+                reader_fails_at: None,
+                events: std::cell::RefCell::new(Vec::new()),
+                in_flight: std::cell::Cell::new(0),
+                most_in_flight: std::cell::Cell::new(0),
+            }
+        }
+
+        fn copied_lbas(&self) -> Vec<u64> {
+            let mut lbas: Vec<u64> = self
+                .events
+                .borrow()
+                .iter()
+                .filter(|e| e.1 == "done")
+                .map(|e| e.0)
+                .collect();
+            lbas.sort_unstable();
+            lbas
+        }
+    }
+
+    impl PieceCopier for FakeCopier {
+        fn next_span(&self) -> Option<(u64, u64)> {
+            self.spans.borrow_mut().next()
+        }
+
+        async fn plan(&self, (lba, count): (u64, u64)) -> Result<Vec<(u64, u64, bool)>, String> {
+            Ok((lba..lba + count).map(|at| (at, 1, true)).collect())
+        }
+
+        async fn copy(&self, (lba, _): (u64, u64), from_reader: bool) -> Result<Copied, String> {
+            self.events.borrow_mut().push((lba, "start", from_reader));
+            self.in_flight.set(self.in_flight.get() + 1);
+            self.most_in_flight
+                .set(self.most_in_flight.get().max(self.in_flight.get()));
+            let millis = if lba == self.slow { 100 } else { 10 };
+            tokio::time::sleep(std::time::Duration::from_millis(millis)).await;
+            self.in_flight.set(self.in_flight.get() - 1);
+            self.events.borrow_mut().push((lba, "done", from_reader));
+            Ok(Copied {
+                sent: Sent {
+                    data_bytes: BLOCK_BYTES,
+                    ..Sent::default()
+                },
+                reader_failed: from_reader && self.reader_fails_at.is_some_and(|at| lba >= at),
+            })
+        }
+
+        fn clients_busy(&self) -> bool {
+            self.busy.get()
+        }
+
+        fn check(&self) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn copied(&self, _: &Copied, busy: bool) -> std::time::Duration {
+            if busy {
+                RESYNC_BUSY_PAUSE
+            } else {
+                std::time::Duration::ZERO
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_a_worker_starts_the_next_piece_as_each_one_finishes_not_a_group_at_a_time() {
+        // 12 one-block pieces over two spans; piece 0 is slow (100 ms).
+        let copier = FakeCopier::new(vec![(0, 8), (8, 4)], 0);
+        let started = tokio::time::Instant::now();
+        run_worker(&copier, false).await.unwrap();
+        assert_eq!(copier.copied_lbas(), (0..12).collect::<Vec<_>>(), "every piece once");
+        assert_eq!(copier.most_in_flight.get(), PIECES_IN_FLIGHT);
+        // The three fast slots copy the other 11 pieces while piece 0 runs
+        // (a group at a time would wait 100 ms for it before piece 4).
+        let events = copier.events.borrow();
+        let zero_done = events.iter().position(|e| *e == (0, "done", false)).unwrap();
+        let started_before: Vec<u64> = events[..zero_done]
+            .iter()
+            .filter(|e| e.1 == "start")
+            .map(|e| e.0)
+            .collect();
+        assert_eq!(started_before.len(), 12, "{events:?}");
+        assert!(
+            started.elapsed() <= std::time::Duration::from_millis(101),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn busy_clients_see_one_piece_in_flight_and_a_pause_after_each() {
+        let copier = FakeCopier::new(vec![(0, 6)], u64::MAX);
+        copier.busy.set(true);
+        let started = tokio::time::Instant::now();
+        run_worker(&copier, false).await.unwrap();
+        assert_eq!(copier.copied_lbas(), (0..6).collect::<Vec<_>>());
+        assert_eq!(copier.most_in_flight.get(), 1);
+        // Six copies of 10 ms, each followed by the busy pause (the last one's ends the worker).
+        assert!(started.elapsed() >= 6 * std::time::Duration::from_millis(10) + 5 * RESYNC_BUSY_PAUSE);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_worker_whose_replica_fails_a_read_finishes_its_span_from_the_coordinator_and_takes_no_more() {
+        let mut copier = FakeCopier::new(vec![(0, 8), (8, 8)], u64::MAX);
+        copier.reader_fails_at = Some(2);
+        run_worker(&copier, true).await.unwrap();
+        // The first span whole, the second left to the other workers.
+        assert_eq!(copier.copied_lbas(), (0..8).collect::<Vec<_>>());
+        assert_eq!(
+            copier.spans.borrow_mut().next(),
+            Some((8, 8)),
+            "the next span stays for others"
+        );
+        // Once the worker saw the failure, the rest is read from the
+        // coordinator (pieces started before it still went to the replica).
+        let events = copier.events.borrow();
+        let starts: Vec<bool> = events.iter().filter(|e| e.1 == "start").map(|e| e.2).collect();
+        let first_local = starts
+            .iter()
+            .position(|from_reader| !from_reader)
+            .expect("some read locally");
+        assert!(first_local <= 2 + PIECES_IN_FLIGHT, "{events:?}");
+        assert!(
+            starts[first_local..].iter().all(|from_reader| !from_reader),
+            "{events:?}"
+        );
     }
 }

@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use ::node::cluster::state::{ClusterState, Command, Outcome};
 use ::node::replication::dirty::Identity;
-use ::node::replication::resync::{busy_pause, cut_pieces, next_group, pause_after, RESYNC_BYTES_PER_S_MAX};
+use ::node::replication::resync::{
+    busy_pause, cut_pieces, pause_after, run_worker, Copied, PieceCopier, Sent, RESYNC_BYTES_PER_S_MAX,
+};
 use ::node::replication::wire::{self, OpKind, ReplicaOp};
 use ::node::replication::{admit_fence, admit_mutation, Refusal, DIRTY_REGION_BLOCKS};
 use tokio::sync::{Notify, RwLock};
@@ -1089,44 +1091,22 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64, identity:
     let queue = RefCell::new(spans.into_iter());
     let copied_bytes = Cell::new(0);
     let source_count = sources.len();
+    // The real schedule (`resync::run_worker`), one worker per source.
     let workers = sources.iter().map(|source| {
-        let (queue, copied_bytes) = (&queue, &copied_bytes);
-        async move {
-            let mut reader = *source;
-            let mut stop_after_span = false;
-            loop {
-                let Some((lba, count)) = queue.borrow_mut().next() else {
-                    return Ok::<(), String>(());
-                };
-                // `resync::plan_pieces`: planned without the lock, each piece locked on its own.
-                let mut planned: std::collections::VecDeque<_> = plan_pieces(sim, id, lba, count).into();
-                while !planned.is_empty() {
-                    if !repl.is_catching_up(replica) {
-                        return Err("the replica failed a live write during the resync".into());
-                    }
-                    let busy = sim.node(id).client_in_flight.get() > 0;
-                    let group = next_group(&mut planned, busy);
-                    let (sent, source_failed) = copy_pieces(sim, id, replica, &group, started_epoch, reader).await?;
-                    copied_bytes.set(copied_bytes.get() + sent);
-                    if source_failed {
-                        reader = None;
-                        stop_after_span = true;
-                    }
-                    // Paced like the real resync (its rate, and yielding to busy clients).
-                    let pause = if busy || sim.node(id).client_in_flight.get() > 0 {
-                        busy_pause(sent, source_count)
-                    } else {
-                        pause_after(copied_bytes.get(), started.elapsed(), bytes_per_s, false)
-                    };
-                    if !pause.is_zero() {
-                        tokio::time::sleep(pause).await;
-                    }
-                }
-                if stop_after_span {
-                    return Ok(());
-                }
-            }
-        }
+        let worker = SimWorker {
+            sim,
+            id,
+            replica,
+            repl,
+            reader: *source,
+            epoch: started_epoch,
+            queue: &queue,
+            copied_bytes: &copied_bytes,
+            started,
+            bytes_per_s,
+            sources: source_count,
+        };
+        async move { run_worker(&worker, worker.reader.is_some()).await }
     });
     futures::future::try_join_all(workers).await?;
     repl.joining.borrow_mut().insert(replica);
@@ -1186,6 +1166,68 @@ fn plan_pieces(sim: &Rc<Sim>, id: u64, lba: u64, count: u64) -> Vec<(u64, u64, b
         .map(|(_, run_count, allocated)| (run_count * disk::BLOCK_BYTES as u64, allocated))
         .collect();
     cut_pieces(lba, &runs)
+}
+
+/// `resync::Worker`: one resync worker of node `id`, reading from `reader`
+/// (an in-sync replica) or from this node.
+struct SimWorker<'a> {
+    sim: &'a Rc<Sim>,
+    id: u64,
+    replica: u64,
+    repl: &'a Repl,
+    reader: Option<u64>,
+    epoch: Option<u64>,
+    queue: &'a RefCell<std::vec::IntoIter<(u64, u64)>>,
+    copied_bytes: &'a Cell<u64>,
+    started: Instant,
+    bytes_per_s: u64,
+    sources: usize,
+}
+
+impl PieceCopier for SimWorker<'_> {
+    fn next_span(&self) -> Option<(u64, u64)> {
+        self.queue.borrow_mut().next()
+    }
+
+    async fn plan(&self, (lba, count): (u64, u64)) -> Result<Vec<(u64, u64, bool)>, String> {
+        // `resync::plan_pieces`: planned without the lock, each piece locked on its own.
+        Ok(plan_pieces(self.sim, self.id, lba, count))
+    }
+
+    async fn copy(&self, piece: (u64, u64), from_reader: bool) -> Result<Copied, String> {
+        let reader = self.reader.filter(|_| from_reader);
+        let (data_bytes, reader_failed) =
+            copy_pieces(self.sim, self.id, self.replica, &[piece], self.epoch, reader).await?;
+        Ok(Copied {
+            sent: Sent {
+                data_bytes,
+                ..Sent::default()
+            },
+            reader_failed,
+        })
+    }
+
+    fn clients_busy(&self) -> bool {
+        self.sim.node(self.id).client_in_flight.get() > 0
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.repl.is_catching_up(self.replica) {
+            Ok(())
+        } else {
+            Err("the replica failed a live write during the resync".into())
+        }
+    }
+
+    fn copied(&self, copied: &Copied, busy: bool) -> std::time::Duration {
+        // Paced like the real resync (its rate, and yielding to busy clients).
+        self.copied_bytes.set(self.copied_bytes.get() + copied.sent.data_bytes);
+        if busy {
+            busy_pause(copied.sent.data_bytes, self.sources)
+        } else {
+            pause_after(self.copied_bytes.get(), self.started.elapsed(), self.bytes_per_s, false)
+        }
+    }
 }
 
 /// `resync::copy_pieces`: the pieces to `replica` at once, each under its
