@@ -412,24 +412,37 @@ fn merge_regions(regions: &[u64], size_blocks: u64) -> Vec<(u64, u64)> {
 pub const PIECES_IN_FLIGHT: usize = 4;
 
 /// Whether a volume's clients are busy, as a resync sees it: requests in
-/// flight now, or begun since it last looked (a QD1 client has none in
-/// flight between a reply and its next request, which an instant look
-/// often catches).
+/// flight now, or begun since it last looked, or either within the last
+/// `CLIENTS_QUIET` (a QD1 client has none in flight between a reply and
+/// its next request, which an instant look often catches; a worker that
+/// looks twice within one request would see nothing new and start four
+/// 1 MiB pieces: measured, the busy copy ran at 44-59 MiB/s against its
+/// 32 MiB/s pace).
 struct ClientActivity {
     begun: u64,
+    last_active: Option<std::time::Instant>,
 }
+
+/// How long clients count as busy after their last sign of activity.
+const CLIENTS_QUIET: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl ClientActivity {
     fn new(volume: &Volume) -> Self {
         Self {
             begun: volume.stats.begun(),
+            last_active: None,
         }
     }
 
     fn busy(&mut self, volume: &Volume) -> bool {
         let begun = volume.stats.begun();
         let changed = std::mem::replace(&mut self.begun, begun) != begun;
-        changed || volume.stats.in_flight() > 0
+        let now = std::time::Instant::now();
+        if changed || volume.stats.in_flight() > 0 {
+            self.last_active = Some(now);
+        }
+        self.last_active
+            .is_some_and(|at| now.duration_since(at) < CLIENTS_QUIET)
     }
 }
 
