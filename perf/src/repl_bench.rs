@@ -429,6 +429,10 @@ fn measure_all(
     Ok(samples)
 }
 
+/// How long after fio starts the copy rate under load is first sampled, and
+/// how long before its I/O time ends last (fio connects and sets up first).
+const CLIENT_SETTLE: std::time::Duration = std::time::Duration::from_millis(400);
+
 /// Runs one fio job on one volume: fio's result and what all nodes spent meanwhile.
 fn run_measure(
     cluster: &LocalCluster,
@@ -499,17 +503,31 @@ fn measure_rebuilds(cluster: &LocalCluster, uri: &str, options: &ReplOptions, vo
             }
             Ok(true)
         })?;
-        let before = newest_resync(cluster)?;
-        let client_started = std::time::Instant::now();
-        let during = fio::run_on_nbd(&client, uri).with_context(|| cluster.log_tails())?;
-        let client_seconds = client_started.elapsed().as_secs_f64();
+        // The copy rate while the client's I/O ran (not the whole resync's,
+        // nor fio's set-up, when the clients are idle and the copy runs at
+        // its idle rate): sampled from CLIENT_SETTLE after fio starts to
+        // CLIENT_SETTLE before its I/O time ends.
+        let window = std::time::Duration::from_secs(options.seconds).saturating_sub(2 * CLIENT_SETTLE);
+        let (during, samples) = std::thread::scope(|scope| {
+            let sampler = scope.spawn(|| -> Result<(u64, u64, f64)> {
+                std::thread::sleep(CLIENT_SETTLE);
+                let copied = |resync: &serde_json::Value| resync["copied_bytes"].as_u64().unwrap_or(0);
+                let first = copied(&newest_resync(cluster)?);
+                let at = std::time::Instant::now();
+                std::thread::sleep(window);
+                let last = copied(&newest_resync(cluster)?);
+                Ok((first, last, at.elapsed().as_secs_f64()))
+            });
+            let during = fio::run_on_nbd(&client, uri).with_context(|| cluster.log_tails());
+            (during, sampler.join().expect("the sampler does not panic"))
+        });
+        let during = during?;
+        let (first, last, sampled_seconds) = samples?;
         let after = newest_resync(cluster)?;
         if after["state"] != "running" {
             rebuilds.client_runs_past_rebuild += 1;
         }
-        // The copy rate while the client ran (not the whole resync's).
-        let copied = |resync: &serde_json::Value| resync["copied_bytes"].as_u64().unwrap_or(0);
-        let under_load = copied(&after).saturating_sub(copied(&before)) as f64 / f64::from(1 << 20) / client_seconds;
+        let under_load = last.saturating_sub(first) as f64 / f64::from(1 << 20) / sampled_seconds.max(1e-3);
         crate::local_cluster::wait_until("the rebuilt third copy in sync", || {
             Ok(newest_resync(cluster)?["state"] != "running")
         })?;
