@@ -78,6 +78,27 @@ pub fn busy_pause(data_bytes: u64, sources: usize) -> std::time::Duration {
     std::time::Duration::from_secs_f64(data_bytes as f64 / per_source.max(1) as f64).max(RESYNC_BUSY_PAUSE)
 }
 
+/// The pause before a resync worker starts its next piece, after one of
+/// `piece_data_bytes` brought the resync to `copied_bytes` in `elapsed`:
+/// while clients are `busy`, the piece's share of the busy pace
+/// (`busy_pause`, one of `sources` workers); else what keeps the whole copy
+/// under `bytes_per_s` (`pause_after`).
+#[must_use]
+pub fn piece_pause(
+    piece_data_bytes: u64,
+    copied_bytes: u64,
+    elapsed: std::time::Duration,
+    bytes_per_s: u64,
+    sources: usize,
+    busy: bool,
+) -> std::time::Duration {
+    if busy {
+        busy_pause(piece_data_bytes, sources)
+    } else {
+        pause_after(copied_bytes, elapsed, bytes_per_s, false)
+    }
+}
+
 /// How long a resync waits after a piece: long enough to stay under
 /// `bytes_per_s` on average, plus `RESYNC_BUSY_PAUSE` when clients are busy.
 #[must_use]
@@ -661,11 +682,15 @@ impl PieceCopier for Worker<'_> {
             self.cluster.note_resync(&self.volume.name, status.clone());
             status.copied_bytes
         };
-        if busy {
-            busy_pause(copied.sent.data_bytes, self.sources)
-        } else {
-            pause_after(copied_bytes, self.started.elapsed(), self.bytes_per_s, false)
-        }
+        let elapsed = self.started.elapsed();
+        piece_pause(
+            copied.sent.data_bytes,
+            copied_bytes,
+            elapsed,
+            self.bytes_per_s,
+            self.sources,
+            busy,
+        )
     }
 }
 

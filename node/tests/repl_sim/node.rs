@@ -18,7 +18,7 @@ use std::time::Duration;
 use ::node::cluster::state::{ClusterState, Command, Outcome};
 use ::node::replication::dirty::Identity;
 use ::node::replication::resync::{
-    busy_pause, cut_pieces, pause_after, run_worker, Copied, PieceCopier, Sent, RESYNC_BYTES_PER_S_MAX,
+    cut_pieces, piece_pause, run_worker, Copied, PieceCopier, Sent, RESYNC_BYTES_PER_S_MAX,
 };
 use ::node::replication::wire::{self, OpKind, ReplicaOp};
 use ::node::replication::{admit_fence, admit_mutation, Refusal, DIRTY_REGION_BLOCKS};
@@ -1099,6 +1099,7 @@ async fn resync(sim: &Rc<Sim>, id: u64, repl: &Rc<Repl>, replica: u64, identity:
             replica,
             repl,
             reader: *source,
+            reader_failed: Cell::new(false),
             epoch: started_epoch,
             queue: &queue,
             copied_bytes: &copied_bytes,
@@ -1176,6 +1177,8 @@ struct SimWorker<'a> {
     replica: u64,
     repl: &'a Repl,
     reader: Option<u64>,
+    /// Set by the first failed read from `reader`.
+    reader_failed: Cell<bool>,
     epoch: Option<u64>,
     queue: &'a RefCell<std::vec::IntoIter<(u64, u64)>>,
     copied_bytes: &'a Cell<u64>,
@@ -1196,14 +1199,14 @@ impl PieceCopier for SimWorker<'_> {
 
     async fn copy(&self, piece: (u64, u64), from_reader: bool) -> Result<Copied, String> {
         let reader = self.reader.filter(|_| from_reader);
-        let (data_bytes, reader_failed) =
-            copy_pieces(self.sim, self.id, self.replica, &[piece], self.epoch, reader).await?;
+        let (sim, id, replica) = (self.sim, self.id, self.replica);
+        let data_bytes = copy_piece(sim, id, replica, piece, self.epoch, reader, &self.reader_failed).await?;
         Ok(Copied {
             sent: Sent {
                 data_bytes,
                 ..Sent::default()
             },
-            reader_failed,
+            reader_failed: self.reader_failed.get(),
         })
     }
 
@@ -1222,88 +1225,87 @@ impl PieceCopier for SimWorker<'_> {
     fn copied(&self, copied: &Copied, busy: bool) -> std::time::Duration {
         // Paced like the real resync (its rate, and yielding to busy clients).
         self.copied_bytes.set(self.copied_bytes.get() + copied.sent.data_bytes);
-        if busy {
-            busy_pause(copied.sent.data_bytes, self.sources)
-        } else {
-            pause_after(self.copied_bytes.get(), self.started.elapsed(), self.bytes_per_s, false)
-        }
+        let elapsed = self.started.elapsed();
+        piece_pause(
+            copied.sent.data_bytes,
+            self.copied_bytes.get(),
+            elapsed,
+            self.bytes_per_s,
+            self.sources,
+            busy,
+        )
     }
 }
 
-/// `resync::copy_pieces`: the pieces to `replica` at once, each under its
-/// own range lock, its allocation looked at again under it; holes as
-/// zeroings, data as writes, read here or from the in-sync replica
-/// `reader` (a failed read is made here, and the second value is true).
+/// `resync::copy_piece`: one piece to `replica` under its own range lock,
+/// its allocation looked at again under it; holes as zeroings, data as
+/// writes, read here or from the in-sync replica `reader` until a read
+/// from it fails (then `reader_failed` is set and the data read here).
 /// Ok with the bytes of data sent. Each op carries `volume.epoch()` now
 /// (or `epoch` when given).
-async fn copy_pieces(
+async fn copy_piece(
     sim: &Rc<Sim>,
     id: u64,
     replica: u64,
-    pieces: &[(u64, u64)],
+    (lba, count): (u64, u64),
     epoch: Option<u64>,
     reader: Option<u64>,
-) -> Result<(u64, bool), String> {
-    let reader_failed = Cell::new(false);
-    let reader_failed = &reader_failed;
-    let copies = pieces.iter().map(|&(lba, count)| async move {
-        let ranges = Rc::clone(&sim.node(id).ranges);
-        let _held = ranges.lock(lba, count).await;
-        let mut copied_bytes = 0;
-        for (at, blocks, allocated) in plan_pieces(sim, id, lba, count) {
-            let kind = if allocated {
-                copied_bytes += blocks * disk::BLOCK_BYTES as u64;
-                let mut data = None;
-                if let Some(source) = reader.filter(|_| !reader_failed.get()) {
-                    let request = wire::encode_read(VOLUME_ID, at, blocks);
-                    match net::call(sim, id, source, Kind::Read, request, sim.config.replica_timeout).await {
-                        Ok(bytes) => {
-                            sim.counters.borrow_mut().pieces_from_replicas += 1;
-                            data = Some(bytes);
-                        }
-                        Err(error) => {
-                            sim.log(format!(
-                                "node {id}: resync read of {at}+{blocks} from replica {source} failed ({error}); reading here"
-                            ));
-                            reader_failed.set(true);
-                        }
+    reader_failed: &Cell<bool>,
+) -> Result<u64, String> {
+    let ranges = Rc::clone(&sim.node(id).ranges);
+    let _held = ranges.lock(lba, count).await;
+    let mut copied_bytes = 0;
+    for (at, blocks, allocated) in plan_pieces(sim, id, lba, count) {
+        let kind = if allocated {
+            copied_bytes += blocks * disk::BLOCK_BYTES as u64;
+            let mut data = None;
+            if let Some(source) = reader.filter(|_| !reader_failed.get()) {
+                let request = wire::encode_read(VOLUME_ID, at, blocks);
+                match net::call(sim, id, source, Kind::Read, request, sim.config.replica_timeout).await {
+                    Ok(bytes) => {
+                        sim.counters.borrow_mut().pieces_from_replicas += 1;
+                        data = Some(bytes);
+                    }
+                    Err(error) => {
+                        sim.log(format!(
+                            "node {id}: resync read of {at}+{blocks} from replica {source} failed ({error}); reading here"
+                        ));
+                        reader_failed.set(true);
                     }
                 }
-                let data = match data {
-                    Some(data) => data,
-                    None => disk::reply_bytes(&disk::call(sim, id, Request::Read { lba: at, count: blocks }).await?),
-                };
-                OpKind::Write(data.into())
-            } else {
-                OpKind::Zero
+            }
+            let data = match data {
+                Some(data) => data,
+                None => disk::reply_bytes(&disk::call(sim, id, Request::Read { lba: at, count: blocks }).await?),
             };
-            let (epoch, sequence) = {
-                let mut node = sim.node(id);
-                node.sequence += 1;
-                (epoch.unwrap_or(node.epoch), node.sequence - 1)
-            };
-            let op = ReplicaOp {
-                volume_id: VOLUME_ID,
-                epoch,
-                lba: at,
-                block_count: blocks,
-                volume_sequence: sequence,
-                kind,
-            };
-            net::call(
-                sim,
-                id,
-                replica,
-                Kind::Write,
-                wire::encode(&op),
-                sim.config.replica_timeout,
-            )
-            .await?;
-        }
-        Ok::<u64, String>(copied_bytes)
-    });
-    let copied_bytes = futures::future::try_join_all(copies).await?.into_iter().sum();
-    Ok((copied_bytes, reader_failed.get()))
+            OpKind::Write(data.into())
+        } else {
+            OpKind::Zero
+        };
+        let (epoch, sequence) = {
+            let mut node = sim.node(id);
+            node.sequence += 1;
+            (epoch.unwrap_or(node.epoch), node.sequence - 1)
+        };
+        let op = ReplicaOp {
+            volume_id: VOLUME_ID,
+            epoch,
+            lba: at,
+            block_count: blocks,
+            volume_sequence: sequence,
+            kind,
+        };
+        net::call(
+            sim,
+            id,
+            replica,
+            Kind::Write,
+            wire::encode(&op),
+            sim.config.replica_timeout,
+        )
+        .await?;
+    }
+    Ok(copied_bytes)
 }
 
 /// Blocks compared under one hold of the range lock (the real pass takes
