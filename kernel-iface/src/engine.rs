@@ -30,6 +30,27 @@ pub enum IoKind<B> {
     },
     /// fdatasync: makes completed writes durable (also flushes the device cache).
     Fsync,
+    /// Tells the device that a range holds nothing worth keeping, so an
+    /// SSD's flash translation layer stops copying it: a discard on a block
+    /// device (io_uring's block discard command, Linux 6.12+; BLKDISCARD in
+    /// the thread pool), a punched hole in a regular file. Afterwards the
+    /// range reads as zeroes or as its old bytes, never as anything else.
+    /// Unordered against writes in flight to the same range: the caller
+    /// never discards what it may still write or read.
+    Discard {
+        offset_bytes: u64,
+        len_bytes: u64,
+    },
+}
+
+impl<B> IoKind<B> {
+    /// The request's buffer (none for a flush or a discard).
+    pub fn into_buf(self) -> Option<B> {
+        match self {
+            Self::Read { buf, .. } | Self::Write { buf, .. } | Self::WriteDurable { buf, .. } => Some(buf),
+            Self::Fsync | Self::Discard { .. } => None,
+        }
+    }
 }
 
 /// One request for file number `file` (index into the engine's files).

@@ -107,6 +107,10 @@ impl FaultPlan {
                 (false, Some((*offset_bytes, *offset_bytes + len_bytes)))
             }
             IoKind::Fsync => (false, None),
+            IoKind::Discard {
+                offset_bytes,
+                len_bytes,
+            } => (false, Some((*offset_bytes, *offset_bytes + *len_bytes))),
         };
         self.rules.iter().any(|rule| {
             let op_matches = match rule.op {
@@ -200,6 +204,7 @@ fn len_bytes<B: AsMut<[u8]>>(kind: &mut IoKind<B>) -> u64 {
             buf.as_mut().len() as u64
         }
         IoKind::Fsync => 0,
+        IoKind::Discard { len_bytes, .. } => *len_bytes,
     }
 }
 
@@ -259,14 +264,10 @@ impl<B: AsMut<[u8]> + Send> IoEngine<B> for FaultyEngine<B> {
             self.inner.push(submission);
             return;
         }
-        let buf = match submission.kind {
-            IoKind::Read { buf, .. } | IoKind::Write { buf, .. } | IoKind::WriteDurable { buf, .. } => Some(buf),
-            IoKind::Fsync => None,
-        };
         self.failed.push(Completion {
             user_data: submission.user_data,
             result: -libc::EIO,
-            buf,
+            buf: submission.kind.into_buf(),
         });
     }
 

@@ -88,10 +88,7 @@ fn execute<B: AsMut<[u8]>>(files: &[File], submission: Submission<B>) -> Complet
         return Completion {
             user_data,
             result: -libc::EBADF,
-            buf: match kind {
-                IoKind::Read { buf, .. } | IoKind::Write { buf, .. } | IoKind::WriteDurable { buf, .. } => Some(buf),
-                IoKind::Fsync => None,
-            },
+            buf: kind.into_buf(),
         };
     };
     let (result, buf) = match kind {
@@ -110,12 +107,48 @@ fn execute<B: AsMut<[u8]>>(files: &[File], submission: Submission<B>) -> Complet
             (result, Some(buf))
         }
         IoKind::Fsync => (handle.sync_data().map(|()| 0), None),
+        IoKind::Discard {
+            offset_bytes,
+            len_bytes,
+        } => (discard(handle, offset_bytes, len_bytes).map(|()| 0), None),
     };
     let result = match result {
         Ok(bytes) => i32::try_from(bytes).unwrap_or(i32::MAX),
         Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
     };
     Completion { user_data, result, buf }
+}
+
+/// BLKDISCARD is _IO(0x12, 119); its argument is `[start, length]` in bytes.
+const BLKDISCARD: libc::c_ulong = 0x1277;
+
+/// Discards a range: BLKDISCARD on a block device, a punched hole in a
+/// regular file (blocking; this runs on a worker thread).
+fn discard(file: &File, offset_bytes: u64, len_bytes: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    let fd = file.as_raw_fd();
+    if file.metadata()?.file_type().is_block_device() {
+        let range: [u64; 2] = [offset_bytes, len_bytes];
+        // SAFETY: BLKDISCARD reads two u64 from the pointer, which is valid
+        // for the call.
+        let result = unsafe { libc::ioctl(fd, BLKDISCARD as _, range.as_ptr()) };
+        return if result == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        };
+    }
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset_bytes), i64::try_from(len_bytes)) else {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: fallocate takes plain integers.
+    let result = unsafe { libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, len) };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// Repeats a positional transfer until the buffer is done or the file ends.
@@ -150,14 +183,10 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for PoolEngine<B> {
             // Workers are gone (a panic): report the request as failed.
             self.in_worker -= 1;
             let submission = error.into_inner();
-            let buf = match submission.kind {
-                IoKind::Read { buf, .. } | IoKind::Write { buf, .. } | IoKind::WriteDurable { buf, .. } => Some(buf),
-                IoKind::Fsync => None,
-            };
             self.ready.push(Completion {
                 user_data: submission.user_data,
                 result: -libc::EIO,
-                buf,
+                buf: submission.kind.into_buf(),
             });
         }
     }

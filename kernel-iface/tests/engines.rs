@@ -218,3 +218,119 @@ fn auto_choice_uses_io_uring_on_this_kernel() {
     }
     assert_eq!(engine.kind(), "io_uring");
 }
+
+/// Blocks of `path` the filesystem holds (st_blocks is in 512-byte units).
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+/// Writes 8 MiB of ones at `offset`, discards the middle 4 MiB, and checks
+/// the discarded range reads as zeroes while the rest keeps its data.
+fn write_discard_read(engine: &mut dyn IoEngine<Aligned>, file: u32, offset: u64) {
+    const MIB: u64 = 1 << 20;
+    for piece in 0..8u64 {
+        engine.push(Submission {
+            file,
+            user_data: piece,
+            kind: IoKind::WriteDurable {
+                offset_bytes: offset + piece * MIB,
+                buf: Aligned::new(1 << 20, 1),
+            },
+        });
+    }
+    assert!(wait_all(engine, 8).iter().all(|c| c.status(1 << 20).is_ok()));
+    engine.push(Submission {
+        file,
+        user_data: 100,
+        kind: IoKind::Discard {
+            offset_bytes: offset + 2 * MIB,
+            len_bytes: 4 * MIB,
+        },
+    });
+    let done = wait_all(engine, 1);
+    assert_eq!(done[0].status(0), Ok(()), "discard failed: {}", done[0].result);
+    for piece in 0..8u64 {
+        engine.push(Submission {
+            file,
+            user_data: piece,
+            kind: IoKind::Read {
+                offset_bytes: offset + piece * MIB,
+                buf: Aligned::new(1 << 20, 0xEE),
+            },
+        });
+    }
+    for mut completion in wait_all(engine, 8) {
+        assert_eq!(completion.status(1 << 20), Ok(()));
+        let discarded = (2..6).contains(&completion.user_data);
+        let expected = if discarded { 0 } else { 1 };
+        assert!(
+            completion.buf.as_mut().unwrap().as_mut().iter().all(|&b| b == expected),
+            "MiB {} read back wrong data after the discard",
+            completion.user_data
+        );
+    }
+}
+
+fn discard_punches_a_hole_in_a_file(choice: EngineChoice) {
+    let (dir, mut engine) = engine(choice, 16 << 20);
+    write_discard_read(engine.as_mut(), 0, 0);
+    let allocated = allocated_bytes(&dir.path().join("disk"));
+    assert!(
+        allocated <= 4 << 20,
+        "{allocated} bytes still allocated after 4 of 8 MiB written were discarded"
+    );
+}
+
+#[test]
+fn io_uring_discard_punches_a_hole_in_a_regular_file() {
+    discard_punches_a_hole_in_a_file(EngineChoice::Auto);
+}
+
+#[test]
+fn thread_pool_discard_punches_a_hole_in_a_regular_file() {
+    discard_punches_a_hole_in_a_file(EngineChoice::ThreadPool);
+}
+
+/// A loop device over a file passes discards on as punched holes, so the
+/// backing file shows what the SSD would have been told.
+fn discard_reaches_a_block_device(choice: EngineChoice, test: &str) {
+    if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
+        kernel_iface::loopdev::record_skip(test, &why);
+        return;
+    }
+    let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+    let backing = dir.path().join("backing");
+    std::fs::File::create(&backing).unwrap().set_len(32 << 20).unwrap();
+    let device = kernel_iface::loopdev::LoopDevice::attach(&backing, true).unwrap();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(device.path())
+        .unwrap();
+    let mut engine = open_engine(vec![file], choice).unwrap();
+    write_discard_read(engine.as_mut(), 0, 8 << 20);
+    drop(engine);
+    let allocated = allocated_bytes(&backing);
+    assert!(
+        allocated <= 4 << 20,
+        "{allocated} bytes of the backing file still allocated after 4 of 8 MiB written were discarded"
+    );
+}
+
+#[test]
+fn io_uring_discard_reaches_a_loop_device_as_punched_holes() {
+    discard_reaches_a_block_device(
+        EngineChoice::Auto,
+        "io_uring_discard_reaches_a_loop_device_as_punched_holes",
+    );
+}
+
+#[test]
+fn thread_pool_discard_reaches_a_loop_device_as_punched_holes() {
+    discard_reaches_a_block_device(
+        EngineChoice::ThreadPool,
+        "thread_pool_discard_reaches_a_loop_device_as_punched_holes",
+    );
+}

@@ -48,6 +48,13 @@ impl BlockIo for DiskIo<'_> {
             IoOp::Write { offset_bytes, buf } => IoKind::Write { offset_bytes, buf },
             IoOp::WriteDurable { offset_bytes, buf } => IoKind::WriteDurable { offset_bytes, buf },
             IoOp::Flush => IoKind::Fsync,
+            IoOp::Discard {
+                offset_bytes,
+                len_bytes,
+            } => IoKind::Discard {
+                offset_bytes,
+                len_bytes,
+            },
         };
         self.engine.push(Submission {
             file: self.file,
