@@ -26,6 +26,12 @@ pub enum IoOp {
     WriteDurable { offset_bytes: u64, buf: IoBuf },
     /// Make completed writes durable (fdatasync / FLUSH CACHE).
     Flush,
+    /// Tell the device `len_bytes` at `offset_bytes` hold nothing worth
+    /// keeping (a discard on an SSD, a punched hole in a file): the range
+    /// then reads as zeroes or as its old bytes. Unordered against every
+    /// other request: the store discards only segments no request touches
+    /// and none will until the discard completes.
+    Discard { offset_bytes: u64, len_bytes: u64 },
 }
 
 /// One submitted request; `token` comes back in its completion.

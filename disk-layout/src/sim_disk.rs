@@ -16,6 +16,7 @@ use crate::io::{BlockIo, IoCompletion, IoOp, IoRequest};
 
 const SECTOR_BYTES: usize = 512;
 const EIO: i32 = 5;
+const EOPNOTSUPP: i32 = 95;
 
 /// A tiny deterministic PRNG (xorshift64*), so the crate needs no `rand`.
 #[derive(Clone, Debug)]
@@ -72,6 +73,10 @@ pub struct SimFaults {
     /// Once this many flushes have completed, further flushes stay queued
     /// (a slow device cache flush) until the field is cleared.
     pub hold_flushes_after: Option<u64>,
+    /// Discards fail with EOPNOTSUPP (a device without discard support).
+    pub discard_unsupported: bool,
+    /// Discards fail with EIO.
+    pub fail_discards: bool,
 }
 
 /// Counters of what the device did.
@@ -82,6 +87,8 @@ pub struct SimStats {
     pub reads: u64,
     pub read_bytes: u64,
     pub flushes: u64,
+    pub discards: u64,
+    pub discard_bytes: u64,
 }
 
 /// An in-memory disk with separate written and durable images.
@@ -197,6 +204,10 @@ impl SimDisk {
             IoOp::Write { offset_bytes, buf } => (self.do_write(offset_bytes, &buf, false), Some(buf)),
             IoOp::WriteDurable { offset_bytes, buf } => (self.do_write(offset_bytes, &buf, true), Some(buf)),
             IoOp::Flush => (self.do_flush(writes_completed_at_submit), None),
+            IoOp::Discard {
+                offset_bytes,
+                len_bytes,
+            } => (self.do_discard(offset_bytes, len_bytes), None),
         };
         self.ready.push(IoCompletion {
             token: request.token,
@@ -256,6 +267,30 @@ impl SimDisk {
         Ok(())
     }
 
+    /// A discard reads back as zeroes (what an SSD with deterministic read
+    /// zeroes after TRIM returns, and the most visible outcome for tests).
+    fn do_discard(&mut self, offset_bytes: u64, len_bytes: u64) -> Result<(), IoFault> {
+        if self.faults.discard_unsupported {
+            return Err(IoFault::Errno { errno: EOPNOTSUPP });
+        }
+        if self.faults.fail_discards {
+            return Err(IoFault::Errno { errno: EIO });
+        }
+        let len = usize::try_from(len_bytes).map_err(|_| IoFault::Errno { errno: EIO })?;
+        let range = self.range(offset_bytes, len)?;
+        self.stats.discards += 1;
+        self.stats.discard_bytes += len_bytes;
+        self.written[range.clone()].fill(0);
+        self.durable[range].fill(0);
+        Ok(())
+    }
+
+    /// True when every byte of the range reads as zero (a discard's mark).
+    #[must_use]
+    pub fn is_zero(&self, offset_bytes: usize, len: usize) -> bool {
+        self.written[offset_bytes..offset_bytes + len].iter().all(|&b| b == 0)
+    }
+
     fn do_flush(&mut self, writes_completed_at_submit: u64) -> Result<(), IoFault> {
         if self.faults.fail_flushes {
             return Err(IoFault::Errno { errno: EIO });
@@ -286,6 +321,21 @@ impl SimDisk {
             }
             _ => None,
         });
+        // A discard in flight at the cut happened or did not.
+        for queued in &self.queue {
+            if let IoOp::Discard {
+                offset_bytes,
+                len_bytes,
+            } = queued.request.op
+            {
+                let (Ok(start), Ok(len)) = (usize::try_from(offset_bytes), usize::try_from(len_bytes)) else {
+                    continue;
+                };
+                if start + len <= image.len() && rng.below(2) == 0 {
+                    image[start..start + len].fill(0);
+                }
+            }
+        }
         let unflushed = self.unflushed.iter().map(|write| (write.offset, write.data.as_slice()));
         for (offset, data) in unflushed.chain(in_flight) {
             if offset + data.len() > image.len() {

@@ -59,6 +59,9 @@ pub struct EnrollOptions {
     /// Create a regular file of this size when the path does not exist.
     pub create_size_bytes: Option<u64>,
     pub segment_size_bytes: u64,
+    /// Discard the whole device before formatting (the SSD starts with
+    /// every block free); skipped with a message where unsupported.
+    pub discard: bool,
 }
 
 /// What was found on a device and what enrolling it does.
@@ -125,7 +128,7 @@ pub fn enroll(data: &DataDir, path: &Path, options: &EnrollOptions) -> Result<Di
             reason: error.to_string(),
         })?;
     let disk_uuid = uuid::Uuid::new_v4();
-    let capacity_blocks = format_device(path, data, disk_uuid, findings.size_bytes, options.segment_size_bytes)?;
+    let capacity_blocks = format_device(path, data, disk_uuid, &findings, options)?;
     let record = DiskRecord {
         path: path.to_owned(),
         disk_uuid,
@@ -164,20 +167,30 @@ fn format_device(
     path: &Path,
     data: &DataDir,
     disk_uuid: uuid::Uuid,
-    size_bytes: u64,
-    segment_size_bytes: u64,
+    findings: &Findings,
+    options: &EnrollOptions,
 ) -> Result<u64, EnrollError> {
+    let (size_bytes, segment_size_bytes) = (findings.size_bytes, options.segment_size_bytes);
     let format_error = |reason: String| EnrollError::Format {
         path: path.to_owned(),
         reason,
     };
     let opened = device::open_exclusive(path, true)?;
+    let discard_refused = options
+        .discard
+        .then(|| device::discard_unsupported_reason(&opened))
+        .flatten();
     let mut engine: Box<dyn IoEngine<IoBuf>> =
         kernel_iface::open_engine(vec![opened.file], EngineChoice::Auto).map_err(|e| format_error(e.to_string()))?;
     let mut io = DiskIo {
         engine: engine.as_mut(),
         file: 0,
     };
+    match (options.discard, discard_refused) {
+        (false, _) => println!("not discarding {} (--no-discard)", path.display()),
+        (true, Some(reason)) => println!("not discarding {}: {reason}", path.display()),
+        (true, None) => discard_whole(&mut io, path, size_bytes),
+    }
     wipe(&mut io, size_bytes).map_err(|e| format_error(e.to_string()))?;
     let params = FormatParams {
         disk_size_bytes: size_bytes,
@@ -193,6 +206,61 @@ fn format_device(
     let config = StoreConfig::new(name, Some(params.node_uuid), 1);
     let store = Store::open(&mut io, config).map_err(|e| format_error(format!("does not open after format: {e}")))?;
     Ok(store.space().capacity_blocks)
+}
+
+/// Discards in pieces of this size, so progress shows on large devices.
+const DISCARD_PIECE_BYTES: u64 = 1 << 30;
+/// Progress is printed at most this often.
+const DISCARD_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Tells the device that every block is free (before formatting, so an SSD
+/// starts with nothing to keep). A refusal or failure ends it with a
+/// message: the disk works without it.
+fn discard_whole(io: &mut DiskIo<'_>, path: &Path, size_bytes: u64) {
+    use disk_layout::io::{run_one, IoOp};
+    let end = size_bytes / 4096 * 4096;
+    let started = std::time::Instant::now();
+    let mut last_report = started;
+    println!(
+        "discarding all {} of {} (the SSD learns that every block is free)",
+        format_size(end),
+        path.display()
+    );
+    let mut offset_bytes = 0;
+    while offset_bytes < end {
+        let len_bytes = DISCARD_PIECE_BYTES.min(end - offset_bytes);
+        if let Err(fault) = run_one(
+            io,
+            1,
+            IoOp::Discard {
+                offset_bytes,
+                len_bytes,
+            },
+        )
+        .result
+        {
+            println!(
+                "the device refused a discard at {} ({fault}): enrolling without it",
+                format_size(offset_bytes)
+            );
+            return;
+        }
+        offset_bytes += len_bytes;
+        if last_report.elapsed() >= DISCARD_PROGRESS_EVERY && offset_bytes < end {
+            last_report = std::time::Instant::now();
+            println!(
+                "  discarded {} of {} ({} %)",
+                format_size(offset_bytes),
+                format_size(end),
+                offset_bytes * 100 / end
+            );
+        }
+    }
+    println!(
+        "discarded {} in {:.1} s",
+        format_size(end),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Zeroes the first and last `WIPE_BYTES` of the device.

@@ -63,6 +63,10 @@ data_dir = "/var/lib/ballast"
 #scrub_interval_hours = 168
 #scrub_mib_per_s = 64
 
+# Freed disk space is told to the SSDs (discard/TRIM) at most this fast, in
+# MiB/s; 0: never (for a device whose discards misbehave).
+#discard_mib_per_s = 2560
+
 # Alerts POSTed as JSON to a webhook.
 #alert_webhook = "http://alerts.example:8080/ballast"
 

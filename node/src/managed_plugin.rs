@@ -117,6 +117,7 @@ fn enroll_new_disks(data_dir: &Path, disks: &[PathBuf]) -> Result<()> {
         force: false,
         create_size_bytes: None,
         segment_size_bytes: enroll::DEFAULT_SEGMENT_BYTES,
+        discard: true,
     };
     for disk in disks.iter().filter(|disk| !enrolled.contains(disk)) {
         enroll::enroll(&data, disk, &options).with_context(|| format!("enrolling {}", disk.display()))?;

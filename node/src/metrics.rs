@@ -550,6 +550,8 @@ impl NodeMetrics {
         let mut cleaned = Vec::new();
         let mut checksum = Vec::new();
         let mut flushes = Vec::new();
+        let mut discarded = Vec::new();
+        let mut discard_failures = Vec::new();
         for (index, disk) in self.engine.disks().iter().enumerate() {
             let Ok((space, stats)) = self.engine.query(index, |store| (store.space(), store.stats())) else {
                 continue;
@@ -565,6 +567,8 @@ impl NodeMetrics {
             background_reads.push((labels.clone(), stats.background_resequence_reads));
             cleaned.push((labels.clone(), stats.segments_cleaned));
             checksum.push((labels.clone(), stats.checksum_errors));
+            discarded.push((labels.clone(), stats.discarded_bytes));
+            discard_failures.push((labels.clone(), stats.discard_failures));
             flushes.push((labels, stats.flushes));
         }
         gauges(
@@ -620,6 +624,18 @@ impl NodeMetrics {
             "ballast_disk_cleaner_segments",
             "Segments the cleaner freed.",
             &cleaned,
+        )?;
+        counters(
+            encoder,
+            "ballast_disk_discarded_bytes",
+            "Freed disk space the device was told to discard (TRIM), so an SSD stops keeping dead data.",
+            &discarded,
+        )?;
+        counters(
+            encoder,
+            "ballast_disk_discard_failures",
+            "Discards the device failed or refused (a refusal turns discards off for the disk until it is opened again).",
+            &discard_failures,
         )?;
         counters(
             encoder,

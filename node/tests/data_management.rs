@@ -57,6 +57,45 @@ fn a_volume_uses_space_only_for_written_data_and_a_trim_gives_it_back() {
         assert!(trimmed.status.success(), "round {round}: {}", text(&trimmed));
     }
     assert_eq!(node.inspect("thin")["used_bytes"], 16u64 << 20);
+
+    // Freed segments reach the device as discards: the loop device (or the
+    // plain file) gets them punched out of its backing file, whose
+    // allocation falls back to about the live data once the idle store's
+    // checkpoints have freed the dead segments.
+    let backing = node.dir.path().join("disk0.img");
+    let allocated = || {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(&backing).unwrap().blocks() * 512
+    };
+    let peak = allocated();
+    assert!(
+        peak >= 256 << 20,
+        "1.3 GiB went through a 512 MiB disk: {peak} bytes allocated"
+    );
+    wait_until("trimmed and cleaned segments discarded", || allocated() <= 128 << 20);
+    // A deleted volume's space goes back to the device too.
+    node.create_volume("gone", "1GiB");
+    let written = qemu_io(&node.uri("gone"), "write -P 0x33 0 160M");
+    assert!(written.status.success(), "{}", text(&written));
+    let with_gone = allocated();
+    assert!(with_gone >= 160 << 20, "{with_gone}");
+    node.cli_ok(&["volume", "delete", "gone"]);
+    wait_until("a deleted volume's segments discarded", || allocated() <= 128 << 20);
+    let metrics = ureq::get(&format!("{}/metrics", node.api_url()))
+        .set("authorization", &format!("Bearer {}", node.token()))
+        .call()
+        .unwrap()
+        .into_string()
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("ballast_disk_discarded_bytes_total{") && !line.ends_with(" 0")),
+        "{metrics}"
+    );
+    // What was kept is intact.
+    let kept = qemu_io(&uri, "read -P 0x61 144M 16M");
+    assert!(qemu_io_ok(&kept), "{}", text(&kept));
 }
 
 #[test]

@@ -589,6 +589,10 @@ fn start_ballast(target: &Target, run: usize) -> Result<(DataDir, Engine)> {
         force: true,
         create_size_bytes: None,
         segment_size_bytes: 8 << 20,
+        // The raw baselines run over the same backing file, fully allocated:
+        // a discarded (sparse) file would make ballast's first writes pay
+        // the filesystem's allocation that the baselines do not.
+        discard: false,
     };
     enroll(&data, target.device.path(), &options)?;
     let disks = vec![DiskSpec {

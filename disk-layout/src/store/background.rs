@@ -14,7 +14,8 @@
 //! no user write waiting), at most `READS_IN_FLIGHT_MAX` reads of one range
 //! at a time and none while earlier moves wait for a batch. A walk over the
 //! remembered ranges that finds nothing scattered stops until the next
-//! write. Remembered in memory only: a restart forgets them (a client's
+//! write; so does a walk after `WALK_REPEATS_MAX` repeats without a write
+//! between. Remembered in memory only: a restart forgets them (a client's
 //! large read re-sequences and remembers again).
 
 use std::collections::BTreeMap;
@@ -29,6 +30,8 @@ const READS_IN_FLIGHT_MAX: usize = 2;
 /// Ranges looked at per call (their index entries only): bounds the CPU an
 /// idle store spends walking many ranges that are in order.
 const RANGES_LOOKED_AT_MAX: usize = 1024;
+/// Walks repeated without a write between them, at most.
+const WALK_REPEATS_MAX: u32 = 3;
 
 /// What the background pass knows.
 #[derive(Default)]
@@ -40,7 +43,7 @@ pub(super) struct Background {
     requests: u64,
     /// `requests` at the previous interval: idle when unchanged.
     requests_at_interval: u64,
-    idle: bool,
+    pub(super) idle: bool,
     /// Writes accepted: ranges in order may be scattered after one.
     writes: u64,
     /// `writes` when the last walk that found the ranges in order began.
@@ -54,6 +57,12 @@ pub(super) struct Background {
     pub(super) walk_again: bool,
     /// The store's re-sequenced blocks when the walk began.
     walk_moved_from: u64,
+    /// Walks repeated since the last write (`walk_again`), at most
+    /// `WALK_REPEATS_MAX`: on a nearly full disk the cleaner's moves
+    /// scatter what the walk put in order, and each walk leaves some range
+    /// for lack of space, so "walk again while it makes progress" alone
+    /// could go on for ever on an idle store.
+    walk_repeats: u32,
     pub(super) reads_in_flight: usize,
     /// Background reads started (for tests and stats).
     pub(super) reads_started: u64,
@@ -167,11 +176,14 @@ impl Store {
                 let background = &mut self.background;
                 let from = background.walk_from_writes.take().expect("a walk is under way");
                 let progress = moved > background.walk_moved_from;
-                if from == background.writes && !(background.walk_again && progress) {
+                let repeat = from == background.writes;
+                if repeat && !(background.walk_again && progress && background.walk_repeats < WALK_REPEATS_MAX) {
                     background.in_order_at_writes = from;
                     background.walk_again = false;
+                    background.walk_repeats = 0;
                     return;
                 }
+                background.walk_repeats = if repeat { background.walk_repeats + 1 } else { 0 };
                 // Written to during the walk, or a range was left scattered
                 // while others moved: walk again from the start.
                 background.start_walk(moved);

@@ -16,6 +16,7 @@
 mod background;
 mod checkpoint;
 mod clean;
+mod discard;
 mod open;
 mod read;
 mod segments;
@@ -31,12 +32,13 @@ use crate::io::{BlockIo, IoCompletion, TOKEN_BITS};
 use crate::record::BATCH_DATA_BLOCKS_MAX;
 use crate::superblock::Superblock;
 
-pub use open::{FormatParams, StoreConfig};
+pub use open::{FormatParams, StoreConfig, DISCARD_BYTES_PER_INTERVAL_DEFAULT};
 pub use segments::SegmentState;
 
 use background::Background;
 use checkpoint::CheckpointState;
 use clean::Cleaner;
+use discard::Discards;
 use read::ReadOp;
 use segments::SegmentTable;
 use write::{InflightBatch, OpenBatch, PendingWrite};
@@ -90,6 +92,10 @@ pub struct StoreStats {
     /// Reads the background pass made of scattered ranges clients had read
     /// in large pieces (`background`), to re-sequence them.
     pub background_resequence_reads: u64,
+    /// Bytes of freed segments the device was told to discard.
+    pub discarded_bytes: u64,
+    /// Discards the device failed or refused.
+    pub discard_failures: u64,
 }
 
 impl StoreStats {
@@ -139,6 +145,7 @@ const KIND_FLUSH: u64 = 2;
 const KIND_READ: u64 = 3;
 const KIND_CLEAN: u64 = 4;
 const KIND_CHECKPOINT: u64 = 5;
+const KIND_DISCARD: u64 = 6;
 const ID_MASK: u64 = (1 << KIND_SHIFT) - 1;
 
 fn token(kind: u64, id: u64) -> u64 {
@@ -184,6 +191,7 @@ pub struct Store {
     deferred_reads: Vec<ReadOp>,
     cleaner: Cleaner,
     background: Background,
+    discards: Discards,
     checkpoint: CheckpointState,
     failed: Option<String>,
     /// Replay ended at a batch whose header continued the log but whose
@@ -219,7 +227,7 @@ impl Store {
             capacity_blocks: self.capacity_blocks(),
             used_blocks: self.segments.live_blocks_total(),
             segment_count: self.geometry.segment_count,
-            free_segments: u32::try_from(self.segments.free_count()).expect("u32"),
+            free_segments: u32::try_from(self.segments.free_or_discarding_count()).expect("u32"),
         }
     }
 
@@ -339,6 +347,7 @@ impl Store {
             && self.deferred_reads.is_empty()
             && !self.cleaner.is_busy()
             && self.checkpoint.is_idle()
+            && self.discards.in_flight.is_none()
     }
 
     /// True while the background re-sequencing (`background`) has work
@@ -444,6 +453,7 @@ impl Store {
             KIND_READ => self.on_read_done(io, id, completion.result, completion.buf),
             KIND_CLEAN => self.on_clean_read(io, completion.result, completion.buf),
             KIND_CHECKPOINT => self.on_checkpoint_io(io, id, completion.result),
+            KIND_DISCARD => self.on_discard_done(io, completion.result),
             _ => panic!("completion with unknown token {:#x}", completion.token),
         }
         self.pump(io);
@@ -474,10 +484,12 @@ impl Store {
 
     /// Called by the owner at a fixed interval (the node: every 100 ms),
     /// not per turn: the background re-sequencing (`background`) runs once
-    /// a whole interval passed without a request, until the next arrives.
+    /// a whole interval passed without a request, until the next arrives;
+    /// freed segments are discarded at the pace the config sets (`discard`).
     pub fn interval(&mut self, io: &mut impl BlockIo) {
         self.background.on_interval();
         self.resequence_in_background(io);
+        self.discard_on_interval(io);
     }
 
     /// Asks for a checkpoint as soon as possible (clean shutdown).

@@ -3,12 +3,22 @@
 //! ```text
 //! Free -> Reserved -> Open -> Used -> DeadPending -> Free
 //!                       \________________^  (nothing live when switched away)
+//! Free -> Discarding -> Free  (the device is told the segment is unused)
 //! ```
 //! A segment is `Reserved` as the successor of the open one before the open
 //! one's first batch is written, so every batch header can name where the
 //! log continues. A segment whose data is all dead becomes reusable only
 //! once both checkpoint slots start replay after its last batch (the reuse
 //! floor): until then a crash could need to replay through it.
+//!
+//! With discards on, a segment that becomes free joins `undiscarded` too;
+//! `take_discard_run` takes a run of them out of the free list while their
+//! discard is in flight (nothing may write them until it completes: a
+//! discard is unordered against writes), `finish_discard` puts them back.
+//! A free segment reserved before its discard went out is simply not
+//! discarded: it is about to be overwritten anyway.
+
+use std::collections::BTreeSet;
 
 /// Exponent of age in the victim score. 1.0 is LFS cost-benefit (good for
 /// hot/cold skew); 0.0 is greedy (best for uniform random overwrites).
@@ -24,6 +34,8 @@ pub enum SegmentState {
     DeadPending,
     /// The cleaner could not account for all its live blocks (corrupt headers).
     Stuck,
+    /// Free, out of the free list while a discard of it is in flight.
+    Discarding,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -42,6 +54,11 @@ pub struct SegmentTable {
     dead_pending: Vec<u32>,
     live_blocks_total: u64,
     reuse_floor_sequence: u64,
+    /// Free segments written since their last discard (discards on only).
+    undiscarded: BTreeSet<u32>,
+    /// Segments in state `Discarding`.
+    discarding: usize,
+    track_discards: bool,
 }
 
 impl SegmentTable {
@@ -55,6 +72,9 @@ impl SegmentTable {
             dead_pending: Vec::new(),
             live_blocks_total: live.iter().map(|&l| u64::from(l)).sum(),
             reuse_floor_sequence,
+            undiscarded: BTreeSet::new(),
+            discarding: 0,
+            track_discards: false,
         };
         for (index, (&last_sequence, &live_blocks)) in last_sequence.iter().zip(&live).enumerate() {
             let number = u32::try_from(index).expect("segment count is u32");
@@ -84,6 +104,75 @@ impl SegmentTable {
         // Hand out low-numbered segments first (pop takes from the end).
         table.free.reverse();
         table
+    }
+
+    /// Turns discard tracking on: from now on every segment that becomes
+    /// free is to be discarded, and so is every free segment that was ever
+    /// written (its discard may have been lost to a crash, or never sent).
+    pub fn track_discards(&mut self) {
+        self.track_discards = true;
+        for &segment in &self.free {
+            if self.segments[segment as usize].last_sequence > 0 {
+                self.undiscarded.insert(segment);
+            }
+        }
+    }
+
+    /// Turns discards off (the device refused one): nothing is queued any more.
+    pub fn stop_discards(&mut self) {
+        self.track_discards = false;
+        self.undiscarded.clear();
+    }
+
+    /// Free segments waiting for a discard.
+    #[must_use]
+    pub fn undiscarded_count(&self) -> usize {
+        self.undiscarded.len()
+    }
+
+    /// Takes the lowest run of consecutive segments waiting for a discard,
+    /// at most `max_segments` long, leaving at least `keep_free` segments in
+    /// the free list: they become `Discarding` until `finish_discard`.
+    /// Returns (first segment, count).
+    pub fn take_discard_run(&mut self, max_segments: u32, keep_free: usize) -> Option<(u32, u32)> {
+        let spare = u32::try_from(self.free.len().saturating_sub(keep_free)).unwrap_or(u32::MAX);
+        let limit = max_segments.min(spare);
+        let &first = self.undiscarded.first()?;
+        if limit == 0 {
+            return None;
+        }
+        let mut count = 1;
+        while count < limit && self.undiscarded.contains(&(first + count)) {
+            count += 1;
+        }
+        let run = first..first + count;
+        for segment in run.clone() {
+            self.undiscarded.remove(&segment);
+            let entry = &mut self.segments[segment as usize];
+            debug_assert_eq!(entry.state, SegmentState::Free);
+            entry.state = SegmentState::Discarding;
+        }
+        self.free.retain(|segment| !run.contains(segment));
+        self.discarding += count as usize;
+        Some((first, count))
+    }
+
+    /// The discard of a run taken by `take_discard_run` completed (done or
+    /// failed): its segments are free again.
+    pub fn finish_discard(&mut self, first: u32, count: u32) {
+        for segment in first..first + count {
+            let entry = &mut self.segments[segment as usize];
+            assert_eq!(entry.state, SegmentState::Discarding);
+            entry.state = SegmentState::Free;
+            self.free.push(segment);
+        }
+        self.discarding -= count as usize;
+    }
+
+    /// Free segments including those whose discard is in flight.
+    #[must_use]
+    pub fn free_or_discarding_count(&self) -> usize {
+        self.free.len() + self.discarding
     }
 
     #[must_use]
@@ -178,6 +267,7 @@ impl SegmentTable {
     /// Takes a free segment and marks it reserved.
     pub fn reserve(&mut self) -> Option<u32> {
         let segment = self.free.pop()?;
+        self.undiscarded.remove(&segment);
         let entry = &mut self.segments[segment as usize];
         assert_eq!(entry.state, SegmentState::Free);
         assert_eq!(entry.live_blocks, 0);
@@ -214,12 +304,16 @@ impl SegmentTable {
         let floor = self.reuse_floor_sequence;
         let segments = &mut self.segments;
         let free = &mut self.free;
+        let mut undiscarded = self.track_discards.then_some(&mut self.undiscarded);
         self.dead_pending.retain(|&segment| {
             let entry = &mut segments[segment as usize];
             debug_assert_eq!(entry.state, SegmentState::DeadPending);
             if entry.last_sequence < floor && entry.died_at_sequence <= durable_sequence {
                 entry.state = SegmentState::Free;
                 free.push(segment);
+                if let Some(undiscarded) = undiscarded.as_mut() {
+                    undiscarded.insert(segment);
+                }
                 false
             } else {
                 true
@@ -307,6 +401,62 @@ mod tests {
         table.release(5);
         assert_eq!(table.state(0), SegmentState::Free);
         assert_ne!(next, 0);
+    }
+
+    #[test]
+    fn a_discard_takes_runs_of_freed_segments_out_of_the_free_list_until_it_completes() {
+        // Segments 0..6 were all written once and are free; 6 is open, 7 reserved.
+        let mut table = SegmentTable::new(vec![1, 2, 3, 0, 5, 6, 7, 0], vec![0; 8], 6, 7, 10);
+        table.track_discards();
+        assert_eq!(table.undiscarded_count(), 5, "never-written segment 3 needs no discard");
+        assert_eq!(table.take_discard_run(8, 1), Some((0, 3)), "0, 1, 2 are one run");
+        for segment in 0..3 {
+            assert_eq!(table.state(segment), SegmentState::Discarding);
+        }
+        assert_eq!(table.free_count(), 3);
+        assert_eq!(table.free_or_discarding_count(), 6);
+        // Nothing in flight can be reserved.
+        let mut reserved = Vec::new();
+        while table.free_count() > 0 {
+            reserved.push(table.reserve().unwrap());
+        }
+        assert!(reserved.iter().all(|&segment| segment >= 3), "{reserved:?}");
+        assert_eq!(
+            table.undiscarded_count(),
+            0,
+            "reserved segments are overwritten, not discarded"
+        );
+        table.finish_discard(0, 3);
+        assert_eq!(table.free_count(), 3);
+        assert_eq!(table.state(1), SegmentState::Free);
+    }
+
+    #[test]
+    fn a_discard_run_leaves_the_free_segments_writes_need() {
+        let mut table = SegmentTable::new(vec![1, 2, 3, 4, 5, 0], vec![0; 6], 4, 5, 10);
+        table.track_discards();
+        assert_eq!(table.free_count(), 4);
+        assert_eq!(table.take_discard_run(8, 3), Some((0, 1)));
+        assert_eq!(table.take_discard_run(8, 3), None, "three must stay free");
+        table.stop_discards();
+        table.finish_discard(0, 1);
+        assert_eq!(table.undiscarded_count(), 0);
+    }
+
+    #[test]
+    fn a_segment_freed_by_a_checkpoint_waits_for_a_discard() {
+        let mut table = SegmentTable::new(vec![0, 0, 0, 0], vec![0, 0, 0, 0], 0, 1, 1);
+        table.track_discards();
+        table.note_batch(0, 1);
+        table.add_live(0);
+        let _ = table.reserve().unwrap();
+        table.switch(0, 1, 2);
+        table.remove_live(0, 2);
+        assert_eq!(table.undiscarded_count(), 0, "dead, not free yet");
+        table.advance_floor(3, 3);
+        assert_eq!(table.state(0), SegmentState::Free);
+        assert_eq!(table.undiscarded_count(), 1);
+        assert_eq!(table.take_discard_run(8, 0), Some((0, 1)));
     }
 
     #[test]

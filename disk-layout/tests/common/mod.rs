@@ -394,6 +394,8 @@ impl Harness {
         t.segments_cleaned += s.segments_cleaned;
         t.checksum_errors += s.checksum_errors;
         t.batches_written += s.batches_written;
+        t.discarded_bytes += s.discarded_bytes;
+        t.discard_failures += s.discard_failures;
     }
 
     fn ack(&mut self, volume: u64, lba: u64, position: usize) {

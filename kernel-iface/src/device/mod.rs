@@ -21,7 +21,7 @@ use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 
-pub use open::{open_exclusive, OpenedDevice};
+pub use open::{discard_unsupported_reason, open_exclusive, OpenedDevice};
 pub use report::{describe_path, PathReport};
 pub use signature::Signature;
 

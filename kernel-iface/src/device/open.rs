@@ -41,6 +41,42 @@ const FILE_LOGICAL_BLOCK_BYTES: u32 = 512;
 const LOGICAL_BLOCK_BYTES_MIN: u32 = 512;
 const LOGICAL_BLOCK_BYTES_MAX: u32 = 64 * 1024;
 
+/// Why discards cannot reach `opened`, if they cannot: a block device whose
+/// queue says `discard_max_bytes` = 0 (a partition answers for its disk's
+/// queue). A regular file has no such flag: a punched hole is tried, and a
+/// filesystem that refuses it turns discards off then.
+#[must_use]
+pub fn discard_unsupported_reason(opened: &OpenedDevice) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    if !opened.is_block_device {
+        return None;
+    }
+    let rdev = match opened.file.metadata() {
+        Ok(meta) => meta.rdev(),
+        Err(error) => return Some(format!("cannot stat the device: {error}")),
+    };
+    let (Ok(major), Ok(minor)) = (
+        u32::try_from(nix::sys::stat::major(rdev)),
+        u32::try_from(nix::sys::stat::minor(rdev)),
+    ) else {
+        return Some(format!("device number {rdev:#x} out of range"));
+    };
+    let Some(dir) = super::sysfs::sysfs_dir_of((major, minor)) else {
+        return Some(format!("no sysfs entry for device {major}:{minor}"));
+    };
+    let own = dir.join("queue/discard_max_bytes");
+    let path = if own.exists() {
+        own
+    } else {
+        dir.join("../queue/discard_max_bytes")
+    };
+    match super::sysfs::number(&path) {
+        Some(0) => Some("the device does not support discard (queue/discard_max_bytes is 0)".into()),
+        Some(_) => None,
+        None => Some(format!("cannot read {}", path.display())),
+    }
+}
+
 /// Opens `path` read-write for ballast's sole use (`direct`: O_DIRECT).
 /// A device that stays busy for `BUSY_RETRY` is reported as `Busy`.
 pub fn open_exclusive(path: &Path, direct: bool) -> Result<OpenedDevice, DeviceError> {

@@ -121,6 +121,9 @@ pub struct EnrollBody {
     pub create_size_bytes: Option<u64>,
     #[serde(default = "default_segment_size")]
     pub segment_size_bytes: u64,
+    /// Do not discard the whole device before formatting it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_discard: bool,
 }
 
 fn default_segment_size() -> u64 {
@@ -138,6 +141,7 @@ async fn enroll_disk(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<
             force: body.force,
             create_size_bytes: body.create_size_bytes,
             segment_size_bytes: body.segment_size_bytes,
+            discard: !body.no_discard,
         };
         let record = crate::enroll::enroll(&data, &body.path, &options)
             .map_err(|error| ApiError(StatusCode::CONFLICT, error.to_string()))?;

@@ -73,6 +73,12 @@ pub struct EnrollArgs {
     /// Segment size: the unit of log writing and cleaning (1MiB..1GiB, power of two).
     #[arg(long, default_value = "8MiB")]
     pub segment_size: String,
+    /// Do not discard (TRIM) the whole device before formatting it. By
+    /// default enrollment tells the SSD that every block is free, so its
+    /// garbage collection starts clean; skipped with a message on devices
+    /// without discard support.
+    #[arg(long)]
+    pub no_discard: bool,
     /// Devices (or files) to enroll.
     #[arg(required = true)]
     pub devices: Vec<PathBuf>,
@@ -258,6 +264,7 @@ fn enroll_all(args: &EnrollArgs) -> Result<ExitCode> {
         force: args.force,
         create_size_bytes: args.size.as_deref().map(parse_size).transpose()?,
         segment_size_bytes: parse_size(&args.segment_size)?,
+        discard: !args.no_discard,
     };
     let data = match DataDir::open(&args.data_dir, true) {
         Err(crate::datadir::DataDirError::Locked(_)) => return enroll_online(args, &options),
@@ -306,6 +313,7 @@ fn enroll_online(args: &EnrollArgs, options: &EnrollOptions) -> Result<ExitCode>
             force: options.force,
             create_size_bytes: options.create_size_bytes,
             segment_size_bytes: options.segment_size_bytes,
+            no_discard: !options.discard,
         };
         match client.post::<_, crate::datadir::DiskRecord>("/v1/node/disks", &body) {
             Ok(record) => println!(

@@ -107,6 +107,9 @@ pub struct RunArgs {
     /// As coordinator, the most data a verifying scrub reads per second, in MiB [default: 64].
     #[arg(long)]
     pub scrub_mib_per_s: Option<u64>,
+    /// Freed disk space is told to the SSDs (discard/TRIM) at most this fast, in MiB/s; 0: never [default: 2560].
+    #[arg(long)]
+    pub discard_mib_per_s: Option<u64>,
     /// As Raft leader, POST every alert that starts or clears to this URL as JSON.
     #[arg(long, value_name = "URL")]
     pub alert_webhook: Option<String>,
@@ -160,6 +163,7 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 replica_timeout_ms: args.replica_timeout_ms,
                 scrub_interval_hours: args.scrub_interval_hours,
                 scrub_mib_per_s: args.scrub_mib_per_s,
+                discard_mib_per_s: args.discard_mib_per_s,
                 alert_webhook: args.alert_webhook,
                 jwt_issuer: args.jwt_issuer,
                 jwt_public_key_file: args.jwt_public_key_file,

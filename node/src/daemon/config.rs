@@ -14,6 +14,7 @@
 //! replica_timeout_ms = 5000  # as coordinator: drop a replica from the in-sync set after this long without an answer
 //! scrub_interval_hours = 168  # as coordinator: verify every copy of each volume this often (0: only `ballast scrub start`)
 //! scrub_mib_per_s = 64   # as coordinator: the most data a verifying scrub reads per second (1 to 10000)
+//! discard_mib_per_s = 2560  # freed disk space told to the SSD (discard/TRIM), at most this fast (0: never)
 //! alert_webhook = "http://alerts.example:8080/ballast"  # as Raft leader: POST each alert change here as JSON
 //! jwt_issuer = "https://idp.example"     # also accept API tokens of this identity provider ...
 //! jwt_public_key_file = "/etc/ballast/idp.pem"  # ... signed with this key (RSA, EC P-256, Ed25519)
@@ -77,6 +78,7 @@ pub struct ConfigFile {
     pub replica_timeout_ms: Option<u64>,
     pub scrub_interval_hours: Option<u64>,
     pub scrub_mib_per_s: Option<u64>,
+    pub discard_mib_per_s: Option<u64>,
     pub alert_webhook: Option<String>,
     pub jwt_issuer: Option<String>,
     pub jwt_public_key_file: Option<PathBuf>,
@@ -121,6 +123,8 @@ pub struct NodeConfig {
     pub scrub_interval: Option<std::time::Duration>,
     /// The most a verifying scrub reads per second, in bytes.
     pub scrub_bytes_per_s: u64,
+    /// The most freed disk space told to the devices per second, in bytes (0: no discards).
+    pub discard_bytes_per_s: u64,
     /// Where the leader POSTs alert changes (http:// URL).
     pub alert_webhook: Option<String>,
     /// An identity provider whose API tokens are accepted: (issuer, public key file, JWKS file).
@@ -251,6 +255,15 @@ impl NodeConfig {
                     )))
                 }
             },
+            discard_bytes_per_s: match overrides.discard_mib_per_s.or(file.discard_mib_per_s) {
+                None => crate::engine::DISCARD_BYTES_PER_S_DEFAULT,
+                Some(mib) if mib <= 100_000 => mib << 20,
+                Some(mib) => {
+                    return Err(ConfigError::Missing(format!(
+                        "discard_mib_per_s {mib} is out of range: use 0 (no discards) to 100000"
+                    )))
+                }
+            },
             alert_webhook: match overrides.alert_webhook.or(file.alert_webhook) {
                 Some(url) if !url.starts_with("http://") && !url.starts_with("https://") => {
                     return Err(ConfigError::Missing(format!(
@@ -306,6 +319,23 @@ mod tests {
         assert_eq!(config.replica_timeout, std::time::Duration::from_millis(1500));
         let file: ConfigFile = toml::from_str("data_dir = \"/a\"\nreplica_timeout_ms = 5").unwrap();
         assert!(NodeConfig::resolve(file, ConfigFile::default()).is_err());
+    }
+
+    #[test]
+    fn discards_default_on_take_zero_as_off_and_refuse_absurd_rates() {
+        let file: ConfigFile = toml::from_str("data_dir = \"/a\"").unwrap();
+        let config = NodeConfig::resolve(file, ConfigFile::default()).unwrap();
+        assert_eq!(config.discard_bytes_per_s, crate::engine::DISCARD_BYTES_PER_S_DEFAULT);
+        let file: ConfigFile = toml::from_str("data_dir = \"/a\"\ndiscard_mib_per_s = 0").unwrap();
+        assert_eq!(
+            NodeConfig::resolve(file, ConfigFile::default())
+                .unwrap()
+                .discard_bytes_per_s,
+            0
+        );
+        let file: ConfigFile = toml::from_str("data_dir = \"/a\"\ndiscard_mib_per_s = 1000000").unwrap();
+        let error = NodeConfig::resolve(file, ConfigFile::default()).unwrap_err();
+        assert!(error.to_string().contains("discard_mib_per_s"), "{error}");
     }
 
     #[test]

@@ -51,6 +51,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         Some(list) => kernel_iface::affinity::parse_core_list(list)?,
         None => kernel_iface::affinity::available_cores(),
     };
+    engine_config.discard_bytes_per_s = config.discard_bytes_per_s;
     if config.thread_pool {
         engine_config.choice = kernel_iface::EngineChoice::ThreadPool;
     }

@@ -19,7 +19,9 @@ use super::{Command, Control};
 /// Requests taken from the channel per loop turn (bounds latency of acks).
 const REQUESTS_PER_TURN_MAX: usize = 1024;
 /// Housekeeping (cleaner, checkpoints) runs at least this often when idle.
-const TICK_INTERVAL: Duration = Duration::from_millis(100);
+/// Milliseconds between the stores' `interval` calls.
+pub(crate) const TICK_INTERVAL_MS: u64 = 100;
+const TICK_INTERVAL: Duration = Duration::from_millis(TICK_INTERVAL_MS);
 /// A clean shutdown waits at most this long for the final checkpoint.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
 
