@@ -212,3 +212,66 @@ fn a_disk_in_a_newer_format_is_refused_naming_both_versions_and_left_unchanged()
     }
     assert!(std::fs::read(&file).unwrap() == image, "the disk was changed");
 }
+
+/// A loop device over a backing file whose every byte was written, as a
+/// used SSD's blocks are; returns it with its backing file.
+fn written_loop_device(
+    test: &str,
+    dir: &std::path::Path,
+) -> Option<(kernel_iface::loopdev::LoopDevice, std::path::PathBuf)> {
+    let device = loop_device(test, dir, 64 << 20)?;
+    let backing = dir.join(format!("disk-{}.img", std::process::id()));
+    std::fs::write(&backing, vec![0x5A; 64 << 20]).unwrap();
+    Some((device, backing))
+}
+
+fn allocated_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn enrollment_discards_the_whole_device_unless_told_not_to() {
+    let test = "enrollment_discards_the_whole_device_unless_told_not_to";
+    let (kept_dir, discarded_dir) = (scratch(), scratch());
+    let Some((kept, kept_backing)) = written_loop_device(test, kept_dir.path()) else {
+        return;
+    };
+    let Some((discarded, discarded_backing)) = written_loop_device(test, discarded_dir.path()) else {
+        return;
+    };
+    let data = kept_dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let enroll = |device: &kernel_iface::loopdev::LoopDevice, extra: &[&str]| {
+        let mut args = vec![
+            "disk",
+            "enroll",
+            "--data-dir",
+            data,
+            "--force",
+            "--segment-size",
+            "1MiB",
+        ];
+        args.extend_from_slice(extra);
+        args.push(device.path().to_str().unwrap());
+        let output = run(&args);
+        assert!(output.status.success(), "{}", text(&output));
+        text(&output)
+    };
+    let message = enroll(&kept, &["--no-discard"]);
+    assert!(
+        message.contains("not discarding") && message.contains("--no-discard"),
+        "{message}"
+    );
+    assert!(
+        allocated_bytes(&kept_backing) >= 60 << 20,
+        "--no-discard left the device's blocks as they were"
+    );
+    let message = enroll(&discarded, &[]);
+    assert!(message.contains("discarded 64 MiB"), "{message}");
+    let left = allocated_bytes(&discarded_backing);
+    assert!(
+        left <= 8 << 20,
+        "{left} bytes still allocated: only the superblocks, checkpoint slots and wiped ends are written after the discard"
+    );
+}
