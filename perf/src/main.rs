@@ -60,7 +60,7 @@ enum Bench {
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
-    /// The storage engine without network: 4k random writes/reads at QD32 vs raw fio on the same loop device, write amplification at 50 % and 80 % full, and a 1 MiB sequential scan after random writes (at once, and after the idle store re-sequenced it) vs the raw device.
+    /// The storage engine without network: 4k random writes/reads at QD32 vs raw fio on the same loop device, write amplification at 50 % and 80 % full, a 1 MiB sequential scan after random writes (at once, and after the idle store re-sequenced it) vs the raw device, and a fill + overwrite + delete with discards off and on (the backing file's allocation).
     Engine {
         /// Size of the loop-device backing file.
         #[arg(long, default_value = "4GiB")]
@@ -74,6 +74,9 @@ enum Bench {
         /// One short repetition on a small device (about a minute).
         #[arg(long)]
         quick: bool,
+        /// Only the discard cycle (off, then on).
+        #[arg(long)]
+        discards_only: bool,
         /// Where to write the JSON result.
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
@@ -381,6 +384,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             seconds,
             repeats,
             quick,
+            discards_only,
             out,
         } => {
             let (size, seconds, repeats) = if quick {
@@ -388,7 +392,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             } else {
                 (size, seconds, repeats)
             };
-            engine(&size, seconds, repeats, &out)
+            engine(&size, seconds, repeats, discards_only, &out)
         }
         Bench::Nbd {
             size,
@@ -598,7 +602,10 @@ fn start_ballast(target: &Target, run: usize) -> Result<(DataDir, Engine)> {
     let disks = vec![DiskSpec {
         path: target.device.path().to_owned(),
     }];
-    let engine = Engine::start(&disks, &EngineConfig::new(*data.node.node_uuid.as_bytes()))?;
+    let mut config = EngineConfig::new(*data.node.node_uuid.as_bytes());
+    // As enrollment above: the raw runs between ours use the same file.
+    config.discard_bytes_per_s = 0;
+    let engine = Engine::start(&disks, &config)?;
     Ok((data, engine))
 }
 
@@ -625,12 +632,125 @@ struct EngineReport {
     background_pass_seconds: Samples,
     /// Blocks it moved per block of the volume.
     background_moved_per_volume_block: Samples,
+    /// Discards (issue 27): the same fill, overwrite and delete with
+    /// discards off and on (`measure_discards`).
+    discards: Vec<DiscardRun>,
     device_bytes: u64,
     seconds: u64,
     repeats: usize,
 }
 
-fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<Vec<chart::Bar>> {
+/// One fill + overwrite + delete cycle with discards off or on.
+#[derive(Clone, Debug, Default, Serialize)]
+struct DiscardRun {
+    discards: bool,
+    /// Backing file allocated before, after the fill and overwrite, and once
+    /// the idle store has settled after the delete.
+    allocated_before_mib: f64,
+    allocated_full_mib: f64,
+    allocated_after_delete_mib: f64,
+    /// Seconds from the delete until the allocation stopped falling (or the wait ended).
+    settle_seconds: f64,
+    discarded_mib: f64,
+    /// fio 4 KiB random writes QD32 on the loop device before the cycle
+    /// (file fully written) and after it (what the discards left).
+    raw_randwrite_before_iops: f64,
+    raw_randwrite_after_iops: f64,
+}
+
+/// Longest wait for the idle store to discard a deleted volume's segments.
+const DISCARD_SETTLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn allocated_mib(path: &Path) -> Result<f64> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.blocks() as f64 * 512.0 / f64::from(1 << 20))
+}
+
+/// A volume filling 80 % of the disk is written, overwritten at random
+/// (every block once on average) and deleted, with discards off and then
+/// on (each on a fresh, fully written backing file); the backing file's
+/// allocation shows what the device was told, and fio's random writes on
+/// the raw loop device before and after show what a device that keeps
+/// (off) or forgets (on) the dead data does next. A loop device over a
+/// file is not an SSD: the punched holes cost the file system allocations
+/// on the next write, where an SSD's flash translation layer gains free
+/// blocks; the allocation is the part that carries over.
+fn measure_discards(size_bytes: u64, seconds: u64) -> Result<Vec<DiscardRun>> {
+    let mut runs = Vec::new();
+    for discards in [false, true] {
+        let target = target(size_bytes)?;
+        let backing = target.dir.path().join("disk.img");
+        let span = size_bytes / 2;
+        let mut run = DiscardRun {
+            discards,
+            allocated_before_mib: allocated_mib(&backing)?,
+            ..DiscardRun::default()
+        };
+        run.raw_randwrite_before_iops = fio::run_on_device(
+            &FioJob::new("raw-randwrite", "randwrite", "4k", 32, seconds, span),
+            target.device.path(),
+        )?
+        .iops;
+        let data = DataDir::open(&target.dir.path().join("data-discard"), true)?;
+        let options = EnrollOptions {
+            force: true,
+            create_size_bytes: None,
+            segment_size_bytes: 8 << 20,
+            discard: false,
+        };
+        enroll(&data, target.device.path(), &options)?;
+        let mut config = EngineConfig::new(*data.node.node_uuid.as_bytes());
+        config.discard_bytes_per_s = if discards {
+            node::engine::DISCARD_BYTES_PER_S_DEFAULT
+        } else {
+            0
+        };
+        let disks = vec![DiskSpec {
+            path: target.device.path().to_owned(),
+        }];
+        let engine = Engine::start(&disks, &config)?;
+        let blocks = engine_bench::capacity_blocks(&engine, 0)? * 80 / 100;
+        engine_bench::fill(&engine, 0, 1, blocks)?;
+        engine_bench::run_requests(&engine, 0, 1, blocks, 32, blocks, Pattern::RandomWrite, 7)?;
+        run.allocated_full_mib = allocated_mib(&backing)?;
+        let (sender, receiver) = crossbeam_channel::bounded(1);
+        engine.submit(
+            0,
+            node::engine::Command::DeleteVolume { volume_id: 1 },
+            Box::new(move |result| {
+                let _ = sender.send(result.map(|_| ()));
+            }),
+        );
+        receiver.recv_timeout(std::time::Duration::from_secs(60))??;
+        let deleted = std::time::Instant::now();
+        let mut last = allocated_mib(&backing)?;
+        let mut stable_since = deleted;
+        while deleted.elapsed() < DISCARD_SETTLE_TIMEOUT {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            let now = allocated_mib(&backing)?;
+            if (now - last).abs() > 1.0 {
+                last = now;
+                stable_since = std::time::Instant::now();
+            } else if stable_since.elapsed() > std::time::Duration::from_secs(5) {
+                break;
+            }
+        }
+        run.settle_seconds = (stable_since - deleted).as_secs_f64();
+        run.allocated_after_delete_mib = last;
+        run.discarded_mib = engine_bench::stats(&engine, 0)?.discarded_bytes as f64 / f64::from(1 << 20);
+        engine.shutdown();
+        run.raw_randwrite_after_iops = fio::run_on_device(
+            &FioJob::new("raw-randwrite", "randwrite", "4k", 32, seconds, span),
+            target.device.path(),
+        )?
+        .iops;
+        eprintln!("discards {}: {run:?}", if discards { "on" } else { "off" });
+        runs.push(run);
+    }
+    Ok(runs)
+}
+
+fn engine(size: &str, seconds: u64, repeats: usize, discards_only: bool, out: &Path) -> Result<Vec<chart::Bar>> {
     let size_bytes = node::size::parse_size(size)?;
     let target = target(size_bytes)?;
     let mut report = EngineReport {
@@ -639,6 +759,16 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<Vec<ch
         repeats,
         ..EngineReport::default()
     };
+    if discards_only {
+        report.discards = measure_discards(size_bytes, seconds)?;
+        print!("{}", discard_table(&report.discards));
+        std::fs::create_dir_all(out)?;
+        std::fs::write(
+            out.join("engine-discards.json"),
+            serde_json::to_string_pretty(&report.discards)?,
+        )?;
+        return Ok(Vec::new());
+    }
     let fio_span = size_bytes / 2;
     let bar = node::cli::progress::items(repeats as u64, "engine repetitions");
     for run in 0..repeats {
@@ -711,6 +841,7 @@ fn engine(size: &str, seconds: u64, repeats: usize, out: &Path) -> Result<Vec<ch
         }
         engine.shutdown();
     }
+    report.discards = measure_discards(size_bytes, seconds)?;
     let table = engine_table(&report);
     print!("{table}");
     std::fs::create_dir_all(out)?;
@@ -876,6 +1007,37 @@ fn engine_table(report: &EngineReport) -> String {
         report.background_pass_seconds.median(),
         report.background_moved_per_volume_block.median()
     );
+    out.push_str(&discard_table(&report.discards));
+    out
+}
+
+/// The discard cycle's table (empty without runs).
+fn discard_table(runs: &[DiscardRun]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    macro_rules! line {
+        ($($arg:tt)*) => {
+            writeln!(out, $($arg)*).expect("writing to a String")
+        };
+    }
+    if !runs.is_empty() {
+        line!("\nA volume of 80 % of the disk written, overwritten at random and deleted; the loop device's backing file (MiB allocated) and fio 4 KiB random writes QD32 on the raw loop device before and after:");
+        line!("| discards | allocated before / full / after delete | settled after | discarded | raw write IOPS before / after |");
+        line!("| --- | ---: | ---: | ---: | ---: |");
+        for run in runs {
+            line!(
+                "| {} | {:.0} / {:.0} / {:.0} | {:.1} s | {:.0} MiB | {} / {} |",
+                if run.discards { "on" } else { "off" },
+                run.allocated_before_mib,
+                run.allocated_full_mib,
+                run.allocated_after_delete_mib,
+                run.settle_seconds,
+                run.discarded_mib,
+                compact(run.raw_randwrite_before_iops),
+                compact(run.raw_randwrite_after_iops)
+            );
+        }
+    }
     out
 }
 

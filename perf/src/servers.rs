@@ -278,10 +278,16 @@ impl BallastBinary {
         binary
     }
 
-    /// A command running the binary with its environment (log level warn).
+    /// A command running the binary with its environment (log level warn,
+    /// no discards: the harness's disks are loop devices over written
+    /// files, measured raw between ballast's runs, and a discard would
+    /// punch holes in them that the next raw run pays to fill; binaries
+    /// from before discards ignore these variables).
     pub fn command(&self) -> Command {
         let mut command = Command::new(&self.path);
         command.env("BALLAST_LOG", "warn");
+        command.env("BALLAST_NO_DISCARD", "true");
+        command.env("BALLAST_DISCARD_MIB_PER_S", "0");
         command.envs(self.env.iter().map(|(k, v)| (k, v)));
         command
     }

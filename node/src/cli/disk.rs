@@ -77,7 +77,7 @@ pub struct EnrollArgs {
     /// default enrollment tells the SSD that every block is free, so its
     /// garbage collection starts clean; skipped with a message on devices
     /// without discard support.
-    #[arg(long)]
+    #[arg(long, env = "BALLAST_NO_DISCARD")]
     pub no_discard: bool,
     /// Devices (or files) to enroll.
     #[arg(required = true)]

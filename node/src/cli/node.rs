@@ -108,7 +108,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub scrub_mib_per_s: Option<u64>,
     /// Freed disk space is told to the SSDs (discard/TRIM) at most this fast, in MiB/s; 0: never [default: 2560].
-    #[arg(long)]
+    #[arg(long, env = "BALLAST_DISCARD_MIB_PER_S")]
     pub discard_mib_per_s: Option<u64>,
     /// As Raft leader, POST every alert that starts or clears to this URL as JSON.
     #[arg(long, value_name = "URL")]
