@@ -32,7 +32,8 @@ pub enum IoKind<B> {
     Fsync,
     /// Tells the device that a range holds nothing worth keeping, so an
     /// SSD's flash translation layer stops copying it: a discard on a block
-    /// device (io_uring's block discard command, Linux 6.12+; BLKDISCARD in
+    /// device (io_uring's block discard command on Linux 6.12+, BLKDISCARD on
+    /// a helper thread before; BLKDISCARD in
     /// the thread pool), a punched hole in a regular file. Afterwards the
     /// range reads as zeroes or as its old bytes, never as anything else.
     /// Unordered against writes in flight to the same range: the caller

@@ -124,7 +124,7 @@ const BLKDISCARD: libc::c_ulong = 0x1277;
 
 /// Discards a range: BLKDISCARD on a block device, a punched hole in a
 /// regular file (blocking; this runs on a worker thread).
-fn discard(file: &File, offset_bytes: u64, len_bytes: u64) -> std::io::Result<()> {
+pub(crate) fn discard(file: &File, offset_bytes: u64, len_bytes: u64) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::FileTypeExt;
     let fd = file.as_raw_fd();

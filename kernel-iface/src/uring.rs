@@ -24,6 +24,68 @@ const _: () = assert!(ENGINE_REQUESTS_MAX <= 2 * RING_ENTRIES as usize);
 struct Slot<B> {
     user_data: u64,
     buf: Option<B>,
+    /// A block-device discard sent as io_uring's command: (file, offset,
+    /// length), to hand to the helper if the kernel lacks the command.
+    block_discard: Option<(u32, u64, u64)>,
+}
+
+/// Block-device discards for kernels whose io_uring has no block discard
+/// command (before 6.12: EOPNOTSUPP, or EINVAL before 5.19): one thread
+/// doing BLKDISCARD, so the reactor never blocks on a slow TRIM. It sends
+/// each result back on a channel and wakes the ring through its eventfd.
+struct DiscardHelper {
+    requests: Option<crossbeam_channel::Sender<(u32, u64, u64, u64)>>,
+    done: crossbeam_channel::Receiver<(u64, i32)>,
+    pending: usize,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl DiscardHelper {
+    fn start(files: Vec<Option<File>>, waker: Arc<EventFdWaker>) -> std::io::Result<Self> {
+        let (requests, work) = crossbeam_channel::unbounded::<(u32, u64, u64, u64)>();
+        let (results, done) = crossbeam_channel::unbounded();
+        let thread = std::thread::Builder::new()
+            .name("ballast-discard".into())
+            .spawn(move || {
+                for (file, offset, len, user_data) in work {
+                    let result = match files.get(file as usize).and_then(Option::as_ref) {
+                        Some(handle) => match crate::pool::discard(handle, offset, len) {
+                            Ok(()) => 0,
+                            Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
+                        },
+                        None => -libc::EBADF,
+                    };
+                    if results.send((user_data, result)).is_err() {
+                        return;
+                    }
+                    waker.wake();
+                }
+            })?;
+        Ok(Self {
+            requests: Some(requests),
+            done,
+            pending: 0,
+            thread: Some(thread),
+        })
+    }
+
+    fn send(&mut self, file: u32, offset: u64, len: u64, user_data: u64) {
+        self.pending += 1;
+        let sent = self
+            .requests
+            .as_ref()
+            .is_some_and(|requests| requests.send((file, offset, len, user_data)).is_ok());
+        debug_assert!(sent, "the discard helper outlives the engine's requests");
+    }
+}
+
+impl Drop for DiscardHelper {
+    fn drop(&mut self) {
+        self.requests.take();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 /// Wakes the ring by writing its eventfd.
@@ -58,6 +120,9 @@ pub struct UringEngine<B> {
     /// Per file: a block device (discards go as the block discard command)
     /// rather than a regular file (discards punch holes).
     block_device: Vec<bool>,
+    /// Started once the kernel refused the block discard command (or a
+    /// test asked for it): block-device discards go to its thread.
+    discard_helper: Option<DiscardHelper>,
     _files: Vec<File>,
 }
 
@@ -106,6 +171,7 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
             wake_armed: false,
             woken: false,
             block_device,
+            discard_helper: None,
             _files: files,
         })
     }
@@ -127,11 +193,32 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
         }
     }
 
+    /// Sends block-device discards to a helper thread from now on (what a
+    /// kernel without io_uring's block discard command gets). For tests of
+    /// that path on kernels that have the command.
+    pub fn use_discard_helper(&mut self) -> std::io::Result<()> {
+        if self.discard_helper.is_some() {
+            return Ok(());
+        }
+        let files = self
+            ._files
+            .iter()
+            .zip(&self.block_device)
+            .map(|(file, &block)| if block { file.try_clone().ok() } else { None })
+            .collect();
+        self.discard_helper = Some(DiscardHelper::start(files, Arc::clone(&self.waker))?);
+        Ok(())
+    }
+
+    fn is_block_device(&self, file: u32) -> bool {
+        self.block_device.get(file as usize).copied().unwrap_or(false)
+    }
+
     /// A discard of `len` bytes at `offset` of file `file`: the block
     /// discard command on a block device, a punched hole in a regular file.
     fn discard_entry(&self, file: u32, offset: u64, len: u64) -> io_uring::squeue::Entry {
         let fixed = types::Fixed(file);
-        if self.block_device.get(file as usize).copied().unwrap_or(false) {
+        if self.is_block_device(file) {
             let mut cmd = [0u8; 16];
             cmd[..8].copy_from_slice(&len.to_ne_bytes());
             opcode::UringCmd16::new(fixed, BLOCK_URING_CMD_DISCARD)
@@ -177,11 +264,36 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
             let index = usize::try_from(slot_index).expect("slot index fits usize");
             let slot = self.slab[index].take().expect("completion for an empty slot");
             self.free_slots.push(index);
+            let no_command = result == -libc::EOPNOTSUPP || result == -libc::EINVAL;
+            if let (Some((file, offset, len)), true) = (slot.block_discard, no_command) {
+                // This kernel's io_uring has no block discard command.
+                if self.discard_helper.is_none() {
+                    tracing::info!("io_uring has no block discard command here (Linux before 6.12): discards go through a helper thread");
+                }
+                match self.use_discard_helper() {
+                    Ok(()) => {
+                        let helper = self.discard_helper.as_mut().expect("just started");
+                        helper.send(file, offset, len, slot.user_data);
+                        continue;
+                    }
+                    Err(error) => tracing::warn!(%error, "cannot start the discard helper thread"),
+                }
+            }
             self.ready.push(Completion {
                 user_data: slot.user_data,
                 result,
                 buf: slot.buf,
             });
+        }
+        if let Some(helper) = self.discard_helper.as_mut() {
+            while let Ok((user_data, result)) = helper.done.try_recv() {
+                helper.pending -= 1;
+                self.ready.push(Completion {
+                    user_data,
+                    result,
+                    buf: None,
+                });
+            }
         }
     }
 
@@ -199,6 +311,18 @@ impl<B: AsMut<[u8]> + Send + 'static> UringEngine<B> {
 
 impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
     fn push(&mut self, submission: Submission<B>) {
+        if let IoKind::Discard {
+            offset_bytes,
+            len_bytes,
+        } = submission.kind
+        {
+            if self.is_block_device(submission.file) {
+                if let Some(helper) = self.discard_helper.as_mut() {
+                    helper.send(submission.file, offset_bytes, len_bytes, submission.user_data);
+                    return;
+                }
+            }
+        }
         self.wait_for_free_slot();
         let index = self.free_slots.pop().expect("waited for a free slot");
         let Submission { file, user_data, kind } = submission;
@@ -216,7 +340,14 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
                 (None, None)
             }
         };
-        self.slab[index] = Some(Slot { user_data, buf });
+        let block_discard = discard
+            .filter(|_| self.is_block_device(file))
+            .map(|(offset, len)| (file, offset, len));
+        self.slab[index] = Some(Slot {
+            user_data,
+            buf,
+            block_discard,
+        });
         let slot = self.slab[index].as_mut().expect("just filled");
         let fixed = types::Fixed(file);
         let entry = match (op, slot.buf.as_mut()) {
@@ -290,7 +421,8 @@ impl<B: AsMut<[u8]> + Send + 'static> IoEngine<B> for UringEngine<B> {
     }
 
     fn in_flight(&self) -> usize {
-        ENGINE_REQUESTS_MAX - self.free_slots.len() + self.ready.len()
+        let helper = self.discard_helper.as_ref().map_or(0, |helper| helper.pending);
+        ENGINE_REQUESTS_MAX - self.free_slots.len() + self.ready.len() + helper
     }
 
     fn waker(&self) -> Arc<dyn Waker> {

@@ -294,7 +294,15 @@ fn thread_pool_discard_punches_a_hole_in_a_regular_file() {
 
 /// A loop device over a file passes discards on as punched holes, so the
 /// backing file shows what the SSD would have been told.
-fn discard_reaches_a_block_device(choice: EngineChoice, test: &str) {
+/// How the engine of `discard_reaches_a_block_device` is made.
+enum Made {
+    Open(EngineChoice),
+    /// io_uring with block discards on its helper thread (what kernels
+    /// before 6.12 get).
+    UringWithHelper,
+}
+
+fn discard_reaches_a_block_device(made: Made, test: &str) {
     if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
         kernel_iface::loopdev::record_skip(test, &why);
         return;
@@ -309,8 +317,20 @@ fn discard_reaches_a_block_device(choice: EngineChoice, test: &str) {
         .custom_flags(libc::O_DIRECT)
         .open(device.path())
         .unwrap();
-    let mut engine = open_engine(vec![file], choice).unwrap();
+    let mut engine: Box<dyn IoEngine<Aligned>> = match made {
+        Made::Open(choice) => open_engine(vec![file], choice).unwrap(),
+        Made::UringWithHelper => {
+            use std::os::fd::AsRawFd;
+            let fds = vec![file.as_raw_fd()];
+            let mut engine = kernel_iface::uring::UringEngine::new(fds, vec![file])
+                .map_err(|(error, _)| error)
+                .unwrap();
+            engine.use_discard_helper().unwrap();
+            Box::new(engine)
+        }
+    };
     write_discard_read(engine.as_mut(), 0, 8 << 20);
+    assert_eq!(engine.in_flight(), 0);
     drop(engine);
     let allocated = allocated_bytes(&backing);
     assert!(
@@ -322,7 +342,7 @@ fn discard_reaches_a_block_device(choice: EngineChoice, test: &str) {
 #[test]
 fn io_uring_discard_reaches_a_loop_device_as_punched_holes() {
     discard_reaches_a_block_device(
-        EngineChoice::Auto,
+        Made::Open(EngineChoice::Auto),
         "io_uring_discard_reaches_a_loop_device_as_punched_holes",
     );
 }
@@ -330,7 +350,15 @@ fn io_uring_discard_reaches_a_loop_device_as_punched_holes() {
 #[test]
 fn thread_pool_discard_reaches_a_loop_device_as_punched_holes() {
     discard_reaches_a_block_device(
-        EngineChoice::ThreadPool,
+        Made::Open(EngineChoice::ThreadPool),
         "thread_pool_discard_reaches_a_loop_device_as_punched_holes",
+    );
+}
+
+#[test]
+fn io_uring_without_the_block_discard_command_discards_through_its_helper_thread() {
+    discard_reaches_a_block_device(
+        Made::UringWithHelper,
+        "io_uring_without_the_block_discard_command_discards_through_its_helper_thread",
     );
 }

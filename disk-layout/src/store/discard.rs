@@ -15,8 +15,9 @@
 //! segments that writes may need next: the free list never falls to the
 //! cleaner's watermark for a discard (a segment about to be rewritten needs
 //! none; the one that stays free is what the device should hear of). A device that
-//! refuses discards (EOPNOTSUPP, EINVAL, ENOTTY: no support, or a kernel
-//! without io_uring's block discard) turns them off for this open, with the
+//! refuses discards (EOPNOTSUPP, EINVAL, ENOTTY: no support; a kernel
+//! without io_uring's block discard command is the engine's business, which
+//! sends them through a helper thread) turns them off for this open, with the
 //! reason logged once; another error is counted and logged, and the
 //! segments go back to the free list undiscarded. A crash between a
 //! segment's freeing and its discard costs nothing: every open queues every
@@ -168,8 +169,8 @@ impl Store {
                 tracing::warn!(
                     disk = %self.config.disk_name,
                     errno,
-                    "the device refused a discard (no discard support, or a kernel before 6.12 without io_uring's \
-                     block discard); discards are off for this disk until it is opened again"
+                    "the device refused a discard (it has no discard support); discards are off for this disk \
+                     until it is opened again"
                 );
             }
             Err(fault) => {
