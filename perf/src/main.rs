@@ -77,6 +77,9 @@ enum Bench {
         /// Only the discard cycle (off, then on).
         #[arg(long)]
         discards_only: bool,
+        /// Only the index memory of sequential, random and mixed fills.
+        #[arg(long)]
+        index_only: bool,
         /// Where to write the JSON result.
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
@@ -385,6 +388,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             repeats,
             quick,
             discards_only,
+            index_only,
             out,
         } => {
             let (size, seconds, repeats) = if quick {
@@ -392,7 +396,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             } else {
                 (size, seconds, repeats)
             };
-            engine(&size, seconds, repeats, discards_only, &out)
+            engine(&size, seconds, repeats, (discards_only, index_only), &out)
         }
         Bench::Nbd {
             size,
@@ -635,6 +639,8 @@ struct EngineReport {
     /// Discards (issue 27): the same fill, overwrite and delete with
     /// discards off and on (`measure_discards`).
     discards: Vec<DiscardRun>,
+    /// Index memory per kind of fill (issue 27).
+    index: Vec<IndexFill>,
     device_bytes: u64,
     seconds: u64,
     repeats: usize,
@@ -656,6 +662,87 @@ struct DiscardRun {
     /// (file fully written) and after it (what the discards left).
     raw_randwrite_before_iops: f64,
     raw_randwrite_after_iops: f64,
+}
+
+/// Index memory after one kind of fill.
+#[derive(Clone, Debug, Default, Serialize)]
+struct IndexFill {
+    fill: &'static str,
+    data_mib: f64,
+    index_bytes: u64,
+    /// Index bytes per byte of data held, in percent.
+    percent_of_data: f64,
+}
+
+/// The in-memory index's size per data held after three fills of their own
+/// volume, each a quarter of the disk's capacity: sequential (1 MiB writes
+/// in order), random (4 KiB writes at random over the quarter, as many as
+/// it has blocks: about 63 % of it ends up written) and mixed (the quarter
+/// written in order, then a quarter of its blocks overwritten at random).
+fn measure_index(size_bytes: u64) -> Result<Vec<IndexFill>> {
+    let target = target(size_bytes)?;
+    let (_data, engine) = start_ballast(&target, 300)?;
+    let quarter = (engine_bench::capacity_blocks(&engine, 0)? / 4) & !255;
+    let index_bytes = |engine: &Engine| -> Result<u64> { Ok(engine.query(0, disk_layout::Store::index_memory_bytes)?) };
+    let mut fills = Vec::new();
+    for (volume, fill) in [(1u64, "sequential"), (2, "random 4 KiB"), (3, "mixed")] {
+        let before = index_bytes(&engine)?;
+        match volume {
+            1 => engine_bench::fill(&engine, 0, volume, quarter)?,
+            2 => {
+                engine_bench::run_requests(&engine, 0, volume, quarter, 32, quarter, Pattern::RandomWrite, 11)?;
+            }
+            _ => {
+                engine_bench::fill(&engine, 0, volume, quarter)?;
+                engine_bench::run_requests(&engine, 0, volume, quarter, 32, quarter / 4, Pattern::RandomWrite, 12)?;
+            }
+        }
+        let bytes = index_bytes(&engine)? - before;
+        let data = engine.query(0, move |store| store.volume_used_blocks(volume))? * 4096;
+        let run = IndexFill {
+            fill,
+            data_mib: data as f64 / f64::from(1 << 20),
+            index_bytes: bytes,
+            percent_of_data: bytes as f64 * 100.0 / data.max(1) as f64,
+        };
+        eprintln!("index after a {fill} fill: {run:?}");
+        fills.push(run);
+    }
+    engine.shutdown();
+    Ok(fills)
+}
+
+/// The index table (empty without fills).
+fn index_table(fills: &[IndexFill]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    if fills.is_empty() {
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\nIn-memory index per data held (each fill a quarter of the disk's capacity, its own volume):"
+    );
+    let _ = writeln!(out, "| fill | data | index | index / data | target |");
+    let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
+    for fill in fills {
+        let target = if fill.fill == "sequential" {
+            "<= 0.05 %"
+        } else if fill.fill == "mixed" {
+            ""
+        } else {
+            "<= 0.2 %"
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {:.0} MiB | {:.0} KiB | {:.3} % | {target} |",
+            fill.fill,
+            fill.data_mib,
+            fill.index_bytes as f64 / 1024.0,
+            fill.percent_of_data
+        );
+    }
+    out
 }
 
 /// Longest wait for the idle store to discard a deleted volume's segments.
@@ -750,7 +837,8 @@ fn measure_discards(size_bytes: u64, seconds: u64) -> Result<Vec<DiscardRun>> {
     Ok(runs)
 }
 
-fn engine(size: &str, seconds: u64, repeats: usize, discards_only: bool, out: &Path) -> Result<Vec<chart::Bar>> {
+fn engine(size: &str, seconds: u64, repeats: usize, only: (bool, bool), out: &Path) -> Result<Vec<chart::Bar>> {
+    let (discards_only, index_only) = only;
     let size_bytes = node::size::parse_size(size)?;
     let target = target(size_bytes)?;
     let mut report = EngineReport {
@@ -759,6 +847,16 @@ fn engine(size: &str, seconds: u64, repeats: usize, discards_only: bool, out: &P
         repeats,
         ..EngineReport::default()
     };
+    if index_only {
+        report.index = measure_index(size_bytes)?;
+        print!("{}", index_table(&report.index));
+        std::fs::create_dir_all(out)?;
+        std::fs::write(
+            out.join("engine-index.json"),
+            serde_json::to_string_pretty(&report.index)?,
+        )?;
+        return Ok(Vec::new());
+    }
     if discards_only {
         report.discards = measure_discards(size_bytes, seconds)?;
         print!("{}", discard_table(&report.discards));
@@ -842,6 +940,7 @@ fn engine(size: &str, seconds: u64, repeats: usize, discards_only: bool, out: &P
         engine.shutdown();
     }
     report.discards = measure_discards(size_bytes, seconds)?;
+    report.index = measure_index(size_bytes)?;
     let table = engine_table(&report);
     print!("{table}");
     std::fs::create_dir_all(out)?;
@@ -1008,6 +1107,7 @@ fn engine_table(report: &EngineReport) -> String {
         report.background_moved_per_volume_block.median()
     );
     out.push_str(&discard_table(&report.discards));
+    out.push_str(&index_table(&report.index));
     out
 }
 

@@ -231,6 +231,12 @@ impl Store {
         }
     }
 
+    /// Memory the in-memory index holds, in bytes (`Index::memory_bytes`).
+    #[must_use]
+    pub fn index_memory_bytes(&self) -> u64 {
+        self.index.memory_bytes()
+    }
+
     /// Blocks of `volume_id` that hold data (thin provisioning: written only).
     #[must_use]
     pub fn volume_used_blocks(&self, volume_id: u64) -> u64 {
