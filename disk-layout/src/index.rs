@@ -425,7 +425,7 @@ mod tests {
             index.volume_mut(1).set(
                 lba,
                 Entry {
-                    address: 1 + lba as u32,
+                    address: 1 + u32::try_from(lba).unwrap(),
                     crc: 1,
                 },
             );
