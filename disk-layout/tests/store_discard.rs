@@ -48,6 +48,17 @@ fn fill_then_delete(h: &mut Harness) -> usize {
     panic!("seed={}: the delete was not acknowledged", h.seed);
 }
 
+/// Writes all of volume 1 (again), then checks every block of every volume.
+fn rewrite_and_verify(h: &mut Harness) {
+    for lba in (0..LBA_RANGE).step_by(256) {
+        h.write(1, lba, 256);
+        h.step();
+    }
+    h.settle();
+    h.verify_all_blocks();
+    assert!(h.errors.is_empty(), "{:?}", h.errors);
+}
+
 /// Segments of the disk whose every byte reads as zero.
 fn zeroed_segments(h: &Harness) -> usize {
     let geometry = h.store.superblock().geometry;
@@ -91,13 +102,7 @@ fn segments_freed_by_a_delete_are_discarded_on_an_idle_store() {
     // What was not deleted is intact.
     h.verify_all_blocks();
     // And the discarded segments take new data.
-    for lba in (0..LBA_RANGE).step_by(256) {
-        h.write(1, lba, 256);
-        h.step();
-    }
-    h.settle();
-    h.verify_all_blocks();
-    assert!(h.errors.is_empty(), "{:?}", h.errors);
+    rewrite_and_verify(&mut h);
 }
 
 #[test]
@@ -170,13 +175,7 @@ fn a_device_without_discard_turns_discards_off_and_keeps_serving() {
     );
     assert_eq!(h.store.discards_waiting(), 0);
     h.settle();
-    for lba in (0..LBA_RANGE).step_by(256) {
-        h.write(1, lba, 256);
-        h.step();
-    }
-    h.settle();
-    h.verify_all_blocks();
-    assert!(h.errors.is_empty(), "{:?}", h.errors);
+    rewrite_and_verify(&mut h);
 }
 
 #[test]
@@ -196,11 +195,5 @@ fn failed_discards_are_counted_and_their_segments_are_reused() {
     assert!(h.store.discards_enabled(), "an I/O error is not a refusal");
     assert_eq!(h.store.discards_waiting(), 0, "failed runs are not retried");
     h.disk.faults.fail_discards = false;
-    for lba in (0..LBA_RANGE).step_by(256) {
-        h.write(1, lba, 256);
-        h.step();
-    }
-    h.settle();
-    h.verify_all_blocks();
-    assert!(h.errors.is_empty(), "{:?}", h.errors);
+    rewrite_and_verify(&mut h);
 }

@@ -591,8 +591,15 @@ fn write_backing_file(path: &Path, size_bytes: u64) -> Result<()> {
 }
 
 fn start_ballast(target: &Target, run: usize) -> Result<(DataDir, Engine)> {
-    let data_path = target.dir.path().join(format!("data-{run}"));
-    let data = DataDir::open(&data_path, true)?;
+    // As enrollment below: the raw runs between ours use the same file.
+    start_engine(target, &format!("data-{run}"), 0)
+}
+
+/// Enrolls the target's device into the data directory `name` (without
+/// discarding it) and starts an engine on it that discards freed segments
+/// at `discard_bytes_per_s` (0: never).
+fn start_engine(target: &Target, name: &str, discard_bytes_per_s: u64) -> Result<(DataDir, Engine)> {
+    let data = DataDir::open(&target.dir.path().join(name), true)?;
     let options = EnrollOptions {
         force: true,
         create_size_bytes: None,
@@ -607,8 +614,7 @@ fn start_ballast(target: &Target, run: usize) -> Result<(DataDir, Engine)> {
         path: target.device.path().to_owned(),
     }];
     let mut config = EngineConfig::new(*data.node.node_uuid.as_bytes());
-    // As enrollment above: the raw runs between ours use the same file.
-    config.discard_bytes_per_s = 0;
+    config.discard_bytes_per_s = discard_bytes_per_s;
     let engine = Engine::start(&disks, &config)?;
     Ok((data, engine))
 }
@@ -778,24 +784,12 @@ fn measure_discards(size_bytes: u64, seconds: u64) -> Result<Vec<DiscardRun>> {
             target.device.path(),
         )?
         .iops;
-        let data = DataDir::open(&target.dir.path().join("data-discard"), true)?;
-        let options = EnrollOptions {
-            force: true,
-            create_size_bytes: None,
-            segment_size_bytes: 8 << 20,
-            discard: false,
-        };
-        enroll(&data, target.device.path(), &options)?;
-        let mut config = EngineConfig::new(*data.node.node_uuid.as_bytes());
-        config.discard_bytes_per_s = if discards {
+        let rate = if discards {
             node::engine::DISCARD_BYTES_PER_S_DEFAULT
         } else {
             0
         };
-        let disks = vec![DiskSpec {
-            path: target.device.path().to_owned(),
-        }];
-        let engine = Engine::start(&disks, &config)?;
+        let (_data, engine) = start_engine(&target, "data-discard", rate)?;
         let blocks = engine_bench::capacity_blocks(&engine, 0)? * 80 / 100;
         engine_bench::fill(&engine, 0, 1, blocks)?;
         engine_bench::run_requests(&engine, 0, 1, blocks, 32, blocks, Pattern::RandomWrite, 7)?;
