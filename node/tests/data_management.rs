@@ -62,6 +62,8 @@ fn a_volume_uses_space_only_for_written_data_and_a_trim_gives_it_back() {
     // plain file) gets them punched out of its backing file, whose
     // allocation falls back to about the live data once the idle store's
     // checkpoints have freed the dead segments.
+    let status = node.cli_ok(&["node", "status"]);
+    assert!(status.contains("discard on"), "{status}");
     let backing = node.dir.path().join("disk0.img");
     let allocated = || {
         use std::os::unix::fs::MetadataExt;

@@ -247,6 +247,9 @@ pub struct DiskStatus {
     /// after the node restarts, then safe to detach) or "drain failed".
     #[serde(default)]
     pub state: String,
+    /// "on", or "off: why" (freed segments told to the device, or not).
+    #[serde(default)]
+    pub discard: String,
 }
 
 /// GET /v1/node.

@@ -228,8 +228,13 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
                 } else {
                     format!(", {}", disk.state)
                 };
+                let discard = if disk.discard.is_empty() {
+                    String::new()
+                } else {
+                    format!(", discard {}", disk.discard)
+                };
                 println!(
-                    "disk {} {}: {} of {} used ({}{state})",
+                    "disk {} {}: {} of {} used ({}{discard}{state})",
                     disk.path,
                     disk.disk_uuid,
                     format_size(disk.used_bytes),

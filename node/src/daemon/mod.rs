@@ -243,8 +243,18 @@ fn node_status(node_uuid: uuid::Uuid, cluster: &Cluster, engine: &Engine, volume
         .iter()
         .enumerate()
         .map(|(index, disk)| {
-            let space = engine.query(index, |store| store.space()).ok();
+            let (space, discarding) = engine
+                .query(index, |store| (store.space(), store.discards_enabled()))
+                .ok()
+                .unzip();
+            let discard = match (discarding, &disk.discard_off) {
+                (Some(true), _) => "on".to_owned(),
+                (_, Some(why)) => format!("off: {why}"),
+                (Some(false), None) => "off: the device refused a discard".to_owned(),
+                (None, None) => String::new(),
+            };
             DiskStatus {
+                discard,
                 path: disk.path.display().to_string(),
                 disk_uuid: uuid::Uuid::from_bytes(disk.disk_uuid),
                 engine: disk.engine_kind.to_owned(),

@@ -187,6 +187,9 @@ pub struct OpenedDisk {
     pub engine_kind: &'static str,
     /// Replay ended at a damaged batch (`Store::replay_ended_at_damage`).
     pub damaged_tail: bool,
+    /// Why freed segments are not discarded, when that was known at open
+    /// (the node's rate is 0, or the device has no discard support).
+    pub discard_off: Option<String>,
 }
 
 /// Handle to the running engine.
@@ -498,7 +501,7 @@ fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<Open
             path: disk.path.display().to_string(),
             reason: error.to_string(),
         })?;
-        discards.push(discard_bytes_per_interval(&opened, config.discard_bytes_per_s));
+        discards.push(discard_setting(&opened, config.discard_bytes_per_s));
         files.push(opened.file);
     }
     let mut engine = kernel_iface::open_engine(files, config.choice).map_err(|error| EngineError::Open {
@@ -516,7 +519,7 @@ fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<Open
         let mut store_config = StoreConfig::new(name.clone(), Some(config.node_uuid), open_nonce());
         store_config.pipeline_depth = config.pipeline_depth;
         store_config.checkpoint_interval_blocks = config.checkpoint_interval_blocks;
-        store_config.discard_bytes_per_interval = discards[file];
+        store_config.discard_bytes_per_interval = discards[file].0;
         let mut io = disk_io::DiskIo {
             engine: engine.as_mut(),
             file: u32::try_from(file).expect("few disks per reactor"),
@@ -532,6 +535,7 @@ fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<Open
                 disk_uuid: store.superblock().disk_uuid,
                 engine_kind: engine.kind(),
                 damaged_tail: store.replay_ended_at_damage(),
+                discard_off: discards[file].1.clone(),
             },
         ));
         stores.push(store);
@@ -540,16 +544,17 @@ fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<Open
 }
 
 /// The store's discard pace for one disk: the node's rate per interval, or
-/// 0 (logged) when the device cannot take discards.
-fn discard_bytes_per_interval(opened: &kernel_iface::device::OpenedDevice, bytes_per_s: u64) -> u64 {
+/// 0 and why (logged) when the node's rate is 0 or the device cannot take
+/// discards.
+fn discard_setting(opened: &kernel_iface::device::OpenedDevice, bytes_per_s: u64) -> (u64, Option<String>) {
     if bytes_per_s == 0 {
-        return 0;
+        return (0, Some("discard_mib_per_s is 0".into()));
     }
     if let Some(reason) = kernel_iface::device::discard_unsupported_reason(opened) {
         tracing::info!(disk = %opened.path.display(), %reason, "freed space will not be discarded");
-        return 0;
+        return (0, Some(reason));
     }
-    (bytes_per_s * reactor::TICK_INTERVAL_MS / 1000).max(1)
+    ((bytes_per_s * reactor::TICK_INTERVAL_MS / 1000).max(1), None)
 }
 
 /// A fresh random value per store open (see the batch header's open_nonce).
