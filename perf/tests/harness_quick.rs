@@ -60,8 +60,31 @@ fn the_engine_benchmark_runs_quick_and_writes_its_json_ratio_table_and_chart() {
             "{amplification} = {value}: every user block is written at least once"
         );
     }
+    // Discards off, then on: only with them does the backing file shrink after the delete.
+    let discards = report["discards"]
+        .as_array()
+        .unwrap_or_else(|| panic!("discards in {report:#}"));
+    assert_eq!(discards.len(), 2, "{report:#}");
+    let (off, on) = (&discards[0], &discards[1]);
+    assert_eq!(
+        off["allocated_after_delete_mib"], off["allocated_full_mib"],
+        "{report:#}"
+    );
+    assert!(
+        on["allocated_after_delete_mib"].as_f64().unwrap() < on["allocated_full_mib"].as_f64().unwrap() / 2.0,
+        "{report:#}"
+    );
+    let index = report["index"]
+        .as_array()
+        .unwrap_or_else(|| panic!("index in {report:#}"));
+    assert_eq!(index.len(), 3, "sequential, random and mixed fills: {report:#}");
+    assert!(
+        index.iter().all(|fill| fill["percent_of_data"].as_f64().unwrap() > 0.0),
+        "{report:#}"
+    );
     let table = std::fs::read_to_string(out.path().join("engine.md")).unwrap();
     assert!(table.contains("| random write IOPS"), "{table}");
+    assert!(table.contains("| on |") && table.contains("| sequential |"), "{table}");
     assert!(
         table.contains("after the idle store's background re-sequencing"),
         "{table}"
