@@ -328,11 +328,14 @@ impl SimDisk {
                 len_bytes,
             } = queued.request.op
             {
-                let (Ok(start), Ok(len)) = (usize::try_from(offset_bytes), usize::try_from(len_bytes)) else {
+                let Some(range) = usize::try_from(len_bytes)
+                    .ok()
+                    .and_then(|len| self.range(offset_bytes, len).ok())
+                else {
                     continue;
                 };
-                if start + len <= image.len() && rng.below(2) == 0 {
-                    image[start..start + len].fill(0);
+                if rng.below(2) == 0 {
+                    image[range].fill(0);
                 }
             }
         }

@@ -10,6 +10,7 @@
 mod common;
 
 use common::{test_config, Harness};
+use disk_layout::geometry::Geometry;
 use disk_layout::{Store, StoreConfig};
 
 const DISK_BYTES: usize = 64 << 20;
@@ -64,7 +65,7 @@ fn zeroed_segments(h: &Harness) -> usize {
     let geometry = h.store.superblock().geometry;
     (0..geometry.segment_count)
         .filter(|&segment| {
-            let offset = geometry.segments_offset_bytes + u64::from(segment) * geometry.segment_size_bytes;
+            let offset = Geometry::address_bytes(geometry.block_address(segment, 0));
             h.disk.is_zero(offset as usize, geometry.segment_size_bytes as usize)
         })
         .count()

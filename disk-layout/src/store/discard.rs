@@ -36,6 +36,7 @@
 
 use super::{token, Store};
 use crate::error::IoFault;
+use crate::geometry::Geometry;
 use crate::io::{BlockIo, IoOp, IoRequest};
 
 /// Consecutive segments in one discard request, at most.
@@ -141,14 +142,10 @@ impl Store {
         io.submit(IoRequest {
             token: token(super::KIND_DISCARD, self.discards.requests),
             op: IoOp::Discard {
-                offset_bytes: self.segment_offset_bytes(first),
+                offset_bytes: Geometry::address_bytes(self.geometry.block_address(first, 0)),
                 len_bytes,
             },
         });
-    }
-
-    fn segment_offset_bytes(&self, segment: u32) -> u64 {
-        self.geometry.segments_offset_bytes + u64::from(segment) * self.geometry.segment_size_bytes
     }
 
     pub(super) fn on_discard_done(&mut self, io: &mut impl BlockIo, result: Result<(), IoFault>) {
@@ -178,7 +175,7 @@ impl Store {
                 if self.stats.discard_failures % FAILURE_LOG_EVERY == 1 {
                     tracing::warn!(
                         disk = %self.config.disk_name,
-                        offset_bytes = self.segment_offset_bytes(first),
+                        offset_bytes = Geometry::address_bytes(self.geometry.block_address(first, 0)),
                         len_bytes,
                         %fault,
                         failures = self.stats.discard_failures,
