@@ -11,9 +11,9 @@
 //! Header block (first 4096 bytes of a slot):
 //! ```text
 //! offset size field
-//!      0    8 magic "BLSTCKPT"
+//!      0    8 magic "BLSTCKP2" (payload format 1: "BLSTCKPT", read only)
 //!      8    4 crc32c of the 4096-byte block with this field zeroed
-//!     12    4 zero
+//!     12    4 payload_format = 2 (zero with the old magic: format 1)
 //!     16    8 checkpoint_sequence (+1 per checkpoint)
 //!     24    8 log_sequence: sequence of the first batch replay expects
 //!     32    4 log_previous_crc: header crc of the batch before it
@@ -27,27 +27,43 @@
 //!     72 4024 zero
 //! ```
 //!
-//! Payload (starts at the slot's second block):
+//! Payload format 2 (starts at the slot's second block):
 //! ```text
 //! segment_count x u64   last batch sequence written in each segment (0 = never)
 //! volume_count x {
-//!     u64 volume_id, u64 mapping_count | SHARED, u64 epoch_max, u64 volume_sequence_max
+//!     u64 volume_id, u64 run_count | SHARED, u64 epoch_max, u64 volume_sequence_max
 //!         (SHARED = bit 63: the volume was cloned or is a clone, and may map
 //!         disk blocks that other shared volumes map too)
-//!     mapping_count x { u64 lba, u32 address, u32 crc }   (lba ascending)
+//!     run_count x {         (lba ascending, runs do not overlap)
+//!         u64 head: lba (bits 0..40) | len - 1 (bits 40..50, len <= 1024)
+//!                   | address bits 32..40 (bits 50..58) | zero (58..64)
+//!         u32 address bits 0..32: block lba + i lives at address + i
+//!             (0xFF_FFFF_FFFF: a bad block, len 1)
+//!         len x u32 crc     crc32c of each block's data
+//!     }
 //! }
 //! ```
+//! A run costs 12 bytes plus 4 per block, so a block costs at most 16 bytes
+//! (a run of one), as a mapping of format 1 did: slots sized for format 1
+//! hold format 2. Format 1 had `mapping_count x { u64 lba, u32 address
+//! (0xFFFFFFFF = bad), u32 crc }` in place of the runs.
 
 use crate::codec::{crc32c_with_hole, get_u32, get_u64, put_u32, put_u64};
 use crate::error::FormatError;
 use crate::geometry::BLOCK_BYTES;
 use crate::index::{Entry, Index, VolumeIndex, ADDRESS_UNMAPPED};
 
-pub const CHECKPOINT_MAGIC: [u8; 8] = *b"BLSTCKPT";
+/// Magic of a checkpoint header of payload format 1 (read, never written).
+pub const CHECKPOINT_MAGIC_V1: [u8; 8] = *b"BLSTCKPT";
+/// Magic of the headers written now; their payload format is at offset 12.
+/// A new magic, so that a ballast that reads only format 1 finds no valid
+/// checkpoint in a slot of format 2 rather than misreading it.
+pub const CHECKPOINT_MAGIC: [u8; 8] = *b"BLSTCKP2";
 
 const MAGIC: usize = 0;
 const CRC: usize = MAGIC + 8;
-const SEQUENCE: usize = CRC + 8;
+const PAYLOAD_FORMAT_AT: usize = CRC + 4;
+const SEQUENCE: usize = PAYLOAD_FORMAT_AT + 4;
 const LOG_SEQUENCE: usize = SEQUENCE + 8;
 const LOG_PREVIOUS_CRC: usize = LOG_SEQUENCE + 8;
 const LOG_SEGMENT: usize = LOG_PREVIOUS_CRC + 4;
@@ -86,6 +102,8 @@ pub struct CheckpointHeader {
     pub payload_crc: u32,
     pub segment_count: u32,
     pub volume_count: u64,
+    /// 1 or 2 (`PAYLOAD_FORMAT`, the one written).
+    pub payload_format: u32,
 }
 
 impl CheckpointHeader {
@@ -93,7 +111,12 @@ impl CheckpointHeader {
     #[must_use]
     pub fn encode(&self) -> [u8; CHECKPOINT_HEADER_BYTES] {
         let mut block = [0u8; CHECKPOINT_HEADER_BYTES];
+        assert_eq!(
+            self.payload_format, PAYLOAD_FORMAT,
+            "only the current format is written"
+        );
         block[MAGIC..MAGIC + 8].copy_from_slice(&CHECKPOINT_MAGIC);
+        put_u32(&mut block, PAYLOAD_FORMAT_AT, self.payload_format);
         put_u64(&mut block, SEQUENCE, self.checkpoint_sequence);
         put_u64(&mut block, LOG_SEQUENCE, self.log.sequence);
         put_u32(&mut block, LOG_PREVIOUS_CRC, self.log.previous_crc);
@@ -113,7 +136,8 @@ impl CheckpointHeader {
     pub fn decode(block: &[u8]) -> Result<Self, FormatError> {
         assert!(block.len() >= CHECKPOINT_HEADER_BYTES);
         let block = &block[..CHECKPOINT_HEADER_BYTES];
-        if block[MAGIC..MAGIC + 8] != CHECKPOINT_MAGIC {
+        let magic = &block[MAGIC..MAGIC + 8];
+        if magic != CHECKPOINT_MAGIC && magic != CHECKPOINT_MAGIC_V1 {
             return Err(FormatError::BadMagic);
         }
         let stored = get_u32(block, CRC);
@@ -125,7 +149,20 @@ impl CheckpointHeader {
                 computed,
             });
         }
+        let payload_format = if magic == CHECKPOINT_MAGIC_V1 {
+            1
+        } else {
+            get_u32(block, PAYLOAD_FORMAT_AT)
+        };
+        if !(1..=PAYLOAD_FORMAT).contains(&payload_format) {
+            return Err(FormatError::UnsupportedVersion {
+                found: payload_format,
+                supported: PAYLOAD_FORMAT,
+                ballast: env!("CARGO_PKG_VERSION"),
+            });
+        }
         Ok(Self {
+            payload_format,
             checkpoint_sequence: get_u64(block, SEQUENCE),
             log: LogPosition {
                 sequence: get_u64(block, LOG_SEQUENCE),
@@ -142,23 +179,65 @@ impl CheckpointHeader {
     }
 }
 
+/// Payload format written: runs with 40-bit addresses (see the module's
+/// documentation). Format 1 (a mapping per block, 32-bit addresses) is read.
+pub const PAYLOAD_FORMAT: u32 = 2;
+/// Longest run of a format 2 payload (len - 1 takes 10 bits).
+const RUN_BLOCKS_MAX: usize = 1024;
+const RUN_HEAD_BYTES: usize = 12;
+const LBA_BITS: u32 = 40;
+const RUN_LEN_SHIFT: u32 = LBA_BITS;
+const RUN_ADDRESS_HIGH_SHIFT: u32 = RUN_LEN_SHIFT + 10;
+const _: () = assert!(RUN_BLOCKS_MAX == 1 << (RUN_ADDRESS_HIGH_SHIFT - RUN_LEN_SHIFT));
+const _: () = assert!(crate::LBA_LIMIT == 1 << LBA_BITS);
+
+/// Bits 0..32 of `value`.
+pub(crate) fn low_32(value: u64) -> u32 {
+    u32::try_from(value & 0xFFFF_FFFF).expect("masked to 32 bits")
+}
+
+/// Calls `each(first_lba, entries)` for every run of `volume`: blocks at
+/// consecutive LBAs whose data lies at consecutive addresses (a bad block
+/// is a run of its own), at most `RUN_BLOCKS_MAX` long, in LBA order.
+fn for_each_run(volume: &VolumeIndex, mut each: impl FnMut(u64, &[Entry])) {
+    let mut first = 0;
+    let mut run: Vec<Entry> = Vec::with_capacity(RUN_BLOCKS_MAX);
+    for (lba, entry) in volume.iter() {
+        let continues = run.last().is_some_and(|last| {
+            first + run.len() as u64 == lba
+                && last.is_data()
+                && entry.is_data()
+                && last.address + 1 == entry.address
+                && run.len() < RUN_BLOCKS_MAX
+        });
+        if !continues {
+            if !run.is_empty() {
+                each(first, &run);
+            }
+            run.clear();
+            first = lba;
+        }
+        run.push(entry);
+    }
+    if !run.is_empty() {
+        each(first, &run);
+    }
+}
+
 /// Bytes the payload of `index` with `segment_count` segments takes.
 #[must_use]
 pub fn payload_len(index: &Index, segment_count: u32) -> usize {
     let mut len = segment_count as usize * 8;
     for id in index.volume_ids() {
         let volume = index.volume(id).expect("listed");
-        len += VOLUME_HEADER_BYTES + mapped_count(volume) * MAPPING_BYTES;
+        len += VOLUME_HEADER_BYTES;
+        for_each_run(volume, |_, entries| len += RUN_HEAD_BYTES + 4 * entries.len());
     }
     len
 }
 
-fn mapped_count(volume: &VolumeIndex) -> usize {
-    usize::try_from(volume.used_blocks()).expect("fits in memory")
-}
-
-/// Encodes the payload into `out` (at least `payload_len` bytes) and returns
-/// (bytes written, crc, volume count).
+/// Encodes the payload (format `PAYLOAD_FORMAT`) into `out` (at least
+/// `payload_len` bytes) and returns (bytes written, crc, volume count).
 pub fn encode_payload(index: &Index, segment_last_sequence: &[u64], out: &mut [u8]) -> (usize, u32, u64) {
     let mut at = 0;
     for sequence in segment_last_sequence {
@@ -168,18 +247,28 @@ pub fn encode_payload(index: &Index, segment_last_sequence: &[u64], out: &mut [u
     let ids = index.volume_ids();
     for id in &ids {
         let volume = index.volume(*id).expect("listed");
+        let header_at = at;
         put_u64(out, at, *id);
-        let shared = if volume.is_shared() { SHARED_FLAG } else { 0 };
-        put_u64(out, at + 8, volume.used_blocks() | shared);
         put_u64(out, at + 16, volume.epoch_max);
         put_u64(out, at + 24, volume.volume_sequence_max);
         at += VOLUME_HEADER_BYTES;
-        for (lba, entry) in volume.iter() {
-            put_u64(out, at, lba);
-            put_u32(out, at + 8, entry.address);
-            put_u32(out, at + 12, entry.crc);
-            at += MAPPING_BYTES;
-        }
+        let mut runs = 0u64;
+        for_each_run(volume, |lba, entries| {
+            let address = entries[0].address;
+            debug_assert!(lba < crate::LBA_LIMIT && address <= crate::index::ADDRESS_BAD);
+            let head =
+                lba | ((entries.len() as u64 - 1) << RUN_LEN_SHIFT) | ((address >> 32) << RUN_ADDRESS_HIGH_SHIFT);
+            put_u64(out, at, head);
+            put_u32(out, at + 8, low_32(address));
+            at += RUN_HEAD_BYTES;
+            for entry in entries {
+                put_u32(out, at, entry.crc);
+                at += 4;
+            }
+            runs += 1;
+        });
+        let shared = if volume.is_shared() { SHARED_FLAG } else { 0 };
+        put_u64(out, header_at + 8, runs | shared);
     }
     (at, crc32c::crc32c(&out[..at]), ids.len() as u64)
 }
@@ -190,12 +279,13 @@ pub struct DecodedPayload {
     pub segment_last_sequence: Vec<u64>,
 }
 
-/// Decodes a payload whose crc was already checked. `address_ok` says
-/// whether a mapped address lies inside the disk's segments.
+/// Decodes a payload whose crc was already checked (format 1 or 2, as its
+/// header says). `address_ok` says whether a mapped address lies inside
+/// the disk's segments.
 pub fn decode_payload(
     header: &CheckpointHeader,
     payload: &[u8],
-    address_ok: impl Fn(u32) -> bool,
+    address_ok: impl Fn(u64) -> bool,
 ) -> Result<DecodedPayload, FormatError> {
     let bad = |what: &'static str, value: u64| FormatError::BadField { what, value };
     let len =
@@ -231,25 +321,61 @@ pub fn decode_payload(
         volume.volume_sequence_max = get_u64(payload, at + 24);
         at += VOLUME_HEADER_BYTES;
         let count_usize = usize::try_from(count).map_err(|_| bad("checkpoint mapping_count", count))?;
-        if count_usize > (payload.len() - at) / MAPPING_BYTES {
+        let smallest = if header.payload_format == 1 {
+            MAPPING_BYTES
+        } else {
+            RUN_HEAD_BYTES + 4
+        };
+        if count_usize > (payload.len() - at) / smallest {
             return Err(bad("checkpoint mapping_count", count));
         }
-        let mut previous_lba = None;
+        // The first LBA the next mapping or run may start at.
+        let mut next_lba = 0;
         for _ in 0..count {
-            let lba = get_u64(payload, at);
-            let entry = Entry {
-                address: get_u32(payload, at + 8),
-                crc: get_u32(payload, at + 12),
+            let (lba, blocks, address, crcs_at, size) = if header.payload_format == 1 {
+                if at + MAPPING_BYTES > payload.len() {
+                    return Err(bad("checkpoint mapping_count", count));
+                }
+                let address = match get_u32(payload, at + 8) {
+                    u32::MAX => crate::index::ADDRESS_BAD,
+                    address => u64::from(address),
+                };
+                (get_u64(payload, at), 1, address, at + 12, MAPPING_BYTES)
+            } else {
+                if at + RUN_HEAD_BYTES > payload.len() {
+                    return Err(bad("checkpoint mapping_count", count));
+                }
+                let head = get_u64(payload, at);
+                if head >> (RUN_ADDRESS_HIGH_SHIFT + 8) != 0 {
+                    return Err(bad("checkpoint run head", head));
+                }
+                let blocks = ((head >> RUN_LEN_SHIFT) & (RUN_BLOCKS_MAX as u64 - 1)) + 1;
+                let address = ((head >> RUN_ADDRESS_HIGH_SHIFT) << 32) | u64::from(get_u32(payload, at + 8));
+                let size = RUN_HEAD_BYTES + 4 * usize::try_from(blocks).expect("at most 1024");
+                if at + size > payload.len() {
+                    return Err(bad("checkpoint run length", blocks));
+                }
+                (head & ((1 << LBA_BITS) - 1), blocks, address, at + RUN_HEAD_BYTES, size)
             };
-            at += MAPPING_BYTES;
-            if previous_lba.is_some_and(|previous| previous >= lba) {
+            if lba < next_lba {
                 return Err(bad("checkpoint mapping order", lba));
             }
-            previous_lba = Some(lba);
-            if entry.address == ADDRESS_UNMAPPED || (entry.is_data() && !address_ok(entry.address)) {
-                return Err(bad("checkpoint mapping address", u64::from(entry.address)));
+            next_lba = lba
+                .checked_add(blocks)
+                .ok_or_else(|| bad("checkpoint mapping lba", lba))?;
+            let data = address != crate::index::ADDRESS_BAD;
+            if address == ADDRESS_UNMAPPED
+                || (!data && blocks != 1)
+                || (data && !(address_ok(address) && address_ok(address + blocks - 1)))
+            {
+                return Err(bad("checkpoint mapping address", address));
             }
-            volume.set(lba, entry);
+            for offset in 0..blocks {
+                let crc = get_u32(payload, crcs_at + 4 * usize::try_from(offset).expect("at most 1024"));
+                let address = if data { address + offset } else { address };
+                volume.set(lba + offset, Entry { address, crc });
+            }
+            at += size;
         }
     }
     if at != payload.len() {
@@ -280,6 +406,7 @@ mod tests {
             payload_crc,
             segment_count,
             volume_count,
+            payload_format: PAYLOAD_FORMAT,
         }
     }
 
@@ -295,12 +422,159 @@ mod tests {
         }
     }
 
+    /// A payload in format 1 (a mapping per block, 32-bit addresses), as
+    /// ballast wrote it before format 2.
+    fn encode_format_1(index: &Index, segments: &[u64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for sequence in segments {
+            out.extend_from_slice(&sequence.to_le_bytes());
+        }
+        for id in index.volume_ids() {
+            let volume = index.volume(id).unwrap();
+            out.extend_from_slice(&id.to_le_bytes());
+            let shared = if volume.is_shared() { SHARED_FLAG } else { 0 };
+            out.extend_from_slice(&(volume.used_blocks() | shared).to_le_bytes());
+            out.extend_from_slice(&volume.epoch_max.to_le_bytes());
+            out.extend_from_slice(&volume.volume_sequence_max.to_le_bytes());
+            for (lba, entry) in volume.iter() {
+                let address = if entry.address == crate::index::ADDRESS_BAD {
+                    u32::MAX
+                } else {
+                    u32::try_from(entry.address).unwrap()
+                };
+                out.extend_from_slice(&lba.to_le_bytes());
+                out.extend_from_slice(&address.to_le_bytes());
+                out.extend_from_slice(&entry.crc.to_le_bytes());
+            }
+        }
+        out
+    }
+
+    fn sample_index() -> Index {
+        let mut index = Index::default();
+        let volume = index.volume_mut(7);
+        volume.epoch_max = 3;
+        volume.volume_sequence_max = 99;
+        for lba in 0..600 {
+            volume.set(
+                lba,
+                Entry {
+                    address: 5000 + lba,
+                    crc: 1 + u32::try_from(lba).unwrap(),
+                },
+            );
+        }
+        volume.set(700, Entry::BAD);
+        volume.set(701, Entry::BAD);
+        volume.set(702, Entry { address: 100, crc: 9 });
+        index.mark_shared(7);
+        index
+    }
+
+    fn listing(index: &Index) -> Vec<(u64, u64, Entry)> {
+        index
+            .volume_ids()
+            .into_iter()
+            .flat_map(|id| {
+                index
+                    .volume(id)
+                    .unwrap()
+                    .iter()
+                    .map(move |(lba, entry)| (id, lba, entry))
+            })
+            .collect()
+    }
+
+    fn resealed(mut block: [u8; CHECKPOINT_HEADER_BYTES]) -> [u8; CHECKPOINT_HEADER_BYTES] {
+        let crc = crc32c_with_hole(&block, CRC);
+        put_u32(&mut block, CRC, crc);
+        block
+    }
+
+    #[test]
+    fn checkpoints_of_payload_format_1_are_still_read() {
+        let index = sample_index();
+        let payload = encode_format_1(&index, &[4, 5]);
+        let mut h = header(&payload, 0, 1, 2);
+        h.payload_format = 1;
+        let decoded = decode_payload(&h, &payload, |_| true).unwrap();
+        assert_eq!(listing(&decoded.index), listing(&index));
+        assert!(decoded.index.volume(7).unwrap().is_shared());
+        assert_eq!(decoded.segment_last_sequence, vec![4, 5]);
+        // A format 1 header (old magic, zero at offset 12) decodes as format 1.
+        let mut block = header(&payload, 0, 1, 2).encode();
+        block[..8].copy_from_slice(&CHECKPOINT_MAGIC_V1);
+        block[PAYLOAD_FORMAT_AT..PAYLOAD_FORMAT_AT + 4].fill(0);
+        assert_eq!(CheckpointHeader::decode(&resealed(block)).unwrap(), h);
+    }
+
+    #[test]
+    fn a_payload_format_from_the_future_is_refused_by_name() {
+        let mut block = header(&[], 0, 0, 0).encode();
+        put_u32(&mut block, PAYLOAD_FORMAT_AT, PAYLOAD_FORMAT + 1);
+        assert!(matches!(
+            CheckpointHeader::decode(&resealed(block)),
+            Err(FormatError::UnsupportedVersion { found, .. }) if found == PAYLOAD_FORMAT + 1
+        ));
+    }
+
+    #[test]
+    fn sequential_data_costs_a_run_head_per_1024_blocks_plus_its_crcs() {
+        let index = sample_index();
+        // 600 contiguous blocks: one run; two bad blocks and a lone block: three.
+        let expected = 2 * 8 + VOLUME_HEADER_BYTES + 4 * RUN_HEAD_BYTES + 4 * 603;
+        assert_eq!(payload_len(&index, 2), expected);
+        let mut long = Index::default();
+        for lba in 0..3000 {
+            long.volume_mut(1).set(
+                lba,
+                Entry {
+                    address: 10_000 + lba,
+                    crc: 0,
+                },
+            );
+        }
+        assert_eq!(
+            payload_len(&long, 0),
+            VOLUME_HEADER_BYTES + 3 * RUN_HEAD_BYTES + 4 * 3000
+        );
+    }
+
+    #[test]
+    fn addresses_beyond_32_bits_and_lbas_up_to_the_limit_round_trip() {
+        let mut index = Index::default();
+        let high = (1u64 << 39) + 12_345;
+        let last_lba = crate::LBA_LIMIT - 1;
+        for offset in 0..5 {
+            index.volume_mut(2).set(
+                last_lba - 4 + offset,
+                Entry {
+                    address: high + offset,
+                    crc: 7,
+                },
+            );
+        }
+        index.volume_mut(2).set(
+            9,
+            Entry {
+                address: crate::geometry::DISK_BLOCKS_MAX,
+                crc: 8,
+            },
+        );
+        let len = payload_len(&index, 1);
+        let mut out = vec![0u8; len];
+        let (written, crc, volumes) = encode_payload(&index, &[1], &mut out);
+        assert_eq!(written, len);
+        let decoded = decode_payload(&header(&out, crc, volumes, 1), &out, |_| true).unwrap();
+        assert_eq!(listing(&decoded.index), listing(&index));
+    }
+
     proptest! {
         #[test]
         fn payload_round_trips(
             volumes in proptest::collection::btree_map(
                 any::<u64>(),
-                (proptest::collection::btree_map(0u64..100_000, (100u32..1000, any::<u32>()), 0..50), any::<u64>(), any::<u64>()),
+                (proptest::collection::btree_map(0u64..3000, (100u64..1000, any::<u32>()), 0..300), any::<u64>(), any::<u64>()),
                 0..5),
             segments in proptest::collection::vec(any::<u64>(), 1..20),
         ) {

@@ -16,9 +16,18 @@ pub enum FormatError {
         disk_size_bytes: u64,
         segment_size_bytes: u64,
     },
-    /// the disk is larger than format version 1 can address
-    #[error("disk of {disk_size_bytes} bytes is larger than the 16 TiB format version 1 can address")]
+    /// the disk is larger than the format can address
+    #[error("disk of {disk_size_bytes} bytes is larger than the 4 PiB (2^40 blocks of 4 KiB) ballast can address")]
     DiskTooLarge { disk_size_bytes: u64 },
+    /// more segments than a segment index can name
+    #[error(
+        "disk of {disk_size_bytes} bytes would hold more than 2^32 - 1 segments of {segment_size_bytes} bytes: \
+         choose larger segments"
+    )]
+    TooManySegments {
+        disk_size_bytes: u64,
+        segment_size_bytes: u64,
+    },
     /// no ballast superblock (wrong magic)
     #[error("no ballast superblock (magic does not match)")]
     BadMagic,
@@ -81,7 +90,7 @@ pub enum StoreError {
         disk: String,
         volume_id: u64,
         lba: u64,
-        address: u32,
+        address: u64,
     },
     /// the disk belongs to another node
     #[error("disk {disk} belongs to node {found}, not to this node {expected}")]

@@ -9,9 +9,10 @@
 //! segments_offset segment 0, segment 1, ...    (segment_size_bytes each)
 //! ```
 //!
-//! Addresses inside the store are absolute 4 KiB block numbers (`u32`), so a
-//! disk may hold at most 2^32 - 2 blocks (16 TiB). Block 0 (the superblock)
-//! never holds data, which lets 0 mean "unmapped" in the index.
+//! Addresses inside the store are absolute 4 KiB block numbers (`u64`, of
+//! which the index and the checkpoints keep 40 bits), so a disk may hold at
+//! most 2^40 - 2 blocks (4 PiB). Block 0 (the superblock) never holds data,
+//! which lets 0 mean "unmapped" in the index.
 
 use crate::codec::align_up;
 use crate::error::FormatError;
@@ -37,12 +38,16 @@ pub const SEGMENT_SIZE_BYTES_DEFAULT: u64 = 8 << 20;
 pub const SEGMENT_COUNT_MIN: u64 = 8;
 /// Most volumes that may have data on one disk (bounds the checkpoint size).
 pub const VOLUMES_PER_DISK_MAX: u64 = 65_536;
-/// Largest disk: block addresses are `u32` and `u32::MAX` is reserved.
-pub const DISK_BLOCKS_MAX: u64 = u32::MAX as u64 - 1;
+/// Bits of a block address the index and the checkpoints keep.
+pub const ADDRESS_BITS: u32 = 40;
+/// Largest disk, in blocks: addresses fit in `ADDRESS_BITS` and the highest
+/// one is reserved (the index's "bad block").
+pub const DISK_BLOCKS_MAX: u64 = (1 << ADDRESS_BITS) - 2;
 
 /// Checkpoint payload bytes per segment (its last written sequence).
 pub const CHECKPOINT_BYTES_PER_SEGMENT: u64 = 8;
-/// Checkpoint payload bytes per mapped block (lba u64, address u32, crc u32).
+/// Checkpoint payload bytes per mapped block at worst (a run of one block:
+/// its 12-byte head and its crc; format 1 spent the same on a mapping).
 pub const CHECKPOINT_BYTES_PER_MAPPING: u64 = 16;
 /// Checkpoint payload bytes per volume section header.
 pub const CHECKPOINT_BYTES_PER_VOLUME: u64 = 32;
@@ -76,6 +81,12 @@ impl Geometry {
             + 2 * (CHECKPOINT_BYTES_PER_SEGMENT + segment_size_bytes / BLOCK_SIZE_BYTES * CHECKPOINT_BYTES_PER_MAPPING);
         let fixed = 2 * (Self::slot_fixed_bytes() + AREA_ALIGN_BYTES) + AREA_ALIGN_BYTES;
         let mut segment_count = usable_bytes.saturating_sub(fixed) / per_segment;
+        if segment_count > u64::from(u32::MAX) {
+            return Err(FormatError::TooManySegments {
+                disk_size_bytes,
+                segment_size_bytes,
+            });
+        }
         loop {
             if segment_count < SEGMENT_COUNT_MIN {
                 return Err(FormatError::DiskTooSmall {
@@ -152,28 +163,29 @@ impl Geometry {
 
     /// Absolute block address of block `offset_blocks` of segment `segment`.
     #[must_use]
-    pub fn block_address(&self, segment: u32, offset_blocks: u32) -> u32 {
+    pub fn block_address(&self, segment: u32, offset_blocks: u32) -> u64 {
         debug_assert!(segment < self.segment_count);
         debug_assert!(offset_blocks < self.segment_blocks());
         let address = self.segments_offset_bytes / BLOCK_SIZE_BYTES
             + u64::from(segment) * u64::from(self.segment_blocks())
             + u64::from(offset_blocks);
-        u32::try_from(address).expect("disk blocks bounded by DISK_BLOCKS_MAX")
+        debug_assert!(address <= DISK_BLOCKS_MAX, "disk blocks bounded by DISK_BLOCKS_MAX");
+        address
     }
 
     /// Segment holding absolute block `address`, if it is a segment block.
     #[must_use]
-    pub fn segment_of(&self, address: u32) -> Option<u32> {
+    pub fn segment_of(&self, address: u64) -> Option<u32> {
         let first = self.segments_offset_bytes / BLOCK_SIZE_BYTES;
-        let relative = u64::from(address).checked_sub(first)?;
+        let relative = address.checked_sub(first)?;
         let segment = relative / u64::from(self.segment_blocks());
         (segment < u64::from(self.segment_count)).then(|| u32::try_from(segment).expect("bounded"))
     }
 
     /// Byte offset on the disk of absolute block `address`.
     #[must_use]
-    pub fn address_bytes(address: u32) -> u64 {
-        u64::from(address) * BLOCK_SIZE_BYTES
+    pub fn address_bytes(address: u64) -> u64 {
+        address * BLOCK_SIZE_BYTES
     }
 
     /// Data blocks in all segments.

@@ -12,20 +12,24 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
+use crate::geometry::{ADDRESS_BITS, DISK_BLOCKS_MAX};
+
 /// Volume blocks per index chunk.
 pub const CHUNK_BLOCKS: u64 = 1024;
 const CHUNK_LEN: usize = 1024;
 const _: () = assert!(CHUNK_LEN as u64 == CHUNK_BLOCKS);
 
 /// Address meaning "never written or zeroed": reads return zeroes.
-pub const ADDRESS_UNMAPPED: u32 = 0;
-/// Address meaning "data found corrupt": reads fail until rewritten.
-pub const ADDRESS_BAD: u32 = u32::MAX;
+pub const ADDRESS_UNMAPPED: u64 = 0;
+/// Address meaning "data found corrupt": reads fail until rewritten (the
+/// highest address of `ADDRESS_BITS`, never a disk block).
+pub const ADDRESS_BAD: u64 = (1 << ADDRESS_BITS) - 1;
+const _: () = assert!(ADDRESS_BAD > DISK_BLOCKS_MAX);
 
 /// Where one volume block lives.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Entry {
-    pub address: u32,
+    pub address: u64,
     pub crc: u32,
 }
 
@@ -299,7 +303,7 @@ impl Index {
     /// A volume that maps `lba` to the data block at `address`: `hint` if
     /// it does, else any shared volume that does.
     #[must_use]
-    pub fn referrer(&self, hint: u64, lba: u64, address: u32) -> Option<(u64, Entry)> {
+    pub fn referrer(&self, hint: u64, lba: u64, address: u64) -> Option<(u64, Entry)> {
         let entry = self.get(hint, lba);
         if entry.address == address {
             return Some((hint, entry));
@@ -425,7 +429,7 @@ mod tests {
             index.volume_mut(1).set(
                 lba,
                 Entry {
-                    address: 1 + u32::try_from(lba).unwrap(),
+                    address: 1 + lba,
                     crc: 1,
                 },
             );
@@ -490,7 +494,7 @@ mod tests {
             let mut volume = VolumeIndex::default();
             let mut model = Model::new();
             for (lba, address) in ops {
-                let entry = Entry { address, crc: address * 7 };
+                let entry = Entry { address: u64::from(address), crc: address * 7 };
                 let expected_old = model.get(&lba).copied().unwrap_or(Entry::UNMAPPED);
                 if address == 0 { model.remove(&lba); } else { model.insert(lba, entry); }
                 prop_assert_eq!(volume.set(lba, entry), expected_old);

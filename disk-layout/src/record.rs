@@ -31,7 +31,8 @@
 //!               6 clone: volume_id's map becomes a copy of volume lba's,
 //!               sharing its blocks; block_count 0)
 //!     21    1 flags (zero)
-//!     22    2 zero
+//!     22    1 relocated_from_high: bits 32..40 of relocated_from
+//!     23    1 zero
 //!     24    8 epoch of the writer (replication fencing)
 //!     32    8 volume_sequence assigned by the volume's coordinator
 //!     40    4 data_crc: crc32c over the little-endian crc32c of each data block
@@ -73,6 +74,7 @@ const R_LBA: usize = R_VOLUME + 8;
 const R_BLOCKS: usize = R_LBA + 8;
 const R_KIND: usize = R_BLOCKS + 4;
 const R_FLAGS: usize = R_KIND + 1;
+const R_RELOCATED_FROM_HIGH: usize = R_FLAGS + 1;
 const R_EPOCH: usize = R_FLAGS + 3;
 const R_VOLUME_SEQUENCE: usize = R_EPOCH + 8;
 const R_DATA_CRC: usize = R_VOLUME_SEQUENCE + 8;
@@ -153,8 +155,8 @@ pub struct Record {
     pub epoch: u64,
     pub volume_sequence: u64,
     pub data_crc: u32,
-    /// See `relocated_from` in the layout above (0: not given).
-    pub relocated_from: u32,
+    /// See `relocated_from` in the layout above (0: not given); 40 bits.
+    pub relocated_from: u64,
 }
 
 impl Record {
@@ -174,11 +176,12 @@ impl Record {
         put_u32(out, R_BLOCKS, self.block_count);
         out[R_KIND] = self.kind.to_byte();
         out[R_FLAGS] = 0;
-        put_u16(out, R_FLAGS + 1, 0);
+        out[R_RELOCATED_FROM_HIGH] = u8::try_from(self.relocated_from >> 32).expect("addresses have 40 bits");
+        out[R_RELOCATED_FROM_HIGH + 1] = 0;
         put_u64(out, R_EPOCH, self.epoch);
         put_u64(out, R_VOLUME_SEQUENCE, self.volume_sequence);
         put_u32(out, R_DATA_CRC, self.data_crc);
-        put_u32(out, R_RELOCATED_FROM, self.relocated_from);
+        put_u32(out, R_RELOCATED_FROM, crate::checkpoint::low_32(self.relocated_from));
     }
 
     fn decode_from(bytes: &[u8]) -> Result<Self, FormatError> {
@@ -190,7 +193,7 @@ impl Record {
             epoch: get_u64(bytes, R_EPOCH),
             volume_sequence: get_u64(bytes, R_VOLUME_SEQUENCE),
             data_crc: get_u32(bytes, R_DATA_CRC),
-            relocated_from: get_u32(bytes, R_RELOCATED_FROM),
+            relocated_from: u64::from(get_u32(bytes, R_RELOCATED_FROM)) | u64::from(bytes[R_RELOCATED_FROM_HIGH]) << 32,
         };
         if record.kind == RecordKind::Clone && (record.block_count != 0 || record.lba == record.volume_id) {
             return Err(FormatError::BadField {
@@ -344,7 +347,7 @@ mod tests {
             any::<u64>(),
             any::<u64>(),
             any::<u32>(),
-            any::<u32>(),
+            0u64..1 << 40,
         )
             .prop_map(
                 |(volume_id, lba, block_count, kind, epoch, volume_sequence, data_crc, relocated_from)| Record {

@@ -275,3 +275,66 @@ fn enrollment_discards_the_whole_device_unless_told_not_to() {
         "{left} bytes still allocated: only the superblocks, checkpoint slots and wiped ends are written after the discard"
     );
 }
+
+/// First byte at or after `offset` of `path` that holds data (SEEK_DATA),
+/// or None when the rest of the sparse file is a hole.
+fn data_at_or_after(path: &std::path::Path, offset: u64) -> Option<u64> {
+    use std::os::fd::AsRawFd;
+    let file = std::fs::File::open(path).unwrap();
+    let offset = libc::off_t::try_from(offset).unwrap();
+    // SAFETY: lseek on a descriptor this function owns; no memory is passed.
+    let found = unsafe { libc::lseek(file.as_raw_fd(), offset, libc::SEEK_DATA) };
+    u64::try_from(found).ok()
+}
+
+/// Disks larger than 16 TiB (the limit of 32-bit block addresses) hold data
+/// at addresses beyond 2^32 blocks, and it reads back intact after the
+/// store is reopened. The disk is a 20 TiB loop device over a sparse file in
+/// memory (tmpfs: only the blocks written take memory); the store fills its
+/// highest segments first, so the load's writes land beyond 16 TiB.
+#[test]
+fn a_disk_beyond_16_tib_holds_data_above_16_tib_that_reads_back_after_a_reopen() {
+    let test = "a_disk_beyond_16_tib_holds_data_above_16_tib_that_reads_back_after_a_reopen";
+    if let Some(why) = common::unavailable_reason() {
+        common::record_skip(test, &why);
+        return;
+    }
+    let memory = tempfile::tempdir_in("/dev/shm").expect("a directory on tmpfs");
+    let backing = memory.path().join("big.img");
+    let size: u64 = 20 << 40;
+    std::fs::File::create(&backing).unwrap().set_len(size).unwrap();
+    let device = kernel_iface::loopdev::LoopDevice::attach(&backing, false).expect("losetup");
+    let dir = scratch();
+    let data = dir.path().join("data");
+    let data = data.to_str().unwrap();
+    let dev = device.path().to_str().unwrap();
+    let enrolled = run(&["disk", "enroll", "--data-dir", data, "--no-discard", dev]);
+    assert!(enrolled.status.success(), "{}", text(&enrolled));
+    let ack_log = dir.path().join("acks");
+    let ack_log = ack_log.to_str().unwrap();
+    let load = |command: &str| {
+        let output = run(&[
+            "debug",
+            command,
+            "--data-dir",
+            data,
+            "--ack-log",
+            ack_log,
+            "--blocks",
+            "20000",
+            "--seconds",
+            "2",
+        ]);
+        assert!(output.status.success(), "{command}: {}", text(&output));
+        text(&output)
+    };
+    let written = load("write-load");
+    assert!(written.contains("writes acknowledged"), "{written}");
+    let high = data_at_or_after(&backing, 16 << 40);
+    assert!(
+        high.is_some_and(|offset| offset < size),
+        "no data was written beyond 16 TiB: {high:?}"
+    );
+    let verified = load("verify-load");
+    assert!(verified.contains("lost: 0, corrupt: 0"), "{verified}");
+}

@@ -149,6 +149,7 @@ impl Store {
             payload_crc,
             segment_count,
             volume_count,
+            payload_format: crate::checkpoint::PAYLOAD_FORMAT,
         };
         self.checkpoint.slot = slot;
         self.checkpoint.header = Some(header);

@@ -223,7 +223,7 @@ impl Store {
         let mut current: Option<PendingWrite> = None;
         for block in 0..record.block_count {
             let lba = record.lba + u64::from(block);
-            let address = base + data_offset + block;
+            let address = base + u64::from(data_offset + block);
             // The record names the volume that wrote the block; clones of it
             // (snapshots) may map it too, and keep it live after it is overwritten.
             let referrer = self.index.referrer(record.volume_id, lba, address);

@@ -394,6 +394,7 @@ impl Store {
                 payload_crc,
                 segment_count,
                 volume_count,
+                payload_format: crate::checkpoint::PAYLOAD_FORMAT,
             };
             opener.write_checkpoint(&geometry, slot, header, &payload)?;
         }

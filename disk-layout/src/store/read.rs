@@ -39,7 +39,7 @@ const RESEQUENCE_BACKLOG_BLOCKS_MAX: u64 = 2048;
 struct Run {
     first: usize,
     count: usize,
-    address: u32,
+    address: u64,
 }
 
 /// One read request in flight.
@@ -207,11 +207,11 @@ impl Store {
     /// the open batch if it holds some, so the wait is short.
     fn touches_unwritten(&mut self, entries: &[Entry]) -> bool {
         let geometry = self.geometry;
-        let mut ranges: Vec<(u32, u32)> = self
+        let mut ranges: Vec<(u64, u64)> = self
             .sealed
             .iter()
             .chain(self.inflight.values().filter(|batch| !batch.written))
-            .map(|batch| (batch.first_address, batch.first_address + batch.blocks))
+            .map(|batch| (batch.first_address, batch.first_address + u64::from(batch.blocks)))
             .collect();
         let open_range = self
             .open
@@ -219,7 +219,7 @@ impl Store {
             .filter(|open| !open.records.is_empty())
             .map(|open| open.address_range(&geometry));
         ranges.extend(open_range);
-        let hit = |address: u32| ranges.iter().any(|(start, end)| (*start..*end).contains(&address));
+        let hit = |address: u64| ranges.iter().any(|(start, end)| (*start..*end).contains(&address));
         let touches = entries.iter().any(|entry| entry.is_data() && hit(entry.address));
         if touches && open_range.is_some_and(|(start, end)| entries.iter().any(|e| (start..end).contains(&e.address))) {
             self.seal_open();
@@ -406,10 +406,7 @@ fn runs_of(entries: &[Entry]) -> Vec<Run> {
             continue;
         }
         match runs.last_mut() {
-            Some(run)
-                if run.first + run.count == position
-                    && u64::from(run.address) + run.count as u64 == u64::from(entry.address) =>
-            {
+            Some(run) if run.first + run.count == position && run.address + run.count as u64 == entry.address => {
                 run.count += 1;
             }
             _ => runs.push(Run {

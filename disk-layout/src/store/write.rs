@@ -59,16 +59,16 @@ impl OpenBatch {
     }
 
     /// Absolute block range the batch will occupy if sealed now.
-    pub(super) fn address_range(&self, geometry: &Geometry) -> (u32, u32) {
+    pub(super) fn address_range(&self, geometry: &Geometry) -> (u64, u64) {
         let first = geometry.block_address(self.segment, self.offset_blocks);
-        (first, first + 1 + self.data_blocks)
+        (first, first + 1 + u64::from(self.data_blocks))
     }
 }
 
 /// A sealed batch, from sealing until it is durable.
 pub(super) struct InflightBatch {
     pub(super) sequence: u64,
-    pub(super) first_address: u32,
+    pub(super) first_address: u64,
     pub(super) blocks: u32,
     pub(super) written: bool,
     pub(super) submitted: bool,
@@ -902,7 +902,7 @@ pub(super) fn apply_record(
     segments: &mut SegmentTable,
     geometry: &Geometry,
     record: &Record,
-    first_address: u32,
+    first_address: u64,
     crcs: &[u32],
     sequence: u64,
 ) {
@@ -926,7 +926,7 @@ pub(super) fn apply_record(
 pub(super) fn apply_to_index(
     index: &mut Index,
     record: &Record,
-    first_address: u32,
+    first_address: u64,
     crcs: &[u32],
     mut changed: impl FnMut(Entry, Entry),
 ) {
@@ -936,7 +936,7 @@ pub(super) fn apply_to_index(
             assert_eq!(crcs.len(), record.block_count as usize);
             for (offset, crc) in crcs.iter().enumerate() {
                 let new = Entry {
-                    address: first_address + u32::try_from(offset).expect("bounded by 256"),
+                    address: first_address + offset as u64,
                     crc: *crc,
                 };
                 let lba = record.lba + offset as u64;
@@ -951,12 +951,12 @@ pub(super) fn apply_to_index(
             let candidates = index.referrer_candidates(record.volume_id);
             for offset in 0..record.block_count {
                 let lba = record.lba + u64::from(offset);
-                let from = record.relocated_from + offset;
+                let from = record.relocated_from + u64::from(offset);
                 let new = if record.kind == RecordKind::Bad {
                     Entry::BAD
                 } else {
                     Entry {
-                        address: first_address + offset,
+                        address: first_address + offset as u64,
                         crc: crcs[offset as usize],
                     }
                 };
