@@ -97,6 +97,24 @@ fn index(c: &mut Criterion) {
             index.volume_mut(1).set(lba, Entry { address: 5, crc: 2 })
         });
     });
+    // A 1 MiB write over mapped data, as the log places it: 256 blocks at
+    // consecutive new addresses.
+    let mut next_address = VOLUME_BLOCKS + 1;
+    group.bench_function("set, 256 blocks of a sequential overwrite", |b| {
+        b.iter(|| {
+            let first = rng.below(VOLUME_BLOCKS - 256);
+            for offset in 0..256 {
+                index.volume_mut(1).set(
+                    first + offset,
+                    Entry {
+                        address: next_address + offset,
+                        crc: 3,
+                    },
+                );
+            }
+            next_address = (next_address + 256) % (1 << 39) + 1;
+        });
+    });
     group.finish();
 }
 

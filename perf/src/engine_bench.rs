@@ -23,6 +23,9 @@ pub struct EngineResult {
 #[derive(Clone, Copy, Debug)]
 pub enum Pattern {
     RandomWrite,
+    /// 4 KiB writes to every block once, in a random order (as fio's
+    /// `randwrite` covers a file); after `blocks` requests it starts over.
+    ShuffledWrite,
     RandomRead,
     /// 1 MiB reads in order through the blocks, wrapping around.
     SequentialRead,
@@ -109,9 +112,29 @@ fn run_with(
     let mut rng = disk_layout::sim_disk::SimRng::new(seed);
     let template = vec![0xA5u8; 4096];
     let cursor = std::cell::Cell::new(0u64);
+    let order: Vec<u64> = if matches!(pattern, Pattern::ShuffledWrite) {
+        let mut order: Vec<u64> = (0..blocks).collect();
+        for at in (1..order.len()).rev() {
+            order.swap(at, rng.index(at + 1));
+        }
+        order
+    } else {
+        Vec::new()
+    };
     let issue = |slot: usize, rng: &mut disk_layout::sim_disk::SimRng, started_at: &mut [Instant]| {
         let lba = rng.below(blocks);
         let command = match pattern {
+            Pattern::ShuffledWrite => {
+                let at = cursor.get();
+                cursor.set((at + 1) % blocks);
+                Command::Write {
+                    volume_id: volume,
+                    lba: order[usize::try_from(at).expect("a block count")],
+                    data: template.clone().into(),
+                    epoch: 1,
+                    volume_sequence: 0,
+                }
+            }
             Pattern::SequentialRead => {
                 let lba = cursor.get();
                 let next = lba + SEQUENTIAL_READ_BLOCKS;

@@ -680,23 +680,32 @@ struct IndexFill {
     percent_of_data: f64,
 }
 
-/// The in-memory index's size per data held after three fills of their own
-/// volume, each a quarter of the disk's capacity: sequential (1 MiB writes
-/// in order), random (4 KiB writes at random over the quarter, as many as
-/// it has blocks: about 63 % of it ends up written) and mixed (the quarter
-/// written in order, then a quarter of its blocks overwritten at random).
+/// The in-memory index's size per data held after four fills of their own
+/// volume, each a fifth of the disk's capacity: sequential (1 MiB writes
+/// in order), random (4 KiB writes to every block once in a random order),
+/// sparse random (4 KiB writes at random, as many as the fill has blocks:
+/// about 63 % of it ends up written) and mixed (the fill written in order,
+/// then a quarter of its blocks overwritten at random).
 fn measure_index(size_bytes: u64) -> Result<Vec<IndexFill>> {
     let target = target(size_bytes)?;
     let (_data, engine) = start_ballast(&target, 300)?;
-    let quarter = (engine_bench::capacity_blocks(&engine, 0)? / 4) & !255;
+    let quarter = (engine_bench::capacity_blocks(&engine, 0)? / 5) & !255;
     let index_bytes = |engine: &Engine| -> Result<u64> { Ok(engine.query(0, disk_layout::Store::index_memory_bytes)?) };
     let mut fills = Vec::new();
-    for (volume, fill) in [(1u64, "sequential"), (2, "random 4 KiB"), (3, "mixed")] {
+    for (volume, fill) in [
+        (1u64, "sequential"),
+        (2, "random 4 KiB"),
+        (4, "sparse random 4 KiB"),
+        (3, "mixed"),
+    ] {
         let before = index_bytes(&engine)?;
         match volume {
             1 => engine_bench::fill(&engine, 0, volume, quarter)?,
             2 => {
-                engine_bench::run_requests(&engine, 0, volume, quarter, 32, quarter, Pattern::RandomWrite, 11)?;
+                engine_bench::run_requests(&engine, 0, volume, quarter, 32, quarter, Pattern::ShuffledWrite, 11)?;
+            }
+            4 => {
+                engine_bench::run_requests(&engine, 0, volume, quarter, 32, quarter, Pattern::RandomWrite, 13)?;
             }
             _ => {
                 engine_bench::fill(&engine, 0, volume, quarter)?;
@@ -727,14 +736,14 @@ fn index_table(fills: &[IndexFill]) -> String {
     }
     let _ = writeln!(
         out,
-        "\nIn-memory index per data held (each fill a quarter of the disk's capacity, its own volume):"
+        "\nIn-memory index per data held (each fill a fifth of the disk's capacity, its own volume):"
     );
     let _ = writeln!(out, "| fill | data | index | index / data | target |");
     let _ = writeln!(out, "| --- | ---: | ---: | ---: | ---: |");
     for fill in fills {
         let target = if fill.fill == "sequential" {
             "<= 0.05 %"
-        } else if fill.fill == "mixed" {
+        } else if fill.fill != "random 4 KiB" {
             ""
         } else {
             "<= 0.2 %"
