@@ -31,6 +31,9 @@ pub(super) struct CheckpointState {
     pub(super) requested: bool,
     /// Log blocks sealed since the last checkpoint started.
     pub(super) blocks_since: u64,
+    /// Blocks the newest checkpoint's payload took (the next one's size,
+    /// about): spaces periodic checkpoints (`checkpoint_interval_blocks`).
+    payload_blocks: u64,
     phase: Phase,
     slot: usize,
     header: Option<CheckpointHeader>,
@@ -39,9 +42,15 @@ pub(super) struct CheckpointState {
 
 impl CheckpointState {
     pub(super) fn new(slots: [Option<CheckpointHeader>; 2]) -> Self {
+        let payload_blocks = slots
+            .iter()
+            .flatten()
+            .max_by_key(|header| header.checkpoint_sequence)
+            .map_or(0, |header| header.payload_bytes.div_ceil(BLOCK_SIZE_BYTES));
         Self {
             requested: false,
             blocks_since: 0,
+            payload_blocks,
             phase: Phase::Idle,
             slot: 0,
             header: None,
@@ -93,14 +102,25 @@ fn position_of(log: &LogHead) -> LogPosition {
 
 /// Fewest log blocks between periodic checkpoints (16 MiB).
 const CHECKPOINT_INTERVAL_BLOCKS_MIN: u64 = 4096;
+/// Periodic checkpoints are at least this many times their own size of log
+/// apart: a checkpoint rewrites the whole index, so on a large, full disk
+/// (a checkpoint of gigabytes) checkpoints would otherwise write more than
+/// the clients do. Their writes stay under a quarter of the log's; replay
+/// after a crash reads at most four checkpoints' worth of log.
+pub const CHECKPOINT_LOG_RATIO: u64 = 4;
 
 impl Store {
     /// Log blocks between periodic checkpoints: the configured value, but at
     /// most an eighth of the disk, so the segments the two slots protect
-    /// from reuse (up to two intervals of log) stay a small share of it.
+    /// from reuse (up to two intervals of log) stay a small share of it;
+    /// and at least `CHECKPOINT_LOG_RATIO` times the last checkpoint's size.
     fn checkpoint_interval_blocks(&self) -> u64 {
         let by_disk = (self.geometry.data_blocks() / 8).max(CHECKPOINT_INTERVAL_BLOCKS_MIN);
-        self.config.checkpoint_interval_blocks.min(by_disk)
+        let by_size = self.checkpoint.payload_blocks.saturating_mul(CHECKPOINT_LOG_RATIO);
+        self.config
+            .checkpoint_interval_blocks
+            .min(by_disk)
+            .max(by_size.min(by_disk))
     }
 
     /// The slot holding the newest complete checkpoint.
@@ -152,6 +172,7 @@ impl Store {
             payload_format: crate::checkpoint::PAYLOAD_FORMAT,
         };
         self.checkpoint.slot = slot;
+        self.checkpoint.payload_blocks = (padded / BLOCK_BYTES) as u64;
         self.checkpoint.header = Some(header);
         self.checkpoint.requested = false;
         self.checkpoint.blocks_since = 0;

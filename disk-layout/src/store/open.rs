@@ -47,7 +47,9 @@ pub struct StoreConfig {
     pub open_nonce: u64,
     /// Batch writes submitted and not yet complete, at most.
     pub pipeline_depth: usize,
-    /// Log blocks written between checkpoints (bounds replay time).
+    /// Log blocks written between checkpoints (bounds replay time); the
+    /// store spaces them further when the index is large
+    /// (`CHECKPOINT_LOG_RATIO`).
     pub checkpoint_interval_blocks: u64,
     /// Percent of segment space user data may fill; the rest lets the
     /// cleaner work with bounded write amplification.
