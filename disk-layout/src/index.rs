@@ -129,6 +129,22 @@ impl VolumeIndex {
         old
     }
 
+    /// Keys (lba / `CHUNK_BLOCKS`) of the chunks holding entries, ascending.
+    pub fn chunk_keys(&self) -> impl Iterator<Item = u64> + '_ {
+        self.chunks.keys().copied()
+    }
+
+    /// True when chunk `key` is one and the same in memory in both maps
+    /// (a clone's chunk not written since), or absent from both.
+    #[must_use]
+    pub fn shares_chunk(&self, other: &VolumeIndex, key: u64) -> bool {
+        match (self.chunks.get(&key), other.chunks.get(&key)) {
+            (None, None) => true,
+            (Some(mine), Some(theirs)) => Arc::ptr_eq(mine, theirs),
+            _ => false,
+        }
+    }
+
     /// Unmaps every block and returns what was mapped (epochs are kept).
     pub fn clear(&mut self) -> Vec<(u64, Entry)> {
         let entries = self.iter().collect();
@@ -301,6 +317,41 @@ impl Index {
             let entry = self.get(other, lba);
             (entry.address == address).then_some((other, entry))
         })
+    }
+
+    /// Re-points `lba` from the data block at `from` to `new` (not
+    /// unmapped) in every volume of `candidates` that maps it there, and
+    /// returns the entry replaced (None when no volume did). Volumes that
+    /// shared the chunk in memory share the changed chunk after: a
+    /// relocation by the cleaner must not turn one chunk that a volume and
+    /// its snapshots share into a copy each.
+    pub fn repoint(&mut self, candidates: &[u64], lba: u64, from: u64, new: Entry) -> Option<Entry> {
+        assert_ne!(new, Entry::UNMAPPED, "a relocation maps the block somewhere");
+        let key = lba / CHUNK_BLOCKS;
+        // (chunk before, chunk after) of the volumes changed so far; the
+        // chunks before are held so their addresses stay theirs.
+        let mut changed: Vec<(Arc<Chunk>, Arc<Chunk>)> = Vec::new();
+        let mut old = None;
+        for id in candidates {
+            let Some(volume) = self.volumes.get_mut(id) else {
+                continue;
+            };
+            let Some(before) = volume.chunks.get(&key).map(Arc::clone) else {
+                continue;
+            };
+            if before.get(offset_in_chunk(lba)).address != from {
+                continue;
+            }
+            if let Some((_, after)) = changed.iter().find(|(known, _)| Arc::ptr_eq(known, &before)) {
+                // Data or bad before and after: the volume's count is unchanged.
+                volume.chunks.insert(key, Arc::clone(after));
+                continue;
+            }
+            old = Some(volume.set(lba, new));
+            let after = Arc::clone(volume.chunks.get(&key).expect("just set"));
+            changed.push((before, after));
+        }
+        old
     }
 
     /// Volumes that may map `lba` to a block `volume_id`'s record placed:

@@ -552,6 +552,7 @@ impl NodeMetrics {
         let mut flushes = Vec::new();
         let mut discarded = Vec::new();
         let mut discard_failures = Vec::new();
+        let mut checkpoints_refused = Vec::new();
         for (index, disk) in self.engine.disks().iter().enumerate() {
             let Ok((space, stats)) = self.engine.query(index, |store| (store.space(), store.stats())) else {
                 continue;
@@ -569,6 +570,7 @@ impl NodeMetrics {
             checksum.push((labels.clone(), stats.checksum_errors));
             discarded.push((labels.clone(), stats.discarded_bytes));
             discard_failures.push((labels.clone(), stats.discard_failures));
+            checkpoints_refused.push((labels.clone(), stats.checkpoints_refused));
             flushes.push((labels, stats.flushes));
         }
         gauges(
@@ -636,6 +638,12 @@ impl NodeMetrics {
             "ballast_disk_discard_failures",
             "Discards the device failed or refused (a refusal turns discards off for the disk until it is opened again).",
             &discard_failures,
+        )?;
+        counters(
+            encoder,
+            "ballast_disk_checkpoints_refused",
+            "Checkpoints not written because the volumes' maps outgrew the disk's checkpoint area (then clones are refused until volumes or snapshots are deleted); should stay 0.",
+            &checkpoints_refused,
         )?;
         counters(
             encoder,

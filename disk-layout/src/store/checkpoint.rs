@@ -34,6 +34,9 @@ pub(super) struct CheckpointState {
     /// Blocks the newest checkpoint's payload took (the next one's size,
     /// about): spaces periodic checkpoints (`checkpoint_interval_blocks`).
     payload_blocks: u64,
+    /// Payload bytes of the last checkpoint refused for not fitting its slot
+    /// (None once one fits again).
+    pub(super) too_large: Option<u64>,
     phase: Phase,
     slot: usize,
     header: Option<CheckpointHeader>,
@@ -51,6 +54,7 @@ impl CheckpointState {
             requested: false,
             blocks_since: 0,
             payload_blocks,
+            too_large: None,
             phase: Phase::Idle,
             slot: 0,
             header: None,
@@ -123,6 +127,15 @@ impl Store {
             .max(by_size.min(by_disk))
     }
 
+    /// Bytes a checkpoint may take: its slot (less, when a test says so).
+    fn checkpoint_room_bytes(&self) -> u64 {
+        self.config
+            .checkpoint_room_bytes
+            .map_or(self.geometry.checkpoint_slot_bytes, |room| {
+                room.min(self.geometry.checkpoint_slot_bytes)
+            })
+    }
+
     /// The slot holding the newest complete checkpoint.
     #[must_use]
     pub fn newest_checkpoint_slot(&self) -> usize {
@@ -153,10 +166,27 @@ impl Store {
         let segment_count = self.geometry.segment_count;
         let len = payload_len(&self.index, segment_count);
         let padded = usize::try_from(align_up(len as u64, BLOCK_SIZE_BYTES)).expect("fits");
-        assert!(
-            (CHECKPOINT_HEADER_BYTES + padded) as u64 <= self.geometry.checkpoint_slot_bytes,
-            "checkpoint of {len} bytes exceeds its slot"
-        );
+        let room = self.checkpoint_room_bytes();
+        if (CHECKPOINT_HEADER_BYTES + padded) as u64 > room {
+            // Never expected (a slot holds 16 bytes per data block; clones
+            // are written against their bases), but if the index outgrew
+            // it, the store keeps serving from the older checkpoint and
+            // the log: no new clone until it fits again (deletes shrink it).
+            if self.checkpoint.too_large.is_none() {
+                tracing::error!(
+                    disk = %self.config.disk_name,
+                    payload_bytes = len,
+                    room_bytes = room,
+                    "the index no longer fits a checkpoint slot: checkpoints stop and clones are refused until volumes or snapshots are deleted"
+                );
+            }
+            self.checkpoint.too_large = Some(len as u64);
+            self.checkpoint.requested = false;
+            self.checkpoint.blocks_since = 0;
+            self.stats.checkpoints_refused += 1;
+            return;
+        }
+        self.checkpoint.too_large = None;
         let mut buf = IoBuf::new(padded);
         let (written, payload_crc, volume_count) =
             encode_payload(&self.index, &self.segments.last_sequences(), buf.as_mut_slice());

@@ -81,7 +81,9 @@ impl Store {
             return;
         }
         let available = self.segments.free_count() + self.segments.dead_pending_count();
-        if available >= self.clean_watermark() {
+        // Without checkpoints a cleaned segment is never freed: moving its
+        // data would only use up free segments.
+        if available >= self.clean_watermark() || self.checkpoint.too_large.is_some() {
             return;
         }
         let Some(victim) = self.segments.pick_victim(

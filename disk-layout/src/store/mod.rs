@@ -97,6 +97,8 @@ pub struct StoreStats {
     pub discarded_bytes: u64,
     /// Discards the device failed or refused.
     pub discard_failures: u64,
+    /// Checkpoints not written because the index outgrew the slot.
+    pub checkpoints_refused: u64,
 }
 
 impl StoreStats {

@@ -63,6 +63,9 @@ pub struct StoreConfig {
     /// Bytes of freed segments discarded per `Store::interval` at most
     /// (`store::discard`); 0: the device is never sent a discard.
     pub discard_bytes_per_interval: u64,
+    /// Bytes a checkpoint may take, when less than its slot: only tests
+    /// set it, to reach a slot's limit on a small disk.
+    pub checkpoint_room_bytes: Option<u64>,
 }
 
 /// Discard pace by default: 256 MiB per interval, 2.5 GiB/s on the node's
@@ -88,6 +91,7 @@ impl StoreConfig {
             durable_writes: true,
             resequence_read_blocks_min: 16,
             discard_bytes_per_interval: DISCARD_BYTES_PER_INTERVAL_DEFAULT,
+            checkpoint_room_bytes: None,
         }
     }
 }

@@ -231,6 +231,14 @@ impl Store {
             Err(StoreError::InvalidRequest {
                 reason: format!("volume {source} cannot be cloned onto itself"),
             })
+        } else if let Some(payload_bytes) = self.checkpoint.too_large {
+            Err(StoreError::InvalidRequest {
+                reason: format!(
+                    "disk {}: the volumes' maps no longer fit its checkpoint area ({payload_bytes} bytes); \
+                     no snapshot or clone is taken until volumes or snapshots are deleted",
+                    self.config.disk_name
+                ),
+            })
         } else {
             self.check_request(0, 1, 1)
         };
@@ -865,8 +873,14 @@ impl Store {
             || self.segments.free_count() > USER_RESERVE_SEGMENTS
             || self.cleaner.is_busy()
             || !self.checkpoint.is_idle()
-            || self.segments.dead_pending_count() > 0
             || !self.relocation_backlog.is_empty()
+            || !self.inflight.is_empty()
+        {
+            return;
+        }
+        // Dead segments are freed by a checkpoint, and cleaning makes more:
+        // hope, unless checkpoints are refused (the maps outgrew the slot).
+        let hope = self.segments.dead_pending_count() > 0
             || self
                 .segments
                 .pick_victim(
@@ -875,9 +889,8 @@ impl Store {
                     self.log.sequence,
                     self.durable_sequence,
                 )
-                .is_some()
-            || !self.inflight.is_empty()
-        {
+                .is_some();
+        if hope && self.checkpoint.too_large.is_none() {
             return;
         }
         let error = StoreError::NoSpace {
@@ -960,13 +973,7 @@ pub(super) fn apply_to_index(
                         crc: crcs[offset as usize],
                     }
                 };
-                let mut old = None;
-                for &volume_id in &candidates {
-                    if index.get(volume_id, lba).address == from {
-                        old = Some(index.volume_mut(volume_id).set(lba, new));
-                    }
-                }
-                if let Some(old) = old {
+                if let Some(old) = index.repoint(&candidates, lba, from, new) {
                     changed(old, new);
                 }
             }
