@@ -123,12 +123,14 @@ impl CheckpointHeader {
     #[must_use]
     pub fn encode(&self) -> [u8; CHECKPOINT_HEADER_BYTES] {
         let mut block = [0u8; CHECKPOINT_HEADER_BYTES];
-        assert_eq!(
-            self.payload_format, PAYLOAD_FORMAT,
-            "only the current format is written"
-        );
-        block[MAGIC..MAGIC + 8].copy_from_slice(&CHECKPOINT_MAGIC);
-        put_u32(&mut block, PAYLOAD_FORMAT_AT, self.payload_format);
+        // The store writes only `PAYLOAD_FORMAT`; a format 1 header encodes
+        // as format 1 wrote it (the old magic, zero at offset 12).
+        if self.payload_format == 1 {
+            block[MAGIC..MAGIC + 8].copy_from_slice(&CHECKPOINT_MAGIC_V1);
+        } else {
+            block[MAGIC..MAGIC + 8].copy_from_slice(&CHECKPOINT_MAGIC);
+            put_u32(&mut block, PAYLOAD_FORMAT_AT, self.payload_format);
+        }
         put_u64(&mut block, SEQUENCE, self.checkpoint_sequence);
         put_u64(&mut block, LOG_SEQUENCE, self.log.sequence);
         put_u32(&mut block, LOG_PREVIOUS_CRC, self.log.previous_crc);
@@ -678,7 +680,9 @@ mod tests {
         let mut block = header(&payload, 0, 1, 2).encode();
         block[..8].copy_from_slice(&CHECKPOINT_MAGIC_V1);
         block[PAYLOAD_FORMAT_AT..PAYLOAD_FORMAT_AT + 4].fill(0);
-        assert_eq!(CheckpointHeader::decode(&resealed(block)).unwrap(), h);
+        let block = resealed(block);
+        assert_eq!(CheckpointHeader::decode(&block).unwrap(), h);
+        assert_eq!(h.encode(), block, "and encodes back as format 1 wrote it");
     }
 
     #[test]

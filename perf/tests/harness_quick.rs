@@ -77,7 +77,11 @@ fn the_engine_benchmark_runs_quick_and_writes_its_json_ratio_table_and_chart() {
     let index = report["index"]
         .as_array()
         .unwrap_or_else(|| panic!("index in {report:#}"));
-    assert_eq!(index.len(), 3, "sequential, random and mixed fills: {report:#}");
+    assert_eq!(
+        index.len(),
+        4,
+        "sequential, random, sparse random and mixed fills: {report:#}"
+    );
     assert!(
         index.iter().all(|fill| fill["percent_of_data"].as_f64().unwrap() > 0.0),
         "{report:#}"
