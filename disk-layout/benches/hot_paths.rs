@@ -217,7 +217,7 @@ fn store_engine(c: &mut Criterion) {
 /// one (its size, then the bytes), on the reactor thread: how long a
 /// checkpoint holds the reactor per GiB of data mapped.
 fn checkpoint_payload(c: &mut Criterion) {
-    use disk_layout::checkpoint::{encode_payload, payload_len};
+    use disk_layout::checkpoint::{encode_payload, PayloadPlan};
     let mut sequential = Index::default();
     let mut random = Index::default();
     for lba in 0..VOLUME_BLOCKS {
@@ -240,12 +240,12 @@ fn checkpoint_payload(c: &mut Criterion) {
     let mut group = c.benchmark_group("checkpoint payload (2 GiB volume)");
     group.sample_size(10);
     for (name, index) in [("sequential", &sequential), ("random", &random)] {
-        let mut out = vec![0u8; payload_len(index, 0)];
+        let mut out = vec![0u8; PayloadPlan::new(index, 0).bytes()];
         group.throughput(Throughput::Bytes(out.len() as u64));
         group.bench_function(format!("size and encode, {name} data"), |b| {
             b.iter(|| {
-                let len = payload_len(black_box(index), 0);
-                encode_payload(index, &[], &mut out[..len])
+                let plan = PayloadPlan::new(black_box(index), 0);
+                encode_payload(index, &plan, &[], &mut out[..plan.bytes()])
             });
         });
     }

@@ -56,7 +56,7 @@
 //! map. Format 1 had `mapping_count x { u64 lba, u32 address
 //! (0xFFFFFFFF = bad), u32 crc }` in place of the runs.
 
-use crate::codec::{crc32c_with_hole, get_u32, get_u64, put_u32, put_u64};
+use crate::codec::{crc32c_with_hole, get_u32, get_u64, low_32, put_u32, put_u64};
 use crate::error::FormatError;
 use crate::geometry::BLOCK_BYTES;
 use crate::index::{Entry, Index, VolumeIndex, ADDRESS_UNMAPPED, CHUNK_BLOCKS};
@@ -209,11 +209,6 @@ const UNMAPPED_RUN_BYTES: usize = 8;
 const _: () = assert!(RUN_BLOCKS_MAX == 1 << (RUN_ADDRESS_HIGH_SHIFT - RUN_LEN_SHIFT));
 const _: () = assert!(crate::LBA_LIMIT == 1 << LBA_BITS);
 
-/// Bits 0..32 of `value`.
-pub(crate) fn low_32(value: u64) -> u32 {
-    u32::try_from(value & 0xFFFF_FFFF).expect("masked to 32 bits")
-}
-
 /// Groups entries into runs: blocks at consecutive LBAs whose data lies at
 /// consecutive addresses, or that are all unmapped (in a volume written
 /// against a base); a bad block is a run of its own; at most
@@ -327,16 +322,26 @@ fn runs_bytes(volume: &VolumeIndex, base: Option<&VolumeIndex>) -> usize {
     len
 }
 
-/// The base `id` is written against, if one makes it cheaper than alone
-/// (a snapshot against its volume: by far; a clone trimmed since, or one
-/// sharing little: maybe not).
-fn base_of(index: &Index, id: u64, earlier: &[u64]) -> Option<u64> {
-    let base = base_candidate(index, id, earlier)?;
-    let volume = index.volume(id).expect("a candidate's volume exists");
+/// How `id` is written: against a base when one makes it cheaper than
+/// alone (a snapshot against its volume: by far; a clone trimmed since, or
+/// one sharing little: maybe not), and the bytes its runs take that way.
+fn plan_volume(index: &Index, id: u64, earlier: &[u64]) -> (Option<u64>, usize) {
+    let volume = index.volume(id).expect("listed");
+    let Some(base) = base_candidate(index, id, earlier) else {
+        return (None, runs_bytes(volume, None));
+    };
     let against = runs_bytes(volume, index.volume(base)) + BASE_ID_BYTES;
     // Alone, every block costs at least its crc: only then can it be cheaper.
     let floor = usize::try_from(volume.used_blocks()).expect("fits in memory") * 4;
-    (against < floor || against < runs_bytes(volume, None)).then_some(base)
+    if against < floor {
+        return (Some(base), against);
+    }
+    let alone = runs_bytes(volume, None);
+    if against < alone {
+        (Some(base), against)
+    } else {
+        (None, alone)
+    }
 }
 
 /// Bytes a run of `entries` takes (an unmapped run is its head alone).
@@ -348,34 +353,52 @@ fn run_bytes(entries: &[Entry]) -> usize {
     }
 }
 
-/// Bytes the payload of `index` with `segment_count` segments takes.
-#[must_use]
-pub fn payload_len(index: &Index, segment_count: u32) -> usize {
-    let mut len = segment_count as usize * 8;
-    let ids = index.volume_ids();
-    for (at, &id) in ids.iter().enumerate() {
-        let volume = index.volume(id).expect("listed");
-        let base = base_of(index, id, &ids[..at]);
-        len += VOLUME_HEADER_BYTES + if base.is_some() { BASE_ID_BYTES } else { 0 };
-        for_each_run(volume, base.and_then(|base| index.volume(base)), |_, entries| {
-            len += run_bytes(entries);
-        });
-    }
-    len
+/// How a payload of an index is written: each volume's base, chosen once
+/// (the choice walks the volume's map), and the payload's size.
+pub struct PayloadPlan {
+    /// (volume id, base) in ascending id order.
+    volumes: Vec<(u64, Option<u64>)>,
+    bytes: usize,
 }
 
-/// Encodes the payload (format `PAYLOAD_FORMAT`) into `out` (at least
-/// `payload_len` bytes) and returns (bytes written, crc, volume count).
-pub fn encode_payload(index: &Index, segment_last_sequence: &[u64], out: &mut [u8]) -> (usize, u32, u64) {
+impl PayloadPlan {
+    /// Plans the payload of `index` with `segment_count` segments.
+    #[must_use]
+    pub fn new(index: &Index, segment_count: u32) -> Self {
+        let mut bytes = segment_count as usize * 8;
+        let ids = index.volume_ids();
+        let mut volumes = Vec::with_capacity(ids.len());
+        for (at, &id) in ids.iter().enumerate() {
+            let (base, runs) = plan_volume(index, id, &ids[..at]);
+            bytes += VOLUME_HEADER_BYTES + runs;
+            volumes.push((id, base));
+        }
+        Self { volumes, bytes }
+    }
+
+    /// Bytes the payload takes.
+    #[must_use]
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// Encodes the payload (format `PAYLOAD_FORMAT`) of `index` as `plan` (made
+/// of the same index) says into `out` (at least `plan.bytes()`) and returns
+/// (bytes written, crc, volume count).
+pub fn encode_payload(
+    index: &Index,
+    plan: &PayloadPlan,
+    segment_last_sequence: &[u64],
+    out: &mut [u8],
+) -> (usize, u32, u64) {
     let mut at = 0;
     for sequence in segment_last_sequence {
         put_u64(out, at, *sequence);
         at += 8;
     }
-    let ids = index.volume_ids();
-    for (position, &id) in ids.iter().enumerate() {
-        let volume = index.volume(id).expect("listed");
-        let base = base_of(index, id, &ids[..position]);
+    for &(id, base) in &plan.volumes {
+        let volume = index.volume(id).expect("planned");
         let header_at = at;
         put_u64(out, at, id);
         put_u64(out, at + 16, volume.epoch_max);
@@ -408,7 +431,7 @@ pub fn encode_payload(index: &Index, segment_last_sequence: &[u64], out: &mut [u
         let based = if base.is_some() { BASED_FLAG } else { 0 };
         put_u64(out, header_at + 8, runs | shared | based);
     }
-    (at, crc32c::crc32c(&out[..at]), ids.len() as u64)
+    (at, crc32c::crc32c(&out[..at]), plan.volumes.len() as u64)
 }
 
 /// What a payload decodes into.
@@ -700,7 +723,7 @@ mod tests {
         let index = sample_index();
         // 600 contiguous blocks: one run; two bad blocks and a lone block: three.
         let expected = 2 * 8 + VOLUME_HEADER_BYTES + 4 * RUN_HEAD_BYTES + 4 * 603;
-        assert_eq!(payload_len(&index, 2), expected);
+        assert_eq!(PayloadPlan::new(&index, 2).bytes(), expected);
         let mut long = Index::default();
         for lba in 0..3000 {
             long.volume_mut(1).set(
@@ -712,7 +735,7 @@ mod tests {
             );
         }
         assert_eq!(
-            payload_len(&long, 0),
+            PayloadPlan::new(&long, 0).bytes(),
             VOLUME_HEADER_BYTES + 3 * RUN_HEAD_BYTES + 4 * 3000
         );
     }
@@ -738,18 +761,20 @@ mod tests {
                 crc: 8,
             },
         );
-        let len = payload_len(&index, 1);
+        let plan = PayloadPlan::new(&index, 1);
+        let len = plan.bytes();
         let mut out = vec![0u8; len];
-        let (written, crc, volumes) = encode_payload(&index, &[1], &mut out);
+        let (written, crc, volumes) = encode_payload(&index, &plan, &[1], &mut out);
         assert_eq!(written, len);
         let decoded = decode_payload(&header(&out, crc, volumes, 1), &out, |_| true).unwrap();
         assert_eq!(listing(&decoded.index), listing(&index));
     }
 
     fn round_trip(index: &Index) -> (usize, Index) {
-        let len = payload_len(index, 1);
+        let plan = PayloadPlan::new(index, 1);
+        let len = plan.bytes();
         let mut out = vec![0u8; len];
-        let (written, crc, volumes) = encode_payload(index, &[1], &mut out);
+        let (written, crc, volumes) = encode_payload(index, &plan, &[1], &mut out);
         assert_eq!(written, len);
         let decoded = decode_payload(&header(&out, crc, volumes, 1), &out, |_| true).unwrap();
         assert_eq!(listing(&decoded.index), listing(index));
@@ -812,9 +837,10 @@ mod tests {
     fn unmapped_runs_are_refused_in_a_volume_without_a_base() {
         let mut index = Index::default();
         index.volume_mut(4).set(3, Entry { address: 50, crc: 1 });
-        let len = payload_len(&index, 0);
+        let plan = PayloadPlan::new(&index, 0);
+        let len = plan.bytes();
         let mut out = vec![0u8; len];
-        let (_, crc, volumes) = encode_payload(&index, &[], &mut out);
+        let (_, crc, volumes) = encode_payload(&index, &plan, &[], &mut out);
         // The run's address (bits 0..32 at offset 8 of the run) made 0.
         put_u32(&mut out, VOLUME_HEADER_BYTES + 8, 0);
         let _ = crc;
@@ -872,9 +898,10 @@ mod tests {
                 }
             }
             let segment_count = u32::try_from(segments.len()).unwrap();
-            let len = payload_len(&index, segment_count);
+            let plan = PayloadPlan::new(&index, segment_count);
+        let len = plan.bytes();
             let mut out = vec![0u8; len];
-            let (written, crc, volume_count) = encode_payload(&index, &segments, &mut out);
+            let (written, crc, volume_count) = encode_payload(&index, &plan, &segments, &mut out);
             prop_assert_eq!(written, len);
             let h = header(&out, crc, volume_count, segment_count);
             let decoded = decode_payload(&h, &out, |address| (100..1000).contains(&address)).unwrap();

@@ -36,6 +36,12 @@ pub fn get_bytes16(bytes: &[u8], offset: usize) -> [u8; 16] {
     raw
 }
 
+/// Bits 0..32 of `value` (a 40-bit address's low word).
+#[must_use]
+pub fn low_32(value: u64) -> u32 {
+    u32::try_from(value & 0xFFFF_FFFF).expect("masked to 32 bits")
+}
+
 /// Writes a `u16` at `offset`.
 pub fn put_u16(bytes: &mut [u8], offset: usize, value: u16) {
     bytes[offset..offset + 2].copy_from_slice(&value.to_le_bytes());

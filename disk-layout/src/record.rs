@@ -181,7 +181,7 @@ impl Record {
         put_u64(out, R_EPOCH, self.epoch);
         put_u64(out, R_VOLUME_SEQUENCE, self.volume_sequence);
         put_u32(out, R_DATA_CRC, self.data_crc);
-        put_u32(out, R_RELOCATED_FROM, crate::checkpoint::low_32(self.relocated_from));
+        put_u32(out, R_RELOCATED_FROM, crate::codec::low_32(self.relocated_from));
     }
 
     fn decode_from(bytes: &[u8]) -> Result<Self, FormatError> {

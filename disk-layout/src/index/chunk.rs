@@ -396,7 +396,7 @@ impl Dense {
         } else if let Some(highs) = &mut self.high {
             highs[offset] = 0;
         }
-        self.low[offset] = crate::checkpoint::low_32(entry.address);
+        self.low[offset] = crate::codec::low_32(entry.address);
         self.crcs[offset] = entry.crc;
         match (old.address == ADDRESS_UNMAPPED, entry.address == ADDRESS_UNMAPPED) {
             (true, false) => self.used += 1,

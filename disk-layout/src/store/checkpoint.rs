@@ -6,7 +6,7 @@
 
 use super::{token, LogHead, Store, KIND_CHECKPOINT, USER_RESERVE_SEGMENTS};
 use crate::buf::IoBuf;
-use crate::checkpoint::{encode_payload, payload_len, CheckpointHeader, LogPosition, CHECKPOINT_HEADER_BYTES};
+use crate::checkpoint::{encode_payload, CheckpointHeader, LogPosition, PayloadPlan, CHECKPOINT_HEADER_BYTES};
 use crate::codec::align_up;
 use crate::error::IoFault;
 use crate::geometry::{BLOCK_BYTES, BLOCK_SIZE_BYTES};
@@ -164,7 +164,8 @@ impl Store {
         self.seal_open();
         let position = position_of(&self.log);
         let segment_count = self.geometry.segment_count;
-        let len = payload_len(&self.index, segment_count);
+        let plan = PayloadPlan::new(&self.index, segment_count);
+        let len = plan.bytes();
         let padded = usize::try_from(align_up(len as u64, BLOCK_SIZE_BYTES)).expect("fits");
         let room = self.checkpoint_room_bytes();
         if (CHECKPOINT_HEADER_BYTES + padded) as u64 > room {
@@ -189,7 +190,7 @@ impl Store {
         self.checkpoint.too_large = None;
         let mut buf = IoBuf::new(padded);
         let (written, payload_crc, volume_count) =
-            encode_payload(&self.index, &self.segments.last_sequences(), buf.as_mut_slice());
+            encode_payload(&self.index, &plan, &self.segments.last_sequences(), buf.as_mut_slice());
         debug_assert_eq!(written, len);
         let slot = self.checkpoint.target_slot();
         let header = CheckpointHeader {

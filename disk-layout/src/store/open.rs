@@ -382,9 +382,10 @@ impl Store {
         };
         let segment_count = geometry.segment_count;
         let last_sequences = vec![0u64; segment_count as usize];
-        let len = crate::checkpoint::payload_len(&Index::default(), segment_count);
+        let plan = crate::checkpoint::PayloadPlan::new(&Index::default(), segment_count);
+        let len = plan.bytes();
         let mut payload = vec![0u8; usize::try_from(align_up(len as u64, BLOCK_SIZE_BYTES)).expect("fits")];
-        let (_, payload_crc, volume_count) = encode_payload(&Index::default(), &last_sequences, &mut payload);
+        let (_, payload_crc, volume_count) = encode_payload(&Index::default(), &plan, &last_sequences, &mut payload);
         let position = LogPosition {
             sequence: 1,
             previous_crc: chain_seed(&params.disk_uuid),
