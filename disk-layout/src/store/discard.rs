@@ -109,9 +109,11 @@ impl Store {
             && self.discards.intervals_since_checkpoint >= IDLE_CHECKPOINT_INTERVALS_MIN
         {
             let waiting_bytes = self.segments.dead_behind_checkpoint_count() as u64 * self.geometry.segment_size_bytes;
-            let checkpoint_bytes =
-                crate::checkpoint::PayloadPlan::new(&self.index, self.geometry.segment_count).bytes() as u64;
-            if waiting_bytes > 0 && waiting_bytes >= checkpoint_bytes {
+            // Sizing a checkpoint walks the index: only when something waits.
+            let worth = waiting_bytes > 0
+                && waiting_bytes
+                    >= crate::checkpoint::PayloadPlan::new(&self.index, self.geometry.segment_count).bytes() as u64;
+            if worth {
                 self.checkpoint.requested = true;
                 self.discards.intervals_since_checkpoint = 0;
                 self.maybe_checkpoint(io);
