@@ -7,7 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, IoSlice};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, IntoRawFd, RawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
@@ -17,6 +17,9 @@ use nix::mount::{MntFlags, MsFlags};
 pub const DEVICE_PATH: &str = "/dev/fuse";
 /// `FUSE_DEV_IOC_CLONE`: `_IOR(229, 0, uint32_t)`.
 const FUSE_DEV_IOC_CLONE: libc::c_ulong = 0x8004_e500;
+/// /dev/fuse is character device 10:229 (misc).
+const FUSE_MAJOR: u32 = 10;
+const FUSE_MINOR: u32 = 229;
 /// The module parameter that allows FUSE over io_uring (Linux 6.14+).
 pub const URING_PARAMETER: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -72,6 +75,46 @@ impl FuseChannel {
         if done < 0 {
             return Err(io::Error::last_os_error());
         }
+        Ok(Self { file })
+    }
+
+    /// Gives the channel's descriptor up so that it survives `execve` (an
+    /// upgrade in place): the session lives on in the new program, which
+    /// takes it back with `from_inherited`. Requests the kernel queues
+    /// meanwhile wait for it.
+    /// On failure the channel is given back, still serving.
+    pub fn into_inherited(self) -> Result<RawFd, (Self, io::Error)> {
+        if let Err(error) = crate::process::keep_across_exec(self.file.as_raw_fd()) {
+            return Err((self, error));
+        }
+        Ok(self.file.into_raw_fd())
+    }
+
+    /// The channel a previous program of this process handed over
+    /// (`into_inherited`); refused unless `fd` is open on /dev/fuse and was
+    /// not taken before (`process::take_inherited`). The caller names a
+    /// descriptor it inherited across `execve` for this purpose, which
+    /// nothing else in the process owns.
+    pub fn from_inherited(fd: RawFd) -> io::Result<Self> {
+        crate::process::take_inherited(fd)?;
+        if fd < 0 {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        // SAFETY: borrowed only for this fstat; the caller vouches `fd` is open and ours.
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        let stat = nix::sys::stat::fstat(borrowed).map_err(io::Error::from)?;
+        let is_fuse = (stat.st_mode & libc::S_IFMT) == libc::S_IFCHR
+            && libc::major(stat.st_rdev) == FUSE_MAJOR
+            && libc::minor(stat.st_rdev) == FUSE_MINOR;
+        if !is_fuse {
+            return Err(io::Error::other(format!(
+                "descriptor {fd} is not a {DEVICE_PATH} channel"
+            )));
+        }
+        crate::process::set_close_on_exec(fd, true)?;
+        // SAFETY: an inherited descriptor, taken once (checked above), that
+        // the caller says nothing else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
         Ok(Self { file })
     }
 

@@ -44,6 +44,22 @@ impl LoopDevice {
         Ok(Self { path })
     }
 
+    /// Takes charge of a loop device a previous program of this process
+    /// attached (an upgrade in place; see `keep`).
+    #[must_use]
+    pub fn adopt(path: PathBuf) -> Self {
+        Self { path }
+    }
+
+    /// Lets the device live on without this value (it is not detached):
+    /// the device node, for whoever adopts it.
+    #[must_use]
+    pub fn keep(self) -> PathBuf {
+        let path = self.path.clone();
+        std::mem::forget(self);
+        path
+    }
+
     /// The device node, e.g. /dev/loop3.
     #[must_use]
     pub fn path(&self) -> &Path {

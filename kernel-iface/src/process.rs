@@ -87,11 +87,181 @@ pub fn send_signal(pid: u32, signal: i32) -> std::io::Result<()> {
     }
 }
 
+/// Lets descriptor `fd` survive `execve` (clears FD_CLOEXEC): an upgrade in
+/// place hands its sockets and FUSE session to the new binary this way.
+pub fn keep_across_exec(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    set_close_on_exec(fd, false)
+}
+
+/// Sets (or clears) FD_CLOEXEC on `fd`.
+pub fn set_close_on_exec(fd: std::os::fd::RawFd, close: bool) -> std::io::Result<()> {
+    // SAFETY: fcntl(2) F_GETFD / F_SETFD on an integer descriptor touches no
+    // memory of ours; a descriptor that is not open fails with EBADF.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFD) };
+    if flags < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let wanted = if close {
+        flags | libc::FD_CLOEXEC
+    } else {
+        flags & !libc::FD_CLOEXEC
+    };
+    // SAFETY: as above.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, wanted) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Claims `fd`, a descriptor inherited across `execve`, for one owner:
+/// refused when it is not open, or was claimed before.
+pub fn take_inherited(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    static TAKEN: std::sync::Mutex<Vec<std::os::fd::RawFd>> = std::sync::Mutex::new(Vec::new());
+    // SAFETY: F_GETFD on an integer descriptor reads no memory of ours.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(std::io::Error::from_raw_os_error(libc::EBADF));
+    }
+    let mut taken = TAKEN.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if taken.contains(&fd) {
+        return Err(std::io::Error::other(format!(
+            "inherited descriptor {fd} was taken already"
+        )));
+    }
+    taken.push(fd);
+    Ok(())
+}
+
+/// Closes `fd`, a descriptor inherited across `execve` that is no longer
+/// needed (see `take_inherited`).
+pub fn close_inherited(fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    use std::os::fd::FromRawFd;
+    take_inherited(fd)?;
+    // SAFETY: inherited, claimed once (above), and not owned elsewhere.
+    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    Ok(())
+}
+
+/// Takes an inherited listening socket (see `take_inherited`); refused
+/// unless it is a socket.
+pub fn inherited_listener(fd: std::os::fd::RawFd) -> std::io::Result<std::net::TcpListener> {
+    use std::os::fd::FromRawFd;
+    take_inherited(fd)?;
+    let mut kind: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
+    // SAFETY: getsockopt(2) writes one c_int into `kind` (a live local) and its
+    // length into `len`.
+    let done = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut kind).cast(),
+            &raw mut len,
+        )
+    };
+    if done != 0 || kind == 0 {
+        return Err(std::io::Error::other(format!(
+            "inherited descriptor {fd} is not a listening socket"
+        )));
+    }
+    set_close_on_exec(fd, true)?;
+    // SAFETY: a listening socket inherited across execve, claimed once
+    // (above); the caller says nothing else owns it.
+    Ok(unsafe { std::net::TcpListener::from_raw_fd(fd) })
+}
+
+/// Runs `hook` when the process exits through exit(3) (a return from
+/// main, `std::process::exit`), not on a signal or an abort.
+pub fn at_exit(hook: extern "C" fn()) -> std::io::Result<()> {
+    // SAFETY: atexit(3) stores a plain function pointer; the hook is an
+    // `extern "C" fn()` with no arguments, as it wants.
+    if unsafe { libc::atexit(hook) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("atexit refused the hook"))
+    }
+}
+
+/// The signal `wake_thread` sends.
+pub const WAKE_SIGNAL: i32 = libc::SIGUSR2;
+
+extern "C" fn ignore_wake(_: libc::c_int) {}
+
+/// Installs a handler for `WAKE_SIGNAL` that does nothing, without
+/// SA_RESTART: a thread blocked in a read(2) that gets the signal returns
+/// EINTR and can look at what changed (a FUSE channel reader asked to stop
+/// without ending its session). Idempotent.
+pub fn install_wake_handler() -> std::io::Result<()> {
+    // SAFETY: sigaction(2) with a zeroed struct whose handler is an
+    // `extern "C" fn(c_int)` that touches nothing (async-signal-safe), an
+    // empty mask and no flags; the old action is not read.
+    unsafe {
+        let mut action: libc::sigaction = std::mem::zeroed();
+        action.sa_sigaction = ignore_wake as extern "C" fn(libc::c_int) as usize;
+        libc::sigemptyset(&raw mut action.sa_mask);
+        action.sa_flags = 0;
+        if libc::sigaction(WAKE_SIGNAL, &raw const action, std::ptr::null_mut()) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Interrupts a blocking system call of `thread` (see `install_wake_handler`).
+pub fn wake_thread(thread: libc::pthread_t) -> std::io::Result<()> {
+    // SAFETY: pthread_kill(3) on a thread id the caller holds a join handle
+    // of (so it has not been reaped); the handler installed does nothing.
+    let done = unsafe { libc::pthread_kill(thread, WAKE_SIGNAL) };
+    if done == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::from_raw_os_error(done))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     /// Whether this process holds CAP_SYS_RESOURCE (bit 24 of CapEff).
     fn has_cap_sys_resource() -> bool {
         super::has_capability(24)
+    }
+
+    #[test]
+    fn a_descriptor_kept_across_exec_loses_its_close_on_exec_flag_and_gets_it_back() {
+        use std::os::fd::AsRawFd;
+        let file = std::fs::File::open("/proc/self/status").unwrap();
+        let fd = file.as_raw_fd();
+        // SAFETY: F_GETFD on a descriptor this test owns.
+        let cloexec = || unsafe { libc::fcntl(fd, libc::F_GETFD) } & libc::FD_CLOEXEC != 0;
+        assert!(cloexec(), "std opens with O_CLOEXEC");
+        super::keep_across_exec(fd).unwrap();
+        assert!(!cloexec());
+        super::set_close_on_exec(fd, true).unwrap();
+        assert!(cloexec());
+        assert!(super::keep_across_exec(-1).is_err());
+    }
+
+    #[test]
+    fn a_woken_thread_blocked_in_a_read_returns_eintr_and_is_not_killed() {
+        use std::os::fd::AsRawFd;
+        use std::os::unix::thread::JoinHandleExt;
+        super::install_wake_handler().unwrap();
+        let (reader, _writer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let thread = std::thread::spawn(move || {
+            let mut byte = [0u8; 1];
+            // SAFETY: read(2) into a live local buffer of its length.
+            let read = unsafe { libc::read(reader.as_raw_fd(), byte.as_mut_ptr().cast(), 1) };
+            (read, std::io::Error::last_os_error().raw_os_error())
+        });
+        let id = thread.as_pthread_t();
+        for _ in 0..500 {
+            if thread.is_finished() {
+                break;
+            }
+            super::wake_thread(id).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(thread.join().unwrap(), (-1, Some(libc::EINTR)));
     }
 
     #[test]

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod datadir;
 pub mod engine;
 pub mod enroll;
+pub mod handoff;
 pub mod in_flight;
 pub mod install;
 pub mod linearizable;

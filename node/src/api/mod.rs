@@ -8,6 +8,7 @@
 //! | GET | /metrics | | Prometheus metrics (OpenMetrics text, `metrics`) |
 //! | GET | /v1/node | | node id, disks, space |
 //! | POST | /v1/node/disks | `EnrollBody` | 201 `DiskRecord`: the disk formatted, recorded and opened, new volumes may go there (pool expansion) |
+//! | POST | /v1/node/upgrade | `UpgradeBody` | 202 `handoff::Order`: the binary checked (it runs, reads this node's hand-over, speaks a peer protocol every member speaks), then the node executes it in place keeping attached devices and listening sockets; follow it in GET /v1/node `upgrade` |
 //! | POST | /v1/node/disks/{uuid}/remove | | 202 `DrainStatus`: the disk's data moves to the node's other disks while in use, then the disk is forgotten; follow it in GET /v1/node `drains` |
 //! | GET | /v1/volumes | | `[VolumeInfo]` |
 //! | POST | /v1/volumes | `CreateBody` | 201 `VolumeInfo` |
@@ -165,6 +166,46 @@ async fn enroll_disk(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<
     Ok((StatusCode::CREATED, Json(outcome)).into_response())
 }
 
+async fn upgrade_node(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: UpgradeBody = parse_body_or_default(&body)?;
+    if let Some(why) = state.attach.hand_over_refusal() {
+        return Err(ApiError(StatusCode::CONFLICT, why));
+    }
+    let binary = match body.binary {
+        Some(binary) => binary,
+        None => crate::handoff::default_binary().map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error))?,
+    };
+    // Every member whose version is known must work with the new binary.
+    let members: Vec<crate::peer::handshake::Speaks> = state.cluster.with_state(|cluster| {
+        cluster
+            .nodes
+            .keys()
+            .filter(|id| **id != state.cluster.local.id)
+            .filter_map(|id| state.cluster.health.liveness(*id).report)
+            .filter(|report| !report.version.is_empty())
+            .map(|report| {
+                let (min, max) = crate::peer::handshake::reported_range(report.protocol_min, report.protocol_max);
+                crate::peer::handshake::Speaks::peer(Some(&report.version), Some(min), max)
+            })
+            .collect()
+    });
+    let checked = binary.clone();
+    let new = tokio::task::spawn_blocking(move || crate::handoff::check_binary(&checked, &members))
+        .await
+        .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+        .map_err(|error| ApiError(StatusCode::BAD_REQUEST, error))?;
+    let order = crate::handoff::Order {
+        id: crate::handoff::now_unix_ms(),
+        binary,
+        to_version: new.version,
+    };
+    state
+        .upgrades
+        .order(order.clone())
+        .map_err(|error| ApiError(StatusCode::CONFLICT, error))?;
+    Ok((StatusCode::ACCEPTED, Json(order)).into_response())
+}
+
 async fn remove_disk(State(state): State<Arc<ApiState>>, Path(uuid): Path<String>) -> Result<Response, ApiError> {
     let disk_uuid = uuid::Uuid::parse_str(&uuid)
         .map_err(|_| ApiError(StatusCode::BAD_REQUEST, format!("{uuid:?} is not a disk uuid")))?;
@@ -274,6 +315,17 @@ pub struct NodeStatus {
     /// kernel could serve FUSE over io_uring but it is switched off).
     #[serde(default)]
     pub attach_note: Option<String>,
+    /// How this node's last upgrade in place ended (None: none since it started).
+    #[serde(default)]
+    pub upgrade: Option<crate::handoff::UpgradeRecord>,
+}
+
+/// Body of POST /v1/node/upgrade.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct UpgradeBody {
+    /// The new binary (default: the file at the path the node was started from).
+    #[serde(default)]
+    pub binary: Option<std::path::PathBuf>,
 }
 
 /// The error body.
@@ -295,6 +347,8 @@ pub struct ApiState {
     pub data: Arc<parking_lot::Mutex<crate::datadir::DataDir>>,
     /// Every change and every refusal of the API (`crate::audit`).
     pub audit: Arc<crate::audit::AuditLog>,
+    /// Upgrades in place ordered through the API.
+    pub upgrades: Arc<crate::handoff::Upgrades>,
 }
 
 struct ApiError(StatusCode, String);
@@ -346,6 +400,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/metrics", get(metrics))
         .route("/v1/node", get(node_status))
         .route("/v1/node/disks", post(enroll_disk))
+        .route("/v1/node/upgrade", post(upgrade_node))
         .route("/v1/node/disks/{uuid}/remove", post(remove_disk))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
         .route(

@@ -209,6 +209,19 @@ pub fn release_stale_loop(device: &Path, name: &str) {
     }
 }
 
+/// Attached devices handed to the next binary of this process (an upgrade
+/// in place): the FUSE session and the loop devices over its files.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AttachHandoff {
+    pub session: Option<fuse::HandedOver>,
+    /// (volume, loop device)
+    pub devices: Vec<(String, PathBuf)>,
+}
+
+/// How long a handed-over device's requests may wait for the new binary
+/// to serve its volume again (it rejoins its cluster first).
+pub const ADOPTED_SERVING_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// This node's attached volumes.
 pub struct HostAttach {
     mountpoint: PathBuf,
@@ -403,11 +416,101 @@ impl HostAttach {
         self.devices.lock().get(name).map(Attached::device)
     }
 
+    /// Why attached devices cannot be kept across an upgrade in place, if so.
+    #[must_use]
+    pub fn hand_over_refusal(&self) -> Option<String> {
+        let devices = self.devices.lock();
+        let kept_only_by_fuse: Vec<&str> = devices
+            .iter()
+            .filter(|(_, attached)| !matches!(attached, Attached::Fuse(_, false)))
+            .map(|(name, _)| name.as_str())
+            .collect();
+        if kept_only_by_fuse.is_empty() {
+            return None;
+        }
+        Some(format!(
+            "attached devices of {} use a backend ({}) whose devices this node cannot keep across an upgrade in place yet (only FUSE + loop devices are): detach them first (`ballast volume detach`), or stop and start the node",
+            kept_only_by_fuse.join(", "),
+            devices
+                .values()
+                .filter(|attached| !matches!(attached, Attached::Fuse(_, false)))
+                .map(Attached::backend)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+
+    /// Stops serving attached devices without removing them: every request
+    /// read is answered, then the FUSE session and the loop devices are
+    /// given up for the next binary of this process (`adopt`). On failure
+    /// every device serves on.
+    pub fn hand_over(&self, timeout: std::time::Duration) -> Result<AttachHandoff, String> {
+        if let Some(why) = self.hand_over_refusal() {
+            return Err(why);
+        }
+        let mut session = self.session.lock();
+        let handed = match session.as_mut() {
+            Some(current) => Some(current.hand_over(timeout)?),
+            None => None,
+        };
+        drop(session.take()); // inert: the filesystem stays mounted
+        let devices = std::mem::take(&mut *self.devices.lock())
+            .into_iter()
+            .filter_map(|(name, attached)| match attached {
+                Attached::Fuse(device, _) => Some((name, device.keep())),
+                _ => None, // refused above
+            })
+            .collect();
+        // Their volumes (and so the engine) are released for a clean stop.
+        self.files.clear();
+        Ok(AttachHandoff {
+            session: handed,
+            devices,
+        })
+    }
+
+    /// Takes over the devices the previous binary of this process handed
+    /// over: their requests are read at once and wait (at most
+    /// `ADOPTED_SERVING_WAIT`) until this node serves their volumes again.
+    pub fn adopt(&self, handoff: &AttachHandoff, volumes: &crate::volume::Volumes) -> Result<(), String> {
+        let Some(handed) = &handoff.session else {
+            return Ok(());
+        };
+        if !handoff.devices.is_empty() {
+            self.lock_memory();
+        }
+        for (name, device) in &handoff.devices {
+            match volumes.get(name) {
+                Some(volume) => self.files.insert(volume),
+                None => {
+                    tracing::error!(volume = %name, device = %device.display(), "a device handed over names a volume this node does not hold: its I/O fails")
+                }
+            }
+            self.devices
+                .lock()
+                .insert(name.clone(), Attached::Fuse(LoopDevice::adopt(device.clone()), false));
+        }
+        self.files
+            .wait_for_serving(std::time::Instant::now() + ADOPTED_SERVING_WAIT);
+        let filesystem = Arc::new(fuse::AttachFs::new(Arc::clone(&self.files)));
+        let channels = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+        let session = fuse::Session::adopt(handed, filesystem, &self.runtime, channels)?;
+        *self.session.lock() = Some(session);
+        tracing::info!(
+            devices = handoff.devices.len(),
+            "attached devices taken over from the previous binary"
+        );
+        Ok(())
+    }
+
     /// Detaches everything and unmounts (node shutdown).
     pub fn shutdown(&self) {
         self.devices.lock().clear();
         if let Some(session) = self.session.lock().take() {
             drop(session);
         }
+        self.files.clear();
     }
 }

@@ -162,6 +162,14 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// This binary's version, the peer protocol versions it speaks and the
+    /// upgrade-in-place hand-over formats it takes over from (what `ballast
+    /// node upgrade` checks a new binary against).
+    Version {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// Self-test tools: drive the storage engine directly (used by the test suite).
     #[command(subcommand, hide = true)]
     Debug(crate::cli::debug::DebugCommand),
@@ -384,7 +392,8 @@ impl Command {
             | Self::Auth { .. }
             | Self::Audit { .. }
             | Self::Install { .. }
-            | Self::Uninstall { .. } => "warn",
+            | Self::Uninstall { .. }
+            | Self::Version { .. } => "warn",
             Self::Plugin(_) => "info",
         }
     }
@@ -405,6 +414,9 @@ pub mod volume;
 /// Runs the CLI.
 #[must_use]
 pub fn main() -> ExitCode {
+    // First: a node started by an upgrade in place runs the old binary
+    // again if it fails before it has taken over (even on a bad argument).
+    crate::handoff::arm_from_env();
     let cli = Cli::parse_args();
     if !cli.command.serves() {
         // `ballast status | head` ends quietly when head has read enough.
@@ -464,6 +476,26 @@ pub fn main() -> ExitCode {
             .map(|()| ExitCode::SUCCESS)
         }
         Command::Alerts { api, all, json } => cluster::alerts(&api, all, json),
+        Command::Version { json } => {
+            let version = crate::handoff::BinaryVersion::local();
+            if json {
+                match serde_json::to_string(&version) {
+                    Ok(text) => println!("{text}"),
+                    Err(error) => {
+                        eprintln!("error: {error}");
+                        return ExitCode::FAILURE;
+                    }
+                }
+            } else {
+                println!(
+                    "ballast {} (peer protocol {}, upgrade hand-over format {})",
+                    version.version,
+                    crate::peer::handshake::range_text(version.peer_protocol_min, version.peer_protocol_max),
+                    crate::handoff::FORMAT
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Audit {
             api,
             data_dir,

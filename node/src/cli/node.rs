@@ -55,6 +55,26 @@ pub enum NodeCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Upgrade a running node in place: it executes the new binary in its
+    /// own process, keeping its attached devices (their I/O pauses, never
+    /// fails) and its listening sockets; NBD clients are disconnected and
+    /// reconnect. The new binary is checked first (it must run, take over
+    /// from this one, and speak a peer protocol every member speaks);
+    /// members wait for the node instead of failing its volumes over. A new
+    /// binary that fails to start runs the old one again (rolled back).
+    /// Devices attached through ublk or the kernel NBD client cannot be kept
+    /// yet: the upgrade is refused while there are any.
+    Upgrade {
+        /// The new binary [default: the file now at the path the node was started from].
+        #[arg(long, value_name = "PATH")]
+        binary: Option<PathBuf>,
+        /// The node API to talk to (the node that upgrades).
+        #[arg(long, env = "BALLAST_API", default_value = DEFAULT_API_URL)]
+        api: String,
+        /// Give up waiting for the outcome after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
     /// Show a running node: id, cluster, disks, space, replica count.
     Status {
         /// The node API to ask.
@@ -202,6 +222,7 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Inspect { id, api, json } => inspect(&api, id, json),
+        NodeCommand::Upgrade { binary, api, timeout_s } => upgrade(&api, binary, timeout_s),
         NodeCommand::Status { api, json } => {
             let status: NodeStatus = ApiClient::new(&api).get("/v1/node")?;
             if json {
@@ -221,6 +242,16 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             }
             if let Some(note) = &status.attach_note {
                 println!("hint: {note}");
+            }
+            if let Some(upgrade) = &status.upgrade {
+                let reason = upgrade
+                    .reason
+                    .as_deref()
+                    .map_or_else(String::new, |why| format!(" ({why})"));
+                println!(
+                    "last upgrade in place: {} -> {}: {}{reason}, paused {} ms",
+                    upgrade.from_version, upgrade.to_version, upgrade.outcome, upgrade.paused_ms
+                );
             }
             for disk in &status.disks {
                 let state = if disk.state.is_empty() || disk.state == "in use" {
@@ -253,6 +284,54 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+    }
+}
+
+/// `node upgrade`: orders it, then follows the node until it answers with the outcome.
+fn upgrade(api: &str, binary: Option<PathBuf>, timeout_s: u64) -> Result<ExitCode> {
+    let client = ApiClient::new(api);
+    let order: crate::handoff::Order = client.post("/v1/node/upgrade", &crate::api::UpgradeBody { binary })?;
+    eprintln!(
+        "upgrading the node at {api} in place to ballast {} ({})...",
+        order.to_version,
+        order.binary.display()
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(timeout_s);
+    let polling = ApiClient::with_timeout(api, std::time::Duration::from_secs(5));
+    loop {
+        // Errors are expected while the programs change (the API listener
+        // stays open, so a request waits for the new one).
+        if let Ok(status) = polling.get::<NodeStatus>("/v1/node") {
+            if let Some(record) = status.upgrade.filter(|record| record.id == order.id) {
+                let reason = record.reason.as_deref().unwrap_or("");
+                return Ok(match record.outcome.as_str() {
+                    "upgraded" => {
+                        println!(
+                            "node {} upgraded in place from ballast {} to {}; attached devices and listeners paused {} ms",
+                            status.node_id, record.from_version, record.to_version, record.paused_ms
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    "rolled back" => {
+                        eprintln!(
+                            "error: the new binary failed ({reason}); the node runs ballast {} again (paused {} ms)",
+                            record.to_version, record.paused_ms
+                        );
+                        ExitCode::FAILURE
+                    }
+                    _ => {
+                        eprintln!("error: upgrade refused, nothing changed: {reason}");
+                        ExitCode::FAILURE
+                    }
+                });
+            }
+        }
+        if std::time::Instant::now() >= deadline {
+            anyhow::bail!(
+                "no outcome from the node at {api} after {timeout_s} s: see `ballast node status` and the node's log"
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
     }
 }
 

@@ -42,7 +42,16 @@ const LEASE_RENEW_TIMEOUT: Duration = Duration::from_millis(1000);
 #[derive(Serialize, Deserialize)]
 struct LeaseRequest {
     node: u64,
+    /// Not a renewal: the node upgrades in place and asks every member to
+    /// wait this long before failing its volumes over (0: it is back).
+    /// Members from before upgrades in place ignore it (and a non-leader
+    /// among them refuses the request, which is harmless).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upgrading_for_ms: Option<u64>,
 }
+
+/// How long an upgrade notice waits for each member.
+const UPGRADE_NOTICE_TIMEOUT: Duration = Duration::from_millis(500);
 
 #[derive(Serialize, Deserialize)]
 struct LeaseGrant {
@@ -74,6 +83,9 @@ pub struct Leases {
     heard_from_leader: parking_lot::Mutex<HashMap<u64, Instant>>,
     /// The Raft term this node last saw itself lead, and since when.
     leading: parking_lot::Mutex<Option<(u64, Instant)>>,
+    /// Nodes upgrading in place, and until when they may stay silent
+    /// without their volumes failing over.
+    upgrading: parking_lot::Mutex<HashMap<u64, Instant>>,
     /// Volumes this node takes over: (epoch, when it learned of it).
     taking_over: parking_lot::Mutex<HashMap<String, (u64, Instant)>>,
     /// Wakes the renewal loop at once (a volume starts being served here).
@@ -115,6 +127,15 @@ impl Cluster {
         if node == self.local.id {
             return Some(Duration::ZERO);
         }
+        if self
+            .leases
+            .upgrading
+            .lock()
+            .get(&node)
+            .is_some_and(|until| Instant::now() < *until)
+        {
+            return Some(Duration::ZERO);
+        }
         let granted = self.leases.granted.lock().get(&node).copied();
         let pinged = self.health.last_answer_at(node);
         let heard = self.leases.heard_from_leader.lock().get(&node).copied();
@@ -132,6 +153,10 @@ impl Cluster {
         let arrived = Instant::now();
         let request: LeaseRequest =
             serde_json::from_slice(payload).map_err(|error| format!("unreadable lease request: {error}"))?;
+        if let Some(window) = request.upgrading_for_ms {
+            self.note_upgrading(request.node, Duration::from_millis(window));
+            return serde_json::to_vec(&LeaseGrant { read_index: 0 }).map_err(|error| error.to_string());
+        }
         let read_index = self.confirm_leadership().await?;
         self.leases
             .granted
@@ -140,6 +165,57 @@ impl Cluster {
             .and_modify(|at| *at = (*at).max(arrived))
             .or_insert(arrived);
         serde_json::to_vec(&LeaseGrant { read_index }).map_err(|error| error.to_string())
+    }
+
+    fn note_upgrading(&self, node: u64, window: Duration) {
+        let mut upgrading = self.leases.upgrading.lock();
+        if window.is_zero() {
+            upgrading.remove(&node);
+        } else {
+            tracing::info!(
+                node,
+                ?window,
+                "a member upgrades in place: its volumes stay with it meanwhile"
+            );
+            upgrading.insert(node, Instant::now() + window);
+        }
+    }
+
+    /// Tells every member that this node upgrades in place and may be
+    /// silent for `window` (its volumes do not fail over meanwhile), or,
+    /// with zero, that it is back. Best effort: a member that does not
+    /// answer within `UPGRADE_NOTICE_TIMEOUT` may fail them over after the
+    /// usual silence.
+    pub async fn announce_upgrade(&self, window: Duration) {
+        let others: Vec<String> = self.with_state(|state| {
+            state
+                .nodes
+                .values()
+                .filter(|node| node.id != self.local.id)
+                .map(|node| node.peer_address.clone())
+                .collect()
+        });
+        let Ok(notice) = serde_json::to_vec(&LeaseRequest {
+            node: self.local.id,
+            upgrading_for_ms: Some(u64::try_from(window.as_millis()).unwrap_or(u64::MAX)),
+        }) else {
+            return;
+        };
+        let told = others.iter().map(|address| async {
+            self.client
+                .call(address, FrameKind::LeaseRequest, &notice, UPGRADE_NOTICE_TIMEOUT)
+                .await
+                .is_ok()
+        });
+        let told = futures::future::join_all(told).await;
+        let missed = told.iter().filter(|told| !**told).count();
+        if missed > 0 {
+            tracing::warn!(
+                missed,
+                members = others.len(),
+                "some members did not hear of this node's upgrade in place"
+            );
+        }
     }
 
     /// A quorum confirmed this node leads (after the call began): the index
@@ -164,7 +240,11 @@ impl Cluster {
             let address = self
                 .with_state(|state| state.nodes.get(&leader).map(|node| node.peer_address.clone()))
                 .ok_or_else(|| format!("the leader {leader} is not in the node table yet"))?;
-            let request = serde_json::to_vec(&LeaseRequest { node: self.local.id }).map_err(|e| e.to_string())?;
+            let request = serde_json::to_vec(&LeaseRequest {
+                node: self.local.id,
+                upgrading_for_ms: None,
+            })
+            .map_err(|e| e.to_string())?;
             match self
                 .client
                 .call(&address, FrameKind::LeaseRequest, &request, LEASE_RENEW_TIMEOUT)

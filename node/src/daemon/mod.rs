@@ -140,6 +140,7 @@ pub fn run(config: &NodeConfig) -> Result<()> {
             }
         });
     }
+    let upgrades = Arc::new(crate::handoff::Upgrades::default());
     let state = Arc::new(ApiState {
         volumes: Arc::clone(&volumes),
         cluster: Arc::clone(&cluster),
@@ -147,18 +148,22 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         engine: Arc::clone(&engine),
         node: {
             let attach = Arc::clone(&attach);
+            let upgrades = Arc::clone(&upgrades);
             Box::new(move || {
                 let mut status = node_status(node_uuid, &status_cluster, &status_engine, &status_volumes);
                 (status.attach_backend, status.attach_note) = attach.describe();
+                status.upgrade = upgrades.last();
                 status
             })
         },
         attach: Arc::clone(&attach),
         data: Arc::clone(&data),
         audit: Arc::new(crate::audit::AuditLog::in_dir(&config.data_dir)),
+        upgrades: Arc::clone(&upgrades),
     });
     let served = runtime.block_on(serve(config, state, Arc::clone(&volumes), Arc::clone(&cluster)));
-    // Loop devices and the FUSE mount go while the runtime still answers their I/O.
+    // Loop devices and the FUSE mount go while the runtime still answers
+    // their I/O (after a hand-over there are none left here).
     attach.shutdown();
     if let Err(error) = runtime.block_on(cluster.raft.shutdown()) {
         tracing::warn!(%error, "raft did not stop cleanly");
@@ -175,9 +180,39 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         }
     }
     drop(data);
-    served?;
-    tracing::info!("node stopped");
-    Ok(())
+    match served? {
+        Ending::Stopped => {
+            tracing::info!("node stopped");
+            Ok(())
+        }
+        Ending::Upgrade(upgrade) => {
+            let Upgrade {
+                order,
+                listeners,
+                attach,
+                paused_at,
+                previous_binary,
+            } = *upgrade;
+            let error = crate::handoff::exec_new(&order, listeners, attach, previous_binary, paused_at);
+            bail!("upgrade in place failed: {error}")
+        }
+    }
+}
+
+/// How serving ended.
+enum Ending {
+    /// A stop signal.
+    Stopped,
+    /// An upgrade in place: what to hand the new binary.
+    Upgrade(Box<Upgrade>),
+}
+
+struct Upgrade {
+    order: crate::handoff::Order,
+    listeners: crate::handoff::KeptListeners,
+    attach: crate::attach::AttachHandoff,
+    paused_at: u64,
+    previous_binary: std::os::fd::OwnedFd,
 }
 
 /// What this node tells its peers about itself (in pongs).
@@ -282,6 +317,7 @@ fn node_status(node_uuid: uuid::Uuid, cluster: &Cluster, engine: &Engine, volume
         drains: volumes.drains(),
         attach_backend: String::new(),
         attach_note: None,
+        upgrade: None,
     }
 }
 
@@ -300,7 +336,27 @@ fn raise_open_file_limit() {
     }
 }
 
-async fn bind(what: &str, address: std::net::SocketAddr) -> Result<TcpListener> {
+/// The listener of `address`: the one a previous binary of this process
+/// handed over (`inherited`) when it is still that address's, else a new one.
+async fn bind(what: &str, address: std::net::SocketAddr, inherited: Option<std::os::fd::RawFd>) -> Result<TcpListener> {
+    if let Some(fd) = inherited {
+        let adopted = kernel_iface::process::inherited_listener(fd).and_then(|listener| {
+            listener.set_nonblocking(true)?;
+            TcpListener::from_std(listener)
+        });
+        match adopted {
+            Ok(listener) if listener.local_addr().is_ok_and(|local| local == address) => {
+                tracing::info!(%address, "{what} listener taken over from the previous binary");
+                return Ok(listener);
+            }
+            Ok(listener) => {
+                tracing::info!(%address, previous = ?listener.local_addr().ok(), "{what} listener of the previous binary is another address: closed");
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot take over the previous binary's {what} listener; listening anew")
+            }
+        }
+    }
     match TcpListener::bind(address).await {
         Ok(listener) => Ok(listener),
         Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {
@@ -313,12 +369,22 @@ async fn bind(what: &str, address: std::net::SocketAddr) -> Result<TcpListener> 
     }
 }
 
-async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>, cluster: Arc<Cluster>) -> Result<()> {
-    let api_listener = bind("API", config.listen_api).await?;
+async fn serve(
+    config: &NodeConfig,
+    state: Arc<ApiState>,
+    volumes: Arc<Volumes>,
+    cluster: Arc<Cluster>,
+) -> Result<Ending> {
+    let handoff = crate::handoff::inherited();
+    let inherited = handoff.map(|handoff| handoff.listeners).unwrap_or_default();
+    let api_listener = bind("API", config.listen_api, inherited.api).await?;
     // The CLI on this host finds the admin token through it (until the node stops).
     let _local_record = crate::local_nodes::record(config.listen_api, &config.data_dir);
-    let nbd_listener = bind("NBD", config.listen_nbd).await?;
-    let peer_listener = bind("Peer", config.listen_peer).await?;
+    let nbd_listener = bind("NBD", config.listen_nbd, inherited.nbd).await?;
+    let peer_listener = bind("Peer", config.listen_peer, inherited.peer).await?;
+    let kept = crate::handoff::KeptListeners::keep(&api_listener, &nbd_listener, &peer_listener)
+        .context("cannot keep the listening sockets for an upgrade in place")?;
+    let (attach, upgrades) = (Arc::clone(&state.attach), Arc::clone(&state.upgrades));
     let (stop_sender, stop) = watch::channel(false);
     let peer = tokio::spawn(crate::peer::server::serve(
         peer_listener,
@@ -341,7 +407,12 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>,
     nbd_security.audit = Some(Arc::clone(&state.audit));
     let nbd_security = Arc::new(nbd_security);
     let nbd_scheme = if nbd_security.required { "nbds" } else { "nbd" };
-    let nbd = tokio::spawn(crate::nbd::serve(nbd_listener, volumes, nbd_security, stop.clone()));
+    let nbd = tokio::spawn(crate::nbd::serve(
+        nbd_listener,
+        Arc::clone(&volumes),
+        nbd_security,
+        stop.clone(),
+    ));
     let api = tokio::spawn(crate::api::serve::serve(
         api_listener,
         crate::api::router(state),
@@ -355,8 +426,23 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>,
         cluster = %cluster.cluster_id().map_or_else(|| "none (run `ballast cluster init` or `ballast cluster join`)".to_owned(), |id| id.to_string()),
         "ballast node ready"
     );
-    wait_for_stop_signal().await?;
-    tracing::info!("stop signal: closing listeners and connections");
+    if let Some(handoff) = handoff {
+        // Last, then disarm at once: a failure before this runs the old
+        // binary again, and the session's descriptor must still be open then.
+        if let Err(error) = attach.adopt(&handoff.attach, &volumes) {
+            crate::handoff::roll_back(&error);
+            bail!("cannot take the attached devices over: {error}");
+        }
+        if let Some(record) = crate::handoff::disarm() {
+            upgrades.record(record);
+        }
+        cluster.announce_upgrade(Duration::ZERO).await;
+    }
+    let ending = wait_for_stop_or_upgrade(&cluster, &attach, &upgrades).await?;
+    match &ending {
+        None => tracing::info!("stop signal: closing listeners and connections"),
+        Some(_) => tracing::info!("upgrade in place: closing connections, keeping the listening sockets"),
+    }
     let _ = stop_sender.send(true);
     let drained = tokio::time::timeout(DRAIN_TIMEOUT, async {
         let _ = nbd.await;
@@ -368,16 +454,52 @@ async fn serve(config: &NodeConfig, state: Arc<ApiState>, volumes: Arc<Volumes>,
     if drained.is_err() {
         tracing::warn!("connections did not finish within {DRAIN_TIMEOUT:?}; closing them");
     }
-    Ok(())
+    Ok(match ending {
+        None => Ending::Stopped,
+        Some((order, attach, paused_at)) => {
+            let previous_binary =
+                crate::handoff::open_running_binary().context("cannot open the running binary (for a rollback)")?;
+            Ending::Upgrade(Box::new(Upgrade {
+                order,
+                listeners: kept,
+                attach,
+                paused_at,
+                previous_binary,
+            }))
+        }
+    })
 }
 
-async fn wait_for_stop_signal() -> Result<()> {
+/// Serves until a stop signal (None) or an upgrade whose attached devices
+/// were handed over (the order, them, and when they paused). An upgrade
+/// that cannot hand them over is refused and serving goes on.
+async fn wait_for_stop_or_upgrade(
+    cluster: &Arc<Cluster>,
+    attach: &Arc<crate::attach::HostAttach>,
+    upgrades: &Arc<crate::handoff::Upgrades>,
+) -> Result<Option<(crate::handoff::Order, crate::attach::AttachHandoff, u64)>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
-    tokio::select! {
-        _ = terminate.recv() => {}
-        _ = interrupt.recv() => {}
+    loop {
+        let order = tokio::select! {
+            _ = terminate.recv() => return Ok(None),
+            _ = interrupt.recv() => return Ok(None),
+            order = upgrades.ordered() => order,
+        };
+        tracing::info!(binary = %order.binary.display(), to = %order.to_version, "upgrade in place: handing attached devices over");
+        cluster.announce_upgrade(crate::handoff::UPGRADE_WINDOW).await;
+        let paused_at = crate::handoff::now_unix_ms();
+        let handing = Arc::clone(attach);
+        let handed = tokio::task::spawn_blocking(move || handing.hand_over(crate::handoff::DRAIN_ATTACHED))
+            .await
+            .unwrap_or_else(|error| Err(format!("the hand-over task failed: {error}")));
+        match handed {
+            Ok(handed) => return Ok(Some((order, handed, paused_at))),
+            Err(reason) => {
+                upgrades.refused(&order, reason);
+                cluster.announce_upgrade(Duration::ZERO).await;
+            }
+        }
     }
-    Ok(())
 }

@@ -93,7 +93,9 @@ impl Speaks {
         }
     }
 
-    fn new_local(version: String, min: u16, max: u16) -> Self {
+    /// A build's, as it describes itself (`ballast version --json`).
+    #[must_use]
+    pub fn new_local(version: String, min: u16, max: u16) -> Self {
         Self { version, min, max }
     }
 

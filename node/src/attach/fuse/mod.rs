@@ -55,6 +55,11 @@ const FALLOCATE_BYTES_MAX: u64 = 1 << 40;
 pub struct Files {
     /// Inode → volume; inode = volume id + 1 (ids are never reused).
     by_inode: RwLock<BTreeMap<u64, Arc<Volume>>>,
+    /// Until then, I/O on a volume not served yet waits for it instead of
+    /// failing: a node that took its devices over from the binary it
+    /// replaced (an upgrade in place) serves them once it is back in its
+    /// cluster, a moment after it reads their first requests.
+    wait_for_serving_until: parking_lot::Mutex<Option<Instant>>,
 }
 
 impl Files {
@@ -64,6 +69,11 @@ impl Files {
 
     pub fn remove(&self, name: &str) {
         self.by_inode.write().retain(|_, volume| volume.name != name);
+    }
+
+    /// Forgets every file (their volumes are released).
+    pub fn clear(&self) {
+        self.by_inode.write().clear();
     }
 
     /// The volume attached under `name`, if any.
@@ -79,15 +89,28 @@ impl Files {
         self.by_inode.read().get(&inode).cloned()
     }
 
+    /// Lets I/O on volumes not served yet wait until `deadline` (see
+    /// `wait_for_serving_until`).
+    pub fn wait_for_serving(&self, deadline: Instant) {
+        *self.wait_for_serving_until.lock() = Some(deadline);
+    }
+
     /// The volume of `inode` for I/O: only while this node serves it (after
-    /// a forced failover elsewhere, its old host gets errors, not stale data).
-    fn serving(&self, inode: u64) -> Result<Arc<Volume>, i32> {
+    /// a forced failover elsewhere, its old host gets errors, not stale
+    /// data); with a deadline to wait for it to be served (after an upgrade
+    /// in place) when that window is open.
+    fn serving(&self, inode: u64) -> Result<(Arc<Volume>, Option<Instant>), i32> {
         let volume = self.get(inode).ok_or(libc::ENOENT)?;
         if volume.is_served() {
-            Ok(volume)
-        } else {
-            tracing::warn!(volume = %volume.name, "I/O on an attached device of a volume this node no longer serves: refused");
-            Err(libc::EIO)
+            return Ok((volume, None));
+        }
+        let window = *self.wait_for_serving_until.lock();
+        match window.filter(|deadline| Instant::now() < *deadline) {
+            Some(deadline) => Ok((volume, Some(deadline))),
+            None => {
+                tracing::warn!(volume = %volume.name, "I/O on an attached device of a volume this node no longer serves: refused");
+                Err(libc::EIO)
+            }
         }
     }
 
@@ -98,6 +121,21 @@ impl Files {
             .find(|volume| volume.name.as_bytes() == name)
             .cloned()
     }
+}
+
+/// Waits until `volume` is served or `deadline` passes (then EIO).
+async fn served_by(volume: &Volume, deadline: Option<Instant>) -> Result<(), i32> {
+    let Some(deadline) = deadline else {
+        return Ok(());
+    };
+    while !volume.is_served() {
+        if Instant::now() >= deadline {
+            tracing::warn!(volume = %volume.name, "an attached device's volume was not served again in time after the node's upgrade: EIO");
+            return Err(libc::EIO);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
 }
 
 /// The errno a failed volume request answers (every backend).
@@ -266,8 +304,8 @@ impl AttachFs {
     }
 
     fn read(&self, inode: u64, offset: u64, size: u32) -> Answer {
-        let volume = match self.files.serving(inode) {
-            Ok(volume) => volume,
+        let (volume, wait) = match self.files.serving(inode) {
+            Ok(serving) => serving,
             Err(errno) => return Answer::Now(Reply::error(errno)),
         };
         // Reads past the end return what there is (a file's semantics).
@@ -276,6 +314,9 @@ impl AttachFs {
             return Answer::Now(Reply::ok(Body::Empty));
         }
         Answer::Later(Box::pin(async move {
+            if let Err(errno) = served_by(&volume, wait).await {
+                return Reply::error(errno);
+            }
             match volume.counted(Op::Read, len, volume.read(offset, len)).await {
                 Ok(data) => Reply::ok(Body::Read(data)),
                 Err(error) => {
@@ -287,8 +328,8 @@ impl AttachFs {
     }
 
     fn write(&self, inode: u64, offset: u64, len: usize, own: impl FnOnce() -> bytes::Bytes) -> Answer {
-        let volume = match self.files.serving(inode) {
-            Ok(volume) => volume,
+        let (volume, wait) = match self.files.serving(inode) {
+            Ok(serving) => serving,
             Err(errno) => return Answer::Now(Reply::error(errno)),
         };
         let written = u32::try_from(len).unwrap_or(u32::MAX);
@@ -296,6 +337,9 @@ impl AttachFs {
         let data = own();
         // Every acknowledged write is durable (and replicated): FUA is implicit.
         Answer::Later(Box::pin(async move {
+            if let Err(errno) = served_by(&volume, wait).await {
+                return Reply::error(errno);
+            }
             match volume
                 .counted(Op::Write, u64::from(written), volume.write(offset, data))
                 .await
@@ -312,8 +356,8 @@ impl AttachFs {
     /// The loop device sends discards as punch-hole and write-zeroes as
     /// zero-range (or punch-hole when it may unmap).
     fn fallocate(&self, inode: u64, offset: u64, length: u64, mode: u32) -> Answer {
-        let volume = match self.files.serving(inode) {
-            Ok(volume) => volume,
+        let (volume, wait) = match self.files.serving(inode) {
+            Ok(serving) => serving,
             Err(errno) => return Answer::Now(Reply::error(errno)),
         };
         let end = offset.saturating_add(length).min(volume.size_bytes());
@@ -331,6 +375,9 @@ impl AttachFs {
             return Answer::Now(Reply::ok(Body::Empty));
         }
         Answer::Later(Box::pin(async move {
+            if let Err(errno) = served_by(&volume, wait).await {
+                return Reply::error(errno);
+            }
             let op = if allocate { Op::WriteZeroes } else { Op::Trim };
             match volume
                 .counted(op, end - offset, volume.write_zeroes(offset, end - offset, allocate))
@@ -422,12 +469,36 @@ pub struct Init {
     pub done: uring::InitDone,
 }
 
+/// What a channel reader and the session share.
+#[derive(Default)]
+struct Control {
+    /// Readers stop taking requests (an upgrade in place hands the session over).
+    pausing: std::sync::atomic::AtomicBool,
+    /// Requests read and not answered yet.
+    in_flight: std::sync::atomic::AtomicUsize,
+}
+
+/// A session handed to the next program of this process (an upgrade in
+/// place): the descriptor of its first channel, kept across `execve`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HandedOver {
+    pub fd: i32,
+    pub mountpoint: PathBuf,
+}
+
 /// A mounted attach filesystem and the threads serving its channels (and
 /// its io_uring queues, with FUSE over io_uring).
 pub struct Session {
     mountpoint: PathBuf,
+    /// The channels, and the thread reading each (same order).
+    channels: Vec<Arc<FuseChannel>>,
     threads: Vec<std::thread::JoinHandle<()>>,
     queues: Option<uring::Queues>,
+    filesystem: Arc<AttachFs>,
+    runtime: tokio::runtime::Handle,
+    control: Arc<Control>,
+    /// Given to the next program: not unmounted on drop.
+    handed_over: bool,
 }
 
 impl Session {
@@ -448,16 +519,6 @@ impl Session {
             )
         })?;
         let first = Arc::new(first);
-        let mut channels = vec![Arc::clone(&first)];
-        for _ in 1..channel_count.clamp(1, CHANNELS_MAX) {
-            match first.clone_channel() {
-                Ok(channel) => channels.push(Arc::new(channel)),
-                Err(error) => {
-                    tracing::warn!(%error, "cannot clone a FUSE channel; serving with fewer");
-                    break;
-                }
-            }
-        }
         let init = Arc::new(Init {
             want_uring: use_uring,
             done: uring::InitDone::default(),
@@ -474,42 +535,201 @@ impl Session {
         } else {
             None
         };
-        let mut threads = Vec::new();
-        for (index, channel) in channels.into_iter().enumerate() {
-            let filesystem = Arc::clone(&filesystem);
-            let runtime = runtime.clone();
-            let init = Arc::clone(&init);
-            let spawned = std::thread::Builder::new()
-                .name(format!("fuse-{index}"))
-                .spawn(move || serve_channel(&channel, &filesystem, &runtime, &init));
-            match spawned {
-                Ok(thread) => threads.push(thread),
+        let session = Self::serve(mountpoint, first, channel_count, queues, filesystem, runtime, &init);
+        if session.is_err() {
+            let _ = kernel_iface::fuse::unmount(mountpoint);
+        }
+        let session = session?;
+        tracing::info!(mountpoint = %mountpoint.display(), channels = session.threads.len(), io_uring = use_uring, "host attach FUSE filesystem mounted");
+        Ok(session)
+    }
+
+    /// Serves a session the program this process ran before handed over
+    /// (`hand_over`): the filesystem stays mounted, and requests the kernel
+    /// queued meanwhile are read now.
+    pub fn adopt(
+        handed: &HandedOver,
+        filesystem: Arc<AttachFs>,
+        runtime: &tokio::runtime::Handle,
+        channel_count: usize,
+    ) -> Result<Self, String> {
+        // The descriptor came across execve in the hand-over record.
+        let first = FuseChannel::from_inherited(handed.fd)
+            .map_err(|error| format!("cannot take over the attach filesystem's FUSE session: {error}"))?;
+        let session = Self::serve(
+            &handed.mountpoint,
+            Arc::new(first),
+            channel_count,
+            None,
+            filesystem,
+            runtime,
+            &Arc::new(Init::default()),
+        )?;
+        tracing::info!(mountpoint = %handed.mountpoint.display(), channels = session.threads.len(), "host attach FUSE session taken over from the previous binary");
+        Ok(session)
+    }
+
+    /// Clones channels of `first` and starts a reader on each.
+    fn serve(
+        mountpoint: &Path,
+        first: Arc<FuseChannel>,
+        channel_count: usize,
+        queues: Option<uring::Queues>,
+        filesystem: Arc<AttachFs>,
+        runtime: &tokio::runtime::Handle,
+        init: &Arc<Init>,
+    ) -> Result<Self, String> {
+        if let Err(error) = kernel_iface::process::install_wake_handler() {
+            tracing::warn!(%error, "cannot install the channel readers' wake-up signal: an upgrade in place will be refused");
+        }
+        let mut channels = vec![Arc::clone(&first)];
+        for _ in 1..channel_count.clamp(1, CHANNELS_MAX) {
+            match first.clone_channel() {
+                Ok(channel) => channels.push(Arc::new(channel)),
+                Err(error) => {
+                    tracing::warn!(%error, "cannot clone a FUSE channel; serving with fewer");
+                    break;
+                }
+            }
+        }
+        let control = Arc::new(Control::default());
+        let mut session = Self {
+            mountpoint: mountpoint.to_owned(),
+            channels: Vec::new(),
+            threads: Vec::new(),
+            queues,
+            filesystem,
+            runtime: runtime.clone(),
+            control,
+            handed_over: false,
+        };
+        for channel in channels {
+            match session.start_reader(&channel, init) {
+                Ok(thread) => {
+                    session.channels.push(channel);
+                    session.threads.push(thread);
+                }
                 Err(error) => tracing::warn!(%error, "cannot start a FUSE channel thread"),
             }
         }
-        if threads.is_empty() {
-            let _ = kernel_iface::fuse::unmount(mountpoint);
+        if session.threads.is_empty() {
+            session.handed_over = true; // nothing to stop; the caller unmounts
             return Err("no FUSE channel thread could start".into());
         }
-        tracing::info!(mountpoint = %mountpoint.display(), channels = threads.len(), io_uring = use_uring, "host attach FUSE filesystem mounted");
-        Ok(Self {
-            mountpoint: mountpoint.to_owned(),
-            threads,
-            queues,
-        })
+        Ok(session)
     }
-}
 
-impl Session {
+    fn start_reader(
+        &self,
+        channel: &Arc<FuseChannel>,
+        init: &Arc<Init>,
+    ) -> std::io::Result<std::thread::JoinHandle<()>> {
+        let (channel, filesystem, runtime) = (Arc::clone(channel), Arc::clone(&self.filesystem), self.runtime.clone());
+        let (init, control) = (Arc::clone(init), Arc::clone(&self.control));
+        std::thread::Builder::new()
+            .name(format!("fuse-{}", self.threads.len()))
+            .spawn(move || serve_channel(&channel, &filesystem, &runtime, &init, &control))
+    }
+
     /// Whether requests come through io_uring queues.
     #[must_use]
     pub fn over_uring(&self) -> bool {
         self.queues.is_some()
     }
+
+    /// Stops reading requests, answers every request already read, and
+    /// gives the session's first channel up so that it survives `execve`
+    /// (an upgrade in place). The filesystem stays mounted: requests the
+    /// kernel gets meanwhile wait for the next program. On failure (FUSE
+    /// over io_uring, a reader or a request that does not finish within
+    /// `timeout`) the session serves on and says why.
+    /// After success the session is inert: dropping it leaves the
+    /// filesystem mounted.
+    pub fn hand_over(&mut self, timeout: Duration) -> Result<HandedOver, String> {
+        use std::os::unix::thread::JoinHandleExt;
+        use std::sync::atomic::Ordering;
+        if self.queues.is_some() {
+            return Err("the attach filesystem is served over io_uring, whose queues do not survive execve: detach its devices or restart the node instead".into());
+        }
+        let deadline = Instant::now() + timeout;
+        self.control.pausing.store(true, Ordering::SeqCst);
+        // A reader blocked in read(2) returns EINTR when woken and then sees
+        // `pausing`; one that got a request first serves it, then stops.
+        while self.threads.iter().any(|thread| !thread.is_finished()) {
+            if Instant::now() >= deadline {
+                self.resume();
+                return Err(format!("the FUSE channel readers did not stop within {timeout:?}"));
+            }
+            for thread in self.threads.iter().filter(|thread| !thread.is_finished()) {
+                let _ = kernel_iface::process::wake_thread(thread.as_pthread_t());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        while self.control.in_flight.load(Ordering::SeqCst) > 0 {
+            if Instant::now() >= deadline {
+                self.resume();
+                return Err(format!("requests of attached devices still ran after {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // An answered request's task drops its channel just after answering.
+        while self.channels.iter().any(|channel| Arc::strong_count(channel) > 1) {
+            if Instant::now() >= deadline {
+                self.resume();
+                return Err(format!(
+                    "answered requests still held their FUSE channels after {timeout:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut channels = std::mem::take(&mut self.channels);
+        let first = channels.remove(0);
+        let first = Arc::into_inner(first).expect("no other holder (checked above)");
+        match first.into_inherited() {
+            Ok(fd) => {
+                for thread in std::mem::take(&mut self.threads) {
+                    let _ = thread.join();
+                }
+                drop(channels); // clones: the session lives on in the first channel
+                self.handed_over = true;
+                Ok(HandedOver {
+                    fd,
+                    mountpoint: self.mountpoint.clone(),
+                })
+            }
+            Err((first, error)) => {
+                channels.insert(0, Arc::new(first));
+                self.channels = channels;
+                self.resume();
+                Err(format!(
+                    "cannot keep the FUSE session's descriptor across execve: {error}"
+                ))
+            }
+        }
+    }
+
+    /// Readers start again on every channel whose reader stopped.
+    fn resume(&mut self) {
+        self.control.pausing.store(false, std::sync::atomic::Ordering::SeqCst);
+        let init = Arc::new(Init::default());
+        for index in 0..self.threads.len() {
+            if self.threads[index].is_finished() {
+                match self.start_reader(&Arc::clone(&self.channels[index]), &init) {
+                    Ok(thread) => {
+                        let _ = std::mem::replace(&mut self.threads[index], thread).join();
+                    }
+                    Err(error) => tracing::error!(%error, "cannot restart a FUSE channel reader"),
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Session {
     fn drop(&mut self) {
+        if self.handed_over {
+            return;
+        }
         // Abort first: requests still queued fail at once, and every channel reads Ended.
         let _ = kernel_iface::fuse::abort(&self.mountpoint);
         if let Err(error) = kernel_iface::fuse::unmount(&self.mountpoint) {
@@ -539,11 +759,21 @@ pub(crate) fn join_bounded(threads: Vec<std::thread::JoinHandle<()>>, timeout: D
 }
 
 /// Reads requests from one channel until the filesystem goes away.
-fn serve_channel(channel: &Arc<FuseChannel>, filesystem: &AttachFs, runtime: &tokio::runtime::Handle, init: &Init) {
+fn serve_channel(
+    channel: &Arc<FuseChannel>,
+    filesystem: &AttachFs,
+    runtime: &tokio::runtime::Handle,
+    init: &Init,
+    control: &Arc<Control>,
+) {
+    use std::sync::atomic::Ordering;
     // Requests are polled here first (`spawn_polled_here`), inside the runtime.
     let _context = runtime.enter();
     let mut buffer = vec![0u8; REQUEST_BUFFER_BYTES];
     loop {
+        if control.pausing.load(Ordering::SeqCst) {
+            return;
+        }
         let count = match channel.receive(&mut buffer) {
             Ok(Received::Request(count)) => count,
             Ok(Received::Again) => continue,
@@ -598,9 +828,13 @@ fn serve_channel(channel: &Arc<FuseChannel>, filesystem: &AttachFs, runtime: &to
             Answer::Later(pending) => {
                 // Handed to the reactor from this thread; answered from wherever it completes.
                 let channel = Arc::clone(channel);
+                let control = Arc::clone(control);
+                control.in_flight.fetch_add(1, Ordering::SeqCst);
                 crate::in_flight::spawn_polled_here(runtime, async move {
                     let reply = pending.await;
                     send(&channel, header.unique, &reply);
+                    drop(channel);
+                    control.in_flight.fetch_sub(1, Ordering::SeqCst);
                 });
             }
             Answer::Nothing => {}
