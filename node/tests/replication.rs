@@ -122,6 +122,7 @@ fn a_repl3_volume_loses_a_replica_then_its_coordinator_and_every_acknowledged_wr
         queue_depth: 32,
         blocks: Some(4096),
         seed: 7,
+        reconnect_within: None,
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let load_writer = runtime.spawn(async move { load_check::write_load(&load).await });

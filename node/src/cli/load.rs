@@ -19,7 +19,8 @@ pub struct NbdWriteLoadArgs {
     /// File the writer logs every write sent and every acknowledgement to (replaced).
     #[arg(long)]
     pub ack_log: PathBuf,
-    /// Stop after this many seconds (earlier when the connection is cut).
+    /// Stop after this many seconds (earlier when the connection is cut, unless it comes back
+    /// within --reconnect-within).
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
     /// Writes kept in flight on the connection.
@@ -31,6 +32,19 @@ pub struct NbdWriteLoadArgs {
     /// Seeds the choice of blocks (and tags the blocks of this load).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// When the connection is cut, connect again (every 100 ms) for up to this many seconds
+    /// after the cut and go on writing; writes in flight at the cut stay unacknowledged in the
+    /// log and their blocks are not written again (default: a cut ends the load).
+    #[arg(long, value_name = "SECONDS", value_parser = parse_seconds)]
+    pub reconnect_within: Option<Duration>,
+}
+
+/// Seconds, fractions allowed ("2", "0.5").
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds).map_err(|_| format!("{text:?} is not a number of seconds from 0 up"))
 }
 
 #[derive(Args, Debug)]
@@ -62,6 +76,7 @@ pub fn write(args: &NbdWriteLoadArgs) -> Result<ExitCode> {
         queue_depth: args.queue_depth,
         blocks: args.blocks,
         seed: args.seed,
+        reconnect_within: args.reconnect_within,
     };
     let summary = runtime()?.block_on(load_check::write_load(&load))?;
     println!("nbd-write-load: {summary}");
