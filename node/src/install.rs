@@ -109,6 +109,11 @@ Before=docker.service
 [Service]
 Type=simple
 ExecStart=/{BINARY} node run --config /{CONFIG}
+# `systemctl reload ballast-node` after the binary was replaced: the node
+# executes the new one in place; attached devices pause, never fail, and a
+# new binary that cannot start gives way to the old one (`ballast node upgrade`).
+ExecReload=/{BINARY} node upgrade --config /{CONFIG}
+TimeoutReloadSec=150
 Restart=on-failure
 RestartSec=2
 # A clean stop writes a final checkpoint (at most 30 s).
@@ -340,6 +345,9 @@ mod tests {
     #[test]
     fn the_units_run_the_installed_binary_with_the_installed_config() {
         assert!(node_unit().contains("ExecStart=/usr/local/bin/ballast node run --config /etc/ballast/ballast.toml"));
+        assert!(
+            node_unit().contains("ExecReload=/usr/local/bin/ballast node upgrade --config /etc/ballast/ballast.toml")
+        );
         assert!(plugin_unit().contains("ExecStart=/usr/local/bin/ballast plugin serve"));
         for unit in [node_unit(), plugin_unit()] {
             for private_mounts in ["PrivateTmp", "ProtectSystem", "ProtectHome", "ProtectKernel"] {

@@ -145,7 +145,7 @@ impl NbdDevice {
                 }
             };
             let (reader, writer) = stream.into_split();
-            if let Err(error) = crate::nbd::transmission::serve(reader, writer, session, "kernel-nbd").await {
+            if let Err(error) = crate::nbd::transmission::serve(reader, writer, session, "kernel-nbd", None).await {
                 tracing::warn!(volume = %name, %error, "kernel NBD client connection ended");
             }
         });

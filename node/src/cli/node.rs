@@ -71,6 +71,9 @@ pub enum NodeCommand {
         /// The node API to talk to (the node that upgrades).
         #[arg(long, env = "BALLAST_API", default_value = DEFAULT_API_URL)]
         api: String,
+        /// Talk to the node this config file describes (its listen_api) instead of --api.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// Give up waiting for the outcome after this many seconds.
         #[arg(long, default_value_t = 120)]
         timeout_s: u64,
@@ -222,7 +225,18 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         NodeCommand::Inspect { id, api, json } => inspect(&api, id, json),
-        NodeCommand::Upgrade { binary, api, timeout_s } => upgrade(&api, binary, timeout_s),
+        NodeCommand::Upgrade {
+            binary,
+            api,
+            config,
+            timeout_s,
+        } => {
+            let api = match config {
+                Some(path) => api_of_config(&path)?,
+                None => api,
+            };
+            upgrade(&api, binary, timeout_s)
+        }
         NodeCommand::Status { api, json } => {
             let status: NodeStatus = ApiClient::new(&api).get("/v1/node")?;
             if json {
@@ -285,6 +299,28 @@ pub fn run(command: NodeCommand) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// The API URL of the node a config file describes (a wildcard address is
+/// reached on loopback).
+fn api_of_config(path: &std::path::Path) -> Result<String> {
+    let text = ConfigFile::load(path)?
+        .listen_api
+        .unwrap_or_else(|| crate::daemon::config::DEFAULT_LISTEN_API.into());
+    let mut address: std::net::SocketAddr = text.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "{}: listen_api {text:?} is not an address like 127.0.0.1:9410",
+            path.display()
+        )
+    })?;
+    if address.ip().is_unspecified() {
+        address.set_ip(if address.is_ipv4() {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        });
+    }
+    Ok(format!("http://{address}"))
 }
 
 /// `node upgrade`: orders it, then follows the node until it answers with the outcome.
@@ -453,4 +489,21 @@ fn follow_decommission(api: &str, id: u64, done: &std::sync::atomic::AtomicBool)
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
     bar.finish_and_clear();
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn node_upgrade_with_a_config_file_talks_to_its_listen_api_and_reaches_a_wildcard_on_loopback() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ballast.toml");
+        std::fs::write(&path, "listen_api = \"0.0.0.0:9555\"\n").unwrap();
+        assert_eq!(super::api_of_config(&path).unwrap(), "http://127.0.0.1:9555");
+        std::fs::write(&path, "listen_api = \"10.1.2.3:9410\"\n").unwrap();
+        assert_eq!(super::api_of_config(&path).unwrap(), "http://10.1.2.3:9410");
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(super::api_of_config(&path).unwrap(), "http://127.0.0.1:9410");
+        std::fs::write(&path, "listen_apis = 1\n").unwrap();
+        assert!(super::api_of_config(&path).is_err());
+    }
 }

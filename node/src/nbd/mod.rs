@@ -82,8 +82,16 @@ pub async fn serve(
             }
         });
     }
+    // Connections answer what they read, then close (`transmission::serve`).
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
+        while connections.join_next().await.is_some() {}
+    })
+    .await;
     connections.shutdown().await;
 }
+
+/// How long stopping waits for connections to answer what they read.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 async fn connection(
     stream: tokio::net::TcpStream,
@@ -158,7 +166,7 @@ async fn transmit<R, W>(
     session: handshake::Session,
     peer: &str,
     security: &str,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) -> Result<(), NbdError>
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
@@ -168,12 +176,7 @@ where
     tracing::info!(peer, volume = %session.volume.name, structured = session.structured_replies, security, "NBD client connected");
     let volume = Arc::clone(&session.volume);
     let peer_name = peer.to_owned();
-    let served = async move {
-        tokio::select! {
-            result = transmission::serve(reader, writer, session, &peer_name) => result,
-            _ = stop.changed() => Ok(()),
-        }
-    };
+    let served = async move { transmission::serve(reader, writer, session, &peer_name, Some(stop)).await };
     // On the reactor of the volume's disk: its requests reach the store and
     // their answers come back on that thread (no hop each way).
     let host = volume.engine().host_of_disk(volume.disk_index());

@@ -243,7 +243,18 @@ struct Connection {
 }
 
 /// Serves requests until the client disconnects or breaks the protocol.
-pub async fn serve<R, W>(reader: R, mut writer: W, session: Session, peer: &str) -> Result<(), NbdError>
+///
+/// When `stop` turns true the connection ends cleanly: no request is read
+/// after it, every request already read is answered and the answers
+/// flushed, then the socket is shut down (a client sees a disconnect
+/// between requests, never a request left without its answer).
+pub async fn serve<R, W>(
+    reader: R,
+    mut writer: W,
+    session: Session,
+    peer: &str,
+    mut stop: Option<tokio::sync::watch::Receiver<bool>>,
+) -> Result<(), NbdError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -261,6 +272,7 @@ where
     };
     loop {
         let reading = connection.ended.is_none() && connection.has_room();
+        let running = connection.ended.is_none();
         if connection.ended.is_some()
             && connection.in_flight.is_empty()
             && connection.outbox.is_empty()
@@ -296,6 +308,10 @@ where
                     Err(e) => connection.ended = Some(Err(e.into())),
                 }
             }
+            () = stopped(&mut stop), if running => {
+                tracing::debug!(peer, "NBD connection stops: answering what it read, then closing");
+                connection.ended = Some(Ok(()));
+            }
         }
     }
     let _ = writer.shutdown().await;
@@ -304,6 +320,16 @@ where
         tracing::debug!(peer, %error, "NBD connection ended");
     }
     result
+}
+
+/// Resolves once `stop` is (or turns) true; never without one.
+async fn stopped(stop: &mut Option<tokio::sync::watch::Receiver<bool>>) {
+    match stop {
+        Some(stop) => {
+            let _ = stop.wait_for(|stopped| *stopped).await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// Sends what `slices` hold (`Some(bytes sent)`), or flushes when they are
