@@ -112,8 +112,8 @@ ExecStart=/{BINARY} node run --config /{CONFIG}
 # `systemctl reload ballast-node` after the binary was replaced: the node
 # executes the new one in place; attached devices pause, never fail, and a
 # new binary that cannot start gives way to the old one (`ballast node upgrade`).
-ExecReload=/{BINARY} node upgrade --config /{CONFIG}
-TimeoutReloadSec=150
+# (within systemd's 90 s for a reload)
+ExecReload=/{BINARY} node upgrade --config /{CONFIG} --timeout-s 80
 Restart=on-failure
 RestartSec=2
 # A clean stop writes a final checkpoint (at most 30 s).
