@@ -208,7 +208,11 @@ pub fn install_wake_handler() -> std::io::Result<()> {
 }
 
 /// Interrupts a blocking system call of `thread` (see `install_wake_handler`).
-pub fn wake_thread(thread: libc::pthread_t) -> std::io::Result<()> {
+pub fn wake_thread(thread: std::os::unix::thread::RawPthread) -> std::io::Result<()> {
+    // std's thread id is a u64; libc's pthread_t is a u64 on glibc and a
+    // pointer on musl: the same value either way.
+    #[allow(clippy::unnecessary_cast, clippy::cast_possible_truncation)]
+    let thread = thread as libc::pthread_t;
     // SAFETY: pthread_kill(3) on a thread id the caller holds a join handle
     // of (so it has not been reaped); the handler installed does nothing.
     let done = unsafe { libc::pthread_kill(thread, WAKE_SIGNAL) };
