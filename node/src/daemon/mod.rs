@@ -385,6 +385,19 @@ async fn serve(
     let kept = crate::handoff::KeptListeners::keep(&api_listener, &nbd_listener, &peer_listener)
         .context("cannot keep the listening sockets for an upgrade in place")?;
     let (attach, upgrades) = (Arc::clone(&state.attach), Arc::clone(&state.upgrades));
+    if let Some(handoff) = handoff {
+        // Last of what can fail, then disarm at once: a failure before this
+        // runs the old binary again, and the session's descriptor must still
+        // be open then. Before the API serves: an attach must find the
+        // session taken over, not mount a second one.
+        if let Err(error) = attach.adopt(&handoff.attach, &volumes) {
+            crate::handoff::roll_back(&error);
+            bail!("cannot take the attached devices over: {error}");
+        }
+        if let Some(record) = crate::handoff::disarm() {
+            upgrades.record(record);
+        }
+    }
     let (stop_sender, stop) = watch::channel(false);
     let peer = tokio::spawn(crate::peer::server::serve(
         peer_listener,
@@ -426,16 +439,8 @@ async fn serve(
         cluster = %cluster.cluster_id().map_or_else(|| "none (run `ballast cluster init` or `ballast cluster join`)".to_owned(), |id| id.to_string()),
         "ballast node ready"
     );
-    if let Some(handoff) = handoff {
-        // Last, then disarm at once: a failure before this runs the old
-        // binary again, and the session's descriptor must still be open then.
-        if let Err(error) = attach.adopt(&handoff.attach, &volumes) {
-            crate::handoff::roll_back(&error);
-            bail!("cannot take the attached devices over: {error}");
-        }
-        if let Some(record) = crate::handoff::disarm() {
-            upgrades.record(record);
-        }
+    if handoff.is_some() {
+        // The members held off failing this node's volumes over: it is back.
         cluster.announce_upgrade(Duration::ZERO).await;
     }
     let ending = wait_for_stop_or_upgrade(&cluster, &attach, &upgrades).await?;
