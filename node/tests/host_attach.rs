@@ -789,6 +789,18 @@ fn fuse_over_io_uring_serves_attached_devices_loses_no_acknowledged_write_and_is
         "fio verify through FUSE over io_uring: {}",
         text(&fio)
     );
+    // Its queues cannot be handed to a new binary: an upgrade in place is
+    // refused, naming the backend, and the node serves on in its process.
+    let pid = node.pid();
+    let refused = node.cli(&["node", "upgrade", "--binary", env!("CARGO_BIN_EXE_ballast")]);
+    assert!(!refused.status.success(), "{}", text(&refused));
+    assert!(
+        text(&refused).contains("fuse-uring") && text(&refused).contains("detach them first"),
+        "{}",
+        text(&refused)
+    );
+    assert_eq!(node.pid(), pid);
+    assert!(node.status()["upgrade"].is_null(), "{}", node.status());
     let cpu_of = |prefix: &str| -> u64 {
         std::fs::read_dir(format!("/proc/{}/task", node.pid()))
             .unwrap()
