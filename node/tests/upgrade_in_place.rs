@@ -21,6 +21,7 @@ use node::nbd::client::ExportUri;
 
 use common::cluster::TestCluster;
 use common::node::{run_with_timeout, TestNode};
+use common::plugin::AttachLeftovers;
 use common::{host_attach_available, text};
 
 const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -29,23 +30,6 @@ const FIO_ROUNDS_MAX: usize = 200;
 const NEW_VERSION: &str = "0.99.0-upgrade-test";
 /// The NBD load runs this long: every node's upgrade fits in it.
 const LOAD_TIME: Duration = Duration::from_secs(20);
-
-/// Unmounts and detaches on a failed test too (the nodes are stopped by pid).
-struct Leftovers {
-    mountpoint: PathBuf,
-    fuse_dir: PathBuf,
-    device: Option<PathBuf>,
-}
-
-impl Drop for Leftovers {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mountpoint).output();
-        if let Some(device) = &self.device {
-            let _ = Command::new("losetup").arg("-d").arg(device).output();
-        }
-        let _ = Command::new("umount").arg("-l").arg(&self.fuse_dir).output();
-    }
-}
 
 /// A shell script standing in for another build: `body` runs the binary.
 fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
@@ -121,23 +105,20 @@ fn every_node_upgrades_in_place_under_io_with_no_device_error_and_no_lost_write(
     // The attached device: coordinated by node 0, a replica on every node.
     let (attacher, loader) = (&cluster.nodes[0], &cluster.nodes[1]);
     attacher.cli_ok(&["volume", "create", "files", "--size", "256MiB", "--repl", "3"]);
-    let mut leftovers = Leftovers {
-        mountpoint: attacher.dir.path().join("mnt"),
-        fuse_dir: attacher.data_dir.join("attach"),
-        device: None,
+    let mountpoint = attacher.dir.path().join("mnt");
+    // Unmounted and detached on a failed test too (the nodes are stopped by pid).
+    let _leftovers = AttachLeftovers {
+        mountpoints: vec![mountpoint.clone()],
+        fuse_dirs: vec![attacher.data_dir.join("attach")],
     };
     let device = attacher
         .cli_ok(&["volume", "attach", "files", "--device"])
         .trim()
         .to_owned();
-    leftovers.device = Some(PathBuf::from(&device));
     let mkfs = run_with_timeout(Command::new("mkfs.ext4").args(["-q", &device]), TOOL_TIMEOUT);
     assert!(mkfs.status.success(), "{}", text(&mkfs));
-    std::fs::create_dir_all(&leftovers.mountpoint).unwrap();
-    let mount = run_with_timeout(
-        Command::new("mount").arg(&device).arg(&leftovers.mountpoint),
-        TOOL_TIMEOUT,
-    );
+    std::fs::create_dir_all(&mountpoint).unwrap();
+    let mount = run_with_timeout(Command::new("mount").arg(&device).arg(&mountpoint), TOOL_TIMEOUT);
     assert!(mount.status.success(), "{}", text(&mount));
 
     // The NBD volume: coordinated by node 1.
@@ -187,7 +168,7 @@ fn every_node_upgrades_in_place_under_io_with_no_device_error_and_no_lost_write(
     // The loads.
     let stop = Arc::new(AtomicBool::new(false));
     let fio = {
-        let (directory, stop) = (leftovers.mountpoint.clone(), Arc::clone(&stop));
+        let (directory, stop) = (mountpoint.clone(), Arc::clone(&stop));
         std::thread::spawn(move || fio_rounds(directory, stop))
     };
     let ack_log = scratch.path().join("ack.log");
@@ -256,8 +237,7 @@ fn every_node_upgrades_in_place_under_io_with_no_device_error_and_no_lost_write(
     assert!(verified.acknowledgements > 100, "{verified}");
 
     // Clean up: the filesystem, then the device.
-    let unmount = run_with_timeout(Command::new("umount").arg(&leftovers.mountpoint), TOOL_TIMEOUT);
+    let unmount = run_with_timeout(Command::new("umount").arg(&mountpoint), TOOL_TIMEOUT);
     assert!(unmount.status.success(), "{}", text(&unmount));
     attacher.cli_ok(&["volume", "detach", "files"]);
-    leftovers.device = None;
 }

@@ -187,14 +187,7 @@ impl Cluster {
     /// answer within `UPGRADE_NOTICE_TIMEOUT` may fail them over after the
     /// usual silence.
     pub async fn announce_upgrade(&self, window: Duration) {
-        let others: Vec<String> = self.with_state(|state| {
-            state
-                .nodes
-                .values()
-                .filter(|node| node.id != self.local.id)
-                .map(|node| node.peer_address.clone())
-                .collect()
-        });
+        let others = self.other_members();
         let Ok(notice) = serde_json::to_vec(&LeaseRequest {
             node: self.local.id,
             upgrading_for_ms: Some(u64::try_from(window.as_millis()).unwrap_or(u64::MAX)),
@@ -298,18 +291,23 @@ impl Cluster {
         serde_json::to_vec(&ServingAnswer { serving }).map_err(|error| error.to_string())
     }
 
-    /// Whether every other member said it does not serve `name`: then a
-    /// new coordinator need not wait out a lease (a graceful move, the old
-    /// coordinator up). A member that does not answer may still hold one.
-    pub async fn others_released(&self, name: &str) -> bool {
-        let others: Vec<String> = self.with_state(|state| {
+    /// The peer addresses of every other member.
+    fn other_members(&self) -> Vec<String> {
+        self.with_state(|state| {
             state
                 .nodes
                 .values()
                 .filter(|node| node.id != self.local.id)
                 .map(|node| node.peer_address.clone())
                 .collect()
-        });
+        })
+    }
+
+    /// Whether every other member said it does not serve `name`: then a
+    /// new coordinator need not wait out a lease (a graceful move, the old
+    /// coordinator up). A member that does not answer may still hold one.
+    pub async fn others_released(&self, name: &str) -> bool {
+        let others = self.other_members();
         let Ok(query) = serde_json::to_vec(&ServingQuery {
             volume: name.to_owned(),
         }) else {

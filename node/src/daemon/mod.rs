@@ -461,28 +461,33 @@ async fn serve(
     }
     Ok(match ending {
         None => Ending::Stopped,
-        Some((order, attach, paused_at)) => {
-            let previous_binary =
-                crate::handoff::open_running_binary().context("cannot open the running binary (for a rollback)")?;
-            Ending::Upgrade(Box::new(Upgrade {
-                order,
-                listeners: kept,
-                attach,
-                paused_at,
-                previous_binary,
-            }))
-        }
+        Some((order, attach, paused_at, previous_binary)) => Ending::Upgrade(Box::new(Upgrade {
+            order,
+            listeners: kept,
+            attach,
+            paused_at,
+            previous_binary,
+        })),
     })
 }
 
+/// What an upgrade hands over: the order, the attached devices, when they
+/// paused, and the running binary (for a rollback).
+type HandedOver = (
+    crate::handoff::Order,
+    crate::attach::AttachHandoff,
+    u64,
+    std::os::fd::OwnedFd,
+);
+
 /// Serves until a stop signal (None) or an upgrade whose attached devices
-/// were handed over (the order, them, and when they paused). An upgrade
-/// that cannot hand them over is refused and serving goes on.
+/// were handed over. An upgrade that cannot hand them over is refused and
+/// serving goes on.
 async fn wait_for_stop_or_upgrade(
     cluster: &Arc<Cluster>,
     attach: &Arc<crate::attach::HostAttach>,
     upgrades: &Arc<crate::handoff::Upgrades>,
-) -> Result<Option<(crate::handoff::Order, crate::attach::AttachHandoff, u64)>> {
+) -> Result<Option<HandedOver>> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = signal(SignalKind::terminate()).context("cannot watch SIGTERM")?;
     let mut interrupt = signal(SignalKind::interrupt()).context("cannot watch SIGINT")?;
@@ -492,6 +497,17 @@ async fn wait_for_stop_or_upgrade(
             _ = interrupt.recv() => return Ok(None),
             order = upgrades.ordered() => order,
         };
+        // Before anything is handed over: a rollback needs it.
+        let previous_binary = match crate::handoff::open_running_binary() {
+            Ok(file) => file,
+            Err(error) => {
+                upgrades.refused(
+                    &order,
+                    format!("cannot open the running binary (/proc/self/exe) to roll back to: {error}"),
+                );
+                continue;
+            }
+        };
         tracing::info!(binary = %order.binary.display(), to = %order.to_version, "upgrade in place: handing attached devices over");
         cluster.announce_upgrade(crate::handoff::UPGRADE_WINDOW).await;
         let paused_at = crate::handoff::now_unix_ms();
@@ -500,7 +516,7 @@ async fn wait_for_stop_or_upgrade(
             .await
             .unwrap_or_else(|error| Err(format!("the hand-over task failed: {error}")));
         match handed {
-            Ok(handed) => return Ok(Some((order, handed, paused_at))),
+            Ok(handed) => return Ok(Some((order, handed, paused_at, previous_binary))),
             Err(reason) => {
                 upgrades.refused(&order, reason);
                 cluster.announce_upgrade(Duration::ZERO).await;
