@@ -27,7 +27,8 @@ pub enum DebugCommand {
     VerifyLoad(LoadArgs),
     /// Through NBD: random 4 KiB writes of self-describing blocks, many in
     /// flight on one connection; logs every write sent and every
-    /// acknowledgement (stops on time, or when the connection is cut).
+    /// acknowledgement (stops on time, or when the connection is cut and,
+    /// with --reconnect-within, not back in time).
     NbdWriteLoad(crate::cli::load::NbdWriteLoadArgs),
     /// Through NBD: reads back every block an `nbd-write-load` wrote and
     /// proves each holds its newest acknowledged write (or a newer one sent).
