@@ -28,7 +28,6 @@
 
 use std::os::fd::{AsFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -107,15 +106,15 @@ pub struct UpgradeRecord {
 /// Upgrades ordered through the API, for the serving loop.
 #[derive(Default)]
 pub struct Upgrades {
-    order: Mutex<Option<Order>>,
+    order: parking_lot::Mutex<Option<Order>>,
     wake: tokio::sync::Notify,
-    last: Mutex<Option<UpgradeRecord>>,
+    last: parking_lot::Mutex<Option<UpgradeRecord>>,
 }
 
 impl Upgrades {
     /// Orders an upgrade; refused while one is under way.
     pub fn order(&self, order: Order) -> Result<(), String> {
-        let mut slot = self.order.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut slot = self.order.lock();
         if let Some(current) = slot.as_ref() {
             return Err(format!(
                 "an upgrade to {} is under way already",
@@ -131,12 +130,7 @@ impl Upgrades {
     pub async fn ordered(&self) -> Order {
         loop {
             let notified = self.wake.notified();
-            if let Some(order) = self
-                .order
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone()
-            {
+            if let Some(order) = self.order.lock().clone() {
                 return order;
             }
             notified.await;
@@ -146,7 +140,7 @@ impl Upgrades {
     /// The order failed before anything was handed over: the node serves on.
     pub fn refused(&self, order: &Order, reason: String) {
         tracing::error!(binary = %order.binary.display(), %reason, "upgrade in place refused; serving on");
-        *self.order.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self.order.lock() = None;
         self.record(UpgradeRecord {
             id: order.id,
             from_version: crate::peer::handshake::local().version.clone(),
@@ -155,27 +149,18 @@ impl Upgrades {
             outcome: "refused".into(),
             reason: Some(reason),
             paused_ms: 0,
-            at_unix_ms: unix_ms(),
+            at_unix_ms: crate::audit::now_unix_ms(),
         });
     }
 
     pub fn record(&self, record: UpgradeRecord) {
-        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(record);
+        *self.last.lock() = Some(record);
     }
 
     #[must_use]
     pub fn last(&self) -> Option<UpgradeRecord> {
-        self.last
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.last.lock().clone()
     }
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// What `ballast version --json` prints.
@@ -385,7 +370,7 @@ fn roll_back_with(mut handoff: Handoff, reason: &str) -> std::io::Error {
 }
 
 /// The hand-over this program started with, until it disarms.
-static ARMED: Mutex<Option<Handoff>> = Mutex::new(None);
+static ARMED: parking_lot::Mutex<Option<Handoff>> = parking_lot::const_mutex(None);
 /// The hand-over this program started with (kept after disarming).
 static STARTED_WITH: std::sync::OnceLock<Handoff> = std::sync::OnceLock::new();
 
@@ -416,7 +401,7 @@ pub fn arm_from_env() {
         }
     };
     let _ = STARTED_WITH.set(handoff.clone());
-    *ARMED.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(handoff);
+    *ARMED.lock() = Some(handoff);
     if let Err(error) = kernel_iface::process::at_exit(roll_back_at_exit) {
         eprintln!("ballast: {error}: a failed upgrade will not roll back on exit");
     }
@@ -434,7 +419,7 @@ extern "C" fn roll_back_at_exit() {
 /// Runs the old binary again if this program is an armed hand-over (see
 /// `arm_from_env`); returns if it is not, or that failed.
 pub fn roll_back(reason: &str) {
-    let armed = ARMED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take();
+    let armed = ARMED.lock().take();
     let Some(handoff) = armed else {
         return;
     };
@@ -458,9 +443,9 @@ pub fn inherited() -> Option<&'static Handoff> {
 /// (no rollback). Closes the old binary's descriptor and returns what to
 /// show of the upgrade.
 pub fn disarm() -> Option<UpgradeRecord> {
-    let handoff = ARMED.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()?;
+    let handoff = ARMED.lock().take()?;
     let _ = kernel_iface::process::close_inherited(handoff.previous_binary_fd);
-    let now = unix_ms();
+    let now = crate::audit::now_unix_ms();
     let paused_ms = now.saturating_sub(handoff.paused_at_unix_ms);
     let record = UpgradeRecord {
         id: handoff.id,
@@ -488,10 +473,4 @@ pub fn disarm() -> Option<UpgradeRecord> {
 /// Opens the binary this process runs, for a rollback after execve.
 pub fn open_running_binary() -> std::io::Result<OwnedFd> {
     Ok(std::fs::File::open("/proc/self/exe")?.into())
-}
-
-/// When now is, for `Handoff::paused_at_unix_ms`.
-#[must_use]
-pub fn now_unix_ms() -> u64 {
-    unix_ms()
 }

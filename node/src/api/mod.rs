@@ -195,7 +195,7 @@ async fn upgrade_node(State(state): State<Arc<ApiState>>, body: Bytes) -> Result
         .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
         .map_err(|error| ApiError(StatusCode::BAD_REQUEST, error))?;
     let order = crate::handoff::Order {
-        id: crate::handoff::now_unix_ms(),
+        id: crate::audit::now_unix_ms(),
         binary,
         to_version: new.version,
     };

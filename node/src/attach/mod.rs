@@ -420,25 +420,18 @@ impl HostAttach {
     #[must_use]
     pub fn hand_over_refusal(&self) -> Option<String> {
         let devices = self.devices.lock();
-        let kept_only_by_fuse: Vec<&str> = devices
+        let (names, backends): (Vec<&str>, std::collections::BTreeSet<&str>) = devices
             .iter()
             .filter(|(_, attached)| !matches!(attached, Attached::Fuse(_, false)))
-            .map(|(name, _)| name.as_str())
-            .collect();
-        if kept_only_by_fuse.is_empty() {
+            .map(|(name, attached)| (name.as_str(), attached.backend()))
+            .unzip();
+        if names.is_empty() {
             return None;
         }
         Some(format!(
             "attached devices of {} use a backend ({}) whose devices this node cannot keep across an upgrade in place yet (only FUSE + loop devices are): detach them first (`ballast volume detach`), or stop and start the node",
-            kept_only_by_fuse.join(", "),
-            devices
-                .values()
-                .filter(|attached| !matches!(attached, Attached::Fuse(_, false)))
-                .map(Attached::backend)
-                .collect::<std::collections::BTreeSet<_>>()
-                .into_iter()
-                .collect::<Vec<_>>()
-                .join(", ")
+            names.join(", "),
+            backends.into_iter().collect::<Vec<_>>().join(", ")
         ))
     }
 

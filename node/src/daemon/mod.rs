@@ -510,7 +510,7 @@ async fn wait_for_stop_or_upgrade(
         };
         tracing::info!(binary = %order.binary.display(), to = %order.to_version, "upgrade in place: handing attached devices over");
         cluster.announce_upgrade(crate::handoff::UPGRADE_WINDOW).await;
-        let paused_at = crate::handoff::now_unix_ms();
+        let paused_at = crate::audit::now_unix_ms();
         let handing = Arc::clone(attach);
         let handed = tokio::task::spawn_blocking(move || handing.hand_over(crate::handoff::DRAIN_ATTACHED))
             .await

@@ -224,12 +224,6 @@ fn sources(cluster: &Cluster, replication: &VolumeReplication, node: u64) -> Vec
     sources
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
-}
-
 /// Starts a resync for every replica of a volume this node coordinates
 /// that is out of sync, up, and not being resynced already.
 pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<Volumes>) {
@@ -274,8 +268,8 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
                 let mut status = ResyncStatus {
                     node,
                     state: "running".into(),
-                    started_unix_ms: unix_ms(),
-                    updated_unix_ms: unix_ms(),
+                    started_unix_ms: crate::audit::now_unix_ms(),
+                    updated_unix_ms: crate::audit::now_unix_ms(),
                     ..ResyncStatus::default()
                 };
                 cluster.note_resync(&name, status.clone());
@@ -301,7 +295,7 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
                         status.error = Some(error);
                     }
                 }
-                status.updated_unix_ms = unix_ms();
+                status.updated_unix_ms = crate::audit::now_unix_ms();
                 cluster.note_resync(&name, status);
                 cluster.end_resync(&name, node);
             });
@@ -678,7 +672,7 @@ impl PieceCopier for Worker<'_> {
             status.copied_bytes += copied.sent.data_bytes;
             status.zeroed_bytes += copied.sent.zeroed_bytes;
             status.from_replicas_bytes += copied.sent.from_replica_bytes;
-            status.updated_unix_ms = unix_ms();
+            status.updated_unix_ms = crate::audit::now_unix_ms();
             self.cluster.note_resync(&self.volume.name, status.clone());
             status.copied_bytes
         };

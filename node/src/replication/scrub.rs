@@ -183,12 +183,6 @@ impl Scrubs {
     }
 }
 
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
-}
-
 /// What is due for a volume this node coordinates, if anything: a
 /// requested verify, a compare after an epoch change, or a periodic verify.
 #[must_use]
@@ -215,7 +209,7 @@ pub fn due(
 /// (one pass per volume at a time).
 pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<Volumes>) {
     let local_id = cluster.local.id;
-    let now_unix = unix_ms() / 1000;
+    let now_unix = crate::audit::now_unix_ms() / 1000;
     for volume in state.volumes.values().filter(|v| v.coordinator == local_id) {
         let Some(local) = volumes.get(&volume.name) else {
             continue;
@@ -269,8 +263,8 @@ async fn run(
         replicas: replication
             .map(|r| r.targets.read().iter().map(|(id, _)| *id).collect())
             .unwrap_or_default(),
-        started_unix_ms: unix_ms(),
-        updated_unix_ms: unix_ms(),
+        started_unix_ms: crate::audit::now_unix_ms(),
+        updated_unix_ms: crate::audit::now_unix_ms(),
         ..ScrubStatus::default()
     };
     tracing::info!(volume = %name, mode = mode.name(), reason = %status.reason, replicas = ?status.replicas, "scrub starts");
@@ -278,7 +272,7 @@ async fn run(
     let totals = &cluster.scrubs.totals;
     totals.passes.fetch_add(1, Ordering::Relaxed);
     let outcome = scrub_volume(cluster, volume, replication, mode, &mut status).await;
-    status.updated_unix_ms = unix_ms();
+    status.updated_unix_ms = crate::audit::now_unix_ms();
     match outcome {
         Ok(()) => {
             status.state = "done".into();
@@ -336,7 +330,7 @@ async fn scrub_volume(
         cluster.scrubs.totals.add_progress(&before, status);
         lba += count;
         status.scanned_bytes = lba * BLOCK_BYTES;
-        status.updated_unix_ms = unix_ms();
+        status.updated_unix_ms = crate::audit::now_unix_ms();
         cluster.scrubs.note(&volume.name, status);
         let busy = volume.stats.in_flight() > 0;
         let pause = super::resync::pause_after(
