@@ -1,15 +1,17 @@
 //! Writing checkpoints while the store runs.
 //!
-//! payload write -> (wait until every batch before the position is durable)
+//! payload encoding (on a thread of its own with `CheckpointEncoding::Background`)
+//! -> payload write -> (wait until every batch before the position is durable)
 //! -> flush -> header write -> flush -> the slot is current, and the reuse
 //! floor (the older slot's log position) may free dead segments.
 
-use super::{token, LogHead, Store, KIND_CHECKPOINT, USER_RESERVE_SEGMENTS};
+use super::{token, CheckpointEncoding, LogHead, Store, KIND_CHECKPOINT, USER_RESERVE_SEGMENTS};
 use crate::buf::IoBuf;
 use crate::checkpoint::{encode_payload, CheckpointHeader, LogPosition, PayloadPlan, CHECKPOINT_HEADER_BYTES};
 use crate::codec::align_up;
 use crate::error::IoFault;
 use crate::geometry::{BLOCK_BYTES, BLOCK_SIZE_BYTES};
+use crate::index::Index;
 use crate::io::{BlockIo, IoOp, IoRequest};
 
 const STEP_PAYLOAD: u64 = 1;
@@ -20,7 +22,14 @@ const STEP_HEADER_FLUSH: u64 = 4;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Phase {
     Idle,
-    Payload { written: bool, required_sequence: u64 },
+    /// The payload is being encoded in the background (`CheckpointState::job`).
+    Encoding {
+        position: LogPosition,
+    },
+    Payload {
+        written: bool,
+        required_sequence: u64,
+    },
     PayloadFlush,
     Header,
     HeaderFlush,
@@ -38,6 +47,8 @@ pub(super) struct CheckpointState {
     /// (None once one fits again).
     pub(super) too_large: Option<u64>,
     phase: Phase,
+    /// The thread encoding the payload, in `Phase::Encoding`.
+    job: Option<std::thread::JoinHandle<Encoded>>,
     slot: usize,
     header: Option<CheckpointHeader>,
     slots: [Option<CheckpointHeader>; 2],
@@ -56,6 +67,7 @@ impl CheckpointState {
             payload_blocks,
             too_large: None,
             phase: Phase::Idle,
+            job: None,
             slot: 0,
             header: None,
             slots,
@@ -91,6 +103,39 @@ impl CheckpointState {
             (Some(a), Some(b)) => Some(a.log.sequence.min(b.log.sequence)),
             _ => None,
         }
+    }
+}
+
+/// A checkpoint's payload, encoded.
+enum Encoded {
+    Payload {
+        /// Padded to whole blocks.
+        buf: IoBuf,
+        len: usize,
+        crc: u32,
+        volume_count: u64,
+    },
+    /// The payload would take `len` bytes; its slot has `room`.
+    TooLarge { len: usize, room: u64 },
+}
+
+/// Encodes the payload of `index`, or says it does not fit in `room`
+/// bytes beside the header.
+fn encode(index: &Index, last_sequences: &[u64], segment_count: u32, room: u64) -> Encoded {
+    let plan = PayloadPlan::new(index, segment_count);
+    let len = plan.bytes();
+    let padded = usize::try_from(align_up(len as u64, BLOCK_SIZE_BYTES)).expect("fits");
+    if (CHECKPOINT_HEADER_BYTES + padded) as u64 > room {
+        return Encoded::TooLarge { len, room };
+    }
+    let mut buf = IoBuf::new(padded);
+    let (written, crc, volume_count) = encode_payload(index, &plan, last_sequences, buf.as_mut_slice());
+    debug_assert_eq!(written, len);
+    Encoded::Payload {
+        buf,
+        len,
+        crc,
+        volume_count,
     }
 }
 
@@ -147,6 +192,9 @@ impl Store {
     }
 
     pub(super) fn maybe_checkpoint(&mut self, io: &mut impl BlockIo) {
+        if self.failed.is_none() {
+            self.take_encoded(io);
+        }
         if !self.checkpoint.is_idle() || self.failed.is_some() {
             return;
         }
@@ -163,50 +211,100 @@ impl Store {
         }
         self.seal_open();
         let position = position_of(&self.log);
-        let segment_count = self.geometry.segment_count;
-        let plan = PayloadPlan::new(&self.index, segment_count);
-        let len = plan.bytes();
-        let padded = usize::try_from(align_up(len as u64, BLOCK_SIZE_BYTES)).expect("fits");
-        let room = self.checkpoint_room_bytes();
-        if (CHECKPOINT_HEADER_BYTES + padded) as u64 > room {
-            // Never expected (a slot holds 16 bytes per data block; clones
-            // are written against their bases), but if the index outgrew
-            // it, the store keeps serving from the older checkpoint and
-            // the log: no new clone until it fits again (deletes shrink it).
-            if self.checkpoint.too_large.is_none() {
-                tracing::error!(
-                    disk = %self.config.disk_name,
-                    payload_bytes = len,
-                    room_bytes = room,
-                    "the index no longer fits a checkpoint slot: checkpoints stop and clones are refused until volumes or snapshots are deleted"
-                );
+        self.checkpoint.requested = false;
+        self.checkpoint.blocks_since = 0;
+        let (segment_count, room) = (self.geometry.segment_count, self.checkpoint_room_bytes());
+        if self.config.checkpoint_encoding == CheckpointEncoding::Background {
+            // Frozen now, with the position: the payload describes the index
+            // as of `position`, whatever is written while it is encoded.
+            let (index, last_sequences) = (self.index.clone(), self.segments.last_sequences());
+            let job = std::thread::Builder::new()
+                .name("checkpoint-encode".into())
+                .spawn(move || encode(&index, &last_sequences, segment_count, room));
+            match job {
+                Ok(job) => {
+                    self.checkpoint.job = Some(job);
+                    self.checkpoint.phase = Phase::Encoding { position };
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(disk = %self.config.disk_name, %error, "cannot start a thread to encode the checkpoint; encoding it here");
+                }
             }
-            self.checkpoint.too_large = Some(len as u64);
-            self.checkpoint.requested = false;
-            self.checkpoint.blocks_since = 0;
-            self.stats.checkpoints_refused += 1;
+        }
+        let encoded = encode(&self.index, &self.segments.last_sequences(), segment_count, room);
+        self.write_payload(io, position, encoded);
+    }
+
+    /// Takes the payload of a checkpoint encoded in the background once
+    /// its thread is done, and writes it.
+    fn take_encoded(&mut self, io: &mut impl BlockIo) {
+        let Phase::Encoding { position } = self.checkpoint.phase else {
+            return;
+        };
+        if !self
+            .checkpoint
+            .job
+            .as_ref()
+            .is_some_and(std::thread::JoinHandle::is_finished)
+        {
             return;
         }
+        let job = self.checkpoint.job.take().expect("checked above");
+        match job.join() {
+            Ok(encoded) => self.write_payload(io, position, encoded),
+            Err(_) => {
+                // A defect, not a state of the disk: the older checkpoints
+                // and the log still hold everything; the next one tries again.
+                tracing::error!(disk = %self.config.disk_name, "encoding a checkpoint panicked; the next checkpoint tries again");
+                self.checkpoint.phase = Phase::Idle;
+            }
+        }
+    }
+
+    /// Writes an encoded payload (or records that it does not fit its slot).
+    fn write_payload(&mut self, io: &mut impl BlockIo, position: LogPosition, encoded: Encoded) {
+        let (buf, len, payload_crc, volume_count) = match encoded {
+            Encoded::Payload {
+                buf,
+                len,
+                crc,
+                volume_count,
+            } => (buf, len, crc, volume_count),
+            Encoded::TooLarge { len, room } => {
+                // Never expected (a slot holds 16 bytes per data block; clones
+                // are written against their bases), but if the index outgrew
+                // it, the store keeps serving from the older checkpoint and
+                // the log: no new clone until it fits again (deletes shrink it).
+                if self.checkpoint.too_large.is_none() {
+                    tracing::error!(
+                        disk = %self.config.disk_name,
+                        payload_bytes = len,
+                        room_bytes = room,
+                        "the index no longer fits a checkpoint slot: checkpoints stop and clones are refused until volumes or snapshots are deleted"
+                    );
+                }
+                self.checkpoint.too_large = Some(len as u64);
+                self.checkpoint.phase = Phase::Idle;
+                self.stats.checkpoints_refused += 1;
+                return;
+            }
+        };
         self.checkpoint.too_large = None;
-        let mut buf = IoBuf::new(padded);
-        let (written, payload_crc, volume_count) =
-            encode_payload(&self.index, &plan, &self.segments.last_sequences(), buf.as_mut_slice());
-        debug_assert_eq!(written, len);
+        let padded = buf.len();
         let slot = self.checkpoint.target_slot();
         let header = CheckpointHeader {
             checkpoint_sequence: self.checkpoint.next_sequence(),
             log: position,
             payload_bytes: len as u64,
             payload_crc,
-            segment_count,
+            segment_count: self.geometry.segment_count,
             volume_count,
             payload_format: crate::checkpoint::PAYLOAD_FORMAT,
         };
         self.checkpoint.slot = slot;
         self.checkpoint.payload_blocks = (padded / BLOCK_BYTES) as u64;
         self.checkpoint.header = Some(header);
-        self.checkpoint.requested = false;
-        self.checkpoint.blocks_since = 0;
         self.checkpoint.phase = Phase::Payload {
             written: false,
             required_sequence: position.sequence - 1,

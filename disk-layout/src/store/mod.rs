@@ -33,7 +33,7 @@ use crate::record::BATCH_DATA_BLOCKS_MAX;
 use crate::superblock::Superblock;
 
 pub use checkpoint::CHECKPOINT_LOG_RATIO;
-pub use open::{FormatParams, StoreConfig, DISCARD_BYTES_PER_INTERVAL_DEFAULT};
+pub use open::{CheckpointEncoding, FormatParams, StoreConfig, DISCARD_BYTES_PER_INTERVAL_DEFAULT};
 pub use segments::SegmentState;
 
 use background::Background;

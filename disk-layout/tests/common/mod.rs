@@ -313,6 +313,10 @@ impl Harness {
                 self.store.on_completion(&mut self.disk, completion);
             }
             self.collect();
+            if self.disk.in_flight() == 0 && !self.store.is_quiescent() {
+                // A checkpoint encoded on its own thread (`CheckpointEncoding::Background`).
+                std::thread::sleep(std::time::Duration::from_micros(100));
+            }
         }
         panic!("seed={}: store did not settle", self.seed);
     }

@@ -520,6 +520,8 @@ fn open_group(group: &[(usize, DiskSpec)], config: &EngineConfig) -> Result<Open
         store_config.pipeline_depth = config.pipeline_depth;
         store_config.checkpoint_interval_blocks = config.checkpoint_interval_blocks;
         store_config.discard_bytes_per_interval = discards[file].0;
+        // The reactor never stops for a checkpoint's encoding (seconds on a full 1 TiB disk).
+        store_config.checkpoint_encoding = disk_layout::store::CheckpointEncoding::Background;
         let mut io = disk_io::DiskIo {
             engine: engine.as_mut(),
             file: u32::try_from(file).expect("few disks per reactor"),
