@@ -789,13 +789,16 @@ fn fuse_over_io_uring_serves_attached_devices_loses_no_acknowledged_write_and_is
         "fio verify through FUSE over io_uring: {}",
         text(&fio)
     );
-    // Its queues cannot be handed to a new binary: an upgrade in place is
-    // refused, naming the backend, and the node serves on in its process.
+    // Its queues cannot be handed to a new binary (the kernel strands a
+    // request handed to a queue as it ends): an upgrade in place is refused,
+    // naming the backend and why, and the node serves on in its process.
     let pid = node.pid();
     let refused = node.cli(&["node", "upgrade", "--binary", env!("CARGO_BIN_EXE_ballast")]);
     assert!(!refused.status.success(), "{}", text(&refused));
     assert!(
-        text(&refused).contains("fuse-uring") && text(&refused).contains("detach them first"),
+        text(&refused).contains("fuse-uring")
+            && text(&refused).contains("stranded")
+            && text(&refused).contains("detach them first"),
         "{}",
         text(&refused)
     );

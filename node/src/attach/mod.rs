@@ -209,6 +209,26 @@ pub fn release_stale_loop(device: &Path, name: &str) {
     }
 }
 
+/// Why devices of `backend` are not kept across an upgrade in place.
+fn why_not_kept(backend: &str) -> &'static str {
+    match backend {
+        // fs/fuse/dev_uring.c (Linux 6.14-6.18): an entry the kernel may hand
+        // a request to is taken back only by ending its io_uring (or the
+        // thread that armed it); a request handed to it in that moment is
+        // completed with -ECANCELED into no process, and waits, unanswerable,
+        // until the filesystem is aborted. There is no fetch-free commit to
+        // drain the queues, and the connection cannot return to /dev/fuse.
+        "fuse-uring" => {
+            "FUSE over io_uring: the kernel cannot stop handing requests to the queues except by ending them, and a request handed over as they end is stranded until the filesystem is aborted"
+        }
+        "ublk" => "ublk: the node does not yet recover its devices with ublk's user recovery",
+        // nbd.c: NBD_DO_IT's thread holds the connection; it ends with the
+        // process image, and the device's sockets are shut down with it.
+        "nbd" => "the kernel NBD client: its connection lives in a thread blocked in NBD_DO_IT, which ends with the process image",
+        _ => "not kept",
+    }
+}
+
 /// Attached devices handed to the next binary of this process (an upgrade
 /// in place): the FUSE session and the loop devices over its files.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -428,10 +448,12 @@ impl HostAttach {
         if names.is_empty() {
             return None;
         }
+        let why: Vec<&str> = backends.iter().map(|backend| why_not_kept(backend)).collect();
         Some(format!(
-            "attached devices of {} use a backend ({}) whose devices this node cannot keep across an upgrade in place yet (only FUSE + loop devices are): detach them first (`ballast volume detach`), or stop and start the node",
+            "attached devices of {} use a backend ({}) whose devices this node cannot keep across an upgrade in place ({}): detach them first (`ballast volume detach`), or stop and start the node; the fuse backend's devices are kept",
             names.join(", "),
-            backends.into_iter().collect::<Vec<_>>().join(", ")
+            backends.into_iter().collect::<Vec<_>>().join(", "),
+            why.join("; ")
         ))
     }
 
