@@ -82,7 +82,7 @@ fn acknowledged_writes_survive_kill_9_with_io_uring() {
     kill_loop(
         "acknowledged_writes_survive_kill_9_with_io_uring",
         &[],
-        iterations(20, 5),
+        iterations(14, 5),
     );
 }
 

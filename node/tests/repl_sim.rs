@@ -96,6 +96,8 @@
 // Small simulated sizes only.
 #![allow(clippy::cast_possible_truncation)]
 
+#[path = "common/shards.rs"]
+mod shards;
 #[path = "repl_sim/mod.rs"]
 mod sim;
 
@@ -107,7 +109,8 @@ use rand::SeedableRng;
 use sim::world::{self, Fault, Plan, Target};
 use sim::{simulate, Config, Counters, Outcome};
 
-/// Seeds a plain `cargo test` runs.
+/// Seeds a plain `cargo test` runs, on every core (thousands outside CI,
+/// figures in the README).
 const SEEDS_DEFAULT: u64 = 500;
 /// Seeds beyond those that once found a bug, run every time too.
 const REGRESSION_SEEDS: [u64; 1] = [588];
@@ -165,8 +168,8 @@ fn run_seeds(label: &str, adjust: fn(&mut Config)) {
     let started = std::time::Instant::now();
     let mut total = Counters::default();
     let mut failed = Vec::new();
-    for &seed in &seeds {
-        let outcome = simulate(
+    let outcomes = shards::on_every_core(&seeds, |seed| {
+        simulate(
             seed,
             world::run_seed(seed, |config| {
                 config.verbose = single.is_some();
@@ -175,7 +178,9 @@ fn run_seeds(label: &str, adjust: fn(&mut Config)) {
                 adjust(config);
                 switch_off(config);
             }),
-        );
+        )
+    });
+    for (seed, outcome) in outcomes {
         total.add(&outcome.counters);
         if !outcome.failures.is_empty() {
             eprintln!("{label}: seed={seed} failed:\n  {}", outcome.failures.join("\n  "));

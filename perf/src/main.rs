@@ -357,7 +357,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             out,
         } => {
             let (size, seconds, repeats, pgbench_seconds, pgbench_scale) = if quick {
-                ("1GiB".to_owned(), 1, 1, 3, 1)
+                ("256MiB".to_owned(), 1, 1, 3, 1)
             } else {
                 (size, seconds, repeats, pgbench_seconds, pgbench_scale)
             };
@@ -391,8 +391,9 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             index_only,
             out,
         } => {
+            // Quick: a 256 MiB device (the overwrite cycles scale with it).
             let (size, seconds, repeats) = if quick {
-                ("1GiB".to_owned(), 3, 1)
+                ("256MiB".to_owned(), 3, 1)
             } else {
                 (size, seconds, repeats)
             };
@@ -408,7 +409,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             out,
         } => {
             let (size, seconds, repeats) = if quick {
-                ("1GiB".to_owned(), 1, 1)
+                ("256MiB".to_owned(), 1, 1)
             } else {
                 (size, seconds, repeats)
             };
