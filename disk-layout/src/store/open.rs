@@ -84,7 +84,8 @@ pub enum CheckpointEncoding {
     /// copy costs a pointer per 4 MiB mapped); the store takes the payload
     /// at its first `tick` after the encoding ends. The thread driving the
     /// store (a reactor) never stops for it: on a full 1 TiB disk the
-    /// encoding takes seconds.
+    /// encoding takes seconds. A chunk written while the copy lives is
+    /// copied once (at most the index's size again, briefly).
     Background,
 }
 
