@@ -123,6 +123,29 @@ impl Attached {
         }
     }
 
+    /// Why this device cannot be kept across an upgrade in place (None:
+    /// it is, a FUSE + loop device).
+    fn why_not_kept(&self) -> Option<&'static str> {
+        match self {
+            Self::Fuse(_, false) => None,
+            // fs/fuse/dev_uring.c (Linux 6.14-6.18): an entry the kernel may hand
+            // a request to is taken back only by ending its io_uring (or the
+            // thread that armed it); a request handed to it in that moment is
+            // completed with -ECANCELED into no process, and waits, unanswerable,
+            // until the filesystem is aborted. There is no fetch-free commit to
+            // drain the queues, and the connection cannot return to /dev/fuse.
+            Self::Fuse(_, true) => Some(
+                "FUSE over io_uring: the kernel cannot stop handing requests to the queues except by ending them, and a request handed over as they end is stranded until the filesystem is aborted",
+            ),
+            Self::Ublk(_) => Some("ublk: the node does not yet recover its devices with ublk's user recovery"),
+            // nbd.c: NBD_DO_IT's thread holds the connection; it ends with the
+            // process image, and the device's sockets are shut down with it.
+            Self::Nbd(_) => Some(
+                "the kernel NBD client: its connection lives in a thread blocked in NBD_DO_IT, which ends with the process image",
+            ),
+        }
+    }
+
     fn device(&self) -> Device {
         Device {
             device: self.path().to_owned(),
@@ -206,26 +229,6 @@ pub fn release_stale_loop(device: &Path, name: &str) {
         .any(|(path, backing)| path == device && backing.trim_end_matches(" (deleted)").ends_with(&suffix));
     if ours && kernel_iface::loopdev::detach(device) {
         tracing::info!(volume = %name, device = %device.display(), "released the loop device of a dead attachment");
-    }
-}
-
-/// Why devices of `backend` are not kept across an upgrade in place.
-fn why_not_kept(backend: &str) -> &'static str {
-    match backend {
-        // fs/fuse/dev_uring.c (Linux 6.14-6.18): an entry the kernel may hand
-        // a request to is taken back only by ending its io_uring (or the
-        // thread that armed it); a request handed to it in that moment is
-        // completed with -ECANCELED into no process, and waits, unanswerable,
-        // until the filesystem is aborted. There is no fetch-free commit to
-        // drain the queues, and the connection cannot return to /dev/fuse.
-        "fuse-uring" => {
-            "FUSE over io_uring: the kernel cannot stop handing requests to the queues except by ending them, and a request handed over as they end is stranded until the filesystem is aborted"
-        }
-        "ublk" => "ublk: the node does not yet recover its devices with ublk's user recovery",
-        // nbd.c: NBD_DO_IT's thread holds the connection; it ends with the
-        // process image, and the device's sockets are shut down with it.
-        "nbd" => "the kernel NBD client: its connection lives in a thread blocked in NBD_DO_IT, which ends with the process image",
-        _ => "not kept",
     }
 }
 
@@ -440,19 +443,23 @@ impl HostAttach {
     #[must_use]
     pub fn hand_over_refusal(&self) -> Option<String> {
         let devices = self.devices.lock();
-        let (names, backends): (Vec<&str>, std::collections::BTreeSet<&str>) = devices
-            .iter()
-            .filter(|(_, attached)| !matches!(attached, Attached::Fuse(_, false)))
-            .map(|(name, attached)| (name.as_str(), attached.backend()))
-            .unzip();
+        let mut names = Vec::new();
+        // (backend, why), each backend once.
+        let mut reasons = std::collections::BTreeSet::new();
+        for (name, attached) in devices.iter() {
+            if let Some(why) = attached.why_not_kept() {
+                names.push(name.as_str());
+                reasons.insert((attached.backend(), why));
+            }
+        }
         if names.is_empty() {
             return None;
         }
-        let why: Vec<&str> = backends.iter().map(|backend| why_not_kept(backend)).collect();
+        let (backends, why): (Vec<&str>, Vec<&str>) = reasons.into_iter().unzip();
         Some(format!(
             "attached devices of {} use a backend ({}) whose devices this node cannot keep across an upgrade in place ({}): detach them first (`ballast volume detach`), or stop and start the node; the fuse backend's devices are kept",
             names.join(", "),
-            backends.into_iter().collect::<Vec<_>>().join(", "),
+            backends.join(", "),
             why.join("; ")
         ))
     }

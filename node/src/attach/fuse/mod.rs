@@ -649,7 +649,7 @@ impl Session {
         use std::os::unix::thread::JoinHandleExt;
         use std::sync::atomic::Ordering;
         if self.queues.is_some() {
-            return Err("the attach filesystem is served over io_uring, whose queues cannot be handed to another program without stranding a request (see `attach::why_not_kept`): detach its devices or restart the node instead".into());
+            return Err("the attach filesystem is served over io_uring, whose queues cannot be handed to another program without stranding a request (see `Attached::why_not_kept` in attach): detach its devices or restart the node instead".into());
         }
         let deadline = Instant::now() + timeout;
         self.control.pausing.store(true, Ordering::SeqCst);
