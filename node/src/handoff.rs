@@ -5,12 +5,13 @@
 //! binary (`check_binary`: it runs, speaks a peer protocol every member
 //! speaks, and reads this hand-over format); tells every member that it
 //! upgrades (no failover of its volumes meanwhile, `UPGRADE_WINDOW`);
-//! stops reading its FUSE session and answers every request it read
-//! (`attach::HostAttach::hand_over`); closes NBD, API and peer connections
+//! stops reading its FUSE session and its ublk queues and answers every
+//! request it read (`attach::HostAttach::hand_over`; ublk devices wait in
+//! the kernel for the next program's user recovery); closes NBD, API and peer connections
 //! as at a stop but keeps the listening sockets; stops Raft and the engine
 //! (final checkpoint); then `execve`s the new binary with the same
 //! arguments, the listening sockets, the FUSE session's descriptor, the loop
-//! devices' names and a descriptor of the old binary in the hand-over record
+//! devices' names, the ublk devices' numbers and a descriptor of the old binary in the hand-over record
 //! (`Handoff`, in the environment). The process id stays: a supervisor
 //! (systemd, the Docker plugin) sees nothing.
 //!
@@ -36,8 +37,13 @@ use crate::attach::AttachHandoff;
 
 /// The environment variable that carries the hand-over record.
 pub const ENV: &str = "BALLAST_HANDOFF";
-/// The hand-over record's format; `ballast version --json` says which it reads.
-pub const FORMAT: u32 = 1;
+/// The newest hand-over record format (2: ublk devices, `AttachHandoff::ublk`);
+/// a record is written in the oldest format that carries it
+/// (`AttachHandoff::format`), so a binary reading only 1 can still take over
+/// a node without ublk devices. `ballast version --json` says which it reads.
+pub const FORMAT: u32 = 2;
+/// The formats this build takes over from.
+pub const FORMATS_READ: [u32; 2] = [1, 2];
 /// How long the other members wait for an upgrading node before they fail
 /// its volumes over (it tells them when it is back).
 pub const UPGRADE_WINDOW: Duration = Duration::from_secs(60);
@@ -182,7 +188,7 @@ impl BinaryVersion {
             version: speaks.version.clone(),
             peer_protocol_min: speaks.min,
             peer_protocol_max: speaks.max,
-            handoff_formats: vec![FORMAT],
+            handoff_formats: FORMATS_READ.to_vec(),
         }
     }
 }
@@ -196,10 +202,15 @@ pub fn default_binary() -> Result<PathBuf, String> {
 }
 
 /// Checks that `binary` can take this node over: an executable file that
-/// answers `version --json` within `CHECK_TIMEOUT`, reads this hand-over
-/// format, and speaks a peer protocol with each of `members` (their
-/// versions and protocol ranges; unknown members are skipped).
-pub fn check_binary(binary: &Path, members: &[crate::peer::handshake::Speaks]) -> Result<BinaryVersion, String> {
+/// answers `version --json` within `CHECK_TIMEOUT`, reads hand-over format
+/// `format` (`HostAttach::handoff_format`), and speaks a peer protocol with
+/// each of `members` (their versions and protocol ranges; unknown members
+/// are skipped).
+pub fn check_binary(
+    binary: &Path,
+    format: u32,
+    members: &[crate::peer::handshake::Speaks],
+) -> Result<BinaryVersion, String> {
     use std::os::unix::fs::PermissionsExt;
     let metadata = std::fs::metadata(binary).map_err(|error| format!("new binary {}: {error}", binary.display()))?;
     if !metadata.is_file() {
@@ -251,9 +262,14 @@ pub fn check_binary(binary: &Path, members: &[crate::peer::handshake::Speaks]) -
             binary.display()
         )
     })?;
-    if !new.handoff_formats.contains(&FORMAT) {
+    if !new.handoff_formats.contains(&format) {
+        let why = if format >= 2 {
+            " (format 2 carries ublk devices: detach them first, or stop this node and start the new binary)"
+        } else {
+            ": stop this node and start the new binary instead"
+        };
         return Err(format!(
-            "ballast {} cannot take over from this node (it reads hand-over formats {:?}, this node writes {FORMAT}): stop this node and start the new binary instead",
+            "ballast {} cannot take over from this node (it reads hand-over formats {:?}, this node writes {format}){why}",
             new.version, new.handoff_formats
         ));
     }
@@ -321,7 +337,7 @@ pub fn exec_new(
         return format!("cannot keep the old binary open across execve: {error}");
     }
     let handoff = Handoff {
-        format: FORMAT,
+        format: attach.format(),
         id: order.id,
         from_version: crate::peer::handshake::local().version.clone(),
         to_binary: order.binary.clone(),
@@ -473,4 +489,36 @@ pub fn disarm() -> Option<UpgradeRecord> {
 /// Opens the binary this process runs, for a rollback after execve.
 pub fn open_running_binary() -> std::io::Result<OwnedFd> {
     Ok(std::fs::File::open("/proc/self/exe")?.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A binary that answers `version --json` as a build reading `formats`.
+    fn binary_reading(directory: &Path, formats: &str) -> PathBuf {
+        use std::os::unix::fs::PermissionsExt;
+        let local = BinaryVersion::local();
+        let path = directory.join(format!("ballast-{}", formats.replace(',', "-")));
+        let answer = format!(
+            r#"{{"version":"9.9.9","peer_protocol_min":{},"peer_protocol_max":{},"handoff_formats":[{formats}]}}"#,
+            local.peer_protocol_min, local.peer_protocol_max
+        );
+        std::fs::write(&path, format!("#!/bin/sh\necho '{answer}'\n")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_binary_that_reads_only_format_1_cannot_take_ublk_devices_over() {
+        let directory = tempfile::tempdir().unwrap();
+        let old = binary_reading(directory.path(), "1");
+        assert_eq!(check_binary(&old, 1, &[]).unwrap().version, "9.9.9");
+        let error = check_binary(&old, 2, &[]).unwrap_err();
+        assert!(error.contains("writes 2") && error.contains("ublk"), "{error}");
+        let new = binary_reading(directory.path(), "1,2");
+        assert!(check_binary(&new, 2, &[]).is_ok());
+        assert_eq!(BinaryVersion::local().handoff_formats, FORMATS_READ);
+        assert!(FORMATS_READ.contains(&FORMAT));
+    }
 }

@@ -189,8 +189,8 @@ async fn upgrade_node(State(state): State<Arc<ApiState>>, body: Bytes) -> Result
             })
             .collect()
     });
-    let checked = binary.clone();
-    let new = tokio::task::spawn_blocking(move || crate::handoff::check_binary(&checked, &members))
+    let (checked, format) = (binary.clone(), state.attach.handoff_format());
+    let new = tokio::task::spawn_blocking(move || crate::handoff::check_binary(&checked, format, &members))
         .await
         .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
         .map_err(|error| ApiError(StatusCode::BAD_REQUEST, error))?;

@@ -124,7 +124,7 @@ impl Attached {
     }
 
     /// Why this device cannot be kept across an upgrade in place (None:
-    /// it is, a FUSE + loop device).
+    /// it is: a FUSE + loop device, or a ublk device made for user recovery).
     fn why_not_kept(&self) -> Option<&'static str> {
         match self {
             Self::Fuse(_, false) => None,
@@ -137,7 +137,10 @@ impl Attached {
             Self::Fuse(_, true) => Some(
                 "FUSE over io_uring: the kernel cannot stop handing requests to the queues except by ending them, and a request handed over as they end is stranded until the filesystem is aborted",
             ),
-            Self::Ublk(_) => Some("ublk: the node does not yet recover its devices with ublk's user recovery"),
+            Self::Ublk(device) if device.recoverable() => None,
+            Self::Ublk(_) => Some(
+                "ublk: this kernel's ublk_drv did not grant user recovery (UBLK_F_USER_RECOVERY) to the device, so it ends with its server",
+            ),
             // nbd.c: NBD_DO_IT's thread holds the connection; it ends with the
             // process image, and the device's sockets are shut down with it.
             Self::Nbd(_) => Some(
@@ -233,12 +236,58 @@ pub fn release_stale_loop(device: &Path, name: &str) {
 }
 
 /// Attached devices handed to the next binary of this process (an upgrade
-/// in place): the FUSE session and the loop devices over its files.
+/// in place): the FUSE session and the loop devices over its files, and
+/// the ublk devices waiting for user recovery.
 #[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct AttachHandoff {
     pub session: Option<fuse::HandedOver>,
     /// (volume, loop device)
     pub devices: Vec<(String, PathBuf)>,
+    /// (volume, ublk device id); hand-over format 2 (`handoff::FORMAT`).
+    #[serde(default)]
+    pub ublk: Vec<(String, u32)>,
+}
+
+impl AttachHandoff {
+    /// The oldest hand-over format that carries all of it: 2 with ublk
+    /// devices (a binary reading only format 1 would leave them waiting).
+    #[must_use]
+    pub fn format(&self) -> u32 {
+        if self.ublk.is_empty() {
+            1
+        } else {
+            2
+        }
+    }
+}
+
+/// The ublk devices a node serves, under its data directory: a node that
+/// starts after a crash takes them back (`HostAttach::recover_left`).
+pub const UBLK_RECORD: &str = "ublk-devices.json";
+
+/// The record's (volume, ublk device id) pairs; none if it is missing or unreadable.
+fn read_ublk_record(path: &Path) -> Vec<(String, u32)> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|error| {
+            tracing::warn!(path = %path.display(), %error, "unreadable record of ublk devices: ignored");
+            Vec::new()
+        }),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// Replaces the record (removes it when there are none), atomically.
+fn write_ublk_record(path: &Path, devices: &[(String, u32)]) -> std::io::Result<()> {
+    if devices.is_empty() {
+        return match std::fs::remove_file(path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+            _ => Ok(()),
+        };
+    }
+    let text = serde_json::to_vec(devices).map_err(std::io::Error::other)?;
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, text)?;
+    std::fs::rename(&temporary, path)
 }
 
 /// How long a handed-over device's requests may wait for the new binary
@@ -248,6 +297,8 @@ pub const ADOPTED_SERVING_WAIT: std::time::Duration = std::time::Duration::from_
 /// This node's attached volumes.
 pub struct HostAttach {
     mountpoint: PathBuf,
+    /// `UBLK_RECORD` in the data directory.
+    ublk_record: PathBuf,
     files: Arc<fuse::Files>,
     runtime: tokio::runtime::Handle,
     backend: Backend,
@@ -273,6 +324,7 @@ impl HostAttach {
         );
         Self {
             mountpoint: data_dir.join(MOUNT_DIR),
+            ublk_record: data_dir.join(UBLK_RECORD),
             files: Arc::new(fuse::Files::default()),
             runtime,
             backend: resolved,
@@ -337,8 +389,43 @@ impl HostAttach {
         };
         let device = attached.device();
         tracing::info!(volume = %volume.name, device = %device.device.display(), backend = %device.backend, "volume attached to this host");
+        let is_ublk = matches!(attached, Attached::Ublk(_));
         self.devices.lock().insert(volume.name.clone(), attached);
+        if is_ublk {
+            self.record_ublk();
+        }
         Ok(device)
+    }
+
+    /// Rewrites `UBLK_RECORD` from the ublk devices attached now.
+    fn record_ublk(&self) {
+        let devices: Vec<(String, u32)> = self
+            .devices
+            .lock()
+            .iter()
+            .filter_map(|(name, attached)| match attached {
+                Attached::Ublk(device) => Some((name.clone(), device.dev_id())),
+                _ => None,
+            })
+            .collect();
+        if let Err(error) = write_ublk_record(&self.ublk_record, &devices) {
+            tracing::warn!(path = %self.ublk_record.display(), %error, "cannot record this node's ublk devices: after a crash they would wait until removed by hand (`ublk del`)");
+        }
+    }
+
+    /// The hand-over format an upgrade in place would write now.
+    #[must_use]
+    pub fn handoff_format(&self) -> u32 {
+        let ublk = self
+            .devices
+            .lock()
+            .values()
+            .any(|attached| matches!(attached, Attached::Ublk(_)));
+        if ublk {
+            2
+        } else {
+            1
+        }
     }
 
     /// A loop device over the volume's FUSE file; whether the session runs over io_uring.
@@ -378,7 +465,11 @@ impl HostAttach {
             return Err(format!("volume {name} is not attached to this host"));
         };
         let path = device.path().to_owned();
+        let is_ublk = matches!(device, Attached::Ublk(_));
         drop(device);
+        if is_ublk {
+            self.record_ublk();
+        }
         self.files.remove(name);
         tracing::info!(volume = %name, device = %path.display(), "volume detached from this host");
         Ok(())
@@ -457,7 +548,7 @@ impl HostAttach {
         }
         let (backends, why): (Vec<&str>, Vec<&str>) = reasons.into_iter().unzip();
         Some(format!(
-            "attached devices of {} use a backend ({}) whose devices this node cannot keep across an upgrade in place ({}): detach them first (`ballast volume detach`), or stop and start the node; the fuse backend's devices are kept",
+            "attached devices of {} use a backend ({}) whose devices this node cannot keep across an upgrade in place ({}): detach them first (`ballast volume detach`), or stop and start the node; devices of the fuse backend, and ublk devices the kernel made for user recovery, are kept",
             names.join(", "),
             backends.join(", "),
             why.join("; ")
@@ -466,43 +557,84 @@ impl HostAttach {
 
     /// Stops serving attached devices without removing them: every request
     /// read is answered, then the FUSE session and the loop devices are
-    /// given up for the next binary of this process (`adopt`). On failure
-    /// every device serves on.
+    /// given up for the next binary of this process (`adopt`), and the ublk
+    /// devices' queues end, leaving the kernel to hold their requests until
+    /// it recovers them. On failure every device serves on.
     pub fn hand_over(&self, timeout: std::time::Duration) -> Result<AttachHandoff, String> {
         if let Some(why) = self.hand_over_refusal() {
             return Err(why);
         }
-        let mut session = self.session.lock();
-        let handed = match session.as_mut() {
-            Some(current) => Some(current.hand_over(timeout)?),
-            None => None,
-        };
-        drop(session.take()); // inert: the filesystem stays mounted
-        let devices = std::mem::take(&mut *self.devices.lock())
-            .into_iter()
-            .filter_map(|(name, attached)| match attached {
-                Attached::Fuse(device, _) => Some((name, device.keep())),
-                _ => None, // refused above
+        let deadline = std::time::Instant::now() + timeout;
+        // Held throughout: no attach or detach while devices change hands.
+        let mut devices = self.devices.lock();
+        let ublk: Vec<&ublk::UblkDevice> = devices
+            .values()
+            .filter_map(|attached| match attached {
+                Attached::Ublk(device) => Some(device),
+                _ => None,
             })
             .collect();
-        // Their volumes (and so the engine) are released for a clean stop.
-        self.files.clear();
-        Ok(AttachHandoff {
+        // ublk first: a paused device serves on if anything below fails.
+        for (index, device) in ublk.iter().enumerate() {
+            if let Err(error) = device.pause(deadline) {
+                ublk[..index].iter().for_each(|device| device.resume());
+                return Err(error);
+            }
+        }
+        let mut session = self.session.lock();
+        let handed = match session.as_mut() {
+            Some(current) => match current.hand_over(deadline.saturating_duration_since(std::time::Instant::now())) {
+                Ok(handed) => Some(handed),
+                Err(error) => {
+                    ublk.iter().for_each(|device| device.resume());
+                    return Err(error);
+                }
+            },
+            None => None,
+        };
+        drop(ublk);
+        drop(session.take()); // inert: the filesystem stays mounted
+        let mut handoff = AttachHandoff {
             session: handed,
-            devices,
-        })
+            ..AttachHandoff::default()
+        };
+        for (name, attached) in std::mem::take(&mut *devices) {
+            match attached {
+                Attached::Fuse(device, _) => handoff.devices.push((name, device.keep())),
+                Attached::Ublk(device) => handoff.ublk.push((name, device.release())),
+                Attached::Nbd(_) => unreachable!("refused by hand_over_refusal"),
+            }
+        }
+        // Their volumes (and so the engine) are released for a clean stop.
+        // The ublk record stays: the devices wait for the next program.
+        self.files.clear();
+        Ok(handoff)
     }
 
     /// Takes over the devices the previous binary of this process handed
-    /// over: their requests are read at once and wait (at most
-    /// `ADOPTED_SERVING_WAIT`) until this node serves their volumes again.
+    /// over: FUSE requests are read at once and wait (at most
+    /// `ADOPTED_SERVING_WAIT`) until this node serves their volumes again;
+    /// ublk devices are recovered and let their requests in then.
     pub fn adopt(&self, handoff: &AttachHandoff, volumes: &crate::volume::Volumes) -> Result<(), String> {
+        if !handoff.devices.is_empty() || !handoff.ublk.is_empty() {
+            self.lock_memory();
+        }
+        let deadline = std::time::Instant::now() + ADOPTED_SERVING_WAIT;
+        for (name, dev_id) in &handoff.ublk {
+            let Some(volume) = volumes.get(name) else {
+                tracing::error!(volume = %name, dev_id, "a ublk device handed over names a volume this node does not hold: removed, its I/O fails");
+                if let Err(error) = ublk::remove_left(*dev_id) {
+                    tracing::warn!(dev_id, %error, "cannot remove the ublk device");
+                }
+                continue;
+            };
+            let device = ublk::UblkDevice::recover(volume, *dev_id, self.runtime.clone(), deadline)?;
+            self.devices.lock().insert(name.clone(), Attached::Ublk(device));
+        }
+        self.record_ublk();
         let Some(handed) = &handoff.session else {
             return Ok(());
         };
-        if !handoff.devices.is_empty() {
-            self.lock_memory();
-        }
         for (name, device) in &handoff.devices {
             match volumes.get(name) {
                 Some(volume) => self.files.insert(volume),
@@ -514,25 +646,104 @@ impl HostAttach {
                 .lock()
                 .insert(name.clone(), Attached::Fuse(LoopDevice::adopt(device.clone()), false));
         }
-        self.files
-            .wait_for_serving(std::time::Instant::now() + ADOPTED_SERVING_WAIT);
+        self.files.wait_for_serving(deadline);
         let filesystem = Arc::new(fuse::AttachFs::new(Arc::clone(&self.files)));
         let channels = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
         let session = fuse::Session::adopt(handed, filesystem, &self.runtime, channels)?;
         *self.session.lock() = Some(session);
         tracing::info!(
-            devices = handoff.devices.len(),
+            devices = handoff.devices.len() + handoff.ublk.len(),
             "attached devices taken over from the previous binary"
         );
         Ok(())
     }
 
+    /// At a start without a hand-over: the ublk devices this node's
+    /// previous run left (`UBLK_RECORD`: it crashed or was killed), whose
+    /// requests the kernel holds, are taken back when this node holds their
+    /// volumes (the requests go on once it serves them), else removed (the
+    /// requests fail). Devices another live process serves are left alone.
+    pub fn recover_left(&self, volumes: &crate::volume::Volumes) {
+        let recorded = read_ublk_record(&self.ublk_record);
+        if recorded.is_empty() {
+            return;
+        }
+        let deadline = std::time::Instant::now() + ADOPTED_SERVING_WAIT;
+        for (name, dev_id) in recorded {
+            match ublk::left_waiting(dev_id) {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(error) => {
+                    tracing::warn!(volume = %name, dev_id, %error, "cannot look at a ublk device this node left");
+                    continue;
+                }
+            }
+            let recovered = volumes
+                .get(&name)
+                .ok_or_else(|| format!("volume {name} is not held by this node"))
+                .and_then(|volume| ublk::UblkDevice::recover(volume, dev_id, self.runtime.clone(), deadline));
+            match recovered {
+                Ok(device) => {
+                    self.lock_memory();
+                    tracing::info!(volume = %name, device = %device.path().display(), "ublk device left by this node's previous run taken back");
+                    self.devices.lock().insert(name, Attached::Ublk(device));
+                }
+                Err(error) => {
+                    tracing::warn!(volume = %name, dev_id, %error, "removing a ublk device left by this node's previous run: its waiting requests fail");
+                    if let Err(error) = ublk::remove_left(dev_id) {
+                        tracing::warn!(volume = %name, dev_id, %error, "cannot remove the ublk device");
+                    }
+                }
+            }
+        }
+        self.record_ublk();
+    }
+
     /// Detaches everything and unmounts (node shutdown).
     pub fn shutdown(&self) {
-        self.devices.lock().clear();
+        let mut devices = std::mem::take(&mut *self.devices.lock());
+        let had_ublk = devices.values().any(|attached| matches!(attached, Attached::Ublk(_)));
+        devices.clear();
+        // After a hand-over there are none here, and the record stays for
+        // the next program.
+        if had_ublk {
+            self.record_ublk();
+        }
         if let Some(session) = self.session.lock().take() {
             drop(session);
         }
         self.files.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ublk_record_round_trips_and_goes_when_empty() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join(UBLK_RECORD);
+        assert!(read_ublk_record(&path).is_empty(), "no record: nothing left");
+        let devices = vec![("db".to_owned(), 3), ("logs".to_owned(), 11)];
+        write_ublk_record(&path, &devices).unwrap();
+        assert_eq!(read_ublk_record(&path), devices);
+        write_ublk_record(&path, &[]).unwrap();
+        assert!(!path.exists(), "an empty record is removed");
+        write_ublk_record(&path, &[]).unwrap();
+        std::fs::write(&path, b"{not json").unwrap();
+        assert!(read_ublk_record(&path).is_empty(), "an unreadable record is ignored");
+    }
+
+    #[test]
+    fn hand_overs_with_ublk_devices_need_format_2_and_format_1_records_still_read() {
+        let mut handoff = AttachHandoff::default();
+        assert_eq!(handoff.format(), 1);
+        handoff.ublk.push(("db".into(), 0));
+        assert_eq!(handoff.format(), 2);
+        let old: AttachHandoff = serde_json::from_str(r#"{"session":null,"devices":[["v","/dev/loop3"]]}"#).unwrap();
+        assert!(old.ublk.is_empty());
+        assert_eq!(old.devices, [("v".to_owned(), PathBuf::from("/dev/loop3"))]);
+        assert!(crate::handoff::FORMATS_READ.contains(&1) && crate::handoff::FORMATS_READ.contains(&2));
     }
 }

@@ -17,6 +17,19 @@
 //! COMMIT_AND_FETCH, which arms the tag again. Stop: STOP_DEV removes the
 //! disk and completes every armed tag with ABORT, the queue threads end,
 //! and DEL_DEV (after their char devices are closed) frees the device.
+//!
+//! Kept across an upgrade in place (user recovery, Linux 6.0+): devices are
+//! made with UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE, so when
+//! their server's queues end the kernel quiesces the disk instead of
+//! removing it: new requests wait, and requests handed to the old server
+//! but not answered are issued again to the next one. To hand over, each
+//! queue thread is woken (`Kernel::interrupt`), submits the answers of the
+//! batch it served and parks (`pause`); `release` ends the threads without
+//! STOP_DEV. The next program (same pid, or this one after a node crash,
+//! from `RECORD_FILE`) recovers: GET_DEV_INFO, START_USER_RECOVERY (EBUSY
+//! until the old queues' descriptors are released), FETCH every tag, and
+//! END_USER_RECOVERY once the volume is served here again, which lets the
+//! waiting requests through (`recover`).
 
 use std::io;
 use std::mem::{offset_of, size_of};
@@ -50,6 +63,11 @@ const QUEUE_READY_TIMEOUT_MS: u64 = 10_000;
 /// How long the queue threads may take to end after STOP_DEV.
 const QUEUE_EXIT_TIMEOUT_MS: u64 = 30_000;
 const POLL_INTERVAL_MS: u64 = 10;
+/// How long START_USER_RECOVERY may answer EBUSY (the old server's queue
+/// descriptors are released by the kernel after its threads end).
+const RECOVERY_START_WAIT_MS: u64 = 10_000;
+/// How often a pausing device wakes its queue threads.
+const WAKE_INTERVAL_MS: u64 = 2;
 
 // ---------------------------------------------------------------------------
 // UAPI: structs, bit for bit as in include/uapi/linux/ublk_cmd.h. Fields are
@@ -193,11 +211,14 @@ const _: () = assert!(CTRL_CMD_BYTES == CTRL_CMD_SIZE as usize);
 const _: () = assert!(IO_CMD_BYTES == IO_CMD_SIZE as usize);
 
 // Command numbers (`_IOC_NR`).
+const CMD_GET_DEV_INFO: u32 = 0x02;
 const CMD_ADD_DEV: u32 = 0x04;
 const CMD_DEL_DEV: u32 = 0x05;
 const CMD_START_DEV: u32 = 0x06;
 const CMD_STOP_DEV: u32 = 0x07;
 const CMD_SET_PARAMS: u32 = 0x08;
+const CMD_START_USER_RECOVERY: u32 = 0x10;
+const CMD_END_USER_RECOVERY: u32 = 0x11;
 const IO_FETCH_REQ: u32 = 0x20;
 const IO_COMMIT_AND_FETCH_REQ: u32 = 0x21;
 
@@ -214,11 +235,18 @@ pub const UBLK_U_CMD_DEL_DEV: u32 = ioc(IOC_READ_WRITE, CMD_DEL_DEV, CTRL_CMD_SI
 pub const UBLK_U_CMD_START_DEV: u32 = ioc(IOC_READ_WRITE, CMD_START_DEV, CTRL_CMD_SIZE);
 pub const UBLK_U_CMD_STOP_DEV: u32 = ioc(IOC_READ_WRITE, CMD_STOP_DEV, CTRL_CMD_SIZE);
 pub const UBLK_U_CMD_SET_PARAMS: u32 = ioc(IOC_READ_WRITE, CMD_SET_PARAMS, CTRL_CMD_SIZE);
+pub const UBLK_U_CMD_GET_DEV_INFO: u32 = ioc(IOC_READ_WRITE, CMD_GET_DEV_INFO, CTRL_CMD_SIZE);
+pub const UBLK_U_CMD_START_USER_RECOVERY: u32 = ioc(IOC_READ_WRITE, CMD_START_USER_RECOVERY, CTRL_CMD_SIZE);
+pub const UBLK_U_CMD_END_USER_RECOVERY: u32 = ioc(IOC_READ_WRITE, CMD_END_USER_RECOVERY, CTRL_CMD_SIZE);
 pub const UBLK_U_IO_FETCH_REQ: u32 = ioc(IOC_READ_WRITE, IO_FETCH_REQ, IO_CMD_SIZE);
 pub const UBLK_U_IO_COMMIT_AND_FETCH_REQ: u32 = ioc(IOC_READ_WRITE, IO_COMMIT_AND_FETCH_REQ, IO_CMD_SIZE);
 
 /// Use of the ioctl-encoded command numbers (else the legacy plain ones).
 const UBLK_F_URING_CMD_COMP_IN_TASK: u64 = 1 << 1;
+/// The device outlives its server: quiesced, not removed, when the queues end.
+const UBLK_F_USER_RECOVERY: u64 = 1 << 3;
+/// Requests the old server held unanswered go to the next one again.
+const UBLK_F_USER_RECOVERY_REISSUE: u64 = 1 << 4;
 const UBLK_F_CMD_IOCTL_ENCODE: u64 = 1 << 6;
 
 #[cfg(test)]
@@ -483,7 +511,10 @@ fn dev_info_wanted(pid: i32) -> DevInfo {
         max_io_buf_bytes: IO_BUFFER_BYTES,
         dev_id: u32::MAX,
         ublksrv_pid: pid,
-        flags: UBLK_F_CMD_IOCTL_ENCODE | UBLK_F_URING_CMD_COMP_IN_TASK,
+        flags: UBLK_F_CMD_IOCTL_ENCODE
+            | UBLK_F_URING_CMD_COMP_IN_TASK
+            | UBLK_F_USER_RECOVERY
+            | UBLK_F_USER_RECOVERY_REISSUE,
         ..DevInfo::default()
     }
 }
@@ -682,6 +713,10 @@ pub trait Kernel: Send + Sync {
     /// `depth` data buffers of `buffer_bytes`. Called on the thread that
     /// will submit the queue's commands.
     fn open_queue(&self, dev_id: u32, q_id: u16, depth: u16, buffer_bytes: usize) -> io::Result<Box<dyn QueueRing>>;
+
+    /// Makes `thread`'s blocking `QueueRing::submit` return `Interrupted`
+    /// (if it is in one, or as it enters it) so that it looks at its pause.
+    fn interrupt(&self, thread: &std::thread::JoinHandle<()>);
 }
 
 /// The control device's ring.
@@ -743,6 +778,16 @@ impl Kernel for SystemKernel {
             depth,
             buffer_bytes,
         )?))
+    }
+
+    fn interrupt(&self, thread: &std::thread::JoinHandle<()>) {
+        use std::os::unix::thread::JoinHandleExt;
+        // io_uring_enter waiting for completions returns EINTR on a signal
+        // with a handler (installed without SA_RESTART). Never signal
+        // without the handler: the default action ends the process.
+        if kernel_iface::process::install_wake_handler().is_ok() {
+            let _ = kernel_iface::process::wake_thread(thread.as_pthread_t());
+        }
     }
 }
 
@@ -810,6 +855,137 @@ fn add_device(ring: &mut dyn ControlRing, pid: i32) -> Result<(DevInfo, Opcodes)
     Err(os_error("ADD_DEV", &last_error.expect("both attempts failed")))
 }
 
+/// GET_DEV_INFO of `dev_id`, with the encoded command number and then the
+/// legacy one; answers the device and the numbers it takes.
+fn device_info(ring: &mut dyn ControlRing, dev_id: u32) -> Result<(DevInfo, Opcodes), String> {
+    let mut last_error = None;
+    for opcodes in [Opcodes { encoded: true }, Opcodes { encoded: false }] {
+        let mut info = [0u8; DEV_INFO_BYTES];
+        match control(ring, opcodes, CMD_GET_DEV_INFO, dev_id, 0, Some(&mut info)) {
+            Ok(_) => {
+                let info = DevInfo::from_bytes(&info);
+                let encoded = info.flags & UBLK_F_CMD_IOCTL_ENCODE != 0;
+                return Ok((info, Opcodes { encoded }));
+            }
+            Err(error) if matches!(error.raw_os_error(), Some(libc::EOPNOTSUPP | ENOTSUPP)) => {
+                last_error = Some(error);
+            }
+            Err(error) => return Err(format!("ublk device {dev_id}: GET_DEV_INFO failed: {error}")),
+        }
+    }
+    let error = last_error.expect("both attempts failed");
+    Err(format!("ublk device {dev_id}: GET_DEV_INFO failed: {error}"))
+}
+
+/// START_USER_RECOVERY, again while the kernel answers EBUSY (the previous
+/// server's queue descriptors are not released yet), for at most
+/// `RECOVERY_START_WAIT_MS`.
+fn start_recovery(ring: &mut dyn ControlRing, opcodes: Opcodes, dev_id: u32) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_millis(RECOVERY_START_WAIT_MS);
+    loop {
+        match control(ring, opcodes, CMD_START_USER_RECOVERY, dev_id, 0, None) {
+            Ok(_) => return Ok(()),
+            Err(error) if error.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+            }
+            Err(error) if error.raw_os_error() == Some(libc::EBUSY) => {
+                return Err(format!(
+                    "ublk device {dev_id}: START_USER_RECOVERY still busy after {RECOVERY_START_WAIT_MS} ms (its previous server's queues are still open)"
+                ))
+            }
+            Err(error) => return Err(os_error("START_USER_RECOVERY", &error)),
+        }
+    }
+}
+
+/// Stops and deletes device `dev_id`, left by a server that is gone and
+/// that no volume here will serve again: its waiting requests fail.
+pub fn remove_left(dev_id: u32) -> Result<(), String> {
+    let kernel = system_kernel()?;
+    remove_left_with(kernel.as_ref(), dev_id)
+}
+
+fn remove_left_with(kernel: &dyn Kernel, dev_id: u32) -> Result<(), String> {
+    let mut ring = kernel
+        .open_control()
+        .map_err(|e| format!("cannot open {CONTROL_PATH}: {e}"))?;
+    let (_, opcodes) = device_info(ring.as_mut(), dev_id)?;
+    control(ring.as_mut(), opcodes, CMD_STOP_DEV, dev_id, 0, None).map_err(|e| os_error("STOP_DEV", &e))?;
+    control(ring.as_mut(), opcodes, CMD_DEL_DEV, dev_id, 0, None).map_err(|e| os_error("DEL_DEV", &e))?;
+    Ok(())
+}
+
+/// Whether device `dev_id` exists, was made for user recovery and waits for
+/// a server (its own is gone, or is this process before an upgrade): the
+/// only devices a node starting after a crash takes back or removes.
+pub fn left_waiting(dev_id: u32) -> Result<bool, String> {
+    let kernel = system_kernel()?;
+    let mut ring = kernel
+        .open_control()
+        .map_err(|e| format!("cannot open {CONTROL_PATH}: {e}"))?;
+    let info = match device_info(ring.as_mut(), dev_id) {
+        Ok((info, _)) => info,
+        Err(_) => return Ok(false), // gone (ENODEV): nothing to do
+    };
+    let ours = u32::try_from(info.ublksrv_pid)
+        .is_ok_and(|pid| pid == std::process::id() || kernel_iface::process::send_signal(pid, 0).is_err());
+    Ok(info.flags & UBLK_F_USER_RECOVERY != 0 && ours)
+}
+
+/// What a queue thread does when its device is handed over.
+#[derive(Default)]
+struct Pause {
+    /// Set to stop reading requests; cleared to serve on.
+    asked: std::sync::atomic::AtomicBool,
+    state: parking_lot::Mutex<PauseState>,
+    changed: parking_lot::Condvar,
+}
+
+#[derive(Default)]
+struct PauseState {
+    /// Queue threads parked.
+    parked: usize,
+    /// The device is handed over: parked threads end.
+    released: bool,
+}
+
+impl Pause {
+    fn asked(&self) -> bool {
+        self.asked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits while paused; true when released (the thread ends and leaves
+    /// its queue to the next program), false when resumed.
+    fn park(&self) -> bool {
+        let mut state = self.state.lock();
+        state.parked += 1;
+        self.changed.notify_all();
+        while self.asked() && !state.released {
+            self.changed.wait(&mut state);
+        }
+        state.parked -= 1;
+        self.changed.notify_all();
+        state.released
+    }
+
+    fn resume(&self) {
+        let _state = self.state.lock();
+        self.asked.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.changed.notify_all();
+    }
+
+    fn release(&self) {
+        self.state.lock().released = true;
+        self.changed.notify_all();
+    }
+}
+
+/// A recovered device's END_USER_RECOVERY, waiting for its volume.
+struct RecoveryEnd {
+    cancel: Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
 /// A volume served as /dev/ublkbN; stopped and deleted on drop.
 pub struct UblkDevice {
     dev_id: u32,
@@ -817,7 +993,15 @@ pub struct UblkDevice {
     volume_name: String,
     opcodes: Opcodes,
     control: Box<dyn ControlRing>,
+    kernel: Arc<dyn Kernel>,
     queues: Vec<std::thread::JoinHandle<()>>,
+    pause: Arc<Pause>,
+    /// The kernel granted UBLK_F_USER_RECOVERY: the device can be kept
+    /// across an upgrade in place.
+    recoverable: bool,
+    /// Released to the next program: dropping leaves the device.
+    released: bool,
+    recovery_end: Option<RecoveryEnd>,
 }
 
 impl UblkDevice {
@@ -844,14 +1028,11 @@ impl UblkDevice {
         let pid = i32::try_from(std::process::id()).expect("Linux pids fit in i32");
         let (info, opcodes) = add_device(ring.as_mut(), pid)?;
         // From here on, dropping `device` stops and deletes what was made.
-        let mut device = Self {
-            dev_id: info.dev_id,
-            path: PathBuf::from(format!("/dev/ublkb{}", info.dev_id)),
-            volume_name: name.clone(),
-            opcodes,
-            control: ring,
-            queues: Vec::new(),
-        };
+        let mut device = Self::new(kernel, info.dev_id, name.clone(), opcodes, ring);
+        device.recoverable = info.flags & UBLK_F_USER_RECOVERY != 0;
+        if !device.recoverable {
+            tracing::info!(volume = %name, device = %device.path.display(), "this kernel's ublk_drv has no user recovery: the device cannot be kept across an upgrade in place");
+        }
         // The kernel rounds max_io_buf_bytes down to a page; use what it kept.
         let max_io_bytes = info.max_io_buf_bytes.min(IO_BUFFER_BYTES);
         let mut params = params_for(size_bytes, block_size_bytes, max_io_bytes)?.to_bytes();
@@ -880,6 +1061,185 @@ impl UblkDevice {
         Ok(device)
     }
 
+    fn new(
+        kernel: &Arc<dyn Kernel>,
+        dev_id: u32,
+        volume_name: String,
+        opcodes: Opcodes,
+        control: Box<dyn ControlRing>,
+    ) -> Self {
+        Self {
+            dev_id,
+            path: PathBuf::from(format!("/dev/ublkb{dev_id}")),
+            volume_name,
+            opcodes,
+            control,
+            kernel: Arc::clone(kernel),
+            queues: Vec::new(),
+            pause: Arc::new(Pause::default()),
+            recoverable: false,
+            released: false,
+            recovery_end: None,
+        }
+    }
+
+    /// Takes over device `dev_id`, which serves `volume` and whose previous
+    /// server (the old binary of this process, or a node that crashed) is
+    /// gone: user recovery, its queues fetched here, then, on a thread, once
+    /// the volume is served (at the latest at `serving_deadline`, after
+    /// which its I/O fails), END_USER_RECOVERY lets the waiting requests in.
+    /// On failure the device is left as it was (quiesced) for the caller to
+    /// retry, hand back, or remove (`remove_left`).
+    pub fn recover(
+        volume: Arc<Volume>,
+        dev_id: u32,
+        runtime: tokio::runtime::Handle,
+        serving_deadline: Instant,
+    ) -> Result<Self, String> {
+        let kernel = system_kernel()?;
+        Self::recover_with(&kernel, volume, dev_id, runtime, serving_deadline)
+    }
+
+    fn recover_with<T: BlockTarget + Send + 'static>(
+        kernel: &Arc<dyn Kernel>,
+        target: Arc<T>,
+        dev_id: u32,
+        runtime: tokio::runtime::Handle,
+        serving_deadline: Instant,
+    ) -> Result<Self, String> {
+        let name = target.target_name().to_owned();
+        let mut ring = kernel
+            .open_control()
+            .map_err(|e| format!("cannot open {CONTROL_PATH}: {e}"))?;
+        let (info, opcodes) = device_info(ring.as_mut(), dev_id)?;
+        if info.flags & UBLK_F_USER_RECOVERY == 0 {
+            return Err(format!(
+                "ublk device {dev_id} was made without user recovery: it cannot be taken over"
+            ));
+        }
+        start_recovery(ring.as_mut(), opcodes, dev_id)?;
+        let mut device = Self::new(kernel, dev_id, name.clone(), opcodes, ring);
+        device.recoverable = true;
+        // Requests as large as the device was made for (max_sectors).
+        if let Err(error) = device.spawn_queues(kernel, &target, &info, info.max_io_buf_bytes, &runtime) {
+            device.release_queues();
+            return Err(error);
+        }
+        let cancel = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kernel, ending) = (Arc::clone(kernel), Arc::clone(&cancel));
+        let thread = std::thread::Builder::new()
+            .name(format!("ublk{dev_id}end"))
+            .spawn(move || {
+                end_recovery_when_served(
+                    kernel.as_ref(),
+                    target.as_ref(),
+                    opcodes,
+                    dev_id,
+                    serving_deadline,
+                    &ending,
+                )
+            })
+            .map_err(|e| {
+                device.release_queues();
+                format!("cannot start a thread: {e}")
+            })?;
+        device.recovery_end = Some(RecoveryEnd { cancel, thread });
+        tracing::info!(volume = %name, device = %device.path.display(), "ublk device taken over: its requests wait until the volume is served here");
+        Ok(device)
+    }
+
+    /// The kernel's number of this device.
+    #[must_use]
+    pub fn dev_id(&self) -> u32 {
+        self.dev_id
+    }
+
+    /// Whether the device can be kept across an upgrade in place.
+    #[must_use]
+    pub fn recoverable(&self) -> bool {
+        self.recoverable
+    }
+
+    /// Stops reading requests: each queue thread submits the answers of
+    /// the batch it served and parks. Requests the kernel hands over
+    /// meanwhile wait: served after `resume`, issued again to the next
+    /// program after `release`. On failure (a thread still serving at
+    /// `deadline`) the device serves on.
+    pub fn pause(&self, deadline: Instant) -> Result<(), String> {
+        self.pause.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        loop {
+            let running: Vec<&std::thread::JoinHandle<()>> =
+                self.queues.iter().filter(|queue| !queue.is_finished()).collect();
+            if self.pause.state.lock().parked >= running.len() {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.resume();
+                return Err(format!(
+                    "the queues of {} ({}) did not stop serving in time",
+                    self.path.display(),
+                    self.volume_name
+                ));
+            }
+            for queue in running {
+                self.kernel.interrupt(queue);
+            }
+            std::thread::sleep(Duration::from_millis(WAKE_INTERVAL_MS));
+        }
+    }
+
+    /// Serves on after `pause`.
+    pub fn resume(&self) {
+        self.pause.resume();
+    }
+
+    /// Ends the paused queue threads without stopping the device: the
+    /// kernel quiesces it and keeps its requests for the next program,
+    /// which `recover`s it. Answers the device's number.
+    #[must_use]
+    pub fn release(mut self) -> u32 {
+        self.release_queues();
+        self.dev_id
+    }
+
+    /// Ends the queue threads (and a waiting END_USER_RECOVERY) and leaves
+    /// the device to whoever recovers it next.
+    fn release_queues(&mut self) {
+        self.cancel_recovery_end();
+        self.pause.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.pause.release();
+        let deadline = Instant::now() + Duration::from_millis(QUEUE_EXIT_TIMEOUT_MS);
+        loop {
+            let running: Vec<&std::thread::JoinHandle<()>> =
+                self.queues.iter().filter(|queue| !queue.is_finished()).collect();
+            if running.is_empty() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(device = %self.path.display(), "ublk queue threads did not end when released");
+                break;
+            }
+            // Parked ones end at once; one waiting in the kernel needs waking.
+            for queue in running {
+                self.kernel.interrupt(queue);
+            }
+            std::thread::sleep(Duration::from_millis(WAKE_INTERVAL_MS));
+        }
+        for queue in std::mem::take(&mut self.queues) {
+            if queue.is_finished() && queue.join().is_err() {
+                tracing::warn!(device = %self.path.display(), "a ublk queue thread panicked");
+            }
+        }
+        self.released = true;
+    }
+
+    fn cancel_recovery_end(&mut self) {
+        if let Some(end) = self.recovery_end.take() {
+            end.cancel.store(true, std::sync::atomic::Ordering::SeqCst);
+            let _ = end.thread.join();
+        }
+    }
+
     /// Starts the queue threads; answers once each has fetched every tag.
     fn spawn_queues<T: BlockTarget + Send + 'static>(
         &mut self,
@@ -899,10 +1259,19 @@ impl UblkDevice {
                 opcodes: self.opcodes,
             };
             let (kernel, target, runtime) = (Arc::clone(kernel), Arc::clone(target), runtime.clone());
-            let ready_sender = ready_sender.clone();
+            let (ready_sender, pause) = (ready_sender.clone(), Arc::clone(&self.pause));
             let handle = std::thread::Builder::new()
                 .name(format!("ublk{}q{q_id}", info.dev_id))
-                .spawn(move || run_queue(&queue, kernel.as_ref(), target.as_ref(), &runtime, &ready_sender))
+                .spawn(move || {
+                    run_queue(
+                        &queue,
+                        kernel.as_ref(),
+                        target.as_ref(),
+                        &runtime,
+                        &ready_sender,
+                        &pause,
+                    )
+                })
                 .map_err(|e| format!("cannot start a ublk queue thread: {e}"))?;
             self.queues.push(handle);
         }
@@ -949,6 +1318,11 @@ impl UblkDevice {
 
 impl Drop for UblkDevice {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        self.cancel_recovery_end();
+        self.pause.resume();
         let (opcodes, dev_id) = (self.opcodes, self.dev_id);
         // STOP_DEV removes the disk (waiting for requests in flight, which
         // the queue threads still serve), then completes every fetched tag
@@ -988,6 +1362,7 @@ fn run_queue<T: BlockTarget>(
     target: &T,
     runtime: &tokio::runtime::Handle,
     ready: &std::sync::mpsc::Sender<Result<(), String>>,
+    pause: &Pause,
 ) {
     let mut ring = match open_queue_waiting(kernel, queue) {
         Ok(ring) => ring,
@@ -1002,9 +1377,57 @@ fn run_queue<T: BlockTarget>(
     if failed {
         return;
     }
-    if let Err(error) = serve(ring.as_mut(), queue, target, runtime) {
-        tracing::warn!(volume = %target.target_name(), dev_id = queue.dev_id, q_id = queue.q_id, %error, "ublk queue stopped on an error");
+    match serve(ring.as_mut(), queue, target, runtime, pause) {
+        Ok(Ended::Stopped) => {}
+        Ok(Ended::Released) => {
+            tracing::info!(volume = %target.target_name(), dev_id = queue.dev_id, q_id = queue.q_id, "ublk queue released for the next program");
+        }
+        Err(error) => {
+            tracing::warn!(volume = %target.target_name(), dev_id = queue.dev_id, q_id = queue.q_id, %error, "ublk queue stopped on an error");
+        }
     }
+}
+
+/// Waits (polling) until `target` is served, `deadline` passes or
+/// `cancel` is set; then, unless cancelled, sends END_USER_RECOVERY.
+fn end_recovery_when_served<T: BlockTarget>(
+    kernel: &dyn Kernel,
+    target: &T,
+    opcodes: Opcodes,
+    dev_id: u32,
+    deadline: Instant,
+    cancel: &std::sync::atomic::AtomicBool,
+) {
+    let cancelled = || cancel.load(std::sync::atomic::Ordering::SeqCst);
+    while !target.serving() && Instant::now() < deadline && !cancelled() {
+        std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+    }
+    if cancelled() {
+        return;
+    }
+    if !target.serving() {
+        tracing::warn!(volume = %target.target_name(), dev_id, "the volume of a ublk device taken over is not served here in time: its requests fail");
+    }
+    let pid = u64::from(std::process::id());
+    let ended = kernel
+        .open_control()
+        .and_then(|mut ring| control(ring.as_mut(), opcodes, CMD_END_USER_RECOVERY, dev_id, pid, None));
+    match ended {
+        Ok(_) => {
+            tracing::info!(volume = %target.target_name(), dev_id, "ublk device recovered: its waiting requests go on")
+        }
+        Err(error) => {
+            tracing::warn!(volume = %target.target_name(), dev_id, %error, "ublk END_USER_RECOVERY failed: the device's requests wait")
+        }
+    }
+}
+
+/// How a queue thread's serving ended.
+enum Ended {
+    /// The device stopped (every tag aborted).
+    Stopped,
+    /// Handed over: the queue is left to the next program.
+    Released,
 }
 
 /// /dev/ublkcN appears (devtmpfs, udev) a moment after ADD_DEV.
@@ -1053,20 +1476,24 @@ fn fetch_all(ring: &mut dyn QueueRing, queue: &QueueSetup) -> Result<(), String>
     Ok(())
 }
 
-/// Serves requests until every tag is aborted (the device stopped).
+/// Serves requests until every tag is aborted (the device stopped) or
+/// the device is released while paused.
 fn serve<T: BlockTarget>(
     ring: &mut dyn QueueRing,
     queue: &QueueSetup,
     target: &T,
     runtime: &tokio::runtime::Handle,
-) -> io::Result<()> {
+    pause: &Pause,
+) -> io::Result<Ended> {
     let depth = usize::from(queue.depth);
     let mut armed = depth;
     let mut completions = Vec::with_capacity(depth);
     let mut requests: Vec<Option<Request>> = vec![None; depth];
     while armed > 0 {
         completions.clear();
-        match ring.submit(true, &mut completions) {
+        // Paused: the last batch's answers go in without waiting for more.
+        let pausing = pause.asked();
+        match ring.submit(!pausing, &mut completions) {
             Err(error) if error.kind() == io::ErrorKind::Interrupted => continue,
             result => result?,
         }
@@ -1083,6 +1510,12 @@ fn serve<T: BlockTarget>(
                     tracing::warn!(volume = %target.target_name(), tag, result, "ublk I/O command failed; its tag is dropped")
                 }
             }
+        }
+        // Requests read now stay with their tags: served below once
+        // resumed; after a release the kernel issues them again to the
+        // next program (UBLK_F_USER_RECOVERY_REISSUE).
+        if pausing && pause.park() {
+            return Ok(Ended::Released);
         }
         // The batch runs concurrently; requests arriving meanwhile wait for
         // the next turn (the kernel copies their data on this thread only).
@@ -1107,7 +1540,7 @@ fn serve<T: BlockTarget>(
             armed += 1;
         }
     }
-    Ok(())
+    Ok(Ended::Stopped)
 }
 
 #[cfg(test)]
@@ -1203,6 +1636,9 @@ mod tests {
         assert_eq!(UBLK_U_CMD_START_DEV, 0xC020_7506);
         assert_eq!(UBLK_U_CMD_STOP_DEV, 0xC020_7507);
         assert_eq!(UBLK_U_CMD_SET_PARAMS, 0xC020_7508);
+        assert_eq!(UBLK_U_CMD_GET_DEV_INFO, 0xC020_7502);
+        assert_eq!(UBLK_U_CMD_START_USER_RECOVERY, 0xC020_7510);
+        assert_eq!(UBLK_U_CMD_END_USER_RECOVERY, 0xC020_7511);
         // _IOWR('u', nr, 16-byte ublksrv_io_cmd).
         assert_eq!(UBLK_U_IO_FETCH_REQ, 0xC010_7520);
         assert_eq!(UBLK_U_IO_COMMIT_AND_FETCH_REQ, 0xC010_7521);
@@ -1290,7 +1726,9 @@ mod tests {
     /// A volume in memory.
     struct MemoryTarget {
         bytes: Mutex<Vec<u8>>,
-        served: bool,
+        served: std::sync::atomic::AtomicBool,
+        /// How often `serving` was asked.
+        serving_asked: std::sync::atomic::AtomicUsize,
         flushes: Mutex<u32>,
         zeroed: Mutex<Vec<(u64, u64, bool)>>,
     }
@@ -1299,7 +1737,8 @@ mod tests {
         fn new(size_bytes: usize) -> Self {
             Self {
                 bytes: Mutex::new(vec![0; size_bytes]),
-                served: true,
+                served: std::sync::atomic::AtomicBool::new(true),
+                serving_asked: std::sync::atomic::AtomicUsize::new(0),
                 flushes: Mutex::new(0),
                 zeroed: Mutex::new(Vec::new()),
             }
@@ -1325,7 +1764,8 @@ mod tests {
         }
 
         fn serving(&self) -> bool {
-            self.served
+            self.serving_asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.served.load(std::sync::atomic::Ordering::SeqCst)
         }
 
         async fn read_into(&self, offset_bytes: u64, out: &mut [u8]) -> Result<(), VolumeIoError> {
@@ -1396,7 +1836,7 @@ mod tests {
 
     #[test]
     fn bad_requests_answer_errors() {
-        let mut target = MemoryTarget::new(1 << 20);
+        let target = MemoryTarget::new(1 << 20);
         let mut buffer = vec![0u8; 64 * 1024];
         assert_eq!(run(&target, request(4, 0, 8), &mut buffer), -libc::EOPNOTSUPP);
         assert_eq!(
@@ -1415,7 +1855,7 @@ mod tests {
             run(&target, request(UBLK_IO_OP_READ, u64::MAX, 8), &mut buffer),
             -libc::EINVAL
         );
-        target.served = false;
+        target.served.store(false, std::sync::atomic::Ordering::SeqCst);
         for op in [UBLK_IO_OP_READ, UBLK_IO_OP_WRITE, UBLK_IO_OP_FLUSH] {
             assert_eq!(run(&target, request(op, 0, 8), &mut buffer), -libc::EIO);
         }
@@ -1442,7 +1882,10 @@ mod tests {
         assert!(error.contains("modprobe ublk_drv"), "{error}");
     }
 
-    /// ublk_drv's side of the protocol, as far as the sequence goes.
+    /// ublk_drv's side of the protocol, as far as the sequence goes,
+    /// with user recovery: when the queue closes while the device is not
+    /// stopped, it is quiesced and requests handed to the old server but
+    /// not answered are issued again (REISSUE).
     #[derive(Default)]
     struct FakeState {
         control_ops: Vec<u32>,
@@ -1450,10 +1893,38 @@ mod tests {
         fetched: Vec<bool>,
         queue_open: bool,
         stopped: bool,
+        /// The server is gone and none has ended recovery: nothing is dispatched.
+        quiesced: bool,
+        /// The flags the device was made with (ADD_DEV's answer).
+        flags: u64,
+        /// START_USER_RECOVERY answers EBUSY this many more times.
+        busy_starts: u32,
+        /// END_USER_RECOVERY's pid.
+        ended_by: Option<u64>,
         /// Requests waiting for a fetched tag: descriptor and data for writes.
         incoming: VecDeque<(IoDesc, Vec<u8>)>,
+        /// Requests handed to a tag, not yet reaped by the server.
+        dispatched: VecDeque<(u16, IoDesc, Vec<u8>)>,
+        /// Requests reaped by the server and not answered, by tag.
+        reaped: Vec<Option<(IoDesc, Vec<u8>)>>,
         /// (tag, result, buffer contents) of each commit.
         commits: Vec<(u16, i32, Vec<u8>)>,
+        /// The server's queue thread was interrupted (`Kernel::interrupt`).
+        interrupted: bool,
+    }
+
+    impl FakeState {
+        /// Hands waiting requests to fetched tags while a server serves.
+        fn dispatch(&mut self) {
+            while !self.quiesced && !self.stopped && !self.incoming.is_empty() {
+                let Some(tag) = self.fetched.iter().position(|&fetched| fetched) else {
+                    return;
+                };
+                let (desc, data) = self.incoming.pop_front().unwrap();
+                self.fetched[tag] = false;
+                self.dispatched.push_back((u16::try_from(tag).unwrap(), desc, data));
+            }
+        }
     }
 
     #[derive(Default)]
@@ -1461,6 +1932,18 @@ mod tests {
         state: Mutex<FakeState>,
         changed: Condvar,
         legacy_only: bool,
+        /// An old ublk_drv: ADD_DEV drops the user-recovery flags.
+        no_recovery: bool,
+    }
+
+    impl FakeKernel {
+        /// The block layer sends a request to the device.
+        fn send(&self, desc: IoDesc, data: Vec<u8>) {
+            let mut state = self.state.lock();
+            state.incoming.push_back((desc, data));
+            state.dispatch();
+            self.changed.notify_all();
+        }
     }
 
     struct FakeControl(Arc<FakeKernel>);
@@ -1488,8 +1971,10 @@ mod tests {
         ) -> io::Result<Box<dyn QueueRing>> {
             assert_eq!((dev_id, q_id, depth), (FAKE_DEV_ID, 0, QUEUE_DEPTH));
             let mut state = self.state.lock();
+            assert!(!state.queue_open, "the queue is open already");
             state.queue_open = true;
             state.fetched = vec![false; usize::from(depth)];
+            state.reaped = vec![None; usize::from(depth)];
             Ok(Box::new(FakeQueue {
                 kernel: Arc::clone(self),
                 pushed: Vec::new(),
@@ -1497,6 +1982,11 @@ mod tests {
                 memory: vec![0; usize::from(depth) * buffer_bytes],
                 buffer_bytes,
             }))
+        }
+
+        fn interrupt(&self, _thread: &std::thread::JoinHandle<()>) {
+            self.state.lock().interrupted = true;
+            self.changed.notify_all();
         }
     }
 
@@ -1509,6 +1999,14 @@ mod tests {
                 return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
             }
             assert_eq!(cmd.queue_id, u16::MAX);
+            if cmd_op & 0xff != CMD_ADD_DEV {
+                assert_eq!(cmd.dev_id, FAKE_DEV_ID);
+            }
+            let recovery = if self.0.no_recovery {
+                0
+            } else {
+                UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE
+            };
             match cmd_op & 0xff {
                 CMD_ADD_DEV => {
                     let buffer = buffer.expect("ADD_DEV carries the device info");
@@ -1518,6 +2016,22 @@ mod tests {
                     if self.0.legacy_only {
                         info.flags &= !UBLK_F_CMD_IOCTL_ENCODE;
                     }
+                    info.flags &= !(UBLK_F_USER_RECOVERY | UBLK_F_USER_RECOVERY_REISSUE) | recovery;
+                    state.flags = info.flags;
+                    buffer.copy_from_slice(&info.to_bytes());
+                }
+                CMD_GET_DEV_INFO => {
+                    let buffer = buffer.expect("GET_DEV_INFO fills the device info");
+                    let encode = if self.0.legacy_only { 0 } else { UBLK_F_CMD_IOCTL_ENCODE };
+                    let info = DevInfo {
+                        dev_id: FAKE_DEV_ID,
+                        nr_hw_queues: QUEUE_COUNT,
+                        queue_depth: QUEUE_DEPTH,
+                        max_io_buf_bytes: IO_BUFFER_BYTES,
+                        ublksrv_pid: i32::try_from(std::process::id()).unwrap(),
+                        flags: encode | (state.flags & !UBLK_F_CMD_IOCTL_ENCODE),
+                        ..DevInfo::default()
+                    };
                     buffer.copy_from_slice(&info.to_bytes());
                 }
                 CMD_SET_PARAMS => state.params = buffer.expect("SET_PARAMS carries the params").to_vec(),
@@ -1528,6 +2042,26 @@ mod tests {
                         state.fetched.iter().all(|&f| f),
                         "START_DEV before every tag was fetched"
                     );
+                }
+                CMD_START_USER_RECOVERY => {
+                    if state.busy_starts > 0 || state.queue_open {
+                        state.busy_starts = state.busy_starts.saturating_sub(1);
+                        return Err(io::Error::from_raw_os_error(libc::EBUSY));
+                    }
+                    if !state.quiesced {
+                        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                    }
+                }
+                CMD_END_USER_RECOVERY => {
+                    assert!(state.quiesced, "END_USER_RECOVERY of a live device");
+                    assert!(
+                        state.fetched.iter().all(|&f| f),
+                        "END_USER_RECOVERY before every tag was fetched"
+                    );
+                    state.quiesced = false;
+                    state.ended_by = Some(cmd.data[0]);
+                    state.dispatch();
+                    self.0.changed.notify_all();
                 }
                 CMD_STOP_DEV => {
                     state.stopped = true;
@@ -1550,6 +2084,7 @@ mod tests {
             let kernel = Arc::clone(&self.kernel);
             let mut state = kernel.state.lock();
             let encoded = !kernel.legacy_only;
+            let submitted = !self.pushed.is_empty();
             for (cmd_op, tag, cmd) in self.pushed.drain(..) {
                 assert_eq!((cmd.tag, cmd.q_id), (tag, 0));
                 let index = usize::from(tag);
@@ -1559,6 +2094,10 @@ mod tests {
                     Opcodes { encoded }.io(IO_COMMIT_AND_FETCH_REQ),
                 );
                 if cmd_op == commit {
+                    assert!(
+                        state.reaped[index].take().is_some(),
+                        "a commit of a tag with no request"
+                    );
                     let buffer = self.memory[index * self.buffer_bytes..][..self.buffer_bytes].to_vec();
                     state.commits.push((tag, cmd.result, buffer));
                 } else {
@@ -1566,28 +2105,36 @@ mod tests {
                 }
                 state.fetched[index] = true;
             }
+            state.dispatch();
             kernel.changed.notify_all();
-            while wait && completions.is_empty() {
+            loop {
                 if state.stopped {
                     for (tag, fetched) in state.fetched.iter_mut().enumerate() {
                         if std::mem::take(fetched) {
                             completions.push((u16::try_from(tag).unwrap(), UBLK_IO_RES_ABORT));
                         }
                     }
-                    break;
                 }
-                let free = state.fetched.iter().position(|&f| f);
-                if let (Some(tag), false) = (free, state.incoming.is_empty()) {
-                    let (desc, data) = state.incoming.pop_front().unwrap();
-                    state.fetched[tag] = false;
-                    self.descriptors[tag] = desc;
-                    self.memory[tag * self.buffer_bytes..][..data.len()].copy_from_slice(&data);
-                    completions.push((u16::try_from(tag).unwrap(), UBLK_IO_RES_OK));
-                    break;
+                while let Some((tag, desc, data)) = state.dispatched.pop_front() {
+                    let index = usize::from(tag);
+                    self.descriptors[index] = desc;
+                    self.memory[index * self.buffer_bytes..][..data.len()].copy_from_slice(&data);
+                    state.reaped[index] = Some((desc, data));
+                    completions.push((tag, UBLK_IO_RES_OK));
+                }
+                if !wait || !completions.is_empty() {
+                    return Ok(());
+                }
+                // io_uring_enter: a signal ends the wait with EINTR unless it submitted.
+                if std::mem::take(&mut state.interrupted) {
+                    return if submitted {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from_raw_os_error(libc::EINTR))
+                    };
                 }
                 kernel.changed.wait(&mut state);
             }
-            Ok(())
         }
 
         fn descriptor(&self, tag: u16) -> [u8; IO_DESC_BYTES] {
@@ -1601,7 +2148,29 @@ mod tests {
 
     impl Drop for FakeQueue {
         fn drop(&mut self) {
-            self.kernel.state.lock().queue_open = false;
+            let mut state = self.kernel.state.lock();
+            state.queue_open = false;
+            if !state.stopped && state.flags & UBLK_F_USER_RECOVERY != 0 {
+                // The server is gone: quiesce, and issue again what it held
+                // (REISSUE), else fail it.
+                state.quiesced = true;
+                let mut held: Vec<(u16, IoDesc, Vec<u8>)> = (0..)
+                    .zip(state.reaped.iter_mut())
+                    .filter_map(|(tag, slot)| slot.take().map(|(desc, data)| (tag, desc, data)))
+                    .collect();
+                held.extend(state.dispatched.drain(..));
+                if state.flags & UBLK_F_USER_RECOVERY_REISSUE != 0 {
+                    for (_, desc, data) in held.into_iter().rev() {
+                        state.incoming.push_front((desc, data));
+                    }
+                } else {
+                    for (tag, _, _) in held {
+                        state.commits.push((tag, -libc::EIO, Vec::new()));
+                    }
+                }
+                state.fetched.fill(false);
+            }
+            self.kernel.changed.notify_all();
         }
     }
 
@@ -1641,12 +2210,10 @@ mod tests {
             start_sector: 8,
             addr: 0,
         };
-        fake.state.lock().incoming.push_back((write, vec![0x5a; 4096]));
-        fake.changed.notify_all();
+        fake.send(write, vec![0x5a; 4096]);
         let commits = wait_for_commits(&fake, 1);
         assert_eq!(commits[0].1, 4096);
-        fake.state.lock().incoming.push_back((read, Vec::new()));
-        fake.changed.notify_all();
+        fake.send(read, Vec::new());
         let commits = wait_for_commits(&fake, 2);
         assert_eq!(commits[1].1, 8192);
         assert!(commits[1].2[..4096].iter().all(|&b| b == 0));
@@ -1663,6 +2230,212 @@ mod tests {
         assert_eq!(state.control_ops, expected);
         assert_eq!(&state.params[0..4], &60u32.to_ne_bytes());
         assert!(!state.queue_open);
+    }
+
+    fn write_of(start_sector: u64, nr_sectors: u32) -> IoDesc {
+        IoDesc {
+            op_flags: u32::from(UBLK_IO_OP_WRITE),
+            nr_sectors,
+            start_sector,
+            addr: 0,
+        }
+    }
+
+    fn started(fake: &Arc<FakeKernel>, target: &Arc<MemoryTarget>, runtime: &tokio::runtime::Runtime) -> UblkDevice {
+        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(fake));
+        UblkDevice::start_with(&kernel, Arc::clone(target), 1 << 20, 4096, runtime.handle().clone()).unwrap()
+    }
+
+    fn one_worker() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_time()
+            .build()
+            .unwrap()
+    }
+
+    fn wait_until(kernel: &FakeKernel, what: &str, done: impl Fn(&FakeState) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut state = kernel.state.lock();
+        while !done(&state) {
+            assert!(Instant::now() < deadline, "{what}: not within 10 s");
+            kernel.changed.wait_for(&mut state, Duration::from_millis(50));
+        }
+    }
+
+    #[test]
+    fn a_device_handed_over_is_recovered_by_the_next_server_and_loses_no_request() {
+        let runtime = one_worker();
+        let fake = Arc::new(FakeKernel::default());
+        let target = Arc::new(MemoryTarget::new(1 << 20));
+        let device = started(&fake, &target, &runtime);
+        assert!(device.recoverable(), "ADD_DEV asked for user recovery and got it");
+        fake.send(write_of(0, 8), vec![0x11; 4096]);
+        wait_for_commits(&fake, 1);
+
+        device.pause(Instant::now() + Duration::from_secs(10)).unwrap();
+        // Handed to a tag the paused server does not read: issued again later.
+        fake.send(write_of(8, 8), vec![0x22; 4096]);
+        let dev_id = device.release();
+        assert_eq!(dev_id, FAKE_DEV_ID);
+        {
+            let state = fake.state.lock();
+            assert!(state.quiesced && !state.queue_open, "the queue ended, the device waits");
+            assert!(!state.stopped, "a released device is not stopped");
+            assert_eq!(state.commits.len(), 1);
+        }
+        // Sent while no server runs: waits in the kernel.
+        fake.send(write_of(16, 8), vec![0x33; 4096]);
+
+        // The next server, before its volume is served here.
+        target.served.store(false, std::sync::atomic::Ordering::SeqCst);
+        fake.state.lock().busy_starts = 3;
+        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(&fake));
+        let recovered = UblkDevice::recover_with(
+            &kernel,
+            Arc::clone(&target),
+            dev_id,
+            runtime.handle().clone(),
+            Instant::now() + Duration::from_secs(30),
+        )
+        .unwrap();
+        // The recovery waits, asking whether the volume is served, while
+        // the requests wait in the kernel.
+        let asked = target.serving_asked.load(std::sync::atomic::Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while target.serving_asked.load(std::sync::atomic::Ordering::SeqCst) < asked + 3 {
+            assert!(Instant::now() < deadline, "the recovery does not look at its volume");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        {
+            let state = fake.state.lock();
+            let starts = state
+                .control_ops
+                .iter()
+                .filter(|&&op| op == UBLK_U_CMD_START_USER_RECOVERY)
+                .count();
+            assert_eq!(starts, 4, "START_USER_RECOVERY is tried again while busy");
+            assert!(state.control_ops.contains(&UBLK_U_CMD_GET_DEV_INFO));
+            assert!(state.fetched.iter().all(|&fetched| fetched), "every tag fetched");
+            assert_eq!(state.ended_by, None, "recovery ends only once the volume is served");
+            assert_eq!(state.commits.len(), 1, "no request served before that");
+        }
+        target.served.store(true, std::sync::atomic::Ordering::SeqCst);
+        let commits = wait_for_commits(&fake, 3);
+        assert!(
+            commits[1..].iter().all(|(_, result, _)| *result == 4096),
+            "{:?}",
+            commits.iter().map(|c| c.1).collect::<Vec<_>>()
+        );
+        assert_eq!(fake.state.lock().ended_by, Some(u64::from(std::process::id())));
+        {
+            let bytes = target.bytes.lock();
+            assert!(bytes[..4096].iter().all(|&b| b == 0x11));
+            assert!(
+                bytes[4096..8192].iter().all(|&b| b == 0x22),
+                "the request held by the old server"
+            );
+            assert!(
+                bytes[8192..12288].iter().all(|&b| b == 0x33),
+                "the request sent between servers"
+            );
+        }
+        drop(recovered);
+        let state = fake.state.lock();
+        assert!(state.stopped && !state.queue_open);
+        assert_eq!(state.control_ops.last(), Some(&UBLK_U_CMD_DEL_DEV));
+        let stops = state
+            .control_ops
+            .iter()
+            .filter(|&&op| op == UBLK_U_CMD_STOP_DEV)
+            .count();
+        assert_eq!(stops, 1, "only the last server stops the device");
+    }
+
+    #[test]
+    fn a_paused_device_serves_on_when_resumed() {
+        let runtime = one_worker();
+        let fake = Arc::new(FakeKernel::default());
+        let target = Arc::new(MemoryTarget::new(1 << 20));
+        let device = started(&fake, &target, &runtime);
+        device.pause(Instant::now() + Duration::from_secs(10)).unwrap();
+        fake.send(write_of(0, 8), vec![0x44; 4096]);
+        assert!(fake.state.lock().commits.is_empty(), "a paused device answers nothing");
+        device.resume();
+        let commits = wait_for_commits(&fake, 1);
+        assert_eq!(commits[0].1, 4096);
+        fake.send(write_of(8, 8), vec![0x55; 4096]);
+        wait_for_commits(&fake, 2);
+        drop(device);
+        assert!(fake.state.lock().stopped);
+    }
+
+    #[test]
+    fn a_recovered_device_whose_volume_is_not_served_in_time_fails_its_requests() {
+        let runtime = one_worker();
+        let fake = Arc::new(FakeKernel::default());
+        let target = Arc::new(MemoryTarget::new(1 << 20));
+        let device = started(&fake, &target, &runtime);
+        device.pause(Instant::now() + Duration::from_secs(10)).unwrap();
+        let dev_id = device.release();
+        fake.send(write_of(0, 8), vec![0x66; 4096]);
+        target.served.store(false, std::sync::atomic::Ordering::SeqCst);
+        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(&fake));
+        let recovered = UblkDevice::recover_with(
+            &kernel,
+            Arc::clone(&target),
+            dev_id,
+            runtime.handle().clone(),
+            Instant::now(),
+        )
+        .unwrap();
+        let commits = wait_for_commits(&fake, 1);
+        assert_eq!(commits[0].1, -libc::EIO);
+        assert!(target.bytes.lock().iter().all(|&b| b == 0));
+        drop(recovered);
+    }
+
+    #[test]
+    fn devices_without_user_recovery_are_not_kept_nor_taken_over() {
+        let runtime = one_worker();
+        let fake = Arc::new(FakeKernel {
+            no_recovery: true,
+            ..FakeKernel::default()
+        });
+        let target = Arc::new(MemoryTarget::new(1 << 20));
+        let device = started(&fake, &target, &runtime);
+        assert!(!device.recoverable());
+        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(&fake));
+        let error = UblkDevice::recover_with(
+            &kernel,
+            Arc::clone(&target),
+            FAKE_DEV_ID,
+            runtime.handle().clone(),
+            Instant::now(),
+        )
+        .err()
+        .expect("no recovery of a device made without it");
+        assert!(error.contains("without user recovery"), "{error}");
+        drop(device);
+        assert!(fake.state.lock().stopped);
+    }
+
+    #[test]
+    fn a_device_left_by_a_dead_server_is_removed_on_request() {
+        let runtime = one_worker();
+        let fake = Arc::new(FakeKernel::default());
+        let target = Arc::new(MemoryTarget::new(1 << 20));
+        let device = started(&fake, &target, &runtime);
+        device.pause(Instant::now() + Duration::from_secs(10)).unwrap();
+        let dev_id = device.release();
+        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(&fake));
+        remove_left_with(kernel.as_ref(), dev_id).unwrap();
+        wait_until(&fake, "stopped", |state| state.stopped);
+        let ops = fake.state.lock().control_ops.clone();
+        assert_eq!(
+            &ops[ops.len() - 3..],
+            &[UBLK_U_CMD_GET_DEV_INFO, UBLK_U_CMD_STOP_DEV, UBLK_U_CMD_DEL_DEV]
+        );
     }
 
     #[test]

@@ -488,10 +488,10 @@ pub fn main() -> ExitCode {
                 }
             } else {
                 println!(
-                    "ballast {} (peer protocol {}, upgrade hand-over format {})",
+                    "ballast {} (peer protocol {}, upgrade hand-over formats {:?})",
                     version.version,
                     crate::peer::handshake::range_text(version.peer_protocol_min, version.peer_protocol_max),
-                    crate::handoff::FORMAT
+                    version.handoff_formats
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -397,6 +397,8 @@ async fn serve(
         if let Some(record) = crate::handoff::disarm() {
             upgrades.record(record);
         }
+    } else {
+        attach.recover_left(&volumes);
     }
     let (stop_sender, stop) = watch::channel(false);
     let peer = tokio::spawn(crate::peer::server::serve(
