@@ -145,6 +145,48 @@ impl VolumeIndex {
         }
     }
 
+    /// Appends to `runs` the runs `(lba, block_count)` of
+    /// `lba_start..lba_end` where this map differs from `base` (None: an
+    /// empty map: every mapped block), in LBA order, extending a run
+    /// `runs` ends with. Chunks both maps share in memory (a snapshot's or
+    /// clone's not written since) are skipped without looking inside.
+    pub fn differences(&self, base: Option<&VolumeIndex>, lba_start: u64, lba_end: u64, runs: &mut Vec<(u64, u64)>) {
+        if lba_start >= lba_end {
+            return;
+        }
+        let (first, last) = (lba_start / CHUNK_BLOCKS, (lba_end - 1) / CHUNK_BLOCKS);
+        let empty = BTreeMap::new();
+        let base_chunks = base.map_or(&empty, |base| &base.chunks);
+        let mut keys: Vec<u64> = self
+            .chunks
+            .range(first..=last)
+            .chain(base_chunks.range(first..=last))
+            .map(|(key, _)| *key)
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        for key in keys {
+            if let (Some(mine), Some(theirs)) = (self.chunks.get(&key), base_chunks.get(&key)) {
+                if Arc::ptr_eq(mine, theirs) {
+                    continue;
+                }
+            }
+            let start = (key * CHUNK_BLOCKS).max(lba_start);
+            let count = ((key + 1) * CHUNK_BLOCKS).min(lba_end) - start;
+            let mine = self.entries(start, count);
+            let theirs = match base {
+                Some(base) => base.entries(start, count),
+                None => vec![Entry::UNMAPPED; mine.len()],
+            };
+            for (lba, _) in (start..).zip(mine.iter().zip(&theirs)).filter(|(_, (a, b))| a != b) {
+                match runs.last_mut() {
+                    Some((run_start, run_count)) if *run_start + *run_count == lba => *run_count += 1,
+                    _ => runs.push((lba, 1)),
+                }
+            }
+        }
+    }
+
     /// Unmaps every block and returns what was mapped (epochs are kept).
     pub fn clear(&mut self) -> Vec<(u64, Entry)> {
         let entries = self.iter().collect();
@@ -574,6 +616,61 @@ mod tests {
         assert!(!Arc::ptr_eq(&one.chunks[&4], &two.chunks[&4]));
         assert_eq!(index.get(2, 5000).address, 12);
         assert_eq!(index.share_identical_chunks(), 0, "nothing left to fold");
+    }
+
+    /// Runs of the blocks of `0..end` where `a` and `b` differ, block by block.
+    fn naive_differences(a: &VolumeIndex, b: Option<&VolumeIndex>, start: u64, end: u64) -> Vec<(u64, u64)> {
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for lba in start..end {
+            if a.get(lba) != b.map_or(Entry::UNMAPPED, |b| b.get(lba)) {
+                match runs.last_mut() {
+                    Some((first, count)) if *first + *count == lba => *count += 1,
+                    _ => runs.push((lba, 1)),
+                }
+            }
+        }
+        runs
+    }
+
+    proptest! {
+        /// A snapshot (a clone sharing every chunk) then writes, unmaps and
+        /// bad blocks on the volume: the differences are exactly the blocks
+        /// whose entries differ, in any window, and against nothing they
+        /// are the mapped blocks.
+        #[test]
+        fn differences_from_a_snapshot_are_the_blocks_changed_since(
+            before in proptest::collection::vec((0u64..5000, 1u64..64), 0..60),
+            after in proptest::collection::vec((0u64..5000, 1u64..64, 0u8..4), 0..60),
+            window in (0u64..5000, 0u64..5000),
+        ) {
+            let mut volume = VolumeIndex::default();
+            for (at, (lba, len)) in (1u64..).zip(&before) {
+                for offset in 0..*len {
+                    volume.set(lba + offset, Entry { address: at * 100 + offset, crc: 1 });
+                }
+            }
+            let snapshot = volume.clone();
+            for (at, (lba, len, kind)) in (1000u64..).zip(&after) {
+                for offset in 0..*len {
+                    let entry = match kind {
+                        0 => Entry::UNMAPPED,
+                        1 => Entry::BAD,
+                        _ => Entry { address: at * 100 + offset, crc: 2 },
+                    };
+                    volume.set(lba + offset, entry);
+                }
+            }
+            let (start, end) = (window.0.min(window.1), window.0.max(window.1) + 64);
+            let mut runs = Vec::new();
+            volume.differences(Some(&snapshot), start, end, &mut runs);
+            prop_assert_eq!(&runs, &naive_differences(&volume, Some(&snapshot), start, end));
+            let mut runs = Vec::new();
+            volume.differences(None, 0, 5100, &mut runs);
+            prop_assert_eq!(&runs, &naive_differences(&volume, None, 0, 5100));
+            let mut runs = Vec::new();
+            snapshot.differences(Some(&snapshot.clone()), 0, 5100, &mut runs);
+            prop_assert!(runs.is_empty(), "a map equals its clone");
+        }
     }
 
     proptest! {

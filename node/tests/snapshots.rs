@@ -94,6 +94,37 @@ fn a_snapshot_stays_as_taken_is_read_only_over_nbd_and_deleting_it_frees_what_on
         "the overwritten half is held twice: the snapshot keeps the old data"
     );
 
+    // What changed since the snapshot, from the maps: the overwritten half.
+    let diff = |args: &[&str]| -> serde_json::Value {
+        let mut command = vec!["snapshot", "diff", "db", "--json"];
+        command.extend_from_slice(args);
+        serde_json::from_str(&node.cli_ok(&command)).unwrap()
+    };
+    let since = diff(&["--from", "s1"]);
+    assert_eq!(since["changed"], serde_json::json!([[0, 16 << 20]]), "{since}");
+    assert_eq!(since["changed_bytes"], 16u64 << 20);
+    let everything = diff(&["--to", "s1"]);
+    assert_eq!(
+        everything["changed"],
+        serde_json::json!([[0, 32 << 20]]),
+        "{everything}"
+    );
+    node.cli_ok(&["snapshot", "create", "db", "s2"]);
+    assert_eq!(diff(&["--from", "s1", "--to", "s2"])["changed"], since["changed"]);
+    assert_eq!(diff(&["--from", "s2"])["changed_bytes"], 0, "nothing written since s2");
+    let readable = node.cli_ok(&["snapshot", "diff", "db", "--from", "s1"]);
+    assert!(
+        readable.contains("db@s1 -> now") && readable.contains("in 1 range "),
+        "{readable}"
+    );
+    let unknown = node.cli(&["snapshot", "diff", "db", "--from", "nosuch"]);
+    assert!(
+        !unknown.status.success() && text(&unknown).contains("db@nosuch does not exist"),
+        "{}",
+        text(&unknown)
+    );
+    node.cli_ok(&["snapshot", "delete", "db", "s2"]);
+
     // Read-only: the export says so, and a write is refused with EPERM.
     let mut client = NbdClient::connect(&nbd_address(&node), "db@s1", Duration::from_secs(10)).unwrap();
     assert_ne!(client.flags & proto::TFLAG_READ_ONLY, 0, "flags {:#x}", client.flags);

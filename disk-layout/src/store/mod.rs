@@ -286,6 +286,23 @@ impl Store {
         runs
     }
 
+    /// The runs `(lba, block_count)` of `lba..lba + block_count` where
+    /// volume `volume_id` maps other data than `base_id` (an earlier
+    /// snapshot of it; None: nothing, so every mapped block): the blocks
+    /// written, zeroed or trimmed in between. Memory only, no I/O; chunks
+    /// the two still share are skipped whole, so a diff of snapshots that
+    /// differ little costs little. A volume not on this disk maps nothing.
+    #[must_use]
+    pub fn changed_blocks(&self, base_id: Option<u64>, volume_id: u64, lba: u64, block_count: u64) -> Vec<(u64, u64)> {
+        let end = lba.saturating_add(block_count).min(crate::LBA_LIMIT);
+        let empty = crate::index::VolumeIndex::default();
+        let volume = self.index.volume(volume_id).unwrap_or(&empty);
+        let base = base_id.map(|id| self.index.volume(id).unwrap_or(&empty));
+        let mut runs = Vec::new();
+        volume.differences(base, lba, end, &mut runs);
+        runs
+    }
+
     /// The state of each block of `lba..lba + block_count` (at most
     /// `LBA_LIMIT`; memory only, no I/O). A block written with zeroes is a
     /// hole: it reads the same as one never written.

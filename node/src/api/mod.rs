@@ -29,6 +29,7 @@
 //! | DELETE | /v1/volumes/{name}/snapshots/{snapshot} | | 204 |
 //! | POST | /v1/volumes/{name}/snapshots/{snapshot}/clone | `{"name":"NEW","group":""}` | 201 `VolumeInfo` (a writable volume sharing the snapshot's data) |
 //! | POST | /v1/volumes/{name}/restore | `{"snapshot":"SNAP"}` | `VolumeInfo` (the volume's data is the snapshot's again; refused while clients are connected or it is attached) |
+//! | GET | /v1/volumes/{name}/diff | `?from=SNAP&to=SNAP` (either may be left out: nothing / the volume now) | `SnapshotDiff`: the byte ranges that differ, from the coordinator's maps (no data read) |
 //! | PUT | /v1/volumes/{name}/snapshot-schedule | `{"every_seconds":N,"keep":K}` | `VolumeInfo` (scheduled snapshots `auto-YYYYMMDD-HHMMSS`, the newest K kept; N 0 stops) |
 //! | GET | /v1/cluster | | `ClusterStatus` |
 //! | GET | /v1/alerts | | `[Alert]`, active first (`?all=false`: active only) |
@@ -424,6 +425,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
         )
         .route("/v1/volumes/{name}/snapshots/{snapshot}/clone", post(clone_snapshot))
         .route("/v1/volumes/{name}/restore", post(restore_snapshot))
+        .route("/v1/volumes/{name}/diff", get(snapshot_diff))
         .route("/v1/volumes/{name}/snapshot-schedule", put(snapshot_schedule))
         .route(
             "/v1/volumes/{name}/device",
@@ -882,6 +884,16 @@ async fn list_snapshots(
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
     Ok(Json(state.cluster.list_snapshots(&name)?).into_response())
+}
+
+async fn snapshot_diff(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    axum::extract::Query(query): axum::extract::Query<crate::cluster::snapshots::DiffQuery>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    Ok(Json(state.cluster.snapshot_diff(&state.volumes, &name, query).await?).into_response())
 }
 
 async fn create_snapshot(
