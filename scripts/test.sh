@@ -57,17 +57,18 @@ step build cargo test --locked --workspace --no-run
 step build-benches cargo test --locked -p disk-layout -p node --bench hot_paths --bench request_codecs --no-run
 # Two lanes from here: the tests wait on clusters, timers and disks and
 # keep about one core busy (51 % of two cores, measured), so the CPU-bound
-# steps (lints, fuzz build and run) run beside them rather than after.
-# Clippy gets its own target directory: check artifacts are never reused
-# by a build nor a build's by check, and two cargos on one directory would
-# take turns on its lock. The lane's output is printed after the tests.
+# steps (fuzz build and run, lints) run beside them rather than after.
+# The fuzz targets build in their own workspace first; clippy then shares
+# the test build's build scripts and proc macros in target/, whose lock the
+# test run no longer takes by then (cargo holds it while it builds, not
+# while tests run). The lane's output is printed after the tests.
 (
   LOG=/dev/null # the lane's output joins $LOG after the tests, whole
-  step clippy env CARGO_TARGET_DIR=target/clippy cargo clippy --locked --workspace --all-targets -- -D warnings
   for script in scripts/tests/*.sh; do
     [ -e "$script" ] || continue
     step "$(basename "$script" .sh)" "$script"
   done
+  step clippy cargo clippy --locked --workspace --all-targets -- -D warnings
 ) > "$LANE_LOG" 2>&1 &
 lane=$!
 # One test thread per core keeps the loop-device and process tests from starving each other.
