@@ -35,10 +35,8 @@ export BALLAST_SKIP_LOG=$(mktemp /tmp/ballast-skips.XXXXXX)
 # Node logs of failing tests are kept here (the tests delete them otherwise).
 export BALLAST_TEST_LOGS=${BALLAST_TEST_LOGS:-/var/tmp/ballast-test-logs}
 mkdir -p "$BALLAST_TEST_LOGS"
-# Steps that fail write their name here (steps run in two lanes, see below).
-FAILED_STEPS=$(mktemp /tmp/ballast-failed.XXXXXX)
-LANE_LOG=$(mktemp /tmp/ballast-lane.XXXXXX)
-trap 'rm -f "$LOG" "$BALLAST_SKIP_LOG" "$FAILED_STEPS" "$LANE_LOG"' EXIT
+trap 'rm -f "$LOG" "$BALLAST_SKIP_LOG"' EXIT
+failed=()
 # A fresh build of every test binary and the fuzz targets takes several GB;
 # say how much room there is, so a "No space left on device" is no mystery.
 df -h . /var/tmp | sed 's/^/disk: /'
@@ -48,38 +46,20 @@ df -h . /var/tmp | sed 's/^/disk: /'
 step() {
   local name=$1; shift
   echo "=== $name: $*"
-  if "$@" 2>&1 | tee -a "$LOG"; then echo "=== $name: ok"; else echo "=== $name: FAILED"; echo "$name" >> "$FAILED_STEPS"; fi
+  if "$@" 2>&1 | tee -a "$LOG"; then echo "=== $name: ok"; else echo "=== $name: FAILED"; failed+=("$name"); fi
 }
 
 step fmt cargo fmt --all -- --check
-# Every test and bench binary first, on both cores.
-step build cargo test --locked --workspace --no-run
-step build-benches cargo test --locked -p disk-layout -p node --bench hot_paths --bench request_codecs --no-run
-# Two lanes from here: the tests wait on clusters, timers and disks and
-# keep about one core busy (51 % of two cores, measured), so the CPU-bound
-# steps (fuzz build and run, lints) run beside them rather than after.
-# The fuzz targets build in their own workspace first; clippy then shares
-# the test build's build scripts and proc macros in target/, whose lock the
-# test run no longer takes by then (cargo holds it while it builds, not
-# while tests run). The lane's output is printed after the tests.
-(
-  LOG=/dev/null # the lane's output joins $LOG after the tests, whole
-  for script in scripts/tests/*.sh; do
-    [ -e "$script" ] || continue
-    step "$(basename "$script" .sh)" "$script"
-  done
-  step clippy cargo clippy --locked --workspace --all-targets -- -D warnings
-) > "$LANE_LOG" 2>&1 &
-lane=$!
+step clippy cargo clippy --locked --workspace --all-targets -- -D warnings
 # One test thread per core keeps the loop-device and process tests from starving each other.
 # --no-fail-fast: one failing test binary does not hide the results of the others.
 step tests cargo test --locked --workspace --no-fail-fast -- --test-threads=2
 # The criterion micro-benchmarks, each run once (no timing): they keep building and working.
 step benches cargo test --locked -p disk-layout -p node --bench hot_paths --bench request_codecs
-wait "$lane"
-echo "=== (lints and fuzzing ran beside the tests; their output:)"
-tee -a "$LOG" < "$LANE_LOG"
-mapfile -t failed < "$FAILED_STEPS"
+for script in scripts/tests/*.sh; do
+  [ -e "$script" ] || continue
+  step "$(basename "$script" .sh)" "$script"
+done
 
 passed=$(grep -Eo 'test result: ok\. [0-9]+ passed' "$LOG" | awk '{s+=$4} END {print s+0}')
 failed_tests=$(grep -Eo '[0-9]+ failed;' "$LOG" | awk '{s+=$1} END {print s+0}')
