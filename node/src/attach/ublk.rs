@@ -2246,6 +2246,31 @@ mod tests {
         UblkDevice::start_with(&kernel, Arc::clone(target), 1 << 20, 4096, runtime.handle().clone()).unwrap()
     }
 
+    /// A device started on `fake`, paused and released: its number.
+    fn handed_over(fake: &Arc<FakeKernel>, target: &Arc<MemoryTarget>, runtime: &tokio::runtime::Runtime) -> u32 {
+        let device = started(fake, target, runtime);
+        device.pause(Instant::now() + Duration::from_secs(10)).unwrap();
+        device.release()
+    }
+
+    /// The next server's recovery of `dev_id` on `fake`.
+    fn recovered(
+        fake: &Arc<FakeKernel>,
+        target: &Arc<MemoryTarget>,
+        dev_id: u32,
+        runtime: &tokio::runtime::Runtime,
+        serving_deadline: Instant,
+    ) -> Result<UblkDevice, String> {
+        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(fake));
+        UblkDevice::recover_with(
+            &kernel,
+            Arc::clone(target),
+            dev_id,
+            runtime.handle().clone(),
+            serving_deadline,
+        )
+    }
+
     fn one_worker() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -2290,12 +2315,11 @@ mod tests {
         // The next server, before its volume is served here.
         target.served.store(false, std::sync::atomic::Ordering::SeqCst);
         fake.state.lock().busy_starts = 3;
-        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(&fake));
-        let recovered = UblkDevice::recover_with(
-            &kernel,
-            Arc::clone(&target),
+        let recovered = recovered(
+            &fake,
+            &target,
             dev_id,
-            runtime.handle().clone(),
+            &runtime,
             Instant::now() + Duration::from_secs(30),
         )
         .unwrap();
@@ -2375,20 +2399,10 @@ mod tests {
         let runtime = one_worker();
         let fake = Arc::new(FakeKernel::default());
         let target = Arc::new(MemoryTarget::new(1 << 20));
-        let device = started(&fake, &target, &runtime);
-        device.pause(Instant::now() + Duration::from_secs(10)).unwrap();
-        let dev_id = device.release();
+        let dev_id = handed_over(&fake, &target, &runtime);
         fake.send(write_of(0, 8), vec![0x66; 4096]);
         target.served.store(false, std::sync::atomic::Ordering::SeqCst);
-        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(&fake));
-        let recovered = UblkDevice::recover_with(
-            &kernel,
-            Arc::clone(&target),
-            dev_id,
-            runtime.handle().clone(),
-            Instant::now(),
-        )
-        .unwrap();
+        let recovered = recovered(&fake, &target, dev_id, &runtime, Instant::now()).unwrap();
         let commits = wait_for_commits(&fake, 1);
         assert_eq!(commits[0].1, -libc::EIO);
         assert!(target.bytes.lock().iter().all(|&b| b == 0));
@@ -2405,16 +2419,9 @@ mod tests {
         let target = Arc::new(MemoryTarget::new(1 << 20));
         let device = started(&fake, &target, &runtime);
         assert!(!device.recoverable());
-        let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(&fake));
-        let error = UblkDevice::recover_with(
-            &kernel,
-            Arc::clone(&target),
-            FAKE_DEV_ID,
-            runtime.handle().clone(),
-            Instant::now(),
-        )
-        .err()
-        .expect("no recovery of a device made without it");
+        let error = recovered(&fake, &target, FAKE_DEV_ID, &runtime, Instant::now())
+            .err()
+            .expect("no recovery of a device made without it");
         assert!(error.contains("without user recovery"), "{error}");
         drop(device);
         assert!(fake.state.lock().stopped);
@@ -2425,9 +2432,7 @@ mod tests {
         let runtime = one_worker();
         let fake = Arc::new(FakeKernel::default());
         let target = Arc::new(MemoryTarget::new(1 << 20));
-        let device = started(&fake, &target, &runtime);
-        device.pause(Instant::now() + Duration::from_secs(10)).unwrap();
-        let dev_id = device.release();
+        let dev_id = handed_over(&fake, &target, &runtime);
         let kernel: Arc<dyn Kernel> = Arc::new(Arc::clone(&fake));
         remove_left_with(kernel.as_ref(), dev_id).unwrap();
         wait_until(&fake, "stopped", |state| state.stopped);
