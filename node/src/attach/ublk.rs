@@ -26,7 +26,7 @@
 //! queue thread is woken (`Kernel::interrupt`), submits the answers of the
 //! batch it served and parks (`pause`); `release` ends the threads without
 //! STOP_DEV. The next program (same pid, or this one after a node crash,
-//! from `RECORD_FILE`) recovers: GET_DEV_INFO, START_USER_RECOVERY (EBUSY
+//! from `attach::UBLK_RECORD`) recovers: GET_DEV_INFO, START_USER_RECOVERY (EBUSY
 //! until the old queues' descriptors are released), FETCH every tag, and
 //! END_USER_RECOVERY once the volume is served here again, which lets the
 //! waiting requests through (`recover`).

@@ -62,8 +62,10 @@ pub enum NodeCommand {
     /// from this one, and speak a peer protocol every member speaks);
     /// members wait for the node instead of failing its volumes over. A new
     /// binary that fails to start runs the old one again (rolled back).
-    /// Devices attached through ublk or the kernel NBD client cannot be kept
-    /// yet: the upgrade is refused while there are any.
+    /// ublk devices are kept through ublk's user recovery. Devices attached
+    /// through the kernel NBD client, FUSE over io_uring, or a ublk_drv
+    /// without user recovery cannot be kept: the upgrade is refused while
+    /// there are any, saying why.
     Upgrade {
         /// The new binary [default: the file now at the path the node was started from].
         #[arg(long, value_name = "PATH")]
