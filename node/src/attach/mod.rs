@@ -253,10 +253,16 @@ impl AttachHandoff {
     /// devices (a binary reading only format 1 would leave them waiting).
     #[must_use]
     pub fn format(&self) -> u32 {
-        if self.ublk.is_empty() {
-            1
-        } else {
+        Self::format_for(!self.ublk.is_empty())
+    }
+
+    /// The format of a hand-over with or without ublk devices.
+    #[must_use]
+    pub fn format_for(ublk: bool) -> u32 {
+        if ublk {
             2
+        } else {
+            1
         }
     }
 }
@@ -421,11 +427,7 @@ impl HostAttach {
             .lock()
             .values()
             .any(|attached| matches!(attached, Attached::Ublk(_)));
-        if ublk {
-            2
-        } else {
-            1
-        }
+        AttachHandoff::format_for(ublk)
     }
 
     /// A loop device over the volume's FUSE file; whether the session runs over io_uring.

@@ -833,48 +833,51 @@ fn control(
     ring.command(opcodes.control(nr), cmd.to_bytes(), buffer)
 }
 
-/// ADD_DEV, with the encoded command number and then the legacy one;
-/// answers the device the kernel made and the numbers it takes.
-fn add_device(ring: &mut dyn ControlRing, pid: i32) -> Result<(DevInfo, Opcodes), String> {
+/// Runs control command `nr` (ADD_DEV or GET_DEV_INFO: its buffer is a
+/// `ublksrv_ctrl_dev_info`, `info` on the way in) with the encoded command
+/// number and then the legacy one; answers the device info the kernel
+/// wrote and the numbers it takes (it tells by UBLK_F_CMD_IOCTL_ENCODE).
+fn dev_info_command(
+    ring: &mut dyn ControlRing,
+    nr: u32,
+    dev_id: u32,
+    info: [u8; DEV_INFO_BYTES],
+) -> io::Result<(DevInfo, Opcodes)> {
     let mut last_error = None;
     for opcodes in [Opcodes { encoded: true }, Opcodes { encoded: false }] {
-        let mut info = dev_info_wanted(pid).to_bytes();
-        match control(ring, opcodes, CMD_ADD_DEV, u32::MAX, 0, Some(&mut info)) {
+        let mut buffer = info;
+        match control(ring, opcodes, nr, dev_id, 0, Some(&mut buffer)) {
             Ok(_) => {
-                let info = DevInfo::from_bytes(&info);
-                // The kernel tells which numbers it takes by this flag.
+                let info = DevInfo::from_bytes(&buffer);
                 let encoded = info.flags & UBLK_F_CMD_IOCTL_ENCODE != 0;
                 return Ok((info, Opcodes { encoded }));
             }
             Err(error) if matches!(error.raw_os_error(), Some(libc::EOPNOTSUPP | ENOTSUPP)) => {
                 last_error = Some(error);
             }
-            Err(error) => return Err(os_error("ADD_DEV", &error)),
+            Err(error) => return Err(error),
         }
     }
-    Err(os_error("ADD_DEV", &last_error.expect("both attempts failed")))
+    Err(last_error.expect("both attempts failed"))
 }
 
-/// GET_DEV_INFO of `dev_id`, with the encoded command number and then the
-/// legacy one; answers the device and the numbers it takes.
+/// ADD_DEV; answers the device the kernel made and the numbers it takes.
+fn add_device(ring: &mut dyn ControlRing, pid: i32) -> Result<(DevInfo, Opcodes), String> {
+    dev_info_command(ring, CMD_ADD_DEV, u32::MAX, dev_info_wanted(pid).to_bytes())
+        .map_err(|error| os_error("ADD_DEV", &error))
+}
+
+/// GET_DEV_INFO of `dev_id`; answers the device and the numbers it takes.
 fn device_info(ring: &mut dyn ControlRing, dev_id: u32) -> Result<(DevInfo, Opcodes), String> {
-    let mut last_error = None;
-    for opcodes in [Opcodes { encoded: true }, Opcodes { encoded: false }] {
-        let mut info = [0u8; DEV_INFO_BYTES];
-        match control(ring, opcodes, CMD_GET_DEV_INFO, dev_id, 0, Some(&mut info)) {
-            Ok(_) => {
-                let info = DevInfo::from_bytes(&info);
-                let encoded = info.flags & UBLK_F_CMD_IOCTL_ENCODE != 0;
-                return Ok((info, Opcodes { encoded }));
-            }
-            Err(error) if matches!(error.raw_os_error(), Some(libc::EOPNOTSUPP | ENOTSUPP)) => {
-                last_error = Some(error);
-            }
-            Err(error) => return Err(format!("ublk device {dev_id}: GET_DEV_INFO failed: {error}")),
-        }
-    }
-    let error = last_error.expect("both attempts failed");
-    Err(format!("ublk device {dev_id}: GET_DEV_INFO failed: {error}"))
+    dev_info_command(ring, CMD_GET_DEV_INFO, dev_id, [0; DEV_INFO_BYTES])
+        .map_err(|error| format!("ublk device {dev_id}: GET_DEV_INFO failed: {error}"))
+}
+
+/// The control device's ring, or why it cannot be opened.
+fn open_control(kernel: &dyn Kernel) -> Result<Box<dyn ControlRing>, String> {
+    kernel
+        .open_control()
+        .map_err(|e| format!("cannot open {CONTROL_PATH}: {e}"))
 }
 
 /// START_USER_RECOVERY, again while the kernel answers EBUSY (the previous
@@ -906,9 +909,7 @@ pub fn remove_left(dev_id: u32) -> Result<(), String> {
 }
 
 fn remove_left_with(kernel: &dyn Kernel, dev_id: u32) -> Result<(), String> {
-    let mut ring = kernel
-        .open_control()
-        .map_err(|e| format!("cannot open {CONTROL_PATH}: {e}"))?;
+    let mut ring = open_control(kernel)?;
     let (_, opcodes) = device_info(ring.as_mut(), dev_id)?;
     control(ring.as_mut(), opcodes, CMD_STOP_DEV, dev_id, 0, None).map_err(|e| os_error("STOP_DEV", &e))?;
     control(ring.as_mut(), opcodes, CMD_DEL_DEV, dev_id, 0, None).map_err(|e| os_error("DEL_DEV", &e))?;
@@ -920,9 +921,7 @@ fn remove_left_with(kernel: &dyn Kernel, dev_id: u32) -> Result<(), String> {
 /// only devices a node starting after a crash takes back or removes.
 pub fn left_waiting(dev_id: u32) -> Result<bool, String> {
     let kernel = system_kernel()?;
-    let mut ring = kernel
-        .open_control()
-        .map_err(|e| format!("cannot open {CONTROL_PATH}: {e}"))?;
+    let mut ring = open_control(kernel.as_ref())?;
     let info = match device_info(ring.as_mut(), dev_id) {
         Ok((info, _)) => info,
         Err(_) => return Ok(false), // gone (ENODEV): nothing to do
@@ -1022,9 +1021,7 @@ impl UblkDevice {
         runtime: tokio::runtime::Handle,
     ) -> Result<Self, String> {
         let name = target.target_name().to_owned();
-        let mut ring = kernel
-            .open_control()
-            .map_err(|e| format!("cannot open {CONTROL_PATH}: {e}"))?;
+        let mut ring = open_control(kernel.as_ref())?;
         let pid = i32::try_from(std::process::id()).expect("Linux pids fit in i32");
         let (info, opcodes) = add_device(ring.as_mut(), pid)?;
         // From here on, dropping `device` stops and deletes what was made.
@@ -1108,9 +1105,7 @@ impl UblkDevice {
         serving_deadline: Instant,
     ) -> Result<Self, String> {
         let name = target.target_name().to_owned();
-        let mut ring = kernel
-            .open_control()
-            .map_err(|e| format!("cannot open {CONTROL_PATH}: {e}"))?;
+        let mut ring = open_control(kernel.as_ref())?;
         let (info, opcodes) = device_info(ring.as_mut(), dev_id)?;
         if info.flags & UBLK_F_USER_RECOVERY == 0 {
             return Err(format!(
@@ -1167,24 +1162,41 @@ impl UblkDevice {
     /// `deadline`) the device serves on.
     pub fn pause(&self, deadline: Instant) -> Result<(), String> {
         self.pause.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        let parked = self.wait_for_queues(deadline, true, |running| self.pause.state.lock().parked >= running);
+        if parked {
+            return Ok(());
+        }
+        self.resume();
+        Err(format!(
+            "the queues of {} ({}) did not stop serving in time",
+            self.path.display(),
+            self.volume_name
+        ))
+    }
+
+    /// Polls until `done(number of queue threads still running)` or
+    /// `deadline` (false then), interrupting the running ones each turn
+    /// when `wake` (see `Kernel::interrupt`).
+    fn wait_for_queues(&self, deadline: Instant, wake: bool, done: impl Fn(usize) -> bool) -> bool {
         loop {
             let running: Vec<&std::thread::JoinHandle<()>> =
                 self.queues.iter().filter(|queue| !queue.is_finished()).collect();
-            if self.pause.state.lock().parked >= running.len() {
-                return Ok(());
+            if done(running.len()) {
+                return true;
             }
             if Instant::now() >= deadline {
-                self.resume();
-                return Err(format!(
-                    "the queues of {} ({}) did not stop serving in time",
-                    self.path.display(),
-                    self.volume_name
-                ));
+                return false;
             }
-            for queue in running {
-                self.kernel.interrupt(queue);
+            if wake {
+                for queue in running {
+                    self.kernel.interrupt(queue);
+                }
             }
-            std::thread::sleep(Duration::from_millis(WAKE_INTERVAL_MS));
+            std::thread::sleep(Duration::from_millis(if wake {
+                WAKE_INTERVAL_MS
+            } else {
+                POLL_INTERVAL_MS
+            }));
         }
     }
 
@@ -1208,22 +1220,10 @@ impl UblkDevice {
         self.cancel_recovery_end();
         self.pause.asked.store(true, std::sync::atomic::Ordering::SeqCst);
         self.pause.release();
+        // Parked ones end at once; one waiting in the kernel needs waking.
         let deadline = Instant::now() + Duration::from_millis(QUEUE_EXIT_TIMEOUT_MS);
-        loop {
-            let running: Vec<&std::thread::JoinHandle<()>> =
-                self.queues.iter().filter(|queue| !queue.is_finished()).collect();
-            if running.is_empty() {
-                break;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(device = %self.path.display(), "ublk queue threads did not end when released");
-                break;
-            }
-            // Parked ones end at once; one waiting in the kernel needs waking.
-            for queue in running {
-                self.kernel.interrupt(queue);
-            }
-            std::thread::sleep(Duration::from_millis(WAKE_INTERVAL_MS));
+        if !self.wait_for_queues(deadline, true, |running| running == 0) {
+            tracing::warn!(device = %self.path.display(), "ublk queue threads did not end when released");
         }
         for queue in std::mem::take(&mut self.queues) {
             if queue.is_finished() && queue.join().is_err() {
@@ -1301,11 +1301,8 @@ impl UblkDevice {
     /// Waits (bounded) for the queue threads; false if one is still running.
     fn join_queues(&mut self) -> bool {
         let deadline = Instant::now() + Duration::from_millis(QUEUE_EXIT_TIMEOUT_MS);
-        while self.queues.iter().any(|queue| !queue.is_finished()) {
-            if Instant::now() >= deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(POLL_INTERVAL_MS));
+        if !self.wait_for_queues(deadline, false, |running| running == 0) {
+            return false;
         }
         for queue in self.queues.drain(..) {
             if queue.join().is_err() {

@@ -10,7 +10,7 @@ use clap::{Args, Subcommand};
 
 use crate::api::client::{ApiClient, DEFAULT_API_URL};
 use crate::cli::volume::path_segment;
-use crate::cluster::snapshots::{RestoreBody, SnapshotBody, SnapshotDiff, SnapshotInfo};
+use crate::cluster::snapshots::{DiffQuery, RestoreBody, SnapshotBody, SnapshotDiff, SnapshotInfo};
 use crate::size::format_size;
 use crate::volume::VolumeInfo;
 
@@ -130,12 +130,7 @@ pub fn run(args: SnapshotArgs) -> Result<ExitCode> {
             println!("deleted snapshot {volume}@{name}");
         }
         SnapshotCommand::Diff { volume, from, to, json } => {
-            let mut path = format!("/v1/volumes/{}/diff?", path_segment(&volume));
-            for (key, value) in [("from", &from), ("to", &to)] {
-                if let Some(value) = value {
-                    path.push_str(&format!("{key}={}&", path_segment(value)));
-                }
-            }
+            let path = DiffQuery { from, to }.path(&volume);
             let diff: SnapshotDiff = client.get(&path)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&diff)?);

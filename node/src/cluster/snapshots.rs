@@ -60,6 +60,29 @@ pub struct DiffQuery {
     pub to: Option<String>,
 }
 
+impl DiffQuery {
+    /// The request path of this diff of `volume`.
+    #[must_use]
+    pub fn path(&self, volume: &str) -> String {
+        use crate::cli::volume::path_segment;
+        let mut path = format!("/v1/volumes/{}/diff?", path_segment(volume));
+        for (key, value) in [("from", &self.from), ("to", &self.to)] {
+            if let Some(value) = value {
+                path.push_str(&format!("{key}={}&", path_segment(value)));
+            }
+        }
+        path
+    }
+}
+
+/// The volume `name` as this node (its coordinator) serves it; 503 until it does.
+fn served_here(volumes: &Volumes, name: &str) -> Result<Arc<Volume>, VolumeOpError> {
+    volumes.get_served(name).ok_or_else(|| VolumeOpError {
+        status: 503,
+        message: format!("volume {name} is not served on this node yet; retry"),
+    })
+}
+
 /// Blocks compared per store query: the store answers on its reactor, so
 /// each query stays short (1 GiB of LBAs; chunks shared with the base are
 /// skipped whole).
@@ -149,12 +172,7 @@ impl Cluster {
         }
         if volume.coordinator != self.local.id {
             let api = self.coordinator_api(&volume)?;
-            let mut path = format!("/v1/volumes/{name}/diff?");
-            for (key, value) in [("from", &query.from), ("to", &query.to)] {
-                if let Some(value) = value {
-                    path.push_str(&format!("{key}={value}&"));
-                }
-            }
+            let path = query.path(name);
             return forward(
                 crate::api::auth::forwarding_token(self),
                 move |client| client.get(&path),
@@ -179,10 +197,7 @@ impl Cluster {
         let (from, to) = (copy(&query.from)?, copy(&query.to)?);
         let to = match to {
             Some(to) => to,
-            None => volumes.get_served(name).ok_or_else(|| VolumeOpError {
-                status: 503,
-                message: format!("volume {name} is not served on this node yet; retry"),
-            })?,
+            None => served_here(volumes, name)?,
         };
         if from.as_ref().is_some_and(|from| from.disk_index() != to.disk_index()) {
             return Err(VolumeOpError {
@@ -260,10 +275,7 @@ impl Cluster {
             )
             .await;
         }
-        let local = volumes.get_served(name).ok_or_else(|| VolumeOpError {
-            status: 503,
-            message: format!("volume {name} is not served on this node yet; retry"),
-        })?;
+        let local = served_here(volumes, name)?;
         let added = self
             .expect_volume(Command::AddSnapshot {
                 name: name.to_owned(),
@@ -409,10 +421,7 @@ impl Cluster {
                 ),
             });
         }
-        let local = volumes.get_served(name).ok_or_else(|| VolumeOpError {
-            status: 503,
-            message: format!("volume {name} is not served on this node yet; retry"),
-        })?;
+        let local = served_here(volumes, name)?;
         self.require_unused(name, local.connection_count(), "restoring")?;
         let blocks = local.size_bytes().div_ceil(BLOCK_BYTES).max(1);
         {
