@@ -35,7 +35,9 @@ export BALLAST_SKIP_LOG=$(mktemp /tmp/ballast-skips.XXXXXX)
 # Node logs of failing tests are kept here (the tests delete them otherwise).
 export BALLAST_TEST_LOGS=${BALLAST_TEST_LOGS:-/var/tmp/ballast-test-logs}
 mkdir -p "$BALLAST_TEST_LOGS"
-trap 'rm -f "$LOG" "$BALLAST_SKIP_LOG"' EXIT
+# Marks when this run started: the logs it kept are the newer ones.
+STARTED=$(mktemp /tmp/ballast-started.XXXXXX)
+trap 'rm -f "$LOG" "$BALLAST_SKIP_LOG" "$STARTED"' EXIT
 failed=()
 # A fresh build of every test binary and the fuzz targets takes several GB;
 # say how much room there is, so a "No space left on device" is no mystery.
@@ -68,6 +70,11 @@ skips=$(wc -l < "$BALLAST_SKIP_LOG")
 echo
 if [ "$failed_tests" -gt 0 ]; then
   echo "node logs of the failing tests: $BALLAST_TEST_LOGS"
+  # CI keeps only this output: the warnings and errors of the logs this run kept.
+  find "$BALLAST_TEST_LOGS" -name '*.log' -newer "$STARTED" 2>/dev/null | sort | while read -r kept; do
+    echo "--- warnings and errors of $(basename "$kept") (last 40)"
+    grep -E ' (WARN|ERROR) ' "$kept" | tail -40 | cut -c1-400
+  done
 fi
 echo "summary: rust tests passed: $passed, failed: $failed_tests, skipped: $skips"
 sort "$BALLAST_SKIP_LOG" | uniq -c | sed 's/^/  /' || true

@@ -51,18 +51,8 @@ pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) ->
             }
         }
     }
-    // A snapshot's copy stays while the cluster has the snapshot and lists
-    // this node as a holder, or is still taking it (the copy may be here
-    // before the snapshot is ready).
     for record in volumes.snapshot_records() {
-        let kept = crate::volume::snapshot::split_name(&record.name).is_some_and(|(volume, snapshot)| {
-            state
-                .volumes
-                .get(volume)
-                .and_then(|v| v.snapshots.get(snapshot))
-                .is_some_and(|taken| taken.id == record.id && (!taken.ready || taken.holders.contains(&local_id)))
-        });
-        if !kept {
+        if !keeps_snapshot_copy(state, local_id, &record.name, record.id) {
             tracing::info!(snapshot = %record.name, id = record.id, "removing a snapshot copy the cluster no longer keeps here");
             if let Err(error) = volumes.delete_snapshot(&record.name) {
                 note(format!("cannot remove snapshot copy {}: {error}", record.name));
@@ -81,6 +71,26 @@ pub fn reconcile_once(local_id: u64, state: &ClusterState, volumes: &Volumes) ->
         }
     }
     problems
+}
+
+/// Whether this node keeps its copy `name` (`VOLUME@SNAPSHOT`) with data
+/// id `id`: while the cluster has that snapshot and lists this node as a
+/// holder, or is still taking it (the copy may be here before the snapshot
+/// is ready). A copy whose id this node's state has not handed out yet is
+/// kept too: the coordinator sends the copy once the snapshot's id is
+/// committed, and a replica may take it before it applies that entry (a
+/// pass in between used to delete a copy the cluster then listed here).
+fn keeps_snapshot_copy(state: &ClusterState, local_id: u64, name: &str, id: u64) -> bool {
+    if id >= state.next_volume_id {
+        return true;
+    }
+    crate::volume::snapshot::split_name(name).is_some_and(|(volume, snapshot)| {
+        state
+            .volumes
+            .get(volume)
+            .and_then(|v| v.snapshots.get(snapshot))
+            .is_some_and(|taken| taken.id == id && (!taken.ready || taken.holders.contains(&local_id)))
+    })
 }
 
 /// Epochs, replication targets and serving, from the applied state.
@@ -323,5 +333,50 @@ pub async fn reconcile_loop(
             () = sleep_until_some(takeover_at) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::state::tests::{cluster, create};
+
+    fn add_snapshot(state: &mut ClusterState, snapshot: &str) -> u64 {
+        state.apply(Command::AddSnapshot {
+            name: "v".into(),
+            snapshot: snapshot.into(),
+            created_unix_seconds: 6,
+        });
+        state.volumes["v"].snapshots[snapshot].id
+    }
+
+    #[test]
+    fn a_snapshot_copy_taken_before_this_node_applied_the_snapshot_is_kept() {
+        let mut state = cluster(3);
+        state.apply(create("v", vec![1, 2, 3]));
+        let behind = state.clone();
+        let id = add_snapshot(&mut state, "s");
+        // Node 3 got the copy from the coordinator but has not applied AddSnapshot yet.
+        assert!(keeps_snapshot_copy(&behind, 3, "v@s", id));
+        // Taken, not yet ready: kept on every node.
+        assert!(keeps_snapshot_copy(&state, 3, "v@s", id));
+        state.apply(Command::SnapshotReady {
+            name: "v".into(),
+            snapshot: "s".into(),
+            holders: vec![1, 2],
+        });
+        assert!(keeps_snapshot_copy(&state, 2, "v@s", id));
+        assert!(
+            !keeps_snapshot_copy(&state, 3, "v@s", id),
+            "ready, and node 3 is not a holder"
+        );
+        // A copy of an id the state handed out to something else, or of a deleted snapshot, goes.
+        assert!(!keeps_snapshot_copy(&state, 2, "v@s", id - 1));
+        state.apply(Command::DeleteSnapshot {
+            name: "v".into(),
+            snapshot: "s".into(),
+        });
+        assert!(!keeps_snapshot_copy(&state, 2, "v@s", id));
+        assert!(!keeps_snapshot_copy(&state, 2, "w@s", id));
     }
 }

@@ -1017,7 +1017,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn cluster(nodes: u64) -> ClusterState {
+    pub(crate) fn cluster(nodes: u64) -> ClusterState {
         let mut state = ClusterState::default();
         assert_eq!(
             state.apply(Command::Init {
@@ -1032,7 +1032,7 @@ pub(crate) mod tests {
         state
     }
 
-    fn create(name: &str, replica_nodes: Vec<u64>) -> Command {
+    pub(crate) fn create(name: &str, replica_nodes: Vec<u64>) -> Command {
         Command::CreateVolume {
             name: name.into(),
             size_bytes: 1 << 30,
