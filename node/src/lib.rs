@@ -6,6 +6,7 @@ pub mod admission;
 pub mod api;
 pub mod attach;
 pub mod audit;
+pub mod backup;
 pub mod cli;
 pub mod cluster;
 pub mod daemon;

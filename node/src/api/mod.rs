@@ -350,6 +350,8 @@ pub struct ApiState {
     pub audit: Arc<crate::audit::AuditLog>,
     /// Upgrades in place ordered through the API.
     pub upgrades: Arc<crate::handoff::Upgrades>,
+    /// Backups and restores of backups run by this node.
+    pub backups: Arc<crate::backup::job::Jobs>,
 }
 
 struct ApiError(StatusCode, String);
@@ -426,6 +428,9 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/snapshots/{snapshot}/clone", post(clone_snapshot))
         .route("/v1/volumes/{name}/restore", post(restore_snapshot))
         .route("/v1/volumes/{name}/diff", get(snapshot_diff))
+        .route("/v1/volumes/{name}/backups", post(start_backup))
+        .route("/v1/volumes/{name}/backup-restore", post(start_backup_restore))
+        .route("/v1/backup-jobs/{id}", get(backup_job))
         .route("/v1/volumes/{name}/snapshot-schedule", put(snapshot_schedule))
         .route(
             "/v1/volumes/{name}/device",
@@ -894,6 +899,44 @@ async fn snapshot_diff(
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
     Ok(Json(state.cluster.snapshot_diff(&state.volumes, &name, query).await?).into_response())
+}
+
+async fn start_backup(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: crate::backup::BackupBody = parse_body(&body)?;
+    let job = state
+        .cluster
+        .start_backup(&state.volumes, &state.backups, &name, body)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+async fn start_backup_restore(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: crate::backup::RestoreBody = parse_body(&body)?;
+    let job = state
+        .cluster
+        .start_restore(&state.volumes, &state.backups, &name, body)
+        .await?;
+    Ok((StatusCode::ACCEPTED, Json(job)).into_response())
+}
+
+async fn backup_job(State(state): State<Arc<ApiState>>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+    let job = state
+        .backups
+        .get(id)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no backup job {id} on this node")))?;
+    Ok(Json(job).into_response())
 }
 
 async fn create_snapshot(

@@ -84,6 +84,14 @@ pub enum Command {
     /// VOLUME@NAME NEW`, schedule them with `ballast volume update VOLUME
     /// --snapshot-every 1h --keep 24`.
     Snapshot(crate::cli::snapshot::SnapshotArgs),
+    /// Backups off the cluster: `ballast backup create VOLUME --target
+    /// file:///PATH`, `restore TARGET BACKUP NEW-VOLUME`, `list TARGET`,
+    /// `inspect TARGET BACKUP`, `verify TARGET [BACKUP]`, `delete TARGET
+    /// BACKUP`. Incremental (only changed chunks are read and sent after
+    /// the first), deduplicated, compressed and encrypted on the node; the
+    /// secret is a passphrase (--passphrase-file, BALLAST_BACKUP_PASSPHRASE)
+    /// or a key file (--key-file).
+    Backup(crate::cli::backup::BackupArgs),
     /// API tokens and NBD client certificates: `ballast auth token create
     /// --subject NAME --role user --ttl 24h`, `ballast auth cert create
     /// --subject NAME --out DIR`.
@@ -388,6 +396,7 @@ impl Command {
             | Self::Status { .. }
             | Self::Scrub(_)
             | Self::Snapshot(_)
+            | Self::Backup(_)
             | Self::Alerts { .. }
             | Self::Auth { .. }
             | Self::Audit { .. }
@@ -399,6 +408,7 @@ impl Command {
     }
 }
 
+pub mod backup;
 pub mod cluster;
 pub mod debug;
 pub mod disk;
@@ -436,6 +446,7 @@ pub fn main() -> ExitCode {
         Command::Cluster(args) => cluster::run(args),
         Command::Scrub(args) => scrub::run(args),
         Command::Snapshot(args) => snapshot::run(args),
+        Command::Backup(args) => backup::run(args),
         Command::Status { api, json, watch } => cluster::status(&api, json, watch),
         Command::Plugin(PluginCommand::Serve { api, socket, mounts }) => {
             crate::plugin::serve(crate::plugin::PluginOptions {

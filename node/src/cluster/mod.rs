@@ -10,6 +10,7 @@
 
 pub mod alerts;
 pub mod automation;
+pub mod backups;
 pub mod decommission;
 pub mod health;
 pub mod join;

@@ -76,7 +76,7 @@ impl DiffQuery {
 }
 
 /// The volume `name` as this node (its coordinator) serves it; 503 until it does.
-fn served_here(volumes: &Volumes, name: &str) -> Result<Arc<Volume>, VolumeOpError> {
+pub(super) fn served_here(volumes: &Volumes, name: &str) -> Result<Arc<Volume>, VolumeOpError> {
     volumes.get_served(name).ok_or_else(|| VolumeOpError {
         status: 503,
         message: format!("volume {name} is not served on this node yet; retry"),
@@ -527,7 +527,7 @@ impl Cluster {
         Ok(self.describe(volumes, &volume))
     }
 
-    fn coordinator_api(&self, volume: &ClusterVolume) -> Result<String, VolumeOpError> {
+    pub(super) fn coordinator_api(&self, volume: &ClusterVolume) -> Result<String, VolumeOpError> {
         self.api_of(volume.coordinator).ok_or_else(|| VolumeOpError {
             status: 503,
             message: format!("the coordinator of {} is not known; retry", volume.name),

@@ -288,7 +288,7 @@ fn open(
 }
 
 /// Argon2id of `passphrase`; checks every input against the limits first.
-fn derive_kek(
+pub(crate) fn derive_kek(
     passphrase: &[u8],
     salt: &[u8],
     params: KdfParams,

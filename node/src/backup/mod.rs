@@ -1,0 +1,44 @@
+//! Off-cluster backups: incremental, deduplicated, compressed and
+//! encrypted copies of volumes in a target outside the cluster (a
+//! directory now; S3-compatible stores next), restorable into a new volume
+//! on any cluster that has the target's secret.
+//!
+//! - `crypto`: the target's keys (from a passphrase or a key file), chunk
+//!   names, sealing.
+//! - `target`: where the objects live (`file:///path`).
+//! - `repo`: the target's layout: config, chunks, manifests, locks;
+//!   list, verify and delete run here, in the CLI, against the target.
+//! - `job`: a backup or restore run by the node serving the volume
+//!   (`cluster::backups` starts them).
+
+pub mod crypto;
+pub mod job;
+pub mod repo;
+pub mod target;
+
+use serde::{Deserialize, Serialize};
+
+pub use crypto::Secret;
+
+/// Body of POST /v1/volumes/{name}/backups.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupBody {
+    pub target: String,
+    pub secret: Secret,
+    /// Back up this snapshot (taken on every in-sync replica); None: take one now.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+    /// Bound on the bytes read per second, MiB.
+    #[serde(default)]
+    pub mib_per_s: Option<u64>,
+}
+
+/// Body of POST /v1/volumes/{name}/backup-restore.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBody {
+    pub target: String,
+    pub secret: Secret,
+    pub backup: String,
+}

@@ -1,0 +1,540 @@
+//! A backup target's layout (format 1; `disk-layout/FORMAT.md`, "Backup
+//! targets"):
+//!
+//! - `config.json`: format, chunk size, the key record (how the secret
+//!   makes the keys, and a check value).
+//! - `chunks/<first two hex digits>/<id>`: one sealed chunk each, named by
+//!   the HMAC of its plain bytes (`crypto`), shared by every backup and
+//!   volume of the target that holds the same bytes.
+//! - `backups/<backup id>.json`: one manifest per backup, written last, so
+//!   a backup that did not finish is never listed: the volume, its size,
+//!   the snapshot it was read from, its parent, and every chunk in order
+//!   (null for a chunk of zeros), with a MAC under the manifest key.
+//! - `locks/<name>.json`: a backup, restore or verify holds a shared lock,
+//!   a delete an exclusive one; each refuses to start while the other kind
+//!   is held and fresh (refreshed within `LOCK_STALE_SECONDS`), so a delete
+//!   never frees a chunk that a running backup has found and reuses.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use super::crypto::{CryptoError, KeyRecord, Keys, Secret};
+use super::target::{FileTarget, TargetError, TargetUrl};
+use crate::volume::crypt::KdfParams;
+
+pub const FORMAT: u32 = 1;
+/// Bytes per chunk: 64 blocks.
+pub const CHUNK_BYTES: u64 = 256 * 1024;
+/// A lock not refreshed for this long belongs to a process that died.
+pub const LOCK_STALE_SECONDS: u64 = 30 * 60;
+/// A holder refreshes its lock this often.
+pub const LOCK_REFRESH_SECONDS: u64 = 60;
+const CONFIG: &str = "config.json";
+
+#[derive(Debug, Error)]
+pub enum RepoError {
+    #[error(transparent)]
+    Target(#[from] TargetError),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error("{0}")]
+    Format(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Locked(String),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub format: u32,
+    pub chunk_bytes: u64,
+    pub created_unix_seconds: u64,
+    pub key: KeyRecord,
+}
+
+/// One backup: what it holds and where its chunks are.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    pub volume: String,
+    pub size_bytes: u64,
+    /// The snapshot of the volume it was read from, and that snapshot's data id.
+    pub snapshot: String,
+    pub snapshot_id: u64,
+    /// The cluster the volume lives in (an incremental backup reads the
+    /// difference from its parent's snapshot only in that cluster).
+    pub cluster_id: String,
+    pub created_unix_seconds: u64,
+    /// The backup whose chunks this one kept where the volume had not changed.
+    pub parent: Option<String>,
+    pub chunk_bytes: u64,
+    /// Every chunk of the volume in order; None: all zeros.
+    pub chunks: Vec<Option<String>>,
+    /// Bytes read from the volume, and sent to the target (after compression).
+    pub read_bytes: u64,
+    pub stored_bytes: u64,
+    /// MAC of this manifest with `mac` empty.
+    pub mac: String,
+}
+
+impl Manifest {
+    /// Chunks that hold data (not zeros).
+    #[must_use]
+    pub fn data_chunks(&self) -> usize {
+        self.chunks.iter().filter(|c| c.is_some()).count()
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LockRecord {
+    exclusive: bool,
+    what: String,
+    host: String,
+    pid: u32,
+    refreshed_unix_seconds: u64,
+}
+
+/// An opened target.
+pub struct Repo {
+    target: FileTarget,
+    keys: Keys,
+    pub config: Config,
+}
+
+fn chunk_key(id: &str) -> String {
+    format!("chunks/{}/{id}", id.get(..2).unwrap_or("00"))
+}
+
+fn manifest_key(id: &str) -> String {
+    format!("backups/{id}.json")
+}
+
+fn now() -> u64 {
+    crate::datadir::now_unix_seconds()
+}
+
+/// The id of a backup of `volume` taken at `unix_seconds` (UTC), before
+/// any suffix that makes it unique.
+#[must_use]
+pub fn backup_id(volume: &str, unix_seconds: u64) -> String {
+    let at = time::OffsetDateTime::from_unix_timestamp(i64::try_from(unix_seconds).unwrap_or(0))
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{volume}-{:04}{:02}{:02}-{:02}{:02}{:02}",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute(),
+        at.second()
+    )
+}
+
+impl Repo {
+    /// Opens the target at `url` with `secret`; Err if it holds no backups
+    /// yet (unless `create`: then it is set up, with `params` for a passphrase).
+    pub fn open(url: &TargetUrl, secret: &Secret, create: Option<KdfParams>) -> Result<Self, RepoError> {
+        let target = url.open();
+        let config = match target.get(CONFIG)? {
+            Some(bytes) => {
+                let config: Config = serde_json::from_slice(&bytes)
+                    .map_err(|error| RepoError::Format(format!("the target's {CONFIG} is not readable: {error}")))?;
+                if config.format != FORMAT {
+                    return Err(RepoError::Format(format!(
+                        "the target is format {}; this ballast reads format {FORMAT}",
+                        config.format
+                    )));
+                }
+                if config.chunk_bytes != CHUNK_BYTES {
+                    return Err(RepoError::Format(format!(
+                        "the target's chunks are {} bytes; this ballast uses {CHUNK_BYTES}",
+                        config.chunk_bytes
+                    )));
+                }
+                config
+            }
+            None => {
+                let Some(params) = create else {
+                    return Err(RepoError::NotFound(format!(
+                        "{} holds no ballast backups (no {CONFIG})",
+                        target.root().display()
+                    )));
+                };
+                target.ensure()?;
+                let (key, keys) = Keys::create(secret, params)?;
+                let config = Config {
+                    format: FORMAT,
+                    chunk_bytes: CHUNK_BYTES,
+                    created_unix_seconds: now(),
+                    key,
+                };
+                let bytes = serde_json::to_vec_pretty(&config).expect("a config serializes");
+                target.put(CONFIG, &bytes)?;
+                return Ok(Self { target, keys, config });
+            }
+        };
+        let keys = Keys::open(secret, &config.key)?;
+        Ok(Self { target, keys, config })
+    }
+
+    #[must_use]
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Stores `plain` as a chunk unless the target has it; returns its id
+    /// and the bytes sent (0 when it was there).
+    pub fn put_chunk(&self, plain: &[u8]) -> Result<(String, u64), RepoError> {
+        let id = self.keys.chunk_id(plain);
+        let key = chunk_key(&id);
+        if self.target.exists(&key)? {
+            return Ok((id, 0));
+        }
+        let sealed = self.keys.seal(&id, plain);
+        self.target.put(&key, &sealed)?;
+        Ok((id, sealed.len() as u64))
+    }
+
+    /// The plain bytes of chunk `id`, checked.
+    pub fn get_chunk(&self, id: &str) -> Result<Vec<u8>, RepoError> {
+        let sealed = self
+            .target
+            .get(&chunk_key(id))?
+            .ok_or_else(|| RepoError::NotFound(format!("chunk {id} is missing")))?;
+        let plain = self
+            .keys
+            .open_chunk(id, &sealed, usize::try_from(CHUNK_BYTES).unwrap_or(usize::MAX))?;
+        Ok(plain)
+    }
+
+    fn mac_of(&self, manifest: &Manifest) -> String {
+        let mut unsigned = manifest.clone();
+        unsigned.mac.clear();
+        self.keys
+            .manifest_mac(&serde_json::to_vec(&unsigned).expect("a manifest serializes"))
+    }
+
+    /// Writes `manifest` (its MAC set here): the backup is listed from now on.
+    pub fn put_manifest(&self, manifest: &mut Manifest) -> Result<(), RepoError> {
+        manifest.mac = self.mac_of(manifest);
+        let bytes = serde_json::to_vec_pretty(manifest).expect("a manifest serializes");
+        self.target.put(&manifest_key(&manifest.id), &bytes)?;
+        Ok(())
+    }
+
+    /// Backup `id`'s manifest, checked.
+    pub fn manifest(&self, id: &str) -> Result<Manifest, RepoError> {
+        let key = manifest_key(id);
+        let bytes = self
+            .target
+            .get(&key)
+            .map_err(|error| match error {
+                TargetError::BadKey(_) => RepoError::NotFound(format!("no backup {id:?} in this target")),
+                other => other.into(),
+            })?
+            .ok_or_else(|| RepoError::NotFound(format!("no backup {id:?} in this target")))?;
+        let manifest: Manifest = serde_json::from_slice(&bytes)
+            .map_err(|error| RepoError::Format(format!("the manifest of backup {id} is not readable: {error}")))?;
+        if manifest.format != FORMAT || manifest.id != id {
+            return Err(RepoError::Format(format!(
+                "the manifest of backup {id} is format {} for backup {:?}",
+                manifest.format, manifest.id
+            )));
+        }
+        if self.mac_of(&manifest) != manifest.mac {
+            return Err(RepoError::Format(format!(
+                "the manifest of backup {id} fails its MAC: altered, or written with another key"
+            )));
+        }
+        Ok(manifest)
+    }
+
+    /// Every backup's manifest, oldest first.
+    pub fn manifests(&self) -> Result<Vec<Manifest>, RepoError> {
+        let mut all = Vec::new();
+        for key in self.target.list("backups")? {
+            let Some(id) = key.strip_prefix("backups/").and_then(|k| k.strip_suffix(".json")) else {
+                continue;
+            };
+            all.push(self.manifest(id)?);
+        }
+        all.sort_by(|a, b| (a.created_unix_seconds, &a.id).cmp(&(b.created_unix_seconds, &b.id)));
+        Ok(all)
+    }
+
+    /// A new backup id for `volume`, unused in this target.
+    pub fn new_backup_id(&self, volume: &str) -> Result<String, RepoError> {
+        let base = backup_id(volume, now());
+        let mut id = base.clone();
+        let mut n = 1;
+        while self.target.exists(&manifest_key(&id))? {
+            n += 1;
+            id = format!("{base}-{n}");
+        }
+        Ok(id)
+    }
+
+    /// Takes a lock for `what`: shared (backups, restores, verifies) or
+    /// exclusive (deletes). Refused while a fresh lock of the other kind,
+    /// or any other exclusive one, is held.
+    pub fn lock(&self, exclusive: bool, what: &str) -> Result<Lock, RepoError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let name = format!("{}-{}-{nanos}", if exclusive { "x" } else { "s" }, std::process::id());
+        let lock = Lock {
+            target: self.target.clone(),
+            key: format!("locks/{name}.json"),
+            exclusive,
+            what: what.to_owned(),
+            refreshed: AtomicU64::new(0),
+        };
+        lock.refresh()?;
+        for key in self.target.list("locks")? {
+            if key == lock.key {
+                continue;
+            }
+            let Some(bytes) = self.target.get(&key)? else { continue };
+            let Ok(other) = serde_json::from_slice::<LockRecord>(&bytes) else {
+                continue;
+            };
+            if other.refreshed_unix_seconds + LOCK_STALE_SECONDS < now() {
+                continue;
+            }
+            if exclusive || other.exclusive {
+                let holder = format!("{} (pid {} on {})", other.what, other.pid, other.host);
+                drop(lock);
+                return Err(RepoError::Locked(format!(
+                    "the target is in use by {holder}; retry when it ends (a lock not refreshed for {} min is ignored)",
+                    LOCK_STALE_SECONDS / 60
+                )));
+            }
+        }
+        Ok(lock)
+    }
+
+    /// Checks every chunk of backup `id` (every backup: None) is there and
+    /// intact, each chunk once; `progress(done, total)` after each.
+    pub fn verify(&self, id: Option<&str>, mut progress: impl FnMut(u64, u64)) -> Result<VerifyReport, RepoError> {
+        let manifests = match id {
+            Some(id) => vec![self.manifest(id)?],
+            None => self.manifests()?,
+        };
+        let mut wanted: Vec<&str> = manifests
+            .iter()
+            .flat_map(|m| m.chunks.iter().flatten().map(String::as_str))
+            .collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let mut report = VerifyReport {
+            backups: manifests.iter().map(|m| m.id.clone()).collect(),
+            chunks: wanted.len() as u64,
+            ..VerifyReport::default()
+        };
+        let total = wanted.len() as u64;
+        for (done, chunk) in wanted.into_iter().enumerate() {
+            match self.get_chunk(chunk) {
+                Ok(plain) => report.bytes += plain.len() as u64,
+                Err(RepoError::NotFound(_)) => report.missing.push(chunk.to_owned()),
+                Err(RepoError::Crypto(error)) => report.damaged.push(error.to_string()),
+                Err(other) => return Err(other),
+            }
+            progress(done as u64 + 1, total);
+        }
+        Ok(report)
+    }
+
+    /// Deletes backup `id` and frees the chunks no other backup uses.
+    pub fn delete(&self, id: &str) -> Result<DeleteReport, RepoError> {
+        let _lock = self.lock(true, &format!("delete of {id}"))?;
+        self.manifest(id)?;
+        self.target.delete(&manifest_key(id))?;
+        let mut kept: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for manifest in self.manifests()? {
+            kept.extend(manifest.chunks.into_iter().flatten());
+        }
+        let mut report = DeleteReport::default();
+        for key in self.target.list("chunks")? {
+            let id = key.rsplit('/').next().unwrap_or_default();
+            if !kept.contains(id) {
+                let size = self.target.get(&key)?.map_or(0, |b| b.len() as u64);
+                self.target.delete(&key)?;
+                report.chunks_freed += 1;
+                report.bytes_freed += size;
+            }
+        }
+        report.chunks_kept = kept.len() as u64;
+        Ok(report)
+    }
+}
+
+/// A held lock; released when dropped.
+pub struct Lock {
+    target: FileTarget,
+    key: String,
+    exclusive: bool,
+    what: String,
+    refreshed: AtomicU64,
+}
+
+impl Lock {
+    /// Rewrites the lock's time if `LOCK_REFRESH_SECONDS` have passed.
+    pub fn refresh(&self) -> Result<(), RepoError> {
+        let now = now();
+        if self.refreshed.load(Ordering::Relaxed) + LOCK_REFRESH_SECONDS > now {
+            return Ok(());
+        }
+        let record = LockRecord {
+            exclusive: self.exclusive,
+            what: self.what.clone(),
+            host: crate::daemon::config::host_name(),
+            pid: std::process::id(),
+            refreshed_unix_seconds: now,
+        };
+        let bytes = serde_json::to_vec(&record).expect("a lock serializes");
+        self.target.put(&self.key, &bytes)?;
+        self.refreshed.store(now, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        if let Err(error) = self.target.delete(&self.key) {
+            tracing::warn!(%error, "cannot release a backup target's lock; it goes stale on its own");
+        }
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub backups: Vec<String>,
+    pub chunks: u64,
+    pub bytes: u64,
+    pub missing: Vec<String>,
+    pub damaged: Vec<String>,
+}
+
+impl VerifyReport {
+    #[must_use]
+    pub fn intact(&self) -> bool {
+        self.missing.is_empty() && self.damaged.is_empty()
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct DeleteReport {
+    pub chunks_freed: u64,
+    pub bytes_freed: u64,
+    pub chunks_kept: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backup::crypto::tests::CHEAP;
+    use zeroize::Zeroizing;
+
+    fn secret() -> Secret {
+        Secret::Passphrase(Zeroizing::new("correct horse".into()))
+    }
+
+    fn manifest(repo: &Repo, id: &str, chunks: Vec<Option<String>>) -> Manifest {
+        let mut manifest = Manifest {
+            format: FORMAT,
+            id: id.into(),
+            volume: "v".into(),
+            size_bytes: chunks.len() as u64 * CHUNK_BYTES,
+            snapshot: "s".into(),
+            snapshot_id: 3,
+            cluster_id: "c".into(),
+            created_unix_seconds: 1,
+            parent: None,
+            chunk_bytes: CHUNK_BYTES,
+            chunks,
+            read_bytes: 0,
+            stored_bytes: 0,
+            mac: String::new(),
+        };
+        repo.put_manifest(&mut manifest).unwrap();
+        manifest
+    }
+
+    #[test]
+    fn a_target_dedups_verifies_and_frees_only_unshared_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = TargetUrl::File(dir.path().join("t"));
+        assert!(matches!(Repo::open(&url, &secret(), None), Err(RepoError::NotFound(_))));
+        let repo = Repo::open(&url, &secret(), Some(CHEAP)).unwrap();
+        let (a, sent) = repo.put_chunk(&[1u8; 4096]).unwrap();
+        assert!(sent > 0);
+        assert_eq!(repo.put_chunk(&[1u8; 4096]).unwrap(), (a.clone(), 0), "deduplicated");
+        let (b, _) = repo.put_chunk(&[2u8; 4096]).unwrap();
+        manifest(&repo, "one", vec![Some(a.clone()), None]);
+        manifest(&repo, "two", vec![Some(a.clone()), Some(b.clone())]);
+        let report = repo.verify(None, |_, _| {}).unwrap();
+        assert!(report.intact() && report.chunks == 2, "{report:?}");
+
+        let freed = repo.delete("two").unwrap();
+        assert_eq!((freed.chunks_freed, freed.chunks_kept), (1, 1));
+        assert_eq!(repo.get_chunk(&a).unwrap(), vec![1u8; 4096]);
+        assert!(matches!(repo.get_chunk(&b), Err(RepoError::NotFound(_))));
+        assert!(matches!(repo.delete("two"), Err(RepoError::NotFound(_))));
+
+        // Damage is found without a restore, and named.
+        let path = dir.path().join("t").join(chunk_key(&a));
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[30] ^= 0xff;
+        std::fs::write(&path, bytes).unwrap();
+        let report = repo.verify(Some("one"), |_, _| {}).unwrap();
+        assert_eq!(report.damaged.len(), 1, "{report:?}");
+        std::fs::remove_file(&path).unwrap();
+        let report = repo.verify(Some("one"), |_, _| {}).unwrap();
+        assert_eq!(report.missing, vec![a]);
+
+        // A wrong secret opens nothing; an altered manifest is refused.
+        let wrong = Secret::Passphrase(Zeroizing::new("wrong horse".into()));
+        assert!(matches!(
+            Repo::open(&url, &wrong, None),
+            Err(RepoError::Crypto(CryptoError::WrongSecret))
+        ));
+        let key = dir.path().join("t/backups/one.json");
+        let text = std::fs::read_to_string(&key).unwrap().replace("\"v\"", "\"w\"");
+        std::fs::write(&key, text).unwrap();
+        assert!(matches!(repo.manifest("one"), Err(RepoError::Format(_))));
+    }
+
+    #[test]
+    fn a_delete_waits_for_a_running_backup_and_a_backup_for_a_delete() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = TargetUrl::File(dir.path().join("t"));
+        let repo = Repo::open(&url, &secret(), Some(CHEAP)).unwrap();
+        manifest(&repo, "one", vec![None]);
+        let backup = repo.lock(false, "backup of v").unwrap();
+        let second = repo.lock(false, "restore of v").unwrap();
+        let Err(RepoError::Locked(why)) = repo.delete("one") else {
+            panic!("a delete ran beside a backup")
+        };
+        assert!(why.contains("backup of v") || why.contains("restore of v"), "{why}");
+        drop((backup, second));
+        let exclusive = repo.lock(true, "delete of one").unwrap();
+        assert!(matches!(repo.lock(false, "backup of v"), Err(RepoError::Locked(_))));
+        drop(exclusive);
+        assert!(
+            dir.path().join("t/locks").read_dir().unwrap().next().is_none(),
+            "locks released"
+        );
+        repo.delete("one").unwrap();
+    }
+
+    #[test]
+    fn backup_ids_read_as_utc_times() {
+        assert_eq!(backup_id("pg", 1_796_662_328), "pg-20261207-165208");
+    }
+}

@@ -1,0 +1,389 @@
+//! `ballast backup create | restore | list | inspect | verify | delete`.
+//! Create and restore are jobs on the node serving the volume (the CLI
+//! starts them through the API and shows their progress); list, inspect,
+//! verify and delete read the target from here, with its secret.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use zeroize::Zeroizing;
+
+use crate::api::client::{ApiClient, ClientError, DEFAULT_API_URL};
+use crate::api::CreateBody;
+use crate::backup::job::JobInfo;
+use crate::backup::repo::{Manifest, Repo};
+use crate::backup::target::TargetUrl;
+use crate::backup::{BackupBody, RestoreBody, Secret};
+use crate::cli::volume::path_segment;
+use crate::size::format_size;
+use crate::volume::VolumeInfo;
+
+/// Where the secret of a target comes from.
+#[derive(Args, Debug, Clone)]
+pub struct SecretArgs {
+    /// A file holding the target's passphrase (first line; 8-1024 bytes).
+    /// Or set BALLAST_BACKUP_PASSPHRASE.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub passphrase_file: Option<PathBuf>,
+    /// A file holding the target's key: 32 bytes, raw or as 64 hex digits
+    /// (make one with `head -c 32 /dev/urandom > key`).
+    #[arg(long, value_name = "FILE", global = true, conflicts_with = "passphrase_file")]
+    pub key_file: Option<PathBuf>,
+}
+
+impl SecretArgs {
+    fn secret(&self) -> Result<Secret> {
+        if let Some(path) = &self.key_file {
+            let bytes = Zeroizing::new(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
+            return Secret::from_key_file(&bytes).with_context(|| format!("{}", path.display()));
+        }
+        let passphrase = match &self.passphrase_file {
+            Some(path) => {
+                let text = Zeroizing::new(
+                    std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+                );
+                Zeroizing::new(text.lines().next().unwrap_or_default().to_owned())
+            }
+            None => match std::env::var("BALLAST_BACKUP_PASSPHRASE") {
+                Ok(text) => Zeroizing::new(text),
+                Err(_) => bail!(
+                    "a backup target is opened with its secret: give --passphrase-file FILE or --key-file FILE, or set BALLAST_BACKUP_PASSPHRASE"
+                ),
+            },
+        };
+        let len = passphrase.len();
+        if !(crate::volume::crypt::PASSPHRASE_BYTES_MIN..=crate::volume::crypt::PASSPHRASE_BYTES_MAX).contains(&len) {
+            bail!("a backup passphrase is 8-1024 bytes; this one is {len}");
+        }
+        Ok(Secret::Passphrase(passphrase))
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct BackupArgs {
+    /// The node API to talk to.
+    #[arg(long, global = true, env = "BALLAST_API", default_value = DEFAULT_API_URL)]
+    pub api: String,
+    #[command(flatten)]
+    pub secret: SecretArgs,
+    #[command(subcommand)]
+    pub command: BackupCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BackupCommand {
+    /// Back a volume up to a target off the cluster: a snapshot is taken
+    /// (or the one named is used) and read by the node serving the volume;
+    /// after the first backup only the chunks changed since the previous
+    /// one are read and sent. Data is deduplicated across the target,
+    /// compressed and encrypted on the node. A target is set up by its
+    /// first backup, with the secret given then.
+    Create {
+        volume: String,
+        /// Where: file:///absolute/path (a directory, e.g. an NFS mount).
+        #[arg(long)]
+        target: String,
+        /// Back up this existing snapshot instead of taking one.
+        #[arg(long)]
+        snapshot: Option<String>,
+        /// Read at most this many MiB per second (the volume's clients come first).
+        #[arg(long, value_name = "MIB")]
+        mib_per_s: Option<u64>,
+        /// Start the backup and return; `backup job ID` follows it.
+        #[arg(long)]
+        no_wait: bool,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a new volume (made here with the backup's
+    /// size), or into an existing one no client uses (`--into-existing`).
+    Restore {
+        target: String,
+        backup: String,
+        volume: String,
+        /// Replicas of the new volume.
+        #[arg(long, default_value_t = 1)]
+        repl: u32,
+        /// Overwrite VOLUME, which exists (at least the backup's size).
+        #[arg(long)]
+        into_existing: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The backups in a target, oldest first.
+    List {
+        target: String,
+        /// Only this volume's.
+        #[arg(long)]
+        volume: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One backup's details.
+    Inspect {
+        target: String,
+        backup: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check, without restoring, that every chunk a backup needs (or every
+    /// backup, without BACKUP) is in the target and intact. Exits 1 if not.
+    Verify {
+        target: String,
+        backup: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a backup and free the chunks no other backup uses. Waits for
+    /// no one: refused while a backup, restore or verify uses the target.
+    Delete { target: String, backup: String },
+    /// A backup or restore job's state, from the node running it.
+    Job {
+        id: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn open(target: &str, secret: &SecretArgs) -> Result<Repo> {
+    let url = TargetUrl::parse(target)?;
+    Ok(Repo::open(&url, &secret.secret()?, None)?)
+}
+
+pub fn run(args: BackupArgs) -> Result<ExitCode> {
+    let client = ApiClient::new(&args.api);
+    match args.command {
+        BackupCommand::Create {
+            volume,
+            target,
+            snapshot,
+            mib_per_s,
+            no_wait,
+            json,
+        } => {
+            TargetUrl::parse(&target)?;
+            let body = BackupBody {
+                target,
+                secret: args.secret.secret()?,
+                snapshot,
+                mib_per_s,
+            };
+            let job: JobInfo = client.post(&format!("/v1/volumes/{}/backups", path_segment(&volume)), &body)?;
+            let job = if no_wait { job } else { follow(&job, "backing up")? };
+            report_job(&job, json)
+        }
+        BackupCommand::Restore {
+            target,
+            backup,
+            volume,
+            repl,
+            into_existing,
+            json,
+        } => {
+            let manifest = open(&target, &args.secret)?.manifest(&backup)?;
+            let path = format!("/v1/volumes/{}", path_segment(&volume));
+            match client.get::<VolumeInfo>(&path) {
+                Ok(_) if !into_existing => {
+                    bail!("volume {volume} exists; restore into a new name, or give --into-existing to overwrite it")
+                }
+                Ok(_) => {}
+                Err(ClientError::Refused { status: 404, .. }) if !into_existing => {
+                    let body = CreateBody {
+                        name: volume.clone(),
+                        size_bytes: manifest.size_bytes,
+                        block_size_bytes: 4096,
+                        replicas: repl,
+                        encrypted: false,
+                        passphrase: None,
+                        group: String::new(),
+                    };
+                    let _: VolumeInfo = client.post("/v1/volumes", &body)?;
+                    eprintln!("created volume {volume} ({})", format_size(manifest.size_bytes));
+                }
+                Err(error) => return Err(error.into()),
+            }
+            let body = RestoreBody {
+                target,
+                secret: args.secret.secret()?,
+                backup,
+            };
+            let job: JobInfo = client.post(&format!("{path}/backup-restore"), &body)?;
+            let job = follow(&job, "restoring")?;
+            report_job(&job, json)
+        }
+        BackupCommand::List { target, volume, json } => {
+            let repo = open(&target, &args.secret)?;
+            let all: Vec<Manifest> = repo
+                .manifests()?
+                .into_iter()
+                .filter(|m| volume.as_ref().is_none_or(|v| *v == m.volume))
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no backups");
+            } else {
+                println!(
+                    "{:<40} {:<16} {:>10} {:>10}  {:<24} PARENT",
+                    "BACKUP", "VOLUME", "SIZE", "SENT", "SNAPSHOT"
+                );
+                for m in &all {
+                    println!(
+                        "{:<40} {:<16} {:>10} {:>10}  {:<24} {}",
+                        m.id,
+                        m.volume,
+                        format_size(m.size_bytes),
+                        format_size(m.stored_bytes),
+                        m.snapshot,
+                        m.parent.as_deref().unwrap_or("-")
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Inspect { target, backup, json } => {
+            let m = open(&target, &args.secret)?.manifest(&backup)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&m)?);
+            } else {
+                println!("backup:    {}", m.id);
+                println!("volume:    {} ({})", m.volume, format_size(m.size_bytes));
+                println!(
+                    "snapshot:  {} (data id {}, cluster {})",
+                    m.snapshot, m.snapshot_id, m.cluster_id
+                );
+                println!("parent:    {}", m.parent.as_deref().unwrap_or("none (a full backup)"));
+                println!(
+                    "chunks:    {} of {} hold data ({} each)",
+                    m.data_chunks(),
+                    m.chunks.len(),
+                    format_size(m.chunk_bytes)
+                );
+                println!("read:      {}", format_size(m.read_bytes));
+                println!("sent:      {} (new chunks, compressed)", format_size(m.stored_bytes));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Verify { target, backup, json } => {
+            let repo = open(&target, &args.secret)?;
+            let _lock = repo.lock(false, "verify")?;
+            let bar = crate::cli::progress::items(0, "verifying chunks");
+            let report = repo.verify(backup.as_deref(), |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                for id in &report.missing {
+                    println!("missing: chunk {id}");
+                }
+                for why in &report.damaged {
+                    println!("damaged: {why}");
+                }
+                println!(
+                    "{} backup(s), {} chunks ({}): {}",
+                    report.backups.len(),
+                    report.chunks,
+                    format_size(report.bytes),
+                    if report.intact() {
+                        "all present and intact".to_owned()
+                    } else {
+                        format!("{} missing, {} damaged", report.missing.len(), report.damaged.len())
+                    }
+                );
+            }
+            Ok(if report.intact() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        BackupCommand::Delete { target, backup } => {
+            let report = open(&target, &args.secret)?.delete(&backup)?;
+            println!(
+                "deleted backup {backup}: {} chunks freed ({}), {} kept for other backups",
+                report.chunks_freed,
+                format_size(report.bytes_freed),
+                report.chunks_kept
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Job { id, json } => {
+            let job: JobInfo = client.get(&format!("/v1/backup-jobs/{id}"))?;
+            report_job(&job, json)
+        }
+    }
+}
+
+/// Polls the job on the node running it until it ends, with a progress bar.
+fn follow(started: &JobInfo, what: &str) -> Result<JobInfo> {
+    let node = ApiClient::new(&started.node_api);
+    let bar = crate::cli::progress::bytes(started.total_bytes, &format!("{what} {}", started.volume));
+    let path = format!("/v1/backup-jobs/{}", started.id);
+    loop {
+        let job: JobInfo = node
+            .get(&path)
+            .with_context(|| format!("cannot follow job {} on {}", started.id, started.node_api))?;
+        bar.set_position(job.done_bytes);
+        if job.state != "running" {
+            bar.finish_and_clear();
+            return Ok(job);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn report_job(job: &JobInfo, json: bool) -> Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(job)?);
+    } else {
+        match job.state.as_str() {
+            "running" => println!(
+                "{} job {} of {} runs on {} ({} of {}); follow it with `ballast backup job {} --api {}`",
+                job.kind,
+                job.id,
+                job.volume,
+                job.node_api,
+                format_size(job.done_bytes),
+                format_size(job.total_bytes),
+                job.id,
+                job.node_api
+            ),
+            "done" if job.kind == "backup" => println!(
+                "backed up {} as {} in {:.1} s: read {}, sent {}{}",
+                job.volume,
+                job.backup,
+                job.seconds,
+                format_size(job.read_bytes),
+                format_size(job.stored_bytes),
+                job.parent
+                    .as_ref()
+                    .map(|p| format!(" (incremental on {p})"))
+                    .unwrap_or_default()
+            ),
+            "done" => println!(
+                "restored {} into {} in {:.1} s ({} read from the target)",
+                job.backup,
+                job.volume,
+                job.seconds,
+                format_size(job.read_bytes)
+            ),
+            _ => {}
+        }
+    }
+    if job.state == "failed" {
+        bail!(
+            "{} of {} failed: {}",
+            job.kind,
+            job.volume,
+            job.error.as_deref().unwrap_or("no reason given")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
