@@ -665,3 +665,197 @@ fn a_replica_without_the_snapshot_copies_the_whole_restored_volume_when_it_retur
         expect_fill(node, "r3@after", 9 << 20, 7 << 20, 0);
     }
 }
+
+/// Fills `[offset, offset + len)` of `volume` through `client` with blocks
+/// that differ from each other and from any other `seed`.
+fn write_distinct(client: &mut NbdClient, offset: u64, len: u64, seed: u64) {
+    let mut at = offset;
+    while at < offset + len {
+        let mut block = vec![0u8; 4096];
+        for (i, word) in block.chunks_mut(8).enumerate() {
+            word.copy_from_slice(
+                &(seed ^ (at << 8) ^ i as u64)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                    .to_le_bytes(),
+            );
+        }
+        let (error, _) = client.request(proto::CMD_WRITE, at, 4096, &block).unwrap();
+        assert_eq!(error, 0, "write at {at}");
+        at += 4096;
+    }
+}
+
+fn read_all(client: &mut NbdClient, size: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(usize::try_from(size).unwrap());
+    let mut at = 0;
+    while at < size {
+        let (error, data) = client.request(proto::CMD_READ, at, 1 << 20, &[]).unwrap();
+        assert_eq!(error, 0, "read at {at}");
+        out.extend_from_slice(&data);
+        at += 1 << 20;
+    }
+    out
+}
+
+fn backup_json(node: &TestNode, args: &[&str]) -> serde_json::Value {
+    serde_json::from_str(&node.cli_ok(args)).unwrap()
+}
+
+#[test]
+fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_without_harm() {
+    let test = "backups_are_incremental";
+    let cluster = TestCluster::start(test, 3, &[]);
+    let scratch = common::scratch();
+    let target_dir = scratch.path().join("target");
+    let target = format!("file://{}", target_dir.display());
+    let passphrase = scratch.path().join("passphrase");
+    std::fs::write(&passphrase, "correct horse battery\n").unwrap();
+    let pass = passphrase.to_str().unwrap();
+    let first_node = &cluster.nodes[0];
+    first_node.cli_ok(&["volume", "create", "db", "--size", "32MiB", "--repl", "2"]);
+    let coordinator = cluster.index_of(first_node.inspect("db")["coordinator"].as_u64().unwrap());
+    // Every command below goes through a node that does not serve the volume: forwarded.
+    let other = &cluster.nodes[(coordinator + 1) % 3];
+    let mut client =
+        NbdClient::connect(&nbd_address(&cluster.nodes[coordinator]), "db", Duration::from_secs(20)).unwrap();
+    write_distinct(&mut client, 0, 8 << 20, 1);
+
+    // The first backup reads what holds data: 8 MiB, not 32.
+    let create = [
+        "backup",
+        "create",
+        "db",
+        "--target",
+        &target,
+        "--passphrase-file",
+        pass,
+        "--json",
+    ];
+    let full = backup_json(other, &create);
+    assert_eq!(full["state"], "done", "{full:#}");
+    assert_eq!(full["read_bytes"], 8 << 20, "{full:#}");
+    assert!(full["parent"].is_null(), "{full:#}");
+    let sent = full["stored_bytes"].as_u64().unwrap();
+    assert!(sent > 8 << 20, "random data does not compress, and is sealed: {full:#}");
+    let on_disk = std::fs::read_dir(target_dir.join("chunks"))
+        .unwrap()
+        .flat_map(|dir| std::fs::read_dir(dir.unwrap().path()).unwrap())
+        .map(|file| std::fs::read(file.unwrap().path()).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(on_disk.len(), 32, "8 MiB in 256-KiB chunks");
+    let plain = read_all(&mut client, 8 << 20);
+    assert!(
+        on_disk.iter().all(|chunk| !chunk
+            .windows(64)
+            .any(|w| plain[..256 << 10].windows(64).next() == Some(w))),
+        "the volume's bytes are not in the target in the clear"
+    );
+
+    // Overwrite 1 MiB and add 1 MiB: the next backup reads those chunks only.
+    write_distinct(&mut client, 0, 1 << 20, 2);
+    write_distinct(&mut client, 20 << 20, 1 << 20, 3);
+    let incremental = backup_json(other, &create);
+    assert_eq!(incremental["parent"], full["backup"], "{incremental:#}");
+    assert_eq!(incremental["read_bytes"], 2 << 20, "{incremental:#}");
+    let snapshots_now: Vec<String> = snapshots(other, "db")
+        .iter()
+        .map(|s| s["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        snapshots_now,
+        vec![incremental["snapshot"].as_str().unwrap().to_owned()],
+        "one backup snapshot stays, the base of the next"
+    );
+    let expected = read_all(&mut client, 32 << 20);
+    drop(client);
+
+    let listed = backup_json(other, &["backup", "list", &target, "--passphrase-file", pass, "--json"]);
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed:#}");
+    let verified = backup_json(
+        other,
+        &["backup", "verify", &target, "--passphrase-file", pass, "--json"],
+    );
+    assert_eq!(
+        (
+            verified["chunks"].as_u64(),
+            verified["missing"].as_array().unwrap().len()
+        ),
+        (Some(40), 0),
+        "{verified:#}"
+    );
+
+    // A wrong passphrase opens nothing, and says so.
+    std::fs::write(scratch.path().join("wrong"), "wrong horse battery\n").unwrap();
+    let wrong = other.cli(&[
+        "backup",
+        "list",
+        &target,
+        "--passphrase-file",
+        scratch.path().join("wrong").to_str().unwrap(),
+    ]);
+    assert!(
+        !wrong.status.success() && text(&wrong).contains("wrong passphrase"),
+        "{}",
+        text(&wrong)
+    );
+
+    // Deleting the first backup frees only the chunks the second replaced.
+    let deleted = other.cli_ok(&[
+        "backup",
+        "delete",
+        &target,
+        full["backup"].as_str().unwrap(),
+        "--passphrase-file",
+        pass,
+    ]);
+    assert!(deleted.contains("4 chunks freed"), "{deleted}");
+
+    // The second restores, whole, into a new replicated volume.
+    let restored = backup_json(
+        other,
+        &[
+            "backup",
+            "restore",
+            &target,
+            incremental["backup"].as_str().unwrap(),
+            "copy",
+            "--repl",
+            "2",
+            "--passphrase-file",
+            pass,
+            "--json",
+        ],
+    );
+    assert_eq!(restored["state"], "done", "{restored:#}");
+    let copy_coordinator = cluster.index_of(other.inspect("copy")["coordinator"].as_u64().unwrap());
+    let mut copy = NbdClient::connect(
+        &nbd_address(&cluster.nodes[copy_coordinator]),
+        "copy",
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    assert!(
+        read_all(&mut copy, 32 << 20) == expected,
+        "the restored volume differs from the backed-up one"
+    );
+    drop(copy);
+    wait_until("the copy's replicas in sync", || in_sync_count(other, "copy") == 2);
+
+    // Damage is found by verify, without a restore.
+    let chunk_dir = std::fs::read_dir(target_dir.join("chunks"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let victim = std::fs::read_dir(chunk_dir).unwrap().next().unwrap().unwrap().path();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&victim, bytes).unwrap();
+    let damaged = other.cli(&["backup", "verify", &target, "--passphrase-file", pass]);
+    assert!(
+        !damaged.status.success() && text(&damaged).contains("damaged"),
+        "{}",
+        text(&damaged)
+    );
+}

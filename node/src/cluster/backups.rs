@@ -115,7 +115,14 @@ impl Cluster {
                 (snapshot, false)
             }
             None => {
-                let snapshot = snapshot_name_now();
+                let base = snapshot_name_now();
+                let mut snapshot = base.clone();
+                for n in 2.. {
+                    if !volume.snapshots.contains_key(&snapshot) {
+                        break;
+                    }
+                    snapshot = format!("{base}-{n}");
+                }
                 self.create_snapshot(volumes, name, &snapshot).await?;
                 (snapshot, true)
             }
