@@ -49,4 +49,10 @@ if [ "$DEMO" = 0 ] && ! (cd "$(dirname "$0")/.." && cargo fuzz --version >/dev/n
   echo "ci/install-deps: installing cargo-fuzz"
   (cd "$(dirname "$0")/.." && cargo install cargo-fuzz --version 0.13.2 --locked)
 fi
+# moto_server: a local S3-compatible server for the backup tests (started and stopped by them).
+if [ "$DEMO" = 0 ] && ! command -v moto_server >/dev/null 2>&1; then
+  echo "ci/install-deps: installing moto_server (PyPI)"
+  python3 -m pip install --quiet 'moto[server]==5.2.1' \
+    || echo "ci/install-deps: moto_server unavailable; the S3 backup test will skip"
+fi
 echo "ci/install-deps: done"

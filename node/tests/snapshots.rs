@@ -859,3 +859,140 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
         text(&damaged)
     );
 }
+
+/// A moto_server (a local S3-compatible server) on 127.0.0.1, stopped (by
+/// its pid) when dropped.
+struct MotoServer {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+impl MotoServer {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = std::process::Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let server = Self {
+            child,
+            endpoint: format!("http://127.0.0.1:{port}"),
+        };
+        wait_until("moto_server listens", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        server
+    }
+
+    /// Creates `bucket` (moto takes unsigned requests).
+    fn create_bucket(&self, bucket: &str) {
+        use std::io::{Read, Write};
+        let address = self.endpoint.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(address).unwrap();
+        write!(
+            stream,
+            "PUT /{bucket} HTTP/1.1\r\nHost: {address}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+}
+
+impl Drop for MotoServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn backups_go_to_an_s3_compatible_store_and_come_back() {
+    let test = "backups_go_to_an_s3";
+    if !have_tool(test, "moto_server") {
+        return;
+    }
+    let s3 = MotoServer::start();
+    s3.create_bucket("ballast-backups");
+    let node = TestNode::start(test, 256 << 20);
+    let scratch = common::scratch();
+    let key = scratch.path().join("key");
+    std::fs::write(&key, [0x5au8; 32]).unwrap();
+    let credentials = scratch.path().join("credentials");
+    std::fs::write(
+        &credentials,
+        "[default]\naws_access_key_id = testing\naws_secret_access_key = testing\n",
+    )
+    .unwrap();
+    let (key, credentials) = (key.to_str().unwrap(), credentials.to_str().unwrap());
+    let target = "s3://ballast-backups/site-a";
+    let opts = [
+        "--endpoint",
+        &s3.endpoint,
+        "--credentials-file",
+        credentials,
+        "--key-file",
+        key,
+    ];
+    node.cli_ok(&["volume", "create", "s3vol", "--size", "8MiB"]);
+    let mut client = NbdClient::connect(&nbd_address(&node), "s3vol", Duration::from_secs(20)).unwrap();
+    write_distinct(&mut client, 0, 3 << 20, 7);
+    let run = |args: &[&str]| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend_from_slice(&opts);
+        backup_json(&node, &all)
+    };
+    let full = run(&["backup", "create", "s3vol", "--target", target, "--json"]);
+    assert_eq!(
+        (full["state"].as_str(), full["read_bytes"].as_u64()),
+        (Some("done"), Some(3 << 20)),
+        "{full:#}"
+    );
+    write_distinct(&mut client, 4 << 20, 256 << 10, 8);
+    let incremental = run(&["backup", "create", "s3vol", "--target", target, "--json"]);
+    assert_eq!(incremental["read_bytes"], 256 << 10, "{incremental:#}");
+    let expected = read_all(&mut client, 8 << 20);
+    drop(client);
+    let listed = run(&["backup", "list", target, "--json"]);
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed:#}");
+    let verified = run(&["backup", "verify", target, "--json"]);
+    assert_eq!(verified["chunks"], 13, "{verified:#}");
+    let restored = run(&[
+        "backup",
+        "restore",
+        target,
+        incremental["backup"].as_str().unwrap(),
+        "s3copy",
+        "--json",
+    ]);
+    assert_eq!(restored["state"], "done", "{restored:#}");
+    let mut copy = NbdClient::connect(&nbd_address(&node), "s3copy", Duration::from_secs(20)).unwrap();
+    assert!(
+        read_all(&mut copy, 8 << 20) == expected,
+        "the volume restored from S3 differs"
+    );
+    // The wrong credentials or an absent bucket are named.
+    let absent = node.cli(&[
+        "backup",
+        "list",
+        "s3://no-such-bucket",
+        "--endpoint",
+        &s3.endpoint,
+        "--credentials-file",
+        credentials,
+        "--key-file",
+        key,
+    ]);
+    assert!(
+        !absent.status.success() && text(&absent).contains("no-such-bucket"),
+        "{}",
+        text(&absent)
+    );
+}

@@ -1,11 +1,11 @@
 //! Off-cluster backups: incremental, deduplicated, compressed and
 //! encrypted copies of volumes in a target outside the cluster (a
-//! directory now; S3-compatible stores next), restorable into a new volume
+//! directory, or an S3-compatible store), restorable into a new volume
 //! on any cluster that has the target's secret.
 //!
 //! - `crypto`: the target's keys (from a passphrase or a key file), chunk
 //!   names, sealing.
-//! - `target`: where the objects live (`file:///path`).
+//! - `target`: where the objects live (`file:///path`, `s3://bucket/prefix`).
 //! - `repo`: the target's layout: config, chunks, manifests, locks;
 //!   list, verify and delete run here, in the CLI, against the target.
 //! - `job`: a backup or restore run by the node serving the volume
@@ -19,6 +19,7 @@ pub mod target;
 use serde::{Deserialize, Serialize};
 
 pub use crypto::Secret;
+pub use target::TargetOptions;
 
 /// Body of POST /v1/volumes/{name}/backups.
 #[derive(Debug, Serialize, Deserialize)]
@@ -26,6 +27,9 @@ pub use crypto::Secret;
 pub struct BackupBody {
     pub target: String,
     pub secret: Secret,
+    /// How to reach an S3 target (endpoint, region, credentials).
+    #[serde(default)]
+    pub options: TargetOptions,
     /// Back up this snapshot (taken on every in-sync replica); None: take one now.
     #[serde(default)]
     pub snapshot: Option<String>,
@@ -40,5 +44,7 @@ pub struct BackupBody {
 pub struct RestoreBody {
     pub target: String,
     pub secret: Secret,
+    #[serde(default)]
+    pub options: TargetOptions,
     pub backup: String,
 }

@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::crypto::{CryptoError, KeyRecord, Keys, Secret};
-use super::target::{FileTarget, TargetError, TargetUrl};
+use super::target::{Target, TargetError, TargetOptions, TargetUrl};
 use crate::volume::crypt::KdfParams;
 
 pub const FORMAT: u32 = 1;
@@ -102,7 +102,7 @@ struct LockRecord {
 
 /// An opened target.
 pub struct Repo {
-    target: FileTarget,
+    target: Target,
     keys: Keys,
     pub config: Config,
 }
@@ -139,8 +139,13 @@ pub fn backup_id(volume: &str, unix_seconds: u64) -> String {
 impl Repo {
     /// Opens the target at `url` with `secret`; Err if it holds no backups
     /// yet (unless `create`: then it is set up, with `params` for a passphrase).
-    pub fn open(url: &TargetUrl, secret: &Secret, create: Option<KdfParams>) -> Result<Self, RepoError> {
-        let target = url.open();
+    pub fn open(
+        url: &TargetUrl,
+        options: &TargetOptions,
+        secret: &Secret,
+        create: Option<KdfParams>,
+    ) -> Result<Self, RepoError> {
+        let target = url.open(options)?;
         let config = match target.get(CONFIG)? {
             Some(bytes) => {
                 let config: Config = serde_json::from_slice(&bytes)
@@ -163,7 +168,7 @@ impl Repo {
                 let Some(params) = create else {
                     return Err(RepoError::NotFound(format!(
                         "{} holds no ballast backups (no {CONFIG})",
-                        target.root().display()
+                        target.describe()
                     )));
                 };
                 target.ensure()?;
@@ -376,7 +381,7 @@ impl Repo {
 
 /// A held lock; released when dropped.
 pub struct Lock {
-    target: FileTarget,
+    target: Target,
     key: String,
     exclusive: bool,
     what: String,
@@ -406,9 +411,7 @@ impl Lock {
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        if let Err(error) = self.target.delete(&self.key) {
-            tracing::warn!(%error, "cannot release a backup target's lock; it goes stale on its own");
-        }
+        self.target.delete_soon(&self.key);
     }
 }
 
@@ -470,8 +473,11 @@ mod tests {
     fn a_target_dedups_verifies_and_frees_only_unshared_chunks() {
         let dir = tempfile::tempdir().unwrap();
         let url = TargetUrl::File(dir.path().join("t"));
-        assert!(matches!(Repo::open(&url, &secret(), None), Err(RepoError::NotFound(_))));
-        let repo = Repo::open(&url, &secret(), Some(CHEAP)).unwrap();
+        assert!(matches!(
+            Repo::open(&url, &TargetOptions::default(), &secret(), None),
+            Err(RepoError::NotFound(_))
+        ));
+        let repo = Repo::open(&url, &TargetOptions::default(), &secret(), Some(CHEAP)).unwrap();
         let (a, sent) = repo.put_chunk(&[1u8; 4096]).unwrap();
         assert!(sent > 0);
         assert_eq!(repo.put_chunk(&[1u8; 4096]).unwrap(), (a.clone(), 0), "deduplicated");
@@ -501,7 +507,7 @@ mod tests {
         // A wrong secret opens nothing; an altered manifest is refused.
         let wrong = Secret::Passphrase(Zeroizing::new("wrong horse".into()));
         assert!(matches!(
-            Repo::open(&url, &wrong, None),
+            Repo::open(&url, &TargetOptions::default(), &wrong, None),
             Err(RepoError::Crypto(CryptoError::WrongSecret))
         ));
         let key = dir.path().join("t/backups/one.json");
@@ -514,7 +520,7 @@ mod tests {
     fn a_delete_waits_for_a_running_backup_and_a_backup_for_a_delete() {
         let dir = tempfile::tempdir().unwrap();
         let url = TargetUrl::File(dir.path().join("t"));
-        let repo = Repo::open(&url, &secret(), Some(CHEAP)).unwrap();
+        let repo = Repo::open(&url, &TargetOptions::default(), &secret(), Some(CHEAP)).unwrap();
         manifest(&repo, "one", vec![None]);
         let backup = repo.lock(false, "backup of v").unwrap();
         let second = repo.lock(false, "restore of v").unwrap();

@@ -2,16 +2,21 @@
 //! `file:///path` target is a directory (an NFS mount, a USB disk): each
 //! object is written to a temporary name, synced, renamed into place and
 //! its directory synced, so a crash leaves either the old object or the
-//! new one, never a torn one, and never a name without its bytes.
+//! new one, never a torn one, and never a name without its bytes. An
+//! `s3://bucket/prefix` target is any S3-compatible store (`object_store`;
+//! a PUT is whole or absent there too). Every call blocks: the node makes
+//! them on blocking threads, the CLI from its main thread.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum TargetError {
-    #[error("{url:?} is not a backup target: {why} (targets are file:///absolute/path)")]
+    #[error("{url:?} is not a backup target: {why} (targets are file:///absolute/path or s3://bucket[/prefix])")]
     BadUrl { url: String, why: String },
     #[error("{what} {path}: {error}")]
     Io {
@@ -21,12 +26,45 @@ pub enum TargetError {
     },
     #[error("object key {0:?} is not valid")]
     BadKey(String),
+    #[error("{what} {key}: {error}")]
+    S3 {
+        what: &'static str,
+        key: String,
+        error: String,
+    },
 }
 
 /// A parsed target address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum TargetUrl {
     File(PathBuf),
+    S3 { bucket: String, prefix: String },
+}
+
+/// How to reach an S3-compatible target; what is not given is taken from
+/// the usual AWS_* variables of the process that opens the target.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetOptions {
+    /// The endpoint (e.g. http://10.0.0.5:9000 for MinIO); AWS when None.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    #[serde(default)]
+    pub region: Option<String>,
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    #[serde(default)]
+    pub secret_access_key: Option<zeroize::Zeroizing<String>>,
+}
+
+impl std::fmt::Debug for TargetOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetOptions")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl TargetUrl {
@@ -45,17 +83,287 @@ impl TargetUrl {
             }
             return Ok(Self::File(path.to_path_buf()));
         }
-        if url.starts_with("s3://") {
-            return Err(bad("s3:// targets are not built yet"));
+        if let Some(rest) = url.strip_prefix("s3://") {
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            let bucket_ok = (3..=63).contains(&bucket.len())
+                && bucket
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.');
+            if !bucket_ok {
+                return Err(bad("a bucket name is 3-63 of a-z 0-9 . -"));
+            }
+            let prefix = prefix.trim_end_matches('/').to_owned();
+            if !prefix.is_empty() {
+                check_key(&prefix).map_err(|_| bad("the prefix is /-separated parts of A-Z a-z 0-9 - _ ."))?;
+            }
+            return Ok(Self::S3 {
+                bucket: bucket.to_owned(),
+                prefix,
+            });
         }
         Err(bad("unknown scheme"))
     }
 
-    #[must_use]
-    pub fn open(&self) -> FileTarget {
+    /// Opens the target (`options` for S3).
+    pub fn open(&self, options: &TargetOptions) -> Result<Target, TargetError> {
         match self {
-            Self::File(root) => FileTarget { root: root.clone() },
+            Self::File(root) => Ok(Target::File(FileTarget { root: root.clone() })),
+            Self::S3 { bucket, prefix } => Ok(Target::S3(S3Target::new(bucket, prefix, options)?)),
         }
+    }
+}
+
+/// An opened target.
+#[derive(Clone, Debug)]
+pub enum Target {
+    File(FileTarget),
+    S3(S3Target),
+}
+
+impl Target {
+    /// What to call the target in messages.
+    #[must_use]
+    pub fn describe(&self) -> String {
+        match self {
+            Self::File(file) => file.root.display().to_string(),
+            Self::S3(s3) => s3.describe(),
+        }
+    }
+
+    pub fn ensure(&self) -> Result<(), TargetError> {
+        match self {
+            Self::File(file) => file.ensure(),
+            Self::S3(_) => Ok(()),
+        }
+    }
+
+    pub fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TargetError> {
+        match self {
+            Self::File(file) => file.get(key),
+            Self::S3(s3) => s3.get(key),
+        }
+    }
+
+    pub fn exists(&self, key: &str) -> Result<bool, TargetError> {
+        match self {
+            Self::File(file) => file.exists(key),
+            Self::S3(s3) => s3.exists(key),
+        }
+    }
+
+    pub fn put(&self, key: &str, bytes: &[u8]) -> Result<(), TargetError> {
+        match self {
+            Self::File(file) => file.put(key, bytes),
+            Self::S3(s3) => s3.put(key, bytes),
+        }
+    }
+
+    pub fn delete(&self, key: &str) -> Result<(), TargetError> {
+        match self {
+            Self::File(file) => file.delete(key),
+            Self::S3(s3) => s3.delete(key),
+        }
+    }
+
+    pub fn list(&self, prefix: &str) -> Result<Vec<String>, TargetError> {
+        match self {
+            Self::File(file) => file.list(prefix),
+            Self::S3(s3) => s3.list(prefix),
+        }
+    }
+
+    /// Deletes `key` without waiting where waiting may not be allowed (a
+    /// lock released by a drop inside the node's runtime).
+    pub fn delete_soon(&self, key: &str) {
+        let outcome = match self {
+            Self::File(file) => file.delete(key),
+            Self::S3(s3) => s3.delete_soon(key),
+        };
+        if let Err(error) = outcome {
+            tracing::warn!(%error, "cannot remove a backup target's object");
+        }
+    }
+}
+
+/// Runs the S3 client's futures: on the node's runtime (from its blocking
+/// threads), or on a runtime of its own in the CLI.
+#[derive(Clone, Debug)]
+enum Exec {
+    Node(tokio::runtime::Handle),
+    Own(Arc<tokio::runtime::Runtime>),
+}
+
+/// An S3-compatible bucket, under a prefix.
+#[derive(Clone)]
+pub struct S3Target {
+    store: Arc<object_store::aws::AmazonS3>,
+    bucket: String,
+    prefix: String,
+    exec: Exec,
+}
+
+impl std::fmt::Debug for S3Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl S3Target {
+    fn new(bucket: &str, prefix: &str, options: &TargetOptions) -> Result<Self, TargetError> {
+        use object_store::aws::AmazonS3Builder;
+        let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        if let Some(endpoint) = &options.endpoint {
+            builder = builder
+                .with_endpoint(endpoint)
+                .with_allow_http(endpoint.starts_with("http://"))
+                .with_virtual_hosted_style_request(false);
+        }
+        let region = options
+            .region
+            .clone()
+            .or_else(|| std::env::var("AWS_REGION").ok())
+            .or_else(|| std::env::var("AWS_DEFAULT_REGION").ok())
+            .unwrap_or_else(|| "us-east-1".to_owned());
+        builder = builder.with_region(region);
+        if let Some(id) = &options.access_key_id {
+            builder = builder.with_access_key_id(id);
+        }
+        if let Some(secret) = &options.secret_access_key {
+            builder = builder.with_secret_access_key(secret.as_str());
+        }
+        let store = builder.build().map_err(|error| TargetError::S3 {
+            what: "cannot set up",
+            key: format!("s3://{bucket}"),
+            error: error.to_string(),
+        })?;
+        let exec = match tokio::runtime::Handle::try_current() {
+            Ok(handle) => Exec::Node(handle),
+            Err(_) => Exec::Own(Arc::new(
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|error| TargetError::S3 {
+                        what: "cannot start an S3 client for",
+                        key: format!("s3://{bucket}"),
+                        error: error.to_string(),
+                    })?,
+            )),
+        };
+        Ok(Self {
+            store: Arc::new(store),
+            bucket: bucket.to_owned(),
+            prefix: prefix.to_owned(),
+            exec,
+        })
+    }
+
+    fn describe(&self) -> String {
+        if self.prefix.is_empty() {
+            format!("s3://{}", self.bucket)
+        } else {
+            format!("s3://{}/{}", self.bucket, self.prefix)
+        }
+    }
+
+    fn path(&self, key: &str) -> Result<object_store::path::Path, TargetError> {
+        check_key(key)?;
+        Ok(if self.prefix.is_empty() {
+            object_store::path::Path::from(key)
+        } else {
+            object_store::path::Path::from(format!("{}/{key}", self.prefix))
+        })
+    }
+
+    fn block_on<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+        match &self.exec {
+            Exec::Node(handle) => handle.block_on(future),
+            Exec::Own(runtime) => runtime.block_on(future),
+        }
+    }
+
+    fn error(&self, what: &'static str, key: &str, error: &object_store::Error) -> TargetError {
+        TargetError::S3 {
+            what,
+            key: format!("{}/{key}", self.describe()),
+            error: error.to_string(),
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, TargetError> {
+        use object_store::ObjectStore;
+        let path = self.path(key)?;
+        self.block_on(async {
+            match self.store.get(&path).await {
+                Ok(answer) => answer
+                    .bytes()
+                    .await
+                    .map(|bytes| Some(bytes.to_vec()))
+                    .map_err(|error| self.error("cannot read", key, &error)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(error) => Err(self.error("cannot read", key, &error)),
+            }
+        })
+    }
+
+    fn exists(&self, key: &str) -> Result<bool, TargetError> {
+        use object_store::ObjectStore;
+        let path = self.path(key)?;
+        self.block_on(async {
+            match self.store.head(&path).await {
+                Ok(_) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(error) => Err(self.error("cannot look at", key, &error)),
+            }
+        })
+    }
+
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), TargetError> {
+        use object_store::ObjectStore;
+        let path = self.path(key)?;
+        let payload = object_store::PutPayload::from(bytes.to_vec());
+        self.block_on(self.store.put(&path, payload))
+            .map(|_| ())
+            .map_err(|error| self.error("cannot write", key, &error))
+    }
+
+    fn delete(&self, key: &str) -> Result<(), TargetError> {
+        use object_store::ObjectStore;
+        let path = self.path(key)?;
+        match self.block_on(self.store.delete(&path)) {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(error) => Err(self.error("cannot remove", key, &error)),
+        }
+    }
+
+    fn delete_soon(&self, key: &str) -> Result<(), TargetError> {
+        use object_store::ObjectStore;
+        match &self.exec {
+            Exec::Own(_) => self.delete(key),
+            Exec::Node(handle) => {
+                let (store, path) = (Arc::clone(&self.store), self.path(key)?);
+                handle.spawn(async move { store.delete(&path).await });
+                Ok(())
+            }
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<String>, TargetError> {
+        use futures::TryStreamExt;
+        use object_store::ObjectStore;
+        let path = self.path(prefix)?;
+        let root = if self.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.prefix)
+        };
+        let mut keys: Vec<String> = self
+            .block_on(self.store.list(Some(&path)).try_collect::<Vec<_>>())
+            .map_err(|error| self.error("cannot list", prefix, &error))?
+            .into_iter()
+            .filter_map(|meta| meta.location.as_ref().strip_prefix(&root).map(str::to_owned))
+            .collect();
+        keys.sort();
+        Ok(keys)
     }
 }
 
@@ -203,7 +511,21 @@ mod tests {
             TargetUrl::parse("file:///var/b").unwrap(),
             TargetUrl::File("/var/b".into())
         );
-        for bad in ["file://relative", "file:///a/../b", "ftp://x", "/var/b", "s3://bucket"] {
+        assert_eq!(
+            TargetUrl::parse("s3://my-bucket/backups/pg/").unwrap(),
+            TargetUrl::S3 {
+                bucket: "my-bucket".into(),
+                prefix: "backups/pg".into()
+            }
+        );
+        for bad in [
+            "file://relative",
+            "file:///a/../b",
+            "ftp://x",
+            "/var/b",
+            "s3://B",
+            "s3://bucket/a//b",
+        ] {
             assert!(TargetUrl::parse(bad).is_err(), "{bad}");
         }
     }
@@ -211,7 +533,12 @@ mod tests {
     #[test]
     fn objects_are_written_whole_listed_and_removed() {
         let dir = tempfile::tempdir().unwrap();
-        let target = TargetUrl::File(dir.path().join("t")).open();
+        let Target::File(target) = TargetUrl::File(dir.path().join("t"))
+            .open(&TargetOptions::default())
+            .unwrap()
+        else {
+            unreachable!()
+        };
         target.ensure().unwrap();
         target.put("chunks/ab/abcd", b"one").unwrap();
         target.put("chunks/ab/abcd", b"two").unwrap();

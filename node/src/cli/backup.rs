@@ -16,14 +16,26 @@ use crate::api::CreateBody;
 use crate::backup::job::JobInfo;
 use crate::backup::repo::{Manifest, Repo};
 use crate::backup::target::TargetUrl;
-use crate::backup::{BackupBody, RestoreBody, Secret};
+use crate::backup::{BackupBody, RestoreBody, Secret, TargetOptions};
 use crate::cli::volume::path_segment;
 use crate::size::format_size;
 use crate::volume::VolumeInfo;
 
-/// Where the secret of a target comes from.
+/// How a target is opened: its secret, and for S3 where and as whom.
 #[derive(Args, Debug, Clone)]
 pub struct SecretArgs {
+    /// S3 endpoint, for stores other than AWS (MinIO, Ceph RGW, ...):
+    /// http://HOST:PORT or https://HOST.
+    #[arg(long, value_name = "URL", global = true, env = "AWS_ENDPOINT_URL")]
+    pub endpoint: Option<String>,
+    /// S3 region (default: AWS_REGION, or us-east-1).
+    #[arg(long, global = true)]
+    pub region: Option<String>,
+    /// S3 credentials in the AWS shared-credentials format (the profile
+    /// AWS_PROFILE names, or [default]); without it AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY are used. Sent to the node with the request.
+    #[arg(long, value_name = "FILE", global = true)]
+    pub credentials_file: Option<PathBuf>,
     /// A file holding the target's passphrase (first line; 8-1024 bytes).
     /// Or set BALLAST_BACKUP_PASSPHRASE.
     #[arg(long, value_name = "FILE", global = true)]
@@ -35,6 +47,37 @@ pub struct SecretArgs {
 }
 
 impl SecretArgs {
+    /// How to reach `target` (S3 only; a directory needs nothing).
+    fn options(&self, target: &str) -> Result<TargetOptions> {
+        if !target.starts_with("s3://") {
+            return Ok(TargetOptions::default());
+        }
+        let (mut id, mut key) = (
+            std::env::var("AWS_ACCESS_KEY_ID").ok(),
+            std::env::var("AWS_SECRET_ACCESS_KEY").ok().map(Zeroizing::new),
+        );
+        if let Some(path) = &self.credentials_file {
+            let text = Zeroizing::new(
+                std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?,
+            );
+            let profile = std::env::var("AWS_PROFILE").unwrap_or_else(|_| "default".into());
+            let (found_id, found_key) = shared_credentials(&text, &profile);
+            if found_id.is_none() || found_key.is_none() {
+                bail!(
+                    "{} has no aws_access_key_id and aws_secret_access_key under [{profile}]",
+                    path.display()
+                );
+            }
+            (id, key) = (found_id, found_key);
+        }
+        Ok(TargetOptions {
+            endpoint: self.endpoint.clone(),
+            region: self.region.clone(),
+            access_key_id: id,
+            secret_access_key: key,
+        })
+    }
+
     fn secret(&self) -> Result<Secret> {
         if let Some(path) = &self.key_file {
             let bytes = Zeroizing::new(std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?);
@@ -83,7 +126,8 @@ pub enum BackupCommand {
     /// first backup, with the secret given then.
     Create {
         volume: String,
-        /// Where: file:///absolute/path (a directory, e.g. an NFS mount).
+        /// Where: file:///absolute/path (a directory, e.g. an NFS mount) or
+        /// s3://bucket[/prefix] (with --endpoint for stores other than AWS).
         #[arg(long)]
         target: String,
         /// Back up this existing snapshot instead of taking one.
@@ -149,9 +193,28 @@ pub enum BackupCommand {
     },
 }
 
-fn open(target: &str, secret: &SecretArgs) -> Result<Repo> {
+/// The access key id and secret key of `profile` in an AWS shared-credentials file.
+fn shared_credentials(text: &str, profile: &str) -> (Option<String>, Option<Zeroizing<String>>) {
+    let (mut section, mut id, mut key) = (String::new(), None, None);
+    for line in text.lines().map(str::trim) {
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().trim_start_matches("profile ").to_owned();
+        } else if section == profile {
+            if let Some((name, value)) = line.split_once('=') {
+                match name.trim() {
+                    "aws_access_key_id" => id = Some(value.trim().to_owned()),
+                    "aws_secret_access_key" => key = Some(Zeroizing::new(value.trim().to_owned())),
+                    _ => {}
+                }
+            }
+        }
+    }
+    (id, key)
+}
+
+fn open(target: &str, args: &SecretArgs) -> Result<Repo> {
     let url = TargetUrl::parse(target)?;
-    Ok(Repo::open(&url, &secret.secret()?, None)?)
+    Ok(Repo::open(&url, &args.options(target)?, &args.secret()?, None)?)
 }
 
 pub fn run(args: BackupArgs) -> Result<ExitCode> {
@@ -167,6 +230,7 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
         } => {
             TargetUrl::parse(&target)?;
             let body = BackupBody {
+                options: args.secret.options(&target)?,
                 target,
                 secret: args.secret.secret()?,
                 snapshot,
@@ -207,6 +271,7 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
                 Err(error) => return Err(error.into()),
             }
             let body = RestoreBody {
+                options: args.secret.options(&target)?,
                 target,
                 secret: args.secret.secret()?,
                 backup,
@@ -386,4 +451,22 @@ fn report_job(job: &JobInfo, json: bool) -> Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_credentials_are_read_from_the_named_profile() {
+        let text = "[default]\naws_access_key_id = A\naws_secret_access_key = B\n\n[profile backup]\naws_access_key_id=C\naws_secret_access_key=D\n";
+        let (id, key) = shared_credentials(text, "backup");
+        assert_eq!(
+            (id.as_deref(), key.as_deref().map(String::as_str)),
+            (Some("C"), Some("D"))
+        );
+        let (id, _) = shared_credentials(text, "default");
+        assert_eq!(id.as_deref(), Some("A"));
+        assert_eq!(shared_credentials(text, "none").0, None);
+    }
 }

@@ -42,10 +42,15 @@ fn repo_error(error: RepoError) -> VolumeOpError {
 }
 
 /// Opens the target (Argon2id runs on a blocking thread); `create` sets a new one up.
-async fn open_repo(target: &str, secret: crate::backup::Secret, create: bool) -> Result<Arc<Repo>, VolumeOpError> {
+async fn open_repo(
+    target: &str,
+    options: crate::backup::TargetOptions,
+    secret: crate::backup::Secret,
+    create: bool,
+) -> Result<Arc<Repo>, VolumeOpError> {
     let url = TargetUrl::parse(target).map_err(|error| invalid(error.to_string()))?;
     let params = create.then_some(crate::volume::crypt::KDF_PARAMS_DEFAULT);
-    tokio::task::spawn_blocking(move || Repo::open(&url, &secret, params))
+    tokio::task::spawn_blocking(move || Repo::open(&url, &options, &secret, params))
         .await
         .map_err(|error| VolumeOpError {
             status: 500,
@@ -85,7 +90,7 @@ impl Cluster {
             .await;
         }
         served_here(volumes, name)?;
-        let repo = open_repo(&body.target, body.secret, true).await?;
+        let repo = open_repo(&body.target, body.options, body.secret, true).await?;
         let lock = {
             let (repo, what) = (Arc::clone(&repo), format!("backup of {name}"));
             tokio::task::spawn_blocking(move || repo.lock(false, &what))
@@ -253,7 +258,7 @@ impl Cluster {
         }
         let local = served_here(volumes, name)?;
         self.require_unused(name, local.connection_count(), "restoring a backup into")?;
-        let repo = open_repo(&body.target, body.secret, false).await?;
+        let repo = open_repo(&body.target, body.options, body.secret, false).await?;
         let (manifest, lock) = {
             let (repo, backup, what) = (Arc::clone(&repo), body.backup.clone(), format!("restore into {name}"));
             tokio::task::spawn_blocking(move || {
