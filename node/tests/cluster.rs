@@ -105,12 +105,19 @@ fn replicas_go_to_distinct_zones_when_nodes_are_labelled() {
     assert!(text(&output).contains("distinct zones"), "{}", text(&output));
 }
 
+use node::peer::{PROTOCOL_VERSION, PROTOCOL_VERSION_MIN};
+
 /// The next release, as a test stands it in: another advertised version,
 /// and a peer protocol range one version ahead that still speaks this one.
-const NEXT_RELEASE: [(&str, &str); 2] = [
-    ("BALLAST_ADVERTISED_VERSION", "0.2.0-next"),
-    ("BALLAST_PEER_PROTOCOL", "1-2"),
-];
+fn next_release() -> [(String, String); 2] {
+    [
+        ("BALLAST_ADVERTISED_VERSION".into(), "0.2.0-next".into()),
+        (
+            "BALLAST_PEER_PROTOCOL".into(),
+            format!("{PROTOCOL_VERSION}-{}", PROTOCOL_VERSION + 1),
+        ),
+    ]
+}
 
 /// `cluster upgrade-status --json` on `node`.
 fn upgrade_status(node: &TestNode) -> serde_json::Value {
@@ -126,7 +133,7 @@ fn killing_the_leader_elects_another_and_it_returns_as_the_next_release_and_catc
     let old_id = cluster.nodes[old_leader].node_id();
     let view = upgrade_status(&cluster.nodes[0]);
     assert_eq!(view["versions"].as_object().unwrap().len(), 1, "{view:#}");
-    assert_eq!(view["common_protocol"], 1, "{view:#}");
+    assert_eq!(view["common_protocol"], PROTOCOL_VERSION, "{view:#}");
     cluster.nodes[old_leader].kill9();
     let survivors: Vec<usize> = (0..3).filter(|index| *index != old_leader).collect();
     let status = cluster.wait_for_on(&survivors, "a new leader", |status| {
@@ -147,10 +154,7 @@ fn killing_the_leader_elects_another_and_it_returns_as_the_next_release_and_catc
     );
     // The old leader returns as a follower, upgraded to the next release (a
     // rolling upgrade's step), and learns what it missed.
-    cluster.nodes[old_leader].env = NEXT_RELEASE
-        .iter()
-        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
-        .collect();
+    cluster.nodes[old_leader].env = next_release().into_iter().collect();
     cluster.nodes[old_leader].restart();
     let returned = &cluster.nodes[old_leader];
     let survivor = &cluster.nodes[survivors[0]];
@@ -185,7 +189,7 @@ fn killing_the_leader_elects_another_and_it_returns_as_the_next_release_and_catc
         }
         assert_eq!(view["versions"]["0.2.0-next"], serde_json::json!([old_id]), "{view:#}");
         assert_eq!(view["behind"].as_array().unwrap().len(), 2, "{view:#}");
-        assert_eq!(view["common_protocol"], 1, "{view:#}");
+        assert_eq!(view["common_protocol"], PROTOCOL_VERSION, "{view:#}");
     }
     let shown = survivor.cli_ok(&["cluster", "upgrade-status"]);
     assert!(
@@ -277,6 +281,7 @@ fn joins_with_a_bad_or_expired_token_or_from_another_cluster_are_refused() {
 
     // A node of a release with no peer protocol in common (two releases
     // ahead): refused at the handshake, naming both releases.
+    let far_protocol = format!("{}-{}", PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2);
     let far = TestNode::start_unclustered_with_env(
         test,
         "127.0.0.4",
@@ -284,15 +289,19 @@ fn joins_with_a_bad_or_expired_token_or_from_another_cluster_are_refused() {
         &[],
         &[
             ("BALLAST_ADVERTISED_VERSION", "0.3.0-far"),
-            ("BALLAST_PEER_PROTOCOL", "2-3"),
+            ("BALLAST_PEER_PROTOCOL", &far_protocol),
         ],
     );
     let output = far.cli(&["cluster", "join", &seed, "--token", &token]);
     assert!(!output.status.success());
     for part in [
         "no peer protocol in common",
-        "ballast 0.3.0-far (peer protocol 2-3)",
-        &format!("ballast {} (peer protocol 1)", env!("CARGO_PKG_VERSION")),
+        &format!("ballast 0.3.0-far (peer protocol {far_protocol})"),
+        &format!(
+            "ballast {} (peer protocol {})",
+            env!("CARGO_PKG_VERSION"),
+            node::peer::handshake::range_text(PROTOCOL_VERSION_MIN, PROTOCOL_VERSION)
+        ),
     ] {
         assert!(text(&output).contains(part), "{part:?} missing: {}", text(&output));
     }

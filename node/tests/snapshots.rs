@@ -996,3 +996,93 @@ fn backups_go_to_an_s3_compatible_store_and_come_back() {
         text(&absent)
     );
 }
+
+#[test]
+fn scheduled_backups_run_unattended_to_a_registered_target_and_keep_the_newest() {
+    let test = "scheduled_backups_run_unattended";
+    let node = TestNode::start(test, 256 << 20);
+    let scratch = common::scratch();
+    let passphrase = scratch.path().join("passphrase");
+    std::fs::write(&passphrase, "correct horse battery\n").unwrap();
+    let url = format!("file://{}", scratch.path().join("site").display());
+    node.cli_ok(&[
+        "backup",
+        "target",
+        "add",
+        "site",
+        &url,
+        "--passphrase-file",
+        passphrase.to_str().unwrap(),
+    ]);
+    let targets = node.cli_ok(&["backup", "target", "list"]);
+    assert!(targets.contains("site") && targets.contains(&url), "{targets}");
+    node.cli_ok(&["volume", "create", "sv", "--size", "8MiB"]);
+    let mut client = NbdClient::connect(&nbd_address(&node), "sv", Duration::from_secs(20)).unwrap();
+    write_distinct(&mut client, 0, 1 << 20, 11);
+    drop(client);
+    // By name: no secret on the command line.
+    let first = backup_json(&node, &["backup", "create", "sv", "--target", "site", "--json"]);
+    assert_eq!(first["state"], "done", "{first:#}");
+    let first = first["backup"].as_str().unwrap().to_owned();
+
+    let updated = backup_json(
+        &node,
+        &[
+            "volume",
+            "update",
+            "sv",
+            "--backup-every",
+            "10s",
+            "--backup-keep",
+            "2",
+            "--backup-target",
+            "site",
+            "--json",
+        ],
+    );
+    assert_eq!(
+        (
+            updated["backup_every_seconds"].as_u64(),
+            updated["backup_keep"].as_u64()
+        ),
+        (Some(10), Some(2))
+    );
+    // Two scheduled backups later the first is gone and two remain.
+    let started = Instant::now();
+    let ids = loop {
+        let listed = backup_json(&node, &["backup", "list", "site", "--volume", "sv", "--json"]);
+        let ids: Vec<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_owned())
+            .collect();
+        if !ids.contains(&first) && ids.len() == 2 {
+            break ids;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(90),
+            "scheduled backups and pruning: not within 90 s; backups now {ids:?}; log: {}",
+            node.log_text()
+                .lines()
+                .filter(|l| l.contains("backup"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        assert!(ids.len() <= 3, "more than --backup-keep kept: {ids:?}");
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    // The newest restores.
+    let restored = backup_json(&node, &["backup", "restore", "site", &ids[1], "sv2", "--json"]);
+    assert_eq!(restored["state"], "done", "{restored:#}");
+
+    let refused = node.cli(&["backup", "target", "delete", "site"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("--backup-every 0"),
+        "{}",
+        text(&refused)
+    );
+    node.cli_ok(&["volume", "update", "sv", "--backup-every", "0"]);
+    node.cli_ok(&["backup", "target", "delete", "site"]);
+    assert!(node.cli_ok(&["backup", "target", "list"]).contains("no registered"));
+}

@@ -350,8 +350,6 @@ pub struct ApiState {
     pub audit: Arc<crate::audit::AuditLog>,
     /// Upgrades in place ordered through the API.
     pub upgrades: Arc<crate::handoff::Upgrades>,
-    /// Backups and restores of backups run by this node.
-    pub backups: Arc<crate::backup::job::Jobs>,
 }
 
 struct ApiError(StatusCode, String);
@@ -430,7 +428,14 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/diff", get(snapshot_diff))
         .route("/v1/volumes/{name}/backups", post(start_backup))
         .route("/v1/volumes/{name}/backup-restore", post(start_backup_restore))
-        .route("/v1/backup-jobs/{id}", get(backup_job))
+        .route("/v1/volumes/{name}/backup-jobs/{id}", get(backup_job))
+        .route("/v1/volumes/{name}/backup-schedule", put(backup_schedule))
+        .route("/v1/backup-targets", get(list_backup_targets).post(add_backup_target))
+        .route(
+            "/v1/backup-targets/{target}",
+            axum::routing::delete(delete_backup_target),
+        )
+        .route("/v1/backup-targets/{target}/backups", get(registered_backups))
         .route("/v1/volumes/{name}/snapshot-schedule", put(snapshot_schedule))
         .route(
             "/v1/volumes/{name}/device",
@@ -909,10 +914,7 @@ async fn start_backup(
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
     let body: crate::backup::BackupBody = parse_body(&body)?;
-    let job = state
-        .cluster
-        .start_backup(&state.volumes, &state.backups, &name, body)
-        .await?;
+    let job = state.cluster.start_backup(&state.volumes, &name, body).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
@@ -924,19 +926,65 @@ async fn start_backup_restore(
 ) -> Result<Response, ApiError> {
     owned(&state, &caller, &name)?;
     let body: crate::backup::RestoreBody = parse_body(&body)?;
-    let job = state
-        .cluster
-        .start_restore(&state.volumes, &state.backups, &name, body)
-        .await?;
+    let job = state.cluster.start_restore(&state.volumes, &name, body).await?;
     Ok((StatusCode::ACCEPTED, Json(job)).into_response())
 }
 
-async fn backup_job(State(state): State<Arc<ApiState>>, Path(id): Path<u64>) -> Result<Response, ApiError> {
+async fn backup_job(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path((name, id)): Path<(String, u64)>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
     let job = state
-        .backups
+        .cluster
+        .backup_jobs
         .get(id)
-        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no backup job {id} on this node")))?;
+        .filter(|job| job.volume == name)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no backup job {id} of {name} on this node"),
+            )
+        })?;
     Ok(Json(job).into_response())
+}
+
+async fn backup_schedule(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: crate::cluster::backups::BackupScheduleBody = parse_body(&body)?;
+    let info = state.cluster.set_backup_schedule(&state.volumes, &name, &body).await?;
+    Ok(Json(info).into_response())
+}
+
+async fn add_backup_target(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
+    let body: crate::cluster::backups::TargetBody = parse_body(&body)?;
+    let target = state.cluster.add_backup_target(body).await?;
+    Ok((StatusCode::CREATED, Json(target)).into_response())
+}
+
+async fn list_backup_targets(State(state): State<Arc<ApiState>>) -> Result<Response, ApiError> {
+    Ok(Json(state.cluster.list_backup_targets()).into_response())
+}
+
+async fn registered_backups(
+    State(state): State<Arc<ApiState>>,
+    Path(target): Path<String>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.cluster.registered_backups(&target).await?).into_response())
+}
+
+async fn delete_backup_target(
+    State(state): State<Arc<ApiState>>,
+    Path(target): Path<String>,
+) -> Result<Response, ApiError> {
+    state.cluster.delete_backup_target(&target).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn create_snapshot(

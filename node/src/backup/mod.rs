@@ -25,8 +25,11 @@ pub use target::TargetOptions;
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BackupBody {
+    /// A URL, or the name of a registered target (its secret kept in the cluster).
     pub target: String,
-    pub secret: Secret,
+    /// The target's secret (None for a registered target).
+    #[serde(default)]
+    pub secret: Option<Secret>,
     /// How to reach an S3 target (endpoint, region, credentials).
     #[serde(default)]
     pub options: TargetOptions,
@@ -43,7 +46,8 @@ pub struct BackupBody {
 #[serde(deny_unknown_fields)]
 pub struct RestoreBody {
     pub target: String,
-    pub secret: Secret,
+    #[serde(default)]
+    pub secret: Option<Secret>,
     #[serde(default)]
     pub options: TargetOptions,
     pub backup: String,

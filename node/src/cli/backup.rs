@@ -117,7 +117,28 @@ pub struct BackupArgs {
 }
 
 #[derive(Subcommand, Debug)]
+pub enum TargetCommand {
+    /// Register a target by name, with its secret (and S3 options): kept in
+    /// the cluster sealed under the cluster key, so backups run unattended
+    /// (`volume update VOL --backup-every 6h --backup-keep 28 --backup-target
+    /// NAME`) and commands may name it instead of giving its URL and secret.
+    /// The target is opened first (set up if new; a wrong secret is refused).
+    Add { name: String, url: String },
+    /// The registered targets (never their secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget a registered target (refused while a schedule uses it); its
+    /// backups stay in it.
+    Delete { name: String },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum BackupCommand {
+    /// Registered targets: `backup target add NAME URL`, `list`, `delete NAME`.
+    #[command(subcommand)]
+    Target(TargetCommand),
     /// Back a volume up to a target off the cluster: a snapshot is taken
     /// (or the one named is used) and read by the node serving the volume;
     /// after the first backup only the chunks changed since the previous
@@ -126,8 +147,9 @@ pub enum BackupCommand {
     /// first backup, with the secret given then.
     Create {
         volume: String,
-        /// Where: file:///absolute/path (a directory, e.g. an NFS mount) or
-        /// s3://bucket[/prefix] (with --endpoint for stores other than AWS).
+        /// Where: file:///absolute/path (a directory, e.g. an NFS mount),
+        /// s3://bucket[/prefix] (with --endpoint for stores other than AWS),
+        /// or the name of a registered target (no secret needed then).
         #[arg(long)]
         target: String,
         /// Back up this existing snapshot instead of taking one.
@@ -146,6 +168,7 @@ pub enum BackupCommand {
     /// Restore a backup into a new volume (made here with the backup's
     /// size), or into an existing one no client uses (`--into-existing`).
     Restore {
+        /// A target's URL, or a registered target's name.
         target: String,
         backup: String,
         volume: String,
@@ -160,6 +183,7 @@ pub enum BackupCommand {
     },
     /// The backups in a target, oldest first.
     List {
+        /// A target's URL, or a registered target's name.
         target: String,
         /// Only this volume's.
         #[arg(long)]
@@ -187,6 +211,7 @@ pub enum BackupCommand {
     Delete { target: String, backup: String },
     /// A backup or restore job's state, from the node running it.
     Job {
+        volume: String,
         id: u64,
         #[arg(long)]
         json: bool,
@@ -228,11 +253,16 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             no_wait,
             json,
         } => {
-            TargetUrl::parse(&target)?;
+            let secret = if target.contains("://") {
+                TargetUrl::parse(&target)?;
+                Some(args.secret.secret()?)
+            } else {
+                None
+            };
             let body = BackupBody {
                 options: args.secret.options(&target)?,
                 target,
-                secret: args.secret.secret()?,
+                secret,
                 snapshot,
                 mib_per_s,
             };
@@ -248,7 +278,14 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             into_existing,
             json,
         } => {
-            let manifest = open(&target, &args.secret)?.manifest(&backup)?;
+            let manifest = if target.contains("://") {
+                open(&target, &args.secret)?.manifest(&backup)?
+            } else {
+                registered(&client, &target)?
+                    .into_iter()
+                    .find(|m| m.id == backup)
+                    .with_context(|| format!("no backup {backup:?} in target {target}"))?
+            };
             let path = format!("/v1/volumes/{}", path_segment(&volume));
             match client.get::<VolumeInfo>(&path) {
                 Ok(_) if !into_existing => {
@@ -270,10 +307,15 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
                 }
                 Err(error) => return Err(error.into()),
             }
+            let secret = if target.contains("://") {
+                Some(args.secret.secret()?)
+            } else {
+                None
+            };
             let body = RestoreBody {
                 options: args.secret.options(&target)?,
                 target,
-                secret: args.secret.secret()?,
+                secret,
                 backup,
             };
             let job: JobInfo = client.post(&format!("{path}/backup-restore"), &body)?;
@@ -281,9 +323,12 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             report_job(&job, json)
         }
         BackupCommand::List { target, volume, json } => {
-            let repo = open(&target, &args.secret)?;
-            let all: Vec<Manifest> = repo
-                .manifests()?
+            let all = if target.contains("://") {
+                open(&target, &args.secret)?.manifests()?
+            } else {
+                registered(&client, &target)?
+            };
+            let all: Vec<Manifest> = all
                 .into_iter()
                 .filter(|m| volume.as_ref().is_none_or(|v| *v == m.volume))
                 .collect();
@@ -379,18 +424,60 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        BackupCommand::Job { id, json } => {
-            let job: JobInfo = client.get(&format!("/v1/backup-jobs/{id}"))?;
+        BackupCommand::Job { volume, id, json } => {
+            let job: JobInfo = client.get(&format!("/v1/volumes/{}/backup-jobs/{id}", path_segment(&volume)))?;
             report_job(&job, json)
         }
+        BackupCommand::Target(TargetCommand::Add { name, url }) => {
+            TargetUrl::parse(&url)?;
+            let body = crate::cluster::backups::TargetBody {
+                options: args.secret.options(&url)?,
+                secret: args.secret.secret()?,
+                name,
+                url,
+            };
+            let info: crate::cluster::backups::TargetInfo = client.post("/v1/backup-targets", &body)?;
+            println!(
+                "registered backup target {} ({}): its secret is kept in the cluster, sealed under the cluster key",
+                info.name, info.url
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Target(TargetCommand::List { json }) => {
+            let all: Vec<crate::cluster::backups::TargetInfo> = client.get("/v1/backup-targets")?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&all)?);
+            } else if all.is_empty() {
+                println!("no registered backup targets");
+            } else {
+                for target in &all {
+                    println!("{:<24} {}", target.name, target.url);
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        BackupCommand::Target(TargetCommand::Delete { name }) => {
+            client.delete(&format!("/v1/backup-targets/{}", path_segment(&name)))?;
+            println!("forgot backup target {name} (its backups stay where they are)");
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// The backups of registered target `name`, through the node.
+fn registered(client: &ApiClient, name: &str) -> Result<Vec<Manifest>> {
+    Ok(client.get(&format!("/v1/backup-targets/{}/backups", path_segment(name)))?)
 }
 
 /// Polls the job on the node running it until it ends, with a progress bar.
 fn follow(started: &JobInfo, what: &str) -> Result<JobInfo> {
     let node = ApiClient::new(&started.node_api);
     let bar = crate::cli::progress::bytes(started.total_bytes, &format!("{what} {}", started.volume));
-    let path = format!("/v1/backup-jobs/{}", started.id);
+    let path = format!(
+        "/v1/volumes/{}/backup-jobs/{}",
+        path_segment(&started.volume),
+        started.id
+    );
     loop {
         let job: JobInfo = node
             .get(&path)
@@ -410,13 +497,14 @@ fn report_job(job: &JobInfo, json: bool) -> Result<ExitCode> {
     } else {
         match job.state.as_str() {
             "running" => println!(
-                "{} job {} of {} runs on {} ({} of {}); follow it with `ballast backup job {} --api {}`",
+                "{} job {} of {} runs on {} ({} of {}); follow it with `ballast backup job {} {} --api {}`",
                 job.kind,
                 job.id,
                 job.volume,
                 job.node_api,
                 format_size(job.done_bytes),
                 format_size(job.total_bytes),
+                job.volume,
                 job.id,
                 job.node_api
             ),

@@ -87,12 +87,12 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Change a volume's settings online: the number of replicas, scheduled snapshots.
+    /// Change a volume's settings online: the number of replicas, scheduled snapshots, scheduled backups.
     ///
     /// New replicas are placed like at create, start empty and join the
     /// in-sync set once the coordinator has copied the data to them (see
     /// `volume inspect`); lowering removes out-of-sync replicas first.
-    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["repl", "snapshot_every"])))]
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["repl", "snapshot_every", "backup_every"])))]
     Update {
         name: String,
         /// Copies of the data wanted (1 to 5).
@@ -106,6 +106,16 @@ pub enum VolumeCommand {
         /// name yourself are never deleted by the schedule).
         #[arg(long, value_name = "N", requires = "snapshot_every")]
         keep: Option<u32>,
+        /// Back the volume up this often (e.g. 6h, 1d; at least 10s) to the
+        /// target --backup-target names, run by the node serving it; 0 stops them.
+        #[arg(long, value_name = "INTERVAL")]
+        backup_every: Option<String>,
+        /// Backups of this volume to keep in the target: the oldest beyond are deleted.
+        #[arg(long, value_name = "N", requires = "backup_every")]
+        backup_keep: Option<u32>,
+        /// A target registered with `ballast backup target add NAME URL`.
+        #[arg(long, value_name = "NAME", requires = "backup_every")]
+        backup_target: Option<String>,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -276,10 +286,26 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             repl,
             snapshot_every,
             keep,
+            backup_every,
+            backup_keep,
+            backup_target,
             json,
             wait,
         } => {
             let mut info = None;
+            if let Some(every) = backup_every {
+                let every_seconds =
+                    crate::cli::cluster::parse_ttl(&every).with_context(|| format!("bad --backup-every {every:?}"))?;
+                let body = crate::cluster::backups::BackupScheduleBody {
+                    every_seconds,
+                    keep: backup_keep.unwrap_or(0),
+                    target: backup_target.unwrap_or_default(),
+                };
+                info = Some(client.put_json::<_, VolumeInfo>(
+                    &format!("/v1/volumes/{}/backup-schedule", path_segment(&name)),
+                    &body,
+                )?);
+            }
             if let Some(every) = snapshot_every {
                 let every_seconds = crate::cli::cluster::parse_ttl(&every)
                     .with_context(|| format!("bad --snapshot-every {every:?}"))?;
@@ -298,7 +324,7 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
                     &crate::api::ReplicasBody { replicas },
                 )?);
             }
-            let info = info.expect("clap requires --repl or --snapshot-every");
+            let info = info.expect("clap requires --repl, --snapshot-every or --backup-every");
             if !wait {
                 return print_one(&info, json, "updated");
             }
@@ -619,6 +645,12 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
         println!(
             "snapshots:   {}{schedule} (`ballast snapshot list {}`)",
             info.snapshots, info.name
+        );
+    }
+    if info.backup_every_seconds > 0 {
+        println!(
+            "backups:     one every {} s to target {}, the newest {} kept (`ballast backup list {}`)",
+            info.backup_every_seconds, info.backup_target, info.backup_keep, info.backup_target
         );
     }
     if !info.cloned_from.is_empty() {

@@ -10,17 +10,109 @@
 //! (and still deduplicated against the target). After a backup from a
 //! snapshot it took, the previous backup's own snapshot is deleted: one
 //! such snapshot per volume stays, as the base of the next backup.
+//!
+//! Targets can be registered by name (`backup target add`): their secret
+//! and S3 options are kept in the cluster's metadata sealed under the
+//! cluster key, so scheduled backups (`volume update --backup-every`) run
+//! unattended on whichever node coordinates the volume, and commands may
+//! name the target instead of giving its address and secret. Both are Raft
+//! commands of peer protocol 2: refused until every member speaks it.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use super::snapshots::{served_here, DiffQuery};
+use super::state::{BackupTargetRecord, ClusterState, Command};
 use super::volumes::{forward, invalid, VolumeOpError};
 use super::Cluster;
-use crate::backup::job::{self, BackupPlan, JobInfo, Jobs};
+use crate::backup::job::{self, BackupPlan, JobInfo};
 use crate::backup::repo::{Repo, RepoError};
 use crate::backup::target::TargetUrl;
-use crate::backup::{BackupBody, RestoreBody};
-use crate::volume::{snapshot, Volumes};
+use crate::backup::{BackupBody, RestoreBody, Secret, TargetOptions};
+use crate::volume::{snapshot, validate_name, VolumeInfo, Volumes};
+
+/// The peer protocol that brought registered targets and backup schedules.
+const PROTOCOL_BACKUP_TARGETS: u16 = 2;
+/// Shortest time between scheduled backups.
+pub const BACKUP_EVERY_MIN_SECONDS: u64 = 10;
+/// Most backups of one volume a schedule keeps.
+pub const BACKUP_KEEP_MAX: u32 = 10_000;
+/// A scheduled backup that failed is tried again after this long.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_secs(60);
+/// What a registered target's sealed record is bound to.
+const SEAL_DOMAIN: &[u8] = b"ballast backup target v1\0";
+
+/// Body of POST /v1/backup-targets.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetBody {
+    pub name: String,
+    pub url: String,
+    pub secret: Secret,
+    #[serde(default)]
+    pub options: TargetOptions,
+}
+
+/// A registered target as listed (never its secret).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TargetInfo {
+    pub name: String,
+    pub url: String,
+    pub created_unix_seconds: u64,
+}
+
+/// Body of PUT /v1/volumes/{name}/backup-schedule.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupScheduleBody {
+    /// Seconds between scheduled backups (0: none).
+    pub every_seconds: u64,
+    /// Backups of the volume kept in the target (the oldest beyond are deleted).
+    #[serde(default)]
+    pub keep: u32,
+    /// The registered target's name.
+    #[serde(default)]
+    pub target: String,
+}
+
+/// What a registered target's sealed record holds.
+#[derive(Serialize, Deserialize)]
+struct SealedTarget {
+    secret: Secret,
+    options: TargetOptions,
+}
+
+/// Scheduled backups as seen by the node coordinating the volumes.
+#[derive(Default)]
+pub struct Scheduled {
+    /// When each volume's last backup succeeded (read from its target once).
+    last: parking_lot::Mutex<BTreeMap<String, u64>>,
+    running: parking_lot::Mutex<BTreeSet<String>>,
+}
+
+/// Ok when every member of `members` (id, the newest peer protocol it
+/// reported, None: not heard from) speaks `version`.
+fn protocol_gate(members: &[(u64, Option<u16>)], version: u16, what: &str) -> Result<(), String> {
+    for (id, speaks) in members {
+        match speaks {
+            Some(max) if *max >= version => {}
+            Some(max) => {
+                return Err(format!(
+                    "{what} needs peer protocol {version} on every member; node {id} speaks up to {max}: upgrade it first (`ballast cluster upgrade-status`)"
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "{what} needs peer protocol {version} on every member; node {id} has not answered, so its release is not known (retry when it is up)"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Names of the snapshots backups take start with this.
 pub const BACKUP_PREFIX: &str = "backup-";
@@ -66,14 +158,194 @@ fn snapshot_name_now() -> String {
 }
 
 impl Cluster {
+    /// Refused (409) unless every member speaks peer protocol `version`.
+    fn require_protocol(&self, version: u16, what: &str) -> Result<(), VolumeOpError> {
+        let members: Vec<(u64, Option<u16>)> = self
+            .with_state(|state| state.nodes.keys().copied().collect::<Vec<_>>())
+            .into_iter()
+            .map(|id| {
+                let speaks = if id == self.local.id {
+                    Some(crate::peer::handshake::local().max)
+                } else {
+                    let liveness = self.health.liveness(id);
+                    liveness.report.filter(|_| liveness.up).map(|report| {
+                        if report.protocol_max == 0 {
+                            1
+                        } else {
+                            report.protocol_max
+                        }
+                    })
+                };
+                (id, speaks)
+            })
+            .collect();
+        protocol_gate(&members, version, what).map_err(|message| VolumeOpError { status: 409, message })
+    }
+
+    /// The address, options and secret of `target`: a URL with the secret
+    /// given, or a registered target's name (its sealed record opened).
+    async fn resolve_target(
+        &self,
+        target: &str,
+        secret: Option<Secret>,
+        options: TargetOptions,
+    ) -> Result<(String, TargetOptions, Secret), VolumeOpError> {
+        if target.contains("://") {
+            let secret = secret.ok_or_else(|| {
+                invalid(format!(
+                    "{target}: give the target's secret (--passphrase-file or --key-file), or register it with `ballast backup target add`"
+                ))
+            })?;
+            return Ok((target.to_owned(), options, secret));
+        }
+        let record = self
+            .with_state(|state| state.backup_targets.get(target).cloned())
+            .ok_or_else(|| VolumeOpError {
+                status: 404,
+                message: format!("no backup target named {target} (`ballast backup target list`; or give its URL)"),
+            })?;
+        let key = self.cluster_key().await?;
+        let sealed = crate::backup::crypto::from_hex(&record.sealed).unwrap_or_default();
+        let mut domain = SEAL_DOMAIN.to_vec();
+        domain.extend_from_slice(target.as_bytes());
+        let plain = key.open_bytes(&domain, &sealed).map_err(|error| VolumeOpError {
+            status: 500,
+            message: format!("cannot open the record of backup target {target}: {error}"),
+        })?;
+        let opened: SealedTarget = serde_json::from_slice(&plain).map_err(|error| VolumeOpError {
+            status: 500,
+            message: format!("the record of backup target {target} is not readable: {error}"),
+        })?;
+        Ok((record.url, opened.options, opened.secret))
+    }
+
+    /// Registers target `body.name` (opened first: set up if new, the secret checked).
+    pub async fn add_backup_target(&self, body: TargetBody) -> Result<TargetInfo, VolumeOpError> {
+        self.require_member()?;
+        validate_name(&body.name).map_err(|_| {
+            invalid(format!(
+                "invalid target name {:?}: names are 1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit",
+                body.name
+            ))
+        })?;
+        self.require_protocol(PROTOCOL_BACKUP_TARGETS, "registering a backup target")?;
+        open_repo(&body.url, body.options.clone(), body.secret.clone(), true).await?;
+        let key = self.cluster_key().await?;
+        let plain = zeroize::Zeroizing::new(
+            serde_json::to_vec(&SealedTarget {
+                secret: body.secret,
+                options: body.options,
+            })
+            .expect("a target record serializes"),
+        );
+        let mut domain = SEAL_DOMAIN.to_vec();
+        domain.extend_from_slice(body.name.as_bytes());
+        let record = BackupTargetRecord {
+            url: body.url.clone(),
+            sealed: crate::backup::crypto::to_hex(&key.seal_bytes(&domain, &plain)),
+            created_unix_seconds: crate::datadir::now_unix_seconds(),
+        };
+        let created_unix_seconds = record.created_unix_seconds;
+        self.change(Command::SetBackupTarget {
+            name: body.name.clone(),
+            record,
+        })
+        .await?;
+        tracing::info!(target = %body.name, url = %body.url, "backup target registered");
+        Ok(TargetInfo {
+            name: body.name,
+            url: body.url,
+            created_unix_seconds,
+        })
+    }
+
+    #[must_use]
+    pub fn list_backup_targets(&self) -> Vec<TargetInfo> {
+        self.with_state(|state| {
+            state
+                .backup_targets
+                .iter()
+                .map(|(name, record)| TargetInfo {
+                    name: name.clone(),
+                    url: record.url.clone(),
+                    created_unix_seconds: record.created_unix_seconds,
+                })
+                .collect()
+        })
+    }
+
+    /// The backups in registered target `name`, oldest first.
+    pub async fn registered_backups(&self, name: &str) -> Result<Vec<crate::backup::repo::Manifest>, VolumeOpError> {
+        self.require_member()?;
+        if name.contains("://") {
+            return Err(invalid(format!("{name}: give a registered target's name")));
+        }
+        let (url, options, secret) = self.resolve_target(name, None, TargetOptions::default()).await?;
+        let repo = open_repo(&url, options, secret, false).await?;
+        tokio::task::spawn_blocking(move || repo.manifests())
+            .await
+            .map_err(|error| invalid(error.to_string()))?
+            .map_err(repo_error)
+    }
+
+    pub async fn delete_backup_target(&self, name: &str) -> Result<(), VolumeOpError> {
+        self.require_member()?;
+        self.change(Command::DeleteBackupTarget { name: name.to_owned() })
+            .await?;
+        Ok(())
+    }
+
+    /// Sets (or clears, `every_seconds` 0) scheduled backups of `name`.
+    pub async fn set_backup_schedule(
+        &self,
+        volumes: &Arc<Volumes>,
+        name: &str,
+        body: &BackupScheduleBody,
+    ) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        self.volume(name)?;
+        if body.every_seconds != 0 {
+            if body.every_seconds < BACKUP_EVERY_MIN_SECONDS {
+                return Err(invalid(format!(
+                    "--backup-every must be at least {BACKUP_EVERY_MIN_SECONDS} s (or 0 to stop)"
+                )));
+            }
+            if !(1..=BACKUP_KEEP_MAX).contains(&body.keep) {
+                return Err(invalid(format!(
+                    "--backup-keep must be 1 to {BACKUP_KEEP_MAX} with --backup-every"
+                )));
+            }
+            if body.target.is_empty() {
+                return Err(invalid(
+                    "--backup-target NAME is needed with --backup-every (a target registered with `ballast backup target add`)".into(),
+                ));
+            }
+        }
+        self.require_protocol(PROTOCOL_BACKUP_TARGETS, "a backup schedule")?;
+        let volume = self
+            .expect_volume(Command::SetBackupSchedule {
+                name: name.to_owned(),
+                every_seconds: body.every_seconds,
+                keep: body.keep,
+                target: if body.every_seconds == 0 {
+                    String::new()
+                } else {
+                    body.target.clone()
+                },
+            })
+            .await?;
+        self.scheduled_backups.last.lock().remove(name);
+        Ok(self.describe(volumes, &volume))
+    }
+
     /// Starts a backup of `name` (on its coordinator: forwarded there).
     pub async fn start_backup(
         self: &Arc<Self>,
         volumes: &Arc<Volumes>,
-        jobs: &Arc<Jobs>,
         name: &str,
         body: BackupBody,
     ) -> Result<JobInfo, VolumeOpError> {
+        let jobs = &self.backup_jobs;
         self.require_member()?;
         let volume = self.volume(name)?;
         if body.mib_per_s == Some(0) {
@@ -90,7 +362,8 @@ impl Cluster {
             .await;
         }
         served_here(volumes, name)?;
-        let repo = open_repo(&body.target, body.options, body.secret, true).await?;
+        let (url, options, secret) = self.resolve_target(&body.target, body.secret, body.options).await?;
+        let repo = open_repo(&url, options, secret, true).await?;
         let lock = {
             let (repo, what) = (Arc::clone(&repo), format!("backup of {name}"));
             tokio::task::spawn_blocking(move || repo.lock(false, &what))
@@ -240,10 +513,10 @@ impl Cluster {
     pub async fn start_restore(
         self: &Arc<Self>,
         volumes: &Arc<Volumes>,
-        jobs: &Arc<Jobs>,
         name: &str,
         body: RestoreBody,
     ) -> Result<JobInfo, VolumeOpError> {
+        let jobs = &self.backup_jobs;
         self.require_member()?;
         let volume = self.volume(name)?;
         if volume.coordinator != self.local.id {
@@ -258,7 +531,8 @@ impl Cluster {
         }
         let local = served_here(volumes, name)?;
         self.require_unused(name, local.connection_count(), "restoring a backup into")?;
-        let repo = open_repo(&body.target, body.options, body.secret, false).await?;
+        let (url, options, secret) = self.resolve_target(&body.target, body.secret, body.options).await?;
+        let repo = open_repo(&url, options, secret, false).await?;
         let (manifest, lock) = {
             let (repo, backup, what) = (Arc::clone(&repo), body.backup.clone(), format!("restore into {name}"));
             tokio::task::spawn_blocking(move || {
@@ -301,5 +575,171 @@ impl Cluster {
             job.finish(outcome);
         });
         Ok(info)
+    }
+}
+
+/// Starts the scheduled backups due of the volumes this node coordinates
+/// and serves (one at a time per volume); after each, deletes that
+/// volume's oldest backups in the target beyond its `backup_keep`.
+pub fn start_scheduled(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<Volumes>) {
+    let now = crate::datadir::now_unix_seconds();
+    for volume in state.volumes.values() {
+        if volume.coordinator != cluster.local.id || volume.backup_every_seconds == 0 {
+            continue;
+        }
+        if volumes
+            .get_served(&volume.name)
+            .is_none_or(|local| local.serving_epoch() == 0)
+        {
+            continue;
+        }
+        let last = cluster.scheduled_backups.last.lock().get(&volume.name).copied();
+        if last.is_some_and(|last| now < last + volume.backup_every_seconds) {
+            continue;
+        }
+        if !cluster.scheduled_backups.running.lock().insert(volume.name.clone()) {
+            continue;
+        }
+        let (cluster, volumes, volume) = (Arc::clone(cluster), Arc::clone(volumes), volume.clone());
+        tokio::spawn(async move {
+            scheduled_backup(&cluster, &volumes, &volume, last).await;
+            cluster.scheduled_backups.running.lock().remove(&volume.name);
+        });
+    }
+}
+
+async fn scheduled_backup(
+    cluster: &Arc<Cluster>,
+    volumes: &Arc<Volumes>,
+    volume: &super::state::ClusterVolume,
+    last: Option<u64>,
+) {
+    let name = volume.name.as_str();
+    let target = volume.backup_target.clone();
+    let opened = match cluster.resolve_target(&target, None, TargetOptions::default()).await {
+        Ok((url, options, secret)) => open_repo(&url, options, secret, false).await,
+        Err(error) => Err(error),
+    };
+    let repo = match opened {
+        Ok(repo) => repo,
+        Err(error) => {
+            tracing::warn!(volume = %name, %target, error = %error.message, "scheduled backup: cannot open the target; retried later");
+            note_attempt(cluster, name, volume.backup_every_seconds, false);
+            return;
+        }
+    };
+    let cluster_id = cluster.cluster_id().map(|id| id.to_string()).unwrap_or_default();
+    if last.is_none() {
+        // First look since this node took the volume: when was its last backup?
+        let (repo2, name2, cluster_id2) = (Arc::clone(&repo), name.to_owned(), cluster_id.clone());
+        let newest = tokio::task::spawn_blocking(move || {
+            repo2.manifests().map(|all| {
+                all.iter()
+                    .filter(|m| m.volume == name2 && m.cluster_id == cluster_id2)
+                    .map(|m| m.created_unix_seconds)
+                    .max()
+            })
+        })
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten();
+        cluster
+            .scheduled_backups
+            .last
+            .lock()
+            .insert(name.to_owned(), newest.unwrap_or(0));
+        if newest.is_some_and(|newest| crate::datadir::now_unix_seconds() < newest + volume.backup_every_seconds) {
+            return;
+        }
+    }
+    let body = BackupBody {
+        target: target.clone(),
+        secret: None,
+        options: TargetOptions::default(),
+        snapshot: None,
+        mib_per_s: None,
+    };
+    let started = match cluster.start_backup(volumes, name, body).await {
+        Ok(job) => job,
+        Err(error) => {
+            tracing::warn!(volume = %name, %target, error = %error.message, "scheduled backup did not start; retried later");
+            note_attempt(cluster, name, volume.backup_every_seconds, false);
+            return;
+        }
+    };
+    let finished = loop {
+        match cluster.backup_jobs.get(started.id) {
+            Some(job) if job.state == "running" => tokio::time::sleep(Duration::from_secs(1)).await,
+            other => break other,
+        }
+    };
+    let ok = finished.as_ref().is_some_and(|job| job.state == "done");
+    note_attempt(cluster, name, volume.backup_every_seconds, ok);
+    if !ok {
+        return;
+    }
+    // Prune: this volume's backups from this cluster beyond `backup_keep`, oldest first.
+    let (keep, name) = (volume.backup_keep as usize, name.to_owned());
+    let pruned = tokio::task::spawn_blocking(move || {
+        let mine: Vec<String> = repo
+            .manifests()?
+            .into_iter()
+            .filter(|m| m.volume == name && m.cluster_id == cluster_id)
+            .map(|m| m.id)
+            .collect();
+        let mut deleted = Vec::new();
+        for id in mine.iter().take(mine.len().saturating_sub(keep)) {
+            // The backup's own lock may still be being released: one retry.
+            let outcome = repo.delete(id).or_else(|error| match error {
+                RepoError::Locked(_) => {
+                    std::thread::sleep(Duration::from_secs(2));
+                    repo.delete(id)
+                }
+                other => Err(other),
+            });
+            outcome?;
+            deleted.push(id.clone());
+        }
+        Ok::<_, RepoError>((name, deleted))
+    })
+    .await;
+    match pruned {
+        Ok(Ok((name, deleted))) if !deleted.is_empty() => {
+            tracing::info!(volume = %name, ?deleted, "scheduled backup: older backups deleted beyond --backup-keep");
+        }
+        Ok(Err(error)) => {
+            tracing::warn!(volume = %volume.name, %error, "scheduled backup: cannot delete older backups; tried again after the next")
+        }
+        _ => {}
+    }
+}
+
+/// Records a scheduled backup's attempt: the next is due a period after a
+/// success, `RETRY_AFTER_FAILURE` after a failure.
+fn note_attempt(cluster: &Cluster, name: &str, every: u64, ok: bool) {
+    let now = crate::datadir::now_unix_seconds();
+    let last = if ok {
+        now
+    } else {
+        (now + RETRY_AFTER_FAILURE.as_secs()).saturating_sub(every)
+    };
+    cluster.scheduled_backups.last.lock().insert(name.to_owned(), last);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn new_commands_wait_for_every_member_to_speak_their_protocol() {
+        assert!(protocol_gate(&[(1, Some(2)), (2, Some(3))], 2, "x").is_ok());
+        let old = protocol_gate(&[(1, Some(2)), (2, Some(1))], 2, "a backup schedule").unwrap_err();
+        assert!(
+            old.contains("node 2 speaks up to 1") && old.contains("upgrade-status"),
+            "{old}"
+        );
+        let silent = protocol_gate(&[(1, Some(2)), (3, None)], 2, "x").unwrap_err();
+        assert!(silent.contains("node 3 has not answered"), "{silent}");
     }
 }

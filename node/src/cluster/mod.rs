@@ -150,6 +150,11 @@ pub struct Cluster {
     pub scrubs: crate::replication::scrub::Scrubs,
     /// Volumes whose scheduled snapshot (or its expiry) is under way here.
     pub(crate) scheduled_snapshots: parking_lot::Mutex<std::collections::BTreeSet<String>>,
+    /// Backups and restores of backups run by this node.
+    pub backup_jobs: Arc<crate::backup::job::Jobs>,
+    /// Scheduled backups of the volumes this node coordinates: when each
+    /// last succeeded (read from its target once), and which are under way.
+    pub(crate) scheduled_backups: backups::Scheduled,
     /// Volumes whose copy here may lack acknowledged writes (the log of
     /// their disk ended at a damaged batch), with when that was found:
     /// not served from here until another copy was compared with it.
@@ -240,6 +245,8 @@ impl Cluster {
             resyncs: parking_lot::Mutex::new(BTreeMap::new()),
             scrubs: crate::replication::scrub::Scrubs::new(),
             scheduled_snapshots: parking_lot::Mutex::new(std::collections::BTreeSet::new()),
+            backup_jobs: Arc::default(),
+            scheduled_backups: backups::Scheduled::default(),
             suspects: parking_lot::Mutex::new(std::collections::HashMap::new()),
             leases: lease::Leases::default(),
             automation: RwLock::new(automation::Automation::default()),

@@ -323,6 +323,7 @@ pub async fn reconcile_loop(
                     crate::replication::resync::start_needed(&cluster, &state, &volumes);
                     crate::replication::scrub::start_needed(&cluster, &state, &volumes);
                     super::snapshots::start_scheduled(&cluster, &state, &volumes);
+                    super::backups::start_scheduled(&cluster, &state, &volumes);
                 }
                 Err(error) => tracing::error!(%error, "reconciliation task failed"),
             }

@@ -112,6 +112,15 @@ pub struct ClusterVolume {
     pub snapshot_every_seconds: u64,
     #[serde(default)]
     pub snapshot_keep: u32,
+    /// Scheduled backups: one every this many seconds (0: none) to the
+    /// registered target `backup_target`; only the newest `backup_keep` of
+    /// this volume are kept there.
+    #[serde(default)]
+    pub backup_every_seconds: u64,
+    #[serde(default)]
+    pub backup_keep: u32,
+    #[serde(default)]
+    pub backup_target: String,
     /// The volume name its wrapped data key is bound to (`key_context`): a
     /// clone of an encrypted volume shares its source's key. Empty: its own.
     #[serde(default)]
@@ -194,6 +203,10 @@ pub struct ClusterState {
     /// Wraps the data keys of volumes encrypted without a passphrase.
     #[serde(default)]
     pub cluster_key: Option<crate::volume::crypt::ClusterKey>,
+    /// Backup targets registered by name (`backup target add`): their
+    /// address, and their secret and S3 options sealed under the cluster key.
+    #[serde(default)]
+    pub backup_targets: BTreeMap<String, BackupTargetRecord>,
     /// Volume owners (token subjects) by volume name; none: the admins'.
     #[serde(default)]
     pub owners: BTreeMap<String, String>,
@@ -398,6 +411,31 @@ pub enum Command {
         every_seconds: u64,
         keep: u32,
     },
+    /// Registers (or replaces) backup target `name`. Peer protocol 2.
+    SetBackupTarget {
+        name: String,
+        record: BackupTargetRecord,
+    },
+    /// Forgets backup target `name` (refused while a schedule uses it). Peer protocol 2.
+    DeleteBackupTarget {
+        name: String,
+    },
+    /// Scheduled backups of volume `name` (`every_seconds` 0: none). Peer protocol 2.
+    SetBackupSchedule {
+        name: String,
+        every_seconds: u64,
+        keep: u32,
+        target: String,
+    },
+}
+
+/// A registered backup target.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupTargetRecord {
+    pub url: String,
+    /// Hex of the target's secret and S3 options, sealed under the cluster key.
+    pub sealed: String,
+    pub created_unix_seconds: u64,
 }
 
 /// Why a command was not applied (the same on every node).
@@ -546,6 +584,44 @@ impl ClusterState {
                 volume.snapshot_keep = keep;
                 Ok(())
             }),
+            Command::SetBackupTarget { name, record } => {
+                self.backup_targets.insert(name, record);
+                Outcome::Done
+            }
+            Command::DeleteBackupTarget { name } => {
+                if let Some(user) = self
+                    .volumes
+                    .values()
+                    .find(|v| v.backup_every_seconds > 0 && v.backup_target == name)
+                {
+                    return Outcome::Rejected(Rejection::Invalid(format!(
+                        "volume {} backs up to {name} on a schedule; stop it first (volume update {} --backup-every 0)",
+                        user.name, user.name
+                    )));
+                }
+                if self.backup_targets.remove(&name).is_none() {
+                    return Outcome::Rejected(Rejection::Missing(format!("no backup target {name}")));
+                }
+                Outcome::Done
+            }
+            Command::SetBackupSchedule {
+                name,
+                every_seconds,
+                keep,
+                target,
+            } => {
+                if every_seconds > 0 && !self.backup_targets.contains_key(&target) {
+                    return Outcome::Rejected(Rejection::Missing(format!(
+                        "no backup target {target} (register it with `ballast backup target add`)"
+                    )));
+                }
+                self.update_volume(&name, |volume| {
+                    volume.backup_every_seconds = every_seconds;
+                    volume.backup_keep = keep;
+                    volume.backup_target = target;
+                    Ok(())
+                })
+            }
             Command::SetApiSecret { secret } => {
                 set_once(&mut self.api_secret, secret, "the cluster already has an API secret")
             }
@@ -760,6 +836,9 @@ impl ClusterState {
             clone_of: None,
             snapshot_every_seconds: 0,
             snapshot_keep: 0,
+            backup_every_seconds: 0,
+            backup_keep: 0,
+            backup_target: String::new(),
             key_name: String::new(),
         };
         self.volumes.insert(name, volume.clone());

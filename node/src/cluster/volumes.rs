@@ -193,7 +193,7 @@ impl Cluster {
     }
 
     /// The cluster key, made on first use.
-    async fn cluster_key(&self) -> Result<ClusterKey, VolumeOpError> {
+    pub(super) async fn cluster_key(&self) -> Result<ClusterKey, VolumeOpError> {
         if let Some(key) = self.with_state(|state| state.cluster_key.clone()) {
             return Ok(key);
         }
@@ -580,11 +580,17 @@ impl Cluster {
             snapshots: 0,
             snapshot_every_seconds: 0,
             snapshot_keep: 0,
+            backup_every_seconds: 0,
+            backup_keep: 0,
+            backup_target: String::new(),
             cloned_from: String::new(),
         });
         info.snapshots = volume.snapshots.len();
         info.snapshot_every_seconds = volume.snapshot_every_seconds;
         info.snapshot_keep = volume.snapshot_keep;
+        info.backup_every_seconds = volume.backup_every_seconds;
+        info.backup_keep = volume.backup_keep;
+        info.backup_target.clone_from(&volume.backup_target);
         info.cloned_from = volume
             .clone_of
             .and_then(|id| {

@@ -160,7 +160,6 @@ pub fn run(config: &NodeConfig) -> Result<()> {
         data: Arc::clone(&data),
         audit: Arc::new(crate::audit::AuditLog::in_dir(&config.data_dir)),
         upgrades: Arc::clone(&upgrades),
-        backups: Arc::default(),
     });
     let served = runtime.block_on(serve(config, state, Arc::clone(&volumes), Arc::clone(&cluster)));
     // Loop devices and the FUSE mount go while the runtime still answers

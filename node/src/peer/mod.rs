@@ -24,8 +24,10 @@ pub trait PeerIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> PeerIo for T {}
 pub type PeerStream = Box<dyn PeerIo>;
 
-/// The highest peer protocol version this build speaks.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The highest peer protocol version this build speaks. 2 brought the
+/// Raft commands of registered backup targets and backup schedules
+/// (proposed only once every member speaks it: `Cluster::require_protocol`).
+pub const PROTOCOL_VERSION: u16 = 2;
 /// The lowest it still speaks (the previous release's, once there is one):
 /// see `handshake` on rolling upgrades.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;

@@ -119,6 +119,35 @@ impl ClusterKey {
         OsRng.fill_bytes(&mut key.0);
         key
     }
+
+    /// `plain` sealed under this key (AES-256-GCM, a random nonce first),
+    /// bound to `domain` (what it is, so one sealed thing cannot pass for another).
+    #[must_use]
+    pub fn seal_bytes(&self, domain: &[u8], plain: &[u8]) -> Vec<u8> {
+        let mut nonce = [0; NONCE_BYTES];
+        OsRng.fill_bytes(&mut nonce);
+        let mut buffer = Zeroizing::new(Vec::with_capacity(plain.len() + TAG_BYTES));
+        buffer.extend_from_slice(plain);
+        Aes256Gcm::new((&self.0).into())
+            .encrypt_in_place(Nonce::from_slice(&nonce), domain, &mut *buffer)
+            .expect("AES-GCM seals into a buffer with room for the tag");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&buffer);
+        out
+    }
+
+    /// What `seal_bytes(domain, ..)` sealed; Err if altered, or sealed under another key or domain.
+    pub fn open_bytes(&self, domain: &[u8], sealed: &[u8]) -> Result<Zeroizing<Vec<u8>>, CryptError> {
+        if sealed.len() < NONCE_BYTES + TAG_BYTES {
+            return Err(CryptError::WrongClusterKey);
+        }
+        let (nonce, body) = sealed.split_at(NONCE_BYTES);
+        let mut buffer = Zeroizing::new(body.to_vec());
+        Aes256Gcm::new((&self.0).into())
+            .decrypt_in_place(Nonce::from_slice(nonce), domain, &mut *buffer)
+            .map_err(|_| CryptError::WrongClusterKey)?;
+        Ok(buffer)
+    }
 }
 
 impl PartialEq for ClusterKey {

@@ -434,6 +434,14 @@ pub struct VolumeInfo {
     pub snapshot_every_seconds: u64,
     #[serde(default)]
     pub snapshot_keep: u32,
+    /// Scheduled backups: every this many seconds (0: none) to registered
+    /// target `backup_target`, keeping the newest `backup_keep` there.
+    #[serde(default)]
+    pub backup_every_seconds: u64,
+    #[serde(default)]
+    pub backup_keep: u32,
+    #[serde(default)]
+    pub backup_target: String,
     /// `VOLUME@SNAPSHOT` it was cloned from ("" if none, or if that is gone).
     #[serde(default)]
     pub cloned_from: String,
@@ -991,6 +999,9 @@ impl Volumes {
             snapshots: 0,
             snapshot_every_seconds: 0,
             snapshot_keep: 0,
+            backup_every_seconds: 0,
+            backup_keep: 0,
+            backup_target: String::new(),
             cloned_from: String::new(),
         })
     }
