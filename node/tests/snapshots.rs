@@ -1086,3 +1086,93 @@ fn scheduled_backups_run_unattended_to_a_registered_target_and_keep_the_newest()
     node.cli_ok(&["backup", "target", "delete", "site"]);
     assert!(node.cli_ok(&["backup", "target", "list"]).contains("no registered"));
 }
+
+/// Waits (polling each second, at most 60 s) until standby `volume` on
+/// `node` has applied backup `backup`.
+fn wait_applied(node: &TestNode, volume: &str, backup: &str) {
+    let started = Instant::now();
+    loop {
+        let info = node.inspect(volume);
+        if info["standby_applied"] == backup {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{volume} did not apply {backup} within 60 s: {info:#}; log: {}",
+            node.log_text()
+                .lines()
+                .filter(|l| l.contains("standby"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+#[test]
+fn a_standby_on_a_second_cluster_follows_the_backups_and_serves_once_promoted() {
+    let test = "a_standby_on_a_second_cluster";
+    let site_a = TestNode::start(test, 256 << 20);
+    let site_b = TestNode::start(test, 256 << 20);
+    let scratch = common::scratch();
+    let key = scratch.path().join("key");
+    std::fs::write(&key, [0x33u8; 32]).unwrap();
+    let url = format!("file://{}", scratch.path().join("dr").display());
+    for node in [&site_a, &site_b] {
+        node.cli_ok(&[
+            "backup",
+            "target",
+            "add",
+            "dr",
+            &url,
+            "--key-file",
+            key.to_str().unwrap(),
+        ]);
+    }
+    site_a.cli_ok(&["volume", "create", "pg", "--size", "8MiB"]);
+    let mut client = NbdClient::connect(&nbd_address(&site_a), "pg", Duration::from_secs(20)).unwrap();
+    write_distinct(&mut client, 0, 2 << 20, 21);
+    let first = backup_json(&site_a, &["backup", "create", "pg", "--target", "dr", "--json"]);
+
+    let standby = backup_json(
+        &site_b,
+        &["volume", "create", "pg-dr", "--standby-of", "dr/pg", "--json"],
+    );
+    assert_eq!(
+        (standby["standby_of"].as_str(), standby["size_bytes"].as_u64()),
+        (Some("dr/pg"), Some(8 << 20))
+    );
+    wait_applied(&site_b, "pg-dr", first["backup"].as_str().unwrap());
+    assert!(
+        NbdClient::connect(&nbd_address(&site_b), "pg-dr", Duration::from_secs(5)).is_err(),
+        "a standby serves no client"
+    );
+
+    // The next backup of the source is applied too: only the chunk that changed is read.
+    write_distinct(&mut client, 1 << 20, 256 << 10, 22);
+    let expected = read_all(&mut client, 8 << 20);
+    drop(client);
+    let second = backup_json(&site_a, &["backup", "create", "pg", "--target", "dr", "--json"]);
+    wait_applied(&site_b, "pg-dr", second["backup"].as_str().unwrap());
+    let applying = backup_json(&site_b, &["backup", "job", "pg-dr", "2", "--json"]);
+    assert_eq!(
+        (applying["state"].as_str(), applying["read_bytes"].as_u64()),
+        (Some("done"), Some(256 << 10)),
+        "{applying:#}"
+    );
+
+    // The switch: promoted, it serves the source's data as of the last backup.
+    let promoted = backup_json(&site_b, &["volume", "promote", "pg-dr", "--json"]);
+    assert_eq!(promoted["standby_of"], "", "{promoted:#}");
+    let mut copy = NbdClient::connect(&nbd_address(&site_b), "pg-dr", Duration::from_secs(20)).unwrap();
+    assert!(
+        read_all(&mut copy, 8 << 20) == expected,
+        "the promoted standby differs from the source"
+    );
+    let again = site_b.cli(&["volume", "promote", "pg-dr"]);
+    assert!(
+        !again.status.success() && text(&again).contains("not a standby"),
+        "{}",
+        text(&again)
+    );
+}

@@ -430,6 +430,8 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/volumes/{name}/backup-restore", post(start_backup_restore))
         .route("/v1/volumes/{name}/backup-jobs/{id}", get(backup_job))
         .route("/v1/volumes/{name}/backup-schedule", put(backup_schedule))
+        .route("/v1/volumes/{name}/standby", post(set_standby))
+        .route("/v1/volumes/{name}/promote", post(promote_volume))
         .route("/v1/backup-targets", get(list_backup_targets).post(add_backup_target))
         .route(
             "/v1/backup-targets/{target}",
@@ -962,6 +964,26 @@ async fn backup_schedule(
     Ok(Json(info).into_response())
 }
 
+async fn set_standby(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    let body: crate::cluster::backups::StandbyBody = parse_body(&body)?;
+    Ok(Json(state.cluster.set_standby(&state.volumes, &name, body).await?).into_response())
+}
+
+async fn promote_volume(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    owned(&state, &caller, &name)?;
+    Ok(Json(state.cluster.promote(&state.volumes, &name).await?).into_response())
+}
+
 async fn add_backup_target(State(state): State<Arc<ApiState>>, body: Bytes) -> Result<Response, ApiError> {
     let body: crate::cluster::backups::TargetBody = parse_body(&body)?;
     let target = state.cluster.add_backup_target(body).await?;
@@ -1142,6 +1164,9 @@ async fn attach_device(
             ),
         });
     };
+    if let Some(reason) = volume.refusal() {
+        return Err(ApiError(StatusCode::CONFLICT, reason));
+    }
     if !volume.is_unlocked() {
         return Err(ApiError(
             StatusCode::CONFLICT,

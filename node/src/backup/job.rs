@@ -266,21 +266,39 @@ pub async fn run_backup(
     Ok(manifest)
 }
 
-/// Writes backup `manifest` into `volume` (served here, no client on it).
+/// The chunks of `new` that differ from `old` (a standby's next backup
+/// over the one it holds): only those are written.
+#[must_use]
+pub fn changed_chunks(old: &Manifest, new: &Manifest) -> Vec<bool> {
+    new.chunks
+        .iter()
+        .enumerate()
+        .map(|(index, chunk)| old.chunks.get(index) != Some(chunk))
+        .collect()
+}
+
+/// Writes backup `manifest` into `volume` (served here, no client on it):
+/// every chunk, or those `only` marks.
 pub async fn run_restore(
     repo: Arc<Repo>,
     lock: Arc<Lock>,
     volume: Arc<Volume>,
     manifest: &Manifest,
+    only: Option<&[bool]>,
     job: &Job,
 ) -> Result<(), String> {
     let size = manifest.size_bytes;
+    let wanted = |index: usize| only.is_none_or(|only| only.get(index).copied().unwrap_or(true));
     let mut results = futures::stream::iter(manifest.chunks.iter().cloned().enumerate())
         .map(|(index, chunk)| {
+            let wanted = wanted(index);
             let (repo, volume) = (Arc::clone(&repo), Arc::clone(&volume));
             async move {
                 let offset = index as u64 * CHUNK_BYTES;
                 let len = CHUNK_BYTES.min(size - offset);
+                if !wanted {
+                    return Ok((0, len));
+                }
                 let read = match chunk {
                     Some(id) => {
                         let data = blocking(move || repo.get_chunk(&id)).await?;

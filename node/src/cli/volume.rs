@@ -27,8 +27,14 @@ pub enum VolumeCommand {
         /// Name: 1-63 of a-z 0-9 _ . - (first a letter or digit).
         name: String,
         /// Size, e.g. 10GiB, 512M (KiB/MiB/GiB/TiB or K/M/G/T; multiple of 4 KiB).
-        #[arg(long)]
-        size: String,
+        #[arg(long, required_unless_present = "standby_of")]
+        size: Option<String>,
+        /// Make it a standby of VOLUME's backups in registered target TARGET
+        /// (e.g. on a second cluster): it takes the newest backup's size,
+        /// applies each new backup as it appears (only the chunks that
+        /// changed) and serves no client until `volume promote`.
+        #[arg(long, value_name = "TARGET/VOLUME", conflicts_with_all = ["encrypted", "passphrase_file", "size"])]
+        standby_of: Option<String>,
         /// Copies of the data, each on a different node (and zone, when nodes are labelled).
         #[arg(long, default_value_t = 1)]
         repl: u32,
@@ -122,6 +128,15 @@ pub enum VolumeCommand {
         /// Wait until every wanted replica is in sync (a progress bar on a terminal).
         #[arg(long)]
         wait: bool,
+    },
+    /// Make a standby volume a normal one (the disaster-recovery switch):
+    /// it keeps the last backup it applied whole (one being applied is
+    /// finished first) and serves clients from now on.
+    Promote {
+        name: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
     },
     /// Serve the volume from this node (the one --api points at): failover when its node is down.
     ///
@@ -223,6 +238,7 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
         VolumeCommand::Create {
             name,
             size,
+            standby_of,
             repl,
             block_size,
             encrypted,
@@ -230,7 +246,27 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             group,
             json,
         } => {
-            let size_bytes = parse_size(&size).with_context(|| format!("bad --size {size:?}"))?;
+            let standby = standby_of
+                .map(|of| {
+                    of.split_once('/')
+                        .map(|(target, volume)| (target.to_owned(), volume.to_owned()))
+                        .with_context(|| format!("--standby-of takes TARGET/VOLUME, got {of:?}"))
+                })
+                .transpose()?;
+            let size_bytes = match (&size, &standby) {
+                (Some(size), _) => parse_size(size).with_context(|| format!("bad --size {size:?}"))?,
+                (None, Some((target, volume))) => {
+                    let backups: Vec<crate::backup::repo::Manifest> =
+                        client.get(&format!("/v1/backup-targets/{}/backups", path_segment(target)))?;
+                    backups
+                        .iter()
+                        .rev()
+                        .find(|m| m.volume == *volume)
+                        .with_context(|| format!("target {target} holds no backup of {volume}"))?
+                        .size_bytes
+                }
+                (None, None) => anyhow::bail!("--size is needed"),
+            };
             let passphrase = passphrase_file.as_deref().map(read_passphrase).transpose()?;
             let body = CreateBody {
                 name,
@@ -242,7 +278,27 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
                 group: group.unwrap_or_default(),
             };
             let info: VolumeInfo = client.post("/v1/volumes", &body)?;
+            let Some((target, volume)) = standby else {
+                return print_one(&info, json, "created");
+            };
+            let body = crate::cluster::backups::StandbyBody { target, volume };
+            let path = format!("/v1/volumes/{}/standby", path_segment(&info.name));
+            let info: VolumeInfo = match client.post(&path, &body) {
+                Ok(info) => info,
+                Err(error) => {
+                    // Not left half made: the volume goes with the refusal.
+                    let _ = client.delete(&format!("/v1/volumes/{}", path_segment(&info.name)));
+                    return Err(error.into());
+                }
+            };
             print_one(&info, json, "created")
+        }
+        VolumeCommand::Promote { name, json } => {
+            let info: VolumeInfo = client.post(
+                &format!("/v1/volumes/{}/promote", path_segment(&name)),
+                &serde_json::json!({}),
+            )?;
+            print_one(&info, json, "promoted")
         }
         VolumeCommand::List { json } => {
             let list: Vec<VolumeInfo> = client.get("/v1/volumes")?;
@@ -645,6 +701,18 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
         println!(
             "snapshots:   {}{schedule} (`ballast snapshot list {}`)",
             info.snapshots, info.name
+        );
+    }
+    if !info.standby_of.is_empty() {
+        println!(
+            "standby of:  {} (applied: {}; serves no client until `ballast volume promote {}`)",
+            info.standby_of,
+            if info.standby_applied.is_empty() {
+                "nothing yet"
+            } else {
+                &info.standby_applied
+            },
+            info.name
         );
     }
     if info.backup_every_seconds > 0 {

@@ -91,6 +91,8 @@ pub struct Scheduled {
     /// When each volume's last backup succeeded (read from its target once).
     last: parking_lot::Mutex<BTreeMap<String, u64>>,
     running: parking_lot::Mutex<BTreeSet<String>>,
+    /// Held while a standby applies a backup, and by a promote.
+    standby_apply: tokio::sync::Mutex<()>,
 }
 
 /// Ok when every member of `members` (id, the newest peer protocol it
@@ -565,7 +567,7 @@ impl Cluster {
         tracing::info!(volume = %name, backup = %manifest.id, "restore of a backup starts");
         let name = name.to_owned();
         tokio::spawn(async move {
-            let outcome = job::run_restore(repo, Arc::new(lock), local, &manifest, &job).await;
+            let outcome = job::run_restore(repo, Arc::new(lock), local, &manifest, None, &job).await;
             match &outcome {
                 Ok(()) => tracing::info!(volume = %name, backup = %manifest.id, "restore of a backup done"),
                 Err(error) => {
@@ -742,4 +744,215 @@ mod tests {
         let silent = protocol_gate(&[(1, Some(2)), (3, None)], 2, "x").unwrap_err();
         assert!(silent.contains("node 3 has not answered"), "{silent}");
     }
+}
+
+/// A standby looks for a new backup of its source this often.
+const STANDBY_POLL: Duration = Duration::from_secs(10);
+
+/// Body of POST /v1/volumes/{name}/standby.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StandbyBody {
+    /// A registered target.
+    pub target: String,
+    /// The volume whose backups it follows.
+    pub volume: String,
+}
+
+impl Cluster {
+    /// Makes `name` (no client on it) a standby of `body.volume`'s backups
+    /// in registered target `body.target` (on its coordinator: forwarded).
+    pub async fn set_standby(
+        &self,
+        volumes: &Arc<Volumes>,
+        name: &str,
+        body: StandbyBody,
+    ) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        let volume = self.volume(name)?;
+        if volume.coordinator != self.local.id {
+            let api = self.coordinator_api(&volume)?;
+            let path = format!("/v1/volumes/{name}/standby");
+            return forward(
+                crate::api::auth::forwarding_token(self),
+                move |client| client.post(&path, &body),
+                api,
+            )
+            .await;
+        }
+        let local = served_here(volumes, name)?;
+        self.require_unused(name, local.connection_count(), "making a standby of")?;
+        self.require_protocol(PROTOCOL_BACKUP_TARGETS, "a standby volume")?;
+        if body.target.contains("://") {
+            return Err(invalid(format!(
+                "{}: a standby follows a registered target (`ballast backup target add NAME URL`)",
+                body.target
+            )));
+        }
+        let backups = self.registered_backups(&body.target).await?;
+        let newest = backups
+            .iter()
+            .rev()
+            .find(|m| m.volume == body.volume)
+            .ok_or_else(|| VolumeOpError {
+                status: 404,
+                message: format!("target {} holds no backup of {}", body.target, body.volume),
+            })?;
+        if newest.size_bytes > volume.size_bytes {
+            return Err(invalid(format!(
+                "{} is {} bytes in its newest backup; {name} holds {}",
+                body.volume, newest.size_bytes, volume.size_bytes
+            )));
+        }
+        let volume = self
+            .expect_volume(Command::SetStandby {
+                name: name.to_owned(),
+                standby: Some(super::state::StandbyOf {
+                    target: body.target.clone(),
+                    volume: body.volume.clone(),
+                    applied: String::new(),
+                    applied_unix_seconds: 0,
+                }),
+            })
+            .await?;
+        tracing::info!(volume = %name, target = %body.target, source = %body.volume, "volume is now a standby");
+        Ok(self.describe(volumes, &volume))
+    }
+
+    /// Makes standby `name` a normal volume, after the backup being
+    /// applied (if any) is whole (on its coordinator: forwarded).
+    pub async fn promote(&self, volumes: &Arc<Volumes>, name: &str) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        let volume = self.volume(name)?;
+        if volume.standby_of.is_none() {
+            return Err(invalid(format!("volume {name} is not a standby")));
+        }
+        if volume.coordinator != self.local.id {
+            let api = self.coordinator_api(&volume)?;
+            let path = format!("/v1/volumes/{name}/promote");
+            return forward(
+                crate::api::auth::forwarding_token(self),
+                move |client| client.post(&path, &serde_json::json!({})),
+                api,
+            )
+            .await;
+        }
+        // No apply runs while this is held: the volume is one backup, whole.
+        let _no_apply = self.scheduled_backups.standby_apply.lock().await;
+        let volume = self
+            .expect_volume(Command::SetStandby {
+                name: name.to_owned(),
+                standby: None,
+            })
+            .await?;
+        volumes.set_standby(name, false);
+        tracing::warn!(volume = %name, "standby promoted: a normal volume now");
+        Ok(self.describe(volumes, &volume))
+    }
+}
+
+/// Starts bringing each standby this node coordinates up to its source's
+/// newest backup (a poll every `STANDBY_POLL` per standby).
+pub fn start_standby_sync(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<Volumes>) {
+    let now = crate::datadir::now_unix_seconds();
+    for volume in state.volumes.values() {
+        if volume.coordinator != cluster.local.id || volume.standby_of.is_none() {
+            continue;
+        }
+        if volumes
+            .get_served(&volume.name)
+            .is_none_or(|local| local.serving_epoch() == 0)
+        {
+            continue;
+        }
+        let key = format!("standby:{}", volume.name);
+        let last = cluster.scheduled_backups.last.lock().get(&key).copied();
+        if last.is_some_and(|last| now < last + STANDBY_POLL.as_secs()) {
+            continue;
+        }
+        if !cluster.scheduled_backups.running.lock().insert(key.clone()) {
+            continue;
+        }
+        cluster.scheduled_backups.last.lock().insert(key.clone(), now);
+        let (cluster, volumes, name) = (Arc::clone(cluster), Arc::clone(volumes), volume.name.clone());
+        tokio::spawn(async move {
+            if let Err(error) = standby_sync(&cluster, &volumes, &name).await {
+                tracing::warn!(volume = %name, %error, "standby: cannot apply the newest backup; tried again later");
+            }
+            cluster.scheduled_backups.running.lock().remove(&key);
+        });
+    }
+}
+
+async fn standby_sync(cluster: &Arc<Cluster>, volumes: &Arc<Volumes>, name: &str) -> Result<(), String> {
+    let _one_apply = cluster.scheduled_backups.standby_apply.lock().await;
+    // Looked at again under the lock: a promote may have come first.
+    let Some(standby) = cluster.with_state(|state| state.volumes.get(name).and_then(|v| v.standby_of.clone())) else {
+        return Ok(());
+    };
+    let (url, options, secret) = cluster
+        .resolve_target(&standby.target, None, TargetOptions::default())
+        .await
+        .map_err(|error| error.message)?;
+    let repo = open_repo(&url, options, secret, false)
+        .await
+        .map_err(|error| error.message)?;
+    let listed = {
+        let repo = Arc::clone(&repo);
+        tokio::task::spawn_blocking(move || repo.manifests())
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?
+    };
+    let Some(newest) = listed.iter().rev().find(|m| m.volume == standby.volume).cloned() else {
+        return Ok(());
+    };
+    if newest.id == standby.applied {
+        return Ok(());
+    }
+    let local = served_here(volumes, name).map_err(|error| error.message)?;
+    if newest.size_bytes > local.size_bytes() {
+        return Err(format!(
+            "backup {} is of a {}-byte volume; the standby holds {} (resize it)",
+            newest.id,
+            newest.size_bytes,
+            local.size_bytes()
+        ));
+    }
+    // Only the chunks that differ from the backup it holds, when that is still listed.
+    let only = listed
+        .iter()
+        .find(|m| m.id == standby.applied && m.size_bytes == newest.size_bytes)
+        .map(|held| job::changed_chunks(held, &newest));
+    let lock = {
+        let (repo, what) = (Arc::clone(&repo), format!("standby {name}"));
+        tokio::task::spawn_blocking(move || repo.lock(false, &what))
+            .await
+            .map_err(|error| error.to_string())?
+            .map_err(|error| error.to_string())?
+    };
+    let job = cluster.backup_jobs.start(JobInfo {
+        kind: "standby".into(),
+        volume: name.to_owned(),
+        node_api: cluster.api_of(cluster.local.id).unwrap_or_default(),
+        backup: newest.id.clone(),
+        parent: (!standby.applied.is_empty()).then(|| standby.applied.clone()),
+        snapshot: newest.snapshot.clone(),
+        total_bytes: newest.size_bytes,
+        ..JobInfo::default()
+    });
+    tracing::info!(volume = %name, backup = %newest.id, incremental = only.is_some(), "standby: applying a new backup");
+    let outcome = job::run_restore(repo, Arc::new(lock), local, &newest, only.as_deref(), &job).await;
+    job.finish(outcome.clone());
+    outcome?;
+    cluster
+        .change(Command::StandbyApplied {
+            name: name.to_owned(),
+            backup: newest.id.clone(),
+            now_unix: crate::datadir::now_unix_seconds(),
+        })
+        .await
+        .map_err(|error| error.to_string())?;
+    tracing::info!(volume = %name, backup = %newest.id, "standby: backup applied");
+    Ok(())
 }

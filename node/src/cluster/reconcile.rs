@@ -104,6 +104,7 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
         if volumes.get(&volume.name).is_none() {
             continue;
         }
+        volumes.set_standby(&volume.name, volume.standby_of.is_some());
         let sole_copy_here = volume.replica_nodes.len() == 1 && volume.coordinator == local_id;
         volumes.set_lease_required(&volume.name, !sole_copy_here);
         volumes.set_epoch(&volume.name, volume.epoch);
@@ -324,6 +325,7 @@ pub async fn reconcile_loop(
                     crate::replication::scrub::start_needed(&cluster, &state, &volumes);
                     super::snapshots::start_scheduled(&cluster, &state, &volumes);
                     super::backups::start_scheduled(&cluster, &state, &volumes);
+                    super::backups::start_standby_sync(&cluster, &state, &volumes);
                 }
                 Err(error) => tracing::error!(%error, "reconciliation task failed"),
             }

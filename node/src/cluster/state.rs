@@ -121,6 +121,10 @@ pub struct ClusterVolume {
     pub backup_keep: u32,
     #[serde(default)]
     pub backup_target: String,
+    /// A standby follows another volume's backups in a registered target:
+    /// it serves no client until promoted (`volume promote`).
+    #[serde(default)]
+    pub standby_of: Option<StandbyOf>,
     /// The volume name its wrapped data key is bound to (`key_context`): a
     /// clone of an encrypted volume shares its source's key. Empty: its own.
     #[serde(default)]
@@ -427,6 +431,31 @@ pub enum Command {
         keep: u32,
         target: String,
     },
+    /// Makes `name` a standby of a volume's backups (None: promotes it). Peer protocol 2.
+    SetStandby {
+        name: String,
+        standby: Option<StandbyOf>,
+    },
+    /// Standby `name` now holds backup `backup`. Peer protocol 2.
+    StandbyApplied {
+        name: String,
+        backup: String,
+        now_unix: u64,
+    },
+}
+
+/// What a standby volume follows, and how far it got.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StandbyOf {
+    /// A registered backup target.
+    pub target: String,
+    /// The source volume's name in its backups.
+    pub volume: String,
+    /// The last backup applied ("" before the first).
+    #[serde(default)]
+    pub applied: String,
+    #[serde(default)]
+    pub applied_unix_seconds: u64,
 }
 
 /// A registered backup target.
@@ -622,6 +651,31 @@ impl ClusterState {
                     Ok(())
                 })
             }
+            Command::SetStandby { name, standby } => {
+                if let Some(standby) = &standby {
+                    if !self.backup_targets.contains_key(&standby.target) {
+                        return Outcome::Rejected(Rejection::Missing(format!(
+                            "no backup target {} (register it with `ballast backup target add`)",
+                            standby.target
+                        )));
+                    }
+                }
+                self.update_volume(&name, |volume| {
+                    volume.standby_of = standby;
+                    Ok(())
+                })
+            }
+            Command::StandbyApplied { name, backup, now_unix } => self.update_volume(&name, |volume| {
+                let Some(standby) = volume.standby_of.as_mut() else {
+                    return Err(Rejection::Invalid(format!(
+                        "volume {} is no longer a standby",
+                        volume.name
+                    )));
+                };
+                standby.applied = backup;
+                standby.applied_unix_seconds = now_unix;
+                Ok(())
+            }),
             Command::SetApiSecret { secret } => {
                 set_once(&mut self.api_secret, secret, "the cluster already has an API secret")
             }
@@ -839,6 +893,7 @@ impl ClusterState {
             backup_every_seconds: 0,
             backup_keep: 0,
             backup_target: String::new(),
+            standby_of: None,
             key_name: String::new(),
         };
         self.volumes.insert(name, volume.clone());

@@ -583,6 +583,8 @@ impl Cluster {
             backup_every_seconds: 0,
             backup_keep: 0,
             backup_target: String::new(),
+            standby_of: String::new(),
+            standby_applied: String::new(),
             cloned_from: String::new(),
         });
         info.snapshots = volume.snapshots.len();
@@ -591,6 +593,10 @@ impl Cluster {
         info.backup_every_seconds = volume.backup_every_seconds;
         info.backup_keep = volume.backup_keep;
         info.backup_target.clone_from(&volume.backup_target);
+        if let Some(standby) = &volume.standby_of {
+            info.standby_of = format!("{}/{}", standby.target, standby.volume);
+            info.standby_applied.clone_from(&standby.applied);
+        }
         info.cloned_from = volume
             .clone_of
             .and_then(|id| {

@@ -244,6 +244,9 @@ async fn handle_option<S: AsyncRead + AsyncWrite + Unpin>(
                 .get_served(&name)
                 .ok_or_else(|| NbdError::Protocol(format!("client asked for unknown export {name:?}")))?;
             access.may_open(&name).map_err(NbdError::Protocol)?;
+            if let Some(reason) = volume.refusal() {
+                return Err(NbdError::Protocol(reason));
+            }
             if !volume.is_unlocked() {
                 return Err(NbdError::Protocol(
                     crate::volume::VolumeIoError::Locked { volume: name }.to_string(),
@@ -355,6 +358,11 @@ async fn info_or_go<S: AsyncRead + AsyncWrite + Unpin>(
     if let Err(reason) = context.access.may_open(&request.export_name) {
         tracing::warn!(volume = %request.export_name, %reason, "NBD export refused");
         context.access.audit(&request.export_name, 403);
+        reply_error(stream, option, REP_ERR_POLICY, &reason).await?;
+        return Ok(None);
+    }
+    if let Some(reason) = volume.refusal() {
+        tracing::warn!(volume = %volume.name, %reason, "NBD export refused");
         reply_error(stream, option, REP_ERR_POLICY, &reason).await?;
         return Ok(None);
     }

@@ -199,6 +199,8 @@ pub struct Volume {
     /// Whether this node serves the volume to clients (it is the cluster's
     /// coordinator for it); other replicas refuse NBD.
     served: AtomicBool,
+    /// A standby of another volume's backups: no client may open it.
+    standby: AtomicBool,
     /// Where the coordinator copies each mutation (None: no other in-sync replica).
     replication: RwLock<Option<Arc<dyn Replicator>>>,
     /// Orders overlapping mutations while replicating.
@@ -327,6 +329,17 @@ impl Volume {
         !self.encrypted || self.cipher.read().is_some()
     }
 
+    /// Why no client may open it now (a standby), or None.
+    #[must_use]
+    pub fn refusal(&self) -> Option<String> {
+        self.standby.load(Ordering::Acquire).then(|| {
+            format!(
+                "volume {} is a standby (it follows another volume's backups) and serves no clients: `ballast volume promote {}` makes it a normal volume",
+                self.name, self.name
+            )
+        })
+    }
+
     /// Installs (or with None, forgets) the data key's cipher.
     pub fn set_cipher(&self, cipher: Option<Arc<crypt::VolumeCipher>>) {
         *self.cipher.write() = cipher;
@@ -442,6 +455,11 @@ pub struct VolumeInfo {
     pub backup_keep: u32,
     #[serde(default)]
     pub backup_target: String,
+    /// A standby: `TARGET/VOLUME` it follows ("" if not one), and the last backup applied.
+    #[serde(default)]
+    pub standby_of: String,
+    #[serde(default)]
+    pub standby_applied: String,
     /// `VOLUME@SNAPSHOT` it was cloned from ("" if none, or if that is gone).
     #[serde(default)]
     pub cloned_from: String,
@@ -589,6 +607,7 @@ impl Volumes {
             deleted: AtomicBool::new(false),
             // A snapshot's copy is served wherever it is (it never changes).
             served: AtomicBool::new(record.snapshot_of.is_some()),
+            standby: AtomicBool::new(false),
             replication: RwLock::new(None),
             ranges: range_lock::RangeLock::default(),
             epoch_gate: tokio::sync::RwLock::new(()),
@@ -620,6 +639,13 @@ impl Volumes {
             return Some(copy);
         }
         self.get(name).filter(|volume| volume.is_served())
+    }
+
+    /// Marks `name` a standby (no client may open it) or not.
+    pub fn set_standby(&self, name: &str, standby: bool) {
+        if let Some(volume) = self.get(name) {
+            volume.standby.store(standby, Ordering::Release);
+        }
     }
 
     /// Raises `name`'s fence floor to `epoch` (the cluster's tenure start; in memory).
@@ -1002,6 +1028,8 @@ impl Volumes {
             backup_every_seconds: 0,
             backup_keep: 0,
             backup_target: String::new(),
+            standby_of: String::new(),
+            standby_applied: String::new(),
             cloned_from: String::new(),
         })
     }
