@@ -671,17 +671,24 @@ fn a_replica_without_the_snapshot_copies_the_whole_restored_volume_when_it_retur
 fn write_distinct(client: &mut NbdClient, offset: u64, len: u64, seed: u64) {
     let mut at = offset;
     while at < offset + len {
-        let mut block = vec![0u8; 4096];
-        for (i, word) in block.chunks_mut(8).enumerate() {
-            word.copy_from_slice(
-                &(seed ^ (at << 8) ^ i as u64)
-                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
-                    .to_le_bytes(),
-            );
+        // Up to 1 MiB per request; each block its own bytes.
+        let piece = (offset + len - at).min(1 << 20);
+        let mut data = vec![0u8; usize::try_from(piece).unwrap()];
+        for (b, block) in data.chunks_mut(4096).enumerate() {
+            let block_at = at + b as u64 * 4096;
+            for (i, word) in block.chunks_mut(8).enumerate() {
+                word.copy_from_slice(
+                    &(seed ^ (block_at << 8) ^ i as u64)
+                        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                        .to_le_bytes(),
+                );
+            }
         }
-        let (error, _) = client.request(proto::CMD_WRITE, at, 4096, &block).unwrap();
+        let (error, _) = client
+            .request(proto::CMD_WRITE, at, u32::try_from(piece).unwrap(), &data)
+            .unwrap();
         assert_eq!(error, 0, "write at {at}");
-        at += 4096;
+        at += piece;
     }
 }
 
@@ -1175,4 +1182,143 @@ fn a_standby_on_a_second_cluster_follows_the_backups_and_serves_once_promoted() 
         "{}",
         text(&again)
     );
+}
+
+/// Polls `backup job VOLUME ID` on `node` until `done(job)`, at most 60 s.
+fn wait_job(
+    node: &TestNode,
+    volume: &str,
+    id: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let started = Instant::now();
+    loop {
+        let job = backup_json(node, &["backup", "job", volume, id, "--json"]);
+        if done(&job) {
+            return job;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{what}: not within 60 s: {job:#}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn count_chunks(target: &std::path::Path) -> usize {
+    std::fs::read_dir(target.join("chunks"))
+        .map(|dirs| {
+            dirs.map(|dir| std::fs::read_dir(dir.unwrap().path()).unwrap().count())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_backup_cut_by_a_crash_is_not_listed_the_next_sends_only_what_is_missing_and_a_restore_refuses_clients() {
+    let test = "a_backup_cut_by_a_crash";
+    let mut node = TestNode::start(test, 256 << 20);
+    let scratch = common::scratch();
+    let key = scratch.path().join("key");
+    std::fs::write(&key, [0x44u8; 32]).unwrap();
+    let key = key.to_str().unwrap().to_owned();
+    let target_dir = scratch.path().join("t");
+    let url = format!("file://{}", target_dir.display());
+    node.cli_ok(&["volume", "create", "big", "--size", "32MiB"]);
+    let mut client = NbdClient::connect(&nbd_address(&node), "big", Duration::from_secs(20)).unwrap();
+    write_distinct(&mut client, 0, 32 << 20, 31);
+    let expected = read_all(&mut client, 32 << 20);
+    drop(client);
+
+    // 4 MiB/s over 32 MiB: the node is killed a quarter of the way through.
+    let slow = backup_json(
+        &node,
+        &[
+            "backup",
+            "create",
+            "big",
+            "--target",
+            &url,
+            "--key-file",
+            &key,
+            "--mib-per-s",
+            "4",
+            "--no-wait",
+            "--json",
+        ],
+    );
+    let id = slow["id"].to_string();
+    let cut = wait_job(&node, "big", &id, "a quarter backed up", |job| {
+        job["done_bytes"].as_u64() >= Some(8 << 20)
+    });
+    assert_eq!(cut["state"], "running", "--mib-per-s bounds the rate: {cut:#}");
+    node.kill9();
+    node.restart();
+    let listed = backup_json(&node, &["backup", "list", &url, "--key-file", &key, "--json"]);
+    assert_eq!(
+        listed.as_array().map(Vec::len),
+        Some(0),
+        "a cut backup is never listed: {listed:#}"
+    );
+    let sent_before = count_chunks(&target_dir);
+    assert!(
+        (32..128).contains(&sent_before),
+        "chunks the cut backup sent: {sent_before}"
+    );
+
+    // Run again: every chunk is read, only those the target lacks are sent.
+    let resumed = backup_json(
+        &node,
+        &[
+            "backup",
+            "create",
+            "big",
+            "--target",
+            &url,
+            "--key-file",
+            &key,
+            "--json",
+        ],
+    );
+    assert_eq!(
+        (resumed["state"].as_str(), resumed["read_bytes"].as_u64()),
+        (Some("done"), Some(32 << 20))
+    );
+    let missing = 128 - u64::try_from(sent_before).unwrap();
+    let stored = resumed["stored_bytes"].as_u64().unwrap();
+    assert!(
+        stored > missing * (256 << 10) && stored < (missing + 1) * (256 << 10),
+        "sent {stored} bytes for {missing} missing chunks: {resumed:#}"
+    );
+    assert_eq!(count_chunks(&target_dir), 128);
+
+    // A restore refuses clients until it ends.
+    let backup = resumed["backup"].as_str().unwrap();
+    let restoring = backup_json(
+        &node,
+        &[
+            "backup",
+            "restore",
+            &url,
+            backup,
+            "back",
+            "--key-file",
+            &key,
+            "--mib-per-s",
+            "4",
+            "--no-wait",
+            "--json",
+        ],
+    );
+    let refused = NbdClient::connect(&nbd_address(&node), "back", Duration::from_secs(5));
+    let id = restoring["id"].to_string();
+    let during = backup_json(&node, &["backup", "job", "back", &id, "--json"]);
+    assert!(
+        refused.is_err() && during["state"] == "running",
+        "a client opened a volume being restored: {during:#}"
+    );
+    wait_job(&node, "back", &id, "the restore", |job| job["state"] == "done");
+    let mut back = NbdClient::connect(&nbd_address(&node), "back", Duration::from_secs(20)).unwrap();
+    assert!(read_all(&mut back, 32 << 20) == expected, "the restored volume differs");
 }

@@ -285,9 +285,11 @@ pub async fn run_restore(
     volume: Arc<Volume>,
     manifest: &Manifest,
     only: Option<&[bool]>,
+    mib_per_s: Option<u64>,
     job: &Job,
 ) -> Result<(), String> {
     let size = manifest.size_bytes;
+    let mut pace = Pace::new(mib_per_s);
     let wanted = |index: usize| only.is_none_or(|only| only.get(index).copied().unwrap_or(true));
     let mut results = futures::stream::iter(manifest.chunks.iter().cloned().enumerate())
         .map(|(index, chunk)| {
@@ -333,6 +335,7 @@ pub async fn run_restore(
             info.done_bytes += len;
             info.read_bytes += read;
         });
+        pace.account(read).await;
         done += 1;
         if done.is_multiple_of(256) {
             let lock = Arc::clone(&lock);

@@ -51,4 +51,7 @@ pub struct RestoreBody {
     #[serde(default)]
     pub options: TargetOptions,
     pub backup: String,
+    /// Bound on the bytes written per second, MiB.
+    #[serde(default)]
+    pub mib_per_s: Option<u64>,
 }

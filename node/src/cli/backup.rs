@@ -178,6 +178,13 @@ pub enum BackupCommand {
         /// Overwrite VOLUME, which exists (at least the backup's size).
         #[arg(long)]
         into_existing: bool,
+        /// Write at most this many MiB per second.
+        #[arg(long, value_name = "MIB")]
+        mib_per_s: Option<u64>,
+        /// Start the restore and return; `backup job VOLUME ID` follows it.
+        /// The volume serves no client until the restore ends.
+        #[arg(long)]
+        no_wait: bool,
         #[arg(long)]
         json: bool,
     },
@@ -276,6 +283,8 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             volume,
             repl,
             into_existing,
+            mib_per_s,
+            no_wait,
             json,
         } => {
             let manifest = if target.contains("://") {
@@ -317,9 +326,10 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
                 target,
                 secret,
                 backup,
+                mib_per_s,
             };
             let job: JobInfo = client.post(&format!("{path}/backup-restore"), &body)?;
-            let job = follow(&job, "restoring")?;
+            let job = if no_wait { job } else { follow(&job, "restoring")? };
             report_job(&job, json)
         }
         BackupCommand::List { target, volume, json } => {

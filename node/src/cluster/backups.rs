@@ -531,8 +531,26 @@ impl Cluster {
             )
             .await;
         }
+        if body.mib_per_s == Some(0) {
+            return Err(invalid("--mib-per-s must be at least 1".into()));
+        }
+        let mib_per_s = body.mib_per_s;
         let local = served_here(volumes, name)?;
         self.require_unused(name, local.connection_count(), "restoring a backup into")?;
+        // From here no client may open it until the restore ends.
+        if !local.set_restoring(true) {
+            return Err(VolumeOpError {
+                status: 409,
+                message: format!("a backup is being restored into {name} already"),
+            });
+        }
+        let restoring = Restoring(Arc::clone(&local));
+        if local.connection_count() > 0 {
+            return Err(VolumeOpError {
+                status: 409,
+                message: format!("a client connected to {name}; disconnect it first"),
+            });
+        }
         let (url, options, secret) = self.resolve_target(&body.target, body.secret, body.options).await?;
         let repo = open_repo(&url, options, secret, false).await?;
         let (manifest, lock) = {
@@ -567,7 +585,8 @@ impl Cluster {
         tracing::info!(volume = %name, backup = %manifest.id, "restore of a backup starts");
         let name = name.to_owned();
         tokio::spawn(async move {
-            let outcome = job::run_restore(repo, Arc::new(lock), local, &manifest, None, &job).await;
+            let _restoring = restoring;
+            let outcome = job::run_restore(repo, Arc::new(lock), local, &manifest, None, mib_per_s, &job).await;
             match &outcome {
                 Ok(()) => tracing::info!(volume = %name, backup = %manifest.id, "restore of a backup done"),
                 Err(error) => {
@@ -743,6 +762,15 @@ mod tests {
         );
         let silent = protocol_gate(&[(1, Some(2)), (3, None)], 2, "x").unwrap_err();
         assert!(silent.contains("node 3 has not answered"), "{silent}");
+    }
+}
+
+/// Clients are refused while this lives (a restore under way).
+struct Restoring(Arc<crate::volume::Volume>);
+
+impl Drop for Restoring {
+    fn drop(&mut self) {
+        self.0.set_restoring(false);
     }
 }
 
@@ -942,7 +970,7 @@ async fn standby_sync(cluster: &Arc<Cluster>, volumes: &Arc<Volumes>, name: &str
         ..JobInfo::default()
     });
     tracing::info!(volume = %name, backup = %newest.id, incremental = only.is_some(), "standby: applying a new backup");
-    let outcome = job::run_restore(repo, Arc::new(lock), local, &newest, only.as_deref(), &job).await;
+    let outcome = job::run_restore(repo, Arc::new(lock), local, &newest, only.as_deref(), None, &job).await;
     job.finish(outcome.clone());
     outcome?;
     cluster

@@ -201,6 +201,8 @@ pub struct Volume {
     served: AtomicBool,
     /// A standby of another volume's backups: no client may open it.
     standby: AtomicBool,
+    /// A backup is being restored into it: no client may open it.
+    restoring: AtomicBool,
     /// Where the coordinator copies each mutation (None: no other in-sync replica).
     replication: RwLock<Option<Arc<dyn Replicator>>>,
     /// Orders overlapping mutations while replicating.
@@ -329,15 +331,26 @@ impl Volume {
         !self.encrypted || self.cipher.read().is_some()
     }
 
-    /// Why no client may open it now (a standby), or None.
+    /// Why no client may open it now (a standby, or a restore under way), or None.
     #[must_use]
     pub fn refusal(&self) -> Option<String> {
+        if self.restoring.load(Ordering::Acquire) {
+            return Some(format!(
+                "volume {} is being restored from a backup; it serves clients when that ends (`ballast volume inspect {}`)",
+                self.name, self.name
+            ));
+        }
         self.standby.load(Ordering::Acquire).then(|| {
             format!(
                 "volume {} is a standby (it follows another volume's backups) and serves no clients: `ballast volume promote {}` makes it a normal volume",
                 self.name, self.name
             )
         })
+    }
+
+    /// Marks a restore into it under way (true) or ended; false if one already was.
+    pub fn set_restoring(&self, restoring: bool) -> bool {
+        self.restoring.swap(restoring, Ordering::AcqRel) != restoring
     }
 
     /// Installs (or with None, forgets) the data key's cipher.
@@ -608,6 +621,7 @@ impl Volumes {
             // A snapshot's copy is served wherever it is (it never changes).
             served: AtomicBool::new(record.snapshot_of.is_some()),
             standby: AtomicBool::new(false),
+            restoring: AtomicBool::new(false),
             replication: RwLock::new(None),
             ranges: range_lock::RangeLock::default(),
             epoch_gate: tokio::sync::RwLock::new(()),
