@@ -12,7 +12,6 @@ use clap::{Args, Subcommand};
 use zeroize::Zeroizing;
 
 use crate::api::client::{ApiClient, ClientError, DEFAULT_API_URL};
-use crate::api::CreateBody;
 use crate::backup::job::JobInfo;
 use crate::backup::repo::{Manifest, Repo};
 use crate::backup::target::TargetUrl;
@@ -76,6 +75,16 @@ impl SecretArgs {
             access_key_id: id,
             secret_access_key: key,
         })
+    }
+
+    /// The secret to send with a request about `target`: none for a
+    /// registered target's name (the cluster keeps its secret).
+    fn secret_for(&self, target: &str) -> Result<Option<Secret>> {
+        if !target.contains("://") {
+            return Ok(None);
+        }
+        TargetUrl::parse(target)?;
+        Ok(Some(self.secret()?))
     }
 
     fn secret(&self) -> Result<Secret> {
@@ -260,12 +269,7 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             no_wait,
             json,
         } => {
-            let secret = if target.contains("://") {
-                TargetUrl::parse(&target)?;
-                Some(args.secret.secret()?)
-            } else {
-                None
-            };
+            let secret = args.secret.secret_for(&target)?;
             let body = BackupBody {
                 options: args.secret.options(&target)?,
                 target,
@@ -302,25 +306,12 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
                 }
                 Ok(_) => {}
                 Err(ClientError::Refused { status: 404, .. }) if !into_existing => {
-                    let body = CreateBody {
-                        name: volume.clone(),
-                        size_bytes: manifest.size_bytes,
-                        block_size_bytes: 4096,
-                        replicas: repl,
-                        encrypted: false,
-                        passphrase: None,
-                        group: String::new(),
-                    };
-                    let _: VolumeInfo = client.post("/v1/volumes", &body)?;
+                    crate::cli::export::create_plain(&client, &volume, manifest.size_bytes, repl)?;
                     eprintln!("created volume {volume} ({})", format_size(manifest.size_bytes));
                 }
                 Err(error) => return Err(error.into()),
             }
-            let secret = if target.contains("://") {
-                Some(args.secret.secret()?)
-            } else {
-                None
-            };
+            let secret = args.secret.secret_for(&target)?;
             let body = RestoreBody {
                 options: args.secret.options(&target)?,
                 target,

@@ -112,6 +112,20 @@ pub fn export(client: &ApiClient, name: &str, file: &Path, format: &str) -> Resu
     Ok(ExitCode::SUCCESS)
 }
 
+/// Creates volume `name` of `size_bytes` (4 KiB blocks, not encrypted) with `repl` replicas.
+pub fn create_plain(client: &ApiClient, name: &str, size_bytes: u64, repl: u32) -> Result<VolumeInfo> {
+    let body = CreateBody {
+        name: name.to_owned(),
+        size_bytes,
+        block_size_bytes: 4096,
+        replicas: repl,
+        encrypted: false,
+        passphrase: None,
+        group: String::new(),
+    };
+    Ok(client.post("/v1/volumes", &body)?)
+}
+
 /// `volume import FILE NAME`: an image file into a volume, made to the
 /// image's size when it does not exist.
 pub fn import(client: &ApiClient, file: &Path, name: &str, repl: u32, format: Option<&str>) -> Result<ExitCode> {
@@ -146,16 +160,7 @@ pub fn import(client: &ApiClient, file: &Path, name: &str, repl: u32, format: Op
         ),
         Ok(_) => false,
         Err(crate::api::client::ClientError::Refused { status: 404, .. }) => {
-            let body = CreateBody {
-                name: name.to_owned(),
-                size_bytes,
-                block_size_bytes: 4096,
-                replicas: repl,
-                encrypted: false,
-                passphrase: None,
-                group: String::new(),
-            };
-            let _: VolumeInfo = client.post("/v1/volumes", &body)?;
+            create_plain(client, name, size_bytes, repl)?;
             println!("created volume {name} ({})", crate::size::format_size(size_bytes));
             true
         }

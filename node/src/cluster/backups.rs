@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use super::snapshots::{served_here, DiffQuery};
+use super::snapshots::{served_here, serving_here, DiffQuery};
 use super::state::{BackupTargetRecord, ClusterState, Command};
 use super::volumes::{forward, invalid, VolumeOpError};
 use super::Cluster;
@@ -160,6 +160,27 @@ fn snapshot_name_now() -> String {
 }
 
 impl Cluster {
+    /// POSTs `body` to `/v1/volumes/{name}/{route}` on `volume`'s coordinator (a forward).
+    async fn post_to_coordinator<B, T>(
+        &self,
+        volume: &super::state::ClusterVolume,
+        route: &str,
+        body: B,
+    ) -> Result<T, VolumeOpError>
+    where
+        B: Serialize + Send + 'static,
+        T: serde::de::DeserializeOwned + Send + 'static,
+    {
+        let api = self.coordinator_api(volume)?;
+        let path = format!("/v1/volumes/{}/{route}", volume.name);
+        forward(
+            crate::api::auth::forwarding_token(self),
+            move |client| client.post(&path, &body),
+            api,
+        )
+        .await
+    }
+
     /// Refused (409) unless every member speaks peer protocol `version`.
     fn require_protocol(&self, version: u16, what: &str) -> Result<(), VolumeOpError> {
         let members: Vec<(u64, Option<u16>)> = self
@@ -354,14 +375,7 @@ impl Cluster {
             return Err(invalid("--mib-per-s must be at least 1".into()));
         }
         if volume.coordinator != self.local.id {
-            let api = self.coordinator_api(&volume)?;
-            let path = format!("/v1/volumes/{name}/backups");
-            return forward(
-                crate::api::auth::forwarding_token(self),
-                move |client| client.post(&path, &body),
-                api,
-            )
-            .await;
+            return self.post_to_coordinator(&volume, "backups", body).await;
         }
         served_here(volumes, name)?;
         let (url, options, secret) = self.resolve_target(&body.target, body.secret, body.options).await?;
@@ -522,14 +536,7 @@ impl Cluster {
         self.require_member()?;
         let volume = self.volume(name)?;
         if volume.coordinator != self.local.id {
-            let api = self.coordinator_api(&volume)?;
-            let path = format!("/v1/volumes/{name}/backup-restore");
-            return forward(
-                crate::api::auth::forwarding_token(self),
-                move |client| client.post(&path, &body),
-                api,
-            )
-            .await;
+            return self.post_to_coordinator(&volume, "backup-restore", body).await;
         }
         if body.mib_per_s == Some(0) {
             return Err(invalid("--mib-per-s must be at least 1".into()));
@@ -605,13 +612,7 @@ impl Cluster {
 pub fn start_scheduled(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<Volumes>) {
     let now = crate::datadir::now_unix_seconds();
     for volume in state.volumes.values() {
-        if volume.coordinator != cluster.local.id || volume.backup_every_seconds == 0 {
-            continue;
-        }
-        if volumes
-            .get_served(&volume.name)
-            .is_none_or(|local| local.serving_epoch() == 0)
-        {
+        if volume.backup_every_seconds == 0 || !serving_here(cluster, volume, volumes) {
             continue;
         }
         let last = cluster.scheduled_backups.last.lock().get(&volume.name).copied();
@@ -799,14 +800,7 @@ impl Cluster {
         self.require_member()?;
         let volume = self.volume(name)?;
         if volume.coordinator != self.local.id {
-            let api = self.coordinator_api(&volume)?;
-            let path = format!("/v1/volumes/{name}/standby");
-            return forward(
-                crate::api::auth::forwarding_token(self),
-                move |client| client.post(&path, &body),
-                api,
-            )
-            .await;
+            return self.post_to_coordinator(&volume, "standby", body).await;
         }
         let local = served_here(volumes, name)?;
         self.require_unused(name, local.connection_count(), "making a standby of")?;
@@ -856,14 +850,9 @@ impl Cluster {
             return Err(invalid(format!("volume {name} is not a standby")));
         }
         if volume.coordinator != self.local.id {
-            let api = self.coordinator_api(&volume)?;
-            let path = format!("/v1/volumes/{name}/promote");
-            return forward(
-                crate::api::auth::forwarding_token(self),
-                move |client| client.post(&path, &serde_json::json!({})),
-                api,
-            )
-            .await;
+            return self
+                .post_to_coordinator(&volume, "promote", serde_json::json!({}))
+                .await;
         }
         // No apply runs while this is held: the volume is one backup, whole.
         let _no_apply = self.scheduled_backups.standby_apply.lock().await;
@@ -884,13 +873,7 @@ impl Cluster {
 pub fn start_standby_sync(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<Volumes>) {
     let now = crate::datadir::now_unix_seconds();
     for volume in state.volumes.values() {
-        if volume.coordinator != cluster.local.id || volume.standby_of.is_none() {
-            continue;
-        }
-        if volumes
-            .get_served(&volume.name)
-            .is_none_or(|local| local.serving_epoch() == 0)
-        {
+        if volume.standby_of.is_none() || !serving_here(cluster, volume, volumes) {
             continue;
         }
         let key = format!("standby:{}", volume.name);

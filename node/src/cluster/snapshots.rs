@@ -535,18 +535,21 @@ impl Cluster {
     }
 }
 
+/// Whether this node coordinates `volume` and serves it at its epoch (where
+/// scheduled work on it runs).
+pub(super) fn serving_here(cluster: &Cluster, volume: &ClusterVolume, volumes: &Volumes) -> bool {
+    volume.coordinator == cluster.local.id
+        && volumes
+            .get_served(&volume.name)
+            .is_some_and(|local| local.serving_epoch() != 0)
+}
+
 /// Takes the scheduled snapshots due, and deletes expired ones, of the
 /// volumes this node coordinates and serves (one job per volume at a time).
 pub fn start_scheduled(cluster: &Arc<Cluster>, state: &super::state::ClusterState, volumes: &Arc<Volumes>) {
     let now_unix = crate::datadir::now_unix_seconds();
     for volume in state.volumes.values() {
-        if volume.coordinator != cluster.local.id || volume.snapshot_every_seconds == 0 {
-            continue;
-        }
-        if volumes
-            .get_served(&volume.name)
-            .is_none_or(|local| local.serving_epoch() == 0)
-        {
+        if volume.snapshot_every_seconds == 0 || !serving_here(cluster, volume, volumes) {
             continue;
         }
         let due = scheduled_due(volume, now_unix);
