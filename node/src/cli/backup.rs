@@ -164,10 +164,10 @@ pub enum BackupCommand {
         /// Back up this existing snapshot instead of taking one.
         #[arg(long)]
         snapshot: Option<String>,
-        /// Read at most this many MiB per second (the volume's clients come first).
+        /// Read at most this many MiB per second, leaving the rest of the disk to the volume's clients.
         #[arg(long, value_name = "MIB")]
         mib_per_s: Option<u64>,
-        /// Start the backup and return; `backup job ID` follows it.
+        /// Start the backup and return; `backup job VOLUME ID` follows it.
         #[arg(long)]
         no_wait: bool,
         /// Machine-readable output.
