@@ -14,6 +14,9 @@ use crate::volume::Volume;
 
 /// Chunks read, sealed and sent at once.
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// While the volume's clients are busy each chunk waits this long before
+/// it is read (with `CHUNKS_IN_FLIGHT`: at most 4 MiB/s against busy clients).
+const BUSY_PAUSE: Duration = Duration::from_millis(250);
 /// Finished jobs remembered for the API.
 const FINISHED_KEPT: usize = 64;
 
@@ -40,6 +43,9 @@ pub struct JobInfo {
     pub read_bytes: u64,
     /// Bytes sent to the target (after compression and deduplication).
     pub stored_bytes: u64,
+    /// Chunks that waited for the volume's clients (a backup yields to them).
+    #[serde(default)]
+    pub yielded: u64,
     pub started_unix_seconds: u64,
     pub seconds: f64,
     pub error: Option<String>,
@@ -187,14 +193,17 @@ pub fn touched_chunks(changed: &[(u64, u64)], chunks: usize) -> Vec<bool> {
 }
 
 /// Backs up `copy` (the snapshot's local copy) into `repo` under `plan`;
-/// the manifest is written last.
+/// the manifest is written last. While `live` (the volume itself) has
+/// clients at work, each chunk first waits `BUSY_PAUSE`.
 pub async fn run_backup(
     repo: Arc<Repo>,
     lock: Arc<Lock>,
     copy: Arc<Volume>,
+    live: Arc<Volume>,
     plan: BackupPlan,
     job: &Job,
 ) -> Result<Manifest, String> {
+    let clients = parking_lot::Mutex::new(crate::replication::resync::ClientActivity::new(&live));
     let chunks = usize::try_from(plan.size_bytes.div_ceil(CHUNK_BYTES)).map_err(|_| "volume too large")?;
     let touched = touched_chunks(&plan.changed, chunks);
     let kept = plan.parent.as_ref().map(|parent| parent.chunks.clone());
@@ -202,14 +211,18 @@ pub async fn run_backup(
     let size = plan.size_bytes;
     let mut results = futures::stream::iter(0..chunks)
         .map(|index| {
-            let (repo, copy) = (Arc::clone(&repo), Arc::clone(&copy));
+            let (repo, copy, live, clients) = (Arc::clone(&repo), Arc::clone(&copy), Arc::clone(&live), &clients);
             let unchanged = !touched[index];
             let from_parent = kept.as_ref().and_then(|k| k.get(index).cloned().flatten());
             async move {
                 let offset = index as u64 * CHUNK_BYTES;
                 let len = CHUNK_BYTES.min(size - offset);
                 if unchanged {
-                    return Ok::<_, String>((None, from_parent, 0, 0, len));
+                    return Ok::<_, String>((None, from_parent, 0, 0, len, false));
+                }
+                let yielded = clients.lock().busy(&live);
+                if yielded {
+                    tokio::time::sleep(BUSY_PAUSE).await;
                 }
                 let data = copy
                     .read(offset, len)
@@ -217,21 +230,22 @@ pub async fn run_backup(
                     .map_err(|error| format!("cannot read {} at {offset}: {error}", copy.name))?
                     .to_vec();
                 if data.iter().all(|b| *b == 0) {
-                    return Ok((None, None, len, 0, len));
+                    return Ok((None, None, len, 0, len, yielded));
                 }
                 let (id, sent) = blocking(move || repo.put_chunk(&data)).await?;
-                Ok((Some(id), None, len, sent, len))
+                Ok((Some(id), None, len, sent, len, yielded))
             }
         })
         .buffered(CHUNKS_IN_FLIGHT);
     let mut list = Vec::with_capacity(chunks);
     let (mut read_bytes, mut stored_bytes) = (0, 0);
     while let Some(result) = results.next().await {
-        let (stored, parents, read, sent, len) = result?;
+        let (stored, parents, read, sent, len, yielded) = result?;
         list.push(stored.or(parents));
         read_bytes += read;
         stored_bytes += sent;
         job.update(|info| {
+            info.yielded += u64::from(yielded);
             info.done_bytes += len;
             info.read_bytes = read_bytes;
             info.stored_bytes = stored_bytes;

@@ -377,7 +377,7 @@ impl Cluster {
         if volume.coordinator != self.local.id {
             return self.post_to_coordinator(&volume, "backups", body).await;
         }
-        served_here(volumes, name)?;
+        let live = served_here(volumes, name)?;
         let (url, options, secret) = self.resolve_target(&body.target, body.secret, body.options).await?;
         let repo = open_repo(&url, options, secret, true).await?;
         let lock = {
@@ -501,7 +501,7 @@ impl Cluster {
         let (cluster, name) = (Arc::clone(self), name.to_owned());
         tokio::spawn(async move {
             let parent_snapshot = plan.parent.as_ref().map(|p| p.snapshot.clone());
-            let outcome = job::run_backup(repo, Arc::new(lock), copy, plan, &job).await;
+            let outcome = job::run_backup(repo, Arc::new(lock), copy, live, plan, &job).await;
             match &outcome {
                 Ok(manifest) => {
                     tracing::info!(volume = %name, backup = %manifest.id, read_bytes = manifest.read_bytes, stored_bytes = manifest.stored_bytes, "backup done");
