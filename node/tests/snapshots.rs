@@ -758,10 +758,27 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
         "the volume's bytes are not in the target in the clear"
     );
 
-    // Overwrite 1 MiB and add 1 MiB: the next backup reads those chunks only.
+    // Overwrite 1 MiB and add 1 MiB: the next backup reads those chunks only,
+    // taken under writes (to the first MiB again, so the diff stays 2 MiB).
     write_distinct(&mut client, 0, 1 << 20, 2);
     write_distinct(&mut client, 20 << 20, 1 << 20, 3);
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, address) = (Arc::clone(&stop), nbd_address(&cluster.nodes[coordinator]));
+        std::thread::spawn(move || {
+            let mut client = NbdClient::connect(&address, "db", Duration::from_secs(20)).unwrap();
+            let started = Instant::now();
+            let mut seed = 100;
+            while !stop.load(Ordering::Acquire) && started.elapsed() < Duration::from_secs(60) {
+                write_distinct(&mut client, 0, 1 << 20, seed);
+                seed += 1;
+            }
+            seed - 100
+        })
+    };
     let incremental = backup_json(other, &create);
+    stop.store(true, Ordering::Release);
+    assert!(writer.join().unwrap() > 0, "no write ran beside the backup");
     assert_eq!(incremental["parent"], full["backup"], "{incremental:#}");
     assert_eq!(incremental["read_bytes"], 2 << 20, "{incremental:#}");
     let snapshots_now: Vec<String> = snapshots(other, "db")
@@ -773,7 +790,9 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
         vec![incremental["snapshot"].as_str().unwrap().to_owned()],
         "one backup snapshot stays, the base of the next"
     );
-    let expected = read_all(&mut client, 32 << 20);
+    // What the backup must hold: its snapshot, not the volume written since.
+    let snapshot = format!("db@{}", incremental["snapshot"].as_str().unwrap());
+    let expected = read_all(&mut connect_snapshot(&cluster.nodes[coordinator], &snapshot), 32 << 20);
     drop(client);
 
     let listed = backup_json(other, &["backup", "list", &target, "--passphrase-file", pass, "--json"]);
@@ -847,6 +866,25 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
     );
     drop(copy);
     wait_until("the copy's replicas in sync", || in_sync_count(other, "copy") == 2);
+    // A second volume with the same data adds nothing to the target (dedup).
+    let twin = backup_json(
+        other,
+        &[
+            "backup",
+            "create",
+            "copy",
+            "--target",
+            &target,
+            "--passphrase-file",
+            pass,
+            "--json",
+        ],
+    );
+    assert_eq!(
+        (twin["state"].as_str(), twin["stored_bytes"].as_u64()),
+        (Some("done"), Some(0)),
+        "{twin:#}"
+    );
 
     // Damage is found by verify, without a restore.
     // (a chunk directory may be empty after the delete: the first chunk file in any)
@@ -987,7 +1025,24 @@ fn backups_go_to_an_s3_compatible_store_and_come_back() {
         read_all(&mut copy, 8 << 20) == expected,
         "the volume restored from S3 differs"
     );
-    // The wrong credentials or an absent bucket are named.
+    // An unreachable endpoint is named (after a few quick retries).
+    let unreachable = node.cli(&[
+        "backup",
+        "list",
+        target,
+        "--endpoint",
+        "http://127.0.0.1:9",
+        "--credentials-file",
+        credentials,
+        "--key-file",
+        key,
+    ]);
+    assert!(
+        !unreachable.status.success() && text(&unreachable).contains("127.0.0.1:9"),
+        "{}",
+        text(&unreachable)
+    );
+    // An absent bucket is named.
     let absent = node.cli(&[
         "backup",
         "list",

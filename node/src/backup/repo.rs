@@ -244,12 +244,23 @@ impl Repo {
                 other => other.into(),
             })?
             .ok_or_else(|| RepoError::NotFound(format!("no backup {id:?} in this target")))?;
-        let manifest: Manifest = serde_json::from_slice(&bytes)
-            .map_err(|error| RepoError::Format(format!("the manifest of backup {id} is not readable: {error}")))?;
-        if manifest.format != FORMAT || manifest.id != id {
+        let unreadable = |error: serde_json::Error| {
+            RepoError::Format(format!("the manifest of backup {id} is not readable: {error}"))
+        };
+        // The format first: a newer one may have fields this build does not know.
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(unreadable)?;
+        let format = value.get("format").and_then(serde_json::Value::as_u64);
+        if format != Some(u64::from(FORMAT)) {
             return Err(RepoError::Format(format!(
-                "the manifest of backup {id} is format {} for backup {:?}",
-                manifest.format, manifest.id
+                "the manifest of backup {id} is format {}; this ballast reads format {FORMAT} (a newer ballast wrote it)",
+                format.map_or_else(|| "unknown".to_owned(), |f| f.to_string())
+            )));
+        }
+        let manifest: Manifest = serde_json::from_value(value).map_err(unreadable)?;
+        if manifest.id != id {
+            return Err(RepoError::Format(format!(
+                "the manifest named {id} is that of backup {:?}",
+                manifest.id
             )));
         }
         if self.mac_of(&manifest) != manifest.mac {
@@ -511,9 +522,15 @@ mod tests {
             Err(RepoError::Crypto(CryptoError::WrongSecret))
         ));
         let key = dir.path().join("t/backups/one.json");
-        let text = std::fs::read_to_string(&key).unwrap().replace("\"v\"", "\"w\"");
-        std::fs::write(&key, text).unwrap();
+        let original = std::fs::read_to_string(&key).unwrap();
+        std::fs::write(&key, original.replace("\"v\"", "\"w\"")).unwrap();
         assert!(matches!(repo.manifest("one"), Err(RepoError::Format(_))));
+        // A manifest of a format this build does not read is named as such.
+        std::fs::write(&key, original.replace("\"format\": 1", "\"format\": 9")).unwrap();
+        let Err(RepoError::Format(why)) = repo.manifest("one") else {
+            panic!("a format-9 manifest was read")
+        };
+        assert!(why.contains("format 9"), "{why}");
     }
 
     #[test]

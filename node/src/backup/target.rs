@@ -212,6 +212,19 @@ impl S3Target {
     fn new(bucket: &str, prefix: &str, options: &TargetOptions) -> Result<Self, TargetError> {
         use object_store::aws::AmazonS3Builder;
         let mut builder = AmazonS3Builder::from_env().with_bucket_name(bucket);
+        // A target that does not answer fails in seconds, not after object_store's 3 minutes of
+        // retries. (Client options first: they replace the allow_http set below.)
+        builder = builder
+            .with_retry(object_store::RetryConfig {
+                max_retries: 3,
+                retry_timeout: std::time::Duration::from_secs(30),
+                backoff: object_store::BackoffConfig::default(),
+            })
+            .with_client_options(
+                object_store::ClientOptions::new()
+                    .with_connect_timeout(std::time::Duration::from_secs(5))
+                    .with_timeout(std::time::Duration::from_secs(120)),
+            );
         if let Some(endpoint) = &options.endpoint {
             builder = builder
                 .with_endpoint(endpoint)
