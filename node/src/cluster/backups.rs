@@ -93,6 +93,8 @@ pub struct Scheduled {
     running: parking_lot::Mutex<BTreeSet<String>>,
     /// Held while a standby applies a backup, and by a promote.
     standby_apply: tokio::sync::Mutex<()>,
+    /// Registered targets opened here, with the sealed record they were opened from.
+    opened: parking_lot::Mutex<BTreeMap<String, (String, Arc<Repo>)>>,
 }
 
 /// Ok when every member of `members` (id, the newest peer protocol it
@@ -135,7 +137,20 @@ fn repo_error(error: RepoError) -> VolumeOpError {
     }
 }
 
-/// Opens the target (Argon2id runs on a blocking thread); `create` sets a new one up.
+/// Runs `work` on the target (blocking I/O, Argon2id) off the async workers.
+async fn on_target<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, RepoError> + Send + 'static,
+) -> Result<T, VolumeOpError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|error| VolumeOpError {
+            status: 500,
+            message: error.to_string(),
+        })?
+        .map_err(repo_error)
+}
+
+/// Opens the target; `create` sets a new one up.
 async fn open_repo(
     target: &str,
     options: crate::backup::TargetOptions,
@@ -144,14 +159,7 @@ async fn open_repo(
 ) -> Result<Arc<Repo>, VolumeOpError> {
     let url = TargetUrl::parse(target).map_err(|error| invalid(error.to_string()))?;
     let params = create.then_some(crate::volume::crypt::KDF_PARAMS_DEFAULT);
-    tokio::task::spawn_blocking(move || Repo::open(&url, &options, &secret, params))
-        .await
-        .map_err(|error| VolumeOpError {
-            status: 500,
-            message: error.to_string(),
-        })?
-        .map(Arc::new)
-        .map_err(repo_error)
+    on_target(move || Repo::open(&url, &options, &secret, params).map(Arc::new)).await
 }
 
 fn snapshot_name_now() -> String {
@@ -242,6 +250,39 @@ impl Cluster {
         Ok((record.url, opened.options, opened.secret))
     }
 
+    /// Opens `target` (a URL with its secret, or a registered name); a
+    /// registered target opened once is kept while its record is unchanged,
+    /// so schedules and standbys do not run Argon2id at every look.
+    async fn open_target(
+        &self,
+        target: &str,
+        secret: Option<Secret>,
+        options: TargetOptions,
+        create: bool,
+    ) -> Result<Arc<Repo>, VolumeOpError> {
+        let sealed = if target.contains("://") {
+            None
+        } else {
+            self.with_state(|state| state.backup_targets.get(target).map(|record| record.sealed.clone()))
+        };
+        if let Some(sealed) = &sealed {
+            if let Some((opened_as, repo)) = self.scheduled_backups.opened.lock().get(target) {
+                if opened_as == sealed {
+                    return Ok(Arc::clone(repo));
+                }
+            }
+        }
+        let (url, options, secret) = self.resolve_target(target, secret, options).await?;
+        let repo = open_repo(&url, options, secret, create).await?;
+        if let Some(sealed) = sealed {
+            self.scheduled_backups
+                .opened
+                .lock()
+                .insert(target.to_owned(), (sealed, Arc::clone(&repo)));
+        }
+        Ok(repo)
+    }
+
     /// Registers target `body.name` (opened first: set up if new, the secret checked).
     pub async fn add_backup_target(&self, body: TargetBody) -> Result<TargetInfo, VolumeOpError> {
         self.require_member()?;
@@ -303,12 +344,8 @@ impl Cluster {
         if name.contains("://") {
             return Err(invalid(format!("{name}: give a registered target's name")));
         }
-        let (url, options, secret) = self.resolve_target(name, None, TargetOptions::default()).await?;
-        let repo = open_repo(&url, options, secret, false).await?;
-        tokio::task::spawn_blocking(move || repo.manifests())
-            .await
-            .map_err(|error| invalid(error.to_string()))?
-            .map_err(repo_error)
+        let repo = self.open_target(name, None, TargetOptions::default(), false).await?;
+        on_target(move || repo.manifests()).await
     }
 
     pub async fn delete_backup_target(&self, name: &str) -> Result<(), VolumeOpError> {
@@ -378,14 +415,10 @@ impl Cluster {
             return self.post_to_coordinator(&volume, "backups", body).await;
         }
         let live = served_here(volumes, name)?;
-        let (url, options, secret) = self.resolve_target(&body.target, body.secret, body.options).await?;
-        let repo = open_repo(&url, options, secret, true).await?;
+        let repo = self.open_target(&body.target, body.secret, body.options, true).await?;
         let lock = {
             let (repo, what) = (Arc::clone(&repo), format!("backup of {name}"));
-            tokio::task::spawn_blocking(move || repo.lock(false, &what))
-                .await
-                .map_err(|error| invalid(error.to_string()))?
-                .map_err(repo_error)?
+            on_target(move || repo.lock(false, &what)).await?
         };
         let (snapshot_name, took) = match body.snapshot {
             Some(snapshot) => {
@@ -440,10 +473,7 @@ impl Cluster {
         // The newest earlier backup of this volume from this cluster whose snapshot is still here.
         let parent = {
             let repo = Arc::clone(&repo);
-            tokio::task::spawn_blocking(move || repo.manifests())
-                .await
-                .map_err(|error| invalid(error.to_string()))?
-                .map_err(repo_error)?
+            on_target(move || repo.manifests()).await?
         }
         .into_iter()
         .rev()
@@ -470,10 +500,7 @@ impl Cluster {
             .await?;
         let id = {
             let (repo, name) = (Arc::clone(&repo), name.to_owned());
-            tokio::task::spawn_blocking(move || repo.new_backup_id(&name))
-                .await
-                .map_err(|error| invalid(error.to_string()))?
-                .map_err(repo_error)?
+            on_target(move || repo.new_backup_id(&name)).await?
         };
         let job = jobs.start(JobInfo {
             kind: "backup".into(),
@@ -558,17 +585,14 @@ impl Cluster {
                 message: format!("a client connected to {name}; disconnect it first"),
             });
         }
-        let (url, options, secret) = self.resolve_target(&body.target, body.secret, body.options).await?;
-        let repo = open_repo(&url, options, secret, false).await?;
+        let repo = self.open_target(&body.target, body.secret, body.options, false).await?;
         let (manifest, lock) = {
             let (repo, backup, what) = (Arc::clone(&repo), body.backup.clone(), format!("restore into {name}"));
-            tokio::task::spawn_blocking(move || {
+            on_target(move || {
                 let lock = repo.lock(false, &what)?;
-                Ok::<_, RepoError>((repo.manifest(&backup)?, lock))
+                Ok((repo.manifest(&backup)?, lock))
             })
-            .await
-            .map_err(|error| invalid(error.to_string()))?
-            .map_err(repo_error)?
+            .await?
         };
         if manifest.size_bytes > local.size_bytes() {
             return Err(invalid(format!(
@@ -638,11 +662,10 @@ async fn scheduled_backup(
 ) {
     let name = volume.name.as_str();
     let target = volume.backup_target.clone();
-    let opened = match cluster.resolve_target(&target, None, TargetOptions::default()).await {
-        Ok((url, options, secret)) => open_repo(&url, options, secret, false).await,
-        Err(error) => Err(error),
-    };
-    let repo = match opened {
+    let repo = match cluster
+        .open_target(&target, None, TargetOptions::default(), false)
+        .await
+    {
         Ok(repo) => repo,
         Err(error) => {
             tracing::warn!(volume = %name, %target, error = %error.message, "scheduled backup: cannot open the target; retried later");
@@ -901,19 +924,15 @@ async fn standby_sync(cluster: &Arc<Cluster>, volumes: &Arc<Volumes>, name: &str
     let Some(standby) = cluster.with_state(|state| state.volumes.get(name).and_then(|v| v.standby_of.clone())) else {
         return Ok(());
     };
-    let (url, options, secret) = cluster
-        .resolve_target(&standby.target, None, TargetOptions::default())
-        .await
-        .map_err(|error| error.message)?;
-    let repo = open_repo(&url, options, secret, false)
+    let repo = cluster
+        .open_target(&standby.target, None, TargetOptions::default(), false)
         .await
         .map_err(|error| error.message)?;
     let listed = {
         let repo = Arc::clone(&repo);
-        tokio::task::spawn_blocking(move || repo.manifests())
+        on_target(move || repo.manifests())
             .await
-            .map_err(|error| error.to_string())?
-            .map_err(|error| error.to_string())?
+            .map_err(|error| error.message)?
     };
     let Some(newest) = listed.iter().rev().find(|m| m.volume == standby.volume).cloned() else {
         return Ok(());
@@ -937,10 +956,9 @@ async fn standby_sync(cluster: &Arc<Cluster>, volumes: &Arc<Volumes>, name: &str
         .map(|held| job::changed_chunks(held, &newest));
     let lock = {
         let (repo, what) = (Arc::clone(&repo), format!("standby {name}"));
-        tokio::task::spawn_blocking(move || repo.lock(false, &what))
+        on_target(move || repo.lock(false, &what))
             .await
-            .map_err(|error| error.to_string())?
-            .map_err(|error| error.to_string())?
+            .map_err(|error| error.message)?
     };
     let job = cluster.backup_jobs.start(JobInfo {
         kind: "standby".into(),
