@@ -762,6 +762,17 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
     // taken under writes (to the first MiB again, so the diff stays 2 MiB).
     write_distinct(&mut client, 0, 1 << 20, 2);
     write_distinct(&mut client, 20 << 20, 1 << 20, 3);
+    // Scattered small writes (over data, and over zeros) go as patches:
+    // only their blocks are read and sent.
+    let scattered = [
+        (3 << 20 | 8 << 10, 4 << 10),
+        (5 << 20 | 100 << 10, 4 << 10),
+        (6 << 20, 8 << 10),
+        (28 << 20, 4 << 10),
+    ];
+    for (seed, (at, len)) in (4..).zip(scattered) {
+        write_distinct(&mut client, at, len, seed);
+    }
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (stop, address) = (Arc::clone(&stop), nbd_address(&cluster.nodes[coordinator]));
@@ -780,7 +791,12 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
     stop.store(true, Ordering::Release);
     assert!(writer.join().unwrap() > 0, "no write ran beside the backup");
     assert_eq!(incremental["parent"], full["backup"], "{incremental:#}");
-    assert_eq!(incremental["read_bytes"], 2 << 20, "{incremental:#}");
+    assert_eq!(incremental["read_bytes"], (2 << 20) + (20 << 10), "{incremental:#}");
+    let sent = incremental["stored_bytes"].as_u64().unwrap();
+    assert!(
+        sent < (2 << 20) + (20 << 10) + (32 << 10),
+        "the patches send their blocks, not their chunks: {incremental:#}"
+    );
     let snapshots_now: Vec<String> = snapshots(other, "db")
         .iter()
         .map(|s| s["name"].as_str().unwrap().to_owned())
@@ -806,8 +822,8 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
             verified["chunks"].as_u64(),
             verified["missing"].as_array().unwrap().len()
         ),
-        (Some(40), 0),
-        "{verified:#}"
+        (Some(44), 0),
+        "40 chunks and 4 patches: {verified:#}"
     );
 
     // A wrong passphrase opens nothing, and says so.
@@ -866,7 +882,8 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
     );
     drop(copy);
     wait_until("the copy's replicas in sync", || in_sync_count(other, "copy") == 2);
-    // A second volume with the same data adds nothing to the target (dedup).
+    // A second volume with the same data adds almost nothing to the target
+    // (dedup): only the 4 chunks the source holds as patches are new whole.
     let twin = backup_json(
         other,
         &[
@@ -880,10 +897,10 @@ fn backups_are_incremental_encrypted_verified_restored_elsewhere_and_deleted_wit
             "--json",
         ],
     );
-    assert_eq!(
-        (twin["state"].as_str(), twin["stored_bytes"].as_u64()),
-        (Some("done"), Some(0)),
-        "{twin:#}"
+    assert_eq!(twin["state"], "done", "{twin:#}");
+    assert!(
+        twin["stored_bytes"].as_u64().unwrap() < 4 * (258 << 10),
+        "of 37 chunks with data, 33 are the source's: {twin:#}"
     );
 
     // Damage is found by verify, without a restore.
@@ -915,6 +932,12 @@ struct MotoServer {
 
 impl MotoServer {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// `start` with environment settings (INITIAL_NO_AUTH_ACTION_COUNT=0:
+    /// every request must be signed with a key moto knows).
+    fn start_with(env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -922,6 +945,7 @@ impl MotoServer {
             .port();
         let child = std::process::Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .envs(env.iter().copied())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -1058,6 +1082,102 @@ fn backups_go_to_an_s3_compatible_store_and_come_back() {
         !absent.status.success() && text(&absent).contains("no-such-bucket"),
         "{}",
         text(&absent)
+    );
+}
+
+#[test]
+fn a_full_target_or_refused_credentials_fail_the_backup_by_name_and_nothing_is_listed() {
+    let test = "a_full_target_or_refused";
+    let node = TestNode::start(test, 256 << 20);
+    let scratch = common::scratch();
+    let key = scratch.path().join("key");
+    std::fs::write(&key, [0x3cu8; 32]).unwrap();
+    let key = key.to_str().unwrap();
+    node.cli_ok(&["volume", "create", "fv", "--size", "16MiB"]);
+    let mut client = NbdClient::connect(&nbd_address(&node), "fv", Duration::from_secs(20)).unwrap();
+    write_distinct(&mut client, 0, 12 << 20, 21);
+    drop(client);
+
+    // A target with room for a few chunks (a 2-MiB tmpfs) fills up mid-backup.
+    let small = scratch.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "ballast-test"])
+        .arg(&small)
+        .status()
+        .is_ok_and(|status| status.success());
+    if mounted {
+        let _mount = common::Mount(small.clone());
+        let target = format!("file://{}", small.join("t").display());
+        let full = node.cli(&["backup", "create", "fv", "--target", &target, "--key-file", key]);
+        let said = text(&full);
+        assert!(
+            !full.status.success() && said.contains("the target is full") && said.contains("backup delete"),
+            "{said}"
+        );
+        let listed = backup_json(&node, &["backup", "list", &target, "--key-file", key, "--json"]);
+        assert_eq!(
+            listed.as_array().map(Vec::len),
+            Some(0),
+            "a cut backup is not listed: {listed:#}"
+        );
+        let leftovers = std::fs::read_dir(small.join("t/chunks"))
+            .unwrap()
+            .flat_map(|dir| std::fs::read_dir(dir.unwrap().path()).unwrap())
+            .filter(|file| file.as_ref().unwrap().file_name().to_string_lossy().starts_with('.'))
+            .count();
+        assert_eq!(leftovers, 0, "no half-written object is left behind");
+        // The node serves on: the volume reads, and a backup elsewhere works.
+        let elsewhere = format!("file://{}", scratch.path().join("big").display());
+        let done = backup_json(
+            &node,
+            &[
+                "backup",
+                "create",
+                "fv",
+                "--target",
+                &elsewhere,
+                "--key-file",
+                key,
+                "--json",
+            ],
+        );
+        assert_eq!(done["state"], "done", "{done:#}");
+    } else {
+        common::record_skip(
+            test,
+            "cannot mount a tmpfs (needs root): the full-target half is not run",
+        );
+    }
+
+    // Credentials the store does not know are named as such.
+    if !have_tool(test, "moto_server") {
+        return;
+    }
+    let strict = MotoServer::start_with(&[("INITIAL_NO_AUTH_ACTION_COUNT", "0")]);
+    let credentials = scratch.path().join("credentials");
+    std::fs::write(
+        &credentials,
+        "[default]\naws_access_key_id = AKIDNOBODY\naws_secret_access_key = not-a-secret\n",
+    )
+    .unwrap();
+    let refused = node.cli(&[
+        "backup",
+        "create",
+        "fv",
+        "--target",
+        "s3://guarded/x",
+        "--endpoint",
+        &strict.endpoint,
+        "--credentials-file",
+        credentials.to_str().unwrap(),
+        "--key-file",
+        key,
+    ]);
+    let said = text(&refused);
+    assert!(
+        !refused.status.success() && said.contains("refused the credentials") && said.contains("InvalidAccessKeyId"),
+        "{said}"
     );
 }
 

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod attach_bench;
+mod backup_bench;
 mod chart;
 mod engine_bench;
 mod failover_bench;
@@ -245,6 +246,26 @@ enum Bench {
         #[arg(long, default_value = "target/release/ballast")]
         ballast: PathBuf,
         /// Where to write the JSON result.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
+    /// Off-cluster backups: full backup of a volume of random data to an S3-compatible server (moto_server, started on 127.0.0.1) and to a file:// target beside `qemu-img convert` of the same volume (NBD) to a file; an incremental after 1 % of the volume changed in random 4-KiB writes (bytes moved over bytes changed, target <= 1.2); restore from each beside `qemu-img convert` of the file into a new volume. CPU of the node, the store and the client beside each. Writes backup.json and backup.md.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs fio, qemu-img and moto_server (ci/install-deps.sh installs them). Not part of `all`.
+    Backup {
+        /// Size of the volume backed up.
+        #[arg(long, default_value = "1GiB")]
+        volume: String,
+        /// Repetitions (median reported; the order of the measures rotates).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// One repetition on a 128 MiB volume (well under a minute).
+        #[arg(long)]
+        quick: bool,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
+        /// Where to write the results.
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
     },
@@ -541,6 +562,31 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             security_bench::run(&security_bench::SecurityOptions {
                 disk_bytes: node::size::parse_size(&size)?,
                 seconds,
+                repeats,
+                out,
+                ballast: servers::BallastBinary {
+                    path: ballast,
+                    env: Vec::new(),
+                },
+            })
+        }
+        Bench::Backup {
+            volume,
+            repeats,
+            quick,
+            ballast,
+            out,
+        } => {
+            let (volume, repeats) = if quick {
+                ("128MiB".to_owned(), 1)
+            } else {
+                (volume, repeats)
+            };
+            if repeats == 0 {
+                anyhow::bail!("--repeats must be at least 1");
+            }
+            backup_bench::run(&backup_bench::BackupOptions {
+                volume_bytes: node::size::parse_size(&volume)?,
                 repeats,
                 out,
                 ballast: servers::BallastBinary {

@@ -30,6 +30,24 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// CPU seconds (user + system, all threads) process `pid` has used so far.
+pub fn cpu_seconds_of(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at field 3 (state);
+    // utime and stime are fields 14 and 15, in clock ticks of 1/100 s (USER_HZ on Linux).
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("malformed stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |index: usize| -> Result<f64> {
+        let text = fields.get(index).context("short stat")?;
+        Ok(text.parse::<u64>()? as f64)
+    };
+    Ok((ticks(11)? + ticks(12)?) / USER_HZ)
+}
+
 /// A running server process.
 pub struct Server {
     /// What it is, for messages (`ballast`, `qemu-nbd (aio=io_uring)`).
@@ -121,20 +139,7 @@ impl Server {
     /// the server has used so far.
     pub fn cpu_seconds(&self) -> Result<f64> {
         let child = self.child.as_ref().context("server stopped")?;
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id()))?;
-        // Fields after the command name (which may hold spaces) start at field 3 (state);
-        // utime and stime are fields 14 and 15, in clock ticks of 1/100 s (USER_HZ on Linux).
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .context("malformed stat")?
-            .1
-            .split_whitespace()
-            .collect();
-        let ticks = |index: usize| -> Result<f64> {
-            let text = fields.get(index).context("short stat")?;
-            Ok(text.parse::<u64>()? as f64)
-        };
-        Ok((ticks(11)? + ticks(12)?) / USER_HZ)
+        cpu_seconds_of(child.id())
     }
 
     /// Context switches (voluntary and not) of all the server's live

@@ -6,7 +6,9 @@
 //! JSON, markdown table of ratios and PNG chart; `ballast-perf attach --quick`
 //! measures the attached device (every FUSE backend, repl=1 and 3) and pgbench
 //! against the raw device; `ballast-perf fleet --quick` kills the node
-//! coordinating a third of 60 volumes and sees each served again. No timing is asserted:
+//! coordinating a third of 60 volumes and sees each served again; `ballast-perf
+//! backup --quick` backs up, changes 1 % and restores through S3 (moto_server) and a
+//! file target beside qemu-img. No timing is asserted:
 //! only that every measure was taken and reported.
 
 use std::path::{Path, PathBuf};
@@ -131,6 +133,46 @@ fn the_fleet_benchmark_kills_the_node_coordinating_a_share_of_the_volumes_and_ea
     let table = std::fs::read_to_string(out.path().join("fleet.md")).unwrap();
     assert!(table.contains("served again elsewhere"), "{table}");
     assert!(stdout.contains(&table), "the table printed is the one saved");
+}
+
+#[test]
+fn the_backup_benchmark_measures_full_incremental_and_restore_beside_qemu_img_and_the_moved_ratio() {
+    if let Some(why) = kernel_iface::loopdev::unavailable_reason() {
+        return skip(&why.to_string());
+    }
+    for tool in ["fio", "qemu-img", "moto_server"] {
+        if !installed(tool) {
+            return skip(&format!("{tool} is not installed (ci/install-deps.sh installs it)"));
+        }
+    }
+    let Some(ballast) = ballast_binary() else {
+        return skip("target/debug/ballast is not built (cargo test --workspace builds it)");
+    };
+    let out = tempfile::tempdir().unwrap();
+    let stdout = run_perf(
+        &["backup", "--quick", "--ballast", ballast.to_str().unwrap()],
+        out.path(),
+    );
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("backup.json")).unwrap()).unwrap();
+    let table = report["table"].as_array().unwrap();
+    assert_eq!(table.len(), 8, "{report:#}");
+    for row in table {
+        assert!(row["mib_per_s"].as_f64().unwrap() > 0.0, "{row:#}");
+        assert!(row["cpu_seconds_per_gib"].as_f64().unwrap() > 0.0, "{row:#}");
+    }
+    for key in ["full_backup_s3", "full_backup_file", "restore_s3", "restore_file"] {
+        let row = table.iter().find(|row| row["key"] == key).unwrap();
+        assert!(row["ratio_to_baseline"].as_f64().unwrap() > 0.0, "{row:#}");
+    }
+    for key in ["incremental_backup_s3", "incremental_backup_file"] {
+        let row = table.iter().find(|row| row["key"] == key).unwrap();
+        let moved = row["moved_over_changed"].as_f64().unwrap();
+        // Bytes, not time: the patches send what changed and little more.
+        assert!((1.0..=1.2).contains(&moved), "{row:#}");
+    }
+    let markdown = std::fs::read_to_string(out.path().join("backup.md")).unwrap();
+    assert!(stdout.contains(&markdown), "the table printed is the one saved");
 }
 
 /// Whether `program` is on the PATH.

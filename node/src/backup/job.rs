@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use super::repo::{Lock, Manifest, Repo, RepoError, CHUNK_BYTES, FORMAT};
+use super::repo::{
+    block_runs, Entry, Lock, Manifest, Patch, Repo, RepoError, CHUNK_BYTES, MANIFEST_FORMAT, PATCH_BLOCK,
+};
 use crate::volume::Volume;
 
 /// Chunks read, sealed and sent at once.
@@ -17,6 +19,11 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 /// While the volume's clients are busy each chunk waits this long before
 /// it is read (with `CHUNKS_IN_FLIGHT`: at most 4 MiB/s against busy clients).
 const BUSY_PAUSE: Duration = Duration::from_millis(250);
+/// A changed chunk is sent as a patch over its parent's chunk while the
+/// blocks that differ from that base are at most this many (of 64): a
+/// restore then reads at most 1.5x the chunk, and the target keeps at most
+/// half a chunk more than the data.
+const PATCH_MAX_BLOCKS: u32 = 32;
 /// Finished jobs remembered for the API.
 const FINISHED_KEPT: usize = 64;
 
@@ -175,21 +182,53 @@ pub struct BackupPlan {
     pub mib_per_s: Option<u64>,
 }
 
-/// Which chunks `changed` touches, for a volume of `chunks` chunks.
+/// The blocks of each chunk that `changed` touches (bit i: block i), for a
+/// volume of `chunks` chunks; 0: the chunk is unchanged.
 #[must_use]
-pub fn touched_chunks(changed: &[(u64, u64)], chunks: usize) -> Vec<bool> {
-    let mut touched = vec![false; chunks];
+pub fn touched_blocks(changed: &[(u64, u64)], chunks: usize) -> Vec<u64> {
+    let mut touched = vec![0u64; chunks];
+    let end_of_volume = chunks as u64 * CHUNK_BYTES;
     for (offset, len) in changed {
-        if *len == 0 {
-            continue;
-        }
-        let first = usize::try_from(offset / CHUNK_BYTES).unwrap_or(usize::MAX);
-        let last = usize::try_from((offset + len - 1) / CHUNK_BYTES).unwrap_or(usize::MAX);
-        for slot in touched.iter_mut().take(last.saturating_add(1)).skip(first) {
-            *slot = true;
+        let (mut at, end) = (*offset, offset.saturating_add(*len).min(end_of_volume));
+        while at < end {
+            let index = usize::try_from(at / CHUNK_BYTES).unwrap_or(usize::MAX);
+            let chunk_end = (index as u64 + 1) * CHUNK_BYTES;
+            let (first, last) = (
+                (at % CHUNK_BYTES) / PATCH_BLOCK,
+                ((end.min(chunk_end) - 1) % CHUNK_BYTES) / PATCH_BLOCK,
+            );
+            let bits = if last - first == 63 {
+                u64::MAX
+            } else {
+                ((1u64 << (last - first + 1)) - 1) << first
+            };
+            touched[index] |= bits;
+            at = chunk_end;
         }
     }
     touched
+}
+
+/// What one chunk of a backup became, and what it cost.
+struct ChunkOutcome {
+    entry: Entry,
+    read: u64,
+    sent: u64,
+    yielded: bool,
+}
+
+/// Reads the byte `runs` of the chunk at `offset` from `copy`, in order.
+async fn read_runs(copy: &Volume, offset: u64, runs: &[(u64, u64)]) -> Result<Vec<u8>, String> {
+    let mut data = Vec::with_capacity(usize::try_from(runs.iter().map(|(s, e)| e - s).sum::<u64>()).unwrap_or(0));
+    for (start, end) in runs {
+        let at = offset + start;
+        let bytes = copy
+            .read(at, end - start)
+            .await
+            .map_err(|error| format!("cannot read {} at {at}: {error}", copy.name))?;
+        bytes.slices().for_each(|slice| data.extend_from_slice(slice));
+    }
+    Ok(data)
 }
 
 /// Backs up `copy` (the snapshot's local copy) into `repo` under `plan`;
@@ -205,59 +244,105 @@ pub async fn run_backup(
 ) -> Result<Manifest, String> {
     let clients = parking_lot::Mutex::new(crate::replication::resync::ClientActivity::new(&live));
     let chunks = usize::try_from(plan.size_bytes.div_ceil(CHUNK_BYTES)).map_err(|_| "volume too large")?;
-    let touched = touched_chunks(&plan.changed, chunks);
-    let kept = plan.parent.as_ref().map(|parent| parent.chunks.clone());
+    let touched = touched_blocks(&plan.changed, chunks);
     let mut pace = Pace::new(plan.mib_per_s);
     let size = plan.size_bytes;
+    let parent = plan.parent.as_ref();
     let mut results = futures::stream::iter(0..chunks)
         .map(|index| {
             let (repo, copy, live, clients) = (Arc::clone(&repo), Arc::clone(&copy), Arc::clone(&live), &clients);
-            let unchanged = !touched[index];
-            let from_parent = kept.as_ref().and_then(|k| k.get(index).cloned().flatten());
+            let changed = touched[index];
+            let before = parent.map(|p| p.entry(index));
             async move {
                 let offset = index as u64 * CHUNK_BYTES;
                 let len = CHUNK_BYTES.min(size - offset);
-                if unchanged {
-                    return Ok::<_, String>((None, from_parent, 0, 0, len, false));
+                if changed == 0 {
+                    let entry = before.unwrap_or_default();
+                    return Ok::<_, String>(ChunkOutcome {
+                        entry,
+                        read: 0,
+                        sent: 0,
+                        yielded: false,
+                    });
                 }
                 let yielded = clients.lock().busy(&live);
                 if yielded {
                     tokio::time::sleep(BUSY_PAUSE).await;
                 }
-                let data = copy
-                    .read(offset, len)
-                    .await
-                    .map_err(|error| format!("cannot read {} at {offset}: {error}", copy.name))?
-                    .to_vec();
+                // Over a parent, few changed blocks go as a patch on its base.
+                if let Some(before) = before {
+                    let blocks = changed | before.patch.as_ref().map_or(0, |p| p.blocks);
+                    if blocks.count_ones() <= PATCH_MAX_BLOCKS {
+                        let data = read_runs(&copy, offset, &block_runs(blocks, len)).await?;
+                        let read = data.len() as u64;
+                        if before.base.is_none() && data.iter().all(|b| *b == 0) {
+                            return Ok(ChunkOutcome {
+                                entry: Entry::default(),
+                                read,
+                                sent: 0,
+                                yielded,
+                            });
+                        }
+                        let (id, sent) = blocking(move || repo.put_chunk(&data)).await?;
+                        let chunk = u32::try_from(index).map_err(|_| "volume too large")?;
+                        let entry = Entry {
+                            base: before.base,
+                            patch: Some(Patch { chunk, blocks, id }),
+                        };
+                        return Ok(ChunkOutcome {
+                            entry,
+                            read,
+                            sent,
+                            yielded,
+                        });
+                    }
+                }
+                let data = read_runs(&copy, offset, &[(0, len)]).await?;
                 if data.iter().all(|b| *b == 0) {
-                    return Ok((None, None, len, 0, len, yielded));
+                    return Ok(ChunkOutcome {
+                        entry: Entry::default(),
+                        read: len,
+                        sent: 0,
+                        yielded,
+                    });
                 }
                 let (id, sent) = blocking(move || repo.put_chunk(&data)).await?;
-                Ok((Some(id), None, len, sent, len, yielded))
+                Ok(ChunkOutcome {
+                    entry: Entry {
+                        base: Some(id),
+                        patch: None,
+                    },
+                    read: len,
+                    sent,
+                    yielded,
+                })
             }
         })
         .buffered(CHUNKS_IN_FLIGHT);
-    let mut list = Vec::with_capacity(chunks);
+    let (mut list, mut patches) = (Vec::with_capacity(chunks), Vec::new());
     let (mut read_bytes, mut stored_bytes) = (0, 0);
     while let Some(result) = results.next().await {
-        let (stored, parents, read, sent, len, yielded) = result?;
-        list.push(stored.or(parents));
-        read_bytes += read;
-        stored_bytes += sent;
+        let outcome = result?;
+        let len = CHUNK_BYTES.min(size - list.len() as u64 * CHUNK_BYTES);
+        list.push(outcome.entry.base);
+        patches.extend(outcome.entry.patch);
+        read_bytes += outcome.read;
+        stored_bytes += outcome.sent;
         job.update(|info| {
-            info.yielded += u64::from(yielded);
+            info.yielded += u64::from(outcome.yielded);
             info.done_bytes += len;
             info.read_bytes = read_bytes;
             info.stored_bytes = stored_bytes;
         });
-        pace.account(read).await;
+        pace.account(outcome.read).await;
         if list.len().is_multiple_of(256) {
             let lock = Arc::clone(&lock);
             blocking(move || lock.refresh()).await?;
         }
     }
+    drop(results);
     let mut manifest = Manifest {
-        format: FORMAT,
+        format: MANIFEST_FORMAT,
         id: plan.id,
         volume: plan.volume,
         size_bytes: plan.size_bytes,
@@ -268,6 +353,7 @@ pub async fn run_backup(
         parent: plan.parent.map(|parent| parent.id),
         chunk_bytes: CHUNK_BYTES,
         chunks: list,
+        patches,
         read_bytes,
         stored_bytes,
         mac: String::new(),
@@ -284,10 +370,8 @@ pub async fn run_backup(
 /// over the one it holds): only those are written.
 #[must_use]
 pub fn changed_chunks(old: &Manifest, new: &Manifest) -> Vec<bool> {
-    new.chunks
-        .iter()
-        .enumerate()
-        .map(|(index, chunk)| old.chunks.get(index) != Some(chunk))
+    (0..new.chunks.len())
+        .map(|index| index >= old.chunks.len() || old.entry(index) != new.entry(index))
         .collect()
 }
 
@@ -305,9 +389,9 @@ pub async fn run_restore(
     let size = manifest.size_bytes;
     let mut pace = Pace::new(mib_per_s);
     let wanted = |index: usize| only.is_none_or(|only| only.get(index).copied().unwrap_or(true));
-    let mut results = futures::stream::iter(manifest.chunks.iter().cloned().enumerate())
-        .map(|(index, chunk)| {
-            let wanted = wanted(index);
+    let mut results = futures::stream::iter(0..manifest.chunks.len())
+        .map(|index| {
+            let (wanted, entry) = (wanted(index), manifest.entry(index));
             let (repo, volume) = (Arc::clone(&repo), Arc::clone(&volume));
             async move {
                 let offset = index as u64 * CHUNK_BYTES;
@@ -315,15 +399,13 @@ pub async fn run_restore(
                 if !wanted {
                     return Ok((0, len));
                 }
-                let read = match chunk {
-                    Some(id) => {
-                        let data = blocking(move || repo.get_chunk(&id)).await?;
-                        if data.len() as u64 != len {
-                            return Err(format!(
-                                "chunk {index} holds {} bytes, the backup says {len}",
-                                data.len()
-                            ));
-                        }
+                let data = if entry.is_zeros() {
+                    None
+                } else {
+                    blocking(move || repo.chunk_data(&entry, len)).await?
+                };
+                let read = match data {
+                    Some(data) => {
                         volume
                             .write(offset, data)
                             .await
@@ -364,12 +446,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_change_marks_every_chunk_it_touches_and_no_other() {
-        let c = CHUNK_BYTES;
-        let touched = touched_chunks(&[(0, 1), (c * 2 - 1, 2), (c * 5, c)], 7);
-        assert_eq!(touched, vec![true, true, true, false, false, true, false]);
-        assert!(touched_chunks(&[(c * 6, c * 9)], 7)[6], "clamped to the volume");
-        assert!(touched_chunks(&[(c, 0)], 3).iter().all(|t| !t));
+    fn a_change_marks_every_block_it_touches_and_no_other() {
+        let (c, b) = (CHUNK_BYTES, PATCH_BLOCK);
+        let touched = touched_blocks(&[(0, 1), (c * 2 - 1, 2), (c * 5, c), (c * 3 + b * 2, b * 3)], 7);
+        assert_eq!(touched, vec![1, 1 << 63, 1, 0b11100, 0, u64::MAX, 0]);
+        assert_eq!(
+            touched_blocks(&[(c * 6 + b, c * 9)], 7)[6],
+            u64::MAX - 1,
+            "clamped to the volume"
+        );
+        assert!(touched_blocks(&[(c, 0)], 3).iter().all(|t| *t == 0));
+        assert_eq!(block_runs(0b1101, c), vec![(0, b), (b * 2, b * 4)]);
+        assert_eq!(
+            block_runs(u64::MAX, b * 3 + 5),
+            vec![(0, b * 3 + 5)],
+            "a short last chunk"
+        );
     }
 
     #[test]

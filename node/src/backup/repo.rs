@@ -9,7 +9,11 @@
 //! - `backups/<backup id>.json`: one manifest per backup, written last, so
 //!   a backup that did not finish is never listed: the volume, its size,
 //!   the snapshot it was read from, its parent, and every chunk in order
-//!   (null for a chunk of zeros), with a MAC under the manifest key.
+//!   (null for a chunk of zeros), with a MAC under the manifest key. A
+//!   chunk that changed in a few blocks since the parent is a patch: the
+//!   parent's chunk (its base) plus an object holding only the blocks that
+//!   differ from it, so an incremental after scattered small writes sends
+//!   about the bytes written, not a whole chunk per write.
 //! - `locks/<name>.json`: a backup, restore or verify holds a shared lock,
 //!   a delete an exclusive one; each refuses to start while the other kind
 //!   is held and fresh (refreshed within `LOCK_STALE_SECONDS`), so a delete
@@ -24,9 +28,16 @@ use super::crypto::{CryptoError, KeyRecord, Keys, Secret};
 use super::target::{Target, TargetError, TargetOptions, TargetUrl};
 use crate::volume::crypt::KdfParams;
 
+/// The target's layout (`config.json`).
 pub const FORMAT: u32 = 1;
+/// The manifest's format: 2 added `patches`. Both are read.
+pub const MANIFEST_FORMAT: u32 = 2;
+pub const MANIFEST_FORMATS_READ: std::ops::RangeInclusive<u32> = 1..=MANIFEST_FORMAT;
 /// Bytes per chunk: 64 blocks.
 pub const CHUNK_BYTES: u64 = 256 * 1024;
+/// A patch names blocks of this size, one bit each in a `u64`.
+pub const PATCH_BLOCK: u64 = 4096;
+const _: () = assert!(CHUNK_BYTES / PATCH_BLOCK == 64);
 /// A lock not refreshed for this long belongs to a process that died.
 pub const LOCK_STALE_SECONDS: u64 = 30 * 60;
 /// A holder refreshes its lock this often.
@@ -74,8 +85,13 @@ pub struct Manifest {
     /// The backup whose chunks this one kept where the volume had not changed.
     pub parent: Option<String>,
     pub chunk_bytes: u64,
-    /// Every chunk of the volume in order; None: all zeros.
+    /// Every chunk of the volume in order; None: all zeros (or, with a
+    /// patch, the base the patch applies to).
     pub chunks: Vec<Option<String>>,
+    /// The chunks stored as their base (`chunks`) plus changed blocks,
+    /// sorted by chunk (format 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub patches: Vec<Patch>,
     /// Bytes read from the volume, and sent to the target (after compression).
     pub read_bytes: u64,
     pub stored_bytes: u64,
@@ -83,11 +99,77 @@ pub struct Manifest {
     pub mac: String,
 }
 
+/// Chunk `chunk` is its base with the blocks `blocks` marks (bit i:
+/// bytes `i * PATCH_BLOCK ..` of the chunk) replaced by object `id`'s
+/// bytes, those blocks in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Patch {
+    pub chunk: u32,
+    pub blocks: u64,
+    pub id: String,
+}
+
+/// One chunk of a backup: its base (None: zeros) and its patch.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Entry {
+    pub base: Option<String>,
+    pub patch: Option<Patch>,
+}
+
+impl Entry {
+    #[must_use]
+    pub fn is_zeros(&self) -> bool {
+        self.base.is_none() && self.patch.is_none()
+    }
+}
+
+/// The byte ranges within a chunk of `len` bytes that `blocks` marks, as
+/// (start, end) runs.
+#[must_use]
+pub fn block_runs(blocks: u64, len: u64) -> Vec<(u64, u64)> {
+    let mut runs: Vec<(u64, u64)> = Vec::new();
+    for bit in 0..64 {
+        if blocks & (1 << bit) == 0 {
+            continue;
+        }
+        let (start, end) = (bit * PATCH_BLOCK, ((bit + 1) * PATCH_BLOCK).min(len));
+        if start >= end {
+            break;
+        }
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
 impl Manifest {
     /// Chunks that hold data (not zeros).
     #[must_use]
     pub fn data_chunks(&self) -> usize {
-        self.chunks.iter().filter(|c| c.is_some()).count()
+        (0..self.chunks.len()).filter(|i| !self.entry(*i).is_zeros()).count()
+    }
+
+    /// Chunk `index`: its base and patch.
+    #[must_use]
+    pub fn entry(&self, index: usize) -> Entry {
+        let base = self.chunks.get(index).cloned().flatten();
+        let patch = u32::try_from(index)
+            .ok()
+            .and_then(|chunk| self.patches.binary_search_by_key(&chunk, |p| p.chunk).ok())
+            .map(|at| self.patches[at].clone());
+        Entry { base, patch }
+    }
+
+    /// Every object this backup needs: chunks and patches.
+    pub fn objects(&self) -> impl Iterator<Item = &str> {
+        self.chunks
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .chain(self.patches.iter().map(|p| p.id.as_str()))
     }
 }
 
@@ -218,6 +300,45 @@ impl Repo {
         Ok(plain)
     }
 
+    /// The bytes of chunk `entry` (`len` bytes long), checked; None: zeros.
+    pub fn chunk_data(&self, entry: &Entry, len: u64) -> Result<Option<Vec<u8>>, RepoError> {
+        let size = usize::try_from(len).unwrap_or(usize::MAX);
+        let mut data = match &entry.base {
+            Some(id) => {
+                let data = self.get_chunk(id)?;
+                if data.len() != size {
+                    return Err(RepoError::Format(format!(
+                        "chunk {id} holds {} bytes, the backup says {len}",
+                        data.len()
+                    )));
+                }
+                data
+            }
+            None if entry.patch.is_none() => return Ok(None),
+            None => vec![0; size],
+        };
+        if let Some(patch) = &entry.patch {
+            let blocks = self.get_chunk(&patch.id)?;
+            let runs = block_runs(patch.blocks, len);
+            let wanted: u64 = runs.iter().map(|(start, end)| end - start).sum();
+            if blocks.len() as u64 != wanted {
+                return Err(RepoError::Format(format!(
+                    "patch {} holds {} bytes, its blocks need {wanted}",
+                    patch.id,
+                    blocks.len()
+                )));
+            }
+            let mut from = 0usize;
+            for (start, end) in runs {
+                let n = usize::try_from(end - start).unwrap_or(usize::MAX);
+                let start = usize::try_from(start).unwrap_or(usize::MAX);
+                data[start..start + n].copy_from_slice(&blocks[from..from + n]);
+                from += n;
+            }
+        }
+        Ok(Some(data))
+    }
+
     fn mac_of(&self, manifest: &Manifest) -> String {
         let mut unsigned = manifest.clone();
         unsigned.mac.clear();
@@ -250,10 +371,12 @@ impl Repo {
         // The format first: a newer one may have fields this build does not know.
         let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(unreadable)?;
         let format = value.get("format").and_then(serde_json::Value::as_u64);
-        if format != Some(u64::from(FORMAT)) {
+        if !format.is_some_and(|f| u32::try_from(f).is_ok_and(|f| MANIFEST_FORMATS_READ.contains(&f))) {
             return Err(RepoError::Format(format!(
-                "the manifest of backup {id} is format {}; this ballast reads format {FORMAT} (a newer ballast wrote it)",
-                format.map_or_else(|| "unknown".to_owned(), |f| f.to_string())
+                "the manifest of backup {id} is format {}; this ballast reads formats {} to {} (a newer ballast wrote it)",
+                format.map_or_else(|| "unknown".to_owned(), |f| f.to_string()),
+                MANIFEST_FORMATS_READ.start(),
+                MANIFEST_FORMATS_READ.end()
             )));
         }
         let manifest: Manifest = serde_json::from_value(value).map_err(unreadable)?;
@@ -342,10 +465,7 @@ impl Repo {
             Some(id) => vec![self.manifest(id)?],
             None => self.manifests()?,
         };
-        let mut wanted: Vec<&str> = manifests
-            .iter()
-            .flat_map(|m| m.chunks.iter().flatten().map(String::as_str))
-            .collect();
+        let mut wanted: Vec<&str> = manifests.iter().flat_map(Manifest::objects).collect();
         wanted.sort_unstable();
         wanted.dedup();
         let mut report = VerifyReport {
@@ -373,7 +493,7 @@ impl Repo {
         self.target.delete(&manifest_key(id))?;
         let mut kept: std::collections::HashSet<String> = std::collections::HashSet::new();
         for manifest in self.manifests()? {
-            kept.extend(manifest.chunks.into_iter().flatten());
+            kept.extend(manifest.objects().map(str::to_owned));
         }
         let mut report = DeleteReport::default();
         for key in self.target.list("chunks")? {
@@ -461,7 +581,7 @@ mod tests {
 
     fn manifest(repo: &Repo, id: &str, chunks: Vec<Option<String>>) -> Manifest {
         let mut manifest = Manifest {
-            format: FORMAT,
+            format: MANIFEST_FORMAT,
             id: id.into(),
             volume: "v".into(),
             size_bytes: chunks.len() as u64 * CHUNK_BYTES,
@@ -472,6 +592,7 @@ mod tests {
             parent: None,
             chunk_bytes: CHUNK_BYTES,
             chunks,
+            patches: Vec::new(),
             read_bytes: 0,
             stored_bytes: 0,
             mac: String::new(),
@@ -526,7 +647,7 @@ mod tests {
         std::fs::write(&key, original.replace("\"v\"", "\"w\"")).unwrap();
         assert!(matches!(repo.manifest("one"), Err(RepoError::Format(_))));
         // A manifest of a format this build does not read is named as such.
-        std::fs::write(&key, original.replace("\"format\": 1", "\"format\": 9")).unwrap();
+        std::fs::write(&key, original.replace("\"format\": 2", "\"format\": 9")).unwrap();
         let Err(RepoError::Format(why)) = repo.manifest("one") else {
             panic!("a format-9 manifest was read")
         };
@@ -554,6 +675,79 @@ mod tests {
             "locks released"
         );
         repo.delete("one").unwrap();
+    }
+
+    #[test]
+    fn a_patched_chunk_reads_as_its_base_with_the_changed_blocks_and_keeps_both_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = TargetUrl::File(dir.path().join("t"));
+        let repo = Repo::open(&url, &TargetOptions::default(), &secret(), Some(CHEAP)).unwrap();
+        let len = CHUNK_BYTES;
+        let (chunk, b) = (
+            usize::try_from(CHUNK_BYTES).unwrap(),
+            usize::try_from(PATCH_BLOCK).unwrap(),
+        );
+        let (base, _) = repo.put_chunk(&vec![1u8; chunk]).unwrap();
+        let blocks = 0b1001u64;
+        let mut changed = vec![7u8; b];
+        changed.extend(vec![9u8; b]);
+        let (patch_id, sent) = repo.put_chunk(&changed).unwrap();
+        assert!(sent < 2 * PATCH_BLOCK + 64, "a patch costs its blocks: {sent}");
+        let patch = Patch {
+            chunk: 0,
+            blocks,
+            id: patch_id.clone(),
+        };
+        let entry = Entry {
+            base: Some(base.clone()),
+            patch: Some(patch.clone()),
+        };
+        let data = repo.chunk_data(&entry, len).unwrap().unwrap();
+        assert!(data[..b].iter().all(|x| *x == 7) && data[3 * b..4 * b].iter().all(|x| *x == 9));
+        assert!(data[b..3 * b].iter().chain(&data[4 * b..]).all(|x| *x == 1));
+        // Over zeros, and a patch whose size does not match its blocks.
+        let over_zeros = Entry {
+            base: None,
+            patch: Some(patch.clone()),
+        };
+        let data = repo.chunk_data(&over_zeros, len).unwrap().unwrap();
+        assert!(data[b..3 * b].iter().all(|x| *x == 0) && data[3 * b] == 9);
+        let wrong = Entry {
+            base: None,
+            patch: Some(Patch {
+                blocks: 0b111,
+                ..patch.clone()
+            }),
+        };
+        assert!(matches!(repo.chunk_data(&wrong, len), Err(RepoError::Format(_))));
+        assert_eq!(repo.chunk_data(&Entry::default(), len).unwrap(), None);
+
+        let mut full = manifest(&repo, "full", vec![Some(base.clone()), None]);
+        let mut incremental = full.clone();
+        incremental.id = "incremental".into();
+        incremental.patches = vec![Patch {
+            chunk: 1,
+            ..patch.clone()
+        }];
+        incremental.chunks[0] = None;
+        repo.put_manifest(&mut incremental).unwrap();
+        assert_eq!(
+            repo.manifest("incremental").unwrap().entry(1).patch,
+            Some(Patch { chunk: 1, ..patch })
+        );
+        assert_eq!(incremental.data_chunks(), 1);
+        let report = repo.verify(Some("incremental"), |_, _| {}).unwrap();
+        assert_eq!((report.chunks, report.intact()), (1, true), "the patch is checked");
+        // Deleting the full backup keeps the patch; deleting the other frees it.
+        incremental.chunks[0] = Some(base.clone());
+        repo.put_manifest(&mut incremental).unwrap();
+        assert_eq!(repo.delete("full").unwrap().chunks_freed, 0);
+        assert_eq!(repo.delete("incremental").unwrap().chunks_freed, 2);
+
+        // A format-1 manifest (no patches) is still read.
+        full.format = 1;
+        repo.put_manifest(&mut full).unwrap();
+        assert_eq!(repo.manifest("full").unwrap().entry(0).base, Some(base));
     }
 
     #[test]

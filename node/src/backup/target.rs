@@ -24,6 +24,20 @@ pub enum TargetError {
         path: String,
         error: std::io::Error,
     },
+    #[error(
+        "the target is full: {what} {path}: {error}; free space there, or delete old backups (`ballast backup delete`)"
+    )]
+    Full {
+        what: &'static str,
+        path: String,
+        error: std::io::Error,
+    },
+    #[error("the S3 store refused the credentials: {what} {key}: {error} (check --credentials-file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, and that they may use this bucket)")]
+    Denied {
+        what: &'static str,
+        key: String,
+        error: String,
+    },
     #[error("object key {0:?} is not valid")]
     BadKey(String),
     #[error("{what} {key}: {error}")]
@@ -295,10 +309,19 @@ impl S3Target {
     }
 
     fn error(&self, what: &'static str, key: &str, error: &object_store::Error) -> TargetError {
-        TargetError::S3 {
-            what,
-            key: format!("{}/{key}", self.describe()),
-            error: error.to_string(),
+        let key = format!("{}/{key}", self.describe());
+        match error {
+            object_store::Error::PermissionDenied { source, .. }
+            | object_store::Error::Unauthenticated { source, .. } => TargetError::Denied {
+                what,
+                key,
+                error: s3_said(&source.to_string()),
+            },
+            other => TargetError::S3 {
+                what,
+                key,
+                error: s3_said(&other.to_string()),
+            },
         }
     }
 
@@ -401,11 +424,37 @@ fn check_key(key: &str) -> Result<(), TargetError> {
     }
 }
 
+/// An S3 client error as the status and the store's own code and message
+/// (`403 Forbidden: InvalidAccessKeyId: The AWS Access Key Id ...`) when
+/// it sent its XML error body; otherwise as it is.
+fn s3_said(text: &str) -> String {
+    let tag = |name: &str| {
+        let (open, close) = (format!("<{name}>"), format!("</{name}>"));
+        let start = text.find(&open)? + open.len();
+        let end = start + text[start..].find(&close)?;
+        Some(&text[start..end])
+    };
+    let (Some(code), Some(message)) = (tag("Code"), tag("Message")) else {
+        return text.to_owned();
+    };
+    let status = text
+        .split_once("status code: ")
+        .and_then(|(_, rest)| rest.split_once(": <"))
+        .map_or(String::new(), |(status, _)| format!("{status}: "));
+    format!("{status}{code}: {message}")
+}
+
 fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> TargetError + 'a {
-    move |error| TargetError::Io {
-        what,
-        path: path.display().to_string(),
-        error,
+    move |error| {
+        let path = path.display().to_string();
+        if matches!(
+            error.kind(),
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded
+        ) {
+            TargetError::Full { what, path, error }
+        } else {
+            TargetError::Io { what, path, error }
+        }
     }
 }
 
@@ -517,6 +566,16 @@ fn sync_dir(dir: &Path) -> Result<(), TargetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_s3_error_body_is_told_by_its_code_and_message() {
+        let said = "Error performing GET http://h/b/config.json in 3ms - Server returned non-2xx status code: 403 Forbidden: <?xml version=\"1.0\"?>\n<Error><Code>InvalidAccessKeyId</Code><Message>The AWS Access Key Id you provided does not exist in our records.</Message><RequestId>x</RequestId></Error>";
+        assert_eq!(
+            s3_said(said),
+            "403 Forbidden: InvalidAccessKeyId: The AWS Access Key Id you provided does not exist in our records."
+        );
+        assert_eq!(s3_said("connection refused"), "connection refused");
+    }
 
     #[test]
     fn urls_are_checked() {

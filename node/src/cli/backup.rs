@@ -374,6 +374,15 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
                     m.chunks.len(),
                     format_size(m.chunk_bytes)
                 );
+                if !m.patches.is_empty() {
+                    let blocks: u32 = m.patches.iter().map(|p| p.blocks.count_ones()).sum();
+                    println!(
+                        "patched:   {} chunks keep an earlier chunk and replace {} blocks of {} in it",
+                        m.patches.len(),
+                        blocks,
+                        format_size(crate::backup::repo::PATCH_BLOCK)
+                    );
+                }
                 println!("read:      {}", format_size(m.read_bytes));
                 println!("sent:      {} (new chunks, compressed)", format_size(m.stored_bytes));
             }

@@ -129,6 +129,8 @@ fn repo_error(error: RepoError) -> VolumeOpError {
             crate::backup::crypto::CryptoError::WrongSecret | crate::backup::crypto::CryptoError::WrongKind { .. },
         ) => 403,
         RepoError::Target(crate::backup::target::TargetError::BadUrl { .. }) => 400,
+        RepoError::Target(crate::backup::target::TargetError::Denied { .. }) => 403,
+        RepoError::Target(crate::backup::target::TargetError::Full { .. }) => 507,
         _ => 500,
     };
     VolumeOpError {
