@@ -1267,6 +1267,41 @@ fn scheduled_backups_run_unattended_to_a_registered_target_and_keep_the_newest()
         text(&refused)
     );
     node.cli_ok(&["volume", "update", "sv", "--backup-every", "0"]);
+
+    // Inspect, verify and delete by name: the node uses the secret the cluster keeps.
+    let inspected = node.cli_ok(&["backup", "inspect", "site", &ids[1]]);
+    assert!(
+        inspected.contains(&ids[1]) && inspected.contains("volume:    sv"),
+        "{inspected}"
+    );
+    let verified = backup_json(&node, &["backup", "verify", "site", "--json"]);
+    assert!(
+        verified["chunks"].as_u64().unwrap() >= 4
+            && verified["missing"].as_array().unwrap().is_empty()
+            && verified["damaged"].as_array().unwrap().is_empty(),
+        "{verified:#}"
+    );
+    // A scheduled backup that began just before the schedule ended may
+    // hold the target a moment: the delete is refused meanwhile, by name.
+    let started = Instant::now();
+    let deleted = loop {
+        let output = node.cli(&["backup", "delete", "site", &ids[0]]);
+        if output.status.success() {
+            break text(&output);
+        }
+        assert!(
+            text(&output).contains("in use") && started.elapsed() < Duration::from_secs(30),
+            "{}",
+            text(&output)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    assert!(deleted.contains(&format!("deleted backup {}", ids[0])), "{deleted}");
+    let listed = backup_json(&node, &["backup", "list", "site", "--json"]);
+    assert!(
+        listed.as_array().unwrap().iter().all(|m| m["id"] != ids[0].as_str()),
+        "{listed:#}"
+    );
     node.cli_ok(&["backup", "target", "delete", "site"]);
     assert!(node.cli_ok(&["backup", "target", "list"]).contains("no registered"));
 }

@@ -135,6 +135,12 @@ impl ApiClient {
             .map(|_| ())
     }
 
+    /// DELETE `path`, reading the answer.
+    pub fn delete_for<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        let url = self.url(path);
+        self.finish(&url, self.request("DELETE", &url).call())
+    }
+
     /// DELETE `path`.
     pub fn delete(&self, path: &str) -> Result<(), ClientError> {
         let url = self.url(path);

@@ -438,6 +438,11 @@ pub fn router(state: Arc<ApiState>) -> Router {
             axum::routing::delete(delete_backup_target),
         )
         .route("/v1/backup-targets/{target}/backups", get(registered_backups))
+        .route(
+            "/v1/backup-targets/{target}/backups/{backup}",
+            axum::routing::delete(delete_registered_backup),
+        )
+        .route("/v1/backup-targets/{target}/verify", post(verify_registered))
         .route("/v1/volumes/{name}/snapshot-schedule", put(snapshot_schedule))
         .route(
             "/v1/volumes/{name}/device",
@@ -999,6 +1004,31 @@ async fn registered_backups(
     Path(target): Path<String>,
 ) -> Result<Response, ApiError> {
     Ok(Json(state.cluster.registered_backups(&target).await?).into_response())
+}
+
+/// What `POST /v1/backup-targets/{target}/verify` checks.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifyBody {
+    /// One backup; absent: every backup of the target.
+    #[serde(default)]
+    backup: Option<String>,
+}
+
+async fn verify_registered(
+    State(state): State<Arc<ApiState>>,
+    Path(target): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: VerifyBody = parse_body_or_default(&body)?;
+    Ok(Json(state.cluster.verify_registered(&target, body.backup).await?).into_response())
+}
+
+async fn delete_registered_backup(
+    State(state): State<Arc<ApiState>>,
+    Path((target, backup)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(Json(state.cluster.delete_registered_backup(&target, backup).await?).into_response())
 }
 
 async fn delete_backup_target(

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::api::client::{ApiClient, ClientError, DEFAULT_API_URL};
 use crate::backup::job::JobInfo;
-use crate::backup::repo::{Manifest, Repo};
+use crate::backup::repo::{DeleteReport, Manifest, Repo, VerifyReport};
 use crate::backup::target::TargetUrl;
 use crate::backup::{BackupBody, RestoreBody, Secret, TargetOptions};
 use crate::cli::volume::path_segment;
@@ -209,6 +209,7 @@ pub enum BackupCommand {
     },
     /// One backup's details.
     Inspect {
+        /// A target's URL, or a registered target's name.
         target: String,
         backup: String,
         #[arg(long)]
@@ -217,6 +218,8 @@ pub enum BackupCommand {
     /// Check, without restoring, that every chunk a backup needs (or every
     /// backup, without BACKUP) is in the target and intact. Exits 1 if not.
     Verify {
+        /// A target's URL, or a registered target's name (then the node
+        /// reads it, with the secret the cluster keeps).
         target: String,
         backup: Option<String>,
         #[arg(long)]
@@ -224,7 +227,12 @@ pub enum BackupCommand {
     },
     /// Delete a backup and free the chunks no other backup uses. Waits for
     /// no one: refused while a backup, restore or verify uses the target.
-    Delete { target: String, backup: String },
+    Delete {
+        /// A target's URL, or a registered target's name (then the node
+        /// deletes, with the secret the cluster keeps).
+        target: String,
+        backup: String,
+    },
     /// A backup or restore job's state, from the node running it.
     Job {
         volume: String,
@@ -357,7 +365,14 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BackupCommand::Inspect { target, backup, json } => {
-            let m = open(&target, &args.secret)?.manifest(&backup)?;
+            let m = if target.contains("://") {
+                open(&target, &args.secret)?.manifest(&backup)?
+            } else {
+                registered(&client, &target)?
+                    .into_iter()
+                    .find(|m| m.id == backup)
+                    .with_context(|| format!("no backup {backup:?} in target {target}"))?
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
@@ -389,14 +404,27 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BackupCommand::Verify { target, backup, json } => {
-            let repo = open(&target, &args.secret)?;
-            let _lock = repo.lock(false, "verify")?;
-            let bar = crate::cli::progress::items(0, "verifying chunks");
-            let report = repo.verify(backup.as_deref(), |done, total| {
-                bar.set_length(total);
-                bar.set_position(done);
-            })?;
-            bar.finish_and_clear();
+            let report = if target.contains("://") {
+                let repo = open(&target, &args.secret)?;
+                let _lock = repo.lock(false, "verify")?;
+                let bar = crate::cli::progress::items(0, "verifying chunks");
+                let report = repo.verify(backup.as_deref(), |done, total| {
+                    bar.set_length(total);
+                    bar.set_position(done);
+                })?;
+                bar.finish_and_clear();
+                report
+            } else {
+                // A registered target: the node reads it with the secret the cluster keeps.
+                let bar = crate::cli::progress::spinner(&format!("verifying {target} on the node"));
+                let node = ApiClient::with_timeout(&args.api, REGISTERED_VERIFY_TIMEOUT);
+                let report: VerifyReport = node.post(
+                    &format!("/v1/backup-targets/{}/verify", path_segment(&target)),
+                    &serde_json::json!({ "backup": backup }),
+                )?;
+                bar.finish_and_clear();
+                report
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -425,7 +453,15 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             })
         }
         BackupCommand::Delete { target, backup } => {
-            let report = open(&target, &args.secret)?.delete(&backup)?;
+            let report: DeleteReport = if target.contains("://") {
+                open(&target, &args.secret)?.delete(&backup)?
+            } else {
+                client.delete_for(&format!(
+                    "/v1/backup-targets/{}/backups/{}",
+                    path_segment(&target),
+                    path_segment(&backup)
+                ))?
+            };
             println!(
                 "deleted backup {backup}: {} chunks freed ({}), {} kept for other backups",
                 report.chunks_freed,
@@ -473,6 +509,10 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
         }
     }
 }
+
+/// How long a verify of a registered target (run by the node, no progress
+/// reported) may take.
+const REGISTERED_VERIFY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 /// The backups of registered target `name`, through the node.
 fn registered(client: &ApiClient, name: &str) -> Result<Vec<Manifest>> {

@@ -34,6 +34,16 @@ pub fn items(total: u64, message: &str) -> ProgressBar {
     bar
 }
 
+/// A spinner with the time spent, for a wait whose length is not known.
+#[must_use]
+pub fn spinner(message: &str) -> ProgressBar {
+    let bar = ProgressBar::with_draw_target(None, target());
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg} {elapsed}").expect("a valid template"));
+    bar.set_message(message.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
 fn target() -> ProgressDrawTarget {
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         ProgressDrawTarget::stderr()

@@ -343,11 +343,43 @@ impl Cluster {
     /// The backups in registered target `name`, oldest first.
     pub async fn registered_backups(&self, name: &str) -> Result<Vec<crate::backup::repo::Manifest>, VolumeOpError> {
         self.require_member()?;
+        let repo = self.registered_repo(name).await?;
+        on_target(move || repo.manifests()).await
+    }
+
+    /// Checks the chunks of `backup` (every backup: None) in registered
+    /// target `name`, as `backup verify` does with the target's secret.
+    pub async fn verify_registered(
+        &self,
+        name: &str,
+        backup: Option<String>,
+    ) -> Result<crate::backup::repo::VerifyReport, VolumeOpError> {
+        self.require_member()?;
+        let repo = self.registered_repo(name).await?;
+        on_target(move || {
+            let _lock = repo.lock(false, "verify (through the cluster)")?;
+            repo.verify(backup.as_deref(), |_, _| {})
+        })
+        .await
+    }
+
+    /// Deletes `backup` from registered target `name` and frees the chunks
+    /// no other backup uses.
+    pub async fn delete_registered_backup(
+        &self,
+        name: &str,
+        backup: String,
+    ) -> Result<crate::backup::repo::DeleteReport, VolumeOpError> {
+        self.require_member()?;
+        let repo = self.registered_repo(name).await?;
+        on_target(move || repo.delete(&backup)).await
+    }
+
+    async fn registered_repo(&self, name: &str) -> Result<Arc<Repo>, VolumeOpError> {
         if name.contains("://") {
             return Err(invalid(format!("{name}: give a registered target's name")));
         }
-        let repo = self.open_target(name, None, TargetOptions::default(), false).await?;
-        on_target(move || repo.manifests()).await
+        self.open_target(name, None, TargetOptions::default(), false).await
     }
 
     pub async fn delete_backup_target(&self, name: &str) -> Result<(), VolumeOpError> {
