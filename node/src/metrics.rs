@@ -186,6 +186,9 @@ pub struct IoStats {
     begun: std::sync::atomic::AtomicU64,
     /// Reads refused: the serving lease could not be confirmed in time.
     pub lease_refusals: std::sync::atomic::AtomicU64,
+    /// Requests held back by the volume's limits, and for how long in all.
+    throttled: std::sync::atomic::AtomicU64,
+    throttled_nanos: std::sync::atomic::AtomicU64,
 }
 
 /// A request counted in the queue depth until dropped.
@@ -208,6 +211,22 @@ impl IoStats {
     #[must_use]
     pub fn op(&self, op: Op) -> &OpStats {
         &self.ops[op.index()]
+    }
+
+    /// Counts a request the volume's limits held back for `wait`.
+    pub fn throttled(&self, wait: Duration) {
+        self.throttled.fetch_add(1, Ordering::Relaxed);
+        self.throttled_nanos
+            .fetch_add(u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX), Ordering::Relaxed);
+    }
+
+    /// Requests held back by the volume's limits, and the seconds they waited.
+    #[must_use]
+    pub fn throttled_total(&self) -> (u64, f64) {
+        (
+            self.throttled.load(Ordering::Relaxed),
+            Duration::from_nanos(self.throttled_nanos.load(Ordering::Relaxed)).as_secs_f64(),
+        )
     }
 
     #[must_use]
@@ -291,7 +310,12 @@ where
     Ok(())
 }
 
-fn counters(encoder: &mut DescriptorEncoder, name: &str, help: &str, samples: &[(Labels, u64)]) -> std::fmt::Result {
+fn counters<V: Copy + prometheus_client::encoding::EncodeCounterValue + std::fmt::Debug + Send + Sync + 'static>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    samples: &[(Labels, V)],
+) -> std::fmt::Result {
     let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
     for (labels, value) in samples {
         ConstCounter::new(*value).encode(metric.encode_family(labels)?)?;
@@ -383,6 +407,24 @@ impl NodeMetrics {
             &live
                 .iter()
                 .map(|volume| (labels(volume), volume.stats.in_flight()))
+                .collect::<Vec<_>>(),
+        )?;
+        counters(
+            encoder,
+            "ballast_volume_throttled_requests",
+            "Client requests the volume's I/O limits held back on this node (volume update --iops-limit / --mib-per-s-limit).",
+            &live
+                .iter()
+                .map(|volume| (labels(volume), volume.stats.throttled_total().0))
+                .collect::<Vec<_>>(),
+        )?;
+        counters(
+            encoder,
+            "ballast_volume_throttled_seconds",
+            "Seconds client requests of the volume waited for its I/O limits on this node, in all.",
+            &live
+                .iter()
+                .map(|volume| (labels(volume), volume.stats.throttled_total().1))
                 .collect::<Vec<_>>(),
         )?;
         counters(

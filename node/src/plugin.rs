@@ -95,12 +95,28 @@ pub fn decode_request(body: &[u8]) -> serde_json::Result<Request> {
     }
 }
 
-/// The volume a Create asks for, and the filesystem to make at its first mount.
-pub fn create_body(request: &Request) -> Result<(crate::api::CreateBody, String)> {
+/// What a Create asks for: the volume, the filesystem to make at its
+/// first mount, and its I/O priority and limits if any option set them.
+pub type CreateAsked = (crate::api::CreateBody, String, Option<crate::cluster::volumes::QosBody>);
+
+/// The options a Create takes.
+const CREATE_OPTIONS: [&str; 8] = [
+    "size",
+    "repl",
+    "fs",
+    "encrypted",
+    "group",
+    "io_priority",
+    "iops_limit",
+    "mib_per_s_limit",
+];
+
+/// The volume a Create asks for (see `CreateAsked`).
+pub fn create_body(request: &Request) -> Result<CreateAsked> {
     let opts = request.opts.clone().unwrap_or_default();
     for key in opts.keys() {
-        if !["size", "repl", "fs", "encrypted", "group"].contains(&key.as_str()) {
-            anyhow::bail!("unknown option {key:?}: ballast takes size, repl, fs, encrypted, group");
+        if !CREATE_OPTIONS.contains(&key.as_str()) {
+            anyhow::bail!("unknown option {key:?}: ballast takes {}", CREATE_OPTIONS.join(", "));
         }
     }
     let size = opts.get("size").map_or("1GiB", String::as_str);
@@ -122,7 +138,32 @@ pub fn create_body(request: &Request) -> Result<(crate::api::CreateBody, String)
     if fs != "ext4" && fs != "xfs" {
         anyhow::bail!("fs must be ext4 or xfs");
     }
-    Ok((body, fs.to_owned()))
+    let limit = |key: &str| -> Result<Option<u64>> {
+        opts.get(key)
+            .map(|text| text.parse::<u64>())
+            .transpose()
+            .with_context(|| format!("{key} must be a whole number"))
+    };
+    let qos = crate::cluster::volumes::QosBody {
+        io_priority: opts
+            .get("io_priority")
+            .map(|text| text.parse())
+            .transpose()
+            .map_err(anyhow::Error::msg)?
+            .unwrap_or_default(),
+        iops_limit: limit("iops_limit")?,
+        mib_per_s_limit: limit("mib_per_s_limit")?,
+    };
+    crate::volume::qos::Limits {
+        iops: qos.iops_limit,
+        mib_per_s: qos.mib_per_s_limit,
+    }
+    .check()
+    .map_err(anyhow::Error::msg)?;
+    let asked = ["io_priority", "iops_limit", "mib_per_s_limit"]
+        .iter()
+        .any(|key| opts.contains_key(*key));
+    Ok((body, fs.to_owned(), asked.then_some(qos)))
 }
 
 /// The plugin's state file's text.
@@ -175,8 +216,17 @@ impl Plugin {
     }
 
     fn create(&self, request: &Request) -> Result<Value> {
-        let (body, fs) = create_body(request)?;
-        let _: crate::volume::VolumeInfo = self.client()?.post("/v1/volumes", &body)?;
+        let (body, fs, qos) = create_body(request)?;
+        let client = self.client()?;
+        let _: crate::volume::VolumeInfo = client.post("/v1/volumes", &body)?;
+        if let Some(qos) = qos {
+            let path = format!("/v1/volumes/{}", crate::cli::volume::path_segment(&request.name));
+            if let Err(error) = client.put_json::<_, crate::volume::VolumeInfo>(&format!("{path}/qos"), &qos) {
+                // Not left half made: the volume goes with the refusal.
+                let _ = client.delete(&path);
+                return Err(error.into());
+            }
+        }
         self.filesystems.lock().insert(request.name.clone(), fs);
         self.save(&self.refs.lock())?;
         Ok(json!({ "Err": "" }))
@@ -420,19 +470,28 @@ mod tests {
 
     #[test]
     fn create_options_become_a_volume_or_a_clear_refusal() {
-        let (body, fs) = create_body(&request(r#"{"Name":"v"}"#)).unwrap();
+        let (body, fs, qos) = create_body(&request(r#"{"Name":"v"}"#)).unwrap();
         assert_eq!((body.size_bytes, body.replicas, fs.as_str()), (1 << 30, 1, "ext4"));
-        let (body, fs) = create_body(&request(
-            r#"{"Name":"v","Opts":{"size":"10GiB","repl":"3","fs":"xfs","encrypted":"true","group":"db"}}"#,
+        assert!(qos.is_none());
+        let (body, fs, qos) = create_body(&request(
+            r#"{"Name":"v","Opts":{"size":"10GiB","repl":"3","fs":"xfs","encrypted":"true","group":"db","io_priority":"high","iops_limit":"5000"}}"#,
         ))
         .unwrap();
         assert_eq!((body.size_bytes, body.replicas, fs.as_str()), (10 << 30, 3, "xfs"));
         assert!(body.encrypted && body.group == "db");
+        let qos = qos.unwrap();
+        assert_eq!(
+            (qos.io_priority, qos.iops_limit, qos.mib_per_s_limit),
+            (crate::volume::qos::IoPriority::High, Some(5000), None)
+        );
         for (opts, refusal) in [
             (r#"{"sise":"1GiB"}"#, "unknown option"),
             (r#"{"size":"lots"}"#, "bad size"),
             (r#"{"repl":"three"}"#, "repl must be a number"),
             (r#"{"fs":"ntfs"}"#, "ext4 or xfs"),
+            (r#"{"io_priority":"urgent"}"#, "high, medium or low"),
+            (r#"{"iops_limit":"0"}"#, "1 to"),
+            (r#"{"mib_per_s_limit":"fast"}"#, "whole number"),
         ] {
             let error = create_body(&request(&format!(r#"{{"Name":"v","Opts":{opts}}}"#))).unwrap_err();
             assert!(format!("{error:#}").contains(refusal), "{opts}: {error:#}");

@@ -509,4 +509,67 @@ fn volume_latency_gives_server_side_percentiles_of_the_requests_served_and_reset
     assert!(text(&refused).contains("not served on this node"), "{}", text(&refused));
     let unknown = serving.cli(&["volume", "latency", "nope"]);
     assert!(!unknown.status.success(), "{}", text(&unknown));
+
+    // I/O limits: set through the node that does not serve the volume
+    // (kept in Raft), paced where it is served, counted as throttled.
+    let refused = other.cli(&["volume", "update", "lat", "--iops-limit", "0"]);
+    assert!(
+        !refused.status.success() && text(&refused).contains("1 to"),
+        "{}",
+        text(&refused)
+    );
+    other.cli_ok(&["volume", "update", "lat", "--iops-limit", "50", "--io-priority", "high"]);
+    let shown = serving.cli_ok(&["volume", "inspect", "lat"]);
+    assert!(
+        shown.contains("priority high; at most 50 IOPS, no MiB/s limit"),
+        "{shown}"
+    );
+    let throttled = || {
+        value(
+            &samples(&scrape(serving)),
+            "ballast_volume_throttled_requests_total{volume=\"lat\"}",
+        )
+    };
+    // 40 writes at once at 50 per second: all but the burst's few wait (the
+    // first round may begin before the serving node applied the limit).
+    let writes = |count: u64| {
+        let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
+        for block in 0..count {
+            args.extend(["-c".into(), format!("aio_write -P 9 {} 4k", block * 4096)]);
+        }
+        args.extend(["-c".into(), "aio_flush".into(), serving.uri("lat")]);
+        let output = Command::new("qemu-io").args(&args).output().unwrap();
+        assert!(output.status.success(), "{}", text(&output));
+    };
+    let mut held = 0.0;
+    for _ in 0..5 {
+        let before = throttled();
+        writes(40);
+        held = throttled() - before;
+        if held >= 30.0 {
+            break;
+        }
+    }
+    assert!(held >= 30.0, "40 writes at 50 IOPS: only {held} waited");
+    assert!(
+        value(
+            &samples(&scrape(serving)),
+            "ballast_volume_throttled_seconds_total{volume=\"lat\"}"
+        ) > 0.0,
+        "the wait is counted"
+    );
+    // Lifted: no request waits any more.
+    other.cli_ok(&["volume", "update", "lat", "--iops-limit", "none"]);
+    let mut held = f64::MAX;
+    for _ in 0..10 {
+        let before = throttled();
+        writes(40);
+        held = throttled() - before;
+        if held == 0.0 {
+            break;
+        }
+    }
+    assert_eq!(held, 0.0, "the lifted limit still holds requests back");
+    let shown = serving.cli_ok(&["volume", "inspect", "lat"]);
+    assert!(shown.contains("priority high; no IOPS limit"), "{shown}");
 }

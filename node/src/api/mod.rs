@@ -449,6 +449,7 @@ pub fn router(state: Arc<ApiState>) -> Router {
             get(device_of).post(attach_device).delete(detach_device),
         )
         .route("/v1/volumes/{name}/replicas", put(update_replicas))
+        .route("/v1/volumes/{name}/qos", put(set_qos))
         .route("/v1/cluster", get(cluster_status))
         .route("/v1/alerts", get(list_alerts))
         .route("/v1/cluster/init", post(cluster_init))
@@ -1122,6 +1123,24 @@ async fn snapshot_schedule(
 #[serde(deny_unknown_fields)]
 pub struct ReplicasBody {
     pub replicas: u32,
+}
+
+/// A volume's priority and limits are the administrator's: a user who
+/// could raise their own would defeat them.
+async fn set_qos(
+    State(state): State<Arc<ApiState>>,
+    Extension(caller): Extension<auth::Caller>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    if !caller.is_admin() {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            "a volume's I/O priority and limits are set by an admin".into(),
+        ));
+    }
+    let body: crate::cluster::volumes::QosBody = parse_body(&body)?;
+    Ok(Json(state.cluster.set_qos(&state.volumes, &name, &body).await?).into_response())
 }
 
 async fn update_replicas(

@@ -54,6 +54,8 @@ pub enum VolumeCommand {
         /// Members of GROUP (tokens made with `auth token create --group GROUP`) may use the volume as its owner does.
         #[arg(long, value_name = "GROUP")]
         group: Option<String>,
+        #[command(flatten)]
+        qos: QosArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -93,12 +95,12 @@ pub enum VolumeCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Change a volume's settings online: the number of replicas, scheduled snapshots, scheduled backups.
+    /// Change a volume's settings online: the number of replicas, scheduled snapshots, scheduled backups, I/O priority and limits.
     ///
     /// New replicas are placed like at create, start empty and join the
     /// in-sync set once the coordinator has copied the data to them (see
     /// `volume inspect`); lowering removes out-of-sync replicas first.
-    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["repl", "snapshot_every", "backup_every"])))]
+    #[command(group(clap::ArgGroup::new("change").required(true).multiple(true).args(["repl", "snapshot_every", "backup_every", "io_priority", "iops_limit", "mib_per_s_limit"])))]
     Update {
         name: String,
         /// Copies of the data wanted (1 to 5).
@@ -122,6 +124,8 @@ pub enum VolumeCommand {
         /// A target registered with `ballast backup target add NAME URL`.
         #[arg(long, value_name = "NAME", requires = "backup_every")]
         backup_target: Option<String>,
+        #[command(flatten)]
+        qos: QosArgs,
         /// Machine-readable output.
         #[arg(long)]
         json: bool,
@@ -244,6 +248,7 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             encrypted,
             passphrase_file,
             group,
+            qos,
             json,
         } => {
             let standby = standby_of
@@ -278,6 +283,18 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
                 group: group.unwrap_or_default(),
             };
             let info: VolumeInfo = client.post("/v1/volumes", &body)?;
+            let info = if qos.given() {
+                match put_qos(&client, &qos, &info) {
+                    Ok(info) => info,
+                    Err(error) => {
+                        // Not left half made: the volume goes with the refusal.
+                        let _ = client.delete(&format!("/v1/volumes/{}", path_segment(&info.name)));
+                        return Err(error);
+                    }
+                }
+            } else {
+                info
+            };
             let Some((target, volume)) = standby else {
                 return print_one(&info, json, "created");
             };
@@ -345,10 +362,15 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
             backup_every,
             backup_keep,
             backup_target,
+            qos,
             json,
             wait,
         } => {
             let mut info = None;
+            if qos.given() {
+                let current: VolumeInfo = client.get(&format!("/v1/volumes/{}", path_segment(&name)))?;
+                info = Some(put_qos(&client, &qos, &current)?);
+            }
             if let Some(every) = backup_every {
                 let every_seconds =
                     crate::cli::cluster::parse_ttl(&every).with_context(|| format!("bad --backup-every {every:?}"))?;
@@ -380,7 +402,7 @@ pub fn run(args: VolumeArgs) -> Result<ExitCode> {
                     &crate::api::ReplicasBody { replicas },
                 )?);
             }
-            let info = info.expect("clap requires --repl, --snapshot-every or --backup-every");
+            let info = info.expect("clap requires one change");
             if !wait {
                 return print_one(&info, json, "updated");
             }
@@ -650,6 +672,58 @@ fn wait_in_sync(client: &ApiClient, name: &str) -> Result<VolumeInfo> {
     }
 }
 
+/// A volume's I/O priority and limits on the command line.
+#[derive(Args, Debug, Default)]
+pub struct QosArgs {
+    /// I/O priority class: high, medium (the default) or low. Kept in the
+    /// cluster and shown; the disk does not weigh classes against each
+    /// other yet (requests are served first come, first served).
+    #[arg(long, value_name = "CLASS")]
+    pub io_priority: Option<String>,
+    /// At most N requests per second from the volume's clients (reads,
+    /// writes, trims; flushes are free), paced by the node serving it;
+    /// `none` lifts the limit. Admin only.
+    #[arg(long, value_name = "N|none")]
+    pub iops_limit: Option<String>,
+    /// At most N MiB per second read and written by the volume's clients;
+    /// `none` lifts the limit. Admin only.
+    #[arg(long, value_name = "N|none")]
+    pub mib_per_s_limit: Option<String>,
+}
+
+impl QosArgs {
+    fn given(&self) -> bool {
+        self.io_priority.is_some() || self.iops_limit.is_some() || self.mib_per_s_limit.is_some()
+    }
+
+    /// `current`'s priority and limits with these changes.
+    fn merged(&self, current: &VolumeInfo) -> Result<crate::cluster::volumes::QosBody> {
+        let limit = |given: &Option<String>, flag: &str, now: Option<u64>| -> Result<Option<u64>> {
+            match given.as_deref() {
+                None => Ok(now),
+                Some("none") => Ok(None),
+                Some(text) => text
+                    .parse::<u64>()
+                    .map(Some)
+                    .with_context(|| format!("bad {flag} {text:?}: give a whole number, or none")),
+            }
+        };
+        Ok(crate::cluster::volumes::QosBody {
+            io_priority: match &self.io_priority {
+                Some(text) => text.parse().map_err(anyhow::Error::msg)?,
+                None => current.io_priority,
+            },
+            iops_limit: limit(&self.iops_limit, "--iops-limit", current.iops_limit)?,
+            mib_per_s_limit: limit(&self.mib_per_s_limit, "--mib-per-s-limit", current.mib_per_s_limit)?,
+        })
+    }
+}
+
+fn put_qos(client: &ApiClient, qos: &QosArgs, current: &VolumeInfo) -> Result<VolumeInfo> {
+    let body = qos.merged(current)?;
+    Ok(client.put_json(&format!("/v1/volumes/{}/qos", path_segment(&current.name)), &body)?)
+}
+
 fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
     if json {
         println!("{}", serde_json::to_string_pretty(info)?);
@@ -719,6 +793,17 @@ fn print_one(info: &VolumeInfo, json: bool, verb: &str) -> Result<ExitCode> {
         println!(
             "backups:     one every {} s to target {}, the newest {} kept (`ballast backup list {}`)",
             info.backup_every_seconds, info.backup_target, info.backup_keep, info.backup_target
+        );
+    }
+    if info.iops_limit.is_some() || info.mib_per_s_limit.is_some() || !info.io_priority.is_medium() {
+        let limit = |value: Option<u64>, unit: &str| {
+            value.map_or_else(|| format!("no {unit} limit"), |v| format!("at most {v} {unit}"))
+        };
+        println!(
+            "io:          priority {}; {}, {}",
+            info.io_priority.as_str(),
+            limit(info.iops_limit, "IOPS"),
+            limit(info.mib_per_s_limit, "MiB/s")
         );
     }
     if !info.cloned_from.is_empty() {

@@ -192,7 +192,7 @@ impl Cluster {
     }
 
     /// Refused (409) unless every member speaks peer protocol `version`.
-    fn require_protocol(&self, version: u16, what: &str) -> Result<(), VolumeOpError> {
+    pub(super) fn require_protocol(&self, version: u16, what: &str) -> Result<(), VolumeOpError> {
         let members: Vec<(u64, Option<u16>)> = self
             .with_state(|state| state.nodes.keys().copied().collect::<Vec<_>>())
             .into_iter()

@@ -105,6 +105,13 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
             continue;
         }
         volumes.set_standby(&volume.name, volume.standby_of.is_some());
+        volumes.set_limits(
+            &volume.name,
+            crate::volume::qos::Limits {
+                iops: volume.iops_limit,
+                mib_per_s: volume.mib_per_s_limit,
+            },
+        );
         let sole_copy_here = volume.replica_nodes.len() == 1 && volume.coordinator == local_id;
         volumes.set_lease_required(&volume.name, !sole_copy_here);
         volumes.set_epoch(&volume.name, volume.epoch);

@@ -10,6 +10,8 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::volume::qos::IoPriority;
+
 /// Most voting members; further nodes are learners.
 pub const VOTERS_MAX: usize = 5;
 /// Most nodes in one cluster.
@@ -129,6 +131,15 @@ pub struct ClusterVolume {
     /// clone of an encrypted volume shares its source's key. Empty: its own.
     #[serde(default)]
     pub key_name: String,
+    /// I/O priority class and limits, paced by the node serving the
+    /// volume (`volume update --io-priority --iops-limit --mib-per-s-limit`).
+    /// Peer protocol 3.
+    #[serde(default, skip_serializing_if = "IoPriority::is_medium")]
+    pub io_priority: IoPriority,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iops_limit: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mib_per_s_limit: Option<u64>,
 }
 
 impl ClusterVolume {
@@ -442,6 +453,13 @@ pub enum Command {
         backup: String,
         now_unix: u64,
     },
+    /// Volume `name`'s I/O priority class and limits (None: unlimited). Peer protocol 3.
+    SetQos {
+        name: String,
+        priority: IoPriority,
+        iops_limit: Option<u64>,
+        mib_per_s_limit: Option<u64>,
+    },
 }
 
 /// What a standby volume follows, and how far it got.
@@ -648,6 +666,26 @@ impl ClusterState {
                     volume.backup_every_seconds = every_seconds;
                     volume.backup_keep = keep;
                     volume.backup_target = target;
+                    Ok(())
+                })
+            }
+            Command::SetQos {
+                name,
+                priority,
+                iops_limit,
+                mib_per_s_limit,
+            } => {
+                let limits = crate::volume::qos::Limits {
+                    iops: iops_limit,
+                    mib_per_s: mib_per_s_limit,
+                };
+                if let Err(why) = limits.check() {
+                    return Outcome::Rejected(Rejection::Invalid(why));
+                }
+                self.update_volume(&name, |volume| {
+                    volume.io_priority = priority;
+                    volume.iops_limit = iops_limit;
+                    volume.mib_per_s_limit = mib_per_s_limit;
                     Ok(())
                 })
             }
@@ -895,6 +933,9 @@ impl ClusterState {
             backup_target: String::new(),
             standby_of: None,
             key_name: String::new(),
+            io_priority: IoPriority::default(),
+            iops_limit: None,
+            mib_per_s_limit: None,
         };
         self.volumes.insert(name, volume.clone());
         Outcome::Volume(volume)
@@ -1212,6 +1253,43 @@ pub(crate) mod tests {
         assert_eq!(state.apply(attach(1, false)), Outcome::Done);
         state.apply(Command::DeleteVolume { name: "v".into() });
         assert!(state.attachments.is_empty(), "a deleted volume is attached nowhere");
+    }
+
+    #[test]
+    fn io_limits_are_kept_with_the_volume_and_nonsense_is_refused() {
+        let mut state = cluster(1);
+        state.apply(create("a", vec![1]));
+        let qos = |iops_limit, mib_per_s_limit| Command::SetQos {
+            name: "a".into(),
+            priority: IoPriority::High,
+            iops_limit,
+            mib_per_s_limit,
+        };
+        let Outcome::Volume(volume) = state.apply(qos(Some(5000), Some(200))) else {
+            panic!("limits refused")
+        };
+        assert_eq!(
+            (volume.io_priority, volume.iops_limit, volume.mib_per_s_limit),
+            (IoPriority::High, Some(5000), Some(200))
+        );
+        assert!(matches!(
+            state.apply(qos(Some(0), None)),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
+        assert!(matches!(
+            state.apply(qos(None, Some(0))),
+            Outcome::Rejected(Rejection::Invalid(_))
+        ));
+        assert_eq!(state.volumes["a"].iops_limit, Some(5000), "a refusal changes nothing");
+        // Lifted, and a volume at the defaults serializes as before protocol 3.
+        state.apply(Command::SetQos {
+            name: "a".into(),
+            priority: IoPriority::Medium,
+            iops_limit: None,
+            mib_per_s_limit: None,
+        });
+        let json = serde_json::to_string(&state.volumes["a"]).unwrap();
+        assert!(!json.contains("io_priority") && !json.contains("limit"), "{json}");
     }
 
     #[test]

@@ -15,6 +15,21 @@ use crate::api::client::{ApiClient, ClientError};
 use crate::volume::crypt::{ClusterKey, VolumeCipher, VolumeKey, WrappedKey};
 use crate::volume::{validate_name, validate_size, VolumeInfo, Volumes, BLOCK_SIZES_BYTES};
 
+/// The peer protocol that brought `Command::SetQos`.
+const PROTOCOL_QOS: u16 = 3;
+
+/// Body of `PUT /v1/volumes/{name}/qos`: the whole set (a limit left out is lifted).
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QosBody {
+    #[serde(default)]
+    pub io_priority: crate::volume::qos::IoPriority,
+    #[serde(default)]
+    pub iops_limit: Option<u64>,
+    #[serde(default)]
+    pub mib_per_s_limit: Option<u64>,
+}
+
 /// Most replicas of one volume.
 pub const REPLICAS_MAX: u32 = 5;
 /// Longest `create`/`resize` wait for the local replica to follow the metadata.
@@ -357,6 +372,29 @@ impl Cluster {
     /// create, start empty and join the in-sync set once the coordinator
     /// resynced them; removal takes out-of-sync replicas first, never the
     /// coordinator.
+    /// Sets `name`'s I/O priority class and limits (the whole set: a
+    /// limit left None is lifted). Applied by the node serving the volume.
+    pub async fn set_qos(&self, volumes: &Volumes, name: &str, body: &QosBody) -> Result<VolumeInfo, VolumeOpError> {
+        self.require_member()?;
+        self.volume(name)?;
+        crate::volume::qos::Limits {
+            iops: body.iops_limit,
+            mib_per_s: body.mib_per_s_limit,
+        }
+        .check()
+        .map_err(invalid)?;
+        self.require_protocol(PROTOCOL_QOS, "I/O priority and limits")?;
+        let volume = self
+            .expect_volume(Command::SetQos {
+                name: name.to_owned(),
+                priority: body.io_priority,
+                iops_limit: body.iops_limit,
+                mib_per_s_limit: body.mib_per_s_limit,
+            })
+            .await?;
+        Ok(self.describe(volumes, &volume))
+    }
+
     pub async fn update_replicas(
         &self,
         volumes: &Arc<Volumes>,
@@ -586,6 +624,9 @@ impl Cluster {
             standby_of: String::new(),
             standby_applied: String::new(),
             cloned_from: String::new(),
+            io_priority: crate::volume::qos::IoPriority::default(),
+            iops_limit: None,
+            mib_per_s_limit: None,
         });
         info.snapshots = volume.snapshots.len();
         info.snapshot_every_seconds = volume.snapshot_every_seconds;
@@ -593,6 +634,9 @@ impl Cluster {
         info.backup_every_seconds = volume.backup_every_seconds;
         info.backup_keep = volume.backup_keep;
         info.backup_target.clone_from(&volume.backup_target);
+        info.io_priority = volume.io_priority;
+        info.iops_limit = volume.iops_limit;
+        info.mib_per_s_limit = volume.mib_per_s_limit;
         if let Some(standby) = &volume.standby_of {
             info.standby_of = format!("{}/{}", standby.target, standby.volume);
             info.standby_applied.clone_from(&standby.applied);

@@ -495,6 +495,13 @@ async fn run_request(
     cost_bytes: u64,
 ) -> Answer {
     let started = std::time::Instant::now();
+    // The volume's limits first (a wait counts in the request's latency).
+    let (ops, bytes) = match request.command {
+        CMD_READ | CMD_WRITE => (1, u64::from(request.length_bytes)),
+        CMD_TRIM | CMD_WRITE_ZEROES => (1, 0),
+        _ => (0, 0),
+    };
+    volume.admit(ops, bytes).await;
     let in_flight = volume.stats.begin();
     let outcome = execute(&volume, &request, payload, structured, base_allocation).await;
     drop(in_flight);

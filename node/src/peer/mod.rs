@@ -25,9 +25,10 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> PeerIo for T {}
 pub type PeerStream = Box<dyn PeerIo>;
 
 /// The highest peer protocol version this build speaks. 2 brought the
-/// Raft commands of registered backup targets and backup schedules
-/// (proposed only once every member speaks it: `Cluster::require_protocol`).
-pub const PROTOCOL_VERSION: u16 = 2;
+/// Raft commands of registered backup targets and backup schedules, 3 a
+/// volume's I/O priority and limits (`SetQos`); each is proposed only once
+/// every member speaks it: `Cluster::require_protocol`.
+pub const PROTOCOL_VERSION: u16 = 3;
 /// The lowest it still speaks (the previous release's, once there is one):
 /// see `handshake` on rolling upgrades.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;

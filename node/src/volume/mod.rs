@@ -14,6 +14,7 @@ pub mod drain;
 pub mod io;
 pub mod lease;
 pub mod meta;
+pub mod qos;
 pub mod range_lock;
 pub mod scrub;
 pub mod snapshot;
@@ -213,6 +214,9 @@ pub struct Volume {
     pub epoch_gate: tokio::sync::RwLock<()>,
     /// What clients asked of the volume on this node (`/metrics`).
     pub stats: crate::metrics::IoStats,
+    /// The volume's I/O limits, paced here while it serves clients (None: unlimited).
+    qos: Mutex<Option<qos::Pacer>>,
+    limited: AtomicBool,
     /// Data is encrypted: client I/O needs `cipher` (replica and resync
     /// traffic moves ciphertext and needs none).
     pub encrypted: bool,
@@ -256,6 +260,42 @@ pub trait Replicator: Send + Sync {
 }
 
 impl Volume {
+    /// Sets the volume's I/O limits; the pacing state is kept while they
+    /// stay the same (the cluster's state is applied again and again).
+    pub fn set_limits(&self, limits: qos::Limits) {
+        let mut pacer = self.qos.lock();
+        if pacer.as_ref().map_or(qos::Limits::default(), qos::Pacer::limits) == limits {
+            return;
+        }
+        *pacer = (!limits.is_none()).then(|| qos::Pacer::new(limits, std::time::Instant::now()));
+        self.limited.store(pacer.is_some(), Ordering::Release);
+    }
+
+    /// The volume's limits (all None: unlimited).
+    #[must_use]
+    pub fn limits(&self) -> qos::Limits {
+        self.qos
+            .lock()
+            .as_ref()
+            .map_or(qos::Limits::default(), qos::Pacer::limits)
+    }
+
+    /// Waits until the volume's limits let a client request of `ops`
+    /// operations and `bytes` bytes start (at once when unlimited).
+    pub async fn admit(&self, ops: u64, bytes: u64) {
+        if !self.limited.load(Ordering::Acquire) {
+            return;
+        }
+        let wait = match self.qos.lock().as_mut() {
+            Some(pacer) => pacer.reserve(std::time::Instant::now(), ops, bytes),
+            None => return,
+        };
+        if !wait.is_zero() {
+            self.stats.throttled(wait);
+            tokio::time::sleep(wait).await;
+        }
+    }
+
     /// The node's storage engine (host attach serves its queues on its reactors).
     #[must_use]
     pub fn engine(&self) -> &Arc<Engine> {
@@ -476,6 +516,13 @@ pub struct VolumeInfo {
     /// `VOLUME@SNAPSHOT` it was cloned from ("" if none, or if that is gone).
     #[serde(default)]
     pub cloned_from: String,
+    /// I/O priority class (high, medium, low) and limits (None: unlimited).
+    #[serde(default)]
+    pub io_priority: qos::IoPriority,
+    #[serde(default)]
+    pub iops_limit: Option<u64>,
+    #[serde(default)]
+    pub mib_per_s_limit: Option<u64>,
 }
 
 /// An opened disk as placement sees it.
@@ -626,6 +673,8 @@ impl Volumes {
             ranges: range_lock::RangeLock::default(),
             epoch_gate: tokio::sync::RwLock::new(()),
             stats: crate::metrics::IoStats::default(),
+            qos: Mutex::new(None),
+            limited: AtomicBool::new(false),
             encrypted: record.encrypted,
             cipher: RwLock::new(None),
             read_only: record.snapshot_of.is_some(),
@@ -653,6 +702,13 @@ impl Volumes {
             return Some(copy);
         }
         self.get(name).filter(|volume| volume.is_served())
+    }
+
+    /// Sets `name`'s I/O limits (as the cluster keeps them).
+    pub fn set_limits(&self, name: &str, limits: qos::Limits) {
+        if let Some(volume) = self.get(name) {
+            volume.set_limits(limits);
+        }
     }
 
     /// Marks `name` a standby (no client may open it) or not.
@@ -1045,6 +1101,9 @@ impl Volumes {
             standby_of: String::new(),
             standby_applied: String::new(),
             cloned_from: String::new(),
+            io_priority: crate::volume::qos::IoPriority::default(),
+            iops_limit: None,
+            mib_per_s_limit: None,
         })
     }
 }
