@@ -13,6 +13,7 @@ mod fleet_bench;
 mod local_cluster;
 mod machine;
 mod nbd_bench;
+mod qos_bench;
 mod repl_bench;
 mod security_bench;
 mod servers;
@@ -252,6 +253,26 @@ enum Bench {
     /// Off-cluster backups: full backup of a volume of random data to an S3-compatible server (moto_server, started on 127.0.0.1) and to a file:// target beside `qemu-img convert` of the same volume (NBD) to a file; an incremental after 1 % of the volume changed in random 4-KiB writes (bytes moved over bytes changed, target <= 1.2); restore from each beside `qemu-img convert` of the file into a new volume. CPU of the node, the store and the client beside each. Writes backup.json and backup.md.
     ///
     /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs fio, qemu-img and moto_server (ci/install-deps.sh installs them). Not part of `all`.
+    /// Volume I/O limits: the cost of the pacer when its limit is not reached (4 KiB random writes, no limit vs a 10 M IOPS limit, alternated; target < 2 %) and how an IOPS and a bandwidth limit at half the unlimited rate hold over 10-s windows (target within 10 %). Writes qos.json and qos.md.
+    ///
+    /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Not part of `all`.
+    Qos {
+        /// Size of the node's loop device (the volume is a quarter of it).
+        #[arg(long, default_value = "4GiB")]
+        size: String,
+        /// Seconds per measurement of the unreached limit's cost.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Alternating repetitions of that measurement (median reported).
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// The ballast binary to benchmark.
+        #[arg(long, default_value = "target/release/ballast")]
+        ballast: PathBuf,
+        /// Where to write the results.
+        #[arg(long, default_value = "perf/results")]
+        out: PathBuf,
+    },
     Backup {
         /// Size of the volume backed up.
         #[arg(long, default_value = "1GiB")]
@@ -560,6 +581,27 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
                 anyhow::bail!("--seconds and --repeats must be at least 1");
             }
             security_bench::run(&security_bench::SecurityOptions {
+                disk_bytes: node::size::parse_size(&size)?,
+                seconds,
+                repeats,
+                out,
+                ballast: servers::BallastBinary {
+                    path: ballast,
+                    env: Vec::new(),
+                },
+            })
+        }
+        Bench::Qos {
+            size,
+            seconds,
+            repeats,
+            ballast,
+            out,
+        } => {
+            if seconds == 0 || repeats == 0 {
+                anyhow::bail!("--seconds and --repeats must be at least 1");
+            }
+            qos_bench::run(&qos_bench::QosOptions {
                 disk_bytes: node::size::parse_size(&size)?,
                 seconds,
                 repeats,
