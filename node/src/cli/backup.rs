@@ -299,14 +299,7 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             no_wait,
             json,
         } => {
-            let manifest = if target.contains("://") {
-                open(&target, &args.secret)?.manifest(&backup)?
-            } else {
-                registered(&client, &target)?
-                    .into_iter()
-                    .find(|m| m.id == backup)
-                    .with_context(|| format!("no backup {backup:?} in target {target}"))?
-            };
+            let manifest = manifest_of(&client, &args.secret, &target, &backup)?;
             let path = format!("/v1/volumes/{}", path_segment(&volume));
             match client.get::<VolumeInfo>(&path) {
                 Ok(_) if !into_existing => {
@@ -365,14 +358,7 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         BackupCommand::Inspect { target, backup, json } => {
-            let m = if target.contains("://") {
-                open(&target, &args.secret)?.manifest(&backup)?
-            } else {
-                registered(&client, &target)?
-                    .into_iter()
-                    .find(|m| m.id == backup)
-                    .with_context(|| format!("no backup {backup:?} in target {target}"))?
-            };
+            let m = manifest_of(&client, &args.secret, &target, &backup)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
             } else {
@@ -513,6 +499,18 @@ pub fn run(args: BackupArgs) -> Result<ExitCode> {
 /// How long a verify of a registered target (run by the node, no progress
 /// reported) may take.
 const REGISTERED_VERIFY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// Backup `backup`'s manifest: read here from a target's URL, or through
+/// the node from a registered target.
+fn manifest_of(client: &ApiClient, secret: &SecretArgs, target: &str, backup: &str) -> Result<Manifest> {
+    if target.contains("://") {
+        return Ok(open(target, secret)?.manifest(backup)?);
+    }
+    registered(client, target)?
+        .into_iter()
+        .find(|m| m.id == backup)
+        .with_context(|| format!("no backup {backup:?} in target {target}"))
+}
 
 /// The backups of registered target `name`, through the node.
 fn registered(client: &ApiClient, name: &str) -> Result<Vec<Manifest>> {
