@@ -524,6 +524,8 @@ fn volume_latency_gives_server_side_percentiles_of_the_requests_served_and_reset
         shown.contains("priority high; at most 50 IOPS, no MiB/s limit"),
         "{shown}"
     );
+    let status = other.cli_ok(&["status"]);
+    assert!(status.contains("high 50iops"), "{status}");
     let throttled = || {
         value(
             &samples(&scrape(serving)),

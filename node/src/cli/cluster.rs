@@ -356,8 +356,8 @@ fn print_status(status: &ClusterStatus, json: bool, style: Style) -> Result<()> 
         println!("no volumes");
     } else {
         println!(
-            "{:<20} {:>9} {:>9} {:<11} {:>5} {:<22} {:<24} RESYNC / SCRUB",
-            "VOLUME", "SIZE", "USED", "HEALTH", "REPL", "ATTACHED (NBD)", "REPLICAS"
+            "{:<20} {:>9} {:>9} {:<11} {:>5} {:<22} {:<24} {:<18} RESYNC / SCRUB",
+            "VOLUME", "SIZE", "USED", "HEALTH", "REPL", "ATTACHED (NBD)", "REPLICAS", "IO"
         );
         for volume in &status.volumes {
             let replicas: Vec<String> = volume
@@ -404,8 +404,11 @@ fn print_status(status: &ClusterStatus, json: bool, style: Style) -> Result<()> 
                     ));
                 }
             }
+            let mut io = vec![volume.io_priority.as_str().to_owned()];
+            io.extend(volume.iops_limit.map(|iops| format!("{iops}iops")));
+            io.extend(volume.mib_per_s_limit.map(|mib| format!("{mib}MiB/s")));
             println!(
-                "{:<20} {:>9} {:>9} {} {:>5} {:<22} {:<24} {}",
+                "{:<20} {:>9} {:>9} {} {:>5} {:<22} {:<24} {:<18} {}",
                 volume.name,
                 format_size(volume.size_bytes),
                 format_size(volume.used_bytes),
@@ -413,6 +416,7 @@ fn print_status(status: &ClusterStatus, json: bool, style: Style) -> Result<()> 
                 format!("{}/{}", volume.in_sync.len(), volume.replicas),
                 attached,
                 replicas.join(","),
+                io.join(" "),
                 if resync.is_empty() {
                     "-".to_owned()
                 } else {

@@ -80,6 +80,13 @@ pub struct VolumeView {
     pub scrub_done: u64,
     #[serde(default)]
     pub scrub_done_unix: u64,
+    /// I/O priority class and limits (None: unlimited).
+    #[serde(default)]
+    pub io_priority: crate::volume::qos::IoPriority,
+    #[serde(default)]
+    pub iops_limit: Option<u64>,
+    #[serde(default)]
+    pub mib_per_s_limit: Option<u64>,
 }
 
 /// GET /v1/cluster.
@@ -211,6 +218,9 @@ impl Cluster {
                     scrub_requested: volume.scrub_requested,
                     scrub_done: volume.scrub_done,
                     scrub_done_unix: volume.scrub_done_unix,
+                    io_priority: volume.io_priority,
+                    iops_limit: volume.iops_limit,
+                    mib_per_s_limit: volume.mib_per_s_limit,
                     name: volume.name.clone(),
                     size_bytes: volume.size_bytes,
                     replicas: volume.replicas,
