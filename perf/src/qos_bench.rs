@@ -9,8 +9,15 @@
 //!   writes at QD8, the rate fio gets over each 10-s window (fio's own
 //!   averaged log) over the limit.
 //!
+//! - the first latency target as things stand: a volume doing 4 KiB QD1
+//!   writes with an fsync after each, alone and beside a second volume
+//!   saturating the disk with 1 MiB writes at QD8 (no limit; then that
+//!   volume limited to half its unlimited bandwidth, the one lever there is
+//!   today): the p99 of its writes and of its fsyncs.
+//!
 //! Not measured yet (issue 26, item 2 is not built): priority classes at
-//! the disk and a resync beside a busy volume.
+//! the disk (the noisy volume is `low`, the quiet one `high`, but classes
+//! are not weighed yet) and a resync beside a busy volume.
 
 use std::path::{Path, PathBuf};
 
@@ -65,6 +72,11 @@ struct QosReport {
     unlimited_mib_per_s: Samples,
     mib_window_ratios: Samples,
     limits_meet_target: bool,
+    /// The quiet volume's write and fsync p99 (us): alone, beside the
+    /// noisy one, beside it limited.
+    quiet_write_p99_us: [Samples; 3],
+    quiet_flush_p99_us: [Samples; 3],
+    noisy_limit_mib_per_s: u64,
 }
 
 pub fn run(options: &QosOptions) -> Result<Vec<crate::chart::Bar>> {
@@ -151,6 +163,56 @@ pub fn run(options: &QosOptions) -> Result<Vec<crate::chart::Bar>> {
     // fio's bandwidth log is in KiB/s.
     let mib_windows: Vec<f64> = mib_windows.iter().map(|kib| kib / 1024.0).collect();
     let mib_window_ratios = ratio_samples(&mib_windows, mib_limit as f64);
+
+    // A quiet high-priority volume beside a noisy low-priority one.
+    set(&["--io-priority", "high"])?;
+    let noisy_uri = cluster.create_volume("noisy", volume_bytes, 1)?;
+    let noisy_set = |args: &[&str]| -> Result<()> {
+        let api = cluster.nodes[0].api();
+        let mut all = vec!["volume", "update", "noisy"];
+        all.extend_from_slice(args);
+        all.extend(["--api", &api]);
+        cluster.admin().run(&all)?;
+        std::thread::sleep(std::time::Duration::from_secs(1));
+        Ok(())
+    };
+    noisy_set(&["--io-priority", "low"])?;
+    let mut quiet = FioJob::new("quiet", "randwrite", "4k", 1, options.seconds, volume_bytes);
+    quiet.extra.push("--fsync=1".into());
+    let noise = FioJob::new("noisy", "write", "1M", 8, options.seconds + 4, volume_bytes);
+    let (mut write_p99, mut flush_p99): ([Samples; 3], [Samples; 3]) = Default::default();
+    for run in 0..options.repeats {
+        for turn in 0..3 {
+            let slot = (turn + run) % 3;
+            let limit = if slot == 2 { mib_limit.to_string() } else { "none".to_owned() };
+            noisy_set(&["--mib-per-s-limit", &limit])?;
+            let mut background = if slot == 0 {
+                None
+            } else {
+                let child = fio::nbd_command(std::process::Command::new("fio"), &noise, &noisy_uri)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .context("cannot start fio for the noisy volume")?;
+                std::thread::sleep(std::time::Duration::from_secs(2));
+                Some(child)
+            };
+            let result = fio::run_on_nbd(&quiet, &uri);
+            if let Some(child) = background.as_mut() {
+                let _ = child.wait();
+            }
+            let result = result?;
+            write_p99[slot].push(result.latency_p99_us);
+            flush_p99[slot].push(result.flush_latency_p99_us);
+            eprintln!(
+                "repetition {}: quiet volume {}: write p99 {} us, fsync p99 {} us",
+                run + 1,
+                ["alone", "beside the noisy one", "beside the noisy one limited"][slot],
+                compact(result.latency_p99_us),
+                compact(result.flush_latency_p99_us)
+            );
+        }
+    }
     drop(cluster);
 
     let within = |samples: &Samples| {
@@ -180,6 +242,9 @@ pub fn run(options: &QosOptions) -> Result<Vec<crate::chart::Bar>> {
         mib_per_s_limit: mib_limit,
         unlimited_mib_per_s: unlimited_mib,
         mib_window_ratios,
+        quiet_write_p99_us: write_p99,
+        quiet_flush_p99_us: flush_p99,
+        noisy_limit_mib_per_s: mib_limit,
     };
     let markdown = render(&report);
     println!("{markdown}");
@@ -293,6 +358,21 @@ fn render(report: &QosReport) -> String {
         windows(&report.mib_window_ratios),
         LIMIT_TOLERANCE * 100.0
     );
+    let p99 = |samples: &[Samples; 3], what: &str| {
+        let alone = samples[0].median();
+        format!(
+            "| 4k QD1 write + fsync on a `high` volume, {what} p99: alone / beside 1M QD8 writes on a `low` volume / beside them limited to {} MiB/s | {} / {} / {} us (x{:.1} / x{:.1}) | beside <= 2x alone: {} |",
+            report.noisy_limit_mib_per_s,
+            compact(alone),
+            compact(samples[1].median()),
+            compact(samples[2].median()),
+            samples[1].median() / alone,
+            samples[2].median() / alone,
+            if samples[1].median() <= 2.0 * alone { "met" } else { "NOT met" }
+        )
+    };
+    let _ = writeln!(out, "{}", p99(&report.quiet_write_p99_us, "write"));
+    let _ = writeln!(out, "{}", p99(&report.quiet_flush_p99_us, "fsync"));
     let _ = writeln!(
         out,
         "\nLimits within target: {}. Not measured (not built): priority classes at the disk, a resync beside a busy volume.",
