@@ -429,6 +429,24 @@ impl NodeMetrics {
         )?;
         counters(
             encoder,
+            "ballast_volume_queue_wait_seconds",
+            "Seconds client requests of the volume waited in its disk's scheduler on this node (behind other volumes and background work), in all.",
+            &live
+                .iter()
+                .map(|volume| (labels(volume), volume.queue_wait().0))
+                .collect::<Vec<_>>(),
+        )?;
+        counters(
+            encoder,
+            "ballast_volume_scheduled_requests",
+            "Client requests of the volume its disk's scheduler handed to the store on this node (ballast_volume_queue_wait_seconds over this is the mean wait).",
+            &live
+                .iter()
+                .map(|volume| (labels(volume), volume.queue_wait().1))
+                .collect::<Vec<_>>(),
+        )?;
+        counters(
+            encoder,
             "ballast_volume_lease_refused_reads",
             "Client reads of a replicated volume refused because this node could not confirm with the Raft leader, within the wait, that it still serves the volume.",
             &live
@@ -595,7 +613,21 @@ impl NodeMetrics {
         let mut discarded = Vec::new();
         let mut discard_failures = Vec::new();
         let mut checkpoints_refused = Vec::new();
+        let (mut class_requests, mut class_bytes, mut class_wait) = (Vec::new(), Vec::new(), Vec::new());
         for (index, disk) in self.engine.disks().iter().enumerate() {
+            if let Some(sched) = self.engine.sched_stats(index) {
+                for class in crate::engine::IoClass::ALL {
+                    let labels = vec![
+                        ("disk", disk.path.display().to_string()),
+                        ("class", class.as_str().to_owned()),
+                    ];
+                    let at = class.index();
+                    class_requests.push((labels.clone(), sched.requests[at].load(Ordering::Relaxed)));
+                    class_bytes.push((labels.clone(), sched.bytes[at].load(Ordering::Relaxed)));
+                    let wait = Duration::from_nanos(sched.wait_ns[at].load(Ordering::Relaxed));
+                    class_wait.push((labels, wait.as_secs_f64()));
+                }
+            }
             let Ok((space, stats)) = self.engine.query(index, |store| (store.space(), store.stats())) else {
                 continue;
             };
@@ -615,6 +647,24 @@ impl NodeMetrics {
             checkpoints_refused.push((labels.clone(), stats.checkpoints_refused));
             flushes.push((labels, stats.flushes));
         }
+        counters(
+            encoder,
+            "ballast_disk_class_requests",
+            "Requests the disk's scheduler handed to the store, by class (high, medium, low: clients by their volume's priority; resync, scrub, drain, backup: background work).",
+            &class_requests,
+        )?;
+        counters(
+            encoder,
+            "ballast_disk_class_bytes",
+            "Data bytes the disk's scheduler handed to the store, by class: each class's share of the disk.",
+            &class_bytes,
+        )?;
+        counters(
+            encoder,
+            "ballast_disk_class_queue_wait_seconds",
+            "Seconds requests waited in the disk's scheduler, by class, in all.",
+            &class_wait,
+        )?;
         gauges(
             encoder,
             "ballast_disk_capacity_bytes",

@@ -574,4 +574,50 @@ fn volume_latency_gives_server_side_percentiles_of_the_requests_served_and_reset
     assert_eq!(held, 0.0, "the lifted limit still holds requests back");
     let shown = serving.cli_ok(&["volume", "inspect", "lat"]);
     assert!(shown.contains("priority high; no IOPS limit"), "{shown}");
+
+    // The priority reaches the disks' schedulers on every node holding a
+    // copy: the writes since are the `high` class's there, on the replica
+    // too (its copies of the writes), and the serving node counts their
+    // queue wait (published every 100 ms).
+    let class_bytes = |node: &TestNode, class: &str| -> f64 {
+        samples(&scrape(node))
+            .iter()
+            .filter(|(key, _)| {
+                key.starts_with("ballast_disk_class_bytes_total{") && key.contains(&format!("class=\"{class}\""))
+            })
+            .map(|(_, value)| value)
+            .sum()
+    };
+    let scheduled = || {
+        value(
+            &samples(&scrape(serving)),
+            "ballast_volume_scheduled_requests_total{volume=\"lat\"}",
+        )
+    };
+    let mut counted = false;
+    for _ in 0..50 {
+        if class_bytes(serving, "high") >= 40.0 * 4096.0
+            && class_bytes(other, "high") >= 40.0 * 4096.0
+            && scheduled() >= 40.0
+        {
+            counted = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        counted,
+        "high-class bytes: serving {}, replica {}; scheduled requests {}",
+        class_bytes(serving, "high"),
+        class_bytes(other, "high"),
+        scheduled()
+    );
+    let scraped = scrape(serving);
+    for name in [
+        "ballast_disk_class_requests_total",
+        "ballast_disk_class_queue_wait_seconds_total",
+        "ballast_volume_queue_wait_seconds_total",
+    ] {
+        assert!(scraped.contains(name), "{name} is missing");
+    }
 }

@@ -253,7 +253,7 @@ enum Bench {
     /// Off-cluster backups: full backup of a volume of random data to an S3-compatible server (moto_server, started on 127.0.0.1) and to a file:// target beside `qemu-img convert` of the same volume (NBD) to a file; an incremental after 1 % of the volume changed in random 4-KiB writes (bytes moved over bytes changed, target <= 1.2); restore from each beside `qemu-img convert` of the file into a new volume. CPU of the node, the store and the client beside each. Writes backup.json and backup.md.
     ///
     /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Needs fio, qemu-img and moto_server (ci/install-deps.sh installs them). Not part of `all`.
-    /// Volume I/O limits: the cost of the pacer when its limit is not reached (4 KiB random writes, no limit vs a 10 M IOPS limit, alternated; target < 2 %) and how an IOPS and a bandwidth limit at half the unlimited rate hold over 10-s windows (target within 10 %). Writes qos.json and qos.md.
+    /// Quality of service: the cost of the pacer when its limit is not reached (4 KiB random writes, no limit vs a 10 M IOPS limit, alternated; target < 2 %), how an IOPS and a bandwidth limit at half the unlimited rate hold over 10-s windows (target within 10 %), and a quiet volume's QD1 write+fsync p99 beside a volume saturating the disk, both `medium` and as `high` beside `low` (target <= 2x alone). Writes qos.json and qos.md.
     ///
     /// Runs the release binary: build it first with `cargo build --release -p node --bin ballast`. Not part of `all`.
     Qos {
@@ -272,6 +272,9 @@ enum Bench {
         /// Where to write the results.
         #[arg(long, default_value = "perf/results")]
         out: PathBuf,
+        /// Run one part only: `limits` (the pacer) or `latency` (a quiet volume beside a noisy one, without and with priority classes).
+        #[arg(long, value_enum)]
+        only: Option<qos_bench::Part>,
     },
     Backup {
         /// Size of the volume backed up.
@@ -597,6 +600,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
             repeats,
             ballast,
             out,
+            only,
         } => {
             if seconds == 0 || repeats == 0 {
                 anyhow::bail!("--seconds and --repeats must be at least 1");
@@ -606,6 +610,7 @@ fn run_bench(bench: Bench) -> Result<Vec<chart::Bar>> {
                 seconds,
                 repeats,
                 out,
+                only,
                 ballast: servers::BallastBinary {
                     path: ballast,
                     env: Vec::new(),

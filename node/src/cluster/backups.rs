@@ -560,7 +560,7 @@ impl Cluster {
             mib_per_s: body.mib_per_s,
         };
         let (cluster, name) = (Arc::clone(self), name.to_owned());
-        tokio::spawn(async move {
+        crate::engine::sched::spawn_background(crate::engine::Work::Backup, async move {
             let parent_snapshot = plan.parent.as_ref().map(|p| p.snapshot.clone());
             let outcome = job::run_backup(repo, Arc::new(lock), copy, live, plan, &job).await;
             match &outcome {
@@ -649,7 +649,7 @@ impl Cluster {
         let info = job.info();
         tracing::info!(volume = %name, backup = %manifest.id, "restore of a backup starts");
         let name = name.to_owned();
-        tokio::spawn(async move {
+        crate::engine::sched::spawn_background(crate::engine::Work::Backup, async move {
             let _restoring = restoring;
             let outcome = job::run_restore(repo, Arc::new(lock), local, &manifest, None, mib_per_s, &job).await;
             match &outcome {
@@ -681,7 +681,7 @@ pub fn start_scheduled(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &A
             continue;
         }
         let (cluster, volumes, volume) = (Arc::clone(cluster), Arc::clone(volumes), volume.clone());
-        tokio::spawn(async move {
+        crate::engine::sched::spawn_background(crate::engine::Work::Backup, async move {
             scheduled_backup(&cluster, &volumes, &volume, last).await;
             cluster.scheduled_backups.running.lock().remove(&volume.name);
         });
@@ -943,7 +943,7 @@ pub fn start_standby_sync(cluster: &Arc<Cluster>, state: &ClusterState, volumes:
         }
         cluster.scheduled_backups.last.lock().insert(key.clone(), now);
         let (cluster, volumes, name) = (Arc::clone(cluster), Arc::clone(volumes), volume.name.clone());
-        tokio::spawn(async move {
+        crate::engine::sched::spawn_background(crate::engine::Work::Backup, async move {
             if let Err(error) = standby_sync(&cluster, &volumes, &name).await {
                 tracing::warn!(volume = %name, %error, "standby: cannot apply the newest backup; tried again later");
             }

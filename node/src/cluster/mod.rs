@@ -651,9 +651,13 @@ impl PeerHandler for Cluster {
             }
             FrameKind::ReplicaScrub => {
                 let volumes = self.volumes.get().ok_or("this node is starting")?;
-                crate::replication::scrub::answer(volumes, &payload)
-                    .await
-                    .map(|answer| (FrameKind::ReplicaScrubbed, answer))
+                // A scrub's reads take what this disk's clients leave.
+                crate::engine::sched::as_background(
+                    crate::engine::Work::Scrub,
+                    crate::replication::scrub::answer(volumes, &payload),
+                )
+                .await
+                .map(|answer| (FrameKind::ReplicaScrubbed, answer))
             }
             other => Err(format!("{other:?} is not a request")),
         }

@@ -105,8 +105,9 @@ pub fn wire_serving(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Volu
             continue;
         }
         volumes.set_standby(&volume.name, volume.standby_of.is_some());
-        volumes.set_limits(
+        volumes.set_qos(
             &volume.name,
+            volume.io_priority,
             crate::volume::qos::Limits {
                 iops: volume.iops_limit,
                 mib_per_s: volume.mib_per_s_limit,

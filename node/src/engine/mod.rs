@@ -9,6 +9,7 @@
 pub(crate) mod disk_io;
 pub mod guest;
 mod reactor;
+pub mod sched;
 pub mod socket;
 
 use std::path::PathBuf;
@@ -22,6 +23,7 @@ use thiserror::Error;
 
 pub use guest::{FutureGuest, Guest, GuestState, Host, ReactorWaker};
 pub use reactor::SHUTDOWN_TIMEOUT;
+pub use sched::{IoClass, SchedStats, Work};
 
 /// Requests queued per reactor before senders wait.
 pub const REACTOR_QUEUE_MAX: usize = 65_536;
@@ -79,6 +81,7 @@ pub enum Command {
 pub(crate) enum Control {
     Request {
         disk: usize,
+        class: IoClass,
         command: Command,
         reply: ReplyFn,
     },
@@ -209,6 +212,8 @@ struct Routes {
     /// Disk index -> (reactor, index within the reactor).
     placement: Vec<(usize, usize)>,
     disks: Vec<OpenedDisk>,
+    /// Disk index -> its scheduler's counters.
+    sched_stats: Vec<Arc<SchedStats>>,
 }
 
 impl Engine {
@@ -228,10 +233,15 @@ impl Engine {
         }
         let mut reactors = Vec::with_capacity(reactor_count);
         let mut opened = vec![None; disks.len()];
+        let sched_stats: Vec<Arc<SchedStats>> = disks.iter().map(|_| Arc::default()).collect();
         let mut failure = None;
         for (number, group) in groups.into_iter().enumerate() {
             let core = config.cores.get(number).copied();
-            match start_reactor(number, core, group, config) {
+            let stats = group
+                .iter()
+                .map(|(index, _)| Arc::clone(&sched_stats[*index]))
+                .collect();
+            match start_reactor(number, core, group, stats, config) {
                 Ok((handle, group_opened)) => {
                     reactors.push(handle);
                     for (index, disk) in group_opened {
@@ -249,6 +259,7 @@ impl Engine {
                 reactors,
                 placement,
                 disks: opened.into_iter().flatten().collect(),
+                sched_stats,
             }),
             config: config.clone(),
             handoffs: AtomicU64::new(0),
@@ -280,8 +291,16 @@ impl Engine {
         let index = routes.disks.len();
         let number = routes.reactors.len();
         let core = (!self.config.cores.is_empty()).then(|| self.config.cores[number % self.config.cores.len()]);
-        let (handle, mut opened) = start_reactor(number, core, vec![(index, spec)], &self.config)?;
+        let stats = Arc::<SchedStats>::default();
+        let (handle, mut opened) = start_reactor(
+            number,
+            core,
+            vec![(index, spec)],
+            vec![Arc::clone(&stats)],
+            &self.config,
+        )?;
         let (_, disk) = opened.pop().expect("one disk opened");
+        routes.sched_stats.push(stats);
         routes.reactors.push(handle);
         routes.placement.push((number, 0));
         routes.disks.push(disk);
@@ -289,11 +308,20 @@ impl Engine {
     }
 
     /// Sends a request; `reply` runs on the reactor thread when it is done.
+    /// Its class: the current task's background work (`sched::as_background`),
+    /// else a medium-priority client's.
     pub fn submit(&self, disk: usize, command: Command, reply: ReplyFn) {
+        let class = sched::class_for(crate::volume::qos::IoPriority::Medium);
+        self.submit_as(disk, class, command, reply);
+    }
+
+    /// `submit` with the request's class given (`sched`).
+    pub fn submit_as(&self, disk: usize, class: IoClass, command: Command, reply: ReplyFn) {
         let routes = self.routes.read();
         let (reactor, local) = routes.placement[disk];
         let control = Control::Request {
             disk: local,
+            class,
             command,
             reply,
         };
@@ -369,6 +397,12 @@ impl Engine {
         self.hosted.load(Ordering::Relaxed)
     }
 
+    /// Disk `disk`'s scheduler counters (None: no such disk).
+    #[must_use]
+    pub fn sched_stats(&self, disk: usize) -> Option<Arc<SchedStats>> {
+        self.routes.read().sched_stats.get(disk).cloned()
+    }
+
     /// Requests that a reactor's guest sent to another reactor's disk.
     #[must_use]
     pub fn handoffs(&self) -> u64 {
@@ -434,6 +468,7 @@ fn start_reactor(
     number: usize,
     core: Option<usize>,
     group: Vec<(usize, DiskSpec)>,
+    sched_stats: Vec<Arc<SchedStats>>,
     config: &EngineConfig,
 ) -> Result<Started, EngineError> {
     let (sender, receiver) = bounded(REACTOR_QUEUE_MAX);
@@ -455,7 +490,7 @@ fn start_reactor(
                 Ok((engine, stores, opened)) => {
                     socket::enter(ReactorWaker::new(id, engine.waker()), engine.notify_fd().is_some());
                     let _ = ready_sender.send(Ok((engine.waker(), engine.notify_fd(), opened)));
-                    reactor::Reactor::new(engine, stores, receiver, thread_sleeping).run();
+                    reactor::Reactor::new(engine, stores, sched_stats, receiver, thread_sleeping).run();
                 }
                 Err(error) => {
                     let _ = ready_sender.send(Err(error));

@@ -1,7 +1,8 @@
 //! One reactor thread: pinned to a core, owns an I/O engine (io_uring) and
-//! the stores of its disks, takes requests from a channel and answers them
-//! through callbacks. No locks on the data path: the stores are only ever
-//! touched by this thread.
+//! the stores of its disks, takes requests from a channel, queues them in
+//! each disk's scheduler (`sched`), hands the store what the scheduler
+//! lets go and answers through callbacks. No locks on the data path: the
+//! stores are only ever touched by this thread.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,14 @@ use kernel_iface::IoEngine;
 
 use super::disk_io::{file_of, to_store_completion, DiskIo};
 use super::guest::{self, Guest, GuestState};
-use super::{Command, Control};
+use super::sched::{DiskScheduler, IoClass, Key, SchedStats, Ticket};
+use super::{Command, Control, ReplyFn};
+
+/// What waits in a disk's scheduler.
+enum Pending {
+    Request(Command, ReplyFn),
+    Query(Box<dyn FnOnce(&Store) + Send>),
+}
 
 /// Requests taken from the channel per loop turn (bounds latency of acks).
 const REQUESTS_PER_TURN_MAX: usize = 1024;
@@ -30,7 +38,9 @@ pub(super) struct Reactor {
     pub(super) stores: Vec<Store>,
     pub(super) receiver: Receiver<Control>,
     pub(super) sleeping: Arc<AtomicBool>,
-    replies: HashMap<u64, super::ReplyFn>,
+    scheds: Vec<DiskScheduler<Pending>>,
+    /// Tag -> (answer, disk, scheduler ticket).
+    replies: HashMap<u64, (ReplyFn, usize, Ticket)>,
     next_tag: u64,
     done: Vec<Done>,
     completions: Vec<kernel_iface::Completion<IoBuf>>,
@@ -43,14 +53,17 @@ impl Reactor {
     pub(super) fn new(
         engine: Box<dyn IoEngine<IoBuf>>,
         stores: Vec<Store>,
+        sched_stats: Vec<Arc<SchedStats>>,
         receiver: Receiver<Control>,
         sleeping: Arc<AtomicBool>,
     ) -> Self {
+        assert_eq!(stores.len(), sched_stats.len(), "a scheduler per store");
         Self {
             engine,
             stores,
             receiver,
             sleeping,
+            scheds: sched_stats.into_iter().map(DiskScheduler::new).collect(),
             replies: HashMap::new(),
             next_tag: 0,
             done: Vec::new(),
@@ -69,6 +82,7 @@ impl Reactor {
                 self.shut_down();
                 return;
             }
+            self.release(false);
             self.tick_all(false);
             let idle = !took_any && self.engine.in_flight() == 0;
             let timeout = if idle { TICK_INTERVAL } else { Duration::from_millis(10) };
@@ -77,6 +91,9 @@ impl Reactor {
             self.serve_guests();
             if last_tick.elapsed() >= TICK_INTERVAL {
                 self.tick_all(true);
+                for sched in &mut self.scheds {
+                    sched.publish();
+                }
                 last_tick = Instant::now();
             }
         }
@@ -131,8 +148,15 @@ impl Reactor {
     /// Acts on one control message; true when it asks to shut down.
     fn take(&mut self, control: Control) -> bool {
         match control {
-            Control::Request { disk, command, reply } => self.dispatch(disk, command, reply),
-            Control::Query { disk, run } => run(&self.stores[disk]),
+            Control::Request {
+                disk,
+                class,
+                command,
+                reply,
+            } => self.enqueue(disk, class, command, reply),
+            Control::Query { disk, run } => {
+                self.scheds[disk].enqueue(None, Pending::Query(run), Instant::now());
+            }
             Control::Guest(guest) => {
                 self.guests.push(guest);
                 guest::wake_here();
@@ -151,10 +175,44 @@ impl Reactor {
         self.guests.retain_mut(|guest| guest.serve() == GuestState::Serving);
     }
 
-    fn dispatch(&mut self, disk: usize, command: Command, reply: super::ReplyFn) {
+    /// Queues a request in its disk's scheduler: a large write of a class
+    /// the scheduler protects others from goes in pieces.
+    fn enqueue(&mut self, disk: usize, class: IoClass, command: Command, reply: ReplyFn) {
+        let now = Instant::now();
+        let sched = &mut self.scheds[disk];
+        let Some(key) = key_of(&command, class) else {
+            sched.enqueue(None, Pending::Request(command, reply), now);
+            return;
+        };
+        if let (Some(piece), Command::Write { data, .. }) = (sched.split_bytes(class, now), &command) {
+            if data.len() as u64 > piece {
+                for (command, reply) in split_write(command, piece, reply) {
+                    let key = key_of(&command, class);
+                    sched.enqueue(key, Pending::Request(command, reply), now);
+                }
+                return;
+            }
+        }
+        sched.enqueue(Some(key), Pending::Request(command, reply), now);
+    }
+
+    /// Hands the stores what their schedulers let go now (`all`: everything).
+    fn release(&mut self, all: bool) {
+        let now = Instant::now();
+        for disk in 0..self.scheds.len() {
+            while let Some((pending, ticket)) = self.scheds[disk].next(now, all) {
+                match pending {
+                    Pending::Request(command, reply) => self.dispatch(disk, command, reply, ticket),
+                    Pending::Query(run) => run(&self.stores[disk]),
+                }
+            }
+        }
+    }
+
+    fn dispatch(&mut self, disk: usize, command: Command, reply: ReplyFn, ticket: Ticket) {
         let tag = self.next_tag;
         self.next_tag += 1;
-        self.replies.insert(tag, reply);
+        self.replies.insert(tag, (reply, disk, ticket));
         let file = u32::try_from(disk).expect("few disks per reactor");
         let store = &mut self.stores[disk];
         match command {
@@ -260,12 +318,20 @@ impl Reactor {
     }
 
     fn answer(&mut self) {
+        if self.done.is_empty() {
+            return;
+        }
         for Done { tag, result } in self.done.drain(..) {
             match self.replies.remove(&tag) {
-                Some(reply) => reply(result),
+                Some((reply, disk, ticket)) => {
+                    self.scheds[disk].complete(ticket);
+                    reply(result);
+                }
                 None => tracing::error!(tag, "store answered a request nobody waits for"),
             }
         }
+        // What the answers freed may let queued requests go.
+        self.release(false);
     }
 
     /// Final checkpoint of every store, bounded in time. Guests are dropped
@@ -275,12 +341,11 @@ impl Reactor {
         self.guests.clear();
         guest::take_guest_work();
         for control in guest::take_local() {
-            match control {
-                Control::Request { disk, command, reply } => self.dispatch(disk, command, reply),
-                Control::Query { disk, run } => run(&self.stores[disk]),
-                Control::Guest(_) | Control::Shutdown => {}
+            if !matches!(control, Control::Guest(_) | Control::Shutdown) {
+                self.take(control);
             }
         }
+        self.release(true);
         for store in &mut self.stores {
             store.request_checkpoint();
         }
@@ -302,6 +367,96 @@ impl Reactor {
             }
             self.wait(Duration::from_millis(10));
             self.complete();
+            self.release(true);
         }
     }
+}
+
+/// How the scheduler sees a request (None: a barrier).
+fn key_of(command: &Command, class: IoClass) -> Option<Key> {
+    let (volume, lba, blocks, bytes) = match command {
+        Command::Write {
+            volume_id, lba, data, ..
+        } => (*volume_id, *lba, data.len() as u64 / 4096, data.len() as u64),
+        Command::Read {
+            volume_id,
+            lba,
+            block_count,
+        }
+        | Command::Scan {
+            volume_id,
+            lba,
+            block_count,
+        } => (*volume_id, *lba, *block_count, block_count * 4096),
+        Command::Zero {
+            volume_id,
+            lba,
+            block_count,
+            ..
+        } => (*volume_id, *lba, *block_count, 0),
+        Command::Flush | Command::DeleteVolume { .. } | Command::Clone { .. } | Command::Checkpoint => return None,
+    };
+    Some(Key {
+        volume,
+        class,
+        lba,
+        blocks: blocks.max(1),
+        bytes,
+    })
+}
+
+/// A write cut into pieces of at most `piece` bytes (whole blocks), in
+/// order; `reply` runs once every piece is answered (with the first error).
+fn split_write(command: Command, piece: u64, reply: ReplyFn) -> Vec<(Command, ReplyFn)> {
+    let Command::Write {
+        volume_id,
+        lba,
+        data,
+        epoch,
+        volume_sequence,
+    } = command
+    else {
+        unreachable!("only writes are split")
+    };
+    let piece = usize::try_from(piece).expect("small").max(4096) & !4095;
+    let count = data.len().div_ceil(piece);
+    let join = Arc::new(parking_lot::Mutex::new(Join {
+        left: count,
+        error: None,
+        reply: Some(reply),
+    }));
+    (0..count)
+        .map(|index| {
+            let at = index * piece;
+            let command = Command::Write {
+                volume_id,
+                lba: lba + (at / 4096) as u64,
+                data: data.slice(at..(at + piece).min(data.len())),
+                epoch,
+                volume_sequence,
+            };
+            let join = Arc::clone(&join);
+            let reply: ReplyFn = Box::new(move |result| {
+                let finished = {
+                    let mut join = join.lock();
+                    join.left -= 1;
+                    if let Err(error) = result {
+                        join.error.get_or_insert(error);
+                    }
+                    (join.left == 0).then(|| (join.reply.take(), join.error.take()))
+                };
+                if let Some((Some(reply), error)) = finished {
+                    reply(error.map_or(Ok(disk_layout::Reply::Written), Err));
+                }
+            });
+            (command, reply)
+        })
+        .collect()
+}
+
+/// The pieces of a split write still unanswered.
+struct Join {
+    left: usize,
+    error: Option<disk_layout::StoreError>,
+    reply: Option<ReplyFn>,
 }

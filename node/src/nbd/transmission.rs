@@ -39,6 +39,10 @@ pub const DISCARD_BYTES_MAX: u32 = 64 << 20;
 pub const BLOCK_STATUS_EXTENTS_MAX: usize = 16 * 1024;
 /// Receive buffer of a connection (a payload at least this big bypasses it).
 const READ_BUFFER_BYTES: usize = 128 * 1024;
+/// Bytes a connection receives before it lets the thread serving it turn
+/// to other work (on a reactor: its disk's answers and the other
+/// connections, a quiet high-priority one among them).
+const RECEIVE_BYTES_PER_TURN: usize = 256 * 1024;
 /// Requests of at least this many bytes to an encrypted volume run as
 /// tasks of their own.
 const SPAWN_BYTES_MIN: u32 = 64 * 1024;
@@ -270,7 +274,12 @@ where
         outbox: Outbox::default(),
         ended: None,
     };
+    let mut received_this_turn = 0usize;
     loop {
+        if received_this_turn >= RECEIVE_BYTES_PER_TURN {
+            received_this_turn = 0;
+            YieldOnce(false).await;
+        }
         let reading = connection.ended.is_none() && connection.has_room();
         let running = connection.ended.is_none();
         if connection.ended.is_some()
@@ -304,7 +313,10 @@ where
             received = receive(&mut reader, inbound), if reading => {
                 match received {
                     Ok(0) => connection.ended = Some(Ok(())),
-                    Ok(_) => connection.take_requests(&mut reader),
+                    Ok(n) => {
+                        received_this_turn += n;
+                        connection.take_requests(&mut reader);
+                    }
                     Err(e) => connection.ended = Some(Err(e.into())),
                 }
             }
@@ -320,6 +332,23 @@ where
         tracing::debug!(peer, %error, "NBD connection ended");
     }
     result
+}
+
+/// Pending once (waking itself at once), then ready: lets whatever polls
+/// the connection do other work in between.
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        context.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
 }
 
 /// Resolves once `stop` is (or turns) true; never without one.

@@ -263,7 +263,7 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
                 Arc::clone(&local),
                 volume.name.clone(),
             );
-            tokio::spawn(async move {
+            crate::engine::sched::spawn_background(crate::engine::Work::Resync, async move {
                 tracing::info!(volume = %name, replica = node, "resync starts");
                 let mut status = ResyncStatus {
                     node,

@@ -230,7 +230,7 @@ pub fn start_needed(cluster: &Arc<Cluster>, state: &ClusterState, volumes: &Arc<
         let (generation, epoch) = (volume.scrub_requested, volume.epoch);
         let (cluster, name) = (Arc::clone(cluster), volume.name.clone());
         let replication = cluster.replication(&name);
-        tokio::spawn(async move {
+        crate::engine::sched::spawn_background(crate::engine::Work::Scrub, async move {
             run(
                 &cluster,
                 &local,

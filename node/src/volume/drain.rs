@@ -121,7 +121,7 @@ impl Volumes {
         drop(drains);
         tracing::info!(disk = %status.path, copies = copies.len(), bytes = needed, "draining disk");
         let volumes = Arc::clone(self);
-        tokio::spawn(async move {
+        crate::engine::sched::spawn_background(crate::engine::Work::Drain, async move {
             let result = volumes.drain(disk).await.and_then(|()| forget());
             let mut drains = volumes.drains.lock();
             let status = drains.get_mut(&disk).expect("inserted above");

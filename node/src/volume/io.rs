@@ -111,8 +111,7 @@ impl Volume {
         let _gate = self.move_gate.read().await;
         let changed = self.changed_by(&command);
         let (sender, receiver) = tokio::sync::oneshot::channel();
-        self.engine.submit(
-            self.disk_index(),
+        self.submit(
             command,
             Box::new(move |result| {
                 let _ = sender.send(result);
@@ -274,8 +273,7 @@ impl Volume {
             while lba < end_block {
                 let block_count = per_request.min(end_block - lba);
                 let (sender, receiver) = tokio::sync::oneshot::channel();
-                self.engine.submit(
-                    self.disk_index(),
+                self.submit(
                     Command::Read {
                         volume_id: self.id,
                         lba,
@@ -460,8 +458,7 @@ impl Volume {
         let block_count = data.len() as u64 / BLOCK_BYTES;
         for (chunk_lba, chunk) in store_requests(lba, &data) {
             let (sender, receiver) = tokio::sync::oneshot::channel();
-            self.engine.submit(
-                self.disk_index(),
+            self.submit(
                 Command::Write {
                     volume_id: self.id,
                     lba: chunk_lba,

@@ -217,6 +217,8 @@ pub struct Volume {
     /// The volume's I/O limits, paced here while it serves clients (None: unlimited).
     qos: Mutex<Option<qos::Pacer>>,
     limited: AtomicBool,
+    /// Its requests' class at the disk (`engine::sched`).
+    priority: qos::PriorityCell,
     /// Data is encrypted: client I/O needs `cipher` (replica and resync
     /// traffic moves ciphertext and needs none).
     pub encrypted: bool,
@@ -269,6 +271,41 @@ impl Volume {
         }
         *pacer = (!limits.is_none()).then(|| qos::Pacer::new(limits, std::time::Instant::now()));
         self.limited.store(pacer.is_some(), Ordering::Release);
+    }
+
+    /// Sets the volume's priority at the disk.
+    pub fn set_priority(&self, priority: qos::IoPriority) {
+        self.priority.set(priority);
+    }
+
+    #[must_use]
+    pub fn priority(&self) -> qos::IoPriority {
+        self.priority.get()
+    }
+
+    /// The class of a request the current task makes of this volume's
+    /// disk: background work's (`engine::sched::as_background`), else the
+    /// volume's clients'.
+    #[must_use]
+    pub fn io_class(&self) -> crate::engine::IoClass {
+        crate::engine::sched::class_for(self.priority())
+    }
+
+    /// Sends `command` to the volume's disk as `io_class`.
+    pub(crate) fn submit(&self, command: Command, reply: crate::engine::ReplyFn) {
+        self.engine
+            .submit_as(self.disk_index(), self.io_class(), command, reply);
+    }
+
+    /// Seconds its clients' requests waited in the disk's scheduler on
+    /// this node, and how many requests (published every 100 ms).
+    #[must_use]
+    pub fn queue_wait(&self) -> (f64, u64) {
+        let Some(stats) = self.engine.sched_stats(self.disk_index()) else {
+            return (0.0, 0);
+        };
+        let (nanos, requests) = stats.volumes.lock().get(&self.id).copied().unwrap_or_default();
+        (std::time::Duration::from_nanos(nanos).as_secs_f64(), requests)
     }
 
     /// The volume's limits (all None: unlimited).
@@ -675,6 +712,7 @@ impl Volumes {
             stats: crate::metrics::IoStats::default(),
             qos: Mutex::new(None),
             limited: AtomicBool::new(false),
+            priority: qos::PriorityCell::default(),
             encrypted: record.encrypted,
             cipher: RwLock::new(None),
             read_only: record.snapshot_of.is_some(),
@@ -704,9 +742,10 @@ impl Volumes {
         self.get(name).filter(|volume| volume.is_served())
     }
 
-    /// Sets `name`'s I/O limits (as the cluster keeps them).
-    pub fn set_limits(&self, name: &str, limits: qos::Limits) {
+    /// Sets `name`'s I/O priority and limits (as the cluster keeps them).
+    pub fn set_qos(&self, name: &str, priority: qos::IoPriority, limits: qos::Limits) {
         if let Some(volume) = self.get(name) {
+            volume.set_priority(priority);
             volume.set_limits(limits);
         }
     }

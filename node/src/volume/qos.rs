@@ -20,10 +20,9 @@ pub const BURST: Duration = Duration::from_millis(100);
 pub const IOPS_LIMIT_MAX: u64 = 10_000_000;
 pub const MIB_PER_S_LIMIT_MAX: u64 = 1 << 20;
 
-/// A volume's I/O priority class. Kept and shown; the scheduler that
-/// weighs classes against each other at the disk is not built yet (issue
-/// 26, item 2): today every class is served first come, first served.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// A volume's I/O priority class: its requests' weight and level in the
+/// disk's scheduler (`engine::sched`), on every node holding a copy.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IoPriority {
     High,
@@ -39,6 +38,22 @@ impl IoPriority {
             Self::High => "high",
             Self::Medium => "medium",
             Self::Low => "low",
+        }
+    }
+
+    fn code(self) -> u8 {
+        match self {
+            Self::High => 0,
+            Self::Medium => 1,
+            Self::Low => 2,
+        }
+    }
+
+    fn from_code(code: u8) -> Self {
+        match code {
+            0 => Self::High,
+            2 => Self::Low,
+            _ => Self::Medium,
         }
     }
 
@@ -251,5 +266,20 @@ mod tests {
             .parse::<IoPriority>()
             .unwrap_err()
             .contains("high, medium or low"));
+    }
+}
+
+/// A priority readable and settable from any thread without a lock.
+#[derive(Debug, Default)]
+pub struct PriorityCell(std::sync::atomic::AtomicU8);
+
+impl PriorityCell {
+    #[must_use]
+    pub fn get(&self) -> IoPriority {
+        IoPriority::from_code(self.0.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
+    pub fn set(&self, priority: IoPriority) {
+        self.0.store(priority.code(), std::sync::atomic::Ordering::Relaxed);
     }
 }
