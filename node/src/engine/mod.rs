@@ -980,6 +980,78 @@ mod tests {
     }
 
     #[test]
+    fn a_large_low_priority_write_beside_a_high_priority_one_goes_in_pieces_and_reads_back_whole() {
+        use crate::volume::qos::IoPriority;
+        let disk = DiskFile::new("pieces");
+        let engine = start(&[&disk], Vec::new());
+        let (sender, answers) = crossbeam_channel::unbounded();
+        let answer = |what: &'static str| -> ReplyFn {
+            let sender = sender.clone();
+            Box::new(move |result| {
+                let _ = sender.send((what, result));
+            })
+        };
+        // A high-priority volume is active, then a low one writes 1 MiB.
+        engine.submit_as(
+            0,
+            IoClass::Client(IoPriority::High),
+            Command::Write {
+                volume_id: 2,
+                lba: 0,
+                data: vec![1u8; 4096].into(),
+                epoch: 1,
+                volume_sequence: 1,
+            },
+            answer("high"),
+        );
+        let data: Vec<u8> = (0..1usize << 20)
+            .map(|i| u8::try_from(i / 4096 % 251).unwrap())
+            .collect();
+        engine.submit_as(
+            0,
+            IoClass::Client(IoPriority::Low),
+            Command::Write {
+                volume_id: 1,
+                lba: 100,
+                data: data.clone().into(),
+                epoch: 1,
+                volume_sequence: 1,
+            },
+            answer("low"),
+        );
+        let mut answered = Vec::new();
+        for _ in 0..2 {
+            let (what, result) = answers.recv_timeout(WAIT_MAX).expect("both writes are answered");
+            assert!(matches!(result, Ok(disk_layout::Reply::Written)), "{what}: {result:?}");
+            answered.push(what);
+        }
+        answered.sort_unstable();
+        assert_eq!(answered, ["high", "low"], "each write answered once");
+        let stats = engine.sched_stats(0).unwrap();
+        let low = IoClass::Client(IoPriority::Low).index();
+        assert_eq!(
+            stats.requests[low].load(Ordering::Relaxed),
+            (1 << 20) / sched::PROTECTED_BYTES,
+            "the low write went in pieces"
+        );
+        assert_eq!(stats.bytes[low].load(Ordering::Relaxed), 1 << 20);
+        let read = engine
+            .call(
+                0,
+                Command::Read {
+                    volume_id: 1,
+                    lba: 100,
+                    block_count: 256,
+                },
+            )
+            .unwrap();
+        let disk_layout::Reply::Read(buf) = read else {
+            panic!("a read answers with data")
+        };
+        assert!(buf.as_slice() == &data[..], "the pieces read back as the whole write");
+    }
+
+    #[test]
     fn a_guest_that_keeps_its_reactor_awake_still_gets_its_disk_io_done() {
         /// Wakes itself on every turn, so its reactor never sleeps.
         struct Restless {
