@@ -379,6 +379,23 @@ fn a_paused_replica_and_a_partitioned_replica_are_dropped_and_writes_go_on() {
     }
 }
 
+/// Bytes `node`'s disks' schedulers handed to the store as `class`.
+fn class_bytes(node: &TestNode, class: &str) -> f64 {
+    let url = format!("{}/metrics", node.api_url());
+    let body = ureq::get(&url)
+        .set("authorization", &format!("Bearer {}", node.token()))
+        .call()
+        .unwrap_or_else(|error| panic!("GET {url}: {error}"))
+        .into_string()
+        .unwrap();
+    body.lines()
+        .filter(|line| {
+            line.starts_with("ballast_disk_class_bytes_total{") && line.contains(&format!("class=\"{class}\""))
+        })
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 #[test]
 fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
     let test = "a_returning_replica_is_resynced_under_writes";
@@ -426,6 +443,13 @@ fn a_returning_replica_is_resynced_under_writes_and_can_then_take_over() {
     assert!(
         from_replicas > 0 && from_replicas < moved,
         "the coordinator and the other replica each sent a share: {resync:#}"
+    );
+    // The copies went below the returning node's clients in its disk's
+    // scheduler (the replica-write background flag, peer protocol 4).
+    let resync_bytes = class_bytes(&cluster.nodes[2], "resync");
+    assert!(
+        resync_bytes > 0.0,
+        "node 2 counted no resync-class bytes at its disk: {resync_bytes}"
     );
     fio_write_ok(&uri, scratch.path(), "48M");
 

@@ -119,7 +119,7 @@ impl PeerClient {
             reason,
         })?;
         let attempt = async {
-            let mut stream = self.dial_with(address, config).await?;
+            let (mut stream, _) = self.dial_with(address, config).await?;
             write_frame(&mut stream, address, FrameKind::Join, 1, payload).await?;
             answer(address, read_frame(&mut stream, address).await?)
         };
@@ -149,6 +149,11 @@ impl PeerClient {
 
     /// Opens a handshaken connection to `address` (for callers that keep it).
     pub async fn dial_stream(&self, address: &str) -> Result<PeerStream, PeerError> {
+        self.dial_versioned(address).await.map(|(stream, _)| stream)
+    }
+
+    /// `dial_stream`, with the peer protocol version the connection speaks.
+    pub async fn dial_versioned(&self, address: &str) -> Result<(PeerStream, u16), PeerError> {
         let config = self.tls.client().ok_or_else(|| PeerError::Refused {
             address: address.to_owned(),
             reason: "this node has no cluster certificate yet (it is not in a cluster)".into(),
@@ -156,7 +161,11 @@ impl PeerClient {
         self.dial_with(address, config).await
     }
 
-    async fn dial_with(&self, address: &str, config: Arc<rustls::ClientConfig>) -> Result<PeerStream, PeerError> {
+    async fn dial_with(
+        &self,
+        address: &str,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<(PeerStream, u16), PeerError> {
         let handshake = async {
             let io = |source| PeerError::Io {
                 address: address.to_owned(),
@@ -223,7 +232,7 @@ impl PeerClient {
                         });
                     }
                     tracing::debug!(%address, peer_node = welcome.node_id, protocol = welcome.protocol_version, "peer connection open");
-                    Ok(stream)
+                    Ok((stream, welcome.protocol_version))
                 }
                 FrameKind::Refused => Err(PeerError::Refused {
                     address: address.to_owned(),

@@ -27,8 +27,10 @@ pub type PeerStream = Box<dyn PeerIo>;
 /// The highest peer protocol version this build speaks. 2 brought the
 /// Raft commands of registered backup targets and backup schedules, 3 a
 /// volume's I/O priority and limits (`SetQos`); each is proposed only once
-/// every member speaks it: `Cluster::require_protocol`.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// every member speaks it: `Cluster::require_protocol`. 4 reads a replica
+/// write's background flag (a resync's copy), sent only on links that
+/// negotiated 4.
+pub const PROTOCOL_VERSION: u16 = 4;
 /// The lowest it still speaks (the previous release's, once there is one):
 /// see `handshake` on rolling upgrades.
 pub const PROTOCOL_VERSION_MIN: u16 = 1;

@@ -49,6 +49,8 @@ struct Connection {
     dead: Arc<AtomicBool>,
     next_request_id: AtomicU64,
     reader: futures::future::AbortHandle,
+    /// The peer protocol version it speaks.
+    protocol: u16,
 }
 
 impl Drop for Connection {
@@ -96,6 +98,12 @@ impl MuxLink {
         &self.address
     }
 
+    /// The peer protocol version the link's connection speaks (connecting
+    /// if it has none).
+    pub async fn protocol(&self) -> Result<u16, PeerError> {
+        self.connection().await.map(|connection| connection.protocol)
+    }
+
     async fn connection(&self) -> Result<Arc<Connection>, PeerError> {
         let mut slot = self.connection.lock().await;
         if let Some(connection) = slot.as_ref() {
@@ -103,7 +111,7 @@ impl MuxLink {
                 return Ok(Arc::clone(connection));
             }
         }
-        let stream = self.client.dial_stream(&self.address).await?;
+        let (stream, protocol) = self.client.dial_versioned(&self.address).await?;
         let (mut reader, writer) = tokio::io::split(stream);
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
@@ -139,6 +147,7 @@ impl MuxLink {
             dead,
             next_request_id: AtomicU64::new(1),
             reader,
+            protocol,
         });
         *slot = Some(Arc::clone(&connection));
         Ok(connection)

@@ -657,6 +657,7 @@ pub async fn apply(
     tenure: impl Fn(&str) -> u64,
     holds: impl Fn(&str, u64) -> bool,
 ) -> Result<(), String> {
+    let background = wire::is_background(&payload);
     let op = wire::decode(payload).map_err(|error| error.to_string())?;
     let volume = replica_of(volumes, op.volume_id).await?;
     let _admitted = volume.epoch_gate.read().await;
@@ -676,6 +677,12 @@ pub async fn apply(
             }
             volumes
                 .restore_snapshot(&volume, id, op.epoch, op.volume_sequence)
+                .await
+                .map_err(|error| error.to_string())
+        }
+        // A resync's copy takes what this disk's clients leave.
+        _ if background => {
+            crate::engine::sched::as_background(crate::engine::Work::Resync, volume.apply_replica_op(op))
                 .await
                 .map_err(|error| error.to_string())
         }

@@ -744,6 +744,9 @@ async fn copy_piece(
     Ok(sent)
 }
 
+/// The peer protocol that reads `wire::FLAG_BACKGROUND`.
+const BACKGROUND_FLAG_PROTOCOL: u16 = 4;
+
 /// A piece's data read from the in-sync replica `reader`, if it answers in
 /// full; else None, and `failed` is set (the first failure is logged).
 async fn read_from_replica(
@@ -769,7 +772,15 @@ async fn read_from_replica(
 }
 
 async fn send(link: &MuxLink, op: &ReplicaOp, timeout: std::time::Duration) -> Result<(), String> {
-    let (header, data) = wire::encode_parts(op);
+    let (mut header, data) = wire::encode_parts(op);
+    // A peer of protocol 4 and up puts the copy below its disk's clients.
+    if link
+        .protocol()
+        .await
+        .is_ok_and(|protocol| protocol >= BACKGROUND_FLAG_PROTOCOL)
+    {
+        wire::mark_background(&mut header);
+    }
     link.call_parts(FrameKind::ReplicaWrite, &[&header, &data], timeout)
         .await
         .map(|_| ())

@@ -13,7 +13,10 @@
 //!               3 snapshot (block count 0), 4 restore (first block 0,
 //!               block count: the volume's; a replica that misses it is
 //!               marked dirty over all of it)
-//! 41      7     reserved, zero
+//! 41      1     flags: bit 0 = background work (a resync's copy: the
+//!               replica's disk scheduler puts it below every client;
+//!               sent only on links of peer protocol 4 and up)
+//! 42      6     reserved, zero
 //! 48      ...   data: block count x 4096 bytes for a write;
 //!               snapshot: u64 snapshot id, then its name (UTF-8, 1-64 bytes);
 //!               restore: u64 id of the snapshot the volume goes back to
@@ -37,6 +40,21 @@ const KIND_WRITE: u8 = 1;
 const KIND_ZERO: u8 = 2;
 const KIND_SNAPSHOT: u8 = 3;
 const KIND_RESTORE: u8 = 4;
+/// Header byte 41: the op is background work (`FLAG_BACKGROUND`).
+const FLAGS_AT: usize = 41;
+/// The op is a resync's copy, not a client's mutation.
+pub const FLAG_BACKGROUND: u8 = 1;
+
+/// Marks an encoded header as background work (peer protocol 4 and up).
+pub fn mark_background(header: &mut [u8; HEADER_BYTES]) {
+    header[FLAGS_AT] |= FLAG_BACKGROUND;
+}
+
+/// Whether an encoded op (checked by `decode`) is marked as background work.
+#[must_use]
+pub fn is_background(payload: &[u8]) -> bool {
+    payload.get(FLAGS_AT).is_some_and(|flags| flags & FLAG_BACKGROUND != 0)
+}
 /// Longest snapshot name.
 pub const SNAPSHOT_NAME_BYTES_MAX: usize = 64;
 
@@ -129,7 +147,7 @@ pub fn decode(payload: impl Into<Bytes>) -> Result<ReplicaOp, WireError> {
     }
     let field = |index: usize| u64::from_le_bytes(bytes[index * 8..index * 8 + 8].try_into().expect("8 bytes"));
     let (volume_id, epoch, lba, block_count, volume_sequence) = (field(0), field(1), field(2), field(3), field(4));
-    if bytes[41..HEADER_BYTES].iter().any(|b| *b != 0) {
+    if bytes[FLAGS_AT] & !FLAG_BACKGROUND != 0 || bytes[FLAGS_AT + 1..HEADER_BYTES].iter().any(|b| *b != 0) {
         return Err(WireError::Reserved);
     }
     let data = &bytes[HEADER_BYTES..];
@@ -377,6 +395,28 @@ pub fn decode_scrub_reply(bytes: &[u8], block_count: u64) -> Result<Option<Vec<d
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_background_mark_travels_in_the_header_and_an_unknown_flag_is_refused() {
+        let op = ReplicaOp {
+            volume_id: 3,
+            epoch: 2,
+            lba: 8,
+            block_count: 1,
+            volume_sequence: 9,
+            kind: OpKind::Write(Bytes::from(vec![5u8; 4096])),
+        };
+        let (mut header, data) = encode_parts(&op);
+        let plain = [&header[..], &data].concat();
+        assert!(!is_background(&plain));
+        mark_background(&mut header);
+        let marked = [&header[..], &data].concat();
+        assert!(is_background(&marked));
+        assert_eq!(decode(marked.clone()).unwrap(), op, "the mark changes nothing else");
+        let mut unknown = marked;
+        unknown[FLAGS_AT] |= 2;
+        assert_eq!(decode(unknown), Err(WireError::Reserved));
+    }
     use proptest::prelude::*;
 
     proptest! {
