@@ -278,7 +278,7 @@ where
     loop {
         if received_this_turn >= RECEIVE_BYTES_PER_TURN {
             received_this_turn = 0;
-            YieldOnce(false).await;
+            tokio::task::yield_now().await;
         }
         let reading = connection.ended.is_none() && connection.has_room();
         let running = connection.ended.is_none();
@@ -332,23 +332,6 @@ where
         tracing::debug!(peer, %error, "NBD connection ended");
     }
     result
-}
-
-/// Pending once (waking itself at once), then ready: lets whatever polls
-/// the connection do other work in between.
-struct YieldOnce(bool);
-
-impl std::future::Future for YieldOnce {
-    type Output = ();
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, context: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        if self.0 {
-            return std::task::Poll::Ready(());
-        }
-        self.0 = true;
-        context.waker().wake_by_ref();
-        std::task::Poll::Pending
-    }
 }
 
 /// Resolves once `stop` is (or turns) true; never without one.
@@ -524,16 +507,6 @@ async fn run_request(
     cost_bytes: u64,
 ) -> Answer {
     let started = std::time::Instant::now();
-    // The volume's limits first (a wait counts in the request's latency).
-    let (ops, bytes) = match request.command {
-        CMD_READ | CMD_WRITE => (1, u64::from(request.length_bytes)),
-        CMD_TRIM | CMD_WRITE_ZEROES => (1, 0),
-        _ => (0, 0),
-    };
-    volume.admit(ops, bytes).await;
-    let in_flight = volume.stats.begin();
-    let outcome = execute(&volume, &request, payload, structured, base_allocation).await;
-    drop(in_flight);
     let op = match request.command {
         CMD_READ => Op::Read,
         CMD_WRITE => Op::Write,
@@ -542,6 +515,11 @@ async fn run_request(
         CMD_WRITE_ZEROES => Op::WriteZeroes,
         _ => Op::Other,
     };
+    // The volume's limits first (a wait counts in the request's latency).
+    volume.admit_op(op, u64::from(request.length_bytes)).await;
+    let in_flight = volume.stats.begin();
+    let outcome = execute(&volume, &request, payload, structured, base_allocation).await;
+    drop(in_flight);
     let bytes = if matches!(op, Op::Flush | Op::Other) {
         0
     } else {

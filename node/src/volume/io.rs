@@ -93,12 +93,7 @@ impl Volume {
         request: impl std::future::Future<Output = Result<T, VolumeIoError>>,
     ) -> Result<T, VolumeIoError> {
         let started = std::time::Instant::now();
-        let (ops, counted_bytes) = match op {
-            crate::metrics::Op::Read | crate::metrics::Op::Write => (1, bytes),
-            crate::metrics::Op::Trim | crate::metrics::Op::WriteZeroes => (1, 0),
-            _ => (0, 0),
-        };
-        self.admit(ops, counted_bytes).await;
+        self.admit_op(op, bytes).await;
         let in_flight = self.stats.begin();
         let outcome = request.await;
         drop(in_flight);

@@ -317,9 +317,22 @@ impl Volume {
             .map_or(qos::Limits::default(), qos::Pacer::limits)
     }
 
+    /// Waits until the volume's limits let a client request `op` of
+    /// `bytes` start: reads and writes count as one operation and their
+    /// bytes, trims and write-zeroes as one operation, flushes as nothing.
+    pub async fn admit_op(&self, op: crate::metrics::Op, bytes: u64) {
+        use crate::metrics::Op;
+        let (ops, bytes) = match op {
+            Op::Read | Op::Write => (1, bytes),
+            Op::Trim | Op::WriteZeroes => (1, 0),
+            Op::Flush | Op::Other => (0, 0),
+        };
+        self.admit(ops, bytes).await;
+    }
+
     /// Waits until the volume's limits let a client request of `ops`
     /// operations and `bytes` bytes start (at once when unlimited).
-    pub async fn admit(&self, ops: u64, bytes: u64) {
+    async fn admit(&self, ops: u64, bytes: u64) {
         if !self.limited.load(Ordering::Acquire) {
             return;
         }
